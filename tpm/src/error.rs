@@ -1,0 +1,202 @@
+//! Errors of the key hierarchy. Variants carry context (role, path, field);
+//! none carries key material.
+
+use std::path::PathBuf;
+
+use crate::types::Role;
+
+/// Everything that can go wrong in the key hierarchy.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The TCTI string in the configuration is not one we accept.
+    #[error("invalid tpm.tcti {tcti:?}: {reason}")]
+    InvalidTcti {
+        /// The offending string.
+        tcti: String,
+        /// Why it was refused.
+        reason: &'static str,
+    },
+    /// The state directory was created with another TPM (or the TPM was cleared).
+    #[error("state directory {path} belongs to a different TPM (or this TPM was cleared): its keys cannot be loaded here")]
+    DifferentTpm {
+        /// Manifest path.
+        path: PathBuf,
+    },
+    /// A PCR index outside 0..=23 was configured.
+    #[error("invalid tpm.seal_pcrs entry {0}: PCR indices are 0..=23")]
+    InvalidPcr(u8),
+    /// The TPM could not be reached.
+    #[error("cannot connect to the TPM via {tcti:?}: {source}")]
+    Connect {
+        /// TCTI used.
+        tcti: String,
+        /// Underlying error.
+        #[source]
+        source: tss_esapi::Error,
+    },
+    /// A TPM command failed.
+    #[error("TPM command {op} failed: {source}")]
+    Tpm {
+        /// What we were doing.
+        op: &'static str,
+        /// Underlying error.
+        #[source]
+        source: tss_esapi::Error,
+    },
+    /// A key blob could not be loaded into this TPM: it was made by another
+    /// TPM (or under another owner seed), or it is corrupt.
+    #[error("the {role} {what} blob does not load into this TPM: it was created by a different TPM or is corrupt ({source})")]
+    ForeignOrCorruptBlob {
+        /// Whose key.
+        role: Role,
+        /// Which object ("key pair", "sealed key").
+        what: &'static str,
+        /// Underlying TPM error.
+        #[source]
+        source: tss_esapi::Error,
+    },
+    /// The per-generation secret that a key depends on is gone from the TPM:
+    /// the key was erased by a rotation (e.g. a state directory restored from
+    /// a backup) or the TPM was cleared.
+    #[error("the {role} key of generation {generation} has been erased from this TPM (its NV secret 0x{nv_index:08x} no longer exists); restoring old state cannot bring it back")]
+    KeyErased {
+        /// Whose key.
+        role: Role,
+        /// Pair generation of the erased key.
+        generation: u64,
+        /// The NV index that is missing.
+        nv_index: u32,
+    },
+    /// The sealed symmetric key is bound to PCR values that have changed.
+    #[error("cannot unseal the {role} symmetric key: PCRs {pcrs:?} no longer hold the values it was sealed to (boot chain or firmware changed)")]
+    PcrMismatch {
+        /// Whose key.
+        role: Role,
+        /// The PCRs in the policy.
+        pcrs: Vec<u8>,
+    },
+    /// No tenant is assigned, so there is no tenant key.
+    #[error("the node has no tenant keys (not assigned to a tenant)")]
+    NotAssigned,
+    /// The caller's role may not perform this operation.
+    #[error("a {caller} may not {action}")]
+    NotPermitted {
+        /// Who asked.
+        caller: Role,
+        /// What was asked.
+        action: &'static str,
+    },
+    /// The operation destroys data and was not confirmed.
+    #[error("{action} destroys data encrypted under the current keys; confirm it explicitly")]
+    ConfirmationRequired {
+        /// What was asked.
+        action: &'static str,
+    },
+    /// An envelope could not be parsed or opened.
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    /// A console public key is not usable.
+    #[error("invalid console key {name:?}: {reason}")]
+    InvalidConsoleKey {
+        /// Console name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// A console name is not known.
+    #[error("no {role} console named {name:?} is registered")]
+    UnknownConsole {
+        /// Role the console was looked up under.
+        role: Role,
+        /// Name asked for.
+        name: String,
+    },
+    /// State directory I/O failed.
+    #[error("{op} {path}: {source}")]
+    Io {
+        /// What we were doing.
+        op: &'static str,
+        /// File or directory.
+        path: PathBuf,
+        /// Underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state directory holds something we cannot read.
+    #[error("state file {path} is invalid: {reason}")]
+    CorruptState {
+        /// File.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The state was written by a newer version of Leasehold.
+    #[error("state directory {path} has format version {found}; this agentd understands up to {supported}")]
+    UnsupportedStateFormat {
+        /// Manifest path.
+        path: PathBuf,
+        /// Version found.
+        found: u32,
+        /// Highest version this build reads.
+        supported: u32,
+    },
+    /// The TPM returned a value of the wrong shape.
+    #[error("the TPM returned an unexpected {0}")]
+    UnexpectedTpmResponse(&'static str),
+    /// A fault injected by a test (feature `testing`).
+    #[error("injected fault at {0:?}")]
+    InjectedFault(crate::hierarchy::FaultPoint),
+}
+
+/// Errors of the envelope format and of opening an envelope.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EnvelopeError {
+    /// Not an envelope at all.
+    #[error("not a Leasehold envelope (bad magic)")]
+    BadMagic,
+    /// A version this build does not read.
+    #[error("unsupported envelope version {found} (this build reads version {supported})")]
+    UnsupportedVersion {
+        /// Version byte found.
+        found: u8,
+        /// Version supported.
+        supported: u8,
+    },
+    /// The envelope ends early or a length field is inconsistent.
+    #[error("envelope truncated or malformed: {0}")]
+    Malformed(&'static str),
+    /// The payload or envelope exceeds the size limit.
+    #[error("envelope {what} is {size} bytes; the limit is {max} bytes")]
+    TooLarge {
+        /// "payload" or "envelope".
+        what: &'static str,
+        /// Actual size.
+        size: usize,
+        /// Limit.
+        max: usize,
+    },
+    /// The envelope is addressed to a key this node does not hold (now).
+    #[error("envelope is sealed to key {envelope_fingerprint}, but the node's current {role} key is {current_fingerprint}; it was sealed to another node or to a key that has been rotated away")]
+    WrongRecipient {
+        /// Role asked to open.
+        role: Role,
+        /// Fingerprint in the envelope.
+        envelope_fingerprint: String,
+        /// Fingerprint of the current key.
+        current_fingerprint: String,
+    },
+    /// RSA-OAEP unwrapping of the content key failed.
+    #[error("the content key could not be unwrapped with the {0} key")]
+    UnwrapFailed(Role),
+    /// AES-GCM authentication failed: the envelope was modified.
+    #[error("envelope authentication failed: ciphertext or header was modified")]
+    AuthenticationFailed,
+    /// The recipient public key is not usable for sealing.
+    #[error("invalid recipient public key: {0}")]
+    InvalidPublicKey(String),
+}
+
+/// Result alias for this crate.
+pub type Result<T, E = KeyError> = std::result::Result<T, E>;

@@ -1,0 +1,722 @@
+//! The node's key hierarchy: one key pair and one symmetric key per level,
+//! each generation tied to a secret in a TPM NV index (see docs/keys.md).
+
+use std::path::PathBuf;
+
+use hkdf::Hkdf;
+use serde::Serialize;
+use sha2::Sha256;
+use zeroize::Zeroizing;
+
+use crate::chain::{derive_disk_key, Link};
+use crate::envelope::{seal_to, ParsedEnvelope, RecipientKey};
+use crate::error::{EnvelopeError, KeyError, Result};
+use crate::state::{ConsoleKey, LevelState, Manifest, StateDir, FORMAT};
+use crate::sys::{self, Tpm, NV_BASE};
+use crate::types::{
+    Confirm, DiskKey, GenerationSecret, PublicKeyInfo, Role, SymmetricKey, TpmKind,
+};
+
+/// Where and how to keep the keys.
+#[derive(Debug, Clone)]
+pub struct KeyConfig {
+    /// TCTI: `device:/dev/tpmrm0` in production, `swtpm:host=127.0.0.1,port=N` in tests.
+    pub tcti: String,
+    /// State directory (created 0700 if missing).
+    pub state_dir: PathBuf,
+    /// PCRs new sealed keys are bound to (empty: none).
+    pub seal_pcrs: Vec<u8>,
+}
+
+/// Steps of a key change where a test can simulate a crash (feature `testing`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FaultPoint {
+    /// New NV secret defined; nothing else written.
+    AfterNvDefine,
+    /// New blobs written and fsynced; manifest still old.
+    AfterBlobsWritten,
+    /// Manifest replaced; old NV secret and blobs still present.
+    AfterManifestReplaced,
+    /// Old NV secret undefined; old blob files still present.
+    AfterOldNvUndefined,
+}
+
+impl FaultPoint {
+    /// Every fault point, in order.
+    pub const ALL: [FaultPoint; 4] = [
+        FaultPoint::AfterNvDefine,
+        FaultPoint::AfterBlobsWritten,
+        FaultPoint::AfterManifestReplaced,
+        FaultPoint::AfterOldNvUndefined,
+    ];
+}
+
+/// What `KeyHierarchy::open` found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opened {
+    /// No state existed: the landlord pair and KL were created.
+    Initialised,
+    /// Existing state loaded; `recovered` leftovers of an interrupted change were removed.
+    Loaded {
+        /// Number of stale NV indices and files cleaned up.
+        recovered: usize,
+    },
+}
+
+/// The kind of key change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeKind {
+    /// New pair and new symmetric key: data under the old key is gone.
+    Rotate,
+    /// New pair, same symmetric key (re-wrapped): data kept.
+    Rekey,
+    /// Node assigned to a (new) tenant: new tenant pair and KT.
+    Assign,
+    /// Tenant material erased.
+    Release,
+}
+
+/// A completed key change, for logs and receipts. Holds no key material.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KeyChange {
+    /// Which change.
+    pub kind: ChangeKind,
+    /// Whose keys.
+    pub role: Role,
+    /// Pair generation before (`None`: there was none).
+    pub generation_before: Option<u64>,
+    /// Pair generation after (`None`: erased).
+    pub generation_after: Option<u64>,
+    /// Symmetric-key generation before.
+    pub key_generation_before: Option<u64>,
+    /// Symmetric-key generation after.
+    pub key_generation_after: Option<u64>,
+    /// Whether data encrypted under the previous disk key became unreadable.
+    pub data_destroyed: bool,
+    /// Fingerprint of the new public key.
+    pub fingerprint_after: Option<String>,
+}
+
+impl std::fmt::Display for KeyChange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let g = |v: Option<u64>| v.map_or_else(|| "none".to_owned(), |g| g.to_string());
+        write!(
+            f,
+            "{:?} of {} keys: generation {} -> {}, key generation {} -> {}{}",
+            self.kind,
+            self.role,
+            g(self.generation_before),
+            g(self.generation_after),
+            g(self.key_generation_before),
+            g(self.key_generation_after),
+            if self.data_destroyed {
+                " (previous data destroyed)"
+            } else {
+                ""
+            }
+        )
+    }
+}
+
+/// Status of one level, safe to show to anyone allowed to read node info.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LevelStatus {
+    /// Pair generation.
+    pub generation: u64,
+    /// Symmetric-key generation.
+    pub key_generation: u64,
+    /// Public-key fingerprint.
+    pub fingerprint: String,
+    /// PCRs the symmetric key is sealed to.
+    pub seal_pcrs: Vec<u8>,
+}
+
+/// Status of the hierarchy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Status {
+    /// Node id (hex).
+    pub node_id: String,
+    /// Hardware or software TPM.
+    pub tpm_kind: TpmKind,
+    /// Landlord level.
+    pub landlord: LevelStatus,
+    /// Tenant level, if assigned.
+    pub tenant: Option<LevelStatus>,
+    /// Registered consoles: (role, name, fingerprint).
+    pub consoles: Vec<(Role, String, String)>,
+}
+
+/// The key hierarchy of one node. One owner at a time: callers serialise
+/// access (the daemon keeps it in a single task).
+#[derive(Debug)]
+pub struct KeyHierarchy {
+    tpm: Tpm,
+    dir: StateDir,
+    manifest: Manifest,
+    seal_pcrs: Vec<u8>,
+    tpm_id: String,
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    fault: Option<FaultPoint>,
+}
+
+/// Secrets derived from a generation secret. Each has its own label so no
+/// value is reused for two purposes.
+fn derive32(g: &GenerationSecret, label: &str) -> Zeroizing<[u8; 32]> {
+    let hk = Hkdf::<Sha256>::new(None, g.expose_secret());
+    let mut out = Zeroizing::new([0u8; 32]);
+    // 32 bytes is far below HKDF-SHA256's output limit.
+    let _ = hk.expand(label.as_bytes(), out.as_mut());
+    out
+}
+const RSA_AUTH: &str = "leasehold/rsa-auth/v1";
+const SEAL_AUTH: &str = "leasehold/seal-auth/v1";
+const SEAL_MASK: &str = "leasehold/seal-mask/v1";
+
+fn nv_index_for(role: Role, generation: u64) -> u32 {
+    NV_BASE + role.index() * 0x100 + u32::try_from(generation & 0xff).unwrap_or(0)
+}
+
+fn xor32(a: &[u8; 32], b: &[u8; 32]) -> Zeroizing<[u8; 32]> {
+    let mut out = Zeroizing::new([0u8; 32]);
+    for (o, (x, y)) in out.iter_mut().zip(a.iter().zip(b)) {
+        *o = x ^ y;
+    }
+    out
+}
+
+impl KeyHierarchy {
+    /// Connects to the TPM, loads the state (or creates the landlord level on
+    /// first start) and finishes any interrupted change.
+    pub fn open(cfg: &KeyConfig) -> Result<(Self, Opened)> {
+        let seal_pcrs = sys::normalise_pcrs(&cfg.seal_pcrs)?;
+        let dir = StateDir::open(&cfg.state_dir)?;
+        let mut tpm = Tpm::connect(&cfg.tcti)?;
+        let tpm_id = tpm.identity();
+        match dir.read_manifest()? {
+            Some(manifest) => {
+                if manifest.tpm_id != tpm_id {
+                    return Err(KeyError::DifferentTpm {
+                        path: dir.manifest_path(),
+                    });
+                }
+                let mut me = Self {
+                    tpm,
+                    dir,
+                    manifest,
+                    seal_pcrs,
+                    tpm_id,
+                    fault: None,
+                };
+                let recovered = me.recover()?;
+                Ok((me, Opened::Loaded { recovered }))
+            }
+            None => {
+                // Leftover NV secrets without a manifest can never be used again.
+                for idx in tpm.nv_indices()? {
+                    tpm.nv_undefine(idx)?;
+                }
+                let node_id = hex::encode(&tpm.random(16)?[..]);
+                let kl = SymmetricKey::from_bytes(*tpm.random32()?);
+                let mut me = Self {
+                    tpm,
+                    dir,
+                    manifest: Manifest {
+                        format: FORMAT,
+                        node_id,
+                        tpm_id: tpm_id.clone(),
+                        landlord: placeholder_level(),
+                        tenant: None,
+                        consoles: Vec::new(),
+                    },
+                    seal_pcrs,
+                    tpm_id,
+                    fault: None,
+                };
+                let level = me.create_level(Role::Landlord, 1, 1, &kl)?;
+                me.manifest.landlord = level;
+                me.dir.write_manifest(&me.manifest)?;
+                me.dir.collect_garbage(&me.manifest.files())?;
+                Ok((me, Opened::Initialised))
+            }
+        }
+    }
+
+    /// Checks that every NV secret the manifest needs exists, then removes
+    /// leftovers of an interrupted change (stale NV indices and blob files).
+    /// Nothing is removed when the manifest is stale (restored from a backup),
+    /// so a wrong restore never destroys the current keys.
+    fn recover(&mut self) -> Result<usize> {
+        let defined = self.tpm.nv_indices()?;
+        for role in Role::ALL {
+            if let Some(level) = self.manifest.level(role) {
+                if !defined.contains(&level.nv_index) {
+                    return Err(KeyError::KeyErased {
+                        role,
+                        generation: level.generation,
+                        nv_index: level.nv_index,
+                    });
+                }
+            }
+        }
+        let wanted = self.manifest.nv_indices();
+        let mut n = 0;
+        for idx in defined.into_iter().filter(|i| !wanted.contains(i)) {
+            self.tpm.nv_undefine(idx)?;
+            n += 1;
+        }
+        n += self.dir.collect_garbage(&self.manifest.files())?.len();
+        if n > 0 {
+            tracing::info!(count = n, "finished an interrupted key change");
+        }
+        Ok(n)
+    }
+
+    #[allow(unused_variables)]
+    fn checkpoint(&mut self, p: FaultPoint) -> Result<()> {
+        #[cfg(feature = "testing")]
+        if self.fault == Some(p) {
+            self.fault = None;
+            return Err(KeyError::InjectedFault(p));
+        }
+        Ok(())
+    }
+
+    /// Makes the next key change fail at `p`, as if the process died there.
+    #[cfg(feature = "testing")]
+    pub fn inject_fault(&mut self, p: FaultPoint) {
+        self.fault = Some(p);
+    }
+
+    /// Creates the NV secret, key pair and sealed key of one level generation
+    /// and writes their blobs. The manifest is not touched.
+    fn create_level(
+        &mut self,
+        role: Role,
+        generation: u64,
+        key_generation: u64,
+        key: &SymmetricKey,
+    ) -> Result<LevelState> {
+        let nv_index = nv_index_for(role, generation);
+        let g = GenerationSecret::from_bytes(*self.tpm.random32()?);
+        self.tpm.nv_define_secret(nv_index, &g)?;
+        self.checkpoint(FaultPoint::AfterNvDefine)?;
+
+        let (pair_blob, recipient) = self.tpm.create_decrypt_key(&derive32(&g, RSA_AUTH))?;
+        let masked = xor32(key.expose_secret(), &derive32(&g, SEAL_MASK));
+        let pcrs = self.seal_pcrs.clone();
+        let sealed_blob = self
+            .tpm
+            .create_sealed(&masked, &derive32(&g, SEAL_AUTH), &pcrs)?;
+        let pair_file = format!("{role}-g{generation}.pair");
+        let sealed_file = format!("{role}-g{generation}.sealed");
+        self.dir.write_blob(&pair_file, &pair_blob)?;
+        self.dir.write_blob(&sealed_file, &sealed_blob)?;
+        self.checkpoint(FaultPoint::AfterBlobsWritten)?;
+        Ok(LevelState {
+            generation,
+            key_generation,
+            nv_index,
+            pair_file,
+            sealed_file,
+            public_pem: recipient.to_pem(),
+            fingerprint: recipient.fingerprint_hex(),
+            seal_pcrs: pcrs,
+        })
+    }
+
+    /// Switches to `next` and then erases the discarded levels.
+    fn commit(&mut self, next: Manifest, discarded: Vec<LevelState>) -> Result<()> {
+        self.dir.write_manifest(&next)?;
+        self.manifest = next;
+        self.checkpoint(FaultPoint::AfterManifestReplaced)?;
+        for old in &discarded {
+            self.tpm.nv_undefine(old.nv_index)?;
+        }
+        self.checkpoint(FaultPoint::AfterOldNvUndefined)?;
+        for old in &discarded {
+            self.dir.shred(&old.pair_file)?;
+            self.dir.shred(&old.sealed_file)?;
+        }
+        Ok(())
+    }
+
+    fn level(&self, role: Role) -> Result<&LevelState> {
+        self.manifest.level(role).ok_or(KeyError::NotAssigned)
+    }
+
+    fn secret(&mut self, level: &LevelState, role: Role) -> Result<GenerationSecret> {
+        self.tpm
+            .nv_read_secret(level.nv_index)?
+            .ok_or(KeyError::KeyErased {
+                role,
+                generation: level.generation,
+                nv_index: level.nv_index,
+            })
+    }
+
+    /// Node id (hex).
+    pub fn node_id(&self) -> &str {
+        &self.manifest.node_id
+    }
+
+    /// Hardware or software TPM.
+    pub fn tpm_kind(&self) -> TpmKind {
+        self.tpm.kind()
+    }
+
+    /// Current status (no secrets).
+    pub fn status(&self) -> Status {
+        let lv = |l: &LevelState| LevelStatus {
+            generation: l.generation,
+            key_generation: l.key_generation,
+            fingerprint: l.fingerprint.clone(),
+            seal_pcrs: l.seal_pcrs.clone(),
+        };
+        Status {
+            node_id: self.manifest.node_id.clone(),
+            tpm_kind: self.tpm.kind(),
+            landlord: lv(&self.manifest.landlord),
+            tenant: self.manifest.tenant.as_ref().map(lv),
+            consoles: self
+                .manifest
+                .consoles
+                .iter()
+                .map(|c| (c.role, c.name.clone(), c.fingerprint.clone()))
+                .collect(),
+        }
+    }
+
+    /// A level's public key.
+    pub fn public_key(&self, role: Role) -> Result<PublicKeyInfo> {
+        let l = self.level(role)?;
+        Ok(PublicKeyInfo {
+            role,
+            generation: l.generation,
+            pem: l.public_pem.clone(),
+            fingerprint: l.fingerprint.clone(),
+        })
+    }
+
+    /// Opens an envelope addressed to `role`'s current public key; the
+    /// content key is unwrapped inside the TPM.
+    pub fn open_envelope(&mut self, role: Role, envelope: &[u8]) -> Result<Zeroizing<Vec<u8>>> {
+        let parsed = ParsedEnvelope::parse(envelope)?;
+        let level = self.level(role)?.clone();
+        let fp = hex::encode(parsed.recipient_fingerprint());
+        if fp != level.fingerprint {
+            return Err(EnvelopeError::WrongRecipient {
+                role,
+                envelope_fingerprint: fp,
+                current_fingerprint: level.fingerprint.clone(),
+            }
+            .into());
+        }
+        let g = self.secret(&level, role)?;
+        let blob = self.dir.read_blob(&level.pair_file)?;
+        let content_key =
+            self.tpm
+                .rsa_decrypt(&blob, &derive32(&g, RSA_AUTH), parsed.wrapped_key(), role)?;
+        Ok(parsed.decrypt(&content_key)?)
+    }
+
+    /// Unseals a level's symmetric key (KL, KT) into zeroizing memory.
+    pub fn symmetric_key(&mut self, role: Role) -> Result<SymmetricKey> {
+        let level = self.level(role)?.clone();
+        let g = self.secret(&level, role)?;
+        let blob = self.dir.read_blob(&level.sealed_file)?;
+        let masked = self
+            .tpm
+            .unseal(&blob, &derive32(&g, SEAL_AUTH), &level.seal_pcrs, role)?;
+        let masked: &[u8; 32] = masked[..]
+            .try_into()
+            .map_err(|_| KeyError::UnexpectedTpmResponse("sealed key of the wrong size"))?;
+        Ok(SymmetricKey::from_bytes(*xor32(
+            masked,
+            &derive32(&g, SEAL_MASK),
+        )))
+    }
+
+    /// The disk key: from KL alone, or from KL and KT once a tenant exists.
+    pub fn disk_key(&mut self) -> Result<DiskKey> {
+        let kl = self.symmetric_key(Role::Landlord)?;
+        let kt = match self.manifest.tenant {
+            Some(_) => Some(self.symmetric_key(Role::Tenant)?),
+            None => None,
+        };
+        let mut links = vec![Link {
+            label: Role::Landlord.as_str(),
+            key_generation: self.manifest.landlord.key_generation,
+            key: &kl,
+        }];
+        if let (Some(kt), Some(t)) = (&kt, &self.manifest.tenant) {
+            links.push(Link {
+                label: Role::Tenant.as_str(),
+                key_generation: t.key_generation,
+                key: kt,
+            });
+        }
+        let node_id = hex::decode(&self.manifest.node_id).map_err(|e| KeyError::CorruptState {
+            path: self.dir.manifest_path(),
+            reason: format!("node_id: {e}"),
+        })?;
+        derive_disk_key(&node_id, &links).ok_or(KeyError::UnexpectedTpmResponse("empty key chain"))
+    }
+
+    fn authorize(caller: Role, target: Role, action: &'static str) -> Result<()> {
+        // A level may act on its own keys and on narrower levels' keys (R8).
+        if caller > target {
+            return Err(KeyError::NotPermitted { caller, action });
+        }
+        Ok(())
+    }
+
+    fn replace_level(&self, role: Role, level: Option<LevelState>) -> Manifest {
+        let mut next = self.manifest.clone();
+        match role {
+            Role::Landlord => {
+                if let Some(l) = level {
+                    next.landlord = l;
+                }
+            }
+            Role::Tenant => next.tenant = level,
+        }
+        next
+    }
+
+    /// Destroying rotation: new pair and new symmetric key for `target`.
+    /// Landlord rotation replaces KL; tenant rotation replaces KT. Either
+    /// changes the disk key, so it needs `Confirm::DestroyData`.
+    pub fn rotate(&mut self, caller: Role, target: Role, confirm: Confirm) -> Result<KeyChange> {
+        Self::authorize(caller, target, "rotate these keys")?;
+        let old = self.level(target)?.clone();
+        if confirm != Confirm::DestroyData {
+            return Err(KeyError::ConfirmationRequired {
+                action: "rotating a key pair with its symmetric key",
+            });
+        }
+        let key = SymmetricKey::from_bytes(*self.tpm.random32()?);
+        let new = self.create_level(target, old.generation + 1, old.key_generation + 1, &key)?;
+        let change = KeyChange {
+            kind: ChangeKind::Rotate,
+            role: target,
+            generation_before: Some(old.generation),
+            generation_after: Some(new.generation),
+            key_generation_before: Some(old.key_generation),
+            key_generation_after: Some(new.key_generation),
+            data_destroyed: true,
+            fingerprint_after: Some(new.fingerprint.clone()),
+        };
+        let next = self.replace_level(target, Some(new));
+        self.commit(next, vec![old])?;
+        tracing::info!(%change, "keys rotated");
+        Ok(change)
+    }
+
+    /// Routine re-key: new pair, the symmetric key re-sealed under the new
+    /// generation; the disk key does not change.
+    pub fn rekey(&mut self, caller: Role, target: Role) -> Result<KeyChange> {
+        Self::authorize(caller, target, "re-key these keys")?;
+        let old = self.level(target)?.clone();
+        let key = self.symmetric_key(target)?;
+        let new = self.create_level(target, old.generation + 1, old.key_generation, &key)?;
+        let change = KeyChange {
+            kind: ChangeKind::Rekey,
+            role: target,
+            generation_before: Some(old.generation),
+            generation_after: Some(new.generation),
+            key_generation_before: Some(old.key_generation),
+            key_generation_after: Some(new.key_generation),
+            data_destroyed: false,
+            fingerprint_after: Some(new.fingerprint.clone()),
+        };
+        let next = self.replace_level(target, Some(new));
+        self.commit(next, vec![old])?;
+        tracing::info!(%change, "keys re-keyed");
+        Ok(change)
+    }
+
+    /// Assigns the node to a (new) tenant: a fresh tenant pair and KT. If a
+    /// tenant already has keys they are destroyed, which needs confirmation.
+    /// The previous tenant's consoles are forgotten.
+    pub fn assign_tenant(&mut self, caller: Role, confirm: Confirm) -> Result<KeyChange> {
+        if caller != Role::Landlord {
+            return Err(KeyError::NotPermitted {
+                caller,
+                action: "assign the node",
+            });
+        }
+        let old = self.manifest.tenant.clone();
+        if old.is_some() && confirm != Confirm::DestroyData {
+            return Err(KeyError::ConfirmationRequired {
+                action: "assigning the node to a new tenant",
+            });
+        }
+        let (generation, key_generation) = old
+            .as_ref()
+            .map_or((1, 1), |o| (o.generation + 1, o.key_generation + 1));
+        let key = SymmetricKey::from_bytes(*self.tpm.random32()?);
+        let new = self.create_level(Role::Tenant, generation, key_generation, &key)?;
+        let change = KeyChange {
+            kind: ChangeKind::Assign,
+            role: Role::Tenant,
+            generation_before: old.as_ref().map(|o| o.generation),
+            generation_after: Some(new.generation),
+            key_generation_before: old.as_ref().map(|o| o.key_generation),
+            key_generation_after: Some(new.key_generation),
+            data_destroyed: true,
+            fingerprint_after: Some(new.fingerprint.clone()),
+        };
+        let mut next = self.replace_level(Role::Tenant, Some(new));
+        next.consoles.retain(|c| c.role != Role::Tenant);
+        self.commit(next, old.into_iter().collect())?;
+        tracing::info!(%change, "node assigned");
+        Ok(change)
+    }
+
+    /// Releases the node: erases the tenant pair and KT. Idempotent when no
+    /// tenant is assigned (`Ok(None)`).
+    pub fn release_tenant(&mut self, caller: Role, confirm: Confirm) -> Result<Option<KeyChange>> {
+        if caller != Role::Landlord {
+            return Err(KeyError::NotPermitted {
+                caller,
+                action: "release the node",
+            });
+        }
+        let Some(old) = self.manifest.tenant.clone() else {
+            return Ok(None);
+        };
+        if confirm != Confirm::DestroyData {
+            return Err(KeyError::ConfirmationRequired {
+                action: "releasing the node",
+            });
+        }
+        let change = KeyChange {
+            kind: ChangeKind::Release,
+            role: Role::Tenant,
+            generation_before: Some(old.generation),
+            generation_after: None,
+            key_generation_before: Some(old.key_generation),
+            key_generation_after: None,
+            data_destroyed: true,
+            fingerprint_after: None,
+        };
+        let mut next = self.replace_level(Role::Tenant, None);
+        next.consoles.retain(|c| c.role != Role::Tenant);
+        self.commit(next, vec![old])?;
+        tracing::info!(%change, "node released");
+        Ok(Some(change))
+    }
+
+    /// Registers (or replaces) a console's public key under the caller's role.
+    pub fn register_console(&mut self, caller: Role, name: &str, pem: &str) -> Result<String> {
+        let valid_name = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+        if !valid_name {
+            return Err(KeyError::InvalidConsoleKey {
+                name: name.to_owned(),
+                reason: "name must be 1-64 characters of A-Z a-z 0-9 . _ -".into(),
+            });
+        }
+        if caller == Role::Tenant && self.manifest.tenant.is_none() {
+            return Err(KeyError::NotAssigned);
+        }
+        let key = RecipientKey::from_pem(pem).map_err(|e| KeyError::InvalidConsoleKey {
+            name: name.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let mut next = self.manifest.clone();
+        next.consoles
+            .retain(|c| !(c.role == caller && c.name == name));
+        next.consoles.push(ConsoleKey {
+            role: caller,
+            name: name.to_owned(),
+            pem: key.to_pem(),
+            fingerprint: key.fingerprint_hex(),
+        });
+        self.dir.write_manifest(&next)?;
+        self.manifest = next;
+        Ok(key.fingerprint_hex())
+    }
+
+    /// Seals a reply to a registered console of `role`.
+    pub fn seal_to_console(&self, role: Role, name: &str, payload: &[u8]) -> Result<Vec<u8>> {
+        let c = self
+            .manifest
+            .consoles
+            .iter()
+            .find(|c| c.role == role && c.name == name)
+            .ok_or_else(|| KeyError::UnknownConsole {
+                role,
+                name: name.to_owned(),
+            })?;
+        let key = RecipientKey::from_pem(&c.pem)?;
+        Ok(seal_to(&key, payload)?)
+    }
+
+    /// Identity of the TPM (hash of the storage primary's public area).
+    pub fn tpm_id(&self) -> &str {
+        &self.tpm_id
+    }
+
+    /// Reads a level's key-pair public area back from the TPM (tests assert
+    /// its attributes).
+    #[cfg(feature = "testing")]
+    pub fn key_pair_public(&mut self, role: Role) -> Result<tss_esapi::structures::Public> {
+        let l = self.level(role)?.clone();
+        let blob = self.dir.read_blob(&l.pair_file)?;
+        self.tpm.read_public(&blob, role)
+    }
+
+    /// Reads a level's sealed-object public area back from the TPM.
+    #[cfg(feature = "testing")]
+    pub fn sealed_public(&mut self, role: Role) -> Result<tss_esapi::structures::Public> {
+        let l = self.level(role)?.clone();
+        let blob = self.dir.read_blob(&l.sealed_file)?;
+        self.tpm.read_public(&blob, role)
+    }
+
+    /// Loads an arbitrary key-pair blob file into this TPM (tests: a blob
+    /// made by another TPM must fail clearly).
+    #[cfg(feature = "testing")]
+    pub fn load_foreign_pair(&mut self, path: &std::path::Path) -> Result<()> {
+        let bytes = std::fs::read(path).map_err(|source| KeyError::Io {
+            op: "read",
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let blob: crate::state::Blob =
+            serde_json::from_slice(&bytes).map_err(|e| KeyError::CorruptState {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })?;
+        self.tpm.read_public(&blob, Role::Landlord).map(|_| ())
+    }
+
+    /// Extends a PCR (tests: simulate a changed boot chain).
+    #[cfg(feature = "testing")]
+    pub fn extend_pcr(&mut self, pcr: u8, data: &[u8]) -> Result<()> {
+        self.tpm.pcr_extend(pcr, data)
+    }
+
+    /// Orderly shutdown: flush and TPM2_Shutdown.
+    pub fn shutdown(self) -> Result<()> {
+        self.tpm.shutdown()
+    }
+}
+
+fn placeholder_level() -> LevelState {
+    LevelState {
+        generation: 0,
+        key_generation: 0,
+        nv_index: 0,
+        pair_file: String::new(),
+        sealed_file: String::new(),
+        public_pem: String::new(),
+        fingerprint: String::new(),
+        seal_pcrs: Vec::new(),
+    }
+}

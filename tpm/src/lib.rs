@@ -1,0 +1,38 @@
+//! Leasehold's node key hierarchy (R8–R12, R15).
+//!
+//! Each management level (landlord, tenant; more can follow) has an RSA-2048
+//! decryption key pair created in the TPM (fixedTPM | fixedParent) and a
+//! 256-bit symmetric key (KL, KT) stored as a TPM sealed data object. Every
+//! generation of a level depends on a secret in a TPM NV index, and a
+//! rotation undefines that index: old blobs, even from a backup, are then
+//! useless. The disk key is derived from the chain KL → KT (→ ...).
+//!
+//! [`envelope::seal`] runs without a TPM; [`KeyHierarchy::open_envelope`]
+//! decrypts inside it.
+
+#![warn(missing_docs)]
+
+pub mod chain;
+pub mod envelope;
+mod error;
+mod hierarchy;
+mod state;
+pub mod swtpm;
+mod sys;
+mod types;
+
+pub use error::{EnvelopeError, KeyError, Result};
+pub use hierarchy::{
+    ChangeKind, FaultPoint, KeyChange, KeyConfig, KeyHierarchy, LevelStatus, Opened, Status,
+};
+pub use types::{Confirm, DiskKey, PublicKeyInfo, Role, SymmetricKey, TpmKind};
+
+/// Validates a TCTI string without connecting (for config checks).
+pub fn validate_tcti(tcti: &str) -> Result<()> {
+    sys::parse_tcti(tcti).map(|_| ())
+}
+
+/// Validates a PCR list without connecting (for config checks).
+pub fn validate_pcrs(pcrs: &[u8]) -> Result<()> {
+    sys::normalise_pcrs(pcrs).map(|_| ())
+}

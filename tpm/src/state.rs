@@ -1,0 +1,372 @@
+//! The state directory: a manifest naming the current key blobs, and the
+//! blobs. Writes are atomic (temp file, fsync, rename, fsync dir); a key set
+//! is switched by replacing the manifest, so a crash leaves the old or the
+//! new set, never a mix.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{KeyError, Result};
+use crate::types::Role;
+
+/// Manifest format this build writes.
+pub(crate) const FORMAT: u32 = 1;
+const MANIFEST: &str = "keys.json";
+const BLOB_SUFFIXES: [&str; 3] = [".pair", ".sealed", ".tmp"];
+
+/// The current key set.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Manifest {
+    pub format: u32,
+    /// Random node id, hex; part of the disk-key derivation.
+    pub node_id: String,
+    /// Hash of the TPM storage primary's public area: the TPM this state belongs to.
+    pub tpm_id: String,
+    pub landlord: LevelState,
+    pub tenant: Option<LevelState>,
+    #[serde(default)]
+    pub consoles: Vec<ConsoleKey>,
+}
+
+impl Manifest {
+    pub fn level(&self, role: Role) -> Option<&LevelState> {
+        match role {
+            Role::Landlord => Some(&self.landlord),
+            Role::Tenant => self.tenant.as_ref(),
+        }
+    }
+
+    /// Blob files the manifest refers to.
+    pub fn files(&self) -> Vec<String> {
+        let mut v = vec![
+            self.landlord.pair_file.clone(),
+            self.landlord.sealed_file.clone(),
+        ];
+        if let Some(t) = &self.tenant {
+            v.push(t.pair_file.clone());
+            v.push(t.sealed_file.clone());
+        }
+        v
+    }
+
+    /// NV indices the manifest refers to.
+    pub fn nv_indices(&self) -> Vec<u32> {
+        let mut v = vec![self.landlord.nv_index];
+        if let Some(t) = &self.tenant {
+            v.push(t.nv_index);
+        }
+        v
+    }
+}
+
+/// One level's keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LevelState {
+    /// Key-pair generation: incremented by every rotation and re-key.
+    pub generation: u64,
+    /// Symmetric-key generation: incremented only when the key is replaced.
+    pub key_generation: u64,
+    /// NV index holding this generation's secret.
+    pub nv_index: u32,
+    pub pair_file: String,
+    pub sealed_file: String,
+    pub public_pem: String,
+    pub fingerprint: String,
+    /// PCRs the sealed key is bound to (empty: none).
+    #[serde(default)]
+    pub seal_pcrs: Vec<u8>,
+}
+
+/// A console's registered public key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct ConsoleKey {
+    pub role: Role,
+    pub name: String,
+    pub pem: String,
+    pub fingerprint: String,
+}
+
+/// A TPM object as stored: marshalled public area and private blob.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Blob {
+    #[serde(with = "b64")]
+    pub public: Vec<u8>,
+    #[serde(with = "b64")]
+    pub private: Vec<u8>,
+}
+
+mod b64 {
+    use super::*;
+    pub fn serialize<S: serde::Serializer>(v: &[u8], s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
+    }
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> std::result::Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// The state directory.
+#[derive(Debug, Clone)]
+pub(crate) struct StateDir {
+    root: PathBuf,
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> KeyError + 'a {
+    move |source| KeyError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl StateDir {
+    /// Opens or creates the directory with mode 0700.
+    pub fn open(root: &Path) -> Result<Self> {
+        if !root.exists() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(root)
+                .map_err(io_err("create state directory", root))?;
+        }
+        let meta = fs::metadata(root).map_err(io_err("stat state directory", root))?;
+        if !meta.is_dir() {
+            return Err(KeyError::CorruptState {
+                path: root.to_path_buf(),
+                reason: "not a directory".into(),
+            });
+        }
+        if meta.permissions().mode() & 0o077 != 0 {
+            fs::set_permissions(root, fs::Permissions::from_mode(0o700))
+                .map_err(io_err("restrict permissions of", root))?;
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    pub fn manifest_path(&self) -> PathBuf {
+        self.path(MANIFEST)
+    }
+
+    pub fn read_manifest(&self) -> Result<Option<Manifest>> {
+        let path = self.manifest_path();
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err("read", &path)(e)),
+        };
+        // Check the version before the shape, so a newer format gets the right error.
+        #[derive(Deserialize)]
+        struct Version {
+            format: u32,
+        }
+        let v: Version = serde_json::from_slice(&bytes).map_err(|e| KeyError::CorruptState {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        if v.format != FORMAT {
+            return Err(KeyError::UnsupportedStateFormat {
+                path,
+                found: v.format,
+                supported: FORMAT,
+            });
+        }
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| KeyError::CorruptState {
+                path,
+                reason: e.to_string(),
+            })
+    }
+
+    pub fn write_manifest(&self, m: &Manifest) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(m).map_err(|e| KeyError::CorruptState {
+            path: self.manifest_path(),
+            reason: e.to_string(),
+        })?;
+        self.write_atomic(MANIFEST, &bytes)
+    }
+
+    pub fn write_blob(&self, name: &str, blob: &Blob) -> Result<()> {
+        let bytes = serde_json::to_vec(blob).map_err(|e| KeyError::CorruptState {
+            path: self.path(name),
+            reason: e.to_string(),
+        })?;
+        self.write_atomic(name, &bytes)
+    }
+
+    pub fn read_blob(&self, name: &str) -> Result<Blob> {
+        let path = self.path(name);
+        let bytes = fs::read(&path).map_err(io_err("read key blob", &path))?;
+        serde_json::from_slice(&bytes).map_err(|e| KeyError::CorruptState {
+            path,
+            reason: e.to_string(),
+        })
+    }
+
+    /// temp file (0600) → write → fsync → rename → fsync directory.
+    fn write_atomic(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        let tmp = self.path(&format!("{name}.tmp"));
+        let dst = self.path(name);
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err("create", &tmp))?;
+        f.write_all(bytes).map_err(io_err("write", &tmp))?;
+        f.sync_all().map_err(io_err("fsync", &tmp))?;
+        drop(f);
+        fs::rename(&tmp, &dst).map_err(io_err("rename into place", &dst))?;
+        self.sync_dir()
+    }
+
+    pub fn sync_dir(&self) -> Result<()> {
+        File::open(&self.root)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("fsync directory", &self.root))
+    }
+
+    /// Overwrites a file with zeros, fsyncs, and unlinks it. Best effort on
+    /// the overwrite (flash translation layers may keep old pages; the TPM NV
+    /// secret is what makes the erase real).
+    pub fn shred(&self, name: &str) -> Result<()> {
+        let path = self.path(name);
+        match fs::metadata(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_err("stat", &path)(e)),
+            Ok(meta) => {
+                let len = usize::try_from(meta.len())
+                    .unwrap_or(usize::MAX)
+                    .min(1 << 20);
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(io_err("open for overwrite", &path))?;
+                f.write_all(&vec![0u8; len])
+                    .map_err(io_err("overwrite", &path))?;
+                f.sync_all().map_err(io_err("fsync", &path))?;
+            }
+        }
+        fs::remove_file(&path).map_err(io_err("unlink", &path))?;
+        self.sync_dir()
+    }
+
+    /// Shreds blob files and temp files that `keep` does not name: leftovers
+    /// of an interrupted change.
+    pub fn collect_garbage(&self, keep: &[String]) -> Result<Vec<String>> {
+        let mut removed = Vec::new();
+        let rd = fs::read_dir(&self.root).map_err(io_err("list", &self.root))?;
+        for entry in rd {
+            let entry = entry.map_err(io_err("list", &self.root))?;
+            let Ok(name) = entry.file_name().into_string() else {
+                continue;
+            };
+            if BLOB_SUFFIXES.iter().any(|s| name.ends_with(s)) && !keep.contains(&name) {
+                self.shred(&name)?;
+                removed.push(name);
+            }
+        }
+        Ok(removed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Manifest {
+        Manifest {
+            format: FORMAT,
+            node_id: "00".into(),
+            tpm_id: "t".into(),
+            landlord: LevelState {
+                generation: 1,
+                key_generation: 1,
+                nv_index: 0x014c4801,
+                pair_file: "landlord-g1.pair".into(),
+                sealed_file: "landlord-g1.sealed".into(),
+                public_pem: "pem".into(),
+                fingerprint: "fp".into(),
+                seal_pcrs: vec![],
+            },
+            tenant: None,
+            consoles: vec![],
+        }
+    }
+
+    #[test]
+    fn manifest_round_trip_and_modes() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("state");
+        let s = StateDir::open(&root).unwrap();
+        assert_eq!(
+            fs::metadata(&root).unwrap().permissions().mode() & 0o777,
+            0o700
+        );
+        assert!(s.read_manifest().unwrap().is_none());
+        s.write_manifest(&sample()).unwrap();
+        assert_eq!(s.read_manifest().unwrap().unwrap(), sample());
+        assert_eq!(
+            fs::metadata(s.manifest_path())
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777,
+            0o600
+        );
+    }
+
+    #[test]
+    fn newer_format_is_refused_by_name() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::open(d.path()).unwrap();
+        fs::write(s.manifest_path(), br#"{"format": 7}"#).unwrap();
+        assert!(matches!(
+            s.read_manifest(),
+            Err(KeyError::UnsupportedStateFormat { found: 7, .. })
+        ));
+        fs::write(s.manifest_path(), b"{").unwrap();
+        assert!(matches!(
+            s.read_manifest(),
+            Err(KeyError::CorruptState { .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_collection_keeps_named_files() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::open(d.path()).unwrap();
+        let blob = Blob {
+            public: vec![1],
+            private: vec![2],
+        };
+        s.write_blob("a.pair", &blob).unwrap();
+        s.write_blob("b.pair", &blob).unwrap();
+        fs::write(s.path("other.txt"), b"x").unwrap();
+        let removed = s.collect_garbage(&["a.pair".into()]).unwrap();
+        assert_eq!(removed, vec!["b.pair".to_string()]);
+        assert!(s.path("a.pair").exists());
+        assert!(s.path("other.txt").exists());
+    }
+}

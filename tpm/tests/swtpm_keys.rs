@@ -1,0 +1,705 @@
+//! T1: the key hierarchy against a real swtpm. Every test starts its own
+//! swtpm (own port, own state directory) and shuts it down cleanly.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use leasehold_tpm::envelope::{self, ParsedEnvelope};
+use leasehold_tpm::swtpm::Swtpm;
+use leasehold_tpm::{
+    ChangeKind, Confirm, EnvelopeError, FaultPoint, KeyConfig, KeyError, KeyHierarchy, Opened,
+    Role, TpmKind,
+};
+use rsa::pkcs8::{EncodePublicKey, LineEnding};
+use rsa::{Oaep, RsaPrivateKey};
+use sha2::Sha256;
+
+/// One simulated node: an swtpm and a state directory.
+struct Node {
+    tmp: tempfile::TempDir,
+    swtpm: Option<Swtpm>,
+    pcrs: Vec<u8>,
+}
+
+impl Node {
+    fn new() -> Self {
+        Self::with_pcrs(vec![])
+    }
+
+    fn with_pcrs(pcrs: Vec<u8>) -> Self {
+        let tmp = tempfile::tempdir().unwrap();
+        let swtpm = Swtpm::start(&tmp.path().join("tpm")).expect("start swtpm");
+        Self {
+            tmp,
+            swtpm: Some(swtpm),
+            pcrs,
+        }
+    }
+
+    fn state_dir(&self) -> PathBuf {
+        self.tmp.path().join("state")
+    }
+
+    fn config_for(&self, state_dir: &Path) -> KeyConfig {
+        KeyConfig {
+            tcti: self.swtpm.as_ref().unwrap().tcti(),
+            state_dir: state_dir.to_path_buf(),
+            seal_pcrs: self.pcrs.clone(),
+        }
+    }
+
+    fn open(&self) -> (KeyHierarchy, Opened) {
+        KeyHierarchy::open(&self.config_for(&self.state_dir())).expect("open key hierarchy")
+    }
+
+    fn try_open_dir(&self, dir: &Path) -> Result<KeyHierarchy, KeyError> {
+        KeyHierarchy::open(&self.config_for(dir)).map(|(h, _)| h)
+    }
+
+    /// Power-cycles the TPM: clean stop, start on the same state.
+    fn restart_tpm(&mut self) {
+        self.swtpm.take().unwrap().stop().unwrap();
+        self.swtpm = Some(Swtpm::start(&self.tmp.path().join("tpm")).unwrap());
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Some(s) = self.swtpm.take() {
+            let _ = s.stop();
+        }
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+fn seal_to(h: &KeyHierarchy, role: Role, payload: &[u8]) -> Vec<u8> {
+    envelope::seal(&h.public_key(role).unwrap().pem, payload).unwrap()
+}
+
+#[test]
+fn swtpm_first_start_initialises_and_reports_software_tpm() {
+    let node = Node::new();
+    let (h, opened) = node.open();
+    assert_eq!(opened, Opened::Initialised);
+    let st = h.status();
+    assert_eq!(st.tpm_kind, TpmKind::Software);
+    assert_eq!(st.landlord.generation, 1);
+    assert!(st.tenant.is_none());
+    let pk = h.public_key(Role::Landlord).unwrap();
+    assert!(pk.pem.starts_with("-----BEGIN PUBLIC KEY-----"));
+    assert_eq!(pk.fingerprint.len(), 64);
+    assert!(matches!(
+        h.public_key(Role::Tenant),
+        Err(KeyError::NotAssigned)
+    ));
+    h.shutdown().unwrap();
+}
+
+#[test]
+fn swtpm_seal_open_round_trip_both_roles() {
+    let node = Node::new();
+    let (mut h, _) = node.open();
+    h.assign_tenant(Role::Landlord, Confirm::No).unwrap();
+    for role in Role::ALL {
+        for payload in [&b""[..], b"hello", &vec![0xa5; 100_000]] {
+            let env = seal_to(&h, role, payload);
+            assert_eq!(&h.open_envelope(role, &env).unwrap()[..], payload);
+        }
+    }
+    // An envelope for one role does not open as the other.
+    let env = seal_to(&h, Role::Tenant, b"t");
+    assert!(matches!(
+        h.open_envelope(Role::Landlord, &env),
+        Err(KeyError::Envelope(EnvelopeError::WrongRecipient { .. }))
+    ));
+    h.shutdown().unwrap();
+}
+
+/// Helper run in a child process with no TPM: seals a file to a PEM.
+#[test]
+#[ignore = "helper for swtpm_seal_in_process_without_tpm"]
+fn seal_helper_child() {
+    let (Ok(pem), Ok(input), Ok(output)) = (
+        std::env::var("LH_SEAL_PEM"),
+        std::env::var("LH_SEAL_IN"),
+        std::env::var("LH_SEAL_OUT"),
+    ) else {
+        return;
+    };
+    let pem = std::fs::read_to_string(pem).unwrap();
+    let payload = std::fs::read(input).unwrap();
+    std::fs::write(output, envelope::seal(&pem, &payload).unwrap()).unwrap();
+}
+
+#[test]
+fn swtpm_seal_in_process_without_tpm() {
+    let node = Node::new();
+    let (mut h, _) = node.open();
+    let dir = tempfile::tempdir().unwrap();
+    let pem = dir.path().join("ul.pem");
+    std::fs::write(&pem, h.public_key(Role::Landlord).unwrap().pem).unwrap();
+    std::fs::write(dir.path().join("in"), b"from a console").unwrap();
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "seal_helper_child", "--ignored", "--quiet"])
+        .env("LH_SEAL_PEM", &pem)
+        .env("LH_SEAL_IN", dir.path().join("in"))
+        .env("LH_SEAL_OUT", dir.path().join("out"))
+        .env_remove("TPM2TOOLS_TCTI")
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let env = std::fs::read(dir.path().join("out")).unwrap();
+    assert_eq!(
+        &h.open_envelope(Role::Landlord, &env).unwrap()[..],
+        b"from a console"
+    );
+    h.shutdown().unwrap();
+}
+
+#[test]
+fn swtpm_symmetric_keys_unseal_consistently() {
+    let node = Node::new();
+    let (mut h, _) = node.open();
+    h.assign_tenant(Role::Landlord, Confirm::No).unwrap();
+    let kl1 = h.symmetric_key(Role::Landlord).unwrap();
+    let kl2 = h.symmetric_key(Role::Landlord).unwrap();
+    let kt = h.symmetric_key(Role::Tenant).unwrap();
+    assert_eq!(kl1, kl2);
+    assert_ne!(kl1, kt);
+    assert_ne!(kl1.expose_secret(), &[0u8; 32]);
+    // Debug never shows key bytes.
+    assert_eq!(format!("{kl1:?}"), "SymmetricKey(<redacted>)");
+    h.shutdown().unwrap();
+}
+
+#[test]
+fn swtpm_state_survives_agent_and_tpm_restart() {
+    let mut node = Node::new();
+    let (mut h, _) = node.open();
+    h.assign_tenant(Role::Landlord, Confirm::No).unwrap();
+    let status = h.status();
+    let disk = h.disk_key().unwrap();
+    let kt = h.symmetric_key(Role::Tenant).unwrap();
+    let env_l = seal_to(&h, Role::Landlord, b"landlord");
+    let env_t = seal_to(&h, Role::Tenant, b"tenant");
+    h.shutdown().unwrap();
+
+    // Agent restart.
+    let (mut h, opened) = node.open();
+    assert_eq!(opened, Opened::Loaded { recovered: 0 });
+    assert_eq!(h.status(), status);
+    assert_eq!(h.disk_key().unwrap(), disk);
+    h.shutdown().unwrap();
+
+    // TPM power cycle.
+    node.restart_tpm();
+    let (mut h, _) = node.open();
+    assert_eq!(h.status(), status);
+    assert_eq!(h.disk_key().unwrap(), disk);
+    assert_eq!(h.symmetric_key(Role::Tenant).unwrap(), kt);
+    assert_eq!(
+        &h.open_envelope(Role::Landlord, &env_l).unwrap()[..],
+        b"landlord"
+    );
+    assert_eq!(
+        &h.open_envelope(Role::Tenant, &env_t).unwrap()[..],
+        b"tenant"
+    );
+    h.shutdown().unwrap();
+}
+
+#[test]
+fn swtpm_landlord_rotation_makes_old_material_unrecoverable() {
+    let node = Node::new();
+    let (mut h, _) = node.open();
+    h.assign_tenant(Role::Landlord, Confirm::No).unwrap();
+    let before = h.status();
+    let disk_before = h.disk_key().unwrap();
+    let kl_before = h.symmetric_key(Role::Landlord).unwrap();
+    let kt_before = h.symmetric_key(Role::Tenant).unwrap();
+    let old_env = seal_to(&h, Role::Landlord, b"old");
+    let backup = node.tmp.path().join("backup");
+    copy_dir(&node.state_dir(), &backup);
+
+    // Refused without confirmation, and nothing changes.
+    assert!(matches!(
+        h.rotate(Role::Landlord, Role::Landlord, Confirm::No),
+        Err(KeyError::ConfirmationRequired { .. })
+    ));
+    assert_eq!(h.status(), before);
+
+    let change = h
+        .rotate(Role::Landlord, Role::Landlord, Confirm::DestroyData)
+        .unwrap();
+    assert_eq!(change.kind, ChangeKind::Rotate);
+    assert!(change.data_destroyed);
+    assert_eq!(change.generation_after, Some(2));
+    let after = h.status();
+    assert_ne!(after.landlord.fingerprint, before.landlord.fingerprint);
+    assert_eq!(after.landlord.key_generation, 2);
+    assert_eq!(after.tenant, before.tenant, "tenant keys untouched");
+    assert_ne!(h.symmetric_key(Role::Landlord).unwrap(), kl_before);
+    assert_eq!(h.symmetric_key(Role::Tenant).unwrap(), kt_before);
+    assert_ne!(h.disk_key().unwrap(), disk_before);
+    assert!(matches!(
+        h.open_envelope(Role::Landlord, &old_env),
+        Err(KeyError::Envelope(EnvelopeError::WrongRecipient { .. }))
+    ));
+    // Old blob files are gone from the live directory.
+    assert!(!node.state_dir().join("landlord-g1.pair").exists());
+    assert!(!node.state_dir().join("landlord-g1.sealed").exists());
+
+    // A backup taken before the rotation does not bring the old keys back on
+    // the same TPM, and opening it does not harm the current keys.
+    match node.try_open_dir(&backup) {
+        Err(KeyError::KeyErased {
+            role: Role::Landlord,
+            generation: 1,
+            ..
+        }) => {}
+        other => panic!("expected KeyErased, got {other:?}"),
+    }
+    h.shutdown().unwrap();
+    let (mut h, _) = node.open();
+    assert_eq!(h.status(), after);
+    assert_ne!(h.disk_key().unwrap(), disk_before);
+    h.shutdown().unwrap();
+}
+
+#[test]
+fn swtpm_tenant_rotation_replaces_kt_only() {
+    let node = Node::new();
+    let (mut h, _) = node.open();
+    h.assign_tenant(Role::Landlord, Confirm::No).unwrap();
+    let before = h.status();
+    let disk_before = h.disk_key().unwrap();
+    let kl = h.symmetric_key(Role::Landlord).unwrap();
+    let kt = h.symmetric_key(Role::Tenant).unwrap();
+    let old_env = seal_to(&h, Role::Tenant, b"old");
+    let backup = node.tmp.path().join("backup");
+    copy_dir(&node.state_dir(), &backup);
+
+    // The tenant may not touch landlord keys.
+    assert!(matches!(
+        h.rotate(Role::Tenant, Role::Landlord, Confirm::DestroyData),
+        Err(KeyError::NotPermitted {
+            caller: Role::Tenant,
+            ..
+        })
+    ));
+    assert!(matches!(
+        h.rekey(Role::Tenant, Role::Landlord),
+        Err(KeyError::NotPermitted { .. })
+    ));
+    assert!(matches!(
+        h.assign_tenant(Role::Tenant, Confirm::DestroyData),
+        Err(KeyError::NotPermitted { .. })
+    ));
+    assert!(matches!(
+        h.release_tenant(Role::Tenant, Confirm::DestroyData),
+        Err(KeyError::NotPermitted { .. })
+    ));
+    assert_eq!(h.status(), before);
+
+    h.rotate(Role::Tenant, Role::Tenant, Confirm::DestroyData)
+        .unwrap();
+    let after = h.status();
+    assert_eq!(
+        after.landlord, before.landlord,
+        "landlord material unchanged"
+    );
+    assert_eq!(h.symmetric_key(Role::Landlord).unwrap(), kl);
+    assert_ne!(h.symmetric_key(Role::Tenant).unwrap(), kt);
+    assert_ne!(h.disk_key().unwrap(), disk_before);
+    assert!(h.open_envelope(Role::Tenant, &old_env).is_err());
+    let new_env = seal_to(&h, Role::Tenant, b"new");
+    assert_eq!(
+        &h.open_envelope(Role::Tenant, &new_env).unwrap()[..],
+        b"new"
+    );
+
+    match node.try_open_dir(&backup) {
+        Err(KeyError::KeyErased {
+            role: Role::Tenant, ..
+        }) => {}
+        other => panic!("expected KeyErased for the tenant, got {other:?}"),
+    }
+    h.shutdown().unwrap();
+}
+
+#[test]
+fn swtpm_rekey_keeps_disk_key() {
+    let node = Node::new();
+    let (mut h, _) = node.open();
+    h.assign_tenant(Role::Landlord, Confirm::No).unwrap();
+    let before = h.status();
+    let disk = h.disk_key().unwrap();
+    let old_env = seal_to(&h, Role::Tenant, b"old");
+    let change = h.rekey(Role::Tenant, Role::Tenant).unwrap();
+    assert!(!change.data_destroyed);
+    let after = h.status();
+    let (t0, t1) = (before.tenant.unwrap(), after.tenant.unwrap());
+    assert_eq!(t1.generation, t0.generation + 1);
+    assert_eq!(t1.key_generation, t0.key_generation);
+    assert_ne!(t1.fingerprint, t0.fingerprint);
+    assert_eq!(h.disk_key().unwrap(), disk);
+    assert!(h.open_envelope(Role::Tenant, &old_env).is_err());
+    // Landlord routine re-key keeps the disk key too.
+    h.rekey(Role::Landlord, Role::Landlord).unwrap();
+    assert_eq!(h.disk_key().unwrap(), disk);
+    h.shutdown().unwrap();
+}
+
+#[test]
+fn swtpm_release_and_reassign_erase_tenant_material() {
+    let node = Node::new();
+    let (mut h, _) = node.open();
+    let disk_unassigned = h.disk_key().unwrap();
+    h.assign_tenant(Role::Landlord, Confirm::No).unwrap();
+    let disk_a = h.disk_key().unwrap();
+    assert_ne!(disk_a, disk_unassigned);
+    assert!(matches!(
+        h.assign_tenant(Role::Landlord, Confirm::No),
+        Err(KeyError::ConfirmationRequired { .. })
+    ));
+    h.assign_tenant(Role::Landlord, Confirm::DestroyData)
+        .unwrap();
+    let disk_b = h.disk_key().unwrap();
+    assert_ne!(disk_b, disk_a);
+    assert!(matches!(
+        h.release_tenant(Role::Landlord, Confirm::No),
+        Err(KeyError::ConfirmationRequired { .. })
+    ));
+    assert!(h
+        .release_tenant(Role::Landlord, Confirm::DestroyData)
+        .unwrap()
+        .is_some());
+    assert!(h.status().tenant.is_none());
+    assert_eq!(h.disk_key().unwrap(), disk_unassigned);
+    // Releasing again is "already so", not an error.
+    assert!(h
+        .release_tenant(Role::Landlord, Confirm::No)
+        .unwrap()
+        .is_none());
+    h.shutdown().unwrap();
+}
+
+#[test]
+fn swtpm_two_nodes_never_share_keys() {
+    let a = Node::new();
+    let b = Node::new();
+    let (mut ha, _) = a.open();
+    let (mut hb, _) = b.open();
+    ha.assign_tenant(Role::Landlord, Confirm::No).unwrap();
+    hb.assign_tenant(Role::Landlord, Confirm::No).unwrap();
+    let (sa, sb) = (ha.status(), hb.status());
+    assert_ne!(sa.node_id, sb.node_id);
+    assert_ne!(ha.tpm_id(), hb.tpm_id());
+    assert_ne!(sa.landlord.fingerprint, sb.landlord.fingerprint);
+    assert_ne!(
+        sa.tenant.unwrap().fingerprint,
+        sb.tenant.unwrap().fingerprint
+    );
+    assert_ne!(
+        ha.symmetric_key(Role::Landlord).unwrap(),
+        hb.symmetric_key(Role::Landlord).unwrap()
+    );
+    assert_ne!(
+        ha.symmetric_key(Role::Tenant).unwrap(),
+        hb.symmetric_key(Role::Tenant).unwrap()
+    );
+    assert_ne!(ha.disk_key().unwrap(), hb.disk_key().unwrap());
+    // An envelope for node A does not open on node B.
+    let env = seal_to(&ha, Role::Landlord, b"a only");
+    assert!(hb.open_envelope(Role::Landlord, &env).is_err());
+
+    // A's key blob does not load into B's TPM, and A's whole state directory
+    // is refused by B with a clear error.
+    match hb.load_foreign_pair(&a.state_dir().join("landlord-g1.pair")) {
+        Err(KeyError::ForeignOrCorruptBlob { .. }) => {}
+        other => panic!("expected ForeignOrCorruptBlob, got {other:?}"),
+    }
+    match b.try_open_dir(&a.state_dir()) {
+        Err(e @ KeyError::DifferentTpm { .. }) => assert!(e.to_string().contains("different TPM")),
+        other => panic!("expected DifferentTpm, got {other:?}"),
+    }
+    ha.shutdown().unwrap();
+    hb.shutdown().unwrap();
+}
+
+#[test]
+fn swtpm_key_attributes_read_back_from_tpm() {
+    let node = Node::new();
+    let (mut h, _) = node.open();
+    h.assign_tenant(Role::Landlord, Confirm::No).unwrap();
+    for role in Role::ALL {
+        let public = h.key_pair_public(role).unwrap();
+        let a = public.object_attributes();
+        assert!(
+            a.fixed_tpm() && a.fixed_parent() && a.sensitive_data_origin(),
+            "{role}: {a:?}"
+        );
+        assert!(a.decrypt() && !a.sign_encrypt() && !a.restricted());
+        assert!(matches!(public, tss_esapi::structures::Public::Rsa { .. }));
+        let sealed = h.sealed_public(role).unwrap();
+        let a = sealed.object_attributes();
+        assert!(a.fixed_tpm() && a.fixed_parent(), "{role} sealed: {a:?}");
+        assert!(matches!(
+            sealed,
+            tss_esapi::structures::Public::KeyedHash { .. }
+        ));
+    }
+    h.shutdown().unwrap();
+}
+
+#[test]
+fn swtpm_corrupt_blobs_and_bad_envelopes_give_clear_errors() {
+    let node = Node::new();
+    let (mut h, _) = node.open();
+    let good = seal_to(&h, Role::Landlord, b"payload");
+
+    // Wrong version, truncation, tampering, oversize: errors, no panic.
+    let mut bad = good.clone();
+    bad[4] = 2;
+    assert!(matches!(
+        h.open_envelope(Role::Landlord, &bad),
+        Err(KeyError::Envelope(EnvelopeError::UnsupportedVersion {
+            found: 2,
+            ..
+        }))
+    ));
+    for cut in [0, 3, 10, 39, 300, good.len() - 1] {
+        assert!(
+            h.open_envelope(Role::Landlord, &good[..cut]).is_err(),
+            "cut at {cut}"
+        );
+    }
+    let mut tampered = good.clone();
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    assert!(matches!(
+        h.open_envelope(Role::Landlord, &tampered),
+        Err(KeyError::Envelope(EnvelopeError::AuthenticationFailed))
+    ));
+    let mut wrapped_tampered = good.clone();
+    wrapped_tampered[100] ^= 0x40;
+    assert!(h.open_envelope(Role::Landlord, &wrapped_tampered).is_err());
+    let huge = vec![0u8; envelope::MAX_ENVELOPE + 1];
+    assert!(matches!(
+        h.open_envelope(Role::Landlord, &huge),
+        Err(KeyError::Envelope(EnvelopeError::TooLarge { .. }))
+    ));
+    assert_eq!(
+        ParsedEnvelope::parse(&good).unwrap().wrapped_key().len(),
+        256
+    );
+    h.shutdown().unwrap();
+
+    // Corrupt key-pair blob: clear error naming the role.
+    let pair = node.state_dir().join("landlord-g1.pair");
+    let text = std::fs::read_to_string(&pair).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let private = v["private"].as_str().unwrap().to_owned();
+    let mut chars: Vec<char> = private.chars().collect();
+    chars[40] = if chars[40] == 'A' { 'B' } else { 'A' };
+    v["private"] = serde_json::Value::String(chars.into_iter().collect());
+    std::fs::write(&pair, v.to_string()).unwrap();
+    let (mut h, _) = node.open();
+    match h.open_envelope(Role::Landlord, &good) {
+        Err(
+            e @ KeyError::ForeignOrCorruptBlob {
+                role: Role::Landlord,
+                ..
+            },
+        ) => {
+            assert!(e.to_string().contains("landlord key pair"), "{e}")
+        }
+        other => panic!("expected ForeignOrCorruptBlob, got {other:?}"),
+    }
+    h.shutdown().unwrap();
+
+    // Truncated blob file.
+    std::fs::write(&pair, &text[..text.len() / 2]).unwrap();
+    let (mut h, _) = node.open();
+    assert!(matches!(
+        h.open_envelope(Role::Landlord, &good),
+        Err(KeyError::CorruptState { .. })
+    ));
+    // The manifest cut short is refused, naming the file.
+    h.shutdown().unwrap();
+    let manifest = node.state_dir().join("keys.json");
+    let m = std::fs::read(&manifest).unwrap();
+    std::fs::write(&manifest, &m[..m.len() / 2]).unwrap();
+    match node.try_open_dir(&node.state_dir()) {
+        Err(e @ KeyError::CorruptState { .. }) => {
+            assert!(e.to_string().contains("keys.json"), "{e}")
+        }
+        other => panic!("expected CorruptState, got {other:?}"),
+    }
+}
+
+#[test]
+fn swtpm_pcr_binding_fails_closed_when_pcrs_change() {
+    let node = Node::with_pcrs(vec![16]);
+    let (mut h, _) = node.open();
+    assert_eq!(h.status().landlord.seal_pcrs, vec![16]);
+    let sealed = h.sealed_public(Role::Landlord).unwrap();
+    assert!(
+        !sealed.object_attributes().user_with_auth(),
+        "usable only through the PCR policy"
+    );
+    let kl = h.symmetric_key(Role::Landlord).unwrap();
+    assert_eq!(h.symmetric_key(Role::Landlord).unwrap(), kl);
+    h.extend_pcr(16, b"a different boot").unwrap();
+    match h.symmetric_key(Role::Landlord) {
+        Err(e @ KeyError::PcrMismatch { .. }) => {
+            assert!(e.to_string().contains("PCRs [16]"), "{e}")
+        }
+        other => panic!("expected PcrMismatch, got {other:?}"),
+    }
+    assert!(h.disk_key().is_err());
+    h.shutdown().unwrap();
+}
+
+#[test]
+fn swtpm_console_keys_receive_sealed_replies() {
+    let node = Node::new();
+    let (mut h, _) = node.open();
+    let sk = RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).unwrap();
+    let pem = sk
+        .to_public_key()
+        .to_public_key_pem(LineEnding::LF)
+        .unwrap();
+    assert!(matches!(
+        h.register_console(Role::Tenant, "t1", &pem),
+        Err(KeyError::NotAssigned)
+    ));
+    assert!(matches!(
+        h.register_console(Role::Landlord, "bad name!", &pem),
+        Err(KeyError::InvalidConsoleKey { .. })
+    ));
+    assert!(matches!(
+        h.register_console(Role::Landlord, "c1", "not a key"),
+        Err(KeyError::InvalidConsoleKey { .. })
+    ));
+    let fp = h.register_console(Role::Landlord, "ops-1", &pem).unwrap();
+    assert_eq!(
+        h.status().consoles,
+        vec![(Role::Landlord, "ops-1".to_owned(), fp)]
+    );
+    let env = h
+        .seal_to_console(Role::Landlord, "ops-1", b"reply")
+        .unwrap();
+    let parsed = ParsedEnvelope::parse(&env).unwrap();
+    let ck = sk
+        .decrypt(Oaep::new::<Sha256>(), parsed.wrapped_key())
+        .unwrap();
+    assert_eq!(&parsed.decrypt(&ck).unwrap()[..], b"reply");
+    assert!(matches!(
+        h.seal_to_console(Role::Tenant, "ops-1", b"x"),
+        Err(KeyError::UnknownConsole { .. })
+    ));
+    h.shutdown().unwrap();
+}
+
+/// Simulates a crash at every step of every key change: reopening must give
+/// exactly the old key set (crash before the manifest switch) or exactly the
+/// new one (after), fully usable, with leftovers cleaned up.
+#[test]
+fn swtpm_interrupted_changes_leave_old_or_new_key_set() {
+    type Op = fn(&mut KeyHierarchy) -> Result<(), KeyError>;
+    let ops: [(&str, Op); 5] = [
+        ("rotate landlord", |h| {
+            h.rotate(Role::Landlord, Role::Landlord, Confirm::DestroyData)
+                .map(|_| ())
+        }),
+        ("rotate tenant", |h| {
+            h.rotate(Role::Tenant, Role::Tenant, Confirm::DestroyData)
+                .map(|_| ())
+        }),
+        ("rekey tenant", |h| {
+            h.rekey(Role::Tenant, Role::Tenant).map(|_| ())
+        }),
+        ("reassign", |h| {
+            h.assign_tenant(Role::Landlord, Confirm::DestroyData)
+                .map(|_| ())
+        }),
+        ("release", |h| {
+            h.release_tenant(Role::Landlord, Confirm::DestroyData)
+                .map(|_| ())
+        }),
+    ];
+    let node = Node::new();
+    for (name, op) in ops {
+        // Release creates nothing, so it has only the points after the switch.
+        let points: &[FaultPoint] = if name == "release" {
+            &[
+                FaultPoint::AfterManifestReplaced,
+                FaultPoint::AfterOldNvUndefined,
+            ]
+        } else {
+            &FaultPoint::ALL
+        };
+        for &point in points {
+            let (mut h, _) = node.open();
+            if h.status().tenant.is_none() {
+                h.assign_tenant(Role::Landlord, Confirm::No).unwrap();
+            }
+            let old = (h.status(), h.disk_key().unwrap());
+            h.inject_fault(point);
+            match op(&mut h) {
+                Err(KeyError::InjectedFault(p)) => assert_eq!(p, point),
+                other => panic!("{name} at {point:?}: expected the injected fault, got {other:?}"),
+            }
+            h.shutdown().unwrap();
+
+            let (mut h, opened) = node.open();
+            let now = (h.status(), h.disk_key().unwrap());
+            let committed = matches!(
+                point,
+                FaultPoint::AfterManifestReplaced | FaultPoint::AfterOldNvUndefined
+            );
+            if committed {
+                assert_ne!(
+                    now.0, old.0,
+                    "{name} at {point:?}: expected the new key set"
+                );
+            } else {
+                assert_eq!(now, old, "{name} at {point:?}: expected the old key set");
+            }
+            assert!(
+                matches!(opened, Opened::Loaded { recovered } if recovered > 0),
+                "{name} at {point:?}: {opened:?}"
+            );
+            // The loaded set is complete: every level opens its envelopes.
+            for role in Role::ALL {
+                if h.status().tenant.is_none() && role == Role::Tenant {
+                    continue;
+                }
+                let env = seal_to(&h, role, b"check");
+                assert_eq!(
+                    &h.open_envelope(role, &env).unwrap()[..],
+                    b"check",
+                    "{name} at {point:?}"
+                );
+            }
+            // Only the manifest's blobs remain.
+            let mut files: Vec<String> = std::fs::read_dir(node.state_dir())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().into_string().unwrap())
+                .filter(|n| n != "keys.json")
+                .collect();
+            files.sort();
+            let expect = if h.status().tenant.is_some() { 4 } else { 2 };
+            assert_eq!(files.len(), expect, "{name} at {point:?}: {files:?}");
+            h.shutdown().unwrap();
+        }
+    }
+}
