@@ -1,0 +1,199 @@
+//! `/etc/leasehold/agentd.toml`. Unknown keys are errors; every error names
+//! the key it is about.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Default configuration file.
+pub const DEFAULT_PATH: &str = "/etc/leasehold/agentd.toml";
+
+/// The agent's configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// TPM access.
+    #[serde(default)]
+    pub tpm: TpmSection,
+    /// State directory.
+    #[serde(default)]
+    pub state: StateSection,
+}
+
+/// `[tpm]`
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TpmSection {
+    /// TCTI string.
+    #[serde(default = "default_tcti")]
+    pub tcti: String,
+    /// PCRs sealed keys are bound to.
+    #[serde(default)]
+    pub seal_pcrs: Vec<u8>,
+}
+
+impl Default for TpmSection {
+    fn default() -> Self {
+        Self {
+            tcti: default_tcti(),
+            seal_pcrs: Vec::new(),
+        }
+    }
+}
+
+fn default_tcti() -> String {
+    "device:/dev/tpmrm0".into()
+}
+
+/// `[state]`
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StateSection {
+    /// Directory for keys and state.
+    #[serde(default = "default_state_dir")]
+    pub dir: PathBuf,
+}
+
+impl Default for StateSection {
+    fn default() -> Self {
+        Self {
+            dir: default_state_dir(),
+        }
+    }
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/leasehold")
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// TOML syntax or shape error (the message names key and line).
+    #[error("invalid config {path}: {message}")]
+    Parse {
+        /// File.
+        path: PathBuf,
+        /// Parser message.
+        message: String,
+    },
+    /// A value is out of range.
+    #[error("invalid config {path}: {key}: {reason}")]
+    Invalid {
+        /// File.
+        path: PathBuf,
+        /// Dotted key.
+        key: &'static str,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Reads and validates a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    /// Parses and validates configuration text; `path` is used in messages.
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
+        // serde_path_to_error adds the dotted key to type and range errors.
+        let de = toml::Deserializer::new(text);
+        let cfg: Config = serde_path_to_error::deserialize(de).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner
+                .span()
+                .map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+            let mut message = String::new();
+            if let Some(l) = line {
+                message.push_str(&format!("line {l}: "));
+            }
+            if key != "." && !key.is_empty() {
+                message.push_str(&format!("{key}: "));
+            }
+            message.push_str(inner.message().trim());
+            ConfigError::Parse {
+                path: path.to_path_buf(),
+                message,
+            }
+        })?;
+        cfg.validate(path)?;
+        Ok(cfg)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |key, reason: String| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            key,
+            reason,
+        };
+        leasehold_tpm::validate_tcti(&self.tpm.tcti)
+            .map_err(|e| invalid("tpm.tcti", e.to_string()))?;
+        leasehold_tpm::validate_pcrs(&self.tpm.seal_pcrs)
+            .map_err(|e| invalid("tpm.seal_pcrs", e.to_string()))?;
+        if !self.state.dir.is_absolute() {
+            return Err(invalid(
+                "state.dir",
+                format!("{} is not an absolute path", self.state.dir.display()),
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(t: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("agentd.toml"), t)
+    }
+
+    #[test]
+    fn empty_file_gives_production_defaults() {
+        let c = parse("").unwrap();
+        assert_eq!(c.tpm.tcti, "device:/dev/tpmrm0");
+        assert_eq!(c.state.dir, PathBuf::from("/var/lib/leasehold"));
+        assert!(c.tpm.seal_pcrs.is_empty());
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let c = parse("[tpm]\ntcti = \"swtpm:host=127.0.0.1,port=2321\"\nseal_pcrs = [7]\n[state]\ndir = \"/tmp/x\"\n").unwrap();
+        assert_eq!(c.tpm.seal_pcrs, vec![7]);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = parse("[tpm]\ntctl = \"x\"\n").unwrap_err().to_string();
+        assert!(e.contains("tctl"), "{e}");
+        let e = parse("[tpm]\ntcti = \"usb:foo\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tpm.tcti"), "{e}");
+        let e = parse("[tpm]\nseal_pcrs = [30]\n").unwrap_err().to_string();
+        assert!(e.contains("tpm.seal_pcrs"), "{e}");
+        let e = parse("[tpm]\nseal_pcrs = [300]\n").unwrap_err().to_string();
+        assert!(e.contains("seal_pcrs"), "{e}");
+        let e = parse("[state]\ndir = \"relative\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("state.dir"), "{e}");
+        let e = parse("[tpm\n").unwrap_err().to_string();
+        assert!(e.contains("line 1"), "{e}");
+    }
+}

@@ -1,0 +1,161 @@
+//! T1: the agentd binary in --dev mode (real swtpm child), driven as a user would.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+
+fn agentd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_agentd"))
+}
+
+fn fingerprint(stdout: &str) -> String {
+    stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("landlord fingerprint:"))
+        .expect("fingerprint line")
+        .trim()
+        .to_owned()
+}
+
+#[test]
+fn swtpm_agentd_dev_oneshot_initialises_then_reloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = agentd()
+        .arg("--dev")
+        .arg(dir.path())
+        .arg("--oneshot")
+        .output()
+        .unwrap();
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let out1 = String::from_utf8(first.stdout).unwrap();
+    assert!(out1.contains("software TPM"), "{out1}");
+    let err1 = String::from_utf8_lossy(&first.stderr);
+    assert!(err1.contains("initialised the key hierarchy"), "{err1}");
+    assert!(
+        err1.contains("software TPM"),
+        "dev mode must say so: {err1}"
+    );
+
+    let second = agentd()
+        .arg("--dev")
+        .arg(dir.path())
+        .arg("--oneshot")
+        .output()
+        .unwrap();
+    assert!(second.status.success());
+    let out2 = String::from_utf8(second.stdout).unwrap();
+    assert_eq!(fingerprint(&out1), fingerprint(&out2));
+    assert!(String::from_utf8_lossy(&second.stderr).contains("loaded the key hierarchy"));
+    // The software TPM was stopped: swtpm removes its pid file on exit.
+    assert!(!dir.path().join("tpm/swtpm.pid").exists());
+    // State files are private.
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("state"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700);
+}
+
+#[test]
+fn swtpm_agentd_exits_cleanly_on_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = agentd()
+        .arg("--dev")
+        .arg(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Readiness event: the summary's fingerprint line on stdout.
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let fp = lines
+        .by_ref()
+        .map(|l| l.unwrap())
+        .find_map(|l| {
+            l.strip_prefix("landlord fingerprint:")
+                .map(|s| s.trim().to_owned())
+        })
+        .expect("agent printed its fingerprint");
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "exit status {:?}", out.status);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("TPM shut down cleanly"), "{err}");
+    assert!(!err.to_lowercase().contains("lockout"));
+
+    // Restart: same keys.
+    let again = agentd()
+        .arg("--dev")
+        .arg(dir.path())
+        .arg("--oneshot")
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert_eq!(fingerprint(&String::from_utf8(again.stdout).unwrap()), fp);
+}
+
+#[test]
+fn agentd_config_errors_name_the_key_and_exit_78() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[tpm]\ntctl = \"x\"\n", "tctl"),
+        ("[tpm]\ntcti = \"carrier-pigeon\"\n", "tpm.tcti"),
+        ("[tpm]\nseal_pcrs = [99]\n", "tpm.seal_pcrs"),
+        ("[state]\ndir = \"rel\"\n", "state.dir"),
+    ];
+    for (text, key) in cases {
+        let path = dir.path().join("agentd.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = agentd()
+            .arg("--config")
+            .arg(&path)
+            .arg("--oneshot")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(78), "{text}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(key), "{key} not named in: {err}");
+    }
+    let out = agentd()
+        .arg("--config")
+        .arg(dir.path().join("missing.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+}
+
+#[test]
+fn agentd_unreachable_tpm_exits_69() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agentd.toml");
+    // Port 1 on loopback: nothing listens there.
+    std::fs::write(
+        &path,
+        format!(
+            "[tpm]\ntcti = \"swtpm:host=127.0.0.1,port=1\"\n[state]\ndir = \"{}\"\n",
+            dir.path().join("state").display()
+        ),
+    )
+    .unwrap();
+    let out = agentd()
+        .arg("--config")
+        .arg(&path)
+        .arg("--oneshot")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(69),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to the TPM"));
+}
