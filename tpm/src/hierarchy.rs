@@ -696,6 +696,12 @@ impl KeyHierarchy {
         self.tpm.read_public(&blob, Role::Landlord).map(|_| ())
     }
 
+    /// Creates a key pair in the TPM and discards it (benchmarks).
+    #[cfg(feature = "testing")]
+    pub fn bench_create_key_pair(&mut self) -> Result<()> {
+        self.tpm.create_decrypt_key(&[7u8; 32]).map(|_| ())
+    }
+
     /// Extends a PCR (tests: simulate a changed boot chain).
     #[cfg(feature = "testing")]
     pub fn extend_pcr(&mut self, pcr: u8, data: &[u8]) -> Result<()> {
