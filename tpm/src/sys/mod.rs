@@ -79,8 +79,25 @@ pub(crate) fn normalise_pcrs(pcrs: &[u8]) -> Result<Vec<u8>> {
 pub(crate) struct Tpm {
     ctx: Context,
     primary: KeyHandle,
+    /// Salted HMAC session (salt encrypted to the primary): authValues never
+    /// cross the TPM bus in clear and secret parameters are encrypted.
+    session: AuthSession,
     kind: TpmKind,
     identity: String,
+}
+
+/// Which parameters of a command the session encrypts. The TPM refuses the
+/// flag for a command whose first parameter is not a sized buffer.
+#[derive(Clone, Copy)]
+enum Enc {
+    /// First command parameter (secret going in).
+    In,
+    /// First response parameter (secret coming out).
+    Out,
+    /// Both.
+    Both,
+    /// Neither (command has no buffer parameters).
+    None,
 }
 
 impl std::fmt::Debug for Tpm {
@@ -125,12 +142,46 @@ impl Tpm {
             .marshall()
             .map_err(tpm_err("marshal primary public"))?;
         let identity = hex::encode(&Sha256::digest(&public)[..16]);
+        let primary = created.key_handle;
+        let session = ctx
+            .start_auth_session(
+                Some(primary),
+                None,
+                None,
+                SessionType::Hmac,
+                SymmetricDefinition::AES_128_CFB,
+                HashingAlgorithm::Sha256,
+            )
+            .map_err(tpm_err("StartAuthSession (salted HMAC)"))?
+            .ok_or(KeyError::UnexpectedTpmResponse("empty session handle"))?;
         Ok(Self {
             ctx,
-            primary: created.key_handle,
+            primary,
+            session,
             kind,
             identity,
         })
+    }
+
+    /// Runs `f` with the salted session, with parameter encryption as given.
+    fn authed<T>(
+        &mut self,
+        enc: Enc,
+        f: impl FnOnce(&mut Context) -> tss_esapi::Result<T>,
+    ) -> tss_esapi::Result<T> {
+        let (dec_in, enc_out) = match enc {
+            Enc::In => (true, false),
+            Enc::Out => (false, true),
+            Enc::Both => (true, true),
+            Enc::None => (false, false),
+        };
+        let (attrs, mask) = SessionAttributesBuilder::new()
+            .with_continue_session(true)
+            .with_decrypt(dec_in)
+            .with_encrypt(enc_out)
+            .build();
+        self.ctx.tr_sess_set_attributes(self.session, attrs, mask)?;
+        self.ctx.execute_with_session(Some(self.session), f)
     }
 
     /// Stable identity of this TPM's owner seed.
@@ -146,9 +197,9 @@ impl Tpm {
     pub fn random(&mut self, n: usize) -> Result<Zeroizing<Vec<u8>>> {
         let mut out = Zeroizing::new(Vec::with_capacity(n));
         while out.len() < n {
+            let want = (n - out.len()).min(32);
             let chunk = self
-                .ctx
-                .execute_without_session(|c| c.get_random((n - out.len()).min(32)))
+                .authed(Enc::Out, |c| c.get_random(want))
                 .map_err(tpm_err("GetRandom"))?;
             if chunk.value().is_empty() {
                 return Err(KeyError::UnexpectedTpmResponse("empty GetRandom result"));
@@ -198,8 +249,7 @@ impl Tpm {
         let auth = Auth::try_from(auth.to_vec()).map_err(tpm_err("build auth value"))?;
         let primary = self.primary;
         let created = self
-            .ctx
-            .execute_with_session(Some(AuthSession::Password), |c| {
+            .authed(Enc::Both, |c| {
                 c.create(primary, public, Some(auth), None, None, None)
             })
             .map_err(tpm_err("Create (RSA decryption key)"))?;
@@ -244,8 +294,7 @@ impl Tpm {
             SensitiveData::try_from(data.to_vec()).map_err(tpm_err("build sealed data"))?;
         let primary = self.primary;
         let created = self
-            .ctx
-            .execute_with_session(Some(AuthSession::Password), |c| {
+            .authed(Enc::Both, |c| {
                 c.create(primary, public, Some(auth), Some(sensitive), None, None)
             })
             .map_err(tpm_err("Create (sealed data object)"))?;
@@ -263,10 +312,7 @@ impl Tpm {
         let public = Public::unmarshall(&blob.public).map_err(corrupt)?;
         let private = Private::try_from(blob.private.clone()).map_err(corrupt)?;
         let primary = self.primary;
-        self.ctx
-            .execute_with_session(Some(AuthSession::Password), |c| {
-                c.load(primary, private, public)
-            })
+        self.authed(Enc::In, |c| c.load(primary, private, public))
             .map_err(corrupt)
     }
 
@@ -301,27 +347,26 @@ impl Tpm {
             self.ctx
                 .tr_set_auth(h.into(), auth)
                 .map_err(tpm_err("set key auth"))?;
-            self.ctx
-                .execute_with_session(Some(AuthSession::Password), |c| {
-                    c.rsa_decrypt(
-                        h,
-                        ct,
-                        RsaDecryptionScheme::Oaep(HashScheme::new(HashingAlgorithm::Sha256)),
-                        Data::default(),
-                    )
-                })
-                .map(|m| Zeroizing::new(m.value().to_vec()))
-                .map_err(|e| match rc_kind(&e) {
-                    Some(
-                        Tss2ResponseCodeKind::Value
-                        | Tss2ResponseCodeKind::Size
-                        | Tss2ResponseCodeKind::Scheme,
-                    ) => crate::error::EnvelopeError::UnwrapFailed(role).into(),
-                    _ => KeyError::Tpm {
-                        op: "RSA_Decrypt",
-                        source: e,
-                    },
-                })
+            self.authed(Enc::Out, |c| {
+                c.rsa_decrypt(
+                    h,
+                    ct,
+                    RsaDecryptionScheme::Oaep(HashScheme::new(HashingAlgorithm::Sha256)),
+                    Data::default(),
+                )
+            })
+            .map(|m| Zeroizing::new(m.value().to_vec()))
+            .map_err(|e| match rc_kind(&e) {
+                Some(
+                    Tss2ResponseCodeKind::Value
+                    | Tss2ResponseCodeKind::Size
+                    | Tss2ResponseCodeKind::Scheme,
+                ) => crate::error::EnvelopeError::UnwrapFailed(role).into(),
+                _ => KeyError::Tpm {
+                    op: "RSA_Decrypt",
+                    source: e,
+                },
+            })
         })();
         self.flush(h);
         result
@@ -342,13 +387,17 @@ impl Tpm {
                 self.ctx
                     .tr_set_auth(h.into(), auth)
                     .map_err(tpm_err("set sealed-object auth"))?;
-                self.ctx
-                    .execute_with_session(Some(AuthSession::Password), |c| c.unseal(h.into()))
+                self.authed(Enc::Out, |c| c.unseal(h.into()))
                     .map(|d| Zeroizing::new(d.value().to_vec()))
                     .map_err(tpm_err("Unseal"))
             })()
         } else {
-            self.unseal_with_pcr_policy(h, pcrs, role)
+            // The TPM keys response encryption with sessionKey || authValue of
+            // the object, so ESYS must know the authValue even in a policy session.
+            Auth::try_from(auth.to_vec())
+                .and_then(|a| self.ctx.tr_set_auth(h.into(), a))
+                .map_err(tpm_err("set sealed-object auth"))
+                .and_then(|()| self.unseal_with_pcr_policy(h, pcrs, role))
         };
         self.flush(h);
         result
@@ -389,11 +438,13 @@ impl Tpm {
     }
 
     fn start_policy_session(&mut self, ty: SessionType) -> Result<AuthSession> {
+        // A real policy session is salted so the unsealed key is encrypted on the bus.
+        let salt_key = (ty == SessionType::Policy).then_some(self.primary);
         let s = self
             .ctx
             .execute_without_session(|c| {
                 c.start_auth_session(
-                    None,
+                    salt_key,
                     None,
                     None,
                     ty,
@@ -403,7 +454,9 @@ impl Tpm {
             })
             .map_err(tpm_err("StartAuthSession"))?
             .ok_or(KeyError::UnexpectedTpmResponse("empty session handle"))?;
-        let (attrs, mask) = SessionAttributesBuilder::new().build();
+        let (attrs, mask) = SessionAttributesBuilder::new()
+            .with_encrypt(ty == SessionType::Policy)
+            .build();
         self.ctx
             .tr_sess_set_attributes(s, attrs, mask)
             .map_err(tpm_err("set session attributes"))?;
@@ -523,18 +576,14 @@ impl Tpm {
             .build()
             .map_err(tpm_err("NV public"))?;
         let h = self
-            .ctx
-            .execute_with_session(Some(AuthSession::Password), |c| {
+            .authed(Enc::None, |c| {
                 c.nv_define_space(Provision::Owner, None, public)
             })
             .map_err(tpm_err("NV_DefineSpace"))?;
         let data =
             MaxNvBuffer::try_from(secret.expose_secret().to_vec()).map_err(tpm_err("NV data"))?;
         let r = self
-            .ctx
-            .execute_with_session(Some(AuthSession::Password), |c| {
-                c.nv_write(NvAuth::Owner, h, data, 0)
-            })
+            .authed(Enc::In, |c| c.nv_write(NvAuth::Owner, h, data, 0))
             .map_err(tpm_err("NV_Write"));
         self.nv_close(h);
         r
@@ -548,10 +597,7 @@ impl Tpm {
         let h = self.nv_handle(index)?;
         let size = u16::try_from(GenerationSecret::LEN).unwrap_or(32);
         let r = self
-            .ctx
-            .execute_with_session(Some(AuthSession::Password), |c| {
-                c.nv_read(NvAuth::Owner, h, size, 0)
-            })
+            .authed(Enc::Out, |c| c.nv_read(NvAuth::Owner, h, size, 0))
             .map_err(tpm_err("NV_Read"));
         self.nv_close(h);
         let buf = r?;
@@ -565,10 +611,7 @@ impl Tpm {
     /// Undefines an NV index: everything depending on its secret is gone.
     pub fn nv_undefine(&mut self, index: u32) -> Result<()> {
         let h = self.nv_handle(index)?;
-        self.ctx
-            .execute_with_session(Some(AuthSession::Password), |c| {
-                c.nv_undefine_space(Provision::Owner, h)
-            })
+        self.authed(Enc::None, |c| c.nv_undefine_space(Provision::Owner, h))
             .map_err(tpm_err("NV_UndefineSpace"))
     }
 
@@ -576,6 +619,8 @@ impl Tpm {
     /// an orderly shutdown (no dictionary-attack penalty on next start).
     pub fn shutdown(mut self) -> Result<()> {
         let primary = self.primary;
+        let session = self.session;
+        self.flush_session(session);
         self.flush(primary);
         self.ctx
             .execute_without_session(|c| c.shutdown(StartupType::Clear))
