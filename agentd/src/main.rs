@@ -1,22 +1,30 @@
 //! `agentd`: the Leasehold node agent.
 //!
-//! This first version owns the key hierarchy: it opens the TPM, creates the
-//! landlord pair and KL on first start, reloads them later, and shuts the
-//! TPM down cleanly on SIGTERM. See docs/agentd.md for exit codes.
+//! Owns the key hierarchy (one thread), serves `org.leasehold.Agent1` on the
+//! system bus with a landlord and a tenant interface, authorizes every call
+//! through polkit, and shuts the TPM down cleanly on SIGTERM. See
+//! docs/agentd.md for options and exit codes.
 
+mod api;
+mod auth;
 mod config;
+mod keys;
+mod power;
+mod secrets;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
+use leasehold_dbus_api::{BUS_NAME, OBJECT_PATH};
 use leasehold_tpm::swtpm::Swtpm;
-use leasehold_tpm::{KeyConfig, KeyError, KeyHierarchy, Opened, TpmKind};
-use signal_hook::consts::{SIGINT, SIGTERM};
-use signal_hook::iterator::Signals;
+use leasehold_tpm::{KeyConfig, KeyError, Opened, TpmKind};
+use tokio::signal::unix::{signal, SignalKind};
 use tracing::{error, info, warn};
 
 use crate::config::{Config, ConfigError};
+use crate::keys::Keys;
 
 /// Exit codes (sysexits.h), documented in docs/agentd.md.
 mod exit {
@@ -41,7 +49,7 @@ struct Args {
     #[arg(long, value_name = "DIR")]
     dev: Option<PathBuf>,
 
-    /// Initialise or load the keys, print the node summary and exit.
+    /// Initialise or load the keys, print the node summary and exit (no D-Bus).
     #[arg(long)]
     oneshot: bool,
 }
@@ -56,13 +64,15 @@ enum AgentError {
     Keys(#[from] KeyError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
+    #[error("cannot serve {BUS_NAME} on the system bus: {0}")]
+    Bus(zbus::Error),
 }
 
 impl AgentError {
     fn exit_code(&self) -> u8 {
         match self {
             AgentError::Config(_) => exit::CONFIG,
-            AgentError::DevTpm(_) => exit::UNAVAILABLE,
+            AgentError::DevTpm(_) | AgentError::Bus(_) => exit::UNAVAILABLE,
             AgentError::Signals(_) => exit::SOFTWARE,
             AgentError::Keys(k) => match k {
                 KeyError::InvalidTcti { .. } | KeyError::InvalidPcr(_) => exit::CONFIG,
@@ -89,12 +99,24 @@ fn main() -> ExitCode {
     }
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,tss_esapi=warn")),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+                tracing_subscriber::EnvFilter::new("info,tss_esapi=warn,zbus=warn")
+            }),
         )
         .with_writer(std::io::stderr)
         .init();
-    match run(&args) {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("cannot start the runtime: {e}");
+            return ExitCode::from(exit::SOFTWARE);
+        }
+    };
+    match rt.block_on(run(&args)) {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {
             error!("{e}");
@@ -112,11 +134,12 @@ fn load_config(args: &Args) -> Result<Config, AgentError> {
     Ok(Config::load(&args.config)?)
 }
 
-fn run(args: &Args) -> Result<(), AgentError> {
+async fn run(args: &Args) -> Result<(), AgentError> {
     let cfg = load_config(args)?;
     // Install handlers before touching the TPM so a SIGTERM during start-up
     // still ends in an orderly TPM shutdown.
-    let mut signals = Signals::new([SIGTERM, SIGINT]).map_err(AgentError::Signals)?;
+    let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
+    let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
 
     let (swtpm, key_cfg) = match &args.dev {
         Some(dir) => {
@@ -143,57 +166,109 @@ fn run(args: &Args) -> Result<(), AgentError> {
         ),
     };
 
-    let result = serve(&key_cfg, args.oneshot, &mut signals);
+    let result = serve(key_cfg, args.oneshot, async move {
+        tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        }
+    })
+    .await;
     if let Some(swtpm) = swtpm {
-        if let Err(e) = swtpm.stop() {
+        if let Err(e) = tokio::task::spawn_blocking(move || swtpm.stop())
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        {
             warn!("stopping the development TPM: {e}");
         }
     }
     result
 }
 
-fn serve(key_cfg: &KeyConfig, oneshot: bool, signals: &mut Signals) -> Result<(), AgentError> {
-    let (keys, opened) = KeyHierarchy::open(key_cfg)?;
-    let status = keys.status();
+async fn serve(
+    key_cfg: KeyConfig,
+    oneshot: bool,
+    stop: impl std::future::Future<Output = &'static str>,
+) -> Result<(), AgentError> {
+    let state_dir = key_cfg.state_dir.clone();
+    let (keys, opened) = tokio::task::spawn_blocking(move || Keys::start(key_cfg))
+        .await
+        .map_err(|e| {
+            KeyError::UnexpectedTpmResponse(if e.is_panic() {
+                "key thread panicked"
+            } else {
+                "key thread cancelled"
+            })
+        })??;
+    let status = keys
+        .call(|k| k.status())
+        .await
+        .map_err(|_| KeyError::UnexpectedTpmResponse("key thread"))?;
     match &opened {
         Opened::Initialised => {
             info!(node_id = %status.node_id, "initialised the key hierarchy (landlord pair and KL)")
         }
-        Opened::Loaded { recovered } => info!(
-            node_id = %status.node_id,
-            recovered,
-            "loaded the key hierarchy"
-        ),
+        Opened::Loaded { recovered } => {
+            info!(node_id = %status.node_id, recovered, "loaded the key hierarchy")
+        }
     }
     if status.tpm_kind == TpmKind::Software {
         warn!("running on a software TPM: keys have no hardware protection");
     }
-    info!(
-        tpm = %status.tpm_kind,
-        landlord_generation = status.landlord.generation,
-        landlord_fingerprint = %status.landlord.fingerprint,
-        tenant_assigned = status.tenant.is_some(),
-        "agent ready"
-    );
     println!("node id:              {}", status.node_id);
     println!("TPM:                  {}", status.tpm_kind);
     println!("landlord generation:  {}", status.landlord.generation);
     println!("landlord fingerprint: {}", status.landlord.fingerprint);
     match &status.tenant {
         Some(t) => println!(
-            "tenant fingerprint:   {} (generation {})",
-            t.fingerprint, t.generation
+            "tenant:               {} (generation {}, fingerprint {})",
+            t.name.as_deref().unwrap_or("?"),
+            t.generation,
+            t.fingerprint
         ),
         None => println!("tenant:               not assigned"),
     }
 
-    if !oneshot {
-        // Block until SIGTERM or SIGINT: the only events this version serves.
-        if let Some(sig) = signals.forever().next() {
-            info!(signal = sig, "stopping");
-        }
-    }
-    keys.shutdown()?;
+    let keys = Arc::new(keys);
+    let result = if oneshot {
+        Ok(())
+    } else {
+        serve_bus(keys.clone(), &state_dir, stop).await
+    };
+    keys.shutdown().await?;
     info!("TPM shut down cleanly");
+    result
+}
+
+/// Serves both interfaces until `stop` resolves. The name is requested only
+/// after the interfaces are in place, so no call can see a half-built agent.
+async fn serve_bus(
+    keys: Arc<Keys>,
+    state_dir: &Path,
+    stop: impl std::future::Future<Output = &'static str>,
+) -> Result<(), AgentError> {
+    let conn = zbus::connection::Builder::system()
+        .build()
+        .await
+        .map_err(AgentError::Bus)?;
+    let ctx = Arc::new(api::Ctx {
+        keys,
+        auth: auth::Authorizer::new(conn.clone()),
+        secrets: secrets::SecretStore::new(state_dir.join("secrets")),
+    });
+    let server = conn.object_server();
+    server
+        .at(OBJECT_PATH, api::LandlordApi(ctx.clone()))
+        .await
+        .map_err(AgentError::Bus)?;
+    server
+        .at(OBJECT_PATH, api::TenantApi(ctx))
+        .await
+        .map_err(AgentError::Bus)?;
+    conn.request_name(BUS_NAME).await.map_err(AgentError::Bus)?;
+    info!(name = BUS_NAME, "serving on the system bus");
+    let sig = stop.await;
+    info!(signal = sig, "stopping");
+    // Release the name first so no new call starts while keys shut down.
+    let _ = conn.release_name(BUS_NAME).await;
     Ok(())
 }

@@ -63,7 +63,8 @@ fn main() {
         seal_pcrs: vec![],
     };
     let (mut h, _) = KeyHierarchy::open(&cfg).unwrap();
-    h.assign_tenant(Role::Landlord, Confirm::No).unwrap();
+    h.assign_tenant(Role::Landlord, "acme", Confirm::No)
+        .unwrap();
     let env = envelope::seal(&h.public_key(Role::Tenant).unwrap().pem, &[1u8; 4096]).unwrap();
     let pem = h.public_key(Role::Tenant).unwrap().pem;
     let kl = SymmetricKey::from_bytes([1; 32]);

@@ -104,6 +104,14 @@ pub enum KeyError {
         /// Why.
         reason: String,
     },
+    /// A tenant or console name is not acceptable.
+    #[error("invalid {what} {name:?}: use 1-64 characters of A-Z a-z 0-9 . _ - (not starting with . or -)")]
+    InvalidName {
+        /// "tenant name", "console name".
+        what: &'static str,
+        /// The name given.
+        name: String,
+    },
     /// A console name is not known.
     #[error("no {role} console named {name:?} is registered")]
     UnknownConsole {

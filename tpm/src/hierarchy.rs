@@ -130,6 +130,8 @@ pub struct LevelStatus {
     pub fingerprint: String,
     /// PCRs the symmetric key is sealed to.
     pub seal_pcrs: Vec<u8>,
+    /// Holder's name (the tenant's name).
+    pub name: Option<String>,
 }
 
 /// Status of the hierarchy.
@@ -322,6 +324,7 @@ impl KeyHierarchy {
             public_pem: recipient.to_pem(),
             fingerprint: recipient.fingerprint_hex(),
             seal_pcrs: pcrs,
+            name: None,
         })
     }
 
@@ -372,6 +375,7 @@ impl KeyHierarchy {
             key_generation: l.key_generation,
             fingerprint: l.fingerprint.clone(),
             seal_pcrs: l.seal_pcrs.clone(),
+            name: l.name.clone(),
         };
         Status {
             node_id: self.manifest.node_id.clone(),
@@ -463,6 +467,18 @@ impl KeyHierarchy {
         derive_disk_key(&node_id, &links).ok_or(KeyError::UnexpectedTpmResponse("empty key chain"))
     }
 
+    /// A 256-bit key for one kind of tenant data (e.g. the secret store),
+    /// derived from the disk key: it changes exactly when the disk key does,
+    /// so every destroying rotation also erases data under it.
+    pub fn data_key(&mut self, purpose: &str) -> Result<SymmetricKey> {
+        let disk = self.disk_key()?;
+        let hk = Hkdf::<Sha256>::new(Some(b"leasehold/data-key/v1"), disk.expose_secret());
+        let mut out = Zeroizing::new([0u8; 32]);
+        hk.expand(purpose.as_bytes(), out.as_mut())
+            .map_err(|_| KeyError::UnexpectedTpmResponse("data-key length"))?;
+        Ok(SymmetricKey::from_bytes(*out))
+    }
+
     fn authorize(caller: Role, target: Role, action: &'static str) -> Result<()> {
         // A level may act on its own keys and on narrower levels' keys (R8).
         if caller > target {
@@ -496,7 +512,9 @@ impl KeyHierarchy {
             });
         }
         let key = SymmetricKey::from_bytes(*self.tpm.random32()?);
-        let new = self.create_level(target, old.generation + 1, old.key_generation + 1, &key)?;
+        let mut new =
+            self.create_level(target, old.generation + 1, old.key_generation + 1, &key)?;
+        new.name.clone_from(&old.name);
         let change = KeyChange {
             kind: ChangeKind::Rotate,
             role: target,
@@ -519,7 +537,8 @@ impl KeyHierarchy {
         Self::authorize(caller, target, "re-key these keys")?;
         let old = self.level(target)?.clone();
         let key = self.symmetric_key(target)?;
-        let new = self.create_level(target, old.generation + 1, old.key_generation, &key)?;
+        let mut new = self.create_level(target, old.generation + 1, old.key_generation, &key)?;
+        new.name.clone_from(&old.name);
         let change = KeyChange {
             kind: ChangeKind::Rekey,
             role: target,
@@ -539,11 +558,22 @@ impl KeyHierarchy {
     /// Assigns the node to a (new) tenant: a fresh tenant pair and KT. If a
     /// tenant already has keys they are destroyed, which needs confirmation.
     /// The previous tenant's consoles are forgotten.
-    pub fn assign_tenant(&mut self, caller: Role, confirm: Confirm) -> Result<KeyChange> {
+    pub fn assign_tenant(
+        &mut self,
+        caller: Role,
+        name: &str,
+        confirm: Confirm,
+    ) -> Result<KeyChange> {
         if caller != Role::Landlord {
             return Err(KeyError::NotPermitted {
                 caller,
                 action: "assign the node",
+            });
+        }
+        if !valid_name(name) {
+            return Err(KeyError::InvalidName {
+                what: "tenant name",
+                name: name.to_owned(),
             });
         }
         let old = self.manifest.tenant.clone();
@@ -556,7 +586,8 @@ impl KeyHierarchy {
             .as_ref()
             .map_or((1, 1), |o| (o.generation + 1, o.key_generation + 1));
         let key = SymmetricKey::from_bytes(*self.tpm.random32()?);
-        let new = self.create_level(Role::Tenant, generation, key_generation, &key)?;
+        let mut new = self.create_level(Role::Tenant, generation, key_generation, &key)?;
+        new.name = Some(name.to_owned());
         let change = KeyChange {
             kind: ChangeKind::Assign,
             role: Role::Tenant,
@@ -724,5 +755,17 @@ fn placeholder_level() -> LevelState {
         public_pem: String::new(),
         fingerprint: String::new(),
         seal_pcrs: Vec::new(),
+        name: None,
     }
+}
+
+/// Names of tenants and consoles: 1-64 characters of `A-Z a-z 0-9 . _ -`,
+/// not starting with `.` or `-` (they end up in file names and option lists).
+pub fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with(['.', '-'])
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }

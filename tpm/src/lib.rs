@@ -23,7 +23,8 @@ mod types;
 
 pub use error::{EnvelopeError, KeyError, Result};
 pub use hierarchy::{
-    ChangeKind, FaultPoint, KeyChange, KeyConfig, KeyHierarchy, LevelStatus, Opened, Status,
+    valid_name, ChangeKind, FaultPoint, KeyChange, KeyConfig, KeyHierarchy, LevelStatus, Opened,
+    Status,
 };
 pub use types::{Confirm, DiskKey, PublicKeyInfo, Role, SymmetricKey, TpmKind};
 

@@ -82,6 +82,9 @@ pub(crate) struct LevelState {
     /// PCRs the sealed key is bound to (empty: none).
     #[serde(default)]
     pub seal_pcrs: Vec<u8>,
+    /// Name the level's holder was given (the tenant's name at assignment).
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 /// A console's registered public key.
@@ -309,6 +312,7 @@ mod tests {
                 public_pem: "pem".into(),
                 fingerprint: "fp".into(),
                 seal_pcrs: vec![],
+                name: None,
             },
             tenant: None,
             consoles: vec![],

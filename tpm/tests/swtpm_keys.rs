@@ -106,7 +106,8 @@ fn swtpm_first_start_initialises_and_reports_software_tpm() {
 fn swtpm_seal_open_round_trip_both_roles() {
     let node = Node::new();
     let (mut h, _) = node.open();
-    h.assign_tenant(Role::Landlord, Confirm::No).unwrap();
+    h.assign_tenant(Role::Landlord, "acme", Confirm::No)
+        .unwrap();
     for role in Role::ALL {
         for payload in [&b""[..], b"hello", &vec![0xa5; 100_000]] {
             let env = seal_to(&h, role, payload);
@@ -167,7 +168,8 @@ fn swtpm_seal_in_process_without_tpm() {
 fn swtpm_symmetric_keys_unseal_consistently() {
     let node = Node::new();
     let (mut h, _) = node.open();
-    h.assign_tenant(Role::Landlord, Confirm::No).unwrap();
+    h.assign_tenant(Role::Landlord, "acme", Confirm::No)
+        .unwrap();
     let kl1 = h.symmetric_key(Role::Landlord).unwrap();
     let kl2 = h.symmetric_key(Role::Landlord).unwrap();
     let kt = h.symmetric_key(Role::Tenant).unwrap();
@@ -183,7 +185,8 @@ fn swtpm_symmetric_keys_unseal_consistently() {
 fn swtpm_state_survives_agent_and_tpm_restart() {
     let mut node = Node::new();
     let (mut h, _) = node.open();
-    h.assign_tenant(Role::Landlord, Confirm::No).unwrap();
+    h.assign_tenant(Role::Landlord, "acme", Confirm::No)
+        .unwrap();
     let status = h.status();
     let disk = h.disk_key().unwrap();
     let kt = h.symmetric_key(Role::Tenant).unwrap();
@@ -219,7 +222,8 @@ fn swtpm_state_survives_agent_and_tpm_restart() {
 fn swtpm_landlord_rotation_makes_old_material_unrecoverable() {
     let node = Node::new();
     let (mut h, _) = node.open();
-    h.assign_tenant(Role::Landlord, Confirm::No).unwrap();
+    h.assign_tenant(Role::Landlord, "acme", Confirm::No)
+        .unwrap();
     let before = h.status();
     let disk_before = h.disk_key().unwrap();
     let kl_before = h.symmetric_key(Role::Landlord).unwrap();
@@ -277,7 +281,8 @@ fn swtpm_landlord_rotation_makes_old_material_unrecoverable() {
 fn swtpm_tenant_rotation_replaces_kt_only() {
     let node = Node::new();
     let (mut h, _) = node.open();
-    h.assign_tenant(Role::Landlord, Confirm::No).unwrap();
+    h.assign_tenant(Role::Landlord, "acme", Confirm::No)
+        .unwrap();
     let before = h.status();
     let disk_before = h.disk_key().unwrap();
     let kl = h.symmetric_key(Role::Landlord).unwrap();
@@ -299,7 +304,7 @@ fn swtpm_tenant_rotation_replaces_kt_only() {
         Err(KeyError::NotPermitted { .. })
     ));
     assert!(matches!(
-        h.assign_tenant(Role::Tenant, Confirm::DestroyData),
+        h.assign_tenant(Role::Tenant, "acme", Confirm::DestroyData),
         Err(KeyError::NotPermitted { .. })
     ));
     assert!(matches!(
@@ -338,7 +343,8 @@ fn swtpm_tenant_rotation_replaces_kt_only() {
 fn swtpm_rekey_keeps_disk_key() {
     let node = Node::new();
     let (mut h, _) = node.open();
-    h.assign_tenant(Role::Landlord, Confirm::No).unwrap();
+    h.assign_tenant(Role::Landlord, "acme", Confirm::No)
+        .unwrap();
     let before = h.status();
     let disk = h.disk_key().unwrap();
     let old_env = seal_to(&h, Role::Tenant, b"old");
@@ -362,14 +368,15 @@ fn swtpm_release_and_reassign_erase_tenant_material() {
     let node = Node::new();
     let (mut h, _) = node.open();
     let disk_unassigned = h.disk_key().unwrap();
-    h.assign_tenant(Role::Landlord, Confirm::No).unwrap();
+    h.assign_tenant(Role::Landlord, "acme", Confirm::No)
+        .unwrap();
     let disk_a = h.disk_key().unwrap();
     assert_ne!(disk_a, disk_unassigned);
     assert!(matches!(
-        h.assign_tenant(Role::Landlord, Confirm::No),
+        h.assign_tenant(Role::Landlord, "acme", Confirm::No),
         Err(KeyError::ConfirmationRequired { .. })
     ));
-    h.assign_tenant(Role::Landlord, Confirm::DestroyData)
+    h.assign_tenant(Role::Landlord, "acme", Confirm::DestroyData)
         .unwrap();
     let disk_b = h.disk_key().unwrap();
     assert_ne!(disk_b, disk_a);
@@ -397,8 +404,10 @@ fn swtpm_two_nodes_never_share_keys() {
     let b = Node::new();
     let (mut ha, _) = a.open();
     let (mut hb, _) = b.open();
-    ha.assign_tenant(Role::Landlord, Confirm::No).unwrap();
-    hb.assign_tenant(Role::Landlord, Confirm::No).unwrap();
+    ha.assign_tenant(Role::Landlord, "acme", Confirm::No)
+        .unwrap();
+    hb.assign_tenant(Role::Landlord, "acme", Confirm::No)
+        .unwrap();
     let (sa, sb) = (ha.status(), hb.status());
     assert_ne!(sa.node_id, sb.node_id);
     assert_ne!(ha.tpm_id(), hb.tpm_id());
@@ -438,7 +447,8 @@ fn swtpm_two_nodes_never_share_keys() {
 fn swtpm_key_attributes_read_back_from_tpm() {
     let node = Node::new();
     let (mut h, _) = node.open();
-    h.assign_tenant(Role::Landlord, Confirm::No).unwrap();
+    h.assign_tenant(Role::Landlord, "acme", Confirm::No)
+        .unwrap();
     for role in Role::ALL {
         let public = h.key_pair_public(role).unwrap();
         let a = public.object_attributes();
@@ -583,7 +593,7 @@ fn swtpm_console_keys_receive_sealed_replies() {
     ));
     assert!(matches!(
         h.register_console(Role::Landlord, "bad name!", &pem),
-        Err(KeyError::InvalidConsoleKey { .. })
+        Err(KeyError::InvalidName { .. })
     ));
     assert!(matches!(
         h.register_console(Role::Landlord, "c1", "not a key"),
@@ -628,7 +638,7 @@ fn swtpm_interrupted_changes_leave_old_or_new_key_set() {
             h.rekey(Role::Tenant, Role::Tenant).map(|_| ())
         }),
         ("reassign", |h| {
-            h.assign_tenant(Role::Landlord, Confirm::DestroyData)
+            h.assign_tenant(Role::Landlord, "acme", Confirm::DestroyData)
                 .map(|_| ())
         }),
         ("release", |h| {
@@ -650,7 +660,8 @@ fn swtpm_interrupted_changes_leave_old_or_new_key_set() {
         for &point in points {
             let (mut h, _) = node.open();
             if h.status().tenant.is_none() {
-                h.assign_tenant(Role::Landlord, Confirm::No).unwrap();
+                h.assign_tenant(Role::Landlord, "acme", Confirm::No)
+                    .unwrap();
             }
             let old = (h.status(), h.disk_key().unwrap());
             h.inject_fault(point);

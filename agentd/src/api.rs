@@ -1,0 +1,583 @@
+//! The D-Bus interfaces. Handlers are thin: authorize in one place, run the
+//! operation on the key thread, convert the result. Errors are mapped to
+//! `org.leasehold.Error.*` only here.
+
+use std::sync::Arc;
+
+use leasehold_dbus_api::{
+    actions, Error, KeyChange, NodeInfo, PublicKey, SecretInfo, API_VERSION, OBJECT_PATH,
+};
+use leasehold_tpm::{Confirm, KeyError, Role};
+use zbus::message::Header;
+use zbus::{interface, Connection};
+
+use crate::auth::Authorizer;
+use crate::keys::{Keys, KeysGone};
+use crate::power::{self, PowerAction};
+use crate::secrets::{SecretError, SecretStore};
+
+/// State shared by both interfaces.
+#[derive(Debug)]
+pub struct Ctx {
+    pub keys: Arc<Keys>,
+    pub auth: Authorizer,
+    pub secrets: SecretStore,
+}
+
+impl From<KeysGone> for ApiError {
+    fn from(e: KeysGone) -> Self {
+        ApiError(Error::Unavailable(e.to_string()))
+    }
+}
+
+/// Local wrapper so conversions live in this module.
+pub struct ApiError(pub Error);
+
+impl From<ApiError> for Error {
+    fn from(e: ApiError) -> Self {
+        e.0
+    }
+}
+
+impl From<KeyError> for ApiError {
+    fn from(e: KeyError) -> Self {
+        let msg = e.to_string();
+        ApiError(match e {
+            KeyError::NotPermitted { .. } => Error::NotAuthorized(msg),
+            KeyError::ConfirmationRequired { .. } => Error::ConfirmationRequired(msg),
+            KeyError::NotAssigned => Error::NotAssigned(msg),
+            KeyError::Envelope(_)
+            | KeyError::InvalidName { .. }
+            | KeyError::InvalidConsoleKey { .. } => Error::InvalidArgument(msg),
+            KeyError::UnknownConsole { .. } => Error::NotFound(msg),
+            KeyError::Connect { .. } => Error::Unavailable(msg),
+            other => {
+                tracing::error!(error = %other, "key operation failed");
+                Error::Failed(msg)
+            }
+        })
+    }
+}
+
+impl From<SecretError> for ApiError {
+    fn from(e: SecretError) -> Self {
+        ApiError(match e {
+            SecretError::NotFound(_) => Error::NotFound(e.to_string()),
+            other => {
+                tracing::error!(error = %other, "secret store failed");
+                Error::Failed(other.to_string())
+            }
+        })
+    }
+}
+
+fn to_confirm(b: bool) -> Confirm {
+    if b {
+        Confirm::DestroyData
+    } else {
+        Confirm::No
+    }
+}
+
+fn change_dict(c: &leasehold_tpm::KeyChange) -> KeyChange {
+    KeyChange {
+        kind: Some(
+            match c.kind {
+                leasehold_tpm::ChangeKind::Rotate => "rotate",
+                leasehold_tpm::ChangeKind::Rekey => "rekey",
+                leasehold_tpm::ChangeKind::Assign => "assign",
+                leasehold_tpm::ChangeKind::Release => "release",
+            }
+            .to_owned(),
+        ),
+        role: Some(c.role.to_string()),
+        generation_before: c.generation_before,
+        generation_after: c.generation_after,
+        data_destroyed: Some(c.data_destroyed),
+        fingerprint: c.fingerprint_after.clone(),
+    }
+}
+
+fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
+    if leasehold_tpm::valid_name(name) {
+        Ok(())
+    } else {
+        Err(ApiError(Error::InvalidArgument(format!(
+            "{what} {name:?}: use 1-64 characters of A-Z a-z 0-9 . _ - (not starting with . or -)"
+        ))))
+    }
+}
+
+async fn emit(conn: &Connection, change: &KeyChange) {
+    // Landlords see every change; tenants see changes of tenant keys.
+    let mut ifaces = vec![leasehold_dbus_api::LANDLORD_INTERFACE];
+    if change.role.as_deref() == Some("tenant") {
+        ifaces.push(leasehold_dbus_api::TENANT_INTERFACE);
+    }
+    for iface in ifaces {
+        if let Err(e) = conn
+            .emit_signal(None::<&str>, OBJECT_PATH, iface, "KeysChanged", &(change,))
+            .await
+        {
+            tracing::warn!(error = %e, "cannot emit KeysChanged");
+        }
+    }
+}
+
+impl Ctx {
+    async fn node_info(&self, role: Role) -> Result<NodeInfo, ApiError> {
+        let st = self.keys.call(|k| k.status()).await?;
+        let mut info = NodeInfo {
+            node_id: Some(st.node_id.clone()),
+            tpm_kind: Some(
+                match st.tpm_kind {
+                    leasehold_tpm::TpmKind::Hardware => "hardware",
+                    leasehold_tpm::TpmKind::Software => "software",
+                }
+                .into(),
+            ),
+            landlord_fingerprint: Some(st.landlord.fingerprint.clone()),
+            assigned: Some(st.tenant.is_some()),
+            api_version: Some(API_VERSION),
+            consoles: Some(
+                st.consoles
+                    .iter()
+                    .filter(|(r, _, _)| *r == role)
+                    .map(|(_, n, fp)| format!("{n} {fp}"))
+                    .collect(),
+            ),
+            ..Default::default()
+        };
+        if role == Role::Landlord {
+            info.landlord_generation = Some(st.landlord.generation);
+        }
+        if let Some(t) = &st.tenant {
+            info.tenant_name.clone_from(&t.name);
+            info.tenant_generation = Some(t.generation);
+            info.tenant_key_generation = Some(t.key_generation);
+            info.tenant_fingerprint = Some(t.fingerprint.clone());
+        }
+        Ok(info)
+    }
+
+    async fn public_key(&self, role: Role) -> Result<PublicKey, ApiError> {
+        let pk = self.keys.call(move |k| k.public_key(role)).await??;
+        Ok(PublicKey {
+            role: Some(role.to_string()),
+            generation: Some(pk.generation),
+            pem: Some(pk.pem),
+            fingerprint: Some(pk.fingerprint),
+        })
+    }
+
+    /// Runs a key change, purges tenant secrets if it destroyed data, logs
+    /// and signals it.
+    async fn change(
+        &self,
+        conn: &Connection,
+        caller_uid: u32,
+        f: impl FnOnce(&mut leasehold_tpm::KeyHierarchy) -> Result<leasehold_tpm::KeyChange, KeyError>
+            + Send
+            + 'static,
+    ) -> Result<KeyChange, ApiError> {
+        let c = self.keys.call(f).await??;
+        if c.data_destroyed {
+            let n = self.secrets.purge()?;
+            if n > 0 {
+                tracing::info!(
+                    count = n,
+                    "purged tenant secrets after a destroying key change"
+                );
+            }
+        }
+        tracing::info!(uid = caller_uid, change = %c, "key change");
+        let d = change_dict(&c);
+        emit(conn, &d).await;
+        Ok(d)
+    }
+}
+
+/// `org.leasehold.Landlord1`
+pub struct LandlordApi(pub Arc<Ctx>);
+
+impl LandlordApi {
+    async fn auth(
+        &self,
+        hdr: &Header<'_>,
+        action: &str,
+        method: &str,
+        extra: &[(&str, &str)],
+    ) -> Result<u32, Error> {
+        let mut details = vec![("method", method)];
+        details.extend_from_slice(extra);
+        self.0.auth.check(hdr, action, &details, true).await
+    }
+}
+
+#[interface(name = "org.leasehold.Landlord1")]
+impl LandlordApi {
+    async fn node_info(&self, #[zbus(header)] hdr: Header<'_>) -> Result<NodeInfo, Error> {
+        self.auth(&hdr, actions::LANDLORD_READ, "NodeInfo", &[])
+            .await?;
+        Ok(self.0.node_info(Role::Landlord).await?)
+    }
+
+    async fn get_public_key(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        role: String,
+    ) -> Result<PublicKey, Error> {
+        self.auth(
+            &hdr,
+            actions::LANDLORD_READ,
+            "GetPublicKey",
+            &[("role", &role)],
+        )
+        .await?;
+        let role: Role = role
+            .parse()
+            .map_err(|e: String| Error::InvalidArgument(format!("role: {e}")))?;
+        Ok(self.0.public_key(role).await?)
+    }
+
+    async fn assign_tenant(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        name: String,
+        console_key: String,
+        confirm: bool,
+    ) -> Result<KeyChange, Error> {
+        let uid = self
+            .auth(
+                &hdr,
+                actions::LANDLORD_ASSIGN,
+                "AssignTenant",
+                &[("tenant", &name)],
+            )
+            .await?;
+        check_name("name", &name)?;
+        if !console_key.is_empty() {
+            // Validate before anything changes: no partial state.
+            leasehold_tpm::envelope::RecipientKey::from_pem(&console_key)
+                .map_err(|e| Error::InvalidArgument(format!("console_key: {e}")))?;
+        }
+        let c = to_confirm(confirm);
+        let change = self
+            .0
+            .change(conn, uid, move |k| {
+                let change = k.assign_tenant(Role::Landlord, &name, c)?;
+                if !console_key.is_empty() {
+                    // The key was validated above; registration can only fail on I/O.
+                    k.register_console(Role::Tenant, "initial", &console_key)?;
+                }
+                Ok(change)
+            })
+            .await?;
+        Ok(change)
+    }
+
+    async fn release_tenant(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        confirm: bool,
+    ) -> Result<KeyChange, Error> {
+        let uid = self
+            .auth(&hdr, actions::LANDLORD_ASSIGN, "ReleaseTenant", &[])
+            .await?;
+        let c = to_confirm(confirm);
+        let r = self
+            .0
+            .keys
+            .call(move |k| k.release_tenant(Role::Landlord, c))
+            .await
+            .map_err(ApiError::from)?
+            .map_err(ApiError::from)?;
+        match r {
+            Some(change) => {
+                self.0.secrets.purge().map_err(ApiError::from)?;
+                tracing::info!(uid, change = %change, "key change");
+                let d = change_dict(&change);
+                emit(conn, &d).await;
+                Ok(d)
+            }
+            // Already released: an idempotent result, not an error.
+            None => Ok(KeyChange {
+                kind: Some("release".into()),
+                role: Some("tenant".into()),
+                data_destroyed: Some(false),
+                ..Default::default()
+            }),
+        }
+    }
+
+    async fn rotate_keys(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        confirm: bool,
+    ) -> Result<KeyChange, Error> {
+        let uid = self
+            .auth(&hdr, actions::LANDLORD_KEYS, "RotateKeys", &[])
+            .await?;
+        let c = to_confirm(confirm);
+        Ok(self
+            .0
+            .change(conn, uid, move |k| {
+                k.rotate(Role::Landlord, Role::Landlord, c)
+            })
+            .await?)
+    }
+
+    async fn rekey_keys(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<KeyChange, Error> {
+        let uid = self
+            .auth(&hdr, actions::LANDLORD_KEYS, "RekeyKeys", &[])
+            .await?;
+        Ok(self
+            .0
+            .change(conn, uid, |k| k.rekey(Role::Landlord, Role::Landlord))
+            .await?)
+    }
+
+    async fn register_console_key(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        name: String,
+        pem: String,
+    ) -> Result<String, Error> {
+        self.auth(
+            &hdr,
+            actions::LANDLORD_KEYS,
+            "RegisterConsoleKey",
+            &[("console", &name)],
+        )
+        .await?;
+        Ok(self
+            .0
+            .keys
+            .call(move |k| k.register_console(Role::Landlord, &name, &pem))
+            .await
+            .map_err(ApiError::from)?
+            .map_err(ApiError::from)?)
+    }
+
+    async fn reboot(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), Error> {
+        let uid = self
+            .auth(&hdr, actions::LANDLORD_REBOOT, "Reboot", &[])
+            .await?;
+        tracing::warn!(uid, "reboot requested by the landlord");
+        power::run(conn, PowerAction::Reboot).await
+    }
+
+    async fn power_off(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), Error> {
+        let uid = self
+            .auth(&hdr, actions::LANDLORD_POWEROFF, "PowerOff", &[])
+            .await?;
+        tracing::warn!(uid, "power-off requested by the landlord");
+        power::run(conn, PowerAction::PowerOff).await
+    }
+
+    async fn suspend(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<(), Error> {
+        let uid = self
+            .auth(&hdr, actions::LANDLORD_SUSPEND, "Suspend", &[])
+            .await?;
+        tracing::warn!(uid, "suspend requested by the landlord");
+        power::run(conn, PowerAction::Suspend).await
+    }
+
+    #[zbus(property)]
+    fn version(&self) -> u32 {
+        API_VERSION
+    }
+}
+
+/// `org.leasehold.Tenant1`
+pub struct TenantApi(pub Arc<Ctx>);
+
+impl TenantApi {
+    async fn auth(
+        &self,
+        hdr: &Header<'_>,
+        action: &str,
+        method: &str,
+        extra: &[(&str, &str)],
+    ) -> Result<u32, Error> {
+        let mut details = vec![("method", method)];
+        details.extend_from_slice(extra);
+        self.0.auth.check(hdr, action, &details, false).await
+    }
+}
+
+#[interface(name = "org.leasehold.Tenant1")]
+impl TenantApi {
+    async fn node_info(&self, #[zbus(header)] hdr: Header<'_>) -> Result<NodeInfo, Error> {
+        self.auth(&hdr, actions::TENANT_READ, "NodeInfo", &[])
+            .await?;
+        Ok(self.0.node_info(Role::Tenant).await?)
+    }
+
+    async fn get_public_key(&self, #[zbus(header)] hdr: Header<'_>) -> Result<PublicKey, Error> {
+        self.auth(&hdr, actions::TENANT_READ, "GetPublicKey", &[])
+            .await?;
+        Ok(self.0.public_key(Role::Tenant).await?)
+    }
+
+    async fn rotate_keys(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        confirm: bool,
+    ) -> Result<KeyChange, Error> {
+        let uid = self
+            .auth(&hdr, actions::TENANT_KEYS, "RotateKeys", &[])
+            .await?;
+        let c = to_confirm(confirm);
+        Ok(self
+            .0
+            .change(conn, uid, move |k| k.rotate(Role::Tenant, Role::Tenant, c))
+            .await?)
+    }
+
+    async fn rekey_keys(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+    ) -> Result<KeyChange, Error> {
+        let uid = self
+            .auth(&hdr, actions::TENANT_KEYS, "RekeyKeys", &[])
+            .await?;
+        Ok(self
+            .0
+            .change(conn, uid, |k| k.rekey(Role::Tenant, Role::Tenant))
+            .await?)
+    }
+
+    async fn register_console_key(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        name: String,
+        pem: String,
+    ) -> Result<String, Error> {
+        self.auth(
+            &hdr,
+            actions::TENANT_KEYS,
+            "RegisterConsoleKey",
+            &[("console", &name)],
+        )
+        .await?;
+        Ok(self
+            .0
+            .keys
+            .call(move |k| k.register_console(Role::Tenant, &name, &pem))
+            .await
+            .map_err(ApiError::from)?
+            .map_err(ApiError::from)?)
+    }
+
+    async fn put_secret(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        name: String,
+        envelope: Vec<u8>,
+    ) -> Result<SecretInfo, Error> {
+        let uid = self
+            .auth(
+                &hdr,
+                actions::TENANT_SECRETS,
+                "PutSecret",
+                &[("secret", &name)],
+            )
+            .await?;
+        check_name("name", &name)?;
+        if envelope.len() > leasehold_dbus_api::MAX_ENVELOPE_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "envelope: {} bytes; the limit is {} bytes",
+                envelope.len(),
+                leasehold_dbus_api::MAX_ENVELOPE_BYTES
+            )));
+        }
+        let store = self.0.secrets.clone();
+        let n = name.clone();
+        let entry = self
+            .0
+            .keys
+            .call(move |k| -> Result<_, ApiError> {
+                let payload = k.open_envelope(Role::Tenant, &envelope)?;
+                let key = k.data_key(crate::secrets::PURPOSE)?;
+                Ok(store.put(&key, &n, &payload)?)
+            })
+            .await
+            .map_err(ApiError::from)??;
+        tracing::info!(uid, secret = %name, size = entry.size, "tenant secret stored");
+        Ok(SecretInfo {
+            name: Some(entry.name),
+            size: Some(entry.size),
+            stored_at: Some(entry.stored_at),
+        })
+    }
+
+    async fn list_secrets(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<Vec<SecretInfo>, Error> {
+        self.auth(&hdr, actions::TENANT_SECRETS, "ListSecrets", &[])
+            .await?;
+        // Listing requires a tenant, like every tenant call.
+        self.0
+            .keys
+            .call(|k| k.public_key(Role::Tenant))
+            .await
+            .map_err(ApiError::from)?
+            .map_err(ApiError::from)?;
+        let list = self.0.secrets.list().map_err(ApiError::from)?;
+        Ok(list
+            .into_iter()
+            .map(|e| SecretInfo {
+                name: Some(e.name),
+                size: Some(e.size),
+                stored_at: Some(e.stored_at),
+            })
+            .collect())
+    }
+
+    async fn remove_secret(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        name: String,
+    ) -> Result<(), Error> {
+        let uid = self
+            .auth(
+                &hdr,
+                actions::TENANT_SECRETS,
+                "RemoveSecret",
+                &[("secret", &name)],
+            )
+            .await?;
+        check_name("name", &name)?;
+        self.0.secrets.remove(&name).map_err(ApiError::from)?;
+        tracing::info!(uid, secret = %name, "tenant secret removed");
+        Ok(())
+    }
+
+    #[zbus(property)]
+    fn version(&self) -> u32 {
+        API_VERSION
+    }
+}

@@ -1,0 +1,202 @@
+//! `landlordctl`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use leasehold_dbus_api::LandlordProxy;
+
+use crate::output::{
+    change_json, change_text, emit, node_info_json, node_info_text, public_key_json,
+};
+use crate::{
+    connect_local, exit, read_arg_file, run_main, with_confirmation, CliError, EXIT_CODES_HELP,
+};
+
+/// Command line of `landlordctl`.
+#[derive(Debug, Parser)]
+#[command(name = "landlordctl", version, about = "Manage a Leasehold node as its landlord", after_help = EXIT_CODES_HELP)]
+pub struct Args {
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Confirm operations that destroy data, without asking.
+    #[arg(long, short = 'y', global = true)]
+    pub yes: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show node id, TPM, key generations and fingerprints, assigned tenant.
+    Info,
+    /// Print a public key (UL or UT) as PEM.
+    Pubkey {
+        /// Whose key.
+        #[arg(value_parser = ["landlord", "tenant"], default_value = "landlord")]
+        role: String,
+        /// Write the PEM to FILE instead of stdout.
+        #[arg(long, short, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Assign the node to a tenant: new tenant key pair and KT (destroys a previous tenant's data).
+    Assign {
+        /// Tenant name.
+        name: String,
+        /// The tenant console's public key (PEM) to register.
+        #[arg(long, value_name = "FILE")]
+        console_key: Option<PathBuf>,
+    },
+    /// Release the node: crypto-erase the tenant's keys and data.
+    Release,
+    /// New landlord key pair and KL: all tenant data becomes unreadable.
+    Rotate,
+    /// New landlord key pair, KL kept (no data lost).
+    Rekey,
+    /// Register a landlord console's public key (replies can be sealed to it).
+    RegisterConsole {
+        /// Console name.
+        name: String,
+        /// Public key PEM file.
+        pem: PathBuf,
+    },
+    /// Reboot the node.
+    Reboot,
+    /// Power the node off.
+    Poweroff,
+    /// Suspend the node.
+    Suspend,
+    /// Write man page and shell completions into DIR.
+    #[command(hide = true)]
+    Generate {
+        /// Output directory.
+        dir: PathBuf,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            });
+        }
+    };
+    run_main("landlordctl", run(args))
+}
+
+/// Runs one command.
+pub async fn run(args: Args) -> Result<(), CliError> {
+    if let Command::Generate { dir } = &args.command {
+        return crate::generate(Args::command(), dir);
+    }
+    let conn = connect_local().await?;
+    let p = LandlordProxy::new(&conn)
+        .await
+        .map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
+    let json = args.json;
+    match args.command {
+        Command::Info => {
+            let i = p.node_info().await?;
+            emit(json, node_info_json(&i), || node_info_text(&i));
+        }
+        Command::Pubkey { role, out } => {
+            let k = p.get_public_key(&role).await?;
+            let pem = k.pem.clone().unwrap_or_default();
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, &pem).map_err(|e| {
+                        CliError::new(exit::FAILURE, format!("{}: {e}", path.display()))
+                    })?;
+                    emit(json, public_key_json(&k), || {
+                        format!(
+                            "{} key written to {} ({})",
+                            role,
+                            path.display(),
+                            k.fingerprint.clone().unwrap_or_default()
+                        )
+                    });
+                }
+                None => emit(json, public_key_json(&k), || pem.trim_end().to_owned()),
+            }
+        }
+        Command::Assign { name, console_key } => {
+            let key = match console_key {
+                Some(path) => String::from_utf8(read_arg_file("console key", &path)?)
+                    .map_err(|_| CliError::new(exit::INVALID, "console key: not UTF-8 PEM"))?,
+                None => String::new(),
+            };
+            let c = with_confirmation(args.yes, "replace the current tenant's keys", |ok| {
+                p.assign_tenant(&name, &key, ok)
+            })
+            .await?;
+            emit(json, change_json(&c), || change_text(&c));
+        }
+        Command::Release => {
+            let c = with_confirmation(
+                args.yes,
+                "release the node and erase the tenant's data",
+                |ok| p.release_tenant(ok),
+            )
+            .await?;
+            emit(json, change_json(&c), || {
+                if c.generation_before.is_none() {
+                    "no tenant was assigned; nothing to release".to_owned()
+                } else {
+                    change_text(&c)
+                }
+            });
+        }
+        Command::Rotate => {
+            let c = with_confirmation(
+                args.yes,
+                "rotate the landlord keys and make all tenant data unreadable",
+                |ok| p.rotate_keys(ok),
+            )
+            .await?;
+            emit(json, change_json(&c), || change_text(&c));
+        }
+        Command::Rekey => {
+            let c = p.rekey_keys().await?;
+            emit(json, change_json(&c), || change_text(&c));
+        }
+        Command::RegisterConsole { name, pem } => {
+            let text = String::from_utf8(read_arg_file("console key", &pem)?)
+                .map_err(|_| CliError::new(exit::INVALID, "console key: not UTF-8 PEM"))?;
+            let fp = p.register_console_key(&name, &text).await?;
+            emit(
+                json,
+                serde_json::json!({"name": name, "fingerprint": fp}),
+                || format!("registered landlord console {name} ({fp})"),
+            );
+        }
+        Command::Reboot => {
+            p.reboot().await?;
+            emit(json, serde_json::json!({"requested": "reboot"}), || {
+                "reboot requested".into()
+            });
+        }
+        Command::Poweroff => {
+            p.power_off().await?;
+            emit(json, serde_json::json!({"requested": "poweroff"}), || {
+                "power-off requested".into()
+            });
+        }
+        Command::Suspend => {
+            p.suspend().await?;
+            emit(json, serde_json::json!({"requested": "suspend"}), || {
+                "suspend requested".into()
+            });
+        }
+        Command::Generate { .. } => unreachable!("handled above"),
+    }
+    Ok(())
+}

@@ -1,0 +1,312 @@
+//! Library code of `landlordctl` and `tenantctl`: connecting (locally or
+//! over SSH), confirmations, output, exit codes.
+
+#![warn(missing_docs)]
+
+pub mod landlord;
+pub mod output;
+pub mod tenant;
+
+use std::ffi::OsString;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use leasehold_dbus_api::Error as ApiError;
+use zbus::address::transport::{Transport, Unixexec};
+use zbus::{Address, Connection};
+
+/// Exit codes shared by both CLIs (documented in their man pages).
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// The operation failed.
+    pub const FAILURE: u8 = 1;
+    /// Command-line usage error (clap).
+    pub const USAGE: u8 = 2;
+    /// The caller is not authorized (polkit, role).
+    pub const NOT_AUTHORIZED: u8 = 3;
+    /// A data-destroying operation was not confirmed.
+    pub const NOT_CONFIRMED: u8 = 4;
+    /// No tenant assigned, or the named object does not exist.
+    pub const NOT_FOUND: u8 = 5;
+    /// An argument was refused.
+    pub const INVALID: u8 = 6;
+    /// The agent (or the bus, or SSH) cannot be reached.
+    pub const UNAVAILABLE: u8 = 69;
+}
+
+/// Text for the man pages' EXIT STATUS section.
+pub const EXIT_CODES_HELP: &str = "Exit status:
+  0   success
+  1   the operation failed
+  2   usage error
+  3   not authorized (polkit denied the caller's role)
+  4   the operation destroys data and was not confirmed (use --yes)
+  5   no tenant assigned, or no such object
+  6   invalid argument
+  69  the agent, the bus or the SSH connection is unavailable";
+
+/// A CLI failure: a message and an exit code.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct CliError {
+    /// Exit code.
+    pub code: u8,
+    /// Message for stderr.
+    pub message: String,
+}
+
+impl CliError {
+    /// An error with a code.
+    pub fn new(code: u8, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<ApiError> for CliError {
+    fn from(e: ApiError) -> Self {
+        let code = match &e {
+            ApiError::NotAuthorized(_) => exit::NOT_AUTHORIZED,
+            ApiError::ConfirmationRequired(_) => exit::NOT_CONFIRMED,
+            ApiError::NotAssigned(_) | ApiError::NotFound(_) => exit::NOT_FOUND,
+            ApiError::InvalidArgument(_) => exit::INVALID,
+            ApiError::Unavailable(_) => exit::UNAVAILABLE,
+            ApiError::ZBus(zbus::Error::MethodError(name, _, _))
+                if name.as_str() == "org.freedesktop.DBus.Error.ServiceUnknown"
+                    || name.as_str() == "org.freedesktop.DBus.Error.NameHasNoOwner" =>
+            {
+                return CliError::new(
+                    exit::UNAVAILABLE,
+                    "the Leasehold agent is not running (org.leasehold.Agent1 has no owner)",
+                )
+            }
+            ApiError::ZBus(zbus::Error::FDO(f))
+                if matches!(**f, zbus::fdo::Error::ServiceUnknown(_)) =>
+            {
+                return CliError::new(
+                    exit::UNAVAILABLE,
+                    "the Leasehold agent is not running (org.leasehold.Agent1 has no owner)",
+                )
+            }
+            ApiError::ZBus(_) => exit::UNAVAILABLE,
+            ApiError::Busy(_) | ApiError::Failed(_) => exit::FAILURE,
+        };
+        let name = match &e {
+            ApiError::ZBus(_) => "error",
+            ApiError::NotAuthorized(_) => "not authorized",
+            ApiError::InvalidArgument(_) => "invalid argument",
+            ApiError::ConfirmationRequired(_) => "confirmation required",
+            ApiError::Busy(_) => "busy",
+            ApiError::NotAssigned(_) => "not assigned",
+            ApiError::NotFound(_) => "not found",
+            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Failed(_) => "failed",
+        };
+        CliError::new(code, format!("{name}: {}", e.message()))
+    }
+}
+
+/// Connects to the local system bus (honours `DBUS_SYSTEM_BUS_ADDRESS`).
+pub async fn connect_local() -> Result<Connection, CliError> {
+    zbus::connection::Builder::system()
+        .build()
+        .await
+        .map_err(|e| {
+            CliError::new(
+                exit::UNAVAILABLE,
+                format!("cannot connect to the system bus: {e}"),
+            )
+        })
+}
+
+/// The unixexec transport for `--host`: like `systemctl -H`, D-Bus runs over
+/// `ssh -xT [-p PORT] [USER@]HOST systemd-stdio-bridge`. The SSH command can
+/// be replaced with `LEASEHOLD_SSH` (split on whitespace), e.g. to add `-i KEY`.
+pub fn ssh_transport(host: &str, ssh: Option<&str>) -> Result<Unixexec, CliError> {
+    let invalid = |why: &str| CliError::new(exit::USAGE, format!("--host {host:?}: {why}"));
+    if host.is_empty()
+        || host.starts_with('-')
+        || host.chars().any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err(invalid("expected [USER@]HOST[:PORT]"));
+    }
+    // user@host:port, but an IPv6 literal must be bracketed to carry a port.
+    let (target, port) = match host.rsplit_once(':') {
+        Some((t, p)) if !t.contains(':') || t.ends_with(']') => {
+            let port: u16 = p
+                .parse()
+                .map_err(|_| invalid("port is not a number in 1-65535"))?;
+            (
+                t.trim_start_matches('[').trim_end_matches(']').to_owned(),
+                Some(port),
+            )
+        }
+        _ => (host.to_owned(), None),
+    };
+    let target = target.replace("@[", "@").replace(']', "");
+    let mut cmd = ssh.unwrap_or("ssh").split_whitespace().map(OsString::from);
+    let program = cmd
+        .next()
+        .ok_or_else(|| invalid("LEASEHOLD_SSH is empty"))?;
+    let mut args: Vec<OsString> = cmd.collect();
+    args.push("-xT".into());
+    if let Some(p) = port {
+        args.push("-p".into());
+        args.push(p.to_string().into());
+    }
+    args.push(target.into());
+    args.push("systemd-stdio-bridge".into());
+    Ok(Unixexec::new(PathBuf::from(program), None, args))
+}
+
+/// Connects to a remote node's system bus over SSH.
+pub async fn connect_ssh(host: &str) -> Result<Connection, CliError> {
+    let ssh = std::env::var("LEASEHOLD_SSH").ok();
+    let transport = ssh_transport(host, ssh.as_deref())?;
+    zbus::connection::Builder::address(Address::new(Transport::Unixexec(transport)))
+        .build()
+        .await
+        .map_err(|e| {
+            CliError::new(
+                exit::UNAVAILABLE,
+                format!("cannot reach the agent on {host} over SSH: {e}"),
+            )
+        })
+}
+
+/// Runs a call that may need confirmation. Without `--yes`, the call is made
+/// unconfirmed first: the agent decides whether it destroys data. If it does,
+/// the user is asked on a terminal; without one, the call fails (exit 4).
+pub async fn with_confirmation<T, F, Fut>(yes: bool, what: &str, call: F) -> Result<T, CliError>
+where
+    F: Fn(bool) -> Fut,
+    Fut: std::future::Future<Output = Result<T, ApiError>>,
+{
+    if yes {
+        return Ok(call(true).await?);
+    }
+    match call(false).await {
+        Err(ApiError::ConfirmationRequired(msg)) => {
+            if !std::io::stdin().is_terminal() {
+                return Err(CliError::new(
+                    exit::NOT_CONFIRMED,
+                    format!("confirmation required: {msg}; re-run with --yes to {what}"),
+                ));
+            }
+            eprint!("{msg}.\nReally {what}? Type 'yes' to continue: ");
+            let _ = std::io::stderr().flush();
+            let mut line = String::new();
+            std::io::stdin()
+                .lock()
+                .read_line(&mut line)
+                .map_err(|e| CliError::new(exit::FAILURE, format!("reading the answer: {e}")))?;
+            if line.trim() != "yes" {
+                return Err(CliError::new(
+                    exit::NOT_CONFIRMED,
+                    "not confirmed; nothing was changed",
+                ));
+            }
+            Ok(call(true).await?)
+        }
+        other => Ok(other?),
+    }
+}
+
+/// Runs an async CLI body on a small runtime and maps the result to an exit code.
+pub fn run_main<F: std::future::Future<Output = Result<(), CliError>>>(
+    prog: &str,
+    body: F,
+) -> ExitCode {
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{prog}: cannot start: {e}");
+            return ExitCode::from(exit::FAILURE);
+        }
+    };
+    match rt.block_on(body) {
+        Ok(()) => ExitCode::from(exit::OK),
+        Err(e) => {
+            eprintln!("{prog}: {}", e.message);
+            ExitCode::from(e.code)
+        }
+    }
+}
+
+/// Reads a file named on the command line, naming it in the error.
+pub fn read_arg_file(what: &str, path: &std::path::Path) -> Result<Vec<u8>, CliError> {
+    std::fs::read(path)
+        .map_err(|e| CliError::new(exit::INVALID, format!("{what} {}: {e}", path.display())))
+}
+
+/// Writes man pages and shell completions for a command into `dir`.
+pub fn generate(cmd: clap::Command, dir: &std::path::Path) -> Result<(), CliError> {
+    let io = |e: std::io::Error| CliError::new(exit::FAILURE, format!("{}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let name = cmd.get_name().to_owned();
+    let mut man = Vec::new();
+    clap_mangen::Man::new(cmd.clone())
+        .render(&mut man)
+        .map_err(io)?;
+    std::fs::write(dir.join(format!("{name}.1")), man).map_err(io)?;
+    for shell in [
+        clap_complete::Shell::Bash,
+        clap_complete::Shell::Zsh,
+        clap_complete::Shell::Fish,
+    ] {
+        clap_complete::generate_to(shell, &mut cmd.clone(), &name, dir).map_err(io)?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(t: &Unixexec) -> Vec<String> {
+        t.args()
+            .iter()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn ssh_transport_like_systemctl_h() {
+        let t = ssh_transport("alice@node1", None).unwrap();
+        assert_eq!(t.path(), &PathBuf::from("ssh"));
+        assert_eq!(args(&t), ["-xT", "alice@node1", "systemd-stdio-bridge"]);
+        let t = ssh_transport("alice@node1:2222", Some("ssh -i /k -o BatchMode=yes")).unwrap();
+        assert_eq!(
+            args(&t),
+            [
+                "-i",
+                "/k",
+                "-o",
+                "BatchMode=yes",
+                "-xT",
+                "-p",
+                "2222",
+                "alice@node1",
+                "systemd-stdio-bridge"
+            ]
+        );
+        let t = ssh_transport("[::1]:22", None).unwrap();
+        assert_eq!(args(&t), ["-xT", "-p", "22", "::1", "systemd-stdio-bridge"]);
+        let t = ssh_transport("fe80::1", None).unwrap();
+        assert_eq!(args(&t), ["-xT", "fe80::1", "systemd-stdio-bridge"]);
+    }
+
+    #[test]
+    fn ssh_transport_refuses_option_injection() {
+        for bad in ["-oProxyCommand=x", "", "a b", "host:notaport", "host:70000"] {
+            assert!(ssh_transport(bad, None).is_err(), "{bad}");
+        }
+    }
+}

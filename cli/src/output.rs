@@ -1,0 +1,137 @@
+//! Human and JSON output of API results.
+
+use leasehold_dbus_api::{KeyChange, NodeInfo, PublicKey, SecretInfo};
+use serde_json::{json, Value};
+
+/// Prints `v` as JSON, or `human` as text.
+pub fn emit(as_json: bool, v: Value, human: impl FnOnce() -> String) {
+    if as_json {
+        println!("{v}");
+    } else {
+        let text = human();
+        if !text.is_empty() {
+            println!("{text}");
+        }
+    }
+}
+
+/// Node info as JSON.
+pub fn node_info_json(i: &NodeInfo) -> Value {
+    json!({
+        "node_id": i.node_id,
+        "tpm_kind": i.tpm_kind,
+        "landlord_generation": i.landlord_generation,
+        "landlord_fingerprint": i.landlord_fingerprint,
+        "assigned": i.assigned,
+        "tenant_name": i.tenant_name,
+        "tenant_generation": i.tenant_generation,
+        "tenant_key_generation": i.tenant_key_generation,
+        "tenant_fingerprint": i.tenant_fingerprint,
+        "consoles": i.consoles,
+        "api_version": i.api_version,
+    })
+}
+
+fn line(out: &mut String, label: &str, v: Option<String>) {
+    if let Some(v) = v {
+        out.push_str(&format!("{label:<23}{v}\n"));
+    }
+}
+
+/// Node info as text.
+pub fn node_info_text(i: &NodeInfo) -> String {
+    let mut s = String::new();
+    line(&mut s, "node id:", i.node_id.clone());
+    line(
+        &mut s,
+        "TPM:",
+        i.tpm_kind.as_ref().map(|k| {
+            if k == "software" {
+                "software TPM (no hardware protection)".to_owned()
+            } else {
+                format!("{k} TPM")
+            }
+        }),
+    );
+    line(
+        &mut s,
+        "landlord generation:",
+        i.landlord_generation.map(|g| g.to_string()),
+    );
+    line(
+        &mut s,
+        "landlord fingerprint:",
+        i.landlord_fingerprint.clone(),
+    );
+    match i.assigned {
+        Some(true) => {
+            line(
+                &mut s,
+                "tenant:",
+                i.tenant_name.clone().or(Some("(unnamed)".into())),
+            );
+            line(
+                &mut s,
+                "tenant generation:",
+                i.tenant_generation.map(|g| g.to_string()),
+            );
+            line(
+                &mut s,
+                "tenant key generation:",
+                i.tenant_key_generation.map(|g| g.to_string()),
+            );
+            line(&mut s, "tenant fingerprint:", i.tenant_fingerprint.clone());
+        }
+        Some(false) => line(&mut s, "tenant:", Some("not assigned".into())),
+        None => {}
+    }
+    for c in i.consoles.iter().flatten() {
+        line(&mut s, "console:", Some(c.clone()));
+    }
+    s.trim_end().to_owned()
+}
+
+/// Public key as JSON.
+pub fn public_key_json(k: &PublicKey) -> Value {
+    json!({"role": k.role, "generation": k.generation, "fingerprint": k.fingerprint, "pem": k.pem})
+}
+
+/// Key change as JSON.
+pub fn change_json(c: &KeyChange) -> Value {
+    json!({
+        "kind": c.kind,
+        "role": c.role,
+        "generation_before": c.generation_before,
+        "generation_after": c.generation_after,
+        "data_destroyed": c.data_destroyed,
+        "fingerprint": c.fingerprint,
+    })
+}
+
+/// Key change as text.
+pub fn change_text(c: &KeyChange) -> String {
+    let g = |v: Option<u64>| v.map_or_else(|| "none".to_owned(), |g| g.to_string());
+    let mut s = format!(
+        "{} of {} keys: generation {} -> {}",
+        c.kind.as_deref().unwrap_or("change"),
+        c.role.as_deref().unwrap_or("?"),
+        g(c.generation_before),
+        g(c.generation_after)
+    );
+    if c.data_destroyed == Some(true) && c.generation_before.is_some() {
+        s.push_str("\ndata encrypted under the previous keys is now unreadable");
+    }
+    if let Some(fp) = &c.fingerprint {
+        s.push_str(&format!("\nnew fingerprint: {fp}"));
+    }
+    s
+}
+
+/// Secret list as JSON.
+pub fn secrets_json(list: &[SecretInfo]) -> Value {
+    Value::Array(
+        list.iter()
+            .map(|s| json!({"name": s.name, "size": s.size, "stored_at": s.stored_at}))
+            .collect(),
+    )
+}

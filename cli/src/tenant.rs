@@ -1,0 +1,253 @@
+//! `tenantctl`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser, Subcommand};
+use leasehold_dbus_api::TenantProxy;
+
+use crate::output::{
+    change_json, change_text, emit, node_info_json, node_info_text, public_key_json, secrets_json,
+};
+use crate::{
+    connect_local, connect_ssh, exit, read_arg_file, run_main, with_confirmation, CliError,
+    EXIT_CODES_HELP,
+};
+
+/// Command line of `tenantctl`.
+#[derive(Debug, Parser)]
+#[command(name = "tenantctl", version, about = "Manage a Leasehold node as its tenant", after_help = EXIT_CODES_HELP)]
+pub struct Args {
+    /// Reach the node over SSH ([USER@]HOST[:PORT]), like `systemctl -H`.
+    /// The remote needs systemd-stdio-bridge; LEASEHOLD_SSH replaces `ssh`.
+    #[arg(long, short = 'H', global = true, value_name = "[USER@]HOST[:PORT]")]
+    pub host: Option<String>,
+    /// Print JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Confirm operations that destroy data, without asking.
+    #[arg(long, short = 'y', global = true)]
+    pub yes: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show the node as the tenant sees it.
+    Info,
+    /// Print the tenant public key (UT) as PEM.
+    Pubkey {
+        /// Write the PEM to FILE instead of stdout.
+        #[arg(long, short, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Take ownership: new tenant key pair and KT (destroys tenant data).
+    Rotate,
+    /// New tenant key pair, KT kept (no data lost).
+    Rekey,
+    /// Register a tenant console's public key.
+    RegisterConsole {
+        /// Console name.
+        name: String,
+        /// Public key PEM file.
+        pem: PathBuf,
+    },
+    /// Seal FILE to a public key, locally, without a TPM or a node.
+    Seal {
+        /// Recipient public key (PEM), e.g. UT.
+        #[arg(long, value_name = "PEM")]
+        to: PathBuf,
+        /// File to seal.
+        file: PathBuf,
+        /// Envelope output (default: FILE.lhev).
+        #[arg(long, short, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// The tenant's secret store.
+    #[command(subcommand)]
+    Secret(SecretCommand),
+    /// Write man page and shell completions into DIR.
+    #[command(hide = true)]
+    Generate {
+        /// Output directory.
+        dir: PathBuf,
+    },
+}
+
+/// `tenantctl secret ...`
+#[derive(Debug, Subcommand)]
+pub enum SecretCommand {
+    /// Seal a file locally to the node's UT and store it on the node.
+    Put {
+        /// Secret name.
+        name: String,
+        /// File holding the secret.
+        #[arg(long, value_name = "FILE")]
+        from: PathBuf,
+        /// Seal to this PEM (pinned UT) instead of asking the node for UT.
+        #[arg(long, value_name = "PEM")]
+        to: Option<PathBuf>,
+    },
+    /// List stored secrets (names and sizes).
+    List,
+    /// Remove a secret.
+    Rm {
+        /// Secret name.
+        name: String,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let args = match Args::try_parse() {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() {
+                exit::USAGE
+            } else {
+                exit::OK
+            });
+        }
+    };
+    run_main("tenantctl", run(args))
+}
+
+fn read_pem(path: &std::path::Path) -> Result<String, CliError> {
+    String::from_utf8(read_arg_file("public key", path)?)
+        .map_err(|_| CliError::new(exit::INVALID, format!("{}: not UTF-8 PEM", path.display())))
+}
+
+/// Seals a file to a PEM public key (no TPM, no bus).
+pub fn seal_file(to: &std::path::Path, file: &std::path::Path) -> Result<Vec<u8>, CliError> {
+    let pem = read_pem(to)?;
+    let payload = read_arg_file("input", file)?;
+    leasehold_tpm::envelope::seal(&pem, &payload)
+        .map_err(|e| CliError::new(exit::INVALID, e.to_string()))
+}
+
+/// Runs one command.
+pub async fn run(args: Args) -> Result<(), CliError> {
+    let json = args.json;
+    match &args.command {
+        Command::Generate { dir } => return crate::generate(Args::command(), dir),
+        Command::Seal { to, file, out } => {
+            let env = seal_file(to, file)?;
+            let out = out.clone().unwrap_or_else(|| {
+                let mut p = file.clone().into_os_string();
+                p.push(".lhev");
+                PathBuf::from(p)
+            });
+            std::fs::write(&out, &env)
+                .map_err(|e| CliError::new(exit::FAILURE, format!("{}: {e}", out.display())))?;
+            emit(
+                json,
+                serde_json::json!({"envelope": out, "size": env.len()}),
+                || {
+                    format!(
+                        "sealed {} to {} ({} bytes)",
+                        file.display(),
+                        out.display(),
+                        env.len()
+                    )
+                },
+            );
+            return Ok(());
+        }
+        _ => {}
+    }
+    let conn = match &args.host {
+        Some(h) => connect_ssh(h).await?,
+        None => connect_local().await?,
+    };
+    let p = TenantProxy::new(&conn)
+        .await
+        .map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
+    match args.command {
+        Command::Info => {
+            let i = p.node_info().await?;
+            emit(json, node_info_json(&i), || node_info_text(&i));
+        }
+        Command::Pubkey { out } => {
+            let k = p.get_public_key().await?;
+            let pem = k.pem.clone().unwrap_or_default();
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, &pem).map_err(|e| {
+                        CliError::new(exit::FAILURE, format!("{}: {e}", path.display()))
+                    })?;
+                    emit(json, public_key_json(&k), || {
+                        format!(
+                            "tenant key written to {} ({})",
+                            path.display(),
+                            k.fingerprint.clone().unwrap_or_default()
+                        )
+                    });
+                }
+                None => emit(json, public_key_json(&k), || pem.trim_end().to_owned()),
+            }
+        }
+        Command::Rotate => {
+            let c = with_confirmation(
+                args.yes,
+                "rotate the tenant keys and make tenant data unreadable",
+                |ok| p.rotate_keys(ok),
+            )
+            .await?;
+            emit(json, change_json(&c), || change_text(&c));
+        }
+        Command::Rekey => {
+            let c = p.rekey_keys().await?;
+            emit(json, change_json(&c), || change_text(&c));
+        }
+        Command::RegisterConsole { name, pem } => {
+            let text = read_pem(&pem)?;
+            let fp = p.register_console_key(&name, &text).await?;
+            emit(
+                json,
+                serde_json::json!({"name": name, "fingerprint": fp}),
+                || format!("registered tenant console {name} ({fp})"),
+            );
+        }
+        Command::Secret(SecretCommand::Put { name, from, to }) => {
+            let pem = match to {
+                Some(path) => read_pem(&path)?,
+                None => p.get_public_key().await?.pem.unwrap_or_default(),
+            };
+            let payload = read_arg_file("secret", &from)?;
+            // Sealed here; only the envelope crosses the wire.
+            let env = leasehold_tpm::envelope::seal(&pem, &payload)
+                .map_err(|e| CliError::new(exit::INVALID, e.to_string()))?;
+            let info = p.put_secret(&name, &env).await?;
+            emit(json, secrets_json(std::slice::from_ref(&info)), || {
+                format!("stored secret {name} ({} bytes)", info.size.unwrap_or(0))
+            });
+        }
+        Command::Secret(SecretCommand::List) => {
+            let list = p.list_secrets().await?;
+            emit(json, secrets_json(&list), || {
+                list.iter()
+                    .map(|s| {
+                        format!(
+                            "{}\t{} bytes",
+                            s.name.as_deref().unwrap_or("?"),
+                            s.size.unwrap_or(0)
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            });
+        }
+        Command::Secret(SecretCommand::Rm { name }) => {
+            p.remove_secret(&name).await?;
+            emit(json, serde_json::json!({"removed": name}), || {
+                format!("removed secret {name}")
+            });
+        }
+        Command::Generate { .. } | Command::Seal { .. } => unreachable!("handled above"),
+    }
+    Ok(())
+}
