@@ -160,8 +160,11 @@ impl Ctx {
         Ok(info)
     }
 
-    async fn public_key(&self, role: Role) -> Result<PublicKey, ApiError> {
-        let pk = self.keys.call(move |k| k.public_key(role)).await??;
+    async fn public_key(&self, caller: Role, role: Role) -> Result<PublicKey, ApiError> {
+        let pk = self
+            .keys
+            .call(move |k| k.public_key_as(caller, role))
+            .await??;
         Ok(PublicKey {
             role: Some(role.to_string()),
             generation: Some(pk.generation),
@@ -237,7 +240,7 @@ impl LandlordApi {
         let role: Role = role
             .parse()
             .map_err(|e: String| Error::InvalidArgument(format!("role: {e}")))?;
-        Ok(self.0.public_key(role).await?)
+        Ok(self.0.public_key(Role::Landlord, role).await?)
     }
 
     async fn assign_tenant(
@@ -436,7 +439,7 @@ impl TenantApi {
     async fn get_public_key(&self, #[zbus(header)] hdr: Header<'_>) -> Result<PublicKey, Error> {
         self.auth(&hdr, actions::TENANT_READ, "GetPublicKey", &[])
             .await?;
-        Ok(self.0.public_key(Role::Tenant).await?)
+        Ok(self.0.public_key(Role::Tenant, Role::Tenant).await?)
     }
 
     async fn rotate_keys(
@@ -519,7 +522,14 @@ impl TenantApi {
             .0
             .keys
             .call(move |k| -> Result<_, ApiError> {
-                let payload = k.open_envelope(Role::Tenant, &envelope)?;
+                let payload = k
+                    .open_envelope(Role::Tenant, &envelope)
+                    .map_err(|e| match e {
+                        KeyError::Envelope(e) => {
+                            ApiError(Error::InvalidArgument(format!("envelope: {e}")))
+                        }
+                        other => ApiError::from(other),
+                    })?;
                 let key = k.data_key(crate::secrets::PURPOSE)?;
                 Ok(store.put(&key, &n, &payload)?)
             })

@@ -325,6 +325,7 @@ impl KeyHierarchy {
             fingerprint: recipient.fingerprint_hex(),
             seal_pcrs: pcrs,
             name: None,
+            owned: false,
         })
     }
 
@@ -389,6 +390,21 @@ impl KeyHierarchy {
                 .map(|c| (c.role, c.name.clone(), c.fingerprint.clone()))
                 .collect(),
         }
+    }
+
+    /// A level's public key as `caller` may see it: a wider level is given a
+    /// narrower level's key only until that level has made its own pair
+    /// (R8: after the tenant's rotation only the tenant knows UT).
+    pub fn public_key_as(&self, caller: Role, role: Role) -> Result<PublicKeyInfo> {
+        let l = self.level(role)?;
+        if caller < role && l.owned {
+            return Err(KeyError::NotPermitted {
+                caller,
+                action: "read this public key: its holder has made its own key pair",
+            });
+        }
+        Self::authorize(caller, role, "read this public key")?;
+        self.public_key(role)
     }
 
     /// A level's public key.
@@ -515,6 +531,7 @@ impl KeyHierarchy {
         let mut new =
             self.create_level(target, old.generation + 1, old.key_generation + 1, &key)?;
         new.name.clone_from(&old.name);
+        new.owned = old.owned || caller == target;
         let change = KeyChange {
             kind: ChangeKind::Rotate,
             role: target,
@@ -539,6 +556,7 @@ impl KeyHierarchy {
         let key = self.symmetric_key(target)?;
         let mut new = self.create_level(target, old.generation + 1, old.key_generation, &key)?;
         new.name.clone_from(&old.name);
+        new.owned = old.owned || caller == target;
         let change = KeyChange {
             kind: ChangeKind::Rekey,
             role: target,
@@ -641,15 +659,10 @@ impl KeyHierarchy {
 
     /// Registers (or replaces) a console's public key under the caller's role.
     pub fn register_console(&mut self, caller: Role, name: &str, pem: &str) -> Result<String> {
-        let valid_name = !name.is_empty()
-            && name.len() <= 64
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
-        if !valid_name {
-            return Err(KeyError::InvalidConsoleKey {
+        if !valid_name(name) {
+            return Err(KeyError::InvalidName {
+                what: "console name",
                 name: name.to_owned(),
-                reason: "name must be 1-64 characters of A-Z a-z 0-9 . _ -".into(),
             });
         }
         if caller == Role::Tenant && self.manifest.tenant.is_none() {
@@ -756,6 +769,7 @@ fn placeholder_level() -> LevelState {
         fingerprint: String::new(),
         seal_pcrs: Vec::new(),
         name: None,
+        owned: false,
     }
 }
 

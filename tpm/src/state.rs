@@ -85,6 +85,10 @@ pub(crate) struct LevelState {
     /// Name the level's holder was given (the tenant's name at assignment).
     #[serde(default)]
     pub name: Option<String>,
+    /// Set once the holder made its own pair (tenant rotation or re-key by
+    /// the tenant): from then on only the holder is given the public key (R8).
+    #[serde(default)]
+    pub owned: bool,
 }
 
 /// A console's registered public key.
@@ -313,6 +317,7 @@ mod tests {
                 fingerprint: "fp".into(),
                 seal_pcrs: vec![],
                 name: None,
+                owned: false,
             },
             tenant: None,
             consoles: vec![],

@@ -1,0 +1,632 @@
+//! Test harness for Leasehold's host integration tests (tier T1): a private
+//! system-like dbus-daemon, a real polkitd with the shipped policy and rules,
+//! real users, agentd in `--dev` mode (real swtpm), the real CLIs, and sshd
+//! on loopback. Everything runs as root (CI does; `scripts/test` says so).
+
+#![allow(missing_docs)]
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+
+pub mod markdown;
+
+/// Root of the workspace.
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+/// A binary of the workspace, built next to the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap();
+    // Tests and benches live in target/<profile>/deps; binaries one level up.
+    let candidates = [dir.join(name), dir.parent().unwrap().join(name)];
+    for c in &candidates {
+        if c.exists() {
+            return c.clone();
+        }
+    }
+    // Benches build in release; fall back to the debug build if that is all there is.
+    let debug = workspace_root().join("target/debug").join(name);
+    assert!(
+        debug.exists(),
+        "binary {name} not found next to {}; build it first: cargo build --workspace --bins (scripts/test does)",
+        exe.display()
+    );
+    debug
+}
+
+/// T1 tests need root (users, mount namespaces, polkitd, sshd).
+pub fn require_root() {
+    let uid = fs::read_to_string("/proc/self/status")
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap();
+    assert_eq!(
+        uid, "0",
+        "this test must run as root (scripts/test and CI do)"
+    );
+}
+
+/// A test user.
+#[derive(Debug, Clone)]
+pub struct User {
+    pub name: &'static str,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Who runs a command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Who {
+    Root,
+    Landlord,
+    Tenant,
+    Outsider,
+}
+
+impl Who {
+    pub const ALL: [Who; 4] = [Who::Root, Who::Landlord, Who::Tenant, Who::Outsider];
+
+    pub fn user(self) -> Option<&'static User> {
+        let u = users();
+        match self {
+            Who::Root => None,
+            Who::Landlord => Some(&u[0]),
+            Who::Tenant => Some(&u[1]),
+            Who::Outsider => Some(&u[2]),
+        }
+    }
+}
+
+fn id_of(flag: &str, name: &str) -> u32 {
+    let out = Command::new("id").arg(flag).arg(name).output().unwrap();
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// The groups of the shipped rules and three users: landlord, tenant, outsider.
+pub fn users() -> &'static [User; 3] {
+    static USERS: OnceLock<[User; 3]> = OnceLock::new();
+    USERS.get_or_init(|| {
+        for g in ["leasehold-landlord", "leasehold-tenant"] {
+            run_ok(Command::new("groupadd").args(["-f", "--system", g]));
+        }
+        let spec = [
+            ("lhtest-landlord", Some("leasehold-landlord")),
+            ("lhtest-tenant", Some("leasehold-tenant")),
+            ("lhtest-outsider", None),
+        ];
+        for (name, group) in spec {
+            let exists = Command::new("id")
+                .arg(name)
+                .output()
+                .unwrap()
+                .status
+                .success();
+            if !exists {
+                let mut c = Command::new("useradd");
+                c.args(["--system", "--no-create-home", "--shell", "/bin/sh"]);
+                if let Some(g) = group {
+                    c.args(["-G", g]);
+                }
+                run_ok(c.arg(name));
+            }
+            // "*": no password, but not locked (sshd refuses locked accounts).
+            run_ok(Command::new("usermod").args(["-p", "*", name]));
+        }
+        spec.map(|(name, _)| User {
+            name,
+            uid: id_of("-u", name),
+            gid: id_of("-g", name),
+        })
+    })
+}
+
+/// Result of a CLI run.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(o: Output) -> Self {
+        Self {
+            code: o.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        }
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(self.stdout.trim())
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+
+    #[track_caller]
+    pub fn ok(self) -> Self {
+        assert_eq!(self.code, 0, "command failed: {self:?}");
+        self
+    }
+}
+
+/// Calls recorded by the stand-in logind (power actions must not reach the
+/// host's logind; the real one is exercised in the VM lab).
+#[derive(Debug, Default, Clone)]
+pub struct PowerLog(Arc<Mutex<Vec<String>>>);
+
+impl PowerLog {
+    pub fn take(&self) -> Vec<String> {
+        std::mem::take(&mut self.0.lock().unwrap())
+    }
+}
+
+struct Login1(PowerLog);
+
+#[zbus::interface(name = "org.freedesktop.login1.Manager")]
+impl Login1 {
+    fn reboot(&self, _interactive: bool) {
+        self.0 .0.lock().unwrap().push("reboot".into());
+    }
+    fn power_off(&self, _interactive: bool) {
+        self.0 .0.lock().unwrap().push("poweroff".into());
+    }
+    fn suspend(&self, _interactive: bool) {
+        self.0 .0.lock().unwrap().push("suspend".into());
+    }
+}
+
+/// One isolated lab: bus, polkitd, agent (and optionally sshd).
+pub struct Lab {
+    pub dir: tempfile::TempDir,
+    pub address: String,
+    pub power: PowerLog,
+    rt: tokio::runtime::Runtime,
+    conn: zbus::Connection,
+    bus: Child,
+    polkit: Option<Child>,
+    agent: Option<Child>,
+    sshd: Option<Child>,
+}
+
+/// An sshd on loopback for the lab.
+#[derive(Debug, Clone)]
+pub struct Ssh {
+    pub port: u16,
+    /// Value for LEASEHOLD_SSH.
+    pub command: String,
+}
+
+fn spawn_logged(cmd: &mut Command, log: &Path) -> Child {
+    let f = fs::File::create(log).unwrap();
+    cmd.stdin(Stdio::null())
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+}
+
+fn terminate(child: &mut Child) {
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let _ = child.wait();
+}
+
+async fn wait_for_name(conn: &zbus::Connection, name: &str, what: &str) {
+    let dbus = zbus::fdo::DBusProxy::new(conn).await.unwrap();
+    let mut changes = dbus.receive_name_owner_changed().await.unwrap();
+    let bus_name = zbus::names::BusName::try_from(name).unwrap();
+    if dbus.name_has_owner(bus_name).await.unwrap() {
+        return;
+    }
+    let wait = async {
+        while let Some(sig) = changes.next().await {
+            let args = sig.args().unwrap();
+            if args.name().as_str() == name && args.new_owner().is_some() {
+                return;
+            }
+        }
+    };
+    // A bound, not a synchronisation: the event above is what we wait for.
+    tokio::time::timeout(Duration::from_secs(60), wait)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not appear on the bus as {name}"));
+}
+
+const BUS_CONF: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <auth>EXTERNAL</auth>
+  <listen>unix:path=@SOCKET@</listen>
+  <policy context="default">
+    <allow user="*"/>
+    <deny own="*"/>
+    <deny send_type="method_call"/>
+    <allow send_type="signal"/>
+    <allow send_requested_reply="true" send_type="method_return"/>
+    <allow send_requested_reply="true" send_type="error"/>
+    <allow receive_type="method_call"/>
+    <allow receive_type="method_return"/>
+    <allow receive_type="error"/>
+    <allow receive_type="signal"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Introspectable"/>
+    <allow send_destination="org.freedesktop.DBus" send_interface="org.freedesktop.DBus.Properties"/>
+  </policy>
+  <!-- Test only: the stand-in logind. -->
+  <policy user="root">
+    <allow own="org.freedesktop.login1"/>
+    <allow send_destination="org.freedesktop.login1"/>
+  </policy>
+  <include>/usr/share/dbus-1/system.d/org.freedesktop.PolicyKit1.conf</include>
+  <include>@AGENT_POLICY@</include>
+</busconfig>
+"#;
+
+impl Lab {
+    /// Starts bus, polkitd (shipped policy and rules) and agentd --dev.
+    pub fn start() -> Lab {
+        require_root();
+        users();
+        let dir = tempfile::Builder::new()
+            .prefix("lh-lab-")
+            .tempdir()
+            .unwrap();
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let work = dir.path().join("work");
+        fs::create_dir(&work).unwrap();
+        fs::set_permissions(&work, fs::Permissions::from_mode(0o1777)).unwrap();
+
+        let socket = dir.path().join("bus.sock");
+        let conf = BUS_CONF
+            .replace("@SOCKET@", socket.to_str().unwrap())
+            .replace(
+                "@AGENT_POLICY@",
+                workspace_root()
+                    .join("dist/dbus/org.leasehold.Agent1.conf")
+                    .to_str()
+                    .unwrap(),
+            );
+        fs::write(dir.path().join("bus.conf"), conf).unwrap();
+        let mut bus = Command::new("dbus-daemon")
+            .arg(format!(
+                "--config-file={}",
+                dir.path().join("bus.conf").display()
+            ))
+            .args(["--nofork", "--print-address=1"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dbus-daemon (package dbus)");
+        // The address line is printed once the socket listens: our readiness event.
+        let mut line = String::new();
+        BufReader::new(bus.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let address = line.trim().to_owned();
+        assert!(
+            address.starts_with("unix:"),
+            "dbus-daemon printed {address:?}"
+        );
+
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let power = PowerLog::default();
+        let conn = rt.block_on(async {
+            let conn = zbus::connection::Builder::address(address.as_str())
+                .build()
+                .await
+                .unwrap();
+            conn.object_server()
+                .at("/org/freedesktop/login1", Login1(power.clone()))
+                .await
+                .unwrap();
+            conn.request_name("org.freedesktop.login1").await.unwrap();
+            conn
+        });
+        let mut lab = Lab {
+            dir,
+            address,
+            power,
+            rt,
+            conn,
+            bus,
+            polkit: None,
+            agent: None,
+            sshd: None,
+        };
+        lab.start_polkit();
+        lab.start_agent();
+        lab
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// polkitd with only Leasehold's .policy and rules, in a private mount
+    /// namespace so the host's polkit directories are untouched.
+    pub fn start_polkit(&mut self) {
+        let actions = self.path("polkit-actions");
+        let rules = self.path("polkit-rules");
+        for d in [&actions, &rules] {
+            let _ = fs::create_dir(d);
+        }
+        let root = workspace_root();
+        fs::copy(
+            root.join("dist/polkit/org.leasehold.policy"),
+            actions.join("org.leasehold.policy"),
+        )
+        .unwrap();
+        fs::copy(
+            root.join("dist/polkit/50-leasehold.rules"),
+            rules.join("50-leasehold.rules"),
+        )
+        .unwrap();
+        // polkitd reads rules as user polkitd; the directory is 0700 like /etc/polkit-1/rules.d.
+        run_ok(
+            Command::new("chown")
+                .args(["-R", "polkitd:root"])
+                .arg(&rules),
+        );
+        fs::set_permissions(&rules, fs::Permissions::from_mode(0o700)).unwrap();
+        let script = format!(
+            "mount --bind {} /usr/share/polkit-1/actions && mount --bind {} /etc/polkit-1/rules.d && exec /usr/lib/polkit-1/polkitd --no-debug",
+            actions.display(),
+            rules.display()
+        );
+        let child = spawn_logged(
+            Command::new("unshare")
+                .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+                .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address),
+            &self.path("polkitd.log"),
+        );
+        self.polkit = Some(child);
+        self.rt.block_on(wait_for_name(
+            &self.conn,
+            "org.freedesktop.PolicyKit1",
+            "polkitd",
+        ));
+    }
+
+    pub fn stop_polkit(&mut self) {
+        if let Some(mut c) = self.polkit.take() {
+            terminate(&mut c);
+        }
+    }
+
+    fn start_agent(&mut self) {
+        let child = spawn_logged(
+            Command::new(bin("agentd"))
+                .arg("--dev")
+                .arg(self.path("agent"))
+                .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
+                .env("RUST_LOG", "info"),
+            &self.path("agentd.log"),
+        );
+        self.agent = Some(child);
+        self.rt.block_on(wait_for_name(
+            &self.conn,
+            leasehold_dbus_api::BUS_NAME,
+            "agentd",
+        ));
+    }
+
+    /// Whether agentd is still running.
+    pub fn agent_alive(&mut self) -> bool {
+        matches!(self.agent.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    /// Method names of one of the agent's interfaces, from introspection.
+    pub fn methods_of(&self, interface: &str) -> Vec<String> {
+        let xml = self.rt.block_on(async {
+            let p = zbus::fdo::IntrospectableProxy::builder(&self.conn)
+                .destination(leasehold_dbus_api::BUS_NAME)
+                .path(leasehold_dbus_api::OBJECT_PATH)
+                .build()
+                .await
+                .unwrap();
+            p.introspect().await.unwrap()
+        });
+        let start = xml
+            .find(&format!("<interface name=\"{interface}\">"))
+            .unwrap_or_else(|| panic!("{interface} not in {xml}"));
+        let block = &xml[start..start + xml[start..].find("</interface>").unwrap()];
+        block
+            .split("<method name=\"")
+            .skip(1)
+            .map(|m| m[..m.find('"').unwrap()].to_owned())
+            .collect()
+    }
+
+    /// The agent's log so far.
+    pub fn agent_log(&self) -> String {
+        fs::read_to_string(self.path("agentd.log")).unwrap_or_default()
+    }
+
+    /// Writes a file every test user can read.
+    pub fn write_file(&self, name: &str, bytes: &[u8]) -> PathBuf {
+        let p = self.path("work").join(name);
+        fs::write(&p, bytes).unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        p
+    }
+
+    /// A command for `who`, on the lab's bus, in the lab's work directory.
+    pub fn command(&self, who: Who, program: &Path) -> Command {
+        let mut c = Command::new(program);
+        c.env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
+            .env_remove("LEASEHOLD_SSH")
+            .current_dir(self.path("work"))
+            .stdin(Stdio::null());
+        if let Some(u) = who.user() {
+            // std drops root's supplementary groups when changing uid; polkit
+            // looks groups up by user name anyway.
+            c.uid(u.uid).gid(u.gid);
+        }
+        c
+    }
+
+    /// Runs a workspace binary (landlordctl, tenantctl, lh-dbus-probe) as `who`.
+    pub fn run(&self, who: Who, program: &str, args: &[&str]) -> Run {
+        Run::from(
+            self.command(who, &bin(program))
+                .args(args)
+                .output()
+                .unwrap(),
+        )
+    }
+
+    /// Starts sshd on a free loopback port with a generated host key; the
+    /// given users may log in with the returned key. The system bus socket
+    /// the remote side sees (/run/dbus/system_bus_socket) is the lab's bus,
+    /// through a private mount namespace.
+    pub fn start_sshd(&mut self, allowed: &[Who]) -> Ssh {
+        let d = self.path("ssh");
+        let auth = d.join("authorized");
+        fs::create_dir_all(&auth).unwrap();
+        for k in ["host_key", "client_key"] {
+            run_ok(
+                Command::new("ssh-keygen")
+                    .args(["-q", "-t", "ed25519", "-N", ""])
+                    .arg("-f")
+                    .arg(d.join(k)),
+            );
+        }
+        let client_pub = fs::read(d.join("client_key.pub")).unwrap();
+        for who in allowed {
+            let u = who.user().expect("ssh users are test users");
+            fs::write(auth.join(u.name), &client_pub).unwrap();
+        }
+        for p in [&d, &auth] {
+            fs::set_permissions(p, fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let config = format!(
+            "Port {port}\nListenAddress 127.0.0.1\nHostKey {host}\nPidFile {pid}\nAuthorizedKeysFile {auth}/%u\n\
+             PasswordAuthentication no\nKbdInteractiveAuthentication no\nUsePAM no\n\
+             # The test's key directory lives under /tmp, which StrictModes rejects.\nStrictModes no\n",
+            host = d.join("host_key").display(),
+            pid = d.join("sshd.pid").display(),
+            auth = auth.display(),
+        );
+        fs::write(d.join("sshd_config"), config).unwrap();
+        let socket = self
+            .address
+            .trim_start_matches("unix:path=")
+            .split(',')
+            .next()
+            .unwrap()
+            .to_owned();
+        let script = format!(
+            "mkdir -p /run/dbus /run/sshd && mount -t tmpfs tmpfs /run/dbus && touch /run/dbus/system_bus_socket \
+             && mount --bind {socket} /run/dbus/system_bus_socket && exec /usr/sbin/sshd -D -e -f {}",
+            d.join("sshd_config").display()
+        );
+        let mut child = spawn_logged(
+            Command::new("unshare").args([
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                &script,
+            ]),
+            &d.join("sshd.log"),
+        );
+        // sshd has no readiness notification here: poll the port, bounded.
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(st)) = child.try_wait() {
+                panic!(
+                    "sshd exited ({st}): {}",
+                    fs::read_to_string(d.join("sshd.log")).unwrap_or_default()
+                );
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "sshd did not listen on {port}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let host_pub = fs::read_to_string(d.join("host_key.pub")).unwrap();
+        let known = d.join("known_hosts");
+        let mut f = fs::File::create(&known).unwrap();
+        writeln!(f, "[127.0.0.1]:{port} {}", host_pub.trim()).unwrap();
+        self.sshd = Some(child);
+        Ssh {
+            port,
+            command: format!(
+                "ssh -i {} -o UserKnownHostsFile={} -o StrictHostKeyChecking=yes -o BatchMode=yes -o LogLevel=ERROR",
+                d.join("client_key").display(),
+                known.display()
+            ),
+        }
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for c in [
+            self.sshd.as_mut(),
+            self.agent.as_mut(),
+            self.polkit.as_mut(),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            terminate(c);
+        }
+        terminate(&mut self.bus);
+    }
+}
+
+/// An RSA public key PEM for console registrations.
+pub fn console_pem() -> String {
+    use rsa::pkcs8::{EncodePublicKey, LineEnding};
+    static PEM: OnceLock<String> = OnceLock::new();
+    PEM.get_or_init(|| {
+        let sk = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).unwrap();
+        sk.to_public_key()
+            .to_public_key_pem(LineEnding::LF)
+            .unwrap()
+    })
+    .clone()
+}

@@ -1,0 +1,596 @@
+//! T1: the D-Bus API end to end on the host: private system-like
+//! dbus-daemon, real polkitd with the shipped .policy and rules, real users,
+//! agentd --dev on swtpm, the real CLIs, sshd on loopback.
+
+use std::collections::BTreeSet;
+
+use leasehold_tests::{console_pem, Lab, Run, Who};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Allow,
+    Deny,
+}
+use Expect::{Allow, Deny};
+
+/// Columns: root, landlord, tenant, outsider. Root is the landlord's identity
+/// on the node (polkit authorizes uid 0), and agentd refuses it the tenant
+/// interface: the landlord never acts as the tenant.
+const LANDLORD: [Expect; 4] = [Allow, Allow, Deny, Deny];
+const TENANT: [Expect; 4] = [Deny, Deny, Allow, Deny];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    None,
+    Assigned,
+    SecretExists,
+}
+
+struct Case {
+    interface: &'static str,
+    method: &'static str,
+    expect: [Expect; 4],
+    program: &'static str,
+    args: &'static [&'static str],
+    setup: Setup,
+    power: Option<&'static str>,
+}
+
+const fn case(
+    interface: &'static str,
+    method: &'static str,
+    expect: [Expect; 4],
+    program: &'static str,
+    args: &'static [&'static str],
+    setup: Setup,
+) -> Case {
+    Case {
+        interface,
+        method,
+        expect,
+        program,
+        args,
+        setup,
+        power: None,
+    }
+}
+
+const L: &str = "org.leasehold.Landlord1";
+const T: &str = "org.leasehold.Tenant1";
+
+/// The full authorization matrix: every method of both interfaces.
+/// `@PEM` and `@SECRET` are replaced with files the test writes.
+const MATRIX: &[Case] = &[
+    case(
+        L,
+        "NodeInfo",
+        LANDLORD,
+        "landlordctl",
+        &["info"],
+        Setup::None,
+    ),
+    case(
+        L,
+        "GetPublicKey",
+        LANDLORD,
+        "landlordctl",
+        &["pubkey", "landlord"],
+        Setup::None,
+    ),
+    case(
+        L,
+        "AssignTenant",
+        LANDLORD,
+        "landlordctl",
+        &["--yes", "assign", "acme"],
+        Setup::None,
+    ),
+    case(
+        L,
+        "ReleaseTenant",
+        LANDLORD,
+        "landlordctl",
+        &["--yes", "release"],
+        Setup::Assigned,
+    ),
+    case(
+        L,
+        "RotateKeys",
+        LANDLORD,
+        "landlordctl",
+        &["--yes", "rotate"],
+        Setup::None,
+    ),
+    case(
+        L,
+        "RekeyKeys",
+        LANDLORD,
+        "landlordctl",
+        &["rekey"],
+        Setup::None,
+    ),
+    case(
+        L,
+        "RegisterConsoleKey",
+        LANDLORD,
+        "landlordctl",
+        &["register-console", "ops", "@PEM"],
+        Setup::None,
+    ),
+    Case {
+        power: Some("reboot"),
+        ..case(
+            L,
+            "Reboot",
+            LANDLORD,
+            "landlordctl",
+            &["reboot"],
+            Setup::None,
+        )
+    },
+    Case {
+        power: Some("poweroff"),
+        ..case(
+            L,
+            "PowerOff",
+            LANDLORD,
+            "landlordctl",
+            &["poweroff"],
+            Setup::None,
+        )
+    },
+    Case {
+        power: Some("suspend"),
+        ..case(
+            L,
+            "Suspend",
+            LANDLORD,
+            "landlordctl",
+            &["suspend"],
+            Setup::None,
+        )
+    },
+    case(
+        T,
+        "NodeInfo",
+        TENANT,
+        "tenantctl",
+        &["info"],
+        Setup::Assigned,
+    ),
+    case(
+        T,
+        "GetPublicKey",
+        TENANT,
+        "tenantctl",
+        &["pubkey"],
+        Setup::Assigned,
+    ),
+    case(
+        T,
+        "RotateKeys",
+        TENANT,
+        "tenantctl",
+        &["--yes", "rotate"],
+        Setup::Assigned,
+    ),
+    case(
+        T,
+        "RekeyKeys",
+        TENANT,
+        "tenantctl",
+        &["rekey"],
+        Setup::Assigned,
+    ),
+    case(
+        T,
+        "RegisterConsoleKey",
+        TENANT,
+        "tenantctl",
+        &["register-console", "laptop", "@PEM"],
+        Setup::Assigned,
+    ),
+    case(
+        T,
+        "PutSecret",
+        TENANT,
+        "tenantctl",
+        &["secret", "put", "db", "--from", "@SECRET"],
+        Setup::Assigned,
+    ),
+    case(
+        T,
+        "ListSecrets",
+        TENANT,
+        "tenantctl",
+        &["secret", "list"],
+        Setup::Assigned,
+    ),
+    case(
+        T,
+        "RemoveSecret",
+        TENANT,
+        "tenantctl",
+        &["secret", "rm", "db"],
+        Setup::SecretExists,
+    ),
+];
+
+fn ensure_assigned(lab: &Lab) {
+    let info = lab
+        .run(Who::Root, "landlordctl", &["--json", "info"])
+        .ok()
+        .json();
+    if info["assigned"] != serde_json::json!(true) {
+        lab.run(Who::Root, "landlordctl", &["--yes", "assign", "acme"])
+            .ok();
+    }
+}
+
+#[test]
+fn dbus_authorization_matrix() {
+    let lab = Lab::start();
+    let pem = lab.write_file("console.pem", console_pem().as_bytes());
+    let secret = lab.write_file("secret.txt", b"correct horse battery staple");
+
+    // The table covers every method the agent exports, and nothing else.
+    for iface in [L, T] {
+        let exported: BTreeSet<String> = lab.methods_of(iface).into_iter().collect();
+        let tabled: BTreeSet<String> = MATRIX
+            .iter()
+            .filter(|c| c.interface == iface)
+            .map(|c| c.method.to_owned())
+            .collect();
+        assert_eq!(
+            exported, tabled,
+            "{iface}: matrix and exported methods differ"
+        );
+    }
+
+    let mut failures = Vec::new();
+    for c in MATRIX {
+        for (i, who) in Who::ALL.into_iter().enumerate() {
+            match c.setup {
+                Setup::None => {}
+                Setup::Assigned => ensure_assigned(&lab),
+                Setup::SecretExists => {
+                    ensure_assigned(&lab);
+                    let args = ["secret", "put", "db", "--from", secret.to_str().unwrap()];
+                    lab.run(Who::Tenant, "tenantctl", &args).ok();
+                }
+            }
+            let args: Vec<&str> = c
+                .args
+                .iter()
+                .map(|a| match *a {
+                    "@PEM" => pem.to_str().unwrap(),
+                    "@SECRET" => secret.to_str().unwrap(),
+                    other => other,
+                })
+                .collect();
+            lab.power.take();
+            let r = lab.run(who, c.program, &args);
+            let expected = c.expect[i];
+            let denied = r.code == 3 && r.stderr.contains("not authorized");
+            let ok = match expected {
+                Allow => r.code == 0,
+                Deny => denied,
+            };
+            if !ok {
+                failures.push(format!(
+                    "{}.{} as {who:?}: expected {expected:?}, got {r:?}",
+                    c.interface, c.method
+                ));
+            }
+            if let Some(action) = c.power {
+                let calls = lab.power.take();
+                let want: Vec<String> = if expected == Allow {
+                    vec![action.to_owned()]
+                } else {
+                    vec![]
+                };
+                if calls != want {
+                    failures.push(format!(
+                        "{} as {who:?}: logind saw {calls:?}, expected {want:?}",
+                        c.method
+                    ));
+                }
+            }
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "authorization matrix mismatches:\n{}",
+        failures.join("\n")
+    );
+    assert!(
+        lab.agent_log().contains("call denied"),
+        "denials are logged (rate-limited)"
+    );
+}
+
+#[test]
+fn dbus_polkit_unreachable_fails_closed() {
+    let mut lab = Lab::start();
+    lab.run(Who::Landlord, "landlordctl", &["info"]).ok();
+    lab.stop_polkit();
+    let r = lab.run(Who::Landlord, "landlordctl", &["info"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(
+        r.stderr.contains("polkit could not be asked") && r.stderr.contains("fail closed"),
+        "{r:?}"
+    );
+    assert!(lab.agent_alive());
+    // polkit back: service resumes without restarting the agent.
+    lab.start_polkit();
+    lab.run(Who::Landlord, "landlordctl", &["info"]).ok();
+}
+
+fn fingerprint(r: &Run) -> String {
+    r.json()["fingerprint"].as_str().unwrap().to_owned()
+}
+
+/// Patent fig. 6: landlord gets UL and UT, hands UT to the tenant, the
+/// tenant has the node make a fresh pair, only the tenant holds the new UT,
+/// envelopes to the new UT open and envelopes to the old one do not.
+#[test]
+fn dbus_fig6_key_handover() {
+    let lab = Lab::start();
+    let work = lab.path("work");
+    let p = |name: &str| work.join(name).to_str().unwrap().to_owned();
+
+    let assign = lab
+        .run(Who::Landlord, "landlordctl", &["--json", "assign", "acme"])
+        .ok()
+        .json();
+    assert_eq!(assign["kind"], "assign");
+    let ul = lab
+        .run(
+            Who::Landlord,
+            "landlordctl",
+            &["--json", "pubkey", "landlord", "--out", &p("ul.pem")],
+        )
+        .ok();
+    let ut_old = lab
+        .run(
+            Who::Landlord,
+            "landlordctl",
+            &["--json", "pubkey", "tenant", "--out", &p("ut-old.pem")],
+        )
+        .ok();
+    assert_ne!(fingerprint(&ul), fingerprint(&ut_old));
+
+    // The tenant received UT from the landlord and checks it against the node.
+    let seen = lab
+        .run(Who::Tenant, "tenantctl", &["--json", "pubkey"])
+        .ok();
+    assert_eq!(fingerprint(&seen), fingerprint(&ut_old));
+
+    // An envelope sealed to the old UT before the hand-over completes.
+    let secret = lab.write_file("secret.txt", b"tenant-only");
+    lab.run(
+        Who::Tenant,
+        "tenantctl",
+        &[
+            "seal",
+            "--to",
+            &p("ut-old.pem"),
+            &p("secret.txt"),
+            "--out",
+            &p("old.lhev"),
+        ],
+    )
+    .ok();
+
+    // Take ownership.
+    let rot = lab
+        .run(Who::Tenant, "tenantctl", &["--json", "--yes", "rotate"])
+        .ok()
+        .json();
+    assert_eq!(rot["kind"], "rotate");
+    assert_eq!(rot["data_destroyed"], true);
+    let ut_new = lab
+        .run(
+            Who::Tenant,
+            "tenantctl",
+            &["--json", "pubkey", "--out", &p("ut-new.pem")],
+        )
+        .ok();
+    assert_ne!(fingerprint(&ut_new), fingerprint(&ut_old));
+
+    // Only the tenant holds the new UT.
+    let r = lab.run(Who::Landlord, "landlordctl", &["pubkey", "tenant"]);
+    assert_eq!(
+        r.code, 3,
+        "landlord must not get the tenant's own UT: {r:?}"
+    );
+    let r = lab.run(Who::Root, "landlordctl", &["pubkey", "tenant"]);
+    assert_eq!(r.code, 3, "{r:?}");
+
+    // Sealed to the old UT: refused. Sealed to the new UT: stored.
+    let r = lab.run(
+        Who::Tenant,
+        "tenantctl",
+        &[
+            "secret",
+            "put",
+            "old",
+            "--from",
+            secret.to_str().unwrap(),
+            "--to",
+            &p("ut-old.pem"),
+        ],
+    );
+    assert_eq!(r.code, 6, "{r:?}");
+    assert!(r.stderr.contains("envelope"), "{r:?}");
+    lab.run(
+        Who::Tenant,
+        "tenantctl",
+        &[
+            "secret",
+            "put",
+            "new",
+            "--from",
+            secret.to_str().unwrap(),
+            "--to",
+            &p("ut-new.pem"),
+        ],
+    )
+    .ok();
+    let list = lab
+        .run(Who::Tenant, "tenantctl", &["--json", "secret", "list"])
+        .ok()
+        .json();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert_eq!(list[0]["name"], "new");
+    assert_eq!(list[0]["size"], 11);
+
+    // A re-key keeps the secret; the landlord's rotation erases it.
+    lab.run(Who::Tenant, "tenantctl", &["rekey"]).ok();
+    let list = lab
+        .run(Who::Tenant, "tenantctl", &["--json", "secret", "list"])
+        .ok()
+        .json();
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    lab.run(Who::Landlord, "landlordctl", &["--yes", "rotate"])
+        .ok();
+    let list = lab
+        .run(Who::Tenant, "tenantctl", &["--json", "secret", "list"])
+        .ok()
+        .json();
+    assert_eq!(list.as_array().unwrap().len(), 0);
+
+    // Without --yes and without a terminal, a destroying call is refused (exit 4).
+    let r = lab.run(Who::Tenant, "tenantctl", &["rotate"]);
+    assert_eq!(r.code, 4, "{r:?}");
+    assert!(r.stderr.contains("--yes"), "{r:?}");
+}
+
+fn probe(lab: &Lab, who: Who, scenario: &str) -> String {
+    let r = lab.run(who, "lh-dbus-probe", &[scenario]);
+    assert_eq!(r.code, 0, "probe crashed: {r:?}");
+    r.stdout.trim().to_owned()
+}
+
+#[track_caller]
+fn expect_err(out: &str, name: &str, mentions: &str) {
+    assert!(
+        out.starts_with(&format!("ERR {name}")),
+        "expected {name}, got {out}"
+    );
+    assert!(
+        out.contains(mentions),
+        "error should mention {mentions:?}: {out}"
+    );
+}
+
+#[test]
+fn dbus_bad_input_gets_named_errors_and_agent_keeps_serving() {
+    let lab = Lab::start();
+    let inv = "org.leasehold.Error.InvalidArgument";
+    expect_err(
+        &probe(&lab, Who::Tenant, "tenant-pubkey"),
+        "org.leasehold.Error.NotAssigned",
+        "no tenant",
+    );
+    expect_err(
+        &probe(&lab, Who::Landlord, "assign-empty-name"),
+        inv,
+        "name",
+    );
+    expect_err(&probe(&lab, Who::Landlord, "assign-bad-name"), inv, "name");
+    expect_err(
+        &probe(&lab, Who::Landlord, "assign-bad-console-key"),
+        inv,
+        "console_key",
+    );
+    // No partial state: the refused assignment changed nothing.
+    let info = lab
+        .run(Who::Landlord, "landlordctl", &["--json", "info"])
+        .ok()
+        .json();
+    assert_eq!(info["assigned"], false);
+    expect_err(
+        &probe(&lab, Who::Landlord, "pubkey-unknown-role"),
+        inv,
+        "role",
+    );
+    expect_err(
+        &probe(&lab, Who::Landlord, "assign-wrong-types"),
+        "org.freedesktop.DBus.Error.InvalidArgs",
+        "",
+    );
+    lab.run(Who::Landlord, "landlordctl", &["assign", "acme"])
+        .ok();
+    expect_err(
+        &probe(&lab, Who::Tenant, "info-extra-args"),
+        "org.freedesktop.DBus.Error.InvalidArgs",
+        "",
+    );
+    expect_err(&probe(&lab, Who::Tenant, "put-empty-name"), inv, "name");
+    expect_err(&probe(&lab, Who::Tenant, "put-garbage"), inv, "envelope");
+    expect_err(&probe(&lab, Who::Tenant, "put-oversized"), inv, "envelope");
+    expect_err(
+        &probe(&lab, Who::Tenant, "rm-unknown"),
+        "org.leasehold.Error.NotFound",
+        "nope",
+    );
+    // A wrong role is a named error too.
+    expect_err(
+        &probe(&lab, Who::Outsider, "landlord-info"),
+        "org.leasehold.Error.NotAuthorized",
+        "landlord.read",
+    );
+    // And the agent still serves good calls.
+    assert!(probe(&lab, Who::Tenant, "put-good").starts_with("OK"));
+    assert!(probe(&lab, Who::Landlord, "landlord-info").starts_with("OK"));
+    let mut lab = lab;
+    assert!(lab.agent_alive());
+}
+
+#[test]
+fn dbus_tenantctl_over_ssh() {
+    let mut lab = Lab::start();
+    lab.run(Who::Landlord, "landlordctl", &["assign", "acme"])
+        .ok();
+    let ssh = lab.start_sshd(&[Who::Tenant, Who::Outsider]);
+    let tenantctl = leasehold_tests::bin("tenantctl");
+    let remote = |user: &str, args: &[&str]| -> Run {
+        let host = format!("{user}@127.0.0.1:{}", ssh.port);
+        let mut c = lab.command(Who::Root, &tenantctl);
+        // No local bus: everything goes over SSH.
+        c.env_remove("DBUS_SYSTEM_BUS_ADDRESS")
+            .env("LEASEHOLD_SSH", &ssh.command);
+        let out = c.arg("--host").arg(host).args(args).output().unwrap();
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    };
+    let info = remote("lhtest-tenant", &["--json", "info"]).ok().json();
+    assert_eq!(info["tenant_name"], "acme");
+    assert_eq!(info["tpm_kind"], "software");
+    let secret = lab.write_file("s.txt", b"over ssh");
+    remote(
+        "lhtest-tenant",
+        &[
+            "secret",
+            "put",
+            "remote",
+            "--from",
+            secret.to_str().unwrap(),
+        ],
+    )
+    .ok();
+    let list = remote("lhtest-tenant", &["--json", "secret", "list"])
+        .ok()
+        .json();
+    assert_eq!(list[0]["name"], "remote");
+    // The SSH login user is the D-Bus caller: an outsider is refused by polkit.
+    let r = remote("lhtest-outsider", &["info"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    // A user without an authorized key does not get in at all.
+    let r = remote("lhtest-landlord", &["info"]);
+    assert_eq!(r.code, 69, "{r:?}");
+}
