@@ -429,7 +429,18 @@ impl Lab {
         }
     }
 
-    fn start_agent(&mut self) {
+    /// Sends SIGTERM to agentd and waits for it to exit.
+    pub fn stop_agent(&mut self) -> std::process::ExitStatus {
+        let mut c = self.agent.take().expect("agent running");
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(c.id().to_string())
+            .status();
+        c.wait().unwrap()
+    }
+
+    /// Starts agentd --dev on the lab's state and waits until it owns its name.
+    pub fn start_agent(&mut self) {
         let child = spawn_logged(
             Command::new(bin("agentd"))
                 .arg("--dev")

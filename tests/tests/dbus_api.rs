@@ -594,3 +594,32 @@ fn dbus_tenantctl_over_ssh() {
     let r = remote("lhtest-landlord", &["info"]);
     assert_eq!(r.code, 69, "{r:?}");
 }
+
+#[test]
+fn dbus_agent_stops_cleanly_on_sigterm_and_restarts_with_same_keys() {
+    let mut lab = Lab::start();
+    let before = lab
+        .run(Who::Landlord, "landlordctl", &["--json", "info"])
+        .ok()
+        .json();
+    let status = lab.stop_agent();
+    assert!(status.success(), "agentd exit status {status:?}");
+    let log = lab.agent_log();
+    assert!(
+        log.contains("SIGTERM") && log.contains("TPM shut down cleanly"),
+        "{log}"
+    );
+    // Gone from the bus: the CLI says the agent is unavailable (exit 69).
+    let r = lab.run(Who::Landlord, "landlordctl", &["info"]);
+    assert_eq!(r.code, 69, "{r:?}");
+    lab.start_agent();
+    let after = lab
+        .run(Who::Landlord, "landlordctl", &["--json", "info"])
+        .ok()
+        .json();
+    assert_eq!(
+        before["landlord_fingerprint"],
+        after["landlord_fingerprint"]
+    );
+    assert_eq!(before["node_id"], after["node_id"]);
+}
