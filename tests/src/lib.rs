@@ -374,6 +374,11 @@ impl Lab {
         lab
     }
 
+    /// Runs a future on the lab's runtime (its connections live there).
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }

@@ -623,3 +623,33 @@ fn dbus_agent_stops_cleanly_on_sigterm_and_restarts_with_same_keys() {
     );
     assert_eq!(before["node_id"], after["node_id"]);
 }
+
+#[test]
+fn dbus_keys_changed_signal_and_version_property() {
+    let lab = Lab::start();
+    let (version, change) = lab.block_on(async {
+        let conn = zbus::connection::Builder::address(lab.address.as_str())
+            .build()
+            .await
+            .unwrap();
+        let p = leasehold_dbus_api::LandlordProxy::new(&conn).await.unwrap();
+        let version = p.version().await.unwrap();
+        let mut changes = p.receive_keys_changed().await.unwrap();
+        let cli = lab
+            .command(Who::Landlord, &leasehold_tests::bin("landlordctl"))
+            .arg("rekey")
+            .status();
+        assert!(cli.unwrap().success());
+        use futures_util::StreamExt;
+        let sig = tokio::time::timeout(std::time::Duration::from_secs(30), changes.next())
+            .await
+            .expect("KeysChanged within the bound")
+            .unwrap();
+        (version, sig.args().unwrap().change().clone())
+    });
+    assert_eq!(version, leasehold_dbus_api::API_VERSION);
+    assert_eq!(change.kind.as_deref(), Some("rekey"));
+    assert_eq!(change.role.as_deref(), Some("landlord"));
+    assert_eq!(change.generation_after, Some(2));
+    assert_eq!(change.data_destroyed, Some(false));
+}
