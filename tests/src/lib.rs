@@ -17,6 +17,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 
 pub mod markdown;
+pub mod matrix;
 
 /// Root of the workspace.
 pub fn workspace_root() -> PathBuf {

@@ -1,0 +1,215 @@
+//! The authorization matrix: every method of both interfaces x {root,
+//! landlord, tenant, outsider}, with the CLI call that exercises it. Used by
+//! the host tests (private bus) and the VM lab tests (real system bus).
+
+use Expect::{Allow, Deny};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expect {
+    Allow,
+    Deny,
+}
+
+/// Columns: root, landlord, tenant, outsider. Root is the landlord's identity
+/// on the node (polkit authorizes uid 0), and agentd refuses it the tenant
+/// interface: the landlord never acts as the tenant.
+pub const LANDLORD: [Expect; 4] = [Allow, Allow, Deny, Deny];
+pub const TENANT: [Expect; 4] = [Deny, Deny, Allow, Deny];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Setup {
+    None,
+    Assigned,
+    SecretExists,
+}
+
+pub struct Case {
+    pub interface: &'static str,
+    pub method: &'static str,
+    pub expect: [Expect; 4],
+    pub program: &'static str,
+    pub args: &'static [&'static str],
+    pub setup: Setup,
+    pub power: Option<&'static str>,
+}
+
+const fn case(
+    interface: &'static str,
+    method: &'static str,
+    expect: [Expect; 4],
+    program: &'static str,
+    args: &'static [&'static str],
+    setup: Setup,
+) -> Case {
+    Case {
+        interface,
+        method,
+        expect,
+        program,
+        args,
+        setup,
+        power: None,
+    }
+}
+
+const L: &str = "org.leasehold.Landlord1";
+const T: &str = "org.leasehold.Tenant1";
+
+/// The full authorization matrix: every method of both interfaces.
+/// `@PEM` and `@SECRET` are replaced with files the test writes.
+pub const MATRIX: &[Case] = &[
+    case(
+        L,
+        "NodeInfo",
+        LANDLORD,
+        "landlordctl",
+        &["info"],
+        Setup::None,
+    ),
+    case(
+        L,
+        "GetPublicKey",
+        LANDLORD,
+        "landlordctl",
+        &["pubkey", "landlord"],
+        Setup::None,
+    ),
+    case(
+        L,
+        "AssignTenant",
+        LANDLORD,
+        "landlordctl",
+        &["--yes", "assign", "acme"],
+        Setup::None,
+    ),
+    case(
+        L,
+        "ReleaseTenant",
+        LANDLORD,
+        "landlordctl",
+        &["--yes", "release"],
+        Setup::Assigned,
+    ),
+    case(
+        L,
+        "RotateKeys",
+        LANDLORD,
+        "landlordctl",
+        &["--yes", "rotate"],
+        Setup::None,
+    ),
+    case(
+        L,
+        "RekeyKeys",
+        LANDLORD,
+        "landlordctl",
+        &["rekey"],
+        Setup::None,
+    ),
+    case(
+        L,
+        "RegisterConsoleKey",
+        LANDLORD,
+        "landlordctl",
+        &["register-console", "ops", "@PEM"],
+        Setup::None,
+    ),
+    Case {
+        power: Some("reboot"),
+        ..case(
+            L,
+            "Reboot",
+            LANDLORD,
+            "landlordctl",
+            &["reboot"],
+            Setup::None,
+        )
+    },
+    Case {
+        power: Some("poweroff"),
+        ..case(
+            L,
+            "PowerOff",
+            LANDLORD,
+            "landlordctl",
+            &["poweroff"],
+            Setup::None,
+        )
+    },
+    Case {
+        power: Some("suspend"),
+        ..case(
+            L,
+            "Suspend",
+            LANDLORD,
+            "landlordctl",
+            &["suspend"],
+            Setup::None,
+        )
+    },
+    case(
+        T,
+        "NodeInfo",
+        TENANT,
+        "tenantctl",
+        &["info"],
+        Setup::Assigned,
+    ),
+    case(
+        T,
+        "GetPublicKey",
+        TENANT,
+        "tenantctl",
+        &["pubkey"],
+        Setup::Assigned,
+    ),
+    case(
+        T,
+        "RotateKeys",
+        TENANT,
+        "tenantctl",
+        &["--yes", "rotate"],
+        Setup::Assigned,
+    ),
+    case(
+        T,
+        "RekeyKeys",
+        TENANT,
+        "tenantctl",
+        &["rekey"],
+        Setup::Assigned,
+    ),
+    case(
+        T,
+        "RegisterConsoleKey",
+        TENANT,
+        "tenantctl",
+        &["register-console", "laptop", "@PEM"],
+        Setup::Assigned,
+    ),
+    case(
+        T,
+        "PutSecret",
+        TENANT,
+        "tenantctl",
+        &["secret", "put", "db", "--from", "@SECRET"],
+        Setup::Assigned,
+    ),
+    case(
+        T,
+        "ListSecrets",
+        TENANT,
+        "tenantctl",
+        &["secret", "list"],
+        Setup::Assigned,
+    ),
+    case(
+        T,
+        "RemoveSecret",
+        TENANT,
+        "tenantctl",
+        &["secret", "rm", "db"],
+        Setup::SecretExists,
+    ),
+];
+
