@@ -212,4 +212,3 @@ pub const MATRIX: &[Case] = &[
         Setup::SecretExists,
     ),
 ];
-

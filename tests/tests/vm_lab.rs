@@ -44,7 +44,11 @@ impl Vm {
     #[track_caller]
     fn lab_ok(&self, secs: u32, args: &[&str]) -> String {
         let o = self.lab(secs, args);
-        assert_eq!(o.code, 0, "lab {args:?} failed ({}):\n{}\n{}", o.code, o.stdout, o.stderr);
+        assert_eq!(
+            o.code, 0,
+            "lab {args:?} failed ({}):\n{}\n{}",
+            o.code, o.stdout, o.stderr
+        );
         o.stdout
     }
 
@@ -67,7 +71,8 @@ impl Vm {
 
     fn ssh_env(&self) -> String {
         let cache = std::env::var("LEASEHOLD_LAB_CACHE").unwrap_or_else(|_| {
-            let base = std::env::var("XDG_CACHE_HOME").unwrap_or_else(|_| format!("{}/.cache", std::env::var("HOME").unwrap()));
+            let base = std::env::var("XDG_CACHE_HOME")
+                .unwrap_or_else(|_| format!("{}/.cache", std::env::var("HOME").unwrap()));
             format!("{base}/leasehold-lab")
         });
         format!(
@@ -102,11 +107,20 @@ struct ShowLogsOnFailure(PathBuf);
 impl Drop for ShowLogsOnFailure {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            if let Ok(o) = Command::new("timeout").arg("60").arg(&self.0).args(["logs", NODE]).output() {
+            if let Ok(o) = Command::new("timeout")
+                .arg("60")
+                .arg(&self.0)
+                .args(["logs", NODE])
+                .output()
+            {
                 eprintln!("{}", String::from_utf8_lossy(&o.stdout));
             }
         }
-        let _ = Command::new("timeout").arg("180").arg(&self.0).arg("destroy").output();
+        let _ = Command::new("timeout")
+            .arg("180")
+            .arg(&self.0)
+            .arg("destroy")
+            .output();
     }
 }
 
@@ -134,7 +148,9 @@ fn matrix_script(pem: &str) -> String {
             match c.setup {
                 Setup::None => {}
                 Setup::Assigned => s.push_str("assigned\n"),
-                Setup::SecretExists => s.push_str("assigned; as tt tenantctl secret put db --from /tmp/secret.txt >/dev/null\n"),
+                Setup::SecretExists => s.push_str(
+                    "assigned; as tt tenantctl secret put db --from /tmp/secret.txt >/dev/null\n",
+                ),
             }
             let args: Vec<String> = c
                 .args
@@ -189,13 +205,33 @@ fn vm_lab_end_to_end() {
     vm.step("install .deb");
 
     // The agent runs from its unit on the vTPM, not on swtpm over TCP.
-    assert_eq!(vm.sh("systemctl is-active leasehold-agentd").trim(), "active");
+    assert_eq!(
+        vm.sh("systemctl is-active leasehold-agentd").trim(),
+        "active"
+    );
     let fds = vm.sh("ls -l /proc/$(pidof agentd)/fd");
-    assert!(fds.contains("/dev/tpmrm0"), "agentd must hold /dev/tpmrm0: {fds}");
-    assert_eq!(vm.sh_status("pgrep -x swtpm").code, 1, "no swtpm inside the guest");
+    assert!(
+        fds.contains("/dev/tpmrm0"),
+        "agentd must hold /dev/tpmrm0: {fds}"
+    );
+    assert_eq!(
+        vm.sh_status("pgrep -x swtpm").code,
+        1,
+        "no swtpm inside the guest"
+    );
     let unit = vm.sh("systemctl show leasehold-agentd -p Type -p BusName -p Delegate");
-    assert!(unit.contains("Type=dbus") && unit.contains("BusName=org.leasehold.Agent1") && unit.contains("Delegate=yes"), "{unit}");
-    assert!(vm.sh("getent group leasehold-landlord leasehold-tenant").lines().count() == 2);
+    assert!(
+        unit.contains("Type=dbus")
+            && unit.contains("BusName=org.leasehold.Agent1")
+            && unit.contains("Delegate=yes"),
+        "{unit}"
+    );
+    assert!(
+        vm.sh("getent group leasehold-landlord leasehold-tenant")
+            .lines()
+            .count()
+            == 2
+    );
 
     // Guest users; the tenant may log in over SSH with the lab key.
     vm.sh(
@@ -210,13 +246,20 @@ fn vm_lab_end_to_end() {
     // The authorization matrix over the real system bus and polkitd.
     let script = matrix_script(&console_pem());
     std::fs::write(workspace_root().join("target/vm-matrix.sh"), &script).unwrap();
-    let out = vm.sh(&format!("cat > /tmp/matrix.sh <<'SCRIPT'\n{script}SCRIPT\nsh /tmp/matrix.sh"));
+    let out = vm.sh(&format!(
+        "cat > /tmp/matrix.sh <<'SCRIPT'\n{script}SCRIPT\nsh /tmp/matrix.sh"
+    ));
     let mut failures = Vec::new();
     let mut checked = 0;
     for line in out.lines() {
         let f: Vec<&str> = line.split_whitespace().collect();
-        let [iface, method, user, code, denied] = f[..] else { continue };
-        let case = MATRIX.iter().find(|c| c.interface == iface && c.method == method).unwrap();
+        let [iface, method, user, code, denied] = f[..] else {
+            continue;
+        };
+        let case = MATRIX
+            .iter()
+            .find(|c| c.interface == iface && c.method == method)
+            .unwrap();
         let i = GUEST_USERS.iter().position(|u| *u == user).unwrap();
         let ok = match case.expect[i] {
             Expect::Allow => code == "0",
@@ -228,12 +271,22 @@ fn vm_lab_end_to_end() {
         }
     }
     let skipped_power = MATRIX.iter().filter(|c| c.power.is_some()).count() * 2;
-    assert_eq!(checked, MATRIX.len() * 4 - skipped_power, "matrix output:\n{out}");
-    assert!(failures.is_empty(), "matrix mismatches (iface method user exit denied):\n{}", failures.join("\n"));
+    assert_eq!(
+        checked,
+        MATRIX.len() * 4 - skipped_power,
+        "matrix output:\n{out}"
+    );
+    assert!(
+        failures.is_empty(),
+        "matrix mismatches (iface method user exit denied):\n{}",
+        failures.join("\n")
+    );
     vm.step("authorization matrix (real system bus)");
 
     // Fig. 6 hand-over, landlord in the guest, tenant from the host over SSH.
-    vm.sh("landlordctl --yes release >/dev/null; runuser -u ll -- landlordctl assign acme >/dev/null");
+    vm.sh(
+        "landlordctl --yes release >/dev/null; runuser -u ll -- landlordctl assign acme >/dev/null",
+    );
     let ut_old = json(&vm.sh("runuser -u ll -- landlordctl --json pubkey tenant"));
     let old_pem_path = workspace_root().join("target/vm-ut-old.pem");
     std::fs::write(&old_pem_path, ut_old["pem"].as_str().unwrap()).unwrap();
@@ -250,8 +303,20 @@ fn vm_lab_end_to_end() {
     assert_eq!(denied.code, 3, "only the tenant holds the new UT");
     let secret = workspace_root().join("target/vm-secret.txt");
     std::fs::write(&secret, b"tenant secret").unwrap();
-    let old = vm.tenantctl(&["secret", "put", "old", "--from", secret.to_str().unwrap(), "--to", old_pem_path.to_str().unwrap()]);
-    assert_eq!(old.code, 6, "sealed to the old UT must fail: {}", old.stderr);
+    let old = vm.tenantctl(&[
+        "secret",
+        "put",
+        "old",
+        "--from",
+        secret.to_str().unwrap(),
+        "--to",
+        old_pem_path.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        old.code, 6,
+        "sealed to the old UT must fail: {}",
+        old.stderr
+    );
     let new = vm.tenantctl(&["secret", "put", "db", "--from", secret.to_str().unwrap()]);
     assert_eq!(new.code, 0, "{}", new.stderr);
     vm.step("fig. 6 hand-over over SSH");
@@ -260,10 +325,18 @@ fn vm_lab_end_to_end() {
     let before = json(&vm.sh("landlordctl --json info"));
     let boot_id = vm.sh("cat /proc/sys/kernel/random/boot_id");
     let r = vm.sh_status("runuser -u ll -- landlordctl reboot");
-    assert!(r.code == 0 || r.code == 255, "reboot request: {} {}", r.code, r.stderr);
+    assert!(
+        r.code == 0 || r.code == 255,
+        "reboot request: {} {}",
+        r.code,
+        r.stderr
+    );
     let t0 = Instant::now();
     loop {
-        assert!(t0.elapsed().as_secs() < 400, "node did not come back after reboot");
+        assert!(
+            t0.elapsed().as_secs() < 400,
+            "node did not come back after reboot"
+        );
         let o = vm.lab(30, &["ssh", NODE, "cat /proc/sys/kernel/random/boot_id"]);
         if o.code == 0 && o.stdout != boot_id {
             break;
@@ -272,7 +345,12 @@ fn vm_lab_end_to_end() {
     }
     vm.sh("timeout 120 sh -c 'until systemctl is-active -q leasehold-agentd; do sleep 1; done'");
     let after = json(&vm.sh("landlordctl --json info"));
-    for k in ["node_id", "landlord_fingerprint", "tenant_fingerprint", "tenant_name"] {
+    for k in [
+        "node_id",
+        "landlord_fingerprint",
+        "tenant_fingerprint",
+        "tenant_name",
+    ] {
         assert_eq!(before[k], after[k], "{k} changed across reboot");
     }
     let list = json(&vm.tenantctl(&["--json", "secret", "list"]).stdout);
@@ -281,10 +359,18 @@ fn vm_lab_end_to_end() {
 
     // Power off through the landlord's API stops the VM.
     let r = vm.sh_status("runuser -u ll -- landlordctl poweroff");
-    assert!(r.code == 0 || r.code == 255, "poweroff request: {} {}", r.code, r.stderr);
+    assert!(
+        r.code == 0 || r.code == 255,
+        "poweroff request: {} {}",
+        r.code,
+        r.stderr
+    );
     let t0 = Instant::now();
     loop {
-        assert!(t0.elapsed().as_secs() < 180, "QEMU still running after landlordctl poweroff");
+        assert!(
+            t0.elapsed().as_secs() < 180,
+            "QEMU still running after landlordctl poweroff"
+        );
         if vm.lab(30, &["running", NODE]).code != 0 {
             break;
         }
