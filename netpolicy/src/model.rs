@@ -1,0 +1,575 @@
+//! Boundary documents (TOML or JSON) and their validated form.
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ranges::Ranges;
+
+/// What happens to traffic no entry allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// Silently dropped (the sender times out).
+    #[default]
+    Drop,
+    /// Rejected: TCP reset or ICMP unreachable (the sender is told).
+    Reject,
+}
+
+/// Direction of a flow as seen from the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    /// Peer → node.
+    In,
+    /// Node → peer.
+    Out,
+    /// Both.
+    Both,
+}
+
+/// A transport protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Proto {
+    /// TCP.
+    Tcp,
+    /// UDP.
+    Udp,
+    /// ICMP and ICMPv6 (no ports).
+    Icmp,
+}
+
+impl Proto {
+    /// All protocols.
+    pub const ALL: [Proto; 3] = [Proto::Tcp, Proto::Udp, Proto::Icmp];
+}
+
+/// A port or port range as written: `443`, `"443"`, `"8000-8080"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum PortSpec {
+    /// One port.
+    Num(u16),
+    /// A port or range as text.
+    Text(String),
+}
+
+/// `{ proto = "tcp", ports = [80, 443] }`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProtoDoc {
+    /// Protocol.
+    pub proto: Proto,
+    /// Ports (tcp/udp only); absent: all ports.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ports: Option<Vec<PortSpec>>,
+}
+
+/// One allow entry as written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntryDoc {
+    /// Name, used in reasons and explanations.
+    pub name: String,
+    /// CIDRs, addresses, or `@group`.
+    pub peers: Vec<String>,
+    /// Direction (default both).
+    #[serde(default = "both")]
+    pub direction: Direction,
+    /// Protocols and ports; absent: everything.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocols: Option<Vec<ProtoDoc>>,
+}
+
+fn both() -> Direction {
+    Direction::Both
+}
+
+/// A boundary document: the landlord's cluster boundary or the tenant's sub-boundary.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BoundaryDoc {
+    /// Drop or reject what is not allowed.
+    #[serde(default)]
+    pub action: Action,
+    /// Named peer groups.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub groups: BTreeMap<String, Vec<String>>,
+    /// Allow entries.
+    #[serde(default)]
+    pub allow: Vec<EntryDoc>,
+    /// Management traffic no boundary can cut (cluster boundary only).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failsafe: Vec<EntryDoc>,
+}
+
+/// Why a document was refused; `field` is a path like `allow[2].peers[0]`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct DocError {
+    /// Where.
+    pub field: String,
+    /// What is wrong.
+    pub reason: String,
+}
+
+fn err(field: impl Into<String>, reason: impl Into<String>) -> DocError {
+    DocError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Address family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    /// IPv4 (values 0..2^32).
+    V4,
+    /// IPv6.
+    V6,
+}
+
+/// A set of peer addresses, per family.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Hash)]
+pub struct Peers {
+    /// IPv4 addresses as u32 values.
+    pub v4: Ranges,
+    /// IPv6 addresses as u128 values.
+    pub v6: Ranges,
+}
+
+impl Peers {
+    /// Addresses of one family.
+    pub fn family(&self, f: Family) -> &Ranges {
+        match f {
+            Family::V4 => &self.v4,
+            Family::V6 => &self.v6,
+        }
+    }
+
+    /// Union.
+    pub fn union(&self, o: &Peers) -> Peers {
+        Peers {
+            v4: self.v4.union(&o.v4),
+            v6: self.v6.union(&o.v6),
+        }
+    }
+
+    /// Whether empty.
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_empty() && self.v6.is_empty()
+    }
+}
+
+/// Parses `10.0.0.0/8`, `10.1.2.3`, `fd00::/64`, `::1`.
+pub fn parse_cidr(s: &str) -> Result<(Family, u128, u128), String> {
+    let (addr, len) = match s.split_once('/') {
+        Some((a, l)) => (a, Some(l)),
+        None => (s, None),
+    };
+    let ip: IpAddr = addr
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
+    let (family, bits, value) = match ip {
+        IpAddr::V4(v4) => (Family::V4, 32u32, u128::from(u32::from(v4))),
+        IpAddr::V6(v6) => (Family::V6, 128u32, u128::from(v6)),
+    };
+    let len: u32 = match len {
+        None => bits,
+        Some(l) => l
+            .trim()
+            .parse()
+            .ok()
+            .filter(|l| *l <= bits)
+            .ok_or_else(|| format!("{s:?}: prefix length must be 0-{bits}"))?,
+    };
+    let host_bits = bits - len;
+    let mask: u128 = if host_bits == 128 {
+        u128::MAX
+    } else {
+        (1u128 << host_bits) - 1
+    };
+    if value & mask != 0 {
+        return Err(format!(
+            "{s:?}: host bits set (did you mean {}?)",
+            format_cidr(family, value & !mask, len)
+        ));
+    }
+    Ok((family, value, value | mask))
+}
+
+/// Formats a network address and prefix length.
+pub fn format_cidr(f: Family, value: u128, len: u32) -> String {
+    match f {
+        Family::V4 => format!(
+            "{}/{len}",
+            std::net::Ipv4Addr::from(u32::try_from(value).unwrap_or(u32::MAX))
+        ),
+        Family::V6 => format!("{}/{len}", std::net::Ipv6Addr::from(value)),
+    }
+}
+
+/// Splits a set of addresses into the fewest CIDRs.
+pub fn to_cidrs(f: Family, r: &Ranges) -> Vec<String> {
+    let bits: u32 = if f == Family::V4 { 32 } else { 128 };
+    let mut out = Vec::new();
+    for &(lo, hi) in r.intervals() {
+        let mut cur = lo;
+        loop {
+            // Largest aligned block starting at cur that fits in [cur, hi].
+            let mut size_bits = if cur == 0 {
+                bits
+            } else {
+                cur.trailing_zeros().min(bits)
+            };
+            while size_bits > 0 {
+                let last = if size_bits == 128 {
+                    u128::MAX
+                } else {
+                    cur + ((1u128 << size_bits) - 1)
+                };
+                if last <= hi && (size_bits < 128 || cur == 0) {
+                    break;
+                }
+                size_bits -= 1;
+            }
+            out.push(format_cidr(f, cur, bits - size_bits));
+            let last = if size_bits == 128 {
+                u128::MAX
+            } else {
+                cur + ((1u128 << size_bits) - 1)
+            };
+            if last >= hi {
+                break;
+            }
+            cur = last + 1;
+        }
+    }
+    out
+}
+
+/// Parses `80`, `"80"`, `"8000-8080"`.
+pub fn parse_port(p: &PortSpec) -> Result<(u128, u128), String> {
+    match p {
+        PortSpec::Num(n) => Ok((u128::from(*n), u128::from(*n))),
+        PortSpec::Text(t) => {
+            let parse = |x: &str| {
+                x.trim()
+                    .parse::<u16>()
+                    .map_err(|_| format!("{t:?} is not a port (0-65535) or range"))
+            };
+            let (a, b) = match t.split_once('-') {
+                Some((a, b)) => (parse(a)?, parse(b)?),
+                None => {
+                    let a = parse(t)?;
+                    (a, a)
+                }
+            };
+            if a > b {
+                return Err(format!("{t:?}: range is backwards"));
+            }
+            Ok((u128::from(a), u128::from(b)))
+        }
+    }
+}
+
+/// All ports.
+pub fn all_ports() -> Ranges {
+    Ranges::interval(0, 65535)
+}
+
+/// A validated entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// Name.
+    pub name: String,
+    /// Peers.
+    pub peers: Peers,
+    /// Directions covered (In and/or Out).
+    pub directions: Vec<Direction>,
+    /// Per protocol, the ports (ICMP: all ports, meaning "any").
+    pub protocols: BTreeMap<Proto, Ranges>,
+}
+
+/// A validated boundary.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Boundary {
+    /// Drop or reject.
+    pub action: Action,
+    /// Allow entries.
+    pub allow: Vec<Entry>,
+    /// Failsafe entries.
+    pub failsafe: Vec<Entry>,
+}
+
+impl BoundaryDoc {
+    /// Parses a TOML document; errors name the field.
+    pub fn from_toml(text: &str) -> Result<Self, DocError> {
+        let de = toml::Deserializer::new(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let path = e.path().to_string();
+            err(
+                if path == "." { "document".into() } else { path },
+                e.into_inner().message().trim().to_owned(),
+            )
+        })
+    }
+
+    /// Parses a JSON document; errors name the field.
+    pub fn from_json(text: &str) -> Result<Self, DocError> {
+        let mut de = serde_json::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let path = e.path().to_string();
+            err(
+                if path == "." { "document".into() } else { path },
+                e.inner().to_string(),
+            )
+        })
+    }
+
+    /// Validates and resolves groups. `allow_failsafe` is false for tenant documents.
+    pub fn validate(&self, allow_failsafe: bool) -> Result<Boundary, DocError> {
+        for (g, members) in &self.groups {
+            check_name(&format!("groups.{g}"), g)?;
+            if members.is_empty() {
+                return Err(err(
+                    format!("groups.{g}"),
+                    "a group needs at least one member",
+                ));
+            }
+        }
+        if !allow_failsafe && !self.failsafe.is_empty() {
+            return Err(err(
+                "failsafe",
+                "only the landlord's cluster boundary may define failsafe entries",
+            ));
+        }
+        let allow = self.entries("allow", &self.allow)?;
+        let failsafe = self.entries("failsafe", &self.failsafe)?;
+        Ok(Boundary {
+            action: self.action,
+            allow,
+            failsafe,
+        })
+    }
+
+    fn entries(&self, section: &str, docs: &[EntryDoc]) -> Result<Vec<Entry>, DocError> {
+        let mut names = std::collections::BTreeSet::new();
+        docs.iter()
+            .enumerate()
+            .map(|(i, e)| {
+                let at = format!("{section}[{i}]");
+                check_name(&format!("{at}.name"), &e.name)?;
+                if !names.insert(e.name.clone()) {
+                    return Err(err(
+                        format!("{at}.name"),
+                        format!("duplicate entry name {:?}", e.name),
+                    ));
+                }
+                self.entry(&at, e)
+            })
+            .collect()
+    }
+
+    fn entry(&self, at: &str, e: &EntryDoc) -> Result<Entry, DocError> {
+        if e.peers.is_empty() {
+            return Err(err(
+                format!("{at}.peers"),
+                "at least one peer (CIDR, address or @group) is required",
+            ));
+        }
+        let mut v4 = Vec::new();
+        let mut v6 = Vec::new();
+        for (j, p) in e.peers.iter().enumerate() {
+            let field = format!("{at}.peers[{j}]");
+            let members: Vec<&String> = match p.strip_prefix('@') {
+                Some(g) => self
+                    .groups
+                    .get(g)
+                    .ok_or_else(|| err(&field, format!("unknown group {g:?}")))?
+                    .iter()
+                    .collect(),
+                None => vec![p],
+            };
+            for m in members {
+                let (f, lo, hi) = parse_cidr(m).map_err(|r| err(&field, r))?;
+                match f {
+                    Family::V4 => v4.push((lo, hi)),
+                    Family::V6 => v6.push((lo, hi)),
+                }
+            }
+        }
+        let mut protocols = BTreeMap::new();
+        match &e.protocols {
+            None => {
+                for p in Proto::ALL {
+                    protocols.insert(p, all_ports());
+                }
+            }
+            Some(list) => {
+                if list.is_empty() {
+                    return Err(err(
+                        format!("{at}.protocols"),
+                        "empty list; omit the key to allow all protocols",
+                    ));
+                }
+                for (k, pd) in list.iter().enumerate() {
+                    let field = format!("{at}.protocols[{k}]");
+                    let ports = match (&pd.ports, pd.proto) {
+                        (None, _) => all_ports(),
+                        (Some(_), Proto::Icmp) => {
+                            return Err(err(format!("{field}.ports"), "icmp has no ports"))
+                        }
+                        (Some(ps), _) => {
+                            if ps.is_empty() {
+                                return Err(err(
+                                    format!("{field}.ports"),
+                                    "empty list; omit the key for all ports",
+                                ));
+                            }
+                            let mut v = Vec::new();
+                            for (n, p) in ps.iter().enumerate() {
+                                v.push(
+                                    parse_port(p)
+                                        .map_err(|r| err(format!("{field}.ports[{n}]"), r))?,
+                                );
+                            }
+                            Ranges::from_intervals(v)
+                        }
+                    };
+                    let merged = protocols
+                        .get(&pd.proto)
+                        .map_or(ports.clone(), |old: &Ranges| old.union(&ports));
+                    protocols.insert(pd.proto, merged);
+                }
+            }
+        }
+        let directions = match e.direction {
+            Direction::Both => vec![Direction::In, Direction::Out],
+            d => vec![d],
+        };
+        Ok(Entry {
+            name: e.name.clone(),
+            peers: Peers {
+                v4: Ranges::from_intervals(v4),
+                v6: Ranges::from_intervals(v6),
+            },
+            directions,
+            protocols,
+        })
+    }
+}
+
+fn check_name(field: &str, name: &str) -> Result<(), DocError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(err(
+            field,
+            format!("{name:?}: use 1-64 characters of A-Z a-z 0-9 . _ -"),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidrs_parse_and_round_trip() {
+        assert_eq!(
+            parse_cidr("10.0.0.0/8").unwrap(),
+            (Family::V4, 0x0a00_0000, 0x0aff_ffff)
+        );
+        assert_eq!(parse_cidr("10.1.2.3").unwrap().1, 0x0a01_0203);
+        assert!(parse_cidr("10.0.0.1/8").unwrap_err().contains("10.0.0.0/8"));
+        assert!(parse_cidr("10.0.0.0/33").is_err());
+        assert!(parse_cidr("nonsense").is_err());
+        assert_eq!(parse_cidr("::/0").unwrap(), (Family::V6, 0, u128::MAX));
+        let r = Ranges::interval(0x0a00_0000, 0x0aff_ffff);
+        assert_eq!(to_cidrs(Family::V4, &r), vec!["10.0.0.0/8"]);
+        let r = Ranges::interval(0x0a00_0001, 0x0a00_0006);
+        assert_eq!(
+            to_cidrs(Family::V4, &r),
+            vec!["10.0.0.1/32", "10.0.0.2/31", "10.0.0.4/31", "10.0.0.6/32"]
+        );
+        assert_eq!(
+            to_cidrs(Family::V6, &Ranges::interval(0, u128::MAX)),
+            vec!["::/0"]
+        );
+        assert_eq!(
+            to_cidrs(Family::V4, &Ranges::interval(0, u128::from(u32::MAX))),
+            vec!["0.0.0.0/0"]
+        );
+    }
+
+    #[test]
+    fn documents_validate_with_field_paths() {
+        let doc = BoundaryDoc::from_toml(
+            r#"
+action = "reject"
+[groups]
+a = ["10.0.1.0/24", "fd00:a::/64"]
+[[allow]]
+name = "cluster"
+peers = ["@a"]
+[[allow]]
+name = "web"
+peers = ["0.0.0.0/0"]
+direction = "in"
+protocols = [{ proto = "tcp", ports = [80, "443", "8000-8080"] }]
+"#,
+        )
+        .unwrap();
+        let b = doc.validate(true).unwrap();
+        assert_eq!(b.action, Action::Reject);
+        assert_eq!(b.allow[0].directions, vec![Direction::In, Direction::Out]);
+        assert_eq!(
+            b.allow[1].protocols[&Proto::Tcp].intervals(),
+            &[(80, 80), (443, 443), (8000, 8080)]
+        );
+
+        let bad = |t: &str| {
+            BoundaryDoc::from_toml(t)
+                .and_then(|d| d.validate(false))
+                .unwrap_err()
+                .field
+        };
+        assert_eq!(
+            bad("[[allow]]\nname = \"x\"\npeers = [\"10.0.0.0/33\"]\n"),
+            "allow[0].peers[0]"
+        );
+        assert_eq!(
+            bad("[[allow]]\nname = \"x\"\npeers = [\"@nope\"]\n"),
+            "allow[0].peers[0]"
+        );
+        assert_eq!(
+            bad("[[allow]]\nname = \"x\"\npeers = [\"::/0\"]\nprotocols = [{ proto = \"tcp\", ports = [\"99999\"] }]\n"),
+            "allow[0].protocols[0].ports[0]"
+        );
+        assert_eq!(
+            bad("[[allow]]\nname = \"x\"\npeers = [\"::/0\"]\ndirection = \"sideways\"\n"),
+            "allow[0].direction"
+        );
+        assert_eq!(
+            bad("[[failsafe]]\nname = \"x\"\npeers = [\"::/0\"]\n"),
+            "failsafe"
+        );
+        assert_eq!(
+            bad("[[allow]]\nname = \"x\"\npeers = []\n"),
+            "allow[0].peers"
+        );
+        let e = BoundaryDoc::from_json(r#"{"allow": [{"name": "x", "peers": "10.0.0.0/8"}]}"#)
+            .unwrap_err();
+        assert_eq!(e.field, "allow[0].peers");
+    }
+}
