@@ -11,6 +11,7 @@
 
 pub mod check;
 pub mod model;
+pub mod nft;
 pub mod ranges;
 
 pub use check::{excess, explain, narrow, Excess, Explanation, Flow};
