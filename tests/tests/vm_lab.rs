@@ -203,6 +203,15 @@ fn vm_lab_end_to_end() {
         .expect("a .deb in target/debian");
     vm.lab_ok(600, &["install", NODE, deb.to_str().unwrap()]);
     vm.step("install .deb");
+    // Lets a developer check the failure path: the guest's logs must be shown.
+    if std::env::var("LEASEHOLD_VM_SELFTEST_FAIL").as_deref() == Ok("1") {
+        vm.sh("systemctl stop leasehold-agentd");
+        assert_eq!(
+            vm.sh("systemctl is-active leasehold-agentd || true").trim(),
+            "active",
+            "self-test failure"
+        );
+    }
 
     // The agent runs from its unit on the vTPM, not on swtpm over TCP.
     assert_eq!(
