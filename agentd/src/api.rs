@@ -125,6 +125,33 @@ async fn emit(conn: &Connection, change: &KeyChange) {
 }
 
 impl Ctx {
+    /// The one place calls are authorized: polkit with the method name and
+    /// call-specific details.
+    async fn authorize(
+        &self,
+        hdr: &Header<'_>,
+        action: &str,
+        method: &str,
+        extra: &[(&str, &str)],
+        allow_root: bool,
+    ) -> Result<u32, Error> {
+        let mut details = vec![("method", method)];
+        details.extend_from_slice(extra);
+        self.auth.check(hdr, action, &details, allow_root).await
+    }
+
+    async fn register_console(
+        &self,
+        role: Role,
+        name: String,
+        pem: String,
+    ) -> Result<String, ApiError> {
+        self.keys
+            .call(move |k| k.register_console(role, &name, &pem))
+            .await?
+            .map_err(ApiError::from)
+    }
+
     async fn node_info(&self, role: Role) -> Result<NodeInfo, ApiError> {
         let st = self.keys.call(|k| k.status()).await?;
         let mut info = NodeInfo {
@@ -211,9 +238,7 @@ impl LandlordApi {
         method: &str,
         extra: &[(&str, &str)],
     ) -> Result<u32, Error> {
-        let mut details = vec![("method", method)];
-        details.extend_from_slice(extra);
-        self.0.auth.check(hdr, action, &details, true).await
+        self.0.authorize(hdr, action, method, extra, true).await
     }
 }
 
@@ -360,13 +385,7 @@ impl LandlordApi {
             &[("console", &name)],
         )
         .await?;
-        Ok(self
-            .0
-            .keys
-            .call(move |k| k.register_console(Role::Landlord, &name, &pem))
-            .await
-            .map_err(ApiError::from)?
-            .map_err(ApiError::from)?)
+        Ok(self.0.register_console(Role::Landlord, name, pem).await?)
     }
 
     async fn reboot(
@@ -422,9 +441,7 @@ impl TenantApi {
         method: &str,
         extra: &[(&str, &str)],
     ) -> Result<u32, Error> {
-        let mut details = vec![("method", method)];
-        details.extend_from_slice(extra);
-        self.0.auth.check(hdr, action, &details, false).await
+        self.0.authorize(hdr, action, method, extra, false).await
     }
 }
 
@@ -485,13 +502,7 @@ impl TenantApi {
             &[("console", &name)],
         )
         .await?;
-        Ok(self
-            .0
-            .keys
-            .call(move |k| k.register_console(Role::Tenant, &name, &pem))
-            .await
-            .map_err(ApiError::from)?
-            .map_err(ApiError::from)?)
+        Ok(self.0.register_console(Role::Tenant, name, pem).await?)
     }
 
     async fn put_secret(

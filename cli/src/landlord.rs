@@ -6,11 +6,10 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 use leasehold_dbus_api::LandlordProxy;
 
-use crate::output::{
-    change_json, change_text, emit, node_info_json, node_info_text, public_key_json,
-};
+use crate::output::{change_json, change_text, emit, node_info_json, node_info_text};
 use crate::{
-    connect_local, exit, read_arg_file, run_main, with_confirmation, CliError, EXIT_CODES_HELP,
+    connect_local, emit_public_key, exit, read_pem_file, run_main, with_confirmation, CliError,
+    EXIT_CODES_HELP,
 };
 
 /// Command line of `landlordctl`.
@@ -109,29 +108,11 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             emit(json, node_info_json(&i), || node_info_text(&i));
         }
         Command::Pubkey { role, out } => {
-            let k = p.get_public_key(&role).await?;
-            let pem = k.pem.clone().unwrap_or_default();
-            match out {
-                Some(path) => {
-                    std::fs::write(&path, &pem).map_err(|e| {
-                        CliError::new(exit::FAILURE, format!("{}: {e}", path.display()))
-                    })?;
-                    emit(json, public_key_json(&k), || {
-                        format!(
-                            "{} key written to {} ({})",
-                            role,
-                            path.display(),
-                            k.fingerprint.clone().unwrap_or_default()
-                        )
-                    });
-                }
-                None => emit(json, public_key_json(&k), || pem.trim_end().to_owned()),
-            }
+            emit_public_key(json, &p.get_public_key(&role).await?, out.as_deref())?;
         }
         Command::Assign { name, console_key } => {
             let key = match console_key {
-                Some(path) => String::from_utf8(read_arg_file("console key", &path)?)
-                    .map_err(|_| CliError::new(exit::INVALID, "console key: not UTF-8 PEM"))?,
+                Some(path) => read_pem_file("console key", &path)?,
                 None => String::new(),
             };
             let c = with_confirmation(args.yes, "replace the current tenant's keys", |ok| {
@@ -169,8 +150,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             emit(json, change_json(&c), || change_text(&c));
         }
         Command::RegisterConsole { name, pem } => {
-            let text = String::from_utf8(read_arg_file("console key", &pem)?)
-                .map_err(|_| CliError::new(exit::INVALID, "console key: not UTF-8 PEM"))?;
+            let text = read_pem_file("console key", &pem)?;
             let fp = p.register_console_key(&name, &text).await?;
             emit(
                 json,

@@ -246,6 +246,42 @@ pub fn read_arg_file(what: &str, path: &std::path::Path) -> Result<Vec<u8>, CliE
         .map_err(|e| CliError::new(exit::INVALID, format!("{what} {}: {e}", path.display())))
 }
 
+/// Reads a PEM file named on the command line.
+pub fn read_pem_file(what: &str, path: &std::path::Path) -> Result<String, CliError> {
+    String::from_utf8(read_arg_file(what, path)?).map_err(|_| {
+        CliError::new(
+            exit::INVALID,
+            format!("{what} {}: not UTF-8 PEM", path.display()),
+        )
+    })
+}
+
+/// Prints a public key, or writes its PEM to `out` and reports that.
+pub fn emit_public_key(
+    as_json: bool,
+    k: &leasehold_dbus_api::PublicKey,
+    out: Option<&std::path::Path>,
+) -> Result<(), CliError> {
+    let pem = k.pem.clone().unwrap_or_default();
+    let v = output::public_key_json(k);
+    match out {
+        Some(path) => {
+            std::fs::write(path, &pem)
+                .map_err(|e| CliError::new(exit::FAILURE, format!("{}: {e}", path.display())))?;
+            output::emit(as_json, v, || {
+                format!(
+                    "{} key written to {} ({})",
+                    k.role.as_deref().unwrap_or("public"),
+                    path.display(),
+                    k.fingerprint.as_deref().unwrap_or_default()
+                )
+            });
+        }
+        None => output::emit(as_json, v, || pem.trim_end().to_owned()),
+    }
+    Ok(())
+}
+
 /// Writes man pages and shell completions for a command into `dir`.
 pub fn generate(cmd: clap::Command, dir: &std::path::Path) -> Result<(), CliError> {
     let io = |e: std::io::Error| CliError::new(exit::FAILURE, format!("{}: {e}", dir.display()));

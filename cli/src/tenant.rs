@@ -6,12 +6,10 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 use leasehold_dbus_api::TenantProxy;
 
-use crate::output::{
-    change_json, change_text, emit, node_info_json, node_info_text, public_key_json, secrets_json,
-};
+use crate::output::{change_json, change_text, emit, node_info_json, node_info_text, secrets_json};
 use crate::{
-    connect_local, connect_ssh, exit, read_arg_file, run_main, with_confirmation, CliError,
-    EXIT_CODES_HELP,
+    connect_local, connect_ssh, emit_public_key, exit, read_arg_file, read_pem_file, run_main,
+    with_confirmation, CliError, EXIT_CODES_HELP,
 };
 
 /// Command line of `tenantctl`.
@@ -116,14 +114,9 @@ pub fn main() -> ExitCode {
     run_main("tenantctl", run(args))
 }
 
-fn read_pem(path: &std::path::Path) -> Result<String, CliError> {
-    String::from_utf8(read_arg_file("public key", path)?)
-        .map_err(|_| CliError::new(exit::INVALID, format!("{}: not UTF-8 PEM", path.display())))
-}
-
 /// Seals a file to a PEM public key (no TPM, no bus).
 pub fn seal_file(to: &std::path::Path, file: &std::path::Path) -> Result<Vec<u8>, CliError> {
-    let pem = read_pem(to)?;
+    let pem = read_pem_file("public key", to)?;
     let payload = read_arg_file("input", file)?;
     leasehold_tpm::envelope::seal(&pem, &payload)
         .map_err(|e| CliError::new(exit::INVALID, e.to_string()))
@@ -172,23 +165,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             emit(json, node_info_json(&i), || node_info_text(&i));
         }
         Command::Pubkey { out } => {
-            let k = p.get_public_key().await?;
-            let pem = k.pem.clone().unwrap_or_default();
-            match out {
-                Some(path) => {
-                    std::fs::write(&path, &pem).map_err(|e| {
-                        CliError::new(exit::FAILURE, format!("{}: {e}", path.display()))
-                    })?;
-                    emit(json, public_key_json(&k), || {
-                        format!(
-                            "tenant key written to {} ({})",
-                            path.display(),
-                            k.fingerprint.clone().unwrap_or_default()
-                        )
-                    });
-                }
-                None => emit(json, public_key_json(&k), || pem.trim_end().to_owned()),
-            }
+            emit_public_key(json, &p.get_public_key().await?, out.as_deref())?;
         }
         Command::Rotate => {
             let c = with_confirmation(
@@ -204,7 +181,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             emit(json, change_json(&c), || change_text(&c));
         }
         Command::RegisterConsole { name, pem } => {
-            let text = read_pem(&pem)?;
+            let text = read_pem_file("public key", &pem)?;
             let fp = p.register_console_key(&name, &text).await?;
             emit(
                 json,
@@ -214,7 +191,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         }
         Command::Secret(SecretCommand::Put { name, from, to }) => {
             let pem = match to {
-                Some(path) => read_pem(&path)?,
+                Some(path) => read_pem_file("public key", &path)?,
                 None => p.get_public_key().await?.pem.unwrap_or_default(),
             };
             let payload = read_arg_file("secret", &from)?;

@@ -26,20 +26,6 @@ pub struct Excess {
     pub ports: Ranges,
 }
 
-fn fmt_ports(p: &Ranges) -> String {
-    p.intervals()
-        .iter()
-        .map(|&(a, b)| {
-            if a == b {
-                a.to_string()
-            } else {
-                format!("{a}-{b}")
-            }
-        })
-        .collect::<Vec<_>>()
-        .join(",")
-}
-
 impl fmt::Display for Excess {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let dir = match self.direction {
@@ -51,7 +37,7 @@ impl fmt::Display for Excess {
         let ports = if self.proto == Proto::Icmp || self.ports == crate::model::all_ports() {
             String::new()
         } else {
-            format!(" ports {}", fmt_ports(&self.ports))
+            format!(" ports {}", self.ports.to_strings().join(","))
         };
         write!(
             f,
@@ -168,16 +154,7 @@ pub fn narrow(sub: &Boundary, cluster: &Boundary) -> (Vec<EntryDoc>, Vec<Excess>
                             protocols: Some(vec![ProtoDoc {
                                 proto,
                                 ports: (proto != Proto::Icmp).then(|| {
-                                    q.intervals()
-                                        .iter()
-                                        .map(|&(a, b)| {
-                                            PortSpec::Text(if a == b {
-                                                a.to_string()
-                                            } else {
-                                                format!("{a}-{b}")
-                                            })
-                                        })
-                                        .collect()
+                                    q.to_strings().into_iter().map(PortSpec::Text).collect()
                                 }),
                             }]),
                         });

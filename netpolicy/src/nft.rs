@@ -32,18 +32,7 @@ fn ports_expr(ports: &crate::ranges::Ranges) -> Option<String> {
     if *ports == crate::model::all_ports() {
         return None;
     }
-    let items: Vec<String> = ports
-        .intervals()
-        .iter()
-        .map(|&(a, b)| {
-            if a == b {
-                a.to_string()
-            } else {
-                format!("{a}-{b}")
-            }
-        })
-        .collect();
-    Some(format!("{{ {} }}", items.join(", ")))
+    Some(format!("{{ {} }}", ports.to_strings().join(", ")))
 }
 
 /// Rules of one entry for one hook direction.

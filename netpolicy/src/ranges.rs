@@ -102,6 +102,20 @@ impl Ranges {
         Self::from_intervals(out)
     }
 
+    /// The intervals as text: `80`, `8000-8080`.
+    pub fn to_strings(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .map(|&(a, b)| {
+                if a == b {
+                    a.to_string()
+                } else {
+                    format!("{a}-{b}")
+                }
+            })
+            .collect()
+    }
+
     /// Whether `self` is a subset of `other`.
     pub fn is_subset(&self, other: &Self) -> bool {
         self.subtract(other).is_empty()
