@@ -5,13 +5,16 @@
 //! names what sticks out, [`narrow`] computes the intersection, [`explain`]
 //! says which entry of which boundary decides a flow.
 //!
-//! This crate is pure logic; the nftables backend comes next (issue 5).
+//! The model and check are pure logic; [`nft`] writes the nftables
+//! transactions and [`enforce`] keeps the kernel's table as desired.
 
 #![warn(missing_docs)]
 
 pub mod check;
+pub mod enforce;
 pub mod model;
 pub mod nft;
+pub mod policy;
 pub mod ranges;
 
 pub use check::{excess, explain, narrow, Excess, Explanation, Flow};

@@ -1,6 +1,6 @@
 //! Boundary documents (TOML or JSON) and their validated form.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
@@ -289,6 +289,12 @@ pub struct Entry {
     pub name: String,
     /// Peers.
     pub peers: Peers,
+    /// The single addresses among the peers as written (not merged), which
+    /// the nftables backend keeps in hash sets so adding or removing one
+    /// host is one element change whatever the number of peers.
+    pub hosts: BTreeSet<(Family, u128)>,
+    /// The prefixes and ranges among the peers, merged.
+    pub nets: Peers,
     /// Directions covered (In and/or Out).
     pub directions: Vec<Direction>,
     /// Per protocol, the ports (ICMP: all ports, meaning "any").
@@ -384,6 +390,8 @@ impl BoundaryDoc {
         }
         let mut v4 = Vec::new();
         let mut v6 = Vec::new();
+        let mut hosts = BTreeSet::new();
+        let (mut n4, mut n6) = (Vec::new(), Vec::new());
         for (j, p) in e.peers.iter().enumerate() {
             let field = format!("{at}.peers[{j}]");
             let members: Vec<&String> = match p.strip_prefix('@') {
@@ -400,6 +408,13 @@ impl BoundaryDoc {
                 match f {
                     Family::V4 => v4.push((lo, hi)),
                     Family::V6 => v6.push((lo, hi)),
+                }
+                if lo == hi {
+                    hosts.insert((f, lo));
+                } else if f == Family::V4 {
+                    n4.push((lo, hi));
+                } else {
+                    n6.push((lo, hi));
                 }
             }
         }
@@ -457,6 +472,11 @@ impl BoundaryDoc {
             peers: Peers {
                 v4: Ranges::from_intervals(v4),
                 v6: Ranges::from_intervals(v6),
+            },
+            hosts,
+            nets: Peers {
+                v4: Ranges::from_intervals(n4),
+                v6: Ranges::from_intervals(n6),
             },
             directions,
             protocols,

@@ -1,0 +1,236 @@
+//! Keeps the kernel's `inet leasehold` table equal to the desired ruleset:
+//! applies changes (element updates when only peers changed, else the whole
+//! table, each one atomic transaction), and checks the kernel's copy for
+//! changes made behind the agent's back.
+//!
+//! The check reads the table back as JSON (`nft -j -s`, no counters) and
+//! compares (a) the table, chains and rules, handles stripped, with what
+//! the kernel showed right after the last full apply (those only change on
+//! a full apply), and (b) every set's elements with the desired ones. So an
+//! element update needs no read-back (it stays fast at 100k peers), yet an
+//! edited rule, a deleted chain, an added or removed element, or a missing
+//! table are all noticed.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::Value;
+
+use crate::nft::{self, ApplyError, Ruleset};
+
+/// How an apply changed the kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Change {
+    /// The whole table was replaced.
+    Full,
+    /// Only set elements were added or removed.
+    Elements,
+    /// The kernel already had it.
+    Unchanged,
+}
+
+/// What a check found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Drift {
+    /// The table is gone (e.g. `nft flush ruleset`).
+    Missing,
+    /// The table differs; the text says where first.
+    Changed(String),
+}
+
+impl std::fmt::Display for Drift {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Drift::Missing => write!(f, "table inet {} is missing", nft::TABLE),
+            Drift::Changed(w) => write!(f, "table inet {} was changed: {w}", nft::TABLE),
+        }
+    }
+}
+
+struct Applied {
+    rules: Ruleset,
+    /// Table, chains and rules as the kernel showed them after the last
+    /// full apply, handles stripped.
+    shape: Vec<Value>,
+}
+
+/// Owner of the kernel table.
+pub struct Enforcer {
+    prefix: Vec<String>,
+    applied: Option<Applied>,
+}
+
+struct Listing {
+    shape: Vec<Value>,
+    sets: BTreeMap<String, BTreeSet<String>>,
+}
+
+fn strip_handles(v: &mut Value) {
+    if let Value::Object(m) = v {
+        for inner in m.values_mut() {
+            if let Value::Object(o) = inner {
+                o.remove("handle");
+            }
+        }
+    }
+}
+
+fn elem_string(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Object(o) => {
+            if let Some(p) = o.get("prefix") {
+                format!(
+                    "{}/{}",
+                    p.get("addr").and_then(Value::as_str).unwrap_or("?"),
+                    p.get("len").and_then(Value::as_u64).unwrap_or(0)
+                )
+            } else if let Some(Value::Array(r)) = o.get("range") {
+                let s: Vec<String> = r.iter().map(elem_string).collect();
+                s.join("-")
+            } else if let Some(e) = o.get("elem").and_then(|e| e.get("val")) {
+                elem_string(e)
+            } else {
+                v.to_string()
+            }
+        }
+        other => other.to_string(),
+    }
+}
+
+impl Enforcer {
+    /// An enforcer running nft directly (`prefix` empty) or under a wrapper
+    /// such as `ip netns exec NS`.
+    pub fn new(prefix: Vec<String>) -> Self {
+        Enforcer {
+            prefix,
+            applied: None,
+        }
+    }
+
+    fn prefix(&self) -> Vec<&str> {
+        self.prefix.iter().map(String::as_str).collect()
+    }
+
+    /// Whether this enforcer has applied a ruleset.
+    pub fn is_active(&self) -> bool {
+        self.applied.is_some()
+    }
+
+    fn list(&self) -> Result<Option<Listing>, ApplyError> {
+        let Some(text) = nft::current_json(&self.prefix())? else {
+            return Ok(None);
+        };
+        let doc: Value = serde_json::from_str(&text)
+            .map_err(|e| ApplyError::Refused(format!("cannot parse nft -j output: {e}")))?;
+        let mut shape = Vec::new();
+        let mut sets = BTreeMap::new();
+        for mut obj in doc
+            .get("nftables")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default()
+        {
+            if obj.get("metainfo").is_some() {
+                continue;
+            }
+            if let Some(set) = obj.get_mut("set").and_then(Value::as_object_mut) {
+                let elems = set.remove("elem");
+                let name = set
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+                    .to_owned();
+                let elems: BTreeSet<String> = match elems {
+                    Some(Value::Array(a)) => a.iter().map(elem_string).collect(),
+                    _ => BTreeSet::new(),
+                };
+                sets.insert(name, elems);
+            }
+            strip_handles(&mut obj);
+            shape.push(obj);
+        }
+        Ok(Some(Listing { shape, sets }))
+    }
+
+    /// Makes the kernel enforce `rules`: element changes only when the
+    /// chains and sets are the same as last applied, else the full table.
+    pub fn apply(&mut self, rules: Ruleset) -> Result<Change, ApplyError> {
+        if let Some(a) = &self.applied {
+            if let Some(script) = rules.update_script(&a.rules) {
+                if script.is_empty() {
+                    return Ok(Change::Unchanged);
+                }
+                nft::apply(&script, &self.prefix())?;
+                let shape = a.shape.clone();
+                self.applied = Some(Applied { rules, shape });
+                return Ok(Change::Elements);
+            }
+        }
+        self.apply_full(rules)?;
+        Ok(Change::Full)
+    }
+
+    fn apply_full(&mut self, rules: Ruleset) -> Result<(), ApplyError> {
+        nft::apply(&rules.full_script(), &self.prefix())?;
+        let shape = self
+            .list()?
+            .map(|l| l.shape)
+            .ok_or_else(|| ApplyError::Refused("table missing right after apply".into()))?;
+        self.applied = Some(Applied { rules, shape });
+        Ok(())
+    }
+
+    /// Removes the table (lifts every boundary). Absent is fine.
+    pub fn remove(&mut self) -> Result<(), ApplyError> {
+        nft::apply(&nft::remove_script(), &self.prefix())?;
+        self.applied = None;
+        Ok(())
+    }
+
+    /// Compares the kernel's table with what was applied. None: equal (or
+    /// nothing applied).
+    pub fn check(&self) -> Result<Option<Drift>, ApplyError> {
+        let Some(a) = &self.applied else {
+            return Ok(None);
+        };
+        let Some(l) = self.list()? else {
+            return Ok(Some(Drift::Missing));
+        };
+        if l.shape != a.shape {
+            let first = l
+                .shape
+                .iter()
+                .zip(&a.shape)
+                .find(|(x, y)| x != y)
+                .map(|(x, _)| x.to_string())
+                .unwrap_or_else(|| {
+                    format!("{} objects instead of {}", l.shape.len(), a.shape.len())
+                });
+            return Ok(Some(Drift::Changed(first)));
+        }
+        for (name, want) in a.rules.set_elements() {
+            let have = l.sets.get(name).cloned().unwrap_or_default();
+            if have != *want {
+                let extra = have.difference(want).count();
+                let missing = want.difference(&have).count();
+                return Ok(Some(Drift::Changed(format!(
+                    "set {name}: {extra} unexpected and {missing} missing elements"
+                ))));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Re-applies the last ruleset in full (after [`Enforcer::check`]
+    /// found a drift).
+    pub fn restore(&mut self) -> Result<(), ApplyError> {
+        if let Some(a) = self.applied.take() {
+            let rules = a.rules.clone();
+            if let Err(e) = self.apply_full(rules) {
+                self.applied = Some(a);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+}
