@@ -5,16 +5,19 @@
 use std::sync::Arc;
 
 use leasehold_dbus_api::{
-    actions, Error, KeyChange, NodeInfo, PublicKey, SecretInfo, API_VERSION, OBJECT_PATH,
+    actions, BoundaryInfo, Error, FlowVerdict, KeyChange, NodeInfo, PublicKey, SecretInfo,
+    API_VERSION, OBJECT_PATH,
 };
 use leasehold_tpm::{Confirm, KeyError, Role};
 use zbus::message::Header;
 use zbus::{interface, Connection};
 
 use crate::auth::Authorizer;
+use crate::boundary::{parse_flow, Boundaries, BoundaryError};
 use crate::keys::{Keys, KeysGone};
 use crate::power::{self, PowerAction};
 use crate::secrets::{SecretError, SecretStore};
+use leasehold_netpolicy::policy::parse_doc;
 
 /// State shared by both interfaces.
 #[derive(Debug)]
@@ -22,6 +25,7 @@ pub struct Ctx {
     pub keys: Arc<Keys>,
     pub auth: Authorizer,
     pub secrets: SecretStore,
+    pub boundaries: Arc<crate::boundary::Boundaries>,
 }
 
 impl From<KeysGone> for ApiError {
@@ -66,6 +70,22 @@ impl From<SecretError> for ApiError {
             other => {
                 tracing::error!(error = %other, "secret store failed");
                 Error::Failed(other.to_string())
+            }
+        })
+    }
+}
+
+impl From<BoundaryError> for ApiError {
+    fn from(e: BoundaryError) -> Self {
+        let msg = e.to_string();
+        ApiError(match e {
+            BoundaryError::Invalid(_) => Error::InvalidArgument(msg),
+            BoundaryError::Nft(leasehold_netpolicy::nft::ApplyError::Spawn(_)) => {
+                Error::Unavailable(msg)
+            }
+            other => {
+                tracing::error!(error = %other, "boundary operation failed");
+                Error::Failed(msg)
             }
         })
     }
@@ -125,6 +145,63 @@ async fn emit(conn: &Connection, change: &KeyChange) {
 }
 
 impl Ctx {
+    /// Runs a boundary operation off the async threads (it runs nft).
+    async fn boundary<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Boundaries) -> Result<T, BoundaryError> + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let b = self.boundaries.clone();
+        tokio::task::spawn_blocking(move || f(&b))
+            .await
+            .map_err(|e| ApiError(Error::Failed(format!("boundary task: {e}"))))?
+            .map_err(ApiError::from)
+    }
+
+    /// Refuses tenant calls while the node has no tenant.
+    async fn require_tenant(&self) -> Result<(), ApiError> {
+        let st = self.keys.call(|k| k.status()).await?;
+        if st.tenant.is_none() {
+            return Err(ApiError(Error::NotAssigned(
+                "the node is not assigned to a tenant".into(),
+            )));
+        }
+        Ok(())
+    }
+
+    /// After an assignment or a release the sub-boundary belonged to the
+    /// previous tenant.
+    async fn tenant_changed(&self) {
+        if let Err(e) = self.boundary(|b| b.clear_sub()).await {
+            tracing::error!(error = %e.0.message(), "cannot clear the previous tenant's sub-boundary");
+        }
+    }
+
+    async fn boundary_info(
+        &self,
+        landlord: bool,
+        warnings: Vec<String>,
+        cut: Option<Vec<String>>,
+        peers_changed: Option<u32>,
+    ) -> Result<BoundaryInfo, ApiError> {
+        let mut info = self.boundary(move |b| Ok(b.info(landlord))).await?;
+        info.warnings = Some(warnings);
+        info.cut = cut;
+        info.peers_changed = peers_changed;
+        Ok(info)
+    }
+
+    async fn explain(
+        &self,
+        direction: String,
+        peer: String,
+        proto: String,
+        port: u16,
+        landlord: bool,
+    ) -> Result<FlowVerdict, ApiError> {
+        let flow = parse_flow(&direction, &peer, &proto, port).map_err(BoundaryError::from)?;
+        self.boundary(move |b| b.explain(&flow, landlord)).await
+    }
+
     /// The one place calls are authorized: polkit with the method name and
     /// call-specific details.
     async fn authorize(
@@ -240,6 +317,46 @@ impl LandlordApi {
     ) -> Result<u32, Error> {
         self.0.authorize(hdr, action, method, extra, true).await
     }
+
+    async fn edit_peers(
+        &self,
+        hdr: Header<'_>,
+        target: String,
+        peers: Vec<String>,
+        add: bool,
+    ) -> Result<BoundaryInfo, Error> {
+        let method = if add { "AddPeers" } else { "RemovePeers" };
+        let uid = self
+            .auth(
+                &hdr,
+                actions::LANDLORD_BOUNDARY,
+                method,
+                &[("target", &target)],
+            )
+            .await?;
+        let (n, warnings) = self
+            .0
+            .boundary(move |b| {
+                b.update(|p| {
+                    if add {
+                        p.add_peers(&target, &peers)
+                    } else {
+                        p.remove_peers(&target, &peers)
+                    }
+                })
+            })
+            .await?;
+        tracing::info!(uid, method, peers = n, "cluster boundary peers changed");
+        Ok(self
+            .0
+            .boundary_info(
+                true,
+                warnings,
+                None,
+                Some(u32::try_from(n).unwrap_or(u32::MAX)),
+            )
+            .await?)
+    }
 }
 
 #[interface(name = "org.leasehold.Landlord1")]
@@ -302,6 +419,7 @@ impl LandlordApi {
                 Ok(change)
             })
             .await?;
+        self.0.tenant_changed().await;
         Ok(change)
     }
 
@@ -325,6 +443,7 @@ impl LandlordApi {
         match r {
             Some(change) => {
                 self.0.secrets.purge().map_err(ApiError::from)?;
+                self.0.tenant_changed().await;
                 tracing::info!(uid, change = %change, "key change");
                 let d = change_dict(&change);
                 emit(conn, &d).await;
@@ -423,6 +542,110 @@ impl LandlordApi {
         tracing::warn!(uid, "suspend requested by the landlord");
         power::run(conn, PowerAction::Suspend).await
     }
+
+    async fn set_boundary(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        document: String,
+        format: String,
+    ) -> Result<BoundaryInfo, Error> {
+        let uid = self
+            .auth(&hdr, actions::LANDLORD_BOUNDARY, "SetBoundary", &[])
+            .await?;
+        let doc =
+            parse_doc(&document, &format).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let warnings = self
+            .0
+            .boundary(move |b| Ok(b.update(|p| p.set_cluster(doc))?.1))
+            .await?;
+        tracing::info!(uid, "cluster boundary set");
+        Ok(self.0.boundary_info(true, warnings, None, None).await?)
+    }
+
+    async fn get_boundary(&self, #[zbus(header)] hdr: Header<'_>) -> Result<BoundaryInfo, Error> {
+        self.auth(&hdr, actions::LANDLORD_READ, "GetBoundary", &[])
+            .await?;
+        Ok(self.0.boundary_info(true, Vec::new(), None, None).await?)
+    }
+
+    async fn add_peers(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        target: String,
+        peers: Vec<String>,
+    ) -> Result<BoundaryInfo, Error> {
+        self.edit_peers(hdr, target, peers, true).await
+    }
+
+    async fn remove_peers(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        target: String,
+        peers: Vec<String>,
+    ) -> Result<BoundaryInfo, Error> {
+        self.edit_peers(hdr, target, peers, false).await
+    }
+
+    async fn set_failsafe(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        document: String,
+        format: String,
+    ) -> Result<BoundaryInfo, Error> {
+        let uid = self
+            .auth(&hdr, actions::LANDLORD_BOUNDARY, "SetFailsafe", &[])
+            .await?;
+        let doc =
+            parse_doc(&document, &format).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        if !doc.allow.is_empty() || !doc.groups.is_empty() {
+            return Err(Error::InvalidArgument(
+                "document: a failsafe document has only [[failsafe]] entries".into(),
+            ));
+        }
+        let warnings = self
+            .0
+            .boundary(move |b| Ok(b.update(|p| p.set_failsafe(doc.failsafe))?.1))
+            .await?;
+        tracing::info!(uid, "failsafe set");
+        Ok(self.0.boundary_info(true, warnings, None, None).await?)
+    }
+
+    async fn explain_flow(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        direction: String,
+        peer: String,
+        proto: String,
+        port: u16,
+    ) -> Result<FlowVerdict, Error> {
+        self.auth(&hdr, actions::LANDLORD_READ, "ExplainFlow", &[])
+            .await?;
+        Ok(self.0.explain(direction, peer, proto, port, true).await?)
+    }
+
+    async fn remove_boundary(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        confirm: bool,
+    ) -> Result<(), Error> {
+        let uid = self
+            .auth(&hdr, actions::LANDLORD_BOUNDARY, "RemoveBoundary", &[])
+            .await?;
+        if !confirm {
+            return Err(Error::ConfirmationRequired(
+                "removing the boundary lifts every network restriction on this node (cluster boundary, sub-boundary and failsafe)".into(),
+            ));
+        }
+        self.0.boundary(|b| b.remove()).await?;
+        tracing::warn!(uid, "boundary removed: the node is unfenced");
+        Ok(())
+    }
+
+    #[zbus(signal)]
+    async fn boundary_restored(
+        emitter: &zbus::object_server::SignalEmitter<'_>,
+        what: &str,
+    ) -> zbus::Result<()>;
 
     #[zbus(property)]
     fn version(&self) -> u32 {
@@ -595,6 +818,68 @@ impl TenantApi {
         self.0.secrets.remove(&name).map_err(ApiError::from)?;
         tracing::info!(uid, secret = %name, "tenant secret removed");
         Ok(())
+    }
+
+    async fn set_sub_boundary(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        document: String,
+        format: String,
+        narrow: bool,
+    ) -> Result<BoundaryInfo, Error> {
+        let uid = self
+            .auth(
+                &hdr,
+                actions::TENANT_BOUNDARY,
+                "SetSubBoundary",
+                &[("narrow", if narrow { "true" } else { "false" })],
+            )
+            .await?;
+        self.0.require_tenant().await?;
+        let doc =
+            parse_doc(&document, &format).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let (cut, warnings) = self
+            .0
+            .boundary(move |b| b.update(|p| p.set_sub(doc, narrow)))
+            .await?;
+        let cut: Vec<String> = cut.cut.iter().map(ToString::to_string).collect();
+        tracing::info!(uid, narrowed = cut.len(), "sub-boundary set");
+        Ok(self
+            .0
+            .boundary_info(false, warnings, Some(cut), None)
+            .await?)
+    }
+
+    async fn get_boundary(&self, #[zbus(header)] hdr: Header<'_>) -> Result<BoundaryInfo, Error> {
+        self.auth(&hdr, actions::TENANT_READ, "GetBoundary", &[])
+            .await?;
+        Ok(self.0.boundary_info(false, Vec::new(), None, None).await?)
+    }
+
+    async fn explain_flow(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        direction: String,
+        peer: String,
+        proto: String,
+        port: u16,
+    ) -> Result<FlowVerdict, Error> {
+        self.auth(&hdr, actions::TENANT_READ, "ExplainFlow", &[])
+            .await?;
+        Ok(self.0.explain(direction, peer, proto, port, false).await?)
+    }
+
+    async fn remove_sub_boundary(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<BoundaryInfo, Error> {
+        let uid = self
+            .auth(&hdr, actions::TENANT_BOUNDARY, "RemoveSubBoundary", &[])
+            .await?;
+        self.0.require_tenant().await?;
+        self.0.boundary(|b| b.clear_sub()).await?;
+        tracing::info!(uid, "sub-boundary removed");
+        Ok(self.0.boundary_info(false, Vec::new(), None, None).await?)
     }
 
     #[zbus(property)]

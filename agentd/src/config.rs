@@ -18,6 +18,32 @@ pub struct Config {
     /// State directory.
     #[serde(default)]
     pub state: StateSection,
+    /// Network boundaries.
+    #[serde(default)]
+    pub boundary: BoundarySection,
+}
+
+/// `[boundary]`
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct BoundarySection {
+    /// Seconds between checks of the kernel table (besides the checks on
+    /// every nftables change notification). Each check reads the table
+    /// back: about 1 s of nft time at 100k peers.
+    #[serde(default = "default_check_interval")]
+    pub check_interval_secs: u64,
+}
+
+impl Default for BoundarySection {
+    fn default() -> Self {
+        Self {
+            check_interval_secs: default_check_interval(),
+        }
+    }
+}
+
+fn default_check_interval() -> u64 {
+    30
 }
 
 /// `[tpm]`
@@ -149,6 +175,12 @@ impl Config {
             return Err(invalid(
                 "state.dir",
                 format!("{} is not an absolute path", self.state.dir.display()),
+            ));
+        }
+        if !(1..=86_400).contains(&self.boundary.check_interval_secs) {
+            return Err(invalid(
+                "boundary.check_interval_secs",
+                format!("{} is outside 1..=86400", self.boundary.check_interval_secs),
             ));
         }
         Ok(())

@@ -7,7 +7,9 @@
 
 mod api;
 mod auth;
+mod boundary;
 mod config;
+mod fsutil;
 mod keys;
 mod power;
 mod secrets;
@@ -66,6 +68,8 @@ enum AgentError {
     Signals(std::io::Error),
     #[error("cannot serve {BUS_NAME} on the system bus: {0}")]
     Bus(zbus::Error),
+    #[error(transparent)]
+    Boundary(#[from] boundary::BoundaryError),
 }
 
 impl AgentError {
@@ -74,6 +78,7 @@ impl AgentError {
             AgentError::Config(_) => exit::CONFIG,
             AgentError::DevTpm(_) | AgentError::Bus(_) => exit::UNAVAILABLE,
             AgentError::Signals(_) => exit::SOFTWARE,
+            AgentError::Boundary(_) => exit::DATA,
             AgentError::Keys(k) => match k {
                 KeyError::InvalidTcti { .. } | KeyError::InvalidPcr(_) => exit::CONFIG,
                 KeyError::Connect { .. } => exit::UNAVAILABLE,
@@ -166,7 +171,8 @@ async fn run(args: &Args) -> Result<(), AgentError> {
         ),
     };
 
-    let result = serve(key_cfg, args.oneshot, async move {
+    let interval = std::time::Duration::from_secs(cfg.boundary.check_interval_secs);
+    let result = serve(key_cfg, args.oneshot, interval, async move {
         tokio::select! {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
@@ -187,6 +193,7 @@ async fn run(args: &Args) -> Result<(), AgentError> {
 async fn serve(
     key_cfg: KeyConfig,
     oneshot: bool,
+    check_interval: std::time::Duration,
     stop: impl std::future::Future<Output = &'static str>,
 ) -> Result<(), AgentError> {
     let state_dir = key_cfg.state_dir.clone();
@@ -228,11 +235,33 @@ async fn serve(
         None => println!("tenant:               not assigned"),
     }
 
+    // Boundaries are enforced before the bus is served, and stay in the
+    // kernel whatever happens next (fail closed).
+    let boundaries = Arc::new(boundary::Boundaries::load(&state_dir)?);
+    {
+        let b = boundaries.clone();
+        match tokio::task::spawn_blocking(move || b.apply_stored()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                error!(error = %e, "cannot apply the stored boundary; the kernel keeps what it has")
+            }
+            Err(e) => error!(error = %e, "boundary task failed"),
+        }
+    }
+    let info = boundaries.info(true);
+    match info.elements {
+        Some(n) if info.enforced == Some(true) => {
+            println!("boundary:             enforced ({n} set elements)")
+        }
+        Some(_) => println!("boundary:             stored but NOT enforced (see the log)"),
+        None => println!("boundary:             none"),
+    }
+
     let keys = Arc::new(keys);
     let result = if oneshot {
         Ok(())
     } else {
-        serve_bus(keys.clone(), &state_dir, stop).await
+        serve_bus(keys.clone(), boundaries, check_interval, &state_dir, stop).await
     };
     keys.shutdown().await?;
     info!("TPM shut down cleanly");
@@ -243,6 +272,8 @@ async fn serve(
 /// after the interfaces are in place, so no call can see a half-built agent.
 async fn serve_bus(
     keys: Arc<Keys>,
+    boundaries: Arc<boundary::Boundaries>,
+    check_interval: std::time::Duration,
     state_dir: &Path,
     stop: impl std::future::Future<Output = &'static str>,
 ) -> Result<(), AgentError> {
@@ -254,7 +285,29 @@ async fn serve_bus(
         keys,
         auth: auth::Authorizer::new(conn.clone()),
         secrets: secrets::SecretStore::new(state_dir.join("secrets")),
+        boundaries: boundaries.clone(),
     });
+    let (restored_tx, mut restored_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+    boundaries.watch(check_interval, restored_tx);
+    {
+        let conn = conn.clone();
+        tokio::spawn(async move {
+            while let Some(what) = restored_rx.recv().await {
+                if let Err(e) = conn
+                    .emit_signal(
+                        None::<&str>,
+                        OBJECT_PATH,
+                        leasehold_dbus_api::LANDLORD_INTERFACE,
+                        "BoundaryRestored",
+                        &(what,),
+                    )
+                    .await
+                {
+                    warn!(error = %e, "cannot emit BoundaryRestored");
+                }
+            }
+        });
+    }
     let server = conn.object_server();
     server
         .at(OBJECT_PATH, api::LandlordApi(ctx.clone()))

@@ -6,6 +6,9 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 use leasehold_dbus_api::LandlordProxy;
 
+use crate::boundary::{
+    info_json, info_text, print_warnings, read_document, verdict_json, verdict_text, ExplainArgs,
+};
 use crate::output::{change_json, change_text, emit, node_info_json, node_info_text};
 use crate::{
     connect_local, emit_public_key, exit, read_pem_file, run_main, with_confirmation, CliError,
@@ -68,12 +71,52 @@ pub enum Command {
     Poweroff,
     /// Suspend the node.
     Suspend,
+    /// The cluster boundary (nftables): who the node may talk to.
+    #[command(subcommand)]
+    Boundary(BoundaryCommand),
     /// Write man page and shell completions into DIR.
     #[command(hide = true)]
     Generate {
         /// Output directory.
         dir: PathBuf,
     },
+}
+
+/// `landlordctl boundary ...`
+#[derive(Debug, Subcommand)]
+pub enum BoundaryCommand {
+    /// Set the cluster boundary from a TOML or JSON document (applied at once).
+    Set {
+        /// Document file (.toml or .json).
+        file: PathBuf,
+    },
+    /// Show the boundaries, failsafe and enforcement state.
+    Show,
+    /// Add peers (CIDRs or addresses) to an allow entry or a group (@name).
+    AddPeer {
+        /// Entry name or @group.
+        target: String,
+        /// Peers to add.
+        #[arg(required = true)]
+        peers: Vec<String>,
+    },
+    /// Remove peers (as listed) from an allow entry or a group (@name).
+    RemovePeer {
+        /// Entry name or @group.
+        target: String,
+        /// Peers to remove.
+        #[arg(required = true)]
+        peers: Vec<String>,
+    },
+    /// Replace the failsafe entries (document with [[failsafe]] entries only; empty file: none).
+    Failsafe {
+        /// Document file.
+        file: PathBuf,
+    },
+    /// Explain whether a flow is allowed and which entries decide.
+    Explain(ExplainArgs),
+    /// Lift every boundary (removes the nftables table and the stored policy).
+    Remove,
 }
 
 /// Entry point of the binary.
@@ -176,7 +219,55 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                 "suspend requested".into()
             });
         }
+        Command::Boundary(b) => boundary(&p, b, json, args.yes).await?,
         Command::Generate { .. } => unreachable!("handled above"),
     }
+    Ok(())
+}
+
+async fn boundary(
+    p: &LandlordProxy<'_>,
+    cmd: BoundaryCommand,
+    json: bool,
+    yes: bool,
+) -> Result<(), CliError> {
+    let info = match cmd {
+        BoundaryCommand::Set { file } => {
+            let (text, format) = read_document(&file)?;
+            p.set_boundary(&text, format).await?
+        }
+        BoundaryCommand::Show => p.get_boundary().await?,
+        BoundaryCommand::AddPeer { target, peers } => {
+            let peers: Vec<&str> = peers.iter().map(String::as_str).collect();
+            p.add_peers(&target, &peers).await?
+        }
+        BoundaryCommand::RemovePeer { target, peers } => {
+            let peers: Vec<&str> = peers.iter().map(String::as_str).collect();
+            p.remove_peers(&target, &peers).await?
+        }
+        BoundaryCommand::Failsafe { file } => {
+            let (text, format) = read_document(&file)?;
+            p.set_failsafe(&text, format).await?
+        }
+        BoundaryCommand::Explain(a) => {
+            let v = p
+                .explain_flow(&a.direction, &a.peer, &a.proto, a.port)
+                .await?;
+            emit(json, verdict_json(&v), || verdict_text(&v));
+            return Ok(());
+        }
+        BoundaryCommand::Remove => {
+            with_confirmation(yes, "lift every boundary on this node", |ok| {
+                p.remove_boundary(ok)
+            })
+            .await?;
+            emit(json, serde_json::json!({"removed": true}), || {
+                "boundary removed: the node is no longer fenced".into()
+            });
+            return Ok(());
+        }
+    };
+    print_warnings(&info);
+    emit(json, info_json(&info), || info_text(&info));
     Ok(())
 }

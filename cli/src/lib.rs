@@ -3,6 +3,7 @@
 
 #![warn(missing_docs)]
 
+pub mod boundary;
 pub mod landlord;
 pub mod output;
 pub mod tenant;

@@ -6,6 +6,9 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 use leasehold_dbus_api::TenantProxy;
 
+use crate::boundary::{
+    info_json, info_text, print_warnings, read_document, verdict_json, verdict_text, ExplainArgs,
+};
 use crate::output::{change_json, change_text, emit, node_info_json, node_info_text, secrets_json};
 use crate::{
     connect_local, connect_ssh, emit_public_key, exit, read_arg_file, read_pem_file, run_main,
@@ -67,12 +70,35 @@ pub enum Command {
     /// The tenant's secret store.
     #[command(subcommand)]
     Secret(SecretCommand),
+    /// The tenant's sub-boundary (nftables), inside the landlord's cluster boundary.
+    #[command(subcommand)]
+    Boundary(BoundaryCommand),
     /// Write man page and shell completions into DIR.
     #[command(hide = true)]
     Generate {
         /// Output directory.
         dir: PathBuf,
     },
+}
+
+/// `tenantctl boundary ...`
+#[derive(Debug, Subcommand)]
+pub enum BoundaryCommand {
+    /// Set the sub-boundary from a TOML or JSON document.
+    Set {
+        /// Document file (.toml or .json).
+        file: PathBuf,
+        /// Store the intersection with the cluster boundary instead of
+        /// refusing a wider document, and report what was cut.
+        #[arg(long)]
+        narrow: bool,
+    },
+    /// Show the sub-boundary, the effective policy and the failsafe.
+    Show,
+    /// Explain whether a flow is allowed and which entries decide.
+    Explain(ExplainArgs),
+    /// Remove the sub-boundary (the landlord's cluster boundary stays).
+    Clear,
 }
 
 /// `tenantctl secret ...`
@@ -223,6 +249,25 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             emit(json, serde_json::json!({"removed": name}), || {
                 format!("removed secret {name}")
             });
+        }
+        Command::Boundary(cmd) => {
+            let info = match cmd {
+                BoundaryCommand::Set { file, narrow } => {
+                    let (text, format) = read_document(&file)?;
+                    p.set_sub_boundary(&text, format, narrow).await?
+                }
+                BoundaryCommand::Show => p.get_boundary().await?,
+                BoundaryCommand::Clear => p.remove_sub_boundary().await?,
+                BoundaryCommand::Explain(a) => {
+                    let v = p
+                        .explain_flow(&a.direction, &a.peer, &a.proto, a.port)
+                        .await?;
+                    emit(json, verdict_json(&v), || verdict_text(&v));
+                    return Ok(());
+                }
+            };
+            print_warnings(&info);
+            emit(json, info_json(&info), || info_text(&info));
         }
         Command::Generate { .. } | Command::Seal { .. } => unreachable!("handled above"),
     }

@@ -33,6 +33,8 @@ pub mod actions {
     pub const LANDLORD_KEYS: &str = "org.leasehold.landlord.keys";
     /// Landlord: assign the node to a tenant, release it.
     pub const LANDLORD_ASSIGN: &str = "org.leasehold.landlord.assign";
+    /// Landlord: change the cluster boundary, its peers and failsafe.
+    pub const LANDLORD_BOUNDARY: &str = "org.leasehold.landlord.boundary";
     /// Landlord: reboot the node.
     pub const LANDLORD_REBOOT: &str = "org.leasehold.landlord.power.reboot";
     /// Landlord: power the node off.
@@ -45,18 +47,22 @@ pub mod actions {
     pub const TENANT_KEYS: &str = "org.leasehold.tenant.keys";
     /// Tenant: the secret store.
     pub const TENANT_SECRETS: &str = "org.leasehold.tenant.secrets";
+    /// Tenant: change the sub-boundary.
+    pub const TENANT_BOUNDARY: &str = "org.leasehold.tenant.boundary";
 
     /// Every action, landlord first.
     pub const ALL: &[&str] = &[
         LANDLORD_READ,
         LANDLORD_KEYS,
         LANDLORD_ASSIGN,
+        LANDLORD_BOUNDARY,
         LANDLORD_REBOOT,
         LANDLORD_POWEROFF,
         LANDLORD_SUSPEND,
         TENANT_READ,
         TENANT_KEYS,
         TENANT_SECRETS,
+        TENANT_BOUNDARY,
     ];
 }
 
@@ -176,6 +182,51 @@ pub struct SecretInfo {
     pub stored_at: Option<u64>,
 }
 
+/// Boundaries as the caller may see them. Documents are JSON (the same
+/// shape as the TOML/JSON files `boundary set` takes).
+#[derive(Debug, Clone, Default, PartialEq, Eq, SerializeDict, DeserializeDict, Type)]
+#[zbus(signature = "a{sv}", rename_all = "PascalCase")]
+pub struct BoundaryInfo {
+    /// The cluster boundary document (landlord only).
+    pub cluster: Option<String>,
+    /// The tenant's stored sub-boundary document.
+    pub sub: Option<String>,
+    /// The sub-boundary as enforced (intersection with the cluster boundary), JSON list of entries.
+    pub effective: Option<String>,
+    /// Failsafe entries, one line each (shown in every listing).
+    pub failsafe: Option<Vec<String>>,
+    /// Whether the agent's table is in the kernel.
+    pub enforced: Option<bool>,
+    /// Number of set elements (hosts and CIDRs) in the kernel table.
+    pub elements: Option<u64>,
+    /// How the last change reached the kernel: "full", "elements", "unchanged", "removed".
+    pub change: Option<String>,
+    /// What narrowing cut, one line each.
+    pub cut: Option<Vec<String>>,
+    /// Warnings (e.g. a boundary that cuts an open SSH session).
+    pub warnings: Option<Vec<String>>,
+    /// Peers added or removed by AddPeers/RemovePeers.
+    pub peers_changed: Option<u32>,
+    /// The last change made behind the agent's back that it undid.
+    pub last_drift: Option<String>,
+}
+
+/// The verdict on one flow.
+#[derive(Debug, Clone, Default, PartialEq, Eq, SerializeDict, DeserializeDict, Type)]
+#[zbus(signature = "a{sv}", rename_all = "PascalCase")]
+pub struct FlowVerdict {
+    /// Allowed or denied.
+    pub allowed: Option<bool>,
+    /// The failsafe entry that allows it.
+    pub failsafe: Option<String>,
+    /// The cluster entry that allows it (absent: the cluster denies it). Landlord only.
+    pub cluster: Option<String>,
+    /// The sub-boundary entry that allows it; "" when the sub-boundary denies it; absent without a sub-boundary.
+    pub sub: Option<String>,
+    /// One line for humans.
+    pub reason: Option<String>,
+}
+
 /// Proxy of the landlord interface.
 pub mod landlord {
     use super::*;
@@ -213,12 +264,37 @@ pub mod landlord {
         fn power_off(&self) -> Result<(), Error>;
         /// Suspends the node (through logind).
         fn suspend(&self) -> Result<(), Error>;
+        /// Sets the cluster boundary from a TOML or JSON document (`format`
+        /// "toml", "json" or "" to detect); applies it at once.
+        fn set_boundary(&self, document: &str, format: &str) -> Result<BoundaryInfo, Error>;
+        /// The boundaries, failsafe and enforcement state.
+        fn get_boundary(&self) -> Result<BoundaryInfo, Error>;
+        /// Adds peers to an allow entry (name) or group (`@name`).
+        fn add_peers(&self, target: &str, peers: &[&str]) -> Result<BoundaryInfo, Error>;
+        /// Removes peers (as listed) from an allow entry or group.
+        fn remove_peers(&self, target: &str, peers: &[&str]) -> Result<BoundaryInfo, Error>;
+        /// Replaces the failsafe entries (a document with `[[failsafe]]` entries; none: no failsafe).
+        fn set_failsafe(&self, document: &str, format: &str) -> Result<BoundaryInfo, Error>;
+        /// Explains a flow: direction "in"/"out", peer address, "tcp"/"udp"/"icmp", port.
+        fn explain_flow(
+            &self,
+            direction: &str,
+            peer: &str,
+            proto: &str,
+            port: u16,
+        ) -> Result<FlowVerdict, Error>;
+        /// Lifts every boundary (removes the table and the stored policy).
+        fn remove_boundary(&self, confirm: bool) -> Result<(), Error>;
         /// Interface version.
         #[zbus(property)]
         fn version(&self) -> zbus::Result<u32>;
         /// Emitted after every key change.
         #[zbus(signal)]
         fn keys_changed(&self, change: KeyChange) -> zbus::Result<()>;
+        /// Emitted when the agent found its table changed or removed behind
+        /// its back and restored it.
+        #[zbus(signal)]
+        fn boundary_restored(&self, what: String) -> zbus::Result<()>;
     }
 }
 
@@ -249,6 +325,26 @@ pub mod tenant {
         fn list_secrets(&self) -> Result<Vec<SecretInfo>, Error>;
         /// Removes a secret.
         fn remove_secret(&self, name: &str) -> Result<(), Error>;
+        /// Sets the sub-boundary. Wider than the cluster boundary: refused
+        /// with the reason, or with `narrow` the intersection is stored.
+        fn set_sub_boundary(
+            &self,
+            document: &str,
+            format: &str,
+            narrow: bool,
+        ) -> Result<BoundaryInfo, Error>;
+        /// The sub-boundary, the effective policy and the failsafe.
+        fn get_boundary(&self) -> Result<BoundaryInfo, Error>;
+        /// Explains a flow (see the landlord's ExplainFlow).
+        fn explain_flow(
+            &self,
+            direction: &str,
+            peer: &str,
+            proto: &str,
+            port: u16,
+        ) -> Result<FlowVerdict, Error>;
+        /// Removes the sub-boundary (the cluster boundary stays).
+        fn remove_sub_boundary(&self) -> Result<BoundaryInfo, Error>;
         /// Interface version.
         #[zbus(property)]
         fn version(&self) -> zbus::Result<u32>;

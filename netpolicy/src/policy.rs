@@ -151,13 +151,17 @@ impl Policy {
         Ok(SubOutcome { cut })
     }
 
-    /// The sub-boundary as enforced: the intersection with the cluster
-    /// boundary (equal to the stored one unless the cluster boundary was
-    /// narrowed after it was stored). None without a sub-boundary.
+    /// What the tenant's traffic is allowed, as entries: the sub-boundary
+    /// intersected with the cluster boundary (equal to the stored one unless
+    /// the cluster boundary was narrowed after it was stored), or the
+    /// cluster boundary without a sub-boundary. None without a boundary.
     pub fn effective(&self) -> Result<Option<Vec<EntryDoc>>, DocError> {
         match self.boundaries()? {
             Some((c, Some(s))) => Ok(Some(narrow(&s, &c).0)),
-            _ => Ok(None),
+            // Without a sub-boundary the cluster boundary is what applies
+            // (narrowing it with itself resolves its groups).
+            Some((c, None)) => Ok(Some(narrow(&c, &c).0)),
+            None => Ok(None),
         }
     }
 

@@ -215,6 +215,8 @@ pub struct Lab {
     polkit: Option<Child>,
     agent: Option<Child>,
     sshd: Option<Child>,
+    /// Network namespace agentd runs in (None: a private one per start).
+    netns: Option<String>,
 }
 
 /// An sshd on loopback for the lab.
@@ -295,8 +297,21 @@ const BUS_CONF: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus 
 "#;
 
 impl Lab {
-    /// Starts bus, polkitd (shipped policy and rules) and agentd --dev.
+    /// Starts bus, polkitd (shipped policy and rules) and agentd --dev, the
+    /// agent in a network namespace of its own so boundaries set through it
+    /// never touch the host's firewall.
     pub fn start() -> Lab {
+        Self::start_with(None)
+    }
+
+    /// Like [`Lab::start`], with agentd in the named network namespace
+    /// (which must exist, with `lo` up); it keeps its table across agent
+    /// restarts.
+    pub fn start_in(netns: &str) -> Lab {
+        Self::start_with(Some(netns.to_owned()))
+    }
+
+    fn start_with(netns: Option<String>) -> Lab {
         require_root();
         users();
         let dir = tempfile::Builder::new()
@@ -369,6 +384,7 @@ impl Lab {
             polkit: None,
             agent: None,
             sshd: None,
+            netns,
         };
         lab.start_polkit();
         lab.start_agent();
@@ -447,9 +463,28 @@ impl Lab {
 
     /// Starts agentd --dev on the lab's state and waits until it owns its name.
     pub fn start_agent(&mut self) {
+        let agentd = bin("agentd");
+        // Both wrappers exec agentd: the child's pid is agentd's.
+        let mut cmd = match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns]).arg(&agentd);
+                c
+            }
+            None => {
+                let mut c = Command::new("unshare");
+                c.args([
+                    "--net",
+                    "sh",
+                    "-c",
+                    "ip link set lo up && exec \"$0\" \"$@\"",
+                ])
+                .arg(&agentd);
+                c
+            }
+        };
         let child = spawn_logged(
-            Command::new(bin("agentd"))
-                .arg("--dev")
+            cmd.arg("--dev")
                 .arg(self.path("agent"))
                 .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
                 .env("RUST_LOG", "info"),

@@ -21,7 +21,19 @@ pub enum Setup {
     None,
     Assigned,
     SecretExists,
+    /// A cluster boundary ([`BOUNDARY_DOC`]) is set (reset before each call).
+    Boundary,
+    /// Assigned and a cluster boundary set.
+    AssignedBoundary,
 }
+
+/// Cluster boundary of the matrix: allows everything, so it cannot cut the
+/// lab's own connections (the VM lab runs the matrix over SSH).
+pub const BOUNDARY_DOC: &str = "[groups]\nall = [\"0.0.0.0/0\", \"::/0\", \"10.9.9.9\"]\n[[allow]]\nname = \"all\"\npeers = [\"@all\"]\n";
+/// Failsafe document of the matrix.
+pub const FAILSAFE_DOC: &str = "[[failsafe]]\nname = \"ssh\"\npeers = [\"0.0.0.0/0\", \"::/0\"]\ndirection = \"in\"\nprotocols = [{ proto = \"tcp\", ports = [22] }]\n";
+/// Sub-boundary of the matrix (inside [`BOUNDARY_DOC`]).
+pub const SUB_DOC: &str = "[[allow]]\nname = \"all\"\npeers = [\"0.0.0.0/0\", \"::/0\"]\n";
 
 pub struct Case {
     pub interface: &'static str,
@@ -148,6 +160,62 @@ pub const MATRIX: &[Case] = &[
         )
     },
     case(
+        L,
+        "SetBoundary",
+        LANDLORD,
+        "landlordctl",
+        &["boundary", "set", "@BOUNDARY"],
+        Setup::None,
+    ),
+    case(
+        L,
+        "GetBoundary",
+        LANDLORD,
+        "landlordctl",
+        &["boundary", "show"],
+        Setup::None,
+    ),
+    case(
+        L,
+        "AddPeers",
+        LANDLORD,
+        "landlordctl",
+        &["boundary", "add-peer", "@all", "10.9.9.10"],
+        Setup::Boundary,
+    ),
+    case(
+        L,
+        "RemovePeers",
+        LANDLORD,
+        "landlordctl",
+        &["boundary", "remove-peer", "@all", "10.9.9.9"],
+        Setup::Boundary,
+    ),
+    case(
+        L,
+        "SetFailsafe",
+        LANDLORD,
+        "landlordctl",
+        &["boundary", "failsafe", "@FAILSAFE"],
+        Setup::Boundary,
+    ),
+    case(
+        L,
+        "ExplainFlow",
+        LANDLORD,
+        "landlordctl",
+        &["boundary", "explain", "--peer", "10.0.0.1", "--port", "22"],
+        Setup::None,
+    ),
+    case(
+        L,
+        "RemoveBoundary",
+        LANDLORD,
+        "landlordctl",
+        &["--yes", "boundary", "remove"],
+        Setup::Boundary,
+    ),
+    case(
         T,
         "NodeInfo",
         TENANT,
@@ -210,5 +278,39 @@ pub const MATRIX: &[Case] = &[
         "tenantctl",
         &["secret", "rm", "db"],
         Setup::SecretExists,
+    ),
+    case(
+        T,
+        "SetSubBoundary",
+        TENANT,
+        "tenantctl",
+        &["boundary", "set", "@SUB"],
+        Setup::AssignedBoundary,
+    ),
+    case(
+        T,
+        "GetBoundary",
+        TENANT,
+        "tenantctl",
+        &["boundary", "show"],
+        Setup::Assigned,
+    ),
+    case(
+        T,
+        "ExplainFlow",
+        TENANT,
+        "tenantctl",
+        &[
+            "boundary", "explain", "--peer", "fd00::1", "--proto", "udp", "--port", "53",
+        ],
+        Setup::Assigned,
+    ),
+    case(
+        T,
+        "RemoveSubBoundary",
+        TENANT,
+        "tenantctl",
+        &["boundary", "clear"],
+        Setup::AssignedBoundary,
     ),
 ];

@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 
 use leasehold_tests::{console_pem, Lab, Run, Who};
 
-use leasehold_tests::matrix::{Expect, Setup, MATRIX};
+use leasehold_tests::matrix::{Expect, Setup, BOUNDARY_DOC, FAILSAFE_DOC, MATRIX, SUB_DOC};
 use Expect::{Allow, Deny};
 
 const L: &str = "org.leasehold.Landlord1";
@@ -28,6 +28,17 @@ fn dbus_authorization_matrix() {
     let lab = Lab::start();
     let pem = lab.write_file("console.pem", console_pem().as_bytes());
     let secret = lab.write_file("secret.txt", b"correct horse battery staple");
+    let bdoc = lab.write_file("boundary.toml", BOUNDARY_DOC.as_bytes());
+    let fdoc = lab.write_file("failsafe.toml", FAILSAFE_DOC.as_bytes());
+    let sdoc = lab.write_file("sub.toml", SUB_DOC.as_bytes());
+    let set_boundary = || {
+        lab.run(
+            Who::Landlord,
+            "landlordctl",
+            &["boundary", "set", bdoc.to_str().unwrap()],
+        )
+        .ok();
+    };
 
     // The table covers every method the agent exports, and nothing else.
     for iface in [L, T] {
@@ -54,6 +65,11 @@ fn dbus_authorization_matrix() {
                     let args = ["secret", "put", "db", "--from", secret.to_str().unwrap()];
                     lab.run(Who::Tenant, "tenantctl", &args).ok();
                 }
+                Setup::Boundary => set_boundary(),
+                Setup::AssignedBoundary => {
+                    ensure_assigned(&lab);
+                    set_boundary();
+                }
             }
             let args: Vec<&str> = c
                 .args
@@ -61,6 +77,9 @@ fn dbus_authorization_matrix() {
                 .map(|a| match *a {
                     "@PEM" => pem.to_str().unwrap(),
                     "@SECRET" => secret.to_str().unwrap(),
+                    "@BOUNDARY" => bdoc.to_str().unwrap(),
+                    "@FAILSAFE" => fdoc.to_str().unwrap(),
+                    "@SUB" => sdoc.to_str().unwrap(),
                     other => other,
                 })
                 .collect();

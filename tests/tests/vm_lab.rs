@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use leasehold_tests::matrix::{Expect, Setup, MATRIX};
+use leasehold_tests::matrix::{Expect, Setup, BOUNDARY_DOC, FAILSAFE_DOC, MATRIX, SUB_DOC};
 use leasehold_tests::{console_pem, workspace_root};
 
 const NODE: &str = "1";
@@ -134,8 +134,18 @@ const GUEST_USERS: [&str; 4] = ["root", "ll", "tt", "oo"];
 fn matrix_script(pem: &str) -> String {
     let mut s = String::from("set -u\ncd /tmp\n");
     s.push_str(&format!("cat > /tmp/console.pem <<'PEM'\n{pem}PEM\nprintf 'correct horse' > /tmp/secret.txt\nchmod 644 /tmp/console.pem /tmp/secret.txt\n"));
+    for (name, doc) in [
+        ("boundary", BOUNDARY_DOC),
+        ("failsafe", FAILSAFE_DOC),
+        ("sub", SUB_DOC),
+    ] {
+        s.push_str(&format!(
+            "cat > /tmp/{name}.toml <<'DOC'\n{doc}DOC\nchmod 644 /tmp/{name}.toml\n"
+        ));
+    }
     s.push_str(
         "as() { u=$1; shift; if [ \"$u\" = root ]; then \"$@\"; else runuser -u \"$u\" -- \"$@\"; fi; }\n\
+         boundary() { landlordctl boundary set /tmp/boundary.toml >/dev/null; }\n\
          assigned() { landlordctl --json info | grep -q '\"assigned\":true' || landlordctl --yes assign acme >/dev/null; }\n",
     );
     for c in MATRIX {
@@ -151,6 +161,8 @@ fn matrix_script(pem: &str) -> String {
                 Setup::SecretExists => s.push_str(
                     "assigned; as tt tenantctl secret put db --from /tmp/secret.txt >/dev/null\n",
                 ),
+                Setup::Boundary => s.push_str("boundary\n"),
+                Setup::AssignedBoundary => s.push_str("assigned; boundary\n"),
             }
             let args: Vec<String> = c
                 .args
@@ -158,6 +170,9 @@ fn matrix_script(pem: &str) -> String {
                 .map(|a| match *a {
                     "@PEM" => "/tmp/console.pem".to_owned(),
                     "@SECRET" => "/tmp/secret.txt".to_owned(),
+                    "@BOUNDARY" => "/tmp/boundary.toml".to_owned(),
+                    "@FAILSAFE" => "/tmp/failsafe.toml".to_owned(),
+                    "@SUB" => "/tmp/sub.toml".to_owned(),
                     other => other.to_owned(),
                 })
                 .collect();
@@ -170,6 +185,8 @@ fn matrix_script(pem: &str) -> String {
             ));
         }
     }
+    // The matrix's boundaries allow everything; lift them anyway.
+    s.push_str("landlordctl --yes boundary remove >/dev/null 2>&1 || true\n");
     s
 }
 

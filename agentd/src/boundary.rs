@@ -1,0 +1,495 @@
+//! The node's boundaries: the stored policy (`boundary.json` in the state
+//! dir), the kernel table (through [`Enforcer`]) and the watcher that puts
+//! the table back when someone changes or removes it.
+//!
+//! Fail closed: the table is applied at start, never removed when the agent
+//! stops, and a refused change leaves the previous table in force. Only
+//! `RemoveBoundary` (confirmed) lifts it.
+
+use std::io::{BufRead, BufReader};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use leasehold_dbus_api::{BoundaryInfo, FlowVerdict};
+use leasehold_netpolicy::enforce::{Change, Enforcer};
+use leasehold_netpolicy::model::{Direction, Proto};
+use leasehold_netpolicy::nft::{self, ApplyError};
+use leasehold_netpolicy::policy::Policy;
+use leasehold_netpolicy::{explain, DocError, Flow};
+use tracing::{error, info, warn};
+
+use crate::fsutil::write_atomic;
+
+/// State file name.
+pub const FILE: &str = "boundary.json";
+
+/// Why a boundary operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BoundaryError {
+    /// Bad document or argument; names the field.
+    #[error("{0}")]
+    Invalid(#[from] DocError),
+    /// nftables refused or could not be run; the previous table stays.
+    #[error("{0}")]
+    Nft(#[from] ApplyError),
+    /// Stored policy could not be read or written.
+    #[error("boundary state {path}: {source}")]
+    Io {
+        /// File.
+        path: PathBuf,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The stored policy is unreadable.
+    #[error("boundary state {path} is damaged: {reason}")]
+    Damaged {
+        /// File.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+struct Inner {
+    policy: Policy,
+    enforcer: Enforcer,
+    last_change: Option<&'static str>,
+    last_drift: Option<String>,
+}
+
+/// The boundaries of this node.
+pub struct Boundaries {
+    dir: PathBuf,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for Boundaries {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Boundaries")
+            .field("dir", &self.dir)
+            .finish()
+    }
+}
+
+fn change_name(c: Change) -> &'static str {
+    match c {
+        Change::Full => "full",
+        Change::Elements => "elements",
+        Change::Unchanged => "unchanged",
+    }
+}
+
+/// Established inbound SSH sessions (peer addresses) of this network
+/// namespace, from /proc/net/tcp{,6}: local port 22, state ESTABLISHED.
+fn ssh_peers() -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 4 || f[3] != "01" || !f[1].ends_with(":0016") {
+                continue;
+            }
+            let Some((hex, _)) = f[2].split_once(':') else {
+                continue;
+            };
+            // The kernel prints each 32-bit word in host (little-endian) order.
+            let words: Vec<u32> = (0..hex.len() / 8)
+                .filter_map(|i| u32::from_str_radix(&hex[i * 8..i * 8 + 8], 16).ok())
+                .map(u32::swap_bytes)
+                .collect();
+            let ip = match (v6, words.as_slice()) {
+                (false, [a]) => IpAddr::from(a.to_be_bytes()),
+                (true, [a, b, c, d]) => {
+                    let mut bytes = [0u8; 16];
+                    for (i, w) in [a, b, c, d].iter().enumerate() {
+                        bytes[i * 4..i * 4 + 4].copy_from_slice(&w.to_be_bytes());
+                    }
+                    let ip6 = std::net::Ipv6Addr::from(bytes);
+                    ip6.to_ipv4_mapped().map_or(IpAddr::V6(ip6), IpAddr::V4)
+                }
+                _ => continue,
+            };
+            if !ip.is_loopback() {
+                out.push(ip);
+            }
+        }
+    }
+    out
+}
+
+/// Parses the flow arguments of ExplainFlow; errors name the argument.
+pub fn parse_flow(direction: &str, peer: &str, proto: &str, port: u16) -> Result<Flow, DocError> {
+    let bad = |field: &str, reason: String| DocError {
+        field: field.into(),
+        reason,
+    };
+    let direction = match direction {
+        "in" => Direction::In,
+        "out" => Direction::Out,
+        d => return Err(bad("direction", format!("{d:?}: use in or out"))),
+    };
+    let peer: IpAddr = peer
+        .parse()
+        .map_err(|_| bad("peer", format!("{peer:?} is not an IP address")))?;
+    let proto = match proto {
+        "tcp" => Proto::Tcp,
+        "udp" => Proto::Udp,
+        "icmp" => Proto::Icmp,
+        p => return Err(bad("proto", format!("{p:?}: use tcp, udp or icmp"))),
+    };
+    Ok(Flow {
+        direction,
+        peer,
+        proto,
+        port,
+    })
+}
+
+impl Boundaries {
+    /// Loads the stored policy (none stored: empty).
+    pub fn load(dir: &Path) -> Result<Self, BoundaryError> {
+        let path = dir.join(FILE);
+        let policy = match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let p: Policy =
+                    serde_json::from_str(&text).map_err(|e| BoundaryError::Damaged {
+                        path: path.clone(),
+                        reason: e.to_string(),
+                    })?;
+                if p.format != leasehold_netpolicy::policy::FORMAT {
+                    return Err(BoundaryError::Damaged {
+                        path,
+                        reason: format!(
+                            "format {} (this agent reads {})",
+                            p.format,
+                            leasehold_netpolicy::policy::FORMAT
+                        ),
+                    });
+                }
+                p
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Policy::new(),
+            Err(source) => return Err(BoundaryError::Io { path, source }),
+        };
+        Ok(Boundaries {
+            dir: dir.to_owned(),
+            inner: Mutex::new(Inner {
+                policy,
+                enforcer: Enforcer::new(Vec::new()),
+                last_change: None,
+                last_drift: None,
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the kernel half-done
+        // (every change is one transaction): keep going with the data.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn save(&self, p: &Policy) -> Result<(), BoundaryError> {
+        let bytes = serde_json::to_vec_pretty(p).map_err(|e| BoundaryError::Damaged {
+            path: self.dir.join(FILE),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&self.dir, FILE, &bytes).map_err(|source| BoundaryError::Io {
+            path: self.dir.join(FILE),
+            source,
+        })
+    }
+
+    /// Applies the stored policy (at start). Without a stored policy an
+    /// existing table is left alone: only RemoveBoundary lifts it.
+    pub fn apply_stored(&self) -> Result<(), BoundaryError> {
+        let mut g = self.lock();
+        match g.policy.ruleset()? {
+            Some(rs) => {
+                let n = rs.elements();
+                let c = g.enforcer.apply(rs)?;
+                g.last_change = Some(change_name(c));
+                info!(elements = n, "boundary applied");
+            }
+            None => {
+                if matches!(nft::current(&[]), Ok(Some(_))) {
+                    warn!("a leasehold table is in the kernel but no boundary is stored; leaving it (landlordctl boundary remove lifts it)");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Changes the policy with `f`, applies it, stores it. Nothing changes
+    /// (kernel or disk) unless every step succeeds.
+    pub fn update<T>(
+        &self,
+        f: impl FnOnce(&mut Policy) -> Result<T, DocError>,
+    ) -> Result<(T, Vec<String>), BoundaryError> {
+        let mut g = self.lock();
+        let mut next = g.policy.clone();
+        let out = f(&mut next)?;
+        let rules = next.ruleset()?;
+        let warnings = Self::ssh_warnings(&next);
+        if let Some(rs) = rules {
+            let c = g.enforcer.apply(rs)?;
+            g.last_change = Some(change_name(c));
+        }
+        if let Err(e) = self.save(&next) {
+            // Put the kernel back to the stored policy.
+            if let Ok(Some(old)) = g.policy.ruleset() {
+                if let Err(e2) = g.enforcer.apply(old) {
+                    error!(error = %e2, "cannot restore the previous boundary after a failed save");
+                }
+            }
+            return Err(e);
+        }
+        g.policy = next;
+        for w in &warnings {
+            warn!(warning = %w, "boundary");
+        }
+        Ok((out, warnings))
+    }
+
+    fn ssh_warnings(p: &Policy) -> Vec<String> {
+        let Ok(Some((c, s))) = p.boundaries() else {
+            return Vec::new();
+        };
+        ssh_peers()
+            .into_iter()
+            .filter_map(|peer| {
+                let f = Flow {
+                    direction: Direction::In,
+                    peer,
+                    proto: Proto::Tcp,
+                    port: 22,
+                };
+                let e = explain(&c, s.as_ref(), &f);
+                (!e.allowed).then(|| {
+                    format!(
+                        "this boundary cuts the open SSH session from {peer} (new connections from it to tcp/22 are {}; add a failsafe entry to keep it)",
+                        e.reason
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Lifts every boundary: removes the table, then the stored policy.
+    pub fn remove(&self) -> Result<(), BoundaryError> {
+        let mut g = self.lock();
+        g.enforcer.remove()?;
+        g.last_change = Some("removed");
+        self.save(&Policy::new())?;
+        g.policy = Policy::new();
+        Ok(())
+    }
+
+    /// Drops the tenant's sub-boundary (the node changed hands).
+    pub fn clear_sub(&self) -> Result<(), BoundaryError> {
+        if self.lock().policy.sub.is_none() {
+            return Ok(());
+        }
+        self.update(|p| {
+            p.sub = None;
+            Ok(())
+        })
+        .map(|_| ())
+    }
+
+    /// What the caller may see: the landlord everything, the tenant its
+    /// sub-boundary, the effective policy and the failsafe.
+    pub fn info(&self, landlord: bool) -> BoundaryInfo {
+        let g = self.lock();
+        let cluster = g.policy.cluster.as_ref();
+        let failsafe = cluster
+            .map(|c| {
+                c.failsafe
+                    .iter()
+                    .map(|e| {
+                        let protos = e
+                            .protocols
+                            .as_ref()
+                            .map_or("all protocols".to_owned(), |ps| {
+                                serde_json::to_string(ps).unwrap_or_default()
+                            });
+                        format!(
+                            "{}: {} {} {}",
+                            e.name,
+                            format!("{:?}", e.direction).to_lowercase(),
+                            e.peers.join(","),
+                            protos
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        BoundaryInfo {
+            cluster: if landlord { cluster.map(to_json) } else { None },
+            sub: g.policy.sub.as_ref().map(to_json),
+            effective: g.policy.effective().ok().flatten().map(|e| to_json(&e)),
+            failsafe: Some(failsafe),
+            enforced: Some(g.enforcer.is_active()),
+            elements: g
+                .policy
+                .ruleset()
+                .ok()
+                .flatten()
+                .map(|r| r.elements() as u64),
+            change: g.last_change.map(str::to_owned),
+            cut: None,
+            warnings: None,
+            peers_changed: None,
+            last_drift: g.last_drift.clone(),
+        }
+    }
+
+    /// Explains a flow; the tenant does not see cluster entry names.
+    pub fn explain(&self, flow: &Flow, landlord: bool) -> Result<FlowVerdict, BoundaryError> {
+        let g = self.lock();
+        let Some((c, s)) = g.policy.boundaries()? else {
+            return Ok(FlowVerdict {
+                allowed: Some(true),
+                reason: Some("allowed: no boundary is set on this node".into()),
+                ..Default::default()
+            });
+        };
+        let e = explain(&c, s.as_ref(), flow);
+        let reason = if landlord || e.failsafe.is_some() {
+            e.reason.clone()
+        } else {
+            match (&e.cluster, &e.sub) {
+                (None, _) => "denied by the landlord's cluster boundary".to_owned(),
+                (Some(_), Some(None)) => {
+                    "denied: no entry of the sub-boundary allows it".to_owned()
+                }
+                (Some(_), Some(Some(se))) => {
+                    format!("allowed by sub-boundary entry {se:?} (and the cluster boundary)")
+                }
+                (Some(_), None) => "allowed by the cluster boundary (no sub-boundary)".to_owned(),
+            }
+        };
+        Ok(FlowVerdict {
+            allowed: Some(e.allowed),
+            failsafe: e.failsafe,
+            cluster: if landlord { e.cluster } else { None },
+            sub: e.sub.map(|s| s.unwrap_or_default()),
+            reason: Some(reason),
+        })
+    }
+
+    /// Checks the kernel table; restores it if it was changed. Returns what
+    /// was found when something was restored.
+    pub fn check_and_restore(&self) -> Option<String> {
+        let mut g = self.lock();
+        match g.enforcer.check() {
+            Ok(None) => None,
+            Ok(Some(drift)) => {
+                let what = drift.to_string();
+                warn!(event = "boundary-drift", what = %what, "the boundary was changed behind the agent's back; restoring");
+                match g.enforcer.restore() {
+                    Ok(()) => {
+                        info!(event = "boundary-restored", "boundary restored");
+                        g.last_drift = Some(what.clone());
+                        Some(what)
+                    }
+                    Err(e) => {
+                        error!(error = %e, "cannot restore the boundary");
+                        None
+                    }
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot check the boundary");
+                None
+            }
+        }
+    }
+
+    /// Watches for changes behind the agent's back: every nftables change
+    /// notification naming the table (`nft monitor`) and a timer trigger a
+    /// check. Restorations are reported on `restored`.
+    pub fn watch(
+        self: &Arc<Self>,
+        interval: Duration,
+        restored: tokio::sync::mpsc::UnboundedSender<String>,
+    ) {
+        let (tx, rx) = mpsc::sync_channel::<()>(1);
+        let needle = format!(" inet {} ", nft::TABLE);
+        let needle_end = format!(" inet {}", nft::TABLE);
+        match nft::monitor(&[]) {
+            Ok(mut child) => {
+                if let Some(out) = child.stdout.take() {
+                    std::thread::spawn(move || {
+                        for line in BufReader::new(out).lines() {
+                            let Ok(line) = line else { break };
+                            if line.contains(&needle) || line.ends_with(&needle_end) {
+                                // Full: a check is already due.
+                                let _ = tx.try_send(());
+                            }
+                        }
+                        // Keep the child from lingering as a zombie.
+                        let _ = child.wait();
+                    });
+                }
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot run nft monitor; checking the boundary on the timer only")
+            }
+        }
+        let me = Arc::clone(self);
+        std::thread::spawn(move || loop {
+            match rx.recv_timeout(interval) {
+                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => std::thread::sleep(interval),
+            }
+            if let Some(what) = me.check_and_restore() {
+                if restored.send(what).is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flow_arguments_are_checked_by_name() {
+        assert!(parse_flow("in", "10.0.0.1", "tcp", 22).is_ok());
+        assert_eq!(
+            parse_flow("up", "10.0.0.1", "tcp", 22).unwrap_err().field,
+            "direction"
+        );
+        assert_eq!(
+            parse_flow("in", "10.0.0.300", "tcp", 22).unwrap_err().field,
+            "peer"
+        );
+        assert_eq!(
+            parse_flow("in", "fd00::1", "sctp", 22).unwrap_err().field,
+            "proto"
+        );
+    }
+
+    #[test]
+    fn stored_policy_round_trips_and_damage_is_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Boundaries::load(dir.path()).unwrap();
+        assert!(b.lock().policy.cluster.is_none());
+        std::fs::write(dir.path().join(FILE), "{\"format\": 9}").unwrap();
+        let e = Boundaries::load(dir.path()).unwrap_err();
+        assert!(e.to_string().contains("format 9"), "{e}");
+    }
+}
