@@ -1,0 +1,667 @@
+//! T1 (root), issue 5: boundaries with real packets. A switch (bridge) and
+//! five hosts in network namespaces — two nodes of tenant A (A1 run by a
+//! real agentd over D-Bus and polkit, A2 by the backend directly), one node
+//! of tenant B, an "internet" host and a console host — over IPv4 and IPv6.
+//! A hand-written reachability matrix (ping, TCP 22/443/8080, UDP 5353, both
+//! directions) is asserted after: the landlord's boundaries alone; a tenant
+//! sub-boundary on A1 (one direction only, only tcp/443); an agent restart;
+//! `nft flush ruleset` (the agent restores); reject vs drop as the sender
+//! sees it; the console's failsafe SSH throughout.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, Command, Stdio};
+
+use futures_util::StreamExt;
+use leasehold_netpolicy::nft;
+use leasehold_netpolicy::BoundaryDoc;
+use leasehold_tests::{require_root, Lab, Who};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum H {
+    A1,
+    A2,
+    B1,
+    Inet,
+    Con,
+}
+
+const HOSTS: [H; 5] = [H::A1, H::A2, H::B1, H::Inet, H::Con];
+
+impl H {
+    fn octet(self) -> u8 {
+        match self {
+            H::A1 => 11,
+            H::A2 => 12,
+            H::B1 => 21,
+            H::Inet => 99,
+            H::Con => 50,
+        }
+    }
+    fn v4(self) -> String {
+        format!("10.77.0.{}", self.octet())
+    }
+    fn v6(self) -> String {
+        format!("fd77::{}", self.octet())
+    }
+    fn name(self) -> &'static str {
+        match self {
+            H::A1 => "a1",
+            H::A2 => "a2",
+            H::B1 => "b1",
+            H::Inet => "inet",
+            H::Con => "con",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Svc {
+    Ping,
+    Tcp(u16),
+    Udp(u16),
+}
+
+const SERVICES: [Svc; 5] = [
+    Svc::Ping,
+    Svc::Tcp(22),
+    Svc::Tcp(443),
+    Svc::Tcp(8080),
+    Svc::Udp(5353),
+];
+
+fn sh(args: &[&str]) {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+const SERVER: &str = r#"
+import socket, threading, sys
+def hold(c):
+    try:
+        c.recv(1)
+    finally:
+        c.close()
+def tcp(port):
+    s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    s.bind(("::", port)); s.listen(128)
+    def loop():
+        while True:
+            c, _ = s.accept()
+            threading.Thread(target=hold, args=(c,), daemon=True).start()
+    threading.Thread(target=loop, daemon=True).start()
+for p in (22, 443, 8080):
+    tcp(p)
+u = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+u.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+u.bind(("::", 5353))
+print("ready", flush=True)
+while True:
+    d, a = u.recvfrom(100)
+    u.sendto(d, a)
+"#;
+
+/// Runs probes concurrently; prints {"id": "open"|"refused"|"unreachable"|"timeout"|"reply"|"fail"}.
+const PROBE: &str = r#"
+import socket, subprocess, json, sys, threading
+T = 1.5
+probes = json.load(sys.stdin)
+out = {}
+def fam(a):
+    return socket.AF_INET6 if ":" in a else socket.AF_INET
+def run(i, kind, a, p):
+    try:
+        if kind == "ping":
+            r = subprocess.run(["ping", "-n", "-c1", "-W2", a], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            out[i] = "reply" if r.returncode == 0 else "fail"
+        elif kind == "tcp":
+            s = socket.socket(fam(a), socket.SOCK_STREAM); s.settimeout(T)
+            s.connect((a, p)); s.close(); out[i] = "open"
+        else:
+            s = socket.socket(fam(a), socket.SOCK_DGRAM); s.settimeout(T)
+            s.connect((a, p)); s.send(b"x"); s.recv(10); out[i] = "reply"
+    except socket.timeout:
+        out[i] = "timeout"
+    except ConnectionRefusedError:
+        out[i] = "refused"
+    except OSError:
+        out[i] = "unreachable"
+ts = [threading.Thread(target=run, args=p) for p in probes]
+for t in ts: t.start()
+for t in ts: t.join()
+print(json.dumps(out))
+"#;
+
+struct Net {
+    tag: String,
+    servers: Vec<Child>,
+}
+
+impl Net {
+    fn ns(&self, h: H) -> String {
+        format!("lm{}-{}", self.tag, h.name())
+    }
+
+    fn new() -> Net {
+        let tag = format!("{}", std::process::id() % 100_000);
+        let mut net = Net {
+            tag,
+            servers: Vec::new(),
+        };
+        let sw = format!("lm{}-sw", net.tag);
+        sh(&["ip", "netns", "add", &sw]);
+        sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"]);
+        sh(&["ip", "-n", &sw, "link", "set", "br0", "up"]);
+        for (i, h) in HOSTS.into_iter().enumerate() {
+            let ns = net.ns(h);
+            sh(&["ip", "netns", "add", &ns]);
+            let (a, b) = (format!("m{i}h{}", net.tag), format!("m{i}s{}", net.tag));
+            sh(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b]);
+            sh(&["ip", "link", "set", &a, "netns", &ns]);
+            sh(&["ip", "link", "set", &b, "netns", &sw]);
+            sh(&["ip", "-n", &sw, "link", "set", &b, "master", "br0", "up"]);
+            sh(&["ip", "-n", &ns, "link", "set", &a, "name", "eth0"]);
+            let v4 = format!("{}/24", h.v4());
+            let v6 = format!("{}/64", h.v6());
+            sh(&["ip", "-n", &ns, "addr", "add", &v4, "dev", "eth0"]);
+            sh(&["ip", "-n", &ns, "addr", "add", &v6, "dev", "eth0", "nodad"]);
+            sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
+            sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
+            let mut c = Command::new("ip")
+                .args(["netns", "exec", &ns, "python3", "-c", SERVER])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .unwrap();
+            let mut line = String::new();
+            BufReader::new(c.stdout.take().unwrap())
+                .read_line(&mut line)
+                .unwrap();
+            assert_eq!(line.trim(), "ready", "server in {ns}");
+            net.servers.push(c);
+        }
+        net
+    }
+
+    fn prefix(&self, h: H) -> Vec<String> {
+        vec!["ip".into(), "netns".into(), "exec".into(), self.ns(h)]
+    }
+
+    fn apply(&self, h: H, doc: &str) {
+        let b = BoundaryDoc::from_toml(doc).unwrap().validate(true).unwrap();
+        let p = self.prefix(h);
+        let p: Vec<&str> = p.iter().map(String::as_str).collect();
+        nft::apply(&nft::ruleset(&b, None), &p).unwrap();
+    }
+
+    fn has_table(&self, h: H) -> bool {
+        let p = self.prefix(h);
+        let p: Vec<&str> = p.iter().map(String::as_str).collect();
+        nft::current(&p).unwrap().is_some()
+    }
+
+    /// Every probe between node pairs, both families; results by
+    /// (src, dst, service, v6).
+    fn probe(&self) -> BTreeMap<(H, H, Svc, bool), String> {
+        let mut keys = Vec::new();
+        let mut children = Vec::new();
+        for src in HOSTS {
+            let mut list = Vec::new();
+            for dst in HOSTS {
+                if src == dst || (!is_node(src) && !is_node(dst)) {
+                    continue;
+                }
+                for svc in SERVICES {
+                    for v6 in [false, true] {
+                        let id = keys.len();
+                        keys.push((src, dst, svc, v6));
+                        let addr = if v6 { dst.v6() } else { dst.v4() };
+                        let (kind, port) = match svc {
+                            Svc::Ping => ("ping", 0),
+                            Svc::Tcp(p) => ("tcp", p),
+                            Svc::Udp(p) => ("udp", p),
+                        };
+                        list.push(serde_json::json!([id.to_string(), kind, addr, port]));
+                    }
+                }
+            }
+            let mut c = Command::new("ip")
+                .args(["netns", "exec", &self.ns(src), "python3", "-c", PROBE])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            c.stdin
+                .take()
+                .unwrap()
+                .write_all(serde_json::Value::from(list).to_string().as_bytes())
+                .unwrap();
+            children.push(c);
+        }
+        let mut results = BTreeMap::new();
+        for c in children {
+            let out = c.wait_with_output().unwrap();
+            let v: BTreeMap<String, String> = serde_json::from_slice(&out.stdout).unwrap();
+            for (id, r) in v {
+                results.insert(keys[id.parse::<usize>().unwrap()], r);
+            }
+        }
+        assert_eq!(results.len(), keys.len());
+        results
+    }
+}
+
+impl Drop for Net {
+    fn drop(&mut self) {
+        for c in &mut self.servers {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for h in HOSTS {
+            let _ = Command::new("ip")
+                .args(["netns", "del", &self.ns(h)])
+                .status();
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &format!("lm{}-sw", self.tag)])
+            .status();
+    }
+}
+
+fn is_node(h: H) -> bool {
+    matches!(h, H::A1 | H::A2 | H::B1)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    /// Landlord boundaries only.
+    Landlord,
+    /// Plus the tenant's sub-boundary on A1.
+    Sub,
+}
+
+/// Whether `node`'s boundaries let `svc` with `peer` pass in direction
+/// `inbound` (hand-written from the documents below, not from the model).
+fn node_allows(node: H, inbound: bool, peer: H, svc: Svc, s: Scenario) -> bool {
+    let web = matches!(svc, Svc::Tcp(443) | Svc::Tcp(8080));
+    let ssh = svc == Svc::Tcp(22);
+    match node {
+        H::A1 | H::A2 => {
+            let other = if node == H::A1 { H::A2 } else { H::A1 };
+            // Failsafe: console SSH in, whatever else is set.
+            if inbound && peer == H::Con && ssh {
+                return true;
+            }
+            let cluster = peer == other || (peer == H::Inet && (!inbound || web));
+            let sub = node != H::A1
+                || s == Scenario::Landlord
+                || peer == other
+                || (peer == H::Inet && inbound && svc == Svc::Tcp(443));
+            cluster && sub
+        }
+        H::B1 => (inbound && peer == H::Con && ssh) || peer == H::Inet,
+        H::Inet | H::Con => true,
+    }
+}
+
+fn expect_open(src: H, dst: H, svc: Svc, s: Scenario) -> bool {
+    node_allows(src, false, dst, svc, s) && node_allows(dst, true, src, svc, s)
+}
+
+fn assert_matrix(net: &Net, s: Scenario, when: &str) {
+    let results = net.probe();
+    let mut bad = Vec::new();
+    for ((src, dst, svc, v6), r) in &results {
+        let want = expect_open(*src, *dst, *svc, s);
+        let got = matches!(r.as_str(), "open" | "reply");
+        if want != got {
+            bad.push(format!(
+                "{src:?} -> {dst:?} {svc:?} {}: expected {}, got {r}",
+                if *v6 { "v6" } else { "v4" },
+                if want { "open" } else { "denied" }
+            ));
+        }
+    }
+    // Reject vs drop as the sender sees it: A1 rejects (RST / ICMP), A2 and
+    // B1 drop (the sender times out).
+    for v6 in [false, true] {
+        let r = |src, dst, svc| results[&(src, dst, svc, v6)].as_str();
+        if r(H::Inet, H::A1, Svc::Tcp(22)) != "refused" {
+            bad.push(format!(
+                "A1 rejects: inet tcp/22 v6={v6}: {}",
+                r(H::Inet, H::A1, Svc::Tcp(22))
+            ));
+        }
+        if !matches!(r(H::Inet, H::A1, Svc::Udp(5353)), "refused" | "unreachable") {
+            bad.push(format!(
+                "A1 rejects: inet udp v6={v6}: {}",
+                r(H::Inet, H::A1, Svc::Udp(5353))
+            ));
+        }
+        for (src, node, svc) in [
+            (H::Inet, H::A2, Svc::Tcp(22)),
+            (H::Inet, H::A2, Svc::Udp(5353)),
+            (H::Con, H::B1, Svc::Tcp(443)),
+        ] {
+            if r(src, node, svc) != "timeout" {
+                bad.push(format!(
+                    "{node:?} drops: {src:?} {svc:?} v6={v6}: {}",
+                    r(src, node, svc)
+                ));
+            }
+        }
+    }
+    assert!(
+        bad.is_empty(),
+        "reachability ({when}, {} probes), mismatches:\n{}",
+        results.len(),
+        bad.join("\n")
+    );
+}
+
+fn cluster_doc(action: &str, me: H, other: H) -> String {
+    format!(
+        r#"action = "{action}"
+[groups]
+tenant_a = ["{}", "{}", "{}", "{}"]
+internet = ["{}", "{}"]
+[[allow]]
+name = "tenant-a"
+peers = ["@tenant_a"]
+[[allow]]
+name = "internet-web"
+peers = ["@internet"]
+direction = "in"
+protocols = [{{ proto = "tcp", ports = [443, 8080] }}]
+[[allow]]
+name = "egress"
+peers = ["@internet"]
+direction = "out"
+[[failsafe]]
+name = "console-ssh"
+peers = ["{}", "{}"]
+direction = "in"
+protocols = [{{ proto = "tcp", ports = [22] }}]
+"#,
+        me.v4(),
+        other.v4(),
+        me.v6(),
+        other.v6(),
+        H::Inet.v4(),
+        H::Inet.v6(),
+        H::Con.v4(),
+        H::Con.v6()
+    )
+}
+
+const B1_DOC: &str = r#"
+[[allow]]
+name = "internet"
+peers = ["10.77.0.99", "fd77::99"]
+[[failsafe]]
+name = "console-ssh"
+peers = ["10.77.0.50", "fd77::50"]
+direction = "in"
+protocols = [{ proto = "tcp", ports = [22] }]
+"#;
+
+/// One direction only, only tcp/443 from the internet; the tenant's own peer.
+const SUB_DOC: &str = r#"
+action = "reject"
+[[allow]]
+name = "peer-a2"
+peers = ["10.77.0.12", "fd77::12"]
+[[allow]]
+name = "https-in"
+peers = ["10.77.0.99", "fd77::99"]
+direction = "in"
+protocols = [{ proto = "tcp", ports = [443] }]
+"#;
+
+/// Wider than the cluster boundary: all of 10.77.0.0/24.
+const WIDE_DOC: &str = r#"
+[[allow]]
+name = "everyone"
+peers = ["10.77.0.0/24"]
+"#;
+
+#[test]
+fn boundary_reachability_matrix_with_agent() {
+    require_root();
+    let net = Net::new();
+    let mut lab = Lab::start_in(&net.ns(H::A1));
+
+    // No boundary yet: everything is open.
+    let all_open = net.probe();
+    assert!(
+        all_open.values().all(|r| r == "open" || r == "reply"),
+        "{all_open:?}"
+    );
+
+    // An SSH session from the internet host, open before the boundary: the
+    // agent warns that the new boundary cuts it.
+    let mut held = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.ns(H::Inet),
+            "python3",
+            "-c",
+            "import socket,sys,time\ns=socket.create_connection(('10.77.0.11',22))\nprint('up',flush=True)\ntime.sleep(600)",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(held.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "up");
+
+    // Landlord boundaries: A1 through the agent (reject), A2 and B1 with the
+    // backend (drop).
+    let a1 = lab.write_file("a1.toml", cluster_doc("reject", H::A1, H::A2).as_bytes());
+    let r = lab
+        .run(
+            Who::Landlord,
+            "landlordctl",
+            &["--json", "boundary", "set", a1.to_str().unwrap()],
+        )
+        .ok();
+    assert!(
+        r.stderr
+            .contains("cuts the open SSH session from 10.77.0.99"),
+        "{r:?}"
+    );
+    let _ = held.kill();
+    let _ = held.wait();
+    assert_eq!(r.json()["enforced"], true);
+    assert_eq!(r.json()["change"], "full");
+    net.apply(H::A2, &cluster_doc("drop", H::A2, H::A1));
+    net.apply(H::B1, B1_DOC);
+    assert_matrix(&net, Scenario::Landlord, "landlord boundaries");
+
+    // Explain agrees: the internet may reach A1 on 8080, not on 22.
+    let r = lab
+        .run(
+            Who::Landlord,
+            "landlordctl",
+            &[
+                "--json", "boundary", "explain", "--peer", "fd77::99", "--port", "8080",
+            ],
+        )
+        .ok();
+    assert_eq!(r.json()["allowed"], true);
+    assert_eq!(r.json()["cluster"], "internet-web");
+
+    // Tenant: a wider sub-boundary is refused with the reason; --narrow
+    // stores the intersection.
+    lab.run(Who::Landlord, "landlordctl", &["--yes", "assign", "acme"])
+        .ok();
+    let wide = lab.write_file("wide.toml", WIDE_DOC.as_bytes());
+    let r = lab.run(
+        Who::Tenant,
+        "tenantctl",
+        &["boundary", "set", wide.to_str().unwrap()],
+    );
+    assert_eq!(r.code, 6, "{r:?}");
+    assert!(
+        r.stderr.contains("allow.everyone") && r.stderr.contains("wider than the cluster boundary"),
+        "{r:?}"
+    );
+    let r = lab
+        .run(Who::Tenant, "tenantctl", &["--json", "boundary", "show"])
+        .ok();
+    assert!(r.json()["sub"].is_null(), "refused: nothing stored");
+    let r = lab
+        .run(
+            Who::Tenant,
+            "tenantctl",
+            &[
+                "--json",
+                "boundary",
+                "set",
+                "--narrow",
+                wide.to_str().unwrap(),
+            ],
+        )
+        .ok();
+    assert!(!r.json()["cut"].as_array().unwrap().is_empty(), "{r:?}");
+    let sub = &r.json()["sub"];
+    let peers: Vec<&str> = sub["allow"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|e| {
+            e["peers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| p.as_str().unwrap())
+        })
+        .collect();
+    for p in &peers {
+        assert!(
+            [
+                "10.77.0.11/32",
+                "10.77.0.12/32",
+                "10.77.0.99/32",
+                "10.77.0.11",
+                "10.77.0.12",
+                "10.77.0.99"
+            ]
+            .contains(p),
+            "narrowed peers stay inside the cluster boundary: {peers:?}"
+        );
+    }
+
+    // The real sub-boundary: one direction only, only tcp/443.
+    let subf = lab.write_file("sub.toml", SUB_DOC.as_bytes());
+    lab.run(
+        Who::Tenant,
+        "tenantctl",
+        &["boundary", "set", subf.to_str().unwrap()],
+    )
+    .ok();
+    assert_matrix(&net, Scenario::Sub, "with the tenant's sub-boundary");
+
+    // Agent stopped: the rules stay (fail closed). Restarted: same matrix.
+    lab.stop_agent();
+    assert!(net.has_table(H::A1), "rules stay when the agent stops");
+    lab.start_agent();
+    assert_matrix(&net, Scenario::Sub, "after an agent restart");
+
+    // Someone flushes the ruleset: the agent notices and restores it; we
+    // wait for its BoundaryRestored signal.
+    let restored = lab.block_on(async {
+        let conn = zbus::connection::Builder::address(lab.address.as_str())
+            .build()
+            .await
+            .unwrap();
+        let p = leasehold_dbus_api::LandlordProxy::new(&conn).await.unwrap();
+        let mut sig = p.receive_boundary_restored().await.unwrap();
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &net.ns(H::A1),
+            "nft",
+            "flush",
+            "ruleset",
+        ]);
+        let s = tokio::time::timeout(std::time::Duration::from_secs(60), sig.next())
+            .await
+            .expect("BoundaryRestored within 60 s")
+            .unwrap();
+        s.args().unwrap().what().to_owned()
+    });
+    assert!(restored.contains("missing"), "{restored}");
+    assert_matrix(&net, Scenario::Sub, "after nft flush ruleset");
+    assert!(lab.agent_log().contains("boundary-drift"));
+
+    // A peer added and removed: element changes only, visible in the set.
+    let r = lab
+        .run(
+            Who::Landlord,
+            "landlordctl",
+            &["--json", "boundary", "add-peer", "@internet", "10.77.0.77"],
+        )
+        .ok();
+    assert_eq!(r.json()["change"], "elements", "{r:?}");
+    let list = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.ns(H::A1),
+            "nft",
+            "list",
+            "table",
+            "inet",
+            "leasehold",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&list.stdout).contains("10.77.0.77"));
+    let r = lab
+        .run(
+            Who::Landlord,
+            "landlordctl",
+            &[
+                "--json",
+                "boundary",
+                "remove-peer",
+                "@internet",
+                "10.77.0.77",
+            ],
+        )
+        .ok();
+    assert_eq!(r.json()["change"], "elements");
+    assert_eq!(r.json()["peers_changed"], 1);
+
+    // Lifting the boundary needs confirmation; then everything is open on A1.
+    let r = lab.run(Who::Landlord, "landlordctl", &["boundary", "remove"]);
+    assert_eq!(r.code, 4, "{r:?}");
+    assert!(net.has_table(H::A1));
+    lab.run(
+        Who::Landlord,
+        "landlordctl",
+        &["--yes", "boundary", "remove"],
+    )
+    .ok();
+    assert!(!net.has_table(H::A1));
+    let r = lab
+        .run(
+            Who::Landlord,
+            "landlordctl",
+            &["--json", "boundary", "show"],
+        )
+        .ok();
+    assert!(r.json()["cluster"].is_null());
+}
