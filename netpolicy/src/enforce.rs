@@ -199,6 +199,39 @@ impl Enforcer {
         let Some(a) = self.applied.as_mut() else {
             return Ok(None);
         };
+        // Rule counts per chain are checked even before the shape is known,
+        // so a chain emptied right after an apply is not taken as applied.
+        let mut listed: BTreeMap<String, usize> = BTreeMap::new();
+        for o in &l.shape {
+            if let Some(c) = o
+                .get("chain")
+                .and_then(|c| c.get("name"))
+                .and_then(Value::as_str)
+            {
+                listed.entry(c.to_owned()).or_default();
+            }
+            if let Some(c) = o
+                .get("rule")
+                .and_then(|r| r.get("chain"))
+                .and_then(Value::as_str)
+            {
+                *listed.entry(c.to_owned()).or_default() += 1;
+            }
+        }
+        let want = a.rules.rule_counts();
+        if listed != want {
+            let what = want
+                .iter()
+                .find(|(c, n)| listed.get(*c) != Some(n))
+                .map(|(c, n)| {
+                    format!(
+                        "chain {c} has {} rules instead of {n}",
+                        listed.get(c).map_or("no".to_owned(), |x| x.to_string())
+                    )
+                })
+                .unwrap_or_else(|| "unexpected chains".to_owned());
+            return Ok(Some(Drift::Changed(what)));
+        }
         let shape = a.shape.get_or_insert_with(|| l.shape.clone());
         if l.shape != *shape {
             let first = l

@@ -241,6 +241,27 @@ impl Ruleset {
         self.sets.iter().map(|(n, d)| (n, &d.elements))
     }
 
+    /// Number of rules per chain, from the generated text (one rule per
+    /// line), to check what the kernel lists against.
+    pub fn rule_counts(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        let mut current: Option<String> = None;
+        for line in self.chains.lines().map(str::trim) {
+            if let Some(rest) = line.strip_prefix("chain ") {
+                let name = rest.trim_end_matches('{').trim().to_owned();
+                counts.insert(name.clone(), 0);
+                current = Some(name);
+            } else if line == "}" {
+                current = None;
+            } else if !line.starts_with("type filter hook") {
+                if let Some(c) = &current {
+                    *counts.entry(c.clone()).or_default() += 1;
+                }
+            }
+        }
+        counts
+    }
+
     /// Number of set elements (hosts plus CIDRs).
     pub fn elements(&self) -> usize {
         self.sets.values().map(|s| s.elements.len()).sum()
@@ -471,6 +492,12 @@ mod tests {
         assert!(r.contains("ip saddr @tta0_n4 meta l4proto tcp tcp dport { 443 } accept"));
         assert!(r.contains("reject with tcp reset"));
         assert!(!r.contains("tta0_n6") && !r.contains("tta0_h4"));
+        let counts = Ruleset::build(&c, Some(&t)).rule_counts();
+        assert_eq!(counts.len(), 4, "{counts:?}");
+        // established, lo, ND, failsafe (none), 3 protocols of "cluster" (v4 and v6 sets), drop.
+        assert_eq!(counts["landlord_in"], 3 + 6 + 1, "{r}");
+        // established, lo, ND, tcp/443 (v4), two reject rules.
+        assert_eq!(counts["tenant_in"], 3 + 1 + 2, "{r}");
     }
 
     fn hosts(n: u32) -> Boundary {

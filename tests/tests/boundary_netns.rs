@@ -580,31 +580,48 @@ fn boundary_reachability_matrix_with_agent() {
 
     // Someone flushes the ruleset: the agent notices and restores it; we
     // wait for its BoundaryRestored signal.
-    let restored = lab.block_on(async {
-        let conn = zbus::connection::Builder::address(lab.address.as_str())
-            .build()
-            .await
-            .unwrap();
-        let p = leasehold_dbus_api::LandlordProxy::new(&conn).await.unwrap();
-        let mut sig = p.receive_boundary_restored().await.unwrap();
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &net.ns(H::A1),
-            "nft",
-            "flush",
-            "ruleset",
-        ]);
-        let s = tokio::time::timeout(std::time::Duration::from_secs(60), sig.next())
-            .await
-            .expect("BoundaryRestored within 60 s")
-            .unwrap();
-        s.args().unwrap().what().to_owned()
-    });
+    let restored_after = |cmd: &[&str]| {
+        lab.block_on(async {
+            let conn = zbus::connection::Builder::address(lab.address.as_str())
+                .build()
+                .await
+                .unwrap();
+            let p = leasehold_dbus_api::LandlordProxy::new(&conn).await.unwrap();
+            let mut sig = p.receive_boundary_restored().await.unwrap();
+            let mut full = vec!["ip", "netns", "exec"];
+            let ns = net.ns(H::A1);
+            full.push(&ns);
+            full.extend_from_slice(cmd);
+            sh(&full);
+            let s = tokio::time::timeout(std::time::Duration::from_secs(60), sig.next())
+                .await
+                .expect("BoundaryRestored within 60 s")
+                .unwrap();
+            s.args().unwrap().what().to_owned()
+        })
+    };
+    let restored = restored_after(&["nft", "flush", "ruleset"]);
     assert!(restored.contains("missing"), "{restored}");
     assert_matrix(&net, Scenario::Sub, "after nft flush ruleset");
     assert!(lab.agent_log().contains("boundary-drift"));
+    // An element slipped into one of its sets, and a rule deleted: noticed too.
+    let restored = restored_after(&[
+        "nft",
+        "add",
+        "element",
+        "inet",
+        "leasehold",
+        "lla0_h4",
+        "{ 10.77.0.21 }",
+    ]);
+    assert!(restored.contains("lla0_h4: 1 unexpected"), "{restored}");
+    let restored = restored_after(&["nft", "flush", "chain", "inet", "leasehold", "tenant_in"]);
+    assert!(restored.contains("was changed"), "{restored}");
+    assert_matrix(
+        &net,
+        Scenario::Sub,
+        "after the agent undid an added element and a flushed chain",
+    );
 
     // A peer added and removed: element changes only, visible in the set.
     let r = lab
