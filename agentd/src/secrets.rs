@@ -3,9 +3,8 @@
 //! erases them too). Values are never returned over D-Bus; engines will
 //! consume them (later issue).
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::fs;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::time::UNIX_EPOCH;
 
@@ -96,21 +95,9 @@ impl SecretStore {
         bytes.extend_from_slice(MAGIC);
         bytes.extend_from_slice(&nonce);
         bytes.extend_from_slice(&ct);
-        let dst = self.path(name);
-        let tmp = self.dir.join(format!(".{name}.tmp"));
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io("create", &tmp))?;
-        f.write_all(&bytes).map_err(io("write", &tmp))?;
-        f.sync_all().map_err(io("fsync", &tmp))?;
-        fs::rename(&tmp, &dst).map_err(io("rename", &dst))?;
-        fs::File::open(&self.dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io("fsync", &self.dir))?;
+        let file = format!("{name}{SUFFIX}");
+        crate::fsutil::write_atomic(&self.dir, &file, &bytes)
+            .map_err(io("write", &self.path(name)))?;
         self.entry(name)
     }
 
