@@ -19,7 +19,11 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
+use crate::netlink;
 use crate::nft::{self, ApplyError, Ruleset};
+
+/// Element changes up to this size go over netlink, larger ones through nft.
+const NETLINK_MAX_ELEMENTS: usize = 4096;
 
 /// How an apply changed the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -159,6 +163,32 @@ impl Enforcer {
     /// Makes the kernel enforce `rules`: element changes only when the
     /// chains and sets are the same as last applied, else the full table.
     pub fn apply(&mut self, rules: Ruleset) -> Result<Change, ApplyError> {
+        // Small host changes go straight to the kernel (see [`netlink`]); the
+        // socket is in the agent's own namespace, so not with a prefix.
+        if let (true, Some(a)) = (self.prefix.is_empty(), &self.applied) {
+            if let Some(delta) = rules.element_delta(&a.rules) {
+                if delta.is_empty() {
+                    return Ok(Change::Unchanged);
+                }
+                let n: usize = delta.iter().map(|c| c.addrs.len()).sum();
+                if n <= NETLINK_MAX_ELEMENTS {
+                    match netlink::apply_elements(nft::TABLE, &delta) {
+                        Ok(()) => {
+                            let shape = a.shape.clone();
+                            self.applied = Some(Applied { rules, shape });
+                            return Ok(Change::Elements);
+                        }
+                        Err(e) => {
+                            // The kernel's table is not what we think (or
+                            // netlink is unusable): the whole table puts it right.
+                            tracing::warn!(error = %e, "element change over netlink failed; replacing the whole table");
+                            self.apply_full(rules)?;
+                            return Ok(Change::Full);
+                        }
+                    }
+                }
+            }
+        }
         if let Some(a) = &self.applied {
             if let Some(script) = rules.update_script(&a.rules) {
                 if script.is_empty() {

@@ -13,6 +13,7 @@
 pub mod check;
 pub mod enforce;
 pub mod model;
+pub mod netlink;
 pub mod nft;
 pub mod policy;
 pub mod ranges;

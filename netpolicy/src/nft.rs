@@ -236,6 +236,42 @@ impl Ruleset {
         Ruleset { sets, chains }
     }
 
+    /// The hash-set element changes that turn `old` into `self`, or None
+    /// when anything else differs (chains, sets, interval-set contents).
+    pub fn element_delta(&self, old: &Ruleset) -> Option<Vec<crate::netlink::ElemChange>> {
+        if self.chains != old.chains || self.sets.len() != old.sets.len() {
+            return None;
+        }
+        let mut out = Vec::new();
+        for ((n1, new), (n2, old)) in self.sets.iter().zip(&old.sets) {
+            if n1 != n2 || new.family != old.family || new.interval != old.interval {
+                return None;
+            }
+            if new.elements == old.elements {
+                continue;
+            }
+            if new.interval {
+                return None;
+            }
+            let parse = |v: std::collections::btree_set::Difference<'_, String>| {
+                v.map(|x| x.parse().ok())
+                    .collect::<Option<Vec<std::net::IpAddr>>>()
+            };
+            let gone = parse(old.elements.difference(&new.elements))?;
+            let added = parse(new.elements.difference(&old.elements))?;
+            for (add, addrs) in [(false, gone), (true, added)] {
+                if !addrs.is_empty() {
+                    out.push(crate::netlink::ElemChange {
+                        set: n1.clone(),
+                        add,
+                        addrs,
+                    });
+                }
+            }
+        }
+        Some(out)
+    }
+
     /// Every set's elements as the kernel lists them.
     pub fn set_elements(&self) -> impl Iterator<Item = (&String, &BTreeSet<String>)> {
         self.sets.iter().map(|(n, d)| (n, &d.elements))

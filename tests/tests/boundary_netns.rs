@@ -661,6 +661,44 @@ fn boundary_reachability_matrix_with_agent() {
         .ok();
     assert_eq!(r.json()["change"], "elements");
     assert_eq!(r.json()["peers_changed"], 1);
+    let list = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.ns(H::A1),
+            "nft",
+            "list",
+            "table",
+            "inet",
+            "leasehold",
+        ])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&list.stdout).contains("10.77.0.77"));
+    // IPv6 too, through the same element path.
+    let r = lab
+        .run(
+            Who::Landlord,
+            "landlordctl",
+            &["--json", "boundary", "add-peer", "@internet", "fd77::77"],
+        )
+        .ok();
+    assert_eq!(r.json()["change"], "elements", "{r:?}");
+    let list = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &net.ns(H::A1),
+            "nft",
+            "list",
+            "table",
+            "inet",
+            "leasehold",
+        ])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&list.stdout).contains("fd77::77"));
+    assert_matrix(&net, Scenario::Sub, "after element changes");
 
     // Lifting the boundary needs confirmation; then everything is open on A1.
     let r = lab.run(Who::Landlord, "landlordctl", &["boundary", "remove"]);
