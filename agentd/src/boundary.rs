@@ -16,9 +16,10 @@ use std::time::Duration;
 use leasehold_dbus_api::{BoundaryInfo, FlowVerdict};
 use leasehold_netpolicy::enforce::{Change, Enforcer};
 use leasehold_netpolicy::model::{Direction, Proto};
+use leasehold_netpolicy::nft::Ruleset;
 use leasehold_netpolicy::nft::{self, ApplyError};
 use leasehold_netpolicy::policy::Policy;
-use leasehold_netpolicy::{explain, DocError, Flow};
+use leasehold_netpolicy::{explain, Boundary, DocError, Flow};
 use tracing::{error, info, warn};
 
 use crate::fsutil::write_atomic;
@@ -235,8 +236,13 @@ impl Boundaries {
         let mut g = self.lock();
         let mut next = g.policy.clone();
         let out = f(&mut next)?;
-        let rules = next.ruleset()?;
-        let warnings = Self::ssh_warnings(&next);
+        // Validate once: at 100k peers that is the biggest cost of a change.
+        let bounds = next.boundaries()?;
+        let warnings = bounds
+            .as_ref()
+            .map(|(c, s)| Self::ssh_warnings(c, s.as_ref()))
+            .unwrap_or_default();
+        let rules = bounds.map(|(c, s)| Ruleset::build(&c, s.as_ref()));
         if let Some(rs) = rules {
             let c = g.enforcer.apply(rs)?;
             g.last_change = Some(change_name(c));
@@ -257,10 +263,7 @@ impl Boundaries {
         Ok((out, warnings))
     }
 
-    fn ssh_warnings(p: &Policy) -> Vec<String> {
-        let Ok(Some((c, s))) = p.boundaries() else {
-            return Vec::new();
-        };
+    fn ssh_warnings(c: &Boundary, s: Option<&Boundary>) -> Vec<String> {
         ssh_peers()
             .into_iter()
             .filter_map(|peer| {
@@ -270,7 +273,7 @@ impl Boundaries {
                     proto: Proto::Tcp,
                     port: 22,
                 };
-                let e = explain(&c, s.as_ref(), &f);
+                let e = explain(c, s, &f);
                 (!e.allowed).then(|| {
                     format!(
                         "this boundary cuts the open SSH session from {peer} (new connections from it to tcp/22 are {}; add a failsafe entry to keep it)",
@@ -336,12 +339,7 @@ impl Boundaries {
             effective: g.policy.effective().ok().flatten().map(|e| to_json(&e)),
             failsafe: Some(failsafe),
             enforced: Some(g.enforcer.is_active()),
-            elements: g
-                .policy
-                .ruleset()
-                .ok()
-                .flatten()
-                .map(|r| r.elements() as u64),
+            elements: g.enforcer.elements().map(|n| n as u64),
             change: g.last_change.map(str::to_owned),
             cut: None,
             warnings: None,

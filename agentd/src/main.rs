@@ -249,12 +249,10 @@ async fn serve(
         }
     }
     let info = boundaries.info(true);
-    match info.elements {
-        Some(n) if info.enforced == Some(true) => {
-            println!("boundary:             enforced ({n} set elements)")
-        }
-        Some(_) => println!("boundary:             stored but NOT enforced (see the log)"),
-        None => println!("boundary:             none"),
+    match (info.elements, info.cluster.is_some()) {
+        (Some(n), _) => println!("boundary:             enforced ({n} set elements)"),
+        (None, true) => println!("boundary:             stored but NOT enforced (see the log)"),
+        (None, false) => println!("boundary:             none"),
     }
 
     let keys = Arc::new(keys);

@@ -119,6 +119,11 @@ impl Enforcer {
         self.prefix.iter().map(String::as_str).collect()
     }
 
+    /// Set elements of the applied ruleset.
+    pub fn elements(&self) -> Option<usize> {
+        self.applied.as_ref().map(|a| a.rules.elements())
+    }
+
     /// Whether this enforcer has applied a ruleset.
     pub fn is_active(&self) -> bool {
         self.applied.is_some()
