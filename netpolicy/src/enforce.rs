@@ -168,45 +168,51 @@ impl Enforcer {
     /// Makes the kernel enforce `rules`: element changes only when the
     /// chains and sets are the same as last applied, else the full table.
     pub fn apply(&mut self, rules: Ruleset) -> Result<Change, ApplyError> {
+        let Some(a) = &self.applied else {
+            self.apply_full(rules)?;
+            return Ok(Change::Full);
+        };
         // Small host changes go straight to the kernel (see [`netlink`]); the
         // socket is in the agent's own namespace, so not with a prefix.
-        if let (true, Some(a)) = (self.prefix.is_empty(), &self.applied) {
-            if let Some(delta) = rules.element_delta(&a.rules) {
-                if delta.is_empty() {
-                    return Ok(Change::Unchanged);
+        if let Some(delta) = rules
+            .element_delta(&a.rules)
+            .filter(|_| self.prefix.is_empty())
+        {
+            let n: usize = delta.iter().map(|c| c.addrs.len()).sum();
+            if n == 0 {
+                return Ok(Change::Unchanged);
+            }
+            if n <= NETLINK_MAX_ELEMENTS {
+                if let Err(e) = netlink::apply_elements(nft::TABLE, &delta) {
+                    // The kernel's table is not what we think (or netlink
+                    // is unusable): the whole table puts it right.
+                    tracing::warn!(error = %e, "element change over netlink failed; replacing the whole table");
+                    self.apply_full(rules)?;
+                    return Ok(Change::Full);
                 }
-                let n: usize = delta.iter().map(|c| c.addrs.len()).sum();
-                if n <= NETLINK_MAX_ELEMENTS {
-                    match netlink::apply_elements(nft::TABLE, &delta) {
-                        Ok(()) => {
-                            let shape = a.shape.clone();
-                            self.applied = Some(Applied { rules, shape });
-                            return Ok(Change::Elements);
-                        }
-                        Err(e) => {
-                            // The kernel's table is not what we think (or
-                            // netlink is unusable): the whole table puts it right.
-                            tracing::warn!(error = %e, "element change over netlink failed; replacing the whole table");
-                            self.apply_full(rules)?;
-                            return Ok(Change::Full);
-                        }
-                    }
-                }
+                return Ok(self.elements_changed(rules));
             }
         }
-        if let Some(a) = &self.applied {
-            if let Some(script) = rules.update_script(&a.rules) {
-                if script.is_empty() {
-                    return Ok(Change::Unchanged);
-                }
+        match rules.update_script(&a.rules) {
+            Some(script) if script.is_empty() => Ok(Change::Unchanged),
+            Some(script) => {
                 nft::apply(&script, &self.prefix())?;
-                let shape = a.shape.clone();
-                self.applied = Some(Applied { rules, shape });
-                return Ok(Change::Elements);
+                Ok(self.elements_changed(rules))
+            }
+            None => {
+                self.apply_full(rules)?;
+                Ok(Change::Full)
             }
         }
-        self.apply_full(rules)?;
-        Ok(Change::Full)
+    }
+
+    /// Records `rules` after an element-only change: chains and rules, so
+    /// the shape read back after the last full apply, are unchanged.
+    fn elements_changed(&mut self, rules: Ruleset) -> Change {
+        if let Some(a) = &mut self.applied {
+            a.rules = rules;
+        }
+        Change::Elements
     }
 
     fn apply_full(&mut self, rules: Ruleset) -> Result<(), ApplyError> {

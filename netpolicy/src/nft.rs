@@ -236,9 +236,13 @@ impl Ruleset {
         Ruleset { sets, chains }
     }
 
-    /// The hash-set element changes that turn `old` into `self`, or None
-    /// when anything else differs (chains, sets, interval-set contents).
-    pub fn element_delta(&self, old: &Ruleset) -> Option<Vec<crate::netlink::ElemChange>> {
+    /// The sets whose elements differ between `old` and `self`, as
+    /// (name, new, old), or None when the chains or the sets themselves
+    /// differ (then only a full apply will do).
+    fn changed_sets<'a>(
+        &'a self,
+        old: &'a Ruleset,
+    ) -> Option<Vec<(&'a String, &'a SetDef, &'a SetDef)>> {
         if self.chains != old.chains || self.sets.len() != old.sets.len() {
             return None;
         }
@@ -247,22 +251,30 @@ impl Ruleset {
             if n1 != n2 || new.family != old.family || new.interval != old.interval {
                 return None;
             }
-            if new.elements == old.elements {
-                continue;
+            if new.elements != old.elements {
+                out.push((n1, new, old));
             }
+        }
+        Some(out)
+    }
+
+    /// The hash-set element changes that turn `old` into `self`, or None
+    /// when anything else differs (chains, sets, interval-set contents).
+    pub fn element_delta(&self, old: &Ruleset) -> Option<Vec<crate::netlink::ElemChange>> {
+        let mut out = Vec::new();
+        for (name, new, old) in self.changed_sets(old)? {
             if new.interval {
                 return None;
             }
-            let parse = |v: std::collections::btree_set::Difference<'_, String>| {
-                v.map(|x| x.parse().ok())
-                    .collect::<Option<Vec<std::net::IpAddr>>>()
-            };
-            let gone = parse(old.elements.difference(&new.elements))?;
-            let added = parse(new.elements.difference(&old.elements))?;
-            for (add, addrs) in [(false, gone), (true, added)] {
+            for (add, from, minus) in [(false, old, new), (true, new, old)] {
+                let addrs = from
+                    .elements
+                    .difference(&minus.elements)
+                    .map(|x| x.parse().ok())
+                    .collect::<Option<Vec<std::net::IpAddr>>>()?;
                 if !addrs.is_empty() {
                     out.push(crate::netlink::ElemChange {
-                        set: n1.clone(),
+                        set: name.clone(),
                         add,
                         addrs,
                     });
@@ -346,45 +358,31 @@ impl Ruleset {
     /// themselves differ (then [`Ruleset::full_script`] is needed). An
     /// empty string means nothing to do.
     pub fn update_script(&self, old: &Ruleset) -> Option<String> {
-        if self.chains != old.chains
-            || self.sets.len() != old.sets.len()
-            || self.sets.iter().zip(&old.sets).any(|((n1, d1), (n2, d2))| {
-                n1 != n2 || d1.family != d2.family || d1.interval != d2.interval
-            })
-        {
-            return None;
-        }
         let mut s = String::new();
-        for ((name, new), (_, old)) in self.sets.iter().zip(&old.sets) {
-            if new.elements == old.elements {
-                continue;
-            }
+        for (name, new, old) in self.changed_sets(old)? {
             if new.interval {
                 // Elements of an interval set are merged ranges: one more
                 // prefix can swallow others, so the set is refilled (in the
                 // same transaction; cost grows with this set's prefixes).
                 let _ = writeln!(s, "flush set inet {TABLE} {name}");
+                let all: Vec<&str> = new.elements.iter().map(String::as_str).collect();
                 let _ = writeln!(
                     s,
                     "add element inet {TABLE} {name} {{ {} }}",
-                    new.elements.iter().cloned().collect::<Vec<_>>().join(", ")
+                    all.join(", ")
                 );
-            } else {
-                let gone: Vec<&String> = old.elements.difference(&new.elements).collect();
-                let added: Vec<&String> = new.elements.difference(&old.elements).collect();
-                if !gone.is_empty() {
-                    let list: Vec<&str> = gone.iter().map(|x| x.as_str()).collect();
+                continue;
+            }
+            for (verb, from, minus) in [("delete", old, new), ("add", new, old)] {
+                let list: Vec<&str> = from
+                    .elements
+                    .difference(&minus.elements)
+                    .map(String::as_str)
+                    .collect();
+                if !list.is_empty() {
                     let _ = writeln!(
                         s,
-                        "delete element inet {TABLE} {name} {{ {} }}",
-                        list.join(", ")
-                    );
-                }
-                if !added.is_empty() {
-                    let list: Vec<&str> = added.iter().map(|x| x.as_str()).collect();
-                    let _ = writeln!(
-                        s,
-                        "add element inet {TABLE} {name} {{ {} }}",
+                        "{verb} element inet {TABLE} {name} {{ {} }}",
                         list.join(", ")
                     );
                 }
@@ -431,13 +429,12 @@ fn nft(prefix: &[&str], args: &[&str]) -> Command {
     c
 }
 
-/// The table as the kernel has it, without counters (`nft -s list table`),
-/// or None when there is no such table. Used to notice changes made behind
-/// the agent's back.
-pub fn current(prefix: &[&str]) -> Result<Option<String>, ApplyError> {
-    let out = nft(prefix, &["-s", "list", "table", "inet", TABLE])
-        .stdin(Stdio::null())
-        .output()?;
+/// `nft [extra] -s list table inet leasehold`, or None when there is no
+/// such table.
+fn list_table(prefix: &[&str], extra: &[&str]) -> Result<Option<String>, ApplyError> {
+    let mut args = extra.to_vec();
+    args.extend(["-s", "list", "table", "inet", TABLE]);
+    let out = nft(prefix, &args).stdin(Stdio::null()).output()?;
     if out.status.success() {
         return Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()));
     }
@@ -449,21 +446,16 @@ pub fn current(prefix: &[&str]) -> Result<Option<String>, ApplyError> {
     }
 }
 
-/// The table as JSON without counters (`nft -j -s list table`), or None
-/// when there is no such table.
+/// The table as the kernel has it, without counters (`nft -s list table`),
+/// or None when there is no such table.
+pub fn current(prefix: &[&str]) -> Result<Option<String>, ApplyError> {
+    list_table(prefix, &[])
+}
+
+/// The same as JSON (`nft -j -s list table`): what the agent compares to
+/// notice changes made behind its back.
 pub fn current_json(prefix: &[&str]) -> Result<Option<String>, ApplyError> {
-    let out = nft(prefix, &["-j", "-s", "list", "table", "inet", TABLE])
-        .stdin(Stdio::null())
-        .output()?;
-    if out.status.success() {
-        return Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()));
-    }
-    let err = String::from_utf8_lossy(&out.stderr);
-    if err.contains("No such file or directory") {
-        Ok(None)
-    } else {
-        Err(ApplyError::Refused(err.trim().to_owned()))
-    }
+    list_table(prefix, &["-j"])
 }
 
 /// Starts `nft monitor` on ruleset changes (tables, chains, rules, sets,

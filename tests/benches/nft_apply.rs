@@ -12,13 +12,14 @@
 //! (needs the `iptables` package and a built `lh-rr`).
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Write as _};
+use std::io::Write as _;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use leasehold_netpolicy::enforce::{Change, Enforcer};
 use leasehold_netpolicy::nft::Ruleset;
 use leasehold_netpolicy::{Boundary, BoundaryDoc};
+use leasehold_tests::{sh, spawn_ready};
 
 const SIZES: [usize; 4] = [10, 1_000, 10_000, 100_000];
 const SERVER: &str = "10.88.0.1";
@@ -58,15 +59,6 @@ fn median(mut v: Vec<Duration>) -> Duration {
 
 fn ms(d: Duration) -> String {
     format!("{:.1} ms", d.as_secs_f64() * 1e3)
-}
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 fn feed(args: &[&str], input: &str) {
@@ -136,30 +128,17 @@ impl Pair {
             "sysctl",
             "-qw",
             "net.ipv4.tcp_tw_reuse=1",
-        ]);
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &cli,
-            "sysctl",
-            "-qw",
             "net.ipv4.ip_local_port_range=1024 65000",
         ]);
         // Server and client pinned to different CPUs: on a small VM the
         // scheduler otherwise moves them around and the rate jumps by ±40 %.
-        let mut server = Command::new("taskset")
-            .args(["-c", "1", "ip", "netns", "exec", &srv])
-            .arg(leasehold_tests::bin("lh-rr"))
-            .args(["server", "5001"])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(server.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        assert_eq!(line.trim(), "ready");
+        let server = spawn_ready(
+            Command::new("taskset")
+                .args(["-c", "1", "ip", "netns", "exec", &srv])
+                .arg(leasehold_tests::bin("lh-rr"))
+                .args(["server", "5001"]),
+            "ready",
+        );
         Pair { srv, cli, server }
     }
 

@@ -111,6 +111,27 @@ fn run_ok(cmd: &mut Command) {
     );
 }
 
+/// Runs `args` (program first) and asserts it succeeded.
+pub fn sh(args: &[&str]) {
+    run_ok(Command::new(args[0]).args(&args[1..]));
+}
+
+/// Spawns `cmd` with stdout piped and waits for its first line, which must
+/// be `ready` (the child's own readiness event: it prints it once listening).
+pub fn spawn_ready(cmd: &mut Command, ready: &str) -> Child {
+    let mut c = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let mut line = String::new();
+    BufReader::new(c.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), ready, "{cmd:?} did not get ready");
+    c
+}
+
 /// The groups of the shipped rules and three users: landlord, tenant, outsider.
 pub fn users() -> &'static [User; 3] {
     static USERS: OnceLock<[User; 3]> = OnceLock::new();

@@ -9,13 +9,13 @@
 //! sees it; the console's failsafe SSH throughout.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{Child, Command, Stdio};
 
 use futures_util::StreamExt;
 use leasehold_netpolicy::nft;
 use leasehold_netpolicy::BoundaryDoc;
-use leasehold_tests::{require_root, Lab, Who};
+use leasehold_tests::{require_root, sh, spawn_ready, Lab, Who};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum H {
@@ -69,15 +69,6 @@ const SERVICES: [Svc; 5] = [
     Svc::Tcp(8080),
     Svc::Udp(5353),
 ];
-
-fn sh(args: &[&str]) {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 const SERVER: &str = r#"
 import socket, threading, sys
@@ -173,18 +164,10 @@ impl Net {
             sh(&["ip", "-n", &ns, "addr", "add", &v6, "dev", "eth0", "nodad"]);
             sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
             sh(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
-            let mut c = Command::new("ip")
-                .args(["netns", "exec", &ns, "python3", "-c", SERVER])
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .spawn()
-                .unwrap();
-            let mut line = String::new();
-            BufReader::new(c.stdout.take().unwrap())
-                .read_line(&mut line)
-                .unwrap();
-            assert_eq!(line.trim(), "ready", "server in {ns}");
+            let c = spawn_ready(
+                Command::new("ip").args(["netns", "exec", &ns, "python3", "-c", SERVER]),
+                "ready",
+            );
             net.servers.push(c);
         }
         net
@@ -201,10 +184,15 @@ impl Net {
         nft::apply(&nft::ruleset(&b, None), &p).unwrap();
     }
 
-    fn has_table(&self, h: H) -> bool {
+    /// The node's table as nft lists it (None: no table).
+    fn listing(&self, h: H) -> Option<String> {
         let p = self.prefix(h);
         let p: Vec<&str> = p.iter().map(String::as_str).collect();
-        nft::current(&p).unwrap().is_some()
+        nft::current(&p).unwrap()
+    }
+
+    fn has_table(&self, h: H) -> bool {
+        self.listing(h).is_some()
     }
 
     /// Every probe between node pairs, both families; results by
@@ -447,23 +435,17 @@ fn boundary_reachability_matrix_with_agent() {
 
     // An SSH session from the internet host, open before the boundary: the
     // agent warns that the new boundary cuts it.
-    let mut held = Command::new("ip")
-        .args([
+    let mut held = spawn_ready(
+        Command::new("ip").args([
             "netns",
             "exec",
             &net.ns(H::Inet),
             "python3",
             "-c",
             "import socket,sys,time\ns=socket.create_connection(('10.77.0.11',22))\nprint('up',flush=True)\ntime.sleep(600)",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(held.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "up");
+        ]),
+        "up",
+    );
 
     // Landlord boundaries: A1 through the agent (reject), A2 and B1 with the
     // backend (drop).
@@ -632,20 +614,7 @@ fn boundary_reachability_matrix_with_agent() {
         )
         .ok();
     assert_eq!(r.json()["change"], "elements", "{r:?}");
-    let list = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &net.ns(H::A1),
-            "nft",
-            "list",
-            "table",
-            "inet",
-            "leasehold",
-        ])
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&list.stdout).contains("10.77.0.77"));
+    assert!(net.listing(H::A1).unwrap().contains("10.77.0.77"));
     let r = lab
         .run(
             Who::Landlord,
@@ -661,20 +630,7 @@ fn boundary_reachability_matrix_with_agent() {
         .ok();
     assert_eq!(r.json()["change"], "elements");
     assert_eq!(r.json()["peers_changed"], 1);
-    let list = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &net.ns(H::A1),
-            "nft",
-            "list",
-            "table",
-            "inet",
-            "leasehold",
-        ])
-        .output()
-        .unwrap();
-    assert!(!String::from_utf8_lossy(&list.stdout).contains("10.77.0.77"));
+    assert!(!net.listing(H::A1).unwrap().contains("10.77.0.77"));
     // IPv6 too, through the same element path.
     let r = lab
         .run(
@@ -684,20 +640,7 @@ fn boundary_reachability_matrix_with_agent() {
         )
         .ok();
     assert_eq!(r.json()["change"], "elements", "{r:?}");
-    let list = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            &net.ns(H::A1),
-            "nft",
-            "list",
-            "table",
-            "inet",
-            "leasehold",
-        ])
-        .output()
-        .unwrap();
-    assert!(String::from_utf8_lossy(&list.stdout).contains("fd77::77"));
+    assert!(net.listing(H::A1).unwrap().contains("fd77::77"));
     assert_matrix(&net, Scenario::Sub, "after element changes");
 
     // Lifting the boundary needs confirmation; then everything is open on A1.

@@ -357,18 +357,10 @@ fn vm_lab_end_to_end() {
         r.code,
         r.stderr
     );
-    let t0 = Instant::now();
-    loop {
-        assert!(
-            t0.elapsed().as_secs() < 400,
-            "node did not come back after reboot"
-        );
+    wait_until(400, 2, "node did not come back after reboot", || {
         let o = vm.lab(30, &["ssh", NODE, "cat /proc/sys/kernel/random/boot_id"]);
-        if o.code == 0 && o.stdout != boot_id {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_secs(2));
-    }
+        o.code == 0 && o.stdout != boot_id
+    });
     vm.sh("timeout 120 sh -c 'until systemctl is-active -q leasehold-agentd; do sleep 1; done'");
     let after = json(&vm.sh("landlordctl --json info"));
     for k in [
@@ -391,17 +383,23 @@ fn vm_lab_end_to_end() {
         r.code,
         r.stderr
     );
-    let t0 = Instant::now();
-    loop {
-        assert!(
-            t0.elapsed().as_secs() < 180,
-            "QEMU still running after landlordctl poweroff"
-        );
-        if vm.lab(30, &["running", NODE]).code != 0 {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_secs(1));
-    }
+    wait_until(
+        180,
+        1,
+        "QEMU still running after landlordctl poweroff",
+        || vm.lab(30, &["running", NODE]).code != 0,
+    );
     vm.step("power off via landlordctl");
     eprintln!("vm: phase timings (s): {:?}", vm.timings);
+}
+
+/// Polls `done` every `every` seconds until it holds, failing with `what`
+/// after `secs`. Only for conditions with no event to wait on (a guest
+/// rebooting or powering off is seen from outside by trying).
+fn wait_until(secs: u64, every: u64, what: &str, mut done: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !done() {
+        assert!(t0.elapsed().as_secs() < secs, "{what}");
+        std::thread::sleep(std::time::Duration::from_secs(every));
+    }
 }
