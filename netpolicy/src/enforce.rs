@@ -22,8 +22,9 @@ use serde_json::Value;
 use crate::netlink;
 use crate::nft::{self, ApplyError, Ruleset};
 
-/// Element changes up to this size go over netlink, larger ones through nft.
-const NETLINK_MAX_ELEMENTS: usize = 4096;
+/// From this many single hosts on, a full apply is staged (see
+/// [`Enforcer::apply`]); below it one `nft -f` is as fast.
+const STAGED_MIN_HOSTS: usize = 4096;
 
 /// How an apply changed the kernel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +66,9 @@ struct Applied {
 pub struct Enforcer {
     prefix: Vec<String>,
     applied: Option<Applied>,
+    /// Kept open: see [`netlink::Conn`].
+    conn: Option<netlink::Conn>,
+    staged_min: usize,
 }
 
 struct Listing {
@@ -112,7 +116,30 @@ impl Enforcer {
         Enforcer {
             prefix,
             applied: None,
+            conn: None,
+            staged_min: STAGED_MIN_HOSTS,
         }
+    }
+
+    /// Sets from how many single hosts on a full apply is staged (tests
+    /// use 0 to take that path with small rulesets).
+    pub fn staged_from(mut self, hosts: usize) -> Self {
+        self.staged_min = hosts;
+        self
+    }
+
+    /// Sends element changes over the kept-open socket; a failed socket is
+    /// dropped so the next change opens a fresh one.
+    fn send(&mut self, changes: &[netlink::ElemChange]) -> Result<(), ApplyError> {
+        let conn = match &mut self.conn {
+            Some(c) => c,
+            None => self.conn.insert(netlink::Conn::open()?),
+        };
+        let r = conn.apply(nft::TABLE, changes);
+        if r.is_err() {
+            self.conn = None;
+        }
+        r
     }
 
     fn prefix(&self) -> Vec<&str> {
@@ -167,23 +194,28 @@ impl Enforcer {
 
     /// Makes the kernel enforce `rules`: element changes only when the
     /// chains and sets are the same as last applied, else the full table.
+    ///
+    /// Element changes of hash sets go straight to the kernel as one
+    /// nfnetlink batch (the socket is in the agent's own namespace, so not
+    /// with a prefix), other element changes through `nft -f`. A full apply
+    /// of many hosts is staged: the new sets are created under new names
+    /// and filled over netlink while the old ruleset stays in force, then
+    /// one `nft -f` transaction switches the chains to them and deletes
+    /// the old sets (nft's parser takes most of a plain `nft -f` of 100k
+    /// elements). Any failure there falls back to the plain full apply,
+    /// which replaces the table (old sets and leftovers included).
     pub fn apply(&mut self, rules: Ruleset) -> Result<Change, ApplyError> {
         let Some(a) = &self.applied else {
             self.apply_full(rules)?;
             return Ok(Change::Full);
         };
-        // Small host changes go straight to the kernel (see [`netlink`]); the
-        // socket is in the agent's own namespace, so not with a prefix.
-        if let Some(delta) = rules
-            .element_delta(&a.rules)
-            .filter(|_| self.prefix.is_empty())
-        {
-            let n: usize = delta.iter().map(|c| c.addrs.len()).sum();
-            if n == 0 {
-                return Ok(Change::Unchanged);
-            }
-            if n <= NETLINK_MAX_ELEMENTS {
-                if let Err(e) = netlink::apply_elements(nft::TABLE, &delta) {
+        let rules = rules.with_suffix(a.rules.suffix());
+        if self.prefix.is_empty() {
+            if let Some(delta) = rules.element_delta(&a.rules) {
+                if delta.is_empty() {
+                    return Ok(Change::Unchanged);
+                }
+                if let Err(e) = self.send(&delta) {
                     // The kernel's table is not what we think (or netlink
                     // is unusable): the whole table puts it right.
                     tracing::warn!(error = %e, "element change over netlink failed; replacing the whole table");
@@ -216,9 +248,43 @@ impl Enforcer {
     }
 
     fn apply_full(&mut self, rules: Ruleset) -> Result<(), ApplyError> {
+        let rules = if self.prefix.is_empty() && rules.hash_elements() >= self.staged_min {
+            let (chains, sets) = nft::objects(&[])?;
+            // A generation no set of the table has (leftovers included).
+            let gen = sets
+                .iter()
+                .filter_map(|n| n.rsplit_once("_g").and_then(|(_, g)| g.parse::<u64>().ok()))
+                .max()
+                .unwrap_or(0)
+                + 1;
+            let rules = rules.with_suffix(&format!("_g{gen}"));
+            match self.apply_staged(&rules, &chains, &sets) {
+                Ok(()) => {
+                    self.applied = Some(Applied { rules, shape: None });
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "staged apply failed; replacing the whole table");
+                    rules
+                }
+            }
+        } else {
+            rules
+        };
         nft::apply(&rules.full_script(), &self.prefix())?;
         self.applied = Some(Applied { rules, shape: None });
         Ok(())
+    }
+
+    fn apply_staged(
+        &mut self,
+        rules: &Ruleset,
+        chains: &[String],
+        sets: &[String],
+    ) -> Result<(), ApplyError> {
+        nft::apply(&rules.stage_script(), &[])?;
+        self.send(&rules.hash_fill())?;
+        nft::apply(&rules.switch_script(chains, sets), &[])
     }
 
     /// Removes the table (lifts every boundary). Absent is fine.
