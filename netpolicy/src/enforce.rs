@@ -352,8 +352,8 @@ impl Enforcer {
         }
         for (name, want) in a.rules.set_elements() {
             let have = l.sets.get(name).cloned().unwrap_or_default();
-            if have != *want {
-                let extra = have.difference(want).count();
+            if have != want {
+                let extra = have.difference(&want).count();
                 let missing = want.difference(&have).count();
                 return Ok(Some(Drift::Changed(format!(
                     "set {name}: {extra} unexpected and {missing} missing elements"

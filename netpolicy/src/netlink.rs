@@ -200,7 +200,9 @@ impl Conn {
     /// an error the kernel has rolled the whole batch back.
     pub fn apply(&mut self, table: &str, changes: &[ElemChange]) -> Result<(), ApplyError> {
         let (buf, mut pending) = encode(table, changes, self.seq);
-        self.seq = self.seq.wrapping_add(u32::try_from(pending.len() + 2).unwrap_or(2));
+        self.seq = self
+            .seq
+            .wrapping_add(u32::try_from(pending.len() + 2).unwrap_or(2));
         if pending.is_empty() {
             return Ok(());
         }
@@ -210,7 +212,11 @@ impl Conn {
             let want = buf.len() + 4096;
             nix::sys::socket::setsockopt(&self.sock, nix::sys::socket::sockopt::SndBufForce, &want)
                 .or_else(|_| {
-                    nix::sys::socket::setsockopt(&self.sock, nix::sys::socket::sockopt::SndBuf, &want)
+                    nix::sys::socket::setsockopt(
+                        &self.sock,
+                        nix::sys::socket::sockopt::SndBuf,
+                        &want,
+                    )
                 })
                 .map_err(|e| io("send buffer", e.into()))?;
             self.sndbuf = want;
@@ -221,7 +227,8 @@ impl Conn {
             let (data, _) = self.sock.recv_from_full().map_err(|e| io("receive", e))?;
             let mut at = 0;
             while at + 16 <= data.len() {
-                let len = u32::from_ne_bytes(data[at..at + 4].try_into().unwrap_or([0; 4])) as usize;
+                let len =
+                    u32::from_ne_bytes(data[at..at + 4].try_into().unwrap_or([0; 4])) as usize;
                 let ty = u16::from_ne_bytes([data[at + 4], data[at + 5]]);
                 let seq = u32::from_ne_bytes(data[at + 8..at + 12].try_into().unwrap_or([0; 4]));
                 if len < 16 || at + len > data.len() {
@@ -229,7 +236,8 @@ impl Conn {
                 }
                 // Answers to an earlier, timed-out batch are skipped by seq.
                 if ty == NLMSG_ERROR && len >= 20 && pending.contains(&seq) {
-                    let code = i32::from_ne_bytes(data[at + 16..at + 20].try_into().unwrap_or([0; 4]));
+                    let code =
+                        i32::from_ne_bytes(data[at + 16..at + 20].try_into().unwrap_or([0; 4]));
                     if code != 0 && first_error.is_none() {
                         first_error = Some(std::io::Error::from_raw_os_error(-code).to_string());
                     }

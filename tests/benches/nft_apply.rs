@@ -27,6 +27,8 @@ const CLIENT: &str = "10.88.0.2";
 const RR_SECS: &str = "3";
 /// Runs per request/response figure (the median is shown).
 const RR_RUNS: usize = 5;
+/// Rounds of the paired flatness measurement.
+const FLAT_ROUNDS: usize = 9;
 
 /// n peers: n-1 hosts spread over 10.0.0.0/8 (every other address) and,
 /// last, the client.
@@ -362,9 +364,46 @@ fn main() {
     let flat = |i: usize, pick: fn(&(f64, f64)) -> f64| pick(&nft_rates[i]) / pick(&nft_rates[0]);
     writeln!(
         out,
-        "\nLeasehold at 100k peers vs 10 peers: one connection {:.3}, new connection each {:.3} (target: within 5 %).\n",
+        "\nLeasehold at 100k peers vs 10 peers, from the table above: one connection {:.3}, new connection each {:.3}.\n",
         flat(3, |r| r.0),
         flat(3, |r| r.1)
+    )
+    .unwrap();
+
+    // 3. Flatness, paired: the rows above are minutes apart, and this
+    // machine's rate drifts by tens of percent over minutes. Here the 10-
+    // and the 100k-peer ruleset alternate, one short run each, and each
+    // round gives one ratio; the median of the ratios is the figure.
+    let small = Ruleset::build(&boundary(&peers(10)), None);
+    let large = Ruleset::build(&boundary(&peers(100_000)), None);
+    let mut ratios: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..FLAT_ROUNDS {
+        for (k, mode) in ["persistent", "connect"].into_iter().enumerate() {
+            let mut rate = [0.0; 2];
+            // Alternate which goes first, so a trend within a round cancels.
+            let order = if round % 2 == 0 { [0, 1] } else { [1, 0] };
+            for which in order {
+                let mut e = Enforcer::new(prefix.clone());
+                let r = if which == 0 { &small } else { &large };
+                e.apply(r.clone()).unwrap();
+                rate[which] = pair.rr_once(mode);
+            }
+            ratios[k].push(rate[1] / rate[0]);
+        }
+        pair.clear();
+    }
+    let quartiles = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let q = |pct: usize| v[(v.len() - 1) * pct / 100];
+        (q(50), q(25), q(75))
+    };
+    let (p50, p25, p75) = quartiles(ratios[0].clone());
+    let (c50, c25, c75) = quartiles(ratios[1].clone());
+    writeln!(
+        out,
+        "Paired (the 10- and 100k-peer rulesets alternating, {FLAT_ROUNDS} rounds of one {RR_SECS} s run each), rate at 100k / rate at 10: \
+         one connection median {p50:.3} (quartiles {p25:.3}–{p75:.3}), new connection each median {c50:.3} (quartiles {c25:.3}–{c75:.3}); \
+         target: within 5 %.\n"
     )
     .unwrap();
     writeln!(

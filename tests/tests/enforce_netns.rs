@@ -32,7 +32,11 @@ fn boundary(hosts: u32, second_entry: bool) -> leasehold_netpolicy::model::Bound
 
 fn nft_out(args: &[&str]) -> String {
     let o = Command::new("nft").args(args).output().unwrap();
-    assert!(o.status.success(), "nft {args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        o.status.success(),
+        "nft {args:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
@@ -50,7 +54,10 @@ fn staged_apply_element_changes_and_leftovers() {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
 
     let mut e = Enforcer::new(Vec::new()).staged_from(0);
-    assert_eq!(e.apply(Ruleset::build(&boundary(10, false), None)).unwrap(), Change::Full);
+    assert_eq!(
+        e.apply(Ruleset::build(&boundary(10, false), None)).unwrap(),
+        Change::Full
+    );
     let (chains, sets) = nft::objects(&[]).unwrap();
     assert_eq!(chains, ["landlord_in", "landlord_out"]);
     assert_eq!(sets, ["lla0_h4_g1", "lla0_h6_g1", "lla0_n4_g1"]);
@@ -61,29 +68,65 @@ fn staged_apply_element_changes_and_leftovers() {
     assert_eq!(e.check().unwrap(), None);
 
     // 5000 hosts more: one batch of three messages, then back.
-    assert_eq!(e.apply(Ruleset::build(&boundary(5010, false), None)).unwrap(), Change::Elements);
+    assert_eq!(
+        e.apply(Ruleset::build(&boundary(5010, false), None))
+            .unwrap(),
+        Change::Elements
+    );
     assert_eq!(set_len("lla0_h4_g1"), 5010);
     assert_eq!(e.check().unwrap(), None);
     for _ in 0..3 {
-        assert_eq!(e.apply(Ruleset::build(&boundary(11, false), None)).unwrap(), Change::Elements);
-        assert_eq!(e.apply(Ruleset::build(&boundary(10, false), None)).unwrap(), Change::Elements);
+        assert_eq!(
+            e.apply(Ruleset::build(&boundary(11, false), None)).unwrap(),
+            Change::Elements
+        );
+        assert_eq!(
+            e.apply(Ruleset::build(&boundary(10, false), None)).unwrap(),
+            Change::Elements
+        );
     }
     assert_eq!(set_len("lla0_h4_g1"), 10);
     assert_eq!(e.check().unwrap(), None);
-    assert_eq!(e.apply(Ruleset::build(&boundary(10, false), None)).unwrap(), Change::Unchanged);
+    assert_eq!(
+        e.apply(Ruleset::build(&boundary(10, false), None)).unwrap(),
+        Change::Unchanged
+    );
 
     // A leftover set of an interrupted staged apply: the next full apply
     // takes a later generation and removes it with the old sets.
-    nft_out(&["add", "set", "inet", nft::TABLE, "lla0_h4_g7", "{ type ipv4_addr; }"]);
-    assert_eq!(e.apply(Ruleset::build(&boundary(10, true), None)).unwrap(), Change::Full);
+    nft_out(&[
+        "add",
+        "set",
+        "inet",
+        nft::TABLE,
+        "lla0_h4_g7",
+        "{ type ipv4_addr; }",
+    ]);
+    assert_eq!(
+        e.apply(Ruleset::build(&boundary(10, true), None)).unwrap(),
+        Change::Full
+    );
     let (_, sets) = nft::objects(&[]).unwrap();
-    assert_eq!(sets, ["lla0_h4_g8", "lla0_h6_g8", "lla0_n4_g8", "lla1_h4_g8"]);
+    assert_eq!(
+        sets,
+        ["lla0_h4_g8", "lla0_h6_g8", "lla0_n4_g8", "lla1_h4_g8"]
+    );
     assert_eq!(e.check().unwrap(), None);
-    assert_eq!(e.apply(Ruleset::build(&boundary(12, true), None)).unwrap(), Change::Elements);
+    assert_eq!(
+        e.apply(Ruleset::build(&boundary(12, true), None)).unwrap(),
+        Change::Elements
+    );
     assert_eq!(set_len("lla0_h4_g8"), 12);
 
     // An element removed behind the agent's back is noticed and restored.
-    nft_out(&["delete", "element", "inet", nft::TABLE, "lla0_h4_g8", "{ 10.0.0.3 }"]);
+    nft_out(&[
+        "delete",
+        "element",
+        "inet",
+        nft::TABLE,
+        "lla0_h4_g8",
+        "{ 10.0.0.3 }",
+    ]);
     assert!(matches!(e.check().unwrap(), Some(Drift::Changed(_))));
     e.restore().unwrap();
     assert_eq!(e.check().unwrap(), None);
