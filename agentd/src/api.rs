@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use leasehold_dbus_api::{
     actions, BoundaryInfo, Error, FlowVerdict, KeyChange, NodeInfo, PublicKey, SecretInfo,
-    API_VERSION, OBJECT_PATH,
+    VolumeInfo, API_VERSION, OBJECT_PATH,
 };
 use leasehold_tpm::{Confirm, KeyError, Role};
 use zbus::message::Header;
@@ -17,6 +17,7 @@ use crate::boundary::{parse_flow, Boundaries, BoundaryError};
 use crate::keys::{Keys, KeysGone};
 use crate::power::{self, PowerAction};
 use crate::secrets::{SecretError, SecretStore};
+use crate::volume::{DiskKeyInfo, Volume, VolumeError};
 use leasehold_netpolicy::policy::parse_doc;
 
 /// State shared by both interfaces.
@@ -26,6 +27,69 @@ pub struct Ctx {
     pub auth: Authorizer,
     pub secrets: SecretStore,
     pub boundaries: Arc<crate::boundary::Boundaries>,
+    pub volume: Arc<Volume>,
+    pub state_dir: std::path::PathBuf,
+}
+
+/// Key generation of each link of the disk-key chain, widest first.
+fn generations(st: &leasehold_tpm::Status) -> Vec<(String, u64)> {
+    let mut g = vec![(Role::Landlord.to_string(), st.landlord.key_generation)];
+    if let Some(t) = &st.tenant {
+        g.push((Role::Tenant.to_string(), t.key_generation));
+    }
+    g
+}
+
+/// The disk key and what it was made from, from the key thread.
+pub async fn disk_key_info(keys: &Keys) -> Result<DiskKeyInfo, ApiError> {
+    let r = keys
+        .call(|k| {
+            let st = k.status();
+            k.disk_key().map(|d| DiskKeyInfo {
+                node_id: st.node_id.clone(),
+                key: zeroize::Zeroizing::new(d.expose_secret().to_vec()),
+                generations: generations(&st),
+            })
+        })
+        .await??;
+    Ok(r)
+}
+
+impl From<VolumeError> for ApiError {
+    fn from(e: VolumeError) -> Self {
+        let msg = e.to_string();
+        ApiError(match e {
+            VolumeError::Invalid(_) | VolumeError::None => Error::InvalidArgument(msg),
+            VolumeError::Storage(
+                leasehold_storage::StorageError::NotABlockDevice { .. }
+                | leasehold_storage::StorageError::Mounted { .. }
+                | leasehold_storage::StorageError::InUse { .. }
+                | leasehold_storage::StorageError::RootDisk { .. }
+                | leasehold_storage::StorageError::Signature { .. }
+                | leasehold_storage::StorageError::WrongKey(_),
+            ) => Error::InvalidArgument(format!("device: {msg}")),
+            other => {
+                tracing::error!(error = %other, "volume operation failed");
+                Error::Failed(msg)
+            }
+        })
+    }
+}
+
+/// The signed statement of what a key change destroyed (docs/storage.md).
+#[derive(Debug, serde::Serialize)]
+struct Receipt {
+    format: u32,
+    node_id: String,
+    change: String,
+    role: String,
+    time: u64,
+    destroyed: Vec<String>,
+    key_generations_before: Vec<(String, u64)>,
+    key_generations_after: Vec<(String, u64)>,
+    volume: Option<crate::volume::Remade>,
+    volume_error: Option<String>,
+    signer: String,
 }
 
 impl From<KeysGone> for ApiError {
@@ -115,6 +179,7 @@ fn change_dict(c: &leasehold_tpm::KeyChange) -> KeyChange {
         generation_after: c.generation_after,
         data_destroyed: Some(c.data_destroyed),
         fingerprint: c.fingerprint_after.clone(),
+        ..Default::default()
     }
 }
 
@@ -287,7 +352,27 @@ impl Ctx {
             + Send
             + 'static,
     ) -> Result<KeyChange, ApiError> {
-        let c = self.keys.call(f).await??;
+        let (before, c) = self
+            .keys
+            .call(move |k| {
+                let before = generations(&k.status());
+                (before, f(k))
+            })
+            .await?;
+        let c = c?;
+        self.changed(conn, caller_uid, &c, before).await
+    }
+
+    /// After a key change: purges tenant secrets if it destroyed data,
+    /// remakes the volume if the disk key changed, signs an erase receipt,
+    /// logs and signals it.
+    async fn changed(
+        &self,
+        conn: &Connection,
+        caller_uid: u32,
+        c: &leasehold_tpm::KeyChange,
+        before: Vec<(String, u64)>,
+    ) -> Result<KeyChange, ApiError> {
         if c.data_destroyed {
             let n = self.secrets.purge()?;
             if n > 0 {
@@ -298,9 +383,149 @@ impl Ctx {
             }
         }
         tracing::info!(uid = caller_uid, change = %c, "key change");
-        let d = change_dict(&c);
+        let mut d = change_dict(c);
+        let disk_key_changed = c.data_destroyed
+            || matches!(
+                c.kind,
+                leasehold_tpm::ChangeKind::Assign | leasehold_tpm::ChangeKind::Release
+            );
+        if disk_key_changed {
+            let (receipt, sig) = self.erase_receipt(c, before).await?;
+            d.receipt = Some(receipt);
+            d.receipt_signature = Some(sig);
+        }
         emit(conn, &d).await;
         Ok(d)
+    }
+
+    /// Remakes the volume under the new disk key and signs what was
+    /// destroyed. The receipt is also kept in the state dir (receipts/).
+    async fn erase_receipt(
+        &self,
+        c: &leasehold_tpm::KeyChange,
+        before: Vec<(String, u64)>,
+    ) -> Result<(String, String), ApiError> {
+        let k = disk_key_info(&self.keys).await?;
+        let after = k.generations.clone();
+        let node_id = k.node_id.clone();
+        let kind = change_dict(c).kind.unwrap_or_default();
+        let reason = format!("{kind} of {} keys", c.role);
+        let v = self.volume.clone();
+        let remade = tokio::task::spawn_blocking(move || v.remake(&k, &reason))
+            .await
+            .map_err(|e| ApiError(Error::Failed(format!("volume task: {e}"))))?;
+        let (volume, volume_error) = match remade {
+            Ok(r) => (r, None),
+            Err(e) => {
+                tracing::error!(error = %e, "the volume was not remade after the key change");
+                (None, Some(e.to_string()))
+            }
+        };
+        let mut destroyed = Vec::new();
+        let gens = |g: &[(String, u64)]| leasehold_storage::meta::generations_text(g);
+        destroyed.push(format!(
+            "{} key (key generation {}): its TPM sealed object and the generation secret it depends on (NV index undefined)",
+            c.role,
+            c.key_generation_before.map_or("none".into(), |g| g.to_string())
+        ));
+        destroyed.push(format!(
+            "disk key made from key generations {}",
+            gens(&before)
+        ));
+        if let Some(r) = &volume {
+            destroyed.push(format!(
+                "volume {} on {}: mapping wiped, new empty filesystem under the new disk key",
+                r.id, r.device
+            ));
+        }
+        if c.data_destroyed {
+            destroyed.push("the tenant's secret store".into());
+        }
+        let signer = self
+            .keys
+            .call(|k| k.signing_key().map(|s| s.fingerprint))
+            .await??;
+        let receipt = Receipt {
+            format: 1,
+            node_id,
+            change: kind,
+            role: c.role.to_string(),
+            time: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            destroyed,
+            key_generations_before: before,
+            key_generations_after: after,
+            volume,
+            volume_error,
+            signer,
+        };
+        let body = serde_json::to_string(&receipt)
+            .map_err(|e| ApiError(Error::Failed(format!("receipt: {e}"))))?;
+        let bytes = body.clone().into_bytes();
+        let sig = self.keys.call(move |k| k.sign(&bytes)).await??;
+        use base64::Engine as _;
+        let sig = base64::engine::general_purpose::STANDARD.encode(sig);
+        let dir = self.state_dir.join("receipts");
+        let stored = serde_json::json!({ "receipt": body, "signature": sig }).to_string();
+        let name = format!("{}-{}-{}.json", receipt.time, receipt.change, receipt.role);
+        if let Err(e) = std::fs::create_dir_all(&dir)
+            .and_then(|()| crate::fsutil::write_atomic(&dir, &name, stored.as_bytes()))
+        {
+            tracing::error!(error = %e, "cannot store the erase receipt");
+        }
+        tracing::info!(receipt = %body, "erase receipt");
+        Ok((body, sig))
+    }
+
+    async fn volume_info(&self) -> Result<VolumeInfo, ApiError> {
+        let v = self.volume.clone();
+        let (m, rt, usage) = tokio::task::spawn_blocking(move || v.status())
+            .await
+            .map_err(|e| ApiError(Error::Failed(format!("volume task: {e}"))))??;
+        let Some(m) = m else {
+            return Ok(VolumeInfo {
+                state: Some("none".into()),
+                ..Default::default()
+            });
+        };
+        let state = if rt.open {
+            "open"
+        } else if rt.error.is_some() {
+            "error"
+        } else {
+            "closed"
+        };
+        let mut mapping = format!("{}, {}-bit key", m.cipher, m.key_bytes * 8);
+        for o in &m.options {
+            mapping.push_str(", ");
+            mapping.push_str(o);
+        }
+        Ok(VolumeInfo {
+            state: Some(state.into()),
+            device: Some(m.device.clone()),
+            size: Some(m.size_bytes),
+            used: usage.map(|u| u.0),
+            total: usage.map(|u| u.1),
+            mount: Some(self.volume.mount_point().display().to_string()),
+            filesystem: Some(m.filesystem.clone()),
+            mapping: Some(mapping),
+            generations: Some(m.generations_text()),
+            created: Some(m.created),
+            made: Some(m.made),
+            event: rt.event,
+            error: rt.error,
+        })
+    }
+
+    async fn receipt_key(&self) -> Result<PublicKey, ApiError> {
+        let k = self.keys.call(|k| k.signing_key()).await??;
+        Ok(PublicKey {
+            role: Some("node".into()),
+            generation: None,
+            pem: Some(k.pem),
+            fingerprint: Some(k.fingerprint),
+        })
     }
 }
 
@@ -433,21 +658,21 @@ impl LandlordApi {
             .auth(&hdr, actions::LANDLORD_ASSIGN, "ReleaseTenant", &[])
             .await?;
         let c = to_confirm(confirm);
-        let r = self
+        let (before, r) = self
             .0
             .keys
-            .call(move |k| k.release_tenant(Role::Landlord, c))
+            .call(move |k| {
+                let before = generations(&k.status());
+                (before, k.release_tenant(Role::Landlord, c))
+            })
             .await
-            .map_err(ApiError::from)?
             .map_err(ApiError::from)?;
+        let r = r.map_err(ApiError::from)?;
         match r {
             Some(change) => {
                 self.0.secrets.purge().map_err(ApiError::from)?;
                 self.0.tenant_changed().await;
-                tracing::info!(uid, change = %change, "key change");
-                let d = change_dict(&change);
-                emit(conn, &d).await;
-                Ok(d)
+                Ok(self.0.changed(conn, uid, &change, before).await?)
             }
             // Already released: an idempotent result, not an error.
             None => Ok(KeyChange {
@@ -623,6 +848,49 @@ impl LandlordApi {
         Ok(self.0.explain(direction, peer, proto, port, true).await?)
     }
 
+    async fn init_volume(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        device: String,
+        force: bool,
+        confirm: bool,
+    ) -> Result<VolumeInfo, Error> {
+        let uid = self
+            .auth(
+                &hdr,
+                actions::LANDLORD_VOLUME,
+                "InitVolume",
+                &[("device", &device)],
+            )
+            .await?;
+        if !confirm {
+            return Err(Error::ConfirmationRequired(format!(
+                "initializing the volume overwrites {device}: everything on it is lost"
+            )));
+        }
+        let k = disk_key_info(&self.0.keys).await?;
+        let v = self.0.volume.clone();
+        let d = device.clone();
+        tokio::task::spawn_blocking(move || v.init(&d, force, &k))
+            .await
+            .map_err(|e| Error::Failed(format!("volume task: {e}")))?
+            .map_err(ApiError::from)?;
+        tracing::info!(uid, device, force, "volume initialized");
+        Ok(self.0.volume_info().await?)
+    }
+
+    async fn volume_status(&self, #[zbus(header)] hdr: Header<'_>) -> Result<VolumeInfo, Error> {
+        self.auth(&hdr, actions::LANDLORD_READ, "VolumeStatus", &[])
+            .await?;
+        Ok(self.0.volume_info().await?)
+    }
+
+    async fn get_receipt_key(&self, #[zbus(header)] hdr: Header<'_>) -> Result<PublicKey, Error> {
+        self.auth(&hdr, actions::LANDLORD_READ, "GetReceiptKey", &[])
+            .await?;
+        Ok(self.0.receipt_key().await?)
+    }
+
     async fn remove_boundary(
         &self,
         #[zbus(header)] hdr: Header<'_>,
@@ -680,6 +948,19 @@ impl TenantApi {
         self.auth(&hdr, actions::TENANT_READ, "GetPublicKey", &[])
             .await?;
         Ok(self.0.public_key(Role::Tenant, Role::Tenant).await?)
+    }
+
+    async fn volume_status(&self, #[zbus(header)] hdr: Header<'_>) -> Result<VolumeInfo, Error> {
+        self.auth(&hdr, actions::TENANT_READ, "VolumeStatus", &[])
+            .await?;
+        self.0.require_tenant().await?;
+        Ok(self.0.volume_info().await?)
+    }
+
+    async fn get_receipt_key(&self, #[zbus(header)] hdr: Header<'_>) -> Result<PublicKey, Error> {
+        self.auth(&hdr, actions::TENANT_READ, "GetReceiptKey", &[])
+            .await?;
+        Ok(self.0.receipt_key().await?)
     }
 
     async fn rotate_keys(

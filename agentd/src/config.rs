@@ -21,6 +21,57 @@ pub struct Config {
     /// Network boundaries.
     #[serde(default)]
     pub boundary: BoundarySection,
+    /// The tenant's encrypted volume.
+    #[serde(default)]
+    pub storage: StorageSection,
+}
+
+/// `[storage]`
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSection {
+    /// The block device for the volume (a /dev/disk/by-id path is stable
+    /// across reboots). If set, `volume init` must name this device.
+    #[serde(default)]
+    pub device: Option<String>,
+    /// Where the volume is mounted for the tenant.
+    #[serde(default = "default_mount")]
+    pub mount: PathBuf,
+    /// Filesystem made on the volume: "ext4" or "xfs".
+    #[serde(default = "default_filesystem")]
+    pub filesystem: String,
+    /// dm-crypt `no_read_workqueue no_write_workqueue`: encrypt and decrypt
+    /// in the submitting context instead of kernel workqueues.
+    #[serde(default = "default_true")]
+    pub bypass_workqueues: bool,
+    /// Pass discards (TRIM) through dm-crypt (reveals which blocks are
+    /// unused).
+    #[serde(default)]
+    pub discards: bool,
+}
+
+impl Default for StorageSection {
+    fn default() -> Self {
+        Self {
+            device: None,
+            mount: default_mount(),
+            filesystem: default_filesystem(),
+            bypass_workqueues: true,
+            discards: false,
+        }
+    }
+}
+
+fn default_mount() -> PathBuf {
+    "/srv/leasehold/tenant".into()
+}
+
+fn default_filesystem() -> String {
+    "ext4".into()
+}
+
+fn default_true() -> bool {
+    true
 }
 
 /// `[boundary]`
@@ -177,6 +228,30 @@ impl Config {
                 format!("{} is not an absolute path", self.state.dir.display()),
             ));
         }
+        if !self.storage.mount.is_absolute() {
+            return Err(invalid(
+                "storage.mount",
+                format!("{} is not an absolute path", self.storage.mount.display()),
+            ));
+        }
+        if !leasehold_storage::fs::SUPPORTED.contains(&self.storage.filesystem.as_str()) {
+            return Err(invalid(
+                "storage.filesystem",
+                format!(
+                    "{:?} is not one of {:?}",
+                    self.storage.filesystem,
+                    leasehold_storage::fs::SUPPORTED
+                ),
+            ));
+        }
+        if let Some(d) = &self.storage.device {
+            if !d.starts_with("/dev/") {
+                return Err(invalid(
+                    "storage.device",
+                    format!("{d} is not a device path under /dev"),
+                ));
+            }
+        }
         if !(1..=86_400).contains(&self.boundary.check_interval_secs) {
             return Err(invalid(
                 "boundary.check_interval_secs",
@@ -201,6 +276,37 @@ mod tests {
         assert_eq!(c.tpm.tcti, "device:/dev/tpmrm0");
         assert_eq!(c.state.dir, PathBuf::from("/var/lib/leasehold"));
         assert!(c.tpm.seal_pcrs.is_empty());
+    }
+
+    #[test]
+    fn storage_section_defaults_and_errors_name_the_key() {
+        let c = parse("").unwrap();
+        assert_eq!(c.storage.mount, PathBuf::from("/srv/leasehold/tenant"));
+        assert_eq!(c.storage.filesystem, "ext4");
+        assert!(c.storage.bypass_workqueues && !c.storage.discards);
+        let e = parse("[storage]\nfilesystem = \"btrfs\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("storage.filesystem: \"btrfs\" is not one of"),
+            "{e}"
+        );
+        let e = parse("[storage]\nmount = \"srv\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("storage.mount: srv is not an absolute path"),
+            "{e}"
+        );
+        let e = parse("[storage]\ndevice = \"vdb\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("storage.device: vdb is not a device path"),
+            "{e}"
+        );
+        let e = parse("[storage]\nsize = 1\n").unwrap_err().to_string();
+        assert!(e.contains("unknown field `size`"), "{e}");
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod fsutil;
 mod keys;
 mod power;
 mod secrets;
+mod volume;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -172,12 +173,18 @@ async fn run(args: &Args) -> Result<(), AgentError> {
     };
 
     let interval = std::time::Duration::from_secs(cfg.boundary.check_interval_secs);
-    let result = serve(key_cfg, args.oneshot, interval, async move {
-        tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
-        }
-    })
+    let result = serve(
+        key_cfg,
+        cfg.storage.clone(),
+        args.oneshot,
+        interval,
+        async move {
+            tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+            }
+        },
+    )
     .await;
     if let Some(swtpm) = swtpm {
         if let Err(e) = tokio::task::spawn_blocking(move || swtpm.stop())
@@ -192,6 +199,7 @@ async fn run(args: &Args) -> Result<(), AgentError> {
 
 async fn serve(
     key_cfg: KeyConfig,
+    storage: config::StorageSection,
     oneshot: bool,
     check_interval: std::time::Duration,
     stop: impl std::future::Future<Output = &'static str>,
@@ -255,12 +263,57 @@ async fn serve(
         (None, false) => println!("boundary:             none"),
     }
 
+    // The volume opens before the bus is served (engines and the tenant
+    // find their data there), and closes after the bus is released.
+    let volume = Arc::new(volume::Volume::new(storage, &state_dir));
     let keys = Arc::new(keys);
+    if oneshot {
+        match volume.meta() {
+            Ok(Some(m)) => println!("volume:               {} (not opened: --oneshot)", m.device),
+            Ok(None) => println!("volume:               none"),
+            Err(e) => println!("volume:               {e}"),
+        }
+    } else {
+        match api::disk_key_info(&keys).await {
+            Ok(k) => {
+                let v = volume.clone();
+                match tokio::task::spawn_blocking(move || v.open_at_start(&k)).await {
+                    Ok(Ok(Some(event))) => println!("volume:               {event}"),
+                    Ok(Ok(None)) => println!("volume:               none"),
+                    Ok(Err(e)) => {
+                        error!(error = %e, "the volume was not opened");
+                        println!("volume:               NOT opened: {e}");
+                    }
+                    Err(e) => error!(error = %e, "volume task failed"),
+                }
+            }
+            Err(e) => {
+                error!(error = %e.0.message(), "no disk key: the volume was not opened");
+                println!("volume:               NOT opened: no disk key");
+            }
+        }
+    }
     let result = if oneshot {
         Ok(())
     } else {
-        serve_bus(keys.clone(), boundaries, check_interval, &state_dir, stop).await
+        serve_bus(
+            keys.clone(),
+            boundaries,
+            volume.clone(),
+            check_interval,
+            &state_dir,
+            stop,
+        )
+        .await
     };
+    if !oneshot {
+        let v = volume.clone();
+        match tokio::task::spawn_blocking(move || v.close()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => error!(error = %e, "closing the volume"),
+            Err(e) => error!(error = %e, "volume task failed"),
+        }
+    }
     keys.shutdown().await?;
     info!("TPM shut down cleanly");
     result
@@ -271,6 +324,7 @@ async fn serve(
 async fn serve_bus(
     keys: Arc<Keys>,
     boundaries: Arc<boundary::Boundaries>,
+    volume: Arc<volume::Volume>,
     check_interval: std::time::Duration,
     state_dir: &Path,
     stop: impl std::future::Future<Output = &'static str>,
@@ -284,6 +338,8 @@ async fn serve_bus(
         auth: auth::Authorizer::new(conn.clone()),
         secrets: secrets::SecretStore::new(state_dir.join("secrets")),
         boundaries: boundaries.clone(),
+        volume,
+        state_dir: state_dir.to_owned(),
     });
     let (restored_tx, mut restored_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     boundaries.watch(check_interval, restored_tx);

@@ -9,7 +9,9 @@ use leasehold_dbus_api::LandlordProxy;
 use crate::boundary::{
     info_json, info_text, print_warnings, read_document, verdict_json, verdict_text, ExplainArgs,
 };
-use crate::output::{change_json, change_text, emit, node_info_json, node_info_text};
+use crate::output::{
+    change_json, change_text, emit, node_info_json, node_info_text, volume_json, volume_text,
+};
 use crate::{
     connect_local, emit_public_key, exit, read_pem_file, run_main, with_confirmation, CliError,
     EXIT_CODES_HELP,
@@ -74,12 +76,46 @@ pub enum Command {
     /// The cluster boundary (nftables): who the node may talk to.
     #[command(subcommand)]
     Boundary(BoundaryCommand),
+    /// The tenant's encrypted volume (dm-crypt keyed by KL and KT).
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Print the node's TPM-held signing key (verifies erase receipts) as PEM.
+    ReceiptKey {
+        /// Write the PEM to FILE instead of stdout.
+        #[arg(long, short, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Verify an erase receipt (the --json output of rotate/release/assign) locally.
+    VerifyReceipt {
+        /// Receipt file (JSON).
+        receipt: PathBuf,
+        /// The node's signing key (PEM, from `receipt-key`).
+        #[arg(long, value_name = "PEM")]
+        key: PathBuf,
+    },
     /// Write man page and shell completions into DIR.
     #[command(hide = true)]
     Generate {
         /// Output directory.
         dir: PathBuf,
     },
+}
+
+/// `landlordctl volume ...`
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Make DEVICE the tenant's encrypted volume (erases it). Refuses a
+    /// mounted device, the root disk, and a device with a filesystem or
+    /// partition table (unless --force).
+    Init {
+        /// Block device (a /dev/disk/by-id path is stable across reboots).
+        device: String,
+        /// Overwrite a device that carries a filesystem or partition table.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show the volume: device, size, use, key generations, open or not.
+    Status,
 }
 
 /// `landlordctl boundary ...`
@@ -139,6 +175,9 @@ pub fn main() -> ExitCode {
 pub async fn run(args: Args) -> Result<(), CliError> {
     if let Command::Generate { dir } = &args.command {
         return crate::generate(Args::command(), dir);
+    }
+    if let Command::VerifyReceipt { receipt, key } = &args.command {
+        return crate::verify_receipt(args.json, receipt, key);
     }
     let conn = connect_local().await?;
     let p = LandlordProxy::new(&conn)
@@ -220,6 +259,23 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             });
         }
         Command::Boundary(b) => boundary(&p, b, json, args.yes).await?,
+        Command::Volume(VolumeCommand::Init { device, force }) => {
+            let v = with_confirmation(
+                args.yes,
+                &format!("erase {device} and make it the tenant's encrypted volume"),
+                |ok| p.init_volume(&device, force, ok),
+            )
+            .await?;
+            emit(json, volume_json(&v), || volume_text(&v));
+        }
+        Command::Volume(VolumeCommand::Status) => {
+            let v = p.volume_status().await?;
+            emit(json, volume_json(&v), || volume_text(&v));
+        }
+        Command::ReceiptKey { out } => {
+            emit_public_key(json, &p.get_receipt_key().await?, out.as_deref())?;
+        }
+        Command::VerifyReceipt { .. } => unreachable!("handled above"),
         Command::Generate { .. } => unreachable!("handled above"),
     }
     Ok(())

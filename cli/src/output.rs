@@ -1,6 +1,6 @@
 //! Human and JSON output of API results.
 
-use leasehold_dbus_api::{KeyChange, NodeInfo, PublicKey, SecretInfo};
+use leasehold_dbus_api::{KeyChange, NodeInfo, PublicKey, SecretInfo, VolumeInfo};
 use serde_json::{json, Value};
 
 /// Prints `v` as JSON, or `human` as text.
@@ -105,7 +105,55 @@ pub fn change_json(c: &KeyChange) -> Value {
         "generation_after": c.generation_after,
         "data_destroyed": c.data_destroyed,
         "fingerprint": c.fingerprint,
+        "receipt": c.receipt,
+        "receipt_signature": c.receipt_signature,
     })
+}
+
+/// Volume state as JSON.
+pub fn volume_json(v: &VolumeInfo) -> Value {
+    json!({
+        "state": v.state, "device": v.device, "size": v.size, "used": v.used, "total": v.total,
+        "mount": v.mount, "filesystem": v.filesystem, "mapping": v.mapping,
+        "generations": v.generations, "created": v.created, "made": v.made,
+        "event": v.event, "error": v.error,
+    })
+}
+
+fn gib(b: u64) -> String {
+    // Display only.
+    #[allow(clippy::cast_precision_loss)]
+    let g = b as f64 / f64::from(1u32 << 30);
+    format!("{g:.2} GiB")
+}
+
+/// Volume state as text.
+pub fn volume_text(v: &VolumeInfo) -> String {
+    let state = v.state.as_deref().unwrap_or("?");
+    if state == "none" {
+        return "volume: none (landlordctl volume init DEVICE)".to_owned();
+    }
+    let mut s = format!("volume:      {state}");
+    let mut line = |k: &str, val: Option<String>| {
+        if let Some(val) = val {
+            s.push_str(&format!("\n{k:<12} {val}"));
+        }
+    };
+    line("device:", v.device.clone());
+    line("size:", v.size.map(gib));
+    line(
+        "used:",
+        v.used
+            .zip(v.total)
+            .map(|(u, t)| format!("{} of {}", gib(u), gib(t))),
+    );
+    line("mount:", v.mount.clone());
+    line("filesystem:", v.filesystem.clone());
+    line("mapping:", v.mapping.clone());
+    line("generations:", v.generations.clone());
+    line("last event:", v.event.clone());
+    line("error:", v.error.clone());
+    s
 }
 
 /// Key change as text.
@@ -123,6 +171,9 @@ pub fn change_text(c: &KeyChange) -> String {
     }
     if let Some(fp) = &c.fingerprint {
         s.push_str(&format!("\nnew fingerprint: {fp}"));
+    }
+    if c.receipt.is_some() {
+        s.push_str("\nerase receipt signed by the node's TPM key (get it with --json; check it with verify-receipt)");
     }
     s
 }

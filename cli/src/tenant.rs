@@ -9,7 +9,10 @@ use leasehold_dbus_api::TenantProxy;
 use crate::boundary::{
     info_json, info_text, print_warnings, read_document, verdict_json, verdict_text, ExplainArgs,
 };
-use crate::output::{change_json, change_text, emit, node_info_json, node_info_text, secrets_json};
+use crate::output::{
+    change_json, change_text, emit, node_info_json, node_info_text, secrets_json, volume_json,
+    volume_text,
+};
 use crate::{
     connect_local, connect_ssh, emit_public_key, exit, read_arg_file, read_pem_file, run_main,
     with_confirmation, CliError, EXIT_CODES_HELP,
@@ -73,12 +76,36 @@ pub enum Command {
     /// The tenant's sub-boundary (nftables), inside the landlord's cluster boundary.
     #[command(subcommand)]
     Boundary(BoundaryCommand),
+    /// The tenant's encrypted volume.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Print the node's TPM-held signing key (verifies erase receipts) as PEM.
+    ReceiptKey {
+        /// Write the PEM to FILE instead of stdout.
+        #[arg(long, short, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+    /// Verify an erase receipt (the --json output of rotate) locally.
+    VerifyReceipt {
+        /// Receipt file (JSON).
+        receipt: PathBuf,
+        /// The node's signing key (PEM, from `receipt-key`).
+        #[arg(long, value_name = "PEM")]
+        key: PathBuf,
+    },
     /// Write man page and shell completions into DIR.
     #[command(hide = true)]
     Generate {
         /// Output directory.
         dir: PathBuf,
     },
+}
+
+/// `tenantctl volume ...`
+#[derive(Debug, Subcommand)]
+pub enum VolumeCommand {
+    /// Show the volume: device, size, use, key generations, open or not.
+    Status,
 }
 
 /// `tenantctl boundary ...`
@@ -176,6 +203,9 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             );
             return Ok(());
         }
+        Command::VerifyReceipt { receipt, key } => {
+            return crate::verify_receipt(json, receipt, key);
+        }
         _ => {}
     }
     let conn = match &args.host {
@@ -192,6 +222,13 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         }
         Command::Pubkey { out } => {
             emit_public_key(json, &p.get_public_key().await?, out.as_deref())?;
+        }
+        Command::Volume(VolumeCommand::Status) => {
+            let v = p.volume_status().await?;
+            emit(json, volume_json(&v), || volume_text(&v));
+        }
+        Command::ReceiptKey { out } => {
+            emit_public_key(json, &p.get_receipt_key().await?, out.as_deref())?;
         }
         Command::Rotate => {
             let c = with_confirmation(
@@ -269,7 +306,9 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             print_warnings(&info);
             emit(json, info_json(&info), || info_text(&info));
         }
-        Command::Generate { .. } | Command::Seal { .. } => unreachable!("handled above"),
+        Command::Generate { .. } | Command::Seal { .. } | Command::VerifyReceipt { .. } => {
+            unreachable!("handled above")
+        }
     }
     Ok(())
 }

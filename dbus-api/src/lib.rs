@@ -35,6 +35,8 @@ pub mod actions {
     pub const LANDLORD_ASSIGN: &str = "org.leasehold.landlord.assign";
     /// Landlord: change the cluster boundary, its peers and failsafe.
     pub const LANDLORD_BOUNDARY: &str = "org.leasehold.landlord.boundary";
+    /// Landlord: initialize the tenant's encrypted volume on a device.
+    pub const LANDLORD_VOLUME: &str = "org.leasehold.landlord.volume";
     /// Landlord: reboot the node.
     pub const LANDLORD_REBOOT: &str = "org.leasehold.landlord.power.reboot";
     /// Landlord: power the node off.
@@ -56,6 +58,7 @@ pub mod actions {
         LANDLORD_KEYS,
         LANDLORD_ASSIGN,
         LANDLORD_BOUNDARY,
+        LANDLORD_VOLUME,
         LANDLORD_REBOOT,
         LANDLORD_POWEROFF,
         LANDLORD_SUSPEND,
@@ -168,6 +171,44 @@ pub struct KeyChange {
     pub data_destroyed: Option<bool>,
     /// New public-key fingerprint.
     pub fingerprint: Option<String>,
+    /// Erase receipt (a JSON document, exactly the bytes signed) when
+    /// the change destroyed data.
+    pub receipt: Option<String>,
+    /// PKCS#1 v1.5 SHA-256 signature of `Receipt` by the node's
+    /// TPM-held signing key (`GetReceiptKey`), base64.
+    pub receipt_signature: Option<String>,
+}
+
+/// The tenant's encrypted volume.
+#[derive(Debug, Clone, Default, PartialEq, Eq, SerializeDict, DeserializeDict, Type)]
+#[zbus(signature = "a{sv}", rename_all = "PascalCase")]
+pub struct VolumeInfo {
+    /// "none" (not initialized), "open", "closed" or "error".
+    pub state: Option<String>,
+    /// The device as recorded (stable path).
+    pub device: Option<String>,
+    /// Device size in bytes.
+    pub size: Option<u64>,
+    /// Filesystem bytes used and total (when open).
+    pub used: Option<u64>,
+    /// Filesystem size in bytes (when open).
+    pub total: Option<u64>,
+    /// Where it is mounted.
+    pub mount: Option<String>,
+    /// Filesystem type.
+    pub filesystem: Option<String>,
+    /// dm-crypt cipher, key size and options ("aes-xts-plain64, 512-bit key, sector_size:4096").
+    pub mapping: Option<String>,
+    /// Key generations of the disk key ("landlord 1, tenant 2").
+    pub generations: Option<String>,
+    /// Unix time the device was initialized.
+    pub created: Option<u64>,
+    /// Unix time the current (empty at the time) filesystem was made.
+    pub made: Option<u64>,
+    /// The last lifecycle event ("opened", "recreated empty after …").
+    pub event: Option<String>,
+    /// Why it is not open.
+    pub error: Option<String>,
 }
 
 /// A stored secret (never its value).
@@ -285,6 +326,19 @@ pub mod landlord {
         ) -> Result<FlowVerdict, Error>;
         /// Lifts every boundary (removes the table and the stored policy).
         fn remove_boundary(&self, confirm: bool) -> Result<(), Error>;
+        /// Initializes the tenant's encrypted volume on `device` (destroys
+        /// what is on it: needs `confirm`; a device with a signature also
+        /// needs `force`).
+        fn init_volume(
+            &self,
+            device: &str,
+            force: bool,
+            confirm: bool,
+        ) -> Result<VolumeInfo, Error>;
+        /// The volume's state.
+        fn volume_status(&self) -> Result<VolumeInfo, Error>;
+        /// The node's TPM-held signing key (verifies erase receipts).
+        fn get_receipt_key(&self) -> Result<PublicKey, Error>;
         /// Interface version.
         #[zbus(property)]
         fn version(&self) -> zbus::Result<u32>;
@@ -335,6 +389,10 @@ pub mod tenant {
         ) -> Result<BoundaryInfo, Error>;
         /// The sub-boundary, the effective policy and the failsafe.
         fn get_boundary(&self) -> Result<BoundaryInfo, Error>;
+        /// The volume's state.
+        fn volume_status(&self) -> Result<VolumeInfo, Error>;
+        /// The node's TPM-held signing key (verifies erase receipts).
+        fn get_receipt_key(&self) -> Result<PublicKey, Error>;
         /// Explains a flow (see the landlord's ExplainFlow).
         fn explain_flow(
             &self,

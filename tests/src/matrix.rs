@@ -43,6 +43,9 @@ pub struct Case {
     pub args: &'static [&'static str],
     pub setup: Setup,
     pub power: Option<&'static str>,
+    /// Exit status of an allowed call (0; 4 where the call stops at its
+    /// confirmation, which comes after authorization).
+    pub allowed_code: i32,
 }
 
 const fn case(
@@ -61,6 +64,7 @@ const fn case(
         args,
         setup,
         power: None,
+        allowed_code: 0,
     }
 }
 
@@ -214,6 +218,51 @@ pub const MATRIX: &[Case] = &[
         "landlordctl",
         &["--yes", "boundary", "remove"],
         Setup::Boundary,
+    ),
+    Case {
+        // Without --yes: stops at the confirmation, after authorization
+        // (the lab has no spare device to erase).
+        allowed_code: 4,
+        ..case(
+            L,
+            "InitVolume",
+            LANDLORD,
+            "landlordctl",
+            &["volume", "init", "/dev/leasehold-none"],
+            Setup::None,
+        )
+    },
+    case(
+        L,
+        "VolumeStatus",
+        LANDLORD,
+        "landlordctl",
+        &["volume", "status"],
+        Setup::None,
+    ),
+    case(
+        L,
+        "GetReceiptKey",
+        LANDLORD,
+        "landlordctl",
+        &["receipt-key"],
+        Setup::None,
+    ),
+    case(
+        T,
+        "VolumeStatus",
+        TENANT,
+        "tenantctl",
+        &["volume", "status"],
+        Setup::Assigned,
+    ),
+    case(
+        T,
+        "GetReceiptKey",
+        TENANT,
+        "tenantctl",
+        &["receipt-key"],
+        Setup::None,
     ),
     case(
         T,

@@ -288,7 +288,7 @@ fn vm_lab_end_to_end() {
             .unwrap();
         let i = GUEST_USERS.iter().position(|u| *u == user).unwrap();
         let ok = match case.expect[i] {
-            Expect::Allow => code == "0",
+            Expect::Allow => code == case.allowed_code.to_string(),
             Expect::Deny => code == "3" && denied == "1",
         };
         checked += 1;

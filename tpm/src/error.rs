@@ -56,6 +56,13 @@ pub enum KeyError {
         #[source]
         source: tss_esapi::Error,
     },
+    /// The node signing key blob could not be loaded into this TPM.
+    #[error("the node signing key blob does not load into this TPM: it was created by a different TPM or is corrupt ({source})")]
+    SigningKeyUnusable {
+        /// Underlying TPM error.
+        #[source]
+        source: tss_esapi::Error,
+    },
     /// The per-generation secret that a key depends on is gone from the TPM:
     /// the key was erased by a rotation (e.g. a state directory restored from
     /// a backup) or the TPM was cleared.
@@ -96,6 +103,9 @@ pub enum KeyError {
     /// An envelope could not be parsed or opened.
     #[error(transparent)]
     Envelope(#[from] EnvelopeError),
+    /// A signature did not verify, or its key is unusable.
+    #[error(transparent)]
+    Signature(#[from] SignatureError),
     /// A console public key is not usable.
     #[error("invalid console key {name:?}: {reason}")]
     InvalidConsoleKey {
@@ -204,6 +214,18 @@ pub enum EnvelopeError {
     /// The recipient public key is not usable for sealing.
     #[error("invalid recipient public key: {0}")]
     InvalidPublicKey(String),
+}
+
+/// Errors of verifying a node signature (an erase receipt).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SignatureError {
+    /// The public key is not an RSA SubjectPublicKeyInfo PEM of at least 2048 bits.
+    #[error("invalid signing public key: {0}")]
+    InvalidPublicKey(String),
+    /// The signature does not match the data under this key.
+    #[error("signature verification failed: the data or the signature was modified, or it was made by another key")]
+    Mismatch,
 }
 
 /// Result alias for this crate.

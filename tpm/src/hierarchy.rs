@@ -5,16 +5,16 @@ use std::path::PathBuf;
 
 use hkdf::Hkdf;
 use serde::Serialize;
-use sha2::Sha256;
+use sha2::{Digest as _, Sha256};
 use zeroize::Zeroizing;
 
 use crate::chain::{derive_disk_key, Link};
 use crate::envelope::{seal_to, ParsedEnvelope, RecipientKey};
 use crate::error::{EnvelopeError, KeyError, Result};
-use crate::state::{ConsoleKey, LevelState, Manifest, StateDir, FORMAT};
+use crate::state::{ConsoleKey, LevelState, Manifest, SigningKeyState, StateDir, FORMAT};
 use crate::sys::{self, Tpm, NV_BASE};
 use crate::types::{
-    Confirm, DiskKey, GenerationSecret, PublicKeyInfo, Role, SymmetricKey, TpmKind,
+    Confirm, DiskKey, GenerationSecret, PublicKeyInfo, Role, SigningKeyInfo, SymmetricKey, TpmKind,
 };
 
 /// Where and how to keep the keys.
@@ -174,6 +174,9 @@ fn derive32(g: &GenerationSecret, label: &str) -> Zeroizing<[u8; 32]> {
 const RSA_AUTH: &str = "leasehold/rsa-auth/v1";
 const SEAL_AUTH: &str = "leasehold/seal-auth/v1";
 const SEAL_MASK: &str = "leasehold/seal-mask/v1";
+/// Blob file of the node signing key (".pair" so leftovers of an interrupted
+/// creation are garbage-collected like other blobs).
+const SIGNING_KEY_FILE: &str = "signing.pair";
 
 fn nv_index_for(role: Role, generation: u64) -> u32 {
     NV_BASE + role.index() * 0x100 + u32::try_from(generation & 0xff).unwrap_or(0)
@@ -211,6 +214,17 @@ impl KeyHierarchy {
                     fault: None,
                 };
                 let recovered = me.recover()?;
+                // A state directory from before the signing key existed
+                // (format 1) gets one now, committed like any other change.
+                if me.manifest.signing.is_none() {
+                    let signing = me.create_signing_key()?;
+                    let mut next = me.manifest.clone();
+                    next.format = FORMAT;
+                    next.signing = Some(signing);
+                    me.dir.write_manifest(&next)?;
+                    me.manifest = next;
+                    tracing::info!("created the node signing key");
+                }
                 Ok((me, Opened::Loaded { recovered }))
             }
             None => {
@@ -230,6 +244,7 @@ impl KeyHierarchy {
                         landlord: placeholder_level(),
                         tenant: None,
                         consoles: Vec::new(),
+                        signing: None,
                     },
                     seal_pcrs,
                     tpm_id,
@@ -237,6 +252,7 @@ impl KeyHierarchy {
                 };
                 let level = me.create_level(Role::Landlord, 1, 1, &kl)?;
                 me.manifest.landlord = level;
+                me.manifest.signing = Some(me.create_signing_key()?);
                 me.dir.write_manifest(&me.manifest)?;
                 me.dir.collect_garbage(&me.manifest.files())?;
                 Ok((me, Opened::Initialised))
@@ -327,6 +343,52 @@ impl KeyHierarchy {
             name: None,
             owned: false,
         })
+    }
+
+    /// Creates the node signing key and writes its blob. The manifest is not
+    /// touched: until it names the blob, a crash leaves a stray file that the
+    /// next start removes.
+    fn create_signing_key(&mut self) -> Result<SigningKeyState> {
+        let (blob, public) = self.tpm.create_signing_key()?;
+        self.dir.write_blob(SIGNING_KEY_FILE, &blob)?;
+        Ok(SigningKeyState {
+            key_file: SIGNING_KEY_FILE.to_owned(),
+            public_pem: public.to_pem(),
+            fingerprint: public.fingerprint_hex(),
+        })
+    }
+
+    fn signing_state(&self) -> Result<&SigningKeyState> {
+        // `open` always creates the key, so this only fails on a broken invariant.
+        self.manifest
+            .signing
+            .as_ref()
+            .ok_or_else(|| KeyError::CorruptState {
+                path: self.dir.manifest_path(),
+                reason: "the manifest names no node signing key".into(),
+            })
+    }
+
+    /// The node signing key's public half (PEM and fingerprint). It does not
+    /// change with rotations, re-keys, assignment or release. Any role may
+    /// read it.
+    pub fn signing_key(&self) -> Result<SigningKeyInfo> {
+        let k = self.signing_state()?;
+        Ok(SigningKeyInfo {
+            pem: k.public_pem.clone(),
+            fingerprint: k.fingerprint.clone(),
+        })
+    }
+
+    /// Signs `data` with the node signing key: SHA-256 in software, then
+    /// RSASSA-PKCS1-v1_5 in the TPM. Returns the 256-byte signature, which
+    /// [`crate::verify_signature`] checks against [`Self::signing_key`]'s PEM.
+    /// Any role may ask: a signature reveals no secret.
+    pub fn sign(&mut self, data: &[u8]) -> Result<Vec<u8>> {
+        let file = self.signing_state()?.key_file.clone();
+        let blob = self.dir.read_blob(&file)?;
+        let digest: [u8; 32] = Sha256::digest(data).into();
+        self.tpm.sign_digest(&blob, &digest)
     }
 
     /// Switches to `next` and then erases the discarded levels.
@@ -721,6 +783,14 @@ impl KeyHierarchy {
         let l = self.level(role)?.clone();
         let blob = self.dir.read_blob(&l.sealed_file)?;
         self.tpm.read_public(&blob, role)
+    }
+
+    /// Reads the node signing key's public area back from the TPM.
+    #[cfg(feature = "testing")]
+    pub fn signing_key_public(&mut self) -> Result<tss_esapi::structures::Public> {
+        let file = self.signing_state()?.key_file.clone();
+        let blob = self.dir.read_blob(&file)?;
+        self.tpm.read_signing_public(&blob)
     }
 
     /// Loads an arbitrary key-pair blob file into this TPM (tests: a blob

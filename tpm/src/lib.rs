@@ -9,6 +9,10 @@
 //!
 //! [`envelope::seal`] runs without a TPM; [`KeyHierarchy::open_envelope`]
 //! decrypts inside it.
+//!
+//! A node signing key (RSA-2048, RSASSA-PKCS1-v1_5 SHA-256), independent of
+//! the levels, signs erase receipts ([`KeyHierarchy::sign`]); anyone with its
+//! public PEM verifies them with [`verify_signature`], no TPM needed.
 
 #![warn(missing_docs)]
 
@@ -16,17 +20,19 @@ pub mod chain;
 pub mod envelope;
 mod error;
 mod hierarchy;
+mod signing;
 mod state;
 pub mod swtpm;
 mod sys;
 mod types;
 
-pub use error::{EnvelopeError, KeyError, Result};
+pub use error::{EnvelopeError, KeyError, Result, SignatureError};
 pub use hierarchy::{
     valid_name, ChangeKind, FaultPoint, KeyChange, KeyConfig, KeyHierarchy, LevelStatus, Opened,
     Status,
 };
-pub use types::{Confirm, DiskKey, PublicKeyInfo, Role, SymmetricKey, TpmKind};
+pub use signing::verify_signature;
+pub use types::{Confirm, DiskKey, PublicKeyInfo, Role, SigningKeyInfo, SymmetricKey, TpmKind};
 
 /// Validates a TCTI string without connecting (for config checks).
 pub fn validate_tcti(tcti: &str) -> Result<()> {

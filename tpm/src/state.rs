@@ -14,8 +14,12 @@ use serde::{Deserialize, Serialize};
 use crate::error::{KeyError, Result};
 use crate::types::Role;
 
-/// Manifest format this build writes.
-pub(crate) const FORMAT: u32 = 1;
+/// Manifest format this build writes. Format 2 added the node signing key;
+/// format 1 (no signing key) is still read and upgraded at open. An older
+/// build refuses format 2 by its version rather than by the unknown field.
+pub(crate) const FORMAT: u32 = 2;
+/// Oldest manifest format this build reads.
+pub(crate) const MIN_FORMAT: u32 = 1;
 const MANIFEST: &str = "keys.json";
 const BLOB_SUFFIXES: [&str; 3] = [".pair", ".sealed", ".tmp"];
 
@@ -32,6 +36,9 @@ pub(crate) struct Manifest {
     pub tenant: Option<LevelState>,
     #[serde(default)]
     pub consoles: Vec<ConsoleKey>,
+    /// The node signing key (erase receipts). Absent in format 1 manifests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signing: Option<SigningKeyState>,
 }
 
 impl Manifest {
@@ -51,6 +58,9 @@ impl Manifest {
         if let Some(t) = &self.tenant {
             v.push(t.pair_file.clone());
             v.push(t.sealed_file.clone());
+        }
+        if let Some(k) = &self.signing {
+            v.push(k.key_file.clone());
         }
         v
     }
@@ -89,6 +99,18 @@ pub(crate) struct LevelState {
     /// the tenant): from then on only the holder is given the public key (R8).
     #[serde(default)]
     pub owned: bool,
+}
+
+/// The node signing key. It depends on no generation secret, so it stays
+/// the same across every rotation, re-key, assignment and release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct SigningKeyState {
+    /// Blob file (TPM2B_PUBLIC and TPM2B_PRIVATE) in the state directory.
+    pub key_file: String,
+    pub public_pem: String,
+    /// SHA-256 of the SubjectPublicKeyInfo DER, lower-case hex.
+    pub fingerprint: String,
 }
 
 /// A console's registered public key.
@@ -190,11 +212,17 @@ impl StateDir {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        if v.format != FORMAT {
+        if v.format > FORMAT {
             return Err(KeyError::UnsupportedStateFormat {
                 path,
                 found: v.format,
                 supported: FORMAT,
+            });
+        }
+        if v.format < MIN_FORMAT {
+            return Err(KeyError::CorruptState {
+                path,
+                reason: format!("unknown format version {}", v.format),
             });
         }
         serde_json::from_slice(&bytes)
@@ -321,6 +349,11 @@ mod tests {
             },
             tenant: None,
             consoles: vec![],
+            signing: Some(SigningKeyState {
+                key_file: "signing.pair".into(),
+                public_pem: "pem".into(),
+                fingerprint: "fp".into(),
+            }),
         }
     }
 
@@ -360,6 +393,42 @@ mod tests {
             s.read_manifest(),
             Err(KeyError::CorruptState { .. })
         ));
+    }
+
+    #[test]
+    fn format_1_manifest_without_signing_key_loads() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::open(d.path()).unwrap();
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v["format"] = 1.into();
+        v.as_object_mut().unwrap().remove("signing");
+        fs::write(s.manifest_path(), v.to_string()).unwrap();
+        let m = s.read_manifest().unwrap().unwrap();
+        assert_eq!(m.format, 1);
+        assert!(m.signing.is_none());
+        assert_eq!(m.files(), vec!["landlord-g1.pair", "landlord-g1.sealed"]);
+        // Unknown fields are still refused.
+        v["surprise"] = true.into();
+        fs::write(s.manifest_path(), v.to_string()).unwrap();
+        assert!(matches!(
+            s.read_manifest(),
+            Err(KeyError::CorruptState { .. })
+        ));
+        v.as_object_mut().unwrap().remove("surprise");
+        v["format"] = 0.into();
+        fs::write(s.manifest_path(), v.to_string()).unwrap();
+        assert!(matches!(
+            s.read_manifest(),
+            Err(KeyError::CorruptState { .. })
+        ));
+    }
+
+    #[test]
+    fn manifest_names_the_signing_key_blob() {
+        let m = sample();
+        assert!(m.files().contains(&"signing.pair".to_string()));
+        let text = serde_json::to_string(&m).unwrap();
+        assert!(text.contains("\"signing\""), "{text}");
     }
 
     #[test]

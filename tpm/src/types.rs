@@ -124,6 +124,17 @@ pub struct PublicKeyInfo {
     pub fingerprint: String,
 }
 
+/// The node signing key's public half: what a verifier of erase receipts
+/// needs. Unlike [`PublicKeyInfo`] it belongs to no role and has no
+/// generation: it stays the same for the node's lifetime.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SigningKeyInfo {
+    /// SubjectPublicKeyInfo PEM of the RSA-2048 key.
+    pub pem: String,
+    /// SHA-256 of the SubjectPublicKeyInfo DER, lower-case hex.
+    pub fingerprint: String,
+}
+
 /// What kind of TPM the node uses. A software TPM gives no hardware
 /// protection and is reported as such everywhere.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

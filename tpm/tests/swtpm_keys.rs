@@ -4,11 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use leasehold_tpm::envelope::RecipientKey;
 use leasehold_tpm::envelope::{self, ParsedEnvelope};
 use leasehold_tpm::swtpm::Swtpm;
 use leasehold_tpm::{
-    ChangeKind, Confirm, EnvelopeError, FaultPoint, KeyConfig, KeyError, KeyHierarchy, Opened,
-    Role, TpmKind,
+    verify_signature, ChangeKind, Confirm, EnvelopeError, FaultPoint, KeyConfig, KeyError,
+    KeyHierarchy, Opened, Role, SignatureError, SigningKeyInfo, TpmKind,
 };
 use rsa::pkcs8::{EncodePublicKey, LineEnding};
 use rsa::{Oaep, RsaPrivateKey};
@@ -664,6 +665,7 @@ fn swtpm_interrupted_changes_leave_old_or_new_key_set() {
                     .unwrap();
             }
             let old = (h.status(), h.disk_key().unwrap());
+            let signing = h.signing_key().unwrap();
             h.inject_fault(point);
             match op(&mut h) {
                 Err(KeyError::InjectedFault(p)) => assert_eq!(p, point),
@@ -701,16 +703,226 @@ fn swtpm_interrupted_changes_leave_old_or_new_key_set() {
                     "{name} at {point:?}"
                 );
             }
-            // Only the manifest's blobs remain.
+            // The signing key is the same whichever set was loaded.
+            assert_eq!(h.signing_key().unwrap(), signing, "{name} at {point:?}");
+            assert_signs(&mut h, &signing, name.as_bytes());
+            // Only the manifest's blobs remain (levels' pairs and sealed keys, signing key).
             let mut files: Vec<String> = std::fs::read_dir(node.state_dir())
                 .unwrap()
                 .map(|e| e.unwrap().file_name().into_string().unwrap())
                 .filter(|n| n != "keys.json")
                 .collect();
             files.sort();
-            let expect = if h.status().tenant.is_some() { 4 } else { 2 };
+            let expect = if h.status().tenant.is_some() { 5 } else { 3 };
             assert_eq!(files.len(), expect, "{name} at {point:?}: {files:?}");
             h.shutdown().unwrap();
         }
     }
+}
+
+/// Signs `data` on the node and checks the signature with the public PEM only.
+fn assert_signs(h: &mut KeyHierarchy, key: &SigningKeyInfo, data: &[u8]) {
+    let sig = h.sign(data).unwrap();
+    assert_eq!(sig.len(), 256);
+    assert_eq!(verify_signature(&key.pem, data, &sig), Ok(()));
+}
+
+#[test]
+fn swtpm_signing_key_signs_and_signatures_verify_without_tpm() {
+    let node = Node::new();
+    let (mut h, _) = node.open();
+    let key = h.signing_key().unwrap();
+    assert!(key.pem.starts_with("-----BEGIN PUBLIC KEY-----"));
+    // Same fingerprint format as the level keys and envelopes.
+    assert_eq!(
+        RecipientKey::from_pem(&key.pem).unwrap().fingerprint_hex(),
+        key.fingerprint
+    );
+    assert_ne!(
+        key.fingerprint,
+        h.public_key(Role::Landlord).unwrap().fingerprint
+    );
+
+    let receipt = br#"{"kind":"rotate","role":"tenant"}"#;
+    let sig = h.sign(receipt).unwrap();
+    assert_eq!(sig.len(), 256);
+    assert_eq!(verify_signature(&key.pem, receipt, &sig), Ok(()));
+    // PKCS#1 v1.5 is deterministic: the TPM used that scheme, not PSS.
+    assert_eq!(h.sign(receipt).unwrap(), sig);
+
+    let mut tampered = receipt.to_vec();
+    tampered[3] ^= 0x20;
+    assert_eq!(
+        verify_signature(&key.pem, &tampered, &sig),
+        Err(SignatureError::Mismatch)
+    );
+    let mut bad_sig = sig.clone();
+    bad_sig[17] ^= 1;
+    assert_eq!(
+        verify_signature(&key.pem, receipt, &bad_sig),
+        Err(SignatureError::Mismatch)
+    );
+    assert_eq!(
+        verify_signature(&key.pem, receipt, &sig[..255]),
+        Err(SignatureError::Mismatch)
+    );
+    // The signature does not verify under a level key.
+    assert_eq!(
+        verify_signature(&h.public_key(Role::Landlord).unwrap().pem, receipt, &sig),
+        Err(SignatureError::Mismatch)
+    );
+    // Empty and large inputs (hashed in software before the TPM sees them).
+    assert_signs(&mut h, &key, b"");
+    assert_signs(&mut h, &key, &vec![0x5a; 2 << 20]);
+    // Signature errors convert into KeyError for callers using `?`.
+    let e: KeyError = SignatureError::Mismatch.into();
+    assert!(e.to_string().contains("verification failed"), "{e}");
+    h.shutdown().unwrap();
+}
+
+#[test]
+fn swtpm_signing_key_attributes_read_back_from_tpm() {
+    use tss_esapi::interface_types::algorithm::HashingAlgorithm;
+    use tss_esapi::interface_types::key_bits::RsaKeyBits;
+    use tss_esapi::structures::{HashScheme, Public, RsaScheme};
+
+    let node = Node::new();
+    let (mut h, _) = node.open();
+    let public = h.signing_key_public().unwrap();
+    let a = public.object_attributes();
+    assert!(
+        a.fixed_tpm()
+            && a.fixed_parent()
+            && a.sensitive_data_origin()
+            && a.user_with_auth()
+            && a.no_da(),
+        "{a:?}"
+    );
+    assert!(a.sign_encrypt() && !a.decrypt() && !a.restricted(), "{a:?}");
+    let Public::Rsa { parameters, .. } = public else {
+        panic!("expected an RSA key, got {public:?}");
+    };
+    assert_eq!(parameters.key_bits(), RsaKeyBits::Rsa2048);
+    assert_eq!(
+        parameters.rsa_scheme(),
+        RsaScheme::RsaSsa(HashScheme::new(HashingAlgorithm::Sha256))
+    );
+    h.shutdown().unwrap();
+}
+
+#[test]
+fn swtpm_signing_key_survives_every_key_change_and_restart() {
+    let mut node = Node::new();
+    let (mut h, _) = node.open();
+    let key = h.signing_key().unwrap();
+
+    // A receipt of a landlord rotation is signed after the rotation.
+    let change = h
+        .rotate(Role::Landlord, Role::Landlord, Confirm::DestroyData)
+        .unwrap();
+    assert_eq!(h.signing_key().unwrap(), key, "after landlord rotation");
+    assert_signs(&mut h, &key, &serde_json::to_vec(&change).unwrap());
+
+    h.assign_tenant(Role::Landlord, "acme", Confirm::No)
+        .unwrap();
+    assert_eq!(h.signing_key().unwrap(), key, "after assign");
+    let change = h
+        .rotate(Role::Tenant, Role::Tenant, Confirm::DestroyData)
+        .unwrap();
+    assert_eq!(h.signing_key().unwrap(), key, "after tenant rotation");
+    assert_signs(&mut h, &key, &serde_json::to_vec(&change).unwrap());
+    h.rekey(Role::Tenant, Role::Tenant).unwrap();
+    h.rekey(Role::Landlord, Role::Landlord).unwrap();
+    assert_eq!(h.signing_key().unwrap(), key, "after re-keys");
+    h.assign_tenant(Role::Landlord, "other", Confirm::DestroyData)
+        .unwrap();
+    assert_eq!(h.signing_key().unwrap(), key, "after reassign");
+    let change = h
+        .release_tenant(Role::Landlord, Confirm::DestroyData)
+        .unwrap()
+        .unwrap();
+    assert_eq!(h.signing_key().unwrap(), key, "after release");
+    assert_signs(&mut h, &key, &serde_json::to_vec(&change).unwrap());
+    h.shutdown().unwrap();
+
+    // Agent restart: loaded from the state directory, nothing recovered.
+    let (mut h, opened) = node.open();
+    assert_eq!(opened, Opened::Loaded { recovered: 0 });
+    assert_eq!(h.signing_key().unwrap(), key, "after re-open");
+    assert_signs(&mut h, &key, b"after re-open");
+    h.shutdown().unwrap();
+
+    // TPM power cycle.
+    node.restart_tpm();
+    let (mut h, _) = node.open();
+    assert_eq!(h.signing_key().unwrap(), key, "after TPM restart");
+    assert_signs(&mut h, &key, b"after TPM restart");
+    h.shutdown().unwrap();
+}
+
+#[test]
+fn swtpm_old_manifest_without_signing_key_gets_one_on_open() {
+    let node = Node::new();
+    let (mut h, _) = node.open();
+    h.assign_tenant(Role::Landlord, "acme", Confirm::No)
+        .unwrap();
+    let status = h.status();
+    let disk = h.disk_key().unwrap();
+    let env_l = seal_to(&h, Role::Landlord, b"landlord");
+    let env_t = seal_to(&h, Role::Tenant, b"tenant");
+    let first_key = h.signing_key().unwrap();
+    h.shutdown().unwrap();
+
+    let manifest = node.state_dir().join("keys.json");
+    let blob = node.state_dir().join("signing.pair");
+    let downgrade = || {
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+        assert_eq!(v["format"], 2);
+        assert!(v.as_object_mut().unwrap().remove("signing").is_some());
+        v["format"] = 1.into();
+        std::fs::write(&manifest, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    };
+
+    // A state directory written before the signing key existed.
+    downgrade();
+    std::fs::remove_file(&blob).unwrap();
+    let (mut h, opened) = node.open();
+    assert_eq!(opened, Opened::Loaded { recovered: 0 });
+    let key = h.signing_key().unwrap();
+    assert_ne!(key, first_key, "a new key, not the deleted one");
+    assert_signs(&mut h, &key, b"receipt");
+    // The other keys are untouched.
+    assert_eq!(h.status(), status);
+    assert_eq!(h.disk_key().unwrap(), disk);
+    assert_eq!(
+        &h.open_envelope(Role::Landlord, &env_l).unwrap()[..],
+        b"landlord"
+    );
+    assert_eq!(
+        &h.open_envelope(Role::Tenant, &env_t).unwrap()[..],
+        b"tenant"
+    );
+    h.shutdown().unwrap();
+    // The upgrade was committed: format 2 naming the key, kept on re-open.
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    assert_eq!(v["format"], 2);
+    assert_eq!(v["signing"]["fingerprint"], key.fingerprint.as_str());
+    let (h, opened) = node.open();
+    assert_eq!(opened, Opened::Loaded { recovered: 0 });
+    assert_eq!(h.signing_key().unwrap(), key);
+    h.shutdown().unwrap();
+
+    // A crash after the key's blob was written but before the manifest named
+    // it: the stray blob is removed and a complete key created.
+    downgrade();
+    assert!(blob.exists());
+    let (mut h, opened) = node.open();
+    assert_eq!(opened, Opened::Loaded { recovered: 1 });
+    let again = h.signing_key().unwrap();
+    assert_ne!(again, key);
+    assert_signs(&mut h, &again, b"receipt");
+    assert_eq!(h.status(), status);
+    assert_eq!(h.disk_key().unwrap(), disk);
+    h.shutdown().unwrap();
 }

@@ -7,6 +7,7 @@ use sha2::{Digest as _, Sha256};
 use tss_esapi::attributes::{
     NvIndexAttributesBuilder, ObjectAttributesBuilder, SessionAttributesBuilder,
 };
+use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
 use tss_esapi::constants::{CapabilityType, SessionType, StartupType, Tss2ResponseCodeKind};
 use tss_esapi::handles::{KeyHandle, NvIndexHandle, NvIndexTpmHandle, ObjectHandle, TpmHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
@@ -15,14 +16,15 @@ use tss_esapi::interface_types::key_bits::RsaKeyBits;
 use tss_esapi::interface_types::resource_handles::{Hierarchy, NvAuth, Provision};
 use tss_esapi::interface_types::session_handles::{AuthSession, PolicySession};
 use tss_esapi::structures::{
-    Auth, CapabilityData, Data, Digest, DigestValues, EccPoint, HashScheme, KeyedHashScheme,
-    MaxNvBuffer, NvPublicBuilder, PcrSelectionListBuilder, PcrSlot, Private, Public, PublicBuilder,
-    PublicEccParametersBuilder, PublicKeyRsa, PublicKeyedHashParameters,
+    Auth, CapabilityData, Data, Digest, DigestValues, EccPoint, HashScheme, HashcheckTicket,
+    KeyedHashScheme, MaxNvBuffer, NvPublicBuilder, PcrSelectionListBuilder, PcrSlot, Private,
+    Public, PublicBuilder, PublicEccParametersBuilder, PublicKeyRsa, PublicKeyedHashParameters,
     PublicRsaParametersBuilder, RsaDecryptionScheme, RsaExponent, RsaScheme, SensitiveData,
-    SymmetricDefinition, SymmetricDefinitionObject,
+    Signature, SignatureScheme, SymmetricDefinition, SymmetricDefinitionObject,
 };
 use tss_esapi::tcti_ldr::TctiNameConf;
 use tss_esapi::traits::{Marshall, UnMarshall};
+use tss_esapi::tss2_esys::TPMT_TK_HASHCHECK;
 use tss_esapi::Context;
 use zeroize::Zeroizing;
 
@@ -218,41 +220,31 @@ impl Tpm {
 
     /// Creates an RSA-2048 OAEP-SHA256 decryption key under the primary.
     pub fn create_decrypt_key(&mut self, auth: &[u8; 32]) -> Result<(Blob, RecipientKey)> {
-        let attrs = ObjectAttributesBuilder::new()
-            .with_fixed_tpm(true)
-            .with_fixed_parent(true)
-            .with_sensitive_data_origin(true)
-            .with_user_with_auth(true)
-            .with_decrypt(true)
-            .with_sign_encrypt(false)
-            .with_restricted(false)
-            .with_no_da(true)
-            .build()
-            .map_err(tpm_err("build key attributes"))?;
-        let params = PublicRsaParametersBuilder::new()
-            .with_scheme(RsaScheme::Oaep(HashScheme::new(HashingAlgorithm::Sha256)))
-            .with_key_bits(RsaKeyBits::Rsa2048)
-            .with_exponent(RsaExponent::default())
-            .with_is_decryption_key(true)
-            .with_is_signing_key(false)
-            .with_restricted(false)
-            .build()
-            .map_err(tpm_err("build RSA parameters"))?;
-        let public = PublicBuilder::new()
-            .with_public_algorithm(PublicAlgorithm::Rsa)
-            .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
-            .with_object_attributes(attrs)
-            .with_rsa_parameters(params)
-            .with_rsa_unique_identifier(PublicKeyRsa::default())
-            .build()
-            .map_err(tpm_err("build RSA template"))?;
+        let public = rsa_template(RsaUse::Decrypt).map_err(tpm_err("build RSA template"))?;
         let auth = Auth::try_from(auth.to_vec()).map_err(tpm_err("build auth value"))?;
+        self.create_rsa_key(public, Some(auth), "Create (RSA decryption key)")
+    }
+
+    /// Creates the node's RSA-2048 RSASSA-PKCS1-v1_5 SHA-256 signing key
+    /// under the primary. Its authValue is empty: the blob loads only under
+    /// this TPM's primary, and only root can reach the TPM or the state dir.
+    pub fn create_signing_key(&mut self) -> Result<(Blob, RecipientKey)> {
+        let public = rsa_template(RsaUse::Sign).map_err(tpm_err("build RSA template"))?;
+        self.create_rsa_key(public, None, "Create (RSA signing key)")
+    }
+
+    fn create_rsa_key(
+        &mut self,
+        template: Public,
+        auth: Option<Auth>,
+        op: &'static str,
+    ) -> Result<(Blob, RecipientKey)> {
         let primary = self.primary;
         let created = self
             .authed(Enc::Both, |c| {
-                c.create(primary, public, Some(auth), None, None, None)
+                c.create(primary, template, auth, None, None, None)
             })
-            .map_err(tpm_err("Create (RSA decryption key)"))?;
+            .map_err(tpm_err(op))?;
         let recipient = recipient_of(&created.out_public)?;
         let blob = Blob {
             public: created
@@ -308,9 +300,21 @@ impl Tpm {
     }
 
     fn load(&mut self, blob: &Blob, role: Role, what: &'static str) -> Result<KeyHandle> {
-        let corrupt = |source| KeyError::ForeignOrCorruptBlob { role, what, source };
-        let public = Public::unmarshall(&blob.public).map_err(corrupt)?;
-        let private = Private::try_from(blob.private.clone()).map_err(corrupt)?;
+        self.load_as(blob, |source| KeyError::ForeignOrCorruptBlob {
+            role,
+            what,
+            source,
+        })
+    }
+
+    /// Loads a blob under the primary; `corrupt` names the object in the error.
+    fn load_as(
+        &mut self,
+        blob: &Blob,
+        corrupt: impl Fn(tss_esapi::Error) -> KeyError,
+    ) -> Result<KeyHandle> {
+        let public = Public::unmarshall(&blob.public).map_err(&corrupt)?;
+        let private = Private::try_from(blob.private.clone()).map_err(&corrupt)?;
         let primary = self.primary;
         self.authed(Enc::In, |c| c.load(primary, private, public))
             .map_err(corrupt)
@@ -326,9 +330,54 @@ impl Tpm {
     #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     pub fn read_public(&mut self, blob: &Blob, role: Role) -> Result<Public> {
         let h = self.load(blob, role, "object")?;
+        self.read_public_of(h)
+    }
+
+    /// Reads the signing key's public area back from the TPM.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    pub fn read_signing_public(&mut self, blob: &Blob) -> Result<Public> {
+        let h = self.load_as(blob, signing_key_unusable)?;
+        self.read_public_of(h)
+    }
+
+    /// ReadPublic of a loaded object, which is flushed afterwards.
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    fn read_public_of(&mut self, h: KeyHandle) -> Result<Public> {
         let r = self.ctx.execute_without_session(|c| c.read_public(h));
         self.flush(h);
         Ok(r.map_err(tpm_err("ReadPublic"))?.0)
+    }
+
+    /// RSASSA-PKCS1-v1_5 signature with the node signing key over a SHA-256
+    /// digest computed by the caller. Returns the raw signature (modulus size).
+    pub fn sign_digest(&mut self, blob: &Blob, digest: &[u8; 32]) -> Result<Vec<u8>> {
+        let digest = Digest::try_from(digest.to_vec()).map_err(tpm_err("build digest"))?;
+        // A null ticket: the key is unrestricted, so the TPM need not have
+        // hashed the data itself (a restricted key would insist on it).
+        let validation = HashcheckTicket::try_from(TPMT_TK_HASHCHECK {
+            tag: TPM2_ST_HASHCHECK,
+            hierarchy: TPM2_RH_NULL,
+            digest: Default::default(),
+        })
+        .map_err(tpm_err("build null hashcheck ticket"))?;
+        let scheme = SignatureScheme::RsaSsa {
+            hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
+        };
+        let h = self.load_as(blob, signing_key_unusable)?;
+        // No parameter encryption: neither the digest nor the signature is
+        // secret, and the response's first parameter is not a sized buffer.
+        let result = self
+            .authed(Enc::None, |c| c.sign(h, digest, scheme, validation))
+            .map_err(tpm_err("Sign"));
+        self.flush(h);
+        match result? {
+            Signature::RsaSsa(s) if s.hashing_algorithm() == HashingAlgorithm::Sha256 => {
+                Ok(s.signature().value().to_vec())
+            }
+            _ => Err(KeyError::UnexpectedTpmResponse(
+                "signature scheme (expected RSASSA-PKCS1-v1_5 with SHA-256)",
+            )),
+        }
     }
 
     /// RSA-OAEP-SHA256 decryption inside the TPM.
@@ -626,6 +675,54 @@ impl Tpm {
             .execute_without_session(|c| c.shutdown(StartupType::Clear))
             .map_err(tpm_err("Shutdown"))
     }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RsaUse {
+    /// OAEP-SHA256 decryption only (the level key pairs).
+    Decrypt,
+    /// RSASSA-PKCS1-v1_5 SHA-256 signing only (the node signing key).
+    Sign,
+}
+
+/// Template of an unrestricted RSA-2048 key under the primary that can do
+/// exactly one thing: a key never both decrypts and signs.
+fn rsa_template(usage: RsaUse) -> tss_esapi::Result<Public> {
+    let sign = usage == RsaUse::Sign;
+    let attrs = ObjectAttributesBuilder::new()
+        .with_fixed_tpm(true)
+        .with_fixed_parent(true)
+        .with_sensitive_data_origin(true)
+        .with_user_with_auth(true)
+        .with_decrypt(!sign)
+        .with_sign_encrypt(sign)
+        .with_restricted(false)
+        .with_no_da(true)
+        .build()?;
+    let scheme = if sign {
+        RsaScheme::RsaSsa(HashScheme::new(HashingAlgorithm::Sha256))
+    } else {
+        RsaScheme::Oaep(HashScheme::new(HashingAlgorithm::Sha256))
+    };
+    let params = PublicRsaParametersBuilder::new()
+        .with_scheme(scheme)
+        .with_key_bits(RsaKeyBits::Rsa2048)
+        .with_exponent(RsaExponent::default())
+        .with_is_decryption_key(!sign)
+        .with_is_signing_key(sign)
+        .with_restricted(false)
+        .build()?;
+    PublicBuilder::new()
+        .with_public_algorithm(PublicAlgorithm::Rsa)
+        .with_name_hashing_algorithm(HashingAlgorithm::Sha256)
+        .with_object_attributes(attrs)
+        .with_rsa_parameters(params)
+        .with_rsa_unique_identifier(PublicKeyRsa::default())
+        .build()
+}
+
+fn signing_key_unusable(source: tss_esapi::Error) -> KeyError {
+    KeyError::SigningKeyUnusable { source }
 }
 
 /// The fixed storage-primary template: ECC P-256, AES-128-CFB, restricted

@@ -1,0 +1,458 @@
+//! The tenant's encrypted volume, wired to the keys (see the `storage`
+//! crate for the parts, docs/storage.md for the design).
+//!
+//! Lifecycle and crash recovery. `volume.json` in the state dir records
+//! the volume and the state of the last step that changes the device:
+//!
+//! - init: checks (nothing written) → metadata `initializing` → mapping,
+//!   mkfs, mount → `ready`.
+//! - a key change that changes the disk key (tenant or landlord rotation,
+//!   assignment, release): the keys change first (atomic in the TPM
+//!   crate) → the old mapping is wiped and removed → metadata
+//!   `initializing` with the new key's check value and generations →
+//!   mapping, mkfs, mount → `ready`.
+//! - at start: no metadata → no volume. Otherwise the disk key's check
+//!   value decides: equal and `ready` → open the old volume (data intact);
+//!   equal and `initializing` → make it again (it held nothing yet);
+//!   different with different key generations → the keys changed after
+//!   the volume was made (a crash between the key change and the remake):
+//!   the old data is gone with the old key, so make it again, empty;
+//!   different with the same generations, or another node's metadata →
+//!   refuse, touch nothing.
+//!
+//! So after a crash at any point the volume is the old one (intact) or a
+//! new empty one, and `status` says which.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use leasehold_storage::{
+    device, fs, keyring, mapping, meta, StorageError, VolumeMeta, VolumeState,
+};
+use serde::Serialize;
+use zeroize::Zeroizing;
+
+use crate::config::StorageSection;
+use crate::fsutil::write_atomic;
+
+const META: &str = "volume.json";
+
+/// What the key thread hands over for a volume operation.
+pub struct DiskKeyInfo {
+    /// Node id (hex).
+    pub node_id: String,
+    /// The disk key.
+    pub key: Zeroizing<Vec<u8>>,
+    /// Key generation per link, widest first.
+    pub generations: Vec<(String, u64)>,
+}
+
+/// Why a volume operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VolumeError {
+    /// Refused by a check, or the kernel refused.
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    /// The request does not fit the current state.
+    #[error("{0}")]
+    Invalid(String),
+    /// No volume.
+    #[error("no volume has been initialized on this node (landlordctl volume init DEVICE)")]
+    None,
+    /// State file.
+    #[error("volume metadata {path}: {reason}")]
+    Meta {
+        /// File.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// How the last open or remake went, for status and logs.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Runtime {
+    /// Mapped and mounted.
+    pub open: bool,
+    /// Why it is not open, if it should be.
+    pub error: Option<String>,
+    /// The last lifecycle event ("opened", "recreated empty: …").
+    pub event: Option<String>,
+}
+
+/// Result of a remake after a key change, for the erase receipt.
+#[derive(Debug, Clone, Serialize)]
+pub struct Remade {
+    /// Volume id.
+    pub id: String,
+    /// Device.
+    pub device: String,
+    /// Key generations before.
+    pub before: Vec<(String, u64)>,
+    /// Key generations after.
+    pub after: Vec<(String, u64)>,
+    /// Milliseconds from the start of the teardown to the mounted new filesystem.
+    pub millis: u64,
+    /// The old mapping was still held open (its key is wiped; removal deferred).
+    pub deferred: bool,
+}
+
+/// Metadata (None: no volume), runtime state, (used, total) bytes when open.
+pub type StatusParts = (Option<VolumeMeta>, Runtime, Option<(u64, u64)>);
+
+/// The volume.
+#[derive(Debug)]
+pub struct Volume {
+    cfg: StorageSection,
+    dir: PathBuf,
+    rt: Mutex<Runtime>,
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Test hook for the crash tests: `LEASEHOLD_CRASH_AT=<step>` kills the
+/// agent (SIGKILL, no clean-up) when it reaches that step.
+fn crash_point(step: &str) {
+    if std::env::var("LEASEHOLD_CRASH_AT").as_deref() == Ok(step) {
+        tracing::warn!(step, "LEASEHOLD_CRASH_AT: killing the agent here");
+        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+impl Volume {
+    /// The volume of the state dir `dir`.
+    pub fn new(cfg: StorageSection, dir: &Path) -> Self {
+        Volume {
+            cfg,
+            dir: dir.to_owned(),
+            rt: Mutex::new(Runtime::default()),
+        }
+    }
+
+    fn rt(&self) -> std::sync::MutexGuard<'_, Runtime> {
+        self.rt.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set(&self, open: bool, error: Option<String>, event: Option<String>) {
+        let mut r = self.rt();
+        r.open = open;
+        r.error = error;
+        if event.is_some() {
+            r.event = event;
+        }
+    }
+
+    /// The stored metadata, if a volume was initialized.
+    pub fn meta(&self) -> Result<Option<VolumeMeta>, VolumeError> {
+        let path = self.dir.join(META);
+        match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| VolumeError::Meta {
+                    path,
+                    reason: e.to_string(),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(VolumeError::Meta {
+                path,
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    fn save(&self, m: &VolumeMeta) -> Result<(), VolumeError> {
+        let bytes = serde_json::to_vec_pretty(m).map_err(|e| VolumeError::Meta {
+            path: self.dir.join(META),
+            reason: e.to_string(),
+        })?;
+        write_atomic(&self.dir, META, &bytes).map_err(|e| VolumeError::Meta {
+            path: self.dir.join(META),
+            reason: e.to_string(),
+        })
+    }
+
+    /// Initializes `device` under the current disk key: checks, then a
+    /// fresh filesystem, mounted.
+    pub fn init(
+        &self,
+        device_path: &str,
+        force: bool,
+        k: &DiskKeyInfo,
+    ) -> Result<VolumeMeta, VolumeError> {
+        if let Some(m) = self.meta()? {
+            if m.state == VolumeState::Ready {
+                return Err(VolumeError::Invalid(format!(
+                    "a volume already exists on {} (made {}); a destroying key rotation empties it",
+                    m.device, m.made
+                )));
+            }
+        }
+        if device_path.is_empty() {
+            return Err(VolumeError::Invalid("device: give a block device".into()));
+        }
+        let dev = device::probe(Path::new(device_path))?;
+        if let Some(cfg_dev) = self.cfg.device.as_deref().filter(|d| !d.is_empty()) {
+            let want = device::probe(Path::new(cfg_dev))?;
+            if want.devno != dev.devno {
+                return Err(VolumeError::Invalid(format!(
+                    "device: {device_path} is not the device named by storage.device in the configuration ({cfg_dev})"
+                )));
+            }
+        }
+        // The mapping of an interrupted init may hold the device.
+        if let Some(m) = self.meta()? {
+            if m.state == VolumeState::Initializing {
+                self.teardown()?;
+            }
+        }
+        device::check_for_init(&dev, force)?;
+        crash_point("init:checked");
+        let sector_size = dev.crypt_sector_size();
+        let id = hex_id();
+        let m = VolumeMeta {
+            format: meta::FORMAT,
+            kcv: leasehold_storage::kcv(&k.key, &id),
+            id,
+            node_id: k.node_id.clone(),
+            device: dev.preferred().display().to_string(),
+            size_bytes: dev.size_bytes,
+            sector_size,
+            cipher: mapping::CIPHER.into(),
+            key_bytes: u32::try_from(mapping::KEY_BYTES).unwrap_or(64),
+            options: mapping::options(sector_size, self.cfg.bypass_workqueues, self.cfg.discards),
+            filesystem: self.cfg.filesystem.clone(),
+            key_generations: k.generations.clone(),
+            state: VolumeState::Initializing,
+            created: now(),
+            made: now(),
+        };
+        self.save(&m)?;
+        crash_point("init:meta");
+        let m = self.make(m, k, "init")?;
+        tracing::info!(device = %m.device, id = %m.id, size = m.size_bytes, "volume initialized");
+        self.set(true, None, Some(format!("initialized on {}", m.device)));
+        Ok(m)
+    }
+
+    /// Maps `m` with `k`, makes a filesystem, mounts it, records `ready`.
+    /// `phase` names the crash points ("init", "erase").
+    fn make(
+        &self,
+        mut m: VolumeMeta,
+        k: &DiskKeyInfo,
+        phase: &str,
+    ) -> Result<VolumeMeta, VolumeError> {
+        self.map(&m, k)?;
+        crash_point(&format!("{phase}:mapped"));
+        let node = mapping::devnode(mapping::NAME);
+        fs::make(&node, &m.filesystem)?;
+        crash_point(&format!("{phase}:made"));
+        self.mount(&m)?;
+        m.state = VolumeState::Ready;
+        self.save(&m)?;
+        Ok(m)
+    }
+
+    /// Creates the mapping after checking the key against the check value.
+    fn map(&self, m: &VolumeMeta, k: &DiskKeyInfo) -> Result<(), VolumeError> {
+        if leasehold_storage::kcv(&k.key, &m.id) != m.kcv {
+            return Err(StorageError::WrongKey(format!(
+                "the disk key does not match the volume's key check value (volume {} on {}, made with key generations {}; now {})",
+                m.id,
+                m.device,
+                m.generations_text(),
+                meta::generations_text(&k.generations)
+            ))
+            .into());
+        }
+        let dev = device::probe(Path::new(&m.device))?;
+        if dev.size_bytes != m.size_bytes {
+            return Err(VolumeError::Invalid(format!(
+                "{}: size is {} bytes, the volume was made on {} bytes",
+                m.device, dev.size_bytes, m.size_bytes
+            )));
+        }
+        let key = keyring::LogonKey::add(&m.id, &k.key)?;
+        let table = mapping::CryptTable {
+            device: dev.node.clone(),
+            sectors: m.size_bytes / 512,
+            key_description: key.description().to_owned(),
+            options: m.options.clone(),
+        };
+        let r = mapping::open(mapping::NAME, &format!("LEASEHOLD-{}", m.id), &table);
+        // dm-crypt holds its own copy now (or failed): the keyring key goes.
+        key.invalidate()?;
+        r?;
+        Ok(())
+    }
+
+    fn mount(&self, m: &VolumeMeta) -> Result<(), VolumeError> {
+        let at = &self.cfg.mount;
+        if !fs::is_mounted(at) {
+            // Tenant processes (engines) make their own directories in it.
+            let gid = nix::unistd::Group::from_name("leasehold-tenant")
+                .ok()
+                .flatten()
+                .map(|g| g.gid.as_raw());
+            let mode = if gid.is_some() { 0o2770 } else { 0o700 };
+            fs::mount(
+                &mapping::devnode(mapping::NAME),
+                at,
+                &m.filesystem,
+                (0, gid.unwrap_or(0)),
+                mode,
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Unmounts (detaching if busy) and wipes and removes the mapping.
+    /// Returns whether the removal had to be deferred.
+    fn teardown(&self) -> Result<bool, VolumeError> {
+        let detached = fs::unmount(&self.cfg.mount)?;
+        let closed = mapping::close(mapping::NAME)?;
+        Ok(detached || closed == mapping::Closed::Deferred)
+    }
+
+    /// At agent start: opens the volume, finishes an interrupted step, or
+    /// says why not (see the module comment).
+    pub fn open_at_start(&self, k: &DiskKeyInfo) -> Result<Option<String>, VolumeError> {
+        let Some(m) = self.meta()? else {
+            return Ok(None);
+        };
+        if m.node_id != k.node_id {
+            let e = format!(
+                "the volume metadata belongs to node {}, this is node {}: not opened (nothing was written to {})",
+                m.node_id, k.node_id, m.device
+            );
+            self.set(false, Some(e.clone()), None);
+            return Err(VolumeError::Invalid(e));
+        }
+        let same_key = leasehold_storage::kcv(&k.key, &m.id) == m.kcv;
+        let event = if same_key && m.state == VolumeState::Ready {
+            if mapping::exists(mapping::NAME)? {
+                // Still mapped (the agent was killed): adopt it.
+                self.mount(&m)?;
+                "opened (the mapping was still active)".to_owned()
+            } else {
+                self.map(&m, k)?;
+                self.mount(&m)?;
+                "opened".to_owned()
+            }
+        } else if same_key {
+            self.teardown()?;
+            self.make(m, k, "start")?;
+            "an interrupted initialization was finished: the volume is new and empty".to_owned()
+        } else if m.key_generations != k.generations {
+            self.teardown()?;
+            let before = m.generations_text();
+            let m = self.remeta(m, k);
+            self.save(&m)?;
+            self.make(m, k, "start")?;
+            format!(
+                "recreated empty: the keys changed after the volume was made (key generations {before} -> {}); the old data is gone with the old key",
+                meta::generations_text(&k.generations)
+            )
+        } else {
+            // Same generations, different key: not this volume's key.
+            let e = self
+                .map(&m, k)
+                .err()
+                .map(|e| e.to_string())
+                .unwrap_or_default();
+            self.set(false, Some(e.clone()), None);
+            return Err(VolumeError::Invalid(e));
+        };
+        tracing::info!(event = %event, "volume");
+        self.set(true, None, Some(event.clone()));
+        Ok(Some(event))
+    }
+
+    fn remeta(&self, mut m: VolumeMeta, k: &DiskKeyInfo) -> VolumeMeta {
+        m.kcv = leasehold_storage::kcv(&k.key, &m.id);
+        m.key_generations = k.generations.clone();
+        m.state = VolumeState::Initializing;
+        m.made = now();
+        m
+    }
+
+    /// After a key change that changed the disk key: wipe the old mapping,
+    /// make a new empty filesystem under the new key. None without a volume.
+    pub fn remake(&self, k: &DiskKeyInfo, reason: &str) -> Result<Option<Remade>, VolumeError> {
+        let Some(m) = self.meta()? else {
+            return Ok(None);
+        };
+        let t = Instant::now();
+        crash_point("erase:keys");
+        let deferred = self.teardown()?;
+        self.set(false, None, None);
+        crash_point("erase:closed");
+        let before = m.key_generations.clone();
+        let m = self.remeta(m, k);
+        self.save(&m)?;
+        crash_point("erase:meta");
+        let r = self.make(m, k, "erase");
+        let m = match r {
+            Ok(m) => m,
+            Err(e) => {
+                self.set(false, Some(e.to_string()), None);
+                return Err(e);
+            }
+        };
+        let millis = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let event = format!("recreated empty after {reason}");
+        tracing::info!(id = %m.id, millis, deferred, "{event}");
+        self.set(true, None, Some(event));
+        Ok(Some(Remade {
+            id: m.id,
+            device: m.device,
+            before,
+            after: m.key_generations,
+            millis,
+            deferred,
+        }))
+    }
+
+    /// At stop: unmount and wipe the mapping (the data stays on the device
+    /// under its key).
+    pub fn close(&self) -> Result<(), VolumeError> {
+        if self.meta()?.is_none() {
+            return Ok(());
+        }
+        let deferred = self.teardown()?;
+        if deferred {
+            tracing::warn!(
+                "the volume was still in use: detached, its key wiped, removal deferred"
+            );
+        }
+        self.set(false, None, Some("closed".into()));
+        Ok(())
+    }
+
+    /// Status for the interfaces.
+    pub fn status(&self) -> Result<StatusParts, VolumeError> {
+        let m = self.meta()?;
+        let rt = self.rt().clone();
+        let usage = if rt.open {
+            fs::usage(&self.cfg.mount).ok()
+        } else {
+            None
+        };
+        Ok((m, rt, usage))
+    }
+
+    /// Where the filesystem is mounted.
+    pub fn mount_point(&self) -> &Path {
+        &self.cfg.mount
+    }
+}
+
+fn hex_id() -> String {
+    let b: [u8; 16] = rand::random();
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}

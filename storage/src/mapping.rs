@@ -1,0 +1,212 @@
+//! The dm-crypt mapping, through the devicemapper crate (ioctls, with udev
+//! synchronisation so /dev/mapper/NAME exists when `open` returns).
+//!
+//! Table: `aes-xts-plain64 :64:logon:leasehold:<id> 0 <device> 0 <n>
+//! <options>`: the key is named, not written (see [`crate::keyring`]).
+//! Closing first replaces the table with an `error` target, so the key
+//! leaves kernel memory even if something still holds the device open
+//! (the removal is then deferred to the last close).
+
+use std::path::{Path, PathBuf};
+
+use devicemapper::{DevId, DmFlags, DmName, DmOptions, DmUuid, DM};
+
+use crate::{Result, StorageError};
+
+/// Mapping name (/dev/mapper/leasehold-tenant).
+pub const NAME: &str = "leasehold-tenant";
+/// Cipher: XTS needs a double-length key.
+pub const CIPHER: &str = "aes-xts-plain64";
+/// Key size in bytes.
+pub const KEY_BYTES: usize = 64;
+
+/// Parameters of the crypt target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CryptTable {
+    /// The backing device node.
+    pub device: PathBuf,
+    /// Length in 512-byte sectors.
+    pub sectors: u64,
+    /// Keyring description of the key (`leasehold:<id>`).
+    pub key_description: String,
+    /// Optional parameters (sector_size:4096, no_read_workqueue, …).
+    pub options: Vec<String>,
+}
+
+/// Optional dm-crypt parameters for a sector size and the two switches.
+pub fn options(sector_size: u32, bypass_workqueues: bool, discards: bool) -> Vec<String> {
+    let mut o = Vec::new();
+    if discards {
+        o.push("allow_discards".to_owned());
+    }
+    if bypass_workqueues {
+        o.push("no_read_workqueue".to_owned());
+        o.push("no_write_workqueue".to_owned());
+    }
+    if sector_size != 512 {
+        o.push(format!("sector_size:{sector_size}"));
+    }
+    o
+}
+
+impl CryptTable {
+    /// The target's parameter string, as the kernel shows it back.
+    pub fn params(&self) -> String {
+        let mut s = format!(
+            "{CIPHER} :{KEY_BYTES}:logon:{} 0 {} 0",
+            self.key_description,
+            self.device.display()
+        );
+        if !self.options.is_empty() {
+            s.push_str(&format!(
+                " {} {}",
+                self.options.len(),
+                self.options.join(" ")
+            ));
+        }
+        s
+    }
+}
+
+fn dm() -> Result<DM> {
+    DM::new().map_err(|e| StorageError::Dm(format!("cannot open /dev/mapper/control: {e}")))
+}
+
+fn name(n: &str) -> Result<&DmName> {
+    DmName::new(n).map_err(|e| StorageError::Dm(format!("mapping name {n:?}: {e}")))
+}
+
+/// /dev/mapper/NAME.
+pub fn devnode(n: &str) -> PathBuf {
+    Path::new("/dev/mapper").join(n)
+}
+
+/// Whether the mapping exists.
+pub fn exists(n: &str) -> Result<bool> {
+    devicemapper::device_exists(&dm()?, name(n)?)
+        .map_err(|e| StorageError::Dm(format!("looking up {n}: {e}")))
+}
+
+/// Creates the mapping with `table` (its key must be in the process
+/// keyring) and activates it. Nothing is left behind on failure.
+pub fn open(n: &str, uuid: &str, table: &CryptTable) -> Result<PathBuf> {
+    let dm = dm()?;
+    let dn = name(n)?;
+    let du = DmUuid::new(uuid).map_err(|e| StorageError::Dm(format!("uuid {uuid:?}: {e}")))?;
+    dm.device_create(dn, Some(du), DmOptions::default())
+        .map_err(|e| StorageError::Dm(format!("create {n}: {e}")))?;
+    let id = DevId::Name(dn);
+    let line = [(0, table.sectors, "crypt".to_owned(), table.params())];
+    let r = dm
+        .table_load(&id, &line, DmOptions::default())
+        .map_err(|e| StorageError::Dm(format!("load the crypt table of {n}: {e}")))
+        .and_then(|_| {
+            dm.device_suspend(&id, DmOptions::default())
+                .map_err(|e| StorageError::Dm(format!("activate {n}: {e}")))
+        });
+    if let Err(e) = r {
+        let _ = dm.device_remove(&id, DmOptions::default());
+        return Err(e);
+    }
+    Ok(devnode(n))
+}
+
+/// How a close ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// There was no mapping.
+    Absent,
+    /// Removed.
+    Removed,
+    /// The key is gone (error table) but something still holds the device;
+    /// the kernel removes it at the last close.
+    Deferred,
+}
+
+/// Wipes the key from the kernel (an `error` table replaces the crypt
+/// table) and removes the mapping.
+pub fn close(n: &str) -> Result<Closed> {
+    let dm = dm()?;
+    let dn = name(n)?;
+    if !devicemapper::device_exists(&dm, dn)
+        .map_err(|e| StorageError::Dm(format!("looking up {n}: {e}")))?
+    {
+        return Ok(Closed::Absent);
+    }
+    let id = DevId::Name(dn);
+    let sectors = dm
+        .table_status(
+            &id,
+            DmOptions::default().set_flags(DmFlags::DM_STATUS_TABLE),
+        )
+        .map(|(_, t)| t.iter().map(|l| l.0 + l.1).max().unwrap_or(0))
+        .unwrap_or(0);
+    if sectors > 0 {
+        let line = [(0, sectors, "error".to_owned(), String::new())];
+        dm.table_load(&id, &line, DmOptions::default())
+            .and_then(|_| dm.device_suspend(&id, DmOptions::default()))
+            .map_err(|e| StorageError::Dm(format!("replace the crypt table of {n}: {e}")))?;
+    }
+    match dm.device_remove(&id, DmOptions::default()) {
+        Ok(_) => Ok(Closed::Removed),
+        Err(_) => {
+            dm.device_remove(
+                &id,
+                DmOptions::default().set_flags(DmFlags::DM_DEFERRED_REMOVE),
+            )
+            .map_err(|e| StorageError::Dm(format!("remove {n}: {e}")))?;
+            Ok(Closed::Deferred)
+        }
+    }
+}
+
+/// The active table's lines as `type params` (what `dmsetup table
+/// --showkeys` prints after the start and length).
+pub fn table(n: &str) -> Result<Option<Vec<String>>> {
+    let dm = dm()?;
+    let dn = name(n)?;
+    if !devicemapper::device_exists(&dm, dn)
+        .map_err(|e| StorageError::Dm(format!("looking up {n}: {e}")))?
+    {
+        return Ok(None);
+    }
+    let (_, lines) = dm
+        .table_status(
+            &DevId::Name(dn),
+            DmOptions::default().set_flags(DmFlags::DM_STATUS_TABLE),
+        )
+        .map_err(|e| StorageError::Dm(format!("read the table of {n}: {e}")))?;
+    Ok(Some(
+        lines
+            .into_iter()
+            .map(|l| format!("{} {}", l.2, l.3))
+            .collect(),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_the_key_and_carries_options() {
+        let t = CryptTable {
+            device: "/dev/vdb".into(),
+            sectors: 2_097_152,
+            key_description: "leasehold:ab12".into(),
+            options: options(4096, true, false),
+        };
+        assert_eq!(
+            t.params(),
+            "aes-xts-plain64 :64:logon:leasehold:ab12 0 /dev/vdb 0 3 no_read_workqueue no_write_workqueue sector_size:4096"
+        );
+        let t = CryptTable {
+            options: options(512, false, false),
+            ..t
+        };
+        assert_eq!(
+            t.params(),
+            "aes-xts-plain64 :64:logon:leasehold:ab12 0 /dev/vdb 0"
+        );
+    }
+}
