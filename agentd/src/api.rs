@@ -423,11 +423,12 @@ impl Ctx {
         };
         let mut destroyed = Vec::new();
         let gens = |g: &[(String, u64)]| leasehold_storage::meta::generations_text(g);
-        destroyed.push(format!(
-            "{} key (key generation {}): its TPM sealed object and the generation secret it depends on (NV index undefined)",
-            c.role,
-            c.key_generation_before.map_or("none".into(), |g| g.to_string())
-        ));
+        if let Some(g) = c.key_generation_before.filter(|_| c.data_destroyed) {
+            destroyed.push(format!(
+                "{} key of key generation {g}: its TPM sealed object and the generation secret it depends on (NV index undefined)",
+                c.role
+            ));
+        }
         destroyed.push(format!(
             "disk key made from key generations {}",
             gens(&before)

@@ -299,7 +299,8 @@ impl Volume {
                 .ok()
                 .flatten()
                 .map(|g| g.gid.as_raw());
-            let mode = if gid.is_some() { 0o2770 } else { 0o700 };
+            // No set-gid bit: the unit's RestrictSUIDSGID= refuses it.
+            let mode = if gid.is_some() { 0o770 } else { 0o700 };
             fs::mount(
                 &mapping::devnode(mapping::NAME),
                 at,

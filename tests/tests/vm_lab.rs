@@ -309,6 +309,17 @@ fn vm_lab_end_to_end() {
     );
     vm.step("authorization matrix (real system bus)");
 
+    // Issue 6: the tenant's volume.
+    volume_lifecycle(&mut vm);
+    vm.erase_check("landlord rotation", "landlordctl --json --yes rotate");
+    vm.erase_check(
+        "tenant rotation",
+        "runuser -u tt -- tenantctl --json --yes rotate",
+    );
+    vm.erase_check("release", "landlordctl --json --yes release");
+    vm.sh("landlordctl --yes assign acme >/dev/null");
+    volume_crashes(&mut vm);
+
     // Fig. 6 hand-over, landlord in the guest, tenant from the host over SSH.
     vm.sh(
         "landlordctl --yes release >/dev/null; runuser -u ll -- landlordctl assign acme >/dev/null",
@@ -349,6 +360,8 @@ fn vm_lab_end_to_end() {
 
     // Reboot through the landlord's API: keys persist in the vTPM, the agent comes back.
     let before = json(&vm.sh("landlordctl --json info"));
+    vm.sh(&format!("echo across-reboot > {MNT}/reboot.txt && sync"));
+    let node1_volume = vm.sh(&format!("cat {STATE}/volume.json"));
     let boot_id = vm.sh("cat /proc/sys/kernel/random/boot_id");
     let r = vm.sh_status("runuser -u ll -- landlordctl reboot");
     assert!(
@@ -373,6 +386,13 @@ fn vm_lab_end_to_end() {
     }
     let list = json(&vm.tenantctl(&["--json", "secret", "list"]).stdout);
     assert_eq!(list[0]["name"], "db", "secret survives reboot");
+    let v = vm.volume();
+    assert_eq!(v["state"], "open", "volume after reboot: {v}");
+    assert_eq!(v["event"], "opened", "{v}");
+    assert_eq!(
+        vm.sh(&format!("cat {MNT}/reboot.txt")).trim(),
+        "across-reboot"
+    );
     vm.step("reboot via landlordctl, agent back with the same keys");
 
     // Power off through the landlord's API stops the VM.
@@ -390,7 +410,326 @@ fn vm_lab_end_to_end() {
         || vm.lab(30, &["running", NODE]).code != 0,
     );
     vm.step("power off via landlordctl");
+
+    // Node 1's tenant disk on a second node (its own vTPM), with node 1's
+    // volume metadata copied over: refused, nothing written.
+    let disk = vm.lab_ok(30, &["disk", NODE]).trim().to_owned();
+    let start = Command::new("timeout")
+        .args(["600", vm.lab.to_str().unwrap(), "start", "2"])
+        .env("LEASEHOLD_LAB_TENANT_DISK", &disk)
+        .output()
+        .unwrap();
+    assert!(
+        start.status.success(),
+        "{}",
+        String::from_utf8_lossy(&start.stderr)
+    );
+    vm.lab_ok(600, &["install", "2", deb.to_str().unwrap()]);
+    let two = |cmd: &str| vm.lab_ok(300, &["ssh", "2", cmd]);
+    let sum = two(&format!("sha256sum $(readlink -f {DEV}) | cut -d' ' -f1"));
+    two(&format!(
+        "systemctl stop leasehold-agentd && cat > {STATE}/volume.json <<'META'\n{node1_volume}\nMETA\nsystemctl start leasehold-agentd"
+    ));
+    let v = json(&two("landlordctl --json volume status"));
+    assert_eq!(v["state"], "error", "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("belongs to node"),
+        "{v}"
+    );
+    // Even claiming this node's id, the key check value stops it.
+    let id2 = json(&two("landlordctl --json info"))["node_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    two(&format!(
+        "systemctl stop leasehold-agentd && sed -i -E 's/(\"node_id\": \")[0-9a-f]+/\\1{id2}/' {STATE}/volume.json && systemctl start leasehold-agentd"
+    ));
+    let v = json(&two("landlordctl --json volume status"));
+    assert_eq!(v["state"], "error", "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("key check value"),
+        "{v}"
+    );
+    two("systemctl stop leasehold-agentd");
+    assert_eq!(
+        two(&format!("sha256sum $(readlink -f {DEV}) | cut -d' ' -f1")),
+        sum,
+        "the second node wrote to the disk"
+    );
+    vm.step("volume: node 1's disk on node 2 is refused");
     eprintln!("vm: phase timings (s): {:?}", vm.timings);
+}
+
+/// The tenant disk of the lab nodes (virtio serial "leasehold-tenant").
+const DEV: &str = "/dev/disk/by-id/virtio-leasehold-tenant";
+const MNT: &str = "/srv/leasehold/tenant";
+const STATE: &str = "/var/lib/leasehold";
+
+impl Vm {
+    /// SHA-256 of the whole tenant disk.
+    fn disk_sum(&self) -> String {
+        self.sh(&format!("sha256sum $(readlink -f {DEV}) | cut -d' ' -f1"))
+    }
+
+    fn volume(&self) -> serde_json::Value {
+        json(&self.sh("landlordctl --json volume status"))
+    }
+
+    /// Starts the agent (joins a restart systemd already queued) and waits
+    /// until it serves the bus (Type=dbus: start returns then).
+    fn agent_up(&self) {
+        self.sh(
+            "systemctl reset-failed leasehold-agentd 2>/dev/null; systemctl start leasehold-agentd",
+        );
+    }
+
+    /// Runs the next agent with LEASEHOLD_CRASH_AT=step (None: without).
+    fn crash_at(&self, step: Option<&str>) {
+        let d = "/run/systemd/system/leasehold-agentd.service.d";
+        match step {
+            Some(st) => self.sh(&format!(
+                "mkdir -p {d} && printf '[Service]\nEnvironment=LEASEHOLD_CRASH_AT={st}\n' > {d}/crash.conf && systemctl daemon-reload && systemctl reset-failed leasehold-agentd; systemctl restart leasehold-agentd"
+            )),
+            // systemd restarted the killed agent with the variable still
+            // set: restart it without.
+            None => self.sh(&format!(
+                "rm -rf {d} && systemctl daemon-reload && systemctl reset-failed leasehold-agentd; systemctl restart leasehold-agentd"
+            )),
+        };
+    }
+
+    /// The node's receipt key (PEM).
+    fn receipt_key(&self) -> String {
+        json(&self.sh("landlordctl --json receipt-key"))["pem"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    }
+
+    /// A destroying key change (`op`, printing the change as JSON): the
+    /// receipt verifies against the node's key, the volume comes back
+    /// empty, and a copy of the state dir taken before the change does not
+    /// bring the old keys back (the agent refuses to start on it; the
+    /// device stays unmapped).
+    fn erase_check(&mut self, label: &str, op: &str) {
+        self.sh(&format!("echo before-{label} > {MNT}/marker && sync"));
+        self.sh(&format!(
+            "systemctl stop leasehold-agentd && rm -rf /root/pre && cp -a {STATE} /root/pre"
+        ));
+        self.agent_up();
+        assert_eq!(
+            self.sh(&format!("cat {MNT}/marker")).trim(),
+            format!("before-{label}")
+        );
+        let change = json(&self.sh(op));
+        let receipt = change["receipt"].as_str().expect("a receipt");
+        let sig = change["receipt_signature"].as_str().expect("a signature");
+        use base64::Engine as _;
+        let sig = base64::engine::general_purpose::STANDARD
+            .decode(sig)
+            .unwrap();
+        leasehold_tpm::verify_signature(&self.receipt_key(), receipt.as_bytes(), &sig)
+            .unwrap_or_else(|e| panic!("{label}: receipt does not verify: {e}"));
+        let mut tampered = receipt.as_bytes().to_vec();
+        tampered[10] ^= 1;
+        assert!(leasehold_tpm::verify_signature(&self.receipt_key(), &tampered, &sig).is_err());
+        let r = json(receipt);
+        assert!(r["volume"]["id"].is_string(), "{label}: {r}");
+        assert_ne!(r["key_generations_before"], r["key_generations_after"]);
+        let v = self.volume();
+        assert_eq!(v["state"], "open", "{label}: {v}");
+        assert!(
+            v["event"].as_str().unwrap().contains("recreated empty"),
+            "{v}"
+        );
+        assert_eq!(
+            self.sh_status(&format!("test -e {MNT}/marker")).code,
+            1,
+            "{label}: the old file survived"
+        );
+        // The state dir from before the change, put back.
+        self.sh(&format!(
+            "systemctl stop leasehold-agentd && rm -rf /root/post && cp -a {STATE} /root/post && rm -rf {STATE} && cp -a /root/pre {STATE}"
+        ));
+        let start = self.sh_status("systemctl start leasehold-agentd");
+        assert_ne!(start.code, 0, "{label}: the agent started on the old state");
+        let log = self.sh("journalctl -u leasehold-agentd --no-pager -n 30");
+        assert!(
+            log.contains("restoring old state cannot bring it back"),
+            "{label}: {log}"
+        );
+        assert_eq!(
+            self.sh_status("dmsetup status leasehold-tenant").code,
+            1,
+            "{label}: mapped with old state"
+        );
+        self.sh(&format!(
+            "systemctl stop leasehold-agentd; rm -rf {STATE} && cp -a /root/post {STATE}"
+        ));
+        self.agent_up();
+        assert_eq!(self.volume()["state"], "open");
+        self.step(&format!("erase: {label}"));
+    }
+}
+
+/// Issue 6 on the node: refusals, secrecy of the key, the key check value,
+/// then the tenant's files. Returns with a volume open and a tenant assigned.
+fn volume_lifecycle(vm: &mut Vm) {
+    vm.sh("landlordctl --json info | grep -q '\"assigned\":true' || landlordctl --yes assign acme >/dev/null");
+    assert_eq!(vm.volume()["state"], "none");
+    let root = vm.sh("findmnt -n -o SOURCE /").trim().to_owned();
+    let r = vm.sh_status(&format!("landlordctl --yes volume init {root}"));
+    assert_eq!(r.code, 6, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("holds the root filesystem"),
+        "{}",
+        r.stderr
+    );
+    // A filesystem signature, then mounted: refused, the device untouched.
+    vm.sh(&format!("mkfs.ext4 -q -F {DEV}"));
+    let sum = vm.disk_sum();
+    let r = vm.sh_status(&format!("landlordctl --yes volume init {DEV}"));
+    assert_eq!(r.code, 6, "{}", r.stderr);
+    assert!(
+        r.stderr.contains("carries a ext4 signature; use --force"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(vm.disk_sum(), sum, "a refused init wrote to the device");
+    vm.sh(&format!("mount {DEV} /mnt"));
+    let sum = vm.disk_sum();
+    let r = vm.sh_status(&format!(
+        "landlordctl --yes --json volume init --force {DEV}"
+    ));
+    assert_eq!(r.code, 6, "{}", r.stderr);
+    assert!(r.stderr.contains("is mounted at /mnt"), "{}", r.stderr);
+    assert_eq!(vm.disk_sum(), sum, "a refused init wrote to the device");
+    vm.sh("umount /mnt");
+    let r = vm.sh_status(&format!("landlordctl volume init {DEV} </dev/null"));
+    assert_eq!(r.code, 4, "init without confirmation: {}", r.stderr);
+    let v = json(&vm.sh(&format!(
+        "landlordctl --yes --json volume init --force {DEV}"
+    )));
+    assert_eq!(v["state"], "open", "{v}");
+    assert_eq!(v["device"], DEV);
+    assert_eq!(v["size"], 1u64 << 30);
+    vm.step("volume: refusals and init");
+
+    // The key is in no table, no keyring, and the device looks random.
+    let table = vm.sh("dmsetup table --showkeys leasehold-tenant");
+    assert!(
+        table.contains("crypt aes-xts-plain64 :64:logon:leasehold:"),
+        "{table}"
+    );
+    assert!(
+        !table
+            .split_whitespace()
+            .any(|w| w.len() >= 64 && w.chars().all(|c| c.is_ascii_hexdigit())),
+        "key bytes in the table: {table}"
+    );
+    assert_eq!(vm.sh("grep -c 'leasehold:' /proc/keys || true").trim(), "0");
+    // A logon key (as the agent adds them) cannot be read back.
+    let r = vm.sh_status(
+        "id=$(head -c 64 /dev/urandom | keyctl padd logon leasehold:probe @s) || exit 9; keyctl read $id; r=$?; keyctl unlink $id @s >/dev/null; exit $r",
+    );
+    assert!(
+        r.code != 0 && r.code != 9 && r.stderr.contains("not supported"),
+        "user space read a logon key ({}): {} {}",
+        r.code,
+        r.stdout,
+        r.stderr
+    );
+    assert_eq!(
+        vm.sh_status(&format!("blkid -p {DEV}")).code,
+        2,
+        "signature on the raw device"
+    );
+    let packed: u64 = vm
+        .sh(&format!("head -c 4194304 {DEV} | gzip -c | wc -c"))
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(packed >= 4_194_304, "the raw device compresses: {packed}");
+    vm.sh(&format!(
+        "echo tenant-data > {MNT}/keep.txt && mkdir {MNT}/engine-a && sync && findmnt -n -o OPTIONS {MNT} | grep -q nosuid"
+    ));
+    vm.step("volume: key only in the kernel, device random");
+
+    // A key that does not match the check value: refused, nothing written.
+    vm.sh(&format!("systemctl stop leasehold-agentd && cp {STATE}/volume.json /root/volume.json && sed -i -E 's/(\"kcv\": \")[0-9a-f]{{32}}/\\1ffffffffffffffffffffffffffffffff/' {STATE}/volume.json"));
+    let sum = vm.disk_sum();
+    vm.agent_up();
+    let v = vm.volume();
+    assert_eq!(v["state"], "error", "{v}");
+    assert!(
+        v["error"].as_str().unwrap().contains("key check value"),
+        "{v}"
+    );
+    vm.sh("systemctl stop leasehold-agentd");
+    assert_eq!(vm.disk_sum(), sum, "a wrong key wrote to the device");
+    vm.sh(&format!("cp /root/volume.json {STATE}/volume.json"));
+    vm.agent_up();
+    assert_eq!(vm.sh(&format!("cat {MNT}/keep.txt")).trim(), "tenant-data");
+    vm.step("volume: wrong key refused by the check value");
+}
+
+/// SIGKILL at each step of init and of a destroying rotation: after the
+/// restart the volume is the old one or a new empty one, and says which.
+fn volume_crashes(vm: &mut Vm) {
+    for step in ["init:checked", "init:meta", "init:mapped", "init:made"] {
+        vm.sh(&format!(
+            "systemctl stop leasehold-agentd && rm -f {STATE}/volume.json"
+        ));
+        let sum = vm.disk_sum();
+        vm.crash_at(Some(step));
+        let r = vm.sh_status(&format!("landlordctl --yes volume init --force {DEV}"));
+        assert_ne!(r.code, 0, "{step}: the agent was to be killed");
+        vm.crash_at(None);
+        vm.agent_up();
+        let v = vm.volume();
+        if step == "init:checked" {
+            assert_eq!(v["state"], "none", "{step}: {v}");
+            assert_eq!(vm.disk_sum(), sum, "{step}: device written");
+        } else {
+            assert_eq!(v["state"], "open", "{step}: {v}");
+            assert!(
+                v["event"]
+                    .as_str()
+                    .unwrap()
+                    .contains("interrupted initialization was finished"),
+                "{step}: {v}"
+            );
+        }
+    }
+    vm.step("volume: SIGKILL at each step of init");
+    for step in [
+        "erase:keys",
+        "erase:closed",
+        "erase:meta",
+        "erase:mapped",
+        "erase:made",
+    ] {
+        vm.sh(&format!("echo old > {MNT}/crash.txt && sync"));
+        vm.crash_at(Some(step));
+        let r = vm.sh_status("runuser -u tt -- tenantctl --yes rotate");
+        assert_ne!(r.code, 0, "{step}: the agent was to be killed");
+        vm.crash_at(None);
+        vm.agent_up();
+        let v = vm.volume();
+        assert_eq!(v["state"], "open", "{step}: {v}");
+        let ev = v["event"].as_str().unwrap();
+        assert!(
+            ev.contains("recreated empty")
+                || ev.contains("interrupted initialization was finished"),
+            "{step}: {v}"
+        );
+        assert_eq!(
+            vm.sh_status(&format!("test -e {MNT}/crash.txt")).code,
+            1,
+            "{step}: old data after a destroying rotation"
+        );
+    }
+    vm.step("volume: SIGKILL at each step of a destroying rotation");
 }
 
 /// Polls `done` every `every` seconds until it holds, failing with `what`
