@@ -48,6 +48,11 @@ pub struct StorageSection {
     /// unused).
     #[serde(default)]
     pub discards: bool,
+    /// At `volume init`, write the whole device through the new mapping so
+    /// every block is ciphertext (time in the device size; off: blocks
+    /// never written keep what they held).
+    #[serde(default = "default_true")]
+    pub fill_on_init: bool,
 }
 
 impl Default for StorageSection {
@@ -58,6 +63,7 @@ impl Default for StorageSection {
             filesystem: default_filesystem(),
             bypass_workqueues: true,
             discards: false,
+            fill_on_init: true,
         }
     }
 }

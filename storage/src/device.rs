@@ -262,8 +262,9 @@ pub fn signature(dev: &BlockDevice) -> Result<Option<String>> {
 /// Every check `volume init` makes before writing: not mounted or held,
 /// not the root disk, and no signature unless `force`.
 pub fn check_for_init(dev: &BlockDevice, force: bool) -> Result<()> {
-    check_unused(dev)?;
+    // The root disk first: "mounted at /" would be true but less telling.
     check_not_root(dev)?;
+    check_unused(dev)?;
     if let Some(what) = signature(dev)? {
         if !force {
             return Err(StorageError::Signature {

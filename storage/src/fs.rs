@@ -91,6 +91,25 @@ pub fn make(dev: &Path, fstype: &str) -> Result<()> {
     run(c, &format!("mkfs.{fstype}")).map(drop)
 }
 
+/// Writes zeros over the first `bytes` of `dev` (through a mapping: they
+/// land as ciphertext) and flushes.
+pub fn fill_zeros(dev: &Path, bytes: u64) -> Result<()> {
+    use std::io::Write as _;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dev)
+        .map_err(io(format!("open {}", dev.display())))?;
+    let chunk = vec![0u8; 4 << 20];
+    let mut left = bytes;
+    while left > 0 {
+        let n = usize::try_from(left.min(chunk.len() as u64)).unwrap_or(chunk.len());
+        f.write_all(&chunk[..n])
+            .map_err(io(format!("fill {}", dev.display())))?;
+        left -= n as u64;
+    }
+    f.sync_all().map_err(io(format!("flush {}", dev.display())))
+}
+
 /// Mounts `dev` at `at` (created if missing) without device files or
 /// set-uid programs, then gives the mount's root to `owner` (uid, gid)
 /// with `mode`.

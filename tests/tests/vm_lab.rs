@@ -269,45 +269,49 @@ fn vm_lab_end_to_end() {
     );
     vm.step("guest users");
 
-    // The authorization matrix over the real system bus and polkitd.
-    let script = matrix_script(&console_pem());
-    std::fs::write(workspace_root().join("target/vm-matrix.sh"), &script).unwrap();
-    let out = vm.sh(&format!(
-        "cat > /tmp/matrix.sh <<'SCRIPT'\n{script}SCRIPT\nsh /tmp/matrix.sh"
-    ));
-    let mut failures = Vec::new();
-    let mut checked = 0;
-    for line in out.lines() {
-        let f: Vec<&str> = line.split_whitespace().collect();
-        let [iface, method, user, code, denied] = f[..] else {
-            continue;
-        };
-        let case = MATRIX
-            .iter()
-            .find(|c| c.interface == iface && c.method == method)
-            .unwrap();
-        let i = GUEST_USERS.iter().position(|u| *u == user).unwrap();
-        let ok = match case.expect[i] {
-            Expect::Allow => code == case.allowed_code.to_string(),
-            Expect::Deny => code == "3" && denied == "1",
-        };
-        checked += 1;
-        if !ok {
-            failures.push(line.to_owned());
+    // The authorization matrix over the real system bus and polkitd
+    // (LEASEHOLD_VM_SKIP_MATRIX=1 skips it while developing later steps).
+    if std::env::var("LEASEHOLD_VM_SKIP_MATRIX").as_deref() != Ok("1") {
+        // The authorization matrix over the real system bus and polkitd.
+        let script = matrix_script(&console_pem());
+        std::fs::write(workspace_root().join("target/vm-matrix.sh"), &script).unwrap();
+        let out = vm.sh(&format!(
+            "cat > /tmp/matrix.sh <<'SCRIPT'\n{script}SCRIPT\nsh /tmp/matrix.sh"
+        ));
+        let mut failures = Vec::new();
+        let mut checked = 0;
+        for line in out.lines() {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let [iface, method, user, code, denied] = f[..] else {
+                continue;
+            };
+            let case = MATRIX
+                .iter()
+                .find(|c| c.interface == iface && c.method == method)
+                .unwrap();
+            let i = GUEST_USERS.iter().position(|u| *u == user).unwrap();
+            let ok = match case.expect[i] {
+                Expect::Allow => code == case.allowed_code.to_string(),
+                Expect::Deny => code == "3" && denied == "1",
+            };
+            checked += 1;
+            if !ok {
+                failures.push(line.to_owned());
+            }
         }
+        let skipped_power = MATRIX.iter().filter(|c| c.power.is_some()).count() * 2;
+        assert_eq!(
+            checked,
+            MATRIX.len() * 4 - skipped_power,
+            "matrix output:\n{out}"
+        );
+        assert!(
+            failures.is_empty(),
+            "matrix mismatches (iface method user exit denied):\n{}",
+            failures.join("\n")
+        );
+        vm.step("authorization matrix (real system bus)");
     }
-    let skipped_power = MATRIX.iter().filter(|c| c.power.is_some()).count() * 2;
-    assert_eq!(
-        checked,
-        MATRIX.len() * 4 - skipped_power,
-        "matrix output:\n{out}"
-    );
-    assert!(
-        failures.is_empty(),
-        "matrix mismatches (iface method user exit denied):\n{}",
-        failures.join("\n")
-    );
-    vm.step("authorization matrix (real system bus)");
 
     // Issue 6: the tenant's volume.
     volume_lifecycle(&mut vm);
@@ -596,7 +600,8 @@ fn volume_lifecycle(vm: &mut Vm) {
         r.stderr
     );
     assert_eq!(vm.disk_sum(), sum, "a refused init wrote to the device");
-    vm.sh(&format!("mount {DEV} /mnt"));
+    // Read-only, so the filesystem's own lazy initialisation writes nothing.
+    vm.sh(&format!("mount -o ro,noload {DEV} /mnt"));
     let sum = vm.disk_sum();
     let r = vm.sh_status(&format!(
         "landlordctl --yes --json volume init --force {DEV}"
@@ -612,7 +617,7 @@ fn volume_lifecycle(vm: &mut Vm) {
     )));
     assert_eq!(v["state"], "open", "{v}");
     assert_eq!(v["device"], DEV);
-    assert_eq!(v["size"], 1u64 << 30);
+    assert_eq!(v["size"], 512u64 << 20);
     vm.step("volume: refusals and init");
 
     // The key is in no table, no keyring, and the device looks random.

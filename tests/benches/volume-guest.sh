@@ -1,0 +1,64 @@
+#!/bin/sh
+# Runs on a lab node as root (tests/benches/volume.rs): erase time of the
+# tenant volume at several sizes, then fio on the raw disk, a cryptsetup
+# plain mapping with defaults, and Leasehold's mapping with and without the
+# dm-crypt workqueues. Prints "erase SIZE RUN CALL_MS REMAKE_MS" lines and
+# fio JSON between "fio CONFIG JOB" and "end" lines.
+set -eu
+DEV=$(readlink -f /dev/disk/by-id/virtio-leasehold-tenant)
+CONF=/etc/leasehold/agentd.toml
+id tt >/dev/null 2>&1 || useradd -m -G leasehold-tenant tt
+landlordctl --json info | grep -q '"assigned":true' || landlordctl --yes assign bench >/dev/null
+
+fresh_volume() { # device [bypass]
+    systemctl stop leasehold-agentd
+    rm -f /var/lib/leasehold/volume.json
+    sed -i '/^\[storage\]/,$d' "$CONF"
+    printf '[storage]\nbypass_workqueues = %s\nfill_on_init = false\n' "${2:-true}" >> "$CONF"
+    systemctl start leasehold-agentd
+    landlordctl --yes volume init --force "$1" >/dev/null
+}
+
+ms() { echo $(( $(date +%s%N) / 1000000 )); }
+
+for size in 1G 64G 1T; do
+    f=/var/tmp/bench-$size.img
+    rm -f "$f"; truncate -s "$size" "$f"
+    loop=$(losetup -f --show "$f")
+    fresh_volume "$loop"
+    for run in 1 2 3; do
+        echo data > /srv/leasehold/tenant/file
+        t0=$(ms)
+        out=$(runuser -u tt -- tenantctl --json --yes rotate)
+        t1=$(ms)
+        remake=$(echo "$out" | sed -n 's/.*\\"millis\\":\([0-9]*\).*/\1/p')
+        echo "erase $size $run $((t1 - t0)) ${remake:-?}"
+    done
+    systemctl stop leasehold-agentd
+    losetup -d "$loop"; rm -f "$f"
+done
+
+job() { # config device
+    for j in seqread:read:1M:16 seqwrite:write:1M:16 randread:randread:4k:32 randwrite:randwrite:4k:32; do
+        name=${j%%:*}; rest=${j#*:}; rw=${rest%%:*}; rest=${rest#*:}; bs=${rest%%:*}; qd=${rest#*:}
+        echo "fio $1 $name"
+        fio --name="$name" --filename="$2" --rw="$rw" --bs="$bs" --iodepth="$qd" --direct=1 \
+            --ioengine=libaio --runtime=10 --time_based --size=384M --output-format=json
+        echo end
+    done
+}
+
+job raw "$DEV"
+key=$(mktemp); head -c 64 /dev/urandom > "$key"
+cryptsetup open --type plain --key-file "$key" "$DEV" bench-plain
+echo "plain-defaults $(dmsetup table bench-plain | awk '{print $4, $5}')"
+job cryptsetup-plain /dev/mapper/bench-plain
+cryptsetup close bench-plain; rm -f "$key"
+for bypass in true false; do
+    fresh_volume "$DEV" "$bypass"
+    nsenter -t 1 -m -- umount /srv/leasehold/tenant
+    job "leasehold-bypass-$bypass" /dev/mapper/leasehold-tenant
+done
+systemctl stop leasehold-agentd
+sed -i '/^\[storage\]/,$d' "$CONF"
+grep -m1 -o 'aes\|sha_ni' /proc/cpuinfo | sort -u | tr '\n' ' '; echo cpu-flags

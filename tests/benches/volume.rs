@@ -1,0 +1,172 @@
+//! Issue 6 benchmark, one VM run (QEMU lab node with the packaged agent):
+//! erase time of the tenant volume for 1 GiB, 64 GiB and 1 TiB sparse
+//! devices, and fio (sequential 1 MiB, random 4 KiB, read and write) on the
+//! raw disk, a `cryptsetup open --type plain` mapping with its defaults,
+//! and Leasehold's mapping with and without dm-crypt's workqueues. Writes
+//! the "volume" section of docs/benchmarks.md.
+//!
+//! Needs root, the lab image and `target/debian/*.deb` (scripts/build-deb).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::process::Command;
+
+use leasehold_tests::workspace_root;
+
+fn lab(args: &[&str]) -> String {
+    let out = Command::new("timeout")
+        .arg("3600")
+        .arg(workspace_root().join("vagrant/lab"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "lab {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn main() {
+    leasehold_tests::require_root();
+    let deb = std::fs::read_dir(workspace_root().join("target/debian"))
+        .expect("target/debian: run scripts/build-deb first")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .expect("a .deb");
+    lab(&["build"]);
+    lab(&["destroy"]);
+    lab(&["up", "1"]);
+    lab(&["install", "1", deb.to_str().unwrap()]);
+    let script =
+        std::fs::read_to_string(workspace_root().join("tests/benches/volume-guest.sh")).unwrap();
+    let out = lab(&[
+        "ssh",
+        "1",
+        &format!("cat > /tmp/bench.sh <<'SCRIPT'\n{script}SCRIPT\nsh /tmp/bench.sh"),
+    ]);
+    let guest = lab(&[
+        "ssh",
+        "1",
+        "uname -r; nproc; grep -m1 'model name' /proc/cpuinfo | cut -d: -f2",
+    ]);
+    lab(&["destroy"]);
+
+    let mut erase: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    let mut fio: BTreeMap<(String, String), (f64, f64)> = BTreeMap::new();
+    let mut plain = String::new();
+    let mut flags = String::new();
+    let mut lines = out.lines();
+    while let Some(l) = lines.next() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        match f.first().copied() {
+            Some("erase") if f.len() == 5 => {
+                let e = erase.entry(f[1].to_owned()).or_default();
+                e.0.push(f[3].parse().unwrap_or(f64::NAN));
+                e.1.push(f[4].parse().unwrap_or(f64::NAN));
+            }
+            Some("fio") if f.len() == 3 => {
+                let mut json = String::new();
+                for l in lines.by_ref() {
+                    if l == "end" {
+                        break;
+                    }
+                    json.push_str(l);
+                    json.push('\n');
+                }
+                let v: serde_json::Value = serde_json::from_str(&json)
+                    .unwrap_or_else(|e| panic!("fio JSON ({e}): {json}"));
+                let job = &v["jobs"][0];
+                let side = if f[2].contains("read") {
+                    "read"
+                } else {
+                    "write"
+                };
+                let bw = job[side]["bw_bytes"].as_f64().unwrap_or(0.0) / 1048576.0;
+                let iops = job[side]["iops"].as_f64().unwrap_or(0.0);
+                fio.insert((f[1].to_owned(), f[2].to_owned()), (bw, iops));
+            }
+            Some("plain-defaults") => plain = f[1..].join(" "),
+            _ if l.ends_with("cpu-flags") => {
+                flags = l.trim_end_matches("cpu-flags").trim().to_owned()
+            }
+            _ => {}
+        }
+    }
+
+    let mut s = String::new();
+    writeln!(s, "## Tenant volume: erase time and I/O (issue 6)\n").unwrap();
+    writeln!(
+        s,
+        "`cargo bench -p leasehold-tests --bench volume` (one VM run, all figures below)\n"
+    )
+    .unwrap();
+    s.push_str(&leasehold_tests::markdown::machine());
+    let g: Vec<&str> = guest.lines().collect();
+    writeln!(
+        s,
+        "- guest: QEMU lab node, kernel {}, {} vCPU, CPU {} (CPU flags seen: {}); the host has no usable KVM here (kvm_pvm), so the guest CPU is emulated (TCG): AES runs as emulated instructions\n",
+        g.first().unwrap_or(&"?"),
+        g.get(1).unwrap_or(&"?"),
+        g.get(2).map_or("?", |x| x.trim()),
+        if flags.is_empty() { "no aes" } else { &flags }
+    )
+    .unwrap();
+    writeln!(s, "### Erase (destroying tenant rotation), median of 3\n").unwrap();
+    writeln!(s, "Sparse file on the node's root disk behind a loop device; \"call\" is `tenantctl rotate` end to end (TPM key change, receipt signing, D-Bus), \"remake\" the volume part (wipe the mapping, new mapping under the new key, mkfs, mount), from the receipt.\n").unwrap();
+    writeln!(s, "| device size | call | of which remake |").unwrap();
+    writeln!(s, "|---|---|---|").unwrap();
+    for size in ["1G", "64G", "1T"] {
+        if let Some((call, remake)) = erase.get(size) {
+            writeln!(
+                s,
+                "| {size} | {:.0} ms | {:.0} ms |",
+                median(call.clone()),
+                median(remake.clone())
+            )
+            .unwrap();
+        }
+    }
+    writeln!(
+        s,
+        "\n### fio on the 512 MiB virtio disk (direct I/O, libaio, 10 s each)\n"
+    )
+    .unwrap();
+    writeln!(s, "cryptsetup plain defaults on this node: {plain}.\n").unwrap();
+    writeln!(s, "| device | seq read 1M (MiB/s) | seq write 1M (MiB/s) | rand read 4k (IOPS) | rand write 4k (IOPS) | rand read vs raw | rand write vs raw |").unwrap();
+    writeln!(s, "|---|---|---|---|---|---|---|").unwrap();
+    let get = |c: &str, j: &str| {
+        fio.get(&(c.to_owned(), j.to_owned()))
+            .copied()
+            .unwrap_or((0.0, 0.0))
+    };
+    for (c, label) in [
+        ("raw", "raw disk"),
+        ("cryptsetup-plain", "cryptsetup plain, defaults"),
+        (
+            "leasehold-bypass-true",
+            "Leasehold (no_read/no_write_workqueue)",
+        ),
+        ("leasehold-bypass-false", "Leasehold (kernel workqueues)"),
+    ] {
+        writeln!(
+            s,
+            "| {label} | {:.0} | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} |",
+            get(c, "seqread").0,
+            get(c, "seqwrite").0,
+            get(c, "randread").1,
+            get(c, "randwrite").1,
+            get(c, "randread").1 / get("raw", "randread").1,
+            get(c, "randwrite").1 / get("raw", "randwrite").1,
+        )
+        .unwrap();
+    }
+    print!("{s}");
+    leasehold_tests::markdown::write_section("volume", &s);
+}
