@@ -268,16 +268,7 @@ impl Volume {
 
     /// Creates the mapping after checking the key against the check value.
     fn map(&self, m: &VolumeMeta, k: &DiskKeyInfo) -> Result<(), VolumeError> {
-        if leasehold_storage::kcv(&k.key, &m.id) != m.kcv {
-            return Err(StorageError::WrongKey(format!(
-                "the disk key does not match the volume's key check value (volume {} on {}, made with key generations {}; now {})",
-                m.id,
-                m.device,
-                m.generations_text(),
-                meta::generations_text(&k.generations)
-            ))
-            .into());
-        }
+        m.check_key(&k.key, &k.generations)?;
         let dev = device::probe(Path::new(&m.device))?;
         if dev.size_bytes != m.size_bytes {
             return Err(VolumeError::Invalid(format!(

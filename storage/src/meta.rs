@@ -64,6 +64,22 @@ impl VolumeMeta {
     pub fn generations_text(&self) -> String {
         generations_text(&self.key_generations)
     }
+
+    /// Refuses a disk key that is not this volume's (checked before the
+    /// device is mapped, so a wrong key never writes anything). `now`: the
+    /// key generations the offered key was made from, for the message.
+    pub fn check_key(&self, disk_key: &[u8], now: &[(String, u64)]) -> crate::Result<()> {
+        if kcv(disk_key, &self.id) == self.kcv {
+            return Ok(());
+        }
+        Err(crate::StorageError::WrongKey(format!(
+            "the disk key does not match the volume's key check value (volume {} on {}, made with key generations {}; now {})",
+            self.id,
+            self.device,
+            self.generations_text(),
+            generations_text(now)
+        )))
+    }
 }
 
 /// "landlord 3, tenant 2".
