@@ -514,6 +514,7 @@ impl Ctx {
             generations: Some(m.generations_text()),
             created: Some(m.created),
             made: Some(m.made),
+            made_by: m.made_by.clone(),
             event: rt.event,
             error: rt.error,
         })

@@ -230,6 +230,7 @@ impl Volume {
             state: VolumeState::Initializing,
             created: now(),
             made: now(),
+            made_by: Some("initialized".into()),
         };
         self.save(&m)?;
         crash_point("init:meta");
@@ -346,18 +347,24 @@ impl Volume {
             }
         } else if same_key {
             self.teardown()?;
+            let event = "an interrupted initialization was finished: the volume is new and empty"
+                .to_owned();
+            let mut m = m;
+            m.made_by = Some(event.clone());
             self.make(m, k, "start")?;
-            "an interrupted initialization was finished: the volume is new and empty".to_owned()
+            event
         } else if m.key_generations != k.generations {
             self.teardown()?;
-            let before = m.generations_text();
-            let m = self.remeta(m, k);
+            let event = format!(
+                "recreated empty: the keys changed after the volume was made (key generations {} -> {}); the old data is gone with the old key",
+                m.generations_text(),
+                meta::generations_text(&k.generations)
+            );
+            let mut m = self.remeta(m, k);
+            m.made_by = Some(event.clone());
             self.save(&m)?;
             self.make(m, k, "start")?;
-            format!(
-                "recreated empty: the keys changed after the volume was made (key generations {before} -> {}); the old data is gone with the old key",
-                meta::generations_text(&k.generations)
-            )
+            event
         } else {
             // Same generations, different key: not this volume's key.
             let e = self
@@ -393,7 +400,8 @@ impl Volume {
         self.set(false, None, None);
         crash_point("erase:closed");
         let before = m.key_generations.clone();
-        let m = self.remeta(m, k);
+        let mut m = self.remeta(m, k);
+        m.made_by = Some(format!("recreated empty after {reason}"));
         self.save(&m)?;
         crash_point("erase:meta");
         let r = self.make(m, k, "erase");

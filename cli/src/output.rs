@@ -115,7 +115,7 @@ pub fn volume_json(v: &VolumeInfo) -> Value {
     json!({
         "state": v.state, "device": v.device, "size": v.size, "used": v.used, "total": v.total,
         "mount": v.mount, "filesystem": v.filesystem, "mapping": v.mapping,
-        "generations": v.generations, "created": v.created, "made": v.made,
+        "generations": v.generations, "created": v.created, "made": v.made, "made_by": v.made_by,
         "event": v.event, "error": v.error,
     })
 }
@@ -151,6 +151,7 @@ pub fn volume_text(v: &VolumeInfo) -> String {
     line("filesystem:", v.filesystem.clone());
     line("mapping:", v.mapping.clone());
     line("generations:", v.generations.clone());
+    line("made:", v.made_by.clone());
     line("last event:", v.event.clone());
     line("error:", v.error.clone());
     s

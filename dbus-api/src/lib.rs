@@ -205,6 +205,9 @@ pub struct VolumeInfo {
     pub created: Option<u64>,
     /// Unix time the current (empty at the time) filesystem was made.
     pub made: Option<u64>,
+    /// Why it was made ("initialized", "recreated empty after …", "an
+    /// interrupted initialization was finished …"); kept across restarts.
+    pub made_by: Option<String>,
     /// The last lifecycle event ("opened", "recreated empty after …").
     pub event: Option<String>,
     /// Why it is not open.

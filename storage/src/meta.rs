@@ -57,6 +57,10 @@ pub struct VolumeMeta {
     pub created: u64,
     /// Unix time the current filesystem was made.
     pub made: u64,
+    /// Why the current filesystem was made ("initialized", "recreated
+    /// empty after …", "an interrupted initialization was finished …").
+    #[serde(default)]
+    pub made_by: Option<String>,
 }
 
 impl VolumeMeta {
@@ -134,6 +138,7 @@ mod tests {
             state: VolumeState::Ready,
             created: 1,
             made: 2,
+            made_by: None,
         };
         let s = serde_json::to_string(&m).unwrap();
         assert!(s.contains("\"state\":\"ready\""), "{s}");

@@ -698,7 +698,7 @@ fn volume_crashes(vm: &mut Vm) {
         } else {
             assert_eq!(v["state"], "open", "{step}: {v}");
             assert!(
-                v["event"]
+                v["made_by"]
                     .as_str()
                     .unwrap()
                     .contains("interrupted initialization was finished"),
@@ -722,7 +722,7 @@ fn volume_crashes(vm: &mut Vm) {
         vm.agent_up();
         let v = vm.volume();
         assert_eq!(v["state"], "open", "{step}: {v}");
-        let ev = v["event"].as_str().unwrap();
+        let ev = v["made_by"].as_str().unwrap();
         assert!(
             ev.contains("recreated empty")
                 || ev.contains("interrupted initialization was finished"),

@@ -51,6 +51,7 @@ fn a_third_link_opens_the_volume_only_with_all_three() {
         state: VolumeState::Ready,
         created: 1,
         made: 1,
+        made_by: None,
     };
     meta.check_key(disk.expose_secret(), &generations).unwrap();
 
