@@ -352,15 +352,39 @@ impl Ctx {
             + Send
             + 'static,
     ) -> Result<KeyChange, ApiError> {
-        let (before, c) = self
+        self.volume_key_change(true).await?;
+        let r = self
             .keys
             .call(move |k| {
                 let before = generations(&k.status());
                 (before, f(k))
             })
-            .await?;
-        let c = c?;
+            .await;
+        let (before, c) = match r {
+            Ok((before, Ok(c))) => (before, c),
+            Ok((_, Err(e))) => {
+                self.volume_key_change(false).await?;
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
         self.changed(conn, caller_uid, &c, before).await
+    }
+
+    /// Marks the volume before a key change that may replace the disk key
+    /// (`begin`), or back to ready after one that did not.
+    async fn volume_key_change(&self, begin: bool) -> Result<(), ApiError> {
+        let v = self.volume.clone();
+        tokio::task::spawn_blocking(move || {
+            if begin {
+                v.begin_key_change()
+            } else {
+                v.end_key_change()
+            }
+        })
+        .await
+        .map_err(|e| ApiError(Error::Failed(format!("volume task: {e}"))))?
+        .map_err(ApiError::from)
     }
 
     /// After a key change: purges tenant secrets if it destroyed data,
@@ -393,6 +417,8 @@ impl Ctx {
             let (receipt, sig) = self.erase_receipt(c, before).await?;
             d.receipt = Some(receipt);
             d.receipt_signature = Some(sig);
+        } else {
+            self.volume_key_change(false).await?;
         }
         emit(conn, &d).await;
         Ok(d)
@@ -660,6 +686,7 @@ impl LandlordApi {
             .auth(&hdr, actions::LANDLORD_ASSIGN, "ReleaseTenant", &[])
             .await?;
         let c = to_confirm(confirm);
+        self.0.volume_key_change(true).await?;
         let (before, r) = self
             .0
             .keys
@@ -669,7 +696,16 @@ impl LandlordApi {
             })
             .await
             .map_err(ApiError::from)?;
-        let r = r.map_err(ApiError::from)?;
+        let r = match r {
+            Ok(r) => r,
+            Err(e) => {
+                self.0.volume_key_change(false).await?;
+                return Err(ApiError::from(e).into());
+            }
+        };
+        if r.is_none() {
+            self.0.volume_key_change(false).await?;
+        }
         match r {
             Some(change) => {
                 self.0.secrets.purge().map_err(ApiError::from)?;

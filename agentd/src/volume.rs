@@ -11,14 +11,16 @@
 //!   crate) → the old mapping is wiped and removed → metadata
 //!   `initializing` with the new key's check value and generations →
 //!   mapping, mkfs, mount → `ready`.
+//! - before such a key change the metadata says `rekeying`; after a
+//!   change that kept the disk key (or failed), `ready` again.
 //! - at start: no metadata → no volume. Otherwise the disk key's check
-//!   value decides: equal and `ready` → open the old volume (data intact);
-//!   equal and `initializing` → make it again (it held nothing yet);
-//!   different with different key generations → the keys changed after
-//!   the volume was made (a crash between the key change and the remake):
-//!   the old data is gone with the old key, so make it again, empty;
-//!   different with the same generations, or another node's metadata →
-//!   refuse, touch nothing.
+//!   value decides: equal and `ready` or `rekeying` → open the old volume
+//!   (data intact); equal and `initializing` → make it again (it held
+//!   nothing yet); different and `rekeying` → the keys changed during a
+//!   key change of this agent (killed before the remake): the old data is
+//!   gone with the old key, so make it again, empty; different otherwise,
+//!   or another node's metadata → refuse, touch nothing (metadata copied
+//!   from elsewhere or restored from an old backup).
 //!
 //! So after a crash at any point the volume is the old one (intact) or a
 //! new empty one, and `status` says which.
@@ -335,7 +337,20 @@ impl Volume {
             return Err(VolumeError::Invalid(e));
         }
         let same_key = leasehold_storage::kcv(&k.key, &m.id) == m.kcv;
-        let event = if same_key && m.state == VolumeState::Ready {
+        let mut m = m;
+        let mut interrupted = false;
+        if same_key && m.state == VolumeState::Rekeying {
+            // The key change did not take effect: the data is intact.
+            m.state = VolumeState::Ready;
+            self.save(&m)?;
+            interrupted = true;
+        }
+        let event = if same_key && m.state == VolumeState::Ready && interrupted {
+            self.teardown_if_stale(&m)?;
+            self.map(&m, k)?;
+            self.mount(&m)?;
+            "opened (a key change was interrupted before it took effect)".to_owned()
+        } else if same_key && m.state == VolumeState::Ready {
             if mapping::exists(mapping::NAME)? {
                 // Still mapped (the agent was killed): adopt it.
                 self.mount(&m)?;
@@ -353,7 +368,7 @@ impl Volume {
             m.made_by = Some(event.clone());
             self.make(m, k, "start")?;
             event
-        } else if m.key_generations != k.generations {
+        } else if m.state == VolumeState::Rekeying {
             self.teardown()?;
             let event = format!(
                 "recreated empty: the keys changed after the volume was made (key generations {} -> {}); the old data is gone with the old key",
@@ -366,9 +381,10 @@ impl Volume {
             self.make(m, k, "start")?;
             event
         } else {
-            // Same generations, different key: not this volume's key.
-            let e = self
-                .map(&m, k)
+            // Not this volume's key, and no key change of this agent was
+            // under way: copied or stale metadata. Refused, device untouched.
+            let e = m
+                .check_key(&k.key, &k.generations)
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default();
@@ -386,6 +402,38 @@ impl Volume {
         m.state = VolumeState::Initializing;
         m.made = now();
         m
+    }
+
+    /// Before a key change that may replace the disk key: marks the volume
+    /// `rekeying` (see [`VolumeState::Rekeying`]).
+    pub fn begin_key_change(&self) -> Result<(), VolumeError> {
+        if let Some(mut m) = self.meta()? {
+            if m.state == VolumeState::Ready {
+                m.state = VolumeState::Rekeying;
+                self.save(&m)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The key change failed or kept the disk key: back to `ready`.
+    pub fn end_key_change(&self) -> Result<(), VolumeError> {
+        if let Some(mut m) = self.meta()? {
+            if m.state == VolumeState::Rekeying {
+                m.state = VolumeState::Ready;
+                self.save(&m)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A mapping left by a killed agent: adopted by the caller if it can,
+    /// here removed so it can be made again.
+    fn teardown_if_stale(&self, _m: &VolumeMeta) -> Result<(), VolumeError> {
+        if mapping::exists(mapping::NAME)? {
+            self.teardown()?;
+        }
+        Ok(())
     }
 
     /// After a key change that changed the disk key: wipe the old mapping,

@@ -20,6 +20,12 @@ pub enum VolumeState {
     Initializing,
     /// Made; holds the tenant's data.
     Ready,
+    /// Holds the tenant's data, and a key change that replaces the disk
+    /// key has begun: if the agent stops now and the key did change, the
+    /// volume is made again (empty) at the next start. Only this state
+    /// allows that: metadata whose key does not match is otherwise refused
+    /// and the device left alone (copied or stale metadata).
+    Rekeying,
 }
 
 /// `volume.json` in the state directory.
