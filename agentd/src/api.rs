@@ -59,7 +59,7 @@ impl From<VolumeError> for ApiError {
     fn from(e: VolumeError) -> Self {
         let msg = e.to_string();
         ApiError(match e {
-            VolumeError::Invalid(_) | VolumeError::None => Error::InvalidArgument(msg),
+            VolumeError::Invalid(_) => Error::InvalidArgument(msg),
             VolumeError::Storage(
                 leasehold_storage::StorageError::NotABlockDevice { .. }
                 | leasehold_storage::StorageError::Mounted { .. }

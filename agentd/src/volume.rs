@@ -59,9 +59,6 @@ pub enum VolumeError {
     /// The request does not fit the current state.
     #[error("{0}")]
     Invalid(String),
-    /// No volume.
-    #[error("no volume has been initialized on this node (landlordctl volume init DEVICE)")]
-    None,
     /// State file.
     #[error("volume metadata {path}: {reason}")]
     Meta {
@@ -186,7 +183,8 @@ impl Volume {
         force: bool,
         k: &DiskKeyInfo,
     ) -> Result<VolumeMeta, VolumeError> {
-        if let Some(m) = self.meta()? {
+        let previous = self.meta()?;
+        if let Some(m) = &previous {
             if m.state == VolumeState::Ready {
                 return Err(VolumeError::Invalid(format!(
                     "a volume already exists on {} (made {}); a destroying key rotation empties it",
@@ -207,10 +205,8 @@ impl Volume {
             }
         }
         // The mapping of an interrupted init may hold the device.
-        if let Some(m) = self.meta()? {
-            if m.state == VolumeState::Initializing {
-                self.teardown()?;
-            }
+        if previous.is_some_and(|m| m.state == VolumeState::Initializing) {
+            self.teardown()?;
         }
         device::check_for_init(&dev, force)?;
         crash_point("init:checked");
@@ -346,7 +342,8 @@ impl Volume {
             interrupted = true;
         }
         let event = if same_key && m.state == VolumeState::Ready && interrupted {
-            self.teardown_if_stale(&m)?;
+            // A mapping left by the killed agent is made again.
+            self.teardown()?;
             self.map(&m, k)?;
             self.mount(&m)?;
             "opened (a key change was interrupted before it took effect)".to_owned()
@@ -423,15 +420,6 @@ impl Volume {
                 m.state = VolumeState::Ready;
                 self.save(&m)?;
             }
-        }
-        Ok(())
-    }
-
-    /// A mapping left by a killed agent: adopted by the caller if it can,
-    /// here removed so it can be made again.
-    fn teardown_if_stale(&self, _m: &VolumeMeta) -> Result<(), VolumeError> {
-        if mapping::exists(mapping::NAME)? {
-            self.teardown()?;
         }
         Ok(())
     }

@@ -532,11 +532,12 @@ impl Vm {
         let sig = base64::engine::general_purpose::STANDARD
             .decode(sig)
             .unwrap();
-        leasehold_tpm::verify_signature(&self.receipt_key(), receipt.as_bytes(), &sig)
+        let key = self.receipt_key();
+        leasehold_tpm::verify_signature(&key, receipt.as_bytes(), &sig)
             .unwrap_or_else(|e| panic!("{label}: receipt does not verify: {e}"));
         let mut tampered = receipt.as_bytes().to_vec();
         tampered[10] ^= 1;
-        assert!(leasehold_tpm::verify_signature(&self.receipt_key(), &tampered, &sig).is_err());
+        assert!(leasehold_tpm::verify_signature(&key, &tampered, &sig).is_err());
         let r = json(receipt);
         assert!(r["volume"]["id"].is_string(), "{label}: {r}");
         assert_ne!(r["key_generations_before"], r["key_generations_after"]);
