@@ -89,7 +89,20 @@ struct Receipt {
     key_generations_after: Vec<(String, u64)>,
     volume: Option<crate::volume::Remade>,
     volume_error: Option<String>,
+    /// Milliseconds from the request to the moment the old data was
+    /// unrecoverable: the volume closed (the kernel's copy of the disk key
+    /// wiped) and the TPM secret of the old key generation undefined.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    erased_ms: Option<u64>,
     signer: String,
+}
+
+/// How a destroying rotation went before its receipt: when the request
+/// came, and whether the volume's old mapping was still held open.
+#[derive(Debug, Clone, Copy)]
+struct Erased {
+    requested: std::time::SystemTime,
+    deferred: bool,
 }
 
 impl From<KeysGone> for ApiError {
@@ -368,7 +381,90 @@ impl Ctx {
             }
             Err(e) => return Err(e.into()),
         };
-        self.changed(conn, caller_uid, &c, before).await
+        self.changed(conn, caller_uid, &c, before, None).await
+    }
+
+    /// A destroying rotation of `role`'s keys, erase first: the volume is
+    /// closed (dm-crypt's copy of the disk key wiped) before the TPM
+    /// undefines the old generation's secret, which it does before it
+    /// generates the new pair; so the old data is unrecoverable within the
+    /// time of a few TPM commands, whatever key generation costs.
+    async fn rotate(
+        &self,
+        conn: &Connection,
+        caller_uid: u32,
+        role: Role,
+        confirm: bool,
+        requested: std::time::SystemTime,
+    ) -> Result<KeyChange, ApiError> {
+        if !confirm {
+            // Refused before the volume is touched.
+            return Err(KeyError::ConfirmationRequired {
+                action: "rotating a key pair with its symmetric key",
+            }
+            .into());
+        }
+        if role == Role::Tenant && self.keys.call(|k| k.status().tenant.is_none()).await? {
+            return Err(KeyError::NotAssigned.into());
+        }
+        let v = self.volume.clone();
+        let wiped = tokio::task::spawn_blocking(move || {
+            v.begin_key_change()?;
+            v.wipe()
+        })
+        .await
+        .map_err(|e| ApiError(Error::Failed(format!("volume task: {e}"))))?;
+        let deferred = match wiped {
+            Ok(d) => d,
+            Err(e) => {
+                self.reopen_volume().await;
+                return Err(e.into());
+            }
+        };
+        let r = self
+            .keys
+            .call(move |k| {
+                let before = generations(&k.status());
+                (before, k.rotate(role, role, Confirm::DestroyData))
+            })
+            .await;
+        let (before, c) = match r {
+            Ok((before, Ok(c))) => (before, c),
+            Ok((_, Err(e))) => {
+                self.reopen_volume().await;
+                return Err(e.into());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let erased = Erased {
+            requested,
+            deferred,
+        };
+        self.changed(conn, caller_uid, &c, before, Some(erased))
+            .await
+    }
+
+    /// After a rotation failed: the volume opens again under the disk key
+    /// if it is still the old one. If the old key was already erased, it
+    /// stays closed and marked `rekeying`: the next start finishes the
+    /// rotation and makes it new.
+    async fn reopen_volume(&self) {
+        let k = match disk_key_info(&self.keys).await {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::error!(error = %e.0, "the volume stays closed after a failed key change");
+                return;
+            }
+        };
+        let v = self.volume.clone();
+        let r = tokio::task::spawn_blocking(move || v.reopen(&k)).await;
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "the volume stays closed after a failed key change")
+            }
+            Err(e) => tracing::error!(error = %e, "volume task"),
+        }
     }
 
     /// Marks the volume before a key change that may replace the disk key
@@ -396,6 +492,7 @@ impl Ctx {
         caller_uid: u32,
         c: &leasehold_tpm::KeyChange,
         before: Vec<(String, u64)>,
+        erased: Option<Erased>,
     ) -> Result<KeyChange, ApiError> {
         if c.data_destroyed {
             let n = self.secrets.purge()?;
@@ -414,7 +511,7 @@ impl Ctx {
                 leasehold_tpm::ChangeKind::Assign | leasehold_tpm::ChangeKind::Release
             );
         if disk_key_changed {
-            let (receipt, sig) = self.erase_receipt(c, before).await?;
+            let (receipt, sig) = self.erase_receipt(c, before, erased).await?;
             d.receipt = Some(receipt);
             d.receipt_signature = Some(sig);
         } else {
@@ -430,7 +527,21 @@ impl Ctx {
         &self,
         c: &leasehold_tpm::KeyChange,
         before: Vec<(String, u64)>,
+        erased: Option<Erased>,
     ) -> Result<(String, String), ApiError> {
+        // The erase is complete when both the TPM secret and the kernel's
+        // copy of the key are gone; a rotation closed the volume first.
+        let erased_ms = erased.map(|e| {
+            let at = c.erased_at.unwrap_or_else(std::time::SystemTime::now);
+            at.duration_since(e.requested)
+                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        });
+        if let Some(ms) = erased_ms {
+            tracing::info!(
+                millis = ms,
+                "old data unrecoverable (volume closed, TPM secret undefined)"
+            );
+        }
         let k = disk_key_info(&self.keys).await?;
         let after = k.generations.clone();
         let node_id = k.node_id.clone();
@@ -441,7 +552,12 @@ impl Ctx {
             .await
             .map_err(|e| ApiError(Error::Failed(format!("volume task: {e}"))))?;
         let (volume, volume_error) = match remade {
-            Ok(r) => (r, None),
+            Ok(mut r) => {
+                if let (Some(r), Some(e)) = (r.as_mut(), erased) {
+                    r.deferred |= e.deferred;
+                }
+                (r, None)
+            }
             Err(e) => {
                 tracing::error!(error = %e, "the volume was not remade after the key change");
                 (None, Some(e.to_string()))
@@ -485,6 +601,7 @@ impl Ctx {
             key_generations_after: after,
             volume,
             volume_error,
+            erased_ms,
             signer,
         };
         let body = serde_json::to_string(&receipt)
@@ -710,7 +827,7 @@ impl LandlordApi {
             Some(change) => {
                 self.0.secrets.purge().map_err(ApiError::from)?;
                 self.0.tenant_changed().await;
-                Ok(self.0.changed(conn, uid, &change, before).await?)
+                Ok(self.0.changed(conn, uid, &change, before, None).await?)
             }
             // Already released: an idempotent result, not an error.
             None => Ok(KeyChange {
@@ -728,15 +845,13 @@ impl LandlordApi {
         #[zbus(connection)] conn: &Connection,
         confirm: bool,
     ) -> Result<KeyChange, Error> {
+        let requested = std::time::SystemTime::now();
         let uid = self
             .auth(&hdr, actions::LANDLORD_KEYS, "RotateKeys", &[])
             .await?;
-        let c = to_confirm(confirm);
         Ok(self
             .0
-            .change(conn, uid, move |k| {
-                k.rotate(Role::Landlord, Role::Landlord, c)
-            })
+            .rotate(conn, uid, Role::Landlord, confirm, requested)
             .await?)
     }
 
@@ -1007,13 +1122,13 @@ impl TenantApi {
         #[zbus(connection)] conn: &Connection,
         confirm: bool,
     ) -> Result<KeyChange, Error> {
+        let requested = std::time::SystemTime::now();
         let uid = self
             .auth(&hdr, actions::TENANT_KEYS, "RotateKeys", &[])
             .await?;
-        let c = to_confirm(confirm);
         Ok(self
             .0
-            .change(conn, uid, move |k| k.rotate(Role::Tenant, Role::Tenant, c))
+            .rotate(conn, uid, Role::Tenant, confirm, requested)
             .await?)
     }
 

@@ -424,6 +424,43 @@ impl Volume {
         Ok(())
     }
 
+    /// Before a destroying rotation: unmount and wipe the mapping (dm-crypt's
+    /// copy of the key goes). Returns whether the removal was deferred.
+    pub fn wipe(&self) -> Result<bool, VolumeError> {
+        if self.meta()?.is_none() {
+            return Ok(false);
+        }
+        let t = Instant::now();
+        let deferred = self.teardown()?;
+        let millis = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
+        tracing::info!(millis, deferred, "volume closed for a key change");
+        self.set(false, None, Some("closed for a key change".into()));
+        crash_point("erase:closed");
+        Ok(deferred)
+    }
+
+    /// After a key change that failed: opens the volume again if `k` is
+    /// still its key (checked before anything is mapped), back to `ready`.
+    pub fn reopen(&self, k: &DiskKeyInfo) -> Result<(), VolumeError> {
+        let Some(mut m) = self.meta()? else {
+            return Ok(());
+        };
+        if !mapping::exists(mapping::NAME)? {
+            self.map(&m, k)?;
+        }
+        if m.state == VolumeState::Rekeying {
+            m.state = VolumeState::Ready;
+            self.save(&m)?;
+        }
+        self.mount(&m)?;
+        self.set(
+            true,
+            None,
+            Some("reopened after a failed key change".into()),
+        );
+        Ok(())
+    }
+
     /// After a key change that changed the disk key: wipe the old mapping,
     /// make a new empty filesystem under the new key. None without a volume.
     pub fn remake(&self, k: &DiskKeyInfo, reason: &str) -> Result<Option<Remade>, VolumeError> {

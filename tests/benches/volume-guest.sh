@@ -2,7 +2,7 @@
 # Runs on a lab node as root (tests/benches/volume.rs): erase time of the
 # tenant volume at several sizes, then fio on the raw disk, a cryptsetup
 # plain mapping with defaults, and Leasehold's mapping with and without the
-# dm-crypt workqueues. Prints "erase SIZE RUN CALL_MS REMAKE_MS" lines and
+# dm-crypt workqueues. Prints "erase SIZE RUN CALL_MS REMAKE_MS ERASED_MS" lines and
 # fio JSON between "fio CONFIG JOB" and "end" lines.
 set -eu
 DEV=$(readlink -f /dev/disk/by-id/virtio-leasehold-tenant)
@@ -14,7 +14,7 @@ fresh_volume() { # device [bypass]
     systemctl stop leasehold-agentd
     rm -f /var/lib/leasehold/volume.json
     sed -i '/^\[storage\]/,$d' "$CONF"
-    printf '[storage]\nbypass_workqueues = %s\nfill_on_init = false\n' "${2:-true}" >> "$CONF"
+    printf '[storage]\nbypass_workqueues = %s\nfill_on_init = false\n' "${2:-false}" >> "$CONF"
     systemctl start leasehold-agentd
     landlordctl --yes volume init --force "$1" >/dev/null
 }
@@ -32,7 +32,8 @@ for size in 1G 64G 1T; do
         out=$(runuser -u tt -- tenantctl --json --yes rotate)
         t1=$(ms)
         remake=$(echo "$out" | sed -n 's/.*\\"millis\\":\([0-9]*\).*/\1/p')
-        echo "erase $size $run $((t1 - t0)) ${remake:-?}"
+        erased=$(echo "$out" | sed -n 's/.*\\"erased_ms\\":\([0-9]*\).*/\1/p')
+        echo "erase $size $run $((t1 - t0)) ${remake:-?} ${erased:-?}"
     done
     systemctl stop leasehold-agentd
     losetup -d "$loop"; rm -f "$f"

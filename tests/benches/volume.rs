@@ -58,7 +58,7 @@ fn main() {
     ]);
     lab(&["destroy"]);
 
-    let mut erase: BTreeMap<String, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    let mut erase: BTreeMap<String, [Vec<f64>; 3]> = BTreeMap::new();
     let mut fio: BTreeMap<(String, String), (f64, f64)> = BTreeMap::new();
     let mut plain = String::new();
     let mut flags = String::new();
@@ -66,10 +66,11 @@ fn main() {
     while let Some(l) = lines.next() {
         let f: Vec<&str> = l.split_whitespace().collect();
         match f.first().copied() {
-            Some("erase") if f.len() == 5 => {
+            Some("erase") if f.len() == 6 => {
                 let e = erase.entry(f[1].to_owned()).or_default();
-                e.0.push(f[3].parse().unwrap_or(f64::NAN));
-                e.1.push(f[4].parse().unwrap_or(f64::NAN));
+                for (v, x) in e.iter_mut().zip(&f[3..]) {
+                    v.push(x.parse().unwrap_or(f64::NAN));
+                }
             }
             Some("fio") if f.len() == 3 => {
                 let mut json = String::new();
@@ -119,14 +120,15 @@ fn main() {
     )
     .unwrap();
     writeln!(s, "### Erase (destroying tenant rotation), median of 3\n").unwrap();
-    writeln!(s, "Sparse file on the node's root disk behind a loop device; \"call\" is `tenantctl rotate` end to end (TPM key change, receipt signing, D-Bus), \"remake\" the volume part (wipe the mapping, new mapping under the new key, mkfs, mount), from the receipt.\n").unwrap();
-    writeln!(s, "| device size | call | of which remake |").unwrap();
-    writeln!(s, "|---|---|---|").unwrap();
+    writeln!(s, "Sparse file on the node's root disk behind a loop device. \"erased\" is from the request reaching the agent to the old data being unrecoverable: volume unmounted and its mapping wiped (dm-crypt's copy of the key gone), then the TPM secret of the old key generation undefined (`erased_ms` in the signed receipt; polkit check included). \"call\" is `tenantctl rotate` end to end: also the new key pair generated in the TPM, the new disk key unsealed, the remake, the receipt signed. \"remake\" is the new empty volume (new mapping under the new key, mkfs, mount), from the receipt.\n").unwrap();
+    writeln!(s, "| device size | erased | call | of which remake |").unwrap();
+    writeln!(s, "|---|---|---|---|").unwrap();
     for size in ["1G", "64G", "1T"] {
-        if let Some((call, remake)) = erase.get(size) {
+        if let Some([call, remake, erased]) = erase.get(size) {
             writeln!(
                 s,
-                "| {size} | {:.0} ms | {:.0} ms |",
+                "| {size} | {:.0} ms | {:.0} ms | {:.0} ms |",
+                median(erased.clone()),
                 median(call.clone()),
                 median(remake.clone())
             )

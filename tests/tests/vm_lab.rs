@@ -711,13 +711,18 @@ fn volume_crashes(vm: &mut Vm) {
     }
     vm.sh("sed -i '/^fill_on_init = false$/d' /etc/leasehold/agentd.toml");
     vm.step("volume: SIGKILL at each step of init");
-    for step in [
-        "erase:keys",
-        "erase:closed",
-        "erase:meta",
-        "erase:mapped",
-        "erase:made",
-    ] {
+    // A rotation closes the volume before the keys change (erase first):
+    // killed there, the keys and the data are still the old ones.
+    vm.sh(&format!("echo old > {MNT}/crash.txt && sync"));
+    vm.crash_at(Some("erase:closed"));
+    let r = vm.sh_status("runuser -u tt -- tenantctl --yes rotate");
+    assert_ne!(r.code, 0, "erase:closed: the agent was to be killed");
+    vm.crash_at(None);
+    vm.agent_up();
+    let v = vm.volume();
+    assert_eq!(v["state"], "open", "erase:closed: {v}");
+    assert_eq!(vm.sh(&format!("cat {MNT}/crash.txt")).trim(), "old");
+    for step in ["erase:keys", "erase:meta", "erase:mapped", "erase:made"] {
         vm.sh(&format!("echo old > {MNT}/crash.txt && sync"));
         vm.crash_at(Some(step));
         let r = vm.sh_status("runuser -u tt -- tenantctl --yes rotate");

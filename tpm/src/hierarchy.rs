@@ -31,6 +31,9 @@ pub struct KeyConfig {
 /// Steps of a key change where a test can simulate a crash (feature `testing`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultPoint {
+    /// Destroying rotation: the manifest marks the level as being erased;
+    /// its NV secret still exists.
+    AfterEraseMarked,
     /// New NV secret defined; nothing else written.
     AfterNvDefine,
     /// New blobs written and fsynced; manifest still old.
@@ -42,12 +45,21 @@ pub enum FaultPoint {
 }
 
 impl FaultPoint {
-    /// Every fault point, in order.
+    /// The fault points of a change that creates a level before it drops
+    /// the old one (re-key, assignment), in order.
     pub const ALL: [FaultPoint; 4] = [
         FaultPoint::AfterNvDefine,
         FaultPoint::AfterBlobsWritten,
         FaultPoint::AfterManifestReplaced,
         FaultPoint::AfterOldNvUndefined,
+    ];
+    /// The fault points of a destroying rotation (erase first), in order.
+    pub const ROTATE: [FaultPoint; 5] = [
+        FaultPoint::AfterEraseMarked,
+        FaultPoint::AfterOldNvUndefined,
+        FaultPoint::AfterNvDefine,
+        FaultPoint::AfterBlobsWritten,
+        FaultPoint::AfterManifestReplaced,
     ];
 }
 
@@ -96,6 +108,10 @@ pub struct KeyChange {
     pub data_destroyed: bool,
     /// Fingerprint of the new public key.
     pub fingerprint_after: Option<String>,
+    /// When the previous key became unrecoverable (its NV secret undefined),
+    /// for a rotation, which destroys it before making the new one.
+    #[serde(skip)]
+    pub erased_at: Option<std::time::SystemTime>,
 }
 
 impl std::fmt::Display for KeyChange {
@@ -245,6 +261,7 @@ impl KeyHierarchy {
                         tenant: None,
                         consoles: Vec::new(),
                         signing: None,
+                        erasing: None,
                     },
                     seal_pcrs,
                     tpm_id,
@@ -265,6 +282,14 @@ impl KeyHierarchy {
     /// Nothing is removed when the manifest is stale (restored from a backup),
     /// so a wrong restore never destroys the current keys.
     fn recover(&mut self) -> Result<usize> {
+        let mut n = 0;
+        if let Some(role) = self.manifest.erasing {
+            // A destroying rotation was interrupted: the old key is (being)
+            // erased whatever happens; finish it with a new generation.
+            self.finish_erase(role)?;
+            tracing::info!(%role, "finished an interrupted destroying rotation");
+            n += 1;
+        }
         let defined = self.tpm.nv_indices()?;
         for role in Role::ALL {
             if let Some(level) = self.manifest.level(role) {
@@ -278,7 +303,6 @@ impl KeyHierarchy {
             }
         }
         let wanted = self.manifest.nv_indices();
-        let mut n = 0;
         for idx in defined.into_iter().filter(|i| !wanted.contains(i)) {
             self.tpm.nv_undefine(idx)?;
             n += 1;
@@ -405,6 +429,34 @@ impl KeyHierarchy {
             self.dir.shred(&old.sealed_file)?;
         }
         Ok(())
+    }
+
+    /// Second half of a destroying rotation (also run by `recover` after
+    /// a crash): the marked level's secret is undefined if still there, a
+    /// new generation with a new symmetric key is made and committed, the
+    /// old blobs are shredded. Returns the new level.
+    fn finish_erase(&mut self, role: Role) -> Result<LevelState> {
+        let old = self.level(role)?.clone();
+        let defined = self.tpm.nv_indices()?;
+        // The old secret, and a new one a crash left before the commit.
+        let next_index = nv_index_for(role, old.generation + 1);
+        for idx in [old.nv_index, next_index] {
+            if defined.contains(&idx) {
+                self.tpm.nv_undefine(idx)?;
+            }
+        }
+        let key = SymmetricKey::from_bytes(*self.tpm.random32()?);
+        let mut new = self.create_level(role, old.generation + 1, old.key_generation + 1, &key)?;
+        new.name.clone_from(&old.name);
+        new.owned = old.owned;
+        let mut next = self.replace_level(role, Some(new.clone()));
+        next.erasing = None;
+        self.dir.write_manifest(&next)?;
+        self.manifest = next;
+        self.checkpoint(FaultPoint::AfterManifestReplaced)?;
+        self.dir.shred(&old.pair_file)?;
+        self.dir.shred(&old.sealed_file)?;
+        Ok(new)
     }
 
     fn level(&self, role: Role) -> Result<&LevelState> {
@@ -589,11 +641,21 @@ impl KeyHierarchy {
                 action: "rotating a key pair with its symmetric key",
             });
         }
-        let key = SymmetricKey::from_bytes(*self.tpm.random32()?);
-        let mut new =
-            self.create_level(target, old.generation + 1, old.key_generation + 1, &key)?;
-        new.name.clone_from(&old.name);
-        new.owned = old.owned || caller == target;
+        // Erase first: the old generation's secret goes before the new pair
+        // is generated (seconds on some TPMs), so the erase never waits for
+        // it. The mark in the manifest lets `recover` finish a rotation
+        // interrupted in between.
+        let mut level = old.clone();
+        level.owned = old.owned || caller == target;
+        let mut marked = self.replace_level(target, Some(level));
+        marked.erasing = Some(target);
+        self.dir.write_manifest(&marked)?;
+        self.manifest = marked;
+        self.checkpoint(FaultPoint::AfterEraseMarked)?;
+        self.tpm.nv_undefine(old.nv_index)?;
+        let erased_at = std::time::SystemTime::now();
+        self.checkpoint(FaultPoint::AfterOldNvUndefined)?;
+        let new = self.finish_erase(target)?;
         let change = KeyChange {
             kind: ChangeKind::Rotate,
             role: target,
@@ -603,9 +665,8 @@ impl KeyHierarchy {
             key_generation_after: Some(new.key_generation),
             data_destroyed: true,
             fingerprint_after: Some(new.fingerprint.clone()),
+            erased_at: Some(erased_at),
         };
-        let next = self.replace_level(target, Some(new));
-        self.commit(next, vec![old])?;
         tracing::info!(%change, "keys rotated");
         Ok(change)
     }
@@ -628,6 +689,7 @@ impl KeyHierarchy {
             key_generation_after: Some(new.key_generation),
             data_destroyed: false,
             fingerprint_after: Some(new.fingerprint.clone()),
+            erased_at: None,
         };
         let next = self.replace_level(target, Some(new));
         self.commit(next, vec![old])?;
@@ -677,6 +739,7 @@ impl KeyHierarchy {
             key_generation_after: Some(new.key_generation),
             data_destroyed: true,
             fingerprint_after: Some(new.fingerprint.clone()),
+            erased_at: None,
         };
         let mut next = self.replace_level(Role::Tenant, Some(new));
         next.consoles.retain(|c| c.role != Role::Tenant);
@@ -711,6 +774,7 @@ impl KeyHierarchy {
             key_generation_after: None,
             data_destroyed: true,
             fingerprint_after: None,
+            erased_at: None,
         };
         let mut next = self.replace_level(Role::Tenant, None);
         next.consoles.retain(|c| c.role != Role::Tenant);

@@ -39,6 +39,10 @@ pub(crate) struct Manifest {
     /// The node signing key (erase receipts). Absent in format 1 manifests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing: Option<SigningKeyState>,
+    /// Set while a destroying rotation of this level runs (its old secret
+    /// is erased before the new one is made); `recover` finishes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub erasing: Option<Role>,
 }
 
 impl Manifest {
@@ -354,6 +358,7 @@ mod tests {
                 public_pem: "pem".into(),
                 fingerprint: "fp".into(),
             }),
+            erasing: None,
         }
     }
 
