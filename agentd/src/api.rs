@@ -97,12 +97,10 @@ struct Receipt {
     signer: String,
 }
 
-/// How a destroying rotation went before its receipt: when the request
-/// came, and whether the volume's old mapping was still held open.
+/// When the request for a destroying rotation came (for its receipt).
 #[derive(Debug, Clone, Copy)]
 struct Erased {
     requested: std::time::SystemTime,
-    deferred: bool,
 }
 
 impl From<KeysGone> for ApiError {
@@ -414,8 +412,8 @@ impl Ctx {
         })
         .await
         .map_err(|e| ApiError(Error::Failed(format!("volume task: {e}"))))?;
-        let deferred = match wiped {
-            Ok(d) => d,
+        match wiped {
+            Ok(()) => {}
             Err(e) => {
                 self.reopen_volume().await;
                 return Err(e.into());
@@ -436,10 +434,7 @@ impl Ctx {
             }
             Err(e) => return Err(e.into()),
         };
-        let erased = Erased {
-            requested,
-            deferred,
-        };
+        let erased = Erased { requested };
         self.changed(conn, caller_uid, &c, before, Some(erased))
             .await
     }
@@ -552,12 +547,7 @@ impl Ctx {
             .await
             .map_err(|e| ApiError(Error::Failed(format!("volume task: {e}"))))?;
         let (volume, volume_error) = match remade {
-            Ok(mut r) => {
-                if let (Some(r), Some(e)) = (r.as_mut(), erased) {
-                    r.deferred |= e.deferred;
-                }
-                (r, None)
-            }
+            Ok(r) => (r, None),
             Err(e) => {
                 tracing::error!(error = %e, "the volume was not remade after the key change");
                 (None, Some(e.to_string()))

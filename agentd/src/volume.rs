@@ -424,19 +424,21 @@ impl Volume {
         Ok(())
     }
 
-    /// Before a destroying rotation: unmount and wipe the mapping (dm-crypt's
-    /// copy of the key goes). Returns whether the removal was deferred.
-    pub fn wipe(&self) -> Result<bool, VolumeError> {
+    /// Before a destroying rotation: dm-crypt's copy of the key is wiped at
+    /// once (the mapping then fails all I/O; the filesystem is not synced:
+    /// its data is about to be destroyed). Unmount and removal follow in
+    /// `remake`, or `reopen` if the rotation fails before its erase.
+    pub fn wipe(&self) -> Result<(), VolumeError> {
         if self.meta()?.is_none() {
-            return Ok(false);
+            return Ok(());
         }
         let t = Instant::now();
-        let deferred = self.teardown()?;
+        mapping::wipe_key(mapping::NAME)?;
         let millis = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
-        tracing::info!(millis, deferred, "volume closed for a key change");
+        tracing::info!(millis, "volume key wiped for a key change");
         self.set(false, None, Some("closed for a key change".into()));
         crash_point("erase:closed");
-        Ok(deferred)
+        Ok(())
     }
 
     /// After a key change that failed: opens the volume again if `k` is
@@ -445,9 +447,9 @@ impl Volume {
         let Some(mut m) = self.meta()? else {
             return Ok(());
         };
-        if !mapping::exists(mapping::NAME)? {
-            self.map(&m, k)?;
-        }
+        // The wiped mapping (error table) and its mount go first.
+        self.teardown()?;
+        self.map(&m, k)?;
         if m.state == VolumeState::Rekeying {
             m.state = VolumeState::Ready;
             self.save(&m)?;

@@ -123,15 +123,18 @@ pub enum Closed {
     Deferred,
 }
 
-/// Wipes the key from the kernel (an `error` table replaces the crypt
-/// table) and removes the mapping.
-pub fn close(n: &str) -> Result<Closed> {
+/// Wipes the key from the kernel: an `error` table replaces the crypt
+/// table, so dm-crypt frees its key even while something still holds the
+/// device. The filesystem on it is not frozen or flushed first (nothing
+/// more is written under this key; I/O in flight fails), so this takes
+/// one table swap whatever is mounted. Returns whether the mapping existed.
+pub fn wipe_key(n: &str) -> Result<bool> {
     let dm = dm()?;
     let dn = name(n)?;
     if !devicemapper::device_exists(&dm, dn)
         .map_err(|e| StorageError::Dm(format!("looking up {n}: {e}")))?
     {
-        return Ok(Closed::Absent);
+        return Ok(false);
     }
     let id = DevId::Name(dn);
     let sectors = dm
@@ -143,10 +146,27 @@ pub fn close(n: &str) -> Result<Closed> {
         .unwrap_or(0);
     if sectors > 0 {
         let line = [(0, sectors, "error".to_owned(), String::new())];
+        // Resume with the new table; no fs freeze, in-flight I/O requeued
+        // to `error` rather than waited for.
         dm.table_load(&id, &line, DmOptions::default())
-            .and_then(|_| dm.device_suspend(&id, DmOptions::default()))
+            .and_then(|_| {
+                dm.device_suspend(
+                    &id,
+                    DmOptions::default().set_flags(DmFlags::DM_SKIP_LOCKFS | DmFlags::DM_NOFLUSH),
+                )
+            })
             .map_err(|e| StorageError::Dm(format!("replace the crypt table of {n}: {e}")))?;
     }
+    Ok(true)
+}
+
+/// Wipes the key from the kernel (`wipe_key`) and removes the mapping.
+pub fn close(n: &str) -> Result<Closed> {
+    if !wipe_key(n)? {
+        return Ok(Closed::Absent);
+    }
+    let dm = dm()?;
+    let id = DevId::Name(name(n)?);
     match dm.device_remove(&id, DmOptions::default()) {
         Ok(_) => Ok(Closed::Removed),
         Err(_) => {
