@@ -488,6 +488,9 @@ impl Volume {
             }
         };
         let millis = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if m.options.iter().any(|o| o == "allow_discards") {
+            self.trim_in_background();
+        }
         let event = format!("recreated empty after {reason}");
         tracing::info!(id = %m.id, millis, deferred, "{event}");
         self.set(true, None, Some(event));
@@ -499,6 +502,29 @@ impl Volume {
             millis,
             deferred,
         }))
+    }
+
+    /// With `storage.discards`: after a remake, the new filesystem's free
+    /// blocks (all but its metadata, so nearly all the old ciphertext) are
+    /// discarded in the background; the device may then reclaim them. Not
+    /// part of the erase (the old key is already gone), so not waited for.
+    fn trim_in_background(&self) {
+        let at = self.cfg.mount.clone();
+        let r = std::thread::Builder::new()
+            .name("volume-trim".into())
+            .spawn(move || {
+                let t = Instant::now();
+                match fs::trim(&at) {
+                    Ok(out) => tracing::info!(
+                        millis = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX),
+                        "discarded the old blocks: {out}"
+                    ),
+                    Err(e) => tracing::warn!(error = %e, "discarding the old blocks failed"),
+                }
+            });
+        if let Err(e) = r {
+            tracing::warn!(error = %e, "cannot start the discard");
+        }
     }
 
     /// At stop: unmount and wipe the mapping (the data stays on the device

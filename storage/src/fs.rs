@@ -207,6 +207,14 @@ pub fn unmount(at: &Path) -> Result<bool> {
     Ok(true)
 }
 
+/// Discards the free blocks of the filesystem mounted at `at` (`fstrim`);
+/// returns what fstrim reported.
+pub fn trim(at: &Path) -> Result<String> {
+    let mut c = host("fstrim");
+    c.arg("-v").arg(at);
+    run(c, "fstrim").map(|o| o.trim().to_owned())
+}
+
 /// (used, total) bytes of the filesystem mounted at `at`.
 pub fn usage(at: &Path) -> Result<(u64, u64)> {
     let st = nix::sys::statvfs::statvfs(&host_path(at))

@@ -1,8 +1,8 @@
 #!/bin/sh
 # Runs on a lab node as root (tests/benches/volume.rs): erase time of the
 # tenant volume at several sizes, then fio on the raw disk, a cryptsetup
-# plain mapping with defaults, and Leasehold's mapping with and without the
-# dm-crypt workqueues. Prints "erase SIZE RUN CALL_MS REMAKE_MS ERASED_MS" lines and
+# plain mapping with defaults and one with Leasehold's cipher settings, and
+# Leasehold's mapping with and without the dm-crypt workqueues (3 rounds). Prints "erase SIZE RUN CALL_MS REMAKE_MS ERASED_MS" lines and
 # fio JSON between "fio CONFIG JOB" and "end" lines.
 set -eu
 DEV=$(readlink -f /dev/disk/by-id/virtio-leasehold-tenant)
@@ -49,16 +49,28 @@ job() { # config device
     done
 }
 
-job raw "$DEV"
-key=$(mktemp); head -c 64 /dev/urandom > "$key"
-cryptsetup open --type plain --key-file "$key" "$DEV" bench-plain
-echo "plain-defaults $(dmsetup table bench-plain | awk '{print $4, $5}')"
-job cryptsetup-plain /dev/mapper/bench-plain
-cryptsetup close bench-plain; rm -f "$key"
-for bypass in true false; do
-    fresh_volume "$DEV" "$bypass"
-    nsenter -t 1 -m -- umount /srv/leasehold/tenant
-    job "leasehold-bypass-$bypass" /dev/mapper/leasehold-tenant
+plain() { # config [cryptsetup options]: a plain mapping with a random key
+    name=$1; shift
+    key=$(mktemp); head -c 64 /dev/urandom > "$key"
+    cryptsetup open --type plain --key-file "$key" "$@" "$DEV" bench-plain
+    rm -f "$key"
+    echo "mapping $name $(cryptsetup status bench-plain | sed -n 's/^ *\(cipher\|keysize\|sector size\): *//p' | tr ' \n' '_ ')"
+    job "$name" /dev/mapper/bench-plain
+    cryptsetup close bench-plain
+}
+
+# Rounds interleave the configurations, so a slow minute of the host
+# does not land on one of them only; the report takes medians.
+for round in 1 2 3; do
+    systemctl stop leasehold-agentd
+    job raw "$DEV"
+    plain cryptsetup-plain
+    plain cryptsetup-xts --cipher aes-xts-plain64 --key-size 512 --sector-size 4096
+    for bypass in false true; do
+        fresh_volume "$DEV" "$bypass"
+        nsenter -t 1 -m -- umount /srv/leasehold/tenant
+        job "leasehold-bypass-$bypass" /dev/mapper/leasehold-tenant
+    done
 done
 systemctl stop leasehold-agentd
 sed -i '/^\[storage\]/,$d' "$CONF"

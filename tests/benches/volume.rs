@@ -59,8 +59,8 @@ fn main() {
     lab(&["destroy"]);
 
     let mut erase: BTreeMap<String, [Vec<f64>; 3]> = BTreeMap::new();
-    let mut fio: BTreeMap<(String, String), (f64, f64)> = BTreeMap::new();
-    let mut plain = String::new();
+    let mut fio: BTreeMap<(String, String), Vec<(f64, f64)>> = BTreeMap::new();
+    let mut mappings: BTreeMap<String, String> = BTreeMap::new();
     let mut flags = String::new();
     let mut lines = out.lines();
     while let Some(l) = lines.next() {
@@ -91,9 +91,13 @@ fn main() {
                 };
                 let bw = job[side]["bw_bytes"].as_f64().unwrap_or(0.0) / 1048576.0;
                 let iops = job[side]["iops"].as_f64().unwrap_or(0.0);
-                fio.insert((f[1].to_owned(), f[2].to_owned()), (bw, iops));
+                fio.entry((f[1].to_owned(), f[2].to_owned()))
+                    .or_default()
+                    .push((bw, iops));
             }
-            Some("plain-defaults") => plain = f[1..].join(" "),
+            Some("mapping") if f.len() > 2 => {
+                mappings.insert(f[1].to_owned(), f[2..].join(" ").replace('_', " "));
+            }
             _ if l.ends_with("cpu-flags") => {
                 flags = l.trim_end_matches("cpu-flags").trim().to_owned()
             }
@@ -135,27 +139,38 @@ fn main() {
             .unwrap();
         }
     }
+    let rounds = fio.values().map(Vec::len).max().unwrap_or(0);
     writeln!(
         s,
-        "\n### fio on the 512 MiB virtio disk (direct I/O, libaio, 10 s each)\n"
+        "\n### fio on the 512 MiB virtio disk (direct I/O, libaio, 10 s each, median of {rounds} interleaved rounds)\n"
     )
     .unwrap();
-    writeln!(s, "cryptsetup plain defaults on this node: {plain}.\n").unwrap();
+    for (c, m) in &mappings {
+        writeln!(s, "- {c}: {m} (cipher, key size, sector size)").unwrap();
+    }
+    writeln!(s).unwrap();
     writeln!(s, "| device | seq read 1M (MiB/s) | seq write 1M (MiB/s) | rand read 4k (IOPS) | rand write 4k (IOPS) | rand read vs raw | rand write vs raw |").unwrap();
     writeln!(s, "|---|---|---|---|---|---|---|").unwrap();
     let get = |c: &str, j: &str| {
-        fio.get(&(c.to_owned(), j.to_owned()))
-            .copied()
-            .unwrap_or((0.0, 0.0))
+        let v = fio.get(&(c.to_owned(), j.to_owned()));
+        let m = |f: fn(&(f64, f64)) -> f64| v.map_or(0.0, |v| median(v.iter().map(f).collect()));
+        (m(|x| x.0), m(|x| x.1))
     };
     for (c, label) in [
         ("raw", "raw disk"),
         ("cryptsetup-plain", "cryptsetup plain, defaults"),
         (
+            "cryptsetup-xts",
+            "cryptsetup plain, Leasehold's cipher settings",
+        ),
+        (
+            "leasehold-bypass-false",
+            "Leasehold (kernel workqueues, default)",
+        ),
+        (
             "leasehold-bypass-true",
             "Leasehold (no_read/no_write_workqueue)",
         ),
-        ("leasehold-bypass-false", "Leasehold (kernel workqueues)"),
     ] {
         writeln!(
             s,
