@@ -97,12 +97,6 @@ struct Receipt {
     signer: String,
 }
 
-/// When the request for a destroying rotation came (for its receipt).
-#[derive(Debug, Clone, Copy)]
-struct Erased {
-    requested: std::time::SystemTime,
-}
-
 impl From<KeysGone> for ApiError {
     fn from(e: KeysGone) -> Self {
         ApiError(Error::Unavailable(e.to_string()))
@@ -434,8 +428,7 @@ impl Ctx {
             }
             Err(e) => return Err(e.into()),
         };
-        let erased = Erased { requested };
-        self.changed(conn, caller_uid, &c, before, Some(erased))
+        self.changed(conn, caller_uid, &c, before, Some(requested))
             .await
     }
 
@@ -487,7 +480,7 @@ impl Ctx {
         caller_uid: u32,
         c: &leasehold_tpm::KeyChange,
         before: Vec<(String, u64)>,
-        erased: Option<Erased>,
+        requested: Option<std::time::SystemTime>,
     ) -> Result<KeyChange, ApiError> {
         if c.data_destroyed {
             let n = self.secrets.purge()?;
@@ -506,7 +499,7 @@ impl Ctx {
                 leasehold_tpm::ChangeKind::Assign | leasehold_tpm::ChangeKind::Release
             );
         if disk_key_changed {
-            let (receipt, sig) = self.erase_receipt(c, before, erased).await?;
+            let (receipt, sig) = self.erase_receipt(c, before, requested).await?;
             d.receipt = Some(receipt);
             d.receipt_signature = Some(sig);
         } else {
@@ -522,13 +515,13 @@ impl Ctx {
         &self,
         c: &leasehold_tpm::KeyChange,
         before: Vec<(String, u64)>,
-        erased: Option<Erased>,
+        requested: Option<std::time::SystemTime>,
     ) -> Result<(String, String), ApiError> {
         // The erase is complete when both the TPM secret and the kernel's
         // copy of the key are gone; a rotation closed the volume first.
-        let erased_ms = erased.map(|e| {
+        let erased_ms = requested.map(|r| {
             let at = c.erased_at.unwrap_or_else(std::time::SystemTime::now);
-            at.duration_since(e.requested)
+            at.duration_since(r)
                 .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         });
         if let Some(ms) = erased_ms {
