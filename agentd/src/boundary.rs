@@ -456,6 +456,66 @@ impl Boundaries {
     }
 }
 
+/// The boundaries as the node controller's backend.
+#[derive(Debug, Clone)]
+pub struct BoundaryBackend(pub Arc<Boundaries>);
+
+impl leasehold_node::backend::BoundaryStore for BoundaryBackend {
+    fn change(
+        &mut self,
+        c: leasehold_node::BoundaryChange,
+    ) -> Result<leasehold_node::BoundaryApplied, leasehold_node::Failure> {
+        use leasehold_node::{BoundaryApplied, BoundaryChange as C, Failure, FailureKind};
+        let b = &self.0;
+        let r = match c {
+            C::SetCluster(doc) => b
+                .update(|p| p.set_cluster(doc))
+                .map(|((), w)| BoundaryApplied {
+                    warnings: w,
+                    ..Default::default()
+                }),
+            C::SetFailsafe(entries) => {
+                b.update(|p| p.set_failsafe(entries))
+                    .map(|((), w)| BoundaryApplied {
+                        warnings: w,
+                        ..Default::default()
+                    })
+            }
+            C::EditPeers { target, peers, add } => b
+                .update(|p| {
+                    if add {
+                        p.add_peers(&target, &peers)
+                    } else {
+                        p.remove_peers(&target, &peers)
+                    }
+                })
+                .map(|(n, w)| BoundaryApplied {
+                    warnings: w,
+                    peers_changed: Some(n),
+                    ..Default::default()
+                }),
+            C::Remove { .. } => b.remove().map(|()| BoundaryApplied::default()),
+            C::SetSub { doc, narrow } => {
+                b.update(|p| p.set_sub(doc, narrow))
+                    .map(|(out, w)| BoundaryApplied {
+                        warnings: w,
+                        cut: out.cut.iter().map(ToString::to_string).collect(),
+                        peers_changed: None,
+                    })
+            }
+            C::ClearSub => b.clear_sub().map(|()| BoundaryApplied::default()),
+        };
+        r.map_err(|e| {
+            let kind = match &e {
+                BoundaryError::Invalid(_) => FailureKind::Invalid,
+                BoundaryError::Nft(ApplyError::Spawn(_)) => FailureKind::Unavailable,
+                _ => FailureKind::Failed,
+            };
+            Failure::new(kind, e.to_string())
+        })
+    }
+}
+
 fn to_json<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_string(v).unwrap_or_default()
 }

@@ -179,8 +179,11 @@ pub enum BoundaryChange {
         /// Add (true) or remove.
         add: bool,
     },
-    /// Landlord: lift every boundary.
-    Remove,
+    /// Landlord: lift every boundary (refused unless confirmed).
+    Remove {
+        /// The caller confirmed the node is left unfenced.
+        confirm: bool,
+    },
     /// Tenant: set the sub-boundary, narrowing it to fit if asked.
     SetSub {
         /// The document.

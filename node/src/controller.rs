@@ -689,6 +689,11 @@ impl Controller {
     }
 
     fn boundary(&mut self, caller: Caller, c: BoundaryChange) -> Result<Outcome, NodeError> {
+        if matches!(c, BoundaryChange::Remove { confirm: false }) {
+            return Err(NodeError::ConfirmationRequired(
+                "removing the boundary lifts every network restriction on this node (cluster boundary, sub-boundary and failsafe)".into(),
+            ));
+        }
         let tenant_change = matches!(c, BoundaryChange::SetSub { .. } | BoundaryChange::ClearSub);
         if tenant_change {
             self.require_tenant()?;
