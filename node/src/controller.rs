@@ -170,6 +170,13 @@ fn millis_since(from: SystemTime, to: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// `l3t5` for landlord 3, tenant 5 (receipt file names).
+fn compact(g: &[(String, u64)]) -> String {
+    g.iter()
+        .map(|(r, n)| format!("{}{n}", r.chars().next().unwrap_or('x')))
+        .collect()
+}
+
 fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -585,7 +592,15 @@ impl Controller {
         let sig = self.b.keys.sign(body.as_bytes())?;
         let signed = SignedReceipt {
             signature: base64::engine::general_purpose::STANDARD.encode(sig),
-            file_name: format!("{}-{}-{}.json", receipt.time, kind, receipt.role),
+            // Unique: every destroying change moves a key generation.
+            file_name: format!(
+                "{}-{}-{}-{}-{}.json",
+                receipt.time,
+                kind,
+                receipt.role,
+                compact(&receipt.key_generations_before),
+                compact(&receipt.key_generations_after)
+            ),
             body,
         };
         if let Err(e) = self.b.events.store_receipt(&signed) {
