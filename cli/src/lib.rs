@@ -317,7 +317,7 @@ pub fn verify_receipt(
         .decode(sig)
         .map_err(|e| CliError::new(exit::INVALID, format!("receipt signature: not base64: {e}")))?;
     let pem = read_pem_file("node key", key)?;
-    leasehold_tpm::verify_signature(&pem, body.as_bytes(), &sig)
+    leasehold_envelope::verify_signature(&pem, body.as_bytes(), &sig)
         .map_err(|e| CliError::new(exit::FAILURE, format!("the receipt does NOT verify: {e}")))?;
     let doc: serde_json::Value = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
     output::emit(
