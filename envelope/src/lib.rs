@@ -7,7 +7,8 @@
 //! only parses ([`ParsedEnvelope`]) and decrypts with a content key the
 //! caller unwrapped (`leasehold-tpm` does that inside the TPM).
 //! [`verify_signature`] checks an erase receipt against the node's signing
-//! key PEM.
+//! key PEM. [`valid_name`] is the rule for tenant, console and secret names,
+//! which the node enforces and the CLIs check before they connect.
 //!
 //! Pure Rust (RustCrypto): `tenantctl` links this crate instead of
 //! `leasehold-tpm`, so it builds without libtss2.
@@ -17,9 +18,11 @@
 mod envelope;
 mod error;
 mod key;
+mod name;
 mod signature;
 
 pub use envelope::{seal, seal_to, ParsedEnvelope, MAGIC, MAX_ENVELOPE, MAX_PAYLOAD, VERSION};
 pub use error::{EnvelopeError, SignatureError};
 pub use key::{RecipientKey, MIN_RSA_BITS};
+pub use name::{valid_name, NAME_RULE};
 pub use signature::verify_signature;
