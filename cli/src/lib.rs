@@ -241,6 +241,23 @@ pub fn run_main<F: std::future::Future<Output = Result<(), CliError>>>(
     }
 }
 
+/// Checks a tenant, console or secret name against the node's rule before
+/// anything is sealed or sent; the node checks again (same rule, same exit
+/// status 6).
+pub fn check_name(what: &str, name: &str) -> Result<(), CliError> {
+    if leasehold_envelope::valid_name(name) {
+        Ok(())
+    } else {
+        Err(CliError::new(
+            exit::INVALID,
+            format!(
+                "invalid argument: {what} {name:?}: {}",
+                leasehold_envelope::NAME_RULE
+            ),
+        ))
+    }
+}
+
 /// Reads a file named on the command line, naming it in the error.
 pub fn read_arg_file(what: &str, path: &std::path::Path) -> Result<Vec<u8>, CliError> {
     std::fs::read(path)

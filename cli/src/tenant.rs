@@ -206,6 +206,10 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         Command::VerifyReceipt { receipt, key } => {
             return crate::verify_receipt(json, receipt, key);
         }
+        Command::RegisterConsole { name, .. } => crate::check_name("console name", name)?,
+        Command::Secret(SecretCommand::Put { name, .. } | SecretCommand::Rm { name }) => {
+            crate::check_name("secret name", name)?;
+        }
         _ => {}
     }
     let conn = match &args.host {
