@@ -19,8 +19,9 @@ pub fn emit(as_json: bool, v: Value, human: impl FnOnce() -> String) {
     }
 }
 
-/// Writes `text` and a newline to stdout; all of the CLIs' output goes
-/// through here.
+/// Writes `text` and a newline to stdout; all of the CLIs' own output goes
+/// through here (help and version are printed by clap, whose write errors
+/// `main` ignores).
 ///
 /// `println!` panics when the reader has gone away (`landlordctl info |
 /// head -1`): Rust ignores SIGPIPE, and restoring it would need `unsafe`,

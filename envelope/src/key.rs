@@ -71,11 +71,6 @@ impl RecipientKey {
         &self.fingerprint
     }
 
-    /// Size of the modulus in bits.
-    pub fn bits(&self) -> usize {
-        self.key.size() * 8
-    }
-
     pub(crate) fn rsa(&self) -> &RsaPublicKey {
         &self.key
     }
@@ -97,7 +92,7 @@ mod tests {
             k.fingerprint_hex(),
             hex::encode(Sha256::digest(der.as_bytes()))
         );
-        assert_eq!(k.bits(), 2048);
+        assert_eq!(k.rsa().size() * 8, 2048);
         let again = RecipientKey::from_pem(&k.to_pem()).unwrap();
         assert_eq!(again.fingerprint(), k.fingerprint());
         let n = pk.n().to_bytes_be();
