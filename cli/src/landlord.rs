@@ -179,6 +179,11 @@ pub async fn run(args: Args) -> Result<(), CliError> {
     if let Command::VerifyReceipt { receipt, key } = &args.command {
         return crate::verify_receipt(args.json, receipt, key);
     }
+    match &args.command {
+        Command::Assign { name, .. } => crate::check_name("tenant name", name)?,
+        Command::RegisterConsole { name, .. } => crate::check_name("console name", name)?,
+        _ => {}
+    }
     let conn = connect_local().await?;
     let p = LandlordProxy::new(&conn)
         .await

@@ -241,6 +241,23 @@ pub fn run_main<F: std::future::Future<Output = Result<(), CliError>>>(
     }
 }
 
+/// Checks a tenant, console or secret name against the node's rule before
+/// anything is sealed or sent; the node checks again (same rule, same exit
+/// status 6).
+pub fn check_name(what: &str, name: &str) -> Result<(), CliError> {
+    if leasehold_envelope::valid_name(name) {
+        Ok(())
+    } else {
+        Err(CliError::new(
+            exit::INVALID,
+            format!(
+                "invalid argument: {what} {name:?}: {}",
+                leasehold_envelope::NAME_RULE
+            ),
+        ))
+    }
+}
+
 /// Reads a file named on the command line, naming it in the error.
 pub fn read_arg_file(what: &str, path: &std::path::Path) -> Result<Vec<u8>, CliError> {
     std::fs::read(path)
@@ -317,7 +334,7 @@ pub fn verify_receipt(
         .decode(sig)
         .map_err(|e| CliError::new(exit::INVALID, format!("receipt signature: not base64: {e}")))?;
     let pem = read_pem_file("node key", key)?;
-    leasehold_tpm::verify_signature(&pem, body.as_bytes(), &sig)
+    leasehold_envelope::verify_signature(&pem, body.as_bytes(), &sig)
         .map_err(|e| CliError::new(exit::FAILURE, format!("the receipt does NOT verify: {e}")))?;
     let doc: serde_json::Value = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
     output::emit(

@@ -168,6 +168,11 @@ pub enum KeyError {
 }
 
 /// Errors of the envelope format and of opening an envelope.
+///
+/// The format errors mirror `leasehold_envelope::EnvelopeError` variant for
+/// variant, with the same messages, so matches on this type keep working;
+/// [`EnvelopeError::WrongRecipient`] and [`EnvelopeError::UnwrapFailed`] are
+/// the failures of opening with a key in the TPM.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum EnvelopeError {
@@ -216,16 +221,31 @@ pub enum EnvelopeError {
     InvalidPublicKey(String),
 }
 
-/// Errors of verifying a node signature (an erase receipt).
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum SignatureError {
-    /// The public key is not an RSA SubjectPublicKeyInfo PEM of at least 2048 bits.
-    #[error("invalid signing public key: {0}")]
-    InvalidPublicKey(String),
-    /// The signature does not match the data under this key.
-    #[error("signature verification failed: the data or the signature was modified, or it was made by another key")]
-    Mismatch,
+/// Errors of verifying a node signature (an erase receipt); defined with
+/// [`crate::verify_signature`] in `leasehold-envelope`.
+pub use leasehold_envelope::SignatureError;
+
+impl From<leasehold_envelope::EnvelopeError> for EnvelopeError {
+    fn from(e: leasehold_envelope::EnvelopeError) -> Self {
+        use leasehold_envelope::EnvelopeError as F;
+        // Exhaustive on purpose: a new format error must be mapped here.
+        match e {
+            F::BadMagic => Self::BadMagic,
+            F::UnsupportedVersion { found, supported } => {
+                Self::UnsupportedVersion { found, supported }
+            }
+            F::Malformed(field) => Self::Malformed(field),
+            F::TooLarge { what, size, max } => Self::TooLarge { what, size, max },
+            F::AuthenticationFailed => Self::AuthenticationFailed,
+            F::InvalidPublicKey(reason) => Self::InvalidPublicKey(reason),
+        }
+    }
+}
+
+impl From<leasehold_envelope::EnvelopeError> for KeyError {
+    fn from(e: leasehold_envelope::EnvelopeError) -> Self {
+        Self::Envelope(e.into())
+    }
 }
 
 /// Result alias for this crate.

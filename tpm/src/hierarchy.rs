@@ -907,13 +907,5 @@ fn placeholder_level() -> LevelState {
     }
 }
 
-/// Names of tenants and consoles: 1-64 characters of `A-Z a-z 0-9 . _ -`,
-/// not starting with `.` or `-` (they end up in file names and option lists).
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with(['.', '-'])
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-}
+// The name rule is shared with the CLIs, which check it without a TPM.
+pub use leasehold_envelope::valid_name;

@@ -124,6 +124,44 @@ fn swtpm_seal_open_round_trip_both_roles() {
     h.shutdown().unwrap();
 }
 
+/// The envelope format lives in `leasehold-envelope` (what `tenantctl`
+/// links); what it seals, the TPM opens, and its errors keep their meaning
+/// through `leasehold_tpm::EnvelopeError`.
+#[test]
+fn swtpm_envelope_crate_seals_what_the_tpm_opens() {
+    let node = Node::new();
+    let (mut h, _) = node.open();
+    h.assign_tenant(Role::Landlord, "acme", Confirm::No)
+        .unwrap();
+    for role in Role::ALL {
+        let pk = h.public_key(role).unwrap();
+        let rk = leasehold_envelope::RecipientKey::from_pem(&pk.pem).unwrap();
+        // The fingerprint the node reports is the one the crate computes.
+        assert_eq!(rk.fingerprint_hex(), pk.fingerprint);
+        let env = leasehold_envelope::seal(&pk.pem, b"from a laptop").unwrap();
+        assert_eq!(&h.open_envelope(role, &env).unwrap()[..], b"from a laptop");
+        let env = leasehold_envelope::seal_to(&rk, b"parsed key").unwrap();
+        assert_eq!(&h.open_envelope(role, &env).unwrap()[..], b"parsed key");
+
+        let mut tampered = env.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 0x80;
+        assert!(matches!(
+            h.open_envelope(role, &tampered),
+            Err(KeyError::Envelope(EnvelopeError::AuthenticationFailed))
+        ));
+        let mut flagged = env.clone();
+        flagged[5] = 1;
+        assert!(matches!(
+            h.open_envelope(role, &flagged),
+            Err(KeyError::Envelope(EnvelopeError::Malformed(
+                "unknown flags set"
+            )))
+        ));
+    }
+    h.shutdown().unwrap();
+}
+
 /// Helper run in a child process with no TPM: seals a file to a PEM.
 #[test]
 #[ignore = "helper for swtpm_seal_in_process_without_tpm"]
