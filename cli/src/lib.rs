@@ -35,6 +35,8 @@ pub mod exit {
     pub const INVALID: u8 = 6;
     /// The agent (or the bus, or SSH) cannot be reached.
     pub const UNAVAILABLE: u8 = 69;
+    /// The node is busy (EX_TEMPFAIL): try again.
+    pub const BUSY: u8 = 75;
 }
 
 /// Text for the man pages' EXIT STATUS section.
@@ -46,7 +48,9 @@ pub const EXIT_CODES_HELP: &str = "Exit status:
   4   the operation destroys data and was not confirmed (use --yes)
   5   no tenant assigned, or no such object
   6   invalid argument
-  69  the agent, the bus or the SSH connection is unavailable";
+  69  the agent, the bus or the SSH connection is unavailable
+  75  the node is busy (too many changes queued); try again
+A key change that committed with warnings (printed on stderr) exits 0.";
 
 /// A CLI failure: a message and an exit code.
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +98,8 @@ impl From<ApiError> for CliError {
                 )
             }
             ApiError::ZBus(_) => exit::UNAVAILABLE,
-            ApiError::Busy(_) | ApiError::Failed(_) => exit::FAILURE,
+            ApiError::Busy(_) => exit::BUSY,
+            ApiError::Failed(_) => exit::FAILURE,
         };
         let name = match &e {
             ApiError::ZBus(_) => "error",

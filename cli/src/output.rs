@@ -136,7 +136,18 @@ pub fn change_json(c: &KeyChange) -> Value {
         "fingerprint": c.fingerprint,
         "receipt": c.receipt,
         "receipt_signature": c.receipt_signature,
+        "warnings": c.warnings.clone().unwrap_or_default(),
     })
+}
+
+/// Prints a key change: warnings (what failed after the change committed;
+/// the change stands, so the exit status stays 0) on stderr, the change on
+/// stdout.
+pub fn emit_change(as_json: bool, c: &KeyChange, human: impl FnOnce() -> String) {
+    for w in c.warnings.iter().flatten() {
+        eprintln!("warning: {w}");
+    }
+    emit(as_json, change_json(c), human);
 }
 
 /// Volume state as JSON.

@@ -10,7 +10,7 @@ use crate::boundary::{
     info_json, info_text, print_warnings, read_document, verdict_json, verdict_text, ExplainArgs,
 };
 use crate::output::{
-    change_json, change_text, emit, node_info_json, node_info_text, secrets_json, volume_json,
+    change_text, emit, emit_change, node_info_json, node_info_text, secrets_json, volume_json,
     volume_text,
 };
 use crate::{
@@ -241,11 +241,11 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                 |ok| p.rotate_keys(ok),
             )
             .await?;
-            emit(json, change_json(&c), || change_text(&c));
+            emit_change(json, &c, || change_text(&c));
         }
         Command::Rekey => {
             let c = p.rekey_keys().await?;
-            emit(json, change_json(&c), || change_text(&c));
+            emit_change(json, &c, || change_text(&c));
         }
         Command::RegisterConsole { name, pem } => {
             let text = read_pem_file("public key", &pem)?;

@@ -64,7 +64,11 @@ fn main() {
         "landlord NodeInfo, tenant rotating back to back",
         &busy,
     );
-    row(&mut out, "the tenant's RotateKeys (call to signed receipt)", &rot);
+    row(
+        &mut out,
+        "the tenant's RotateKeys (call to signed receipt)",
+        &rot,
+    );
     let again = result(hammer(&lab, Who::Landlord, "landlord-info"));
     row(&mut out, "landlord NodeInfo, node idle again", &again);
     print!("{out}");

@@ -130,3 +130,39 @@ fn dbus_sixteen_concurrent_callers_stay_consistent() {
     eprintln!("reader p99 (ms) during the run: {readers:?}");
     lab.stop_agent();
 }
+
+/// A change that committed but could not finish something afterwards is
+/// reported as done (exit 0) with the warning on stderr and in `--json`,
+/// with its receipt, and signalled like any other.
+#[test]
+fn dbus_committed_change_with_a_failed_step_reports_a_warning() {
+    let lab = Lab::start();
+    lab.run(Who::Root, "landlordctl", &["--yes", "assign", "acme"])
+        .ok();
+    // Something the secret purge cannot remove: a directory in the store.
+    let store = lab.path("agent").join("state/secrets");
+    std::fs::create_dir_all(store.join("stuck.secret")).unwrap();
+    let before = lab
+        .run(Who::Tenant, "tenantctl", &["--json", "info"])
+        .ok()
+        .json();
+    let r = lab.run(Who::Tenant, "tenantctl", &["--yes", "--json", "rotate"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("warning: the secret store was not emptied"),
+        "{r:?}"
+    );
+    let v = r.json();
+    assert!(v["receipt"].is_string(), "{v}");
+    assert_eq!(v["warnings"].as_array().unwrap().len(), 1, "{v}");
+    let after = lab
+        .run(Who::Tenant, "tenantctl", &["--json", "info"])
+        .ok()
+        .json();
+    assert_eq!(
+        after["tenant_key_generation"].as_u64().unwrap(),
+        before["tenant_key_generation"].as_u64().unwrap() + 1,
+        "the rotation committed"
+    );
+}
