@@ -24,6 +24,8 @@ mod signing;
 mod state;
 pub mod swtpm;
 mod sys;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod types;
 
 pub use error::{EnvelopeError, KeyError, Result, SignatureError};

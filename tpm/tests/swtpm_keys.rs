@@ -8,8 +8,8 @@ use leasehold_tpm::envelope::RecipientKey;
 use leasehold_tpm::envelope::{self, ParsedEnvelope};
 use leasehold_tpm::swtpm::Swtpm;
 use leasehold_tpm::{
-    verify_signature, ChangeKind, Confirm, EnvelopeError, FaultPoint, KeyConfig, KeyError,
-    KeyHierarchy, Opened, Role, SignatureError, SigningKeyInfo, TpmKind,
+    verify_signature, ChangeKind, Confirm, DiskKey, EnvelopeError, FaultPoint, KeyConfig, KeyError,
+    KeyHierarchy, Opened, Role, SignatureError, SigningKeyInfo, SymmetricKey, TpmKind,
 };
 use rsa::pkcs8::{EncodePublicKey, LineEnding};
 use rsa::{Oaep, RsaPrivateKey};
@@ -46,6 +46,7 @@ impl Node {
             tcti: self.swtpm.as_ref().unwrap().tcti(),
             state_dir: state_dir.to_path_buf(),
             seal_pcrs: self.pcrs.clone(),
+            erase_existing: false,
         }
     }
 
@@ -78,6 +79,23 @@ fn copy_dir(from: &Path, to: &Path) {
         let e = e.unwrap();
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
+}
+
+/// Keys are compared by their SHA-256 (the secret types have no `==`).
+fn kh(k: &SymmetricKey) -> String {
+    hex_sha256(k.expose_secret())
+}
+
+fn dh(k: &DiskKey) -> String {
+    hex_sha256(k.expose_secret())
+}
+
+fn hex_sha256(b: &[u8]) -> String {
+    use sha2::Digest as _;
+    Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
 }
 
 fn seal_to(h: &KeyHierarchy, role: Role, payload: &[u8]) -> Vec<u8> {
@@ -173,9 +191,10 @@ fn swtpm_symmetric_keys_unseal_consistently() {
         .unwrap();
     let kl1 = h.symmetric_key(Role::Landlord).unwrap();
     let kl2 = h.symmetric_key(Role::Landlord).unwrap();
-    let kt = h.symmetric_key(Role::Tenant).unwrap();
-    assert_eq!(kl1, kl2);
-    assert_ne!(kl1, kt);
+    let kt = kh(&h.symmetric_key(Role::Tenant).unwrap());
+    assert!(kl1.ct_eq(&kl2));
+    assert_eq!(kh(&kl1), kh(&kl2));
+    assert_ne!(kh(&kl1), kt);
     assert_ne!(kl1.expose_secret(), &[0u8; 32]);
     // Debug never shows key bytes.
     assert_eq!(format!("{kl1:?}"), "SymmetricKey(<redacted>)");
@@ -189,8 +208,8 @@ fn swtpm_state_survives_agent_and_tpm_restart() {
     h.assign_tenant(Role::Landlord, "acme", Confirm::No)
         .unwrap();
     let status = h.status();
-    let disk = h.disk_key().unwrap();
-    let kt = h.symmetric_key(Role::Tenant).unwrap();
+    let disk = dh(&h.disk_key().unwrap());
+    let kt = kh(&h.symmetric_key(Role::Tenant).unwrap());
     let env_l = seal_to(&h, Role::Landlord, b"landlord");
     let env_t = seal_to(&h, Role::Tenant, b"tenant");
     h.shutdown().unwrap();
@@ -199,15 +218,15 @@ fn swtpm_state_survives_agent_and_tpm_restart() {
     let (mut h, opened) = node.open();
     assert_eq!(opened, Opened::Loaded { recovered: 0 });
     assert_eq!(h.status(), status);
-    assert_eq!(h.disk_key().unwrap(), disk);
+    assert_eq!(dh(&h.disk_key().unwrap()), disk);
     h.shutdown().unwrap();
 
     // TPM power cycle.
     node.restart_tpm();
     let (mut h, _) = node.open();
     assert_eq!(h.status(), status);
-    assert_eq!(h.disk_key().unwrap(), disk);
-    assert_eq!(h.symmetric_key(Role::Tenant).unwrap(), kt);
+    assert_eq!(dh(&h.disk_key().unwrap()), disk);
+    assert_eq!(kh(&h.symmetric_key(Role::Tenant).unwrap()), kt);
     assert_eq!(
         &h.open_envelope(Role::Landlord, &env_l).unwrap()[..],
         b"landlord"
@@ -226,9 +245,9 @@ fn swtpm_landlord_rotation_makes_old_material_unrecoverable() {
     h.assign_tenant(Role::Landlord, "acme", Confirm::No)
         .unwrap();
     let before = h.status();
-    let disk_before = h.disk_key().unwrap();
-    let kl_before = h.symmetric_key(Role::Landlord).unwrap();
-    let kt_before = h.symmetric_key(Role::Tenant).unwrap();
+    let disk_before = dh(&h.disk_key().unwrap());
+    let kl_before = kh(&h.symmetric_key(Role::Landlord).unwrap());
+    let kt_before = kh(&h.symmetric_key(Role::Tenant).unwrap());
     let old_env = seal_to(&h, Role::Landlord, b"old");
     let backup = node.tmp.path().join("backup");
     copy_dir(&node.state_dir(), &backup);
@@ -250,9 +269,9 @@ fn swtpm_landlord_rotation_makes_old_material_unrecoverable() {
     assert_ne!(after.landlord.fingerprint, before.landlord.fingerprint);
     assert_eq!(after.landlord.key_generation, 2);
     assert_eq!(after.tenant, before.tenant, "tenant keys untouched");
-    assert_ne!(h.symmetric_key(Role::Landlord).unwrap(), kl_before);
-    assert_eq!(h.symmetric_key(Role::Tenant).unwrap(), kt_before);
-    assert_ne!(h.disk_key().unwrap(), disk_before);
+    assert_ne!(kh(&h.symmetric_key(Role::Landlord).unwrap()), kl_before);
+    assert_eq!(kh(&h.symmetric_key(Role::Tenant).unwrap()), kt_before);
+    assert_ne!(dh(&h.disk_key().unwrap()), disk_before);
     assert!(matches!(
         h.open_envelope(Role::Landlord, &old_env),
         Err(KeyError::Envelope(EnvelopeError::WrongRecipient { .. }))
@@ -264,17 +283,13 @@ fn swtpm_landlord_rotation_makes_old_material_unrecoverable() {
     // A backup taken before the rotation does not bring the old keys back on
     // the same TPM, and opening it does not harm the current keys.
     match node.try_open_dir(&backup) {
-        Err(KeyError::KeyErased {
-            role: Role::Landlord,
-            generation: 1,
-            ..
-        }) => {}
-        other => panic!("expected KeyErased, got {other:?}"),
+        Err(KeyError::StaleState { .. }) => {}
+        other => panic!("expected StaleState, got {other:?}"),
     }
     h.shutdown().unwrap();
     let (mut h, _) = node.open();
     assert_eq!(h.status(), after);
-    assert_ne!(h.disk_key().unwrap(), disk_before);
+    assert_ne!(dh(&h.disk_key().unwrap()), disk_before);
     h.shutdown().unwrap();
 }
 
@@ -285,9 +300,9 @@ fn swtpm_tenant_rotation_replaces_kt_only() {
     h.assign_tenant(Role::Landlord, "acme", Confirm::No)
         .unwrap();
     let before = h.status();
-    let disk_before = h.disk_key().unwrap();
-    let kl = h.symmetric_key(Role::Landlord).unwrap();
-    let kt = h.symmetric_key(Role::Tenant).unwrap();
+    let disk_before = dh(&h.disk_key().unwrap());
+    let kl = kh(&h.symmetric_key(Role::Landlord).unwrap());
+    let kt = kh(&h.symmetric_key(Role::Tenant).unwrap());
     let old_env = seal_to(&h, Role::Tenant, b"old");
     let backup = node.tmp.path().join("backup");
     copy_dir(&node.state_dir(), &backup);
@@ -321,9 +336,9 @@ fn swtpm_tenant_rotation_replaces_kt_only() {
         after.landlord, before.landlord,
         "landlord material unchanged"
     );
-    assert_eq!(h.symmetric_key(Role::Landlord).unwrap(), kl);
-    assert_ne!(h.symmetric_key(Role::Tenant).unwrap(), kt);
-    assert_ne!(h.disk_key().unwrap(), disk_before);
+    assert_eq!(kh(&h.symmetric_key(Role::Landlord).unwrap()), kl);
+    assert_ne!(kh(&h.symmetric_key(Role::Tenant).unwrap()), kt);
+    assert_ne!(dh(&h.disk_key().unwrap()), disk_before);
     assert!(h.open_envelope(Role::Tenant, &old_env).is_err());
     let new_env = seal_to(&h, Role::Tenant, b"new");
     assert_eq!(
@@ -332,10 +347,8 @@ fn swtpm_tenant_rotation_replaces_kt_only() {
     );
 
     match node.try_open_dir(&backup) {
-        Err(KeyError::KeyErased {
-            role: Role::Tenant, ..
-        }) => {}
-        other => panic!("expected KeyErased for the tenant, got {other:?}"),
+        Err(KeyError::StaleState { .. }) => {}
+        other => panic!("expected StaleState, got {other:?}"),
     }
     h.shutdown().unwrap();
 }
@@ -347,7 +360,7 @@ fn swtpm_rekey_keeps_disk_key() {
     h.assign_tenant(Role::Landlord, "acme", Confirm::No)
         .unwrap();
     let before = h.status();
-    let disk = h.disk_key().unwrap();
+    let disk = dh(&h.disk_key().unwrap());
     let old_env = seal_to(&h, Role::Tenant, b"old");
     let change = h.rekey(Role::Tenant, Role::Tenant).unwrap();
     assert!(!change.data_destroyed);
@@ -356,11 +369,11 @@ fn swtpm_rekey_keeps_disk_key() {
     assert_eq!(t1.generation, t0.generation + 1);
     assert_eq!(t1.key_generation, t0.key_generation);
     assert_ne!(t1.fingerprint, t0.fingerprint);
-    assert_eq!(h.disk_key().unwrap(), disk);
+    assert_eq!(dh(&h.disk_key().unwrap()), disk);
     assert!(h.open_envelope(Role::Tenant, &old_env).is_err());
     // Landlord routine re-key keeps the disk key too.
     h.rekey(Role::Landlord, Role::Landlord).unwrap();
-    assert_eq!(h.disk_key().unwrap(), disk);
+    assert_eq!(dh(&h.disk_key().unwrap()), disk);
     h.shutdown().unwrap();
 }
 
@@ -368,10 +381,10 @@ fn swtpm_rekey_keeps_disk_key() {
 fn swtpm_release_and_reassign_erase_tenant_material() {
     let node = Node::new();
     let (mut h, _) = node.open();
-    let disk_unassigned = h.disk_key().unwrap();
+    let disk_unassigned = dh(&h.disk_key().unwrap());
     h.assign_tenant(Role::Landlord, "acme", Confirm::No)
         .unwrap();
-    let disk_a = h.disk_key().unwrap();
+    let disk_a = dh(&h.disk_key().unwrap());
     assert_ne!(disk_a, disk_unassigned);
     assert!(matches!(
         h.assign_tenant(Role::Landlord, "acme", Confirm::No),
@@ -379,7 +392,7 @@ fn swtpm_release_and_reassign_erase_tenant_material() {
     ));
     h.assign_tenant(Role::Landlord, "acme", Confirm::DestroyData)
         .unwrap();
-    let disk_b = h.disk_key().unwrap();
+    let disk_b = dh(&h.disk_key().unwrap());
     assert_ne!(disk_b, disk_a);
     assert!(matches!(
         h.release_tenant(Role::Landlord, Confirm::No),
@@ -390,7 +403,7 @@ fn swtpm_release_and_reassign_erase_tenant_material() {
         .unwrap()
         .is_some());
     assert!(h.status().tenant.is_none());
-    assert_eq!(h.disk_key().unwrap(), disk_unassigned);
+    assert_eq!(dh(&h.disk_key().unwrap()), disk_unassigned);
     // Releasing again is "already so", not an error.
     assert!(h
         .release_tenant(Role::Landlord, Confirm::No)
@@ -418,14 +431,14 @@ fn swtpm_two_nodes_never_share_keys() {
         sb.tenant.unwrap().fingerprint
     );
     assert_ne!(
-        ha.symmetric_key(Role::Landlord).unwrap(),
-        hb.symmetric_key(Role::Landlord).unwrap()
+        kh(&ha.symmetric_key(Role::Landlord).unwrap()),
+        kh(&hb.symmetric_key(Role::Landlord).unwrap())
     );
     assert_ne!(
-        ha.symmetric_key(Role::Tenant).unwrap(),
-        hb.symmetric_key(Role::Tenant).unwrap()
+        kh(&ha.symmetric_key(Role::Tenant).unwrap()),
+        kh(&hb.symmetric_key(Role::Tenant).unwrap())
     );
-    assert_ne!(ha.disk_key().unwrap(), hb.disk_key().unwrap());
+    assert_ne!(dh(&ha.disk_key().unwrap()), dh(&hb.disk_key().unwrap()));
     // An envelope for node A does not open on node B.
     let env = seal_to(&ha, Role::Landlord, b"a only");
     assert!(hb.open_envelope(Role::Landlord, &env).is_err());
@@ -566,8 +579,8 @@ fn swtpm_pcr_binding_fails_closed_when_pcrs_change() {
         !sealed.object_attributes().user_with_auth(),
         "usable only through the PCR policy"
     );
-    let kl = h.symmetric_key(Role::Landlord).unwrap();
-    assert_eq!(h.symmetric_key(Role::Landlord).unwrap(), kl);
+    let kl = kh(&h.symmetric_key(Role::Landlord).unwrap());
+    assert_eq!(kh(&h.symmetric_key(Role::Landlord).unwrap()), kl);
     h.extend_pcr(16, b"a different boot").unwrap();
     match h.symmetric_key(Role::Landlord) {
         Err(e @ KeyError::PcrMismatch { .. }) => {
@@ -668,7 +681,7 @@ fn swtpm_interrupted_changes_leave_old_or_new_key_set() {
                 h.assign_tenant(Role::Landlord, "acme", Confirm::No)
                     .unwrap();
             }
-            let old = (h.status(), h.disk_key().unwrap());
+            let old = (h.status(), dh(&h.disk_key().unwrap()));
             let signing = h.signing_key().unwrap();
             h.inject_fault(point);
             match op(&mut h) {
@@ -678,7 +691,7 @@ fn swtpm_interrupted_changes_leave_old_or_new_key_set() {
             h.shutdown().unwrap();
 
             let (mut h, opened) = node.open();
-            let now = (h.status(), h.disk_key().unwrap());
+            let now = (h.status(), dh(&h.disk_key().unwrap()));
             let committed = rotation
                 || matches!(
                     point,
@@ -872,7 +885,7 @@ fn swtpm_old_manifest_without_signing_key_gets_one_on_open() {
     h.assign_tenant(Role::Landlord, "acme", Confirm::No)
         .unwrap();
     let status = h.status();
-    let disk = h.disk_key().unwrap();
+    let disk = dh(&h.disk_key().unwrap());
     let env_l = seal_to(&h, Role::Landlord, b"landlord");
     let env_t = seal_to(&h, Role::Tenant, b"tenant");
     let first_key = h.signing_key().unwrap();
@@ -880,13 +893,17 @@ fn swtpm_old_manifest_without_signing_key_gets_one_on_open() {
 
     let manifest = node.state_dir().join("keys.json");
     let blob = node.state_dir().join("signing.pair");
+    // Format 1 had no epoch, and the TPM no epoch counter.
+    let tcti = node.swtpm.as_ref().unwrap().tcti();
     let downgrade = || {
         let mut v: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
-        assert_eq!(v["format"], 2);
+        assert_eq!(v["format"], 3);
         assert!(v.as_object_mut().unwrap().remove("signing").is_some());
+        assert!(v.as_object_mut().unwrap().remove("epoch").is_some());
         v["format"] = 1.into();
         std::fs::write(&manifest, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+        leasehold_tpm::testing::nv_undefine(&tcti, leasehold_tpm::testing::EPOCH_NV_INDEX).unwrap();
     };
 
     // A state directory written before the signing key existed.
@@ -899,7 +916,7 @@ fn swtpm_old_manifest_without_signing_key_gets_one_on_open() {
     assert_signs(&mut h, &key, b"receipt");
     // The other keys are untouched.
     assert_eq!(h.status(), status);
-    assert_eq!(h.disk_key().unwrap(), disk);
+    assert_eq!(dh(&h.disk_key().unwrap()), disk);
     assert_eq!(
         &h.open_envelope(Role::Landlord, &env_l).unwrap()[..],
         b"landlord"
@@ -909,9 +926,10 @@ fn swtpm_old_manifest_without_signing_key_gets_one_on_open() {
         b"tenant"
     );
     h.shutdown().unwrap();
-    // The upgrade was committed: format 2 naming the key, kept on re-open.
+    // The upgrade was committed: format 3 naming the key, kept on re-open.
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
-    assert_eq!(v["format"], 2);
+    assert_eq!(v["format"], 3);
+    assert!(v["epoch"].as_u64().is_some(), "{v}");
     assert_eq!(v["signing"]["fingerprint"], key.fingerprint.as_str());
     let (h, opened) = node.open();
     assert_eq!(opened, Opened::Loaded { recovered: 0 });
@@ -928,6 +946,6 @@ fn swtpm_old_manifest_without_signing_key_gets_one_on_open() {
     assert_ne!(again, key);
     assert_signs(&mut h, &again, b"receipt");
     assert_eq!(h.status(), status);
-    assert_eq!(h.disk_key().unwrap(), disk);
+    assert_eq!(dh(&h.disk_key().unwrap()), disk);
     h.shutdown().unwrap();
 }
