@@ -666,6 +666,7 @@ fn swtpm_interrupted_changes_leave_old_or_new_key_set() {
         let rotation = name.starts_with("rotate");
         let points: &[FaultPoint] = if name == "release" {
             &[
+                FaultPoint::BeforeEpochIncrement,
                 FaultPoint::AfterManifestReplaced,
                 FaultPoint::AfterOldNvUndefined,
             ]
@@ -692,7 +693,10 @@ fn swtpm_interrupted_changes_leave_old_or_new_key_set() {
 
             let (mut h, opened) = node.open();
             let now = (h.status(), dh(&h.disk_key().unwrap()));
+            // A release's first write is its commit; a rotation is committed
+            // by its intent.
             let committed = rotation
+                || (name == "release" && point == FaultPoint::BeforeEpochIncrement)
                 || matches!(
                     point,
                     FaultPoint::AfterManifestReplaced | FaultPoint::AfterOldNvUndefined
@@ -948,4 +952,415 @@ fn swtpm_old_manifest_without_signing_key_gets_one_on_open() {
     assert_eq!(h.status(), status);
     assert_eq!(dh(&h.disk_key().unwrap()), disk);
     h.shutdown().unwrap();
+}
+
+// ---- Destroy only what can be proven dead (issue 12) ----------------------
+
+use leasehold_tpm::testing;
+
+/// Every entry of a directory (not following links) with a digest of its
+/// content, sorted; a missing directory gives `None`.
+fn dir_digest(dir: &Path) -> Option<Vec<(String, String)>> {
+    std::fs::symlink_metadata(dir).ok()?;
+    let mut v: Vec<(String, String)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let meta = std::fs::symlink_metadata(e.path()).unwrap();
+            let what = if meta.file_type().is_symlink() {
+                format!(
+                    "link -> {}",
+                    std::fs::read_link(e.path()).unwrap().display()
+                )
+            } else {
+                hex_sha256(&std::fs::read(e.path()).unwrap())
+            };
+            (e.file_name().into_string().unwrap(), what)
+        })
+        .collect();
+    v.sort();
+    Some(v)
+}
+
+impl Node {
+    fn tcti(&self) -> String {
+        self.swtpm.as_ref().unwrap().tcti()
+    }
+
+    fn nv(&self) -> Vec<u32> {
+        testing::nv_indices(&self.tcti()).unwrap()
+    }
+
+    /// Status and disk-key hash of the live state directory.
+    fn snapshot(&self) -> (leasehold_tpm::Status, String) {
+        let (mut h, _) = self.open();
+        let s = (h.status(), dh(&h.disk_key().unwrap()));
+        h.shutdown().unwrap();
+        s
+    }
+
+    /// Opening `dir` is refused with an error `check` accepts, and neither the
+    /// TPM's Leasehold NV indices nor a file of `dir` or of the live state
+    /// directory changes.
+    fn assert_refused(&self, dir: &Path, what: &str, check: impl Fn(&KeyError) -> bool) -> String {
+        let nv = self.nv();
+        let files = dir_digest(dir);
+        let live = dir_digest(&self.state_dir());
+        let err = match self.try_open_dir(dir) {
+            Ok(h) => {
+                h.shutdown().unwrap();
+                panic!("{what}: the state directory was opened");
+            }
+            Err(e) => e,
+        };
+        assert!(check(&err), "{what}: unexpected error {err:?}");
+        assert_eq!(self.nv(), nv, "{what}: NV indices changed");
+        assert_eq!(dir_digest(dir), files, "{what}: files changed");
+        assert_eq!(
+            dir_digest(&self.state_dir()),
+            live,
+            "{what}: live files changed"
+        );
+        err.to_string()
+    }
+}
+
+/// A node with a landlord and a tenant; returns its snapshot.
+fn assigned_node() -> (Node, (leasehold_tpm::Status, String)) {
+    let node = Node::new();
+    let (mut h, _) = node.open();
+    h.assign_tenant(Role::Landlord, "acme", Confirm::No)
+        .unwrap();
+    h.shutdown().unwrap();
+    let snap = node.snapshot();
+    (node, snap)
+}
+
+#[test]
+fn swtpm_missing_manifest_over_tpm_keys_is_refused_and_touches_nothing() {
+    let (node, snap) = assigned_node();
+    let nv = node.nv();
+    assert_eq!(nv.len(), 3, "landlord, tenant, epoch counter: {nv:x?}");
+    let root = node.tmp.path();
+
+    // (a) An empty state directory, and a missing one (typo, not mounted).
+    let empty = root.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let msg = node.assert_refused(&empty, "empty dir", |e| {
+        matches!(
+            e,
+            KeyError::StateMissing {
+                nv_indices: 3,
+                files: 0,
+                ..
+            }
+        )
+    });
+    assert!(msg.contains(&empty.display().to_string()), "{msg}");
+    assert!(
+        msg.contains("3 Leasehold NV indices") && msg.contains("--init-erase-tpm"),
+        "{msg}"
+    );
+    let missing = root.join("typo");
+    node.assert_refused(&missing, "missing dir", |e| {
+        matches!(e, KeyError::StateMissing { .. })
+    });
+    assert!(!missing.exists(), "a refused start creates nothing");
+
+    // (b) keys.json deleted (a copy of the live directory without it).
+    let deleted = root.join("deleted");
+    copy_dir(&node.state_dir(), &deleted);
+    std::fs::remove_file(deleted.join("keys.json")).unwrap();
+    node.assert_refused(&deleted, "deleted keys.json", |e| {
+        matches!(
+            e,
+            KeyError::StateMissing {
+                nv_indices: 3,
+                files: 5,
+                ..
+            }
+        )
+    });
+
+    // (c) keys.json replaced by a dangling link: not a first start.
+    let dangling = root.join("dangling");
+    copy_dir(&node.state_dir(), &dangling);
+    std::fs::remove_file(dangling.join("keys.json")).unwrap();
+    std::os::unix::fs::symlink(root.join("nowhere.json"), dangling.join("keys.json")).unwrap();
+    let msg = node.assert_refused(&dangling, "dangling link", |e| {
+        matches!(e, KeyError::SymlinkInState { .. })
+    });
+    assert!(msg.contains("keys.json"), "{msg}");
+    // The state directory itself as a link is refused too.
+    let link = root.join("link");
+    std::os::unix::fs::symlink(node.state_dir(), &link).unwrap();
+    node.assert_refused(&link, "state dir link", |e| {
+        matches!(e, KeyError::SymlinkInState { .. })
+    });
+
+    // The explicit opt-in still refuses a directory that is not empty.
+    let cfg = KeyConfig {
+        erase_existing: true,
+        ..node.config_for(&deleted)
+    };
+    assert!(matches!(
+        KeyHierarchy::open(&cfg),
+        Err(KeyError::EraseRefused { entries: 5, .. })
+    ));
+    assert_eq!(node.nv(), nv);
+    // ... and is ignored where a manifest exists.
+    let (h, opened) = KeyHierarchy::open(&KeyConfig {
+        erase_existing: true,
+        ..node.config_for(&node.state_dir())
+    })
+    .unwrap();
+    assert_eq!(opened, Opened::Loaded { recovered: 0 });
+    h.shutdown().unwrap();
+
+    // The original still opens with all its keys.
+    assert_eq!(node.snapshot(), snap);
+    assert_eq!(node.nv(), nv);
+}
+
+#[test]
+fn swtpm_edited_manifest_is_refused_and_touches_nothing() {
+    let (node, snap) = assigned_node();
+    let tenant_idx = snap.0.tenant.as_ref().map(|_| ()).and_then(|_| {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(node.state_dir().join("keys.json")).unwrap())
+                .unwrap();
+        v["tenant"]["nv_index"].as_u64()
+    });
+    let tenant_idx = u32::try_from(tenant_idx.unwrap()).unwrap();
+    let edit = |name: &str, f: &dyn Fn(&mut serde_json::Value)| {
+        let dir = node.tmp.path().join(name);
+        copy_dir(&node.state_dir(), &dir);
+        let p = dir.join("keys.json");
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        f(&mut v);
+        std::fs::write(&p, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+        dir
+    };
+
+    // (d) Tenant removed: the tenant's live secret is unexplained.
+    let d = edit("no-tenant", &|v| v["tenant"] = serde_json::Value::Null);
+    let msg = node.assert_refused(
+        &d,
+        "tenant removed",
+        |e| matches!(e, KeyError::UnknownNvIndex { nv_index, .. } if *nv_index == tenant_idx),
+    );
+    assert!(msg.contains(&format!("0x{tenant_idx:08x}")), "{msg}");
+
+    // (e) Another nv_index: for the generation it does not match; with the
+    // generation edited too, the live index is unexplained.
+    let e1 = edit("other-index", &|v| {
+        v["tenant"]["nv_index"] = (tenant_idx + 1).into()
+    });
+    node.assert_refused(&e1, "other nv_index", |e| {
+        matches!(e, KeyError::CorruptState { .. })
+    });
+    let e2 = edit("other-generation", &|v| {
+        v["tenant"]["nv_index"] = (tenant_idx + 1).into();
+        v["tenant"]["generation"] = 2.into();
+    });
+    node.assert_refused(
+        &e2,
+        "other generation",
+        |e| matches!(e, KeyError::UnknownNvIndex { nv_index, .. } if *nv_index == tenant_idx),
+    );
+    // A manifest naming an index the TPM lacks (an intent that explains the
+    // live one, but the level points at nothing).
+    let e3 = edit("named-missing", &|v| {
+        v["tenant"]["nv_index"] = (tenant_idx + 1).into();
+        v["tenant"]["generation"] = 2.into();
+        v["intent"] = serde_json::json!({
+            "kind": "rekey", "role": "tenant", "creates": [], "retires": [tenant_idx]
+        });
+    });
+    node.assert_refused(&e3, "names a missing index", |e| {
+        matches!(
+            e,
+            KeyError::KeyErased {
+                role: Role::Tenant,
+                ..
+            }
+        )
+    });
+    // A file name outside the directory.
+    let e4 = edit("escape", &|v| {
+        v["tenant"]["pair_file"] = "../outside.pair".into()
+    });
+    node.assert_refused(&e4, "path escape", |e| {
+        matches!(e, KeyError::CorruptState { .. })
+    });
+
+    assert_eq!(node.snapshot(), snap);
+}
+
+#[test]
+fn swtpm_restored_backups_are_refused_and_touch_nothing() {
+    type Op = fn(&mut KeyHierarchy) -> Result<(), KeyError>;
+    let ops: [(&str, Op, &[FaultPoint]); 5] = [
+        (
+            "rotate tenant",
+            |h| {
+                h.rotate(Role::Tenant, Role::Tenant, Confirm::DestroyData)
+                    .map(|_| ())
+            },
+            &FaultPoint::ROTATE,
+        ),
+        (
+            "rotate landlord",
+            |h| {
+                h.rotate(Role::Landlord, Role::Landlord, Confirm::DestroyData)
+                    .map(|_| ())
+            },
+            &FaultPoint::ROTATE,
+        ),
+        (
+            "rekey tenant",
+            |h| h.rekey(Role::Tenant, Role::Tenant).map(|_| ()),
+            &FaultPoint::ALL,
+        ),
+        (
+            "assign over existing",
+            |h| {
+                h.assign_tenant(Role::Landlord, "other", Confirm::DestroyData)
+                    .map(|_| ())
+            },
+            &FaultPoint::ALL,
+        ),
+        (
+            "release",
+            |h| {
+                h.release_tenant(Role::Landlord, Confirm::DestroyData)
+                    .map(|_| ())
+            },
+            &[
+                FaultPoint::BeforeEpochIncrement,
+                FaultPoint::AfterManifestReplaced,
+                FaultPoint::AfterOldNvUndefined,
+            ],
+        ),
+    ];
+    let node = Node::new();
+    let stale = |e: &KeyError| matches!(e, KeyError::StaleState { .. });
+
+    // (f) A copy taken before an assignment.
+    let before_assign = node.tmp.path().join("before-assign");
+    let (h, _) = node.open();
+    h.shutdown().unwrap();
+    copy_dir(&node.state_dir(), &before_assign);
+    let (mut h, _) = node.open();
+    h.assign_tenant(Role::Landlord, "acme", Confirm::No)
+        .unwrap();
+    h.shutdown().unwrap();
+    let snap = node.snapshot();
+    let msg = node.assert_refused(&before_assign, "before assignment", stale);
+    assert!(msg.contains("restored backup"), "{msg}");
+    assert_eq!(node.snapshot(), snap);
+
+    // (g) Copies taken before and during each kind of change.
+    let mut n = 0;
+    for (name, op, points) in ops {
+        for &point in points {
+            n += 1;
+            let (mut h, _) = node.open();
+            if h.status().tenant.is_none() {
+                h.assign_tenant(Role::Landlord, "acme", Confirm::No)
+                    .unwrap();
+            }
+            h.shutdown().unwrap();
+            let before = node.tmp.path().join(format!("before-{n}"));
+            copy_dir(&node.state_dir(), &before);
+            let (mut h, _) = node.open();
+            h.inject_fault(point);
+            assert!(matches!(op(&mut h), Err(KeyError::InjectedFault(_))));
+            h.shutdown().unwrap();
+            let during = node.tmp.path().join(format!("during-{n}"));
+            copy_dir(&node.state_dir(), &during);
+            // The live directory finishes the change (old or new set) ...
+            let (h, _) = node.open();
+            h.shutdown().unwrap();
+            let snap = node.snapshot();
+            // ... and neither copy is accepted any more.
+            node.assert_refused(&before, &format!("{name}: copy before"), stale);
+            node.assert_refused(&during, &format!("{name}: copy at {point:?}"), stale);
+            assert_eq!(node.snapshot(), snap, "{name} at {point:?}");
+        }
+    }
+    // A copy of the current state is accepted (it is the current state).
+    let copy = node.tmp.path().join("current");
+    copy_dir(&node.state_dir(), &copy);
+    node.try_open_dir(&copy).unwrap().shutdown().unwrap();
+}
+
+#[test]
+fn swtpm_init_erase_tpm_initialises_over_stale_indices() {
+    let (node, snap) = assigned_node();
+    let old = node.nv();
+    let fresh = node.tmp.path().join("fresh");
+    let cfg = KeyConfig {
+        erase_existing: true,
+        ..node.config_for(&fresh)
+    };
+    let (h, opened) = KeyHierarchy::open(&cfg).unwrap();
+    assert_eq!(opened, Opened::Initialised);
+    let st = h.status();
+    assert!(st.tenant.is_none());
+    assert_ne!(st.node_id, snap.0.node_id);
+    h.shutdown().unwrap();
+    let now = node.nv();
+    assert_eq!(
+        now.len(),
+        2,
+        "new landlord secret and epoch counter: {now:x?}"
+    );
+    assert!(now.contains(&testing::EPOCH_NV_INDEX));
+    // The tenant's secret is gone; the old directory no longer opens.
+    assert!(old.iter().any(|i| !now.contains(i)));
+    assert!(node.try_open_dir(&node.state_dir()).is_err());
+    assert_eq!(node.nv(), now);
+    // The new node reopens normally.
+    let (h, opened) = KeyHierarchy::open(&node.config_for(&fresh)).unwrap();
+    assert_eq!(opened, Opened::Loaded { recovered: 0 });
+    h.shutdown().unwrap();
+}
+
+#[test]
+fn swtpm_corrupt_signing_key_is_refused_at_open() {
+    let (node, snap) = assigned_node();
+    let blob = node.state_dir().join("signing.pair");
+    let good = std::fs::read_to_string(&blob).unwrap();
+
+    // Private part altered: the TPM refuses to load it.
+    let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
+    let private = v["private"].as_str().unwrap().to_owned();
+    let mut chars: Vec<char> = private.chars().collect();
+    chars[40] = if chars[40] == 'A' { 'B' } else { 'A' };
+    v["private"] = serde_json::Value::String(chars.into_iter().collect());
+    std::fs::write(&blob, v.to_string()).unwrap();
+    let msg = node.assert_refused(&node.state_dir(), "corrupt signing.pair", |e| {
+        matches!(e, KeyError::SigningKeyUnusable { .. })
+    });
+    assert!(msg.contains("signing.pair"), "{msg}");
+
+    // Cut short: not even a blob.
+    std::fs::write(&blob, &good[..good.len() / 2]).unwrap();
+    let msg = node.assert_refused(&node.state_dir(), "truncated signing.pair", |e| {
+        matches!(e, KeyError::CorruptState { .. })
+    });
+    assert!(msg.contains("signing.pair"), "{msg}");
+
+    // Another key of this TPM in its place: the fingerprint does not match.
+    let landlord = std::fs::read(node.state_dir().join("landlord-g1.pair")).unwrap();
+    std::fs::write(&blob, landlord).unwrap();
+    node.assert_refused(
+        &node.state_dir(),
+        "swapped signing.pair",
+        |e| matches!(e, KeyError::CorruptState { path, .. } if path.ends_with("signing.pair")),
+    );
+
+    std::fs::write(&blob, good).unwrap();
+    assert_eq!(node.snapshot(), snap);
 }

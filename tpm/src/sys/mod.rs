@@ -92,6 +92,22 @@ pub(crate) struct Tpm {
     session: AuthSession,
     kind: TpmKind,
     identity: String,
+    /// Set once the primary and session are flushed (by `shutdown`).
+    flushed: bool,
+}
+
+impl Drop for Tpm {
+    /// Flushes the primary and session when the hierarchy is dropped without
+    /// `shutdown` (e.g. `open` refused the state): without a resource manager
+    /// (swtpm over TCP) they would otherwise fill the TPM's object slots.
+    fn drop(&mut self) {
+        if !self.flushed {
+            self.flushed = true;
+            let (primary, session) = (self.primary, self.session);
+            self.flush_session(session);
+            self.flush(primary);
+        }
+    }
 }
 
 /// Which parameters of a command the session encrypts. The TPM refuses the
@@ -168,6 +184,7 @@ impl Tpm {
             session,
             kind,
             identity,
+            flushed: false,
         })
     }
 
@@ -750,6 +767,7 @@ impl Tpm {
     pub fn shutdown(mut self) -> Result<()> {
         let primary = self.primary;
         let session = self.session;
+        self.flushed = true;
         self.flush_session(session);
         self.flush(primary);
         self.ctx
