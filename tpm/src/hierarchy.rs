@@ -465,7 +465,19 @@ impl KeyHierarchy {
         // receipt): load it now rather than find it broken after an erase.
         if let Some(k) = &m.signing {
             let file = self.dir.path(&k.key_file);
-            let blob = self.dir.read_blob(&k.key_file)?;
+            let blob = match self.dir.read_blob(&k.key_file) {
+                Err(KeyError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    return Err(KeyError::CorruptState {
+                        path: file,
+                        reason:
+                            "keys.json names this node signing key, but the file does not exist"
+                                .into(),
+                    })
+                }
+                r => r?,
+            };
             let fp = self.tpm.signing_fingerprint(&blob, &file)?;
             if fp != k.fingerprint {
                 return Err(KeyError::CorruptState {

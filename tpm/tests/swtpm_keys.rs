@@ -1361,6 +1361,93 @@ fn swtpm_corrupt_signing_key_is_refused_at_open() {
         |e| matches!(e, KeyError::CorruptState { path, .. } if path.ends_with("signing.pair")),
     );
 
+    // Missing.
+    std::fs::remove_file(&blob).unwrap();
+    let msg = node.assert_refused(
+        &node.state_dir(),
+        "missing signing.pair",
+        |e| matches!(e, KeyError::CorruptState { path, .. } if path.ends_with("signing.pair")),
+    );
+    assert!(msg.contains("does not exist"), "{msg}");
+
     std::fs::write(&blob, good).unwrap();
     assert_eq!(node.snapshot(), snap);
+}
+
+#[test]
+fn swtpm_pre_epoch_state_is_upgraded_only_when_clean() {
+    let (node, snap) = assigned_node();
+    let manifest = node.state_dir().join("keys.json");
+    let edit = |f: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+        f(v.as_object_mut().unwrap());
+        std::fs::write(&manifest, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    };
+    let to_format_2 = |m: &mut serde_json::Map<String, serde_json::Value>| {
+        m.insert("format".into(), 2.into());
+        m.remove("epoch");
+    };
+    let epoch_of = || -> Option<u64> {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+        assert_eq!(v["format"], 3);
+        v["epoch"].as_u64()
+    };
+
+    // A format 2 manifest on a TPM that has an epoch counter: older than the TPM.
+    edit(&to_format_2);
+    node.assert_refused(&node.state_dir(), "format 2 with a counter", |e| {
+        matches!(
+            e,
+            KeyError::StaleState {
+                manifest_epoch: None,
+                tpm_epoch: Some(_),
+                ..
+            }
+        )
+    });
+
+    // Before the upgrade the TPM had no counter; an unfinished rotation of
+    // that era is left to the previous build.
+    testing::nv_undefine(&node.tcti(), testing::EPOCH_NV_INDEX).unwrap();
+    edit(&|m| {
+        m.insert("erasing".into(), "tenant".into());
+    });
+    let msg = node.assert_refused(&node.state_dir(), "format 2 mid-rotation", |e| {
+        matches!(e, KeyError::UnfinishedLegacyChange { format: 2, .. })
+    });
+    assert!(msg.contains("previous agentd"), "{msg}");
+
+    // A clean one is upgraded: counter defined, epoch committed.
+    edit(&|m| {
+        m.remove("erasing");
+    });
+    let (h, opened) = node.open();
+    assert_eq!(opened, Opened::Loaded { recovered: 0 });
+    h.shutdown().unwrap();
+    assert!(epoch_of().is_some());
+    assert!(node.nv().contains(&testing::EPOCH_NV_INDEX));
+    assert_eq!(node.snapshot(), snap);
+
+    // An upgrade interrupted after its intent, with or without the counter.
+    for drop_counter in [false, true] {
+        if drop_counter {
+            testing::nv_undefine(&node.tcti(), testing::EPOCH_NV_INDEX).unwrap();
+        }
+        edit(&|m| {
+            m.remove("epoch");
+            m.insert(
+                "intent".into(),
+                serde_json::json!({
+                    "kind": "migrate", "role": "landlord",
+                    "creates": [testing::EPOCH_NV_INDEX], "retires": []
+                }),
+            );
+        });
+        let (h, _) = node.open();
+        h.shutdown().unwrap();
+        assert!(epoch_of().is_some(), "drop_counter {drop_counter}");
+        assert_eq!(node.snapshot(), snap, "drop_counter {drop_counter}");
+    }
 }
