@@ -273,9 +273,13 @@ impl KeyHierarchy {
                     fault: None,
                 };
                 let plan = me.check()?;
+                let initialising = me.intent_kind() == Some(IntentKind::Init);
                 // Everything is explained: from here on changes are allowed.
                 me.dir.prepare()?;
                 let recovered = me.recover(plan)?;
+                if initialising {
+                    return Ok((me, Opened::Initialised));
+                }
                 // A state directory from before the signing key existed
                 // (format 1) gets one now, committed like any other change.
                 if me.manifest.signing.is_none() {
@@ -318,37 +322,39 @@ impl KeyHierarchy {
                     }
                 }
                 dir.prepare()?;
-                // A crash from here until the manifest is written leaves keys
-                // without a manifest, which the next start refuses (see
-                // docs/keys.md: an interrupted first start).
-                let epoch = tpm.epoch_define()?;
+                // The first manifest is written before the TPM is touched: it
+                // records the first start as an intent (create the epoch
+                // counter), so a crash at any step is finished at the next
+                // start instead of leaving keys no manifest accounts for.
                 let node_id = hex::encode(&tpm.random(16)?[..]);
-                let kl = SymmetricKey::from_zeroizing(&tpm.random32()?);
+                let genesis = Manifest {
+                    format: FORMAT,
+                    node_id,
+                    tpm_id: tpm_id.clone(),
+                    landlord: placeholder_level(),
+                    tenant: None,
+                    consoles: Vec::new(),
+                    signing: None,
+                    erasing: None,
+                    epoch: None,
+                    intent: Some(Intent {
+                        kind: IntentKind::Init,
+                        role: Role::Landlord,
+                        creates: vec![NV_EPOCH],
+                        retires: Vec::new(),
+                    }),
+                };
+                dir.write_manifest(&genesis)?;
                 let mut me = Self {
                     tpm,
                     dir,
-                    manifest: Manifest {
-                        format: FORMAT,
-                        node_id,
-                        tpm_id: tpm_id.clone(),
-                        landlord: placeholder_level(),
-                        tenant: None,
-                        consoles: Vec::new(),
-                        signing: None,
-                        erasing: None,
-                        epoch: None,
-                        intent: None,
-                    },
+                    manifest: genesis,
                     seal_pcrs,
                     tpm_id,
-                    epoch,
+                    epoch: 0,
                     fault: None,
                 };
-                let level = me.create_level(Role::Landlord, 1, 1, &kl)?;
-                let mut first = me.manifest.clone();
-                first.landlord = level;
-                first.signing = Some(me.create_signing_key()?);
-                me.commit_manifest(first)?;
+                me.initialise()?;
                 Ok((me, Opened::Initialised))
             }
         }
@@ -360,8 +366,23 @@ impl KeyHierarchy {
         let path = self.dir.manifest_path();
         let m = self.manifest.clone();
         let mut plan = Plan::default();
+        let initialising = self.intent_kind() == Some(IntentKind::Init);
+        if initialising {
+            // An interrupted first start: nothing but the intent is recorded.
+            if m.landlord.generation != 0 || m.tenant.is_some() || m.signing.is_some() {
+                return Err(KeyError::CorruptState {
+                    path,
+                    reason: "a first start's manifest that names keys".into(),
+                });
+            }
+        }
+        let levels: Vec<(Role, &LevelState)> = Role::ALL
+            .into_iter()
+            .filter_map(|r| m.level(r).map(|l| (r, l)))
+            .filter(|_| !initialising)
+            .collect();
 
-        for name in m.files() {
+        for name in m.files().into_iter().filter(|_| !initialising) {
             if !plain_file_name(&name) {
                 return Err(KeyError::CorruptState {
                     path,
@@ -371,8 +392,8 @@ impl KeyHierarchy {
                 });
             }
         }
-        for role in Role::ALL {
-            if let Some(l) = m.level(role) {
+        for &(role, l) in &levels {
+            {
                 if l.nv_index != nv_index_for(role, l.generation) {
                     return Err(KeyError::CorruptState {
                         path,
@@ -388,10 +409,11 @@ impl KeyHierarchy {
         }
 
         let defined = self.tpm.nv_indices()?;
-        let migrating = m.intent.as_ref().map(|i| i.kind) == Some(IntentKind::Migrate);
-        // An interrupted upgrade may have left the counter defined but never
-        // written (unreadable); the upgrade redoes it.
-        let counter = if migrating {
+        let migrating = self.intent_kind() == Some(IntentKind::Migrate);
+        // An interrupted upgrade or first start may have left the counter
+        // defined but never written (unreadable); they redo it.
+        let unsure_counter = (migrating || initialising) && m.epoch.is_none();
+        let counter = if unsure_counter {
             self.tpm.epoch_read().ok().flatten()
         } else {
             self.tpm.epoch_read()?
@@ -407,6 +429,9 @@ impl KeyHierarchy {
             (None, None) if legacy => plan.migrate = true,
             // An upgrade interrupted after its intent was recorded.
             (None, _) if migrating => plan.migrate = true,
+            // A first start interrupted before the counter was committed;
+            // the check of NV indices below makes sure that is all it is.
+            (None, _) if initialising => {}
             (e, c) => {
                 return Err(KeyError::StaleState {
                     path,
@@ -417,7 +442,7 @@ impl KeyHierarchy {
         }
 
         let secrets: Vec<u32> = defined.iter().copied().filter(|i| *i != NV_EPOCH).collect();
-        let named = m.nv_indices();
+        let named: Vec<u32> = levels.iter().map(|(_, l)| l.nv_index).collect();
         if legacy {
             // Without an epoch a stale copy cannot be told from an
             // interrupted change, so only a clean state is upgraded.
@@ -441,8 +466,7 @@ impl KeyHierarchy {
                 });
             }
         }
-        for role in Role::ALL {
-            let Some(level) = m.level(role) else { continue };
+        for &(role, level) in &levels {
             if defined.contains(&level.nv_index) {
                 continue;
             }
@@ -506,6 +530,20 @@ impl KeyHierarchy {
         if plan.migrate {
             self.migrate()?;
         }
+        if let Some(intent) = self
+            .manifest
+            .intent
+            .clone()
+            .filter(|i| i.kind == IntentKind::Init)
+        {
+            // What the interrupted first start created is dropped and made
+            // again; the epoch counter is kept.
+            n += self.settle(&intent)?;
+            n += self.dir.collect_garbage(&[])?.len();
+            self.initialise()?;
+            tracing::info!("finished an interrupted first start");
+            return Ok(n + 1);
+        }
         if let Some(intent) = self.manifest.intent.clone() {
             let unfinished_erase = intent.kind == IntentKind::Rotate
                 && self
@@ -548,6 +586,49 @@ impl KeyHierarchy {
         Ok(n)
     }
 
+    /// Defines the epoch counter, or takes over the one an interrupted
+    /// upgrade or first start left (its intent names it). Returns its value.
+    fn ensure_epoch_counter(&mut self) -> Result<u64> {
+        if self.tpm.nv_indices()?.contains(&NV_EPOCH) {
+            // Incrementing first also makes a counter that was defined but
+            // never written readable.
+            self.tpm.epoch_increment()?;
+            self.tpm
+                .epoch_read()?
+                .ok_or(KeyError::UnexpectedTpmResponse("epoch counter vanished"))
+        } else {
+            self.tpm.epoch_define()
+        }
+    }
+
+    /// First start, from the genesis manifest on disk (placeholder landlord,
+    /// intent Init): epoch counter, then the landlord level and the signing
+    /// key under an intent naming the landlord's index, then the commit.
+    fn initialise(&mut self) -> Result<()> {
+        if self.manifest.epoch.is_none() {
+            self.epoch = self.ensure_epoch_counter()?;
+        }
+        let idx = nv_index_for(Role::Landlord, 1);
+        self.record_intent(
+            self.manifest.clone(),
+            IntentKind::Init,
+            Role::Landlord,
+            vec![idx],
+            Vec::new(),
+        )?;
+        let kl = SymmetricKey::from_zeroizing(&self.tpm.random32()?);
+        let level = self.create_level(Role::Landlord, 1, 1, &kl)?;
+        let mut first = self.manifest.clone();
+        first.landlord = level;
+        first.signing = Some(self.create_signing_key()?);
+        first.intent = None;
+        self.commit_manifest(first)
+    }
+
+    fn intent_kind(&self) -> Option<IntentKind> {
+        self.manifest.intent.as_ref().map(|i| i.kind)
+    }
+
     /// Upgrade to epochs: record the intent, define the counter, commit.
     fn migrate(&mut self) -> Result<()> {
         if self.manifest.intent.is_none() {
@@ -562,16 +643,7 @@ impl KeyHierarchy {
             self.dir.write_manifest(&next)?;
             self.manifest = next;
         }
-        self.epoch = if self.tpm.nv_indices()?.contains(&NV_EPOCH) {
-            // Left by an interrupted upgrade. Incrementing first also makes
-            // a counter that was defined but never written readable.
-            self.tpm.epoch_increment()?;
-            self.tpm
-                .epoch_read()?
-                .ok_or(KeyError::UnexpectedTpmResponse("epoch counter vanished"))?
-        } else {
-            self.tpm.epoch_define()?
-        };
+        self.epoch = self.ensure_epoch_counter()?;
         let mut next = self.manifest.clone();
         next.intent = None;
         self.commit_manifest(next)?;

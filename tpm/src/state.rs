@@ -71,6 +71,8 @@ pub(crate) enum IntentKind {
     Release,
     /// Upgrade of a manifest without an epoch: defines the epoch counter.
     Migrate,
+    /// First start: the manifest has no landlord level yet (generation 0).
+    Init,
 }
 
 /// A change recorded in the manifest before the TPM is touched.

@@ -1451,3 +1451,92 @@ fn swtpm_pre_epoch_state_is_upgraded_only_when_clean() {
         assert_eq!(node.snapshot(), snap, "drop_counter {drop_counter}");
     }
 }
+
+#[test]
+fn swtpm_interrupted_first_start_is_finished() {
+    let node = Node::new();
+    let (h, _) = node.open();
+    let first_fp = h.status().landlord.fingerprint;
+    h.shutdown().unwrap();
+    let manifest = node.state_dir().join("keys.json");
+    let read = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap()
+    };
+    let landlord_idx = u32::try_from(read()["landlord"]["nv_index"].as_u64().unwrap()).unwrap();
+    // The manifest of a first start before the landlord level is committed.
+    let genesis = |creates: u32, keep_epoch: bool| {
+        let mut v = read();
+        let m = v.as_object_mut().unwrap();
+        m.insert(
+            "landlord".into(),
+            serde_json::json!({
+                "generation": 0, "key_generation": 0, "nv_index": 0,
+                "pair_file": "", "sealed_file": "", "public_pem": "", "fingerprint": ""
+            }),
+        );
+        m.remove("signing");
+        if !keep_epoch {
+            m.remove("epoch");
+        }
+        m.insert(
+            "intent".into(),
+            serde_json::json!({
+                "kind": "init", "role": "landlord", "creates": [creates], "retires": []
+            }),
+        );
+        std::fs::write(&manifest, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    };
+    let files = || {
+        let mut f: Vec<String> = std::fs::read_dir(node.state_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        f.sort();
+        f
+    };
+    let expected_files = [
+        "keys.json",
+        "landlord-g1.pair",
+        "landlord-g1.sealed",
+        "signing.pair",
+    ];
+
+    // Crash after the landlord's intent: counter, landlord secret and blobs exist.
+    genesis(landlord_idx, true);
+    let stale_b = node.tmp.path().join("stale-b");
+    copy_dir(&node.state_dir(), &stale_b);
+    let (h, opened) = node.open();
+    assert!(matches!(opened, Opened::Initialised), "{opened:?}");
+    let second_fp = h.status().landlord.fingerprint;
+    assert_ne!(second_fp, first_fp);
+    h.shutdown().unwrap();
+    assert_eq!(node.nv(), vec![landlord_idx, testing::EPOCH_NV_INDEX]);
+    assert_eq!(files(), expected_files);
+
+    // Crash right after the first manifest: at most the counter exists.
+    genesis(testing::EPOCH_NV_INDEX, false);
+    testing::nv_undefine(&node.tcti(), landlord_idx).unwrap();
+    for f in &expected_files[1..] {
+        std::fs::remove_file(node.state_dir().join(f)).unwrap();
+    }
+    let stale_a = node.tmp.path().join("stale-a");
+    copy_dir(&node.state_dir(), &stale_a);
+    let (h, opened) = node.open();
+    assert!(matches!(opened, Opened::Initialised), "{opened:?}");
+    assert_ne!(h.status().landlord.fingerprint, second_fp);
+    h.shutdown().unwrap();
+    assert_eq!(node.nv(), vec![landlord_idx, testing::EPOCH_NV_INDEX]);
+    assert_eq!(files(), expected_files);
+
+    // Copies of an interrupted first start are refused once the node exists.
+    let snap = node.snapshot();
+    node.assert_refused(
+        &stale_a,
+        "copy of a first start",
+        |e| matches!(e, KeyError::UnknownNvIndex { nv_index, .. } if *nv_index == landlord_idx),
+    );
+    node.assert_refused(&stale_b, "copy of a first start", |e| {
+        matches!(e, KeyError::StaleState { .. })
+    });
+    assert_eq!(node.snapshot(), snap);
+}
