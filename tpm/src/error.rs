@@ -80,7 +80,7 @@ pub enum KeyError {
     /// The state directory has no manifest, but the TPM holds Leasehold NV
     /// indices or the directory holds key blobs: the keys of an existing
     /// node. Nothing was changed.
-    #[error("state directory {dir} has no keys.json, but the TPM holds {nv_indices} Leasehold NV indices and the directory {files} key files: they belong to an existing node, so nothing was changed. If state.dir is wrong or its file system is not mounted yet, fix that and restart. To destroy those keys and initialise a new node, start once with `agentd --init-erase-tpm` on an empty or missing state directory")]
+    #[error("state directory {dir} has no keys.json, but the TPM holds {nv_indices} Leasehold NV indices (and the directory {files} key files): they belong to an existing node, so nothing was changed. If state.dir is wrong or its file system is not mounted yet, fix that and restart. To destroy those keys and initialise a new node, start once with `agentd --init-erase-tpm` on an empty or missing state directory")]
     StateMissing {
         /// The state directory.
         dir: PathBuf,
