@@ -55,6 +55,13 @@ struct Args {
     /// Initialise or load the keys, print the node summary and exit (no D-Bus).
     #[arg(long)]
     oneshot: bool,
+
+    /// ERASES the Leasehold keys the TPM holds (landlord and tenant NV
+    /// secrets: their data becomes unreadable) and initialises a new node.
+    /// Only with an empty or missing state directory; without this flag the
+    /// agent refuses to start over keys it has no manifest for.
+    #[arg(long)]
+    init_erase_tpm: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -91,7 +98,14 @@ impl AgentError {
                 | KeyError::DifferentTpm { .. }
                 | KeyError::KeyErased { .. }
                 | KeyError::ForeignOrCorruptBlob { .. }
-                | KeyError::PcrMismatch { .. } => exit::DATA,
+                | KeyError::PcrMismatch { .. }
+                | KeyError::StateMissing { .. }
+                | KeyError::EraseRefused { .. }
+                | KeyError::UnknownNvIndex { .. }
+                | KeyError::StaleState { .. }
+                | KeyError::SymlinkInState { .. }
+                | KeyError::UnfinishedLegacyChange { .. }
+                | KeyError::SigningKeyUnusable { .. } => exit::DATA,
                 _ => exit::SOFTWARE,
             },
         }
@@ -161,6 +175,7 @@ async fn run(args: &Args) -> Result<(), AgentError> {
                 tcti: swtpm.tcti(),
                 state_dir: dir.join("state"),
                 seal_pcrs: cfg.tpm.seal_pcrs.clone(),
+                erase_existing: args.init_erase_tpm,
             };
             (Some(swtpm), key_cfg)
         }
@@ -170,6 +185,7 @@ async fn run(args: &Args) -> Result<(), AgentError> {
                 tcti: cfg.tpm.tcti.clone(),
                 state_dir: cfg.state.dir.clone(),
                 seal_pcrs: cfg.tpm.seal_pcrs.clone(),
+                erase_existing: args.init_erase_tpm,
             },
         ),
     };

@@ -26,6 +26,8 @@ mod hierarchy;
 mod state;
 pub mod swtpm;
 mod sys;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod types;
 
 pub use error::{EnvelopeError, KeyError, Result, SignatureError};
