@@ -208,12 +208,7 @@ impl KeyStore for KeyBackend {
     ) -> Result<KeyChange, KeyError> {
         let (name, console) = (name.to_owned(), console_key.map(str::to_owned));
         self.run(move |k| {
-            let change = k.assign_tenant(Role::Landlord, &name, confirm)?;
-            if let Some(pem) = &console {
-                // TODO(one commit): register with the assignment.
-                k.register_console(Role::Tenant, "initial", pem)?;
-            }
-            Ok(change)
+            k.assign_tenant_with_console(Role::Landlord, &name, console.as_deref(), confirm)
         })
     }
     fn release(&mut self, confirm: Confirm) -> Result<Option<KeyChange>, KeyError> {

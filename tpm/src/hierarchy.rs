@@ -1118,6 +1118,20 @@ impl KeyHierarchy {
         name: &str,
         confirm: Confirm,
     ) -> Result<KeyChange> {
+        self.assign_tenant_with_console(caller, name, None, confirm)
+    }
+
+    /// Like [`Self::assign_tenant`], and registers the tenant console's key
+    /// (as console `initial`) in the same manifest commit: the assignment
+    /// and the console key exist together or not at all. The key is checked
+    /// before anything changes.
+    pub fn assign_tenant_with_console(
+        &mut self,
+        caller: Role,
+        name: &str,
+        console_pem: Option<&str>,
+        confirm: Confirm,
+    ) -> Result<KeyChange> {
         if caller != Role::Landlord {
             return Err(KeyError::NotPermitted {
                 caller,
@@ -1136,6 +1150,14 @@ impl KeyHierarchy {
                 action: "assigning the node to a new tenant",
             });
         }
+        let console = console_pem
+            .map(|pem| {
+                RecipientKey::from_pem(pem).map_err(|e| KeyError::InvalidConsoleKey {
+                    name: "initial".to_owned(),
+                    reason: e.to_string(),
+                })
+            })
+            .transpose()?;
         let (generation, key_generation) = old
             .as_ref()
             .map_or((1, 1), |o| (o.generation + 1, o.key_generation + 1));
@@ -1163,6 +1185,14 @@ impl KeyHierarchy {
         };
         let mut next = self.replace_level(Role::Tenant, Some(new));
         next.consoles.retain(|c| c.role != Role::Tenant);
+        if let Some(key) = console {
+            next.consoles.push(ConsoleKey {
+                role: Role::Tenant,
+                name: "initial".to_owned(),
+                pem: key.to_pem(),
+                fingerprint: key.fingerprint_hex(),
+            });
+        }
         self.commit(next, old.into_iter().collect())?;
         tracing::info!(%change, "node assigned");
         Ok(change)

@@ -671,6 +671,42 @@ fn swtpm_console_keys_receive_sealed_replies() {
     h.shutdown().unwrap();
 }
 
+/// The console key given with an assignment is committed with it: both or
+/// neither (a bad key is refused before the TPM is touched).
+#[test]
+fn swtpm_assignment_and_its_console_key_commit_together() {
+    let node = Node::new();
+    let (mut h, _) = node.open();
+    let sk = RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).unwrap();
+    let pem = sk
+        .to_public_key()
+        .to_public_key_pem(LineEnding::LF)
+        .unwrap();
+    let gen_before = h.status().landlord.generation;
+    assert!(matches!(
+        h.assign_tenant_with_console(Role::Landlord, "acme", Some("not a key"), Confirm::No),
+        Err(KeyError::InvalidConsoleKey { .. })
+    ));
+    assert!(
+        h.status().tenant.is_none(),
+        "assigned without its console key"
+    );
+    assert!(h.status().consoles.is_empty());
+    h.assign_tenant_with_console(Role::Landlord, "acme", Some(&pem), Confirm::No)
+        .unwrap();
+    let st = h.status();
+    assert_eq!(st.tenant.as_ref().unwrap().name.as_deref(), Some("acme"));
+    assert_eq!(st.landlord.generation, gen_before);
+    assert_eq!(st.consoles.len(), 1);
+    assert_eq!(st.consoles[0].0, Role::Tenant);
+    assert_eq!(st.consoles[0].1, "initial");
+    h.shutdown().unwrap();
+    // Both survive a restart: they were one commit.
+    let (h, _) = node.open();
+    assert_eq!(h.status().consoles.len(), 1);
+    h.shutdown().unwrap();
+}
+
 /// Simulates a crash at every step of every key change: reopening must give
 /// exactly the old key set (crash before the manifest switch) or exactly the
 /// new one (after), fully usable, with leftovers cleaned up.

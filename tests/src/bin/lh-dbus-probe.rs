@@ -62,6 +62,18 @@ async fn scenario(name: &str) {
         "put-garbage" => report(t.put_secret("db", b"not an envelope").await),
         "put-oversized" => report(t.put_secret("db", &vec![0u8; 2 << 20]).await),
         "put-good" => report(t.put_secret("db", &envelope_for_ut().await).await),
+        "put-tampered-key" => {
+            // A flipped bit in the RSA-OAEP wrapped content key.
+            let mut e = envelope_for_ut().await;
+            e[100] ^= 0x01;
+            report(t.put_secret("db", &e).await)
+        }
+        "put-tampered-payload" => {
+            let mut e = envelope_for_ut().await;
+            let n = e.len();
+            e[n - 1] ^= 0x01;
+            report(t.put_secret("db", &e).await)
+        }
         "rm-unknown" => report(t.remove_secret("nope").await),
         other => panic!("unknown scenario {other}"),
     }

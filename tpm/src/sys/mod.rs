@@ -445,7 +445,21 @@ impl Tpm {
             })
         })();
         self.flush(h);
-        result
+        match result {
+            // libtpms (swtpm) answers a ciphertext that fails OAEP decoding
+            // with TPM_RC_FAILURE, where the spec says TPM_RC_VALUE. It is
+            // the input's fault exactly when the TPM still answers.
+            Err(KeyError::Tpm { op, source })
+                if rc_kind(&source) == Some(Tss2ResponseCodeKind::Failure) =>
+            {
+                if self.random(1).is_ok() {
+                    Err(crate::error::EnvelopeError::UnwrapFailed(role).into())
+                } else {
+                    Err(KeyError::Tpm { op, source })
+                }
+            }
+            other => other,
+        }
     }
 
     /// Unseals a sealed data object (through a PCR policy session if bound).
