@@ -233,16 +233,19 @@ impl Boundaries {
         &self,
         f: impl FnOnce(&mut Policy) -> Result<T, DocError>,
     ) -> Result<(T, Vec<String>), BoundaryError> {
-        let mut g = self.lock();
-        let mut next = g.policy.clone();
+        // The document work (tenant-sized, the biggest cost of a change at
+        // 100k peers) runs without the lock, so status reads and the drift
+        // check never wait for it. Changes themselves are serialised by the
+        // node controller, so the policy cannot move underneath.
+        let mut next = self.lock().policy.clone();
         let out = f(&mut next)?;
-        // Validate once: at 100k peers that is the biggest cost of a change.
         let bounds = next.boundaries()?;
         let warnings = bounds
             .as_ref()
             .map(|(c, s)| Self::ssh_warnings(c, s.as_ref()))
             .unwrap_or_default();
         let rules = bounds.map(|(c, s)| Ruleset::build(&c, s.as_ref()));
+        let mut g = self.lock();
         if let Some(rs) = rules {
             let c = g.enforcer.apply(rs)?;
             g.last_change = Some(change_name(c));
