@@ -607,6 +607,9 @@ impl leasehold_node::backend::VolumeStore for VolumeBackend {
     ) -> Result<Option<Remade>, leasehold_node::Failure> {
         self.0.remake(k, reason).map_err(failure)
     }
+    fn describe(&mut self) -> Result<Option<(String, String)>, leasehold_node::Failure> {
+        Ok(self.0.meta().map_err(failure)?.map(|m| (m.id, m.device)))
+    }
     fn init(
         &mut self,
         device: &str,

@@ -115,6 +115,11 @@ pub trait KeyStore: Send + 'static {
     fn disk_key(&mut self) -> Result<DiskKeyInfo, KeyError>;
     /// Signs with the node signing key.
     fn sign(&mut self, data: &[u8]) -> Result<Vec<u8>, KeyError>;
+    /// Makes the pre-generated next key generations that are missing, so a
+    /// rotation waits for no key generation. Returns how many were made.
+    fn prepare_standby(&mut self) -> Result<usize, KeyError> {
+        Ok(0)
+    }
 }
 
 /// What wiping the kernel's copy of the disk key found, read back.
@@ -161,6 +166,8 @@ pub trait VolumeStore: Send + 'static {
     fn remake(&mut self, k: &DiskKeyInfo, reason: &str) -> Result<Option<Remade>, Failure>;
     /// Initializes `device` under `k`.
     fn init(&mut self, device: &str, force: bool, k: &DiskKeyInfo) -> Result<(), Failure>;
+    /// Id and device of the initialized volume (None: none).
+    fn describe(&mut self) -> Result<Option<(String, String)>, Failure>;
 }
 
 /// One change of the boundaries (documents already parsed).

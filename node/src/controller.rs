@@ -56,7 +56,10 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Node {
     /// Reads the first snapshot and starts the controller thread. Blocking.
     pub fn start(backends: Backends) -> Result<Node, NodeError> {
-        let mut c = Controller { b: backends };
+        let mut c = Controller {
+            b: backends,
+            after_reply: vec![AfterReply::PrepareStandby],
+        };
         let first = c.read_snapshot().map_err(NodeError::Keys)?;
         let snapshot = Arc::new(RwLock::new(Arc::new(first)));
         let running = Arc::new(Mutex::new(None));
@@ -65,22 +68,27 @@ impl Node {
         let thread = std::thread::Builder::new()
             .name("node".into())
             .spawn(move || {
+                // Standby keys first: the first rotation should not wait
+                // for key generation either.
+                *lock(&run) = Some("preparing standby keys");
+                c.run_after_reply();
+                c.publish(&snap);
+                *lock(&run) = None;
                 for job in rx {
                     *lock(&run) = Some(job.req.command.name());
                     let r = c.execute(job.req);
                     // Readers see the new state before the caller's reply.
-                    let next = match c.read_snapshot() {
-                        Ok(s) => s,
-                        Err(e) => {
-                            tracing::error!(error = %e, "cannot read the key status after a change");
-                            let mut s = (**snap.read().unwrap_or_else(|p| p.into_inner())).clone();
-                            s.stale = Some(e.to_string());
-                            s
-                        }
-                    };
-                    *snap.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
-                    *lock(&run) = None;
+                    c.publish(&snap);
                     let _ = job.reply.send(r);
+                    // Work the caller need not wait for (the new empty
+                    // volume, the next standby keys) still runs before the
+                    // next command.
+                    if !c.after_reply.is_empty() {
+                        *lock(&run) = Some("finishing the previous change");
+                        c.run_after_reply();
+                        c.publish(&snap);
+                    }
+                    *lock(&run) = None;
                 }
             })
             .map_err(|e| NodeError::Backend {
@@ -146,6 +154,17 @@ impl Node {
 /// Owns the backends; runs on the controller thread only.
 struct Controller {
     b: Backends,
+    /// What the running command leaves to do after its reply.
+    after_reply: Vec<AfterReply>,
+}
+
+/// Work after a reply, before the next command.
+#[derive(Debug)]
+enum AfterReply {
+    /// A new empty filesystem under the new disk key.
+    Remake(String),
+    /// Pre-generate the keys the next rotation will use.
+    PrepareStandby,
 }
 
 fn confirm(b: bool) -> Confirm {
@@ -183,6 +202,47 @@ fn unix_secs(t: SystemTime) -> u64 {
 }
 
 impl Controller {
+    /// Replaces the readers' snapshot (the last good one, marked stale, if
+    /// the key status cannot be read).
+    fn publish(&mut self, snap: &RwLock<Arc<Snapshot>>) {
+        let next = match self.read_snapshot() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the key status after a change");
+                let mut s = (**snap.read().unwrap_or_else(|p| p.into_inner())).clone();
+                s.stale = Some(e.to_string());
+                s
+            }
+        };
+        *snap.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+    }
+
+    fn run_after_reply(&mut self) {
+        for work in std::mem::take(&mut self.after_reply) {
+            match work {
+                AfterReply::Remake(reason) => {
+                    let r = self
+                        .b
+                        .keys
+                        .disk_key()
+                        .map_err(|e| format!("no disk key: {e}"))
+                        .and_then(|k| self.b.volume.remake(&k, &reason).map_err(|e| e.to_string()));
+                    // The volume's status reports it too.
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "the volume was not remade after the key change");
+                    }
+                }
+                AfterReply::PrepareStandby => match self.b.keys.prepare_standby() {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(count = n, "standby key generations prepared"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot prepare standby keys; the next rotation makes its keys inline")
+                    }
+                },
+            }
+        }
+    }
+
     fn read_snapshot(&mut self) -> Result<Snapshot, KeyError> {
         let status = self.b.keys.status()?;
         let mut keys = Vec::new();
@@ -478,23 +538,8 @@ impl Controller {
                 Some(w) => Ok(w),
                 None => self.b.volume.wipe(),
             };
-            let (volume, volume_error) = match self.b.keys.disk_key() {
-                Ok(k) => {
-                    let reason = format!("{} of {} keys", kind_name(c.kind), c.role);
-                    match self.b.volume.remake(&k, &reason) {
-                        Ok(r) => (r, None),
-                        Err(e) => (None, Some(e.to_string())),
-                    }
-                }
-                Err(e) => (None, Some(format!("no disk key: {e}"))),
-            };
-            if let Some(e) = &volume_error {
-                tracing::error!(error = %e, "the volume was not remade after the key change");
-                warnings.push(format!("the volume was not remade: {e}"));
-            }
             match wiped {
-                Ok(w) => match self.sign_receipt(&c, before, requested, w, volume, volume_error)
-                {
+                Ok(w) => match self.sign_receipt(&c, before, requested, w) {
                     Ok(r) => receipt = Some(r),
                     Err(e) => warnings.push(format!("no erase receipt: {e}")),
                 },
@@ -502,9 +547,16 @@ impl Controller {
                     "no erase receipt: the kernel's copy of the old disk key could not be shown gone ({e})"
                 )),
             }
+            // The caller waits for the erase, not for the new filesystem.
+            self.after_reply.push(AfterReply::Remake(format!(
+                "{} of {} keys",
+                kind_name(c.kind),
+                c.role
+            )));
         } else if let Err(e) = self.b.volume.end_key_change() {
             warnings.push(format!("the volume was not marked ready again: {e}"));
         }
+        self.after_reply.push(AfterReply::PrepareStandby);
         for w in &warnings {
             tracing::warn!(warning = %w, "key change committed with a warning");
         }
@@ -524,8 +576,6 @@ impl Controller {
         before: Vec<(String, u64)>,
         requested: Option<SystemTime>,
         wiped: Wiped,
-        volume: Option<crate::Remade>,
-        volume_error: Option<String>,
     ) -> Result<SignedReceipt, NodeError> {
         let erased_ms = requested.map(|r| {
             let at = c.erased_at.unwrap_or_else(SystemTime::now);
@@ -556,16 +606,28 @@ impl Controller {
             "disk key made from key generations {}",
             gens(&before)
         ));
-        match (&volume, wiped) {
-            (Some(r), _) => destroyed.push(format!(
-                "volume {} on {}: mapping wiped, new empty filesystem under the new disk key",
-                r.id, r.device
-            )),
-            (None, Wiped::Wiped) => destroyed.push(
-                "the volume's mapping: dm-crypt's key replaced by an error table (read back)"
-                    .into(),
-            ),
-            (None, _) => {}
+        let volume = self
+            .b
+            .volume
+            .describe()
+            .map_err(NodeError::backend("volume"))?
+            .map(|(id, device)| crate::ErasedVolume {
+                id,
+                device,
+                kernel_key: wiped,
+                remade: "after this receipt",
+            });
+        if let Some(v) = &volume {
+            destroyed.push(format!(
+                "volume {} on {}: {}; its data is unreadable without the old disk key",
+                v.id,
+                v.device,
+                match wiped {
+                    Wiped::Wiped =>
+                        "dm-crypt's copy of the key replaced by an error table (read back)",
+                    _ => "not mapped: no copy of the key in the kernel",
+                }
+            ));
         }
         if c.data_destroyed {
             destroyed.push("the tenant's secret store".into());
@@ -581,7 +643,6 @@ impl Controller {
             key_generations_before: before,
             key_generations_after: generations(&status),
             volume,
-            volume_error,
             erased_ms,
             signer: self.b.keys.signing_key()?.fingerprint,
         };

@@ -443,6 +443,11 @@ impl KeyStore for Fake {
         })
     }
 
+    fn prepare_standby(&mut self) -> Result<usize, KeyError> {
+        let _w = self.op("keys.prepare_standby").map_err(injected)?;
+        Ok(0)
+    }
+
     fn sign(&mut self, data: &[u8]) -> Result<Vec<u8>, KeyError> {
         let mut w = self.op("keys.sign").map_err(injected)?;
         // A receipt is only true if no old disk key is left in the kernel.
@@ -526,6 +531,13 @@ impl VolumeStore for FakeVol {
             millis: 1,
             deferred: false,
         }))
+    }
+
+    fn describe(&mut self) -> Result<Option<(String, String)>, Failure> {
+        let w = self.0.op("volume.describe").map_err(vfail)?;
+        Ok(w.volume
+            .as_ref()
+            .map(|_| ("vol".into(), "/dev/fake".into())))
     }
 
     fn init(&mut self, device: &str, _force: bool, k: &DiskKeyInfo) -> Result<(), Failure> {

@@ -28,7 +28,7 @@ pub use backend::{
     SecretEntry, Wiped,
 };
 pub use controller::Node;
-pub use receipt::{Receipt, SignedReceipt, RECEIPT_FORMAT};
+pub use receipt::{ErasedVolume, Receipt, SignedReceipt, RECEIPT_FORMAT};
 
 /// State-changing commands that may wait behind the running one.
 pub const QUEUE_DEPTH: usize = 16;

@@ -2,10 +2,26 @@
 
 use serde::Serialize;
 
-use crate::backend::Remade;
+use crate::backend::Wiped;
 
-/// Version of the receipt body.
-pub const RECEIPT_FORMAT: u32 = 1;
+/// Version of the receipt body. Format 1 (until 2026-12) waited for the
+/// new filesystem and described it in `volume`; format 2 is signed as soon
+/// as the old key is gone and describes the erased volume.
+pub const RECEIPT_FORMAT: u32 = 2;
+
+/// The volume whose data the change destroyed.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErasedVolume {
+    /// Volume id.
+    pub id: String,
+    /// Device.
+    pub device: String,
+    /// What became of dm-crypt's copy of the old disk key (read back).
+    pub kernel_key: Wiped,
+    /// The new empty filesystem under the new disk key is made after this
+    /// receipt is signed (`VolumeStatus` reports it).
+    pub remade: &'static str,
+}
 
 /// The body of an erase receipt. Field order and names are the wire format.
 #[derive(Debug, Clone, Serialize)]
@@ -26,10 +42,8 @@ pub struct Receipt {
     pub key_generations_before: Vec<(String, u64)>,
     /// Key generations after.
     pub key_generations_after: Vec<(String, u64)>,
-    /// The remade volume.
-    pub volume: Option<Remade>,
-    /// Why the volume was not remade.
-    pub volume_error: Option<String>,
+    /// The erased volume (None: no volume was initialized).
+    pub volume: Option<ErasedVolume>,
     /// Milliseconds from the request to the moment the old data was
     /// unrecoverable: the kernel's copy of the disk key wiped and the TPM
     /// secret of the old key generation undefined.

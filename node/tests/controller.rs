@@ -105,8 +105,10 @@ fn changed(o: Outcome) -> leasehold_node::ChangeReport {
 }
 
 #[test]
-fn rotation_wipes_before_the_tpm_and_signs_after_the_remake() {
+fn rotation_wipes_before_the_tpm_and_replies_before_the_remake() {
     let (f, node) = assigned();
+    // The remake waits: the caller's reply must not.
+    let remake = f.hold("volume.remake");
     let r = changed(
         run(
             &node,
@@ -121,21 +123,38 @@ fn rotation_wipes_before_the_tpm_and_signs_after_the_remake() {
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
     let receipt = r.receipt.expect("a receipt");
     let body: serde_json::Value = serde_json::from_str(&receipt.body).unwrap();
+    assert_eq!(body["format"], 2);
     assert_eq!(body["change"], "rotate");
     assert_eq!(body["volume"]["id"], "vol");
+    assert_eq!(body["volume"]["kernel_key"], "wiped");
     assert!(body["erased_ms"].is_u64(), "{body}");
+    {
+        let w = f.world();
+        let v = w.volume.as_ref().unwrap();
+        assert!(v.kernel_key.is_none(), "old key still in the kernel");
+        assert_eq!(w.receipts.len(), 1);
+        assert_eq!(w.signals.len(), 1);
+        let log = &w.log;
+        assert!(pos(log, "volume.begin") < pos(log, "volume.wipe"));
+        assert!(pos(log, "volume.wipe") < pos(log, "keys.rotate tenant"));
+        assert!(pos(log, "keys.rotate tenant") < pos(log, "secrets.purge"));
+        assert!(pos(log, "secrets.purge") < pos(log, "keys.sign"));
+        assert!(!log.iter().any(|s| s == "volume.remake"), "{log:?}");
+    }
+    remake.send(()).unwrap();
+    // The next command runs after the remake (and the standby keys).
+    run(&node, TENANT, Command::Rekey { role: Role::Tenant }).expect("rekey");
     let w = f.world();
     let log = &w.log;
-    assert!(pos(log, "volume.begin") < pos(log, "volume.wipe"));
-    assert!(pos(log, "volume.wipe") < pos(log, "keys.rotate tenant"));
-    assert!(pos(log, "keys.rotate tenant") < pos(log, "secrets.purge"));
-    assert!(pos(log, "volume.remake") < pos(log, "keys.sign"));
+    assert!(pos(log, "keys.sign") < pos(log, "volume.remake"));
+    assert!(pos(log, "volume.remake") < pos(log, "keys.prepare_standby"));
+    assert!(pos(log, "keys.prepare_standby") < pos(log, "keys.rekey tenant"));
     assert_eq!(log.iter().filter(|s| *s == "secrets.purge").count(), 1);
     assert!(w.secrets.is_empty());
-    assert_eq!(w.volume.as_ref().unwrap().files, 0);
+    let v = w.volume.as_ref().unwrap();
+    assert_eq!((v.state, v.files), ("ready", 0));
+    assert_eq!(v.kernel_key.as_ref(), Some(&v.generations));
     assert_eq!(w.tenant.as_ref().unwrap().key_generation, 2);
-    assert_eq!(w.receipts.len(), 1);
-    assert_eq!(w.signals.len(), 1);
     assert_eq!(w.unproven_receipts, 0);
 }
 
@@ -290,7 +309,7 @@ fn tpm_failure_after_the_erase_leaves_it_closed_and_a_restart_makes_it_new() {
 
 #[test]
 fn failures_after_the_commit_are_warnings_with_receipt_and_signal() {
-    for step in ["secrets.purge", "volume.remake", "events.store_receipt"] {
+    for step in ["secrets.purge", "events.store_receipt"] {
         let (f, node) = assigned();
         f.fail(step);
         let r = changed(
@@ -321,6 +340,31 @@ fn failures_after_the_commit_are_warnings_with_receipt_and_signal() {
         }
         assert_eq!(f.world().signals.len(), 1, "{step}: signalled");
     }
+    // The remake (after the reply) fails: the change and its receipt
+    // stand; the volume stays closed, marked, and the next start makes it.
+    let (f, node) = assigned();
+    f.fail("volume.remake");
+    let r = changed(
+        run(
+            &node,
+            TENANT,
+            Command::Rotate {
+                role: Role::Tenant,
+                confirm: true,
+            },
+        )
+        .unwrap(),
+    );
+    assert!(r.receipt.is_some() && r.warnings.is_empty());
+    node.stop();
+    {
+        let w = f.world();
+        let v = w.volume.as_ref().unwrap();
+        assert_eq!(v.state, "rekeying");
+        assert!(v.kernel_key.is_none());
+    }
+    f.restart();
+    assert_eq!(f.world().volume.as_ref().unwrap().files, 0);
     // Signing fails: still done, warned, signalled, but no receipt.
     let (f, node) = assigned();
     f.fail("keys.sign");

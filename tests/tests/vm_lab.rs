@@ -512,6 +512,31 @@ impl Vm {
         };
     }
 
+    /// Waits (bounded) for the remake that follows a destroying change's
+    /// reply: no event announces it, so the status is polled.
+    fn wait_volume_remade(&self, label: &str) {
+        wait_until(
+            120,
+            1,
+            &format!("{label}: the volume was not remade"),
+            || {
+                let v = self.volume();
+                v["state"] == "open"
+                    && v["event"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("recreated empty"))
+            },
+        );
+    }
+
+    /// Automatic restarts of the agent so far (a SIGKILL counts one).
+    fn restarts(&self) -> u64 {
+        self.sh("systemctl show -p NRestarts --value leasehold-agentd")
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    }
+
     /// The node's receipt key (PEM).
     fn receipt_key(&self) -> String {
         json(&self.sh("landlordctl --json receipt-key"))["pem"]
@@ -550,7 +575,11 @@ impl Vm {
         assert!(leasehold_tpm::verify_signature(&key, &tampered, &sig).is_err());
         let r = json(receipt);
         assert!(r["volume"]["id"].is_string(), "{label}: {r}");
+        assert_eq!(r["volume"]["kernel_key"], "wiped", "{label}: {r}");
         assert_ne!(r["key_generations_before"], r["key_generations_after"]);
+        // The receipt comes as soon as the old key is gone; the new empty
+        // filesystem follows.
+        self.wait_volume_remade(label);
         let v = self.volume();
         assert_eq!(v["state"], "open", "{label}: {v}");
         assert!(
@@ -763,8 +792,22 @@ fn volume_crashes(vm: &mut Vm) {
     for step in ["erase:keys", "erase:meta", "erase:mapped", "erase:made"] {
         vm.sh(&format!("echo old > {MNT}/crash.txt && sync"));
         vm.crash_at(Some(step));
-        let r = vm.sh_status("runuser -u tt -- tenantctl --yes rotate");
-        assert_ne!(r.code, 0, "{step}: the agent was to be killed");
+        let restarts = vm.restarts();
+        // The remake follows the reply: the rotation is done (receipt in
+        // hand), then the agent dies in the remake.
+        let r = vm.sh_status("runuser -u tt -- tenantctl --yes --json rotate");
+        assert_eq!(r.code, 0, "{step}: {}", r.stderr);
+        assert!(
+            json(&r.stdout)["receipt"].is_string(),
+            "{step}: {}",
+            r.stdout
+        );
+        wait_until(
+            120,
+            1,
+            &format!("{step}: the agent was to be killed"),
+            || vm.restarts() > restarts,
+        );
         vm.crash_at(None);
         vm.agent_up();
         let v = vm.volume();
