@@ -13,11 +13,12 @@ use leasehold_dbus_api::{
 use leasehold_netpolicy::policy::parse_doc;
 use leasehold_netpolicy::BoundaryDoc;
 use leasehold_node::backend::Events;
+use leasehold_node::kind_name;
 use leasehold_node::{
     BoundaryApplied, BoundaryChange, Caller, ChangeReport, Command, FailureKind, Node, NodeError,
     Outcome, Request, SignedReceipt,
 };
-use leasehold_tpm::{ChangeKind, KeyError, Role};
+use leasehold_tpm::{KeyError, Role};
 use zbus::message::Header;
 use zbus::{interface, Connection};
 
@@ -95,15 +96,6 @@ fn boundary_error(e: BoundaryError) -> Error {
 fn unexpected(o: &Outcome) -> Error {
     tracing::error!(outcome = ?o, "the controller answered another command");
     Error::Failed("internal error: unexpected outcome".into())
-}
-
-fn kind_name(k: ChangeKind) -> &'static str {
-    match k {
-        ChangeKind::Rotate => "rotate",
-        ChangeKind::Rekey => "rekey",
-        ChangeKind::Assign => "assign",
-        ChangeKind::Release => "release",
-    }
 }
 
 /// A key change on the wire (method result and `KeysChanged` body).

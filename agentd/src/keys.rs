@@ -75,22 +75,24 @@ impl Keys {
         ))
     }
 
+    /// Queues a job for the key thread.
+    fn send(&self, job: Job) -> Result<(), KeysGone> {
+        lock(&self.tx)
+            .as_ref()
+            .ok_or(KeysGone)?
+            .send(job)
+            .map_err(|_| KeysGone)
+    }
+
     /// Runs `f` on the key thread.
     pub async fn call<R: Send + 'static>(
         &self,
         f: impl FnOnce(&mut KeyHierarchy) -> R + Send + 'static,
     ) -> Result<R, KeysGone> {
         let (rtx, rrx) = oneshot::channel();
-        let job: Job = Box::new(move |k| {
+        self.send(Box::new(move |k| {
             let _ = rtx.send(f(k));
-        });
-        {
-            let tx = lock(&self.tx);
-            tx.as_ref()
-                .ok_or(KeysGone)?
-                .send(job)
-                .map_err(|_| KeysGone)?;
-        }
+        }))?;
         rrx.await.map_err(|_| KeysGone)
     }
 
@@ -101,16 +103,9 @@ impl Keys {
         f: impl FnOnce(&mut KeyHierarchy) -> R + Send + 'static,
     ) -> Result<R, KeysGone> {
         let (rtx, rrx) = mpsc::sync_channel(1);
-        let job: Job = Box::new(move |k| {
+        self.send(Box::new(move |k| {
             let _ = rtx.send(f(k));
-        });
-        {
-            let tx = lock(&self.tx);
-            tx.as_ref()
-                .ok_or(KeysGone)?
-                .send(job)
-                .map_err(|_| KeysGone)?;
-        }
+        }))?;
         rrx.recv().map_err(|_| KeysGone)
     }
 
@@ -154,22 +149,13 @@ impl KeyBackend {
     }
 }
 
-/// Key generation of each link of the disk-key chain, widest first.
-fn generations(st: &Status) -> Vec<(String, u64)> {
-    let mut g = vec![(Role::Landlord.to_string(), st.landlord.key_generation)];
-    if let Some(t) = &st.tenant {
-        g.push((Role::Tenant.to_string(), t.key_generation));
-    }
-    g
-}
-
 /// The disk key and what it was made from; it leaves the key thread by move.
 pub fn disk_key(k: &mut KeyHierarchy) -> Result<DiskKeyInfo, KeyError> {
     let st = k.status();
     Ok(DiskKeyInfo {
         node_id: st.node_id.clone(),
         key: k.disk_key()?,
-        generations: generations(&st),
+        generations: leasehold_node::generations(&st),
     })
 }
 

@@ -12,8 +12,8 @@ use tokio::sync::oneshot;
 use crate::backend::{Backends, BoundaryChange, Wiped};
 use crate::receipt::{Receipt, SignedReceipt, RECEIPT_FORMAT};
 use crate::{
-    check_name, generations, Caller, ChangeReport, Command, NodeError, Outcome, Request, Snapshot,
-    MAX_ENVELOPE_BYTES, MAX_SECRETS, MAX_SECRET_BYTES, QUEUE_DEPTH,
+    check_name, generations, kind_name, Caller, ChangeReport, Command, NodeError, Outcome, Request,
+    Snapshot, MAX_ENVELOPE_BYTES, MAX_SECRETS, MAX_SECRET_BYTES, QUEUE_DEPTH,
 };
 
 /// A queued change.
@@ -172,15 +172,6 @@ fn confirm(b: bool) -> Confirm {
         Confirm::DestroyData
     } else {
         Confirm::No
-    }
-}
-
-fn kind_name(k: ChangeKind) -> &'static str {
-    match k {
-        ChangeKind::Rotate => "rotate",
-        ChangeKind::Rekey => "rekey",
-        ChangeKind::Assign => "assign",
-        ChangeKind::Release => "release",
     }
 }
 

@@ -259,12 +259,24 @@ impl Snapshot {
     }
 }
 
-pub(crate) fn generations(st: &Status) -> Vec<(String, u64)> {
+/// Key generation of each link of the disk-key chain in `st`, widest first.
+pub fn generations(st: &Status) -> Vec<(String, u64)> {
     let mut g = vec![(Role::Landlord.to_string(), st.landlord.key_generation)];
     if let Some(t) = &st.tenant {
         g.push((Role::Tenant.to_string(), t.key_generation));
     }
     g
+}
+
+/// The wire name of a change kind ("rotate", "rekey", "assign", "release").
+pub fn kind_name(k: leasehold_tpm::ChangeKind) -> &'static str {
+    use leasehold_tpm::ChangeKind;
+    match k {
+        ChangeKind::Rotate => "rotate",
+        ChangeKind::Rekey => "rekey",
+        ChangeKind::Assign => "assign",
+        ChangeKind::Release => "release",
+    }
 }
 
 /// Caller input as shown in an error: at most [`ECHO_LIMIT`] characters.

@@ -32,6 +32,18 @@ fn run(node: &Node, caller: Caller, command: Command) -> Result<Outcome, NodeErr
     futures_block(node.submit(req(caller, command)))
 }
 
+/// The tenant's confirmed destroying rotation.
+fn rotate_tenant(node: &Node) -> Result<Outcome, NodeError> {
+    run(
+        node,
+        TENANT,
+        Command::Rotate {
+            role: Role::Tenant,
+            confirm: true,
+        },
+    )
+}
+
 /// A tiny executor: the controller answers on a oneshot channel.
 fn futures_block<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
@@ -109,17 +121,7 @@ fn rotation_wipes_before_the_tpm_and_replies_before_the_remake() {
     let (f, node) = assigned();
     // The remake waits: the caller's reply must not.
     let remake = f.hold("volume.remake");
-    let r = changed(
-        run(
-            &node,
-            TENANT,
-            Command::Rotate {
-                role: Role::Tenant,
-                confirm: true,
-            },
-        )
-        .expect("rotate"),
-    );
+    let r = changed(rotate_tenant(&node).expect("rotate"));
     assert!(r.warnings.is_empty(), "{:?}", r.warnings);
     let receipt = r.receipt.expect("a receipt");
     let body: serde_json::Value = serde_json::from_str(&receipt.body).unwrap();
@@ -236,15 +238,7 @@ fn refusals_touch_nothing() {
 fn failed_wipe_signs_nothing_and_keeps_the_old_generation() {
     let (f, node) = assigned();
     f.fail("volume.wipe");
-    let e = run(
-        &node,
-        TENANT,
-        Command::Rotate {
-            role: Role::Tenant,
-            confirm: true,
-        },
-    )
-    .unwrap_err();
+    let e = rotate_tenant(&node).unwrap_err();
     assert!(e.to_string().contains("wiping"), "{e}");
     assert_eq!(tenant_gen(&f), (1, 1));
     let w = f.world();
@@ -262,15 +256,7 @@ fn failed_wipe_signs_nothing_and_keeps_the_old_generation() {
 fn tpm_failure_before_the_erase_reopens_the_old_volume() {
     let (f, node) = assigned();
     f.fail("keys.rotate.before_erase");
-    run(
-        &node,
-        TENANT,
-        Command::Rotate {
-            role: Role::Tenant,
-            confirm: true,
-        },
-    )
-    .unwrap_err();
+    rotate_tenant(&node).unwrap_err();
     assert_eq!(tenant_gen(&f), (1, 1));
     let w = f.world();
     let v = w.volume.as_ref().unwrap();
@@ -283,15 +269,7 @@ fn tpm_failure_before_the_erase_reopens_the_old_volume() {
 fn tpm_failure_after_the_erase_leaves_it_closed_and_a_restart_makes_it_new() {
     let (f, node) = assigned();
     f.fail("keys.rotate.after_erase");
-    run(
-        &node,
-        TENANT,
-        Command::Rotate {
-            role: Role::Tenant,
-            confirm: true,
-        },
-    )
-    .unwrap_err();
+    rotate_tenant(&node).unwrap_err();
     {
         let w = f.world();
         let v = w.volume.as_ref().unwrap();
@@ -312,17 +290,10 @@ fn failures_after_the_commit_are_warnings_with_receipt_and_signal() {
     for step in ["secrets.purge", "events.store_receipt"] {
         let (f, node) = assigned();
         f.fail(step);
-        let r = changed(
-            run(
-                &node,
-                TENANT,
-                Command::Rotate {
-                    role: Role::Tenant,
-                    confirm: true,
-                },
-            )
-            .unwrap_or_else(|e| panic!("{step}: the change committed but was reported as {e}")),
-        );
+        let r =
+            changed(rotate_tenant(&node).unwrap_or_else(|e| {
+                panic!("{step}: the change committed but was reported as {e}")
+            }));
         assert_eq!(tenant_gen(&f), (2, 2), "{step}");
         assert!(r.receipt.is_some(), "{step}: the erase happened: receipt");
         if step != "events.store_receipt" {
@@ -344,17 +315,7 @@ fn failures_after_the_commit_are_warnings_with_receipt_and_signal() {
     // stand; the volume stays closed, marked, and the next start makes it.
     let (f, node) = assigned();
     f.fail("volume.remake");
-    let r = changed(
-        run(
-            &node,
-            TENANT,
-            Command::Rotate {
-                role: Role::Tenant,
-                confirm: true,
-            },
-        )
-        .unwrap(),
-    );
+    let r = changed(rotate_tenant(&node).unwrap());
     assert!(r.receipt.is_some() && r.warnings.is_empty());
     node.stop();
     {
@@ -368,17 +329,7 @@ fn failures_after_the_commit_are_warnings_with_receipt_and_signal() {
     // Signing fails: still done, warned, signalled, but no receipt.
     let (f, node) = assigned();
     f.fail("keys.sign");
-    let r = changed(
-        run(
-            &node,
-            TENANT,
-            Command::Rotate {
-                role: Role::Tenant,
-                confirm: true,
-            },
-        )
-        .unwrap(),
-    );
+    let r = changed(rotate_tenant(&node).unwrap());
     assert!(r.receipt.is_none());
     assert!(r.warnings.iter().any(|w| w.contains("no erase receipt")));
     assert_eq!(f.world().signals.len(), 1);
