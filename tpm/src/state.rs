@@ -768,6 +768,67 @@ mod tests {
         assert!(!d.path().join("missing").exists());
     }
 
+    fn with_standby() -> Manifest {
+        let mut m = sample();
+        m.landlord.standby = Some(StandbyState {
+            generation: 2,
+            key_generation: 2,
+            nv_index: 0x014c4802,
+            pair_file: "landlord-g2.pair".into(),
+            sealed_file: "landlord-g2.sealed".into(),
+            public_pem: "pem2".into(),
+            fingerprint: "fp2".into(),
+            seal_pcrs: vec![],
+        });
+        m
+    }
+
+    #[test]
+    fn standby_is_named_and_round_trips() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::open(d.path()).unwrap();
+        let m = with_standby();
+        assert_eq!(m.nv_indices(), vec![0x014c4801, 0x014c4802]);
+        assert!(m.files().contains(&"landlord-g2.sealed".to_string()));
+        s.write_manifest(&m).unwrap();
+        assert_eq!(s.read_manifest().unwrap().unwrap(), m);
+        // Without a standby the field is not written at all.
+        let text = serde_json::to_string(&sample()).unwrap();
+        assert!(!text.contains("standby"), "{text}");
+    }
+
+    #[test]
+    fn format_3_manifest_loads_and_may_not_carry_a_standby() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::open(d.path()).unwrap();
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v["format"] = 3.into();
+        fs::write(s.manifest_path(), v.to_string()).unwrap();
+        let m = s.read_manifest().unwrap().unwrap();
+        assert_eq!(m.format, 3);
+        assert!(m.landlord.standby.is_none());
+        let mut v = serde_json::to_value(with_standby()).unwrap();
+        v["format"] = 3.into();
+        fs::write(s.manifest_path(), v.to_string()).unwrap();
+        assert!(matches!(
+            s.read_manifest(),
+            Err(KeyError::CorruptState { .. })
+        ));
+    }
+
+    #[test]
+    fn promoted_standby_keeps_holder_and_drops_nothing_else() {
+        let s = with_standby().landlord.standby.unwrap();
+        let l = s.clone().promote(Some("acme".into()), true);
+        assert_eq!(
+            (l.generation, l.key_generation, l.nv_index),
+            (2, 2, 0x014c4802)
+        );
+        assert_eq!((l.name.as_deref(), l.owned), (Some("acme"), true));
+        assert!(l.standby.is_none());
+        assert_eq!(StandbyState::from_level(l), s);
+    }
+
     #[test]
     fn fields_of_another_format_are_refused() {
         let d = tempfile::tempdir().unwrap();
