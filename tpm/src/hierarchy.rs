@@ -209,8 +209,10 @@ pub struct KeyHierarchy {
     tpm_id: String,
     /// The TPM epoch counter's value as last read or incremented.
     epoch: u64,
+    /// The step to fail at, and whether as a crash (`true`) or as an error
+    /// the process survives (`false`).
     #[cfg_attr(not(feature = "testing"), allow(dead_code))]
-    fault: Option<FaultPoint>,
+    fault: Option<(FaultPoint, bool)>,
     /// Key pairs this instance generated in the TPM (tests: a rotation that
     /// promotes a standby generates none).
     #[cfg(feature = "testing")]
@@ -756,9 +758,16 @@ impl KeyHierarchy {
     #[allow(unused_variables)]
     fn checkpoint(&mut self, p: FaultPoint) -> Result<()> {
         #[cfg(feature = "testing")]
-        if self.fault == Some(p) {
+        if let Some((at, crash)) = self.fault.filter(|(at, _)| *at == p) {
             self.fault = None;
-            return Err(KeyError::InjectedFault(p));
+            if crash {
+                return Err(KeyError::InjectedFault(at));
+            }
+            return Err(KeyError::Io {
+                op: "injected failure",
+                path: self.dir.manifest_path(),
+                source: std::io::Error::other(format!("{at:?}")),
+            });
         }
         Ok(())
     }
@@ -766,7 +775,14 @@ impl KeyHierarchy {
     /// Makes the next key change fail at `p`, as if the process died there.
     #[cfg(feature = "testing")]
     pub fn inject_fault(&mut self, p: FaultPoint) {
-        self.fault = Some(p);
+        self.fault = Some((p, true));
+    }
+
+    /// Makes the next key change fail at `p` with an I/O error the process
+    /// survives (a TPM or disk error rather than a crash).
+    #[cfg(feature = "testing")]
+    pub fn inject_error(&mut self, p: FaultPoint) {
+        self.fault = Some((p, false));
     }
 
     /// Creates the NV secret, key pair and sealed key of one level generation
@@ -967,6 +983,44 @@ impl KeyHierarchy {
                 role: i.role,
             });
         }
+        let made = self.make_standby(role);
+        // A failure the process survives is rolled back now, so the next
+        // re-key or assignment does not find the standby's index taken. A
+        // crash (and its simulation) is left to the next start.
+        if made
+            .as_ref()
+            .is_err_and(|e| !matches!(e, KeyError::InjectedFault(_)))
+            && self.intent_kind() == Some(IntentKind::Standby)
+        {
+            match self.abandon_standby() {
+                Ok(n) => {
+                    tracing::warn!(%role, undefined = n, "rolled back a standby that failed part-way")
+                }
+                Err(e) => {
+                    tracing::warn!(%role, error = %e, "could not roll back a standby that failed part-way; the next start will")
+                }
+            }
+        }
+        made
+    }
+
+    /// Rolls back a standby that failed part-way, as the next start would:
+    /// the intent manifest is written again (so the disk says what memory
+    /// says, e.g. after a failed directory fsync), then what the intent
+    /// created and the manifest does not name is undefined and shredded,
+    /// then the intent is cleared.
+    fn abandon_standby(&mut self) -> Result<usize> {
+        let Some(intent) = self.manifest.intent.clone() else {
+            return Ok(0);
+        };
+        self.commit_manifest(self.manifest.clone())?;
+        let n = self.settle(&intent)?;
+        self.dir.collect_garbage(&self.manifest.files())?;
+        self.clear_intent()?;
+        Ok(n)
+    }
+
+    fn make_standby(&mut self, role: Role) -> Result<bool> {
         let Some(level) = self.manifest.level(role).cloned() else {
             return Ok(false);
         };

@@ -2167,3 +2167,32 @@ fn swtpm_bench_rotate_with_and_without_standby() {
     }
     h.shutdown().unwrap();
 }
+
+/// A standby that fails part-way with an error the process survives (not a
+/// crash) is rolled back at once: nothing orphaned, and the index it took is
+/// free for the next re-key.
+#[test]
+fn swtpm_failed_standby_is_rolled_back_in_process() {
+    let node = Node::new();
+    let (mut h, _) = node.open();
+    for point in FaultPoint::STANDBY {
+        h.inject_error(point);
+        match h.prepare_standby() {
+            Err(KeyError::Io { op, .. }) => assert_eq!(op, "injected failure", "{point:?}"),
+            other => panic!("{point:?}: expected the injected error, got {other:?}"),
+        }
+        assert!(!h.standby_ready(Role::Landlord), "{point:?}");
+        node.assert_only_named(&format!("failed standby at {point:?}"));
+        // The level's next index is free again: a re-key can take it.
+        h.rekey(Role::Landlord, Role::Landlord).unwrap();
+        node.assert_only_named(&format!("re-key after {point:?}"));
+    }
+    assert_eq!(h.prepare_standby().unwrap(), 1);
+    let status = h.status();
+    h.shutdown().unwrap();
+    let (h, opened) = node.open();
+    assert_eq!(opened, Opened::Loaded { recovered: 0 });
+    assert_eq!(h.status(), status);
+    assert!(h.standby_ready(Role::Landlord));
+    h.shutdown().unwrap();
+}
