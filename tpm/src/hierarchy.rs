@@ -905,8 +905,9 @@ impl KeyHierarchy {
     /// Second half of a destroying rotation (also run by `recover` after
     /// a crash): the marked level's secret is undefined if still there, the
     /// level's standby is promoted (or, without one, a new generation with a
-    /// new symmetric key is made) and committed, the old blobs are shredded. Returns the new level. Both indices it may
-    /// undefine are in the rotation's recorded intent.
+    /// new symmetric key is made) and committed, the old blobs are shredded.
+    /// Returns the new level. Both indices it may undefine are in the
+    /// rotation's recorded intent.
     fn finish_erase(&mut self, role: Role) -> Result<LevelState> {
         let old = self.level(role)?.clone();
         let defined = self.tpm.nv_indices()?;

@@ -2196,3 +2196,65 @@ fn swtpm_failed_standby_is_rolled_back_in_process() {
     assert!(h.standby_ready(Role::Landlord));
     h.shutdown().unwrap();
 }
+
+/// Copies of the state directory taken before or during a change with a
+/// standby present (a promoting rotation, a re-key that discards it, the
+/// making of one) are refused by the epoch once the live state moved on.
+#[test]
+fn swtpm_restored_backups_with_standby_are_refused() {
+    type Op = fn(&mut KeyHierarchy) -> Result<(), KeyError>;
+    let ops: [(&str, Op, &[FaultPoint]); 3] = [
+        (
+            "rotate tenant",
+            |h| {
+                h.rotate(Role::Tenant, Role::Tenant, Confirm::DestroyData)
+                    .map(|_| ())
+            },
+            &FaultPoint::ROTATE_STANDBY,
+        ),
+        (
+            "rekey landlord",
+            |h| h.rekey(Role::Landlord, Role::Landlord).map(|_| ()),
+            &FaultPoint::ALL,
+        ),
+        (
+            "prepare",
+            |h| h.prepare_standby().map(|_| ()),
+            &FaultPoint::STANDBY,
+        ),
+    ];
+    let (node, _) = assigned_node();
+    let stale = |e: &KeyError| matches!(e, KeyError::StaleState { .. });
+    let mut n = 0;
+    for (name, op, points) in ops {
+        for &point in points {
+            n += 1;
+            let (mut h, _) = node.open();
+            h.prepare_standby().unwrap();
+            h.shutdown().unwrap();
+            let before = node.tmp.path().join(format!("before-{n}"));
+            copy_dir(&node.state_dir(), &before);
+            let (mut h, _) = node.open();
+            if name == "prepare" {
+                // Used up, so there is one to make.
+                h.rotate(Role::Tenant, Role::Tenant, Confirm::DestroyData)
+                    .unwrap();
+            }
+            h.inject_fault(point);
+            assert!(
+                matches!(op(&mut h), Err(KeyError::InjectedFault(_))),
+                "{name} at {point:?}"
+            );
+            h.shutdown().unwrap();
+            let during = node.tmp.path().join(format!("during-{n}"));
+            copy_dir(&node.state_dir(), &during);
+            let (h, _) = node.open();
+            h.shutdown().unwrap();
+            node.assert_only_named(&format!("{name} at {point:?}"));
+            let snap = node.snapshot();
+            node.assert_refused(&before, &format!("{name}: copy before"), stale);
+            node.assert_refused(&during, &format!("{name}: copy at {point:?}"), stale);
+            assert_eq!(node.snapshot(), snap, "{name} at {point:?}");
+        }
+    }
+}
