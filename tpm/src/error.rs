@@ -118,6 +118,30 @@ pub enum KeyError {
         /// The TPM counter's value (`None`: no counter).
         tpm_epoch: Option<u64>,
     },
+    /// The manifest names a standby generation whose NV secret the TPM does
+    /// not hold: only the agent undefines it, and only after the manifest
+    /// stops naming it, so something else did.
+    #[error("{path} names a standby {role} key of generation {generation}, but its NV secret 0x{nv_index:08x} no longer exists in this TPM: nothing was changed")]
+    StandbyErased {
+        /// Manifest path.
+        path: PathBuf,
+        /// Whose standby.
+        role: Role,
+        /// The standby's pair generation.
+        generation: u64,
+        /// The NV index that is missing.
+        nv_index: u32,
+    },
+    /// A change failed part-way in this process and its intent is still
+    /// recorded; a new change would overwrite it. Restarting the agent
+    /// finishes or rolls back the recorded change.
+    #[error("a {kind} of the {role} keys is unfinished (it failed part-way); restart the agent to finish it before another key change")]
+    ChangeUnfinished {
+        /// The unfinished change (e.g. "rotate").
+        kind: &'static str,
+        /// Whose keys.
+        role: Role,
+    },
     /// A state file or the state directory is a symbolic link.
     #[error("{path} is a symbolic link; Leasehold state files are never followed through links: nothing was changed")]
     SymlinkInState {

@@ -12,8 +12,8 @@ use crate::chain::{derive_disk_key, Link};
 use crate::envelope::{seal_to, ParsedEnvelope, RecipientKey};
 use crate::error::{EnvelopeError, KeyError, Result};
 use crate::state::{
-    ConsoleKey, Intent, IntentKind, LevelState, Manifest, SigningKeyState, StateDir, EPOCH_FORMAT,
-    FORMAT,
+    ConsoleKey, Intent, IntentKind, LevelState, Manifest, SigningKeyState, StandbyState, StateDir,
+    EPOCH_FORMAT, FORMAT,
 };
 use crate::sys::{self, Tpm, NV_BASE, NV_EPOCH};
 use crate::types::{
@@ -41,8 +41,9 @@ pub enum FaultPoint {
     /// The change's first manifest write is on disk (epoch = counter + 1);
     /// the TPM epoch counter is not incremented yet.
     BeforeEpochIncrement,
-    /// Re-key, assignment: the intent (indices to create and retire) is
-    /// recorded and the epoch counter incremented; the TPM is untouched.
+    /// Re-key, assignment, standby: the intent (indices to create and
+    /// retire) is recorded and the epoch counter incremented; the TPM is
+    /// untouched (a standby the change discards is still there).
     AfterIntentRecorded,
     /// Destroying rotation: the manifest records the erase (intent) and the
     /// epoch counter is incremented; the old NV secret still exists.
@@ -67,6 +68,22 @@ impl FaultPoint {
         FaultPoint::AfterBlobsWritten,
         FaultPoint::AfterManifestReplaced,
         FaultPoint::AfterOldNvUndefined,
+    ];
+    /// The fault points of making a standby generation, in order. The last
+    /// step, the manifest naming the standby, is also its commit.
+    pub const STANDBY: [FaultPoint; 4] = [
+        FaultPoint::BeforeEpochIncrement,
+        FaultPoint::AfterIntentRecorded,
+        FaultPoint::AfterNvDefine,
+        FaultPoint::AfterBlobsWritten,
+    ];
+    /// The fault points of a destroying rotation that promotes a standby
+    /// (no new secret or blobs are made), in order.
+    pub const ROTATE_STANDBY: [FaultPoint; 4] = [
+        FaultPoint::BeforeEpochIncrement,
+        FaultPoint::AfterEraseMarked,
+        FaultPoint::AfterOldNvUndefined,
+        FaultPoint::AfterManifestReplaced,
     ];
     /// The fault points of a destroying rotation (erase first), in order.
     pub const ROTATE: [FaultPoint; 6] = [
@@ -192,8 +209,14 @@ pub struct KeyHierarchy {
     tpm_id: String,
     /// The TPM epoch counter's value as last read or incremented.
     epoch: u64,
+    /// The step to fail at, and whether as a crash (`true`) or as an error
+    /// the process survives (`false`).
     #[cfg_attr(not(feature = "testing"), allow(dead_code))]
-    fault: Option<FaultPoint>,
+    fault: Option<(FaultPoint, bool)>,
+    /// Key pairs this instance generated in the TPM (tests: a rotation that
+    /// promotes a standby generates none).
+    #[cfg(feature = "testing")]
+    pairs_created: u64,
 }
 
 /// Secrets derived from a generation secret. Each has its own label so no
@@ -271,6 +294,8 @@ impl KeyHierarchy {
                     tpm_id,
                     epoch: 0,
                     fault: None,
+                    #[cfg(feature = "testing")]
+                    pairs_created: 0,
                 };
                 let plan = me.check()?;
                 let initialising = me.intent_kind() == Some(IntentKind::Init);
@@ -353,6 +378,8 @@ impl KeyHierarchy {
                     tpm_id,
                     epoch: 0,
                     fault: None,
+                    #[cfg(feature = "testing")]
+                    pairs_created: 0,
                 };
                 me.initialise()?;
                 Ok((me, Opened::Initialised))
@@ -393,6 +420,21 @@ impl KeyHierarchy {
             }
         }
         for &(role, l) in &levels {
+            if let Some(s) = &l.standby {
+                // A standby is exactly the level's next generation.
+                if s.generation != l.generation + 1
+                    || s.key_generation != l.key_generation + 1
+                    || s.nv_index != nv_index_for(role, s.generation)
+                {
+                    return Err(KeyError::CorruptState {
+                        path,
+                        reason: format!(
+                            "the {role} level of generation {} (key generation {}) names a standby of generation {}, key generation {}, NV index 0x{:08x}",
+                            l.generation, l.key_generation, s.generation, s.key_generation, s.nv_index
+                        ),
+                    });
+                }
+            }
             {
                 if l.nv_index != nv_index_for(role, l.generation) {
                     return Err(KeyError::CorruptState {
@@ -442,7 +484,12 @@ impl KeyHierarchy {
         }
 
         let secrets: Vec<u32> = defined.iter().copied().filter(|i| *i != NV_EPOCH).collect();
-        let named: Vec<u32> = levels.iter().map(|(_, l)| l.nv_index).collect();
+        let named: Vec<u32> = levels
+            .iter()
+            .flat_map(|(_, l)| {
+                std::iter::once(l.nv_index).chain(l.standby.iter().map(|s| s.nv_index))
+            })
+            .collect();
         if legacy {
             // Without an epoch a stale copy cannot be told from an
             // interrupted change, so only a clean state is upgraded.
@@ -481,6 +528,21 @@ impl KeyHierarchy {
                     role,
                     generation: level.generation,
                     nv_index: level.nv_index,
+                });
+            }
+        }
+        for &(role, level) in &levels {
+            // No change undefines a standby while the manifest names it.
+            if let Some(s) = level
+                .standby
+                .as_ref()
+                .filter(|s| !defined.contains(&s.nv_index))
+            {
+                return Err(KeyError::StandbyErased {
+                    path,
+                    role,
+                    generation: s.generation,
+                    nv_index: s.nv_index,
                 });
             }
         }
@@ -696,9 +758,16 @@ impl KeyHierarchy {
     #[allow(unused_variables)]
     fn checkpoint(&mut self, p: FaultPoint) -> Result<()> {
         #[cfg(feature = "testing")]
-        if self.fault == Some(p) {
+        if let Some((at, crash)) = self.fault.filter(|(at, _)| *at == p) {
             self.fault = None;
-            return Err(KeyError::InjectedFault(p));
+            if crash {
+                return Err(KeyError::InjectedFault(at));
+            }
+            return Err(KeyError::Io {
+                op: "injected failure",
+                path: self.dir.manifest_path(),
+                source: std::io::Error::other(format!("{at:?}")),
+            });
         }
         Ok(())
     }
@@ -706,7 +775,14 @@ impl KeyHierarchy {
     /// Makes the next key change fail at `p`, as if the process died there.
     #[cfg(feature = "testing")]
     pub fn inject_fault(&mut self, p: FaultPoint) {
-        self.fault = Some(p);
+        self.fault = Some((p, true));
+    }
+
+    /// Makes the next key change fail at `p` with an I/O error the process
+    /// survives (a TPM or disk error rather than a crash).
+    #[cfg(feature = "testing")]
+    pub fn inject_error(&mut self, p: FaultPoint) {
+        self.fault = Some((p, false));
     }
 
     /// Creates the NV secret, key pair and sealed key of one level generation
@@ -724,6 +800,10 @@ impl KeyHierarchy {
         self.checkpoint(FaultPoint::AfterNvDefine)?;
 
         let (pair_blob, recipient) = self.tpm.create_decrypt_key(&derive32(&g, RSA_AUTH))?;
+        #[cfg(feature = "testing")]
+        {
+            self.pairs_created += 1;
+        }
         let masked = xor32(key.expose_secret(), &derive32(&g, SEAL_MASK));
         let pcrs = self.seal_pcrs.clone();
         let sealed_blob = self
@@ -745,6 +825,7 @@ impl KeyHierarchy {
             seal_pcrs: pcrs,
             name: None,
             owned: false,
+            standby: None,
         })
     }
 
@@ -822,10 +903,11 @@ impl KeyHierarchy {
     }
 
     /// Second half of a destroying rotation (also run by `recover` after
-    /// a crash): the marked level's secret is undefined if still there, a
-    /// new generation with a new symmetric key is made and committed, the
-    /// old blobs are shredded. Returns the new level. Both indices it may
-    /// undefine are in the rotation's recorded intent.
+    /// a crash): the marked level's secret is undefined if still there, the
+    /// level's standby is promoted (or, without one, a new generation with a
+    /// new symmetric key is made) and committed, the old blobs are shredded.
+    /// Returns the new level. Both indices it may undefine are in the
+    /// rotation's recorded intent.
     fn finish_erase(&mut self, role: Role) -> Result<LevelState> {
         let old = self.level(role)?.clone();
         let defined = self.tpm.nv_indices()?;
@@ -838,13 +920,22 @@ impl KeyHierarchy {
             .is_some_and(|i| i.kind == IntentKind::Rotate
                 && i.retires.contains(&old.nv_index)
                 && i.creates.contains(&next_index)));
-        for idx in [old.nv_index, next_index] {
-            if defined.contains(&idx) {
-                self.tpm.nv_undefine(idx)?;
-            }
+        if defined.contains(&old.nv_index) {
+            self.tpm.nv_undefine(old.nv_index)?;
         }
-        let key = SymmetricKey::from_zeroizing(&self.tpm.random32()?);
-        let mut new = self.create_level(role, old.generation + 1, old.key_generation + 1, &key)?;
+        let mut new = match old.standby.clone() {
+            // The manifest names a standby only once it is complete: promote
+            // it, so the rotation generates no key.
+            Some(standby) => standby.promote(None, false),
+            None => {
+                // A new secret a crash left before the commit.
+                if defined.contains(&next_index) {
+                    self.tpm.nv_undefine(next_index)?;
+                }
+                let key = SymmetricKey::from_zeroizing(&self.tpm.random32()?);
+                self.create_level(role, old.generation + 1, old.key_generation + 1, &key)?
+            }
+        };
         new.name.clone_from(&old.name);
         new.owned = old.owned;
         let next = self.replace_level(role, Some(new.clone()));
@@ -854,6 +945,139 @@ impl KeyHierarchy {
         self.dir.shred(&old.sealed_file)?;
         self.clear_intent()?;
         Ok(new)
+    }
+
+    /// Makes the standby generation of every level that has none (or whose
+    /// standby is sealed under other PCRs than configured now), so that the
+    /// next destroying rotation of that level only promotes it and generates
+    /// no key in the TPM. Each standby is a recorded change of its own: a
+    /// crash leaves none or a complete one. Returns how many were made.
+    ///
+    /// Generating a pair takes up to seconds: the agent calls this at start
+    /// and after it has replied to any key change (rotation, re-key,
+    /// assignment, release), off the caller's path. A failure leaves the
+    /// keys in use untouched; rotations then make their pair inline.
+    pub fn prepare_standby(&mut self) -> Result<usize> {
+        let mut made = 0;
+        for role in Role::ALL {
+            if self.prepare_standby_for(role)? {
+                made += 1;
+            }
+        }
+        Ok(made)
+    }
+
+    /// Whether `role`'s next destroying rotation can promote a standby.
+    pub fn standby_ready(&self, role: Role) -> bool {
+        self.manifest
+            .level(role)
+            .and_then(|l| l.standby.as_ref())
+            .is_some_and(|s| s.seal_pcrs == self.seal_pcrs)
+    }
+
+    fn prepare_standby_for(&mut self, role: Role) -> Result<bool> {
+        // A change that failed part-way in this process keeps its intent,
+        // which a new intent would overwrite: leave it to the next start.
+        if let Some(i) = &self.manifest.intent {
+            return Err(KeyError::ChangeUnfinished {
+                kind: i.kind.as_str(),
+                role: i.role,
+            });
+        }
+        let made = self.make_standby(role);
+        // A failure the process survives is rolled back now, so the next
+        // re-key or assignment does not find the standby's index taken. A
+        // crash (and its simulation) is left to the next start.
+        if made
+            .as_ref()
+            .is_err_and(|e| !matches!(e, KeyError::InjectedFault(_)))
+            && self.intent_kind() == Some(IntentKind::Standby)
+        {
+            match self.abandon_standby() {
+                Ok(n) => {
+                    tracing::warn!(%role, undefined = n, "rolled back a standby that failed part-way")
+                }
+                Err(e) => {
+                    tracing::warn!(%role, error = %e, "could not roll back a standby that failed part-way; the next start will")
+                }
+            }
+        }
+        made
+    }
+
+    /// Rolls back a standby that failed part-way, as the next start would:
+    /// the intent manifest is written again (so the disk says what memory
+    /// says, e.g. after a failed directory fsync), then what the intent
+    /// created and the manifest does not name is undefined and shredded,
+    /// then the intent is cleared.
+    fn abandon_standby(&mut self) -> Result<usize> {
+        let Some(intent) = self.manifest.intent.clone() else {
+            return Ok(0);
+        };
+        self.commit_manifest(self.manifest.clone())?;
+        let n = self.settle(&intent)?;
+        self.dir.collect_garbage(&self.manifest.files())?;
+        self.clear_intent()?;
+        Ok(n)
+    }
+
+    fn make_standby(&mut self, role: Role) -> Result<bool> {
+        let Some(level) = self.manifest.level(role).cloned() else {
+            return Ok(false);
+        };
+        if self.standby_ready(role) {
+            return Ok(false);
+        }
+        let generation = level.generation + 1;
+        let (base, stale) = self.without_standby(role);
+        self.record_intent(
+            base,
+            IntentKind::Standby,
+            role,
+            vec![nv_index_for(role, generation)],
+            Vec::new(),
+        )?;
+        self.checkpoint(FaultPoint::AfterIntentRecorded)?;
+        if let Some(s) = stale {
+            self.drop_standby(&s)?;
+        }
+        // Fresh random: a rotation replaces the symmetric key anyway.
+        let key = SymmetricKey::from_zeroizing(&self.tpm.random32()?);
+        let made = self.create_level(role, generation, level.key_generation + 1, &key)?;
+        let mut next = self.manifest.clone();
+        if let Some(l) = next.level_mut(role) {
+            l.standby = Some(StandbyState::from_level(made));
+        }
+        // Nothing to retire, so one write both names the standby and clears
+        // the intent.
+        next.intent = None;
+        self.commit_manifest(next)?;
+        tracing::info!(%role, generation, "standby key generation made");
+        Ok(true)
+    }
+
+    /// The current manifest with `role`'s standby taken out, and that
+    /// standby: the base of a change that discards it.
+    fn without_standby(&self, role: Role) -> (Manifest, Option<StandbyState>) {
+        let mut next = self.manifest.clone();
+        let standby = next.level_mut(role).and_then(|l| l.standby.take());
+        (next, standby)
+    }
+
+    /// Undefines a discarded standby's secret and shreds its blobs. Called
+    /// only once the manifest no longer names it and the change's recorded
+    /// intent names its index.
+    fn drop_standby(&mut self, s: &StandbyState) -> Result<()> {
+        debug_assert!(self
+            .manifest
+            .intent
+            .as_ref()
+            .is_some_and(|i| i.indices().any(|x| x == s.nv_index)));
+        if self.tpm.nv_indices()?.contains(&s.nv_index) {
+            self.tpm.nv_undefine(s.nv_index)?;
+        }
+        self.dir.shred(&s.pair_file)?;
+        self.dir.shred(&s.sealed_file)
     }
 
     fn level(&self, role: Role) -> Result<&LevelState> {
@@ -1044,8 +1268,19 @@ impl KeyHierarchy {
         // interrupted in between.
         let mut level = old.clone();
         level.owned = old.owned || caller == target;
+        // A standby sealed under other PCRs than configured now is not
+        // promoted: it is dropped and the rotation makes its level inline.
+        let stale = if level
+            .standby
+            .as_ref()
+            .is_some_and(|s| s.seal_pcrs != self.seal_pcrs)
+        {
+            level.standby.take()
+        } else {
+            None
+        };
         // The intent names the old index (retired at once: the caller
-        // confirmed the erase) and the new one.
+        // confirmed the erase) and the new one (the standby's, if any).
         let marked = self.replace_level(target, Some(level));
         self.record_intent(
             marked,
@@ -1058,6 +1293,9 @@ impl KeyHierarchy {
         self.tpm.nv_undefine(old.nv_index)?;
         let erased_at = std::time::SystemTime::now();
         self.checkpoint(FaultPoint::AfterOldNvUndefined)?;
+        if let Some(s) = stale {
+            self.drop_standby(&s)?;
+        }
         let new = self.finish_erase(target)?;
         let change = KeyChange {
             kind: ChangeKind::Rotate,
@@ -1081,14 +1319,20 @@ impl KeyHierarchy {
         let old = self.level(target)?.clone();
         let key = self.symmetric_key(target)?;
         let generation = old.generation + 1;
+        // The new generation takes the standby's NV index: the standby is
+        // discarded by this change (its index is the one the intent creates).
+        let (base, standby) = self.without_standby(target);
         self.record_intent(
-            self.manifest.clone(),
+            base,
             IntentKind::Rekey,
             target,
             vec![nv_index_for(target, generation)],
             vec![old.nv_index],
         )?;
         self.checkpoint(FaultPoint::AfterIntentRecorded)?;
+        if let Some(s) = standby {
+            self.drop_standby(&s)?;
+        }
         let mut new = self.create_level(target, generation, old.key_generation, &key)?;
         new.name.clone_from(&old.name);
         new.owned = old.owned || caller == target;
@@ -1162,14 +1406,20 @@ impl KeyHierarchy {
             .as_ref()
             .map_or((1, 1), |o| (o.generation + 1, o.key_generation + 1));
         let key = SymmetricKey::from_zeroizing(&self.tpm.random32()?);
+        // The previous tenant's standby goes with it (its index is the one
+        // the new tenant level takes); the new tenant has none until prepared.
+        let (base, standby) = self.without_standby(Role::Tenant);
         self.record_intent(
-            self.manifest.clone(),
+            base,
             IntentKind::Assign,
             Role::Tenant,
             vec![nv_index_for(Role::Tenant, generation)],
             old.iter().map(|o| o.nv_index).collect(),
         )?;
         self.checkpoint(FaultPoint::AfterIntentRecorded)?;
+        if let Some(s) = standby {
+            self.drop_standby(&s)?;
+        }
         let mut new = self.create_level(Role::Tenant, generation, key_generation, &key)?;
         new.name = Some(name.to_owned());
         let change = KeyChange {
@@ -1228,14 +1478,19 @@ impl KeyHierarchy {
         };
         let mut next = self.replace_level(Role::Tenant, None);
         next.consoles.retain(|c| c.role != Role::Tenant);
+        // The tenant's standby is retired with it.
+        let mut discarded = vec![old.clone()];
+        if let Some(s) = old.standby.clone() {
+            discarded.push(s.promote(None, false));
+        }
         // Nothing to create: the commit itself records the retirement.
         next.intent = Some(Intent {
             kind: IntentKind::Release,
             role: Role::Tenant,
             creates: Vec::new(),
-            retires: vec![old.nv_index],
+            retires: discarded.iter().map(|d| d.nv_index).collect(),
         });
-        self.commit(next, vec![old])?;
+        self.commit(next, discarded)?;
         tracing::info!(%change, "node released");
         Ok(Some(change))
     }
@@ -1330,6 +1585,22 @@ impl KeyHierarchy {
         self.tpm.read_public(&blob, Role::Landlord).map(|_| ())
     }
 
+    /// Key pairs this instance has generated in the TPM.
+    #[cfg(feature = "testing")]
+    pub fn key_pairs_created(&self) -> u64 {
+        self.pairs_created
+    }
+
+    /// Fingerprint of `role`'s standby public key, if it has one (tests:
+    /// the promoted key is the standby's). Never given out otherwise (R8).
+    #[cfg(feature = "testing")]
+    pub fn standby_fingerprint(&self, role: Role) -> Option<String> {
+        self.manifest
+            .level(role)
+            .and_then(|l| l.standby.as_ref())
+            .map(|s| s.fingerprint.clone())
+    }
+
     /// Creates a key pair in the TPM and discards it (benchmarks).
     #[cfg(feature = "testing")]
     pub fn bench_create_key_pair(&mut self) -> Result<()> {
@@ -1360,6 +1631,7 @@ fn placeholder_level() -> LevelState {
         seal_pcrs: Vec::new(),
         name: None,
         owned: false,
+        standby: None,
     }
 }
 

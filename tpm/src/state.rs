@@ -15,12 +15,15 @@ use crate::error::{KeyError, Result};
 use crate::types::Role;
 
 /// Manifest format this build writes. Format 2 added the node signing key;
-/// format 3 the epoch and the change intent. Formats 1 and 2 are still read
-/// and upgraded at open. An older build refuses a newer format by its
-/// version rather than by the unknown field.
-pub(crate) const FORMAT: u32 = 3;
+/// format 3 the epoch and the change intent; format 4 the standby generation
+/// of a level. Formats 1 to 3 are still read and upgraded at open. An older
+/// build refuses a newer format by its version rather than by the unknown
+/// field (or, for a standby, by its unexplained NV index).
+pub(crate) const FORMAT: u32 = 4;
 /// First format with `epoch` and `intent`.
 pub(crate) const EPOCH_FORMAT: u32 = 3;
+/// First format with `standby`.
+pub(crate) const STANDBY_FORMAT: u32 = 4;
 /// Oldest manifest format this build reads.
 pub(crate) const MIN_FORMAT: u32 = 1;
 const MANIFEST: &str = "keys.json";
@@ -73,6 +76,23 @@ pub(crate) enum IntentKind {
     Migrate,
     /// First start: the manifest has no landlord level yet (generation 0).
     Init,
+    /// Making a level's standby generation (and discarding a stale one).
+    Standby,
+}
+
+impl IntentKind {
+    /// Its name in errors and logs (as in the manifest).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IntentKind::Rotate => "rotate",
+            IntentKind::Rekey => "rekey",
+            IntentKind::Assign => "assign",
+            IntentKind::Release => "release",
+            IntentKind::Migrate => "migrate",
+            IntentKind::Init => "init",
+            IntentKind::Standby => "standby",
+        }
+    }
 }
 
 /// A change recorded in the manifest before the TPM is touched.
@@ -103,15 +123,27 @@ impl Manifest {
         }
     }
 
-    /// Blob files the manifest refers to.
+    pub fn level_mut(&mut self, role: Role) -> Option<&mut LevelState> {
+        match role {
+            Role::Landlord => Some(&mut self.landlord),
+            Role::Tenant => self.tenant.as_mut(),
+        }
+    }
+
+    fn levels(&self) -> impl Iterator<Item = &LevelState> {
+        std::iter::once(&self.landlord).chain(self.tenant.as_ref())
+    }
+
+    /// Blob files the manifest refers to (levels, their standbys, signing key).
     pub fn files(&self) -> Vec<String> {
-        let mut v = vec![
-            self.landlord.pair_file.clone(),
-            self.landlord.sealed_file.clone(),
-        ];
-        if let Some(t) = &self.tenant {
-            v.push(t.pair_file.clone());
-            v.push(t.sealed_file.clone());
+        let mut v = Vec::new();
+        for l in self.levels() {
+            v.push(l.pair_file.clone());
+            v.push(l.sealed_file.clone());
+            if let Some(s) = &l.standby {
+                v.push(s.pair_file.clone());
+                v.push(s.sealed_file.clone());
+            }
         }
         if let Some(k) = &self.signing {
             v.push(k.key_file.clone());
@@ -119,11 +151,14 @@ impl Manifest {
         v
     }
 
-    /// NV indices the manifest refers to.
+    /// NV indices the manifest refers to (levels and their standbys).
     pub fn nv_indices(&self) -> Vec<u32> {
-        let mut v = vec![self.landlord.nv_index];
-        if let Some(t) = &self.tenant {
-            v.push(t.nv_index);
+        let mut v = Vec::new();
+        for l in self.levels() {
+            v.push(l.nv_index);
+            if let Some(s) = &l.standby {
+                v.push(s.nv_index);
+            }
         }
         v
     }
@@ -153,6 +188,61 @@ pub(crate) struct LevelState {
     /// the tenant): from then on only the holder is given the public key (R8).
     #[serde(default)]
     pub owned: bool,
+    /// The next generation, made ahead of time so that a destroying
+    /// rotation only has to promote it (format 4; absent before).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub standby: Option<StandbyState>,
+}
+
+/// A level's next generation, complete in the TPM and on disk but not in
+/// use: generation and key generation one above the level's, a fresh pair
+/// and a fresh random symmetric key. Its public key is never handed out
+/// before it is promoted (R8).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StandbyState {
+    pub generation: u64,
+    pub key_generation: u64,
+    pub nv_index: u32,
+    pub pair_file: String,
+    pub sealed_file: String,
+    pub public_pem: String,
+    pub fingerprint: String,
+    #[serde(default)]
+    pub seal_pcrs: Vec<u8>,
+}
+
+impl StandbyState {
+    /// Keeps a freshly made generation as a standby.
+    pub fn from_level(l: LevelState) -> Self {
+        Self {
+            generation: l.generation,
+            key_generation: l.key_generation,
+            nv_index: l.nv_index,
+            pair_file: l.pair_file,
+            sealed_file: l.sealed_file,
+            public_pem: l.public_pem,
+            fingerprint: l.fingerprint,
+            seal_pcrs: l.seal_pcrs,
+        }
+    }
+
+    /// The level it becomes, carrying over the holder's name and ownership.
+    pub fn promote(self, name: Option<String>, owned: bool) -> LevelState {
+        LevelState {
+            generation: self.generation,
+            key_generation: self.key_generation,
+            nv_index: self.nv_index,
+            pair_file: self.pair_file,
+            sealed_file: self.sealed_file,
+            public_pem: self.public_pem,
+            fingerprint: self.fingerprint,
+            seal_pcrs: self.seal_pcrs,
+            name,
+            owned,
+            standby: None,
+        }
+    }
 }
 
 /// The node signing key. It depends on no generation secret, so it stays
@@ -370,7 +460,10 @@ impl StateDir {
         })?;
         // The fields belong to their formats: a mix is not something we wrote.
         let modern = m.format >= EPOCH_FORMAT;
-        if (!modern && (m.epoch.is_some() || m.intent.is_some())) || (modern && m.erasing.is_some())
+        let standby = m.levels().any(|l| l.standby.is_some());
+        if (!modern && (m.epoch.is_some() || m.intent.is_some()))
+            || (modern && m.erasing.is_some())
+            || (m.format < STANDBY_FORMAT && standby)
         {
             return Err(KeyError::CorruptState {
                 path,
@@ -507,6 +600,7 @@ mod tests {
                 seal_pcrs: vec![],
                 name: None,
                 owned: false,
+                standby: None,
             },
             tenant: None,
             consoles: vec![],
@@ -672,6 +766,67 @@ mod tests {
         assert!(missing.read_manifest().unwrap().is_none());
         assert!(missing.entries().unwrap().is_empty());
         assert!(!d.path().join("missing").exists());
+    }
+
+    fn with_standby() -> Manifest {
+        let mut m = sample();
+        m.landlord.standby = Some(StandbyState {
+            generation: 2,
+            key_generation: 2,
+            nv_index: 0x014c4802,
+            pair_file: "landlord-g2.pair".into(),
+            sealed_file: "landlord-g2.sealed".into(),
+            public_pem: "pem2".into(),
+            fingerprint: "fp2".into(),
+            seal_pcrs: vec![],
+        });
+        m
+    }
+
+    #[test]
+    fn standby_is_named_and_round_trips() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::open(d.path()).unwrap();
+        let m = with_standby();
+        assert_eq!(m.nv_indices(), vec![0x014c4801, 0x014c4802]);
+        assert!(m.files().contains(&"landlord-g2.sealed".to_string()));
+        s.write_manifest(&m).unwrap();
+        assert_eq!(s.read_manifest().unwrap().unwrap(), m);
+        // Without a standby the field is not written at all.
+        let text = serde_json::to_string(&sample()).unwrap();
+        assert!(!text.contains("standby"), "{text}");
+    }
+
+    #[test]
+    fn format_3_manifest_loads_and_may_not_carry_a_standby() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::open(d.path()).unwrap();
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v["format"] = 3.into();
+        fs::write(s.manifest_path(), v.to_string()).unwrap();
+        let m = s.read_manifest().unwrap().unwrap();
+        assert_eq!(m.format, 3);
+        assert!(m.landlord.standby.is_none());
+        let mut v = serde_json::to_value(with_standby()).unwrap();
+        v["format"] = 3.into();
+        fs::write(s.manifest_path(), v.to_string()).unwrap();
+        assert!(matches!(
+            s.read_manifest(),
+            Err(KeyError::CorruptState { .. })
+        ));
+    }
+
+    #[test]
+    fn promoted_standby_keeps_holder_and_drops_nothing_else() {
+        let s = with_standby().landlord.standby.unwrap();
+        let l = s.clone().promote(Some("acme".into()), true);
+        assert_eq!(
+            (l.generation, l.key_generation, l.nv_index),
+            (2, 2, 0x014c4802)
+        );
+        assert_eq!((l.name.as_deref(), l.owned), (Some("acme"), true));
+        assert!(l.standby.is_none());
+        assert_eq!(StandbyState::from_level(l), s);
     }
 
     #[test]
