@@ -223,4 +223,7 @@ impl KeyStore for KeyBackend {
         let data = data.to_vec();
         self.run(move |k| k.sign(&data))
     }
+    fn prepare_standby(&mut self) -> Result<usize, KeyError> {
+        self.run(|k| k.prepare_standby())
+    }
 }

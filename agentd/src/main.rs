@@ -105,7 +105,8 @@ impl AgentError {
                 | KeyError::StaleState { .. }
                 | KeyError::SymlinkInState { .. }
                 | KeyError::UnfinishedLegacyChange { .. }
-                | KeyError::SigningKeyUnusable { .. } => exit::DATA,
+                | KeyError::SigningKeyUnusable { .. }
+                | KeyError::StandbyErased { .. } => exit::DATA,
                 _ => exit::SOFTWARE,
             },
         }
