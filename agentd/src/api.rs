@@ -284,7 +284,11 @@ impl Ctx {
     ) -> Result<u32, Error> {
         let mut details = vec![("method", method)];
         details.extend_from_slice(extra);
-        self.auth.check(hdr, action, &details, allow_root).await
+        // The in-flight permit stays with the call until it is answered.
+        self.auth
+            .check(hdr, action, &details, allow_root)
+            .await?
+            .hold()
     }
 
     async fn register_console(

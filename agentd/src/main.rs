@@ -173,11 +173,13 @@ async fn run(args: &Args) -> Result<(), AgentError> {
     };
 
     let interval = std::time::Duration::from_secs(cfg.boundary.check_interval_secs);
+    let auth_timeout = std::time::Duration::from_millis(cfg.dbus.auth_timeout_ms);
     let result = serve(
         key_cfg,
         cfg.storage.clone(),
         args.oneshot,
         interval,
+        auth_timeout,
         async move {
             tokio::select! {
                 _ = term.recv() => "SIGTERM",
@@ -202,6 +204,7 @@ async fn serve(
     storage: config::StorageSection,
     oneshot: bool,
     check_interval: std::time::Duration,
+    auth_timeout: std::time::Duration,
     stop: impl std::future::Future<Output = &'static str>,
 ) -> Result<(), AgentError> {
     let state_dir = key_cfg.state_dir.clone();
@@ -301,6 +304,7 @@ async fn serve(
             boundaries,
             volume.clone(),
             check_interval,
+            auth_timeout,
             &state_dir,
             stop,
         )
@@ -326,6 +330,7 @@ async fn serve_bus(
     boundaries: Arc<boundary::Boundaries>,
     volume: Arc<volume::Volume>,
     check_interval: std::time::Duration,
+    auth_timeout: std::time::Duration,
     state_dir: &Path,
     stop: impl std::future::Future<Output = &'static str>,
 ) -> Result<(), AgentError> {
@@ -335,7 +340,7 @@ async fn serve_bus(
         .map_err(AgentError::Bus)?;
     let ctx = Arc::new(api::Ctx {
         keys,
-        auth: auth::Authorizer::new(conn.clone()),
+        auth: auth::Authorizer::new(conn.clone(), auth_timeout),
         secrets: secrets::SecretStore::new(state_dir.join("secrets")),
         boundaries: boundaries.clone(),
         volume,
@@ -364,11 +369,11 @@ async fn serve_bus(
     }
     let server = conn.object_server();
     server
-        .at(OBJECT_PATH, api::LandlordApi(ctx.clone()))
+        .at(OBJECT_PATH, auth::Bounded(api::LandlordApi(ctx.clone())))
         .await
         .map_err(AgentError::Bus)?;
     server
-        .at(OBJECT_PATH, api::TenantApi(ctx))
+        .at(OBJECT_PATH, auth::Bounded(api::TenantApi(ctx)))
         .await
         .map_err(AgentError::Bus)?;
     conn.request_name(BUS_NAME).await.map_err(AgentError::Bus)?;
