@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 
+pub mod flood;
 pub mod markdown;
 pub mod matrix;
 
@@ -481,6 +482,21 @@ impl Lab {
             "org.freedesktop.PolicyKit1",
             "polkitd",
         ));
+    }
+
+    /// polkitd's pid (the mount-namespace wrappers exec it), to freeze it.
+    pub fn polkit_pid(&self) -> Option<u32> {
+        self.polkit.as_ref().map(Child::id)
+    }
+
+    /// agentd's pid (the namespace wrappers exec it).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
+    /// The lab's own connection (root), on the lab's runtime.
+    pub fn conn(&self) -> &zbus::Connection {
+        &self.conn
     }
 
     pub fn stop_polkit(&mut self) {

@@ -384,3 +384,32 @@ pub const MATRIX: &[Case] = &[
         Setup::AssignedBoundary,
     ),
 ];
+
+/// Who receives a signal of the agent. Columns as in [`MATRIX`]: root,
+/// landlord, tenant, outsider. The bus policy delivers each interface's
+/// signals to its role only; the landlord's `KeysChanged` also reports
+/// tenant key changes, so root needs no tenant signal.
+pub struct SignalCase {
+    pub interface: &'static str,
+    pub member: &'static str,
+    pub receive: [bool; 4],
+}
+
+/// Every signal the agent emits.
+pub const SIGNALS: &[SignalCase] = &[
+    SignalCase {
+        interface: L,
+        member: "KeysChanged",
+        receive: [true, true, false, false],
+    },
+    SignalCase {
+        interface: L,
+        member: "BoundaryRestored",
+        receive: [true, true, false, false],
+    },
+    SignalCase {
+        interface: T,
+        member: "KeysChanged",
+        receive: [false, false, true, false],
+    },
+];
