@@ -192,7 +192,9 @@ enum Stop {
 }
 
 impl Authorizer {
-    /// `timeout` bounds the authorization of each call.
+    /// `conn` is used for the outgoing calls (bus, polkit): best a
+    /// connection of its own, so their replies do not queue behind incoming
+    /// calls. `timeout` bounds the authorization of each call.
     pub fn new(conn: Connection, timeout: Duration) -> Self {
         Self {
             conn,

@@ -338,9 +338,15 @@ async fn serve_bus(
         .build()
         .await
         .map_err(AgentError::Bus)?;
+    // Authorization asks the bus and polkit over a connection of its own:
+    // their answers never queue behind the calls callers send the agent.
+    let auth_conn = zbus::connection::Builder::system()
+        .build()
+        .await
+        .map_err(AgentError::Bus)?;
     let ctx = Arc::new(api::Ctx {
         keys,
-        auth: auth::Authorizer::new(conn.clone(), auth_timeout),
+        auth: auth::Authorizer::new(auth_conn, auth_timeout),
         secrets: secrets::SecretStore::new(state_dir.join("secrets")),
         boundaries: boundaries.clone(),
         volume,

@@ -64,7 +64,7 @@ fn main() {
         ),
         (
             "tenant calls during an outsider flood, 1 client",
-            &run.tenant,
+            run.tenant.as_ref().unwrap(),
         ),
     ] {
         assert_eq!(v["errors"].as_array().map(Vec::len), Some(0), "{v}");
@@ -91,6 +91,28 @@ fn main() {
         flood.big_mib,
         run.agent_rss_kib.0,
         run.agent_rss_kib.1,
+    )
+    .unwrap();
+    // The same flood from a member of leasehold-tenant: it passes the bus
+    // policy and reaches the agent, which answers Busy beyond 8 in flight.
+    let member = leasehold_tests::flood::during_flood(&lab, Who::Tenant, 1000, flood);
+    let v = &member.landlord;
+    assert_eq!(v["errors"].as_array().map(Vec::len), Some(0), "{v}");
+    writeln!(
+        out,
+        "\n| load | calls | p50 | p99 | max | throughput |\n|---|---|---|---|---|---|\n\
+         | landlord calls during the same flood by a leasehold-tenant member, 1 client | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.0}/s |\n\n\
+         Member flood: {} waves; outcomes {} (reached the agent; Busy beyond 8 calls in flight). \
+         agentd RSS {} KiB before, {} KiB after.",
+        v["calls"],
+        v["p50_ms"].as_f64().unwrap(),
+        v["p99_ms"].as_f64().unwrap(),
+        v["max_ms"].as_f64().unwrap(),
+        v["throughput_per_s"].as_f64().unwrap(),
+        member.flood["waves"],
+        member.flood["results"],
+        member.agent_rss_kib.0,
+        member.agent_rss_kib.1,
     )
     .unwrap();
     print!("{out}");

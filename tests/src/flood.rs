@@ -31,8 +31,9 @@ impl Flood {
 pub struct FloodRun {
     /// `lh-dbus-probe bench` JSON of the landlord's calls.
     pub landlord: serde_json::Value,
-    /// The same for the tenant's calls.
-    pub tenant: serde_json::Value,
+    /// The same for the tenant's calls (none when the tenant floods: its
+    /// own calls share its in-flight bound).
+    pub tenant: Option<serde_json::Value>,
     /// The flood's own report: waves, outcome counts.
     pub flood: serde_json::Value,
     /// agentd's resident set before and at the end of the flood, KiB.
@@ -54,10 +55,16 @@ fn rss_kib(pid: u32) -> u64 {
 /// time, as the tenant, while the outsider floods. The node must be
 /// assigned (the tenant's NodeInfo needs a tenant).
 pub fn during_outsider_flood(lab: &Lab, calls: usize, flood: Flood) -> FloodRun {
+    during_flood(lab, Who::Outsider, calls, flood)
+}
+
+/// Like [`during_outsider_flood`], with `flooder` flooding (the tenant's
+/// calls are measured only when someone else floods).
+pub fn during_flood(lab: &Lab, flooder: Who, calls: usize, flood: Flood) -> FloodRun {
     let pid = lab.agent_pid().expect("agent running");
     let before = rss_kib(pid);
     let mut f = lab
-        .command(Who::Outsider, &bin("lh-dbus-probe"))
+        .command(flooder, &bin("lh-dbus-probe"))
         .args([
             "flood",
             &flood.conns.to_string(),
@@ -76,8 +83,13 @@ pub fn during_outsider_flood(lab: &Lab, calls: usize, flood: Flood) -> FloodRun 
     let n = calls.to_string();
     let (landlord, tenant) = std::thread::scope(|s| {
         let l = s.spawn(|| lab.run(Who::Landlord, "lh-dbus-probe", &["bench", &n, "1"]));
-        let t = s.spawn(|| lab.run(Who::Tenant, "lh-dbus-probe", &["bench", &n, "1", "tenant"]));
-        (l.join().unwrap().ok().json(), t.join().unwrap().ok().json())
+        let t = (flooder != Who::Tenant).then(|| {
+            s.spawn(|| lab.run(Who::Tenant, "lh-dbus-probe", &["bench", &n, "1", "tenant"]))
+        });
+        (
+            l.join().unwrap().ok().json(),
+            t.map(|t| t.join().unwrap().ok().json()),
+        )
     });
     let after = rss_kib(pid);
     // Closing stdin ends the flood; it then reports.

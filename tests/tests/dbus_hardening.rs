@@ -312,11 +312,12 @@ fn dbus_outsider_flood_does_not_reach_the_agent_nor_slow_its_users() {
         300,
         leasehold_tests::flood::Flood::DEFAULT,
     );
+    let tenant = run.tenant.as_ref().unwrap();
     eprintln!(
-        "landlord: {}\ntenant: {}\nflood: {}\nagent RSS: {:?} KiB",
-        run.landlord, run.tenant, run.flood, run.agent_rss_kib
+        "landlord: {}\ntenant: {tenant}\nflood: {}\nagent RSS: {:?} KiB",
+        run.landlord, run.flood, run.agent_rss_kib
     );
-    for (who, v) in [("landlord", &run.landlord), ("tenant", &run.tenant)] {
+    for (who, v) in [("landlord", &run.landlord), ("tenant", tenant)] {
         assert_eq!(
             v["errors"].as_array().map(Vec::len),
             Some(0),
@@ -347,6 +348,50 @@ fn dbus_outsider_flood_does_not_reach_the_agent_nor_slow_its_users() {
     let (before, after) = run.agent_rss_kib;
     assert!(
         after < before + 64 * 1024,
+        "agent RSS grew from {before} to {after} KiB"
+    );
+    assert!(lab.agent_alive());
+}
+
+#[test]
+fn dbus_member_flood_is_bounded_per_user() {
+    // A member of leasehold-tenant passes the bus policy: its flood reaches
+    // the agent, which answers Busy beyond 8 calls in flight; the landlord
+    // is not disturbed.
+    let mut lab = Lab::start();
+    lab.run(Who::Landlord, "landlordctl", &["assign", "acme"])
+        .ok();
+    let run = leasehold_tests::flood::during_flood(
+        &lab,
+        Who::Tenant,
+        300,
+        leasehold_tests::flood::Flood::DEFAULT,
+    );
+    eprintln!(
+        "landlord: {}\nflood: {}\nagent RSS: {:?} KiB",
+        run.landlord, run.flood, run.agent_rss_kib
+    );
+    let v = &run.landlord;
+    assert_eq!(v["errors"].as_array().map(Vec::len), Some(0), "{v}");
+    let p99 = v["p99_ms"].as_f64().unwrap();
+    assert!(
+        p99 < 1000.0,
+        "landlord p99 {p99} ms during the tenant's flood"
+    );
+    let results = run.flood["results"].as_object().unwrap();
+    let n = |k: &str| results.get(k).and_then(|n| n.as_u64()).unwrap_or(0);
+    assert!(n("org.leasehold.Error.Busy") > 0, "{}", run.flood);
+    // Everything else is an answer of the agent's, never a bus limit.
+    for k in results.keys() {
+        assert!(
+            k.starts_with("org.leasehold.Error.") || k == "ok",
+            "unexpected outcome {k}: {}",
+            run.flood
+        );
+    }
+    let (before, after) = run.agent_rss_kib;
+    assert!(
+        after < before + 128 * 1024,
         "agent RSS grew from {before} to {after} KiB"
     );
     assert!(lab.agent_alive());
