@@ -41,7 +41,7 @@ use zbus_polkit::policykit1::{AuthorityProxy, CheckAuthorizationFlags, Subject};
 /// Default bound on the authorization of one call (identity, groups, polkit).
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 /// Calls one uid may have in flight (authorized and not yet answered).
-pub const MAX_IN_FLIGHT_PER_UID: usize = 8;
+pub const MAX_IN_FLIGHT_PER_UID: usize = 16;
 /// Outgoing authorization calls (bus, polkit, group look-ups) at once.
 /// dbus-daemon refuses a connection more than `max_replies_per_connection`
 /// pending calls (128 on the system bus) with `LimitsExceeded`.

@@ -41,6 +41,11 @@ fn main() {
             )
             .ok();
         let v = r.json();
+        assert_eq!(
+            v["errors"].as_array().map(Vec::len),
+            Some(0),
+            "{label}: {v}"
+        );
         writeln!(
             out,
             "| {label} | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.0}/s |",
@@ -94,7 +99,7 @@ fn main() {
     )
     .unwrap();
     // The same flood from a member of leasehold-tenant: it passes the bus
-    // policy and reaches the agent, which answers Busy beyond 8 in flight.
+    // policy and reaches the agent, which answers Busy beyond 16 in flight.
     let member = leasehold_tests::flood::during_flood(&lab, Who::Tenant, 1000, flood);
     let v = &member.landlord;
     assert_eq!(v["errors"].as_array().map(Vec::len), Some(0), "{v}");
@@ -102,7 +107,7 @@ fn main() {
         out,
         "\n| load | calls | p50 | p99 | max | throughput |\n|---|---|---|---|---|---|\n\
          | landlord calls during the same flood by a leasehold-tenant member, 1 client | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.0}/s |\n\n\
-         Member flood: {} waves; outcomes {} (reached the agent; Busy beyond 8 calls in flight). \
+         Member flood: {} waves; outcomes {} (reached the agent; Busy beyond 16 calls in flight). \
          agentd RSS {} KiB before, {} KiB after.",
         v["calls"],
         v["p50_ms"].as_f64().unwrap(),

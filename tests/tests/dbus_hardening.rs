@@ -19,7 +19,7 @@ const T: &str = "org.leasehold.Tenant1";
 /// `[dbus] auth_timeout_ms`, default 5000).
 const AUTH_TIMEOUT: Duration = Duration::from_millis(5000);
 /// docs/dbus.md: calls one user may have in flight.
-const MAX_IN_FLIGHT: u64 = 8;
+const MAX_IN_FLIGHT: u64 = 16;
 
 /// A listener (`lh-dbus-probe listen`) running as one user.
 struct Listener {
@@ -262,7 +262,7 @@ fn dbus_polkit_frozen_fails_closed_within_bound_and_busy_beyond_in_flight() {
         "{took:?}"
     );
 
-    // 3 x the in-flight bound at once: the first 8 wait on polkit (and time
+    // 3 x the in-flight bound at once: the first 16 wait on polkit (and time
     // out), the rest are answered Busy at once.
     let n = 3 * MAX_IN_FLIGHT;
     let r = lab
@@ -356,7 +356,7 @@ fn dbus_outsider_flood_does_not_reach_the_agent_nor_slow_its_users() {
 #[test]
 fn dbus_member_flood_is_bounded_per_user() {
     // A member of leasehold-tenant passes the bus policy: its flood reaches
-    // the agent, which answers Busy beyond 8 calls in flight; the landlord
+    // the agent, which answers Busy beyond 16 calls in flight; the landlord
     // is not disturbed.
     let mut lab = Lab::start();
     lab.run(Who::Landlord, "landlordctl", &["assign", "acme"])
