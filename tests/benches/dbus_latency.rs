@@ -20,6 +20,10 @@ fn main() {
     )
     .unwrap();
     out.push_str(&leasehold_tests::markdown::machine());
+    // The host is shared: say how busy it was.
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    writeln!(out, "- load average at start: {}", load.join(" ")).unwrap();
     writeln!(
         out,
         "- stack: private dbus-daemon (system config), polkitd 122 with the shipped rules, agentd --dev (swtpm); \
