@@ -1,262 +1,281 @@
-//! The D-Bus interfaces. Handlers are thin: authorize in one place, run the
-//! operation on the key thread, convert the result. Errors are mapped to
-//! `org.leasehold.Error.*` only here.
+//! The D-Bus interfaces: adapters. Each method authorizes (one place,
+//! polkit), then either submits a command to the node controller or reads
+//! its snapshot or a backend's status, and converts the result. Errors are
+//! mapped to `org.leasehold.Error.*` only here.
 
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use leasehold_dbus_api::{
     actions, BoundaryInfo, Error, FlowVerdict, KeyChange, NodeInfo, PublicKey, SecretInfo,
     VolumeInfo, API_VERSION, OBJECT_PATH,
 };
-use leasehold_tpm::{Confirm, KeyError, Role};
+use leasehold_netpolicy::policy::parse_doc;
+use leasehold_netpolicy::BoundaryDoc;
+use leasehold_node::backend::Events;
+use leasehold_node::{
+    BoundaryApplied, BoundaryChange, Caller, ChangeReport, Command, FailureKind, Node, NodeError,
+    Outcome, Request, SignedReceipt,
+};
+use leasehold_tpm::{ChangeKind, KeyError, Role};
 use zbus::message::Header;
 use zbus::{interface, Connection};
 
 use crate::auth::Authorizer;
 use crate::boundary::{parse_flow, Boundaries, BoundaryError};
-use crate::keys::{Keys, KeysGone};
 use crate::power::{self, PowerAction};
-use crate::secrets::{SecretError, SecretStore};
-use crate::volume::{DiskKeyInfo, Volume, VolumeError};
-use leasehold_netpolicy::policy::parse_doc;
+use crate::secrets::SecretStore;
+use crate::volume::Volume;
 
-/// State shared by both interfaces.
+/// What both interfaces share.
 #[derive(Debug)]
 pub struct Ctx {
-    pub keys: Arc<Keys>,
+    /// The controller: every state change goes through it.
+    pub node: Arc<Node>,
+    /// polkit.
     pub auth: Authorizer,
-    pub secrets: SecretStore,
-    pub boundaries: Arc<crate::boundary::Boundaries>,
+    /// Boundary reads (status, explain).
+    pub boundaries: Arc<Boundaries>,
+    /// Volume reads (status).
     pub volume: Arc<Volume>,
-    pub state_dir: std::path::PathBuf,
+    /// Secret reads (list).
+    pub secrets: SecretStore,
 }
 
-/// Key generation of each link of the disk-key chain, widest first.
-fn generations(st: &leasehold_tpm::Status) -> Vec<(String, u64)> {
-    let mut g = vec![(Role::Landlord.to_string(), st.landlord.key_generation)];
-    if let Some(t) = &st.tenant {
-        g.push((Role::Tenant.to_string(), t.key_generation));
+fn key_error(e: KeyError) -> Error {
+    let msg = e.to_string();
+    match e {
+        KeyError::NotPermitted { .. } => Error::NotAuthorized(msg),
+        KeyError::ConfirmationRequired { .. } => Error::ConfirmationRequired(msg),
+        KeyError::NotAssigned => Error::NotAssigned(msg),
+        KeyError::Envelope(_)
+        | KeyError::InvalidName { .. }
+        | KeyError::InvalidConsoleKey { .. } => Error::InvalidArgument(msg),
+        KeyError::UnknownConsole { .. } => Error::NotFound(msg),
+        KeyError::Connect { .. } => Error::Unavailable(msg),
+        other => {
+            tracing::error!(error = %other, "key operation failed");
+            Error::Failed(msg)
+        }
     }
-    g
 }
 
-/// The disk key and what it was made from, from the key thread.
-pub async fn disk_key_info(keys: &Keys) -> Result<DiskKeyInfo, ApiError> {
-    let r = keys
-        .call(|k| {
-            let st = k.status();
-            k.disk_key().map(|d| DiskKeyInfo {
-                node_id: st.node_id.clone(),
-                key: zeroize::Zeroizing::new(d.expose_secret().to_vec()),
-                generations: generations(&st),
-            })
-        })
-        .await??;
-    Ok(r)
-}
-
-impl From<VolumeError> for ApiError {
-    fn from(e: VolumeError) -> Self {
-        let msg = e.to_string();
-        ApiError(match e {
-            VolumeError::Invalid(_) => Error::InvalidArgument(msg),
-            VolumeError::Storage(
-                leasehold_storage::StorageError::NotABlockDevice { .. }
-                | leasehold_storage::StorageError::Mounted { .. }
-                | leasehold_storage::StorageError::InUse { .. }
-                | leasehold_storage::StorageError::RootDisk { .. }
-                | leasehold_storage::StorageError::Signature { .. }
-                | leasehold_storage::StorageError::WrongKey(_),
-            ) => Error::InvalidArgument(format!("device: {msg}")),
-            other => {
-                tracing::error!(error = %other, "volume operation failed");
+/// The one conversion of controller errors to the wire.
+fn node_error(e: NodeError) -> Error {
+    let msg = e.to_string();
+    match e {
+        NodeError::Busy(_) => Error::Busy(msg),
+        NodeError::ConfirmationRequired(_) => Error::ConfirmationRequired(msg),
+        NodeError::Invalid { .. } => Error::InvalidArgument(msg),
+        NodeError::Keys(k) => key_error(k),
+        NodeError::Backend { source, .. } => match source.kind {
+            FailureKind::Invalid => Error::InvalidArgument(msg),
+            FailureKind::NotFound => Error::NotFound(msg),
+            FailureKind::Unavailable => Error::Unavailable(msg),
+            FailureKind::Failed => {
+                tracing::error!(error = %msg, "operation failed");
                 Error::Failed(msg)
             }
-        })
+        },
+        NodeError::Stopped => Error::Unavailable(msg),
     }
 }
 
-/// The signed statement of what a key change destroyed (docs/storage.md).
-#[derive(Debug, serde::Serialize)]
-struct Receipt {
-    format: u32,
-    node_id: String,
-    change: String,
-    role: String,
-    time: u64,
-    destroyed: Vec<String>,
-    key_generations_before: Vec<(String, u64)>,
-    key_generations_after: Vec<(String, u64)>,
-    volume: Option<crate::volume::Remade>,
-    volume_error: Option<String>,
-    /// Milliseconds from the request to the moment the old data was
-    /// unrecoverable: the volume closed (the kernel's copy of the disk key
-    /// wiped) and the TPM secret of the old key generation undefined.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    erased_ms: Option<u64>,
-    signer: String,
-}
-
-impl From<KeysGone> for ApiError {
-    fn from(e: KeysGone) -> Self {
-        ApiError(Error::Unavailable(e.to_string()))
+fn boundary_error(e: BoundaryError) -> Error {
+    let msg = e.to_string();
+    match e {
+        BoundaryError::Invalid(_) => Error::InvalidArgument(msg),
+        other => {
+            tracing::error!(error = %other, "boundary read failed");
+            Error::Failed(msg)
+        }
     }
 }
 
-/// Local wrapper so conversions live in this module.
-pub struct ApiError(pub Error);
+fn unexpected(o: &Outcome) -> Error {
+    tracing::error!(outcome = ?o, "the controller answered another command");
+    Error::Failed("internal error: unexpected outcome".into())
+}
 
-impl From<ApiError> for Error {
-    fn from(e: ApiError) -> Self {
-        e.0
+fn kind_name(k: ChangeKind) -> &'static str {
+    match k {
+        ChangeKind::Rotate => "rotate",
+        ChangeKind::Rekey => "rekey",
+        ChangeKind::Assign => "assign",
+        ChangeKind::Release => "release",
     }
 }
 
-impl From<KeyError> for ApiError {
-    fn from(e: KeyError) -> Self {
-        let msg = e.to_string();
-        ApiError(match e {
-            KeyError::NotPermitted { .. } => Error::NotAuthorized(msg),
-            KeyError::ConfirmationRequired { .. } => Error::ConfirmationRequired(msg),
-            KeyError::NotAssigned => Error::NotAssigned(msg),
-            KeyError::Envelope(_)
-            | KeyError::InvalidName { .. }
-            | KeyError::InvalidConsoleKey { .. } => Error::InvalidArgument(msg),
-            KeyError::UnknownConsole { .. } => Error::NotFound(msg),
-            KeyError::Connect { .. } => Error::Unavailable(msg),
-            other => {
-                tracing::error!(error = %other, "key operation failed");
-                Error::Failed(msg)
-            }
-        })
-    }
-}
-
-impl From<SecretError> for ApiError {
-    fn from(e: SecretError) -> Self {
-        ApiError(match e {
-            SecretError::NotFound(_) => Error::NotFound(e.to_string()),
-            other => {
-                tracing::error!(error = %other, "secret store failed");
-                Error::Failed(other.to_string())
-            }
-        })
-    }
-}
-
-impl From<BoundaryError> for ApiError {
-    fn from(e: BoundaryError) -> Self {
-        let msg = e.to_string();
-        ApiError(match e {
-            BoundaryError::Invalid(_) => Error::InvalidArgument(msg),
-            BoundaryError::Nft(leasehold_netpolicy::nft::ApplyError::Spawn(_)) => {
-                Error::Unavailable(msg)
-            }
-            other => {
-                tracing::error!(error = %other, "boundary operation failed");
-                Error::Failed(msg)
-            }
-        })
-    }
-}
-
-fn to_confirm(b: bool) -> Confirm {
-    if b {
-        Confirm::DestroyData
-    } else {
-        Confirm::No
-    }
-}
-
-fn change_dict(c: &leasehold_tpm::KeyChange) -> KeyChange {
+/// A key change on the wire (method result and `KeysChanged` body).
+fn change_dict(r: &ChangeReport) -> KeyChange {
+    let c = &r.change;
     KeyChange {
-        kind: Some(
-            match c.kind {
-                leasehold_tpm::ChangeKind::Rotate => "rotate",
-                leasehold_tpm::ChangeKind::Rekey => "rekey",
-                leasehold_tpm::ChangeKind::Assign => "assign",
-                leasehold_tpm::ChangeKind::Release => "release",
-            }
-            .to_owned(),
-        ),
+        kind: Some(kind_name(c.kind).to_owned()),
         role: Some(c.role.to_string()),
         generation_before: c.generation_before,
         generation_after: c.generation_after,
         data_destroyed: Some(c.data_destroyed),
         fingerprint: c.fingerprint_after.clone(),
-        ..Default::default()
+        receipt: r.receipt.as_ref().map(|s| s.body.clone()),
+        receipt_signature: r.receipt.as_ref().map(|s| s.signature.clone()),
+        warnings: Some(r.warnings.clone()),
     }
 }
 
-fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
-    if leasehold_tpm::valid_name(name) {
-        Ok(())
-    } else {
-        Err(ApiError(Error::InvalidArgument(format!(
-            "{what} {name:?}: use 1-64 characters of A-Z a-z 0-9 . _ - (not starting with . or -)"
-        ))))
-    }
+fn boundary_doc(document: &str, format: &str) -> Result<BoundaryDoc, Error> {
+    parse_doc(document, format).map_err(|e| Error::InvalidArgument(e.to_string()))
 }
 
-async fn emit(conn: &Connection, change: &KeyChange) {
-    // Landlords see every change; tenants see changes of tenant keys.
-    let mut ifaces = vec![leasehold_dbus_api::LANDLORD_INTERFACE];
-    if change.role.as_deref() == Some("tenant") {
-        ifaces.push(leasehold_dbus_api::TENANT_INTERFACE);
+/// Runs blocking work (file I/O, nft, big documents) off the async workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, Error> + Send + 'static,
+) -> Result<T, Error> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Failed(format!("worker task: {e}")))?
+}
+
+/// Reports committed changes on the bus and keeps receipts on disk.
+#[derive(Debug)]
+pub struct BusEvents {
+    /// The agent's bus connection.
+    pub conn: Connection,
+    /// Runtime to emit from (the controller thread is not a runtime thread).
+    pub rt: tokio::runtime::Handle,
+    /// `<state dir>/receipts`.
+    pub receipts: std::path::PathBuf,
+}
+
+impl Events for BusEvents {
+    fn store_receipt(&mut self, r: &SignedReceipt) -> Result<(), leasehold_node::Failure> {
+        let stored = serde_json::json!({ "receipt": r.body, "signature": r.signature }).to_string();
+        std::fs::create_dir_all(&self.receipts)
+            .and_then(|()| {
+                crate::fsutil::write_atomic(&self.receipts, &r.file_name, stored.as_bytes())
+            })
+            .map_err(|e| {
+                leasehold_node::Failure::failed(format!(
+                    "{}/{}: {e}",
+                    self.receipts.display(),
+                    r.file_name
+                ))
+            })
     }
-    for iface in ifaces {
-        if let Err(e) = conn
-            .emit_signal(None::<&str>, OBJECT_PATH, iface, "KeysChanged", &(change,))
-            .await
-        {
-            tracing::warn!(error = %e, "cannot emit KeysChanged");
+
+    fn keys_changed(&mut self, report: &ChangeReport) {
+        let change = change_dict(report);
+        // Landlords see every change; tenants see changes of tenant keys.
+        // Delivery is restricted to the roles by the bus policy.
+        let mut ifaces = vec![leasehold_dbus_api::LANDLORD_INTERFACE];
+        if report.change.role == Role::Tenant {
+            ifaces.push(leasehold_dbus_api::TENANT_INTERFACE);
         }
+        let conn = self.conn.clone();
+        self.rt.spawn(async move {
+            for iface in ifaces {
+                if let Err(e) = conn
+                    .emit_signal(None::<&str>, OBJECT_PATH, iface, "KeysChanged", &(&change,))
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot emit KeysChanged");
+                }
+            }
+        });
     }
 }
 
 impl Ctx {
-    /// Runs a boundary operation off the async threads (it runs nft).
-    async fn boundary<T: Send + 'static>(
+    /// The one place calls are authorized: polkit with the method name and
+    /// call-specific details. Root may act only as the landlord.
+    async fn authorize(
         &self,
-        f: impl FnOnce(&Boundaries) -> Result<T, BoundaryError> + Send + 'static,
-    ) -> Result<T, ApiError> {
-        let b = self.boundaries.clone();
-        tokio::task::spawn_blocking(move || f(&b))
-            .await
-            .map_err(|e| ApiError(Error::Failed(format!("boundary task: {e}"))))?
-            .map_err(ApiError::from)
+        hdr: &Header<'_>,
+        role: Role,
+        action: &str,
+        method: &str,
+        extra: &[(&str, &str)],
+    ) -> Result<Caller, Error> {
+        let mut details = vec![("method", method)];
+        details.extend_from_slice(extra);
+        // The in-flight permit stays with the call until it is answered.
+        let uid = self
+            .auth
+            .check(hdr, action, &details, role == Role::Landlord)
+            .await?
+            .hold()?;
+        Ok(Caller { role, uid })
     }
 
-    /// Refuses tenant calls while the node has no tenant.
-    async fn require_tenant(&self) -> Result<(), ApiError> {
-        let st = self.keys.call(|k| k.status()).await?;
-        if st.tenant.is_none() {
-            return Err(ApiError(Error::NotAssigned(
-                "the node is not assigned to a tenant".into(),
-            )));
+    /// Submits a change to the controller.
+    async fn submit(
+        &self,
+        caller: Caller,
+        received: SystemTime,
+        command: Command,
+    ) -> Result<Outcome, Error> {
+        self.node
+            .submit(Request {
+                caller,
+                command,
+                received,
+            })
+            .await
+            .map_err(node_error)
+    }
+
+    async fn key_change(
+        &self,
+        caller: Caller,
+        received: SystemTime,
+        command: Command,
+    ) -> Result<KeyChange, Error> {
+        match self.submit(caller, received, command).await? {
+            Outcome::Changed(r) => Ok(change_dict(&r)),
+            // Already so: an idempotent result, not an error.
+            Outcome::AlreadyReleased => Ok(KeyChange {
+                kind: Some("release".into()),
+                role: Some("tenant".into()),
+                data_destroyed: Some(false),
+                ..Default::default()
+            }),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn boundary_change(
+        &self,
+        caller: Caller,
+        change: BoundaryChange,
+    ) -> Result<BoundaryInfo, Error> {
+        let landlord = caller.role == Role::Landlord;
+        match self
+            .submit(caller, SystemTime::now(), Command::Boundary(change))
+            .await?
+        {
+            Outcome::Boundary(a) => self.boundary_info(landlord, a).await,
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    fn require_tenant(&self) -> Result<(), Error> {
+        if self.node.snapshot().status.tenant.is_none() {
+            return Err(key_error(KeyError::NotAssigned));
         }
         Ok(())
-    }
-
-    /// After an assignment or a release the sub-boundary belonged to the
-    /// previous tenant.
-    async fn tenant_changed(&self) {
-        if let Err(e) = self.boundary(|b| b.clear_sub()).await {
-            tracing::error!(error = %e.0.message(), "cannot clear the previous tenant's sub-boundary");
-        }
     }
 
     async fn boundary_info(
         &self,
         landlord: bool,
-        warnings: Vec<String>,
-        cut: Option<Vec<String>>,
-        peers_changed: Option<u32>,
-    ) -> Result<BoundaryInfo, ApiError> {
-        let mut info = self.boundary(move |b| Ok(b.info(landlord))).await?;
-        info.warnings = Some(warnings);
-        info.cut = cut;
-        info.peers_changed = peers_changed;
+        a: BoundaryApplied,
+    ) -> Result<BoundaryInfo, Error> {
+        let b = self.boundaries.clone();
+        let mut info = blocking(move || Ok(b.info(landlord))).await?;
+        info.warnings = Some(a.warnings);
+        info.cut = (!landlord).then_some(a.cut);
+        info.peers_changed = a
+            .peers_changed
+            .map(|n| u32::try_from(n).unwrap_or(u32::MAX));
         Ok(info)
     }
 
@@ -267,44 +286,16 @@ impl Ctx {
         proto: String,
         port: u16,
         landlord: bool,
-    ) -> Result<FlowVerdict, ApiError> {
-        let flow = parse_flow(&direction, &peer, &proto, port).map_err(BoundaryError::from)?;
-        self.boundary(move |b| b.explain(&flow, landlord)).await
+    ) -> Result<FlowVerdict, Error> {
+        let flow = parse_flow(&direction, &peer, &proto, port)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let b = self.boundaries.clone();
+        blocking(move || b.explain(&flow, landlord).map_err(boundary_error)).await
     }
 
-    /// The one place calls are authorized: polkit with the method name and
-    /// call-specific details.
-    async fn authorize(
-        &self,
-        hdr: &Header<'_>,
-        action: &str,
-        method: &str,
-        extra: &[(&str, &str)],
-        allow_root: bool,
-    ) -> Result<u32, Error> {
-        let mut details = vec![("method", method)];
-        details.extend_from_slice(extra);
-        // The in-flight permit stays with the call until it is answered.
-        self.auth
-            .check(hdr, action, &details, allow_root)
-            .await?
-            .hold()
-    }
-
-    async fn register_console(
-        &self,
-        role: Role,
-        name: String,
-        pem: String,
-    ) -> Result<String, ApiError> {
-        self.keys
-            .call(move |k| k.register_console(role, &name, &pem))
-            .await?
-            .map_err(ApiError::from)
-    }
-
-    async fn node_info(&self, role: Role) -> Result<NodeInfo, ApiError> {
-        let st = self.keys.call(|k| k.status()).await?;
+    fn node_info(&self, role: Role) -> NodeInfo {
+        let snap = self.node.snapshot();
+        let st = &snap.status;
         let mut info = NodeInfo {
             node_id: Some(st.node_id.clone()),
             tpm_kind: Some(
@@ -335,14 +326,15 @@ impl Ctx {
             info.tenant_key_generation = Some(t.key_generation);
             info.tenant_fingerprint = Some(t.fingerprint.clone());
         }
-        Ok(info)
+        info
     }
 
-    async fn public_key(&self, caller: Role, role: Role) -> Result<PublicKey, ApiError> {
+    fn public_key(&self, caller: Role, role: Role) -> Result<PublicKey, Error> {
         let pk = self
-            .keys
-            .call(move |k| k.public_key_as(caller, role))
-            .await??;
+            .node
+            .snapshot()
+            .public_key_as(caller, role)
+            .map_err(key_error)?;
         Ok(PublicKey {
             role: Some(role.to_string()),
             generation: Some(pk.generation),
@@ -351,269 +343,20 @@ impl Ctx {
         })
     }
 
-    /// Runs a key change, purges tenant secrets if it destroyed data, logs
-    /// and signals it.
-    async fn change(
-        &self,
-        conn: &Connection,
-        caller_uid: u32,
-        f: impl FnOnce(&mut leasehold_tpm::KeyHierarchy) -> Result<leasehold_tpm::KeyChange, KeyError>
-            + Send
-            + 'static,
-    ) -> Result<KeyChange, ApiError> {
-        self.volume_key_change(true).await?;
-        let r = self
-            .keys
-            .call(move |k| {
-                let before = generations(&k.status());
-                (before, f(k))
-            })
-            .await;
-        let (before, c) = match r {
-            Ok((before, Ok(c))) => (before, c),
-            Ok((_, Err(e))) => {
-                self.volume_key_change(false).await?;
-                return Err(e.into());
-            }
-            Err(e) => return Err(e.into()),
-        };
-        self.changed(conn, caller_uid, &c, before, None).await
+    fn receipt_key(&self) -> PublicKey {
+        let k = &self.node.snapshot().receipt_key;
+        PublicKey {
+            role: Some("node".into()),
+            generation: None,
+            pem: Some(k.pem.clone()),
+            fingerprint: Some(k.fingerprint.clone()),
+        }
     }
 
-    /// A destroying rotation of `role`'s keys, erase first: the volume is
-    /// closed (dm-crypt's copy of the disk key wiped) before the TPM
-    /// undefines the old generation's secret, which it does before it
-    /// generates the new pair; so the old data is unrecoverable within the
-    /// time of a few TPM commands, whatever key generation costs.
-    async fn rotate(
-        &self,
-        conn: &Connection,
-        caller_uid: u32,
-        role: Role,
-        confirm: bool,
-        requested: std::time::SystemTime,
-    ) -> Result<KeyChange, ApiError> {
-        if !confirm {
-            // Refused before the volume is touched.
-            return Err(KeyError::ConfirmationRequired {
-                action: "rotating a key pair with its symmetric key",
-            }
-            .into());
-        }
-        if role == Role::Tenant && self.keys.call(|k| k.status().tenant.is_none()).await? {
-            return Err(KeyError::NotAssigned.into());
-        }
+    async fn volume_info(&self) -> Result<VolumeInfo, Error> {
         let v = self.volume.clone();
-        let wiped = tokio::task::spawn_blocking(move || {
-            v.begin_key_change()?;
-            v.wipe()
-        })
-        .await
-        .map_err(|e| ApiError(Error::Failed(format!("volume task: {e}"))))?;
-        match wiped {
-            Ok(()) => {}
-            Err(e) => {
-                self.reopen_volume().await;
-                return Err(e.into());
-            }
-        };
-        let r = self
-            .keys
-            .call(move |k| {
-                let before = generations(&k.status());
-                (before, k.rotate(role, role, Confirm::DestroyData))
-            })
-            .await;
-        let (before, c) = match r {
-            Ok((before, Ok(c))) => (before, c),
-            Ok((_, Err(e))) => {
-                self.reopen_volume().await;
-                return Err(e.into());
-            }
-            Err(e) => return Err(e.into()),
-        };
-        self.changed(conn, caller_uid, &c, before, Some(requested))
-            .await
-    }
-
-    /// After a rotation failed: the volume opens again under the disk key
-    /// if it is still the old one. If the old key was already erased, it
-    /// stays closed and marked `rekeying`: the next start finishes the
-    /// rotation and makes it new.
-    async fn reopen_volume(&self) {
-        let k = match disk_key_info(&self.keys).await {
-            Ok(k) => k,
-            Err(e) => {
-                tracing::error!(error = %e.0, "the volume stays closed after a failed key change");
-                return;
-            }
-        };
-        let v = self.volume.clone();
-        let r = tokio::task::spawn_blocking(move || v.reopen(&k)).await;
-        match r {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "the volume stays closed after a failed key change")
-            }
-            Err(e) => tracing::error!(error = %e, "volume task"),
-        }
-    }
-
-    /// Marks the volume before a key change that may replace the disk key
-    /// (`begin`), or back to ready after one that did not.
-    async fn volume_key_change(&self, begin: bool) -> Result<(), ApiError> {
-        let v = self.volume.clone();
-        tokio::task::spawn_blocking(move || {
-            if begin {
-                v.begin_key_change()
-            } else {
-                v.end_key_change()
-            }
-        })
-        .await
-        .map_err(|e| ApiError(Error::Failed(format!("volume task: {e}"))))?
-        .map_err(ApiError::from)
-    }
-
-    /// After a key change: purges tenant secrets if it destroyed data,
-    /// remakes the volume if the disk key changed, signs an erase receipt,
-    /// logs and signals it.
-    async fn changed(
-        &self,
-        conn: &Connection,
-        caller_uid: u32,
-        c: &leasehold_tpm::KeyChange,
-        before: Vec<(String, u64)>,
-        requested: Option<std::time::SystemTime>,
-    ) -> Result<KeyChange, ApiError> {
-        if c.data_destroyed {
-            let n = self.secrets.purge()?;
-            if n > 0 {
-                tracing::info!(
-                    count = n,
-                    "purged tenant secrets after a destroying key change"
-                );
-            }
-        }
-        tracing::info!(uid = caller_uid, change = %c, "key change");
-        let mut d = change_dict(c);
-        let disk_key_changed = c.data_destroyed
-            || matches!(
-                c.kind,
-                leasehold_tpm::ChangeKind::Assign | leasehold_tpm::ChangeKind::Release
-            );
-        if disk_key_changed {
-            let (receipt, sig) = self.erase_receipt(c, before, requested).await?;
-            d.receipt = Some(receipt);
-            d.receipt_signature = Some(sig);
-        } else {
-            self.volume_key_change(false).await?;
-        }
-        emit(conn, &d).await;
-        Ok(d)
-    }
-
-    /// Remakes the volume under the new disk key and signs what was
-    /// destroyed. The receipt is also kept in the state dir (receipts/).
-    async fn erase_receipt(
-        &self,
-        c: &leasehold_tpm::KeyChange,
-        before: Vec<(String, u64)>,
-        requested: Option<std::time::SystemTime>,
-    ) -> Result<(String, String), ApiError> {
-        // The erase is complete when both the TPM secret and the kernel's
-        // copy of the key are gone; a rotation closed the volume first.
-        let erased_ms = requested.map(|r| {
-            let at = c.erased_at.unwrap_or_else(std::time::SystemTime::now);
-            at.duration_since(r)
-                .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-        });
-        if let Some(ms) = erased_ms {
-            tracing::info!(
-                millis = ms,
-                "old data unrecoverable (volume closed, TPM secret undefined)"
-            );
-        }
-        let k = disk_key_info(&self.keys).await?;
-        let after = k.generations.clone();
-        let node_id = k.node_id.clone();
-        let kind = change_dict(c).kind.unwrap_or_default();
-        let reason = format!("{kind} of {} keys", c.role);
-        let v = self.volume.clone();
-        let remade = tokio::task::spawn_blocking(move || v.remake(&k, &reason))
-            .await
-            .map_err(|e| ApiError(Error::Failed(format!("volume task: {e}"))))?;
-        let (volume, volume_error) = match remade {
-            Ok(r) => (r, None),
-            Err(e) => {
-                tracing::error!(error = %e, "the volume was not remade after the key change");
-                (None, Some(e.to_string()))
-            }
-        };
-        let mut destroyed = Vec::new();
-        let gens = |g: &[(String, u64)]| leasehold_storage::meta::generations_text(g);
-        if let Some(g) = c.key_generation_before.filter(|_| c.data_destroyed) {
-            destroyed.push(format!(
-                "{} key of key generation {g}: its TPM sealed object and the generation secret it depends on (NV index undefined)",
-                c.role
-            ));
-        }
-        destroyed.push(format!(
-            "disk key made from key generations {}",
-            gens(&before)
-        ));
-        if let Some(r) = &volume {
-            destroyed.push(format!(
-                "volume {} on {}: mapping wiped, new empty filesystem under the new disk key",
-                r.id, r.device
-            ));
-        }
-        if c.data_destroyed {
-            destroyed.push("the tenant's secret store".into());
-        }
-        let signer = self
-            .keys
-            .call(|k| k.signing_key().map(|s| s.fingerprint))
-            .await??;
-        let receipt = Receipt {
-            format: 1,
-            node_id,
-            change: kind,
-            role: c.role.to_string(),
-            time: std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-            destroyed,
-            key_generations_before: before,
-            key_generations_after: after,
-            volume,
-            volume_error,
-            erased_ms,
-            signer,
-        };
-        let body = serde_json::to_string(&receipt)
-            .map_err(|e| ApiError(Error::Failed(format!("receipt: {e}"))))?;
-        let bytes = body.clone().into_bytes();
-        let sig = self.keys.call(move |k| k.sign(&bytes)).await??;
-        use base64::Engine as _;
-        let sig = base64::engine::general_purpose::STANDARD.encode(sig);
-        let dir = self.state_dir.join("receipts");
-        let stored = serde_json::json!({ "receipt": body, "signature": sig }).to_string();
-        let name = format!("{}-{}-{}.json", receipt.time, receipt.change, receipt.role);
-        if let Err(e) = std::fs::create_dir_all(&dir)
-            .and_then(|()| crate::fsutil::write_atomic(&dir, &name, stored.as_bytes()))
-        {
-            tracing::error!(error = %e, "cannot store the erase receipt");
-        }
-        tracing::info!(receipt = %body, "erase receipt");
-        Ok((body, sig))
-    }
-
-    async fn volume_info(&self) -> Result<VolumeInfo, ApiError> {
-        let v = self.volume.clone();
-        let (m, rt, usage) = tokio::task::spawn_blocking(move || v.status())
-            .await
-            .map_err(|e| ApiError(Error::Failed(format!("volume task: {e}"))))??;
+        let (m, rt, usage) =
+            blocking(move || v.status().map_err(|e| Error::Failed(e.to_string()))).await?;
         let Some(m) = m else {
             return Ok(VolumeInfo {
                 state: Some("none".into()),
@@ -650,14 +393,61 @@ impl Ctx {
         })
     }
 
-    async fn receipt_key(&self) -> Result<PublicKey, ApiError> {
-        let k = self.keys.call(|k| k.signing_key()).await??;
-        Ok(PublicKey {
-            role: Some("node".into()),
-            generation: None,
-            pem: Some(k.pem),
-            fingerprint: Some(k.fingerprint),
-        })
+    // Methods both interfaces have, for `role`'s interface.
+
+    async fn rotate_keys(
+        &self,
+        hdr: &Header<'_>,
+        role: Role,
+        action: &str,
+        confirm: bool,
+    ) -> Result<KeyChange, Error> {
+        let received = SystemTime::now();
+        let caller = self.authorize(hdr, role, action, "RotateKeys", &[]).await?;
+        self.key_change(caller, received, Command::Rotate { role, confirm })
+            .await
+    }
+
+    async fn rekey_keys(
+        &self,
+        hdr: &Header<'_>,
+        role: Role,
+        action: &str,
+    ) -> Result<KeyChange, Error> {
+        let received = SystemTime::now();
+        let caller = self.authorize(hdr, role, action, "RekeyKeys", &[]).await?;
+        self.key_change(caller, received, Command::Rekey { role })
+            .await
+    }
+
+    async fn register_console_key(
+        &self,
+        hdr: &Header<'_>,
+        role: Role,
+        action: &str,
+        name: String,
+        pem: String,
+    ) -> Result<String, Error> {
+        let caller = self
+            .authorize(
+                hdr,
+                role,
+                action,
+                "RegisterConsoleKey",
+                &[("console", &leasehold_node::shown(&name))],
+            )
+            .await?;
+        match self
+            .submit(
+                caller,
+                SystemTime::now(),
+                Command::RegisterConsole { name, pem },
+            )
+            .await?
+        {
+            Outcome::ConsoleRegistered(fp) => Ok(fp),
+            other => Err(unexpected(&other)),
+        }
     }
 }
 
@@ -671,8 +461,10 @@ impl LandlordApi {
         action: &str,
         method: &str,
         extra: &[(&str, &str)],
-    ) -> Result<u32, Error> {
-        self.0.authorize(hdr, action, method, extra, true).await
+    ) -> Result<Caller, Error> {
+        self.0
+            .authorize(hdr, Role::Landlord, action, method, extra)
+            .await
     }
 
     async fn edit_peers(
@@ -683,36 +475,34 @@ impl LandlordApi {
         add: bool,
     ) -> Result<BoundaryInfo, Error> {
         let method = if add { "AddPeers" } else { "RemovePeers" };
-        let uid = self
+        let caller = self
             .auth(
                 &hdr,
                 actions::LANDLORD_BOUNDARY,
                 method,
-                &[("target", &target)],
+                &[("target", &leasehold_node::shown(&target))],
             )
             .await?;
-        let (n, warnings) = self
-            .0
-            .boundary(move |b| {
-                b.update(|p| {
-                    if add {
-                        p.add_peers(&target, &peers)
-                    } else {
-                        p.remove_peers(&target, &peers)
-                    }
-                })
-            })
-            .await?;
-        tracing::info!(uid, method, peers = n, "cluster boundary peers changed");
-        Ok(self
-            .0
-            .boundary_info(
-                true,
-                warnings,
-                None,
-                Some(u32::try_from(n).unwrap_or(u32::MAX)),
-            )
-            .await?)
+        self.0
+            .boundary_change(caller, BoundaryChange::EditPeers { target, peers, add })
+            .await
+    }
+
+    async fn power(
+        &self,
+        hdr: Header<'_>,
+        conn: &Connection,
+        action: &str,
+        method: &str,
+        what: PowerAction,
+    ) -> Result<(), Error> {
+        let caller = self.auth(&hdr, action, method, &[]).await?;
+        tracing::warn!(
+            uid = caller.uid,
+            method,
+            "power action requested by the landlord"
+        );
+        power::run(conn, what).await
     }
 }
 
@@ -721,7 +511,7 @@ impl LandlordApi {
     async fn node_info(&self, #[zbus(header)] hdr: Header<'_>) -> Result<NodeInfo, Error> {
         self.auth(&hdr, actions::LANDLORD_READ, "NodeInfo", &[])
             .await?;
-        Ok(self.0.node_info(Role::Landlord).await?)
+        Ok(self.0.node_info(Role::Landlord))
     }
 
     async fn get_public_key(
@@ -733,127 +523,76 @@ impl LandlordApi {
             &hdr,
             actions::LANDLORD_READ,
             "GetPublicKey",
-            &[("role", &role)],
+            &[("role", &leasehold_node::shown(&role))],
         )
         .await?;
-        let role: Role = role
-            .parse()
-            .map_err(|e: String| Error::InvalidArgument(format!("role: {e}")))?;
-        Ok(self.0.public_key(Role::Landlord, role).await?)
+        let role: Role = role.parse().map_err(|_| {
+            Error::InvalidArgument(format!(
+                "role: {}: use landlord or tenant",
+                leasehold_node::shown(&role)
+            ))
+        })?;
+        self.0.public_key(Role::Landlord, role)
     }
 
     async fn assign_tenant(
         &self,
         #[zbus(header)] hdr: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
         name: String,
         console_key: String,
         confirm: bool,
     ) -> Result<KeyChange, Error> {
-        let uid = self
+        let received = SystemTime::now();
+        let caller = self
             .auth(
                 &hdr,
                 actions::LANDLORD_ASSIGN,
                 "AssignTenant",
-                &[("tenant", &name)],
+                &[("tenant", &leasehold_node::shown(&name))],
             )
             .await?;
-        check_name("name", &name)?;
-        if !console_key.is_empty() {
-            // Validate before anything changes: no partial state.
-            leasehold_tpm::envelope::RecipientKey::from_pem(&console_key)
-                .map_err(|e| Error::InvalidArgument(format!("console_key: {e}")))?;
-        }
-        let c = to_confirm(confirm);
-        let change = self
-            .0
-            .change(conn, uid, move |k| {
-                let change = k.assign_tenant(Role::Landlord, &name, c)?;
-                if !console_key.is_empty() {
-                    // The key was validated above; registration can only fail on I/O.
-                    k.register_console(Role::Tenant, "initial", &console_key)?;
-                }
-                Ok(change)
-            })
-            .await?;
-        self.0.tenant_changed().await;
-        Ok(change)
+        let console_key = (!console_key.is_empty()).then_some(console_key);
+        self.0
+            .key_change(
+                caller,
+                received,
+                Command::Assign {
+                    name,
+                    console_key,
+                    confirm,
+                },
+            )
+            .await
     }
 
     async fn release_tenant(
         &self,
         #[zbus(header)] hdr: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
         confirm: bool,
     ) -> Result<KeyChange, Error> {
-        let uid = self
+        let received = SystemTime::now();
+        let caller = self
             .auth(&hdr, actions::LANDLORD_ASSIGN, "ReleaseTenant", &[])
             .await?;
-        let c = to_confirm(confirm);
-        self.0.volume_key_change(true).await?;
-        let (before, r) = self
-            .0
-            .keys
-            .call(move |k| {
-                let before = generations(&k.status());
-                (before, k.release_tenant(Role::Landlord, c))
-            })
+        self.0
+            .key_change(caller, received, Command::Release { confirm })
             .await
-            .map_err(ApiError::from)?;
-        let r = match r {
-            Ok(r) => r,
-            Err(e) => {
-                self.0.volume_key_change(false).await?;
-                return Err(ApiError::from(e).into());
-            }
-        };
-        if r.is_none() {
-            self.0.volume_key_change(false).await?;
-        }
-        match r {
-            Some(change) => {
-                self.0.secrets.purge().map_err(ApiError::from)?;
-                self.0.tenant_changed().await;
-                Ok(self.0.changed(conn, uid, &change, before, None).await?)
-            }
-            // Already released: an idempotent result, not an error.
-            None => Ok(KeyChange {
-                kind: Some("release".into()),
-                role: Some("tenant".into()),
-                data_destroyed: Some(false),
-                ..Default::default()
-            }),
-        }
     }
 
     async fn rotate_keys(
         &self,
         #[zbus(header)] hdr: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
         confirm: bool,
     ) -> Result<KeyChange, Error> {
-        let requested = std::time::SystemTime::now();
-        let uid = self
-            .auth(&hdr, actions::LANDLORD_KEYS, "RotateKeys", &[])
-            .await?;
-        Ok(self
-            .0
-            .rotate(conn, uid, Role::Landlord, confirm, requested)
-            .await?)
+        self.0
+            .rotate_keys(&hdr, Role::Landlord, actions::LANDLORD_KEYS, confirm)
+            .await
     }
 
-    async fn rekey_keys(
-        &self,
-        #[zbus(header)] hdr: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
-    ) -> Result<KeyChange, Error> {
-        let uid = self
-            .auth(&hdr, actions::LANDLORD_KEYS, "RekeyKeys", &[])
-            .await?;
-        Ok(self
-            .0
-            .change(conn, uid, |k| k.rekey(Role::Landlord, Role::Landlord))
-            .await?)
+    async fn rekey_keys(&self, #[zbus(header)] hdr: Header<'_>) -> Result<KeyChange, Error> {
+        self.0
+            .rekey_keys(&hdr, Role::Landlord, actions::LANDLORD_KEYS)
+            .await
     }
 
     async fn register_console_key(
@@ -862,14 +601,9 @@ impl LandlordApi {
         name: String,
         pem: String,
     ) -> Result<String, Error> {
-        self.auth(
-            &hdr,
-            actions::LANDLORD_KEYS,
-            "RegisterConsoleKey",
-            &[("console", &name)],
-        )
-        .await?;
-        Ok(self.0.register_console(Role::Landlord, name, pem).await?)
+        self.0
+            .register_console_key(&hdr, Role::Landlord, actions::LANDLORD_KEYS, name, pem)
+            .await
     }
 
     async fn reboot(
@@ -877,11 +611,14 @@ impl LandlordApi {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), Error> {
-        let uid = self
-            .auth(&hdr, actions::LANDLORD_REBOOT, "Reboot", &[])
-            .await?;
-        tracing::warn!(uid, "reboot requested by the landlord");
-        power::run(conn, PowerAction::Reboot).await
+        self.power(
+            hdr,
+            conn,
+            actions::LANDLORD_REBOOT,
+            "Reboot",
+            PowerAction::Reboot,
+        )
+        .await
     }
 
     async fn power_off(
@@ -889,11 +626,14 @@ impl LandlordApi {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), Error> {
-        let uid = self
-            .auth(&hdr, actions::LANDLORD_POWEROFF, "PowerOff", &[])
-            .await?;
-        tracing::warn!(uid, "power-off requested by the landlord");
-        power::run(conn, PowerAction::PowerOff).await
+        self.power(
+            hdr,
+            conn,
+            actions::LANDLORD_POWEROFF,
+            "PowerOff",
+            PowerAction::PowerOff,
+        )
+        .await
     }
 
     async fn suspend(
@@ -901,11 +641,14 @@ impl LandlordApi {
         #[zbus(header)] hdr: Header<'_>,
         #[zbus(connection)] conn: &Connection,
     ) -> Result<(), Error> {
-        let uid = self
-            .auth(&hdr, actions::LANDLORD_SUSPEND, "Suspend", &[])
-            .await?;
-        tracing::warn!(uid, "suspend requested by the landlord");
-        power::run(conn, PowerAction::Suspend).await
+        self.power(
+            hdr,
+            conn,
+            actions::LANDLORD_SUSPEND,
+            "Suspend",
+            PowerAction::Suspend,
+        )
+        .await
     }
 
     async fn set_boundary(
@@ -914,23 +657,19 @@ impl LandlordApi {
         document: String,
         format: String,
     ) -> Result<BoundaryInfo, Error> {
-        let uid = self
+        let caller = self
             .auth(&hdr, actions::LANDLORD_BOUNDARY, "SetBoundary", &[])
             .await?;
-        let doc =
-            parse_doc(&document, &format).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        let warnings = self
-            .0
-            .boundary(move |b| Ok(b.update(|p| p.set_cluster(doc))?.1))
-            .await?;
-        tracing::info!(uid, "cluster boundary set");
-        Ok(self.0.boundary_info(true, warnings, None, None).await?)
+        let doc = blocking(move || boundary_doc(&document, &format)).await?;
+        self.0
+            .boundary_change(caller, BoundaryChange::SetCluster(doc))
+            .await
     }
 
     async fn get_boundary(&self, #[zbus(header)] hdr: Header<'_>) -> Result<BoundaryInfo, Error> {
         self.auth(&hdr, actions::LANDLORD_READ, "GetBoundary", &[])
             .await?;
-        Ok(self.0.boundary_info(true, Vec::new(), None, None).await?)
+        self.0.boundary_info(true, BoundaryApplied::default()).await
     }
 
     async fn add_peers(
@@ -957,22 +696,18 @@ impl LandlordApi {
         document: String,
         format: String,
     ) -> Result<BoundaryInfo, Error> {
-        let uid = self
+        let caller = self
             .auth(&hdr, actions::LANDLORD_BOUNDARY, "SetFailsafe", &[])
             .await?;
-        let doc =
-            parse_doc(&document, &format).map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let doc = blocking(move || boundary_doc(&document, &format)).await?;
         if !doc.allow.is_empty() || !doc.groups.is_empty() {
             return Err(Error::InvalidArgument(
                 "document: a failsafe document has only [[failsafe]] entries".into(),
             ));
         }
-        let warnings = self
-            .0
-            .boundary(move |b| Ok(b.update(|p| p.set_failsafe(doc.failsafe))?.1))
-            .await?;
-        tracing::info!(uid, "failsafe set");
-        Ok(self.0.boundary_info(true, warnings, None, None).await?)
+        self.0
+            .boundary_change(caller, BoundaryChange::SetFailsafe(doc.failsafe))
+            .await
     }
 
     async fn explain_flow(
@@ -985,7 +720,7 @@ impl LandlordApi {
     ) -> Result<FlowVerdict, Error> {
         self.auth(&hdr, actions::LANDLORD_READ, "ExplainFlow", &[])
             .await?;
-        Ok(self.0.explain(direction, peer, proto, port, true).await?)
+        self.0.explain(direction, peer, proto, port, true).await
     }
 
     async fn init_volume(
@@ -995,40 +730,42 @@ impl LandlordApi {
         force: bool,
         confirm: bool,
     ) -> Result<VolumeInfo, Error> {
-        let uid = self
+        let caller = self
             .auth(
                 &hdr,
                 actions::LANDLORD_VOLUME,
                 "InitVolume",
-                &[("device", &device)],
+                &[("device", &leasehold_node::shown(&device))],
             )
             .await?;
-        if !confirm {
-            return Err(Error::ConfirmationRequired(format!(
-                "initializing the volume overwrites {device}: everything on it is lost"
-            )));
+        match self
+            .0
+            .submit(
+                caller,
+                SystemTime::now(),
+                Command::InitVolume {
+                    device,
+                    force,
+                    confirm,
+                },
+            )
+            .await?
+        {
+            Outcome::VolumeInitialized => self.0.volume_info().await,
+            other => Err(unexpected(&other)),
         }
-        let k = disk_key_info(&self.0.keys).await?;
-        let v = self.0.volume.clone();
-        let d = device.clone();
-        tokio::task::spawn_blocking(move || v.init(&d, force, &k))
-            .await
-            .map_err(|e| Error::Failed(format!("volume task: {e}")))?
-            .map_err(ApiError::from)?;
-        tracing::info!(uid, device, force, "volume initialized");
-        Ok(self.0.volume_info().await?)
     }
 
     async fn volume_status(&self, #[zbus(header)] hdr: Header<'_>) -> Result<VolumeInfo, Error> {
         self.auth(&hdr, actions::LANDLORD_READ, "VolumeStatus", &[])
             .await?;
-        Ok(self.0.volume_info().await?)
+        self.0.volume_info().await
     }
 
     async fn get_receipt_key(&self, #[zbus(header)] hdr: Header<'_>) -> Result<PublicKey, Error> {
         self.auth(&hdr, actions::LANDLORD_READ, "GetReceiptKey", &[])
             .await?;
-        Ok(self.0.receipt_key().await?)
+        Ok(self.0.receipt_key())
     }
 
     async fn remove_boundary(
@@ -1036,16 +773,13 @@ impl LandlordApi {
         #[zbus(header)] hdr: Header<'_>,
         confirm: bool,
     ) -> Result<(), Error> {
-        let uid = self
+        let caller = self
             .auth(&hdr, actions::LANDLORD_BOUNDARY, "RemoveBoundary", &[])
             .await?;
-        if !confirm {
-            return Err(Error::ConfirmationRequired(
-                "removing the boundary lifts every network restriction on this node (cluster boundary, sub-boundary and failsafe)".into(),
-            ));
-        }
-        self.0.boundary(|b| b.remove()).await?;
-        tracing::warn!(uid, "boundary removed: the node is unfenced");
+        self.0
+            .boundary_change(caller, BoundaryChange::Remove { confirm })
+            .await?;
+        tracing::warn!(uid = caller.uid, "boundary removed: the node is unfenced");
         Ok(())
     }
 
@@ -1071,8 +805,10 @@ impl TenantApi {
         action: &str,
         method: &str,
         extra: &[(&str, &str)],
-    ) -> Result<u32, Error> {
-        self.0.authorize(hdr, action, method, extra, false).await
+    ) -> Result<Caller, Error> {
+        self.0
+            .authorize(hdr, Role::Tenant, action, method, extra)
+            .await
     }
 }
 
@@ -1081,56 +817,42 @@ impl TenantApi {
     async fn node_info(&self, #[zbus(header)] hdr: Header<'_>) -> Result<NodeInfo, Error> {
         self.auth(&hdr, actions::TENANT_READ, "NodeInfo", &[])
             .await?;
-        Ok(self.0.node_info(Role::Tenant).await?)
+        Ok(self.0.node_info(Role::Tenant))
     }
 
     async fn get_public_key(&self, #[zbus(header)] hdr: Header<'_>) -> Result<PublicKey, Error> {
         self.auth(&hdr, actions::TENANT_READ, "GetPublicKey", &[])
             .await?;
-        Ok(self.0.public_key(Role::Tenant, Role::Tenant).await?)
+        self.0.public_key(Role::Tenant, Role::Tenant)
     }
 
     async fn volume_status(&self, #[zbus(header)] hdr: Header<'_>) -> Result<VolumeInfo, Error> {
         self.auth(&hdr, actions::TENANT_READ, "VolumeStatus", &[])
             .await?;
-        self.0.require_tenant().await?;
-        Ok(self.0.volume_info().await?)
+        self.0.require_tenant()?;
+        self.0.volume_info().await
     }
 
     async fn get_receipt_key(&self, #[zbus(header)] hdr: Header<'_>) -> Result<PublicKey, Error> {
         self.auth(&hdr, actions::TENANT_READ, "GetReceiptKey", &[])
             .await?;
-        Ok(self.0.receipt_key().await?)
+        Ok(self.0.receipt_key())
     }
 
     async fn rotate_keys(
         &self,
         #[zbus(header)] hdr: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
         confirm: bool,
     ) -> Result<KeyChange, Error> {
-        let requested = std::time::SystemTime::now();
-        let uid = self
-            .auth(&hdr, actions::TENANT_KEYS, "RotateKeys", &[])
-            .await?;
-        Ok(self
-            .0
-            .rotate(conn, uid, Role::Tenant, confirm, requested)
-            .await?)
+        self.0
+            .rotate_keys(&hdr, Role::Tenant, actions::TENANT_KEYS, confirm)
+            .await
     }
 
-    async fn rekey_keys(
-        &self,
-        #[zbus(header)] hdr: Header<'_>,
-        #[zbus(connection)] conn: &Connection,
-    ) -> Result<KeyChange, Error> {
-        let uid = self
-            .auth(&hdr, actions::TENANT_KEYS, "RekeyKeys", &[])
-            .await?;
-        Ok(self
-            .0
-            .change(conn, uid, |k| k.rekey(Role::Tenant, Role::Tenant))
-            .await?)
+    async fn rekey_keys(&self, #[zbus(header)] hdr: Header<'_>) -> Result<KeyChange, Error> {
+        self.0
+            .rekey_keys(&hdr, Role::Tenant, actions::TENANT_KEYS)
+            .await
     }
 
     async fn register_console_key(
@@ -1139,14 +861,9 @@ impl TenantApi {
         name: String,
         pem: String,
     ) -> Result<String, Error> {
-        self.auth(
-            &hdr,
-            actions::TENANT_KEYS,
-            "RegisterConsoleKey",
-            &[("console", &name)],
-        )
-        .await?;
-        Ok(self.0.register_console(Role::Tenant, name, pem).await?)
+        self.0
+            .register_console_key(&hdr, Role::Tenant, actions::TENANT_KEYS, name, pem)
+            .await
     }
 
     async fn put_secret(
@@ -1155,47 +872,30 @@ impl TenantApi {
         name: String,
         envelope: Vec<u8>,
     ) -> Result<SecretInfo, Error> {
-        let uid = self
+        let caller = self
             .auth(
                 &hdr,
                 actions::TENANT_SECRETS,
                 "PutSecret",
-                &[("secret", &name)],
+                &[("secret", &leasehold_node::shown(&name))],
             )
             .await?;
-        check_name("name", &name)?;
-        if envelope.len() > leasehold_dbus_api::MAX_ENVELOPE_BYTES {
-            return Err(Error::InvalidArgument(format!(
-                "envelope: {} bytes; the limit is {} bytes",
-                envelope.len(),
-                leasehold_dbus_api::MAX_ENVELOPE_BYTES
-            )));
-        }
-        let store = self.0.secrets.clone();
-        let n = name.clone();
-        let entry = self
+        match self
             .0
-            .keys
-            .call(move |k| -> Result<_, ApiError> {
-                let payload = k
-                    .open_envelope(Role::Tenant, &envelope)
-                    .map_err(|e| match e {
-                        KeyError::Envelope(e) => {
-                            ApiError(Error::InvalidArgument(format!("envelope: {e}")))
-                        }
-                        other => ApiError::from(other),
-                    })?;
-                let key = k.data_key(crate::secrets::PURPOSE)?;
-                Ok(store.put(&key, &n, &payload)?)
-            })
-            .await
-            .map_err(ApiError::from)??;
-        tracing::info!(uid, secret = %name, size = entry.size, "tenant secret stored");
-        Ok(SecretInfo {
-            name: Some(entry.name),
-            size: Some(entry.size),
-            stored_at: Some(entry.stored_at),
-        })
+            .submit(
+                caller,
+                SystemTime::now(),
+                Command::PutSecret { name, envelope },
+            )
+            .await?
+        {
+            Outcome::SecretStored(e) => Ok(SecretInfo {
+                name: Some(e.name),
+                size: Some(e.size),
+                stored_at: Some(e.stored_at),
+            }),
+            other => Err(unexpected(&other)),
+        }
     }
 
     async fn list_secrets(
@@ -1205,13 +905,9 @@ impl TenantApi {
         self.auth(&hdr, actions::TENANT_SECRETS, "ListSecrets", &[])
             .await?;
         // Listing requires a tenant, like every tenant call.
-        self.0
-            .keys
-            .call(|k| k.public_key(Role::Tenant))
-            .await
-            .map_err(ApiError::from)?
-            .map_err(ApiError::from)?;
-        let list = self.0.secrets.list().map_err(ApiError::from)?;
+        self.0.require_tenant()?;
+        let store = self.0.secrets.clone();
+        let list = blocking(move || store.list().map_err(|e| Error::Failed(e.to_string()))).await?;
         Ok(list
             .into_iter()
             .map(|e| SecretInfo {
@@ -1227,18 +923,22 @@ impl TenantApi {
         #[zbus(header)] hdr: Header<'_>,
         name: String,
     ) -> Result<(), Error> {
-        let uid = self
+        let caller = self
             .auth(
                 &hdr,
                 actions::TENANT_SECRETS,
                 "RemoveSecret",
-                &[("secret", &name)],
+                &[("secret", &leasehold_node::shown(&name))],
             )
             .await?;
-        check_name("name", &name)?;
-        self.0.secrets.remove(&name).map_err(ApiError::from)?;
-        tracing::info!(uid, secret = %name, "tenant secret removed");
-        Ok(())
+        match self
+            .0
+            .submit(caller, SystemTime::now(), Command::RemoveSecret { name })
+            .await?
+        {
+            Outcome::SecretRemoved => Ok(()),
+            other => Err(unexpected(&other)),
+        }
     }
 
     async fn set_sub_boundary(
@@ -1248,7 +948,7 @@ impl TenantApi {
         format: String,
         narrow: bool,
     ) -> Result<BoundaryInfo, Error> {
-        let uid = self
+        let caller = self
             .auth(
                 &hdr,
                 actions::TENANT_BOUNDARY,
@@ -1256,25 +956,19 @@ impl TenantApi {
                 &[("narrow", if narrow { "true" } else { "false" })],
             )
             .await?;
-        self.0.require_tenant().await?;
-        let doc =
-            parse_doc(&document, &format).map_err(|e| Error::InvalidArgument(e.to_string()))?;
-        let (cut, warnings) = self
-            .0
-            .boundary(move |b| b.update(|p| p.set_sub(doc, narrow)))
-            .await?;
-        let cut: Vec<String> = cut.cut.iter().map(ToString::to_string).collect();
-        tracing::info!(uid, narrowed = cut.len(), "sub-boundary set");
-        Ok(self
-            .0
-            .boundary_info(false, warnings, Some(cut), None)
-            .await?)
+        self.0.require_tenant()?;
+        let doc = blocking(move || boundary_doc(&document, &format)).await?;
+        self.0
+            .boundary_change(caller, BoundaryChange::SetSub { doc, narrow })
+            .await
     }
 
     async fn get_boundary(&self, #[zbus(header)] hdr: Header<'_>) -> Result<BoundaryInfo, Error> {
         self.auth(&hdr, actions::TENANT_READ, "GetBoundary", &[])
             .await?;
-        Ok(self.0.boundary_info(false, Vec::new(), None, None).await?)
+        self.0
+            .boundary_info(false, BoundaryApplied::default())
+            .await
     }
 
     async fn explain_flow(
@@ -1287,20 +981,19 @@ impl TenantApi {
     ) -> Result<FlowVerdict, Error> {
         self.auth(&hdr, actions::TENANT_READ, "ExplainFlow", &[])
             .await?;
-        Ok(self.0.explain(direction, peer, proto, port, false).await?)
+        self.0.explain(direction, peer, proto, port, false).await
     }
 
     async fn remove_sub_boundary(
         &self,
         #[zbus(header)] hdr: Header<'_>,
     ) -> Result<BoundaryInfo, Error> {
-        let uid = self
+        let caller = self
             .auth(&hdr, actions::TENANT_BOUNDARY, "RemoveSubBoundary", &[])
             .await?;
-        self.0.require_tenant().await?;
-        self.0.boundary(|b| b.clear_sub()).await?;
-        tracing::info!(uid, "sub-boundary removed");
-        Ok(self.0.boundary_info(false, Vec::new(), None, None).await?)
+        self.0
+            .boundary_change(caller, BoundaryChange::ClearSub)
+            .await
     }
 
     #[zbus(property)]

@@ -233,16 +233,19 @@ impl Boundaries {
         &self,
         f: impl FnOnce(&mut Policy) -> Result<T, DocError>,
     ) -> Result<(T, Vec<String>), BoundaryError> {
-        let mut g = self.lock();
-        let mut next = g.policy.clone();
+        // The document work (tenant-sized, the biggest cost of a change at
+        // 100k peers) runs without the lock, so status reads and the drift
+        // check never wait for it. Changes themselves are serialised by the
+        // node controller, so the policy cannot move underneath.
+        let mut next = self.lock().policy.clone();
         let out = f(&mut next)?;
-        // Validate once: at 100k peers that is the biggest cost of a change.
         let bounds = next.boundaries()?;
         let warnings = bounds
             .as_ref()
             .map(|(c, s)| Self::ssh_warnings(c, s.as_ref()))
             .unwrap_or_default();
         let rules = bounds.map(|(c, s)| Ruleset::build(&c, s.as_ref()));
+        let mut g = self.lock();
         if let Some(rs) = rules {
             let c = g.enforcer.apply(rs)?;
             g.last_change = Some(change_name(c));
@@ -453,6 +456,66 @@ impl Boundaries {
                 }
             }
         });
+    }
+}
+
+/// The boundaries as the node controller's backend.
+#[derive(Debug, Clone)]
+pub struct BoundaryBackend(pub Arc<Boundaries>);
+
+impl leasehold_node::backend::BoundaryStore for BoundaryBackend {
+    fn change(
+        &mut self,
+        c: leasehold_node::BoundaryChange,
+    ) -> Result<leasehold_node::BoundaryApplied, leasehold_node::Failure> {
+        use leasehold_node::{BoundaryApplied, BoundaryChange as C, Failure, FailureKind};
+        let b = &self.0;
+        let r = match c {
+            C::SetCluster(doc) => b
+                .update(|p| p.set_cluster(doc))
+                .map(|((), w)| BoundaryApplied {
+                    warnings: w,
+                    ..Default::default()
+                }),
+            C::SetFailsafe(entries) => {
+                b.update(|p| p.set_failsafe(entries))
+                    .map(|((), w)| BoundaryApplied {
+                        warnings: w,
+                        ..Default::default()
+                    })
+            }
+            C::EditPeers { target, peers, add } => b
+                .update(|p| {
+                    if add {
+                        p.add_peers(&target, &peers)
+                    } else {
+                        p.remove_peers(&target, &peers)
+                    }
+                })
+                .map(|(n, w)| BoundaryApplied {
+                    warnings: w,
+                    peers_changed: Some(n),
+                    ..Default::default()
+                }),
+            C::Remove { .. } => b.remove().map(|()| BoundaryApplied::default()),
+            C::SetSub { doc, narrow } => {
+                b.update(|p| p.set_sub(doc, narrow))
+                    .map(|(out, w)| BoundaryApplied {
+                        warnings: w,
+                        cut: out.cut.iter().map(ToString::to_string).collect(),
+                        peers_changed: None,
+                    })
+            }
+            C::ClearSub => b.clear_sub().map(|()| BoundaryApplied::default()),
+        };
+        r.map_err(|e| {
+            let kind = match &e {
+                BoundaryError::Invalid(_) => FailureKind::Invalid,
+                BoundaryError::Nft(ApplyError::Spawn(_)) => FailureKind::Unavailable,
+                _ => FailureKind::Failed,
+            };
+            Failure::new(kind, e.to_string())
+        })
     }
 }
 

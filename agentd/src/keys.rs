@@ -5,8 +5,15 @@
 use std::sync::{mpsc, Mutex};
 use std::thread::JoinHandle;
 
-use leasehold_tpm::{KeyConfig, KeyError, KeyHierarchy, Opened};
+use std::sync::Arc;
+
+use leasehold_node::backend::{DiskKeyInfo, KeyStore};
+use leasehold_tpm::{
+    Confirm, KeyChange, KeyConfig, KeyError, KeyHierarchy, Opened, PublicKeyInfo, Role,
+    SigningKeyInfo, Status, SymmetricKey,
+};
 use tokio::sync::oneshot;
+use zeroize::Zeroizing;
 
 type Job = Box<dyn FnOnce(&mut KeyHierarchy) + Send>;
 
@@ -87,6 +94,26 @@ impl Keys {
         rrx.await.map_err(|_| KeysGone)
     }
 
+    /// Runs `f` on the key thread and blocks until it is done (for the node
+    /// controller's thread; never call it on an async worker).
+    pub fn call_blocking<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut KeyHierarchy) -> R + Send + 'static,
+    ) -> Result<R, KeysGone> {
+        let (rtx, rrx) = mpsc::sync_channel(1);
+        let job: Job = Box::new(move |k| {
+            let _ = rtx.send(f(k));
+        });
+        {
+            let tx = lock(&self.tx);
+            tx.as_ref()
+                .ok_or(KeysGone)?
+                .send(job)
+                .map_err(|_| KeysGone)?;
+        }
+        rrx.recv().map_err(|_| KeysGone)
+    }
+
     /// Stops the thread after queued jobs and shuts the TPM down cleanly.
     /// Later calls fail with `KeysGone`.
     pub async fn shutdown(&self) -> Result<(), KeyError> {
@@ -106,4 +133,108 @@ impl Keys {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl From<KeysGone> for KeyError {
+    fn from(_: KeysGone) -> Self {
+        KeyError::UnexpectedTpmResponse("the key thread has stopped")
+    }
+}
+
+/// The key thread as the node controller's key backend.
+#[derive(Debug, Clone)]
+pub struct KeyBackend(pub Arc<Keys>);
+
+impl KeyBackend {
+    fn run<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut KeyHierarchy) -> Result<R, KeyError> + Send + 'static,
+    ) -> Result<R, KeyError> {
+        self.0.call_blocking(f)?
+    }
+}
+
+/// Key generation of each link of the disk-key chain, widest first.
+fn generations(st: &Status) -> Vec<(String, u64)> {
+    let mut g = vec![(Role::Landlord.to_string(), st.landlord.key_generation)];
+    if let Some(t) = &st.tenant {
+        g.push((Role::Tenant.to_string(), t.key_generation));
+    }
+    g
+}
+
+/// The disk key and what it was made from; it leaves the key thread by move.
+pub fn disk_key(k: &mut KeyHierarchy) -> Result<DiskKeyInfo, KeyError> {
+    let st = k.status();
+    Ok(DiskKeyInfo {
+        node_id: st.node_id.clone(),
+        key: k.disk_key()?,
+        generations: generations(&st),
+    })
+}
+
+impl KeyStore for KeyBackend {
+    fn status(&mut self) -> Result<Status, KeyError> {
+        self.run(|k| Ok(k.status()))
+    }
+    fn public_key(&mut self, role: Role) -> Result<PublicKeyInfo, KeyError> {
+        self.run(move |k| k.public_key(role))
+    }
+    fn owned(&mut self, role: Role) -> Result<bool, KeyError> {
+        // A wider level is refused a narrower level's key exactly when
+        // that level made its own pair.
+        self.run(move |k| {
+            k.public_key(role)?;
+            Ok(match role {
+                Role::Landlord => true,
+                Role::Tenant => k.public_key_as(Role::Landlord, Role::Tenant).is_err(),
+            })
+        })
+    }
+    fn signing_key(&mut self) -> Result<SigningKeyInfo, KeyError> {
+        self.run(|k| k.signing_key())
+    }
+    fn rotate(&mut self, caller: Role, target: Role) -> Result<KeyChange, KeyError> {
+        self.run(move |k| k.rotate(caller, target, Confirm::DestroyData))
+    }
+    fn rekey(&mut self, caller: Role, target: Role) -> Result<KeyChange, KeyError> {
+        self.run(move |k| k.rekey(caller, target))
+    }
+    fn assign(
+        &mut self,
+        name: &str,
+        console_key: Option<&str>,
+        confirm: Confirm,
+    ) -> Result<KeyChange, KeyError> {
+        let (name, console) = (name.to_owned(), console_key.map(str::to_owned));
+        self.run(move |k| {
+            k.assign_tenant_with_console(Role::Landlord, &name, console.as_deref(), confirm)
+        })
+    }
+    fn release(&mut self, confirm: Confirm) -> Result<Option<KeyChange>, KeyError> {
+        self.run(move |k| k.release_tenant(Role::Landlord, confirm))
+    }
+    fn register_console(&mut self, role: Role, name: &str, pem: &str) -> Result<String, KeyError> {
+        let (name, pem) = (name.to_owned(), pem.to_owned());
+        self.run(move |k| k.register_console(role, &name, &pem))
+    }
+    fn open_envelope(
+        &mut self,
+        role: Role,
+        envelope: &[u8],
+    ) -> Result<Zeroizing<Vec<u8>>, KeyError> {
+        let envelope = envelope.to_vec();
+        self.run(move |k| k.open_envelope(role, &envelope))
+    }
+    fn data_key(&mut self, purpose: &str) -> Result<SymmetricKey, KeyError> {
+        let purpose = purpose.to_owned();
+        self.run(move |k| k.data_key(&purpose))
+    }
+    fn disk_key(&mut self) -> Result<DiskKeyInfo, KeyError> {
+        self.run(disk_key)
+    }
+    fn sign(&mut self, data: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let data = data.to_vec();
+        self.run(move |k| k.sign(&data))
+    }
 }

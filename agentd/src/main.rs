@@ -55,6 +55,13 @@ struct Args {
     /// Initialise or load the keys, print the node summary and exit (no D-Bus).
     #[arg(long)]
     oneshot: bool,
+
+    /// ERASES the Leasehold keys the TPM holds (landlord and tenant NV
+    /// secrets: their data becomes unreadable) and initialises a new node.
+    /// Only with an empty or missing state directory; without this flag the
+    /// agent refuses to start over keys it has no manifest for.
+    #[arg(long)]
+    init_erase_tpm: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +78,8 @@ enum AgentError {
     Bus(zbus::Error),
     #[error(transparent)]
     Boundary(#[from] boundary::BoundaryError),
+    #[error("cannot start the node controller: {0}")]
+    Node(String),
 }
 
 impl AgentError {
@@ -78,7 +87,7 @@ impl AgentError {
         match self {
             AgentError::Config(_) => exit::CONFIG,
             AgentError::DevTpm(_) | AgentError::Bus(_) => exit::UNAVAILABLE,
-            AgentError::Signals(_) => exit::SOFTWARE,
+            AgentError::Signals(_) | AgentError::Node(_) => exit::SOFTWARE,
             AgentError::Boundary(_) => exit::DATA,
             AgentError::Keys(k) => match k {
                 KeyError::InvalidTcti { .. } | KeyError::InvalidPcr(_) => exit::CONFIG,
@@ -89,7 +98,14 @@ impl AgentError {
                 | KeyError::DifferentTpm { .. }
                 | KeyError::KeyErased { .. }
                 | KeyError::ForeignOrCorruptBlob { .. }
-                | KeyError::PcrMismatch { .. } => exit::DATA,
+                | KeyError::PcrMismatch { .. }
+                | KeyError::StateMissing { .. }
+                | KeyError::EraseRefused { .. }
+                | KeyError::UnknownNvIndex { .. }
+                | KeyError::StaleState { .. }
+                | KeyError::SymlinkInState { .. }
+                | KeyError::UnfinishedLegacyChange { .. }
+                | KeyError::SigningKeyUnusable { .. } => exit::DATA,
                 _ => exit::SOFTWARE,
             },
         }
@@ -159,6 +175,7 @@ async fn run(args: &Args) -> Result<(), AgentError> {
                 tcti: swtpm.tcti(),
                 state_dir: dir.join("state"),
                 seal_pcrs: cfg.tpm.seal_pcrs.clone(),
+                erase_existing: args.init_erase_tpm,
             };
             (Some(swtpm), key_cfg)
         }
@@ -168,6 +185,7 @@ async fn run(args: &Args) -> Result<(), AgentError> {
                 tcti: cfg.tpm.tcti.clone(),
                 state_dir: cfg.state.dir.clone(),
                 seal_pcrs: cfg.tpm.seal_pcrs.clone(),
+                erase_existing: args.init_erase_tpm,
             },
         ),
     };
@@ -277,7 +295,12 @@ async fn serve(
             Err(e) => println!("volume:               {e}"),
         }
     } else {
-        match api::disk_key_info(&keys).await {
+        match keys
+            .call(keys::disk_key)
+            .await
+            .map_err(KeyError::from)
+            .and_then(|r| r)
+        {
             Ok(k) => {
                 let v = volume.clone();
                 match tokio::task::spawn_blocking(move || v.open_at_start(&k)).await {
@@ -291,7 +314,7 @@ async fn serve(
                 }
             }
             Err(e) => {
-                error!(error = %e.0.message(), "no disk key: the volume was not opened");
+                error!(error = %e, "no disk key: the volume was not opened");
                 println!("volume:               NOT opened: no disk key");
             }
         }
@@ -338,6 +361,23 @@ async fn serve_bus(
         .build()
         .await
         .map_err(AgentError::Bus)?;
+    let secrets = secrets::SecretStore::new(state_dir.join("secrets"));
+    let backends = leasehold_node::Backends {
+        keys: Box::new(keys::KeyBackend(keys)),
+        volume: Box::new(volume::VolumeBackend(volume.clone())),
+        boundaries: Box::new(boundary::BoundaryBackend(boundaries.clone())),
+        secrets: Box::new(secrets.clone()),
+        events: Box::new(api::BusEvents {
+            conn: conn.clone(),
+            rt: tokio::runtime::Handle::current(),
+            receipts: state_dir.join("receipts"),
+        }),
+    };
+    let node = tokio::task::spawn_blocking(move || leasehold_node::Node::start(backends))
+        .await
+        .map_err(|e| AgentError::Node(e.to_string()))?
+        .map_err(|e| AgentError::Node(e.to_string()))?;
+    let node = Arc::new(node);
     // Authorization asks the bus and polkit over a connection of its own:
     // their answers never queue behind the calls callers send the agent.
     let auth_conn = zbus::connection::Builder::system()
@@ -345,12 +385,11 @@ async fn serve_bus(
         .await
         .map_err(AgentError::Bus)?;
     let ctx = Arc::new(api::Ctx {
-        keys,
+        node: node.clone(),
         auth: auth::Authorizer::new(auth_conn, auth_timeout),
-        secrets: secrets::SecretStore::new(state_dir.join("secrets")),
+        secrets,
         boundaries: boundaries.clone(),
         volume,
-        state_dir: state_dir.to_owned(),
     });
     let (restored_tx, mut restored_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     boundaries.watch(check_interval, restored_tx);
@@ -386,7 +425,9 @@ async fn serve_bus(
     info!(name = BUS_NAME, "serving on the system bus");
     let sig = stop.await;
     info!(signal = sig, "stopping");
-    // Release the name first so no new call starts while keys shut down.
+    // Release the name first so no new call starts, then let queued
+    // changes finish before the volume closes and the keys shut down.
     let _ = conn.release_name(BUS_NAME).await;
+    let _ = tokio::task::spawn_blocking(move || node.stop()).await;
     Ok(())
 }

@@ -13,8 +13,6 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use leasehold_tpm::SymmetricKey;
 use rand::RngCore;
 
-/// Purpose label for the store's key.
-pub const PURPOSE: &str = "secret-store";
 const MAGIC: &[u8; 5] = b"LHSS1";
 const SUFFIX: &str = ".secret";
 
@@ -138,7 +136,12 @@ impl SecretStore {
             };
             if let Some(name) = fname.strip_suffix(SUFFIX) {
                 if !name.starts_with('.') {
-                    out.push(self.entry(name)?);
+                    match self.entry(name) {
+                        Ok(e) => out.push(e),
+                        // Removed since the directory was read.
+                        Err(SecretError::NotFound(_)) => {}
+                        Err(e) => return Err(e),
+                    }
                 }
             }
         }
@@ -188,10 +191,56 @@ impl SecretStore {
     /// anyway; this frees the space and the names).
     pub fn purge(&self) -> Result<usize, SecretError> {
         let entries = self.list()?;
+        let mut n = 0;
         for e in &entries {
-            self.remove(&e.name)?;
+            match self.remove(&e.name) {
+                Ok(()) => n += 1,
+                Err(SecretError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
-        Ok(entries.len())
+        Ok(n)
+    }
+}
+
+fn failure(e: SecretError) -> leasehold_node::Failure {
+    use leasehold_node::{Failure, FailureKind};
+    let kind = match &e {
+        SecretError::NotFound(_) => FailureKind::NotFound,
+        _ => FailureKind::Failed,
+    };
+    Failure::new(kind, e.to_string())
+}
+
+fn entry(e: Entry) -> leasehold_node::SecretEntry {
+    leasehold_node::SecretEntry {
+        name: e.name,
+        size: e.size,
+        stored_at: e.stored_at,
+    }
+}
+
+impl leasehold_node::backend::SecretStore for SecretStore {
+    fn put(
+        &mut self,
+        key: &SymmetricKey,
+        name: &str,
+        payload: &[u8],
+    ) -> Result<leasehold_node::SecretEntry, leasehold_node::Failure> {
+        SecretStore::put(self, key, name, payload)
+            .map(entry)
+            .map_err(failure)
+    }
+    fn remove(&mut self, name: &str) -> Result<(), leasehold_node::Failure> {
+        SecretStore::remove(self, name).map_err(failure)
+    }
+    fn purge(&mut self) -> Result<usize, leasehold_node::Failure> {
+        SecretStore::purge(self).map_err(failure)
+    }
+    fn list(&self) -> Result<Vec<leasehold_node::SecretEntry>, leasehold_node::Failure> {
+        SecretStore::list(self)
+            .map(|l| l.into_iter().map(entry).collect())
+            .map_err(failure)
     }
 }
 

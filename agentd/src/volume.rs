@@ -29,26 +29,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
+use leasehold_node::{DiskKeyInfo, Remade, Wiped};
 use leasehold_storage::{
     device, fs, keyring, mapping, meta, StorageError, VolumeMeta, VolumeState,
 };
 use serde::Serialize;
-use zeroize::Zeroizing;
 
 use crate::config::StorageSection;
 use crate::fsutil::write_atomic;
 
 const META: &str = "volume.json";
-
-/// What the key thread hands over for a volume operation.
-pub struct DiskKeyInfo {
-    /// Node id (hex).
-    pub node_id: String,
-    /// The disk key.
-    pub key: Zeroizing<Vec<u8>>,
-    /// Key generation per link, widest first.
-    pub generations: Vec<(String, u64)>,
-}
 
 /// Why a volume operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -80,23 +70,6 @@ pub struct Runtime {
     pub event: Option<String>,
 }
 
-/// Result of a remake after a key change, for the erase receipt.
-#[derive(Debug, Clone, Serialize)]
-pub struct Remade {
-    /// Volume id.
-    pub id: String,
-    /// Device.
-    pub device: String,
-    /// Key generations before.
-    pub before: Vec<(String, u64)>,
-    /// Key generations after.
-    pub after: Vec<(String, u64)>,
-    /// Milliseconds from the start of the teardown to the mounted new filesystem.
-    pub millis: u64,
-    /// The old mapping was still held open (its key is wiped; removal deferred).
-    pub deferred: bool,
-}
-
 /// Metadata (None: no volume), runtime state, (used, total) bytes when open.
 pub type StatusParts = (Option<VolumeMeta>, Runtime, Option<(u64, u64)>);
 
@@ -114,13 +87,36 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Test hook for the crash tests: `LEASEHOLD_CRASH_AT=<step>` kills the
-/// agent (SIGKILL, no clean-up) when it reaches that step.
+/// Test hook for the crash tests (feature `fault-injection`, never in the
+/// package users install): `LEASEHOLD_CRASH_AT=<step>` kills the agent
+/// (SIGKILL, no clean-up) when it reaches that step.
+#[cfg(feature = "fault-injection")]
 fn crash_point(step: &str) {
     if std::env::var("LEASEHOLD_CRASH_AT").as_deref() == Ok(step) {
         tracing::warn!(step, "LEASEHOLD_CRASH_AT: killing the agent here");
         let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
     }
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn crash_point(_step: &str) {}
+
+/// Test hook (feature `fault-injection`): `LEASEHOLD_FAIL_AT=<step>` makes
+/// that step fail as if the kernel had refused it.
+#[cfg(feature = "fault-injection")]
+fn fail_point(step: &str) -> Result<(), VolumeError> {
+    if std::env::var("LEASEHOLD_FAIL_AT").as_deref() == Ok(step) {
+        tracing::warn!(step, "LEASEHOLD_FAIL_AT: failing this step");
+        return Err(VolumeError::Storage(StorageError::Dm(format!(
+            "{step}: injected failure (LEASEHOLD_FAIL_AT)"
+        ))));
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn fail_point(_step: &str) -> Result<(), VolumeError> {
+    Ok(())
 }
 
 impl Volume {
@@ -214,7 +210,7 @@ impl Volume {
         let id = hex_id();
         let m = VolumeMeta {
             format: meta::FORMAT,
-            kcv: leasehold_storage::kcv(&k.key, &id),
+            kcv: leasehold_storage::kcv(k.key.expose_secret(), &id),
             id,
             node_id: k.node_id.clone(),
             device: dev.preferred().display().to_string(),
@@ -267,7 +263,7 @@ impl Volume {
 
     /// Creates the mapping after checking the key against the check value.
     fn map(&self, m: &VolumeMeta, k: &DiskKeyInfo) -> Result<(), VolumeError> {
-        m.check_key(&k.key, &k.generations)?;
+        m.check_key(k.key.expose_secret(), &k.generations)?;
         let dev = device::probe(Path::new(&m.device))?;
         if dev.size_bytes != m.size_bytes {
             return Err(VolumeError::Invalid(format!(
@@ -275,7 +271,7 @@ impl Volume {
                 m.device, dev.size_bytes, m.size_bytes
             )));
         }
-        let key = keyring::LogonKey::add(&m.id, &k.key)?;
+        let key = keyring::LogonKey::add(&m.id, k.key.expose_secret())?;
         let table = mapping::CryptTable {
             device: dev.node.clone(),
             sectors: m.size_bytes / 512,
@@ -332,7 +328,7 @@ impl Volume {
             self.set(false, Some(e.clone()), None);
             return Err(VolumeError::Invalid(e));
         }
-        let same_key = leasehold_storage::kcv(&k.key, &m.id) == m.kcv;
+        let same_key = leasehold_storage::kcv(k.key.expose_secret(), &m.id) == m.kcv;
         let mut m = m;
         let mut interrupted = false;
         if same_key && m.state == VolumeState::Rekeying {
@@ -381,7 +377,7 @@ impl Volume {
             // Not this volume's key, and no key change of this agent was
             // under way: copied or stale metadata. Refused, device untouched.
             let e = m
-                .check_key(&k.key, &k.generations)
+                .check_key(k.key.expose_secret(), &k.generations)
                 .err()
                 .map(|e| e.to_string())
                 .unwrap_or_default();
@@ -394,7 +390,7 @@ impl Volume {
     }
 
     fn remeta(&self, mut m: VolumeMeta, k: &DiskKeyInfo) -> VolumeMeta {
-        m.kcv = leasehold_storage::kcv(&k.key, &m.id);
+        m.kcv = leasehold_storage::kcv(k.key.expose_secret(), &m.id);
         m.key_generations = k.generations.clone();
         m.state = VolumeState::Initializing;
         m.made = now();
@@ -428,17 +424,21 @@ impl Volume {
     /// once (the mapping then fails all I/O; the filesystem is not synced:
     /// its data is about to be destroyed). Unmount and removal follow in
     /// `remake`, or `reopen` if the rotation fails before its erase.
-    pub fn wipe(&self) -> Result<(), VolumeError> {
+    /// Fails unless the key is provably gone (the table read back).
+    pub fn wipe(&self) -> Result<Wiped, VolumeError> {
         if self.meta()?.is_none() {
-            return Ok(());
+            return Ok(Wiped::NoVolume);
         }
+        fail_point("erase:wipe")?;
         let t = Instant::now();
-        mapping::wipe_key(mapping::NAME)?;
+        if !mapping::wipe_key(mapping::NAME)? {
+            return Ok(Wiped::NotMapped);
+        }
         let millis = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
         tracing::info!(millis, "volume key wiped for a key change");
         self.set(false, None, Some("closed for a key change".into()));
         crash_point("erase:closed");
-        Ok(())
+        Ok(Wiped::Wiped)
     }
 
     /// After a key change that failed: opens the volume again if `k` is
@@ -564,4 +564,63 @@ impl Volume {
 fn hex_id() -> String {
     let b: [u8; 16] = rand::random();
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn failure(e: VolumeError) -> leasehold_node::Failure {
+    use leasehold_node::{Failure, FailureKind};
+    let kind = match &e {
+        VolumeError::Invalid(_)
+        | VolumeError::Storage(
+            StorageError::NotABlockDevice { .. }
+            | StorageError::Mounted { .. }
+            | StorageError::InUse { .. }
+            | StorageError::RootDisk { .. }
+            | StorageError::Signature { .. }
+            | StorageError::WrongKey(_),
+        ) => FailureKind::Invalid,
+        _ => FailureKind::Failed,
+    };
+    Failure::new(kind, e.to_string())
+}
+
+/// The volume as the node controller's backend.
+#[derive(Debug, Clone)]
+pub struct VolumeBackend(pub std::sync::Arc<Volume>);
+
+impl leasehold_node::backend::VolumeStore for VolumeBackend {
+    fn begin_key_change(&mut self) -> Result<(), leasehold_node::Failure> {
+        self.0.begin_key_change().map_err(failure)
+    }
+    fn end_key_change(&mut self) -> Result<(), leasehold_node::Failure> {
+        self.0.end_key_change().map_err(failure)
+    }
+    fn wipe(&mut self) -> Result<Wiped, leasehold_node::Failure> {
+        self.0.wipe().map_err(failure)
+    }
+    fn reopen(&mut self, k: &DiskKeyInfo) -> Result<(), leasehold_node::Failure> {
+        self.0.reopen(k).map_err(failure)
+    }
+    fn remake(
+        &mut self,
+        k: &DiskKeyInfo,
+        reason: &str,
+    ) -> Result<Option<Remade>, leasehold_node::Failure> {
+        self.0.remake(k, reason).map_err(failure)
+    }
+    fn describe(&mut self) -> Result<Option<(String, String)>, leasehold_node::Failure> {
+        Ok(self.0.meta().map_err(failure)?.map(|m| (m.id, m.device)))
+    }
+    fn init(
+        &mut self,
+        device: &str,
+        force: bool,
+        k: &DiskKeyInfo,
+    ) -> Result<(), leasehold_node::Failure> {
+        if device.is_empty() {
+            return Err(failure(VolumeError::Invalid(
+                "device: give a block device".into(),
+            )));
+        }
+        self.0.init(device, force, k).map(|_| ()).map_err(failure)
+    }
 }

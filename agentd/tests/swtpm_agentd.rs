@@ -116,3 +116,69 @@ fn agentd_unreachable_tpm_exits_69() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot connect to the TPM"));
 }
+
+/// Runs `agentd --dev DIR --oneshot [extra]`: (exit code, stdout, stderr).
+fn oneshot(dir: &std::path::Path, extra: &[&str]) -> (i32, String, String) {
+    let out = agentd()
+        .arg("--dev")
+        .arg(dir)
+        .arg("--oneshot")
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn swtpm_agentd_refuses_keys_without_manifest_and_erases_only_when_asked() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    let (code, out, err) = oneshot(dir.path(), &[]);
+    assert_eq!(code, 0, "{err}");
+    let fp = fingerprint(&out);
+
+    // The state directory not there (not mounted yet): refused, nothing made.
+    let aside = dir.path().join("state.aside");
+    std::fs::rename(&state, &aside).unwrap();
+    let (code, _, err) = oneshot(dir.path(), &[]);
+    assert_eq!(code, 65, "{err}");
+    assert!(
+        err.contains(&state.display().to_string()) && err.contains("--init-erase-tpm"),
+        "{err}"
+    );
+    assert!(!state.exists());
+
+    // The erase is refused unless the directory is empty.
+    std::fs::create_dir(&state).unwrap();
+    std::fs::write(state.join("note"), b"x").unwrap();
+    let (code, _, err) = oneshot(dir.path(), &["--init-erase-tpm"]);
+    assert_eq!(code, 65, "{err}");
+    assert!(err.contains("not empty"), "{err}");
+    std::fs::remove_dir_all(&state).unwrap();
+
+    // Back in place: the same keys.
+    std::fs::rename(&aside, &state).unwrap();
+    let (code, out, err) = oneshot(dir.path(), &["--init-erase-tpm"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(fingerprint(&out), fp);
+
+    // A broken signing key stops the start, naming the file.
+    let blob = state.join("signing.pair");
+    let good = std::fs::read(&blob).unwrap();
+    std::fs::write(&blob, &good[..good.len() / 2]).unwrap();
+    let (code, _, err) = oneshot(dir.path(), &[]);
+    assert_eq!(code, 65, "{err}");
+    assert!(err.contains("signing.pair"), "{err}");
+    std::fs::write(&blob, &good).unwrap();
+
+    // Asked explicitly, on an empty directory: a new node.
+    std::fs::remove_dir_all(&state).unwrap();
+    let (code, out, err) = oneshot(dir.path(), &["--init-erase-tpm"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("initialised the key hierarchy"), "{err}");
+    assert_ne!(fingerprint(&out), fp);
+}

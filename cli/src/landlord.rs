@@ -10,7 +10,7 @@ use crate::boundary::{
     info_json, info_text, print_warnings, read_document, verdict_json, verdict_text, ExplainArgs,
 };
 use crate::output::{
-    change_json, change_text, emit, node_info_json, node_info_text, volume_json, volume_text,
+    change_text, emit, emit_change, node_info_json, node_info_text, volume_json, volume_text,
 };
 use crate::{
     connect_local, emit_public_key, exit, read_pem_file, run_main, with_confirmation, CliError,
@@ -179,6 +179,11 @@ pub async fn run(args: Args) -> Result<(), CliError> {
     if let Command::VerifyReceipt { receipt, key } = &args.command {
         return crate::verify_receipt(args.json, receipt, key);
     }
+    match &args.command {
+        Command::Assign { name, .. } => crate::check_name("tenant name", name)?,
+        Command::RegisterConsole { name, .. } => crate::check_name("console name", name)?,
+        _ => {}
+    }
     let conn = connect_local().await?;
     let p = LandlordProxy::new(&conn)
         .await
@@ -201,7 +206,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                 p.assign_tenant(&name, &key, ok)
             })
             .await?;
-            emit(json, change_json(&c), || change_text(&c));
+            emit_change(json, &c, || change_text(&c));
         }
         Command::Release => {
             let c = with_confirmation(
@@ -210,7 +215,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                 |ok| p.release_tenant(ok),
             )
             .await?;
-            emit(json, change_json(&c), || {
+            emit_change(json, &c, || {
                 if c.generation_before.is_none() {
                     "no tenant was assigned; nothing to release".to_owned()
                 } else {
@@ -225,11 +230,11 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                 |ok| p.rotate_keys(ok),
             )
             .await?;
-            emit(json, change_json(&c), || change_text(&c));
+            emit_change(json, &c, || change_text(&c));
         }
         Command::Rekey => {
             let c = p.rekey_keys().await?;
-            emit(json, change_json(&c), || change_text(&c));
+            emit_change(json, &c, || change_text(&c));
         }
         Command::RegisterConsole { name, pem } => {
             let text = read_pem_file("console key", &pem)?;

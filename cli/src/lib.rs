@@ -35,6 +35,8 @@ pub mod exit {
     pub const INVALID: u8 = 6;
     /// The agent (or the bus, or SSH) cannot be reached.
     pub const UNAVAILABLE: u8 = 69;
+    /// The node is busy (EX_TEMPFAIL): try again.
+    pub const BUSY: u8 = 75;
 }
 
 /// Text for the man pages' EXIT STATUS section.
@@ -46,7 +48,9 @@ pub const EXIT_CODES_HELP: &str = "Exit status:
   4   the operation destroys data and was not confirmed (use --yes)
   5   no tenant assigned, or no such object
   6   invalid argument
-  69  the agent, the bus or the SSH connection is unavailable";
+  69  the agent, the bus or the SSH connection is unavailable
+  75  the node is busy (too many changes queued); try again
+A key change that committed with warnings (printed on stderr) exits 0.";
 
 /// A CLI failure: a message and an exit code.
 #[derive(Debug, thiserror::Error)]
@@ -94,7 +98,8 @@ impl From<ApiError> for CliError {
                 )
             }
             ApiError::ZBus(_) => exit::UNAVAILABLE,
-            ApiError::Busy(_) | ApiError::Failed(_) => exit::FAILURE,
+            ApiError::Busy(_) => exit::BUSY,
+            ApiError::Failed(_) => exit::FAILURE,
         };
         let name = match &e {
             ApiError::ZBus(_) => "error",
@@ -241,6 +246,23 @@ pub fn run_main<F: std::future::Future<Output = Result<(), CliError>>>(
     }
 }
 
+/// Checks a tenant, console or secret name against the node's rule before
+/// anything is sealed or sent; the node checks again (same rule, same exit
+/// status 6).
+pub fn check_name(what: &str, name: &str) -> Result<(), CliError> {
+    if leasehold_envelope::valid_name(name) {
+        Ok(())
+    } else {
+        Err(CliError::new(
+            exit::INVALID,
+            format!(
+                "invalid argument: {what} {name:?}: {}",
+                leasehold_envelope::NAME_RULE
+            ),
+        ))
+    }
+}
+
 /// Reads a file named on the command line, naming it in the error.
 pub fn read_arg_file(what: &str, path: &std::path::Path) -> Result<Vec<u8>, CliError> {
     std::fs::read(path)
@@ -317,7 +339,7 @@ pub fn verify_receipt(
         .decode(sig)
         .map_err(|e| CliError::new(exit::INVALID, format!("receipt signature: not base64: {e}")))?;
     let pem = read_pem_file("node key", key)?;
-    leasehold_tpm::verify_signature(&pem, body.as_bytes(), &sig)
+    leasehold_envelope::verify_signature(&pem, body.as_bytes(), &sig)
         .map_err(|e| CliError::new(exit::FAILURE, format!("the receipt does NOT verify: {e}")))?;
     let doc: serde_json::Value = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
     output::emit(

@@ -1,17 +1,46 @@
 //! Human and JSON output of API results.
 
+use std::io::Write as _;
+
 use leasehold_dbus_api::{KeyChange, NodeInfo, PublicKey, SecretInfo, VolumeInfo};
 use serde_json::{json, Value};
+
+use crate::exit;
 
 /// Prints `v` as JSON, or `human` as text.
 pub fn emit(as_json: bool, v: Value, human: impl FnOnce() -> String) {
     if as_json {
-        println!("{v}");
+        print_line(&v.to_string());
     } else {
         let text = human();
         if !text.is_empty() {
-            println!("{text}");
+            print_line(&text);
         }
+    }
+}
+
+/// Writes `text` and a newline to stdout; all of the CLIs' own output goes
+/// through here (help and version are printed by clap, whose write errors
+/// `main` ignores).
+///
+/// `println!` panics when the reader has gone away (`landlordctl info |
+/// head -1`): Rust ignores SIGPIPE, and restoring it would need `unsafe`,
+/// which the workspace forbids. Instead a closed pipe ends the program here,
+/// quietly and with status 0: output is only written after the operation
+/// succeeded, and the reader chose to stop reading. Any other write error is
+/// reported and exits 1.
+pub fn print_line(text: &str) {
+    let mut out = std::io::stdout().lock();
+    if let Err(e) = writeln!(out, "{text}").and_then(|()| out.flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(i32::from(exit::OK));
+        }
+        // Not eprintln!: it panics too if stderr is gone.
+        let _ = writeln!(
+            std::io::stderr(),
+            "error: cannot write to standard output: {e}"
+        );
+        std::process::exit(i32::from(exit::FAILURE));
     }
 }
 
@@ -107,7 +136,18 @@ pub fn change_json(c: &KeyChange) -> Value {
         "fingerprint": c.fingerprint,
         "receipt": c.receipt,
         "receipt_signature": c.receipt_signature,
+        "warnings": c.warnings.clone().unwrap_or_default(),
     })
+}
+
+/// Prints a key change: warnings (what failed after the change committed;
+/// the change stands, so the exit status stays 0) on stderr, the change on
+/// stdout.
+pub fn emit_change(as_json: bool, c: &KeyChange, human: impl FnOnce() -> String) {
+    for w in c.warnings.iter().flatten() {
+        eprintln!("warning: {w}");
+    }
+    emit(as_json, change_json(c), human);
 }
 
 /// Volume state as JSON.

@@ -10,7 +10,7 @@ use crate::boundary::{
     info_json, info_text, print_warnings, read_document, verdict_json, verdict_text, ExplainArgs,
 };
 use crate::output::{
-    change_json, change_text, emit, node_info_json, node_info_text, secrets_json, volume_json,
+    change_text, emit, emit_change, node_info_json, node_info_text, secrets_json, volume_json,
     volume_text,
 };
 use crate::{
@@ -171,7 +171,7 @@ pub fn main() -> ExitCode {
 pub fn seal_file(to: &std::path::Path, file: &std::path::Path) -> Result<Vec<u8>, CliError> {
     let pem = read_pem_file("public key", to)?;
     let payload = read_arg_file("input", file)?;
-    leasehold_tpm::envelope::seal(&pem, &payload)
+    leasehold_envelope::seal(&pem, &payload)
         .map_err(|e| CliError::new(exit::INVALID, e.to_string()))
 }
 
@@ -206,6 +206,10 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         Command::VerifyReceipt { receipt, key } => {
             return crate::verify_receipt(json, receipt, key);
         }
+        Command::RegisterConsole { name, .. } => crate::check_name("console name", name)?,
+        Command::Secret(SecretCommand::Put { name, .. } | SecretCommand::Rm { name }) => {
+            crate::check_name("secret name", name)?;
+        }
         _ => {}
     }
     let conn = match &args.host {
@@ -237,11 +241,11 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                 |ok| p.rotate_keys(ok),
             )
             .await?;
-            emit(json, change_json(&c), || change_text(&c));
+            emit_change(json, &c, || change_text(&c));
         }
         Command::Rekey => {
             let c = p.rekey_keys().await?;
-            emit(json, change_json(&c), || change_text(&c));
+            emit_change(json, &c, || change_text(&c));
         }
         Command::RegisterConsole { name, pem } => {
             let text = read_pem_file("public key", &pem)?;
@@ -259,7 +263,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             };
             let payload = read_arg_file("secret", &from)?;
             // Sealed here; only the envelope crosses the wire.
-            let env = leasehold_tpm::envelope::seal(&pem, &payload)
+            let env = leasehold_envelope::seal(&pem, &payload)
                 .map_err(|e| CliError::new(exit::INVALID, e.to_string()))?;
             let info = p.put_secret(&name, &env).await?;
             emit(json, secrets_json(std::slice::from_ref(&info)), || {

@@ -177,6 +177,9 @@ pub struct KeyChange {
     /// PKCS#1 v1.5 SHA-256 signature of `Receipt` by the node's
     /// TPM-held signing key (`GetReceiptKey`), base64.
     pub receipt_signature: Option<String>,
+    /// What did not work after the change committed (the change stands):
+    /// e.g. the volume could not be remade, or no receipt could be signed.
+    pub warnings: Option<Vec<String>>,
 }
 
 /// The tenant's encrypted volume.

@@ -137,36 +137,66 @@ pub fn wipe_key(n: &str) -> Result<bool> {
         return Ok(false);
     }
     let id = DevId::Name(dn);
-    let sectors = dm
-        .table_status(
-            &id,
-            DmOptions::default().set_flags(DmFlags::DM_STATUS_TABLE),
-        )
-        .map(|(_, t)| t.iter().map(|l| l.0 + l.1).max().unwrap_or(0))
+    // Fail closed: a table that cannot be read, or has no length, is not
+    // a table whose key was wiped.
+    let sectors = read_table(&dm, &id, n)?
+        .iter()
+        .map(|l| l.0 + l.1)
+        .max()
         .unwrap_or(0);
-    if sectors > 0 {
-        let line = [(0, sectors, "error".to_owned(), String::new())];
-        // Resume with the new table; no fs freeze, in-flight I/O requeued
-        // to `error` rather than waited for.
-        dm.table_load(&id, &line, DmOptions::default())
-            .and_then(|_| {
-                dm.device_suspend(
-                    &id,
-                    DmOptions::default().set_flags(DmFlags::DM_SKIP_LOCKFS | DmFlags::DM_NOFLUSH),
-                )
-            })
-            .map_err(|e| StorageError::Dm(format!("replace the crypt table of {n}: {e}")))?;
+    if sectors == 0 {
+        return Err(StorageError::Dm(format!(
+            "{n}: the mapping has an empty table; its key was not wiped"
+        )));
+    }
+    let line = [(0, sectors, "error".to_owned(), String::new())];
+    // Resume with the new table; no fs freeze, in-flight I/O requeued
+    // to `error` rather than waited for.
+    dm.table_load(&id, &line, DmOptions::default())
+        .and_then(|_| {
+            dm.device_suspend(
+                &id,
+                DmOptions::default().set_flags(DmFlags::DM_SKIP_LOCKFS | DmFlags::DM_NOFLUSH),
+            )
+        })
+        .map_err(|e| StorageError::Dm(format!("replace the crypt table of {n}: {e}")))?;
+    // Read back: the live table must be `error` only, with no key left.
+    let live = read_table(&dm, &id, n)?;
+    if live.is_empty() || live.iter().any(|l| l.2 != "error") {
+        return Err(StorageError::Dm(format!(
+            "{n}: the live table is still {:?} after the swap; its key may still be in the kernel",
+            live.iter().map(|l| l.2.as_str()).collect::<Vec<_>>()
+        )));
     }
     Ok(true)
 }
 
+type TableLines = Vec<(u64, u64, String, String)>;
+
+fn read_table(dm: &DM, id: &DevId<'_>, n: &str) -> Result<TableLines> {
+    dm.table_status(id, DmOptions::default().set_flags(DmFlags::DM_STATUS_TABLE))
+        .map(|(_, t)| t)
+        .map_err(|e| StorageError::Dm(format!("read the table of {n}: {e}")))
+}
+
 /// Wipes the key from the kernel (`wipe_key`) and removes the mapping.
 pub fn close(n: &str) -> Result<Closed> {
-    if !wipe_key(n)? {
-        return Ok(Closed::Absent);
-    }
+    let wiped = match wipe_key(n) {
+        Ok(false) => return Ok(Closed::Absent),
+        Ok(true) => Ok(()),
+        Err(e) => Err(e),
+    };
     let dm = dm()?;
     let id = DevId::Name(name(n)?);
+    if let Err(e) = wiped {
+        // A mapping whose table could not be swapped (e.g. none was ever
+        // made live) still goes: removing the device drops every table it
+        // holds, key included. Only an immediate removal counts.
+        return dm
+            .device_remove(&id, DmOptions::default())
+            .map(|_| Closed::Removed)
+            .map_err(|_| e);
+    }
     match dm.device_remove(&id, DmOptions::default()) {
         Ok(_) => Ok(Closed::Removed),
         Err(_) => {

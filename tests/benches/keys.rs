@@ -61,6 +61,7 @@ fn main() {
         tcti: swtpm.tcti(),
         state_dir: tmp.path().join("state"),
         seal_pcrs: vec![],
+        erase_existing: false,
     };
     let (mut h, _) = KeyHierarchy::open(&cfg).unwrap();
     h.assign_tenant(Role::Landlord, "acme", Confirm::No)

@@ -31,9 +31,15 @@ for size in 1G 64G 1T; do
         t0=$(ms)
         out=$(runuser -u tt -- tenantctl --json --yes rotate)
         t1=$(ms)
-        remake=$(echo "$out" | sed -n 's/.*\\"millis\\":\([0-9]*\).*/\1/p')
         erased=$(echo "$out" | sed -n 's/.*\\"erased_ms\\":\([0-9]*\).*/\1/p')
-        echo "erase $size $run $((t1 - t0)) ${remake:-?} ${erased:-?}"
+        # The new empty volume follows the reply: time until it is open.
+        n=0
+        until landlordctl --json volume status | grep -q '"state":"open"'; do
+            n=$((n + 1)); [ "$n" -lt 1200 ] || { echo "volume not remade" >&2; exit 1; }
+            sleep 0.05
+        done
+        t2=$(ms)
+        echo "erase $size $run $((t1 - t0)) $((t2 - t1)) ${erased:-?}"
     done
     systemctl stop leasehold-agentd
     losetup -d "$loop"; rm -f "$f"

@@ -124,8 +124,12 @@ fn main() {
     )
     .unwrap();
     writeln!(s, "### Erase (destroying tenant rotation), median of 3\n").unwrap();
-    writeln!(s, "Sparse file on the node's root disk behind a loop device. \"erased\" is from the request reaching the agent to the old data being unrecoverable: dm-crypt's copy of the key wiped (an `error` table swapped in; unmount and removal follow in the remake), then the TPM secret of the old key generation undefined (`erased_ms` in the signed receipt; polkit check included). \"call\" is `tenantctl rotate` end to end: also the new key pair generated in the TPM, the new disk key unsealed, the remake, the receipt signed. \"remake\" is the new empty volume (new mapping under the new key, mkfs, mount), from the receipt.\n").unwrap();
-    writeln!(s, "| device size | erased | call | of which remake |").unwrap();
+    writeln!(s, "Sparse file on the node's root disk behind a loop device. \"erased\" is from the request reaching the agent to the old data being unrecoverable: dm-crypt's copy of the key wiped (an `error` table swapped in; unmount and removal follow in the remake), then the TPM secret of the old key generation undefined (`erased_ms` in the signed receipt; polkit check included). \"call\" is `tenantctl rotate` end to end, i.e. to the signed receipt: also the new key pair (pre-generated when the agent has a standby) and the receipt signed. \"remake after the reply\" is the new empty volume (new disk key unsealed, new mapping, mkfs, mount), from the reply until `volume status` says open (polled every 50 ms); the next command waits for it, the caller does not.\n").unwrap();
+    writeln!(
+        s,
+        "| device size | erased | call (to signed receipt) | remake after the reply |"
+    )
+    .unwrap();
     writeln!(s, "|---|---|---|---|").unwrap();
     for size in ["1G", "64G", "1T"] {
         if let Some([call, remake, erased]) = erase.get(size) {

@@ -341,6 +341,17 @@ fn dbus_bad_input_gets_named_errors_and_agent_keeps_serving() {
     expect_err(&probe(&lab, Who::Tenant, "put-empty-name"), inv, "name");
     expect_err(&probe(&lab, Who::Tenant, "put-garbage"), inv, "envelope");
     expect_err(&probe(&lab, Who::Tenant, "put-oversized"), inv, "envelope");
+    // Bit flips are bad input, not a TPM failure.
+    expect_err(
+        &probe(&lab, Who::Tenant, "put-tampered-key"),
+        inv,
+        "envelope",
+    );
+    expect_err(
+        &probe(&lab, Who::Tenant, "put-tampered-payload"),
+        inv,
+        "envelope",
+    );
     expect_err(
         &probe(&lab, Who::Tenant, "rm-unknown"),
         "org.leasehold.Error.NotFound",

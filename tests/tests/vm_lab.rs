@@ -215,11 +215,15 @@ fn vm_lab_end_to_end() {
     vm.lab(300, &["destroy"]);
     vm.lab_ok(600, &["up", NODE]);
     vm.step("boot to SSH");
+    // The test build: its crash and failure hooks drive the volume sections.
     let deb = std::fs::read_dir(workspace_root().join("target/debian"))
         .expect("target/debian: run scripts/build-deb first (scripts/test does)")
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .expect("a .deb in target/debian");
+        .find(|p| {
+            p.extension().is_some_and(|x| x == "deb")
+                && p.to_string_lossy().contains("+fault-injection")
+        })
+        .expect("a .deb with +fault-injection in target/debian (LEASEHOLD_DEB_FEATURES=fault-injection scripts/build-deb; scripts/test does)");
     vm.lab_ok(600, &["install", NODE, deb.to_str().unwrap()]);
     vm.step("install .deb");
     // Lets a developer check the failure path: the guest's logs must be shown.
@@ -492,17 +496,48 @@ impl Vm {
 
     /// Runs the next agent with LEASEHOLD_CRASH_AT=step (None: without).
     fn crash_at(&self, step: Option<&str>) {
+        self.hook("LEASEHOLD_CRASH_AT", step);
+    }
+
+    /// Restarts the agent with the test hook `var=step` set (None: without;
+    /// the .deb the lab installs is built with the fault-injection feature).
+    fn hook(&self, var: &str, step: Option<&str>) {
         let d = "/run/systemd/system/leasehold-agentd.service.d";
         match step {
             Some(st) => self.sh(&format!(
-                "mkdir -p {d} && printf '[Service]\nEnvironment=LEASEHOLD_CRASH_AT={st}\n' > {d}/crash.conf && systemctl daemon-reload && systemctl reset-failed leasehold-agentd; systemctl restart leasehold-agentd"
+                "mkdir -p {d} && printf '[Service]\nEnvironment={var}={st}\n' > {d}/hook.conf && systemctl daemon-reload && systemctl reset-failed leasehold-agentd; systemctl restart leasehold-agentd"
             )),
-            // systemd restarted the killed agent with the variable still
+            // systemd restarted a killed agent with the variable still
             // set: restart it without.
             None => self.sh(&format!(
                 "rm -rf {d} && systemctl daemon-reload && systemctl reset-failed leasehold-agentd; systemctl restart leasehold-agentd"
             )),
         };
+    }
+
+    /// Waits (bounded) for the remake that follows a destroying change's
+    /// reply: no event announces it, so the status is polled.
+    fn wait_volume_remade(&self, label: &str) {
+        wait_until(
+            120,
+            1,
+            &format!("{label}: the volume was not remade"),
+            || {
+                let v = self.volume();
+                v["state"] == "open"
+                    && v["event"]
+                        .as_str()
+                        .is_some_and(|e| e.contains("recreated empty"))
+            },
+        );
+    }
+
+    /// Automatic restarts of the agent so far (a SIGKILL counts one).
+    fn restarts(&self) -> u64 {
+        self.sh("systemctl show -p NRestarts --value leasehold-agentd")
+            .trim()
+            .parse()
+            .unwrap_or(0)
     }
 
     /// The node's receipt key (PEM).
@@ -543,7 +578,11 @@ impl Vm {
         assert!(leasehold_tpm::verify_signature(&key, &tampered, &sig).is_err());
         let r = json(receipt);
         assert!(r["volume"]["id"].is_string(), "{label}: {r}");
+        assert_eq!(r["volume"]["kernel_key"], "wiped", "{label}: {r}");
         assert_ne!(r["key_generations_before"], r["key_generations_after"]);
+        // The receipt comes as soon as the old key is gone; the new empty
+        // filesystem follows.
+        self.wait_volume_remade(label);
         let v = self.volume();
         assert_eq!(v["state"], "open", "{label}: {v}");
         assert!(
@@ -563,7 +602,10 @@ impl Vm {
         assert_ne!(start.code, 0, "{label}: the agent started on the old state");
         let log = self.sh("journalctl -u leasehold-agentd --no-pager -n 30");
         assert!(
-            log.contains("restoring old state cannot bring it back"),
+            // The epoch check catches a restored copy first; an erased key
+            // generation is the second line of defence.
+            log.contains("it is a restored backup")
+                || log.contains("restoring old state cannot bring it back"),
             "{label}: {log}"
         );
         assert_eq!(
@@ -725,11 +767,50 @@ fn volume_crashes(vm: &mut Vm) {
     let v = vm.volume();
     assert_eq!(v["state"], "open", "erase:closed: {v}");
     assert_eq!(vm.sh(&format!("cat {MNT}/crash.txt")).trim(), "old");
+    // dm-crypt's key cannot be shown gone: the TPM is not touched, no
+    // receipt is signed, the data and the key generation stay.
+    let generation = json(&vm.sh("landlordctl --json info"))["tenant_key_generation"].clone();
+    let receipts = || vm.sh(&format!("ls {STATE}/receipts 2>/dev/null | wc -l"));
+    let receipts_before = receipts();
+    vm.hook("LEASEHOLD_FAIL_AT", Some("erase:wipe"));
+    let r = vm.sh_status("runuser -u tt -- tenantctl --yes --json rotate");
+    assert_ne!(r.code, 0, "erase:wipe: reported as done: {}", r.stdout);
+    assert!(!r.stdout.contains("receipt"), "erase:wipe: {}", r.stdout);
+    assert!(r.stderr.contains("wiping"), "erase:wipe: {}", r.stderr);
+    assert_eq!(
+        json(&vm.sh("landlordctl --json info"))["tenant_key_generation"],
+        generation,
+        "erase:wipe: the key generation changed"
+    );
+    assert_eq!(vm.volume()["state"], "open", "erase:wipe: not reopened");
+    assert_eq!(vm.sh(&format!("cat {MNT}/crash.txt")).trim(), "old");
+    assert_eq!(
+        receipts(),
+        receipts_before,
+        "erase:wipe: a receipt was stored"
+    );
+    vm.hook("LEASEHOLD_FAIL_AT", None);
+    vm.agent_up();
+    vm.step("volume: a rotation whose key wipe fails signs nothing");
     for step in ["erase:keys", "erase:meta", "erase:mapped", "erase:made"] {
         vm.sh(&format!("echo old > {MNT}/crash.txt && sync"));
         vm.crash_at(Some(step));
-        let r = vm.sh_status("runuser -u tt -- tenantctl --yes rotate");
-        assert_ne!(r.code, 0, "{step}: the agent was to be killed");
+        let restarts = vm.restarts();
+        // The remake follows the reply: the rotation is done (receipt in
+        // hand), then the agent dies in the remake.
+        let r = vm.sh_status("runuser -u tt -- tenantctl --yes --json rotate");
+        assert_eq!(r.code, 0, "{step}: {}", r.stderr);
+        assert!(
+            json(&r.stdout)["receipt"].is_string(),
+            "{step}: {}",
+            r.stdout
+        );
+        wait_until(
+            120,
+            1,
+            &format!("{step}: the agent was to be killed"),
+            || vm.restarts() > restarts,
+        );
         vm.crash_at(None);
         vm.agent_up();
         let v = vm.volume();

@@ -59,11 +59,9 @@ pub fn derive_disk_key(node_id: &[u8], links: &[Link<'_>]) -> Option<DiskKey> {
         info.extend_from_slice(&link.key_generation.to_be_bytes());
     }
     let hk = Hkdf::<Sha256>::from_prk(chain.as_ref()).ok()?;
-    let mut out = [0u8; 64];
-    hk.expand(&info, &mut out).ok()?;
-    let key = DiskKey::from_bytes(out);
-    zeroize::Zeroize::zeroize(&mut out);
-    Some(key)
+    let mut out = Zeroizing::new([0u8; 64]);
+    hk.expand(&info, out.as_mut()).ok()?;
+    Some(DiskKey::from_zeroizing(&out))
 }
 
 fn push_lv(buf: &mut Vec<u8>, bytes: &[u8]) {

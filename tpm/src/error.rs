@@ -57,8 +57,10 @@ pub enum KeyError {
         source: tss_esapi::Error,
     },
     /// The node signing key blob could not be loaded into this TPM.
-    #[error("the node signing key blob does not load into this TPM: it was created by a different TPM or is corrupt ({source})")]
+    #[error("the node signing key blob {path} does not load into this TPM: it was created by a different TPM or is corrupt ({source})")]
     SigningKeyUnusable {
+        /// The blob file.
+        path: PathBuf,
         /// Underlying TPM error.
         #[source]
         source: tss_esapi::Error,
@@ -74,6 +76,62 @@ pub enum KeyError {
         generation: u64,
         /// The NV index that is missing.
         nv_index: u32,
+    },
+    /// The state directory has no manifest, but the TPM holds Leasehold NV
+    /// indices or the directory holds key blobs: the keys of an existing
+    /// node. Nothing was changed.
+    #[error("state directory {dir} has no keys.json, but the TPM holds {nv_indices} Leasehold NV indices (and the directory {files} key files): they belong to an existing node, so nothing was changed. If state.dir is wrong or its file system is not mounted yet, fix that and restart. To destroy those keys and initialise a new node, start once with `agentd --init-erase-tpm` on an empty or missing state directory")]
+    StateMissing {
+        /// The state directory.
+        dir: PathBuf,
+        /// Leasehold NV indices (secrets and epoch counter) in the TPM.
+        nv_indices: usize,
+        /// Key blob and temp files in the directory.
+        files: usize,
+    },
+    /// Initialising over existing TPM keys was asked for, but the state
+    /// directory is not empty. Nothing was changed.
+    #[error("refusing to erase the TPM's Leasehold keys: state directory {dir} is not empty ({entries} entries); the erase is allowed only when it is empty or missing")]
+    EraseRefused {
+        /// The state directory.
+        dir: PathBuf,
+        /// Number of entries found.
+        entries: usize,
+    },
+    /// The TPM holds a Leasehold NV index that the manifest neither names
+    /// nor records as part of a change. Nothing was changed.
+    #[error("the TPM holds Leasehold NV index 0x{nv_index:08x}, which {path} neither names nor records as part of a change (edited or replaced manifest?): nothing was changed")]
+    UnknownNvIndex {
+        /// Manifest path.
+        path: PathBuf,
+        /// The unexplained index.
+        nv_index: u32,
+    },
+    /// The manifest is older or newer than the TPM's state (a restored
+    /// backup, or a copy from elsewhere). Nothing was changed.
+    #[error("{path} is at epoch {} but the TPM's Leasehold epoch counter is at {}: it is a restored backup or a copy of another state, not the node's current state; nothing was changed. Restore the current state directory", fmt_epoch(*manifest_epoch), fmt_epoch(*tpm_epoch))]
+    StaleState {
+        /// Manifest path.
+        path: PathBuf,
+        /// The manifest's epoch (`None`: written before epochs existed).
+        manifest_epoch: Option<u64>,
+        /// The TPM counter's value (`None`: no counter).
+        tpm_epoch: Option<u64>,
+    },
+    /// A state file or the state directory is a symbolic link.
+    #[error("{path} is a symbolic link; Leasehold state files are never followed through links: nothing was changed")]
+    SymlinkInState {
+        /// The link.
+        path: PathBuf,
+    },
+    /// A manifest from an older build records an interrupted change, or NV
+    /// indices it does not name; the older build has to finish it.
+    #[error("{path} (format {format}, before epochs) records an unfinished key change or the TPM holds NV indices it does not name; start the previous agentd version once to finish it: nothing was changed")]
+    UnfinishedLegacyChange {
+        /// Manifest path.
+        path: PathBuf,
+        /// The manifest's format version.
+        format: u32,
     },
     /// The sealed symmetric key is bound to PCR values that have changed.
     #[error("cannot unseal the {role} symmetric key: PCRs {pcrs:?} no longer hold the values it was sealed to (boot chain or firmware changed)")]
@@ -168,6 +226,11 @@ pub enum KeyError {
 }
 
 /// Errors of the envelope format and of opening an envelope.
+///
+/// The format errors mirror `leasehold_envelope::EnvelopeError` variant for
+/// variant, with the same messages, so matches on this type keep working;
+/// [`EnvelopeError::WrongRecipient`] and [`EnvelopeError::UnwrapFailed`] are
+/// the failures of opening with a key in the TPM.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum EnvelopeError {
@@ -216,16 +279,35 @@ pub enum EnvelopeError {
     InvalidPublicKey(String),
 }
 
-/// Errors of verifying a node signature (an erase receipt).
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum SignatureError {
-    /// The public key is not an RSA SubjectPublicKeyInfo PEM of at least 2048 bits.
-    #[error("invalid signing public key: {0}")]
-    InvalidPublicKey(String),
-    /// The signature does not match the data under this key.
-    #[error("signature verification failed: the data or the signature was modified, or it was made by another key")]
-    Mismatch,
+/// Errors of verifying a node signature (an erase receipt); defined with
+/// [`crate::verify_signature`] in `leasehold-envelope`.
+pub use leasehold_envelope::SignatureError;
+
+impl From<leasehold_envelope::EnvelopeError> for EnvelopeError {
+    fn from(e: leasehold_envelope::EnvelopeError) -> Self {
+        use leasehold_envelope::EnvelopeError as F;
+        // Exhaustive on purpose: a new format error must be mapped here.
+        match e {
+            F::BadMagic => Self::BadMagic,
+            F::UnsupportedVersion { found, supported } => {
+                Self::UnsupportedVersion { found, supported }
+            }
+            F::Malformed(field) => Self::Malformed(field),
+            F::TooLarge { what, size, max } => Self::TooLarge { what, size, max },
+            F::AuthenticationFailed => Self::AuthenticationFailed,
+            F::InvalidPublicKey(reason) => Self::InvalidPublicKey(reason),
+        }
+    }
+}
+
+impl From<leasehold_envelope::EnvelopeError> for KeyError {
+    fn from(e: leasehold_envelope::EnvelopeError) -> Self {
+        Self::Envelope(e.into())
+    }
+}
+
+fn fmt_epoch(e: Option<u64>) -> String {
+    e.map_or_else(|| "none".to_owned(), |e| e.to_string())
 }
 
 /// Result alias for this crate.

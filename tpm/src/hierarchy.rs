@@ -11,8 +11,11 @@ use zeroize::Zeroizing;
 use crate::chain::{derive_disk_key, Link};
 use crate::envelope::{seal_to, ParsedEnvelope, RecipientKey};
 use crate::error::{EnvelopeError, KeyError, Result};
-use crate::state::{ConsoleKey, LevelState, Manifest, SigningKeyState, StateDir, FORMAT};
-use crate::sys::{self, Tpm, NV_BASE};
+use crate::state::{
+    ConsoleKey, Intent, IntentKind, LevelState, Manifest, SigningKeyState, StateDir, EPOCH_FORMAT,
+    FORMAT,
+};
+use crate::sys::{self, Tpm, NV_BASE, NV_EPOCH};
 use crate::types::{
     Confirm, DiskKey, GenerationSecret, PublicKeyInfo, Role, SigningKeyInfo, SymmetricKey, TpmKind,
 };
@@ -26,13 +29,23 @@ pub struct KeyConfig {
     pub state_dir: PathBuf,
     /// PCRs new sealed keys are bound to (empty: none).
     pub seal_pcrs: Vec<u8>,
+    /// Initialise a new node even though the TPM holds Leasehold NV indices
+    /// (the keys of an earlier node), destroying them. Honoured only when the
+    /// state directory is empty or missing; ignored when it holds a manifest.
+    pub erase_existing: bool,
 }
 
 /// Steps of a key change where a test can simulate a crash (feature `testing`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FaultPoint {
-    /// Destroying rotation: the manifest marks the level as being erased;
-    /// its NV secret still exists.
+    /// The change's first manifest write is on disk (epoch = counter + 1);
+    /// the TPM epoch counter is not incremented yet.
+    BeforeEpochIncrement,
+    /// Re-key, assignment: the intent (indices to create and retire) is
+    /// recorded and the epoch counter incremented; the TPM is untouched.
+    AfterIntentRecorded,
+    /// Destroying rotation: the manifest records the erase (intent) and the
+    /// epoch counter is incremented; the old NV secret still exists.
     AfterEraseMarked,
     /// New NV secret defined; nothing else written.
     AfterNvDefine,
@@ -47,14 +60,17 @@ pub enum FaultPoint {
 impl FaultPoint {
     /// The fault points of a change that creates a level before it drops
     /// the old one (re-key, assignment), in order.
-    pub const ALL: [FaultPoint; 4] = [
+    pub const ALL: [FaultPoint; 6] = [
+        FaultPoint::BeforeEpochIncrement,
+        FaultPoint::AfterIntentRecorded,
         FaultPoint::AfterNvDefine,
         FaultPoint::AfterBlobsWritten,
         FaultPoint::AfterManifestReplaced,
         FaultPoint::AfterOldNvUndefined,
     ];
     /// The fault points of a destroying rotation (erase first), in order.
-    pub const ROTATE: [FaultPoint; 5] = [
+    pub const ROTATE: [FaultPoint; 6] = [
+        FaultPoint::BeforeEpochIncrement,
         FaultPoint::AfterEraseMarked,
         FaultPoint::AfterOldNvUndefined,
         FaultPoint::AfterNvDefine,
@@ -174,6 +190,8 @@ pub struct KeyHierarchy {
     manifest: Manifest,
     seal_pcrs: Vec<u8>,
     tpm_id: String,
+    /// The TPM epoch counter's value as last read or incremented.
+    epoch: u64,
     #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     fault: Option<FaultPoint>,
 }
@@ -206,12 +224,33 @@ fn xor32(a: &[u8; 32], b: &[u8; 32]) -> Zeroizing<[u8; 32]> {
     out
 }
 
+/// What the read-only checks at open found to be finished.
+#[derive(Debug, Default)]
+struct Plan {
+    /// The manifest is one write ahead of the counter (crash between the
+    /// two): increment it.
+    increment_epoch: bool,
+    /// The manifest has no epoch yet (formats 1, 2, or an interrupted
+    /// upgrade): define the counter and record its value.
+    migrate: bool,
+}
+
+/// A file name the manifest may refer to: a plain name inside the state
+/// directory.
+fn plain_file_name(name: &str) -> bool {
+    !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
+}
+
 impl KeyHierarchy {
     /// Connects to the TPM, loads the state (or creates the landlord level on
-    /// first start) and finishes any interrupted change.
+    /// first start) and finishes any interrupted change. Whatever it cannot
+    /// explain (no manifest while the TPM holds Leasehold keys, an NV index
+    /// the manifest does not account for, a manifest older or newer than the
+    /// TPM's epoch counter, a link in place of a state file, an unusable
+    /// signing key) is refused before anything is changed.
     pub fn open(cfg: &KeyConfig) -> Result<(Self, Opened)> {
         let seal_pcrs = sys::normalise_pcrs(&cfg.seal_pcrs)?;
-        let dir = StateDir::open(&cfg.state_dir)?;
+        let dir = StateDir::new(&cfg.state_dir)?;
         let mut tpm = Tpm::connect(&cfg.tcti)?;
         let tpm_id = tpm.identity();
         match dir.read_manifest()? {
@@ -221,97 +260,437 @@ impl KeyHierarchy {
                         path: dir.manifest_path(),
                     });
                 }
+                if cfg.erase_existing {
+                    tracing::warn!(dir = %dir.root().display(), "ignoring the request to erase the TPM's keys: the state directory holds a manifest");
+                }
                 let mut me = Self {
                     tpm,
                     dir,
                     manifest,
                     seal_pcrs,
                     tpm_id,
+                    epoch: 0,
                     fault: None,
                 };
-                let recovered = me.recover()?;
+                let plan = me.check()?;
+                let initialising = me.intent_kind() == Some(IntentKind::Init);
+                // Everything is explained: from here on changes are allowed.
+                me.dir.prepare()?;
+                let recovered = me.recover(plan)?;
+                if initialising {
+                    return Ok((me, Opened::Initialised));
+                }
                 // A state directory from before the signing key existed
                 // (format 1) gets one now, committed like any other change.
                 if me.manifest.signing.is_none() {
                     let signing = me.create_signing_key()?;
                     let mut next = me.manifest.clone();
-                    next.format = FORMAT;
                     next.signing = Some(signing);
-                    me.dir.write_manifest(&next)?;
-                    me.manifest = next;
+                    me.commit_manifest(next)?;
                     tracing::info!("created the node signing key");
                 }
                 Ok((me, Opened::Loaded { recovered }))
             }
             None => {
-                // Leftover NV secrets without a manifest can never be used again.
-                for idx in tpm.nv_indices()? {
-                    tpm.nv_undefine(idx)?;
+                let indices = tpm.nv_indices()?;
+                let files = dir.blob_files()?;
+                if !indices.is_empty() || !files.is_empty() {
+                    if !cfg.erase_existing {
+                        return Err(KeyError::StateMissing {
+                            dir: dir.root().to_path_buf(),
+                            nv_indices: indices.len(),
+                            files: files.len(),
+                        });
+                    }
+                    let entries = dir.entries()?;
+                    if !entries.is_empty() {
+                        return Err(KeyError::EraseRefused {
+                            dir: dir.root().to_path_buf(),
+                            entries: entries.len(),
+                        });
+                    }
+                    // Confirmed by the operator (--init-erase-tpm) on an
+                    // empty directory: the only way the agent erases keys no
+                    // manifest accounts for.
+                    tracing::warn!(
+                        dir = %dir.root().display(),
+                        count = indices.len(),
+                        "erasing the TPM's Leasehold NV indices as asked, to initialise a new node"
+                    );
+                    for idx in indices {
+                        tpm.nv_undefine(idx)?;
+                    }
                 }
+                dir.prepare()?;
+                // The first manifest is written before the TPM is touched: it
+                // records the first start as an intent (create the epoch
+                // counter), so a crash at any step is finished at the next
+                // start instead of leaving keys no manifest accounts for.
                 let node_id = hex::encode(&tpm.random(16)?[..]);
-                let kl = SymmetricKey::from_bytes(*tpm.random32()?);
+                let genesis = Manifest {
+                    format: FORMAT,
+                    node_id,
+                    tpm_id: tpm_id.clone(),
+                    landlord: placeholder_level(),
+                    tenant: None,
+                    consoles: Vec::new(),
+                    signing: None,
+                    erasing: None,
+                    epoch: None,
+                    intent: Some(Intent {
+                        kind: IntentKind::Init,
+                        role: Role::Landlord,
+                        creates: vec![NV_EPOCH],
+                        retires: Vec::new(),
+                    }),
+                };
+                dir.write_manifest(&genesis)?;
                 let mut me = Self {
                     tpm,
                     dir,
-                    manifest: Manifest {
-                        format: FORMAT,
-                        node_id,
-                        tpm_id: tpm_id.clone(),
-                        landlord: placeholder_level(),
-                        tenant: None,
-                        consoles: Vec::new(),
-                        signing: None,
-                        erasing: None,
-                    },
+                    manifest: genesis,
                     seal_pcrs,
                     tpm_id,
+                    epoch: 0,
                     fault: None,
                 };
-                let level = me.create_level(Role::Landlord, 1, 1, &kl)?;
-                me.manifest.landlord = level;
-                me.manifest.signing = Some(me.create_signing_key()?);
-                me.dir.write_manifest(&me.manifest)?;
-                me.dir.collect_garbage(&me.manifest.files())?;
+                me.initialise()?;
                 Ok((me, Opened::Initialised))
             }
         }
     }
 
-    /// Checks that every NV secret the manifest needs exists, then removes
-    /// leftovers of an interrupted change (stale NV indices and blob files).
-    /// Nothing is removed when the manifest is stale (restored from a backup),
-    /// so a wrong restore never destroys the current keys.
-    fn recover(&mut self) -> Result<usize> {
-        let mut n = 0;
-        if let Some(role) = self.manifest.erasing {
-            // A destroying rotation was interrupted: the old key is (being)
-            // erased whatever happens; finish it with a new generation.
-            self.finish_erase(role)?;
-            tracing::info!(%role, "finished an interrupted destroying rotation");
-            n += 1;
+    /// Read-only checks of the loaded manifest against the TPM: nothing is
+    /// changed here, so a refusal leaves everything as it was.
+    fn check(&mut self) -> Result<Plan> {
+        let path = self.dir.manifest_path();
+        let m = self.manifest.clone();
+        let mut plan = Plan::default();
+        let initialising = self.intent_kind() == Some(IntentKind::Init);
+        if initialising {
+            // An interrupted first start: nothing but the intent is recorded.
+            if m.landlord.generation != 0 || m.tenant.is_some() || m.signing.is_some() {
+                return Err(KeyError::CorruptState {
+                    path,
+                    reason: "a first start's manifest that names keys".into(),
+                });
+            }
         }
-        let defined = self.tpm.nv_indices()?;
-        for role in Role::ALL {
-            if let Some(level) = self.manifest.level(role) {
-                if !defined.contains(&level.nv_index) {
-                    return Err(KeyError::KeyErased {
-                        role,
-                        generation: level.generation,
-                        nv_index: level.nv_index,
+        let levels: Vec<(Role, &LevelState)> = Role::ALL
+            .into_iter()
+            .filter_map(|r| m.level(r).map(|l| (r, l)))
+            .filter(|_| !initialising)
+            .collect();
+
+        for name in m.files().into_iter().filter(|_| !initialising) {
+            if !plain_file_name(&name) {
+                return Err(KeyError::CorruptState {
+                    path,
+                    reason: format!(
+                        "file name {name:?} is not a plain name in the state directory"
+                    ),
+                });
+            }
+        }
+        for &(role, l) in &levels {
+            {
+                if l.nv_index != nv_index_for(role, l.generation) {
+                    return Err(KeyError::CorruptState {
+                        path,
+                        reason: format!(
+                            "the {role} level of generation {} names NV index 0x{:08x}, not 0x{:08x}",
+                            l.generation,
+                            l.nv_index,
+                            nv_index_for(role, l.generation)
+                        ),
                     });
                 }
             }
         }
-        let wanted = self.manifest.nv_indices();
-        for idx in defined.into_iter().filter(|i| !wanted.contains(i)) {
-            self.tpm.nv_undefine(idx)?;
+
+        let defined = self.tpm.nv_indices()?;
+        let migrating = self.intent_kind() == Some(IntentKind::Migrate);
+        // An interrupted upgrade or first start may have left the counter
+        // defined but never written (unreadable); they redo it.
+        let unsure_counter = (migrating || initialising) && m.epoch.is_none();
+        let counter = if unsure_counter {
+            self.tpm.epoch_read().ok().flatten()
+        } else {
+            self.tpm.epoch_read()?
+        };
+        let legacy = m.format < EPOCH_FORMAT;
+        match (m.epoch, counter) {
+            (Some(e), Some(c)) if e == c => self.epoch = c,
+            (Some(e), Some(c)) if c.checked_add(1) == Some(e) => {
+                plan.increment_epoch = true;
+                self.epoch = c;
+            }
+            // Before epochs: the counter does not exist yet.
+            (None, None) if legacy => plan.migrate = true,
+            // An upgrade interrupted after its intent was recorded.
+            (None, _) if migrating => plan.migrate = true,
+            // A first start interrupted before the counter was committed;
+            // the check of NV indices below makes sure that is all it is.
+            (None, _) if initialising => {}
+            (e, c) => {
+                return Err(KeyError::StaleState {
+                    path,
+                    manifest_epoch: e,
+                    tpm_epoch: c,
+                })
+            }
+        }
+
+        let secrets: Vec<u32> = defined.iter().copied().filter(|i| *i != NV_EPOCH).collect();
+        let named: Vec<u32> = levels.iter().map(|(_, l)| l.nv_index).collect();
+        if legacy {
+            // Without an epoch a stale copy cannot be told from an
+            // interrupted change, so only a clean state is upgraded.
+            if m.erasing.is_some() || secrets.iter().any(|i| !named.contains(i)) {
+                return Err(KeyError::UnfinishedLegacyChange {
+                    path,
+                    format: m.format,
+                });
+            }
+        } else {
+            let explained = |i: &u32| {
+                named.contains(i)
+                    || m.intent
+                        .as_ref()
+                        .is_some_and(|t| t.indices().any(|x| x == *i))
+            };
+            if let Some(&idx) = secrets.iter().find(|i| !explained(i)) {
+                return Err(KeyError::UnknownNvIndex {
+                    path,
+                    nv_index: idx,
+                });
+            }
+        }
+        for &(role, level) in &levels {
+            if defined.contains(&level.nv_index) {
+                continue;
+            }
+            // An erase-first rotation may already have undefined it.
+            let being_erased = m.intent.as_ref().is_some_and(|t| {
+                t.kind == IntentKind::Rotate
+                    && t.role == role
+                    && t.retires.contains(&level.nv_index)
+            });
+            if !being_erased {
+                return Err(KeyError::KeyErased {
+                    role,
+                    generation: level.generation,
+                    nv_index: level.nv_index,
+                });
+            }
+        }
+
+        // The signing key is needed after every destroying change (the
+        // receipt): load it now rather than find it broken after an erase.
+        if let Some(k) = &m.signing {
+            let file = self.dir.path(&k.key_file);
+            let blob = match self.dir.read_blob(&k.key_file) {
+                Err(KeyError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    return Err(KeyError::CorruptState {
+                        path: file,
+                        reason:
+                            "keys.json names this node signing key, but the file does not exist"
+                                .into(),
+                    })
+                }
+                r => r?,
+            };
+            let fp = self.tpm.signing_fingerprint(&blob, &file)?;
+            if fp != k.fingerprint {
+                return Err(KeyError::CorruptState {
+                    path: file,
+                    reason: format!(
+                        "the TPM loads a key with fingerprint {fp} from it, but keys.json records {}",
+                        k.fingerprint
+                    ),
+                });
+            }
+        }
+        Ok(plan)
+    }
+
+    /// Finishes what `check` found interrupted: the epoch increment, the
+    /// upgrade to epochs, and the change recorded in the manifest's intent.
+    /// Only indices that intent names are undefined.
+    fn recover(&mut self, plan: Plan) -> Result<usize> {
+        let mut n = 0;
+        if plan.increment_epoch {
+            self.tpm.epoch_increment()?;
+            self.epoch += 1;
+            tracing::info!(epoch = self.epoch, "finished an interrupted manifest write");
+            n += 1;
+        }
+        if plan.migrate {
+            self.migrate()?;
+        }
+        if let Some(intent) = self
+            .manifest
+            .intent
+            .clone()
+            .filter(|i| i.kind == IntentKind::Init)
+        {
+            // What the interrupted first start created is dropped and made
+            // again; the epoch counter is kept.
+            n += self.settle(&intent)?;
+            n += self.dir.collect_garbage(&[])?.len();
+            self.initialise()?;
+            tracing::info!("finished an interrupted first start");
+            return Ok(n + 1);
+        }
+        if let Some(intent) = self.manifest.intent.clone() {
+            let unfinished_erase = intent.kind == IntentKind::Rotate
+                && self
+                    .manifest
+                    .level(intent.role)
+                    .is_some_and(|l| intent.retires.contains(&l.nv_index));
+            if unfinished_erase {
+                // The erase was committed by the intent: finish it with a
+                // new generation, never by bringing the old key back.
+                self.finish_erase(intent.role)?;
+                tracing::info!(role = %intent.role, "finished an interrupted destroying rotation");
+            } else {
+                n += self.settle(&intent)?;
+                let mut done = self.manifest.clone();
+                done.intent = None;
+                self.commit_manifest(done)?;
+                tracing::info!(kind = ?intent.kind, role = %intent.role, "finished an interrupted key change");
+            }
             n += 1;
         }
         n += self.dir.collect_garbage(&self.manifest.files())?.len();
         if n > 0 {
-            tracing::info!(count = n, "finished an interrupted key change");
+            tracing::info!(count = n, "recovered from an interrupted key change");
         }
         Ok(n)
+    }
+
+    /// Undefines the indices of `intent` that the manifest does not name:
+    /// created but not committed (rolled back), or committed as retired.
+    fn settle(&mut self, intent: &Intent) -> Result<usize> {
+        let defined = self.tpm.nv_indices()?;
+        let named = self.manifest.nv_indices();
+        let mut n = 0;
+        for idx in intent.indices() {
+            if idx != NV_EPOCH && defined.contains(&idx) && !named.contains(&idx) {
+                self.tpm.nv_undefine(idx)?;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    /// Defines the epoch counter, or takes over the one an interrupted
+    /// upgrade or first start left (its intent names it). Returns its value.
+    fn ensure_epoch_counter(&mut self) -> Result<u64> {
+        if self.tpm.nv_indices()?.contains(&NV_EPOCH) {
+            // Incrementing first also makes a counter that was defined but
+            // never written readable.
+            self.tpm.epoch_increment()?;
+            self.tpm
+                .epoch_read()?
+                .ok_or(KeyError::UnexpectedTpmResponse("epoch counter vanished"))
+        } else {
+            self.tpm.epoch_define()
+        }
+    }
+
+    /// First start, from the genesis manifest on disk (placeholder landlord,
+    /// intent Init): epoch counter, then the landlord level and the signing
+    /// key under an intent naming the landlord's index, then the commit.
+    fn initialise(&mut self) -> Result<()> {
+        if self.manifest.epoch.is_none() {
+            self.epoch = self.ensure_epoch_counter()?;
+        }
+        let idx = nv_index_for(Role::Landlord, 1);
+        self.record_intent(
+            self.manifest.clone(),
+            IntentKind::Init,
+            Role::Landlord,
+            vec![idx],
+            Vec::new(),
+        )?;
+        let kl = SymmetricKey::from_zeroizing(&self.tpm.random32()?);
+        let level = self.create_level(Role::Landlord, 1, 1, &kl)?;
+        let mut first = self.manifest.clone();
+        first.landlord = level;
+        first.signing = Some(self.create_signing_key()?);
+        first.intent = None;
+        self.commit_manifest(first)
+    }
+
+    fn intent_kind(&self) -> Option<IntentKind> {
+        self.manifest.intent.as_ref().map(|i| i.kind)
+    }
+
+    /// Upgrade to epochs: record the intent, define the counter, commit.
+    fn migrate(&mut self) -> Result<()> {
+        if self.manifest.intent.is_none() {
+            let mut next = self.manifest.clone();
+            next.format = FORMAT;
+            next.intent = Some(Intent {
+                kind: IntentKind::Migrate,
+                role: Role::Landlord,
+                creates: vec![NV_EPOCH],
+                retires: Vec::new(),
+            });
+            self.dir.write_manifest(&next)?;
+            self.manifest = next;
+        }
+        self.epoch = self.ensure_epoch_counter()?;
+        let mut next = self.manifest.clone();
+        next.intent = None;
+        self.commit_manifest(next)?;
+        tracing::info!(
+            epoch = self.epoch,
+            "state directory upgraded to manifest format {FORMAT}"
+        );
+        Ok(())
+    }
+
+    /// Writes `next` with epoch = counter + 1, then increments the counter.
+    /// Every manifest write goes through here, so the manifest on disk is
+    /// always at the counter's value or one ahead (a crash in between).
+    fn commit_manifest(&mut self, mut next: Manifest) -> Result<()> {
+        let epoch = self
+            .epoch
+            .checked_add(1)
+            .ok_or(KeyError::UnexpectedTpmResponse(
+                "epoch counter at its maximum",
+            ))?;
+        next.format = FORMAT;
+        next.epoch = Some(epoch);
+        self.dir.write_manifest(&next)?;
+        self.manifest = next;
+        self.checkpoint(FaultPoint::BeforeEpochIncrement)?;
+        self.tpm.epoch_increment()?;
+        self.epoch = epoch;
+        Ok(())
+    }
+
+    /// Records the change about to be made (the indices it will create and
+    /// retire) before the TPM is touched.
+    fn record_intent(
+        &mut self,
+        mut next: Manifest,
+        kind: IntentKind,
+        role: Role,
+        creates: Vec<u32>,
+        retires: Vec<u32>,
+    ) -> Result<()> {
+        next.intent = Some(Intent {
+            kind,
+            role,
+            creates,
+            retires,
+        });
+        self.commit_manifest(next)
     }
 
     #[allow(unused_variables)]
@@ -340,7 +719,7 @@ impl KeyHierarchy {
         key: &SymmetricKey,
     ) -> Result<LevelState> {
         let nv_index = nv_index_for(role, generation);
-        let g = GenerationSecret::from_bytes(*self.tpm.random32()?);
+        let g = GenerationSecret::from_zeroizing(&self.tpm.random32()?);
         self.tpm.nv_define_secret(nv_index, &g)?;
         self.checkpoint(FaultPoint::AfterNvDefine)?;
 
@@ -412,13 +791,18 @@ impl KeyHierarchy {
         let file = self.signing_state()?.key_file.clone();
         let blob = self.dir.read_blob(&file)?;
         let digest: [u8; 32] = Sha256::digest(data).into();
-        self.tpm.sign_digest(&blob, &digest)
+        self.tpm.sign_digest(&blob, &self.dir.path(&file), &digest)
     }
 
-    /// Switches to `next` and then erases the discarded levels.
+    /// Switches to `next` (which carries the change's intent) and then
+    /// erases the discarded levels, which that intent names as retired, and
+    /// clears the intent.
     fn commit(&mut self, next: Manifest, discarded: Vec<LevelState>) -> Result<()> {
-        self.dir.write_manifest(&next)?;
-        self.manifest = next;
+        debug_assert!(next
+            .intent
+            .as_ref()
+            .is_some_and(|i| discarded.iter().all(|d| i.retires.contains(&d.nv_index))));
+        self.commit_manifest(next)?;
         self.checkpoint(FaultPoint::AfterManifestReplaced)?;
         for old in &discarded {
             self.tpm.nv_undefine(old.nv_index)?;
@@ -428,34 +812,47 @@ impl KeyHierarchy {
             self.dir.shred(&old.pair_file)?;
             self.dir.shred(&old.sealed_file)?;
         }
-        Ok(())
+        self.clear_intent()
+    }
+
+    fn clear_intent(&mut self) -> Result<()> {
+        let mut done = self.manifest.clone();
+        done.intent = None;
+        self.commit_manifest(done)
     }
 
     /// Second half of a destroying rotation (also run by `recover` after
     /// a crash): the marked level's secret is undefined if still there, a
     /// new generation with a new symmetric key is made and committed, the
-    /// old blobs are shredded. Returns the new level.
+    /// old blobs are shredded. Returns the new level. Both indices it may
+    /// undefine are in the rotation's recorded intent.
     fn finish_erase(&mut self, role: Role) -> Result<LevelState> {
         let old = self.level(role)?.clone();
         let defined = self.tpm.nv_indices()?;
         // The old secret, and a new one a crash left before the commit.
         let next_index = nv_index_for(role, old.generation + 1);
+        debug_assert!(self
+            .manifest
+            .intent
+            .as_ref()
+            .is_some_and(|i| i.kind == IntentKind::Rotate
+                && i.retires.contains(&old.nv_index)
+                && i.creates.contains(&next_index)));
         for idx in [old.nv_index, next_index] {
             if defined.contains(&idx) {
                 self.tpm.nv_undefine(idx)?;
             }
         }
-        let key = SymmetricKey::from_bytes(*self.tpm.random32()?);
+        let key = SymmetricKey::from_zeroizing(&self.tpm.random32()?);
         let mut new = self.create_level(role, old.generation + 1, old.key_generation + 1, &key)?;
         new.name.clone_from(&old.name);
         new.owned = old.owned;
-        let mut next = self.replace_level(role, Some(new.clone()));
-        next.erasing = None;
-        self.dir.write_manifest(&next)?;
-        self.manifest = next;
+        let next = self.replace_level(role, Some(new.clone()));
+        self.commit_manifest(next)?;
         self.checkpoint(FaultPoint::AfterManifestReplaced)?;
         self.dir.shred(&old.pair_file)?;
         self.dir.shred(&old.sealed_file)?;
+        self.clear_intent()?;
         Ok(new)
     }
 
@@ -565,7 +962,7 @@ impl KeyHierarchy {
         let masked: &[u8; 32] = masked[..]
             .try_into()
             .map_err(|_| KeyError::UnexpectedTpmResponse("sealed key of the wrong size"))?;
-        Ok(SymmetricKey::from_bytes(*xor32(
+        Ok(SymmetricKey::from_zeroizing(&xor32(
             masked,
             &derive32(&g, SEAL_MASK),
         )))
@@ -606,7 +1003,7 @@ impl KeyHierarchy {
         let mut out = Zeroizing::new([0u8; 32]);
         hk.expand(purpose.as_bytes(), out.as_mut())
             .map_err(|_| KeyError::UnexpectedTpmResponse("data-key length"))?;
-        Ok(SymmetricKey::from_bytes(*out))
+        Ok(SymmetricKey::from_zeroizing(&out))
     }
 
     fn authorize(caller: Role, target: Role, action: &'static str) -> Result<()> {
@@ -647,10 +1044,16 @@ impl KeyHierarchy {
         // interrupted in between.
         let mut level = old.clone();
         level.owned = old.owned || caller == target;
-        let mut marked = self.replace_level(target, Some(level));
-        marked.erasing = Some(target);
-        self.dir.write_manifest(&marked)?;
-        self.manifest = marked;
+        // The intent names the old index (retired at once: the caller
+        // confirmed the erase) and the new one.
+        let marked = self.replace_level(target, Some(level));
+        self.record_intent(
+            marked,
+            IntentKind::Rotate,
+            target,
+            vec![nv_index_for(target, old.generation + 1)],
+            vec![old.nv_index],
+        )?;
         self.checkpoint(FaultPoint::AfterEraseMarked)?;
         self.tpm.nv_undefine(old.nv_index)?;
         let erased_at = std::time::SystemTime::now();
@@ -677,7 +1080,16 @@ impl KeyHierarchy {
         Self::authorize(caller, target, "re-key these keys")?;
         let old = self.level(target)?.clone();
         let key = self.symmetric_key(target)?;
-        let mut new = self.create_level(target, old.generation + 1, old.key_generation, &key)?;
+        let generation = old.generation + 1;
+        self.record_intent(
+            self.manifest.clone(),
+            IntentKind::Rekey,
+            target,
+            vec![nv_index_for(target, generation)],
+            vec![old.nv_index],
+        )?;
+        self.checkpoint(FaultPoint::AfterIntentRecorded)?;
+        let mut new = self.create_level(target, generation, old.key_generation, &key)?;
         new.name.clone_from(&old.name);
         new.owned = old.owned || caller == target;
         let change = KeyChange {
@@ -706,6 +1118,20 @@ impl KeyHierarchy {
         name: &str,
         confirm: Confirm,
     ) -> Result<KeyChange> {
+        self.assign_tenant_with_console(caller, name, None, confirm)
+    }
+
+    /// Like [`Self::assign_tenant`], and registers the tenant console's key
+    /// (as console `initial`) in the same manifest commit: the assignment
+    /// and the console key exist together or not at all. The key is checked
+    /// before anything changes.
+    pub fn assign_tenant_with_console(
+        &mut self,
+        caller: Role,
+        name: &str,
+        console_pem: Option<&str>,
+        confirm: Confirm,
+    ) -> Result<KeyChange> {
         if caller != Role::Landlord {
             return Err(KeyError::NotPermitted {
                 caller,
@@ -724,10 +1150,26 @@ impl KeyHierarchy {
                 action: "assigning the node to a new tenant",
             });
         }
+        let console = console_pem
+            .map(|pem| {
+                RecipientKey::from_pem(pem).map_err(|e| KeyError::InvalidConsoleKey {
+                    name: "initial".to_owned(),
+                    reason: e.to_string(),
+                })
+            })
+            .transpose()?;
         let (generation, key_generation) = old
             .as_ref()
             .map_or((1, 1), |o| (o.generation + 1, o.key_generation + 1));
-        let key = SymmetricKey::from_bytes(*self.tpm.random32()?);
+        let key = SymmetricKey::from_zeroizing(&self.tpm.random32()?);
+        self.record_intent(
+            self.manifest.clone(),
+            IntentKind::Assign,
+            Role::Tenant,
+            vec![nv_index_for(Role::Tenant, generation)],
+            old.iter().map(|o| o.nv_index).collect(),
+        )?;
+        self.checkpoint(FaultPoint::AfterIntentRecorded)?;
         let mut new = self.create_level(Role::Tenant, generation, key_generation, &key)?;
         new.name = Some(name.to_owned());
         let change = KeyChange {
@@ -743,6 +1185,14 @@ impl KeyHierarchy {
         };
         let mut next = self.replace_level(Role::Tenant, Some(new));
         next.consoles.retain(|c| c.role != Role::Tenant);
+        if let Some(key) = console {
+            next.consoles.push(ConsoleKey {
+                role: Role::Tenant,
+                name: "initial".to_owned(),
+                pem: key.to_pem(),
+                fingerprint: key.fingerprint_hex(),
+            });
+        }
         self.commit(next, old.into_iter().collect())?;
         tracing::info!(%change, "node assigned");
         Ok(change)
@@ -778,6 +1228,13 @@ impl KeyHierarchy {
         };
         let mut next = self.replace_level(Role::Tenant, None);
         next.consoles.retain(|c| c.role != Role::Tenant);
+        // Nothing to create: the commit itself records the retirement.
+        next.intent = Some(Intent {
+            kind: IntentKind::Release,
+            role: Role::Tenant,
+            creates: Vec::new(),
+            retires: vec![old.nv_index],
+        });
         self.commit(next, vec![old])?;
         tracing::info!(%change, "node released");
         Ok(Some(change))
@@ -807,8 +1264,7 @@ impl KeyHierarchy {
             pem: key.to_pem(),
             fingerprint: key.fingerprint_hex(),
         });
-        self.dir.write_manifest(&next)?;
-        self.manifest = next;
+        self.commit_manifest(next)?;
         Ok(key.fingerprint_hex())
     }
 
@@ -854,7 +1310,7 @@ impl KeyHierarchy {
     pub fn signing_key_public(&mut self) -> Result<tss_esapi::structures::Public> {
         let file = self.signing_state()?.key_file.clone();
         let blob = self.dir.read_blob(&file)?;
-        self.tpm.read_signing_public(&blob)
+        self.tpm.read_signing_public(&blob, &self.dir.path(&file))
     }
 
     /// Loads an arbitrary key-pair blob file into this TPM (tests: a blob
@@ -907,13 +1363,5 @@ fn placeholder_level() -> LevelState {
     }
 }
 
-/// Names of tenants and consoles: 1-64 characters of `A-Z a-z 0-9 . _ -`,
-/// not starting with `.` or `-` (they end up in file names and option lists).
-pub fn valid_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with(['.', '-'])
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-}
+// The name rule is shared with the CLIs, which check it without a TPM.
+pub use leasehold_envelope::valid_name;

@@ -8,11 +8,14 @@
 //! useless. The disk key is derived from the chain KL → KT (→ ...).
 //!
 //! [`envelope::seal`] runs without a TPM; [`KeyHierarchy::open_envelope`]
-//! decrypts inside it.
+//! decrypts inside it. The envelope format itself is the pure-Rust crate
+//! `leasehold-envelope` (re-exported in [`envelope`]), so consoles need no
+//! libtss2.
 //!
 //! A node signing key (RSA-2048, RSASSA-PKCS1-v1_5 SHA-256), independent of
 //! the levels, signs erase receipts ([`KeyHierarchy::sign`]); anyone with its
-//! public PEM verifies them with [`verify_signature`], no TPM needed.
+//! public PEM verifies them with [`verify_signature`] (from
+//! `leasehold-envelope`), no TPM needed.
 
 #![warn(missing_docs)]
 
@@ -20,10 +23,11 @@ pub mod chain;
 pub mod envelope;
 mod error;
 mod hierarchy;
-mod signing;
 mod state;
 pub mod swtpm;
 mod sys;
+#[cfg(feature = "testing")]
+pub mod testing;
 mod types;
 
 pub use error::{EnvelopeError, KeyError, Result, SignatureError};
@@ -31,7 +35,7 @@ pub use hierarchy::{
     valid_name, ChangeKind, FaultPoint, KeyChange, KeyConfig, KeyHierarchy, LevelStatus, Opened,
     Status,
 };
-pub use signing::verify_signature;
+pub use leasehold_envelope::verify_signature;
 pub use types::{Confirm, DiskKey, PublicKeyInfo, Role, SigningKeyInfo, SymmetricKey, TpmKind};
 
 /// Validates a TCTI string without connecting (for config checks).

@@ -4,7 +4,7 @@
 //! new set, never a mix.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -15,9 +15,12 @@ use crate::error::{KeyError, Result};
 use crate::types::Role;
 
 /// Manifest format this build writes. Format 2 added the node signing key;
-/// format 1 (no signing key) is still read and upgraded at open. An older
-/// build refuses format 2 by its version rather than by the unknown field.
-pub(crate) const FORMAT: u32 = 2;
+/// format 3 the epoch and the change intent. Formats 1 and 2 are still read
+/// and upgraded at open. An older build refuses a newer format by its
+/// version rather than by the unknown field.
+pub(crate) const FORMAT: u32 = 3;
+/// First format with `epoch` and `intent`.
+pub(crate) const EPOCH_FORMAT: u32 = 3;
 /// Oldest manifest format this build reads.
 pub(crate) const MIN_FORMAT: u32 = 1;
 const MANIFEST: &str = "keys.json";
@@ -39,10 +42,57 @@ pub(crate) struct Manifest {
     /// The node signing key (erase receipts). Absent in format 1 manifests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing: Option<SigningKeyState>,
-    /// Set while a destroying rotation of this level runs (its old secret
-    /// is erased before the new one is made); `recover` finishes it.
+    /// Format 2 only: set while a destroying rotation of this level ran.
+    /// Format 3 records that in `intent`; this build never writes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub erasing: Option<Role>,
+    /// Value of the TPM epoch counter this manifest goes with (format 3).
+    /// Each write sets it to counter + 1 and then increments the counter, so
+    /// an older copy of the directory no longer matches.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+    /// The change under way, recorded before the TPM is touched: the only
+    /// NV indices the agent may define or undefine beyond those named above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub intent: Option<Intent>,
+}
+
+/// What an intent is for (logs and checks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum IntentKind {
+    /// Destroying rotation: the intent itself commits the erase.
+    Rotate,
+    /// Re-key.
+    Rekey,
+    /// Assignment (over an existing tenant or not).
+    Assign,
+    /// Release.
+    Release,
+    /// Upgrade of a manifest without an epoch: defines the epoch counter.
+    Migrate,
+    /// First start: the manifest has no landlord level yet (generation 0).
+    Init,
+}
+
+/// A change recorded in the manifest before the TPM is touched.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Intent {
+    pub kind: IntentKind,
+    /// Whose keys (`Migrate`: landlord).
+    pub role: Role,
+    /// NV indices the change defines.
+    pub creates: Vec<u32>,
+    /// NV indices the change undefines once committed (for `Rotate`: at once).
+    pub retires: Vec<u32>,
+}
+
+impl Intent {
+    /// Indices the intent explains.
+    pub fn indices(&self) -> impl Iterator<Item = u32> + '_ {
+        self.creates.iter().chain(&self.retires).copied()
+    }
 }
 
 impl Manifest {
@@ -166,30 +216,91 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
     }
 }
 
+/// Opens an existing state file for reading without following a link.
+fn open_nofollow(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+        .open(path)
+}
+
+fn is_eloop(e: &std::io::Error) -> bool {
+    e.raw_os_error() == Some(nix::errno::Errno::ELOOP as i32)
+}
+
+/// Reads a state file; a symbolic link in its place is refused.
+fn read_nofollow(path: &Path, op: &'static str) -> Result<Option<Vec<u8>>> {
+    let mut f = match open_nofollow(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if is_eloop(&e) => {
+            return Err(KeyError::SymlinkInState {
+                path: path.to_path_buf(),
+            })
+        }
+        Err(e) => return Err(io_err(op, path)(e)),
+    };
+    let mut bytes = Vec::new();
+    f.read_to_end(&mut bytes).map_err(io_err(op, path))?;
+    Ok(Some(bytes))
+}
+
 impl StateDir {
-    /// Opens or creates the directory with mode 0700.
-    pub fn open(root: &Path) -> Result<Self> {
-        if !root.exists() {
+    /// Looks at the directory without changing anything: it may be missing
+    /// (see [`Self::prepare`]); a symbolic link or a non-directory is refused.
+    pub fn new(root: &Path) -> Result<Self> {
+        match fs::symlink_metadata(root) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("stat state directory", root)(e)),
+            Ok(meta) if meta.file_type().is_symlink() => {
+                // A link can be re-pointed under the agent (and a typo'd
+                // target looks like a first start): bind-mount instead.
+                return Err(KeyError::SymlinkInState {
+                    path: root.to_path_buf(),
+                });
+            }
+            Ok(meta) if !meta.is_dir() => {
+                return Err(KeyError::CorruptState {
+                    path: root.to_path_buf(),
+                    reason: "not a directory".into(),
+                })
+            }
+            Ok(_) => {}
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+        })
+    }
+
+    /// Creates the directory (0700) if missing and restricts its mode.
+    /// Called only once the state has been found consistent.
+    pub fn prepare(&self) -> Result<()> {
+        let root = &self.root;
+        if fs::symlink_metadata(root).is_err() {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
                 .create(root)
                 .map_err(io_err("create state directory", root))?;
         }
-        let meta = fs::metadata(root).map_err(io_err("stat state directory", root))?;
-        if !meta.is_dir() {
-            return Err(KeyError::CorruptState {
-                path: root.to_path_buf(),
-                reason: "not a directory".into(),
-            });
-        }
+        let meta = fs::symlink_metadata(root).map_err(io_err("stat state directory", root))?;
         if meta.permissions().mode() & 0o077 != 0 {
             fs::set_permissions(root, fs::Permissions::from_mode(0o700))
                 .map_err(io_err("restrict permissions of", root))?;
         }
-        Ok(Self {
-            root: root.to_path_buf(),
-        })
+        Ok(())
+    }
+
+    /// Opens or creates the directory with mode 0700.
+    #[cfg(test)]
+    pub fn open(root: &Path) -> Result<Self> {
+        let d = Self::new(root)?;
+        d.prepare()?;
+        Ok(d)
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -200,12 +311,36 @@ impl StateDir {
         self.path(MANIFEST)
     }
 
+    /// Names in the directory (none if it does not exist).
+    pub fn entries(&self) -> Result<Vec<String>> {
+        let rd = match fs::read_dir(&self.root) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err("list", &self.root)(e)),
+        };
+        let mut names = Vec::new();
+        for entry in rd {
+            let entry = entry.map_err(io_err("list", &self.root))?;
+            names.push(entry.file_name().to_string_lossy().into_owned());
+        }
+        Ok(names)
+    }
+
+    /// Key blob and temp files in the directory.
+    pub fn blob_files(&self) -> Result<Vec<String>> {
+        Ok(self
+            .entries()?
+            .into_iter()
+            .filter(|n| BLOB_SUFFIXES.iter().any(|s| n.ends_with(s)))
+            .collect())
+    }
+
+    /// The manifest; `None` if the directory or `keys.json` does not exist.
+    /// A link in its place is refused (it is not a first start).
     pub fn read_manifest(&self) -> Result<Option<Manifest>> {
         let path = self.manifest_path();
-        let bytes = match fs::read(&path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err("read", &path)(e)),
+        let Some(bytes) = read_nofollow(&path, "read")? else {
+            return Ok(None);
         };
         // Check the version before the shape, so a newer format gets the right error.
         #[derive(Deserialize)]
@@ -229,12 +364,20 @@ impl StateDir {
                 reason: format!("unknown format version {}", v.format),
             });
         }
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| KeyError::CorruptState {
+        let m: Manifest = serde_json::from_slice(&bytes).map_err(|e| KeyError::CorruptState {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        // The fields belong to their formats: a mix is not something we wrote.
+        let modern = m.format >= EPOCH_FORMAT;
+        if (!modern && (m.epoch.is_some() || m.intent.is_some())) || (modern && m.erasing.is_some())
+        {
+            return Err(KeyError::CorruptState {
                 path,
-                reason: e.to_string(),
-            })
+                reason: format!("fields of another format in a format {} manifest", m.format),
+            });
+        }
+        Ok(Some(m))
     }
 
     pub fn write_manifest(&self, m: &Manifest) -> Result<()> {
@@ -255,22 +398,33 @@ impl StateDir {
 
     pub fn read_blob(&self, name: &str) -> Result<Blob> {
         let path = self.path(name);
-        let bytes = fs::read(&path).map_err(io_err("read key blob", &path))?;
+        let bytes = read_nofollow(&path, "read key blob")?.ok_or_else(|| KeyError::Io {
+            op: "read key blob",
+            path: path.clone(),
+            source: std::io::ErrorKind::NotFound.into(),
+        })?;
         serde_json::from_slice(&bytes).map_err(|e| KeyError::CorruptState {
             path,
             reason: e.to_string(),
         })
     }
 
-    /// temp file (0600) → write → fsync → rename → fsync directory.
+    /// temp file (0600, created anew: never through a link) → write → fsync
+    /// → rename (replaces a link in place of `name`, never its target) →
+    /// fsync directory.
     fn write_atomic(&self, name: &str, bytes: &[u8]) -> Result<()> {
         let tmp = self.path(&format!("{name}.tmp"));
         let dst = self.path(name);
+        match fs::remove_file(&tmp) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove stale", &tmp)(e)),
+        }
         let mut f = OpenOptions::new()
             .write(true)
-            .create(true)
-            .truncate(true)
+            .create_new(true)
             .mode(0o600)
+            .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
             .open(&tmp)
             .map_err(io_err("create", &tmp))?;
         f.write_all(bytes).map_err(io_err("write", &tmp))?;
@@ -286,26 +440,34 @@ impl StateDir {
             .map_err(io_err("fsync directory", &self.root))
     }
 
-    /// Overwrites a file with zeros, fsyncs, and unlinks it. Best effort on
-    /// the overwrite (flash translation layers may keep old pages; the TPM NV
-    /// secret is what makes the erase real).
+    /// Overwrites a regular file with zeros, fsyncs, and unlinks it. Best
+    /// effort on the overwrite (flash translation layers may keep old pages;
+    /// the TPM NV secret is what makes the erase real). Works on the entry
+    /// itself: a link is unlinked, never its target overwritten.
     pub fn shred(&self, name: &str) -> Result<()> {
         let path = self.path(name);
-        match fs::metadata(&path) {
+        let meta = match fs::symlink_metadata(&path) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(io_err("stat", &path)(e)),
-            Ok(meta) => {
-                let len = usize::try_from(meta.len())
-                    .unwrap_or(usize::MAX)
-                    .min(1 << 20);
-                let mut f = OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(io_err("open for overwrite", &path))?;
-                f.write_all(&vec![0u8; len])
-                    .map_err(io_err("overwrite", &path))?;
-                f.sync_all().map_err(io_err("fsync", &path))?;
-            }
+            Ok(meta) => meta,
+        };
+        if meta.is_dir() {
+            tracing::warn!(path = %path.display(), "not removing a directory with a key-file name");
+            return Ok(());
+        }
+        if meta.is_file() {
+            let len = usize::try_from(meta.len())
+                .unwrap_or(usize::MAX)
+                .min(1 << 20);
+            // O_NOFOLLOW: the entry could have been swapped for a link since the stat.
+            let mut f = OpenOptions::new()
+                .write(true)
+                .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
+                .open(&path)
+                .map_err(io_err("open for overwrite", &path))?;
+            f.write_all(&vec![0u8; len])
+                .map_err(io_err("overwrite", &path))?;
+            f.sync_all().map_err(io_err("fsync", &path))?;
         }
         fs::remove_file(&path).map_err(io_err("unlink", &path))?;
         self.sync_dir()
@@ -315,13 +477,8 @@ impl StateDir {
     /// of an interrupted change.
     pub fn collect_garbage(&self, keep: &[String]) -> Result<Vec<String>> {
         let mut removed = Vec::new();
-        let rd = fs::read_dir(&self.root).map_err(io_err("list", &self.root))?;
-        for entry in rd {
-            let entry = entry.map_err(io_err("list", &self.root))?;
-            let Ok(name) = entry.file_name().into_string() else {
-                continue;
-            };
-            if BLOB_SUFFIXES.iter().any(|s| name.ends_with(s)) && !keep.contains(&name) {
+        for name in self.blob_files()? {
+            if !keep.contains(&name) {
                 self.shred(&name)?;
                 removed.push(name);
             }
@@ -359,6 +516,8 @@ mod tests {
                 fingerprint: "fp".into(),
             }),
             erasing: None,
+            epoch: Some(7),
+            intent: None,
         }
     }
 
@@ -407,6 +566,7 @@ mod tests {
         let mut v = serde_json::to_value(sample()).unwrap();
         v["format"] = 1.into();
         v.as_object_mut().unwrap().remove("signing");
+        v.as_object_mut().unwrap().remove("epoch");
         fs::write(s.manifest_path(), v.to_string()).unwrap();
         let m = s.read_manifest().unwrap().unwrap();
         assert_eq!(m.format, 1);
@@ -451,5 +611,86 @@ mod tests {
         assert_eq!(removed, vec!["b.pair".to_string()]);
         assert!(s.path("a.pair").exists());
         assert!(s.path("other.txt").exists());
+    }
+
+    #[test]
+    fn links_are_never_followed() {
+        use std::os::unix::fs::symlink;
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::open(&d.path().join("state")).unwrap();
+        let outside = d.path().join("outside.pair");
+        fs::write(&outside, b"precious").unwrap();
+
+        // keys.json as a link, dangling or not: refused, not a first start.
+        symlink(d.path().join("nowhere"), s.manifest_path()).unwrap();
+        assert!(matches!(
+            s.read_manifest(),
+            Err(KeyError::SymlinkInState { .. })
+        ));
+        fs::remove_file(s.manifest_path()).unwrap();
+        symlink(&outside, s.manifest_path()).unwrap();
+        assert!(matches!(
+            s.read_manifest(),
+            Err(KeyError::SymlinkInState { .. })
+        ));
+        // A blob as a link is refused on read.
+        symlink(&outside, s.path("x.pair")).unwrap();
+        assert!(matches!(
+            s.read_blob("x.pair"),
+            Err(KeyError::SymlinkInState { .. })
+        ));
+        // Writing replaces the link itself; the target is untouched.
+        s.write_manifest(&sample()).unwrap();
+        assert!(!fs::symlink_metadata(s.manifest_path())
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        // A temp file planted as a link is removed, not written through.
+        symlink(&outside, s.path("keys.json.tmp")).unwrap();
+        s.write_manifest(&sample()).unwrap();
+        // Shred and garbage collection unlink links, never their targets.
+        symlink(&outside, s.path("y.sealed")).unwrap();
+        s.shred("x.pair").unwrap();
+        assert!(fs::symlink_metadata(s.path("x.pair")).is_err());
+        let removed = s.collect_garbage(&[]).unwrap();
+        assert_eq!(removed, vec!["y.sealed".to_string()]);
+        assert_eq!(fs::read(&outside).unwrap(), b"precious");
+    }
+
+    #[test]
+    fn state_dir_as_link_is_refused_and_nothing_is_created() {
+        use std::os::unix::fs::symlink;
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("real");
+        fs::create_dir(&real).unwrap();
+        symlink(&real, d.path().join("link")).unwrap();
+        assert!(matches!(
+            StateDir::new(&d.path().join("link")),
+            Err(KeyError::SymlinkInState { .. })
+        ));
+        let missing = StateDir::new(&d.path().join("missing")).unwrap();
+        assert!(missing.read_manifest().unwrap().is_none());
+        assert!(missing.entries().unwrap().is_empty());
+        assert!(!d.path().join("missing").exists());
+    }
+
+    #[test]
+    fn fields_of_another_format_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::open(d.path()).unwrap();
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v["format"] = 2.into();
+        fs::write(s.manifest_path(), v.to_string()).unwrap();
+        assert!(matches!(
+            s.read_manifest(),
+            Err(KeyError::CorruptState { .. })
+        ));
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v["erasing"] = "tenant".into();
+        fs::write(s.manifest_path(), v.to_string()).unwrap();
+        assert!(matches!(
+            s.read_manifest(),
+            Err(KeyError::CorruptState { .. })
+        ));
     }
 }

@@ -3,7 +3,7 @@
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
-use zeroize::{Zeroize, ZeroizeOnDrop};
+use zeroize::{Zeroize, ZeroizeOnDrop, Zeroizing};
 
 /// A management level. Ordered from the widest powers to the narrowest; a
 /// sub-tenant level (R12) would be added after `Tenant`.
@@ -68,21 +68,40 @@ pub enum Confirm {
 macro_rules! secret_newtype {
     ($(#[$doc:meta])* $vis:vis $name:ident, $len:expr) => {
         $(#[$doc])*
-        #[derive(Clone, Zeroize, ZeroizeOnDrop, PartialEq, Eq)]
+        // No Clone (one owner of key material at a time) and no PartialEq
+        // (`==` on byte arrays is not constant-time): see `ct_eq`.
+        #[derive(Zeroize, ZeroizeOnDrop)]
         $vis struct $name([u8; $len]);
 
         impl $name {
             /// Length in bytes.
             pub const LEN: usize = $len;
 
-            /// Wraps raw bytes. The caller's copy should be zeroized.
+            /// Wraps raw bytes. The caller's copy should be zeroized; prefer
+            /// [`Self::from_zeroizing`].
+            #[allow(dead_code)] // not every kind of secret needs every method
             pub fn from_bytes(bytes: [u8; $len]) -> Self {
                 Self(bytes)
+            }
+
+            /// Copies the bytes out of a zeroizing buffer, which wipes its own
+            /// copy when dropped: no stray copy is left on the stack.
+            pub fn from_zeroizing(bytes: &Zeroizing<[u8; $len]>) -> Self {
+                let mut out = Self([0u8; $len]);
+                out.0.copy_from_slice(&bytes[..]);
+                out
             }
 
             /// The key bytes. This is the one way to reach them.
             pub fn expose_secret(&self) -> &[u8; $len] {
                 &self.0
+            }
+
+            /// Constant-time equality (the time taken does not depend on
+            /// where the keys differ).
+            #[allow(dead_code)]
+            pub fn ct_eq(&self, other: &Self) -> bool {
+                bool::from(subtle::ConstantTimeEq::ct_eq(&self.0[..], &other.0[..]))
             }
         }
 

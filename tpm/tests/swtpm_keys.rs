@@ -8,8 +8,8 @@ use leasehold_tpm::envelope::RecipientKey;
 use leasehold_tpm::envelope::{self, ParsedEnvelope};
 use leasehold_tpm::swtpm::Swtpm;
 use leasehold_tpm::{
-    verify_signature, ChangeKind, Confirm, EnvelopeError, FaultPoint, KeyConfig, KeyError,
-    KeyHierarchy, Opened, Role, SignatureError, SigningKeyInfo, TpmKind,
+    verify_signature, ChangeKind, Confirm, DiskKey, EnvelopeError, FaultPoint, KeyConfig, KeyError,
+    KeyHierarchy, Opened, Role, SignatureError, SigningKeyInfo, SymmetricKey, TpmKind,
 };
 use rsa::pkcs8::{EncodePublicKey, LineEnding};
 use rsa::{Oaep, RsaPrivateKey};
@@ -46,6 +46,7 @@ impl Node {
             tcti: self.swtpm.as_ref().unwrap().tcti(),
             state_dir: state_dir.to_path_buf(),
             seal_pcrs: self.pcrs.clone(),
+            erase_existing: false,
         }
     }
 
@@ -78,6 +79,23 @@ fn copy_dir(from: &Path, to: &Path) {
         let e = e.unwrap();
         std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
+}
+
+/// Keys are compared by their SHA-256 (the secret types have no `==`).
+fn kh(k: &SymmetricKey) -> String {
+    hex_sha256(k.expose_secret())
+}
+
+fn dh(k: &DiskKey) -> String {
+    hex_sha256(k.expose_secret())
+}
+
+fn hex_sha256(b: &[u8]) -> String {
+    use sha2::Digest as _;
+    Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
 }
 
 fn seal_to(h: &KeyHierarchy, role: Role, payload: &[u8]) -> Vec<u8> {
@@ -121,6 +139,44 @@ fn swtpm_seal_open_round_trip_both_roles() {
         h.open_envelope(Role::Landlord, &env),
         Err(KeyError::Envelope(EnvelopeError::WrongRecipient { .. }))
     ));
+    h.shutdown().unwrap();
+}
+
+/// The envelope format lives in `leasehold-envelope` (what `tenantctl`
+/// links); what it seals, the TPM opens, and its errors keep their meaning
+/// through `leasehold_tpm::EnvelopeError`.
+#[test]
+fn swtpm_envelope_crate_seals_what_the_tpm_opens() {
+    let node = Node::new();
+    let (mut h, _) = node.open();
+    h.assign_tenant(Role::Landlord, "acme", Confirm::No)
+        .unwrap();
+    for role in Role::ALL {
+        let pk = h.public_key(role).unwrap();
+        let rk = leasehold_envelope::RecipientKey::from_pem(&pk.pem).unwrap();
+        // The fingerprint the node reports is the one the crate computes.
+        assert_eq!(rk.fingerprint_hex(), pk.fingerprint);
+        let env = leasehold_envelope::seal(&pk.pem, b"from a laptop").unwrap();
+        assert_eq!(&h.open_envelope(role, &env).unwrap()[..], b"from a laptop");
+        let env = leasehold_envelope::seal_to(&rk, b"parsed key").unwrap();
+        assert_eq!(&h.open_envelope(role, &env).unwrap()[..], b"parsed key");
+
+        let mut tampered = env.clone();
+        let last = tampered.len() - 1;
+        tampered[last] ^= 0x80;
+        assert!(matches!(
+            h.open_envelope(role, &tampered),
+            Err(KeyError::Envelope(EnvelopeError::AuthenticationFailed))
+        ));
+        let mut flagged = env.clone();
+        flagged[5] = 1;
+        assert!(matches!(
+            h.open_envelope(role, &flagged),
+            Err(KeyError::Envelope(EnvelopeError::Malformed(
+                "unknown flags set"
+            )))
+        ));
+    }
     h.shutdown().unwrap();
 }
 
@@ -173,9 +229,10 @@ fn swtpm_symmetric_keys_unseal_consistently() {
         .unwrap();
     let kl1 = h.symmetric_key(Role::Landlord).unwrap();
     let kl2 = h.symmetric_key(Role::Landlord).unwrap();
-    let kt = h.symmetric_key(Role::Tenant).unwrap();
-    assert_eq!(kl1, kl2);
-    assert_ne!(kl1, kt);
+    let kt = kh(&h.symmetric_key(Role::Tenant).unwrap());
+    assert!(kl1.ct_eq(&kl2));
+    assert_eq!(kh(&kl1), kh(&kl2));
+    assert_ne!(kh(&kl1), kt);
     assert_ne!(kl1.expose_secret(), &[0u8; 32]);
     // Debug never shows key bytes.
     assert_eq!(format!("{kl1:?}"), "SymmetricKey(<redacted>)");
@@ -189,8 +246,8 @@ fn swtpm_state_survives_agent_and_tpm_restart() {
     h.assign_tenant(Role::Landlord, "acme", Confirm::No)
         .unwrap();
     let status = h.status();
-    let disk = h.disk_key().unwrap();
-    let kt = h.symmetric_key(Role::Tenant).unwrap();
+    let disk = dh(&h.disk_key().unwrap());
+    let kt = kh(&h.symmetric_key(Role::Tenant).unwrap());
     let env_l = seal_to(&h, Role::Landlord, b"landlord");
     let env_t = seal_to(&h, Role::Tenant, b"tenant");
     h.shutdown().unwrap();
@@ -199,15 +256,15 @@ fn swtpm_state_survives_agent_and_tpm_restart() {
     let (mut h, opened) = node.open();
     assert_eq!(opened, Opened::Loaded { recovered: 0 });
     assert_eq!(h.status(), status);
-    assert_eq!(h.disk_key().unwrap(), disk);
+    assert_eq!(dh(&h.disk_key().unwrap()), disk);
     h.shutdown().unwrap();
 
     // TPM power cycle.
     node.restart_tpm();
     let (mut h, _) = node.open();
     assert_eq!(h.status(), status);
-    assert_eq!(h.disk_key().unwrap(), disk);
-    assert_eq!(h.symmetric_key(Role::Tenant).unwrap(), kt);
+    assert_eq!(dh(&h.disk_key().unwrap()), disk);
+    assert_eq!(kh(&h.symmetric_key(Role::Tenant).unwrap()), kt);
     assert_eq!(
         &h.open_envelope(Role::Landlord, &env_l).unwrap()[..],
         b"landlord"
@@ -226,9 +283,9 @@ fn swtpm_landlord_rotation_makes_old_material_unrecoverable() {
     h.assign_tenant(Role::Landlord, "acme", Confirm::No)
         .unwrap();
     let before = h.status();
-    let disk_before = h.disk_key().unwrap();
-    let kl_before = h.symmetric_key(Role::Landlord).unwrap();
-    let kt_before = h.symmetric_key(Role::Tenant).unwrap();
+    let disk_before = dh(&h.disk_key().unwrap());
+    let kl_before = kh(&h.symmetric_key(Role::Landlord).unwrap());
+    let kt_before = kh(&h.symmetric_key(Role::Tenant).unwrap());
     let old_env = seal_to(&h, Role::Landlord, b"old");
     let backup = node.tmp.path().join("backup");
     copy_dir(&node.state_dir(), &backup);
@@ -250,9 +307,9 @@ fn swtpm_landlord_rotation_makes_old_material_unrecoverable() {
     assert_ne!(after.landlord.fingerprint, before.landlord.fingerprint);
     assert_eq!(after.landlord.key_generation, 2);
     assert_eq!(after.tenant, before.tenant, "tenant keys untouched");
-    assert_ne!(h.symmetric_key(Role::Landlord).unwrap(), kl_before);
-    assert_eq!(h.symmetric_key(Role::Tenant).unwrap(), kt_before);
-    assert_ne!(h.disk_key().unwrap(), disk_before);
+    assert_ne!(kh(&h.symmetric_key(Role::Landlord).unwrap()), kl_before);
+    assert_eq!(kh(&h.symmetric_key(Role::Tenant).unwrap()), kt_before);
+    assert_ne!(dh(&h.disk_key().unwrap()), disk_before);
     assert!(matches!(
         h.open_envelope(Role::Landlord, &old_env),
         Err(KeyError::Envelope(EnvelopeError::WrongRecipient { .. }))
@@ -264,17 +321,13 @@ fn swtpm_landlord_rotation_makes_old_material_unrecoverable() {
     // A backup taken before the rotation does not bring the old keys back on
     // the same TPM, and opening it does not harm the current keys.
     match node.try_open_dir(&backup) {
-        Err(KeyError::KeyErased {
-            role: Role::Landlord,
-            generation: 1,
-            ..
-        }) => {}
-        other => panic!("expected KeyErased, got {other:?}"),
+        Err(KeyError::StaleState { .. }) => {}
+        other => panic!("expected StaleState, got {other:?}"),
     }
     h.shutdown().unwrap();
     let (mut h, _) = node.open();
     assert_eq!(h.status(), after);
-    assert_ne!(h.disk_key().unwrap(), disk_before);
+    assert_ne!(dh(&h.disk_key().unwrap()), disk_before);
     h.shutdown().unwrap();
 }
 
@@ -285,9 +338,9 @@ fn swtpm_tenant_rotation_replaces_kt_only() {
     h.assign_tenant(Role::Landlord, "acme", Confirm::No)
         .unwrap();
     let before = h.status();
-    let disk_before = h.disk_key().unwrap();
-    let kl = h.symmetric_key(Role::Landlord).unwrap();
-    let kt = h.symmetric_key(Role::Tenant).unwrap();
+    let disk_before = dh(&h.disk_key().unwrap());
+    let kl = kh(&h.symmetric_key(Role::Landlord).unwrap());
+    let kt = kh(&h.symmetric_key(Role::Tenant).unwrap());
     let old_env = seal_to(&h, Role::Tenant, b"old");
     let backup = node.tmp.path().join("backup");
     copy_dir(&node.state_dir(), &backup);
@@ -321,9 +374,9 @@ fn swtpm_tenant_rotation_replaces_kt_only() {
         after.landlord, before.landlord,
         "landlord material unchanged"
     );
-    assert_eq!(h.symmetric_key(Role::Landlord).unwrap(), kl);
-    assert_ne!(h.symmetric_key(Role::Tenant).unwrap(), kt);
-    assert_ne!(h.disk_key().unwrap(), disk_before);
+    assert_eq!(kh(&h.symmetric_key(Role::Landlord).unwrap()), kl);
+    assert_ne!(kh(&h.symmetric_key(Role::Tenant).unwrap()), kt);
+    assert_ne!(dh(&h.disk_key().unwrap()), disk_before);
     assert!(h.open_envelope(Role::Tenant, &old_env).is_err());
     let new_env = seal_to(&h, Role::Tenant, b"new");
     assert_eq!(
@@ -332,10 +385,8 @@ fn swtpm_tenant_rotation_replaces_kt_only() {
     );
 
     match node.try_open_dir(&backup) {
-        Err(KeyError::KeyErased {
-            role: Role::Tenant, ..
-        }) => {}
-        other => panic!("expected KeyErased for the tenant, got {other:?}"),
+        Err(KeyError::StaleState { .. }) => {}
+        other => panic!("expected StaleState, got {other:?}"),
     }
     h.shutdown().unwrap();
 }
@@ -347,7 +398,7 @@ fn swtpm_rekey_keeps_disk_key() {
     h.assign_tenant(Role::Landlord, "acme", Confirm::No)
         .unwrap();
     let before = h.status();
-    let disk = h.disk_key().unwrap();
+    let disk = dh(&h.disk_key().unwrap());
     let old_env = seal_to(&h, Role::Tenant, b"old");
     let change = h.rekey(Role::Tenant, Role::Tenant).unwrap();
     assert!(!change.data_destroyed);
@@ -356,11 +407,11 @@ fn swtpm_rekey_keeps_disk_key() {
     assert_eq!(t1.generation, t0.generation + 1);
     assert_eq!(t1.key_generation, t0.key_generation);
     assert_ne!(t1.fingerprint, t0.fingerprint);
-    assert_eq!(h.disk_key().unwrap(), disk);
+    assert_eq!(dh(&h.disk_key().unwrap()), disk);
     assert!(h.open_envelope(Role::Tenant, &old_env).is_err());
     // Landlord routine re-key keeps the disk key too.
     h.rekey(Role::Landlord, Role::Landlord).unwrap();
-    assert_eq!(h.disk_key().unwrap(), disk);
+    assert_eq!(dh(&h.disk_key().unwrap()), disk);
     h.shutdown().unwrap();
 }
 
@@ -368,10 +419,10 @@ fn swtpm_rekey_keeps_disk_key() {
 fn swtpm_release_and_reassign_erase_tenant_material() {
     let node = Node::new();
     let (mut h, _) = node.open();
-    let disk_unassigned = h.disk_key().unwrap();
+    let disk_unassigned = dh(&h.disk_key().unwrap());
     h.assign_tenant(Role::Landlord, "acme", Confirm::No)
         .unwrap();
-    let disk_a = h.disk_key().unwrap();
+    let disk_a = dh(&h.disk_key().unwrap());
     assert_ne!(disk_a, disk_unassigned);
     assert!(matches!(
         h.assign_tenant(Role::Landlord, "acme", Confirm::No),
@@ -379,7 +430,7 @@ fn swtpm_release_and_reassign_erase_tenant_material() {
     ));
     h.assign_tenant(Role::Landlord, "acme", Confirm::DestroyData)
         .unwrap();
-    let disk_b = h.disk_key().unwrap();
+    let disk_b = dh(&h.disk_key().unwrap());
     assert_ne!(disk_b, disk_a);
     assert!(matches!(
         h.release_tenant(Role::Landlord, Confirm::No),
@@ -390,7 +441,7 @@ fn swtpm_release_and_reassign_erase_tenant_material() {
         .unwrap()
         .is_some());
     assert!(h.status().tenant.is_none());
-    assert_eq!(h.disk_key().unwrap(), disk_unassigned);
+    assert_eq!(dh(&h.disk_key().unwrap()), disk_unassigned);
     // Releasing again is "already so", not an error.
     assert!(h
         .release_tenant(Role::Landlord, Confirm::No)
@@ -418,14 +469,14 @@ fn swtpm_two_nodes_never_share_keys() {
         sb.tenant.unwrap().fingerprint
     );
     assert_ne!(
-        ha.symmetric_key(Role::Landlord).unwrap(),
-        hb.symmetric_key(Role::Landlord).unwrap()
+        kh(&ha.symmetric_key(Role::Landlord).unwrap()),
+        kh(&hb.symmetric_key(Role::Landlord).unwrap())
     );
     assert_ne!(
-        ha.symmetric_key(Role::Tenant).unwrap(),
-        hb.symmetric_key(Role::Tenant).unwrap()
+        kh(&ha.symmetric_key(Role::Tenant).unwrap()),
+        kh(&hb.symmetric_key(Role::Tenant).unwrap())
     );
-    assert_ne!(ha.disk_key().unwrap(), hb.disk_key().unwrap());
+    assert_ne!(dh(&ha.disk_key().unwrap()), dh(&hb.disk_key().unwrap()));
     // An envelope for node A does not open on node B.
     let env = seal_to(&ha, Role::Landlord, b"a only");
     assert!(hb.open_envelope(Role::Landlord, &env).is_err());
@@ -566,8 +617,8 @@ fn swtpm_pcr_binding_fails_closed_when_pcrs_change() {
         !sealed.object_attributes().user_with_auth(),
         "usable only through the PCR policy"
     );
-    let kl = h.symmetric_key(Role::Landlord).unwrap();
-    assert_eq!(h.symmetric_key(Role::Landlord).unwrap(), kl);
+    let kl = kh(&h.symmetric_key(Role::Landlord).unwrap());
+    assert_eq!(kh(&h.symmetric_key(Role::Landlord).unwrap()), kl);
     h.extend_pcr(16, b"a different boot").unwrap();
     match h.symmetric_key(Role::Landlord) {
         Err(e @ KeyError::PcrMismatch { .. }) => {
@@ -620,6 +671,42 @@ fn swtpm_console_keys_receive_sealed_replies() {
     h.shutdown().unwrap();
 }
 
+/// The console key given with an assignment is committed with it: both or
+/// neither (a bad key is refused before the TPM is touched).
+#[test]
+fn swtpm_assignment_and_its_console_key_commit_together() {
+    let node = Node::new();
+    let (mut h, _) = node.open();
+    let sk = RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).unwrap();
+    let pem = sk
+        .to_public_key()
+        .to_public_key_pem(LineEnding::LF)
+        .unwrap();
+    let gen_before = h.status().landlord.generation;
+    assert!(matches!(
+        h.assign_tenant_with_console(Role::Landlord, "acme", Some("not a key"), Confirm::No),
+        Err(KeyError::InvalidConsoleKey { .. })
+    ));
+    assert!(
+        h.status().tenant.is_none(),
+        "assigned without its console key"
+    );
+    assert!(h.status().consoles.is_empty());
+    h.assign_tenant_with_console(Role::Landlord, "acme", Some(&pem), Confirm::No)
+        .unwrap();
+    let st = h.status();
+    assert_eq!(st.tenant.as_ref().unwrap().name.as_deref(), Some("acme"));
+    assert_eq!(st.landlord.generation, gen_before);
+    assert_eq!(st.consoles.len(), 1);
+    assert_eq!(st.consoles[0].0, Role::Tenant);
+    assert_eq!(st.consoles[0].1, "initial");
+    h.shutdown().unwrap();
+    // Both survive a restart: they were one commit.
+    let (h, _) = node.open();
+    assert_eq!(h.status().consoles.len(), 1);
+    h.shutdown().unwrap();
+}
+
 /// Simulates a crash at every step of every key change: reopening must give
 /// exactly the old key set (crash before the manifest switch) or exactly the
 /// new one (after), fully usable, with leftovers cleaned up.
@@ -653,6 +740,7 @@ fn swtpm_interrupted_changes_leave_old_or_new_key_set() {
         let rotation = name.starts_with("rotate");
         let points: &[FaultPoint] = if name == "release" {
             &[
+                FaultPoint::BeforeEpochIncrement,
                 FaultPoint::AfterManifestReplaced,
                 FaultPoint::AfterOldNvUndefined,
             ]
@@ -668,7 +756,7 @@ fn swtpm_interrupted_changes_leave_old_or_new_key_set() {
                 h.assign_tenant(Role::Landlord, "acme", Confirm::No)
                     .unwrap();
             }
-            let old = (h.status(), h.disk_key().unwrap());
+            let old = (h.status(), dh(&h.disk_key().unwrap()));
             let signing = h.signing_key().unwrap();
             h.inject_fault(point);
             match op(&mut h) {
@@ -678,8 +766,11 @@ fn swtpm_interrupted_changes_leave_old_or_new_key_set() {
             h.shutdown().unwrap();
 
             let (mut h, opened) = node.open();
-            let now = (h.status(), h.disk_key().unwrap());
+            let now = (h.status(), dh(&h.disk_key().unwrap()));
+            // A release's first write is its commit; a rotation is committed
+            // by its intent.
             let committed = rotation
+                || (name == "release" && point == FaultPoint::BeforeEpochIncrement)
                 || matches!(
                     point,
                     FaultPoint::AfterManifestReplaced | FaultPoint::AfterOldNvUndefined
@@ -872,7 +963,7 @@ fn swtpm_old_manifest_without_signing_key_gets_one_on_open() {
     h.assign_tenant(Role::Landlord, "acme", Confirm::No)
         .unwrap();
     let status = h.status();
-    let disk = h.disk_key().unwrap();
+    let disk = dh(&h.disk_key().unwrap());
     let env_l = seal_to(&h, Role::Landlord, b"landlord");
     let env_t = seal_to(&h, Role::Tenant, b"tenant");
     let first_key = h.signing_key().unwrap();
@@ -880,13 +971,17 @@ fn swtpm_old_manifest_without_signing_key_gets_one_on_open() {
 
     let manifest = node.state_dir().join("keys.json");
     let blob = node.state_dir().join("signing.pair");
+    // Format 1 had no epoch, and the TPM no epoch counter.
+    let tcti = node.swtpm.as_ref().unwrap().tcti();
     let downgrade = || {
         let mut v: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
-        assert_eq!(v["format"], 2);
+        assert_eq!(v["format"], 3);
         assert!(v.as_object_mut().unwrap().remove("signing").is_some());
+        assert!(v.as_object_mut().unwrap().remove("epoch").is_some());
         v["format"] = 1.into();
         std::fs::write(&manifest, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+        leasehold_tpm::testing::nv_undefine(&tcti, leasehold_tpm::testing::EPOCH_NV_INDEX).unwrap();
     };
 
     // A state directory written before the signing key existed.
@@ -899,7 +994,7 @@ fn swtpm_old_manifest_without_signing_key_gets_one_on_open() {
     assert_signs(&mut h, &key, b"receipt");
     // The other keys are untouched.
     assert_eq!(h.status(), status);
-    assert_eq!(h.disk_key().unwrap(), disk);
+    assert_eq!(dh(&h.disk_key().unwrap()), disk);
     assert_eq!(
         &h.open_envelope(Role::Landlord, &env_l).unwrap()[..],
         b"landlord"
@@ -909,9 +1004,10 @@ fn swtpm_old_manifest_without_signing_key_gets_one_on_open() {
         b"tenant"
     );
     h.shutdown().unwrap();
-    // The upgrade was committed: format 2 naming the key, kept on re-open.
+    // The upgrade was committed: format 3 naming the key, kept on re-open.
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
-    assert_eq!(v["format"], 2);
+    assert_eq!(v["format"], 3);
+    assert!(v["epoch"].as_u64().is_some(), "{v}");
     assert_eq!(v["signing"]["fingerprint"], key.fingerprint.as_str());
     let (h, opened) = node.open();
     assert_eq!(opened, Opened::Loaded { recovered: 0 });
@@ -928,6 +1024,593 @@ fn swtpm_old_manifest_without_signing_key_gets_one_on_open() {
     assert_ne!(again, key);
     assert_signs(&mut h, &again, b"receipt");
     assert_eq!(h.status(), status);
-    assert_eq!(h.disk_key().unwrap(), disk);
+    assert_eq!(dh(&h.disk_key().unwrap()), disk);
     h.shutdown().unwrap();
+}
+
+// ---- Destroy only what can be proven dead (issue 12) ----------------------
+
+use leasehold_tpm::testing;
+
+/// Every entry of a directory (not following links) with a digest of its
+/// content, sorted; a missing directory gives `None`.
+fn dir_digest(dir: &Path) -> Option<Vec<(String, String)>> {
+    std::fs::symlink_metadata(dir).ok()?;
+    let mut v: Vec<(String, String)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            let meta = std::fs::symlink_metadata(e.path()).unwrap();
+            let what = if meta.file_type().is_symlink() {
+                format!(
+                    "link -> {}",
+                    std::fs::read_link(e.path()).unwrap().display()
+                )
+            } else {
+                hex_sha256(&std::fs::read(e.path()).unwrap())
+            };
+            (e.file_name().into_string().unwrap(), what)
+        })
+        .collect();
+    v.sort();
+    Some(v)
+}
+
+impl Node {
+    fn tcti(&self) -> String {
+        self.swtpm.as_ref().unwrap().tcti()
+    }
+
+    fn nv(&self) -> Vec<u32> {
+        testing::nv_indices(&self.tcti()).unwrap()
+    }
+
+    /// Status and disk-key hash of the live state directory.
+    fn snapshot(&self) -> (leasehold_tpm::Status, String) {
+        let (mut h, _) = self.open();
+        let s = (h.status(), dh(&h.disk_key().unwrap()));
+        h.shutdown().unwrap();
+        s
+    }
+
+    /// Opening `dir` is refused with an error `check` accepts, and neither the
+    /// TPM's Leasehold NV indices nor a file of `dir` or of the live state
+    /// directory changes.
+    fn assert_refused(&self, dir: &Path, what: &str, check: impl Fn(&KeyError) -> bool) -> String {
+        let nv = self.nv();
+        let files = dir_digest(dir);
+        let live = dir_digest(&self.state_dir());
+        let err = match self.try_open_dir(dir) {
+            Ok(h) => {
+                h.shutdown().unwrap();
+                panic!("{what}: the state directory was opened");
+            }
+            Err(e) => e,
+        };
+        assert!(check(&err), "{what}: unexpected error {err:?}");
+        assert_eq!(self.nv(), nv, "{what}: NV indices changed");
+        assert_eq!(dir_digest(dir), files, "{what}: files changed");
+        assert_eq!(
+            dir_digest(&self.state_dir()),
+            live,
+            "{what}: live files changed"
+        );
+        err.to_string()
+    }
+}
+
+/// A node with a landlord and a tenant; returns its snapshot.
+fn assigned_node() -> (Node, (leasehold_tpm::Status, String)) {
+    let node = Node::new();
+    let (mut h, _) = node.open();
+    h.assign_tenant(Role::Landlord, "acme", Confirm::No)
+        .unwrap();
+    h.shutdown().unwrap();
+    let snap = node.snapshot();
+    (node, snap)
+}
+
+#[test]
+fn swtpm_missing_manifest_over_tpm_keys_is_refused_and_touches_nothing() {
+    let (node, snap) = assigned_node();
+    let nv = node.nv();
+    assert_eq!(nv.len(), 3, "landlord, tenant, epoch counter: {nv:x?}");
+    let root = node.tmp.path();
+
+    // (a) An empty state directory, and a missing one (typo, not mounted).
+    let empty = root.join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let msg = node.assert_refused(&empty, "empty dir", |e| {
+        matches!(
+            e,
+            KeyError::StateMissing {
+                nv_indices: 3,
+                files: 0,
+                ..
+            }
+        )
+    });
+    assert!(msg.contains(&empty.display().to_string()), "{msg}");
+    assert!(
+        msg.contains("3 Leasehold NV indices") && msg.contains("--init-erase-tpm"),
+        "{msg}"
+    );
+    let missing = root.join("typo");
+    node.assert_refused(&missing, "missing dir", |e| {
+        matches!(e, KeyError::StateMissing { .. })
+    });
+    assert!(!missing.exists(), "a refused start creates nothing");
+
+    // (b) keys.json deleted (a copy of the live directory without it).
+    let deleted = root.join("deleted");
+    copy_dir(&node.state_dir(), &deleted);
+    std::fs::remove_file(deleted.join("keys.json")).unwrap();
+    node.assert_refused(&deleted, "deleted keys.json", |e| {
+        matches!(
+            e,
+            KeyError::StateMissing {
+                nv_indices: 3,
+                files: 5,
+                ..
+            }
+        )
+    });
+
+    // (c) keys.json replaced by a dangling link: not a first start.
+    let dangling = root.join("dangling");
+    copy_dir(&node.state_dir(), &dangling);
+    std::fs::remove_file(dangling.join("keys.json")).unwrap();
+    std::os::unix::fs::symlink(root.join("nowhere.json"), dangling.join("keys.json")).unwrap();
+    let msg = node.assert_refused(&dangling, "dangling link", |e| {
+        matches!(e, KeyError::SymlinkInState { .. })
+    });
+    assert!(msg.contains("keys.json"), "{msg}");
+    // The state directory itself as a link is refused too.
+    let link = root.join("link");
+    std::os::unix::fs::symlink(node.state_dir(), &link).unwrap();
+    node.assert_refused(&link, "state dir link", |e| {
+        matches!(e, KeyError::SymlinkInState { .. })
+    });
+
+    // The explicit opt-in still refuses a directory that is not empty.
+    let cfg = KeyConfig {
+        erase_existing: true,
+        ..node.config_for(&deleted)
+    };
+    assert!(matches!(
+        KeyHierarchy::open(&cfg),
+        Err(KeyError::EraseRefused { entries: 5, .. })
+    ));
+    assert_eq!(node.nv(), nv);
+    // ... and is ignored where a manifest exists.
+    let (h, opened) = KeyHierarchy::open(&KeyConfig {
+        erase_existing: true,
+        ..node.config_for(&node.state_dir())
+    })
+    .unwrap();
+    assert_eq!(opened, Opened::Loaded { recovered: 0 });
+    h.shutdown().unwrap();
+
+    // The original still opens with all its keys.
+    assert_eq!(node.snapshot(), snap);
+    assert_eq!(node.nv(), nv);
+}
+
+#[test]
+fn swtpm_edited_manifest_is_refused_and_touches_nothing() {
+    let (node, snap) = assigned_node();
+    let tenant_idx = snap.0.tenant.as_ref().map(|_| ()).and_then(|_| {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(node.state_dir().join("keys.json")).unwrap())
+                .unwrap();
+        v["tenant"]["nv_index"].as_u64()
+    });
+    let tenant_idx = u32::try_from(tenant_idx.unwrap()).unwrap();
+    let edit = |name: &str, f: &dyn Fn(&mut serde_json::Value)| {
+        let dir = node.tmp.path().join(name);
+        copy_dir(&node.state_dir(), &dir);
+        let p = dir.join("keys.json");
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        f(&mut v);
+        std::fs::write(&p, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+        dir
+    };
+
+    // (d) Tenant removed: the tenant's live secret is unexplained.
+    let d = edit("no-tenant", &|v| v["tenant"] = serde_json::Value::Null);
+    let msg = node.assert_refused(
+        &d,
+        "tenant removed",
+        |e| matches!(e, KeyError::UnknownNvIndex { nv_index, .. } if *nv_index == tenant_idx),
+    );
+    assert!(msg.contains(&format!("0x{tenant_idx:08x}")), "{msg}");
+
+    // (e) Another nv_index: for the generation it does not match; with the
+    // generation edited too, the live index is unexplained.
+    let e1 = edit("other-index", &|v| {
+        v["tenant"]["nv_index"] = (tenant_idx + 1).into()
+    });
+    node.assert_refused(&e1, "other nv_index", |e| {
+        matches!(e, KeyError::CorruptState { .. })
+    });
+    let e2 = edit("other-generation", &|v| {
+        v["tenant"]["nv_index"] = (tenant_idx + 1).into();
+        v["tenant"]["generation"] = 2.into();
+    });
+    node.assert_refused(
+        &e2,
+        "other generation",
+        |e| matches!(e, KeyError::UnknownNvIndex { nv_index, .. } if *nv_index == tenant_idx),
+    );
+    // A manifest naming an index the TPM lacks (an intent that explains the
+    // live one, but the level points at nothing).
+    let e3 = edit("named-missing", &|v| {
+        v["tenant"]["nv_index"] = (tenant_idx + 1).into();
+        v["tenant"]["generation"] = 2.into();
+        v["intent"] = serde_json::json!({
+            "kind": "rekey", "role": "tenant", "creates": [], "retires": [tenant_idx]
+        });
+    });
+    node.assert_refused(&e3, "names a missing index", |e| {
+        matches!(
+            e,
+            KeyError::KeyErased {
+                role: Role::Tenant,
+                ..
+            }
+        )
+    });
+    // A file name outside the directory.
+    let e4 = edit("escape", &|v| {
+        v["tenant"]["pair_file"] = "../outside.pair".into()
+    });
+    node.assert_refused(&e4, "path escape", |e| {
+        matches!(e, KeyError::CorruptState { .. })
+    });
+
+    assert_eq!(node.snapshot(), snap);
+}
+
+#[test]
+fn swtpm_restored_backups_are_refused_and_touch_nothing() {
+    type Op = fn(&mut KeyHierarchy) -> Result<(), KeyError>;
+    let ops: [(&str, Op, &[FaultPoint]); 5] = [
+        (
+            "rotate tenant",
+            |h| {
+                h.rotate(Role::Tenant, Role::Tenant, Confirm::DestroyData)
+                    .map(|_| ())
+            },
+            &FaultPoint::ROTATE,
+        ),
+        (
+            "rotate landlord",
+            |h| {
+                h.rotate(Role::Landlord, Role::Landlord, Confirm::DestroyData)
+                    .map(|_| ())
+            },
+            &FaultPoint::ROTATE,
+        ),
+        (
+            "rekey tenant",
+            |h| h.rekey(Role::Tenant, Role::Tenant).map(|_| ()),
+            &FaultPoint::ALL,
+        ),
+        (
+            "assign over existing",
+            |h| {
+                h.assign_tenant(Role::Landlord, "other", Confirm::DestroyData)
+                    .map(|_| ())
+            },
+            &FaultPoint::ALL,
+        ),
+        (
+            "release",
+            |h| {
+                h.release_tenant(Role::Landlord, Confirm::DestroyData)
+                    .map(|_| ())
+            },
+            &[
+                FaultPoint::BeforeEpochIncrement,
+                FaultPoint::AfterManifestReplaced,
+                FaultPoint::AfterOldNvUndefined,
+            ],
+        ),
+    ];
+    let node = Node::new();
+    let stale = |e: &KeyError| matches!(e, KeyError::StaleState { .. });
+
+    // (f) A copy taken before an assignment.
+    let before_assign = node.tmp.path().join("before-assign");
+    let (h, _) = node.open();
+    h.shutdown().unwrap();
+    copy_dir(&node.state_dir(), &before_assign);
+    let (mut h, _) = node.open();
+    h.assign_tenant(Role::Landlord, "acme", Confirm::No)
+        .unwrap();
+    h.shutdown().unwrap();
+    let snap = node.snapshot();
+    let msg = node.assert_refused(&before_assign, "before assignment", stale);
+    assert!(msg.contains("restored backup"), "{msg}");
+    assert_eq!(node.snapshot(), snap);
+
+    // (g) Copies taken before and during each kind of change.
+    let mut n = 0;
+    for (name, op, points) in ops {
+        for &point in points {
+            n += 1;
+            let (mut h, _) = node.open();
+            if h.status().tenant.is_none() {
+                h.assign_tenant(Role::Landlord, "acme", Confirm::No)
+                    .unwrap();
+            }
+            h.shutdown().unwrap();
+            let before = node.tmp.path().join(format!("before-{n}"));
+            copy_dir(&node.state_dir(), &before);
+            let (mut h, _) = node.open();
+            h.inject_fault(point);
+            assert!(matches!(op(&mut h), Err(KeyError::InjectedFault(_))));
+            h.shutdown().unwrap();
+            let during = node.tmp.path().join(format!("during-{n}"));
+            copy_dir(&node.state_dir(), &during);
+            // The live directory finishes the change (old or new set) ...
+            let (h, _) = node.open();
+            h.shutdown().unwrap();
+            let snap = node.snapshot();
+            // ... and neither copy is accepted any more.
+            node.assert_refused(&before, &format!("{name}: copy before"), stale);
+            node.assert_refused(&during, &format!("{name}: copy at {point:?}"), stale);
+            assert_eq!(node.snapshot(), snap, "{name} at {point:?}");
+        }
+    }
+    // A copy of the current state is accepted (it is the current state).
+    let copy = node.tmp.path().join("current");
+    copy_dir(&node.state_dir(), &copy);
+    node.try_open_dir(&copy).unwrap().shutdown().unwrap();
+}
+
+#[test]
+fn swtpm_init_erase_tpm_initialises_over_stale_indices() {
+    let (node, snap) = assigned_node();
+    let old = node.nv();
+    let fresh = node.tmp.path().join("fresh");
+    let cfg = KeyConfig {
+        erase_existing: true,
+        ..node.config_for(&fresh)
+    };
+    let (h, opened) = KeyHierarchy::open(&cfg).unwrap();
+    assert_eq!(opened, Opened::Initialised);
+    let st = h.status();
+    assert!(st.tenant.is_none());
+    assert_ne!(st.node_id, snap.0.node_id);
+    h.shutdown().unwrap();
+    let now = node.nv();
+    assert_eq!(
+        now.len(),
+        2,
+        "new landlord secret and epoch counter: {now:x?}"
+    );
+    assert!(now.contains(&testing::EPOCH_NV_INDEX));
+    // The tenant's secret is gone; the old directory no longer opens.
+    assert!(old.iter().any(|i| !now.contains(i)));
+    assert!(node.try_open_dir(&node.state_dir()).is_err());
+    assert_eq!(node.nv(), now);
+    // The new node reopens normally.
+    let (h, opened) = KeyHierarchy::open(&node.config_for(&fresh)).unwrap();
+    assert_eq!(opened, Opened::Loaded { recovered: 0 });
+    h.shutdown().unwrap();
+}
+
+#[test]
+fn swtpm_corrupt_signing_key_is_refused_at_open() {
+    let (node, snap) = assigned_node();
+    let blob = node.state_dir().join("signing.pair");
+    let good = std::fs::read_to_string(&blob).unwrap();
+
+    // Private part altered: the TPM refuses to load it.
+    let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
+    let private = v["private"].as_str().unwrap().to_owned();
+    let mut chars: Vec<char> = private.chars().collect();
+    chars[40] = if chars[40] == 'A' { 'B' } else { 'A' };
+    v["private"] = serde_json::Value::String(chars.into_iter().collect());
+    std::fs::write(&blob, v.to_string()).unwrap();
+    let msg = node.assert_refused(&node.state_dir(), "corrupt signing.pair", |e| {
+        matches!(e, KeyError::SigningKeyUnusable { .. })
+    });
+    assert!(msg.contains("signing.pair"), "{msg}");
+
+    // Cut short: not even a blob.
+    std::fs::write(&blob, &good[..good.len() / 2]).unwrap();
+    let msg = node.assert_refused(&node.state_dir(), "truncated signing.pair", |e| {
+        matches!(e, KeyError::CorruptState { .. })
+    });
+    assert!(msg.contains("signing.pair"), "{msg}");
+
+    // Another key of this TPM in its place: the fingerprint does not match.
+    let landlord = std::fs::read(node.state_dir().join("landlord-g1.pair")).unwrap();
+    std::fs::write(&blob, landlord).unwrap();
+    node.assert_refused(
+        &node.state_dir(),
+        "swapped signing.pair",
+        |e| matches!(e, KeyError::CorruptState { path, .. } if path.ends_with("signing.pair")),
+    );
+
+    // Missing.
+    std::fs::remove_file(&blob).unwrap();
+    let msg = node.assert_refused(
+        &node.state_dir(),
+        "missing signing.pair",
+        |e| matches!(e, KeyError::CorruptState { path, .. } if path.ends_with("signing.pair")),
+    );
+    assert!(msg.contains("does not exist"), "{msg}");
+
+    std::fs::write(&blob, good).unwrap();
+    assert_eq!(node.snapshot(), snap);
+}
+
+#[test]
+fn swtpm_pre_epoch_state_is_upgraded_only_when_clean() {
+    let (node, snap) = assigned_node();
+    let manifest = node.state_dir().join("keys.json");
+    let edit = |f: &dyn Fn(&mut serde_json::Map<String, serde_json::Value>)| {
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+        f(v.as_object_mut().unwrap());
+        std::fs::write(&manifest, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    };
+    let to_format_2 = |m: &mut serde_json::Map<String, serde_json::Value>| {
+        m.insert("format".into(), 2.into());
+        m.remove("epoch");
+    };
+    let epoch_of = || -> Option<u64> {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+        assert_eq!(v["format"], 3);
+        v["epoch"].as_u64()
+    };
+
+    // A format 2 manifest on a TPM that has an epoch counter: older than the TPM.
+    edit(&to_format_2);
+    node.assert_refused(&node.state_dir(), "format 2 with a counter", |e| {
+        matches!(
+            e,
+            KeyError::StaleState {
+                manifest_epoch: None,
+                tpm_epoch: Some(_),
+                ..
+            }
+        )
+    });
+
+    // Before the upgrade the TPM had no counter; an unfinished rotation of
+    // that era is left to the previous build.
+    testing::nv_undefine(&node.tcti(), testing::EPOCH_NV_INDEX).unwrap();
+    edit(&|m| {
+        m.insert("erasing".into(), "tenant".into());
+    });
+    let msg = node.assert_refused(&node.state_dir(), "format 2 mid-rotation", |e| {
+        matches!(e, KeyError::UnfinishedLegacyChange { format: 2, .. })
+    });
+    assert!(msg.contains("previous agentd"), "{msg}");
+
+    // A clean one is upgraded: counter defined, epoch committed.
+    edit(&|m| {
+        m.remove("erasing");
+    });
+    let (h, opened) = node.open();
+    assert_eq!(opened, Opened::Loaded { recovered: 0 });
+    h.shutdown().unwrap();
+    assert!(epoch_of().is_some());
+    assert!(node.nv().contains(&testing::EPOCH_NV_INDEX));
+    assert_eq!(node.snapshot(), snap);
+
+    // An upgrade interrupted after its intent, with or without the counter.
+    for drop_counter in [false, true] {
+        if drop_counter {
+            testing::nv_undefine(&node.tcti(), testing::EPOCH_NV_INDEX).unwrap();
+        }
+        edit(&|m| {
+            m.remove("epoch");
+            m.insert(
+                "intent".into(),
+                serde_json::json!({
+                    "kind": "migrate", "role": "landlord",
+                    "creates": [testing::EPOCH_NV_INDEX], "retires": []
+                }),
+            );
+        });
+        let (h, _) = node.open();
+        h.shutdown().unwrap();
+        assert!(epoch_of().is_some(), "drop_counter {drop_counter}");
+        assert_eq!(node.snapshot(), snap, "drop_counter {drop_counter}");
+    }
+}
+
+#[test]
+fn swtpm_interrupted_first_start_is_finished() {
+    let node = Node::new();
+    let (h, _) = node.open();
+    let first_fp = h.status().landlord.fingerprint;
+    h.shutdown().unwrap();
+    let manifest = node.state_dir().join("keys.json");
+    let read = || -> serde_json::Value {
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap()
+    };
+    let landlord_idx = u32::try_from(read()["landlord"]["nv_index"].as_u64().unwrap()).unwrap();
+    // The manifest of a first start before the landlord level is committed.
+    let genesis = |creates: u32, keep_epoch: bool| {
+        let mut v = read();
+        let m = v.as_object_mut().unwrap();
+        m.insert(
+            "landlord".into(),
+            serde_json::json!({
+                "generation": 0, "key_generation": 0, "nv_index": 0,
+                "pair_file": "", "sealed_file": "", "public_pem": "", "fingerprint": ""
+            }),
+        );
+        m.remove("signing");
+        if !keep_epoch {
+            m.remove("epoch");
+        }
+        m.insert(
+            "intent".into(),
+            serde_json::json!({
+                "kind": "init", "role": "landlord", "creates": [creates], "retires": []
+            }),
+        );
+        std::fs::write(&manifest, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    };
+    let files = || {
+        let mut f: Vec<String> = std::fs::read_dir(node.state_dir())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        f.sort();
+        f
+    };
+    let expected_files = [
+        "keys.json",
+        "landlord-g1.pair",
+        "landlord-g1.sealed",
+        "signing.pair",
+    ];
+
+    // Crash after the landlord's intent: counter, landlord secret and blobs exist.
+    genesis(landlord_idx, true);
+    let stale_b = node.tmp.path().join("stale-b");
+    copy_dir(&node.state_dir(), &stale_b);
+    let (h, opened) = node.open();
+    assert!(matches!(opened, Opened::Initialised), "{opened:?}");
+    let second_fp = h.status().landlord.fingerprint;
+    assert_ne!(second_fp, first_fp);
+    h.shutdown().unwrap();
+    assert_eq!(node.nv(), vec![landlord_idx, testing::EPOCH_NV_INDEX]);
+    assert_eq!(files(), expected_files);
+
+    // Crash right after the first manifest: at most the counter exists.
+    genesis(testing::EPOCH_NV_INDEX, false);
+    testing::nv_undefine(&node.tcti(), landlord_idx).unwrap();
+    for f in &expected_files[1..] {
+        std::fs::remove_file(node.state_dir().join(f)).unwrap();
+    }
+    let stale_a = node.tmp.path().join("stale-a");
+    copy_dir(&node.state_dir(), &stale_a);
+    let (h, opened) = node.open();
+    assert!(matches!(opened, Opened::Initialised), "{opened:?}");
+    assert_ne!(h.status().landlord.fingerprint, second_fp);
+    h.shutdown().unwrap();
+    assert_eq!(node.nv(), vec![landlord_idx, testing::EPOCH_NV_INDEX]);
+    assert_eq!(files(), expected_files);
+
+    // Copies of an interrupted first start are refused once the node exists.
+    let snap = node.snapshot();
+    node.assert_refused(
+        &stale_a,
+        "copy of a first start",
+        |e| matches!(e, KeyError::UnknownNvIndex { nv_index, .. } if *nv_index == landlord_idx),
+    );
+    node.assert_refused(&stale_b, "copy of a first start", |e| {
+        matches!(e, KeyError::StaleState { .. })
+    });
+    assert_eq!(node.snapshot(), snap);
 }

@@ -71,6 +71,18 @@ async fn scenario(name: &str) {
         "put-garbage" => report(t.put_secret("db", b"not an envelope").await),
         "put-oversized" => report(t.put_secret("db", &vec![0u8; 2 << 20]).await),
         "put-good" => report(t.put_secret("db", &envelope_for_ut().await).await),
+        "put-tampered-key" => {
+            // A flipped bit in the RSA-OAEP wrapped content key.
+            let mut e = envelope_for_ut().await;
+            e[100] ^= 0x01;
+            report(t.put_secret("db", &e).await)
+        }
+        "put-tampered-payload" => {
+            let mut e = envelope_for_ut().await;
+            let n = e.len();
+            e[n - 1] ^= 0x01;
+            report(t.put_secret("db", &e).await)
+        }
         "rm-unknown" => report(t.remove_secret("nope").await),
         other => panic!("unknown scenario {other}"),
     }
@@ -379,6 +391,66 @@ async fn flood(conns: usize, per_conn: usize, big_mib: usize) {
     );
 }
 
+/// Makes `op` calls back to back for `secs` seconds on one connection;
+/// prints JSON: calls, ok, errors by name, receipts seen, latency.
+async fn hammer(op: &str, secs: u64) {
+    let conn = zbus::Connection::system().await.expect("system bus");
+    let l = LandlordProxy::new(&conn).await.unwrap();
+    let t = TenantProxy::new(&conn).await.unwrap();
+    let end = Instant::now() + Duration::from_secs(secs);
+    let (mut ok, mut receipts, mut warnings) = (0u64, 0u64, 0u64);
+    let mut errors = std::collections::BTreeMap::<String, u64>::new();
+    let mut lat = Vec::new();
+    let mut n = 0u64;
+    while Instant::now() < end {
+        n += 1;
+        let t0 = Instant::now();
+        let r: Result<Option<leasehold_dbus_api::KeyChange>, leasehold_dbus_api::Error> = match op {
+            "landlord-rotate" => l.rotate_keys(true).await.map(Some),
+            "landlord-rekey" => l.rekey_keys().await.map(Some),
+            "tenant-rotate" => t.rotate_keys(true).await.map(Some),
+            "tenant-rekey" => t.rekey_keys().await.map(Some),
+            "tenant-put" => match t.get_public_key().await {
+                Ok(k) => {
+                    let env = leasehold_tpm::envelope::seal(&k.pem.unwrap_or_default(), b"v")
+                        .expect("seal");
+                    t.put_secret(&format!("s{}", n % 4), &env)
+                        .await
+                        .map(|_| None)
+                }
+                Err(e) => Err(e),
+            },
+            "landlord-info" => l.node_info().await.map(|_| None),
+            "tenant-info" => t.node_info().await.map(|_| None),
+            other => panic!("unknown hammer op {other}"),
+        };
+        lat.push(t0.elapsed());
+        match r {
+            Ok(c) => {
+                ok += 1;
+                if let Some(c) = c {
+                    if c.receipt.is_some() {
+                        receipts += 1;
+                    }
+                    if c.warnings.is_some_and(|w| !w.is_empty()) {
+                        warnings += 1;
+                    }
+                }
+            }
+            Err(e) => *errors.entry(e.name().to_string()).or_default() += 1,
+        }
+    }
+    lat.sort();
+    let pct = |per_mille: usize| lat[(lat.len() - 1) * per_mille / 1000].as_secs_f64() * 1e3;
+    println!(
+        "{}",
+        serde_json::json!({
+            "op": op, "calls": n, "ok": ok, "receipts": receipts, "warnings": warnings,
+            "errors": errors, "p50_ms": pct(500), "p99_ms": pct(990), "max_ms": pct(1000),
+        })
+    );
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -400,6 +472,10 @@ fn main() {
             let per_conn = args[2].parse().unwrap();
             let big_mib = args[3].parse().unwrap();
             rt.block_on(flood(conns, per_conn, big_mib));
+        }
+        Some("hammer") => {
+            let secs = args[2].parse().unwrap();
+            rt.block_on(hammer(&args[1], secs));
         }
         Some(s) => rt.block_on(scenario(s)),
         None => panic!("usage: lh-dbus-probe <scenario> | bench <n> <clients> [tenant] | listen | flood <conns> <per_conn> <big_mib>"),

@@ -8,7 +8,9 @@ use tss_esapi::attributes::{
     NvIndexAttributesBuilder, ObjectAttributesBuilder, SessionAttributesBuilder,
 };
 use tss_esapi::constants::tss::{TPM2_RH_NULL, TPM2_ST_HASHCHECK};
-use tss_esapi::constants::{CapabilityType, SessionType, StartupType, Tss2ResponseCodeKind};
+use tss_esapi::constants::{
+    CapabilityType, NvIndexType, SessionType, StartupType, Tss2ResponseCodeKind,
+};
 use tss_esapi::handles::{KeyHandle, NvIndexHandle, NvIndexTpmHandle, ObjectHandle, TpmHandle};
 use tss_esapi::interface_types::algorithm::{HashingAlgorithm, PublicAlgorithm};
 use tss_esapi::interface_types::ecc::EccCurve;
@@ -35,8 +37,12 @@ use crate::types::{GenerationSecret, Role, TpmKind};
 
 /// First NV index of Leasehold's range ("LH" in the owner range 0x01xxxxxx).
 pub(crate) const NV_BASE: u32 = 0x014c_4800;
-/// Size of the range: 256 generations per role, 4 roles reserved.
+/// Size of the secrets' range: 256 generations per role, 4 roles reserved.
 pub(crate) const NV_SPAN: u32 = 0x400;
+/// The epoch counter (TPM2_NT_COUNTER), just after the secrets' range: it
+/// counts manifest writes, so a restored copy of the state directory is
+/// told from the current one. Part of Leasehold's NV range.
+pub(crate) const NV_EPOCH: u32 = NV_BASE + NV_SPAN;
 
 fn tpm_err(op: &'static str) -> impl FnOnce(tss_esapi::Error) -> KeyError {
     move |source| KeyError::Tpm { op, source }
@@ -86,6 +92,22 @@ pub(crate) struct Tpm {
     session: AuthSession,
     kind: TpmKind,
     identity: String,
+    /// Set once the primary and session are flushed (by `shutdown`).
+    flushed: bool,
+}
+
+impl Drop for Tpm {
+    /// Flushes the primary and session when the hierarchy is dropped without
+    /// `shutdown` (e.g. `open` refused the state): without a resource manager
+    /// (swtpm over TCP) they would otherwise fill the TPM's object slots.
+    fn drop(&mut self) {
+        if !self.flushed {
+            self.flushed = true;
+            let (primary, session) = (self.primary, self.session);
+            self.flush_session(session);
+            self.flush(primary);
+        }
+    }
 }
 
 /// Which parameters of a command the session encrypts. The TPM refuses the
@@ -162,6 +184,7 @@ impl Tpm {
             session,
             kind,
             identity,
+            flushed: false,
         })
     }
 
@@ -335,13 +358,12 @@ impl Tpm {
 
     /// Reads the signing key's public area back from the TPM.
     #[cfg_attr(not(feature = "testing"), allow(dead_code))]
-    pub fn read_signing_public(&mut self, blob: &Blob) -> Result<Public> {
-        let h = self.load_as(blob, signing_key_unusable)?;
+    pub fn read_signing_public(&mut self, blob: &Blob, path: &std::path::Path) -> Result<Public> {
+        let h = self.load_as(blob, signing_key_unusable(path))?;
         self.read_public_of(h)
     }
 
     /// ReadPublic of a loaded object, which is flushed afterwards.
-    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
     fn read_public_of(&mut self, h: KeyHandle) -> Result<Public> {
         let r = self.ctx.execute_without_session(|c| c.read_public(h));
         self.flush(h);
@@ -350,7 +372,12 @@ impl Tpm {
 
     /// RSASSA-PKCS1-v1_5 signature with the node signing key over a SHA-256
     /// digest computed by the caller. Returns the raw signature (modulus size).
-    pub fn sign_digest(&mut self, blob: &Blob, digest: &[u8; 32]) -> Result<Vec<u8>> {
+    pub fn sign_digest(
+        &mut self,
+        blob: &Blob,
+        path: &std::path::Path,
+        digest: &[u8; 32],
+    ) -> Result<Vec<u8>> {
         let digest = Digest::try_from(digest.to_vec()).map_err(tpm_err("build digest"))?;
         // A null ticket: the key is unrestricted, so the TPM need not have
         // hashed the data itself (a restricted key would insist on it).
@@ -363,7 +390,7 @@ impl Tpm {
         let scheme = SignatureScheme::RsaSsa {
             hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
         };
-        let h = self.load_as(blob, signing_key_unusable)?;
+        let h = self.load_as(blob, signing_key_unusable(path))?;
         // No parameter encryption: neither the digest nor the signature is
         // secret, and the response's first parameter is not a sized buffer.
         let result = self
@@ -418,7 +445,21 @@ impl Tpm {
             })
         })();
         self.flush(h);
-        result
+        match result {
+            // libtpms (swtpm) answers a ciphertext that fails OAEP decoding
+            // with TPM_RC_FAILURE, where the spec says TPM_RC_VALUE. It is
+            // the input's fault exactly when the TPM still answers.
+            Err(KeyError::Tpm { op, source })
+                if rc_kind(&source) == Some(Tss2ResponseCodeKind::Failure) =>
+            {
+                if self.random(1).is_ok() {
+                    Err(crate::error::EnvelopeError::UnwrapFailed(role).into())
+                } else {
+                    Err(KeyError::Tpm { op, source })
+                }
+            }
+            other => other,
+        }
     }
 
     /// Unseals a sealed data object (through a PCR policy session if bound).
@@ -568,12 +609,12 @@ impl Tpm {
             .map_err(tpm_err("PCR_Extend"))
     }
 
-    /// NV indices defined in Leasehold's range.
+    /// NV indices defined in Leasehold's range (secrets and epoch counter).
     pub fn nv_indices(&mut self) -> Result<Vec<u32>> {
         let (data, _) = self
             .ctx
             .execute_without_session(|c| {
-                c.get_capability(CapabilityType::Handles, NV_BASE, NV_SPAN)
+                c.get_capability(CapabilityType::Handles, NV_BASE, NV_SPAN + 1)
             })
             .map_err(tpm_err("GetCapability (NV handles)"))?;
         let CapabilityData::Handles(handles) = data else {
@@ -586,8 +627,76 @@ impl Tpm {
                 TpmHandle::NvIndex(nv) => Some(u32::from(nv)),
                 _ => None,
             })
-            .filter(|h| (NV_BASE..NV_BASE + NV_SPAN).contains(h))
+            .filter(|h| (NV_BASE..=NV_EPOCH).contains(h))
             .collect())
+    }
+
+    /// Defines the epoch counter and increments it once (a counter can be
+    /// read only once written; a new counter starts at the highest value any
+    /// counter of this TPM has had, so it never goes back). Not orderly: an
+    /// orderly counter may jump ahead after an unclean shutdown, and the
+    /// epoch check needs exact values. Returns its value.
+    pub fn epoch_define(&mut self) -> Result<u64> {
+        let tpm_handle = NvIndexTpmHandle::new(NV_EPOCH).map_err(tpm_err("NV handle"))?;
+        let attrs = NvIndexAttributesBuilder::new()
+            .with_nv_index_type(NvIndexType::Counter)
+            .with_owner_write(true)
+            .with_owner_read(true)
+            .with_no_da(true)
+            .build()
+            .map_err(tpm_err("NV attributes"))?;
+        let public = NvPublicBuilder::new()
+            .with_nv_index(tpm_handle)
+            .with_index_name_algorithm(HashingAlgorithm::Sha256)
+            .with_index_attributes(attrs)
+            .with_data_area_size(8)
+            .build()
+            .map_err(tpm_err("NV public"))?;
+        let h = self
+            .authed(Enc::None, |c| {
+                c.nv_define_space(Provision::Owner, None, public)
+            })
+            .map_err(tpm_err("NV_DefineSpace (epoch counter)"))?;
+        self.nv_close(h);
+        self.epoch_increment()?;
+        self.epoch_read()?.ok_or(KeyError::UnexpectedTpmResponse(
+            "epoch counter missing after definition",
+        ))
+    }
+
+    /// The epoch counter's value; `None` if it is not defined.
+    pub fn epoch_read(&mut self) -> Result<Option<u64>> {
+        if !self.nv_indices()?.contains(&NV_EPOCH) {
+            return Ok(None);
+        }
+        let h = self.nv_handle(NV_EPOCH)?;
+        let r = self
+            .authed(Enc::None, |c| c.nv_read(NvAuth::Owner, h, 8, 0))
+            .map_err(tpm_err("NV_Read (epoch counter)"));
+        self.nv_close(h);
+        let bytes: [u8; 8] = r?
+            .value()
+            .try_into()
+            .map_err(|_| KeyError::UnexpectedTpmResponse("epoch counter of the wrong size"))?;
+        Ok(Some(u64::from_be_bytes(bytes)))
+    }
+
+    /// Increments the epoch counter.
+    pub fn epoch_increment(&mut self) -> Result<()> {
+        let h = self.nv_handle(NV_EPOCH)?;
+        let r = self
+            .authed(Enc::None, |c| c.nv_increment(NvAuth::Owner, h))
+            .map_err(tpm_err("NV_Increment (epoch counter)"));
+        self.nv_close(h);
+        r
+    }
+
+    /// Loads the signing key blob and returns the fingerprint of the public
+    /// key the TPM reports for it.
+    pub fn signing_fingerprint(&mut self, blob: &Blob, path: &std::path::Path) -> Result<String> {
+        let h = self.load_as(blob, signing_key_unusable(path))?;
+        let public = self.read_public_of(h)?;
+        Ok(recipient_of(&public)?.fingerprint_hex())
     }
 
     fn nv_handle(&mut self, index: u32) -> Result<NvIndexHandle> {
@@ -650,11 +759,14 @@ impl Tpm {
             .map_err(tpm_err("NV_Read"));
         self.nv_close(h);
         let buf = r?;
-        let bytes: [u8; 32] = buf
-            .value()
-            .try_into()
-            .map_err(|_| KeyError::UnexpectedTpmResponse("NV secret of the wrong size"))?;
-        Ok(Some(GenerationSecret::from_bytes(bytes)))
+        if buf.value().len() != GenerationSecret::LEN {
+            return Err(KeyError::UnexpectedTpmResponse(
+                "NV secret of the wrong size",
+            ));
+        }
+        let mut bytes = Zeroizing::new([0u8; 32]);
+        bytes.copy_from_slice(buf.value());
+        Ok(Some(GenerationSecret::from_zeroizing(&bytes)))
     }
 
     /// Undefines an NV index: everything depending on its secret is gone.
@@ -669,6 +781,7 @@ impl Tpm {
     pub fn shutdown(mut self) -> Result<()> {
         let primary = self.primary;
         let session = self.session;
+        self.flushed = true;
         self.flush_session(session);
         self.flush(primary);
         self.ctx
@@ -721,8 +834,11 @@ fn rsa_template(usage: RsaUse) -> tss_esapi::Result<Public> {
         .build()
 }
 
-fn signing_key_unusable(source: tss_esapi::Error) -> KeyError {
-    KeyError::SigningKeyUnusable { source }
+fn signing_key_unusable(path: &std::path::Path) -> impl Fn(tss_esapi::Error) -> KeyError + '_ {
+    move |source| KeyError::SigningKeyUnusable {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// The fixed storage-primary template: ECC P-256, AES-128-CFB, restricted

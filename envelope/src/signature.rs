@@ -2,35 +2,24 @@
 //!
 //! The node signs with RSASSA-PKCS1-v1_5 and SHA-256 over the exact bytes
 //! given; the key's private half never leaves the node's TPM
-//! ([`crate::KeyHierarchy::sign`]).
+//! (`leasehold_tpm::KeyHierarchy::sign`).
 
 use rsa::pkcs1v15::{Signature, VerifyingKey};
-use rsa::pkcs8::DecodePublicKey;
 use rsa::signature::Verifier;
-use rsa::traits::PublicKeyParts;
-use rsa::RsaPublicKey;
 use sha2::Sha256;
 
-use crate::envelope::MIN_RSA_BITS;
 use crate::error::SignatureError;
+use crate::key::parse_rsa_pem;
 
 /// Checks `signature` (RSASSA-PKCS1-v1_5, SHA-256) over `data` against the
-/// RSA SubjectPublicKeyInfo PEM `public_pem` (as returned by
-/// [`crate::KeyHierarchy::signing_key`]). Needs no TPM.
+/// RSA SubjectPublicKeyInfo PEM `public_pem` (the node's receipt key, as
+/// `landlordctl receipt-key` prints it). Needs no TPM.
 pub fn verify_signature(
     public_pem: &str,
     data: &[u8],
     signature: &[u8],
 ) -> Result<(), SignatureError> {
-    let key = RsaPublicKey::from_public_key_pem(public_pem.trim()).map_err(|e| {
-        SignatureError::InvalidPublicKey(format!("not an RSA SubjectPublicKeyInfo PEM: {e}"))
-    })?;
-    if key.size() * 8 < MIN_RSA_BITS {
-        return Err(SignatureError::InvalidPublicKey(format!(
-            "RSA key has {} bits; at least {MIN_RSA_BITS} are required",
-            key.size() * 8
-        )));
-    }
+    let key = parse_rsa_pem(public_pem).map_err(SignatureError::InvalidPublicKey)?;
     let signature = Signature::try_from(signature).map_err(|_| SignatureError::Mismatch)?;
     VerifyingKey::<Sha256>::new(key)
         .verify(data, &signature)

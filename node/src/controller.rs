@@ -1,0 +1,790 @@
+//! The controller thread and its workflows.
+
+use std::sync::mpsc::{self, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::thread::JoinHandle;
+use std::time::SystemTime;
+
+use base64::Engine as _;
+use leasehold_tpm::{ChangeKind, Confirm, KeyChange, KeyError, Role};
+use tokio::sync::oneshot;
+
+use crate::backend::{Backends, BoundaryChange, Wiped};
+use crate::receipt::{Receipt, SignedReceipt, RECEIPT_FORMAT};
+use crate::{
+    check_name, generations, Caller, ChangeReport, Command, NodeError, Outcome, Request, Snapshot,
+    MAX_ENVELOPE_BYTES, MAX_SECRETS, MAX_SECRET_BYTES, QUEUE_DEPTH,
+};
+
+/// A queued change.
+#[derive(Debug)]
+pub struct Pending(oneshot::Receiver<Result<Outcome, NodeError>>);
+
+impl Pending {
+    /// Waits for the outcome.
+    pub async fn outcome(self) -> Result<Outcome, NodeError> {
+        self.0.await.map_err(|_| NodeError::Stopped)?
+    }
+}
+
+struct Job {
+    req: Request,
+    reply: oneshot::Sender<Result<Outcome, NodeError>>,
+}
+
+/// Handle to the controller. Cheap to share behind an `Arc`.
+#[derive(Debug)]
+pub struct Node {
+    tx: Mutex<Option<SyncSender<Job>>>,
+    snapshot: Arc<RwLock<Arc<Snapshot>>>,
+    running: Arc<Mutex<Option<&'static str>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.req.command.name())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicked workflow cannot leave a lock's data half-written (the data
+    // is replaced whole), so carry on with it.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Node {
+    /// Reads the first snapshot and starts the controller thread. Blocking.
+    pub fn start(backends: Backends) -> Result<Node, NodeError> {
+        let mut c = Controller {
+            b: backends,
+            after_reply: vec![AfterReply::PrepareStandby],
+        };
+        let first = c.read_snapshot().map_err(NodeError::Keys)?;
+        let snapshot = Arc::new(RwLock::new(Arc::new(first)));
+        let running = Arc::new(Mutex::new(None));
+        let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE_DEPTH);
+        let (snap, run) = (snapshot.clone(), running.clone());
+        let thread = std::thread::Builder::new()
+            .name("node".into())
+            .spawn(move || {
+                // Standby keys first: the first rotation should not wait
+                // for key generation either.
+                *lock(&run) = Some("preparing standby keys");
+                c.run_after_reply();
+                c.publish(&snap);
+                *lock(&run) = None;
+                for job in rx {
+                    *lock(&run) = Some(job.req.command.name());
+                    let r = c.execute(job.req);
+                    // Readers see the new state before the caller's reply.
+                    c.publish(&snap);
+                    let _ = job.reply.send(r);
+                    // Work the caller need not wait for (the new empty
+                    // volume, the next standby keys) still runs before the
+                    // next command.
+                    if !c.after_reply.is_empty() {
+                        *lock(&run) = Some("finishing the previous change");
+                        c.run_after_reply();
+                        c.publish(&snap);
+                    }
+                    *lock(&run) = None;
+                }
+            })
+            .map_err(|e| NodeError::Backend {
+                what: "node controller",
+                source: crate::Failure::failed(format!("cannot start its thread: {e}")),
+            })?;
+        Ok(Node {
+            tx: Mutex::new(Some(tx)),
+            snapshot,
+            running,
+            thread: Mutex::new(Some(thread)),
+        })
+    }
+
+    /// Queues a change and waits for its outcome. Refused at once with
+    /// `Busy` when [`QUEUE_DEPTH`] changes already wait.
+    pub async fn submit(&self, req: Request) -> Result<Outcome, NodeError> {
+        self.enqueue(req)?.outcome().await
+    }
+
+    /// Queues a change without waiting for it (refused with `Busy` when
+    /// the queue is full).
+    pub fn enqueue(&self, req: Request) -> Result<Pending, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        let name = req.command.name();
+        let tx = lock(&self.tx);
+        let tx = tx.as_ref().ok_or(NodeError::Stopped)?;
+        match tx.try_send(Job { req, reply }) {
+            Ok(()) => Ok(Pending(rx)),
+            Err(TrySendError::Full(_)) => {
+                let running = self.running().unwrap_or("a change");
+                Err(NodeError::Busy(format!(
+                    "{name}: the node is busy ({running} running, {QUEUE_DEPTH} more changes queued); try again"
+                )))
+            }
+            Err(TrySendError::Disconnected(_)) => Err(NodeError::Stopped),
+        }
+    }
+
+    /// The state as of the last completed command. Never waits for a change.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The change running now, if any.
+    pub fn running(&self) -> Option<&'static str> {
+        *lock(&self.running)
+    }
+
+    /// Stops taking commands, lets queued ones finish, joins the thread.
+    /// Blocking.
+    pub fn stop(&self) {
+        drop(lock(&self.tx).take());
+        if let Some(t) = lock(&self.thread).take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Owns the backends; runs on the controller thread only.
+struct Controller {
+    b: Backends,
+    /// What the running command leaves to do after its reply.
+    after_reply: Vec<AfterReply>,
+}
+
+/// Work after a reply, before the next command.
+#[derive(Debug)]
+enum AfterReply {
+    /// A new empty filesystem under the new disk key.
+    Remake(String),
+    /// Pre-generate the keys the next rotation will use.
+    PrepareStandby,
+}
+
+fn confirm(b: bool) -> Confirm {
+    if b {
+        Confirm::DestroyData
+    } else {
+        Confirm::No
+    }
+}
+
+fn kind_name(k: ChangeKind) -> &'static str {
+    match k {
+        ChangeKind::Rotate => "rotate",
+        ChangeKind::Rekey => "rekey",
+        ChangeKind::Assign => "assign",
+        ChangeKind::Release => "release",
+    }
+}
+
+fn millis_since(from: SystemTime, to: SystemTime) -> u64 {
+    to.duration_since(from)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// `l3t5` for landlord 3, tenant 5 (receipt file names).
+fn compact(g: &[(String, u64)]) -> String {
+    g.iter()
+        .map(|(r, n)| format!("{}{n}", r.chars().next().unwrap_or('x')))
+        .collect()
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Controller {
+    /// Replaces the readers' snapshot (the last good one, marked stale, if
+    /// the key status cannot be read).
+    fn publish(&mut self, snap: &RwLock<Arc<Snapshot>>) {
+        let next = match self.read_snapshot() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the key status after a change");
+                let mut s = (**snap.read().unwrap_or_else(|p| p.into_inner())).clone();
+                s.stale = Some(e.to_string());
+                s
+            }
+        };
+        *snap.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(next);
+    }
+
+    fn run_after_reply(&mut self) {
+        for work in std::mem::take(&mut self.after_reply) {
+            match work {
+                AfterReply::Remake(reason) => {
+                    let r = self
+                        .b
+                        .keys
+                        .disk_key()
+                        .map_err(|e| format!("no disk key: {e}"))
+                        .and_then(|k| self.b.volume.remake(&k, &reason).map_err(|e| e.to_string()));
+                    // The volume's status reports it too.
+                    if let Err(e) = r {
+                        tracing::error!(error = %e, "the volume was not remade after the key change");
+                    }
+                }
+                AfterReply::PrepareStandby => match self.b.keys.prepare_standby() {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(count = n, "standby key generations prepared"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot prepare standby keys; the next rotation makes its keys inline")
+                    }
+                },
+            }
+        }
+    }
+
+    fn read_snapshot(&mut self) -> Result<Snapshot, KeyError> {
+        let status = self.b.keys.status()?;
+        let mut keys = Vec::new();
+        for role in Role::ALL {
+            if role == Role::Tenant && status.tenant.is_none() {
+                continue;
+            }
+            let pk = self.b.keys.public_key(role)?;
+            let owned = self.b.keys.owned(role)?;
+            keys.push((pk, owned));
+        }
+        let receipt_key = self.b.keys.signing_key()?;
+        Ok(Snapshot {
+            status,
+            keys,
+            receipt_key,
+            stale: None,
+        })
+    }
+
+    fn execute(&mut self, req: Request) -> Result<Outcome, NodeError> {
+        let Request {
+            caller,
+            command,
+            received,
+        } = req;
+        let name = command.name();
+        let r = match command {
+            Command::Rotate { role, confirm } => self.rotate(caller, role, confirm, received),
+            Command::Rekey { role } => self.rekey(caller, role),
+            Command::Assign {
+                name,
+                console_key,
+                confirm,
+            } => self.assign(caller, &name, console_key.as_deref(), confirm),
+            Command::Release { confirm } => self.release(caller, confirm),
+            Command::RegisterConsole { name, pem } => {
+                check_name("name", &name)?;
+                let fp = self.b.keys.register_console(caller.role, &name, &pem)?;
+                tracing::info!(uid = caller.uid, role = %caller.role, console = %name, "console key registered");
+                Ok(Outcome::ConsoleRegistered(fp))
+            }
+            Command::PutSecret { name, envelope } => self.put_secret(caller, &name, &envelope),
+            Command::RemoveSecret { name } => {
+                check_name("name", &name)?;
+                self.require_tenant()?;
+                self.b
+                    .secrets
+                    .remove(&name)
+                    .map_err(NodeError::backend("secret store"))?;
+                tracing::info!(uid = caller.uid, secret = %name, "tenant secret removed");
+                Ok(Outcome::SecretRemoved)
+            }
+            Command::InitVolume {
+                device,
+                force,
+                confirm,
+            } => self.init_volume(caller, &device, force, confirm),
+            Command::Boundary(c) => self.boundary(caller, c),
+        };
+        if let Err(e) = &r {
+            tracing::debug!(command = name, error = %e, "command refused or failed");
+        }
+        r
+    }
+
+    fn require_tenant(&mut self) -> Result<(), NodeError> {
+        if self.b.keys.status()?.tenant.is_none() {
+            return Err(KeyError::NotAssigned.into());
+        }
+        Ok(())
+    }
+
+    /// A destroying rotation, erase first: the volume is marked, dm-crypt's
+    /// copy of the disk key wiped and read back, and only then does the TPM
+    /// undefine the old generation's secret (before it makes the new pair).
+    fn rotate(
+        &mut self,
+        caller: Caller,
+        role: Role,
+        confirmed: bool,
+        received: SystemTime,
+    ) -> Result<Outcome, NodeError> {
+        if caller.role > role {
+            return Err(KeyError::NotPermitted {
+                caller: caller.role,
+                action: "rotate these keys",
+            }
+            .into());
+        }
+        if !confirmed {
+            // Refused before anything is touched.
+            return Err(NodeError::ConfirmationRequired(
+                "rotating a key pair with its symmetric key destroys every piece of data under it (volume, secrets); confirm to go ahead".into(),
+            ));
+        }
+        let status = self.b.keys.status()?;
+        if role == Role::Tenant && status.tenant.is_none() {
+            return Err(KeyError::NotAssigned.into());
+        }
+        let before = generations(&status);
+        self.b
+            .volume
+            .begin_key_change()
+            .map_err(NodeError::backend("volume"))?;
+        let wiped = match self.b.volume.wipe() {
+            Ok(w) => w,
+            Err(e) => {
+                // The TPM was not touched: the old key generation stands.
+                self.reopen_after_failure();
+                return Err(NodeError::Backend {
+                    what: "volume (wiping the kernel's copy of the disk key)",
+                    source: e,
+                });
+            }
+        };
+        let c = match self.b.keys.rotate(caller.role, role) {
+            Ok(c) => c,
+            Err(e) => {
+                self.reopen_after_failure();
+                return Err(e.into());
+            }
+        };
+        Ok(Outcome::Changed(self.after_change(
+            caller,
+            c,
+            before,
+            Some(received),
+            Some(wiped),
+        )))
+    }
+
+    fn rekey(&mut self, caller: Caller, role: Role) -> Result<Outcome, NodeError> {
+        self.b
+            .volume
+            .begin_key_change()
+            .map_err(NodeError::backend("volume"))?;
+        let before = generations(&self.b.keys.status()?);
+        match self.b.keys.rekey(caller.role, role) {
+            Ok(c) => Ok(Outcome::Changed(
+                self.after_change(caller, c, before, None, None),
+            )),
+            Err(e) => {
+                self.end_key_change_logged();
+                Err(e.into())
+            }
+        }
+    }
+
+    fn assign(
+        &mut self,
+        caller: Caller,
+        name: &str,
+        console_key: Option<&str>,
+        confirmed: bool,
+    ) -> Result<Outcome, NodeError> {
+        if caller.role != Role::Landlord {
+            return Err(KeyError::NotPermitted {
+                caller: caller.role,
+                action: "assign the node",
+            }
+            .into());
+        }
+        check_name("name", name)?;
+        if let Some(pem) = console_key {
+            // Checked before anything changes: no partial state.
+            leasehold_tpm::envelope::RecipientKey::from_pem(pem).map_err(|e| {
+                NodeError::Invalid {
+                    field: "console_key",
+                    reason: e.to_string(),
+                }
+            })?;
+        }
+        let status = self.b.keys.status()?;
+        if status.tenant.is_some() && !confirmed {
+            return Err(NodeError::ConfirmationRequired(
+                "assigning the node to a new tenant destroys the current tenant's keys and data; confirm to go ahead".into(),
+            ));
+        }
+        let before = generations(&status);
+        self.b
+            .volume
+            .begin_key_change()
+            .map_err(NodeError::backend("volume"))?;
+        match self.b.keys.assign(name, console_key, confirm(confirmed)) {
+            Ok(c) => Ok(Outcome::Changed(
+                self.after_change(caller, c, before, None, None),
+            )),
+            Err(e) => {
+                self.end_key_change_logged();
+                Err(e.into())
+            }
+        }
+    }
+
+    fn release(&mut self, caller: Caller, confirmed: bool) -> Result<Outcome, NodeError> {
+        if caller.role != Role::Landlord {
+            return Err(KeyError::NotPermitted {
+                caller: caller.role,
+                action: "release the node",
+            }
+            .into());
+        }
+        let status = self.b.keys.status()?;
+        if status.tenant.is_none() {
+            // Already so: a result, not an error.
+            return Ok(Outcome::AlreadyReleased);
+        }
+        if !confirmed {
+            return Err(NodeError::ConfirmationRequired(
+                "releasing the node destroys the tenant's keys and data; confirm to go ahead"
+                    .into(),
+            ));
+        }
+        let before = generations(&status);
+        self.b
+            .volume
+            .begin_key_change()
+            .map_err(NodeError::backend("volume"))?;
+        match self.b.keys.release(Confirm::DestroyData) {
+            Ok(Some(c)) => Ok(Outcome::Changed(
+                self.after_change(caller, c, before, None, None),
+            )),
+            Ok(None) => {
+                self.end_key_change_logged();
+                Ok(Outcome::AlreadyReleased)
+            }
+            Err(e) => {
+                self.end_key_change_logged();
+                Err(e.into())
+            }
+        }
+    }
+
+    fn end_key_change_logged(&mut self) {
+        if let Err(e) = self.b.volume.end_key_change() {
+            tracing::error!(error = %e, "cannot mark the volume ready again after a failed key change");
+        }
+    }
+
+    /// After a rotation failed: the volume opens again under the disk key
+    /// if it is still the old one. If the old key was already erased it
+    /// stays closed and marked `rekeying`: the next start makes it new.
+    fn reopen_after_failure(&mut self) {
+        let r = self
+            .b
+            .keys
+            .disk_key()
+            .map_err(|e| e.to_string())
+            .and_then(|k| self.b.volume.reopen(&k).map_err(|e| e.to_string()));
+        if let Err(e) = r {
+            tracing::error!(error = %e, "the volume stays closed after a failed key change");
+        }
+    }
+
+    /// Everything after a committed key change. Nothing here undoes the
+    /// change: what fails becomes a warning of the report, which is still
+    /// signalled (and carries a receipt if the erase is proven).
+    fn after_change(
+        &mut self,
+        caller: Caller,
+        c: KeyChange,
+        before: Vec<(String, u64)>,
+        requested: Option<SystemTime>,
+        wiped: Option<Wiped>,
+    ) -> ChangeReport {
+        tracing::info!(uid = caller.uid, change = %c, "key change");
+        let mut warnings = Vec::new();
+        if c.data_destroyed {
+            match self.b.secrets.purge() {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(count = n, "purged tenant secrets after a destroying key change"),
+                Err(e) => warnings.push(format!(
+                    "the secret store was not emptied ({e}); its secrets can no longer be opened: their key is gone"
+                )),
+            }
+        }
+        if matches!(c.kind, ChangeKind::Assign | ChangeKind::Release) {
+            // The sub-boundary belonged to the previous tenant.
+            if let Err(e) = self.b.boundaries.change(BoundaryChange::ClearSub) {
+                warnings.push(format!(
+                    "the previous tenant's sub-boundary was not removed: {e}"
+                ));
+            }
+        }
+        let disk_key_changed =
+            c.data_destroyed || matches!(c.kind, ChangeKind::Assign | ChangeKind::Release);
+        let mut receipt = None;
+        if disk_key_changed {
+            // A rotation wiped before the TPM change; the others wipe now.
+            // Either way the erase is claimed only once it is read back.
+            let wiped = match wiped {
+                Some(w) => Ok(w),
+                None => self.b.volume.wipe(),
+            };
+            match wiped {
+                Ok(w) => match self.sign_receipt(&c, before, requested, w) {
+                    Ok(r) => receipt = Some(r),
+                    Err(e) => warnings.push(format!("no erase receipt: {e}")),
+                },
+                Err(e) => warnings.push(format!(
+                    "no erase receipt: the kernel's copy of the old disk key could not be shown gone ({e})"
+                )),
+            }
+            // The caller waits for the erase, not for the new filesystem.
+            self.after_reply.push(AfterReply::Remake(format!(
+                "{} of {} keys",
+                kind_name(c.kind),
+                c.role
+            )));
+        } else if let Err(e) = self.b.volume.end_key_change() {
+            warnings.push(format!("the volume was not marked ready again: {e}"));
+        }
+        self.after_reply.push(AfterReply::PrepareStandby);
+        for w in &warnings {
+            tracing::warn!(warning = %w, "key change committed with a warning");
+        }
+        let report = ChangeReport {
+            change: c,
+            receipt,
+            warnings,
+            caller,
+        };
+        self.b.events.keys_changed(&report);
+        report
+    }
+
+    fn sign_receipt(
+        &mut self,
+        c: &KeyChange,
+        before: Vec<(String, u64)>,
+        requested: Option<SystemTime>,
+        wiped: Wiped,
+    ) -> Result<SignedReceipt, NodeError> {
+        let erased_ms = requested.map(|r| {
+            let at = c.erased_at.unwrap_or_else(SystemTime::now);
+            millis_since(r, at)
+        });
+        if let Some(ms) = erased_ms {
+            tracing::info!(
+                millis = ms,
+                "old data unrecoverable (kernel key wiped, TPM secret undefined)"
+            );
+        }
+        let status = self.b.keys.status()?;
+        let kind = kind_name(c.kind).to_owned();
+        let gens = |g: &[(String, u64)]| {
+            g.iter()
+                .map(|(r, n)| format!("{r} {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut destroyed = Vec::new();
+        if let Some(g) = c.key_generation_before.filter(|_| c.data_destroyed) {
+            destroyed.push(format!(
+                "{} key of key generation {g}: its TPM sealed object and the generation secret it depends on (NV index undefined)",
+                c.role
+            ));
+        }
+        destroyed.push(format!(
+            "disk key made from key generations {}",
+            gens(&before)
+        ));
+        let volume = self
+            .b
+            .volume
+            .describe()
+            .map_err(NodeError::backend("volume"))?
+            .map(|(id, device)| crate::ErasedVolume {
+                id,
+                device,
+                kernel_key: wiped,
+                remade: "after this receipt",
+            });
+        if let Some(v) = &volume {
+            destroyed.push(format!(
+                "volume {} on {}: {}; its data is unreadable without the old disk key",
+                v.id,
+                v.device,
+                match wiped {
+                    Wiped::Wiped =>
+                        "dm-crypt's copy of the key replaced by an error table (read back)",
+                    _ => "not mapped: no copy of the key in the kernel",
+                }
+            ));
+        }
+        if c.data_destroyed {
+            destroyed.push("the tenant's secret store".into());
+        }
+        let now = SystemTime::now();
+        let receipt = Receipt {
+            format: RECEIPT_FORMAT,
+            node_id: status.node_id.clone(),
+            change: kind.clone(),
+            role: c.role.to_string(),
+            time: unix_secs(now),
+            destroyed,
+            key_generations_before: before,
+            key_generations_after: generations(&status),
+            volume,
+            erased_ms,
+            signer: self.b.keys.signing_key()?.fingerprint,
+        };
+        let body = serde_json::to_string(&receipt).map_err(|e| NodeError::Backend {
+            what: "receipt",
+            source: crate::Failure::failed(e.to_string()),
+        })?;
+        let sig = self.b.keys.sign(body.as_bytes())?;
+        let signed = SignedReceipt {
+            signature: base64::engine::general_purpose::STANDARD.encode(sig),
+            // Unique: every destroying change moves a key generation.
+            file_name: format!(
+                "{}-{}-{}-{}-{}.json",
+                receipt.time,
+                kind,
+                receipt.role,
+                compact(&receipt.key_generations_before),
+                compact(&receipt.key_generations_after)
+            ),
+            body,
+        };
+        if let Err(e) = self.b.events.store_receipt(&signed) {
+            // The caller still gets it; only the node's copy is missing.
+            tracing::error!(error = %e, "cannot store the erase receipt");
+        }
+        tracing::info!(receipt = %signed.body, "erase receipt");
+        Ok(signed)
+    }
+
+    fn put_secret(
+        &mut self,
+        caller: Caller,
+        name: &str,
+        envelope: &[u8],
+    ) -> Result<Outcome, NodeError> {
+        check_name("name", name)?;
+        if envelope.len() > MAX_ENVELOPE_BYTES {
+            return Err(NodeError::Invalid {
+                field: "envelope",
+                reason: format!(
+                    "{} bytes; the limit is {MAX_ENVELOPE_BYTES} bytes",
+                    envelope.len()
+                ),
+            });
+        }
+        self.require_tenant()?;
+        let payload = self
+            .b
+            .keys
+            .open_envelope(Role::Tenant, envelope)
+            .map_err(|e| match e {
+                KeyError::Envelope(e) => NodeError::Invalid {
+                    field: "envelope",
+                    reason: e.to_string(),
+                },
+                other => other.into(),
+            })?;
+        let list = self
+            .b
+            .secrets
+            .list()
+            .map_err(NodeError::backend("secret store"))?;
+        let existing = list.iter().find(|e| e.name == name).map(|e| e.size);
+        if existing.is_none() && list.len() >= MAX_SECRETS {
+            return Err(NodeError::Invalid {
+                field: "name",
+                reason: format!(
+                    "the store holds {} secrets, the most it keeps ({MAX_SECRETS}); remove one first",
+                    list.len()
+                ),
+            });
+        }
+        let total: u64 =
+            list.iter().map(|e| e.size).sum::<u64>() - existing.unwrap_or(0) + payload.len() as u64;
+        if total > MAX_SECRET_BYTES {
+            return Err(NodeError::Invalid {
+                field: "envelope",
+                reason: format!(
+                    "storing it would make {total} bytes of secrets; the limit is {MAX_SECRET_BYTES}"
+                ),
+            });
+        }
+        let key = self.b.keys.data_key(crate::SECRET_STORE_PURPOSE)?;
+        let entry = self
+            .b
+            .secrets
+            .put(&key, name, &payload)
+            .map_err(NodeError::backend("secret store"))?;
+        tracing::info!(uid = caller.uid, secret = %name, size = entry.size, "tenant secret stored");
+        Ok(Outcome::SecretStored(entry))
+    }
+
+    fn init_volume(
+        &mut self,
+        caller: Caller,
+        device: &str,
+        force: bool,
+        confirmed: bool,
+    ) -> Result<Outcome, NodeError> {
+        if caller.role != Role::Landlord {
+            return Err(KeyError::NotPermitted {
+                caller: caller.role,
+                action: "initialize the volume",
+            }
+            .into());
+        }
+        if !confirmed {
+            return Err(NodeError::ConfirmationRequired(format!(
+                "initializing the volume overwrites {}: everything on it is lost",
+                crate::shown(device)
+            )));
+        }
+        let k = self.b.keys.disk_key()?;
+        self.b
+            .volume
+            .init(device, force, &k)
+            .map_err(NodeError::backend("volume"))?;
+        tracing::info!(uid = caller.uid, device, force, "volume initialized");
+        Ok(Outcome::VolumeInitialized)
+    }
+
+    fn boundary(&mut self, caller: Caller, c: BoundaryChange) -> Result<Outcome, NodeError> {
+        if matches!(c, BoundaryChange::Remove { confirm: false }) {
+            return Err(NodeError::ConfirmationRequired(
+                "removing the boundary lifts every network restriction on this node (cluster boundary, sub-boundary and failsafe)".into(),
+            ));
+        }
+        let tenant_change = matches!(c, BoundaryChange::SetSub { .. } | BoundaryChange::ClearSub);
+        if tenant_change {
+            self.require_tenant()?;
+        } else if caller.role != Role::Landlord {
+            return Err(KeyError::NotPermitted {
+                caller: caller.role,
+                action: "change the cluster boundary",
+            }
+            .into());
+        }
+        let applied = self
+            .b
+            .boundaries
+            .change(c)
+            .map_err(NodeError::backend("boundary"))?;
+        Ok(Outcome::Boundary(applied))
+    }
+}

@@ -1,0 +1,65 @@
+//! The signed statement of what a key change destroyed (docs/storage.md).
+
+use serde::Serialize;
+
+use crate::backend::Wiped;
+
+/// Version of the receipt body. Format 1 (until 2026-12) waited for the
+/// new filesystem and described it in `volume`; format 2 is signed as soon
+/// as the old key is gone and describes the erased volume.
+pub const RECEIPT_FORMAT: u32 = 2;
+
+/// The volume whose data the change destroyed.
+#[derive(Debug, Clone, Serialize)]
+pub struct ErasedVolume {
+    /// Volume id.
+    pub id: String,
+    /// Device.
+    pub device: String,
+    /// What became of dm-crypt's copy of the old disk key (read back).
+    pub kernel_key: Wiped,
+    /// The new empty filesystem under the new disk key is made after this
+    /// receipt is signed (`VolumeStatus` reports it).
+    pub remade: &'static str,
+}
+
+/// The body of an erase receipt. Field order and names are the wire format.
+#[derive(Debug, Clone, Serialize)]
+pub struct Receipt {
+    /// [`RECEIPT_FORMAT`].
+    pub format: u32,
+    /// Node id.
+    pub node_id: String,
+    /// rotate, assign, release.
+    pub change: String,
+    /// Whose keys.
+    pub role: String,
+    /// Seconds since the epoch.
+    pub time: u64,
+    /// What is gone, in words.
+    pub destroyed: Vec<String>,
+    /// Key generations before.
+    pub key_generations_before: Vec<(String, u64)>,
+    /// Key generations after.
+    pub key_generations_after: Vec<(String, u64)>,
+    /// The erased volume (None: no volume was initialized).
+    pub volume: Option<ErasedVolume>,
+    /// Milliseconds from the request to the moment the old data was
+    /// unrecoverable: the kernel's copy of the disk key wiped and the TPM
+    /// secret of the old key generation undefined.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub erased_ms: Option<u64>,
+    /// Fingerprint of the node signing key.
+    pub signer: String,
+}
+
+/// A receipt body and its signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SignedReceipt {
+    /// The JSON body, exactly as signed.
+    pub body: String,
+    /// RSASSA-PKCS1-v1_5 SHA-256 signature, base64.
+    pub signature: String,
+    /// File name under which the agent keeps it (`receipts/`).
+    pub file_name: String,
+}

@@ -1,0 +1,766 @@
+//! T0: the controller's workflows on in-memory backends — order, faults at
+//! every step, truthful outcomes, the queue, reads during a change, and a
+//! property test that concurrent callers end where some serial order ends.
+
+use std::time::{Duration, SystemTime};
+
+use leasehold_node::fake::{Fake, FakeVolume};
+use leasehold_node::{
+    BoundaryChange, Caller, Command, Node, NodeError, Outcome, Request, QUEUE_DEPTH,
+};
+use leasehold_tpm::{KeyError, Role};
+use proptest::prelude::*;
+
+const LANDLORD: Caller = Caller {
+    role: Role::Landlord,
+    uid: 0,
+};
+const TENANT: Caller = Caller {
+    role: Role::Tenant,
+    uid: 1000,
+};
+
+fn req(caller: Caller, command: Command) -> Request {
+    Request {
+        caller,
+        command,
+        received: SystemTime::now(),
+    }
+}
+
+fn run(node: &Node, caller: Caller, command: Command) -> Result<Outcome, NodeError> {
+    futures_block(node.submit(req(caller, command)))
+}
+
+/// A tiny executor: the controller answers on a oneshot channel.
+fn futures_block<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .build()
+        .expect("runtime")
+        .block_on(f)
+}
+
+/// A node with a tenant, a volume with files and two secrets.
+fn assigned() -> (Fake, Node) {
+    let f = Fake::new();
+    let node = Node::start(f.backends()).expect("start");
+    run(
+        &node,
+        LANDLORD,
+        Command::Assign {
+            name: "acme".into(),
+            console_key: None,
+            confirm: false,
+        },
+    )
+    .expect("assign");
+    run(
+        &node,
+        LANDLORD,
+        Command::InitVolume {
+            device: "/dev/vdb".into(),
+            force: false,
+            confirm: true,
+        },
+    )
+    .expect("init");
+    for name in ["a", "b"] {
+        run(
+            &node,
+            TENANT,
+            Command::PutSecret {
+                name: name.into(),
+                envelope: b"payload".to_vec(),
+            },
+        )
+        .expect("put");
+    }
+    {
+        let mut w = f.world();
+        w.volume.as_mut().expect("volume").files = 3;
+        w.log.clear();
+        w.signals.clear();
+        w.receipts.clear();
+    }
+    (f, node)
+}
+
+fn pos(log: &[String], step: &str) -> usize {
+    log.iter()
+        .position(|s| s == step)
+        .unwrap_or_else(|| panic!("{step} not in {log:?}"))
+}
+
+fn tenant_gen(f: &Fake) -> (u64, u64) {
+    let w = f.world();
+    let t = w.tenant.as_ref().expect("tenant");
+    (t.generation, t.key_generation)
+}
+
+fn changed(o: Outcome) -> leasehold_node::ChangeReport {
+    match o {
+        Outcome::Changed(r) => r,
+        other => panic!("expected a key change, got {other:?}"),
+    }
+}
+
+#[test]
+fn rotation_wipes_before_the_tpm_and_replies_before_the_remake() {
+    let (f, node) = assigned();
+    // The remake waits: the caller's reply must not.
+    let remake = f.hold("volume.remake");
+    let r = changed(
+        run(
+            &node,
+            TENANT,
+            Command::Rotate {
+                role: Role::Tenant,
+                confirm: true,
+            },
+        )
+        .expect("rotate"),
+    );
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    let receipt = r.receipt.expect("a receipt");
+    let body: serde_json::Value = serde_json::from_str(&receipt.body).unwrap();
+    assert_eq!(body["format"], 2);
+    assert_eq!(body["change"], "rotate");
+    assert_eq!(body["volume"]["id"], "vol");
+    assert_eq!(body["volume"]["kernel_key"], "wiped");
+    assert!(body["erased_ms"].is_u64(), "{body}");
+    {
+        let w = f.world();
+        let v = w.volume.as_ref().unwrap();
+        assert!(v.kernel_key.is_none(), "old key still in the kernel");
+        assert_eq!(w.receipts.len(), 1);
+        assert_eq!(w.signals.len(), 1);
+        let log = &w.log;
+        assert!(pos(log, "volume.begin") < pos(log, "volume.wipe"));
+        assert!(pos(log, "volume.wipe") < pos(log, "keys.rotate tenant"));
+        assert!(pos(log, "keys.rotate tenant") < pos(log, "secrets.purge"));
+        assert!(pos(log, "secrets.purge") < pos(log, "keys.sign"));
+        assert!(!log.iter().any(|s| s == "volume.remake"), "{log:?}");
+    }
+    remake.send(()).unwrap();
+    // The next command runs after the remake (and the standby keys).
+    run(&node, TENANT, Command::Rekey { role: Role::Tenant }).expect("rekey");
+    let w = f.world();
+    let log = &w.log;
+    assert!(pos(log, "keys.sign") < pos(log, "volume.remake"));
+    assert!(pos(log, "volume.remake") < pos(log, "keys.prepare_standby"));
+    assert!(pos(log, "keys.prepare_standby") < pos(log, "keys.rekey tenant"));
+    assert_eq!(log.iter().filter(|s| *s == "secrets.purge").count(), 1);
+    assert!(w.secrets.is_empty());
+    let v = w.volume.as_ref().unwrap();
+    assert_eq!((v.state, v.files), ("ready", 0));
+    assert_eq!(v.kernel_key.as_ref(), Some(&v.generations));
+    assert_eq!(w.tenant.as_ref().unwrap().key_generation, 2);
+    assert_eq!(w.unproven_receipts, 0);
+}
+
+#[test]
+fn refusals_touch_nothing() {
+    let (f, node) = assigned();
+    let e = run(
+        &node,
+        TENANT,
+        Command::Rotate {
+            role: Role::Tenant,
+            confirm: false,
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, NodeError::ConfirmationRequired(_)), "{e}");
+    let e = run(
+        &node,
+        TENANT,
+        Command::Rotate {
+            role: Role::Landlord,
+            confirm: true,
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, NodeError::Keys(KeyError::NotPermitted { .. })),
+        "{e}"
+    );
+    let e = run(
+        &node,
+        TENANT,
+        Command::Assign {
+            name: "evil".into(),
+            console_key: None,
+            confirm: true,
+        },
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, NodeError::Keys(KeyError::NotPermitted { .. })),
+        "{e}"
+    );
+    let e = run(
+        &node,
+        LANDLORD,
+        Command::Assign {
+            name: "x".repeat(100_000),
+            console_key: None,
+            confirm: true,
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().len() < 300, "echoed in full");
+    let e = run(
+        &node,
+        LANDLORD,
+        Command::Assign {
+            name: "next".into(),
+            console_key: Some("not a key".into()),
+            confirm: true,
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().starts_with("console_key:"), "{e}");
+    let w = f.world();
+    assert!(
+        !w.log
+            .iter()
+            .any(|s| s.starts_with("volume.") || s.starts_with("keys.rotate")),
+        "{:?}",
+        w.log
+    );
+    assert_eq!(w.tenant.as_ref().unwrap().name.as_deref(), Some("acme"));
+    assert!(w.signals.is_empty());
+}
+
+#[test]
+fn failed_wipe_signs_nothing_and_keeps_the_old_generation() {
+    let (f, node) = assigned();
+    f.fail("volume.wipe");
+    let e = run(
+        &node,
+        TENANT,
+        Command::Rotate {
+            role: Role::Tenant,
+            confirm: true,
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("wiping"), "{e}");
+    assert_eq!(tenant_gen(&f), (1, 1));
+    let w = f.world();
+    assert!(!w.log.iter().any(|s| s.starts_with("keys.rotate")));
+    assert!(!w.log.iter().any(|s| s == "keys.sign"));
+    assert!(w.receipts.is_empty() && w.signals.is_empty());
+    let v = w.volume.as_ref().unwrap();
+    assert_eq!(v.state, "ready");
+    assert_eq!(v.files, 3, "data kept");
+    assert_eq!(v.kernel_key.as_ref(), Some(&v.generations), "reopened");
+    assert_eq!(w.secrets.len(), 2);
+}
+
+#[test]
+fn tpm_failure_before_the_erase_reopens_the_old_volume() {
+    let (f, node) = assigned();
+    f.fail("keys.rotate.before_erase");
+    run(
+        &node,
+        TENANT,
+        Command::Rotate {
+            role: Role::Tenant,
+            confirm: true,
+        },
+    )
+    .unwrap_err();
+    assert_eq!(tenant_gen(&f), (1, 1));
+    let w = f.world();
+    let v = w.volume.as_ref().unwrap();
+    assert_eq!((v.state, v.files), ("ready", 3));
+    assert!(v.kernel_key.is_some());
+    assert!(w.receipts.is_empty() && w.signals.is_empty());
+}
+
+#[test]
+fn tpm_failure_after_the_erase_leaves_it_closed_and_a_restart_makes_it_new() {
+    let (f, node) = assigned();
+    f.fail("keys.rotate.after_erase");
+    run(
+        &node,
+        TENANT,
+        Command::Rotate {
+            role: Role::Tenant,
+            confirm: true,
+        },
+    )
+    .unwrap_err();
+    {
+        let w = f.world();
+        let v = w.volume.as_ref().unwrap();
+        assert_eq!(v.state, "rekeying");
+        assert!(v.kernel_key.is_none(), "the old key must not come back");
+        assert!(w.receipts.is_empty());
+    }
+    node.stop();
+    f.restart();
+    let w = f.world();
+    assert_eq!(w.tenant.as_ref().unwrap().key_generation, 2);
+    let v = w.volume.as_ref().unwrap();
+    assert_eq!((v.state, v.files), ("ready", 0), "old or new, never half");
+}
+
+#[test]
+fn failures_after_the_commit_are_warnings_with_receipt_and_signal() {
+    for step in ["secrets.purge", "events.store_receipt"] {
+        let (f, node) = assigned();
+        f.fail(step);
+        let r = changed(
+            run(
+                &node,
+                TENANT,
+                Command::Rotate {
+                    role: Role::Tenant,
+                    confirm: true,
+                },
+            )
+            .unwrap_or_else(|e| panic!("{step}: the change committed but was reported as {e}")),
+        );
+        assert_eq!(tenant_gen(&f), (2, 2), "{step}");
+        assert!(r.receipt.is_some(), "{step}: the erase happened: receipt");
+        if step != "events.store_receipt" {
+            assert!(
+                r.warnings
+                    .iter()
+                    .any(|w| w.contains(if step == "secrets.purge" {
+                        "secret store"
+                    } else {
+                        "volume"
+                    })),
+                "{step}: {:?}",
+                r.warnings
+            );
+        }
+        assert_eq!(f.world().signals.len(), 1, "{step}: signalled");
+    }
+    // The remake (after the reply) fails: the change and its receipt
+    // stand; the volume stays closed, marked, and the next start makes it.
+    let (f, node) = assigned();
+    f.fail("volume.remake");
+    let r = changed(
+        run(
+            &node,
+            TENANT,
+            Command::Rotate {
+                role: Role::Tenant,
+                confirm: true,
+            },
+        )
+        .unwrap(),
+    );
+    assert!(r.receipt.is_some() && r.warnings.is_empty());
+    node.stop();
+    {
+        let w = f.world();
+        let v = w.volume.as_ref().unwrap();
+        assert_eq!(v.state, "rekeying");
+        assert!(v.kernel_key.is_none());
+    }
+    f.restart();
+    assert_eq!(f.world().volume.as_ref().unwrap().files, 0);
+    // Signing fails: still done, warned, signalled, but no receipt.
+    let (f, node) = assigned();
+    f.fail("keys.sign");
+    let r = changed(
+        run(
+            &node,
+            TENANT,
+            Command::Rotate {
+                role: Role::Tenant,
+                confirm: true,
+            },
+        )
+        .unwrap(),
+    );
+    assert!(r.receipt.is_none());
+    assert!(r.warnings.iter().any(|w| w.contains("no erase receipt")));
+    assert_eq!(f.world().signals.len(), 1);
+}
+
+#[test]
+fn release_wipes_then_signs_and_purges_once() {
+    let (f, node) = assigned();
+    f.world().sub_boundary = true;
+    let r = changed(run(&node, LANDLORD, Command::Release { confirm: true }).unwrap());
+    assert!(r.receipt.is_some(), "{:?}", r.warnings);
+    let w = f.world();
+    assert!(w.tenant.is_none());
+    assert!(!w.sub_boundary);
+    assert_eq!(w.log.iter().filter(|s| *s == "secrets.purge").count(), 1);
+    assert!(pos(&w.log, "keys.release") < pos(&w.log, "volume.wipe"));
+    assert!(pos(&w.log, "volume.wipe") < pos(&w.log, "keys.sign"));
+    assert_eq!(w.unproven_receipts, 0);
+    drop(w);
+    // Again: already so.
+    assert!(matches!(
+        run(&node, LANDLORD, Command::Release { confirm: false }).unwrap(),
+        Outcome::AlreadyReleased
+    ));
+}
+
+#[test]
+fn assignment_registers_the_console_in_the_same_commit() {
+    let f = Fake::new();
+    let node = Node::start(f.backends()).unwrap();
+    // A real console key is checked before anything changes; the fake TPM
+    // registers it with the assignment.
+    let pem = test_pem();
+    let r = changed(
+        run(
+            &node,
+            LANDLORD,
+            Command::Assign {
+                name: "acme".into(),
+                console_key: Some(pem),
+                confirm: false,
+            },
+        )
+        .unwrap(),
+    );
+    assert!(r.warnings.is_empty());
+    let w = f.world();
+    assert_eq!(
+        w.log
+            .iter()
+            .filter(|s| s.starts_with("keys.assign"))
+            .count(),
+        1
+    );
+    assert!(!w.log.iter().any(|s| s == "keys.register_console"));
+    assert!(w.consoles.contains(&(Role::Tenant, "initial".into())));
+    drop(w);
+    // A failed assignment leaves the volume ready and signals nothing.
+    f.fail("keys.assign");
+    run(
+        &node,
+        LANDLORD,
+        Command::Assign {
+            name: "next".into(),
+            console_key: None,
+            confirm: true,
+        },
+    )
+    .unwrap_err();
+    let w = f.world();
+    assert_eq!(w.tenant.as_ref().unwrap().name.as_deref(), Some("acme"));
+    assert_eq!(w.signals.len(), 1);
+}
+
+fn test_pem() -> String {
+    use rsa::pkcs8::{EncodePublicKey, LineEnding};
+    let mut rng = rand::thread_rng();
+    let k = rsa::RsaPrivateKey::new(&mut rng, 2048).unwrap();
+    rsa::RsaPublicKey::from(&k)
+        .to_public_key_pem(LineEnding::LF)
+        .unwrap()
+}
+
+#[test]
+fn secret_caps_are_enforced_before_anything_is_stored() {
+    let (f, node) = assigned();
+    let big = vec![0u8; leasehold_node::MAX_ENVELOPE_BYTES + 1];
+    let e = run(
+        &node,
+        TENANT,
+        Command::PutSecret {
+            name: "big".into(),
+            envelope: big,
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().starts_with("envelope:"), "{e}");
+    for i in 0..leasehold_node::MAX_SECRETS - 2 {
+        run(
+            &node,
+            TENANT,
+            Command::PutSecret {
+                name: format!("s{i}"),
+                envelope: b"x".to_vec(),
+            },
+        )
+        .unwrap();
+    }
+    let e = run(
+        &node,
+        TENANT,
+        Command::PutSecret {
+            name: "one-more".into(),
+            envelope: b"x".to_vec(),
+        },
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("remove one first"), "{e}");
+    // Replacing an existing one is fine at the cap.
+    run(
+        &node,
+        TENANT,
+        Command::PutSecret {
+            name: "a".into(),
+            envelope: b"y".to_vec(),
+        },
+    )
+    .unwrap();
+    assert_eq!(f.world().secrets.len(), leasehold_node::MAX_SECRETS);
+}
+
+#[test]
+fn reads_answer_during_a_change_and_the_queue_is_bounded() {
+    let (f, node) = assigned();
+    let node = std::sync::Arc::new(node);
+    let release = f.hold("keys.rotate tenant");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let n = node.clone();
+    let rotation = rt.spawn(async move {
+        n.submit(req(
+            TENANT,
+            Command::Rotate {
+                role: Role::Tenant,
+                confirm: true,
+            },
+        ))
+        .await
+    });
+    // Wait until the rotation is running (an event, not a sleep).
+    let t = std::time::Instant::now();
+    while node.running() != Some("rotate") {
+        assert!(t.elapsed() < Duration::from_secs(10), "rotation never ran");
+        std::thread::yield_now();
+    }
+    // Reads: immediate, the state before the change.
+    let t = std::time::Instant::now();
+    let snap = node.snapshot();
+    assert!(t.elapsed() < Duration::from_millis(50));
+    assert_eq!(snap.status.tenant.as_ref().unwrap().key_generation, 1);
+    // QUEUE_DEPTH changes wait; the next is Busy at once.
+    let queued: Vec<_> = (0..QUEUE_DEPTH)
+        .map(|i| {
+            node.enqueue(req(
+                TENANT,
+                Command::RemoveSecret {
+                    name: format!("missing{i}"),
+                },
+            ))
+            .expect("room in the queue")
+        })
+        .collect();
+    match node.enqueue(req(
+        TENANT,
+        Command::RemoveSecret {
+            name: "late".into(),
+        },
+    )) {
+        Err(NodeError::Busy(m)) => assert!(m.contains("rotate running"), "{m}"),
+        other => panic!("expected Busy, got {other:?}"),
+    }
+    release.send(()).unwrap();
+    let r = rt.block_on(rotation).unwrap().unwrap();
+    assert!(changed(r).receipt.is_some());
+    for q in queued {
+        // Queued behind the rotation, then run in order: the secrets are gone.
+        let e = rt.block_on(q.outcome()).unwrap_err();
+        assert!(matches!(e, NodeError::Backend { .. }), "{e}");
+    }
+    assert_eq!(
+        node.snapshot()
+            .status
+            .tenant
+            .as_ref()
+            .unwrap()
+            .key_generation,
+        2
+    );
+}
+
+// ---- property: concurrent callers end in a state a serial order reaches ----
+
+#[derive(Debug, Clone)]
+enum Op {
+    RotateTenant,
+    RotateLandlord,
+    RekeyTenant,
+    Assign(u8),
+    Release,
+    Put(u8),
+    Remove(u8),
+    ClearSub,
+    Cluster,
+}
+
+fn op_strategy() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        Just(Op::RotateTenant),
+        Just(Op::RotateLandlord),
+        Just(Op::RekeyTenant),
+        (0u8..2).prop_map(Op::Assign),
+        Just(Op::Release),
+        (0u8..2).prop_map(Op::Put),
+        (0u8..2).prop_map(Op::Remove),
+        Just(Op::ClearSub),
+        Just(Op::Cluster),
+    ]
+}
+
+fn command(op: &Op) -> (Caller, Command) {
+    match op {
+        Op::RotateTenant => (
+            TENANT,
+            Command::Rotate {
+                role: Role::Tenant,
+                confirm: true,
+            },
+        ),
+        Op::RotateLandlord => (
+            LANDLORD,
+            Command::Rotate {
+                role: Role::Landlord,
+                confirm: true,
+            },
+        ),
+        Op::RekeyTenant => (TENANT, Command::Rekey { role: Role::Tenant }),
+        Op::Assign(n) => (
+            LANDLORD,
+            Command::Assign {
+                name: format!("t{n}"),
+                console_key: None,
+                confirm: true,
+            },
+        ),
+        Op::Release => (LANDLORD, Command::Release { confirm: true }),
+        Op::Put(n) => (
+            TENANT,
+            Command::PutSecret {
+                name: format!("s{n}"),
+                envelope: vec![1; usize::from(*n) + 1],
+            },
+        ),
+        Op::Remove(n) => (
+            TENANT,
+            Command::RemoveSecret {
+                name: format!("s{n}"),
+            },
+        ),
+        Op::ClearSub => (TENANT, Command::Boundary(BoundaryChange::ClearSub)),
+        Op::Cluster => (
+            LANDLORD,
+            Command::Boundary(BoundaryChange::EditPeers {
+                target: "cluster".into(),
+                peers: vec!["10.0.0.1".into()],
+                add: true,
+            }),
+        ),
+    }
+}
+
+/// What must match a serial run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct State {
+    landlord: Option<(u64, u64)>,
+    tenant: Option<(u64, u64, Option<String>)>,
+    volume: Option<FakeVolume>,
+    secrets: Vec<(String, u64)>,
+    boundary_changes: u32,
+    receipts: usize,
+    destroying_signals: usize,
+}
+
+fn state(f: &Fake) -> State {
+    let w = f.world();
+    assert_eq!(
+        w.unproven_receipts, 0,
+        "a receipt with the old key in the kernel"
+    );
+    State {
+        landlord: w
+            .landlord
+            .as_ref()
+            .map(|l| (l.generation, l.key_generation)),
+        tenant: w
+            .tenant
+            .as_ref()
+            .map(|l| (l.generation, l.key_generation, l.name.clone())),
+        volume: w.volume.clone(),
+        secrets: w.secrets.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        boundary_changes: w.boundary_changes,
+        receipts: w.receipts.len(),
+        destroying_signals: w.signals.iter().filter(|s| s.change.data_destroyed).count(),
+    }
+}
+
+fn start_state() -> (Fake, Node) {
+    let (f, node) = assigned();
+    (f, node)
+}
+
+fn serial(order: &[&Op]) -> State {
+    let (f, node) = start_state();
+    for op in order {
+        let (c, cmd) = command(op);
+        let _ = run(&node, c, cmd);
+    }
+    node.stop();
+    state(&f)
+}
+
+/// Every merge of the callers' sequences that keeps each caller's order.
+fn merges<'a>(seqs: &[&'a [Op]], prefix: &mut Vec<&'a Op>, out: &mut Vec<Vec<&'a Op>>) {
+    if seqs.iter().all(|s| s.is_empty()) {
+        out.push(prefix.clone());
+        return;
+    }
+    for i in 0..seqs.len() {
+        if let Some((first, rest)) = seqs[i].split_first() {
+            let mut next = seqs.to_vec();
+            next[i] = rest;
+            prefix.push(first);
+            merges(&next, prefix, out);
+            prefix.pop();
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+    #[test]
+    fn concurrent_callers_end_where_a_serial_order_ends(
+        callers in proptest::collection::vec(proptest::collection::vec(op_strategy(), 1..3), 2..4)
+    ) {
+        let (f, node) = start_state();
+        let node = std::sync::Arc::new(node);
+        let threads: Vec<_> = callers
+            .iter()
+            .cloned()
+            .map(|ops| {
+                let node = node.clone();
+                std::thread::spawn(move || {
+                    for op in &ops {
+                        let (c, cmd) = command(op);
+                        let _ = run(&node, c, cmd);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().expect("caller thread");
+        }
+        node.stop();
+        let got = state(&f);
+        // Every destroying change that proved its erase has exactly one receipt.
+        prop_assert!(got.receipts <= got.destroying_signals);
+        let seqs: Vec<&[Op]> = callers.iter().map(Vec::as_slice).collect();
+        let mut orders = Vec::new();
+        merges(&seqs, &mut Vec::new(), &mut orders);
+        let reachable = orders.iter().any(|o| serial(o) == got);
+        prop_assert!(reachable, "no serial order of {:?} reaches {:?}", callers, got);
+    }
+}

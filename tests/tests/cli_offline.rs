@@ -1,0 +1,244 @@
+//! T0: what a tenant does on a laptop works there. `tenantctl` links no
+//! libtss2 (it uses `leasehold-envelope`, not `leasehold-tpm`); `seal` and
+//! `verify-receipt` need no agent and no bus; output into a pipe the reader
+//! closed ends quietly instead of panicking. No root needed.
+//!
+//! The binaries come from `cargo build --workspace --bins` (scripts/test).
+
+use std::os::fd::OwnedFd;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+use base64::Engine as _;
+use leasehold_tests::bin;
+use rsa::pkcs1v15::SigningKey;
+use rsa::pkcs8::{EncodePublicKey, LineEnding};
+use rsa::signature::{SignatureEncoding, Signer};
+use rsa::{Oaep, RsaPrivateKey};
+use sha2::Sha256;
+
+const CLIS: [&str; 2] = ["tenantctl", "landlordctl"];
+
+/// A command that cannot reach any agent: a bus address that does not exist.
+fn offline(name: &str) -> Command {
+    let mut c = Command::new(bin(name));
+    c.env(
+        "DBUS_SYSTEM_BUS_ADDRESS",
+        "unix:path=/nonexistent/leasehold-bus",
+    )
+    .env_remove("LEASEHOLD_SSH");
+    c
+}
+
+fn fail_msg(out: &Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// The check that matters for building on a laptop: nothing `leasehold-cli`
+/// builds needs tss-esapi (whose build script needs libtss2's pkg-config
+/// files). The linker drops unused libraries, so `ldd` alone (below) would
+/// not notice a build-time dependency.
+#[test]
+fn cli_crate_does_not_depend_on_tss_esapi() {
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "tree",
+            "-p",
+            "leasehold-cli",
+            "-e",
+            "normal,build",
+            "--prefix",
+            "none",
+            "--offline",
+            "--locked",
+        ])
+        .current_dir(leasehold_tests::workspace_root())
+        .output()
+        .expect("run cargo tree");
+    assert!(out.status.success(), "{}", fail_msg(&out));
+    let tree = String::from_utf8_lossy(&out.stdout);
+    // The tree is real: the crates the CLI does use are in it.
+    for used in ["leasehold-envelope", "leasehold-dbus-api", "rsa", "zbus"] {
+        assert!(
+            tree.lines().any(|l| l.starts_with(&format!("{used} v"))),
+            "{used} missing:\n{tree}"
+        );
+    }
+    let tss: Vec<&str> = tree
+        .lines()
+        .filter(|l| l.to_ascii_lowercase().contains("tss") || l.starts_with("leasehold-tpm "))
+        .collect();
+    assert!(tss.is_empty(), "leasehold-cli depends on {tss:?}");
+}
+
+#[test]
+fn cli_binaries_link_no_libtss2() {
+    for name in CLIS {
+        let path = bin(name);
+        let out = Command::new("ldd").arg(&path).output().expect("run ldd");
+        let libs = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "ldd {}: {}",
+            path.display(),
+            fail_msg(&out)
+        );
+        // ldd really listed the dependencies (a static or broken binary
+        // would make the check below vacuous).
+        assert!(libs.contains("libc.so"), "{name}: {libs}");
+        assert!(
+            !libs.to_ascii_lowercase().contains("tss2"),
+            "{name} links libtss2 (it must build on a laptop without it):\n{libs}"
+        );
+    }
+}
+
+fn write_key(dir: &Path, sk: &RsaPrivateKey) -> std::path::PathBuf {
+    let pem = dir.join("key.pem");
+    std::fs::write(
+        &pem,
+        sk.to_public_key()
+            .to_public_key_pem(LineEnding::LF)
+            .unwrap(),
+    )
+    .unwrap();
+    pem
+}
+
+#[test]
+fn cli_tenantctl_seal_works_offline_and_the_envelope_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let sk = RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).unwrap();
+    let pem = write_key(dir.path(), &sk);
+    let input = dir.path().join("secret.txt");
+    std::fs::write(&input, b"db password").unwrap();
+    let env_path = dir.path().join("secret.lhev");
+    let out = offline("tenantctl")
+        .arg("seal")
+        .arg("--to")
+        .arg(&pem)
+        .arg("--out")
+        .arg(&env_path)
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", fail_msg(&out));
+
+    // Opened the way the node does (unwrap with the private key, then the
+    // crate's decrypt), here in software.
+    let env = std::fs::read(&env_path).unwrap();
+    let parsed = leasehold_tpm::envelope::ParsedEnvelope::parse(&env).unwrap();
+    let ck = sk
+        .decrypt(Oaep::new::<Sha256>(), parsed.wrapped_key())
+        .unwrap();
+    assert_eq!(&parsed.decrypt(&ck).unwrap()[..], b"db password");
+}
+
+/// A receipt file as `rotate --json` writes it, signed by `sk`.
+fn receipt_json(sk: &RsaPrivateKey, body: &str) -> String {
+    let sig = SigningKey::<Sha256>::new(sk.clone()).sign(body.as_bytes());
+    serde_json::json!({
+        "receipt": body,
+        "receipt_signature": base64::engine::general_purpose::STANDARD.encode(sig.to_vec()),
+    })
+    .to_string()
+}
+
+#[test]
+fn cli_verify_receipt_works_offline_and_refuses_tampering() {
+    let dir = tempfile::tempdir().unwrap();
+    let sk = RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).unwrap();
+    let pem = write_key(dir.path(), &sk);
+    let body = r#"{"kind":"rotate","role":"tenant","generation_before":3,"generation_after":4}"#;
+    let good = dir.path().join("good.json");
+    std::fs::write(&good, receipt_json(&sk, body)).unwrap();
+    // Same signature, one field changed: generation 4 claimed as 5.
+    let bad = dir.path().join("bad.json");
+    let v: serde_json::Value = serde_json::from_str(&receipt_json(&sk, body)).unwrap();
+    let tampered = serde_json::json!({
+        "receipt": body.replace("\"generation_after\":4", "\"generation_after\":5"),
+        "receipt_signature": v["receipt_signature"],
+    });
+    std::fs::write(&bad, tampered.to_string()).unwrap();
+
+    for name in CLIS {
+        let out = offline(name)
+            .args(["--json", "verify-receipt"])
+            .arg(&good)
+            .arg("--key")
+            .arg(&pem)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: {}", fail_msg(&out));
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["verified"], true, "{name}");
+        assert_eq!(v["receipt"]["generation_after"], 4, "{name}");
+
+        let out = offline(name)
+            .arg("verify-receipt")
+            .arg(&bad)
+            .arg("--key")
+            .arg(&pem)
+            .output()
+            .unwrap();
+        // Exit 1 ("the operation failed", docs/cli.md), nothing on stdout.
+        assert_eq!(out.status.code(), Some(1), "{name}: {}", fail_msg(&out));
+        assert!(out.stdout.is_empty(), "{name}: {}", fail_msg(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("does NOT verify"),
+            "{name}: {}",
+            fail_msg(&out)
+        );
+    }
+}
+
+/// A pipe whose reading end is already closed: every write gets EPIPE, no
+/// matter how fast the child is.
+fn closed_pipe() -> OwnedFd {
+    let (read, write) = nix::unistd::pipe().unwrap();
+    drop(read);
+    write
+}
+
+#[test]
+fn cli_output_into_a_closed_pipe_exits_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let sk = RsaPrivateKey::new(&mut rand::rngs::OsRng, 2048).unwrap();
+    let pem = write_key(dir.path(), &sk);
+    let receipt = dir.path().join("r.json");
+    std::fs::write(&receipt, receipt_json(&sk, r#"{"kind":"rotate"}"#)).unwrap();
+
+    for name in CLIS {
+        for args in [
+            vec!["--help"],
+            vec![
+                "verify-receipt",
+                receipt.to_str().unwrap(),
+                "--key",
+                pem.to_str().unwrap(),
+            ],
+            vec![
+                "--json",
+                "verify-receipt",
+                receipt.to_str().unwrap(),
+                "--key",
+                pem.to_str().unwrap(),
+            ],
+        ] {
+            let out = offline(name)
+                .args(&args)
+                .stdout(Stdio::from(closed_pipe()))
+                .output()
+                .unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!stderr.contains("panicked"), "{name} {args:?}: {stderr}");
+            assert_eq!(out.status.code(), Some(0), "{name} {args:?}: {stderr}");
+            assert!(stderr.is_empty(), "{name} {args:?}: {stderr}");
+        }
+    }
+}
