@@ -349,6 +349,12 @@ mod tests {
     }
 
     #[test]
+    fn shipped_file_parses_to_the_defaults() {
+        let shipped = parse(include_str!("../../dist/agentd.toml")).unwrap();
+        assert_eq!(shipped, parse("").unwrap());
+    }
+
+    #[test]
     fn dbus_section_default_and_range() {
         assert_eq!(parse("").unwrap().dbus.auth_timeout_ms, 5000);
         let c = parse("[dbus]\nauth_timeout_ms = 2500\n").unwrap();
