@@ -60,6 +60,10 @@ pub const TENANT_GROUP: &str = "leasehold-tenant";
 /// Asks polkit about each call.
 pub struct Authorizer {
     conn: Connection,
+    /// Built once, without property caching: a proxy that caches
+    /// properties subscribes and reads them on the bus when it is made.
+    bus: tokio::sync::OnceCell<zbus::fdo::DBusProxy<'static>>,
+    polkit: tokio::sync::OnceCell<AuthorityProxy<'static>>,
     timeout: Duration,
     outgoing: Semaphore,
     identities: Mutex<Identities>,
@@ -198,6 +202,8 @@ impl Authorizer {
     pub fn new(conn: Connection, timeout: Duration) -> Self {
         Self {
             conn,
+            bus: tokio::sync::OnceCell::new(),
+            polkit: tokio::sync::OnceCell::new(),
             timeout,
             outgoing: Semaphore::new(MAX_OUTGOING),
             identities: Mutex::new(Identities::default()),
@@ -253,7 +259,14 @@ impl Authorizer {
         let details: HashMap<&str, &str> = details.iter().copied().collect();
         let asked = timeout_at(deadline, async {
             let _slot = self.outgoing.acquire().await;
-            let authority = AuthorityProxy::new(&self.conn).await?;
+            let authority = self
+                .polkit
+                .get_or_try_init(|| {
+                    AuthorityProxy::builder(&self.conn)
+                        .cache_properties(zbus::proxy::CacheProperties::No)
+                        .build()
+                })
+                .await?;
             authority
                 .check_authorization(
                     &subject,
@@ -325,7 +338,14 @@ impl Authorizer {
         })?;
         let asked = timeout_at(deadline, async {
             let _slot = self.outgoing.acquire().await;
-            let dbus = zbus::fdo::DBusProxy::new(&self.conn).await?;
+            let dbus = self
+                .bus
+                .get_or_try_init(|| {
+                    zbus::fdo::DBusProxy::builder(&self.conn)
+                        .cache_properties(zbus::proxy::CacheProperties::No)
+                        .build()
+                })
+                .await?;
             dbus.get_connection_unix_user(name).await
         })
         .await
