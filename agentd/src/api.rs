@@ -189,10 +189,12 @@ impl Ctx {
     ) -> Result<Caller, Error> {
         let mut details = vec![("method", method)];
         details.extend_from_slice(extra);
+        // The in-flight permit stays with the call until it is answered.
         let uid = self
             .auth
             .check(hdr, action, &details, role == Role::Landlord)
-            .await?;
+            .await?
+            .hold()?;
         Ok(Caller { role, uid })
     }
 

@@ -1,66 +1,272 @@
 //! Authorization: every method asks polkit, with the caller taken from the
 //! message header. No polkit answer means no.
+//!
+//! Order of a check, cheapest first, so a caller who will be refused costs
+//! the agent as little as possible:
+//!
+//! 1. the caller's uid, from a per-unique-name cache or one
+//!    `GetConnectionUnixUser` round trip;
+//! 2. root on the tenant interface is refused;
+//! 3. callers in neither `leasehold-landlord` nor `leasehold-tenant` (and not
+//!    root) are refused from a local group look-up (cached briefly), before
+//!    polkit is asked;
+//! 4. a per-uid bound on calls in flight: beyond it the call gets
+//!    `org.leasehold.Error.Busy` at once;
+//! 5. polkit `CheckAuthorization`.
+//!
+//! Steps 1, 3 and 5 share one deadline (`[dbus] auth_timeout_ms`, default
+//! [`AUTH_TIMEOUT`]); past it the call is refused (fail closed). Outgoing
+//! calls are also bounded in number ([`MAX_OUTGOING`]) so a burst of callers
+//! cannot push the agent's connection past the bus's limit on pending
+//! replies.
+//!
+//! The in-flight permit is held for the whole method call: [`Bounded`] wraps
+//! each D-Bus interface and runs every method call in a task-local slot, and
+//! [`Authorized::hold`] puts the permit there.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::ffi::CString;
+use std::fmt;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use leasehold_dbus_api::Error;
+use tokio::sync::Semaphore;
+use tokio::time::timeout_at;
 use zbus::message::Header;
 use zbus::Connection;
 use zbus_polkit::policykit1::{AuthorityProxy, CheckAuthorizationFlags, Subject};
 
+/// Default bound on the authorization of one call (identity, groups, polkit).
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Calls one uid may have in flight (authorized and not yet answered).
+pub const MAX_IN_FLIGHT_PER_UID: usize = 16;
+/// Outgoing authorization calls (bus, polkit, group look-ups) at once.
+/// dbus-daemon refuses a connection more than `max_replies_per_connection`
+/// pending calls (128 on the system bus) with `LimitsExceeded`.
+pub const MAX_OUTGOING: usize = 64;
+/// Unique bus names whose uid is remembered (oldest forgotten first).
+const IDENTITY_CACHE: usize = 4096;
+/// How long a uid's group membership is trusted.
+const GROUP_TTL: Duration = Duration::from_secs(10);
+/// uids whose group membership is remembered.
+const GROUP_CACHE: usize = 1024;
+/// Group of the shipped polkit rules for the landlord.
+pub const LANDLORD_GROUP: &str = "leasehold-landlord";
+/// Group of the shipped polkit rules for the tenant.
+pub const TENANT_GROUP: &str = "leasehold-tenant";
+
 /// Asks polkit about each call.
-#[derive(Debug)]
 pub struct Authorizer {
     conn: Connection,
+    /// Built once, without property caching: a proxy that caches
+    /// properties subscribes and reads them on the bus when it is made.
+    bus: tokio::sync::OnceCell<zbus::fdo::DBusProxy<'static>>,
+    polkit: tokio::sync::OnceCell<AuthorityProxy<'static>>,
+    timeout: Duration,
+    outgoing: Semaphore,
+    identities: Mutex<Identities>,
+    groups: Mutex<HashMap<u32, (bool, Instant)>>,
+    in_flight: InFlightTable,
     denials: RateLimit,
+    busy: RateLimit,
+}
+
+impl fmt::Debug for Authorizer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authorizer")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An authorized call: the caller's uid and its in-flight permit.
+#[derive(Debug)]
+#[must_use = "the in-flight permit is released when this is dropped"]
+pub struct Authorized {
+    pub uid: u32,
+    permit: InFlight,
+}
+
+impl Authorized {
+    /// Keeps the permit until the current method call has been answered
+    /// (the call runs inside [`Bounded`]) and returns the uid. Outside a
+    /// [`Bounded`] call the permit could not be held: refused.
+    pub fn hold(self) -> Result<u32, Error> {
+        let uid = self.uid;
+        let mut permit = Some(self.permit);
+        let held = CALL_PERMIT
+            .try_with(|slot| *slot.borrow_mut() = permit.take())
+            .is_ok();
+        if held {
+            Ok(uid)
+        } else {
+            Err(Error::Failed(
+                "internal: method call not dispatched through the in-flight bound".into(),
+            ))
+        }
+    }
+}
+
+/// Calls in flight per uid.
+#[derive(Debug, Default, Clone)]
+struct InFlightTable(Arc<Mutex<HashMap<u32, usize>>>);
+
+impl InFlightTable {
+    /// A permit for one more call of `uid`, unless it has `max` already.
+    fn admit(&self, uid: u32, max: usize) -> Option<InFlight> {
+        let mut m = lock(&self.0);
+        let n = m.entry(uid).or_insert(0);
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(InFlight {
+            uid,
+            map: self.0.clone(),
+        })
+    }
+
+    #[cfg(test)]
+    fn count(&self, uid: u32) -> usize {
+        lock(&self.0).get(&uid).copied().unwrap_or(0)
+    }
+}
+
+/// One call in flight for `uid`; released on drop.
+struct InFlight {
+    uid: u32,
+    map: Arc<Mutex<HashMap<u32, usize>>>,
+}
+
+impl fmt::Debug for InFlight {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "InFlight(uid {})", self.uid)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let mut m = lock(&self.map);
+        if let Some(n) = m.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.uid);
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// uid per unique bus name. Unique names are never reused on a bus, so an
+/// entry stays true for as long as it is kept.
+#[derive(Default)]
+struct Identities {
+    uids: HashMap<String, u32>,
+    order: VecDeque<String>,
+}
+
+impl Identities {
+    fn get(&self, name: &str) -> Option<u32> {
+        self.uids.get(name).copied()
+    }
+
+    fn insert(&mut self, name: String, uid: u32) {
+        if self.uids.contains_key(&name) {
+            return;
+        }
+        while self.order.len() >= IDENTITY_CACHE {
+            if let Some(old) = self.order.pop_front() {
+                self.uids.remove(&old);
+            }
+        }
+        self.order.push_back(name.clone());
+        self.uids.insert(name, uid);
+    }
+}
+
+/// Why a call was refused before polkit answered.
+enum Stop {
+    Denied(Error, &'static str),
+    Late(&'static str),
 }
 
 impl Authorizer {
-    pub fn new(conn: Connection) -> Self {
+    /// `conn` is used for the outgoing calls (bus, polkit): best a
+    /// connection of its own, so their replies do not queue behind incoming
+    /// calls. `timeout` bounds the authorization of each call.
+    pub fn new(conn: Connection, timeout: Duration) -> Self {
         Self {
             conn,
+            bus: tokio::sync::OnceCell::new(),
+            polkit: tokio::sync::OnceCell::new(),
+            timeout,
+            outgoing: Semaphore::new(MAX_OUTGOING),
+            identities: Mutex::new(Identities::default()),
+            groups: Mutex::new(HashMap::new()),
+            in_flight: InFlightTable::default(),
             denials: RateLimit::new(20, Duration::from_secs(60)),
+            busy: RateLimit::new(20, Duration::from_secs(60)),
         }
     }
 
-    /// Returns the caller's uid if authorized.
-    /// Checks `action` for the sender of `hdr`, non-interactively, passing
-    /// `details` so rules can be specific. `allow_root` false refuses uid 0
-    /// whatever polkit says (root is the landlord's identity on the node).
+    /// Authorizes `action` for the sender of `hdr`, non-interactively,
+    /// passing `details` so rules can be specific. `allow_root` false
+    /// refuses uid 0 whatever polkit says (root is the landlord's identity
+    /// on the node). The returned permit counts against the caller's
+    /// in-flight bound until dropped.
     pub async fn check(
         &self,
         hdr: &Header<'_>,
         action: &str,
         details: &[(&str, &str)],
         allow_root: bool,
-    ) -> Result<u32, Error> {
+    ) -> Result<Authorized, Error> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
         let sender = hdr
             .sender()
             .ok_or_else(|| Error::NotAuthorized("message has no sender".into()))?
             .to_string();
-        let dbus = zbus::fdo::DBusProxy::new(&self.conn)
-            .await
-            .map_err(|e| Error::Failed(format!("bus proxy: {e}")))?;
-        let uid = dbus
-            .get_connection_unix_user(
-                zbus::names::BusName::try_from(sender.as_str())
-                    .map_err(|e| Error::Failed(e.to_string()))?,
-            )
-            .await
-            .map_err(|e| Error::NotAuthorized(format!("cannot identify the caller: {e}")))?;
+        let uid = match self.uid_of(&sender, deadline).await {
+            Ok(uid) => uid,
+            Err(stop) => return Err(self.stopped(None, action, stop)),
+        };
         if uid == 0 && !allow_root {
             self.log_denial(uid, action, "root may not act as the tenant");
             return Err(Error::NotAuthorized(format!(
                 "{action}: root acts as the landlord on this node; tenant methods must be called by a tenant user"
             )));
         }
+        if uid != 0 {
+            match self.in_agent_groups(uid, deadline).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    self.log_denial(uid, action, "in neither Leasehold group");
+                    return Err(Error::NotAuthorized(format!(
+                        "not authorized for {action}: the caller is in neither {LANDLORD_GROUP} nor {TENANT_GROUP}"
+                    )));
+                }
+                Err(stop) => return Err(self.stopped(Some(uid), action, stop)),
+            }
+        }
+        let permit = self.admit(uid, action)?;
         let subject = Subject::new_for_message_header(hdr)
             .map_err(|e| Error::NotAuthorized(format!("cannot build the polkit subject: {e}")))?;
         let details: HashMap<&str, &str> = details.iter().copied().collect();
-        let result = async {
-            let authority = AuthorityProxy::new(&self.conn).await?;
+        let asked = timeout_at(deadline, async {
+            let _slot = self.outgoing.acquire().await;
+            let authority = self
+                .polkit
+                .get_or_try_init(|| {
+                    AuthorityProxy::builder(&self.conn)
+                        .cache_properties(zbus::proxy::CacheProperties::No)
+                        .build()
+                })
+                .await?;
             authority
                 .check_authorization(
                     &subject,
@@ -70,27 +276,276 @@ impl Authorizer {
                     "",
                 )
                 .await
-        }
+        })
         .await;
-        match result {
-            Ok(r) if r.is_authorized => Ok(uid),
-            Ok(_) => {
+        match asked {
+            Ok(Ok(r)) if r.is_authorized => Ok(Authorized { uid, permit }),
+            Ok(Ok(_)) => {
                 self.log_denial(uid, action, "polkit denied");
                 Err(Error::NotAuthorized(format!("not authorized for {action}")))
             }
-            Err(e) => {
+            Ok(Err(e)) => {
                 self.log_denial(uid, action, "polkit unreachable");
                 Err(Error::NotAuthorized(format!(
                     "{action}: polkit could not be asked ({e}); denied (fail closed)"
                 )))
             }
+            Err(_) => Err(self.stopped(Some(uid), action, Stop::Late("polkit"))),
         }
+    }
+
+    /// Counts a call against `uid`'s in-flight bound.
+    fn admit(&self, uid: u32, action: &str) -> Result<InFlight, Error> {
+        self.in_flight
+            .admit(uid, MAX_IN_FLIGHT_PER_UID)
+            .ok_or_else(|| {
+                if let Some(suppressed) = self.busy.allow() {
+                    tracing::warn!(uid, action, suppressed, "call refused: too many in flight");
+                }
+                Error::Busy(format!(
+                    "{action}: {MAX_IN_FLIGHT_PER_UID} calls of this user are already in flight; retry when one has been answered"
+                ))
+            })
+    }
+
+    fn stopped(&self, uid: Option<u32>, action: &str, stop: Stop) -> Error {
+        let uid = uid.unwrap_or(u32::MAX);
+        match stop {
+            Stop::Denied(e, why) => {
+                self.log_denial(uid, action, why);
+                e
+            }
+            Stop::Late(what) => {
+                self.log_denial(uid, action, "authorization timed out");
+                Error::NotAuthorized(format!(
+                    "{action}: {what} did not answer within {} ms; denied (fail closed)",
+                    self.timeout.as_millis()
+                ))
+            }
+        }
+    }
+
+    /// The uid behind a unique bus name: cached, or asked of the bus.
+    async fn uid_of(&self, sender: &str, deadline: tokio::time::Instant) -> Result<u32, Stop> {
+        if let Some(uid) = lock(&self.identities).get(sender) {
+            return Ok(uid);
+        }
+        let name = zbus::names::BusName::try_from(sender).map_err(|e| {
+            Stop::Denied(
+                Error::NotAuthorized(format!("invalid sender {sender:?}: {e}")),
+                "invalid sender",
+            )
+        })?;
+        let asked = timeout_at(deadline, async {
+            let _slot = self.outgoing.acquire().await;
+            let dbus = self
+                .bus
+                .get_or_try_init(|| {
+                    zbus::fdo::DBusProxy::builder(&self.conn)
+                        .cache_properties(zbus::proxy::CacheProperties::No)
+                        .build()
+                })
+                .await?;
+            dbus.get_connection_unix_user(name).await
+        })
+        .await
+        .map_err(|_| Stop::Late("the bus (GetConnectionUnixUser)"))?;
+        let uid = asked.map_err(|e| {
+            Stop::Denied(
+                Error::NotAuthorized(format!("cannot identify the caller: {e}")),
+                "caller unknown",
+            )
+        })?;
+        // Only names that start with ':' are unique (and never reused).
+        if sender.starts_with(':') {
+            lock(&self.identities).insert(sender.to_owned(), uid);
+        }
+        Ok(uid)
+    }
+
+    /// Whether `uid` is in one of the two Leasehold groups (supplementary
+    /// groups included, as polkit sees them), cached for [`GROUP_TTL`].
+    async fn in_agent_groups(
+        &self,
+        uid: u32,
+        deadline: tokio::time::Instant,
+    ) -> Result<bool, Stop> {
+        if let Some((member, at)) = lock(&self.groups).get(&uid).copied() {
+            if at.elapsed() < GROUP_TTL {
+                return Ok(member);
+            }
+        }
+        let looked_up = timeout_at(deadline, async {
+            let _slot = self.outgoing.acquire().await;
+            tokio::task::spawn_blocking(move || member_of_agent_groups(uid)).await
+        })
+        .await
+        .map_err(|_| Stop::Late("the group database"))?;
+        let member = match looked_up {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => {
+                return Err(Stop::Denied(
+                    Error::NotAuthorized(format!(
+                        "cannot read the groups of uid {uid} ({e}); denied (fail closed)"
+                    )),
+                    "group look-up failed",
+                ))
+            }
+            Err(e) => {
+                return Err(Stop::Denied(
+                    Error::NotAuthorized(format!(
+                        "group look-up for uid {uid} failed ({e}); denied (fail closed)"
+                    )),
+                    "group look-up failed",
+                ))
+            }
+        };
+        let mut g = lock(&self.groups);
+        if g.len() >= GROUP_CACHE {
+            g.retain(|_, (_, at)| at.elapsed() < GROUP_TTL);
+            if g.len() >= GROUP_CACHE {
+                g.clear();
+            }
+        }
+        g.insert(uid, (member, Instant::now()));
+        Ok(member)
     }
 
     fn log_denial(&self, uid: u32, action: &str, why: &str) {
         if let Some(suppressed) = self.denials.allow() {
             tracing::warn!(uid, action, why, suppressed, "call denied");
         }
+    }
+}
+
+/// Group membership from the group database (NSS), like polkit's
+/// `subject.isInGroup`. A uid without a passwd entry is in no group.
+fn member_of_agent_groups(uid: u32) -> Result<bool, nix::Error> {
+    use nix::unistd::{getgrouplist, Gid, Group, Uid, User};
+    let Some(user) = User::from_uid(Uid::from_raw(uid))? else {
+        return Ok(false);
+    };
+    let wanted: Vec<Gid> = [LANDLORD_GROUP, TENANT_GROUP]
+        .into_iter()
+        .filter_map(|g| Group::from_name(g).ok().flatten().map(|g| g.gid))
+        .collect();
+    if wanted.is_empty() {
+        return Ok(false);
+    }
+    if wanted.contains(&user.gid) {
+        return Ok(true);
+    }
+    let name = CString::new(user.name).map_err(|_| nix::Error::EINVAL)?;
+    Ok(getgrouplist(&name, user.gid)?
+        .iter()
+        .any(|g| wanted.contains(g)))
+}
+
+tokio::task_local! {
+    /// The in-flight permit of the method call running in this task.
+    static CALL_PERMIT: RefCell<Option<InFlight>>;
+}
+
+/// A D-Bus interface whose method calls each run with a slot for their
+/// in-flight permit ([`Authorized::hold`]): the permit is released once the
+/// reply has been sent, whatever the handler returns.
+pub struct Bounded<I>(pub I);
+
+#[zbus::export::async_trait::async_trait]
+impl<I: zbus::object_server::Interface> zbus::object_server::Interface for Bounded<I> {
+    fn name() -> zbus::names::InterfaceName<'static> {
+        I::name()
+    }
+
+    fn spawn_tasks_for_methods(&self) -> bool {
+        self.0.spawn_tasks_for_methods()
+    }
+
+    async fn get(
+        &self,
+        property_name: &str,
+        server: &zbus::ObjectServer,
+        connection: &Connection,
+        header: Option<&Header<'_>>,
+        emitter: &zbus::object_server::SignalEmitter<'_>,
+    ) -> Option<Result<zbus::OwnedVariant, zbus::BoxDBusError>> {
+        self.0
+            .get(property_name, server, connection, header, emitter)
+            .await
+    }
+
+    async fn get_all(
+        &self,
+        server: &zbus::ObjectServer,
+        connection: &Connection,
+        header: Option<&Header<'_>>,
+        emitter: &zbus::object_server::SignalEmitter<'_>,
+    ) -> zbus::fdo::Result<HashMap<String, zbus::OwnedVariant>> {
+        self.0.get_all(server, connection, header, emitter).await
+    }
+
+    fn set<'call>(
+        &'call self,
+        property_name: &'call str,
+        value: &'call zbus::Variant<'_>,
+        server: &'call zbus::ObjectServer,
+        connection: &'call Connection,
+        header: Option<&'call Header<'_>>,
+        emitter: &'call zbus::object_server::SignalEmitter<'_>,
+    ) -> zbus::object_server::DispatchResult<'call> {
+        self.0
+            .set(property_name, value, server, connection, header, emitter)
+    }
+
+    async fn set_mut(
+        &mut self,
+        property_name: &str,
+        value: &zbus::Variant<'_>,
+        server: &zbus::ObjectServer,
+        connection: &Connection,
+        header: Option<&Header<'_>>,
+        emitter: &zbus::object_server::SignalEmitter<'_>,
+    ) -> Option<Result<(), zbus::BoxDBusError>> {
+        self.0
+            .set_mut(property_name, value, server, connection, header, emitter)
+            .await
+    }
+
+    fn call<'call>(
+        &'call self,
+        server: &'call zbus::ObjectServer,
+        connection: &'call Connection,
+        msg: &'call zbus::Message,
+        name: zbus::names::MemberName<'call>,
+    ) -> zbus::object_server::DispatchResult<'call> {
+        with_permit_slot(self.0.call(server, connection, msg, name))
+    }
+
+    fn call_mut<'call>(
+        &'call mut self,
+        server: &'call zbus::ObjectServer,
+        connection: &'call Connection,
+        msg: &'call zbus::Message,
+        name: zbus::names::MemberName<'call>,
+    ) -> zbus::object_server::DispatchResult<'call> {
+        with_permit_slot(self.0.call_mut(server, connection, msg, name))
+    }
+
+    fn introspect_to_writer(&self, writer: &mut dyn std::fmt::Write, level: usize) {
+        self.0.introspect_to_writer(writer, level)
+    }
+}
+
+fn with_permit_slot(
+    r: zbus::object_server::DispatchResult<'_>,
+) -> zbus::object_server::DispatchResult<'_> {
+    match r {
+        zbus::object_server::DispatchResult::Async(f) => {
+            zbus::object_server::DispatchResult::Async(Box::pin(
+                CALL_PERMIT.scope(RefCell::new(None), f),
+            ))
+        }
+        other => other,
     }
 }
 
@@ -115,7 +570,7 @@ impl RateLimit {
 
     /// `Some(suppressed_so_far)` if this event may be logged.
     pub fn allow(&self) -> Option<u64> {
-        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut s = lock(&self.state);
         if s.0.elapsed() > self.window {
             *s = (Instant::now(), 0, s.2);
         }
@@ -142,5 +597,70 @@ mod tests {
         assert_eq!(r.allow(), Some(0));
         assert_eq!(r.allow(), None);
         assert_eq!(r.allow(), None);
+    }
+
+    #[test]
+    fn identity_cache_is_bounded_oldest_first() {
+        let mut c = Identities::default();
+        for i in 0..IDENTITY_CACHE + 10 {
+            c.insert(format!(":1.{i}"), 1000);
+        }
+        assert_eq!(c.uids.len(), IDENTITY_CACHE);
+        assert_eq!(c.order.len(), IDENTITY_CACHE);
+        assert_eq!(c.get(":1.0"), None);
+        assert_eq!(c.get(&format!(":1.{}", IDENTITY_CACHE + 9)), Some(1000));
+    }
+
+    #[test]
+    fn in_flight_bound_and_release() {
+        let t = InFlightTable::default();
+        let permits: Vec<InFlight> = (0..3).map(|_| t.admit(7, 3).unwrap()).collect();
+        assert!(t.admit(7, 3).is_none(), "fourth call of uid 7 refused");
+        assert!(t.admit(8, 3).is_some(), "other uids are not affected");
+        assert_eq!(t.count(7), 3);
+        drop(permits);
+        assert_eq!(t.count(7), 0);
+        assert!(lock(&t.0).is_empty(), "released permits leave no entry");
+    }
+
+    #[tokio::test]
+    async fn held_permit_lives_until_the_call_ends() {
+        let t = InFlightTable::default();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let (held_tx, held_rx) = tokio::sync::oneshot::channel::<()>();
+        let call = {
+            let t = t.clone();
+            CALL_PERMIT.scope(RefCell::new(None), async move {
+                let a = Authorized {
+                    uid: 5,
+                    permit: t.admit(5, 8).unwrap(),
+                };
+                assert!(matches!(a.hold(), Ok(5)));
+                held_tx.send(()).unwrap();
+                // The handler goes on working with the permit held.
+                rx.await.unwrap();
+            })
+        };
+        let task = tokio::spawn(call);
+        held_rx.await.unwrap();
+        assert_eq!(t.count(5), 1, "held while the call runs");
+        tx.send(()).unwrap();
+        task.await.unwrap();
+        assert_eq!(t.count(5), 0, "released when the call ends");
+        // Outside a bounded call a permit cannot be held: refused.
+        let a = Authorized {
+            uid: 5,
+            permit: t.admit(5, 8).unwrap(),
+        };
+        assert!(matches!(a.hold(), Err(Error::Failed(_))));
+        assert_eq!(t.count(5), 0);
+    }
+
+    #[test]
+    fn root_is_in_no_leasehold_group_by_default_lookup_works() {
+        // uid 0 exists everywhere; the look-up itself must not fail.
+        assert!(member_of_agent_groups(0).is_ok());
+        // A uid with no passwd entry is in no group.
+        assert_eq!(member_of_agent_groups(4_000_000_000), Ok(false));
     }
 }

@@ -24,6 +24,31 @@ pub struct Config {
     /// The tenant's encrypted volume.
     #[serde(default)]
     pub storage: StorageSection,
+    /// The D-Bus service.
+    #[serde(default)]
+    pub dbus: DbusSection,
+}
+
+/// `[dbus]`
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct DbusSection {
+    /// Bound on authorizing one call (caller identity, group look-up,
+    /// polkit); past it the call is refused with `NotAuthorized`.
+    #[serde(default = "default_auth_timeout_ms")]
+    pub auth_timeout_ms: u64,
+}
+
+impl Default for DbusSection {
+    fn default() -> Self {
+        Self {
+            auth_timeout_ms: default_auth_timeout_ms(),
+        }
+    }
+}
+
+fn default_auth_timeout_ms() -> u64 {
+    u64::try_from(crate::auth::AUTH_TIMEOUT.as_millis()).unwrap_or(5000)
 }
 
 /// `[storage]`
@@ -266,6 +291,12 @@ impl Config {
                 format!("{} is outside 1..=86400", self.boundary.check_interval_secs),
             ));
         }
+        if !(100..=60_000).contains(&self.dbus.auth_timeout_ms) {
+            return Err(invalid(
+                "dbus.auth_timeout_ms",
+                format!("{} is outside 100..=60000", self.dbus.auth_timeout_ms),
+            ));
+        }
         Ok(())
     }
 }
@@ -315,6 +346,23 @@ mod tests {
         );
         let e = parse("[storage]\nsize = 1\n").unwrap_err().to_string();
         assert!(e.contains("unknown field `size`"), "{e}");
+    }
+
+    #[test]
+    fn shipped_file_parses_to_the_defaults() {
+        let shipped = parse(include_str!("../../dist/agentd.toml")).unwrap();
+        assert_eq!(shipped, parse("").unwrap());
+    }
+
+    #[test]
+    fn dbus_section_default_and_range() {
+        assert_eq!(parse("").unwrap().dbus.auth_timeout_ms, 5000);
+        let c = parse("[dbus]\nauth_timeout_ms = 2500\n").unwrap();
+        assert_eq!(c.dbus.auth_timeout_ms, 2500);
+        let e = parse("[dbus]\nauth_timeout_ms = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dbus.auth_timeout_ms: 0 is outside"), "{e}");
     }
 
     #[test]

@@ -192,11 +192,13 @@ async fn run(args: &Args) -> Result<(), AgentError> {
     };
 
     let interval = std::time::Duration::from_secs(cfg.boundary.check_interval_secs);
+    let auth_timeout = std::time::Duration::from_millis(cfg.dbus.auth_timeout_ms);
     let result = serve(
         key_cfg,
         cfg.storage.clone(),
         args.oneshot,
         interval,
+        auth_timeout,
         async move {
             tokio::select! {
                 _ = term.recv() => "SIGTERM",
@@ -221,6 +223,7 @@ async fn serve(
     storage: config::StorageSection,
     oneshot: bool,
     check_interval: std::time::Duration,
+    auth_timeout: std::time::Duration,
     stop: impl std::future::Future<Output = &'static str>,
 ) -> Result<(), AgentError> {
     let state_dir = key_cfg.state_dir.clone();
@@ -325,6 +328,7 @@ async fn serve(
             boundaries,
             volume.clone(),
             check_interval,
+            auth_timeout,
             &state_dir,
             stop,
         )
@@ -350,6 +354,7 @@ async fn serve_bus(
     boundaries: Arc<boundary::Boundaries>,
     volume: Arc<volume::Volume>,
     check_interval: std::time::Duration,
+    auth_timeout: std::time::Duration,
     state_dir: &Path,
     stop: impl std::future::Future<Output = &'static str>,
 ) -> Result<(), AgentError> {
@@ -374,9 +379,15 @@ async fn serve_bus(
         .map_err(|e| AgentError::Node(e.to_string()))?
         .map_err(|e| AgentError::Node(e.to_string()))?;
     let node = Arc::new(node);
+    // Authorization asks the bus and polkit over a connection of its own:
+    // their answers never queue behind the calls callers send the agent.
+    let auth_conn = zbus::connection::Builder::system()
+        .build()
+        .await
+        .map_err(AgentError::Bus)?;
     let ctx = Arc::new(api::Ctx {
         node: node.clone(),
-        auth: auth::Authorizer::new(conn.clone()),
+        auth: auth::Authorizer::new(auth_conn, auth_timeout),
         secrets,
         boundaries: boundaries.clone(),
         volume,
@@ -404,11 +415,11 @@ async fn serve_bus(
     }
     let server = conn.object_server();
     server
-        .at(OBJECT_PATH, api::LandlordApi(ctx.clone()))
+        .at(OBJECT_PATH, auth::Bounded(api::LandlordApi(ctx.clone())))
         .await
         .map_err(AgentError::Bus)?;
     server
-        .at(OBJECT_PATH, api::TenantApi(ctx))
+        .at(OBJECT_PATH, auth::Bounded(api::TenantApi(ctx)))
         .await
         .map_err(AgentError::Bus)?;
     conn.request_name(BUS_NAME).await.map_err(AgentError::Bus)?;

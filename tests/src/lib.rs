@@ -8,7 +8,6 @@
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -16,6 +15,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 
+pub mod flood;
 pub mod markdown;
 pub mod matrix;
 
@@ -168,6 +168,24 @@ pub fn users() -> &'static [User; 3] {
             gid: id_of("-g", name),
         })
     })
+}
+
+/// A command that runs `program` as `who` with the user's supplementary
+/// groups, like a login: dbus-daemon takes a caller's groups from its socket
+/// (SO_PEERGROUPS), so a process without them is outside the Leasehold
+/// groups of the bus policy. (std's `CommandExt::uid` drops them.)
+pub fn user_command(who: Who, program: &Path) -> Command {
+    match who.user() {
+        None => Command::new(program),
+        Some(u) => {
+            let mut c = Command::new("setpriv");
+            c.arg(format!("--reuid={}", u.uid))
+                .arg(format!("--regid={}", u.gid))
+                .args(["--init-groups", "--"])
+                .arg(program);
+            c
+        }
+    }
 }
 
 /// Result of a CLI run.
@@ -466,6 +484,21 @@ impl Lab {
         ));
     }
 
+    /// polkitd's pid (the mount-namespace wrappers exec it), to freeze it.
+    pub fn polkit_pid(&self) -> Option<u32> {
+        self.polkit.as_ref().map(Child::id)
+    }
+
+    /// agentd's pid (the namespace wrappers exec it).
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(Child::id)
+    }
+
+    /// The lab's own connection (root), on the lab's runtime.
+    pub fn conn(&self) -> &zbus::Connection {
+        &self.conn
+    }
+
     pub fn stop_polkit(&mut self) {
         if let Some(mut c) = self.polkit.take() {
             terminate(&mut c);
@@ -561,16 +594,11 @@ impl Lab {
 
     /// A command for `who`, on the lab's bus, in the lab's work directory.
     pub fn command(&self, who: Who, program: &Path) -> Command {
-        let mut c = Command::new(program);
+        let mut c = user_command(who, program);
         c.env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
             .env_remove("LEASEHOLD_SSH")
             .current_dir(self.path("work"))
             .stdin(Stdio::null());
-        if let Some(u) = who.user() {
-            // std drops root's supplementary groups when changing uid; polkit
-            // looks groups up by user name anyway.
-            c.uid(u.uid).gid(u.gid);
-        }
         c
     }
 

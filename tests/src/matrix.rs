@@ -2,19 +2,40 @@
 //! landlord, tenant, outsider}, with the CLI call that exercises it. Used by
 //! the host tests (private bus) and the VM lab tests (real system bus).
 
-use Expect::{Allow, Deny};
+use Expect::{Allow, BusDenied, Deny};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Expect {
     Allow,
+    /// The agent refuses: `org.leasehold.Error.NotAuthorized` (CLI exit 3,
+    /// "not authorized").
     Deny,
+    /// The bus refuses before the agent sees the call (the shipped policy
+    /// lets only root and the two Leasehold groups send to the agent):
+    /// `org.freedesktop.DBus.Error.AccessDenied` (CLI exit 69).
+    BusDenied,
+}
+
+/// Marker the CLI's stderr carries for [`Expect::BusDenied`].
+pub const BUS_DENIED: &str = "org.freedesktop.DBus.Error.AccessDenied";
+
+impl Expect {
+    /// Whether a CLI run (exit code, stderr) matches.
+    pub fn matches(self, allowed_code: i32, code: i32, stderr: &str) -> bool {
+        match self {
+            Allow => code == allowed_code,
+            Deny => code == 3 && stderr.contains("not authorized"),
+            BusDenied => code == 69 && stderr.contains(BUS_DENIED),
+        }
+    }
 }
 
 /// Columns: root, landlord, tenant, outsider. Root is the landlord's identity
 /// on the node (polkit authorizes uid 0), and agentd refuses it the tenant
-/// interface: the landlord never acts as the tenant.
-pub const LANDLORD: [Expect; 4] = [Allow, Allow, Deny, Deny];
-pub const TENANT: [Expect; 4] = [Deny, Deny, Allow, Deny];
+/// interface: the landlord never acts as the tenant. Outsiders (in neither
+/// Leasehold group) never reach the agent.
+pub const LANDLORD: [Expect; 4] = [Allow, Allow, Deny, BusDenied];
+pub const TENANT: [Expect; 4] = [Deny, Deny, Allow, BusDenied];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Setup {
@@ -362,4 +383,33 @@ pub const MATRIX: &[Case] = &[
         &["boundary", "clear"],
         Setup::AssignedBoundary,
     ),
+];
+
+/// Who receives a signal of the agent. Columns as in [`MATRIX`]: root,
+/// landlord, tenant, outsider. The bus policy delivers each interface's
+/// signals to its role only; the landlord's `KeysChanged` also reports
+/// tenant key changes, so root needs no tenant signal.
+pub struct SignalCase {
+    pub interface: &'static str,
+    pub member: &'static str,
+    pub receive: [bool; 4],
+}
+
+/// Every signal the agent emits.
+pub const SIGNALS: &[SignalCase] = &[
+    SignalCase {
+        interface: L,
+        member: "KeysChanged",
+        receive: [true, true, false, false],
+    },
+    SignalCase {
+        interface: L,
+        member: "BoundaryRestored",
+        receive: [true, true, false, false],
+    },
+    SignalCase {
+        interface: T,
+        member: "KeysChanged",
+        receive: [false, false, true, false],
+    },
 ];

@@ -65,4 +65,22 @@ fn dist_dbus_policy_is_valid_xml_for_dbus_daemon() {
             && conf.contains("<allow own=\"org.leasehold.Agent1\"/>")
     );
     assert!(!conf.contains("<allow own=\"*\""));
+    // Outsiders get nothing: the default context only denies (docs/dbus.md
+    // "Bus policy"); the groups and root allow themselves back in.
+    let default = &conf[conf.find("<policy context=\"default\">").unwrap()..];
+    let default = &default[..default.find("</policy>").unwrap()];
+    assert!(!default.contains("<allow"), "{default}");
+    for deny in [
+        "<deny send_destination=\"org.leasehold.Agent1\"/>",
+        "<deny receive_interface=\"org.leasehold.Landlord1\" receive_type=\"signal\"/>",
+        "<deny receive_interface=\"org.leasehold.Tenant1\" receive_type=\"signal\"/>",
+    ] {
+        assert!(default.contains(deny), "default context lacks {deny}");
+    }
+    for group in ["leasehold-landlord", "leasehold-tenant"] {
+        assert!(
+            conf.contains(&format!("<policy group=\"{group}\">")),
+            "{group}"
+        );
+    }
 }

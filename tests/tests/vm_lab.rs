@@ -8,7 +8,9 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
 
-use leasehold_tests::matrix::{Expect, Setup, BOUNDARY_DOC, FAILSAFE_DOC, MATRIX, SUB_DOC};
+use leasehold_tests::matrix::{
+    Expect, Setup, BOUNDARY_DOC, BUS_DENIED, FAILSAFE_DOC, MATRIX, SUB_DOC,
+};
 use leasehold_tests::{console_pem, workspace_root};
 
 const NODE: &str = "1";
@@ -177,7 +179,7 @@ fn matrix_script(pem: &str) -> String {
                 })
                 .collect();
             s.push_str(&format!(
-                "as {user} {} {} >/dev/null 2>/tmp/err; echo \"{} {} {user} $? $(grep -c 'not authorized' /tmp/err)\"\n",
+                "as {user} {} {} >/dev/null 2>/tmp/err; echo \"{} {} {user} $? $(grep -c 'not authorized' /tmp/err) $(grep -c '{BUS_DENIED}' /tmp/err)\"\n",
                 c.program,
                 args.join(" "),
                 c.interface,
@@ -286,7 +288,7 @@ fn vm_lab_end_to_end() {
         let mut checked = 0;
         for line in out.lines() {
             let f: Vec<&str> = line.split_whitespace().collect();
-            let [iface, method, user, code, denied] = f[..] else {
+            let [iface, method, user, code, denied, bus_denied] = f[..] else {
                 continue;
             };
             let case = MATRIX
@@ -297,6 +299,7 @@ fn vm_lab_end_to_end() {
             let ok = match case.expect[i] {
                 Expect::Allow => code == case.allowed_code.to_string(),
                 Expect::Deny => code == "3" && denied == "1",
+                Expect::BusDenied => code == "69" && bus_denied == "1",
             };
             checked += 1;
             if !ok {
@@ -311,7 +314,7 @@ fn vm_lab_end_to_end() {
         );
         assert!(
             failures.is_empty(),
-            "matrix mismatches (iface method user exit denied):\n{}",
+            "matrix mismatches (iface method user exit denied bus_denied):\n{}",
             failures.join("\n")
         );
         vm.step("authorization matrix (real system bus)");

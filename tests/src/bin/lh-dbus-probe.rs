@@ -2,7 +2,16 @@
 //! prints `OK ...` or `ERR <error name> <message>`. Also measures latency.
 //!
 //! lh-dbus-probe <scenario>          one call (see `scenario`)
-//! lh-dbus-probe bench <n> <clients> NodeInfo latency, JSON on stdout
+//! lh-dbus-probe bench <n> <clients> [landlord|tenant]
+//!                                   NodeInfo latency, JSON on stdout
+//! lh-dbus-probe burst <n>           n concurrent landlord calls, outcomes as JSON
+//! lh-dbus-probe listen [monitor]    eavesdrop on the bus (and try BecomeMonitor);
+//!                                   prints READY, then one line per message,
+//!                                   until the sentinel signal (DONE)
+//! lh-dbus-probe flood <conns> <per_conn> <big_mib>
+//!                                   waves of conns x per_conn concurrent calls
+//!                                   and two big messages at a time, until
+//!                                   stdin closes; prints READY, then JSON
 
 use std::time::{Duration, Instant};
 
@@ -79,31 +88,49 @@ async fn scenario(name: &str) {
     }
 }
 
-async fn bench(n: usize, clients: usize) {
+async fn bench(n: usize, clients: usize, tenant: bool) {
     let mut tasks = Vec::new();
     for _ in 0..clients {
         tasks.push(tokio::spawn(async move {
             let conn = zbus::Connection::system().await.expect("system bus");
             let l = LandlordProxy::new(&conn).await.unwrap();
-            l.node_info().await.unwrap(); // warm-up
+            let t = TenantProxy::new(&conn).await.unwrap();
+            let call = || async {
+                if tenant {
+                    t.node_info().await.map(|_| ())
+                } else {
+                    l.node_info().await.map(|_| ())
+                }
+            };
+            call().await.expect("warm-up call");
             let mut v = Vec::with_capacity(n);
+            let mut errors = Vec::new();
             for _ in 0..n {
-                let t = Instant::now();
-                l.node_info().await.unwrap();
-                v.push(t.elapsed());
+                let start = Instant::now();
+                match call().await {
+                    Ok(()) => v.push(start.elapsed()),
+                    Err(e) => errors.push(format!("{}: {}", e.name(), e.message())),
+                }
             }
-            v
+            (v, errors)
         }));
     }
     let start = Instant::now();
     let mut all: Vec<Duration> = Vec::new();
+    let mut errors: Vec<String> = Vec::new();
     for t in tasks {
-        all.extend(t.await.unwrap());
+        let (v, e) = t.await.unwrap();
+        all.extend(v);
+        errors.extend(e);
     }
     let wall = start.elapsed();
     all.sort();
     // Nearest-rank percentile over the sorted samples.
-    let pct = |per_mille: usize| all[(all.len() - 1) * per_mille / 1000].as_secs_f64() * 1e3;
+    let pct = |per_mille: usize| {
+        all.get(all.len().saturating_sub(1) * per_mille / 1000)
+            .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+    };
+    errors.truncate(20);
     println!(
         "{}",
         serde_json::json!({
@@ -113,6 +140,253 @@ async fn bench(n: usize, clients: usize) {
             "p99_ms": pct(990),
             "max_ms": pct(1000),
             "throughput_per_s": all.len() as f64 / wall.as_secs_f64(),
+            "errors": errors,
+        })
+    );
+}
+
+/// Interfaces of the sentinel signal that ends `listen`.
+const SENTINEL_INTERFACE: &str = "net.lhtest.Sentinel";
+
+async fn listen(try_monitor: bool) {
+    use futures_util::StreamExt;
+    use std::io::Write;
+    let conn = zbus::Connection::system().await.expect("system bus");
+    let mut stream = zbus::MessageStream::from(&conn);
+    // Eavesdrop on everything the bus lets us see.
+    for rule in [
+        "eavesdrop='true'",
+        "type='signal',eavesdrop='true'",
+        "type='signal'",
+    ] {
+        let r = conn
+            .call_method(
+                Some("org.freedesktop.DBus"),
+                "/org/freedesktop/DBus",
+                Some("org.freedesktop.DBus"),
+                "AddMatch",
+                &(rule,),
+            )
+            .await;
+        match r {
+            Ok(_) => println!("MATCH {rule} OK"),
+            Err(zbus::Error::MethodError(name, msg, _)) => println!(
+                "MATCH {rule} ERR {} {}",
+                name.as_str(),
+                msg.unwrap_or_default()
+            ),
+            Err(e) => println!("MATCH {rule} ERR {e}"),
+        }
+    }
+    // A second connection tries to become a monitor; if the bus allowed it,
+    // whatever it sees is printed too.
+    if try_monitor {
+        try_become_monitor().await;
+    }
+    println!("READY");
+    std::io::stdout().flush().unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(300), async {
+        while let Some(Ok(m)) = stream.next().await {
+            let hdr = m.header();
+            if hdr.interface().map(|i| i.as_str()) == Some(SENTINEL_INTERFACE) {
+                return;
+            }
+            println!("MSG {}", describe(&m));
+        }
+    })
+    .await;
+    match ended {
+        Ok(()) => println!("DONE"),
+        Err(_) => println!("TIMEOUT"),
+    }
+}
+
+async fn try_become_monitor() {
+    use futures_util::StreamExt;
+    let monitor = zbus::Connection::system().await.expect("system bus");
+    let r = monitor
+        .call_method(
+            Some("org.freedesktop.DBus"),
+            "/org/freedesktop/DBus",
+            Some("org.freedesktop.DBus.Monitoring"),
+            "BecomeMonitor",
+            &(Vec::<&str>::new(), 0u32),
+        )
+        .await;
+    match r {
+        Ok(_) => {
+            println!("MONITOR OK");
+            let mut mstream = zbus::MessageStream::from(&monitor);
+            tokio::spawn(async move {
+                while let Some(Ok(m)) = mstream.next().await {
+                    println!("MON {}", describe(&m));
+                }
+            });
+        }
+        Err(zbus::Error::MethodError(name, _, _)) => println!("MONITOR ERR {}", name.as_str()),
+        Err(zbus::Error::FDO(e)) => println!("MONITOR ERR {}", e.name()),
+        Err(e) => println!("MONITOR ERR {e}"),
+    }
+}
+
+/// `<type> <sender> <interface> <member>` of a message.
+fn describe(m: &zbus::Message) -> String {
+    let h = m.header();
+    format!(
+        "{:?} {} {} {}",
+        h.message_type(),
+        h.sender().map_or("-".into(), |s| s.to_string()),
+        h.interface().map_or("-".into(), |s| s.to_string()),
+        h.member().map_or("-".into(), |s| s.to_string()),
+    )
+}
+
+/// `n` concurrent landlord NodeInfo calls on one connection; per outcome
+/// the count and the slowest answer.
+async fn burst(n: usize) {
+    use std::collections::BTreeMap;
+    let conn = zbus::Connection::system().await.expect("system bus");
+    let mut calls = Vec::with_capacity(n);
+    for _ in 0..n {
+        let c = conn.clone();
+        calls.push(tokio::spawn(async move {
+            let start = Instant::now();
+            let r = c
+                .call_method(
+                    Some(BUS_NAME),
+                    OBJECT_PATH,
+                    Some(LANDLORD_INTERFACE),
+                    "NodeInfo",
+                    &(),
+                )
+                .await;
+            let k = match r {
+                Ok(_) => "ok".to_owned(),
+                Err(zbus::Error::MethodError(name, _, _)) => name.as_str().to_owned(),
+                Err(zbus::Error::FDO(e)) => e.name().to_string(),
+                Err(e) => format!("other: {e}"),
+            };
+            (k, start.elapsed())
+        }));
+    }
+    let mut out: BTreeMap<String, (u64, f64)> = BTreeMap::new();
+    for c in calls {
+        let (k, d) = c.await.unwrap();
+        let e = out.entry(k).or_insert((0, 0.0));
+        e.0 += 1;
+        e.1 = e.1.max(d.as_secs_f64() * 1e3);
+    }
+    let json: serde_json::Map<String, serde_json::Value> = out
+        .into_iter()
+        .map(|(k, (n, max))| (k, serde_json::json!({"count": n, "max_ms": max})))
+        .collect();
+    println!("{}", serde_json::Value::Object(json));
+}
+
+async fn flood(conns: usize, per_conn: usize, big_mib: usize) {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    let mut cs = Vec::with_capacity(conns);
+    for _ in 0..conns {
+        cs.push(zbus::Connection::system().await.expect("system bus"));
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let results: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let record = {
+        let results = results.clone();
+        move |r: zbus::Result<zbus::Message>| {
+            let k = match r {
+                Ok(_) => "ok".to_owned(),
+                Err(zbus::Error::MethodError(name, _, _)) => name.as_str().to_owned(),
+                Err(zbus::Error::FDO(e)) => e.name().to_string(),
+                Err(e) => format!("other: {e}"),
+            };
+            *results.lock().unwrap().entry(k).or_insert(0) += 1;
+        }
+    };
+    let call = |c: zbus::Connection, iface: &'static str, method: &'static str| async move {
+        c.call_method(Some(BUS_NAME), OBJECT_PATH, Some(iface), method, &())
+            .await
+    };
+    let started = Instant::now();
+    // Big messages: two at a time, back to back, on their own connections.
+    let mut big = Vec::new();
+    for _ in 0..2 {
+        let stop = stop.clone();
+        let record = record.clone();
+        big.push(tokio::spawn(async move {
+            let c = zbus::Connection::system().await.expect("system bus");
+            let payload = vec![0x5au8; big_mib << 20];
+            while !stop.load(Ordering::Relaxed) {
+                let r = c
+                    .call_method(
+                        Some(BUS_NAME),
+                        OBJECT_PATH,
+                        Some(TENANT_INTERFACE),
+                        "PutSecret",
+                        &("flood", &payload),
+                    )
+                    .await;
+                record(r);
+            }
+        }));
+    }
+    let waves_task = {
+        let stop = stop.clone();
+        let record = record.clone();
+        tokio::spawn(async move {
+            let mut first = true;
+            let mut waves = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let mut wave = Vec::with_capacity(conns * per_conn);
+                for c in &cs {
+                    for i in 0..per_conn {
+                        let iface = if i % 2 == 0 {
+                            LANDLORD_INTERFACE
+                        } else {
+                            TENANT_INTERFACE
+                        };
+                        wave.push(tokio::spawn(call(c.clone(), iface, "NodeInfo")));
+                    }
+                }
+                if first {
+                    println!("READY");
+                    first = false;
+                }
+                for w in wave {
+                    record(w.await.unwrap());
+                }
+                waves += 1;
+            }
+            waves
+        })
+    };
+    // Until the test closes our stdin.
+    tokio::task::spawn_blocking(|| {
+        let mut sink = String::new();
+        while std::io::stdin()
+            .read_line(&mut sink)
+            .map(|n| n > 0)
+            .unwrap_or(false)
+        {}
+    })
+    .await
+    .unwrap();
+    stop.store(true, Ordering::Relaxed);
+    let waves = waves_task.await.unwrap();
+    for b in big {
+        b.await.unwrap();
+    }
+    let results = results.lock().unwrap().clone();
+    println!(
+        "{}",
+        serde_json::json!({
+            "waves": waves,
+            "calls_per_wave": conns * per_conn,
+            "big_message_mib": big_mib,
+            "seconds": started.elapsed().as_secs_f64(),
+            "results": results,
         })
     );
 }
@@ -188,13 +462,22 @@ fn main() {
         Some("bench") => {
             let n = args[1].parse().unwrap();
             let c = args[2].parse().unwrap();
-            rt.block_on(bench(n, c));
+            let tenant = args.get(3).map(String::as_str) == Some("tenant");
+            rt.block_on(bench(n, c, tenant));
+        }
+        Some("listen") => rt.block_on(listen(args.get(1).map(String::as_str) == Some("monitor"))),
+        Some("burst") => rt.block_on(burst(args[1].parse().unwrap())),
+        Some("flood") => {
+            let conns = args[1].parse().unwrap();
+            let per_conn = args[2].parse().unwrap();
+            let big_mib = args[3].parse().unwrap();
+            rt.block_on(flood(conns, per_conn, big_mib));
         }
         Some("hammer") => {
             let secs = args[2].parse().unwrap();
             rt.block_on(hammer(&args[1], secs));
         }
         Some(s) => rt.block_on(scenario(s)),
-        None => panic!("usage: lh-dbus-probe <scenario> | bench <n> <clients>"),
+        None => panic!("usage: lh-dbus-probe <scenario> | bench <n> <clients> [tenant] | listen | flood <conns> <per_conn> <big_mib>"),
     }
 }
