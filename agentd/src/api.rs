@@ -312,6 +312,7 @@ impl Ctx {
         if role == Role::Landlord {
             info.landlord_generation = Some(st.landlord.generation);
         }
+        info.running = self.node.running().map(str::to_owned);
         if let Some(t) = &st.tenant {
             info.tenant_name.clone_from(&t.name);
             info.tenant_generation = Some(t.generation);

@@ -58,6 +58,7 @@ pub fn node_info_json(i: &NodeInfo) -> Value {
         "tenant_fingerprint": i.tenant_fingerprint,
         "consoles": i.consoles,
         "api_version": i.api_version,
+        "running": i.running,
     })
 }
 
@@ -117,6 +118,7 @@ pub fn node_info_text(i: &NodeInfo) -> String {
     for c in i.consoles.iter().flatten() {
         line(&mut s, "console:", Some(c.clone()));
     }
+    line(&mut s, "running:", i.running.clone());
     s.trim_end().to_owned()
 }
 

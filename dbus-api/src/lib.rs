@@ -139,6 +139,10 @@ pub struct NodeInfo {
     pub consoles: Option<Vec<String>>,
     /// API version.
     pub api_version: Option<u32>,
+    /// The change the node is working on now, if any (a rotation, or the
+    /// volume remake and standby keys that follow one); absent when idle.
+    /// The rest of the dictionary is the state before that change.
+    pub running: Option<String>,
 }
 
 /// A public key.

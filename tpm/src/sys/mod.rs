@@ -55,6 +55,32 @@ fn rc_kind(e: &tss_esapi::Error) -> Option<Tss2ResponseCodeKind> {
     }
 }
 
+/// Marks every open descriptor above stderr close-on-exec. The TSS library
+/// opens the TPM device (or socket) without it, so every child the agent
+/// runs (nft, mount, mkfs) would otherwise hold a TPM connection. Called
+/// right after connecting, when the agent's other descriptors are Rust's
+/// (already close-on-exec) or the TSS library's.
+fn close_on_exec_all() {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    for e in dir.flatten() {
+        let Some(fd) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        if fd < 3 {
+            continue;
+        }
+        if let Ok(flags) = fcntl(fd, FcntlArg::F_GETFD) {
+            let flags = FdFlag::from_bits_truncate(flags);
+            if !flags.contains(FdFlag::FD_CLOEXEC) {
+                let _ = fcntl(fd, FcntlArg::F_SETFD(flags | FdFlag::FD_CLOEXEC));
+            }
+        }
+    }
+}
+
 /// Validates a TCTI string from the configuration.
 pub(crate) fn parse_tcti(tcti: &str) -> Result<TctiNameConf> {
     let allowed = ["device:", "swtpm:", "mssim:", "tabrmd:"];
@@ -141,6 +167,7 @@ impl Tpm {
             tcti: tcti.to_owned(),
             source,
         })?;
+        close_on_exec_all();
         let vendor = tss_esapi::utils::get_tpm_vendor(&mut ctx).unwrap_or_default();
         // swtpm reports vendor "SW TPM"; a TCTI to a simulator is software regardless.
         let kind = if simulator || (vendor.contains("SW") && vendor.contains("TPM")) {
