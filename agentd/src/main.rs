@@ -429,11 +429,22 @@ async fn serve_bus(
         .map_err(AgentError::Bus)?;
     conn.request_name(BUS_NAME).await.map_err(AgentError::Bus)?;
     info!(name = BUS_NAME, "serving on the system bus");
-    let sig = stop.await;
-    info!(signal = sig, "stopping");
+    let died = tokio::select! {
+        sig = stop => {
+            info!(signal = sig, "stopping");
+            false
+        }
+        () = node.ended() => {
+            error!("the node controller stopped (a backend failed hard); exiting so the service restarts");
+            true
+        }
+    };
     // Release the name first so no new call starts, then let queued
     // changes finish before the volume closes and the keys shut down.
     let _ = conn.release_name(BUS_NAME).await;
     let _ = tokio::task::spawn_blocking(move || node.stop()).await;
+    if died {
+        return Err(AgentError::Node("the controller thread ended".into()));
+    }
     Ok(())
 }

@@ -39,6 +39,8 @@ pub struct Node {
     snapshot: Arc<RwLock<Arc<Snapshot>>>,
     running: Arc<Mutex<Option<&'static str>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// Closed when the controller thread ends, however it ends.
+    ended: Mutex<Option<oneshot::Receiver<()>>>,
 }
 
 impl std::fmt::Debug for Job {
@@ -65,9 +67,12 @@ impl Node {
         let running = Arc::new(Mutex::new(None));
         let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE_DEPTH);
         let (snap, run) = (snapshot.clone(), running.clone());
+        let (ended_tx, ended) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("node".into())
             .spawn(move || {
+                // Dropped on return and on a panic's unwind alike.
+                let _ended = ended_tx;
                 // Standby keys first: the first rotation should not wait
                 // for key generation either.
                 *lock(&run) = Some("preparing standby keys");
@@ -100,6 +105,7 @@ impl Node {
             snapshot,
             running,
             thread: Mutex::new(Some(thread)),
+            ended: Mutex::new(Some(ended)),
         })
     }
 
@@ -139,6 +145,17 @@ impl Node {
     /// The change running now, if any.
     pub fn running(&self) -> Option<&'static str> {
         *lock(&self.running)
+    }
+
+    /// Resolves when the controller thread has ended: after `stop`, or
+    /// because a backend panicked (the agent should then exit and be
+    /// restarted rather than serve without a controller). Only the first
+    /// caller waits; later ones resolve at once.
+    pub async fn ended(&self) {
+        let rx = lock(&self.ended).take();
+        if let Some(rx) = rx {
+            let _ = rx.await;
+        }
     }
 
     /// Stops taking commands, lets queued ones finish, joins the thread.

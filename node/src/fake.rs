@@ -77,6 +77,9 @@ pub struct World {
     pub receipts: Vec<SignedReceipt>,
     /// Receipts whose signing found the old disk key still in the kernel.
     pub unproven_receipts: u32,
+    /// A step that panics (a backend bug), to test that the controller's
+    /// end is noticed.
+    pub panic_at: Option<String>,
     /// A step that waits for a message before it runs (tests of reads and
     /// of the queue while a change runs).
     pub hold: Option<(String, std::sync::mpsc::Receiver<()>)>,
@@ -182,6 +185,10 @@ impl Fake {
             w = self.world();
         }
         w.log.push(name.clone());
+        if w.panic_at.as_deref() == Some(name.as_str()) {
+            drop(w);
+            panic!("injected panic at {name}");
+        }
         if w.faults.remove(&name) {
             return Err(format!("injected fault at {name}"));
         }

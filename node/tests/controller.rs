@@ -715,3 +715,25 @@ proptest! {
         prop_assert!(reachable, "no serial order of {:?} reaches {:?}", callers, got);
     }
 }
+
+#[test]
+fn a_panicking_backend_ends_the_controller_visibly() {
+    let (f, node) = assigned();
+    f.world().panic_at = Some("volume.wipe".into());
+    let e = rotate_tenant(&node).unwrap_err();
+    assert!(matches!(e, NodeError::Stopped), "{e}");
+    // The agent waits on this to exit (and be restarted).
+    futures_block(node.ended());
+    let e = rotate_tenant(&node).unwrap_err();
+    assert!(matches!(e, NodeError::Stopped), "{e}");
+    // Reads still answer from the last snapshot.
+    assert_eq!(
+        node.snapshot()
+            .status
+            .tenant
+            .as_ref()
+            .unwrap()
+            .key_generation,
+        1
+    );
+}
