@@ -664,9 +664,31 @@ impl Tpm {
     /// orderly counter may jump ahead after an unclean shutdown, and the
     /// epoch check needs exact values. Returns its value.
     pub fn epoch_define(&mut self) -> Result<u64> {
-        let tpm_handle = NvIndexTpmHandle::new(NV_EPOCH).map_err(tpm_err("NV handle"))?;
+        let h = self.nv_define(
+            NV_EPOCH,
+            NvIndexType::Counter,
+            8,
+            "NV_DefineSpace (epoch counter)",
+        )?;
+        self.nv_close(h);
+        self.epoch_increment()?;
+        self.epoch_read()?.ok_or(KeyError::UnexpectedTpmResponse(
+            "epoch counter missing after definition",
+        ))
+    }
+
+    /// Defines an owner-read/write, dictionary-attack-exempt NV index of
+    /// `kind` and `size` bytes (the epoch counter, generation secrets).
+    fn nv_define(
+        &mut self,
+        index: u32,
+        kind: NvIndexType,
+        size: usize,
+        op: &'static str,
+    ) -> Result<NvIndexHandle> {
+        let tpm_handle = NvIndexTpmHandle::new(index).map_err(tpm_err("NV handle"))?;
         let attrs = NvIndexAttributesBuilder::new()
-            .with_nv_index_type(NvIndexType::Counter)
+            .with_nv_index_type(kind)
             .with_owner_write(true)
             .with_owner_read(true)
             .with_no_da(true)
@@ -676,19 +698,13 @@ impl Tpm {
             .with_nv_index(tpm_handle)
             .with_index_name_algorithm(HashingAlgorithm::Sha256)
             .with_index_attributes(attrs)
-            .with_data_area_size(8)
+            .with_data_area_size(size)
             .build()
             .map_err(tpm_err("NV public"))?;
-        let h = self
-            .authed(Enc::None, |c| {
-                c.nv_define_space(Provision::Owner, None, public)
-            })
-            .map_err(tpm_err("NV_DefineSpace (epoch counter)"))?;
-        self.nv_close(h);
-        self.epoch_increment()?;
-        self.epoch_read()?.ok_or(KeyError::UnexpectedTpmResponse(
-            "epoch counter missing after definition",
-        ))
+        self.authed(Enc::None, |c| {
+            c.nv_define_space(Provision::Owner, None, public)
+        })
+        .map_err(tpm_err(op))
     }
 
     /// The epoch counter's value; `None` if it is not defined.
@@ -746,25 +762,12 @@ impl Tpm {
         if self.nv_indices()?.contains(&index) {
             self.nv_undefine(index)?;
         }
-        let tpm_handle = NvIndexTpmHandle::new(index).map_err(tpm_err("NV handle"))?;
-        let attrs = NvIndexAttributesBuilder::new()
-            .with_owner_write(true)
-            .with_owner_read(true)
-            .with_no_da(true)
-            .build()
-            .map_err(tpm_err("NV attributes"))?;
-        let public = NvPublicBuilder::new()
-            .with_nv_index(tpm_handle)
-            .with_index_name_algorithm(HashingAlgorithm::Sha256)
-            .with_index_attributes(attrs)
-            .with_data_area_size(GenerationSecret::LEN)
-            .build()
-            .map_err(tpm_err("NV public"))?;
-        let h = self
-            .authed(Enc::None, |c| {
-                c.nv_define_space(Provision::Owner, None, public)
-            })
-            .map_err(tpm_err("NV_DefineSpace"))?;
+        let h = self.nv_define(
+            index,
+            NvIndexType::Ordinary,
+            GenerationSecret::LEN,
+            "NV_DefineSpace",
+        )?;
         let data =
             MaxNvBuffer::try_from(secret.expose_secret().to_vec()).map_err(tpm_err("NV data"))?;
         let r = self
