@@ -143,7 +143,8 @@ pub fn parse_flow(direction: &str, peer: &str, proto: &str, port: u16) -> Result
         "tcp" => Proto::Tcp,
         "udp" => Proto::Udp,
         "icmp" => Proto::Icmp,
-        p => return Err(bad("proto", format!("{p:?}: use tcp, udp or icmp"))),
+        "other" => Proto::Other,
+        p => return Err(bad("proto", format!("{p:?}: use tcp, udp, icmp or other"))),
     };
     Ok(Flow {
         direction,

@@ -33,8 +33,8 @@ impl fmt::Display for Excess {
             Direction::Out => "out",
             Direction::Both => "in/out",
         };
-        let proto = format!("{:?}", self.proto).to_lowercase();
-        let ports = if self.proto == Proto::Icmp || self.ports == crate::model::all_ports() {
+        let proto = self.proto.name();
+        let ports = if !self.proto.has_ports() || self.ports == crate::model::all_ports() {
             String::new()
         } else {
             format!(" ports {}", self.ports.to_strings().join(","))
@@ -153,7 +153,7 @@ pub fn narrow(sub: &Boundary, cluster: &Boundary) -> (Vec<EntryDoc>, Vec<Excess>
                             direction: dir,
                             protocols: Some(vec![ProtoDoc {
                                 proto,
-                                ports: (proto != Proto::Icmp).then(|| {
+                                ports: proto.has_ports().then(|| {
                                     q.to_strings().into_iter().map(PortSpec::Text).collect()
                                 }),
                             }]),
@@ -188,7 +188,7 @@ fn matches(e: &Entry, f: &Flow) -> bool {
         && e.peers.family(fam).contains(addr)
         && e.protocols
             .get(&f.proto)
-            .is_some_and(|p| f.proto == Proto::Icmp || p.contains(u128::from(f.port)))
+            .is_some_and(|p| !f.proto.has_ports() || p.contains(u128::from(f.port)))
 }
 
 /// The first entry of `entries` that allows `f`.
@@ -391,7 +391,7 @@ protocols = [{ proto = "tcp", ports = ["80-81"] }]
     }
 
     fn arb_flow() -> impl Strategy<Value = Flow> {
-        (0usize..2, 0u8..20, 0usize..3, 0u16..24).prop_map(|(d, h, p, port)| Flow {
+        (0usize..2, 0u8..20, 0usize..4, 0u16..24).prop_map(|(d, h, p, port)| Flow {
             direction: [Direction::In, Direction::Out][d],
             peer: format!("10.0.0.{h}").parse().unwrap(),
             proto: Proto::ALL[p],

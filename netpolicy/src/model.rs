@@ -40,11 +40,29 @@ pub enum Proto {
     Udp,
     /// ICMP and ICMPv6 (no ports).
     Icmp,
+    /// Every other IP protocol (GRE, ESP, SCTP, VRRP, …; no ports). An
+    /// entry without `protocols` covers it too.
+    Other,
 }
 
 impl Proto {
-    /// All protocols.
-    pub const ALL: [Proto; 3] = [Proto::Tcp, Proto::Udp, Proto::Icmp];
+    /// All protocols: an entry without `protocols` allows each of these.
+    pub const ALL: [Proto; 4] = [Proto::Tcp, Proto::Udp, Proto::Icmp, Proto::Other];
+
+    /// The name as written in documents.
+    pub fn name(self) -> &'static str {
+        match self {
+            Proto::Tcp => "tcp",
+            Proto::Udp => "udp",
+            Proto::Icmp => "icmp",
+            Proto::Other => "other",
+        }
+    }
+
+    /// Whether the protocol has ports (tcp, udp).
+    pub fn has_ports(self) -> bool {
+        matches!(self, Proto::Tcp | Proto::Udp)
+    }
 }
 
 /// A port or port range as written: `443`, `"443"`, `"8000-8080"`.
@@ -104,6 +122,11 @@ pub struct BoundaryDoc {
     /// Management traffic no boundary can cut (cluster boundary only).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failsafe: Vec<EntryDoc>,
+    /// Routers (single addresses, usually IPv6 link-local) whose router
+    /// advertisements and redirects the node accepts (cluster boundary
+    /// only). Absent: none, from anyone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routers: Vec<String>,
 }
 
 /// Why a document was refused; `field` is a path like `allow[2].peers[0]`.
@@ -310,6 +333,8 @@ pub struct Boundary {
     pub allow: Vec<Entry>,
     /// Failsafe entries.
     pub failsafe: Vec<Entry>,
+    /// Routers whose RAs and redirects are accepted (cluster boundary only).
+    pub routers: BTreeSet<(Family, u128)>,
 }
 
 impl BoundaryDoc {
@@ -354,12 +379,30 @@ impl BoundaryDoc {
                 "only the landlord's cluster boundary may define failsafe entries",
             ));
         }
+        if !allow_failsafe && !self.routers.is_empty() {
+            return Err(err(
+                "routers",
+                "only the landlord's cluster boundary may name routers",
+            ));
+        }
+        let mut routers = BTreeSet::new();
+        for (i, r) in self.routers.iter().enumerate() {
+            let (f, lo, hi) = parse_cidr(r).map_err(|e| err(format!("routers[{i}]"), e))?;
+            if lo != hi {
+                return Err(err(
+                    format!("routers[{i}]"),
+                    format!("{r:?}: a router is one address, not a prefix"),
+                ));
+            }
+            routers.insert((f, lo));
+        }
         let allow = self.entries("allow", &self.allow)?;
         let failsafe = self.entries("failsafe", &self.failsafe)?;
         Ok(Boundary {
             action: self.action,
             allow,
             failsafe,
+            routers,
         })
     }
 
@@ -436,8 +479,11 @@ impl BoundaryDoc {
                     let field = format!("{at}.protocols[{k}]");
                     let ports = match (&pd.ports, pd.proto) {
                         (None, _) => all_ports(),
-                        (Some(_), Proto::Icmp) => {
-                            return Err(err(format!("{field}.ports"), "icmp has no ports"))
+                        (Some(_), p) if !p.has_ports() => {
+                            return Err(err(
+                                format!("{field}.ports"),
+                                format!("{} has no ports", p.name()),
+                            ))
                         }
                         (Some(ps), _) => {
                             if ps.is_empty() {

@@ -148,15 +148,28 @@ fn entry_rules(out: &mut String, e: &Entry, sets: &[(Family, String)], dir: Dire
         } else {
             "daddr"
         };
+        // Every protocol with every port: one rule without a protocol match.
+        if Proto::ALL
+            .iter()
+            .all(|p| e.protocols.get(p) == Some(&crate::model::all_ports()))
+        {
+            let _ = writeln!(
+                out,
+                "    {ipkw} {addr} @{set} accept comment \"{}\"",
+                e.name
+            );
+            continue;
+        }
         for (proto, ports) in &e.protocols {
             let l4 = match proto {
                 Proto::Tcp => "tcp",
                 Proto::Udp => "udp",
                 Proto::Icmp => icmpkw,
+                Proto::Other => "!= { tcp, udp, icmp, ipv6-icmp }",
             };
-            let port_part = match (proto, ports_expr(ports)) {
-                (Proto::Icmp, _) | (_, None) => String::new(),
-                (_, Some(p)) => format!(" {l4} dport {p}"),
+            let port_part = match (proto.has_ports(), ports_expr(ports)) {
+                (false, _) | (_, None) => String::new(),
+                (true, Some(p)) => format!(" {l4} dport {p}"),
             };
             let _ = writeln!(
                 out,
@@ -705,8 +718,8 @@ mod tests {
         assert!(!r.contains("tta0_n6") && !r.contains("tta0_h4"));
         let counts = Ruleset::build(&c, Some(&t)).rule_counts();
         assert_eq!(counts.len(), 4, "{counts:?}");
-        // established, lo, ND, failsafe (none), 3 protocols of "cluster" (v4 and v6 sets), drop.
-        assert_eq!(counts["landlord_in"], 3 + 6 + 1, "{r}");
+        // established, lo, ND, failsafe (none), "cluster" (every protocol: one rule per v4 and v6 set), drop.
+        assert_eq!(counts["landlord_in"], 3 + 2 + 1, "{r}");
         // established, lo, ND, tcp/443 (v4), two reject rules.
         assert_eq!(counts["tenant_in"], 3 + 1 + 2, "{r}");
     }
@@ -740,7 +753,7 @@ mod tests {
         let names: Vec<&String> = r.set_elements().map(|(n, _)| n).collect();
         assert_eq!(names, ["lla0_h4_g2", "lla0_n4_g2"]);
         assert!(
-            r.chains.contains("ip saddr @lla0_h4_g2 meta"),
+            r.chains.contains("ip saddr @lla0_h4_g2 accept"),
             "{}",
             r.chains
         );

@@ -147,6 +147,7 @@ impl Policy {
             groups: Default::default(),
             allow: entries,
             failsafe: Vec::new(),
+            routers: Vec::new(),
         });
         Ok(SubOutcome { cut })
     }
