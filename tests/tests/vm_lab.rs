@@ -4,9 +4,12 @@
 //! (CI never does). On failure the guest's serial console and agentd
 //! journal are printed.
 
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::Instant;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 use leasehold_tests::matrix::{
     Expect, Setup, BOUNDARY_DOC, BUS_DENIED, FAILSAFE_DOC, MATRIX, SUB_DOC,
@@ -319,6 +322,9 @@ fn vm_lab_end_to_end() {
         );
         vm.step("authorization matrix (real system bus)");
     }
+
+    // Issue 13: packets cross the nftables boundary on the real node.
+    boundary_packets(&mut vm);
 
     // Issue 6: the tenant's volume.
     volume_lifecycle(&mut vm);
@@ -833,6 +839,142 @@ fn volume_crashes(vm: &mut Vm) {
 /// Polls `done` every `every` seconds until it holds, failing with `what`
 /// after `secs`. Only for conditions with no event to wait on (a guest
 /// rebooting or powering off is seen from outside by trying).
+/// A TCP listener on the host's loopback; the guest reaches it as
+/// 10.0.2.2 (QEMU user networking). Every connection and line is an event.
+struct HostListener {
+    port: u16,
+    rx: mpsc::Receiver<String>,
+}
+
+impl HostListener {
+    fn start() -> HostListener {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for s in l.incoming() {
+                let Ok(s) = s else { continue };
+                let tx = tx.clone();
+                std::thread::spawn(move || {
+                    let _ = tx.send("connected".to_owned());
+                    for line in BufReader::new(s).lines() {
+                        let Ok(line) = line else { break };
+                        if tx.send(line).is_err() {
+                            return;
+                        }
+                    }
+                    let _ = tx.send("closed".to_owned());
+                });
+            }
+        });
+        HostListener { port, rx }
+    }
+
+    /// The next event within `secs`, if any.
+    fn next(&self, secs: u64) -> Option<String> {
+        self.rx.recv_timeout(Duration::from_secs(secs)).ok()
+    }
+
+    fn drain(&self) -> Vec<String> {
+        self.rx.try_iter().collect()
+    }
+}
+
+/// The cluster boundary of the lab node: the lab's SSH (from QEMU's
+/// gateway) is failsafe; out to the gateway only on tcp `ports`.
+fn lab_boundary(ports: &[u16]) -> String {
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+    format!(
+        "action = \"reject\"\n[[allow]]\nname = \"host\"\npeers = [\"10.0.2.2\"]\ndirection = \"out\"\nprotocols = [{{ proto = \"tcp\", ports = [{}] }}]\n[[failsafe]]\nname = \"lab-ssh\"\npeers = [\"10.0.2.2\"]\ndirection = \"in\"\nprotocols = [{{ proto = \"tcp\", ports = [22] }}]\n",
+        ports.join(", ")
+    )
+}
+
+/// Issue 13 on the real node: new connections are decided by the kernel's
+/// boundary, and a revocation (landlord or tenant) cuts a live flow.
+fn boundary_packets(vm: &mut Vm) {
+    let a = HostListener::start();
+    let b = HostListener::start();
+    let write = |vm: &Vm, name: &str, doc: &str| {
+        vm.sh(&format!("cat > /tmp/{name} <<'DOC'\n{doc}DOC"));
+    };
+    vm.sh("landlordctl --json info | grep -q '\"assigned\":true' || landlordctl --yes assign acme >/dev/null");
+    write(vm, "lab-a.toml", &lab_boundary(&[a.port]));
+    vm.sh("landlordctl boundary set /tmp/lab-a.toml");
+    let table = vm.sh("nft list table inet leasehold");
+    assert!(table.contains("landlord_out"), "{table}");
+    // One-shot connections: a is allowed, b is refused by the node itself
+    // (reject: connection refused at once) while its listener is up.
+    let connect = |vm: &Vm, port: u16| {
+        vm.sh_status(&format!(
+            "timeout 20 bash -c 'exec 3<>/dev/tcp/10.0.2.2/{port} && echo hello >&3'"
+        ))
+    };
+    assert_eq!(connect(vm, a.port).code, 0, "allowed port");
+    assert_eq!(a.next(20).as_deref(), Some("connected"));
+    assert_eq!(a.next(20).as_deref(), Some("hello"));
+    let r = connect(vm, b.port);
+    assert_ne!(r.code, 0, "denied port connected");
+    assert!(r.stderr.contains("refused"), "{}", r.stderr);
+    assert!(b.next(2).is_none(), "the denied listener saw a connection");
+    vm.step("boundary: new connections decided by the node's nftables");
+
+    // A live flow, then the landlord moves the allowed port: the flow is cut.
+    let flow = |vm: &Vm, port: u16| -> String {
+        vm.sh(&format!(
+            "setsid nohup bash -c 'exec 3<>/dev/tcp/10.0.2.2/{port} || exit 1; i=0; while echo tick$i >&3; do i=$((i+1)); sleep 0.2; done' >/dev/null 2>&1 </dev/null & echo $!"
+        ))
+        .trim()
+        .to_owned()
+    };
+    let cut = |vm: &Vm, l: &HostListener, pid: &str, what: &str| {
+        // The writer dies on the reset its next packet gets; nothing after.
+        wait_until(60, 1, &format!("{what}: the flow still runs"), || {
+            vm.sh_status(&format!("kill -0 {pid}")).code != 0
+        });
+        l.drain();
+        assert!(
+            l.next(3).is_none_or(|e| e == "closed"),
+            "{what}: a packet passed after the cut"
+        );
+    };
+    let pid = flow(vm, a.port);
+    assert_eq!(a.next(20).as_deref(), Some("connected"));
+    assert!(a.next(20).is_some_and(|l| l.starts_with("tick")));
+    write(vm, "lab-b.toml", &lab_boundary(&[b.port]));
+    let t = Instant::now();
+    vm.sh("landlordctl boundary set /tmp/lab-b.toml");
+    eprintln!(
+        "vm: boundary set (revoking a live flow) took {} ms (TCG)",
+        t.elapsed().as_millis()
+    );
+    cut(vm, &a, &pid, "landlord revocation");
+
+    // The tenant narrows inside the landlord's boundary: the same.
+    write(vm, "lab-ab.toml", &lab_boundary(&[a.port, b.port]));
+    vm.sh("landlordctl boundary set /tmp/lab-ab.toml");
+    let pid = flow(vm, b.port);
+    assert_eq!(b.next(20).as_deref(), Some("connected"));
+    assert!(b.next(20).is_some_and(|l| l.starts_with("tick")));
+    write(
+        vm,
+        "lab-sub.toml",
+        &format!("[[allow]]\nname = \"a-only\"\npeers = [\"10.0.2.2\"]\ndirection = \"out\"\nprotocols = [{{ proto = \"tcp\", ports = [{}] }}]\n", a.port),
+    );
+    vm.sh("runuser -u tt -- tenantctl boundary set /tmp/lab-sub.toml");
+    cut(vm, &b, &pid, "tenant sub-boundary");
+    assert_eq!(connect(vm, a.port).code, 0, "still allowed by both");
+    assert_eq!(
+        connect(vm, b.port).code,
+        1,
+        "the tenant's boundary refuses b"
+    );
+    // The lab's SSH (failsafe) carried every command above; lift it all.
+    vm.sh("runuser -u tt -- tenantctl boundary clear && landlordctl --yes boundary remove");
+    assert_eq!(vm.sh_status("nft list table inet leasehold").code, 1);
+    vm.step("boundary: live flows cut on landlord and tenant revocation");
+}
+
 fn wait_until(secs: u64, every: u64, what: &str, mut done: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !done() {
