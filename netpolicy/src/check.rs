@@ -1,15 +1,27 @@
 //! Restrictiveness check, narrowing and explain over the flow space
 //! peers × direction × protocol × ports.
+//!
+//! The check works per cell (direction × protocol × address family): the
+//! cluster boundary's entries are swept once into its *coverage*, sorted
+//! disjoint peer intervals each labelled with the ports allowed there
+//! ([`Coverage`]); a sub-boundary entry's peer intervals are then walked
+//! against it in one merge. Cost: O(n log n) in the number of peer intervals
+//! (it was the product of the two counts).
 
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 
 use crate::model::{
-    to_cidrs, Boundary, Direction, Entry, EntryDoc, Family, PortSpec, Proto, ProtoDoc,
+    all_ports, cidr_blocks, format_cidr, Boundary, Direction, Entry, EntryDoc, Family, Peers,
+    PortSpec, Proto, ProtoDoc, MAX_NAME,
 };
 use crate::ranges::Ranges;
 
 const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
+
+/// An [`Excess`] lists at most this many CIDRs in `peers`; `set` has them all.
+pub const MAX_LISTED_PEERS: usize = 64;
 
 /// A part of a sub-boundary entry that the cluster boundary does not allow.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -20,10 +32,38 @@ pub struct Excess {
     pub direction: Direction,
     /// Protocol of the part.
     pub proto: Proto,
-    /// Peers of the part, as CIDRs.
+    /// Peers of the part, as CIDRs: the first [`MAX_LISTED_PEERS`] (the
+    /// complement of 100k scattered hosts is millions of CIDRs); `set` is exact.
     pub peers: Vec<String>,
     /// Ports of the part.
     pub ports: Ranges,
+    /// Address family of the part.
+    pub family: Family,
+    /// Peers of the part, exactly (addresses of `family`).
+    pub set: Ranges,
+}
+
+impl Excess {
+    fn new(entry: &str, direction: Direction, proto: Proto, family: Family, set: Ranges, ports: Ranges) -> Self {
+        let peers = cidr_blocks(family, &set)
+            .take(MAX_LISTED_PEERS)
+            .map(|(net, len)| format_cidr(family, net, len))
+            .collect();
+        Excess {
+            entry: entry.to_owned(),
+            direction,
+            proto,
+            peers,
+            ports,
+            family,
+            set,
+        }
+    }
+
+    /// Whether `peers` lists the whole part.
+    pub fn listed_in_full(&self) -> bool {
+        cidr_blocks(self.family, &self.set).nth(self.peers.len()).is_none()
+    }
 }
 
 impl fmt::Display for Excess {
@@ -34,60 +74,204 @@ impl fmt::Display for Excess {
             Direction::Both => "in/out",
         };
         let proto = self.proto.name();
-        let ports = if !self.proto.has_ports() || self.ports == crate::model::all_ports() {
+        let ports = if !self.proto.has_ports() || self.ports == all_ports() {
             String::new()
         } else {
             format!(" ports {}", self.ports.to_strings().join(","))
         };
+        let more = if self.listed_in_full() {
+            String::new()
+        } else {
+            format!(
+                " and more ({} address ranges in all)",
+                self.set.intervals().len()
+            )
+        };
         write!(
             f,
-            "entry {:?}: {dir} {proto}{ports} with {} is not allowed by the cluster boundary",
+            "entry {:?}: {dir} {proto}{ports} with {}{more} is not allowed by the cluster boundary",
             self.entry,
             self.peers.join(" ")
         )
     }
 }
 
-/// Rectangles (peers × ports) of a boundary for one cell.
-fn rects(b: &[Entry], dir: Direction, proto: Proto, fam: Family) -> Vec<(&Ranges, &Ranges, &str)> {
-    b.iter()
-        .filter(|e| e.directions.contains(&dir))
-        .filter_map(|e| {
-            e.protocols
-                .get(&proto)
-                .map(|ports| (e.peers.family(fam), ports, e.name.as_str()))
-        })
-        .filter(|(p, _, _)| !p.is_empty())
-        .collect()
+/// What a boundary allows in one cell (direction × protocol × family):
+/// sorted, disjoint peer intervals, each labelled with the ports allowed
+/// there (an index into `ports`); neighbours with equal labels are merged.
+struct Coverage {
+    segs: Vec<(u128, u128, usize)>,
+    ports: Vec<Ranges>,
 }
 
-/// Splits `p` into pieces on which every rectangle is either fully in or out.
-fn elementary(p: &Ranges, cover: &[(&Ranges, &Ranges, &str)]) -> Vec<Ranges> {
-    let mut out = Vec::new();
-    for &(a, b) in p.intervals() {
-        let mut cuts = vec![a];
-        for (c, _, _) in cover {
-            for &(lo, hi) in c.intervals() {
-                if lo > a && lo <= b {
-                    cuts.push(lo);
-                }
-                if hi < b && hi >= a {
-                    cuts.push(hi + 1);
+impl Coverage {
+    /// One sweep over the entries' interval ends.
+    fn build(entries: &[Entry], dir: Direction, proto: Proto, fam: Family) -> Self {
+        // The distinct port sets of the entries, and each peer interval as
+        // a start and an end event of its entry's port set.
+        let mut sets: Vec<&Ranges> = Vec::new();
+        let mut set_of: HashMap<&Ranges, usize> = HashMap::new();
+        let mut events: Vec<(u128, bool, usize)> = Vec::new();
+        for e in entries.iter().filter(|e| e.directions.contains(&dir)) {
+            let Some(p) = e.protocols.get(&proto) else {
+                continue;
+            };
+            let peers = e.peers.family(fam);
+            if peers.is_empty() || p.is_empty() {
+                continue;
+            }
+            let id = *set_of.entry(p).or_insert_with(|| {
+                sets.push(p);
+                sets.len() - 1
+            });
+            for &(lo, hi) in peers.intervals() {
+                events.push((lo, true, id));
+                if hi < u128::MAX {
+                    events.push((hi + 1, false, id));
                 }
             }
         }
-        cuts.sort_unstable();
-        cuts.dedup();
-        for (i, &start) in cuts.iter().enumerate() {
-            let end = cuts.get(i + 1).map_or(b, |n| n - 1);
-            out.push(Ranges::interval(start, end));
+        // Each entry's events are one sorted run; the stable sort merges runs.
+        events.sort_by_key(|&(pos, _, _)| pos);
+
+        let mut ports: Vec<Ranges> = Vec::new();
+        let mut label_of: HashMap<Ranges, usize> = HashMap::new();
+        let mut intern = |r: Ranges, ports: &mut Vec<Ranges>| {
+            *label_of.entry(r).or_insert_with_key(|r| {
+                ports.push(r.clone());
+                ports.len() - 1
+            })
+        };
+        // Labels by active set: one set alone (the usual case) or several.
+        let mut single: Vec<Option<usize>> = vec![None; sets.len()];
+        let mut several: HashMap<Vec<usize>, usize> = HashMap::new();
+        let mut count = vec![0u32; sets.len()];
+        let mut active: BTreeSet<usize> = BTreeSet::new();
+        let mut label: Option<usize> = None;
+        let mut segs: Vec<(u128, u128, usize)> = Vec::new();
+        let mut i = 0;
+        while i < events.len() {
+            let pos = events[i].0;
+            let mut changed = false;
+            while let Some(&(at, start, id)) = events.get(i) {
+                if at != pos {
+                    break;
+                }
+                if start {
+                    count[id] += 1;
+                    if count[id] == 1 {
+                        active.insert(id);
+                        changed = true;
+                    }
+                } else {
+                    count[id] -= 1;
+                    if count[id] == 0 {
+                        active.remove(&id);
+                        changed = true;
+                    }
+                }
+                i += 1;
+            }
+            if changed {
+                label = match active.len() {
+                    0 => None,
+                    1 => {
+                        let id = *active.first().unwrap_or(&0);
+                        Some(match single[id] {
+                            Some(l) => l,
+                            None => {
+                                let l = intern(sets[id].clone(), &mut ports);
+                                single[id] = Some(l);
+                                l
+                            }
+                        })
+                    }
+                    _ => {
+                        let key: Vec<usize> = active.iter().copied().collect();
+                        Some(match several.get(&key) {
+                            Some(&l) => l,
+                            None => {
+                                let u = key
+                                    .iter()
+                                    .fold(Ranges::empty(), |acc, &id| acc.union(sets[id]));
+                                let l = intern(u, &mut ports);
+                                several.insert(key, l);
+                                l
+                            }
+                        })
+                    }
+                };
+            }
+            let Some(l) = label else {
+                continue;
+            };
+            let end = events.get(i).map_or(u128::MAX, |next| next.0 - 1);
+            match segs.last_mut() {
+                Some((_, hi, last)) if *last == l && *hi + 1 == pos => *hi = end,
+                _ => segs.push((pos, end, l)),
+            }
+        }
+        Coverage { segs, ports }
+    }
+
+    /// Calls `f(lo, hi, label)` for consecutive parts of `peers`, in order:
+    /// `label` is the coverage's label where covered, None where not.
+    fn walk(&self, peers: &Ranges, mut f: impl FnMut(u128, u128, Option<usize>)) {
+        let mut j = 0;
+        for &(a, b) in peers.intervals() {
+            j += self.segs[j..].partition_point(|s| s.1 < a);
+            let mut lo = a;
+            loop {
+                match self.segs.get(j) {
+                    Some(&(c, d, l)) if c <= b => {
+                        if c > lo {
+                            f(lo, c - 1, None);
+                        }
+                        f(lo.max(c), d.min(b), Some(l));
+                        if d >= b {
+                            break;
+                        }
+                        lo = d + 1;
+                        j += 1;
+                    }
+                    _ => {
+                        f(lo, b, None);
+                        break;
+                    }
+                }
+            }
         }
     }
-    out
+}
+
+/// The coverages of one boundary, built on first use.
+struct Cells<'a> {
+    entries: &'a [Entry],
+    built: HashMap<(Direction, Proto, Family), Coverage>,
+}
+
+impl<'a> Cells<'a> {
+    fn new(entries: &'a [Entry]) -> Self {
+        Cells {
+            entries,
+            built: HashMap::new(),
+        }
+    }
+
+    fn get(&mut self, dir: Direction, proto: Proto, fam: Family) -> &Coverage {
+        let entries = self.entries;
+        self.built
+            .entry((dir, proto, fam))
+            .or_insert_with(|| Coverage::build(entries, dir, proto, fam))
+    }
 }
 
 /// The parts of `sub`'s entries that `cluster` does not allow (empty: contained).
 pub fn excess(sub: &Boundary, cluster: &Boundary) -> Vec<Excess> {
+    excess_in(sub, &mut Cells::new(&cluster.allow))
+}
+
+fn excess_in(sub: &Boundary, cells: &mut Cells<'_>) -> Vec<Excess> {
     let mut out = Vec::new();
     for e in &sub.allow {
         for &dir in &e.directions {
@@ -97,31 +281,29 @@ pub fn excess(sub: &Boundary, cluster: &Boundary) -> Vec<Excess> {
                     if peers.is_empty() {
                         continue;
                     }
-                    let cover = rects(&cluster.allow, dir, proto, fam);
+                    let cov = cells.get(dir, proto, fam);
+                    // What is missing, per label of the coverage.
+                    let mut missing_at: Vec<Option<Ranges>> = vec![None; cov.ports.len()];
+                    // Consecutive parts that miss the same ports are merged
+                    // (covered parts in between are skipped).
                     let mut pieces: Vec<(Ranges, Ranges)> = Vec::new();
-                    for seg in elementary(peers, &cover) {
-                        let covered = cover
-                            .iter()
-                            .filter(|(c, _, _)| seg.is_subset(c))
-                            .fold(Ranges::empty(), |acc, (_, d, _)| acc.union(d));
-                        let missing = ports.subtract(&covered);
+                    cov.walk(peers, |lo, hi, label| {
+                        let missing = match label {
+                            None => ports,
+                            Some(l) => {
+                                &*missing_at[l].get_or_insert_with(|| ports.subtract(&cov.ports[l]))
+                            }
+                        };
                         if missing.is_empty() {
-                            continue;
+                            return;
                         }
-                        // Merge neighbouring segments that miss the same ports.
                         match pieces.last_mut() {
-                            Some((p, m)) if *m == missing => *p = p.union(&seg),
-                            _ => pieces.push((seg, missing)),
+                            Some((p, m)) if m == missing => p.push(lo, hi),
+                            _ => pieces.push((Ranges::interval(lo, hi), missing.clone())),
                         }
-                    }
+                    });
                     for (p, m) in pieces {
-                        out.push(Excess {
-                            entry: e.name.clone(),
-                            direction: dir,
-                            proto,
-                            peers: to_cidrs(fam, &p),
-                            ports: m,
-                        });
+                        out.push(Excess::new(&e.name, dir, proto, fam, p, m));
                     }
                 }
             }
@@ -133,40 +315,170 @@ pub fn excess(sub: &Boundary, cluster: &Boundary) -> Vec<Excess> {
 /// The intersection of `sub` with `cluster`, as entries of a new sub-boundary
 /// document, and what was cut.
 pub fn narrow(sub: &Boundary, cluster: &Boundary) -> (Vec<EntryDoc>, Vec<Excess>) {
+    let mut cells = Cells::new(&cluster.allow);
+    let docs = intersection_in(sub, &mut cells);
+    (docs, excess_in(sub, &mut cells))
+}
+
+/// The intersection of `sub` with `cluster` as entries (the first half of
+/// [`narrow`]): per entry of `sub`, one entry per group of peers that get the
+/// same protocols and ports, named `name.1`, `name.2`, … (the name shortened
+/// so the result stays within 64 characters and unique).
+pub fn intersection(sub: &Boundary, cluster: &Boundary) -> Vec<EntryDoc> {
+    intersection_in(sub, &mut Cells::new(&cluster.allow))
+}
+
+/// A growing list of values with an index by key, in first-seen order.
+struct Groups<K, V> {
+    index: HashMap<K, usize>,
+    items: Vec<V>,
+}
+
+impl<K: std::hash::Hash + Eq, V> Groups<K, V> {
+    fn new() -> Self {
+        Groups {
+            index: HashMap::new(),
+            items: Vec::new(),
+        }
+    }
+
+    fn get(&mut self, key: K, new: impl FnOnce() -> V) -> &mut V {
+        let items = &mut self.items;
+        let i = *self.index.entry(key).or_insert_with(|| {
+            items.push(new());
+            items.len() - 1
+        });
+        &mut self.items[i]
+    }
+}
+
+fn intersection_in(sub: &Boundary, cells: &mut Cells<'_>) -> Vec<EntryDoc> {
     let mut docs = Vec::new();
+    let mut used: HashSet<String> = HashSet::new();
     for e in &sub.allow {
-        let mut k = 0;
+        // (direction, protocol, ports) → peers allowed so, in both families.
+        let mut parts: Groups<(Direction, Proto, Ranges), (Direction, Proto, Ranges, Peers)> =
+            Groups::new();
         for &dir in &e.directions {
             for (&proto, ports) in &e.protocols {
                 for fam in FAMILIES {
                     let peers = e.peers.family(fam);
-                    for (c, d, _) in rects(&cluster.allow, dir, proto, fam) {
-                        let p = peers.intersect(c);
-                        let q = ports.intersect(d);
-                        if p.is_empty() || q.is_empty() {
-                            continue;
+                    if peers.is_empty() {
+                        continue;
+                    }
+                    let cov = cells.get(dir, proto, fam);
+                    let mut common_at: Vec<Option<Ranges>> = vec![None; cov.ports.len()];
+                    // Per distinct common port set, its peers (in order).
+                    let mut by_ports: Groups<Ranges, (Ranges, Ranges)> = Groups::new();
+                    cov.walk(peers, |lo, hi, label| {
+                        let Some(l) = label else {
+                            return;
+                        };
+                        let q = common_at[l].get_or_insert_with(|| ports.intersect(&cov.ports[l]));
+                        if q.is_empty() {
+                            return;
                         }
-                        k += 1;
-                        docs.push(EntryDoc {
-                            name: format!("{}.{k}", e.name),
-                            peers: to_cidrs(fam, &p),
-                            direction: dir,
-                            protocols: Some(vec![ProtoDoc {
-                                proto,
-                                ports: proto.has_ports().then(|| {
-                                    q.to_strings().into_iter().map(PortSpec::Text).collect()
-                                }),
-                            }]),
+                        by_ports
+                            .get(q.clone(), || (q.clone(), Ranges::empty()))
+                            .1
+                            .push(lo, hi);
+                    });
+                    for (q, p) in by_ports.items {
+                        let part = parts.get((dir, proto, q.clone()), || {
+                            (dir, proto, q, Peers::default())
                         });
+                        match fam {
+                            Family::V4 => part.3.v4 = p,
+                            Family::V6 => part.3.v6 = p,
+                        }
                     }
                 }
             }
         }
+        // Entries: one per set of peers and direction, with every protocol
+        // those peers get; the same protocol and ports both ways → "both".
+        let mut by_peers: Groups<Peers, (Peers, Vec<(Direction, Proto, Ranges)>)> = Groups::new();
+        for (dir, proto, q, peers) in parts.items {
+            by_peers
+                .get(peers.clone(), || (peers, Vec::new()))
+                .1
+                .push((dir, proto, q));
+        }
+        let mut k = 0;
+        for (peers, list) in by_peers.items {
+            let mut out: [(Direction, Vec<(Proto, Ranges)>); 3] = [
+                (Direction::Both, Vec::new()),
+                (Direction::In, Vec::new()),
+                (Direction::Out, Vec::new()),
+            ];
+            for (dir, proto, q) in &list {
+                let twin = list
+                    .iter()
+                    .any(|(d, p, r)| d != dir && p == proto && r == q);
+                match (dir, twin) {
+                    (_, true) if *dir == Direction::In => out[0].1.push((*proto, q.clone())),
+                    (_, true) => {}
+                    (Direction::In, false) => out[1].1.push((*proto, q.clone())),
+                    _ => out[2].1.push((*proto, q.clone())),
+                }
+            }
+            let mut cidrs = crate::model::to_cidrs(Family::V4, &peers.v4);
+            cidrs.extend(crate::model::to_cidrs(Family::V6, &peers.v6));
+            for (direction, protos) in out {
+                if protos.is_empty() {
+                    continue;
+                }
+                k += 1;
+                let name = derive_name(&e.name, &mut k, &mut used);
+                let everything = protos.len() == Proto::ALL.len()
+                    && protos.iter().all(|(_, q)| *q == all_ports());
+                docs.push(EntryDoc {
+                    name,
+                    peers: cidrs.clone(),
+                    direction,
+                    protocols: (!everything).then(|| {
+                        protos
+                            .into_iter()
+                            .map(|(proto, q)| ProtoDoc {
+                                proto,
+                                ports: (proto.has_ports() && q != all_ports()).then(|| {
+                                    q.to_strings().into_iter().map(PortSpec::Text).collect()
+                                }),
+                            })
+                            .collect()
+                    }),
+                });
+            }
+        }
     }
-    (docs, excess(sub, cluster))
+    docs
+}
+
+/// `base.k`, with `base` shortened so the name has at most [`MAX_NAME`]
+/// characters, and `k` raised until the name is not in `used`.
+fn derive_name(base: &str, k: &mut usize, used: &mut HashSet<String>) -> String {
+    loop {
+        let suffix = format!(".{k}");
+        let mut keep = base.len().min(MAX_NAME.saturating_sub(suffix.len()));
+        // Validated names are ASCII; stay on a character boundary anyway.
+        while !base.is_char_boundary(keep) {
+            keep -= 1;
+        }
+        let name = format!("{}{suffix}", &base[..keep]);
+        if used.insert(name.clone()) {
+            return name;
+        }
+        *k += 1;
+    }
 }
 
 /// One flow as seen from the node.
+///
+/// The peer's family is the packet's: an IPv4-mapped IPv6 address
+/// (`::ffff:10.0.0.1`) is an IPv6 packet's address, which the kernel matches
+/// against `ip6` rules only, so it matches IPv6 peers (such as `::/0`), never
+/// IPv4 ones. (A socket's mapped address on a dual-stack socket is an IPv4
+/// packet; the caller converts it with `Ipv6Addr::to_ipv4_mapped`.)
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Flow {
     /// In (peer → node) or Out (node → peer).
@@ -175,7 +487,7 @@ pub struct Flow {
     pub peer: IpAddr,
     /// Protocol.
     pub proto: Proto,
-    /// Destination port (ignored for ICMP).
+    /// Destination port (ignored for ICMP and other protocols).
     pub port: u16,
 }
 
@@ -185,10 +497,10 @@ fn matches(e: &Entry, f: &Flow) -> bool {
         IpAddr::V6(a) => (Family::V6, u128::from(a)),
     };
     e.directions.contains(&f.direction)
-        && e.peers.family(fam).contains(addr)
         && e.protocols
             .get(&f.proto)
             .is_some_and(|p| !f.proto.has_ports() || p.contains(u128::from(f.port)))
+        && e.peers.family(fam).contains(addr)
 }
 
 /// The first entry of `entries` that allows `f`.
@@ -197,6 +509,14 @@ pub fn first_match<'a>(entries: &'a [Entry], f: &Flow) -> Option<&'a str> {
         .iter()
         .find(|e| matches(e, f))
         .map(|e| e.name.as_str())
+}
+
+/// Whether the kernel lets a new flow `f` through: a failsafe entry allows
+/// it, or the cluster boundary allows it and so does the sub-boundary (if
+/// any). No allocation; O(entries × log peers).
+pub fn admits(cluster: &Boundary, sub: Option<&Boundary>, f: &Flow) -> bool {
+    let any = |entries: &[Entry]| entries.iter().any(|e| matches(e, f));
+    any(&cluster.failsafe) || (any(&cluster.allow) && sub.is_none_or(|s| any(&s.allow)))
 }
 
 /// Why a flow is allowed or denied.
@@ -220,7 +540,8 @@ pub fn explain(cluster: &Boundary, sub: Option<&Boundary>, f: &Flow) -> Explanat
     let failsafe = first_match(&cluster.failsafe, f).map(str::to_owned);
     let c = first_match(&cluster.allow, f).map(str::to_owned);
     let s = sub.map(|b| first_match(&b.allow, f).map(str::to_owned));
-    let allowed = failsafe.is_some() || (c.is_some() && !matches!(s, Some(None)));
+    // The kernel's answer: failsafe, or both boundaries (see [`admits`]).
+    let allowed = failsafe.is_some() || (c.is_some() && s.as_ref().is_none_or(Option::is_some));
     let reason = if let Some(fs) = &failsafe {
         format!("allowed by failsafe entry {fs:?}")
     } else {
@@ -271,6 +592,140 @@ peers = ["192.0.2.10"]
 direction = "in"
 protocols = [{ proto = "tcp", ports = [22] }]
 "#)
+    }
+
+    /// The quadratic algorithm this module replaced (split each sub-boundary
+    /// interval at every cluster interval end, then test every piece against
+    /// every cluster entry): the reference the sweep must agree with.
+    mod reference {
+        use super::super::*;
+        use crate::model::to_cidrs;
+
+        type Rect<'a> = (&'a Ranges, &'a Ranges, &'a str);
+
+        fn rects(b: &[Entry], dir: Direction, proto: Proto, fam: Family) -> Vec<Rect<'_>> {
+            b.iter()
+                .filter(|e| e.directions.contains(&dir))
+                .filter_map(|e| {
+                    e.protocols
+                        .get(&proto)
+                        .map(|ports| (e.peers.family(fam), ports, e.name.as_str()))
+                })
+                .filter(|(p, _, _)| !p.is_empty())
+                .collect()
+        }
+
+        fn elementary(p: &Ranges, cover: &[Rect<'_>]) -> Vec<Ranges> {
+            let mut out = Vec::new();
+            for &(a, b) in p.intervals() {
+                let mut cuts = vec![a];
+                for (c, _, _) in cover {
+                    for &(lo, hi) in c.intervals() {
+                        if lo > a && lo <= b {
+                            cuts.push(lo);
+                        }
+                        if hi < b && hi >= a {
+                            cuts.push(hi + 1);
+                        }
+                    }
+                }
+                cuts.sort_unstable();
+                cuts.dedup();
+                for (i, &start) in cuts.iter().enumerate() {
+                    let end = cuts.get(i + 1).map_or(b, |n| n - 1);
+                    out.push(Ranges::interval(start, end));
+                }
+            }
+            out
+        }
+
+        /// (entry, direction, proto, CIDRs, ports) per part.
+        pub type Part = (String, Direction, Proto, Vec<String>, Ranges);
+
+        pub fn excess(sub: &Boundary, cluster: &Boundary) -> Vec<Part> {
+            let mut out = Vec::new();
+            for e in &sub.allow {
+                for &dir in &e.directions {
+                    for (&proto, ports) in &e.protocols {
+                        for fam in FAMILIES {
+                            let peers = e.peers.family(fam);
+                            if peers.is_empty() {
+                                continue;
+                            }
+                            let cover = rects(&cluster.allow, dir, proto, fam);
+                            let mut pieces: Vec<(Ranges, Ranges)> = Vec::new();
+                            for seg in elementary(peers, &cover) {
+                                let covered = cover
+                                    .iter()
+                                    .filter(|(c, _, _)| seg.is_subset(c))
+                                    .fold(Ranges::empty(), |acc, (_, d, _)| acc.union(d));
+                                let missing = ports.subtract(&covered);
+                                if missing.is_empty() {
+                                    continue;
+                                }
+                                match pieces.last_mut() {
+                                    Some((p, m)) if *m == missing => *p = p.union(&seg),
+                                    _ => pieces.push((seg, missing)),
+                                }
+                            }
+                            for (p, m) in pieces {
+                                out.push((e.name.clone(), dir, proto, to_cidrs(fam, &p), m));
+                            }
+                        }
+                    }
+                }
+            }
+            out
+        }
+
+        pub fn narrow(sub: &Boundary, cluster: &Boundary) -> Vec<EntryDoc> {
+            let mut docs = Vec::new();
+            let mut k = 0;
+            for e in &sub.allow {
+                for &dir in &e.directions {
+                    for (&proto, ports) in &e.protocols {
+                        for fam in FAMILIES {
+                            let peers = e.peers.family(fam);
+                            for (c, d, _) in rects(&cluster.allow, dir, proto, fam) {
+                                let p = peers.intersect(c);
+                                let q = ports.intersect(d);
+                                if p.is_empty() || q.is_empty() {
+                                    continue;
+                                }
+                                k += 1;
+                                docs.push(EntryDoc {
+                                    name: format!("r{k}"),
+                                    peers: to_cidrs(fam, &p),
+                                    direction: dir,
+                                    protocols: Some(vec![ProtoDoc {
+                                        proto,
+                                        ports: proto.has_ports().then(|| {
+                                            q.to_strings().into_iter().map(PortSpec::Text).collect()
+                                        }),
+                                    }]),
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+            docs
+        }
+    }
+
+    /// The new excess in the reference's form (every CIDR listed).
+    fn parts(ex: &[Excess]) -> Vec<reference::Part> {
+        ex.iter()
+            .map(|x| {
+                (
+                    x.entry.clone(),
+                    x.direction,
+                    x.proto,
+                    crate::model::to_cidrs(x.family, &x.set),
+                    x.ports.clone(),
+                )
+            })
+            .collect()
     }
 
     fn flow(dir: Direction, peer: &str, proto: Proto, port: u16) -> Flow {
@@ -357,32 +812,53 @@ protocols = [{ proto = "tcp", ports = ["80-81"] }]
         assert!(!e.allowed);
     }
 
-    // Small universe so random boundaries overlap often: 10.0.0.0/28, ports 0-15.
+    // Small universe so random boundaries overlap often: 10.0.0.0/28 and
+    // fd00::/124, ports 0-15; names up to the 64-character limit.
     fn arb_entry(i: usize) -> impl Strategy<Value = String> {
-        (0u8..16, 0u8..5, 0usize..3, proptest::option::of((0usize..3, 0u16..16, 0u16..6))).prop_map(
-            move |(host, len, dir, proto)| {
-                let prefix = 32 - u32::from(len);
-                let net = u32::from(host) & !((1u32 << len) - 1);
+        let peer = (any::<bool>(), 0u8..16, 0u8..5).prop_map(|(v6, host, len)| {
+            let net = u32::from(host) & !((1u32 << len) - 1);
+            if v6 {
+                format!("\"fd00::{net:x}/{}\"", 128 - u32::from(len))
+            } else {
+                format!("\"10.0.0.{net}/{}\"", 32 - u32::from(len))
+            }
+        });
+        let proto = (0usize..4, 0u16..16, 0u16..6, any::<bool>());
+        (
+            proptest::collection::vec(peer, 1..3),
+            0usize..3,
+            proptest::option::of(proptest::collection::vec(proto, 1..3)),
+            0usize..4,
+        )
+            .prop_map(move |(peers, dir, protos, name)| {
+                let prefix = ["e".to_owned(), "e.1.".to_owned(), "x".repeat(62), "x".repeat(63)];
                 let dirs = ["in", "out", "both"];
                 let mut s = format!(
-                    "[[allow]]\nname = \"e{i}\"\npeers = [\"10.0.0.{net}/{prefix}\"]\ndirection = \"{}\"\n",
+                    "[[allow]]\nname = \"{}{i}\"\npeers = [{}]\ndirection = \"{}\"\n",
+                    prefix[name],
+                    peers.join(", "),
                     dirs[dir]
                 );
-                if let Some((p, lo, w)) = proto {
-                    let protos = ["tcp", "udp", "icmp"];
-                    if p == 2 {
-                        s.push_str("protocols = [{ proto = \"icmp\" }]\n");
-                    } else {
-                        s.push_str(&format!("protocols = [{{ proto = \"{}\", ports = [\"{lo}-{}\"] }}]\n", protos[p], lo + w));
-                    }
+                if let Some(list) = protos {
+                    let items: Vec<String> = list
+                        .into_iter()
+                        .map(|(p, lo, w, all)| {
+                            let name = Proto::ALL[p].name();
+                            if Proto::ALL[p].has_ports() && !all {
+                                format!("{{ proto = \"{name}\", ports = [\"{lo}-{}\"] }}", lo + w)
+                            } else {
+                                format!("{{ proto = \"{name}\" }}")
+                            }
+                        })
+                        .collect();
+                    s.push_str(&format!("protocols = [{}]\n", items.join(", ")));
                 }
                 s
-            },
-        )
+            })
     }
 
     fn arb_boundary() -> impl Strategy<Value = Boundary> {
-        (0usize..4).prop_flat_map(|n| {
+        (0usize..5).prop_flat_map(|n| {
             (0..n)
                 .map(arb_entry)
                 .collect::<Vec<_>>()
@@ -390,13 +866,67 @@ protocols = [{ proto = "tcp", ports = ["80-81"] }]
         })
     }
 
+    fn peer_of(fam: usize, h: u8) -> IpAddr {
+        match fam {
+            0 => format!("10.0.0.{h}"),
+            1 => format!("fd00::{h:x}"),
+            // IPv4-mapped: an IPv6 packet, never matched by 10.0.0.0/28.
+            _ => format!("::ffff:10.0.0.{h}"),
+        }
+        .parse()
+        .unwrap()
+    }
+
     fn arb_flow() -> impl Strategy<Value = Flow> {
-        (0usize..2, 0u8..20, 0usize..4, 0u16..24).prop_map(|(d, h, p, port)| Flow {
+        (0usize..2, 0usize..3, 0u8..20, 0usize..4, 0u16..24).prop_map(|(d, fam, h, p, port)| Flow {
             direction: [Direction::In, Direction::Out][d],
-            peer: format!("10.0.0.{h}").parse().unwrap(),
+            peer: peer_of(fam, h),
             proto: Proto::ALL[p],
             port,
         })
+    }
+
+    /// Every flow of the small universe.
+    fn all_flows() -> Vec<Flow> {
+        let mut v = Vec::new();
+        for direction in [Direction::In, Direction::Out] {
+            for fam in 0..2 {
+                for h in 0..18 {
+                    for proto in Proto::ALL {
+                        for port in 0..22 {
+                            v.push(Flow { direction, peer: peer_of(fam, h), proto, port });
+                            if !proto.has_ports() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn sweep_excess_equals_the_reference(c in arb_boundary(), s in arb_boundary()) {
+            prop_assert_eq!(parts(&excess(&s, &c)), reference::excess(&s, &c));
+        }
+
+        #[test]
+        fn sweep_narrow_equals_the_reference_flow_by_flow(c in arb_boundary(), s in arb_boundary()) {
+            let (docs, cut) = narrow(&s, &c);
+            prop_assert_eq!(parts(&cut), reference::excess(&s, &c));
+            // Every narrowed document validates (derived names included).
+            let n = BoundaryDoc { allow: docs, ..Default::default() }.validate(false).unwrap();
+            let r = BoundaryDoc { allow: reference::narrow(&s, &c), ..Default::default() }
+                .validate(false)
+                .unwrap();
+            for f in all_flows() {
+                prop_assert_eq!(first_match(&n.allow, &f).is_some(), first_match(&r.allow, &f).is_some(), "{:?}", f);
+            }
+        }
     }
 
     proptest! {
@@ -436,6 +966,7 @@ protocols = [{ proto = "tcp", ports = ["80-81"] }]
             let want = first_match(&c.failsafe, &f).is_some()
                 || (first_match(&c.allow, &f).is_some() && sub.is_none_or(|s| first_match(&s.allow, &f).is_some()));
             prop_assert_eq!(e.allowed, want);
+            prop_assert_eq!(admits(&c, sub, &f), want);
         }
     }
 }

@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::ranges::Ranges;
 
+/// Longest entry or group name (characters of A-Z a-z 0-9 . _ -).
+pub const MAX_NAME: usize = 64;
+
 /// What happens to traffic no entry allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -238,41 +241,37 @@ pub fn format_cidr(f: Family, value: u128, len: u32) -> String {
 
 /// Splits a set of addresses into the fewest CIDRs.
 pub fn to_cidrs(f: Family, r: &Ranges) -> Vec<String> {
+    cidr_blocks(f, r)
+        .map(|(net, len)| format_cidr(f, net, len))
+        .collect()
+}
+
+/// The fewest CIDR blocks that make up `r`, in order, as (network, prefix
+/// length); lazy, so a caller can list the first few of a huge set.
+pub fn cidr_blocks(f: Family, r: &Ranges) -> impl Iterator<Item = (u128, u32)> + '_ {
     let bits: u32 = if f == Family::V4 { 32 } else { 128 };
-    let mut out = Vec::new();
-    for &(lo, hi) in r.intervals() {
-        let mut cur = lo;
-        loop {
-            // Largest aligned block starting at cur that fits in [cur, hi].
-            let mut size_bits = if cur == 0 {
-                bits
-            } else {
-                cur.trailing_zeros().min(bits)
-            };
-            while size_bits > 0 {
+    r.intervals().iter().flat_map(move |&(lo, hi)| {
+        let mut next = Some(lo);
+        std::iter::from_fn(move || {
+            let cur = next?;
+            // Largest aligned block starting at cur that fits in [cur, hi]
+            // (cur is a multiple of the block size, so `last` cannot overflow).
+            let mut size_bits = cur.trailing_zeros().min(bits);
+            let last = loop {
                 let last = if size_bits == 128 {
                     u128::MAX
                 } else {
                     cur + ((1u128 << size_bits) - 1)
                 };
-                if last <= hi && (size_bits < 128 || cur == 0) {
-                    break;
+                if last <= hi {
+                    break last;
                 }
                 size_bits -= 1;
-            }
-            out.push(format_cidr(f, cur, bits - size_bits));
-            let last = if size_bits == 128 {
-                u128::MAX
-            } else {
-                cur + ((1u128 << size_bits) - 1)
             };
-            if last >= hi {
-                break;
-            }
-            cur = last + 1;
-        }
-    }
-    out
+            next = (last < hi).then(|| last + 1);
+            Some((cur, bits - size_bits))
+        })
+    })
 }
 
 /// Parses `80`, `"80"`, `"8000-8080"`.
@@ -532,7 +531,7 @@ impl BoundaryDoc {
 
 fn check_name(field: &str, name: &str) -> Result<(), DocError> {
     let ok = !name.is_empty()
-        && name.len() <= 64
+        && name.len() <= MAX_NAME
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
