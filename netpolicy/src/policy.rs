@@ -4,8 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::check::{excess, narrow, Excess};
-use crate::model::{parse_cidr, Boundary, BoundaryDoc, DocError, EntryDoc};
+use crate::check::{excess, intersection, narrow, Excess};
+use crate::model::{check_doc_size, parse_cidr, Boundary, BoundaryDoc, DocError, EntryDoc};
 use crate::nft::Ruleset;
 
 /// Version of the stored format.
@@ -36,6 +36,7 @@ fn err(field: impl Into<String>, reason: impl Into<String>) -> DocError {
 /// Parses a document: JSON if it starts with `{`, else TOML; `format` may
 /// force "toml" or "json".
 pub fn parse_doc(text: &str, format: &str) -> Result<BoundaryDoc, DocError> {
+    check_doc_size(text)?;
     match format {
         "toml" => BoundaryDoc::from_toml(text),
         "json" => BoundaryDoc::from_json(text),
@@ -158,10 +159,10 @@ impl Policy {
     /// cluster boundary without a sub-boundary. None without a boundary.
     pub fn effective(&self) -> Result<Option<Vec<EntryDoc>>, DocError> {
         match self.boundaries()? {
-            Some((c, Some(s))) => Ok(Some(narrow(&s, &c).0)),
+            Some((c, Some(s))) => Ok(Some(intersection(&s, &c))),
             // Without a sub-boundary the cluster boundary is what applies
             // (narrowing it with itself resolves its groups).
-            Some((c, None)) => Ok(Some(narrow(&c, &c).0)),
+            Some((c, None)) => Ok(Some(intersection(&c, &c))),
             None => Ok(None),
         }
     }
