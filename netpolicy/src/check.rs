@@ -812,6 +812,48 @@ protocols = [{ proto = "tcp", ports = ["80-81"] }]
         assert!(!e.allowed);
     }
 
+    #[test]
+    fn explain_matches_mapped_addresses_and_other_protocols_as_the_kernel() {
+        let c = b("[[allow]]\nname = \"v4\"\npeers = [\"10.0.0.0/8\"]\n[[allow]]\nname = \"v6\"\npeers = [\"::ffff:192.0.2.0/120\"]\nprotocols = [{ proto = \"other\" }]\n");
+        // An IPv4-mapped peer in a flow is an IPv6 packet: 10.0.0.0/8 does not match it.
+        let f = flow(Direction::In, "::ffff:10.0.0.1", Proto::Tcp, 22);
+        assert!(!explain(&c, None, &f).allowed && !admits(&c, None, &f));
+        let f = flow(Direction::In, "10.0.0.1", Proto::Other, 0);
+        assert_eq!(explain(&c, None, &f).cluster.as_deref(), Some("v4"));
+        // A mapped peer in a document matches IPv6 packets from that address only.
+        let f = flow(Direction::Out, "::ffff:192.0.2.7", Proto::Other, 9);
+        assert!(admits(&c, None, &f) && explain(&c, None, &f).cluster.as_deref() == Some("v6"));
+        let f = flow(Direction::Out, "192.0.2.7", Proto::Other, 9);
+        assert!(!admits(&c, None, &f));
+        let f = flow(Direction::Out, "::ffff:192.0.2.7", Proto::Udp, 9);
+        assert!(!admits(&c, None, &f));
+    }
+
+    #[test]
+    fn narrowing_many_hosts_gives_few_entries_with_valid_names() {
+        let hosts: Vec<String> = (0..1000u32)
+            .map(|i| format!("\"{}\"", std::net::Ipv4Addr::from(0x0a00_0000 + 7 * i)))
+            .collect();
+        let c = b(&format!(
+            "[[allow]]\nname = \"hosts\"\npeers = [{}]\n[[allow]]\nname = \"web\"\npeers = [\"0.0.0.0/0\"]\ndirection = \"in\"\nprotocols = [{{ proto = \"tcp\", ports = [443] }}]\n",
+            hosts.join(",")
+        ));
+        let long = "x".repeat(64);
+        let s = b(&format!(
+            "[[allow]]\nname = \"{long}\"\npeers = [\"0.0.0.0/0\", \"::/0\"]\n[[allow]]\nname = \"{}\"\npeers = [\"10.0.0.0/8\"]\n",
+            &long[..63]
+        ));
+        let (docs, cut) = narrow(&s, &c);
+        // The hosts get everything both ways (one entry); the rest of the
+        // IPv4 space gets tcp/443 in (another), per sub-boundary entry.
+        assert_eq!(docs.len(), 4, "{:?}", docs.iter().map(|d| (&d.name, d.peers.len())).collect::<Vec<_>>());
+        assert!(docs.iter().all(|d| d.name.len() <= MAX_NAME));
+        let n = BoundaryDoc { allow: docs, ..Default::default() }.validate(false).unwrap();
+        assert!(excess(&n, &c).is_empty());
+        assert!(cut.iter().any(|x| !x.listed_in_full() && x.peers.len() == MAX_LISTED_PEERS));
+        assert!(cut[0].to_string().contains("and more"), "{}", cut[0]);
+    }
+
     // Small universe so random boundaries overlap often: 10.0.0.0/28 and
     // fd00::/124, ports 0-15; names up to the 64-character limit.
     fn arb_entry(i: usize) -> impl Strategy<Value = String> {
