@@ -44,7 +44,14 @@ pub struct Excess {
 }
 
 impl Excess {
-    fn new(entry: &str, direction: Direction, proto: Proto, family: Family, set: Ranges, ports: Ranges) -> Self {
+    fn new(
+        entry: &str,
+        direction: Direction,
+        proto: Proto,
+        family: Family,
+        set: Ranges,
+        ports: Ranges,
+    ) -> Self {
         let peers = cidr_blocks(family, &set)
             .take(MAX_LISTED_PEERS)
             .map(|(net, len)| format_cidr(family, net, len))
@@ -62,7 +69,9 @@ impl Excess {
 
     /// Whether `peers` lists the whole part.
     pub fn listed_in_full(&self) -> bool {
-        cidr_blocks(self.family, &self.set).nth(self.peers.len()).is_none()
+        cidr_blocks(self.family, &self.set)
+            .nth(self.peers.len())
+            .is_none()
     }
 }
 
@@ -328,6 +337,9 @@ pub fn intersection(sub: &Boundary, cluster: &Boundary) -> Vec<EntryDoc> {
     intersection_in(sub, &mut Cells::new(&cluster.allow))
 }
 
+/// Direction, protocol and ports of a part of an entry.
+type Cell = (Direction, Proto, Ranges);
+
 /// A growing list of values with an index by key, in first-seen order.
 struct Groups<K, V> {
     index: HashMap<K, usize>,
@@ -342,12 +354,17 @@ impl<K: std::hash::Hash + Eq, V> Groups<K, V> {
         }
     }
 
-    fn get(&mut self, key: K, new: impl FnOnce() -> V) -> &mut V {
+    /// The index of `key`'s value, made by `new` if the key is new.
+    fn index(&mut self, key: K, new: impl FnOnce() -> V) -> usize {
         let items = &mut self.items;
-        let i = *self.index.entry(key).or_insert_with(|| {
+        *self.index.entry(key).or_insert_with(|| {
             items.push(new());
             items.len() - 1
-        });
+        })
+    }
+
+    fn get(&mut self, key: K, new: impl FnOnce() -> V) -> &mut V {
+        let i = self.index(key, new);
         &mut self.items[i]
     }
 }
@@ -357,8 +374,7 @@ fn intersection_in(sub: &Boundary, cells: &mut Cells<'_>) -> Vec<EntryDoc> {
     let mut used: HashSet<String> = HashSet::new();
     for e in &sub.allow {
         // (direction, protocol, ports) → peers allowed so, in both families.
-        let mut parts: Groups<(Direction, Proto, Ranges), (Direction, Proto, Ranges, Peers)> =
-            Groups::new();
+        let mut parts: Groups<Cell, (Cell, Peers)> = Groups::new();
         for &dir in &e.directions {
             for (&proto, ports) in &e.protocols {
                 for fam in FAMILIES {
@@ -367,29 +383,29 @@ fn intersection_in(sub: &Boundary, cells: &mut Cells<'_>) -> Vec<EntryDoc> {
                         continue;
                     }
                     let cov = cells.get(dir, proto, fam);
-                    let mut common_at: Vec<Option<Ranges>> = vec![None; cov.ports.len()];
-                    // Per distinct common port set, its peers (in order).
+                    // Per distinct common port set, its peers (in order);
+                    // per label of the coverage, its group (None: no port).
                     let mut by_ports: Groups<Ranges, (Ranges, Ranges)> = Groups::new();
+                    let mut group_at: Vec<Option<Option<usize>>> = vec![None; cov.ports.len()];
                     cov.walk(peers, |lo, hi, label| {
                         let Some(l) = label else {
                             return;
                         };
-                        let q = common_at[l].get_or_insert_with(|| ports.intersect(&cov.ports[l]));
-                        if q.is_empty() {
-                            return;
+                        let group = *group_at[l].get_or_insert_with(|| {
+                            let q = ports.intersect(&cov.ports[l]);
+                            (!q.is_empty())
+                                .then(|| by_ports.index(q.clone(), || (q, Ranges::empty())))
+                        });
+                        if let Some(g) = group {
+                            by_ports.items[g].1.push(lo, hi);
                         }
-                        by_ports
-                            .get(q.clone(), || (q.clone(), Ranges::empty()))
-                            .1
-                            .push(lo, hi);
                     });
                     for (q, p) in by_ports.items {
-                        let part = parts.get((dir, proto, q.clone()), || {
-                            (dir, proto, q, Peers::default())
-                        });
+                        let key = (dir, proto, q);
+                        let part = parts.get(key.clone(), || (key, Peers::default()));
                         match fam {
-                            Family::V4 => part.3.v4 = p,
-                            Family::V6 => part.3.v6 = p,
+                            Family::V4 => part.1.v4 = p,
+                            Family::V6 => part.1.v6 = p,
                         }
                     }
                 }
@@ -397,12 +413,12 @@ fn intersection_in(sub: &Boundary, cells: &mut Cells<'_>) -> Vec<EntryDoc> {
         }
         // Entries: one per set of peers and direction, with every protocol
         // those peers get; the same protocol and ports both ways → "both".
-        let mut by_peers: Groups<Peers, (Peers, Vec<(Direction, Proto, Ranges)>)> = Groups::new();
-        for (dir, proto, q, peers) in parts.items {
+        let mut by_peers: Groups<Peers, (Peers, Vec<Cell>)> = Groups::new();
+        for (cell, peers) in parts.items {
             by_peers
                 .get(peers.clone(), || (peers, Vec::new()))
                 .1
-                .push((dir, proto, q));
+                .push(cell);
         }
         let mut k = 0;
         for (peers, list) in by_peers.items {
@@ -846,11 +862,25 @@ protocols = [{ proto = "tcp", ports = ["80-81"] }]
         let (docs, cut) = narrow(&s, &c);
         // The hosts get everything both ways (one entry); the rest of the
         // IPv4 space gets tcp/443 in (another), per sub-boundary entry.
-        assert_eq!(docs.len(), 4, "{:?}", docs.iter().map(|d| (&d.name, d.peers.len())).collect::<Vec<_>>());
+        assert_eq!(
+            docs.len(),
+            4,
+            "{:?}",
+            docs.iter()
+                .map(|d| (&d.name, d.peers.len()))
+                .collect::<Vec<_>>()
+        );
         assert!(docs.iter().all(|d| d.name.len() <= MAX_NAME));
-        let n = BoundaryDoc { allow: docs, ..Default::default() }.validate(false).unwrap();
+        let n = BoundaryDoc {
+            allow: docs,
+            ..Default::default()
+        }
+        .validate(false)
+        .unwrap();
         assert!(excess(&n, &c).is_empty());
-        assert!(cut.iter().any(|x| !x.listed_in_full() && x.peers.len() == MAX_LISTED_PEERS));
+        assert!(cut
+            .iter()
+            .any(|x| !x.listed_in_full() && x.peers.len() == MAX_LISTED_PEERS));
         assert!(cut[0].to_string().contains("and more"), "{}", cut[0]);
     }
 
@@ -873,7 +903,12 @@ protocols = [{ proto = "tcp", ports = ["80-81"] }]
             0usize..4,
         )
             .prop_map(move |(peers, dir, protos, name)| {
-                let prefix = ["e".to_owned(), "e.1.".to_owned(), "x".repeat(62), "x".repeat(63)];
+                let prefix = [
+                    "e".to_owned(),
+                    "e.1.".to_owned(),
+                    "x".repeat(62),
+                    "x".repeat(63),
+                ];
                 let dirs = ["in", "out", "both"];
                 let mut s = format!(
                     "[[allow]]\nname = \"{}{i}\"\npeers = [{}]\ndirection = \"{}\"\n",
@@ -936,7 +971,12 @@ protocols = [{ proto = "tcp", ports = ["80-81"] }]
                 for h in 0..18 {
                     for proto in Proto::ALL {
                         for port in 0..22 {
-                            v.push(Flow { direction, peer: peer_of(fam, h), proto, port });
+                            v.push(Flow {
+                                direction,
+                                peer: peer_of(fam, h),
+                                proto,
+                                port,
+                            });
                             if !proto.has_ports() {
                                 break;
                             }

@@ -141,7 +141,10 @@ where
         fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
             f.write_str("a map of groups")
         }
-        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut m: A) -> Result<Self::Value, A::Error> {
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut m: A,
+        ) -> Result<Self::Value, A::Error> {
             let mut out = BTreeMap::new();
             while let Some(k) = m.next_key::<String>()? {
                 if out.contains_key(&k) {
@@ -434,7 +437,12 @@ impl BoundaryDoc {
         };
         over("groups".into(), self.groups.len(), "groups", MAX_GROUPS)?;
         for (g, members) in &self.groups {
-            over(format!("groups.{g}"), members.len(), "members", MAX_GROUP_MEMBERS)?;
+            over(
+                format!("groups.{g}"),
+                members.len(),
+                "members",
+                MAX_GROUP_MEMBERS,
+            )?;
         }
         over("routers".into(), self.routers.len(), "routers", MAX_ROUTERS)?;
         let mut total = 0usize;
@@ -442,12 +450,27 @@ impl BoundaryDoc {
             over(section.into(), list.len(), "entries", MAX_ENTRIES)?;
             for (i, e) in list.iter().enumerate() {
                 let at = format!("{section}[{i}]");
-                over(format!("{at}.peers"), e.peers.len(), "peers", MAX_PEERS_PER_ENTRY)?;
+                over(
+                    format!("{at}.peers"),
+                    e.peers.len(),
+                    "peers",
+                    MAX_PEERS_PER_ENTRY,
+                )?;
                 let protocols = e.protocols.as_deref().unwrap_or_default();
-                over(format!("{at}.protocols"), protocols.len(), "protocols", MAX_PROTOCOLS)?;
+                over(
+                    format!("{at}.protocols"),
+                    protocols.len(),
+                    "protocols",
+                    MAX_PROTOCOLS,
+                )?;
                 for (k, p) in protocols.iter().enumerate() {
                     let n = p.ports.as_ref().map_or(0, Vec::len);
-                    over(format!("{at}.protocols[{k}].ports"), n, "port specs", MAX_PORT_SPECS)?;
+                    over(
+                        format!("{at}.protocols[{k}].ports"),
+                        n,
+                        "port specs",
+                        MAX_PORT_SPECS,
+                    )?;
                 }
                 for p in &e.peers {
                     let n = p
@@ -776,15 +799,22 @@ protocols = [{ proto = "tcp", ports = [80, "443", "8000-8080"] }]
         let bad = || "bad".to_owned();
         // Entries per section.
         let mut d = BoundaryDoc {
-            allow: (0..MAX_ENTRIES).map(|i| entry(&format!("e{i}"), vec![bad()])).collect(),
+            allow: (0..MAX_ENTRIES)
+                .map(|i| entry(&format!("e{i}"), vec![bad()]))
+                .collect(),
             ..Default::default()
         };
         assert_eq!(refusal(&d, false).field, "allow[0].peers[0]");
         d.allow.push(entry("one-more", vec![bad()]));
         let e = refusal(&d, false);
-        assert_eq!(e.to_string(), format!("allow: {} entries, at most {MAX_ENTRIES}", MAX_ENTRIES + 1));
+        assert_eq!(
+            e.to_string(),
+            format!("allow: {} entries, at most {MAX_ENTRIES}", MAX_ENTRIES + 1)
+        );
         let mut d = BoundaryDoc {
-            failsafe: (0..=MAX_ENTRIES).map(|i| entry(&format!("e{i}"), vec![bad()])).collect(),
+            failsafe: (0..=MAX_ENTRIES)
+                .map(|i| entry(&format!("e{i}"), vec![bad()]))
+                .collect(),
             ..Default::default()
         };
         assert_eq!(refusal(&d, true).field, "failsafe");
@@ -810,22 +840,43 @@ protocols = [{ proto = "tcp", ports = [80, "443", "8000-8080"] }]
         d.allow.push(entry("y", vec![bad()]));
         let e = refusal(&d, false);
         assert_eq!(e.field, "document");
-        assert!(e.reason.contains(&format!("{} peers", MAX_PEERS_TOTAL + 1)), "{e}");
+        assert!(
+            e.reason.contains(&format!("{} peers", MAX_PEERS_TOTAL + 1)),
+            "{e}"
+        );
         d.allow.pop();
         d.groups = group(MAX_GROUP_MEMBERS + 1);
         assert_eq!(refusal(&d, false).field, "groups.g");
 
         // Groups.
         let groups = |n: usize| (0..n).map(|i| (format!("g{i}"), vec![bad()])).collect();
-        let d = BoundaryDoc { groups: groups(MAX_GROUPS + 1), ..Default::default() };
-        assert_eq!(refusal(&d, false).to_string(), format!("groups: {} groups, at most {MAX_GROUPS}", MAX_GROUPS + 1));
-        let d = BoundaryDoc { groups: groups(MAX_GROUPS), ..Default::default() };
-        assert!(d.validate(false).is_ok(), "groups are parsed where they are used");
+        let d = BoundaryDoc {
+            groups: groups(MAX_GROUPS + 1),
+            ..Default::default()
+        };
+        assert_eq!(
+            refusal(&d, false).to_string(),
+            format!("groups: {} groups, at most {MAX_GROUPS}", MAX_GROUPS + 1)
+        );
+        let d = BoundaryDoc {
+            groups: groups(MAX_GROUPS),
+            ..Default::default()
+        };
+        assert!(
+            d.validate(false).is_ok(),
+            "groups are parsed where they are used"
+        );
 
         // Protocols and port specs.
-        let tcp = |n: usize| ProtoDoc { proto: Proto::Tcp, ports: Some(vec![PortSpec::Text("x".into()); n]) };
+        let tcp = |n: usize| ProtoDoc {
+            proto: Proto::Tcp,
+            ports: Some(vec![PortSpec::Text("x".into()); n]),
+        };
         let mut d = BoundaryDoc {
-            allow: vec![EntryDoc { protocols: Some(vec![tcp(MAX_PORT_SPECS)]), ..entry("x", vec!["::/0".into()]) }],
+            allow: vec![EntryDoc {
+                protocols: Some(vec![tcp(MAX_PORT_SPECS)]),
+                ..entry("x", vec!["::/0".into()])
+            }],
             ..Default::default()
         };
         assert_eq!(refusal(&d, false).field, "allow[0].protocols[0].ports[0]");
@@ -837,7 +888,10 @@ protocols = [{ proto = "tcp", ports = [80, "443", "8000-8080"] }]
         assert_eq!(refusal(&d, false).field, "allow[0].protocols[0].ports[0]");
 
         // Routers.
-        let mut d = BoundaryDoc { routers: vec![bad(); MAX_ROUTERS], ..Default::default() };
+        let mut d = BoundaryDoc {
+            routers: vec![bad(); MAX_ROUTERS],
+            ..Default::default()
+        };
         assert_eq!(refusal(&d, true).field, "routers[0]");
         d.routers.push(bad());
         assert_eq!(refusal(&d, true).field, "routers");
@@ -850,7 +904,13 @@ protocols = [{ proto = "tcp", ports = [80, "443", "8000-8080"] }]
         let at_cap = format!("#{}", "x".repeat(MAX_DOC_BYTES - 1));
         assert!(BoundaryDoc::from_toml(&at_cap).is_ok());
         let e = BoundaryDoc::from_toml(&format!("{at_cap}x")).unwrap_err();
-        assert_eq!(e.to_string(), format!("document: {} bytes, at most {MAX_DOC_BYTES}", MAX_DOC_BYTES + 1));
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "document: {} bytes, at most {MAX_DOC_BYTES}",
+                MAX_DOC_BYTES + 1
+            )
+        );
     }
 
     #[test]
@@ -862,16 +922,25 @@ protocols = [{ proto = "tcp", ports = [80, "443", "8000-8080"] }]
         assert!(BoundaryDoc::from_json("{}\n\t ").is_ok());
         let e = BoundaryDoc::from_json(r#"{"groups": {"a": ["10.0.0.1"], "a": ["10.0.0.2"]}}"#)
             .unwrap_err();
-        assert!(e.field.starts_with("groups") && e.reason.contains("\"a\""), "{e}");
+        assert!(
+            e.field.starts_with("groups") && e.reason.contains("\"a\""),
+            "{e}"
+        );
         let e = BoundaryDoc::from_json(r#"{"allow": [], "allow": []}"#).unwrap_err();
         assert!(e.reason.contains("duplicate field"), "{e}");
-        let e = BoundaryDoc::from_json(r#"{"allow": [{"name": "x", "name": "y", "peers": ["::/0"]}]}"#)
-            .unwrap_err();
+        let e =
+            BoundaryDoc::from_json(r#"{"allow": [{"name": "x", "name": "y", "peers": ["::/0"]}]}"#)
+                .unwrap_err();
         assert!(e.reason.contains("duplicate field"), "{e}");
         // TOML parsers refuse a key given twice themselves.
-        assert!(BoundaryDoc::from_toml("[groups]\na = [\"10.0.0.1\"]\na = [\"10.0.0.2\"]\n").is_err());
+        assert!(
+            BoundaryDoc::from_toml("[groups]\na = [\"10.0.0.1\"]\na = [\"10.0.0.2\"]\n").is_err()
+        );
         assert!(BoundaryDoc::from_toml("action = \"drop\"\naction = \"reject\"\n").is_err());
-        assert!(BoundaryDoc::from_toml("[groups]\na = [\"10.0.0.1\"]\n[groups]\nb = [\"10.0.0.2\"]\n").is_err());
+        assert!(BoundaryDoc::from_toml(
+            "[groups]\na = [\"10.0.0.1\"]\n[groups]\nb = [\"10.0.0.2\"]\n"
+        )
+        .is_err());
     }
 
     #[test]
@@ -882,11 +951,15 @@ protocols = [{ proto = "tcp", ports = [80, "443", "8000-8080"] }]
             parse_cidr("::ffff:10.0.0.1").unwrap(),
             (Family::V6, 0xffff_0a00_0001, 0xffff_0a00_0001)
         );
-        let b = BoundaryDoc::from_toml("[[allow]]\nname = \"m\"\npeers = [\"::ffff:10.0.0.0/120\"]\n")
-            .unwrap()
-            .validate(false)
-            .unwrap();
+        let b =
+            BoundaryDoc::from_toml("[[allow]]\nname = \"m\"\npeers = [\"::ffff:10.0.0.0/120\"]\n")
+                .unwrap()
+                .validate(false)
+                .unwrap();
         assert!(b.allow[0].peers.v4.is_empty());
-        assert_eq!(b.allow[0].peers.v6.intervals(), &[(0xffff_0a00_0000, 0xffff_0a00_00ff)]);
+        assert_eq!(
+            b.allow[0].peers.v6.intervals(),
+            &[(0xffff_0a00_0000, 0xffff_0a00_00ff)]
+        );
     }
 }
