@@ -561,27 +561,26 @@ impl BoundaryDoc {
         }
         let mut v4 = Vec::new();
         let mut v6 = Vec::new();
-        let mut hosts = BTreeSet::new();
+        let mut hosts = Vec::new();
         let (mut n4, mut n6) = (Vec::new(), Vec::new());
         for (j, p) in e.peers.iter().enumerate() {
-            let field = format!("{at}.peers[{j}]");
-            let members: Vec<&String> = match p.strip_prefix('@') {
+            // The field is named only on error (100k peers: no string each).
+            let field = || format!("{at}.peers[{j}]");
+            let members: &[String] = match p.strip_prefix('@') {
                 Some(g) => self
                     .groups
                     .get(g)
-                    .ok_or_else(|| err(&field, format!("unknown group {g:?}")))?
-                    .iter()
-                    .collect(),
-                None => vec![p],
+                    .ok_or_else(|| err(field(), format!("unknown group {g:?}")))?,
+                None => std::slice::from_ref(p),
             };
             for m in members {
-                let (f, lo, hi) = parse_cidr(m).map_err(|r| err(&field, r))?;
+                let (f, lo, hi) = parse_cidr(m).map_err(|r| err(field(), r))?;
                 match f {
                     Family::V4 => v4.push((lo, hi)),
                     Family::V6 => v6.push((lo, hi)),
                 }
                 if lo == hi {
-                    hosts.insert((f, lo));
+                    hosts.push((f, lo));
                 } else if f == Family::V4 {
                     n4.push((lo, hi));
                 } else {
@@ -589,6 +588,8 @@ impl BoundaryDoc {
                 }
             }
         }
+        // Collecting sorts once and builds the tree in bulk.
+        let hosts: BTreeSet<(Family, u128)> = hosts.into_iter().collect();
         let mut protocols = BTreeMap::new();
         match &e.protocols {
             None => {
