@@ -8,8 +8,7 @@
 //! against it in one merge. Cost: O(n log n) in the number of peer intervals
 //! (it was the product of the two counts).
 
-use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
 
@@ -115,115 +114,32 @@ struct Coverage {
 }
 
 impl Coverage {
-    /// One sweep over the interval ends of `rects` (peers, ports): a k-way
-    /// merge of the rectangles' sorted intervals, no sort.
+    /// The coverage of `rects` (peers, ports): each rectangle is a list of
+    /// labelled segments; lists are merged pairwise, in a balanced tree
+    /// (O(n log k) for n intervals in k rectangles, sequential memory).
     fn build<'r>(rects: impl Iterator<Item = (&'r Ranges, &'r Ranges)>) -> Self {
-        // The distinct port sets; per rectangle its set, its intervals, the
-        // next one and whether the sweep is inside it.
-        let mut sets: Vec<&Ranges> = Vec::new();
-        let mut set_of: HashMap<&Ranges, usize> = HashMap::new();
-        let mut runs: Vec<(usize, &[(u128, u128)], usize, bool)> = Vec::new();
-        // Pending events: (position, rectangle), smallest first.
-        let mut heap: BinaryHeap<Reverse<(u128, usize)>> = BinaryHeap::new();
-        for (peers, p) in rects {
-            let id = *set_of.entry(p).or_insert_with(|| {
-                sets.push(p);
-                sets.len() - 1
-            });
-            if let Some(&(lo, _)) = peers.intervals().first() {
-                heap.push(Reverse((lo, runs.len())));
-                runs.push((id, peers.intervals(), 0, false));
-            }
-        }
-
-        let mut ports: Vec<Ranges> = Vec::new();
-        let mut label_of: HashMap<Ranges, usize> = HashMap::new();
-        let mut intern = |r: Ranges, ports: &mut Vec<Ranges>| {
-            *label_of.entry(r).or_insert_with_key(|r| {
-                ports.push(r.clone());
-                ports.len() - 1
+        let mut labels = Labels::default();
+        let mut lists: Vec<Vec<(u128, u128, usize)>> = rects
+            .map(|(peers, p)| {
+                let l = labels.intern(p);
+                peers.intervals().iter().map(|&(lo, hi)| (lo, hi, l)).collect()
             })
-        };
-        // Labels by active sets: one set alone (the usual case) or several.
-        let mut single: Vec<Option<usize>> = vec![None; sets.len()];
-        let mut several: HashMap<Vec<usize>, usize> = HashMap::new();
-        // Per set the number of rectangles inside; the sets with any, and
-        // where each is in that list.
-        let mut count = vec![0u32; sets.len()];
-        let mut active: Vec<usize> = Vec::new();
-        let mut slot = vec![usize::MAX; sets.len()];
-        let mut label: Option<usize> = None;
-        let mut segs: Vec<(u128, u128, usize)> = Vec::new();
-        while let Some(&Reverse((pos, _))) = heap.peek() {
-            let mut changed = false;
-            while let Some(&Reverse((at, r))) = heap.peek() {
-                if at != pos {
-                    break;
-                }
-                heap.pop();
-                let run = &mut runs[r];
-                let id = run.0;
-                if run.3 {
-                    // Leaving interval run.2 at its end + 1.
-                    run.3 = false;
-                    run.2 += 1;
-                    if let Some(&(lo, _)) = run.1.get(run.2) {
-                        heap.push(Reverse((lo, r)));
-                    }
-                    count[id] -= 1;
-                    if count[id] == 0 {
-                        let at = slot[id];
-                        active.swap_remove(at);
-                        if let Some(&moved) = active.get(at) {
-                            slot[moved] = at;
-                        }
-                        changed = true;
-                    }
-                } else {
-                    run.3 = true;
-                    let hi = run.1[run.2].1;
-                    if hi < u128::MAX {
-                        heap.push(Reverse((hi + 1, r)));
-                    }
-                    count[id] += 1;
-                    if count[id] == 1 {
-                        slot[id] = active.len();
-                        active.push(id);
-                        changed = true;
-                    }
-                }
+            .collect();
+        while lists.len() > 1 {
+            let mut next = Vec::with_capacity(lists.len().div_ceil(2));
+            let mut it = lists.into_iter();
+            while let Some(a) = it.next() {
+                next.push(match it.next() {
+                    Some(b) => merge(&a, &b, &mut labels),
+                    None => a,
+                });
             }
-            if changed {
-                label = match *active.as_slice() {
-                    [] => None,
-                    [id] => Some(*single[id].get_or_insert_with(|| intern(sets[id].clone(), &mut ports))),
-                    _ => {
-                        let mut key = active.clone();
-                        key.sort_unstable();
-                        Some(match several.get(&key) {
-                            Some(&l) => l,
-                            None => {
-                                let u = key
-                                    .iter()
-                                    .fold(Ranges::empty(), |acc, &id| acc.union(sets[id]));
-                                let l = intern(u, &mut ports);
-                                several.insert(key, l);
-                                l
-                            }
-                        })
-                    }
-                };
-            }
-            let Some(l) = label else {
-                continue;
-            };
-            let end = heap.peek().map_or(u128::MAX, |next| next.0 .0 - 1);
-            match segs.last_mut() {
-                Some((_, hi, last)) if *last == l && *hi + 1 == pos => *hi = end,
-                _ => segs.push((pos, end, l)),
-            }
+            lists = next;
         }
-        Coverage { segs, ports }
+        Coverage {
+            segs: lists.pop().unwrap_or_default(),
+            ports: labels.ports,
+        }
     }
 
     /// Calls `f(lo, hi, label)` for consecutive parts of `peers`, in order:
@@ -254,6 +170,109 @@ impl Coverage {
             }
         }
     }
+}
+
+/// The port sets of a coverage, each once, and the unions of pairs.
+#[derive(Default)]
+struct Labels {
+    ports: Vec<Ranges>,
+    index: HashMap<Ranges, usize>,
+    unions: HashMap<(usize, usize), usize>,
+}
+
+impl Labels {
+    fn intern(&mut self, r: &Ranges) -> usize {
+        if let Some(&l) = self.index.get(r) {
+            return l;
+        }
+        self.ports.push(r.clone());
+        self.index.insert(r.clone(), self.ports.len() - 1);
+        self.ports.len() - 1
+    }
+
+    fn union(&mut self, a: usize, b: usize) -> usize {
+        if a == b {
+            return a;
+        }
+        let key = (a.min(b), a.max(b));
+        if let Some(&l) = self.unions.get(&key) {
+            return l;
+        }
+        let u = self.ports[a].union(&self.ports[b]);
+        let l = self.intern(&u);
+        self.unions.insert(key, l);
+        l
+    }
+}
+
+/// Appends a segment, merging it with the last one if they touch and have
+/// the same label.
+fn push_seg(out: &mut Vec<(u128, u128, usize)>, lo: u128, hi: u128, l: usize) {
+    match out.last_mut() {
+        Some((_, last_hi, last_l)) if *last_l == l && *last_hi + 1 == lo => *last_hi = hi,
+        _ => out.push((lo, hi, l)),
+    }
+}
+
+/// The union of two coverages: where both cover, the union of the labels.
+fn merge(
+    a: &[(u128, u128, usize)],
+    b: &[(u128, u128, usize)],
+    labels: &mut Labels,
+) -> Vec<(u128, u128, usize)> {
+    let mut out = Vec::with_capacity(a.len() + b.len());
+    let (mut i, mut j) = (0, 0);
+    // The parts of a[i] and b[j] not yet written.
+    let mut x = a.first().copied();
+    let mut y = b.first().copied();
+    loop {
+        match (x, y) {
+            (None, None) => break,
+            (Some((lo, hi, l)), None) => {
+                push_seg(&mut out, lo, hi, l);
+                i += 1;
+                x = a.get(i).copied();
+            }
+            (None, Some((lo, hi, l))) => {
+                push_seg(&mut out, lo, hi, l);
+                j += 1;
+                y = b.get(j).copied();
+            }
+            (Some((al, ah, la)), Some((bl, bh, lb))) => {
+                if ah < bl {
+                    push_seg(&mut out, al, ah, la);
+                    i += 1;
+                    x = a.get(i).copied();
+                } else if bh < al {
+                    push_seg(&mut out, bl, bh, lb);
+                    j += 1;
+                    y = b.get(j).copied();
+                } else if al < bl {
+                    push_seg(&mut out, al, bl - 1, la);
+                    x = Some((bl, ah, la));
+                } else if bl < al {
+                    push_seg(&mut out, bl, al - 1, lb);
+                    y = Some((al, bh, lb));
+                } else {
+                    let hi = ah.min(bh);
+                    push_seg(&mut out, al, hi, labels.union(la, lb));
+                    if ah == hi {
+                        i += 1;
+                        x = a.get(i).copied();
+                    } else {
+                        x = Some((hi + 1, ah, la));
+                    }
+                    if bh == hi {
+                        j += 1;
+                        y = b.get(j).copied();
+                    } else {
+                        y = Some((hi + 1, bh, lb));
+                    }
+                }
+            }
+        }
+    }
+    out
 }
 
 /// The entries that allow something in a cell, with the ports they allow
