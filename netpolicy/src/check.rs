@@ -122,7 +122,11 @@ impl Coverage {
         let mut lists: Vec<Vec<(u128, u128, usize)>> = rects
             .map(|(peers, p)| {
                 let l = labels.intern(p);
-                peers.intervals().iter().map(|&(lo, hi)| (lo, hi, l)).collect()
+                peers
+                    .intervals()
+                    .iter()
+                    .map(|&(lo, hi)| (lo, hi, l))
+                    .collect()
             })
             .collect();
         while lists.len() > 1 {
@@ -298,8 +302,9 @@ impl<'a> Cells<'a> {
         }
     }
 
-    fn get(&mut self, dir: Direction, proto: Proto, fam: Family) -> &Coverage {
-        let i = match self.cell.get(&(dir, proto, fam)) {
+    /// The coverage of a cell, as an index into `built`.
+    fn index(&mut self, dir: Direction, proto: Proto, fam: Family) -> usize {
+        match self.cell.get(&(dir, proto, fam)) {
             Some(&i) => i,
             None => {
                 let entries = self.entries;
@@ -311,18 +316,68 @@ impl<'a> Cells<'a> {
                     .filter(|(_, p)| !p.is_empty())
                     .collect();
                 let built = &mut self.built;
-                let i = *self.by_signature.entry((fam, rects)).or_insert_with_key(|(_, rects)| {
-                    built.push(Coverage::build(
-                        rects.iter().map(|&(i, p)| (entries[i].peers.family(fam), p)),
-                    ));
-                    built.len() - 1
-                });
+                let i = *self
+                    .by_signature
+                    .entry((fam, rects))
+                    .or_insert_with_key(|(_, rects)| {
+                        built.push(Coverage::build(
+                            rects
+                                .iter()
+                                .map(|&(i, p)| (entries[i].peers.family(fam), p)),
+                        ));
+                        built.len() - 1
+                    });
                 self.cell.insert((dir, proto, fam), i);
                 i
             }
-        };
-        &self.built[i]
+        }
     }
+}
+
+/// The parts of `peers` the coverage does not allow all of `ports` to,
+/// grouped by the ports missing: (missing ports, peers), in first-seen order.
+fn missing_parts(cov: &Coverage, peers: &Ranges, ports: &Ranges) -> Vec<(Ranges, Ranges)> {
+    // Per label of the coverage, its group (None: nothing missing); the
+    // uncovered parts miss all of `ports`.
+    let mut groups: Groups<Ranges, (Ranges, Ranges)> = Groups::new();
+    let mut group_at: Vec<Option<Option<usize>>> = vec![None; cov.ports.len()];
+    let mut uncovered: Option<usize> = None;
+    cov.walk(peers, |lo, hi, label| {
+        let group = match label {
+            None if ports.is_empty() => None,
+            None => Some(*uncovered.get_or_insert_with(|| {
+                groups.index(ports.clone(), || (ports.clone(), Ranges::empty()))
+            })),
+            Some(l) => *group_at[l].get_or_insert_with(|| {
+                let m = ports.subtract(&cov.ports[l]);
+                (!m.is_empty()).then(|| groups.index(m.clone(), || (m, Ranges::empty())))
+            }),
+        };
+        if let Some(g) = group {
+            groups.items[g].1.push(lo, hi);
+        }
+    });
+    groups.items
+}
+
+/// The parts of `peers` the coverage allows some of `ports` to, grouped by
+/// those ports: (common ports, peers), in first-seen order.
+fn common_parts(cov: &Coverage, peers: &Ranges, ports: &Ranges) -> Vec<(Ranges, Ranges)> {
+    let mut groups: Groups<Ranges, (Ranges, Ranges)> = Groups::new();
+    let mut group_at: Vec<Option<Option<usize>>> = vec![None; cov.ports.len()];
+    cov.walk(peers, |lo, hi, label| {
+        let Some(l) = label else {
+            return;
+        };
+        let group = *group_at[l].get_or_insert_with(|| {
+            let q = ports.intersect(&cov.ports[l]);
+            (!q.is_empty()).then(|| groups.index(q.clone(), || (q, Ranges::empty())))
+        });
+        if let Some(g) = group {
+            groups.items[g].1.push(lo, hi);
+        }
+    });
+    groups.items
 }
 
 /// The parts of `sub`'s entries that `cluster` does not allow (empty: contained).
@@ -333,6 +388,8 @@ pub fn excess(sub: &Boundary, cluster: &Boundary) -> Vec<Excess> {
 fn excess_in(sub: &Boundary, cells: &mut Cells<'_>) -> Vec<Excess> {
     let mut out = Vec::new();
     for e in &sub.allow {
+        // Cells with the same coverage and ports have the same parts.
+        let mut done: HashMap<(usize, &Ranges), Vec<(Ranges, Ranges)>> = HashMap::new();
         for &dir in &e.directions {
             for (&proto, ports) in &e.protocols {
                 for fam in FAMILIES {
@@ -340,30 +397,12 @@ fn excess_in(sub: &Boundary, cells: &mut Cells<'_>) -> Vec<Excess> {
                     if peers.is_empty() {
                         continue;
                     }
-                    let cov = cells.get(dir, proto, fam);
-                    // The parts that miss the same ports are grouped (the
-                    // uncovered parts miss all of `ports`); per label of the
-                    // coverage, its group (None: nothing missing).
-                    let mut groups: Groups<Ranges, (Ranges, Ranges)> = Groups::new();
-                    let mut group_at: Vec<Option<Option<usize>>> = vec![None; cov.ports.len()];
-                    let mut uncovered: Option<usize> = None;
-                    cov.walk(peers, |lo, hi, label| {
-                        let group = match label {
-                            None if ports.is_empty() => None,
-                            None => Some(*uncovered.get_or_insert_with(|| {
-                                groups.index(ports.clone(), || (ports.clone(), Ranges::empty()))
-                            })),
-                            Some(l) => *group_at[l].get_or_insert_with(|| {
-                                let m = ports.subtract(&cov.ports[l]);
-                                (!m.is_empty()).then(|| groups.index(m.clone(), || (m, Ranges::empty())))
-                            }),
-                        };
-                        if let Some(g) = group {
-                            groups.items[g].1.push(lo, hi);
-                        }
-                    });
-                    for (m, p) in groups.items {
-                        out.push(Excess::new(&e.name, dir, proto, fam, p, m));
+                    let i = cells.index(dir, proto, fam);
+                    let parts = done
+                        .entry((i, ports))
+                        .or_insert_with(|| missing_parts(&cells.built[i], peers, ports));
+                    for (m, p) in parts.iter() {
+                        out.push(Excess::new(&e.name, dir, proto, fam, p.clone(), m.clone()));
                     }
                 }
             }
@@ -426,6 +465,8 @@ fn intersection_in(sub: &Boundary, cells: &mut Cells<'_>) -> Vec<EntryDoc> {
     for e in &sub.allow {
         // (direction, protocol, ports) → peers allowed so, in both families.
         let mut parts: Groups<Cell, (Cell, Peers)> = Groups::new();
+        // Cells with the same coverage and ports have the same parts.
+        let mut done: HashMap<(usize, &Ranges), Vec<(Ranges, Ranges)>> = HashMap::new();
         for &dir in &e.directions {
             for (&proto, ports) in &e.protocols {
                 for fam in FAMILIES {
@@ -433,30 +474,16 @@ fn intersection_in(sub: &Boundary, cells: &mut Cells<'_>) -> Vec<EntryDoc> {
                     if peers.is_empty() {
                         continue;
                     }
-                    let cov = cells.get(dir, proto, fam);
-                    // Per distinct common port set, its peers (in order);
-                    // per label of the coverage, its group (None: no port).
-                    let mut by_ports: Groups<Ranges, (Ranges, Ranges)> = Groups::new();
-                    let mut group_at: Vec<Option<Option<usize>>> = vec![None; cov.ports.len()];
-                    cov.walk(peers, |lo, hi, label| {
-                        let Some(l) = label else {
-                            return;
-                        };
-                        let group = *group_at[l].get_or_insert_with(|| {
-                            let q = ports.intersect(&cov.ports[l]);
-                            (!q.is_empty())
-                                .then(|| by_ports.index(q.clone(), || (q, Ranges::empty())))
-                        });
-                        if let Some(g) = group {
-                            by_ports.items[g].1.push(lo, hi);
-                        }
-                    });
-                    for (q, p) in by_ports.items {
-                        let key = (dir, proto, q);
+                    let i = cells.index(dir, proto, fam);
+                    let by_ports = done
+                        .entry((i, ports))
+                        .or_insert_with(|| common_parts(&cells.built[i], peers, ports));
+                    for (q, p) in by_ports.iter() {
+                        let key = (dir, proto, q.clone());
                         let part = parts.get(key.clone(), || (key, Peers::default()));
                         match fam {
-                            Family::V4 => part.1.v4 = p,
-                            Family::V6 => part.1.v6 = p,
+                            Family::V4 => part.1.v4 = p.clone(),
+                            Family::V6 => part.1.v6 = p.clone(),
                         }
                     }
                 }
@@ -503,28 +530,54 @@ fn intersection_in(sub: &Boundary, cells: &mut Cells<'_>) -> Vec<EntryDoc> {
                 }
                 k += 1;
                 let name = derive_name(&e.name, &mut k, &mut used);
-                let everything = protos.len() == Proto::ALL.len()
-                    && protos.iter().all(|(_, q)| *q == all_ports());
-                docs.push(EntryDoc {
-                    name,
-                    peers: cidrs.clone(),
-                    direction,
-                    protocols: (!everything).then(|| {
-                        protos
-                            .into_iter()
-                            .map(|(proto, q)| ProtoDoc {
-                                proto,
-                                ports: (proto.has_ports() && q != all_ports()).then(|| {
-                                    q.to_strings().into_iter().map(PortSpec::Text).collect()
-                                }),
-                            })
-                            .collect()
-                    }),
-                });
+                docs.push(entry_doc(name, cidrs.clone(), direction, protos));
             }
         }
     }
     docs
+}
+
+fn entry_doc(
+    name: String,
+    peers: Vec<String>,
+    direction: Direction,
+    protos: Vec<(Proto, Ranges)>,
+) -> EntryDoc {
+    let everything =
+        protos.len() == Proto::ALL.len() && protos.iter().all(|(_, q)| *q == all_ports());
+    EntryDoc {
+        name,
+        peers,
+        direction,
+        protocols: (!everything).then(|| {
+            protos
+                .into_iter()
+                .map(|(proto, q)| ProtoDoc {
+                    proto,
+                    ports: (proto.has_ports() && q != all_ports())
+                        .then(|| q.to_strings().into_iter().map(PortSpec::Text).collect()),
+                })
+                .collect()
+        }),
+    }
+}
+
+/// A boundary's allow entries as documents, groups resolved (peers merged
+/// into the fewest CIDRs): what a boundary allows, by itself.
+pub fn entries_as_docs(b: &Boundary) -> Vec<EntryDoc> {
+    b.allow
+        .iter()
+        .map(|e| {
+            let mut peers = crate::model::to_cidrs(Family::V4, &e.peers.v4);
+            peers.extend(crate::model::to_cidrs(Family::V6, &e.peers.v6));
+            let direction = match e.directions.as_slice() {
+                [d] => *d,
+                _ => Direction::Both,
+            };
+            let protos = e.protocols.iter().map(|(p, q)| (*p, q.clone())).collect();
+            entry_doc(e.name.clone(), peers, direction, protos)
+        })
+        .collect()
 }
 
 /// A fast hash of a set of peers (SipHash over 100k intervals is slow).
@@ -806,21 +859,37 @@ protocols = [{ proto = "tcp", ports = [22] }]
 
     /// Excess parts normalised: per (entry, direction, protocol, family,
     /// missing ports), the union of the peers; sorted.
-    type Normal = Vec<(String, Direction, Proto, Family, Vec<(u128, u128)>, Vec<(u128, u128)>)>;
+    type Normal = Vec<(
+        String,
+        Direction,
+        Proto,
+        Family,
+        Vec<(u128, u128)>,
+        Vec<(u128, u128)>,
+    )>;
 
     fn normal(parts: Vec<reference::Part>) -> Normal {
         let mut m: HashMap<(String, Direction, Proto, Family, Ranges), Ranges> = HashMap::new();
         for (entry, dir, proto, cidrs, ports) in parts {
             for c in cidrs {
                 let (fam, lo, hi) = crate::model::parse_cidr(&c).unwrap();
-                let set = m.entry((entry.clone(), dir, proto, fam, ports.clone())).or_default();
+                let set = m
+                    .entry((entry.clone(), dir, proto, fam, ports.clone()))
+                    .or_default();
                 *set = set.union(&Ranges::interval(lo, hi));
             }
         }
         let mut v: Normal = m
             .into_iter()
             .map(|((e, d, p, f, ports), peers)| {
-                (e, d, p, f, ports.intervals().to_vec(), peers.intervals().to_vec())
+                (
+                    e,
+                    d,
+                    p,
+                    f,
+                    ports.intervals().to_vec(),
+                    peers.intervals().to_vec(),
+                )
             })
             .collect();
         v.sort();
@@ -1088,6 +1157,13 @@ protocols = [{ proto = "tcp", ports = ["80-81"] }]
 
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn a_boundary_as_documents_allows_the_same(c in arb_boundary()) {
+            let d = BoundaryDoc { allow: entries_as_docs(&c), ..Default::default() }.validate(false).unwrap();
+            prop_assert!(excess(&d, &c).is_empty() && excess(&c, &d).is_empty());
+            prop_assert_eq!(d.allow.len(), c.allow.len());
+        }
 
         #[test]
         fn sweep_excess_equals_the_reference(c in arb_boundary(), s in arb_boundary()) {

@@ -711,7 +711,18 @@ mod tests {
 
     #[test]
     fn cidrs_format_as_std() {
-        for v in [0u32, 1, 9, 10, 99, 100, 255, 0x0a00_0001, 0xc0a8_6401, u32::MAX] {
+        for v in [
+            0u32,
+            1,
+            9,
+            10,
+            99,
+            100,
+            255,
+            0x0a00_0001,
+            0xc0a8_6401,
+            u32::MAX,
+        ] {
             for len in [0, 8, 24, 32] {
                 let want = format!("{}/{len}", std::net::Ipv4Addr::from(v));
                 assert_eq!(format_cidr(Family::V4, u128::from(v), len), want);

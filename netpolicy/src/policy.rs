@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::check::{excess, intersection, narrow, Excess};
+use crate::check::{entries_as_docs, excess, intersection, narrow, Excess};
 use crate::model::{check_doc_size, parse_cidr, Boundary, BoundaryDoc, DocError, EntryDoc};
 use crate::nft::Ruleset;
 
@@ -159,10 +159,13 @@ impl Policy {
     /// cluster boundary without a sub-boundary. None without a boundary.
     pub fn effective(&self) -> Result<Option<Vec<EntryDoc>>, DocError> {
         match self.boundaries()? {
+            // Inside the cluster boundary (as stored), the sub-boundary is
+            // the intersection: its own entries, names kept.
+            Some((c, Some(s))) if excess(&s, &c).is_empty() => Ok(Some(entries_as_docs(&s))),
             Some((c, Some(s))) => Ok(Some(intersection(&s, &c))),
             // Without a sub-boundary the cluster boundary is what applies
-            // (narrowing it with itself resolves its groups).
-            Some((c, None)) => Ok(Some(intersection(&c, &c))),
+            // (its entries with the groups resolved).
+            Some((c, None)) => Ok(Some(entries_as_docs(&c))),
             None => Ok(None),
         }
     }
@@ -297,6 +300,38 @@ mod tests {
         let e = p.remove_peers("web", &["0.0.0.0/0".into()]).unwrap_err();
         assert!(e.field.ends_with(".peers"), "{e}");
         assert_eq!(p, before);
+    }
+
+    #[test]
+    fn effective_is_the_cluster_or_the_intersection() {
+        let mut p = policy();
+        let names = |p: &Policy| -> Vec<String> {
+            p.effective()
+                .unwrap()
+                .unwrap()
+                .into_iter()
+                .map(|e| e.name)
+                .collect()
+        };
+        assert_eq!(names(&p), ["cluster", "web"]);
+        let e = p.effective().unwrap().unwrap();
+        assert_eq!(e[0].peers, ["10.1.0.0/24", "fd01::/64"], "groups resolved");
+        let sub = parse_doc("[[allow]]\nname = \"all\"\npeers = [\"10.1.0.0/16\"]\n", "").unwrap();
+        p.set_sub(sub, true).unwrap();
+        assert_eq!(names(&p), ["all.1", "all.2"]);
+        // The landlord narrows the cluster boundary: the stored sub-boundary
+        // is intersected.
+        let mut c = p.cluster.clone().unwrap();
+        c.groups
+            .insert("cluster".into(), vec!["10.1.0.0/25".into()]);
+        p.set_cluster(c).unwrap();
+        assert_eq!(names(&p), ["all.1.1", "all.1.2", "all.2.1"]);
+        assert!(
+            parse_doc(&" ".repeat(crate::model::MAX_DOC_BYTES + 1), "")
+                .unwrap_err()
+                .field
+                == "document"
+        );
     }
 
     #[test]

@@ -46,7 +46,12 @@ fn cluster_doc(hosts: &[String]) -> BoundaryDoc {
         if mine.is_empty() {
             continue;
         }
-        writeln!(toml, "[[allow]]\nname = \"e{i}\"\npeers = [{}]", mine.join(",")).unwrap();
+        writeln!(
+            toml,
+            "[[allow]]\nname = \"e{i}\"\npeers = [{}]",
+            mine.join(",")
+        )
+        .unwrap();
         match i % 3 {
             0 => {}
             1 => toml.push_str(
@@ -59,7 +64,8 @@ fn cluster_doc(hosts: &[String]) -> BoundaryDoc {
 }
 
 fn tenant_all() -> BoundaryDoc {
-    BoundaryDoc::from_toml("[[allow]]\nname = \"all\"\npeers = [\"0.0.0.0/0\", \"::/0\"]\n").unwrap()
+    BoundaryDoc::from_toml("[[allow]]\nname = \"all\"\npeers = [\"0.0.0.0/0\", \"::/0\"]\n")
+        .unwrap()
 }
 
 fn tenant_some(hosts: &[String], rng: &mut StdRng) -> BoundaryDoc {
@@ -90,7 +96,11 @@ fn admits_cost(cluster: &Boundary, sub: &Boundary, rng: &mut StdRng) -> f64 {
         .collect();
     let flows: Vec<Flow> = (0..1_000_000)
         .map(|i| Flow {
-            direction: if i % 3 == 0 { Direction::Out } else { Direction::In },
+            direction: if i % 3 == 0 {
+                Direction::Out
+            } else {
+                Direction::In
+            },
             peer: if i % 2 == 0 {
                 hosts[rng.gen_range(0..hosts.len())]
             } else {
@@ -100,7 +110,12 @@ fn admits_cost(cluster: &Boundary, sub: &Boundary, rng: &mut StdRng) -> f64 {
             port: rng.gen(),
         })
         .collect();
-    let t = time(|| flows.iter().filter(|f| admits(cluster, Some(sub), f)).count());
+    let t = time(|| {
+        flows
+            .iter()
+            .filter(|f| admits(cluster, Some(sub), f))
+            .count()
+    });
     t[1].as_secs_f64() * 1e9 / flows.len() as f64
 }
 
@@ -130,7 +145,11 @@ fn cell(t: [Duration; 3]) -> String {
 
 fn main() {
     let mut out = String::new();
-    writeln!(out, "## Boundaries: restrictiveness check (excess, narrow, effective)\n").unwrap();
+    writeln!(
+        out,
+        "## Boundaries: restrictiveness check (excess, narrow, effective)\n"
+    )
+    .unwrap();
     writeln!(
         out,
         "`cargo bench -p leasehold-tests --bench boundary_check` (release; pure computation)\n"
@@ -141,7 +160,11 @@ fn main() {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
-    writeln!(out, "- virtualisation: {virt} (hardware-assisted VM, not TCG)\n").unwrap();
+    writeln!(
+        out,
+        "- virtualisation: {virt} (hardware-assisted VM, not TCG)\n"
+    )
+    .unwrap();
     writeln!(
         out,
         "Landlord: N random single hosts (90 % IPv4, 10 % IPv6 in fd00::/16) over {ENTRIES} entries \
@@ -188,7 +211,10 @@ fn main() {
             entries.len()
         )
         .unwrap();
-        let tenants = [("all", tenant_all()), ("300", tenant_some(&hosts, &mut rng))];
+        let tenants = [
+            ("all", tenant_all()),
+            ("300", tenant_some(&hosts, &mut rng)),
+        ];
         for (label, sdoc) in tenants {
             if label == "300" && n < 1_000 {
                 continue;
