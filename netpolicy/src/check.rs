@@ -174,6 +174,34 @@ impl Coverage {
             }
         }
     }
+
+    /// Whether the coverage allows `ports` to every address of `peers`;
+    /// stops at the first part it does not.
+    fn covers(&self, peers: &Ranges, ports: &Ranges) -> bool {
+        let mut ok_at: Vec<Option<bool>> = vec![None; self.ports.len()];
+        let mut j = 0;
+        for &(a, b) in peers.intervals() {
+            j += self.segs[j..].partition_point(|s| s.1 < a);
+            let mut lo = a;
+            loop {
+                match self.segs.get(j) {
+                    Some(&(c, d, l)) if c <= lo => {
+                        if !*ok_at[l].get_or_insert_with(|| ports.is_subset(&self.ports[l])) {
+                            return false;
+                        }
+                        if d >= b {
+                            break;
+                        }
+                        // Segments with different labels may touch.
+                        lo = d + 1;
+                        j += 1;
+                    }
+                    _ => return ports.is_empty(),
+                }
+            }
+        }
+        true
+    }
 }
 
 /// The port sets of a coverage, each once, and the unions of pairs.
@@ -429,6 +457,31 @@ pub fn intersection(sub: &Boundary, cluster: &Boundary) -> Vec<EntryDoc> {
 
 /// Direction, protocol and ports of a part of an entry.
 type Cell = (Direction, Proto, Ranges);
+
+/// What `sub` allows inside `cluster`, as entries: `sub`'s own entries
+/// (groups resolved, names kept) when it lies inside, else [`intersection`].
+/// One pass when it does not (the check stops at the first excess).
+pub fn effective_entries(sub: &Boundary, cluster: &Boundary) -> Vec<EntryDoc> {
+    let mut cells = Cells::new(&cluster.allow);
+    let inside = sub.allow.iter().all(|e| {
+        e.directions.iter().all(|&dir| {
+            e.protocols.iter().all(|(&proto, ports)| {
+                FAMILIES.into_iter().all(|fam| {
+                    let peers = e.peers.family(fam);
+                    peers.is_empty() || {
+                        let i = cells.index(dir, proto, fam);
+                        cells.built[i].covers(peers, ports)
+                    }
+                })
+            })
+        })
+    });
+    if inside {
+        entries_as_docs(sub)
+    } else {
+        intersection_in(sub, &mut cells)
+    }
+}
 
 /// A growing list of values with an index by key, in first-seen order.
 struct Groups<K, V> {
@@ -1163,6 +1216,18 @@ protocols = [{ proto = "tcp", ports = ["80-81"] }]
             let d = BoundaryDoc { allow: entries_as_docs(&c), ..Default::default() }.validate(false).unwrap();
             prop_assert!(excess(&d, &c).is_empty() && excess(&c, &d).is_empty());
             prop_assert_eq!(d.allow.len(), c.allow.len());
+        }
+
+        #[test]
+        fn effective_entries_are_the_intersection(c in arb_boundary(), s in arb_boundary()) {
+            let inside = excess(&s, &c).is_empty();
+            let docs = effective_entries(&s, &c);
+            prop_assert_eq!(inside, docs == entries_as_docs(&s) && (s.allow.is_empty() || docs.iter().zip(&s.allow).all(|(d, e)| d.name == e.name)));
+            let n = BoundaryDoc { allow: docs, ..Default::default() }.validate(false).unwrap();
+            for f in all_flows() {
+                let want = first_match(&s.allow, &f).is_some() && first_match(&c.allow, &f).is_some();
+                prop_assert_eq!(first_match(&n.allow, &f).is_some(), want, "{:?}", f);
+            }
         }
 
         #[test]

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::check::{entries_as_docs, excess, intersection, narrow, Excess};
+use crate::check::{effective_entries, entries_as_docs, excess, narrow, Excess};
 use crate::model::{check_doc_size, parse_cidr, Boundary, BoundaryDoc, DocError, EntryDoc};
 use crate::nft::Ruleset;
 
@@ -161,8 +161,7 @@ impl Policy {
         match self.boundaries()? {
             // Inside the cluster boundary (as stored), the sub-boundary is
             // the intersection: its own entries, names kept.
-            Some((c, Some(s))) if excess(&s, &c).is_empty() => Ok(Some(entries_as_docs(&s))),
-            Some((c, Some(s))) => Ok(Some(intersection(&s, &c))),
+            Some((c, Some(s))) => Ok(Some(effective_entries(&s, &c))),
             // Without a sub-boundary the cluster boundary is what applies
             // (its entries with the groups resolved).
             Some((c, None)) => Ok(Some(entries_as_docs(&c))),
