@@ -178,7 +178,7 @@ impl Coverage {
     /// Whether the coverage allows `ports` to every address of `peers`;
     /// stops at the first part it does not.
     fn covers(&self, peers: &Ranges, ports: &Ranges) -> bool {
-        let mut ok_at: Vec<Option<bool>> = vec![None; self.ports.len()];
+        let mut ok_at = PerLabel::new(self.ports.len(), peers);
         let mut j = 0;
         for &(a, b) in peers.intervals() {
             j += self.segs[j..].partition_point(|s| s.1 < a);
@@ -186,7 +186,7 @@ impl Coverage {
             loop {
                 match self.segs.get(j) {
                     Some(&(c, d, l)) if c <= lo => {
-                        if !*ok_at[l].get_or_insert_with(|| ports.is_subset(&self.ports[l])) {
+                        if !*ok_at.get_or_insert_with(l, || ports.is_subset(&self.ports[l])) {
                             return false;
                         }
                         if d >= b {
@@ -201,6 +201,31 @@ impl Coverage {
             }
         }
         true
+    }
+}
+
+/// A value per label of a coverage, computed on first use: a vector when
+/// the labels are few (or the walk long), else a map (a cluster with 10k
+/// distinct port sets must not cost a 10k vector per sub-boundary entry).
+enum PerLabel<T> {
+    Dense(Vec<Option<T>>),
+    Sparse(HashMap<usize, T>),
+}
+
+impl<T: Clone> PerLabel<T> {
+    fn new(labels: usize, peers: &Ranges) -> Self {
+        if labels <= 64 || labels <= 4 * peers.intervals().len() {
+            PerLabel::Dense(vec![None; labels])
+        } else {
+            PerLabel::Sparse(HashMap::new())
+        }
+    }
+
+    fn get_or_insert_with(&mut self, l: usize, f: impl FnOnce() -> T) -> &T {
+        match self {
+            PerLabel::Dense(v) => v[l].get_or_insert_with(f),
+            PerLabel::Sparse(m) => m.entry(l).or_insert_with(f),
+        }
     }
 }
 
@@ -368,7 +393,7 @@ fn missing_parts(cov: &Coverage, peers: &Ranges, ports: &Ranges) -> Vec<(Ranges,
     // Per label of the coverage, its group (None: nothing missing); the
     // uncovered parts miss all of `ports`.
     let mut groups: Groups<Ranges, (Ranges, Ranges)> = Groups::new();
-    let mut group_at: Vec<Option<Option<usize>>> = vec![None; cov.ports.len()];
+    let mut group_at = PerLabel::new(cov.ports.len(), peers);
     let mut uncovered: Option<usize> = None;
     cov.walk(peers, |lo, hi, label| {
         let group = match label {
@@ -376,7 +401,7 @@ fn missing_parts(cov: &Coverage, peers: &Ranges, ports: &Ranges) -> Vec<(Ranges,
             None => Some(*uncovered.get_or_insert_with(|| {
                 groups.index(ports.clone(), || (ports.clone(), Ranges::empty()))
             })),
-            Some(l) => *group_at[l].get_or_insert_with(|| {
+            Some(l) => *group_at.get_or_insert_with(l, || {
                 let m = ports.subtract(&cov.ports[l]);
                 (!m.is_empty()).then(|| groups.index(m.clone(), || (m, Ranges::empty())))
             }),
@@ -392,12 +417,12 @@ fn missing_parts(cov: &Coverage, peers: &Ranges, ports: &Ranges) -> Vec<(Ranges,
 /// those ports: (common ports, peers), in first-seen order.
 fn common_parts(cov: &Coverage, peers: &Ranges, ports: &Ranges) -> Vec<(Ranges, Ranges)> {
     let mut groups: Groups<Ranges, (Ranges, Ranges)> = Groups::new();
-    let mut group_at: Vec<Option<Option<usize>>> = vec![None; cov.ports.len()];
+    let mut group_at = PerLabel::new(cov.ports.len(), peers);
     cov.walk(peers, |lo, hi, label| {
         let Some(l) = label else {
             return;
         };
-        let group = *group_at[l].get_or_insert_with(|| {
+        let group = *group_at.get_or_insert_with(l, || {
             let q = ports.intersect(&cov.ports[l]);
             (!q.is_empty()).then(|| groups.index(q.clone(), || (q, Ranges::empty())))
         });
@@ -1102,6 +1127,49 @@ protocols = [{ proto = "tcp", ports = ["80-81"] }]
             .iter()
             .any(|x| !x.listed_in_full() && x.peers.len() == MAX_LISTED_PEERS));
         assert!(cut[0].to_string().contains("and more"), "{}", cut[0]);
+    }
+
+    #[test]
+    fn many_distinct_port_sets_agree_with_the_reference() {
+        // 100 entries with distinct ports (plus one overlapping all of
+        // them): more labels than the dense per-label cache takes.
+        let mut t = String::new();
+        for i in 0..100 {
+            t.push_str(&format!("[[allow]]\nname = \"e{i}\"\npeers = [\"10.0.{i}.0/24\"]\nprotocols = [{{ proto = \"tcp\", ports = [{i}] }}]\n"));
+        }
+        t.push_str("[[allow]]\nname = \"wide\"\npeers = [\"10.0.0.0/17\"]\nprotocols = [{ proto = \"tcp\", ports = [1000] }]\n");
+        let c = b(&t);
+        let s = b("[[allow]]\nname = \"s\"\npeers = [\"10.0.0.0/16\"]\nprotocols = [{ proto = \"tcp\", ports = [\"0-2000\"] }]\n");
+        assert_eq!(
+            normal(parts(&excess(&s, &c))),
+            normal(reference::excess(&s, &c))
+        );
+        let n = BoundaryDoc {
+            allow: intersection(&s, &c),
+            ..Default::default()
+        }
+        .validate(false)
+        .unwrap();
+        let r = BoundaryDoc {
+            allow: reference::narrow(&s, &c),
+            ..Default::default()
+        }
+        .validate(false)
+        .unwrap();
+        assert_eq!(n.allow.len(), 101, "one entry per port set");
+        for h in [0u32, 5, 99, 100, 127, 128, 255] {
+            for port in [0, 5, 99, 100, 1000, 2000] {
+                let f = flow(Direction::In, &format!("10.0.{h}.9"), Proto::Tcp, port);
+                assert_eq!(
+                    first_match(&n.allow, &f).is_some(),
+                    first_match(&r.allow, &f).is_some(),
+                    "{f:?}"
+                );
+            }
+        }
+        let inside = b("[[allow]]\nname = \"in\"\npeers = [\"10.0.7.0/24\"]\nprotocols = [{ proto = \"tcp\", ports = [7, 1000] }]\n");
+        assert_eq!(effective_entries(&inside, &c), entries_as_docs(&inside));
+        assert_ne!(effective_entries(&s, &c), entries_as_docs(&s));
     }
 
     // Small universe so random boundaries overlap often: 10.0.0.0/28 and

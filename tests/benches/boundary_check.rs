@@ -160,9 +160,18 @@ fn main() {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
+    let hypervisor = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "hypervisor"));
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
     writeln!(
         out,
-        "- virtualisation: {virt} (hardware-assisted VM, not TCG)\n"
+        "- virtualisation: `systemd-detect-virt`: {virt}; CPU flag `hypervisor`: {} (hardware-assisted VM, not TCG)\n\
+         - load average at start: {} (the cores are shared with other jobs: expect noise)\n",
+        if hypervisor { "yes" } else { "no" },
+        load.join(" ")
     )
     .unwrap();
     writeln!(
