@@ -2,11 +2,14 @@
 //! peers × direction × protocol × ports.
 //!
 //! The check works per cell (direction × protocol × address family): the
-//! cluster boundary's entries are swept once into its *coverage*, sorted
+//! cluster boundary's entries are merged once into its *coverage*, sorted
 //! disjoint peer intervals each labelled with the ports allowed there
-//! ([`Coverage`]); a sub-boundary entry's peer intervals are then walked
-//! against it in one merge. Cost: O(n log n) in the number of peer intervals
-//! (it was the product of the two counts).
+//! (`Coverage`, a balanced tree of pairwise merges); a sub-boundary entry's
+//! peer intervals are then walked against it (a binary search per interval,
+//! then a merge). Cost: O(n log n) in the number of peer intervals (it was
+//! the product of the two counts: 81 s at 100k landlord hosts, now ≈50 ms;
+//! docs/benchmarks.md "check"). Cells with the same entries and ports share
+//! a coverage. The quadratic algorithm stays in the tests as the reference.
 
 use std::collections::{HashMap, HashSet};
 use std::fmt;
