@@ -14,10 +14,11 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use crate::model::{
-    all_ports, cidr_blocks, format_cidr, Boundary, Direction, Entry, EntryDoc, Family, Peers,
-    PortSpec, Proto, ProtoDoc, MAX_NAME,
+    all_ports, cidr_blocks, format_cidr, Boundary, Direction, Entry, EntryDoc, Family, PortSpec,
+    Proto, ProtoDoc, MAX_NAME,
 };
 use crate::ranges::Ranges;
 
@@ -42,8 +43,9 @@ pub struct Excess {
     pub ports: Ranges,
     /// Address family of the part.
     pub family: Family,
-    /// Peers of the part, exactly (addresses of `family`).
-    pub set: Ranges,
+    /// Peers of the part, exactly (addresses of `family`; shared by the
+    /// parts of cells that have the same coverage, e.g. tcp and udp).
+    pub set: Arc<Ranges>,
 }
 
 impl Excess {
@@ -52,7 +54,7 @@ impl Excess {
         direction: Direction,
         proto: Proto,
         family: Family,
-        set: Ranges,
+        set: Arc<Ranges>,
         ports: Ranges,
     ) -> Self {
         let peers = cidr_blocks(family, &set)
@@ -441,11 +443,14 @@ pub fn excess(sub: &Boundary, cluster: &Boundary) -> Vec<Excess> {
     excess_in(sub, &mut Cells::new(&cluster.allow))
 }
 
+/// Ports missing and the peers that miss them.
+type Missing = (Ranges, Arc<Ranges>);
+
 fn excess_in(sub: &Boundary, cells: &mut Cells<'_>) -> Vec<Excess> {
     let mut out = Vec::new();
     for e in &sub.allow {
         // Cells with the same coverage and ports have the same parts.
-        let mut done: HashMap<(usize, &Ranges), Vec<(Ranges, Ranges)>> = HashMap::new();
+        let mut done: HashMap<(usize, &Ranges), Vec<Missing>> = HashMap::new();
         for &dir in &e.directions {
             for (&proto, ports) in &e.protocols {
                 for fam in FAMILIES {
@@ -454,9 +459,12 @@ fn excess_in(sub: &Boundary, cells: &mut Cells<'_>) -> Vec<Excess> {
                         continue;
                     }
                     let i = cells.index(dir, proto, fam);
-                    let parts = done
-                        .entry((i, ports))
-                        .or_insert_with(|| missing_parts(&cells.built[i], peers, ports));
+                    let parts = done.entry((i, ports)).or_insert_with(|| {
+                        missing_parts(&cells.built[i], peers, ports)
+                            .into_iter()
+                            .map(|(m, p)| (m, Arc::new(p)))
+                            .collect()
+                    });
                     for (m, p) in parts.iter() {
                         out.push(Excess::new(&e.name, dir, proto, fam, p.clone(), m.clone()));
                     }
@@ -544,10 +552,10 @@ fn intersection_in(sub: &Boundary, cells: &mut Cells<'_>) -> Vec<EntryDoc> {
     let mut docs = Vec::new();
     let mut used: HashSet<String> = HashSet::new();
     for e in &sub.allow {
-        // (direction, protocol, ports) → peers allowed so, in both families.
-        let mut parts: Groups<Cell, (Cell, Peers)> = Groups::new();
-        // Cells with the same coverage and ports have the same parts.
+        // Cells with the same coverage and ports have the same parts: each
+        // walk once (first), then only references to its results.
         let mut done: HashMap<(usize, &Ranges), Vec<(Ranges, Ranges)>> = HashMap::new();
+        let mut cells_of_e = Vec::new();
         for &dir in &e.directions {
             for (&proto, ports) in &e.protocols {
                 for fam in FAMILIES {
@@ -556,28 +564,31 @@ fn intersection_in(sub: &Boundary, cells: &mut Cells<'_>) -> Vec<EntryDoc> {
                         continue;
                     }
                     let i = cells.index(dir, proto, fam);
-                    let by_ports = done
-                        .entry((i, ports))
+                    done.entry((i, ports))
                         .or_insert_with(|| common_parts(&cells.built[i], peers, ports));
-                    for (q, p) in by_ports.iter() {
-                        let key = (dir, proto, q.clone());
-                        let part = parts.get(key.clone(), || (key, Peers::default()));
-                        match fam {
-                            Family::V4 => part.1.v4 = p.clone(),
-                            Family::V6 => part.1.v6 = p.clone(),
-                        }
-                    }
+                    cells_of_e.push((dir, proto, fam, (i, ports)));
                 }
+            }
+        }
+        // (direction, protocol, ports) → peers allowed so, per family.
+        let mut parts: Groups<Cell, (Cell, [&Ranges; 2])> = Groups::new();
+        for (dir, proto, fam, key) in cells_of_e {
+            for (q, p) in &done[&key] {
+                let cell = (dir, proto, q.clone());
+                let part = parts.get(cell.clone(), || (cell, [&EMPTY, &EMPTY]));
+                part.1[usize::from(fam == Family::V6)] = p;
             }
         }
         // Entries: one per set of peers and direction, with every protocol
         // those peers get; the same protocol and ports both ways → "both".
         // (Peers of 100k intervals: a cheap fingerprint, then equality.)
-        let mut by_peers: Vec<(Peers, Vec<Cell>)> = Vec::new();
+        let mut by_peers: Vec<([&Ranges; 2], Vec<Cell>)> = Vec::new();
         let mut seen: HashMap<u64, Vec<usize>> = HashMap::new();
         for (cell, peers) in parts.items {
-            let same = seen.entry(fingerprint(&peers)).or_default();
-            match same.iter().find(|&&i| by_peers[i].0 == peers) {
+            let same = seen.entry(fingerprint(peers)).or_default();
+            let equal =
+                |o: &[&Ranges; 2]| (0..2).all(|f| std::ptr::eq(o[f], peers[f]) || o[f] == peers[f]);
+            match same.iter().find(|&&i| equal(&by_peers[i].0)) {
                 Some(&i) => by_peers[i].1.push(cell),
                 None => {
                     same.push(by_peers.len());
@@ -603,8 +614,8 @@ fn intersection_in(sub: &Boundary, cells: &mut Cells<'_>) -> Vec<EntryDoc> {
                     _ => out[2].1.push((*proto, q.clone())),
                 }
             }
-            let mut cidrs = crate::model::to_cidrs(Family::V4, &peers.v4);
-            cidrs.extend(crate::model::to_cidrs(Family::V6, &peers.v6));
+            let mut cidrs = crate::model::to_cidrs(Family::V4, peers[0]);
+            cidrs.extend(crate::model::to_cidrs(Family::V6, peers[1]));
             for (direction, protos) in out {
                 if protos.is_empty() {
                     continue;
@@ -661,8 +672,12 @@ pub fn entries_as_docs(b: &Boundary) -> Vec<EntryDoc> {
         .collect()
 }
 
-/// A fast hash of a set of peers (SipHash over 100k intervals is slow).
-fn fingerprint(p: &Peers) -> u64 {
+/// No peers.
+static EMPTY: Ranges = Ranges::empty();
+
+/// A fast hash of a set of peers, IPv4 and IPv6 (SipHash over 100k
+/// intervals is slow).
+fn fingerprint(p: [&Ranges; 2]) -> u64 {
     let mix = |h: u64, x: u128| {
         // Truncation intended: both halves are mixed in.
         #[allow(clippy::cast_possible_truncation)]
@@ -670,7 +685,7 @@ fn fingerprint(p: &Peers) -> u64 {
         (h ^ a ^ b.rotate_left(29)).wrapping_mul(0x9e37_79b9_7f4a_7c15)
     };
     let mut h = 0u64;
-    for r in [&p.v4, &p.v6] {
+    for r in p {
         h = mix(h, r.intervals().len() as u128);
         for &(lo, hi) in r.intervals() {
             h = mix(mix(h, lo), hi);
@@ -742,6 +757,78 @@ pub fn first_match<'a>(entries: &'a [Entry], f: &Flow) -> Option<&'a str> {
 pub fn admits(cluster: &Boundary, sub: Option<&Boundary>, f: &Flow) -> bool {
     let any = |entries: &[Entry]| entries.iter().any(|e| matches(e, f));
     any(&cluster.failsafe) || (any(&cluster.allow) && sub.is_none_or(|s| any(&s.allow)))
+}
+
+/// [`admits`] with the boundaries' coverages built once (≈ the cost of one
+/// [`excess`]): then one binary search per boundary per flow, whatever the
+/// number of entries. For testing many flows (conntrack entries) at once.
+pub struct Admitter {
+    failsafe: Allows,
+    cluster: Allows,
+    sub: Option<Allows>,
+}
+
+/// A boundary's coverage of every cell.
+struct Allows {
+    cell: [usize; 16],
+    built: Vec<Coverage>,
+}
+
+impl Allows {
+    fn cell_index(dir: Direction, proto: Proto, fam: Family) -> usize {
+        let d = usize::from(dir != Direction::In);
+        let p = Proto::ALL.iter().position(|&x| x == proto).unwrap_or(0);
+        let f = usize::from(fam == Family::V6);
+        (d * 4 + p) * 2 + f
+    }
+
+    fn new(entries: &[Entry]) -> Self {
+        let mut cells = Cells::new(entries);
+        let mut cell = [0; 16];
+        for dir in [Direction::In, Direction::Out] {
+            for proto in Proto::ALL {
+                for fam in FAMILIES {
+                    cell[Self::cell_index(dir, proto, fam)] = cells.index(dir, proto, fam);
+                }
+            }
+        }
+        Allows {
+            cell,
+            built: cells.built,
+        }
+    }
+
+    fn allows(&self, f: &Flow) -> bool {
+        if f.direction == Direction::Both {
+            return false;
+        }
+        let (fam, addr) = match f.peer {
+            IpAddr::V4(a) => (Family::V4, u128::from(u32::from(a))),
+            IpAddr::V6(a) => (Family::V6, u128::from(a)),
+        };
+        let cov = &self.built[self.cell[Self::cell_index(f.direction, f.proto, fam)]];
+        let i = cov.segs.partition_point(|s| s.1 < addr);
+        cov.segs.get(i).is_some_and(|&(lo, _, l)| {
+            lo <= addr && (!f.proto.has_ports() || cov.ports[l].contains(u128::from(f.port)))
+        })
+    }
+}
+
+impl Admitter {
+    /// Builds the coverages of the failsafe entries and both boundaries.
+    pub fn new(cluster: &Boundary, sub: Option<&Boundary>) -> Self {
+        Admitter {
+            failsafe: Allows::new(&cluster.failsafe),
+            cluster: Allows::new(&cluster.allow),
+            sub: sub.map(|s| Allows::new(&s.allow)),
+        }
+    }
+
+    /// Same answer as [`admits`]; no allocation.
+    pub fn admits(&self, f: &Flow) -> bool {
+        self.failsafe.allows(f)
+            || (self.cluster.allows(f) && self.sub.as_ref().is_none_or(|s| s.allows(f)))
+    }
 }
 
 /// Why a flow is allowed or denied.
@@ -1355,13 +1442,16 @@ protocols = [{ proto = "tcp", ports = ["80-81"] }]
         }
 
         #[test]
-        fn explain_agrees_with_evaluating_both(c in arb_boundary(), s in arb_boundary(), f in arb_flow(), with_sub in any::<bool>()) {
+        fn explain_agrees_with_evaluating_both(c in arb_boundary(), s in arb_boundary(), fs in arb_boundary(), f in arb_flow(), with_sub in any::<bool>()) {
+            let mut c = c;
+            c.failsafe = fs.allow.into_iter().take(1).collect();
             let sub = with_sub.then_some(&s);
             let e = explain(&c, sub, &f);
             let want = first_match(&c.failsafe, &f).is_some()
                 || (first_match(&c.allow, &f).is_some() && sub.is_none_or(|s| first_match(&s.allow, &f).is_some()));
             prop_assert_eq!(e.allowed, want);
             prop_assert_eq!(admits(&c, sub, &f), want);
+            prop_assert_eq!(Admitter::new(&c, sub).admits(&f), want);
         }
     }
 }

@@ -7,7 +7,7 @@ pub struct Ranges(Vec<(u128, u128)>);
 
 impl Ranges {
     /// The empty set.
-    pub fn empty() -> Self {
+    pub const fn empty() -> Self {
         Self(Vec::new())
     }
 

@@ -13,7 +13,7 @@ use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::{Duration, Instant};
 
-use leasehold_netpolicy::check::{admits, intersection};
+use leasehold_netpolicy::check::{admits, intersection, Admitter};
 use leasehold_netpolicy::model::Family;
 use leasehold_netpolicy::policy::Policy;
 use leasehold_netpolicy::{excess, narrow, Boundary, BoundaryDoc, Direction, Flow, Proto};
@@ -83,8 +83,9 @@ fn tenant_some(hosts: &[String], rng: &mut StdRng) -> BoundaryDoc {
     .unwrap()
 }
 
-/// Nanoseconds per `admits` call (median of RUNS runs over 1M flows).
-fn admits_cost(cluster: &Boundary, sub: &Boundary, rng: &mut StdRng) -> f64 {
+/// Nanoseconds per `admits` call; milliseconds to build an `Admitter` and
+/// nanoseconds per `Admitter::admits` (medians of RUNS runs over 1M flows).
+fn admits_cost(cluster: &Boundary, sub: &Boundary, rng: &mut StdRng) -> (f64, f64, f64) {
     let hosts: Vec<IpAddr> = cluster
         .allow
         .iter()
@@ -116,22 +117,39 @@ fn admits_cost(cluster: &Boundary, sub: &Boundary, rng: &mut StdRng) -> f64 {
             .filter(|f| admits(cluster, Some(sub), f))
             .count()
     });
-    t[1].as_secs_f64() * 1e9 / flows.len() as f64
+    let build = time(|| Admitter::new(cluster, Some(sub)));
+    let a = Admitter::new(cluster, Some(sub));
+    assert!(flows
+        .iter()
+        .take(10_000)
+        .all(|f| a.admits(f) == admits(cluster, Some(sub), f)));
+    let prebuilt = time(|| flows.iter().filter(|f| a.admits(f)).count());
+    let per = |t: [Duration; 4]| t[1].as_secs_f64() * 1e9 / flows.len() as f64;
+    (per(t), build[1].as_secs_f64() * 1e3, per(prebuilt))
 }
 
-fn time<T>(mut f: impl FnMut() -> T) -> [Duration; 3] {
-    let mut v: Vec<Duration> = (0..RUNS)
+/// This thread's CPU time (unlike wall time, not inflated while other jobs
+/// hold the shared cores).
+fn cpu_now() -> Duration {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID).unwrap();
+    Duration::from(t)
+}
+
+/// Min / median / max wall time and median CPU time of RUNS runs.
+fn time<T>(mut f: impl FnMut() -> T) -> [Duration; 4] {
+    let (mut wall, mut cpu): (Vec<Duration>, Vec<Duration>) = (0..RUNS)
         .map(|_| {
-            let t = Instant::now();
+            let (t, c) = (Instant::now(), cpu_now());
             black_box(f());
-            t.elapsed()
+            (t.elapsed(), cpu_now() - c)
         })
-        .collect();
-    v.sort();
-    [v[0], v[RUNS / 2], v[RUNS - 1]]
+        .unzip();
+    wall.sort();
+    cpu.sort();
+    [wall[0], wall[RUNS / 2], wall[RUNS - 1], cpu[RUNS / 2]]
 }
 
-fn cell(t: [Duration; 3]) -> String {
+fn cell(t: [Duration; 4]) -> String {
     let ms = |d: Duration| {
         let x = d.as_secs_f64() * 1e3;
         if x < 1.0 {
@@ -140,7 +158,7 @@ fn cell(t: [Duration; 3]) -> String {
             format!("{x:.1}")
         }
     };
-    format!("{} / {} / {}", ms(t[0]), ms(t[1]), ms(t[2]))
+    format!("{} / {} / {} ({})", ms(t[0]), ms(t[1]), ms(t[2]), ms(t[3]))
 }
 
 fn main() {
@@ -181,7 +199,7 @@ fn main() {
          0.0.0.0/0 + ::/0, every protocol; tenant \"300\": 300 hosts, half of them the landlord's, \
          tcp 443,8080 and udp. `excess` and `narrow` take validated boundaries; `effective` is \
          `Policy::effective()` with the sub-boundary stored (it validates both documents, then \
-         intersects, or gives the sub-boundary's own entries when it lies inside); tenant \"none\": no sub-boundary, `effective` is the cluster boundary. Milliseconds, min / median / max of {RUNS} runs. Before issue 13 (quadratic \
+         intersects, or gives the sub-boundary's own entries when it lies inside); tenant \"none\": no sub-boundary, `effective` is the cluster boundary. Milliseconds of wall time, min / median / max of {RUNS} runs, and in parentheses the median of the thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`), which the other jobs on the shared cores do not inflate. Before issue 13 (quadratic \
          check) excess + narrow took 10 s at 32k and 81 s at 100k hosts, effective 24 s at 100k.\n"
     )
     .unwrap();
@@ -258,15 +276,18 @@ fn main() {
     }
     writeln!(
         out,
-        "\n`admits(cluster, Some(sub), flow)` (the conntrack cut's test; tenant \"all\"; 1M random \
-         flows, half of them from the landlord's hosts; median of {RUNS} runs): {}.",
-        admits_ns
-            .iter()
-            .map(|(n, ns)| format!("{ns:.0} ns per flow at {n} peers"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        "\nTesting flows (the conntrack cut; tenant \"all\"; 1M random flows, half of them from the \
+         landlord's hosts; medians of {RUNS} runs): `admits(cluster, Some(sub), flow)` / \
+         `Admitter::new(cluster, Some(sub))` once / `Admitter::admits(flow)`:\n"
     )
     .unwrap();
+    for (n, (plain, build, pre)) in &admits_ns {
+        writeln!(
+            out,
+            "- {n} peers: {plain:.0} ns per flow / built in {build:.1} ms / {pre:.0} ns per flow"
+        )
+        .unwrap();
+    }
     if only.is_some() {
         println!("{out}");
         return;
