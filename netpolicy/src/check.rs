@@ -440,15 +440,25 @@ fn common_parts(cov: &Coverage, peers: &Ranges, ports: &Ranges) -> Vec<(Ranges, 
 
 /// The parts of `sub`'s entries that `cluster` does not allow (empty: contained).
 pub fn excess(sub: &Boundary, cluster: &Boundary) -> Vec<Excess> {
-    excess_in(sub, &mut Cells::new(&cluster.allow))
+    excess_in(sub, &mut Cells::new(&cluster.allow), usize::MAX)
+}
+
+/// The first `limit` parts of [`excess`] (in the same order): enough for a
+/// refusal's reason, without computing (and holding) every part of a large
+/// sub-boundary.
+pub fn excess_upto(sub: &Boundary, cluster: &Boundary, limit: usize) -> Vec<Excess> {
+    excess_in(sub, &mut Cells::new(&cluster.allow), limit)
 }
 
 /// Ports missing and the peers that miss them.
 type Missing = (Ranges, Arc<Ranges>);
 
-fn excess_in(sub: &Boundary, cells: &mut Cells<'_>) -> Vec<Excess> {
+fn excess_in(sub: &Boundary, cells: &mut Cells<'_>, limit: usize) -> Vec<Excess> {
     let mut out = Vec::new();
     for e in &sub.allow {
+        if out.len() >= limit {
+            break;
+        }
         // Cells with the same coverage and ports have the same parts.
         let mut done: HashMap<(usize, &Ranges), Vec<Missing>> = HashMap::new();
         for &dir in &e.directions {
@@ -465,7 +475,7 @@ fn excess_in(sub: &Boundary, cells: &mut Cells<'_>) -> Vec<Excess> {
                             .map(|(m, p)| (m, Arc::new(p)))
                             .collect()
                     });
-                    for (m, p) in parts.iter() {
+                    for (m, p) in parts.iter().take(limit.saturating_sub(out.len())) {
                         out.push(Excess::new(&e.name, dir, proto, fam, p.clone(), m.clone()));
                     }
                 }
@@ -480,7 +490,7 @@ fn excess_in(sub: &Boundary, cells: &mut Cells<'_>) -> Vec<Excess> {
 pub fn narrow(sub: &Boundary, cluster: &Boundary) -> (Vec<EntryDoc>, Vec<Excess>) {
     let mut cells = Cells::new(&cluster.allow);
     let docs = intersection_in(sub, &mut cells);
-    (docs, excess_in(sub, &mut cells))
+    (docs, excess_in(sub, &mut cells, usize::MAX))
 }
 
 /// The intersection of `sub` with `cluster` as entries (the first half of
@@ -1394,6 +1404,9 @@ protocols = [{ proto = "tcp", ports = ["80-81"] }]
             prop_assert_eq!(normal(parts(&ex)), normal(reference::excess(&s, &c)));
             // One part per (entry, direction, protocol, family, missing ports).
             prop_assert_eq!(normal(parts(&ex)).len(), ex.len());
+            for n in 0..4 {
+                prop_assert_eq!(&excess_upto(&s, &c, n)[..], &ex[..n.min(ex.len())]);
+            }
         }
 
         #[test]

@@ -4,9 +4,13 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::check::{effective_entries, entries_as_docs, excess, narrow, Excess};
+use crate::check::{effective_entries, entries_as_docs, excess_upto, narrow, Excess};
 use crate::model::{check_doc_size, parse_cidr, Boundary, BoundaryDoc, DocError, EntryDoc};
 use crate::nft::Ruleset;
+
+/// Parts of the excess computed for a refusal's reason (one is named, the
+/// rest counted up to this).
+const REFUSAL_PARTS: usize = 100;
 
 /// Version of the stored format.
 pub const FORMAT: u32 = 1;
@@ -122,34 +126,41 @@ impl Policy {
             ));
         };
         let sub = doc.validate(false)?;
-        let wide = excess(&sub, &cluster);
+        // The reason names the first part; a huge document is not expanded
+        // further than needed to say so.
+        let wide = excess_upto(&sub, &cluster, REFUSAL_PARTS + 1);
         if wide.is_empty() {
             self.sub = Some(doc);
             return Ok(SubOutcome { cut: Vec::new() });
         }
         if !narrow_it {
             let first = &wide[0];
+            let more = match wide.len() - 1 {
+                0 => String::new(),
+                n if n > REFUSAL_PARTS - 1 => format!(" (and over {} more)", REFUSAL_PARTS - 1),
+                n => format!(" (and {n} more)"),
+            };
             return Err(err(
                 format!("allow.{}", first.entry),
-                format!(
-                    "wider than the cluster boundary: {}{}",
-                    first,
-                    if wide.len() > 1 {
-                        format!(" (and {} more)", wide.len() - 1)
-                    } else {
-                        String::new()
-                    }
-                ),
+                format!("wider than the cluster boundary: {first}{more}"),
             ));
         }
         let (entries, cut) = narrow(&sub, &cluster);
-        self.sub = Some(BoundaryDoc {
+        let narrowed = BoundaryDoc {
             action: doc.action,
             groups: Default::default(),
             allow: entries,
             failsafe: Vec::new(),
             routers: Vec::new(),
-        });
+        };
+        // The intersection can have more entries than the document (one per
+        // group of peers with the same ports): it must fit the limits too,
+        // or the stored policy would not load.
+        narrowed.validate(false).map_err(|e| DocError {
+            field: e.field,
+            reason: format!("the narrowed document: {}", e.reason),
+        })?;
+        self.sub = Some(narrowed);
         Ok(SubOutcome { cut })
     }
 
@@ -247,6 +258,7 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::check::excess;
 
     fn policy() -> Policy {
         let mut p = Policy::new();
@@ -331,6 +343,33 @@ mod tests {
                 .field
                 == "document"
         );
+    }
+
+    #[test]
+    fn a_narrowed_document_over_the_limits_is_refused() {
+        let mut p = policy();
+        // Each entry narrows to two (the cluster's /24, and tcp/443 in from
+        // the rest): 2 × MAX_ENTRIES entries.
+        let e = |i: usize| EntryDoc {
+            name: format!("e{i}"),
+            peers: vec!["10.1.0.0/16".into()],
+            direction: crate::model::Direction::Both,
+            protocols: None,
+        };
+        let wide = BoundaryDoc {
+            allow: (0..crate::model::MAX_ENTRIES).map(e).collect(),
+            ..Default::default()
+        };
+        let before = p.clone();
+        let r = p.set_sub(wide.clone(), false).unwrap_err();
+        assert!(r.reason.ends_with("(and over 99 more)"), "{r}");
+        let r = p.set_sub(wide, true).unwrap_err();
+        assert_eq!(r.field, "allow");
+        assert!(
+            r.reason.starts_with("the narrowed document: 20000 entries"),
+            "{r}"
+        );
+        assert_eq!(p, before);
     }
 
     #[test]
