@@ -489,7 +489,7 @@ fn excess_in(sub: &Boundary, cells: &mut Cells<'_>, limit: usize) -> Vec<Excess>
 /// document, and what was cut.
 pub fn narrow(sub: &Boundary, cluster: &Boundary) -> (Vec<EntryDoc>, Vec<Excess>) {
     let mut cells = Cells::new(&cluster.allow);
-    let docs = intersection_in(sub, &mut cells);
+    let docs = intersection_in(sub, &mut cells, usize::MAX).unwrap_or_default();
     (docs, excess_in(sub, &mut cells, usize::MAX))
 }
 
@@ -498,7 +498,18 @@ pub fn narrow(sub: &Boundary, cluster: &Boundary) -> (Vec<EntryDoc>, Vec<Excess>
 /// same protocols and ports, named `name.1`, `name.2`, … (the name shortened
 /// so the result stays within 64 characters and unique).
 pub fn intersection(sub: &Boundary, cluster: &Boundary) -> Vec<EntryDoc> {
-    intersection_in(sub, &mut Cells::new(&cluster.allow))
+    intersection_in(sub, &mut Cells::new(&cluster.allow), usize::MAX).unwrap_or_default()
+}
+
+/// [`intersection`], or None as soon as the entries would take more than
+/// `max_bytes` as a document (estimated; the ports of 10k entries × 1000
+/// port specs are not written out only to be refused).
+pub fn intersection_within(
+    sub: &Boundary,
+    cluster: &Boundary,
+    max_bytes: usize,
+) -> Option<Vec<EntryDoc>> {
+    intersection_in(sub, &mut Cells::new(&cluster.allow), max_bytes)
 }
 
 /// Direction, protocol and ports of a part of an entry.
@@ -525,7 +536,7 @@ pub fn effective_entries(sub: &Boundary, cluster: &Boundary) -> Vec<EntryDoc> {
     if inside {
         entries_as_docs(sub)
     } else {
-        intersection_in(sub, &mut cells)
+        intersection_in(sub, &mut cells, usize::MAX).unwrap_or_default()
     }
 }
 
@@ -558,8 +569,13 @@ impl<K: std::hash::Hash + Eq, V> Groups<K, V> {
     }
 }
 
-fn intersection_in(sub: &Boundary, cells: &mut Cells<'_>) -> Vec<EntryDoc> {
+fn intersection_in(
+    sub: &Boundary,
+    cells: &mut Cells<'_>,
+    max_bytes: usize,
+) -> Option<Vec<EntryDoc>> {
     let mut docs = Vec::new();
+    let mut bytes = 0usize;
     let mut used: HashSet<String> = HashSet::new();
     for e in &sub.allow {
         // Cells with the same coverage and ports have the same parts: each
@@ -626,9 +642,19 @@ fn intersection_in(sub: &Boundary, cells: &mut Cells<'_>) -> Vec<EntryDoc> {
             }
             let mut cidrs = crate::model::to_cidrs(Family::V4, peers[0]);
             cidrs.extend(crate::model::to_cidrs(Family::V6, peers[1]));
+            let peer_bytes: usize = cidrs.iter().map(|c| c.len() + 3).sum();
             for (direction, protos) in out {
                 if protos.is_empty() {
                     continue;
+                }
+                // As TOML, roughly: the entry's keys, its peers, its ports.
+                let port_bytes: usize = protos
+                    .iter()
+                    .map(|(_, q)| 32 + 14 * q.intervals().len())
+                    .sum();
+                bytes = bytes.saturating_add(100 + peer_bytes + port_bytes);
+                if bytes > max_bytes {
+                    return None;
                 }
                 k += 1;
                 let name = derive_name(&e.name, &mut k, &mut used);
@@ -636,7 +662,7 @@ fn intersection_in(sub: &Boundary, cells: &mut Cells<'_>) -> Vec<EntryDoc> {
             }
         }
     }
-    docs
+    Some(docs)
 }
 
 fn entry_doc(
@@ -1466,5 +1492,74 @@ protocols = [{ proto = "tcp", ports = ["80-81"] }]
             prop_assert_eq!(admits(&c, sub, &f), want);
             prop_assert_eq!(Admitter::new(&c, sub).admits(&f), want);
         }
+    }
+}
+
+/// Pathological shapes within the document limits (run in release:
+/// `cargo test -p leasehold-netpolicy --release --lib -- --ignored stress`).
+#[cfg(test)]
+mod stress {
+    use super::*;
+    use crate::model::BoundaryDoc;
+    use std::time::Instant;
+
+    fn doc(entries: Vec<EntryDoc>) -> Boundary {
+        BoundaryDoc {
+            allow: entries,
+            ..Default::default()
+        }
+        .validate(false)
+        .unwrap()
+    }
+
+    fn entry(name: String, peers: &[&str], ports: Option<Vec<PortSpec>>) -> EntryDoc {
+        EntryDoc {
+            name,
+            peers: peers.iter().map(|p| (*p).to_owned()).collect(),
+            direction: Direction::Both,
+            protocols: ports.map(|p| {
+                vec![ProtoDoc {
+                    proto: Proto::Tcp,
+                    ports: Some(p),
+                }]
+            }),
+        }
+    }
+
+    fn run(what: &str, s: &Boundary, c: &Boundary) {
+        let t = Instant::now();
+        let ex = excess(s, c);
+        let te = t.elapsed();
+        let t = Instant::now();
+        let docs = intersection(s, c);
+        let ti = t.elapsed();
+        let ports: usize = ex.iter().map(|x| x.ports.intervals().len()).sum();
+        eprintln!(
+            "{what}: excess {te:?} ({} parts, {ports} port intervals), intersection {ti:?} ({} entries)",
+            ex.len(),
+            docs.len()
+        );
+    }
+
+    #[test]
+    #[ignore]
+    fn stress_shapes() {
+        let all = ["0.0.0.0/0", "::/0"];
+        // A: 10k overlapping cluster entries with distinct ports.
+        let c = doc((0..10_000u16)
+            .map(|i| entry(format!("c{i}"), &all, Some(vec![PortSpec::Num(i)])))
+            .collect());
+        let s = doc(vec![entry("s".into(), &all, None)]);
+        run("A 10k overlapping cluster entries, distinct ports", &s, &c);
+        // B: 1000 port specs in the cluster, 10k tenant entries asking everything.
+        let c = doc(vec![entry(
+            "c".into(),
+            &all,
+            Some((0..1000u16).map(|i| PortSpec::Num(2 * i)).collect()),
+        )]);
+        let s = doc((0..10_000)
+            .map(|i| entry(format!("s{i}"), &all, None))
+            .collect());
+        run("B 1000 cluster ports, 10k tenant entries", &s, &c);
     }
 }

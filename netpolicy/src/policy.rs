@@ -4,9 +4,15 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::check::{effective_entries, entries_as_docs, excess_upto, narrow, Excess};
-use crate::model::{check_doc_size, parse_cidr, Boundary, BoundaryDoc, DocError, EntryDoc};
+use crate::check::{effective_entries, entries_as_docs, excess_upto, intersection_within, Excess};
+use crate::model::{
+    check_doc_size, parse_cidr, Boundary, BoundaryDoc, DocError, EntryDoc, MAX_DOC_BYTES,
+};
 use crate::nft::Ruleset;
+
+/// Parts of what narrowing cut that are reported (each lists its peers and
+/// ports; 10k entries narrowed against 1000 ports would be 160k parts).
+pub const MAX_CUT_REPORTED: usize = 1_000;
 
 /// Parts of the excess computed for a refusal's reason (one is named, the
 /// rest counted up to this).
@@ -56,8 +62,11 @@ pub fn parse_doc(text: &str, format: &str) -> Result<BoundaryDoc, DocError> {
 /// The outcome of storing a sub-boundary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubOutcome {
-    /// What narrowing cut (empty when the document fitted).
+    /// What narrowing cut (empty when the document fitted): the first
+    /// [`MAX_CUT_REPORTED`] parts.
     pub cut: Vec<Excess>,
+    /// Whether narrowing cut more than `cut` lists.
+    pub cut_more: bool,
 }
 
 impl Policy {
@@ -131,7 +140,10 @@ impl Policy {
         let wide = excess_upto(&sub, &cluster, REFUSAL_PARTS + 1);
         if wide.is_empty() {
             self.sub = Some(doc);
-            return Ok(SubOutcome { cut: Vec::new() });
+            return Ok(SubOutcome {
+                cut: Vec::new(),
+                cut_more: false,
+            });
         }
         if !narrow_it {
             let first = &wide[0];
@@ -145,7 +157,12 @@ impl Policy {
                 format!("wider than the cluster boundary: {first}{more}"),
             ));
         }
-        let (entries, cut) = narrow(&sub, &cluster);
+        let entries = intersection_within(&sub, &cluster, MAX_DOC_BYTES).ok_or_else(|| {
+            err(
+                "document",
+                format!("the narrowed document would be over {MAX_DOC_BYTES} bytes"),
+            )
+        })?;
         let narrowed = BoundaryDoc {
             action: doc.action,
             groups: Default::default(),
@@ -160,8 +177,12 @@ impl Policy {
             field: e.field,
             reason: format!("the narrowed document: {}", e.reason),
         })?;
+        // What was cut: the first MAX_CUT_REPORTED parts.
+        let mut cut = excess_upto(&sub, &cluster, MAX_CUT_REPORTED + 1);
+        let cut_more = cut.len() > MAX_CUT_REPORTED;
+        cut.truncate(MAX_CUT_REPORTED);
         self.sub = Some(narrowed);
-        Ok(SubOutcome { cut })
+        Ok(SubOutcome { cut, cut_more })
     }
 
     /// What the tenant's traffic is allowed, as entries: the sub-boundary
@@ -369,6 +390,38 @@ mod tests {
             r.reason.starts_with("the narrowed document: 20000 entries"),
             "{r}"
         );
+        assert_eq!(p, before);
+    }
+
+    #[test]
+    fn narrowing_reports_at_most_max_cut_parts_and_refuses_a_huge_result() {
+        let mut p = Policy::new();
+        let ports: Vec<String> = (0..1000).map(|i| (2 * i).to_string()).collect();
+        let cluster = format!(
+            "[[allow]]\nname = \"c\"\npeers = [\"0.0.0.0/0\", \"::/0\"]\nprotocols = [{{ proto = \"tcp\", ports = [{}] }}]\n",
+            ports.join(",")
+        );
+        p.set_cluster(parse_doc(&cluster, "").unwrap()).unwrap();
+        let sub = |n: usize| BoundaryDoc {
+            allow: (0..n)
+                .map(|i| EntryDoc {
+                    name: format!("s{i}"),
+                    peers: vec!["0.0.0.0/0".into(), "::/0".into()],
+                    direction: crate::model::Direction::Both,
+                    protocols: None,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        // 300 entries of 1000 ports each fit; 16 parts cut per entry.
+        let out = p.set_sub(sub(300), true).unwrap();
+        assert_eq!(out.cut.len(), MAX_CUT_REPORTED);
+        assert!(out.cut_more);
+        // 10k entries of 1000 ports each do not fit in a document.
+        let before = p.clone();
+        let e = p.set_sub(sub(10_000), true).unwrap_err();
+        assert_eq!(e.field, "document");
+        assert!(e.reason.contains("narrowed document would be over"), "{e}");
         assert_eq!(p, before);
     }
 
