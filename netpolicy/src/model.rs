@@ -7,6 +7,32 @@ use serde::{Deserialize, Serialize};
 
 use crate::ranges::Ranges;
 
+/// Longest entry or group name (characters of A-Z a-z 0-9 . _ -).
+pub const MAX_NAME: usize = 64;
+
+// Limits on a document, checked before any costly work; a document over
+// one is refused naming the field (`allow: 10001 entries, at most 10000`).
+// They allow 100k peers with room to spare.
+
+/// Largest document (TOML or JSON text), in bytes.
+pub const MAX_DOC_BYTES: usize = 8 << 20;
+/// Most entries in `allow`, and in `failsafe`.
+pub const MAX_ENTRIES: usize = 10_000;
+/// Most peers written in one entry (CIDRs, addresses and `@group`s).
+pub const MAX_PEERS_PER_ENTRY: usize = 100_000;
+/// Most peers in a document with every `@group` expanded (all entries).
+pub const MAX_PEERS_TOTAL: usize = 200_000;
+/// Most groups.
+pub const MAX_GROUPS: usize = 1_000;
+/// Most members of one group.
+pub const MAX_GROUP_MEMBERS: usize = 100_000;
+/// Most items in one entry's `protocols`.
+pub const MAX_PROTOCOLS: usize = 16;
+/// Most port specs (ports or ranges) of one protocol item.
+pub const MAX_PORT_SPECS: usize = 1_000;
+/// Most routers.
+pub const MAX_ROUTERS: usize = 16;
+
 /// What happens to traffic no entry allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -102,6 +128,37 @@ pub struct EntryDoc {
     pub protocols: Option<Vec<ProtoDoc>>,
 }
 
+/// A map whose keys must be distinct: JSON allows a key twice and a plain
+/// map keeps the last one silently (TOML parsers refuse it themselves).
+fn unique_keys<'de, D, V>(d: D) -> Result<BTreeMap<String, V>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    struct Unique<V>(std::marker::PhantomData<V>);
+    impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Unique<V> {
+        type Value = BTreeMap<String, V>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a map of groups")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut m: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = BTreeMap::new();
+            while let Some(k) = m.next_key::<String>()? {
+                if out.contains_key(&k) {
+                    return Err(serde::de::Error::custom(format!("duplicate key {k:?}")));
+                }
+                let v = m.next_value()?;
+                out.insert(k, v);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Unique(std::marker::PhantomData))
+}
+
 fn both() -> Direction {
     Direction::Both
 }
@@ -113,8 +170,12 @@ pub struct BoundaryDoc {
     /// Drop or reject what is not allowed.
     #[serde(default)]
     pub action: Action,
-    /// Named peer groups.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    /// Named peer groups (a name given twice is refused).
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "unique_keys"
+    )]
     pub groups: BTreeMap<String, Vec<String>>,
     /// Allow entries.
     #[serde(default)]
@@ -227,52 +288,67 @@ pub fn parse_cidr(s: &str) -> Result<(Family, u128, u128), String> {
 
 /// Formats a network address and prefix length.
 pub fn format_cidr(f: Family, value: u128, len: u32) -> String {
-    match f {
-        Family::V4 => format!(
-            "{}/{len}",
-            std::net::Ipv4Addr::from(u32::try_from(value).unwrap_or(u32::MAX))
-        ),
-        Family::V6 => format!("{}/{len}", std::net::Ipv6Addr::from(value)),
+    // By hand for IPv4: narrowing 100k hosts formats 100k of them.
+    fn push_dec(s: &mut String, n: u32) {
+        if n >= 10 {
+            push_dec(s, n / 10);
+        }
+        s.push(char::from(b'0' + u8::try_from(n % 10).unwrap_or(0)));
     }
+    let mut s = String::with_capacity(20);
+    match f {
+        Family::V4 => {
+            let v = u32::try_from(value).unwrap_or(u32::MAX);
+            for (i, octet) in v.to_be_bytes().into_iter().enumerate() {
+                if i > 0 {
+                    s.push('.');
+                }
+                push_dec(&mut s, u32::from(octet));
+            }
+        }
+        Family::V6 => {
+            use std::fmt::Write as _;
+            let _ = write!(s, "{}", std::net::Ipv6Addr::from(value));
+        }
+    }
+    s.push('/');
+    push_dec(&mut s, len);
+    s
 }
 
 /// Splits a set of addresses into the fewest CIDRs.
 pub fn to_cidrs(f: Family, r: &Ranges) -> Vec<String> {
+    cidr_blocks(f, r)
+        .map(|(net, len)| format_cidr(f, net, len))
+        .collect()
+}
+
+/// The fewest CIDR blocks that make up `r`, in order, as (network, prefix
+/// length); lazy, so a caller can list the first few of a huge set.
+pub fn cidr_blocks(f: Family, r: &Ranges) -> impl Iterator<Item = (u128, u32)> + '_ {
     let bits: u32 = if f == Family::V4 { 32 } else { 128 };
-    let mut out = Vec::new();
-    for &(lo, hi) in r.intervals() {
-        let mut cur = lo;
-        loop {
-            // Largest aligned block starting at cur that fits in [cur, hi].
-            let mut size_bits = if cur == 0 {
-                bits
-            } else {
-                cur.trailing_zeros().min(bits)
-            };
-            while size_bits > 0 {
+    r.intervals().iter().flat_map(move |&(lo, hi)| {
+        let mut next = Some(lo);
+        std::iter::from_fn(move || {
+            let cur = next?;
+            // Largest aligned block starting at cur that fits in [cur, hi]
+            // (cur is a multiple of the block size, so `last` cannot overflow).
+            let mut size_bits = cur.trailing_zeros().min(bits);
+            let last = loop {
                 let last = if size_bits == 128 {
                     u128::MAX
                 } else {
                     cur + ((1u128 << size_bits) - 1)
                 };
-                if last <= hi && (size_bits < 128 || cur == 0) {
-                    break;
+                if last <= hi {
+                    break last;
                 }
                 size_bits -= 1;
-            }
-            out.push(format_cidr(f, cur, bits - size_bits));
-            let last = if size_bits == 128 {
-                u128::MAX
-            } else {
-                cur + ((1u128 << size_bits) - 1)
             };
-            if last >= hi {
-                break;
-            }
-            cur = last + 1;
-        }
-    }
-    out
+            next = (last < hi).then(|| last + 1);
+            Some((cur, bits - size_bits))
+        })
+    })
 }
 
 /// Parses `80`, `"80"`, `"8000-8080"`.
@@ -340,6 +416,7 @@ pub struct Boundary {
 impl BoundaryDoc {
     /// Parses a TOML document; errors name the field.
     pub fn from_toml(text: &str) -> Result<Self, DocError> {
+        check_doc_size(text)?;
         let de = toml::Deserializer::new(text);
         serde_path_to_error::deserialize(de).map_err(|e| {
             let path = e.path().to_string();
@@ -350,20 +427,90 @@ impl BoundaryDoc {
         })
     }
 
-    /// Parses a JSON document; errors name the field.
+    /// Parses a JSON document (one, and nothing after it but white space);
+    /// errors name the field.
     pub fn from_json(text: &str) -> Result<Self, DocError> {
+        check_doc_size(text)?;
         let mut de = serde_json::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let doc = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
             err(
                 if path == "." { "document".into() } else { path },
                 e.inner().to_string(),
             )
-        })
+        })?;
+        de.end()
+            .map_err(|e| err("document", format!("content after the document: {e}")))?;
+        Ok(doc)
+    }
+
+    /// Refuses a document over one of the limits (`MAX_*`), naming the
+    /// field; counts only, so it runs before any parsing of peers.
+    fn check_limits(&self) -> Result<(), DocError> {
+        let over = |field: String, n: usize, what: &str, max: usize| {
+            if n > max {
+                Err(err(field, format!("{n} {what}, at most {max}")))
+            } else {
+                Ok(())
+            }
+        };
+        over("groups".into(), self.groups.len(), "groups", MAX_GROUPS)?;
+        for (g, members) in &self.groups {
+            over(
+                format!("groups.{g}"),
+                members.len(),
+                "members",
+                MAX_GROUP_MEMBERS,
+            )?;
+        }
+        over("routers".into(), self.routers.len(), "routers", MAX_ROUTERS)?;
+        let mut total = 0usize;
+        for (section, list) in [("allow", &self.allow), ("failsafe", &self.failsafe)] {
+            over(section.into(), list.len(), "entries", MAX_ENTRIES)?;
+            for (i, e) in list.iter().enumerate() {
+                let at = format!("{section}[{i}]");
+                over(
+                    format!("{at}.peers"),
+                    e.peers.len(),
+                    "peers",
+                    MAX_PEERS_PER_ENTRY,
+                )?;
+                let protocols = e.protocols.as_deref().unwrap_or_default();
+                over(
+                    format!("{at}.protocols"),
+                    protocols.len(),
+                    "protocols",
+                    MAX_PROTOCOLS,
+                )?;
+                for (k, p) in protocols.iter().enumerate() {
+                    let n = p.ports.as_ref().map_or(0, Vec::len);
+                    over(
+                        format!("{at}.protocols[{k}].ports"),
+                        n,
+                        "port specs",
+                        MAX_PORT_SPECS,
+                    )?;
+                }
+                for p in &e.peers {
+                    let n = p
+                        .strip_prefix('@')
+                        .and_then(|g| self.groups.get(g))
+                        .map_or(1, Vec::len);
+                    total = total.saturating_add(n);
+                }
+            }
+        }
+        over(
+            "document".into(),
+            total,
+            "peers with groups expanded",
+            MAX_PEERS_TOTAL,
+        )
     }
 
     /// Validates and resolves groups. `allow_failsafe` is false for tenant documents.
     pub fn validate(&self, allow_failsafe: bool) -> Result<Boundary, DocError> {
+        self.check_limits()?;
         for (g, members) in &self.groups {
             check_name(&format!("groups.{g}"), g)?;
             if members.is_empty() {
@@ -433,27 +580,26 @@ impl BoundaryDoc {
         }
         let mut v4 = Vec::new();
         let mut v6 = Vec::new();
-        let mut hosts = BTreeSet::new();
+        let mut hosts = Vec::new();
         let (mut n4, mut n6) = (Vec::new(), Vec::new());
         for (j, p) in e.peers.iter().enumerate() {
-            let field = format!("{at}.peers[{j}]");
-            let members: Vec<&String> = match p.strip_prefix('@') {
+            // The field is named only on error (100k peers: no string each).
+            let field = || format!("{at}.peers[{j}]");
+            let members: &[String] = match p.strip_prefix('@') {
                 Some(g) => self
                     .groups
                     .get(g)
-                    .ok_or_else(|| err(&field, format!("unknown group {g:?}")))?
-                    .iter()
-                    .collect(),
-                None => vec![p],
+                    .ok_or_else(|| err(field(), format!("unknown group {g:?}")))?,
+                None => std::slice::from_ref(p),
             };
             for m in members {
-                let (f, lo, hi) = parse_cidr(m).map_err(|r| err(&field, r))?;
+                let (f, lo, hi) = parse_cidr(m).map_err(|r| err(field(), r))?;
                 match f {
                     Family::V4 => v4.push((lo, hi)),
                     Family::V6 => v6.push((lo, hi)),
                 }
                 if lo == hi {
-                    hosts.insert((f, lo));
+                    hosts.push((f, lo));
                 } else if f == Family::V4 {
                     n4.push((lo, hi));
                 } else {
@@ -461,6 +607,8 @@ impl BoundaryDoc {
                 }
             }
         }
+        // Collecting sorts once and builds the tree in bulk.
+        let hosts: BTreeSet<(Family, u128)> = hosts.into_iter().collect();
         let mut protocols = BTreeMap::new();
         match &e.protocols {
             None => {
@@ -530,9 +678,20 @@ impl BoundaryDoc {
     }
 }
 
+/// Refuses a document text over [`MAX_DOC_BYTES`] (field "document").
+pub fn check_doc_size(text: &str) -> Result<(), DocError> {
+    if text.len() > MAX_DOC_BYTES {
+        return Err(err(
+            "document",
+            format!("{} bytes, at most {MAX_DOC_BYTES}", text.len()),
+        ));
+    }
+    Ok(())
+}
+
 fn check_name(field: &str, name: &str) -> Result<(), DocError> {
     let ok = !name.is_empty()
-        && name.len() <= 64
+        && name.len() <= MAX_NAME
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
@@ -549,6 +708,28 @@ fn check_name(field: &str, name: &str) -> Result<(), DocError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cidrs_format_as_std() {
+        for v in [
+            0u32,
+            1,
+            9,
+            10,
+            99,
+            100,
+            255,
+            0x0a00_0001,
+            0xc0a8_6401,
+            u32::MAX,
+        ] {
+            for len in [0, 8, 24, 32] {
+                let want = format!("{}/{len}", std::net::Ipv4Addr::from(v));
+                assert_eq!(format_cidr(Family::V4, u128::from(v), len), want);
+            }
+        }
+        assert_eq!(format_cidr(Family::V6, 0xfd00 << 112, 16), "fd00::/16");
+    }
 
     #[test]
     fn cidrs_parse_and_round_trip() {
@@ -637,5 +818,190 @@ protocols = [{ proto = "tcp", ports = [80, "443", "8000-8080"] }]
         let e = BoundaryDoc::from_json(r#"{"allow": [{"name": "x", "peers": "10.0.0.0/8"}]}"#)
             .unwrap_err();
         assert_eq!(e.field, "allow[0].peers");
+    }
+
+    fn entry(name: &str, peers: Vec<String>) -> EntryDoc {
+        EntryDoc {
+            name: name.into(),
+            peers,
+            direction: Direction::Both,
+            protocols: None,
+        }
+    }
+
+    /// `validate`'s error for a document whose peers are all invalid: the
+    /// limit when over it (checked before the peers are parsed), else the
+    /// first peer.
+    fn refusal(doc: &BoundaryDoc, allow_failsafe: bool) -> DocError {
+        doc.validate(allow_failsafe).unwrap_err()
+    }
+
+    #[test]
+    fn limits_refuse_just_over_and_accept_at_the_cap() {
+        let bad = || "bad".to_owned();
+        // Entries per section.
+        let mut d = BoundaryDoc {
+            allow: (0..MAX_ENTRIES)
+                .map(|i| entry(&format!("e{i}"), vec![bad()]))
+                .collect(),
+            ..Default::default()
+        };
+        assert_eq!(refusal(&d, false).field, "allow[0].peers[0]");
+        d.allow.push(entry("one-more", vec![bad()]));
+        let e = refusal(&d, false);
+        assert_eq!(
+            e.to_string(),
+            format!("allow: {} entries, at most {MAX_ENTRIES}", MAX_ENTRIES + 1)
+        );
+        let mut d = BoundaryDoc {
+            failsafe: (0..=MAX_ENTRIES)
+                .map(|i| entry(&format!("e{i}"), vec![bad()]))
+                .collect(),
+            ..Default::default()
+        };
+        assert_eq!(refusal(&d, true).field, "failsafe");
+        d.failsafe.pop();
+        assert_eq!(refusal(&d, true).field, "failsafe[0].peers[0]");
+
+        // Peers per entry, and in all (groups expanded).
+        let mut d = BoundaryDoc {
+            allow: vec![entry("x", vec![bad(); MAX_PEERS_PER_ENTRY])],
+            ..Default::default()
+        };
+        assert_eq!(refusal(&d, false).field, "allow[0].peers[0]");
+        d.allow[0].peers.push(bad());
+        assert_eq!(refusal(&d, false).field, "allow[0].peers");
+        let group = |n: usize| BTreeMap::from([("g".to_owned(), vec![bad(); n])]);
+        let mut d = BoundaryDoc {
+            groups: group(MAX_GROUP_MEMBERS),
+            allow: vec![entry("x", vec!["@g".into(), "@g".into()])],
+            ..Default::default()
+        };
+        assert_eq!(MAX_PEERS_TOTAL, 2 * MAX_GROUP_MEMBERS);
+        assert_eq!(refusal(&d, false).field, "allow[0].peers[0]");
+        d.allow.push(entry("y", vec![bad()]));
+        let e = refusal(&d, false);
+        assert_eq!(e.field, "document");
+        assert!(
+            e.reason.contains(&format!("{} peers", MAX_PEERS_TOTAL + 1)),
+            "{e}"
+        );
+        d.allow.pop();
+        d.groups = group(MAX_GROUP_MEMBERS + 1);
+        assert_eq!(refusal(&d, false).field, "groups.g");
+
+        // Groups.
+        let groups = |n: usize| (0..n).map(|i| (format!("g{i}"), vec![bad()])).collect();
+        let d = BoundaryDoc {
+            groups: groups(MAX_GROUPS + 1),
+            ..Default::default()
+        };
+        assert_eq!(
+            refusal(&d, false).to_string(),
+            format!("groups: {} groups, at most {MAX_GROUPS}", MAX_GROUPS + 1)
+        );
+        let d = BoundaryDoc {
+            groups: groups(MAX_GROUPS),
+            ..Default::default()
+        };
+        assert!(
+            d.validate(false).is_ok(),
+            "groups are parsed where they are used"
+        );
+
+        // Protocols and port specs.
+        let tcp = |n: usize| ProtoDoc {
+            proto: Proto::Tcp,
+            ports: Some(vec![PortSpec::Text("x".into()); n]),
+        };
+        let mut d = BoundaryDoc {
+            allow: vec![EntryDoc {
+                protocols: Some(vec![tcp(MAX_PORT_SPECS)]),
+                ..entry("x", vec!["::/0".into()])
+            }],
+            ..Default::default()
+        };
+        assert_eq!(refusal(&d, false).field, "allow[0].protocols[0].ports[0]");
+        d.allow[0].protocols = Some(vec![tcp(MAX_PORT_SPECS + 1)]);
+        assert_eq!(refusal(&d, false).field, "allow[0].protocols[0].ports");
+        d.allow[0].protocols = Some(vec![tcp(1); MAX_PROTOCOLS + 1]);
+        assert_eq!(refusal(&d, false).field, "allow[0].protocols");
+        d.allow[0].protocols = Some(vec![tcp(1); MAX_PROTOCOLS]);
+        assert_eq!(refusal(&d, false).field, "allow[0].protocols[0].ports[0]");
+
+        // Routers.
+        let mut d = BoundaryDoc {
+            routers: vec![bad(); MAX_ROUTERS],
+            ..Default::default()
+        };
+        assert_eq!(refusal(&d, true).field, "routers[0]");
+        d.routers.push(bad());
+        assert_eq!(refusal(&d, true).field, "routers");
+
+        // Document bytes, before parsing.
+        let at_cap = format!("{{}}{}", " ".repeat(MAX_DOC_BYTES - 2));
+        assert!(BoundaryDoc::from_json(&at_cap).is_ok());
+        let over = format!("{at_cap} ");
+        assert_eq!(BoundaryDoc::from_json(&over).unwrap_err().field, "document");
+        let at_cap = format!("#{}", "x".repeat(MAX_DOC_BYTES - 1));
+        assert!(BoundaryDoc::from_toml(&at_cap).is_ok());
+        let e = BoundaryDoc::from_toml(&format!("{at_cap}x")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "document: {} bytes, at most {MAX_DOC_BYTES}",
+                MAX_DOC_BYTES + 1
+            )
+        );
+    }
+
+    #[test]
+    fn json_trailing_content_and_duplicate_keys_are_refused() {
+        for text in [r#"{}{"allow":[]}"#, "{} x", "{}\n{}"] {
+            let e = BoundaryDoc::from_json(text).unwrap_err();
+            assert_eq!(e.field, "document", "{text}: {e}");
+        }
+        assert!(BoundaryDoc::from_json("{}\n\t ").is_ok());
+        let e = BoundaryDoc::from_json(r#"{"groups": {"a": ["10.0.0.1"], "a": ["10.0.0.2"]}}"#)
+            .unwrap_err();
+        assert!(
+            e.field.starts_with("groups") && e.reason.contains("\"a\""),
+            "{e}"
+        );
+        let e = BoundaryDoc::from_json(r#"{"allow": [], "allow": []}"#).unwrap_err();
+        assert!(e.reason.contains("duplicate field"), "{e}");
+        let e =
+            BoundaryDoc::from_json(r#"{"allow": [{"name": "x", "name": "y", "peers": ["::/0"]}]}"#)
+                .unwrap_err();
+        assert!(e.reason.contains("duplicate field"), "{e}");
+        // TOML parsers refuse a key given twice themselves.
+        assert!(
+            BoundaryDoc::from_toml("[groups]\na = [\"10.0.0.1\"]\na = [\"10.0.0.2\"]\n").is_err()
+        );
+        assert!(BoundaryDoc::from_toml("action = \"drop\"\naction = \"reject\"\n").is_err());
+        assert!(BoundaryDoc::from_toml(
+            "[groups]\na = [\"10.0.0.1\"]\n[groups]\nb = [\"10.0.0.2\"]\n"
+        )
+        .is_err());
+    }
+
+    #[test]
+    fn ipv4_mapped_peers_are_ipv6_peers() {
+        // As in nftables: `::ffff:10.0.0.1` goes in the ip6 set and matches
+        // IPv6 packets only; it is not 10.0.0.1.
+        assert_eq!(
+            parse_cidr("::ffff:10.0.0.1").unwrap(),
+            (Family::V6, 0xffff_0a00_0001, 0xffff_0a00_0001)
+        );
+        let b =
+            BoundaryDoc::from_toml("[[allow]]\nname = \"m\"\npeers = [\"::ffff:10.0.0.0/120\"]\n")
+                .unwrap()
+                .validate(false)
+                .unwrap();
+        assert!(b.allow[0].peers.v4.is_empty());
+        assert_eq!(
+            b.allow[0].peers.v6.intervals(),
+            &[(0xffff_0a00_0000, 0xffff_0a00_00ff)]
+        );
     }
 }

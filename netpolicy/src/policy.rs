@@ -4,9 +4,19 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::check::{excess, narrow, Excess};
-use crate::model::{parse_cidr, Boundary, BoundaryDoc, DocError, EntryDoc};
+use crate::check::{effective_entries, entries_as_docs, excess_upto, intersection_within, Excess};
+use crate::model::{
+    check_doc_size, parse_cidr, Boundary, BoundaryDoc, DocError, EntryDoc, MAX_DOC_BYTES,
+};
 use crate::nft::Ruleset;
+
+/// Parts of what narrowing cut that are reported (each lists its peers and
+/// ports; 10k entries narrowed against 1000 ports would be 160k parts).
+pub const MAX_CUT_REPORTED: usize = 1_000;
+
+/// Parts of the excess computed for a refusal's reason (one is named, the
+/// rest counted up to this).
+const REFUSAL_PARTS: usize = 100;
 
 /// Version of the stored format.
 pub const FORMAT: u32 = 1;
@@ -36,6 +46,7 @@ fn err(field: impl Into<String>, reason: impl Into<String>) -> DocError {
 /// Parses a document: JSON if it starts with `{`, else TOML; `format` may
 /// force "toml" or "json".
 pub fn parse_doc(text: &str, format: &str) -> Result<BoundaryDoc, DocError> {
+    check_doc_size(text)?;
     match format {
         "toml" => BoundaryDoc::from_toml(text),
         "json" => BoundaryDoc::from_json(text),
@@ -51,8 +62,11 @@ pub fn parse_doc(text: &str, format: &str) -> Result<BoundaryDoc, DocError> {
 /// The outcome of storing a sub-boundary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubOutcome {
-    /// What narrowing cut (empty when the document fitted).
+    /// What narrowing cut (empty when the document fitted): the first
+    /// [`MAX_CUT_REPORTED`] parts.
     pub cut: Vec<Excess>,
+    /// Whether narrowing cut more than `cut` lists.
+    pub cut_more: bool,
 }
 
 impl Policy {
@@ -121,35 +135,54 @@ impl Policy {
             ));
         };
         let sub = doc.validate(false)?;
-        let wide = excess(&sub, &cluster);
+        // The reason names the first part; a huge document is not expanded
+        // further than needed to say so.
+        let wide = excess_upto(&sub, &cluster, REFUSAL_PARTS + 1);
         if wide.is_empty() {
             self.sub = Some(doc);
-            return Ok(SubOutcome { cut: Vec::new() });
+            return Ok(SubOutcome {
+                cut: Vec::new(),
+                cut_more: false,
+            });
         }
         if !narrow_it {
             let first = &wide[0];
+            let more = match wide.len() - 1 {
+                0 => String::new(),
+                n if n > REFUSAL_PARTS - 1 => format!(" (and over {} more)", REFUSAL_PARTS - 1),
+                n => format!(" (and {n} more)"),
+            };
             return Err(err(
                 format!("allow.{}", first.entry),
-                format!(
-                    "wider than the cluster boundary: {}{}",
-                    first,
-                    if wide.len() > 1 {
-                        format!(" (and {} more)", wide.len() - 1)
-                    } else {
-                        String::new()
-                    }
-                ),
+                format!("wider than the cluster boundary: {first}{more}"),
             ));
         }
-        let (entries, cut) = narrow(&sub, &cluster);
-        self.sub = Some(BoundaryDoc {
+        let entries = intersection_within(&sub, &cluster, MAX_DOC_BYTES).ok_or_else(|| {
+            err(
+                "document",
+                format!("the narrowed document would be over {MAX_DOC_BYTES} bytes"),
+            )
+        })?;
+        let narrowed = BoundaryDoc {
             action: doc.action,
             groups: Default::default(),
             allow: entries,
             failsafe: Vec::new(),
             routers: Vec::new(),
-        });
-        Ok(SubOutcome { cut })
+        };
+        // The intersection can have more entries than the document (one per
+        // group of peers with the same ports): it must fit the limits too,
+        // or the stored policy would not load.
+        narrowed.validate(false).map_err(|e| DocError {
+            field: e.field,
+            reason: format!("the narrowed document: {}", e.reason),
+        })?;
+        // What was cut: the first MAX_CUT_REPORTED parts.
+        let mut cut = excess_upto(&sub, &cluster, MAX_CUT_REPORTED + 1);
+        let cut_more = cut.len() > MAX_CUT_REPORTED;
+        cut.truncate(MAX_CUT_REPORTED);
+        self.sub = Some(narrowed);
+        Ok(SubOutcome { cut, cut_more })
     }
 
     /// What the tenant's traffic is allowed, as entries: the sub-boundary
@@ -158,10 +191,12 @@ impl Policy {
     /// cluster boundary without a sub-boundary. None without a boundary.
     pub fn effective(&self) -> Result<Option<Vec<EntryDoc>>, DocError> {
         match self.boundaries()? {
-            Some((c, Some(s))) => Ok(Some(narrow(&s, &c).0)),
+            // Inside the cluster boundary (as stored), the sub-boundary is
+            // the intersection: its own entries, names kept.
+            Some((c, Some(s))) => Ok(Some(effective_entries(&s, &c))),
             // Without a sub-boundary the cluster boundary is what applies
-            // (narrowing it with itself resolves its groups).
-            Some((c, None)) => Ok(Some(narrow(&c, &c).0)),
+            // (its entries with the groups resolved).
+            Some((c, None)) => Ok(Some(entries_as_docs(&c))),
             None => Ok(None),
         }
     }
@@ -244,6 +279,7 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::check::excess;
 
     fn policy() -> Policy {
         let mut p = Policy::new();
@@ -295,6 +331,97 @@ mod tests {
         // Removing the last peer of an entry is refused by validation.
         let e = p.remove_peers("web", &["0.0.0.0/0".into()]).unwrap_err();
         assert!(e.field.ends_with(".peers"), "{e}");
+        assert_eq!(p, before);
+    }
+
+    #[test]
+    fn effective_is_the_cluster_or_the_intersection() {
+        let mut p = policy();
+        let names = |p: &Policy| -> Vec<String> {
+            p.effective()
+                .unwrap()
+                .unwrap()
+                .into_iter()
+                .map(|e| e.name)
+                .collect()
+        };
+        assert_eq!(names(&p), ["cluster", "web"]);
+        let e = p.effective().unwrap().unwrap();
+        assert_eq!(e[0].peers, ["10.1.0.0/24", "fd01::/64"], "groups resolved");
+        let sub = parse_doc("[[allow]]\nname = \"all\"\npeers = [\"10.1.0.0/16\"]\n", "").unwrap();
+        p.set_sub(sub, true).unwrap();
+        assert_eq!(names(&p), ["all.1", "all.2"]);
+        // The landlord narrows the cluster boundary: the stored sub-boundary
+        // is intersected.
+        let mut c = p.cluster.clone().unwrap();
+        c.groups
+            .insert("cluster".into(), vec!["10.1.0.0/25".into()]);
+        p.set_cluster(c).unwrap();
+        assert_eq!(names(&p), ["all.1.1", "all.1.2", "all.2.1"]);
+        assert!(
+            parse_doc(&" ".repeat(crate::model::MAX_DOC_BYTES + 1), "")
+                .unwrap_err()
+                .field
+                == "document"
+        );
+    }
+
+    #[test]
+    fn a_narrowed_document_over_the_limits_is_refused() {
+        let mut p = policy();
+        // Each entry narrows to two (the cluster's /24, and tcp/443 in from
+        // the rest): 2 × MAX_ENTRIES entries.
+        let e = |i: usize| EntryDoc {
+            name: format!("e{i}"),
+            peers: vec!["10.1.0.0/16".into()],
+            direction: crate::model::Direction::Both,
+            protocols: None,
+        };
+        let wide = BoundaryDoc {
+            allow: (0..crate::model::MAX_ENTRIES).map(e).collect(),
+            ..Default::default()
+        };
+        let before = p.clone();
+        let r = p.set_sub(wide.clone(), false).unwrap_err();
+        assert!(r.reason.ends_with("(and over 99 more)"), "{r}");
+        let r = p.set_sub(wide, true).unwrap_err();
+        assert_eq!(r.field, "allow");
+        assert!(
+            r.reason.starts_with("the narrowed document: 20000 entries"),
+            "{r}"
+        );
+        assert_eq!(p, before);
+    }
+
+    #[test]
+    fn narrowing_reports_at_most_max_cut_parts_and_refuses_a_huge_result() {
+        let mut p = Policy::new();
+        let ports: Vec<String> = (0..1000).map(|i| (2 * i).to_string()).collect();
+        let cluster = format!(
+            "[[allow]]\nname = \"c\"\npeers = [\"0.0.0.0/0\", \"::/0\"]\nprotocols = [{{ proto = \"tcp\", ports = [{}] }}]\n",
+            ports.join(",")
+        );
+        p.set_cluster(parse_doc(&cluster, "").unwrap()).unwrap();
+        let sub = |n: usize| BoundaryDoc {
+            allow: (0..n)
+                .map(|i| EntryDoc {
+                    name: format!("s{i}"),
+                    peers: vec!["0.0.0.0/0".into(), "::/0".into()],
+                    direction: crate::model::Direction::Both,
+                    protocols: None,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        // 300 entries of 1000 ports each fit; 16 parts cut per entry.
+        let out = p.set_sub(sub(300), true).unwrap();
+        assert_eq!(out.cut.len(), MAX_CUT_REPORTED);
+        assert!(out.cut_more);
+        // 10k entries of 1000 ports each do not fit in a document.
+        let before = p.clone();
+        let e = p.set_sub(sub(10_000), true).unwrap_err();
+        assert_eq!(e.field, "document");
+        assert!(e.reason.contains("narrowed document would be over"), "{e}");
         assert_eq!(p, before);
     }
 

@@ -7,7 +7,7 @@ pub struct Ranges(Vec<(u128, u128)>);
 
 impl Ranges {
     /// The empty set.
-    pub fn empty() -> Self {
+    pub const fn empty() -> Self {
         Self(Vec::new())
     }
 
@@ -45,8 +45,21 @@ impl Ranges {
     }
 
     /// Whether `x` is in the set.
+    /// Binary search: O(log n), no allocation.
     pub fn contains(&self, x: u128) -> bool {
-        self.0.iter().any(|&(a, b)| a <= x && x <= b)
+        // The first interval ending at or after x is the only candidate.
+        let i = self.0.partition_point(|&(_, b)| b < x);
+        self.0.get(i).is_some_and(|&(a, _)| a <= x)
+    }
+
+    /// Appends an interval after the last one, merging if adjacent or
+    /// overlapping (`lo` must not be below the last interval's start).
+    pub(crate) fn push(&mut self, lo: u128, hi: u128) {
+        debug_assert!(lo <= hi);
+        match self.0.last_mut() {
+            Some(last) if lo <= last.1.saturating_add(1) => last.1 = last.1.max(hi),
+            _ => self.0.push((lo, hi)),
+        }
     }
 
     /// Union.
@@ -76,16 +89,20 @@ impl Ranges {
         Self(out)
     }
 
-    /// Difference `self - other`.
+    /// Difference `self - other`: one merge over both lists.
     pub fn subtract(&self, other: &Self) -> Self {
         let mut out = Vec::new();
+        let mut j = 0;
         for &(a, b) in &self.0 {
             let mut lo = a;
+            // Skip the intervals of `other` that end before this one starts.
+            while j < other.0.len() && other.0[j].1 < lo {
+                j += 1;
+            }
+            let mut k = j;
             let mut done = false;
-            for &(c, d) in &other.0 {
-                if d < lo || c > b {
-                    continue;
-                }
+            while k < other.0.len() && other.0[k].0 <= b {
+                let (c, d) = other.0[k];
                 if c > lo {
                     out.push((lo, c - 1));
                 }
@@ -94,12 +111,13 @@ impl Ranges {
                     break;
                 }
                 lo = d + 1;
+                k += 1;
             }
-            if !done && lo <= b {
+            if !done {
                 out.push((lo, b));
             }
         }
-        Self::from_intervals(out)
+        Self(out)
     }
 
     /// The intervals as text: `80`, `8000-8080`.
@@ -118,7 +136,15 @@ impl Ranges {
 
     /// Whether `self` is a subset of `other`.
     pub fn is_subset(&self, other: &Self) -> bool {
-        self.subtract(other).is_empty()
+        // Each interval must lie inside one interval of `other` (they are
+        // non-adjacent, so no interval spans two).
+        let mut j = 0;
+        self.0.iter().all(|&(a, b)| {
+            while j < other.0.len() && other.0[j].1 < a {
+                j += 1;
+            }
+            other.0.get(j).is_some_and(|&(c, d)| c <= a && b <= d)
+        })
     }
 }
 
@@ -151,6 +177,12 @@ mod tests {
             prop_assert_eq!(a.intersect(&b).contains(x), a.contains(x) && b.contains(x));
             prop_assert_eq!(a.subtract(&b).contains(x), a.contains(x) && !b.contains(x));
             prop_assert_eq!(a.is_subset(&b), a.subtract(&b).is_empty());
+            prop_assert_eq!(a.is_subset(&b), (0u128..230).all(|y| !a.contains(y) || b.contains(y)));
+            let mut pushed = Ranges::empty();
+            for &(lo, hi) in a.intervals() {
+                pushed.push(lo, hi);
+            }
+            prop_assert_eq!(&pushed, &a);
         }
     }
 }
