@@ -62,9 +62,12 @@ const CTA_IP_V6_DST: u16 = 4;
 const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_DST_PORT: u16 = 3;
 
-/// Delete messages sent before their answers are read (each answer is a
-/// 36-byte ack: 512 of them fit any receive buffer).
-const DELETE_BATCH: usize = 512;
+/// Delete messages sent in one datagram. Only the last asks for an ack;
+/// the kernel answers the others only on error, in order, so the ack of the
+/// last closes the batch. Each answer is a socket buffer of its own
+/// (≈0.7 KiB of receive buffer): 128 answers always fit the default 208 KiB
+/// (512 acked deletions overflowed it: ENOBUFS).
+const DELETE_BATCH: usize = 128;
 
 /// Why cutting failed. The policy change itself is committed either way.
 #[derive(Debug, thiserror::Error)]
@@ -151,12 +154,17 @@ pub fn encode_dump(seq: u32) -> Vec<u8> {
     buf
 }
 
-/// Appends the request deleting `e` (by its original tuple, zone and id).
-pub fn encode_delete(buf: &mut Vec<u8>, e: &Entry, seq: u32) {
+/// Appends the request deleting `e` (by its original tuple, zone and id);
+/// `ack`: answered on success too.
+pub fn encode_delete(buf: &mut Vec<u8>, e: &Entry, seq: u32, ack: bool) {
     message(
         buf,
         IPCTNL_MSG_CT_DELETE,
-        NLM_F_REQUEST | NLM_F_ACK,
+        if ack {
+            NLM_F_REQUEST | NLM_F_ACK
+        } else {
+            NLM_F_REQUEST
+        },
         seq,
         e.family,
         &e.key,
@@ -393,34 +401,39 @@ pub fn cut(admits: impl Fn(&Flow) -> bool) -> Result<Cut, CutError> {
     let mut first_error = None;
     let mut next_seq = seq;
     for chunk in doomed.chunks(DELETE_BATCH) {
-        let mut out = Vec::with_capacity(chunk.len() * 96);
+        let mut out = Vec::with_capacity(chunk.len() * 128);
         let first = next_seq.wrapping_add(1);
-        for e in chunk {
+        for (i, e) in chunk.iter().enumerate() {
             next_seq = next_seq.wrapping_add(1);
-            encode_delete(&mut out, e, next_seq);
+            encode_delete(&mut out, e, next_seq, i + 1 == chunk.len());
         }
+        let last = next_seq;
         sock.send(&out, 0).map_err(io("send"))?;
-        let mut pending = chunk.len();
-        while pending > 0 {
+        let mut unanswered = chunk.len();
+        'batch: loop {
             let n = recv(&sock, &mut buf)?;
             for (ty, s, m) in messages(&buf[..n.min(buf.len())]) {
-                if ty != NLMSG_ERROR
-                    || s.wrapping_sub(first) >= u32::try_from(chunk.len()).unwrap_or(u32::MAX)
-                {
+                let ours = usize::try_from(s.wrapping_sub(first)).is_ok_and(|i| i < chunk.len());
+                if ty != NLMSG_ERROR || !ours {
                     continue;
                 }
-                pending -= 1;
                 match errno(m) {
-                    0 => cut += 1,
+                    0 => {}
                     // Gone meanwhile (timed out, closed): nothing to cut.
-                    c if -c == nix::libc::ENOENT => {}
+                    c if -c == nix::libc::ENOENT => unanswered -= 1,
                     c => {
+                        unanswered -= 1;
                         failed += 1;
                         first_error.get_or_insert(c);
                     }
                 }
+                if s == last {
+                    break 'batch;
+                }
             }
         }
+        // The last one's ack (code 0) and every silent success.
+        cut += unanswered;
     }
     match first_error {
         None => Ok(Cut { seen, cut }),
@@ -485,7 +498,12 @@ mod tests {
         assert_eq!(e.dst, IpAddr::from([10, 0, 0, 2]));
         assert_eq!((e.l4proto, e.dport), (6, 22));
         let mut buf = Vec::new();
-        encode_delete(&mut buf, &e, 9);
+        encode_delete(&mut buf, &e, 9, true);
+        let mut silent = Vec::new();
+        encode_delete(&mut silent, &e, 9, false);
+        assert_eq!(silent[6..8], [0x01, 0x00]); // NLM_F_REQUEST only
+        assert_eq!(silent[..6], buf[..6]);
+        assert_eq!(silent[8..], buf[8..]);
         let mut want = vec![
             20 + 52 + 8 + 8,
             0,

@@ -398,3 +398,64 @@ fn revoked_flows_stop_in_both_directions_and_allowed_ones_go_on() {
     );
     e.remove().unwrap();
 }
+
+/// Fills the node's table with `n` outbound UDP entries to 10.99.0.0/16
+/// (a veth without ARP: nothing answers; entries stay 30 s).
+fn flood(n: u32) {
+    let _ = Command::new("conntrack").args(["-F"]).output();
+    let s = std::net::UdpSocket::bind("10.99.0.1:40000").unwrap();
+    for i in 0..n {
+        let host = 2 + i % 65_000;
+        let port = u16::try_from(1000 + i / 65_000).unwrap();
+        let dst = std::net::Ipv4Addr::from(0x0a63_0000 + host);
+        s.send_to(b"x", (dst, port)).unwrap();
+    }
+    let count: u32 = std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_count")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(count >= n, "{count} entries for {n} sent");
+}
+
+/// The cost of a cut by table size (run by hand:
+/// `cargo test -p leasehold-tests --test boundary_revocation -- --ignored --nocapture`):
+/// keeping everything (dump and decide) and cutting everything (plus one
+/// delete per entry). Prints one line per size and case, 3 runs each.
+#[test]
+#[ignore = "benchmark"]
+fn bench_cut_cost() {
+    require_root();
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    sh(&["ip", "link", "set", "lo", "up"]);
+    // A veth end without ARP: packets leave at once, nothing answers.
+    sh(&["ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
+    sh(&["ip", "addr", "add", "10.99.0.1/16", "dev", "d0"]);
+    sh(&["ip", "link", "set", "d0", "arp", "off", "up"]);
+    sh(&["ip", "link", "set", "d1", "up"]);
+    let b = boundary("[[allow]]\nname = \"flood\"\npeers = [\"10.99.0.0/16\"]\n");
+    let mut e = Enforcer::new(Vec::new());
+    e.apply(Ruleset::build(&b, None)).unwrap();
+    for n in [10, 10_000, 100_000] {
+        for keep in [true, false] {
+            let mut ms = Vec::new();
+            for _ in 0..3 {
+                flood(n);
+                let started = Instant::now();
+                let cut = conntrack::cut(|f| keep && explain(&b, None, f).allowed).unwrap();
+                ms.push(started.elapsed().as_secs_f64() * 1000.0);
+                assert!(cut.seen >= usize::try_from(n).unwrap());
+                assert_eq!(cut.cut == 0, keep, "{cut:?}");
+            }
+            ms.sort_by(f64::total_cmp);
+            eprintln!(
+                "cut: {n} entries, {}: {:.1} / {:.1} / {:.1} ms (min / median / max of 3)",
+                if keep { "all kept" } else { "all cut" },
+                ms[0],
+                ms[1],
+                ms[2]
+            );
+        }
+    }
+    e.remove().unwrap();
+}
