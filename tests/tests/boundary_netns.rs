@@ -98,6 +98,24 @@ while True:
     u.sendto(d, a)
 "#;
 
+/// An SSH-like session to A1 held open; after a line on stdin it sends a
+/// byte and prints what came back: "reset" (RST), "eof" (the server read
+/// it and closed: the session still passes) or "timeout".
+const HELD_SSH: &str = r#"
+import socket, sys
+s = socket.create_connection(('10.77.0.11', 22))
+print('up', flush=True)
+sys.stdin.readline()
+s.settimeout(5)
+try:
+    s.send(b'x')
+    print('eof' if s.recv(1) == b'' else 'data', flush=True)
+except ConnectionResetError:
+    print('reset', flush=True)
+except socket.timeout:
+    print('timeout', flush=True)
+"#;
+
 /// Runs probes concurrently; prints {"id": "open"|"refused"|"unreachable"|"timeout"|"reply"|"fail"}.
 const PROBE: &str = r#"
 import socket, subprocess, json, sys, threading
@@ -435,17 +453,16 @@ fn boundary_reachability_matrix_with_agent() {
 
     // An SSH session from the internet host, open before the boundary: the
     // agent warns that the new boundary cuts it.
-    let mut held = spawn_ready(
-        Command::new("ip").args([
-            "netns",
-            "exec",
-            &net.ns(H::Inet),
-            "python3",
-            "-c",
-            "import socket,sys,time\ns=socket.create_connection(('10.77.0.11',22))\nprint('up',flush=True)\ntime.sleep(600)",
-        ]),
-        "up",
-    );
+    let mut held = Command::new("ip")
+        .args(["netns", "exec", &net.ns(H::Inet), "python3", "-c", HELD_SSH])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut held_out = std::io::BufReader::new(held.stdout.take().unwrap());
+    let mut up = String::new();
+    std::io::BufRead::read_line(&mut held_out, &mut up).unwrap();
+    assert_eq!(up.trim(), "up");
 
     // Landlord boundaries: A1 through the agent (reject), A2 and B1 with the
     // backend (drop).
@@ -462,6 +479,13 @@ fn boundary_reachability_matrix_with_agent() {
             .contains("cuts the open SSH session from 10.77.0.99"),
         "{r:?}"
     );
+    // And it is cut (issue 13): its next packet meets the rules as new and
+    // A1 rejects it (without the cut the server would read it and close).
+    held.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut after = String::new();
+    std::io::BufRead::read_line(&mut held_out, &mut after).unwrap();
+    assert_eq!(after.trim(), "reset", "the held SSH session was not cut");
+    assert!(lab.agent_log().contains("boundary-flows-cut"));
     let _ = held.kill();
     let _ = held.wait();
     assert_eq!(r.json()["enforced"], true);

@@ -429,7 +429,9 @@ fn bench_cut_cost() {
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
     sh(&["ip", "link", "set", "lo", "up"]);
     // A veth end without ARP: packets leave at once, nothing answers.
-    sh(&["ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
+    sh(&[
+        "ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1",
+    ]);
     sh(&["ip", "addr", "add", "10.99.0.1/16", "dev", "d0"]);
     sh(&["ip", "link", "set", "d0", "arp", "off", "up"]);
     sh(&["ip", "link", "set", "d1", "up"]);
