@@ -453,16 +453,17 @@ fn boundary_reachability_matrix_with_agent() {
 
     // An SSH session from the internet host, open before the boundary: the
     // agent warns that the new boundary cuts it.
-    let mut held = Command::new("ip")
-        .args(["netns", "exec", &net.ns(H::Inet), "python3", "-c", HELD_SSH])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut held_out = std::io::BufReader::new(held.stdout.take().unwrap());
-    let mut up = String::new();
-    std::io::BufRead::read_line(&mut held_out, &mut up).unwrap();
-    assert_eq!(up.trim(), "up");
+    let mut held = spawn_ready(
+        Command::new("ip").args([
+            "netns",
+            "exec",
+            &net.ns(H::Inet),
+            "python3",
+            "-c",
+            "import socket,sys,time\ns=socket.create_connection(('10.77.0.11',22))\nprint('up',flush=True)\ntime.sleep(600)",
+        ]),
+        "up",
+    );
 
     // Landlord boundaries: A1 through the agent (reject), A2 and B1 with the
     // backend (drop).
@@ -479,13 +480,6 @@ fn boundary_reachability_matrix_with_agent() {
             .contains("cuts the open SSH session from 10.77.0.99"),
         "{r:?}"
     );
-    // And it is cut (issue 13): its next packet meets the rules as new and
-    // A1 rejects it (without the cut the server would read it and close).
-    held.stdin.take().unwrap().write_all(b"go\n").unwrap();
-    let mut after = String::new();
-    std::io::BufRead::read_line(&mut held_out, &mut after).unwrap();
-    assert_eq!(after.trim(), "reset", "the held SSH session was not cut");
-    assert!(lab.agent_log().contains("boundary-flows-cut"));
     let _ = held.kill();
     let _ = held.wait();
     assert_eq!(r.json()["enforced"], true);
@@ -628,6 +622,44 @@ fn boundary_reachability_matrix_with_agent() {
         Scenario::Sub,
         "after the agent undid an added element and a flushed chain",
     );
+
+    // An SSH session from A2, opened while both boundaries allow it, is cut
+    // when the landlord removes A2 (issue 13): warned about, and its next
+    // packet meets the rules as new and is rejected. Then A2 is back.
+    let mut held = Command::new("ip")
+        .args(["netns", "exec", &net.ns(H::A2), "python3", "-c", HELD_SSH])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut held_out = std::io::BufReader::new(held.stdout.take().unwrap());
+    let mut up = String::new();
+    std::io::BufRead::read_line(&mut held_out, &mut up).unwrap();
+    assert_eq!(up.trim(), "up");
+    let r = lab
+        .run(
+            Who::Landlord,
+            "landlordctl",
+            &["boundary", "remove-peer", "@tenant_a", "10.77.0.12"],
+        )
+        .ok();
+    assert!(
+        r.stderr
+            .contains("cuts the open SSH session from 10.77.0.12"),
+        "{r:?}"
+    );
+    held.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut after = String::new();
+    std::io::BufRead::read_line(&mut held_out, &mut after).unwrap();
+    let _ = held.wait();
+    assert_eq!(after.trim(), "reset", "the SSH session from A2 was not cut");
+    assert!(lab.agent_log().contains("boundary-flows-cut"));
+    lab.run(
+        Who::Landlord,
+        "landlordctl",
+        &["boundary", "add-peer", "@tenant_a", "10.77.0.12"],
+    )
+    .ok();
 
     // A peer added and removed: element changes only, visible in the set.
     let r = lab
