@@ -123,9 +123,10 @@ impl Lab {
         format!("lhct{}-{who}", self.tag)
     }
 
-    fn new() -> Lab {
+    /// `t`: one letter per test of this binary (tests run in parallel).
+    fn new(t: char) -> Lab {
         let lab = Lab {
-            tag: format!("{}", std::process::id() % 100_000),
+            tag: format!("{}{t}", std::process::id() % 100_000),
             children: Vec::new(),
             streams: BTreeMap::new(),
         };
@@ -250,6 +251,13 @@ impl Lab {
         }
     }
 
+    /// Moves this test's thread into the node's namespace (nft, netlink,
+    /// the cut).
+    fn enter_node(&self) {
+        let node_ns = std::fs::File::open(format!("/run/netns/{}", self.ns("node"))).unwrap();
+        nix::sched::setns(node_ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    }
+
     /// Streams whose key matches `pred`.
     fn select(&self, pred: impl Fn(&str) -> bool) -> Vec<(&String, &Rx)> {
         self.streams.iter().filter(|(k, _)| pred(k)).collect()
@@ -285,6 +293,7 @@ impl Drop for Lab {
             let _ = c.wait();
         }
         for who in ["node", "p1", "p2"] {
+            // Deleting the namespaces deletes their veth pairs.
             let _ = Command::new("ip")
                 .args(["netns", "del", &self.ns(who)])
                 .status();
@@ -338,10 +347,8 @@ peers = ["10.88.2.2", "fd88:2::2"]
 #[test]
 fn revoked_flows_stop_in_both_directions_and_allowed_ones_go_on() {
     require_root();
-    let mut lab = Lab::new();
-    let node_ns = std::fs::File::open(format!("/run/netns/{}", lab.ns("node"))).unwrap();
-    // This test thread works in the node's namespace (nft, netlink, cut).
-    nix::sched::setns(node_ns.as_fd(), nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    let mut lab = Lab::new('r');
+    lab.enter_node();
     assert_eq!(
         std::fs::read_to_string("/proc/sys/net/netfilter/nf_conntrack_tcp_loose")
             .unwrap()
@@ -420,8 +427,9 @@ fn flood(n: u32) {
 
 /// The cost of a cut by table size (run by hand:
 /// `cargo test -p leasehold-tests --test boundary_revocation -- --ignored --nocapture`):
-/// keeping everything (dump and decide) and cutting everything (plus one
-/// delete per entry). Prints one line per size and case, 3 runs each.
+/// keeping everything without a decision (the dump alone), keeping
+/// everything decided by `explain` (dump and decide), cutting everything
+/// (dump and one delete per entry). One line per size and case, 3 runs.
 #[test]
 #[ignore = "benchmark"]
 fn bench_cut_cost() {
@@ -439,25 +447,74 @@ fn bench_cut_cost() {
     let mut e = Enforcer::new(Vec::new());
     e.apply(Ruleset::build(&b, None)).unwrap();
     for n in [10, 10_000, 100_000] {
-        for keep in [true, false] {
+        for case in ["all kept, no decision", "all kept", "all cut"] {
             let mut ms = Vec::new();
             for _ in 0..3 {
                 flood(n);
                 let started = Instant::now();
-                let cut = conntrack::cut(|f| keep && explain(&b, None, f).allowed).unwrap();
+                let cut = conntrack::cut(|f| match case {
+                    "all kept" => explain(&b, None, f).allowed,
+                    "all cut" => false,
+                    _ => true,
+                })
+                .unwrap();
                 ms.push(started.elapsed().as_secs_f64() * 1000.0);
                 assert!(cut.seen >= usize::try_from(n).unwrap());
-                assert_eq!(cut.cut == 0, keep, "{cut:?}");
+                assert_eq!(cut.cut == 0, case != "all cut", "{cut:?}");
             }
             ms.sort_by(f64::total_cmp);
             eprintln!(
-                "cut: {n} entries, {}: {:.1} / {:.1} / {:.1} ms (min / median / max of 3)",
-                if keep { "all kept" } else { "all cut" },
-                ms[0],
-                ms[1],
-                ms[2]
+                "cut: {n} entries, {case}: {:.1} / {:.1} / {:.1} ms (min / median / max of 3)",
+                ms[0], ms[1], ms[2]
             );
         }
     }
     e.remove().unwrap();
+}
+
+/// p1 may open anything to the node, the node nothing to p1.
+const P1_IN_ONLY: &str = r#"
+[[allow]]
+name = "p1-in"
+peers = ["10.88.1.2", "fd88:1::2"]
+direction = "in"
+[[allow]]
+name = "p2"
+peers = ["10.88.2.2", "fd88:2::2"]
+"#;
+
+/// Known gap, pinned here for whoever closes it: when the new policy still
+/// admits the peer *inbound on every port*, a cut outbound flow resumes.
+/// The peer's next mid-stream packet (p1:7000 -> node:ephemeral) is picked
+/// up as NEW (`nf_conntrack_tcp_loose=1`), admitted by `p1-in`, and the
+/// node's packets of the old flow are then replies of that re-oriented
+/// entry (seen: `tcp ESTABLISHED src=10.88.1.2 sport=7000 dst=10.88.1.1
+/// dport=34364`). The same for UDP (stateful semantics, arguably as the
+/// policy says). Closing it for TCP needs the rules (drop NEW TCP without
+/// SYN in the boundary chains, which also drops untracked flows at the
+/// first apply) or destroying the node's own socket of the cut flow
+/// (SOCK_DESTROY), see the issue.
+#[test]
+#[ignore = "known gap: a cut outbound flow resumes re-oriented when the peer may open any port inbound"]
+fn gap_cut_outbound_flow_resumes_when_inbound_is_open() {
+    require_root();
+    let mut lab = Lab::new('g');
+    lab.enter_node();
+    let mut e = Enforcer::new(Vec::new());
+    change(&mut e, &boundary(BOTH));
+    lab.start_streams();
+    let all = lab.select(|_| true);
+    lab.observe(&all, now(), 3);
+    change(&mut e, &boundary(P1_IN_ONLY));
+    let t = now();
+    let alive = lab.select(|k| k.starts_with("p2") || k.contains("-in "));
+    let seen = lab.observe(&alive, t, 5);
+    let leaked: Vec<_> = seen
+        .iter()
+        .filter(|(k, n)| k.starts_with("p1") && k.contains("tcp-out") && **n > 0)
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "messages sent after the cut got through: {leaked:?}"
+    );
 }
