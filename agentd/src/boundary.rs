@@ -172,6 +172,7 @@ fn cut_flows(c: &Boundary, s: Option<&Boundary>) -> Option<String> {
             info!(
                 event = "boundary-flows-cut",
                 count = cut.cut,
+                sockets_reset = cut.reset,
                 tracked = cut.seen,
                 ms = started.elapsed().as_secs_f64() * 1000.0,
                 "open connections the boundary does not admit were cut"

@@ -7,6 +7,12 @@
 //! policy would not admit as new; the next packet of such a flow is then
 //! tracked afresh (NEW, also mid-stream with `nf_conntrack_tcp_loose=1`)
 //! and meets the rules. No per-packet cost: the rules are unchanged.
+//! Before the entries go, the node's own TCP sockets of the cut flows are
+//! aborted (SOCK_DESTROY, as `ss -K` does; the RST still leaves through
+//! the old entry): otherwise, when the new policy lets the peer open any
+//! port inbound, the peer's next mid-stream packet of a cut outbound flow
+//! is tracked as a NEW inbound flow the rules admit, and the flow resumes
+//! re-oriented (seen in tests/tests/boundary_revocation.rs).
 //!
 //! Direction of an entry, from its original tuple (the first packet): an
 //! original source that is an address of this namespace is an outbound
@@ -26,8 +32,9 @@
 //! tuple). A delete always carries `CTA_TUPLE_ORIG`: without a tuple the
 //! kernel flushes the whole table. No crate fits: `conntrack` (crates.io)
 //! only dumps and brings the `neli` netlink stack; `nlink` is an async
-//! netlink framework on tokio; the two messages here are ≈100 lines on the
-//! `netlink-sys` socket the crate already uses (see [`crate::netlink`]).
+//! netlink framework on tokio; the three messages here (dump, delete,
+//! SOCK_DESTROY) are ≈150 lines on the `netlink-sys` socket the crate
+//! already uses (see [`crate::netlink`]).
 
 use std::collections::HashSet;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -60,7 +67,10 @@ const CTA_IP_V4_DST: u16 = 2;
 const CTA_IP_V6_SRC: u16 = 3;
 const CTA_IP_V6_DST: u16 = 4;
 const CTA_PROTO_NUM: u16 = 1;
+const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_PROTO_DST_PORT: u16 = 3;
+const SOCK_DESTROY: u16 = 21;
+const IPPROTO_TCP: u8 = 6;
 
 /// Delete messages sent in one datagram. Only the last asks for an ack;
 /// the kernel answers the others only on error, in order, so the ack of the
@@ -106,6 +116,8 @@ pub struct Entry {
     pub dst: IpAddr,
     /// IP protocol number.
     pub l4proto: u8,
+    /// Original source port (TCP, UDP, SCTP, …; 0 when none).
+    pub sport: u16,
     /// Original destination port (TCP, UDP, SCTP, …; 0 when none).
     pub dport: u16,
     /// `CTA_TUPLE_ORIG`, `CTA_ZONE` and `CTA_ID` as dumped (headers
@@ -120,6 +132,8 @@ pub struct Cut {
     pub seen: usize,
     /// Entries deleted.
     pub cut: usize,
+    /// Local TCP sockets of cut flows aborted (an RST to the peer).
+    pub reset: usize,
 }
 
 fn align(n: usize) -> usize {
@@ -228,14 +242,18 @@ pub fn parse_entry(msg: &[u8]) -> Option<Entry> {
     let dst = addr(find(ip, dst)?)?;
     let proto = find(orig, CTA_TUPLE_PROTO)?;
     let l4proto = *find(proto, CTA_PROTO_NUM)?.first()?;
-    let dport = find(proto, CTA_PROTO_DST_PORT)
-        .and_then(|p| <[u8; 2]>::try_from(p).ok())
-        .map_or(0, u16::from_be_bytes);
+    let port = |ty| {
+        find(proto, ty)
+            .and_then(|p| <[u8; 2]>::try_from(p).ok())
+            .map_or(0, u16::from_be_bytes)
+    };
+    let (sport, dport) = (port(CTA_PROTO_SRC_PORT), port(CTA_PROTO_DST_PORT));
     Some(Entry {
         family,
         src,
         dst,
         l4proto,
+        sport,
         dport,
         key,
     })
@@ -357,6 +375,105 @@ fn errno(m: &[u8]) -> i32 {
         .map_or(0, i32::from_ne_bytes)
 }
 
+/// The local end (address, port) and the remote end of a TCP entry with
+/// a local end: the socket to abort.
+fn socket_of(e: &Entry, locals: &HashSet<IpAddr>) -> Option<((IpAddr, u16), (IpAddr, u16))> {
+    if e.l4proto != IPPROTO_TCP {
+        return None;
+    }
+    if locals.contains(&e.src) {
+        Some(((e.src, e.sport), (e.dst, e.dport)))
+    } else if locals.contains(&e.dst) {
+        Some(((e.dst, e.dport), (e.src, e.sport)))
+    } else {
+        None
+    }
+}
+
+fn words(a: IpAddr) -> [u8; 16] {
+    match a {
+        IpAddr::V4(v4) => {
+            let mut b = [0u8; 16];
+            b[..4].copy_from_slice(&v4.octets());
+            b
+        }
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+/// Appends a SOCK_DESTROY request (NETLINK_SOCK_DIAG, `struct
+/// inet_diag_req_v2`, linux/inet_diag.h) for the TCP socket `local` <->
+/// `remote`, any interface, no cookie.
+pub fn encode_destroy(buf: &mut Vec<u8>, local: (IpAddr, u16), remote: (IpAddr, u16), seq: u32) {
+    let len: u32 = 16 + 56;
+    buf.extend_from_slice(&len.to_ne_bytes());
+    buf.extend_from_slice(&SOCK_DESTROY.to_ne_bytes());
+    buf.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    buf.extend_from_slice(&seq.to_ne_bytes());
+    buf.extend_from_slice(&0u32.to_ne_bytes());
+    buf.push(if local.0.is_ipv4() { AF_INET } else { AF_INET6 });
+    buf.push(IPPROTO_TCP);
+    buf.extend_from_slice(&[0, 0]); // idiag_ext, pad
+    buf.extend_from_slice(&u32::MAX.to_ne_bytes()); // every state
+    buf.extend_from_slice(&local.1.to_be_bytes());
+    buf.extend_from_slice(&remote.1.to_be_bytes());
+    buf.extend_from_slice(&words(local.0));
+    buf.extend_from_slice(&words(remote.0));
+    buf.extend_from_slice(&0u32.to_ne_bytes()); // any interface
+    buf.extend_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
+}
+
+/// Aborts the local TCP sockets of the doomed entries, before their
+/// entries go: the abort's RST still leaves through the old entry, so the
+/// peer drops the connection too. Without it a peer that the new policy
+/// still lets open any port inbound resumes a cut outbound flow: its next
+/// mid-stream packet is tracked as a NEW inbound flow (tcp_loose) that the
+/// rules admit, and the node's packets become its replies. Best effort:
+/// a socket already gone (ENOENT) or a kernel without
+/// CONFIG_INET_DIAG_DESTROY (EOPNOTSUPP) only leaves the conntrack cut.
+fn abort_sockets(doomed: &[Entry], locals: &HashSet<IpAddr>) -> Result<usize, CutError> {
+    let ends: Vec<_> = doomed.iter().filter_map(|e| socket_of(e, locals)).collect();
+    if ends.is_empty() {
+        return Ok(0);
+    }
+    let mut sock = Socket::new(netlink_sys::protocols::NETLINK_SOCK_DIAG).map_err(io("socket"))?;
+    sock.bind_auto().map_err(io("bind"))?;
+    sock.connect(&SocketAddr::new(0, 0))
+        .map_err(io("connect"))?;
+    sock.set_cap_ack(true).map_err(io("cap_ack"))?;
+    nix::sys::socket::setsockopt(
+        &sock,
+        nix::sys::socket::sockopt::ReceiveTimeout,
+        &nix::sys::time::TimeVal::new(5, 0),
+    )
+    .map_err(|e| CutError::Io {
+        what: "timeout",
+        source: e.into(),
+    })?;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut reset = 0;
+    for chunk in ends.chunks(DELETE_BATCH) {
+        let mut out = Vec::with_capacity(chunk.len() * 72);
+        for (i, (local, remote)) in chunk.iter().enumerate() {
+            encode_destroy(&mut out, *local, *remote, u32::try_from(i).unwrap_or(0));
+        }
+        sock.send(&out, 0).map_err(io("send"))?;
+        let mut pending = chunk.len();
+        while pending > 0 {
+            let n = recv(&sock, &mut buf)?;
+            for (ty, _, m) in messages(&buf[..n.min(buf.len())]) {
+                if ty == NLMSG_ERROR {
+                    pending = pending.saturating_sub(1);
+                    if errno(m) == 0 {
+                        reset += 1;
+                    }
+                }
+            }
+        }
+    }
+    Ok(reset)
+}
+
 /// Dumps the table and deletes every entry `admits` does not keep (see
 /// [`keeps`]). In the caller's network namespace; needs CAP_NET_ADMIN.
 pub fn cut(admits: impl Fn(&Flow) -> bool) -> Result<Cut, CutError> {
@@ -396,6 +513,10 @@ pub fn cut(admits: impl Fn(&Flow) -> bool) -> Result<Cut, CutError> {
             }
         }
     }
+    let reset = abort_sockets(&doomed, &locals).unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot abort the local sockets of cut connections");
+        0
+    });
     let mut cut = 0;
     let mut failed = 0;
     let mut first_error = None;
@@ -436,7 +557,7 @@ pub fn cut(admits: impl Fn(&Flow) -> bool) -> Result<Cut, CutError> {
         cut += unanswered;
     }
     match first_error {
-        None => Ok(Cut { seen, cut }),
+        None => Ok(Cut { seen, cut, reset }),
         Some(c) => Err(CutError::Refused {
             what: format!("{failed} of {} deletions", doomed.len()),
             source: std::io::Error::from_raw_os_error(-c),
@@ -496,7 +617,7 @@ mod tests {
         assert_eq!(e.family, AF_INET);
         assert_eq!(e.src, IpAddr::from([10, 0, 0, 1]));
         assert_eq!(e.dst, IpAddr::from([10, 0, 0, 2]));
-        assert_eq!((e.l4proto, e.dport), (6, 22));
+        assert_eq!((e.l4proto, e.sport, e.dport), (6, 50000, 22));
         let mut buf = Vec::new();
         encode_delete(&mut buf, &e, 9, true);
         let mut silent = Vec::new();
@@ -530,6 +651,53 @@ mod tests {
         want.extend_from_slice(&[8, 0, 12, 0, 0x11, 0x22, 0x33, 0x44]);
         want.extend_from_slice(&[6, 0, 18, 0, 0, 5, 0, 0]);
         assert_eq!(buf, want);
+    }
+
+    #[test]
+    #[cfg(target_endian = "little")]
+    fn socket_abort_request_bytes() {
+        let mut buf = Vec::new();
+        encode_destroy(
+            &mut buf,
+            (IpAddr::from([10, 0, 0, 1]), 22),
+            (IpAddr::from([10, 0, 0, 2]), 50000),
+            3,
+        );
+        let mut want = vec![
+            72, 0, 0, 0, // length: header and struct inet_diag_req_v2
+            21, 0, // SOCK_DESTROY
+            5, 0, // NLM_F_REQUEST | NLM_F_ACK
+            3, 0, 0, 0, 0, 0, 0, 0, // seq, pid
+            AF_INET, 6, 0, 0, // family, IPPROTO_TCP, ext, pad
+            0xff, 0xff, 0xff, 0xff, // every state
+            0, 22, 0xc3, 0x50, // local port 22, remote port 50000 (big-endian)
+        ];
+        want.extend_from_slice(&[10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        want.extend_from_slice(&[10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        want.extend_from_slice(&[0, 0, 0, 0]); // any interface
+        want.extend_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
+        assert_eq!(buf, want);
+        // Which end is the node's: outbound from the source, inbound to
+        // the destination; TCP only.
+        let locals: HashSet<IpAddr> = [IpAddr::from([10, 0, 0, 1])].into();
+        let out = entry("10.0.0.1", "10.0.0.2", 6, 7000);
+        assert_eq!(
+            socket_of(&out, &locals),
+            Some(((out.src, 40000), (out.dst, 7000)))
+        );
+        let inb = entry("10.0.0.2", "10.0.0.1", 6, 22);
+        assert_eq!(
+            socket_of(&inb, &locals),
+            Some(((inb.dst, 22), (inb.src, 40000)))
+        );
+        assert_eq!(
+            socket_of(&entry("10.0.0.2", "10.0.0.1", 17, 53), &locals),
+            None
+        );
+        assert_eq!(
+            socket_of(&entry("10.0.0.2", "10.0.0.3", 6, 22), &locals),
+            None
+        );
     }
 
     #[test]
@@ -580,6 +748,7 @@ mod tests {
             src,
             dst: dst.parse().unwrap(),
             l4proto,
+            sport: 40000,
             dport,
             key: Vec::new(),
         }

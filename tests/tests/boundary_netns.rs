@@ -110,7 +110,7 @@ s.settimeout(5)
 try:
     s.send(b'x')
     print('eof' if s.recv(1) == b'' else 'data', flush=True)
-except ConnectionResetError:
+except (ConnectionResetError, BrokenPipeError):
     print('reset', flush=True)
 except socket.timeout:
     print('timeout', flush=True)
