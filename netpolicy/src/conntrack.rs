@@ -69,6 +69,7 @@ const CTA_IP_V6_DST: u16 = 4;
 const CTA_PROTO_NUM: u16 = 1;
 const CTA_PROTO_SRC_PORT: u16 = 2;
 const CTA_PROTO_DST_PORT: u16 = 3;
+const SOCK_DIAG_BY_FAMILY: u16 = 20;
 const SOCK_DESTROY: u16 = 21;
 const IPPROTO_TCP: u8 = 6;
 
@@ -401,14 +402,21 @@ fn words(a: IpAddr) -> [u8; 16] {
     }
 }
 
-/// Appends a SOCK_DESTROY request (NETLINK_SOCK_DIAG, `struct
-/// inet_diag_req_v2`, linux/inet_diag.h) for the TCP socket `local` <->
-/// `remote`, any interface, no cookie.
-pub fn encode_destroy(buf: &mut Vec<u8>, local: (IpAddr, u16), remote: (IpAddr, u16), seq: u32) {
+/// Appends a NETLINK_SOCK_DIAG request about one TCP socket (`struct
+/// inet_diag_req_v2`, linux/inet_diag.h): `local` <-> `remote`, any
+/// interface, `cookie` (all ones: none).
+fn diag_request(
+    buf: &mut Vec<u8>,
+    ty: u16,
+    flags: u16,
+    (local, remote): ((IpAddr, u16), (IpAddr, u16)),
+    cookie: [u8; 8],
+    seq: u32,
+) {
     let len: u32 = 16 + 56;
     buf.extend_from_slice(&len.to_ne_bytes());
-    buf.extend_from_slice(&SOCK_DESTROY.to_ne_bytes());
-    buf.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    buf.extend_from_slice(&ty.to_ne_bytes());
+    buf.extend_from_slice(&flags.to_ne_bytes());
     buf.extend_from_slice(&seq.to_ne_bytes());
     buf.extend_from_slice(&0u32.to_ne_bytes());
     buf.push(if local.0.is_ipv4() { AF_INET } else { AF_INET6 });
@@ -420,22 +428,57 @@ pub fn encode_destroy(buf: &mut Vec<u8>, local: (IpAddr, u16), remote: (IpAddr, 
     buf.extend_from_slice(&words(local.0));
     buf.extend_from_slice(&words(remote.0));
     buf.extend_from_slice(&0u32.to_ne_bytes()); // any interface
-    buf.extend_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
+    buf.extend_from_slice(&cookie);
 }
 
-/// Aborts the local TCP sockets of the doomed entries, before their
-/// entries go: the abort's RST still leaves through the old entry, so the
-/// peer drops the connection too. Without it a peer that the new policy
-/// still lets open any port inbound resumes a cut outbound flow: its next
-/// mid-stream packet is tracked as a NEW inbound flow (tcp_loose) that the
-/// rules admit, and the node's packets become its replies. Best effort:
-/// a socket already gone (ENOENT) or a kernel without
-/// CONFIG_INET_DIAG_DESTROY (EOPNOTSUPP) only leaves the conntrack cut.
-fn abort_sockets(doomed: &[Entry], locals: &HashSet<IpAddr>) -> Result<usize, CutError> {
-    let ends: Vec<_> = doomed.iter().filter_map(|e| socket_of(e, locals)).collect();
-    if ends.is_empty() {
-        return Ok(0);
-    }
+/// Appends the lookup of one TCP socket (SOCK_DIAG_BY_FAMILY, exact: the
+/// kernel answers with its `inet_diag_msg` or ENOENT).
+pub fn encode_lookup(buf: &mut Vec<u8>, ends: ((IpAddr, u16), (IpAddr, u16)), seq: u32) {
+    diag_request(
+        buf,
+        SOCK_DIAG_BY_FAMILY,
+        NLM_F_REQUEST,
+        ends,
+        [0xff; 8],
+        seq,
+    );
+}
+
+/// Appends the abort of the socket the lookup answered with `cookie`
+/// (SOCK_DESTROY; the cookie pins that very socket).
+pub fn encode_destroy(
+    buf: &mut Vec<u8>,
+    ends: ((IpAddr, u16), (IpAddr, u16)),
+    cookie: [u8; 8],
+    seq: u32,
+) {
+    diag_request(
+        buf,
+        SOCK_DESTROY,
+        NLM_F_REQUEST | NLM_F_ACK,
+        ends,
+        cookie,
+        seq,
+    );
+}
+
+/// From a lookup's answer (`struct inet_diag_msg`): the cookie, if it is
+/// the connection's own socket in a state that still sends. A lookup by
+/// four-tuple falls back to the *listening* socket of the local port when
+/// the connection's socket is gone: that one must never be aborted (nor a
+/// TIME_WAIT or closed one, which sends nothing).
+pub fn abortable(m: &[u8], remote_port: u16) -> Option<[u8; 8]> {
+    const TCP_TIME_WAIT: u8 = 6;
+    const TCP_CLOSE: u8 = 7;
+    const TCP_LISTEN: u8 = 10;
+    let state = *m.get(1)?;
+    let dport = u16::from_be_bytes(m.get(6..8)?.try_into().ok()?);
+    let cookie: [u8; 8] = m.get(44..52)?.try_into().ok()?;
+    (!matches!(state, TCP_TIME_WAIT | TCP_CLOSE | TCP_LISTEN) && dport == remote_port)
+        .then_some(cookie)
+}
+
+fn diag_socket() -> Result<Socket, CutError> {
     let mut sock = Socket::new(netlink_sys::protocols::NETLINK_SOCK_DIAG).map_err(io("socket"))?;
     sock.bind_auto().map_err(io("bind"))?;
     sock.connect(&SocketAddr::new(0, 0))
@@ -450,26 +493,76 @@ fn abort_sockets(doomed: &[Entry], locals: &HashSet<IpAddr>) -> Result<usize, Cu
         what: "timeout",
         source: e.into(),
     })?;
+    Ok(sock)
+}
+
+/// Sends `out` and returns the one answer each of `n` requests (numbered
+/// by seq from 0) gets: (type, message) by request.
+fn exchange(
+    sock: &Socket,
+    buf: &mut [u8],
+    out: &[u8],
+    n: usize,
+) -> Result<Vec<Option<(u16, Vec<u8>)>>, CutError> {
+    sock.send(out, 0).map_err(io("send"))?;
+    let mut answers = vec![None; n];
+    let mut pending = n;
+    while pending > 0 {
+        let got = recv(sock, buf)?;
+        for (ty, s, m) in messages(&buf[..got.min(buf.len())]) {
+            let Some(slot) = usize::try_from(s).ok().and_then(|i| answers.get_mut(i)) else {
+                continue;
+            };
+            if slot.is_none() {
+                *slot = Some((ty, m.to_vec()));
+                pending -= 1;
+            }
+        }
+    }
+    Ok(answers)
+}
+
+/// Aborts the local TCP sockets of the doomed entries, before their
+/// entries go: the abort's RST still leaves through the old entry, so the
+/// peer drops the connection too. Without it a peer that the new policy
+/// still lets open any port inbound resumes a cut outbound flow: its next
+/// mid-stream packet is tracked as a NEW inbound flow (tcp_loose) that the
+/// rules admit, and the node's packets become its replies. Each socket is
+/// looked up first and aborted by its cookie only if it is the
+/// connection's own (see [`abortable`]). A socket already gone, or a
+/// kernel without CONFIG_INET_DIAG_DESTROY, leaves only the conntrack cut.
+fn abort_sockets(doomed: &[Entry], locals: &HashSet<IpAddr>) -> Result<usize, CutError> {
+    let ends: Vec<_> = doomed.iter().filter_map(|e| socket_of(e, locals)).collect();
+    if ends.is_empty() {
+        return Ok(0);
+    }
+    let sock = diag_socket()?;
     let mut buf = vec![0u8; 64 * 1024];
     let mut reset = 0;
     for chunk in ends.chunks(DELETE_BATCH) {
         let mut out = Vec::with_capacity(chunk.len() * 72);
-        for (i, (local, remote)) in chunk.iter().enumerate() {
-            encode_destroy(&mut out, *local, *remote, u32::try_from(i).unwrap_or(0));
+        for (i, e) in chunk.iter().enumerate() {
+            encode_lookup(&mut out, *e, u32::try_from(i).unwrap_or(u32::MAX));
         }
-        sock.send(&out, 0).map_err(io("send"))?;
-        let mut pending = chunk.len();
-        while pending > 0 {
-            let n = recv(&sock, &mut buf)?;
-            for (ty, _, m) in messages(&buf[..n.min(buf.len())]) {
-                if ty == NLMSG_ERROR {
-                    pending = pending.saturating_sub(1);
-                    if errno(m) == 0 {
-                        reset += 1;
-                    }
-                }
-            }
+        let found: Vec<_> = exchange(&sock, &mut buf, &out, chunk.len())?
+            .into_iter()
+            .zip(chunk)
+            .filter_map(|(a, e)| match a {
+                Some((SOCK_DIAG_BY_FAMILY, m)) => abortable(&m, e.1 .1).map(|c| (*e, c)),
+                _ => None,
+            })
+            .collect();
+        if found.is_empty() {
+            continue;
         }
+        let mut out = Vec::with_capacity(found.len() * 72);
+        for (i, (e, cookie)) in found.iter().enumerate() {
+            encode_destroy(&mut out, *e, *cookie, u32::try_from(i).unwrap_or(u32::MAX));
+        }
+        reset += exchange(&sock, &mut buf, &out, found.len())?
+            .iter()
+            .filter(|a| matches!(a, Some((NLMSG_ERROR, m)) if errno(m) == 0))
+            .count();
     }
     Ok(reset)
 }
@@ -656,13 +749,12 @@ mod tests {
     #[test]
     #[cfg(target_endian = "little")]
     fn socket_abort_request_bytes() {
-        let mut buf = Vec::new();
-        encode_destroy(
-            &mut buf,
+        let ends = (
             (IpAddr::from([10, 0, 0, 1]), 22),
             (IpAddr::from([10, 0, 0, 2]), 50000),
-            3,
         );
+        let mut buf = Vec::new();
+        encode_destroy(&mut buf, ends, [1, 2, 3, 4, 5, 6, 7, 8], 3);
         let mut want = vec![
             72, 0, 0, 0, // length: header and struct inet_diag_req_v2
             21, 0, // SOCK_DESTROY
@@ -675,8 +767,30 @@ mod tests {
         want.extend_from_slice(&[10, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
         want.extend_from_slice(&[10, 0, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
         want.extend_from_slice(&[0, 0, 0, 0]); // any interface
-        want.extend_from_slice(&[0xff; 8]); // INET_DIAG_NOCOOKIE
+        want.extend_from_slice(&[1, 2, 3, 4, 5, 6, 7, 8]); // the lookup's cookie
         assert_eq!(buf, want);
+        // The lookup: SOCK_DIAG_BY_FAMILY, no ack, no cookie.
+        let mut lookup = Vec::new();
+        encode_lookup(&mut lookup, ends, 3);
+        assert_eq!(lookup[4..8], [20, 0, 1, 0]);
+        assert_eq!(lookup[8..64], want[8..64]);
+        assert_eq!(lookup[64..], [0xff; 8]);
+        // Its answer (struct inet_diag_msg): only the connection's own
+        // socket, in a state that sends, is aborted; never the listener
+        // a four-tuple lookup falls back to.
+        let answer = |state: u8, dport: u16| {
+            let mut m = vec![AF_INET, state, 0, 0, 0, 22];
+            m.extend_from_slice(&dport.to_be_bytes());
+            m.extend_from_slice(&[0; 36]);
+            m.extend_from_slice(&[9; 8]);
+            m.extend_from_slice(&[0; 20]);
+            m
+        };
+        assert_eq!(abortable(&answer(1, 50000), 50000), Some([9; 8]));
+        assert_eq!(abortable(&answer(10, 0), 50000), None); // LISTEN
+        assert_eq!(abortable(&answer(1, 50001), 50000), None);
+        assert_eq!(abortable(&answer(6, 50000), 50000), None); // TIME_WAIT
+        assert_eq!(abortable(&answer(1, 50000)[..40], 50000), None);
         // Which end is the node's: outbound from the source, inbound to
         // the destination; TCP only.
         let locals: HashSet<IpAddr> = [IpAddr::from([10, 0, 0, 1])].into();

@@ -84,6 +84,29 @@ else:
         out("rx " + d.decode())
 "#;
 
+/// Accepts and waits for the client to close first, then closes.
+const LISTENER: &str = r#"
+import socket
+s = socket.create_server(("::", 7777), family=socket.AF_INET6, dualstack_ipv6=True)
+print("ready", flush=True)
+while True:
+    c, _ = s.accept()
+    c.settimeout(5)
+    try:
+        c.recv(1)
+    except OSError:
+        pass
+    c.close()
+"#;
+
+/// Connects to port 7777 of argv[1] and closes at once.
+const CONNECT_CLOSE: &str = r#"
+import socket, sys, time
+c = socket.create_connection((sys.argv[1], 7777), timeout=3)
+c.close()
+time.sleep(0.2)
+"#;
+
 fn now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -364,6 +387,22 @@ fn revoked_flows_stop_in_both_directions_and_allowed_ones_go_on() {
     let seen = lab.observe(&all, now(), 3);
     assert!(seen.values().all(|n| *n >= 3), "{seen:?}");
 
+    // A listener on the node, and a connection from p1 to it that is over
+    // on the node's side (p1 closed first: the node's socket is gone, the
+    // entry stays in TIME_WAIT). Cutting that entry must not abort the
+    // listener, which a lookup of the gone socket's four-tuple finds.
+    let node = lab.ns("node");
+    lab.spawn(&node, &["python3", "-c", LISTENER], "node listener".into());
+    let probe = |ns: &str, addr: &str| {
+        Command::new("ip")
+            .args(["netns", "exec", ns, "python3", "-c", CONNECT_CLOSE, addr])
+            .status()
+            .unwrap()
+            .success()
+    };
+    assert!(probe(&lab.ns("p1"), "10.88.1.1"));
+    assert!(probe(&lab.ns("p1"), "fd88:1::1"));
+
     // p1 keeps only its inbound ssh: everything else with p1 is cut, in
     // both directions; p1's ssh and all of p2 go on.
     let cut = change(&mut e, &boundary(P1_SSH_ONLY));
@@ -396,6 +435,10 @@ fn revoked_flows_stop_in_both_directions_and_allowed_ones_go_on() {
         leaked.is_empty(),
         "messages sent after the cut got through: {leaked:?}"
     );
+
+    // The listener is alive: p2 still connects (v4 and v6).
+    assert!(probe(&lab.ns("p2"), "10.88.2.1"));
+    assert!(probe(&lab.ns("p2"), "fd88:2::1"));
 
     // Nothing left to cut: a second pass finds only admitted flows.
     assert_eq!(
