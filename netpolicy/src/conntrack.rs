@@ -376,9 +376,12 @@ fn errno(m: &[u8]) -> i32 {
         .map_or(0, i32::from_ne_bytes)
 }
 
+/// A TCP socket's local and remote (address, port).
+type Ends = ((IpAddr, u16), (IpAddr, u16));
+
 /// The local end (address, port) and the remote end of a TCP entry with
 /// a local end: the socket to abort.
-fn socket_of(e: &Entry, locals: &HashSet<IpAddr>) -> Option<((IpAddr, u16), (IpAddr, u16))> {
+fn socket_of(e: &Entry, locals: &HashSet<IpAddr>) -> Option<Ends> {
     if e.l4proto != IPPROTO_TCP {
         return None;
     }
@@ -409,7 +412,7 @@ fn diag_request(
     buf: &mut Vec<u8>,
     ty: u16,
     flags: u16,
-    (local, remote): ((IpAddr, u16), (IpAddr, u16)),
+    (local, remote): Ends,
     cookie: [u8; 8],
     seq: u32,
 ) {
@@ -433,7 +436,7 @@ fn diag_request(
 
 /// Appends the lookup of one TCP socket (SOCK_DIAG_BY_FAMILY, exact: the
 /// kernel answers with its `inet_diag_msg` or ENOENT).
-pub fn encode_lookup(buf: &mut Vec<u8>, ends: ((IpAddr, u16), (IpAddr, u16)), seq: u32) {
+pub fn encode_lookup(buf: &mut Vec<u8>, ends: Ends, seq: u32) {
     diag_request(
         buf,
         SOCK_DIAG_BY_FAMILY,
@@ -446,12 +449,7 @@ pub fn encode_lookup(buf: &mut Vec<u8>, ends: ((IpAddr, u16), (IpAddr, u16)), se
 
 /// Appends the abort of the socket the lookup answered with `cookie`
 /// (SOCK_DESTROY; the cookie pins that very socket).
-pub fn encode_destroy(
-    buf: &mut Vec<u8>,
-    ends: ((IpAddr, u16), (IpAddr, u16)),
-    cookie: [u8; 8],
-    seq: u32,
-) {
+pub fn encode_destroy(buf: &mut Vec<u8>, ends: Ends, cookie: [u8; 8], seq: u32) {
     diag_request(
         buf,
         SOCK_DESTROY,
@@ -496,6 +494,9 @@ fn diag_socket() -> Result<Socket, CutError> {
     Ok(sock)
 }
 
+/// One answer: message type and the message after its header.
+type Answer = (u16, Vec<u8>);
+
 /// Sends `out` and returns the one answer each of `n` requests (numbered
 /// by seq from 0) gets: (type, message) by request.
 fn exchange(
@@ -503,7 +504,7 @@ fn exchange(
     buf: &mut [u8],
     out: &[u8],
     n: usize,
-) -> Result<Vec<Option<(u16, Vec<u8>)>>, CutError> {
+) -> Result<Vec<Option<Answer>>, CutError> {
     sock.send(out, 0).map_err(io("send"))?;
     let mut answers = vec![None; n];
     let mut pending = n;
