@@ -561,3 +561,45 @@ fn cut_outbound_flow_stays_cut_when_inbound_is_open() {
         "messages sent after the cut got through: {leaked:?}"
     );
 }
+
+/// Holds every connection to port 7000 open.
+const HOLDER: &str = r#"
+import resource, socket
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+s = socket.create_server(("::", 7000), family=socket.AF_INET6, dualstack_ipv6=True, backlog=4096)
+print("ready", flush=True)
+held = []
+while True:
+    c, _ = s.accept()
+    held.append(c)
+"#;
+
+/// The cost of cutting TCP connections with a local end (run by hand, see
+/// [`bench_cut_cost`]): 900 connections node -> p1 (the test process's
+/// descriptor limit), revoked at once: dump, lookup and abort of each
+/// socket, delete of each entry. 3 runs.
+#[test]
+#[ignore = "benchmark"]
+fn bench_cut_tcp_abort() {
+    require_root();
+    let mut lab = Lab::new('b');
+    lab.enter_node();
+    let p1 = lab.ns("p1");
+    lab.spawn(&p1, &["python3", "-c", HOLDER], "holder".into());
+    let mut e = Enforcer::new(Vec::new());
+    for _ in 0..3 {
+        change(&mut e, &boundary(BOTH));
+        let conns: Vec<_> = (0..900)
+            .map(|_| std::net::TcpStream::connect("10.88.1.2:7000").unwrap())
+            .collect();
+        e.apply(Ruleset::build(&boundary(P2_ONLY), None)).unwrap();
+        let b = boundary(P2_ONLY);
+        let started = Instant::now();
+        let cut = conntrack::cut(|f| explain(&b, None, f).allowed).unwrap();
+        let ms = started.elapsed().as_secs_f64() * 1000.0;
+        eprintln!("cut: 900 tcp connections revoked: {cut:?} in {ms:.1} ms");
+        assert!(cut.reset >= 900 && cut.cut >= 900, "{cut:?}");
+        drop(conns);
+    }
+}
