@@ -11,9 +11,10 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use leasehold_dbus_api::{BoundaryInfo, FlowVerdict};
+use leasehold_netpolicy::conntrack;
 use leasehold_netpolicy::enforce::{Change, Enforcer};
 use leasehold_netpolicy::model::{Direction, Proto};
 use leasehold_netpolicy::nft::Ruleset;
@@ -154,6 +155,39 @@ pub fn parse_flow(direction: &str, peer: &str, proto: &str, port: u16) -> Result
     })
 }
 
+/// Whether the policy admits `f` as a new flow: the one decision the
+/// connection cut uses.
+fn admits(c: &Boundary, s: Option<&Boundary>, f: &Flow) -> bool {
+    explain(c, s, f).allowed
+}
+
+/// Cuts the open connections (conntrack entries) the committed policy
+/// would not admit as new, so that none keeps passing as established
+/// (issue 13). A failure leaves the change committed; it is logged and
+/// returned as a warning for the caller.
+fn cut_flows(c: &Boundary, s: Option<&Boundary>) -> Option<String> {
+    let started = Instant::now();
+    match conntrack::cut(|f| admits(c, s, f)) {
+        Ok(cut) => {
+            info!(
+                event = "boundary-flows-cut",
+                count = cut.cut,
+                sockets_reset = cut.reset,
+                tracked = cut.seen,
+                ms = started.elapsed().as_secs_f64() * 1000.0,
+                "open connections the boundary does not admit were cut"
+            );
+            None
+        }
+        Err(e) => {
+            error!(event = "boundary-flows-cut-failed", error = %e, "cannot cut the open connections the boundary does not admit");
+            Some(format!(
+                "open connections the new boundary does not admit may still pass: {e}"
+            ))
+        }
+    }
+}
+
 impl Boundaries {
     /// Loads the stored policy (none stored: empty).
     pub fn load(dir: &Path) -> Result<Self, BoundaryError> {
@@ -218,6 +252,9 @@ impl Boundaries {
                 let c = g.enforcer.apply(rs)?;
                 g.last_change = Some(change_name(c));
                 info!(elements = n, "boundary applied");
+                if let Ok(Some((c, s))) = g.policy.boundaries() {
+                    cut_flows(&c, s.as_ref());
+                }
             }
             None => {
                 if matches!(nft::current(&[]), Ok(Some(_))) {
@@ -241,11 +278,11 @@ impl Boundaries {
         let mut next = self.lock().policy.clone();
         let out = f(&mut next)?;
         let bounds = next.boundaries()?;
-        let warnings = bounds
+        let mut warnings = bounds
             .as_ref()
             .map(|(c, s)| Self::ssh_warnings(c, s.as_ref()))
             .unwrap_or_default();
-        let rules = bounds.map(|(c, s)| Ruleset::build(&c, s.as_ref()));
+        let rules = bounds.as_ref().map(|(c, s)| Ruleset::build(c, s.as_ref()));
         let mut g = self.lock();
         if let Some(rs) = rules {
             let c = g.enforcer.apply(rs)?;
@@ -261,6 +298,12 @@ impl Boundaries {
             return Err(e);
         }
         g.policy = next;
+        // Committed: cut what it does not admit, outside the lock, before
+        // the caller is answered.
+        drop(g);
+        if let Some((c, s)) = &bounds {
+            warnings.extend(cut_flows(c, s.as_ref()));
+        }
         for w in &warnings {
             warn!(warning = %w, "boundary");
         }
@@ -398,6 +441,10 @@ impl Boundaries {
                 match g.enforcer.restore() {
                     Ok(()) => {
                         info!(event = "boundary-restored", "boundary restored");
+                        // Connections opened while the table was gone.
+                        if let Ok(Some((c, s))) = g.policy.boundaries() {
+                            cut_flows(&c, s.as_ref());
+                        }
                         g.last_drift = Some(what.clone());
                         Some(what)
                     }

@@ -11,6 +11,7 @@
 #![warn(missing_docs)]
 
 pub mod check;
+pub mod conntrack;
 pub mod enforce;
 pub mod model;
 pub mod netlink;

@@ -98,6 +98,24 @@ while True:
     u.sendto(d, a)
 "#;
 
+/// An SSH-like session to A1 held open; after a line on stdin it sends a
+/// byte and prints what came back: "reset" (RST), "eof" (the server read
+/// it and closed: the session still passes) or "timeout".
+const HELD_SSH: &str = r#"
+import socket, sys
+s = socket.create_connection(('10.77.0.11', 22))
+print('up', flush=True)
+sys.stdin.readline()
+s.settimeout(5)
+try:
+    s.send(b'x')
+    print('eof' if s.recv(1) == b'' else 'data', flush=True)
+except (ConnectionResetError, BrokenPipeError):
+    print('reset', flush=True)
+except socket.timeout:
+    print('timeout', flush=True)
+"#;
+
 /// Runs probes concurrently; prints {"id": "open"|"refused"|"unreachable"|"timeout"|"reply"|"fail"}.
 const PROBE: &str = r#"
 import socket, subprocess, json, sys, threading
@@ -604,6 +622,44 @@ fn boundary_reachability_matrix_with_agent() {
         Scenario::Sub,
         "after the agent undid an added element and a flushed chain",
     );
+
+    // An SSH session from A2, opened while both boundaries allow it, is cut
+    // when the landlord removes A2 (issue 13): warned about, and its next
+    // packet meets the rules as new and is rejected. Then A2 is back.
+    let mut held = Command::new("ip")
+        .args(["netns", "exec", &net.ns(H::A2), "python3", "-c", HELD_SSH])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut held_out = std::io::BufReader::new(held.stdout.take().unwrap());
+    let mut up = String::new();
+    std::io::BufRead::read_line(&mut held_out, &mut up).unwrap();
+    assert_eq!(up.trim(), "up");
+    let r = lab
+        .run(
+            Who::Landlord,
+            "landlordctl",
+            &["boundary", "remove-peer", "@tenant_a", "10.77.0.12"],
+        )
+        .ok();
+    assert!(
+        r.stderr
+            .contains("cuts the open SSH session from 10.77.0.12"),
+        "{r:?}"
+    );
+    held.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut after = String::new();
+    std::io::BufRead::read_line(&mut held_out, &mut after).unwrap();
+    let _ = held.wait();
+    assert_eq!(after.trim(), "reset", "the SSH session from A2 was not cut");
+    assert!(lab.agent_log().contains("boundary-flows-cut"));
+    lab.run(
+        Who::Landlord,
+        "landlordctl",
+        &["boundary", "add-peer", "@tenant_a", "10.77.0.12"],
+    )
+    .ok();
 
     // A peer added and removed: element changes only, visible in the set.
     let r = lab
