@@ -262,7 +262,10 @@ impl Ctx {
         a: BoundaryApplied,
     ) -> Result<BoundaryInfo, Error> {
         let b = self.boundaries.clone();
-        let mut info = blocking(move || Ok(b.info(landlord))).await?;
+        // A peer change answers with the status only: the documents of a
+        // 100k-peer boundary are megabytes (GetBoundary has them).
+        let peers = a.peers_changed.is_some();
+        let mut info = blocking(move || Ok(if peers { b.status() } else { b.info(landlord) })).await?;
         info.warnings = Some(a.warnings);
         info.cut = (!landlord).then_some(a.cut);
         info.peers_changed = a

@@ -20,6 +20,8 @@ use leasehold_netpolicy::nft::Ruleset;
 use leasehold_netpolicy::nft::{self, ApplyError};
 use leasehold_netpolicy::policy::Policy;
 use leasehold_netpolicy::{explain, Boundary, DocError, Flow};
+
+use crate::peer_index::PeerIndex;
 use tracing::{error, info, warn};
 
 use crate::fsutil::write_atomic;
@@ -55,8 +57,57 @@ pub enum BoundaryError {
     },
 }
 
-struct Inner {
+/// What reads see: the stored policy with its validated boundaries, taken
+/// as an `Arc` under the lock and used outside it, so a tenant-sized read
+/// (the effective view, explain, a check) never holds the lock a change
+/// needs. Changes replace it (or edit it in place when no read holds it).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Snapshot {
     policy: Policy,
+    /// `policy.boundaries()`, kept so a change of peers is not a
+    /// re-validation of the whole document.
+    bounds: Option<(Boundary, Option<Boundary>)>,
+    /// Reference counts for incremental peer edits (cluster document).
+    index: PeerIndex,
+    /// The effective view as JSON, computed at the first read.
+    effective: std::sync::OnceLock<Option<String>>,
+}
+
+impl Snapshot {
+    fn new(policy: Policy) -> Result<Self, DocError> {
+        let bounds = policy.boundaries()?;
+        let index = policy
+            .cluster
+            .as_ref()
+            .map(PeerIndex::build)
+            .unwrap_or_default();
+        Ok(Snapshot {
+            policy,
+            bounds,
+            index,
+            effective: std::sync::OnceLock::new(),
+        })
+    }
+
+    fn ruleset(&self) -> Option<Ruleset> {
+        self.bounds
+            .as_ref()
+            .map(|(c, s)| Ruleset::build(c, s.as_ref()))
+    }
+
+    /// The stored policy.
+    pub(crate) fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The validated (cluster, sub-boundary), if a cluster boundary is set.
+    pub(crate) fn bounds(&self) -> Option<&(Boundary, Option<Boundary>)> {
+        self.bounds.as_ref()
+    }
+}
+
+struct Inner {
+    snap: Arc<Snapshot>,
     enforcer: Enforcer,
     last_change: Option<&'static str>,
     last_drift: Option<String>,
@@ -180,10 +231,16 @@ impl Boundaries {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Policy::new(),
             Err(source) => return Err(BoundaryError::Io { path, source }),
         };
+        // A stored policy that no longer validates is reported by
+        // apply_stored (the agent keeps serving, the kernel keeps its table).
+        let snap = Snapshot::new(policy.clone()).unwrap_or(Snapshot {
+            policy,
+            ..Default::default()
+        });
         Ok(Boundaries {
             dir: dir.to_owned(),
             inner: Mutex::new(Inner {
-                policy,
+                snap: Arc::new(snap),
                 enforcer: Enforcer::new(Vec::new()),
                 last_change: None,
                 last_drift: None,
@@ -208,15 +265,31 @@ impl Boundaries {
         })
     }
 
+    /// The current snapshot (reads compute from it without the lock).
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
+        self.lock().snap.clone()
+    }
+
+    /// Every kernel change of the boundaries goes through here (one place
+    /// for what must follow a kernel change).
+    fn apply_rules(g: &mut Inner, rules: Ruleset) -> Result<(), BoundaryError> {
+        let c = g.enforcer.apply(rules)?;
+        g.last_change = Some(change_name(c));
+        Ok(())
+    }
+
     /// Applies the stored policy (at start). Without a stored policy an
     /// existing table is left alone: only RemoveBoundary lifts it.
     pub fn apply_stored(&self) -> Result<(), BoundaryError> {
         let mut g = self.lock();
-        match g.policy.ruleset()? {
+        if g.snap.bounds.is_none() && g.snap.policy.cluster.is_some() {
+            // Stored but no longer valid: say why.
+            g.snap.policy.boundaries()?;
+        }
+        match g.snap.ruleset() {
             Some(rs) => {
                 let n = rs.elements();
-                let c = g.enforcer.apply(rs)?;
-                g.last_change = Some(change_name(c));
+                Self::apply_rules(&mut g, rs)?;
                 info!(elements = n, "boundary applied");
             }
             None => {
@@ -238,33 +311,115 @@ impl Boundaries {
         // 100k peers) runs without the lock, so status reads and the drift
         // check never wait for it. Changes themselves are serialised by the
         // node controller, so the policy cannot move underneath.
-        let mut next = self.lock().policy.clone();
+        let mut next = self.snapshot().policy.clone();
         let out = f(&mut next)?;
-        let bounds = next.boundaries()?;
-        let warnings = bounds
+        let next = Snapshot::new(next)?;
+        let warnings = next
+            .bounds
             .as_ref()
-            .map(|(c, s)| Self::ssh_warnings(c, s.as_ref()))
+            .map(|(c, s)| Self::change_warnings(c, s.as_ref()))
             .unwrap_or_default();
-        let rules = bounds.map(|(c, s)| Ruleset::build(&c, s.as_ref()));
+        let rules = next.ruleset();
         let mut g = self.lock();
         if let Some(rs) = rules {
-            let c = g.enforcer.apply(rs)?;
-            g.last_change = Some(change_name(c));
+            Self::apply_rules(&mut g, rs)?;
         }
-        if let Err(e) = self.save(&next) {
+        if let Err(e) = self.save(&next.policy) {
             // Put the kernel back to the stored policy.
-            if let Ok(Some(old)) = g.policy.ruleset() {
-                if let Err(e2) = g.enforcer.apply(old) {
+            if let Some(old) = g.snap.ruleset() {
+                if let Err(e2) = Self::apply_rules(&mut g, old) {
                     error!(error = %e2, "cannot restore the previous boundary after a failed save");
                 }
             }
             return Err(e);
         }
-        g.policy = next;
+        g.snap = Arc::new(next);
+        drop(g);
         for w in &warnings {
             warn!(warning = %w, "boundary");
         }
         Ok((out, warnings))
+    }
+
+    /// Adds or removes peers: the document and the validated boundary are
+    /// edited in place (cost in the peers given), the ruleset is built from
+    /// the cached boundary, the kernel gets the element change, the policy
+    /// is stored. On any failure the edit is undone (kernel and memory).
+    pub fn edit_peers(
+        &self,
+        target: &str,
+        peers: &[String],
+        add: bool,
+    ) -> Result<(usize, Vec<String>), BoundaryError> {
+        let mut g = self.lock();
+        let guard = &mut *g;
+        // In place unless a read holds the snapshot right now (then a copy).
+        let snap = Arc::make_mut(&mut guard.snap);
+        let edit = snap.policy.edit_peers(target, peers, add)?;
+        if edit.changed.is_empty() {
+            guard.last_change = Some(change_name(Change::Unchanged));
+            return Ok((0, Vec::new()));
+        }
+        snap.effective = std::sync::OnceLock::new();
+        let undo = |snap: &mut Snapshot| {
+            if let Some(doc) = snap.policy.cluster.as_mut() {
+                crate::peer_index::undo_doc(doc, &edit);
+            }
+            if let (Some(doc), Some((c, _))) = (snap.policy.cluster.as_ref(), snap.bounds.as_mut()) {
+                snap.index.apply(&edit, doc, c, true);
+            }
+        };
+        if let (Some(doc), Some((c, _))) = (snap.policy.cluster.as_ref(), snap.bounds.as_mut()) {
+            snap.index.apply(&edit, doc, c, false);
+        }
+        let warnings = snap
+            .bounds
+            .as_ref()
+            .map(|(c, s)| Self::change_warnings(c, s.as_ref()))
+            .unwrap_or_default();
+        if let Some(rs) = snap.ruleset() {
+            if let Err(e) = Self::apply_rules(guard, rs) {
+                undo(Arc::make_mut(&mut guard.snap));
+                return Err(e);
+            }
+        }
+        let snap = Arc::make_mut(&mut guard.snap);
+        if let Err(e) = self.save(&snap.policy) {
+            undo(snap);
+            if let Some(old) = snap.ruleset() {
+                if let Err(e2) = Self::apply_rules(guard, old) {
+                    error!(error = %e2, "cannot restore the previous boundary after a failed save");
+                }
+            }
+            return Err(e);
+        }
+        drop(g);
+        for w in &warnings {
+            warn!(warning = %w, "boundary");
+        }
+        Ok((edit.changed.len(), warnings))
+    }
+
+    /// Warnings for a new policy: open SSH sessions it cuts, failsafe
+    /// entries open to every address.
+    fn change_warnings(c: &Boundary, s: Option<&Boundary>) -> Vec<String> {
+        let mut w = Self::ssh_warnings(c, s);
+        for e in &c.failsafe {
+            let all4 = e.peers.v4.intervals() == [(0, u128::from(u32::MAX))];
+            let all6 = e.peers.v6.intervals() == [(0, u128::MAX)];
+            if all4 || all6 {
+                w.push(format!(
+                    "failsafe entry {:?} is open to every {} address: no boundary can cut it",
+                    e.name,
+                    match (all4, all6) {
+                        (true, true) => "IPv4 and IPv6",
+                        (true, false) => "IPv4",
+                        _ => "IPv6",
+                    }
+                ));
+            }
+        }
+        w
     }
 
     fn ssh_warnings(c: &Boundary, s: Option<&Boundary>) -> Vec<String> {
@@ -294,13 +449,13 @@ impl Boundaries {
         g.enforcer.remove()?;
         g.last_change = Some("removed");
         self.save(&Policy::new())?;
-        g.policy = Policy::new();
+        g.snap = Arc::new(Snapshot::new(Policy::new())?);
         Ok(())
     }
 
     /// Drops the tenant's sub-boundary (the node changed hands).
     pub fn clear_sub(&self) -> Result<(), BoundaryError> {
-        if self.lock().policy.sub.is_none() {
+        if self.snapshot().policy.sub.is_none() {
             return Ok(());
         }
         self.update(|p| {
@@ -310,59 +465,72 @@ impl Boundaries {
         .map(|_| ())
     }
 
-    /// What the caller may see: the landlord everything, the tenant its
-    /// sub-boundary, the effective policy and the failsafe.
-    pub fn info(&self, landlord: bool) -> BoundaryInfo {
+    /// The enforcement status only (no documents): the reply of a peer
+    /// change, which must not cost in the size of the boundary.
+    pub fn status(&self) -> BoundaryInfo {
         let g = self.lock();
-        let cluster = g.policy.cluster.as_ref();
-        let failsafe = cluster
-            .map(|c| {
-                c.failsafe
-                    .iter()
-                    .map(|e| {
-                        let protos = e
-                            .protocols
-                            .as_ref()
-                            .map_or("all protocols".to_owned(), |ps| {
-                                serde_json::to_string(ps).unwrap_or_default()
-                            });
-                        format!(
-                            "{}: {} {} {}",
-                            e.name,
-                            format!("{:?}", e.direction).to_lowercase(),
-                            e.peers.join(","),
-                            protos
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
         BoundaryInfo {
-            cluster: if landlord { cluster.map(to_json) } else { None },
-            sub: g.policy.sub.as_ref().map(to_json),
-            effective: g.policy.effective().ok().flatten().map(|e| to_json(&e)),
-            failsafe: Some(failsafe),
             enforced: Some(g.enforcer.is_active()),
             elements: g.enforcer.elements().map(|n| n as u64),
             change: g.last_change.map(str::to_owned),
+            last_drift: g.last_drift.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// What the caller may see: the landlord everything, the tenant its
+    /// sub-boundary, the effective policy and the failsafe. Computed from
+    /// the snapshot, outside the lock.
+    pub fn info(&self, landlord: bool) -> BoundaryInfo {
+        let (snap, status) = {
+            let g = self.lock();
+            (
+                g.snap.clone(),
+                (
+                    g.enforcer.is_active(),
+                    g.enforcer.elements().map(|n| n as u64),
+                    g.last_change.map(str::to_owned),
+                    g.last_drift.clone(),
+                ),
+            )
+        };
+        let cluster = snap.policy.cluster.as_ref();
+        let failsafe = cluster
+            .map(|c| c.failsafe.iter().map(failsafe_line).collect())
+            .unwrap_or_default();
+        let effective = snap
+            .effective
+            .get_or_init(|| snap.policy.effective().ok().flatten().map(|e| to_json(&e)))
+            .clone();
+        BoundaryInfo {
+            cluster: if landlord { cluster.map(to_json) } else { None },
+            sub: snap.policy.sub.as_ref().map(to_json),
+            effective,
+            failsafe: Some(failsafe),
+            enforced: Some(status.0),
+            elements: status.1,
+            change: status.2,
             cut: None,
             warnings: None,
             peers_changed: None,
-            last_drift: g.last_drift.clone(),
+            last_drift: status.3,
         }
     }
 
     /// Explains a flow; the tenant does not see cluster entry names.
     pub fn explain(&self, flow: &Flow, landlord: bool) -> Result<FlowVerdict, BoundaryError> {
-        let g = self.lock();
-        let Some((c, s)) = g.policy.boundaries()? else {
+        let snap = self.snapshot();
+        let Some((c, s)) = snap.bounds.as_ref() else {
+            if snap.policy.cluster.is_some() {
+                snap.policy.boundaries()?;
+            }
             return Ok(FlowVerdict {
                 allowed: Some(true),
                 reason: Some("allowed: no boundary is set on this node".into()),
                 ..Default::default()
             });
         };
-        let e = explain(&c, s.as_ref(), flow);
+        let e = explain(c, s.as_ref(), flow);
         let reason = if landlord || e.failsafe.is_some() {
             e.reason.clone()
         } else {
@@ -486,13 +654,7 @@ impl leasehold_node::backend::BoundaryStore for BoundaryBackend {
                     })
             }
             C::EditPeers { target, peers, add } => b
-                .update(|p| {
-                    if add {
-                        p.add_peers(&target, &peers)
-                    } else {
-                        p.remove_peers(&target, &peers)
-                    }
-                })
+                .edit_peers(&target, &peers, add)
                 .map(|(n, w)| BoundaryApplied {
                     warnings: w,
                     peers_changed: Some(n),
@@ -518,6 +680,43 @@ impl leasehold_node::backend::BoundaryStore for BoundaryBackend {
             Failure::new(kind, e.to_string())
         })
     }
+}
+
+/// One failsafe entry as a line: `ssh: in 192.0.2.10 tcp 22`.
+fn failsafe_line(e: &leasehold_netpolicy::model::EntryDoc) -> String {
+    format!(
+        "{}: {} {} {}",
+        e.name,
+        format!("{:?}", e.direction).to_lowercase(),
+        e.peers.join(","),
+        protocols_text(e.protocols.as_deref())
+    )
+}
+
+/// Protocols as a person reads them: `tcp 80,443,8000-8080; icmp`.
+pub(crate) fn protocols_text(ps: Option<&[leasehold_netpolicy::model::ProtoDoc]>) -> String {
+    use leasehold_netpolicy::model::PortSpec;
+    let Some(ps) = ps else {
+        return "all protocols".to_owned();
+    };
+    ps.iter()
+        .map(|p| match &p.ports {
+            None => p.proto.name().to_owned(),
+            Some(ports) => format!(
+                "{} {}",
+                p.proto.name(),
+                ports
+                    .iter()
+                    .map(|x| match x {
+                        PortSpec::Num(n) => n.to_string(),
+                        PortSpec::Text(t) => t.clone(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {
@@ -549,7 +748,7 @@ mod tests {
     fn stored_policy_round_trips_and_damage_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let b = Boundaries::load(dir.path()).unwrap();
-        assert!(b.lock().policy.cluster.is_none());
+        assert!(b.snapshot().policy.cluster.is_none());
         std::fs::write(dir.path().join(FILE), "{\"format\": 9}").unwrap();
         let e = Boundaries::load(dir.path()).unwrap_err();
         assert!(e.to_string().contains("format 9"), "{e}");

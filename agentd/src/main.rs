@@ -11,6 +11,7 @@ mod boundary;
 mod config;
 mod fsutil;
 mod keys;
+mod peer_index;
 mod power;
 mod secrets;
 mod volume;

@@ -1,0 +1,144 @@
+//! One-peer boundary changes through the agent (issue 13, point 6): the
+//! landlord's AddPeers / RemovePeers of one host over D-Bus (polkit
+//! checked) against a cluster boundary of N hosts, on the real stack:
+//! dbus-daemon, polkitd with the shipped rules, agentd --dev in a network
+//! namespace of its own, nftables in that namespace, boundary.json on the
+//! lab's disk. Each sample is call → reply; the agent replies after the
+//! kernel has the element (checked once per size with `nft get element`).
+//! Run as root: `cargo bench -p leasehold-tests --bench boundary_agent`.
+
+use std::fmt::Write as _;
+use std::process::Command;
+
+use leasehold_tests::{Lab, Who};
+
+struct NsGuard(String);
+
+impl Drop for NsGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn doc(hosts: usize) -> String {
+    let peers: Vec<String> = (0..hosts)
+        .map(|i| format!("\"10.{}.{}.{}\"", 1 + i / 62_500, (i / 250) % 250, i % 250 + 1))
+        .collect();
+    format!(
+        "{{\"allow\": [{{\"name\": \"bulk\", \"peers\": [{}]}}], \
+         \"failsafe\": [{{\"name\": \"ssh\", \"peers\": [\"192.0.2.10\"], \"direction\": \"in\", \
+         \"protocols\": [{{\"proto\": \"tcp\", \"ports\": [22]}}]}}]}}",
+        peers.join(",")
+    )
+}
+
+fn main() {
+    let ns = format!("lhbench{}", std::process::id());
+    assert!(Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .unwrap()
+        .success());
+    let _guard = NsGuard(ns.clone());
+    Command::new("ip")
+        .args(["netns", "exec", &ns, "ip", "link", "set", "lo", "up"])
+        .status()
+        .unwrap();
+    let lab = Lab::start_in(&ns);
+    let calls: usize = std::env::var("LH_BENCH_CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let mut out = String::new();
+    writeln!(
+        out,
+        "## Boundary: one-peer change through the agent (AddPeers/RemovePeers, polkit-authorized)\n"
+    )
+    .unwrap();
+    writeln!(
+        out,
+        "`cargo bench -p leasehold-tests --bench boundary_agent` (LH_BENCH_CALLS={calls} add + remove pairs per size)\n"
+    )
+    .unwrap();
+    out.push_str(&leasehold_tests::markdown::machine());
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    writeln!(out, "- load average at start: {}", load.join(" ")).unwrap();
+    writeln!(
+        out,
+        "- stack: private dbus-daemon, polkitd 122 with the shipped rules, agentd --dev in its own network namespace; \
+         client (lh-dbus-probe) as a member of leasehold-landlord, one connection; each sample = one call → reply \
+         (polkit CheckAuthorization, controller, peer edit, kernel element change over netlink, boundary.json written \
+         and fsynced on ext4); the reply comes after the kernel has the element\n"
+    )
+    .unwrap();
+    writeln!(
+        out,
+        "| peers | call | samples | min | median | p99 | max | change |"
+    )
+    .unwrap();
+    writeln!(out, "|---|---|---|---|---|---|---|---|").unwrap();
+    let sizes: Vec<usize> = std::env::var("LH_BENCH_SIZES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1_000, 100_000]);
+    for n in sizes {
+        let file = lab.write_file("bulk.json", doc(n).as_bytes());
+        lab.run(
+            Who::Landlord,
+            "landlordctl",
+            &["boundary", "set", file.to_str().unwrap()],
+        )
+        .ok();
+        // The kernel has the element when the reply returns.
+        lab.run(
+            Who::Landlord,
+            "landlordctl",
+            &["boundary", "add-peer", "bulk", "10.251.0.1"],
+        )
+        .ok();
+        let sets = Command::new("ip")
+            .args(["netns", "exec", &ns, "nft", "-t", "list", "sets", "inet"])
+            .output()
+            .unwrap();
+        let sets = String::from_utf8_lossy(&sets.stdout);
+        let set = sets
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("set lla0_h4")
+                    .map(|rest| format!("lla0_h4{}", rest.trim_end_matches('{').trim()))
+            })
+            .expect("hash set of entry 0");
+        let got = Command::new("ip")
+            .args([
+                "netns", "exec", &ns, "nft", "get", "element", "inet", "leasehold", &set,
+                "{ 10.251.0.1 }",
+            ])
+            .status()
+            .unwrap();
+        assert!(got.success(), "the kernel has the added element");
+        let r = lab
+            .run(Who::Landlord, "lh-dbus-probe", &["peers", &calls.to_string(), "bulk"])
+            .ok();
+        let v = r.json();
+        assert_eq!(v["errors"].as_array().map(Vec::len), Some(0), "{v}");
+        for what in ["add", "remove"] {
+            let s = &v[what];
+            writeln!(
+                out,
+                "| {n} | {} | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {} |",
+                if what == "add" { "AddPeers" } else { "RemovePeers" },
+                s["calls"],
+                s["min_ms"].as_f64().unwrap(),
+                s["p50_ms"].as_f64().unwrap(),
+                s["p99_ms"].as_f64().unwrap(),
+                s["max_ms"].as_f64().unwrap(),
+                v["changes"]
+            )
+            .unwrap();
+        }
+    }
+    print!("{out}");
+    leasehold_tests::markdown::write_section("boundary_agent", &out);
+}
