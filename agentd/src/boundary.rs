@@ -22,6 +22,9 @@ use leasehold_netpolicy::policy::Policy;
 use leasehold_netpolicy::{explain, Boundary, DocError, Flow};
 
 use crate::peer_index::PeerIndex;
+
+mod diff;
+pub mod revert;
 use tracing::{error, info, warn};
 
 use crate::fsutil::write_atomic;
@@ -47,6 +50,12 @@ pub enum BoundaryError {
         #[source]
         source: std::io::Error,
     },
+    /// The change needs the caller's confirmation; says why.
+    #[error("{0}")]
+    Unconfirmed(String),
+    /// ConfirmBoundary without a pending revert.
+    #[error("no boundary change is waiting for confirmation (none was set with a revert deadline, or it was already confirmed or reverted)")]
+    NoPending,
     /// The stored policy is unreadable.
     #[error("boundary state {path} is damaged: {reason}")]
     Damaged {
@@ -95,15 +104,6 @@ impl Snapshot {
             .map(|(c, s)| Ruleset::build(c, s.as_ref()))
     }
 
-    /// The stored policy.
-    pub(crate) fn policy(&self) -> &Policy {
-        &self.policy
-    }
-
-    /// The validated (cluster, sub-boundary), if a cluster boundary is set.
-    pub(crate) fn bounds(&self) -> Option<&(Boundary, Option<Boundary>)> {
-        self.bounds.as_ref()
-    }
 }
 
 struct Inner {
@@ -449,6 +449,10 @@ impl Boundaries {
         g.enforcer.remove()?;
         g.last_change = Some("removed");
         self.save(&Policy::new())?;
+        // Nothing to revert to a lifted boundary.
+        if let Err(e) = self.write_pending(None) {
+            warn!(error = %e, "cannot remove the pending boundary revert");
+        }
         g.snap = Arc::new(Snapshot::new(Policy::new())?);
         Ok(())
     }
@@ -514,6 +518,11 @@ impl Boundaries {
             warnings: None,
             peers_changed: None,
             last_drift: status.3,
+            revert_at: if landlord {
+                self.pending_deadline()
+            } else {
+                None
+            },
         }
     }
 
@@ -639,20 +648,26 @@ impl leasehold_node::backend::BoundaryStore for BoundaryBackend {
     ) -> Result<leasehold_node::BoundaryApplied, leasehold_node::Failure> {
         use leasehold_node::{BoundaryApplied, BoundaryChange as C, Failure, FailureKind};
         let b = &self.0;
+        let applied = |w: Vec<String>| BoundaryApplied {
+            warnings: w,
+            ..Default::default()
+        };
         let r = match c {
-            C::SetCluster(doc) => b
-                .update(|p| p.set_cluster(doc))
-                .map(|((), w)| BoundaryApplied {
-                    warnings: w,
-                    ..Default::default()
-                }),
-            C::SetFailsafe(entries) => {
-                b.update(|p| p.set_failsafe(entries))
-                    .map(|((), w)| BoundaryApplied {
-                        warnings: w,
-                        ..Default::default()
-                    })
+            C::SetCluster(doc) => b.set_cluster(doc, false, None).map(applied),
+            C::SetClusterWith {
+                doc,
+                confirm,
+                revert_after,
+            } => b.set_cluster(doc, confirm, revert_after).map(applied),
+            C::SetFailsafe(entries) => b.set_failsafe(entries, false).map(applied),
+            C::SetFailsafeWith { entries, confirm } => {
+                b.set_failsafe(entries, confirm).map(applied)
             }
+            C::ConfirmPending => b.confirm_pending().map(|()| BoundaryApplied::default()),
+            C::RevertPending { deadline } => b.revert_pending(deadline).map(|w| BoundaryApplied {
+                warnings: w.into_iter().collect(),
+                ..Default::default()
+            }),
             C::EditPeers { target, peers, add } => b
                 .edit_peers(&target, &peers, add)
                 .map(|(n, w)| BoundaryApplied {
@@ -674,6 +689,8 @@ impl leasehold_node::backend::BoundaryStore for BoundaryBackend {
         r.map_err(|e| {
             let kind = match &e {
                 BoundaryError::Invalid(_) => FailureKind::Invalid,
+                BoundaryError::Unconfirmed(_) => FailureKind::Unconfirmed,
+                BoundaryError::NoPending => FailureKind::NotFound,
                 BoundaryError::Nft(ApplyError::Spawn(_)) => FailureKind::Unavailable,
                 _ => FailureKind::Failed,
             };

@@ -419,6 +419,12 @@ async fn serve_bus(
             }
         });
     }
+    // A boundary change that was waiting for confirmation when the agent
+    // stopped: reverted at once if its deadline passed, else timed again.
+    if let Some(deadline) = boundaries.pending_deadline() {
+        info!(deadline, "a boundary change awaits confirmation");
+        tokio::spawn(ctx.clone().revert_at(conn.clone(), deadline));
+    }
     let server = conn.object_server();
     server
         .at(OBJECT_PATH, auth::Bounded(api::LandlordApi(ctx.clone())))
