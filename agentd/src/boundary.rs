@@ -677,11 +677,20 @@ impl leasehold_node::backend::BoundaryStore for BoundaryBackend {
                 }),
             C::Remove { .. } => b.remove().map(|()| BoundaryApplied::default()),
             C::SetSub { doc, narrow } => {
+                let again = (!narrow).then(|| doc.clone());
                 b.update(|p| p.set_sub(doc, narrow))
                     .map(|(out, w)| BoundaryApplied {
                         warnings: w,
                         cut: out.cut.iter().map(ToString::to_string).collect(),
                         peers_changed: None,
+                    })
+                    .map_err(|e| match (e, again) {
+                        (BoundaryError::Invalid(de), Some(d))
+                            if de.reason.contains("wider than the cluster boundary") =>
+                        {
+                            BoundaryError::Invalid(b.wider_refusal(&d).unwrap_or(de))
+                        }
+                        (e, _) => e,
                     })
             }
             C::ClearSub => b.clear_sub().map(|()| BoundaryApplied::default()),

@@ -341,7 +341,7 @@ pub mod landlord {
         /// Lifts every boundary (removes the table and the stored policy).
         fn remove_boundary(&self, confirm: bool) -> Result<(), Error>;
         /// Sets the cluster boundary; `confirm` allows a document that
-        /// denies everything; `seconds` (0: none, else 10-3600) reverts to
+        /// denies everything; `seconds` (0: none, else 2-3600) reverts to
         /// the previous boundary unless `ConfirmBoundary` comes in time.
         fn set_boundary_with_revert(
             &self,

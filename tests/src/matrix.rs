@@ -202,6 +202,44 @@ pub const MATRIX: &[Case] = &[
     ),
     case(
         L,
+        "SetBoundaryWithRevert",
+        LANDLORD,
+        "landlordctl",
+        // --yes: the confirmed method, no revert deadline (the revert is
+        // tested in tests/tests/boundary_netns.rs).
+        &["--yes", "boundary", "set", "@BOUNDARY"],
+        Setup::None,
+    ),
+    Case {
+        // Nothing pending in the matrix: "no such object" after authorization.
+        allowed_code: 5,
+        ..case(
+            L,
+            "ConfirmBoundary",
+            LANDLORD,
+            "landlordctl",
+            &["boundary", "confirm"],
+            Setup::None,
+        )
+    },
+    case(
+        L,
+        "CheckBoundary",
+        LANDLORD,
+        "landlordctl",
+        &["boundary", "check", "@BOUNDARY"],
+        Setup::None,
+    ),
+    case(
+        L,
+        "SetFailsafeConfirmed",
+        LANDLORD,
+        "landlordctl",
+        &["--yes", "boundary", "failsafe", "@FAILSAFE"],
+        Setup::Boundary,
+    ),
+    case(
+        L,
         "AddPeers",
         LANDLORD,
         "landlordctl",
@@ -374,6 +412,14 @@ pub const MATRIX: &[Case] = &[
             "boundary", "explain", "--peer", "fd00::1", "--proto", "udp", "--port", "53",
         ],
         Setup::Assigned,
+    ),
+    case(
+        T,
+        "CheckSubBoundary",
+        TENANT,
+        "tenantctl",
+        &["boundary", "check", "@SUB"],
+        Setup::AssignedBoundary,
     ),
     case(
         T,

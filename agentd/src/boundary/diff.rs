@@ -134,6 +134,28 @@ fn flows(out: &mut Value, key: &str, r: Option<(Vec<String>, usize)>) {
 }
 
 impl Boundaries {
+    /// The refusal of a sub-boundary wider than the cluster boundary, as a
+    /// person reads it: the first parts that stick out (at most a few
+    /// CIDRs each, with a count of the rest) and the `--narrow` remedy.
+    pub(crate) fn wider_refusal(&self, doc: &BoundaryDoc) -> Option<leasehold_netpolicy::DocError> {
+        let snap = self.snapshot();
+        let (cluster, _) = snap.bounds.as_ref()?;
+        let sub = doc.validate(false).ok()?;
+        let wide = excess(&sub, cluster);
+        let first = wide.first()?;
+        let shown: Vec<String> = wide.iter().take(3).map(flow_line).collect();
+        Some(leasehold_netpolicy::DocError {
+            field: format!("allow.{}", first.entry),
+            reason: format!(
+                "wider than the cluster boundary ({} part{} not allowed by it): {}{}; `tenantctl boundary set --narrow` stores the intersection instead and reports what it cut",
+                wide.len(),
+                if wide.len() == 1 { "" } else { "s" },
+                shown.join("; "),
+                if wide.len() > 3 { format!("; and {} more", wide.len() - 3) } else { String::new() }
+            ),
+        })
+    }
+
     /// What setting `doc` as the cluster boundary would change (the
     /// failsafe entries carried over as `SetBoundary` does).
     pub fn check_cluster(&self, mut doc: BoundaryDoc) -> Result<String, BoundaryError> {

@@ -19,7 +19,7 @@ use crate::fsutil::write_atomic;
 /// State file of a pending revert.
 pub const REVERT_FILE: &str = "boundary-revert.json";
 /// Bounds of the revert delay, seconds.
-pub const REVERT_SECS: std::ops::RangeInclusive<u32> = 10..=3600;
+pub const REVERT_SECS: std::ops::RangeInclusive<u32> = 2..=3600;
 
 /// A pending revert.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -227,9 +227,9 @@ mod tests {
     #[test]
     fn revert_seconds_are_bounded_and_named() {
         assert_eq!(check_seconds(0).unwrap(), None);
-        assert_eq!(check_seconds(10).unwrap(), Some(10));
+        assert_eq!(check_seconds(2).unwrap(), Some(2));
         assert_eq!(check_seconds(3600).unwrap(), Some(3600));
-        let e = check_seconds(9).unwrap_err();
+        let e = check_seconds(1).unwrap_err();
         assert_eq!(e.field, "seconds");
         assert!(check_seconds(3601).is_err());
     }
