@@ -351,6 +351,7 @@ impl Boundaries {
         peers: &[String],
         add: bool,
     ) -> Result<(usize, Vec<String>), BoundaryError> {
+        let t0 = std::time::Instant::now();
         let mut g = self.lock();
         let guard = &mut *g;
         // In place unless a read holds the snapshot right now (then a copy).
@@ -377,14 +378,30 @@ impl Boundaries {
             .as_ref()
             .map(|(c, s)| Self::change_warnings(c, s.as_ref()))
             .unwrap_or_default();
-        if let Some(rs) = snap.ruleset() {
+        let t_edit = t0.elapsed();
+        let rules = snap.ruleset();
+        let t_build = t0.elapsed();
+        if let Some(rs) = rules {
             if let Err(e) = Self::apply_rules(guard, rs) {
                 undo(Arc::make_mut(&mut guard.snap));
                 return Err(e);
             }
         }
+        let t_apply = t0.elapsed();
         let snap = Arc::make_mut(&mut guard.snap);
-        if let Err(e) = self.save(&snap.policy) {
+        let saved = self.save(&snap.policy);
+        let t_save = t0.elapsed();
+        // Where a peer change spends its time (the bench reads these).
+        info!(
+            event = "boundary-peers",
+            changed = edit.changed.len(),
+            edit_us = t_edit.as_micros() as u64,
+            build_us = (t_build - t_edit).as_micros() as u64,
+            apply_us = (t_apply - t_build).as_micros() as u64,
+            save_us = (t_save - t_apply).as_micros() as u64,
+            "peers changed"
+        );
+        if let Err(e) = saved {
             undo(snap);
             if let Some(old) = snap.ruleset() {
                 if let Err(e2) = Self::apply_rules(guard, old) {

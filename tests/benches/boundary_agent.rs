@@ -32,6 +32,19 @@ fn doc(hosts: usize) -> String {
     )
 }
 
+fn phase_lines(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("boundary-peers"))
+        .map(str::to_owned)
+        .collect()
+}
+
+fn field(line: &str, key: &str) -> Option<u64> {
+    let at = line.find(&format!("{key}="))? + key.len() + 1;
+    let digits: String = line[at..].chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
 fn main() {
     let ns = format!("lhbench{}", std::process::id());
     assert!(Command::new("ip")
@@ -82,6 +95,7 @@ fn main() {
         .ok()
         .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
         .unwrap_or_else(|| vec![1_000, 100_000]);
+    let mut phases: Vec<(usize, Vec<String>)> = Vec::new();
     for n in sizes {
         let file = lab.write_file("bulk.json", doc(n).as_bytes());
         lab.run(
@@ -118,9 +132,12 @@ fn main() {
             .status()
             .unwrap();
         assert!(got.success(), "the kernel has the added element");
+        let before = phase_lines(&lab.agent_log()).len();
         let r = lab
             .run(Who::Landlord, "lh-dbus-probe", &["peers", &calls.to_string(), "bulk"])
             .ok();
+        let lines = phase_lines(&lab.agent_log());
+        phases.push((n, lines[before..].to_vec()));
         let v = r.json();
         assert_eq!(v["errors"].as_array().map(Vec::len), Some(0), "{v}");
         for what in ["add", "remove"] {
@@ -138,6 +155,34 @@ fn main() {
             )
             .unwrap();
         }
+    }
+    writeln!(
+        out,
+        "\nInside the agent (its `event=boundary-peers` log line per change; median / p99 over the same calls, µs): \
+         edit = policy edit + incremental boundary update under the lock, build = ruleset from the cached boundary, \
+         apply = enforcer (diff with the applied ruleset + netlink batch), save = boundary.json (serialize, write, fsync, rename, fsync dir).\n"
+    )
+    .unwrap();
+    writeln!(out, "| peers | edit | build | apply | save |").unwrap();
+    writeln!(out, "|---|---|---|---|---|").unwrap();
+    for (n, lines) in &phases {
+        let col = |k: &str| {
+            let mut v: Vec<u64> = lines.iter().filter_map(|l| field(l, k)).collect();
+            v.sort_unstable();
+            if v.is_empty() {
+                return "?".to_owned();
+            }
+            format!("{} / {}", v[(v.len() - 1) / 2], v[(v.len() - 1) * 99 / 100])
+        };
+        writeln!(
+            out,
+            "| {n} | {} | {} | {} | {} |",
+            col("edit_us"),
+            col("build_us"),
+            col("apply_us"),
+            col("save_us")
+        )
+        .unwrap();
     }
     print!("{out}");
     leasehold_tests::markdown::write_section("boundary_agent", &out);
