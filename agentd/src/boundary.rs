@@ -117,7 +117,15 @@ struct Inner {
 pub struct Boundaries {
     dir: PathBuf,
     inner: Mutex<Inner>,
+    /// When the agent last changed the kernel table (see [`Boundaries::watch`]).
+    changed_at: Mutex<Option<std::time::Instant>>,
 }
+
+/// A drift check triggered by a change notification waits until the agent
+/// has made no change of its own for this long…
+const CHECK_QUIET: Duration = Duration::from_millis(500);
+/// …but not longer than this after the notification.
+const CHECK_MAX_DELAY: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for Boundaries {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -239,6 +247,7 @@ impl Boundaries {
         });
         Ok(Boundaries {
             dir: dir.to_owned(),
+            changed_at: Mutex::new(None),
             inner: Mutex::new(Inner {
                 snap: Arc::new(snap),
                 enforcer: Enforcer::new(Vec::new()),
@@ -272,7 +281,9 @@ impl Boundaries {
 
     /// Every kernel change of the boundaries goes through here (one place
     /// for what must follow a kernel change).
-    fn apply_rules(g: &mut Inner, rules: Ruleset) -> Result<(), BoundaryError> {
+    fn apply_rules(&self, g: &mut Inner, rules: Ruleset) -> Result<(), BoundaryError> {
+        *self.changed_at.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(std::time::Instant::now());
         let c = g.enforcer.apply(rules)?;
         g.last_change = Some(change_name(c));
         Ok(())
@@ -289,7 +300,7 @@ impl Boundaries {
         match g.snap.ruleset() {
             Some(rs) => {
                 let n = rs.elements();
-                Self::apply_rules(&mut g, rs)?;
+                self.apply_rules(&mut g, rs)?;
                 info!(elements = n, "boundary applied");
             }
             None => {
@@ -322,12 +333,12 @@ impl Boundaries {
         let rules = next.ruleset();
         let mut g = self.lock();
         if let Some(rs) = rules {
-            Self::apply_rules(&mut g, rs)?;
+            self.apply_rules(&mut g, rs)?;
         }
         if let Err(e) = self.save(&next.policy) {
             // Put the kernel back to the stored policy.
             if let Some(old) = g.snap.ruleset() {
-                if let Err(e2) = Self::apply_rules(&mut g, old) {
+                if let Err(e2) = self.apply_rules(&mut g, old) {
                     error!(error = %e2, "cannot restore the previous boundary after a failed save");
                 }
             }
@@ -382,7 +393,7 @@ impl Boundaries {
         let rules = snap.ruleset();
         let t_build = t0.elapsed();
         if let Some(rs) = rules {
-            if let Err(e) = Self::apply_rules(guard, rs) {
+            if let Err(e) = self.apply_rules(guard, rs) {
                 undo(Arc::make_mut(&mut guard.snap));
                 return Err(e);
             }
@@ -404,7 +415,7 @@ impl Boundaries {
         if let Err(e) = saved {
             undo(snap);
             if let Some(old) = snap.ruleset() {
-                if let Err(e2) = Self::apply_rules(guard, old) {
+                if let Err(e2) = self.apply_rules(guard, old) {
                     error!(error = %e2, "cannot restore the previous boundary after a failed save");
                 }
             }
@@ -642,7 +653,28 @@ impl Boundaries {
         let me = Arc::clone(self);
         std::thread::spawn(move || loop {
             match rx.recv_timeout(interval) {
-                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                Ok(()) => {
+                    // The check reads the whole table back under the lock
+                    // (≈0.9 s at 100k peers): right after each of the
+                    // agent's own changes it would hold up the next one.
+                    // Wait for a quiet moment, bounded, so a burst of peer
+                    // changes passes and drift is still seen within
+                    // CHECK_MAX_DELAY.
+                    let noticed = std::time::Instant::now();
+                    loop {
+                        let last = *me.changed_at.lock().unwrap_or_else(|p| p.into_inner());
+                        let quiet = last.map_or(CHECK_QUIET, |t| t.elapsed());
+                        if quiet >= CHECK_QUIET || noticed.elapsed() >= CHECK_MAX_DELAY {
+                            break;
+                        }
+                        std::thread::sleep(
+                            (CHECK_QUIET - quiet).min(CHECK_MAX_DELAY - noticed.elapsed()),
+                        );
+                    }
+                    // Notifications of the changes waited for: one check.
+                    while rx.try_recv().is_ok() {}
+                }
+                Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => std::thread::sleep(interval),
             }
             if let Some(what) = me.check_and_restore() {

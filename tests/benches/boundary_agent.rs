@@ -32,10 +32,26 @@ fn doc(hosts: usize) -> String {
     )
 }
 
+/// The agent's peer-change log lines, ANSI colour codes removed.
 fn phase_lines(log: &str) -> Vec<String> {
     log.lines()
         .filter(|l| l.contains("boundary-peers"))
-        .map(str::to_owned)
+        .map(|l| {
+            let mut out = String::new();
+            let mut chars = l.chars();
+            while let Some(c) = chars.next() {
+                if c == '\u{1b}' {
+                    for d in chars.by_ref() {
+                        if d.is_ascii_alphabetic() {
+                            break;
+                        }
+                    }
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        })
         .collect()
 }
 
