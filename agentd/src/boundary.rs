@@ -125,7 +125,7 @@ pub struct Boundaries {
 /// has made no change of its own for this long…
 const CHECK_QUIET: Duration = Duration::from_millis(500);
 /// …but not longer than this after the notification.
-const CHECK_MAX_DELAY: Duration = Duration::from_secs(5);
+const CHECK_MAX_DELAY: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for Boundaries {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -362,8 +362,10 @@ impl Boundaries {
         peers: &[String],
         add: bool,
     ) -> Result<(usize, Vec<String>), BoundaryError> {
-        let t0 = std::time::Instant::now();
+        let t_call = std::time::Instant::now();
         let mut g = self.lock();
+        let t0 = std::time::Instant::now();
+        let waited = t0 - t_call;
         let guard = &mut *g;
         // In place unless a read holds the snapshot right now (then a copy).
         let snap = Arc::make_mut(&mut guard.snap);
@@ -406,6 +408,7 @@ impl Boundaries {
         info!(
             event = "boundary-peers",
             changed = edit.changed.len(),
+            lock_us = waited.as_micros() as u64,
             edit_us = t_edit.as_micros() as u64,
             build_us = (t_build - t_edit).as_micros() as u64,
             apply_us = (t_apply - t_build).as_micros() as u64,

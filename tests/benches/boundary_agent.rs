@@ -175,12 +175,12 @@ fn main() {
     writeln!(
         out,
         "\nInside the agent (its `event=boundary-peers` log line per change; median / p99 over the same calls, µs): \
-         edit = policy edit + incremental boundary update under the lock, build = ruleset from the cached boundary, \
+         lock wait = waiting for the boundary lock (a drift check reading the table back holds it), edit = policy edit + incremental boundary update under the lock, build = ruleset from the cached boundary, \
          apply = enforcer (diff with the applied ruleset + netlink batch), save = boundary.json (serialize, write, fsync, rename, fsync dir).\n"
     )
     .unwrap();
-    writeln!(out, "| peers | edit | build | apply | save |").unwrap();
-    writeln!(out, "|---|---|---|---|---|").unwrap();
+    writeln!(out, "| peers | lock wait | edit | build | apply | save |").unwrap();
+    writeln!(out, "|---|---|---|---|---|---|").unwrap();
     for (n, lines) in &phases {
         let col = |k: &str| {
             let mut v: Vec<u64> = lines.iter().filter_map(|l| field(l, k)).collect();
@@ -192,7 +192,8 @@ fn main() {
         };
         writeln!(
             out,
-            "| {n} | {} | {} | {} | {} |",
+            "| {n} | {} | {} | {} | {} | {} |",
+            col("lock_us"),
             col("edit_us"),
             col("build_us"),
             col("apply_us"),
