@@ -322,7 +322,8 @@ impl Ctx {
         // A peer change answers with the status only: the documents of a
         // 100k-peer boundary are megabytes (GetBoundary has them).
         let peers = a.peers_changed.is_some();
-        let mut info = blocking(move || Ok(if peers { b.status() } else { b.info(landlord) })).await?;
+        let mut info =
+            blocking(move || Ok(if peers { b.status() } else { b.info(landlord) })).await?;
         info.warnings = Some(a.warnings);
         if peers && landlord {
             info.revert_at = self.boundaries.pending_deadline();

@@ -103,7 +103,6 @@ impl Snapshot {
             .as_ref()
             .map(|(c, s)| Ruleset::build(c, s.as_ref()))
     }
-
 }
 
 struct Inner {
@@ -379,17 +378,27 @@ impl Boundaries {
             if let Some(doc) = snap.policy.cluster.as_mut() {
                 crate::peer_index::undo_doc(doc, &edit);
             }
-            if let (Some(doc), Some((c, _))) = (snap.policy.cluster.as_ref(), snap.bounds.as_mut()) {
+            if let (Some(doc), Some((c, _))) = (snap.policy.cluster.as_ref(), snap.bounds.as_mut())
+            {
                 snap.index.apply(&edit, doc, c, true);
             }
         };
         if let (Some(doc), Some((c, _))) = (snap.policy.cluster.as_ref(), snap.bounds.as_mut()) {
             snap.index.apply(&edit, doc, c, false);
         }
+        // Adding peers cannot cut an open SSH session: the /proc/net/tcp{,6}
+        // scan (≈3 ms: the kernel walks its whole connection table) is only
+        // needed when peers go.
         let warnings = snap
             .bounds
             .as_ref()
-            .map(|(c, s)| Self::change_warnings(c, s.as_ref()))
+            .map(|(c, s)| {
+                if add {
+                    Self::failsafe_warnings(c)
+                } else {
+                    Self::change_warnings(c, s.as_ref())
+                }
+            })
             .unwrap_or_default();
         let t_edit = t0.elapsed();
         let rules = snap.ruleset();
@@ -408,11 +417,11 @@ impl Boundaries {
         info!(
             event = "boundary-peers",
             changed = edit.changed.len(),
-            lock_us = waited.as_micros() as u64,
-            edit_us = t_edit.as_micros() as u64,
-            build_us = (t_build - t_edit).as_micros() as u64,
-            apply_us = (t_apply - t_build).as_micros() as u64,
-            save_us = (t_save - t_apply).as_micros() as u64,
+            lock_us = us(waited),
+            edit_us = us(t_edit),
+            build_us = us(t_build - t_edit),
+            apply_us = us(t_apply - t_build),
+            save_us = us(t_save - t_apply),
             "peers changed"
         );
         if let Err(e) = saved {
@@ -435,6 +444,13 @@ impl Boundaries {
     /// entries open to every address.
     fn change_warnings(c: &Boundary, s: Option<&Boundary>) -> Vec<String> {
         let mut w = Self::ssh_warnings(c, s);
+        w.extend(Self::failsafe_warnings(c));
+        w
+    }
+
+    /// Failsafe entries open to every address of a family.
+    fn failsafe_warnings(c: &Boundary) -> Vec<String> {
+        let mut w = Vec::new();
         for e in &c.failsafe {
             let all4 = e.peers.v4.intervals() == [(0, u128::from(u32::MAX))];
             let all6 = e.peers.v6.intervals() == [(0, u128::MAX)];
@@ -720,13 +736,14 @@ impl leasehold_node::backend::BoundaryStore for BoundaryBackend {
                 warnings: w.into_iter().collect(),
                 ..Default::default()
             }),
-            C::EditPeers { target, peers, add } => b
-                .edit_peers(&target, &peers, add)
-                .map(|(n, w)| BoundaryApplied {
-                    warnings: w,
-                    peers_changed: Some(n),
-                    ..Default::default()
-                }),
+            C::EditPeers { target, peers, add } => {
+                b.edit_peers(&target, &peers, add)
+                    .map(|(n, w)| BoundaryApplied {
+                        warnings: w,
+                        peers_changed: Some(n),
+                        ..Default::default()
+                    })
+            }
             C::Remove { .. } => b.remove().map(|()| BoundaryApplied::default()),
             C::SetSub { doc, narrow } => {
                 let again = (!narrow).then(|| doc.clone());
@@ -795,6 +812,11 @@ pub(crate) fn protocols_text(ps: Option<&[leasehold_netpolicy::model::ProtoDoc]>
         })
         .collect::<Vec<_>>()
         .join("; ")
+}
+
+/// Microseconds, for log fields.
+fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {

@@ -45,7 +45,11 @@ impl PeerIndex {
             for p in &e.peers {
                 match p.strip_prefix('@') {
                     Some(g) => {
-                        *ix.refs.entry(g.to_owned()).or_default().entry(slot).or_default() += 1;
+                        *ix.refs
+                            .entry(g.to_owned())
+                            .or_default()
+                            .entry(slot)
+                            .or_default() += 1;
                         for m in doc.groups.get(g).into_iter().flatten() {
                             ix.count(slot, m, 1);
                         }
@@ -74,7 +78,13 @@ impl PeerIndex {
     /// Applies `edit` (already made to `doc`) to `b`, the validated
     /// cluster boundary of the document before the edit. `undo` applies
     /// the inverse (the document already put back).
-    pub(crate) fn apply(&mut self, edit: &PeerEdit, doc: &BoundaryDoc, b: &mut Boundary, undo: bool) {
+    pub(crate) fn apply(
+        &mut self,
+        edit: &PeerEdit,
+        doc: &BoundaryDoc,
+        b: &mut Boundary,
+        undo: bool,
+    ) {
         let add = edit.add != undo;
         let sign: i64 = if add { 1 } else { -1 };
         let mut deltas: Vec<(usize, &str, i64)> = Vec::new();
@@ -278,8 +288,20 @@ protocols = [{ proto = "tcp", ports = [22] }]
     #[test]
     fn sorted_insert_and_removal_equal_union_and_subtract() {
         let r = Ranges::from_intervals(vec![(1, 3), (7, 7), (10, 20)]);
-        for (lo, hi) in [(0, 0), (4, 4), (5, 6), (8, 9), (2, 2), (21, 30), (0, 40), (11, 12)] {
-            assert_eq!(with_interval(&r, lo, hi), r.union(&Ranges::interval(lo, hi)));
+        for (lo, hi) in [
+            (0, 0),
+            (4, 4),
+            (5, 6),
+            (8, 9),
+            (2, 2),
+            (21, 30),
+            (0, 40),
+            (11, 12),
+        ] {
+            assert_eq!(
+                with_interval(&r, lo, hi),
+                r.union(&Ranges::interval(lo, hi))
+            );
         }
         for x in 0..25 {
             assert_eq!(without_value(&r, x), r.subtract(&Ranges::interval(x, x)));

@@ -33,7 +33,10 @@ impl ExplainArgs {
             ("tcp" | "udp", Some(p)) => Ok(p),
             ("tcp" | "udp", None) => Err(CliError::new(
                 exit::USAGE,
-                format!("--port is required for {} (the destination port of the flow)", self.proto),
+                format!(
+                    "--port is required for {} (the destination port of the flow)",
+                    self.proto
+                ),
             )),
             (_, Some(_)) => Err(CliError::new(
                 exit::USAGE,
@@ -163,7 +166,10 @@ fn entries_text(out: &mut String, v: &Value) {
             .filter_map(Value::as_str)
             .collect();
         let protos = protocols_text(e.get("protocols"));
-        out.push_str(&format!("  {name}: {dir} {}; {protos}\n", peers_shown(&peers)));
+        out.push_str(&format!(
+            "  {name}: {dir} {}; {protos}\n",
+            peers_shown(&peers)
+        ));
     }
 }
 
@@ -336,7 +342,11 @@ pub fn check_text(v: &Value) -> String {
             .filter_map(|x| x.as_str().map(str::to_owned))
             .collect()
     };
-    for (key, label) in [("entries", "allow entries"), ("failsafe", "failsafe entries"), ("groups", "groups")] {
+    for (key, label) in [
+        ("entries", "allow entries"),
+        ("failsafe", "failsafe entries"),
+        ("groups", "groups"),
+    ] {
         let d = &v[key];
         if d.is_null() {
             continue;
@@ -396,7 +406,10 @@ pub fn check_text(v: &Value) -> String {
             s.push_str(&format!("  {l}\n"));
         }
     }
-    for (key, label) in [("newly_denied", "newly denied"), ("newly_allowed", "newly allowed")] {
+    for (key, label) in [
+        ("newly_denied", "newly denied"),
+        ("newly_allowed", "newly allowed"),
+    ] {
         if let Some(note) = v[format!("{key}_note")].as_str() {
             s.push_str(&format!("{label}: {note}\n"));
             continue;
@@ -411,8 +424,9 @@ pub fn check_text(v: &Value) -> String {
         for l in &lines {
             s.push_str(&format!("  {l}\n"));
         }
-        if n as usize > lines.len() {
-            s.push_str(&format!("  … and {} more\n", n as usize - lines.len()));
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        if n > lines.len() {
+            s.push_str(&format!("  … and {} more\n", n - lines.len()));
         }
     }
     if v["denies_everything"] == Value::Bool(true) {

@@ -374,7 +374,9 @@ async fn boundary(
         }
         BoundaryCommand::Explain(a) => {
             let port = a.port()?;
-            let v = p.explain_flow(&a.direction, &a.peer, &a.proto, port).await?;
+            let v = p
+                .explain_flow(&a.direction, &a.peer, &a.proto, port)
+                .await?;
             return explain_result(json, &v);
         }
         BoundaryCommand::Remove => {

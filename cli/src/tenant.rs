@@ -7,8 +7,8 @@ use clap::{CommandFactory, Parser, Subcommand};
 use leasehold_dbus_api::TenantProxy;
 
 use crate::boundary::{
-    check_text, check_warnings, explain_result, info_json, info_text, print_warnings, read_document,
-    ExplainArgs,
+    check_text, check_warnings, explain_result, info_json, info_text, print_warnings,
+    read_document, ExplainArgs,
 };
 use crate::output::{
     change_text, emit, emit_change, node_info_json, node_info_text, secrets_json, volume_json,
@@ -316,7 +316,9 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                 BoundaryCommand::Clear => p.remove_sub_boundary().await?,
                 BoundaryCommand::Explain(a) => {
                     let port = a.port()?;
-                    let v = p.explain_flow(&a.direction, &a.peer, &a.proto, port).await?;
+                    let v = p
+                        .explain_flow(&a.direction, &a.peer, &a.proto, port)
+                        .await?;
                     return explain_result(json, &v);
                 }
             };

@@ -184,12 +184,14 @@ impl Policy {
     /// Adds peers to an allow entry (by name) or to a group (`@name`) of the
     /// cluster boundary. Nothing changes unless every peer is valid.
     pub fn add_peers(&mut self, target: &str, peers: &[String]) -> Result<usize, DocError> {
-        self.edit_peers(target, peers, true).map(|e| e.changed.len())
+        self.edit_peers(target, peers, true)
+            .map(|e| e.changed.len())
     }
 
     /// Removes peers (as written) from an allow entry or group.
     pub fn remove_peers(&mut self, target: &str, peers: &[String]) -> Result<usize, DocError> {
-        self.edit_peers(target, peers, false).map(|e| e.changed.len())
+        self.edit_peers(target, peers, false)
+            .map(|e| e.changed.len())
     }
 
     /// Adds or removes peers of an allow entry or `@group`, checking only
@@ -236,12 +238,16 @@ impl Policy {
                 format!("groups.{g}"),
             ),
             None => {
-                let i = doc.allow.iter().position(|e| e.name == target).ok_or_else(|| {
-                    err(
-                        "target",
-                        format!("no allow entry {target:?} in the cluster boundary"),
-                    )
-                })?;
+                let i = doc
+                    .allow
+                    .iter()
+                    .position(|e| e.name == target)
+                    .ok_or_else(|| {
+                        err(
+                            "target",
+                            format!("no allow entry {target:?} in the cluster boundary"),
+                        )
+                    })?;
                 (&mut doc.allow[i].peers, format!("allow[{i}].peers"))
             }
         };
@@ -253,10 +259,7 @@ impl Policy {
                 if add {
                     continue;
                 }
-                return Err(err(
-                    format!("peers[{i}]"),
-                    format!("{p:?} is given twice"),
-                ));
+                return Err(err(format!("peers[{i}]"), format!("{p:?} is given twice")));
             }
             let at = list.iter().position(|x| x == p);
             match (add, at) {

@@ -22,7 +22,14 @@ impl Drop for NsGuard {
 
 fn doc(hosts: usize) -> String {
     let peers: Vec<String> = (0..hosts)
-        .map(|i| format!("\"10.{}.{}.{}\"", 1 + i / 62_500, (i / 250) % 250, i % 250 + 1))
+        .map(|i| {
+            format!(
+                "\"10.{}.{}.{}\"",
+                1 + i / 62_500,
+                (i / 250) % 250,
+                i % 250 + 1
+            )
+        })
         .collect();
     format!(
         "{{\"allow\": [{{\"name\": \"bulk\", \"peers\": [{}]}}], \
@@ -57,7 +64,10 @@ fn phase_lines(log: &str) -> Vec<String> {
 
 fn field(line: &str, key: &str) -> Option<u64> {
     let at = line.find(&format!("{key}="))? + key.len() + 1;
-    let digits: String = line[at..].chars().take_while(char::is_ascii_digit).collect();
+    let digits: String = line[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
     digits.parse().ok()
 }
 
@@ -142,7 +152,15 @@ fn main() {
             .expect("hash set of entry 0");
         let got = Command::new("ip")
             .args([
-                "netns", "exec", &ns, "nft", "get", "element", "inet", "leasehold", &set,
+                "netns",
+                "exec",
+                &ns,
+                "nft",
+                "get",
+                "element",
+                "inet",
+                "leasehold",
+                &set,
                 "{ 10.251.0.1 }",
             ])
             .status()
@@ -150,7 +168,11 @@ fn main() {
         assert!(got.success(), "the kernel has the added element");
         let before = phase_lines(&lab.agent_log()).len();
         let r = lab
-            .run(Who::Landlord, "lh-dbus-probe", &["peers", &calls.to_string(), "bulk"])
+            .run(
+                Who::Landlord,
+                "lh-dbus-probe",
+                &["peers", &calls.to_string(), "bulk"],
+            )
             .ok();
         let lines = phase_lines(&lab.agent_log());
         phases.push((n, lines[before..].to_vec()));
@@ -161,7 +183,11 @@ fn main() {
             writeln!(
                 out,
                 "| {n} | {} | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {} |",
-                if what == "add" { "AddPeers" } else { "RemovePeers" },
+                if what == "add" {
+                    "AddPeers"
+                } else {
+                    "RemovePeers"
+                },
                 s["calls"],
                 s["min_ms"].as_f64().unwrap(),
                 s["p50_ms"].as_f64().unwrap(),

@@ -729,7 +729,11 @@ fn reverted_after(lab: &Lab, act: impl FnOnce(), within: std::time::Duration) ->
 
 fn allow_names(lab: &Lab) -> Vec<String> {
     let r = lab
-        .run(Who::Landlord, "landlordctl", &["--json", "boundary", "show"])
+        .run(
+            Who::Landlord,
+            "landlordctl",
+            &["--json", "boundary", "show"],
+        )
         .ok();
     r.json()["cluster"]["allow"]
         .as_array()
@@ -765,15 +769,24 @@ fn boundary_check_confirm_and_revert_with_agent() {
         .ok();
     assert!(r.stdout.contains("tcp 80,443,8000-8080"), "{}", r.stdout);
     assert!(
-        r.stdout.contains("group @admins (2 members): 10.1.9.1, 10.1.9.2"),
+        r.stdout
+            .contains("group @admins (2 members): 10.1.9.1, 10.1.9.2"),
         "{}",
         r.stdout
     );
-    assert!(r.stdout.contains("ssh: in 192.0.2.10 tcp 22"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("ssh: in 192.0.2.10 tcp 22"),
+        "{}",
+        r.stdout
+    );
 
     // Check: the diff, nothing applied.
     let r = lab
-        .run(Who::Landlord, "landlordctl", &["--json", "boundary", "check", b])
+        .run(
+            Who::Landlord,
+            "landlordctl",
+            &["--json", "boundary", "check", b],
+        )
         .ok();
     let v = r.json();
     assert_eq!(v["entries"]["added"], serde_json::json!(["b"]), "{v}");
@@ -792,7 +805,9 @@ fn boundary_check_confirm_and_revert_with_agent() {
         .map(|x| x.as_str().unwrap())
         .collect();
     assert!(
-        denied.iter().any(|l| l.contains("10.1.0.128/25") && l.contains("80")),
+        denied
+            .iter()
+            .any(|l| l.contains("10.1.0.128/25") && l.contains("80")),
         "{denied:?}"
     );
     assert!(denied.iter().any(|l| l.contains("10.1.9.2")), "{denied:?}");
@@ -845,11 +860,19 @@ fn boundary_check_confirm_and_revert_with_agent() {
     // Removing every failsafe entry needs --yes: exit 2, naming it.
     let empty = lab.write_file("empty.toml", b"");
     let empty = empty.to_str().unwrap();
-    let r = lab.run(Who::Landlord, "landlordctl", &["boundary", "failsafe", empty]);
+    let r = lab.run(
+        Who::Landlord,
+        "landlordctl",
+        &["boundary", "failsafe", empty],
+    );
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("--yes"), "{r:?}");
     let r = lab
-        .run(Who::Landlord, "landlordctl", &["--json", "boundary", "show"])
+        .run(
+            Who::Landlord,
+            "landlordctl",
+            &["--json", "boundary", "show"],
+        )
         .ok();
     assert_eq!(r.json()["failsafe"].as_array().unwrap().len(), 1);
     lab.run(
@@ -865,8 +888,12 @@ fn boundary_check_confirm_and_revert_with_agent() {
     assert_eq!(r.code, 2, "{r:?}");
     assert!(r.stderr.contains("--yes"), "{r:?}");
     assert_eq!(allow_names(&lab), ["a"]);
-    lab.run(Who::Landlord, "landlordctl", &["--yes", "boundary", "set", none])
-        .ok();
+    lab.run(
+        Who::Landlord,
+        "landlordctl",
+        &["--yes", "boundary", "set", none],
+    )
+    .ok();
     assert!(allow_names(&lab).is_empty());
     // A failsafe open to every address warns, exit 0.
     lab.run(Who::Landlord, "landlordctl", &["boundary", "set", a])
@@ -883,7 +910,8 @@ fn boundary_check_confirm_and_revert_with_agent() {
         )
         .ok();
     assert!(
-        r.stderr.contains("warning: failsafe entry \"any\" is open to every IPv4 address"),
+        r.stderr
+            .contains("warning: failsafe entry \"any\" is open to every IPv4 address"),
         "{r:?}"
     );
     // Out-of-range revert delay: refused by the CLI, naming the option.
@@ -913,9 +941,17 @@ fn boundary_check_confirm_and_revert_with_agent() {
     )
     .expect("BoundaryReverted within 30 s");
     assert!(what.contains("not confirmed"), "{what}");
-    assert_eq!(allow_names(&lab), ["a"], "reverted to the previous boundary");
+    assert_eq!(
+        allow_names(&lab),
+        ["a"],
+        "reverted to the previous boundary"
+    );
     let r = lab
-        .run(Who::Landlord, "landlordctl", &["--json", "boundary", "show"])
+        .run(
+            Who::Landlord,
+            "landlordctl",
+            &["--json", "boundary", "show"],
+        )
         .ok();
     assert!(r.json()["revert_at"].is_null());
     assert!(lab.agent_log().contains("boundary-reverted"));

@@ -101,14 +101,28 @@ fn list_diff(old: &[String], new: &[String]) -> (Vec<String>, Vec<String>) {
     let o: HashSet<&str> = old.iter().map(String::as_str).collect();
     let n: HashSet<&str> = new.iter().map(String::as_str).collect();
     (
-        new.iter().filter(|p| !o.contains(p.as_str())).cloned().collect(),
-        old.iter().filter(|p| !n.contains(p.as_str())).cloned().collect(),
+        new.iter()
+            .filter(|p| !o.contains(p.as_str()))
+            .cloned()
+            .collect(),
+        old.iter()
+            .filter(|p| !n.contains(p.as_str()))
+            .cloned()
+            .collect(),
     )
 }
 
 fn groups_diff(old: &BoundaryDoc, new: &BoundaryDoc) -> Value {
-    let added: Vec<&String> = new.groups.keys().filter(|k| !old.groups.contains_key(*k)).collect();
-    let removed: Vec<&String> = old.groups.keys().filter(|k| !new.groups.contains_key(*k)).collect();
+    let added: Vec<&String> = new
+        .groups
+        .keys()
+        .filter(|k| !old.groups.contains_key(*k))
+        .collect();
+    let removed: Vec<&String> = old
+        .groups
+        .keys()
+        .filter(|k| !new.groups.contains_key(*k))
+        .collect();
     let changed: Vec<Value> = new
         .groups
         .iter()
@@ -129,7 +143,11 @@ fn flows(out: &mut Value, key: &str, r: Option<(Vec<String>, usize)>) {
             out[key] = json!(lines);
             out[format!("{key}_count")] = json!(n);
         }
-        None => out[format!("{key}_note")] = json!("not computed: too many peers for a flow summary; see the peers removed per entry"),
+        None => {
+            out[format!("{key}_note")] = json!(
+                "not computed: too many peers for a flow summary; see the peers removed per entry"
+            )
+        }
     }
 }
 

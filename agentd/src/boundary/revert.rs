@@ -185,7 +185,10 @@ impl Boundaries {
             return Err(BoundaryError::NoPending);
         }
         self.write_pending(None)?;
-        info!(event = "boundary-confirmed", "boundary change confirmed; no revert");
+        info!(
+            event = "boundary-confirmed",
+            "boundary change confirmed; no revert"
+        );
         Ok(())
     }
 
