@@ -454,6 +454,11 @@ pub const SIGNALS: &[SignalCase] = &[
         receive: [true, true, false, false],
     },
     SignalCase {
+        interface: L,
+        member: "BoundaryReverted",
+        receive: [true, true, false, false],
+    },
+    SignalCase {
         interface: T,
         member: "KeysChanged",
         receive: [false, false, true, false],
