@@ -263,7 +263,9 @@ impl Boundaries {
     }
 
     fn save(&self, p: &Policy) -> Result<(), BoundaryError> {
-        let bytes = serde_json::to_vec_pretty(p).map_err(|e| BoundaryError::Damaged {
+        // Compact: at 100k peers pretty printing is 100k more lines to
+        // write on every change, and nobody reads a file that size by eye.
+        let bytes = serde_json::to_vec(p).map_err(|e| BoundaryError::Damaged {
             path: self.dir.join(FILE),
             reason: e.to_string(),
         })?;
