@@ -144,6 +144,27 @@ fn change_name(c: Change) -> &'static str {
 
 /// Established inbound SSH sessions (peer addresses) of this network
 /// namespace, from /proc/net/tcp{,6}: local port 22, state ESTABLISHED.
+/// [`ssh_peers`], read at most once per [`SSH_SCAN_TTL`]: the scan costs
+/// several ms (the kernel walks its whole connection hash table for each
+/// read of /proc/net/tcp{,6}), which a burst of peer removals would pay on
+/// every call. A session opened within the last second may go unwarned
+/// (the warning is advice; the failsafe entries are the remedy).
+fn ssh_peers_recent() -> Vec<IpAddr> {
+    static CACHE: Mutex<Option<(std::time::Instant, Vec<IpAddr>)>> = Mutex::new(None);
+    let mut c = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    match &*c {
+        Some((at, peers)) if at.elapsed() < SSH_SCAN_TTL => peers.clone(),
+        _ => {
+            let peers = ssh_peers();
+            *c = Some((std::time::Instant::now(), peers.clone()));
+            peers
+        }
+    }
+}
+
+/// How long a scan of the open SSH sessions is reused.
+const SSH_SCAN_TTL: Duration = Duration::from_secs(1);
+
 fn ssh_peers() -> Vec<IpAddr> {
     let mut out = Vec::new();
     for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
@@ -472,7 +493,7 @@ impl Boundaries {
     }
 
     fn ssh_warnings(c: &Boundary, s: Option<&Boundary>) -> Vec<String> {
-        ssh_peers()
+        ssh_peers_recent()
             .into_iter()
             .filter_map(|peer| {
                 let f = Flow {
