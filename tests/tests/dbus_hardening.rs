@@ -146,7 +146,13 @@ fn dbus_signals_reach_only_their_roles() {
         lab.run(
             Who::Landlord,
             "landlordctl",
-            &["boundary", "set", bdoc.to_str().unwrap(), "--confirm-within", "2s"],
+            &[
+                "boundary",
+                "set",
+                bdoc.to_str().unwrap(),
+                "--confirm-within",
+                "2s",
+            ],
         )
         .ok();
         tokio::time::timeout(Duration::from_secs(30), sig.next())
