@@ -73,6 +73,7 @@ fn node_error(e: NodeError) -> Error {
             FailureKind::Invalid => Error::InvalidArgument(msg),
             FailureKind::NotFound => Error::NotFound(msg),
             FailureKind::Unavailable => Error::Unavailable(msg),
+            FailureKind::Unconfirmed => Error::ConfirmationRequired(msg),
             FailureKind::Failed => {
                 tracing::error!(error = %msg, "operation failed");
                 Error::Failed(msg)
@@ -86,6 +87,8 @@ fn boundary_error(e: BoundaryError) -> Error {
     let msg = e.to_string();
     match e {
         BoundaryError::Invalid(_) => Error::InvalidArgument(msg),
+        BoundaryError::Unconfirmed(_) => Error::ConfirmationRequired(msg),
+        BoundaryError::NoPending => Error::NotFound(msg),
         other => {
             tracing::error!(error = %other, "boundary read failed");
             Error::Failed(msg)
@@ -234,6 +237,60 @@ impl Ctx {
         }
     }
 
+    /// Waits for a revert deadline (unix seconds), then asks the controller
+    /// to put the previous boundary back (a no-op if the change was
+    /// confirmed or re-armed meanwhile) and announces it with the
+    /// `BoundaryReverted` signal. Armed after `SetBoundaryWithRevert` and at
+    /// start for a revert pending in the state dir (at once if its deadline
+    /// passed while the agent was down).
+    pub async fn revert_at(self: Arc<Self>, conn: Connection, deadline: u64) {
+        let now = crate::boundary::revert::now_unix();
+        let wait = std::time::Duration::from_secs(deadline.saturating_sub(now))
+            + std::time::Duration::from_millis(200);
+        tokio::time::sleep(wait).await;
+        let caller = Caller {
+            role: Role::Landlord,
+            uid: 0,
+        };
+        for attempt in 0..30u32 {
+            let r = self
+                .submit(
+                    caller,
+                    SystemTime::now(),
+                    Command::Boundary(BoundaryChange::RevertPending { deadline }),
+                )
+                .await;
+            match r {
+                Ok(Outcome::Boundary(a)) => {
+                    for what in a.warnings {
+                        if let Err(e) = conn
+                            .emit_signal(
+                                None::<&str>,
+                                OBJECT_PATH,
+                                leasehold_dbus_api::LANDLORD_INTERFACE,
+                                "BoundaryReverted",
+                                &(what,),
+                            )
+                            .await
+                        {
+                            tracing::warn!(error = %e, "cannot emit BoundaryReverted");
+                        }
+                    }
+                    return;
+                }
+                Ok(other) => {
+                    let _ = unexpected(&other);
+                    return;
+                }
+                Err(e) => {
+                    // Busy or a failed apply: the revert stays pending; try again.
+                    tracing::error!(error = %e.message(), attempt, "boundary revert failed; retrying");
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                }
+            }
+        }
+    }
+
     async fn boundary_change(
         &self,
         caller: Caller,
@@ -262,8 +319,15 @@ impl Ctx {
         a: BoundaryApplied,
     ) -> Result<BoundaryInfo, Error> {
         let b = self.boundaries.clone();
-        let mut info = blocking(move || Ok(b.info(landlord))).await?;
+        // A peer change answers with the status only: the documents of a
+        // 100k-peer boundary are megabytes (GetBoundary has them).
+        let peers = a.peers_changed.is_some();
+        let mut info =
+            blocking(move || Ok(if peers { b.status() } else { b.info(landlord) })).await?;
         info.warnings = Some(a.warnings);
+        if peers && landlord {
+            info.revert_at = self.boundaries.pending_deadline();
+        }
         info.cut = (!landlord).then_some(a.cut);
         info.peers_changed = a
             .peers_changed
@@ -776,6 +840,114 @@ impl LandlordApi {
         Ok(())
     }
 
+    async fn set_boundary_with_revert(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        #[zbus(connection)] conn: &Connection,
+        document: String,
+        format: String,
+        seconds: u32,
+        confirm: bool,
+    ) -> Result<BoundaryInfo, Error> {
+        let caller = self
+            .auth(
+                &hdr,
+                actions::LANDLORD_BOUNDARY,
+                "SetBoundaryWithRevert",
+                &[
+                    ("seconds", &seconds.to_string()),
+                    ("confirm", if confirm { "true" } else { "false" }),
+                ],
+            )
+            .await?;
+        let revert_after = crate::boundary::revert::check_seconds(seconds)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let doc = blocking(move || boundary_doc(&document, &format)).await?;
+        let info = self
+            .0
+            .boundary_change(
+                caller,
+                BoundaryChange::SetClusterWith {
+                    doc,
+                    confirm,
+                    revert_after,
+                },
+            )
+            .await?;
+        if revert_after.is_some() {
+            if let Some(deadline) = info.revert_at {
+                tokio::spawn(self.0.clone().revert_at(conn.clone(), deadline));
+            }
+        }
+        Ok(info)
+    }
+
+    async fn confirm_boundary(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<BoundaryInfo, Error> {
+        let caller = self
+            .auth(&hdr, actions::LANDLORD_BOUNDARY, "ConfirmBoundary", &[])
+            .await?;
+        self.0
+            .boundary_change(caller, BoundaryChange::ConfirmPending)
+            .await
+    }
+
+    async fn set_failsafe_confirmed(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        document: String,
+        format: String,
+        confirm: bool,
+    ) -> Result<BoundaryInfo, Error> {
+        let caller = self
+            .auth(
+                &hdr,
+                actions::LANDLORD_BOUNDARY,
+                "SetFailsafeConfirmed",
+                &[("confirm", if confirm { "true" } else { "false" })],
+            )
+            .await?;
+        let doc = blocking(move || boundary_doc(&document, &format)).await?;
+        if !doc.allow.is_empty() || !doc.groups.is_empty() {
+            return Err(Error::InvalidArgument(
+                "document: a failsafe document has only [[failsafe]] entries".into(),
+            ));
+        }
+        self.0
+            .boundary_change(
+                caller,
+                BoundaryChange::SetFailsafeWith {
+                    entries: doc.failsafe,
+                    confirm,
+                },
+            )
+            .await
+    }
+
+    async fn check_boundary(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        document: String,
+        format: String,
+    ) -> Result<String, Error> {
+        self.auth(&hdr, actions::LANDLORD_READ, "CheckBoundary", &[])
+            .await?;
+        let b = self.0.boundaries.clone();
+        blocking(move || {
+            let doc = boundary_doc(&document, &format)?;
+            b.check_cluster(doc).map_err(boundary_error)
+        })
+        .await
+    }
+
+    #[zbus(signal)]
+    async fn boundary_reverted(
+        emitter: &zbus::object_server::SignalEmitter<'_>,
+        what: &str,
+    ) -> zbus::Result<()>;
+
     #[zbus(signal)]
     async fn boundary_restored(
         emitter: &zbus::object_server::SignalEmitter<'_>,
@@ -975,6 +1147,23 @@ impl TenantApi {
         self.auth(&hdr, actions::TENANT_READ, "ExplainFlow", &[])
             .await?;
         self.0.explain(direction, peer, proto, port, false).await
+    }
+
+    async fn check_sub_boundary(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        document: String,
+        format: String,
+    ) -> Result<String, Error> {
+        self.auth(&hdr, actions::TENANT_READ, "CheckSubBoundary", &[])
+            .await?;
+        self.0.require_tenant()?;
+        let b = self.0.boundaries.clone();
+        blocking(move || {
+            let doc = boundary_doc(&document, &format)?;
+            b.check_sub(doc).map_err(boundary_error)
+        })
+        .await
     }
 
     async fn remove_sub_boundary(

@@ -21,6 +21,11 @@ use leasehold_netpolicy::nft::Ruleset;
 use leasehold_netpolicy::nft::{self, ApplyError};
 use leasehold_netpolicy::policy::Policy;
 use leasehold_netpolicy::{explain, Boundary, DocError, Flow};
+
+use crate::peer_index::PeerIndex;
+
+mod diff;
+pub mod revert;
 use tracing::{error, info, warn};
 
 use crate::fsutil::write_atomic;
@@ -46,6 +51,12 @@ pub enum BoundaryError {
         #[source]
         source: std::io::Error,
     },
+    /// The change needs the caller's confirmation; says why.
+    #[error("{0}")]
+    Unconfirmed(String),
+    /// ConfirmBoundary without a pending revert.
+    #[error("no boundary change is waiting for confirmation (none was set with a revert deadline, or it was already confirmed or reverted)")]
+    NoPending,
     /// The stored policy is unreadable.
     #[error("boundary state {path} is damaged: {reason}")]
     Damaged {
@@ -56,8 +67,47 @@ pub enum BoundaryError {
     },
 }
 
-struct Inner {
+/// What reads see: the stored policy with its validated boundaries, taken
+/// as an `Arc` under the lock and used outside it, so a tenant-sized read
+/// (the effective view, explain, a check) never holds the lock a change
+/// needs. Changes replace it (or edit it in place when no read holds it).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Snapshot {
     policy: Policy,
+    /// `policy.boundaries()`, kept so a change of peers is not a
+    /// re-validation of the whole document.
+    bounds: Option<(Boundary, Option<Boundary>)>,
+    /// Reference counts for incremental peer edits (cluster document).
+    index: PeerIndex,
+    /// The effective view as JSON, computed at the first read.
+    effective: std::sync::OnceLock<Option<String>>,
+}
+
+impl Snapshot {
+    fn new(policy: Policy) -> Result<Self, DocError> {
+        let bounds = policy.boundaries()?;
+        let index = policy
+            .cluster
+            .as_ref()
+            .map(PeerIndex::build)
+            .unwrap_or_default();
+        Ok(Snapshot {
+            policy,
+            bounds,
+            index,
+            effective: std::sync::OnceLock::new(),
+        })
+    }
+
+    fn ruleset(&self) -> Option<Ruleset> {
+        self.bounds
+            .as_ref()
+            .map(|(c, s)| Ruleset::build(c, s.as_ref()))
+    }
+}
+
+struct Inner {
+    snap: Arc<Snapshot>,
     enforcer: Enforcer,
     last_change: Option<&'static str>,
     last_drift: Option<String>,
@@ -67,7 +117,15 @@ struct Inner {
 pub struct Boundaries {
     dir: PathBuf,
     inner: Mutex<Inner>,
+    /// When the agent last changed the kernel table (see [`Boundaries::watch`]).
+    changed_at: Mutex<Option<std::time::Instant>>,
 }
+
+/// A drift check triggered by a change notification waits until the agent
+/// has made no change of its own for this long…
+const CHECK_QUIET: Duration = Duration::from_millis(500);
+/// …but not longer than this after the notification.
+const CHECK_MAX_DELAY: Duration = Duration::from_secs(10);
 
 impl std::fmt::Debug for Boundaries {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -87,6 +145,27 @@ fn change_name(c: Change) -> &'static str {
 
 /// Established inbound SSH sessions (peer addresses) of this network
 /// namespace, from /proc/net/tcp{,6}: local port 22, state ESTABLISHED.
+/// [`ssh_peers`], read at most once per [`SSH_SCAN_TTL`]: the scan costs
+/// several ms (the kernel walks its whole connection hash table for each
+/// read of /proc/net/tcp{,6}), which a burst of peer removals would pay on
+/// every call. A session opened within the last second may go unwarned
+/// (the warning is advice; the failsafe entries are the remedy).
+fn ssh_peers_recent() -> Vec<IpAddr> {
+    static CACHE: Mutex<Option<(std::time::Instant, Vec<IpAddr>)>> = Mutex::new(None);
+    let mut c = CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    match &*c {
+        Some((at, peers)) if at.elapsed() < SSH_SCAN_TTL => peers.clone(),
+        _ => {
+            let peers = ssh_peers();
+            *c = Some((std::time::Instant::now(), peers.clone()));
+            peers
+        }
+    }
+}
+
+/// How long a scan of the open SSH sessions is reused.
+const SSH_SCAN_TTL: Duration = Duration::from_secs(1);
+
 fn ssh_peers() -> Vec<IpAddr> {
     let mut out = Vec::new();
     for (file, v6) in [("/proc/net/tcp", false), ("/proc/net/tcp6", true)] {
@@ -216,10 +295,17 @@ impl Boundaries {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Policy::new(),
             Err(source) => return Err(BoundaryError::Io { path, source }),
         };
+        // A stored policy that no longer validates is reported by
+        // apply_stored (the agent keeps serving, the kernel keeps its table).
+        let snap = Snapshot::new(policy.clone()).unwrap_or(Snapshot {
+            policy,
+            ..Default::default()
+        });
         Ok(Boundaries {
             dir: dir.to_owned(),
+            changed_at: Mutex::new(None),
             inner: Mutex::new(Inner {
-                policy,
+                snap: Arc::new(snap),
                 enforcer: Enforcer::new(Vec::new()),
                 last_change: None,
                 last_drift: None,
@@ -234,7 +320,9 @@ impl Boundaries {
     }
 
     fn save(&self, p: &Policy) -> Result<(), BoundaryError> {
-        let bytes = serde_json::to_vec_pretty(p).map_err(|e| BoundaryError::Damaged {
+        // Compact: at 100k peers pretty printing is 100k more lines to
+        // write on every change, and nobody reads a file that size by eye.
+        let bytes = serde_json::to_vec(p).map_err(|e| BoundaryError::Damaged {
             path: self.dir.join(FILE),
             reason: e.to_string(),
         })?;
@@ -244,18 +332,36 @@ impl Boundaries {
         })
     }
 
+    /// The current snapshot (reads compute from it without the lock).
+    pub(crate) fn snapshot(&self) -> Arc<Snapshot> {
+        self.lock().snap.clone()
+    }
+
+    /// Every kernel change of the boundaries goes through here (one place
+    /// for what must follow a kernel change).
+    fn apply_rules(&self, g: &mut Inner, rules: Ruleset) -> Result<(), BoundaryError> {
+        *self.changed_at.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(std::time::Instant::now());
+        let c = g.enforcer.apply(rules)?;
+        g.last_change = Some(change_name(c));
+        Ok(())
+    }
+
     /// Applies the stored policy (at start). Without a stored policy an
     /// existing table is left alone: only RemoveBoundary lifts it.
     pub fn apply_stored(&self) -> Result<(), BoundaryError> {
         let mut g = self.lock();
-        match g.policy.ruleset()? {
+        if g.snap.bounds.is_none() && g.snap.policy.cluster.is_some() {
+            // Stored but no longer valid: say why.
+            g.snap.policy.boundaries()?;
+        }
+        match g.snap.ruleset() {
             Some(rs) => {
                 let n = rs.elements();
-                let c = g.enforcer.apply(rs)?;
-                g.last_change = Some(change_name(c));
+                self.apply_rules(&mut g, rs)?;
                 info!(elements = n, "boundary applied");
-                if let Ok(Some((c, s))) = g.policy.boundaries() {
-                    cut_flows(&c, s.as_ref());
+                if let Some((c, s)) = &g.snap.bounds {
+                    cut_flows(c, s.as_ref());
                 }
             }
             None => {
@@ -277,33 +383,34 @@ impl Boundaries {
         // 100k peers) runs without the lock, so status reads and the drift
         // check never wait for it. Changes themselves are serialised by the
         // node controller, so the policy cannot move underneath.
-        let mut next = self.lock().policy.clone();
+        let mut next = self.snapshot().policy.clone();
         let out = f(&mut next)?;
-        let bounds = next.boundaries()?;
-        let mut warnings = bounds
+        let next = Snapshot::new(next)?;
+        let mut warnings = next
+            .bounds
             .as_ref()
-            .map(|(c, s)| Self::ssh_warnings(c, s.as_ref()))
+            .map(|(c, s)| Self::change_warnings(c, s.as_ref()))
             .unwrap_or_default();
-        let rules = bounds.as_ref().map(|(c, s)| Ruleset::build(c, s.as_ref()));
+        let rules = next.ruleset();
         let mut g = self.lock();
         if let Some(rs) = rules {
-            let c = g.enforcer.apply(rs)?;
-            g.last_change = Some(change_name(c));
+            self.apply_rules(&mut g, rs)?;
         }
-        if let Err(e) = self.save(&next) {
+        if let Err(e) = self.save(&next.policy) {
             // Put the kernel back to the stored policy.
-            if let Ok(Some(old)) = g.policy.ruleset() {
-                if let Err(e2) = g.enforcer.apply(old) {
+            if let Some(old) = g.snap.ruleset() {
+                if let Err(e2) = self.apply_rules(&mut g, old) {
                     error!(error = %e2, "cannot restore the previous boundary after a failed save");
                 }
             }
             return Err(e);
         }
-        g.policy = next;
+        let next = Arc::new(next);
+        g.snap = Arc::clone(&next);
         // Committed: cut what it does not admit, outside the lock, before
         // the caller is answered.
         drop(g);
-        if let Some((c, s)) = &bounds {
+        if let Some((c, s)) = &next.bounds {
             warnings.extend(cut_flows(c, s.as_ref()));
         }
         for w in &warnings {
@@ -312,8 +419,135 @@ impl Boundaries {
         Ok((out, warnings))
     }
 
+    /// Adds or removes peers: the document and the validated boundary are
+    /// edited in place (cost in the peers given), the ruleset is built from
+    /// the cached boundary, the kernel gets the element change, the policy
+    /// is stored. On any failure the edit is undone (kernel and memory).
+    pub fn edit_peers(
+        &self,
+        target: &str,
+        peers: &[String],
+        add: bool,
+    ) -> Result<(usize, Vec<String>), BoundaryError> {
+        let t_call = std::time::Instant::now();
+        let mut g = self.lock();
+        let t0 = std::time::Instant::now();
+        let waited = t0 - t_call;
+        let guard = &mut *g;
+        // In place unless a read holds the snapshot right now (then a copy).
+        let snap = Arc::make_mut(&mut guard.snap);
+        let edit = snap.policy.edit_peers(target, peers, add)?;
+        if edit.changed.is_empty() {
+            guard.last_change = Some(change_name(Change::Unchanged));
+            return Ok((0, Vec::new()));
+        }
+        snap.effective = std::sync::OnceLock::new();
+        let undo = |snap: &mut Snapshot| {
+            if let Some(doc) = snap.policy.cluster.as_mut() {
+                crate::peer_index::undo_doc(doc, &edit);
+            }
+            if let (Some(doc), Some((c, _))) = (snap.policy.cluster.as_ref(), snap.bounds.as_mut())
+            {
+                snap.index.apply(&edit, doc, c, true);
+            }
+        };
+        if let (Some(doc), Some((c, _))) = (snap.policy.cluster.as_ref(), snap.bounds.as_mut()) {
+            snap.index.apply(&edit, doc, c, false);
+        }
+        // Adding peers cannot cut an open SSH session: the /proc/net/tcp{,6}
+        // scan (≈3 ms: the kernel walks its whole connection table) is only
+        // needed when peers go.
+        let warnings = snap
+            .bounds
+            .as_ref()
+            .map(|(c, s)| {
+                if add {
+                    Self::failsafe_warnings(c)
+                } else {
+                    Self::change_warnings(c, s.as_ref())
+                }
+            })
+            .unwrap_or_default();
+        let t_edit = t0.elapsed();
+        let rules = snap.ruleset();
+        let t_build = t0.elapsed();
+        if let Some(rs) = rules {
+            if let Err(e) = self.apply_rules(guard, rs) {
+                undo(Arc::make_mut(&mut guard.snap));
+                return Err(e);
+            }
+        }
+        let t_apply = t0.elapsed();
+        let snap = Arc::make_mut(&mut guard.snap);
+        let saved = self.save(&snap.policy);
+        let t_save = t0.elapsed();
+        // Where a peer change spends its time (the bench reads these).
+        info!(
+            event = "boundary-peers",
+            changed = edit.changed.len(),
+            lock_us = us(waited),
+            edit_us = us(t_edit),
+            build_us = us(t_build - t_edit),
+            apply_us = us(t_apply - t_build),
+            save_us = us(t_save - t_apply),
+            "peers changed"
+        );
+        if let Err(e) = saved {
+            undo(snap);
+            if let Some(old) = snap.ruleset() {
+                if let Err(e2) = self.apply_rules(guard, old) {
+                    error!(error = %e2, "cannot restore the previous boundary after a failed save");
+                }
+            }
+            return Err(e);
+        }
+        let committed = Arc::clone(&guard.snap);
+        drop(g);
+        // Added peers only widen: nothing to cut (and the ≈4 ms table
+        // dump stays out of the one-peer path). Removals cut outside the lock.
+        let mut warnings = warnings;
+        if !add {
+            if let Some((c, s)) = &committed.bounds {
+                warnings.extend(cut_flows(c, s.as_ref()));
+            }
+        }
+        for w in &warnings {
+            warn!(warning = %w, "boundary");
+        }
+        Ok((edit.changed.len(), warnings))
+    }
+
+    /// Warnings for a new policy: open SSH sessions it cuts, failsafe
+    /// entries open to every address.
+    fn change_warnings(c: &Boundary, s: Option<&Boundary>) -> Vec<String> {
+        let mut w = Self::ssh_warnings(c, s);
+        w.extend(Self::failsafe_warnings(c));
+        w
+    }
+
+    /// Failsafe entries open to every address of a family.
+    fn failsafe_warnings(c: &Boundary) -> Vec<String> {
+        let mut w = Vec::new();
+        for e in &c.failsafe {
+            let all4 = e.peers.v4.intervals() == [(0, u128::from(u32::MAX))];
+            let all6 = e.peers.v6.intervals() == [(0, u128::MAX)];
+            if all4 || all6 {
+                w.push(format!(
+                    "failsafe entry {:?} is open to every {} address: no boundary can cut it",
+                    e.name,
+                    match (all4, all6) {
+                        (true, true) => "IPv4 and IPv6",
+                        (true, false) => "IPv4",
+                        _ => "IPv6",
+                    }
+                ));
+            }
+        }
+        w
+    }
+
     fn ssh_warnings(c: &Boundary, s: Option<&Boundary>) -> Vec<String> {
-        ssh_peers()
+        ssh_peers_recent()
             .into_iter()
             .filter_map(|peer| {
                 let f = Flow {
@@ -339,13 +573,17 @@ impl Boundaries {
         g.enforcer.remove()?;
         g.last_change = Some("removed");
         self.save(&Policy::new())?;
-        g.policy = Policy::new();
+        // Nothing to revert to a lifted boundary.
+        if let Err(e) = self.write_pending(None) {
+            warn!(error = %e, "cannot remove the pending boundary revert");
+        }
+        g.snap = Arc::new(Snapshot::new(Policy::new())?);
         Ok(())
     }
 
     /// Drops the tenant's sub-boundary (the node changed hands).
     pub fn clear_sub(&self) -> Result<(), BoundaryError> {
-        if self.lock().policy.sub.is_none() {
+        if self.snapshot().policy.sub.is_none() {
             return Ok(());
         }
         self.update(|p| {
@@ -355,59 +593,77 @@ impl Boundaries {
         .map(|_| ())
     }
 
-    /// What the caller may see: the landlord everything, the tenant its
-    /// sub-boundary, the effective policy and the failsafe.
-    pub fn info(&self, landlord: bool) -> BoundaryInfo {
+    /// The enforcement status only (no documents): the reply of a peer
+    /// change, which must not cost in the size of the boundary.
+    pub fn status(&self) -> BoundaryInfo {
         let g = self.lock();
-        let cluster = g.policy.cluster.as_ref();
-        let failsafe = cluster
-            .map(|c| {
-                c.failsafe
-                    .iter()
-                    .map(|e| {
-                        let protos = e
-                            .protocols
-                            .as_ref()
-                            .map_or("all protocols".to_owned(), |ps| {
-                                serde_json::to_string(ps).unwrap_or_default()
-                            });
-                        format!(
-                            "{}: {} {} {}",
-                            e.name,
-                            format!("{:?}", e.direction).to_lowercase(),
-                            e.peers.join(","),
-                            protos
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
         BoundaryInfo {
-            cluster: if landlord { cluster.map(to_json) } else { None },
-            sub: g.policy.sub.as_ref().map(to_json),
-            effective: g.policy.effective().ok().flatten().map(|e| to_json(&e)),
-            failsafe: Some(failsafe),
             enforced: Some(g.enforcer.is_active()),
             elements: g.enforcer.elements().map(|n| n as u64),
             change: g.last_change.map(str::to_owned),
+            last_drift: g.last_drift.clone(),
+            ..Default::default()
+        }
+    }
+
+    /// What the caller may see: the landlord everything, the tenant its
+    /// sub-boundary, the effective policy and the failsafe. Computed from
+    /// the snapshot, outside the lock.
+    pub fn info(&self, landlord: bool) -> BoundaryInfo {
+        let (snap, status) = {
+            let g = self.lock();
+            (
+                g.snap.clone(),
+                (
+                    g.enforcer.is_active(),
+                    g.enforcer.elements().map(|n| n as u64),
+                    g.last_change.map(str::to_owned),
+                    g.last_drift.clone(),
+                ),
+            )
+        };
+        let cluster = snap.policy.cluster.as_ref();
+        let failsafe = cluster
+            .map(|c| c.failsafe.iter().map(failsafe_line).collect())
+            .unwrap_or_default();
+        let effective = snap
+            .effective
+            .get_or_init(|| snap.policy.effective().ok().flatten().map(|e| to_json(&e)))
+            .clone();
+        BoundaryInfo {
+            cluster: if landlord { cluster.map(to_json) } else { None },
+            sub: snap.policy.sub.as_ref().map(to_json),
+            effective,
+            failsafe: Some(failsafe),
+            enforced: Some(status.0),
+            elements: status.1,
+            change: status.2,
             cut: None,
             warnings: None,
             peers_changed: None,
-            last_drift: g.last_drift.clone(),
+            last_drift: status.3,
+            revert_at: if landlord {
+                self.pending_deadline()
+            } else {
+                None
+            },
         }
     }
 
     /// Explains a flow; the tenant does not see cluster entry names.
     pub fn explain(&self, flow: &Flow, landlord: bool) -> Result<FlowVerdict, BoundaryError> {
-        let g = self.lock();
-        let Some((c, s)) = g.policy.boundaries()? else {
+        let snap = self.snapshot();
+        let Some((c, s)) = snap.bounds.as_ref() else {
+            if snap.policy.cluster.is_some() {
+                snap.policy.boundaries()?;
+            }
             return Ok(FlowVerdict {
                 allowed: Some(true),
                 reason: Some("allowed: no boundary is set on this node".into()),
                 ..Default::default()
             });
         };
-        let e = explain(&c, s.as_ref(), flow);
+        let e = explain(c, s.as_ref(), flow);
         let reason = if landlord || e.failsafe.is_some() {
             e.reason.clone()
         } else {
@@ -444,8 +700,8 @@ impl Boundaries {
                     Ok(()) => {
                         info!(event = "boundary-restored", "boundary restored");
                         // Connections opened while the table was gone.
-                        if let Ok(Some((c, s))) = g.policy.boundaries() {
-                            cut_flows(&c, s.as_ref());
+                        if let Some((c, s)) = &g.snap.bounds {
+                            cut_flows(c, s.as_ref());
                         }
                         g.last_drift = Some(what.clone());
                         Some(what)
@@ -497,7 +753,28 @@ impl Boundaries {
         let me = Arc::clone(self);
         std::thread::spawn(move || loop {
             match rx.recv_timeout(interval) {
-                Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+                Ok(()) => {
+                    // The check reads the whole table back under the lock
+                    // (≈0.9 s at 100k peers): right after each of the
+                    // agent's own changes it would hold up the next one.
+                    // Wait for a quiet moment, bounded, so a burst of peer
+                    // changes passes and drift is still seen within
+                    // CHECK_MAX_DELAY.
+                    let noticed = std::time::Instant::now();
+                    loop {
+                        let last = *me.changed_at.lock().unwrap_or_else(|p| p.into_inner());
+                        let quiet = last.map_or(CHECK_QUIET, |t| t.elapsed());
+                        if quiet >= CHECK_QUIET || noticed.elapsed() >= CHECK_MAX_DELAY {
+                            break;
+                        }
+                        std::thread::sleep(
+                            (CHECK_QUIET - quiet).min(CHECK_MAX_DELAY - noticed.elapsed()),
+                        );
+                    }
+                    // Notifications of the changes waited for: one check.
+                    while rx.try_recv().is_ok() {}
+                }
+                Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => std::thread::sleep(interval),
             }
             if let Some(what) = me.check_and_restore() {
@@ -520,40 +797,50 @@ impl leasehold_node::backend::BoundaryStore for BoundaryBackend {
     ) -> Result<leasehold_node::BoundaryApplied, leasehold_node::Failure> {
         use leasehold_node::{BoundaryApplied, BoundaryChange as C, Failure, FailureKind};
         let b = &self.0;
+        let applied = |w: Vec<String>| BoundaryApplied {
+            warnings: w,
+            ..Default::default()
+        };
         let r = match c {
-            C::SetCluster(doc) => b
-                .update(|p| p.set_cluster(doc))
-                .map(|((), w)| BoundaryApplied {
-                    warnings: w,
-                    ..Default::default()
-                }),
-            C::SetFailsafe(entries) => {
-                b.update(|p| p.set_failsafe(entries))
-                    .map(|((), w)| BoundaryApplied {
+            C::SetCluster(doc) => b.set_cluster(doc, false, None).map(applied),
+            C::SetClusterWith {
+                doc,
+                confirm,
+                revert_after,
+            } => b.set_cluster(doc, confirm, revert_after).map(applied),
+            C::SetFailsafe(entries) => b.set_failsafe(entries, false).map(applied),
+            C::SetFailsafeWith { entries, confirm } => {
+                b.set_failsafe(entries, confirm).map(applied)
+            }
+            C::ConfirmPending => b.confirm_pending().map(|()| BoundaryApplied::default()),
+            C::RevertPending { deadline } => b.revert_pending(deadline).map(|w| BoundaryApplied {
+                warnings: w.into_iter().collect(),
+                ..Default::default()
+            }),
+            C::EditPeers { target, peers, add } => {
+                b.edit_peers(&target, &peers, add)
+                    .map(|(n, w)| BoundaryApplied {
                         warnings: w,
+                        peers_changed: Some(n),
                         ..Default::default()
                     })
             }
-            C::EditPeers { target, peers, add } => b
-                .update(|p| {
-                    if add {
-                        p.add_peers(&target, &peers)
-                    } else {
-                        p.remove_peers(&target, &peers)
-                    }
-                })
-                .map(|(n, w)| BoundaryApplied {
-                    warnings: w,
-                    peers_changed: Some(n),
-                    ..Default::default()
-                }),
             C::Remove { .. } => b.remove().map(|()| BoundaryApplied::default()),
             C::SetSub { doc, narrow } => {
+                let again = (!narrow).then(|| doc.clone());
                 b.update(|p| p.set_sub(doc, narrow))
                     .map(|(out, w)| BoundaryApplied {
                         warnings: w,
                         cut: out.cut.iter().map(ToString::to_string).collect(),
                         peers_changed: None,
+                    })
+                    .map_err(|e| match (e, again) {
+                        (BoundaryError::Invalid(de), Some(d))
+                            if de.reason.contains("wider than the cluster boundary") =>
+                        {
+                            BoundaryError::Invalid(b.wider_refusal(&d).unwrap_or(de))
+                        }
+                        (e, _) => e,
                     })
             }
             C::ClearSub => b.clear_sub().map(|()| BoundaryApplied::default()),
@@ -561,12 +848,56 @@ impl leasehold_node::backend::BoundaryStore for BoundaryBackend {
         r.map_err(|e| {
             let kind = match &e {
                 BoundaryError::Invalid(_) => FailureKind::Invalid,
+                BoundaryError::Unconfirmed(_) => FailureKind::Unconfirmed,
+                BoundaryError::NoPending => FailureKind::NotFound,
                 BoundaryError::Nft(ApplyError::Spawn(_)) => FailureKind::Unavailable,
                 _ => FailureKind::Failed,
             };
             Failure::new(kind, e.to_string())
         })
     }
+}
+
+/// One failsafe entry as a line: `ssh: in 192.0.2.10 tcp 22`.
+fn failsafe_line(e: &leasehold_netpolicy::model::EntryDoc) -> String {
+    format!(
+        "{}: {} {} {}",
+        e.name,
+        format!("{:?}", e.direction).to_lowercase(),
+        e.peers.join(","),
+        protocols_text(e.protocols.as_deref())
+    )
+}
+
+/// Protocols as a person reads them: `tcp 80,443,8000-8080; icmp`.
+pub(crate) fn protocols_text(ps: Option<&[leasehold_netpolicy::model::ProtoDoc]>) -> String {
+    use leasehold_netpolicy::model::PortSpec;
+    let Some(ps) = ps else {
+        return "all protocols".to_owned();
+    };
+    ps.iter()
+        .map(|p| match &p.ports {
+            None => p.proto.name().to_owned(),
+            Some(ports) => format!(
+                "{} {}",
+                p.proto.name(),
+                ports
+                    .iter()
+                    .map(|x| match x {
+                        PortSpec::Num(n) => n.to_string(),
+                        PortSpec::Text(t) => t.clone(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Microseconds, for log fields.
+fn us(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
 }
 
 fn to_json<T: serde::Serialize>(v: &T) -> String {
@@ -598,7 +929,7 @@ mod tests {
     fn stored_policy_round_trips_and_damage_is_reported() {
         let dir = tempfile::tempdir().unwrap();
         let b = Boundaries::load(dir.path()).unwrap();
-        assert!(b.lock().policy.cluster.is_none());
+        assert!(b.snapshot().policy.cluster.is_none());
         std::fs::write(dir.path().join(FILE), "{\"format\": 9}").unwrap();
         let e = Boundaries::load(dir.path()).unwrap_err();
         assert!(e.to_string().contains("format 9"), "{e}");

@@ -11,6 +11,7 @@ mod boundary;
 mod config;
 mod fsutil;
 mod keys;
+mod peer_index;
 mod power;
 mod secrets;
 mod volume;
@@ -417,6 +418,12 @@ async fn serve_bus(
                 }
             }
         });
+    }
+    // A boundary change that was waiting for confirmation when the agent
+    // stopped: reverted at once if its deadline passed, else timed again.
+    if let Some(deadline) = boundaries.pending_deadline() {
+        info!(deadline, "a boundary change awaits confirmation");
+        tokio::spawn(ctx.clone().revert_at(conn.clone(), deadline));
     }
     let server = conn.object_server();
     server

@@ -18,12 +18,65 @@ pub struct ExplainArgs {
     /// "in" (peer → node) or "out" (node → peer).
     #[arg(long, value_parser = ["in", "out"], default_value = "in")]
     pub direction: String,
-    /// Protocol.
-    #[arg(long, value_parser = ["tcp", "udp", "icmp"], default_value = "tcp")]
+    /// Protocol ("other": any IP protocol but tcp, udp and icmp).
+    #[arg(long, value_parser = ["tcp", "udp", "icmp", "other"], default_value = "tcp")]
     pub proto: String,
-    /// Destination port (ignored for icmp).
-    #[arg(long, default_value_t = 0)]
-    pub port: u16,
+    /// Destination port (required for tcp and udp; not taken for icmp and other).
+    #[arg(long)]
+    pub port: Option<u16>,
+}
+
+impl ExplainArgs {
+    /// The port to ask about; errors name `--port`.
+    pub fn port(&self) -> Result<u16, CliError> {
+        match (self.proto.as_str(), self.port) {
+            ("tcp" | "udp", Some(p)) => Ok(p),
+            ("tcp" | "udp", None) => Err(CliError::new(
+                exit::USAGE,
+                format!(
+                    "--port is required for {} (the destination port of the flow)",
+                    self.proto
+                ),
+            )),
+            (_, Some(_)) => Err(CliError::new(
+                exit::USAGE,
+                format!("--port: {} has no ports", self.proto),
+            )),
+            (_, None) => Ok(0),
+        }
+    }
+}
+
+/// Prints a verdict; denied flows exit 1 (allowed 0), with --json too.
+pub fn explain_result(json: bool, v: &FlowVerdict) -> Result<(), CliError> {
+    crate::output::emit(json, verdict_json(v), || verdict_text(v));
+    if v.allowed == Some(true) {
+        Ok(())
+    } else {
+        Err(CliError::new(exit::FAILURE, ""))
+    }
+}
+
+/// Parses `60s`, `2m`, `1h` or plain seconds for `--confirm-within`.
+pub fn parse_duration(s: &str) -> Result<u32, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, 's')) => (&t[..i], 1),
+        Some((i, 'm')) => (&t[..i], 60),
+        Some((i, 'h')) => (&t[..i], 3600),
+        _ => (t, 1),
+    };
+    let n: u32 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?}: give seconds, e.g. 60s, 5m or 1h"))?;
+    let secs = n
+        .checked_mul(mult)
+        .ok_or_else(|| format!("{s:?} is too long"))?;
+    if !(2..=3600).contains(&secs) {
+        return Err(format!("{s:?}: between 2s and 1h"));
+    }
+    Ok(secs)
 }
 
 /// A boundary document: its text and format (from the file extension;
@@ -64,7 +117,41 @@ pub fn info_json(i: &BoundaryInfo) -> Value {
         "warnings": i.warnings,
         "peers_changed": i.peers_changed,
         "last_drift": i.last_drift,
+        "revert_at": i.revert_at,
     })
+}
+
+/// Protocols of an entry as a person reads them: `tcp 80,443,8000-8080; icmp`.
+pub fn protocols_text(v: Option<&Value>) -> String {
+    let Some(list) = v.and_then(Value::as_array) else {
+        return "all protocols".to_owned();
+    };
+    list.iter()
+        .map(|p| {
+            let proto = p.get("proto").and_then(Value::as_str).unwrap_or("?");
+            match p.get("ports").and_then(Value::as_array) {
+                None => proto.to_owned(),
+                Some(ports) => format!(
+                    "{proto} {}",
+                    ports
+                        .iter()
+                        .map(|x| x.as_str().map_or_else(|| x.to_string(), str::to_owned))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Peers shown: at most 8, then a count.
+fn peers_shown(peers: &[&str]) -> String {
+    if peers.len() > 8 {
+        format!("{} … ({} peers)", peers[..8].join(", "), peers.len())
+    } else {
+        peers.join(", ")
+    }
 }
 
 fn entries_text(out: &mut String, v: &Value) {
@@ -78,15 +165,61 @@ fn entries_text(out: &mut String, v: &Value) {
             .flatten()
             .filter_map(Value::as_str)
             .collect();
-        let shown = if peers.len() > 8 {
-            format!("{} … ({} peers)", peers[..8].join(", "), peers.len())
-        } else {
-            peers.join(", ")
+        let protos = protocols_text(e.get("protocols"));
+        out.push_str(&format!(
+            "  {name}: {dir} {}; {protos}\n",
+            peers_shown(&peers)
+        ));
+    }
+}
+
+/// The effective view, merged: entries with the same direction and
+/// protocols are shown once, with their peers together and no duplicates
+/// (narrowing splits one entry into `name.1`, `name.2`, …).
+fn effective_text(out: &mut String, v: &Value) {
+    let mut merged: Vec<(String, String, Vec<String>, Vec<String>)> = Vec::new();
+    for e in v.as_array().into_iter().flatten() {
+        let name = e.get("name").and_then(Value::as_str).unwrap_or("?");
+        let base = match name.rsplit_once('.') {
+            Some((b, n)) if n.chars().all(|c| c.is_ascii_digit()) => b,
+            _ => name,
         };
-        let protos = e
-            .get("protocols")
-            .map_or("all protocols".to_owned(), Value::to_string);
-        out.push_str(&format!("  {name}: {dir} {shown}; {protos}\n"));
+        let dir = e
+            .get("direction")
+            .and_then(Value::as_str)
+            .unwrap_or("both")
+            .to_owned();
+        let protos = protocols_text(e.get("protocols"));
+        let peers = e
+            .get("peers")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str);
+        let at = match merged.iter().position(|m| m.0 == dir && m.1 == protos) {
+            Some(i) => i,
+            None => {
+                merged.push((dir, protos, Vec::new(), Vec::new()));
+                merged.len() - 1
+            }
+        };
+        let m = &mut merged[at];
+        if !m.3.iter().any(|n| n == base) {
+            m.3.push(base.to_owned());
+        }
+        for p in peers {
+            if !m.2.iter().any(|x| x == p) {
+                m.2.push(p.to_owned());
+            }
+        }
+    }
+    for (dir, protos, peers, names) in merged {
+        let peers: Vec<&str> = peers.iter().map(String::as_str).collect();
+        out.push_str(&format!(
+            "  {}: {dir} {}; {protos}\n",
+            names.join("+"),
+            peers_shown(&peers)
+        ));
     }
 }
 
@@ -103,8 +236,17 @@ pub fn info_text(i: &BoundaryInfo) -> String {
         entries_text(&mut s, cluster.get("allow").unwrap_or(&Value::Null));
         if let Some(g) = cluster.get("groups").and_then(Value::as_object) {
             for (name, members) in g {
-                let n = members.as_array().map_or(0, Vec::len);
-                s.push_str(&format!("  group @{name}: {n} members\n"));
+                let m: Vec<&str> = members
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .collect();
+                s.push_str(&format!(
+                    "  group @{name} ({} members): {}\n",
+                    m.len(),
+                    peers_shown(&m)
+                ));
             }
         }
     }
@@ -117,7 +259,7 @@ pub fn info_text(i: &BoundaryInfo) -> String {
     }
     if i.cluster.is_none() && i.effective.is_some() {
         s.push_str("effective (what the tenant's traffic may do):\n");
-        entries_text(&mut s, &parsed(&i.effective));
+        effective_text(&mut s, &parsed(&i.effective));
     }
     match i.failsafe.as_deref() {
         Some([]) | None => s.push_str("failsafe: none\n"),
@@ -151,7 +293,155 @@ pub fn info_text(i: &BoundaryInfo) -> String {
     if let Some(d) = &i.last_drift {
         s.push_str(&format!("\nlast restored drift: {d}"));
     }
+    if let Some(at) = i.revert_at {
+        s.push_str(&format!(
+            "\npending: reverts to the previous boundary at {} unless `landlordctl boundary confirm`",
+            unix_time_text(at)
+        ));
+    }
     s
+}
+
+/// Unix seconds as `2026-12-03 12:34:56 UTC (in 58 s)`.
+pub fn unix_time_text(at: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let days = at / 86_400;
+    let rem = at % 86_400;
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm).
+    let z = i64::try_from(days).unwrap_or(0) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    let when = if at >= now {
+        format!("in {} s", at - now)
+    } else {
+        format!("{} s ago", now - at)
+    };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC ({when})",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// `boundary check` as text: what would change, without applying.
+pub fn check_text(v: &Value) -> String {
+    let mut s = String::from("valid; nothing was applied\n");
+    let list = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|x| x.as_str().map(str::to_owned))
+            .collect()
+    };
+    for (key, label) in [
+        ("entries", "allow entries"),
+        ("failsafe", "failsafe entries"),
+        ("groups", "groups"),
+    ] {
+        let d = &v[key];
+        if d.is_null() {
+            continue;
+        }
+        let added = list(&d["added"]);
+        let removed = list(&d["removed"]);
+        let changed = d["changed"].as_array().cloned().unwrap_or_default();
+        if added.is_empty() && removed.is_empty() && changed.is_empty() {
+            s.push_str(&format!("{label}: unchanged\n"));
+            continue;
+        }
+        s.push_str(&format!("{label}:\n"));
+        for a in added {
+            s.push_str(&format!("  + {a}\n"));
+        }
+        for r in removed {
+            s.push_str(&format!("  - {r}\n"));
+        }
+        for c in changed {
+            let name = c["name"].as_str().unwrap_or("?");
+            let (pa, pr) = if key == "groups" {
+                (list(&c["members_added"]), list(&c["members_removed"]))
+            } else {
+                (list(&c["peers_added"]), list(&c["peers_removed"]))
+            };
+            let mut parts = Vec::new();
+            if !pa.is_empty() {
+                let p: Vec<&str> = pa.iter().map(String::as_str).collect();
+                parts.push(format!("+{} peers ({})", pa.len(), peers_shown(&p)));
+            }
+            if !pr.is_empty() {
+                let p: Vec<&str> = pr.iter().map(String::as_str).collect();
+                parts.push(format!("-{} peers ({})", pr.len(), peers_shown(&p)));
+            }
+            if let Some(d) = c["direction"].as_array() {
+                parts.push(format!("direction {} → {}", d[0], d[1]));
+            }
+            if let Some(p) = c["protocols"].as_array() {
+                parts.push(format!(
+                    "protocols {} → {}",
+                    p[0].as_str().unwrap_or("?"),
+                    p[1].as_str().unwrap_or("?")
+                ));
+            }
+            s.push_str(&format!("  ~ {name}: {}\n", parts.join("; ")));
+        }
+    }
+    if let Some(a) = v["action"].as_array() {
+        s.push_str(&format!("denied traffic: {} → {}\n", a[0], a[1]));
+    }
+    if v["fits"] == Value::Bool(false) {
+        s.push_str(&format!(
+            "WIDER than the cluster boundary ({} parts): `tenantctl boundary set` would refuse it; --narrow stores the intersection:\n",
+            v["wider_count"]
+        ));
+        for l in list(&v["wider"]) {
+            s.push_str(&format!("  {l}\n"));
+        }
+    }
+    for (key, label) in [
+        ("newly_denied", "newly denied"),
+        ("newly_allowed", "newly allowed"),
+    ] {
+        if let Some(note) = v[format!("{key}_note")].as_str() {
+            s.push_str(&format!("{label}: {note}\n"));
+            continue;
+        }
+        let lines = list(&v[key]);
+        let n = v[format!("{key}_count")].as_u64().unwrap_or(0);
+        if n == 0 {
+            s.push_str(&format!("{label}: nothing\n"));
+            continue;
+        }
+        s.push_str(&format!("{label} ({n}):\n"));
+        for l in &lines {
+            s.push_str(&format!("  {l}\n"));
+        }
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        if n > lines.len() {
+            s.push_str(&format!("  … and {} more\n", n - lines.len()));
+        }
+    }
+    if v["denies_everything"] == Value::Bool(true) {
+        s.push_str("this document DENIES ALL TRAFFIC (no allow entry, no failsafe): setting it needs --yes\n");
+    }
+    s.trim_end().to_owned()
+}
+
+/// Warnings of a check (stderr).
+pub fn check_warnings(v: &Value) {
+    for w in v["warnings"].as_array().into_iter().flatten() {
+        if let Some(w) = w.as_str() {
+            eprintln!("warning: {w}");
+        }
+    }
 }
 
 /// Prints warnings to stderr (they matter even with --json).

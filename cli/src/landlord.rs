@@ -7,14 +7,15 @@ use clap::{CommandFactory, Parser, Subcommand};
 use leasehold_dbus_api::LandlordProxy;
 
 use crate::boundary::{
-    info_json, info_text, print_warnings, read_document, verdict_json, verdict_text, ExplainArgs,
+    check_text, check_warnings, explain_result, info_json, info_text, parse_duration,
+    print_warnings, read_document, unix_time_text, ExplainArgs,
 };
 use crate::output::{
     change_text, emit, emit_change, node_info_json, node_info_text, volume_json, volume_text,
 };
 use crate::{
-    connect_local, emit_public_key, exit, read_pem_file, run_main, with_confirmation, CliError,
-    EXIT_CODES_HELP,
+    connect_local, emit_public_key, exit, read_pem_file, run_main, with_confirmation,
+    with_confirmation_or, CliError, EXIT_CODES_HELP,
 };
 
 /// Command line of `landlordctl`.
@@ -123,6 +124,19 @@ pub enum VolumeCommand {
 pub enum BoundaryCommand {
     /// Set the cluster boundary from a TOML or JSON document (applied at once).
     Set {
+        /// Document file (.toml or .json).
+        file: PathBuf,
+        /// Revert to the previous boundary unless `boundary confirm` comes
+        /// within this time (2s-1h; e.g. 60s, 5m). The pending revert
+        /// survives an agent restart.
+        #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+        confirm_within: Option<u32>,
+    },
+    /// Keep a boundary set with --confirm-within (cancels the revert).
+    Confirm,
+    /// Validate a document and show what setting it would change (entries,
+    /// peers, flows newly denied), without applying it.
+    Check {
         /// Document file (.toml or .json).
         file: PathBuf,
     },
@@ -293,9 +307,47 @@ async fn boundary(
     yes: bool,
 ) -> Result<(), CliError> {
     let info = match cmd {
-        BoundaryCommand::Set { file } => {
+        BoundaryCommand::Set {
+            file,
+            confirm_within,
+        } => {
             let (text, format) = read_document(&file)?;
-            p.set_boundary(&text, format).await?
+            let secs = confirm_within.unwrap_or(0);
+            // Plain SetBoundary first unless confirmed or timed; a document
+            // that denies everything is refused by the agent until confirmed.
+            let info = with_confirmation_or(yes, "apply it", exit::USAGE, |ok| {
+                let text = text.clone();
+                async move {
+                    if ok || secs > 0 {
+                        p.set_boundary_with_revert(&text, format, secs, ok).await
+                    } else {
+                        p.set_boundary(&text, format).await
+                    }
+                }
+            })
+            .await?;
+            if let Some(at) = info.revert_at {
+                eprintln!(
+                    "note: reverts to the previous boundary at {} unless `landlordctl boundary confirm`",
+                    unix_time_text(at)
+                );
+            }
+            info
+        }
+        BoundaryCommand::Confirm => {
+            let info = p.confirm_boundary().await?;
+            emit(json, info_json(&info), || {
+                "confirmed: the boundary stays (no revert)".into()
+            });
+            return Ok(());
+        }
+        BoundaryCommand::Check { file } => {
+            let (text, format) = read_document(&file)?;
+            let out = p.check_boundary(&text, format).await?;
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+            check_warnings(&v);
+            emit(json, v.clone(), || check_text(&v));
+            return Ok(());
         }
         BoundaryCommand::Show => p.get_boundary().await?,
         BoundaryCommand::AddPeer { target, peers } => {
@@ -308,14 +360,24 @@ async fn boundary(
         }
         BoundaryCommand::Failsafe { file } => {
             let (text, format) = read_document(&file)?;
-            p.set_failsafe(&text, format).await?
+            with_confirmation_or(yes, "apply it", exit::USAGE, |ok| {
+                let text = text.clone();
+                async move {
+                    if ok {
+                        p.set_failsafe_confirmed(&text, format, true).await
+                    } else {
+                        p.set_failsafe(&text, format).await
+                    }
+                }
+            })
+            .await?
         }
         BoundaryCommand::Explain(a) => {
+            let port = a.port()?;
             let v = p
-                .explain_flow(&a.direction, &a.peer, &a.proto, a.port)
+                .explain_flow(&a.direction, &a.peer, &a.proto, port)
                 .await?;
-            emit(json, verdict_json(&v), || verdict_text(&v));
-            return Ok(());
+            return explain_result(json, &v);
         }
         BoundaryCommand::Remove => {
             with_confirmation(yes, "lift every boundary on this node", |ok| {

@@ -43,13 +43,15 @@ pub mod exit {
 pub const EXIT_CODES_HELP: &str = "Exit status:
   0   success
   1   the operation failed
-  2   usage error
+  2   usage error; also a boundary change that denies all traffic or removes
+      every failsafe entry, without --yes (and no typed yes on a terminal)
   3   not authorized (polkit denied the caller's role)
   4   the operation destroys data and was not confirmed (use --yes)
   5   no tenant assigned, or no such object
   6   invalid argument
   69  the agent, the bus or the SSH connection is unavailable
   75  the node is busy (too many changes queued); try again
+`boundary explain`: 0 the flow is allowed, 1 it is denied.
 A key change that committed with warnings (printed on stderr) exits 0.";
 
 /// A CLI failure: a message and an exit code.
@@ -192,6 +194,22 @@ where
     F: Fn(bool) -> Fut,
     Fut: std::future::Future<Output = Result<T, ApiError>>,
 {
+    with_confirmation_or(yes, what, exit::NOT_CONFIRMED, call).await
+}
+
+/// [`with_confirmation`] with the exit status of a refusal (no terminal, or
+/// no typed `yes`): boundary changes that deny everything use 2 (usage:
+/// `--yes` is missing), destructive key and volume changes 4.
+pub async fn with_confirmation_or<T, F, Fut>(
+    yes: bool,
+    what: &str,
+    refused: u8,
+    call: F,
+) -> Result<T, CliError>
+where
+    F: Fn(bool) -> Fut,
+    Fut: std::future::Future<Output = Result<T, ApiError>>,
+{
     if yes {
         return Ok(call(true).await?);
     }
@@ -199,7 +217,7 @@ where
         Err(ApiError::ConfirmationRequired(msg)) => {
             if !std::io::stdin().is_terminal() {
                 return Err(CliError::new(
-                    exit::NOT_CONFIRMED,
+                    refused,
                     format!("confirmation required: {msg}; re-run with --yes to {what}"),
                 ));
             }
@@ -211,10 +229,7 @@ where
                 .read_line(&mut line)
                 .map_err(|e| CliError::new(exit::FAILURE, format!("reading the answer: {e}")))?;
             if line.trim() != "yes" {
-                return Err(CliError::new(
-                    exit::NOT_CONFIRMED,
-                    "not confirmed; nothing was changed",
-                ));
+                return Err(CliError::new(refused, "not confirmed; nothing was changed"));
             }
             Ok(call(true).await?)
         }
@@ -240,7 +255,10 @@ pub fn run_main<F: std::future::Future<Output = Result<(), CliError>>>(
     match rt.block_on(body) {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {
-            eprintln!("{prog}: {}", e.message);
+            // An empty message: the status says it all (explain: denied).
+            if !e.message.is_empty() {
+                eprintln!("{prog}: {}", e.message);
+            }
             ExitCode::from(e.code)
         }
     }

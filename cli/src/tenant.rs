@@ -7,7 +7,8 @@ use clap::{CommandFactory, Parser, Subcommand};
 use leasehold_dbus_api::TenantProxy;
 
 use crate::boundary::{
-    info_json, info_text, print_warnings, read_document, verdict_json, verdict_text, ExplainArgs,
+    check_text, check_warnings, explain_result, info_json, info_text, print_warnings,
+    read_document, ExplainArgs,
 };
 use crate::output::{
     change_text, emit, emit_change, node_info_json, node_info_text, secrets_json, volume_json,
@@ -122,6 +123,12 @@ pub enum BoundaryCommand {
     },
     /// Show the sub-boundary, the effective policy and the failsafe.
     Show,
+    /// Validate a document and show what setting it would change, and
+    /// whether it fits the cluster boundary, without applying it.
+    Check {
+        /// Document file (.toml or .json).
+        file: PathBuf,
+    },
     /// Explain whether a flow is allowed and which entries decide.
     Explain(ExplainArgs),
     /// Remove the sub-boundary (the landlord's cluster boundary stays).
@@ -297,14 +304,22 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                     let (text, format) = read_document(&file)?;
                     p.set_sub_boundary(&text, format, narrow).await?
                 }
+                BoundaryCommand::Check { file } => {
+                    let (text, format) = read_document(&file)?;
+                    let out = p.check_sub_boundary(&text, format).await?;
+                    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+                    check_warnings(&v);
+                    emit(json, v.clone(), || check_text(&v));
+                    return Ok(());
+                }
                 BoundaryCommand::Show => p.get_boundary().await?,
                 BoundaryCommand::Clear => p.remove_sub_boundary().await?,
                 BoundaryCommand::Explain(a) => {
+                    let port = a.port()?;
                     let v = p
-                        .explain_flow(&a.direction, &a.peer, &a.proto, a.port)
+                        .explain_flow(&a.direction, &a.peer, &a.proto, port)
                         .await?;
-                    emit(json, verdict_json(&v), || verdict_text(&v));
-                    return Ok(());
+                    return explain_result(json, &v);
                 }
             };
             print_warnings(&info);

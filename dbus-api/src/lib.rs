@@ -260,6 +260,10 @@ pub struct BoundaryInfo {
     pub peers_changed: Option<u32>,
     /// The last change made behind the agent's back that it undid.
     pub last_drift: Option<String>,
+    /// A boundary set with a revert deadline is pending: the deadline
+    /// (unix seconds) after which the previous boundary comes back unless
+    /// `ConfirmBoundary` is called (landlord only).
+    pub revert_at: Option<u64>,
 }
 
 /// The verdict on one flow.
@@ -336,6 +340,28 @@ pub mod landlord {
         ) -> Result<FlowVerdict, Error>;
         /// Lifts every boundary (removes the table and the stored policy).
         fn remove_boundary(&self, confirm: bool) -> Result<(), Error>;
+        /// Sets the cluster boundary; `confirm` allows a document that
+        /// denies everything; `seconds` (0: none, else 2-3600) reverts to
+        /// the previous boundary unless `ConfirmBoundary` comes in time.
+        fn set_boundary_with_revert(
+            &self,
+            document: &str,
+            format: &str,
+            seconds: u32,
+            confirm: bool,
+        ) -> Result<BoundaryInfo, Error>;
+        /// Keeps a boundary set with a revert deadline.
+        fn confirm_boundary(&self) -> Result<BoundaryInfo, Error>;
+        /// Sets the failsafe entries; `confirm` allows removing every one.
+        fn set_failsafe_confirmed(
+            &self,
+            document: &str,
+            format: &str,
+            confirm: bool,
+        ) -> Result<BoundaryInfo, Error>;
+        /// Validates a cluster document and compares it with what is
+        /// enforced, without applying it: JSON (docs/dbus.md).
+        fn check_boundary(&self, document: &str, format: &str) -> Result<String, Error>;
         /// Initializes the tenant's encrypted volume on `device` (destroys
         /// what is on it: needs `confirm`; a device with a signature also
         /// needs `force`).
@@ -359,6 +385,10 @@ pub mod landlord {
         /// its back and restored it.
         #[zbus(signal)]
         fn boundary_restored(&self, what: String) -> zbus::Result<()>;
+        /// A boundary set with a revert deadline was not confirmed in time
+        /// and the previous one was put back.
+        #[zbus(signal)]
+        fn boundary_reverted(&self, what: String) -> zbus::Result<()>;
     }
 }
 
@@ -413,6 +443,9 @@ pub mod tenant {
         ) -> Result<FlowVerdict, Error>;
         /// Removes the sub-boundary (the cluster boundary stays).
         fn remove_sub_boundary(&self) -> Result<BoundaryInfo, Error>;
+        /// Validates a sub-boundary document and compares it with the
+        /// stored one, without applying it: JSON (docs/dbus.md).
+        fn check_sub_boundary(&self, document: &str, format: &str) -> Result<String, Error>;
         /// Interface version.
         #[zbus(property)]
         fn version(&self) -> zbus::Result<u32>;

@@ -59,6 +59,21 @@ pub fn parse_doc(text: &str, format: &str) -> Result<BoundaryDoc, DocError> {
     }
 }
 
+/// What [`Policy::edit_peers`] changed: the peers (as written) added to or
+/// removed from `target`, and their positions in its list (after the edit
+/// for additions, before it for removals), to undo it exactly.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerEdit {
+    /// `entry` or `@group`.
+    pub target: String,
+    /// Added (true) or removed.
+    pub add: bool,
+    /// The peers that changed (already present or duplicates left out).
+    pub changed: Vec<String>,
+    /// Their positions in the target's list.
+    pub positions: Vec<usize>,
+}
+
 /// The outcome of storing a sub-boundary.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SubOutcome {
@@ -205,61 +220,89 @@ impl Policy {
     /// cluster boundary. Nothing changes unless every peer is valid.
     pub fn add_peers(&mut self, target: &str, peers: &[String]) -> Result<usize, DocError> {
         self.edit_peers(target, peers, true)
+            .map(|e| e.changed.len())
     }
 
     /// Removes peers (as written) from an allow entry or group.
     pub fn remove_peers(&mut self, target: &str, peers: &[String]) -> Result<usize, DocError> {
         self.edit_peers(target, peers, false)
+            .map(|e| e.changed.len())
     }
 
-    fn edit_peers(&mut self, target: &str, peers: &[String], add: bool) -> Result<usize, DocError> {
-        let Some(c) = &self.cluster else {
+    /// Adds or removes peers of an allow entry or `@group`, checking only
+    /// what the edit can break (the new peers, a missing group, an emptied
+    /// entry or group): the cost is in the peers given, not in the document
+    /// (the rest was validated when it was stored). Nothing changes on an
+    /// error. Returns what changed (for an incremental update of the
+    /// validated boundary, and to undo it).
+    pub fn edit_peers(
+        &mut self,
+        target: &str,
+        peers: &[String],
+        add: bool,
+    ) -> Result<PeerEdit, DocError> {
+        let Some(doc) = self.cluster.as_mut() else {
             return Err(err("target", "no cluster boundary is set"));
         };
         if peers.is_empty() {
             return Err(err("peers", "give at least one peer"));
         }
-        let mut doc = c.clone();
-        let list: &mut Vec<String> = match target.strip_prefix('@') {
-            Some(g) => doc
-                .groups
-                .get_mut(g)
-                .ok_or_else(|| err("target", format!("no group {g:?} in the cluster boundary")))?,
+        for (i, p) in peers.iter().enumerate() {
+            match p.strip_prefix('@') {
+                Some(g) => {
+                    if !add || target.starts_with('@') {
+                        return Err(err(
+                            format!("peers[{i}]"),
+                            "groups can only be added to entries",
+                        ));
+                    }
+                    if !doc.groups.contains_key(g) {
+                        return Err(err(format!("peers[{i}]"), format!("unknown group {g:?}")));
+                    }
+                }
+                None => {
+                    parse_cidr(p).map_err(|r| err(format!("peers[{i}]"), r))?;
+                }
+            }
+        }
+        let (list, field): (&mut Vec<String>, String) = match target.strip_prefix('@') {
+            Some(g) => (
+                doc.groups.get_mut(g).ok_or_else(|| {
+                    err("target", format!("no group {g:?} in the cluster boundary"))
+                })?,
+                format!("groups.{g}"),
+            ),
             None => {
-                &mut doc
+                let i = doc
                     .allow
-                    .iter_mut()
-                    .find(|e| e.name == target)
+                    .iter()
+                    .position(|e| e.name == target)
                     .ok_or_else(|| {
                         err(
                             "target",
                             format!("no allow entry {target:?} in the cluster boundary"),
                         )
-                    })?
-                    .peers
+                    })?;
+                (&mut doc.allow[i].peers, format!("allow[{i}].peers"))
             }
         };
-        let mut changed = 0;
+        let mut seen = std::collections::HashSet::new();
+        let mut changed = Vec::new();
+        let mut positions = Vec::new();
         for (i, p) in peers.iter().enumerate() {
-            if p.starts_with('@') {
-                if !add || target.starts_with('@') {
-                    return Err(err(
-                        format!("peers[{i}]"),
-                        "groups can only be added to entries",
-                    ));
+            if !seen.insert(p.as_str()) {
+                if add {
+                    continue;
                 }
-            } else {
-                parse_cidr(p).map_err(|r| err(format!("peers[{i}]"), r))?;
+                return Err(err(format!("peers[{i}]"), format!("{p:?} is given twice")));
             }
-            let pos = list.iter().position(|x| x == p);
-            match (add, pos) {
-                (true, None) => {
-                    list.push(p.clone());
-                    changed += 1;
-                }
+            let at = list.iter().position(|x| x == p);
+            match (add, at) {
+                (true, None) => changed.push(p.clone()),
+                (true, Some(_)) => {}
                 (false, Some(at)) => {
-                    list.remove(at);
-                    changed += 1;
+                    changed.push(p.clone());
+                    positions.push(at);
                 }
                 (false, None) => {
                     return Err(err(
@@ -267,12 +310,35 @@ impl Policy {
                         format!("{p:?} is not a peer of {target:?} (give it as listed)"),
                     ))
                 }
-                (true, Some(_)) => {}
             }
         }
-        doc.validate(true)?;
-        self.cluster = Some(doc);
-        Ok(changed)
+        if !add && changed.len() >= list.len() {
+            return Err(err(
+                field,
+                if target.starts_with('@') {
+                    "a group needs at least one member"
+                } else {
+                    "at least one peer (CIDR, address or @group) is required"
+                },
+            ));
+        }
+        if add {
+            positions = (list.len()..list.len() + changed.len()).collect();
+            list.extend(changed.iter().cloned());
+        } else {
+            let gone: std::collections::HashSet<usize> = positions.iter().copied().collect();
+            let mut i = 0;
+            list.retain(|_| {
+                i += 1;
+                !gone.contains(&(i - 1))
+            });
+        }
+        Ok(PeerEdit {
+            target: target.to_owned(),
+            add,
+            changed,
+            positions,
+        })
     }
 }
 

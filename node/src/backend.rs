@@ -28,6 +28,9 @@ pub enum FailureKind {
     Unavailable,
     /// Anything else; details in the message and the log.
     Failed,
+    /// The change needs the caller's confirmation (e.g. a boundary that
+    /// denies everything).
+    Unconfirmed,
 }
 
 /// A backend's error, already rendered (backends own their error types).
@@ -190,6 +193,33 @@ pub enum BoundaryChange {
     Remove {
         /// The caller confirmed the node is left unfenced.
         confirm: bool,
+    },
+    /// Landlord: replace the cluster boundary; a document that denies
+    /// everything (no allow entry, no failsafe) needs `confirm`; with
+    /// `revert_after` (seconds) the previous boundary comes back unless
+    /// [`BoundaryChange::ConfirmPending`] arrives in time.
+    SetClusterWith {
+        /// The document.
+        doc: BoundaryDoc,
+        /// The caller confirmed a change that denies everything.
+        confirm: bool,
+        /// Revert unless confirmed within this many seconds.
+        revert_after: Option<u32>,
+    },
+    /// Landlord: replace the failsafe entries; removing every one (or
+    /// leaving a boundary that denies everything) needs `confirm`.
+    SetFailsafeWith {
+        /// The entries.
+        entries: Vec<EntryDoc>,
+        /// The caller confirmed.
+        confirm: bool,
+    },
+    /// Landlord: keep the boundary set with a revert deadline.
+    ConfirmPending,
+    /// The agent: the revert deadline (unix seconds) it armed has come.
+    RevertPending {
+        /// The deadline the timer was armed for (a later set re-arms).
+        deadline: u64,
     },
     /// Tenant: set the sub-boundary, narrowing it to fit if asked.
     SetSub {

@@ -202,6 +202,44 @@ pub const MATRIX: &[Case] = &[
     ),
     case(
         L,
+        "SetBoundaryWithRevert",
+        LANDLORD,
+        "landlordctl",
+        // --yes: the confirmed method, no revert deadline (the revert is
+        // tested in tests/tests/boundary_netns.rs).
+        &["--yes", "boundary", "set", "@BOUNDARY"],
+        Setup::None,
+    ),
+    Case {
+        // Nothing pending in the matrix: "no such object" after authorization.
+        allowed_code: 5,
+        ..case(
+            L,
+            "ConfirmBoundary",
+            LANDLORD,
+            "landlordctl",
+            &["boundary", "confirm"],
+            Setup::None,
+        )
+    },
+    case(
+        L,
+        "CheckBoundary",
+        LANDLORD,
+        "landlordctl",
+        &["boundary", "check", "@BOUNDARY"],
+        Setup::None,
+    ),
+    case(
+        L,
+        "SetFailsafeConfirmed",
+        LANDLORD,
+        "landlordctl",
+        &["--yes", "boundary", "failsafe", "@FAILSAFE"],
+        Setup::Boundary,
+    ),
+    case(
+        L,
         "AddPeers",
         LANDLORD,
         "landlordctl",
@@ -377,6 +415,14 @@ pub const MATRIX: &[Case] = &[
     ),
     case(
         T,
+        "CheckSubBoundary",
+        TENANT,
+        "tenantctl",
+        &["boundary", "check", "@SUB"],
+        Setup::AssignedBoundary,
+    ),
+    case(
+        T,
         "RemoveSubBoundary",
         TENANT,
         "tenantctl",
@@ -405,6 +451,11 @@ pub const SIGNALS: &[SignalCase] = &[
     SignalCase {
         interface: L,
         member: "BoundaryRestored",
+        receive: [true, true, false, false],
+    },
+    SignalCase {
+        interface: L,
+        member: "BoundaryReverted",
         receive: [true, true, false, false],
     },
     SignalCase {

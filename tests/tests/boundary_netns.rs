@@ -719,3 +719,342 @@ fn boundary_reachability_matrix_with_agent() {
         .ok();
     assert!(r.json()["cluster"].is_null());
 }
+
+/// A network namespace of its own for an agent (deleted on drop).
+struct AgentNs(String);
+
+impl AgentNs {
+    fn new(tag: &str) -> AgentNs {
+        let ns = format!("lh{tag}{}", std::process::id());
+        sh(&["ip", "netns", "add", &ns]);
+        sh(&["ip", "netns", "exec", &ns, "ip", "link", "set", "lo", "up"]);
+        AgentNs(ns)
+    }
+}
+
+impl Drop for AgentNs {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+const CHECK_A: &str = r#"
+[groups]
+admins = ["10.1.9.1", "10.1.9.2"]
+[[allow]]
+name = "a"
+peers = ["10.1.0.0/24", "@admins"]
+direction = "in"
+protocols = [{ proto = "tcp", ports = [80, 443, "8000-8080"] }]
+[[failsafe]]
+name = "ssh"
+peers = ["192.0.2.10"]
+direction = "in"
+protocols = [{ proto = "tcp", ports = [22] }]
+"#;
+
+const CHECK_B: &str = r#"
+[groups]
+admins = ["10.1.9.1", "10.1.9.3"]
+[[allow]]
+name = "b"
+peers = ["10.2.0.0/24"]
+[[allow]]
+name = "a"
+peers = ["10.1.0.0/25", "@admins"]
+direction = "in"
+protocols = [{ proto = "tcp", ports = [443] }]
+"#;
+
+/// Waits for the agent's BoundaryReverted signal (subscribed before `act`).
+fn reverted_after(lab: &Lab, act: impl FnOnce(), within: std::time::Duration) -> Option<String> {
+    lab.block_on(async {
+        let conn = zbus::connection::Builder::address(lab.address.as_str())
+            .build()
+            .await
+            .unwrap();
+        let p = leasehold_dbus_api::LandlordProxy::new(&conn).await.unwrap();
+        let mut sig = p.receive_boundary_reverted().await.unwrap();
+        act();
+        match tokio::time::timeout(within, sig.next()).await {
+            Ok(Some(s)) => Some(s.args().unwrap().what().to_owned()),
+            _ => None,
+        }
+    })
+}
+
+fn allow_names(lab: &Lab) -> Vec<String> {
+    let r = lab
+        .run(
+            Who::Landlord,
+            "landlordctl",
+            &["--json", "boundary", "show"],
+        )
+        .ok();
+    r.json()["cluster"]["allow"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| e["name"].as_str().unwrap().to_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Issue 13 through the real agent (D-Bus, polkit, nftables in its own
+/// namespace): `boundary check` shows the diff and applies nothing; changes
+/// that deny everything or drop the failsafe need --yes (exit 2 without);
+/// a failsafe open to all warns; `set --confirm-within` reverts unless
+/// confirmed, also across an agent restart; explain exits 0/1 and wants
+/// --port for tcp/udp; text output is readable.
+#[test]
+fn boundary_check_confirm_and_revert_with_agent() {
+    require_root();
+    let ns = AgentNs::new("rv");
+    let mut lab = Lab::start_in(&ns.0);
+    let a = lab.write_file("a.toml", CHECK_A.as_bytes());
+    let b = lab.write_file("b.toml", CHECK_B.as_bytes());
+    let a = a.to_str().unwrap();
+    let b = b.to_str().unwrap();
+    lab.run(Who::Landlord, "landlordctl", &["boundary", "set", a])
+        .ok();
+
+    // Text output: ports as a list, group members listed.
+    let r = lab
+        .run(Who::Landlord, "landlordctl", &["boundary", "show"])
+        .ok();
+    assert!(r.stdout.contains("tcp 80,443,8000-8080"), "{}", r.stdout);
+    assert!(
+        r.stdout
+            .contains("group @admins (2 members): 10.1.9.1, 10.1.9.2"),
+        "{}",
+        r.stdout
+    );
+    assert!(
+        r.stdout.contains("ssh: in 192.0.2.10 tcp 22"),
+        "{}",
+        r.stdout
+    );
+
+    // Check: the diff, nothing applied.
+    let r = lab
+        .run(
+            Who::Landlord,
+            "landlordctl",
+            &["--json", "boundary", "check", b],
+        )
+        .ok();
+    let v = r.json();
+    assert_eq!(v["entries"]["added"], serde_json::json!(["b"]), "{v}");
+    let changed = &v["entries"]["changed"][0];
+    assert_eq!(changed["name"], "a");
+    assert_eq!(changed["peers_added"], serde_json::json!(["10.1.0.0/25"]));
+    assert_eq!(changed["peers_removed"], serde_json::json!(["10.1.0.0/24"]));
+    assert_eq!(
+        v["groups"]["changed"][0]["members_removed"],
+        serde_json::json!(["10.1.9.2"])
+    );
+    let denied: Vec<&str> = v["newly_denied"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_str().unwrap())
+        .collect();
+    assert!(
+        denied
+            .iter()
+            .any(|l| l.contains("10.1.0.128/25") && l.contains("80")),
+        "{denied:?}"
+    );
+    assert!(denied.iter().any(|l| l.contains("10.1.9.2")), "{denied:?}");
+    assert_eq!(allow_names(&lab), ["a"], "check applies nothing");
+    let r = lab
+        .run(Who::Landlord, "landlordctl", &["boundary", "check", b])
+        .ok();
+    assert!(r.stdout.contains("newly denied"), "{}", r.stdout);
+    assert!(r.stdout.contains("~ a: +1 peers"), "{}", r.stdout);
+
+    // The tenant's check: a wider document is reported, not refused.
+    lab.run(Who::Landlord, "landlordctl", &["--yes", "assign", "acme"])
+        .ok();
+    let wide = lab.write_file(
+        "wide.toml",
+        b"[[allow]]\nname = \"w\"\npeers = [\"10.0.0.0/8\"]\n",
+    );
+    let r = lab
+        .run(
+            Who::Tenant,
+            "tenantctl",
+            &["--json", "boundary", "check", wide.to_str().unwrap()],
+        )
+        .ok();
+    assert_eq!(r.json()["fits"], false, "{r:?}");
+    let r = lab.run(
+        Who::Tenant,
+        "tenantctl",
+        &["boundary", "set", wide.to_str().unwrap()],
+    );
+    assert_eq!(r.code, 6, "{r:?}");
+    assert!(r.stderr.contains("--narrow"), "{r:?}");
+    assert!(r.stderr.contains(" more"), "at most a few parts: {r:?}");
+
+    // Explain: 0 allowed, 1 denied; --port required for tcp/udp; other.
+    let ex = |args: &[&str]| {
+        let mut all = vec!["boundary", "explain"];
+        all.extend_from_slice(args);
+        lab.run(Who::Landlord, "landlordctl", &all)
+    };
+    assert_eq!(ex(&["--peer", "10.1.0.5", "--port", "443"]).code, 0);
+    let r = ex(&["--peer", "10.3.0.5", "--port", "443"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(r.stdout.starts_with("denied"), "{r:?}");
+    let r = ex(&["--peer", "10.1.0.5"]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("--port"), "{r:?}");
+    assert_eq!(ex(&["--peer", "10.1.0.5", "--proto", "other"]).code, 1);
+
+    // Removing every failsafe entry needs --yes: exit 2, naming it.
+    let empty = lab.write_file("empty.toml", b"");
+    let empty = empty.to_str().unwrap();
+    let r = lab.run(
+        Who::Landlord,
+        "landlordctl",
+        &["boundary", "failsafe", empty],
+    );
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("--yes"), "{r:?}");
+    let r = lab
+        .run(
+            Who::Landlord,
+            "landlordctl",
+            &["--json", "boundary", "show"],
+        )
+        .ok();
+    assert_eq!(r.json()["failsafe"].as_array().unwrap().len(), 1);
+    lab.run(
+        Who::Landlord,
+        "landlordctl",
+        &["--yes", "boundary", "failsafe", empty],
+    )
+    .ok();
+    // A boundary that denies everything needs --yes too.
+    let none = lab.write_file("none.toml", b"action = \"reject\"\n");
+    let none = none.to_str().unwrap();
+    let r = lab.run(Who::Landlord, "landlordctl", &["boundary", "set", none]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("--yes"), "{r:?}");
+    assert_eq!(allow_names(&lab), ["a"]);
+    lab.run(
+        Who::Landlord,
+        "landlordctl",
+        &["--yes", "boundary", "set", none],
+    )
+    .ok();
+    assert!(allow_names(&lab).is_empty());
+    // A failsafe open to every address warns, exit 0.
+    lab.run(Who::Landlord, "landlordctl", &["boundary", "set", a])
+        .ok();
+    let open = lab.write_file(
+        "open.toml",
+        b"[[failsafe]]\nname = \"any\"\npeers = [\"0.0.0.0/0\"]\ndirection = \"in\"\nprotocols = [{ proto = \"tcp\", ports = [22] }]\n",
+    );
+    let r = lab
+        .run(
+            Who::Landlord,
+            "landlordctl",
+            &["boundary", "failsafe", open.to_str().unwrap()],
+        )
+        .ok();
+    assert!(
+        r.stderr
+            .contains("warning: failsafe entry \"any\" is open to every IPv4 address"),
+        "{r:?}"
+    );
+    // Out-of-range revert delay: refused by the CLI, naming the option.
+    let r = lab.run(
+        Who::Landlord,
+        "landlordctl",
+        &["boundary", "set", b, "--confirm-within", "2h"],
+    );
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("--confirm-within"), "{r:?}");
+
+    // Set with a 2 s deadline, no confirm: reverted (the signal says so).
+    let what = reverted_after(
+        &lab,
+        || {
+            let r = lab
+                .run(
+                    Who::Landlord,
+                    "landlordctl",
+                    &["--json", "boundary", "set", b, "--confirm-within", "2s"],
+                )
+                .ok();
+            assert!(r.json()["revert_at"].as_u64().is_some(), "{r:?}");
+            assert_eq!(allow_names(&lab), ["b", "a"]);
+        },
+        std::time::Duration::from_secs(30),
+    )
+    .expect("BoundaryReverted within 30 s");
+    assert!(what.contains("not confirmed"), "{what}");
+    assert_eq!(
+        allow_names(&lab),
+        ["a"],
+        "reverted to the previous boundary"
+    );
+    let r = lab
+        .run(
+            Who::Landlord,
+            "landlordctl",
+            &["--json", "boundary", "show"],
+        )
+        .ok();
+    assert!(r.json()["revert_at"].is_null());
+    assert!(lab.agent_log().contains("boundary-reverted"));
+
+    // Set then confirm: kept past the deadline (no signal within 5 s after it).
+    let none_came = reverted_after(
+        &lab,
+        || {
+            lab.run(
+                Who::Landlord,
+                "landlordctl",
+                &["boundary", "set", b, "--confirm-within", "2s"],
+            )
+            .ok();
+            lab.run(Who::Landlord, "landlordctl", &["boundary", "confirm"])
+                .ok();
+        },
+        std::time::Duration::from_secs(5),
+    );
+    assert_eq!(none_came, None);
+    assert_eq!(allow_names(&lab), ["b", "a"], "confirmed: kept");
+    let r = lab.run(Who::Landlord, "landlordctl", &["boundary", "confirm"]);
+    assert_eq!(r.code, 5, "nothing pending any more: {r:?}");
+
+    // Set, agent stopped, deadline passes while it is down: reverted at start.
+    lab.run(
+        Who::Landlord,
+        "landlordctl",
+        &["boundary", "set", a, "--confirm-within", "5s"],
+    )
+    .ok();
+    assert!(lab.path("agent/state/boundary-revert.json").exists());
+    assert_eq!(allow_names(&lab), ["a"]);
+    lab.stop_agent();
+    assert!(lab.path("agent/state/boundary-revert.json").exists());
+    // Past the deadline while the agent is down.
+    std::thread::sleep(std::time::Duration::from_secs(6));
+    lab.start_agent();
+    // The revert runs right after start; wait for it (bounded).
+    let start = std::time::Instant::now();
+    while allow_names(&lab) != ["b", "a"] {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "reverted after the restart: {:?}",
+            allow_names(&lab)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(!lab.path("agent/state/boundary-revert.json").exists());
+}

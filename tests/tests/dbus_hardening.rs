@@ -136,6 +136,35 @@ fn dbus_signals_reach_only_their_roles() {
             .to_owned()
     });
     assert!(restored.contains("missing"), "{restored}");
+    // A boundary set with a 2 s revert deadline and not confirmed
+    // (Landlord1.BoundaryReverted).
+    let reverted = lab.block_on(async {
+        let p = leasehold_dbus_api::LandlordProxy::new(lab.conn())
+            .await
+            .unwrap();
+        let mut sig = p.receive_boundary_reverted().await.unwrap();
+        lab.run(
+            Who::Landlord,
+            "landlordctl",
+            &[
+                "boundary",
+                "set",
+                bdoc.to_str().unwrap(),
+                "--confirm-within",
+                "2s",
+            ],
+        )
+        .ok();
+        tokio::time::timeout(Duration::from_secs(30), sig.next())
+            .await
+            .expect("BoundaryReverted within 30 s")
+            .unwrap()
+            .args()
+            .unwrap()
+            .what()
+            .to_owned()
+    });
+    assert!(reverted.contains("not confirmed"), "{reverted}");
     // The agent's signals went out before the calls were answered (and the
     // restore was seen above); the bus delivers in order, so the sentinel
     // comes last for every listener.

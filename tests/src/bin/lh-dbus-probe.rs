@@ -4,6 +4,7 @@
 //! lh-dbus-probe <scenario>          one call (see `scenario`)
 //! lh-dbus-probe bench <n> <clients> [landlord|tenant]
 //!                                   NodeInfo latency, JSON on stdout
+//! lh-dbus-probe peers <n> <target> one-host AddPeers/RemovePeers latency, JSON
 //! lh-dbus-probe burst <n>           n concurrent landlord calls, outcomes as JSON
 //! lh-dbus-probe listen [monitor]    eavesdrop on the bus (and try BecomeMonitor);
 //!                                   prints READY, then one line per message,
@@ -140,6 +141,55 @@ async fn bench(n: usize, clients: usize, tenant: bool) {
             "p99_ms": pct(990),
             "max_ms": pct(1000),
             "throughput_per_s": all.len() as f64 / wall.as_secs_f64(),
+            "errors": errors,
+        })
+    );
+}
+
+/// One-peer changes through the agent: `n` times AddPeers then RemovePeers
+/// of one host (10.250.x.y) on `target`, each call timed (call → reply;
+/// the agent replies after the kernel has the change). JSON on stdout.
+async fn peers(n: usize, target: &str) {
+    let conn = zbus::Connection::system().await.expect("system bus");
+    let l = LandlordProxy::new(&conn).await.unwrap();
+    l.node_info().await.expect("warm-up call");
+    let (mut add, mut remove) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    let mut errors = Vec::new();
+    let mut changes = std::collections::BTreeMap::<String, usize>::new();
+    for i in 0..n {
+        let host = format!("10.250.{}.{}", (i / 250) % 250, i % 250 + 1);
+        for (adding, v) in [(true, &mut add), (false, &mut remove)] {
+            let start = Instant::now();
+            let r = if adding {
+                l.add_peers(target, &[host.as_str()]).await
+            } else {
+                l.remove_peers(target, &[host.as_str()]).await
+            };
+            let d = start.elapsed();
+            match r {
+                Ok(info) => {
+                    v.push(d);
+                    *changes.entry(info.change.unwrap_or_default()).or_default() += 1;
+                }
+                Err(e) => errors.push(format!("{}: {}", e.name(), e.message())),
+            }
+        }
+    }
+    let stats = |v: &mut Vec<Duration>| {
+        v.sort();
+        let pct = |per_mille: usize| {
+            v.get(v.len().saturating_sub(1) * per_mille / 1000)
+                .map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+        };
+        serde_json::json!({"calls": v.len(), "min_ms": pct(0), "p50_ms": pct(500), "p99_ms": pct(990), "max_ms": pct(1000)})
+    };
+    errors.truncate(20);
+    println!(
+        "{}",
+        serde_json::json!({
+            "add": stats(&mut add),
+            "remove": stats(&mut remove),
+            "changes": changes,
             "errors": errors,
         })
     );
@@ -465,6 +515,7 @@ fn main() {
             let tenant = args.get(3).map(String::as_str) == Some("tenant");
             rt.block_on(bench(n, c, tenant));
         }
+        Some("peers") => rt.block_on(peers(args[1].parse().unwrap(), &args[2])),
         Some("listen") => rt.block_on(listen(args.get(1).map(String::as_str) == Some("monitor"))),
         Some("burst") => rt.block_on(burst(args[1].parse().unwrap())),
         Some("flood") => {

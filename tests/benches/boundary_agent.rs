@@ -1,0 +1,232 @@
+//! One-peer boundary changes through the agent (issue 13, point 6): the
+//! landlord's AddPeers / RemovePeers of one host over D-Bus (polkit
+//! checked) against a cluster boundary of N hosts, on the real stack:
+//! dbus-daemon, polkitd with the shipped rules, agentd --dev in a network
+//! namespace of its own, nftables in that namespace, boundary.json on the
+//! lab's disk. Each sample is call → reply; the agent replies after the
+//! kernel has the element (checked once per size with `nft get element`).
+//! Run as root: `cargo bench -p leasehold-tests --bench boundary_agent`.
+
+use std::fmt::Write as _;
+use std::process::Command;
+
+use leasehold_tests::{Lab, Who};
+
+struct NsGuard(String);
+
+impl Drop for NsGuard {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn doc(hosts: usize) -> String {
+    let peers: Vec<String> = (0..hosts)
+        .map(|i| {
+            format!(
+                "\"10.{}.{}.{}\"",
+                1 + i / 62_500,
+                (i / 250) % 250,
+                i % 250 + 1
+            )
+        })
+        .collect();
+    format!(
+        "{{\"allow\": [{{\"name\": \"bulk\", \"peers\": [{}]}}], \
+         \"failsafe\": [{{\"name\": \"ssh\", \"peers\": [\"192.0.2.10\"], \"direction\": \"in\", \
+         \"protocols\": [{{\"proto\": \"tcp\", \"ports\": [22]}}]}}]}}",
+        peers.join(",")
+    )
+}
+
+/// The agent's peer-change log lines, ANSI colour codes removed.
+fn phase_lines(log: &str) -> Vec<String> {
+    log.lines()
+        .filter(|l| l.contains("boundary-peers"))
+        .map(|l| {
+            let mut out = String::new();
+            let mut chars = l.chars();
+            while let Some(c) = chars.next() {
+                if c == '\u{1b}' {
+                    for d in chars.by_ref() {
+                        if d.is_ascii_alphabetic() {
+                            break;
+                        }
+                    }
+                } else {
+                    out.push(c);
+                }
+            }
+            out
+        })
+        .collect()
+}
+
+fn field(line: &str, key: &str) -> Option<u64> {
+    let at = line.find(&format!("{key}="))? + key.len() + 1;
+    let digits: String = line[at..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.parse().ok()
+}
+
+fn main() {
+    let ns = format!("lhbench{}", std::process::id());
+    assert!(Command::new("ip")
+        .args(["netns", "add", &ns])
+        .status()
+        .unwrap()
+        .success());
+    let _guard = NsGuard(ns.clone());
+    Command::new("ip")
+        .args(["netns", "exec", &ns, "ip", "link", "set", "lo", "up"])
+        .status()
+        .unwrap();
+    let lab = Lab::start_in(&ns);
+    let calls: usize = std::env::var("LH_BENCH_CALLS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let mut out = String::new();
+    writeln!(
+        out,
+        "## Boundary: one-peer change through the agent (AddPeers/RemovePeers, polkit-authorized)\n"
+    )
+    .unwrap();
+    writeln!(
+        out,
+        "`cargo bench -p leasehold-tests --bench boundary_agent` (LH_BENCH_CALLS={calls} add + remove pairs per size)\n"
+    )
+    .unwrap();
+    out.push_str(&leasehold_tests::markdown::machine());
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    writeln!(out, "- load average at start: {}", load.join(" ")).unwrap();
+    writeln!(
+        out,
+        "- stack: private dbus-daemon, polkitd 122 with the shipped rules, agentd --dev in its own network namespace; \
+         client (lh-dbus-probe) as a member of leasehold-landlord, one connection; each sample = one call → reply \
+         (polkit CheckAuthorization, controller, peer edit, kernel element change over netlink, boundary.json written \
+         and fsynced on ext4); the reply comes after the kernel has the element\n"
+    )
+    .unwrap();
+    writeln!(
+        out,
+        "| peers | call | samples | min | median | p99 | max | change |"
+    )
+    .unwrap();
+    writeln!(out, "|---|---|---|---|---|---|---|---|").unwrap();
+    let sizes: Vec<usize> = std::env::var("LH_BENCH_SIZES")
+        .ok()
+        .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_else(|| vec![1_000, 100_000]);
+    let mut phases: Vec<(usize, Vec<String>)> = Vec::new();
+    for n in sizes {
+        let file = lab.write_file("bulk.json", doc(n).as_bytes());
+        lab.run(
+            Who::Landlord,
+            "landlordctl",
+            &["boundary", "set", file.to_str().unwrap()],
+        )
+        .ok();
+        // The kernel has the element when the reply returns.
+        lab.run(
+            Who::Landlord,
+            "landlordctl",
+            &["boundary", "add-peer", "bulk", "10.251.0.1"],
+        )
+        .ok();
+        let sets = Command::new("ip")
+            .args(["netns", "exec", &ns, "nft", "-t", "list", "sets", "inet"])
+            .output()
+            .unwrap();
+        let sets = String::from_utf8_lossy(&sets.stdout);
+        let set = sets
+            .lines()
+            .find_map(|l| {
+                l.trim()
+                    .strip_prefix("set lla0_h4")
+                    .map(|rest| format!("lla0_h4{}", rest.trim_end_matches('{').trim()))
+            })
+            .expect("hash set of entry 0");
+        let got = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                "nft",
+                "get",
+                "element",
+                "inet",
+                "leasehold",
+                &set,
+                "{ 10.251.0.1 }",
+            ])
+            .status()
+            .unwrap();
+        assert!(got.success(), "the kernel has the added element");
+        let before = phase_lines(&lab.agent_log()).len();
+        let r = lab
+            .run(
+                Who::Landlord,
+                "lh-dbus-probe",
+                &["peers", &calls.to_string(), "bulk"],
+            )
+            .ok();
+        let lines = phase_lines(&lab.agent_log());
+        phases.push((n, lines[before..].to_vec()));
+        let v = r.json();
+        assert_eq!(v["errors"].as_array().map(Vec::len), Some(0), "{v}");
+        for what in ["add", "remove"] {
+            let s = &v[what];
+            writeln!(
+                out,
+                "| {n} | {} | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.2} ms | {} |",
+                if what == "add" {
+                    "AddPeers"
+                } else {
+                    "RemovePeers"
+                },
+                s["calls"],
+                s["min_ms"].as_f64().unwrap(),
+                s["p50_ms"].as_f64().unwrap(),
+                s["p99_ms"].as_f64().unwrap(),
+                s["max_ms"].as_f64().unwrap(),
+                v["changes"]
+            )
+            .unwrap();
+        }
+    }
+    writeln!(
+        out,
+        "\nInside the agent (its `event=boundary-peers` log line per change; median / p99 over the same calls, µs): \
+         lock wait = waiting for the boundary lock (a drift check reading the table back holds it), edit = policy edit + incremental boundary update under the lock, build = ruleset from the cached boundary, \
+         apply = enforcer (diff with the applied ruleset + netlink batch), save = boundary.json (serialize, write, fsync, rename, fsync dir).\n"
+    )
+    .unwrap();
+    writeln!(out, "| peers | lock wait | edit | build | apply | save |").unwrap();
+    writeln!(out, "|---|---|---|---|---|---|").unwrap();
+    for (n, lines) in &phases {
+        let col = |k: &str| {
+            let mut v: Vec<u64> = lines.iter().filter_map(|l| field(l, k)).collect();
+            v.sort_unstable();
+            if v.is_empty() {
+                return "?".to_owned();
+            }
+            format!("{} / {}", v[(v.len() - 1) / 2], v[(v.len() - 1) * 99 / 100])
+        };
+        writeln!(
+            out,
+            "| {n} | {} | {} | {} | {} | {} |",
+            col("lock_us"),
+            col("edit_us"),
+            col("build_us"),
+            col("apply_us"),
+            col("save_us")
+        )
+        .unwrap();
+    }
+    print!("{out}");
+    leasehold_tests::markdown::write_section("boundary_agent", &out);
+}
