@@ -215,26 +215,33 @@ where
     }
     match call(false).await {
         Err(ApiError::ConfirmationRequired(msg)) => {
-            if !std::io::stdin().is_terminal() {
-                return Err(CliError::new(
-                    refused,
-                    format!("confirmation required: {msg}; re-run with --yes to {what}"),
-                ));
-            }
-            eprint!("{msg}.\nReally {what}? Type 'yes' to continue: ");
-            let _ = std::io::stderr().flush();
-            let mut line = String::new();
-            std::io::stdin()
-                .lock()
-                .read_line(&mut line)
-                .map_err(|e| CliError::new(exit::FAILURE, format!("reading the answer: {e}")))?;
-            if line.trim() != "yes" {
-                return Err(CliError::new(refused, "not confirmed; nothing was changed"));
-            }
+            ask_typed_yes(&msg, what, refused)?;
             Ok(call(true).await?)
         }
         other => Ok(other?),
     }
+}
+
+/// Asks for a typed `yes` on a terminal; without one, or without the
+/// answer, fails with `refused` naming `--yes`.
+pub fn ask_typed_yes(msg: &str, what: &str, refused: u8) -> Result<(), CliError> {
+    if !std::io::stdin().is_terminal() {
+        return Err(CliError::new(
+            refused,
+            format!("confirmation required: {msg}; re-run with --yes to {what}"),
+        ));
+    }
+    eprint!("{msg}.\nReally {what}? Type 'yes' to continue: ");
+    let _ = std::io::stderr().flush();
+    let mut line = String::new();
+    std::io::stdin()
+        .lock()
+        .read_line(&mut line)
+        .map_err(|e| CliError::new(exit::FAILURE, format!("reading the answer: {e}")))?;
+    if line.trim() != "yes" {
+        return Err(CliError::new(refused, "not confirmed; nothing was changed"));
+    }
+    Ok(())
 }
 
 /// Runs an async CLI body on a small runtime and maps the result to an exit code.

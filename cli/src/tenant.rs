@@ -302,6 +302,20 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             let info = match cmd {
                 BoundaryCommand::Set { file, narrow } => {
                     let (text, format) = read_document(&file)?;
+                    // A sub-boundary without allow entries cuts all of the
+                    // tenant's traffic but the landlord's failsafe entries:
+                    // asked first (the agent's SetSubBoundary keeps its meaning).
+                    if !args.yes {
+                        let out = p.check_sub_boundary(&text, format).await?;
+                        let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+                        if v["denies_everything"] == serde_json::Value::Bool(true) {
+                            crate::ask_typed_yes(
+                                "this sub-boundary has no allow entry: it denies all of the node's traffic except the landlord's failsafe entries",
+                                "apply it",
+                                crate::exit::USAGE,
+                            )?;
+                        }
+                    }
                     p.set_sub_boundary(&text, format, narrow).await?
                 }
                 BoundaryCommand::Check { file } => {

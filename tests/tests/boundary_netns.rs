@@ -897,6 +897,24 @@ fn boundary_check_confirm_and_revert_with_agent() {
     assert_eq!(r.code, 6, "{r:?}");
     assert!(r.stderr.contains("--narrow"), "{r:?}");
     assert!(r.stderr.contains(" more"), "at most a few parts: {r:?}");
+    // A sub-boundary without allow entries needs --yes (exit 2), nothing stored.
+    let deny = lab.write_file("deny.toml", b"action = \"drop\"\n");
+    let deny = deny.to_str().unwrap();
+    let r = lab.run(Who::Tenant, "tenantctl", &["boundary", "set", deny]);
+    assert_eq!(r.code, 2, "{r:?}");
+    assert!(r.stderr.contains("--yes"), "{r:?}");
+    let r = lab
+        .run(Who::Tenant, "tenantctl", &["--json", "boundary", "show"])
+        .ok();
+    assert!(r.json()["sub"].is_null(), "{r:?}");
+    lab.run(
+        Who::Tenant,
+        "tenantctl",
+        &["--yes", "boundary", "set", deny],
+    )
+    .ok();
+    lab.run(Who::Tenant, "tenantctl", &["boundary", "clear"])
+        .ok();
 
     // Explain: 0 allowed, 1 denied; --port required for tcp/udp; other.
     let ex = |args: &[&str]| {
