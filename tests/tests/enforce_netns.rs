@@ -59,7 +59,10 @@ fn staged_apply_element_changes_and_leftovers() {
         Change::Full
     );
     let (chains, sets) = nft::objects(&[]).unwrap();
-    assert_eq!(chains, ["landlord_in", "landlord_out"]);
+    assert_eq!(
+        chains,
+        ["landlord_in", "landlord_out", "landlord_fwd_in", "landlord_fwd_out"]
+    );
     assert_eq!(sets, ["lla0_h4_g1", "lla0_h6_g1", "lla0_n4_g1"]);
     assert_eq!(set_len("lla0_h4_g1"), 10);
     let text = nft_out(&["list", "table", "inet", nft::TABLE]);
