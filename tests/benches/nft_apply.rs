@@ -175,21 +175,7 @@ impl Pair {
 
     /// The boundary as one iptables rule per peer, in INPUT and OUTPUT.
     fn iptables(&self, restore: &str, list: &[String]) {
-        let mut s = String::from(
-            "*filter\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n",
-        );
-        for (chain, dir, iface) in [("INPUT", "-s", "-i"), ("OUTPUT", "-d", "-o")] {
-            let _ = writeln!(
-                s,
-                "-A {chain} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
-            );
-            let _ = writeln!(s, "-A {chain} {iface} lo -j ACCEPT");
-            for p in list {
-                let _ = writeln!(s, "-A {chain} {dir} {p}/32 -j ACCEPT");
-            }
-            let _ = writeln!(s, "-A {chain} -j DROP");
-        }
-        s.push_str("COMMIT\n");
+        let s = iptables_script(list);
         feed(&["ip", "netns", "exec", &self.srv, restore], &s);
     }
 }
@@ -204,6 +190,39 @@ impl Drop for Pair {
     }
 }
 
+fn spread(mut v: Vec<Duration>) -> String {
+    v.sort();
+    format!(
+        "{} / {} / {}",
+        ms(v[0]),
+        ms(v[v.len() / 2]),
+        ms(v[v.len() - 1])
+    )
+}
+
+/// Full applies per size (min / median / max shown).
+const FULL_RUNS: usize = 7;
+
+/// The same peers as one iptables rule per peer in INPUT and OUTPUT (the
+/// per-packet baseline's ruleset), as restore input.
+fn iptables_script(list: &[String]) -> String {
+    let mut s =
+        String::from("*filter\n:INPUT ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:FORWARD ACCEPT [0:0]\n");
+    for (chain, dir, iface) in [("INPUT", "-s", "-i"), ("OUTPUT", "-d", "-o")] {
+        let _ = writeln!(
+            s,
+            "-A {chain} -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT"
+        );
+        let _ = writeln!(s, "-A {chain} {iface} lo -j ACCEPT");
+        for p in list {
+            let _ = writeln!(s, "-A {chain} {dir} {p}/32 -j ACCEPT");
+        }
+        let _ = writeln!(s, "-A {chain} -j DROP");
+    }
+    s.push_str("COMMIT\n");
+    s
+}
+
 /// Part 1, run inside the server namespace (no `ip netns exec` per nft
 /// call, as in the agent): prints the table rows.
 fn apply_rows() {
@@ -213,10 +232,11 @@ fn apply_rows() {
         let rules = Ruleset::build(&boundary(&list), None);
         let mut full = Vec::new();
         let mut e = Enforcer::new(Vec::new());
-        for _ in 0..3 {
+        for _ in 0..FULL_RUNS {
             e = Enforcer::new(Vec::new());
+            let r = rules.clone();
             let t = Instant::now();
-            assert_eq!(e.apply(rules.clone()).unwrap(), Change::Full);
+            assert_eq!(e.apply(r).unwrap(), Change::Full);
             full.push(t.elapsed());
         }
         let mut more = list.clone();
@@ -234,19 +254,107 @@ fn apply_rows() {
             assert_eq!(e.apply(r).unwrap(), Change::Elements);
             remove.push(t.elapsed());
         }
-        let t = Instant::now();
-        assert_eq!(e.check().unwrap(), None);
-        let check = t.elapsed();
+        let mut check = Vec::new();
+        for _ in 0..5 {
+            let t = Instant::now();
+            assert_eq!(e.check().unwrap(), None);
+            check.push(t.elapsed());
+        }
+        e.remove().unwrap();
+        // The same peers with iptables-legacy-restore, same run.
+        let script = iptables_script(&list);
+        let mut ipt = Vec::new();
+        for _ in 0..FULL_RUNS {
+            let t = Instant::now();
+            feed(&["iptables-legacy-restore"], &script);
+            ipt.push(t.elapsed());
+        }
+        sh(&["iptables-legacy", "-F"]);
         writeln!(
             out,
-            "| {n} | {} | {} | {} | {} |",
-            ms(median(full)),
+            "| {n} | {} | {} | {} | {} | {} |",
+            spread(full),
             ms(median(add)),
             ms(median(remove)),
-            ms(check)
+            spread(check),
+            spread(ipt),
         )
         .unwrap();
         eprintln!("apply at {n} peers done");
+    }
+    print!("{out}");
+}
+
+/// Entry sizes for the entries table.
+const ENTRIES: [usize; 3] = [100, 1_000, 10_000];
+
+/// n entries, each with its own peers (a v4 host; every 4th a v6 host,
+/// every 10th a /24 too), over 8 signatures (direction, protocols, ports).
+fn entries_boundary(n: usize) -> Boundary {
+    const SIGS: [&str; 8] = [
+        "",
+        "direction = \"in\"\nprotocols = [{ proto = \"tcp\", ports = [443] }]\n",
+        "direction = \"in\"\nprotocols = [{ proto = \"tcp\", ports = [22] }]\n",
+        "direction = \"out\"\nprotocols = [{ proto = \"udp\", ports = [53] }]\n",
+        "protocols = [{ proto = \"icmp\" }]\n",
+        "direction = \"in\"\nprotocols = [{ proto = \"tcp\", ports = [80, 443] }]\n",
+        "direction = \"out\"\nprotocols = [{ proto = \"tcp\", ports = [\"8000-8080\"] }]\n",
+        "direction = \"in\"\nprotocols = [{ proto = \"other\" }]\n",
+    ];
+    let mut doc = String::with_capacity(n * 120);
+    for i in 0..n {
+        let k = u32::try_from(i).unwrap();
+        let mut peers = vec![format!(
+            "\"{}\"",
+            std::net::Ipv4Addr::from(0x0a00_0000u32 + 2 * k)
+        )];
+        if i % 4 == 0 {
+            peers.push(format!("\"fd00::{:x}\"", i + 1));
+        }
+        if i % 10 == 0 {
+            peers.push(format!(
+                "\"{}/24\"",
+                std::net::Ipv4Addr::from(0x6400_0000u32 + (k << 8))
+            ));
+        }
+        let _ = write!(
+            doc,
+            "[[allow]]\nname = \"entry-{i}\"\npeers = [{}]\n{}",
+            peers.join(", "),
+            SIGS[i % SIGS.len()]
+        );
+    }
+    BoundaryDoc::from_toml(&doc)
+        .unwrap()
+        .validate(true)
+        .unwrap()
+}
+
+/// Part 1b, inside the server namespace: full applies of many entries.
+fn entry_rows() {
+    let mut out = String::new();
+    for n in ENTRIES {
+        let b = entries_boundary(n);
+        let t = Instant::now();
+        let rules = Ruleset::build(&b, None);
+        let build = t.elapsed();
+        let mut full = Vec::new();
+        for _ in 0..5 {
+            let mut e = Enforcer::new(Vec::new());
+            let r = rules.clone();
+            let t = Instant::now();
+            assert_eq!(e.apply(r).unwrap(), Change::Full);
+            full.push(t.elapsed());
+        }
+        writeln!(
+            out,
+            "| {n} | {} | {} | {} |",
+            rules.elements(),
+            ms(build),
+            spread(full)
+        )
+        .unwrap();
+        eprintln!("apply of {n} entries done");
     }
     print!("{out}");
 }
@@ -255,6 +363,9 @@ fn main() {
     leasehold_tests::require_root();
     if std::env::var_os("LH_BENCH_APPLY_ROWS").is_some() {
         return apply_rows();
+    }
+    if std::env::var_os("LH_BENCH_ENTRY_ROWS").is_some() {
+        return entry_rows();
     }
     let mut out = String::new();
     writeln!(out, "## Boundaries: nftables backend and per-packet cost\n").unwrap();
@@ -277,20 +388,36 @@ fn main() {
         .to_vec();
     writeln!(
         out,
-        "### Applying (hosts in a hash set; median of 3 full applies and of 5 one-peer changes; run inside the namespace like the agent)\n"
+        "### Applying (hosts in a hash set; min / median / max of {FULL_RUNS} full applies and of 5 drift checks, median of 5 one-peer changes; run inside the namespace like the agent)\n"
     )
     .unwrap();
-    writeln!(out, "| peers | full apply (atomic) | one-peer add | one-peer remove | drift check (read-back) |").unwrap();
-    writeln!(out, "|---|---|---|---|---|").unwrap();
-    let rows = Command::new("ip")
-        .args(["netns", "exec", &pair.srv])
-        .arg(std::env::current_exe().unwrap())
-        .env("LH_BENCH_APPLY_ROWS", "1")
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    assert!(rows.status.success());
-    out.push_str(&String::from_utf8_lossy(&rows.stdout));
+    writeln!(out, "| peers | full apply (atomic) | one-peer add | one-peer remove | drift check | iptables-legacy-restore, same peers |").unwrap();
+    writeln!(out, "|---|---|---|---|---|---|").unwrap();
+    let rows = |var: &str| {
+        let rows = Command::new("ip")
+            .args(["netns", "exec", &pair.srv])
+            .arg(std::env::current_exe().unwrap())
+            .env(var, "1")
+            .stderr(Stdio::inherit())
+            .output()
+            .unwrap();
+        assert!(rows.status.success());
+        String::from_utf8_lossy(&rows.stdout).into_owned()
+    };
+    out.push_str(&rows("LH_BENCH_APPLY_ROWS"));
+    pair.clear();
+    writeln!(
+        out,
+        "\n### Applying many entries (distinct peers, 8 signatures; min / median / max of 5 full applies)\n"
+    )
+    .unwrap();
+    writeln!(
+        out,
+        "| entries | set elements | build (model to ruleset) | full apply (atomic) |"
+    )
+    .unwrap();
+    writeln!(out, "|---|---|---|---|").unwrap();
+    out.push_str(&rows("LH_BENCH_ENTRY_ROWS"));
     pair.clear();
 
     // 2. Per-packet cost.

@@ -61,7 +61,12 @@ fn staged_apply_element_changes_and_leftovers() {
     let (chains, sets) = nft::objects(&[]).unwrap();
     assert_eq!(
         chains,
-        ["landlord_in", "landlord_out", "landlord_fwd_in", "landlord_fwd_out"]
+        [
+            "landlord_in",
+            "landlord_out",
+            "landlord_fwd_in",
+            "landlord_fwd_out"
+        ]
     );
     assert_eq!(sets, ["lla0_h4_g1", "lla0_h6_g1", "lla0_n4_g1"]);
     assert_eq!(set_len("lla0_h4_g1"), 10);
