@@ -412,6 +412,22 @@ fn level(
     }
 }
 
+/// From this many hosts on a hash set is created with a size: the kernel
+/// then takes a fixed-size hash table instead of one that grows as
+/// elements come (measured: 100k elements over netlink 150-280 ms into a
+/// growing table, see docs/netpolicy.md).
+const SIZED_MIN: usize = 4096;
+
+/// ` size N;` for a hash set of `n` hosts (room for as many again; an
+/// element change beyond it is refused by the kernel, and the agent then
+/// re-applies the whole table with a new size), or nothing for small sets.
+fn hash_size(n: usize) -> String {
+    if n < SIZED_MIN {
+        return String::new();
+    }
+    format!(" size {};", (2 * n).next_power_of_two())
+}
+
 impl Ruleset {
     /// The table enforcing `cluster` (with its failsafe entries, which also
     /// open the tenant's chains) and, if any, the tenant's sub-boundary.
@@ -540,7 +556,11 @@ impl Ruleset {
             } else {
                 "ipv6_addr"
             };
-            let flags = if d.interval { " flags interval;" } else { "" };
+            let flags = if d.interval {
+                " flags interval;".to_owned()
+            } else {
+                hash_size(d.elements.len())
+            };
             let _ = writeln!(s, "create set inet {TABLE} {name} {{ type {ty};{flags} }}");
             if d.interval && !d.elements.is_empty() {
                 let _ = writeln!(
@@ -570,6 +590,15 @@ impl Ruleset {
                     })
                     .collect(),
             })
+            .collect()
+    }
+
+    /// The sets of `listed` (what the kernel has) this ruleset does not use.
+    pub fn unused(&self, listed: &[String]) -> Vec<String> {
+        listed
+            .iter()
+            .filter(|n| !self.sets.contains_key(*n))
+            .cloned()
             .collect()
     }
 
@@ -646,6 +675,44 @@ impl Ruleset {
         self.sets
             .iter()
             .map(|(n, d)| (n, d.elements.iter().map(Elem::to_string).collect()))
+    }
+
+    /// Every set's addresses as numbers, to compare with a netlink
+    /// listing: (name, interval set, highest address of the family,
+    /// ranges) — hosts as (a, a) in order,
+    /// an interval set's prefixes as merged inclusive ranges.
+    pub fn expected_sets(&self) -> Vec<(&str, bool, u128, Vec<(u128, u128)>)> {
+        self.sets
+            .iter()
+            .map(|(n, d)| {
+                let mut v: Vec<(u128, u128)> = d
+                    .elements
+                    .iter()
+                    .filter_map(|e| match e {
+                        Elem::Host(IpAddr::V4(a)) => {
+                            let x = u128::from(u32::from(*a));
+                            Some((x, x))
+                        }
+                        Elem::Host(IpAddr::V6(a)) => {
+                            let x = u128::from(*a);
+                            Some((x, x))
+                        }
+                        Elem::Net(c) => {
+                            crate::model::parse_cidr(c).ok().map(|(_, lo, hi)| (lo, hi))
+                        }
+                    })
+                    .collect();
+                v.sort_unstable();
+                if d.interval {
+                    v = merge(v);
+                }
+                let max = match d.family {
+                    Family::V4 => u128::from(u32::MAX),
+                    Family::V6 => u128::MAX,
+                };
+                (n.as_str(), d.interval, max, v)
+            })
+            .collect()
     }
 
     /// Number of rules per chain, from the generated text (one rule per
@@ -743,6 +810,18 @@ impl Ruleset {
         }
         Some(s)
     }
+}
+
+/// Sorted inclusive ranges with adjacent and overlapping ones joined.
+pub fn merge(v: Vec<(u128, u128)>) -> Vec<(u128, u128)> {
+    let mut out: Vec<(u128, u128)> = Vec::with_capacity(v.len());
+    for (lo, hi) in v {
+        match out.last_mut() {
+            Some(last) if last.1 == u128::MAX || lo <= last.1 + 1 => last.1 = last.1.max(hi),
+            _ => out.push((lo, hi)),
+        }
+    }
+    out
 }
 
 /// The full transaction for `cluster` and `sub` (see [`Ruleset::build`]).

@@ -140,6 +140,41 @@ fn staged_apply_element_changes_and_leftovers() {
     assert_eq!(e.check().unwrap(), None);
     assert_eq!(set_len("lla0_h4_g9"), 12);
 
+    // A rule replaced in place (same count), a prefix added to an
+    // interval set: both noticed.
+    let listing = nft_out(&["-a", "list", "chain", "inet", nft::TABLE, "landlord_in"]);
+    let handle = listing
+        .lines()
+        .find(|l| l.contains("ct state established,related accept"))
+        .and_then(|l| l.rsplit("# handle ").next())
+        .unwrap()
+        .trim()
+        .to_owned();
+    nft_out(&[
+        "replace",
+        "rule",
+        "inet",
+        nft::TABLE,
+        "landlord_in",
+        "handle",
+        &handle,
+        "accept",
+    ]);
+    assert!(matches!(e.check().unwrap(), Some(Drift::Changed(_))));
+    e.restore().unwrap();
+    assert_eq!(e.check().unwrap(), None);
+    nft_out(&[
+        "add",
+        "element",
+        "inet",
+        nft::TABLE,
+        "lla0_n4_g10",
+        "{ 172.20.0.0/16 }",
+    ]);
+    assert!(matches!(e.check().unwrap(), Some(Drift::Changed(_))));
+    e.restore().unwrap();
+    assert_eq!(e.check().unwrap(), None);
+
     nft_out(&["flush", "ruleset"]);
     assert_eq!(e.check().unwrap(), Some(Drift::Missing));
     e.restore().unwrap();
