@@ -27,6 +27,7 @@ const NFT_MSG_GETSET: u16 = 10;
 const NFT_MSG_DELSET: u16 = 11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_GETSETELEM: u16 = 13;
+const NFT_MSG_GETGEN: u16 = 16;
 const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_DUMP_INTR: u16 = 0x10;
 const NLMSG_DONE: u16 = 3;
@@ -422,6 +423,20 @@ impl Conn {
         Err(ApplyError::Refused(
             "netlink listing: interrupted by changes three times".to_owned(),
         ))
+    }
+
+    /// The ruleset generation: the kernel counts every committed nftables
+    /// transaction of the namespace (NFT_MSG_GETGEN).
+    pub fn generation(&mut self) -> Result<u32, ApplyError> {
+        let answers = self
+            .request(NFT_MSG_GETGEN, NLM_F_REQUEST | NLM_F_ACK, &[])?
+            .unwrap_or_default();
+        answers
+            .iter()
+            .flat_map(|a| attrs(a))
+            .find(|(t, p)| *t == 1 && p.len() >= 4)
+            .map(|(_, p)| u32::from_be_bytes([p[0], p[1], p[2], p[3]]))
+            .ok_or_else(|| ApplyError::Refused("netlink: no generation in the answer".to_owned()))
     }
 
     /// Whether the table exists.

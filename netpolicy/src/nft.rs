@@ -678,10 +678,8 @@ impl Ruleset {
     }
 
     /// Every set's addresses as numbers, to compare with a netlink
-    /// listing: (name, interval set, highest address of the family,
-    /// ranges) — hosts as (a, a) in order,
-    /// an interval set's prefixes as merged inclusive ranges.
-    pub fn expected_sets(&self) -> Vec<(&str, bool, u128, Vec<(u128, u128)>)> {
+    /// listing.
+    pub fn expected_sets(&self) -> Vec<ExpectedSet<'_>> {
         self.sets
             .iter()
             .map(|(n, d)| {
@@ -710,7 +708,12 @@ impl Ruleset {
                     Family::V4 => u128::from(u32::MAX),
                     Family::V6 => u128::MAX,
                 };
-                (n.as_str(), d.interval, max, v)
+                ExpectedSet {
+                    name: n.as_str(),
+                    interval: d.interval,
+                    max,
+                    ranges: v,
+                }
             })
             .collect()
     }
@@ -810,6 +813,20 @@ impl Ruleset {
         }
         Some(s)
     }
+}
+
+/// One set's expected contents (see [`Ruleset::expected_sets`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedSet<'a> {
+    /// Set name.
+    pub name: &'a str,
+    /// An interval set (prefixes) rather than a hash set (hosts).
+    pub interval: bool,
+    /// The family's highest address.
+    pub max: u128,
+    /// Hosts as (a, a) in order; an interval set's prefixes as merged
+    /// inclusive ranges.
+    pub ranges: Vec<(u128, u128)>,
 }
 
 /// Sorted inclusive ranges with adjacent and overlapping ones joined.

@@ -553,11 +553,12 @@ name = "cluster"
 peers = ["10.77.0.2", "fd77::2"]
 "#,
     );
-    let mut internal = nft::Options::default();
-    internal.internal =
-        cluster("[[allow]]\nname = \"i\"\npeers = [\"10.78.0.0/24\", \"fd78::/64\"]\n").allow[0]
+    let internal = nft::Options {
+        internal: cluster("[[allow]]\nname = \"i\"\npeers = [\"10.78.0.0/24\", \"fd78::/64\"]\n")
+            .allow[0]
             .peers
-            .clone();
+            .clone(),
+    };
     let ns = net.ns("node");
     let prefix = ["ip", "netns", "exec", ns.as_str()];
     nft::apply(
