@@ -3,17 +3,17 @@
 //! table, each one atomic transaction), and checks the kernel's copy for
 //! changes made behind the agent's back.
 //!
-//! The check reads the table back as JSON (`nft -j -s`, no counters) and
-//! compares (a) the table, chains and rules, handles stripped, with what
-//! the kernel showed at the first check after the last full apply (those
-//! only change on a full apply), and (b) every set's elements with the
-//! desired ones. No change waits for a read-back (the nft tool needs
-//! ≈0.7 s to list a table with 100k elements, more than the apply itself),
-//! yet an edited rule, a deleted chain, an added or removed element, or a
-//! missing table are all noticed. The agent checks right after each of its
-//! own changes (its change notifications trigger a check), so the window in
-//! which a rule edit could be taken as the applied shape is that short; set
-//! contents are compared with the desired ones at every check.
+//! The check (see [`Enforcer::check`]) lists the table over netlink and
+//! compares (a) chains, rules and sets, handles and counter values left
+//! out, with what the kernel showed at the first check after the last full
+//! apply (those only change on a full apply), and (b) every set's elements
+//! with the desired ones, skipped when no nftables transaction was
+//! committed since they were last found right. No change waits for a
+//! read-back, yet an edited rule, a deleted chain, an added or removed
+//! element, or a missing table are all noticed. The agent checks right
+//! after each of its own changes (its change notifications trigger a
+//! check), so the window in which a rule edit could be taken as the
+//! applied shape is that short.
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -1,15 +1,17 @@
 //! nftables ruleset for a node: one table `inet leasehold`, the landlord's
-//! and the tenant's boundaries in separate base chains on the same hooks,
-//! so a packet must pass both (the kernel enforces the intersection too).
+//! and the tenant's boundaries in separate base chains on the same hooks
+//! (input, output, and two at forward), so a packet must pass both (the
+//! kernel enforces the intersection too). See [`Ruleset::build_with`].
 //!
-//! Peers live in two kinds of sets per entry and family: single hosts in a
-//! hash set (`…_h4`/`…_h6`), prefixes and ranges, merged, in an interval
-//! set (`…_n4`/`…_n6`). Measured with nft 1.0.6 at 100k peers (docs/
-//! netpolicy.md): the nft tool reads an interval set back before changing
-//! one element (≈1.2 s), but not a hash set (<10 ms); loading 100k hosts
-//! into a hash set is also faster than into an interval set. So adding or
-//! removing a host costs the same at 10 or 100,000 peers; a prefix change
-//! costs in the number of prefixes of that entry.
+//! Entries sharing a signature (directions, protocols, ports) share their
+//! sets and rules: single hosts in a hash set (`…_h4`/`…_h6`), prefixes
+//! and ranges, merged, in an interval set (`…_n4`/`…_n6`), so sets and
+//! rules grow with the signatures, not the entries. Measured with nft
+//! 1.0.6 at 100k peers (docs/netpolicy.md): the nft tool reads an interval
+//! set back before changing one element (≈1.2 s), but not a hash set
+//! (<10 ms); loading 100k hosts into a hash set is also faster than into
+//! an interval set. So adding or removing a host costs the same at 10 or
+//! 100,000 peers; a prefix change costs in the prefixes of that signature.
 //!
 //! Every change is one `nft -f -` transaction: the whole table (delete and
 //! re-create, atomic: the old ruleset stays if anything is refused), or,
