@@ -322,10 +322,12 @@ fn chain(
     );
     match hook {
         Hook::Input => {
-            // Router control, before conntrack (an ICMP redirect about an
-            // established flow is "related"): router advertisements and
+            // Established flows first (the common packet); then router
+            // control, before "related" (an ICMP redirect about an
+            // established flow is related): router advertisements and
             // redirects only from the named routers, whoever else sends
             // them, allowed peers included.
+            let _ = writeln!(out, "    ct state established accept");
             if let Some(r) = anon(Family::V6, &common.routers.v6) {
                 let _ = writeln!(
                     out,
@@ -343,10 +345,7 @@ fn chain(
                 out,
                 "    icmp type redirect counter drop comment \"leasehold: not a named router\""
             );
-            let _ = writeln!(
-                out,
-                "    ct state established,related accept\n    iif \"lo\" accept"
-            );
+            let _ = writeln!(out, "    ct state related accept\n    iif \"lo\" accept");
             // IPv6 cannot work without neighbour discovery.
             let _ = writeln!(
                 out,
@@ -1009,12 +1008,13 @@ mod tests {
         assert!(!r.contains("tta0_n6") && !r.contains("tta0_h4"));
         let counts = Ruleset::build(&c, Some(&t)).rule_counts();
         assert_eq!(counts.len(), 8, "{counts:?}");
-        // router control (2: no router named), established, lo, ND,
-        // failsafe (none), "cluster" (every protocol: one rule per v4 and
-        // v6 set), drop.
-        assert_eq!(counts["landlord_in"], 2 + 3 + 2 + 1, "{r}");
-        // router control, established, lo, ND, tcp/443 (v4), two reject rules.
-        assert_eq!(counts["tenant_in"], 2 + 3 + 1 + 2, "{r}");
+        // established, router control (2: no router named), related, lo,
+        // ND, failsafe (none), "cluster" (every protocol: one rule per v4
+        // and v6 set), drop.
+        assert_eq!(counts["landlord_in"], 1 + 2 + 3 + 2 + 1, "{r}");
+        // established, router control, related, lo, ND, tcp/443 (v4), two
+        // reject rules.
+        assert_eq!(counts["tenant_in"], 1 + 2 + 3 + 1 + 2, "{r}");
         // Forward: established, the entries, the last rule.
         assert_eq!(counts["landlord_fwd_in"], 1 + 2 + 1, "{r}");
         assert_eq!(counts["tenant_fwd_in"], 1 + 1 + 2, "{r}");
@@ -1068,7 +1068,7 @@ mod tests {
             ]
         );
         let counts = r.rule_counts();
-        assert_eq!(counts["landlord_in"], 2 + 3 + 1 + 4 + 1);
+        assert_eq!(counts["landlord_in"], 1 + 2 + 3 + 1 + 4 + 1);
         // The comment lists names up to nft's 128 bytes, then a count.
         let line = r
             .chains
@@ -1117,22 +1117,23 @@ mod tests {
             let body = r.split(&format!("chain {ch} {{")).nth(1).unwrap();
             let body = &body[..body.find("\n  }").unwrap()];
             let lines: Vec<&str> = body.lines().map(str::trim).collect();
+            assert_eq!(lines[2], "ct state established accept", "{body}");
             assert_eq!(
-                lines[2],
+                lines[3],
                 "ip6 saddr { fe80::1/128 } icmpv6 type { nd-router-advert, nd-redirect } accept",
                 "{body}"
             );
             assert!(
-                lines[3].starts_with("icmpv6 type { nd-router-advert, nd-redirect } counter drop")
+                lines[4].starts_with("icmpv6 type { nd-router-advert, nd-redirect } counter drop")
             );
             assert_eq!(
-                lines[4],
+                lines[5],
                 "ip saddr { 10.0.0.254/32 } icmp type redirect accept"
             );
-            assert!(lines[5].starts_with("icmp type redirect counter drop"));
-            assert_eq!(lines[6], "ct state established,related accept");
+            assert!(lines[6].starts_with("icmp type redirect counter drop"));
+            assert_eq!(lines[7], "ct state related accept");
             assert_eq!(
-                lines[8],
+                lines[9],
                 "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept"
             );
         }

@@ -145,7 +145,7 @@ fn staged_apply_element_changes_and_leftovers() {
     let listing = nft_out(&["-a", "list", "chain", "inet", nft::TABLE, "landlord_in"]);
     let handle = listing
         .lines()
-        .find(|l| l.contains("ct state established,related accept"))
+        .find(|l| l.contains("ct state established accept"))
         .and_then(|l| l.rsplit("# handle ").next())
         .unwrap()
         .trim()
@@ -182,4 +182,39 @@ fn staged_apply_element_changes_and_leftovers() {
     assert_eq!(set_len("lla0_h4_g1"), 12);
     e.remove().unwrap();
     assert_eq!(nft::objects(&[]).unwrap(), (Vec::new(), Vec::new()));
+
+    // A hash set staged with 4100 hosts gets a size (16384); growing past
+    // it is refused by the kernel and the whole table is applied instead.
+    assert_eq!(
+        e.apply(Ruleset::build(&boundary(4100, false), None))
+            .unwrap(),
+        Change::Full
+    );
+    let (_, sets) = nft::objects(&[]).unwrap();
+    let h4 = sets
+        .iter()
+        .find(|s| s.starts_with("lla0_h4"))
+        .unwrap()
+        .clone();
+    assert!(nft_out(&["list", "set", "inet", nft::TABLE, &h4]).contains("size 16384"));
+    assert_eq!(e.check().unwrap(), None);
+    assert_eq!(
+        e.apply(Ruleset::build(&boundary(8000, false), None))
+            .unwrap(),
+        Change::Elements
+    );
+    assert_eq!(
+        e.apply(Ruleset::build(&boundary(16500, false), None))
+            .unwrap(),
+        Change::Full
+    );
+    let (_, sets) = nft::objects(&[]).unwrap();
+    let h4 = sets
+        .iter()
+        .find(|s| s.starts_with("lla0_h4"))
+        .unwrap()
+        .clone();
+    assert_eq!(set_len(&h4), 16500);
+    assert_eq!(e.check().unwrap(), None);
+    e.remove().unwrap();
 }
