@@ -20,7 +20,18 @@ use crate::nft::ApplyError;
 const NFNL_SUBSYS_NFTABLES: u16 = 10;
 const NFNL_MSG_BATCH_BEGIN: u16 = 16;
 const NFNL_MSG_BATCH_END: u16 = 17;
+const NFT_MSG_GETTABLE: u16 = 1;
+const NFT_MSG_GETCHAIN: u16 = 4;
+const NFT_MSG_GETRULE: u16 = 7;
+const NFT_MSG_GETSET: u16 = 10;
+const NFT_MSG_DELSET: u16 = 11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
+const NFT_MSG_GETSETELEM: u16 = 13;
+const NFT_MSG_GETGEN: u16 = 16;
+const NLM_F_DUMP: u16 = 0x300;
+const NLM_F_DUMP_INTR: u16 = 0x10;
+const NLMSG_DONE: u16 = 3;
+const ENOENT: i32 = 2;
 const NFT_MSG_DELSETELEM: u16 = 14;
 const NLM_F_REQUEST: u16 = 0x1;
 const NLM_F_ACK: u16 = 0x4;
@@ -199,13 +210,17 @@ impl Conn {
     /// Sends the changes as one transaction and waits for every answer. On
     /// an error the kernel has rolled the whole batch back.
     pub fn apply(&mut self, table: &str, changes: &[ElemChange]) -> Result<(), ApplyError> {
-        let (buf, mut pending) = encode(table, changes, self.seq);
+        let (buf, pending) = encode(table, changes, self.seq);
         self.seq = self
             .seq
             .wrapping_add(u32::try_from(pending.len() + 2).unwrap_or(2));
         if pending.is_empty() {
             return Ok(());
         }
+        self.send_batch(&buf, pending)
+    }
+
+    fn send_batch(&mut self, buf: &[u8], mut pending: Vec<u32>) -> Result<(), ApplyError> {
         // A batch is one datagram: the send buffer must hold all of it (as
         // nft does, forced, since the agent has CAP_NET_ADMIN anyway).
         if buf.len() + 4096 > self.sndbuf {
@@ -221,7 +236,7 @@ impl Conn {
                 .map_err(|e| io("send buffer", e.into()))?;
             self.sndbuf = want;
         }
-        self.sock.send(&buf, 0).map_err(|e| io("send", e))?;
+        self.sock.send(buf, 0).map_err(|e| io("send", e))?;
         let mut first_error: Option<String> = None;
         while !pending.is_empty() {
             let (data, _) = self.sock.recv_from_full().map_err(|e| io("receive", e))?;
@@ -252,6 +267,320 @@ impl Conn {
                 "the kernel refused the element change (nothing changed): {e}"
             ))),
         }
+    }
+}
+
+/// The attributes of a message or a nested attribute, as (type without
+/// flags, payload).
+fn attrs(mut b: &[u8]) -> Vec<(u16, &[u8])> {
+    let mut v = Vec::new();
+    while b.len() >= 4 {
+        let len = usize::from(u16::from_ne_bytes([b[0], b[1]]));
+        let ty = u16::from_ne_bytes([b[2], b[3]]) & 0x3fff;
+        if len < 4 || len > b.len() {
+            break;
+        }
+        v.push((ty, &b[4..len]));
+        b = &b[align(len).min(b.len())..];
+    }
+    v
+}
+
+fn name_of(b: &[u8]) -> String {
+    String::from_utf8_lossy(b.split(|c| *c == 0).next().unwrap_or(b)).into_owned()
+}
+
+/// The attributes of `types`, in order, as (type, length, payload) bytes:
+/// what a listed object is, without handles, use counts and counters.
+fn keep(payload: &[(u16, &[u8])], types: &[u16], out: &mut Vec<u8>) {
+    for (ty, p) in payload.iter().filter(|(t, _)| types.contains(t)) {
+        out.extend_from_slice(&ty.to_ne_bytes());
+        out.extend_from_slice(&u32::try_from(p.len()).unwrap_or(u32::MAX).to_ne_bytes());
+        out.extend_from_slice(p);
+    }
+}
+
+/// A rule's expressions without the state of `counter` expressions.
+fn stateless_exprs(exprs: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (_, e) in attrs(exprs) {
+        let a = attrs(e);
+        let name = a
+            .iter()
+            .find(|(t, _)| *t == 1)
+            .map(|(_, n)| *n)
+            .unwrap_or(&[]);
+        if name_of(name) == "counter" {
+            keep(&a, &[1], &mut out);
+        } else {
+            keep(&a, &[1, 2], &mut out);
+        }
+    }
+    out
+}
+
+/// The table's objects as the kernel has them, for comparing with an
+/// earlier listing: each a name and a byte string of what defines it
+/// (handles, use counts and counter values left out).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Objects {
+    /// Chains: name, and type, hook, priority, policy, flags, userdata.
+    pub chains: Vec<(String, Vec<u8>)>,
+    /// Rules in order: the chain's name, and expressions and userdata.
+    pub rules: Vec<(String, Vec<u8>)>,
+    /// Sets: name, and flags, key type and length, size, userdata.
+    pub sets: Vec<(String, Vec<u8>)>,
+}
+
+/// One set element as listed: the key as a number (network byte order),
+/// and whether it ends an interval (interval sets store a range as its
+/// first address and, flagged, the address after its last).
+pub type ListedElem = (u128, bool);
+
+impl Conn {
+    /// One request; the payload (after the nfgenmsg) of every answer, or
+    /// None when the kernel answers ENOENT. A dump interrupted by a
+    /// concurrent change is repeated (up to 3 times).
+    fn request(
+        &mut self,
+        ty: u16,
+        flags: u16,
+        body: &[u8],
+    ) -> Result<Option<Vec<Vec<u8>>>, ApplyError> {
+        for _ in 0..3 {
+            self.seq = self.seq.wrapping_add(1);
+            let seq = self.seq;
+            let mut buf = Vec::with_capacity(20 + body.len());
+            message(
+                &mut buf,
+                (NFNL_SUBSYS_NFTABLES << 8) | ty,
+                flags,
+                seq,
+                NFPROTO_INET,
+                0,
+                body,
+            );
+            self.sock.send(&buf, 0).map_err(|e| io("send", e))?;
+            let dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+            let mut out = Vec::new();
+            let mut interrupted = false;
+            'recv: loop {
+                let (data, _) = self.sock.recv_from_full().map_err(|e| io("receive", e))?;
+                let mut at = 0;
+                while at + 16 <= data.len() {
+                    let len =
+                        u32::from_ne_bytes(data[at..at + 4].try_into().unwrap_or([0; 4])) as usize;
+                    let mty = u16::from_ne_bytes([data[at + 4], data[at + 5]]);
+                    let mflags = u16::from_ne_bytes([data[at + 6], data[at + 7]]);
+                    let mseq =
+                        u32::from_ne_bytes(data[at + 8..at + 12].try_into().unwrap_or([0; 4]));
+                    if len < 16 || at + len > data.len() {
+                        break;
+                    }
+                    let msg = &data[at..at + len];
+                    at += align(len);
+                    if mseq != seq {
+                        continue;
+                    }
+                    if mflags & NLM_F_DUMP_INTR != 0 {
+                        interrupted = true;
+                    }
+                    match mty {
+                        NLMSG_ERROR | NLMSG_DONE => {
+                            let code = if len >= 20 {
+                                i32::from_ne_bytes(msg[16..20].try_into().unwrap_or([0; 4]))
+                            } else {
+                                0
+                            };
+                            if code == -ENOENT {
+                                return Ok(None);
+                            }
+                            if code != 0 {
+                                return Err(ApplyError::Refused(format!(
+                                    "netlink listing: {}",
+                                    std::io::Error::from_raw_os_error(-code)
+                                )));
+                            }
+                            if mty == NLMSG_DONE || !dump {
+                                break 'recv;
+                            }
+                        }
+                        _ => {
+                            if len >= 20 {
+                                out.push(msg[20..].to_vec());
+                            }
+                            if !dump && flags & NLM_F_ACK == 0 {
+                                break 'recv;
+                            }
+                        }
+                    }
+                }
+            }
+            if !interrupted {
+                return Ok(Some(out));
+            }
+        }
+        Err(ApplyError::Refused(
+            "netlink listing: interrupted by changes three times".to_owned(),
+        ))
+    }
+
+    /// The ruleset generation: the kernel counts every committed nftables
+    /// transaction of the namespace (NFT_MSG_GETGEN).
+    pub fn generation(&mut self) -> Result<u32, ApplyError> {
+        let answers = self
+            .request(NFT_MSG_GETGEN, NLM_F_REQUEST | NLM_F_ACK, &[])?
+            .unwrap_or_default();
+        answers
+            .iter()
+            .flat_map(|a| attrs(a))
+            .find(|(t, p)| *t == 1 && p.len() >= 4)
+            .map(|(_, p)| u32::from_be_bytes([p[0], p[1], p[2], p[3]]))
+            .ok_or_else(|| ApplyError::Refused("netlink: no generation in the answer".to_owned()))
+    }
+
+    /// Whether the table exists.
+    pub fn table_exists(&mut self, table: &str) -> Result<bool, ApplyError> {
+        let mut body = Vec::new();
+        attr(&mut body, 1, &cstr(table)); // NFTA_TABLE_NAME
+        Ok(self
+            .request(NFT_MSG_GETTABLE, NLM_F_REQUEST | NLM_F_ACK, &body)?
+            .is_some())
+    }
+
+    /// Every object of `table` (see [`Objects`]); a dump per kind, about a
+    /// millisecond, whatever the number of set elements.
+    pub fn objects(&mut self, table: &str) -> Result<Objects, ApplyError> {
+        let mut o = Objects::default();
+        // (message, table attribute, name attribute, attributes kept)
+        for (ty, t_attr, n_attr, kept) in [
+            (NFT_MSG_GETCHAIN, 1u16, 3u16, &[4u16, 5, 7, 10, 12][..]),
+            (NFT_MSG_GETRULE, 1, 2, &[7][..]),
+            (NFT_MSG_GETSET, 1, 2, &[3, 4, 5, 9, 13][..]),
+        ] {
+            let mut body = Vec::new();
+            attr(&mut body, t_attr, &cstr(table));
+            let answers = self
+                .request(ty, NLM_F_REQUEST | NLM_F_DUMP, &body)?
+                .unwrap_or_default();
+            for a in answers {
+                let a = attrs(&a);
+                let get = |t: u16| a.iter().find(|(x, _)| *x == t).map(|(_, p)| *p);
+                if get(t_attr).map(name_of).as_deref() != Some(table) {
+                    continue;
+                }
+                let name = get(n_attr).map(name_of).unwrap_or_default();
+                let mut what = Vec::new();
+                keep(&a, kept, &mut what);
+                match ty {
+                    NFT_MSG_GETCHAIN => o.chains.push((name, what)),
+                    NFT_MSG_GETRULE => {
+                        let ex = stateless_exprs(get(4).unwrap_or(&[]));
+                        what.extend_from_slice(&ex);
+                        o.rules.push((name, what));
+                    }
+                    _ => o.sets.push((name, what)),
+                }
+            }
+        }
+        Ok(o)
+    }
+
+    /// The elements of one set, or None when there is no such set.
+    pub fn set_elements(
+        &mut self,
+        table: &str,
+        set: &str,
+    ) -> Result<Option<Vec<ListedElem>>, ApplyError> {
+        let mut body = Vec::new();
+        attr(&mut body, NFTA_SET_ELEM_LIST_TABLE, &cstr(table));
+        attr(&mut body, NFTA_SET_ELEM_LIST_SET, &cstr(set));
+        let Some(answers) = self.request(NFT_MSG_GETSETELEM, NLM_F_REQUEST | NLM_F_DUMP, &body)?
+        else {
+            return Ok(None);
+        };
+        let mut out = Vec::new();
+        for a in answers {
+            for (ty, list) in attrs(&a) {
+                if ty != NFTA_SET_ELEM_LIST_ELEMENTS {
+                    continue;
+                }
+                for (_, el) in attrs(list) {
+                    let mut key = None;
+                    let mut end = false;
+                    for (t, p) in attrs(el) {
+                        match t {
+                            NFTA_SET_ELEM_KEY => {
+                                key = attrs(p)
+                                    .into_iter()
+                                    .find(|(t, _)| *t == NFTA_DATA_VALUE)
+                                    .map(|(_, v)| {
+                                        v.iter().fold(0u128, |acc, b| (acc << 8) | u128::from(*b))
+                                    });
+                            }
+                            3 => {
+                                // NFTA_SET_ELEM_FLAGS, NFT_SET_ELEM_INTERVAL_END
+                                end = p.len() >= 4
+                                    && u32::from_be_bytes(p[..4].try_into().unwrap_or([0; 4])) & 1
+                                        != 0;
+                            }
+                            _ => {}
+                        }
+                    }
+                    if let Some(k) = key {
+                        out.push((k, end));
+                    }
+                }
+            }
+        }
+        Ok(Some(out))
+    }
+
+    /// Deletes sets (one transaction); absent sets make it fail.
+    pub fn delete_sets(&mut self, table: &str, sets: &[String]) -> Result<(), ApplyError> {
+        if sets.is_empty() {
+            return Ok(());
+        }
+        let mut buf = Vec::new();
+        let mut pending = Vec::new();
+        let mut seq = self.seq.wrapping_add(1);
+        message(
+            &mut buf,
+            NFNL_MSG_BATCH_BEGIN,
+            NLM_F_REQUEST,
+            seq,
+            0,
+            NFNL_SUBSYS_NFTABLES,
+            &[],
+        );
+        for s in sets {
+            seq = seq.wrapping_add(1);
+            let mut body = Vec::new();
+            attr(&mut body, 1, &cstr(table)); // NFTA_SET_TABLE
+            attr(&mut body, 2, &cstr(s)); // NFTA_SET_NAME
+            message(
+                &mut buf,
+                (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_DELSET,
+                NLM_F_REQUEST | NLM_F_ACK,
+                seq,
+                NFPROTO_INET,
+                0,
+                &body,
+            );
+            pending.push(seq);
+        }
+        seq = seq.wrapping_add(1);
+        message(
+            &mut buf,
+            NFNL_MSG_BATCH_END,
+            NLM_F_REQUEST,
+            seq,
+            0,
+            NFNL_SUBSYS_NFTABLES,
+            &[],
+        );
+        self.seq = seq;
+        self.send_batch(&buf, pending)
     }
 }
 

@@ -1,15 +1,17 @@
 //! nftables ruleset for a node: one table `inet leasehold`, the landlord's
-//! and the tenant's boundaries in separate base chains on the same hooks,
-//! so a packet must pass both (the kernel enforces the intersection too).
+//! and the tenant's boundaries in separate base chains on the same hooks
+//! (input, output, and two at forward), so a packet must pass both (the
+//! kernel enforces the intersection too). See [`Ruleset::build_with`].
 //!
-//! Peers live in two kinds of sets per entry and family: single hosts in a
-//! hash set (`…_h4`/`…_h6`), prefixes and ranges, merged, in an interval
-//! set (`…_n4`/`…_n6`). Measured with nft 1.0.6 at 100k peers (docs/
-//! netpolicy.md): the nft tool reads an interval set back before changing
-//! one element (≈1.2 s), but not a hash set (<10 ms); loading 100k hosts
-//! into a hash set is also faster than into an interval set. So adding or
-//! removing a host costs the same at 10 or 100,000 peers; a prefix change
-//! costs in the number of prefixes of that entry.
+//! Entries sharing a signature (directions, protocols, ports) share their
+//! sets and rules: single hosts in a hash set (`…_h4`/`…_h6`), prefixes
+//! and ranges, merged, in an interval set (`…_n4`/`…_n6`), so sets and
+//! rules grow with the signatures, not the entries. Measured with nft
+//! 1.0.6 at 100k peers (docs/netpolicy.md): the nft tool reads an interval
+//! set back before changing one element (≈1.2 s), but not a hash set
+//! (<10 ms); loading 100k hosts into a hash set is also faster than into
+//! an interval set. So adding or removing a host costs the same at 10 or
+//! 100,000 peers; a prefix change costs in the prefixes of that signature.
 //!
 //! Every change is one `nft -f -` transaction: the whole table (delete and
 //! re-create, atomic: the old ruleset stays if anything is refused), or,
@@ -87,80 +89,192 @@ fn host_addr(f: Family, v: u128) -> IpAddr {
     }
 }
 
-/// Set names of one entry: `<level><a|f><index>_<h|n><4|6>`; the index
-/// keeps names unique whatever the entry names are (they go in comments).
-fn entry_sets(
-    sets: &mut BTreeMap<String, SetDef>,
-    prefix: &str,
-    e: &Entry,
-) -> Vec<(Family, String)> {
-    let mut used = Vec::new();
-    for fam in [Family::V4, Family::V6] {
-        let n = if fam == Family::V4 { '4' } else { '6' };
-        let hosts: BTreeSet<Elem> = e
-            .hosts
-            .iter()
-            .filter(|(f, _)| *f == fam)
-            .map(|&(f, v)| Elem::Host(host_addr(f, v)))
-            .collect();
-        if !hosts.is_empty() {
-            let name = format!("{prefix}_h{n}");
-            sets.insert(
-                name.clone(),
-                SetDef {
-                    family: fam,
-                    interval: false,
-                    elements: hosts,
-                },
-            );
-            used.push((fam, name));
-        }
-        let nets = e.nets.family(fam);
-        if !nets.is_empty() {
-            let name = format!("{prefix}_n{n}");
-            sets.insert(
-                name.clone(),
-                SetDef {
-                    family: fam,
-                    interval: true,
-                    elements: to_cidrs(fam, nets).into_iter().map(Elem::Net).collect(),
-                },
-            );
-            used.push((fam, name));
-        }
-    }
-    used
+/// Networks of the node's own side of forwarded traffic (e.g. a tenant's
+/// engine subnet): a forwarded packet from such a source skips the inbound
+/// check, one to such a destination skips the outbound check. Empty by
+/// default.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Options {
+    /// The internal networks.
+    pub internal: crate::model::Peers,
 }
 
-/// Rules of one entry for one hook direction.
-fn entry_rules(out: &mut String, e: &Entry, sets: &[(Family, String)], dir: Direction) {
-    if !e.directions.contains(&dir) {
+/// What entries sharing sets have in common: directions and protocols
+/// with ports. Entries with the same signature (at one level, failsafe
+/// apart from allow) share their sets and rules, so the number of sets and
+/// rules grows with the signatures, not the entries.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Sig {
+    directions: Vec<Direction>,
+    protocols: BTreeMap<Proto, crate::ranges::Ranges>,
+}
+
+/// Entries of one signature: their names (for the rule comment), hosts
+/// and prefixes per family.
+struct Group<'a> {
+    sig: Sig,
+    names: Vec<&'a str>,
+    hosts: [BTreeSet<Elem>; 2],
+    nets: [Vec<(u128, u128)>; 2],
+    /// Set names used, per family.
+    sets: Vec<(Family, String)>,
+}
+
+const FAMILIES: [Family; 2] = [Family::V4, Family::V6];
+
+fn fam_index(f: Family) -> usize {
+    usize::from(f == Family::V6)
+}
+
+/// Groups `es` by signature, in the order signatures first appear (so a
+/// set's name, `<tag><signature index>_<h|n><4|6>`, stays the same when
+/// hosts are added to or removed from existing entries), and defines
+/// their sets: hosts as written in a hash set, prefixes merged in an
+/// interval set.
+fn groups<'a>(sets: &mut BTreeMap<String, SetDef>, tag: &str, es: &'a [Entry]) -> Vec<Group<'a>> {
+    let mut index: std::collections::HashMap<Sig, usize> = std::collections::HashMap::new();
+    let mut out: Vec<Group<'a>> = Vec::new();
+    for e in es {
+        let sig = Sig {
+            directions: e.directions.clone(),
+            protocols: e.protocols.clone(),
+        };
+        let i = *index.entry(sig.clone()).or_insert_with(|| {
+            out.push(Group {
+                sig,
+                names: Vec::new(),
+                hosts: [BTreeSet::new(), BTreeSet::new()],
+                nets: [Vec::new(), Vec::new()],
+                sets: Vec::new(),
+            });
+            out.len() - 1
+        });
+        let g = &mut out[i];
+        g.names.push(&e.name);
+        for &(f, v) in &e.hosts {
+            g.hosts[fam_index(f)].insert(Elem::Host(host_addr(f, v)));
+        }
+        for f in FAMILIES {
+            g.nets[fam_index(f)].extend_from_slice(e.nets.family(f).intervals());
+        }
+    }
+    for (i, g) in out.iter_mut().enumerate() {
+        for f in FAMILIES {
+            let n = if f == Family::V4 { '4' } else { '6' };
+            let hosts = std::mem::take(&mut g.hosts[fam_index(f)]);
+            if !hosts.is_empty() {
+                let name = format!("{tag}{i}_h{n}");
+                sets.insert(
+                    name.clone(),
+                    SetDef {
+                        family: f,
+                        interval: false,
+                        elements: hosts,
+                    },
+                );
+                g.sets.push((f, name));
+            }
+            let nets =
+                crate::ranges::Ranges::from_intervals(std::mem::take(&mut g.nets[fam_index(f)]));
+            if !nets.is_empty() {
+                let name = format!("{tag}{i}_n{n}");
+                sets.insert(
+                    name.clone(),
+                    SetDef {
+                        family: f,
+                        interval: true,
+                        elements: to_cidrs(f, &nets).into_iter().map(Elem::Net).collect(),
+                    },
+                );
+                g.sets.push((f, name));
+            }
+        }
+    }
+    out
+}
+
+/// nft's limit for a rule comment, in bytes.
+const COMMENT_MAX: usize = 128;
+
+/// The entry names of a rule's comment, cut to nft's limit with a count
+/// of the names left out (names are `[A-Za-z0-9._-]`, no quoting needed).
+fn comment(names: &[&str]) -> String {
+    let full = names.join(", ");
+    if full.len() <= COMMENT_MAX {
+        return full;
+    }
+    let mut s = String::new();
+    for (i, n) in names.iter().enumerate() {
+        let sep = if i == 0 { "" } else { ", " };
+        // This name fits if the count of those after it still does.
+        let tail = format!(" +{} more", names.len() - i - 1);
+        if s.len() + sep.len() + n.len() + tail.len() > COMMENT_MAX {
+            let _ = write!(s, " +{} more", names.len() - i);
+            return s;
+        }
+        s.push_str(sep);
+        s.push_str(n);
+    }
+    s
+}
+
+/// The hook and the address a chain checks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hook {
+    /// input: the peer is the source.
+    Input,
+    /// output: the peer is the destination.
+    Output,
+    /// forward, checked as inbound for the source.
+    FwdIn,
+    /// forward, checked as outbound for the destination.
+    FwdOut,
+}
+
+impl Hook {
+    fn dir(self) -> Direction {
+        match self {
+            Hook::Input | Hook::FwdIn => Direction::In,
+            Hook::Output | Hook::FwdOut => Direction::Out,
+        }
+    }
+    fn addr(self) -> &'static str {
+        match self.dir() {
+            Direction::In => "saddr",
+            _ => "daddr",
+        }
+    }
+    fn nft(self) -> &'static str {
+        match self {
+            Hook::Input => "input",
+            Hook::Output => "output",
+            Hook::FwdIn | Hook::FwdOut => "forward",
+        }
+    }
+}
+
+/// Rules of one signature group for one chain.
+fn group_rules(out: &mut String, g: &Group<'_>, hook: Hook) {
+    if !g.sig.directions.contains(&hook.dir()) {
         return;
     }
-    for (fam, set) in sets {
+    let note = comment(&g.names);
+    let addr = hook.addr();
+    for (fam, set) in &g.sets {
         let (ipkw, icmpkw) = if *fam == Family::V4 {
             ("ip", "icmp")
         } else {
             ("ip6", "icmpv6")
         };
-        let addr = if dir == Direction::In {
-            "saddr"
-        } else {
-            "daddr"
-        };
         // Every protocol with every port: one rule without a protocol match.
         if Proto::ALL
             .iter()
-            .all(|p| e.protocols.get(p) == Some(&crate::model::all_ports()))
+            .all(|p| g.sig.protocols.get(p) == Some(&crate::model::all_ports()))
         {
-            let _ = writeln!(
-                out,
-                "    {ipkw} {addr} @{set} accept comment \"{}\"",
-                e.name
-            );
+            let _ = writeln!(out, "    {ipkw} {addr} @{set} accept comment \"{note}\"");
             continue;
         }
-        for (proto, ports) in &e.protocols {
+        for (proto, ports) in &g.sig.protocols {
             let l4 = match proto {
                 Proto::Tcp => "tcp",
                 Proto::Udp => "udp",
@@ -173,45 +287,94 @@ fn entry_rules(out: &mut String, e: &Entry, sets: &[(Family, String)], dir: Dire
             };
             let _ = writeln!(
                 out,
-                "    {ipkw} {addr} @{set} meta l4proto {l4}{port_part} accept comment \"{}\"",
-                e.name
+                "    {ipkw} {addr} @{set} meta l4proto {l4}{port_part} accept comment \"{note}\""
             );
         }
     }
 }
 
-type Rules<'a> = Vec<(&'a Entry, Vec<(Family, String)>)>;
+/// Addresses of one family as an anonymous nft set, or None when empty.
+fn anon(f: Family, r: &crate::ranges::Ranges) -> Option<String> {
+    (!r.is_empty()).then(|| format!("{{ {} }}", to_cidrs(f, r).join(", ")))
+}
+
+/// What every chain of a table shares: the failsafe groups, the routers
+/// and the internal networks.
+struct Common<'a> {
+    failsafe: &'a [Group<'a>],
+    routers: &'a crate::model::Peers,
+    internal: &'a crate::model::Peers,
+}
 
 fn chain(
     out: &mut String,
     name: &str,
-    hook: &str,
+    hook: Hook,
     prio: i32,
     action: Action,
-    failsafe: &Rules<'_>,
-    allow: &Rules<'_>,
+    common: &Common<'_>,
+    allow: &[Group<'_>],
 ) {
-    let dir = if hook == "input" {
-        Direction::In
-    } else {
-        Direction::Out
-    };
-    let lo = if hook == "input" { "iif" } else { "oif" };
     let _ = writeln!(
         out,
-        "  chain {name} {{\n    type filter hook {hook} priority {prio}; policy accept;"
+        "  chain {name} {{\n    type filter hook {} priority {prio}; policy accept;",
+        hook.nft()
     );
-    let _ = writeln!(
-        out,
-        "    ct state established,related accept\n    {lo} \"lo\" accept"
-    );
-    // IPv6 cannot work without neighbour discovery.
-    let _ = writeln!(
-        out,
-        "    icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit, nd-router-advert }} accept"
-    );
-    for (e, sets) in failsafe.iter().chain(allow) {
-        entry_rules(out, e, sets, dir);
+    match hook {
+        Hook::Input => {
+            // Established flows first (the common packet); then router
+            // control, before "related" (an ICMP redirect about an
+            // established flow is related): router advertisements and
+            // redirects only from the named routers, whoever else sends
+            // them, allowed peers included.
+            let _ = writeln!(out, "    ct state established accept");
+            if let Some(r) = anon(Family::V6, &common.routers.v6) {
+                let _ = writeln!(
+                    out,
+                    "    ip6 saddr {r} icmpv6 type {{ nd-router-advert, nd-redirect }} accept"
+                );
+            }
+            let _ = writeln!(
+                out,
+                "    icmpv6 type {{ nd-router-advert, nd-redirect }} counter drop comment \"leasehold: not a named router\""
+            );
+            if let Some(r) = anon(Family::V4, &common.routers.v4) {
+                let _ = writeln!(out, "    ip saddr {r} icmp type redirect accept");
+            }
+            let _ = writeln!(
+                out,
+                "    icmp type redirect counter drop comment \"leasehold: not a named router\""
+            );
+            let _ = writeln!(out, "    ct state related accept\n    iif \"lo\" accept");
+            // IPv6 cannot work without neighbour discovery.
+            let _ = writeln!(
+                out,
+                "    icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert }} accept"
+            );
+        }
+        Hook::Output => {
+            let _ = writeln!(
+                out,
+                "    ct state established,related accept\n    oif \"lo\" accept"
+            );
+            let _ = writeln!(
+                out,
+                "    icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit }} accept"
+            );
+        }
+        Hook::FwdIn | Hook::FwdOut => {
+            let _ = writeln!(out, "    ct state established,related accept");
+            let addr = hook.addr();
+            if let Some(n) = anon(Family::V4, &common.internal.v4) {
+                let _ = writeln!(out, "    ip {addr} {n} accept comment \"internal\"");
+            }
+            if let Some(n) = anon(Family::V6, &common.internal.v6) {
+                let _ = writeln!(out, "    ip6 {addr} {n} accept comment \"internal\"");
+            }
+        }
+    }
+    for g in common.failsafe.iter().chain(allow) {
+        group_rules(out, g, hook);
     }
     let last = match action {
         Action::Drop => "counter drop comment \"leasehold: denied\"".to_owned(),
@@ -222,60 +385,107 @@ fn chain(
     let _ = writeln!(out, "    {last}\n  }}");
 }
 
-fn collect_rules<'a>(sets: &mut BTreeMap<String, SetDef>, tag: &str, es: &'a [Entry]) -> Rules<'a> {
-    es.iter()
-        .enumerate()
-        .map(|(i, e)| (e, entry_sets(sets, &format!("{tag}{i}"), e)))
-        .collect()
+/// The four base chains of one level: input and output, and two at the
+/// forward hook (see [`Ruleset::build_with`]).
+fn level(
+    out: &mut String,
+    who: &str,
+    prio: i32,
+    action: Action,
+    common: &Common<'_>,
+    allow: &[Group<'_>],
+) {
+    for (suffix, hook, p) in [
+        ("in", Hook::Input, prio),
+        ("out", Hook::Output, prio),
+        ("fwd_in", Hook::FwdIn, prio),
+        ("fwd_out", Hook::FwdOut, prio + 1),
+    ] {
+        chain(
+            out,
+            &format!("{who}_{suffix}"),
+            hook,
+            p,
+            action,
+            common,
+            allow,
+        );
+    }
+}
+
+/// From this many hosts on a hash set is created with a size: the kernel
+/// then takes a fixed-size hash table instead of one that grows as
+/// elements come (measured: 100k elements over netlink 150-280 ms into a
+/// growing table, see docs/netpolicy.md).
+const SIZED_MIN: usize = 4096;
+
+/// ` size N;` for a hash set of `n` hosts (room for as many again; an
+/// element change beyond it is refused by the kernel, and the agent then
+/// re-applies the whole table with a new size), or nothing for small sets.
+fn hash_size(n: usize) -> String {
+    if n < SIZED_MIN {
+        return String::new();
+    }
+    format!(" size {};", (2 * n).next_power_of_two())
 }
 
 impl Ruleset {
     /// The table enforcing `cluster` (with its failsafe entries, which also
     /// open the tenant's chains) and, if any, the tenant's sub-boundary.
     pub fn build(cluster: &Boundary, sub: Option<&Boundary>) -> Ruleset {
-        let mut sets = BTreeMap::new();
+        Ruleset::build_with(cluster, sub, &Options::default())
+    }
 
-        let failsafe = collect_rules(&mut sets, "llf", &cluster.failsafe);
-        let allow = collect_rules(&mut sets, "lla", &cluster.allow);
+    /// [`Ruleset::build`] with options.
+    ///
+    /// Chains per level (landlord at priority -10, tenant at -5, so a
+    /// packet must pass both): `*_in` (input: the source must be allowed
+    /// inbound), `*_out` (output: the destination allowed outbound), and
+    /// for routed traffic two chains at the forward hook: `*_fwd_in`
+    /// (priority -10 / -5) admits a forwarded packet as inbound for its
+    /// source, `*_fwd_out` (-9 / -4) as outbound for its destination; a
+    /// forwarded packet must pass both, so it needs an inbound entry for
+    /// its source and an outbound entry for its destination (at each
+    /// level). Every chain accepts established/related first and lets
+    /// failsafe entries through. A source in `options.internal` skips the
+    /// inbound check, a destination there the outbound check.
+    ///
+    /// Router control (input chains, before conntrack): ICMPv6 router
+    /// advertisements and redirects and IPv4 ICMP redirects are accepted
+    /// from the cluster's `routers` only and dropped from anyone else,
+    /// allowed peers included. Neighbour solicitations and advertisements
+    /// pass both ways; the node may send router solicitations.
+    pub fn build_with(cluster: &Boundary, sub: Option<&Boundary>, options: &Options) -> Ruleset {
+        let mut sets = BTreeMap::new();
+        let failsafe = groups(&mut sets, "llf", &cluster.failsafe);
+        let allow = groups(&mut sets, "lla", &cluster.allow);
+        let mut routers = crate::model::Peers::default();
+        let (mut r4, mut r6) = (Vec::new(), Vec::new());
+        for &(f, v) in &cluster.routers {
+            match f {
+                Family::V4 => r4.push((v, v)),
+                Family::V6 => r6.push((v, v)),
+            }
+        }
+        routers.v4 = crate::ranges::Ranges::from_intervals(r4);
+        routers.v6 = crate::ranges::Ranges::from_intervals(r6);
+        let common = Common {
+            failsafe: &failsafe,
+            routers: &routers,
+            internal: &options.internal,
+        };
         let mut chains = String::new();
-        chain(
+        level(
             &mut chains,
-            "landlord_in",
-            "input",
+            "landlord",
             -10,
             cluster.action,
-            &failsafe,
-            &allow,
-        );
-        chain(
-            &mut chains,
-            "landlord_out",
-            "output",
-            -10,
-            cluster.action,
-            &failsafe,
+            &common,
             &allow,
         );
         if let Some(t) = sub {
-            let tallow = collect_rules(&mut sets, "tta", &t.allow);
-            chain(
-                &mut chains,
-                "tenant_in",
-                "input",
-                -5,
-                t.action,
-                &failsafe,
-                &tallow,
-            );
-            chain(
-                &mut chains,
-                "tenant_out",
-                "output",
-                -5,
-                t.action,
-                &failsafe,
-                &tallow,
-            );
+            let tallow = groups(&mut sets, "tta", &t.allow);
+            level(&mut chains, "tenant", -5, t.action, &common, &tallow);
         }
         Ruleset {
             sets,
@@ -347,7 +557,11 @@ impl Ruleset {
             } else {
                 "ipv6_addr"
             };
-            let flags = if d.interval { " flags interval;" } else { "" };
+            let flags = if d.interval {
+                " flags interval;".to_owned()
+            } else {
+                hash_size(d.elements.len())
+            };
             let _ = writeln!(s, "create set inet {TABLE} {name} {{ type {ty};{flags} }}");
             if d.interval && !d.elements.is_empty() {
                 let _ = writeln!(
@@ -377,6 +591,15 @@ impl Ruleset {
                     })
                     .collect(),
             })
+            .collect()
+    }
+
+    /// The sets of `listed` (what the kernel has) this ruleset does not use.
+    pub fn unused(&self, listed: &[String]) -> Vec<String> {
+        listed
+            .iter()
+            .filter(|n| !self.sets.contains_key(*n))
+            .cloned()
             .collect()
     }
 
@@ -453,6 +676,47 @@ impl Ruleset {
         self.sets
             .iter()
             .map(|(n, d)| (n, d.elements.iter().map(Elem::to_string).collect()))
+    }
+
+    /// Every set's addresses as numbers, to compare with a netlink
+    /// listing.
+    pub fn expected_sets(&self) -> Vec<ExpectedSet<'_>> {
+        self.sets
+            .iter()
+            .map(|(n, d)| {
+                let mut v: Vec<(u128, u128)> = d
+                    .elements
+                    .iter()
+                    .filter_map(|e| match e {
+                        Elem::Host(IpAddr::V4(a)) => {
+                            let x = u128::from(u32::from(*a));
+                            Some((x, x))
+                        }
+                        Elem::Host(IpAddr::V6(a)) => {
+                            let x = u128::from(*a);
+                            Some((x, x))
+                        }
+                        Elem::Net(c) => {
+                            crate::model::parse_cidr(c).ok().map(|(_, lo, hi)| (lo, hi))
+                        }
+                    })
+                    .collect();
+                v.sort_unstable();
+                if d.interval {
+                    v = merge(v);
+                }
+                let max = match d.family {
+                    Family::V4 => u128::from(u32::MAX),
+                    Family::V6 => u128::MAX,
+                };
+                ExpectedSet {
+                    name: n.as_str(),
+                    interval: d.interval,
+                    max,
+                    ranges: v,
+                }
+            })
+            .collect()
     }
 
     /// Number of rules per chain, from the generated text (one rule per
@@ -550,6 +814,32 @@ impl Ruleset {
         }
         Some(s)
     }
+}
+
+/// One set's expected contents (see [`Ruleset::expected_sets`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ExpectedSet<'a> {
+    /// Set name.
+    pub name: &'a str,
+    /// An interval set (prefixes) rather than a hash set (hosts).
+    pub interval: bool,
+    /// The family's highest address.
+    pub max: u128,
+    /// Hosts as (a, a) in order; an interval set's prefixes as merged
+    /// inclusive ranges.
+    pub ranges: Vec<(u128, u128)>,
+}
+
+/// Sorted inclusive ranges with adjacent and overlapping ones joined.
+pub fn merge(v: Vec<(u128, u128)>) -> Vec<(u128, u128)> {
+    let mut out: Vec<(u128, u128)> = Vec::with_capacity(v.len());
+    for (lo, hi) in v {
+        match out.last_mut() {
+            Some(last) if last.1 == u128::MAX || lo <= last.1 + 1 => last.1 = last.1.max(hi),
+            _ => out.push((lo, hi)),
+        }
+    }
+    out
 }
 
 /// The full transaction for `cluster` and `sub` (see [`Ruleset::build`]).
@@ -717,11 +1007,166 @@ mod tests {
         assert!(r.contains("reject with tcp reset"));
         assert!(!r.contains("tta0_n6") && !r.contains("tta0_h4"));
         let counts = Ruleset::build(&c, Some(&t)).rule_counts();
-        assert_eq!(counts.len(), 4, "{counts:?}");
-        // established, lo, ND, failsafe (none), "cluster" (every protocol: one rule per v4 and v6 set), drop.
-        assert_eq!(counts["landlord_in"], 3 + 2 + 1, "{r}");
-        // established, lo, ND, tcp/443 (v4), two reject rules.
-        assert_eq!(counts["tenant_in"], 3 + 1 + 2, "{r}");
+        assert_eq!(counts.len(), 8, "{counts:?}");
+        // established, router control (2: no router named), related, lo,
+        // ND, failsafe (none), "cluster" (every protocol: one rule per v4
+        // and v6 set), drop.
+        assert_eq!(counts["landlord_in"], 1 + 2 + 3 + 2 + 1, "{r}");
+        // established, router control, related, lo, ND, tcp/443 (v4), two
+        // reject rules.
+        assert_eq!(counts["tenant_in"], 1 + 2 + 3 + 1 + 2, "{r}");
+        // Forward: established, the entries, the last rule.
+        assert_eq!(counts["landlord_fwd_in"], 1 + 2 + 1, "{r}");
+        assert_eq!(counts["tenant_fwd_in"], 1 + 1 + 2, "{r}");
+        assert_eq!(counts["tenant_fwd_out"], 1 + 2, "in only: {r}");
+        assert!(r.contains("chain landlord_fwd_out {\n    type filter hook forward priority -9;"));
+        assert!(r.contains("chain tenant_fwd_in {\n    type filter hook forward priority -5;"));
+        assert!(r.contains("ip daddr @lla0_n4 accept"));
+    }
+
+    fn doc(text: &str) -> Boundary {
+        BoundaryDoc::from_toml(text)
+            .unwrap()
+            .validate(true)
+            .unwrap()
+    }
+
+    #[test]
+    fn entries_of_one_signature_share_sets_and_rules() {
+        let mut t = String::new();
+        for i in 0..300 {
+            let _ = write!(
+                t,
+                "[[allow]]\nname = \"peer-{i:03}\"\npeers = [\"10.1.{}.{}\", \"10.2.{}.0/24\"]\ndirection = \"in\"\nprotocols = [{{ proto = \"tcp\", ports = [{}] }}]\n",
+                i / 256,
+                i % 256,
+                i / 2,
+                443 + (i % 2)
+            );
+        }
+        t.push_str("[[failsafe]]\nname = \"ssh\"\npeers = [\"10.9.0.1\"]\ndirection = \"in\"\nprotocols = [{ proto = \"tcp\", ports = [443] }]\n");
+        let r = Ruleset::build(&doc(&t), None);
+        let names: Vec<&String> = r.set_elements().map(|(n, _)| n).collect();
+        // Two signatures (tcp/443 in, tcp/444 in), failsafe apart.
+        assert_eq!(
+            names,
+            ["lla0_h4", "lla0_n4", "lla1_h4", "lla1_n4", "llf0_h4"]
+        );
+        assert_eq!(r.sets["lla0_h4"].elements.len(), 150);
+        // 150 /24s each, adjacent ones merged (10.2.0.0/24 .. 10.2.149.0/24).
+        assert_eq!(
+            r.sets["lla0_n4"]
+                .elements
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>(),
+            [
+                "10.2.0.0/17",
+                "10.2.128.0/20",
+                "10.2.144.0/22",
+                "10.2.148.0/23"
+            ]
+        );
+        let counts = r.rule_counts();
+        assert_eq!(counts["landlord_in"], 1 + 2 + 3 + 1 + 4 + 1);
+        // The comment lists names up to nft's 128 bytes, then a count.
+        let line = r
+            .chains
+            .lines()
+            .find(|l| l.contains("@lla0_h4"))
+            .unwrap()
+            .to_owned();
+        let c = line
+            .split("comment \"")
+            .nth(1)
+            .unwrap()
+            .trim_end_matches('"');
+        assert!(
+            c.len() <= COMMENT_MAX && c.starts_with("peer-000, peer-002, "),
+            "{c}"
+        );
+        assert!(c.ends_with(" more"), "{c}");
+        let shown = c.matches("peer-").count();
+        let more: usize = c
+            .rsplit(" +")
+            .next()
+            .unwrap()
+            .trim_end_matches(" more")
+            .parse()
+            .unwrap();
+        assert_eq!(shown + more, 150, "{c}");
+        assert_eq!(comment(&["a", "b"]), "a, b");
+        // Adding a host to an existing entry is an element change.
+        let t2 = t.replacen("\"10.1.0.0\"", "\"10.1.0.0\", \"10.3.0.1\"", 1);
+        let r2 = Ruleset::build(&doc(&t2), None);
+        let d = r2.element_delta(&r).unwrap();
+        assert_eq!(d.len(), 1);
+        assert_eq!(d[0].set, "lla0_h4");
+        assert_eq!(d[0].addrs, ["10.3.0.1".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn routers_alone_send_router_advertisements_and_redirects() {
+        let c = doc("routers = [\"fe80::1\", \"10.0.0.254\"]\n[[allow]]\nname = \"all\"\npeers = [\"::/0\"]\n");
+        let t = BoundaryDoc::from_toml("[[allow]]\nname = \"x\"\npeers = [\"::/0\"]\n")
+            .unwrap()
+            .validate(false)
+            .unwrap();
+        let r = ruleset(&c, Some(&t));
+        for ch in ["landlord_in", "tenant_in"] {
+            let body = r.split(&format!("chain {ch} {{")).nth(1).unwrap();
+            let body = &body[..body.find("\n  }").unwrap()];
+            let lines: Vec<&str> = body.lines().map(str::trim).collect();
+            assert_eq!(lines[2], "ct state established accept", "{body}");
+            assert_eq!(
+                lines[3],
+                "ip6 saddr { fe80::1/128 } icmpv6 type { nd-router-advert, nd-redirect } accept",
+                "{body}"
+            );
+            assert!(
+                lines[4].starts_with("icmpv6 type { nd-router-advert, nd-redirect } counter drop")
+            );
+            assert_eq!(
+                lines[5],
+                "ip saddr { 10.0.0.254/32 } icmp type redirect accept"
+            );
+            assert!(lines[6].starts_with("icmp type redirect counter drop"));
+            assert_eq!(lines[7], "ct state related accept");
+            assert_eq!(
+                lines[9],
+                "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert } accept"
+            );
+        }
+        assert!(r.contains(
+            "icmpv6 type { nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit } accept"
+        ));
+        assert!(!r.contains("nd-router-advert } accept"));
+    }
+
+    #[test]
+    fn internal_networks_skip_their_side_of_the_forward_check() {
+        let c = doc("[[allow]]\nname = \"all\"\npeers = [\"10.0.0.2\"]\n");
+        let mut o = Options::default();
+        o.internal.v4 = crate::ranges::Ranges::interval(0x0a4e_0000, 0x0a4e_00ff);
+        let r = Ruleset::build_with(&c, None, &o).full_script();
+        let fin = r.split("chain landlord_fwd_in {").nth(1).unwrap();
+        assert!(
+            fin.contains("ip saddr { 10.78.0.0/24 } accept comment \"internal\""),
+            "{r}"
+        );
+        let fout = r.split("chain landlord_fwd_out {").nth(1).unwrap();
+        assert!(
+            fout.contains("ip daddr { 10.78.0.0/24 } accept comment \"internal\""),
+            "{r}"
+        );
+        assert!(!r
+            .split("chain landlord_in {")
+            .nth(1)
+            .unwrap()
+            .split("chain")
+            .next()
+            .unwrap()
+            .contains("internal"));
     }
 
     fn hosts(n: u32) -> Boundary {

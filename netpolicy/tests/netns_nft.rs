@@ -1,9 +1,12 @@
 //! T1 (root): the generated ruleset on a real kernel, with real packets, in
 //! network namespaces: a switch (bridge) and three hosts — the node, an
-//! allowed peer and a denied peer — over IPv4 and IPv6.
+//! allowed peer and a denied peer — over IPv4 and IPv6; for routed traffic
+//! a fourth host behind the node. Each test has namespaces of its own
+//! (named after the process id and a per-test number).
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use leasehold_netpolicy::nft;
 use leasehold_netpolicy::BoundaryDoc;
@@ -28,7 +31,12 @@ impl Net {
     }
 
     fn new() -> Net {
-        let tag = format!("{}", std::process::id() % 100_000);
+        static NEXT: AtomicUsize = AtomicUsize::new(0);
+        let tag = format!(
+            "{}{}",
+            std::process::id() % 100_000,
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         let net = Net { tag, server: None };
         let sw = net.ns("sw");
         run(&["ip", "netns", "add", &sw]);
@@ -64,10 +72,195 @@ impl Net {
                 "eth0",
                 "nodad",
             ]);
+            // A link-local address usable at once (no DAD wait).
+            run(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("fe80::{}/64", i + 1),
+                "dev",
+                "eth0",
+                "nodad",
+            ]);
             run(&["ip", "-n", &ns, "link", "set", "eth0", "up"]);
             run(&["ip", "-n", &ns, "link", "set", "lo", "up"]);
         }
         net
+    }
+
+    fn sh(&self, host: &str, args: &[&str]) {
+        let ns = self.ns(host);
+        let mut v = vec!["ip", "netns", "exec", &ns];
+        v.extend_from_slice(args);
+        run(&v);
+    }
+
+    /// A host `behind` routed through the node (10.78.0.0/24, fd78::/64 on
+    /// the node's eth1); the node forwards, the peers route that network
+    /// via the node.
+    fn add_behind(&self) {
+        let (node, behind) = (self.ns("node"), self.ns("behind"));
+        run(&["ip", "netns", "add", &behind]);
+        let (a, b) = (format!("b{}x", self.tag), format!("b{}y", self.tag));
+        run(&["ip", "link", "add", &a, "type", "veth", "peer", "name", &b]);
+        run(&["ip", "link", "set", &a, "netns", &node]);
+        run(&["ip", "link", "set", &b, "netns", &behind]);
+        run(&["ip", "-n", &node, "link", "set", &a, "name", "eth1"]);
+        run(&["ip", "-n", &behind, "link", "set", &b, "name", "eth0"]);
+        for (ns, last, dev) in [(&node, 1, "eth1"), (&behind, 2, "eth0")] {
+            run(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("10.78.0.{last}/24"),
+                "dev",
+                dev,
+            ]);
+            run(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("fd78::{last}/64"),
+                "dev",
+                dev,
+                "nodad",
+            ]);
+            run(&["ip", "-n", ns, "link", "set", dev, "up"]);
+            run(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        run(&[
+            "ip",
+            "-n",
+            &behind,
+            "route",
+            "add",
+            "default",
+            "via",
+            "10.78.0.1",
+        ]);
+        run(&[
+            "ip", "-n", &behind, "-6", "route", "add", "default", "via", "fd78::1",
+        ]);
+        self.sh(
+            "node",
+            &[
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+                "net.ipv6.conf.all.forwarding=1",
+            ],
+        );
+        for peer in ["ok", "bad"] {
+            let ns = self.ns(peer);
+            run(&[
+                "ip",
+                "-n",
+                &ns,
+                "route",
+                "add",
+                "10.78.0.0/24",
+                "via",
+                "10.77.0.1",
+            ]);
+            run(&[
+                "ip",
+                "-n",
+                &ns,
+                "-6",
+                "route",
+                "add",
+                "fd78::/64",
+                "via",
+                "fd77::1",
+            ]);
+        }
+    }
+
+    /// Sends three ICMPv6 router advertisements (router lifetime 1800 s,
+    /// hop limit 255) from `src` (link-local, on `from`'s eth0) to all nodes.
+    fn send_ra(&self, from: &str, src: &str) {
+        let code = format!(
+            r#"
+import socket, struct, time
+idx = socket.if_nametoindex("eth0")
+s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_HOPS, 255)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_UNICAST_HOPS, 255)
+s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_MULTICAST_IF, idx)
+s.bind(("{src}", 0, 0, idx))
+ra = struct.pack("!BBHBBHII", 134, 0, 0, 64, 0, 1800, 0, 0)
+for _ in range(3):
+    s.sendto(ra, ("ff02::1", 0, 0, idx))
+    time.sleep(0.05)
+"#
+        );
+        self.sh(from, &["python3", "-c", &code]);
+    }
+
+    fn default_route_v6(&self, host: &str) -> String {
+        let out = Command::new("ip")
+            .args(["-n", &self.ns(host), "-6", "route", "show", "default"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// Sends IP protocol 47 (GRE) datagrams from each `(sender, address)`
+    /// and returns the source addresses `receiver` got them from (raw
+    /// sockets, v4 and v6).
+    fn raw_probe(&self, receiver: &str, sends: &[(&str, &str)]) -> Vec<String> {
+        let recv = r#"
+import socket, select, time
+s4 = socket.socket(socket.AF_INET, socket.SOCK_RAW, 47)
+s6 = socket.socket(socket.AF_INET6, socket.SOCK_RAW, 47)
+print("ready", flush=True)
+end = time.time() + 2.5
+seen = set()
+while time.time() < end:
+    r, _, _ = select.select([s4, s6], [], [], 0.1)
+    for s in r:
+        data, addr = s.recvfrom(4096)
+        if b"lh-probe" in data:
+            seen.add(addr[0])
+for a in sorted(seen):
+    print(a, flush=True)
+"#;
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.ns(receiver), "python3", "-c", recv])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut out = BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "ready");
+        for (from, addr) in sends {
+            let send = format!(
+                r#"
+import socket
+fam = socket.AF_INET6 if ":" in "{addr}" else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_RAW, 47)
+for _ in range(3):
+    try:
+        s.sendto(b"\x00\x00\x88\xb5lh-probe", ("{addr}", 0))
+    except OSError:
+        pass
+"#
+            );
+            self.sh(from, &["python3", "-c", &send]);
+        }
+        let mut seen = Vec::new();
+        for l in out.lines() {
+            seen.push(l.unwrap().trim().to_owned());
+        }
+        child.wait().unwrap();
+        seen
     }
 
     /// TCP listeners on 80 and 443 in the node (v4 and v6); returns when listening.
@@ -164,7 +357,7 @@ impl Drop for Net {
             let _ = s.kill();
             let _ = s.wait();
         }
-        for h in ["node", "ok", "bad", "sw"] {
+        for h in ["node", "ok", "bad", "sw", "behind"] {
             let _ = Command::new("ip")
                 .args(["netns", "del", &self.ns(h)])
                 .output();
@@ -255,6 +448,208 @@ protocols = [{ proto = "tcp", ports = [443] }]
     assert_eq!(net.ruleset(), before);
     assert_eq!(net.tcp("ok", "10.77.0.1", 443), "open");
     assert_eq!(net.tcp("bad", "10.77.0.1", 443), "timeout");
+}
+
+fn cluster(toml: &str) -> leasehold_netpolicy::Boundary {
+    BoundaryDoc::from_toml(toml)
+        .unwrap()
+        .validate(true)
+        .unwrap()
+}
+
+/// Point 2 of issue 13: router advertisements only from the named router.
+/// The node takes RAs (accept_ra=2, not forwarding); a denied host and an
+/// allowed peer that is not a named router send one: no default route.
+/// The named router's RA installs it. Neighbour discovery with the
+/// allowed peer keeps working (ping over IPv6).
+#[test]
+fn netns_router_advertisements_only_from_named_routers() {
+    leasehold_netpolicy_root_check();
+    let net = Net::new();
+    // The router: a second link-local address on the allowed peer's host.
+    run(&[
+        "ip",
+        "-n",
+        &net.ns("ok"),
+        "addr",
+        "add",
+        "fe80::a/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
+    net.sh(
+        "node",
+        &[
+            "sysctl",
+            "-qw",
+            "net.ipv6.conf.all.forwarding=0",
+            "net.ipv6.conf.eth0.accept_ra=2",
+            "net.ipv6.conf.eth0.accept_ra_defrtr=1",
+        ],
+    );
+    let c = cluster(
+        r#"
+routers = ["fe80::a"]
+[[allow]]
+name = "cluster"
+peers = ["10.77.0.2", "fd77::2", "fe80::2"]
+"#,
+    );
+    net.apply(&nft::ruleset(&c, None)).unwrap();
+    assert_eq!(net.default_route_v6("node"), "");
+    net.send_ra("bad", "fe80::3");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(net.default_route_v6("node"), "", "RA from a denied host");
+    net.send_ra("ok", "fe80::2");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        net.default_route_v6("node"),
+        "",
+        "RA from an allowed peer that is not a named router"
+    );
+    // Neighbour discovery with the allowed peer (both ways).
+    assert!(net.ping("node", "fd77::2") && net.ping("ok", "fd77::1"));
+    assert!(net.ping("node", "fe80::2%eth0"));
+    net.send_ra("ok", "fe80::a");
+    let mut route = String::new();
+    for _ in 0..20 {
+        route = net.default_route_v6("node");
+        if !route.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(
+        route.contains("via fe80::a dev eth0 proto ra"),
+        "the named router's RA installs the default route: {route:?}"
+    );
+}
+
+/// Point 3 of issue 13: routed traffic through the node passes the same
+/// checks. A forwarded packet must be allowed inbound for its source and
+/// outbound for its destination; the network behind the node is internal
+/// (its side is not checked).
+#[test]
+fn netns_forwarded_traffic_passes_both_checks_v4_and_v6() {
+    leasehold_netpolicy_root_check();
+    let net = Net::new();
+    net.add_behind();
+    let pairs = [
+        ("10.78.0.2", "10.77.0.2", "10.77.0.3"),
+        ("fd78::2", "fd77::2", "fd77::3"),
+    ];
+    for (behind, ok, bad) in pairs {
+        assert!(
+            net.ping("behind", ok) && net.ping("behind", bad),
+            "baseline"
+        );
+        assert!(net.ping("bad", behind), "baseline");
+    }
+    let c = cluster(
+        r#"
+[[allow]]
+name = "cluster"
+peers = ["10.77.0.2", "fd77::2"]
+"#,
+    );
+    let internal = nft::Options {
+        internal: cluster("[[allow]]\nname = \"i\"\npeers = [\"10.78.0.0/24\", \"fd78::/64\"]\n")
+            .allow[0]
+            .peers
+            .clone(),
+    };
+    let ns = net.ns("node");
+    let prefix = ["ip", "netns", "exec", ns.as_str()];
+    nft::apply(
+        &nft::Ruleset::build_with(&c, None, &internal).full_script(),
+        &prefix,
+    )
+    .unwrap();
+    for (behind, ok, bad) in pairs {
+        assert!(net.ping("behind", ok), "behind -> allowed peer {ok}");
+        assert!(net.ping("ok", behind), "allowed peer -> behind {behind}");
+        assert!(!net.ping("behind", bad), "behind -> denied peer {bad}");
+        assert!(!net.ping("bad", behind), "denied peer -> behind {behind}");
+    }
+    assert_eq!(net.tcp("bad", "10.78.0.2", 80), "timeout");
+
+    // Without the internal network the source behind the node is not an
+    // allowed inbound peer: nothing from behind is forwarded.
+    nft::apply(&nft::ruleset(&c, None), &prefix).unwrap();
+    for (behind, ok, _) in pairs {
+        assert!(!net.ping("behind", ok), "{behind} is not allowed inbound");
+        assert!(!net.ping("ok", behind), "{behind} is not allowed outbound");
+    }
+
+    // The tenant's forward chains: only ICMP towards the allowed peer.
+    let sub = BoundaryDoc::from_toml(
+        r#"
+[[allow]]
+name = "ping-out"
+peers = ["10.77.0.2", "fd77::2"]
+direction = "out"
+protocols = [{ proto = "icmp" }]
+"#,
+    )
+    .unwrap()
+    .validate(false)
+    .unwrap();
+    nft::apply(
+        &nft::Ruleset::build_with(&c, Some(&sub), &internal).full_script(),
+        &prefix,
+    )
+    .unwrap();
+    for (behind, ok, bad) in pairs {
+        assert!(net.ping("behind", ok), "tenant allows ICMP out to {ok}");
+        assert!(
+            !net.ping("ok", behind),
+            "tenant allows nothing in from {ok}"
+        );
+        assert!(!net.ping("behind", bad));
+    }
+}
+
+/// Point 9 of issue 13: an entry without `protocols` passes every IP
+/// protocol (here GRE, 47), a tcp-only entry does not; both families.
+#[test]
+fn netns_other_protocols_follow_entries_v4_and_v6() {
+    leasehold_netpolicy_root_check();
+    let net = Net::new();
+    let sends = [
+        ("ok", "10.77.0.1"),
+        ("ok", "fd77::1"),
+        ("bad", "10.77.0.1"),
+        ("bad", "fd77::1"),
+    ];
+    let all = ["10.77.0.2", "10.77.0.3", "fd77::2", "fd77::3"];
+    assert_eq!(net.raw_probe("node", &sends), all, "baseline");
+    let c = cluster(
+        r#"
+[[allow]]
+name = "everything"
+peers = ["10.77.0.2", "fd77::2"]
+[[allow]]
+name = "web-only"
+peers = ["10.77.0.3", "fd77::3"]
+protocols = [{ proto = "tcp", ports = [443] }]
+"#,
+    );
+    net.apply(&nft::ruleset(&c, None)).unwrap();
+    assert_eq!(
+        net.raw_probe("node", &sends),
+        ["10.77.0.2", "fd77::2"],
+        "GRE in: the all-protocols entry passes, the tcp-only entry does not"
+    );
+    // Out: node -> each peer.
+    assert_eq!(
+        net.raw_probe("ok", &[("node", "10.77.0.2"), ("node", "fd77::2")]),
+        ["10.77.0.1", "fd77::1"]
+    );
+    assert_eq!(
+        net.raw_probe("bad", &[("node", "10.77.0.3"), ("node", "fd77::3")]),
+        Vec::<String>::new()
+    );
 }
 
 fn leasehold_netpolicy_root_check() {

@@ -59,7 +59,15 @@ fn staged_apply_element_changes_and_leftovers() {
         Change::Full
     );
     let (chains, sets) = nft::objects(&[]).unwrap();
-    assert_eq!(chains, ["landlord_in", "landlord_out"]);
+    assert_eq!(
+        chains,
+        [
+            "landlord_in",
+            "landlord_out",
+            "landlord_fwd_in",
+            "landlord_fwd_out"
+        ]
+    );
     assert_eq!(sets, ["lla0_h4_g1", "lla0_h6_g1", "lla0_n4_g1"]);
     assert_eq!(set_len("lla0_h4_g1"), 10);
     let text = nft_out(&["list", "table", "inet", nft::TABLE]);
@@ -132,6 +140,41 @@ fn staged_apply_element_changes_and_leftovers() {
     assert_eq!(e.check().unwrap(), None);
     assert_eq!(set_len("lla0_h4_g9"), 12);
 
+    // A rule replaced in place (same count), a prefix added to an
+    // interval set: both noticed.
+    let listing = nft_out(&["-a", "list", "chain", "inet", nft::TABLE, "landlord_in"]);
+    let handle = listing
+        .lines()
+        .find(|l| l.contains("ct state established accept"))
+        .and_then(|l| l.rsplit("# handle ").next())
+        .unwrap()
+        .trim()
+        .to_owned();
+    nft_out(&[
+        "replace",
+        "rule",
+        "inet",
+        nft::TABLE,
+        "landlord_in",
+        "handle",
+        &handle,
+        "accept",
+    ]);
+    assert!(matches!(e.check().unwrap(), Some(Drift::Changed(_))));
+    e.restore().unwrap();
+    assert_eq!(e.check().unwrap(), None);
+    nft_out(&[
+        "add",
+        "element",
+        "inet",
+        nft::TABLE,
+        "lla0_n4_g10",
+        "{ 172.20.0.0/16 }",
+    ]);
+    assert!(matches!(e.check().unwrap(), Some(Drift::Changed(_))));
+    e.restore().unwrap();
+    assert_eq!(e.check().unwrap(), None);
+
     nft_out(&["flush", "ruleset"]);
     assert_eq!(e.check().unwrap(), Some(Drift::Missing));
     e.restore().unwrap();
@@ -139,4 +182,39 @@ fn staged_apply_element_changes_and_leftovers() {
     assert_eq!(set_len("lla0_h4_g1"), 12);
     e.remove().unwrap();
     assert_eq!(nft::objects(&[]).unwrap(), (Vec::new(), Vec::new()));
+
+    // A hash set staged with 4100 hosts gets a size (16384); growing past
+    // it is refused by the kernel and the whole table is applied instead.
+    assert_eq!(
+        e.apply(Ruleset::build(&boundary(4100, false), None))
+            .unwrap(),
+        Change::Full
+    );
+    let (_, sets) = nft::objects(&[]).unwrap();
+    let h4 = sets
+        .iter()
+        .find(|s| s.starts_with("lla0_h4"))
+        .unwrap()
+        .clone();
+    assert!(nft_out(&["list", "set", "inet", nft::TABLE, &h4]).contains("size 16384"));
+    assert_eq!(e.check().unwrap(), None);
+    assert_eq!(
+        e.apply(Ruleset::build(&boundary(8000, false), None))
+            .unwrap(),
+        Change::Elements
+    );
+    assert_eq!(
+        e.apply(Ruleset::build(&boundary(16500, false), None))
+            .unwrap(),
+        Change::Full
+    );
+    let (_, sets) = nft::objects(&[]).unwrap();
+    let h4 = sets
+        .iter()
+        .find(|s| s.starts_with("lla0_h4"))
+        .unwrap()
+        .clone();
+    assert_eq!(set_len(&h4), 16500);
+    assert_eq!(e.check().unwrap(), None);
+    e.remove().unwrap();
 }
