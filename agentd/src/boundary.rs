@@ -469,12 +469,40 @@ impl Boundaries {
             })
             .unwrap_or_default();
         let t_edit = t0.elapsed();
-        let rules = snap.ruleset();
+        // Single hosts: the enforcer edits its sets in place and sends the
+        // element change (no rebuild of the ruleset, no diff of two
+        // 100k-host sets); anything else (a prefix, a group reference, a set
+        // that appears or vanishes) builds the ruleset.
+        let hosts: Option<Vec<(leasehold_netpolicy::model::Family, u128)>> = edit
+            .changed
+            .iter()
+            .map(|p| match leasehold_netpolicy::model::parse_cidr(p) {
+                Ok((f, lo, hi)) if lo == hi => Some((f, lo)),
+                _ => None,
+            })
+            .collect();
+        let fast = match (hosts, snap.bounds.as_ref()) {
+            (Some(h), Some((c, _))) => {
+                *self.changed_at.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(std::time::Instant::now());
+                guard.enforcer.edit_cluster_hosts(c, &h)
+            }
+            _ => Ok(None),
+        };
         let t_build = t0.elapsed();
-        if let Some(rs) = rules {
-            if let Err(e) = self.apply_rules(guard, rs) {
-                undo(Arc::make_mut(&mut guard.snap));
-                return Err(e);
+        match fast {
+            Ok(Some(c)) => guard.last_change = Some(change_name(c)),
+            Ok(None) => {
+                if let Some(rs) = snap.ruleset() {
+                    if let Err(e) = self.apply_rules(guard, rs) {
+                        undo(Arc::make_mut(&mut guard.snap));
+                        return Err(e);
+                    }
+                }
+            }
+            Err(e) => {
+                undo(snap);
+                return Err(e.into());
             }
         }
         let t_apply = t0.elapsed();

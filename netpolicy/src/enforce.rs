@@ -19,6 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
 
+use crate::model::{Boundary, Family};
 use crate::netlink;
 use crate::nft::{self, ApplyError, Ruleset};
 
@@ -325,6 +326,49 @@ impl Enforcer {
                 Ok(Change::Full)
             }
         }
+    }
+
+    /// A change of single cluster hosts (see [`Ruleset::edit_cluster_hosts`])
+    /// on the applied ruleset, sent as one netlink batch. Ok(None): not an
+    /// element-only change here (no table applied, a set would appear or
+    /// vanish, or the enforcer runs nft with a prefix): build the ruleset
+    /// and [`Enforcer::apply`] it. A batch the kernel refuses (a sized set
+    /// full, the table changed behind us) is put right by a full apply of
+    /// the edited ruleset.
+    pub fn edit_cluster_hosts(
+        &mut self,
+        cluster: &Boundary,
+        hosts: &[(Family, u128)],
+    ) -> Result<Option<Change>, ApplyError> {
+        if !self.prefix.is_empty() {
+            return Ok(None);
+        }
+        let Some(a) = &mut self.applied else {
+            return Ok(None);
+        };
+        let Some(delta) = a.rules.edit_cluster_hosts(cluster, hosts) else {
+            return Ok(None);
+        };
+        if delta.is_empty() {
+            return Ok(Some(Change::Unchanged));
+        }
+        let before = self.conn().and_then(netlink::Conn::generation).ok();
+        if let Err(e) = self.send(&delta) {
+            tracing::warn!(error = %e, "element change over netlink failed; replacing the whole table");
+            let rules = self
+                .applied
+                .take()
+                .map(|a| a.rules)
+                .ok_or_else(|| ApplyError::Refused("no ruleset".into()))?;
+            self.apply_full(rules)?;
+            return Ok(Some(Change::Full));
+        }
+        let after = self.conn().and_then(netlink::Conn::generation).ok();
+        if let Some(a) = &mut self.applied {
+            let kept = matches!((before, after), (Some(b), Some(x)) if a.verified == Some(b) && x == b.wrapping_add(1));
+            a.verified = if kept { after } else { None };
+        }
+        Ok(Some(Change::Elements))
     }
 
     /// Records `rules` after an element-only change: chains and rules, so

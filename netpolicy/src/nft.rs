@@ -131,24 +131,40 @@ fn fam_index(f: Family) -> usize {
 /// hosts are added to or removed from existing entries), and defines
 /// their sets: hosts as written in a hash set, prefixes merged in an
 /// interval set.
-fn groups<'a>(sets: &mut BTreeMap<String, SetDef>, tag: &str, es: &'a [Entry]) -> Vec<Group<'a>> {
+/// The signature index of each entry, numbered in order of first
+/// appearance (the `<i>` of its set names).
+fn signature_indices(es: &[Entry]) -> (Vec<usize>, Vec<Sig>) {
     let mut index: std::collections::HashMap<Sig, usize> = std::collections::HashMap::new();
-    let mut out: Vec<Group<'a>> = Vec::new();
-    for e in es {
-        let sig = Sig {
-            directions: e.directions.clone(),
-            protocols: e.protocols.clone(),
-        };
-        let i = *index.entry(sig.clone()).or_insert_with(|| {
-            out.push(Group {
-                sig,
-                names: Vec::new(),
-                hosts: [BTreeSet::new(), BTreeSet::new()],
-                nets: [Vec::new(), Vec::new()],
-                sets: Vec::new(),
-            });
-            out.len() - 1
-        });
+    let mut sigs = Vec::new();
+    let of = es
+        .iter()
+        .map(|e| {
+            let sig = Sig {
+                directions: e.directions.clone(),
+                protocols: e.protocols.clone(),
+            };
+            *index.entry(sig.clone()).or_insert_with(|| {
+                sigs.push(sig);
+                sigs.len() - 1
+            })
+        })
+        .collect();
+    (of, sigs)
+}
+
+fn groups<'a>(sets: &mut BTreeMap<String, SetDef>, tag: &str, es: &'a [Entry]) -> Vec<Group<'a>> {
+    let (of, sigs) = signature_indices(es);
+    let mut out: Vec<Group<'a>> = sigs
+        .into_iter()
+        .map(|sig| Group {
+            sig,
+            names: Vec::new(),
+            hosts: [BTreeSet::new(), BTreeSet::new()],
+            nets: [Vec::new(), Vec::new()],
+            sets: Vec::new(),
+        })
+        .collect();
+    for (e, &i) in es.iter().zip(&of) {
         let g = &mut out[i];
         g.names.push(&e.name);
         for &(f, v) in &e.hosts {
@@ -642,6 +658,70 @@ impl Ruleset {
         Some(out)
     }
 
+    /// A change of single cluster hosts made in place: `cluster` is the
+    /// boundary after the edit, `hosts` the addresses whose membership may
+    /// have changed. Returns the hash-set element changes, with this
+    /// ruleset edited to equal `Ruleset::build` of the new boundary; None,
+    /// with nothing changed, when a set would appear or disappear (build
+    /// the ruleset again). Cost in `hosts` × entries, not in peers: the
+    /// one-peer change at 100k peers skips rebuilding and diffing 100k-host
+    /// sets.
+    pub fn edit_cluster_hosts(
+        &mut self,
+        cluster: &Boundary,
+        hosts: &[(Family, u128)],
+    ) -> Option<Vec<crate::netlink::ElemChange>> {
+        let hosts: BTreeSet<(Family, u128)> = hosts.iter().copied().collect();
+        // (set, add) -> addresses
+        let mut plan: BTreeMap<(String, bool), Vec<IpAddr>> = BTreeMap::new();
+        let mut size: BTreeMap<String, isize> = BTreeMap::new();
+        for (tag, es) in [("llf", &cluster.failsafe), ("lla", &cluster.allow)] {
+            let (of, sigs) = signature_indices(es);
+            for &(f, v) in &hosts {
+                let mut want = vec![false; sigs.len()];
+                for (e, &i) in es.iter().zip(&of) {
+                    if e.hosts.contains(&(f, v)) {
+                        want[i] = true;
+                    }
+                }
+                let n = if f == Family::V4 { '4' } else { '6' };
+                let addr = host_addr(f, v);
+                for (i, &want) in want.iter().enumerate() {
+                    let name = format!("{tag}{i}_h{n}{}", self.suffix);
+                    match self.sets.get(&name) {
+                        Some(d) if d.elements.contains(&Elem::Host(addr)) != want => {
+                            plan.entry((name.clone(), want)).or_default().push(addr);
+                            *size.entry(name).or_insert(0) += if want { 1 } else { -1 };
+                        }
+                        None if want => return None,
+                        _ => {}
+                    }
+                }
+            }
+        }
+        // A set emptied by the edit is not in the built ruleset (nor its rule).
+        for (name, delta) in &size {
+            let len = self.sets.get(name).map_or(0, |d| d.elements.len());
+            if isize::try_from(len).unwrap_or(isize::MAX) + delta <= 0 {
+                return None;
+            }
+        }
+        let mut out = Vec::new();
+        for ((set, add), addrs) in plan {
+            if let Some(d) = self.sets.get_mut(&set) {
+                for a in &addrs {
+                    if add {
+                        d.elements.insert(Elem::Host(*a));
+                    } else {
+                        d.elements.remove(&Elem::Host(*a));
+                    }
+                }
+            }
+            out.push(crate::netlink::ElemChange { set, add, addrs });
+        }
+        Some(out)
+    }
+
     /// The hash-set element changes that turn `old` into `self`, or None
     /// when anything else differs (chains, sets, interval-set contents).
     pub fn element_delta(&self, old: &Ruleset) -> Option<Vec<crate::netlink::ElemChange>> {
@@ -985,6 +1065,75 @@ pub fn apply(script: &str, prefix: &[&str]) -> Result<(), ApplyError> {
 mod tests {
     use super::*;
     use crate::model::BoundaryDoc;
+
+    /// Three entries (two share a signature) and a group over hosts
+    /// 10.0.0.0..8 and fd00::0..8; `pick` chooses each entry's hosts.
+    fn edited(pick: &[Vec<u8>; 4]) -> Boundary {
+        let list = |v: &Vec<u8>| {
+            v.iter()
+                .map(|h| {
+                    if h % 2 == 0 {
+                        format!("\"10.0.0.{h}\"")
+                    } else {
+                        format!("\"fd00::{h}\"")
+                    }
+                })
+                .chain(std::iter::once("\"192.168.0.0/16\"".to_owned()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        BoundaryDoc::from_toml(&format!(
+            "[groups]\ng = [{}]\n[[allow]]\nname = \"a\"\npeers = [{}]\n[[allow]]\nname = \"b\"\npeers = [{}, \"@g\"]\n[[allow]]\nname = \"web\"\npeers = [{}]\ndirection = \"in\"\nprotocols = [{{ proto = \"tcp\", ports = [443] }}]\n[[failsafe]]\nname = \"ssh\"\npeers = [\"10.0.0.2\"]\ndirection = \"in\"\nprotocols = [{{ proto = \"tcp\", ports = [22] }}]\n",
+            list(&pick[0]),
+            list(&pick[1]),
+            list(&pick[2]),
+            list(&pick[3])
+        ))
+        .unwrap()
+        .validate(true)
+        .unwrap()
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(300))]
+
+        /// The in-place host edit gives the ruleset a rebuild gives, and the
+        /// element changes the diff of the two gives (or declines).
+        #[test]
+        fn host_edits_in_place_equal_a_rebuild(
+            before in proptest::array::uniform4(proptest::collection::vec(0u8..8, 0..5)),
+            after in proptest::array::uniform4(proptest::collection::vec(0u8..8, 0..5)),
+        ) {
+            let (b0, b1) = (edited(&before), edited(&after));
+            let hosts: Vec<(Family, u128)> = (0u8..8)
+                .map(|h| if h % 2 == 0 { (Family::V4, 0x0a00_0000 + u128::from(h)) } else { (Family::V6, (0xfd00u128 << 112) + u128::from(h)) })
+                .collect();
+            let r0 = Ruleset::build(&b0, None).with_suffix("_g3");
+            let r1 = Ruleset::build(&b1, None).with_suffix("_g3");
+            let mut edited = r0.clone();
+            match edited.edit_cluster_hosts(&b1, &hosts) {
+                Some(delta) => {
+                    proptest::prop_assert_eq!(&edited, &r1);
+                    let mut want = r1.element_delta(&r0).unwrap();
+                    let mut got = delta;
+                    for d in want.iter_mut().chain(got.iter_mut()) {
+                        d.addrs.sort();
+                    }
+                    let key = |d: &crate::netlink::ElemChange| (d.set.clone(), d.add);
+                    want.sort_by_key(key);
+                    got.sort_by_key(key);
+                    let flat = |v: &[crate::netlink::ElemChange]| v.iter().map(|d| (d.set.clone(), d.add, d.addrs.clone())).collect::<Vec<_>>();
+                    proptest::prop_assert_eq!(flat(&got), flat(&want));
+                }
+                None => {
+                    proptest::prop_assert_eq!(&edited, &r0);
+                    // Declined only when the sets themselves differ.
+                    let names = |r: &Ruleset| r.sets.keys().cloned().collect::<Vec<_>>();
+                    proptest::prop_assert_ne!(names(&r0), names(&r1));
+                }
+            }
+        }
+    }
 
     #[test]
     fn ruleset_has_both_levels_and_merged_sets() {
