@@ -248,7 +248,10 @@ fn admits(c: &Boundary, s: Option<&Boundary>, f: &Flow) -> bool {
 /// returned as a warning for the caller.
 fn cut_flows(c: &Boundary, s: Option<&Boundary>) -> Option<String> {
     let started = Instant::now();
-    match conntrack::cut(|f| admits(c, s, f)) {
+    // Failsafe flows are kept in either orientation (a session picked up
+    // mid-stream from the node's reply is oriented node → peer).
+    let failsafe = |f: &Flow| leasehold_netpolicy::check::first_match(&c.failsafe, f).is_some();
+    match conntrack::cut_with(|f| admits(c, s, f), failsafe) {
         Ok(cut) => {
             info!(
                 event = "boundary-flows-cut",

@@ -296,6 +296,47 @@ fn is_local_dst(a: IpAddr, locals: &HashSet<IpAddr>) -> bool {
 /// Whether the new policy admits `e` as a new flow, `admits` deciding one
 /// flow as seen from the node. Loopback and local-to-local flows always.
 pub fn keeps(e: &Entry, locals: &HashSet<IpAddr>, admits: &impl Fn(&Flow) -> bool) -> bool {
+    keeps_with(e, locals, admits, &|_: &Flow| false)
+}
+
+/// [`keeps`], also keeping an entry whose *reversed* orientation
+/// `reversed` accepts: a flow conntrack picked up mid-stream from the
+/// node's side (the node's reply seen first, `nf_conntrack_tcp_loose`) is
+/// oriented node → peer; for failsafe flows (an SSH session to the node
+/// while the table was replaced) the reverse is the real one, and the
+/// ruleset passes such packets statelessly (see `nft`).
+pub fn keeps_with(
+    e: &Entry,
+    locals: &HashSet<IpAddr>,
+    admits: &impl Fn(&Flow) -> bool,
+    reversed: &impl Fn(&Flow) -> bool,
+) -> bool {
+    let proto = proto_of(e.l4proto);
+    let sport = if proto.has_ports() { e.sport } else { 0 };
+    let src_local = locals.contains(&e.src);
+    let dst_local = is_local_dst(e.dst, locals);
+    let back = match (src_local, dst_local) {
+        (true, false) => Some(Flow {
+            direction: Direction::In,
+            peer: e.dst,
+            proto,
+            port: sport,
+        }),
+        (false, true) => Some(Flow {
+            direction: Direction::Out,
+            peer: e.src,
+            proto,
+            port: sport,
+        }),
+        _ => None,
+    };
+    if back.is_some_and(|f| reversed(&f)) {
+        return true;
+    }
+    keeps_oriented(e, locals, admits)
+}
+
+fn keeps_oriented(e: &Entry, locals: &HashSet<IpAddr>, admits: &impl Fn(&Flow) -> bool) -> bool {
     let proto = proto_of(e.l4proto);
     let port = if proto.has_ports() { e.dport } else { 0 };
     let flow = |direction, peer| Flow {
@@ -571,6 +612,14 @@ fn abort_sockets(doomed: &[Entry], locals: &HashSet<IpAddr>) -> Result<usize, Cu
 /// Dumps the table and deletes every entry `admits` does not keep (see
 /// [`keeps`]). In the caller's network namespace; needs CAP_NET_ADMIN.
 pub fn cut(admits: impl Fn(&Flow) -> bool) -> Result<Cut, CutError> {
+    cut_with(admits, |_: &Flow| false)
+}
+
+/// [`cut`] keeping also what [`keeps_with`] keeps for `reversed`.
+pub fn cut_with(
+    admits: impl Fn(&Flow) -> bool,
+    reversed: impl Fn(&Flow) -> bool,
+) -> Result<Cut, CutError> {
     let locals = local_addrs()?;
     let sock = open()?;
     let mut buf = vec![0u8; RECV_BUF];
@@ -599,7 +648,7 @@ pub fn cut(admits: impl Fn(&Flow) -> bool) -> Result<Cut, CutError> {
                 _ => {
                     seen += 1;
                     if let Some(e) = parse_entry(m) {
-                        if !keeps(&e, &locals, &admits) {
+                        if !keeps_with(&e, &locals, &admits, &reversed) {
                             doomed.push(e);
                         }
                     }

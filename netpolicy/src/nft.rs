@@ -309,6 +309,62 @@ fn group_rules(out: &mut String, g: &Group<'_>, hook: Hook) {
     }
 }
 
+/// The other half of a failsafe flow without conntrack state: in the
+/// output chain the node's packets *from* the ports of an inbound failsafe
+/// entry to its peers (and in the input chain the peers' packets from the
+/// ports of an outbound one). Conntrack picks up a flow it has no entry for
+/// (the table just loaded, an entry cut) from whichever packet comes first:
+/// if that is the node's reply, an SSH session to the node would otherwise
+/// look like a new outbound flow from port 22 and be refused, killing the
+/// session the failsafe entry exists for. Cost: the node may send from a
+/// failsafe port to a failsafe peer (for tcp/22: privileged ports).
+fn failsafe_reverse_rules(out: &mut String, g: &Group<'_>, hook: Hook) {
+    let back = match hook {
+        Hook::Input => Direction::Out,
+        Hook::Output => Direction::In,
+        Hook::FwdIn | Hook::FwdOut => return,
+    };
+    if !g.sig.directions.contains(&back) {
+        return;
+    }
+    let addr = hook.addr();
+    for (fam, set) in &g.sets {
+        let (ipkw, icmpkw) = if *fam == Family::V4 {
+            ("ip", "icmp")
+        } else {
+            ("ip6", "icmpv6")
+        };
+        if Proto::ALL
+            .iter()
+            .all(|p| g.sig.protocols.get(p) == Some(&crate::model::all_ports()))
+        {
+            if !g.sig.directions.contains(&hook.dir()) {
+                let _ = writeln!(
+                    out,
+                    "    {ipkw} {addr} @{set} accept comment \"leasehold: failsafe reply\""
+                );
+            }
+            continue;
+        }
+        for (proto, ports) in &g.sig.protocols {
+            let l4 = match proto {
+                Proto::Tcp => "tcp",
+                Proto::Udp => "udp",
+                Proto::Icmp => icmpkw,
+                Proto::Other => "!= { tcp, udp, icmp, ipv6-icmp }",
+            };
+            let port_part = match (proto.has_ports(), ports_expr(ports)) {
+                (false, _) | (_, None) => String::new(),
+                (true, Some(p)) => format!(" {l4} sport {p}"),
+            };
+            let _ = writeln!(
+                out,
+                "    {ipkw} {addr} @{set} meta l4proto {l4}{port_part} accept comment \"leasehold: failsafe reply\""
+            );
+        }
+    }
+}
+
 /// Addresses of one family as an anonymous nft set, or None when empty.
 fn anon(f: Family, r: &crate::ranges::Ranges) -> Option<String> {
     (!r.is_empty()).then(|| format!("{{ {} }}", to_cidrs(f, r).join(", ")))
@@ -391,6 +447,9 @@ fn chain(
     }
     for g in common.failsafe.iter().chain(allow) {
         group_rules(out, g, hook);
+    }
+    for g in common.failsafe {
+        failsafe_reverse_rules(out, g, hook);
     }
     let last = match action {
         Action::Drop => "counter drop comment \"leasehold: denied\"".to_owned(),

@@ -603,3 +603,67 @@ fn bench_cut_tcp_abort() {
         drop(conns);
     }
 }
+
+/// The node's side of an "ssh" session: sends every 100 ms, prints what
+/// it receives (nothing: the peer only reads).
+const TALKER: &str = r#"
+import socket, sys, threading, time
+s = socket.create_server(("::", 22), family=socket.AF_INET6, dualstack_ipv6=True)
+print("ready", flush=True)
+c, _ = s.accept()
+while True:
+    c.sendall(("%.6f\n" % time.time()).encode()); time.sleep(0.1)
+"#;
+
+/// The peer's side: connects, only reads, prints `rx T` per message.
+const LISTEN_ONLY: &str = r#"
+import socket, sys
+c = socket.create_connection((sys.argv[1], 22), timeout=5)
+c.settimeout(None)
+print("ready", flush=True)
+for line in c.makefile("r"):
+    print("rx " + line.strip(), flush=True)
+print("eof", flush=True)
+"#;
+
+/// A failsafe session the kernel had no conntrack entry for when the
+/// boundary was loaded (opened before any table, as an operator's SSH
+/// session on a fresh node): the first packet conntrack sees is the node's
+/// (the peer only reads), so the flow is picked up oriented node:22 ->
+/// peer. The failsafe entry's reverse rule lets it through, and the cut
+/// keeps it (failsafe in either orientation) at the next change.
+#[test]
+fn failsafe_session_survives_a_pickup_from_the_node_side() {
+    require_root();
+    let mut lab = Lab::new('f');
+    let (node, peer) = (lab.ns("node"), lab.ns("p1"));
+    lab.spawn(&node, &["python3", "-c", TALKER], "node-end".into());
+    lab.spawn(
+        &peer,
+        &["python3", "-c", LISTEN_ONLY, &v4(1, 1)],
+        "peer-end".into(),
+    );
+    lab.observe(&lab.select(|k| k == "peer-end"), now(), 3);
+    lab.enter_node();
+    let mut e = Enforcer::new(Vec::new());
+    let b = boundary(&format!(
+        "action = \"reject\"\n[[allow]]\nname = \"p2\"\npeers = [\"{}\"]\n[[failsafe]]\nname = \"ssh\"\npeers = [\"{}\", \"{}\"]\ndirection = \"in\"\nprotocols = [{{ proto = \"tcp\", ports = [22] }}]\n",
+        v4(2, 2),
+        v4(1, 2),
+        v6(1, 2)
+    ));
+    for round in 0..2 {
+        e.apply(Ruleset::build(&b, None)).unwrap();
+        let cut = conntrack::cut_with(
+            |f| explain(&b, None, f).allowed,
+            |f| leasehold_netpolicy::check::first_match(&b.failsafe, f).is_some(),
+        )
+        .unwrap();
+        assert_eq!(
+            cut.reset, 0,
+            "round {round}: the session was aborted: {cut:?}"
+        );
+        let t = now();
+        lab.observe(&lab.select(|k| k == "peer-end"), t, 5);
+    }
+}
