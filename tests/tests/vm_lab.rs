@@ -913,6 +913,7 @@ fn boundary_packets(vm: &mut Vm) {
     assert_eq!(connect(vm, a.port).code, 0, "allowed port");
     assert_eq!(a.next(20).as_deref(), Some("connected"));
     assert_eq!(a.next(20).as_deref(), Some("hello"));
+    assert_eq!(a.next(20).as_deref(), Some("closed"));
     let r = connect(vm, b.port);
     assert_ne!(r.code, 0, "denied port connected");
     assert!(r.stderr.contains("refused"), "{}", r.stderr);
