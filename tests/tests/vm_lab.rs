@@ -960,7 +960,7 @@ fn boundary_packets(vm: &mut Vm) {
     write(
         vm,
         "lab-sub.toml",
-        &format!("[[allow]]\nname = \"a-only\"\npeers = [\"10.0.2.2\"]\ndirection = \"out\"\nprotocols = [{{ proto = \"tcp\", ports = [{}] }}]\n", a.port),
+        &format!("action = \"reject\"\n[[allow]]\nname = \"a-only\"\npeers = [\"10.0.2.2\"]\ndirection = \"out\"\nprotocols = [{{ proto = \"tcp\", ports = [{}] }}]\n", a.port),
     );
     vm.sh("runuser -u tt -- tenantctl boundary set /tmp/lab-sub.toml");
     cut(vm, &b, &pid, "tenant sub-boundary");
