@@ -269,13 +269,20 @@ impl Hook {
     }
 }
 
-/// Rules of one signature group for one chain.
-fn group_rules(out: &mut String, g: &Group<'_>, hook: Hook) {
-    if !g.sig.directions.contains(&hook.dir()) {
-        return;
-    }
-    let note = comment(&g.names);
-    let addr = hook.addr();
+/// The rules matching a group's peers (`addr`: saddr/daddr) and its
+/// protocols, ports compared as `port_kw` (dport; sport for the reverse
+/// of a failsafe flow). `skip_all`: no rule for an every-protocol group.
+fn set_rules(
+    out: &mut String,
+    g: &Group<'_>,
+    addr: &str,
+    port_kw: &str,
+    note: &str,
+    skip_all: bool,
+) {
+    let every = Proto::ALL
+        .iter()
+        .all(|p| g.sig.protocols.get(p) == Some(&crate::model::all_ports()));
     for (fam, set) in &g.sets {
         let (ipkw, icmpkw) = if *fam == Family::V4 {
             ("ip", "icmp")
@@ -283,11 +290,10 @@ fn group_rules(out: &mut String, g: &Group<'_>, hook: Hook) {
             ("ip6", "icmpv6")
         };
         // Every protocol with every port: one rule without a protocol match.
-        if Proto::ALL
-            .iter()
-            .all(|p| g.sig.protocols.get(p) == Some(&crate::model::all_ports()))
-        {
-            let _ = writeln!(out, "    {ipkw} {addr} @{set} accept comment \"{note}\"");
+        if every {
+            if !skip_all {
+                let _ = writeln!(out, "    {ipkw} {addr} @{set} accept comment \"{note}\"");
+            }
             continue;
         }
         for (proto, ports) in &g.sig.protocols {
@@ -299,7 +305,7 @@ fn group_rules(out: &mut String, g: &Group<'_>, hook: Hook) {
             };
             let port_part = match (proto.has_ports(), ports_expr(ports)) {
                 (false, _) | (_, None) => String::new(),
-                (true, Some(p)) => format!(" {l4} dport {p}"),
+                (true, Some(p)) => format!(" {l4} {port_kw} {p}"),
             };
             let _ = writeln!(
                 out,
@@ -307,6 +313,14 @@ fn group_rules(out: &mut String, g: &Group<'_>, hook: Hook) {
             );
         }
     }
+}
+
+/// Rules of one signature group for one chain.
+fn group_rules(out: &mut String, g: &Group<'_>, hook: Hook) {
+    if !g.sig.directions.contains(&hook.dir()) {
+        return;
+    }
+    set_rules(out, g, hook.addr(), "dport", &comment(&g.names), false);
 }
 
 /// The other half of a failsafe flow without conntrack state: in the
@@ -327,42 +341,16 @@ fn failsafe_reverse_rules(out: &mut String, g: &Group<'_>, hook: Hook) {
     if !g.sig.directions.contains(&back) {
         return;
     }
-    let addr = hook.addr();
-    for (fam, set) in &g.sets {
-        let (ipkw, icmpkw) = if *fam == Family::V4 {
-            ("ip", "icmp")
-        } else {
-            ("ip6", "icmpv6")
-        };
-        if Proto::ALL
-            .iter()
-            .all(|p| g.sig.protocols.get(p) == Some(&crate::model::all_ports()))
-        {
-            if !g.sig.directions.contains(&hook.dir()) {
-                let _ = writeln!(
-                    out,
-                    "    {ipkw} {addr} @{set} accept comment \"leasehold: failsafe reply\""
-                );
-            }
-            continue;
-        }
-        for (proto, ports) in &g.sig.protocols {
-            let l4 = match proto {
-                Proto::Tcp => "tcp",
-                Proto::Udp => "udp",
-                Proto::Icmp => icmpkw,
-                Proto::Other => "!= { tcp, udp, icmp, ipv6-icmp }",
-            };
-            let port_part = match (proto.has_ports(), ports_expr(ports)) {
-                (false, _) | (_, None) => String::new(),
-                (true, Some(p)) => format!(" {l4} sport {p}"),
-            };
-            let _ = writeln!(
-                out,
-                "    {ipkw} {addr} @{set} meta l4proto {l4}{port_part} accept comment \"leasehold: failsafe reply\""
-            );
-        }
-    }
+    // An every-protocol entry both ways already has its rule here.
+    let skip_all = g.sig.directions.contains(&hook.dir());
+    set_rules(
+        out,
+        g,
+        hook.addr(),
+        "sport",
+        "leasehold: failsafe reply",
+        skip_all,
+    );
 }
 
 /// Addresses of one family as an anonymous nft set, or None when empty.
