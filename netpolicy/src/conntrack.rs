@@ -364,11 +364,17 @@ fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> CutError {
 }
 
 fn open() -> Result<Socket, CutError> {
-    let mut sock = Socket::new(NETLINK_NETFILTER).map_err(io("socket"))?;
+    socket(NETLINK_NETFILTER)
+}
+
+/// A netlink socket of `protocol`, connected to the kernel, with a 5 s
+/// receive bound. Error answers carry only the header of the refused
+/// request (cap_ack).
+fn socket(protocol: isize) -> Result<Socket, CutError> {
+    let mut sock = Socket::new(protocol).map_err(io("socket"))?;
     sock.bind_auto().map_err(io("bind"))?;
     sock.connect(&SocketAddr::new(0, 0))
         .map_err(io("connect"))?;
-    // Error answers carry only the header of the refused request.
     sock.set_cap_ack(true).map_err(io("cap_ack"))?;
     nix::sys::socket::setsockopt(
         &sock,
@@ -518,21 +524,7 @@ pub fn abortable(m: &[u8], remote_port: u16) -> Option<[u8; 8]> {
 }
 
 fn diag_socket() -> Result<Socket, CutError> {
-    let mut sock = Socket::new(netlink_sys::protocols::NETLINK_SOCK_DIAG).map_err(io("socket"))?;
-    sock.bind_auto().map_err(io("bind"))?;
-    sock.connect(&SocketAddr::new(0, 0))
-        .map_err(io("connect"))?;
-    sock.set_cap_ack(true).map_err(io("cap_ack"))?;
-    nix::sys::socket::setsockopt(
-        &sock,
-        nix::sys::socket::sockopt::ReceiveTimeout,
-        &nix::sys::time::TimeVal::new(5, 0),
-    )
-    .map_err(|e| CutError::Io {
-        what: "timeout",
-        source: e.into(),
-    })?;
-    Ok(sock)
+    socket(netlink_sys::protocols::NETLINK_SOCK_DIAG)
 }
 
 /// One answer: message type and the message after its header.

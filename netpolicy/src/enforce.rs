@@ -505,19 +505,8 @@ impl Enforcer {
                 *listed.entry(c.to_owned()).or_default() += 1;
             }
         }
-        let want = a.rules.rule_counts();
-        if listed != want {
-            let what = want
-                .iter()
-                .find(|(c, n)| listed.get(*c) != Some(n))
-                .map(|(c, n)| {
-                    format!(
-                        "chain {c} has {} rules instead of {n}",
-                        listed.get(c).map_or("no".to_owned(), |x| x.to_string())
-                    )
-                })
-                .unwrap_or_else(|| "unexpected chains".to_owned());
-            return Ok(Some(Drift::Changed(what)));
+        if let Some(d) = count_drift(&listed, &a.rules.rule_counts()) {
+            return Ok(Some(d));
         }
         let shape = a.shape.get_or_insert_with(|| l.shape.clone());
         if l.shape != *shape {
