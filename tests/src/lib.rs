@@ -256,6 +256,9 @@ pub struct Lab {
     sshd: Option<Child>,
     /// Network namespace agentd runs in (None: a private one per start).
     netns: Option<String>,
+    /// agentd's config file (TOML) for the next [`Lab::start_agent`];
+    /// None: dev-mode defaults.
+    pub agent_config: Option<String>,
 }
 
 /// An sshd on loopback for the lab.
@@ -424,6 +427,7 @@ impl Lab {
             agent: None,
             sshd: None,
             netns,
+            agent_config: None,
         };
         lab.start_polkit();
         lab.start_agent();
@@ -537,6 +541,11 @@ impl Lab {
                 c
             }
         };
+        if let Some(toml) = &self.agent_config {
+            let file = self.path("agentd.toml");
+            fs::write(&file, toml).unwrap();
+            cmd.arg("--config").arg(file);
+        }
         let child = spawn_logged(
             cmd.arg("--dev")
                 .arg(self.path("agent"))

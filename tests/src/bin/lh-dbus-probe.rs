@@ -450,6 +450,9 @@ async fn hammer(op: &str, secs: u64) {
     let end = Instant::now() + Duration::from_secs(secs);
     let (mut ok, mut receipts, mut warnings) = (0u64, 0u64, 0u64);
     let mut errors = std::collections::BTreeMap::<String, u64>::new();
+    // The first message of each error name, so a failure says which step
+    // (e.g. which authorization stage timed out).
+    let mut first = std::collections::BTreeMap::<String, String>::new();
     let mut lat = Vec::new();
     let mut n = 0u64;
     while Instant::now() < end {
@@ -487,7 +490,12 @@ async fn hammer(op: &str, secs: u64) {
                     }
                 }
             }
-            Err(e) => *errors.entry(e.name().to_string()).or_default() += 1,
+            Err(e) => {
+                *errors.entry(e.name().to_string()).or_default() += 1;
+                first
+                    .entry(e.name().to_string())
+                    .or_insert_with(|| e.to_string().chars().take(300).collect());
+            }
         }
     }
     lat.sort();
@@ -496,7 +504,7 @@ async fn hammer(op: &str, secs: u64) {
         "{}",
         serde_json::json!({
             "op": op, "calls": n, "ok": ok, "receipts": receipts, "warnings": warnings,
-            "errors": errors, "p50_ms": pct(500), "p99_ms": pct(990), "max_ms": pct(1000),
+            "errors": errors, "first_errors": first, "p50_ms": pct(500), "p99_ms": pct(990), "max_ms": pct(1000),
         })
     );
 }
