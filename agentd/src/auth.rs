@@ -316,7 +316,15 @@ impl Authorizer {
                 e
             }
             Stop::Late(what) => {
-                self.log_denial(uid, action, "authorization timed out");
+                if let Some(suppressed) = self.denials.allow() {
+                    tracing::warn!(
+                        uid,
+                        action,
+                        waited_for = what,
+                        suppressed,
+                        "call denied: authorization timed out"
+                    );
+                }
                 Error::NotAuthorized(format!(
                     "{action}: {what} did not answer within {} ms; denied (fail closed)",
                     self.timeout.as_millis()
