@@ -1,0 +1,15 @@
+//! Leasehold engines (R2, R6, R9, R11, R14): the tenant's workloads.
+//!
+//! - [`spec`]: what a tenant asks for (command, limits, restart policy,
+//!   probes, secrets), validated with field-path errors;
+//! - [`budget`]: the landlord's budget for the tenant's cgroup subtree and
+//!   the "can only narrow" rule for engine limits;
+//! - [`backoff`]: the restart schedule, driven by an injectable clock;
+//! - [`image`]: OCI image archives verified by digest and unpacked into a
+//!   root filesystem;
+//! - [`cgroup`] and [`launch`]: cgroupfs behind a trait with an injectable
+//!   root, and the launcher that confines an engine.
+//!
+//! No zbus, no clap: the node controller drives this crate.
+
+#![warn(missing_docs)]
