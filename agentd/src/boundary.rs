@@ -6,7 +6,6 @@
 //! stops, and a refused change leaves the previous table in force. Only
 //! `RemoveBoundary` (confirmed) lifts it.
 
-use std::io::{BufRead, BufReader};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -751,8 +750,8 @@ impl Boundaries {
         }
     }
 
-    /// Watches for changes behind the agent's back. `nft monitor` reports
-    /// every commit with the objects it changed: one that another process
+    /// Watches for changes behind the agent's back. The kernel's nftables
+    /// notifications report every commit with the objects it changed: one that another process
     /// made to the table triggers a check (which reads the table back and
     /// restores it); one that did not touch the table keeps the table's
     /// verified state, so the timer's check need not read the sets back
@@ -765,38 +764,38 @@ impl Boundaries {
         restored: tokio::sync::mpsc::UnboundedSender<String>,
     ) {
         let (tx, rx) = mpsc::sync_channel::<()>(1);
-        match monitor::spawn(&[]) {
-            Ok(mut child) => {
-                if let Some(out) = child.stdout.take() {
-                    let me = Arc::clone(self);
-                    std::thread::spawn(move || {
-                        let mut reader = monitor::Reader::new(nft::TABLE);
-                        for line in BufReader::new(out).lines() {
-                            let Ok(line) = line else { break };
-                            let Some(g) = reader.line(&line) else {
-                                continue;
-                            };
-                            let seen = me.lock().enforcer.classify(&g);
-                            if matches!(seen, Seen::Foreign | Seen::Unknown) {
-                                warn!(
-                                    event = "boundary-foreign-commit",
-                                    generation = g.gen,
-                                    pid = g.pid,
-                                    process = g.comm.as_deref().unwrap_or("?"),
-                                    change = g.touched.as_deref().unwrap_or(""),
-                                    "another process changed the boundary table; checking it"
-                                );
-                                // Full: a check is already due.
-                                let _ = tx.try_send(());
-                            }
+        match monitor::Listener::open(nft::TABLE) {
+            Ok(mut listener) => {
+                let me = Arc::clone(self);
+                std::thread::spawn(move || loop {
+                    let g = match listener.wait() {
+                        Ok(monitor::Event::Generation(g)) => g,
+                        Ok(monitor::Event::Lost) => {
+                            warn!("nftables notifications were lost; the next check reads the table back");
+                            continue;
                         }
-                        // Keep the child from lingering as a zombie.
-                        let _ = child.wait();
-                    });
-                }
+                        Err(e) => {
+                            error!(error = %e, "cannot read nftables notifications; checking the boundary on the timer only");
+                            return;
+                        }
+                    };
+                    let seen = me.lock().enforcer.classify(&g);
+                    if matches!(seen, Seen::Foreign | Seen::Unknown) {
+                        warn!(
+                            event = "boundary-foreign-commit",
+                            generation = g.gen,
+                            pid = g.pid,
+                            process = g.comm.as_deref().unwrap_or("?"),
+                            change = g.touched.as_deref().unwrap_or(""),
+                            "another process changed the boundary table; checking it"
+                        );
+                        // Full: a check is already due.
+                        let _ = tx.try_send(());
+                    }
+                });
             }
             Err(e) => {
-                warn!(error = %e, "cannot run nft monitor; checking the boundary on the timer only")
+                warn!(error = %e, "cannot subscribe to nftables notifications; checking the boundary on the timer only")
             }
         }
         let me = Arc::clone(self);
