@@ -14,4 +14,5 @@
 
 #![warn(missing_docs)]
 
+pub mod budget;
 pub mod spec;
