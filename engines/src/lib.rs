@@ -14,5 +14,6 @@
 
 #![warn(missing_docs)]
 
+pub mod backoff;
 pub mod budget;
 pub mod spec;
