@@ -1254,6 +1254,9 @@ fn check_rel_path(field: &str, p: &str) -> Result<(), SpecError> {
     if p.len() > MAX_PATH {
         return Err(err(field, format!("{} bytes, at most {MAX_PATH}", p.len())));
     }
+    if p.is_empty() {
+        return Err(err(field, "empty; give a path like \"var/lib/app\""));
+    }
     if p.starts_with('/') {
         return Err(err(
             field,
@@ -1364,3 +1367,6 @@ fn check_probe(at: &str, p: &Probe) -> Result<(), SpecError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
