@@ -419,6 +419,14 @@ mod tests {
         assert!(toml::from_str::<Budget>("memory = \"8G\"\n").is_err());
     }
 
+    #[test]
+    fn the_docs_example_is_a_budget() {
+        let b: Budget = toml::from_str(crate::spec::tests::doc_block("## Budget")).unwrap();
+        b.validate().unwrap();
+        assert_eq!(b.memory_max, Some(Size(8 << 30)));
+        assert_eq!(b.cpu_max.unwrap().cpus(), 2.0);
+    }
+
     /// CPU time per second (µs) a cpu.max file value allows, `None` for
     /// `max`: the meaning of the file, parsed back.
     fn cpu_per_second(file: &str) -> Option<(u128, u128)> {

@@ -1369,4 +1369,4 @@ fn check_probe(at: &str, p: &Probe) -> Result<(), SpecError> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

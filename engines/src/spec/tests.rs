@@ -711,3 +711,20 @@ proptest! {
         }
     }
 }
+
+/// The first ```toml block after `heading` in docs/engines.md.
+pub(crate) fn doc_block(heading: &str) -> &'static str {
+    let doc = include_str!("../../../docs/engines.md");
+    let section = &doc[doc.find(heading).expect("heading")..];
+    let start = section.find("```toml\n").expect("a toml block") + "```toml\n".len();
+    let len = section[start..].find("```").expect("closed");
+    &section[start..start + len]
+}
+
+#[test]
+fn the_docs_example_is_the_tested_one() {
+    assert_eq!(
+        Spec::from_toml(doc_block("## Spec")).unwrap(),
+        Spec::from_toml(EXAMPLE).unwrap()
+    );
+}
