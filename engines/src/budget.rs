@@ -21,7 +21,10 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::spec::{CpuMax, Limits, Size, MAX_PIDS, MIN_MEMORY, WEIGHT_RANGE};
+use crate::spec::{
+    parse_cpu_max, parse_json, parse_toml, CpuMax, Limits, Size, SpecError, MAX_PIDS, MIN_MEMORY,
+    WEIGHT_RANGE,
+};
 
 /// The landlord's budget for one tenant's cgroup subtree. Every limit is
 /// optional (absent: no limit of the budget's own; the node's capacity).
@@ -47,20 +50,59 @@ pub struct Budget {
     pub io_weight: Option<u16>,
 }
 
-/// Why a budget is refused.
+/// Largest budget document (TOML or JSON text), in bytes.
+pub const MAX_BUDGET_BYTES: usize = 4096;
+
+/// Why a budget is refused; `field` is a budget field (`memory_max`) or
+/// `document`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("budget.{field}: {reason}")]
 pub struct BudgetError {
-    /// The budget field.
-    pub field: &'static str,
+    /// Where.
+    pub field: String,
     /// What is wrong.
     pub reason: String,
 }
 
+impl From<SpecError> for BudgetError {
+    fn from(e: SpecError) -> Self {
+        BudgetError {
+            field: e.field,
+            reason: e.reason,
+        }
+    }
+}
+
 impl Budget {
+    /// Parses and validates a TOML budget (at most [`MAX_BUDGET_BYTES`]);
+    /// errors name the field.
+    pub fn from_toml(text: &str) -> Result<Budget, BudgetError> {
+        let b: Budget = parse_toml(text, MAX_BUDGET_BYTES)?;
+        b.validate()?;
+        Ok(b)
+    }
+
+    /// Parses and validates a JSON budget (one object, nothing after it).
+    pub fn from_json(text: &str) -> Result<Budget, BudgetError> {
+        let b: Budget = parse_json(text, MAX_BUDGET_BYTES)?;
+        b.validate()?;
+        Ok(b)
+    }
+
     /// Checks the ranges the types do not (the same as an engine's).
     pub fn validate(&self) -> Result<(), BudgetError> {
-        let bad = |field, reason: String| Err(BudgetError { field, reason });
+        let bad = |field: &str, reason: String| {
+            Err(BudgetError {
+                field: field.into(),
+                reason,
+            })
+        };
+        if let Some(c) = self.cpu_max {
+            // Built in code rather than parsed: the same rule as the text.
+            if let Err(r) = parse_cpu_max(&c.to_string()) {
+                return bad("cpu_max", r);
+            }
+        }
         for (field, w) in [
             ("cpu_weight", self.cpu_weight),
             ("io_weight", self.io_weight),
@@ -413,16 +455,38 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(b.validate().unwrap_err().field, "memory_max");
-        let b: Budget =
-            toml::from_str("cpu_max = \"150000 100000\"\nmemory_max = \"8G\"\n").unwrap();
+        let b = Budget::from_toml("cpu_max = \"150000 100000\"\nmemory_max = \"8G\"\n").unwrap();
         assert_eq!(b.memory_max, Some(Size(8 << 30)));
-        assert!(toml::from_str::<Budget>("memory = \"8G\"\n").is_err());
+        assert_eq!(
+            Budget::from_toml("memory = \"8G\"\n").unwrap_err().field,
+            "memory"
+        );
+        assert_eq!(
+            Budget::from_json(r#"{"memory_max": "8X"}"#)
+                .unwrap_err()
+                .field,
+            "memory_max"
+        );
+        assert_eq!(
+            Budget::from_toml("pids_max = 0").unwrap_err().field,
+            "pids_max"
+        );
+        assert_eq!(Budget::from_json("{} {}").unwrap_err().field, "document");
+        let big = format!("#{}", "x".repeat(MAX_BUDGET_BYTES));
+        assert_eq!(Budget::from_toml(&big).unwrap_err().field, "document");
+        let b = Budget {
+            cpu_max: Some(CpuMax {
+                quota_us: 10,
+                period_us: 100_000,
+            }),
+            ..Default::default()
+        };
+        assert_eq!(b.validate().unwrap_err().field, "cpu_max");
     }
 
     #[test]
     fn the_docs_example_is_a_budget() {
-        let b: Budget = toml::from_str(crate::spec::tests::doc_block("## Budget")).unwrap();
-        b.validate().unwrap();
+        let b = Budget::from_toml(crate::spec::tests::doc_block("## Budget")).unwrap();
         assert_eq!(b.memory_max, Some(Size(8 << 30)));
         assert_eq!(b.cpu_max.unwrap().cpus(), 2.0);
     }

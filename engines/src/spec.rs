@@ -30,10 +30,13 @@ pub const MAX_ENV_NAME: usize = 128;
 /// Longest environment variable value (bytes).
 pub const MAX_ENV_VALUE: usize = 8192;
 /// Most bytes of argv and environment together (each string counted with
-/// its terminating NUL, each variable as `NAME=value`).
+/// its terminating NUL, each variable as `NAME=value`); also of a probe's
+/// `exec` argv.
 pub const MAX_EXEC_BYTES: usize = 256 << 10;
 /// Longest path (`working_dir`, a data dir, an http probe's path), bytes.
 pub const MAX_PATH: usize = 1024;
+/// Longest path component (bytes), the kernel's `NAME_MAX`.
+pub const MAX_COMPONENT: usize = 255;
 /// Most probes.
 pub const MAX_PROBES: usize = 8;
 /// Most data dirs.
@@ -749,7 +752,7 @@ fn default_http_path() -> String {
 
 /// The `sd_notify`-compatible socket the agent provides (`NOTIFY_SOCKET`):
 /// `READY=1` marks the engine started, `WATCHDOG=1` feeds the watchdog.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Heartbeat {
     /// Provide the socket and wait for `READY=1` before calling the engine
@@ -761,6 +764,26 @@ pub struct Heartbeat {
     /// [`MIN_INTERVAL`] to [`MAX_DURATION`]; needs `enabled`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watchdog: Option<Dur>,
+    /// With `enabled`: how long after exec the engine has to send
+    /// `READY=1`; past it the engine is killed and the attempt counts as a
+    /// failed exit for the restart policy. Default `"90s"` (systemd's
+    /// `TimeoutStartSec=`); 1s to [`MAX_DURATION`].
+    #[serde(default = "default_ready_timeout")]
+    pub ready_timeout: Dur,
+}
+
+fn default_ready_timeout() -> Dur {
+    Dur(Duration::from_secs(90))
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Heartbeat {
+            enabled: false,
+            watchdog: None,
+            ready_timeout: default_ready_timeout(),
+        }
+    }
 }
 
 /// An action when the engine fails. They run in a fixed order whatever the
@@ -817,12 +840,12 @@ where
     d.deserialize_map(Unique(std::marker::PhantomData))
 }
 
-/// Refuses a spec text over [`MAX_SPEC_BYTES`] (field `document`).
-fn check_doc_size(text: &str) -> Result<(), SpecError> {
-    if text.len() > MAX_SPEC_BYTES {
+/// Refuses a document text over `max` bytes (field `document`).
+fn check_doc_size(text: &str, max: usize) -> Result<(), SpecError> {
+    if text.len() > max {
         return Err(err(
             "document",
-            format!("{} bytes, at most {MAX_SPEC_BYTES}", text.len()),
+            format!("{} bytes, at most {max}", text.len()),
         ));
     }
     Ok(())
@@ -846,18 +869,47 @@ fn dur_range(field: &str, d: Dur, lo: Duration, hi: Duration) -> Result<(), Spec
     Ok(())
 }
 
+/// Parses a TOML document of at most `max_bytes` into `T`; errors name the
+/// field (`document` for the text as a whole).
+pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(
+    text: &str,
+    max_bytes: usize,
+) -> Result<T, SpecError> {
+    check_doc_size(text, max_bytes)?;
+    let de = toml::Deserializer::new(text);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        err(
+            if path == "." { "document".into() } else { path },
+            e.into_inner().message().trim().to_owned(),
+        )
+    })
+}
+
+/// Parses a JSON document (one value, nothing after it but white space) of
+/// at most `max_bytes` into `T`; errors name the field.
+pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
+    text: &str,
+    max_bytes: usize,
+) -> Result<T, SpecError> {
+    check_doc_size(text, max_bytes)?;
+    let mut de = serde_json::Deserializer::from_str(text);
+    let v = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let path = e.path().to_string();
+        err(
+            if path == "." { "document".into() } else { path },
+            e.inner().to_string(),
+        )
+    })?;
+    de.end()
+        .map_err(|e| err("document", format!("content after the document: {e}")))?;
+    Ok(v)
+}
+
 impl Spec {
     /// Parses and validates a TOML spec; errors name the field.
     pub fn from_toml(text: &str) -> Result<Spec, SpecError> {
-        check_doc_size(text)?;
-        let de = toml::Deserializer::new(text);
-        let spec: Spec = serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            err(
-                if path == "." { "document".into() } else { path },
-                e.into_inner().message().trim().to_owned(),
-            )
-        })?;
+        let spec: Spec = parse_toml(text, MAX_SPEC_BYTES)?;
         spec.validate()?;
         Ok(spec)
     }
@@ -865,17 +917,7 @@ impl Spec {
     /// Parses and validates a JSON spec (one object, nothing after it but
     /// white space); errors name the field.
     pub fn from_json(text: &str) -> Result<Spec, SpecError> {
-        check_doc_size(text)?;
-        let mut de = serde_json::Deserializer::from_str(text);
-        let spec: Spec = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let path = e.path().to_string();
-            err(
-                if path == "." { "document".into() } else { path },
-                e.inner().to_string(),
-            )
-        })?;
-        de.end()
-            .map_err(|e| err("document", format!("content after the document: {e}")))?;
+        let spec: Spec = parse_json(text, MAX_SPEC_BYTES)?;
         spec.validate()?;
         Ok(spec)
     }
@@ -943,6 +985,12 @@ impl Spec {
             }
             dur_range("heartbeat.watchdog", w, MIN_INTERVAL, MAX_DURATION)?;
         }
+        dur_range(
+            "heartbeat.ready_timeout",
+            self.heartbeat.ready_timeout,
+            Duration::from_secs(1),
+            MAX_DURATION,
+        )?;
         self.check_data_dirs()?;
         let mut seen = std::collections::BTreeSet::new();
         for (i, s) in self.secrets.iter().enumerate() {
@@ -1290,6 +1338,7 @@ fn check_components(field: &str, whole: &str, rest: &str) -> Result<(), SpecErro
             "" => "an empty component (\"//\" or a trailing \"/\")",
             "." => "a \".\" component",
             ".." => "a \"..\" component",
+            c if c.len() > MAX_COMPONENT => "a component over 255 bytes (the kernel's NAME_MAX)",
             _ => continue,
         };
         return Err(err(
@@ -1316,8 +1365,16 @@ fn check_probe(at: &str, p: &Probe) -> Result<(), SpecError> {
             return Err(err(field, "empty; give the program and its arguments"));
         }
         check_program(&format!("{field}[0]"), &argv[0])?;
+        let mut total = 0usize;
         for (i, a) in argv.iter().enumerate() {
             check_arg(&format!("{field}[{i}]"), a)?;
+            total = total.saturating_add(a.len() + 1);
+        }
+        if total > MAX_EXEC_BYTES {
+            return Err(err(
+                field,
+                format!("{total} bytes of arguments, at most {MAX_EXEC_BYTES}"),
+            ));
         }
     }
     if p.tcp == Some(0) {

@@ -119,6 +119,8 @@ fn defaults_are_the_documented_ones() {
     assert_eq!(s.restart.reset_after, Dur(Duration::from_secs(60)));
     assert_eq!(s.restart.give_up, None);
     assert_eq!(s.heartbeat, Heartbeat::default());
+    assert!(!s.heartbeat.enabled);
+    assert_eq!(s.heartbeat.ready_timeout, Dur(Duration::from_secs(90)));
     assert!(s.data_dirs.is_empty() && s.secrets.is_empty() && s.egress.is_none());
     assert_eq!(s.on_failure, [FailureAction::Restart]);
     assert_eq!(s.stop_grace, Dur(Duration::from_secs(10)));
@@ -287,6 +289,10 @@ fn every_field_kind_is_refused_with_its_path() {
             "heartbeat.watchdog",
         ),
         (&with("[heartbeat]\nenabled = \"yes\""), "heartbeat.enabled"),
+        (
+            &with("[heartbeat]\nenabled = true\nready_timeout = \"0s\""),
+            "heartbeat.ready_timeout",
+        ),
         // data dirs.
         (&with("data_dirs = [\"/var/lib/app\"]"), "data_dirs[0]"),
         (&with("data_dirs = [\"ok\", \"../x\"]"), "data_dirs[1]"),
@@ -452,13 +458,26 @@ fn caps_refuse_just_over_and_accept_at_the_cap() {
     );
     // Paths.
     let mut s = base();
-    s.working_dir = Some(format!("/{}", "x".repeat(MAX_PATH - 1)));
+    let at_cap = format!("/{}x", "x/".repeat((MAX_PATH - 2) / 2));
+    assert_eq!(at_cap.len(), MAX_PATH);
+    s.working_dir = Some(at_cap.clone());
     assert!(s.validate().is_ok());
-    s.working_dir = Some(format!("/{}", "x".repeat(MAX_PATH)));
-    assert_eq!(refusal(&s).field, "working_dir");
+    s.working_dir = Some(format!("{at_cap}x"));
+    assert!(refusal(&s).reason.contains("at most 1024"));
+    // Components, as the kernel's NAME_MAX.
+    s.working_dir = Some(format!("/{}", "x".repeat(MAX_COMPONENT)));
+    assert!(s.validate().is_ok());
+    s.working_dir = Some(format!("/{}", "x".repeat(MAX_COMPONENT + 1)));
+    assert!(refusal(&s).reason.contains("NAME_MAX"));
     let mut s = base();
-    s.data_dirs = vec!["d".repeat(MAX_PATH + 1)];
+    let rel_at_cap = format!("{}xx", "x/".repeat((MAX_PATH - 2) / 2));
+    assert_eq!(rel_at_cap.len(), MAX_PATH);
+    s.data_dirs = vec![rel_at_cap.clone()];
+    assert!(s.validate().is_ok());
+    s.data_dirs = vec![format!("{rel_at_cap}x")];
     assert_eq!(refusal(&s).field, "data_dirs[0]");
+    s.data_dirs = vec![format!("a/{}", "d".repeat(MAX_COMPONENT + 1))];
+    assert!(refusal(&s).reason.contains("NAME_MAX"));
     // Probes, and a probe's argv.
     let probe = Probe {
         exec: None,
@@ -480,6 +499,13 @@ fn caps_refuse_just_over_and_accept_at_the_cap() {
         ..probe
     }];
     assert_eq!(refusal(&s).field, "probes[0].exec");
+    s.probes[0].exec = Some(vec!["x".repeat(MAX_ARG_BYTES); MAX_ARGV]);
+    let e = refusal(&s);
+    assert_eq!(e.field, "probes[0].exec");
+    assert!(
+        e.reason.contains(&format!("at most {MAX_EXEC_BYTES}")),
+        "{e}"
+    );
     // Data dirs, secrets, on_failure.
     let mut s = base();
     s.data_dirs = (0..MAX_DATA_DIRS).map(|i| format!("d{i}")).collect();
