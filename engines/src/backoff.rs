@@ -326,6 +326,25 @@ mod tests {
         }
     }
 
+    /// How long a run lasts, against `reset_after`.
+    #[derive(Debug, Clone, Copy)]
+    enum Run {
+        /// This fraction of it (from 1.0: stable).
+        Frac(f64),
+        /// Exactly it.
+        Exact,
+        /// One nanosecond short.
+        JustShort,
+    }
+
+    fn arb_run() -> impl Strategy<Value = Run> {
+        prop_oneof![
+            3 => (0.0f64..2.0).prop_map(Run::Frac),
+            1 => Just(Run::Exact),
+            1 => Just(Run::JustShort),
+        ]
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(500))]
 
@@ -334,8 +353,7 @@ mod tests {
         #[test]
         fn delays_grow_to_the_cap_and_reset_after_the_stable_period(
             s in arb_schedule(),
-            // Run lengths as a fraction of reset_after (>= 1.0: stable).
-            runs in proptest::collection::vec(0.0f64..2.0, 1..60),
+            runs in proptest::collection::vec(arb_run(), 1..60),
         ) {
             let clock = Clock(Instant::now());
             let mut b = Backoff::new(s);
@@ -343,7 +361,11 @@ mod tests {
             let mut prev: Option<Duration> = None;
             for r in runs {
                 b.started(clock.at(t));
-                let run = s.reset_after.mul_f64(r);
+                let run = match r {
+                    Run::Exact => s.reset_after,
+                    Run::JustShort => s.reset_after - Duration::from_nanos(1),
+                    Run::Frac(f) => s.reset_after.mul_f64(f),
+                };
                 t += run;
                 let d = delay(b.exited(clock.at(t)));
                 prop_assert!(d <= s.max);
