@@ -46,9 +46,10 @@ pub const MAX_DATA_DIRS: usize = 32;
 pub const MAX_SECRETS: usize = 128;
 /// Longest user name (as `useradd`).
 pub const MAX_USER_NAME: usize = 32;
-/// Highest uid or gid inside the engine: its user namespace maps 65536
-/// ids (0-65535), and 65535 is the kernel's "no id" in 16-bit interfaces,
-/// so 1-65534.
+/// Highest uid or gid inside the engine (65534 is `nobody`). It assumes
+/// the launcher maps 65536 ids (0-65535) into each engine's user
+/// namespace and keeps 65535 (-1 in 16-bit id calls) unused; widen it
+/// with the launcher if that changes.
 pub const MAX_ID: u32 = 65534;
 /// Longest duration anywhere in a spec (a day).
 pub const MAX_DURATION: Duration = Duration::from_secs(24 * 3600);
@@ -933,6 +934,29 @@ impl Spec {
         self.on_failure.contains(&FailureAction::RebootNode)
     }
 
+    /// What to do when the engine fails, in order: `notify` first, then
+    /// the first that applies of `reboot-node` (only if
+    /// `reboot_allowed`: the landlord's policy for this tenant, read when
+    /// it happens), `reload`, `restart`. When restarts gave up
+    /// (`gave_up`), `reload` and `restart` do not apply.
+    pub fn failure_plan(&self, reboot_allowed: bool, gave_up: bool) -> Vec<FailureAction> {
+        let has = |a| self.on_failure.contains(&a);
+        let mut plan = Vec::new();
+        if has(FailureAction::Notify) {
+            plan.push(FailureAction::Notify);
+        }
+        if has(FailureAction::RebootNode) && reboot_allowed {
+            plan.push(FailureAction::RebootNode);
+        } else if !gave_up {
+            if has(FailureAction::Reload) {
+                plan.push(FailureAction::Reload);
+            } else if has(FailureAction::Restart) {
+                plan.push(FailureAction::Restart);
+            }
+        }
+        plan
+    }
+
     /// The egress sub-boundary, validated (`None`: absent).
     pub fn egress_boundary(&self) -> Result<Option<Boundary>, SpecError> {
         self.egress
@@ -1189,7 +1213,7 @@ impl Spec {
             let field = format!("data_dirs[{i}]");
             check_rel_path(&field, d)?;
             let first = d.split('/').next().unwrap_or_default();
-            if ["proc", "sys", "dev"].contains(&first) || is_under(d, "run/secrets") {
+            if ["proc", "sys", "dev"].contains(&first) || is_under(d, &SECRETS_DIR[1..]) {
                 return Err(err(
                     field,
                     format!(

@@ -686,8 +686,21 @@ fn egress_can_only_narrow_the_tenant_sub_boundary() {
 
 #[test]
 fn reboot_node_is_a_request_for_later() {
+    use FailureAction::*;
     let s = Spec::from_toml(&with("on_failure = [\"reboot-node\", \"notify\"]")).unwrap();
     assert!(s.requests_node_reboot());
+    assert_eq!(s.failure_plan(true, false), [Notify, RebootNode]);
+    assert_eq!(s.failure_plan(false, false), [Notify]);
+    let s = Spec::from_toml(&with(
+        "on_failure = [\"restart\", \"reboot-node\", \"reload\", \"notify\"]",
+    ))
+    .unwrap();
+    assert_eq!(s.failure_plan(true, false), [Notify, RebootNode]);
+    assert_eq!(s.failure_plan(false, false), [Notify, Reload]);
+    assert_eq!(s.failure_plan(false, true), [Notify]);
+    assert_eq!(base().failure_plan(true, false), [Restart]);
+    assert_eq!(base().failure_plan(true, true), []);
+    assert!(!base().requests_node_reboot());
 }
 
 proptest! {
