@@ -97,9 +97,22 @@ pub struct SpecError {
     pub reason: String,
 }
 
+/// Longest field path in an error (bytes); a longer one (a huge map key)
+/// is cut and ends with `…`.
+pub const MAX_FIELD: usize = 200;
+
 fn err(field: impl Into<String>, reason: impl Into<String>) -> SpecError {
+    let mut field = field.into();
+    if field.len() > MAX_FIELD {
+        let mut cut = MAX_FIELD;
+        while !field.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        field.truncate(cut);
+        field.push('…');
+    }
     SpecError {
-        field: field.into(),
+        field,
         reason: reason.into(),
     }
 }

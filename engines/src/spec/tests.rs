@@ -390,6 +390,28 @@ fn env_values_are_never_echoed() {
 }
 
 #[test]
+fn long_keys_are_cut_in_field_paths() {
+    let key = "K".repeat(100_000);
+    for text in [
+        format!("command = [\"a\"]\n[env]\n{key} = 1"),
+        format!("command = [\"a\"]\n[env]\n{key} = \"v\""),
+    ] {
+        let e = toml_err(&text);
+        assert!(
+            e.field.starts_with("env.KKK") && e.field.ends_with('…'),
+            "{}",
+            e.field
+        );
+        assert!(e.to_string().len() < 600, "{} bytes", e.to_string().len());
+    }
+    let e = Spec::from_json(&format!(
+        "{{\"command\": [\"a\"], \"env\": {{\"{key}\": 1}}}}"
+    ))
+    .unwrap_err();
+    assert_eq!(e.field.len(), MAX_FIELD + '…'.len_utf8());
+}
+
+#[test]
 fn long_input_is_echoed_truncated() {
     let long = format!("/{}", "x/".repeat(400));
     let e = toml_err(&with(&format!("working_dir = \"{long}\"")));
