@@ -343,6 +343,19 @@ fn every_field_kind_is_refused_with_its_path() {
         let e = toml_err(text);
         assert_eq!(&e.field, want, "{text}\n→ {e}");
         assert!(!e.reason.is_empty());
+        // The same document in JSON is refused at the same path.
+        let value: toml::Value = toml::from_str(text).unwrap();
+        let json = serde_json::to_string(&value).unwrap();
+        assert_eq!(&Spec::from_json(&json).unwrap_err().field, want, "{json}");
+    }
+    // Floats TOML can write and JSON cannot.
+    for (text, want) in [
+        (with("[limits]\ncpus = nan"), "limits.cpus"),
+        (with("[limits]\ncpus = inf"), "limits.cpus"),
+        (with("[restart]\nfactor = nan"), "restart.factor"),
+        (with("[restart]\nfactor = -inf"), "restart.factor"),
+    ] {
+        assert_eq!(field(&text), want, "{text}");
     }
 }
 
