@@ -164,7 +164,8 @@ fn cpus(c: &CpuMax) -> String {
 
 /// "Can only narrow": refuses every engine limit above the budget, naming
 /// the field and both values. An engine without a limit for a budgeted
-/// resource is accepted and inherits the budget (see [`effective`]).
+/// resource is accepted and inherits the budget (see [`effective`] and
+/// [`inherited`]). `limits` are a validated spec's.
 /// Compared: CPU bandwidth (`cpus` / `cpu_max` against `cpu_max`, exactly),
 /// `memory_max` and `memory_high` against `memory_max`, `pids_max`.
 pub fn check(limits: &Limits, budget: &Budget) -> Result<(), Excess> {
@@ -225,6 +226,50 @@ pub fn effective(limits: &Limits, budget: &Budget) -> Limits {
         pids_max: limits.pids_max.or(budget.pids_max),
         io_weight: limits.io_weight,
     }
+}
+
+/// A budgeted resource the engine sets no limit for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Inherited {
+    /// The spec field left out (`limits.memory_max`).
+    pub field: &'static str,
+    /// The budget's value that applies.
+    pub budget: String,
+}
+
+impl fmt::Display for Inherited {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: not set, the tenant budget {} applies",
+            self.field, self.budget
+        )
+    }
+}
+
+/// The budgeted resources the engine inherits, to say so on deploy and in
+/// `status` (`limits.memory_max: not set, the tenant budget 1G applies`).
+pub fn inherited(limits: &Limits, budget: &Budget) -> Vec<Inherited> {
+    let mut out = Vec::new();
+    if let (None, Some(b)) = (limits.cpu(), budget.cpu_max) {
+        out.push(Inherited {
+            field: "limits.cpu_max",
+            budget: cpus(&b),
+        });
+    }
+    if let (None, Some(b)) = (limits.memory_max, budget.memory_max) {
+        out.push(Inherited {
+            field: "limits.memory_max",
+            budget: b.to_string(),
+        });
+    }
+    if let (None, Some(b)) = (limits.pids_max, budget.pids_max) {
+        out.push(Inherited {
+            field: "limits.pids_max",
+            budget: b.to_string(),
+        });
+    }
+    out
 }
 
 /// A cgroup v2 interface file this crate writes.
@@ -389,6 +434,26 @@ mod tests {
         assert_eq!(e.cpu_max, b.cpu_max);
         assert_eq!(e.memory_max, b.memory_max);
         assert_eq!(e.pids_max, b.pids_max);
+        let said: Vec<String> = inherited(&Limits::default(), &b)
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            said,
+            [
+                "limits.cpu_max: not set, the tenant budget \"200000 100000\" (2 CPUs) applies",
+                "limits.memory_max: not set, the tenant budget 1G applies",
+                "limits.pids_max: not set, the tenant budget 500 applies",
+            ]
+        );
+        let own = Limits {
+            cpus: Some(1.0),
+            memory_max: mib(10),
+            pids_max: Some(1),
+            ..Default::default()
+        };
+        assert!(inherited(&own, &b).is_empty());
+        assert!(inherited(&Limits::default(), &Budget::default()).is_empty());
         // In the engine's cgroup that is "max": the subtree's limit binds.
         let f = engine_files(&Limits::default());
         assert_eq!(
@@ -570,6 +635,14 @@ mod tests {
                 Ok(()) => prop_assert!(exceeding.is_empty(), "accepted but over: {exceeding:?}"),
                 Err(e) => prop_assert_eq!(e.0.iter().map(|o| o.field).collect::<Vec<_>>(), exceeding),
             }
+            // Every budgeted resource the engine leaves out is said to be
+            // inherited, and only those.
+            let said: Vec<&str> = inherited(&l, &b).iter().map(|i| i.field).collect();
+            let mut want = Vec::new();
+            if l.cpu().is_none() && b.cpu_max.is_some() { want.push("limits.cpu_max"); }
+            if l.memory_max.is_none() && b.memory_max.is_some() { want.push("limits.memory_max"); }
+            if l.pids_max.is_none() && b.pids_max.is_some() { want.push("limits.pids_max"); }
+            prop_assert_eq!(said, want);
             // What binds is never above the budget once accepted.
             if check(&l, &b).is_ok() {
                 let eff = effective(&l, &b);
