@@ -13,3 +13,7 @@
 //! No zbus, no clap: the node controller drives this crate.
 
 #![warn(missing_docs)]
+
+pub mod backoff;
+pub mod budget;
+pub mod spec;
