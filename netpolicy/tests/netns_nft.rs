@@ -667,3 +667,110 @@ fn leasehold_netpolicy_root_check() {
         "network-namespace tests must run as root (scripts/test and CI do)"
     );
 }
+
+/// Point 2 of issue 13, IPv4: an ICMP redirect is taken only from a named
+/// router. The node routes 10.99.0.0/24 via the allowed peer 10.77.0.2;
+/// that peer tells it (a host redirect) to use 10.77.0.3 instead. The
+/// kernel would take it (accept_redirects on, secure_redirects off, the
+/// new gateway's neighbour entry valid): dropped while 10.77.0.2 is only an
+/// allowed peer, taken once the boundary names it as a router.
+#[test]
+fn netns_ipv4_redirects_only_from_named_routers() {
+    leasehold_netpolicy_root_check();
+    let net = Net::new();
+    net.sh(
+        "node",
+        &[
+            "sysctl",
+            "-qw",
+            "net.ipv4.conf.all.forwarding=0",
+            "net.ipv4.conf.all.accept_redirects=1",
+            "net.ipv4.conf.eth0.accept_redirects=1",
+            "net.ipv4.conf.all.secure_redirects=0",
+            "net.ipv4.conf.eth0.secure_redirects=0",
+        ],
+    );
+    net.sh(
+        "node",
+        &["ip", "route", "add", "10.99.0.0/24", "via", "10.77.0.2"],
+    );
+    // The new gateway's link-layer address, so the kernel can use it at once.
+    net.sh(
+        "node",
+        &[
+            "ip",
+            "neigh",
+            "replace",
+            "10.77.0.3",
+            "lladdr",
+            "02:00:00:00:00:03",
+            "dev",
+            "eth0",
+            "nud",
+            "permanent",
+        ],
+    );
+    let via = || {
+        let out = Command::new("ip")
+            .args(["-n", &net.ns("node"), "route", "get", "10.99.0.5"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    // ICMP type 5 code 1 (host), gateway 10.77.0.3, quoting an echo reply
+    // from the node to 10.99.0.5 (the kernel acts on a redirect quoting an
+    // echo reply itself; one quoting UDP or TCP needs a matching socket).
+    let redirect = r#"
+import socket, struct
+def csum(b):
+    if len(b) % 2: b += b"\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    s = (s >> 16) + (s & 0xffff); s += s >> 16
+    return ~s & 0xffff
+inner = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 28, 1, 0, 64, 1, 0,
+    socket.inet_aton("10.77.0.1"), socket.inet_aton("10.99.0.5")) + struct.pack("!BBHHH", 0, 0, 0, 1, 1)
+body = socket.inet_aton("10.77.0.3") + inner
+msg = struct.pack("!BBH", 5, 1, 0) + body
+msg = struct.pack("!BBH", 5, 1, csum(msg)) + body
+s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+for _ in range(3):
+    s.sendto(msg, ("10.77.0.1", 0))
+"#;
+    let allowed_peer = cluster(
+        r#"
+[[allow]]
+name = "cluster"
+peers = ["10.77.0.2", "10.77.0.3"]
+"#,
+    );
+    net.apply(&nft::ruleset(&allowed_peer, None)).unwrap();
+    assert!(via().contains("via 10.77.0.2"), "{}", via());
+    // Traffic with the allowed peer works (so a drop below is the rule's).
+    assert!(net.ping("node", "10.77.0.2"));
+    net.sh("ok", &["python3", "-c", redirect]);
+    assert!(
+        net.ping("ok", "10.77.0.1"),
+        "the node answers (it has handled the redirect sent before, same path)"
+    );
+    assert!(
+        via().contains("via 10.77.0.2"),
+        "a redirect from an allowed peer that is not a named router was taken: {}",
+        via()
+    );
+    let router = cluster(
+        r#"
+routers = ["10.77.0.2"]
+[[allow]]
+name = "cluster"
+peers = ["10.77.0.2", "10.77.0.3"]
+"#,
+    );
+    net.apply(&nft::ruleset(&router, None)).unwrap();
+    net.sh("ok", &["python3", "-c", redirect]);
+    assert!(net.ping("ok", "10.77.0.1"));
+    assert!(
+        via().contains("via 10.77.0.3"),
+        "the named router's redirect is taken: {}",
+        via()
+    );
+}
