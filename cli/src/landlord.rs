@@ -173,16 +173,9 @@ pub enum BoundaryCommand {
 pub fn main() -> ExitCode {
     let args = match Args::try_parse() {
         Ok(a) => a,
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() {
-                exit::USAGE
-            } else {
-                exit::OK
-            });
-        }
+        Err(e) => return crate::usage_exit("landlordctl", e),
     };
-    run_main("landlordctl", run(args))
+    run_main("landlordctl", args.json, run(args))
 }
 
 /// Runs one command.

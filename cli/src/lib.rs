@@ -37,6 +37,21 @@ pub mod exit {
     pub const UNAVAILABLE: u8 = 69;
     /// The node is busy (EX_TEMPFAIL): try again.
     pub const BUSY: u8 = 75;
+
+    /// The stable name of an exit code, for `--json` errors.
+    pub fn name(code: u8) -> &'static str {
+        match code {
+            OK => "ok",
+            USAGE => "usage",
+            NOT_AUTHORIZED => "not-authorized",
+            NOT_CONFIRMED => "not-confirmed",
+            NOT_FOUND => "not-found",
+            INVALID => "invalid-argument",
+            UNAVAILABLE => "unavailable",
+            BUSY => "busy",
+            _ => "failed",
+        }
+    }
 }
 
 /// Text for the man pages' EXIT STATUS section.
@@ -62,6 +77,8 @@ pub struct CliError {
     pub code: u8,
     /// Message for stderr.
     pub message: String,
+    /// The agent's D-Bus error name, when the agent refused.
+    pub dbus_error: Option<String>,
 }
 
 impl CliError {
@@ -70,7 +87,22 @@ impl CliError {
         Self {
             code,
             message: message.into(),
+            dbus_error: None,
         }
+    }
+
+    /// The error as `--json` prints it on stdout (docs/cli.md):
+    /// `{"error": {"name", "exit", "message"[, "dbus_error"]}}`.
+    pub fn json(&self) -> serde_json::Value {
+        let mut e = serde_json::json!({
+            "name": exit::name(self.code),
+            "exit": self.code,
+            "message": self.message,
+        });
+        if let Some(d) = &self.dbus_error {
+            e["dbus_error"] = serde_json::Value::String(d.clone());
+        }
+        serde_json::json!({ "error": e })
     }
 }
 
@@ -114,7 +146,15 @@ impl From<ApiError> for CliError {
             ApiError::Unavailable(_) => "unavailable",
             ApiError::Failed(_) => "failed",
         };
-        CliError::new(code, format!("{name}: {}", e.message()))
+        let dbus_error = match &e {
+            ApiError::ZBus(zbus::Error::MethodError(n, _, _)) => Some(n.to_string()),
+            ApiError::ZBus(_) => None,
+            other => Some(zbus::DBusError::name(other).to_string()),
+        };
+        CliError {
+            dbus_error,
+            ..CliError::new(code, format!("{name}: {}", e.message()))
+        }
     }
 }
 
@@ -244,9 +284,35 @@ pub fn ask_typed_yes(msg: &str, what: &str, refused: u8) -> Result<(), CliError>
     Ok(())
 }
 
-/// Runs an async CLI body on a small runtime and maps the result to an exit code.
+/// A command-line parse error (or `--help`/`--version`): printed by clap,
+/// or, with `--json` among the arguments, as a `--json` error on stdout.
+pub fn usage_exit(prog: &str, e: clap::Error) -> ExitCode {
+    if !e.use_stderr() {
+        let _ = e.print();
+        return ExitCode::from(exit::OK);
+    }
+    if std::env::args_os().skip(1).any(|a| a == "--json") {
+        let text = e.render().to_string();
+        let first = text
+            .lines()
+            .next()
+            .unwrap_or("")
+            .trim_start_matches("error: ")
+            .to_owned();
+        println!("{}", CliError::new(exit::USAGE, first).json());
+        eprintln!("{prog}: {}", text.trim_end());
+    } else {
+        let _ = e.print();
+    }
+    ExitCode::from(exit::USAGE)
+}
+
+/// Runs an async CLI body on a small runtime and maps the result to an exit
+/// code; with `json`, a failure is also printed on stdout as
+/// [`CliError::json`] (the message stays on stderr for a person).
 pub fn run_main<F: std::future::Future<Output = Result<(), CliError>>>(
     prog: &str,
+    json: bool,
     body: F,
 ) -> ExitCode {
     let rt = match tokio::runtime::Builder::new_current_thread()
@@ -262,8 +328,12 @@ pub fn run_main<F: std::future::Future<Output = Result<(), CliError>>>(
     match rt.block_on(body) {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {
-            // An empty message: the status says it all (explain: denied).
+            // An empty message: the status says it all (explain: denied,
+            // its verdict already printed).
             if !e.message.is_empty() {
+                if json {
+                    println!("{}", e.json());
+                }
                 eprintln!("{prog}: {}", e.message);
             }
             ExitCode::from(e.code)

@@ -162,16 +162,9 @@ pub enum SecretCommand {
 pub fn main() -> ExitCode {
     let args = match Args::try_parse() {
         Ok(a) => a,
-        Err(e) => {
-            let _ = e.print();
-            return ExitCode::from(if e.use_stderr() {
-                exit::USAGE
-            } else {
-                exit::OK
-            });
-        }
+        Err(e) => return crate::usage_exit("tenantctl", e),
     };
-    run_main("tenantctl", run(args))
+    run_main("tenantctl", args.json, run(args))
 }
 
 /// Seals a file to a PEM public key (no TPM, no bus).

@@ -242,3 +242,51 @@ fn cli_output_into_a_closed_pipe_exits_quietly() {
         }
     }
 }
+
+/// `--json` errors are JSON on stdout (`{"error": {"name", "exit",
+/// "message"}}`) with the same exit code as in text mode: a usage error, an
+/// unreachable agent, a refused argument. Text mode prints nothing on stdout.
+#[test]
+fn cli_json_errors_are_json_on_stdout_with_the_same_exit_code() {
+    for cli in CLIS {
+        let cases: [(&[&str], u8, &str); 3] = [
+            (&["--json", "no-such-command"], 2, "usage"),
+            (&["--json", "info"], 69, "unavailable"),
+            (
+                &[
+                    "--json",
+                    "verify-receipt",
+                    "--key",
+                    "/nonexistent/key.pem",
+                    "/nonexistent/r.json",
+                ],
+                6,
+                "invalid-argument",
+            ),
+        ];
+        for (args, code, name) in cases {
+            let out = offline(cli).args(args).output().unwrap();
+            assert_eq!(
+                out.status.code(),
+                Some(i32::from(code)),
+                "{cli} {args:?}: {}",
+                fail_msg(&out)
+            );
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+                .unwrap_or_else(|e| panic!("{cli} {args:?}: not JSON ({e}): {}", fail_msg(&out)));
+            assert_eq!(v["error"]["name"], name, "{cli} {args:?}: {v}");
+            assert_eq!(v["error"]["exit"], code, "{cli} {args:?}: {v}");
+            assert!(
+                v["error"]["message"]
+                    .as_str()
+                    .is_some_and(|m| !m.is_empty()),
+                "{v}"
+            );
+            // Without --json: the same status, nothing on stdout.
+            let text: Vec<&str> = args.iter().copied().filter(|a| *a != "--json").collect();
+            let out = offline(cli).args(&text).output().unwrap();
+            assert_eq!(out.status.code(), Some(i32::from(code)), "{cli} {text:?}");
+            assert!(out.stdout.is_empty(), "{cli} {text:?}: {}", fail_msg(&out));
+        }
+    }
+}

@@ -321,6 +321,36 @@ fn dbus_bad_input_gets_named_errors_and_agent_keeps_serving() {
         .ok()
         .json();
     assert_eq!(info["assigned"], false);
+    // The CLIs' `--json` errors: the agent's refusal as JSON on stdout,
+    // the same exit code as in text mode.
+    for (who, cli, args, name, dbus) in [
+        (
+            Who::Tenant,
+            "tenantctl",
+            &["pubkey"][..],
+            "not-found",
+            Some("org.leasehold.Error.NotAssigned"),
+        ),
+        (
+            Who::Tenant,
+            "tenantctl",
+            &["rotate"][..],
+            "not-confirmed",
+            // Refused by the CLI before the call (no terminal to ask on).
+            None,
+        ),
+    ] {
+        let text = lab.run(who, cli, args);
+        let mut with_json = vec!["--json"];
+        with_json.extend_from_slice(args);
+        let j = lab.run(who, cli, &with_json);
+        assert_eq!(j.code, text.code, "{j:?} / {text:?}");
+        assert!(text.stdout.is_empty(), "{text:?}");
+        let v = j.json();
+        assert_eq!(v["error"]["name"], name, "{v}");
+        assert_eq!(v["error"]["exit"], text.code, "{v}");
+        assert_eq!(v["error"]["dbus_error"].as_str(), dbus, "{v}");
+    }
     expect_err(
         &probe(&lab, Who::Landlord, "pubkey-unknown-role"),
         inv,
