@@ -1,1 +1,964 @@
-//! Launcher (placeholder).
+//! The launcher: starts an engine confined, without unsafe code, through a
+//! small shim process (see docs/engines.md, "Launcher", for the choice
+//! against crun and the measurements).
+//!
+//! ```text
+//! agent ──Command──▶ shim (stage 1, root, host pid ns)
+//!                     setsid; joins the engine's cgroup; unshare(NEWPID)
+//!                     ──Command──▶ stage 2 (pid 1 of a new pid ns, root)
+//!                                   unshare(NEWNS|NEWIPC|NEWUTS); private mounts;
+//!                                   rootfs bound read-only + /proc, /dev, /tmp, data dirs;
+//!                                   pivot_root; hostname; Landlock; drop every
+//!                                   capability, groups, uid/gid; no_new_privs;
+//!                                   seccomp deny-list; parent-death signal; exec
+//! ```
+//!
+//! `CLONE_NEWPID` only applies to children, hence two stages; `unshare`
+//! of a mount namespace needs a single-threaded caller, hence in stage 2.
+//!
+//! The shim stays as the engine's supervisor: it forwards SIGTERM/SIGINT/
+//! SIGHUP/SIGUSR1/SIGUSR2 to the engine, writes the engine's exit status to
+//! `exit.json` in the run directory and exits. The engine gets SIGKILL if
+//! the shim dies (parent-death signal), and the whole pid namespace dies
+//! with the engine (its pid 1). The agent watches the shim through a pidfd
+//! (readable when the shim exits: no polling), and reads `exit.json`. After
+//! an agent restart, [`Running::adopt`] finds the shim again from
+//! `shim.pid` (pid and start time, so a recycled pid is not taken for it).
+//!
+//! The run directory (on /run, tmpfs) holds:
+//! `spec.json` (written by the agent), `shim.pid` (the agent),
+//! `engine.pid` (the shim: the engine's pid in the host's namespace),
+//! `report.json` (stage 2, just before exec: what confinement was reached,
+//! or why it failed), `exit.json` (the shim).
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::signal::Signal;
+use nix::unistd::{Gid, Pid, Uid};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// What the shim needs to start one engine (written to `spec.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchSpec {
+    /// Engine name: the hostname inside the engine.
+    pub name: String,
+    /// The unpacked image root (mounted read-only).
+    pub rootfs: PathBuf,
+    /// argv; `argv[0]` is an absolute path inside the rootfs.
+    pub argv: Vec<String>,
+    /// The whole environment (nothing is inherited).
+    pub env: Vec<(String, String)>,
+    /// Working directory inside the rootfs.
+    pub cwd: PathBuf,
+    /// The engine's own uid (never 0).
+    pub uid: u32,
+    /// The engine's own gid (never 0).
+    pub gid: u32,
+    /// The engine's cgroup directory (absolute); `None` only where the host
+    /// has no usable cgroup v2 (T1 on hybrid hosts).
+    pub cgroup: Option<PathBuf>,
+    /// Read-write directories bound into the rootfs.
+    pub data_dirs: Vec<DataDir>,
+    /// Size of the private /tmp, bytes.
+    pub tmp_size: u64,
+}
+
+/// A read-write directory bound into the engine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataDir {
+    /// Directory on the host (on the tenant volume).
+    pub host: PathBuf,
+    /// Absolute path inside the engine.
+    pub target: PathBuf,
+}
+
+/// What stage 2 reached, written just before exec.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// `Ok` if everything below is in force and exec is next.
+    pub result: Result<(), String>,
+    /// Landlock ABI in force (0: none), and whether the ruleset is fully,
+    /// partially or not enforced.
+    pub landlock_abi: u32,
+    /// "full", "partial" or "none".
+    pub landlock: String,
+    /// Seccomp filters installed.
+    pub seccomp: bool,
+}
+
+/// How an engine ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Exit {
+    /// Exited with this code.
+    Code(i32),
+    /// Killed by this signal.
+    Signal(i32),
+    /// Confinement failed before exec (the reason from `report.json`).
+    LaunchFailed(String),
+    /// The shim failed or was killed without writing a status.
+    ShimLost(String),
+}
+
+/// Launcher errors; each names the file or the step.
+#[derive(Debug, Error)]
+pub enum LaunchError {
+    /// Reading or writing a run-directory file.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// "read", "write", "mkdir", "spawn".
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// A run-directory file does not parse.
+    #[error("cannot parse {}: {detail}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The spec is refused before anything starts.
+    #[error("invalid launch spec: {0}")]
+    InvalidSpec(&'static str),
+    /// A system call of the launcher failed.
+    #[error("{step}: {source}")]
+    Sys {
+        /// What was being done.
+        step: String,
+        /// The error.
+        #[source]
+        source: nix::Error,
+    },
+    /// `shim.pid` names a process that is not this shim any more.
+    #[error("shim {pid} in {} is gone or was replaced", run_dir.display())]
+    ShimGone {
+        /// The recorded pid.
+        pid: u32,
+        /// The run directory.
+        run_dir: PathBuf,
+    },
+}
+
+fn io_err(op: &'static str, path: &Path, source: io::Error) -> LaunchError {
+    LaunchError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn sys(step: impl Into<String>) -> impl FnOnce(nix::Error) -> LaunchError {
+    let step = step.into();
+    move |source| LaunchError::Sys { step, source }
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), LaunchError> {
+    let tmp = path.with_extension("tmp");
+    let text = serde_json::to_string(value).map_err(|e| LaunchError::Parse {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    fs::write(&tmp, text).map_err(|e| io_err("write", &tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| io_err("write", path, e))
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, LaunchError> {
+    let text = fs::read_to_string(path).map_err(|e| io_err("read", path, e))?;
+    serde_json::from_str(&text).map_err(|e| LaunchError::Parse {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })
+}
+
+/// Starts engines through the shim binary at a given path.
+#[derive(Debug, Clone)]
+pub struct Launcher {
+    shim: PathBuf,
+}
+
+/// A started engine, watched through its shim's pidfd.
+#[derive(Debug)]
+pub struct Running {
+    run_dir: PathBuf,
+    shim_pid: u32,
+    pidfd: OwnedFd,
+    /// Present when this process spawned the shim (it reaps it).
+    child: Option<Child>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ShimPid {
+    pid: u32,
+    start_time: u64,
+}
+
+/// Field 22 of /proc/<pid>/stat: start time in clock ticks since boot.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // comm may contain spaces and parentheses: split after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+impl Launcher {
+    /// A launcher running `shim` (the `leasehold-engine-shim` binary, or
+    /// the agent's own executable once it has a shim subcommand).
+    pub fn new(shim: impl Into<PathBuf>) -> Self {
+        Launcher { shim: shim.into() }
+    }
+
+    /// Writes `spec.json` into `run_dir` (created, mode 0700) and starts the
+    /// shim with `stdout`/`stderr` (files: a pipe to the agent would kill the
+    /// engine with SIGPIPE once the agent restarts). Returns once the shim
+    /// runs; the engine's own start is reported in `report.json`.
+    pub fn start(
+        &self,
+        spec: &LaunchSpec,
+        run_dir: &Path,
+        stdout: Stdio,
+        stderr: Stdio,
+    ) -> Result<Running, LaunchError> {
+        validate(spec)?;
+        fs::create_dir_all(run_dir).map_err(|e| io_err("mkdir", run_dir, e))?;
+        fs::set_permissions(run_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(|e| io_err("write", run_dir, e))?;
+        for stale in ["exit.json", "report.json", "engine.pid"] {
+            let _ = fs::remove_file(run_dir.join(stale));
+        }
+        write_json(&run_dir.join("spec.json"), spec)?;
+        let child = Command::new(&self.shim)
+            .arg(run_dir)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .env_clear()
+            .spawn()
+            .map_err(|e| io_err("spawn", &self.shim, e))?;
+        let pid = child.id();
+        let pidfd = pidfd_open(pid)?;
+        let start_time = start_time(pid).ok_or(LaunchError::ShimGone {
+            pid,
+            run_dir: run_dir.to_path_buf(),
+        })?;
+        write_json(&run_dir.join("shim.pid"), &ShimPid { pid, start_time })?;
+        Ok(Running {
+            run_dir: run_dir.to_path_buf(),
+            shim_pid: pid,
+            pidfd,
+            child: Some(child),
+        })
+    }
+}
+
+fn validate(spec: &LaunchSpec) -> Result<(), LaunchError> {
+    if spec.uid == 0 || spec.gid == 0 {
+        return Err(LaunchError::InvalidSpec(
+            "an engine never runs as uid or gid 0",
+        ));
+    }
+    if !spec.argv.first().is_some_and(|a| a.starts_with('/')) {
+        return Err(LaunchError::InvalidSpec("argv[0] must be an absolute path"));
+    }
+    if !spec.rootfs.is_absolute() || !spec.cwd.is_absolute() {
+        return Err(LaunchError::InvalidSpec("rootfs and cwd must be absolute"));
+    }
+    if spec.data_dirs.iter().any(|d| {
+        !d.target.is_absolute()
+            || d.target
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+    }) {
+        return Err(LaunchError::InvalidSpec(
+            "data dir targets must be absolute, without '..'",
+        ));
+    }
+    Ok(())
+}
+
+fn pidfd_open(pid: u32) -> Result<OwnedFd, LaunchError> {
+    let raw = i32::try_from(pid).map_err(|_| LaunchError::InvalidSpec("pid out of range"))?;
+    let pid = rustix::process::Pid::from_raw(raw).ok_or(LaunchError::InvalidSpec("pid 0"))?;
+    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).map_err(|e| {
+        LaunchError::Sys {
+            step: format!("pidfd_open({raw})"),
+            source: nix::Error::from_raw(e.raw_os_error()),
+        }
+    })
+}
+
+impl Running {
+    /// Finds the shim of `run_dir` again (after an agent restart): checks
+    /// that `shim.pid` still names the same process (start time) and opens
+    /// a pidfd on it. `ShimGone` if it has exited (read `exit.json`).
+    pub fn adopt(run_dir: &Path) -> Result<Running, LaunchError> {
+        let rec: ShimPid = read_json(&run_dir.join("shim.pid"))?;
+        let gone = || LaunchError::ShimGone {
+            pid: rec.pid,
+            run_dir: run_dir.to_path_buf(),
+        };
+        let pidfd = pidfd_open(rec.pid).map_err(|_| gone())?;
+        // Checked after opening the pidfd: the pidfd now pins this process.
+        if start_time(rec.pid) != Some(rec.start_time) {
+            return Err(gone());
+        }
+        Ok(Running {
+            run_dir: run_dir.to_path_buf(),
+            shim_pid: rec.pid,
+            pidfd,
+            child: None,
+        })
+    }
+
+    /// The shim's pid.
+    pub fn shim_pid(&self) -> u32 {
+        self.shim_pid
+    }
+
+    /// The engine's pid in the host's pid namespace, once the shim wrote it.
+    pub fn engine_pid(&self) -> Option<u32> {
+        fs::read_to_string(self.run_dir.join("engine.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// The pidfd of the shim: readable once it exited. For the agent's
+    /// event loop (e.g. tokio's `AsyncFd`).
+    pub fn pidfd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+
+    /// What stage 2 reported, once written.
+    pub fn report(&self) -> Option<Report> {
+        read_json(&self.run_dir.join("report.json")).ok()
+    }
+
+    /// Sends `signal` to the shim, which forwards SIGTERM, SIGINT, SIGHUP,
+    /// SIGUSR1 and SIGUSR2 to the engine; SIGKILL kills the shim, and the
+    /// engine with it (parent-death signal). Through the pidfd: never a
+    /// recycled pid.
+    pub fn signal(&self, signal: Signal) -> Result<(), LaunchError> {
+        let sig = rustix::process::Signal::from_named_raw(signal as i32)
+            .ok_or(LaunchError::InvalidSpec("unknown signal"))?;
+        rustix::process::pidfd_send_signal(&self.pidfd, sig).map_err(|e| LaunchError::Sys {
+            step: format!("pidfd_send_signal({}, {signal})", self.shim_pid),
+            source: nix::Error::from_raw(e.raw_os_error()),
+        })
+    }
+
+    /// Waits until the shim exits (pidfd readable) or `timeout` passes
+    /// (`None`: no limit), then returns how the engine ended.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Result<Option<Exit>, LaunchError> {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let ts = timeout.map(|t| Timespec {
+            tv_sec: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(t.subsec_nanos()),
+        });
+        loop {
+            let mut fds = [PollFd::new(&self.pidfd, PollFlags::IN)];
+            match poll(&mut fds, ts.as_ref()) {
+                Ok(0) => return Ok(None),
+                Ok(_) => break,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    return Err(LaunchError::Sys {
+                        step: format!("poll(pidfd of {})", self.shim_pid),
+                        source: nix::Error::from_raw(e.raw_os_error()),
+                    })
+                }
+            }
+        }
+        let shim_status = match self.child.as_mut() {
+            Some(c) => Some(c.wait().map_err(|e| io_err("wait", Path::new("shim"), e))?),
+            None => None,
+        };
+        let exit_path = self.run_dir.join("exit.json");
+        match read_json::<Exit>(&exit_path) {
+            Ok(exit) => Ok(Some(exit)),
+            Err(e) => Ok(Some(Exit::ShimLost(match shim_status {
+                Some(s) => format!("shim ended with {s} and no status: {e}"),
+                None => format!("shim ended with no status: {e}"),
+            }))),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The shim (runs as its own process: `leasehold-engine-shim RUN_DIR`).
+
+/// Exit code of the shim when it could not start the engine.
+pub const SHIM_FAILED: i32 = 125;
+/// Exit code of stage 2 when confinement failed before exec.
+pub const CONFINE_FAILED: i32 = 126;
+
+static ENGINE_PID: AtomicI32 = AtomicI32::new(0);
+
+/// Entry point of the shim binary: `shim RUN_DIR` (stage 1) or
+/// `shim --stage2 RUN_DIR`. Returns the process exit code.
+pub fn shim_main(args: &[OsString]) -> i32 {
+    match args {
+        [_, run_dir] => {
+            let run_dir = PathBuf::from(run_dir);
+            match stage1(&run_dir) {
+                Ok(code) => code,
+                Err(e) => {
+                    let _ = write_json(&run_dir.join("exit.json"), &Exit::ShimLost(e.to_string()));
+                    eprintln!("leasehold-engine-shim: {e}");
+                    SHIM_FAILED
+                }
+            }
+        }
+        [_, flag, run_dir] if flag == "--stage2" => {
+            let run_dir = PathBuf::from(run_dir);
+            let err = stage2(&run_dir);
+            eprintln!("leasehold-engine-shim: {err}");
+            CONFINE_FAILED
+        }
+        _ => {
+            eprintln!("usage: leasehold-engine-shim RUN_DIR");
+            2
+        }
+    }
+}
+
+fn stage1(run_dir: &Path) -> Result<i32, LaunchError> {
+    let spec: LaunchSpec = read_json(&run_dir.join("spec.json"))?;
+    // Out of the agent's session: no terminal signal reaches the engine.
+    nix::unistd::setsid().map_err(sys("setsid"))?;
+    if let Some(cg) = &spec.cgroup {
+        let procs = cg.join("cgroup.procs");
+        fs::write(&procs, format!("{}\n", std::process::id()))
+            .map_err(|e| io_err("write", &procs, e))?;
+    }
+    // Before unshare(NEWPID): threads cannot be created once the pid
+    // namespace for children differs from our own.
+    forward_signals()?;
+    unshare(CloneFlags::CLONE_NEWPID).map_err(sys("unshare(CLONE_NEWPID)"))?;
+    let exe = PathBuf::from("/proc/self/exe");
+    let mut child = Command::new(&exe)
+        .arg("--stage2")
+        .arg(run_dir)
+        .env_clear()
+        .spawn()
+        .map_err(|e| io_err("spawn", &exe, e))?;
+    let pid = child.id();
+    ENGINE_PID.store(i32::try_from(pid).unwrap_or(0), Ordering::SeqCst);
+    let pid_path = run_dir.join("engine.pid");
+    fs::write(&pid_path, format!("{pid}\n")).map_err(|e| io_err("write", &pid_path, e))?;
+    let status = child.wait().map_err(|e| io_err("wait", &exe, e))?;
+    let exit = match (status.code(), status.signal()) {
+        (Some(CONFINE_FAILED), _) => match read_json::<Report>(&run_dir.join("report.json")) {
+            Ok(Report { result: Err(e), .. }) => Exit::LaunchFailed(e),
+            _ => Exit::Code(CONFINE_FAILED),
+        },
+        (Some(c), _) => Exit::Code(c),
+        (None, Some(s)) => Exit::Signal(s),
+        (None, None) => Exit::ShimLost(format!("unexpected wait status {status}")),
+    };
+    write_json(&run_dir.join("exit.json"), &exit)?;
+    Ok(match exit {
+        Exit::Code(c) => c,
+        Exit::Signal(s) => 128 + s,
+        _ => SHIM_FAILED,
+    })
+}
+
+fn forward_signals() -> Result<(), LaunchError> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2])
+            .map_err(|e| io_err("signal", Path::new("signal handlers"), e))?;
+    std::thread::Builder::new()
+        .name("forward".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                let pid = ENGINE_PID.load(Ordering::SeqCst);
+                if pid > 0 {
+                    if let Ok(s) = Signal::try_from(sig) {
+                        let _ = nix::sys::signal::kill(Pid::from_raw(pid), s);
+                    }
+                }
+            }
+        })
+        .map_err(|e| io_err("spawn", Path::new("signal thread"), e))?;
+    Ok(())
+}
+
+/// Stage 2: only returns on failure (after writing `report.json`).
+fn stage2(run_dir: &Path) -> LaunchError {
+    let report_path = run_dir.join("report.json");
+    let mut report = Report {
+        result: Ok(()),
+        landlock_abi: 0,
+        landlock: "none".into(),
+        seccomp: false,
+    };
+    // Opened before pivot_root: run_dir is not visible afterwards.
+    let report_file = match fs::File::create(&report_path) {
+        Ok(f) => f,
+        Err(e) => return io_err("write", &report_path, e),
+    };
+    let err = match confine(run_dir, &mut report) {
+        Ok(cmd) => {
+            let mut cmd = cmd;
+            write_report(&report_file, &report);
+            // Only returns on failure.
+            let e = cmd.exec();
+            LaunchError::Io {
+                op: "exec",
+                path: PathBuf::from(cmd.get_program()),
+                source: e,
+            }
+        }
+        Err(e) => e,
+    };
+    report.result = Err(err.to_string());
+    write_report(&report_file, &report);
+    err
+}
+
+fn write_report(mut file: &fs::File, report: &Report) {
+    let _ = file.set_len(0);
+    let _ = io::Seek::seek(&mut file, io::SeekFrom::Start(0));
+    if let Ok(text) = serde_json::to_string(report) {
+        let _ = file.write_all(text.as_bytes());
+    }
+}
+
+fn confine(run_dir: &Path, report: &mut Report) -> Result<Command, LaunchError> {
+    let spec: LaunchSpec = read_json(&run_dir.join("spec.json"))?;
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
+        .map_err(sys("unshare(NEWNS|NEWIPC|NEWUTS)"))?;
+    setup_root(&spec)?;
+    nix::unistd::sethostname(&spec.name).map_err(sys("sethostname"))?;
+    nix::sys::prctl::set_no_new_privs().map_err(sys("prctl(PR_SET_NO_NEW_PRIVS)"))?;
+    landlock(&spec, report)?;
+    drop_privileges(&spec)?;
+    seccomp()?;
+    report.seccomp = true;
+    // SIGKILL when the shim dies; set after the uid change, which clears it.
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(sys("prctl(PR_SET_PDEATHSIG)"))?;
+    let mut cmd = Command::new(&spec.argv[0]);
+    cmd.args(&spec.argv[1..])
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&spec.cwd);
+    Ok(cmd)
+}
+
+fn bind(src: &Path, dst: &Path, flags: MsFlags) -> Result<(), LaunchError> {
+    mount(
+        Some(src),
+        dst,
+        None::<&str>,
+        MsFlags::MS_BIND | flags,
+        None::<&str>,
+    )
+    .map_err(sys(format!("bind {} on {}", src.display(), dst.display())))
+}
+
+fn remount(dst: &Path, flags: MsFlags) -> Result<(), LaunchError> {
+    mount(
+        None::<&str>,
+        dst,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags,
+        None::<&str>,
+    )
+    .map_err(sys(format!("remount {} {flags:?}", dst.display())))
+}
+
+fn tmpfs(dst: &Path, options: &str) -> Result<(), LaunchError> {
+    mount(
+        Some("tmpfs"),
+        dst,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(options),
+    )
+    .map_err(sys(format!("tmpfs on {}", dst.display())))
+}
+
+/// A mount point inside the rootfs: created (as root, before the rootfs is
+/// read-only) when the image lacks it.
+fn mountpoint(root: &Path, target: &Path, dir: bool) -> Result<PathBuf, LaunchError> {
+    let rel = target.strip_prefix("/").unwrap_or(target);
+    let path = root.join(rel);
+    // Never follow a symlink planted in the image out of the rootfs.
+    if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(LaunchError::InvalidSpec(
+            "a mount point in the image is a symlink",
+        ));
+    }
+    if !path.exists() {
+        if dir {
+            fs::create_dir_all(&path).map_err(|e| io_err("mkdir", &path, e))?;
+        } else {
+            fs::File::create(&path).map_err(|e| io_err("write", &path, e))?;
+        }
+    }
+    Ok(path)
+}
+
+fn setup_root(spec: &LaunchSpec) -> Result<(), LaunchError> {
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(sys("make / private"))?;
+    let root = spec.rootfs.as_path();
+    bind(root, root, MsFlags::MS_REC)?;
+
+    let proc_dir = mountpoint(root, Path::new("/proc"), true)?;
+    mount(
+        Some("proc"),
+        &proc_dir,
+        Some("proc"),
+        nodev | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(sys("mount proc"))?;
+
+    let dev = mountpoint(root, Path::new("/dev"), true)?;
+    tmpfs(&dev, "mode=0755,size=64k,nr_inodes=64")?;
+    for node in ["null", "zero", "full", "random", "urandom"] {
+        let dst = dev.join(node);
+        fs::File::create(&dst).map_err(|e| io_err("write", &dst, e))?;
+        bind(&Path::new("/dev").join(node), &dst, MsFlags::empty())?;
+        remount(&dst, nodev | MsFlags::MS_NOEXEC)?;
+    }
+    remount(&dev, nodev | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY)?;
+
+    let tmp = mountpoint(root, Path::new("/tmp"), true)?;
+    tmpfs(&tmp, &format!("mode=1777,size={}", spec.tmp_size))?;
+
+    for d in &spec.data_dirs {
+        let dst = mountpoint(root, &d.target, true)?;
+        bind(&d.host, &dst, MsFlags::empty())?;
+        remount(&dst, nodev)?;
+    }
+
+    remount(root, nodev | MsFlags::MS_RDONLY)?;
+    std::env::set_current_dir(root).map_err(|e| io_err("chdir", root, e))?;
+    nix::unistd::pivot_root(".", ".").map_err(sys("pivot_root"))?;
+    // The old root is stacked under the new one: detach it.
+    umount2(".", MntFlags::MNT_DETACH).map_err(sys("umount old root"))?;
+    std::env::set_current_dir("/").map_err(|e| io_err("chdir", Path::new("/"), e))?;
+    Ok(())
+}
+
+fn landlock(spec: &LaunchSpec, report: &mut Report) -> Result<(), LaunchError> {
+    use landlock::{
+        Access, AccessFs, CompatLevel, Compatible, LandlockStatus, PathBeneath, PathFd, Ruleset,
+        RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
+    };
+    let ll = |step: &str| {
+        let step = step.to_string();
+        move |e: landlock::RulesetError| LaunchError::Sys {
+            step: format!("landlock {step}: {e}"),
+            source: nix::Error::EPERM,
+        }
+    };
+    let abi = ABI::V6;
+    let read = AccessFs::from_read(abi);
+    let all = AccessFs::from_all(abi);
+    let mut rules: Vec<(PathBuf, _)> = vec![
+        (PathBuf::from("/"), read),
+        (PathBuf::from("/tmp"), all),
+        (
+            PathBuf::from("/dev"),
+            read | AccessFs::WriteFile | AccessFs::Truncate,
+        ),
+    ];
+    for d in &spec.data_dirs {
+        rules.push((d.target.clone(), all));
+    }
+    let mut created = Ruleset::default()
+        .set_compatibility(CompatLevel::BestEffort)
+        .handle_access(all)
+        .map_err(ll("handle_access"))?
+        .scope(Scope::from_all(abi))
+        .map_err(ll("scope"))?
+        .create()
+        .map_err(ll("create"))?;
+    for (path, access) in rules {
+        let fd = PathFd::new(&path).map_err(|e| LaunchError::Sys {
+            step: format!("landlock open {}: {e}", path.display()),
+            source: nix::Error::ENOENT,
+        })?;
+        created = created
+            .add_rule(PathBeneath::new(fd, access))
+            .map_err(ll("add_rule"))?;
+    }
+    let status = created.restrict_self().map_err(ll("restrict_self"))?;
+    report.landlock = match status.ruleset {
+        RulesetStatus::FullyEnforced => "full",
+        RulesetStatus::PartiallyEnforced => "partial",
+        _ => "none",
+    }
+    .into();
+    report.landlock_abi = match status.landlock {
+        LandlockStatus::Available { effective_abi, .. } => (effective_abi as u32).min(abi as u32),
+        _ => 0,
+    };
+    Ok(())
+}
+
+fn drop_privileges(spec: &LaunchSpec) -> Result<(), LaunchError> {
+    use caps::CapSet;
+    let capserr = |set: &str| {
+        let set = set.to_string();
+        move |e: caps::errors::CapsError| LaunchError::Sys {
+            step: format!("clear {set} capabilities: {e}"),
+            source: nix::Error::EPERM,
+        }
+    };
+    // The bounding set first (needs CAP_SETPCAP, still held).
+    caps::clear(None, CapSet::Bounding).map_err(capserr("bounding"))?;
+    caps::clear(None, CapSet::Ambient).map_err(capserr("ambient"))?;
+    caps::clear(None, CapSet::Inheritable).map_err(capserr("inheritable"))?;
+    nix::unistd::setgroups(&[]).map_err(sys("setgroups([])"))?;
+    let (uid, gid) = (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid));
+    nix::unistd::setresgid(gid, gid, gid).map_err(sys(format!("setresgid({gid})")))?;
+    // From uid 0 to non-zero without SECBIT_KEEP_CAPS: the kernel clears
+    // permitted and effective capabilities.
+    nix::unistd::setresuid(uid, uid, uid).map_err(sys(format!("setresuid({uid})")))?;
+    for set in [CapSet::Effective, CapSet::Permitted] {
+        let held = caps::read(None, set).map_err(capserr("read"))?;
+        if !held.is_empty() {
+            return Err(LaunchError::Sys {
+                step: format!("{set:?} capabilities still held after setresuid: {held:?}"),
+                source: nix::Error::EPERM,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Syscalls denied (EPERM) to every engine: the default list of container
+/// runtimes, minus those already useless without capabilities.
+fn denied_syscalls() -> Vec<i64> {
+    vec![
+        libc::SYS_mount,
+        libc::SYS_umount2,
+        libc::SYS_pivot_root,
+        libc::SYS_chroot,
+        libc::SYS_move_mount,
+        libc::SYS_open_tree,
+        libc::SYS_fsopen,
+        libc::SYS_fsconfig,
+        libc::SYS_fsmount,
+        libc::SYS_fspick,
+        libc::SYS_mount_setattr,
+        libc::SYS_unshare,
+        libc::SYS_setns,
+        libc::SYS_ptrace,
+        libc::SYS_process_vm_readv,
+        libc::SYS_process_vm_writev,
+        libc::SYS_kcmp,
+        libc::SYS_pidfd_getfd,
+        libc::SYS_kexec_load,
+        libc::SYS_kexec_file_load,
+        libc::SYS_reboot,
+        libc::SYS_init_module,
+        libc::SYS_finit_module,
+        libc::SYS_delete_module,
+        libc::SYS_bpf,
+        libc::SYS_perf_event_open,
+        libc::SYS_userfaultfd,
+        libc::SYS_keyctl,
+        libc::SYS_add_key,
+        libc::SYS_request_key,
+        libc::SYS_swapon,
+        libc::SYS_swapoff,
+        libc::SYS_acct,
+        libc::SYS_quotactl,
+        libc::SYS_settimeofday,
+        libc::SYS_clock_settime,
+        libc::SYS_clock_adjtime,
+        libc::SYS_adjtimex,
+        libc::SYS_syslog,
+        libc::SYS_vhangup,
+        libc::SYS_open_by_handle_at,
+        libc::SYS_name_to_handle_at,
+        libc::SYS_lookup_dcookie,
+        #[cfg(target_arch = "x86_64")]
+        libc::SYS_iopl,
+        #[cfg(target_arch = "x86_64")]
+        libc::SYS_ioperm,
+    ]
+}
+
+fn seccomp() -> Result<(), LaunchError> {
+    use seccompiler::{
+        BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+        SeccompRule, TargetArch,
+    };
+    fn err<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> LaunchError {
+        move |e: E| LaunchError::Sys {
+            step: format!("seccomp {step}: {e}"),
+            source: nix::Error::EINVAL,
+        }
+    }
+    let arch: TargetArch = std::env::consts::ARCH.try_into().map_err(err("arch"))?;
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        denied_syscalls().into_iter().map(|s| (s, vec![])).collect();
+    // clone() creating namespaces (an unprivileged user namespace above
+    // all): one rule per flag, any of them set is denied.
+    let ns_flags = [
+        libc::CLONE_NEWUSER,
+        libc::CLONE_NEWNS,
+        libc::CLONE_NEWPID,
+        libc::CLONE_NEWNET,
+        libc::CLONE_NEWIPC,
+        libc::CLONE_NEWUTS,
+        libc::CLONE_NEWCGROUP,
+    ];
+    let mut clone_rules = Vec::new();
+    for flag in ns_flags {
+        let flag = u64::from(flag.unsigned_abs());
+        let cond = SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Qword,
+            SeccompCmpOp::MaskedEq(flag),
+            flag,
+        )
+        .map_err(err("clone condition"))?;
+        clone_rules.push(SeccompRule::new(vec![cond]).map_err(err("clone rule"))?);
+    }
+    rules.insert(libc::SYS_clone, clone_rules);
+    let deny = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM.unsigned_abs()),
+        arch,
+    )
+    .map_err(err("filter"))?;
+    // clone3 passes its flags in memory, out of a filter's reach: ENOSYS
+    // makes libc fall back to clone(), which the rules above check.
+    let clone3 = SeccompFilter::new(
+        [(libc::SYS_clone3, vec![])].into_iter().collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS.unsigned_abs()),
+        arch,
+    )
+    .map_err(err("filter"))?;
+    for f in [deny, clone3] {
+        let prog: BpfProgram = f.try_into().map_err(err("compile"))?;
+        seccompiler::apply_filter(&prog).map_err(|e| LaunchError::Sys {
+            step: format!("seccomp install: {e}"),
+            source: nix::Error::EPERM,
+        })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> LaunchSpec {
+        LaunchSpec {
+            name: "web".into(),
+            rootfs: "/var/lib/leasehold/images/web".into(),
+            argv: vec!["/bin/sh".into()],
+            env: vec![],
+            cwd: "/".into(),
+            uid: 60001,
+            gid: 60001,
+            cgroup: None,
+            data_dirs: vec![],
+            tmp_size: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn spec_is_checked_before_starting() {
+        assert!(validate(&spec()).is_ok());
+        let bad = [
+            LaunchSpec { uid: 0, ..spec() },
+            LaunchSpec { gid: 0, ..spec() },
+            LaunchSpec {
+                argv: vec!["sh".into()],
+                ..spec()
+            },
+            LaunchSpec {
+                argv: vec![],
+                ..spec()
+            },
+            LaunchSpec {
+                rootfs: "images/web".into(),
+                ..spec()
+            },
+            LaunchSpec {
+                data_dirs: vec![DataDir {
+                    host: "/d".into(),
+                    target: "/data/../../etc".into(),
+                }],
+                ..spec()
+            },
+        ];
+        for s in bad {
+            assert!(
+                matches!(validate(&s), Err(LaunchError::InvalidSpec(_))),
+                "{s:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn start_time_of_self() {
+        assert!(start_time(std::process::id()).is_some());
+        assert!(start_time(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn seccomp_list_has_no_duplicates_and_spares_exec() {
+        let list = denied_syscalls();
+        let set: std::collections::BTreeSet<_> = list.iter().collect();
+        assert_eq!(set.len(), list.len());
+        for needed in [
+            libc::SYS_execve,
+            libc::SYS_clone,
+            libc::SYS_wait4,
+            libc::SYS_exit_group,
+        ] {
+            assert!(!set.contains(&needed));
+        }
+    }
+
+    #[test]
+    fn exit_and_report_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("exit.json");
+        for e in [
+            Exit::Code(3),
+            Exit::Signal(9),
+            Exit::LaunchFailed("x".into()),
+        ] {
+            write_json(&p, &e).unwrap();
+            assert_eq!(read_json::<Exit>(&p).unwrap(), e);
+        }
+    }
+}

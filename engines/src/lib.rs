@@ -18,3 +18,4 @@ pub mod backoff;
 pub mod budget;
 pub mod spec;
 pub mod cgroup;
+pub mod launch;
