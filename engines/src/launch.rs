@@ -3,40 +3,46 @@
 //! against crun and the measurements).
 //!
 //! ```text
-//! agent ──Command──▶ shim (stage 1, root, host pid ns)
-//!                     setsid; joins the engine's cgroup; unshare(NEWPID)
-//!                     ──Command──▶ stage 2 (pid 1 of a new pid ns, root)
-//!                                   unshare(NEWNS|NEWIPC|NEWUTS); private mounts;
-//!                                   rootfs bound read-only + /proc, /dev, /tmp, data dirs;
-//!                                   pivot_root; hostname; Landlock; drop every
-//!                                   capability, groups, uid/gid; no_new_privs;
-//!                                   seccomp deny-list; parent-death signal; exec
+//! agent: a short-lived thread unshare(CLONE_NEWPID)s, then spawns
+//!  └─ shim (pid 1 of the new pid ns, root)
+//!       setsid; joins the engine's cgroup; unshare(NEWNS|NEWIPC|NEWUTS);
+//!       private mounts; rootfs bound read-only + /proc, /dev, /tmp, data dirs;
+//!       pivot_root; hostname; no_new_privs; Landlock; drop every capability,
+//!       groups, uid/gid; seccomp deny-list — then spawns
+//!        └─ engine (pid 2), inheriting all of it
 //! ```
 //!
-//! `CLONE_NEWPID` only applies to children, hence two stages; `unshare`
-//! of a mount namespace needs a single-threaded caller, hence in stage 2.
+//! Without unsafe code there is no fork without exec (no `pre_exec`), so
+//! confinement is applied to the shim itself and inherited by the engine.
+//! `CLONE_NEWPID` only applies to the children of the calling thread, and
+//! only once per thread: hence a fresh thread per start in the agent (the
+//! agent's own namespaces do not change); `unshare` of a mount namespace
+//! needs a single-threaded caller: the shim, before it starts its signal
+//! thread.
 //!
-//! The shim stays as the engine's supervisor: it forwards SIGTERM/SIGINT/
-//! SIGHUP/SIGUSR1/SIGUSR2 to the engine, writes the engine's exit status to
-//! `exit.json` in the run directory and exits. The engine gets SIGKILL if
-//! the shim dies (parent-death signal), and the whole pid namespace dies
-//! with the engine (its pid 1). The agent watches the shim through a pidfd
-//! (readable when the shim exits: no polling), and reads `exit.json`. After
-//! an agent restart, [`Running::adopt`] finds the shim again from
-//! `shim.pid` (pid and start time, so a recycled pid is not taken for it).
+//! The shim is the engine's init and supervisor: it forwards SIGTERM,
+//! SIGINT, SIGHUP, SIGUSR1 and SIGUSR2 to the engine (an engine as pid 1
+//! would ignore a SIGTERM it has no handler for), reaps orphans, writes the
+//! engine's exit status to `exit.json` and exits, which kills whatever is
+//! left in the pid namespace. SIGKILL on the shim kills the engine the same
+//! way. The agent watches the shim through a pidfd (readable when it exits:
+//! no polling) and reads `exit.json`. The shim is the agent's child only
+//! until the agent exits: it is then re-parented (to init, or the nearest
+//! subreaper), the engine runs on, and [`Running::adopt`] finds the shim
+//! again from `shim.pid` (pid and start time, so a recycled pid is not
+//! taken for it).
 //!
-//! The run directory (on /run, tmpfs) holds:
-//! `spec.json` (written by the agent), `shim.pid` (the agent),
-//! `engine.pid` (the shim: the engine's pid in the host's namespace),
-//! `report.json` (stage 2, just before exec: what confinement was reached,
-//! or why it failed), `exit.json` (the shim).
+//! The run directory (on /run, tmpfs; mode 0700) holds: `spec.json` and
+//! `shim.pid` (written by the agent); `report.json` (the shim, just before
+//! the engine starts: the confinement reached, or why it failed) and
+//! `exit.json` (the shim, when the engine ended), both opened by the shim
+//! before pivot_root.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
-use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicI32, Ordering};
@@ -84,10 +90,10 @@ pub struct DataDir {
     pub target: PathBuf,
 }
 
-/// What stage 2 reached, written just before exec.
+/// What the shim reached, written just before the engine starts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Report {
-    /// `Ok` if everything below is in force and exec is next.
+    /// `Ok` if everything below is in force and the engine is next.
     pub result: Result<(), String>,
     /// Landlock ABI in force (0: none), and whether the ruleset is fully,
     /// partially or not enforced.
@@ -145,6 +151,9 @@ pub enum LaunchError {
         #[source]
         source: nix::Error,
     },
+    /// The thread that spawns the shim panicked.
+    #[error("the engine-spawn thread panicked")]
+    SpawnThread,
     /// `shim.pid` names a process that is not this shim any more.
     #[error("shim {pid} in {} is gone or was replaced", run_dir.display())]
     ShimGone {
@@ -238,18 +247,30 @@ impl Launcher {
         fs::create_dir_all(run_dir).map_err(|e| io_err("mkdir", run_dir, e))?;
         fs::set_permissions(run_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .map_err(|e| io_err("write", run_dir, e))?;
-        for stale in ["exit.json", "report.json", "engine.pid"] {
+        for stale in ["exit.json", "report.json"] {
             let _ = fs::remove_file(run_dir.join(stale));
         }
         write_json(&run_dir.join("spec.json"), spec)?;
-        let child = Command::new(&self.shim)
-            .arg(run_dir)
-            .stdin(Stdio::null())
-            .stdout(stdout)
-            .stderr(stderr)
-            .env_clear()
-            .spawn()
-            .map_err(|e| io_err("spawn", &self.shim, e))?;
+        let shim = self.shim.clone();
+        let dir = run_dir.to_path_buf();
+        // A thread of its own: unshare(CLONE_NEWPID) changes the pid
+        // namespace of this thread's later children, once per thread.
+        let child = std::thread::Builder::new()
+            .name("engine-spawn".into())
+            .spawn(move || {
+                unshare(CloneFlags::CLONE_NEWPID).map_err(sys("unshare(CLONE_NEWPID)"))?;
+                Command::new(&shim)
+                    .arg(&dir)
+                    .stdin(Stdio::null())
+                    .stdout(stdout)
+                    .stderr(stderr)
+                    .env_clear()
+                    .spawn()
+                    .map_err(|e| io_err("spawn", &shim, e))
+            })
+            .map_err(|e| io_err("spawn", Path::new("engine-spawn thread"), e))?
+            .join()
+            .map_err(|_| LaunchError::SpawnThread)??;
         let pid = child.id();
         let pidfd = pidfd_open(pid)?;
         let start_time = start_time(pid).ok_or(LaunchError::ShimGone {
@@ -330,11 +351,14 @@ impl Running {
         self.shim_pid
     }
 
-    /// The engine's pid in the host's pid namespace, once the shim wrote it.
+    /// The engine's pid in the host's pid namespace, once started (the
+    /// shim's first child).
     pub fn engine_pid(&self) -> Option<u32> {
-        fs::read_to_string(self.run_dir.join("engine.pid"))
+        let pid = self.shim_pid;
+        fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
             .ok()?
-            .trim()
+            .split_whitespace()
+            .next()?
             .parse()
             .ok()
     }
@@ -345,14 +369,14 @@ impl Running {
         self.pidfd.as_fd()
     }
 
-    /// What stage 2 reported, once written.
+    /// What the shim reported, once written.
     pub fn report(&self) -> Option<Report> {
         read_json(&self.run_dir.join("report.json")).ok()
     }
 
     /// Sends `signal` to the shim, which forwards SIGTERM, SIGINT, SIGHUP,
     /// SIGUSR1 and SIGUSR2 to the engine; SIGKILL kills the shim, and the
-    /// engine with it (parent-death signal). Through the pidfd: never a
+    /// engine with it (the pid namespace ends with its init). Through the pidfd: never a
     /// recycled pid.
     pub fn signal(&self, signal: Signal) -> Result<(), LaunchError> {
         let sig = rustix::process::Signal::from_named_raw(signal as i32)
@@ -401,90 +425,94 @@ impl Running {
 }
 
 // ---------------------------------------------------------------------------
-// The shim (runs as its own process: `leasehold-engine-shim RUN_DIR`).
+// The shim (runs as its own process: `leasehold-engine-shim RUN_DIR`, pid 1
+// of a new pid namespace).
 
-/// Exit code of the shim when it could not start the engine.
-pub const SHIM_FAILED: i32 = 125;
-/// Exit code of stage 2 when confinement failed before exec.
+/// Exit code of the shim when confinement failed before the engine ran.
 pub const CONFINE_FAILED: i32 = 126;
 
 static ENGINE_PID: AtomicI32 = AtomicI32::new(0);
 
-/// Entry point of the shim binary: `shim RUN_DIR` (stage 1) or
-/// `shim --stage2 RUN_DIR`. Returns the process exit code.
+/// Entry point of the shim binary: `shim RUN_DIR`. Returns the process
+/// exit code: the engine's (128 + signal if killed), or [`CONFINE_FAILED`].
 pub fn shim_main(args: &[OsString]) -> i32 {
-    match args {
-        [_, run_dir] => {
-            let run_dir = PathBuf::from(run_dir);
-            match stage1(&run_dir) {
-                Ok(code) => code,
-                Err(e) => {
-                    let _ = write_json(&run_dir.join("exit.json"), &Exit::ShimLost(e.to_string()));
-                    eprintln!("leasehold-engine-shim: {e}");
-                    SHIM_FAILED
-                }
-            }
+    let [_, run_dir] = args else {
+        eprintln!("usage: leasehold-engine-shim RUN_DIR");
+        return 2;
+    };
+    let run_dir = PathBuf::from(run_dir);
+    // Both opened before pivot_root (the run directory is not visible
+    // afterwards) and as root (the engine's uid cannot open them).
+    let files = fs::File::create(run_dir.join("report.json"))
+        .and_then(|r| Ok((r, fs::File::create(run_dir.join("exit.json"))?)));
+    let (report_file, exit_file) = match files {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("leasehold-engine-shim: {}: {e}", run_dir.display());
+            return CONFINE_FAILED;
         }
-        [_, flag, run_dir] if flag == "--stage2" => {
-            let run_dir = PathBuf::from(run_dir);
-            let err = stage2(&run_dir);
-            eprintln!("leasehold-engine-shim: {err}");
-            CONFINE_FAILED
+    };
+    let mut report = Report {
+        result: Ok(()),
+        landlock_abi: 0,
+        landlock: "none".into(),
+        seccomp: false,
+    };
+    let exit = match run(&run_dir, &report_file, &mut report) {
+        Ok(exit) => exit,
+        Err(e) => {
+            eprintln!("leasehold-engine-shim: {e}");
+            report.result = Err(e.to_string());
+            write_file(&report_file, &report);
+            Exit::LaunchFailed(e.to_string())
         }
-        _ => {
-            eprintln!("usage: leasehold-engine-shim RUN_DIR");
-            2
-        }
+    };
+    write_file(&exit_file, &exit);
+    match exit {
+        Exit::Code(c) => c,
+        Exit::Signal(s) => 128 + s,
+        _ => CONFINE_FAILED,
     }
 }
 
-fn stage1(run_dir: &Path) -> Result<i32, LaunchError> {
+/// Confines this process, starts the engine as its child (pid 2), forwards
+/// signals, reaps orphans and returns how the engine ended.
+fn run(run_dir: &Path, report_file: &fs::File, report: &mut Report) -> Result<Exit, LaunchError> {
     let spec: LaunchSpec = read_json(&run_dir.join("spec.json"))?;
-    // Out of the agent's session: no terminal signal reaches the engine.
-    nix::unistd::setsid().map_err(sys("setsid"))?;
-    if let Some(cg) = &spec.cgroup {
-        let procs = cg.join("cgroup.procs");
-        fs::write(&procs, format!("{}\n", std::process::id()))
-            .map_err(|e| io_err("write", &procs, e))?;
-    }
-    // Before unshare(NEWPID): threads cannot be created once the pid
-    // namespace for children differs from our own.
+    let mut cmd = confine(&spec, report)?;
+    // After seccomp: the thread inherits the filter.
     forward_signals()?;
-    unshare(CloneFlags::CLONE_NEWPID).map_err(sys("unshare(CLONE_NEWPID)"))?;
-    let exe = PathBuf::from("/proc/self/exe");
-    let mut child = Command::new(&exe)
-        .arg("--stage2")
-        .arg(run_dir)
-        .env_clear()
-        .spawn()
-        .map_err(|e| io_err("spawn", &exe, e))?;
-    let pid = child.id();
-    ENGINE_PID.store(i32::try_from(pid).unwrap_or(0), Ordering::SeqCst);
-    let pid_path = run_dir.join("engine.pid");
-    fs::write(&pid_path, format!("{pid}\n")).map_err(|e| io_err("write", &pid_path, e))?;
-    let status = child.wait().map_err(|e| io_err("wait", &exe, e))?;
-    let exit = match (status.code(), status.signal()) {
-        (Some(CONFINE_FAILED), _) => match read_json::<Report>(&run_dir.join("report.json")) {
-            Ok(Report { result: Err(e), .. }) => Exit::LaunchFailed(e),
-            _ => Exit::Code(CONFINE_FAILED),
-        },
-        (Some(c), _) => Exit::Code(c),
-        (None, Some(s)) => Exit::Signal(s),
-        (None, None) => Exit::ShimLost(format!("unexpected wait status {status}")),
-    };
-    write_json(&run_dir.join("exit.json"), &exit)?;
-    Ok(match exit {
-        Exit::Code(c) => c,
-        Exit::Signal(s) => 128 + s,
-        _ => SHIM_FAILED,
-    })
+    write_file(report_file, report);
+    let child = cmd.spawn().map_err(|e| LaunchError::Io {
+        op: "exec",
+        path: PathBuf::from(&spec.argv[0]),
+        source: e,
+    })?;
+    let engine = Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
+    ENGINE_PID.store(engine.as_raw(), Ordering::SeqCst);
+    // pid 1: orphans of the engine are reparented here; reap them all until
+    // the engine itself ends. Leaving then kills what remains in the
+    // namespace.
+    use nix::sys::wait::{waitpid, WaitStatus};
+    loop {
+        match waitpid(None, None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == engine => return Ok(Exit::Code(code)),
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == engine => {
+                return Ok(Exit::Signal(sig as i32))
+            }
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(e) => return Err(sys("waitpid")(e)),
+        }
+    }
 }
 
 fn forward_signals() -> Result<(), LaunchError> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
+    // Handlers also make these signals deliverable to pid 1 from the
+    // parent namespace (the agent); SIGKILL always is.
     let mut signals =
         signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2])
-            .map_err(|e| io_err("signal", Path::new("signal handlers"), e))?;
+            .map_err(|e| io_err("install", Path::new("signal handlers"), e))?;
     std::thread::Builder::new()
         .name("forward".into())
         .spawn(move || {
@@ -501,60 +529,33 @@ fn forward_signals() -> Result<(), LaunchError> {
     Ok(())
 }
 
-/// Stage 2: only returns on failure (after writing `report.json`).
-fn stage2(run_dir: &Path) -> LaunchError {
-    let report_path = run_dir.join("report.json");
-    let mut report = Report {
-        result: Ok(()),
-        landlock_abi: 0,
-        landlock: "none".into(),
-        seccomp: false,
-    };
-    // Opened before pivot_root: run_dir is not visible afterwards.
-    let report_file = match fs::File::create(&report_path) {
-        Ok(f) => f,
-        Err(e) => return io_err("write", &report_path, e),
-    };
-    let err = match confine(run_dir, &mut report) {
-        Ok(cmd) => {
-            let mut cmd = cmd;
-            write_report(&report_file, &report);
-            // Only returns on failure.
-            let e = cmd.exec();
-            LaunchError::Io {
-                op: "exec",
-                path: PathBuf::from(cmd.get_program()),
-                source: e,
-            }
-        }
-        Err(e) => e,
-    };
-    report.result = Err(err.to_string());
-    write_report(&report_file, &report);
-    err
-}
-
-fn write_report(mut file: &fs::File, report: &Report) {
+/// Rewrites `file` (opened before pivot_root) with `value` as JSON.
+fn write_file<T: Serialize>(mut file: &fs::File, value: &T) {
     let _ = file.set_len(0);
     let _ = io::Seek::seek(&mut file, io::SeekFrom::Start(0));
-    if let Ok(text) = serde_json::to_string(report) {
+    if let Ok(text) = serde_json::to_string(value) {
         let _ = file.write_all(text.as_bytes());
     }
 }
 
-fn confine(run_dir: &Path, report: &mut Report) -> Result<Command, LaunchError> {
-    let spec: LaunchSpec = read_json(&run_dir.join("spec.json"))?;
+/// Every confinement step, in order; returns the engine's command.
+fn confine(spec: &LaunchSpec, report: &mut Report) -> Result<Command, LaunchError> {
+    // Out of the agent's session: no terminal signal reaches the engine.
+    nix::unistd::setsid().map_err(sys("setsid"))?;
+    if let Some(cg) = &spec.cgroup {
+        // "0": the writing process (our pid differs between namespaces).
+        let procs = cg.join("cgroup.procs");
+        fs::write(&procs, "0\n").map_err(|e| io_err("write", &procs, e))?;
+    }
     unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
         .map_err(sys("unshare(NEWNS|NEWIPC|NEWUTS)"))?;
-    setup_root(&spec)?;
+    setup_root(spec)?;
     nix::unistd::sethostname(&spec.name).map_err(sys("sethostname"))?;
     nix::sys::prctl::set_no_new_privs().map_err(sys("prctl(PR_SET_NO_NEW_PRIVS)"))?;
-    landlock(&spec, report)?;
-    drop_privileges(&spec)?;
+    landlock(spec, report)?;
+    drop_privileges(spec)?;
     seccomp()?;
     report.seccomp = true;
-    // SIGKILL when the shim dies; set after the uid change, which clears it.
-    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(sys("prctl(PR_SET_PDEATHSIG)"))?;
     let mut cmd = Command::new(&spec.argv[0]);
     cmd.args(&spec.argv[1..])
         .env_clear()

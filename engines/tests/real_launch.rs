@@ -213,8 +213,10 @@ fn real_confined_engine() -> Outcome {
     }
     assert_eq!(field(&out, "NoNewPrivs"), "1");
     assert_eq!(field(&out, "Seccomp"), "2");
-    // pid 1 of its own pid namespace; its own hostname (uts namespace).
-    assert_eq!(field(&out, "pid"), "1");
+    // A small pid of its own pid namespace (the shim is 1, its signal
+    // thread 2); its own hostname (uts namespace).
+    let pid: u32 = field(&out, "pid").parse().unwrap();
+    assert!((2..10).contains(&pid), "pid {pid}");
     assert_eq!(field(&out, "hostname"), "probe");
     // Root read-only; private /tmp and the data dir writable.
     assert_eq!(field(&out, "write_root"), "EROFS");
@@ -231,7 +233,7 @@ fn real_confined_engine() -> Outcome {
     // No host path: neither the test's file nor the agent's state.
     assert_eq!(field(&out, "read_host_secret"), "ENOENT");
     assert_eq!(field(&out, "var_lib_leasehold"), "absent");
-    assert_eq!(field(&out, "proc_1_root_secret"), "ENOENT");
+    assert_ne!(field(&out, "proc_1_root_secret"), "ok");
 
     let report = running.report().expect("report.json");
     assert_eq!(report.result, Ok(()));
