@@ -16,6 +16,6 @@
 
 pub mod backoff;
 pub mod budget;
-pub mod spec;
 pub mod cgroup;
 pub mod launch;
+pub mod spec;
