@@ -618,6 +618,20 @@ fn mountpoint(root: &Path, target: &Path, dir: bool) -> Result<PathBuf, LaunchEr
     Ok(path)
 }
 
+/// Masked in the engine's /proc (crun's default `maskedPaths`).
+const PROC_MASKED: [&str; 8] = [
+    "acpi",
+    "kcore",
+    "keys",
+    "latency_stats",
+    "timer_list",
+    "timer_stats",
+    "sched_debug",
+    "scsi",
+];
+/// Read-only in the engine's /proc (crun's default `readonlyPaths`).
+const PROC_READ_ONLY: [&str; 5] = ["bus", "fs", "irq", "sys", "sysrq-trigger"];
+
 fn setup_root(spec: &LaunchSpec) -> Result<(), LaunchError> {
     let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     mount(
@@ -640,6 +654,34 @@ fn setup_root(spec: &LaunchSpec) -> Result<(), LaunchError> {
         None::<&str>,
     )
     .map_err(sys("mount proc"))?;
+
+    // As container runtimes do: kernel-wide information in this /proc
+    // that a pid namespace does not narrow, masked; the rest of /proc/sys
+    // and friends read-only (the engine's uid could not write them anyway).
+    for masked in PROC_MASKED {
+        let dst = proc_dir.join(masked);
+        match fs::symlink_metadata(&dst) {
+            Ok(m) if m.is_dir() => {
+                mount(
+                    Some("tmpfs"),
+                    &dst,
+                    Some("tmpfs"),
+                    nodev | MsFlags::MS_RDONLY,
+                    Some("size=0"),
+                )
+                .map_err(sys(format!("mask {}", dst.display())))?;
+            }
+            Ok(_) => bind(Path::new("/dev/null"), &dst, MsFlags::empty())?,
+            Err(_) => {}
+        }
+    }
+    for ro in PROC_READ_ONLY {
+        let dst = proc_dir.join(ro);
+        if dst.exists() {
+            bind(&dst, &dst, MsFlags::MS_REC)?;
+            remount(&dst, nodev | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY)?;
+        }
+    }
 
     let dev = mountpoint(root, Path::new("/dev"), true)?;
     tmpfs(&dev, "mode=0755,size=64k,nr_inodes=64")?;

@@ -233,6 +233,10 @@ fn real_confined_engine() -> Outcome {
     // No host path: neither the test's file nor the agent's state.
     assert_eq!(field(&out, "read_host_secret"), "ENOENT");
     assert_eq!(field(&out, "var_lib_leasehold"), "absent");
+    // Kernel-wide /proc files masked (empty or absent), /proc/sys read-only.
+    assert_eq!(field(&out, "proc_keys"), "empty");
+    assert_eq!(field(&out, "proc_timer_list"), "empty");
+    assert_ne!(field(&out, "proc_sys_ro"), "ok");
     assert_ne!(field(&out, "proc_1_root_secret"), "ok");
 
     let report = running.report().expect("report.json");
@@ -543,6 +547,22 @@ fn probe(args: &[String]) -> i32 {
     println!(
         "proc_1_root_secret={}",
         errno_of(fs::File::open(format!("/proc/1/root{secret}")).map(drop))
+    );
+    for (key, path) in [
+        ("proc_keys", "/proc/keys"),
+        ("proc_timer_list", "/proc/timer_list"),
+    ] {
+        let v = match fs::read(path) {
+            Ok(b) if b.is_empty() => "empty".to_string(),
+            Ok(b) => format!("{} bytes", b.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "empty".to_string(),
+            Err(e) => errno_of(Err(e)),
+        };
+        println!("{key}={v}");
+    }
+    println!(
+        "proc_sys_ro={}",
+        errno_of(fs::write("/proc/sys/kernel/hostname", "x"))
     );
     println!(
         "var_lib_leasehold={}",
