@@ -151,6 +151,9 @@ pub enum LaunchError {
         #[source]
         source: nix::Error,
     },
+    /// A mount point inside the image is a symlink (refused, not followed).
+    #[error("mount point {} in the image is a symlink", .0.display())]
+    SymlinkMountPoint(PathBuf),
     /// The thread that spawns the shim panicked.
     #[error("the engine-spawn thread panicked")]
     SpawnThread,
@@ -600,19 +603,31 @@ fn tmpfs(dst: &Path, options: &str) -> Result<(), LaunchError> {
 /// A mount point inside the rootfs: created (as root, before the rootfs is
 /// read-only) when the image lacks it.
 fn mountpoint(root: &Path, target: &Path, dir: bool) -> Result<PathBuf, LaunchError> {
-    let rel = target.strip_prefix("/").unwrap_or(target);
-    let path = root.join(rel);
-    // Never follow a symlink planted in the image out of the rootfs.
-    if fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
-        return Err(LaunchError::InvalidSpec(
-            "a mount point in the image is a symlink",
-        ));
-    }
-    if !path.exists() {
-        if dir {
-            fs::create_dir_all(&path).map_err(|e| io_err("mkdir", &path, e))?;
-        } else {
-            fs::File::create(&path).map_err(|e| io_err("write", &path, e))?;
+    // Every component is checked, created if missing, and must not be a
+    // symlink: a link planted in the image ("var -> /root") would otherwise
+    // make the shim create directories or mount on the host's paths. The
+    // image root is written only by the agent's unpacker, so nothing
+    // changes it between the check and the mount.
+    let mut path = root.to_path_buf();
+    let parts: Vec<_> = target
+        .components()
+        .filter(|c| matches!(c, std::path::Component::Normal(_)))
+        .collect();
+    for (i, part) in parts.iter().enumerate() {
+        path.push(part);
+        match fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(LaunchError::SymlinkMountPoint(path));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if dir || i + 1 < parts.len() {
+                    fs::create_dir(&path).map_err(|e| io_err("mkdir", &path, e))?;
+                } else {
+                    fs::File::create(&path).map_err(|e| io_err("write", &path, e))?;
+                }
+            }
+            Err(e) => return Err(io_err("read", &path, e)),
         }
     }
     Ok(path)
@@ -968,6 +983,34 @@ mod tests {
                 "{s:?}"
             );
         }
+    }
+
+    #[test]
+    fn mount_points_never_follow_image_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let host = dir.path().join("host");
+        fs::create_dir_all(&root).unwrap();
+        fs::create_dir_all(&host).unwrap();
+        std::os::unix::fs::symlink(&host, root.join("var")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("tmp")).unwrap();
+        for target in ["/var/data", "/tmp", "/var"] {
+            let err = mountpoint(&root, Path::new(target), true).unwrap_err();
+            assert!(
+                matches!(err, LaunchError::SymlinkMountPoint(_)),
+                "{target}: {err}"
+            );
+        }
+        assert_eq!(
+            fs::read_dir(&host).unwrap().count(),
+            0,
+            "nothing created on the host"
+        );
+        let p = mountpoint(&root, Path::new("/srv/data"), true).unwrap();
+        assert_eq!(p, root.join("srv/data"));
+        assert!(p.is_dir());
+        let f = mountpoint(&root, Path::new("/dev/null"), false).unwrap();
+        assert!(f.is_file());
     }
 
     #[test]
