@@ -220,6 +220,7 @@ fn main() {
         cgroup: None,
         data_dirs: vec![],
         tmp_size: 1 << 20,
+        secrets: vec![],
     };
 
     let mut floor = Stats {
@@ -289,7 +290,7 @@ fn main() {
         let mut spec_cg = spec.clone();
         spec_cg.cgroup = Some(cgroups.dir(&cg));
         let mut running = launcher
-            .start(&spec_cg, &run_dir, Stdio::from(w), Stdio::inherit())
+            .start(&spec_cg, &run_dir, Stdio::from(w), Stdio::inherit(), &[])
             .unwrap();
         let d = first_byte(t, r);
         running
@@ -306,7 +307,7 @@ fn main() {
         let run_dir = run.path().join(format!("nocg{i}"));
         let t = Instant::now();
         let mut running = launcher
-            .start(&spec, &run_dir, Stdio::from(w), Stdio::inherit())
+            .start(&spec, &run_dir, Stdio::from(w), Stdio::inherit(), &[])
             .unwrap();
         let d = first_byte(t, r);
         running

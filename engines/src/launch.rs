@@ -79,6 +79,37 @@ pub struct LaunchSpec {
     pub data_dirs: Vec<DataDir>,
     /// Size of the private /tmp, bytes.
     pub tmp_size: u64,
+    /// Names of the secrets, in the order their bytes are handed to
+    /// [`Launcher::start`]; each appears as `/run/secrets/NAME` (0400, the
+    /// engine's uid) on a private read-only tmpfs. Names only: the bytes
+    /// never touch the run directory.
+    #[serde(default)]
+    pub secrets: Vec<String>,
+}
+
+/// Largest secret handed to an engine.
+pub const MAX_SECRET_BYTES: usize = 1 << 20;
+
+/// A secret's bytes on their way into an engine: Debug redacted, zeroized
+/// on drop, reached through [`SecretBytes::expose`] only.
+pub struct SecretBytes(zeroize::Zeroizing<Vec<u8>>);
+
+impl SecretBytes {
+    /// Wraps `bytes` (taken, not copied).
+    pub fn new(bytes: Vec<u8>) -> Self {
+        SecretBytes(zeroize::Zeroizing::new(bytes))
+    }
+
+    /// The bytes.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretBytes(<redacted>, {} bytes)", self.0.len())
+    }
 }
 
 /// A read-write directory bound into the engine.
@@ -239,14 +270,25 @@ impl Launcher {
     /// shim with `stdout`/`stderr` (files: a pipe to the agent would kill the
     /// engine with SIGPIPE once the agent restarts). Returns once the shim
     /// runs; the engine's own start is reported in `report.json`.
+    /// `secrets` are the bytes of `spec.secrets`, in order: they go to the
+    /// shim through a pipe (its stdin), never through a file.
     pub fn start(
         &self,
         spec: &LaunchSpec,
         run_dir: &Path,
         stdout: Stdio,
         stderr: Stdio,
+        secrets: &[SecretBytes],
     ) -> Result<Running, LaunchError> {
         validate(spec)?;
+        if secrets.len() != spec.secrets.len() {
+            return Err(LaunchError::InvalidSpec(
+                "one secret's bytes per name in spec.secrets",
+            ));
+        }
+        if secrets.iter().any(|s| s.expose().len() > MAX_SECRET_BYTES) {
+            return Err(LaunchError::InvalidSpec("a secret is larger than 1 MiB"));
+        }
         fs::create_dir_all(run_dir).map_err(|e| io_err("mkdir", run_dir, e))?;
         fs::set_permissions(run_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .map_err(|e| io_err("write", run_dir, e))?;
@@ -254,26 +296,35 @@ impl Launcher {
             let _ = fs::remove_file(run_dir.join(stale));
         }
         write_json(&run_dir.join("spec.json"), spec)?;
-        let shim = self.shim.clone();
-        let dir = run_dir.to_path_buf();
+        let (secrets_r, secrets_w) = nix::unistd::pipe().map_err(sys("pipe"))?;
         // A thread of its own: unshare(CLONE_NEWPID) changes the pid
         // namespace of this thread's later children, once per thread.
-        let child = std::thread::Builder::new()
-            .name("engine-spawn".into())
-            .spawn(move || {
-                unshare(CloneFlags::CLONE_NEWPID).map_err(sys("unshare(CLONE_NEWPID)"))?;
-                Command::new(&shim)
-                    .arg(&dir)
-                    .stdin(Stdio::null())
-                    .stdout(stdout)
-                    .stderr(stderr)
-                    .env_clear()
-                    .spawn()
-                    .map_err(|e| io_err("spawn", &shim, e))
-            })
-            .map_err(|e| io_err("spawn", Path::new("engine-spawn thread"), e))?
-            .join()
-            .map_err(|_| LaunchError::SpawnThread)??;
+        let child = std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    unshare(CloneFlags::CLONE_NEWPID).map_err(sys("unshare(CLONE_NEWPID)"))?;
+                    Command::new(&self.shim)
+                        .arg(run_dir)
+                        .stdin(Stdio::from(secrets_r))
+                        .stdout(stdout)
+                        .stderr(stderr)
+                        .env_clear()
+                        .spawn()
+                        .map_err(|e| io_err("spawn", &self.shim, e))
+                })
+                .join()
+                .map_err(|_| LaunchError::SpawnThread)?
+        })?;
+        // The shim reads them first thing. A shim that already failed
+        // (EPIPE) says why in report.json.
+        let mut pipe = fs::File::from(secrets_w);
+        for s in secrets {
+            let len = u32::try_from(s.expose().len()).unwrap_or(u32::MAX);
+            if pipe.write_all(&len.to_le_bytes()).is_err() || pipe.write_all(s.expose()).is_err() {
+                break;
+            }
+        }
+        drop(pipe);
         let pid = child.id();
         let pidfd = pidfd_open(pid)?;
         let start_time = start_time(pid).ok_or(LaunchError::ShimGone {
@@ -301,6 +352,15 @@ fn validate(spec: &LaunchSpec) -> Result<(), LaunchError> {
     }
     if !spec.rootfs.is_absolute() || !spec.cwd.is_absolute() {
         return Err(LaunchError::InvalidSpec("rootfs and cwd must be absolute"));
+    }
+    if spec
+        .secrets
+        .iter()
+        .any(|n| n.is_empty() || n == "." || n == ".." || n.contains('/') || n.contains('\0'))
+    {
+        return Err(LaunchError::InvalidSpec(
+            "a secret name must be one plain file name",
+        ));
     }
     if spec.data_dirs.iter().any(|d| {
         !d.target.is_absolute()
@@ -482,7 +542,9 @@ pub fn shim_main(args: &[OsString]) -> i32 {
 /// signals, reaps orphans and returns how the engine ended.
 fn run(run_dir: &Path, report_file: &fs::File, report: &mut Report) -> Result<Exit, LaunchError> {
     let spec: LaunchSpec = read_json(&run_dir.join("spec.json"))?;
-    let mut cmd = confine(&spec, report)?;
+    let secrets = read_secrets(&spec)?;
+    let mut cmd = confine(&spec, &secrets, report)?;
+    drop(secrets);
     // After seccomp: the thread inherits the filter.
     forward_signals()?;
     write_file(report_file, report);
@@ -507,6 +569,26 @@ fn run(run_dir: &Path, report_file: &fs::File, report: &mut Report) -> Result<Ex
             Err(e) => return Err(sys("waitpid")(e)),
         }
     }
+}
+
+/// The secrets' bytes from stdin: per secret a little-endian u32 length,
+/// then the bytes.
+fn read_secrets(spec: &LaunchSpec) -> Result<Vec<SecretBytes>, LaunchError> {
+    let mut stdin = io::stdin().lock();
+    let stdin_err = |e| io_err("read", Path::new("secrets pipe (stdin)"), e);
+    let mut out = Vec::with_capacity(spec.secrets.len());
+    for _ in &spec.secrets {
+        let mut len = [0u8; 4];
+        io::Read::read_exact(&mut stdin, &mut len).map_err(stdin_err)?;
+        let len = usize::try_from(u32::from_le_bytes(len)).unwrap_or(usize::MAX);
+        if len > MAX_SECRET_BYTES {
+            return Err(LaunchError::InvalidSpec("a secret is larger than 1 MiB"));
+        }
+        let mut bytes = SecretBytes::new(vec![0; len]);
+        io::Read::read_exact(&mut stdin, &mut bytes.0).map_err(stdin_err)?;
+        out.push(bytes);
+    }
+    Ok(out)
 }
 
 fn forward_signals() -> Result<(), LaunchError> {
@@ -542,7 +624,11 @@ fn write_file<T: Serialize>(mut file: &fs::File, value: &T) {
 }
 
 /// Every confinement step, in order; returns the engine's command.
-fn confine(spec: &LaunchSpec, report: &mut Report) -> Result<Command, LaunchError> {
+fn confine(
+    spec: &LaunchSpec,
+    secrets: &[SecretBytes],
+    report: &mut Report,
+) -> Result<Command, LaunchError> {
     // Out of the agent's session: no terminal signal reaches the engine.
     nix::unistd::setsid().map_err(sys("setsid"))?;
     if let Some(cg) = &spec.cgroup {
@@ -552,7 +638,7 @@ fn confine(spec: &LaunchSpec, report: &mut Report) -> Result<Command, LaunchErro
     }
     unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
         .map_err(sys("unshare(NEWNS|NEWIPC|NEWUTS)"))?;
-    setup_root(spec)?;
+    setup_root(spec, secrets)?;
     nix::unistd::sethostname(&spec.name).map_err(sys("sethostname"))?;
     nix::sys::prctl::set_no_new_privs().map_err(sys("prctl(PR_SET_NO_NEW_PRIVS)"))?;
     landlock(spec, report)?;
@@ -561,6 +647,7 @@ fn confine(spec: &LaunchSpec, report: &mut Report) -> Result<Command, LaunchErro
     report.seccomp = true;
     let mut cmd = Command::new(&spec.argv[0]);
     cmd.args(&spec.argv[1..])
+        .stdin(Stdio::null())
         .env_clear()
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&spec.cwd);
@@ -647,7 +734,7 @@ const PROC_MASKED: [&str; 8] = [
 /// Read-only in the engine's /proc (crun's default `readonlyPaths`).
 const PROC_READ_ONLY: [&str; 5] = ["bus", "fs", "irq", "sys", "sysrq-trigger"];
 
-fn setup_root(spec: &LaunchSpec) -> Result<(), LaunchError> {
+fn setup_root(spec: &LaunchSpec, secrets: &[SecretBytes]) -> Result<(), LaunchError> {
     let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     mount(
         None::<&str>,
@@ -704,7 +791,8 @@ fn setup_root(spec: &LaunchSpec) -> Result<(), LaunchError> {
         let dst = dev.join(node);
         fs::File::create(&dst).map_err(|e| io_err("write", &dst, e))?;
         bind(&Path::new("/dev").join(node), &dst, MsFlags::empty())?;
-        remount(&dst, nodev | MsFlags::MS_NOEXEC)?;
+        // Not nodev: these mounts are the device nodes themselves.
+        remount(&dst, MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC)?;
     }
     remount(&dev, nodev | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY)?;
 
@@ -717,6 +805,10 @@ fn setup_root(spec: &LaunchSpec) -> Result<(), LaunchError> {
         remount(&dst, nodev)?;
     }
 
+    if !spec.secrets.is_empty() {
+        write_secrets(spec, secrets, root)?;
+    }
+
     remount(root, nodev | MsFlags::MS_RDONLY)?;
     std::env::set_current_dir(root).map_err(|e| io_err("chdir", root, e))?;
     nix::unistd::pivot_root(".", ".").map_err(sys("pivot_root"))?;
@@ -724,6 +816,45 @@ fn setup_root(spec: &LaunchSpec) -> Result<(), LaunchError> {
     umount2(".", MntFlags::MNT_DETACH).map_err(sys("umount old root"))?;
     std::env::set_current_dir("/").map_err(|e| io_err("chdir", Path::new("/"), e))?;
     Ok(())
+}
+
+/// `/run/secrets/NAME`, 0400, owned by the engine, on a tmpfs of their
+/// size, then read-only.
+fn write_secrets(
+    spec: &LaunchSpec,
+    secrets: &[SecretBytes],
+    root: &Path,
+) -> Result<(), LaunchError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = mountpoint(root, Path::new("/run/secrets"), true)?;
+    let pages: usize = secrets.iter().map(|s| s.expose().len() / 4096 + 1).sum();
+    tmpfs(
+        &dir,
+        &format!(
+            "mode=0500,uid={},gid={},size={},nr_inodes={}",
+            spec.uid,
+            spec.gid,
+            pages * 4096,
+            secrets.len() + 1
+        ),
+    )?;
+    for (name, bytes) in spec.secrets.iter().zip(secrets) {
+        let path = dir.join(name);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .open(&path)
+            .map_err(|e| io_err("write", &path, e))?;
+        f.write_all(bytes.expose())
+            .map_err(|e| io_err("write", &path, e))?;
+        std::os::unix::fs::fchown(&f, Some(spec.uid), Some(spec.gid))
+            .map_err(|e| io_err("chown", &path, e))?;
+    }
+    remount(
+        &dir,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
+    )
 }
 
 fn landlock(spec: &LaunchSpec, report: &mut Report) -> Result<(), LaunchError> {
@@ -948,6 +1079,7 @@ mod tests {
             cgroup: None,
             data_dirs: vec![],
             tmp_size: 1 << 20,
+            secrets: vec![],
         }
     }
 
@@ -967,6 +1099,14 @@ mod tests {
             },
             LaunchSpec {
                 rootfs: "images/web".into(),
+                ..spec()
+            },
+            LaunchSpec {
+                secrets: vec!["../x".into()],
+                ..spec()
+            },
+            LaunchSpec {
+                secrets: vec!["..".into()],
                 ..spec()
             },
             LaunchSpec {
@@ -1011,6 +1151,13 @@ mod tests {
         assert!(p.is_dir());
         let f = mountpoint(&root, Path::new("/dev/null"), false).unwrap();
         assert!(f.is_file());
+    }
+
+    #[test]
+    fn secret_bytes_are_not_printed() {
+        let s = SecretBytes::new(b"hunter2".to_vec());
+        assert_eq!(format!("{s:?}"), "SecretBytes(<redacted>, 7 bytes)");
+        assert_eq!(s.expose(), b"hunter2");
     }
 
     #[test]

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use leasehold_engines::cgroup::{CgroupError, CgroupFs, CgroupPath, Cgroups, Controller};
-use leasehold_engines::launch::{DataDir, Exit, LaunchSpec, Launcher, Running};
+use leasehold_engines::launch::{DataDir, Exit, LaunchSpec, Launcher, Running, SecretBytes};
 
 const SHIM: &str = env!("CARGO_BIN_EXE_leasehold-engine-shim");
 const ENGINE_UID: u32 = 61_234;
@@ -41,7 +41,7 @@ fn main() {
             ],
         );
         let r = Launcher::new(SHIM)
-            .start(&s, Path::new(&args[2]), Stdio::null(), Stdio::null())
+            .start(&s, Path::new(&args[2]), Stdio::null(), Stdio::null(), &[])
             .unwrap();
         println!("{}", r.shim_pid());
         return;
@@ -155,6 +155,7 @@ fn spec(root: &Path, argv: &[&str]) -> LaunchSpec {
         cgroup: None,
         data_dirs: vec![],
         tmp_size: 1 << 20,
+        secrets: vec![],
     }
 }
 
@@ -194,8 +195,15 @@ fn real_confined_engine() -> Outcome {
     }];
     let out = fs::File::create(&out_path).unwrap();
     let err = out.try_clone().unwrap();
+    s.secrets = vec!["db-password".into()];
     let mut running = Launcher::new(SHIM)
-        .start(&s, &work.path().join("run"), out.into(), err.into())
+        .start(
+            &s,
+            &work.path().join("run"),
+            out.into(),
+            err.into(),
+            &[SecretBytes::new(b"test-secret-value".to_vec())],
+        )
         .unwrap();
     let exit = wait(&mut running);
     let out = fs::read_to_string(&out_path).unwrap();
@@ -220,6 +228,10 @@ fn real_confined_engine() -> Outcome {
     assert_eq!(field(&out, "hostname"), "probe");
     // Root read-only; private /tmp and the data dir writable.
     assert_eq!(field(&out, "write_root"), "EROFS");
+    // The minimal /dev works.
+    assert_eq!(field(&out, "dev_null_read"), "ok");
+    assert_eq!(field(&out, "dev_null_write"), "ok");
+    assert_eq!(field(&out, "dev_urandom_read"), "ok");
     assert_eq!(field(&out, "write_tmp"), "ok");
     assert_eq!(field(&out, "write_data"), "ok");
     assert_eq!(fs::read_to_string(data.join("f")).unwrap(), "data");
@@ -233,6 +245,23 @@ fn real_confined_engine() -> Outcome {
     // No host path: neither the test's file nor the agent's state.
     assert_eq!(field(&out, "read_host_secret"), "ENOENT");
     assert_eq!(field(&out, "var_lib_leasehold"), "absent");
+    // The secret: a 0400 file of the engine's on a read-only tmpfs, not in
+    // the environment, not in the run directory.
+    assert_eq!(
+        field(&out, "secret"),
+        format!("test-secret-value mode=400 uid={ENGINE_UID} fs=tmpfs")
+    );
+    assert_eq!(field(&out, "secret_write"), "EROFS");
+    assert_eq!(field(&out, "env_has_secret"), "no");
+    for f in fs::read_dir(work.path().join("run")).unwrap() {
+        let f = f.unwrap().path();
+        let text = fs::read(&f).unwrap();
+        assert!(
+            !text.windows(17).any(|w| w == b"test-secret-value"),
+            "secret in {}",
+            f.display()
+        );
+    }
     // Kernel-wide /proc files masked (empty or absent), /proc/sys read-only.
     assert_eq!(field(&out, "proc_keys"), "empty");
     assert_eq!(field(&out, "proc_timer_list"), "empty");
@@ -273,6 +302,7 @@ fn real_exit_status_and_signals() -> Outcome {
                 &work.path().join(name),
                 Stdio::null(),
                 Stdio::inherit(),
+                &[],
             )
             .unwrap()
     };
@@ -419,7 +449,13 @@ fn real_cgroup_join_kill_remove() -> Outcome {
     let mut s = spec(&fs_.root, &["/bin/sh", "-c", "while :; do sleep 1; done"]);
     s.cgroup = Some(cg.dir(&engine));
     let mut r = Launcher::new(SHIM)
-        .start(&s, &work.path().join("run"), Stdio::null(), Stdio::null())
+        .start(
+            &s,
+            &work.path().join("run"),
+            Stdio::null(),
+            Stdio::null(),
+            &[],
+        )
         .unwrap();
     let t = Instant::now();
     while cg.pids(&engine).unwrap().len() < 3 && t.elapsed() < Duration::from_secs(5) {
@@ -509,6 +545,15 @@ fn probe(args: &[String]) -> i32 {
             .unwrap_or_default()
     );
     println!("write_root={}", errno_of(fs::write("/probe-write", "x")));
+    println!(
+        "dev_null_read={}",
+        errno_of(fs::File::open("/dev/null").map(drop))
+    );
+    println!("dev_null_write={}", errno_of(fs::write("/dev/null", "x")));
+    println!(
+        "dev_urandom_read={}",
+        errno_of(fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut [0u8; 8])))
+    );
     println!("write_tmp={}", errno_of(fs::write("/tmp/x", "x")));
     println!("write_data={}", errno_of(fs::write("/data/f", "data")));
     println!(
@@ -564,6 +609,34 @@ fn probe(args: &[String]) -> i32 {
         "proc_sys_ro={}",
         errno_of(fs::write("/proc/sys/kernel/hostname", "x"))
     );
+    {
+        use std::os::unix::fs::MetadataExt;
+        let path = "/run/secrets/db-password";
+        let secret = match (fs::read_to_string(path), fs::metadata(path)) {
+            (Ok(v), Ok(m)) => {
+                let fs_type = nix::sys::statfs::statfs(path)
+                    .map(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+                    .unwrap_or(false);
+                format!(
+                    "{v} mode={:o} uid={} fs={}",
+                    m.mode() & 0o7777,
+                    m.uid(),
+                    if fs_type { "tmpfs" } else { "other" }
+                )
+            }
+            (Err(e), _) | (_, Err(e)) => errno_of(Err(e)),
+        };
+        println!("secret={secret}");
+        println!(
+            "secret_write={}",
+            errno_of(fs::write("/run/secrets/new", "x"))
+        );
+        let in_env = std::env::vars_os().any(|(k, v)| {
+            k.to_string_lossy().contains("test-secret")
+                || v.to_string_lossy().contains("test-secret")
+        });
+        println!("env_has_secret={}", if in_env { "yes" } else { "no" });
+    }
     println!(
         "var_lib_leasehold={}",
         if Path::new("/var/lib/leasehold").exists() {
