@@ -77,7 +77,7 @@ const DENIED: &[&str] = &[
 ];
 
 fn pipe() -> (fs::File, OwnedFd) {
-    let (r, w) = nix::unistd::pipe().expect("pipe");
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe2");
     (fs::File::from(r), w)
 }
 

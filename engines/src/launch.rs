@@ -296,7 +296,11 @@ impl Launcher {
             let _ = fs::remove_file(run_dir.join(stale));
         }
         write_json(&run_dir.join("spec.json"), spec)?;
-        let (secrets_r, secrets_w) = nix::unistd::pipe().map_err(sys("pipe"))?;
+        // Close-on-exec: no other child of the agent may hold the write end
+        // (the shim would never see EOF); the read end becomes the shim's
+        // stdin through dup2, which clears the flag there.
+        let (secrets_r, secrets_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("pipe2"))?;
         // A thread of its own: unshare(CLONE_NEWPID) changes the pid
         // namespace of this thread's later children, once per thread.
         let child = std::thread::scope(|scope| {
@@ -541,6 +545,7 @@ pub fn shim_main(args: &[OsString]) -> i32 {
 /// Confines this process, starts the engine as its child (pid 2), forwards
 /// signals, reaps orphans and returns how the engine ended.
 fn run(run_dir: &Path, report_file: &fs::File, report: &mut Report) -> Result<Exit, LaunchError> {
+    close_inherited_fds()?;
     let spec: LaunchSpec = read_json(&run_dir.join("spec.json"))?;
     let secrets = read_secrets(&spec)?;
     let mut cmd = confine(&spec, &secrets, report)?;
@@ -569,6 +574,26 @@ fn run(run_dir: &Path, report_file: &fs::File, report: &mut Report) -> Result<Ex
             Err(e) => return Err(sys("waitpid")(e)),
         }
     }
+}
+
+/// Marks every descriptor above stdio close-on-exec: whatever the agent
+/// (or whoever started it) leaked to the shim must not reach the engine.
+fn close_inherited_fds() -> Result<(), LaunchError> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let dir = Path::new("/proc/self/fd");
+    let fds: Vec<i32> = fs::read_dir(dir)
+        .map_err(|e| io_err("read", dir, e))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        match fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)) {
+            // The directory listing's own descriptor, closed since.
+            Ok(_) | Err(nix::Error::EBADF) => {}
+            Err(e) => return Err(sys(format!("fcntl({fd}, FD_CLOEXEC)"))(e)),
+        }
+    }
+    Ok(())
 }
 
 /// The secrets' bytes from stdin: per secret a little-endian u32 length,

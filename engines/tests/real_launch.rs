@@ -220,6 +220,8 @@ fn real_confined_engine() -> Outcome {
         assert_eq!(field(&out, set), "0000000000000000", "{set}");
     }
     assert_eq!(field(&out, "NoNewPrivs"), "1");
+    // Nothing inherited but stdio.
+    assert_eq!(field(&out, "extra_fds"), "");
     assert_eq!(field(&out, "Seccomp"), "2");
     // A small pid of its own pid namespace (the shim is 1, its signal
     // thread 2); its own hostname (uts namespace).
@@ -538,6 +540,28 @@ fn probe(args: &[String]) -> i32 {
         println!("{key}={v}");
     }
     println!("pid={}", std::process::id());
+    // Open descriptors other than stdio (read_dir's own fd excluded by
+    // reading the list first): a leaked one could reach the host.
+    let fds: Vec<String> = fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let extra: Vec<String> = fds
+        .into_iter()
+        .filter(|f| !["0", "1", "2"].contains(&f.as_str()))
+        .filter(|f| fs::read_link(format!("/proc/self/fd/{f}")).is_ok())
+        .map(|f| {
+            format!(
+                "{f}->{}",
+                fs::read_link(format!("/proc/self/fd/{f}"))
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    println!("extra_fds={}", extra.join(","));
     println!(
         "hostname={}",
         nix::unistd::gethostname()
