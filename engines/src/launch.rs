@@ -272,6 +272,8 @@ impl Launcher {
     /// runs; the engine's own start is reported in `report.json`.
     /// `secrets` are the bytes of `spec.secrets`, in order: they go to the
     /// shim through a pipe (its stdin), never through a file.
+    /// Blocking (a thread is spawned and joined, the secrets are written to
+    /// a pipe): from async code, call it through `spawn_blocking`.
     pub fn start(
         &self,
         spec: &LaunchSpec,
