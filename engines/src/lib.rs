@@ -16,4 +16,6 @@
 
 pub mod backoff;
 pub mod budget;
+pub mod cgroup;
+pub mod launch;
 pub mod spec;

@@ -1,0 +1,389 @@
+//! Start latency of an engine (root): from the call to the engine's first
+//! output byte on a pipe (a static busybox `echo`), p50/p99 over N starts
+//! of each candidate, interleaved so that load from other work on the
+//! machine falls on all of them alike.
+//!
+//! `cargo bench -p leasehold-engines --bench launch_latency [-- N]`
+//!
+//! Candidates, same rootfs (busybox-static only) and engine:
+//! - `Command` (floor): busybox started directly, no confinement;
+//! - `unshare(1)`: mount+pid+ipc+uts namespaces, nothing else;
+//! - the launcher (`leasehold-engine-shim`): full confinement;
+//! - `crun run`: OCI config with the same namespaces, read-only root,
+//!   proc/dev/tmp, uid, no capabilities, no_new_privs, the same seccomp
+//!   deny-list (no Landlock: crun has none).
+
+use std::fs;
+use std::io::Read;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use leasehold_engines::cgroup::{CgroupFs, CgroupPath, Cgroups};
+use leasehold_engines::launch::{LaunchSpec, Launcher};
+
+const SHIM: &str = env!("CARGO_BIN_EXE_leasehold-engine-shim");
+const UID: u32 = 61_234;
+
+/// The launcher's seccomp deny-list by name, for crun's config.
+const DENIED: &[&str] = &[
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "move_mount",
+    "open_tree",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "mount_setattr",
+    "unshare",
+    "setns",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "kcmp",
+    "pidfd_getfd",
+    "kexec_load",
+    "kexec_file_load",
+    "reboot",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "swapon",
+    "swapoff",
+    "acct",
+    "quotactl",
+    "settimeofday",
+    "clock_settime",
+    "clock_adjtime",
+    "adjtimex",
+    "syslog",
+    "vhangup",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "lookup_dcookie",
+    "iopl",
+    "ioperm",
+];
+
+fn pipe() -> (fs::File, OwnedFd) {
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe2");
+    (fs::File::from(r), w)
+}
+
+/// Time until the first byte on `r` (the writer end already handed over).
+fn first_byte(start: Instant, mut r: fs::File) -> Duration {
+    let mut b = [0u8; 1];
+    let n = r.read(&mut b).expect("read engine output");
+    assert_eq!(n, 1, "engine wrote nothing");
+    start.elapsed()
+}
+
+fn crun_config(root: &Path) -> serde_json::Value {
+    let syscalls: Vec<serde_json::Value> = DENIED
+        .iter()
+        .map(|s| serde_json::json!({"names": [s], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}))
+        .collect();
+    serde_json::json!({
+        "ociVersion": "1.0.0",
+        "process": {
+            "terminal": false,
+            "user": {"uid": UID, "gid": UID},
+            "args": ["/bin/busybox", "echo", "x"],
+            "env": ["PATH=/bin"],
+            "cwd": "/",
+            "capabilities": {"bounding": [], "effective": [], "inheritable": [], "permitted": [], "ambient": []},
+            "noNewPrivileges": true
+        },
+        "root": {"path": root, "readonly": true},
+        "hostname": "bench",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777", "size=1m"]}
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+            "seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"], "syscalls": syscalls},
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+        }
+    })
+}
+
+fn cgroup2_only() -> nix::Result<()> {
+    use nix::mount::{mount, umount2, MntFlags, MsFlags};
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )?;
+    if fs::read_to_string("/proc/self/mounts")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/cgroup") && !l.contains(" cgroup2 "))
+    {
+        umount2("/sys/fs/cgroup", MntFlags::MNT_DETACH)?;
+        mount(
+            Some("cgroup2"),
+            "/sys/fs/cgroup",
+            Some("cgroup2"),
+            MsFlags::empty(),
+            None::<&str>,
+        )?;
+    }
+    Ok(())
+}
+
+struct Stats {
+    name: &'static str,
+    samples: Vec<Duration>,
+}
+
+impl Stats {
+    fn pct(&self, p: f64) -> Duration {
+        let mut s = self.samples.clone();
+        s.sort();
+        // Nearest rank: the smallest sample with at least p of them at or below.
+        let rank = (1..=s.len())
+            .find(|&k| k as f64 >= p * s.len() as f64)
+            .unwrap_or(s.len());
+        s[rank - 1]
+    }
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn main() {
+    if !nix::unistd::Uid::effective().is_root() {
+        println!("skipped: launch_latency needs root");
+        return;
+    }
+    // crun 1.8 refuses a hybrid cgroup layout (this host: v1 controllers
+    // plus an empty cgroup2 at /sys/fs/cgroup/unified). In a private mount
+    // namespace, /sys/fs/cgroup becomes the cgroup2 hierarchy alone, for
+    // every candidate alike.
+    if let Err(e) = cgroup2_only() {
+        println!("skipped: cannot set up a cgroup2-only /sys/fs/cgroup: {e}");
+        return;
+    }
+    let cgroups = CgroupFs::with_root(None);
+    let n: usize = std::env::args()
+        .skip(1)
+        .find_map(|a| a.parse().ok())
+        .unwrap_or(60);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    fs::create_dir_all(root.join("bin")).unwrap();
+    for d in [dir.path(), &root] {
+        fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    if fs::copy("/bin/busybox", root.join("bin/busybox")).is_err() {
+        println!("skipped: /bin/busybox absent (apt-get install busybox-static)");
+        return;
+    }
+    // Run directories on tmpfs, as /run/leasehold/engines in production.
+    let run = tempfile::tempdir_in("/run").unwrap();
+    let bundle = dir.path().join("bundle");
+    fs::create_dir_all(&bundle).unwrap();
+    fs::write(
+        bundle.join("config.json"),
+        serde_json::to_vec_pretty(&crun_config(&root)).unwrap(),
+    )
+    .unwrap();
+    let crun = Command::new("crun").arg("--version").output().is_ok();
+    let busybox = root.join("bin/busybox");
+    let launcher = Launcher::new(SHIM);
+    let spec = LaunchSpec {
+        name: "bench".into(),
+        rootfs: root.clone(),
+        argv: vec!["/bin/busybox".into(), "echo".into(), "x".into()],
+        env: vec![("PATH".into(), "/bin".into())],
+        cwd: "/".into(),
+        uid: UID,
+        gid: UID,
+        cgroup: None,
+        data_dirs: vec![],
+        tmp_size: 1 << 20,
+        secrets: vec![],
+    };
+
+    let mut floor = Stats {
+        name: "`Command` (floor, no confinement)",
+        samples: vec![],
+    };
+    let mut unshare = Stats {
+        name: "`unshare -m -p -i -u -f` (namespaces only)",
+        samples: vec![],
+    };
+    let mut ours = Stats {
+        name: "launcher: cgroup created, shim joins it",
+        samples: vec![],
+    };
+    let mut ours_nocg = Stats {
+        name: "launcher: no cgroup",
+        samples: vec![],
+    };
+    let mut crun_s = Stats {
+        name: "`crun run`: cgroup created (clone3 CLONE_INTO_CGROUP)",
+        samples: vec![],
+    };
+    let mut crun_nocg = Stats {
+        name: "`crun --cgroup-manager=disabled run`",
+        samples: vec![],
+    };
+    let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
+
+    // One warm-up round, not counted.
+    for i in 0..=n {
+        let count = i > 0;
+
+        let (r, w) = pipe();
+        let t = Instant::now();
+        let mut c = Command::new(&busybox)
+            .args(["echo", "x"])
+            .stdout(Stdio::from(w))
+            .spawn()
+            .unwrap();
+        let d = first_byte(t, r);
+        c.wait().unwrap();
+        if count {
+            floor.samples.push(d);
+        }
+
+        let (r, w) = pipe();
+        let t = Instant::now();
+        let mut c = Command::new("unshare")
+            .args(["-m", "-p", "-i", "-u", "-f"])
+            .arg(&busybox)
+            .args(["echo", "x"])
+            .stdout(Stdio::from(w))
+            .spawn()
+            .unwrap();
+        let d = first_byte(t, r);
+        c.wait().unwrap();
+        if count {
+            unshare.samples.push(d);
+        }
+
+        let (r, w) = pipe();
+        let run_dir = run.path().join(format!("run{i}"));
+        let cg = CgroupPath::new(format!("lh-bench-{}-{i}", std::process::id())).unwrap();
+        let t = Instant::now();
+        // As the agent will: create the engine's cgroup, the shim joins it.
+        cgroups.create(&cg).unwrap();
+        let mut spec_cg = spec.clone();
+        spec_cg.cgroup = Some(cgroups.dir(&cg));
+        let mut running = launcher
+            .start(&spec_cg, &run_dir, Stdio::from(w), Stdio::inherit(), &[])
+            .unwrap();
+        let d = first_byte(t, r);
+        running
+            .wait(Some(Duration::from_secs(10)))
+            .unwrap()
+            .expect("engine exit");
+        assert_eq!(running.report().map(|r| r.result), Some(Ok(())));
+        cgroups.remove(&cg).unwrap();
+        if count {
+            ours.samples.push(d);
+        }
+
+        let (r, w) = pipe();
+        let run_dir = run.path().join(format!("nocg{i}"));
+        let t = Instant::now();
+        let mut running = launcher
+            .start(&spec, &run_dir, Stdio::from(w), Stdio::inherit(), &[])
+            .unwrap();
+        let d = first_byte(t, r);
+        running
+            .wait(Some(Duration::from_secs(10)))
+            .unwrap()
+            .expect("engine exit");
+        assert_eq!(running.report().map(|r| r.result), Some(Ok(())));
+        if count {
+            ours_nocg.samples.push(d);
+        }
+
+        for (manager, stats) in [("cgroupfs", &mut crun_s), ("disabled", &mut crun_nocg)] {
+            if !crun {
+                break;
+            }
+            let (r, w) = pipe();
+            let id = format!("lh-bench-{}-{manager}-{i}", std::process::id());
+            let t = Instant::now();
+            let mut c = Command::new("crun")
+                .arg(format!("--cgroup-manager={manager}"))
+                .args(["run", "--bundle"])
+                .arg(&bundle)
+                .arg(&id)
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(w))
+                .spawn()
+                .unwrap();
+            let d = first_byte(t, r);
+            let st = c.wait().unwrap();
+            assert!(st.success(), "crun run: {st}");
+            let _ = Command::new("crun").args(["delete", "-f", &id]).output();
+            if count {
+                stats.samples.push(d);
+            }
+        }
+    }
+
+    println!(
+        "- date: {}",
+        String::from_utf8_lossy(
+            &Command::new("date")
+                .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+                .output()
+                .unwrap()
+                .stdout
+        )
+        .trim()
+    );
+    println!(
+        "- kernel: {}",
+        fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    );
+    println!(
+        "- load average at start: {}",
+        load.split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
+    );
+    println!("- starts per candidate: {n} (interleaved, after one warm-up round)");
+    println!();
+    println!("| candidate | p50 | p99 | max |");
+    println!("|---|---|---|---|");
+    for s in [&floor, &unshare, &ours, &ours_nocg, &crun_s, &crun_nocg] {
+        if s.samples.is_empty() {
+            println!("| {} | skipped: crun not installed | | |", s.name);
+            continue;
+        }
+        println!(
+            "| {} | {} | {} | {} |",
+            s.name,
+            ms(s.pct(0.5)),
+            ms(s.pct(0.99)),
+            ms(s.pct(1.0))
+        );
+    }
+}

@@ -1,0 +1,1224 @@
+//! The launcher: starts an engine confined, without unsafe code, through a
+//! small shim process (see docs/engines.md, "Launcher", for the choice
+//! against crun and the measurements).
+//!
+//! ```text
+//! agent: a short-lived thread unshare(CLONE_NEWPID)s, then spawns
+//!  └─ shim (pid 1 of the new pid ns, root)
+//!       setsid; joins the engine's cgroup; unshare(NEWNS|NEWIPC|NEWUTS);
+//!       private mounts; rootfs bound read-only + /proc, /dev, /tmp, data dirs;
+//!       pivot_root; hostname; no_new_privs; Landlock; drop every capability,
+//!       groups, uid/gid; seccomp deny-list — then spawns
+//!        └─ engine (pid 2), inheriting all of it
+//! ```
+//!
+//! Without unsafe code there is no fork without exec (no `pre_exec`), so
+//! confinement is applied to the shim itself and inherited by the engine.
+//! `CLONE_NEWPID` only applies to the children of the calling thread, and
+//! only once per thread: hence a fresh thread per start in the agent (the
+//! agent's own namespaces do not change); `unshare` of a mount namespace
+//! needs a single-threaded caller: the shim, before it starts its signal
+//! thread.
+//!
+//! The shim is the engine's init and supervisor: it forwards SIGTERM,
+//! SIGINT, SIGHUP, SIGUSR1 and SIGUSR2 to the engine (an engine as pid 1
+//! would ignore a SIGTERM it has no handler for), reaps orphans, writes the
+//! engine's exit status to `exit.json` and exits, which kills whatever is
+//! left in the pid namespace. SIGKILL on the shim kills the engine the same
+//! way. The agent watches the shim through a pidfd (readable when it exits:
+//! no polling) and reads `exit.json`. The shim is the agent's child only
+//! until the agent exits: it is then re-parented (to init, or the nearest
+//! subreaper), the engine runs on, and [`Running::adopt`] finds the shim
+//! again from `shim.pid` (pid and start time, so a recycled pid is not
+//! taken for it).
+//!
+//! The run directory (on /run, tmpfs; mode 0700) holds: `spec.json` and
+//! `shim.pid` (written by the agent); `report.json` (the shim, just before
+//! the engine starts: the confinement reached, or why it failed) and
+//! `exit.json` (the shim, when the engine ended), both opened by the shim
+//! before pivot_root.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fs;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
+use std::time::Duration;
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::signal::Signal;
+use nix::unistd::{Gid, Pid, Uid};
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// What the shim needs to start one engine (written to `spec.json`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchSpec {
+    /// Engine name: the hostname inside the engine.
+    pub name: String,
+    /// The unpacked image root (mounted read-only).
+    pub rootfs: PathBuf,
+    /// argv; `argv[0]` is an absolute path inside the rootfs.
+    pub argv: Vec<String>,
+    /// The whole environment (nothing is inherited).
+    pub env: Vec<(String, String)>,
+    /// Working directory inside the rootfs.
+    pub cwd: PathBuf,
+    /// The engine's own uid (never 0).
+    pub uid: u32,
+    /// The engine's own gid (never 0).
+    pub gid: u32,
+    /// The engine's cgroup directory (absolute); `None` only where the host
+    /// has no usable cgroup v2 (T1 on hybrid hosts).
+    pub cgroup: Option<PathBuf>,
+    /// Read-write directories bound into the rootfs.
+    pub data_dirs: Vec<DataDir>,
+    /// Size of the private /tmp, bytes.
+    pub tmp_size: u64,
+    /// Names of the secrets, in the order their bytes are handed to
+    /// [`Launcher::start`]; each appears as `/run/secrets/NAME` (0400, the
+    /// engine's uid) on a private read-only tmpfs. Names only: the bytes
+    /// never touch the run directory.
+    #[serde(default)]
+    pub secrets: Vec<String>,
+}
+
+/// Largest secret handed to an engine.
+pub const MAX_SECRET_BYTES: usize = 1 << 20;
+
+/// A secret's bytes on their way into an engine: Debug redacted, zeroized
+/// on drop, reached through [`SecretBytes::expose`] only.
+pub struct SecretBytes(zeroize::Zeroizing<Vec<u8>>);
+
+impl SecretBytes {
+    /// Wraps `bytes` (taken, not copied).
+    pub fn new(bytes: Vec<u8>) -> Self {
+        SecretBytes(zeroize::Zeroizing::new(bytes))
+    }
+
+    /// The bytes.
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretBytes(<redacted>, {} bytes)", self.0.len())
+    }
+}
+
+/// A read-write directory bound into the engine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DataDir {
+    /// Directory on the host (on the tenant volume).
+    pub host: PathBuf,
+    /// Absolute path inside the engine.
+    pub target: PathBuf,
+}
+
+/// What the shim reached, written just before the engine starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// `Ok` if everything below is in force and the engine is next.
+    pub result: Result<(), String>,
+    /// Landlock ABI in force (0: none), and whether the ruleset is fully,
+    /// partially or not enforced.
+    pub landlock_abi: u32,
+    /// "full", "partial" or "none".
+    pub landlock: String,
+    /// Seccomp filters installed.
+    pub seccomp: bool,
+}
+
+/// How an engine ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Exit {
+    /// Exited with this code.
+    Code(i32),
+    /// Killed by this signal.
+    Signal(i32),
+    /// Confinement failed before exec (the reason from `report.json`).
+    LaunchFailed(String),
+    /// The shim failed or was killed without writing a status.
+    ShimLost(String),
+}
+
+/// Launcher errors; each names the file or the step.
+#[derive(Debug, Error)]
+pub enum LaunchError {
+    /// Reading or writing a run-directory file.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// "read", "write", "mkdir", "spawn".
+        op: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: io::Error,
+    },
+    /// A run-directory file does not parse.
+    #[error("cannot parse {}: {detail}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        detail: String,
+    },
+    /// The spec is refused before anything starts.
+    #[error("invalid launch spec: {0}")]
+    InvalidSpec(&'static str),
+    /// A system call of the launcher failed.
+    #[error("{step}: {source}")]
+    Sys {
+        /// What was being done.
+        step: String,
+        /// The error.
+        #[source]
+        source: nix::Error,
+    },
+    /// A mount point inside the image is a symlink (refused, not followed).
+    #[error("mount point {} in the image is a symlink", .0.display())]
+    SymlinkMountPoint(PathBuf),
+    /// The thread that spawns the shim panicked.
+    #[error("the engine-spawn thread panicked")]
+    SpawnThread,
+    /// `shim.pid` names a process that is not this shim any more.
+    #[error("shim {pid} in {} is gone or was replaced", run_dir.display())]
+    ShimGone {
+        /// The recorded pid.
+        pid: u32,
+        /// The run directory.
+        run_dir: PathBuf,
+    },
+}
+
+fn io_err(op: &'static str, path: &Path, source: io::Error) -> LaunchError {
+    LaunchError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn sys(step: impl Into<String>) -> impl FnOnce(nix::Error) -> LaunchError {
+    let step = step.into();
+    move |source| LaunchError::Sys { step, source }
+}
+
+fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<(), LaunchError> {
+    let tmp = path.with_extension("tmp");
+    let text = serde_json::to_string(value).map_err(|e| LaunchError::Parse {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })?;
+    fs::write(&tmp, text).map_err(|e| io_err("write", &tmp, e))?;
+    fs::rename(&tmp, path).map_err(|e| io_err("write", path, e))
+}
+
+fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, LaunchError> {
+    let text = fs::read_to_string(path).map_err(|e| io_err("read", path, e))?;
+    serde_json::from_str(&text).map_err(|e| LaunchError::Parse {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    })
+}
+
+/// Starts engines through the shim binary at a given path.
+#[derive(Debug, Clone)]
+pub struct Launcher {
+    shim: PathBuf,
+}
+
+/// A started engine, watched through its shim's pidfd.
+#[derive(Debug)]
+pub struct Running {
+    run_dir: PathBuf,
+    shim_pid: u32,
+    pidfd: OwnedFd,
+    /// Present when this process spawned the shim (it reaps it).
+    child: Option<Child>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct ShimPid {
+    pid: u32,
+    start_time: u64,
+}
+
+/// Field 22 of /proc/<pid>/stat: start time in clock ticks since boot.
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // comm may contain spaces and parentheses: split after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+impl Launcher {
+    /// A launcher running `shim` (the `leasehold-engine-shim` binary, or
+    /// the agent's own executable once it has a shim subcommand).
+    pub fn new(shim: impl Into<PathBuf>) -> Self {
+        Launcher { shim: shim.into() }
+    }
+
+    /// Writes `spec.json` into `run_dir` (created, mode 0700) and starts the
+    /// shim with `stdout`/`stderr` (files: a pipe to the agent would kill the
+    /// engine with SIGPIPE once the agent restarts). Returns once the shim
+    /// runs; the engine's own start is reported in `report.json`.
+    /// `secrets` are the bytes of `spec.secrets`, in order: they go to the
+    /// shim through a pipe (its stdin), never through a file.
+    /// Blocking (a thread is spawned and joined, the secrets are written to
+    /// a pipe): from async code, call it through `spawn_blocking`.
+    pub fn start(
+        &self,
+        spec: &LaunchSpec,
+        run_dir: &Path,
+        stdout: Stdio,
+        stderr: Stdio,
+        secrets: &[SecretBytes],
+    ) -> Result<Running, LaunchError> {
+        validate(spec)?;
+        if secrets.len() != spec.secrets.len() {
+            return Err(LaunchError::InvalidSpec(
+                "one secret's bytes per name in spec.secrets",
+            ));
+        }
+        if secrets.iter().any(|s| s.expose().len() > MAX_SECRET_BYTES) {
+            return Err(LaunchError::InvalidSpec("a secret is larger than 1 MiB"));
+        }
+        fs::create_dir_all(run_dir).map_err(|e| io_err("mkdir", run_dir, e))?;
+        fs::set_permissions(run_dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(|e| io_err("write", run_dir, e))?;
+        for stale in ["exit.json", "report.json"] {
+            let _ = fs::remove_file(run_dir.join(stale));
+        }
+        write_json(&run_dir.join("spec.json"), spec)?;
+        // Close-on-exec: no other child of the agent may hold the write end
+        // (the shim would never see EOF); the read end becomes the shim's
+        // stdin through dup2, which clears the flag there.
+        let (secrets_r, secrets_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("pipe2"))?;
+        // A thread of its own: unshare(CLONE_NEWPID) changes the pid
+        // namespace of this thread's later children, once per thread.
+        let child = std::thread::scope(|scope| {
+            scope
+                .spawn(move || {
+                    unshare(CloneFlags::CLONE_NEWPID).map_err(sys("unshare(CLONE_NEWPID)"))?;
+                    Command::new(&self.shim)
+                        .arg(run_dir)
+                        .stdin(Stdio::from(secrets_r))
+                        .stdout(stdout)
+                        .stderr(stderr)
+                        .env_clear()
+                        .spawn()
+                        .map_err(|e| io_err("spawn", &self.shim, e))
+                })
+                .join()
+                .map_err(|_| LaunchError::SpawnThread)?
+        })?;
+        // The shim reads them first thing. A shim that already failed
+        // (EPIPE) says why in report.json.
+        let mut pipe = fs::File::from(secrets_w);
+        for s in secrets {
+            let len = u32::try_from(s.expose().len()).unwrap_or(u32::MAX);
+            if pipe.write_all(&len.to_le_bytes()).is_err() || pipe.write_all(s.expose()).is_err() {
+                break;
+            }
+        }
+        drop(pipe);
+        let pid = child.id();
+        let pidfd = pidfd_open(pid)?;
+        let start_time = start_time(pid).ok_or(LaunchError::ShimGone {
+            pid,
+            run_dir: run_dir.to_path_buf(),
+        })?;
+        write_json(&run_dir.join("shim.pid"), &ShimPid { pid, start_time })?;
+        Ok(Running {
+            run_dir: run_dir.to_path_buf(),
+            shim_pid: pid,
+            pidfd,
+            child: Some(child),
+        })
+    }
+}
+
+fn validate(spec: &LaunchSpec) -> Result<(), LaunchError> {
+    if spec.uid == 0 || spec.gid == 0 {
+        return Err(LaunchError::InvalidSpec(
+            "an engine never runs as uid or gid 0",
+        ));
+    }
+    if !spec.argv.first().is_some_and(|a| a.starts_with('/')) {
+        return Err(LaunchError::InvalidSpec("argv[0] must be an absolute path"));
+    }
+    if !spec.rootfs.is_absolute() || !spec.cwd.is_absolute() {
+        return Err(LaunchError::InvalidSpec("rootfs and cwd must be absolute"));
+    }
+    if spec
+        .secrets
+        .iter()
+        .any(|n| n.is_empty() || n == "." || n == ".." || n.contains('/') || n.contains('\0'))
+    {
+        return Err(LaunchError::InvalidSpec(
+            "a secret name must be one plain file name",
+        ));
+    }
+    if spec.data_dirs.iter().any(|d| {
+        !d.target.is_absolute()
+            || d.target
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+    }) {
+        return Err(LaunchError::InvalidSpec(
+            "data dir targets must be absolute, without '..'",
+        ));
+    }
+    Ok(())
+}
+
+fn pidfd_open(pid: u32) -> Result<OwnedFd, LaunchError> {
+    let raw = i32::try_from(pid).map_err(|_| LaunchError::InvalidSpec("pid out of range"))?;
+    let pid = rustix::process::Pid::from_raw(raw).ok_or(LaunchError::InvalidSpec("pid 0"))?;
+    rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()).map_err(|e| {
+        LaunchError::Sys {
+            step: format!("pidfd_open({raw})"),
+            source: nix::Error::from_raw(e.raw_os_error()),
+        }
+    })
+}
+
+impl Running {
+    /// Finds the shim of `run_dir` again (after an agent restart): checks
+    /// that `shim.pid` still names the same process (start time) and opens
+    /// a pidfd on it. `ShimGone` if it has exited (read `exit.json`).
+    pub fn adopt(run_dir: &Path) -> Result<Running, LaunchError> {
+        let rec: ShimPid = read_json(&run_dir.join("shim.pid"))?;
+        let gone = || LaunchError::ShimGone {
+            pid: rec.pid,
+            run_dir: run_dir.to_path_buf(),
+        };
+        let pidfd = pidfd_open(rec.pid).map_err(|_| gone())?;
+        // Checked after opening the pidfd: the pidfd now pins this process.
+        if start_time(rec.pid) != Some(rec.start_time) {
+            return Err(gone());
+        }
+        Ok(Running {
+            run_dir: run_dir.to_path_buf(),
+            shim_pid: rec.pid,
+            pidfd,
+            child: None,
+        })
+    }
+
+    /// The shim's pid.
+    pub fn shim_pid(&self) -> u32 {
+        self.shim_pid
+    }
+
+    /// The engine's pid in the host's pid namespace, once started (the
+    /// shim's first child).
+    pub fn engine_pid(&self) -> Option<u32> {
+        let pid = self.shim_pid;
+        fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    }
+
+    /// The pidfd of the shim: readable once it exited. For the agent's
+    /// event loop (e.g. tokio's `AsyncFd`).
+    pub fn pidfd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+
+    /// What the shim reported, once written.
+    pub fn report(&self) -> Option<Report> {
+        read_json(&self.run_dir.join("report.json")).ok()
+    }
+
+    /// Sends `signal` to the shim, which forwards SIGTERM, SIGINT, SIGHUP,
+    /// SIGUSR1 and SIGUSR2 to the engine; SIGKILL kills the shim, and the
+    /// engine with it (the pid namespace ends with its init). Through the pidfd: never a
+    /// recycled pid.
+    pub fn signal(&self, signal: Signal) -> Result<(), LaunchError> {
+        let sig = rustix::process::Signal::from_named_raw(signal as i32)
+            .ok_or(LaunchError::InvalidSpec("unknown signal"))?;
+        rustix::process::pidfd_send_signal(&self.pidfd, sig).map_err(|e| LaunchError::Sys {
+            step: format!("pidfd_send_signal({}, {signal})", self.shim_pid),
+            source: nix::Error::from_raw(e.raw_os_error()),
+        })
+    }
+
+    /// Waits until the shim exits (pidfd readable) or `timeout` passes
+    /// (`None`: no limit), then returns how the engine ended.
+    pub fn wait(&mut self, timeout: Option<Duration>) -> Result<Option<Exit>, LaunchError> {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let ts = timeout.map(|t| Timespec {
+            tv_sec: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(t.subsec_nanos()),
+        });
+        loop {
+            let mut fds = [PollFd::new(&self.pidfd, PollFlags::IN)];
+            match poll(&mut fds, ts.as_ref()) {
+                Ok(0) => return Ok(None),
+                Ok(_) => break,
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    return Err(LaunchError::Sys {
+                        step: format!("poll(pidfd of {})", self.shim_pid),
+                        source: nix::Error::from_raw(e.raw_os_error()),
+                    })
+                }
+            }
+        }
+        let shim_status = match self.child.as_mut() {
+            Some(c) => Some(c.wait().map_err(|e| io_err("wait", Path::new("shim"), e))?),
+            None => None,
+        };
+        let exit_path = self.run_dir.join("exit.json");
+        match read_json::<Exit>(&exit_path) {
+            Ok(exit) => Ok(Some(exit)),
+            Err(e) => Ok(Some(Exit::ShimLost(match shim_status {
+                Some(s) => format!("shim ended with {s} and no status: {e}"),
+                None => format!("shim ended with no status: {e}"),
+            }))),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The shim (runs as its own process: `leasehold-engine-shim RUN_DIR`, pid 1
+// of a new pid namespace).
+
+/// Exit code of the shim when confinement failed before the engine ran.
+pub const CONFINE_FAILED: i32 = 126;
+
+static ENGINE_PID: AtomicI32 = AtomicI32::new(0);
+
+/// Entry point of the shim binary: `shim RUN_DIR`. Returns the process
+/// exit code: the engine's (128 + signal if killed), or [`CONFINE_FAILED`].
+pub fn shim_main(args: &[OsString]) -> i32 {
+    let [_, run_dir] = args else {
+        eprintln!("usage: leasehold-engine-shim RUN_DIR");
+        return 2;
+    };
+    let run_dir = PathBuf::from(run_dir);
+    // Both opened before pivot_root (the run directory is not visible
+    // afterwards) and as root (the engine's uid cannot open them).
+    let files = fs::File::create(run_dir.join("report.json"))
+        .and_then(|r| Ok((r, fs::File::create(run_dir.join("exit.json"))?)));
+    let (report_file, exit_file) = match files {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("leasehold-engine-shim: {}: {e}", run_dir.display());
+            return CONFINE_FAILED;
+        }
+    };
+    let mut report = Report {
+        result: Ok(()),
+        landlock_abi: 0,
+        landlock: "none".into(),
+        seccomp: false,
+    };
+    let exit = match run(&run_dir, &report_file, &mut report) {
+        Ok(exit) => exit,
+        Err(e) => {
+            eprintln!("leasehold-engine-shim: {e}");
+            report.result = Err(e.to_string());
+            write_file(&report_file, &report);
+            Exit::LaunchFailed(e.to_string())
+        }
+    };
+    write_file(&exit_file, &exit);
+    match exit {
+        Exit::Code(c) => c,
+        Exit::Signal(s) => 128 + s,
+        _ => CONFINE_FAILED,
+    }
+}
+
+/// Confines this process, starts the engine as its child (pid 2), forwards
+/// signals, reaps orphans and returns how the engine ended.
+fn run(run_dir: &Path, report_file: &fs::File, report: &mut Report) -> Result<Exit, LaunchError> {
+    close_inherited_fds()?;
+    let spec: LaunchSpec = read_json(&run_dir.join("spec.json"))?;
+    let secrets = read_secrets(&spec)?;
+    let mut cmd = confine(&spec, &secrets, report)?;
+    drop(secrets);
+    // After seccomp: the thread inherits the filter.
+    forward_signals()?;
+    write_file(report_file, report);
+    let child = cmd.spawn().map_err(|e| LaunchError::Io {
+        op: "exec",
+        path: PathBuf::from(&spec.argv[0]),
+        source: e,
+    })?;
+    let engine = Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
+    ENGINE_PID.store(engine.as_raw(), Ordering::SeqCst);
+    // pid 1: orphans of the engine are reparented here; reap them all until
+    // the engine itself ends. Leaving then kills what remains in the
+    // namespace.
+    use nix::sys::wait::{waitpid, WaitStatus};
+    loop {
+        match waitpid(None, None) {
+            Ok(WaitStatus::Exited(pid, code)) if pid == engine => return Ok(Exit::Code(code)),
+            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == engine => {
+                return Ok(Exit::Signal(sig as i32))
+            }
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(e) => return Err(sys("waitpid")(e)),
+        }
+    }
+}
+
+/// Marks every descriptor above stdio close-on-exec: whatever the agent
+/// (or whoever started it) leaked to the shim must not reach the engine.
+fn close_inherited_fds() -> Result<(), LaunchError> {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    let dir = Path::new("/proc/self/fd");
+    let fds: Vec<i32> = fs::read_dir(dir)
+        .map_err(|e| io_err("read", dir, e))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        match fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)) {
+            // The directory listing's own descriptor, closed since.
+            Ok(_) | Err(nix::Error::EBADF) => {}
+            Err(e) => return Err(sys(format!("fcntl({fd}, FD_CLOEXEC)"))(e)),
+        }
+    }
+    Ok(())
+}
+
+/// The secrets' bytes from stdin: per secret a little-endian u32 length,
+/// then the bytes.
+fn read_secrets(spec: &LaunchSpec) -> Result<Vec<SecretBytes>, LaunchError> {
+    let mut stdin = io::stdin().lock();
+    let stdin_err = |e| io_err("read", Path::new("secrets pipe (stdin)"), e);
+    let mut out = Vec::with_capacity(spec.secrets.len());
+    for _ in &spec.secrets {
+        let mut len = [0u8; 4];
+        io::Read::read_exact(&mut stdin, &mut len).map_err(stdin_err)?;
+        let len = usize::try_from(u32::from_le_bytes(len)).unwrap_or(usize::MAX);
+        if len > MAX_SECRET_BYTES {
+            return Err(LaunchError::InvalidSpec("a secret is larger than 1 MiB"));
+        }
+        let mut bytes = SecretBytes::new(vec![0; len]);
+        io::Read::read_exact(&mut stdin, &mut bytes.0).map_err(stdin_err)?;
+        out.push(bytes);
+    }
+    Ok(out)
+}
+
+fn forward_signals() -> Result<(), LaunchError> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
+    // Handlers also make these signals deliverable to pid 1 from the
+    // parent namespace (the agent); SIGKILL always is.
+    let mut signals =
+        signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2])
+            .map_err(|e| io_err("install", Path::new("signal handlers"), e))?;
+    std::thread::Builder::new()
+        .name("forward".into())
+        .spawn(move || {
+            for sig in signals.forever() {
+                let pid = ENGINE_PID.load(Ordering::SeqCst);
+                if pid > 0 {
+                    if let Ok(s) = Signal::try_from(sig) {
+                        let _ = nix::sys::signal::kill(Pid::from_raw(pid), s);
+                    }
+                }
+            }
+        })
+        .map_err(|e| io_err("spawn", Path::new("signal thread"), e))?;
+    Ok(())
+}
+
+/// Rewrites `file` (opened before pivot_root) with `value` as JSON.
+fn write_file<T: Serialize>(mut file: &fs::File, value: &T) {
+    let _ = file.set_len(0);
+    let _ = io::Seek::seek(&mut file, io::SeekFrom::Start(0));
+    if let Ok(text) = serde_json::to_string(value) {
+        let _ = file.write_all(text.as_bytes());
+    }
+}
+
+/// Every confinement step, in order; returns the engine's command.
+fn confine(
+    spec: &LaunchSpec,
+    secrets: &[SecretBytes],
+    report: &mut Report,
+) -> Result<Command, LaunchError> {
+    // Out of the agent's session: no terminal signal reaches the engine.
+    nix::unistd::setsid().map_err(sys("setsid"))?;
+    if let Some(cg) = &spec.cgroup {
+        // "0": the writing process (our pid differs between namespaces).
+        let procs = cg.join("cgroup.procs");
+        fs::write(&procs, "0\n").map_err(|e| io_err("write", &procs, e))?;
+    }
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
+        .map_err(sys("unshare(NEWNS|NEWIPC|NEWUTS)"))?;
+    setup_root(spec, secrets)?;
+    nix::unistd::sethostname(&spec.name).map_err(sys("sethostname"))?;
+    nix::sys::prctl::set_no_new_privs().map_err(sys("prctl(PR_SET_NO_NEW_PRIVS)"))?;
+    landlock(spec, report)?;
+    drop_privileges(spec)?;
+    seccomp()?;
+    report.seccomp = true;
+    let mut cmd = Command::new(&spec.argv[0]);
+    cmd.args(&spec.argv[1..])
+        .stdin(Stdio::null())
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&spec.cwd);
+    Ok(cmd)
+}
+
+fn bind(src: &Path, dst: &Path, flags: MsFlags) -> Result<(), LaunchError> {
+    mount(
+        Some(src),
+        dst,
+        None::<&str>,
+        MsFlags::MS_BIND | flags,
+        None::<&str>,
+    )
+    .map_err(sys(format!("bind {} on {}", src.display(), dst.display())))
+}
+
+fn remount(dst: &Path, flags: MsFlags) -> Result<(), LaunchError> {
+    mount(
+        None::<&str>,
+        dst,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | flags,
+        None::<&str>,
+    )
+    .map_err(sys(format!("remount {} {flags:?}", dst.display())))
+}
+
+fn tmpfs(dst: &Path, options: &str) -> Result<(), LaunchError> {
+    mount(
+        Some("tmpfs"),
+        dst,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+        Some(options),
+    )
+    .map_err(sys(format!("tmpfs on {}", dst.display())))
+}
+
+/// A mount point inside the rootfs: created (as root, before the rootfs is
+/// read-only) when the image lacks it.
+fn mountpoint(root: &Path, target: &Path, dir: bool) -> Result<PathBuf, LaunchError> {
+    // Every component is checked, created if missing, and must not be a
+    // symlink: a link planted in the image ("var -> /root") would otherwise
+    // make the shim create directories or mount on the host's paths. The
+    // image root is written only by the agent's unpacker, so nothing
+    // changes it between the check and the mount.
+    let mut path = root.to_path_buf();
+    let parts: Vec<_> = target
+        .components()
+        .filter(|c| matches!(c, std::path::Component::Normal(_)))
+        .collect();
+    for (i, part) in parts.iter().enumerate() {
+        path.push(part);
+        match fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(LaunchError::SymlinkMountPoint(path));
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                if dir || i + 1 < parts.len() {
+                    fs::create_dir(&path).map_err(|e| io_err("mkdir", &path, e))?;
+                } else {
+                    fs::File::create(&path).map_err(|e| io_err("write", &path, e))?;
+                }
+            }
+            Err(e) => return Err(io_err("read", &path, e)),
+        }
+    }
+    Ok(path)
+}
+
+/// Masked in the engine's /proc (crun's default `maskedPaths`).
+const PROC_MASKED: [&str; 8] = [
+    "acpi",
+    "kcore",
+    "keys",
+    "latency_stats",
+    "timer_list",
+    "timer_stats",
+    "sched_debug",
+    "scsi",
+];
+/// Read-only in the engine's /proc (crun's default `readonlyPaths`).
+const PROC_READ_ONLY: [&str; 5] = ["bus", "fs", "irq", "sys", "sysrq-trigger"];
+
+fn setup_root(spec: &LaunchSpec, secrets: &[SecretBytes]) -> Result<(), LaunchError> {
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(sys("make / private"))?;
+    let root = spec.rootfs.as_path();
+    bind(root, root, MsFlags::MS_REC)?;
+
+    let proc_dir = mountpoint(root, Path::new("/proc"), true)?;
+    mount(
+        Some("proc"),
+        &proc_dir,
+        Some("proc"),
+        nodev | MsFlags::MS_NOEXEC,
+        None::<&str>,
+    )
+    .map_err(sys("mount proc"))?;
+
+    // As container runtimes do: kernel-wide information in this /proc
+    // that a pid namespace does not narrow, masked; the rest of /proc/sys
+    // and friends read-only (the engine's uid could not write them anyway).
+    for masked in PROC_MASKED {
+        let dst = proc_dir.join(masked);
+        match fs::symlink_metadata(&dst) {
+            Ok(m) if m.is_dir() => {
+                mount(
+                    Some("tmpfs"),
+                    &dst,
+                    Some("tmpfs"),
+                    nodev | MsFlags::MS_RDONLY,
+                    Some("size=0"),
+                )
+                .map_err(sys(format!("mask {}", dst.display())))?;
+            }
+            Ok(_) => bind(Path::new("/dev/null"), &dst, MsFlags::empty())?,
+            Err(_) => {}
+        }
+    }
+    for ro in PROC_READ_ONLY {
+        let dst = proc_dir.join(ro);
+        if dst.exists() {
+            bind(&dst, &dst, MsFlags::MS_REC)?;
+            remount(&dst, nodev | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY)?;
+        }
+    }
+
+    let dev = mountpoint(root, Path::new("/dev"), true)?;
+    tmpfs(&dev, "mode=0755,size=64k,nr_inodes=64")?;
+    for node in ["null", "zero", "full", "random", "urandom"] {
+        let dst = dev.join(node);
+        fs::File::create(&dst).map_err(|e| io_err("write", &dst, e))?;
+        bind(&Path::new("/dev").join(node), &dst, MsFlags::empty())?;
+        // Not nodev: these mounts are the device nodes themselves.
+        remount(&dst, MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC)?;
+    }
+    remount(&dev, nodev | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY)?;
+
+    let tmp = mountpoint(root, Path::new("/tmp"), true)?;
+    tmpfs(&tmp, &format!("mode=1777,size={}", spec.tmp_size))?;
+
+    for d in &spec.data_dirs {
+        let dst = mountpoint(root, &d.target, true)?;
+        bind(&d.host, &dst, MsFlags::empty())?;
+        remount(&dst, nodev)?;
+    }
+
+    if !spec.secrets.is_empty() {
+        write_secrets(spec, secrets, root)?;
+    }
+
+    remount(root, nodev | MsFlags::MS_RDONLY)?;
+    std::env::set_current_dir(root).map_err(|e| io_err("chdir", root, e))?;
+    nix::unistd::pivot_root(".", ".").map_err(sys("pivot_root"))?;
+    // The old root is stacked under the new one: detach it.
+    umount2(".", MntFlags::MNT_DETACH).map_err(sys("umount old root"))?;
+    std::env::set_current_dir("/").map_err(|e| io_err("chdir", Path::new("/"), e))?;
+    Ok(())
+}
+
+/// `/run/secrets/NAME`, 0400, owned by the engine, on a tmpfs of their
+/// size, then read-only.
+fn write_secrets(
+    spec: &LaunchSpec,
+    secrets: &[SecretBytes],
+    root: &Path,
+) -> Result<(), LaunchError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = mountpoint(root, Path::new("/run/secrets"), true)?;
+    let pages: usize = secrets.iter().map(|s| s.expose().len() / 4096 + 1).sum();
+    tmpfs(
+        &dir,
+        &format!(
+            "mode=0500,uid={},gid={},size={},nr_inodes={}",
+            spec.uid,
+            spec.gid,
+            pages * 4096,
+            secrets.len() + 1
+        ),
+    )?;
+    for (name, bytes) in spec.secrets.iter().zip(secrets) {
+        let path = dir.join(name);
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .open(&path)
+            .map_err(|e| io_err("write", &path, e))?;
+        f.write_all(bytes.expose())
+            .map_err(|e| io_err("write", &path, e))?;
+        std::os::unix::fs::fchown(&f, Some(spec.uid), Some(spec.gid))
+            .map_err(|e| io_err("chown", &path, e))?;
+    }
+    remount(
+        &dir,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
+    )
+}
+
+fn landlock(spec: &LaunchSpec, report: &mut Report) -> Result<(), LaunchError> {
+    use landlock::{
+        Access, AccessFs, CompatLevel, Compatible, LandlockStatus, PathBeneath, PathFd, Ruleset,
+        RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
+    };
+    let ll = |step: &str| {
+        let step = step.to_string();
+        move |e: landlock::RulesetError| LaunchError::Sys {
+            step: format!("landlock {step}: {e}"),
+            source: nix::Error::EPERM,
+        }
+    };
+    let abi = ABI::V6;
+    let read = AccessFs::from_read(abi);
+    let all = AccessFs::from_all(abi);
+    let mut rules: Vec<(PathBuf, _)> = vec![
+        (PathBuf::from("/"), read),
+        (PathBuf::from("/tmp"), all),
+        (
+            PathBuf::from("/dev"),
+            read | AccessFs::WriteFile | AccessFs::Truncate,
+        ),
+    ];
+    for d in &spec.data_dirs {
+        rules.push((d.target.clone(), all));
+    }
+    let mut created = Ruleset::default()
+        .set_compatibility(CompatLevel::BestEffort)
+        .handle_access(all)
+        .map_err(ll("handle_access"))?
+        .scope(Scope::from_all(abi))
+        .map_err(ll("scope"))?
+        .create()
+        .map_err(ll("create"))?;
+    for (path, access) in rules {
+        let fd = PathFd::new(&path).map_err(|e| LaunchError::Sys {
+            step: format!("landlock open {}: {e}", path.display()),
+            source: nix::Error::ENOENT,
+        })?;
+        created = created
+            .add_rule(PathBeneath::new(fd, access))
+            .map_err(ll("add_rule"))?;
+    }
+    let status = created.restrict_self().map_err(ll("restrict_self"))?;
+    report.landlock = match status.ruleset {
+        RulesetStatus::FullyEnforced => "full",
+        RulesetStatus::PartiallyEnforced => "partial",
+        _ => "none",
+    }
+    .into();
+    report.landlock_abi = match status.landlock {
+        LandlockStatus::Available { effective_abi, .. } => (effective_abi as u32).min(abi as u32),
+        _ => 0,
+    };
+    Ok(())
+}
+
+fn drop_privileges(spec: &LaunchSpec) -> Result<(), LaunchError> {
+    use caps::CapSet;
+    let capserr = |set: &str| {
+        let set = set.to_string();
+        move |e: caps::errors::CapsError| LaunchError::Sys {
+            step: format!("clear {set} capabilities: {e}"),
+            source: nix::Error::EPERM,
+        }
+    };
+    // The bounding set first (needs CAP_SETPCAP, still held).
+    caps::clear(None, CapSet::Bounding).map_err(capserr("bounding"))?;
+    caps::clear(None, CapSet::Ambient).map_err(capserr("ambient"))?;
+    caps::clear(None, CapSet::Inheritable).map_err(capserr("inheritable"))?;
+    nix::unistd::setgroups(&[]).map_err(sys("setgroups([])"))?;
+    let (uid, gid) = (Uid::from_raw(spec.uid), Gid::from_raw(spec.gid));
+    nix::unistd::setresgid(gid, gid, gid).map_err(sys(format!("setresgid({gid})")))?;
+    // From uid 0 to non-zero without SECBIT_KEEP_CAPS: the kernel clears
+    // permitted and effective capabilities.
+    nix::unistd::setresuid(uid, uid, uid).map_err(sys(format!("setresuid({uid})")))?;
+    for set in [CapSet::Effective, CapSet::Permitted] {
+        let held = caps::read(None, set).map_err(capserr("read"))?;
+        if !held.is_empty() {
+            return Err(LaunchError::Sys {
+                step: format!("{set:?} capabilities still held after setresuid: {held:?}"),
+                source: nix::Error::EPERM,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Syscalls denied (EPERM) to every engine: the default list of container
+/// runtimes, minus those already useless without capabilities.
+fn denied_syscalls() -> Vec<i64> {
+    vec![
+        libc::SYS_mount,
+        libc::SYS_umount2,
+        libc::SYS_pivot_root,
+        libc::SYS_chroot,
+        libc::SYS_move_mount,
+        libc::SYS_open_tree,
+        libc::SYS_fsopen,
+        libc::SYS_fsconfig,
+        libc::SYS_fsmount,
+        libc::SYS_fspick,
+        libc::SYS_mount_setattr,
+        libc::SYS_unshare,
+        libc::SYS_setns,
+        libc::SYS_ptrace,
+        libc::SYS_process_vm_readv,
+        libc::SYS_process_vm_writev,
+        libc::SYS_kcmp,
+        libc::SYS_pidfd_getfd,
+        libc::SYS_kexec_load,
+        libc::SYS_kexec_file_load,
+        libc::SYS_reboot,
+        libc::SYS_init_module,
+        libc::SYS_finit_module,
+        libc::SYS_delete_module,
+        libc::SYS_bpf,
+        libc::SYS_perf_event_open,
+        libc::SYS_userfaultfd,
+        libc::SYS_keyctl,
+        libc::SYS_add_key,
+        libc::SYS_request_key,
+        libc::SYS_swapon,
+        libc::SYS_swapoff,
+        libc::SYS_acct,
+        libc::SYS_quotactl,
+        libc::SYS_settimeofday,
+        libc::SYS_clock_settime,
+        libc::SYS_clock_adjtime,
+        libc::SYS_adjtimex,
+        libc::SYS_syslog,
+        libc::SYS_vhangup,
+        libc::SYS_open_by_handle_at,
+        libc::SYS_name_to_handle_at,
+        libc::SYS_lookup_dcookie,
+        #[cfg(target_arch = "x86_64")]
+        libc::SYS_iopl,
+        #[cfg(target_arch = "x86_64")]
+        libc::SYS_ioperm,
+    ]
+}
+
+fn seccomp() -> Result<(), LaunchError> {
+    use seccompiler::{
+        BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+        SeccompRule, TargetArch,
+    };
+    fn err<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> LaunchError {
+        move |e: E| LaunchError::Sys {
+            step: format!("seccomp {step}: {e}"),
+            source: nix::Error::EINVAL,
+        }
+    }
+    let arch: TargetArch = std::env::consts::ARCH.try_into().map_err(err("arch"))?;
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
+        denied_syscalls().into_iter().map(|s| (s, vec![])).collect();
+    // clone() creating namespaces (an unprivileged user namespace above
+    // all): one rule per flag, any of them set is denied.
+    let ns_flags = [
+        libc::CLONE_NEWUSER,
+        libc::CLONE_NEWNS,
+        libc::CLONE_NEWPID,
+        libc::CLONE_NEWNET,
+        libc::CLONE_NEWIPC,
+        libc::CLONE_NEWUTS,
+        libc::CLONE_NEWCGROUP,
+    ];
+    let mut clone_rules = Vec::new();
+    for flag in ns_flags {
+        let flag = u64::from(flag.unsigned_abs());
+        let cond = SeccompCondition::new(
+            0,
+            SeccompCmpArgLen::Qword,
+            SeccompCmpOp::MaskedEq(flag),
+            flag,
+        )
+        .map_err(err("clone condition"))?;
+        clone_rules.push(SeccompRule::new(vec![cond]).map_err(err("clone rule"))?);
+    }
+    rules.insert(libc::SYS_clone, clone_rules);
+    let deny = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM.unsigned_abs()),
+        arch,
+    )
+    .map_err(err("filter"))?;
+    // clone3 passes its flags in memory, out of a filter's reach: ENOSYS
+    // makes libc fall back to clone(), which the rules above check.
+    let clone3 = SeccompFilter::new(
+        [(libc::SYS_clone3, vec![])].into_iter().collect(),
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::ENOSYS.unsigned_abs()),
+        arch,
+    )
+    .map_err(err("filter"))?;
+    for f in [deny, clone3] {
+        let prog: BpfProgram = f.try_into().map_err(err("compile"))?;
+        seccompiler::apply_filter(&prog).map_err(|e| LaunchError::Sys {
+            step: format!("seccomp install: {e}"),
+            source: nix::Error::EPERM,
+        })?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> LaunchSpec {
+        LaunchSpec {
+            name: "web".into(),
+            rootfs: "/var/lib/leasehold/images/web".into(),
+            argv: vec!["/bin/sh".into()],
+            env: vec![],
+            cwd: "/".into(),
+            uid: 60001,
+            gid: 60001,
+            cgroup: None,
+            data_dirs: vec![],
+            tmp_size: 1 << 20,
+            secrets: vec![],
+        }
+    }
+
+    #[test]
+    fn spec_is_checked_before_starting() {
+        assert!(validate(&spec()).is_ok());
+        let bad = [
+            LaunchSpec { uid: 0, ..spec() },
+            LaunchSpec { gid: 0, ..spec() },
+            LaunchSpec {
+                argv: vec!["sh".into()],
+                ..spec()
+            },
+            LaunchSpec {
+                argv: vec![],
+                ..spec()
+            },
+            LaunchSpec {
+                rootfs: "images/web".into(),
+                ..spec()
+            },
+            LaunchSpec {
+                secrets: vec!["../x".into()],
+                ..spec()
+            },
+            LaunchSpec {
+                secrets: vec!["..".into()],
+                ..spec()
+            },
+            LaunchSpec {
+                data_dirs: vec![DataDir {
+                    host: "/d".into(),
+                    target: "/data/../../etc".into(),
+                }],
+                ..spec()
+            },
+        ];
+        for s in bad {
+            assert!(
+                matches!(validate(&s), Err(LaunchError::InvalidSpec(_))),
+                "{s:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn mount_points_never_follow_image_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("root");
+        let host = dir.path().join("host");
+        fs::create_dir_all(&root).unwrap();
+        fs::create_dir_all(&host).unwrap();
+        std::os::unix::fs::symlink(&host, root.join("var")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("tmp")).unwrap();
+        for target in ["/var/data", "/tmp", "/var"] {
+            let err = mountpoint(&root, Path::new(target), true).unwrap_err();
+            assert!(
+                matches!(err, LaunchError::SymlinkMountPoint(_)),
+                "{target}: {err}"
+            );
+        }
+        assert_eq!(
+            fs::read_dir(&host).unwrap().count(),
+            0,
+            "nothing created on the host"
+        );
+        let p = mountpoint(&root, Path::new("/srv/data"), true).unwrap();
+        assert_eq!(p, root.join("srv/data"));
+        assert!(p.is_dir());
+        let f = mountpoint(&root, Path::new("/dev/null"), false).unwrap();
+        assert!(f.is_file());
+    }
+
+    #[test]
+    fn secret_bytes_are_not_printed() {
+        let s = SecretBytes::new(b"hunter2".to_vec());
+        assert_eq!(format!("{s:?}"), "SecretBytes(<redacted>, 7 bytes)");
+        assert_eq!(s.expose(), b"hunter2");
+    }
+
+    #[test]
+    fn start_time_of_self() {
+        assert!(start_time(std::process::id()).is_some());
+        assert!(start_time(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn seccomp_list_has_no_duplicates_and_spares_exec() {
+        let list = denied_syscalls();
+        let set: std::collections::BTreeSet<_> = list.iter().collect();
+        assert_eq!(set.len(), list.len());
+        for needed in [
+            libc::SYS_execve,
+            libc::SYS_clone,
+            libc::SYS_wait4,
+            libc::SYS_exit_group,
+        ] {
+            assert!(!set.contains(&needed));
+        }
+    }
+
+    #[test]
+    fn exit_and_report_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("exit.json");
+        for e in [
+            Exit::Code(3),
+            Exit::Signal(9),
+            Exit::LaunchFailed("x".into()),
+        ] {
+            write_json(&p, &e).unwrap();
+            assert_eq!(read_json::<Exit>(&p).unwrap(), e);
+        }
+    }
+}

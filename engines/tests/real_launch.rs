@@ -1,0 +1,684 @@
+//! T1 (root): the launcher on the host's kernel. Each `real_…` test prints
+//! "skipped: <reason>" when a facility is missing; none passes silently.
+//!
+//! No libtest harness: this binary is also the engine that probes its own
+//! confinement (`real_launch --probe …`, copied into the test rootfs with
+//! its shared libraries).
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::{chown, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use leasehold_engines::cgroup::{CgroupError, CgroupFs, CgroupPath, Cgroups, Controller};
+use leasehold_engines::launch::{DataDir, Exit, LaunchSpec, Launcher, Running, SecretBytes};
+
+const SHIM: &str = env!("CARGO_BIN_EXE_leasehold-engine-shim");
+const ENGINE_UID: u32 = 61_234;
+const ENGINE_GID: u32 = 61_234;
+
+enum Outcome {
+    Passed,
+    Skipped(String),
+}
+
+type Test = fn() -> Outcome;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("--probe") {
+        std::process::exit(probe(&args[2..]));
+    }
+    if args.get(1).map(String::as_str) == Some("--agent") {
+        let s = spec(
+            Path::new(&args[3]),
+            &[
+                "/bin/sh",
+                "-c",
+                "trap 'exit 5' TERM; while :; do sleep 1; done",
+            ],
+        );
+        let r = Launcher::new(SHIM)
+            .start(&s, Path::new(&args[2]), Stdio::null(), Stdio::null(), &[])
+            .unwrap();
+        println!("{}", r.shim_pid());
+        return;
+    }
+    let tests: &[(&str, Test)] = &[
+        ("real_confined_engine", real_confined_engine),
+        ("real_exit_status_and_signals", real_exit_status_and_signals),
+        (
+            "real_engine_outlives_its_launcher",
+            real_engine_outlives_its_launcher,
+        ),
+        ("real_cgroup_join_kill_remove", real_cgroup_join_kill_remove),
+    ];
+    let (mut skip, mut filters) = (Vec::new(), Vec::new());
+    let mut it = args.iter().skip(1);
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--skip" => skip.extend(it.next().cloned()),
+            "--test-threads" | "--format" | "--color" | "-Z" | "--logfile" => {
+                it.next();
+            }
+            s if s.starts_with('-') => {}
+            s => filters.push(s.to_string()),
+        }
+    }
+    // libtest's listing and ignored-only modes: none of these is ignored.
+    if args.iter().any(|a| a == "--list") {
+        for (name, _) in tests {
+            println!("{name}: test");
+        }
+        return;
+    }
+    if args.iter().any(|a| a == "--ignored") {
+        println!("0 passed, 0 failed, 0 skipped");
+        return;
+    }
+    let (mut passed, mut failed, mut skipped) = (0, 0, 0);
+    for (name, test) in tests {
+        if skip.iter().any(|s| name.contains(s.as_str()))
+            || (!filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())))
+        {
+            continue;
+        }
+        match std::panic::catch_unwind(test) {
+            Ok(Outcome::Passed) => {
+                println!("test {name} ... ok");
+                passed += 1;
+            }
+            Ok(Outcome::Skipped(why)) => {
+                println!("test {name} ... skipped: {why}");
+                skipped += 1;
+            }
+            Err(_) => {
+                println!("test {name} ... FAILED");
+                failed += 1;
+            }
+        }
+    }
+    println!("{passed} passed, {failed} failed, {skipped} skipped");
+    if failed > 0 {
+        std::process::exit(101);
+    }
+}
+
+fn need_root() -> Option<Outcome> {
+    (!nix::unistd::Uid::effective().is_root())
+        .then(|| Outcome::Skipped("needs root (namespaces, mounts, setuid)".into()))
+}
+
+/// A rootfs with this test binary as `/probe` (and its shared libraries),
+/// busybox as `/bin/busybox` and `/bin/sh` if installed.
+struct Rootfs {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    busybox: bool,
+}
+
+fn rootfs() -> Rootfs {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    fs::create_dir_all(root.join("bin")).unwrap();
+    for d in [dir.path(), &root] {
+        fs::set_permissions(d, fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let exe = std::env::current_exe().unwrap();
+    fs::copy(&exe, root.join("probe")).unwrap();
+    let ldd = Command::new("ldd").arg(&exe).output().unwrap();
+    for line in String::from_utf8_lossy(&ldd.stdout).lines() {
+        // "libc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x…)" or
+        // "/lib64/ld-linux-x86-64.so.2 (0x…)"
+        let lib = line
+            .split_whitespace()
+            .find(|w| w.starts_with('/'))
+            .map(PathBuf::from);
+        if let Some(lib) = lib {
+            let dst = root.join(lib.strip_prefix("/").unwrap());
+            fs::create_dir_all(dst.parent().unwrap()).unwrap();
+            fs::copy(&lib, &dst).unwrap();
+        }
+    }
+    let busybox = Path::new("/bin/busybox").exists();
+    if busybox {
+        fs::copy("/bin/busybox", root.join("bin/busybox")).unwrap();
+        std::os::unix::fs::symlink("busybox", root.join("bin/sh")).unwrap();
+    }
+    Rootfs {
+        _dir: dir,
+        root,
+        busybox,
+    }
+}
+
+fn spec(root: &Path, argv: &[&str]) -> LaunchSpec {
+    LaunchSpec {
+        name: "probe".into(),
+        rootfs: root.to_path_buf(),
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        env: vec![("PATH".into(), "/bin".into())],
+        cwd: "/".into(),
+        uid: ENGINE_UID,
+        gid: ENGINE_GID,
+        cgroup: None,
+        data_dirs: vec![],
+        tmp_size: 1 << 20,
+        secrets: vec![],
+    }
+}
+
+fn wait(running: &mut Running) -> Exit {
+    match running.wait(Some(Duration::from_secs(20))).unwrap() {
+        Some(exit) => exit,
+        None => {
+            let _ = running.signal(nix::sys::signal::Signal::SIGKILL);
+            panic!("engine did not exit within 20 s");
+        }
+    }
+}
+
+/// Lines "key=value" of the probe's output.
+fn field<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+        .unwrap_or_else(|| panic!("no {key}= in probe output:\n{out}"))
+}
+
+fn real_confined_engine() -> Outcome {
+    if let Some(skip) = need_root() {
+        return skip;
+    }
+    let fs_ = rootfs();
+    let work = tempfile::tempdir().unwrap();
+    let secret = work.path().join("host-secret");
+    fs::write(&secret, "not for engines").unwrap();
+    let data = work.path().join("data");
+    fs::create_dir(&data).unwrap();
+    chown(&data, Some(ENGINE_UID), Some(ENGINE_GID)).unwrap();
+    let out_path = work.path().join("out");
+    let mut s = spec(&fs_.root, &["/probe", "--probe", secret.to_str().unwrap()]);
+    s.data_dirs = vec![DataDir {
+        host: data.clone(),
+        target: "/data".into(),
+    }];
+    let out = fs::File::create(&out_path).unwrap();
+    let err = out.try_clone().unwrap();
+    s.secrets = vec!["db-password".into()];
+    let mut running = Launcher::new(SHIM)
+        .start(
+            &s,
+            &work.path().join("run"),
+            out.into(),
+            err.into(),
+            &[SecretBytes::new(b"test-secret-value".to_vec())],
+        )
+        .unwrap();
+    let exit = wait(&mut running);
+    let out = fs::read_to_string(&out_path).unwrap();
+    assert_eq!(exit, Exit::Code(7), "probe output:\n{out}");
+    println!("probe output:\n{out}");
+
+    // Its own unprivileged uid/gid, no supplementary group.
+    let id = format!("{ENGINE_UID},{ENGINE_UID},{ENGINE_UID}");
+    assert_eq!(field(&out, "uid"), id);
+    assert_eq!(field(&out, "gid"), id);
+    assert_eq!(field(&out, "groups"), "0");
+    // No capability in any set; no_new_privs; seccomp filter mode.
+    for set in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+        assert_eq!(field(&out, set), "0000000000000000", "{set}");
+    }
+    assert_eq!(field(&out, "NoNewPrivs"), "1");
+    // Nothing inherited but stdio.
+    assert_eq!(field(&out, "extra_fds"), "");
+    assert_eq!(field(&out, "Seccomp"), "2");
+    // A small pid of its own pid namespace (the shim is 1, its signal
+    // thread 2); its own hostname (uts namespace).
+    let pid: u32 = field(&out, "pid").parse().unwrap();
+    assert!((2..10).contains(&pid), "pid {pid}");
+    assert_eq!(field(&out, "hostname"), "probe");
+    // Root read-only; private /tmp and the data dir writable.
+    assert_eq!(field(&out, "write_root"), "EROFS");
+    // The minimal /dev works.
+    assert_eq!(field(&out, "dev_null_read"), "ok");
+    assert_eq!(field(&out, "dev_null_write"), "ok");
+    assert_eq!(field(&out, "dev_urandom_read"), "ok");
+    assert_eq!(field(&out, "write_tmp"), "ok");
+    assert_eq!(field(&out, "write_data"), "ok");
+    assert_eq!(fs::read_to_string(data.join("f")).unwrap(), "data");
+    // Denied by seccomp (EPERM) where the kernel would otherwise allow or
+    // answer differently: TRACEME always succeeds, an unprivileged user
+    // namespace is allowed on Debian.
+    assert_eq!(field(&out, "mount"), "EPERM");
+    assert_eq!(field(&out, "ptrace_traceme"), "EPERM");
+    assert_eq!(field(&out, "unshare_user"), "EPERM");
+    assert_eq!(field(&out, "setuid0"), "EPERM");
+    // No host path: neither the test's file nor the agent's state.
+    assert_eq!(field(&out, "read_host_secret"), "ENOENT");
+    assert_eq!(field(&out, "var_lib_leasehold"), "absent");
+    // The secret: a 0400 file of the engine's on a read-only tmpfs, not in
+    // the environment, not in the run directory.
+    assert_eq!(
+        field(&out, "secret"),
+        format!("test-secret-value mode=400 uid={ENGINE_UID} fs=tmpfs")
+    );
+    assert_eq!(field(&out, "secret_write"), "EROFS");
+    assert_eq!(field(&out, "env_has_secret"), "no");
+    for f in fs::read_dir(work.path().join("run")).unwrap() {
+        let f = f.unwrap().path();
+        let text = fs::read(&f).unwrap();
+        assert!(
+            !text.windows(17).any(|w| w == b"test-secret-value"),
+            "secret in {}",
+            f.display()
+        );
+    }
+    // Kernel-wide /proc files masked (empty or absent), /proc/sys read-only.
+    assert_eq!(field(&out, "proc_keys"), "empty");
+    assert_eq!(field(&out, "proc_timer_list"), "empty");
+    assert_ne!(field(&out, "proc_sys_ro"), "ok");
+    assert_ne!(field(&out, "proc_1_root_secret"), "ok");
+
+    let report = running.report().expect("report.json");
+    assert_eq!(report.result, Ok(()));
+    assert!(report.seccomp);
+    println!("report: {report:?}");
+    if report.landlock_abi > 0 {
+        assert_ne!(report.landlock, "none", "{report:?}");
+        // Proof that the ruleset is in force: /proc/self/comm is the
+        // engine's own (DAC allows the write); only "/" being read-only in
+        // the ruleset denies it.
+        assert_eq!(field(&out, "write_proc_comm"), "EACCES");
+    } else {
+        // securityfs is often not mounted: the report is what we have.
+        println!("note: Landlock not available on this kernel: not asserted");
+    }
+    Outcome::Passed
+}
+
+fn real_exit_status_and_signals() -> Outcome {
+    if let Some(skip) = need_root() {
+        return skip;
+    }
+    let fs_ = rootfs();
+    if !fs_.busybox {
+        return Outcome::Skipped("/bin/busybox absent (apt-get install busybox-static)".into());
+    }
+    let work = tempfile::tempdir().unwrap();
+    let launcher = Launcher::new(SHIM);
+    let run = |argv: &[&str], name: &str| {
+        launcher
+            .start(
+                &spec(&fs_.root, argv),
+                &work.path().join(name),
+                Stdio::null(),
+                Stdio::inherit(),
+                &[],
+            )
+            .unwrap()
+    };
+    let mut r = run(&["/bin/sh", "-c", "exit 3"], "code");
+    assert_eq!(wait(&mut r), Exit::Code(3));
+
+    // SIGTERM to the shim reaches the engine (which handles it: pid 1
+    // ignores signals it has no handler for).
+    let mut r = run(
+        &[
+            "/bin/sh",
+            "-c",
+            "trap 'exit 42' TERM; while :; do sleep 1; done",
+        ],
+        "term",
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    r.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert_eq!(wait(&mut r), Exit::Code(42));
+
+    // SIGKILL on the shim takes the engine with it (parent-death signal).
+    let mut r = run(&["/bin/sh", "-c", "while :; do sleep 1; done"], "kill");
+    let t = Instant::now();
+    while r.engine_pid().is_none() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let engine = r.engine_pid().expect("engine.pid");
+    r.signal(nix::sys::signal::Signal::SIGKILL).unwrap();
+    assert!(matches!(wait(&mut r), Exit::ShimLost(_)));
+    let t = Instant::now();
+    while Path::new(&format!("/proc/{engine}")).exists() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let state = fs::read_to_string(format!("/proc/{engine}/stat")).unwrap_or_default();
+    assert!(
+        state.is_empty() || state.contains(") Z"),
+        "engine {engine} survived: {state}"
+    );
+
+    // A confinement failure is reported, not run: a missing program.
+    let mut r = run(&["/nonexistent"], "fail");
+    match wait(&mut r) {
+        Exit::LaunchFailed(why) => assert!(why.contains("/nonexistent"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    Outcome::Passed
+}
+
+fn real_engine_outlives_its_launcher() -> Outcome {
+    if let Some(skip) = need_root() {
+        return skip;
+    }
+    let fs_ = rootfs();
+    if !fs_.busybox {
+        return Outcome::Skipped("/bin/busybox absent (apt-get install busybox-static)".into());
+    }
+    let work = tempfile::tempdir().unwrap();
+    let run_dir = work.path().join("run");
+    // A stand-in agent: a child process that starts the engine and exits
+    // (as the agent does on restart); the shim is re-parented.
+    let agent = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--agent",
+            run_dir.to_str().unwrap(),
+            fs_.root.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(agent.status.success(), "{agent:?}");
+    let shim: u32 = String::from_utf8_lossy(&agent.stdout)
+        .trim()
+        .parse()
+        .unwrap();
+    let stat = fs::read_to_string(format!("/proc/{shim}/stat")).unwrap();
+    let ppid = stat[stat.rfind(')').unwrap() + 2..]
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    assert_ne!(ppid, std::process::id().to_string());
+    // Re-adopted from the run directory alone; not our child.
+    let mut adopted = Running::adopt(&run_dir).unwrap();
+    assert_eq!(adopted.shim_pid(), shim);
+    assert_eq!(
+        adopted.wait(Some(Duration::from_millis(200))).unwrap(),
+        None,
+        "still running"
+    );
+    adopted.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    // Exit seen through the pidfd of a process that is not our child, the
+    // status from exit.json.
+    assert_eq!(wait(&mut adopted), Exit::Code(5));
+    let t = Instant::now();
+    while Path::new(&format!("/proc/{shim}")).exists() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(Running::adopt(&run_dir).is_err(), "gone after exit");
+    Outcome::Passed
+}
+
+fn real_cgroup_join_kill_remove() -> Outcome {
+    if let Some(skip) = need_root() {
+        return skip;
+    }
+    let Some(mount) = cgroup2_mount() else {
+        return Outcome::Skipped("no cgroup2 mount".into());
+    };
+    let fs_ = rootfs();
+    if !fs_.busybox {
+        return Outcome::Skipped("/bin/busybox absent (apt-get install busybox-static)".into());
+    }
+    let cg = CgroupFs::with_root(Some(&mount));
+    let base = CgroupPath::new(format!("leasehold-test-{}", std::process::id())).unwrap();
+    let engine = base.child("engine").unwrap();
+    struct Cleanup(CgroupFs, CgroupPath, CgroupPath);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = self.0.kill(&self.2);
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = self.0.remove(&self.2);
+            let _ = self.0.remove(&self.1);
+        }
+    }
+    cg.create(&engine).unwrap();
+    let _cleanup = Cleanup(cg.clone(), base.clone(), engine.clone());
+
+    // On this host the cgroup2 hierarchy has no controller: enabling one
+    // must fail, naming the file (cgroups-rs would skip it silently).
+    let controllers = fs::read_to_string(cg.dir(&base).join("cgroup.controllers")).unwrap();
+    if !controllers.contains("memory") {
+        let err = cg
+            .enable_controllers(&base, &[Controller::Memory])
+            .unwrap_err();
+        assert!(matches!(err, CgroupError::ControllerAbsent { .. }), "{err}");
+        let err = cg
+            .set_limits(&engine, &[("memory.max", "1048576".into())])
+            .unwrap_err();
+        assert!(matches!(err, CgroupError::Absent { .. }), "{err}");
+        assert!(err.to_string().contains("memory.max"), "{err}");
+    }
+
+    let work = tempfile::tempdir().unwrap();
+    let mut s = spec(&fs_.root, &["/bin/sh", "-c", "while :; do sleep 1; done"]);
+    s.cgroup = Some(cg.dir(&engine));
+    let mut r = Launcher::new(SHIM)
+        .start(
+            &s,
+            &work.path().join("run"),
+            Stdio::null(),
+            Stdio::null(),
+            &[],
+        )
+        .unwrap();
+    let t = Instant::now();
+    while cg.pids(&engine).unwrap().len() < 3 && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pids = cg.pids(&engine).unwrap();
+    assert!(pids.contains(&r.shim_pid()), "{pids:?}");
+    assert!(pids.contains(&r.engine_pid().unwrap()), "{pids:?}");
+    if !cg.dir(&engine).join("cgroup.kill").exists() {
+        let _ = r.signal(nix::sys::signal::Signal::SIGKILL);
+        wait(&mut r);
+        return Outcome::Skipped("no cgroup.kill (kernel < 5.14)".into());
+    }
+    cg.kill(&engine).unwrap();
+    assert!(matches!(wait(&mut r), Exit::ShimLost(_)));
+    let t = Instant::now();
+    while !cg.pids(&engine).unwrap().is_empty() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(cg.pids(&engine).unwrap(), Vec::<u32>::new());
+    assert_eq!(
+        cg.remove(&engine).unwrap(),
+        leasehold_engines::cgroup::Action::Done
+    );
+    Outcome::Passed
+}
+
+fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts.lines().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+    })
+}
+
+// ---------------------------------------------------------------------------
+// Inside the engine.
+
+fn errno_of(r: std::io::Result<()>) -> String {
+    match r {
+        Ok(()) => "ok".into(),
+        Err(e) => e
+            .raw_os_error()
+            .map(|n| format!("{:?}", nix::Error::from_raw(n)))
+            .unwrap_or_else(|| e.to_string()),
+    }
+}
+
+fn nix_errno(r: nix::Result<()>) -> String {
+    match r {
+        Ok(()) => "ok".into(),
+        Err(e) => format!("{e:?}"),
+    }
+}
+
+fn probe(args: &[String]) -> i32 {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let r = nix::unistd::getresuid().unwrap();
+    println!("uid={},{},{}", r.real, r.effective, r.saved);
+    let g = nix::unistd::getresgid().unwrap();
+    println!("gid={},{},{}", g.real, g.effective, g.saved);
+    println!(
+        "groups={}",
+        nix::unistd::getgroups().map(|g| g.len()).unwrap_or(99)
+    );
+    for key in [
+        "CapInh",
+        "CapPrm",
+        "CapEff",
+        "CapBnd",
+        "CapAmb",
+        "NoNewPrivs",
+        "Seccomp",
+    ] {
+        let v = status
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .unwrap_or("?")
+            .trim();
+        println!("{key}={v}");
+    }
+    println!("pid={}", std::process::id());
+    // Open descriptors other than stdio (read_dir's own fd excluded by
+    // reading the list first): a leaked one could reach the host.
+    let fds: Vec<String> = fs::read_dir("/proc/self/fd")
+        .map(|d| {
+            d.filter_map(|e| Some(e.ok()?.file_name().to_string_lossy().into_owned()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let extra: Vec<String> = fds
+        .into_iter()
+        .filter(|f| !["0", "1", "2"].contains(&f.as_str()))
+        .filter(|f| fs::read_link(format!("/proc/self/fd/{f}")).is_ok())
+        .map(|f| {
+            format!(
+                "{f}->{}",
+                fs::read_link(format!("/proc/self/fd/{f}"))
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    println!("extra_fds={}", extra.join(","));
+    println!(
+        "hostname={}",
+        nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    );
+    println!("write_root={}", errno_of(fs::write("/probe-write", "x")));
+    println!(
+        "dev_null_read={}",
+        errno_of(fs::File::open("/dev/null").map(drop))
+    );
+    println!("dev_null_write={}", errno_of(fs::write("/dev/null", "x")));
+    println!(
+        "dev_urandom_read={}",
+        errno_of(fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut [0u8; 8])))
+    );
+    println!("write_tmp={}", errno_of(fs::write("/tmp/x", "x")));
+    println!("write_data={}", errno_of(fs::write("/data/f", "data")));
+    println!(
+        "write_proc_comm={}",
+        errno_of(fs::write("/proc/self/comm", "x"))
+    );
+    println!(
+        "mount={}",
+        nix_errno(nix::mount::mount(
+            Some("tmpfs"),
+            "/tmp",
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>
+        ))
+    );
+    println!("ptrace_traceme={}", nix_errno(nix::sys::ptrace::traceme()));
+    println!(
+        "unshare_user={}",
+        nix_errno(nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER))
+    );
+    let root = nix::unistd::Uid::from_raw(0);
+    println!(
+        "setuid0={}",
+        nix_errno(nix::unistd::setresuid(root, root, root))
+    );
+    let secret = args.first().cloned().unwrap_or_default();
+    println!(
+        "read_host_secret={}",
+        errno_of(
+            fs::File::open(&secret)
+                .and_then(|mut f| f.read_to_string(&mut String::new()))
+                .map(drop)
+        )
+    );
+    println!(
+        "proc_1_root_secret={}",
+        errno_of(fs::File::open(format!("/proc/1/root{secret}")).map(drop))
+    );
+    for (key, path) in [
+        ("proc_keys", "/proc/keys"),
+        ("proc_timer_list", "/proc/timer_list"),
+    ] {
+        let v = match fs::read(path) {
+            Ok(b) if b.is_empty() => "empty".to_string(),
+            Ok(b) => format!("{} bytes", b.len()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => "empty".to_string(),
+            Err(e) => errno_of(Err(e)),
+        };
+        println!("{key}={v}");
+    }
+    println!(
+        "proc_sys_ro={}",
+        errno_of(fs::write("/proc/sys/kernel/hostname", "x"))
+    );
+    {
+        use std::os::unix::fs::MetadataExt;
+        let path = "/run/secrets/db-password";
+        let secret = match (fs::read_to_string(path), fs::metadata(path)) {
+            (Ok(v), Ok(m)) => {
+                let fs_type = nix::sys::statfs::statfs(path)
+                    .map(|s| s.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+                    .unwrap_or(false);
+                format!(
+                    "{v} mode={:o} uid={} fs={}",
+                    m.mode() & 0o7777,
+                    m.uid(),
+                    if fs_type { "tmpfs" } else { "other" }
+                )
+            }
+            (Err(e), _) | (_, Err(e)) => errno_of(Err(e)),
+        };
+        println!("secret={secret}");
+        println!(
+            "secret_write={}",
+            errno_of(fs::write("/run/secrets/new", "x"))
+        );
+        let in_env = std::env::vars_os().any(|(k, v)| {
+            k.to_string_lossy().contains("test-secret")
+                || v.to_string_lossy().contains("test-secret")
+        });
+        println!("env_has_secret={}", if in_env { "yes" } else { "no" });
+    }
+    println!(
+        "var_lib_leasehold={}",
+        if Path::new("/var/lib/leasehold").exists() {
+            "present"
+        } else {
+            "absent"
+        }
+    );
+    7
+}
