@@ -13,3 +13,5 @@
 //! No zbus, no clap: the node controller drives this crate.
 
 #![warn(missing_docs)]
+
+pub mod image;
