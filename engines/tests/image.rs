@@ -1101,3 +1101,181 @@ fn long_paths_are_capped() {
     place.unpack(&image.write_tar(&place.input)).unwrap();
     assert_eq!(place.read(&long), b"x");
 }
+
+#[test]
+fn the_baseline_amd64_is_preferred_over_a_variant() {
+    let place = Place::new();
+    let mut files = BTreeMap::new();
+    let v3 = LayerTar::new().file("which", b"v3").build();
+    let base = LayerTar::new().file("which", b"baseline").build();
+    let (m_v3, _, _) = add_manifest(&mut files, &[(v3, Comp::Gzip)]);
+    let (m_base, _, _) = add_manifest(&mut files, &[(base, Comp::Gzip)]);
+    let mut d1 = descriptor(OCI_MANIFEST, &m_v3);
+    d1["platform"] = serde_json::json!({"os": "linux", "architecture": "amd64", "variant": "v3"});
+    let mut d2 = descriptor(OCI_MANIFEST, &m_base);
+    d2["platform"] = serde_json::json!({"os": "linux", "architecture": "amd64"});
+    let mut d3 = descriptor(OCI_MANIFEST, &m_base);
+    d3["platform"] = serde_json::json!({"os": "unknown", "architecture": "unknown"});
+    files.insert(
+        "index.json".into(),
+        serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [d1, d2, d3]}))
+            .unwrap(),
+    );
+    files.insert(
+        "oci-layout".into(),
+        br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec(),
+    );
+    let image = Image {
+        files,
+        manifest_digest: sha256(&m_base),
+        config_digest: String::new(),
+        layer_blobs: vec![],
+    };
+    let got = place.unpack(&image.write_dir(&place.input)).unwrap();
+    assert_eq!(
+        got.manifest_digest.as_deref(),
+        Some(image.manifest_digest.as_str())
+    );
+    assert_eq!(place.read("which"), b"baseline");
+}
+
+/// A directory removed by a later layer and made again implicitly does not
+/// get the removed one's mode back; a read-only directory in a lower layer
+/// does not stop a higher one from writing into it.
+#[test]
+fn directory_modes_are_applied_at_the_end() {
+    let place = Place::new();
+    let l1 = LayerTar::new()
+        .dir("ro/", 0o555)
+        .dir("gone/", 0o700)
+        .build();
+    let l2 = LayerTar::new()
+        .file("ro/new", b"n")
+        .file(".wh.gone", b"")
+        .file("gone/again", b"a")
+        .build();
+    let image = oci_image(&[(l1, Comp::Gzip), (l2, Comp::Gzip)]);
+    place.unpack(&image.write_tar(&place.input)).unwrap();
+    let mode = |p: &str| {
+        std::fs::symlink_metadata(place.dest().join(p))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777
+    };
+    assert_eq!(mode("ro"), 0o555);
+    assert_eq!(place.read("ro/new"), b"n");
+    assert_ne!(mode("gone"), 0o700);
+}
+
+// ---------------------------------------------------------------- property
+
+mod hostile {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Names unlikely to exist at the host's `/`, so an escape is visible.
+    const NAMES: [&str; 3] = ["lhq1", "lhq2", "lhq3"];
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Dir(Vec<usize>),
+        File(Vec<usize>),
+        Symlink(Vec<usize>, usize),
+        Hardlink(Vec<usize>, Vec<usize>),
+        Whiteout(Vec<usize>),
+        Opaque(Vec<usize>),
+    }
+
+    fn path() -> impl Strategy<Value = Vec<usize>> {
+        // 0..3: a name; 3: "..", 4: the outside directory's absolute path.
+        prop::collection::vec(
+            prop_oneof![6 => 0usize..3, 1 => Just(3usize), 1 => Just(4usize)],
+            1..4,
+        )
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            path().prop_map(Op::Dir),
+            path().prop_map(Op::File),
+            (path(), 0usize..7).prop_map(|(p, t)| Op::Symlink(p, t)),
+            (path(), path()).prop_map(|(p, t)| Op::Hardlink(p, t)),
+            path().prop_map(Op::Whiteout),
+            path().prop_map(Op::Opaque),
+        ]
+    }
+
+    fn render(p: &[usize], outside: &str) -> String {
+        p.iter()
+            .map(|&i| match i {
+                0..=2 => NAMES[i].to_owned(),
+                3 => "..".to_owned(),
+                _ => outside.trim_start_matches('/').to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+
+    fn target(t: usize, outside: &str) -> String {
+        match t {
+            0 => "lhq1".to_owned(),
+            1 => "../..".to_owned(),
+            2 => "../".repeat(20),
+            3 => outside.to_owned(),
+            4 => format!("{outside}/lhq1"),
+            5 => "lhq2/lhq3".to_owned(),
+            _ => ".".to_owned(),
+        }
+    }
+
+    fn layer(ops: &[Op], outside: &str) -> Vec<u8> {
+        let mut t = LayerTar::new();
+        for op in ops {
+            t = match op {
+                Op::Dir(p) => t.dir(&render(p, outside), 0o755),
+                Op::File(p) => t.file(&render(p, outside), b"x"),
+                Op::Symlink(p, to) => t.symlink(&render(p, outside), &target(*to, outside)),
+                Op::Hardlink(p, to) => t.hardlink(&render(p, outside), &render(to, outside)),
+                Op::Whiteout(p) => {
+                    let r = render(p, outside);
+                    let (dir, name) = r.rsplit_once('/').unwrap_or(("", &r));
+                    let wh = if dir.is_empty() {
+                        format!(".wh.{name}")
+                    } else {
+                        format!("{dir}/.wh.{name}")
+                    };
+                    t.file(&wh, b"")
+                }
+                Op::Opaque(p) => t.file(&format!("{}/.wh..wh..opq", render(p, outside)), b""),
+            };
+        }
+        t.build()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 96, ..ProptestConfig::default() })]
+
+        /// Whatever the entries, nothing is written outside the root, and an
+        /// error is a refused entry with nothing left behind.
+        #[test]
+        fn hostile_layers_never_escape(layers in prop::collection::vec(prop::collection::vec(op(), 1..12), 1..4)) {
+            let outside = tempfile::tempdir().unwrap();
+            let out_str = outside.path().to_str().unwrap().to_owned();
+            // Keep paths under the tar header's 100 bytes.
+            prop_assume!(out_str.len() < 24);
+            let place = Place::new();
+            let tars: Vec<_> = layers.iter().map(|ops| (layer(ops, &out_str), Comp::Gzip)).collect();
+            let image = oci_image(&tars);
+            match place.unpack(&image.write_tar(&place.input)) {
+                Ok(_) => {}
+                Err(ImageError::Entry { .. }) => place.assert_nothing_left(),
+                Err(other) => prop_assert!(false, "unexpected error: {}", other),
+            }
+            assert_untouched(outside.path());
+            for name in NAMES {
+                prop_assert!(!Path::new("/").join(name).exists(), "/{} was written", name);
+            }
+        }
+    }
+}

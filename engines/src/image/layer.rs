@@ -365,13 +365,16 @@ impl<'l> Unpacker<'l> {
         Ok(())
     }
 
-    /// Removes whatever is at `path` (not following a final symlink).
-    fn remove(&self, path: &Path) -> Result<(), EntryError> {
+    /// Removes whatever is at `path` (not following a final symlink), and
+    /// forgets the modes recorded for directories under it.
+    fn remove(&mut self, path: &Path) -> Result<(), EntryError> {
         match self.root.symlink_metadata(path) {
-            Ok(m) if m.is_dir() => self
-                .root
-                .remove_dir_all(path)
-                .map_err(|e| io_refusal("remove directory", e)),
+            Ok(m) if m.is_dir() => {
+                self.dir_modes.retain(|p, _| !p.starts_with(path));
+                self.root
+                    .remove_dir_all(path)
+                    .map_err(|e| io_refusal("remove directory", e))
+            }
             Ok(_) => self
                 .root
                 .remove_file(path)
@@ -382,7 +385,7 @@ impl<'l> Unpacker<'l> {
     }
 
     /// Removes from `dir` everything this layer did not write.
-    fn opaque(&self, dir: &Path, written: &HashSet<PathBuf>) -> Result<(), EntryError> {
+    fn opaque(&mut self, dir: &Path, written: &HashSet<PathBuf>) -> Result<(), EntryError> {
         let shown = if dir.as_os_str().is_empty() {
             Path::new(".")
         } else {
@@ -393,12 +396,16 @@ impl<'l> Unpacker<'l> {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(io_refusal("list directory", e)),
         };
+        let mut doomed = Vec::new();
         for child in entries {
             let child = child.map_err(|e| io_refusal("list directory", e))?;
             let path = dir.join(child.file_name());
             if !written.contains(&path) {
-                self.remove(&path)?;
+                doomed.push(path);
             }
+        }
+        for path in doomed {
+            self.remove(&path)?;
         }
         Ok(())
     }

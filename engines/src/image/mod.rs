@@ -21,6 +21,7 @@ mod layer;
 mod types;
 
 use std::io::{self, BufRead, BufReader, Read};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use cap_std::ambient_authority;
@@ -175,9 +176,25 @@ impl Staging {
         })
     }
 
+    /// Flushes the unpacked tree to disk (one `syncfs`, not an fsync per
+    /// file), renames it into place and flushes the parent's entry, so that
+    /// a root reported as unpacked survives a crash whole.
     fn commit(mut self, dest: &Path) -> Result<(), ImageError> {
+        let staging =
+            std::fs::File::open(&self.path).map_err(|e| ImageError::io("open", &self.path, e))?;
+        nix::unistd::syncfs(staging.as_raw_fd())
+            .map_err(|e| ImageError::io("syncfs", &self.path, e.into()))?;
         std::fs::rename(&self.path, dest).map_err(|e| ImageError::io("rename into", dest, e))?;
         self.committed = true;
+        let parent = dest
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        // The root is in place and its contents are on disk: a failure to
+        // flush the directory entry is worth a warning, not a refusal.
+        if let Err(e) = std::fs::File::open(parent).and_then(|d| d.sync_all()) {
+            tracing::warn!(dir = %parent.display(), error = %e, "could not fsync the directory holding the unpacked root");
+        }
         Ok(())
     }
 }
@@ -354,7 +371,13 @@ fn select_manifest(index: &ImageIndex, limits: &Limits) -> Result<Descriptor, Im
             p.os().to_string() == "linux" && p.architecture().to_string() == "amd64"
         })
     };
-    if let Some(found) = manifests.iter().find(is_amd64) {
+    // Prefer the baseline (no variant) over e.g. amd64/v3, which needs a
+    // newer CPU than the node may have.
+    let baseline = manifests
+        .iter()
+        .filter(is_amd64)
+        .find(|d| d.platform().as_ref().is_some_and(|p| p.variant().is_none()));
+    if let Some(found) = baseline.or_else(|| manifests.iter().find(is_amd64)) {
         return Ok(found.clone());
     }
     let offered: Vec<String> = manifests
