@@ -1279,3 +1279,106 @@ mod hostile {
         }
     }
 }
+
+// ---------------------------------------------------------------- T1: real tools
+
+/// T1: archives written by skopeo itself (oci-archive with gzip and zstd
+/// layers, docker-archive, oci: layout directory) from a `dir:` image made
+/// here. Skipped, saying so, where skopeo is not installed.
+#[test]
+fn real_skopeo_archives() {
+    let Ok(version) = std::process::Command::new("skopeo")
+        .arg("--version")
+        .output()
+    else {
+        println!("SKIPPED real_skopeo_archives: skopeo is not installed (apt-get install skopeo)");
+        return;
+    };
+    println!("{}", String::from_utf8_lossy(&version.stdout).trim());
+    let tmp = tempfile::tempdir().unwrap();
+    // A `dir:` transport image: manifest.json, version and blobs by hex.
+    let src = tmp.path().join("src");
+    std::fs::create_dir(&src).unwrap();
+    let l1 = base_layer();
+    let l2 = LayerTar::new()
+        .file("etc/.wh.os-release", b"")
+        .file("srv/data.txt", b"from skopeo\n")
+        .build();
+    let mut layer_descs = Vec::new();
+    let mut diff_ids = Vec::new();
+    for l in [&l1, &l2] {
+        let (gz, media) = compress(l, Comp::Gzip);
+        diff_ids.push(sha256(l));
+        layer_descs.push(descriptor(media, &gz));
+        std::fs::write(src.join(hex_of(&sha256(&gz))), &gz).unwrap();
+    }
+    let config = config_json(&diff_ids);
+    std::fs::write(src.join(hex_of(&sha256(&config))), &config).unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": descriptor(OCI_CONFIG, &config),
+        "layers": layer_descs,
+    }))
+    .unwrap();
+    std::fs::write(src.join("manifest.json"), &manifest).unwrap();
+    std::fs::write(src.join("version"), "Directory Transport Version: 1.1\n").unwrap();
+
+    let source = format!("dir:{}", src.display());
+    let cases: [(&str, String, &[&str]); 4] = [
+        (
+            "oci-archive gzip",
+            format!("oci-archive:{}/gz.tar:test:1", tmp.path().display()),
+            &[],
+        ),
+        (
+            "oci-archive zstd",
+            format!("oci-archive:{}/zstd.tar:test:1", tmp.path().display()),
+            &["--dest-compress-format", "zstd", "--dest-compress"],
+        ),
+        (
+            "docker-archive",
+            format!("docker-archive:{}/docker.tar:test:1", tmp.path().display()),
+            &[],
+        ),
+        (
+            "oci layout",
+            format!("oci:{}/layout:test", tmp.path().display()),
+            &[],
+        ),
+    ];
+    for (label, dest, extra) in cases {
+        let status = std::process::Command::new("skopeo")
+            .args(["--insecure-policy", "copy", "--quiet"])
+            .args(extra)
+            .arg(&source)
+            .arg(&dest)
+            .status()
+            .unwrap();
+        assert!(status.success(), "{label}: skopeo copy failed");
+        let input = dest.split(':').nth(1).unwrap();
+        if label.contains("zstd") {
+            // The manifest inside the archive is plain JSON: the layers were
+            // recompressed with zstd.
+            let bytes = std::fs::read(input).unwrap();
+            let needle = b"application/vnd.oci.image.layer.v1.tar+zstd";
+            assert!(
+                bytes.windows(needle.len()).any(|w| w == needle),
+                "{label}: no zstd layer"
+            );
+        }
+        let place = Place::new();
+        let got = place
+            .unpack(Path::new(input))
+            .unwrap_or_else(|e| panic!("{label}: {e}"));
+        println!(
+            "{label}: {:?}, {} layers, {} files",
+            got.format, got.stats.layers, got.stats.files
+        );
+        assert_eq!(got.config.entrypoint, vec!["/bin/app"], "{label}");
+        assert_eq!(got.diff_ids, diff_ids, "{label}");
+        assert_eq!(place.read("bin/app"), b"#!/bin/sh\necho hi\n", "{label}");
+        assert_eq!(place.read("srv/data.txt"), b"from skopeo\n", "{label}");
+        assert!(!place.exists("etc/os-release"), "{label}: whiteout applied");
+    }
+}
