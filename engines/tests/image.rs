@@ -1382,3 +1382,38 @@ fn real_skopeo_archives() {
         assert!(!place.exists("etc/os-release"), "{label}: whiteout applied");
     }
 }
+
+/// The input sits in a tenant's inbox: a symlink there (to any file the
+/// agent could read) or a FIFO (which would block the agent) is refused.
+#[test]
+fn a_symlink_or_fifo_as_input_is_refused() {
+    let place = Place::new();
+    let real = oci_image(&[(base_layer(), Comp::Gzip)]).write_tar(&place.input);
+    let link = place.input.join("link.tar");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    let err = place.unpack(&link).unwrap_err();
+    assert!(
+        matches!(err, ImageError::BadArchive { ref reason, .. } if reason.contains("symbolic link")),
+        "{err}"
+    );
+    let fifo = place.input.join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let err = place.unpack(&fifo).unwrap_err();
+    assert!(matches!(err, ImageError::BadArchive { .. }), "{err}");
+    place.assert_nothing_left();
+}
+
+#[test]
+fn whiteouts_of_dot_or_dotdot_are_refused() {
+    for name in ["etc/.wh..", "etc/.wh...", ".wh."] {
+        let place = Place::new();
+        let l2 = LayerTar::new().file(name, b"").build();
+        let image = oci_image(&[(base_layer(), Comp::Gzip), (l2, Comp::Gzip)]);
+        let err = place.unpack(&image.write_tar(&place.input)).unwrap_err();
+        assert!(
+            matches!(err, ImageError::Entry { layer: 2, .. }),
+            "{name}: {err}"
+        );
+        place.assert_nothing_left();
+    }
+}

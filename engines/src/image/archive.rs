@@ -8,8 +8,10 @@ use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-use cap_std::ambient_authority;
+use cap_std::fs::OpenOptionsExt as _;
+use nix::fcntl::OFlag;
 use sha2::{Digest as _, Sha256};
+use std::os::unix::fs::OpenOptionsExt as _;
 
 use super::error::{from_io, CapHit, ImageError};
 use super::types::{ImageFormat, Limits};
@@ -46,13 +48,29 @@ pub(crate) enum Source {
 impl Source {
     /// Opens `path` (a tar file or a directory) and detects its format.
     pub(crate) fn open(path: &Path, limits: &Limits) -> Result<(Source, ImageFormat), ImageError> {
-        let meta = std::fs::symlink_metadata(path).map_err(|e| ImageError::io("stat", path, e))?;
+        // O_NOFOLLOW: the input sits in a tenant's inbox, and a symlink
+        // there could name any file the agent can read. O_NONBLOCK: a FIFO
+        // swapped in would otherwise block the open. The type is checked on
+        // the open descriptor, so a swap after a stat changes nothing.
+        let flags = OFlag::O_NOFOLLOW | OFlag::O_NONBLOCK;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(flags.bits())
+            .open(path)
+            .map_err(|e| match e.raw_os_error() {
+                Some(code) if code == nix::errno::Errno::ELOOP as i32 => ImageError::BadArchive {
+                    path: path.to_owned(),
+                    reason: "a symbolic link (not followed)".into(),
+                },
+                _ => ImageError::io("open", path, e),
+            })?;
+        let meta = file
+            .metadata()
+            .map_err(|e| ImageError::io("stat", path, e))?;
         let source = if meta.is_dir() {
-            let dir = cap_std::fs::Dir::open_ambient_dir(path, ambient_authority())
-                .map_err(|e| ImageError::io("open directory", path, e))?;
             Source::Dir {
                 path: path.to_owned(),
-                dir,
+                dir: cap_std::fs::Dir::from_std_file(file),
             }
         } else if meta.is_file() {
             if meta.len() > limits.max_archive_bytes {
@@ -61,7 +79,6 @@ impl Source {
                     limits.max_archive_bytes,
                 ));
             }
-            let file = File::open(path).map_err(|e| ImageError::io("open", path, e))?;
             let blobs = index_tar(path, &file, limits)?;
             Source::Tar {
                 path: path.to_owned(),
@@ -69,8 +86,9 @@ impl Source {
                 blobs,
             }
         } else {
-            return Err(ImageError::UnknownFormat {
+            return Err(ImageError::BadArchive {
                 path: path.to_owned(),
+                reason: "neither a regular file nor a directory".into(),
             });
         };
         let format = if source.exists("oci-layout") && source.exists("index.json") {
@@ -123,26 +141,31 @@ impl Source {
                 Ok((Box::new(reader), blob.size))
             }
             Source::Dir { dir, .. } => {
-                // Regular files only: a FIFO would block the open, a symlink
-                // could point anywhere (cap-std refuses those leaving `dir`).
-                let meta = match dir.symlink_metadata(name) {
-                    Ok(m) if m.is_file() => m,
-                    Ok(_) => {
-                        return Err(ImageError::Missing {
-                            name: format!("{name} (not a regular file)"),
-                        })
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                        return Err(ImageError::Missing {
-                            name: name.to_owned(),
-                        })
-                    }
-                    Err(e) => return Err(ImageError::io("stat", self.display(name), e)),
-                };
+                // Symlinks inside the layout are followed only while they
+                // stay beneath it (cap-std); O_NONBLOCK keeps a FIFO from
+                // blocking the open; the type is checked on the descriptor.
                 let file = dir
-                    .open(name)
-                    .map_err(|e| ImageError::io("open", self.display(name), e))?
+                    .open_with(
+                        name,
+                        cap_std::fs::OpenOptions::new()
+                            .read(true)
+                            .custom_flags(OFlag::O_NONBLOCK.bits()),
+                    )
+                    .map_err(|e| match e.kind() {
+                        io::ErrorKind::NotFound => ImageError::Missing {
+                            name: name.to_owned(),
+                        },
+                        _ => ImageError::io("open", self.display(name), e),
+                    })?
                     .into_std();
+                let meta = file
+                    .metadata()
+                    .map_err(|e| ImageError::io("stat", self.display(name), e))?;
+                if !meta.is_file() {
+                    return Err(ImageError::Missing {
+                        name: format!("{name} (not a regular file)"),
+                    });
+                }
                 let len = meta.len();
                 Ok((Box::new(file.take(len)), len))
             }
@@ -379,11 +402,22 @@ pub(crate) struct Hashing<R> {
     inner: R,
     hasher: Sha256,
     count: u64,
-    cap: Option<(u64, &'static str)>,
+    cap: Option<ReadCap>,
+}
+
+/// A bound on the bytes a [`Hashing`] reader lets through.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ReadCap {
+    /// Bytes allowed through this reader.
+    pub(crate) left: u64,
+    /// What is counted, for the error.
+    pub(crate) what: &'static str,
+    /// The cap as configured, for the error (`left` may be what remains of it).
+    pub(crate) shown: u64,
 }
 
 impl<R: Read> Hashing<R> {
-    pub(crate) fn new(inner: R, cap: Option<(u64, &'static str)>) -> Self {
+    pub(crate) fn new(inner: R, cap: Option<ReadCap>) -> Self {
         Hashing {
             inner,
             hasher: Sha256::new(),
@@ -415,9 +449,12 @@ impl<R: Read> Read for Hashing<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.count += n as u64;
-        if let Some((cap, what)) = self.cap {
-            if self.count > cap {
-                return Err(io::Error::other(CapHit { what, cap }));
+        if let Some(cap) = self.cap {
+            if self.count > cap.left {
+                return Err(io::Error::other(CapHit {
+                    what: cap.what,
+                    cap: cap.shown,
+                }));
             }
         }
         self.hasher.update(&buf[..n]);

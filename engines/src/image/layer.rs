@@ -151,6 +151,11 @@ impl<'l> Unpacker<'l> {
                 return Ok(());
             }
             if let Some(name) = last.strip_prefix(WHITEOUT_PREFIX) {
+                if name.is_empty() || name == "." || name == ".." {
+                    return Err(EntryError::Refused(
+                        "a whiteout of no name, `.` or `..`".into(),
+                    ));
+                }
                 let mut victim = comps[..comps.len() - 1].to_vec();
                 victim.push(OsString::from(name));
                 let victim = self.resolve(&victim, false)?;
@@ -343,23 +348,30 @@ impl<'l> Unpacker<'l> {
         Ok(out.iter().collect())
     }
 
-    /// Creates the (resolved) parent directories of `path` as needed.
+    /// Creates the (resolved) parent directories of `path` as needed, one
+    /// by one (each counted); a non-directory in the way is refused.
     fn make_parent(&mut self, path: &Path) -> Result<(), EntryError> {
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            match self.root.symlink_metadata(parent) {
+        let Some(parent) = path.parent() else {
+            return Ok(());
+        };
+        let mut here = PathBuf::new();
+        for comp in parent.components() {
+            here.push(comp);
+            match self.root.symlink_metadata(&here) {
                 Ok(m) if m.is_dir() => {}
                 Ok(_) => {
                     return Err(EntryError::Refused(format!(
                         "parent {} is not a directory",
-                        parent.display()
+                        here.display()
                     )))
                 }
-                Err(_) => {
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
                     self.root
-                        .create_dir_all(parent)
-                        .map_err(|e| io_refusal("create parent directories", e))?;
+                        .create_dir(&here)
+                        .map_err(|e| io_refusal("create parent directory", e))?;
                     self.stats.dirs += 1;
                 }
+                Err(e) => return Err(io_refusal("stat", e)),
             }
         }
         Ok(())

@@ -31,7 +31,7 @@ use serde::Deserialize;
 pub use error::ImageError;
 pub use types::{ImageFormat, ImageRuntimeConfig, Limits, UnpackStats, UnpackedImage};
 
-use archive::{read_small, Hashing, Source};
+use archive::{read_small, Hashing, ReadCap, Source};
 use error::from_io;
 use layer::Unpacker;
 
@@ -126,7 +126,14 @@ pub fn unpack_image(
     let mut unpacker = Unpacker::new(root, limits);
     let mut budget = limits.max_unpacked_bytes;
     for (i, layer) in plan.layers.iter().enumerate() {
-        apply_layer(&source, layer, i + 1, &mut unpacker, &mut budget)?;
+        apply_layer(
+            &source,
+            layer,
+            i + 1,
+            &mut unpacker,
+            &mut budget,
+            limits.max_unpacked_bytes,
+        )?;
     }
     let (stats, owners) = unpacker.finish()?;
     staging.commit(dest)?;
@@ -624,13 +631,15 @@ fn apply_layer(
     number: usize,
     unpacker: &mut Unpacker<'_>,
     budget: &mut u64,
+    max_unpacked: u64,
 ) -> Result<(), ImageError> {
     let shown = source.display(&layer.name);
     let (reader, _) = source.open_blob(&layer.name)?;
-    let cap = layer
-        .blob
-        .as_ref()
-        .map(|(_, size)| (*size, "layer blob bytes beyond its descriptor's size"));
+    let cap = layer.blob.as_ref().map(|(_, size)| ReadCap {
+        left: *size,
+        what: "layer blob in bytes (its descriptor's size)",
+        shown: *size,
+    });
     let mut compressed = BufReader::new(Hashing::new(reader, cap));
     let compression = match layer.compression {
         Some(c) => c,
@@ -638,7 +647,14 @@ fn apply_layer(
     };
     let decoder =
         Decoder::new(compression, compressed).map_err(|e| from_io("decompress", &shown, e))?;
-    let mut tar_stream = Hashing::new(decoder, Some((*budget, "uncompressed layer bytes")));
+    let mut tar_stream = Hashing::new(
+        decoder,
+        Some(ReadCap {
+            left: *budget,
+            what: "uncompressed layer bytes",
+            shown: max_unpacked,
+        }),
+    );
     unpacker.apply_layer(number, &mut tar_stream)?;
     tar_stream
         .drain()
