@@ -191,7 +191,16 @@ impl Staging {
             std::fs::File::open(&self.path).map_err(|e| ImageError::io("open", &self.path, e))?;
         nix::unistd::syncfs(staging.as_raw_fd())
             .map_err(|e| ImageError::io("syncfs", &self.path, e.into()))?;
-        std::fs::rename(&self.path, dest).map_err(|e| ImageError::io("rename into", dest, e))?;
+        // RENAME_NOREPLACE: whatever appeared at `dest` since the start is
+        // never replaced.
+        nix::fcntl::renameat2(
+            None,
+            &self.path,
+            None,
+            dest,
+            nix::fcntl::RenameFlags::RENAME_NOREPLACE,
+        )
+        .map_err(|e| ImageError::io("rename into", dest, e.into()))?;
         self.committed = true;
         let parent = dest
             .parent()
