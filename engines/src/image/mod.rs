@@ -137,6 +137,22 @@ pub fn unpack_image(
     }
     let (stats, owners) = unpacker.finish()?;
     staging.commit(dest)?;
+    // One warning per image, not one per entry: a hostile image cannot
+    // flood the log.
+    if stats.skipped_devices > 0 {
+        tracing::warn!(
+            dest = %dest.display(),
+            count = stats.skipped_devices,
+            "skipped device nodes and FIFOs in the image (engines are unprivileged)"
+        );
+    }
+    if stats.setid_stripped > 0 {
+        tracing::warn!(
+            dest = %dest.display(),
+            count = stats.setid_stripped,
+            "stripped setuid/setgid bits in the image"
+        );
+    }
     tracing::info!(
         dest = %dest.display(),
         config = %plan.config_digest,
