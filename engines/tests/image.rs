@@ -1420,3 +1420,66 @@ fn whiteouts_of_dot_or_dotdot_are_refused() {
         place.assert_nothing_left();
     }
 }
+
+/// PAX records (what Go's archive/tar, hence Docker and BuildKit, writes
+/// for long or non-ASCII names) set the path and link target; a PAX `path`
+/// with `..` is refused like any other; a PAX `size` that disagrees with the
+/// header is refused.
+#[test]
+fn pax_records_are_applied_and_checked() {
+    let name = format!("srv/{}/é-file", "p".repeat(150));
+    let mut l1 = LayerTar::new();
+    l1.builder
+        .append_pax_extensions([("path", name.as_bytes())])
+        .unwrap();
+    l1 = l1.file("placeholder", b"pax");
+    l1.builder
+        .append_pax_extensions([("linkpath", name.as_bytes())])
+        .unwrap();
+    l1 = l1.symlink("link", "placeholder");
+    let image = oci_image(&[(l1.build(), Comp::Gzip)]);
+    let place = Place::new();
+    place.unpack(&image.write_tar(&place.input)).unwrap();
+    assert_eq!(place.read(&name), b"pax");
+    assert!(!place.exists("placeholder"));
+    assert_eq!(
+        std::fs::read_link(place.dest().join("link")).unwrap(),
+        Path::new(&name)
+    );
+
+    let mut l1 = LayerTar::new();
+    l1.builder
+        .append_pax_extensions([("path", &b"a/../../escape"[..])])
+        .unwrap();
+    let image = oci_image(&[(l1.file("harmless", b"x").build(), Comp::Gzip)]);
+    let place = Place::new();
+    let err = place.unpack(&image.write_tar(&place.input)).unwrap_err();
+    assert!(
+        matches!(err, ImageError::Entry { ref entry, .. } if entry == "a/../../escape"),
+        "{err}"
+    );
+    place.assert_nothing_left();
+
+    let mut l1 = LayerTar::new();
+    l1.builder
+        .append_pax_extensions([("size", &b"9999999999999"[..])])
+        .unwrap();
+    let image = oci_image(&[(l1.file("f", b"x").build(), Comp::Gzip)]);
+    let place = Place::new();
+    assert!(place.unpack(&image.write_tar(&place.input)).is_err());
+    place.assert_nothing_left();
+}
+
+#[test]
+fn a_blob_missing_from_the_archive_is_named() {
+    let place = Place::new();
+    let mut image = oci_image(&[(base_layer(), Comp::Gzip)]);
+    let name = image.layer_blobs[0].clone();
+    image.files.remove(&name);
+    let err = place.unpack(&image.write_tar(&place.input)).unwrap_err();
+    assert!(
+        matches!(err, ImageError::Missing { name: ref n } if *n == name),
+        "{err}"
+    );
+    place.assert_nothing_left();
+}
