@@ -5,13 +5,12 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
 use cap_std::fs::OpenOptionsExt as _;
 use nix::fcntl::OFlag;
 use sha2::{Digest as _, Sha256};
-use std::os::unix::fs::OpenOptionsExt as _;
 
 use super::error::{from_io, CapHit, ImageError};
 use super::types::{ImageFormat, Limits};
@@ -268,7 +267,9 @@ fn index_tar(
             }
         } else if kind.is_symlink() || kind.is_hard_link() {
             let target = String::from_utf8_lossy(&link.unwrap_or_default()).into_owned();
-            let base = if kind.is_symlink() {
+            // A symlink's relative target is relative to its directory; an
+            // absolute one and a hard link's, to the top of the archive.
+            let base = if kind.is_symlink() && !target.starts_with('/') {
                 name.rsplit_once('/').map(|(d, _)| d).unwrap_or("")
             } else {
                 ""

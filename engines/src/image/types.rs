@@ -91,7 +91,7 @@ pub struct UnpackStats {
     /// Regular files written (the last layer's version counts once per
     /// write, so a file replaced by a later layer counts twice).
     pub files: u64,
-    /// Directories created.
+    /// Directories created (implicit parents included).
     pub dirs: u64,
     /// Symbolic links created.
     pub symlinks: u64,
@@ -99,7 +99,7 @@ pub struct UnpackStats {
     pub hardlinks: u64,
     /// Bytes of regular-file content written.
     pub bytes: u64,
-    /// `.wh.NAME` whiteouts applied (the name existed and was removed).
+    /// `.wh.NAME` whiteout entries applied (whether or not NAME existed).
     pub whiteouts: u64,
     /// `.wh..wh..opq` opaque whiteouts applied.
     pub opaque_whiteouts: u64,
