@@ -128,6 +128,8 @@ fn main() -> ExitCode {
             }),
         )
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal: not in the journal or a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -363,11 +365,10 @@ async fn serve_bus(
         .build()
         .await
         .map_err(AgentError::Bus)?;
-    // `nft monitor` runs for the agent's lifetime and is started before the
-    // controller's first TPM command: a child spawned while a TPM command is
-    // in flight inherits the TSS library's socket (it has no close-on-exec),
-    // and swtpm serves one connection at a time, so a long-lived child
-    // holding one blocks every later TPM command.
+    // The watcher reads nftables notifications on a socket of its own (no
+    // long-lived child: one spawned while a TPM command is in flight would
+    // inherit the TSS library's socket, which has no close-on-exec, and
+    // swtpm serves one connection at a time).
     let (restored_tx, mut restored_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
     boundaries.watch(check_interval, restored_tx);
     let secrets = secrets::SecretStore::new(state_dir.join("secrets"));

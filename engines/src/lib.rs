@@ -14,4 +14,7 @@
 
 #![warn(missing_docs)]
 
+pub mod backoff;
+pub mod budget;
 pub mod image;
+pub mod spec;

@@ -14,6 +14,7 @@ pub mod check;
 pub mod conntrack;
 pub mod enforce;
 pub mod model;
+pub mod monitor;
 pub mod netlink;
 pub mod nft;
 pub mod policy;

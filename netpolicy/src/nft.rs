@@ -1071,17 +1071,6 @@ pub fn objects(prefix: &[&str]) -> Result<(Vec<String>, Vec<String>), ApplyError
     Ok(out)
 }
 
-/// Starts `nft monitor` on ruleset changes (tables, chains, rules, sets,
-/// elements); each line of its stdout is one change notification from the
-/// kernel's nftables netlink group.
-pub fn monitor(prefix: &[&str]) -> std::io::Result<std::process::Child> {
-    nft(prefix, &["monitor", "ruleset"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-}
-
 /// Applies a script with `nft -f -` (optionally prefixed, e.g. with
 /// `ip netns exec NS` in tests).
 pub fn apply(script: &str, prefix: &[&str]) -> Result<(), ApplyError> {

@@ -600,8 +600,21 @@ fn boundary_reachability_matrix_with_agent() {
             s.args().unwrap().what().to_owned()
         })
     };
+    // Every commit so far was the agent's own (nft monitor says which).
+    assert!(
+        !lab.agent_log().contains("boundary-foreign-commit"),
+        "the agent took its own commits for another process's:\n{}",
+        lab.agent_log()
+    );
     let restored = restored_after(&["nft", "flush", "ruleset"]);
     assert!(restored.contains("missing"), "{restored}");
+    assert!(
+        lab.agent_log()
+            .lines()
+            .any(|l| l.contains("boundary-foreign-commit") && l.contains("process=\"nft\"")),
+        "{}",
+        lab.agent_log()
+    );
     assert_matrix(&net, Scenario::Sub, "after nft flush ruleset");
     assert!(lab.agent_log().contains("boundary-drift"));
     // An element slipped into one of its sets, and a rule deleted: noticed too.

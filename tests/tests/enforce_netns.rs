@@ -218,3 +218,81 @@ fn staged_apply_element_changes_and_leftovers() {
     assert_eq!(e.check().unwrap(), None);
     e.remove().unwrap();
 }
+
+/// Issue 13 point 7: nftables notifications drive the drift check. A commit by
+/// another process that does not touch the table keeps it verified (the
+/// next check reads no set back); the enforcer's own commits are its own;
+/// another process's change to the table is foreign, and the check that
+/// follows reads the sets back and finds it.
+#[test]
+fn monitor_events_spare_the_read_back_unless_the_table_was_touched() {
+    use leasehold_netpolicy::enforce::Seen;
+    use leasehold_netpolicy::monitor;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    require_root();
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    let mut e = Enforcer::new(Vec::new()).staged_from(0);
+    assert_eq!(
+        e.apply(Ruleset::build(&boundary(50, false), None)).unwrap(),
+        Change::Full
+    );
+    // The first check after a full apply reads the sets back once.
+    assert_eq!(e.check().unwrap(), None);
+    assert_eq!(e.read_backs(), 1);
+
+    // Subscribed in this thread's namespace: every later commit is seen.
+    let mut l = monitor::Listener::open(nft::TABLE).unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        while let Ok(ev) = l.wait() {
+            if let monitor::Event::Generation(g) = ev {
+                if tx.send(g).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    nft_out(&["add", "table", "ip", "probe"]);
+    let g = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(e.classify(&g), Seen::Untouched);
+    // The probe came after the verification but did not touch the table.
+    assert_eq!(e.check().unwrap(), None);
+    let base = e.read_backs();
+    assert_eq!(base, 1);
+
+    // Another table changed by another process: untouched.
+    nft_out(&["add", "table", "ip", "other"]);
+    let g = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(g.pid.is_some() && g.comm.as_deref() == Some("nft"), "{g:?}");
+    assert_eq!(e.classify(&g), Seen::Untouched);
+    assert_eq!(e.check().unwrap(), None);
+    assert_eq!(
+        e.read_backs(),
+        base,
+        "a commit elsewhere made the check read back"
+    );
+
+    // The enforcer's own element change: its own, still verified.
+    assert_eq!(
+        e.apply(Ruleset::build(&boundary(51, false), None)).unwrap(),
+        Change::Elements
+    );
+    let g = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert!(g.touched.is_some(), "{g:?}");
+    assert_eq!(e.classify(&g), Seen::Own);
+    assert_eq!(e.check().unwrap(), None);
+    assert_eq!(e.read_backs(), base);
+
+    // Another process adds an element to the table: foreign; the check
+    // reads back and finds it.
+    let (_, sets) = nft::objects(&[]).unwrap();
+    let h4 = sets.iter().find(|s| s.contains("_h4")).unwrap().clone();
+    nft_out(&["add", "element", "inet", nft::TABLE, &h4, "{ 10.99.0.1 }"]);
+    let g = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    assert_eq!(e.classify(&g), Seen::Foreign, "{g:?}");
+    assert!(matches!(e.check().unwrap(), Some(Drift::Changed(_))));
+    assert_eq!(e.read_backs(), base + 1);
+    e.restore().unwrap();
+}
