@@ -17,5 +17,6 @@
 pub mod backoff;
 pub mod budget;
 pub mod cgroup;
+pub mod image;
 pub mod launch;
 pub mod spec;
