@@ -450,6 +450,75 @@ fn revoked_flows_stop_in_both_directions_and_allowed_ones_go_on() {
     e.remove().unwrap();
 }
 
+/// The ranges a removal of p1's two addresses looks at.
+fn p1_scope() -> Vec<(std::net::IpAddr, std::net::IpAddr)> {
+    [v4(1, 2), v6(1, 2)]
+        .iter()
+        .flat_map(|a| {
+            let (f, lo, hi) = leasehold_netpolicy::model::parse_cidr(a).unwrap();
+            conntrack::scope_of(f, lo, hi)
+        })
+        .collect()
+}
+
+/// The agent's cut after RemovePeers: only p1's flows are decided, from
+/// the tracker's mirror of the table (no dump). Every stream starts after
+/// the mirror was synced, so the mirror knows them from the kernel's
+/// conntrack events alone; a mirror that misses one leaves it passing.
+#[test]
+fn removing_a_peer_cuts_its_flows_known_from_events() {
+    require_root();
+    let mut lab = Lab::new('m');
+    lab.enter_node();
+    let mut e = Enforcer::new(Vec::new());
+    let both = boundary(BOTH);
+    e.apply(Ruleset::build(&both, None)).unwrap();
+    let tracker = conntrack::Tracker::start().unwrap();
+    let scope = p1_scope();
+    // Not synced yet: even a scoped cut dumps the table (and syncs).
+    let cut = tracker
+        .cut(Some(&scope), |f| explain(&both, None, f).allowed, |_| false)
+        .unwrap();
+    assert!(!cut.from_mirror && cut.cut == 0, "{cut:?}");
+    lab.start_streams();
+    let all = lab.select(|_| true);
+    lab.observe(&all, now(), 3);
+    assert!(tracker.tracked() >= 20, "{} tracked", tracker.tracked());
+
+    let p2_only = boundary(P2_ONLY);
+    e.apply(Ruleset::build(&p2_only, None)).unwrap();
+    let started = Instant::now();
+    let cut = tracker
+        .cut(
+            Some(&scope),
+            |f| explain(&p2_only, None, f).allowed,
+            |_| false,
+        )
+        .unwrap();
+    eprintln!("scoped cut {cut:?} in {:?}", started.elapsed());
+    let t = now();
+    // tcp-out, ssh-in, udp-out, ping-out, ping-in; two families. The
+    // node's ends of the four TCP flows are aborted.
+    assert!(cut.from_mirror, "{cut:?}");
+    assert!(cut.cut >= 10 && cut.reset >= 4, "{cut:?}");
+    let alive = lab.select(|k| k.starts_with("p2"));
+    let seen = lab.observe(&alive, t, 5);
+    let leaked: Vec<_> = seen
+        .iter()
+        .filter(|(k, n)| k.starts_with("p1") && **n > 0)
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "messages sent after the cut got through: {leaked:?}"
+    );
+    // The mirror missed nothing: a full dump finds nothing more to cut.
+    let full = tracker
+        .cut(None, |f| explain(&p2_only, None, f).allowed, |_| false)
+        .unwrap();
+    assert!(!full.from_mirror && full.cut == 0, "{full:?}");
+    e.remove().unwrap();
+}
+
 /// Fills the node's table with `n` outbound UDP entries to 10.99.0.0/16
 /// (a veth without ARP: nothing answers; entries stay 30 s).
 fn flood(n: u32) {
