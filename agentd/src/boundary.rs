@@ -119,6 +119,9 @@ pub struct Boundaries {
     inner: Mutex<Inner>,
     /// When the agent last changed the kernel table (see [`Boundaries::watch`]).
     changed_at: Mutex<Option<std::time::Instant>>,
+    /// The conntrack mirror the cuts use, started at the first cut (None:
+    /// could not subscribe to conntrack events; every cut dumps the table).
+    tracker: std::sync::OnceLock<Option<Arc<conntrack::Tracker>>>,
 }
 
 /// A drift check triggered by a change notification waits until the agent
@@ -244,20 +247,32 @@ fn admits(c: &Boundary, s: Option<&Boundary>, f: &Flow) -> bool {
 
 /// Cuts the open connections (conntrack entries) the committed policy
 /// would not admit as new, so that none keeps passing as established
-/// (issue 13). A failure leaves the change committed; it is logged and
-/// returned as a warning for the caller.
-fn cut_flows(c: &Boundary, s: Option<&Boundary>) -> Option<String> {
+/// (issue 13). `scope`: the address ranges whose admission the change
+/// narrowed (a removal of peers; see [`conntrack::Tracker::cut`]), None:
+/// any flow may have lost it. A failure leaves the change committed; it
+/// is logged and returned as a warning for the caller.
+fn cut_flows(
+    tracker: Option<&conntrack::Tracker>,
+    c: &Boundary,
+    s: Option<&Boundary>,
+    scope: Option<&[(IpAddr, IpAddr)]>,
+) -> Option<String> {
     let started = Instant::now();
     // Failsafe flows are kept in either orientation (a session picked up
     // mid-stream from the node's reply is oriented node → peer).
     let failsafe = |f: &Flow| leasehold_netpolicy::check::first_match(&c.failsafe, f).is_some();
-    match conntrack::cut_with(|f| admits(c, s, f), failsafe) {
+    let cut = match tracker {
+        Some(t) => t.cut(scope, |f| admits(c, s, f), failsafe),
+        None => conntrack::cut_with(|f| admits(c, s, f), failsafe),
+    };
+    match cut {
         Ok(cut) => {
             info!(
                 event = "boundary-flows-cut",
                 count = cut.cut,
                 sockets_reset = cut.reset,
                 tracked = cut.seen,
+                from_mirror = cut.from_mirror,
                 ms = started.elapsed().as_secs_f64() * 1000.0,
                 "open connections the boundary does not admit were cut"
             );
@@ -270,6 +285,17 @@ fn cut_flows(c: &Boundary, s: Option<&Boundary>) -> Option<String> {
             ))
         }
     }
+}
+
+/// The ranges a cut after removing `peers` looks at (see
+/// [`conntrack::scope_of`]); None if one is not an address or CIDR.
+fn removed_scope(peers: &[String]) -> Option<Vec<(IpAddr, IpAddr)>> {
+    let mut out = Vec::new();
+    for p in peers {
+        let (f, lo, hi) = leasehold_netpolicy::model::parse_cidr(p).ok()?;
+        out.extend(conntrack::scope_of(f, lo, hi));
+    }
+    Some(out)
 }
 
 impl Boundaries {
@@ -307,6 +333,7 @@ impl Boundaries {
         Ok(Boundaries {
             dir: dir.to_owned(),
             changed_at: Mutex::new(None),
+            tracker: std::sync::OnceLock::new(),
             inner: Mutex::new(Inner {
                 snap: Arc::new(snap),
                 enforcer: Enforcer::new(Vec::new()),
@@ -314,6 +341,21 @@ impl Boundaries {
                 last_drift: None,
             }),
         })
+    }
+
+    /// Cuts what `c`/`s` do not admit (see [`cut_flows`]).
+    fn cut_flows(
+        &self,
+        c: &Boundary,
+        s: Option<&Boundary>,
+        scope: Option<&[(IpAddr, IpAddr)]>,
+    ) -> Option<String> {
+        let tracker = self.tracker.get_or_init(|| {
+            conntrack::Tracker::start()
+                .inspect_err(|e| warn!(error = %e, "cannot follow conntrack events; every connection cut dumps the whole table"))
+                .ok()
+        });
+        cut_flows(tracker.as_deref(), c, s, scope)
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -364,7 +406,7 @@ impl Boundaries {
                 self.apply_rules(&mut g, rs)?;
                 info!(elements = n, "boundary applied");
                 if let Some((c, s)) = &g.snap.bounds {
-                    cut_flows(c, s.as_ref());
+                    self.cut_flows(c, s.as_ref(), None);
                 }
             }
             None => {
@@ -414,7 +456,7 @@ impl Boundaries {
         // the caller is answered.
         drop(g);
         if let Some((c, s)) = &next.bounds {
-            warnings.extend(cut_flows(c, s.as_ref()));
+            warnings.extend(self.cut_flows(c, s.as_ref(), None));
         }
         for w in &warnings {
             warn!(warning = %w, "boundary");
@@ -460,6 +502,7 @@ impl Boundaries {
         // Adding peers cannot cut an open SSH session: the /proc/net/tcp{,6}
         // scan (≈3 ms: the kernel walks its whole connection table) is only
         // needed when peers go.
+        let t_warn = Instant::now();
         let warnings = snap
             .bounds
             .as_ref()
@@ -471,6 +514,7 @@ impl Boundaries {
                 }
             })
             .unwrap_or_default();
+        let warn_time = t_warn.elapsed();
         let t_edit = t0.elapsed();
         // Single hosts: the enforcer edits its sets in place and sends the
         // element change (no rebuild of the ruleset, no diff of two
@@ -513,17 +557,23 @@ impl Boundaries {
         let saved = self.save(&snap.policy);
         let t_save = t0.elapsed();
         // Where a peer change spends its time (the bench reads these).
-        info!(
-            event = "boundary-peers",
-            changed = edit.changed.len(),
-            lock_us = us(waited),
-            edit_us = us(t_edit),
-            build_us = us(t_build - t_edit),
-            apply_us = us(t_apply - t_build),
-            save_us = us(t_save - t_apply),
-            "peers changed"
-        );
+        let phases = |cut: Duration| {
+            info!(
+                event = "boundary-peers",
+                add,
+                changed = edit.changed.len(),
+                lock_us = us(waited),
+                edit_us = us(t_edit - warn_time),
+                warn_us = us(warn_time),
+                build_us = us(t_build - t_edit),
+                apply_us = us(t_apply - t_build),
+                save_us = us(t_save - t_apply),
+                cut_us = us(cut),
+                "peers changed"
+            );
+        };
         if let Err(e) = saved {
+            phases(Duration::ZERO);
             undo(snap);
             if let Some(old) = snap.ruleset() {
                 if let Err(e2) = self.apply_rules(guard, old) {
@@ -537,11 +587,15 @@ impl Boundaries {
         // Added peers only widen: nothing to cut (and the ≈4 ms table
         // dump stays out of the one-peer path). Removals cut outside the lock.
         let mut warnings = warnings;
+        let t_cut = Instant::now();
         if !add {
             if let Some((c, s)) = &committed.bounds {
-                warnings.extend(cut_flows(c, s.as_ref()));
+                // Only flows with a removed peer can have lost admission.
+                let scope = removed_scope(&edit.changed);
+                warnings.extend(self.cut_flows(c, s.as_ref(), scope.as_deref()));
             }
         }
+        phases(t_cut.elapsed());
         for w in &warnings {
             warn!(warning = %w, "boundary");
         }
@@ -732,7 +786,7 @@ impl Boundaries {
                         info!(event = "boundary-restored", "boundary restored");
                         // Connections opened while the table was gone.
                         if let Some((c, s)) = &g.snap.bounds {
-                            cut_flows(c, s.as_ref());
+                            self.cut_flows(c, s.as_ref(), None);
                         }
                         g.last_drift = Some(what.clone());
                         Some(what)
