@@ -350,12 +350,18 @@ impl Boundaries {
         s: Option<&Boundary>,
         scope: Option<&[(IpAddr, IpAddr)]>,
     ) -> Option<String> {
-        let tracker = self.tracker.get_or_init(|| {
-            conntrack::Tracker::start()
-                .inspect_err(|e| warn!(error = %e, "cannot follow conntrack events; every connection cut dumps the whole table"))
-                .ok()
-        });
-        cut_flows(tracker.as_deref(), c, s, scope)
+        cut_flows(self.tracker(), c, s, scope)
+    }
+
+    /// The conntrack mirror, started at the first use.
+    fn tracker(&self) -> Option<&conntrack::Tracker> {
+        self.tracker
+            .get_or_init(|| {
+                conntrack::Tracker::start()
+                    .inspect_err(|e| warn!(error = %e, "cannot follow conntrack events; every connection cut dumps the whole table"))
+                    .ok()
+            })
+            .as_deref()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -499,19 +505,25 @@ impl Boundaries {
         if let (Some(doc), Some((c, _))) = (snap.policy.cluster.as_ref(), snap.bounds.as_mut()) {
             snap.index.apply(&edit, doc, c, false);
         }
-        // Adding peers cannot cut an open SSH session: the /proc/net/tcp{,6}
-        // scan (≈3 ms: the kernel walks its whole connection table) is only
-        // needed when peers go.
+        // Adding peers cannot cut an open SSH session; removing some can
+        // cut only theirs (and only their flows can have lost admission).
         let t_warn = Instant::now();
+        let scope = if add {
+            None
+        } else {
+            removed_scope(&edit.changed)
+        };
         let warnings = snap
             .bounds
             .as_ref()
             .map(|(c, s)| {
-                if add {
-                    Self::failsafe_warnings(c)
+                let mut w = if add {
+                    Vec::new()
                 } else {
-                    Self::change_warnings(c, s.as_ref())
-                }
+                    self.removal_ssh_warnings(c, s.as_ref(), scope.as_deref())
+                };
+                w.extend(Self::failsafe_warnings(c));
+                w
             })
             .unwrap_or_default();
         let warn_time = t_warn.elapsed();
@@ -590,8 +602,6 @@ impl Boundaries {
         let t_cut = Instant::now();
         if !add {
             if let Some((c, s)) = &committed.bounds {
-                // Only flows with a removed peer can have lost admission.
-                let scope = removed_scope(&edit.changed);
                 warnings.extend(self.cut_flows(c, s.as_ref(), scope.as_deref()));
             }
         }
@@ -632,7 +642,30 @@ impl Boundaries {
     }
 
     fn ssh_warnings(c: &Boundary, s: Option<&Boundary>) -> Vec<String> {
-        ssh_peers_recent()
+        Self::ssh_warnings_of(c, s, ssh_peers_recent())
+    }
+
+    /// [`Self::ssh_warnings`] for a removal of the peers in `scope`: only
+    /// their sessions can be cut by it, found from the conntrack mirror
+    /// (no scan of every TCP socket) when it is synced.
+    fn removal_ssh_warnings(
+        &self,
+        c: &Boundary,
+        s: Option<&Boundary>,
+        scope: Option<&[(IpAddr, IpAddr)]>,
+    ) -> Vec<String> {
+        let found = match (scope, self.tracker()) {
+            (Some(r), Some(t)) => t.open_at_port(22, r).unwrap_or_else(|e| {
+                warn!(error = %e, "cannot look up the open SSH sessions of the removed peers");
+                None
+            }),
+            _ => None,
+        };
+        Self::ssh_warnings_of(c, s, found.unwrap_or_else(ssh_peers_recent))
+    }
+
+    fn ssh_warnings_of(c: &Boundary, s: Option<&Boundary>, peers: Vec<IpAddr>) -> Vec<String> {
+        peers
             .into_iter()
             .filter_map(|peer| {
                 let f = Flow {

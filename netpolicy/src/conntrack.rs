@@ -582,18 +582,7 @@ fn abort_sockets(doomed: &[Entry], locals: &HashSet<IpAddr>) -> Result<usize, Cu
     let mut buf = vec![0u8; 64 * 1024];
     let mut reset = 0;
     for chunk in ends.chunks(DELETE_BATCH) {
-        let mut out = Vec::with_capacity(chunk.len() * 72);
-        for (i, e) in chunk.iter().enumerate() {
-            encode_lookup(&mut out, *e, u32::try_from(i).unwrap_or(u32::MAX));
-        }
-        let found: Vec<_> = exchange(&sock, &mut buf, &out, chunk.len())?
-            .into_iter()
-            .zip(chunk)
-            .filter_map(|(a, e)| match a {
-                Some((SOCK_DIAG_BY_FAMILY, m)) => abortable(&m, e.1 .1).map(|c| (*e, c)),
-                _ => None,
-            })
-            .collect();
+        let found = lookup_open(&sock, &mut buf, chunk)?;
         if found.is_empty() {
             continue;
         }
@@ -607,6 +596,27 @@ fn abort_sockets(doomed: &[Entry], locals: &HashSet<IpAddr>) -> Result<usize, Cu
             .count();
     }
     Ok(reset)
+}
+
+/// Of the TCP sockets `ends` (at most [`DELETE_BATCH`]), those open and
+/// still sending (see [`abortable`]), with their cookies.
+fn lookup_open(
+    sock: &Socket,
+    buf: &mut [u8],
+    ends: &[Ends],
+) -> Result<Vec<(Ends, [u8; 8])>, CutError> {
+    let mut out = Vec::with_capacity(ends.len() * 72);
+    for (i, e) in ends.iter().enumerate() {
+        encode_lookup(&mut out, *e, u32::try_from(i).unwrap_or(u32::MAX));
+    }
+    Ok(exchange(sock, buf, &out, ends.len())?
+        .into_iter()
+        .zip(ends)
+        .filter_map(|(a, e)| match a {
+            Some((SOCK_DIAG_BY_FAMILY, m)) => abortable(&m, e.1 .1).map(|c| (*e, c)),
+            _ => None,
+        })
+        .collect())
 }
 
 /// Dumps the table and deletes every entry `admits` does not keep (see
@@ -963,6 +973,49 @@ impl Tracker {
                 }
             }
         }
+    }
+
+    /// The peers with an address in `ranges` of the open TCP connections
+    /// to local port `port` (either orientation: a session picked up from
+    /// the node's side is oriented from it), from the mirror, each socket
+    /// checked open with a lookup; None when the mirror is not synced (see
+    /// [`Tracker::cut`]). Costs in the flows of `ranges`, not in the
+    /// node's connections (a read of /proc/net/tcp walks the kernel's whole
+    /// TCP hash: ≈3 ms).
+    pub fn open_at_port(
+        &self,
+        port: u16,
+        ranges: &[(IpAddr, IpAddr)],
+    ) -> Result<Option<Vec<IpAddr>>, CutError> {
+        let mut st = self.lock();
+        self.drain(&mut st);
+        if !st.synced || !events_on() {
+            return Ok(None);
+        }
+        let locals = local_addrs()?;
+        let ends: Vec<Ends> = st
+            .mirror
+            .within(ranges)
+            .into_iter()
+            .filter_map(|e| socket_of(e, &locals))
+            .filter(|(local, remote)| local.1 == port && !remote.0.is_loopback())
+            .collect();
+        drop(st);
+        let mut peers = Vec::new();
+        if !ends.is_empty() {
+            let sock = diag_socket()?;
+            let mut buf = vec![0u8; 64 * 1024];
+            for chunk in ends.chunks(DELETE_BATCH) {
+                peers.extend(
+                    lookup_open(&sock, &mut buf, chunk)?
+                        .into_iter()
+                        .map(|((_, remote), _)| remote.0),
+                );
+            }
+        }
+        peers.sort_unstable();
+        peers.dedup();
+        Ok(Some(peers))
     }
 
     /// Entries in the mirror.
