@@ -25,6 +25,7 @@ use leasehold_netpolicy::{explain, Boundary, DocError, Flow};
 use crate::peer_index::PeerIndex;
 
 mod diff;
+mod journal;
 pub mod revert;
 use tracing::{error, info, warn};
 
@@ -108,6 +109,8 @@ impl Snapshot {
 
 struct Inner {
     snap: Arc<Snapshot>,
+    /// Peer edits stored since `boundary.json` was last written.
+    journal: journal::Journal,
     enforcer: Enforcer,
     last_change: Option<&'static str>,
     last_drift: Option<String>,
@@ -302,13 +305,15 @@ impl Boundaries {
     /// Loads the stored policy (none stored: empty).
     pub fn load(dir: &Path) -> Result<Self, BoundaryError> {
         let path = dir.join(FILE);
-        let policy = match std::fs::read_to_string(&path) {
+        let mut base = None;
+        let mut policy = match std::fs::read(&path) {
             Ok(text) => {
                 let p: Policy =
-                    serde_json::from_str(&text).map_err(|e| BoundaryError::Damaged {
+                    serde_json::from_slice(&text).map_err(|e| BoundaryError::Damaged {
                         path: path.clone(),
                         reason: e.to_string(),
                     })?;
+                base = Some(text);
                 if p.format != leasehold_netpolicy::policy::FORMAT {
                     return Err(BoundaryError::Damaged {
                         path,
@@ -324,6 +329,21 @@ impl Boundaries {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Policy::new(),
             Err(source) => return Err(BoundaryError::Io { path, source }),
         };
+        let (journal, replayed) = journal::Journal::load(dir, base.as_deref(), &mut policy)
+            .map_err(|reason| BoundaryError::Damaged {
+                path: dir.join(journal::JOURNAL),
+                reason,
+            })?;
+        if let Some(note) = &replayed.note {
+            warn!(note = %note, "boundary peer journal");
+        }
+        if replayed.applied > 0 {
+            info!(
+                records = replayed.applied,
+                "peer edits replayed from {}",
+                journal::JOURNAL
+            );
+        }
         // A stored policy that no longer validates is reported by
         // apply_stored (the agent keeps serving, the kernel keeps its table).
         let snap = Snapshot::new(policy.clone()).unwrap_or(Snapshot {
@@ -336,6 +356,7 @@ impl Boundaries {
             tracker: std::sync::OnceLock::new(),
             inner: Mutex::new(Inner {
                 snap: Arc::new(snap),
+                journal,
                 enforcer: Enforcer::new(Vec::new()),
                 last_change: None,
                 last_drift: None,
@@ -370,7 +391,8 @@ impl Boundaries {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn save(&self, p: &Policy) -> Result<(), BoundaryError> {
+    /// Stores `p` as the whole document (and drops the peer journal).
+    fn save(&self, j: &mut journal::Journal, p: &Policy) -> Result<(), BoundaryError> {
         // Compact: at 100k peers pretty printing is 100k more lines to
         // write on every change, and nobody reads a file that size by eye.
         let bytes = serde_json::to_vec(p).map_err(|e| BoundaryError::Damaged {
@@ -380,7 +402,9 @@ impl Boundaries {
         write_atomic(&self.dir, FILE, &bytes).map_err(|source| BoundaryError::Io {
             path: self.dir.join(FILE),
             source,
-        })
+        })?;
+        j.rewritten(&self.dir, &bytes);
+        Ok(())
     }
 
     /// The current snapshot (reads compute from it without the lock).
@@ -447,7 +471,7 @@ impl Boundaries {
         if let Some(rs) = rules {
             self.apply_rules(&mut g, rs)?;
         }
-        if let Err(e) = self.save(&next.policy) {
+        if let Err(e) = self.save(&mut g.journal, &next.policy) {
             // Put the kernel back to the stored policy.
             if let Some(old) = g.snap.ruleset() {
                 if let Err(e2) = self.apply_rules(&mut g, old) {
@@ -566,7 +590,24 @@ impl Boundaries {
         }
         let t_apply = t0.elapsed();
         let snap = Arc::make_mut(&mut guard.snap);
-        let saved = self.save(&snap.policy);
+        // A record of the edit (the same call, replayed at load onto the
+        // same document), or now and then the whole document.
+        let saved = if guard.journal.appends() {
+            let record = journal::Record {
+                target: target.to_owned(),
+                add,
+                peers: peers.to_vec(),
+            };
+            guard
+                .journal
+                .append(&self.dir, &record)
+                .map_err(|source| BoundaryError::Io {
+                    path: self.dir.join(journal::JOURNAL),
+                    source,
+                })
+        } else {
+            self.save(&mut guard.journal, &snap.policy)
+        };
         let t_save = t0.elapsed();
         // Where a peer change spends its time (the bench reads these).
         let phases = |cut: Duration| {
@@ -690,7 +731,7 @@ impl Boundaries {
         let mut g = self.lock();
         g.enforcer.remove()?;
         g.last_change = Some("removed");
-        self.save(&Policy::new())?;
+        self.save(&mut g.journal, &Policy::new())?;
         // Nothing to revert to a lifted boundary.
         if let Err(e) = self.write_pending(None) {
             warn!(error = %e, "cannot remove the pending boundary revert");
