@@ -107,8 +107,8 @@ fn main() {
         out,
         "- stack: private dbus-daemon, polkitd 122 with the shipped rules, agentd --dev in its own network namespace; \
          client (lh-dbus-probe) as a member of leasehold-landlord, one connection; each sample = one call → reply \
-         (polkit CheckAuthorization, controller, peer edit, kernel element change over netlink, boundary.json written \
-         and fsynced on ext4); the reply comes after the kernel has the element\n"
+         (polkit CheckAuthorization, controller, peer edit, kernel element change over netlink, the edit stored on ext4 \
+         as a journal record, fdatasync'd; a removal also cuts the removed peer's connections); the reply comes after the kernel has the element\n"
     )
     .unwrap();
     writeln!(
@@ -202,9 +202,9 @@ fn main() {
         out,
         "\nInside the agent (its `event=boundary-peers` log line per change; median / p99 over the same calls, µs): \
          lock wait = waiting for the boundary lock (a drift check reading the table back holds it), edit = policy edit + incremental boundary update under the lock, \
-         warn = the warnings (a removal scans the open SSH sessions, cached 1 s), kernel = the enforcer's element change over netlink (single hosts), \
-         apply = a full ruleset apply (only when the change is not single hosts), save = boundary.json (serialize, write, fsync, rename, fsync dir), \
-         cut = cutting the open connections the new policy does not admit (removals only, after the commit, outside the lock, before the reply).\n"
+         warn = the warnings (a removal looks up the removed peers' open SSH sessions in the conntrack mirror), kernel = the enforcer's element change over netlink (single hosts), \
+         apply = a full ruleset apply (only when the change is not single hosts), save = a journal record appended and fdatasync'd (every 256th edit: boundary.json rewritten, fsync, rename, fsync dir), \
+         cut = cutting the removed peers' open connections, found in the conntrack mirror (removals only, after the commit, outside the lock, before the reply).\n"
     )
     .unwrap();
     writeln!(
@@ -241,6 +241,9 @@ fn main() {
             .unwrap();
         }
     }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    writeln!(out, "\nLoad average at the end: {}.", load.join(" ")).unwrap();
     print!("{out}");
     leasehold_tests::markdown::write_section("boundary_agent", &out);
 }
