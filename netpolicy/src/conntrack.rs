@@ -747,11 +747,13 @@ fn delete(
 /// Conntrack multicast groups (enum nfnetlink_groups).
 const NFNLGRP_CONNTRACK_NEW: u32 = 1;
 const NFNLGRP_CONNTRACK_DESTROY: u32 = 3;
-/// Receive buffer of the event socket: ≈8k events between two drains
-/// before the kernel drops some (then the next cut dumps the table).
-const EVENT_BUF: usize = 8 << 20;
-/// How often the event queue is drained between cuts.
+/// Receive buffer of the event socket (the kernel doubles it); when it
+/// overflows the kernel drops events and the next cut dumps the table.
+const EVENT_BUF: usize = 32 << 20;
+/// How often the event queue is drained between cuts…
 const DRAIN_EVERY: Duration = Duration::from_millis(100);
+/// …and while events keep coming.
+const DRAIN_BURST: Duration = Duration::from_millis(2);
 
 /// The addresses a cut scoped to peer range `lo..=hi` of `family` (a
 /// parsed CIDR, see [`crate::model::parse_cidr`]) looks at: the range
@@ -873,7 +875,13 @@ struct Tracked {
     /// The mirror holds every entry of the table: set by a full dump,
     /// cleared when events were lost (ENOBUFS) or a cut failed.
     synced: bool,
+    /// Event receive buffer.
     buf: Vec<u8>,
+    /// The ctnetlink socket of dumps and deletions, kept open: closing a
+    /// netfilter netlink socket waits for the kernel's nftables clean-up
+    /// (an RCU grace period: ≈1 ms idle, more under load). Dropped after
+    /// an error, so no stale answer meets the next request.
+    ctl: Option<(Socket, Vec<u8>)>,
 }
 
 /// Keeps a [`Mirror`] of the namespace's conntrack table current from the
@@ -927,16 +935,25 @@ impl Tracker {
                 mirror: Mirror::default(),
                 synced: false,
                 buf: vec![0u8; 64 * 1024],
+                ctl: None,
             }),
         });
         let weak = Arc::downgrade(&t);
         std::thread::Builder::new()
             .name("conntrack-events".into())
-            .spawn(move || loop {
-                std::thread::sleep(DRAIN_EVERY);
-                let Some(t) = weak.upgrade() else { return };
-                let mut st = t.lock();
-                t.drain(&mut st);
+            .spawn(move || {
+                let mut pause = DRAIN_EVERY;
+                loop {
+                    std::thread::sleep(pause);
+                    let Some(t) = weak.upgrade() else { return };
+                    let mut st = t.lock();
+                    // A burst of new connections: drain again soon.
+                    pause = if t.drain(&mut st) > 0 {
+                        DRAIN_BURST
+                    } else {
+                        DRAIN_EVERY
+                    };
+                }
             })
             .map_err(io("drain thread"))?;
         Ok(t)
@@ -948,7 +965,8 @@ impl Tracker {
 
     /// Applies every queued event. Only called with the lock held, so an
     /// event is either still queued or in the mirror.
-    fn drain(&self, st: &mut Tracked) {
+    fn drain(&self, st: &mut Tracked) -> usize {
+        let mut read = 0;
         loop {
             match nix::sys::socket::recv(
                 self.events.as_raw_fd(),
@@ -956,20 +974,21 @@ impl Tracker {
                 nix::sys::socket::MsgFlags::MSG_DONTWAIT,
             ) {
                 Ok(n) => {
+                    read += 1;
                     let n = n.min(st.buf.len());
                     let Tracked { mirror, buf, .. } = st;
                     for (ty, _, m) in messages(&buf[..n]) {
                         mirror.apply(ty, m);
                     }
                 }
-                Err(nix::errno::Errno::EAGAIN) => return,
+                Err(nix::errno::Errno::EAGAIN) => return read,
                 Err(nix::errno::Errno::EINTR) => {}
                 // Events were dropped: read on, but dump at the next cut.
                 Err(nix::errno::Errno::ENOBUFS) => st.synced = false,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot read conntrack events");
                     st.synced = false;
-                    return;
+                    return read;
                 }
             }
         }
@@ -1040,8 +1059,21 @@ impl Tracker {
         if done.is_err() {
             // Some flows may be left: the next cut looks at all of them.
             st.synced = false;
+            st.ctl = None;
         }
         done
+    }
+
+    /// The kept ctnetlink socket and its receive buffer, opened if needed.
+    fn ctl(ctl: &mut Option<(Socket, Vec<u8>)>) -> Result<(&Socket, &mut [u8]), CutError> {
+        if ctl.is_none() {
+            *ctl = Some((open()?, vec![0u8; RECV_BUF]));
+        }
+        let (sock, buf) = ctl.as_mut().ok_or_else(|| CutError::Io {
+            what: "socket",
+            source: std::io::Error::other("not open"),
+        })?;
+        Ok((sock, buf))
     }
 
     fn cut_locked(
@@ -1052,8 +1084,7 @@ impl Tracker {
     ) -> Result<Cut, CutError> {
         let locals = local_addrs()?;
         let scoped = scope.filter(|_| st.synced && events_on());
-        let mut buf = Vec::new();
-        let (seen, doomed, sock) = match scoped {
+        let (seen, doomed) = match scoped {
             Some(ranges) => {
                 let found = st.mirror.within(ranges);
                 let doomed: Vec<Entry> = found
@@ -1068,12 +1099,11 @@ impl Tracker {
                         ..Cut::default()
                     });
                 }
-                (found.len(), doomed, open()?)
+                (found.len(), doomed)
             }
             None => {
-                let sock = open()?;
-                buf.resize(RECV_BUF, 0);
-                let (seen, entries) = dump(&sock, &mut buf)?;
+                let (sock, buf) = Self::ctl(&mut st.ctl)?;
+                let (seen, entries) = dump(sock, buf)?;
                 let doomed = entries
                     .iter()
                     .filter(|e| !keeps_with(e, &locals, &admits, &reversed))
@@ -1083,11 +1113,13 @@ impl Tracker {
                 // drain applies them on top.
                 st.mirror = entries.into_iter().collect();
                 st.synced = true;
-                (seen, doomed, sock)
+                (seen, doomed)
             }
         };
-        buf.resize(RECV_BUF, 0);
-        let done = delete(&sock, &mut buf, &doomed, &locals);
+        let done = match Self::ctl(&mut st.ctl) {
+            Ok((sock, buf)) => delete(sock, buf, &doomed, &locals),
+            Err(e) => Err(e),
+        };
         for e in &doomed {
             st.mirror.remove(&e.key);
         }

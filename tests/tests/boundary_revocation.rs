@@ -585,6 +585,55 @@ fn bench_cut_cost() {
     e.remove().unwrap();
 }
 
+/// The cost of the agent's cut after removing one peer (run by hand, see
+/// [`bench_cut_cost`]): the table filled with `n` entries after the
+/// tracker synced (known from events only), then one of the flooded
+/// addresses removed. Says whether the mirror kept up with the flood
+/// (else the cut falls back to the dump) and what the cut cost. 3 runs.
+#[test]
+#[ignore = "benchmark"]
+fn bench_scoped_cut_cost() {
+    require_root();
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    sh(&["ip", "link", "set", "lo", "up"]);
+    sh(&[
+        "ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1",
+    ]);
+    sh(&["ip", "addr", "add", "10.99.0.1/16", "dev", "d0"]);
+    sh(&["ip", "link", "set", "d0", "arp", "off", "up"]);
+    sh(&["ip", "link", "set", "d1", "up"]);
+    let b = boundary("[[allow]]\nname = \"flood\"\npeers = [\"10.99.0.0/16\"]\n");
+    let mut e = Enforcer::new(Vec::new());
+    e.apply(Ruleset::build(&b, None)).unwrap();
+    let tracker = conntrack::Tracker::start().unwrap();
+    let gone: std::net::IpAddr = "10.99.0.2".parse().unwrap();
+    let scope = conntrack::scope_of(
+        leasehold_netpolicy::model::Family::V4,
+        0x0a63_0002,
+        0x0a63_0002,
+    );
+    for n in [10, 10_000, 100_000] {
+        for _ in 0..3 {
+            let _ = Command::new("conntrack").args(["-F"]).output();
+            // Sync (a full cut keeping everything), then the flood.
+            tracker.cut(None, |_| true, |_| false).expect("full cut");
+            flood(n);
+            std::thread::sleep(Duration::from_millis(300));
+            let started = Instant::now();
+            let cut = tracker
+                .cut(Some(&scope), |f| f.peer != gone, |_| false)
+                .unwrap();
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            eprintln!(
+                "scoped cut: {n} entries, {} mirrored: {cut:?} in {ms:.2} ms",
+                tracker.tracked()
+            );
+            assert!(cut.cut >= 1, "{cut:?}");
+        }
+    }
+    e.remove().unwrap();
+}
+
 /// p1 may open anything to the node, the node nothing to p1.
 const P1_IN_ONLY: &str = r#"
 [[allow]]
