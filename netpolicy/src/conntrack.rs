@@ -973,6 +973,7 @@ impl Tracker {
                 &mut st.buf,
                 nix::sys::socket::MsgFlags::MSG_DONTWAIT,
             ) {
+                Ok(0) => return read,
                 Ok(n) => {
                     read += 1;
                     let n = n.min(st.buf.len());
