@@ -25,6 +25,7 @@ use leasehold_netpolicy::{explain, Boundary, DocError, Flow};
 use crate::peer_index::PeerIndex;
 
 mod diff;
+mod journal;
 pub mod revert;
 use tracing::{error, info, warn};
 
@@ -108,6 +109,8 @@ impl Snapshot {
 
 struct Inner {
     snap: Arc<Snapshot>,
+    /// Peer edits stored since `boundary.json` was last written.
+    journal: journal::Journal,
     enforcer: Enforcer,
     last_change: Option<&'static str>,
     last_drift: Option<String>,
@@ -119,6 +122,9 @@ pub struct Boundaries {
     inner: Mutex<Inner>,
     /// When the agent last changed the kernel table (see [`Boundaries::watch`]).
     changed_at: Mutex<Option<std::time::Instant>>,
+    /// The conntrack mirror the cuts use, started at the first cut (None:
+    /// could not subscribe to conntrack events; every cut dumps the table).
+    tracker: std::sync::OnceLock<Option<Arc<conntrack::Tracker>>>,
 }
 
 /// A drift check triggered by a change notification waits until the agent
@@ -244,20 +250,32 @@ fn admits(c: &Boundary, s: Option<&Boundary>, f: &Flow) -> bool {
 
 /// Cuts the open connections (conntrack entries) the committed policy
 /// would not admit as new, so that none keeps passing as established
-/// (issue 13). A failure leaves the change committed; it is logged and
-/// returned as a warning for the caller.
-fn cut_flows(c: &Boundary, s: Option<&Boundary>) -> Option<String> {
+/// (issue 13). `scope`: the address ranges whose admission the change
+/// narrowed (a removal of peers; see [`conntrack::Tracker::cut`]), None:
+/// any flow may have lost it. A failure leaves the change committed; it
+/// is logged and returned as a warning for the caller.
+fn cut_flows(
+    tracker: Option<&conntrack::Tracker>,
+    c: &Boundary,
+    s: Option<&Boundary>,
+    scope: Option<&[(IpAddr, IpAddr)]>,
+) -> Option<String> {
     let started = Instant::now();
     // Failsafe flows are kept in either orientation (a session picked up
     // mid-stream from the node's reply is oriented node → peer).
     let failsafe = |f: &Flow| leasehold_netpolicy::check::first_match(&c.failsafe, f).is_some();
-    match conntrack::cut_with(|f| admits(c, s, f), failsafe) {
+    let cut = match tracker {
+        Some(t) => t.cut(scope, |f| admits(c, s, f), failsafe),
+        None => conntrack::cut_with(|f| admits(c, s, f), failsafe),
+    };
+    match cut {
         Ok(cut) => {
             info!(
                 event = "boundary-flows-cut",
                 count = cut.cut,
                 sockets_reset = cut.reset,
                 tracked = cut.seen,
+                from_mirror = cut.from_mirror,
                 ms = started.elapsed().as_secs_f64() * 1000.0,
                 "open connections the boundary does not admit were cut"
             );
@@ -272,17 +290,30 @@ fn cut_flows(c: &Boundary, s: Option<&Boundary>) -> Option<String> {
     }
 }
 
+/// The ranges a cut after removing `peers` looks at (see
+/// [`conntrack::scope_of`]); None if one is not an address or CIDR.
+fn removed_scope(peers: &[String]) -> Option<Vec<(IpAddr, IpAddr)>> {
+    let mut out = Vec::new();
+    for p in peers {
+        let (f, lo, hi) = leasehold_netpolicy::model::parse_cidr(p).ok()?;
+        out.extend(conntrack::scope_of(f, lo, hi));
+    }
+    Some(out)
+}
+
 impl Boundaries {
     /// Loads the stored policy (none stored: empty).
     pub fn load(dir: &Path) -> Result<Self, BoundaryError> {
         let path = dir.join(FILE);
-        let policy = match std::fs::read_to_string(&path) {
+        let mut base = None;
+        let mut policy = match std::fs::read(&path) {
             Ok(text) => {
                 let p: Policy =
-                    serde_json::from_str(&text).map_err(|e| BoundaryError::Damaged {
+                    serde_json::from_slice(&text).map_err(|e| BoundaryError::Damaged {
                         path: path.clone(),
                         reason: e.to_string(),
                     })?;
+                base = Some(text);
                 if p.format != leasehold_netpolicy::policy::FORMAT {
                     return Err(BoundaryError::Damaged {
                         path,
@@ -298,6 +329,21 @@ impl Boundaries {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Policy::new(),
             Err(source) => return Err(BoundaryError::Io { path, source }),
         };
+        let (journal, replayed) = journal::Journal::load(dir, base.as_deref(), &mut policy)
+            .map_err(|reason| BoundaryError::Damaged {
+                path: dir.join(journal::JOURNAL),
+                reason,
+            })?;
+        if let Some(note) = &replayed.note {
+            warn!(note = %note, "boundary peer journal");
+        }
+        if replayed.applied > 0 {
+            info!(
+                records = replayed.applied,
+                "peer edits replayed from {}",
+                journal::JOURNAL
+            );
+        }
         // A stored policy that no longer validates is reported by
         // apply_stored (the agent keeps serving, the kernel keeps its table).
         let snap = Snapshot::new(policy.clone()).unwrap_or(Snapshot {
@@ -307,13 +353,36 @@ impl Boundaries {
         Ok(Boundaries {
             dir: dir.to_owned(),
             changed_at: Mutex::new(None),
+            tracker: std::sync::OnceLock::new(),
             inner: Mutex::new(Inner {
                 snap: Arc::new(snap),
+                journal,
                 enforcer: Enforcer::new(Vec::new()),
                 last_change: None,
                 last_drift: None,
             }),
         })
+    }
+
+    /// Cuts what `c`/`s` do not admit (see [`cut_flows`]).
+    fn cut_flows(
+        &self,
+        c: &Boundary,
+        s: Option<&Boundary>,
+        scope: Option<&[(IpAddr, IpAddr)]>,
+    ) -> Option<String> {
+        cut_flows(self.tracker(), c, s, scope)
+    }
+
+    /// The conntrack mirror, started at the first use.
+    fn tracker(&self) -> Option<&conntrack::Tracker> {
+        self.tracker
+            .get_or_init(|| {
+                conntrack::Tracker::start()
+                    .inspect_err(|e| warn!(error = %e, "cannot follow conntrack events; every connection cut dumps the whole table"))
+                    .ok()
+            })
+            .as_deref()
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -322,7 +391,8 @@ impl Boundaries {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn save(&self, p: &Policy) -> Result<(), BoundaryError> {
+    /// Stores `p` as the whole document (and drops the peer journal).
+    fn save(&self, j: &mut journal::Journal, p: &Policy) -> Result<(), BoundaryError> {
         // Compact: at 100k peers pretty printing is 100k more lines to
         // write on every change, and nobody reads a file that size by eye.
         let bytes = serde_json::to_vec(p).map_err(|e| BoundaryError::Damaged {
@@ -332,7 +402,9 @@ impl Boundaries {
         write_atomic(&self.dir, FILE, &bytes).map_err(|source| BoundaryError::Io {
             path: self.dir.join(FILE),
             source,
-        })
+        })?;
+        j.rewritten(&self.dir, &bytes);
+        Ok(())
     }
 
     /// The current snapshot (reads compute from it without the lock).
@@ -364,7 +436,7 @@ impl Boundaries {
                 self.apply_rules(&mut g, rs)?;
                 info!(elements = n, "boundary applied");
                 if let Some((c, s)) = &g.snap.bounds {
-                    cut_flows(c, s.as_ref());
+                    self.cut_flows(c, s.as_ref(), None);
                 }
             }
             None => {
@@ -399,7 +471,7 @@ impl Boundaries {
         if let Some(rs) = rules {
             self.apply_rules(&mut g, rs)?;
         }
-        if let Err(e) = self.save(&next.policy) {
+        if let Err(e) = self.save(&mut g.journal, &next.policy) {
             // Put the kernel back to the stored policy.
             if let Some(old) = g.snap.ruleset() {
                 if let Err(e2) = self.apply_rules(&mut g, old) {
@@ -414,7 +486,7 @@ impl Boundaries {
         // the caller is answered.
         drop(g);
         if let Some((c, s)) = &next.bounds {
-            warnings.extend(cut_flows(c, s.as_ref()));
+            warnings.extend(self.cut_flows(c, s.as_ref(), None));
         }
         for w in &warnings {
             warn!(warning = %w, "boundary");
@@ -457,20 +529,28 @@ impl Boundaries {
         if let (Some(doc), Some((c, _))) = (snap.policy.cluster.as_ref(), snap.bounds.as_mut()) {
             snap.index.apply(&edit, doc, c, false);
         }
-        // Adding peers cannot cut an open SSH session: the /proc/net/tcp{,6}
-        // scan (≈3 ms: the kernel walks its whole connection table) is only
-        // needed when peers go.
+        // Adding peers cannot cut an open SSH session; removing some can
+        // cut only theirs (and only their flows can have lost admission).
+        let t_warn = Instant::now();
+        let scope = if add {
+            None
+        } else {
+            removed_scope(&edit.changed)
+        };
         let warnings = snap
             .bounds
             .as_ref()
             .map(|(c, s)| {
-                if add {
-                    Self::failsafe_warnings(c)
+                let mut w = if add {
+                    Vec::new()
                 } else {
-                    Self::change_warnings(c, s.as_ref())
-                }
+                    self.removal_ssh_warnings(c, s.as_ref(), scope.as_deref())
+                };
+                w.extend(Self::failsafe_warnings(c));
+                w
             })
             .unwrap_or_default();
+        let warn_time = t_warn.elapsed();
         let t_edit = t0.elapsed();
         // Single hosts: the enforcer edits its sets in place and sends the
         // element change (no rebuild of the ruleset, no diff of two
@@ -510,20 +590,43 @@ impl Boundaries {
         }
         let t_apply = t0.elapsed();
         let snap = Arc::make_mut(&mut guard.snap);
-        let saved = self.save(&snap.policy);
+        // A record of the edit (the same call, replayed at load onto the
+        // same document), or now and then the whole document.
+        let saved = if guard.journal.appends() {
+            let record = journal::Record {
+                target: target.to_owned(),
+                add,
+                peers: peers.to_vec(),
+            };
+            guard
+                .journal
+                .append(&self.dir, &record)
+                .map_err(|source| BoundaryError::Io {
+                    path: self.dir.join(journal::JOURNAL),
+                    source,
+                })
+        } else {
+            self.save(&mut guard.journal, &snap.policy)
+        };
         let t_save = t0.elapsed();
         // Where a peer change spends its time (the bench reads these).
-        info!(
-            event = "boundary-peers",
-            changed = edit.changed.len(),
-            lock_us = us(waited),
-            edit_us = us(t_edit),
-            build_us = us(t_build - t_edit),
-            apply_us = us(t_apply - t_build),
-            save_us = us(t_save - t_apply),
-            "peers changed"
-        );
+        let phases = |cut: Duration| {
+            info!(
+                event = "boundary-peers",
+                add,
+                changed = edit.changed.len(),
+                lock_us = us(waited),
+                edit_us = us(t_edit - warn_time),
+                warn_us = us(warn_time),
+                build_us = us(t_build - t_edit),
+                apply_us = us(t_apply - t_build),
+                save_us = us(t_save - t_apply),
+                cut_us = us(cut),
+                "peers changed"
+            );
+        };
         if let Err(e) = saved {
+            phases(Duration::ZERO);
             undo(snap);
             if let Some(old) = snap.ruleset() {
                 if let Err(e2) = self.apply_rules(guard, old) {
@@ -537,11 +640,13 @@ impl Boundaries {
         // Added peers only widen: nothing to cut (and the ≈4 ms table
         // dump stays out of the one-peer path). Removals cut outside the lock.
         let mut warnings = warnings;
+        let t_cut = Instant::now();
         if !add {
             if let Some((c, s)) = &committed.bounds {
-                warnings.extend(cut_flows(c, s.as_ref()));
+                warnings.extend(self.cut_flows(c, s.as_ref(), scope.as_deref()));
             }
         }
+        phases(t_cut.elapsed());
         for w in &warnings {
             warn!(warning = %w, "boundary");
         }
@@ -578,7 +683,30 @@ impl Boundaries {
     }
 
     fn ssh_warnings(c: &Boundary, s: Option<&Boundary>) -> Vec<String> {
-        ssh_peers_recent()
+        Self::ssh_warnings_of(c, s, ssh_peers_recent())
+    }
+
+    /// [`Self::ssh_warnings`] for a removal of the peers in `scope`: only
+    /// their sessions can be cut by it, found from the conntrack mirror
+    /// (no scan of every TCP socket) when it is synced.
+    fn removal_ssh_warnings(
+        &self,
+        c: &Boundary,
+        s: Option<&Boundary>,
+        scope: Option<&[(IpAddr, IpAddr)]>,
+    ) -> Vec<String> {
+        let found = match (scope, self.tracker()) {
+            (Some(r), Some(t)) => t.open_at_port(22, r).unwrap_or_else(|e| {
+                warn!(error = %e, "cannot look up the open SSH sessions of the removed peers");
+                None
+            }),
+            _ => None,
+        };
+        Self::ssh_warnings_of(c, s, found.unwrap_or_else(ssh_peers_recent))
+    }
+
+    fn ssh_warnings_of(c: &Boundary, s: Option<&Boundary>, peers: Vec<IpAddr>) -> Vec<String> {
+        peers
             .into_iter()
             .filter_map(|peer| {
                 let f = Flow {
@@ -603,7 +731,7 @@ impl Boundaries {
         let mut g = self.lock();
         g.enforcer.remove()?;
         g.last_change = Some("removed");
-        self.save(&Policy::new())?;
+        self.save(&mut g.journal, &Policy::new())?;
         // Nothing to revert to a lifted boundary.
         if let Err(e) = self.write_pending(None) {
             warn!(error = %e, "cannot remove the pending boundary revert");
@@ -732,7 +860,7 @@ impl Boundaries {
                         info!(event = "boundary-restored", "boundary restored");
                         // Connections opened while the table was gone.
                         if let Some((c, s)) = &g.snap.bounds {
-                            cut_flows(c, s.as_ref());
+                            self.cut_flows(c, s.as_ref(), None);
                         }
                         g.last_drift = Some(what.clone());
                         Some(what)

@@ -107,8 +107,8 @@ fn main() {
         out,
         "- stack: private dbus-daemon, polkitd 122 with the shipped rules, agentd --dev in its own network namespace; \
          client (lh-dbus-probe) as a member of leasehold-landlord, one connection; each sample = one call → reply \
-         (polkit CheckAuthorization, controller, peer edit, kernel element change over netlink, boundary.json written \
-         and fsynced on ext4); the reply comes after the kernel has the element\n"
+         (polkit CheckAuthorization, controller, peer edit, kernel element change over netlink, the edit stored on ext4 \
+         as a journal record, fdatasync'd; a removal also cuts the removed peer's connections); the reply comes after the kernel has the element\n"
     )
     .unwrap();
     writeln!(
@@ -201,32 +201,49 @@ fn main() {
     writeln!(
         out,
         "\nInside the agent (its `event=boundary-peers` log line per change; median / p99 over the same calls, µs): \
-         lock wait = waiting for the boundary lock (a drift check reading the table back holds it), edit = policy edit + incremental boundary update under the lock, build = ruleset from the cached boundary, \
-         apply = enforcer (diff with the applied ruleset + netlink batch), save = boundary.json (serialize, write, fsync, rename, fsync dir).\n"
+         lock wait = waiting for the boundary lock (a drift check reading the table back holds it), edit = policy edit + incremental boundary update under the lock, \
+         warn = the warnings (a removal looks up the removed peers' open SSH sessions in the conntrack mirror), kernel = the enforcer's element change over netlink (single hosts), \
+         apply = a full ruleset apply (only when the change is not single hosts), save = a journal record appended and fdatasync'd (every 256th edit: boundary.json rewritten, fsync, rename, fsync dir), \
+         cut = cutting the removed peers' open connections, found in the conntrack mirror (removals only, after the commit, outside the lock, before the reply).\n"
     )
     .unwrap();
-    writeln!(out, "| peers | lock wait | edit | build | apply | save |").unwrap();
-    writeln!(out, "|---|---|---|---|---|---|").unwrap();
+    writeln!(
+        out,
+        "| peers | call | lock wait | edit | warn | kernel | apply | save | cut |"
+    )
+    .unwrap();
+    writeln!(out, "|---|---|---|---|---|---|---|---|---|").unwrap();
     for (n, lines) in &phases {
-        let col = |k: &str| {
-            let mut v: Vec<u64> = lines.iter().filter_map(|l| field(l, k)).collect();
-            v.sort_unstable();
-            if v.is_empty() {
-                return "?".to_owned();
-            }
-            format!("{} / {}", v[(v.len() - 1) / 2], v[(v.len() - 1) * 99 / 100])
-        };
-        writeln!(
-            out,
-            "| {n} | {} | {} | {} | {} | {} |",
-            col("lock_us"),
-            col("edit_us"),
-            col("build_us"),
-            col("apply_us"),
-            col("save_us")
-        )
-        .unwrap();
+        for (call, add) in [("AddPeers", true), ("RemovePeers", false)] {
+            let col = |k: &str| {
+                let mut v: Vec<u64> = lines
+                    .iter()
+                    .filter(|l| l.contains(&format!("add={add}")))
+                    .filter_map(|l| field(l, k))
+                    .collect();
+                v.sort_unstable();
+                if v.is_empty() {
+                    return "?".to_owned();
+                }
+                format!("{} / {}", v[(v.len() - 1) / 2], v[(v.len() - 1) * 99 / 100])
+            };
+            writeln!(
+                out,
+                "| {n} | {call} | {} | {} | {} | {} | {} | {} | {} |",
+                col("lock_us"),
+                col("edit_us"),
+                col("warn_us"),
+                col("build_us"),
+                col("apply_us"),
+                col("save_us"),
+                col("cut_us")
+            )
+            .unwrap();
+        }
     }
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let load: Vec<&str> = load.split_whitespace().take(3).collect();
+    writeln!(out, "\nLoad average at the end: {}.", load.join(" ")).unwrap();
     print!("{out}");
     leasehold_tests::markdown::write_section("boundary_agent", &out);
 }

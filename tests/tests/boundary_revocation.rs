@@ -450,6 +450,75 @@ fn revoked_flows_stop_in_both_directions_and_allowed_ones_go_on() {
     e.remove().unwrap();
 }
 
+/// The ranges a removal of p1's two addresses looks at.
+fn p1_scope() -> Vec<(std::net::IpAddr, std::net::IpAddr)> {
+    [v4(1, 2), v6(1, 2)]
+        .iter()
+        .flat_map(|a| {
+            let (f, lo, hi) = leasehold_netpolicy::model::parse_cidr(a).unwrap();
+            conntrack::scope_of(f, lo, hi)
+        })
+        .collect()
+}
+
+/// The agent's cut after RemovePeers: only p1's flows are decided, from
+/// the tracker's mirror of the table (no dump). Every stream starts after
+/// the mirror was synced, so the mirror knows them from the kernel's
+/// conntrack events alone; a mirror that misses one leaves it passing.
+#[test]
+fn removing_a_peer_cuts_its_flows_known_from_events() {
+    require_root();
+    let mut lab = Lab::new('m');
+    lab.enter_node();
+    let mut e = Enforcer::new(Vec::new());
+    let both = boundary(BOTH);
+    e.apply(Ruleset::build(&both, None)).unwrap();
+    let tracker = conntrack::Tracker::start().unwrap();
+    let scope = p1_scope();
+    // Not synced yet: even a scoped cut dumps the table (and syncs).
+    let cut = tracker
+        .cut(Some(&scope), |f| explain(&both, None, f).allowed, |_| false)
+        .unwrap();
+    assert!(!cut.from_mirror && cut.cut == 0, "{cut:?}");
+    lab.start_streams();
+    let all = lab.select(|_| true);
+    lab.observe(&all, now(), 3);
+    assert!(tracker.tracked() >= 20, "{} tracked", tracker.tracked());
+
+    let p2_only = boundary(P2_ONLY);
+    e.apply(Ruleset::build(&p2_only, None)).unwrap();
+    let started = Instant::now();
+    let cut = tracker
+        .cut(
+            Some(&scope),
+            |f| explain(&p2_only, None, f).allowed,
+            |_| false,
+        )
+        .unwrap();
+    eprintln!("scoped cut {cut:?} in {:?}", started.elapsed());
+    let t = now();
+    // tcp-out, ssh-in, udp-out, ping-out, ping-in; two families. The
+    // node's ends of the four TCP flows are aborted.
+    assert!(cut.from_mirror, "{cut:?}");
+    assert!(cut.cut >= 10 && cut.reset >= 4, "{cut:?}");
+    let alive = lab.select(|k| k.starts_with("p2"));
+    let seen = lab.observe(&alive, t, 5);
+    let leaked: Vec<_> = seen
+        .iter()
+        .filter(|(k, n)| k.starts_with("p1") && **n > 0)
+        .collect();
+    assert!(
+        leaked.is_empty(),
+        "messages sent after the cut got through: {leaked:?}"
+    );
+    // The mirror missed nothing: a full dump finds nothing more to cut.
+    let full = tracker
+        .cut(None, |f| explain(&p2_only, None, f).allowed, |_| false)
+        .unwrap();
+    assert!(!full.from_mirror && full.cut == 0, "{full:?}");
+    e.remove().unwrap();
+}
+
 /// Fills the node's table with `n` outbound UDP entries to 10.99.0.0/16
 /// (a veth without ARP: nothing answers; entries stay 30 s).
 fn flood(n: u32) {
@@ -511,6 +580,55 @@ fn bench_cut_cost() {
                 "cut: {n} entries, {case}: {:.1} / {:.1} / {:.1} ms (min / median / max of 3)",
                 ms[0], ms[1], ms[2]
             );
+        }
+    }
+    e.remove().unwrap();
+}
+
+/// The cost of the agent's cut after removing one peer (run by hand, see
+/// [`bench_cut_cost`]): the table filled with `n` entries after the
+/// tracker synced (known from events only), then one of the flooded
+/// addresses removed. Says whether the mirror kept up with the flood
+/// (else the cut falls back to the dump) and what the cut cost. 3 runs.
+#[test]
+#[ignore = "benchmark"]
+fn bench_scoped_cut_cost() {
+    require_root();
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+    sh(&["ip", "link", "set", "lo", "up"]);
+    sh(&[
+        "ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1",
+    ]);
+    sh(&["ip", "addr", "add", "10.99.0.1/16", "dev", "d0"]);
+    sh(&["ip", "link", "set", "d0", "arp", "off", "up"]);
+    sh(&["ip", "link", "set", "d1", "up"]);
+    let b = boundary("[[allow]]\nname = \"flood\"\npeers = [\"10.99.0.0/16\"]\n");
+    let mut e = Enforcer::new(Vec::new());
+    e.apply(Ruleset::build(&b, None)).unwrap();
+    let tracker = conntrack::Tracker::start().unwrap();
+    let gone: std::net::IpAddr = "10.99.0.2".parse().unwrap();
+    let scope = conntrack::scope_of(
+        leasehold_netpolicy::model::Family::V4,
+        0x0a63_0002,
+        0x0a63_0002,
+    );
+    for n in [10, 10_000, 100_000] {
+        for _ in 0..3 {
+            let _ = Command::new("conntrack").args(["-F"]).output();
+            // Sync (a full cut keeping everything), then the flood.
+            tracker.cut(None, |_| true, |_| false).expect("full cut");
+            flood(n);
+            std::thread::sleep(Duration::from_millis(300));
+            let started = Instant::now();
+            let cut = tracker
+                .cut(Some(&scope), |f| f.peer != gone, |_| false)
+                .unwrap();
+            let ms = started.elapsed().as_secs_f64() * 1000.0;
+            eprintln!(
+                "scoped cut: {n} entries, {} mirrored: {cut:?} in {ms:.2} ms",
+                tracker.tracked()
+            );
+            assert!(cut.cut >= 1, "{cut:?}");
         }
     }
     e.remove().unwrap();
