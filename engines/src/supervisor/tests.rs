@@ -599,6 +599,137 @@ fn policy_never_leaves_it_exited_and_late_reports_are_ignored() {
     }
 }
 
+#[test]
+fn stop_during_a_reload_stops_both_instances() {
+    let (mut h, old) = ready_with_heartbeat();
+    let new = launched(&reload(&mut h, V2)).unwrap();
+    h.step(Input::Launched {
+        instance: new,
+        pid: 2,
+    });
+    let a = h.step(Input::Stop { grace: None });
+    assert!(has(&a, &Action::Terminate { instance: new }));
+    assert!(has(&a, &Action::Terminate { instance: old }));
+    assert_eq!(events(&a), ["reload-failed"]);
+    assert_eq!(h.s.version(), V1);
+    h.step(Input::Exited {
+        instance: new,
+        exit: Exit::Signal(15),
+    });
+    let a = h.step(Input::Exited {
+        instance: old,
+        exit: Exit::Signal(15),
+    });
+    assert_eq!(events(&a), ["exited", "stopped"]);
+    assert!(h.s.instances().is_empty());
+    assert_eq!(h.s.phase(), Phase::Stopped);
+}
+
+#[test]
+fn the_old_instance_dying_during_a_reload_hands_over_or_comes_back() {
+    // The new one becomes ready: it takes over, nothing to stop.
+    let (mut h, old) = ready_with_heartbeat();
+    let new = launched(&reload(&mut h, V2)).unwrap();
+    let a = h.step(Input::Exited {
+        instance: old,
+        exit: Exit::Code(1),
+    });
+    assert_eq!(events(&a), ["exited"]);
+    assert!(launched(&a).is_none(), "no restart beside the new one");
+    h.step(Input::Launched {
+        instance: new,
+        pid: 2,
+    });
+    let a = h.step(Input::Heartbeat {
+        instance: new,
+        notify: Notify::Ready,
+    });
+    assert_eq!(events(&a), ["ready", "reloaded"]);
+    assert_eq!((h.s.version(), h.s.instances()), (V2, vec![new]));
+
+    // The new one fails too: the old version through the restart policy.
+    let (mut h, old) = ready_with_heartbeat();
+    let new = launched(&reload(&mut h, V2)).unwrap();
+    h.step(Input::Exited {
+        instance: old,
+        exit: Exit::Code(1),
+    });
+    let a = h.step(Input::LaunchFailed {
+        instance: new,
+        reason: "no such image".into(),
+    });
+    assert_eq!(
+        events(&a),
+        ["launch-failed", "exited", "reload-failed", "backing-off"]
+    );
+    let (t, _) = H::armed(&a);
+    let a = h.fire(t);
+    assert!(matches!(
+        a.first(),
+        Some(Action::Launch {
+            version: V1,
+            fresh_root: false,
+            ..
+        })
+    ));
+}
+
+#[test]
+fn on_failure_reload_relaunches_from_a_fresh_root_and_reboot_needs_the_policy() {
+    let s = spec(
+        r#"
+        command = ["/bin/app"]
+        on_failure = ["reboot-node", "reload"]
+        [[probes]]
+        tcp = 80
+        interval = "1s"
+        timeout = "500ms"
+        threshold = 1
+        "#,
+    );
+    let (mut h, i) = H::running(s.clone());
+    let fail = |h: &mut H, i| {
+        let t = *h.timers.keys().next().expect("probe timer");
+        h.fire(t);
+        h.step(Input::Probe {
+            instance: i,
+            probe: 0,
+            ok: false,
+        })
+    };
+    // The landlord's policy says no: reload (a fresh root) instead.
+    let a = fail(&mut h, i);
+    assert!(!a.iter().any(|x| matches!(x, Action::RebootNode { .. })));
+    assert!(has(&a, &Action::Terminate { instance: i }));
+    let a = h.step(Input::Exited {
+        instance: i,
+        exit: Exit::Signal(15),
+    });
+    let (t, _) = H::armed(&a);
+    let a = h.fire(t);
+    assert!(matches!(
+        a.first(),
+        Some(Action::Launch {
+            fresh_root: true,
+            ..
+        })
+    ));
+    // The policy allows it: the node controller is asked, nothing else.
+    let (mut h, i) = H::running(s);
+    h.s.set_reboot_allowed(true);
+    let a = fail(&mut h, i);
+    assert!(has(
+        &a,
+        &Action::RebootNode {
+            failure: Failure::Probe {
+                probe: 0,
+                failures: 1
+            }
+        }
+    ));
+    assert!(!has(&a, &Action::Terminate { instance: i }));
+}
+
 // ---------------------------------------------------------------------------
 // Property: for any sequence of inputs, at most one instance is alive
 // outside a reload (two at most in one), no launch happens while the tenant
