@@ -382,6 +382,9 @@ async fn serve_bus(
             rt: tokio::runtime::Handle::current(),
             receipts: state_dir.join("receipts"),
         }),
+        // No engine runtime yet (issue 14): nothing can be deployed, so a
+        // destroying change has no engine to stop.
+        engines: Box::new(leasehold_node::NoEngines),
     };
     let node = tokio::task::spawn_blocking(move || leasehold_node::Node::start(backends))
         .await

@@ -5,6 +5,8 @@
 //! - [`budget`]: the landlord's budget for the tenant's cgroup subtree and
 //!   the "can only narrow" rule for engine limits;
 //! - [`backoff`]: the restart schedule, driven by an injectable clock;
+//! - [`supervisor`]: the per-engine supervision state machine (states,
+//!   events, probes, heartbeat, reload), pure over injected instants;
 //! - [`image`]: OCI image archives verified by digest and unpacked into a
 //!   root filesystem;
 //! - [`cgroup`] and [`launch`]: cgroupfs behind a trait with an injectable
@@ -20,3 +22,4 @@ pub mod cgroup;
 pub mod image;
 pub mod launch;
 pub mod spec;
+pub mod supervisor;

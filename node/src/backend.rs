@@ -1,5 +1,5 @@
 //! What the controller drives: one trait per single-owner actor (keys,
-//! volume, boundaries, secret store) and the event sink. The agent
+//! volume, boundaries, secret store, engines) and the event sink. The agent
 //! implements them over the TPM key thread, device-mapper, nftables and the
 //! state directory; `fake` implements them in memory for T0 tests.
 //!
@@ -9,7 +9,7 @@
 use std::fmt;
 
 use leasehold_netpolicy::model::EntryDoc;
-use leasehold_netpolicy::BoundaryDoc;
+use leasehold_netpolicy::{Boundary, BoundaryDoc};
 use leasehold_tpm::{
     Confirm, DiskKey, KeyChange, KeyError, PublicKeyInfo, Role, SigningKeyInfo, Status,
     SymmetricKey,
@@ -247,6 +247,18 @@ pub struct BoundaryApplied {
 pub trait BoundaryStore: Send + 'static {
     /// Applies and stores one change; nothing changes unless all of it does.
     fn change(&mut self, c: BoundaryChange) -> Result<BoundaryApplied, Failure>;
+
+    /// What an engine's egress sub-boundary must lie inside: the tenant's
+    /// sub-boundary, or the cluster boundary when the tenant has none
+    /// (`None`: no boundary is enforced, so nothing can widen it). The
+    /// default cannot tell, and a spec with `egress` is refused until the
+    /// backend implements it (fails closed).
+    fn engine_egress_limit(&mut self) -> Result<Option<Boundary>, Failure> {
+        Err(Failure::new(
+            FailureKind::Unavailable,
+            "the boundary backend cannot say the tenant's sub-boundary yet, so an engine's egress cannot be checked",
+        ))
+    }
 }
 
 /// A stored secret's metadata.
@@ -297,4 +309,6 @@ pub struct Backends {
     pub secrets: Box<dyn SecretStore>,
     /// Event sink.
     pub events: Box<dyn Events>,
+    /// The tenant's engines ([`crate::NoEngines`] without an engine runtime).
+    pub engines: Box<dyn crate::Engines>,
 }

@@ -9,11 +9,15 @@ use base64::Engine as _;
 use leasehold_tpm::{ChangeKind, Confirm, KeyChange, KeyError, Role};
 use tokio::sync::oneshot;
 
-use crate::backend::{Backends, BoundaryChange, Wiped};
+use leasehold_engines::budget;
+use leasehold_engines::spec::{Spec, MAX_STOP_GRACE};
+
+use crate::backend::{Backends, BoundaryChange, Failure, FailureKind, Wiped};
 use crate::receipt::{Receipt, SignedReceipt, RECEIPT_FORMAT};
 use crate::{
-    check_name, generations, kind_name, Caller, ChangeReport, Command, NodeError, Outcome, Request,
-    Snapshot, MAX_ENVELOPE_BYTES, MAX_SECRETS, MAX_SECRET_BYTES, QUEUE_DEPTH,
+    check_name, generations, kind_name, shown, Caller, ChangeReport, Command, EngineCommand,
+    EngineStatus, EngineView, NodeError, Outcome, Request, Snapshot, StopReport, ERASE_STOP_GRACE,
+    MAX_ENVELOPE_BYTES, MAX_IMAGE_REF, MAX_SECRETS, MAX_SECRET_BYTES, QUEUE_DEPTH,
 };
 
 /// A queued change.
@@ -41,6 +45,8 @@ pub struct Node {
     thread: Mutex<Option<JoinHandle<()>>>,
     /// Closed when the controller thread ends, however it ends.
     ended: Mutex<Option<oneshot::Receiver<()>>>,
+    /// The engine runtime's read-only view (reads never wait for a change).
+    engines: Arc<dyn EngineView>,
 }
 
 impl std::fmt::Debug for Job {
@@ -58,6 +64,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 impl Node {
     /// Reads the first snapshot and starts the controller thread. Blocking.
     pub fn start(backends: Backends) -> Result<Node, NodeError> {
+        let engines = backends.engines.view();
         let mut c = Controller {
             b: backends,
             after_reply: vec![AfterReply::PrepareStandby],
@@ -106,6 +113,26 @@ impl Node {
             running,
             thread: Mutex::new(Some(thread)),
             ended: Mutex::new(Some(ended)),
+            engines,
+        })
+    }
+
+    /// Every engine, from the engine runtime's view. Never waits for a
+    /// change.
+    pub fn engines(&self) -> Vec<EngineStatus> {
+        self.engines.list()
+    }
+
+    /// One engine, from the engine runtime's view. Never waits for a
+    /// change.
+    pub fn engine(&self, name: &str) -> Result<EngineStatus, NodeError> {
+        check_name("name", name)?;
+        self.engines.status(name).ok_or_else(|| NodeError::Backend {
+            what: "engines",
+            source: Failure::new(
+                FailureKind::NotFound,
+                format!("no engine named {}", shown(name)),
+            ),
         })
     }
 
@@ -310,6 +337,7 @@ impl Controller {
                 confirm,
             } => self.init_volume(caller, &device, force, confirm),
             Command::Boundary(c) => self.boundary(caller, c),
+            Command::Engine(c) => self.engine(caller, c),
         };
         if let Err(e) = &r {
             tracing::debug!(command = name, error = %e, "command refused or failed");
@@ -352,15 +380,22 @@ impl Controller {
             return Err(KeyError::NotAssigned.into());
         }
         let before = generations(&status);
-        self.b
-            .volume
-            .begin_key_change()
-            .map_err(NodeError::backend("volume"))?;
+        // The engines run from the volume: stopped before its key goes.
+        let engines = self.stop_engines();
+        if let Err(e) = self.b.volume.begin_key_change() {
+            self.resume_engines(&engines);
+            return Err(NodeError::Backend {
+                what: "volume",
+                source: e,
+            });
+        }
         let wiped = match self.b.volume.wipe() {
             Ok(w) => w,
             Err(e) => {
                 // The TPM was not touched: the old key generation stands.
-                self.reopen_after_failure();
+                if self.reopen_after_failure() {
+                    self.resume_engines(&engines);
+                }
                 return Err(NodeError::Backend {
                     what: "volume (wiping the kernel's copy of the disk key)",
                     source: e,
@@ -370,7 +405,9 @@ impl Controller {
         let c = match self.b.keys.rotate(caller.role, role) {
             Ok(c) => c,
             Err(e) => {
-                self.reopen_after_failure();
+                if self.reopen_after_failure() {
+                    self.resume_engines(&engines);
+                }
                 return Err(e.into());
             }
         };
@@ -380,6 +417,7 @@ impl Controller {
             before,
             Some(received),
             Some(wiped),
+            Some(engines),
         )))
     }
 
@@ -391,7 +429,7 @@ impl Controller {
         let before = generations(&self.b.keys.status()?);
         match self.b.keys.rekey(caller.role, role) {
             Ok(c) => Ok(Outcome::Changed(
-                self.after_change(caller, c, before, None, None),
+                self.after_change(caller, c, before, None, None, None),
             )),
             Err(e) => {
                 self.end_key_change_logged();
@@ -431,16 +469,27 @@ impl Controller {
             ));
         }
         let before = generations(&status);
-        self.b
-            .volume
-            .begin_key_change()
-            .map_err(NodeError::backend("volume"))?;
+        // A previous tenant's engines run from the volume being erased.
+        let engines = self.stop_engines();
+        if let Err(e) = self.b.volume.begin_key_change() {
+            self.resume_engines(&engines);
+            return Err(NodeError::Backend {
+                what: "volume",
+                source: e,
+            });
+        }
         match self.b.keys.assign(name, console_key, confirm(confirmed)) {
-            Ok(c) => Ok(Outcome::Changed(
-                self.after_change(caller, c, before, None, None),
-            )),
+            Ok(c) => Ok(Outcome::Changed(self.after_change(
+                caller,
+                c,
+                before,
+                None,
+                None,
+                Some(engines),
+            ))),
             Err(e) => {
                 self.end_key_change_logged();
+                self.resume_engines(&engines);
                 Err(e.into())
             }
         }
@@ -466,20 +515,32 @@ impl Controller {
             ));
         }
         let before = generations(&status);
-        self.b
-            .volume
-            .begin_key_change()
-            .map_err(NodeError::backend("volume"))?;
+        // The tenant's engines run from the volume being erased.
+        let engines = self.stop_engines();
+        if let Err(e) = self.b.volume.begin_key_change() {
+            self.resume_engines(&engines);
+            return Err(NodeError::Backend {
+                what: "volume",
+                source: e,
+            });
+        }
         match self.b.keys.release(Confirm::DestroyData) {
-            Ok(Some(c)) => Ok(Outcome::Changed(
-                self.after_change(caller, c, before, None, None),
-            )),
+            Ok(Some(c)) => Ok(Outcome::Changed(self.after_change(
+                caller,
+                c,
+                before,
+                None,
+                None,
+                Some(engines),
+            ))),
             Ok(None) => {
                 self.end_key_change_logged();
+                self.resume_engines(&engines);
                 Ok(Outcome::AlreadyReleased)
             }
             Err(e) => {
                 self.end_key_change_logged();
+                self.resume_engines(&engines);
                 Err(e.into())
             }
         }
@@ -492,17 +553,55 @@ impl Controller {
     }
 
     /// After a rotation failed: the volume opens again under the disk key
-    /// if it is still the old one. If the old key was already erased it
-    /// stays closed and marked `rekeying`: the next start makes it new.
-    fn reopen_after_failure(&mut self) {
+    /// if it is still the old one (true). If the old key was already erased
+    /// it stays closed and marked `rekeying`: the next start makes it new.
+    fn reopen_after_failure(&mut self) -> bool {
         let r = self
             .b
             .keys
             .disk_key()
             .map_err(|e| e.to_string())
             .and_then(|k| self.b.volume.reopen(&k).map_err(|e| e.to_string()));
-        if let Err(e) = r {
+        if let Err(e) = &r {
             tracing::error!(error = %e, "the volume stays closed after a failed key change");
+        }
+        r.is_ok()
+    }
+
+    /// Before a change that replaces the disk key: every engine stopped
+    /// (grace, then kill), since their roots and data dirs are on the
+    /// volume. A failure is reported (a warning of the change, the receipt
+    /// names what was not shown stopped), never a reason to skip the erase
+    /// the caller asked for.
+    fn stop_engines(&mut self) -> StopReport {
+        match self.b.engines.stop_all(ERASE_STOP_GRACE) {
+            Ok(r) => {
+                if !r.stopped.is_empty() {
+                    tracing::info!(engines = ?r.stopped, killed = ?r.killed, "engines stopped before the erase");
+                }
+                if !r.not_stopped.is_empty() {
+                    tracing::error!(engines = ?r.not_stopped, "engines not shown stopped before the erase");
+                }
+                r
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot stop the engines before the erase; the erase goes ahead");
+                StopReport {
+                    error: Some(e.to_string()),
+                    ..StopReport::default()
+                }
+            }
+        }
+    }
+
+    /// A destroying change failed before its erase and the volume is back
+    /// under its old key: the engines it stopped start again (old state,
+    /// not half a change).
+    fn resume_engines(&mut self, r: &StopReport) {
+        for name in &r.stopped {
+            if let Err(e) = self.b.engines.start(name) {
+                tracing::error!(engine = %name, error = %e, "an engine stopped for a key change that failed was not started again");
+            }
         }
     }
 
@@ -516,9 +615,13 @@ impl Controller {
         before: Vec<(String, u64)>,
         requested: Option<SystemTime>,
         wiped: Option<Wiped>,
+        engines: Option<StopReport>,
     ) -> ChangeReport {
         tracing::info!(uid = caller.uid, change = %c, "key change");
         let mut warnings = Vec::new();
+        if let Some(w) = engines.as_ref().and_then(StopReport::warning) {
+            warnings.push(w);
+        }
         if c.data_destroyed {
             match self.b.secrets.purge() {
                 Ok(0) => {}
@@ -547,12 +650,20 @@ impl Controller {
                 None => self.b.volume.wipe(),
             };
             match wiped {
-                Ok(w) => match self.sign_receipt(&c, before, requested, w) {
+                Ok(w) => match self.sign_receipt(&c, before, requested, w, engines.clone()) {
                     Ok(r) => receipt = Some(r),
                     Err(e) => warnings.push(format!("no erase receipt: {e}")),
                 },
                 Err(e) => warnings.push(format!(
                     "no erase receipt: the kernel's copy of the old disk key could not be shown gone ({e})"
+                )),
+            }
+            // Their images, roots and data dirs were on the erased volume.
+            match self.b.engines.forget_all() {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(count = n, "engines forgotten with the erased volume"),
+                Err(e) => warnings.push(format!(
+                    "the engines' records were not dropped ({e}); they cannot start: their images were on the erased volume"
                 )),
             }
             // The caller waits for the erase, not for the new filesystem.
@@ -573,6 +684,7 @@ impl Controller {
             receipt,
             warnings,
             caller,
+            engines,
         };
         self.b.events.keys_changed(&report);
         report
@@ -584,6 +696,7 @@ impl Controller {
         before: Vec<(String, u64)>,
         requested: Option<SystemTime>,
         wiped: Wiped,
+        engines: Option<StopReport>,
     ) -> Result<SignedReceipt, NodeError> {
         let erased_ms = requested.map(|r| {
             let at = c.erased_at.unwrap_or_else(SystemTime::now);
@@ -651,6 +764,7 @@ impl Controller {
             key_generations_before: before,
             key_generations_after: generations(&status),
             volume,
+            engines,
             erased_ms,
             signer: self.b.keys.signing_key()?.fingerprint,
         };
@@ -795,4 +909,140 @@ impl Controller {
             .map_err(NodeError::backend("boundary"))?;
         Ok(Outcome::Boundary(applied))
     }
+
+    fn engine(&mut self, caller: Caller, c: EngineCommand) -> Result<Outcome, NodeError> {
+        if caller.role != Role::Tenant {
+            return Err(KeyError::NotPermitted {
+                caller: caller.role,
+                action: "run engines (they are the tenant's)",
+            }
+            .into());
+        }
+        self.require_tenant()?;
+        check_name("name", c.engine())?;
+        let what = c.name();
+        let eng = NodeError::backend("engines");
+        let out = match c {
+            EngineCommand::Deploy { name, image, spec } => {
+                check_image(&image)?;
+                let notes = self.check_spec(&spec)?;
+                let status = self.b.engines.deploy(&name, &image, &spec).map_err(eng)?;
+                Outcome::EngineDeployed { status, notes }
+            }
+            EngineCommand::Start { name } => {
+                Outcome::Engine(self.b.engines.start(&name).map_err(eng)?)
+            }
+            EngineCommand::Stop { name, grace } => {
+                if let Some(g) = grace.filter(|g| *g > MAX_STOP_GRACE) {
+                    return Err(NodeError::Invalid {
+                        field: "grace",
+                        reason: format!("{g:?}: at most {MAX_STOP_GRACE:?}"),
+                    });
+                }
+                Outcome::Engine(self.b.engines.stop(&name, grace).map_err(eng)?)
+            }
+            EngineCommand::Restart { name } => {
+                Outcome::Engine(self.b.engines.restart(&name).map_err(eng)?)
+            }
+            EngineCommand::Reload { name, image, spec } => {
+                if let Some(i) = &image {
+                    check_image(i)?;
+                }
+                if let Some(s) = &spec {
+                    self.check_spec(s)?;
+                }
+                Outcome::Engine(
+                    self.b
+                        .engines
+                        .reload(&name, image.as_deref(), spec.as_deref())
+                        .map_err(eng)?,
+                )
+            }
+            EngineCommand::Rm { name } => {
+                self.b.engines.rm(&name).map_err(eng)?;
+                Outcome::EngineRemoved
+            }
+        };
+        tracing::info!(uid = caller.uid, command = what, "engine command");
+        Ok(out)
+    }
+
+    /// A spec the tenant may run: valid, inside the tenant budget ("can
+    /// only narrow", the field named), its egress inside the tenant's
+    /// sub-boundary. Returns the budget limits it inherits, as notes.
+    fn check_spec(&mut self, spec: &Spec) -> Result<Vec<String>, NodeError> {
+        spec.validate().map_err(|e| NodeError::Invalid {
+            field: "spec",
+            reason: e.to_string(),
+        })?;
+        let budget = self
+            .b
+            .engines
+            .budget()
+            .map_err(NodeError::backend("engines (the tenant budget)"))?;
+        if let Err(excess) = budget::check(&spec.limits, &budget) {
+            if let Some((first, rest)) = excess.0.split_first() {
+                let mut reason = format!(
+                    "{} is above the tenant budget {}",
+                    first.engine, first.budget
+                );
+                for o in rest {
+                    reason.push_str(&format!("; {o}"));
+                }
+                return Err(NodeError::Invalid {
+                    field: first.field,
+                    reason,
+                });
+            }
+        }
+        if spec.egress.is_some() {
+            let limit = self
+                .b
+                .boundaries
+                .engine_egress_limit()
+                .map_err(NodeError::backend("boundary (the engine's egress)"))?;
+            if let Some(limit) = limit {
+                let excess = spec.egress_excess(&limit).map_err(|e| NodeError::Invalid {
+                    field: "egress",
+                    reason: e.to_string(),
+                })?;
+                if !excess.is_empty() {
+                    let parts: Vec<String> = excess.iter().take(3).map(|x| x.to_string()).collect();
+                    let more = match excess.len() {
+                        n if n > 3 => format!(" (and {} more)", n - 3),
+                        _ => String::new(),
+                    };
+                    return Err(NodeError::Invalid {
+                        field: "egress",
+                        reason: format!(
+                            "allows more than the tenant's sub-boundary (it can only narrow): {}{more}",
+                            parts.join("; ")
+                        ),
+                    });
+                }
+            }
+        }
+        Ok(budget::inherited(&spec.limits, &budget)
+            .iter()
+            .map(ToString::to_string)
+            .collect())
+    }
+}
+
+/// An image reference: the archive's file name in the tenant's inbox.
+fn check_image(image: &str) -> Result<(), NodeError> {
+    let bad = image.is_empty()
+        || image.len() > MAX_IMAGE_REF
+        || image.starts_with('.')
+        || image.contains(['/', '\0']);
+    if bad {
+        return Err(NodeError::Invalid {
+            field: "image",
+            reason: format!(
+                "{}: the file name of an image archive in the inbox (1-{MAX_IMAGE_REF} bytes, no /, not starting with .)",
+                shown(image)
+            ),
+        });
+    }
+    Ok(())
 }

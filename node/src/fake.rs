@@ -14,11 +14,18 @@ use leasehold_tpm::{
 };
 use zeroize::Zeroizing;
 
+use leasehold_engines::budget::Budget;
+use leasehold_engines::spec::Spec;
+use leasehold_engines::supervisor::Phase;
+use leasehold_netpolicy::Boundary;
+
 use crate::backend::{
     Backends, BoundaryApplied, BoundaryChange, BoundaryStore, DiskKeyInfo, Events, Failure,
     FailureKind, KeyStore, Remade, SecretEntry, SecretStore, VolumeStore, Wiped,
 };
-use crate::{ChangeReport, SignedReceipt};
+use crate::{
+    ChangeReport, EngineStatus, EngineView, Engines, NotStopped, SignedReceipt, StopReport,
+};
 
 /// One key level in the fake TPM.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,9 +53,31 @@ pub struct FakeVolume {
     pub files: u32,
 }
 
+/// One engine in the fake runtime.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FakeEngine {
+    /// Image reference.
+    pub image: String,
+    /// Spec.
+    pub spec: Spec,
+    /// A process is alive.
+    pub running: bool,
+    /// Marked to start.
+    pub enabled: bool,
+    /// Survives `stop_all` (a runtime that cannot show it gone).
+    pub stubborn: bool,
+}
+
 /// Everything the fakes share.
 #[derive(Debug, Default)]
 pub struct World {
+    /// Engines by name.
+    pub engines: BTreeMap<String, FakeEngine>,
+    /// The tenant budget the engine runtime reports.
+    pub budget: Budget,
+    /// What the boundary backend says an engine's egress must lie inside
+    /// (None: no boundary enforced).
+    pub egress_limit: Option<Boundary>,
     /// Landlord level.
     pub landlord: Option<FakeLevel>,
     /// Tenant level.
@@ -137,6 +166,7 @@ impl Fake {
             boundaries: Box::new(FakeBoundary(self.clone())),
             secrets: Box::new(FakeSecrets(self.clone())),
             events: Box::new(FakeEvents(self.clone())),
+            engines: Box::new(FakeEngines(self.clone())),
         }
     }
 
@@ -584,6 +614,11 @@ impl BoundaryStore for FakeBoundary {
         }
         Ok(BoundaryApplied::default())
     }
+
+    fn engine_egress_limit(&mut self) -> Result<Option<Boundary>, Failure> {
+        let w = self.0.op("boundary.egress_limit").map_err(vfail)?;
+        Ok(w.egress_limit.clone())
+    }
 }
 
 /// The fake secret store.
@@ -649,5 +684,165 @@ impl Events for FakeEvents {
         // Signals go out after the change; not a backend step that can fail.
         let mut w = self.0.world();
         w.signals.push(report.clone());
+    }
+}
+
+/// The fake engine runtime: engines start and stop at once; a `stubborn`
+/// one survives `stop_all`.
+#[derive(Debug, Clone)]
+pub struct FakeEngines(pub Fake);
+
+fn engine_status(name: &str, e: &FakeEngine) -> EngineStatus {
+    EngineStatus {
+        name: name.to_owned(),
+        image: e.image.clone(),
+        phase: if e.running {
+            Phase::Ready
+        } else {
+            Phase::Stopped
+        },
+        enabled: e.enabled,
+        pid: e.running.then_some(4242),
+        started_at: None,
+        restarts: 0,
+        last_exit: None,
+    }
+}
+
+fn no_engine(name: &str) -> Failure {
+    Failure::new(FailureKind::NotFound, format!("no engine named {name:?}"))
+}
+
+impl FakeEngines {
+    fn set(&mut self, step: &str, name: &str, running: bool) -> Result<EngineStatus, Failure> {
+        let mut w = self.0.op(format!("{step} {name}")).map_err(vfail)?;
+        let e = w.engines.get_mut(name).ok_or_else(|| no_engine(name))?;
+        e.running = running;
+        e.enabled = running;
+        Ok(engine_status(name, e))
+    }
+}
+
+impl Engines for FakeEngines {
+    fn budget(&mut self) -> Result<Budget, Failure> {
+        let w = self.0.op("engines.budget").map_err(vfail)?;
+        Ok(w.budget)
+    }
+
+    fn deploy(&mut self, name: &str, image: &str, spec: &Spec) -> Result<EngineStatus, Failure> {
+        let mut w = self.0.op(format!("engines.deploy {name}")).map_err(vfail)?;
+        if w.engines.contains_key(name) {
+            return Err(Failure::new(
+                FailureKind::Invalid,
+                format!("an engine named {name:?} exists; reload or rm it"),
+            ));
+        }
+        let e = FakeEngine {
+            image: image.to_owned(),
+            spec: spec.clone(),
+            running: false,
+            enabled: false,
+            stubborn: false,
+        };
+        let st = engine_status(name, &e);
+        w.engines.insert(name.to_owned(), e);
+        Ok(st)
+    }
+
+    fn start(&mut self, name: &str) -> Result<EngineStatus, Failure> {
+        self.set("engines.start", name, true)
+    }
+
+    fn stop(
+        &mut self,
+        name: &str,
+        _grace: Option<std::time::Duration>,
+    ) -> Result<EngineStatus, Failure> {
+        self.set("engines.stop", name, false)
+    }
+
+    fn restart(&mut self, name: &str) -> Result<EngineStatus, Failure> {
+        self.set("engines.restart", name, true)
+    }
+
+    fn reload(
+        &mut self,
+        name: &str,
+        image: Option<&str>,
+        spec: Option<&Spec>,
+    ) -> Result<EngineStatus, Failure> {
+        let mut w = self.0.op(format!("engines.reload {name}")).map_err(vfail)?;
+        let e = w.engines.get_mut(name).ok_or_else(|| no_engine(name))?;
+        if let Some(i) = image {
+            e.image = i.to_owned();
+        }
+        if let Some(s) = spec {
+            e.spec = s.clone();
+        }
+        Ok(engine_status(name, e))
+    }
+
+    fn rm(&mut self, name: &str) -> Result<(), Failure> {
+        let mut w = self.0.op(format!("engines.rm {name}")).map_err(vfail)?;
+        match w.engines.get(name) {
+            None => Err(no_engine(name)),
+            Some(e) if e.running => Err(Failure::new(
+                FailureKind::Invalid,
+                format!("engine {name:?} is running; stop it first"),
+            )),
+            Some(_) => {
+                w.engines.remove(name);
+                Ok(())
+            }
+        }
+    }
+
+    fn stop_all(&mut self, _grace: std::time::Duration) -> Result<StopReport, Failure> {
+        let mut w = self.0.op("engines.stop_all").map_err(vfail)?;
+        let mut r = StopReport::default();
+        for (name, e) in w.engines.iter_mut() {
+            e.enabled = false;
+            if !e.running {
+                continue;
+            }
+            if e.stubborn {
+                r.not_stopped.push(NotStopped {
+                    name: name.clone(),
+                    reason: "processes left in its cgroup after the kill".into(),
+                });
+            } else {
+                e.running = false;
+                r.stopped.push(name.clone());
+            }
+        }
+        Ok(r)
+    }
+
+    fn forget_all(&mut self) -> Result<usize, Failure> {
+        let mut w = self.0.op("engines.forget_all").map_err(vfail)?;
+        let n = w.engines.len();
+        w.engines.clear();
+        Ok(n)
+    }
+
+    fn view(&self) -> std::sync::Arc<dyn EngineView> {
+        std::sync::Arc::new(FakeEngineView(self.0.clone()))
+    }
+}
+
+/// The fake runtime's read-only view (reads are not backend steps: not
+/// logged, never held).
+#[derive(Debug)]
+pub struct FakeEngineView(pub Fake);
+
+impl EngineView for FakeEngineView {
+    fn list(&self) -> Vec<EngineStatus> {
+        let w = self.0.world();
+        w.engines.iter().map(|(n, e)| engine_status(n, e)).collect()
+    }
+
+    fn status(&self, name: &str) -> Option<EngineStatus> {
+        let w = self.0.world();
+        w.engines.get(name).map(|e| engine_status(name, e))
     }
 }

@@ -15,6 +15,7 @@
 
 pub mod backend;
 mod controller;
+mod engines;
 #[cfg(feature = "testing")]
 pub mod fake;
 mod receipt;
@@ -28,6 +29,10 @@ pub use backend::{
     SecretEntry, Wiped,
 };
 pub use controller::Node;
+pub use engines::{
+    EngineCommand, EngineStatus, EngineView, Engines, NoEngines, NotStopped, StopReport,
+    ERASE_STOP_GRACE, MAX_IMAGE_REF,
+};
 pub use receipt::{ErasedVolume, Receipt, SignedReceipt, RECEIPT_FORMAT};
 
 /// State-changing commands that may wait behind the running one.
@@ -111,6 +116,8 @@ pub enum Command {
     },
     /// A boundary change.
     Boundary(BoundaryChange),
+    /// Tenant: an engine command.
+    Engine(EngineCommand),
 }
 
 impl Command {
@@ -126,6 +133,7 @@ impl Command {
             Command::RemoveSecret { .. } => "remove-secret",
             Command::InitVolume { .. } => "init-volume",
             Command::Boundary(_) => "boundary",
+            Command::Engine(c) => c.name(),
         }
     }
 }
@@ -154,6 +162,9 @@ pub struct ChangeReport {
     pub warnings: Vec<String>,
     /// Who asked.
     pub caller: Caller,
+    /// The engines stopped before the erase (None: the change kept the
+    /// disk key, so no engine was stopped).
+    pub engines: Option<StopReport>,
 }
 
 /// What a command did.
@@ -173,6 +184,20 @@ pub enum Outcome {
     VolumeInitialized,
     /// A boundary change applied.
     Boundary(BoundaryApplied),
+    /// An engine deployed (stopped); `notes` say which budget limits it
+    /// inherits (`limits.memory_max: not set, the tenant budget 1G
+    /// applies`).
+    EngineDeployed {
+        /// Its status.
+        status: EngineStatus,
+        /// Budget notes.
+        notes: Vec<String>,
+    },
+    /// An engine started, stopping, restarted or reloading: its status as
+    /// the supervisor took the command.
+    Engine(EngineStatus),
+    /// An engine removed.
+    EngineRemoved,
 }
 
 /// Why a command failed. Nothing changed unless the variant says so.

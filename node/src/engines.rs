@@ -1,0 +1,291 @@
+//! The tenant's engines as the controller sees them: the commands, the
+//! backend trait the engine runtime implements (launcher, supervisors,
+//! cgroups), its read-only view, and what stopping every engine reports.
+//!
+//! State-changing calls go through the controller, one at a time like
+//! every other change. Reads (`list`, `status`) go to the runtime's
+//! [`EngineView`], which any thread may call: it answers from the runtime's
+//! own snapshot and never waits behind a change.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use leasehold_engines::budget::Budget;
+use leasehold_engines::spec::Spec;
+use leasehold_engines::supervisor::{Exit, Phase};
+use serde::Serialize;
+
+use crate::backend::{Failure, FailureKind};
+
+/// Each engine's grace when a destroying change (rotation, assignment over
+/// a tenant, release) stops every engine: its own `stop_grace`, at most
+/// this. Its data is about to be erased; the change should not wait
+/// minutes for it.
+pub const ERASE_STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Longest image reference (a file name in the tenant's image inbox).
+pub const MAX_IMAGE_REF: usize = 255;
+
+/// A tenant's engine command.
+#[derive(Debug, Clone)]
+pub enum EngineCommand {
+    /// Deploy a new engine (stopped) from an image archive in the tenant's
+    /// inbox, with a validated spec.
+    Deploy {
+        /// Engine name (the node's name rule).
+        name: String,
+        /// The image archive's file name in the tenant's inbox.
+        image: String,
+        /// The spec.
+        spec: Box<Spec>,
+    },
+    /// Start it (a manual start forgets the backoff).
+    Start {
+        /// Engine name.
+        name: String,
+    },
+    /// Stop it: SIGTERM, SIGKILL after the grace (`None`: the spec's).
+    /// Returns once the engine is stopping; `status` shows the rest.
+    Stop {
+        /// Engine name.
+        name: String,
+        /// Grace before the kill.
+        grace: Option<Duration>,
+    },
+    /// Stop, then start again.
+    Restart {
+        /// Engine name.
+        name: String,
+    },
+    /// Run a new image or spec (or a fresh root of the same): the old
+    /// instance runs until the new one is ready.
+    Reload {
+        /// Engine name.
+        name: String,
+        /// A new image archive (None: the same image).
+        image: Option<String>,
+        /// A new spec (None: the same spec).
+        spec: Option<Box<Spec>>,
+    },
+    /// Remove a stopped engine (its root; data dirs too).
+    Rm {
+        /// Engine name.
+        name: String,
+    },
+}
+
+impl EngineCommand {
+    /// Short name for logs and `Busy` messages.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EngineCommand::Deploy { .. } => "engine-deploy",
+            EngineCommand::Start { .. } => "engine-start",
+            EngineCommand::Stop { .. } => "engine-stop",
+            EngineCommand::Restart { .. } => "engine-restart",
+            EngineCommand::Reload { .. } => "engine-reload",
+            EngineCommand::Rm { .. } => "engine-rm",
+        }
+    }
+
+    /// The engine it names.
+    pub fn engine(&self) -> &str {
+        match self {
+            EngineCommand::Deploy { name, .. }
+            | EngineCommand::Start { name }
+            | EngineCommand::Stop { name, .. }
+            | EngineCommand::Restart { name }
+            | EngineCommand::Reload { name, .. }
+            | EngineCommand::Rm { name } => name,
+        }
+    }
+}
+
+/// One engine as `ls` and `status` show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineStatus {
+    /// Name.
+    pub name: String,
+    /// The image archive it runs.
+    pub image: String,
+    /// Supervision state.
+    pub phase: Phase,
+    /// Marked to start (started and not stopped since): started again
+    /// after a node reboot.
+    pub enabled: bool,
+    /// Main pid of the current instance.
+    pub pid: Option<u32>,
+    /// When the current instance exec'd.
+    pub started_at: Option<SystemTime>,
+    /// Restarts by the supervisor since deploy.
+    pub restarts: u32,
+    /// How the last instance ended.
+    pub last_exit: Option<Exit>,
+}
+
+/// An engine `stop_all` could not show stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct NotStopped {
+    /// Engine name.
+    pub name: String,
+    /// Why (what was read back).
+    pub reason: String,
+}
+
+/// What stopping every engine did (in the outcome and the erase receipt).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct StopReport {
+    /// Engines that were running and were read back gone (no process left
+    /// in their cgroups), in the order stopped.
+    pub stopped: Vec<String>,
+    /// Of those, the ones killed after the grace.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub killed: Vec<String>,
+    /// Engines not shown stopped.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub not_stopped: Vec<NotStopped>,
+    /// The call itself failed (the runtime did not answer): nothing is
+    /// known about the engines.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl StopReport {
+    /// Every engine was shown stopped.
+    pub fn complete(&self) -> bool {
+        self.not_stopped.is_empty() && self.error.is_none()
+    }
+
+    /// The warning a destroying change reports when not every engine was
+    /// shown stopped before its erase.
+    pub fn warning(&self) -> Option<String> {
+        if let Some(e) = &self.error {
+            return Some(format!(
+                "the engines could not be stopped before the erase ({e}); the erase went ahead: the volume's key is gone, whatever still runs can read nothing more from it"
+            ));
+        }
+        if self.not_stopped.is_empty() {
+            return None;
+        }
+        let names: Vec<String> = self
+            .not_stopped
+            .iter()
+            .map(|n| format!("{} ({})", n.name, n.reason))
+            .collect();
+        Some(format!(
+            "engines not shown stopped before the erase: {}; the erase went ahead: the volume's key is gone, whatever still runs can read nothing more from it",
+            names.join(", ")
+        ))
+    }
+}
+
+/// Read-only view of the engines, callable from any thread; answers from
+/// the runtime's own snapshot and never waits behind a change.
+pub trait EngineView: Send + Sync + fmt::Debug + 'static {
+    /// Every engine, by name.
+    fn list(&self) -> Vec<EngineStatus>;
+    /// One engine (None: no such engine).
+    fn status(&self, name: &str) -> Option<EngineStatus>;
+}
+
+/// The engine runtime (launcher, one supervisor per engine, the tenant's
+/// cgroup subtree). Every method is blocking and bounded; the state
+/// changes return once the supervisor has taken them (a stop returns while
+/// the engine is stopping), except [`Engines::stop_all`], which returns
+/// only when every engine is shown gone or its bound has passed.
+pub trait Engines: Send + 'static {
+    /// The landlord's budget on the tenant's cgroup subtree.
+    fn budget(&mut self) -> Result<Budget, Failure>;
+    /// Unpacks the image and records the engine, stopped. Refuses a name
+    /// in use (`Invalid`).
+    fn deploy(&mut self, name: &str, image: &str, spec: &Spec) -> Result<EngineStatus, Failure>;
+    /// Starts it (`NotFound` if absent; already running: its status).
+    fn start(&mut self, name: &str) -> Result<EngineStatus, Failure>;
+    /// Stops it (already stopped: its status).
+    fn stop(&mut self, name: &str, grace: Option<Duration>) -> Result<EngineStatus, Failure>;
+    /// Stops, then starts it.
+    fn restart(&mut self, name: &str) -> Result<EngineStatus, Failure>;
+    /// Runs a new image or spec; the old instance runs until the new one is
+    /// ready (a reload already running: `Invalid`).
+    fn reload(
+        &mut self,
+        name: &str,
+        image: Option<&str>,
+        spec: Option<&Spec>,
+    ) -> Result<EngineStatus, Failure>;
+    /// Removes a stopped engine (running: `Invalid`, stop it first).
+    fn rm(&mut self, name: &str) -> Result<(), Failure>;
+    /// Stops every engine (SIGTERM; SIGKILL after its grace, at most
+    /// `grace`), marks each not to start, and waits until each is read back
+    /// gone (no process left in its cgroup) or the bound (`grace` plus the
+    /// runtime's kill wait) has passed: those are `not_stopped`.
+    fn stop_all(&mut self, grace: Duration) -> Result<StopReport, Failure>;
+    /// After an erase: forgets every engine (their images, roots and data
+    /// dirs were on the erased volume). Returns how many.
+    fn forget_all(&mut self) -> Result<usize, Failure>;
+    /// The read-only view.
+    fn view(&self) -> Arc<dyn EngineView>;
+}
+
+/// The engines backend of a node without an engine runtime: nothing can be
+/// deployed, so there is never anything to stop.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoEngines;
+
+#[derive(Debug)]
+struct NoView;
+
+impl EngineView for NoView {
+    fn list(&self) -> Vec<EngineStatus> {
+        Vec::new()
+    }
+    fn status(&self, _name: &str) -> Option<EngineStatus> {
+        None
+    }
+}
+
+fn unavailable() -> Failure {
+    Failure::new(
+        FailureKind::Unavailable,
+        "engines are not available on this node yet (no engine runtime)",
+    )
+}
+
+impl Engines for NoEngines {
+    fn budget(&mut self) -> Result<Budget, Failure> {
+        Err(unavailable())
+    }
+    fn deploy(&mut self, _: &str, _: &str, _: &Spec) -> Result<EngineStatus, Failure> {
+        Err(unavailable())
+    }
+    fn start(&mut self, _: &str) -> Result<EngineStatus, Failure> {
+        Err(unavailable())
+    }
+    fn stop(&mut self, _: &str, _: Option<Duration>) -> Result<EngineStatus, Failure> {
+        Err(unavailable())
+    }
+    fn restart(&mut self, _: &str) -> Result<EngineStatus, Failure> {
+        Err(unavailable())
+    }
+    fn reload(
+        &mut self,
+        _: &str,
+        _: Option<&str>,
+        _: Option<&Spec>,
+    ) -> Result<EngineStatus, Failure> {
+        Err(unavailable())
+    }
+    fn rm(&mut self, _: &str) -> Result<(), Failure> {
+        Err(unavailable())
+    }
+    fn stop_all(&mut self, _: Duration) -> Result<StopReport, Failure> {
+        // Nothing can have been deployed: truthfully, nothing ran.
+        Ok(StopReport::default())
+    }
+    fn forget_all(&mut self) -> Result<usize, Failure> {
+        Ok(0)
+    }
+    fn view(&self) -> Arc<dyn EngineView> {
+        Arc::new(NoView)
+    }
+}
