@@ -325,12 +325,22 @@ impl Policy {
         if add {
             positions = (list.len()..list.len() + changed.len()).collect();
             list.extend(changed.iter().cloned());
+        } else if let [at] = positions[..] {
+            // The common case (one peer): a move, no pass over the list.
+            list.remove(at);
         } else {
-            let gone: std::collections::HashSet<usize> = positions.iter().copied().collect();
-            let mut i = 0;
+            // One pass with a cursor over the sorted positions (no hashing
+            // of 100k indices).
+            let mut gone = positions.clone();
+            gone.sort_unstable();
+            let (mut i, mut next) = (0, gone.iter().peekable());
             list.retain(|_| {
+                let keep = next.peek() != Some(&&i);
+                if !keep {
+                    next.next();
+                }
                 i += 1;
-                !gone.contains(&(i - 1))
+                keep
             });
         }
         Ok(PeerEdit {
@@ -398,6 +408,22 @@ mod tests {
         let e = p.remove_peers("web", &["0.0.0.0/0".into()]).unwrap_err();
         assert!(e.field.ends_with(".peers"), "{e}");
         assert_eq!(p, before);
+        // Several peers removed (given in any order): the rest keep theirs.
+        let more: Vec<String> = (1..=6).map(|i| format!("10.3.0.{i}")).collect();
+        p.add_peers("cluster", &more).unwrap();
+        let gone: Vec<String> = ["10.3.0.5", "10.3.0.2", "10.3.0.6"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(p.remove_peers("cluster", &gone).unwrap(), 3);
+        assert_eq!(
+            p.cluster.as_ref().unwrap().allow[0].peers,
+            ["@cluster", "10.3.0.1", "10.3.0.3", "10.3.0.4"]
+        );
+        assert_eq!(p.remove_peers("cluster", &["10.3.0.3".into()]).unwrap(), 1);
+        assert_eq!(
+            p.cluster.as_ref().unwrap().allow[0].peers,
+            ["@cluster", "10.3.0.1", "10.3.0.4"]
+        );
     }
 
     #[test]
