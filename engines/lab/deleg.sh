@@ -25,11 +25,11 @@ UNIT
   sh -c 'echo $$ > '$cg'/tenant/e1/cgroup.procs; exec sleep infinity' &
   sleep 0.5; eng=$(cat $cg/tenant/e1/cgroup.procs)
   echo "   holder moved, subtree_control '$(cat $cg/cgroup.subtree_control)', engine pid $eng in tenant/e1"
-  t0=$(date +%s.%N)
+  t0=$(date +%s%N)
   systemctl restart $u; rc=$?
-  t1=$(date +%s.%N)
+  t1=$(date +%s%N)
   sleep 1
-  echo "   systemctl restart: rc=$rc ($(echo "$t1 - $t0" | bc 2>/dev/null || echo ?) s); ActiveState=$(systemctl show -P ActiveState $u) Result=$(systemctl show -P Result $u) ExecMainStatus=$(systemctl show -P ExecMainStatus $u)"
+  echo "   systemctl restart: rc=$rc ($(( (t1 - t0) / 1000000 )) ms); ActiveState=$(systemctl show -P ActiveState $u) Result=$(systemctl show -P Result $u) ExecMainStatus=$(systemctl show -P ExecMainStatus $u)"
   echo "   engine $eng alive after restart: $(kill -0 $eng 2>/dev/null && echo yes || echo no)"
   echo "   cgroup after: $(ls -d $cg 2>/dev/null || echo gone); subtree_control '$(cat $cg/cgroup.subtree_control 2>/dev/null)'"
   newmain=$(systemctl show -P MainPID $u); [ "$newmain" != 0 ] && echo "   new main pid $newmain in $(cat /proc/$newmain/cgroup)"
