@@ -11,6 +11,7 @@ PACKAGES=(
   libtss2-esys-3.0.2-0 libtss2-tctildr0 libtss2-tcti-device0 libtss2-mu0 libtss2-sys1 libssl3 tpm2-tools
   cryptsetup-bin dmsetup nftables e2fsprogs
   keyutils fio
+  busybox-static crun
 )
 
 # Runs on the host after the packages are in; $1 is the rootfs, $2 the

@@ -11,7 +11,18 @@
 //! - the launcher (`leasehold-engine-shim`): full confinement;
 //! - `crun run`: OCI config with the same namespaces, read-only root,
 //!   proc/dev/tmp, uid, no capabilities, no_new_privs, the same seccomp
-//!   deny-list (no Landlock: crun has none).
+//!   deny-list (no Landlock: crun has none);
+//! - `systemd-run --scope` and `systemd-run --pipe --wait` (a transient
+//!   service), where systemd runs (the lab node), busybox without
+//!   confinement: what systemd's own path costs.
+//!
+//! Also: from the engine's output to its shim's exit seen on the pidfd
+//! (the engine exits right after writing; exit detection, no polling).
+//!
+//! `LEASEHOLD_TEST_DELEGATED=1` (in a unit or scope with `Delegate=yes`):
+//! the bench moves itself to `<own cgroup>/runner`, enables the controllers
+//! on its own cgroup and creates the engines' cgroups there, as the engines
+//! unit will; otherwise at the root of the cgroup2 mount.
 
 use std::fs;
 use std::io::Read;
@@ -148,6 +159,29 @@ fn cgroup2_only() -> nix::Result<()> {
     Ok(())
 }
 
+/// Where the engines' cgroups go: see the module comment.
+fn bench_cgroups() -> Result<CgroupFs, leasehold_engines::cgroup::CgroupError> {
+    use leasehold_engines::cgroup::Controller;
+    if std::env::var_os("LEASEHOLD_TEST_DELEGATED").is_none() {
+        return Ok(CgroupFs::with_root(None));
+    }
+    let own = CgroupFs::own_cgroup()?;
+    let unit = Path::new("/sys/fs/cgroup").join(own.strip_prefix("/").unwrap_or(&own));
+    let cg = CgroupFs::with_root(Some(&unit));
+    let runner = CgroupPath::new("runner")?;
+    cg.create(&runner)?;
+    cg.add_pid(&runner, std::process::id())?;
+    let available = fs::read_to_string(unit.join("cgroup.controllers")).unwrap_or_default();
+    let wanted: Vec<Controller> = Controller::ALL
+        .into_iter()
+        .filter(|c| available.split_whitespace().any(|a| a == c.name()))
+        .collect();
+    let parent = CgroupFs::with_root(unit.parent());
+    let name = CgroupPath::new(unit.file_name().unwrap_or_default())?;
+    parent.enable_controllers(&name, &wanted)?;
+    Ok(cg)
+}
+
 struct Stats {
     name: &'static str,
     samples: Vec<Duration>,
@@ -182,7 +216,14 @@ fn main() {
         println!("skipped: cannot set up a cgroup2-only /sys/fs/cgroup: {e}");
         return;
     }
-    let cgroups = CgroupFs::with_root(None);
+    let cgroups = match bench_cgroups() {
+        Ok(c) => c,
+        Err(e) => {
+            println!("skipped: cannot set up the delegated cgroup: {e}");
+            return;
+        }
+    };
+    let systemd = Path::new("/run/systemd/system").is_dir();
     let n: usize = std::env::args()
         .skip(1)
         .find_map(|a| a.parse().ok())
@@ -247,6 +288,18 @@ fn main() {
         name: "`crun --cgroup-manager=disabled run`",
         samples: vec![],
     };
+    let mut scope = Stats {
+        name: "`systemd-run --scope` (no confinement)",
+        samples: vec![],
+    };
+    let mut service = Stats {
+        name: "`systemd-run --pipe --wait` (service, no confinement)",
+        samples: vec![],
+    };
+    let mut exit_seen = Stats {
+        name: "launcher: engine's output → shim exit seen on the pidfd",
+        samples: vec![],
+    };
     let load = fs::read_to_string("/proc/loadavg").unwrap_or_default();
 
     // One warm-up round, not counted.
@@ -293,14 +346,17 @@ fn main() {
             .start(&spec_cg, &run_dir, Stdio::from(w), Stdio::inherit(), &[])
             .unwrap();
         let d = first_byte(t, r);
+        let out = Instant::now();
         running
             .wait(Some(Duration::from_secs(10)))
             .unwrap()
             .expect("engine exit");
+        let e = out.elapsed();
         assert_eq!(running.report().map(|r| r.result), Some(Ok(())));
         cgroups.remove(&cg).unwrap();
         if count {
             ours.samples.push(d);
+            exit_seen.samples.push(e);
         }
 
         let (r, w) = pipe();
@@ -317,6 +373,32 @@ fn main() {
         assert_eq!(running.report().map(|r| r.result), Some(Ok(())));
         if count {
             ours_nocg.samples.push(d);
+        }
+
+        for (args, stats) in [
+            (&["--scope"][..], &mut scope),
+            (&["--pipe", "--wait", "--collect"][..], &mut service),
+        ] {
+            if !systemd {
+                break;
+            }
+            let (r, w) = pipe();
+            let t = Instant::now();
+            let mut c = Command::new("systemd-run")
+                .arg("--quiet")
+                .args(args)
+                .arg(&busybox)
+                .args(["echo", "x"])
+                .stdin(Stdio::null())
+                .stdout(Stdio::from(w))
+                .spawn()
+                .unwrap();
+            let d = first_byte(t, r);
+            let st = c.wait().unwrap();
+            assert!(st.success(), "systemd-run {args:?}: {st}");
+            if count {
+                stats.samples.push(d);
+            }
         }
 
         for (manager, stats) in [("cgroupfs", &mut crun_s), ("disabled", &mut crun_nocg)] {
@@ -370,12 +452,30 @@ fn main() {
             .join(" ")
     );
     println!("- starts per candidate: {n} (interleaved, after one warm-up round)");
+    let mounts = fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    println!(
+        "- cgroup2: {}",
+        mounts
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some("/sys/fs/cgroup"))
+            .unwrap_or("?")
+    );
+    println!(
+        "- engines' cgroups under: {}",
+        cgroups
+            .dir(&CgroupPath::new("x").unwrap())
+            .parent()
+            .unwrap()
+            .display()
+    );
     println!();
     println!("| candidate | p50 | p99 | max |");
     println!("|---|---|---|---|");
-    for s in [&floor, &unshare, &ours, &ours_nocg, &crun_s, &crun_nocg] {
+    for s in [
+        &floor, &unshare, &ours, &ours_nocg, &crun_s, &crun_nocg, &scope, &service, &exit_seen,
+    ] {
         if s.samples.is_empty() {
-            println!("| {} | skipped: crun not installed | | |", s.name);
+            println!("| {} | skipped: not installed here | | |", s.name);
             continue;
         }
         println!(
