@@ -894,6 +894,7 @@ impl Runtime {
 
     fn simple(&mut self, name: &str, input: Input) -> Result<EngineStatus, RuntimeError> {
         let starts = matches!(input, Input::Start | Input::Restart);
+        self.get(name)?;
         if starts {
             // Refuse clearly where engines cannot run at all.
             self.volume_dir()?;
@@ -910,6 +911,7 @@ impl Runtime {
         image: Option<&str>,
         spec: Option<Box<Spec>>,
     ) -> Result<EngineStatus, RuntimeError> {
+        self.get(name)?;
         let base = self.volume_dir()?;
         let e = self.get(name)?;
         let cur = e.versions[&e.sup.version()].clone();

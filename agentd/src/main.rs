@@ -480,7 +480,11 @@ async fn serve_bus(
         .await
         .map_err(AgentError::Bus)?;
     server
-        .at(OBJECT_PATH, auth::Bounded(api::TenantApi(ctx)))
+        .at(OBJECT_PATH, auth::Bounded(api::TenantApi(ctx.clone())))
+        .await
+        .map_err(AgentError::Bus)?;
+    server
+        .at(OBJECT_PATH, auth::Bounded(api::TenantEnginesApi(ctx)))
         .await
         .map_err(AgentError::Bus)?;
     conn.request_name(BUS_NAME).await.map_err(AgentError::Bus)?;

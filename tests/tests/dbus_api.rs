@@ -6,11 +6,14 @@ use std::collections::BTreeSet;
 
 use leasehold_tests::{console_pem, Lab, Run, Who};
 
-use leasehold_tests::matrix::{Expect, Setup, BOUNDARY_DOC, FAILSAFE_DOC, MATRIX, SUB_DOC};
+use leasehold_tests::matrix::{
+    Expect, Setup, BOUNDARY_DOC, FAILSAFE_DOC, MATRIX, SPEC_DOC, SUB_DOC,
+};
 use Expect::Allow;
 
 const L: &str = "org.leasehold.Landlord1";
 const T: &str = "org.leasehold.Tenant1";
+const E: &str = "org.leasehold.TenantEngines1";
 
 fn ensure_assigned(lab: &Lab) {
     let info = lab
@@ -31,6 +34,7 @@ fn dbus_authorization_matrix() {
     let bdoc = lab.write_file("boundary.toml", BOUNDARY_DOC.as_bytes());
     let fdoc = lab.write_file("failsafe.toml", FAILSAFE_DOC.as_bytes());
     let sdoc = lab.write_file("sub.toml", SUB_DOC.as_bytes());
+    let spec = lab.write_file("spec.toml", SPEC_DOC.as_bytes());
     let set_boundary = || {
         lab.run(
             Who::Landlord,
@@ -41,7 +45,7 @@ fn dbus_authorization_matrix() {
     };
 
     // The table covers every method the agent exports, and nothing else.
-    for iface in [L, T] {
+    for iface in [L, T, E] {
         let exported: BTreeSet<String> = lab.methods_of(iface).into_iter().collect();
         let tabled: BTreeSet<String> = MATRIX
             .iter()
@@ -80,6 +84,7 @@ fn dbus_authorization_matrix() {
                     "@BOUNDARY" => bdoc.to_str().unwrap(),
                     "@FAILSAFE" => fdoc.to_str().unwrap(),
                     "@SUB" => sdoc.to_str().unwrap(),
+                    "@SPEC" => spec.to_str().unwrap(),
                     other => other,
                 })
                 .collect();
