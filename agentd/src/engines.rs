@@ -346,6 +346,8 @@ struct StateFile {
 // The runtime thread.
 
 struct Live {
+    /// Its directory name (`i<N>`) for the cgroup and the run directory.
+    dir_name: u64,
     proc: Box<dyn Proc>,
     cg: CgroupPath,
     run_dir: PathBuf,
@@ -358,9 +360,14 @@ struct Engine {
     sup: Supervisor,
     versions: BTreeMap<VersionId, VersionRec>,
     live: BTreeMap<InstanceId, Live>,
-    /// An instance found alive at start (with its old id), taken by the
-    /// supervisor's first launch instead of a new one.
-    adoptable: Option<(Box<dyn Proc>, InstanceId)>,
+    /// An instance found alive at start (with its directory name), taken
+    /// by the supervisor's first launch instead of a new one.
+    adoptable: Option<(Box<dyn Proc>, u64)>,
+    /// Directory names of this run's instances are `id_base + id`: above
+    /// every name an earlier agent used (no clash with an adopted one).
+    id_base: u64,
+    /// One more than the highest directory name used.
+    next_name: u64,
     next_version: u64,
     events: VecDeque<String>,
 }
@@ -448,8 +455,8 @@ impl Runtime {
         Ok(v.join(&self.cfg.images_dir))
     }
 
-    fn run_dir(&self, engine: &str, i: InstanceId) -> PathBuf {
-        self.cfg.run_dir.join(engine).join(i.to_string())
+    fn run_dir(&self, engine: &str, dir_name: u64) -> PathBuf {
+        self.cfg.run_dir.join(engine).join(format!("i{dir_name}"))
     }
 
     fn publish(&self) {
@@ -471,8 +478,12 @@ impl Runtime {
                     uid: e.uid,
                     enabled: e.sup.enabled(),
                     current: e.versions[&e.sup.version()].clone(),
-                    instances: e.live.iter().map(|(i, l)| (i.0, l.proc.pid())).collect(),
-                    next_instance: e.sup.instances().iter().map(|i| i.0 + 1).max().unwrap_or(0),
+                    instances: e
+                        .live
+                        .values()
+                        .map(|l| (l.dir_name, l.proc.pid()))
+                        .collect(),
+                    next_instance: e.next_name,
                     next_version: e.next_version,
                 })
                 .collect(),
@@ -586,14 +597,17 @@ impl Runtime {
         };
         let mut spec = v.launch.clone();
         let adopted = e.adoptable.take();
+        let dir_name = adopted
+            .as_ref()
+            .map_or(e.id_base.saturating_add(instance.0), |(_, n)| *n);
+        e.next_name = e.next_name.max(dir_name.saturating_add(1));
         let (cg, run_dir, proc) = match self.engine_cgroup(name) {
             Err(err) => return failed(err.to_string()),
             Ok(ecg) => {
-                let old = adopted.as_ref().map_or(instance, |(_, i)| *i);
-                let Ok(cg) = ecg.child(&old.to_string()) else {
+                let Ok(cg) = ecg.child(&format!("i{dir_name}")) else {
                     return failed("instance cgroup name".into());
                 };
-                let rd = self.run_dir(name, old);
+                let rd = self.run_dir(name, dir_name);
                 if let Some((p, _)) = adopted {
                     (cg, rd, Ok(p))
                 } else {
@@ -638,6 +652,7 @@ impl Runtime {
             e.live.insert(
                 instance,
                 Live {
+                    dir_name,
                     proc,
                     cg,
                     run_dir,
@@ -710,6 +725,14 @@ impl Runtime {
         if self.engines.contains_key(name) {
             return Err(RuntimeError::Exists(name.to_owned()));
         }
+        // The controller checked the name with the node's rule; it becomes
+        // a path component, so never trust that alone.
+        if name.is_empty() || name.starts_with('.') || name.contains(['/', '\0']) {
+            return Err(RuntimeError::Refused {
+                name: name.to_owned(),
+                reason: "not a plain engine name".into(),
+            });
+        }
         if self.engines.len() >= MAX_ENGINES {
             return Err(RuntimeError::TooMany);
         }
@@ -735,6 +758,8 @@ impl Runtime {
             versions,
             live: BTreeMap::new(),
             adoptable: None,
+            id_base: 0,
+            next_name: 0,
             next_version: 2,
             events: VecDeque::new(),
         };
@@ -773,6 +798,17 @@ impl Runtime {
             _ => return Err(RuntimeError::NotInInbox(input)),
         }
         let vdir = dir.join(format!("v{version}"));
+        // Only the agent writes here (the tenant only in inbox/): a symlink
+        // on the way would send the unpack off the volume.
+        for p in [base, dir, &vdir] {
+            if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()) {
+                return Err(RuntimeError::Io {
+                    op: "refuse",
+                    path: p.to_owned(),
+                    source: std::io::Error::other("a symlink where the agent keeps engines"),
+                });
+            }
+        }
         std::fs::create_dir_all(&vdir).map_err(io("mkdir", &vdir))?;
         let root = vdir.join("rootfs");
         let unpacked = match unpack_image(&input, &root, &ImageLimits::default()) {
@@ -1200,15 +1236,11 @@ impl EngineRuntime {
             let sup = Supervisor::new(version, spec);
             let mut adoptable = None;
             for (i, pid) in &r.instances {
-                let rd = rt
-                    .cfg
-                    .run_dir
-                    .join(&r.name)
-                    .join(InstanceId(*i).to_string());
+                let rd = rt.run_dir(&r.name, *i);
                 match rt.spawner.adopt(&rd) {
                     Ok(p) if adoptable.is_none() => {
                         tracing::info!(engine = r.name, pid, "re-adopted a running engine");
-                        adoptable = Some((p, InstanceId(*i)));
+                        adoptable = Some((p, *i));
                     }
                     Ok(p) => {
                         tracing::warn!(
@@ -1237,6 +1269,8 @@ impl EngineRuntime {
                     versions,
                     live: BTreeMap::new(),
                     adoptable,
+                    id_base: r.next_instance,
+                    next_name: r.next_instance,
                     next_version: r.next_version,
                     events: VecDeque::new(),
                 },

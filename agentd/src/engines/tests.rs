@@ -494,3 +494,35 @@ fn unsupported_spec_parts_are_refused_by_field() {
     assert!(e.message.contains("command[0]"), "{e}");
     assert!(!f.tmp.path().join("vol/engines/web/v1").exists());
 }
+
+#[test]
+fn after_readoption_new_instances_never_reuse_a_directory() {
+    let f = fixture(false);
+    let mut rt = f.runtime();
+    rt.deploy("web", "app.tar", &spec(r#"command = ["/bin/app"]"#))
+        .unwrap();
+    rt.start("web").unwrap();
+    until(&rt, "web", |s| s.phase == Phase::Ready);
+    drop(rt);
+    let mut rt2 = f.runtime();
+    until(&rt2, "web", |s| s.pid == Some(4242));
+    rt2.restart("web").unwrap();
+    until(&rt2, "web", |s| s.phase == Phase::Ready && s.pid != Some(4242));
+    let spawned = f.sp.spawned.lock().unwrap();
+    let dirs: BTreeSet<&PathBuf> = spawned.iter().map(|(_, d, _)| d).collect();
+    assert_eq!(dirs.len(), spawned.len(), "{dirs:?}");
+}
+
+#[test]
+fn a_symlink_where_roots_are_kept_is_refused() {
+    let f = fixture(false);
+    let outside = f.tmp.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, f.tmp.path().join("vol/engines/web")).unwrap();
+    let mut rt = f.runtime();
+    let e = rt
+        .deploy("web", "app.tar", &spec(r#"command = ["/bin/app"]"#))
+        .unwrap_err();
+    assert!(e.message.contains("symlink"), "{e}");
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+}
