@@ -517,3 +517,56 @@ fn dbus_keys_changed_signal_and_version_property() {
     assert_eq!(change.generation_after, Some(2));
     assert_eq!(change.data_destroyed, Some(false));
 }
+
+/// The engine runtime in the agent on this host: no tenant volume (and no
+/// cgroup v2 controllers), so a valid deploy is refused, naming why, and
+/// nothing is recorded; the view answers.
+#[test]
+fn dbus_engine_deploy_without_volume_is_refused_clearly() {
+    let lab = Lab::start();
+    ensure_assigned(&lab);
+    let spec = lab.write_file("engine.toml", b"command = [\"/bin/app\"]\n");
+    let r = lab.run(
+        Who::Tenant,
+        "tenantctl",
+        &[
+            "engine",
+            "deploy",
+            "web",
+            "app.tar",
+            "--spec",
+            spec.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(r.code, 69, "{r:?}");
+    assert!(
+        r.stderr.contains("no tenant volume is mounted") && r.stderr.contains("encrypted volume"),
+        "{r:?}"
+    );
+    let ls = lab
+        .run(Who::Tenant, "tenantctl", &["--json", "engine", "ls"])
+        .ok()
+        .json();
+    assert_eq!(ls, serde_json::json!([]));
+    let r = lab.run(Who::Tenant, "tenantctl", &["engine", "status", "web"]);
+    assert_eq!(r.code, 5, "{r:?}");
+    // A bad spec is refused by field before the runtime sees it.
+    let bad = lab.write_file(
+        "bad.toml",
+        b"command = [\"/bin/app\"]\nstop_grace = \"1.5s\"\n",
+    );
+    let r = lab.run(
+        Who::Tenant,
+        "tenantctl",
+        &[
+            "engine",
+            "deploy",
+            "web",
+            "app.tar",
+            "--spec",
+            bad.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(r.code, 6, "{r:?}");
+    assert!(r.stderr.contains("stop_grace"), "{r:?}");
+}

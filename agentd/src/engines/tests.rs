@@ -507,7 +507,9 @@ fn after_readoption_new_instances_never_reuse_a_directory() {
     let mut rt2 = f.runtime();
     until(&rt2, "web", |s| s.pid == Some(4242));
     rt2.restart("web").unwrap();
-    until(&rt2, "web", |s| s.phase == Phase::Ready && s.pid != Some(4242));
+    until(&rt2, "web", |s| {
+        s.phase == Phase::Ready && s.pid != Some(4242)
+    });
     let spawned = f.sp.spawned.lock().unwrap();
     let dirs: BTreeSet<&PathBuf> = spawned.iter().map(|(_, d, _)| d).collect();
     assert_eq!(dirs.len(), spawned.len(), "{dirs:?}");
