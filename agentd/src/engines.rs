@@ -368,6 +368,9 @@ struct Engine {
     id_base: u64,
     /// One more than the highest directory name used.
     next_name: u64,
+    /// Instance cgroups of ended instances that could not be removed yet
+    /// (processes left): read back before the engine is called stopped.
+    leftover: Vec<CgroupPath>,
     next_version: u64,
     events: VecDeque<String>,
 }
@@ -693,7 +696,12 @@ impl Runtime {
             let _ = self.cgroups.kill(&l.cg);
         }
         if let Err(err) = self.cgroups.remove(&l.cg) {
+            // Processes may outlive the shim for a moment after the kill:
+            // read back again before claiming the engine stopped.
             tracing::warn!(engine = name, %instance, error = %err, "the instance's cgroup was not removed");
+            if let Some(e) = self.engines.get_mut(name) {
+                e.leftover.push(l.cg.clone());
+            }
         }
         let _ = std::fs::remove_dir_all(&l.run_dir);
         if let Err(err) = self.step(name, Input::Exited { instance, exit }) {
@@ -760,6 +768,7 @@ impl Runtime {
             adoptable: None,
             id_base: 0,
             next_name: 0,
+            leftover: Vec::new(),
             next_version: 2,
             events: VecDeque::new(),
         };
@@ -898,7 +907,15 @@ impl Runtime {
         let Some(p) = self.stop_all.as_ref() else {
             return;
         };
-        let gone = |e: Option<&Engine>| e.is_none_or(|e| e.live.is_empty());
+        let names = p.names.clone();
+        for n in &names {
+            self.reap_leftovers(n);
+        }
+        let gone =
+            |e: Option<&Engine>| e.is_none_or(|e| e.live.is_empty() && e.leftover.is_empty());
+        let Some(p) = self.stop_all.as_ref() else {
+            return;
+        };
         let all_gone = p.names.iter().all(|n| gone(self.engines.get(n)));
         if !all_gone && Instant::now() < p.deadline {
             return;
@@ -916,6 +933,17 @@ impl Runtime {
                         e.live.len()
                     ),
                 }),
+                Some(e) if !e.leftover.is_empty() => r.not_stopped.push(NotStopped {
+                    name: n.clone(),
+                    reason: format!(
+                        "processes left in {} after the kill",
+                        e.leftover
+                            .iter()
+                            .map(|c| c.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                }),
                 _ => {
                     if self.killed.contains(&n) {
                         r.killed.push(n.clone());
@@ -926,6 +954,18 @@ impl Runtime {
         }
         self.publish();
         let _ = p.reply.send(Reply::Stopped(r));
+    }
+
+    /// Kills and removes again the cgroups an ended instance left.
+    fn reap_leftovers(&mut self, name: &str) {
+        let Some(e) = self.engines.get_mut(name) else {
+            return;
+        };
+        let cgroups = self.cgroups.clone();
+        e.leftover.retain(|cg| {
+            let _ = cgroups.kill(cg);
+            cgroups.remove(cg).is_err()
+        });
     }
 
     fn simple(&mut self, name: &str, input: Input) -> Result<EngineStatus, RuntimeError> {
@@ -1271,6 +1311,7 @@ impl EngineRuntime {
                     adoptable,
                     id_base: r.next_instance,
                     next_name: r.next_instance,
+                    leftover: Vec::new(),
                     next_version: r.next_version,
                     events: VecDeque::new(),
                 },

@@ -77,6 +77,8 @@ struct FakeCg {
     dirs: Mutex<BTreeSet<PathBuf>>,
     limits: Mutex<BTreeMap<(PathBuf, String), String>>,
     killed: Mutex<Vec<PathBuf>>,
+    /// Instance cgroups (`i<N>`) refuse this many removals (processes left).
+    stuck: Mutex<u32>,
 }
 
 impl Cgroups for FakeCg {
@@ -116,6 +118,19 @@ impl Cgroups for FakeCg {
         Ok(())
     }
     fn remove(&self, cg: &CgroupPath) -> Result<CgAction, CgroupError> {
+        let instance = cg
+            .as_path()
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with('i'));
+        let mut stuck = self.stuck.lock().unwrap();
+        if instance && *stuck > 0 {
+            *stuck -= 1;
+            return Err(CgroupError::NotEmpty {
+                cgroup: cg.as_path().to_owned(),
+                count: 1,
+            });
+        }
+        drop(stuck);
         let had = self.dirs.lock().unwrap().remove(cg.as_path());
         Ok(if had {
             CgAction::Done
@@ -527,4 +542,31 @@ fn a_symlink_where_roots_are_kept_is_refused() {
         .unwrap_err();
     assert!(e.message.contains("symlink"), "{e}");
     assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+}
+
+#[test]
+fn stop_all_reads_back_the_cgroups_before_claiming_stopped() {
+    for (stuck, shown_stopped) in [(1, true), (1000, false)] {
+        let f = fixture(false);
+        let mut rt = f.runtime();
+        rt.deploy("web", "app.tar", &spec(r#"command = ["/bin/app"]"#))
+            .unwrap();
+        rt.start("web").unwrap();
+        until(&rt, "web", |s| s.phase == Phase::Ready);
+        *f.cg.stuck.lock().unwrap() = stuck;
+        let r = rt.stop_all(Duration::from_millis(100)).unwrap();
+        if shown_stopped {
+            assert_eq!(r.stopped, vec!["web"], "{r:?}");
+            assert!(r.complete());
+        } else {
+            assert!(r.stopped.is_empty(), "{r:?}");
+            assert_eq!(r.not_stopped.len(), 1, "{r:?}");
+            assert!(
+                r.not_stopped[0]
+                    .reason
+                    .contains("processes left in leasehold/tenant/web/i1"),
+                "{r:?}"
+            );
+        }
+    }
 }
