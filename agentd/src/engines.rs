@@ -613,6 +613,13 @@ impl Runtime {
                 let rd = self.run_dir(name, dir_name);
                 if let Some((p, _)) = adopted {
                     (cg, rd, Ok(p))
+                } else if !self
+                    .volume
+                    .mounted()
+                    .is_some_and(|m| spec.rootfs.starts_with(m))
+                {
+                    // Never run a root that is not on the mounted volume.
+                    return failed(RuntimeError::NoVolume.to_string());
                 } else {
                     if let Err(err) = self.cgroups.create(&cg) {
                         return failed(err.to_string());
@@ -1297,7 +1304,14 @@ impl EngineRuntime {
             }
             let mut versions = BTreeMap::new();
             versions.insert(version, r.current.clone());
-            if r.enabled || adoptable.is_some() {
+            if adoptable.is_some() {
+                to_start.push(r.name.clone());
+            } else if r.enabled && rt.volume.mounted().is_none() {
+                tracing::error!(
+                    engine = r.name,
+                    "marked to start, but no tenant volume is mounted: left stopped"
+                );
+            } else if r.enabled {
                 to_start.push(r.name.clone());
             }
             rt.engines.insert(

@@ -570,3 +570,28 @@ fn stop_all_reads_back_the_cgroups_before_claiming_stopped() {
         }
     }
 }
+
+#[test]
+fn without_the_volume_nothing_is_launched() {
+    let f = fixture(false);
+    let mut rt = f.runtime();
+    rt.deploy("web", "app.tar", &spec(r#"command = ["/bin/app"]"#))
+        .unwrap();
+    rt.start("web").unwrap();
+    until(&rt, "web", |s| s.phase == Phase::Ready);
+    // The volume goes away under a running engine, which then crashes:
+    // its restart is not launched from wherever the mount point leads.
+    *f.vol.0.lock().unwrap() = None;
+    let ctl = f.sp.spawned.lock().unwrap()[0].2.clone();
+    ctl.end(launch::Exit::Code(1));
+    until(&rt, "web", |s| s.last_exit == Some(Exit::NotStarted));
+    assert_eq!(f.sp.spawned.lock().unwrap().len(), 1);
+    let e = rt.start("web").unwrap_err();
+    assert_eq!(e.kind, FailureKind::Unavailable, "{e}");
+    // A new agent without the volume leaves the engine stopped.
+    f.sp.alive.lock().unwrap().clear();
+    let rt2 = f.runtime();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(rt2.view().status("web").unwrap().phase, Phase::Stopped);
+    assert_eq!(f.sp.spawned.lock().unwrap().len(), 1);
+}
