@@ -225,8 +225,14 @@ pub trait Proc: Send {
 
 /// Starts and re-adopts instances.
 pub trait Spawner: Send + Sync + 'static {
-    /// Starts one instance (blocking, bounded).
-    fn spawn(&self, spec: &LaunchSpec, run_dir: &Path) -> Result<Box<dyn Proc>, LaunchError>;
+    /// Starts one instance (blocking, bounded); its output is appended to
+    /// `stdout.log` and `stderr.log` in `log_dir`.
+    fn spawn(
+        &self,
+        spec: &LaunchSpec,
+        run_dir: &Path,
+        log_dir: &Path,
+    ) -> Result<Box<dyn Proc>, LaunchError>;
     /// Finds a running instance again after an agent restart.
     fn adopt(&self, run_dir: &Path) -> Result<Box<dyn Proc>, LaunchError>;
 }
@@ -277,17 +283,27 @@ impl Proc for ShimProc {
 }
 
 impl Spawner for ShimSpawner {
-    fn spawn(&self, spec: &LaunchSpec, run_dir: &Path) -> Result<Box<dyn Proc>, LaunchError> {
-        std::fs::create_dir_all(run_dir).map_err(|source| LaunchError::Io {
-            op: "mkdir",
-            path: run_dir.to_owned(),
-            source,
-        })?;
+    fn spawn(
+        &self,
+        spec: &LaunchSpec,
+        run_dir: &Path,
+        log_dir: &Path,
+    ) -> Result<Box<dyn Proc>, LaunchError> {
+        for d in [run_dir, log_dir] {
+            std::fs::create_dir_all(d).map_err(|source| LaunchError::Io {
+                op: "mkdir",
+                path: d.to_owned(),
+                source,
+            })?;
+        }
         let log = |n: &str| {
-            let p = run_dir.join(n);
+            use std::os::unix::fs::OpenOptionsExt;
+            let p = log_dir.join(n);
             std::fs::OpenOptions::new()
                 .create(true)
                 .append(true)
+                .mode(0o600)
+                .custom_flags(nix::libc::O_NOFOLLOW)
                 .open(&p)
                 .map(std::process::Stdio::from)
                 .map_err(|source| LaunchError::Io {
@@ -625,7 +641,14 @@ impl Runtime {
                         return failed(err.to_string());
                     }
                     spec.cgroup = Some(self.cgroups.dir(&cg));
-                    let r = self.spawner.spawn(&spec, &rd);
+                    // Output goes to the volume (the tenant's space), never
+                    // to /run: an engine cannot fill the node's tmpfs.
+                    let logs = spec
+                        .rootfs
+                        .parent()
+                        .and_then(Path::parent)
+                        .map_or_else(|| rd.clone(), |d| d.join("logs"));
+                    let r = self.spawner.spawn(&spec, &rd, &logs);
                     (cg, rd, r)
                 }
             }

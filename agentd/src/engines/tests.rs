@@ -203,7 +203,14 @@ struct FakeSpawner {
 }
 
 impl Spawner for FakeSpawner {
-    fn spawn(&self, spec: &LaunchSpec, run_dir: &Path) -> Result<Box<dyn Proc>, LaunchError> {
+    fn spawn(
+        &self,
+        spec: &LaunchSpec,
+        run_dir: &Path,
+        log_dir: &Path,
+    ) -> Result<Box<dyn Proc>, LaunchError> {
+        assert!(log_dir.ends_with("logs"), "{log_dir:?}");
+        assert!(log_dir.starts_with(spec.rootfs.parent().unwrap().parent().unwrap()));
         let ctl = Arc::new(Ctl {
             ignore_term: self.ignore_term,
             ..Ctl::default()
