@@ -602,3 +602,124 @@ fn without_the_volume_nothing_is_launched() {
     assert_eq!(rt2.view().status("web").unwrap().phase, Phase::Stopped);
     assert_eq!(f.sp.spawned.lock().unwrap().len(), 1);
 }
+
+/// A cgroup manager over plain directories: the shim "joins" by writing to
+/// a regular `cgroup.procs` (this host has no cgroup v2 controllers).
+struct DirCg(PathBuf);
+
+impl Cgroups for DirCg {
+    fn create(&self, cg: &CgroupPath) -> Result<CgAction, CgroupError> {
+        let d = self.dir(cg);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("cgroup.procs"), "").unwrap();
+        Ok(CgAction::Done)
+    }
+    fn enable_controllers(
+        &self,
+        _: &CgroupPath,
+        _: &[Controller],
+    ) -> Result<CgAction, CgroupError> {
+        Ok(CgAction::Identity)
+    }
+    fn set_limits(&self, _: &CgroupPath, _: &[(&str, String)]) -> Result<(), CgroupError> {
+        Ok(())
+    }
+    fn usage(&self, _: &CgroupPath) -> Result<Usage, CgroupError> {
+        Ok(Usage::default())
+    }
+    fn add_pid(&self, _: &CgroupPath, _: u32) -> Result<(), CgroupError> {
+        Ok(())
+    }
+    fn pids(&self, _: &CgroupPath) -> Result<Vec<u32>, CgroupError> {
+        Ok(Vec::new())
+    }
+    fn kill(&self, _: &CgroupPath) -> Result<(), CgroupError> {
+        Ok(())
+    }
+    fn remove(&self, cg: &CgroupPath) -> Result<CgAction, CgroupError> {
+        let _ = std::fs::remove_dir_all(self.dir(cg));
+        Ok(CgAction::Done)
+    }
+    fn dir(&self, cg: &CgroupPath) -> PathBuf {
+        self.0.join(cg.as_path())
+    }
+}
+
+/// T1 (root, busybox, the shim built): the runtime with the real launcher
+/// runs an engine from an image archive, sees its exit through the pidfd
+/// and keeps its output on the volume.
+#[test]
+fn real_shim_runs_an_engine_from_an_image() {
+    let shim = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .and_then(Path::parent)
+        .unwrap()
+        .join("leasehold-engine-shim");
+    if !nix::unistd::Uid::effective().is_root()
+        || !Path::new("/bin/busybox").exists()
+        || !shim.exists()
+    {
+        eprintln!("skipped: needs root, /bin/busybox and {}", shim.display());
+        return;
+    }
+    let f = fixture(false);
+    let busybox = std::fs::read("/bin/busybox").unwrap();
+    let layer = tar_of(&[("bin/busybox", &busybox, 0o755)]);
+    // The fixture's archive with this layer instead.
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [sha256(&layer)]}
+    }))
+    .unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": desc("application/vnd.oci.image.config.v1+json", &config),
+        "layers": [desc("application/vnd.oci.image.layer.v1.tar", &layer)],
+    }))
+    .unwrap();
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [desc("application/vnd.oci.image.manifest.v1+json", &manifest)],
+    }))
+    .unwrap();
+    let blob = |b: &[u8]| format!("blobs/sha256/{}", &sha256(b)[7..]);
+    let (l, c, m) = (blob(&layer), blob(&config), blob(&manifest));
+    let archive = tar_of(&[
+        ("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#, 0o644),
+        ("index.json", &index, 0o644),
+        (&m, &manifest, 0o644),
+        (&c, &config, 0o644),
+        (&l, &layer, 0o644),
+    ]);
+    std::fs::write(f.tmp.path().join("vol/engines/inbox/bb.tar"), archive).unwrap();
+    let mut rt = EngineRuntime::start(
+        f.cfg.clone(),
+        Arc::new(DirCg(f.tmp.path().join("cgroup"))),
+        Arc::new(ShimSpawner(launch::Launcher::new(shim))),
+        f.vol.clone(),
+    )
+    .unwrap();
+    rt.deploy(
+        "bb",
+        "bb.tar",
+        &spec(
+            "command = [\"/bin/busybox\", \"sh\", \"-c\", \"echo hello from $(/bin/busybox id -u); exit 7\"]\n\
+             [restart]\npolicy = \"never\"\n",
+        ),
+    )
+    .unwrap();
+    rt.start("bb").unwrap();
+    let s = until(&rt, "bb", |s| s.phase == Phase::Exited);
+    let out = std::fs::read_to_string(f.tmp.path().join("vol/engines/bb/logs/stdout.log"))
+        .unwrap_or_default();
+    let err = std::fs::read_to_string(f.tmp.path().join("vol/engines/bb/logs/stderr.log"))
+        .unwrap_or_default();
+    assert_eq!(
+        s.last_exit,
+        Some(Exit::Code(7)),
+        "stdout {out:?} stderr {err:?}"
+    );
+    assert_eq!(out, "hello from 200000\n", "stderr {err:?}");
+}
