@@ -52,6 +52,10 @@ const KILL_WAIT: Duration = Duration::from_secs(2);
 pub const MAX_ENGINES: usize = 64;
 /// Events kept per engine for `status`.
 const MAX_EVENTS: usize = 32;
+/// Engine event log lines per engine per [`LOG_WINDOW`].
+const LOG_LINES: u32 = 20;
+/// The window of [`LOG_LINES`].
+const LOG_WINDOW: Duration = Duration::from_secs(60);
 /// Size of each engine's private /tmp.
 const TMP_SIZE: u64 = 64 << 20;
 /// `PATH` used to find `command[0]` when the image sets none.
@@ -387,6 +391,10 @@ struct Engine {
     /// Instance cgroups of ended instances that could not be removed yet
     /// (processes left): read back before the engine is called stopped.
     leftover: Vec<CgroupPath>,
+    /// Log rate limit: window start, lines logged, lines suppressed.
+    log_window: Instant,
+    log_lines: u32,
+    log_suppressed: u32,
     next_version: u64,
     events: VecDeque<String>,
 }
@@ -594,8 +602,28 @@ impl Runtime {
                 None
             }
             Action::Emit(ev) => {
-                tracing::info!(engine = name, event = ev.name(), detail = ?ev, "engine event");
                 if let Some(e) = self.engines.get_mut(name) {
+                    // The tenant's spec decides how often events happen (a
+                    // 1 ms restart loop): their log lines are rate-limited.
+                    let now = Instant::now();
+                    if now.saturating_duration_since(e.log_window) >= LOG_WINDOW {
+                        if e.log_suppressed > 0 {
+                            tracing::warn!(
+                                engine = name,
+                                suppressed = e.log_suppressed,
+                                "engine event lines suppressed in the last minute"
+                            );
+                        }
+                        e.log_window = now;
+                        e.log_lines = 0;
+                        e.log_suppressed = 0;
+                    }
+                    if e.log_lines < LOG_LINES {
+                        e.log_lines += 1;
+                        tracing::info!(engine = name, event = ev.name(), detail = ?ev, "engine event");
+                    } else {
+                        e.log_suppressed = e.log_suppressed.saturating_add(1);
+                    }
                     if e.events.len() >= MAX_EVENTS {
                         e.events.pop_front();
                     }
@@ -799,6 +827,9 @@ impl Runtime {
             id_base: 0,
             next_name: 0,
             leftover: Vec::new(),
+            log_window: Instant::now(),
+            log_lines: 0,
+            log_suppressed: 0,
             next_version: 2,
             events: VecDeque::new(),
         };
@@ -1349,6 +1380,9 @@ impl EngineRuntime {
                     id_base: r.next_instance,
                     next_name: r.next_instance,
                     leftover: Vec::new(),
+                    log_window: Instant::now(),
+                    log_lines: 0,
+                    log_suppressed: 0,
                     next_version: r.next_version,
                     events: VecDeque::new(),
                 },
