@@ -648,10 +648,19 @@ impl Runtime {
             .as_ref()
             .map_or(e.id_base.saturating_add(instance.0), |(_, n)| *n);
         e.next_name = e.next_name.max(dir_name.saturating_add(1));
-        let (cg, run_dir, proc) = match self.engine_cgroup(name) {
+        // An adopted instance already runs in its cgroup: nothing to create
+        // (and a failure here must not lose track of it).
+        let ecg = match adopted {
+            Some(_) => subtree(&self.cfg).and_then(|s| s.child(name).map_err(self.cg_err())),
+            None => self.engine_cgroup(name),
+        };
+        let (cg, run_dir, proc) = match ecg {
             Err(err) => return failed(err.to_string()),
             Ok(ecg) => {
                 let Ok(cg) = ecg.child(&format!("i{dir_name}")) else {
+                    if let Some((p, _)) = adopted {
+                        let _ = p.signal(Signal::SIGKILL);
+                    }
                     return failed("instance cgroup name".into());
                 };
                 let rd = self.run_dir(name, dir_name);
