@@ -76,7 +76,9 @@ fn default_cgroup_root() -> PathBuf {
 }
 
 fn default_subtree() -> String {
-    "leasehold/tenant".into()
+    // Under the engines unit docs/engines.md proposes (Delegate=yes, not
+    // restarted on upgrades); until it exists, deploy refuses naming it.
+    "system.slice/leasehold-engines.service/tenant".into()
 }
 
 fn default_images_dir() -> String {
@@ -463,7 +465,10 @@ mod tests {
     fn engines_section_defaults_and_errors_name_the_key() {
         let c = parse("").unwrap();
         assert_eq!(c.engines.cgroup_root, PathBuf::from("/sys/fs/cgroup"));
-        assert_eq!(c.engines.cgroup_subtree, "leasehold/tenant");
+        assert_eq!(
+            c.engines.cgroup_subtree,
+            "system.slice/leasehold-engines.service/tenant"
+        );
         assert_eq!(c.engines.images_dir, "engines");
         assert_eq!(c.engines.run_dir, PathBuf::from("/run/leasehold/engines"));
         assert_eq!(c.engines.shim, None);

@@ -456,24 +456,27 @@ impl Runtime {
         move |source| RuntimeError::Cgroup { root, source }
     }
 
-    /// The tenant's subtree, created with every controller enabled down
-    /// to `engine`'s cgroup (which is returned).
+    /// The engine's cgroup under the tenant's subtree, every controller
+    /// enabled from the subtree down. The subtree's parent is the
+    /// delegation's (the engines unit, docs/engines.md): it must exist and
+    /// is never created here (a missing one is `Absent`, naming it); its
+    /// controllers are enabled if they are not yet (nothing is written when
+    /// they are). At the root of the mount the subtree is made directly.
     fn engine_cgroup(&self, engine: &str) -> Result<CgroupPath, RuntimeError> {
         let sub = subtree(&self.cfg)?;
-        let mut path = PathBuf::new();
-        for c in sub.as_path().components() {
-            path.push(c);
-            let cg = CgroupPath::new(&path).map_err(self.cg_err())?;
-            self.cgroups.create(&cg).map_err(self.cg_err())?;
+        if let Some(parent) = sub.as_path().parent().filter(|p| !p.as_os_str().is_empty()) {
+            let parent = CgroupPath::new(parent).map_err(self.cg_err())?;
             self.cgroups
-                .enable_controllers(&cg, &Controller::ALL)
+                .enable_controllers(&parent, &Controller::ALL)
                 .map_err(self.cg_err())?;
         }
         let cg = sub.child(engine).map_err(self.cg_err())?;
-        self.cgroups.create(&cg).map_err(self.cg_err())?;
-        self.cgroups
-            .enable_controllers(&cg, &Controller::ALL)
-            .map_err(self.cg_err())?;
+        for c in [&sub, &cg] {
+            self.cgroups.create(c).map_err(self.cg_err())?;
+            self.cgroups
+                .enable_controllers(c, &Controller::ALL)
+                .map_err(self.cg_err())?;
+        }
         Ok(cg)
     }
 

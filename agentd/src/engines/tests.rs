@@ -723,3 +723,24 @@ fn real_shim_runs_an_engine_from_an_image() {
     );
     assert_eq!(out, "hello from 200000\n", "stderr {err:?}");
 }
+
+#[test]
+fn the_delegated_parent_is_never_created() {
+    let f = fixture(false);
+    let mut cfg = f.cfg.clone();
+    cfg.subtree = "system.slice/leasehold-engines.service/tenant".into();
+    std::fs::create_dir_all(&cfg.cgroup_root).unwrap();
+    let mut rt = EngineRuntime::start(
+        cfg.clone(),
+        Arc::new(CgroupFs::with_root(Some(&cfg.cgroup_root))),
+        f.sp.clone(),
+        f.vol.clone(),
+    )
+    .unwrap();
+    let e = rt
+        .deploy("web", "app.tar", &spec(r#"command = ["/bin/app"]"#))
+        .unwrap_err();
+    assert_eq!(e.kind, FailureKind::Unavailable);
+    assert!(e.message.contains("leasehold-engines.service"), "{e}");
+    assert!(!cfg.cgroup_root.join("system.slice").exists());
+}
