@@ -420,6 +420,9 @@ enum Reply {
 enum Msg {
     Cmd(Cmd, SyncSender<Reply>),
     Exited(String, InstanceId),
+    /// The agent is going away: the thread ends, the engines run on (the
+    /// next agent re-adopts them).
+    Shutdown,
 }
 
 struct PendingStop {
@@ -1151,6 +1154,7 @@ impl Runtime {
             match msg {
                 Some(Msg::Cmd(c, reply)) => self.cmd(c, reply),
                 Some(Msg::Exited(n, i)) => self.exited(&n, i),
+                Some(Msg::Shutdown) => return,
                 None => {}
             }
             self.fire_timers();
@@ -1429,6 +1433,12 @@ impl EngineRuntime {
             Reply::Status(r) => Ok(r?),
             _ => Err(RuntimeError::NoAnswer("unexpected answer").into()),
         }
+    }
+}
+
+impl Drop for EngineRuntime {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Msg::Shutdown);
     }
 }
 
