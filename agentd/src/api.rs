@@ -7,16 +7,17 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use leasehold_dbus_api::{
-    actions, BoundaryInfo, Error, FlowVerdict, KeyChange, NodeInfo, PublicKey, SecretInfo,
-    VolumeInfo, API_VERSION, OBJECT_PATH,
+    actions, BoundaryInfo, EngineInfo, Error, FlowVerdict, KeyChange, NodeInfo, PublicKey,
+    SecretInfo, VolumeInfo, API_VERSION, MAX_SPEC_TEXT, OBJECT_PATH,
 };
+use leasehold_engines::spec::Spec;
 use leasehold_netpolicy::policy::parse_doc;
 use leasehold_netpolicy::BoundaryDoc;
 use leasehold_node::backend::Events;
 use leasehold_node::kind_name;
 use leasehold_node::{
-    BoundaryApplied, BoundaryChange, Caller, ChangeReport, Command, FailureKind, Node, NodeError,
-    Outcome, Request, SignedReceipt,
+    BoundaryApplied, BoundaryChange, Caller, ChangeReport, Command, EngineCommand, EngineStatus,
+    FailureKind, Node, NodeError, Outcome, Request, SignedReceipt,
 };
 use leasehold_tpm::{KeyError, Role};
 use zbus::message::Header;
@@ -1176,6 +1177,253 @@ impl TenantApi {
         self.0
             .boundary_change(caller, BoundaryChange::ClearSub)
             .await
+    }
+
+    #[zbus(property)]
+    fn version(&self) -> u32 {
+        API_VERSION
+    }
+}
+
+// ---------------------------------------------------------------------------
+// org.leasehold.TenantEngines1
+
+/// An engine on the wire.
+fn engine_info(s: EngineStatus, notes: Option<Vec<String>>) -> EngineInfo {
+    EngineInfo {
+        name: Some(s.name),
+        image: Some(s.image),
+        state: Some(s.phase.name().to_owned()),
+        enabled: Some(s.enabled),
+        pid: s.pid,
+        started_at: s
+            .started_at
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_secs()),
+        restarts: Some(s.restarts),
+        last_exit: s.last_exit.map(|e| e.to_string()),
+        notes,
+    }
+}
+
+/// A spec from the wire: JSON when it starts with `{`, else TOML; the
+/// size is checked before parsing.
+fn engine_spec(text: &str) -> Result<Box<Spec>, Error> {
+    if text.len() > MAX_SPEC_TEXT {
+        return Err(Error::InvalidArgument(format!(
+            "spec: {} bytes, more than {MAX_SPEC_TEXT}",
+            text.len()
+        )));
+    }
+    let parsed = if text.trim_start().starts_with('{') {
+        Spec::from_json(text)
+    } else {
+        Spec::from_toml(text)
+    };
+    parsed
+        .map(Box::new)
+        .map_err(|e| Error::InvalidArgument(format!("spec: {e}")))
+}
+
+/// `org.leasehold.TenantEngines1`
+pub struct TenantEnginesApi(pub Arc<Ctx>);
+
+impl TenantEnginesApi {
+    async fn auth(
+        &self,
+        hdr: &Header<'_>,
+        action: &str,
+        method: &str,
+        name: &str,
+    ) -> Result<Caller, Error> {
+        let shown = leasehold_node::shown(name);
+        let extra: &[(&str, &str)] = if name.is_empty() {
+            &[]
+        } else {
+            &[("engine", &shown)]
+        };
+        self.0
+            .authorize(hdr, Role::Tenant, action, method, extra)
+            .await
+    }
+
+    async fn command(&self, caller: Caller, command: EngineCommand) -> Result<EngineInfo, Error> {
+        match self
+            .0
+            .submit(caller, SystemTime::now(), Command::Engine(command))
+            .await?
+        {
+            Outcome::EngineDeployed { status, notes } => Ok(engine_info(status, Some(notes))),
+            Outcome::Engine(status) => Ok(engine_info(status, None)),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn deploy_method(
+        &self,
+        hdr: &Header<'_>,
+        name: String,
+        image: String,
+        spec: String,
+    ) -> Result<EngineInfo, Error> {
+        let caller = self
+            .auth(hdr, actions::TENANT_ENGINE_DEPLOY, "Deploy", &name)
+            .await?;
+        let spec = blocking(move || engine_spec(&spec)).await?;
+        self.command(caller, EngineCommand::Deploy { name, image, spec })
+            .await
+    }
+
+    async fn reload_method(
+        &self,
+        hdr: &Header<'_>,
+        name: String,
+        image: String,
+        spec: String,
+    ) -> Result<EngineInfo, Error> {
+        let caller = self
+            .auth(hdr, actions::TENANT_ENGINE_DEPLOY, "Reload", &name)
+            .await?;
+        let spec = if spec.is_empty() {
+            None
+        } else {
+            Some(blocking(move || engine_spec(&spec)).await?)
+        };
+        let image = Some(image).filter(|i| !i.is_empty());
+        self.command(caller, EngineCommand::Reload { name, image, spec })
+            .await
+    }
+
+    async fn remove_method(
+        &self,
+        hdr: &Header<'_>,
+        name: String,
+        confirm: bool,
+    ) -> Result<(), Error> {
+        let caller = self
+            .auth(hdr, actions::TENANT_ENGINE_DEPLOY, "Remove", &name)
+            .await?;
+        if !confirm {
+            return Err(Error::ConfirmationRequired(format!(
+                "removing engine {} deletes its root and its data dirs on the volume; confirm to go ahead",
+                leasehold_node::shown(&name)
+            )));
+        }
+        match self
+            .0
+            .submit(
+                caller,
+                SystemTime::now(),
+                Command::Engine(EngineCommand::Rm { name }),
+            )
+            .await?
+        {
+            Outcome::EngineRemoved => Ok(()),
+            other => Err(unexpected(&other)),
+        }
+    }
+
+    async fn control(
+        &self,
+        hdr: &Header<'_>,
+        method: &str,
+        command: EngineCommand,
+    ) -> Result<EngineInfo, Error> {
+        let caller = self
+            .auth(
+                hdr,
+                actions::TENANT_ENGINE_CONTROL,
+                method,
+                command.engine(),
+            )
+            .await?;
+        self.command(caller, command).await
+    }
+}
+
+#[interface(name = "org.leasehold.TenantEngines1")]
+impl TenantEnginesApi {
+    async fn deploy(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        name: String,
+        image: String,
+        spec: String,
+    ) -> Result<EngineInfo, Error> {
+        self.deploy_method(&hdr, name, image, spec).await
+    }
+
+    async fn start(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        name: String,
+    ) -> Result<EngineInfo, Error> {
+        self.control(&hdr, "Start", EngineCommand::Start { name })
+            .await
+    }
+
+    async fn stop(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        name: String,
+    ) -> Result<EngineInfo, Error> {
+        self.control(&hdr, "Stop", EngineCommand::Stop { name, grace: None })
+            .await
+    }
+
+    async fn restart(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        name: String,
+    ) -> Result<EngineInfo, Error> {
+        self.control(&hdr, "Restart", EngineCommand::Restart { name })
+            .await
+    }
+
+    async fn reload(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        name: String,
+        image: String,
+        spec: String,
+    ) -> Result<EngineInfo, Error> {
+        self.reload_method(&hdr, name, image, spec).await
+    }
+
+    async fn remove(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        name: String,
+        confirm: bool,
+    ) -> Result<(), Error> {
+        self.remove_method(&hdr, name, confirm).await
+    }
+
+    async fn list(&self, #[zbus(header)] hdr: Header<'_>) -> Result<Vec<EngineInfo>, Error> {
+        self.auth(&hdr, actions::TENANT_ENGINE_READ, "List", "")
+            .await?;
+        self.0.require_tenant()?;
+        Ok(self
+            .0
+            .node
+            .engines()
+            .into_iter()
+            .map(|s| engine_info(s, None))
+            .collect())
+    }
+
+    async fn status(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        name: String,
+    ) -> Result<EngineInfo, Error> {
+        self.auth(&hdr, actions::TENANT_ENGINE_READ, "Status", &name)
+            .await?;
+        self.0.require_tenant()?;
+        Ok(engine_info(
+            self.0.node.engine(&name).map_err(node_error)?,
+            None,
+        ))
     }
 
     #[zbus(property)]

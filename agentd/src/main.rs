@@ -9,6 +9,7 @@ mod api;
 mod auth;
 mod boundary;
 mod config;
+mod engines;
 mod fsutil;
 mod keys;
 mod peer_index;
@@ -81,6 +82,8 @@ enum AgentError {
     Boundary(#[from] boundary::BoundaryError),
     #[error("cannot start the node controller: {0}")]
     Node(String),
+    #[error("cannot start the engine runtime: {0}")]
+    Engines(String),
 }
 
 impl AgentError {
@@ -89,7 +92,7 @@ impl AgentError {
             AgentError::Config(_) => exit::CONFIG,
             AgentError::DevTpm(_) | AgentError::Bus(_) => exit::UNAVAILABLE,
             AgentError::Signals(_) | AgentError::Node(_) => exit::SOFTWARE,
-            AgentError::Boundary(_) => exit::DATA,
+            AgentError::Boundary(_) | AgentError::Engines(_) => exit::DATA,
             AgentError::Keys(k) => match k {
                 KeyError::InvalidTcti { .. } | KeyError::InvalidPcr(_) => exit::CONFIG,
                 KeyError::Connect { .. } => exit::UNAVAILABLE,
@@ -199,6 +202,7 @@ async fn run(args: &Args) -> Result<(), AgentError> {
     let result = serve(
         key_cfg,
         cfg.storage.clone(),
+        cfg.engines.clone(),
         args.oneshot,
         interval,
         auth_timeout,
@@ -224,6 +228,7 @@ async fn run(args: &Args) -> Result<(), AgentError> {
 async fn serve(
     key_cfg: KeyConfig,
     storage: config::StorageSection,
+    engines_cfg: config::EnginesSection,
     oneshot: bool,
     check_interval: std::time::Duration,
     auth_timeout: std::time::Duration,
@@ -326,10 +331,13 @@ async fn serve(
     let result = if oneshot {
         Ok(())
     } else {
+        // After the volume: the engines run from it.
+        let engines = start_engines(engines_cfg, &state_dir, volume.clone()).await?;
         serve_bus(
             keys.clone(),
             boundaries,
             volume.clone(),
+            engines,
             check_interval,
             auth_timeout,
             &state_dir,
@@ -350,12 +358,51 @@ async fn serve(
     result
 }
 
+/// The engine runtime: re-adopts the engines still running, starts those
+/// marked to start. Where cgroup v2 or the volume is missing it still runs
+/// (deploy and start then refuse, naming what is missing).
+async fn start_engines(
+    c: config::EnginesSection,
+    state_dir: &Path,
+    volume: Arc<volume::Volume>,
+) -> Result<engines::EngineRuntime, AgentError> {
+    let shim = c.shim.clone().unwrap_or_else(|| {
+        std::env::current_exe()
+            .ok()
+            .and_then(|p| p.parent().map(|d| d.join("leasehold-engine-shim")))
+            .unwrap_or_else(|| PathBuf::from("/usr/lib/leasehold/leasehold-engine-shim"))
+    });
+    let cfg = engines::RuntimeConfig {
+        cgroup_root: c.cgroup_root.clone(),
+        subtree: c.cgroup_subtree,
+        images_dir: c.images_dir,
+        run_dir: c.run_dir,
+        uid_base: c.uid_base,
+        state_dir: state_dir.to_owned(),
+    };
+    let cgroups = Arc::new(leasehold_engines::cgroup::CgroupFs::with_root(Some(
+        &c.cgroup_root,
+    )));
+    let spawner = Arc::new(engines::ShimSpawner(
+        leasehold_engines::launch::Launcher::new(shim),
+    ));
+    tokio::task::spawn_blocking(move || {
+        engines::EngineRuntime::start(cfg, cgroups, spawner, volume)
+    })
+    .await
+    .map_err(|e| AgentError::Engines(e.to_string()))?
+    .map_err(|e| AgentError::Engines(e.to_string()))
+}
+
 /// Serves both interfaces until `stop` resolves. The name is requested only
 /// after the interfaces are in place, so no call can see a half-built agent.
+// The agent's parts, each built by `serve`: a struct would only rename them.
+#[allow(clippy::too_many_arguments)]
 async fn serve_bus(
     keys: Arc<Keys>,
     boundaries: Arc<boundary::Boundaries>,
     volume: Arc<volume::Volume>,
+    engines: engines::EngineRuntime,
     check_interval: std::time::Duration,
     auth_timeout: std::time::Duration,
     state_dir: &Path,
@@ -382,9 +429,7 @@ async fn serve_bus(
             rt: tokio::runtime::Handle::current(),
             receipts: state_dir.join("receipts"),
         }),
-        // No engine runtime yet (issue 14): nothing can be deployed, so a
-        // destroying change has no engine to stop.
-        engines: Box::new(leasehold_node::NoEngines),
+        engines: Box::new(engines),
     };
     let node = tokio::task::spawn_blocking(move || leasehold_node::Node::start(backends))
         .await
@@ -435,7 +480,11 @@ async fn serve_bus(
         .await
         .map_err(AgentError::Bus)?;
     server
-        .at(OBJECT_PATH, auth::Bounded(api::TenantApi(ctx)))
+        .at(OBJECT_PATH, auth::Bounded(api::TenantApi(ctx.clone())))
+        .await
+        .map_err(AgentError::Bus)?;
+    server
+        .at(OBJECT_PATH, auth::Bounded(api::TenantEnginesApi(ctx)))
         .await
         .map_err(AgentError::Bus)?;
     conn.request_name(BUS_NAME).await.map_err(AgentError::Bus)?;

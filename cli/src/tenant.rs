@@ -4,7 +4,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser, Subcommand};
-use leasehold_dbus_api::TenantProxy;
+use leasehold_dbus_api::tenant_engines::TenantEnginesProxy;
+use leasehold_dbus_api::{EngineInfo, TenantProxy};
 
 use crate::boundary::{
     check_text, check_warnings, explain_result, info_json, info_text, print_warnings,
@@ -80,6 +81,9 @@ pub enum Command {
     /// The tenant's encrypted volume.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// The tenant's engines (workloads from OCI images).
+    #[command(subcommand)]
+    Engine(EngineCommand),
     /// Print the node's TPM-held signing key (verifies erase receipts) as PEM.
     ReceiptKey {
         /// Write the PEM to FILE instead of stdout.
@@ -100,6 +104,187 @@ pub enum Command {
         /// Output directory.
         dir: PathBuf,
     },
+}
+
+/// `tenantctl engine ...`
+#[derive(Debug, Subcommand)]
+pub enum EngineCommand {
+    /// Deploy an engine (left stopped) from an image archive in the inbox.
+    Deploy {
+        /// Engine name.
+        name: String,
+        /// The image archive's file name in the tenant's inbox on the node
+        /// (`<volume>/engines/inbox/`; copy it there first, e.g. with scp).
+        image: String,
+        /// The spec (TOML, or JSON), docs/engines.md "Spec".
+        #[arg(long, value_name = "FILE")]
+        spec: PathBuf,
+    },
+    /// Start an engine (and mark it to start after a reboot).
+    Start {
+        /// Engine name.
+        name: String,
+    },
+    /// Stop an engine (SIGTERM, SIGKILL after its stop_grace).
+    Stop {
+        /// Engine name.
+        name: String,
+    },
+    /// Stop, then start an engine.
+    Restart {
+        /// Engine name.
+        name: String,
+    },
+    /// Run a new image and/or spec; the old instance runs until the new one is ready.
+    Reload {
+        /// Engine name.
+        name: String,
+        /// A new image archive in the inbox (default: the current one).
+        #[arg(long, value_name = "FILE_NAME")]
+        image: Option<String>,
+        /// A new spec (default: the current one).
+        #[arg(long, value_name = "FILE")]
+        spec: Option<PathBuf>,
+    },
+    /// Remove a stopped engine with its root and data dirs.
+    Rm {
+        /// Engine name.
+        name: String,
+    },
+    /// List the engines.
+    Ls,
+    /// Show one engine.
+    Status {
+        /// Engine name.
+        name: String,
+    },
+}
+
+fn engine_json(e: &EngineInfo) -> serde_json::Value {
+    serde_json::json!({
+        "name": e.name,
+        "image": e.image,
+        "state": e.state,
+        "enabled": e.enabled,
+        "pid": e.pid,
+        "started_at": e.started_at,
+        "restarts": e.restarts,
+        "last_exit": e.last_exit,
+        "notes": e.notes,
+    })
+}
+
+fn engine_line(e: &EngineInfo) -> String {
+    format!(
+        "{}\t{}{}\t{}\tpid {}\trestarts {}\t{}",
+        e.name.as_deref().unwrap_or("?"),
+        e.state.as_deref().unwrap_or("?"),
+        if e.enabled == Some(true) {
+            " (enabled)"
+        } else {
+            ""
+        },
+        e.image.as_deref().unwrap_or("?"),
+        e.pid.map_or("-".to_owned(), |p| p.to_string()),
+        e.restarts.unwrap_or(0),
+        e.last_exit
+            .as_deref()
+            .map_or(String::new(), |x| format!("last exit: {x}")),
+    )
+}
+
+fn engine_text(e: &EngineInfo) -> String {
+    let mut lines = vec![
+        format!("engine:     {}", e.name.as_deref().unwrap_or("?")),
+        format!(
+            "state:      {}{}",
+            e.state.as_deref().unwrap_or("?"),
+            if e.enabled == Some(true) {
+                " (enabled)"
+            } else {
+                ""
+            }
+        ),
+        format!("image:      {}", e.image.as_deref().unwrap_or("?")),
+    ];
+    if let Some(p) = e.pid {
+        lines.push(format!("pid:        {p}"));
+    }
+    if let Some(t) = e.started_at {
+        lines.push(format!("started at: {t} (unix)"));
+    }
+    lines.push(format!("restarts:   {}", e.restarts.unwrap_or(0)));
+    if let Some(x) = &e.last_exit {
+        lines.push(format!("last exit:  {x}"));
+    }
+    for n in e.notes.iter().flatten() {
+        lines.push(format!("note:       {n}"));
+    }
+    lines.join("\n")
+}
+
+fn read_spec(path: &std::path::Path) -> Result<String, CliError> {
+    let bytes = read_arg_file("spec", path)?;
+    if bytes.len() > leasehold_dbus_api::MAX_SPEC_TEXT {
+        return Err(CliError::new(
+            exit::INVALID,
+            format!("spec {}: larger than 1 MiB", path.display()),
+        ));
+    }
+    String::from_utf8(bytes)
+        .map_err(|_| CliError::new(exit::INVALID, format!("spec {}: not UTF-8", path.display())))
+}
+
+async fn engine(
+    conn: &zbus::Connection,
+    json: bool,
+    yes: bool,
+    cmd: EngineCommand,
+) -> Result<(), CliError> {
+    let p = TenantEnginesProxy::new(conn)
+        .await
+        .map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
+    let info = match cmd {
+        EngineCommand::Deploy { name, image, spec } => {
+            let spec = read_spec(&spec)?;
+            p.deploy(&name, &image, &spec).await?
+        }
+        EngineCommand::Start { name } => p.start(&name).await?,
+        EngineCommand::Stop { name } => p.stop(&name).await?,
+        EngineCommand::Restart { name } => p.restart(&name).await?,
+        EngineCommand::Reload { name, image, spec } => {
+            let spec = match spec {
+                Some(s) => read_spec(&s)?,
+                None => String::new(),
+            };
+            p.reload(&name, image.as_deref().unwrap_or(""), &spec)
+                .await?
+        }
+        EngineCommand::Rm { name } => {
+            with_confirmation(
+                yes,
+                &format!("remove engine {name} with its root and data dirs"),
+                |ok| p.remove(&name, ok),
+            )
+            .await?;
+            emit(json, serde_json::json!({"removed": name}), || {
+                format!("removed engine {name}")
+            });
+            return Ok(());
+        }
+        EngineCommand::Ls => {
+            let list = p.list().await?;
+            emit(
+                json,
+                serde_json::Value::Array(list.iter().map(engine_json).collect()),
+                || list.iter().map(engine_line).collect::<Vec<_>>().join("\n"),
+            );
+            return Ok(());
+        }
+        EngineCommand::Status { name } => p.status(&name).await?,
+    };
+    emit(json, engine_json(&info), || engine_text(&info));
+    Ok(())
 }
 
 /// `tenantctl volume ...`
@@ -210,6 +395,15 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         Command::Secret(SecretCommand::Put { name, .. } | SecretCommand::Rm { name }) => {
             crate::check_name("secret name", name)?;
         }
+        Command::Engine(
+            EngineCommand::Deploy { name, .. }
+            | EngineCommand::Start { name }
+            | EngineCommand::Stop { name }
+            | EngineCommand::Restart { name }
+            | EngineCommand::Reload { name, .. }
+            | EngineCommand::Rm { name }
+            | EngineCommand::Status { name },
+        ) => crate::check_name("engine name", name)?,
         _ => {}
     }
     let conn = match &args.host {
@@ -220,6 +414,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         .await
         .map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
     match args.command {
+        Command::Engine(cmd) => engine(&conn, json, args.yes, cmd).await?,
         Command::Info => {
             let i = p.node_info().await?;
             emit(json, node_info_json(&i), || node_info_text(&i));

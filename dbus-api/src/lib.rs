@@ -20,6 +20,10 @@ pub const OBJECT_PATH: &str = "/org/leasehold/Agent1";
 pub const LANDLORD_INTERFACE: &str = "org.leasehold.Landlord1";
 /// Tenant interface.
 pub const TENANT_INTERFACE: &str = "org.leasehold.Tenant1";
+/// The tenant's engines interface (its own major version: see docs/dbus.md).
+pub const TENANT_ENGINES_INTERFACE: &str = "org.leasehold.TenantEngines1";
+/// Longest spec text `Deploy` and `Reload` take (the spec's own cap).
+pub const MAX_SPEC_TEXT: usize = 1 << 20;
 /// Value of the `Version` property of both interfaces (minor revisions).
 pub const API_VERSION: u32 = 1;
 /// Largest envelope `PutSecret` accepts (1 MiB payload plus headers).
@@ -51,6 +55,12 @@ pub mod actions {
     pub const TENANT_SECRETS: &str = "org.leasehold.tenant.secrets";
     /// Tenant: change the sub-boundary.
     pub const TENANT_BOUNDARY: &str = "org.leasehold.tenant.boundary";
+    /// Tenant: install, replace and remove engines (Deploy, Reload, Remove).
+    pub const TENANT_ENGINE_DEPLOY: &str = "org.leasehold.tenant.engine-deploy";
+    /// Tenant: run engines (Start, Stop, Restart).
+    pub const TENANT_ENGINE_CONTROL: &str = "org.leasehold.tenant.engine-control";
+    /// Tenant: see engines (List, Status).
+    pub const TENANT_ENGINE_READ: &str = "org.leasehold.tenant.engine-read";
 
     /// Every action, landlord first.
     pub const ALL: &[&str] = &[
@@ -66,6 +76,9 @@ pub mod actions {
         TENANT_KEYS,
         TENANT_SECRETS,
         TENANT_BOUNDARY,
+        TENANT_ENGINE_DEPLOY,
+        TENANT_ENGINE_CONTROL,
+        TENANT_ENGINE_READ,
     ];
 }
 
@@ -231,6 +244,32 @@ pub struct SecretInfo {
     pub size: Option<u64>,
     /// Unix time it was stored.
     pub stored_at: Option<u64>,
+}
+
+/// One engine (`TenantEngines1`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, SerializeDict, DeserializeDict, Type)]
+#[zbus(signature = "a{sv}", rename_all = "PascalCase")]
+pub struct EngineInfo {
+    /// Name.
+    pub name: Option<String>,
+    /// The image archive (file name in the inbox).
+    pub image: Option<String>,
+    /// Supervision state (`stopped`, `starting`, `running`, `ready`,
+    /// `stopping`, `exited`, `backing-off`, `gave-up`).
+    pub state: Option<String>,
+    /// Marked to start (also after a node reboot).
+    pub enabled: Option<bool>,
+    /// Main pid of the current instance (the engine's init).
+    pub pid: Option<u32>,
+    /// Unix time the current instance started.
+    pub started_at: Option<u64>,
+    /// Restarts by the supervisor since deploy.
+    pub restarts: Option<u32>,
+    /// How the last instance ended (`exit code 1`, `signal 9`,
+    /// `OOM-killed`, `not started`).
+    pub last_exit: Option<String>,
+    /// Deploy: the budget limits the engine inherits.
+    pub notes: Option<Vec<String>>,
 }
 
 /// Boundaries as the caller may see them. Documents are JSON (the same
@@ -452,5 +491,42 @@ pub mod tenant {
         /// Emitted after every change of tenant keys.
         #[zbus(signal)]
         fn keys_changed(&self, change: KeyChange) -> zbus::Result<()>;
+    }
+}
+
+/// Proxy of the tenant's engines interface.
+pub mod tenant_engines {
+    use super::*;
+
+    /// Client proxy of `org.leasehold.TenantEngines1`.
+    #[zbus::proxy(
+        interface = "org.leasehold.TenantEngines1",
+        default_service = "org.leasehold.Agent1",
+        default_path = "/org/leasehold/Agent1"
+    )]
+    pub trait TenantEngines {
+        /// Deploys engine `name` (stopped) from `image`, an archive's file
+        /// name in the tenant's inbox, with `spec` (TOML, or JSON when it
+        /// starts with `{`).
+        fn deploy(&self, name: &str, image: &str, spec: &str) -> Result<EngineInfo, Error>;
+        /// Starts it.
+        fn start(&self, name: &str) -> Result<EngineInfo, Error>;
+        /// Stops it (SIGTERM, SIGKILL after the spec's grace); returns once
+        /// it is stopping.
+        fn stop(&self, name: &str) -> Result<EngineInfo, Error>;
+        /// Stops, then starts it.
+        fn restart(&self, name: &str) -> Result<EngineInfo, Error>;
+        /// Runs a new image and/or spec ("" keeps the current one).
+        fn reload(&self, name: &str, image: &str, spec: &str) -> Result<EngineInfo, Error>;
+        /// Removes a stopped engine with its root and data dirs (`confirm`
+        /// required).
+        fn remove(&self, name: &str, confirm: bool) -> Result<(), Error>;
+        /// Every engine.
+        fn list(&self) -> Result<Vec<EngineInfo>, Error>;
+        /// One engine.
+        fn status(&self, name: &str) -> Result<EngineInfo, Error>;
+        /// Interface version.
+        #[zbus(property)]
+        fn version(&self) -> zbus::Result<u32>;
     }
 }

@@ -91,6 +91,27 @@ const fn case(
 
 const L: &str = "org.leasehold.Landlord1";
 const T: &str = "org.leasehold.Tenant1";
+const E: &str = "org.leasehold.TenantEngines1";
+
+/// Engine spec of the matrix (`@SPEC`): invalid on purpose (no command),
+/// so an authorized Deploy is refused right after authorization with
+/// `InvalidArgument` (exit 6) whether or not the node has a volume and
+/// cgroup v2 (the host lab has neither, the VM lab both).
+pub const SPEC_DOC: &str = "command = []\n";
+
+/// An engine call as the tenant. No engine exists in the labs, so an
+/// authorized call stops right after authorization with `allowed_code`
+/// (5 NotFound: no such engine; 6 for Deploy, above; 0 for List).
+const fn engine_case(
+    method: &'static str,
+    args: &'static [&'static str],
+    allowed_code: i32,
+) -> Case {
+    Case {
+        allowed_code,
+        ..case(E, method, TENANT, "tenantctl", args, Setup::Assigned)
+    }
+}
 
 /// The full authorization matrix: every method of both interfaces.
 /// `@PEM` and `@SECRET` are replaced with files the test writes.
@@ -429,6 +450,18 @@ pub const MATRIX: &[Case] = &[
         &["boundary", "clear"],
         Setup::AssignedBoundary,
     ),
+    engine_case(
+        "Deploy",
+        &["engine", "deploy", "web", "app.tar", "--spec", "@SPEC"],
+        6,
+    ),
+    engine_case("Start", &["engine", "start", "web"], 5),
+    engine_case("Stop", &["engine", "stop", "web"], 5),
+    engine_case("Restart", &["engine", "restart", "web"], 5),
+    engine_case("Reload", &["engine", "reload", "web"], 5),
+    engine_case("Remove", &["--yes", "engine", "rm", "web"], 5),
+    engine_case("List", &["engine", "ls"], 0),
+    engine_case("Status", &["engine", "status", "web"], 5),
 ];
 
 /// Who receives a signal of the agent. Columns as in [`MATRIX`]: root,

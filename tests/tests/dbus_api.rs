@@ -6,11 +6,14 @@ use std::collections::BTreeSet;
 
 use leasehold_tests::{console_pem, Lab, Run, Who};
 
-use leasehold_tests::matrix::{Expect, Setup, BOUNDARY_DOC, FAILSAFE_DOC, MATRIX, SUB_DOC};
+use leasehold_tests::matrix::{
+    Expect, Setup, BOUNDARY_DOC, FAILSAFE_DOC, MATRIX, SPEC_DOC, SUB_DOC,
+};
 use Expect::Allow;
 
 const L: &str = "org.leasehold.Landlord1";
 const T: &str = "org.leasehold.Tenant1";
+const E: &str = "org.leasehold.TenantEngines1";
 
 fn ensure_assigned(lab: &Lab) {
     let info = lab
@@ -31,6 +34,7 @@ fn dbus_authorization_matrix() {
     let bdoc = lab.write_file("boundary.toml", BOUNDARY_DOC.as_bytes());
     let fdoc = lab.write_file("failsafe.toml", FAILSAFE_DOC.as_bytes());
     let sdoc = lab.write_file("sub.toml", SUB_DOC.as_bytes());
+    let spec = lab.write_file("spec.toml", SPEC_DOC.as_bytes());
     let set_boundary = || {
         lab.run(
             Who::Landlord,
@@ -41,7 +45,7 @@ fn dbus_authorization_matrix() {
     };
 
     // The table covers every method the agent exports, and nothing else.
-    for iface in [L, T] {
+    for iface in [L, T, E] {
         let exported: BTreeSet<String> = lab.methods_of(iface).into_iter().collect();
         let tabled: BTreeSet<String> = MATRIX
             .iter()
@@ -80,6 +84,7 @@ fn dbus_authorization_matrix() {
                     "@BOUNDARY" => bdoc.to_str().unwrap(),
                     "@FAILSAFE" => fdoc.to_str().unwrap(),
                     "@SUB" => sdoc.to_str().unwrap(),
+                    "@SPEC" => spec.to_str().unwrap(),
                     other => other,
                 })
                 .collect();
@@ -511,4 +516,57 @@ fn dbus_keys_changed_signal_and_version_property() {
     assert_eq!(change.role.as_deref(), Some("landlord"));
     assert_eq!(change.generation_after, Some(2));
     assert_eq!(change.data_destroyed, Some(false));
+}
+
+/// The engine runtime in the agent on this host: no tenant volume (and no
+/// cgroup v2 controllers), so a valid deploy is refused, naming why, and
+/// nothing is recorded; the view answers.
+#[test]
+fn dbus_engine_deploy_without_volume_is_refused_clearly() {
+    let lab = Lab::start();
+    ensure_assigned(&lab);
+    let spec = lab.write_file("engine.toml", b"command = [\"/bin/app\"]\n");
+    let r = lab.run(
+        Who::Tenant,
+        "tenantctl",
+        &[
+            "engine",
+            "deploy",
+            "web",
+            "app.tar",
+            "--spec",
+            spec.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(r.code, 69, "{r:?}");
+    assert!(
+        r.stderr.contains("no tenant volume is mounted") && r.stderr.contains("encrypted volume"),
+        "{r:?}"
+    );
+    let ls = lab
+        .run(Who::Tenant, "tenantctl", &["--json", "engine", "ls"])
+        .ok()
+        .json();
+    assert_eq!(ls, serde_json::json!([]));
+    let r = lab.run(Who::Tenant, "tenantctl", &["engine", "status", "web"]);
+    assert_eq!(r.code, 5, "{r:?}");
+    // A bad spec is refused by field before the runtime sees it.
+    let bad = lab.write_file(
+        "bad.toml",
+        b"command = [\"/bin/app\"]\nstop_grace = \"1.5s\"\n",
+    );
+    let r = lab.run(
+        Who::Tenant,
+        "tenantctl",
+        &[
+            "engine",
+            "deploy",
+            "web",
+            "app.tar",
+            "--spec",
+            bad.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(r.code, 6, "{r:?}");
+    assert!(r.stderr.contains("stop_grace"), "{r:?}");
 }

@@ -12,7 +12,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use leasehold_tests::matrix::{
-    Expect, Setup, BOUNDARY_DOC, BUS_DENIED, FAILSAFE_DOC, MATRIX, SUB_DOC,
+    Expect, Setup, BOUNDARY_DOC, BUS_DENIED, FAILSAFE_DOC, MATRIX, SPEC_DOC, SUB_DOC,
 };
 use leasehold_tests::{console_pem, workspace_root};
 
@@ -143,6 +143,7 @@ fn matrix_script(pem: &str) -> String {
         ("boundary", BOUNDARY_DOC),
         ("failsafe", FAILSAFE_DOC),
         ("sub", SUB_DOC),
+        ("spec", SPEC_DOC),
     ] {
         s.push_str(&format!(
             "cat > /tmp/{name}.toml <<'DOC'\n{doc}DOC\nchmod 644 /tmp/{name}.toml\n"
@@ -178,6 +179,7 @@ fn matrix_script(pem: &str) -> String {
                     "@BOUNDARY" => "/tmp/boundary.toml".to_owned(),
                     "@FAILSAFE" => "/tmp/failsafe.toml".to_owned(),
                     "@SUB" => "/tmp/sub.toml".to_owned(),
+                    "@SPEC" => "/tmp/spec.toml".to_owned(),
                     other => other.to_owned(),
                 })
                 .collect();

@@ -1,0 +1,1504 @@
+//! The engine runtime: node's [`Engines`] and [`EngineView`] over
+//! `leasehold-engines` (issue 14, first slice; docs/engines.md, "Runtime").
+//!
+//! One thread owns every engine: a [`Supervisor`] each, their live
+//! instances (a launched shim, watched through its pidfd), their timers.
+//! The controller's calls are messages to that thread, answered within a
+//! deadline; exits come from one waiter thread per instance that blocks on
+//! a duplicate of the shim's pidfd (no polling). After every message the
+//! thread publishes a snapshot that [`EngineView`] reads without waiting.
+//!
+//! Where things are:
+//! - images: `<volume>/<images_dir>/inbox/<file>` (the tenant's inbox);
+//!   roots `<volume>/<images_dir>/<engine>/v<N>/rootfs`, data dirs
+//!   `<volume>/<images_dir>/<engine>/data/<dir>`: always on the tenant's
+//!   encrypted volume; with no volume mounted, deploy is refused.
+//! - cgroups: `<subtree>/<engine>/i<N>` under the cgroup root.
+//! - run directories (`spec.json`, `shim.pid`, `exit.json`):
+//!   `<run_dir>/<engine>/i<N>`.
+//! - state (no secrets): `<state>/engines.json`, written atomically.
+//!
+//! Both the cgroup manager ([`Cgroups`]) and the launcher ([`Spawner`]) are
+//! injected, so the tests run the whole runtime on fakes.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use leasehold_engines::budget::{self, Budget};
+use leasehold_engines::cgroup::{CgroupError, CgroupPath, Cgroups, Controller};
+use leasehold_engines::image::{unpack_image, ImageError, Limits as ImageLimits};
+use leasehold_engines::launch::{self, DataDir, LaunchError, LaunchSpec};
+use leasehold_engines::spec::{Spec, User};
+use leasehold_engines::supervisor::{
+    Action, Exit, Input, InstanceId, Supervisor, TimerId, VersionId,
+};
+use leasehold_node::{
+    EngineStatus, EngineView, Engines, Failure, FailureKind, NotStopped, StopReport,
+};
+use nix::sys::signal::Signal;
+use serde::{Deserialize, Serialize};
+
+/// The state file under the state directory.
+pub const STATE_FILE: &str = "engines.json";
+/// Longest wait for a command's answer (an image unpack included).
+const CALL_TIMEOUT: Duration = Duration::from_secs(600);
+/// After the grace of `stop_all`: how long the kill is given to show.
+const KILL_WAIT: Duration = Duration::from_secs(2);
+/// Most engines one tenant may deploy.
+pub const MAX_ENGINES: usize = 64;
+/// Events kept per engine for `status`.
+const MAX_EVENTS: usize = 32;
+/// Engine event log lines per engine per [`LOG_WINDOW`].
+const LOG_LINES: u32 = 20;
+/// The window of [`LOG_LINES`].
+const LOG_WINDOW: Duration = Duration::from_secs(60);
+/// Size of each engine's private /tmp.
+const TMP_SIZE: u64 = 64 << 20;
+/// `PATH` used to find `command[0]` when the image sets none.
+const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The runtime's settings (`[engines]` in agentd.toml).
+#[derive(Debug, Clone)]
+pub struct RuntimeConfig {
+    /// The cgroup v2 mount.
+    pub cgroup_root: PathBuf,
+    /// The tenant's subtree, relative to `cgroup_root`.
+    pub subtree: String,
+    /// Directory on the tenant volume for the inbox, roots and data dirs.
+    pub images_dir: String,
+    /// Run directories of the shims (tmpfs).
+    pub run_dir: PathBuf,
+    /// First host uid (and gid) given to engines; each engine has its own.
+    pub uid_base: u32,
+    /// The agent's state directory (`engines.json`).
+    pub state_dir: PathBuf,
+}
+
+/// Errors of the runtime; each names the engine, path or step.
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    /// No tenant volume is mounted: images are never unpacked elsewhere.
+    #[error("no tenant volume is mounted: engine images are only kept on the encrypted volume (volume init, or open it first)")]
+    NoVolume,
+    /// The cgroup v2 tree cannot hold engines.
+    #[error("cgroup v2 is not usable for engines under {}: {source}", root.display())]
+    Cgroup {
+        /// The cgroup root.
+        root: PathBuf,
+        /// What failed.
+        #[source]
+        source: CgroupError,
+    },
+    /// The image could not be verified or unpacked.
+    #[error("image {}: {source}", path.display())]
+    Image {
+        /// The archive.
+        path: PathBuf,
+        /// What failed.
+        #[source]
+        source: ImageError,
+    },
+    /// The image is not a file in the inbox.
+    #[error("image {}: not a regular file in the tenant's inbox", .0.display())]
+    NotInInbox(PathBuf),
+    /// A file or directory operation failed.
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        /// What was done.
+        op: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The state file does not parse.
+    #[error("{}: {detail}", path.display())]
+    State {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        detail: String,
+    },
+    /// No such engine.
+    #[error("no engine named {0:?}")]
+    NotFound(String),
+    /// The name is in use.
+    #[error("an engine named {0:?} is already deployed")]
+    Exists(String),
+    /// Too many engines.
+    #[error("at most {MAX_ENGINES} engines")]
+    TooMany,
+    /// Still running.
+    #[error("engine {name:?} is {phase}: stop it first")]
+    Running {
+        /// The engine.
+        name: String,
+        /// Its phase.
+        phase: &'static str,
+    },
+    /// The command cannot run now.
+    #[error("engine {name:?}: {reason}")]
+    Refused {
+        /// The engine.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// The spec cannot be resolved against the image.
+    #[error("engine {name:?}: {field}: {reason}")]
+    Resolve {
+        /// The engine.
+        name: String,
+        /// The spec field.
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The runtime thread did not answer in time or is gone.
+    #[error("the engine runtime did not answer ({0})")]
+    NoAnswer(&'static str),
+}
+
+impl RuntimeError {
+    fn kind(&self) -> FailureKind {
+        match self {
+            RuntimeError::NoVolume | RuntimeError::Cgroup { .. } => FailureKind::Unavailable,
+            RuntimeError::NotFound(_) => FailureKind::NotFound,
+            RuntimeError::Image { .. }
+            | RuntimeError::NotInInbox(_)
+            | RuntimeError::Exists(_)
+            | RuntimeError::TooMany
+            | RuntimeError::Running { .. }
+            | RuntimeError::Refused { .. }
+            | RuntimeError::Resolve { .. } => FailureKind::Invalid,
+            RuntimeError::Io { .. } | RuntimeError::State { .. } | RuntimeError::NoAnswer(_) => {
+                FailureKind::Failed
+            }
+        }
+    }
+}
+
+impl From<RuntimeError> for Failure {
+    fn from(e: RuntimeError) -> Self {
+        Failure::new(e.kind(), e.to_string())
+    }
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> RuntimeError + 'a {
+    move |source| RuntimeError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// What is injected.
+
+/// Where the tenant volume is mounted, if it is.
+pub trait VolumeDir: Send + Sync + 'static {
+    /// The mount point, only while the volume is open and mounted.
+    fn mounted(&self) -> Option<PathBuf>;
+}
+
+impl VolumeDir for crate::volume::Volume {
+    fn mounted(&self) -> Option<PathBuf> {
+        let (_, rt, _) = self.status().ok()?;
+        let at = self.mount_point();
+        (rt.open && leasehold_storage::fs::is_mounted(at)).then(|| at.to_owned())
+    }
+}
+
+/// A launched instance.
+pub trait Proc: Send {
+    /// The pid shown in `status` (the shim's: the engine's init).
+    fn pid(&self) -> u32;
+    /// Sends a signal (the shim forwards SIGTERM; SIGKILL ends the engine).
+    fn signal(&self, sig: Signal) -> Result<(), LaunchError>;
+    /// A function that blocks until the instance has exited (run on a
+    /// thread of its own).
+    fn exit_waiter(&self) -> Result<Box<dyn FnOnce() + Send>, LaunchError>;
+    /// After the waiter returned: how it ended.
+    fn reap(&mut self) -> launch::Exit;
+}
+
+/// Starts and re-adopts instances.
+pub trait Spawner: Send + Sync + 'static {
+    /// Starts one instance (blocking, bounded); its output is appended to
+    /// `stdout.log` and `stderr.log` in `log_dir`.
+    fn spawn(
+        &self,
+        spec: &LaunchSpec,
+        run_dir: &Path,
+        log_dir: &Path,
+    ) -> Result<Box<dyn Proc>, LaunchError>;
+    /// Finds a running instance again after an agent restart.
+    fn adopt(&self, run_dir: &Path) -> Result<Box<dyn Proc>, LaunchError>;
+}
+
+/// The real launcher (`engines::launch`).
+#[derive(Debug)]
+pub struct ShimSpawner(pub launch::Launcher);
+
+struct ShimProc(launch::Running);
+
+impl Proc for ShimProc {
+    fn pid(&self) -> u32 {
+        self.0.shim_pid()
+    }
+    fn signal(&self, sig: Signal) -> Result<(), LaunchError> {
+        self.0.signal(sig)
+    }
+    fn exit_waiter(&self) -> Result<Box<dyn FnOnce() + Send>, LaunchError> {
+        let fd = self
+            .0
+            .pidfd()
+            .try_clone_to_owned()
+            .map_err(|source| LaunchError::Io {
+                op: "dup",
+                path: PathBuf::from("pidfd"),
+                source,
+            })?;
+        Ok(Box::new(move || {
+            use rustix::event::{poll, PollFd, PollFlags};
+            loop {
+                let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+                match poll(&mut fds, None) {
+                    Err(rustix::io::Errno::INTR) => continue,
+                    _ => return,
+                }
+            }
+        }))
+    }
+    fn reap(&mut self) -> launch::Exit {
+        match self.0.wait(Some(Duration::from_secs(1))) {
+            Ok(Some(e)) => e,
+            Ok(None) => {
+                launch::Exit::ShimLost("the shim's pidfd was readable but it had not exited".into())
+            }
+            Err(e) => launch::Exit::ShimLost(e.to_string()),
+        }
+    }
+}
+
+impl Spawner for ShimSpawner {
+    fn spawn(
+        &self,
+        spec: &LaunchSpec,
+        run_dir: &Path,
+        log_dir: &Path,
+    ) -> Result<Box<dyn Proc>, LaunchError> {
+        for d in [run_dir, log_dir] {
+            std::fs::create_dir_all(d).map_err(|source| LaunchError::Io {
+                op: "mkdir",
+                path: d.to_owned(),
+                source,
+            })?;
+        }
+        let log = |n: &str| {
+            use std::os::unix::fs::OpenOptionsExt;
+            let p = log_dir.join(n);
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .custom_flags(nix::libc::O_NOFOLLOW)
+                .open(&p)
+                .map(std::process::Stdio::from)
+                .map_err(|source| LaunchError::Io {
+                    op: "open",
+                    path: p,
+                    source,
+                })
+        };
+        // Secrets are not handed over yet: a spec naming one is refused
+        // when resolved (see `resolve`).
+        let r = self
+            .0
+            .start(spec, run_dir, log("stdout.log")?, log("stderr.log")?, &[])?;
+        Ok(Box::new(ShimProc(r)))
+    }
+    fn adopt(&self, run_dir: &Path) -> Result<Box<dyn Proc>, LaunchError> {
+        Ok(Box::new(ShimProc(launch::Running::adopt(run_dir)?)))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// State on disk.
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct VersionRec {
+    id: u64,
+    image: String,
+    /// The spec as JSON (re-validated with `Spec::from_json` on load).
+    spec: String,
+    /// The launch spec resolved against the image (cgroup filled per
+    /// instance).
+    launch: LaunchSpec,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct EngineRec {
+    name: String,
+    uid: u32,
+    enabled: bool,
+    current: VersionRec,
+    /// Instances alive when last written: (id, shim pid), run dirs under
+    /// `<run_dir>/<name>/i<id>` (their `shim.pid` holds pid + start time).
+    #[serde(default)]
+    instances: Vec<(u64, u32)>,
+    next_instance: u64,
+    next_version: u64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StateFile {
+    format: u32,
+    engines: Vec<EngineRec>,
+}
+
+// ---------------------------------------------------------------------------
+// The runtime thread.
+
+struct Live {
+    /// Its directory name (`i<N>`) for the cgroup and the run directory.
+    dir_name: u64,
+    proc: Box<dyn Proc>,
+    cg: CgroupPath,
+    run_dir: PathBuf,
+    oom_kills: u64,
+}
+
+struct Engine {
+    name: String,
+    uid: u32,
+    sup: Supervisor,
+    versions: BTreeMap<VersionId, VersionRec>,
+    live: BTreeMap<InstanceId, Live>,
+    /// An instance found alive at start (with its directory name), taken
+    /// by the supervisor's first launch instead of a new one.
+    adoptable: Option<(Box<dyn Proc>, u64)>,
+    /// Directory names of this run's instances are `id_base + id`: above
+    /// every name an earlier agent used (no clash with an adopted one).
+    id_base: u64,
+    /// One more than the highest directory name used.
+    next_name: u64,
+    /// Instance cgroups of ended instances that could not be removed yet
+    /// (processes left): read back before the engine is called stopped.
+    leftover: Vec<CgroupPath>,
+    /// Log rate limit: window start, lines logged, lines suppressed.
+    log_window: Instant,
+    log_lines: u32,
+    log_suppressed: u32,
+    next_version: u64,
+    events: VecDeque<String>,
+}
+
+enum Cmd {
+    Deploy(String, String, Box<Spec>),
+    Start(String),
+    Stop(String, Option<Duration>),
+    Restart(String),
+    Reload(String, Option<String>, Option<Box<Spec>>),
+    Rm(String),
+    StopAll(Duration),
+    ForgetAll,
+}
+
+enum Reply {
+    Status(Result<EngineStatus, RuntimeError>),
+    Unit(Result<(), RuntimeError>),
+    Stopped(StopReport),
+    Forgot(Result<usize, RuntimeError>),
+}
+
+enum Msg {
+    Cmd(Cmd, SyncSender<Reply>),
+    Exited(String, InstanceId),
+    /// The agent is going away: the thread ends, the engines run on (the
+    /// next agent re-adopts them).
+    Shutdown,
+}
+
+struct PendingStop {
+    deadline: Instant,
+    names: Vec<String>,
+    reply: SyncSender<Reply>,
+}
+
+type Snapshot = Arc<RwLock<BTreeMap<String, EngineStatus>>>;
+
+struct Runtime {
+    cfg: RuntimeConfig,
+    cgroups: Arc<dyn Cgroups>,
+    spawner: Arc<dyn Spawner>,
+    volume: Arc<dyn VolumeDir>,
+    engines: BTreeMap<String, Engine>,
+    timers: BTreeMap<(Instant, String, TimerId), ()>,
+    tx: Sender<Msg>,
+    snapshot: Snapshot,
+    stop_all: Option<PendingStop>,
+    killed: Vec<String>,
+}
+
+fn subtree(cfg: &RuntimeConfig) -> Result<CgroupPath, RuntimeError> {
+    CgroupPath::new(&cfg.subtree).map_err(|source| RuntimeError::Cgroup {
+        root: cfg.cgroup_root.clone(),
+        source,
+    })
+}
+
+impl Runtime {
+    fn cg_err(&self) -> impl FnOnce(CgroupError) -> RuntimeError {
+        let root = self.cfg.cgroup_root.clone();
+        move |source| RuntimeError::Cgroup { root, source }
+    }
+
+    /// The engine's cgroup under the tenant's subtree, every controller
+    /// enabled from the subtree down. The subtree's parent is the
+    /// delegation's (the engines unit, docs/engines.md): it must exist and
+    /// is never created here (a missing one is `Absent`, naming it); its
+    /// controllers are enabled if they are not yet (nothing is written when
+    /// they are). At the root of the mount the subtree is made directly.
+    fn engine_cgroup(&self, engine: &str) -> Result<CgroupPath, RuntimeError> {
+        let sub = subtree(&self.cfg)?;
+        if let Some(parent) = sub.as_path().parent().filter(|p| !p.as_os_str().is_empty()) {
+            let parent = CgroupPath::new(parent).map_err(self.cg_err())?;
+            self.cgroups
+                .enable_controllers(&parent, &Controller::ALL)
+                .map_err(self.cg_err())?;
+        }
+        let cg = sub.child(engine).map_err(self.cg_err())?;
+        for c in [&sub, &cg] {
+            self.cgroups.create(c).map_err(self.cg_err())?;
+            self.cgroups
+                .enable_controllers(c, &Controller::ALL)
+                .map_err(self.cg_err())?;
+        }
+        Ok(cg)
+    }
+
+    fn volume_dir(&self) -> Result<PathBuf, RuntimeError> {
+        let v = self.volume.mounted().ok_or(RuntimeError::NoVolume)?;
+        Ok(v.join(&self.cfg.images_dir))
+    }
+
+    fn run_dir(&self, engine: &str, dir_name: u64) -> PathBuf {
+        self.cfg.run_dir.join(engine).join(format!("i{dir_name}"))
+    }
+
+    fn publish(&self) {
+        let mut m = BTreeMap::new();
+        for (n, e) in &self.engines {
+            m.insert(n.clone(), status_of(e));
+        }
+        *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = m;
+    }
+
+    fn save(&self) -> Result<(), RuntimeError> {
+        let st = StateFile {
+            format: 1,
+            engines: self
+                .engines
+                .values()
+                .map(|e| EngineRec {
+                    name: e.name.clone(),
+                    uid: e.uid,
+                    enabled: e.sup.enabled(),
+                    current: e.versions[&e.sup.version()].clone(),
+                    instances: e
+                        .live
+                        .values()
+                        .map(|l| (l.dir_name, l.proc.pid()))
+                        .collect(),
+                    next_instance: e.next_name,
+                    next_version: e.next_version,
+                })
+                .collect(),
+        };
+        let path = self.cfg.state_dir.join(STATE_FILE);
+        let text = serde_json::to_vec_pretty(&st).map_err(|e| RuntimeError::State {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        crate::fsutil::write_atomic(&self.cfg.state_dir, STATE_FILE, &text)
+            .map_err(io("write", &path))
+    }
+
+    fn save_logged(&self) {
+        if let Err(e) = self.save() {
+            tracing::error!(error = %e, "cannot record the engines' state");
+        }
+    }
+
+    fn get(&mut self, name: &str) -> Result<&mut Engine, RuntimeError> {
+        self.engines
+            .get_mut(name)
+            .ok_or_else(|| RuntimeError::NotFound(name.to_owned()))
+    }
+
+    /// Feeds `input` to `name`'s supervisor and carries out what it asks.
+    fn step(&mut self, name: &str, input: Input) -> Result<(), RuntimeError> {
+        let mut queue = VecDeque::from([input]);
+        while let Some(input) = queue.pop_front() {
+            let now = Instant::now();
+            let e = self.get(name)?;
+            let actions = e.sup.step(now, input).map_err(|r| RuntimeError::Refused {
+                name: name.to_owned(),
+                reason: r.to_string(),
+            })?;
+            for a in actions {
+                if let Some(next) = self.act(name, a) {
+                    queue.push_back(next);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn act(&mut self, name: &str, a: Action) -> Option<Input> {
+        match a {
+            Action::Launch {
+                instance, version, ..
+            } => Some(self.launch(name, instance, version)),
+            Action::Terminate { instance } => {
+                let e = self.engines.get(name)?;
+                if let Some(l) = e.live.get(&instance) {
+                    if let Err(err) = l.proc.signal(Signal::SIGTERM) {
+                        tracing::warn!(engine = name, %instance, error = %err, "SIGTERM");
+                    }
+                }
+                None
+            }
+            Action::Kill { instance } => {
+                if self.stop_all.is_some() && !self.killed.iter().any(|n| n == name) {
+                    self.killed.push(name.to_owned());
+                }
+                let e = self.engines.get(name)?;
+                if let Some(l) = e.live.get(&instance) {
+                    if let Err(err) = self.cgroups.kill(&l.cg) {
+                        tracing::warn!(engine = name, %instance, error = %err, "cgroup.kill");
+                    }
+                    if let Err(err) = l.proc.signal(Signal::SIGKILL) {
+                        tracing::warn!(engine = name, %instance, error = %err, "SIGKILL");
+                    }
+                }
+                None
+            }
+            Action::RunProbe { .. } => {
+                // Probes are not run yet: no result is reported, so a
+                // probe never fails (docs/engines.md, "Runtime").
+                None
+            }
+            Action::Schedule { timer, at } => {
+                self.timers.insert((at, name.to_owned(), timer), ());
+                None
+            }
+            Action::Cancel(t) => {
+                self.timers.retain(|(_, n, id), _| !(n == name && *id == t));
+                None
+            }
+            Action::RebootNode { failure } => {
+                tracing::warn!(engine = name, %failure, "the engine asks for a node reboot; not wired yet, ignored");
+                None
+            }
+            Action::Emit(ev) => {
+                if let Some(e) = self.engines.get_mut(name) {
+                    // The tenant's spec decides how often events happen (a
+                    // 1 ms restart loop): their log lines are rate-limited.
+                    let now = Instant::now();
+                    if now.saturating_duration_since(e.log_window) >= LOG_WINDOW {
+                        if e.log_suppressed > 0 {
+                            tracing::warn!(
+                                engine = name,
+                                suppressed = e.log_suppressed,
+                                "engine event lines suppressed in the last minute"
+                            );
+                        }
+                        e.log_window = now;
+                        e.log_lines = 0;
+                        e.log_suppressed = 0;
+                    }
+                    if e.log_lines < LOG_LINES {
+                        e.log_lines += 1;
+                        tracing::info!(engine = name, event = ev.name(), detail = ?ev, "engine event");
+                    } else {
+                        e.log_suppressed = e.log_suppressed.saturating_add(1);
+                    }
+                    if e.events.len() >= MAX_EVENTS {
+                        e.events.pop_front();
+                    }
+                    e.events.push_back(ev.name().to_owned());
+                }
+                None
+            }
+        }
+    }
+
+    fn launch(&mut self, name: &str, instance: InstanceId, version: VersionId) -> Input {
+        let failed = |reason: String| Input::LaunchFailed { instance, reason };
+        let Some(e) = self.engines.get_mut(name) else {
+            return failed("engine gone".into());
+        };
+        let Some(v) = e.versions.get(&version) else {
+            return failed(format!("unknown version {version}"));
+        };
+        let mut spec = v.launch.clone();
+        let adopted = e.adoptable.take();
+        let dir_name = adopted
+            .as_ref()
+            .map_or(e.id_base.saturating_add(instance.0), |(_, n)| *n);
+        e.next_name = e.next_name.max(dir_name.saturating_add(1));
+        // An adopted instance already runs in its cgroup: nothing to create
+        // (and a failure here must not lose track of it).
+        let ecg = match adopted {
+            Some(_) => subtree(&self.cfg).and_then(|s| s.child(name).map_err(self.cg_err())),
+            None => self.engine_cgroup(name),
+        };
+        let (cg, run_dir, proc) = match ecg {
+            Err(err) => return failed(err.to_string()),
+            Ok(ecg) => {
+                let Ok(cg) = ecg.child(&format!("i{dir_name}")) else {
+                    if let Some((p, _)) = adopted {
+                        let _ = p.signal(Signal::SIGKILL);
+                    }
+                    return failed("instance cgroup name".into());
+                };
+                let rd = self.run_dir(name, dir_name);
+                if let Some((p, _)) = adopted {
+                    (cg, rd, Ok(p))
+                } else if !self
+                    .volume
+                    .mounted()
+                    .is_some_and(|m| spec.rootfs.starts_with(m))
+                {
+                    // Never run a root that is not on the mounted volume.
+                    return failed(RuntimeError::NoVolume.to_string());
+                } else {
+                    if let Err(err) = self.cgroups.create(&cg) {
+                        return failed(err.to_string());
+                    }
+                    spec.cgroup = Some(self.cgroups.dir(&cg));
+                    // Output goes to the volume (the tenant's space), never
+                    // to /run: an engine cannot fill the node's tmpfs.
+                    let logs = spec
+                        .rootfs
+                        .parent()
+                        .and_then(Path::parent)
+                        .map_or_else(|| rd.clone(), |d| d.join("logs"));
+                    let r = self.spawner.spawn(&spec, &rd, &logs);
+                    (cg, rd, r)
+                }
+            }
+        };
+        let proc = match proc {
+            Ok(p) => p,
+            Err(err) => {
+                let _ = self.cgroups.remove(&cg);
+                return failed(err.to_string());
+            }
+        };
+        let waiter = match proc.exit_waiter() {
+            Ok(w) => w,
+            Err(err) => {
+                let _ = proc.signal(Signal::SIGKILL);
+                return failed(format!("cannot watch the instance: {err}"));
+            }
+        };
+        let tx = self.tx.clone();
+        let n = name.to_owned();
+        let spawned = std::thread::Builder::new()
+            .name(format!("engine-wait-{instance}"))
+            .spawn(move || {
+                waiter();
+                let _ = tx.send(Msg::Exited(n, instance));
+            });
+        if let Err(err) = spawned {
+            let _ = proc.signal(Signal::SIGKILL);
+            return failed(format!("cannot start the exit watcher: {err}"));
+        }
+        let oom_kills = self.cgroups.usage(&cg).map(|u| u.oom_kills).unwrap_or(0);
+        let pid = proc.pid();
+        if let Some(e) = self.engines.get_mut(name) {
+            e.live.insert(
+                instance,
+                Live {
+                    dir_name,
+                    proc,
+                    cg,
+                    run_dir,
+                    oom_kills,
+                },
+            );
+        }
+        self.save_logged();
+        Input::Launched { instance, pid }
+    }
+
+    fn exited(&mut self, name: &str, instance: InstanceId) {
+        let Some(e) = self.engines.get_mut(name) else {
+            return;
+        };
+        let Some(mut l) = e.live.remove(&instance) else {
+            return;
+        };
+        let how = l.proc.reap();
+        let oom = self
+            .cgroups
+            .usage(&l.cg)
+            .is_ok_and(|u| u.oom_kills > l.oom_kills);
+        let exit = match how {
+            _ if oom => Exit::Oom,
+            launch::Exit::Code(c) => Exit::Code(c),
+            launch::Exit::Signal(s) => Exit::Signal(s),
+            launch::Exit::LaunchFailed(r) => {
+                tracing::warn!(engine = name, %instance, reason = %r, "the engine did not start");
+                Exit::NotStarted
+            }
+            launch::Exit::ShimLost(r) => {
+                tracing::warn!(engine = name, %instance, reason = %r, "the engine's shim ended without a status");
+                Exit::Signal(Signal::SIGKILL as i32)
+            }
+        };
+        if !self.cgroups.pids(&l.cg).is_ok_and(|p| p.is_empty()) {
+            let _ = self.cgroups.kill(&l.cg);
+        }
+        if let Err(err) = self.cgroups.remove(&l.cg) {
+            // Processes may outlive the shim for a moment after the kill:
+            // read back again before claiming the engine stopped.
+            tracing::warn!(engine = name, %instance, error = %err, "the instance's cgroup was not removed");
+            if let Some(e) = self.engines.get_mut(name) {
+                e.leftover.push(l.cg.clone());
+            }
+        }
+        let _ = std::fs::remove_dir_all(&l.run_dir);
+        if let Err(err) = self.step(name, Input::Exited { instance, exit }) {
+            tracing::warn!(engine = name, error = %err, "exit report");
+        }
+        self.save_logged();
+    }
+
+    fn fire_timers(&mut self) {
+        let now = Instant::now();
+        while let Some(((at, name, t), ())) = self.timers.first_key_value() {
+            if *at > now {
+                break;
+            }
+            let (name, t) = (name.clone(), *t);
+            self.timers.pop_first();
+            if let Err(err) = self.step(&name, Input::Timer(t)) {
+                tracing::warn!(engine = name, error = %err, "timer");
+            }
+        }
+    }
+
+    fn deploy(
+        &mut self,
+        name: &str,
+        image: &str,
+        spec: &Spec,
+    ) -> Result<EngineStatus, RuntimeError> {
+        if self.engines.contains_key(name) {
+            return Err(RuntimeError::Exists(name.to_owned()));
+        }
+        // The controller checked the name with the node's rule; it becomes
+        // a path component, so never trust that alone.
+        if name.is_empty() || name.starts_with('.') || name.contains(['/', '\0']) {
+            return Err(RuntimeError::Refused {
+                name: name.to_owned(),
+                reason: "not a plain engine name".into(),
+            });
+        }
+        if self.engines.len() >= MAX_ENGINES {
+            return Err(RuntimeError::TooMany);
+        }
+        let base = self.volume_dir()?;
+        // The cgroup tree first: a host without it refuses before any unpack.
+        let cg = self.engine_cgroup(name)?;
+        let uid = (0..)
+            .map(|n: u32| self.cfg.uid_base.saturating_add(n))
+            .find(|u| !self.engines.values().any(|e| e.uid == *u))
+            .unwrap_or(self.cfg.uid_base);
+        let dir = base.join(name);
+        let v = self.unpack(name, image, spec, &base, &dir, 1, uid)?;
+        if let Err(e) = self.set_limits(&cg, spec) {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        let mut versions = BTreeMap::new();
+        versions.insert(VersionId(1), v);
+        let e = Engine {
+            name: name.to_owned(),
+            uid,
+            sup: Supervisor::new(VersionId(1), spec.clone()),
+            versions,
+            live: BTreeMap::new(),
+            adoptable: None,
+            id_base: 0,
+            next_name: 0,
+            leftover: Vec::new(),
+            log_window: Instant::now(),
+            log_lines: 0,
+            log_suppressed: 0,
+            next_version: 2,
+            events: VecDeque::new(),
+        };
+        let st = status_of(&e);
+        self.engines.insert(name.to_owned(), e);
+        self.save()?;
+        Ok(st)
+    }
+
+    fn set_limits(&self, cg: &CgroupPath, spec: &Spec) -> Result<(), RuntimeError> {
+        let files = budget::engine_files(&spec.limits);
+        self.cgroups.set_limits(cg, &files).map_err(self.cg_err())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn unpack(
+        &self,
+        name: &str,
+        image: &str,
+        spec: &Spec,
+        base: &Path,
+        dir: &Path,
+        version: u64,
+        uid: u32,
+    ) -> Result<VersionRec, RuntimeError> {
+        let input = base.join("inbox").join(image);
+        if image.is_empty()
+            || image.len() > leasehold_node::MAX_IMAGE_REF
+            || image.starts_with('.')
+            || image.contains(['/', '\0'])
+        {
+            return Err(RuntimeError::NotInInbox(input));
+        }
+        match std::fs::symlink_metadata(&input) {
+            Ok(m) if m.is_file() => {}
+            _ => return Err(RuntimeError::NotInInbox(input)),
+        }
+        let vdir = dir.join(format!("v{version}"));
+        // Only the agent writes here (the tenant only in inbox/): a symlink
+        // on the way would send the unpack off the volume.
+        for p in [base, dir, &vdir] {
+            if std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()) {
+                return Err(RuntimeError::Io {
+                    op: "refuse",
+                    path: p.to_owned(),
+                    source: std::io::Error::other("a symlink where the agent keeps engines"),
+                });
+            }
+        }
+        std::fs::create_dir_all(&vdir).map_err(io("mkdir", &vdir))?;
+        let root = vdir.join("rootfs");
+        let unpacked = match unpack_image(&input, &root, &ImageLimits::default()) {
+            Ok(u) => u,
+            Err(source) => {
+                let _ = std::fs::remove_dir_all(&vdir);
+                return Err(RuntimeError::Image {
+                    path: input,
+                    source,
+                });
+            }
+        };
+        let launch = match resolve(name, spec, &unpacked.config, &root, dir, uid) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&vdir);
+                return Err(e);
+            }
+        };
+        for d in &launch.data_dirs {
+            std::fs::create_dir_all(&d.host).map_err(io("mkdir", &d.host))?;
+            std::os::unix::fs::chown(&d.host, Some(uid), Some(uid))
+                .map_err(io("chown", &d.host))?;
+        }
+        let spec_json = serde_json::to_string(spec).map_err(|e| RuntimeError::Resolve {
+            name: name.to_owned(),
+            field: "spec",
+            reason: e.to_string(),
+        })?;
+        Ok(VersionRec {
+            id: version,
+            image: image.to_owned(),
+            spec: spec_json,
+            launch,
+        })
+    }
+
+    fn cmd(&mut self, c: Cmd, reply: SyncSender<Reply>) {
+        let r = match c {
+            Cmd::Deploy(n, i, s) => Reply::Status(self.deploy(&n, &i, &s)),
+            Cmd::Start(n) => Reply::Status(self.simple(&n, Input::Start)),
+            Cmd::Stop(n, grace) => Reply::Status(self.simple(&n, Input::Stop { grace })),
+            Cmd::Restart(n) => Reply::Status(self.simple(&n, Input::Restart)),
+            Cmd::Reload(n, i, s) => Reply::Status(self.reload(&n, i.as_deref(), s)),
+            Cmd::Rm(n) => Reply::Unit(self.rm(&n)),
+            Cmd::ForgetAll => Reply::Forgot(self.forget_all()),
+            Cmd::StopAll(grace) => {
+                // Pending first, so kills made while stopping are counted.
+                self.killed.clear();
+                self.stop_all = Some(PendingStop {
+                    deadline: Instant::now(),
+                    names: Vec::new(),
+                    reply,
+                });
+                let mut names = Vec::new();
+                let mut bound = Duration::ZERO;
+                let list: Vec<String> = self.engines.keys().cloned().collect();
+                for n in list {
+                    let Some(e) = self.engines.get(&n) else {
+                        continue;
+                    };
+                    let running = !e.live.is_empty();
+                    let g = e.sup.spec().stop_grace.0.min(grace);
+                    bound = bound.max(g);
+                    if let Err(err) = self.step(&n, Input::Stop { grace: Some(g) }) {
+                        tracing::warn!(engine = n, error = %err, "stop");
+                    }
+                    if running {
+                        names.push(n);
+                    }
+                }
+                self.save_logged();
+                if let Some(p) = self.stop_all.as_mut() {
+                    p.deadline = Instant::now() + bound + KILL_WAIT;
+                    p.names = names;
+                }
+                self.check_stop_all();
+                return;
+            }
+        };
+        // The view shows the change before the caller hears of it.
+        self.publish();
+        let _ = reply.send(r);
+    }
+
+    fn check_stop_all(&mut self) {
+        let Some(p) = self.stop_all.as_ref() else {
+            return;
+        };
+        let names = p.names.clone();
+        for n in &names {
+            self.reap_leftovers(n);
+        }
+        let gone =
+            |e: Option<&Engine>| e.is_none_or(|e| e.live.is_empty() && e.leftover.is_empty());
+        let Some(p) = self.stop_all.as_ref() else {
+            return;
+        };
+        let all_gone = p.names.iter().all(|n| gone(self.engines.get(n)));
+        if !all_gone && Instant::now() < p.deadline {
+            return;
+        }
+        let Some(p) = self.stop_all.take() else {
+            return;
+        };
+        let mut r = StopReport::default();
+        for n in p.names {
+            match self.engines.get(&n) {
+                Some(e) if !e.live.is_empty() => r.not_stopped.push(NotStopped {
+                    name: n.clone(),
+                    reason: format!(
+                        "{} instance(s) still alive after the grace and the kill",
+                        e.live.len()
+                    ),
+                }),
+                Some(e) if !e.leftover.is_empty() => r.not_stopped.push(NotStopped {
+                    name: n.clone(),
+                    reason: format!(
+                        "processes left in {} after the kill",
+                        e.leftover
+                            .iter()
+                            .map(|c| c.to_string())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                }),
+                _ => {
+                    if self.killed.contains(&n) {
+                        r.killed.push(n.clone());
+                    }
+                    r.stopped.push(n);
+                }
+            }
+        }
+        self.publish();
+        let _ = p.reply.send(Reply::Stopped(r));
+    }
+
+    /// Kills and removes again the cgroups an ended instance left.
+    fn reap_leftovers(&mut self, name: &str) {
+        let Some(e) = self.engines.get_mut(name) else {
+            return;
+        };
+        let cgroups = self.cgroups.clone();
+        e.leftover.retain(|cg| {
+            let _ = cgroups.kill(cg);
+            cgroups.remove(cg).is_err()
+        });
+    }
+
+    fn simple(&mut self, name: &str, input: Input) -> Result<EngineStatus, RuntimeError> {
+        let starts = matches!(input, Input::Start | Input::Restart);
+        self.get(name)?;
+        if starts {
+            // Refuse clearly where engines cannot run at all.
+            self.volume_dir()?;
+            self.engine_cgroup(name)?;
+        }
+        self.step(name, input)?;
+        self.save()?;
+        Ok(status_of(self.get(name)?))
+    }
+
+    fn reload(
+        &mut self,
+        name: &str,
+        image: Option<&str>,
+        spec: Option<Box<Spec>>,
+    ) -> Result<EngineStatus, RuntimeError> {
+        self.get(name)?;
+        let base = self.volume_dir()?;
+        let e = self.get(name)?;
+        let cur = e.versions[&e.sup.version()].clone();
+        let spec = match spec {
+            Some(s) => *s,
+            None => e.sup.spec().clone(),
+        };
+        let (uid, n) = (e.uid, e.next_version);
+        let image = image.unwrap_or(&cur.image).to_owned();
+        let cg = self.engine_cgroup(name)?;
+        let v = self.unpack(name, &image, &spec, &base, &base.join(name), n, uid)?;
+        self.set_limits(&cg, &spec)?;
+        let e = self.get(name)?;
+        e.next_version = n + 1;
+        e.versions.insert(VersionId(n), v);
+        self.step(
+            name,
+            Input::Reload {
+                version: VersionId(n),
+                spec: Box::new(spec),
+            },
+        )?;
+        self.save()?;
+        Ok(status_of(self.get(name)?))
+    }
+
+    fn rm(&mut self, name: &str) -> Result<(), RuntimeError> {
+        let e = self.get(name)?;
+        if !e.sup.instances().is_empty() || !e.live.is_empty() {
+            return Err(RuntimeError::Running {
+                name: name.to_owned(),
+                phase: e.sup.phase().name(),
+            });
+        }
+        let cg = subtree(&self.cfg)?.child(name).map_err(self.cg_err())?;
+        self.cgroups.remove(&cg).map_err(self.cg_err())?;
+        if let Some(v) = self.volume.mounted() {
+            let dir = v.join(&self.cfg.images_dir).join(name);
+            match std::fs::remove_dir_all(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("remove", &dir)(e)),
+            }
+        }
+        self.engines.remove(name);
+        self.timers.retain(|(_, n, _), _| n != name);
+        self.save()
+    }
+
+    fn forget_all(&mut self) -> Result<usize, RuntimeError> {
+        let n = self.engines.len();
+        let sub = subtree(&self.cfg)?;
+        for (name, e) in std::mem::take(&mut self.engines) {
+            for l in e.live.values() {
+                let _ = self.cgroups.kill(&l.cg);
+            }
+            if let Ok(cg) = sub.child(&name) {
+                let _ = self.cgroups.remove(&cg);
+            }
+        }
+        self.timers.clear();
+        self.save()?;
+        Ok(n)
+    }
+
+    fn run(mut self, rx: Receiver<Msg>) {
+        loop {
+            self.publish();
+            let next = self
+                .timers
+                .keys()
+                .next()
+                .map(|(at, _, _)| *at)
+                .into_iter()
+                .chain(self.stop_all.as_ref().map(|p| p.deadline))
+                .min();
+            let msg = match next {
+                Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                    Ok(m) => Some(m),
+                    Err(RecvTimeoutError::Timeout) => None,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                },
+                None => match rx.recv() {
+                    Ok(m) => Some(m),
+                    Err(_) => return,
+                },
+            };
+            match msg {
+                Some(Msg::Cmd(c, reply)) => self.cmd(c, reply),
+                Some(Msg::Exited(n, i)) => self.exited(&n, i),
+                Some(Msg::Shutdown) => return,
+                None => {}
+            }
+            self.fire_timers();
+            self.check_stop_all();
+        }
+    }
+}
+
+/// The spec resolved against the image: argv, environment, working
+/// directory, uid, data dirs.
+fn resolve(
+    name: &str,
+    spec: &Spec,
+    image: &leasehold_engines::image::ImageRuntimeConfig,
+    root: &Path,
+    dir: &Path,
+    uid: u32,
+) -> Result<LaunchSpec, RuntimeError> {
+    let bad = |field: &'static str, reason: String| RuntimeError::Resolve {
+        name: name.to_owned(),
+        field,
+        reason,
+    };
+    if !spec.secrets.is_empty() {
+        return Err(bad(
+            "secrets",
+            "secrets are not handed to engines by this agent yet".into(),
+        ));
+    }
+    if spec.heartbeat.enabled {
+        return Err(bad(
+            "heartbeat.enabled",
+            "the notify socket is not provided by this agent yet".into(),
+        ));
+    }
+    if matches!(spec.user, Some(User::Name(_))) {
+        return Err(bad(
+            "user",
+            "user names are not resolved yet; give uid:gid".into(),
+        ));
+    }
+    let mut env: BTreeMap<String, String> = image
+        .env
+        .iter()
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect();
+    env.extend(spec.env.clone());
+    let mut argv: Vec<String> = spec.command.iter().chain(&spec.args).cloned().collect();
+    if !argv[0].starts_with('/') {
+        let path = env.get("PATH").map_or(DEFAULT_PATH, String::as_str);
+        let found = path
+            .split(':')
+            .filter(|d| d.starts_with('/'))
+            .map(|d| format!("{}/{}", d.trim_end_matches('/'), argv[0]))
+            .find(|p| std::fs::symlink_metadata(root.join(p.trim_start_matches('/'))).is_ok());
+        match found {
+            Some(p) => argv[0] = p,
+            None => {
+                return Err(bad(
+                    "command[0]",
+                    format!("{:?} is not in the image's PATH", argv[0]),
+                ))
+            }
+        }
+    }
+    let cwd = spec
+        .working_dir
+        .clone()
+        .or_else(|| Some(image.working_dir.clone()).filter(|w| w.starts_with('/')))
+        .unwrap_or_else(|| "/".into());
+    let data_dirs = spec
+        .data_dirs
+        .iter()
+        .map(|d| DataDir {
+            host: dir.join("data").join(d),
+            target: Path::new("/").join(d),
+        })
+        .collect();
+    Ok(LaunchSpec {
+        name: name.to_owned(),
+        rootfs: root.to_owned(),
+        argv,
+        env: env.into_iter().collect(),
+        cwd: PathBuf::from(cwd),
+        // Each engine runs as a host uid of its own (no user namespace
+        // yet): the image's or the spec's user is not applied.
+        uid,
+        gid: uid,
+        cgroup: None,
+        data_dirs,
+        tmp_size: TMP_SIZE,
+        secrets: Vec::new(),
+    })
+}
+
+fn status_of(e: &Engine) -> EngineStatus {
+    let s = e.sup.status();
+    let image = e
+        .versions
+        .get(&s.version)
+        .map(|v| v.image.clone())
+        .unwrap_or_default();
+    let started_at = s.since.map(|t| {
+        SystemTime::now()
+            .checked_sub(Instant::now().saturating_duration_since(t))
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    });
+    EngineStatus {
+        name: e.name.clone(),
+        image,
+        phase: s.phase,
+        enabled: e.sup.enabled(),
+        pid: s.pid,
+        started_at,
+        restarts: s.restarts,
+        last_exit: s.last_exit,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The controller's side.
+
+/// The engine runtime, as the node controller holds it.
+pub struct EngineRuntime {
+    tx: Sender<Msg>,
+    view: Arc<SnapshotView>,
+}
+
+impl fmt::Debug for EngineRuntime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("EngineRuntime")
+    }
+}
+
+#[derive(Debug)]
+struct SnapshotView(Snapshot);
+
+impl EngineView for SnapshotView {
+    fn list(&self) -> Vec<EngineStatus> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+    fn status(&self, name: &str) -> Option<EngineStatus> {
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+}
+
+impl EngineRuntime {
+    /// Loads `engines.json`, re-adopts the instances still running and
+    /// starts engines marked to start, then runs the runtime thread.
+    pub fn start(
+        cfg: RuntimeConfig,
+        cgroups: Arc<dyn Cgroups>,
+        spawner: Arc<dyn Spawner>,
+        volume: Arc<dyn VolumeDir>,
+    ) -> Result<Self, RuntimeError> {
+        let path = cfg.state_dir.join(STATE_FILE);
+        let state: StateFile = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| RuntimeError::State {
+                path: path.clone(),
+                detail: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => StateFile::default(),
+            Err(e) => return Err(io("read", &path)(e)),
+        };
+        let (tx, rx) = mpsc::channel();
+        let snapshot: Snapshot = Arc::default();
+        let mut rt = Runtime {
+            cfg,
+            cgroups,
+            spawner,
+            volume,
+            engines: BTreeMap::new(),
+            timers: BTreeMap::new(),
+            tx: tx.clone(),
+            snapshot: snapshot.clone(),
+            stop_all: None,
+            killed: Vec::new(),
+        };
+        let mut to_start = Vec::new();
+        for r in state.engines {
+            let spec = Spec::from_json(&r.current.spec).map_err(|e| RuntimeError::State {
+                path: path.clone(),
+                detail: format!("engine {:?}: {e}", r.name),
+            })?;
+            let version = VersionId(r.current.id);
+            let sup = Supervisor::new(version, spec);
+            let mut adoptable = None;
+            for (i, pid) in &r.instances {
+                let rd = rt.run_dir(&r.name, *i);
+                match rt.spawner.adopt(&rd) {
+                    Ok(p) if adoptable.is_none() => {
+                        tracing::info!(engine = r.name, pid, "re-adopted a running engine");
+                        adoptable = Some((p, *i));
+                    }
+                    Ok(p) => {
+                        tracing::warn!(
+                            engine = r.name,
+                            pid,
+                            "a second instance (an unfinished reload) is killed"
+                        );
+                        let _ = p.signal(Signal::SIGKILL);
+                    }
+                    Err(e) => {
+                        tracing::info!(engine = r.name, pid, error = %e, "a recorded instance is gone")
+                    }
+                }
+            }
+            let mut versions = BTreeMap::new();
+            versions.insert(version, r.current.clone());
+            if adoptable.is_some() {
+                to_start.push(r.name.clone());
+            } else if r.enabled && rt.volume.mounted().is_none() {
+                tracing::error!(
+                    engine = r.name,
+                    "marked to start, but no tenant volume is mounted: left stopped"
+                );
+            } else if r.enabled {
+                to_start.push(r.name.clone());
+            }
+            rt.engines.insert(
+                r.name.clone(),
+                Engine {
+                    name: r.name,
+                    uid: r.uid,
+                    sup,
+                    versions,
+                    live: BTreeMap::new(),
+                    adoptable,
+                    id_base: r.next_instance,
+                    next_name: r.next_instance,
+                    leftover: Vec::new(),
+                    log_window: Instant::now(),
+                    log_lines: 0,
+                    log_suppressed: 0,
+                    next_version: r.next_version,
+                    events: VecDeque::new(),
+                },
+            );
+        }
+        for n in to_start {
+            if let Err(e) = rt.step(&n, Input::Start) {
+                tracing::error!(engine = n, error = %e, "the engine was not started again");
+            }
+        }
+        rt.save_logged();
+        let view = Arc::new(SnapshotView(snapshot));
+        rt.publish();
+        std::thread::Builder::new()
+            .name("engines".into())
+            .spawn(move || rt.run(rx))
+            .map_err(io("spawn", Path::new("engines thread")))?;
+        Ok(EngineRuntime { tx, view })
+    }
+
+    fn call(&self, c: Cmd, timeout: Duration) -> Result<Reply, RuntimeError> {
+        let (rtx, rrx) = mpsc::sync_channel(1);
+        self.tx
+            .send(Msg::Cmd(c, rtx))
+            .map_err(|_| RuntimeError::NoAnswer("the runtime thread is gone"))?;
+        rrx.recv_timeout(timeout)
+            .map_err(|_| RuntimeError::NoAnswer("no answer within the deadline"))
+    }
+
+    fn status_call(&self, c: Cmd) -> Result<EngineStatus, Failure> {
+        match self.call(c, CALL_TIMEOUT)? {
+            Reply::Status(r) => Ok(r?),
+            _ => Err(RuntimeError::NoAnswer("unexpected answer").into()),
+        }
+    }
+}
+
+impl Drop for EngineRuntime {
+    fn drop(&mut self) {
+        let _ = self.tx.send(Msg::Shutdown);
+    }
+}
+
+impl Engines for EngineRuntime {
+    fn budget(&mut self) -> Result<Budget, Failure> {
+        // The landlord cannot set a budget yet: none, the kernel's and
+        // the node's limits apply.
+        Ok(Budget::default())
+    }
+    fn deploy(&mut self, name: &str, image: &str, spec: &Spec) -> Result<EngineStatus, Failure> {
+        self.status_call(Cmd::Deploy(
+            name.into(),
+            image.into(),
+            Box::new(spec.clone()),
+        ))
+    }
+    fn start(&mut self, name: &str) -> Result<EngineStatus, Failure> {
+        self.status_call(Cmd::Start(name.into()))
+    }
+    fn stop(&mut self, name: &str, grace: Option<Duration>) -> Result<EngineStatus, Failure> {
+        self.status_call(Cmd::Stop(name.into(), grace))
+    }
+    fn restart(&mut self, name: &str) -> Result<EngineStatus, Failure> {
+        self.status_call(Cmd::Restart(name.into()))
+    }
+    fn reload(
+        &mut self,
+        name: &str,
+        image: Option<&str>,
+        spec: Option<&Spec>,
+    ) -> Result<EngineStatus, Failure> {
+        self.status_call(Cmd::Reload(
+            name.into(),
+            image.map(str::to_owned),
+            spec.map(|s| Box::new(s.clone())),
+        ))
+    }
+    fn rm(&mut self, name: &str) -> Result<(), Failure> {
+        match self.call(Cmd::Rm(name.into()), CALL_TIMEOUT)? {
+            Reply::Unit(r) => Ok(r?),
+            _ => Err(RuntimeError::NoAnswer("unexpected answer").into()),
+        }
+    }
+    fn stop_all(&mut self, grace: Duration) -> Result<StopReport, Failure> {
+        let bound = grace + KILL_WAIT + Duration::from_secs(5);
+        match self.call(Cmd::StopAll(grace), bound)? {
+            Reply::Stopped(r) => Ok(r),
+            _ => Err(RuntimeError::NoAnswer("unexpected answer").into()),
+        }
+    }
+    fn forget_all(&mut self) -> Result<usize, Failure> {
+        match self.call(Cmd::ForgetAll, CALL_TIMEOUT)? {
+            Reply::Forgot(r) => Ok(r?),
+            _ => Err(RuntimeError::NoAnswer("unexpected answer").into()),
+        }
+    }
+    fn view(&self) -> Arc<dyn EngineView> {
+        self.view.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests;
