@@ -89,18 +89,24 @@ async fn scenario(name: &str) {
     }
 }
 
-async fn bench(n: usize, clients: usize, tenant: bool) {
+async fn bench(n: usize, clients: usize, target: &'static str) {
     let mut tasks = Vec::new();
     for _ in 0..clients {
         tasks.push(tokio::spawn(async move {
             let conn = zbus::Connection::system().await.expect("system bus");
             let l = LandlordProxy::new(&conn).await.unwrap();
             let t = TenantProxy::new(&conn).await.unwrap();
+            let bus = zbus::fdo::DBusProxy::new(&conn).await.unwrap();
             let call = || async {
-                if tenant {
-                    t.node_info().await.map(|_| ())
-                } else {
-                    l.node_info().await.map(|_| ())
+                match target {
+                    "tenant" => t.node_info().await.map(|_| ()),
+                    // The bus's own round trip: the floor under every agent call.
+                    "bus" => bus
+                        .get_id()
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| leasehold_dbus_api::Error::ZBus(e.into())),
+                    _ => l.node_info().await.map(|_| ()),
                 }
             };
             call().await.expect("warm-up call");
@@ -520,8 +526,13 @@ fn main() {
         Some("bench") => {
             let n = args[1].parse().unwrap();
             let c = args[2].parse().unwrap();
-            let tenant = args.get(3).map(String::as_str) == Some("tenant");
-            rt.block_on(bench(n, c, tenant));
+            let target = match args.get(3).map(String::as_str) {
+                Some("tenant") => "tenant",
+                Some("bus") => "bus",
+                None => "landlord",
+                Some(t) => panic!("bench target {t:?}: tenant | bus"),
+            };
+            rt.block_on(bench(n, c, target));
         }
         Some("peers") => rt.block_on(peers(args[1].parse().unwrap(), &args[2])),
         Some("listen") => rt.block_on(listen(args.get(1).map(String::as_str) == Some("monitor"))),
@@ -537,6 +548,6 @@ fn main() {
             rt.block_on(hammer(&args[1], secs));
         }
         Some(s) => rt.block_on(scenario(s)),
-        None => panic!("usage: lh-dbus-probe <scenario> | bench <n> <clients> [tenant] | listen | flood <conns> <per_conn> <big_mib>"),
+        None => panic!("usage: lh-dbus-probe <scenario> | bench <n> <clients> [tenant|bus] | listen | flood <conns> <per_conn> <big_mib>"),
     }
 }
