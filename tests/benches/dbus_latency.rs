@@ -63,43 +63,62 @@ fn main() {
     }
     // An outsider floods (waves of 2,000 concurrent calls from 40
     // connections, plus two 8 MiB messages at a time) while the landlord
-    // and the tenant each make sequential calls.
+    // and the tenant each make sequential calls, and the landlord times the
+    // bus's own round trip. Once with the CPU groups of a systemd node
+    // (the lab's default), once flat (the baseline, its own lab).
     let flood = leasehold_tests::flood::Flood::DEFAULT;
+    let layout = lab.cpu_layout();
     let run = leasehold_tests::flood::during_outsider_flood(&lab, 1000, flood);
-    for (label, v) in [
-        (
-            "landlord calls during an outsider flood, 1 client",
-            &run.landlord,
-        ),
-        (
-            "tenant calls during an outsider flood, 1 client",
-            run.tenant.as_ref().unwrap(),
-        ),
-    ] {
-        assert_eq!(v["errors"].as_array().map(Vec::len), Some(0), "{v}");
-        writeln!(
-            out,
-            "| {label} | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.0}/s |",
-            v["calls"],
-            v["p50_ms"].as_f64().unwrap(),
-            v["p99_ms"].as_f64().unwrap(),
-            v["max_ms"].as_f64().unwrap(),
-            v["throughput_per_s"].as_f64().unwrap()
-        )
-        .unwrap();
-    }
-    let results = &run.flood["results"];
+    let flat_lab = Lab::start_flat();
+    flat_lab
+        .run(Who::Landlord, "landlordctl", &["assign", "acme"])
+        .ok();
+    let flat = leasehold_tests::flood::during_outsider_flood(&flat_lab, 1000, flood);
+    let flat_layout = flat_lab.cpu_layout();
+    drop(flat_lab);
     writeln!(
         out,
-        "\nOutsider flood: {} waves of {} concurrent calls from {} connections plus two {} MiB messages at a time \
-         during the landlord and tenant rows (run together); outcomes {results} (the bus policy refuses outsiders: \
-         none reached the agent). agentd RSS {} KiB before, {} KiB after.",
-        run.flood["waves"],
+        "\n| during an outsider flood, 1 client each, run together | calls | p50 | p99 | max | throughput |\n|---|---|---|---|---|---|"
+    )
+    .unwrap();
+    for (layout_label, r) in [("CPU groups", &run), ("flat (baseline)", &flat)] {
+        let rows = [
+            ("landlord NodeInfo", &r.landlord),
+            ("tenant NodeInfo", r.tenant.as_ref().unwrap()),
+        ]
+        .into_iter()
+        .chain(r.floors.iter().map(|(l, v)| (*l, v)));
+        for (who, v) in rows {
+            assert_eq!(v["errors"].as_array().map(Vec::len), Some(0), "{v}");
+            writeln!(
+                out,
+                "| {who}, {layout_label} | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.0}/s |",
+                v["calls"],
+                v["p50_ms"].as_f64().unwrap(),
+                v["p99_ms"].as_f64().unwrap(),
+                v["max_ms"].as_f64().unwrap(),
+                v["throughput_per_s"].as_f64().unwrap()
+            )
+            .unwrap();
+        }
+    }
+    writeln!(
+        out,
+        "\nOutsider flood: waves of {} concurrent calls from {} connections plus two {} MiB messages at a time, \
+         refused by the bus policy (none reached the agent). CPU groups: {layout}; {} waves, outcomes {}, \
+         agentd RSS {} KiB before, {} KiB after. Flat: {flat_layout}; {} waves, outcomes {}. \
+         On a node the groups are systemd's: the agent's unit delegates its cgroup, which turns the cpu \
+         controller on from the root down, so user.slice (every login, the outsider's included) and \
+         system.slice (bus, polkitd, agentd) share the CPU as two groups.",
         flood.conns * flood.per_conn,
         flood.conns,
         flood.big_mib,
+        run.flood["waves"],
+        run.flood["results"],
         run.agent_rss_kib.0,
         run.agent_rss_kib.1,
+        flat.flood["waves"],
+        flat.flood["results"],
     )
     .unwrap();
     // The same flood from a member of leasehold-tenant: it passes the bus

@@ -34,6 +34,10 @@ pub struct FloodRun {
     /// The same for the tenant's calls (none when the tenant floods: its
     /// own calls share its in-flight bound).
     pub tenant: Option<serde_json::Value>,
+    /// The parts of a landlord call timed alone by other landlord clients
+    /// at the same time: the bus's own round trip (GetId), the agent's
+    /// connection without polkit (Peer.Ping), polkit's CheckAuthorization.
+    pub floors: Vec<(&'static str, serde_json::Value)>,
     /// The flood's own report: waves, outcome counts.
     pub flood: serde_json::Value,
     /// agentd's resident set before and at the end of the flood, KiB.
@@ -81,14 +85,34 @@ pub fn during_flood(lab: &Lab, flooder: Who, calls: usize, flood: Flood) -> Floo
     // The first wave is on its way: the flood's readiness event.
     assert_eq!(line.trim(), "READY", "flood did not start");
     let n = calls.to_string();
-    let (landlord, tenant) = std::thread::scope(|s| {
+    let (landlord, tenant, floors) = std::thread::scope(|s| {
         let l = s.spawn(|| lab.run(Who::Landlord, "lh-dbus-probe", &["bench", &n, "1"]));
         let t = (flooder != Who::Tenant).then(|| {
             s.spawn(|| lab.run(Who::Tenant, "lh-dbus-probe", &["bench", &n, "1", "tenant"]))
         });
+        let floors: Vec<_> = [
+            ("bus round trip (GetId)", "bus"),
+            ("agent round trip, no polkit (Peer.Ping)", "ping"),
+            ("polkit CheckAuthorization alone", "polkit"),
+        ]
+        .into_iter()
+        .map(|(label, target)| {
+            let n = &n;
+            (
+                label,
+                s.spawn(move || {
+                    lab.run(Who::Landlord, "lh-dbus-probe", &["bench", n, "1", target])
+                }),
+            )
+        })
+        .collect();
         (
             l.join().unwrap().ok().json(),
             t.map(|t| t.join().unwrap().ok().json()),
+            floors
+                .into_iter()
+                .map(|(label, h)| (label, h.join().unwrap().ok().json()))
+                .collect(),
         )
     });
     let after = rss_kib(pid);
@@ -103,6 +127,7 @@ pub fn during_flood(lab: &Lab, flooder: Who, calls: usize, flood: Flood) -> Floo
     FloodRun {
         landlord,
         tenant,
+        floors,
         flood: serde_json::from_str(rest.trim())
             .unwrap_or_else(|e| panic!("flood report not JSON ({e}): {rest}")),
         agent_rss_kib: (before, after),

@@ -18,6 +18,7 @@ use futures_util::StreamExt;
 pub mod flood;
 pub mod markdown;
 pub mod matrix;
+pub mod slices;
 
 /// Root of the workspace.
 pub fn workspace_root() -> PathBuf {
@@ -259,6 +260,9 @@ pub struct Lab {
     /// agentd's config file (TOML) for the next [`Lab::start_agent`];
     /// None: dev-mode defaults.
     pub agent_config: Option<String>,
+    /// CPU groups like a systemd node's (None: flat). Last: removed after
+    /// the processes in them are gone.
+    slices: Option<slices::Slices>,
 }
 
 /// An sshd on loopback for the lab.
@@ -343,19 +347,30 @@ impl Lab {
     /// agent in a network namespace of its own so boundaries set through it
     /// never touch the host's firewall.
     pub fn start() -> Lab {
-        Self::start_with(None)
+        Self::start_with(None, true)
+    }
+
+    /// Like [`Lab::start`], every process in one flat CPU group (the
+    /// benchmarks' baseline for [`slices`]).
+    pub fn start_flat() -> Lab {
+        Self::start_with(None, false)
     }
 
     /// Like [`Lab::start`], with agentd in the named network namespace
     /// (which must exist, with `lo` up); it keeps its table across agent
     /// restarts.
     pub fn start_in(netns: &str) -> Lab {
-        Self::start_with(Some(netns.to_owned()))
+        Self::start_with(Some(netns.to_owned()), true)
     }
 
-    fn start_with(netns: Option<String>) -> Lab {
+    fn start_with(netns: Option<String>, sliced: bool) -> Lab {
         require_root();
         users();
+        let slices = if sliced {
+            slices::Slices::create()
+        } else {
+            None
+        };
         let dir = tempfile::Builder::new()
             .prefix("lh-lab-")
             .tempdir()
@@ -376,7 +391,11 @@ impl Lab {
                     .unwrap(),
             );
         fs::write(dir.path().join("bus.conf"), conf).unwrap();
-        let mut bus = Command::new("dbus-daemon")
+        let mut bus = match &slices {
+            Some(s) => s.service("dbus.service", "dbus-daemon"),
+            None => Command::new("dbus-daemon"),
+        };
+        let mut bus = bus
             .arg(format!(
                 "--config-file={}",
                 dir.path().join("bus.conf").display()
@@ -428,10 +447,28 @@ impl Lab {
             sshd: None,
             netns,
             agent_config: None,
+            slices,
         };
         lab.start_polkit();
         lab.start_agent();
         lab
+    }
+
+    /// `program` to be started as `unit` in the lab's system.slice (if it
+    /// has slices).
+    fn system_command(&self, unit: &str, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        match &self.slices {
+            Some(s) => s.service(unit, program),
+            None => Command::new(program),
+        }
+    }
+
+    /// How the lab's processes share the CPU (benchmark reports).
+    pub fn cpu_layout(&self) -> String {
+        self.slices.as_ref().map_or_else(
+            || "flat: every process competes thread by thread (no CPU groups)".to_owned(),
+            slices::Slices::describe,
+        )
     }
 
     /// Runs a future on the lab's runtime (its connections live there).
@@ -474,9 +511,9 @@ impl Lab {
             actions.display(),
             rules.display()
         );
+        let mut cmd = self.system_command("polkit.service", "unshare");
         let child = spawn_logged(
-            Command::new("unshare")
-                .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+            cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script])
                 .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address),
             &self.path("polkitd.log"),
         );
@@ -525,12 +562,12 @@ impl Lab {
         // Both wrappers exec agentd: the child's pid is agentd's.
         let mut cmd = match &self.netns {
             Some(ns) => {
-                let mut c = Command::new("ip");
+                let mut c = self.system_command("leasehold-agentd.service", "ip");
                 c.args(["netns", "exec", ns]).arg(&agentd);
                 c
             }
             None => {
-                let mut c = Command::new("unshare");
+                let mut c = self.system_command("leasehold-agentd.service", "unshare");
                 c.args([
                     "--net",
                     "sh",
@@ -603,7 +640,15 @@ impl Lab {
 
     /// A command for `who`, on the lab's bus, in the lab's work directory.
     pub fn command(&self, who: Who, program: &Path) -> Command {
-        let mut c = user_command(who, program);
+        let mut c = match (&self.slices, who.user()) {
+            (Some(s), Some(_)) => {
+                let mut c = s.user("setpriv");
+                c.args(user_command(who, program).get_args());
+                c
+            }
+            (Some(s), None) => s.user(program),
+            (None, _) => user_command(who, program),
+        };
         c.env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
             .env_remove("LEASEHOLD_SSH")
             .current_dir(self.path("work"))
@@ -670,15 +715,14 @@ impl Lab {
              && mount --bind {socket} /run/dbus/system_bus_socket && exec /usr/sbin/sshd -D -e -f {}",
             d.join("sshd_config").display()
         );
+        // Its sessions are the users' (pam_systemd puts them in user.slice
+        // on a node; this sshd runs without PAM).
+        let mut cmd = match &self.slices {
+            Some(s) => s.user("unshare"),
+            None => Command::new("unshare"),
+        };
         let mut child = spawn_logged(
-            Command::new("unshare").args([
-                "--mount",
-                "--propagation",
-                "private",
-                "sh",
-                "-c",
-                &script,
-            ]),
+            cmd.args(["--mount", "--propagation", "private", "sh", "-c", &script]),
             &d.join("sshd.log"),
         );
         // sshd has no readiness notification here: poll the port, bounded.

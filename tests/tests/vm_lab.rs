@@ -263,6 +263,23 @@ fn vm_lab_end_to_end() {
             && unit.contains("Delegate=yes"),
         "{unit}"
     );
+    // What the host harness's CPU groups model (tests/src/slices.rs, the
+    // flood rows of docs/benchmarks.md): the delegated unit turns the cpu
+    // controller on from the root down, so user.slice (every login) and
+    // system.slice (bus, polkitd, agentd) share the CPU as two groups.
+    let cpu = vm.sh(
+        "cat /sys/fs/cgroup/cgroup.subtree_control /sys/fs/cgroup/system.slice/cgroup.subtree_control \
+         /sys/fs/cgroup/system.slice/cpu.weight /sys/fs/cgroup/user.slice/cpu.weight",
+    );
+    let lines: Vec<&str> = cpu.lines().collect();
+    assert!(
+        lines.len() == 4
+            && lines[..2]
+                .iter()
+                .all(|l| l.split_whitespace().any(|c| c == "cpu"))
+            && lines[2..] == ["100", "100"],
+        "cpu controller from the root to system.slice, equal slice weights: {cpu}"
+    );
     assert!(
         vm.sh("getent group leasehold-landlord leasehold-tenant")
             .lines()

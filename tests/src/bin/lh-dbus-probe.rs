@@ -89,6 +89,50 @@ async fn scenario(name: &str) {
     }
 }
 
+/// Asks polkitd whether this caller may use the landlord's read action.
+async fn polkit_self(
+    conn: &zbus::Connection,
+    by_pid: bool,
+) -> Result<(), leasehold_dbus_api::Error> {
+    use std::collections::HashMap;
+    use zbus::Variant;
+    let subject: (&str, HashMap<&str, Variant>) = if by_pid {
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        // Field 22 (start time), counted after the command name.
+        let start: u64 = stat
+            .rsplit(") ")
+            .next()
+            .and_then(|s| s.split_whitespace().nth(19)?.parse().ok())
+            .unwrap_or(0);
+        (
+            "unix-process",
+            [
+                ("pid", Variant::from(std::process::id())),
+                ("start-time", Variant::from(start)),
+                ("uid", Variant::from(nix::unistd::getuid().as_raw() as i32)),
+            ]
+            .into(),
+        )
+    } else {
+        let me = conn
+            .unique_name()
+            .map(|n| n.to_string())
+            .unwrap_or_default();
+        ("system-bus-name", [("name", Variant::from(me))].into())
+    };
+    let details: HashMap<&str, &str> = HashMap::new();
+    conn.call_method(
+        Some("org.freedesktop.PolicyKit1"),
+        "/org/freedesktop/PolicyKit1/Authority",
+        Some("org.freedesktop.PolicyKit1.Authority"),
+        "CheckAuthorization",
+        &(subject, "org.leasehold.landlord.read", details, 0u32, ""),
+    )
+    .await
+    .map(|_| ())
+    .map_err(leasehold_dbus_api::Error::ZBus)
+}
+
 async fn bench(n: usize, clients: usize, target: &'static str) {
     let mut tasks = Vec::new();
     for _ in 0..clients {
@@ -106,6 +150,22 @@ async fn bench(n: usize, clients: usize, target: &'static str) {
                         .await
                         .map(|_| ())
                         .map_err(|e| leasehold_dbus_api::Error::ZBus(e.into())),
+                    // polkitd alone, for this connection (the agent's
+                    // subject) or for this process (pid, start time, uid).
+                    "polkit" => polkit_self(&conn, false).await,
+                    "polkit-pid" => polkit_self(&conn, true).await,
+                    // The bus and the agent's connection, no polkit.
+                    "ping" => conn
+                        .call_method(
+                            Some(BUS_NAME),
+                            OBJECT_PATH,
+                            Some("org.freedesktop.DBus.Peer"),
+                            "Ping",
+                            &(),
+                        )
+                        .await
+                        .map(|_| ())
+                        .map_err(leasehold_dbus_api::Error::ZBus),
                     _ => l.node_info().await.map(|_| ()),
                 }
             };
@@ -529,8 +589,11 @@ fn main() {
             let target = match args.get(3).map(String::as_str) {
                 Some("tenant") => "tenant",
                 Some("bus") => "bus",
+                Some("ping") => "ping",
+                Some("polkit") => "polkit",
+                Some("polkit-pid") => "polkit-pid",
                 None => "landlord",
-                Some(t) => panic!("bench target {t:?}: tenant | bus"),
+                Some(t) => panic!("bench target {t:?}: tenant | bus | ping | polkit | polkit-pid"),
             };
             rt.block_on(bench(n, c, target));
         }
@@ -548,6 +611,6 @@ fn main() {
             rt.block_on(hammer(&args[1], secs));
         }
         Some(s) => rt.block_on(scenario(s)),
-        None => panic!("usage: lh-dbus-probe <scenario> | bench <n> <clients> [tenant|bus] | listen | flood <conns> <per_conn> <big_mib>"),
+        None => panic!("usage: lh-dbus-probe <scenario> | bench <n> <clients> [tenant|bus|ping|polkit|polkit-pid] | listen | flood <conns> <per_conn> <big_mib>"),
     }
 }
