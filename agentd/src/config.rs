@@ -218,6 +218,10 @@ pub struct TpmSection {
     /// PCRs sealed keys are bound to.
     #[serde(default)]
     pub seal_pcrs: Vec<u8>,
+    /// Seconds between health checks of the TPM (one signature each): a
+    /// lost TPM shows in `NodeInfo` within this time.
+    #[serde(default = "default_check_interval")]
+    pub check_interval_secs: u64,
 }
 
 impl Default for TpmSection {
@@ -225,6 +229,7 @@ impl Default for TpmSection {
         Self {
             tcti: default_tcti(),
             seal_pcrs: Vec::new(),
+            check_interval_secs: default_check_interval(),
         }
     }
 }
@@ -362,6 +367,12 @@ impl Config {
                     format!("{d} is not a device path under /dev"),
                 ));
             }
+        }
+        if !(1..=86_400).contains(&self.tpm.check_interval_secs) {
+            return Err(invalid(
+                "tpm.check_interval_secs",
+                format!("{} is outside 1..=86400", self.tpm.check_interval_secs),
+            ));
         }
         if !(1..=86_400).contains(&self.boundary.check_interval_secs) {
             return Err(invalid(
