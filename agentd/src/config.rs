@@ -442,6 +442,25 @@ mod tests {
     }
 
     #[test]
+    fn tpm_check_interval_default_and_range() {
+        assert_eq!(parse("").unwrap().tpm.check_interval_secs, 30);
+        assert_eq!(
+            parse("[tpm]\ncheck_interval_secs = 1\n")
+                .unwrap()
+                .tpm
+                .check_interval_secs,
+            1
+        );
+        let e = parse("[tpm]\ncheck_interval_secs = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tpm.check_interval_secs: 0 is outside 1..=86400"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn storage_section_defaults_and_errors_name_the_key() {
         let c = parse("").unwrap();
         assert_eq!(c.storage.mount, PathBuf::from("/srv/leasehold/tenant"));

@@ -13,9 +13,10 @@ use nix::sched::CloneFlags;
 /// Where the dev agent's network namespace came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DevNet {
-    /// Started outside the host's namespace already (the test harness, `ip
-    /// netns exec`): kept, so a named namespace keeps its table.
-    Inherited,
+    /// Kept as started (`--dev-keep-netns`: the caller made it for the
+    /// agent, e.g. the test harness's `unshare --net` or `ip netns exec`, so
+    /// a named namespace keeps its table across restarts).
+    Kept,
     /// A new, empty namespace (only `lo`), gone when the agent exits.
     Own,
 }
@@ -40,20 +41,31 @@ fn err(step: &'static str) -> impl FnOnce(io::Error) -> DevNetError {
     move |source| DevNetError { step, source }
 }
 
-/// Moves the process into a network namespace of its own unless it is
-/// already outside init's. Must run while the process has one thread:
-/// `unshare` moves only the calling thread, and threads started later
-/// inherit its namespace.
-pub fn isolate() -> Result<DevNet, DevNetError> {
-    let own = std::fs::metadata("/proc/self/ns/net").map_err(err("stat /proc/self/ns/net"))?;
-    // Unreadable (not root): assume the host's, and let unshare decide.
-    if let Ok(init) = std::fs::metadata("/proc/1/ns/net") {
-        if (init.dev(), init.ino()) != (own.dev(), own.ino()) {
-            return Ok(DevNet::Inherited);
+/// Whether this process shares init's network namespace. `None` when
+/// /proc/1/ns/net cannot be read (not root, or init is in an ancestor user
+/// namespace, as in some containers).
+fn in_init_netns() -> Option<bool> {
+    let own = std::fs::metadata("/proc/self/ns/net").ok()?;
+    let init = std::fs::metadata("/proc/1/ns/net").ok()?;
+    Some((init.dev(), init.ino()) == (own.dev(), own.ino()))
+}
+
+/// Moves the process into a new network namespace, or with `keep` stays
+/// in the one it was started in unless that is visibly init's. Must run
+/// while the process has one thread: `unshare` moves only the calling
+/// thread, and threads started later inherit its namespace.
+pub fn isolate(keep: bool) -> Result<DevNet, DevNetError> {
+    if keep {
+        // Fail closed: "keep" is for namespaces made for the agent.
+        if in_init_netns() == Some(true) {
+            return Err(err("--dev-keep-netns")(io::Error::other(
+                "agentd was started in the host's network namespace",
+            )));
         }
+        return Ok(DevNet::Kept);
     }
     nix::sched::unshare(CloneFlags::CLONE_NEWNET)
-        .map_err(|e| err("unshare(CLONE_NEWNET)")(io::Error::from(e)))?;
+        .map_err(|e| err("unshare(CLONE_NEWNET) (root only)")(io::Error::from(e)))?;
     // swtpm listens on 127.0.0.1: loopback must be up.
     let out = Command::new("ip")
         .args(["link", "set", "lo", "up"])

@@ -60,6 +60,12 @@ struct Args {
     #[arg(long, value_name = "DIR")]
     dev: Option<PathBuf>,
 
+    /// With --dev: stay in the network namespace agentd was started in,
+    /// which the caller made for it (never the host's). Without it, --dev
+    /// makes a new one.
+    #[arg(long, requires = "dev")]
+    dev_keep_netns: bool,
+
     /// Initialise or load the keys, print the node summary and exit (no D-Bus).
     #[arg(long)]
     oneshot: bool,
@@ -150,14 +156,12 @@ fn main() -> ExitCode {
         .init();
     // Before the runtime starts its threads: unshare moves only this one.
     if args.dev.is_some() {
-        match devnet::isolate() {
+        match devnet::isolate(args.dev_keep_netns) {
             Ok(devnet::DevNet::Own) => {
                 info!("development mode: in a network namespace of its own (only lo); the host's firewall is never touched")
             }
-            Ok(devnet::DevNet::Inherited) => {
-                info!(
-                    "development mode: already outside the host's network namespace; staying in it"
-                )
+            Ok(devnet::DevNet::Kept) => {
+                info!("development mode: staying in the network namespace agentd was started in (--dev-keep-netns)")
             }
             Err(e) => {
                 let e = AgentError::from(e);

@@ -580,6 +580,10 @@ impl Lab {
             fs::write(&file, toml).unwrap();
             cmd.arg("--config").arg(file);
         }
+        if !self.agent_host_netns || self.netns.is_some() {
+            // The wrappers above made the namespace for it.
+            cmd.arg("--dev-keep-netns");
+        }
         cmd.arg("--dev")
             .arg(&self.agent_dir)
             .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
