@@ -42,6 +42,8 @@ pub struct Ctx {
     pub volume: Arc<Volume>,
     /// Secret reads (list).
     pub secrets: SecretStore,
+    /// The last TPM health check (NodeInfo).
+    pub tpm_health: Arc<crate::health::TpmHealth>,
 }
 
 fn key_error(e: KeyError) -> Error {
@@ -378,6 +380,15 @@ impl Ctx {
             info.landlord_generation = Some(st.landlord.generation);
         }
         info.running = self.node.running().map(str::to_owned);
+        info.tpm_error = self.tpm_health.error();
+        info.tpm_health = Some(
+            if info.tpm_error.is_some() {
+                "failed"
+            } else {
+                "ok"
+            }
+            .into(),
+        );
         if let Some(t) = &st.tenant {
             info.tenant_name.clone_from(&t.name);
             info.tenant_generation = Some(t.generation);

@@ -218,6 +218,10 @@ pub struct TpmSection {
     /// PCRs sealed keys are bound to.
     #[serde(default)]
     pub seal_pcrs: Vec<u8>,
+    /// Seconds between health checks of the TPM (one signature each): a
+    /// lost TPM shows in `NodeInfo` within this time.
+    #[serde(default = "default_check_interval")]
+    pub check_interval_secs: u64,
 }
 
 impl Default for TpmSection {
@@ -225,6 +229,7 @@ impl Default for TpmSection {
         Self {
             tcti: default_tcti(),
             seal_pcrs: Vec::new(),
+            check_interval_secs: default_check_interval(),
         }
     }
 }
@@ -363,6 +368,12 @@ impl Config {
                 ));
             }
         }
+        if !(1..=86_400).contains(&self.tpm.check_interval_secs) {
+            return Err(invalid(
+                "tpm.check_interval_secs",
+                format!("{} is outside 1..=86400", self.tpm.check_interval_secs),
+            ));
+        }
         if !(1..=86_400).contains(&self.boundary.check_interval_secs) {
             return Err(invalid(
                 "boundary.check_interval_secs",
@@ -428,6 +439,25 @@ mod tests {
         assert_eq!(c.tpm.tcti, "device:/dev/tpmrm0");
         assert_eq!(c.state.dir, PathBuf::from("/var/lib/leasehold"));
         assert!(c.tpm.seal_pcrs.is_empty());
+    }
+
+    #[test]
+    fn tpm_check_interval_default_and_range() {
+        assert_eq!(parse("").unwrap().tpm.check_interval_secs, 30);
+        assert_eq!(
+            parse("[tpm]\ncheck_interval_secs = 1\n")
+                .unwrap()
+                .tpm
+                .check_interval_secs,
+            1
+        );
+        let e = parse("[tpm]\ncheck_interval_secs = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tpm.check_interval_secs: 0 is outside 1..=86400"),
+            "{e}"
+        );
     }
 
     #[test]

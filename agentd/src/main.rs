@@ -2,16 +2,20 @@
 //!
 //! Owns the key hierarchy (one thread), serves `org.leasehold.Agent1` on the
 //! system bus with a landlord and a tenant interface, authorizes every call
-//! through polkit, and shuts the TPM down cleanly on SIGTERM. See
-//! docs/agentd.md for options and exit codes.
+//! through polkit, and shuts the TPM down cleanly on SIGTERM or SIGINT
+//! (SIGHUP is logged and ignored). See docs/agentd.md for options and exit
+//! codes.
 
 mod api;
 mod auth;
 mod boundary;
 mod config;
+mod devnet;
 mod engines;
 mod fsutil;
+mod health;
 mod keys;
+mod lock;
 mod peer_index;
 mod power;
 mod secrets;
@@ -38,6 +42,8 @@ mod exit {
     pub const UNAVAILABLE: u8 = 69;
     pub const SOFTWARE: u8 = 70;
     pub const IO: u8 = 74;
+    pub const TEMPFAIL: u8 = 75;
+    pub const NOPERM: u8 = 77;
     pub const CONFIG: u8 = 78;
 }
 
@@ -53,6 +59,12 @@ struct Args {
     /// as safe as DIR.
     #[arg(long, value_name = "DIR")]
     dev: Option<PathBuf>,
+
+    /// With --dev: stay in the network namespace agentd was started in,
+    /// which the caller made for it (never the host's). Without it, --dev
+    /// makes a new one.
+    #[arg(long, requires = "dev")]
+    dev_keep_netns: bool,
 
     /// Initialise or load the keys, print the node summary and exit (no D-Bus).
     #[arg(long)]
@@ -84,6 +96,10 @@ enum AgentError {
     Node(String),
     #[error("cannot start the engine runtime: {0}")]
     Engines(String),
+    #[error(transparent)]
+    Lock(#[from] lock::LockError),
+    #[error(transparent)]
+    DevNet(#[from] devnet::DevNetError),
 }
 
 impl AgentError {
@@ -93,6 +109,10 @@ impl AgentError {
             AgentError::DevTpm(_) | AgentError::Bus(_) => exit::UNAVAILABLE,
             AgentError::Signals(_) | AgentError::Node(_) => exit::SOFTWARE,
             AgentError::Boundary(_) | AgentError::Engines(_) => exit::DATA,
+            AgentError::Lock(lock::LockError::InUse { .. }) => exit::TEMPFAIL,
+            AgentError::Lock(lock::LockError::Io { .. }) => exit::IO,
+            AgentError::DevNet(e) if e.is_permission() => exit::NOPERM,
+            AgentError::DevNet(_) => exit::UNAVAILABLE,
             AgentError::Keys(k) => match k {
                 KeyError::InvalidTcti { .. } | KeyError::InvalidPcr(_) => exit::CONFIG,
                 KeyError::Connect { .. } => exit::UNAVAILABLE,
@@ -134,6 +154,22 @@ fn main() -> ExitCode {
         // Colour codes only on a terminal: not in the journal or a log file.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    // Before the runtime starts its threads: unshare moves only this one.
+    if args.dev.is_some() {
+        match devnet::isolate(args.dev_keep_netns) {
+            Ok(devnet::DevNet::Own) => {
+                info!("development mode: in a network namespace of its own (only lo); the host's firewall is never touched")
+            }
+            Ok(devnet::DevNet::Kept) => {
+                info!("development mode: staying in the network namespace agentd was started in (--dev-keep-netns)")
+            }
+            Err(e) => {
+                let e = AgentError::from(e);
+                error!("{e}");
+                return ExitCode::from(e.exit_code());
+            }
+        }
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -169,6 +205,27 @@ async fn run(args: &Args) -> Result<(), AgentError> {
     // still ends in an orderly TPM shutdown.
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
     let mut int = signal(SignalKind::interrupt()).map_err(AgentError::Signals)?;
+    // SIGHUP's default would end the agent with no TPM shutdown (and, in
+    // dev mode, orphan swtpm). Nothing is reloaded: the configuration
+    // shapes the key thread, the volume and the bus connections, which are
+    // only safe to rebuild through a restart.
+    let mut hup = signal(SignalKind::hangup()).map_err(AgentError::Signals)?;
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            info!(
+                signal = "SIGHUP",
+                "ignored: agentd reloads nothing; restart it to apply a changed configuration"
+            );
+        }
+    });
+
+    // One agent per state directory, locked before anything in it (or, in
+    // dev mode, its swtpm) is touched: a second agent stops here.
+    let lock_path = match &args.dev {
+        Some(dir) => std::path::absolute(dir).map_err(AgentError::DevTpm)?,
+        None => cfg.state.dir.clone(),
+    };
+    let _lock = lock::lock_dir(&lock_path)?;
 
     let (swtpm, key_cfg) = match &args.dev {
         Some(dir) => {
@@ -197,15 +254,17 @@ async fn run(args: &Args) -> Result<(), AgentError> {
         ),
     };
 
-    let interval = std::time::Duration::from_secs(cfg.boundary.check_interval_secs);
-    let auth_timeout = std::time::Duration::from_millis(cfg.dbus.auth_timeout_ms);
+    let intervals = Intervals {
+        boundary: std::time::Duration::from_secs(cfg.boundary.check_interval_secs),
+        tpm: std::time::Duration::from_secs(cfg.tpm.check_interval_secs),
+        auth_timeout: std::time::Duration::from_millis(cfg.dbus.auth_timeout_ms),
+    };
     let result = serve(
         key_cfg,
         cfg.storage.clone(),
         cfg.engines.clone(),
         args.oneshot,
-        interval,
-        auth_timeout,
+        intervals,
         async move {
             tokio::select! {
                 _ = term.recv() => "SIGTERM",
@@ -225,13 +284,20 @@ async fn run(args: &Args) -> Result<(), AgentError> {
     result
 }
 
+/// The agent's timers, from the configuration.
+#[derive(Debug, Clone, Copy)]
+struct Intervals {
+    boundary: std::time::Duration,
+    tpm: std::time::Duration,
+    auth_timeout: std::time::Duration,
+}
+
 async fn serve(
     key_cfg: KeyConfig,
     storage: config::StorageSection,
     engines_cfg: config::EnginesSection,
     oneshot: bool,
-    check_interval: std::time::Duration,
-    auth_timeout: std::time::Duration,
+    intervals: Intervals,
     stop: impl std::future::Future<Output = &'static str>,
 ) -> Result<(), AgentError> {
     let state_dir = key_cfg.state_dir.clone();
@@ -338,8 +404,7 @@ async fn serve(
             boundaries,
             volume.clone(),
             engines,
-            check_interval,
-            auth_timeout,
+            intervals,
             &state_dir,
             stop,
         )
@@ -403,8 +468,7 @@ async fn serve_bus(
     boundaries: Arc<boundary::Boundaries>,
     volume: Arc<volume::Volume>,
     engines: engines::EngineRuntime,
-    check_interval: std::time::Duration,
-    auth_timeout: std::time::Duration,
+    intervals: Intervals,
     state_dir: &Path,
     stop: impl std::future::Future<Output = &'static str>,
 ) -> Result<(), AgentError> {
@@ -417,10 +481,10 @@ async fn serve_bus(
     // inherit the TSS library's socket, which has no close-on-exec, and
     // swtpm serves one connection at a time).
     let (restored_tx, mut restored_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-    boundaries.watch(check_interval, restored_tx);
+    boundaries.watch(intervals.boundary, restored_tx);
     let secrets = secrets::SecretStore::new(state_dir.join("secrets"));
     let backends = leasehold_node::Backends {
-        keys: Box::new(keys::KeyBackend(keys)),
+        keys: Box::new(keys::KeyBackend(keys.clone())),
         volume: Box::new(volume::VolumeBackend(volume.clone())),
         boundaries: Box::new(boundary::BoundaryBackend(boundaries.clone())),
         secrets: Box::new(secrets.clone()),
@@ -442,12 +506,15 @@ async fn serve_bus(
         .build()
         .await
         .map_err(AgentError::Bus)?;
+    let tpm_health = Arc::new(health::TpmHealth::default());
+    tokio::spawn(health::watch(keys, tpm_health.clone(), intervals.tpm));
     let ctx = Arc::new(api::Ctx {
         node: node.clone(),
-        auth: auth::Authorizer::new(auth_conn, auth_timeout),
+        auth: auth::Authorizer::new(auth_conn, intervals.auth_timeout),
         secrets,
         boundaries: boundaries.clone(),
         volume,
+        tpm_health,
     });
     {
         let conn = conn.clone();

@@ -59,6 +59,8 @@ pub fn node_info_json(i: &NodeInfo) -> Value {
         "consoles": i.consoles,
         "api_version": i.api_version,
         "running": i.running,
+        "tpm_health": i.tpm_health,
+        "tpm_error": i.tpm_error,
     })
 }
 
@@ -81,6 +83,14 @@ pub fn node_info_text(i: &NodeInfo) -> String {
             } else {
                 format!("{k} TPM")
             }
+        }),
+    );
+    line(
+        &mut s,
+        "TPM health:",
+        i.tpm_health.as_ref().map(|h| match &i.tpm_error {
+            Some(e) => format!("{} ({e})", h.to_uppercase()),
+            None => h.clone(),
         }),
     );
     line(

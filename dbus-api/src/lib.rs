@@ -156,6 +156,12 @@ pub struct NodeInfo {
     /// volume remake and standby keys that follow one); absent when idle.
     /// The rest of the dictionary is the state before that change.
     pub running: Option<String>,
+    /// "ok", or "failed" when the agent's last check of the TPM failed
+    /// (the TPM or its connection is lost: key operations fail). Absent
+    /// from agents older than this field.
+    pub tpm_health: Option<String>,
+    /// Why the last TPM check failed; absent while healthy.
+    pub tpm_error: Option<String>,
 }
 
 /// A public key.

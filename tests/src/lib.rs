@@ -260,9 +260,36 @@ pub struct Lab {
     /// agentd's config file (TOML) for the next [`Lab::start_agent`];
     /// None: dev-mode defaults.
     pub agent_config: Option<String>,
+    /// agentd's `--dev` directory.
+    agent_dir: PathBuf,
+    /// agentd started in this process's network namespace (it makes its own).
+    agent_host_netns: bool,
+    /// agentd's stderr on ours instead of agentd.log.
+    agent_log_to_stderr: bool,
     /// CPU groups like a systemd node's (None: flat). Last: removed after
     /// the processes in them are gone.
     slices: Option<slices::Slices>,
+}
+
+/// How to start a [`Lab`]; the default is [`Lab::start`]'s.
+#[derive(Debug, Clone, Default)]
+pub struct LabOptions {
+    /// agentd's `--dev` directory (swtpm state and the agent's state); None:
+    /// `agent` in the lab's temporary directory. A directory kept across runs
+    /// keeps the node's keys (scripts/dev-agent).
+    pub agent_dir: Option<PathBuf>,
+    /// agentd's configuration (TOML) for the first start.
+    pub agent_config: Option<String>,
+    /// Start agentd with no namespace wrapper, in this process's network
+    /// namespace: `agentd --dev` then makes a namespace of its own when
+    /// that is the host's (what a person running it gets).
+    pub agent_host_netns: bool,
+    /// agentd's log on this process's stderr instead of `agentd.log`
+    /// ([`Lab::agent_log`] is then empty).
+    pub agent_log_to_stderr: bool,
+    /// Every process in one flat CPU group instead of [`slices`]' systemd
+    /// layout (the benchmarks' baseline).
+    pub flat_cpu: bool,
 }
 
 /// An sshd on loopback for the lab.
@@ -347,26 +374,37 @@ impl Lab {
     /// agent in a network namespace of its own so boundaries set through it
     /// never touch the host's firewall.
     pub fn start() -> Lab {
-        Self::start_with(None, true)
+        Self::start_with(None, LabOptions::default())
+    }
+
+    /// A lab started as `opts` says.
+    pub fn start_with_options(opts: LabOptions) -> Lab {
+        Self::start_with(None, opts)
     }
 
     /// Like [`Lab::start`], every process in one flat CPU group (the
     /// benchmarks' baseline for [`slices`]).
     pub fn start_flat() -> Lab {
-        Self::start_with(None, false)
+        Self::start_with(
+            None,
+            LabOptions {
+                flat_cpu: true,
+                ..LabOptions::default()
+            },
+        )
     }
 
     /// Like [`Lab::start`], with agentd in the named network namespace
     /// (which must exist, with `lo` up); it keeps its table across agent
     /// restarts.
     pub fn start_in(netns: &str) -> Lab {
-        Self::start_with(Some(netns.to_owned()), true)
+        Self::start_with(Some(netns.to_owned()), LabOptions::default())
     }
 
-    fn start_with(netns: Option<String>, sliced: bool) -> Lab {
+    fn start_with(netns: Option<String>, opts: LabOptions) -> Lab {
         require_root();
         users();
-        let slices = if sliced {
+        let slices = if !opts.flat_cpu {
             slices::Slices::create()
         } else {
             None
@@ -435,6 +473,7 @@ impl Lab {
             conn.request_name("org.freedesktop.login1").await.unwrap();
             conn
         });
+        let agent_dir = opts.agent_dir.unwrap_or_else(|| dir.path().join("agent"));
         let mut lab = Lab {
             dir,
             address,
@@ -446,7 +485,10 @@ impl Lab {
             agent: None,
             sshd: None,
             netns,
-            agent_config: None,
+            agent_config: opts.agent_config,
+            agent_dir,
+            agent_host_netns: opts.agent_host_netns,
+            agent_log_to_stderr: opts.agent_log_to_stderr,
             slices,
         };
         lab.start_polkit();
@@ -561,6 +603,7 @@ impl Lab {
         let agentd = bin("agentd");
         // Both wrappers exec agentd: the child's pid is agentd's.
         let mut cmd = match &self.netns {
+            None if self.agent_host_netns => self.system_command("leasehold-agentd.service", &agentd),
             Some(ns) => {
                 let mut c = self.system_command("leasehold-agentd.service", "ip");
                 c.args(["netns", "exec", ns]).arg(&agentd);
@@ -583,19 +626,57 @@ impl Lab {
             fs::write(&file, toml).unwrap();
             cmd.arg("--config").arg(file);
         }
-        let child = spawn_logged(
-            cmd.arg("--dev")
-                .arg(self.path("agent"))
-                .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
-                .env("RUST_LOG", "info"),
-            &self.path("agentd.log"),
-        );
+        if !self.agent_host_netns || self.netns.is_some() {
+            // The wrappers above made the namespace for it.
+            cmd.arg("--dev-keep-netns");
+        }
+        cmd.arg("--dev")
+            .arg(&self.agent_dir)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
+            .env("RUST_LOG", "info");
+        let child = if self.agent_log_to_stderr {
+            cmd.stdin(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
+        } else {
+            spawn_logged(&mut cmd, &self.path("agentd.log"))
+        };
+        let mut child = child;
+        // The name appearing is the event waited for; an agent that exits
+        // first (a refused start) ends the wait at once instead of at the
+        // bound.
+        let exited = self.rt.block_on(async {
+            let name = wait_for_name(&self.conn, leasehold_dbus_api::BUS_NAME, "agentd");
+            tokio::pin!(name);
+            loop {
+                tokio::select! {
+                    () = &mut name => return None,
+                    () = tokio::time::sleep(Duration::from_millis(50)) => {
+                        if let Ok(Some(st)) = child.try_wait() {
+                            return Some(st);
+                        }
+                    }
+                }
+            }
+        });
+        if let Some(st) = exited {
+            panic!(
+                "agentd exited ({st}) before it served the bus: {}",
+                self.agent_log()
+            );
+        }
         self.agent = Some(child);
-        self.rt.block_on(wait_for_name(
-            &self.conn,
-            leasehold_dbus_api::BUS_NAME,
-            "agentd",
-        ));
+    }
+
+    /// agentd's `--dev` directory (`tpm/` holds swtpm's state and pid file,
+    /// `state/` the agent's).
+    pub fn agent_dir(&self) -> &Path {
+        &self.agent_dir
+    }
+
+    /// Waits for agentd to exit by itself (after a signal the test sent).
+    pub fn wait_agent(&mut self) -> std::process::ExitStatus {
+        self.agent.take().expect("agent running").wait().unwrap()
     }
 
     /// Whether agentd is still running.
