@@ -6,6 +6,7 @@
 pub mod boundary;
 pub mod landlord;
 pub mod output;
+pub mod progress;
 pub mod tenant;
 
 use std::ffi::OsString;

@@ -97,6 +97,33 @@ fn host(prog: &str) -> Command {
     }
 }
 
+/// The least device size a filesystem is made on: ext4 works from a few
+/// MiB, mkfs.xfs refuses less than 300 MiB.
+pub fn min_size(fstype: &str) -> u64 {
+    match fstype {
+        "xfs" => 300 << 20,
+        _ => 16 << 20,
+    }
+}
+
+/// Checks, writing nothing, that `fstype` is supported and its mkfs is
+/// installed (in PATH).
+pub fn check_mkfs(fstype: &str) -> Result<()> {
+    if !SUPPORTED.contains(&fstype) {
+        return Err(StorageError::Unavailable(format!(
+            "storage.filesystem: unsupported filesystem {fstype:?} (use one of {SUPPORTED:?}) (nothing was written)"
+        )));
+    }
+    let tool = format!("mkfs.{fstype}");
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    if std::env::split_paths(&path).any(|d| d.join(&tool).is_file()) {
+        return Ok(());
+    }
+    Err(StorageError::Unavailable(format!(
+        "{tool} is not installed (e2fsprogs or xfsprogs) (nothing was written)"
+    )))
+}
+
 /// Makes an empty filesystem. ext4's inode tables and journal are
 /// initialised lazily (after mount) and nothing is discarded, so this
 /// takes about a second whatever the size: the device under a new key
