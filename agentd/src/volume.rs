@@ -570,11 +570,18 @@ impl Volume {
             // Initializing: it never held data, and the keys changed while
             // it was failed (the remake after that change did not happen).
             self.teardown()?;
-            let event = format!(
-                "recreated empty: the keys changed after the volume was made (key generations {} -> {}); the old data is gone with the old key",
-                m.generations_text(),
-                meta::generations_text(&k.generations)
-            );
+            let event = if m.state == VolumeState::Initializing {
+                format!(
+                    "made again, empty, under the current key (key generations {}): its initialization never finished and the keys changed since",
+                    meta::generations_text(&k.generations)
+                )
+            } else {
+                format!(
+                    "recreated empty: the keys changed after the volume was made (key generations {} -> {}); the old data is gone with the old key",
+                    m.generations_text(),
+                    meta::generations_text(&k.generations)
+                )
+            };
             let mut m = self.remeta(m, k);
             m.made_by = Some(event.clone());
             self.save(&m)?;

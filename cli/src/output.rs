@@ -153,8 +153,9 @@ pub fn emit_change(as_json: bool, c: &KeyChange, human: impl FnOnce() -> String)
     if !warnings.is_empty() {
         // Exit 0 says the key change happened; this says what did not.
         eprintln!(
-            "note: the key change itself was done (exit status 0); the {} above did not work after it",
-            if warnings.len() == 1 { "warning" } else { "warnings" }
+            "note: the key change itself was done (exit status 0); the {} above {} what did not work after it",
+            if warnings.len() == 1 { "warning" } else { "warnings" },
+            if warnings.len() == 1 { "is" } else { "are" }
         );
     }
     emit(as_json, change_json(c), human);
