@@ -450,6 +450,7 @@ impl Ctx {
             made: Some(m.made),
             made_by: m.made_by.clone(),
             next: self.volume.next_step(&m, &rt),
+            progress: rt.progress.clone(),
             event: rt.event,
             error: rt.error,
         })

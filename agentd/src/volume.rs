@@ -82,6 +82,8 @@ pub struct Runtime {
     /// A filesystem is being made right now (init or remake): a record in
     /// `initializing` is then work in progress, not a failure.
     pub working: bool,
+    /// While working: the step, for `status` ("filling the device: 12%").
+    pub progress: Option<String>,
 }
 
 /// Metadata (None: no volume), runtime state, (used, total) bytes when open.
@@ -318,6 +320,10 @@ impl Volume {
         Ok(m)
     }
 
+    fn progress(&self, step: &str) {
+        self.rt().progress = Some(step.to_owned());
+    }
+
     /// An init that failed after its metadata was written: the mapping and
     /// then the metadata go (no volume, as before). If the mapping cannot
     /// be removed the record stays, failed, so nothing is left unnamed.
@@ -429,7 +435,9 @@ impl Volume {
     fn make(&self, m: VolumeMeta, k: &DiskKeyInfo, phase: &str) -> Result<VolumeMeta, VolumeError> {
         self.rt().working = true;
         let r = self.make_inner(m, k, phase);
-        self.rt().working = false;
+        let mut rt = self.rt();
+        rt.working = false;
+        rt.progress = None;
         r
     }
 
@@ -439,6 +447,7 @@ impl Volume {
         k: &DiskKeyInfo,
         phase: &str,
     ) -> Result<VolumeMeta, VolumeError> {
+        self.progress("mapping the device");
         self.map(&m, k)?;
         crash_point(&format!("{phase}:mapped"));
         let node = mapping::devnode(mapping::NAME);
@@ -446,12 +455,27 @@ impl Volume {
             // Every block becomes ciphertext: the device then looks random
             // throughout and shows no trace of which blocks the tenant uses.
             let t = Instant::now();
-            fs::fill_zeros(&node, m.size_bytes)?;
+            let total = m.size_bytes.max(1);
+            let mut shown = u64::MAX;
+            fs::fill_zeros(&node, m.size_bytes, |done| {
+                let pct = done.saturating_mul(100) / total;
+                // One lock per percent, not per chunk.
+                if pct != shown {
+                    shown = pct;
+                    self.progress(&format!(
+                        "filling the device: {pct}% ({} of {} MiB)",
+                        done >> 20,
+                        total >> 20
+                    ));
+                }
+            })?;
             let millis = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
             tracing::info!(bytes = m.size_bytes, millis, "volume filled");
         }
+        self.progress("making the filesystem");
         fs::make(&node, &m.filesystem)?;
         crash_point(&format!("{phase}:made"));
+        self.progress("mounting");
         self.mount(&m)?;
         m.state = VolumeState::Ready;
         self.save(&m)?;

@@ -13,7 +13,7 @@ use crate::boundary::{
 use crate::output::{
     change_text, emit, emit_change, node_info_json, node_info_text, volume_json, volume_text,
 };
-use crate::progress::bounded;
+use crate::progress::{bounded, bounded_with};
 use crate::{
     connect_local, emit_public_key, exit, read_pem_file, run_main, with_confirmation,
     with_confirmation_or, CliError, EXIT_CODES_HELP,
@@ -315,11 +315,14 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                 args.yes,
                 &format!("erase {device} and make it the tenant's encrypted volume"),
                 |ok| {
-                    bounded(
+                    bounded_with(
                         "initialize the volume",
                         "landlordctl volume status",
                         timeout,
                         p.init_volume(&device, force, ok),
+                        // The fill's progress, from the status (reads
+                        // never wait behind the init).
+                        || async { p.volume_status().await.ok().and_then(|v| v.progress) },
                     )
                 },
             )

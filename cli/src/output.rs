@@ -167,7 +167,7 @@ pub fn volume_json(v: &VolumeInfo) -> Value {
         "state": v.state, "device": v.device, "size": v.size, "used": v.used, "total": v.total,
         "mount": v.mount, "filesystem": v.filesystem, "mapping": v.mapping,
         "generations": v.generations, "created": v.created, "made": v.made, "made_by": v.made_by,
-        "event": v.event, "error": v.error, "next": v.next,
+        "event": v.event, "error": v.error, "next": v.next, "progress": v.progress,
     })
 }
 
@@ -206,6 +206,7 @@ pub fn volume_text(v: &VolumeInfo) -> String {
     line("last event:", v.event.clone());
     line("error:", v.error.clone());
     line("next:", v.next.clone());
+    line("progress:", v.progress.clone());
     s
 }
 

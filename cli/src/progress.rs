@@ -52,6 +52,23 @@ pub async fn bounded<T, Fut>(
 where
     Fut: Future<Output = Result<T, ApiError>>,
 {
+    bounded_with(what, check, timeout, call, || std::future::ready(None)).await
+}
+
+/// [`bounded`], and on a terminal the line shows the step the node
+/// reports (`status`, asked once a second, e.g. the volume's progress).
+pub async fn bounded_with<T, Fut, S, SFut>(
+    what: &str,
+    check: &str,
+    timeout: Timeout,
+    call: Fut,
+    status: S,
+) -> Result<T, ApiError>
+where
+    Fut: Future<Output = Result<T, ApiError>>,
+    S: Fn() -> SFut,
+    SFut: Future<Output = Option<String>>,
+{
     let tty = std::io::stderr().is_terminal();
     let start = Instant::now();
     let ticker = async {
@@ -62,12 +79,11 @@ where
         tick.tick().await;
         loop {
             tick.tick().await;
+            let step = status()
+                .await
+                .unwrap_or_else(|| "waiting for the node".to_owned());
             let mut e = std::io::stderr().lock();
-            let _ = write!(
-                e,
-                "\r{what}: waiting for the node, {}s",
-                start.elapsed().as_secs()
-            );
+            let _ = write!(e, "\r\x1b[2K{what}: {step}, {}s", start.elapsed().as_secs());
             let _ = e.flush();
         }
     };

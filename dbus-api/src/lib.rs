@@ -235,6 +235,9 @@ pub struct VolumeInfo {
     pub error: Option<String>,
     /// What to do about a failed or stuck volume (absent when it is fine).
     pub next: Option<String>,
+    /// While a filesystem is being made (init, remake): the step
+    /// ("filling the device: 12% (…)"); absent otherwise.
+    pub progress: Option<String>,
 }
 
 /// A stored secret (never its value).

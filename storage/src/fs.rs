@@ -161,8 +161,9 @@ pub fn make(dev: &Path, fstype: &str) -> Result<()> {
 }
 
 /// Writes zeros over the first `bytes` of `dev` (through a mapping: they
-/// land as ciphertext) and flushes.
-pub fn fill_zeros(dev: &Path, bytes: u64) -> Result<()> {
+/// land as ciphertext) and flushes. `progress` is told the bytes written
+/// so far after every chunk (4 MiB).
+pub fn fill_zeros(dev: &Path, bytes: u64, mut progress: impl FnMut(u64)) -> Result<()> {
     use std::io::Write as _;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -175,6 +176,7 @@ pub fn fill_zeros(dev: &Path, bytes: u64) -> Result<()> {
         f.write_all(&chunk[..n])
             .map_err(io(format!("fill {}", dev.display())))?;
         left -= n as u64;
+        progress(bytes - left);
     }
     f.sync_all().map_err(io(format!("flush {}", dev.display())))
 }
