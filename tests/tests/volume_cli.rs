@@ -276,3 +276,78 @@ fn volume_cli_stuck_volume_is_an_error_blocks_no_key_change_and_can_be_forgotten
     assert_eq!(r.code, 0, "{}", r.stderr);
     assert!(!r.stderr.contains("warning"), "{}", r.stderr);
 }
+
+/// SIGCONTs polkitd when dropped (a stopped process ignores the lab's
+/// SIGTERM).
+struct Frozen(u32);
+
+impl Frozen {
+    fn new(pid: u32) -> Frozen {
+        leasehold_tests::sh(&["kill", "-STOP", &pid.to_string()]);
+        Frozen(pid)
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+/// A long call (here: polkitd frozen, so the agent holds the call for its
+/// 5 s authorization bound): `--timeout` ends the wait and says the node
+/// may still act; on a terminal a progress line shows the wait, and
+/// without one nothing is printed but the outcome.
+#[test]
+fn volume_cli_long_calls_time_out_and_show_progress_only_on_a_terminal() {
+    let lab = Lab::start();
+    lab.run(Who::Landlord, "landlordctl", &["info"]).ok();
+    let frozen = Frozen::new(lab.polkit_pid().expect("polkitd running"));
+    let start = std::time::Instant::now();
+    let r = lab.run(
+        Who::Landlord,
+        "landlordctl",
+        &["--yes", "--timeout", "2s", "rotate"],
+    );
+    let took = start.elapsed();
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stderr.contains("timed out after 2s waiting for the node to rotate the landlord keys (--timeout); the node may still be doing it: see `landlordctl info`"),
+        "{r:?}"
+    );
+    // The client's deadline, not the agent's 5 s polkit bound.
+    assert!(
+        took >= std::time::Duration::from_secs(2) && took < std::time::Duration::from_secs(4),
+        "{took:?}"
+    );
+    assert!(!r.stderr.contains("waiting for the node,"), "{r:?}");
+    // On a terminal (script(1) gives the CLI a pty for stdout and stderr).
+    let cmd = format!(
+        "{} --yes --timeout 3s rotate",
+        leasehold_tests::bin("landlordctl").display()
+    );
+    let out = lab
+        .command(Who::Landlord, Path::new("/usr/bin/script"))
+        .args(["-qec", &cmd, "/dev/null"])
+        .output()
+        .unwrap();
+    let tty = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        // Each update rewrites the line; the line is erased at the end.
+        tty.contains("\r\x1b[2Krotate the landlord keys: waiting for the node, 1s")
+            && tty.contains(
+                "waiting for the node, 2s\r\x1b[2Klandlordctl: failed: timed out after 3s"
+            ),
+        "{tty:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(frozen);
+    // Nothing was rotated (polkit never answered: the agent refused).
+    let info = lab
+        .run(Who::Landlord, "landlordctl", &["--json", "info"])
+        .ok()
+        .json();
+    assert_eq!(info["landlord_generation"], 1, "{info}");
+}
