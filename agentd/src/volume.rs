@@ -60,6 +60,9 @@ pub enum VolumeError {
     /// The request does not fit the current state.
     #[error("{0}")]
     Invalid(String),
+    /// A step failed and so did cleaning up after it (the record stays).
+    #[error("{0}")]
+    Failed(String),
     /// State file.
     #[error("volume metadata {path}: {reason}")]
     Meta {
@@ -342,7 +345,7 @@ impl Volume {
                 let msg =
                     format!("initialization on {device} failed: {e}; cleaning up failed too: {e2}");
                 self.set(false, Some(msg.clone()), None);
-                VolumeError::Invalid(msg)
+                VolumeError::Failed(msg)
             }
         }
     }
@@ -371,7 +374,7 @@ impl Volume {
             return Ok(None);
         };
         let rt = self.rt().clone();
-        if rt.open {
+        if rt.open || rt.working {
             return Ok(None);
         }
         Ok(match (rt.error, m.state) {
@@ -403,7 +406,7 @@ impl Volume {
 
     /// What to do about the volume's state, for `status` (None: nothing).
     pub fn next_step(&self, m: &VolumeMeta, rt: &Runtime) -> Option<String> {
-        if rt.open {
+        if rt.open || rt.working {
             return None;
         }
         let forget = "or drop the record with `landlordctl volume forget --yes` (whatever the volume holds is then lost) and run `landlordctl volume init` again";
