@@ -434,7 +434,10 @@ impl Ctx {
         };
         let state = if rt.open {
             "open"
-        } else if rt.error.is_some() {
+        } else if rt.error.is_some()
+            || (m.state == leasehold_storage::VolumeState::Initializing && !rt.working)
+        {
+            // An initialization that never finished is not "closed".
             "error"
         } else {
             "closed"
@@ -457,6 +460,8 @@ impl Ctx {
             created: Some(m.created),
             made: Some(m.made),
             made_by: m.made_by.clone(),
+            next: self.volume.next_step(&m, &rt),
+            progress: rt.progress.clone(),
             event: rt.event,
             error: rt.error,
         })
@@ -829,6 +834,24 @@ impl LandlordApi {
         self.auth(&hdr, actions::LANDLORD_READ, "VolumeStatus", &[])
             .await?;
         self.0.volume_info().await
+    }
+
+    async fn forget_volume(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        confirm: bool,
+    ) -> Result<VolumeInfo, Error> {
+        let caller = self
+            .auth(&hdr, actions::LANDLORD_VOLUME, "ForgetVolume", &[])
+            .await?;
+        match self
+            .0
+            .submit(caller, SystemTime::now(), Command::ForgetVolume { confirm })
+            .await?
+        {
+            Outcome::VolumeForgotten(_) => self.0.volume_info().await,
+            other => Err(unexpected(&other)),
+        }
     }
 
     async fn get_receipt_key(&self, #[zbus(header)] hdr: Header<'_>) -> Result<PublicKey, Error> {

@@ -4,8 +4,11 @@
 //! Lifecycle and crash recovery. `volume.json` in the state dir records
 //! the volume and the state of the last step that changes the device:
 //!
-//! - init: checks (nothing written) → metadata `initializing` → mapping,
-//!   mkfs, mount → `ready`.
+//! - init: every check (the device, the kernel's dm-crypt, mkfs; nothing
+//!   written, also run before the caller is asked to confirm) → metadata
+//!   `initializing` → mapping, mkfs, mount → `ready`. If a step after the
+//!   metadata fails, the mapping goes and so does the metadata: no volume
+//!   (or, if the mapping cannot be removed, the record stays, failed).
 //! - a key change that changes the disk key (tenant or landlord rotation,
 //!   assignment, release): the keys change first (atomic in the TPM
 //!   crate) → the old mapping is wiped and removed → metadata
@@ -18,12 +21,20 @@
 //!   (data intact); equal and `initializing` → make it again (it held
 //!   nothing yet); different and `rekeying` → the keys changed during a
 //!   key change of this agent (killed before the remake): the old data is
-//!   gone with the old key, so make it again, empty; different otherwise,
+//!   gone with the old key, so make it again, empty; different and
+//!   `initializing` → it never held data (a key change came while it was
+//!   failed or stuck): make it again, empty; different otherwise,
 //!   or another node's metadata → refuse, touch nothing (metadata copied
 //!   from elsewhere or restored from an old backup).
 //!
 //! So after a crash at any point the volume is the old one (intact) or a
 //! new empty one, and `status` says which.
+//!
+//! A volume that is recorded but not usable (an initialization that never
+//! finished, a failed open or remake) is *failed*: `status` says so and what
+//! to do, key changes go ahead past it (a host without device-mapper holds
+//! no key in the kernel: `wipe` proves that from /proc/misc), and the
+//! landlord may drop its record (`forget`, confirmed).
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -49,6 +60,9 @@ pub enum VolumeError {
     /// The request does not fit the current state.
     #[error("{0}")]
     Invalid(String),
+    /// A step failed and so did cleaning up after it (the record stays).
+    #[error("{0}")]
+    Failed(String),
     /// State file.
     #[error("volume metadata {path}: {reason}")]
     Meta {
@@ -68,6 +82,11 @@ pub struct Runtime {
     pub error: Option<String>,
     /// The last lifecycle event ("opened", "recreated empty: …").
     pub event: Option<String>,
+    /// A filesystem is being made right now (init or remake): a record in
+    /// `initializing` is then work in progress, not a failure.
+    pub working: bool,
+    /// While working: the step, for `status` ("filling the device: 12%").
+    pub progress: Option<String>,
 }
 
 /// Metadata (None: no volume), runtime state, (used, total) bytes when open.
@@ -171,19 +190,29 @@ impl Volume {
         })
     }
 
-    /// Initializes `device` under the current disk key: checks, then a
-    /// fresh filesystem, mounted.
-    pub fn init(
+    /// Every check `init` makes before it records or writes anything: the
+    /// state, the device (exists, is a block device, is the configured one,
+    /// not the root disk, not mounted or held, no signature unless `force`,
+    /// big enough), the kernel's dm-crypt and the mkfs program.
+    /// `teardown`: remove the mapping a failed initialization left first
+    /// (only once the caller confirmed; unconfirmed, that mapping's hold
+    /// on the device is not counted against it).
+    fn prerequisites(
         &self,
         device_path: &str,
         force: bool,
-        k: &DiskKeyInfo,
-    ) -> Result<VolumeMeta, VolumeError> {
+        teardown: bool,
+    ) -> Result<(device::BlockDevice, Option<VolumeMeta>), VolumeError> {
         let previous = self.meta()?;
         if let Some(m) = &previous {
-            if m.state == VolumeState::Ready {
+            if m.state != VolumeState::Initializing {
+                let hint = if self.failed()?.is_some() {
+                    "; it is failed: `landlordctl volume forget` drops its record first"
+                } else {
+                    "; a destroying key rotation empties it"
+                };
                 return Err(VolumeError::Invalid(format!(
-                    "a volume already exists on {} (made {}); a destroying key rotation empties it",
+                    "a volume already exists on {} (made {}){hint}",
                     m.device, m.made
                 )));
             }
@@ -200,11 +229,67 @@ impl Volume {
                 )));
             }
         }
+        let min = fs::min_size(&self.cfg.filesystem);
+        if dev.size_bytes < min {
+            return Err(StorageError::TooSmall {
+                path: device_path.to_owned(),
+                size_bytes: dev.size_bytes,
+                filesystem: self.cfg.filesystem.clone(),
+                min_bytes: min,
+            }
+            .into());
+        }
         // The mapping of an interrupted init may hold the device.
-        if previous.is_some_and(|m| m.state == VolumeState::Initializing) {
+        let own_mapping = previous.is_some() && mapping::exists(mapping::NAME)?;
+        if own_mapping && teardown {
             self.teardown()?;
         }
-        device::check_for_init(&dev, force)?;
+        if own_mapping && !teardown {
+            // Held by our own stale mapping, which the confirmed call
+            // removes before it checks again.
+            device::check_not_root(&dev)?;
+            if let Some(what) = device::signature(&dev)?.filter(|_| !force) {
+                return Err(StorageError::Signature {
+                    path: device_path.to_owned(),
+                    what,
+                }
+                .into());
+            }
+        } else {
+            device::check_for_init(&dev, force)?;
+        }
+        mapping::check_crypt_usable()?;
+        fs::check_mkfs(&self.cfg.filesystem)?;
+        Ok((dev, previous))
+    }
+
+    /// Runs every check of `init`, writing nothing; returns what it would
+    /// erase, in words, for the confirmation.
+    pub fn check_init(&self, device_path: &str, force: bool) -> Result<String, VolumeError> {
+        let (dev, previous) = self.prerequisites(device_path, force, false)?;
+        let mut what = dev.given.display().to_string();
+        if dev.node != dev.given {
+            what.push_str(&format!(" = {}", dev.node.display()));
+        }
+        what.push_str(&format!(" ({} MiB)", dev.size_bytes >> 20));
+        if let Some(m) = previous {
+            what.push_str(&format!(
+                ", and replaces the record of the volume that never finished on {}",
+                m.device
+            ));
+        }
+        Ok(what)
+    }
+
+    /// Initializes `device` under the current disk key: checks, then a
+    /// fresh filesystem, mounted.
+    pub fn init(
+        &self,
+        device_path: &str,
+        force: bool,
+        k: &DiskKeyInfo,
+    ) -> Result<VolumeMeta, VolumeError> {
+        let (dev, _) = self.prerequisites(device_path, force, true)?;
         crash_point("init:checked");
         let sector_size = dev.crypt_sector_size();
         let id = hex_id();
@@ -228,20 +313,144 @@ impl Volume {
         };
         self.save(&m)?;
         crash_point("init:meta");
-        let m = self.make(m, k, "init")?;
+        let device = m.device.clone();
+        let m = match self.make(m, k, "init") {
+            Ok(m) => m,
+            Err(e) => return Err(self.init_failed(&device, e)),
+        };
         tracing::info!(device = %m.device, id = %m.id, size = m.size_bytes, "volume initialized");
         self.set(true, None, Some(format!("initialized on {}", m.device)));
         Ok(m)
     }
 
+    fn progress(&self, step: &str) {
+        self.rt().progress = Some(step.to_owned());
+    }
+
+    /// An init that failed after its metadata was written: the mapping and
+    /// then the metadata go (no volume, as before). If the mapping cannot
+    /// be removed the record stays, failed, so nothing is left unnamed.
+    fn init_failed(&self, device: &str, e: VolumeError) -> VolumeError {
+        tracing::error!(error = %e, device, "volume initialization failed");
+        match self.teardown().and_then(|_| self.remove_meta()) {
+            Ok(()) => {
+                self.set(
+                    false,
+                    None,
+                    Some(format!("initialization on {device} failed: {e}")),
+                );
+                e
+            }
+            Err(e2) => {
+                let msg =
+                    format!("initialization on {device} failed: {e}; cleaning up failed too: {e2}");
+                self.set(false, Some(msg.clone()), None);
+                VolumeError::Failed(msg)
+            }
+        }
+    }
+
+    fn remove_meta(&self) -> Result<(), VolumeError> {
+        let path = self.dir.join(META);
+        let meta_err = |e: std::io::Error| VolumeError::Meta {
+            path: path.clone(),
+            reason: e.to_string(),
+        };
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(meta_err(e)),
+        }
+        // The removal is durable before it is reported.
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(meta_err)
+    }
+
+    /// Why the volume is failed or stuck (recorded, not open, and either
+    /// an error on record or an initialization that never finished).
+    pub fn failed(&self) -> Result<Option<String>, VolumeError> {
+        let Some(m) = self.meta()? else {
+            return Ok(None);
+        };
+        let rt = self.rt().clone();
+        if rt.open || rt.working {
+            return Ok(None);
+        }
+        Ok(match (rt.error, m.state) {
+            (Some(e), _) => Some(e),
+            (None, VolumeState::Initializing) => {
+                Some(format!("its initialization on {} never finished", m.device))
+            }
+            (None, _) => None,
+        })
+    }
+
+    /// Drops the record of the volume (the controller allows it for a
+    /// failed one only): its mapping, if any, is removed first (key
+    /// wiped); the device is not written. Returns the device it named.
+    pub fn forget(&self) -> Result<Option<String>, VolumeError> {
+        let Some(m) = self.meta()? else {
+            return Ok(None);
+        };
+        self.teardown()?;
+        self.remove_meta()?;
+        let event = format!("forgotten: the record of volume {} on {}", m.id, m.device);
+        tracing::warn!(id = %m.id, device = %m.device, "{event}");
+        *self.rt() = Runtime {
+            event: Some(event),
+            ..Runtime::default()
+        };
+        Ok(Some(m.device))
+    }
+
+    /// What to do about the volume's state, for `status` (None: nothing).
+    pub fn next_step(&self, m: &VolumeMeta, rt: &Runtime) -> Option<String> {
+        if rt.open || rt.working {
+            return None;
+        }
+        let forget = "or drop the record with `landlordctl volume forget --yes` (whatever the volume holds is then lost) and run `landlordctl volume init` again";
+        let e = rt.error.as_deref();
+        if e.is_some_and(|e| e.contains("device-mapper") || e.contains("dm-crypt")) {
+            return Some(format!(
+                "load device-mapper (`modprobe dm_crypt`) and restart the agent (`systemctl restart leasehold-agentd`), {forget}"
+            ));
+        }
+        if e.is_some_and(|e| e.contains("key check value") || e.contains("belongs to node")) {
+            return Some(format!(
+                "the metadata is not this volume's (copied or restored from elsewhere): put back the right {}, {forget}",
+                self.dir.join(META).display()
+            ));
+        }
+        if e.is_some() {
+            return Some(format!(
+                "fix what the error names (is {} attached?) and restart the agent, {forget}",
+                m.device
+            ));
+        }
+        (m.state == VolumeState::Initializing).then(|| {
+            format!("the initialization never finished: restart the agent to finish it, {forget}")
+        })
+    }
+
     /// Maps `m` with `k`, makes a filesystem, mounts it, records `ready`.
     /// `phase` names the crash points ("init", "erase").
-    fn make(
+    fn make(&self, m: VolumeMeta, k: &DiskKeyInfo, phase: &str) -> Result<VolumeMeta, VolumeError> {
+        self.rt().working = true;
+        let r = self.make_inner(m, k, phase);
+        let mut rt = self.rt();
+        rt.working = false;
+        rt.progress = None;
+        r
+    }
+
+    fn make_inner(
         &self,
         mut m: VolumeMeta,
         k: &DiskKeyInfo,
         phase: &str,
     ) -> Result<VolumeMeta, VolumeError> {
+        self.progress("mapping the device");
         self.map(&m, k)?;
         crash_point(&format!("{phase}:mapped"));
         let node = mapping::devnode(mapping::NAME);
@@ -249,12 +458,27 @@ impl Volume {
             // Every block becomes ciphertext: the device then looks random
             // throughout and shows no trace of which blocks the tenant uses.
             let t = Instant::now();
-            fs::fill_zeros(&node, m.size_bytes)?;
+            let total = m.size_bytes.max(1);
+            let mut shown = u64::MAX;
+            fs::fill_zeros(&node, m.size_bytes, |done| {
+                let pct = done.saturating_mul(100) / total;
+                // One lock per percent, not per chunk.
+                if pct != shown {
+                    shown = pct;
+                    self.progress(&format!(
+                        "filling the device: {pct}% ({} of {} MiB)",
+                        done >> 20,
+                        total >> 20
+                    ));
+                }
+            })?;
             let millis = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
             tracing::info!(bytes = m.size_bytes, millis, "volume filled");
         }
+        self.progress("making the filesystem");
         fs::make(&node, &m.filesystem)?;
         crash_point(&format!("{phase}:made"));
+        self.progress("mounting");
         self.mount(&m)?;
         m.state = VolumeState::Ready;
         self.save(&m)?;
@@ -315,8 +539,16 @@ impl Volume {
     }
 
     /// At agent start: opens the volume, finishes an interrupted step, or
-    /// says why not (see the module comment).
+    /// says why not (see the module comment); why not is kept for `status`.
     pub fn open_at_start(&self, k: &DiskKeyInfo) -> Result<Option<String>, VolumeError> {
+        let r = self.open_at_start_inner(k);
+        if let Err(e) = &r {
+            self.set(false, Some(e.to_string()), None);
+        }
+        r
+    }
+
+    fn open_at_start_inner(&self, k: &DiskKeyInfo) -> Result<Option<String>, VolumeError> {
         let Some(m) = self.meta()? else {
             return Ok(None);
         };
@@ -361,13 +593,22 @@ impl Volume {
             m.made_by = Some(event.clone());
             self.make(m, k, "start")?;
             event
-        } else if m.state == VolumeState::Rekeying {
+        } else if matches!(m.state, VolumeState::Rekeying | VolumeState::Initializing) {
+            // Initializing: it never held data, and the keys changed while
+            // it was failed (the remake after that change did not happen).
             self.teardown()?;
-            let event = format!(
-                "recreated empty: the keys changed after the volume was made (key generations {} -> {}); the old data is gone with the old key",
-                m.generations_text(),
-                meta::generations_text(&k.generations)
-            );
+            let event = if m.state == VolumeState::Initializing {
+                format!(
+                    "made again, empty, under the current key (key generations {}): its initialization never finished and the keys changed since",
+                    meta::generations_text(&k.generations)
+                )
+            } else {
+                format!(
+                    "recreated empty: the keys changed after the volume was made (key generations {} -> {}); the old data is gone with the old key",
+                    m.generations_text(),
+                    meta::generations_text(&k.generations)
+                )
+            };
             let mut m = self.remeta(m, k);
             m.made_by = Some(event.clone());
             self.save(&m)?;
@@ -471,14 +712,23 @@ impl Volume {
         };
         let t = Instant::now();
         crash_point("erase:keys");
-        let deferred = self.teardown()?;
-        self.set(false, None, None);
-        crash_point("erase:closed");
         let before = m.key_generations.clone();
+        // The record follows the new key first: whatever fails below, the
+        // next start finds `initializing` under the current key and makes
+        // it again, never a check value of a key that no longer exists.
         let mut m = self.remeta(m, k);
         m.made_by = Some(format!("recreated empty after {reason}"));
         self.save(&m)?;
         crash_point("erase:meta");
+        let deferred = match self.teardown() {
+            Ok(d) => d,
+            Err(e) => {
+                self.set(false, Some(e.to_string()), None);
+                return Err(e);
+            }
+        };
+        self.set(false, None, None);
+        crash_point("erase:closed");
         let r = self.make(m, k, "erase");
         let m = match r {
             Ok(m) => m,
@@ -576,8 +826,10 @@ fn failure(e: VolumeError) -> leasehold_node::Failure {
             | StorageError::InUse { .. }
             | StorageError::RootDisk { .. }
             | StorageError::Signature { .. }
+            | StorageError::TooSmall { .. }
             | StorageError::WrongKey(_),
         ) => FailureKind::Invalid,
+        VolumeError::Storage(StorageError::Unavailable(_)) => FailureKind::Unavailable,
         _ => FailureKind::Failed,
     };
     Failure::new(kind, e.to_string())
@@ -609,6 +861,15 @@ impl leasehold_node::backend::VolumeStore for VolumeBackend {
     }
     fn describe(&mut self) -> Result<Option<(String, String)>, leasehold_node::Failure> {
         Ok(self.0.meta().map_err(failure)?.map(|m| (m.id, m.device)))
+    }
+    fn check_init(&mut self, device: &str, force: bool) -> Result<String, leasehold_node::Failure> {
+        self.0.check_init(device, force).map_err(failure)
+    }
+    fn failed(&mut self) -> Result<Option<String>, leasehold_node::Failure> {
+        self.0.failed().map_err(failure)
+    }
+    fn forget(&mut self) -> Result<Option<String>, leasehold_node::Failure> {
+        self.0.forget().map_err(failure)
     }
     fn init(
         &mut self,

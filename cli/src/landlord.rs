@@ -13,6 +13,7 @@ use crate::boundary::{
 use crate::output::{
     change_text, emit, emit_change, node_info_json, node_info_text, volume_json, volume_text,
 };
+use crate::progress::{bounded, bounded_with};
 use crate::{
     connect_local, emit_public_key, exit, read_pem_file, run_main, with_confirmation,
     with_confirmation_or, CliError, EXIT_CODES_HELP,
@@ -28,6 +29,11 @@ pub struct Args {
     /// Confirm operations that destroy data, without asking.
     #[arg(long, short = 'y', global = true)]
     pub yes: bool,
+    /// Stop waiting for a long operation (volume init, rotate, release,
+    /// assign, volume forget) after this long (e.g. 90s, 30m, 2h; 0: no
+    /// limit). The node may still finish it: `volume status`, `info`.
+    #[arg(long, global = true, value_name = "DURATION", default_value = crate::progress::DEFAULT_TIMEOUT, value_parser = crate::progress::parse_timeout)]
+    pub timeout: crate::progress::Timeout,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -116,7 +122,12 @@ pub enum VolumeCommand {
         force: bool,
     },
     /// Show the volume: device, size, use, key generations, open or not.
+    /// Exits 1 when the volume is failed, saying what to do next.
     Status,
+    /// Drop the record of a failed or stuck volume (needs --yes or a typed
+    /// yes). The device is not written; what it holds is lost. A usable
+    /// volume is refused (a destroying key change empties it).
+    Forget,
 }
 
 /// `landlordctl boundary ...`
@@ -188,6 +199,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
     }
     match &args.command {
         Command::Assign { name, .. } => crate::check_name("tenant name", name)?,
+        Command::Volume(VolumeCommand::Init { device, .. }) => check_device_arg(device)?,
         Command::RegisterConsole { name, .. } => crate::check_name("console name", name)?,
         _ => {}
     }
@@ -196,6 +208,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         .await
         .map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
     let json = args.json;
+    let timeout = args.timeout;
     match args.command {
         Command::Info => {
             let i = p.node_info().await?;
@@ -209,9 +222,18 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                 Some(path) => read_pem_file("console key", &path)?,
                 None => String::new(),
             };
-            let c = with_confirmation(args.yes, "replace the current tenant's keys", |ok| {
-                p.assign_tenant(&name, &key, ok)
-            })
+            let c = with_confirmation(
+                args.yes,
+                &format!("assign the node to {name} and erase the current tenant's keys and data"),
+                |ok| {
+                    bounded(
+                        "assign the node",
+                        "landlordctl info",
+                        timeout,
+                        p.assign_tenant(&name, &key, ok),
+                    )
+                },
+            )
             .await?;
             emit_change(json, &c, || change_text(&c));
         }
@@ -219,7 +241,14 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             let c = with_confirmation(
                 args.yes,
                 "release the node and erase the tenant's data",
-                |ok| p.release_tenant(ok),
+                |ok| {
+                    bounded(
+                        "release the node",
+                        "landlordctl info",
+                        timeout,
+                        p.release_tenant(ok),
+                    )
+                },
             )
             .await?;
             emit_change(json, &c, || {
@@ -234,7 +263,14 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             let c = with_confirmation(
                 args.yes,
                 "rotate the landlord keys and make all tenant data unreadable",
-                |ok| p.rotate_keys(ok),
+                |ok| {
+                    bounded(
+                        "rotate the landlord keys",
+                        "landlordctl info",
+                        timeout,
+                        p.rotate_keys(ok),
+                    )
+                },
             )
             .await?;
             emit_change(json, &c, || change_text(&c));
@@ -272,10 +308,23 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         }
         Command::Boundary(b) => boundary(&p, b, json, args.yes).await?,
         Command::Volume(VolumeCommand::Init { device, force }) => {
+            // The call without confirmation makes the agent run every check
+            // (device, dm-crypt, mkfs) first: a device that cannot become
+            // the volume is refused before anyone is asked.
             let v = with_confirmation(
                 args.yes,
                 &format!("erase {device} and make it the tenant's encrypted volume"),
-                |ok| p.init_volume(&device, force, ok),
+                |ok| {
+                    bounded_with(
+                        "initialize the volume",
+                        "landlordctl volume status",
+                        timeout,
+                        p.init_volume(&device, force, ok),
+                        // The fill's progress, from the status (reads
+                        // never wait behind the init).
+                        || async { p.volume_status().await.ok().and_then(|v| v.progress) },
+                    )
+                },
             )
             .await?;
             emit(json, volume_json(&v), || volume_text(&v));
@@ -283,6 +332,21 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         Command::Volume(VolumeCommand::Status) => {
             let v = p.volume_status().await?;
             emit(json, volume_json(&v), || volume_text(&v));
+            crate::output::volume_exit(&v)?;
+        }
+        Command::Volume(VolumeCommand::Forget) => {
+            let v = with_confirmation(args.yes, "forget the failed volume", |ok| {
+                bounded(
+                    "forget the volume",
+                    "landlordctl volume status",
+                    timeout,
+                    p.forget_volume(ok),
+                )
+            })
+            .await?;
+            emit(json, volume_json(&v), || {
+                "the volume's record is gone: volume none (landlordctl volume init DEVICE)".into()
+            });
         }
         Command::ReceiptKey { out } => {
             emit_public_key(json, &p.get_receipt_key().await?, out.as_deref())?;
@@ -386,4 +450,20 @@ async fn boundary(
     print_warnings(&info);
     emit(json, info_json(&info), || info_text(&info));
     Ok(())
+}
+
+/// What the CLI can tell about a device argument without the node: it
+/// names a path under /dev. The agent checks the rest (exists, is a block
+/// device, not in use, dm-crypt usable, …) before anyone is asked to
+/// confirm, where it will act (and where it runs, /dev may differ).
+fn check_device_arg(device: &str) -> Result<(), CliError> {
+    if device.starts_with("/dev/") && device.len() > "/dev/".len() {
+        return Ok(());
+    }
+    Err(CliError::new(
+        exit::INVALID,
+        format!(
+            "invalid argument: device {device:?}: give the block device's path under /dev (e.g. /dev/disk/by-id/…); nothing was done"
+        ),
+    ))
 }

@@ -6,6 +6,7 @@
 pub mod boundary;
 pub mod landlord;
 pub mod output;
+pub mod progress;
 pub mod tenant;
 
 use std::ffi::OsString;
@@ -57,16 +58,18 @@ pub mod exit {
 /// Text for the man pages' EXIT STATUS section.
 pub const EXIT_CODES_HELP: &str = "Exit status:
   0   success
-  1   the operation failed
+  1   the operation failed, or --timeout expired
   2   usage error; also a boundary change that denies all traffic or removes
       every failsafe entry, without --yes (and no typed yes on a terminal)
   3   not authorized (polkit denied the caller's role)
   4   the operation destroys data and was not confirmed (use --yes)
   5   no tenant assigned, or no such object
   6   invalid argument
-  69  the agent, the bus or the SSH connection is unavailable
+  69  the agent, the bus or the SSH connection is unavailable, or the node
+      lacks what the operation needs (e.g. device-mapper for volume init)
   75  the node is busy (too many changes queued); try again
 `boundary explain`: 0 the flow is allowed, 1 it is denied.
+`volume status`: 1 the volume is failed (`next:` says what to do).
 A key change that committed with warnings (printed on stderr) exits 0.";
 
 /// A CLI failure: a message and an exit code.

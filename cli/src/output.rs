@@ -156,8 +156,17 @@ pub fn change_json(c: &KeyChange) -> Value {
 /// the change stands, so the exit status stays 0) on stderr, the change on
 /// stdout.
 pub fn emit_change(as_json: bool, c: &KeyChange, human: impl FnOnce() -> String) {
-    for w in c.warnings.iter().flatten() {
+    let warnings = c.warnings.as_deref().unwrap_or_default();
+    for w in warnings {
         eprintln!("warning: {w}");
+    }
+    if !warnings.is_empty() {
+        // Exit 0 says the key change happened; this says what did not.
+        eprintln!(
+            "note: the key change itself was done (exit status 0); the {} above {} what did not work after it",
+            if warnings.len() == 1 { "warning" } else { "warnings" },
+            if warnings.len() == 1 { "is" } else { "are" }
+        );
     }
     emit(as_json, change_json(c), human);
 }
@@ -168,7 +177,7 @@ pub fn volume_json(v: &VolumeInfo) -> Value {
         "state": v.state, "device": v.device, "size": v.size, "used": v.used, "total": v.total,
         "mount": v.mount, "filesystem": v.filesystem, "mapping": v.mapping,
         "generations": v.generations, "created": v.created, "made": v.made, "made_by": v.made_by,
-        "event": v.event, "error": v.error,
+        "event": v.event, "error": v.error, "next": v.next, "progress": v.progress,
     })
 }
 
@@ -206,7 +215,18 @@ pub fn volume_text(v: &VolumeInfo) -> String {
     line("made:", v.made_by.clone());
     line("last event:", v.event.clone());
     line("error:", v.error.clone());
+    line("next:", v.next.clone());
+    line("progress:", v.progress.clone());
     s
+}
+
+/// A failed volume makes `volume status` exit 1 (after the status, which
+/// says what to do: `next`); the status was printed, so no message.
+pub fn volume_exit(v: &VolumeInfo) -> Result<(), crate::CliError> {
+    if v.state.as_deref() == Some("error") {
+        return Err(crate::CliError::new(exit::FAILURE, ""));
+    }
+    Ok(())
 }
 
 /// Key change as text.

@@ -34,6 +34,10 @@ pub struct Args {
     /// Confirm operations that destroy data, without asking.
     #[arg(long, short = 'y', global = true)]
     pub yes: bool,
+    /// Stop waiting for a long operation (rotate) after this long (e.g.
+    /// 90s, 30m, 2h; 0: no limit). The node may still finish it: `info`.
+    #[arg(long, global = true, value_name = "DURATION", default_value = crate::progress::DEFAULT_TIMEOUT, value_parser = crate::progress::parse_timeout)]
+    pub timeout: crate::progress::Timeout,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -291,6 +295,7 @@ async fn engine(
 #[derive(Debug, Subcommand)]
 pub enum VolumeCommand {
     /// Show the volume: device, size, use, key generations, open or not.
+    /// Exits 1 when the volume is failed (the landlord must act).
     Status,
 }
 
@@ -425,6 +430,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         Command::Volume(VolumeCommand::Status) => {
             let v = p.volume_status().await?;
             emit(json, volume_json(&v), || volume_text(&v));
+            crate::output::volume_exit(&v)?;
         }
         Command::ReceiptKey { out } => {
             emit_public_key(json, &p.get_receipt_key().await?, out.as_deref())?;
@@ -433,7 +439,14 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             let c = with_confirmation(
                 args.yes,
                 "rotate the tenant keys and make tenant data unreadable",
-                |ok| p.rotate_keys(ok),
+                |ok| {
+                    crate::progress::bounded(
+                        "rotate the tenant keys",
+                        "tenantctl info",
+                        args.timeout,
+                        p.rotate_keys(ok),
+                    )
+                },
             )
             .await?;
             emit_change(json, &c, || change_text(&c));

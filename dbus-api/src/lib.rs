@@ -39,7 +39,8 @@ pub mod actions {
     pub const LANDLORD_ASSIGN: &str = "org.leasehold.landlord.assign";
     /// Landlord: change the cluster boundary, its peers and failsafe.
     pub const LANDLORD_BOUNDARY: &str = "org.leasehold.landlord.boundary";
-    /// Landlord: initialize the tenant's encrypted volume on a device.
+    /// Landlord: initialize the tenant's encrypted volume on a device, or
+    /// forget the record of a failed one.
     pub const LANDLORD_VOLUME: &str = "org.leasehold.landlord.volume";
     /// Landlord: reboot the node.
     pub const LANDLORD_REBOOT: &str = "org.leasehold.landlord.power.reboot";
@@ -238,6 +239,11 @@ pub struct VolumeInfo {
     pub event: Option<String>,
     /// Why it is not open.
     pub error: Option<String>,
+    /// What to do about a failed or stuck volume (absent when it is fine).
+    pub next: Option<String>,
+    /// While a filesystem is being made (init, remake): the step
+    /// ("filling the device: 12% (…)"); absent otherwise.
+    pub progress: Option<String>,
 }
 
 /// A stored secret (never its value).
@@ -418,6 +424,10 @@ pub mod landlord {
         ) -> Result<VolumeInfo, Error>;
         /// The volume's state.
         fn volume_status(&self) -> Result<VolumeInfo, Error>;
+        /// Drops the record of a failed or stuck volume (needs `confirm`;
+        /// a usable volume is refused; no volume: nothing to do). The
+        /// device is not written. Returns the state after ("none").
+        fn forget_volume(&self, confirm: bool) -> Result<VolumeInfo, Error>;
         /// The node's TPM-held signing key (verifies erase receipts).
         fn get_receipt_key(&self) -> Result<PublicKey, Error>;
         /// Interface version.

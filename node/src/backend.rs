@@ -171,6 +171,19 @@ pub trait VolumeStore: Send + 'static {
     fn init(&mut self, device: &str, force: bool, k: &DiskKeyInfo) -> Result<(), Failure>;
     /// Id and device of the initialized volume (None: none).
     fn describe(&mut self) -> Result<Option<(String, String)>, Failure>;
+    /// Checks, writing nothing, everything `init` needs (the device, the
+    /// kernel's dm-crypt, the filesystem tools); returns what `init` would
+    /// erase, in words ("/dev/vdb (512 MiB)"). Runs before the caller is
+    /// asked to confirm.
+    fn check_init(&mut self, device: &str, force: bool) -> Result<String, Failure>;
+    /// Why the volume is failed or stuck (recorded but not usable: an
+    /// initialization that never finished, a remake or open that failed),
+    /// or None (no volume, or a usable one).
+    fn failed(&mut self) -> Result<Option<String>, Failure>;
+    /// Drops the record of a failed or stuck volume; a mapping left of it
+    /// is removed first (its key wiped), the device is not written.
+    /// Returns the device it named (None: there was no volume).
+    fn forget(&mut self) -> Result<Option<String>, Failure>;
 }
 
 /// One change of the boundaries (documents already parsed).

@@ -336,6 +336,7 @@ impl Controller {
                 force,
                 confirm,
             } => self.init_volume(caller, &device, force, confirm),
+            Command::ForgetVolume { confirm } => self.forget_volume(caller, confirm),
             Command::Boundary(c) => self.boundary(caller, c),
             Command::Engine(c) => self.engine(caller, c),
         };
@@ -369,15 +370,16 @@ impl Controller {
             }
             .into());
         }
-        if !confirmed {
-            // Refused before anything is touched.
-            return Err(NodeError::ConfirmationRequired(
-                "rotating a key pair with its symmetric key destroys every piece of data under it (volume, secrets); confirm to go ahead".into(),
-            ));
-        }
         let status = self.b.keys.status()?;
         if role == Role::Tenant && status.tenant.is_none() {
             return Err(KeyError::NotAssigned.into());
+        }
+        if !confirmed {
+            // Refused before anything is touched.
+            return Err(NodeError::ConfirmationRequired(format!(
+                "rotating the {role} key pair with its symmetric key destroys every piece of data under it: {}; confirm to go ahead",
+                self.data_under_keys(&status)
+            )));
         }
         let before = generations(&status);
         // The engines run from the volume: stopped before its key goes.
@@ -390,7 +392,15 @@ impl Controller {
             });
         }
         let wiped = match self.b.volume.wipe() {
-            Ok(w) => w,
+            Ok(w) => Ok(w),
+            // A failed or stuck volume never blocks a key change: it holds
+            // no usable filesystem, and the erase the caller asked for is
+            // the TPM's. No receipt claims the kernel's copy gone (see
+            // after_change); the report says why.
+            Err(e) if self.volume_failed().is_some() => {
+                tracing::warn!(error = %e, "the failed volume's kernel key could not be checked; the rotation goes ahead");
+                Err(e)
+            }
             Err(e) => {
                 // The TPM was not touched: the old key generation stands.
                 if self.reopen_after_failure() {
@@ -464,9 +474,11 @@ impl Controller {
         }
         let status = self.b.keys.status()?;
         if status.tenant.is_some() && !confirmed {
-            return Err(NodeError::ConfirmationRequired(
-                "assigning the node to a new tenant destroys the current tenant's keys and data; confirm to go ahead".into(),
-            ));
+            return Err(NodeError::ConfirmationRequired(format!(
+                "assigning the node to {} destroys the current tenant's keys and data: {}; confirm to go ahead",
+                shown(name),
+                self.data_under_keys(&status)
+            )));
         }
         let before = generations(&status);
         // A previous tenant's engines run from the volume being erased.
@@ -509,10 +521,10 @@ impl Controller {
             return Ok(Outcome::AlreadyReleased);
         }
         if !confirmed {
-            return Err(NodeError::ConfirmationRequired(
-                "releasing the node destroys the tenant's keys and data; confirm to go ahead"
-                    .into(),
-            ));
+            return Err(NodeError::ConfirmationRequired(format!(
+                "releasing the node destroys the tenant's keys and data: {}; confirm to go ahead",
+                self.data_under_keys(&status)
+            )));
         }
         let before = generations(&status);
         // The tenant's engines run from the volume being erased.
@@ -544,6 +556,47 @@ impl Controller {
                 Err(e.into())
             }
         }
+    }
+
+    /// What a destroying change would erase, in words, for its
+    /// confirmation: the tenant by name, the volume by device, the secrets.
+    fn data_under_keys(&mut self, status: &leasehold_tpm::Status) -> String {
+        let mut parts = Vec::new();
+        if let Some(t) = &status.tenant {
+            parts.push(format!(
+                "the keys of tenant {} (key generation {})",
+                t.name
+                    .as_deref()
+                    .map_or_else(|| "(unnamed)".to_owned(), shown),
+                t.key_generation
+            ));
+        }
+        match self.b.volume.describe() {
+            Ok(Some((id, device))) => parts.push(match self.volume_failed() {
+                Some(why) => format!("the volume record {id} on {device} (failed: {why})"),
+                None => format!("the tenant's volume {id} on {device} and every file on it"),
+            }),
+            Ok(None) => {}
+            Err(e) => parts.push(format!("the tenant's volume (cannot be described: {e})")),
+        }
+        match self.b.secrets.list() {
+            Ok(l) if !l.is_empty() => parts.push(format!("{} stored secrets", l.len())),
+            _ => {}
+        }
+        if parts.is_empty() {
+            "no tenant data is stored".to_owned()
+        } else {
+            parts.join(", ")
+        }
+    }
+
+    /// Why the volume is failed or stuck (None: no volume or a usable
+    /// one; a volume whose state cannot be read counts as failed).
+    fn volume_failed(&mut self) -> Option<String> {
+        self.b
+            .volume
+            .failed()
+            .unwrap_or_else(|e| Some(format!("its state cannot be read: {e}")))
     }
 
     fn end_key_change_logged(&mut self) {
@@ -614,7 +667,7 @@ impl Controller {
         c: KeyChange,
         before: Vec<(String, u64)>,
         requested: Option<SystemTime>,
-        wiped: Option<Wiped>,
+        wiped: Option<Result<Wiped, Failure>>,
         engines: Option<StopReport>,
     ) -> ChangeReport {
         tracing::info!(uid = caller.uid, change = %c, "key change");
@@ -643,14 +696,21 @@ impl Controller {
             c.data_destroyed || matches!(c.kind, ChangeKind::Assign | ChangeKind::Release);
         let mut receipt = None;
         if disk_key_changed {
+            // Reported, never a reason to stop: the key change stands.
+            let failed = self.volume_failed();
+            if let Some(why) = &failed {
+                warnings.push(format!(
+                    "the volume was failed before this change ({why}); its old key is gone with the change, and it is made again under the new key only if the node can (see `volume status`; `landlordctl volume forget` drops the record)"
+                ));
+            }
             // A rotation wiped before the TPM change; the others wipe now.
             // Either way the erase is claimed only once it is read back.
             let wiped = match wiped {
-                Some(w) => Ok(w),
+                Some(w) => w,
                 None => self.b.volume.wipe(),
             };
             match wiped {
-                Ok(w) => match self.sign_receipt(&c, before, requested, w, engines.clone()) {
+                Ok(w) => match self.sign_receipt(&c, before, requested, w, engines.clone(), failed) {
                     Ok(r) => receipt = Some(r),
                     Err(e) => warnings.push(format!("no erase receipt: {e}")),
                 },
@@ -697,6 +757,7 @@ impl Controller {
         requested: Option<SystemTime>,
         wiped: Wiped,
         engines: Option<StopReport>,
+        failed: Option<String>,
     ) -> Result<SignedReceipt, NodeError> {
         let erased_ms = requested.map(|r| {
             let at = c.erased_at.unwrap_or_else(SystemTime::now);
@@ -737,6 +798,7 @@ impl Controller {
                 device,
                 kernel_key: wiped,
                 remade: "after this receipt",
+                failed,
             });
         if let Some(v) = &volume {
             destroyed.push(format!(
@@ -871,10 +933,16 @@ impl Controller {
             }
             .into());
         }
+        // Every check first (nothing written): a device that cannot become
+        // the volume is refused before anyone is asked to confirm.
+        let target = self
+            .b
+            .volume
+            .check_init(device, force)
+            .map_err(NodeError::backend("volume"))?;
         if !confirmed {
             return Err(NodeError::ConfirmationRequired(format!(
-                "initializing the volume overwrites {}: everything on it is lost",
-                crate::shown(device)
+                "initializing the volume erases everything on {target}; confirm to go ahead"
             )));
         }
         let k = self.b.keys.disk_key()?;
@@ -884,6 +952,52 @@ impl Controller {
             .map_err(NodeError::backend("volume"))?;
         tracing::info!(uid = caller.uid, device, force, "volume initialized");
         Ok(Outcome::VolumeInitialized)
+    }
+
+    /// Drops the record of a failed or stuck volume (after confirmation);
+    /// a usable volume is refused: a destroying key change empties it.
+    fn forget_volume(&mut self, caller: Caller, confirmed: bool) -> Result<Outcome, NodeError> {
+        if caller.role != Role::Landlord {
+            return Err(KeyError::NotPermitted {
+                caller: caller.role,
+                action: "forget the volume",
+            }
+            .into());
+        }
+        let Some((id, device)) = self
+            .b
+            .volume
+            .describe()
+            .map_err(NodeError::backend("volume"))?
+        else {
+            // Already so: a result, not an error.
+            return Ok(Outcome::VolumeForgotten(None));
+        };
+        let Some(why) = self
+            .b
+            .volume
+            .failed()
+            .map_err(NodeError::backend("volume"))?
+        else {
+            return Err(NodeError::Invalid {
+                field: "volume",
+                reason: format!(
+                    "volume {id} on {device} is usable; forget only drops the record of a failed volume (a destroying key change empties a usable one)"
+                ),
+            });
+        };
+        if !confirmed {
+            return Err(NodeError::ConfirmationRequired(format!(
+                "forgetting the volume drops the record of volume {id} on {device} (failed: {why}); whatever it holds can never be opened again (the device itself is not written); confirm to go ahead"
+            )));
+        }
+        let forgotten = self
+            .b
+            .volume
+            .forget()
+            .map_err(NodeError::backend("volume"))?;
+        tracing::info!(uid = caller.uid, %device, %id, "failed volume record forgotten");
+        Ok(Outcome::VolumeForgotten(forgotten))
     }
 
     fn boundary(&mut self, caller: Caller, c: BoundaryChange) -> Result<Outcome, NodeError> {

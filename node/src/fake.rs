@@ -43,7 +43,8 @@ pub struct FakeLevel {
 /// The fake volume.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FakeVolume {
-    /// `ready`, `rekeying`.
+    /// `ready`, `rekeying`; `initializing` or `failed` for a volume that
+    /// is recorded but not usable.
     pub state: &'static str,
     /// Key generations of the key it was made under.
     pub generations: Vec<(String, u64)>,
@@ -575,6 +576,33 @@ impl VolumeStore for FakeVol {
         Ok(w.volume
             .as_ref()
             .map(|_| ("vol".into(), "/dev/fake".into())))
+    }
+
+    fn check_init(&mut self, device: &str, _force: bool) -> Result<String, Failure> {
+        let w = self.0.op("volume.check").map_err(vfail)?;
+        if !device.starts_with("/dev/") {
+            return Err(Failure::new(
+                FailureKind::Invalid,
+                format!("{device}: no such block device"),
+            ));
+        }
+        if w.volume.as_ref().is_some_and(|v| v.state == "ready") {
+            return Err(Failure::new(FailureKind::Invalid, "a volume exists"));
+        }
+        Ok(format!("{device} (1 GiB)"))
+    }
+
+    fn failed(&mut self) -> Result<Option<String>, Failure> {
+        let w = self.0.op("volume.failed").map_err(vfail)?;
+        Ok(w.volume
+            .as_ref()
+            .filter(|v| v.state == "failed" || v.state == "initializing")
+            .map(|v| format!("{}: device-mapper is missing", v.state)))
+    }
+
+    fn forget(&mut self) -> Result<Option<String>, Failure> {
+        let mut w = self.0.op("volume.forget").map_err(vfail)?;
+        Ok(w.volume.take().map(|_| "/dev/fake".to_owned()))
     }
 
     fn init(&mut self, device: &str, _force: bool, k: &DiskKeyInfo) -> Result<(), Failure> {

@@ -114,6 +114,11 @@ pub enum Command {
         /// Confirmed.
         confirm: bool,
     },
+    /// Landlord: drop the record of a failed or stuck volume.
+    ForgetVolume {
+        /// Confirmed.
+        confirm: bool,
+    },
     /// A boundary change.
     Boundary(BoundaryChange),
     /// Tenant: an engine command.
@@ -132,6 +137,7 @@ impl Command {
             Command::PutSecret { .. } => "put-secret",
             Command::RemoveSecret { .. } => "remove-secret",
             Command::InitVolume { .. } => "init-volume",
+            Command::ForgetVolume { .. } => "forget-volume",
             Command::Boundary(_) => "boundary",
             Command::Engine(c) => c.name(),
         }
@@ -182,6 +188,9 @@ pub enum Outcome {
     SecretRemoved,
     /// The volume initialized.
     VolumeInitialized,
+    /// A failed volume's record dropped: the device it named (None: there
+    /// was no volume, nothing to do).
+    VolumeForgotten(Option<String>),
     /// A boundary change applied.
     Boundary(BoundaryApplied),
     /// An engine deployed (stopped); `notes` say which budget limits it

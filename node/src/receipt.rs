@@ -21,6 +21,11 @@ pub struct ErasedVolume {
     /// The new empty filesystem under the new disk key is made after this
     /// receipt is signed (`VolumeStatus` reports it).
     pub remade: &'static str,
+    /// Set when the volume was failed or stuck before the change (why):
+    /// it held no usable filesystem, and it is made again after the change
+    /// only if the node can. An added field of format 2 (absent otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub failed: Option<String>,
 }
 
 /// The body of an erase receipt. Field order and names are the wire format.

@@ -97,6 +97,33 @@ fn host(prog: &str) -> Command {
     }
 }
 
+/// The least device size a filesystem is made on: ext4 works from a few
+/// MiB, mkfs.xfs refuses less than 300 MiB.
+pub fn min_size(fstype: &str) -> u64 {
+    match fstype {
+        "xfs" => 300 << 20,
+        _ => 16 << 20,
+    }
+}
+
+/// Checks, writing nothing, that `fstype` is supported and its mkfs is
+/// installed (in PATH).
+pub fn check_mkfs(fstype: &str) -> Result<()> {
+    if !SUPPORTED.contains(&fstype) {
+        return Err(StorageError::Unavailable(format!(
+            "storage.filesystem: unsupported filesystem {fstype:?} (use one of {SUPPORTED:?}) (nothing was written)"
+        )));
+    }
+    let tool = format!("mkfs.{fstype}");
+    let path = std::env::var_os("PATH").unwrap_or_else(|| "/usr/sbin:/usr/bin:/sbin:/bin".into());
+    if std::env::split_paths(&path).any(|d| d.join(&tool).is_file()) {
+        return Ok(());
+    }
+    Err(StorageError::Unavailable(format!(
+        "{tool} is not installed (e2fsprogs or xfsprogs) (nothing was written)"
+    )))
+}
+
 /// Makes an empty filesystem. ext4's inode tables and journal are
 /// initialised lazily (after mount) and nothing is discarded, so this
 /// takes about a second whatever the size: the device under a new key
@@ -134,8 +161,9 @@ pub fn make(dev: &Path, fstype: &str) -> Result<()> {
 }
 
 /// Writes zeros over the first `bytes` of `dev` (through a mapping: they
-/// land as ciphertext) and flushes.
-pub fn fill_zeros(dev: &Path, bytes: u64) -> Result<()> {
+/// land as ciphertext) and flushes. `progress` is told the bytes written
+/// so far after every chunk (4 MiB).
+pub fn fill_zeros(dev: &Path, bytes: u64, mut progress: impl FnMut(u64)) -> Result<()> {
     use std::io::Write as _;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -148,6 +176,7 @@ pub fn fill_zeros(dev: &Path, bytes: u64) -> Result<()> {
         f.write_all(&chunk[..n])
             .map_err(io(format!("fill {}", dev.display())))?;
         left -= n as u64;
+        progress(bytes - left);
     }
     f.sync_all().map_err(io(format!("flush {}", dev.display())))
 }

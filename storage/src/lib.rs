@@ -58,6 +58,21 @@ pub enum StorageError {
         /// What blkid found.
         what: String,
     },
+    /// Too small for the filesystem.
+    #[error("{path} has {size_bytes} bytes; a {filesystem} volume needs at least {min_bytes} (nothing was written)")]
+    TooSmall {
+        /// As given.
+        path: String,
+        /// Its size.
+        size_bytes: u64,
+        /// The filesystem.
+        filesystem: String,
+        /// The least it needs.
+        min_bytes: u64,
+    },
+    /// A kernel facility or helper program the volume needs is missing.
+    #[error("{0}")]
+    Unavailable(String),
     /// The key does not match the volume's key check value.
     #[error("{0} (nothing was written to the device)")]
     WrongKey(String),

@@ -68,6 +68,57 @@ impl CryptTable {
     }
 }
 
+/// Whether device-mapper is in the running kernel: its control device is
+/// listed in /proc/misc once dm_mod is loaded (or built in). Without it no
+/// mapping can exist, so no disk key can be in a dm table: that is what
+/// lets a key change go ahead on a host without device-mapper.
+pub fn kernel_has_dm() -> Result<bool> {
+    // Fail closed: if /proc/misc cannot be read, nothing is proven.
+    let misc = std::fs::read_to_string("/proc/misc").map_err(crate::io("read /proc/misc"))?;
+    Ok(misc_has_dm(&misc))
+}
+
+fn misc_has_dm(misc: &str) -> bool {
+    misc.lines()
+        .any(|l| l.split_whitespace().nth(1) == Some("device-mapper"))
+}
+
+/// Checks, writing nothing, that a dm-crypt mapping can be made: the
+/// kernel has device-mapper, its control device opens, and the `crypt`
+/// target is loaded (after `modprobe dm_crypt` if it was not). `volume
+/// init` runs this before it records or writes anything.
+pub fn check_crypt_usable() -> Result<()> {
+    if !kernel_has_dm()? {
+        return Err(StorageError::Unavailable(
+            "device-mapper is not in this kernel (no device-mapper in /proc/misc): load it with `modprobe dm_crypt` (or use a kernel with CONFIG_DM_CRYPT) and try again (nothing was written)".into(),
+        ));
+    }
+    let dm = DM::new().map_err(|e| {
+        StorageError::Unavailable(format!(
+            "device-mapper: cannot open /dev/mapper/control: {e} (nothing was written)"
+        ))
+    })?;
+    let has_crypt = |dm: &DM| {
+        dm.list_versions()
+            .map(|v| v.iter().any(|t| t.0 == "crypt"))
+            .map_err(|e| StorageError::Dm(format!("list the loaded targets: {e}")))
+    };
+    if has_crypt(&dm)? {
+        return Ok(());
+    }
+    // The kernel would load it at the first table load too; asking now
+    // makes a missing module an error before anything is written.
+    let _ = std::process::Command::new("modprobe")
+        .args(["-q", "dm_crypt"])
+        .status();
+    if has_crypt(&dm)? {
+        return Ok(());
+    }
+    Err(StorageError::Unavailable(
+        "the dm-crypt target is not available (`modprobe dm_crypt` failed; is the module installed?) (nothing was written)".into(),
+    ))
+}
+
 fn dm() -> Result<DM> {
     DM::new().map_err(|e| StorageError::Dm(format!("cannot open /dev/mapper/control: {e}")))
 }
@@ -81,8 +132,11 @@ pub fn devnode(n: &str) -> PathBuf {
     Path::new("/dev/mapper").join(n)
 }
 
-/// Whether the mapping exists.
+/// Whether the mapping exists (never, without device-mapper).
 pub fn exists(n: &str) -> Result<bool> {
+    if !kernel_has_dm()? {
+        return Ok(false);
+    }
     devicemapper::device_exists(&dm()?, name(n)?)
         .map_err(|e| StorageError::Dm(format!("looking up {n}: {e}")))
 }
@@ -129,6 +183,10 @@ pub enum Closed {
 /// more is written under this key; I/O in flight fails), so this takes
 /// one table swap whatever is mounted. Returns whether the mapping existed.
 pub fn wipe_key(n: &str) -> Result<bool> {
+    if !kernel_has_dm()? {
+        // No device-mapper, no mapping: the kernel holds no key.
+        return Ok(false);
+    }
     let dm = dm()?;
     let dn = name(n)?;
     if !devicemapper::device_exists(&dm, dn)
@@ -213,6 +271,9 @@ pub fn close(n: &str) -> Result<Closed> {
 /// The active table's lines as `type params` (what `dmsetup table
 /// --showkeys` prints after the start and length).
 pub fn table(n: &str) -> Result<Option<Vec<String>>> {
+    if !kernel_has_dm()? {
+        return Ok(None);
+    }
     let dm = dm()?;
     let dn = name(n)?;
     if !devicemapper::device_exists(&dm, dn)
@@ -237,6 +298,13 @@ pub fn table(n: &str) -> Result<Option<Vec<String>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn device_mapper_is_found_in_proc_misc() {
+        assert!(misc_has_dm(" 58 rfkill\n236 device-mapper\n"));
+        assert!(!misc_has_dm("237 loop-control\n229 fuse\n"));
+        assert!(!misc_has_dm(""));
+    }
 
     #[test]
     fn table_names_the_key_and_carries_options() {

@@ -300,9 +300,10 @@ pub const MATRIX: &[Case] = &[
         Setup::Boundary,
     ),
     Case {
-        // Without --yes: stops at the confirmation, after authorization
-        // (the lab has no spare device to erase).
-        allowed_code: 4,
+        // A device that does not exist: after authorization the agent's
+        // checks refuse it (InvalidArgument, exit 6) before any
+        // confirmation is asked (the labs have no spare device to erase).
+        allowed_code: 6,
         ..case(
             L,
             "InitVolume",
@@ -312,6 +313,15 @@ pub const MATRIX: &[Case] = &[
             Setup::None,
         )
     },
+    // No volume in the labs when the matrix runs: nothing to forget (0).
+    case(
+        L,
+        "ForgetVolume",
+        LANDLORD,
+        "landlordctl",
+        &["volume", "forget"],
+        Setup::None,
+    ),
     case(
         L,
         "VolumeStatus",

@@ -337,11 +337,13 @@ fn dbus_bad_input_gets_named_errors_and_agent_keeps_serving() {
             Some("org.leasehold.Error.NotAssigned"),
         ),
         (
-            Who::Tenant,
-            "tenantctl",
+            Who::Landlord,
+            "landlordctl",
             &["rotate"][..],
             "not-confirmed",
-            // Refused by the CLI before the call (no terminal to ask on).
+            // Refused by the CLI after the agent's checks (no terminal to
+            // ask on). A tenant rotation without a tenant is refused by
+            // those checks first: not assigned (issue 15: check, then ask).
             None,
         ),
     ] {

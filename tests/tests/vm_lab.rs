@@ -681,8 +681,16 @@ fn volume_lifecycle(vm: &mut Vm) {
     assert!(r.stderr.contains("is mounted at /mnt"), "{}", r.stderr);
     assert_eq!(vm.disk_sum(), sum, "a refused init wrote to the device");
     vm.sh("umount /mnt");
-    let r = vm.sh_status(&format!("landlordctl volume init {DEV} </dev/null"));
+    // Every check passes (--force: the signature is expected), so the
+    // agent asks; without a terminal that is exit 4 (issue 15: the checks
+    // come before the question).
+    let r = vm.sh_status(&format!("landlordctl volume init --force {DEV} </dev/null"));
     assert_eq!(r.code, 4, "init without confirmation: {}", r.stderr);
+    assert!(
+        r.stderr.contains(&format!("erases everything on {DEV}")),
+        "{}",
+        r.stderr
+    );
     let v = json(&vm.sh(&format!(
         "landlordctl --yes --json volume init --force {DEV}"
     )));
