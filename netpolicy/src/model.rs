@@ -190,21 +190,10 @@ pub struct BoundaryDoc {
     pub routers: Vec<String>,
 }
 
-/// Why a document was refused; `field` is a path like `allow[2].peers[0]`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {reason}")]
-pub struct DocError {
-    /// Where.
-    pub field: String,
-    /// What is wrong.
-    pub reason: String,
-}
+pub use crate::doc::{DocError, Location};
 
 fn err(field: impl Into<String>, reason: impl Into<String>) -> DocError {
-    DocError {
-        field: field.into(),
-        reason: reason.into(),
-    }
+    DocError::new(field, reason)
 }
 
 /// Address family.
@@ -414,34 +403,16 @@ pub struct Boundary {
 }
 
 impl BoundaryDoc {
-    /// Parses a TOML document; errors name the field.
+    /// Parses a TOML document; errors name the field, and the line and
+    /// column for errors in the text ([`crate::doc`]).
     pub fn from_toml(text: &str) -> Result<Self, DocError> {
-        check_doc_size(text)?;
-        let de = toml::Deserializer::new(text);
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            err(
-                if path == "." { "document".into() } else { path },
-                e.into_inner().message().trim().to_owned(),
-            )
-        })
+        crate::doc::from_toml(text, MAX_DOC_BYTES)
     }
 
     /// Parses a JSON document (one, and nothing after it but white space);
-    /// errors name the field.
+    /// errors name the field, and the line and column for errors in the text.
     pub fn from_json(text: &str) -> Result<Self, DocError> {
-        check_doc_size(text)?;
-        let mut de = serde_json::Deserializer::from_str(text);
-        let doc = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let path = e.path().to_string();
-            err(
-                if path == "." { "document".into() } else { path },
-                e.inner().to_string(),
-            )
-        })?;
-        de.end()
-            .map_err(|e| err("document", format!("content after the document: {e}")))?;
-        Ok(doc)
+        crate::doc::from_json(text, MAX_DOC_BYTES)
     }
 
     /// Refuses a document over one of the limits (`MAX_*`), naming the
@@ -680,13 +651,7 @@ impl BoundaryDoc {
 
 /// Refuses a document text over [`MAX_DOC_BYTES`] (field "document").
 pub fn check_doc_size(text: &str) -> Result<(), DocError> {
-    if text.len() > MAX_DOC_BYTES {
-        return Err(err(
-            "document",
-            format!("{} bytes, at most {MAX_DOC_BYTES}", text.len()),
-        ));
-    }
-    Ok(())
+    crate::doc::check_size(text, MAX_DOC_BYTES)
 }
 
 fn check_name(field: &str, name: &str) -> Result<(), DocError> {
