@@ -44,7 +44,8 @@ fn auth_both_groups_user_is_refused_every_call_and_logged_once_per_connection() 
     // The refusal on the tenant interface says why, naming the uid.
     let r = lab.run(Who::Both, "lh-dbus-probe", &["tenant-info"]);
     assert!(
-        r.stdout.starts_with("ERR org.leasehold.Error.NotAuthorized ")
+        r.stdout
+            .starts_with("ERR org.leasehold.Error.NotAuthorized ")
             && r.stdout.contains(BOTH_GROUPS_REASON)
             && r.stdout.contains(&format!("uid {uid}")),
         "{r:?}"
