@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use leasehold_netpolicy::doc::{shown, unique_keys};
 use leasehold_netpolicy::{Boundary, BoundaryDoc};
 use serde::{Deserialize, Serialize};
 
@@ -77,8 +78,7 @@ pub const MAX_CPUS: f64 = 1024.0;
 /// Range of `cpu_weight` and `io_weight` (as cgroup v2 `cpu.weight`,
 /// `io.weight`).
 pub const WEIGHT_RANGE: std::ops::RangeInclusive<u16> = 1..=10_000;
-/// Longest piece of caller input echoed back in an error (characters).
-pub const ECHO_LIMIT: usize = 64;
+pub use leasehold_netpolicy::doc::ECHO_LIMIT;
 /// Environment variables the agent sets itself (heartbeat socket,
 /// watchdog); a spec may not set them.
 pub const RESERVED_ENV: [&str; 3] = ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"];
@@ -97,15 +97,6 @@ pub use leasehold_netpolicy::doc::MAX_FIELD;
 
 fn err(field: impl Into<String>, reason: impl Into<String>) -> SpecError {
     SpecError::new(field, reason)
-}
-
-/// Caller input as shown in an error: at most [`ECHO_LIMIT`] characters.
-fn shown(s: &str) -> String {
-    if s.chars().count() <= ECHO_LIMIT {
-        return format!("{s:?}");
-    }
-    let head: String = s.chars().take(ECHO_LIMIT).collect();
-    format!("{head:?}… ({} bytes)", s.len())
 }
 
 // ---------------------------------------------------------------------------
@@ -800,40 +791,6 @@ pub enum FailureAction {
     /// landlord's policy at the time ([`Spec::requests_node_reboot`]); when
     /// refused the event says so and the other actions run.
     RebootNode,
-}
-
-/// A map whose keys must be distinct: JSON allows a key twice and a plain
-/// map keeps the last one silently (TOML parsers refuse it themselves).
-fn unique_keys<'de, D, V>(d: D) -> Result<BTreeMap<String, V>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    V: Deserialize<'de>,
-{
-    struct Unique<V>(std::marker::PhantomData<V>);
-    impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Unique<V> {
-        type Value = BTreeMap<String, V>;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a map of variables")
-        }
-        fn visit_map<A: serde::de::MapAccess<'de>>(
-            self,
-            mut m: A,
-        ) -> Result<Self::Value, A::Error> {
-            let mut out = BTreeMap::new();
-            while let Some(k) = m.next_key::<String>()? {
-                if out.contains_key(&k) {
-                    return Err(serde::de::Error::custom(format!(
-                        "duplicate key {}",
-                        shown(&k)
-                    )));
-                }
-                let v = m.next_value()?;
-                out.insert(k, v);
-            }
-            Ok(out)
-        }
-    }
-    d.deserialize_map(Unique(std::marker::PhantomData))
 }
 
 fn over(field: impl Into<String>, n: usize, what: &str, max: usize) -> Result<(), SpecError> {

@@ -93,6 +93,54 @@ impl fmt::Display for DocError {
 
 impl std::error::Error for DocError {}
 
+/// Longest piece of caller input echoed back in an error (characters).
+pub const ECHO_LIMIT: usize = 64;
+
+/// Caller input as shown in an error: quoted, at most [`ECHO_LIMIT`]
+/// characters, then the length of the rest.
+pub fn shown(s: &str) -> String {
+    if s.chars().count() <= ECHO_LIMIT {
+        return format!("{s:?}");
+    }
+    let head: String = s.chars().take(ECHO_LIMIT).collect();
+    format!("{head:?}… ({} bytes)", s.len())
+}
+
+/// For `#[serde(deserialize_with = "…")]`: a map whose keys must be
+/// distinct. JSON allows a key twice and a plain map keeps the last one
+/// silently (TOML parsers refuse it themselves).
+pub fn unique_keys<'de, D, V>(d: D) -> Result<std::collections::BTreeMap<String, V>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    V: serde::Deserialize<'de>,
+{
+    struct Unique<V>(std::marker::PhantomData<V>);
+    impl<'de, V: serde::Deserialize<'de>> serde::de::Visitor<'de> for Unique<V> {
+        type Value = std::collections::BTreeMap<String, V>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a table (map) with each key once")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut m: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut out = std::collections::BTreeMap::new();
+            while let Some(k) = m.next_key::<String>()? {
+                if out.contains_key(&k) {
+                    return Err(serde::de::Error::custom(format!(
+                        "duplicate key {}",
+                        shown(&k)
+                    )));
+                }
+                let v = m.next_value()?;
+                out.insert(k, v);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_map(Unique(std::marker::PhantomData))
+}
+
 /// Refuses a document text over `max` bytes (field `document`).
 pub fn check_size(text: &str, max: usize) -> Result<(), DocError> {
     if text.len() > max {

@@ -5,6 +5,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::doc::unique_keys;
 use crate::ranges::Ranges;
 
 /// Longest entry or group name (characters of A-Z a-z 0-9 . _ -).
@@ -126,37 +127,6 @@ pub struct EntryDoc {
     /// Protocols and ports; absent: everything.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocols: Option<Vec<ProtoDoc>>,
-}
-
-/// A map whose keys must be distinct: JSON allows a key twice and a plain
-/// map keeps the last one silently (TOML parsers refuse it themselves).
-fn unique_keys<'de, D, V>(d: D) -> Result<BTreeMap<String, V>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    V: Deserialize<'de>,
-{
-    struct Unique<V>(std::marker::PhantomData<V>);
-    impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Unique<V> {
-        type Value = BTreeMap<String, V>;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a map of groups")
-        }
-        fn visit_map<A: serde::de::MapAccess<'de>>(
-            self,
-            mut m: A,
-        ) -> Result<Self::Value, A::Error> {
-            let mut out = BTreeMap::new();
-            while let Some(k) = m.next_key::<String>()? {
-                if out.contains_key(&k) {
-                    return Err(serde::de::Error::custom(format!("duplicate key {k:?}")));
-                }
-                let v = m.next_value()?;
-                out.insert(k, v);
-            }
-            Ok(out)
-        }
-    }
-    d.deserialize_map(Unique(std::marker::PhantomData))
 }
 
 fn both() -> Direction {
