@@ -9,7 +9,9 @@
 //! 2. root on the tenant interface is refused;
 //! 3. callers in neither `leasehold-landlord` nor `leasehold-tenant` (and not
 //!    root) are refused from a local group look-up (cached briefly), before
-//!    polkit is asked;
+//!    polkit is asked; so are callers in both: the landlord and the tenant
+//!    must be different people, and the shipped polkit rules would give such
+//!    a user both roles (logged once per connection, rate-limited);
 //! 4. a per-uid bound on calls in flight: beyond it the call gets
 //!    `org.leasehold.Error.Busy` at once;
 //! 5. polkit `CheckAuthorization`.
@@ -67,10 +69,13 @@ pub struct Authorizer {
     timeout: Duration,
     outgoing: Semaphore,
     identities: Mutex<Identities>,
-    groups: Mutex<HashMap<u32, (bool, Instant)>>,
+    groups: Mutex<HashMap<u32, (Membership, Instant)>>,
     in_flight: InFlightTable,
     denials: RateLimit,
     busy: RateLimit,
+    /// Log lines for callers in both groups: once per connection, and
+    /// rate-limited on their own so other denials cannot hide them.
+    both_roles: RateLimit,
 }
 
 impl fmt::Debug for Authorizer {
@@ -163,16 +168,17 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// uid per unique bus name. Unique names are never reused on a bus, so an
-/// entry stays true for as long as it is kept.
+/// entry stays true for as long as it is kept. Each entry also remembers
+/// whether the connection's refusal as a user in both groups was logged.
 #[derive(Default)]
 struct Identities {
-    uids: HashMap<String, u32>,
+    uids: HashMap<String, (u32, bool)>,
     order: VecDeque<String>,
 }
 
 impl Identities {
     fn get(&self, name: &str) -> Option<u32> {
-        self.uids.get(name).copied()
+        self.uids.get(name).map(|(uid, _)| *uid)
     }
 
     fn insert(&mut self, name: String, uid: u32) {
@@ -185,8 +191,25 @@ impl Identities {
             }
         }
         self.order.push_back(name.clone());
-        self.uids.insert(name, uid);
+        self.uids.insert(name, (uid, false));
     }
+
+    /// Whether this is the first both-groups refusal of connection `name`
+    /// (marks it). A name not kept (not unique, or forgotten) counts as
+    /// first: a repeated line beats a lost one.
+    fn first_both_refusal(&mut self, name: &str) -> bool {
+        match self.uids.get_mut(name) {
+            Some((_, logged)) => !std::mem::replace(logged, true),
+            None => true,
+        }
+    }
+}
+
+/// Which of the two Leasehold groups a uid is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+struct Membership {
+    landlord: bool,
+    tenant: bool,
 }
 
 /// Why a call was refused before polkit answered.
@@ -211,6 +234,7 @@ impl Authorizer {
             in_flight: InFlightTable::default(),
             denials: RateLimit::new(20, Duration::from_secs(60)),
             busy: RateLimit::new(20, Duration::from_secs(60)),
+            both_roles: RateLimit::new(20, Duration::from_secs(60)),
         }
     }
 
@@ -241,15 +265,31 @@ impl Authorizer {
                 "{action}: root acts as the landlord on this node; tenant methods must be called by a tenant user"
             )));
         }
+        // Root is the landlord by identity, not by group (and is refused
+        // the tenant interface above), so only other callers are checked.
         if uid != 0 {
             match self.in_agent_groups(uid, deadline).await {
-                Ok(true) => {}
-                Ok(false) => {
+                Ok(Membership {
+                    landlord: true,
+                    tenant: true,
+                }) => {
+                    self.log_both_roles(&sender, uid, action);
+                    return Err(Error::NotAuthorized(format!(
+                        "not authorized for {action}: the caller (uid {uid}) is in both {LANDLORD_GROUP} and {TENANT_GROUP}; \
+                         the landlord and the tenant must be different people, so every call of this user is refused \
+                         until it is removed from one of the groups"
+                    )));
+                }
+                Ok(Membership {
+                    landlord: false,
+                    tenant: false,
+                }) => {
                     self.log_denial(uid, action, "in neither Leasehold group");
                     return Err(Error::NotAuthorized(format!(
                         "not authorized for {action}: the caller is in neither {LANDLORD_GROUP} nor {TENANT_GROUP}"
                     )));
                 }
+                Ok(_) => {}
                 Err(stop) => return Err(self.stopped(Some(uid), action, stop)),
             }
         }
@@ -371,13 +411,13 @@ impl Authorizer {
         Ok(uid)
     }
 
-    /// Whether `uid` is in one of the two Leasehold groups (supplementary
-    /// groups included, as polkit sees them), cached for [`GROUP_TTL`].
+    /// Which of the two Leasehold groups `uid` is in (supplementary groups
+    /// included, as polkit sees them), cached for [`GROUP_TTL`].
     async fn in_agent_groups(
         &self,
         uid: u32,
         deadline: tokio::time::Instant,
-    ) -> Result<bool, Stop> {
+    ) -> Result<Membership, Stop> {
         if let Some((member, at)) = lock(&self.groups).get(&uid).copied() {
             if at.elapsed() < GROUP_TTL {
                 return Ok(member);
@@ -424,29 +464,48 @@ impl Authorizer {
             tracing::warn!(uid, action, why, suppressed, "call denied");
         }
     }
+
+    /// Logs a caller in both groups: a misconfiguration for the
+    /// administrator to fix, so said once per connection (a client retrying
+    /// on one connection adds nothing), and rate-limited across connections.
+    fn log_both_roles(&self, sender: &str, uid: u32, action: &str) {
+        if !lock(&self.identities).first_both_refusal(sender) {
+            return;
+        }
+        if let Some(suppressed) = self.both_roles.allow() {
+            tracing::warn!(
+                uid,
+                sender,
+                action,
+                suppressed,
+                "call denied: the caller is in both {LANDLORD_GROUP} and {TENANT_GROUP}; \
+                 the landlord and the tenant must be different people (remove the user from one group); \
+                 every call of this user is refused, logged once per connection"
+            );
+        }
+    }
 }
 
 /// Group membership from the group database (NSS), like polkit's
 /// `subject.isInGroup`. A uid without a passwd entry is in no group.
-fn member_of_agent_groups(uid: u32) -> Result<bool, nix::Error> {
+fn member_of_agent_groups(uid: u32) -> Result<Membership, nix::Error> {
     use nix::unistd::{getgrouplist, Gid, Group, Uid, User};
     let Some(user) = User::from_uid(Uid::from_raw(uid))? else {
-        return Ok(false);
+        return Ok(Membership::default());
     };
-    let wanted: Vec<Gid> = [LANDLORD_GROUP, TENANT_GROUP]
-        .into_iter()
-        .filter_map(|g| Group::from_name(g).ok().flatten().map(|g| g.gid))
-        .collect();
-    if wanted.is_empty() {
-        return Ok(false);
-    }
-    if wanted.contains(&user.gid) {
-        return Ok(true);
+    let gid_of = |g: &str| Group::from_name(g).ok().flatten().map(|g| g.gid);
+    let (landlord, tenant) = (gid_of(LANDLORD_GROUP), gid_of(TENANT_GROUP));
+    if landlord.is_none() && tenant.is_none() {
+        return Ok(Membership::default());
     }
     let name = CString::new(user.name).map_err(|_| nix::Error::EINVAL)?;
-    Ok(getgrouplist(&name, user.gid)?
-        .iter()
-        .any(|g| wanted.contains(g)))
+    // getgrouplist includes the primary group.
+    let groups: Vec<Gid> = getgrouplist(&name, user.gid)?;
+    let has = |g: Option<Gid>| g.is_some_and(|g| groups.contains(&g));
+    Ok(Membership {
+        landlord: has(landlord),
+        tenant: has(tenant),
+    })
 }
 
 tokio::task_local! {
@@ -669,6 +728,21 @@ mod tests {
         // uid 0 exists everywhere; the look-up itself must not fail.
         assert!(member_of_agent_groups(0).is_ok());
         // A uid with no passwd entry is in no group.
-        assert_eq!(member_of_agent_groups(4_000_000_000), Ok(false));
+        assert_eq!(
+            member_of_agent_groups(4_000_000_000),
+            Ok(Membership::default())
+        );
+    }
+
+    #[test]
+    fn both_groups_refusal_is_logged_once_per_connection() {
+        let mut c = Identities::default();
+        c.insert(":1.7".into(), 1000);
+        assert!(c.first_both_refusal(":1.7"));
+        assert!(!c.first_both_refusal(":1.7"), "same connection: not again");
+        c.insert(":1.8".into(), 1000);
+        assert!(c.first_both_refusal(":1.8"), "a new connection: once more");
+        assert!(c.first_both_refusal("org.example.NotKept"));
+        assert_eq!(c.get(":1.7"), Some(1000));
     }
 }

@@ -213,10 +213,7 @@ fn ssh_peers() -> Vec<IpAddr> {
 
 /// Parses the flow arguments of ExplainFlow; errors name the argument.
 pub fn parse_flow(direction: &str, peer: &str, proto: &str, port: u16) -> Result<Flow, DocError> {
-    let bad = |field: &str, reason: String| DocError {
-        field: field.into(),
-        reason,
-    };
+    let bad = |field: &str, reason: String| DocError::new(field, reason);
     let direction = match direction {
         "in" => Direction::In,
         "out" => Direction::Out,

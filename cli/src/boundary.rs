@@ -97,6 +97,48 @@ pub fn read_document(path: &Path) -> Result<(String, &'static str), CliError> {
     Ok((text, format))
 }
 
+/// Names the document file in the agent's refusal of its content. The
+/// agent does not know the file; it gives the field path and, for errors in
+/// the text, the line and column (`line 3, column 9: allow[0].peers: …`,
+/// docs/netpolicy.md). This makes it `FILE:3:9: allow[0].peers: …`, or
+/// `FILE: field: …` without a location. `prefix` is what the agent puts
+/// before the document's error (`spec: ` for engine specs); a refusal
+/// without it is not about the document and is left as it is.
+pub fn in_document<'a, E: Into<CliError>>(
+    path: &'a Path,
+    prefix: &'a str,
+) -> impl Fn(E) -> CliError + 'a {
+    move |e| {
+        let mut e: CliError = e.into();
+        if e.dbus_error.as_deref() != Some("org.leasehold.Error.InvalidArgument") {
+            return e;
+        }
+        let Some(msg) = e
+            .message
+            .strip_prefix("invalid argument: ")
+            .and_then(|m| m.strip_prefix(prefix))
+        else {
+            return e;
+        };
+        e.message = match split_location(msg) {
+            Some((line, column, rest)) => format!(
+                "invalid argument: {}:{line}:{column}: {rest}",
+                path.display()
+            ),
+            None => format!("invalid argument: {}: {msg}", path.display()),
+        };
+        e
+    }
+}
+
+/// `line L, column C: rest` → (L, C, rest).
+fn split_location(msg: &str) -> Option<(usize, usize, &str)> {
+    let rest = msg.strip_prefix("line ")?;
+    let (line, rest) = rest.split_once(", column ")?;
+    let (column, rest) = rest.split_once(": ")?;
+    Some((line.parse().ok()?, column.parse().ok()?, rest))
+}
+
 fn parsed(s: &Option<String>) -> Value {
     s.as_deref()
         .and_then(|t| serde_json::from_str(t).ok())
@@ -473,4 +515,40 @@ pub fn verdict_text(v: &FlowVerdict) -> String {
         },
         v.reason.as_deref().unwrap_or("")
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refusal(msg: &str) -> CliError {
+        CliError {
+            dbus_error: Some("org.leasehold.Error.InvalidArgument".into()),
+            ..CliError::new(exit::INVALID, format!("invalid argument: {msg}"))
+        }
+    }
+
+    #[test]
+    fn document_refusals_name_the_file_line_and_column() {
+        let f = Path::new("/etc/b.toml");
+        let e = in_document(f, "")(refusal("line 3, column 9: allow[0].peers: expected `]`"));
+        assert_eq!(
+            e.message,
+            "invalid argument: /etc/b.toml:3:9: allow[0].peers: expected `]`"
+        );
+        assert_eq!(e.code, exit::INVALID);
+        let e = in_document(f, "")(refusal("allow[0].peers[0]: \"x\" is not an IP address"));
+        assert_eq!(
+            e.message,
+            "invalid argument: /etc/b.toml: allow[0].peers[0]: \"x\" is not an IP address"
+        );
+        let s = Path::new("spec.toml");
+        let e = in_document(s, "spec: ")(refusal("spec: line 1, column 1: document: bad"));
+        assert_eq!(e.message, "invalid argument: spec.toml:1:1: document: bad");
+        // Not about the document: unchanged.
+        let e = in_document(s, "spec: ")(refusal("image \"x\": no such file"));
+        assert_eq!(e.message, "invalid argument: image \"x\": no such file");
+        let other = CliError::new(exit::NOT_FOUND, "not found: x");
+        assert_eq!(in_document(s, "")(other).message, "not found: x");
+    }
 }

@@ -7,7 +7,7 @@ use clap::{CommandFactory, Parser, Subcommand};
 use leasehold_dbus_api::LandlordProxy;
 
 use crate::boundary::{
-    check_text, check_warnings, explain_result, info_json, info_text, parse_duration,
+    check_text, check_warnings, explain_result, in_document, info_json, info_text, parse_duration,
     print_warnings, read_document, unix_time_text, ExplainArgs,
 };
 use crate::output::{
@@ -200,7 +200,12 @@ pub async fn run(args: Args) -> Result<(), CliError> {
     match &args.command {
         Command::Assign { name, .. } => crate::check_name("tenant name", name)?,
         Command::Volume(VolumeCommand::Init { device, .. }) => check_device_arg(device)?,
-        Command::RegisterConsole { name, .. } => crate::check_name("console name", name)?,
+        Command::RegisterConsole { name, pem } => {
+            crate::check_name("console name", name)?;
+            // Checked before connecting: a wrong or private key file never
+            // gets near the bus (read again, and checked again, below).
+            read_pem_file("console key", pem)?;
+        }
         _ => {}
     }
     let conn = connect_local().await?;
@@ -382,7 +387,8 @@ async fn boundary(
                     }
                 }
             })
-            .await?;
+            .await
+            .map_err(in_document(&file, ""))?;
             if let Some(at) = info.revert_at {
                 eprintln!(
                     "note: reverts to the previous boundary at {} unless `landlordctl boundary confirm`",
@@ -400,7 +406,10 @@ async fn boundary(
         }
         BoundaryCommand::Check { file } => {
             let (text, format) = read_document(&file)?;
-            let out = p.check_boundary(&text, format).await?;
+            let out = p
+                .check_boundary(&text, format)
+                .await
+                .map_err(in_document(&file, ""))?;
             let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
             check_warnings(&v);
             emit(json, v.clone(), || check_text(&v));
@@ -427,7 +436,8 @@ async fn boundary(
                     }
                 }
             })
-            .await?
+            .await
+            .map_err(in_document(&file, ""))?
         }
         BoundaryCommand::Explain(a) => {
             let port = a.port()?;

@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod boundary;
+pub mod keyfile;
 pub mod landlord;
 pub mod output;
 pub mod progress;
@@ -367,14 +368,12 @@ pub fn read_arg_file(what: &str, path: &std::path::Path) -> Result<Vec<u8>, CliE
         .map_err(|e| CliError::new(exit::INVALID, format!("{what} {}: {e}", path.display())))
 }
 
-/// Reads a PEM file named on the command line.
+/// Reads a public key file named on the command line and checks it
+/// locally ([`keyfile::read_public_key`]): one RSA SubjectPublicKeyInfo PEM
+/// the node accepts, returned re-encoded; anything else (a private key
+/// above all) is refused with exit 6, naming the file.
 pub fn read_pem_file(what: &str, path: &std::path::Path) -> Result<String, CliError> {
-    String::from_utf8(read_arg_file(what, path)?).map_err(|_| {
-        CliError::new(
-            exit::INVALID,
-            format!("{what} {}: not UTF-8 PEM", path.display()),
-        )
-    })
+    keyfile::read_public_key(what, path)
 }
 
 /// Prints a public key, or writes its PEM to `out` and reports that.

@@ -8,7 +8,7 @@ use leasehold_dbus_api::tenant_engines::TenantEnginesProxy;
 use leasehold_dbus_api::{EngineInfo, TenantProxy};
 
 use crate::boundary::{
-    check_text, check_warnings, explain_result, info_json, info_text, print_warnings,
+    check_text, check_warnings, explain_result, in_document, info_json, info_text, print_warnings,
     read_document, ExplainArgs,
 };
 use crate::output::{
@@ -250,19 +250,24 @@ async fn engine(
         .map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
     let info = match cmd {
         EngineCommand::Deploy { name, image, spec } => {
-            let spec = read_spec(&spec)?;
-            p.deploy(&name, &image, &spec).await?
+            let text = read_spec(&spec)?;
+            p.deploy(&name, &image, &text)
+                .await
+                .map_err(in_document(&spec, "spec: "))?
         }
         EngineCommand::Start { name } => p.start(&name).await?,
         EngineCommand::Stop { name } => p.stop(&name).await?,
         EngineCommand::Restart { name } => p.restart(&name).await?,
         EngineCommand::Reload { name, image, spec } => {
-            let spec = match spec {
-                Some(s) => read_spec(&s)?,
+            let text = match &spec {
+                Some(s) => read_spec(s)?,
                 None => String::new(),
             };
-            p.reload(&name, image.as_deref().unwrap_or(""), &spec)
-                .await?
+            let r = p.reload(&name, image.as_deref().unwrap_or(""), &text).await;
+            match &spec {
+                Some(s) => r.map_err(in_document(s, "spec: "))?,
+                None => r?,
+            }
         }
         EngineCommand::Rm { name } => {
             with_confirmation(
@@ -396,8 +401,19 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         Command::VerifyReceipt { receipt, key } => {
             return crate::verify_receipt(json, receipt, key);
         }
-        Command::RegisterConsole { name, .. } => crate::check_name("console name", name)?,
-        Command::Secret(SecretCommand::Put { name, .. } | SecretCommand::Rm { name }) => {
+        Command::RegisterConsole { name, pem } => {
+            crate::check_name("console name", name)?;
+            // Checked before connecting: a wrong or private key file never
+            // gets near the bus (read again, and checked again, below).
+            read_pem_file("public key", pem)?;
+        }
+        Command::Secret(SecretCommand::Put { name, to, .. }) => {
+            crate::check_name("secret name", name)?;
+            if let Some(to) = to {
+                read_pem_file("public key", to)?;
+            }
+        }
+        Command::Secret(SecretCommand::Rm { name }) => {
             crate::check_name("secret name", name)?;
         }
         Command::Engine(
@@ -507,7 +523,10 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                     // tenant's traffic but the landlord's failsafe entries:
                     // asked first (the agent's SetSubBoundary keeps its meaning).
                     if !args.yes {
-                        let out = p.check_sub_boundary(&text, format).await?;
+                        let out = p
+                            .check_sub_boundary(&text, format)
+                            .await
+                            .map_err(in_document(&file, ""))?;
                         let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
                         if v["denies_everything"] == serde_json::Value::Bool(true) {
                             crate::ask_typed_yes(
@@ -517,11 +536,16 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                             )?;
                         }
                     }
-                    p.set_sub_boundary(&text, format, narrow).await?
+                    p.set_sub_boundary(&text, format, narrow)
+                        .await
+                        .map_err(in_document(&file, ""))?
                 }
                 BoundaryCommand::Check { file } => {
                     let (text, format) = read_document(&file)?;
-                    let out = p.check_sub_boundary(&text, format).await?;
+                    let out = p
+                        .check_sub_boundary(&text, format)
+                        .await
+                        .map_err(in_document(&file, ""))?;
                     let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
                     check_warnings(&v);
                     emit(json, v.clone(), || check_text(&v));

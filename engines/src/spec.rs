@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
+use leasehold_netpolicy::doc::{shown, unique_keys};
 use leasehold_netpolicy::{Boundary, BoundaryDoc};
 use serde::{Deserialize, Serialize};
 
@@ -77,8 +78,7 @@ pub const MAX_CPUS: f64 = 1024.0;
 /// Range of `cpu_weight` and `io_weight` (as cgroup v2 `cpu.weight`,
 /// `io.weight`).
 pub const WEIGHT_RANGE: std::ops::RangeInclusive<u16> = 1..=10_000;
-/// Longest piece of caller input echoed back in an error (characters).
-pub const ECHO_LIMIT: usize = 64;
+pub use leasehold_netpolicy::doc::ECHO_LIMIT;
 /// Environment variables the agent sets itself (heartbeat socket,
 /// watchdog); a spec may not set them.
 pub const RESERVED_ENV: [&str; 3] = ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"];
@@ -87,43 +87,16 @@ pub const RESERVED_ENV: [&str; 3] = ["NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG
 pub const SECRETS_DIR: &str = "/run/secrets";
 
 /// Why a spec was refused; `field` is a path like `probes[1].interval`
-/// (`document` for the text as a whole).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {reason}")]
-pub struct SpecError {
-    /// Where.
-    pub field: String,
-    /// What is wrong.
-    pub reason: String,
-}
+/// (`document` for the text as a whole), with the line and column for
+/// errors in the text. The same type as a boundary document's error: the
+/// scaffolding (size cap, field paths, locations) is
+/// [`leasehold_netpolicy::doc`]'s.
+pub type SpecError = leasehold_netpolicy::doc::DocError;
 
-/// Longest field path in an error (bytes); a longer one (a huge map key)
-/// is cut and ends with `…`.
-pub const MAX_FIELD: usize = 200;
+pub use leasehold_netpolicy::doc::MAX_FIELD;
 
 fn err(field: impl Into<String>, reason: impl Into<String>) -> SpecError {
-    let mut field = field.into();
-    if field.len() > MAX_FIELD {
-        let mut cut = MAX_FIELD;
-        while !field.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        field.truncate(cut);
-        field.push('…');
-    }
-    SpecError {
-        field,
-        reason: reason.into(),
-    }
-}
-
-/// Caller input as shown in an error: at most [`ECHO_LIMIT`] characters.
-fn shown(s: &str) -> String {
-    if s.chars().count() <= ECHO_LIMIT {
-        return format!("{s:?}");
-    }
-    let head: String = s.chars().take(ECHO_LIMIT).collect();
-    format!("{head:?}… ({} bytes)", s.len())
+    SpecError::new(field, reason)
 }
 
 // ---------------------------------------------------------------------------
@@ -820,51 +793,6 @@ pub enum FailureAction {
     RebootNode,
 }
 
-/// A map whose keys must be distinct: JSON allows a key twice and a plain
-/// map keeps the last one silently (TOML parsers refuse it themselves).
-fn unique_keys<'de, D, V>(d: D) -> Result<BTreeMap<String, V>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    V: Deserialize<'de>,
-{
-    struct Unique<V>(std::marker::PhantomData<V>);
-    impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Unique<V> {
-        type Value = BTreeMap<String, V>;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a map of variables")
-        }
-        fn visit_map<A: serde::de::MapAccess<'de>>(
-            self,
-            mut m: A,
-        ) -> Result<Self::Value, A::Error> {
-            let mut out = BTreeMap::new();
-            while let Some(k) = m.next_key::<String>()? {
-                if out.contains_key(&k) {
-                    return Err(serde::de::Error::custom(format!(
-                        "duplicate key {}",
-                        shown(&k)
-                    )));
-                }
-                let v = m.next_value()?;
-                out.insert(k, v);
-            }
-            Ok(out)
-        }
-    }
-    d.deserialize_map(Unique(std::marker::PhantomData))
-}
-
-/// Refuses a document text over `max` bytes (field `document`).
-fn check_doc_size(text: &str, max: usize) -> Result<(), SpecError> {
-    if text.len() > max {
-        return Err(err(
-            "document",
-            format!("{} bytes, at most {max}", text.len()),
-        ));
-    }
-    Ok(())
-}
-
 fn over(field: impl Into<String>, n: usize, what: &str, max: usize) -> Result<(), SpecError> {
     if n > max {
         Err(err(field, format!("{n} {what}, at most {max}")))
@@ -883,42 +811,7 @@ fn dur_range(field: &str, d: Dur, lo: Duration, hi: Duration) -> Result<(), Spec
     Ok(())
 }
 
-/// Parses a TOML document of at most `max_bytes` into `T`; errors name the
-/// field (`document` for the text as a whole).
-pub(crate) fn parse_toml<T: serde::de::DeserializeOwned>(
-    text: &str,
-    max_bytes: usize,
-) -> Result<T, SpecError> {
-    check_doc_size(text, max_bytes)?;
-    let de = toml::Deserializer::new(text);
-    serde_path_to_error::deserialize(de).map_err(|e| {
-        let path = e.path().to_string();
-        err(
-            if path == "." { "document".into() } else { path },
-            e.into_inner().message().trim().to_owned(),
-        )
-    })
-}
-
-/// Parses a JSON document (one value, nothing after it but white space) of
-/// at most `max_bytes` into `T`; errors name the field.
-pub(crate) fn parse_json<T: serde::de::DeserializeOwned>(
-    text: &str,
-    max_bytes: usize,
-) -> Result<T, SpecError> {
-    check_doc_size(text, max_bytes)?;
-    let mut de = serde_json::Deserializer::from_str(text);
-    let v = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-        let path = e.path().to_string();
-        err(
-            if path == "." { "document".into() } else { path },
-            e.inner().to_string(),
-        )
-    })?;
-    de.end()
-        .map_err(|e| err("document", format!("content after the document: {e}")))?;
-    Ok(v)
-}
+pub(crate) use leasehold_netpolicy::doc::{from_json as parse_json, from_toml as parse_toml};
 
 impl Spec {
     /// Parses and validates a TOML spec; errors name the field.

@@ -12,6 +12,7 @@
 
 pub mod check;
 pub mod conntrack;
+pub mod doc;
 pub mod enforce;
 pub mod model;
 pub mod monitor;

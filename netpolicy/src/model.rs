@@ -5,6 +5,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::doc::unique_keys;
 use crate::ranges::Ranges;
 
 /// Longest entry or group name (characters of A-Z a-z 0-9 . _ -).
@@ -128,37 +129,6 @@ pub struct EntryDoc {
     pub protocols: Option<Vec<ProtoDoc>>,
 }
 
-/// A map whose keys must be distinct: JSON allows a key twice and a plain
-/// map keeps the last one silently (TOML parsers refuse it themselves).
-fn unique_keys<'de, D, V>(d: D) -> Result<BTreeMap<String, V>, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    V: Deserialize<'de>,
-{
-    struct Unique<V>(std::marker::PhantomData<V>);
-    impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Unique<V> {
-        type Value = BTreeMap<String, V>;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a map of groups")
-        }
-        fn visit_map<A: serde::de::MapAccess<'de>>(
-            self,
-            mut m: A,
-        ) -> Result<Self::Value, A::Error> {
-            let mut out = BTreeMap::new();
-            while let Some(k) = m.next_key::<String>()? {
-                if out.contains_key(&k) {
-                    return Err(serde::de::Error::custom(format!("duplicate key {k:?}")));
-                }
-                let v = m.next_value()?;
-                out.insert(k, v);
-            }
-            Ok(out)
-        }
-    }
-    d.deserialize_map(Unique(std::marker::PhantomData))
-}
-
 fn both() -> Direction {
     Direction::Both
 }
@@ -190,21 +160,10 @@ pub struct BoundaryDoc {
     pub routers: Vec<String>,
 }
 
-/// Why a document was refused; `field` is a path like `allow[2].peers[0]`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{field}: {reason}")]
-pub struct DocError {
-    /// Where.
-    pub field: String,
-    /// What is wrong.
-    pub reason: String,
-}
+pub use crate::doc::{DocError, Location};
 
 fn err(field: impl Into<String>, reason: impl Into<String>) -> DocError {
-    DocError {
-        field: field.into(),
-        reason: reason.into(),
-    }
+    DocError::new(field, reason)
 }
 
 /// Address family.
@@ -414,34 +373,16 @@ pub struct Boundary {
 }
 
 impl BoundaryDoc {
-    /// Parses a TOML document; errors name the field.
+    /// Parses a TOML document; errors name the field, and the line and
+    /// column for errors in the text ([`crate::doc`]).
     pub fn from_toml(text: &str) -> Result<Self, DocError> {
-        check_doc_size(text)?;
-        let de = toml::Deserializer::new(text);
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            let path = e.path().to_string();
-            err(
-                if path == "." { "document".into() } else { path },
-                e.into_inner().message().trim().to_owned(),
-            )
-        })
+        crate::doc::from_toml(text, MAX_DOC_BYTES)
     }
 
     /// Parses a JSON document (one, and nothing after it but white space);
-    /// errors name the field.
+    /// errors name the field, and the line and column for errors in the text.
     pub fn from_json(text: &str) -> Result<Self, DocError> {
-        check_doc_size(text)?;
-        let mut de = serde_json::Deserializer::from_str(text);
-        let doc = serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let path = e.path().to_string();
-            err(
-                if path == "." { "document".into() } else { path },
-                e.inner().to_string(),
-            )
-        })?;
-        de.end()
-            .map_err(|e| err("document", format!("content after the document: {e}")))?;
-        Ok(doc)
+        crate::doc::from_json(text, MAX_DOC_BYTES)
     }
 
     /// Refuses a document over one of the limits (`MAX_*`), naming the
@@ -680,13 +621,7 @@ impl BoundaryDoc {
 
 /// Refuses a document text over [`MAX_DOC_BYTES`] (field "document").
 pub fn check_doc_size(text: &str) -> Result<(), DocError> {
-    if text.len() > MAX_DOC_BYTES {
-        return Err(err(
-            "document",
-            format!("{} bytes, at most {MAX_DOC_BYTES}", text.len()),
-        ));
-    }
-    Ok(())
+    crate::doc::check_size(text, MAX_DOC_BYTES)
 }
 
 fn check_name(field: &str, name: &str) -> Result<(), DocError> {

@@ -37,10 +37,7 @@ pub struct Policy {
 }
 
 fn err(field: impl Into<String>, reason: impl Into<String>) -> DocError {
-    DocError {
-        field: field.into(),
-        reason: reason.into(),
-    }
+    DocError::new(field, reason)
 }
 
 /// Parses a document: JSON if it starts with `{`, else TOML; `format` may
@@ -189,8 +186,8 @@ impl Policy {
         // group of peers with the same ports): it must fit the limits too,
         // or the stored policy would not load.
         narrowed.validate(false).map_err(|e| DocError {
-            field: e.field,
             reason: format!("the narrowed document: {}", e.reason),
+            ..e
         })?;
         // What was cut: the first MAX_CUT_REPORTED parts.
         let mut cut = excess_upto(&sub, &cluster, MAX_CUT_REPORTED + 1);

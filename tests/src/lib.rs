@@ -78,6 +78,9 @@ pub enum Who {
     Landlord,
     Tenant,
     Outsider,
+    /// A user in both Leasehold groups (a misconfiguration the agent
+    /// refuses); not in [`Who::ALL`], the matrix's columns.
+    Both,
 }
 
 impl Who {
@@ -90,6 +93,7 @@ impl Who {
             Who::Landlord => Some(&u[0]),
             Who::Tenant => Some(&u[1]),
             Who::Outsider => Some(&u[2]),
+            Who::Both => Some(both_user()),
         }
     }
 }
@@ -168,6 +172,38 @@ pub fn users() -> &'static [User; 3] {
             uid: id_of("-u", name),
             gid: id_of("-g", name),
         })
+    })
+}
+
+/// A test user in both `leasehold-landlord` and `leasehold-tenant`.
+pub fn both_user() -> &'static User {
+    static USER: OnceLock<User> = OnceLock::new();
+    USER.get_or_init(|| {
+        users(); // the groups
+        let name = "lhtest-both";
+        let exists = Command::new("id")
+            .arg(name)
+            .output()
+            .unwrap()
+            .status
+            .success();
+        if !exists {
+            run_ok(Command::new("useradd").args([
+                "--system",
+                "--no-create-home",
+                "--shell",
+                "/bin/sh",
+                "-G",
+                "leasehold-landlord,leasehold-tenant",
+                name,
+            ]));
+        }
+        run_ok(Command::new("usermod").args(["-p", "*", name]));
+        User {
+            name,
+            uid: id_of("-u", name),
+            gid: id_of("-g", name),
+        }
     })
 }
 

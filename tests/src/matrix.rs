@@ -37,6 +37,15 @@ impl Expect {
 pub const LANDLORD: [Expect; 4] = [Allow, Allow, Deny, BusDenied];
 pub const TENANT: [Expect; 4] = [Deny, Deny, Allow, BusDenied];
 
+/// A user in both Leasehold groups (`Who::Both`), for every row of
+/// [`MATRIX`]: the bus lets the call through (either group may send) and
+/// the agent refuses it before polkit is asked, because the landlord and
+/// the tenant must be different people. Not a column of the arrays above:
+/// the VM lab has no such guest user.
+pub const BOTH_GROUPS: Expect = Deny;
+/// What the agent's refusal of a user in both groups says.
+pub const BOTH_GROUPS_REASON: &str = "the landlord and the tenant must be different people";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Setup {
     None,

@@ -162,16 +162,16 @@ impl Boundaries {
         let wide = excess(&sub, cluster);
         let first = wide.first()?;
         let shown: Vec<String> = wide.iter().take(3).map(flow_line).collect();
-        Some(leasehold_netpolicy::DocError {
-            field: format!("allow.{}", first.entry),
-            reason: format!(
+        Some(leasehold_netpolicy::DocError::new(
+            format!("allow.{}", first.entry),
+            format!(
                 "wider than the cluster boundary ({} part{} not allowed by it): {}{}; `tenantctl boundary set --narrow` stores the intersection instead and reports what it cut",
                 wide.len(),
                 if wide.len() == 1 { "" } else { "s" },
                 shown.join("; "),
                 if wide.len() > 3 { format!("; and {} more", wide.len() - 3) } else { String::new() }
             ),
-        })
+        ))
     }
 
     /// What setting `doc` as the cluster boundary would change (the
@@ -212,10 +212,10 @@ impl Boundaries {
         let snap = self.snapshot();
         let new = doc.validate(false)?;
         let Some((cluster, sub)) = snap.bounds.as_ref() else {
-            return Err(BoundaryError::Invalid(leasehold_netpolicy::DocError {
-                field: "document".into(),
-                reason: "the node has no cluster boundary yet; the landlord sets it first".into(),
-            }));
+            return Err(BoundaryError::Invalid(leasehold_netpolicy::DocError::new(
+                "document",
+                "the node has no cluster boundary yet; the landlord sets it first",
+            )));
         };
         let old_doc = snap.policy.sub.clone().unwrap_or_default();
         let wide = excess(&new, cluster);

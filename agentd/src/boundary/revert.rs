@@ -44,14 +44,14 @@ pub fn check_seconds(seconds: u32) -> Result<Option<u32>, leasehold_netpolicy::D
         return Ok(None);
     }
     if !REVERT_SECS.contains(&seconds) {
-        return Err(leasehold_netpolicy::DocError {
-            field: "seconds".into(),
-            reason: format!(
+        return Err(leasehold_netpolicy::DocError::new(
+            "seconds",
+            format!(
                 "{seconds} is out of range ({}-{}, or 0 for no revert)",
                 REVERT_SECS.start(),
                 REVERT_SECS.end()
             ),
-        });
+        ));
     }
     Ok(Some(seconds))
 }
