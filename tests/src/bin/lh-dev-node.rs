@@ -95,6 +95,7 @@ fn main() -> ExitCode {
         agent_config: config,
         agent_host_netns: true,
         agent_log_to_stderr: true,
+        ..LabOptions::default()
     });
     // The test users cannot always reach the build tree (a home directory
     // is 0700): they get copies in the lab's directory, removed on stop.
