@@ -50,10 +50,17 @@ impl Slices {
     pub fn create() -> Option<Slices> {
         static N: AtomicU32 = AtomicU32::new(0);
         let (base, kind) = hierarchy()?;
-        // Groups left by a killed run: empty ones go, busy ones stay.
+        // Groups left by a killed run (its process is gone): empty ones
+        // go, busy ones stay. A live process's groups may be empty for a
+        // moment (just made), so they are never touched.
         if let Ok(rd) = fs::read_dir(&base) {
             for e in rd.flatten() {
-                if e.file_name().to_string_lossy().starts_with("lh-lab-") {
+                let name = e.file_name().to_string_lossy().into_owned();
+                let owner = name
+                    .strip_prefix("lh-lab-")
+                    .and_then(|r| r.split('-').next())
+                    .and_then(|p| p.parse::<u32>().ok());
+                if owner.is_some_and(|p| !Path::new(&format!("/proc/{p}")).exists()) {
                     if let Ok(units) = fs::read_dir(e.path().join("system.slice")) {
                         for u in units.flatten().filter(|u| u.path().is_dir()) {
                             let _ = fs::remove_dir(u.path());
