@@ -281,7 +281,10 @@ mod tests {
             assert!(!p.contains(&format!("{name}\\-info(")), "{name}");
             assert!(!p.contains(".SH SUBCOMMANDS"), "{name}");
             assert!(!p.contains("generate"), "{name}: hidden command shown");
-            assert!(!p.contains(" help\\fR"), "{name}: clap's help command shown");
+            assert!(
+                !p.contains(" help\\fR"),
+                "{name}: clap's help command shown"
+            );
             // Every visible leaf command is documented by its full name.
             fn leaves(c: &clap::Command, path: String, out: &mut Vec<String>) {
                 for s in c
