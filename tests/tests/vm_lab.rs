@@ -901,7 +901,7 @@ fn package_upgrade(vm: &mut Vm, deb: &std::path::Path) {
     // The tenant's running work: a writer appending to a file on the volume
     // every 0.2 s; it stops at the first failed write.
     vm.sh(&format!(
-        "install -d -o tt -g tt {MNT}/work && echo before-upgrade > {MNT}/work/kept.txt && sync"
+        "install -d -o tt -g tt {MNT}/work && install -o tt -g tt -m 644 /dev/null {MNT}/work/ticks && echo before-upgrade > {MNT}/work/kept.txt && sync"
     ));
     let writer = vm
         .sh(&format!(
@@ -977,17 +977,20 @@ fn package_upgrade(vm: &mut Vm, deb: &std::path::Path) {
             1,
             "{label}: the keep-open request was left behind"
         );
-        // The work went on through the upgrade and goes on after it.
+        // The work went on through the upgrade (the writer stops at its
+        // first failed write) and goes on after it.
         assert_eq!(
             vm.sh_status(&format!("kill -0 {writer}")).code,
             0,
             "{label}: the tenant's writer died (a write failed)"
         );
+        let t1 = ticks(vm);
+        assert!(t1 > t0, "{label}: no writes during the upgrade");
         wait_until(
             30,
             1,
             &format!("{label}: the writer makes no progress"),
-            || ticks(vm) > t0 + 5,
+            || ticks(vm) > t1 + 5,
         );
         assert_eq!(
             vm.sh(&format!("cat {MNT}/work/kept.txt")).trim(),
