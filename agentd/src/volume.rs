@@ -51,6 +51,13 @@ use crate::fsutil::write_atomic;
 
 const META: &str = "volume.json";
 
+/// Written by the package's postinst before it restarts the agent for an
+/// upgrade: `<boot id> <pid>` of the agent to restart. That agent, and no
+/// other (a stale file names another boot or process), leaves the volume
+/// mapped and mounted when it stops, so the tenant's running work keeps its
+/// files; the next agent adopts the mapping (`open_at_start`).
+pub const KEEP_OPEN: &str = "volume.keep-open";
+
 /// Why a volume operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum VolumeError {
@@ -778,9 +785,20 @@ impl Volume {
     }
 
     /// At stop: unmount and wipe the mapping (the data stays on the device
-    /// under its key).
+    /// under its key), unless this stop is a restart for a package upgrade
+    /// (see [`KEEP_OPEN`]).
     pub fn close(&self) -> Result<(), VolumeError> {
-        if self.meta()?.is_none() {
+        let Some(m) = self.meta()? else {
+            return Ok(());
+        };
+        // Only a volume that is open and in no key change is left open: the
+        // next agent adopts a `ready` mapping as it is, anything else is
+        // closed as usual (fail closed).
+        if self.keep_open_requested() && m.state == VolumeState::Ready && self.rt().open {
+            tracing::info!(
+                mount = %self.cfg.mount.display(),
+                "restart for a package upgrade: the volume stays mapped and mounted for the next agent"
+            );
             return Ok(());
         }
         let deferred = self.teardown()?;
@@ -791,6 +809,24 @@ impl Volume {
         }
         self.set(false, None, Some("closed".into()));
         Ok(())
+    }
+
+    /// Whether the package asked this agent to leave the volume open (the
+    /// request is consumed: a later stop closes it again).
+    fn keep_open_requested(&self) -> bool {
+        let path = self.dir.join(KEEP_OPEN);
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            return false;
+        };
+        if let Err(e) = std::fs::remove_file(&path) {
+            tracing::warn!(path = %path.display(), error = %e, "cannot remove the keep-open request");
+        }
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        let ok = keep_open_matches(&text, boot.trim(), std::process::id());
+        if !ok {
+            tracing::warn!(path = %path.display(), "a keep-open request for another boot or process: ignored, the volume is closed");
+        }
+        ok
     }
 
     /// Status for the interfaces.
@@ -808,6 +844,15 @@ impl Volume {
     /// Where the filesystem is mounted.
     pub fn mount_point(&self) -> &Path {
         &self.cfg.mount
+    }
+}
+
+/// `text` (a [`KEEP_OPEN`] file) names this boot and this process.
+fn keep_open_matches(text: &str, boot_id: &str, pid: u32) -> bool {
+    let mut f = text.split_whitespace();
+    match (f.next(), f.next(), f.next()) {
+        (Some(b), Some(p), None) => !boot_id.is_empty() && b == boot_id && p.parse() == Ok(pid),
+        _ => false,
     }
 }
 
@@ -883,5 +928,31 @@ impl leasehold_node::backend::VolumeStore for VolumeBackend {
             )));
         }
         self.0.init(device, force, k).map(|_| ()).map_err(failure)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::keep_open_matches;
+
+    #[test]
+    fn keep_open_only_for_this_boot_and_process() {
+        let boot = "0b7c9f1e-4a43-4d36-9a83-4e4c1f1d2a10";
+        assert!(keep_open_matches(&format!("{boot} 4242\n"), boot, 4242));
+        // Another process, another boot, garbage, or no boot id to compare.
+        assert!(!keep_open_matches(&format!("{boot} 4243\n"), boot, 4242));
+        assert!(!keep_open_matches(
+            "1b7c9f1e-4a43-4d36-9a83-4e4c1f1d2a10 4242",
+            boot,
+            4242
+        ));
+        assert!(!keep_open_matches(
+            &format!("{boot} 4242 extra"),
+            boot,
+            4242
+        ));
+        assert!(!keep_open_matches(boot, boot, 4242));
+        assert!(!keep_open_matches("", boot, 4242));
+        assert!(!keep_open_matches(" 4242", "", 4242));
     }
 }

@@ -6,6 +6,7 @@
 pub mod boundary;
 pub mod keyfile;
 pub mod landlord;
+mod manpage;
 pub mod output;
 pub mod progress;
 pub mod tenant;
@@ -457,10 +458,7 @@ pub fn generate(cmd: clap::Command, dir: &std::path::Path) -> Result<(), CliErro
     let io = |e: std::io::Error| CliError::new(exit::FAILURE, format!("{}: {e}", dir.display()));
     std::fs::create_dir_all(dir).map_err(io)?;
     let name = cmd.get_name().to_owned();
-    let mut man = Vec::new();
-    clap_mangen::Man::new(cmd.clone())
-        .render(&mut man)
-        .map_err(io)?;
+    let man = manpage::render(cmd.clone()).map_err(io)?;
     std::fs::write(dir.join(format!("{name}.1")), man).map_err(io)?;
     for shell in [
         clap_complete::Shell::Bash,

@@ -355,6 +355,8 @@ fn vm_lab_end_to_end() {
     vm.erase_check("release", "landlordctl --json --yes release");
     vm.sh("landlordctl --yes assign acme >/dev/null");
     volume_crashes(&mut vm);
+    // Issue 15 point 17: upgrades keep the tenant's volume and the unit's enablement.
+    package_upgrade(&mut vm, &deb);
 
     // Fig. 6 hand-over, landlord in the guest, tenant from the host over SSH.
     vm.sh(
@@ -861,6 +863,169 @@ fn volume_crashes(vm: &mut Vm) {
         );
     }
     vm.step("volume: SIGKILL at each step of a destroying rotation");
+}
+
+/// `deb` repacked with version `<its version>+<suffix>`: the same build,
+/// newer to dpkg, so installing it is an upgrade (maintainer scripts with
+/// `configure <old version>`, the agent restarted).
+fn bumped_deb(deb: &std::path::Path, suffix: &str) -> (PathBuf, String) {
+    let dir = workspace_root().join("target/vm-upgrade");
+    let tree = dir.join(suffix);
+    let _ = std::fs::remove_dir_all(&tree);
+    std::fs::create_dir_all(&dir).unwrap();
+    let run = |c: &mut Command| {
+        let o = c.output().unwrap();
+        assert!(
+            o.status.success(),
+            "{c:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    run(Command::new("dpkg-deb").arg("-R").arg(deb).arg(&tree));
+    let control = tree.join("DEBIAN/control");
+    let text = std::fs::read_to_string(&control).unwrap();
+    let old = text
+        .lines()
+        .find_map(|l| l.strip_prefix("Version: "))
+        .unwrap()
+        .to_owned();
+    let version = format!("{old}+{suffix}");
+    std::fs::write(
+        &control,
+        text.replace(
+            &format!("Version: {old}\n"),
+            &format!("Version: {version}\n"),
+        ),
+    )
+    .unwrap();
+    let out = dir.join(format!("leasehold_{version}_amd64.deb"));
+    run(Command::new("dpkg-deb")
+        .args(["--root-owner-group", "-Zxz", "--build"])
+        .arg(&tree)
+        .arg(&out));
+    std::fs::remove_dir_all(&tree).unwrap();
+    (out, version)
+}
+
+/// Issue 15 point 17: installing a newer package restarts a running agent
+/// without taking the tenant's volume away (work on it goes on, its files
+/// stay readable, the new agent adopts the mapping and the mount), keeps
+/// the unit enabled, and keeps a unit the administrator disabled disabled.
+/// Expects a tenant, an open volume and the package as first installed.
+fn package_upgrade(vm: &mut Vm, deb: &std::path::Path) {
+    const UNIT: &str = "leasehold-agentd";
+    assert_eq!(
+        vm.sh_status(&format!("systemctl is-enabled {UNIT}"))
+            .stdout
+            .trim(),
+        "enabled",
+        "the first installation enables the unit"
+    );
+    assert_eq!(vm.volume()["state"], "open");
+    // The tenant's running work: a writer appending to a file on the volume
+    // every 0.2 s; it stops at the first failed write.
+    vm.sh(&format!(
+        "install -d -o tt -g tt {MNT}/work && install -o tt -g tt -m 644 /dev/null {MNT}/work/ticks && echo before-upgrade > {MNT}/work/kept.txt && sync"
+    ));
+    let writer = vm
+        .sh(&format!(
+            "setsid nohup runuser -u tt -- sh -c 'i=0; while echo $i >> {MNT}/work/ticks; do i=$((i+1)); sleep 0.2; done' >/dev/null 2>&1 </dev/null & echo $!"
+        ))
+        .trim()
+        .to_owned();
+    let ticks = |vm: &Vm| -> u64 {
+        vm.sh(&format!("wc -l < {MNT}/work/ticks"))
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    // The mount and the mapping as they are (IDs of /proc/1/mountinfo and
+    // the dm device number): the same after the upgrade.
+    let mounted = |vm: &Vm| {
+        vm.sh(&format!(
+            "awk '$5 == \"{MNT}\" {{ print $1, $3 }}' /proc/1/mountinfo; dmsetup info -c --noheadings -o major,minor,uuid leasehold-tenant"
+        ))
+    };
+    let before = mounted(vm);
+    assert_eq!(before.lines().count(), 2, "mount and mapping: {before}");
+    let main_pid = |vm: &Vm| vm.sh(&format!("systemctl show -p MainPID --value {UNIT}"));
+
+    for (n, (suffix, disable)) in [("upgrade1", false), ("upgrade2", true)]
+        .into_iter()
+        .enumerate()
+    {
+        if disable {
+            vm.sh(&format!("systemctl disable {UNIT}"));
+        }
+        let (newer, version) = bumped_deb(deb, suffix);
+        let pid = main_pid(vm);
+        let t0 = ticks(vm);
+        vm.lab_ok(600, &["install", NODE, newer.to_str().unwrap()]);
+        assert_eq!(
+            vm.sh("dpkg-query -W -f='${Version}' leasehold").trim(),
+            version
+        );
+        let label = if disable {
+            "disabled unit"
+        } else {
+            "enabled unit"
+        };
+        // try-restart: the agent runs again, a new process of the new package.
+        assert_eq!(
+            vm.sh(&format!("systemctl is-active {UNIT}")).trim(),
+            "active"
+        );
+        assert_ne!(main_pid(vm), pid, "{label}: the agent was not restarted");
+        assert_eq!(
+            vm.sh_status(&format!("systemctl is-enabled {UNIT}"))
+                .stdout
+                .trim(),
+            if disable { "disabled" } else { "enabled" },
+            "{label}: the upgrade changed the unit's enablement"
+        );
+        // Each upgrade's stopping agent said why it left the volume open.
+        let kept = vm.sh(&format!(
+            "journalctl -u {UNIT} --no-pager -o cat | grep -c 'restart for a package upgrade: the volume stays mapped and mounted' || true"
+        ));
+        assert_eq!(kept.trim(), (n + 1).to_string(), "{label}");
+        let v = vm.volume();
+        assert_eq!(v["state"], "open", "{label}: {v}");
+        assert_eq!(
+            v["event"], "opened (the mapping was still active)",
+            "{label}: the new agent did not adopt the volume: {v}"
+        );
+        assert_eq!(mounted(vm), before, "{label}: remounted or remapped");
+        assert_eq!(
+            vm.sh_status(&format!("test -e {STATE}/volume.keep-open"))
+                .code,
+            1,
+            "{label}: the keep-open request was left behind"
+        );
+        // The work went on through the upgrade (the writer stops at its
+        // first failed write) and goes on after it.
+        assert_eq!(
+            vm.sh_status(&format!("kill -0 {writer}")).code,
+            0,
+            "{label}: the tenant's writer died (a write failed)"
+        );
+        let t1 = ticks(vm);
+        assert!(t1 > t0, "{label}: no writes during the upgrade");
+        wait_until(
+            30,
+            1,
+            &format!("{label}: the writer makes no progress"),
+            || ticks(vm) > t1 + 5,
+        );
+        assert_eq!(
+            vm.sh(&format!("cat {MNT}/work/kept.txt")).trim(),
+            "before-upgrade"
+        );
+        vm.step(&format!("package upgrade, {label}: volume kept"));
+    }
+    // As the sections after this one expect: enabled, no writer (its
+    // process group: setsid made it the leader).
+    vm.sh(&format!("systemctl enable {UNIT} && kill -- -{writer}"));
 }
 
 /// Polls `done` every `every` seconds until it holds, failing with `what`
