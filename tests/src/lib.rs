@@ -639,7 +639,9 @@ impl Lab {
         let agentd = bin("agentd");
         // Both wrappers exec agentd: the child's pid is agentd's.
         let mut cmd = match &self.netns {
-            None if self.agent_host_netns => self.system_command("leasehold-agentd.service", &agentd),
+            None if self.agent_host_netns => {
+                self.system_command("leasehold-agentd.service", &agentd)
+            }
             Some(ns) => {
                 let mut c = self.system_command("leasehold-agentd.service", "ip");
                 c.args(["netns", "exec", ns]).arg(&agentd);
