@@ -8,6 +8,8 @@ pub mod keyfile;
 pub mod landlord;
 pub mod output;
 pub mod progress;
+pub mod receipts;
+pub mod status;
 pub mod tenant;
 
 use std::ffi::OsString;
@@ -399,56 +401,6 @@ pub fn emit_public_key(
         }
         None => output::emit(as_json, v, || pem.trim_end().to_owned()),
     }
-    Ok(())
-}
-
-/// Checks an erase receipt (the `--json` output of a key change, or a file
-/// from the node's receipts/ directory) against the node's signing key
-/// (PEM, from `receipt-key`); prints the receipt when it verifies.
-pub fn verify_receipt(
-    as_json: bool,
-    receipt: &std::path::Path,
-    key: &std::path::Path,
-) -> Result<(), CliError> {
-    let text = read_arg_file("receipt", receipt)?;
-    let v: serde_json::Value = serde_json::from_slice(&text).map_err(|e| {
-        CliError::new(
-            exit::INVALID,
-            format!("receipt {}: not JSON: {e}", receipt.display()),
-        )
-    })?;
-    let body = v.get("receipt").and_then(serde_json::Value::as_str);
-    let sig = v
-        .get("receipt_signature")
-        .or_else(|| v.get("signature"))
-        .and_then(serde_json::Value::as_str);
-    let (Some(body), Some(sig)) = (body, sig) else {
-        return Err(CliError::new(
-            exit::INVALID,
-            format!(
-                "receipt {}: needs \"receipt\" and \"receipt_signature\" (or \"signature\")",
-                receipt.display()
-            ),
-        ));
-    };
-    use base64::Engine as _;
-    let sig = base64::engine::general_purpose::STANDARD
-        .decode(sig)
-        .map_err(|e| CliError::new(exit::INVALID, format!("receipt signature: not base64: {e}")))?;
-    let pem = read_pem_file("node key", key)?;
-    leasehold_envelope::verify_signature(&pem, body.as_bytes(), &sig)
-        .map_err(|e| CliError::new(exit::FAILURE, format!("the receipt does NOT verify: {e}")))?;
-    let doc: serde_json::Value = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
-    output::emit(
-        as_json,
-        serde_json::json!({"verified": true, "receipt": doc}),
-        || {
-            format!(
-                "receipt verified\n{}",
-                serde_json::to_string_pretty(&doc).unwrap_or_default()
-            )
-        },
-    );
     Ok(())
 }
 
