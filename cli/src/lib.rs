@@ -37,6 +37,8 @@ pub mod exit {
     pub const NOT_FOUND: u8 = 5;
     /// An argument was refused.
     pub const INVALID: u8 = 6;
+    /// `verify-receipt`: the receipt was not signed by the node's key.
+    pub const NOT_NODE_KEY: u8 = 7;
     /// The agent (or the bus, or SSH) cannot be reached.
     pub const UNAVAILABLE: u8 = 69;
     /// The node is busy (EX_TEMPFAIL): try again.
@@ -51,6 +53,7 @@ pub mod exit {
             NOT_CONFIRMED => "not-confirmed",
             NOT_FOUND => "not-found",
             INVALID => "invalid-argument",
+            NOT_NODE_KEY => "not-node-key",
             UNAVAILABLE => "unavailable",
             BUSY => "busy",
             _ => "failed",
@@ -73,6 +76,8 @@ pub const EXIT_CODES_HELP: &str = "Exit status:
   75  the node is busy (too many changes queued); try again
 `boundary explain`: 0 the flow is allowed, 1 it is denied.
 `volume status`: 1 the volume is failed (`next:` says what to do).
+`status`: 1 a problem is listed (TPM, volume, boundary drift not repaired).
+`verify-receipt`: 1 the signature does not match; 7 the node's key did not sign it.
 A key change that committed with warnings (printed on stderr) exits 0.";
 
 /// A CLI failure: a message and an exit code.

@@ -18,7 +18,7 @@ use crate::{exit, read_arg_file, read_pem_file, CliError};
 /// (`--node-fingerprint`, the node's `receipt-key`), or the body names
 /// another signer than the key that signed it. A signature that does not
 /// match (a modified receipt) is 1.
-pub const NOT_NODE_KEY: u8 = 7;
+pub const NOT_NODE_KEY: u8 = exit::NOT_NODE_KEY;
 
 /// `receipts ...`
 #[derive(Debug, Subcommand)]

@@ -122,6 +122,16 @@ fn status_and_monitor_follow_the_node() {
     assert_eq!(s["boundary"]["drift_count"], 0);
     assert_eq!(s["volume"]["state"], "none");
     assert_eq!(s["engines"]["count"], 0);
+    // The tenant before any assignment: no tenancy is not a problem.
+    let t = json(
+        &lab.run(Who::Tenant, "tenantctl", &["--json", "status"])
+            .ok(),
+    );
+    assert_eq!(t["tenant"]["assigned"], false, "{t}");
+    assert!(
+        t["volume"].is_null() && t["keys"]["tenant"].is_null(),
+        "{t}"
+    );
 
     lab.run(Who::Landlord, "landlordctl", &["--yes", "assign", "acme"])
         .ok();
@@ -287,6 +297,11 @@ fn receipts_by_role_and_verify() {
         &["receipts", "show", &landlord[0]],
     );
     assert_eq!(r.code, 5, "{r:?}");
+    // An id is looked up, never used as a path.
+    for id in ["../tenancy", "../receipts/x", "/etc/passwd", ""] {
+        let r = lab.run(Who::Tenant, "tenantctl", &["receipts", "show", id]);
+        assert_eq!(r.code, 5, "{id:?}: {r:?}");
+    }
     let text = lab
         .run(Who::Tenant, "tenantctl", &["receipts", "list"])
         .ok();
@@ -366,6 +381,19 @@ fn receipts_by_role_and_verify() {
         "{}",
         r.stderr
     );
+    let r = lab.run(
+        Who::Tenant,
+        "tenantctl",
+        &[
+            "--json",
+            "verify-receipt",
+            &p("r.json"),
+            "--node-fingerprint",
+            &other,
+        ],
+    );
+    assert_eq!(r.code, 7, "{r:?}");
+    assert_eq!(json(&r)["error"]["name"], "not-node-key", "{r:?}");
     let console = lab.write_file("console.pem", console_pem().as_bytes());
     let r = lab.run(
         Who::Tenant,
