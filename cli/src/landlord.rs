@@ -92,15 +92,20 @@ pub enum Command {
         #[arg(long, short, value_name = "FILE")]
         out: Option<PathBuf>,
     },
-    /// Verify an erase receipt (--json of rotate/release/assign, or of
-    /// `receipts show`) and that the node's key signed it; prints the
-    /// signer's fingerprint. Exit status 7: signed by another key.
+    /// Verify an erase receipt and that the node's key signed it.
+    ///
+    /// The receipt: --json of rotate/release/assign, or of `receipts show`.
+    /// Prints the signer's fingerprint. Exit status 1: the signature does
+    /// not match; 7: the node's key did not sign it.
     VerifyReceipt(crate::receipts::VerifyArgs),
-    /// One overview of the node; exit status 1 when something is wrong
-    /// (TPM failed, volume failed, boundary drift not repaired).
+    /// One overview of the node; exit status 1 when something is wrong.
+    ///
+    /// Problems: TPM failed, volume failed, boundary drift not repaired.
     Status,
-    /// Print the agent's signals (key changes, receipts, boundary restored
-    /// or reverted), one line each (JSON lines with --json), until Ctrl-C.
+    /// Print the agent's signals, one line each, until Ctrl-C.
+    ///
+    /// Key changes (with receipts), boundary restored or reverted; JSON
+    /// lines with --json.
     Monitor,
     /// The erase receipts of the landlord's changes (assign, release, rotate).
     #[command(subcommand)]

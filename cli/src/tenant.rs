@@ -94,16 +94,20 @@ pub enum Command {
         #[arg(long, short, value_name = "FILE")]
         out: Option<PathBuf>,
     },
-    /// Verify an erase receipt (--json of rotate, or of `receipts show`)
-    /// and that the node's key signed it; prints the signer's
-    /// fingerprint. Exit status 7: signed by another key.
+    /// Verify an erase receipt and that the node's key signed it.
+    ///
+    /// The receipt: --json of rotate, or of `receipts show`. Prints the
+    /// signer's fingerprint. Exit status 1: the signature does not match;
+    /// 7: the node's key did not sign it.
     VerifyReceipt(crate::receipts::VerifyArgs),
-    /// One overview of the node as the tenant sees it; exit status 1 when
-    /// something is wrong (TPM failed, volume failed, boundary drift not
-    /// repaired, an engine gave up).
+    /// One overview of the node; exit status 1 when something is wrong.
+    ///
+    /// Problems: TPM failed, volume failed, boundary drift not repaired,
+    /// an engine gave up.
     Status,
-    /// Print the agent's signals to the tenant (key changes with their
-    /// receipts), one line each (JSON lines with --json), until Ctrl-C.
+    /// Print the agent's signals, one line each, until Ctrl-C.
+    ///
+    /// Changes of tenant keys (with receipts); JSON lines with --json.
     Monitor,
     /// The erase receipts of this tenancy (rotations since the assignment).
     #[command(subcommand)]

@@ -107,10 +107,12 @@ fn status_and_monitor_follow_the_node() {
     let ns = Netns::new("st");
     let mut lab = Lab::start_in(&ns.0);
 
+    let t0 = std::time::Instant::now();
     let s = json(
         &lab.run(Who::Landlord, "landlordctl", &["--json", "status"])
             .ok(),
     );
+    eprintln!("landlordctl status: {:?}", t0.elapsed());
     assert_eq!(s["ok"], true, "{s}");
     assert_eq!(s["agent"]["api_version"], leasehold_dbus_api::API_VERSION);
     assert!(s["agent"]["version"].is_string(), "{s}");
@@ -168,8 +170,10 @@ fn status_and_monitor_follow_the_node() {
     // monitor prints the restoration, status counts it.
     let lmon = Monitor::start(&lab, Who::Landlord, "landlordctl", &["--json"]);
     let tmon = Monitor::start(&lab, Who::Tenant, "tenantctl", &["--json"]);
+    let t0 = std::time::Instant::now();
     sh(&["ip", "netns", "exec", &ns.0, "nft", "flush", "ruleset"]);
     let ev: Value = serde_json::from_str(&lmon.next("BoundaryRestored")).unwrap();
+    eprintln!("drift to the monitor's line: {:?}", t0.elapsed());
     assert_eq!(ev["event"], "BoundaryRestored", "{ev}");
     assert!(ev["what"].as_str().unwrap().contains("missing"), "{ev}");
     let s = json(
@@ -188,7 +192,9 @@ fn status_and_monitor_follow_the_node() {
     );
 
     // A rotation: both monitors print it with its receipt.
+    let t0 = std::time::Instant::now();
     lab.run(Who::Tenant, "tenantctl", &["--yes", "rotate"]).ok();
+    eprintln!("tenant rotate (until the CLI returned): {:?}", t0.elapsed());
     for (who, m) in [("tenant", &tmon), ("landlord", &lmon)] {
         let ev: Value = serde_json::from_str(&m.next("KeysChanged")).unwrap();
         assert_eq!(ev["event"], "KeysChanged", "{who}: {ev}");
