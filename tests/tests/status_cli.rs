@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use leasehold_storage::meta::{VolumeMeta, VolumeState, FORMAT};
 use leasehold_tests::matrix::BOUNDARY_DOC;
-use leasehold_tests::{bin, console_pem, sh, Lab, Run, Who};
+use leasehold_tests::{bin, console_pem, sh, Lab, LabOptions, Run, Who};
 use serde_json::Value;
 
 /// A network namespace of the test's own, removed on drop.
@@ -467,6 +467,51 @@ fn receipts_by_role_and_verify() {
         &["--json", "receipts", "list"],
     ));
     assert_eq!(landlord2.last(), tenant.last());
+}
+
+/// A lost TPM (swtpm killed) makes `status` exit 1 for both roles, naming
+/// it. Polled, bounded: no signal announces a health change (the agent
+/// checks every second here).
+#[test]
+fn status_reports_a_failed_tpm() {
+    let lab = Lab::start_with_options(LabOptions {
+        agent_config: Some("[tpm]\ncheck_interval_secs = 1\n".into()),
+        ..LabOptions::default()
+    });
+    lab.run(Who::Landlord, "landlordctl", &["--yes", "assign", "acme"])
+        .ok();
+    lab.run(Who::Landlord, "landlordctl", &["status"]).ok();
+    let pid = std::fs::read_to_string(lab.agent_dir().join("tpm/swtpm.pid")).unwrap();
+    sh(&["kill", "-KILL", pid.trim()]);
+    let start = std::time::Instant::now();
+    let r = loop {
+        let r = lab.run(Who::Landlord, "landlordctl", &["--json", "status"]);
+        if r.code != 0 {
+            break r;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "status still ok 30 s after swtpm died: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(r.code, 1, "{r:?}");
+    let v = json(&r);
+    assert_eq!(v["tpm"]["health"], "failed", "{v}");
+    assert!(
+        v["problems"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("TPM failed: "),
+        "{v}"
+    );
+    let r = lab.run(Who::Tenant, "tenantctl", &["status"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    assert!(
+        r.stdout.contains("PROBLEM:       TPM failed"),
+        "{}",
+        r.stdout
+    );
 }
 
 /// The record an old agent left after `volume init` failed (see
