@@ -8,7 +8,7 @@ use std::time::SystemTime;
 
 use leasehold_dbus_api::{
     actions, BoundaryInfo, EngineInfo, Error, FlowVerdict, KeyChange, NodeInfo, PublicKey,
-    SecretInfo, VolumeInfo, API_VERSION, MAX_SPEC_TEXT, OBJECT_PATH,
+    ReceiptInfo, SecretInfo, VolumeInfo, API_VERSION, MAX_SPEC_TEXT, OBJECT_PATH,
 };
 use leasehold_engines::spec::Spec;
 use leasehold_netpolicy::policy::parse_doc;
@@ -44,6 +44,8 @@ pub struct Ctx {
     pub secrets: SecretStore,
     /// The last TPM health check (NodeInfo).
     pub tpm_health: Arc<crate::health::TpmHealth>,
+    /// Receipt reads (ListReceipts, GetReceipt).
+    pub receipts: crate::receipts::ReceiptStore,
 }
 
 fn key_error(e: KeyError) -> Error {
@@ -120,6 +122,59 @@ fn change_dict(r: &ChangeReport) -> KeyChange {
     }
 }
 
+/// A stored receipt on the wire; the body and signature only for
+/// `GetReceipt`.
+fn receipt_dict(r: crate::receipts::Stored, with_body: bool) -> ReceiptInfo {
+    ReceiptInfo {
+        id: Some(r.id),
+        time: Some(r.time),
+        change: Some(r.change),
+        role: Some(r.role),
+        signer: Some(r.signer),
+        receipt: with_body.then_some(r.body),
+        receipt_signature: with_body.then_some(r.signature),
+    }
+}
+
+fn receipt_error(e: crate::receipts::ReceiptError) -> Error {
+    match e {
+        crate::receipts::ReceiptError::NotFound(_) => Error::NotFound(e.to_string()),
+        crate::receipts::ReceiptError::Io { .. } => {
+            tracing::error!(error = %e, "cannot read receipts");
+            Error::Failed(e.to_string())
+        }
+    }
+}
+
+impl Ctx {
+    async fn receipts(&self, reader: crate::receipts::Reader) -> Result<Vec<ReceiptInfo>, Error> {
+        let store = self.receipts.clone();
+        blocking(move || {
+            store
+                .list(reader)
+                .map(|v| v.into_iter().map(|r| receipt_dict(r, false)).collect())
+                .map_err(receipt_error)
+        })
+        .await
+    }
+
+    async fn receipt(
+        &self,
+        reader: crate::receipts::Reader,
+        id: &str,
+    ) -> Result<ReceiptInfo, Error> {
+        let store = self.receipts.clone();
+        let id = id.to_owned();
+        blocking(move || {
+            store
+                .get(reader, &id)
+                .map(|r| receipt_dict(r, true))
+                .map_err(receipt_error)
+        })
+        .await
+    }
+}
+
 fn boundary_doc(document: &str, format: &str) -> Result<BoundaryDoc, Error> {
     parse_doc(document, format).map_err(|e| Error::InvalidArgument(e.to_string()))
 }
@@ -140,28 +195,28 @@ pub struct BusEvents {
     pub conn: Connection,
     /// Runtime to emit from (the controller thread is not a runtime thread).
     pub rt: tokio::runtime::Handle,
-    /// `<state dir>/receipts`.
-    pub receipts: std::path::PathBuf,
+    /// `<state dir>/receipts` and the tenancy record.
+    pub receipts: crate::receipts::ReceiptStore,
 }
 
 impl Events for BusEvents {
     fn store_receipt(&mut self, r: &SignedReceipt) -> Result<(), leasehold_node::Failure> {
-        let stored = serde_json::json!({ "receipt": r.body, "signature": r.signature }).to_string();
-        std::fs::create_dir_all(&self.receipts)
-            .and_then(|()| {
-                crate::fsutil::write_atomic(&self.receipts, &r.file_name, stored.as_bytes())
-            })
-            .map_err(|e| {
-                leasehold_node::Failure::failed(format!(
-                    "{}/{}: {e}",
-                    self.receipts.display(),
-                    r.file_name
-                ))
-            })
+        self.receipts
+            .store(r)
+            .map_err(|e| leasehold_node::Failure::failed(format!("receipts/{}: {e}", r.file_name)))
     }
 
     fn keys_changed(&mut self, report: &ChangeReport) {
         let change = change_dict(report);
+        // A tenancy starts or ends: the receipts so far are not the
+        // (next) tenant's. Before the signal, so a reader woken by it sees
+        // the new record.
+        let kind = kind_name(report.change.kind);
+        if kind == "assign" || kind == "release" {
+            if let Err(e) = self.receipts.tenancy_changed(kind == "assign") {
+                tracing::error!(error = %e, "cannot record the tenancy; the tenant sees no receipt until the next assignment");
+            }
+        }
         // Landlords see every change; tenants see changes of tenant keys.
         // Delivery is restricted to the roles by the bus policy.
         let mut ifaces = vec![leasehold_dbus_api::LANDLORD_INTERFACE];
@@ -380,6 +435,8 @@ impl Ctx {
             info.landlord_generation = Some(st.landlord.generation);
         }
         info.running = self.node.running().map(str::to_owned);
+        info.agent_version = Some(env!("CARGO_PKG_VERSION").to_owned());
+        info.engine_count = Some(u32::try_from(self.node.engines().len()).unwrap_or(u32::MAX));
         info.tpm_error = self.tpm_health.error();
         info.tpm_health = Some(
             if info.tpm_error.is_some() {
@@ -860,6 +917,25 @@ impl LandlordApi {
         Ok(self.0.receipt_key())
     }
 
+    async fn list_receipts(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<Vec<ReceiptInfo>, Error> {
+        self.auth(&hdr, actions::LANDLORD_READ, "ListReceipts", &[])
+            .await?;
+        self.0.receipts(crate::receipts::Reader::Landlord).await
+    }
+
+    async fn get_receipt(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        id: &str,
+    ) -> Result<ReceiptInfo, Error> {
+        self.auth(&hdr, actions::LANDLORD_READ, "GetReceipt", &[])
+            .await?;
+        self.0.receipt(crate::receipts::Reader::Landlord, id).await
+    }
+
     async fn remove_boundary(
         &self,
         #[zbus(header)] hdr: Header<'_>,
@@ -1037,6 +1113,25 @@ impl TenantApi {
         self.auth(&hdr, actions::TENANT_READ, "GetReceiptKey", &[])
             .await?;
         Ok(self.0.receipt_key())
+    }
+
+    async fn list_receipts(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<Vec<ReceiptInfo>, Error> {
+        self.auth(&hdr, actions::TENANT_READ, "ListReceipts", &[])
+            .await?;
+        self.0.receipts(crate::receipts::Reader::Tenant).await
+    }
+
+    async fn get_receipt(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        id: &str,
+    ) -> Result<ReceiptInfo, Error> {
+        self.auth(&hdr, actions::TENANT_READ, "GetReceipt", &[])
+            .await?;
+        self.0.receipt(crate::receipts::Reader::Tenant, id).await
     }
 
     async fn rotate_keys(

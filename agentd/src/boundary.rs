@@ -114,6 +114,16 @@ struct Inner {
     enforcer: Enforcer,
     last_change: Option<&'static str>,
     last_drift: Option<String>,
+    /// Drifts found since start, the time of the last, and why the last
+    /// could not be undone (cleared once the table checks out): `status`.
+    drift: DriftRecord,
+}
+
+#[derive(Debug, Default, Clone)]
+struct DriftRecord {
+    count: u64,
+    last_at: Option<u64>,
+    unrepaired: Option<String>,
 }
 
 /// The boundaries of this node.
@@ -357,6 +367,7 @@ impl Boundaries {
                 enforcer: Enforcer::new(Vec::new()),
                 last_change: None,
                 last_drift: None,
+                drift: DriftRecord::default(),
             }),
         })
     }
@@ -758,6 +769,9 @@ impl Boundaries {
             elements: g.enforcer.elements().map(|n| n as u64),
             change: g.last_change.map(str::to_owned),
             last_drift: g.last_drift.clone(),
+            drift_count: Some(g.drift.count),
+            last_drift_at: g.drift.last_at,
+            drift_unrepaired: g.drift.unrepaired.clone(),
             ..Default::default()
         }
     }
@@ -775,6 +789,7 @@ impl Boundaries {
                     g.enforcer.elements().map(|n| n as u64),
                     g.last_change.map(str::to_owned),
                     g.last_drift.clone(),
+                    g.drift.clone(),
                 ),
             )
         };
@@ -798,6 +813,9 @@ impl Boundaries {
             warnings: None,
             peers_changed: None,
             last_drift: status.3,
+            drift_count: Some(status.4.count),
+            last_drift_at: status.4.last_at,
+            drift_unrepaired: status.4.unrepaired,
             revert_at: if landlord {
                 self.pending_deadline()
             } else {
@@ -848,9 +866,14 @@ impl Boundaries {
     pub fn check_and_restore(&self) -> Option<String> {
         let mut g = self.lock();
         match g.enforcer.check() {
-            Ok(None) => None,
+            Ok(None) => {
+                g.drift.unrepaired = None;
+                None
+            }
             Ok(Some(drift)) => {
                 let what = drift.to_string();
+                g.drift.count += 1;
+                g.drift.last_at = Some(revert::now_unix());
                 warn!(event = "boundary-drift", what = %what, "the boundary was changed behind the agent's back; restoring");
                 match g.enforcer.restore() {
                     Ok(()) => {
@@ -860,10 +883,12 @@ impl Boundaries {
                             self.cut_flows(c, s.as_ref(), None);
                         }
                         g.last_drift = Some(what.clone());
+                        g.drift.unrepaired = None;
                         Some(what)
                     }
                     Err(e) => {
                         error!(error = %e, "cannot restore the boundary");
+                        g.drift.unrepaired = Some(format!("{what}; restoring failed: {e}"));
                         None
                     }
                 }

@@ -18,6 +18,7 @@ mod keys;
 mod lock;
 mod peer_index;
 mod power;
+mod receipts;
 mod secrets;
 mod volume;
 
@@ -491,7 +492,7 @@ async fn serve_bus(
         events: Box::new(api::BusEvents {
             conn: conn.clone(),
             rt: tokio::runtime::Handle::current(),
-            receipts: state_dir.join("receipts"),
+            receipts: receipts::ReceiptStore::new(state_dir),
         }),
         engines: Box::new(engines),
     };
@@ -515,6 +516,7 @@ async fn serve_bus(
         boundaries: boundaries.clone(),
         volume,
         tpm_health,
+        receipts: receipts::ReceiptStore::new(state_dir),
     });
     {
         let conn = conn.clone();

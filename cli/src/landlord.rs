@@ -92,14 +92,24 @@ pub enum Command {
         #[arg(long, short, value_name = "FILE")]
         out: Option<PathBuf>,
     },
-    /// Verify an erase receipt (the --json output of rotate/release/assign) locally.
-    VerifyReceipt {
-        /// Receipt file (JSON).
-        receipt: PathBuf,
-        /// The node's signing key (PEM, from `receipt-key`).
-        #[arg(long, value_name = "PEM")]
-        key: PathBuf,
-    },
+    /// Verify an erase receipt and that the node's key signed it.
+    ///
+    /// The receipt: --json of rotate/release/assign, or of `receipts show`.
+    /// Prints the signer's fingerprint. Exit status 1: the signature does
+    /// not match; 7: the node's key did not sign it.
+    VerifyReceipt(crate::receipts::VerifyArgs),
+    /// One overview of the node; exit status 1 when something is wrong.
+    ///
+    /// Problems: TPM failed, volume failed, boundary drift not repaired.
+    Status,
+    /// Print the agent's signals, one line each, until Ctrl-C.
+    ///
+    /// Key changes (with receipts), boundary restored or reverted; JSON
+    /// lines with --json.
+    Monitor,
+    /// The erase receipts of the landlord's changes (assign, release, rotate).
+    #[command(subcommand)]
+    Receipts(crate::receipts::ReceiptsCommand),
     /// Write man page and shell completions into DIR.
     #[command(hide = true)]
     Generate {
@@ -194,8 +204,11 @@ pub async fn run(args: Args) -> Result<(), CliError> {
     if let Command::Generate { dir } = &args.command {
         return crate::generate(Args::command(), dir);
     }
-    if let Command::VerifyReceipt { receipt, key } = &args.command {
-        return crate::verify_receipt(args.json, receipt, key);
+    if let Command::VerifyReceipt(a) = &args.command {
+        return crate::receipts::verify(args.json, a, || async {
+            Ok((connect_local().await?, true))
+        })
+        .await;
     }
     match &args.command {
         Command::Assign { name, .. } => crate::check_name("tenant name", name)?,
@@ -356,7 +369,12 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         Command::ReceiptKey { out } => {
             emit_public_key(json, &p.get_receipt_key().await?, out.as_deref())?;
         }
-        Command::VerifyReceipt { .. } => unreachable!("handled above"),
+        Command::VerifyReceipt(_) => unreachable!("handled above"),
+        Command::Status => crate::status::landlord_status(&conn, json).await?,
+        Command::Monitor => crate::status::landlord_monitor(&conn, json).await?,
+        Command::Receipts(cmd) => {
+            crate::receipts::run(crate::receipts::Node::Landlord(&conn), json, cmd).await?;
+        }
         Command::Generate { .. } => unreachable!("handled above"),
     }
     Ok(())

@@ -9,6 +9,8 @@ pub mod landlord;
 mod manpage;
 pub mod output;
 pub mod progress;
+pub mod receipts;
+pub mod status;
 pub mod tenant;
 
 use std::ffi::OsString;
@@ -36,6 +38,8 @@ pub mod exit {
     pub const NOT_FOUND: u8 = 5;
     /// An argument was refused.
     pub const INVALID: u8 = 6;
+    /// `verify-receipt`: the receipt was not signed by the node's key.
+    pub const NOT_NODE_KEY: u8 = 7;
     /// The agent (or the bus, or SSH) cannot be reached.
     pub const UNAVAILABLE: u8 = 69;
     /// The node is busy (EX_TEMPFAIL): try again.
@@ -50,6 +54,7 @@ pub mod exit {
             NOT_CONFIRMED => "not-confirmed",
             NOT_FOUND => "not-found",
             INVALID => "invalid-argument",
+            NOT_NODE_KEY => "not-node-key",
             UNAVAILABLE => "unavailable",
             BUSY => "busy",
             _ => "failed",
@@ -72,6 +77,8 @@ pub const EXIT_CODES_HELP: &str = "Exit status:
   75  the node is busy (too many changes queued); try again
 `boundary explain`: 0 the flow is allowed, 1 it is denied.
 `volume status`: 1 the volume is failed (`next:` says what to do).
+`status`: 1 a problem is listed (TPM, volume, boundary drift not repaired).
+`verify-receipt`: 1 the signature does not match; 7 the node's key did not sign it.
 A key change that committed with warnings (printed on stderr) exits 0.";
 
 /// A CLI failure: a message and an exit code.
@@ -400,56 +407,6 @@ pub fn emit_public_key(
         }
         None => output::emit(as_json, v, || pem.trim_end().to_owned()),
     }
-    Ok(())
-}
-
-/// Checks an erase receipt (the `--json` output of a key change, or a file
-/// from the node's receipts/ directory) against the node's signing key
-/// (PEM, from `receipt-key`); prints the receipt when it verifies.
-pub fn verify_receipt(
-    as_json: bool,
-    receipt: &std::path::Path,
-    key: &std::path::Path,
-) -> Result<(), CliError> {
-    let text = read_arg_file("receipt", receipt)?;
-    let v: serde_json::Value = serde_json::from_slice(&text).map_err(|e| {
-        CliError::new(
-            exit::INVALID,
-            format!("receipt {}: not JSON: {e}", receipt.display()),
-        )
-    })?;
-    let body = v.get("receipt").and_then(serde_json::Value::as_str);
-    let sig = v
-        .get("receipt_signature")
-        .or_else(|| v.get("signature"))
-        .and_then(serde_json::Value::as_str);
-    let (Some(body), Some(sig)) = (body, sig) else {
-        return Err(CliError::new(
-            exit::INVALID,
-            format!(
-                "receipt {}: needs \"receipt\" and \"receipt_signature\" (or \"signature\")",
-                receipt.display()
-            ),
-        ));
-    };
-    use base64::Engine as _;
-    let sig = base64::engine::general_purpose::STANDARD
-        .decode(sig)
-        .map_err(|e| CliError::new(exit::INVALID, format!("receipt signature: not base64: {e}")))?;
-    let pem = read_pem_file("node key", key)?;
-    leasehold_envelope::verify_signature(&pem, body.as_bytes(), &sig)
-        .map_err(|e| CliError::new(exit::FAILURE, format!("the receipt does NOT verify: {e}")))?;
-    let doc: serde_json::Value = serde_json::from_str(body).unwrap_or(serde_json::Value::Null);
-    output::emit(
-        as_json,
-        serde_json::json!({"verified": true, "receipt": doc}),
-        || {
-            format!(
-                "receipt verified\n{}",
-                serde_json::to_string_pretty(&doc).unwrap_or_default()
-            )
-        },
-    );
     Ok(())
 }
 

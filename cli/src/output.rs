@@ -246,7 +246,7 @@ pub fn change_text(c: &KeyChange) -> String {
         s.push_str(&format!("\nnew fingerprint: {fp}"));
     }
     if c.receipt.is_some() {
-        s.push_str("\nerase receipt signed by the node's TPM key (get it with --json; check it with verify-receipt)");
+        s.push_str("\nerase receipt signed by the node's TPM key (get it with --json now or `receipts list` / `receipts show ID --out FILE` later; check it with verify-receipt)");
     }
     s
 }

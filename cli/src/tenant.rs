@@ -94,14 +94,24 @@ pub enum Command {
         #[arg(long, short, value_name = "FILE")]
         out: Option<PathBuf>,
     },
-    /// Verify an erase receipt (the --json output of rotate) locally.
-    VerifyReceipt {
-        /// Receipt file (JSON).
-        receipt: PathBuf,
-        /// The node's signing key (PEM, from `receipt-key`).
-        #[arg(long, value_name = "PEM")]
-        key: PathBuf,
-    },
+    /// Verify an erase receipt and that the node's key signed it.
+    ///
+    /// The receipt: --json of rotate, or of `receipts show`. Prints the
+    /// signer's fingerprint. Exit status 1: the signature does not match;
+    /// 7: the node's key did not sign it.
+    VerifyReceipt(crate::receipts::VerifyArgs),
+    /// One overview of the node; exit status 1 when something is wrong.
+    ///
+    /// Problems: TPM failed, volume failed, boundary drift not repaired,
+    /// an engine gave up.
+    Status,
+    /// Print the agent's signals, one line each, until Ctrl-C.
+    ///
+    /// Changes of tenant keys (with receipts); JSON lines with --json.
+    Monitor,
+    /// The erase receipts of this tenancy (rotations since the assignment).
+    #[command(subcommand)]
+    Receipts(crate::receipts::ReceiptsCommand),
     /// Write man page and shell completions into DIR.
     #[command(hide = true)]
     Generate {
@@ -398,8 +408,16 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             );
             return Ok(());
         }
-        Command::VerifyReceipt { receipt, key } => {
-            return crate::verify_receipt(json, receipt, key);
+        Command::VerifyReceipt(a) => {
+            let host = args.host.clone();
+            return crate::receipts::verify(json, a, || async move {
+                let conn = match &host {
+                    Some(h) => connect_ssh(h).await?,
+                    None => connect_local().await?,
+                };
+                Ok((conn, false))
+            })
+            .await;
         }
         Command::RegisterConsole { name, pem } => {
             crate::check_name("console name", name)?;
@@ -564,7 +582,12 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             print_warnings(&info);
             emit(json, info_json(&info), || info_text(&info));
         }
-        Command::Generate { .. } | Command::Seal { .. } | Command::VerifyReceipt { .. } => {
+        Command::Status => crate::status::tenant_status(&conn, json).await?,
+        Command::Monitor => crate::status::tenant_monitor(&conn, json).await?,
+        Command::Receipts(cmd) => {
+            crate::receipts::run(crate::receipts::Node::Tenant(&conn), json, cmd).await?;
+        }
+        Command::Generate { .. } | Command::Seal { .. } | Command::VerifyReceipt(_) => {
             unreachable!("handled above")
         }
     }

@@ -163,6 +163,11 @@ pub struct NodeInfo {
     pub tpm_health: Option<String>,
     /// Why the last TPM check failed; absent while healthy.
     pub tpm_error: Option<String>,
+    /// The agent's version (its package version). Absent from older agents.
+    pub agent_version: Option<String>,
+    /// How many engines the tenant has deployed (a count only: the
+    /// landlord sees no engine's name or state). Absent from older agents.
+    pub engine_count: Option<u32>,
 }
 
 /// A public key.
@@ -311,10 +316,51 @@ pub struct BoundaryInfo {
     pub peers_changed: Option<u32>,
     /// The last change made behind the agent's back that it undid.
     pub last_drift: Option<String>,
+    /// How many times the agent found its table changed behind its back
+    /// since it started (restored or not). Absent from older agents.
+    pub drift_count: Option<u64>,
+    /// Unix time of the last such finding (absent: none since start).
+    pub last_drift_at: Option<u64>,
+    /// Set while the last drift found could not be undone (why): the
+    /// kernel does not hold the boundary the agent stores.
+    pub drift_unrepaired: Option<String>,
     /// A boundary set with a revert deadline is pending: the deadline
     /// (unix seconds) after which the previous boundary comes back unless
     /// `ConfirmBoundary` is called (landlord only).
     pub revert_at: Option<u64>,
+}
+
+/// An erase receipt the agent keeps (`ListReceipts`, `GetReceipt`). Who
+/// sees which: docs/dbus.md "Receipts".
+#[derive(Debug, Clone, Default, PartialEq, Eq, SerializeDict, DeserializeDict, Type)]
+#[zbus(signature = "a{sv}", rename_all = "PascalCase")]
+pub struct ReceiptInfo {
+    /// Id (`GetReceipt` takes it): the stored file's name without `.json`.
+    pub id: Option<String>,
+    /// Unix time the receipt was signed.
+    pub time: Option<u64>,
+    /// "rotate", "assign" or "release".
+    pub change: Option<String>,
+    /// Whose keys changed ("landlord" or "tenant").
+    pub role: Option<String>,
+    /// Fingerprint of the signing key, as the body states it.
+    pub signer: Option<String>,
+    /// `GetReceipt` only: the JSON body, exactly the bytes signed.
+    pub receipt: Option<String>,
+    /// `GetReceipt` only: the signature of `Receipt` (as in [`KeyChange`]).
+    pub receipt_signature: Option<String>,
+}
+
+/// The JSON form of a signed receipt, one spelling everywhere: the files
+/// under the agent's `receipts/`, `--json` of key changes and `receipts
+/// show`, and what `verify-receipt` reads.
+pub mod receipt_json {
+    /// The body (a JSON document as a string, exactly the bytes signed).
+    pub const BODY: &str = "receipt";
+    /// The base64 signature of the body.
+    pub const SIGNATURE: &str = "receipt_signature";
+    /// The name agents before 2026-12 wrote in `receipts/` files; still read.
+    pub const LEGACY_SIGNATURE: &str = "signature";
 }
 
 /// The verdict on one flow.
@@ -430,6 +476,11 @@ pub mod landlord {
         fn forget_volume(&self, confirm: bool) -> Result<VolumeInfo, Error>;
         /// The node's TPM-held signing key (verifies erase receipts).
         fn get_receipt_key(&self) -> Result<PublicKey, Error>;
+        /// The erase receipts of changes the landlord made (assign,
+        /// release, landlord rotations), oldest first, without bodies.
+        fn list_receipts(&self) -> Result<Vec<ReceiptInfo>, Error>;
+        /// One receipt of `ListReceipts` with its body and signature.
+        fn get_receipt(&self, id: &str) -> Result<ReceiptInfo, Error>;
         /// Interface version.
         #[zbus(property)]
         fn version(&self) -> zbus::Result<u32>;
@@ -501,6 +552,11 @@ pub mod tenant {
         /// Validates a sub-boundary document and compares it with the
         /// stored one, without applying it: JSON (docs/dbus.md).
         fn check_sub_boundary(&self, document: &str, format: &str) -> Result<String, Error>;
+        /// The erase receipts of the current tenancy (tenant and landlord
+        /// rotations since the assignment), oldest first, without bodies.
+        fn list_receipts(&self) -> Result<Vec<ReceiptInfo>, Error>;
+        /// One receipt of `ListReceipts` with its body and signature.
+        fn get_receipt(&self, id: &str) -> Result<ReceiptInfo, Error>;
         /// Interface version.
         #[zbus(property)]
         fn version(&self) -> zbus::Result<u32>;

@@ -364,6 +364,45 @@ pub const MATRIX: &[Case] = &[
         Setup::None,
     ),
     case(
+        L,
+        "ListReceipts",
+        LANDLORD,
+        "landlordctl",
+        &["receipts", "list"],
+        Setup::None,
+    ),
+    // No receipt has this id: an authorized call ends in NotFound (5).
+    Case {
+        allowed_code: 5,
+        ..case(
+            L,
+            "GetReceipt",
+            LANDLORD,
+            "landlordctl",
+            &["receipts", "show", "no-such-receipt"],
+            Setup::None,
+        )
+    },
+    case(
+        T,
+        "ListReceipts",
+        TENANT,
+        "tenantctl",
+        &["receipts", "list"],
+        Setup::None,
+    ),
+    Case {
+        allowed_code: 5,
+        ..case(
+            T,
+            "GetReceipt",
+            TENANT,
+            "tenantctl",
+            &["receipts", "show", "no-such-receipt"],
+            Setup::None,
+        )
+    },
+    case(
         T,
         "NodeInfo",
         TENANT,
