@@ -12,22 +12,21 @@ use crate::boundary::{
     read_document, ExplainArgs,
 };
 use crate::output::{
-    change_text, emit, emit_change, node_info_json, node_info_text, secrets_json, volume_json,
-    volume_text,
+    change_text, emit, emit_change, emit_done, node_info_json, node_info_text, secrets_json,
+    volume_json, volume_text,
 };
 use crate::{
-    connect_local, connect_ssh, emit_public_key, exit, read_arg_file, read_pem_file, run_main,
-    with_confirmation, CliError, EXIT_CODES_HELP,
+    emit_public_key, exit, read_arg_file, read_pem_file, run_main, with_confirmation, CliError,
+    GlobalArgs, EXIT_CODES_HELP,
 };
 
 /// Command line of `tenantctl`.
 #[derive(Debug, Parser)]
 #[command(name = "tenantctl", version, about = "Manage a Leasehold node as its tenant", after_help = EXIT_CODES_HELP)]
 pub struct Args {
-    /// Reach the node over SSH ([USER@]HOST[:PORT]), like `systemctl -H`.
-    /// The remote needs systemd-stdio-bridge; LEASEHOLD_SSH replaces `ssh`.
-    #[arg(long, short = 'H', global = true, value_name = "[USER@]HOST[:PORT]")]
-    pub host: Option<String>,
+    /// --host, --quiet, --no-pager (shared with landlordctl).
+    #[command(flatten)]
+    pub global: GlobalArgs,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -276,7 +275,7 @@ async fn engine(
                 |ok| p.remove(&name, ok),
             )
             .await?;
-            emit(json, serde_json::json!({"removed": name}), || {
+            emit_done(json, serde_json::json!({"removed": name}), || {
                 format!("removed engine {name}")
             });
             return Ok(());
@@ -290,9 +289,13 @@ async fn engine(
             );
             return Ok(());
         }
-        EngineCommand::Status { name } => p.status(&name).await?,
+        EngineCommand::Status { name } => {
+            let info = p.status(&name).await?;
+            emit(json, engine_json(&info), || engine_text(&info));
+            return Ok(());
+        }
     };
-    emit(json, engine_json(&info), || engine_text(&info));
+    emit_done(json, engine_json(&info), || engine_text(&info));
     Ok(())
 }
 
@@ -359,6 +362,7 @@ pub fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => return crate::usage_exit("tenantctl", e),
     };
+    args.global.apply();
     run_main("tenantctl", args.json, run(args))
 }
 
@@ -384,7 +388,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             });
             std::fs::write(&out, &env)
                 .map_err(|e| CliError::new(exit::FAILURE, format!("{}: {e}", out.display())))?;
-            emit(
+            emit_done(
                 json,
                 serde_json::json!({"envelope": out, "size": env.len()}),
                 || {
@@ -427,10 +431,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         ) => crate::check_name("engine name", name)?,
         _ => {}
     }
-    let conn = match &args.host {
-        Some(h) => connect_ssh(h).await?,
-        None => connect_local().await?,
-    };
+    let conn = args.global.connect().await?;
     let p = TenantProxy::new(&conn)
         .await
         .map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
@@ -474,7 +475,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         Command::RegisterConsole { name, pem } => {
             let text = read_pem_file("public key", &pem)?;
             let fp = p.register_console_key(&name, &text).await?;
-            emit(
+            emit_done(
                 json,
                 serde_json::json!({"name": name, "fingerprint": fp}),
                 || format!("registered tenant console {name} ({fp})"),
@@ -490,7 +491,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             let env = leasehold_envelope::seal(&pem, &payload)
                 .map_err(|e| CliError::new(exit::INVALID, e.to_string()))?;
             let info = p.put_secret(&name, &env).await?;
-            emit(json, secrets_json(std::slice::from_ref(&info)), || {
+            emit_done(json, secrets_json(std::slice::from_ref(&info)), || {
                 format!("stored secret {name} ({} bytes)", info.size.unwrap_or(0))
             });
         }
@@ -511,11 +512,13 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         }
         Command::Secret(SecretCommand::Rm { name }) => {
             p.remove_secret(&name).await?;
-            emit(json, serde_json::json!({"removed": name}), || {
+            emit_done(json, serde_json::json!({"removed": name}), || {
                 format!("removed secret {name}")
             });
         }
         Command::Boundary(cmd) => {
+            // Show is a query; the other listings printed below follow a change.
+            let query = matches!(cmd, BoundaryCommand::Show);
             let info = match cmd {
                 BoundaryCommand::Set { file, narrow } => {
                     let (text, format) = read_document(&file)?;
@@ -562,7 +565,11 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                 }
             };
             print_warnings(&info);
-            emit(json, info_json(&info), || info_text(&info));
+            if query {
+                emit(json, info_json(&info), || info_text(&info));
+            } else {
+                emit_done(json, info_json(&info), || info_text(&info));
+            }
         }
         Command::Generate { .. } | Command::Seal { .. } | Command::VerifyReceipt { .. } => {
             unreachable!("handled above")
