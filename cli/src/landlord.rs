@@ -181,7 +181,10 @@ pub enum BoundaryCommand {
     /// Explain whether a flow is allowed and which entries decide.
     Explain(ExplainArgs),
     /// Lift every boundary (removes the nftables table and the stored policy).
-    Remove,
+    // `remove` was this verb's name before both CLIs said `clear`: kept,
+    // hidden, so scripts do not break.
+    #[command(alias = "remove")]
+    Clear,
 }
 
 /// Entry point of the binary.
@@ -453,7 +456,7 @@ async fn boundary(
                 .await?;
             return explain_result(json, &v);
         }
-        BoundaryCommand::Remove => {
+        BoundaryCommand::Clear => {
             with_confirmation(yes, "lift every boundary on this node", |ok| {
                 p.remove_boundary(ok)
             })

@@ -330,6 +330,9 @@ pub enum BoundaryCommand {
     /// Explain whether a flow is allowed and which entries decide.
     Explain(ExplainArgs),
     /// Remove the sub-boundary (the landlord's cluster boundary stays).
+    // `remove`, landlordctl's old name of the verb, hidden: either name
+    // works in either CLI.
+    #[command(alias = "remove")]
     Clear,
 }
 
