@@ -11,18 +11,22 @@ use crate::boundary::{
     print_warnings, read_document, unix_time_text, ExplainArgs,
 };
 use crate::output::{
-    change_text, emit, emit_change, node_info_json, node_info_text, volume_json, volume_text,
+    change_text, emit, emit_change, emit_done, node_info_json, node_info_text, note, volume_json,
+    volume_text,
 };
 use crate::progress::{bounded, bounded_with};
 use crate::{
-    connect_local, emit_public_key, exit, read_pem_file, run_main, with_confirmation,
-    with_confirmation_or, CliError, EXIT_CODES_HELP,
+    emit_public_key, exit, read_pem_file, run_main, with_confirmation, with_confirmation_or,
+    CliError, GlobalArgs, EXIT_CODES_HELP,
 };
 
 /// Command line of `landlordctl`.
 #[derive(Debug, Parser)]
 #[command(name = "landlordctl", version, about = "Manage a Leasehold node as its landlord", after_help = EXIT_CODES_HELP)]
 pub struct Args {
+    /// --host, --quiet, --no-pager (shared with tenantctl).
+    #[command(flatten)]
+    pub global: GlobalArgs,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -187,7 +191,10 @@ pub enum BoundaryCommand {
     /// Explain whether a flow is allowed and which entries decide.
     Explain(ExplainArgs),
     /// Lift every boundary (removes the nftables table and the stored policy).
-    Remove,
+    // `remove` was this verb's name before both CLIs said `clear`: kept,
+    // hidden, so scripts do not break.
+    #[command(alias = "remove")]
+    Clear,
 }
 
 /// Entry point of the binary.
@@ -196,6 +203,7 @@ pub fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => return crate::usage_exit("landlordctl", e),
     };
+    args.global.apply();
     run_main("landlordctl", args.json, run(args))
 }
 
@@ -221,7 +229,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         }
         _ => {}
     }
-    let conn = connect_local().await?;
+    let conn = args.global.connect().await?;
     let p = LandlordProxy::new(&conn)
         .await
         .map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
@@ -300,7 +308,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         Command::RegisterConsole { name, pem } => {
             let text = read_pem_file("console key", &pem)?;
             let fp = p.register_console_key(&name, &text).await?;
-            emit(
+            emit_done(
                 json,
                 serde_json::json!({"name": name, "fingerprint": fp}),
                 || format!("registered landlord console {name} ({fp})"),
@@ -308,19 +316,19 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         }
         Command::Reboot => {
             p.reboot().await?;
-            emit(json, serde_json::json!({"requested": "reboot"}), || {
+            emit_done(json, serde_json::json!({"requested": "reboot"}), || {
                 "reboot requested".into()
             });
         }
         Command::Poweroff => {
             p.power_off().await?;
-            emit(json, serde_json::json!({"requested": "poweroff"}), || {
+            emit_done(json, serde_json::json!({"requested": "poweroff"}), || {
                 "power-off requested".into()
             });
         }
         Command::Suspend => {
             p.suspend().await?;
-            emit(json, serde_json::json!({"requested": "suspend"}), || {
+            emit_done(json, serde_json::json!({"requested": "suspend"}), || {
                 "suspend requested".into()
             });
         }
@@ -345,7 +353,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                 },
             )
             .await?;
-            emit(json, volume_json(&v), || volume_text(&v));
+            emit_done(json, volume_json(&v), || volume_text(&v));
         }
         Command::Volume(VolumeCommand::Status) => {
             let v = p.volume_status().await?;
@@ -362,7 +370,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                 )
             })
             .await?;
-            emit(json, volume_json(&v), || {
+            emit_done(json, volume_json(&v), || {
                 "the volume's record is gone: volume none (landlordctl volume init DEVICE)".into()
             });
         }
@@ -386,6 +394,8 @@ async fn boundary(
     json: bool,
     yes: bool,
 ) -> Result<(), CliError> {
+    // Show is a query; every other listing printed below follows a change.
+    let query = matches!(cmd, BoundaryCommand::Show);
     let info = match cmd {
         BoundaryCommand::Set {
             file,
@@ -408,16 +418,16 @@ async fn boundary(
             .await
             .map_err(in_document(&file, ""))?;
             if let Some(at) = info.revert_at {
-                eprintln!(
-                    "note: reverts to the previous boundary at {} unless `landlordctl boundary confirm`",
+                note(&format!(
+                    "reverts to the previous boundary at {} unless `landlordctl boundary confirm`",
                     unix_time_text(at)
-                );
+                ));
             }
             info
         }
         BoundaryCommand::Confirm => {
             let info = p.confirm_boundary().await?;
-            emit(json, info_json(&info), || {
+            emit_done(json, info_json(&info), || {
                 "confirmed: the boundary stays (no revert)".into()
             });
             return Ok(());
@@ -464,19 +474,23 @@ async fn boundary(
                 .await?;
             return explain_result(json, &v);
         }
-        BoundaryCommand::Remove => {
+        BoundaryCommand::Clear => {
             with_confirmation(yes, "lift every boundary on this node", |ok| {
                 p.remove_boundary(ok)
             })
             .await?;
-            emit(json, serde_json::json!({"removed": true}), || {
+            emit_done(json, serde_json::json!({"removed": true}), || {
                 "boundary removed: the node is no longer fenced".into()
             });
             return Ok(());
         }
     };
     print_warnings(&info);
-    emit(json, info_json(&info), || info_text(&info));
+    if query {
+        emit(json, info_json(&info), || info_text(&info));
+    } else {
+        emit_done(json, info_json(&info), || info_text(&info));
+    }
     Ok(())
 }
 

@@ -170,6 +170,45 @@ impl From<ApiError> for CliError {
     }
 }
 
+/// Flags both CLIs share, with systemctl's names: where the node is, how
+/// much to say, and `--no-pager` (accepted; the CLIs never page).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct GlobalArgs {
+    /// Reach the node over SSH ([USER@]HOST[:PORT]), like `systemctl -H`.
+    ///
+    /// D-Bus runs over `ssh -xT [-p PORT] [USER@]HOST systemd-stdio-bridge`;
+    /// the remote needs systemd-stdio-bridge, and LEASEHOLD_SSH replaces
+    /// `ssh` (e.g. `ssh -i KEY`).
+    #[arg(long, short = 'H', global = true, value_name = "[USER@]HOST[:PORT]")]
+    pub host: Option<String>,
+    /// Print only errors, warnings and the results of queries.
+    ///
+    /// A change prints no summary (its exit status says it was done);
+    /// `note:` lines and the progress line are left out. Prompts, warnings,
+    /// errors and --json output are unchanged.
+    #[arg(long, short = 'q', global = true)]
+    pub quiet: bool,
+    /// Accepted, like systemctl's; these CLIs never start a pager.
+    #[arg(long, global = true)]
+    pub no_pager: bool,
+}
+
+impl GlobalArgs {
+    /// Applies the output flags to this process ([`output::set_quiet`]).
+    pub fn apply(&self) {
+        output::set_quiet(self.quiet);
+    }
+
+    /// Connects to the node: over SSH with `--host`, else to the local
+    /// system bus.
+    pub async fn connect(&self) -> Result<Connection, CliError> {
+        match &self.host {
+            Some(h) => connect_ssh(h).await,
+            None => connect_local().await,
+        }
+    }
+}
+
 /// Connects to the local system bus (honours `DBUS_SYSTEM_BUS_ADDRESS`).
 pub async fn connect_local() -> Result<Connection, CliError> {
     zbus::connection::Builder::system()
@@ -396,7 +435,7 @@ pub fn emit_public_key(
         Some(path) => {
             std::fs::write(path, &pem)
                 .map_err(|e| CliError::new(exit::FAILURE, format!("{}: {e}", path.display())))?;
-            output::emit(as_json, v, || {
+            output::emit_done(as_json, v, || {
                 format!(
                     "{} key written to {} ({})",
                     k.role.as_deref().unwrap_or("public"),

@@ -1,13 +1,46 @@
 //! Human and JSON output of API results.
 
 use std::io::Write as _;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use leasehold_dbus_api::{KeyChange, NodeInfo, PublicKey, SecretInfo, VolumeInfo};
 use serde_json::{json, Value};
 
 use crate::exit;
 
-/// Prints `v` as JSON, or `human` as text.
+/// `-q`/`--quiet`, set once from the command line before any output.
+static QUIET: AtomicBool = AtomicBool::new(false);
+
+/// Sets `-q`/`--quiet` for this process (docs/cli.md, "Quiet"): what
+/// [`emit_done`], [`note`] and the progress line print depends on it;
+/// [`emit`] (a query's result), warnings and errors do not.
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, Ordering::Relaxed);
+}
+
+/// Whether `-q`/`--quiet` was given.
+pub fn quiet() -> bool {
+    QUIET.load(Ordering::Relaxed)
+}
+
+/// Prints the outcome of a change: JSON always; the text summary unless
+/// `--quiet` (then the exit status is the result, as with `systemctl -q`).
+pub fn emit_done(as_json: bool, v: Value, human: impl FnOnce() -> String) {
+    if as_json || !quiet() {
+        emit(as_json, v, human);
+    }
+}
+
+/// A `note: …` line on stderr: information, left out with `--quiet`
+/// (warnings and errors never are).
+pub fn note(text: &str) {
+    if !quiet() {
+        eprintln!("note: {text}");
+    }
+}
+
+/// Prints `v` as JSON, or `human` as text: the result of a query, printed
+/// also with `--quiet` (it is what was asked for).
 pub fn emit(as_json: bool, v: Value, human: impl FnOnce() -> String) {
     if as_json {
         print_line(&v.to_string());
@@ -154,7 +187,7 @@ pub fn change_json(c: &KeyChange) -> Value {
 
 /// Prints a key change: warnings (what failed after the change committed;
 /// the change stands, so the exit status stays 0) on stderr, the change on
-/// stdout.
+/// stdout (its text not with `--quiet`).
 pub fn emit_change(as_json: bool, c: &KeyChange, human: impl FnOnce() -> String) {
     let warnings = c.warnings.as_deref().unwrap_or_default();
     for w in warnings {
@@ -162,13 +195,13 @@ pub fn emit_change(as_json: bool, c: &KeyChange, human: impl FnOnce() -> String)
     }
     if !warnings.is_empty() {
         // Exit 0 says the key change happened; this says what did not.
-        eprintln!(
-            "note: the key change itself was done (exit status 0); the {} above {} what did not work after it",
+        note(&format!(
+            "the key change itself was done (exit status 0); the {} above {} what did not work after it",
             if warnings.len() == 1 { "warning" } else { "warnings" },
             if warnings.len() == 1 { "is" } else { "are" }
-        );
+        ));
     }
-    emit(as_json, change_json(c), human);
+    emit_done(as_json, change_json(c), human);
 }
 
 /// Volume state as JSON.

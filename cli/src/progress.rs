@@ -1,6 +1,6 @@
 //! Long calls (volume init with its device fill, key rotations, release,
-//! assignment): a client-side deadline (`--timeout`) and, on a terminal, a
-//! line on stderr saying the CLI is still waiting.
+//! assignment): a client-side deadline (`--timeout`) and, on a terminal
+//! and without `--quiet`, a line on stderr saying the CLI is still waiting.
 
 use std::future::Future;
 use std::io::{IsTerminal, Write};
@@ -38,8 +38,9 @@ pub fn parse_timeout(s: &str) -> Result<Timeout, String> {
 }
 
 /// Runs one call to the agent with the deadline `timeout` (None: none).
-/// While it runs, and only if stderr is a terminal, a line on stderr says
-/// what the node is doing and for how long (erased when the call ends).
+/// While it runs, and only if stderr is a terminal and not `--quiet`, a
+/// line on stderr says what the node is doing and for how long (erased when
+/// the call ends).
 /// At the deadline the CLI stops waiting and says that the node may still
 /// be working (the call cannot be taken back once the agent has it);
 /// `check` names the command that shows how it ended.
@@ -69,7 +70,8 @@ where
     S: Fn() -> SFut,
     SFut: Future<Output = Option<String>>,
 {
-    let tty = std::io::stderr().is_terminal();
+    // The progress line is information: not with --quiet.
+    let tty = std::io::stderr().is_terminal() && !crate::output::quiet();
     let start = Instant::now();
     let ticker = async {
         if !tty {

@@ -12,22 +12,21 @@ use crate::boundary::{
     read_document, ExplainArgs,
 };
 use crate::output::{
-    change_text, emit, emit_change, node_info_json, node_info_text, secrets_json, volume_json,
-    volume_text,
+    change_text, emit, emit_change, emit_done, node_info_json, node_info_text, secrets_json,
+    volume_json, volume_text,
 };
 use crate::{
-    connect_local, connect_ssh, emit_public_key, exit, read_arg_file, read_pem_file, run_main,
-    with_confirmation, CliError, EXIT_CODES_HELP,
+    emit_public_key, exit, read_arg_file, read_pem_file, run_main, with_confirmation, CliError,
+    GlobalArgs, EXIT_CODES_HELP,
 };
 
 /// Command line of `tenantctl`.
 #[derive(Debug, Parser)]
 #[command(name = "tenantctl", version, about = "Manage a Leasehold node as its tenant", after_help = EXIT_CODES_HELP)]
 pub struct Args {
-    /// Reach the node over SSH ([USER@]HOST[:PORT]), like `systemctl -H`.
-    /// The remote needs systemd-stdio-bridge; LEASEHOLD_SSH replaces `ssh`.
-    #[arg(long, short = 'H', global = true, value_name = "[USER@]HOST[:PORT]")]
-    pub host: Option<String>,
+    /// --host, --quiet, --no-pager (shared with landlordctl).
+    #[command(flatten)]
+    pub global: GlobalArgs,
     /// Print JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
@@ -286,7 +285,7 @@ async fn engine(
                 |ok| p.remove(&name, ok),
             )
             .await?;
-            emit(json, serde_json::json!({"removed": name}), || {
+            emit_done(json, serde_json::json!({"removed": name}), || {
                 format!("removed engine {name}")
             });
             return Ok(());
@@ -300,9 +299,13 @@ async fn engine(
             );
             return Ok(());
         }
-        EngineCommand::Status { name } => p.status(&name).await?,
+        EngineCommand::Status { name } => {
+            let info = p.status(&name).await?;
+            emit(json, engine_json(&info), || engine_text(&info));
+            return Ok(());
+        }
     };
-    emit(json, engine_json(&info), || engine_text(&info));
+    emit_done(json, engine_json(&info), || engine_text(&info));
     Ok(())
 }
 
@@ -337,6 +340,9 @@ pub enum BoundaryCommand {
     /// Explain whether a flow is allowed and which entries decide.
     Explain(ExplainArgs),
     /// Remove the sub-boundary (the landlord's cluster boundary stays).
+    // `remove`, landlordctl's old name of the verb, hidden: either name
+    // works in either CLI.
+    #[command(alias = "remove")]
     Clear,
 }
 
@@ -369,6 +375,7 @@ pub fn main() -> ExitCode {
         Ok(a) => a,
         Err(e) => return crate::usage_exit("tenantctl", e),
     };
+    args.global.apply();
     run_main("tenantctl", args.json, run(args))
 }
 
@@ -394,7 +401,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             });
             std::fs::write(&out, &env)
                 .map_err(|e| CliError::new(exit::FAILURE, format!("{}: {e}", out.display())))?;
-            emit(
+            emit_done(
                 json,
                 serde_json::json!({"envelope": out, "size": env.len()}),
                 || {
@@ -445,10 +452,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         ) => crate::check_name("engine name", name)?,
         _ => {}
     }
-    let conn = match &args.host {
-        Some(h) => connect_ssh(h).await?,
-        None => connect_local().await?,
-    };
+    let conn = args.global.connect().await?;
     let p = TenantProxy::new(&conn)
         .await
         .map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
@@ -492,7 +496,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         Command::RegisterConsole { name, pem } => {
             let text = read_pem_file("public key", &pem)?;
             let fp = p.register_console_key(&name, &text).await?;
-            emit(
+            emit_done(
                 json,
                 serde_json::json!({"name": name, "fingerprint": fp}),
                 || format!("registered tenant console {name} ({fp})"),
@@ -508,7 +512,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             let env = leasehold_envelope::seal(&pem, &payload)
                 .map_err(|e| CliError::new(exit::INVALID, e.to_string()))?;
             let info = p.put_secret(&name, &env).await?;
-            emit(json, secrets_json(std::slice::from_ref(&info)), || {
+            emit_done(json, secrets_json(std::slice::from_ref(&info)), || {
                 format!("stored secret {name} ({} bytes)", info.size.unwrap_or(0))
             });
         }
@@ -529,11 +533,13 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         }
         Command::Secret(SecretCommand::Rm { name }) => {
             p.remove_secret(&name).await?;
-            emit(json, serde_json::json!({"removed": name}), || {
+            emit_done(json, serde_json::json!({"removed": name}), || {
                 format!("removed secret {name}")
             });
         }
         Command::Boundary(cmd) => {
+            // Show is a query; the other listings printed below follow a change.
+            let query = matches!(cmd, BoundaryCommand::Show);
             let info = match cmd {
                 BoundaryCommand::Set { file, narrow } => {
                     let (text, format) = read_document(&file)?;
@@ -580,7 +586,11 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                 }
             };
             print_warnings(&info);
-            emit(json, info_json(&info), || info_text(&info));
+            if query {
+                emit(json, info_json(&info), || info_text(&info));
+            } else {
+                emit_done(json, info_json(&info), || info_text(&info));
+            }
         }
         Command::Status => crate::status::tenant_status(&conn, json).await?,
         Command::Monitor => crate::status::tenant_monitor(&conn, json).await?,

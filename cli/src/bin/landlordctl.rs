@@ -1,4 +1,4 @@
-//! `landlordctl`: the landlord's CLI (local system bus).
+//! `landlordctl`: the landlord's CLI (local, or `--host` over SSH).
 fn main() -> std::process::ExitCode {
     leasehold_cli::landlord::main()
 }
