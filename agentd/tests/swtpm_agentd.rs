@@ -16,6 +16,7 @@ fn fingerprint(stdout: &str) -> String {
 }
 
 #[test]
+#[ignore = "needs root: agentd --dev makes a network namespace"]
 fn swtpm_agentd_dev_oneshot_initialises_then_reloads() {
     let dir = tempfile::tempdir().unwrap();
     let first = agentd()
@@ -134,6 +135,7 @@ fn oneshot(dir: &std::path::Path, extra: &[&str]) -> (i32, String, String) {
 }
 
 #[test]
+#[ignore = "needs root: agentd --dev makes a network namespace"]
 fn swtpm_agentd_refuses_keys_without_manifest_and_erases_only_when_asked() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("state");

@@ -213,8 +213,9 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         return crate::generate(Args::command(), dir);
     }
     if let Command::VerifyReceipt(a) = &args.command {
-        return crate::receipts::verify(args.json, a, || async {
-            Ok((connect_local().await?, true))
+        let global = args.global.clone();
+        return crate::receipts::verify(args.json, a, || async move {
+            Ok((global.connect().await?, true))
         })
         .await;
     }

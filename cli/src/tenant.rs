@@ -416,13 +416,9 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             return Ok(());
         }
         Command::VerifyReceipt(a) => {
-            let host = args.host.clone();
+            let global = args.global.clone();
             return crate::receipts::verify(json, a, || async move {
-                let conn = match &host {
-                    Some(h) => connect_ssh(h).await?,
-                    None => connect_local().await?,
-                };
-                Ok((conn, false))
+                Ok((global.connect().await?, false))
             })
             .await;
         }

@@ -1,5 +1,7 @@
-//! T1 (root): the launcher on the host's kernel. Each `real_…` test prints
-//! "skipped: <reason>" when a facility is missing; none passes silently.
+//! T1 (root): the launcher on the host's kernel. Ignored unless run with
+//! `--ignored` or `--include-ignored` (scripts/test does, as root); then
+//! each `real_…` test prints "skipped: <reason>" when a facility is
+//! missing; none passes silently.
 //!
 //! No libtest harness: this binary is also the engine that probes its own
 //! confinement (`real_launch --probe …`, copied into the test rootfs with
@@ -81,15 +83,27 @@ fn main() {
         }
         return;
     }
-    if args.iter().any(|a| a == "--ignored") {
-        println!("0 passed, 0 failed, 0 skipped");
+    let selected = |name: &str| {
+        !skip.iter().any(|s| name.contains(s.as_str()))
+            && (filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str())))
+    };
+    // All of these need root: ignored, as libtest ignores, unless asked for
+    // (scripts/test runs them as root with --include-ignored).
+    if !args
+        .iter()
+        .any(|a| a == "--ignored" || a == "--include-ignored")
+    {
+        let mut ignored = 0;
+        for (name, _) in tests.iter().filter(|(n, _)| selected(n)) {
+            println!("test {name} ... ignored, needs root (namespaces, mounts, setuid)");
+            ignored += 1;
+        }
+        println!("0 passed, 0 failed, 0 skipped, {ignored} ignored");
         return;
     }
     let (mut passed, mut failed, mut skipped) = (0, 0, 0);
     for (name, test) in tests {
-        if skip.iter().any(|s| name.contains(s.as_str()))
-            || (!filters.is_empty() && !filters.iter().any(|f| name.contains(f.as_str())))
-        {
+        if !selected(name) {
             continue;
         }
         match std::panic::catch_unwind(test) {

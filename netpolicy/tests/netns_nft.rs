@@ -366,6 +366,7 @@ impl Drop for Net {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces and nftables"]
 fn netns_boundaries_hold_for_real_packets_v4_and_v6() {
     leasehold_netpolicy_root_check();
     let mut net = Net::new();
@@ -463,6 +464,7 @@ fn cluster(toml: &str) -> leasehold_netpolicy::Boundary {
 /// The named router's RA installs it. Neighbour discovery with the
 /// allowed peer keeps working (ping over IPv6).
 #[test]
+#[ignore = "needs root: network namespaces and nftables"]
 fn netns_router_advertisements_only_from_named_routers() {
     leasehold_netpolicy_root_check();
     let net = Net::new();
@@ -531,6 +533,7 @@ peers = ["10.77.0.2", "fd77::2", "fe80::2"]
 /// outbound for its destination; the network behind the node is internal
 /// (its side is not checked).
 #[test]
+#[ignore = "needs root: network namespaces and nftables"]
 fn netns_forwarded_traffic_passes_both_checks_v4_and_v6() {
     leasehold_netpolicy_root_check();
     let net = Net::new();
@@ -613,6 +616,7 @@ protocols = [{ proto = "icmp" }]
 /// Point 9 of issue 13: an entry without `protocols` passes every IP
 /// protocol (here GRE, 47), a tcp-only entry does not; both families.
 #[test]
+#[ignore = "needs root: network namespaces and nftables"]
 fn netns_other_protocols_follow_entries_v4_and_v6() {
     leasehold_netpolicy_root_check();
     let net = Net::new();
@@ -675,6 +679,7 @@ fn leasehold_netpolicy_root_check() {
 /// new gateway's neighbour entry valid): dropped while 10.77.0.2 is only an
 /// allowed peer, taken once the boundary names it as a router.
 #[test]
+#[ignore = "needs root: network namespaces and nftables"]
 fn netns_ipv4_redirects_only_from_named_routers() {
     leasehold_netpolicy_root_check();
     let net = Net::new();

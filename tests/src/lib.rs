@@ -49,7 +49,9 @@ pub fn bin(name: &str) -> PathBuf {
     debug
 }
 
-/// T1 tests need root (users, mount namespaces, polkitd, sshd).
+/// T1 tests need root (users, mount namespaces, polkitd, sshd). Such a test
+/// carries `#[ignore = "needs root: …"]`, so a normal user's `cargo test`
+/// lists it as ignored; scripts/test runs it with `--include-ignored`.
 pub fn require_root() {
     let uid = fs::read_to_string("/proc/self/status")
         .unwrap()
@@ -59,7 +61,8 @@ pub fn require_root() {
         .unwrap();
     assert_eq!(
         uid, "0",
-        "this test must run as root (scripts/test and CI do)"
+        "this test needs root: run it as root with --include-ignored (scripts/test does), \
+         and mark it #[ignore = \"needs root: …\"] so that a normal user's cargo test skips it"
     );
 }
 

@@ -257,6 +257,7 @@ fn cli_key_files_are_checked_before_any_call() {
 }
 
 #[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn cli_key_files_reach_the_node_only_when_good() {
     let lab = Lab::start();
     let keys = Keys::new();
@@ -310,6 +311,7 @@ fn cli_key_files_reach_the_node_only_when_good() {
 }
 
 #[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn cli_document_errors_name_file_line_column_and_field() {
     let lab = Lab::start();
     let doc = |name: &str, text: &str| lab.write_file(name, text.as_bytes());

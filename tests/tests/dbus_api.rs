@@ -27,6 +27,7 @@ fn ensure_assigned(lab: &Lab) {
 }
 
 #[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn dbus_authorization_matrix() {
     let lab = Lab::start();
     let pem = lab.write_file("console.pem", console_pem().as_bytes());
@@ -126,6 +127,7 @@ fn dbus_authorization_matrix() {
 }
 
 #[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn dbus_polkit_unreachable_fails_closed() {
     let mut lab = Lab::start();
     lab.run(Who::Landlord, "landlordctl", &["info"]).ok();
@@ -150,6 +152,7 @@ fn fingerprint(r: &Run) -> String {
 /// tenant has the node make a fresh pair, only the tenant holds the new UT,
 /// envelopes to the new UT open and envelopes to the old one do not.
 #[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn dbus_fig6_key_handover() {
     let lab = Lab::start();
     let work = lab.path("work");
@@ -301,6 +304,7 @@ fn expect_err(out: &str, name: &str, mentions: &str) {
 }
 
 #[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn dbus_bad_input_gets_named_errors_and_agent_keeps_serving() {
     let lab = Lab::start();
     let inv = "org.leasehold.Error.InvalidArgument";
@@ -414,6 +418,7 @@ fn dbus_bad_input_gets_named_errors_and_agent_keeps_serving() {
 }
 
 #[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn dbus_tenantctl_over_ssh() {
     let mut lab = Lab::start();
     lab.run(Who::Landlord, "landlordctl", &["assign", "acme"])
@@ -462,6 +467,7 @@ fn dbus_tenantctl_over_ssh() {
 }
 
 #[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn dbus_agent_stops_cleanly_on_sigterm_and_restarts_with_same_keys() {
     let mut lab = Lab::start();
     let before = lab
@@ -491,6 +497,7 @@ fn dbus_agent_stops_cleanly_on_sigterm_and_restarts_with_same_keys() {
 }
 
 #[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn dbus_keys_changed_signal_and_version_property() {
     let lab = Lab::start();
     let (version, change) = lab.block_on(async {
@@ -524,6 +531,7 @@ fn dbus_keys_changed_signal_and_version_property() {
 /// cgroup v2 controllers), so a valid deploy is refused, naming why, and
 /// nothing is recorded; the view answers.
 #[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn dbus_engine_deploy_without_volume_is_refused_clearly() {
     let lab = Lab::start();
     ensure_assigned(&lab);

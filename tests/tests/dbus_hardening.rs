@@ -95,6 +95,7 @@ impl Drop for Netns {
 }
 
 #[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn dbus_signals_reach_only_their_roles() {
     let ns = Netns::new("sig");
     let lab = Lab::start_in(&ns.0);
@@ -269,6 +270,7 @@ impl Drop for Frozen {
 }
 
 #[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn dbus_polkit_frozen_fails_closed_within_bound_and_busy_beyond_in_flight() {
     let lab = Lab::start();
     lab.run(Who::Landlord, "landlordctl", &["info"]).ok();
@@ -332,6 +334,7 @@ fn dbus_polkit_frozen_fails_closed_within_bound_and_busy_beyond_in_flight() {
 }
 
 #[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn dbus_outsider_flood_does_not_reach_the_agent_nor_slow_its_users() {
     let mut lab = Lab::start();
     lab.run(Who::Landlord, "landlordctl", &["assign", "acme"])
@@ -383,6 +386,7 @@ fn dbus_outsider_flood_does_not_reach_the_agent_nor_slow_its_users() {
 }
 
 #[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn dbus_member_flood_is_bounded_per_user() {
     // A member of leasehold-tenant passes the bus policy: its flood reaches
     // the agent, which answers Busy beyond 16 calls in flight; the landlord

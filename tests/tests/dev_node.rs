@@ -75,6 +75,7 @@ fn set_boundary(lab: &Lab) {
 }
 
 #[test]
+#[ignore = "needs root: agentd --dev in a network namespace, test users"]
 fn agentd_dev_never_touches_host_nftables() {
     require_root();
     assert!(
@@ -121,6 +122,7 @@ fn agentd_dev_never_touches_host_nftables() {
 }
 
 #[test]
+#[ignore = "needs root: agentd --dev in a network namespace, test users"]
 fn agentd_second_agent_on_the_same_directory_is_refused() {
     require_root();
     let mut lab = Lab::start();
@@ -157,6 +159,7 @@ fn agentd_second_agent_on_the_same_directory_is_refused() {
 }
 
 #[test]
+#[ignore = "needs root: agentd --dev in a network namespace, test users"]
 fn agentd_lost_tpm_is_reported_unhealthy() {
     require_root();
     let lab = Lab::start_with_options(LabOptions {
@@ -202,6 +205,7 @@ fn agentd_lost_tpm_is_reported_unhealthy() {
 }
 
 #[test]
+#[ignore = "needs root: agentd --dev in a network namespace, test users"]
 fn agentd_survives_sighup_and_stops_cleanly_on_sigterm_and_sigint() {
     require_root();
     let mut lab = Lab::start();
@@ -338,6 +342,7 @@ fn stop_dev_node(mut node: DevNode, dir: &Path) {
 }
 
 #[test]
+#[ignore = "needs root: agentd --dev in a network namespace, test users"]
 fn dbus_dev_node_quick_start() {
     require_root();
     let tmp = tempfile::tempdir().unwrap();

@@ -49,6 +49,7 @@ fn set_len(name: &str) -> usize {
 }
 
 #[test]
+#[ignore = "needs root: network namespaces and nftables"]
 fn staged_apply_element_changes_and_leftovers() {
     require_root();
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
@@ -225,6 +226,7 @@ fn staged_apply_element_changes_and_leftovers() {
 /// another process's change to the table is foreign, and the check that
 /// follows reads the sets back and finds it.
 #[test]
+#[ignore = "needs root: network namespaces and nftables"]
 fn monitor_events_spare_the_read_back_unless_the_table_was_touched() {
     use leasehold_netpolicy::enforce::Seen;
     use leasehold_netpolicy::monitor;

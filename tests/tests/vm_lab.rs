@@ -1,13 +1,15 @@
 //! T2: the packaged agent on a real Debian node (QEMU, vTPM, systemd, the
 //! real system bus and polkitd, sshd), driven from the host through
-//! vagrant/lab. One boot per run. Skip locally with LEASEHOLD_SKIP_VM=1
-//! (CI never does). On failure the guest's serial console and agentd
-//! journal are printed.
+//! vagrant/lab. One boot per run, shared by sections that report one by
+//! one (support/sections.rs), so a failure does not hide the rest. A custom
+//! harness: ignored unless run with `--include-ignored` (scripts/test does,
+//! as root); skipped with LEASEHOLD_SKIP_VM=1 (CI never does). On a failure
+//! the guest's serial console and agentd journal are printed.
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::Command;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -16,12 +18,24 @@ use leasehold_tests::matrix::{
 };
 use leasehold_tests::{console_pem, workspace_root};
 
+#[path = "support/sections.rs"]
+mod sections;
+use sections::{check_table, closure, run_sections, summary, Args, Ran, Section};
+
 const NODE: &str = "1";
+
+/// Why the test is ignored by default (libtest's `ignored, REASON`).
+const VM_NEEDS: &str =
+    "needs root, QEMU and the .deb scripts/build-deb makes (scripts/test runs it)";
 
 struct Vm {
     lab: PathBuf,
     timings: Vec<(String, u64)>,
     t: Instant,
+    /// Set by the install section.
+    deb: Option<PathBuf>,
+    /// Node 1's volume metadata, read by the reboot section.
+    node1_volume: Option<String>,
 }
 
 struct Out {
@@ -106,20 +120,26 @@ impl Vm {
     }
 }
 
-/// Prints the guest's logs if the test panics.
+/// Prints a node's serial console tail and agentd journal.
+fn show_logs(lab: &Path, node: &str) {
+    if let Ok(o) = Command::new("timeout")
+        .arg("60")
+        .arg(lab)
+        .args(["logs", node])
+        .output()
+    {
+        eprintln!("{}", String::from_utf8_lossy(&o.stdout));
+    }
+}
+
+/// Destroys the nodes at the end; prints the guest's logs on a panic
+/// outside a section (sections catch theirs and print the logs then).
 struct ShowLogsOnFailure(PathBuf);
 
 impl Drop for ShowLogsOnFailure {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            if let Ok(o) = Command::new("timeout")
-                .arg("60")
-                .arg(&self.0)
-                .args(["logs", NODE])
-                .output()
-            {
-                eprintln!("{}", String::from_utf8_lossy(&o.stdout));
-            }
+            show_logs(&self.0, NODE);
         }
         let _ = Command::new("timeout")
             .arg("180")
@@ -197,29 +217,131 @@ fn matrix_script(pem: &str) -> String {
     s
 }
 
-#[test]
-fn vm_lab_end_to_end() {
+/// The run's sections in order, each with the earlier ones whose state it
+/// builds on: a section is skipped (not passed) when one of them did not
+/// pass. Sections after a failed one they do not need still run.
+const SECTIONS: &[Section<Vm>] = &[
+    sec("image", &[], image),
+    sec("boot", &["image"], boot),
+    sec("install", &["boot"], install),
+    sec("agent-unit", &["install"], agent_unit),
+    sec("guest-users", &["install"], guest_users),
+    sec("matrix", &["guest-users"], matrix),
+    sec("boundary", &["guest-users"], boundary),
+    sec("volume", &["install"], volume),
+    sec(
+        "erase-landlord-rotation",
+        &["volume"],
+        erase_landlord_rotation,
+    ),
+    sec(
+        "erase-tenant-rotation",
+        &["volume", "guest-users"],
+        erase_tenant_rotation,
+    ),
+    sec("erase-release", &["volume"], erase_release),
+    // Needs the tenant the release section assigns again.
+    sec("volume-crashes", &["erase-release", "guest-users"], crashes),
+    // A mounted volume with the tenant assigned, as the crash section leaves it.
+    sec("package-upgrade", &["volume-crashes"], upgrade),
+    sec("handover", &["guest-users"], handover),
+    // Writes to the volume and reads the hand-over's secret back.
+    sec("reboot", &["handover", "volume"], reboot),
+    // Needs a node that came back: a dead one would "power off" at once.
+    sec("poweroff", &["reboot"], poweroff),
+    // Node 1's volume metadata (read before the reboot) on node 1's disk.
+    sec("node2-disk", &["reboot", "poweroff"], node2_disk),
+];
+
+const fn sec(
+    name: &'static str,
+    needs: &'static [&'static str],
+    run: fn(&mut Vm) -> Ran,
+) -> Section<Vm> {
+    Section { name, needs, run }
+}
+
+/// A libtest-like harness (`harness = false`): one boot shared by all
+/// sections, each reported on its own.
+fn main() -> ExitCode {
+    const NAME: &str = "vm_lab";
+    let args = Args::parse(std::env::args().skip(1));
+    if let Err(e) = check_table(SECTIONS) {
+        eprintln!("{NAME}: {e}");
+        return ExitCode::FAILURE;
+    }
+    // Filters match `vm_lab::SECTION`; what a section needs runs too.
+    let full = |s: &str| format!("{NAME}::{s}");
+    if args.list {
+        for s in SECTIONS {
+            println!("{}: test", full(s.name));
+        }
+        return ExitCode::SUCCESS;
+    }
+    let run = closure(SECTIONS, |s| args.selects(&full(s)));
+    if run.is_empty() {
+        println!("\nrunning 0 sections of {NAME} (none matches the filter)\n");
+        return ExitCode::SUCCESS;
+    }
     if std::env::var("LEASEHOLD_SKIP_VM").as_deref() == Ok("1") {
-        eprintln!("vm: skipped (LEASEHOLD_SKIP_VM=1)");
-        return;
+        println!("\ntest {NAME} ... skipped (LEASEHOLD_SKIP_VM=1)\n");
+        return ExitCode::SUCCESS;
+    }
+    if !args.ignored {
+        println!("\ntest {NAME} ... ignored, {VM_NEEDS}\n");
+        return ExitCode::SUCCESS;
     }
     leasehold_tests::require_root();
-    let lab = workspace_root().join("vagrant/lab");
+    // LEASEHOLD_VM_LAB: a stand-in for vagrant/lab, to check this harness's
+    // reporting without a VM (docs/lab.md).
+    let lab = std::env::var_os("LEASEHOLD_VM_LAB")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("vagrant/lab"));
     let _logs = ShowLogsOnFailure(lab.clone());
     let mut vm = Vm {
         lab,
         timings: Vec::new(),
         t: Instant::now(),
+        deb: None,
+        node1_volume: None,
     };
+    println!("\nrunning {} sections of {NAME} (one boot)", run.len());
+    let done = run_sections(&mut vm, SECTIONS, &run, |vm, name| {
+        // The failed section's time, not the next one's.
+        vm.step(&format!("{name} (FAILED)"));
+        show_logs(&vm.lab, NODE);
+        if name == "node2-disk" {
+            show_logs(&vm.lab, "2");
+        }
+    });
+    eprintln!("vm: phase timings (s): {:?}", vm.timings);
+    if summary(NAME, &done) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
 
+/// Image (cached).
+fn image(vm: &mut Vm) -> Ran {
     // Image (cached), a fresh node, the package.
     let build = vm.lab(3600, &["build"]);
     assert_eq!(build.code, 0, "{}", build.stderr);
     eprint!("{}", build.stderr);
     vm.step("image build (or cache hit)");
+    Ran::Done
+}
+
+/// A fresh node.
+fn boot(vm: &mut Vm) -> Ran {
     vm.lab(300, &["destroy"]);
     vm.lab_ok(600, &["up", NODE]);
     vm.step("boot to SSH");
+    Ran::Done
+}
+
+/// The package.
+fn install(vm: &mut Vm) -> Ran {
     // The test build: its crash and failure hooks drive the volume sections.
     let deb = std::fs::read_dir(workspace_root().join("target/debian"))
         .expect("target/debian: run scripts/build-deb first (scripts/test does)")
@@ -240,7 +362,12 @@ fn vm_lab_end_to_end() {
             "self-test failure"
         );
     }
+    vm.deb = Some(deb);
+    Ran::Done
+}
 
+/// The agent runs from its unit on the vTPM.
+fn agent_unit(vm: &mut Vm) -> Ran {
     // The agent runs from its unit on the vTPM, not on swtpm over TCP.
     assert_eq!(
         vm.sh("systemctl is-active leasehold-agentd").trim(),
@@ -287,6 +414,11 @@ fn vm_lab_end_to_end() {
             == 2
     );
 
+    Ran::Done
+}
+
+/// The guest users of the matrix.
+fn guest_users(vm: &mut Vm) -> Ran {
     // Guest users; the tenant may log in over SSH with the lab key.
     vm.sh(
         "id ll >/dev/null 2>&1 || useradd -m -s /bin/bash -G leasehold-landlord ll; \
@@ -296,68 +428,111 @@ fn vm_lab_end_to_end() {
          install -d -o tt -g tt -m 700 /home/tt/.ssh && install -o tt -g tt -m 600 /root/.ssh/authorized_keys /home/tt/.ssh/authorized_keys",
     );
     vm.step("guest users");
+    Ran::Done
+}
 
+/// The authorization matrix over the real system bus and polkitd.
+fn matrix(vm: &mut Vm) -> Ran {
     // The authorization matrix over the real system bus and polkitd
     // (LEASEHOLD_VM_SKIP_MATRIX=1 skips it while developing later steps).
-    if std::env::var("LEASEHOLD_VM_SKIP_MATRIX").as_deref() != Ok("1") {
-        // The authorization matrix over the real system bus and polkitd.
-        let script = matrix_script(&console_pem());
-        std::fs::write(workspace_root().join("target/vm-matrix.sh"), &script).unwrap();
-        let out = vm.sh(&format!(
-            "cat > /tmp/matrix.sh <<'SCRIPT'\n{script}SCRIPT\nsh /tmp/matrix.sh"
-        ));
-        let mut failures = Vec::new();
-        let mut checked = 0;
-        for line in out.lines() {
-            let f: Vec<&str> = line.split_whitespace().collect();
-            let [iface, method, user, code, denied, bus_denied] = f[..] else {
-                continue;
-            };
-            let case = MATRIX
-                .iter()
-                .find(|c| c.interface == iface && c.method == method)
-                .unwrap();
-            let i = GUEST_USERS.iter().position(|u| *u == user).unwrap();
-            let ok = match case.expect[i] {
-                Expect::Allow => code == case.allowed_code.to_string(),
-                Expect::Deny => code == "3" && denied == "1",
-                Expect::BusDenied => code == "69" && bus_denied == "1",
-            };
-            checked += 1;
-            if !ok {
-                failures.push(line.to_owned());
-            }
-        }
-        let skipped_power = MATRIX.iter().filter(|c| c.power.is_some()).count() * 2;
-        assert_eq!(
-            checked,
-            MATRIX.len() * 4 - skipped_power,
-            "matrix output:\n{out}"
-        );
-        assert!(
-            failures.is_empty(),
-            "matrix mismatches (iface method user exit denied bus_denied):\n{}",
-            failures.join("\n")
-        );
-        vm.step("authorization matrix (real system bus)");
+    if std::env::var("LEASEHOLD_VM_SKIP_MATRIX").as_deref() == Ok("1") {
+        return Ran::Skipped("LEASEHOLD_VM_SKIP_MATRIX=1".to_owned());
     }
+    // The authorization matrix over the real system bus and polkitd.
+    let script = matrix_script(&console_pem());
+    std::fs::write(workspace_root().join("target/vm-matrix.sh"), &script).unwrap();
+    let out = vm.sh(&format!(
+        "cat > /tmp/matrix.sh <<'SCRIPT'\n{script}SCRIPT\nsh /tmp/matrix.sh"
+    ));
+    let mut failures = Vec::new();
+    let mut checked = 0;
+    for line in out.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let [iface, method, user, code, denied, bus_denied] = f[..] else {
+            continue;
+        };
+        let case = MATRIX
+            .iter()
+            .find(|c| c.interface == iface && c.method == method)
+            .unwrap();
+        let i = GUEST_USERS.iter().position(|u| *u == user).unwrap();
+        let ok = match case.expect[i] {
+            Expect::Allow => code == case.allowed_code.to_string(),
+            Expect::Deny => code == "3" && denied == "1",
+            Expect::BusDenied => code == "69" && bus_denied == "1",
+        };
+        checked += 1;
+        if !ok {
+            failures.push(line.to_owned());
+        }
+    }
+    let skipped_power = MATRIX.iter().filter(|c| c.power.is_some()).count() * 2;
+    assert_eq!(
+        checked,
+        MATRIX.len() * 4 - skipped_power,
+        "matrix output:\n{out}"
+    );
+    assert!(
+        failures.is_empty(),
+        "matrix mismatches (iface method user exit denied bus_denied):\n{}",
+        failures.join("\n")
+    );
+    vm.step("authorization matrix (real system bus)");
+    Ran::Done
+}
 
+/// Issue 13: packets cross the nftables boundary on the real node.
+fn boundary(vm: &mut Vm) -> Ran {
     // Issue 13: packets cross the nftables boundary on the real node.
-    boundary_packets(&mut vm);
+    boundary_packets(vm);
+    Ran::Done
+}
 
+/// Issue 6: the tenant's volume.
+fn volume(vm: &mut Vm) -> Ran {
     // Issue 6: the tenant's volume.
-    volume_lifecycle(&mut vm);
+    volume_lifecycle(vm);
+    Ran::Done
+}
+
+/// A landlord rotation erases the volume.
+fn erase_landlord_rotation(vm: &mut Vm) -> Ran {
     vm.erase_check("landlord rotation", "landlordctl --json --yes rotate");
+    Ran::Done
+}
+
+/// A tenant rotation erases the volume.
+fn erase_tenant_rotation(vm: &mut Vm) -> Ran {
     vm.erase_check(
         "tenant rotation",
         "runuser -u tt -- tenantctl --json --yes rotate",
     );
+    Ran::Done
+}
+
+/// A release erases the volume; the tenant is assigned again.
+fn erase_release(vm: &mut Vm) -> Ran {
     vm.erase_check("release", "landlordctl --json --yes release");
     vm.sh("landlordctl --yes assign acme >/dev/null");
-    volume_crashes(&mut vm);
-    // Issue 15 point 17: upgrades keep the tenant's volume and the unit's enablement.
-    package_upgrade(&mut vm, &deb);
+    Ran::Done
+}
 
+/// Issue 15 point 17: upgrades keep the tenant's volume and the unit's
+/// enablement.
+fn upgrade(vm: &mut Vm) -> Ran {
+    let deb = vm.deb.clone().expect("set by the install section");
+    package_upgrade(vm, &deb);
+    Ran::Done
+}
+
+/// SIGKILL and failures at each step of init and rotation.
+fn crashes(vm: &mut Vm) -> Ran {
+    volume_crashes(vm);
+    Ran::Done
+}
+
+/// Fig. 6 hand-over, landlord in the guest, tenant from the host over SSH.
+fn handover(vm: &mut Vm) -> Ran {
     // Fig. 6 hand-over, landlord in the guest, tenant from the host over SSH.
     vm.sh(
         "landlordctl --yes release >/dev/null; runuser -u ll -- landlordctl assign acme >/dev/null",
@@ -395,11 +570,15 @@ fn vm_lab_end_to_end() {
     let new = vm.tenantctl(&["secret", "put", "db", "--from", secret.to_str().unwrap()]);
     assert_eq!(new.code, 0, "{}", new.stderr);
     vm.step("fig. 6 hand-over over SSH");
+    Ran::Done
+}
 
+/// Reboot through the landlord's API.
+fn reboot(vm: &mut Vm) -> Ran {
     // Reboot through the landlord's API: keys persist in the vTPM, the agent comes back.
     let before = json(&vm.sh("landlordctl --json info"));
     vm.sh(&format!("echo across-reboot > {MNT}/reboot.txt && sync"));
-    let node1_volume = vm.sh(&format!("cat {STATE}/volume.json"));
+    vm.node1_volume = Some(vm.sh(&format!("cat {STATE}/volume.json")));
     let boot_id = vm.sh("cat /proc/sys/kernel/random/boot_id");
     let r = vm.sh_status("runuser -u ll -- landlordctl reboot");
     assert!(
@@ -432,7 +611,11 @@ fn vm_lab_end_to_end() {
         "across-reboot"
     );
     vm.step("reboot via landlordctl, agent back with the same keys");
+    Ran::Done
+}
 
+/// Power off through the landlord's API.
+fn poweroff(vm: &mut Vm) -> Ran {
     // Power off through the landlord's API stops the VM.
     let r = vm.sh_status("runuser -u ll -- landlordctl poweroff");
     assert!(
@@ -448,7 +631,13 @@ fn vm_lab_end_to_end() {
         || vm.lab(30, &["running", NODE]).code != 0,
     );
     vm.step("power off via landlordctl");
+    Ran::Done
+}
 
+/// Node 1's tenant disk on a second node.
+fn node2_disk(vm: &mut Vm) -> Ran {
+    let deb = vm.deb.clone().expect("set by the install section");
+    let node1_volume = vm.node1_volume.clone().expect("set by the reboot section");
     // Node 1's tenant disk on a second node (its own vTPM), with node 1's
     // volume metadata copied over: refused, nothing written.
     let disk = vm.lab_ok(30, &["disk", NODE]).trim().to_owned();
@@ -495,7 +684,7 @@ fn vm_lab_end_to_end() {
         "the second node wrote to the disk"
     );
     vm.step("volume: node 1's disk on node 2 is refused");
-    eprintln!("vm: phase timings (s): {:?}", vm.timings);
+    Ran::Done
 }
 
 /// The tenant disk of the lab nodes (virtio serial "leasehold-tenant").

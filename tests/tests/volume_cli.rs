@@ -59,6 +59,7 @@ fn no_prompt(r: &Run) {
 }
 
 #[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn volume_cli_init_checks_everything_before_asking_or_recording() {
     assert!(
         !dm_in_kernel(),
@@ -169,6 +170,7 @@ fn warned_but_done(r: &Run, what: &str) {
 }
 
 #[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn volume_cli_stuck_volume_is_an_error_blocks_no_key_change_and_can_be_forgotten() {
     let mut lab = Lab::start();
     lab.run(Who::Landlord, "landlordctl", &["--yes", "assign", "acme"])
@@ -301,6 +303,7 @@ impl Drop for Frozen {
 /// may still act; on a terminal a progress line shows the wait, and
 /// without one nothing is printed but the outcome.
 #[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn volume_cli_long_calls_time_out_and_show_progress_only_on_a_terminal() {
     let lab = Lab::start();
     lab.run(Who::Landlord, "landlordctl", &["info"]).ok();

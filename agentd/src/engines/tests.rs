@@ -649,6 +649,7 @@ impl Cgroups for DirCg {
 /// runs an engine from an image archive, sees its exit through the pidfd
 /// and keeps its output on the volume.
 #[test]
+#[ignore = "needs root, /bin/busybox and the engine shim"]
 fn real_shim_runs_an_engine_from_an_image() {
     let shim = std::env::current_exe()
         .unwrap()
