@@ -49,6 +49,7 @@ fn remote(lab: &Lab, ssh: &Ssh, program: &str, flag: &str, user: &str, args: &[&
 }
 
 #[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn cli_flags_quiet_keeps_errors_warnings_and_query_results() {
     let lab = Lab::start();
     let l = |args: &[&str]| lab.run(LANDLORD, "landlordctl", args);
@@ -123,6 +124,7 @@ fn cli_flags_quiet_keeps_errors_warnings_and_query_results() {
 }
 
 #[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn cli_flags_landlordctl_host_over_ssh_like_tenantctl() {
     let mut lab = Lab::start();
     let local = lab
@@ -199,6 +201,7 @@ fn cli_flags_landlordctl_host_over_ssh_like_tenantctl() {
 }
 
 #[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn cli_flags_boundary_clear_in_both_clis_and_remove_still_works() {
     let lab = Lab::start();
     let l = |args: &[&str]| lab.run(LANDLORD, "landlordctl", args);
