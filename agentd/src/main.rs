@@ -16,6 +16,7 @@ mod fsutil;
 mod health;
 mod keys;
 mod lock;
+mod logging;
 mod peer_index;
 mod power;
 mod receipts;
@@ -145,16 +146,12 @@ fn main() -> ExitCode {
     if std::env::var_os("TSS2_LOG").is_none() {
         std::env::set_var("TSS2_LOG", "all+none");
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("info,tss_esapi=warn,zbus=warn")
-            }),
-        )
-        .with_writer(std::io::stderr)
-        // Colour codes only on a terminal: not in the journal or a log file.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let log_to = logging::init();
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        log = log_to,
+        "agentd starting"
+    );
     // Before the runtime starts its threads: unshare moves only this one.
     if args.dev.is_some() {
         match devnet::isolate(args.dev_keep_netns) {

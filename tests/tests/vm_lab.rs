@@ -390,6 +390,19 @@ fn agent_unit(vm: &mut Vm) -> Ran {
             && unit.contains("Delegate=yes"),
         "{unit}"
     );
+    // Issue 15 point 11: under systemd the agent logs over the journal's
+    // native protocol, with priorities and its fields as journal fields.
+    let start = vm.sh(
+        "journalctl -u leasehold-agentd -o json --no-pager LOG='journal (native protocol)' | tail -n1",
+    );
+    let start = json(&start);
+    assert!(
+        start["PRIORITY"] == "5"
+            && start["SYSLOG_IDENTIFIER"] == "agentd"
+            && start["MESSAGE"] == "agentd starting"
+            && start["VERSION"].as_str().is_some_and(|v| !v.is_empty()),
+        "agentd's start line in the journal: {start}"
+    );
     // What the host harness's CPU groups model (tests/src/slices.rs, the
     // flood rows of docs/benchmarks.md): the delegated unit turns the cpu
     // controller on from the root down, so user.slice (every login) and
