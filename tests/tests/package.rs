@@ -85,7 +85,8 @@ fn package_agentd_man_page_documents_every_option() {
     let page = std::fs::read_to_string(workspace_root().join("dist/man/agentd.8")).unwrap();
     let mut seen = 0;
     for word in help.split_whitespace() {
-        let word = word.trim_end_matches(',');
+        // Option names, also where the help text mentions one ("With --dev:").
+        let word = word.trim_end_matches([',', ':', '.', ')']);
         if let Some(long) = word.strip_prefix("--") {
             seen += 1;
             let roff = format!("\\fB\\-\\-{}\\fR", long.replace('-', "\\-"));
