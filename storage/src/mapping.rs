@@ -111,12 +111,33 @@ pub fn check_crypt_usable() -> Result<()> {
     let _ = std::process::Command::new("modprobe")
         .args(["-q", "dm_crypt"])
         .status();
-    if has_crypt(&dm)? {
+    if has_crypt(&dm)? || crypt_module_installed() {
+        // Not loaded and this process may not load modules (the agent's
+        // unit has no CAP_SYS_MODULE): the kernel loads an installed module
+        // itself at the first table that names `crypt`.
         return Ok(());
     }
     Err(StorageError::Unavailable(
         "the dm-crypt target is not available (`modprobe dm_crypt` failed; is the module installed?) (nothing was written)".into(),
     ))
+}
+
+/// Whether the running kernel has dm-crypt as an installed module or built
+/// in (`modules.dep` / `modules.builtin` of its release).
+fn crypt_module_installed() -> bool {
+    let Ok(release) = std::fs::read_to_string("/proc/sys/kernel/osrelease") else {
+        return false;
+    };
+    let dir = Path::new("/lib/modules").join(release.trim());
+    ["modules.dep", "modules.builtin"].iter().any(|f| {
+        std::fs::read_to_string(dir.join(f)).is_ok_and(|list| {
+            list.lines().filter_map(|l| l.split(':').next()).any(|m| {
+                m.rsplit('/')
+                    .next()
+                    .is_some_and(|b| b.starts_with("dm-crypt.ko"))
+            })
+        })
+    })
 }
 
 fn dm() -> Result<DM> {
