@@ -670,7 +670,8 @@ fn node2_disk(vm: &mut Vm) -> Ran {
     two(&format!(
         "systemctl stop leasehold-agentd && cat > {STATE}/volume.json <<'META'\n{node1_volume}\nMETA\nsystemctl start leasehold-agentd"
     ));
-    let v = json(&two("landlordctl --json volume status"));
+    // In the error state the status exits 1 (issue 15 point 4).
+    let v = json(&two("landlordctl --json volume status; test $? = 1"));
     assert_eq!(v["state"], "error", "{v}");
     assert!(
         v["error"].as_str().unwrap().contains("belongs to node"),
@@ -684,7 +685,8 @@ fn node2_disk(vm: &mut Vm) -> Ran {
     two(&format!(
         "systemctl stop leasehold-agentd && sed -i -E 's/(\"node_id\": \")[0-9a-f]+/\\1{id2}/' {STATE}/volume.json && systemctl start leasehold-agentd"
     ));
-    let v = json(&two("landlordctl --json volume status"));
+    // In the error state the status exits 1 (issue 15 point 4).
+    let v = json(&two("landlordctl --json volume status; test $? = 1"));
     assert_eq!(v["state"], "error", "{v}");
     assert!(
         v["error"].as_str().unwrap().contains("key check value"),
@@ -712,7 +714,17 @@ impl Vm {
     }
 
     fn volume(&self) -> serde_json::Value {
-        json(&self.sh("landlordctl --json volume status"))
+        // Exit 1 is the error state (issue 15 point 4), still a report.
+        let r = self.sh_status("landlordctl --json volume status");
+        let v = json(&r.stdout);
+        assert!(
+            r.code == 0 || (r.code == 1 && v["state"] == "error"),
+            "volume status exited {}: {} {}",
+            r.code,
+            r.stdout,
+            r.stderr
+        );
+        v
     }
 
     /// Starts the agent (joins a restart systemd already queued) and waits
