@@ -57,15 +57,21 @@ pub fn explain_result(json: bool, v: &FlowVerdict) -> Result<(), CliError> {
     }
 }
 
-/// Parses `60s`, `2m`, `1h` or plain seconds for `--confirm-within`.
-pub fn parse_duration(s: &str) -> Result<u32, String> {
+/// Splits a duration's `s`, `m` or `h` suffix off: the number's text and
+/// seconds per unit (plain numbers are seconds).
+pub fn split_duration(s: &str) -> (&str, u32) {
     let t = s.trim();
-    let (num, mult) = match t.char_indices().last() {
+    match t.char_indices().last() {
         Some((i, 's')) => (&t[..i], 1),
         Some((i, 'm')) => (&t[..i], 60),
         Some((i, 'h')) => (&t[..i], 3600),
         _ => (t, 1),
-    };
+    }
+}
+
+/// Parses `60s`, `2m`, `1h` or plain seconds for `--confirm-within`.
+pub fn parse_duration(s: &str) -> Result<u32, String> {
+    let (num, mult) = split_duration(s);
     let n: u32 = num
         .trim()
         .parse()

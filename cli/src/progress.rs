@@ -19,13 +19,8 @@ pub struct Timeout(pub Option<Duration>);
 /// Parses `--timeout`: `0` (wait forever), or seconds with an optional
 /// `s`, `m` or `h` suffix, at most 24h.
 pub fn parse_timeout(s: &str) -> Result<Timeout, String> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, 's')) => (&t[..i], 1),
-        Some((i, 'm')) => (&t[..i], 60),
-        Some((i, 'h')) => (&t[..i], 3600),
-        _ => (t, 1),
-    };
+    let (num, mult) = crate::boundary::split_duration(s);
+    let mult = u64::from(mult);
     let n: u64 = num
         .trim()
         .parse()
