@@ -187,7 +187,7 @@ pub fn fill_zeros(dev: &Path, bytes: u64, mut progress: impl FnMut(u64)) -> Resu
 pub fn mount(dev: &Path, at: &Path, fstype: &str, owner: (u32, u32), mode: u32) -> Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let hp = host_path(at);
-    std::fs::create_dir_all(&hp).map_err(io(format!("create {}", at.display())))?;
+    make_dirs_searchable(&hp).map_err(io(format!("create {}", at.display())))?;
     let mut c = host("mount");
     c.args(["-t", fstype, "-o", "nodev,nosuid"])
         .arg(dev)
@@ -198,6 +198,32 @@ pub fn mount(dev: &Path, at: &Path, fstype: &str, owner: (u32, u32), mode: u32) 
         .map_err(io(format!("chown {}", at.display())))?;
     std::fs::set_permissions(&hp, std::fs::Permissions::from_mode(mode))
         .map_err(io(format!("chmod {}", at.display())))
+}
+
+/// Creates `dir` and its missing parents with mode 0755 whatever the
+/// process umask (the agent's unit has `UMask=0077`: a 0700 `/srv/leasehold`
+/// would keep the tenant's users out of their own volume; the mount's root
+/// mode decides who gets in). Existing directories are left as they are.
+pub fn make_dirs_searchable(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut missing = Vec::new();
+    let mut d = dir;
+    while !d.exists() {
+        missing.push(d.to_owned());
+        match d.parent() {
+            Some(p) => d = p,
+            None => break,
+        }
+    }
+    for m in missing.iter().rev() {
+        match std::fs::create_dir(m) {
+            Ok(()) => std::fs::set_permissions(m, std::fs::Permissions::from_mode(0o755))?,
+            // Made meanwhile by someone else: theirs to decide.
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Whether something is mounted exactly at `at` (host namespace).

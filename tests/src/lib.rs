@@ -310,6 +310,12 @@ pub struct Lab {
     slices: Option<slices::Slices>,
 }
 
+/// agentd configuration for tests about who may do what, not about the
+/// fail-closed bound (dbus_hardening freezes polkitd for that): on a loaded
+/// CI machine polkitd or the bus has been seen to stall for over the
+/// default 5 s, which denies every call then in flight.
+pub const PATIENT_AUTH_CONFIG: &str = "[dbus]\nauth_timeout_ms = 30000\n";
+
 /// How to start a [`Lab`]; the default is [`Lab::start`]'s.
 #[derive(Debug, Clone, Default)]
 pub struct LabOptions {

@@ -14,12 +14,9 @@ use leasehold_tests::{bin, Lab, Who};
 #[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn dbus_sixteen_concurrent_callers_stay_consistent() {
     let mut lab = Lab::start();
-    // This test is about ordering and truthful outcomes under load, not the
-    // fail-closed bound (dbus_hardening freezes polkitd for that): on a
-    // loaded CI machine polkitd or the bus has been seen to stall for over
-    // the default 5 s, which denies every call then in flight.
+    // About ordering and truthful outcomes under load, not the bound.
     lab.stop_agent();
-    lab.agent_config = Some("[dbus]\nauth_timeout_ms = 30000\n".into());
+    lab.agent_config = Some(leasehold_tests::PATIENT_AUTH_CONFIG.into());
     lab.start_agent();
     lab.run(Who::Root, "landlordctl", &["--yes", "assign", "acme"])
         .ok();

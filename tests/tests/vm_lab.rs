@@ -1154,6 +1154,14 @@ fn package_upgrade(vm: &mut Vm, deb: &std::path::Path) {
             .parse()
             .unwrap()
     };
+    // The tenant's own user reaches the volume (every directory above the
+    // mount point searchable although the agent's unit has UMask=0077).
+    wait_until(
+        30,
+        1,
+        "the tenant's writer never wrote to the volume (as user tt)",
+        || ticks(vm) > 0,
+    );
     // The mount and the mapping as they are (IDs of /proc/1/mountinfo and
     // the dm device number): the same after the upgrade.
     let mounted = |vm: &Vm| {

@@ -1,0 +1,28 @@
+//! Its own test binary: it sets the process umask, which would race with
+//! other tests creating files in the same process.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+
+use leasehold_storage::fs::make_dirs_searchable;
+
+#[test]
+fn missing_mount_point_parents_are_made_searchable_under_a_strict_umask() {
+    let t = tempfile::tempdir().unwrap();
+    let keep = t.path().join("kept");
+    std::fs::create_dir(&keep).unwrap();
+    std::fs::set_permissions(&keep, std::fs::Permissions::from_mode(0o700)).unwrap();
+    let at = keep.join("srv/leasehold/tenant");
+    // The agent's unit runs with UMask=0077.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+    let r = make_dirs_searchable(&at);
+    nix::sys::stat::umask(old);
+    r.unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&keep.join("srv")), 0o755);
+    assert_eq!(mode(&keep.join("srv/leasehold")), 0o755);
+    assert_eq!(mode(&at), 0o755);
+    // An existing directory keeps its mode.
+    assert_eq!(mode(&keep), 0o700);
+    make_dirs_searchable(&at).unwrap();
+}
