@@ -518,6 +518,13 @@ impl Volume {
 
     fn mount(&self, m: &VolumeMeta) -> Result<(), VolumeError> {
         let at = &self.cfg.mount;
+        for d in fs::unsearchable_ancestors(at) {
+            tracing::warn!(
+                directory = %d.display(),
+                mount = %at.display(),
+                "the tenant's users cannot reach the volume: this directory above the mount point is not searchable by others (chmod o+x)"
+            );
+        }
         if !fs::is_mounted(at) {
             // Tenant processes (engines) make their own directories in it.
             let gid = nix::unistd::Group::from_name("leasehold-tenant")

@@ -226,6 +226,19 @@ pub fn make_dirs_searchable(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// The existing directories above `dir` that others cannot search (no
+/// `o+x`): the tenant's users cannot reach a volume mounted below one.
+pub fn unsearchable_ancestors(dir: &Path) -> Vec<PathBuf> {
+    use std::os::unix::fs::PermissionsExt as _;
+    dir.ancestors()
+        .skip(1)
+        .filter(|d| {
+            std::fs::metadata(d).is_ok_and(|m| m.is_dir() && m.permissions().mode() & 0o001 == 0)
+        })
+        .map(Path::to_owned)
+        .collect()
+}
+
 /// Whether something is mounted exactly at `at` (host namespace).
 pub fn is_mounted(at: &Path) -> bool {
     let info = if in_host_namespace() {

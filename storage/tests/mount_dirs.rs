@@ -4,7 +4,7 @@
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 
-use leasehold_storage::fs::make_dirs_searchable;
+use leasehold_storage::fs::{make_dirs_searchable, unsearchable_ancestors};
 
 #[test]
 fn missing_mount_point_parents_are_made_searchable_under_a_strict_umask() {
@@ -25,4 +25,11 @@ fn missing_mount_point_parents_are_made_searchable_under_a_strict_umask() {
     // An existing directory keeps its mode.
     assert_eq!(mode(&keep), 0o700);
     make_dirs_searchable(&at).unwrap();
+    // What the agent warns about: the directory the tenant cannot pass.
+    let blocked = unsearchable_ancestors(&at);
+    assert!(blocked.contains(&keep), "{blocked:?}");
+    assert!(
+        !blocked.iter().any(|d| d.starts_with(keep.join("srv"))),
+        "{blocked:?}"
+    );
 }
