@@ -4,8 +4,8 @@
 //! Order of a check, cheapest first, so a caller who will be refused costs
 //! the agent as little as possible:
 //!
-//! 1. the caller's uid, from a per-unique-name cache or one
-//!    `GetConnectionUnixUser` round trip;
+//! 1. the caller's uid and pid, from a per-unique-name cache or one
+//!    `GetConnectionCredentials` round trip;
 //! 2. root on the tenant interface is refused;
 //! 3. callers in neither `leasehold-landlord` nor `leasehold-tenant` (and not
 //!    root) are refused from a local group look-up (cached briefly), before
@@ -14,7 +14,8 @@
 //!    a user both roles (logged once per connection, rate-limited);
 //! 4. a per-uid bound on calls in flight: beyond it the call gets
 //!    `org.leasehold.Error.Busy` at once;
-//! 5. polkit `CheckAuthorization`.
+//! 5. polkit `CheckAuthorization` about the caller's process (pid, start
+//!    time and the bus's uid: see [`subject_of`]).
 //!
 //! Steps 1, 3 and 5 share one deadline (`[dbus] auth_timeout_ms`, default
 //! [`AUTH_TIMEOUT`]); past it the call is refused (fail closed). Outgoing
@@ -167,21 +168,31 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// uid per unique bus name. Unique names are never reused on a bus, so an
-/// entry stays true for as long as it is kept. Each entry also remembers
-/// whether the connection's refusal as a user in both groups was logged.
+/// Who is behind a unique bus name, as the bus saw it when the connection
+/// was made (the kernel's peer credentials).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Caller {
+    uid: u32,
+    /// None when the bus does not know it.
+    pid: Option<u32>,
+}
+
+/// The caller per unique bus name. Unique names are never reused on a bus,
+/// so an entry stays true for as long as it is kept. Each entry also
+/// remembers whether the connection's refusal as a user in both groups was
+/// logged.
 #[derive(Default)]
 struct Identities {
-    uids: HashMap<String, (u32, bool)>,
+    uids: HashMap<String, (Caller, bool)>,
     order: VecDeque<String>,
 }
 
 impl Identities {
-    fn get(&self, name: &str) -> Option<u32> {
-        self.uids.get(name).map(|(uid, _)| *uid)
+    fn get(&self, name: &str) -> Option<Caller> {
+        self.uids.get(name).map(|(c, _)| *c)
     }
 
-    fn insert(&mut self, name: String, uid: u32) {
+    fn insert(&mut self, name: String, caller: Caller) {
         if self.uids.contains_key(&name) {
             return;
         }
@@ -191,7 +202,7 @@ impl Identities {
             }
         }
         self.order.push_back(name.clone());
-        self.uids.insert(name, (uid, false));
+        self.uids.insert(name, (caller, false));
     }
 
     /// Whether this is the first both-groups refusal of connection `name`
@@ -255,10 +266,11 @@ impl Authorizer {
             .sender()
             .ok_or_else(|| Error::NotAuthorized("message has no sender".into()))?
             .to_string();
-        let uid = match self.uid_of(&sender, deadline).await {
-            Ok(uid) => uid,
+        let caller = match self.caller_of(&sender, deadline).await {
+            Ok(c) => c,
             Err(stop) => return Err(self.stopped(None, action, stop)),
         };
+        let uid = caller.uid;
         if uid == 0 && !allow_root {
             self.log_denial(uid, action, "root may not act as the tenant");
             return Err(Error::NotAuthorized(format!(
@@ -294,8 +306,7 @@ impl Authorizer {
             }
         }
         let permit = self.admit(uid, action)?;
-        let subject = Subject::new_for_message_header(hdr)
-            .map_err(|e| Error::NotAuthorized(format!("cannot build the polkit subject: {e}")))?;
+        let subject = subject_of(caller, hdr)?;
         let details: HashMap<&str, &str> = details.iter().copied().collect();
         let asked = timeout_at(deadline, async {
             let _slot = self.outgoing.acquire().await;
@@ -373,10 +384,15 @@ impl Authorizer {
         }
     }
 
-    /// The uid behind a unique bus name: cached, or asked of the bus.
-    async fn uid_of(&self, sender: &str, deadline: tokio::time::Instant) -> Result<u32, Stop> {
-        if let Some(uid) = lock(&self.identities).get(sender) {
-            return Ok(uid);
+    /// The caller behind a unique bus name: cached, or asked of the bus
+    /// (one round trip for uid and pid).
+    async fn caller_of(
+        &self,
+        sender: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<Caller, Stop> {
+        if let Some(c) = lock(&self.identities).get(sender) {
+            return Ok(c);
         }
         let name = zbus::names::BusName::try_from(sender).map_err(|e| {
             Stop::Denied(
@@ -394,21 +410,29 @@ impl Authorizer {
                         .build()
                 })
                 .await?;
-            dbus.get_connection_unix_user(name).await
+            dbus.get_connection_credentials(name).await
         })
         .await
-        .map_err(|_| Stop::Late("the bus (GetConnectionUnixUser)"))?;
-        let uid = asked.map_err(|e| {
+        .map_err(|_| Stop::Late("the bus (GetConnectionCredentials)"))?;
+        let unknown = |e: String| {
             Stop::Denied(
                 Error::NotAuthorized(format!("cannot identify the caller: {e}")),
                 "caller unknown",
             )
-        })?;
+        };
+        let creds = asked.map_err(|e| unknown(e.to_string()))?;
+        let uid = creds
+            .unix_user_id()
+            .ok_or_else(|| unknown("the bus did not give its uid".into()))?;
+        let caller = Caller {
+            uid,
+            pid: creds.process_id(),
+        };
         // Only names that start with ':' are unique (and never reused).
         if sender.starts_with(':') {
-            lock(&self.identities).insert(sender.to_owned(), uid);
+            lock(&self.identities).insert(sender.to_owned(), caller);
         }
-        Ok(uid)
+        Ok(caller)
     }
 
     /// Which of the two Leasehold groups `uid` is in (supplementary groups
@@ -484,6 +508,40 @@ impl Authorizer {
             );
         }
     }
+}
+
+/// The polkit subject for a caller: its process (pid, start time, and the
+/// uid the bus saw), so polkitd need not ask the bus who it is. Under a
+/// flood of other callers the bus is the slow part: a bus-name subject
+/// costs polkitd several round trips through it (docs/dbus.md).
+///
+/// The uid is the bus's (the kernel's peer credentials), never read from
+/// /proc, so the user and groups polkit decides by are exact. The pid only
+/// names the process: it must still be owned by that uid here, and polkitd
+/// refuses a subject whose start time no longer matches (the pid reused
+/// after this point). Otherwise, and without a pid, polkit is asked about
+/// the bus name as before.
+fn subject_of(caller: Caller, hdr: &Header<'_>) -> Result<Subject, Error> {
+    if let Some(pid) = caller.pid {
+        if real_uid_of(pid) == Some(caller.uid) {
+            if let Ok(s) = Subject::new_for_pid(pid, None, Some(caller.uid)) {
+                return Ok(s);
+            }
+        }
+    }
+    Subject::new_for_message_header(hdr)
+        .map_err(|e| Error::NotAuthorized(format!("cannot build the polkit subject: {e}")))
+}
+
+/// The real uid of process `pid` (`Uid:` of /proc/PID/status), if it exists.
+fn real_uid_of(pid: u32) -> Option<u32> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    text.lines()
+        .find_map(|l| l.strip_prefix("Uid:"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// Group membership from the group database (NSS), like polkit's
@@ -666,16 +724,26 @@ mod tests {
         assert_eq!(r.allow(), None);
     }
 
+    fn who(uid: u32) -> Caller {
+        Caller {
+            uid,
+            pid: Some(4242),
+        }
+    }
+
     #[test]
     fn identity_cache_is_bounded_oldest_first() {
         let mut c = Identities::default();
         for i in 0..IDENTITY_CACHE + 10 {
-            c.insert(format!(":1.{i}"), 1000);
+            c.insert(format!(":1.{i}"), who(1000));
         }
         assert_eq!(c.uids.len(), IDENTITY_CACHE);
         assert_eq!(c.order.len(), IDENTITY_CACHE);
         assert_eq!(c.get(":1.0"), None);
-        assert_eq!(c.get(&format!(":1.{}", IDENTITY_CACHE + 9)), Some(1000));
+        assert_eq!(
+            c.get(&format!(":1.{}", IDENTITY_CACHE + 9)),
+            Some(who(1000))
+        );
     }
 
     #[test]
@@ -735,14 +803,21 @@ mod tests {
     }
 
     #[test]
+    fn a_pid_subject_only_for_a_process_of_the_bus_uid() {
+        let me = std::process::id();
+        assert_eq!(real_uid_of(me), Some(nix::unistd::getuid().as_raw()));
+        assert_eq!(real_uid_of(u32::MAX), None);
+    }
+
+    #[test]
     fn both_groups_refusal_is_logged_once_per_connection() {
         let mut c = Identities::default();
-        c.insert(":1.7".into(), 1000);
+        c.insert(":1.7".into(), who(1000));
         assert!(c.first_both_refusal(":1.7"));
         assert!(!c.first_both_refusal(":1.7"), "same connection: not again");
-        c.insert(":1.8".into(), 1000);
+        c.insert(":1.8".into(), who(1000));
         assert!(c.first_both_refusal(":1.8"), "a new connection: once more");
         assert!(c.first_both_refusal("org.example.NotKept"));
-        assert_eq!(c.get(":1.7"), Some(1000));
+        assert_eq!(c.get(":1.7"), Some(who(1000)));
     }
 }

@@ -438,3 +438,64 @@ fn dbus_member_flood_is_bounded_per_user() {
     );
     assert!(lab.agent_alive());
 }
+
+/// What the agent's process subject relies on (agentd/src/auth.rs,
+/// `subject_of`): polkitd decides a `unix-process` subject by the uid sent
+/// with it, and refuses one whose start time is not the process's (the pid
+/// was reused after the agent looked).
+#[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
+fn polkit_process_subject_is_bound_to_its_start_time() {
+    use std::collections::HashMap;
+    use zbus::zvariant::Value;
+    let lab = Lab::start();
+    let mut sleeper = leasehold_tests::user_command(Who::Landlord, std::path::Path::new("sleep"))
+        .arg("60")
+        .spawn()
+        .unwrap();
+    let pid = sleeper.id();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    // Field 22, counted after the command's closing parenthesis.
+    let start: u64 = stat[stat.rfind(')').unwrap() + 2..]
+        .split(' ')
+        .nth(19)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let uid = i32::try_from(Who::Landlord.user().unwrap().uid).unwrap();
+    let ask = |start: u64| {
+        lab.block_on(async {
+            let mut details: HashMap<&str, Value<'_>> = HashMap::new();
+            details.insert("pid", Value::U32(pid));
+            details.insert("start-time", Value::U64(start));
+            details.insert("uid", Value::I32(uid));
+            let none: HashMap<&str, &str> = HashMap::new();
+            lab.conn()
+                .call_method(
+                    Some("org.freedesktop.PolicyKit1"),
+                    "/org/freedesktop/PolicyKit1/Authority",
+                    Some("org.freedesktop.PolicyKit1.Authority"),
+                    "CheckAuthorization",
+                    &(
+                        ("unix-process", details),
+                        "org.leasehold.landlord.read",
+                        none,
+                        0u32,
+                        "",
+                    ),
+                )
+                .await
+                .map(|m| {
+                    let (authorized, _, _): (bool, bool, HashMap<String, String>) =
+                        m.body().deserialize().unwrap();
+                    authorized
+                })
+        })
+    };
+    assert!(matches!(ask(start), Ok(true)), "{:?}", ask(start));
+    let stale = ask(start + 1);
+    assert!(!matches!(stale, Ok(true)), "a stale start time: {stale:?}");
+    eprintln!("stale start time: {stale:?}");
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+}
