@@ -447,7 +447,7 @@ fn dbus_member_flood_is_bounded_per_user() {
 #[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn polkit_process_subject_is_bound_to_its_start_time() {
     use std::collections::HashMap;
-    use zbus::zvariant::Value;
+    use zbus::Variant as Value;
     let lab = Lab::start();
     let mut sleeper = leasehold_tests::user_command(Who::Landlord, std::path::Path::new("sleep"))
         .arg("60")
