@@ -27,8 +27,9 @@ fn main() {
     writeln!(
         out,
         "- stack: private dbus-daemon (system config), polkitd 122 with the shipped rules, agentd --dev (swtpm); \
-         client as a member of leasehold-landlord; every call = polkit CheckAuthorization + key-thread round trip \
-         (the caller's uid is cached per connection: one GetConnectionUnixUser per client)\n"
+         client as a member of leasehold-landlord; every call = polkit CheckAuthorization about the caller's process \
+         (pid, start time, the bus's uid) + key-thread round trip (uid and pid cached per connection: one \
+         GetConnectionCredentials per client)\n"
     )
     .unwrap();
     writeln!(out, "| load | calls | p50 | p99 | max | throughput |").unwrap();
@@ -50,16 +51,7 @@ fn main() {
             Some(0),
             "{label}: {v}"
         );
-        writeln!(
-            out,
-            "| {label} | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.0}/s |",
-            v["calls"],
-            v["p50_ms"].as_f64().unwrap(),
-            v["p99_ms"].as_f64().unwrap(),
-            v["max_ms"].as_f64().unwrap(),
-            v["throughput_per_s"].as_f64().unwrap()
-        )
-        .unwrap();
+        out.push_str(&row(label, &v));
     }
     // An outsider floods (waves of 2,000 concurrent calls from 40
     // connections, plus two 8 MiB messages at a time) while the landlord
@@ -90,16 +82,7 @@ fn main() {
         .chain(r.floors.iter().map(|(l, v)| (*l, v)));
         for (who, v) in rows {
             assert_eq!(v["errors"].as_array().map(Vec::len), Some(0), "{v}");
-            writeln!(
-                out,
-                "| {who}, {layout_label} | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.0}/s |",
-                v["calls"],
-                v["p50_ms"].as_f64().unwrap(),
-                v["p99_ms"].as_f64().unwrap(),
-                v["max_ms"].as_f64().unwrap(),
-                v["throughput_per_s"].as_f64().unwrap()
-            )
-            .unwrap();
+            out.push_str(&row(&format!("{who}, {layout_label}"), v));
         }
     }
     writeln!(
@@ -128,15 +111,13 @@ fn main() {
     assert_eq!(v["errors"].as_array().map(Vec::len), Some(0), "{v}");
     writeln!(
         out,
-        "\n| load | calls | p50 | p99 | max | throughput |\n|---|---|---|---|---|---|\n\
-         | landlord calls during the same flood by a leasehold-tenant member, 1 client | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.0}/s |\n\n\
+        "\n| load | calls | p50 | p99 | max | throughput |\n|---|---|---|---|---|---|\n{}\n\
          Member flood: {} waves; outcomes {} (reached the agent; Busy beyond 16 calls in flight). \
          agentd RSS {} KiB before, {} KiB after.",
-        v["calls"],
-        v["p50_ms"].as_f64().unwrap(),
-        v["p99_ms"].as_f64().unwrap(),
-        v["max_ms"].as_f64().unwrap(),
-        v["throughput_per_s"].as_f64().unwrap(),
+        row(
+            "landlord calls during the same flood by a leasehold-tenant member, 1 client",
+            v
+        ),
         member.flood["waves"],
         member.flood["results"],
         member.agent_rss_kib.0,
@@ -145,4 +126,16 @@ fn main() {
     .unwrap();
     print!("{out}");
     leasehold_tests::markdown::write_section("dbus", &out);
+}
+
+/// One table row from `lh-dbus-probe bench`'s JSON.
+fn row(label: &str, v: &serde_json::Value) -> String {
+    format!(
+        "| {label} | {} | {:.2} ms | {:.2} ms | {:.2} ms | {:.0}/s |\n",
+        v["calls"],
+        v["p50_ms"].as_f64().unwrap(),
+        v["p99_ms"].as_f64().unwrap(),
+        v["max_ms"].as_f64().unwrap(),
+        v["throughput_per_s"].as_f64().unwrap()
+    )
 }
