@@ -222,7 +222,9 @@ pub fn receipt_object(body: &str) -> Result<Value, String> {
     if !v.is_object() {
         return Err("the node's receipt is not a JSON object".into());
     }
-    if v.to_string() != body {
+    // Not `v != body`: that compares a JSON value with a JSON string.
+    let compact = v.to_string();
+    if compact != body {
         return Err("the node's receipt is not in compact form: it cannot be printed as an object that still verifies".into());
     }
     Ok(v)
