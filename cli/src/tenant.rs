@@ -27,6 +27,11 @@ pub struct Args {
     #[command(flatten)]
     pub global: GlobalArgs,
     /// Print JSON instead of text.
+    ///
+    /// One value per command (`monitor`: one object per line); failures
+    /// as `{"error": {"name", "exit", "message"}}` with the same exit
+    /// status. The schema of every command is a stable API: docs/json.md
+    /// (installed as /usr/share/doc/leasehold/json.md).
     #[arg(long, global = true)]
     pub json: bool,
     /// Confirm operations that destroy data, without asking.
