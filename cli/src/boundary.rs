@@ -151,22 +151,61 @@ fn parsed(s: &Option<String>) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// A listing as JSON (documents embedded as objects).
-pub fn info_json(i: &BoundaryInfo) -> Value {
-    json!({
-        "cluster": parsed(&i.cluster),
-        "sub": parsed(&i.sub),
-        "effective": parsed(&i.effective),
-        "failsafe": i.failsafe,
+/// A listing as JSON (docs/json.md "BoundaryListing"): documents as
+/// objects, failsafe entries and narrowing cuts as objects
+/// ([`crate::shapes`]), ports in the one shape.
+pub fn info_json(i: &BoundaryInfo) -> Result<Value, CliError> {
+    use crate::shapes;
+    Ok(json!({
+        "cluster": shapes::boundary_doc(i.cluster.as_deref())?,
+        "sub": shapes::boundary_doc(i.sub.as_deref())?,
+        "effective": shapes::effective_doc(i.effective.as_deref())?,
+        "failsafe": shapes::failsafe_json(i.failsafe.as_deref())?,
         "enforced": i.enforced,
         "elements": i.elements,
         "change": i.change,
-        "cut": i.cut,
-        "warnings": i.warnings,
+        "cut": shapes::cuts_json(i.cut.as_deref())?,
+        "warnings": i.warnings.clone().unwrap_or_default(),
         "peers_changed": i.peers_changed,
+        "drift_count": i.drift_count,
         "last_drift": i.last_drift,
+        "last_drift_at": i.last_drift_at,
+        "drift_unrepaired": i.drift_unrepaired,
         "revert_at": i.revert_at,
-    })
+    }))
+}
+
+/// Prints a listing: warnings on stderr, then the listing (a query's
+/// always; after a change, not with `--quiet`).
+pub fn emit_info(json: bool, query: bool, i: &BoundaryInfo) -> Result<(), CliError> {
+    print_warnings(i);
+    let v = if json { info_json(i)? } else { Value::Null };
+    if query {
+        crate::output::emit(json, v, || info_text(i));
+    } else {
+        crate::output::emit_done(json, v, || info_text(i));
+    }
+    Ok(())
+}
+
+/// Prints `boundary check`'s reply (the agent's JSON text): warnings on
+/// stderr, then what would change, with `--json` in the one shape
+/// ([`crate::shapes::check_json`]).
+pub fn emit_check(json: bool, reply: &str) -> Result<(), CliError> {
+    let v: Value = serde_json::from_str(reply).map_err(|e| {
+        CliError::new(
+            exit::FAILURE,
+            format!("cannot read the agent's check reply: {e}"),
+        )
+    })?;
+    check_warnings(&v);
+    let out = if json {
+        crate::shapes::check_json(v.clone())?
+    } else {
+        Value::Null
+    };
+    crate::output::emit(json, out, || check_text(&v));
+    Ok(())
 }
 
 /// Protocols of an entry as a person reads them: `tcp 80,443,8000-8080; icmp`.

@@ -7,8 +7,8 @@ use clap::{CommandFactory, Parser, Subcommand};
 use leasehold_dbus_api::LandlordProxy;
 
 use crate::boundary::{
-    check_text, check_warnings, explain_result, in_document, info_json, info_text, parse_duration,
-    print_warnings, read_document, unix_time_text, ExplainArgs,
+    emit_check, emit_info, explain_result, in_document, info_json, parse_duration, read_document,
+    unix_time_text, ExplainArgs,
 };
 use crate::output::{
     change_text, emit, emit_change, emit_done, node_info_json, node_info_text, note, volume_json,
@@ -28,6 +28,11 @@ pub struct Args {
     #[command(flatten)]
     pub global: GlobalArgs,
     /// Print JSON instead of text.
+    ///
+    /// One value per command (`monitor`: one object per line); failures
+    /// as `{"error": {"name", "exit", "message"}}` with the same exit
+    /// status. The schema of every command is a stable API: docs/json.md
+    /// (installed as /usr/share/doc/leasehold/json.md).
     #[arg(long, global = true)]
     pub json: bool,
     /// Confirm operations that destroy data, without asking.
@@ -428,7 +433,12 @@ async fn boundary(
         }
         BoundaryCommand::Confirm => {
             let info = p.confirm_boundary().await?;
-            emit_done(json, info_json(&info), || {
+            let v = if json {
+                info_json(&info)?
+            } else {
+                serde_json::Value::Null
+            };
+            emit_done(json, v, || {
                 "confirmed: the boundary stays (no revert)".into()
             });
             return Ok(());
@@ -439,10 +449,7 @@ async fn boundary(
                 .check_boundary(&text, format)
                 .await
                 .map_err(in_document(&file, ""))?;
-            let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-            check_warnings(&v);
-            emit(json, v.clone(), || check_text(&v));
-            return Ok(());
+            return emit_check(json, &out);
         }
         BoundaryCommand::Show => p.get_boundary().await?,
         BoundaryCommand::AddPeer { target, peers } => {
@@ -486,13 +493,7 @@ async fn boundary(
             return Ok(());
         }
     };
-    print_warnings(&info);
-    if query {
-        emit(json, info_json(&info), || info_text(&info));
-    } else {
-        emit_done(json, info_json(&info), || info_text(&info));
-    }
-    Ok(())
+    emit_info(json, query, &info)
 }
 
 /// What the CLI can tell about a device argument without the node: it

@@ -10,6 +10,7 @@ mod manpage;
 pub mod output;
 pub mod progress;
 pub mod receipts;
+pub mod shapes;
 pub mod status;
 pub mod tenant;
 
@@ -160,6 +161,9 @@ impl From<ApiError> for CliError {
         };
         let dbus_error = match &e {
             ApiError::ZBus(zbus::Error::MethodError(n, _, _)) => Some(n.to_string()),
+            // The bus's own refusals (AccessDenied by its policy) come as
+            // fdo errors: named too (docs/json.md, ErrorBody).
+            ApiError::ZBus(zbus::Error::FDO(f)) => Some(zbus::DBusError::name(&**f).to_string()),
             ApiError::ZBus(_) => None,
             other => Some(zbus::DBusError::name(other).to_string()),
         };

@@ -77,7 +77,9 @@ pub fn print_line(text: &str) {
     }
 }
 
-/// Node info as JSON.
+/// Node info as JSON (docs/json.md "info"). Generations are integers in
+/// fields that name whose and which (`*_generation`: the key pair,
+/// `*_key_generation`: the symmetric key), as in every other command.
 pub fn node_info_json(i: &NodeInfo) -> Value {
     json!({
         "node_id": i.node_id,
@@ -89,12 +91,22 @@ pub fn node_info_json(i: &NodeInfo) -> Value {
         "tenant_generation": i.tenant_generation,
         "tenant_key_generation": i.tenant_key_generation,
         "tenant_fingerprint": i.tenant_fingerprint,
-        "consoles": i.consoles,
+        "consoles": i.consoles.iter().flatten().map(|c| console_json(c)).collect::<Vec<_>>(),
         "api_version": i.api_version,
+        "agent_version": i.agent_version,
+        "engine_count": i.engine_count,
         "running": i.running,
         "tpm_health": i.tpm_health,
         "tpm_error": i.tpm_error,
     })
+}
+
+/// A registered console, `{"name", "fingerprint"}` (the shape
+/// `register-console --json` prints), from the agent's `NAME FINGERPRINT`
+/// line. Console names never hold a space (`leasehold_envelope::valid_name`).
+pub fn console_json(line: &str) -> Value {
+    let (name, fp) = line.split_once(' ').unwrap_or((line, ""));
+    json!({"name": name, "fingerprint": (!fp.is_empty()).then_some(fp)})
 }
 
 fn line(out: &mut String, label: &str, v: Option<String>) {
@@ -170,8 +182,21 @@ pub fn public_key_json(k: &PublicKey) -> Value {
     json!({"role": k.role, "generation": k.generation, "fingerprint": k.fingerprint, "pem": k.pem})
 }
 
-/// Key change as JSON.
+/// Key change as JSON. The receipt is an object: the signed body as the
+/// node wrote it ([`receipt_object`]).
 pub fn change_json(c: &KeyChange) -> Value {
+    let mut warnings = c.warnings.clone().unwrap_or_default();
+    let receipt = match c.receipt.as_deref().map(receipt_object) {
+        None => Value::Null,
+        Some(Ok(v)) => v,
+        Some(Err(e)) => {
+            // The change happened; the receipt is still on the node.
+            warnings.push(format!(
+                "{e}; `receipts show ID --out FILE` gets the stored copy"
+            ));
+            Value::Null
+        }
+    };
     json!({
         "kind": c.kind,
         "role": c.role,
@@ -179,18 +204,44 @@ pub fn change_json(c: &KeyChange) -> Value {
         "generation_after": c.generation_after,
         "data_destroyed": c.data_destroyed,
         "fingerprint": c.fingerprint,
-        "receipt": c.receipt,
+        "receipt": receipt,
         "receipt_signature": c.receipt_signature,
-        "warnings": c.warnings.clone().unwrap_or_default(),
+        "warnings": warnings,
     })
+}
+
+/// A receipt body (the exact bytes the node signed) as a JSON object.
+/// The agent writes the body compactly (serde_json, fields in order), and
+/// serde_json here keeps field order (`preserve_order`), so writing the
+/// object back compactly gives the signed bytes again: `verify-receipt`
+/// relies on that, and it is checked here so that a body that would not
+/// come back byte for byte is never printed as an object.
+pub fn receipt_object(body: &str) -> Result<Value, String> {
+    let v: Value =
+        serde_json::from_str(body).map_err(|e| format!("the node's receipt is not JSON: {e}"))?;
+    if !v.is_object() {
+        return Err("the node's receipt is not a JSON object".into());
+    }
+    // Not `v != body`: that compares a JSON value with a JSON string.
+    let compact = v.to_string();
+    if compact != body {
+        return Err("the node's receipt is not in compact form: it cannot be printed as an object that still verifies".into());
+    }
+    Ok(v)
 }
 
 /// Prints a key change: warnings (what failed after the change committed;
 /// the change stands, so the exit status stays 0) on stderr, the change on
 /// stdout (its text not with `--quiet`).
 pub fn emit_change(as_json: bool, c: &KeyChange, human: impl FnOnce() -> String) {
-    let warnings = c.warnings.as_deref().unwrap_or_default();
-    for w in warnings {
+    let v = change_json(c);
+    let warnings: Vec<&str> = v["warnings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .collect();
+    for w in &warnings {
         eprintln!("warning: {w}");
     }
     if !warnings.is_empty() {
@@ -201,15 +252,27 @@ pub fn emit_change(as_json: bool, c: &KeyChange, human: impl FnOnce() -> String)
             if warnings.len() == 1 { "is" } else { "are" }
         ));
     }
-    emit_done(as_json, change_json(c), human);
+    emit_done(as_json, v.clone(), human);
 }
 
-/// Volume state as JSON.
+/// Volume state as JSON. The disk key's key generations are integers,
+/// `landlord_key_generation` and `tenant_key_generation` (as in `info`),
+/// read from the agent's `landlord 1, tenant 2`.
 pub fn volume_json(v: &VolumeInfo) -> Value {
+    let generation = |level: &str| {
+        v.generations.as_deref().and_then(|g| {
+            g.split(", ")
+                .filter_map(|part| part.split_once(' '))
+                .find(|(l, _)| *l == level)
+                .and_then(|(_, n)| n.parse::<u64>().ok())
+        })
+    };
     json!({
         "state": v.state, "device": v.device, "size": v.size, "used": v.used, "total": v.total,
         "mount": v.mount, "filesystem": v.filesystem, "mapping": v.mapping,
-        "generations": v.generations, "created": v.created, "made": v.made, "made_by": v.made_by,
+        "landlord_key_generation": generation("landlord"),
+        "tenant_key_generation": generation("tenant"),
+        "created": v.created, "made": v.made, "made_by": v.made_by,
         "event": v.event, "error": v.error, "next": v.next, "progress": v.progress,
     })
 }
@@ -284,11 +347,56 @@ pub fn change_text(c: &KeyChange) -> String {
     s
 }
 
+/// One secret as JSON: `{"name", "size", "stored_at"}`.
+pub fn secret_json(s: &SecretInfo) -> Value {
+    json!({"name": s.name, "size": s.size, "stored_at": s.stored_at})
+}
+
 /// Secret list as JSON.
 pub fn secrets_json(list: &[SecretInfo]) -> Value {
-    Value::Array(
-        list.iter()
-            .map(|s| json!({"name": s.name, "size": s.size, "stored_at": s.stored_at}))
-            .collect(),
-    )
+    Value::Array(list.iter().map(secret_json).collect())
+}
+
+/// What `secret put` and `secret rm` print, one shape for both: the
+/// secret's object and whether it was removed (`rm`: size and time null).
+pub fn secret_change_json(s: &SecretInfo, removed: bool) -> Value {
+    let mut v = secret_json(s);
+    v["removed"] = Value::Bool(removed);
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn receipts_come_back_byte_for_byte() {
+        let body = r#"{"format":2,"node_id":"00","change":"release","role":"tenant","time":1,"destroyed":["disk key \"x\" é"],"key_generations_before":[["landlord",1],["tenant",1]],"volume":null,"signer":"node"}"#;
+        let v = receipt_object(body).unwrap();
+        assert_eq!(v.to_string(), body);
+        // Pretty-printed (not what the agent signs) is refused, not reordered.
+        assert!(receipt_object("{\"a\": 1}").is_err());
+        assert!(receipt_object("[1]").is_err());
+        assert!(receipt_object("nope").is_err());
+    }
+
+    #[test]
+    fn volume_generations_are_integers() {
+        let v = volume_json(&VolumeInfo {
+            generations: Some("landlord 1, tenant 12".into()),
+            ..Default::default()
+        });
+        assert_eq!(v["landlord_key_generation"], 1);
+        assert_eq!(v["tenant_key_generation"], 12);
+        let v = volume_json(&VolumeInfo::default());
+        assert!(v["tenant_key_generation"].is_null());
+    }
+
+    #[test]
+    fn consoles_are_objects() {
+        assert_eq!(
+            console_json("ops ab12"),
+            json!({"name": "ops", "fingerprint": "ab12"})
+        );
+    }
 }

@@ -124,12 +124,24 @@ impl Node<'_> {
     }
 }
 
-/// The document `receipts show --json` prints and `verify-receipt` reads.
-fn document(r: &ReceiptInfo) -> Value {
-    json!({
+/// The document `receipts show --json` prints and `verify-receipt` reads:
+/// the receipt as an object ([`crate::output::receipt_object`]).
+fn document(r: &ReceiptInfo) -> Result<Value, CliError> {
+    let body = r
+        .receipt
+        .as_deref()
+        .map(crate::output::receipt_object)
+        .transpose()
+        .map_err(|e| CliError::new(exit::FAILURE, e))?;
+    Ok(json!({
         "id": r.id, "time": r.time, "change": r.change, "role": r.role, "signer": r.signer,
-        receipt_json::BODY: r.receipt, receipt_json::SIGNATURE: r.receipt_signature,
-    })
+        receipt_json::BODY: body, receipt_json::SIGNATURE: r.receipt_signature,
+    }))
+}
+
+/// One receipt of `receipts list`.
+fn summary(r: &ReceiptInfo) -> Value {
+    json!({"id": r.id, "time": r.time, "change": r.change, "role": r.role, "signer": r.signer})
 }
 
 /// Runs `receipts ...`.
@@ -137,11 +149,7 @@ pub async fn run(node: Node<'_>, json: bool, cmd: ReceiptsCommand) -> Result<(),
     match cmd {
         ReceiptsCommand::List => {
             let list = node.list().await?;
-            let v = Value::Array(
-                list.iter()
-                    .map(|r| json!({"id": r.id, "time": r.time, "change": r.change, "role": r.role, "signer": r.signer}))
-                    .collect(),
-            );
+            let v = Value::Array(list.iter().map(summary).collect());
             emit(json, v, || {
                 if list.is_empty() {
                     return "no receipts".into();
@@ -162,7 +170,7 @@ pub async fn run(node: Node<'_>, json: bool, cmd: ReceiptsCommand) -> Result<(),
         }
         ReceiptsCommand::Show { id, out } => {
             let r = node.get(&id).await?;
-            let doc = document(&r);
+            let doc = document(&r)?;
             if let Some(path) = &out {
                 std::fs::write(path, format!("{doc}\n")).map_err(|e| {
                     CliError::new(exit::FAILURE, format!("{}: {e}", path.display()))
@@ -194,8 +202,11 @@ pub async fn run(node: Node<'_>, json: bool, cmd: ReceiptsCommand) -> Result<(),
     Ok(())
 }
 
-/// The body and signature of a receipt file (the current or the legacy
-/// signature name).
+/// The body (the exact bytes signed) and signature of a receipt file: the
+/// body is an object (written back compactly in its own field order, which
+/// gives the signed bytes: [`crate::output::receipt_object`]) or, as
+/// older CLIs and the agent's `receipts/` files have it, a string; the
+/// signature under its current or its legacy name.
 fn read_receipt(path: &Path) -> Result<(String, Vec<u8>), CliError> {
     let text = read_arg_file("receipt", path)?;
     let v: Value = serde_json::from_slice(&text).map_err(|e| {
@@ -205,13 +216,17 @@ fn read_receipt(path: &Path) -> Result<(String, Vec<u8>), CliError> {
         )
     })?;
     let field = |k: &str| v.get(k).and_then(Value::as_str);
-    let body = field(receipt_json::BODY);
+    let body = match v.get(receipt_json::BODY) {
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(o @ Value::Object(_)) => Some(o.to_string()),
+        _ => None,
+    };
     let sig = field(receipt_json::SIGNATURE).or_else(|| field(receipt_json::LEGACY_SIGNATURE));
     let (Some(body), Some(sig)) = (body, sig) else {
         return Err(CliError::new(
             exit::INVALID,
             format!(
-                "receipt {}: needs \"{}\" and \"{}\" (or \"{}\")",
+                "receipt {}: needs \"{}\" (an object) and \"{}\" (or \"{}\")",
                 path.display(),
                 receipt_json::BODY,
                 receipt_json::SIGNATURE,
@@ -231,7 +246,7 @@ fn read_receipt(path: &Path) -> Result<(String, Vec<u8>), CliError> {
                 ),
             )
         })?;
-    Ok((body.to_owned(), sig))
+    Ok((body, sig))
 }
 
 fn fingerprint(what: &str, pem: &str) -> Result<String, CliError> {

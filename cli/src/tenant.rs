@@ -8,12 +8,11 @@ use leasehold_dbus_api::tenant_engines::TenantEnginesProxy;
 use leasehold_dbus_api::{EngineInfo, TenantProxy};
 
 use crate::boundary::{
-    check_text, check_warnings, explain_result, in_document, info_json, info_text, print_warnings,
-    read_document, ExplainArgs,
+    emit_check, emit_info, explain_result, in_document, read_document, ExplainArgs,
 };
 use crate::output::{
-    change_text, emit, emit_change, emit_done, node_info_json, node_info_text, secrets_json,
-    volume_json, volume_text,
+    change_text, emit, emit_change, emit_done, node_info_json, node_info_text, secret_change_json,
+    secrets_json, volume_json, volume_text,
 };
 use crate::{
     emit_public_key, exit, read_arg_file, read_pem_file, run_main, with_confirmation, CliError,
@@ -28,6 +27,11 @@ pub struct Args {
     #[command(flatten)]
     pub global: GlobalArgs,
     /// Print JSON instead of text.
+    ///
+    /// One value per command (`monitor`: one object per line); failures
+    /// as `{"error": {"name", "exit", "message"}}` with the same exit
+    /// status. The schema of every command is a stable API: docs/json.md
+    /// (installed as /usr/share/doc/leasehold/json.md).
     #[arg(long, global = true)]
     pub json: bool,
     /// Confirm operations that destroy data, without asking.
@@ -173,7 +177,8 @@ pub enum EngineCommand {
     },
 }
 
-fn engine_json(e: &EngineInfo) -> serde_json::Value {
+/// One engine as JSON (docs/json.md "Engine").
+pub fn engine_json(e: &EngineInfo) -> serde_json::Value {
     serde_json::json!({
         "name": e.name,
         "image": e.image,
@@ -285,9 +290,11 @@ async fn engine(
                 |ok| p.remove(&name, ok),
             )
             .await?;
-            emit_done(json, serde_json::json!({"removed": name}), || {
-                format!("removed engine {name}")
-            });
+            emit_done(
+                json,
+                serde_json::json!({"name": name, "removed": true}),
+                || format!("removed engine {name}"),
+            );
             return Ok(());
         }
         EngineCommand::Ls => {
@@ -508,7 +515,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             let env = leasehold_envelope::seal(&pem, &payload)
                 .map_err(|e| CliError::new(exit::INVALID, e.to_string()))?;
             let info = p.put_secret(&name, &env).await?;
-            emit_done(json, secrets_json(std::slice::from_ref(&info)), || {
+            emit_done(json, secret_change_json(&info, false), || {
                 format!("stored secret {name} ({} bytes)", info.size.unwrap_or(0))
             });
         }
@@ -529,7 +536,11 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         }
         Command::Secret(SecretCommand::Rm { name }) => {
             p.remove_secret(&name).await?;
-            emit_done(json, serde_json::json!({"removed": name}), || {
+            let gone = leasehold_dbus_api::SecretInfo {
+                name: Some(name.clone()),
+                ..Default::default()
+            };
+            emit_done(json, secret_change_json(&gone, true), || {
                 format!("removed secret {name}")
             });
         }
@@ -566,10 +577,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                         .check_sub_boundary(&text, format)
                         .await
                         .map_err(in_document(&file, ""))?;
-                    let v: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
-                    check_warnings(&v);
-                    emit(json, v.clone(), || check_text(&v));
-                    return Ok(());
+                    return emit_check(json, &out);
                 }
                 BoundaryCommand::Show => p.get_boundary().await?,
                 BoundaryCommand::Clear => p.remove_sub_boundary().await?,
@@ -581,12 +589,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                     return explain_result(json, &v);
                 }
             };
-            print_warnings(&info);
-            if query {
-                emit(json, info_json(&info), || info_text(&info));
-            } else {
-                emit_done(json, info_json(&info), || info_text(&info));
-            }
+            emit_info(json, query, &info)?;
         }
         Command::Status => crate::status::tenant_status(&conn, json).await?,
         Command::Monitor => crate::status::tenant_monitor(&conn, json).await?,

@@ -355,7 +355,9 @@ pub struct ReceiptInfo {
 /// under the agent's `receipts/`, `--json` of key changes and `receipts
 /// show`, and what `verify-receipt` reads.
 pub mod receipt_json {
-    /// The body (a JSON document as a string, exactly the bytes signed).
+    /// The body: in the agent's files a JSON document as a string, exactly
+    /// the bytes signed; in the CLIs' `--json` the same document as an
+    /// object, which written back compactly is those bytes (docs/json.md).
     pub const BODY: &str = "receipt";
     /// The base64 signature of the body.
     pub const SIGNATURE: &str = "receipt_signature";

@@ -1,6 +1,8 @@
 //! T1 (root): the launcher on the host's kernel. Ignored unless run with
 //! `--ignored` or `--include-ignored` (scripts/test does, as root); then
-//! each `real_…` test prints "skipped: <reason>" when a facility is
+//! each `real_…` test prints "skipped: <reason>" when a facility of the
+//! host's kernel is missing (cgroup2, a controller, cgroup.kill), and
+//! FAILS when root or something scripts/install-deps installs (busybox) is
 //! missing; none passes silently.
 //!
 //! No libtest harness: this binary is also the engine that probes its own
@@ -127,9 +129,23 @@ fn main() {
     }
 }
 
+/// Root is what running the ignored tests asks for: without it they
+/// fail (as `require_root()` does in the libtest tests), never skip.
 fn need_root() -> Option<Outcome> {
-    (!nix::unistd::Uid::effective().is_root())
-        .then(|| Outcome::Skipped("needs root (namespaces, mounts, setuid)".into()))
+    assert!(
+        nix::unistd::Uid::effective().is_root(),
+        "needs root (namespaces, mounts, setuid): run as root with --include-ignored (scripts/test does)"
+    );
+    None
+}
+
+/// busybox-static is installed by scripts/install-deps: missing, the test
+/// fails, naming it.
+fn need_busybox(fs_: &Rootfs) {
+    assert!(
+        fs_.busybox,
+        "/bin/busybox is missing: scripts/install-deps installs busybox-static"
+    );
 }
 
 /// A rootfs with this test binary as `/probe` (and its shared libraries),
@@ -335,9 +351,7 @@ fn real_exit_status_and_signals() -> Outcome {
         return skip;
     }
     let fs_ = rootfs();
-    if !fs_.busybox {
-        return Outcome::Skipped("/bin/busybox absent (apt-get install busybox-static)".into());
-    }
+    need_busybox(&fs_);
     let work = tempfile::tempdir().unwrap();
     let launcher = Launcher::new(SHIM);
     let run = |argv: &[&str], name: &str| {
@@ -402,9 +416,7 @@ fn real_engine_outlives_its_launcher() -> Outcome {
         return skip;
     }
     let fs_ = rootfs();
-    if !fs_.busybox {
-        return Outcome::Skipped("/bin/busybox absent (apt-get install busybox-static)".into());
-    }
+    need_busybox(&fs_);
     let work = tempfile::tempdir().unwrap();
     let run_dir = work.path().join("run");
     // A stand-in agent: a child process that starts the engine and exits
@@ -457,9 +469,7 @@ fn real_cgroup_join_kill_remove() -> Outcome {
         return Outcome::Skipped("no cgroup2 mount".into());
     };
     let fs_ = rootfs();
-    if !fs_.busybox {
-        return Outcome::Skipped("/bin/busybox absent (apt-get install busybox-static)".into());
-    }
+    need_busybox(&fs_);
     let cg = engine_cgroups(&mount);
     let base = CgroupPath::new(format!("leasehold-test-{}", std::process::id())).unwrap();
     let engine = base.child("engine").unwrap();
@@ -539,9 +549,7 @@ fn real_cgroup_limits() -> Outcome {
         return Outcome::Skipped("no cgroup2 mount".into());
     };
     let fs_ = rootfs();
-    if !fs_.busybox {
-        return Outcome::Skipped("/bin/busybox absent (apt-get install busybox-static)".into());
-    }
+    need_busybox(&fs_);
     let cg = engine_cgroups(&mount);
     let base = CgroupPath::new(format!("leasehold-limits-{}", std::process::id())).unwrap();
     cg.create(&base).unwrap();

@@ -16,6 +16,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 
 pub mod flood;
+pub mod json_doc;
 pub mod markdown;
 pub mod matrix;
 pub mod slices;

@@ -869,19 +869,29 @@ fn boundary_check_confirm_and_revert_with_agent() {
         v["groups"]["changed"][0]["members_removed"],
         serde_json::json!(["10.1.9.2"])
     );
-    let denied: Vec<&str> = v["newly_denied"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_str().unwrap())
-        .collect();
+    // Flows are objects (docs/json.md, Flow): peers as CIDRs, ports as
+    // {from, to}.
+    let denied = v["newly_denied"].as_array().unwrap();
+    let has_peer = |f: &serde_json::Value, p: &str| {
+        f["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x.as_str().unwrap().starts_with(p))
+    };
+    let has_port = |f: &serde_json::Value, port: u64| {
+        f["ports"].as_array().is_some_and(|ps| {
+            ps.iter()
+                .any(|r| r["from"].as_u64() <= Some(port) && r["to"].as_u64() >= Some(port))
+        })
+    };
     assert!(
         denied
             .iter()
-            .any(|l| l.contains("10.1.0.128/25") && l.contains("80")),
+            .any(|f| has_peer(f, "10.1.0.128/25") && has_port(f, 80)),
         "{denied:?}"
     );
-    assert!(denied.iter().any(|l| l.contains("10.1.9.2")), "{denied:?}");
+    assert!(denied.iter().any(|f| has_peer(f, "10.1.9.2")), "{denied:?}");
     assert_eq!(allow_names(&lab), ["a"], "check applies nothing");
     let r = lab
         .run(Who::Landlord, "landlordctl", &["boundary", "check", b])

@@ -111,7 +111,9 @@ fn cli_flags_quiet_keeps_errors_warnings_and_query_results() {
     let r = t(&["-q", "secret", "list"]).ok();
     assert!(r.stdout.starts_with("db\t"), "{r:?}");
     let r = t(&["-q", "--json", "secret", "rm", "db"]).ok();
-    assert_eq!(r.json()["removed"], "db", "{r:?}");
+    // The shape of `secret put` too (docs/json.md, SecretChange).
+    assert_eq!(r.json()["removed"], true, "{r:?}");
+    assert_eq!(r.json()["name"], "db", "{r:?}");
     let r = t(&["-q", "secret", "rm", "db"]);
     assert_eq!(r.code, 5, "{r:?}");
     assert!(r.stderr.contains("not found"), "{r:?}");

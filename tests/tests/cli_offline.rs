@@ -179,6 +179,33 @@ fn cli_verify_receipt_works_offline_and_refuses_tampering() {
         assert_eq!(v["verified"], true, "{name}");
         assert_eq!(v["receipt"]["generation_after"], 4, "{name}");
 
+        // The receipt as an object (what --json prints now), and tampered.
+        let mut doc: serde_json::Value = serde_json::from_str(&receipt_json(&sk, body)).unwrap();
+        doc["receipt"] = serde_json::from_str(body).unwrap();
+        let obj = dir.path().join("object.json");
+        std::fs::write(&obj, doc.to_string()).unwrap();
+        let out = offline(name)
+            .args(["verify-receipt", "--key"])
+            .arg(&pem)
+            .arg(&obj)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name}: object: {}", fail_msg(&out));
+        doc["receipt"]["generation_after"] = 5.into();
+        std::fs::write(&obj, doc.to_string()).unwrap();
+        let out = offline(name)
+            .args(["verify-receipt", "--key"])
+            .arg(&pem)
+            .arg(&obj)
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{name}: tampered object: {}",
+            fail_msg(&out)
+        );
+
         let out = offline(name)
             .arg("verify-receipt")
             .arg(&bad)

@@ -201,7 +201,7 @@ fn status_and_monitor_follow_the_node() {
         assert_eq!(ev["event"], "KeysChanged", "{who}: {ev}");
         assert_eq!(ev["change"]["kind"], "rotate", "{who}: {ev}");
         assert_eq!(ev["change"]["role"], "tenant", "{who}: {ev}");
-        assert!(ev["change"]["receipt"].is_string(), "{who}: {ev}");
+        assert!(ev["change"]["receipt"].is_object(), "{who}: {ev}");
     }
     drop((lmon, tmon));
     // Text lines: one per event.
@@ -326,6 +326,7 @@ fn receipts_by_role_and_verify() {
     );
     assert_eq!(doc["id"], rid.as_str());
     assert!(doc["receipt_signature"].is_string(), "{doc}");
+    assert!(doc["receipt"].is_object(), "{doc}");
     assert!(doc.get("signature").is_none(), "{doc}");
     let key = json(
         &lab.run(Who::Tenant, "tenantctl", &["--json", "receipt-key"])
@@ -416,7 +417,7 @@ fn receipts_by_role_and_verify() {
     assert_eq!(r.code, 7, "{r:?}");
     // A modified body: 1.
     let mut bad = doc.clone();
-    bad["receipt"] = Value::String(doc["receipt"].as_str().unwrap().replace("tenant", "tenent"));
+    bad["receipt"]["role"] = Value::String("tenent".into());
     std::fs::write(p("bad.json"), bad.to_string()).unwrap();
     let r = lab.run(
         Who::Tenant,
@@ -425,9 +426,9 @@ fn receipts_by_role_and_verify() {
     );
     assert_eq!(r.code, 1, "{r:?}");
     assert!(r.stderr.contains("does NOT verify"), "{}", r.stderr);
-    // The name older files used is still read.
-    let legacy =
-        serde_json::json!({"receipt": doc["receipt"], "signature": doc["receipt_signature"]});
+    // The form older CLIs printed and the agent's files keep (the body as
+    // a string) and the signature's older name are still read.
+    let legacy = serde_json::json!({"receipt": doc["receipt"].to_string(), "signature": doc["receipt_signature"]});
     std::fs::write(p("legacy.json"), legacy.to_string()).unwrap();
     lab.run(
         Who::Tenant,

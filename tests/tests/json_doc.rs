@@ -1,0 +1,606 @@
+//! Issue 15, point 14: docs/json.md is the schema of both CLIs' `--json`
+//! output, and these tests hold the code to it. A shape changed without the
+//! document (a field added, renamed, removed or retyped; a command added)
+//! fails here.
+//!
+//! - every (visible) command of both CLIs is in the document's table (T0);
+//! - the CLIs' output functions, fed with every field set and with none,
+//!   print exactly the documented fields and types (T0);
+//! - every command that this host can run prints, against the harness Lab
+//!   (real bus, polkitd, agentd on swtpm, the test users), what the
+//!   document says; errors print the documented error object (T1).
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use clap::CommandFactory;
+use leasehold_cli::{boundary, output, shapes, tenant, CliError};
+use leasehold_dbus_api::{
+    BoundaryInfo, EngineInfo, FlowVerdict, KeyChange, NodeInfo, PublicKey, SecretInfo, VolumeInfo,
+};
+use leasehold_tests::json_doc::{JsonDoc, Ty};
+use leasehold_tests::{bin, console_pem, Lab, Who};
+use serde_json::{json, Value};
+
+/// Commands the host harness cannot run to success: their output types are
+/// checked by `output_functions_print_the_documented_shapes` (and the VM
+/// lab runs them).
+const NOT_RUN_HERE: &[(&str, &str)] = &[
+    (
+        "landlordctl volume init",
+        "needs device-mapper and a block device",
+    ),
+    ("tenantctl engine deploy", "needs the tenant volume"),
+    ("tenantctl engine start", "needs a deployed engine"),
+    ("tenantctl engine stop", "needs a deployed engine"),
+    ("tenantctl engine restart", "needs a deployed engine"),
+    ("tenantctl engine reload", "needs a deployed engine"),
+    ("tenantctl engine status", "needs a deployed engine"),
+    ("tenantctl engine rm", "needs a deployed engine"),
+];
+
+fn leaves(prefix: &str, c: &clap::Command, out: &mut BTreeSet<String>) {
+    let subs: Vec<&clap::Command> = c
+        .get_subcommands()
+        .filter(|s| !s.is_hide_set() && s.get_name() != "help")
+        .collect();
+    if subs.is_empty() {
+        out.insert(prefix.to_owned());
+    }
+    for s in subs {
+        leaves(&format!("{prefix} {}", s.get_name()), s, out);
+    }
+}
+
+#[test]
+fn json_doc_lists_every_command_of_both_clis() {
+    let doc = JsonDoc::load();
+    let mut commands = BTreeSet::new();
+    leaves(
+        "landlordctl",
+        &leasehold_cli::landlord::Args::command(),
+        &mut commands,
+    );
+    leaves(
+        "tenantctl",
+        &leasehold_cli::tenant::Args::command(),
+        &mut commands,
+    );
+    let documented: BTreeSet<String> = doc.commands.keys().cloned().collect();
+    assert_eq!(
+        commands.difference(&documented).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "commands without a row in docs/json.md's Commands table"
+    );
+    assert_eq!(
+        documented.difference(&commands).collect::<Vec<_>>(),
+        Vec::<&String>::new(),
+        "rows of docs/json.md's Commands table that are no command"
+    );
+}
+
+#[track_caller]
+fn check(doc: &JsonDoc, command: &str, v: &Value) {
+    if let Err(e) = doc.check_command(command, v) {
+        panic!("{e}");
+    }
+}
+
+const CLUSTER: &str = r#"{"action":"reject","groups":{"office":["10.1.0.0/16"]},"allow":[{"name":"web","peers":["10.0.0.0/8","@office"],"direction":"in","protocols":[{"proto":"tcp","ports":[80,"443","8000-8080"]},{"proto":"icmp"}]}],"failsafe":[{"name":"ssh","peers":["10.0.0.0/8"],"direction":"in","protocols":[{"proto":"tcp","ports":[22]}]}]}"#;
+
+#[test]
+fn output_functions_print_the_documented_shapes() {
+    let doc = JsonDoc::load();
+    let s = |x: &str| Some(x.to_owned());
+    let full = NodeInfo {
+        node_id: s("ab"),
+        tpm_kind: s("software"),
+        landlord_generation: Some(1),
+        landlord_fingerprint: s("ff"),
+        assigned: Some(true),
+        tenant_name: s("acme"),
+        tenant_generation: Some(2),
+        tenant_key_generation: Some(2),
+        tenant_fingerprint: s("ee"),
+        consoles: Some(vec!["ops ab12".into()]),
+        api_version: Some(1),
+        running: s("rotate"),
+        tpm_health: s("failed"),
+        tpm_error: s("lost"),
+        agent_version: s("0.1.0"),
+        engine_count: Some(3),
+    };
+    for i in [full, NodeInfo::default()] {
+        check(&doc, "landlordctl info", &output::node_info_json(&i));
+    }
+    let key = PublicKey {
+        role: s("tenant"),
+        generation: Some(2),
+        pem: s("PEM"),
+        fingerprint: s("ee"),
+    };
+    for k in [key, PublicKey::default()] {
+        check(&doc, "tenantctl pubkey", &output::public_key_json(&k));
+    }
+    let change = KeyChange {
+        kind: s("rotate"),
+        role: s("tenant"),
+        generation_before: Some(1),
+        generation_after: Some(2),
+        data_destroyed: Some(true),
+        fingerprint: s("ee"),
+        receipt: s(
+            r#"{"format":2,"change":"rotate","key_generations_before":[["landlord",1]],"signer":"aa"}"#,
+        ),
+        receipt_signature: s("c2ln"),
+        warnings: Some(vec!["the volume was failed".into()]),
+    };
+    let v = output::change_json(&change);
+    assert!(v["receipt"].is_object(), "{v}");
+    check(&doc, "tenantctl rotate", &v);
+    check(
+        &doc,
+        "landlordctl release",
+        &output::change_json(&KeyChange::default()),
+    );
+    let vol = VolumeInfo {
+        state: s("open"),
+        device: s("/dev/vdb"),
+        size: Some(1),
+        used: Some(1),
+        total: Some(1),
+        mount: s("/m"),
+        filesystem: s("ext4"),
+        mapping: s("aes"),
+        generations: s("landlord 1, tenant 2"),
+        created: Some(1),
+        made: Some(1),
+        made_by: s("initialized"),
+        event: s("opened"),
+        error: s("e"),
+        next: s("n"),
+        progress: s("p"),
+    };
+    for v in [vol, VolumeInfo::default()] {
+        check(&doc, "landlordctl volume status", &output::volume_json(&v));
+    }
+    let secret = SecretInfo {
+        name: s("db"),
+        size: Some(3),
+        stored_at: Some(1),
+    };
+    check(
+        &doc,
+        "tenantctl secret put",
+        &output::secret_change_json(&secret, false),
+    );
+    check(
+        &doc,
+        "tenantctl secret rm",
+        &output::secret_change_json(&SecretInfo::default(), true),
+    );
+    check(
+        &doc,
+        "tenantctl secret list",
+        &output::secrets_json(&[secret, SecretInfo::default()]),
+    );
+    let listing = BoundaryInfo {
+        cluster: s(CLUSTER),
+        sub: s(r#"{"allow":[{"name":"web","peers":["10.0.0.0/8"]}]}"#),
+        effective: s(r#"[{"name":"web.1","peers":["10.0.0.0/8"],"direction":"both"}]"#),
+        failsafe: Some(vec!["ssh: in 10.0.0.0/8 tcp 22".into()]),
+        enforced: Some(true),
+        elements: Some(3),
+        change: s("full"),
+        cut: Some(vec!["entry \"web\": in tcp ports 9000 with 172.16.0.0/12 is not allowed by the cluster boundary".into()]),
+        warnings: Some(vec!["w".into()]),
+        peers_changed: Some(1),
+        last_drift: s("table missing"),
+        drift_count: Some(1),
+        last_drift_at: Some(1),
+        drift_unrepaired: s("x"),
+        revert_at: Some(1),
+    };
+    for l in [listing, BoundaryInfo::default()] {
+        let v = boundary::info_json(&l).unwrap();
+        check(&doc, "landlordctl boundary show", &v);
+        check(&doc, "tenantctl boundary show", &v);
+    }
+    let changes = json!({"added": ["a"], "removed": [], "changed": [
+        {"name": "web", "peers_added": ["10.0.0.1"], "peers_removed": [], "direction": ["in", "both"],
+         "protocols": ["tcp 80", "all protocols"]}]});
+    let groups = json!({"added": [], "removed": [], "changed": [
+        {"name": "office", "members_added": [], "members_removed": ["10.1.0.0/16"]}]});
+    let cluster_check = json!({
+        "valid": true, "enforced_before": true, "entries": changes, "failsafe": changes,
+        "groups": groups, "denies_everything": false, "warnings": [], "action": ["drop", "reject"],
+        "newly_denied": ["entry \"web\": in tcp 80 from 10.0.0.0/8"], "newly_denied_count": 1,
+        "newly_allowed": [], "newly_allowed_count": 0,
+    });
+    check(
+        &doc,
+        "landlordctl boundary check",
+        &shapes::check_json(cluster_check).unwrap(),
+    );
+    let sub_check = json!({
+        "valid": true, "entries": changes, "groups": groups, "denies_everything": false,
+        "fits": false, "wider": ["entry \"web\": in/out udp 53 to ::/0 (and 3 more)"], "wider_count": 4,
+        "newly_denied_note": "not computed", "newly_allowed_note": "not computed",
+    });
+    check(
+        &doc,
+        "tenantctl boundary check",
+        &shapes::check_json(sub_check).unwrap(),
+    );
+    for v in [
+        FlowVerdict {
+            allowed: Some(true),
+            failsafe: s("ssh"),
+            cluster: s("web"),
+            sub: s(""),
+            reason: s("r"),
+        },
+        FlowVerdict::default(),
+    ] {
+        check(
+            &doc,
+            "landlordctl boundary explain",
+            &boundary::verdict_json(&v),
+        );
+    }
+    let engine = EngineInfo {
+        name: s("web"),
+        image: s("web.tar"),
+        state: s("running"),
+        enabled: Some(true),
+        pid: Some(7),
+        started_at: Some(1),
+        restarts: Some(0),
+        last_exit: s("exit code 1"),
+        notes: Some(vec!["n".into()]),
+    };
+    for cmd in [
+        "tenantctl engine deploy",
+        "tenantctl engine start",
+        "tenantctl engine stop",
+        "tenantctl engine restart",
+        "tenantctl engine reload",
+        "tenantctl engine status",
+    ] {
+        check(&doc, cmd, &tenant::engine_json(&engine));
+        check(&doc, cmd, &tenant::engine_json(&EngineInfo::default()));
+    }
+    check(
+        &doc,
+        "tenantctl engine ls",
+        &json!([tenant::engine_json(&engine)]),
+    );
+    let error = Ty::Named("ErrorReply".into());
+    let mut e = CliError::new(6, "invalid argument: x");
+    doc.check(&e.json(), &error, "error").unwrap();
+    e.dbus_error = s("org.leasehold.Error.InvalidArgument");
+    doc.check(&e.json(), &error, "error").unwrap();
+}
+
+/// Runs `command` (its words after the program, then `args`) with
+/// `--json` as `who`, expecting exit status `code`, and checks what it
+/// printed against the document.
+struct Runner<'a> {
+    lab: &'a Lab,
+    doc: JsonDoc,
+    seen: BTreeSet<String>,
+}
+
+impl Runner<'_> {
+    #[track_caller]
+    fn run(&mut self, who: Who, command: &str, args: &[&str], codes: &[i32]) -> Value {
+        let mut words = command.split(' ');
+        let program = words.next().unwrap();
+        let mut argv: Vec<&str> = vec!["--json"];
+        argv.extend(words);
+        argv.extend(args);
+        let r = self.lab.run(who, program, &argv);
+        assert!(codes.contains(&r.code), "{command} {args:?}: {r:?}");
+        let v = r.json();
+        check(&self.doc, command, &v);
+        self.seen.insert(command.to_owned());
+        v
+    }
+
+    #[track_caller]
+    fn ok(&mut self, who: Who, command: &str, args: &[&str]) -> Value {
+        self.run(who, command, args, &[0])
+    }
+
+    /// A failure: the documented error object with the exit status.
+    #[track_caller]
+    fn error(&self, who: Who, program: &str, args: &[&str], code: i32) -> Value {
+        let r = self.lab.run(who, program, args);
+        assert_eq!(r.code, code, "{r:?}");
+        let v = r.json();
+        self.doc
+            .check(&v, &Ty::Named("ErrorReply".into()), "error")
+            .unwrap();
+        assert_eq!(v["error"]["exit"], code, "{v}");
+        v
+    }
+
+    /// One `monitor` line after `trigger` ran.
+    fn monitor(&mut self, who: Who, program: &str, trigger: impl FnOnce(&mut Self)) {
+        let mut child = self
+            .lab
+            .command(who, &bin(program))
+            .args(["--json", "monitor"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut ready = String::new();
+        BufReader::new(child.stderr.take().unwrap())
+            .read_line(&mut ready)
+            .unwrap();
+        assert!(ready.starts_with("monitoring "), "{program}: {ready:?}");
+        let (tx, rx) = mpsc::channel();
+        let out = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for l in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        trigger(self);
+        let line = rx.recv_timeout(Duration::from_secs(60));
+        let _ = child.kill();
+        let _ = child.wait();
+        let line = line.unwrap_or_else(|e| panic!("{program} monitor: no line: {e}"));
+        let v: Value = serde_json::from_str(&line).unwrap();
+        let command = format!("{program} monitor");
+        check(&self.doc, &command, &v);
+        assert_eq!(v["event"], "KeysChanged", "{v}");
+        self.seen.insert(command);
+    }
+}
+
+const CLUSTER_TOML: &str = r#"action = "reject"
+[groups]
+office = ["10.1.0.0/16", "192.0.2.7"]
+[[allow]]
+name = "web"
+peers = ["10.0.0.0/8", "@office"]
+direction = "in"
+protocols = [{ proto = "tcp", ports = [80, "443", "8000-8080"] }, { proto = "icmp" }]
+[[allow]]
+name = "dns"
+peers = ["10.0.0.53"]
+direction = "out"
+protocols = [{ proto = "udp", ports = [53] }]
+[[failsafe]]
+name = "ssh"
+peers = ["10.0.0.0/8"]
+direction = "in"
+protocols = [{ proto = "tcp", ports = [22] }]
+"#;
+
+/// The sub-boundary: wider than the cluster boundary (172.16/12, port 9000).
+const WIDE_SUB_TOML: &str = r#"[[allow]]
+name = "web"
+peers = ["10.0.0.0/8", "172.16.0.0/12"]
+direction = "in"
+protocols = [{ proto = "tcp", ports = [80, 9000] }]
+"#;
+
+#[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
+fn every_command_prints_its_documented_json() {
+    let lab = Lab::start();
+    let mut r = Runner {
+        lab: &lab,
+        doc: JsonDoc::load(),
+        seen: BTreeSet::new(),
+    };
+    let (l, t) = (Who::Landlord, Who::Tenant);
+    let pem = lab.write_file("console.pem", console_pem().as_bytes());
+    let pem = pem.to_str().unwrap();
+    let cluster = lab.write_file("cluster.toml", CLUSTER_TOML.as_bytes());
+    let cluster = cluster.to_str().unwrap();
+    // The same with "web" changed: a changed entry with protocols before
+    // and after, and flows newly denied.
+    let cluster2 = lab.write_file(
+        "cluster2.toml",
+        CLUSTER_TOML
+            .replace(
+                r#"protocols = [{ proto = "tcp", ports = [80, "443", "8000-8080"] }, { proto = "icmp" }]"#,
+                r#"protocols = [{ proto = "tcp", ports = [443] }]"#,
+            )
+            .as_bytes(),
+    );
+    let cluster2 = cluster2.to_str().unwrap();
+    let failsafe = lab.write_file(
+        "failsafe.toml",
+        leasehold_tests::matrix::FAILSAFE_DOC.as_bytes(),
+    );
+    let failsafe = failsafe.to_str().unwrap();
+    let sub = lab.write_file("sub.toml", WIDE_SUB_TOML.as_bytes());
+    let sub = sub.to_str().unwrap();
+    let payload = lab.write_file("secret.txt", b"s3cret");
+    let payload = payload.to_str().unwrap();
+
+    // The landlord, before a tenant.
+    let info = r.ok(l, "landlordctl info", &[]);
+    assert_eq!(info["landlord_generation"], 1, "{info}");
+    r.ok(l, "landlordctl pubkey", &[]);
+    r.ok(l, "landlordctl receipt-key", &[]);
+    let c = r.ok(l, "landlordctl register-console", &["ops", pem]);
+    let info = r.ok(l, "landlordctl info", &[]);
+    assert_eq!(info["consoles"], json!([c]), "{info}");
+    r.ok(l, "landlordctl boundary check", &[cluster]);
+    let b = r.ok(l, "landlordctl boundary set", &[cluster]);
+    assert_eq!(
+        b["cluster"]["allow"][0]["protocols"][0]["ports"],
+        json!([{"from": 80, "to": 80}, {"from": 443, "to": 443}, {"from": 8000, "to": 8080}]),
+        "{b}"
+    );
+    assert_eq!(
+        b["failsafe"],
+        json!([{"name": "ssh", "peers": ["10.0.0.0/8"], "direction": "in",
+                "protocols": [{"proto": "tcp", "ports": [{"from": 22, "to": 22}]}]}]),
+        "{b}"
+    );
+    let chk = r.ok(l, "landlordctl boundary check", &[cluster2]);
+    assert_eq!(
+        chk["entries"]["changed"][0]["protocols"][1],
+        json!([{"proto": "tcp", "ports": [{"from": 443, "to": 443}]}]),
+        "{chk}"
+    );
+    assert!(chk["newly_denied_count"].as_u64().unwrap() > 0, "{chk}");
+    assert!(chk["newly_denied"][0]["entry"].is_string(), "{chk}");
+    r.ok(l, "landlordctl boundary show", &[]);
+    r.ok(l, "landlordctl boundary add-peer", &["web", "192.0.2.99"]);
+    r.ok(
+        l,
+        "landlordctl boundary remove-peer",
+        &["web", "192.0.2.99"],
+    );
+    r.ok(l, "landlordctl boundary failsafe", &[failsafe]);
+    let b = r.ok(
+        l,
+        "landlordctl boundary set",
+        &["--confirm-within", "60s", cluster],
+    );
+    assert!(b["revert_at"].is_u64(), "{b}");
+    r.ok(l, "landlordctl boundary confirm", &[]);
+    r.run(
+        l,
+        "landlordctl boundary explain",
+        &["--peer", "10.0.0.1", "--port", "80"],
+        &[0],
+    );
+    r.run(
+        l,
+        "landlordctl boundary explain",
+        &["--peer", "203.0.113.1", "--port", "80"],
+        &[1],
+    );
+    r.ok(l, "landlordctl volume status", &[]);
+    r.run(l, "landlordctl status", &[], &[0, 1]);
+    for power in ["reboot", "poweroff", "suspend"] {
+        r.ok(l, &format!("landlordctl {power}"), &[]);
+    }
+
+    // A tenant.
+    r.error(t, "tenantctl", &["--json", "secret", "list"], 5);
+    r.ok(l, "landlordctl assign", &["--yes", "acme"]);
+    r.ok(l, "landlordctl rekey", &[]);
+    r.monitor(l, "landlordctl", |r| {
+        r.ok(Who::Landlord, "landlordctl rekey", &[]);
+    });
+    let info = r.ok(t, "tenantctl info", &[]);
+    assert!(info["landlord_generation"].is_null(), "{info}");
+    let ut = r.ok(t, "tenantctl pubkey", &[]);
+    let ut_pem = lab.write_file("ut.pem", ut["pem"].as_str().unwrap().as_bytes());
+    let ut_pem = ut_pem.to_str().unwrap();
+    r.ok(t, "tenantctl receipt-key", &[]);
+    r.ok(t, "tenantctl register-console", &["laptop", pem]);
+    r.ok(t, "tenantctl seal", &["--to", ut_pem, payload]);
+    let put = r.ok(t, "tenantctl secret put", &["db", "--from", payload]);
+    let list = r.ok(t, "tenantctl secret list", &[]);
+    assert_eq!(list[0]["name"], "db", "{list}");
+    let rm = r.ok(t, "tenantctl secret rm", &["db"]);
+    assert_eq!(
+        put.as_object().unwrap().keys().collect::<Vec<_>>(),
+        rm.as_object().unwrap().keys().collect::<Vec<_>>(),
+        "secret put and rm print one shape"
+    );
+    let chk = r.ok(t, "tenantctl boundary check", &[sub]);
+    assert_eq!(chk["fits"], false, "{chk}");
+    assert!(chk["wider"][0]["peers"].is_array(), "{chk}");
+    let b = r.ok(t, "tenantctl boundary set", &["--narrow", sub]);
+    assert!(!b["cut"].as_array().unwrap().is_empty(), "{b}");
+    assert!(b["cut"][0]["proto"].is_string(), "{b}");
+    r.ok(t, "tenantctl boundary show", &[]);
+    r.run(
+        t,
+        "tenantctl boundary explain",
+        &["--peer", "10.0.0.1", "--port", "80"],
+        &[0, 1],
+    );
+    r.ok(t, "tenantctl boundary clear", &[]);
+    r.ok(t, "tenantctl volume status", &[]);
+    r.ok(t, "tenantctl engine ls", &[]);
+    r.run(t, "tenantctl status", &[], &[0, 1]);
+    r.ok(t, "tenantctl rekey", &[]);
+
+    // Rotations: receipts as objects that verify as printed.
+    let mut rotated = None;
+    r.monitor(t, "tenantctl", |r| {
+        rotated = Some(r.ok(Who::Tenant, "tenantctl rotate", &["--yes"]));
+    });
+    let change = rotated.unwrap();
+    assert!(change["receipt"].is_object(), "{change}");
+    let file = lab.write_file("rotate.json", change.to_string().as_bytes());
+    let v = r.ok(t, "tenantctl verify-receipt", &[file.to_str().unwrap()]);
+    assert_eq!(v["receipt"], change["receipt"]);
+    // Pretty-printed, as `jq .` would: still the signed bytes.
+    let pretty = lab.write_file(
+        "rotate-pretty.json",
+        serde_json::to_string_pretty(&change).unwrap().as_bytes(),
+    );
+    r.ok(t, "tenantctl verify-receipt", &[pretty.to_str().unwrap()]);
+    let list = r.ok(t, "tenantctl receipts list", &[]);
+    let id = list[0]["id"].as_str().unwrap().to_owned();
+    let doc = r.ok(t, "tenantctl receipts show", &[&id]);
+    assert!(doc["receipt"].is_object(), "{doc}");
+    let change = r.ok(l, "landlordctl rotate", &["--yes"]);
+    assert!(change["receipt"].is_object(), "{change}");
+    let file = lab.write_file("rotate-l.json", change.to_string().as_bytes());
+    r.ok(l, "landlordctl verify-receipt", &[file.to_str().unwrap()]);
+    let list = r.ok(l, "landlordctl receipts list", &[]);
+    let id = list[0]["id"].as_str().unwrap().to_owned();
+    r.ok(l, "landlordctl receipts show", &[&id]);
+    // A modified receipt: the error object, exit 1.
+    let mut bad = change.clone();
+    bad["receipt"]["time"] = json!(1);
+    let file = lab.write_file("bad.json", bad.to_string().as_bytes());
+    r.error(
+        l,
+        "landlordctl",
+        &["--json", "verify-receipt", file.to_str().unwrap()],
+        1,
+    );
+
+    // Back to no tenant and no boundary.
+    let c = r.ok(l, "landlordctl release", &["--yes"]);
+    assert!(c["receipt"].is_object(), "{c}");
+    r.ok(l, "landlordctl volume forget", &["--yes"]);
+    r.ok(l, "landlordctl boundary clear", &["--yes"]);
+
+    // Errors: polkit, the bus policy, the agent's refusal, usage.
+    let e = r.error(t, "landlordctl", &["--json", "info"], 3);
+    assert_eq!(e["error"]["name"], "not-authorized", "{e}");
+    assert_eq!(
+        e["error"]["dbus_error"],
+        "org.leasehold.Error.NotAuthorized"
+    );
+    let e = r.error(Who::Outsider, "landlordctl", &["--json", "info"], 69);
+    assert_eq!(
+        e["error"]["dbus_error"],
+        leasehold_tests::matrix::BUS_DENIED
+    );
+    let e = r.error(l, "landlordctl", &["--json", "receipts", "show", "nope"], 5);
+    assert!(e["error"]["dbus_error"].is_string(), "{e}");
+    let e = r.error(t, "tenantctl", &["--json", "bogus"], 2);
+    assert_eq!(e["error"]["name"], "usage", "{e}");
+
+    let not_run: BTreeSet<String> = NOT_RUN_HERE.iter().map(|(c, _)| (*c).to_owned()).collect();
+    let missing: Vec<&String> = r
+        .doc
+        .commands
+        .keys()
+        .filter(|c| !r.seen.contains(*c) && !not_run.contains(*c))
+        .collect();
+    assert!(missing.is_empty(), "commands not run: {missing:?}");
+}
