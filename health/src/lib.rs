@@ -1,0 +1,247 @@
+//! Node health: sensor sources (EDAC, hwmon, thermal zones, block I/O
+//! errors, smartctl, NIC link state), each read on a thread of its own
+//! under a deadline, and the faults found in what they read.
+//!
+//! A source that misses its deadline is reported as a `stuck` fault; its
+//! thread is left to finish (a hung sysfs read cannot be cancelled) and the
+//! source is not started again until it has. Every input is bounded: see
+//! [`read`] and [`smart`] for the limits, and docs/health.md.
+
+#![warn(missing_docs)]
+
+pub mod eval;
+pub mod read;
+pub mod smart;
+pub mod sources;
+mod types;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub use read::{FsReader, Reader};
+pub use types::*;
+
+/// Where the sources look; tests point them at fixture trees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Roots {
+    /// sysfs (`/sys`).
+    pub sys: PathBuf,
+    /// Device nodes handed to smartctl (`/dev`).
+    pub dev: PathBuf,
+}
+
+impl Default for Roots {
+    fn default() -> Self {
+        Self {
+            sys: "/sys".into(),
+            dev: "/dev".into(),
+        }
+    }
+}
+
+/// What to read and how long to wait.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Where to read.
+    pub roots: Roots,
+    /// The sources turned on.
+    pub enabled: Vec<Source>,
+    /// Deadline of each sysfs source.
+    pub deadline: Duration,
+    /// Deadline of one smartctl run (the smart source's deadline is this
+    /// plus `deadline`, for listing the disks).
+    pub smart_timeout: Duration,
+    /// The smartctl binary.
+    pub smartctl: PathBuf,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            roots: Roots::default(),
+            enabled: Source::ALL.to_vec(),
+            deadline: Duration::from_secs(2),
+            smart_timeout: Duration::from_secs(10),
+            smartctl: "/usr/sbin/smartctl".into(),
+        }
+    }
+}
+
+impl Settings {
+    /// `source`'s deadline.
+    pub fn deadline_of(&self, source: Source) -> Duration {
+        match source {
+            Source::Smart => self.smart_timeout + self.deadline,
+            _ => self.deadline,
+        }
+    }
+}
+
+/// Reads one source (on its own thread).
+fn read_source(source: Source, s: &Settings, r: &dyn Reader) -> (Readings, Vec<Problem>) {
+    let sys = &s.roots.sys;
+    match source {
+        Source::Edac => sources::edac(r, sys),
+        Source::Hwmon => sources::hwmon(r, sys),
+        Source::Thermal => sources::thermal(r, sys),
+        Source::Block => sources::block(r, sys),
+        Source::Smart => smart::smart(r, sys, &s.roots.dev, &s.smartctl, s.smart_timeout),
+        Source::Net => sources::net(r, sys),
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Takes reports: holds the settings, the reader, the previous report's
+/// counters and which sources still have a read running.
+pub struct Monitor {
+    settings: Settings,
+    reader: Arc<dyn Reader>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Monitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Monitor")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Default)]
+struct State {
+    baseline: eval::Baseline,
+    /// Set while a source's thread runs; a stuck thread keeps it set.
+    busy: BTreeMap<Source, Arc<AtomicBool>>,
+}
+
+impl Monitor {
+    /// A monitor reading the real filesystem.
+    pub fn new(settings: Settings) -> Self {
+        Self::with_reader(settings, Arc::new(FsReader))
+    }
+
+    /// A monitor reading through `reader` (tests).
+    pub fn with_reader(settings: Settings, reader: Arc<dyn Reader>) -> Self {
+        Self {
+            settings,
+            reader,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Reads every enabled source in parallel and evaluates the faults.
+    /// Blocks for at most the longest source deadline; reports are taken
+    /// one at a time (a second caller waits for the first).
+    pub fn report(&self) -> Report {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let sources = self.collect(&mut st.busy);
+        let (faults, baseline) = eval::evaluate(&sources, &st.baseline);
+        st.baseline = baseline;
+        Report {
+            taken_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            severity: faults.first().map_or(Severity::Ok, |f| f.severity),
+            sources,
+            faults,
+        }
+    }
+
+    fn collect(&self, busy: &mut BTreeMap<Source, Arc<AtomicBool>>) -> Vec<SourceReport> {
+        let start = Instant::now();
+        let (tx, rx) = mpsc::channel::<(Source, (Readings, Vec<Problem>))>();
+        let mut out: BTreeMap<Source, SourceReport> = BTreeMap::new();
+        let mut pending: BTreeMap<Source, Instant> = BTreeMap::new();
+        for source in Source::ALL {
+            let deadline = self.settings.deadline_of(source);
+            let mut report = SourceReport {
+                source,
+                status: SourceStatus::Disabled,
+                deadline_ms: ms(deadline),
+                elapsed_ms: 0,
+                readings: None,
+                problems: Vec::new(),
+            };
+            if !self.settings.enabled.contains(&source) {
+                out.insert(source, report);
+                continue;
+            }
+            let flag = busy.entry(source).or_default().clone();
+            // One read per source at a time: a hung one is not joined by
+            // another each report.
+            if flag.swap(true, Ordering::AcqRel) {
+                report.status = SourceStatus::Stuck;
+                report.elapsed_ms = report.deadline_ms;
+                report.problems.push(Problem {
+                    subject: source.as_str().into(),
+                    message: "its previous read has not returned yet".into(),
+                });
+                out.insert(source, report);
+                continue;
+            }
+            let (tx, settings, reader) = (tx.clone(), self.settings.clone(), self.reader.clone());
+            let thread_flag = flag.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("health-{}", source.as_str()))
+                .spawn(move || {
+                    let r = read_source(source, &settings, reader.as_ref());
+                    thread_flag.store(false, Ordering::Release);
+                    let _ = tx.send((source, r));
+                });
+            match spawned {
+                Ok(_) => {
+                    pending.insert(source, start + deadline);
+                    report.status = SourceStatus::Stuck;
+                    report.elapsed_ms = report.deadline_ms;
+                }
+                Err(e) => {
+                    flag.store(false, Ordering::Release);
+                    report.status = SourceStatus::Failed;
+                    report.problems.push(Problem {
+                        subject: source.as_str().into(),
+                        message: format!("no thread: {e}"),
+                    });
+                }
+            }
+            out.insert(source, report);
+        }
+        drop(tx);
+        while let Some(next) = pending.values().min().copied() {
+            let now = Instant::now();
+            match rx.recv_timeout(next.saturating_duration_since(now)) {
+                Ok((source, (readings, problems))) => {
+                    let Some(due) = pending.remove(&source) else {
+                        continue;
+                    };
+                    let at = Instant::now();
+                    // Late is stuck, even if it came back meanwhile.
+                    if at <= due {
+                        if let Some(r) = out.get_mut(&source) {
+                            r.status = SourceStatus::Ok;
+                            r.elapsed_ms = ms(at - start);
+                            r.readings = Some(readings);
+                            r.problems = problems;
+                        }
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let now = Instant::now();
+                    pending.retain(|_, due| *due > now);
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        out.into_values().collect()
+    }
+}
