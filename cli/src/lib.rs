@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod boundary;
+pub mod health;
 pub mod keyfile;
 pub mod landlord;
 mod manpage;
