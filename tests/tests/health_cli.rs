@@ -169,4 +169,9 @@ fn health_cli_landlord_reads_the_report_others_are_refused() {
     assert_eq!(r["faults"][0]["subject"], "sda", "{r}");
     assert_eq!(source(&r, "edac")["status"], "ok");
     eprintln!("health with a hung smartctl answered in {took:?}");
+    // Still hung: the text table says so too (printed for the log).
+    let t = lab.run(Who::Landlord, "landlordctl", &["health"]);
+    assert_eq!(t.code, 1, "{t:?}");
+    assert!(t.stdout.contains("stuck     smart    sda"), "{t:?}");
+    eprintln!("{}", t.stdout);
 }
