@@ -1573,9 +1573,10 @@ impl HealthApi {
             .authorize(hdr, Role::Landlord, actions::LANDLORD_HEALTH, "Report", &[])
             .await?;
         let monitor = self.0.health.clone();
-        // Blocks for at most the longest source deadline; reports are
-        // taken one at a time inside the monitor.
-        let report = blocking(move || Ok(monitor.report())).await?;
+        // Blocks for at most the longest source deadline. A call that
+        // arrives while a report is being taken gets that one.
+        let asked = std::time::Instant::now();
+        let report = blocking(move || Ok(monitor.report_asked_at(asked))).await?;
         serde_json::to_string(&report).map_err(|e| Error::Failed(format!("health report: {e}")))
     }
 }

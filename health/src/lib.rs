@@ -115,6 +115,8 @@ impl std::fmt::Debug for Monitor {
 
 #[derive(Default)]
 struct State {
+    /// The last report and when it was finished.
+    last: Option<(Instant, Report)>,
     baseline: eval::Baseline,
     /// Set while a source's thread runs; a stuck thread keeps it set.
     busy: BTreeMap<Source, Arc<AtomicBool>>,
@@ -141,21 +143,36 @@ impl Monitor {
     }
 
     /// Reads every enabled source in parallel and evaluates the faults.
-    /// Blocks for at most the longest source deadline; reports are taken
-    /// one at a time (a second caller waits for the first).
+    /// Blocks for at most the longest source deadline. Reports are taken
+    /// one at a time; callers that asked while one was being taken get
+    /// that one (it is fresh for them), so a burst of callers costs one
+    /// report and none waits for two.
     pub fn report(&self) -> Report {
+        self.report_asked_at(Instant::now())
+    }
+
+    /// [`Monitor::report`] for a caller that asked at `asked`: a report
+    /// finished since then is returned as it is.
+    pub fn report_asked_at(&self, asked: Instant) -> Report {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((done, r)) = &st.last {
+            if *done >= asked {
+                return r.clone();
+            }
+        }
         let sources = self.collect(&mut st.busy);
         let (faults, baseline) = eval::evaluate(&sources, &st.baseline);
         st.baseline = baseline;
-        Report {
+        let report = Report {
             taken_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             severity: faults.first().map_or(Severity::Ok, |f| f.severity),
             sources,
             faults,
-        }
+        };
+        st.last = Some((Instant::now(), report.clone()));
+        report
     }
 
     fn collect(&self, busy: &mut BTreeMap<Source, Arc<AtomicBool>>) -> Vec<SourceReport> {

@@ -558,3 +558,72 @@ fn report_json_shape() {
     let back: Report = serde_json::from_value(v).unwrap();
     assert_eq!(back, r);
 }
+
+/// Counts reads of files under a path containing `watch`, each taking
+/// until released (like a slow sysfs).
+struct SlowReader {
+    watch: &'static str,
+    reads: std::sync::atomic::AtomicUsize,
+    release: Mutex<mpsc::Receiver<()>>,
+}
+
+impl Reader for SlowReader {
+    fn read(&self, path: &Path, limit: usize) -> io::Result<Vec<u8>> {
+        if path.to_string_lossy().contains(self.watch) {
+            self.reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = self.release.lock().unwrap().recv();
+        }
+        FsReader.read(path, limit)
+    }
+    fn list(&self, dir: &Path, limit: usize) -> io::Result<Vec<String>> {
+        FsReader.list(dir, limit)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        FsReader.exists(path)
+    }
+}
+
+#[test]
+fn callers_during_a_report_share_it() {
+    let f = Fixture::new();
+    f.put("devices/system/edac/mc/mc0/ce_count", "0");
+    f.put("devices/system/edac/mc/mc0/ue_count", "0");
+    let (release, rx) = mpsc::channel();
+    let reader = Arc::new(SlowReader {
+        watch: "ce_count",
+        reads: Default::default(),
+        release: Mutex::new(rx),
+    });
+    let m = Arc::new(Monitor::with_reader(
+        f.settings(&[Source::Edac]),
+        reader.clone(),
+    ));
+    let first = {
+        let m = m.clone();
+        std::thread::spawn(move || m.report())
+    };
+    // The first report is reading (its ce_count read has begun); then a
+    // second caller asks (the time of asking is what counts: passed in, so
+    // the test does not depend on when its thread reaches the lock).
+    while reader.reads.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        std::thread::yield_now();
+    }
+    let asked = Instant::now();
+    let second = {
+        let m = m.clone();
+        std::thread::spawn(move || m.report_asked_at(asked))
+    };
+    release.send(()).unwrap();
+    let (a, b) = (first.join().unwrap(), second.join().unwrap());
+    assert_eq!(a, b);
+    assert_eq!(a.severity, Severity::Ok, "{a:?}");
+    assert_eq!(
+        reader.reads.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "one read for both callers"
+    );
+    // A caller after that gets a new report.
+    drop(release);
+    m.report();
+    assert_eq!(reader.reads.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
