@@ -62,10 +62,11 @@ pub fn evaluate(sources: &[SourceReport], prev: &Baseline) -> (Vec<Fault>, Basel
                     s.deadline_ms
                 ),
             ),
+            // Nothing is known about it either: as bad as stuck.
             SourceStatus::Failed => fault(
-                Severity::Warning,
+                Severity::Stuck,
                 s.source.as_str(),
-                "could not be read (no thread)".into(),
+                "could not be read: nothing is known about it".into(),
             ),
         }
         for p in &s.problems {
@@ -309,7 +310,7 @@ mod tests {
         let sev: Vec<Severity> = f.iter().map(|f| f.severity).collect();
         assert_eq!(
             sev,
-            [Severity::Critical, Severity::Warning, Severity::Warning]
+            [Severity::Stuck, Severity::Critical, Severity::Warning]
         );
     }
 

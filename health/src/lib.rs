@@ -113,6 +113,16 @@ impl std::fmt::Debug for Monitor {
     }
 }
 
+/// Clears a source's busy flag when its thread is done, also if the read
+/// panicked (a bug there must not mark the source stuck for good).
+struct Running(Arc<AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
 #[derive(Default)]
 struct State {
     /// The last report and when it was finished.
@@ -177,7 +187,8 @@ impl Monitor {
 
     fn collect(&self, busy: &mut BTreeMap<Source, Arc<AtomicBool>>) -> Vec<SourceReport> {
         let start = Instant::now();
-        let (tx, rx) = mpsc::channel::<(Source, (Readings, Vec<Problem>))>();
+        // None: the read panicked (a bug), which is not "slow".
+        let (tx, rx) = mpsc::channel::<(Source, Option<(Readings, Vec<Problem>)>)>();
         let mut out: BTreeMap<Source, SourceReport> = BTreeMap::new();
         let mut pending: BTreeMap<Source, Instant> = BTreeMap::new();
         for source in Source::ALL {
@@ -208,13 +219,15 @@ impl Monitor {
                 continue;
             }
             let (tx, settings, reader) = (tx.clone(), self.settings.clone(), self.reader.clone());
-            let thread_flag = flag.clone();
+            let running = Running(flag.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("health-{}", source.as_str()))
                 .spawn(move || {
-                    let r = read_source(source, &settings, reader.as_ref());
-                    thread_flag.store(false, Ordering::Release);
-                    let _ = tx.send((source, r));
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        read_source(source, &settings, reader.as_ref())
+                    }));
+                    drop(running);
+                    let _ = tx.send((source, r.ok()));
                 });
             match spawned {
                 Ok(_) => {
@@ -223,7 +236,8 @@ impl Monitor {
                     report.elapsed_ms = report.deadline_ms;
                 }
                 Err(e) => {
-                    flag.store(false, Ordering::Release);
+                    // The closure, with its `Running`, was dropped: the
+                    // flag is clear again.
                     report.status = SourceStatus::Failed;
                     report.problems.push(Problem {
                         subject: source.as_str().into(),
@@ -237,18 +251,31 @@ impl Monitor {
         while let Some(next) = pending.values().min().copied() {
             let now = Instant::now();
             match rx.recv_timeout(next.saturating_duration_since(now)) {
-                Ok((source, (readings, problems))) => {
+                Ok((source, answer)) => {
                     let Some(due) = pending.remove(&source) else {
                         continue;
                     };
                     let at = Instant::now();
                     // Late is stuck, even if it came back meanwhile.
-                    if at <= due {
-                        if let Some(r) = out.get_mut(&source) {
+                    if at > due {
+                        continue;
+                    }
+                    let Some(r) = out.get_mut(&source) else {
+                        continue;
+                    };
+                    r.elapsed_ms = ms(at - start);
+                    match answer {
+                        Some((readings, problems)) => {
                             r.status = SourceStatus::Ok;
-                            r.elapsed_ms = ms(at - start);
                             r.readings = Some(readings);
                             r.problems = problems;
+                        }
+                        None => {
+                            r.status = SourceStatus::Failed;
+                            r.problems.push(Problem {
+                                subject: source.as_str().into(),
+                                message: "its read panicked (a bug: see the agent's log)".into(),
+                            });
                         }
                     }
                 }
@@ -256,6 +283,7 @@ impl Monitor {
                     let now = Instant::now();
                     pending.retain(|_, due| *due > now);
                 }
+                // Every thread answered or is gone.
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }

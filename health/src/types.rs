@@ -98,7 +98,8 @@ pub enum SourceStatus {
     Stuck,
     /// Turned off in the configuration.
     Disabled,
-    /// It could not be started (no thread).
+    /// It could not be started (no thread), or its read ended without an
+    /// answer (panicked).
     Failed,
 }
 

@@ -395,11 +395,22 @@ fn hung_sysfs_read_is_stuck_and_blocks_nothing_else() {
         .contains("previous read has not returned"));
 
     // Released: the old thread finishes; the next report reads it again.
+    // Until the old thread has cleared its flag, a report says at once that
+    // the previous read has not returned (no wait): ask until it has.
     drop(release);
     let mut r = m.report();
-    // The old thread clears its flag right after its read returns; one more
-    // report at most if this one raced it.
-    if source(&r, Source::Edac).status != SourceStatus::Ok {
+    for _ in 0..10_000 {
+        let e = source(&r, Source::Edac);
+        if e.status == SourceStatus::Ok {
+            break;
+        }
+        assert!(
+            e.problems[0]
+                .message
+                .contains("previous read has not returned"),
+            "{e:?}"
+        );
+        std::thread::yield_now();
         r = m.report();
     }
     assert_eq!(source(&r, Source::Edac).status, SourceStatus::Ok, "{r:?}");
@@ -626,4 +637,39 @@ fn callers_during_a_report_share_it() {
     drop(release);
     m.report();
     assert_eq!(reader.reads.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+/// Panics on every read (a bug in a source).
+struct PanickingReader;
+
+impl Reader for PanickingReader {
+    fn read(&self, _: &Path, _: usize) -> io::Result<Vec<u8>> {
+        panic!("injected: a source's bug");
+    }
+    fn list(&self, dir: &Path, limit: usize) -> io::Result<Vec<String>> {
+        FsReader.list(dir, limit)
+    }
+    fn exists(&self, path: &Path) -> bool {
+        FsReader.exists(path)
+    }
+}
+
+#[test]
+fn a_panicking_source_is_stuck_and_tried_again() {
+    let f = Fixture::new();
+    f.put("devices/system/edac/mc/mc0/ce_count", "0");
+    let mut s = f.settings(&[Source::Edac]);
+    s.deadline = Duration::from_millis(200);
+    let m = Monitor::with_reader(s, Arc::new(PanickingReader));
+    for _ in 0..2 {
+        let r = m.report();
+        let e = source(&r, Source::Edac);
+        // Known at once (its thread answers even so), not at the deadline.
+        assert_eq!(e.status, SourceStatus::Failed);
+        assert_eq!(e.problems.len(), 1, "{e:?}");
+        // Not "its previous read has not returned": the panicked thread
+        // cleared its flag, so each report tries again.
+        assert!(e.problems[0].message.contains("its read panicked"), "{e:?}");
+        assert_eq!(r.severity, Severity::Stuck);
+    }
 }
