@@ -673,3 +673,41 @@ fn a_panicking_source_is_stuck_and_tried_again() {
         assert_eq!(r.severity, Severity::Stuck);
     }
 }
+
+/// The sources on this machine's real /sys (whatever drivers it has): every
+/// one answers within its deadline, and the report says what it took.
+#[test]
+fn real_sysfs_answers_within_the_deadlines() {
+    let m = Monitor::new(Settings::default());
+    let t = Instant::now();
+    let r = m.report();
+    let took = t.elapsed();
+    for s in &r.sources {
+        assert_eq!(s.status, SourceStatus::Ok, "{s:?}");
+        eprintln!(
+            "real {}: {} ms, {} items, {} problems",
+            s.source.as_str(),
+            s.elapsed_ms,
+            match &s.readings {
+                Some(Readings::Edac(v)) => v.len(),
+                Some(Readings::Hwmon(v)) => v.len(),
+                Some(Readings::Thermal(v)) => v.len(),
+                Some(Readings::Block(v)) => v.len(),
+                Some(Readings::Smart(v)) => v.len(),
+                Some(Readings::Net(v)) => v.len(),
+                None => 0,
+            },
+            s.problems.len()
+        );
+    }
+    assert!(
+        took < Settings::default().deadline_of(Source::Smart),
+        "{took:?}"
+    );
+    let json = serde_json::to_string(&r).unwrap();
+    eprintln!(
+        "real report: {took:?}, {} bytes of JSON, severity {}",
+        json.len(),
+        r.severity.as_str()
+    );
+}
