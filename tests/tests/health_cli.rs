@@ -103,6 +103,17 @@ fn health_cli_landlord_reads_the_report_others_are_refused() {
     );
     assert_eq!(source(&r, "net")["readings"]["items"][0]["iface"], "eth0");
 
+    // The interface's Version property (root's connection to the lab bus).
+    let version = lab.block_on(async {
+        let conn = zbus::connection::Builder::address(lab.address.as_str())
+            .build()
+            .await
+            .unwrap();
+        let p = leasehold_dbus_api::HealthProxy::new(&conn).await.unwrap();
+        p.version().await.unwrap()
+    });
+    assert_eq!(version, leasehold_dbus_api::HEALTH_API_VERSION);
+
     // Tenant (polkit) and outsider (bus policy) are refused, as the
     // matrix's landlord row says; root is the landlord's identity.
     for (i, who) in Who::ALL.into_iter().enumerate() {
