@@ -82,6 +82,19 @@ impl Settings {
 
 /// Reads one source (on its own thread).
 fn read_source(source: Source, s: &Settings, r: &dyn Reader) -> (Readings, Vec<Problem>) {
+    let (readings, mut problems) = read_unbounded(source, s, r);
+    if problems.len() > read::MAX_PROBLEMS {
+        let more = problems.len() - (read::MAX_PROBLEMS - 1);
+        problems.truncate(read::MAX_PROBLEMS - 1);
+        problems.push(Problem {
+            subject: source.as_str().into(),
+            message: format!("{more} more unreadable entries not listed"),
+        });
+    }
+    (readings, problems)
+}
+
+fn read_unbounded(source: Source, s: &Settings, r: &dyn Reader) -> (Readings, Vec<Problem>) {
     let sys = &s.roots.sys;
     match source {
         Source::Edac => sources::edac(r, sys),

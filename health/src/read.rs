@@ -13,6 +13,9 @@ pub const MAX_DIR_ENTRIES: usize = 1024;
 /// disks, interfaces); more are reported as a problem.
 pub const MAX_ITEMS: usize = 256;
 
+/// Most problems one source reports; more are counted in one last line.
+pub const MAX_PROBLEMS: usize = 64;
+
 /// How sources read the filesystem.
 pub trait Reader: Send + Sync + 'static {
     /// Up to `limit + 1` bytes of a file (one more than allowed, so the

@@ -6,6 +6,9 @@ use std::path::Path;
 use crate::read::{count, entries, int, text, Reader};
 use crate::types::*;
 
+/// Most trip points read per thermal zone (drivers have a handful).
+pub const MAX_TRIPS: usize = 32;
+
 /// A reading error about `subject`.
 fn problem(problems: &mut Vec<Problem>, subject: &str, message: String) {
     problems.push(Problem {
@@ -46,13 +49,16 @@ pub fn hwmon(r: &dyn Reader, sys: &Path) -> (Readings, Vec<Problem>) {
     let mut problems = Vec::new();
     let dir = sys.join("class/hwmon");
     let mut out = Vec::new();
+    let mut seen = 0usize;
     for chip in entries(r, &dir, "hwmon", &mut problems) {
         let d = dir.join(&chip);
         let name = text(r, &d.join("name")).ok().flatten();
         let mut inputs = entries(r, &d, "temp", &mut problems);
         inputs.retain(|n| n.ends_with("_input"));
         for input in inputs {
-            if out.len() >= crate::read::MAX_ITEMS {
+            // Sensors tried, read or not: unreadable ones cost reads too.
+            seen += 1;
+            if seen > crate::read::MAX_ITEMS {
                 problem(
                     &mut problems,
                     &chip,
@@ -112,6 +118,14 @@ pub fn thermal(r: &dyn Reader, sys: &Path) -> (Readings, Vec<Problem>) {
         };
         let mut trip_files = entries(r, &d, "trip_point_", &mut problems);
         trip_files.retain(|n| n.ends_with("_type"));
+        if trip_files.len() > MAX_TRIPS {
+            trip_files.truncate(MAX_TRIPS);
+            problem(
+                &mut problems,
+                &zone,
+                format!("more than {MAX_TRIPS} trip points; the first {MAX_TRIPS} are read"),
+            );
+        }
         let mut trips = Vec::new();
         for t in trip_files {
             let base = t.trim_end_matches("_type");

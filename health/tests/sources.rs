@@ -711,3 +711,38 @@ fn real_sysfs_answers_within_the_deadlines() {
         r.severity.as_str()
     );
 }
+
+#[test]
+fn problems_and_trip_points_are_bounded() {
+    let f = Fixture::new();
+    // 100 unreadable memory controllers: 63 listed, then one line for the rest.
+    for i in 0..100 {
+        f.put(&format!("devices/system/edac/mc/mc{i}/ce_count"), "x");
+        f.put(&format!("devices/system/edac/mc/mc{i}/ue_count"), "0");
+    }
+    for i in 0..40 {
+        f.put(
+            &format!("class/thermal/thermal_zone0/trip_point_{i}_type"),
+            "active",
+        );
+        f.put(
+            &format!("class/thermal/thermal_zone0/trip_point_{i}_temp"),
+            "90000",
+        );
+    }
+    f.put("class/thermal/thermal_zone0/temp", "40000");
+    let r = Monitor::new(f.settings(&[Source::Edac, Source::Thermal])).report();
+    let e = source(&r, Source::Edac);
+    assert_eq!(e.problems.len(), read::MAX_PROBLEMS);
+    assert_eq!(
+        e.problems.last().unwrap().message,
+        "37 more unreadable entries not listed"
+    );
+    let Some(Readings::Thermal(z)) = &source(&r, Source::Thermal).readings else {
+        panic!()
+    };
+    assert_eq!(z[0].trips.len(), sources::MAX_TRIPS);
+    assert!(source(&r, Source::Thermal).problems[0]
+        .message
+        .contains("more than 32 trip points"));
+}
