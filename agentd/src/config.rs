@@ -688,7 +688,7 @@ mod tests {
         for (text, want) in [
             (
                 "deadline_ms = 5",
-                "health.deadline_ms: 5 is outside 10..=60000",
+                "health.deadline_ms: 5 is outside 10..=5000",
             ),
             (
                 "smart_timeout_ms = 0",
