@@ -8,7 +8,8 @@ use std::time::SystemTime;
 
 use leasehold_dbus_api::{
     actions, BoundaryInfo, EngineInfo, Error, FlowVerdict, KeyChange, NodeInfo, PublicKey,
-    ReceiptInfo, SecretInfo, VolumeInfo, API_VERSION, MAX_SPEC_TEXT, OBJECT_PATH,
+    ReceiptInfo, SecretInfo, VolumeInfo, API_VERSION, HEALTH_API_VERSION, MAX_SPEC_TEXT,
+    OBJECT_PATH,
 };
 use leasehold_engines::spec::Spec;
 use leasehold_netpolicy::policy::parse_doc;
@@ -46,6 +47,8 @@ pub struct Ctx {
     pub tpm_health: Arc<crate::health::TpmHealth>,
     /// Receipt reads (ListReceipts, GetReceipt).
     pub receipts: crate::receipts::ReceiptStore,
+    /// Health reports (Health1.Report).
+    pub health: Arc<leasehold_health::Monitor>,
 }
 
 fn key_error(e: KeyError) -> Error {
@@ -1558,5 +1561,34 @@ impl TenantEnginesApi {
     #[zbus(property)]
     fn version(&self) -> u32 {
         API_VERSION
+    }
+}
+
+/// `org.leasehold.Health1`: the landlord's health report.
+pub struct HealthApi(pub Arc<Ctx>);
+
+impl HealthApi {
+    async fn report_method(&self, hdr: &Header<'_>) -> Result<String, Error> {
+        self.0
+            .authorize(hdr, Role::Landlord, actions::LANDLORD_HEALTH, "Report", &[])
+            .await?;
+        let monitor = self.0.health.clone();
+        // Blocks for at most the longest source deadline. A call that
+        // arrives while a report is being taken gets that one.
+        let asked = std::time::Instant::now();
+        let report = blocking(move || Ok(monitor.report_asked_at(asked))).await?;
+        serde_json::to_string(&report).map_err(|e| Error::Failed(format!("health report: {e}")))
+    }
+}
+
+#[interface(name = "org.leasehold.Health1")]
+impl HealthApi {
+    async fn report(&self, #[zbus(header)] hdr: Header<'_>) -> Result<String, Error> {
+        self.report_method(&hdr).await
+    }
+
+    #[zbus(property)]
+    fn version(&self) -> u32 {
+        HEALTH_API_VERSION
     }
 }

@@ -30,6 +30,109 @@ pub struct Config {
     /// The tenant's engines.
     #[serde(default)]
     pub engines: EnginesSection,
+    /// Health sensors (docs/health.md).
+    #[serde(default)]
+    pub health: HealthSection,
+}
+
+/// `[health]`: which sources the health report reads and how long each
+/// may take.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct HealthSection {
+    /// EDAC memory error counters.
+    #[serde(default = "default_true")]
+    pub edac: bool,
+    /// hwmon temperatures.
+    #[serde(default = "default_true")]
+    pub hwmon: bool,
+    /// Thermal zones.
+    #[serde(default = "default_true")]
+    pub thermal: bool,
+    /// Block devices' I/O error counters.
+    #[serde(default = "default_true")]
+    pub block: bool,
+    /// Disk health through smartctl.
+    #[serde(default = "default_true")]
+    pub smart: bool,
+    /// NIC link state.
+    #[serde(default = "default_true")]
+    pub net: bool,
+    /// Deadline of each sysfs source (ms).
+    #[serde(default = "default_health_deadline_ms")]
+    pub deadline_ms: u64,
+    /// Deadline of one smartctl run (ms); the disk is reported stuck and
+    /// smartctl killed past it.
+    #[serde(default = "default_smart_timeout_ms")]
+    pub smart_timeout_ms: u64,
+    /// The smartctl binary (package smartmontools).
+    #[serde(default = "default_smartctl")]
+    pub smartctl: PathBuf,
+    /// sysfs root the sources read (another root: tests, fixtures).
+    #[serde(default = "default_sys_root")]
+    pub sys_root: PathBuf,
+}
+
+impl Default for HealthSection {
+    fn default() -> Self {
+        Self {
+            edac: true,
+            hwmon: true,
+            thermal: true,
+            block: true,
+            smart: true,
+            net: true,
+            deadline_ms: default_health_deadline_ms(),
+            smart_timeout_ms: default_smart_timeout_ms(),
+            smartctl: default_smartctl(),
+            sys_root: default_sys_root(),
+        }
+    }
+}
+
+fn default_health_deadline_ms() -> u64 {
+    2000
+}
+
+fn default_smart_timeout_ms() -> u64 {
+    10_000
+}
+
+fn default_smartctl() -> PathBuf {
+    "/usr/sbin/smartctl".into()
+}
+
+fn default_sys_root() -> PathBuf {
+    "/sys".into()
+}
+
+impl HealthSection {
+    /// The health crate's settings.
+    pub fn settings(&self) -> leasehold_health::Settings {
+        use leasehold_health::Source;
+        let on = [
+            (Source::Edac, self.edac),
+            (Source::Hwmon, self.hwmon),
+            (Source::Thermal, self.thermal),
+            (Source::Block, self.block),
+            (Source::Smart, self.smart),
+            (Source::Net, self.net),
+        ];
+        leasehold_health::Settings {
+            roots: leasehold_health::Roots {
+                sys: self.sys_root.clone(),
+                ..Default::default()
+            },
+            enabled: on
+                .into_iter()
+                .filter(|(_, on)| *on)
+                .map(|(s, _)| s)
+                .collect(),
+            deadline: std::time::Duration::from_millis(self.deadline_ms),
+            smart_timeout: std::time::Duration::from_millis(self.smart_timeout_ms),
+            smartctl: self.smartctl.clone(),
+        }
+    }
 }
 
 /// `[engines]`
@@ -415,6 +518,32 @@ impl Config {
                 ),
             ));
         }
+        // Together at most 23 s: a report always answers within D-Bus's
+        // default 25 s call timeout.
+        let h = &self.health;
+        if !(10..=5_000).contains(&h.deadline_ms) {
+            return Err(invalid(
+                "health.deadline_ms",
+                format!("{} is outside 10..=5000", h.deadline_ms),
+            ));
+        }
+        if !(100..=18_000).contains(&h.smart_timeout_ms) {
+            return Err(invalid(
+                "health.smart_timeout_ms",
+                format!("{} is outside 100..=18000", h.smart_timeout_ms),
+            ));
+        }
+        for (key, p) in [
+            ("health.smartctl", &h.smartctl),
+            ("health.sys_root", &h.sys_root),
+        ] {
+            if !p.is_absolute() {
+                return Err(invalid(
+                    key,
+                    format!("{} is not an absolute path", p.display()),
+                ));
+            }
+        }
         if !(100..=60_000).contains(&self.dbus.auth_timeout_ms) {
             return Err(invalid(
                 "dbus.auth_timeout_ms",
@@ -544,6 +673,43 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("dbus.auth_timeout_ms: 0 is outside"), "{e}");
+    }
+
+    #[test]
+    fn health_section_defaults_and_errors_name_the_key() {
+        let c = parse("").unwrap();
+        let s = c.health.settings();
+        assert_eq!(s, leasehold_health::Settings::default());
+        let c = parse("[health]\nsmart = false\nnet = false\ndeadline_ms = 500\n").unwrap();
+        let s = c.health.settings();
+        assert_eq!(s.enabled.len(), 4);
+        assert!(!s.enabled.contains(&leasehold_health::Source::Smart));
+        assert_eq!(s.deadline, std::time::Duration::from_millis(500));
+        for (text, want) in [
+            (
+                "deadline_ms = 5",
+                "health.deadline_ms: 5 is outside 10..=5000",
+            ),
+            (
+                "smart_timeout_ms = 0",
+                "health.smart_timeout_ms: 0 is outside 100..=18000",
+            ),
+            (
+                "smartctl = \"smartctl\"",
+                "health.smartctl: smartctl is not an absolute path",
+            ),
+            (
+                "sys_root = \"sys\"",
+                "health.sys_root: sys is not an absolute path",
+            ),
+            ("edac = \"yes\"", "health.edac: invalid type"),
+            ("sensors = []", "unknown field `sensors`"),
+        ] {
+            let e = parse(&format!("[health]\n{text}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
     }
 
     #[test]

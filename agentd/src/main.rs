@@ -261,6 +261,7 @@ async fn run(args: &Args) -> Result<(), AgentError> {
         key_cfg,
         cfg.storage.clone(),
         cfg.engines.clone(),
+        cfg.health.settings(),
         args.oneshot,
         intervals,
         async move {
@@ -294,6 +295,7 @@ async fn serve(
     key_cfg: KeyConfig,
     storage: config::StorageSection,
     engines_cfg: config::EnginesSection,
+    health: leasehold_health::Settings,
     oneshot: bool,
     intervals: Intervals,
     stop: impl std::future::Future<Output = &'static str>,
@@ -402,6 +404,7 @@ async fn serve(
             boundaries,
             volume.clone(),
             engines,
+            health,
             intervals,
             &state_dir,
             stop,
@@ -466,6 +469,7 @@ async fn serve_bus(
     boundaries: Arc<boundary::Boundaries>,
     volume: Arc<volume::Volume>,
     engines: engines::EngineRuntime,
+    health: leasehold_health::Settings,
     intervals: Intervals,
     state_dir: &Path,
     stop: impl std::future::Future<Output = &'static str>,
@@ -514,6 +518,7 @@ async fn serve_bus(
         volume,
         tpm_health,
         receipts: receipts::ReceiptStore::new(state_dir),
+        health: Arc::new(leasehold_health::Monitor::new(health)),
     });
     {
         let conn = conn.clone();
@@ -550,7 +555,14 @@ async fn serve_bus(
         .await
         .map_err(AgentError::Bus)?;
     server
-        .at(OBJECT_PATH, auth::Bounded(api::TenantEnginesApi(ctx)))
+        .at(
+            OBJECT_PATH,
+            auth::Bounded(api::TenantEnginesApi(ctx.clone())),
+        )
+        .await
+        .map_err(AgentError::Bus)?;
+    server
+        .at(OBJECT_PATH, auth::Bounded(api::HealthApi(ctx)))
         .await
         .map_err(AgentError::Bus)?;
     conn.request_name(BUS_NAME).await.map_err(AgentError::Bus)?;

@@ -109,8 +109,14 @@ pub enum Command {
     VerifyReceipt(crate::receipts::VerifyArgs),
     /// One overview of the node; exit status 1 when something is wrong.
     ///
-    /// Problems: TPM failed, volume failed, boundary drift not repaired.
+    /// Problems: TPM failed, volume failed, boundary drift not repaired,
+    /// a critical or stuck health fault.
     Status,
+    /// The node's health: sensors, disks, links, and their faults.
+    ///
+    /// A fresh report (up to the slowest source's deadline). Exit status 1
+    /// when a fault is critical or stuck; warnings exit 0.
+    Health,
     /// Print the agent's signals, one line each, until Ctrl-C.
     ///
     /// Key changes (with receipts), boundary restored or reverted; JSON
@@ -385,6 +391,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         }
         Command::VerifyReceipt(_) => unreachable!("handled above"),
         Command::Status => crate::status::landlord_status(&conn, json).await?,
+        Command::Health => crate::health::run(&conn, json).await?,
         Command::Monitor => crate::status::landlord_monitor(&conn, json).await?,
         Command::Receipts(cmd) => {
             crate::receipts::run(crate::receipts::Node::Landlord(&conn), json, cmd).await?;

@@ -4,6 +4,7 @@
 #![warn(missing_docs)]
 
 pub mod boundary;
+pub mod health;
 pub mod keyfile;
 pub mod landlord;
 mod manpage;
@@ -78,7 +79,9 @@ pub const EXIT_CODES_HELP: &str = "Exit status:
   75  the node is busy (too many changes queued); try again
 `boundary explain`: 0 the flow is allowed, 1 it is denied.
 `volume status`: 1 the volume is failed (`next:` says what to do).
-`status`: 1 a problem is listed (TPM, volume, boundary drift not repaired).
+`status`: 1 a problem is listed (TPM, volume, boundary drift not repaired,
+a critical or stuck health fault).
+`health` (landlordctl): 1 a fault is critical or stuck; warnings exit 0.
 `verify-receipt`: 1 the signature does not match; 7 the node's key did not sign it.
 A key change that committed with warnings (printed on stderr) exits 0.";
 

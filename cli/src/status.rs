@@ -41,6 +41,8 @@ struct Overview {
     volume: Option<VolumeInfo>,
     /// The tenant's engines (name, state); the landlord has a count only.
     engines: Option<Vec<(String, String)>>,
+    /// The health report (landlord only).
+    health: Option<Result<Value, ApiError>>,
 }
 
 impl Overview {
@@ -74,6 +76,13 @@ impl Overview {
             if state == "gave-up" {
                 p.push(format!("engine {name}: gave up restarting"));
             }
+        }
+        if let Some(problem) = self
+            .health
+            .as_ref()
+            .and_then(|h| crate::health::status_part(h).2)
+        {
+            p.push(problem);
         }
         p
     }
@@ -124,6 +133,9 @@ impl Overview {
             }),
             None => json!({"count": i.engine_count}),
         };
+        if let Some(h) = &self.health {
+            v["health"] = crate::health::status_part(h).0;
+        }
         v
     }
 
@@ -246,6 +258,9 @@ impl Overview {
                 i.engine_count.map_or_else(|| "?".into(), |n| n.to_string()),
             ),
         }
+        if let Some(h) = &self.health {
+            line("health:", crate::health::status_part(h).1);
+        }
         if let Some(r) = &i.running {
             line("running:", r.clone());
         }
@@ -289,6 +304,7 @@ pub async fn landlord_status(conn: &Connection, json: bool) -> Result<(), CliErr
         boundary: p.get_boundary().await?,
         volume: Some(p.volume_status().await?),
         engines: None,
+        health: Some(crate::health::fetch(conn).await),
         info,
     }
     .emit(json)
@@ -315,6 +331,7 @@ pub async fn tenant_status(conn: &Connection, json: bool) -> Result<(), CliError
         boundary: optional(p.get_boundary().await)?.unwrap_or_default(),
         volume: optional(p.volume_status().await)?,
         engines,
+        health: None,
         info,
     }
     .emit(json)

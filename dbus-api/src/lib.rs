@@ -9,6 +9,7 @@
 
 use zbus::{DeserializeDict, SerializeDict, Type};
 
+pub use health::HealthProxy;
 pub use landlord::LandlordProxy;
 pub use tenant::TenantProxy;
 
@@ -22,6 +23,10 @@ pub const LANDLORD_INTERFACE: &str = "org.leasehold.Landlord1";
 pub const TENANT_INTERFACE: &str = "org.leasehold.Tenant1";
 /// The tenant's engines interface (its own major version: see docs/dbus.md).
 pub const TENANT_ENGINES_INTERFACE: &str = "org.leasehold.TenantEngines1";
+/// The landlord's health interface (its own major version: docs/health.md).
+pub const HEALTH_INTERFACE: &str = "org.leasehold.Health1";
+/// Value of `org.leasehold.Health1`'s `Version` property.
+pub const HEALTH_API_VERSION: u32 = 1;
 /// Longest spec text `Deploy` and `Reload` take (the spec's own cap).
 pub const MAX_SPEC_TEXT: usize = 1 << 20;
 /// Value of the `Version` property of both interfaces (minor revisions).
@@ -48,6 +53,9 @@ pub mod actions {
     pub const LANDLORD_POWEROFF: &str = "org.leasehold.landlord.power.poweroff";
     /// Landlord: suspend the node.
     pub const LANDLORD_SUSPEND: &str = "org.leasehold.landlord.power.suspend";
+    /// Landlord: the node's health report (sensors, disks, links). Its own
+    /// action so a monitoring account can be granted it alone.
+    pub const LANDLORD_HEALTH: &str = "org.leasehold.landlord.health";
     /// Tenant: node info as the tenant sees it, own public key.
     pub const TENANT_READ: &str = "org.leasehold.tenant.read";
     /// Tenant: rotate / re-key tenant keys, register tenant consoles.
@@ -73,6 +81,7 @@ pub mod actions {
         LANDLORD_REBOOT,
         LANDLORD_POWEROFF,
         LANDLORD_SUSPEND,
+        LANDLORD_HEALTH,
         TENANT_READ,
         TENANT_KEYS,
         TENANT_SECRETS,
@@ -599,6 +608,27 @@ pub mod tenant_engines {
         fn list(&self) -> Result<Vec<EngineInfo>, Error>;
         /// One engine.
         fn status(&self, name: &str) -> Result<EngineInfo, Error>;
+        /// Interface version.
+        #[zbus(property)]
+        fn version(&self) -> zbus::Result<u32>;
+    }
+}
+
+/// Proxy of the landlord's health interface.
+pub mod health {
+    use super::*;
+
+    /// Client proxy of `org.leasehold.Health1`.
+    #[zbus::proxy(
+        interface = "org.leasehold.Health1",
+        default_service = "org.leasehold.Agent1",
+        default_path = "/org/leasehold/Agent1"
+    )]
+    pub trait Health {
+        /// A fresh health report: JSON (docs/health.md "Report"). Takes up
+        /// to the longest source deadline (smartctl: `health.smart_timeout_ms`
+        /// plus `health.deadline_ms`).
+        fn report(&self) -> Result<String, Error>;
         /// Interface version.
         #[zbus(property)]
         fn version(&self) -> zbus::Result<u32>;

@@ -734,15 +734,7 @@ impl Lab {
 
     /// Method names of one of the agent's interfaces, from introspection.
     pub fn methods_of(&self, interface: &str) -> Vec<String> {
-        let xml = self.rt.block_on(async {
-            let p = zbus::fdo::IntrospectableProxy::builder(&self.conn)
-                .destination(leasehold_dbus_api::BUS_NAME)
-                .path(leasehold_dbus_api::OBJECT_PATH)
-                .build()
-                .await
-                .unwrap();
-            p.introspect().await.unwrap()
-        });
+        let xml = self.introspect();
         let start = xml
             .find(&format!("<interface name=\"{interface}\">"))
             .unwrap_or_else(|| panic!("{interface} not in {xml}"));
@@ -752,6 +744,28 @@ impl Lab {
             .skip(1)
             .map(|m| m[..m.find('"').unwrap()].to_owned())
             .collect()
+    }
+
+    /// The `org.leasehold.*` interfaces the agent exports.
+    pub fn leasehold_interfaces(&self) -> Vec<String> {
+        self.introspect()
+            .split("<interface name=\"")
+            .skip(1)
+            .map(|m| m[..m.find('"').unwrap()].to_owned())
+            .filter(|i| i.starts_with("org.leasehold."))
+            .collect()
+    }
+
+    fn introspect(&self) -> String {
+        self.rt.block_on(async {
+            let p = zbus::fdo::IntrospectableProxy::builder(&self.conn)
+                .destination(leasehold_dbus_api::BUS_NAME)
+                .path(leasehold_dbus_api::OBJECT_PATH)
+                .build()
+                .await
+                .unwrap();
+            p.introspect().await.unwrap()
+        })
     }
 
     /// The agent's log so far.

@@ -101,6 +101,7 @@ const fn case(
 const L: &str = "org.leasehold.Landlord1";
 const T: &str = "org.leasehold.Tenant1";
 const E: &str = "org.leasehold.TenantEngines1";
+const H: &str = "org.leasehold.Health1";
 
 /// Engine spec of the matrix (`@SPEC`): invalid on purpose (no command),
 /// so an authorized Deploy is refused right after authorization with
@@ -520,6 +521,15 @@ pub const MATRIX: &[Case] = &[
     engine_case("Remove", &["--yes", "engine", "rm", "web"], 5),
     engine_case("List", &["engine", "ls"], 0),
     engine_case("Status", &["engine", "status", "web"], 5),
+    // Landlord-only: the tenant is refused by polkit, an outsider by the bus.
+    case(
+        H,
+        "Report",
+        LANDLORD,
+        "landlordctl",
+        &["health"],
+        Setup::None,
+    ),
 ];
 
 /// Who receives a signal of the agent. Columns as in [`MATRIX`]: root,

@@ -14,6 +14,7 @@ use Expect::Allow;
 const L: &str = "org.leasehold.Landlord1";
 const T: &str = "org.leasehold.Tenant1";
 const E: &str = "org.leasehold.TenantEngines1";
+const H: &str = "org.leasehold.Health1";
 
 fn ensure_assigned(lab: &Lab) {
     let info = lab
@@ -51,7 +52,14 @@ fn dbus_authorization_matrix() {
     };
 
     // The table covers every method the agent exports, and nothing else.
-    for iface in [L, T, E] {
+    let mut exported_ifaces = lab.leasehold_interfaces();
+    exported_ifaces.sort();
+    assert_eq!(
+        exported_ifaces,
+        [H, L, T, E],
+        "interfaces the matrix covers"
+    );
+    for iface in [L, T, E, H] {
         let exported: BTreeSet<String> = lab.methods_of(iface).into_iter().collect();
         let tabled: BTreeSet<String> = MATRIX
             .iter()

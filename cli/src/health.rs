@@ -1,0 +1,201 @@
+//! `landlordctl health`: the node's health report (docs/health.md), and
+//! the one-line summary `landlordctl status` shows.
+//!
+//! The report is read as JSON values, not the agent's types: an agent that
+//! adds fields or sources still prints.
+
+use leasehold_dbus_api::{Error as ApiError, HealthProxy};
+use serde_json::{json, Value};
+use zbus::Connection;
+
+use crate::output::emit;
+use crate::{exit, CliError};
+
+/// Severities that make `health` (and `status`) exit 1.
+const BAD: [&str; 2] = ["critical", "stuck"];
+
+/// Asks the agent for a report.
+pub async fn fetch(conn: &Connection) -> Result<Value, ApiError> {
+    let p = HealthProxy::new(conn).await?;
+    let text = p.report().await?;
+    serde_json::from_str(&text)
+        .map_err(|e| ApiError::Failed(format!("the agent's health report is not JSON: {e}")))
+}
+
+fn s<'a>(v: &'a Value, k: &str) -> &'a str {
+    v[k].as_str().unwrap_or("?")
+}
+
+fn faults(r: &Value) -> &[Value] {
+    r["faults"].as_array().map_or(&[], Vec::as_slice)
+}
+
+/// Critical and stuck faults.
+pub fn bad_faults(r: &Value) -> usize {
+    faults(r)
+        .iter()
+        .filter(|f| BAD.contains(&s(f, "severity")))
+        .count()
+}
+
+/// The report as a table: sources, then faults.
+pub fn text(r: &Value) -> String {
+    let mut out = format!("{:<9}{:<10}{:>8}  {}\n", "SOURCE", "STATUS", "MS", "READ");
+    for src in r["sources"].as_array().into_iter().flatten() {
+        let items = src["readings"]["items"].as_array().map(Vec::len);
+        let problems = src["problems"].as_array().map_or(0, Vec::len);
+        let mut what = match (s(src, "status"), items) {
+            ("ok", Some(n)) => format!("{n} item{}", if n == 1 { "" } else { "s" }),
+            ("disabled", _) => "turned off ([health] in agentd.toml)".into(),
+            _ => "-".into(),
+        };
+        if problems > 0 {
+            what.push_str(&format!(", {problems} unreadable"));
+        }
+        out.push_str(&format!(
+            "{:<9}{:<10}{:>8}  {what}\n",
+            s(src, "source"),
+            s(src, "status"),
+            src["elapsed_ms"]
+                .as_u64()
+                .map_or("-".into(), |m| m.to_string())
+        ));
+    }
+    let f = faults(r);
+    if !f.is_empty() {
+        out.push_str(&format!(
+            "\n{:<10}{:<9}{:<16}{}\n",
+            "SEVERITY", "SOURCE", "SUBJECT", "FAULT"
+        ));
+        for f in f {
+            out.push_str(&format!(
+                "{:<10}{:<9}{:<16}{}\n",
+                s(f, "severity"),
+                s(f, "source"),
+                s(f, "subject"),
+                s(f, "message")
+            ));
+        }
+    }
+    out.push_str(&format!("\nhealth: {}", summary(r)));
+    out
+}
+
+/// One line: the worst severity, the count of faults and the worst one.
+pub fn summary(r: &Value) -> String {
+    let f = faults(r);
+    match f.first() {
+        None => "ok".into(),
+        Some(w) => format!(
+            "{}, {} fault{} (worst: {} {}: {})",
+            s(r, "severity"),
+            f.len(),
+            if f.len() == 1 { "" } else { "s" },
+            s(w, "source"),
+            s(w, "subject"),
+            s(w, "message")
+        ),
+    }
+}
+
+/// `landlordctl health`: exit 1 when a fault is critical or stuck.
+pub async fn run(conn: &Connection, json: bool) -> Result<(), CliError> {
+    let r = fetch(conn).await?;
+    emit(json, r.clone(), || text(&r));
+    if bad_faults(&r) > 0 {
+        // Printed above; the exit status says it.
+        return Err(CliError::new(exit::FAILURE, ""));
+    }
+    Ok(())
+}
+
+/// For `status`: the summary (JSON, text) and the problem, if any.
+pub fn status_part(r: &Result<Value, ApiError>) -> (Value, String, Option<String>) {
+    match r {
+        Ok(r) => {
+            let n = bad_faults(r);
+            let problem = (n > 0).then(|| format!("health: {}", summary(r)));
+            (
+                json!({
+                    "severity": r["severity"],
+                    "faults": faults(r).len(),
+                    "worst": faults(r).first(),
+                }),
+                summary(r),
+                problem,
+            )
+        }
+        // A landlord account may be kept from the health action on
+        // purpose: said, not a problem.
+        Err(ApiError::NotAuthorized(m)) => (
+            json!({"error": m}),
+            "not authorized (org.leasehold.landlord.health)".into(),
+            None,
+        ),
+        Err(e) => {
+            let m = e.message();
+            (
+                json!({"error": m}),
+                format!("UNAVAILABLE ({m})"),
+                Some(format!("health report unavailable: {m}")),
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> Value {
+        json!({
+            "taken_at": 1,
+            "severity": "critical",
+            "sources": [
+                {"source": "edac", "status": "ok", "deadline_ms": 2000, "elapsed_ms": 3,
+                 "readings": {"kind": "edac", "items": [{"mc": "mc0", "corrected": 0, "uncorrected": 2}]},
+                 "problems": []},
+                {"source": "smart", "status": "disabled", "deadline_ms": 12000, "elapsed_ms": 0,
+                 "readings": null, "problems": []},
+                {"source": "net", "status": "stuck", "deadline_ms": 2000, "elapsed_ms": 2000,
+                 "readings": null, "problems": []}
+            ],
+            "faults": [
+                {"severity": "stuck", "source": "net", "subject": "net", "message": "no answer within 2000 ms"},
+                {"severity": "critical", "source": "edac", "subject": "mc0", "message": "2 uncorrected memory errors since boot"},
+                {"severity": "warning", "source": "edac", "subject": "mc1", "message": "x"}
+            ]
+        })
+    }
+
+    #[test]
+    fn table_and_summary() {
+        let t = text(&report());
+        assert!(t.contains("edac     ok               3  1 item"), "{t}");
+        assert!(t.contains("smart    disabled"), "{t}");
+        assert!(
+            t.contains("critical  edac     mc0             2 uncorrected"),
+            "{t}"
+        );
+        assert!(
+            t.ends_with("health: critical, 3 faults (worst: net net: no answer within 2000 ms)")
+        );
+        assert_eq!(bad_faults(&report()), 2);
+        let ok = json!({"severity": "ok", "sources": [], "faults": []});
+        assert_eq!(bad_faults(&ok), 0);
+        assert_eq!(summary(&ok), "ok");
+    }
+
+    #[test]
+    fn status_part_problems() {
+        let (_, line, problem) = status_part(&Ok(report()));
+        assert!(line.starts_with("critical, 3 faults"));
+        assert!(problem.is_some());
+        let warn = json!({"severity": "warning", "faults": [{"severity": "warning", "source": "net", "subject": "eth0", "message": "link down"}]});
+        assert_eq!(status_part(&Ok(warn)).2, None, "warnings are not problems");
+        let (_, line, problem) = status_part(&Err(ApiError::NotAuthorized("no".into())));
+        assert!(line.contains("not authorized") && problem.is_none());
+        let (_, _, problem) = status_part(&Err(ApiError::Failed("boom".into())));
+        assert_eq!(problem.as_deref(), Some("health report unavailable: boom"));
+    }
+}

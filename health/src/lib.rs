@@ -1,0 +1,305 @@
+//! Node health: sensor sources (EDAC, hwmon, thermal zones, block I/O
+//! errors, smartctl, NIC link state), each read on a thread of its own
+//! under a deadline, and the faults found in what they read.
+//!
+//! A source that misses its deadline is reported as a `stuck` fault; its
+//! thread is left to finish (a hung sysfs read cannot be cancelled) and the
+//! source is not started again until it has. Every input is bounded: see
+//! [`read`] and [`smart`] for the limits, and docs/health.md.
+
+#![warn(missing_docs)]
+
+pub mod eval;
+pub mod read;
+pub mod smart;
+pub mod sources;
+mod types;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+pub use read::{FsReader, Reader};
+pub use types::*;
+
+/// Where the sources look; tests point them at fixture trees.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Roots {
+    /// sysfs (`/sys`).
+    pub sys: PathBuf,
+    /// Device nodes handed to smartctl (`/dev`).
+    pub dev: PathBuf,
+}
+
+impl Default for Roots {
+    fn default() -> Self {
+        Self {
+            sys: "/sys".into(),
+            dev: "/dev".into(),
+        }
+    }
+}
+
+/// What to read and how long to wait.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    /// Where to read.
+    pub roots: Roots,
+    /// The sources turned on.
+    pub enabled: Vec<Source>,
+    /// Deadline of each sysfs source.
+    pub deadline: Duration,
+    /// Deadline of one smartctl run (the smart source's deadline is this
+    /// plus `deadline`, for listing the disks).
+    pub smart_timeout: Duration,
+    /// The smartctl binary.
+    pub smartctl: PathBuf,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            roots: Roots::default(),
+            enabled: Source::ALL.to_vec(),
+            deadline: Duration::from_secs(2),
+            smart_timeout: Duration::from_secs(10),
+            smartctl: "/usr/sbin/smartctl".into(),
+        }
+    }
+}
+
+impl Settings {
+    /// `source`'s deadline.
+    pub fn deadline_of(&self, source: Source) -> Duration {
+        match source {
+            Source::Smart => self.smart_timeout + self.deadline,
+            _ => self.deadline,
+        }
+    }
+}
+
+/// Reads one source (on its own thread).
+fn read_source(source: Source, s: &Settings, r: &dyn Reader) -> (Readings, Vec<Problem>) {
+    let (readings, mut problems) = read_unbounded(source, s, r);
+    if problems.len() > read::MAX_PROBLEMS {
+        let more = problems.len() - (read::MAX_PROBLEMS - 1);
+        problems.truncate(read::MAX_PROBLEMS - 1);
+        problems.push(Problem {
+            subject: source.as_str().into(),
+            message: format!("{more} more unreadable entries not listed"),
+        });
+    }
+    (readings, problems)
+}
+
+fn read_unbounded(source: Source, s: &Settings, r: &dyn Reader) -> (Readings, Vec<Problem>) {
+    let sys = &s.roots.sys;
+    match source {
+        Source::Edac => sources::edac(r, sys),
+        Source::Hwmon => sources::hwmon(r, sys),
+        Source::Thermal => sources::thermal(r, sys),
+        Source::Block => sources::block(r, sys),
+        Source::Smart => smart::smart(r, sys, &s.roots.dev, &s.smartctl, s.smart_timeout),
+        Source::Net => sources::net(r, sys),
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Takes reports: holds the settings, the reader, the previous report's
+/// counters and which sources still have a read running.
+pub struct Monitor {
+    settings: Settings,
+    reader: Arc<dyn Reader>,
+    state: Mutex<State>,
+}
+
+impl std::fmt::Debug for Monitor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Monitor")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Clears a source's busy flag when its thread is done, also if the read
+/// panicked (a bug there must not mark the source stuck for good).
+struct Running(Arc<AtomicBool>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// The last report and when it was finished.
+    last: Option<(Instant, Report)>,
+    baseline: eval::Baseline,
+    /// Set while a source's thread runs; a stuck thread keeps it set.
+    busy: BTreeMap<Source, Arc<AtomicBool>>,
+}
+
+impl Monitor {
+    /// A monitor reading the real filesystem.
+    pub fn new(settings: Settings) -> Self {
+        Self::with_reader(settings, Arc::new(FsReader))
+    }
+
+    /// A monitor reading through `reader` (tests).
+    pub fn with_reader(settings: Settings, reader: Arc<dyn Reader>) -> Self {
+        Self {
+            settings,
+            reader,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Reads every enabled source in parallel and evaluates the faults.
+    /// Blocks for at most the longest source deadline. Reports are taken
+    /// one at a time; callers that asked while one was being taken get
+    /// that one (it is fresh for them), so a burst of callers costs one
+    /// report and none waits for two.
+    pub fn report(&self) -> Report {
+        self.report_asked_at(Instant::now())
+    }
+
+    /// [`Monitor::report`] for a caller that asked at `asked`: a report
+    /// finished since then is returned as it is.
+    pub fn report_asked_at(&self, asked: Instant) -> Report {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((done, r)) = &st.last {
+            if *done >= asked {
+                return r.clone();
+            }
+        }
+        let sources = self.collect(&mut st.busy);
+        let (faults, baseline) = eval::evaluate(&sources, &st.baseline);
+        st.baseline = baseline;
+        let report = Report {
+            taken_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            severity: faults.first().map_or(Severity::Ok, |f| f.severity),
+            sources,
+            faults,
+        };
+        st.last = Some((Instant::now(), report.clone()));
+        report
+    }
+
+    fn collect(&self, busy: &mut BTreeMap<Source, Arc<AtomicBool>>) -> Vec<SourceReport> {
+        let start = Instant::now();
+        // None: the read panicked (a bug), which is not "slow".
+        let (tx, rx) = mpsc::channel::<(Source, Option<(Readings, Vec<Problem>)>)>();
+        let mut out: BTreeMap<Source, SourceReport> = BTreeMap::new();
+        let mut pending: BTreeMap<Source, Instant> = BTreeMap::new();
+        for source in Source::ALL {
+            let deadline = self.settings.deadline_of(source);
+            let mut report = SourceReport {
+                source,
+                status: SourceStatus::Disabled,
+                deadline_ms: ms(deadline),
+                elapsed_ms: 0,
+                readings: None,
+                problems: Vec::new(),
+            };
+            if !self.settings.enabled.contains(&source) {
+                out.insert(source, report);
+                continue;
+            }
+            let flag = busy.entry(source).or_default().clone();
+            // One read per source at a time: a hung one is not joined by
+            // another each report.
+            if flag.swap(true, Ordering::AcqRel) {
+                report.status = SourceStatus::Stuck;
+                report.elapsed_ms = report.deadline_ms;
+                report.problems.push(Problem {
+                    subject: source.as_str().into(),
+                    message: "its previous read has not returned yet".into(),
+                });
+                out.insert(source, report);
+                continue;
+            }
+            let (tx, settings, reader) = (tx.clone(), self.settings.clone(), self.reader.clone());
+            let running = Running(flag.clone());
+            let spawned = std::thread::Builder::new()
+                .name(format!("health-{}", source.as_str()))
+                .spawn(move || {
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        read_source(source, &settings, reader.as_ref())
+                    }));
+                    drop(running);
+                    let _ = tx.send((source, r.ok()));
+                });
+            match spawned {
+                Ok(_) => {
+                    pending.insert(source, start + deadline);
+                    report.status = SourceStatus::Stuck;
+                    report.elapsed_ms = report.deadline_ms;
+                }
+                Err(e) => {
+                    // The closure, with its `Running`, was dropped: the
+                    // flag is clear again.
+                    report.status = SourceStatus::Failed;
+                    report.problems.push(Problem {
+                        subject: source.as_str().into(),
+                        message: format!("no thread: {e}"),
+                    });
+                }
+            }
+            out.insert(source, report);
+        }
+        drop(tx);
+        while let Some(next) = pending.values().min().copied() {
+            let now = Instant::now();
+            match rx.recv_timeout(next.saturating_duration_since(now)) {
+                Ok((source, answer)) => {
+                    let Some(due) = pending.remove(&source) else {
+                        continue;
+                    };
+                    let at = Instant::now();
+                    // Late is stuck, even if it came back meanwhile.
+                    if at > due {
+                        continue;
+                    }
+                    let Some(r) = out.get_mut(&source) else {
+                        continue;
+                    };
+                    r.elapsed_ms = ms(at - start);
+                    match answer {
+                        Some((readings, problems)) => {
+                            r.status = SourceStatus::Ok;
+                            r.readings = Some(readings);
+                            r.problems = problems;
+                        }
+                        None => {
+                            r.status = SourceStatus::Failed;
+                            r.problems.push(Problem {
+                                subject: source.as_str().into(),
+                                message: "its read panicked (a bug: see the agent's log)".into(),
+                            });
+                        }
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let now = Instant::now();
+                    pending.retain(|_, due| *due > now);
+                }
+                // Every thread answered or is gone.
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        out.into_values().collect()
+    }
+}

@@ -1,0 +1,266 @@
+//! Disk health through `smartctl --json -n standby DEVICE`: one process per
+//! disk, all in parallel, each killed (with its process group) at the
+//! per-disk timeout; standby disks are not woken.
+
+use std::io::Read;
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::read::{short, Reader};
+use crate::types::*;
+
+/// Largest smartctl output read per disk (a SATA disk's full `-a` JSON is
+/// ~40 KiB; this reads only the health and temperature).
+pub const MAX_SMARTCTL_OUTPUT: usize = 1 << 20;
+/// Most disks checked at once (one process each).
+pub const MAX_DISKS: usize = 64;
+/// smartctl's exit status bits (smartctl(8) "RETURN VALUES").
+const EXIT_PARSE: i32 = 1;
+const EXIT_OPEN_OR_STANDBY: i32 = 2;
+const EXIT_DISK_FAILING: i32 = 8;
+
+#[derive(Debug, Default, Deserialize)]
+struct Out {
+    #[serde(default)]
+    smartctl: Option<Meta>,
+    #[serde(default)]
+    smart_status: Option<Status>,
+    #[serde(default)]
+    nvme_smart_health_information_log: Option<NvmeLog>,
+    #[serde(default)]
+    temperature: Option<Temperature>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Meta {
+    #[serde(default)]
+    messages: Vec<Message>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Message {
+    #[serde(default)]
+    string: String,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Status {
+    passed: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct NvmeLog {
+    critical_warning: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct Temperature {
+    current: Option<i64>,
+}
+
+/// Reads smartctl's JSON and exit status into a verdict. Pure.
+pub fn parse(disk: &str, exit_status: i32, stdout: &[u8]) -> DiskHealth {
+    let mut h = DiskHealth {
+        disk: disk.to_owned(),
+        state: DiskState::Unknown,
+        critical_warning: None,
+        temperature_c: None,
+        exit_status: Some(exit_status),
+        message: None,
+    };
+    let out: Out = match serde_json::from_slice(stdout) {
+        Ok(o) => o,
+        Err(e) => {
+            h.state = DiskState::Error;
+            h.message = Some(format!("smartctl output is not its JSON: {e}"));
+            return h;
+        }
+    };
+    let first_message = out
+        .smartctl
+        .as_ref()
+        .and_then(|m| m.messages.first())
+        .map(|m| short(&m.string));
+    h.message.clone_from(&first_message);
+    // With `-n standby` smartctl exits with bit 1 and says which power mode
+    // it found instead of waking the disk.
+    let says_standby = out.smartctl.as_ref().is_some_and(|m| {
+        m.messages.iter().any(|m| {
+            let s = m.string.to_ascii_uppercase();
+            s.contains("STANDBY") || s.contains("SLEEP")
+        })
+    });
+    if exit_status & EXIT_OPEN_OR_STANDBY != 0 && says_standby {
+        h.state = DiskState::Standby;
+        return h;
+    }
+    if exit_status & (EXIT_PARSE | EXIT_OPEN_OR_STANDBY) != 0 {
+        h.state = DiskState::Error;
+        h.message = Some(format!(
+            "smartctl could not check it (exit status {exit_status}): {}",
+            first_message.as_deref().unwrap_or("no message")
+        ));
+        return h;
+    }
+    h.critical_warning = out
+        .nvme_smart_health_information_log
+        .and_then(|l| l.critical_warning);
+    h.temperature_c = out.temperature.and_then(|t| t.current);
+    h.state = match out.smart_status.and_then(|s| s.passed) {
+        Some(false) => DiskState::Failed,
+        _ if exit_status & EXIT_DISK_FAILING != 0 => DiskState::Failed,
+        Some(true) => DiskState::Passed,
+        None => DiskState::Unknown,
+    };
+    h
+}
+
+/// Runs smartctl on every disk in parallel, each bounded by `timeout`.
+pub fn smart(
+    r: &dyn Reader,
+    sys: &Path,
+    dev: &Path,
+    smartctl: &Path,
+    timeout: Duration,
+) -> (Readings, Vec<Problem>) {
+    let mut problems = Vec::new();
+    let mut disks = crate::sources::disks(r, sys, &mut problems);
+    if disks.len() > MAX_DISKS {
+        disks.truncate(MAX_DISKS);
+        problems.push(Problem {
+            subject: "smart".into(),
+            message: format!("more than {MAX_DISKS} disks; the first {MAX_DISKS} are checked"),
+        });
+    }
+    let (tx, rx) = mpsc::channel();
+    for (i, disk) in disks.iter().enumerate() {
+        let thread_tx = tx.clone();
+        let (disk, device, smartctl) = (disk.clone(), dev.join(disk), smartctl.to_owned());
+        let spawned = std::thread::Builder::new()
+            .name(format!("smart-{disk}"))
+            .spawn(move || {
+                let h = check(&disk, &smartctl, &device, timeout);
+                let _ = thread_tx.send((i, h));
+            });
+        if let Err(e) = spawned {
+            let _ = tx.send((i, error(&disks[i], format!("no thread for smartctl: {e}"))));
+        }
+    }
+    drop(tx);
+    // Each check ends by its own timeout (it kills smartctl), so this
+    // returns when the slowest disk's does.
+    let mut out: Vec<(usize, DiskHealth)> = rx.iter().collect();
+    out.sort_by_key(|(i, _)| *i);
+    (
+        Readings::Smart(out.into_iter().map(|(_, h)| h).collect()),
+        problems,
+    )
+}
+
+fn error(disk: &str, message: String) -> DiskHealth {
+    DiskHealth {
+        disk: disk.to_owned(),
+        state: DiskState::Error,
+        critical_warning: None,
+        temperature_c: None,
+        exit_status: None,
+        message: Some(message),
+    }
+}
+
+/// One disk: smartctl in a process group of its own, its output read up to
+/// [`MAX_SMARTCTL_OUTPUT`], killed at `timeout`.
+fn check(disk: &str, smartctl: &Path, device: &Path, timeout: Duration) -> DiskHealth {
+    let deadline = Instant::now() + timeout;
+    let mut child = match Command::new(smartctl)
+        .args(["--json", "-n", "standby"])
+        .arg(device)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => return error(disk, format!("cannot run {}: {e}", smartctl.display())),
+    };
+    let kill = |child: &mut std::process::Child| {
+        // The group, not only smartctl: anything it started would hold the
+        // pipe open. The child is not yet reaped, so its pid (the group id)
+        // cannot have been reused.
+        if let Ok(pid) = i32::try_from(child.id()) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = child.wait();
+    };
+    let Some(stdout) = child.stdout.take() else {
+        kill(&mut child);
+        return error(disk, "smartctl has no output pipe".into());
+    };
+    let (tx, rx) = mpsc::channel();
+    let reader = std::thread::Builder::new()
+        .name(format!("smart-out-{disk}"))
+        .spawn(move || {
+            let mut buf = Vec::new();
+            let r = stdout
+                .take(MAX_SMARTCTL_OUTPUT as u64 + 1)
+                .read_to_end(&mut buf);
+            let _ = tx.send(r.map(|_| buf));
+        });
+    if let Err(e) = reader {
+        kill(&mut child);
+        return error(disk, format!("no thread for smartctl's output: {e}"));
+    }
+    let timed_out = |child: &mut std::process::Child| {
+        kill(child);
+        DiskHealth {
+            state: DiskState::Timeout,
+            message: Some(format!(
+                "smartctl did not finish within {} ms; killed",
+                timeout.as_millis()
+            )),
+            ..error(disk, String::new())
+        }
+    };
+    let buf = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        Ok(Ok(buf)) if buf.len() > MAX_SMARTCTL_OUTPUT => {
+            kill(&mut child);
+            return error(
+                disk,
+                format!("smartctl printed more than {MAX_SMARTCTL_OUTPUT} bytes; killed"),
+            );
+        }
+        Ok(Ok(buf)) => buf,
+        Ok(Err(e)) => {
+            kill(&mut child);
+            return error(disk, format!("reading smartctl's output: {e}"));
+        }
+        Err(_) => return timed_out(&mut child),
+    };
+    // Its output ended; its exit follows. No event for a child's exit here
+    // without a pidfd, so poll, briefly, up to the deadline.
+    loop {
+        match child.try_wait() {
+            Ok(Some(status)) => {
+                let code = status.code().unwrap_or(-1);
+                return parse(disk, code, &buf);
+            }
+            Ok(None) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok(None) => return timed_out(&mut child),
+            Err(e) => {
+                kill(&mut child);
+                return error(disk, format!("waiting for smartctl: {e}"));
+            }
+        }
+    }
+}
