@@ -263,6 +263,7 @@ fn fixture(ignore_term: bool) -> Fix {
         run_dir: tmp.path().join("run"),
         uid_base: 200_000,
         state_dir: state,
+        log_max_bytes: leasehold_engines::logs::DEFAULT_MAX_BYTES,
     };
     Fix {
         tmp,
