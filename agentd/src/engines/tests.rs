@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Condvar, Mutex};
 
 use leasehold_engines::cgroup::{Action as CgAction, CgroupFs, Usage};
+use leasehold_engines::logs::Stream;
 use leasehold_engines::supervisor::Phase;
 use sha2::{Digest, Sha256};
 
@@ -707,23 +708,66 @@ fn real_shim_runs_an_engine_from_an_image() {
         "bb",
         "bb.tar",
         &spec(
-            "command = [\"/bin/busybox\", \"sh\", \"-c\", \"echo hello from $(/bin/busybox id -u); exit 7\"]\n\
+            "command = [\"/bin/busybox\", \"sh\", \"-c\", \"echo hello from $(/bin/busybox id -u); echo oops >&2; while [ ! -e /var/lib/app/go ]; do /bin/busybox sleep 0.02; done; exit 7\"]\n\
+             data_dirs = [\"var/lib/app\"]\n\
              [restart]\npolicy = \"never\"\n",
         ),
     )
     .unwrap();
     rt.start("bb").unwrap();
+    let view = rt.view();
+    let lines = |want: usize| {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let l = view.logs("bb", 0, 100).unwrap();
+            if l.len() >= want {
+                return l;
+            }
+            assert!(Instant::now() < end, "timed out; log so far {l:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let mut got = lines(2);
+    got.sort_by_key(|r| r.stream.name());
+    assert_eq!(got[0].stream, Stream::Err);
+    assert_eq!(got[0].text, b"oops");
+    assert_eq!(got[1].stream, Stream::Out);
+    assert_eq!(got[1].text, b"hello from 200000");
+    // The shim holds its stdout FIFO open for reading too (besides its
+    // stdout): the engine's output outlives an agent restart.
+    let pid = view.status("bb").unwrap().pid.unwrap();
+    let run = std::fs::read_dir(f.cfg.run_dir.join("bb"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    use std::os::unix::fs::MetadataExt;
+    let fifo = std::fs::symlink_metadata(run.join(launch::STDOUT_FIFO))
+        .unwrap()
+        .ino();
+    let held = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::metadata(e.ok()?.path()).ok())
+        .filter(|m| m.ino() == fifo)
+        .count();
+    assert_eq!(held, 2, "the shim's stdout and its held read end");
+    std::fs::write(f.tmp.path().join("vol/engines/bb/data/var/lib/app/go"), b"").unwrap();
     let s = until(&rt, "bb", |s| s.phase == Phase::Exited);
-    let out = std::fs::read_to_string(f.tmp.path().join("vol/engines/bb/logs/stdout.log"))
-        .unwrap_or_default();
-    let err = std::fs::read_to_string(f.tmp.path().join("vol/engines/bb/logs/stderr.log"))
-        .unwrap_or_default();
-    assert_eq!(
-        s.last_exit,
-        Some(Exit::Code(7)),
-        "stdout {out:?} stderr {err:?}"
+    assert_eq!(s.last_exit, Some(Exit::Code(7)));
+    let logs = f.tmp.path().join("vol/engines/bb/logs");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(logs.join("output.log"))
+            .unwrap()
+            .permissions(),
     );
-    assert_eq!(out, "hello from 200000\n", "stderr {err:?}");
+    assert_eq!(mode & 0o777, 0o600);
+    // The events a follower sees: started, then exited with the code.
+    let ev = view.events(0, 100);
+    let kinds: Vec<&str> = ev.iter().map(|e| e.kind.as_str()).collect();
+    assert!(kinds.starts_with(&["started"]), "{ev:?}");
+    let exited = ev.iter().find(|e| e.kind == "exited").unwrap();
+    assert!(exited.detail.ends_with("exit code 7"), "{exited:?}");
 }
 
 #[test]
