@@ -12,6 +12,7 @@ pub mod progress;
 pub mod receipts;
 pub mod status;
 pub mod tenant;
+mod timefmt;
 
 use std::ffi::OsString;
 use std::io::{BufRead, IsTerminal, Write};

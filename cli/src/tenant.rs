@@ -171,6 +171,159 @@ pub enum EngineCommand {
         /// Engine name.
         name: String,
     },
+    /// Show an engine's output (stdout and stderr, as the agent stored
+    /// them on the tenant volume), oldest first.
+    Logs {
+        /// Engine name.
+        name: String,
+        /// Keep printing new lines as they come (until interrupted).
+        #[arg(short, long)]
+        follow: bool,
+        /// Only lines from this long ago (30s, 10m, 2h, 1d) or since this
+        /// RFC 3339 time (2026-12-03T22:00:00Z).
+        #[arg(long, value_name = "DURATION|RFC3339")]
+        since: Option<String>,
+        /// Only the last N lines (1-10000; default: up to 10000).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        tail: Option<u32>,
+    },
+    /// Show the engines' supervision events (started, exited, restarted,
+    /// gave-up, …) the agent keeps, oldest first.
+    Events {
+        /// Keep printing new events as they come (until interrupted).
+        #[arg(short, long)]
+        follow: bool,
+    },
+}
+
+/// How often `-f` asks the agent for more.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn log_line(engine: &str, json: bool, l: &(u64, String, String, bool)) -> String {
+    let (t, stream, text, partial) = l;
+    if json {
+        serde_json::json!({
+            "engine": engine,
+            "time_ms": t,
+            "time": crate::timefmt::rfc3339_ms(*t),
+            "stream": stream,
+            "text": text,
+            "partial": partial,
+        })
+        .to_string()
+    } else {
+        // `+`: the line goes on in the next one (split at 16 KiB).
+        format!(
+            "{} {}{} {}",
+            crate::timefmt::rfc3339_ms(*t),
+            stream,
+            if *partial { "+" } else { "" },
+            text
+        )
+    }
+}
+
+fn event_line(json: bool, e: &(u64, u64, String, String, String)) -> String {
+    let (seq, t, engine, kind, detail) = e;
+    if json {
+        serde_json::json!({
+            "seq": seq,
+            "time_ms": t,
+            "time": crate::timefmt::rfc3339_ms(*t),
+            "engine": engine,
+            "kind": kind,
+            "detail": detail,
+        })
+        .to_string()
+    } else {
+        format!(
+            "{} {engine} {kind} {detail}",
+            crate::timefmt::rfc3339_ms(*t)
+        )
+        .trim_end()
+        .to_owned()
+    }
+}
+
+/// `engine logs`: one call, then with `-f` a call every [`FOLLOW_EVERY`]
+/// for what came at or after the last line's time, skipping the lines of
+/// that millisecond already printed.
+async fn engine_logs(
+    p: &TenantEnginesProxy<'_>,
+    json: bool,
+    name: &str,
+    follow: bool,
+    since: Option<&str>,
+    tail: Option<u32>,
+) -> Result<(), CliError> {
+    let since = match since {
+        Some(s) => crate::timefmt::parse_since(s, now_ms())
+            .map_err(|e| CliError::new(exit::INVALID, format!("--since: {e}")))?,
+        None => 0,
+    };
+    let max = tail.unwrap_or(10_000);
+    let mut last = (since, 0usize);
+    let mut first = true;
+    loop {
+        let lines = p
+            .logs(name, last.0, if first { max } else { 10_000 })
+            .await?;
+        let mut skip = if first { 0 } else { last.1 };
+        let full = !first && lines.len() >= 10_000;
+        if full && lines.first().is_some_and(|l| l.0 > last.0) {
+            eprintln!(
+                "tenantctl: more than 10000 lines came between two reads; some were not shown"
+            );
+        }
+        for l in &lines {
+            if l.0 == last.0 && skip > 0 {
+                skip -= 1;
+                continue;
+            }
+            if l.0 == last.0 {
+                last.1 += 1;
+            } else {
+                last = (l.0, 1);
+            }
+            crate::output::print_line(&log_line(name, json, l));
+        }
+        first = false;
+        if !follow {
+            return Ok(());
+        }
+        tokio::time::sleep(FOLLOW_EVERY).await;
+    }
+}
+
+/// `engine events`: every event kept, then with `-f` those numbered after
+/// the last one printed.
+async fn engine_events(
+    p: &TenantEnginesProxy<'_>,
+    json: bool,
+    follow: bool,
+) -> Result<(), CliError> {
+    let mut after = 0u64;
+    loop {
+        let events = p.events(after, 1000).await?;
+        for e in &events {
+            after = after.max(e.0);
+            crate::output::print_line(&event_line(json, e));
+        }
+        // A full page: more wait; ask again at once.
+        if events.len() == 1000 {
+            continue;
+        }
+        if !follow {
+            return Ok(());
+        }
+        tokio::time::sleep(FOLLOW_EVERY).await;
+    }
 }
 
 fn engine_json(e: &EngineInfo) -> serde_json::Value {
@@ -304,6 +457,13 @@ async fn engine(
             emit(json, engine_json(&info), || engine_text(&info));
             return Ok(());
         }
+        EngineCommand::Logs {
+            name,
+            follow,
+            since,
+            tail,
+        } => return engine_logs(&p, json, &name, follow, since.as_deref(), tail).await,
+        EngineCommand::Events { follow } => return engine_events(&p, json, follow).await,
     };
     emit_done(json, engine_json(&info), || engine_text(&info));
     Ok(())
@@ -446,6 +606,14 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             | EngineCommand::Rm { name }
             | EngineCommand::Status { name },
         ) => crate::check_name("engine name", name)?,
+        Command::Engine(EngineCommand::Logs { name, since, .. }) => {
+            crate::check_name("engine name", name)?;
+            // Checked before connecting, as every argument is.
+            if let Some(s) = since {
+                crate::timefmt::parse_since(s, now_ms())
+                    .map_err(|e| CliError::new(exit::INVALID, format!("--since: {e}")))?;
+            }
+        }
         _ => {}
     }
     let conn = args.global.connect().await?;

@@ -144,7 +144,8 @@ impl Node {
         since_ms: u64,
         max_lines: usize,
     ) -> Result<Vec<leasehold_engines::logs::Record>, NodeError> {
-        check_name("name", name)?;
+        // NotFound before anything else, as for `status`.
+        self.engine(name)?;
         self.engines
             .logs(name, since_ms, max_lines)
             .map_err(|source| NodeError::Backend {

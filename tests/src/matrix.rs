@@ -520,6 +520,8 @@ pub const MATRIX: &[Case] = &[
     engine_case("Remove", &["--yes", "engine", "rm", "web"], 5),
     engine_case("List", &["engine", "ls"], 0),
     engine_case("Status", &["engine", "status", "web"], 5),
+    engine_case("Logs", &["engine", "logs", "web"], 5),
+    engine_case("Events", &["engine", "events"], 0),
 ];
 
 /// Who receives a signal of the agent. Columns as in [`MATRIX`]: root,
