@@ -457,6 +457,12 @@ fn dbus_tenantctl_over_ssh() {
         .ok()
         .json();
     assert_eq!(list[0]["name"], "remote");
+    // Engine logs and events go through the same connection.
+    let ev = remote("lhtest-tenant", &["--json", "engine", "events"]).ok();
+    assert_eq!(ev.stdout, "", "no engine, no event: {ev:?}");
+    let r = remote("lhtest-tenant", &["engine", "logs", "web", "--tail", "5"]);
+    assert_eq!(r.code, 5, "{r:?}");
+    assert!(r.stderr.contains("no engine named"), "{r:?}");
     // The SSH login user is the D-Bus caller: an outsider is refused by the
     // bus policy (the SSH session has the user's groups, and no Leasehold one).
     let r = remote("lhtest-outsider", &["info"]);
@@ -579,4 +585,24 @@ fn dbus_engine_deploy_without_volume_is_refused_clearly() {
     );
     assert_eq!(r.code, 6, "{r:?}");
     assert!(r.stderr.contains("stop_grace"), "{r:?}");
+    // Logs and events: an unknown engine is NotFound, as for status; no
+    // engine has run, so no event is kept; a bad --since is refused
+    // naming the option, before the bus is asked.
+    let r = lab.run(Who::Tenant, "tenantctl", &["engine", "logs", "web"]);
+    assert_eq!(r.code, 5, "{r:?}");
+    assert!(r.stderr.contains("no engine named"), "{r:?}");
+    let ev = lab
+        .run(Who::Tenant, "tenantctl", &["--json", "engine", "events"])
+        .ok();
+    assert_eq!(ev.stdout, "", "{ev:?}");
+    let r = lab.run(
+        Who::Tenant,
+        "tenantctl",
+        &["engine", "logs", "web", "--since", "yesterday"],
+    );
+    assert_eq!(r.code, 6, "{r:?}");
+    assert!(
+        r.stderr.contains("--since") && r.stderr.contains("yesterday"),
+        "{r:?}"
+    );
 }
