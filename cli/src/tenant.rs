@@ -268,36 +268,74 @@ async fn engine_logs(
         None => 0,
     };
     let max = tail.unwrap_or(10_000);
-    let mut last = (since, 0usize);
-    let mut first = true;
+    let mut cursor = LogCursor::new(since);
     loop {
-        let lines = p
-            .logs(name, last.0, if first { max } else { 10_000 })
-            .await?;
-        let mut skip = if first { 0 } else { last.1 };
-        let full = !first && lines.len() >= 10_000;
-        if full && lines.first().is_some_and(|l| l.0 > last.0) {
+        let ask = if cursor.started { 10_000 } else { max };
+        let lines = p.logs(name, cursor.since(), ask).await?;
+        if cursor.started
+            && lines.len() >= 10_000
+            && lines.first().is_some_and(|l| l.0 > cursor.since())
+        {
             eprintln!(
                 "tenantctl: more than 10000 lines came between two reads; some were not shown"
             );
         }
-        for l in &lines {
-            if l.0 == last.0 && skip > 0 {
-                skip -= 1;
-                continue;
-            }
-            if l.0 == last.0 {
-                last.1 += 1;
-            } else {
-                last = (l.0, 1);
-            }
+        for l in cursor.new_lines(&lines) {
             crate::output::print_line(&log_line(name, json, l));
         }
-        first = false;
         if !follow {
             return Ok(());
         }
         tokio::time::sleep(FOLLOW_EVERY).await;
+    }
+}
+
+/// Where `logs -f` is: the time of the last line printed and how many
+/// lines of that millisecond were printed. The next read asks from that
+/// millisecond (times are not unique) and skips those lines.
+#[derive(Debug)]
+struct LogCursor {
+    last_ms: u64,
+    printed_at_last: usize,
+    started: bool,
+}
+
+impl LogCursor {
+    fn new(since: u64) -> Self {
+        LogCursor {
+            last_ms: since,
+            printed_at_last: 0,
+            started: false,
+        }
+    }
+
+    fn since(&self) -> u64 {
+        self.last_ms
+    }
+
+    /// The lines of a read not printed yet, in order.
+    fn new_lines<'a, T>(&mut self, lines: &'a [(u64, T, T, bool)]) -> Vec<&'a (u64, T, T, bool)> {
+        let mut skip = if self.started {
+            self.printed_at_last
+        } else {
+            0
+        };
+        self.started = true;
+        let mut out = Vec::new();
+        for l in lines {
+            if l.0 == self.last_ms && skip > 0 {
+                skip -= 1;
+                continue;
+            }
+            if l.0 == self.last_ms {
+                self.printed_at_last += 1;
+            } else {
+                self.last_ms = l.0;
+                self.printed_at_last = 1;
+            }
+            out.push(l);
+        }
+        out
     }
 }
 
@@ -766,4 +804,70 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn l(t: u64, text: &str) -> (u64, String, String, bool) {
+        (t, "out".into(), text.into(), false)
+    }
+
+    fn texts(v: Vec<&(u64, String, String, bool)>) -> Vec<String> {
+        v.into_iter().map(|x| x.2.clone()).collect()
+    }
+
+    #[test]
+    fn follow_prints_each_line_once_though_times_repeat() {
+        let mut c = LogCursor::new(0);
+        let first = [l(5, "a"), l(7, "b"), l(7, "c")];
+        assert_eq!(texts(c.new_lines(&first)), ["a", "b", "c"]);
+        // The next read starts at 7 (inclusive): b and c again, then more
+        // lines of the same millisecond and later ones.
+        assert_eq!(c.since(), 7);
+        let next = [l(7, "b"), l(7, "c"), l(7, "d"), l(9, "e")];
+        assert_eq!(texts(c.new_lines(&next)), ["d", "e"]);
+        let again = [l(9, "e")];
+        assert!(c.new_lines(&again).is_empty());
+        let more = [l(9, "e"), l(9, "f")];
+        assert_eq!(texts(c.new_lines(&more)), ["f"]);
+        // Nothing new: nothing printed, the cursor stays.
+        assert!(c.new_lines(&[l(9, "e"), l(9, "f")]).is_empty());
+        assert_eq!(c.since(), 9);
+    }
+
+    #[test]
+    fn the_first_read_prints_everything_from_since() {
+        let mut c = LogCursor::new(100);
+        assert_eq!(texts(c.new_lines(&[l(100, "x"), l(100, "y")])), ["x", "y"]);
+        assert!(c.new_lines(&[l(100, "x"), l(100, "y")]).is_empty());
+    }
+
+    #[test]
+    fn log_and_event_lines_in_text_and_json() {
+        let t = 1_796_336_702_123;
+        let mut p = l(t, "hello");
+        assert_eq!(
+            log_line("web", false, &p),
+            "2026-12-03T22:25:02.123Z out hello"
+        );
+        p.3 = true;
+        assert_eq!(
+            log_line("web", false, &p),
+            "2026-12-03T22:25:02.123Z out+ hello"
+        );
+        let j: serde_json::Value = serde_json::from_str(&log_line("web", true, &p)).unwrap();
+        assert_eq!(j["engine"], "web");
+        assert_eq!(j["time_ms"], t);
+        assert_eq!(j["partial"], true);
+        let e = (42, t, "web".to_owned(), "stopped".to_owned(), String::new());
+        assert_eq!(
+            event_line(false, &e),
+            "2026-12-03T22:25:02.123Z web stopped"
+        );
+        let j: serde_json::Value = serde_json::from_str(&event_line(true, &e)).unwrap();
+        assert_eq!(j["seq"], 42);
+        assert_eq!(j["kind"], "stopped");
+    }
 }

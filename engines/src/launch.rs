@@ -267,8 +267,10 @@ impl Launcher {
     }
 
     /// Writes `spec.json` into `run_dir` (created, mode 0700) and starts the
-    /// shim with `stdout`/`stderr` (files: a pipe to the agent would kill the
-    /// engine with SIGPIPE once the agent restarts). Returns once the shim
+    /// shim with `stdout`/`stderr` (files, or the write ends of the run
+    /// directory's [`STDOUT_FIFO`] and [`STDERR_FIFO`], which the shim holds
+    /// open for reading: a pipe read only by the agent would kill the engine
+    /// with SIGPIPE once the agent restarts). Returns once the shim
     /// runs; the engine's own start is reported in `report.json`.
     /// `secrets` are the bytes of `spec.secrets`, in order: they go to the
     /// shim through a pipe (its stdin), never through a file.
