@@ -647,12 +647,8 @@ impl Cgroups for DirCg {
     }
 }
 
-/// T1 (root, busybox, the shim built): the runtime with the real launcher
-/// runs an engine from an image archive, sees its exit through the pidfd
-/// and keeps its output on the volume.
-#[test]
-#[ignore = "needs root, /bin/busybox and the engine shim"]
-fn real_shim_runs_an_engine_from_an_image() {
+/// The shim next to the test binary, or why a real test cannot run.
+fn real_shim() -> Option<PathBuf> {
     let shim = std::env::current_exe()
         .unwrap()
         .parent()
@@ -664,9 +660,14 @@ fn real_shim_runs_an_engine_from_an_image() {
         || !shim.exists()
     {
         eprintln!("skipped: needs root, /bin/busybox and {}", shim.display());
-        return;
+        return None;
     }
-    let f = fixture(false);
+    Some(shim)
+}
+
+/// Writes an OCI archive holding only /bin/busybox into the inbox as
+/// `bb.tar`.
+fn write_busybox_image(f: &Fix) {
     let busybox = std::fs::read("/bin/busybox").unwrap();
     let layer = tar_of(&[("bin/busybox", &busybox, 0o755)]);
     // The fixture's archive with this layer instead.
@@ -697,6 +698,19 @@ fn real_shim_runs_an_engine_from_an_image() {
         (&l, &layer, 0o644),
     ]);
     std::fs::write(f.tmp.path().join("vol/engines/inbox/bb.tar"), archive).unwrap();
+}
+
+/// T1 (root, busybox, the shim built): the runtime with the real launcher
+/// runs an engine from an image archive, sees its exit through the pidfd
+/// and keeps its output on the volume.
+#[test]
+#[ignore = "needs root, /bin/busybox and the engine shim"]
+fn real_shim_runs_an_engine_from_an_image() {
+    let Some(shim) = real_shim() else {
+        return;
+    };
+    let f = fixture(false);
+    write_busybox_image(&f);
     let mut rt = EngineRuntime::start(
         f.cfg.clone(),
         Arc::new(DirCg(f.tmp.path().join("cgroup"))),
@@ -789,4 +803,118 @@ fn the_delegated_parent_is_never_created() {
     assert_eq!(e.kind, FailureKind::Unavailable);
     assert!(e.message.contains("leasehold-engines.service"), "{e}");
     assert!(!cfg.cgroup_root.join("system.slice").exists());
+}
+
+/// T1 (root, busybox, the shim built): a line of 100 000 bytes is stored
+/// in 16 KiB pieces marked partial; an engine flooding its stdout (about
+/// 24 MB as fast as busybox writes) is never blocked by its log: it ends
+/// on its own, the log stays within its budget, and whatever the writer
+/// could not keep up with is counted in a note.
+#[test]
+#[ignore = "needs root, /bin/busybox and the engine shim"]
+fn real_flooding_engine_is_not_blocked_and_its_log_stays_bounded() {
+    use leasehold_engines::logs::LINE_MAX;
+    let Some(shim) = real_shim() else {
+        return;
+    };
+    let f = fixture(false);
+    write_busybox_image(&f);
+    let mut rt = EngineRuntime::start(
+        f.cfg.clone(),
+        Arc::new(DirCg(f.tmp.path().join("cgroup"))),
+        Arc::new(ShimSpawner(launch::Launcher::new(shim))),
+        f.vol.clone(),
+    )
+    .unwrap();
+    let sh = |script: &str| {
+        spec(&format!(
+            "command = [\"/bin/busybox\", \"sh\", \"-c\", {script:?}]\n[restart]\npolicy = \"never\"\n"
+        ))
+    };
+    rt.deploy(
+        "long",
+        "bb.tar",
+        &sh("/bin/busybox head -c 100000 /dev/zero | /bin/busybox tr '\\0' x; echo; echo done"),
+    )
+    .unwrap();
+    rt.deploy(
+        "flood",
+        "bb.tar",
+        &sh("/bin/busybox yes 0123456789012345678901234567890123456789012345678901234567 | /bin/busybox head -n 400000; echo done"),
+    )
+    .unwrap();
+    let view = rt.view();
+    let until_done = |name: &str| {
+        let end = Instant::now() + Duration::from_secs(120);
+        loop {
+            // The capture is over when the last record is the engine's
+            // last line, or the note of what was dropped at the end (a
+            // note is otherwise always followed by the batch it heads).
+            let l = view.logs(name, 0, 10).unwrap();
+            if l.last()
+                .is_some_and(|r| r.text == b"done" || r.stream == Stream::Agent)
+            {
+                return;
+            }
+            assert!(Instant::now() < end, "timed out; {name} log ends {l:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    rt.start("long").unwrap();
+    until(&rt, "long", |s| s.phase == Phase::Exited);
+    until_done("long");
+    let l = view.logs("long", 0, 100).unwrap();
+    let pieces: Vec<(bool, usize)> = l.iter().map(|r| (r.partial, r.text.len())).collect();
+    let mut want = vec![(true, LINE_MAX); 100_000 / LINE_MAX];
+    want.push((false, 100_000 % LINE_MAX));
+    want.push((false, 4));
+    assert_eq!(pieces, want);
+
+    let t = Instant::now();
+    rt.start("flood").unwrap();
+    let s = until_longer(&rt, "flood", |s| s.phase == Phase::Exited);
+    let ran = t.elapsed();
+    assert_eq!(s.last_exit, Some(Exit::Code(0)));
+    until_done("flood");
+    let stored = t.elapsed();
+    let dir = f.tmp.path().join("vol/engines/flood/logs");
+    let size: u64 = ["output.log", "output.log.1"]
+        .iter()
+        .map(|n| std::fs::metadata(dir.join(n)).map_or(0, |m| m.len()))
+        .sum();
+    assert!(size <= f.cfg.log_max_bytes, "{size}");
+    let kept = view
+        .logs("flood", 0, leasehold_engines::logs::MAX_READ_LINES)
+        .unwrap();
+    let dropped: u64 = kept
+        .iter()
+        .filter(|r| r.stream == Stream::Agent)
+        .filter_map(|r| {
+            String::from_utf8_lossy(&r.text)
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    println!(
+        "flood: 400001 lines (24.0 MB) written in {ran:?} (engine start to exit seen), stored by {stored:?}; \
+         log {size} bytes in 2 files (budget {}); {dropped} lines dropped by the notes in the last {} records",
+        f.cfg.log_max_bytes,
+        kept.len()
+    );
+}
+
+/// `until` with a longer bound, for the flood.
+fn until_longer(rt: &EngineRuntime, name: &str, f: impl Fn(&EngineStatus) -> bool) -> EngineStatus {
+    let end = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = rt.view().status(name).unwrap();
+        if f(&s) {
+            return s;
+        }
+        assert!(Instant::now() < end, "timed out; last status {s:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
