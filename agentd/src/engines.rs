@@ -1299,6 +1299,7 @@ fn status_of(e: &Engine) -> EngineStatus {
 pub struct EngineRuntime {
     tx: Sender<Msg>,
     view: Arc<SnapshotView>,
+    logs: output::LogSink,
 }
 
 impl fmt::Debug for EngineRuntime {
@@ -1386,6 +1387,7 @@ impl EngineRuntime {
         let logs = output::LogSink::start(volume.clone(), cfg.log_max_bytes, output::QUEUE_BYTES)
             .map_err(io("spawn", Path::new("engine-logs thread")))?;
         let events = output::EventRing::new();
+        let logs_handle = logs.clone();
         let view_cfg = (volume.clone(), cfg.images_dir.clone());
         let mut rt = Runtime {
             cfg,
@@ -1479,7 +1481,11 @@ impl EngineRuntime {
             .name("engines".into())
             .spawn(move || rt.run(rx))
             .map_err(io("spawn", Path::new("engines thread")))?;
-        Ok(EngineRuntime { tx, view })
+        Ok(EngineRuntime {
+            tx,
+            view,
+            logs: logs_handle,
+        })
     }
 
     fn call(&self, c: Cmd, timeout: Duration) -> Result<Reply, RuntimeError> {
@@ -1502,6 +1508,10 @@ impl EngineRuntime {
 impl Drop for EngineRuntime {
     fn drop(&mut self) {
         let _ = self.tx.send(Msg::Shutdown);
+        // As when the agent's process ends: the captures let go of the
+        // FIFOs, and what the engines write next waits there for the next
+        // runtime.
+        self.logs.stop();
     }
 }
 

@@ -17,7 +17,7 @@ use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -139,6 +139,7 @@ pub struct LogSink {
     tx: Sender<LogMsg>,
     queued: Arc<AtomicUsize>,
     limit: usize,
+    stopping: Arc<AtomicBool>,
 }
 
 struct Open {
@@ -167,7 +168,14 @@ impl LogSink {
             tx,
             queued,
             limit: queue_limit,
+            stopping: Arc::default(),
         })
+    }
+
+    /// The runtime ends: every capture stops reading within
+    /// [`FLUSH_AFTER`] and closes its FIFOs, leaving what is unread in them.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
     }
 
     /// Takes a batch if it fits in the queue (else `false`: dropped).
@@ -352,6 +360,16 @@ fn pump(mut cap: Capture, output: Output) {
         tv_nsec: 0,
     };
     while !streams.is_empty() {
+        if cap.sink.stopping.load(Ordering::Acquire) {
+            // What waits for a newline was read already: stored now.
+            let now = now_ms();
+            let mut batch = Vec::new();
+            for (_, s) in &mut streams {
+                s.flush(now, &mut batch);
+            }
+            cap.send(batch, now);
+            break;
+        }
         let ready: Vec<bool> = {
             let mut fds: Vec<PollFd<'_>> = streams
                 .iter()

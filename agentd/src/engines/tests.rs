@@ -918,3 +918,101 @@ fn until_longer(rt: &EngineRuntime, name: &str, f: impl Fn(&EngineStatus) -> boo
         std::thread::sleep(Duration::from_millis(5));
     }
 }
+
+/// T1 (root, busybox, the shim built): an engine's output survives an agent
+/// restart. The first runtime stores a line and ends (its captures let go
+/// of the FIFOs, as the agent's process would); the engine writes a line
+/// while no runtime reads; the next runtime re-adopts the engine, reads
+/// that line from the FIFO the shim kept open, then the rest, and sees the
+/// exit. Every line is in the log once.
+#[test]
+#[ignore = "needs root, /bin/busybox and the engine shim"]
+fn real_output_survives_an_agent_restart() {
+    let Some(shim) = real_shim() else {
+        return;
+    };
+    let f = fixture(false);
+    write_busybox_image(&f);
+    let start = || {
+        EngineRuntime::start(
+            f.cfg.clone(),
+            Arc::new(DirCg(f.tmp.path().join("cgroup"))),
+            Arc::new(ShimSpawner(launch::Launcher::new(shim.clone()))),
+            f.vol.clone(),
+        )
+        .unwrap()
+    };
+    let data = f.tmp.path().join("vol/engines/bb/data/var/lib/app");
+    // The engine waits on files the test makes in its data dir (the only
+    // place both see), and says when it has written.
+    let wait =
+        |n: &str| format!("while [ ! -e /var/lib/app/{n} ]; do /bin/busybox sleep 0.02; done");
+    let script = format!(
+        "echo one; {}; echo two; /bin/busybox touch /var/lib/app/wrote; {}; echo three; exit 3",
+        wait("go1"),
+        wait("go2")
+    );
+    let mut rt = start();
+    rt.deploy(
+        "bb",
+        "bb.tar",
+        &spec(&format!(
+            "command = [\"/bin/busybox\", \"sh\", \"-c\", {script:?}]\ndata_dirs = [\"var/lib/app\"]\n[restart]\npolicy = \"never\"\n"
+        )),
+    )
+    .unwrap();
+    rt.start("bb").unwrap();
+    let texts = |rt: &EngineRuntime| -> Vec<String> {
+        rt.view()
+            .logs("bb", 0, 100)
+            .unwrap()
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.text).into_owned())
+            .collect()
+    };
+    let wait_for = |what: &dyn Fn() -> bool, why: &str| {
+        let end = Instant::now() + Duration::from_secs(20);
+        while !what() {
+            assert!(Instant::now() < end, "timed out: {why}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_for(&|| texts(&rt) == ["one"], "the first line stored");
+    let run = std::fs::read_dir(f.cfg.run_dir.join("bb"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    use std::os::unix::fs::MetadataExt;
+    let fifo = std::fs::symlink_metadata(run.join(launch::STDOUT_FIFO))
+        .unwrap()
+        .ino();
+    let agent_holds_fifo = || {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::metadata(e.ok()?.path()).ok())
+            .any(|m| m.ino() == fifo)
+    };
+    assert!(agent_holds_fifo());
+    drop(rt);
+    wait_for(
+        &|| !agent_holds_fifo(),
+        "the first runtime's capture let go",
+    );
+    std::fs::write(data.join("go1"), b"").unwrap();
+    wait_for(
+        &|| data.join("wrote").exists(),
+        "the engine wrote with no reader",
+    );
+    let rt = start();
+    assert!(rt.view().status("bb").unwrap().pid.is_some(), "re-adopted");
+    wait_for(
+        &|| texts(&rt) == ["one", "two"],
+        "the line written meanwhile",
+    );
+    std::fs::write(data.join("go2"), b"").unwrap();
+    let s = until(&rt, "bb", |s| s.phase == Phase::Exited);
+    assert_eq!(s.last_exit, Some(Exit::Code(3)));
+    wait_for(&|| texts(&rt) == ["one", "two", "three"], "every line once");
+}
