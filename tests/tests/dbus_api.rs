@@ -604,5 +604,15 @@ fn dbus_engine_deploy_without_volume_is_refused_clearly() {
     assert!(
         r.stderr.contains("--since") && r.stderr.contains("yesterday"),
         "{r:?}"
-    );
+    ); // The bounds are the agent's too, whatever the client: named errors.
+    for (scenario, mentions) in [
+        ("engine-logs-zero", "max_lines: 0 is outside 1..=10000"),
+        ("engine-logs-too-many", "max_lines: 10001"),
+        ("engine-logs-bad-name", "name"),
+        ("engine-events-zero", "max: 0 is outside 1..=1000"),
+        ("engine-events-too-many", "max: 1001"),
+    ] {
+        let out = probe(&lab, Who::Tenant, scenario);
+        expect_err(&out, "org.leasehold.Error.InvalidArgument", mentions);
+    }
 }
