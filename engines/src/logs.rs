@@ -294,6 +294,7 @@ impl LogWriter {
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
             Err(e) => return Err(io_err("mkdir", dir)(e)),
         }
+        check_dir(dir)?;
         let path = dir.join(CURRENT);
         let mut file = open_current(&path).map_err(io_err("open", &path))?;
         let mut size = file.metadata().map_err(io_err("stat", &path))?.len();
@@ -363,6 +364,19 @@ impl LogWriter {
     }
 }
 
+/// The log directory must be a directory, not a symlink to one: only the
+/// agent writes there, and it never follows a link out of the volume.
+fn check_dir(dir: &Path) -> Result<(), LogError> {
+    let m = fs::symlink_metadata(dir).map_err(io_err("stat", dir))?;
+    if m.is_dir() {
+        Ok(())
+    } else {
+        Err(io_err("open", dir)(io::Error::other(
+            "not a directory (a symlink where the agent keeps logs?)",
+        )))
+    }
+}
+
 fn read_file(
     path: &Path,
     since_ms: u64,
@@ -417,6 +431,10 @@ pub fn read(dir: &Path, since_ms: u64, max_lines: usize) -> Result<Vec<Record>, 
     let mut out = VecDeque::with_capacity(keep.min(1024));
     if keep == 0 {
         return Ok(Vec::new());
+    }
+    match fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        _ => check_dir(dir)?,
     }
     read_file(&dir.join(PREVIOUS), since_ms, keep, &mut out)?;
     read_file(&dir.join(CURRENT), since_ms, keep, &mut out)?;

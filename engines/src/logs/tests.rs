@@ -208,4 +208,13 @@ fn bad_budgets_and_symlinks_are_refused() {
     let e = LogWriter::open(dir.path(), MIN_MAX_BYTES).unwrap_err();
     assert!(e.to_string().contains(CURRENT), "{e}");
     assert!(read(dir.path(), 0, 10).is_err());
+    // A symlink for the directory itself: refused too, nothing written
+    // where it points.
+    let elsewhere = tempfile::tempdir().unwrap();
+    let link = dir.path().join("logs");
+    std::os::unix::fs::symlink(elsewhere.path(), &link).unwrap();
+    let e = LogWriter::open(&link, MIN_MAX_BYTES).unwrap_err();
+    assert!(e.to_string().contains("symlink"), "{e}");
+    assert!(read(&link, 0, 10).is_err());
+    assert_eq!(fs::read_dir(elsewhere.path()).unwrap().count(), 0);
 }
