@@ -1357,6 +1357,28 @@ fn engine_spec(text: &str) -> Result<Box<Spec>, Error> {
         .map_err(|e| Error::InvalidArgument(format!("spec: {e}")))
 }
 
+/// Most text one `Logs` reply carries (the system bus refuses messages
+/// over 32 MiB by default): the newest lines that fit.
+pub const MAX_LOG_REPLY_BYTES: usize = 8 << 20;
+
+/// Lines on the wire: `(unix ms, stream, text, partial)`, the newest
+/// [`MAX_LOG_REPLY_BYTES`] of them. Text is made UTF-8 (invalid bytes
+/// become U+FFFD) without NUL, which a D-Bus string cannot hold.
+fn log_lines(records: Vec<leasehold_engines::logs::Record>) -> Vec<(u64, String, String, bool)> {
+    let mut out = Vec::with_capacity(records.len());
+    let mut bytes = 0usize;
+    for r in records.into_iter().rev() {
+        let text = String::from_utf8_lossy(&r.text).replace('\0', "\u{fffd}");
+        bytes += text.len() + 16;
+        if bytes > MAX_LOG_REPLY_BYTES {
+            break;
+        }
+        out.push((r.time_ms, r.stream.name().to_owned(), text, r.partial));
+    }
+    out.reverse();
+    out
+}
+
 /// `org.leasehold.TenantEngines1`
 pub struct TenantEnginesApi(pub Arc<Ctx>);
 
@@ -1556,6 +1578,62 @@ impl TenantEnginesApi {
             self.0.node.engine(&name).map_err(node_error)?,
             None,
         ))
+    }
+
+    /// One engine's output: the last `max_lines` (1-10000) lines stamped
+    /// at or after `since_unix_ms`, oldest first, as (unix ms, stream
+    /// "out"/"err"/"agent", text, partial).
+    async fn logs(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        name: String,
+        since_unix_ms: u64,
+        max_lines: u32,
+    ) -> Result<Vec<(u64, String, String, bool)>, Error> {
+        self.auth(&hdr, actions::TENANT_ENGINE_READ, "Logs", &name)
+            .await?;
+        self.0.require_tenant()?;
+        let max = usize::try_from(max_lines).unwrap_or(usize::MAX);
+        if !(1..=leasehold_engines::logs::MAX_READ_LINES).contains(&max) {
+            return Err(Error::InvalidArgument(format!(
+                "max_lines: {max_lines} is outside 1..={}",
+                leasehold_engines::logs::MAX_READ_LINES
+            )));
+        }
+        let node = self.0.node.clone();
+        blocking(move || {
+            node.engine_logs(&name, since_unix_ms, max)
+                .map(log_lines)
+                .map_err(node_error)
+        })
+        .await
+    }
+
+    /// The engines' events numbered above `after_seq`, oldest first, at
+    /// most `max` (1-1000), as (seq, unix ms, engine, kind, detail).
+    async fn events(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        after_seq: u64,
+        max: u32,
+    ) -> Result<Vec<(u64, u64, String, String, String)>, Error> {
+        self.auth(&hdr, actions::TENANT_ENGINE_READ, "Events", "")
+            .await?;
+        self.0.require_tenant()?;
+        let n = usize::try_from(max).unwrap_or(usize::MAX);
+        if !(1..=leasehold_node::MAX_EVENTS_READ).contains(&n) {
+            return Err(Error::InvalidArgument(format!(
+                "max: {max} is outside 1..={}",
+                leasehold_node::MAX_EVENTS_READ
+            )));
+        }
+        Ok(self
+            .0
+            .node
+            .engine_events(after_seq, n)
+            .into_iter()
+            .map(|e| (e.seq, e.time_ms, e.engine, e.kind, e.detail))
+            .collect())
     }
 
     #[zbus(property)]

@@ -159,6 +159,10 @@ pub struct EnginesSection {
     /// First host uid (and gid) given to engines, one each.
     #[serde(default = "default_uid_base")]
     pub uid_base: u32,
+    /// Bytes of output kept per engine on the tenant volume (two rotated
+    /// files together).
+    #[serde(default = "default_log_max_bytes")]
+    pub log_max_bytes: u64,
 }
 
 impl Default for EnginesSection {
@@ -170,6 +174,7 @@ impl Default for EnginesSection {
             run_dir: default_engine_run_dir(),
             shim: None,
             uid_base: default_uid_base(),
+            log_max_bytes: default_log_max_bytes(),
         }
     }
 }
@@ -194,6 +199,10 @@ fn default_engine_run_dir() -> PathBuf {
 
 fn default_uid_base() -> u32 {
     2_000_000
+}
+
+fn default_log_max_bytes() -> u64 {
+    leasehold_engines::logs::DEFAULT_MAX_BYTES
 }
 
 /// A relative path of plain components (`a/b`), for keys that name a
@@ -518,6 +527,18 @@ impl Config {
                 ),
             ));
         }
+        {
+            use leasehold_engines::logs::{MAX_MAX_BYTES, MIN_MAX_BYTES};
+            if !(MIN_MAX_BYTES..=MAX_MAX_BYTES).contains(&e.log_max_bytes) {
+                return Err(invalid(
+                    "engines.log_max_bytes",
+                    format!(
+                        "{} is outside {MIN_MAX_BYTES}..={MAX_MAX_BYTES} (bytes, both files together)",
+                        e.log_max_bytes
+                    ),
+                ));
+            }
+        }
         // Together at most 23 s: a report always answers within D-Bus's
         // default 25 s call timeout.
         let h = &self.health;
@@ -650,6 +671,10 @@ mod tests {
                 "engines.images_dir: \"/abs\" is not a relative",
             ),
             ("uid_base = 1000", "engines.uid_base: 1000 is outside"),
+            (
+                "log_max_bytes = 1000",
+                "engines.log_max_bytes: 1000 is outside",
+            ),
         ] {
             let e = parse(&format!("[engines]\n{text}\n"))
                 .unwrap_err()

@@ -76,6 +76,8 @@ pub struct RuntimeConfig {
     pub uid_base: u32,
     /// The agent's state directory (`engines.json`).
     pub state_dir: PathBuf,
+    /// Bytes of output kept per engine (both log files).
+    pub log_max_bytes: u64,
 }
 
 /// Errors of the runtime; each names the engine, path or step.
@@ -225,6 +227,10 @@ pub trait Proc: Send {
     fn exit_waiter(&self) -> Result<Box<dyn FnOnce() + Send>, LaunchError>;
     /// After the waiter returned: how it ended.
     fn reap(&mut self) -> launch::Exit;
+    /// The read ends of its output FIFOs, once (`None`: not captured).
+    fn take_output(&mut self) -> Option<output::Output> {
+        None
+    }
 }
 
 /// Starts and re-adopts instances.
@@ -245,7 +251,7 @@ pub trait Spawner: Send + Sync + 'static {
 #[derive(Debug)]
 pub struct ShimSpawner(pub launch::Launcher);
 
-struct ShimProc(launch::Running);
+struct ShimProc(launch::Running, Option<output::Output>);
 
 impl Proc for ShimProc {
     fn pid(&self) -> u32 {
@@ -275,6 +281,9 @@ impl Proc for ShimProc {
             }
         }))
     }
+    fn take_output(&mut self) -> Option<output::Output> {
+        self.1.take()
+    }
     fn reap(&mut self) -> launch::Exit {
         match self.0.wait(Some(Duration::from_secs(1))) {
             Ok(Some(e)) => e,
@@ -293,38 +302,24 @@ impl Spawner for ShimSpawner {
         run_dir: &Path,
         log_dir: &Path,
     ) -> Result<Box<dyn Proc>, LaunchError> {
-        for d in [run_dir, log_dir] {
-            std::fs::create_dir_all(d).map_err(|source| LaunchError::Io {
-                op: "mkdir",
-                path: d.to_owned(),
-                source,
-            })?;
-        }
-        let log = |n: &str| {
-            use std::os::unix::fs::OpenOptionsExt;
-            let p = log_dir.join(n);
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .mode(0o600)
-                .custom_flags(nix::libc::O_NOFOLLOW)
-                .open(&p)
-                .map(std::process::Stdio::from)
-                .map_err(|source| LaunchError::Io {
-                    op: "open",
-                    path: p,
-                    source,
-                })
-        };
-        // Secrets are not handed over yet: a spec naming one is refused
-        // when resolved (see `resolve`).
+        let _ = log_dir; // the log writer makes it, under the mounted volume only
+        std::fs::create_dir_all(run_dir).map_err(|source| LaunchError::Io {
+            op: "mkdir",
+            path: run_dir.to_owned(),
+            source,
+        })?;
+        // FIFOs, not files: the agent stamps, splits and bounds each line;
+        // not pipes: the shim holds the FIFOs open, so the engine's output
+        // outlives an agent restart (docs/engines.md, "Logs").
+        let (out, stdout, stderr) = output::make_fifos(run_dir)?;
         let r = self
             .0
-            .start(spec, run_dir, log("stdout.log")?, log("stderr.log")?, &[])?;
-        Ok(Box::new(ShimProc(r)))
+            .start(spec, run_dir, stdout.into(), stderr.into(), &[])?;
+        Ok(Box::new(ShimProc(r, Some(out))))
     }
     fn adopt(&self, run_dir: &Path) -> Result<Box<dyn Proc>, LaunchError> {
-        Ok(Box::new(ShimProc(launch::Running::adopt(run_dir)?)))
+        let r = launch::Running::adopt(run_dir)?;
+        Ok(Box::new(ShimProc(r, output::reopen_fifos(run_dir))))
     }
 }
 
@@ -444,6 +439,8 @@ struct Runtime {
     snapshot: Snapshot,
     stop_all: Option<PendingStop>,
     killed: Vec<String>,
+    logs: output::LogSink,
+    events: output::Events,
 }
 
 fn subtree(cfg: &RuntimeConfig) -> Result<CgroupPath, RuntimeError> {
@@ -634,6 +631,10 @@ impl Runtime {
                         e.events.pop_front();
                     }
                     e.events.push_back(ev.name().to_owned());
+                    self.events
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(name, &ev);
                 }
                 None
             }
@@ -696,7 +697,7 @@ impl Runtime {
                 }
             }
         };
-        let proc = match proc {
+        let mut proc = match proc {
             Ok(p) => p,
             Err(err) => {
                 let _ = self.cgroups.remove(&cg);
@@ -721,6 +722,22 @@ impl Runtime {
         if let Err(err) = spawned {
             let _ = proc.signal(Signal::SIGKILL);
             return failed(format!("cannot start the exit watcher: {err}"));
+        }
+        if let Some(out) = proc.take_output() {
+            // <images_dir>/<engine>/v<N>/rootfs → <images_dir>/<engine>/logs
+            let dir = spec
+                .rootfs
+                .parent()
+                .and_then(Path::parent)
+                .map(|d| d.join("logs"));
+            let started = dir
+                .ok_or_else(|| std::io::Error::other("no engine directory above the root"))
+                .and_then(|d| output::capture(self.logs.clone(), name, d, out));
+            if let Err(err) = started {
+                // The engine runs on; its output stays in the FIFO (and
+                // blocks it once full): said loudly, not hidden.
+                tracing::error!(engine = name, %instance, error = %err, "the engine's output is not captured");
+            }
         }
         let oom_kills = self.cgroups.usage(&cg).map(|u| u.oom_kills).unwrap_or(0);
         let pid = proc.pid();
@@ -1282,6 +1299,7 @@ fn status_of(e: &Engine) -> EngineStatus {
 pub struct EngineRuntime {
     tx: Sender<Msg>,
     view: Arc<SnapshotView>,
+    logs: output::LogSink,
 }
 
 impl fmt::Debug for EngineRuntime {
@@ -1290,12 +1308,22 @@ impl fmt::Debug for EngineRuntime {
     }
 }
 
-#[derive(Debug)]
-struct SnapshotView(Snapshot);
+struct SnapshotView {
+    snapshot: Snapshot,
+    volume: Arc<dyn VolumeDir>,
+    images_dir: String,
+    events: output::Events,
+}
+
+impl fmt::Debug for SnapshotView {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("SnapshotView")
+    }
+}
 
 impl EngineView for SnapshotView {
     fn list(&self) -> Vec<EngineStatus> {
-        self.0
+        self.snapshot
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .values()
@@ -1303,11 +1331,36 @@ impl EngineView for SnapshotView {
             .collect()
     }
     fn status(&self, name: &str) -> Option<EngineStatus> {
-        self.0
+        self.snapshot
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
             .cloned()
+    }
+    fn logs(
+        &self,
+        name: &str,
+        since_ms: u64,
+        max_lines: usize,
+    ) -> Result<Vec<leasehold_engines::logs::Record>, Failure> {
+        if self.status(name).is_none() {
+            return Err(RuntimeError::NotFound(name.to_owned()).into());
+        }
+        let Some(v) = self.volume.mounted() else {
+            return Err(Failure::new(
+                FailureKind::Unavailable,
+                "no tenant volume is mounted: engine logs are kept only on it",
+            ));
+        };
+        let dir = v.join(&self.images_dir).join(name).join("logs");
+        leasehold_engines::logs::read(&dir, since_ms, max_lines)
+            .map_err(|e| Failure::new(FailureKind::Failed, format!("engine {name:?}: {e}")))
+    }
+    fn events(&self, after: u64, max: usize) -> Vec<leasehold_node::EngineEvent> {
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .after(after, max.min(leasehold_node::MAX_EVENTS_READ))
     }
 }
 
@@ -1331,6 +1384,11 @@ impl EngineRuntime {
         };
         let (tx, rx) = mpsc::channel();
         let snapshot: Snapshot = Arc::default();
+        let logs = output::LogSink::start(volume.clone(), cfg.log_max_bytes, output::QUEUE_BYTES)
+            .map_err(io("spawn", Path::new("engine-logs thread")))?;
+        let events = output::EventRing::new();
+        let logs_handle = logs.clone();
+        let view_cfg = (volume.clone(), cfg.images_dir.clone());
         let mut rt = Runtime {
             cfg,
             cgroups,
@@ -1342,6 +1400,8 @@ impl EngineRuntime {
             snapshot: snapshot.clone(),
             stop_all: None,
             killed: Vec::new(),
+            logs,
+            events: events.clone(),
         };
         let mut to_start = Vec::new();
         for r in state.engines {
@@ -1410,13 +1470,22 @@ impl EngineRuntime {
             }
         }
         rt.save_logged();
-        let view = Arc::new(SnapshotView(snapshot));
+        let view = Arc::new(SnapshotView {
+            snapshot,
+            volume: view_cfg.0,
+            images_dir: view_cfg.1,
+            events,
+        });
         rt.publish();
         std::thread::Builder::new()
             .name("engines".into())
             .spawn(move || rt.run(rx))
             .map_err(io("spawn", Path::new("engines thread")))?;
-        Ok(EngineRuntime { tx, view })
+        Ok(EngineRuntime {
+            tx,
+            view,
+            logs: logs_handle,
+        })
     }
 
     fn call(&self, c: Cmd, timeout: Duration) -> Result<Reply, RuntimeError> {
@@ -1439,6 +1508,10 @@ impl EngineRuntime {
 impl Drop for EngineRuntime {
     fn drop(&mut self) {
         let _ = self.tx.send(Msg::Shutdown);
+        // As when the agent's process ends: the captures let go of the
+        // FIFOs, and what the engines write next waits there for the next
+        // runtime.
+        self.logs.stop();
     }
 }
 
@@ -1499,6 +1572,8 @@ impl Engines for EngineRuntime {
         self.view.clone()
     }
 }
+
+mod output;
 
 #[cfg(test)]
 mod tests;

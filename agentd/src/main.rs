@@ -445,6 +445,7 @@ async fn start_engines(
         run_dir: c.run_dir,
         uid_base: c.uid_base,
         state_dir: state_dir.to_owned(),
+        log_max_bytes: c.log_max_bytes,
     };
     let cgroups = Arc::new(leasehold_engines::cgroup::CgroupFs::with_root(Some(
         &c.cgroup_root,

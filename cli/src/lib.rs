@@ -14,6 +14,7 @@ pub mod receipts;
 pub mod shapes;
 pub mod status;
 pub mod tenant;
+mod timefmt;
 
 use std::ffi::OsString;
 use std::io::{BufRead, IsTerminal, Write};

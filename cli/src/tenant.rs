@@ -175,6 +175,197 @@ pub enum EngineCommand {
         /// Engine name.
         name: String,
     },
+    /// Show an engine's output (stdout and stderr, as the agent stored
+    /// them on the tenant volume), oldest first.
+    Logs {
+        /// Engine name.
+        name: String,
+        /// Keep printing new lines as they come (until interrupted).
+        #[arg(short, long)]
+        follow: bool,
+        /// Only lines from this long ago (30s, 10m, 2h, 1d) or since this
+        /// RFC 3339 time (2026-12-03T22:00:00Z).
+        #[arg(long, value_name = "DURATION|RFC3339")]
+        since: Option<String>,
+        /// Only the last N lines (1-10000; default: up to 10000).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+        tail: Option<u32>,
+    },
+    /// Show the engines' supervision events (started, exited, restarted,
+    /// gave-up, …) the agent keeps, oldest first.
+    Events {
+        /// Keep printing new events as they come (until interrupted).
+        #[arg(short, long)]
+        follow: bool,
+    },
+}
+
+/// How often `-f` asks the agent for more.
+const FOLLOW_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+fn log_line(engine: &str, json: bool, l: &(u64, String, String, bool)) -> String {
+    let (t, stream, text, partial) = l;
+    if json {
+        serde_json::json!({
+            "engine": engine,
+            "time_ms": t,
+            "time": crate::timefmt::rfc3339_ms(*t),
+            "stream": stream,
+            "text": text,
+            "partial": partial,
+        })
+        .to_string()
+    } else {
+        // `+`: the line goes on in the next one (split at 16 KiB).
+        format!(
+            "{} {}{} {}",
+            crate::timefmt::rfc3339_ms(*t),
+            stream,
+            if *partial { "+" } else { "" },
+            text
+        )
+    }
+}
+
+fn event_line(json: bool, e: &(u64, u64, String, String, String)) -> String {
+    let (seq, t, engine, kind, detail) = e;
+    if json {
+        serde_json::json!({
+            "seq": seq,
+            "time_ms": t,
+            "time": crate::timefmt::rfc3339_ms(*t),
+            "engine": engine,
+            "kind": kind,
+            "detail": detail,
+        })
+        .to_string()
+    } else {
+        format!(
+            "{} {engine} {kind} {detail}",
+            crate::timefmt::rfc3339_ms(*t)
+        )
+        .trim_end()
+        .to_owned()
+    }
+}
+
+/// `engine logs`: one call, then with `-f` a call every [`FOLLOW_EVERY`]
+/// for what came at or after the last line's time, skipping the lines of
+/// that millisecond already printed.
+async fn engine_logs(
+    p: &TenantEnginesProxy<'_>,
+    json: bool,
+    name: &str,
+    follow: bool,
+    since: Option<&str>,
+    tail: Option<u32>,
+) -> Result<(), CliError> {
+    let since = match since {
+        Some(s) => crate::timefmt::parse_since(s, now_ms())
+            .map_err(|e| CliError::new(exit::INVALID, format!("--since: {e}")))?,
+        None => 0,
+    };
+    let max = tail.unwrap_or(10_000);
+    let mut cursor = LogCursor::new(since);
+    loop {
+        let ask = if cursor.started { 10_000 } else { max };
+        let lines = p.logs(name, cursor.since(), ask).await?;
+        if cursor.started
+            && lines.len() >= 10_000
+            && lines.first().is_some_and(|l| l.0 > cursor.since())
+        {
+            eprintln!(
+                "tenantctl: more than 10000 lines came between two reads; some were not shown"
+            );
+        }
+        for l in cursor.new_lines(&lines) {
+            crate::output::print_line(&log_line(name, json, l));
+        }
+        if !follow {
+            return Ok(());
+        }
+        tokio::time::sleep(FOLLOW_EVERY).await;
+    }
+}
+
+/// Where `logs -f` is: the time of the last line printed and how many
+/// lines of that millisecond were printed. The next read asks from that
+/// millisecond (times are not unique) and skips those lines.
+#[derive(Debug)]
+struct LogCursor {
+    last_ms: u64,
+    printed_at_last: usize,
+    started: bool,
+}
+
+impl LogCursor {
+    fn new(since: u64) -> Self {
+        LogCursor {
+            last_ms: since,
+            printed_at_last: 0,
+            started: false,
+        }
+    }
+
+    fn since(&self) -> u64 {
+        self.last_ms
+    }
+
+    /// The lines of a read not printed yet, in order.
+    fn new_lines<'a, T>(&mut self, lines: &'a [(u64, T, T, bool)]) -> Vec<&'a (u64, T, T, bool)> {
+        let mut skip = if self.started {
+            self.printed_at_last
+        } else {
+            0
+        };
+        self.started = true;
+        let mut out = Vec::new();
+        for l in lines {
+            if l.0 == self.last_ms && skip > 0 {
+                skip -= 1;
+                continue;
+            }
+            if l.0 == self.last_ms {
+                self.printed_at_last += 1;
+            } else {
+                self.last_ms = l.0;
+                self.printed_at_last = 1;
+            }
+            out.push(l);
+        }
+        out
+    }
+}
+
+/// `engine events`: every event kept, then with `-f` those numbered after
+/// the last one printed.
+async fn engine_events(
+    p: &TenantEnginesProxy<'_>,
+    json: bool,
+    follow: bool,
+) -> Result<(), CliError> {
+    let mut after = 0u64;
+    loop {
+        let events = p.events(after, 1000).await?;
+        for e in &events {
+            after = after.max(e.0);
+            crate::output::print_line(&event_line(json, e));
+        }
+        // A full page: more wait; ask again at once.
+        if events.len() == 1000 {
+            continue;
+        }
+        if !follow {
+            return Ok(());
+        }
+        tokio::time::sleep(FOLLOW_EVERY).await;
+    }
 }
 
 /// One engine as JSON (docs/json.md "Engine").
@@ -311,6 +502,13 @@ async fn engine(
             emit(json, engine_json(&info), || engine_text(&info));
             return Ok(());
         }
+        EngineCommand::Logs {
+            name,
+            follow,
+            since,
+            tail,
+        } => return engine_logs(&p, json, &name, follow, since.as_deref(), tail).await,
+        EngineCommand::Events { follow } => return engine_events(&p, json, follow).await,
     };
     emit_done(json, engine_json(&info), || engine_text(&info));
     Ok(())
@@ -453,6 +651,14 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             | EngineCommand::Rm { name }
             | EngineCommand::Status { name },
         ) => crate::check_name("engine name", name)?,
+        Command::Engine(EngineCommand::Logs { name, since, .. }) => {
+            crate::check_name("engine name", name)?;
+            // Checked before connecting, as every argument is.
+            if let Some(s) = since {
+                crate::timefmt::parse_since(s, now_ms())
+                    .map_err(|e| CliError::new(exit::INVALID, format!("--since: {e}")))?;
+            }
+        }
         _ => {}
     }
     let conn = args.global.connect().await?;
@@ -601,4 +807,70 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn l(t: u64, text: &str) -> (u64, String, String, bool) {
+        (t, "out".into(), text.into(), false)
+    }
+
+    fn texts(v: Vec<&(u64, String, String, bool)>) -> Vec<String> {
+        v.into_iter().map(|x| x.2.clone()).collect()
+    }
+
+    #[test]
+    fn follow_prints_each_line_once_though_times_repeat() {
+        let mut c = LogCursor::new(0);
+        let first = [l(5, "a"), l(7, "b"), l(7, "c")];
+        assert_eq!(texts(c.new_lines(&first)), ["a", "b", "c"]);
+        // The next read starts at 7 (inclusive): b and c again, then more
+        // lines of the same millisecond and later ones.
+        assert_eq!(c.since(), 7);
+        let next = [l(7, "b"), l(7, "c"), l(7, "d"), l(9, "e")];
+        assert_eq!(texts(c.new_lines(&next)), ["d", "e"]);
+        let again = [l(9, "e")];
+        assert!(c.new_lines(&again).is_empty());
+        let more = [l(9, "e"), l(9, "f")];
+        assert_eq!(texts(c.new_lines(&more)), ["f"]);
+        // Nothing new: nothing printed, the cursor stays.
+        assert!(c.new_lines(&[l(9, "e"), l(9, "f")]).is_empty());
+        assert_eq!(c.since(), 9);
+    }
+
+    #[test]
+    fn the_first_read_prints_everything_from_since() {
+        let mut c = LogCursor::new(100);
+        assert_eq!(texts(c.new_lines(&[l(100, "x"), l(100, "y")])), ["x", "y"]);
+        assert!(c.new_lines(&[l(100, "x"), l(100, "y")]).is_empty());
+    }
+
+    #[test]
+    fn log_and_event_lines_in_text_and_json() {
+        let t = 1_796_336_702_123;
+        let mut p = l(t, "hello");
+        assert_eq!(
+            log_line("web", false, &p),
+            "2026-12-03T22:25:02.123Z out hello"
+        );
+        p.3 = true;
+        assert_eq!(
+            log_line("web", false, &p),
+            "2026-12-03T22:25:02.123Z out+ hello"
+        );
+        let j: serde_json::Value = serde_json::from_str(&log_line("web", true, &p)).unwrap();
+        assert_eq!(j["engine"], "web");
+        assert_eq!(j["time_ms"], t);
+        assert_eq!(j["partial"], true);
+        let e = (42, t, "web".to_owned(), "stopped".to_owned(), String::new());
+        assert_eq!(
+            event_line(false, &e),
+            "2026-12-03T22:25:02.123Z web stopped"
+        );
+        let j: serde_json::Value = serde_json::from_str(&event_line(true, &e)).unwrap();
+        assert_eq!(j["seq"], 42);
+        assert_eq!(j["kind"], "stopped");
+    }
 }

@@ -68,7 +68,7 @@ pub mod actions {
     pub const TENANT_ENGINE_DEPLOY: &str = "org.leasehold.tenant.engine-deploy";
     /// Tenant: run engines (Start, Stop, Restart).
     pub const TENANT_ENGINE_CONTROL: &str = "org.leasehold.tenant.engine-control";
-    /// Tenant: see engines (List, Status).
+    /// Tenant: see engines (List, Status, Logs, Events).
     pub const TENANT_ENGINE_READ: &str = "org.leasehold.tenant.engine-read";
 
     /// Every action, landlord first.
@@ -608,6 +608,25 @@ pub mod tenant_engines {
         fn list(&self) -> Result<Vec<EngineInfo>, Error>;
         /// One engine.
         fn status(&self, name: &str) -> Result<EngineInfo, Error>;
+        /// One engine's output: the last `max_lines` (1-10000) lines stamped
+        /// at or after `since_unix_ms`, oldest first: (unix ms, stream
+        /// `out`/`err`/`agent`, text, partial: the line goes on in the next
+        /// entry). At most 8 MiB of text (the newest lines).
+        fn logs(
+            &self,
+            name: &str,
+            since_unix_ms: u64,
+            max_lines: u32,
+        ) -> Result<Vec<(u64, String, String, bool)>, Error>;
+        /// Supervision events numbered above `after_seq` (0: every event
+        /// kept), oldest first, at most `max` (1-1000): (seq, unix ms,
+        /// engine, kind, detail). Numbers keep increasing across agent
+        /// restarts.
+        fn events(
+            &self,
+            after_seq: u64,
+            max: u32,
+        ) -> Result<Vec<(u64, u64, String, String, String)>, Error>;
         /// Interface version.
         #[zbus(property)]
         fn version(&self) -> zbus::Result<u32>;

@@ -267,8 +267,10 @@ impl Launcher {
     }
 
     /// Writes `spec.json` into `run_dir` (created, mode 0700) and starts the
-    /// shim with `stdout`/`stderr` (files: a pipe to the agent would kill the
-    /// engine with SIGPIPE once the agent restarts). Returns once the shim
+    /// shim with `stdout`/`stderr` (files, or the write ends of the run
+    /// directory's [`STDOUT_FIFO`] and [`STDERR_FIFO`], which the shim holds
+    /// open for reading: a pipe read only by the agent would kill the engine
+    /// with SIGPIPE once the agent restarts). Returns once the shim
     /// runs; the engine's own start is reported in `report.json`.
     /// `secrets` are the bytes of `spec.secrets`, in order: they go to the
     /// shim through a pipe (its stdin), never through a file.
@@ -497,6 +499,12 @@ impl Running {
 // The shim (runs as its own process: `leasehold-engine-shim RUN_DIR`, pid 1
 // of a new pid namespace).
 
+/// The FIFO in the run directory that carries the engine's stdout to the
+/// agent (made by the agent; the shim holds it open for reading).
+pub const STDOUT_FIFO: &str = "stdout.fifo";
+/// The same for stderr.
+pub const STDERR_FIFO: &str = "stderr.fifo";
+
 /// Exit code of the shim when confinement failed before the engine ran.
 pub const CONFINE_FAILED: i32 = 126;
 
@@ -521,6 +529,22 @@ pub fn shim_main(args: &[OsString]) -> i32 {
             return CONFINE_FAILED;
         }
     };
+    // The output FIFOs the agent reads (when it made them): held open for
+    // reading, never read, as long as the shim lives, so the engine's
+    // writes never meet a FIFO without a reader (EPIPE, SIGPIPE) while the
+    // agent restarts; what it writes meanwhile waits in the pipe for the
+    // next agent (docs/engines.md, "Logs").
+    let _held: Vec<fs::File> = [STDOUT_FIFO, STDERR_FIFO]
+        .iter()
+        .filter_map(|n| {
+            use std::os::unix::fs::OpenOptionsExt;
+            fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+                .open(run_dir.join(n))
+                .ok()
+        })
+        .collect();
     let mut report = Report {
         result: Ok(()),
         landlock_abi: 0,

@@ -9,6 +9,8 @@
 //!   events, probes, heartbeat, reload), pure over injected instants;
 //! - [`image`]: OCI image archives verified by digest and unpacked into a
 //!   root filesystem;
+//! - [`logs`]: each engine's output as timestamped lines in two rotated
+//!   files on the tenant volume;
 //! - [`cgroup`] and [`launch`]: cgroupfs behind a trait with an injectable
 //!   root, and the launcher that confines an engine.
 //!
@@ -21,5 +23,6 @@ pub mod budget;
 pub mod cgroup;
 pub mod image;
 pub mod launch;
+pub mod logs;
 pub mod spec;
 pub mod supervisor;

@@ -136,6 +136,29 @@ impl Node {
         })
     }
 
+    /// One engine's output lines (the runtime's view reads the tenant
+    /// volume). Blocking: call it off the async threads.
+    pub fn engine_logs(
+        &self,
+        name: &str,
+        since_ms: u64,
+        max_lines: usize,
+    ) -> Result<Vec<leasehold_engines::logs::Record>, NodeError> {
+        // NotFound before anything else, as for `status`.
+        self.engine(name)?;
+        self.engines
+            .logs(name, since_ms, max_lines)
+            .map_err(|source| NodeError::Backend {
+                what: "engines",
+                source,
+            })
+    }
+
+    /// The engines' events after `after` (see `EngineView::events`).
+    pub fn engine_events(&self, after: u64, max: usize) -> Vec<crate::EngineEvent> {
+        self.engines.events(after, max)
+    }
+
     /// Queues a change and waits for its outcome. Refused at once with
     /// `Busy` when [`QUEUE_DEPTH`] changes already wait.
     pub async fn submit(&self, req: Request) -> Result<Outcome, NodeError> {

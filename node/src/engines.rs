@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use leasehold_engines::budget::Budget;
+use leasehold_engines::logs::Record;
 use leasehold_engines::spec::Spec;
 use leasehold_engines::supervisor::{Exit, Phase};
 use serde::Serialize;
@@ -179,6 +180,26 @@ impl StopReport {
     }
 }
 
+/// Most events one [`EngineView::events`] call returns.
+pub const MAX_EVENTS_READ: usize = 1000;
+
+/// One supervision event for the tenant (`tenantctl engine events`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineEvent {
+    /// Increasing across the runtime's life and, since it starts from the
+    /// clock in microseconds, across agent restarts too: a follower asks
+    /// for the events after the last one it saw.
+    pub seq: u64,
+    /// When, unix milliseconds.
+    pub time_ms: u64,
+    /// The engine.
+    pub engine: String,
+    /// `started`, `exited`, `restarted`, `gave-up`, … (docs/engines.md).
+    pub kind: String,
+    /// One line: exit code or signal, delay, reason.
+    pub detail: String,
+}
+
 /// Read-only view of the engines, callable from any thread; answers from
 /// the runtime's own snapshot and never waits behind a change.
 pub trait EngineView: Send + Sync + fmt::Debug + 'static {
@@ -186,6 +207,21 @@ pub trait EngineView: Send + Sync + fmt::Debug + 'static {
     fn list(&self) -> Vec<EngineStatus>;
     /// One engine (None: no such engine).
     fn status(&self, name: &str) -> Option<EngineStatus>;
+    /// The last `max_lines` lines (at most
+    /// [`leasehold_engines::logs::MAX_READ_LINES`]) of one engine's output
+    /// stamped at or after `since_ms`, oldest first. Blocking (reads the
+    /// tenant volume): call it off the async threads.
+    fn logs(&self, name: &str, since_ms: u64, max_lines: usize) -> Result<Vec<Record>, Failure> {
+        let _ = (name, since_ms, max_lines);
+        Err(unavailable())
+    }
+    /// The events kept (the runtime keeps the last few hundred) with a
+    /// sequence number above `after`, oldest first, at most `max` (at most
+    /// [`MAX_EVENTS_READ`]).
+    fn events(&self, after: u64, max: usize) -> Vec<EngineEvent> {
+        let _ = (after, max);
+        Vec::new()
+    }
 }
 
 /// The engine runtime (launcher, one supervisor per engine, the tenant's

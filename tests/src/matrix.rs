@@ -521,6 +521,8 @@ pub const MATRIX: &[Case] = &[
     engine_case("Remove", &["--yes", "engine", "rm", "web"], 5),
     engine_case("List", &["engine", "ls"], 0),
     engine_case("Status", &["engine", "status", "web"], 5),
+    engine_case("Logs", &["engine", "logs", "web"], 5),
+    engine_case("Events", &["engine", "events"], 0),
     // Landlord-only: the tenant is refused by polkit, an outsider by the bus.
     case(
         H,

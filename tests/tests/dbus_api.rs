@@ -470,6 +470,12 @@ fn dbus_tenantctl_over_ssh() {
         .ok()
         .json();
     assert_eq!(list[0]["name"], "remote");
+    // Engine logs and events go through the same connection.
+    let ev = remote("lhtest-tenant", &["--json", "engine", "events"]).ok();
+    assert_eq!(ev.stdout, "", "no engine, no event: {ev:?}");
+    let r = remote("lhtest-tenant", &["engine", "logs", "web", "--tail", "5"]);
+    assert_eq!(r.code, 5, "{r:?}");
+    assert!(r.stderr.contains("no engine named"), "{r:?}");
     // The SSH login user is the D-Bus caller: an outsider is refused by the
     // bus policy (the SSH session has the user's groups, and no Leasehold one).
     let r = remote("lhtest-outsider", &["info"]);
@@ -592,4 +598,34 @@ fn dbus_engine_deploy_without_volume_is_refused_clearly() {
     );
     assert_eq!(r.code, 6, "{r:?}");
     assert!(r.stderr.contains("stop_grace"), "{r:?}");
+    // Logs and events: an unknown engine is NotFound, as for status; no
+    // engine has run, so no event is kept; a bad --since is refused
+    // naming the option, before the bus is asked.
+    let r = lab.run(Who::Tenant, "tenantctl", &["engine", "logs", "web"]);
+    assert_eq!(r.code, 5, "{r:?}");
+    assert!(r.stderr.contains("no engine named"), "{r:?}");
+    let ev = lab
+        .run(Who::Tenant, "tenantctl", &["--json", "engine", "events"])
+        .ok();
+    assert_eq!(ev.stdout, "", "{ev:?}");
+    let r = lab.run(
+        Who::Tenant,
+        "tenantctl",
+        &["engine", "logs", "web", "--since", "yesterday"],
+    );
+    assert_eq!(r.code, 6, "{r:?}");
+    assert!(
+        r.stderr.contains("--since") && r.stderr.contains("yesterday"),
+        "{r:?}"
+    ); // The bounds are the agent's too, whatever the client: named errors.
+    for (scenario, mentions) in [
+        ("engine-logs-zero", "max_lines: 0 is outside 1..=10000"),
+        ("engine-logs-too-many", "max_lines: 10001"),
+        ("engine-logs-bad-name", "name"),
+        ("engine-events-zero", "max: 0 is outside 1..=1000"),
+        ("engine-events-too-many", "max: 1001"),
+    ] {
+        let out = probe(&lab, Who::Tenant, scenario);
+        expect_err(&out, "org.leasehold.Error.InvalidArgument", mentions);
+    }
 }

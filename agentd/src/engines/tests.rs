@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Condvar, Mutex};
 
 use leasehold_engines::cgroup::{Action as CgAction, CgroupFs, Usage};
+use leasehold_engines::logs::Stream;
 use leasehold_engines::supervisor::Phase;
 use sha2::{Digest, Sha256};
 
@@ -263,6 +264,7 @@ fn fixture(ignore_term: bool) -> Fix {
         run_dir: tmp.path().join("run"),
         uid_base: 200_000,
         state_dir: state,
+        log_max_bytes: leasehold_engines::logs::DEFAULT_MAX_BYTES,
     };
     Fix {
         tmp,
@@ -645,17 +647,12 @@ impl Cgroups for DirCg {
     }
 }
 
-/// T1 (root, busybox, the shim built): the runtime with the real launcher
-/// runs an engine from an image archive, sees its exit through the pidfd
-/// and keeps its output on the volume.
-///
-/// Ignored (listed as such) in a plain `cargo test`; run with
-/// `--include-ignored` (scripts/test, as root) it fails, never passes, when
-/// a prerequisite is missing: busybox-static comes from
-/// scripts/install-deps, the shim from `cargo build --workspace --bins`.
-#[test]
-#[ignore = "needs root, /bin/busybox (busybox-static) and the engine shim (cargo build --workspace --bins)"]
-fn real_shim_runs_an_engine_from_an_image() {
+/// The shim next to the test binary. The real tests are ignored (listed as
+/// such) in a plain `cargo test`; run with `--include-ignored` (scripts/test,
+/// as root) they fail, never pass, when a prerequisite is missing:
+/// busybox-static comes from scripts/install-deps, the shim from
+/// `cargo build --workspace --bins`.
+fn real_shim() -> PathBuf {
     let shim = std::env::current_exe()
         .unwrap()
         .parent()
@@ -675,7 +672,12 @@ fn real_shim_runs_an_engine_from_an_image() {
         "{} is missing: build it first (cargo build --workspace --bins; scripts/test does)",
         shim.display()
     );
-    let f = fixture(false);
+    shim
+}
+
+/// Writes an OCI archive holding only /bin/busybox into the inbox as
+/// `bb.tar`.
+fn write_busybox_image(f: &Fix) {
     let busybox = std::fs::read("/bin/busybox").unwrap();
     let layer = tar_of(&[("bin/busybox", &busybox, 0o755)]);
     // The fixture's archive with this layer instead.
@@ -706,6 +708,17 @@ fn real_shim_runs_an_engine_from_an_image() {
         (&l, &layer, 0o644),
     ]);
     std::fs::write(f.tmp.path().join("vol/engines/inbox/bb.tar"), archive).unwrap();
+}
+
+/// T1 (root, busybox, the shim built): the runtime with the real launcher
+/// runs an engine from an image archive, sees its exit through the pidfd
+/// and keeps its output on the volume.
+#[test]
+#[ignore = "needs root, /bin/busybox (busybox-static) and the engine shim (cargo build --workspace --bins)"]
+fn real_shim_runs_an_engine_from_an_image() {
+    let shim = real_shim();
+    let f = fixture(false);
+    write_busybox_image(&f);
     let mut rt = EngineRuntime::start(
         f.cfg.clone(),
         Arc::new(DirCg(f.tmp.path().join("cgroup"))),
@@ -717,23 +730,66 @@ fn real_shim_runs_an_engine_from_an_image() {
         "bb",
         "bb.tar",
         &spec(
-            "command = [\"/bin/busybox\", \"sh\", \"-c\", \"echo hello from $(/bin/busybox id -u); exit 7\"]\n\
+            "command = [\"/bin/busybox\", \"sh\", \"-c\", \"echo hello from $(/bin/busybox id -u); echo oops >&2; while [ ! -e /var/lib/app/go ]; do /bin/busybox sleep 0.02; done; exit 7\"]\n\
+             data_dirs = [\"var/lib/app\"]\n\
              [restart]\npolicy = \"never\"\n",
         ),
     )
     .unwrap();
     rt.start("bb").unwrap();
+    let view = rt.view();
+    let lines = |want: usize| {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let l = view.logs("bb", 0, 100).unwrap();
+            if l.len() >= want {
+                return l;
+            }
+            assert!(Instant::now() < end, "timed out; log so far {l:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let mut got = lines(2);
+    got.sort_by_key(|r| r.stream.name());
+    assert_eq!(got[0].stream, Stream::Err);
+    assert_eq!(got[0].text, b"oops");
+    assert_eq!(got[1].stream, Stream::Out);
+    assert_eq!(got[1].text, b"hello from 200000");
+    // The shim holds its stdout FIFO open for reading too (besides its
+    // stdout): the engine's output outlives an agent restart.
+    let pid = view.status("bb").unwrap().pid.unwrap();
+    let run = std::fs::read_dir(f.cfg.run_dir.join("bb"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    use std::os::unix::fs::MetadataExt;
+    let fifo = std::fs::symlink_metadata(run.join(launch::STDOUT_FIFO))
+        .unwrap()
+        .ino();
+    let held = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::metadata(e.ok()?.path()).ok())
+        .filter(|m| m.ino() == fifo)
+        .count();
+    assert_eq!(held, 2, "the shim's stdout and its held read end");
+    std::fs::write(f.tmp.path().join("vol/engines/bb/data/var/lib/app/go"), b"").unwrap();
     let s = until(&rt, "bb", |s| s.phase == Phase::Exited);
-    let out = std::fs::read_to_string(f.tmp.path().join("vol/engines/bb/logs/stdout.log"))
-        .unwrap_or_default();
-    let err = std::fs::read_to_string(f.tmp.path().join("vol/engines/bb/logs/stderr.log"))
-        .unwrap_or_default();
-    assert_eq!(
-        s.last_exit,
-        Some(Exit::Code(7)),
-        "stdout {out:?} stderr {err:?}"
+    assert_eq!(s.last_exit, Some(Exit::Code(7)));
+    let logs = f.tmp.path().join("vol/engines/bb/logs");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(logs.join("output.log"))
+            .unwrap()
+            .permissions(),
     );
-    assert_eq!(out, "hello from 200000\n", "stderr {err:?}");
+    assert_eq!(mode & 0o777, 0o600);
+    // The events a follower sees: started, then exited with the code.
+    let ev = view.events(0, 100);
+    let kinds: Vec<&str> = ev.iter().map(|e| e.kind.as_str()).collect();
+    assert!(kinds.starts_with(&["started"]), "{ev:?}");
+    let exited = ev.iter().find(|e| e.kind == "exited").unwrap();
+    assert!(exited.detail.ends_with("exit code 7"), "{exited:?}");
 }
 
 #[test]
@@ -755,4 +811,212 @@ fn the_delegated_parent_is_never_created() {
     assert_eq!(e.kind, FailureKind::Unavailable);
     assert!(e.message.contains("leasehold-engines.service"), "{e}");
     assert!(!cfg.cgroup_root.join("system.slice").exists());
+}
+
+/// T1 (root, busybox, the shim built): a line of 100 000 bytes is stored
+/// in 16 KiB pieces marked partial; an engine flooding its stdout (about
+/// 24 MB as fast as busybox writes) is never blocked by its log: it ends
+/// on its own, the log stays within its budget, and whatever the writer
+/// could not keep up with is counted in a note.
+#[test]
+#[ignore = "needs root, /bin/busybox (busybox-static) and the engine shim (cargo build --workspace --bins)"]
+fn real_flooding_engine_is_not_blocked_and_its_log_stays_bounded() {
+    use leasehold_engines::logs::LINE_MAX;
+    let shim = real_shim();
+    let f = fixture(false);
+    write_busybox_image(&f);
+    let mut rt = EngineRuntime::start(
+        f.cfg.clone(),
+        Arc::new(DirCg(f.tmp.path().join("cgroup"))),
+        Arc::new(ShimSpawner(launch::Launcher::new(shim))),
+        f.vol.clone(),
+    )
+    .unwrap();
+    let sh = |script: &str| {
+        spec(&format!(
+            "command = [\"/bin/busybox\", \"sh\", \"-c\", {script:?}]\n[restart]\npolicy = \"never\"\n"
+        ))
+    };
+    rt.deploy(
+        "long",
+        "bb.tar",
+        &sh("/bin/busybox head -c 100000 /dev/zero | /bin/busybox tr '\\0' x; echo; echo done"),
+    )
+    .unwrap();
+    rt.deploy(
+        "flood",
+        "bb.tar",
+        &sh("/bin/busybox yes 0123456789012345678901234567890123456789012345678901234567 | /bin/busybox head -n 400000; echo done"),
+    )
+    .unwrap();
+    let view = rt.view();
+    let until_done = |name: &str| {
+        let end = Instant::now() + Duration::from_secs(120);
+        loop {
+            // The capture is over when the last record is the engine's
+            // last line, or the note of what was dropped at the end (a
+            // note is otherwise always followed by the batch it heads).
+            let l = view.logs(name, 0, 10).unwrap();
+            if l.last()
+                .is_some_and(|r| r.text == b"done" || r.stream == Stream::Agent)
+            {
+                return;
+            }
+            assert!(Instant::now() < end, "timed out; {name} log ends {l:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+
+    rt.start("long").unwrap();
+    until(&rt, "long", |s| s.phase == Phase::Exited);
+    until_done("long");
+    let l = view.logs("long", 0, 100).unwrap();
+    let pieces: Vec<(bool, usize)> = l.iter().map(|r| (r.partial, r.text.len())).collect();
+    let mut want = vec![(true, LINE_MAX); 100_000 / LINE_MAX];
+    want.push((false, 100_000 % LINE_MAX));
+    want.push((false, 4));
+    assert_eq!(pieces, want);
+
+    let t = Instant::now();
+    rt.start("flood").unwrap();
+    let s = until_longer(&rt, "flood", |s| s.phase == Phase::Exited);
+    let ran = t.elapsed();
+    assert_eq!(s.last_exit, Some(Exit::Code(0)));
+    until_done("flood");
+    let stored = t.elapsed();
+    let dir = f.tmp.path().join("vol/engines/flood/logs");
+    let size: u64 = ["output.log", "output.log.1"]
+        .iter()
+        .map(|n| std::fs::metadata(dir.join(n)).map_or(0, |m| m.len()))
+        .sum();
+    assert!(size <= f.cfg.log_max_bytes, "{size}");
+    let kept = view
+        .logs("flood", 0, leasehold_engines::logs::MAX_READ_LINES)
+        .unwrap();
+    let dropped: u64 = kept
+        .iter()
+        .filter(|r| r.stream == Stream::Agent)
+        .filter_map(|r| {
+            String::from_utf8_lossy(&r.text)
+                .split(' ')
+                .next()?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    println!(
+        "flood: 400001 lines (24.0 MB) written in {ran:?} (engine start to exit seen), stored by {stored:?}; \
+         log {size} bytes in 2 files (budget {}); {dropped} lines dropped by the notes in the last {} records",
+        f.cfg.log_max_bytes,
+        kept.len()
+    );
+}
+
+/// `until` with a longer bound, for the flood.
+fn until_longer(rt: &EngineRuntime, name: &str, f: impl Fn(&EngineStatus) -> bool) -> EngineStatus {
+    let end = Instant::now() + Duration::from_secs(120);
+    loop {
+        let s = rt.view().status(name).unwrap();
+        if f(&s) {
+            return s;
+        }
+        assert!(Instant::now() < end, "timed out; last status {s:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// T1 (root, busybox, the shim built): an engine's output survives an agent
+/// restart. The first runtime stores a line and ends (its captures let go
+/// of the FIFOs, as the agent's process would); the engine writes a line
+/// while no runtime reads; the next runtime re-adopts the engine, reads
+/// that line from the FIFO the shim kept open, then the rest, and sees the
+/// exit. Every line is in the log once.
+#[test]
+#[ignore = "needs root, /bin/busybox (busybox-static) and the engine shim (cargo build --workspace --bins)"]
+fn real_output_survives_an_agent_restart() {
+    let shim = real_shim();
+    let f = fixture(false);
+    write_busybox_image(&f);
+    let start = || {
+        EngineRuntime::start(
+            f.cfg.clone(),
+            Arc::new(DirCg(f.tmp.path().join("cgroup"))),
+            Arc::new(ShimSpawner(launch::Launcher::new(shim.clone()))),
+            f.vol.clone(),
+        )
+        .unwrap()
+    };
+    let data = f.tmp.path().join("vol/engines/bb/data/var/lib/app");
+    // The engine waits on files the test makes in its data dir (the only
+    // place both see), and says when it has written.
+    let wait =
+        |n: &str| format!("while [ ! -e /var/lib/app/{n} ]; do /bin/busybox sleep 0.02; done");
+    let script = format!(
+        "echo one; {}; echo two; /bin/busybox touch /var/lib/app/wrote; {}; echo three; exit 3",
+        wait("go1"),
+        wait("go2")
+    );
+    let mut rt = start();
+    rt.deploy(
+        "bb",
+        "bb.tar",
+        &spec(&format!(
+            "command = [\"/bin/busybox\", \"sh\", \"-c\", {script:?}]\ndata_dirs = [\"var/lib/app\"]\n[restart]\npolicy = \"never\"\n"
+        )),
+    )
+    .unwrap();
+    rt.start("bb").unwrap();
+    let texts = |rt: &EngineRuntime| -> Vec<String> {
+        rt.view()
+            .logs("bb", 0, 100)
+            .unwrap()
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.text).into_owned())
+            .collect()
+    };
+    let wait_for = |what: &dyn Fn() -> bool, why: &str| {
+        let end = Instant::now() + Duration::from_secs(20);
+        while !what() {
+            assert!(Instant::now() < end, "timed out: {why}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    };
+    wait_for(&|| texts(&rt) == ["one"], "the first line stored");
+    let run = std::fs::read_dir(f.cfg.run_dir.join("bb"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    use std::os::unix::fs::MetadataExt;
+    let fifo = std::fs::symlink_metadata(run.join(launch::STDOUT_FIFO))
+        .unwrap()
+        .ino();
+    let agent_holds_fifo = || {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::metadata(e.ok()?.path()).ok())
+            .any(|m| m.ino() == fifo)
+    };
+    assert!(agent_holds_fifo());
+    drop(rt);
+    wait_for(
+        &|| !agent_holds_fifo(),
+        "the first runtime's capture let go",
+    );
+    std::fs::write(data.join("go1"), b"").unwrap();
+    wait_for(
+        &|| data.join("wrote").exists(),
+        "the engine wrote with no reader",
+    );
+    let rt = start();
+    assert!(rt.view().status("bb").unwrap().pid.is_some(), "re-adopted");
+    wait_for(
+        &|| texts(&rt) == ["one", "two"],
+        "the line written meanwhile",
+    );
+    std::fs::write(data.join("go2"), b"").unwrap();
+    let s = until(&rt, "bb", |s| s.phase == Phase::Exited);
+    assert_eq!(s.last_exit, Some(Exit::Code(3)));
+    wait_for(&|| texts(&rt) == ["one", "two", "three"], "every line once");
 }

@@ -48,6 +48,14 @@ async fn raw(
     report(r);
 }
 
+async fn engines(
+    conn: &zbus::Connection,
+) -> leasehold_dbus_api::tenant_engines::TenantEnginesProxy<'_> {
+    leasehold_dbus_api::tenant_engines::TenantEnginesProxy::new(conn)
+        .await
+        .unwrap()
+}
+
 async fn scenario(name: &str) {
     let conn = zbus::Connection::system().await.expect("system bus");
     let l = LandlordProxy::new(&conn).await.unwrap();
@@ -85,6 +93,11 @@ async fn scenario(name: &str) {
             report(t.put_secret("db", &e).await)
         }
         "rm-unknown" => report(t.remove_secret("nope").await),
+        "engine-logs-zero" => report(engines(&conn).await.logs("web", 0, 0).await),
+        "engine-logs-too-many" => report(engines(&conn).await.logs("web", 0, 10_001).await),
+        "engine-logs-bad-name" => report(engines(&conn).await.logs("../x", 0, 10).await),
+        "engine-events-zero" => report(engines(&conn).await.events(0, 0).await),
+        "engine-events-too-many" => report(engines(&conn).await.events(0, 1001).await),
         other => panic!("unknown scenario {other}"),
     }
 }

@@ -1,0 +1,733 @@
+//! Engine output and events for the tenant (docs/engines.md, "Logs" and
+//! "Events").
+//!
+//! Output: the shim's stdout and stderr are FIFOs in its run directory
+//! ([`make_fifos`]); a capture thread per instance reads both, splits lines
+//! and hands batches to one writer thread, which appends them to the
+//! engine's log on the tenant volume. The hand-over is bounded in bytes: a
+//! batch that does not fit is dropped and counted, and the count is written
+//! into the log as a note as soon as something fits again, so a flood
+//! never blocks the engine (its pipe is always drained) nor the agent.
+//!
+//! Events: a ring of the last [`EVENTS_KEPT`] supervision events with
+//! sequence numbers, read by `Events` polls.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use leasehold_engines::launch::{LaunchError, STDERR_FIFO, STDOUT_FIFO};
+use leasehold_engines::logs::{LineSplitter, LogWriter, Record, Stream, LINE_MAX};
+use leasehold_engines::supervisor::Event;
+use leasehold_node::EngineEvent;
+
+use super::VolumeDir;
+
+/// Bytes of output waiting for the writer, all engines together, before
+/// batches are dropped.
+pub const QUEUE_BYTES: usize = 4 << 20;
+/// Events kept for `Events` polls.
+pub const EVENTS_KEPT: usize = 512;
+/// A line with no newline yet is stored after this much silence (a prompt,
+/// a progress bar), so it is not held back forever.
+const FLUSH_AFTER: Duration = Duration::from_secs(1);
+/// The pipe size asked for each FIFO (root may; 1 MiB is the default
+/// unprivileged maximum): what an engine can write while no agent reads.
+const PIPE_SIZE: i32 = 1 << 20;
+/// One read.
+const READ_CHUNK: usize = 64 << 10;
+
+/// Unix milliseconds now.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// The read ends of an instance's output FIFOs (non-blocking).
+#[derive(Debug)]
+pub struct Output {
+    /// stdout's.
+    pub out: Option<OwnedFd>,
+    /// stderr's.
+    pub err: Option<OwnedFd>,
+}
+
+fn launch_io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LaunchError + 'a {
+    move |source| LaunchError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn open_read(path: &Path) -> io::Result<OwnedFd> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // Non-blocking: an open for reading returns at once, and reads never
+    // wait (the capture thread polls).
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+        .open(path)
+        .map(OwnedFd::from)
+}
+
+/// Makes the two FIFOs in `run_dir` (0600), opens their read ends (kept by
+/// the agent) and their write ends (the shim's stdout and stderr: blocking,
+/// as any stdout; they open at once since a reader exists).
+pub fn make_fifos(run_dir: &Path) -> Result<(Output, File, File), LaunchError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut ends = Vec::new();
+    for name in [STDOUT_FIFO, STDERR_FIFO] {
+        let p = run_dir.join(name);
+        let _ = std::fs::remove_file(&p);
+        nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).map_err(|e| {
+            LaunchError::Sys {
+                step: format!("mkfifo {}", p.display()),
+                source: e,
+            }
+        })?;
+        let r = open_read(&p).map_err(launch_io("open", &p))?;
+        let w = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(nix::libc::O_NOFOLLOW | nix::libc::O_CLOEXEC)
+            .open(&p)
+            .map_err(launch_io("open", &p))?;
+        // Best effort: the default 64 KiB works too, it only fills sooner.
+        let _ = nix::fcntl::fcntl(
+            std::os::fd::AsRawFd::as_raw_fd(&w),
+            nix::fcntl::FcntlArg::F_SETPIPE_SZ(PIPE_SIZE),
+        );
+        ends.push((r, w));
+    }
+    let (err_r, err_w) = ends.pop().expect("two FIFOs");
+    let (out_r, out_w) = ends.pop().expect("two FIFOs");
+    Ok((
+        Output {
+            out: Some(out_r),
+            err: Some(err_r),
+        },
+        out_w,
+        err_w,
+    ))
+}
+
+/// Re-opens the read ends of an adopted instance's FIFOs. An instance
+/// started by an agent before FIFOs (output straight to files) has none:
+/// `None`.
+pub fn reopen_fifos(run_dir: &Path) -> Option<Output> {
+    let out = open_read(&run_dir.join(STDOUT_FIFO)).ok();
+    let err = open_read(&run_dir.join(STDERR_FIFO)).ok();
+    (out.is_some() || err.is_some()).then_some(Output { out, err })
+}
+
+enum LogMsg {
+    Begin(Arc<str>, PathBuf),
+    Records(Arc<str>, Vec<Record>, usize),
+    End(Arc<str>),
+}
+
+/// The writer thread's handle: capture threads send batches through it.
+#[derive(Clone)]
+pub struct LogSink {
+    tx: Sender<LogMsg>,
+    queued: Arc<AtomicUsize>,
+    limit: usize,
+    stopping: Arc<AtomicBool>,
+}
+
+struct Open {
+    users: u32,
+    dir: PathBuf,
+    writer: Option<LogWriter>,
+    /// The last error logged (logged again only when it changes).
+    failing: Option<String>,
+}
+
+impl LogSink {
+    /// Starts the writer thread. Logs are written only under the mounted
+    /// tenant volume; `queue_limit` bounds what waits for it (bytes).
+    pub fn start(
+        volume: Arc<dyn VolumeDir>,
+        max_bytes: u64,
+        queue_limit: usize,
+    ) -> io::Result<Self> {
+        let (tx, rx) = mpsc::channel();
+        let queued = Arc::new(AtomicUsize::new(0));
+        let q = queued.clone();
+        std::thread::Builder::new()
+            .name("engine-logs".into())
+            .spawn(move || writer(rx, q, volume, max_bytes))?;
+        Ok(LogSink {
+            tx,
+            queued,
+            limit: queue_limit,
+            stopping: Arc::default(),
+        })
+    }
+
+    /// The runtime ends: every capture stops reading within
+    /// [`FLUSH_AFTER`] and closes its FIFOs, leaving what is unread in them.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::Release);
+    }
+
+    /// Takes a batch if it fits in the queue (else `false`: dropped).
+    fn offer(&self, engine: &Arc<str>, records: Vec<Record>, force: bool) -> bool {
+        let bytes: usize = records.iter().map(Record::stored_len).sum();
+        let held = self.queued.fetch_add(bytes, Ordering::AcqRel);
+        if !force && held + bytes > self.limit {
+            self.queued.fetch_sub(bytes, Ordering::AcqRel);
+            return false;
+        }
+        if self
+            .tx
+            .send(LogMsg::Records(engine.clone(), records, bytes))
+            .is_err()
+        {
+            self.queued.fetch_sub(bytes, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+}
+
+fn writer(rx: Receiver<LogMsg>, queued: Arc<AtomicUsize>, volume: Arc<dyn VolumeDir>, max: u64) {
+    let mut open: BTreeMap<Arc<str>, Open> = BTreeMap::new();
+    for msg in rx {
+        match msg {
+            LogMsg::Begin(e, dir) => {
+                let o = open.entry(e).or_insert_with(|| Open {
+                    users: 0,
+                    dir: dir.clone(),
+                    writer: None,
+                    failing: None,
+                });
+                o.users += 1;
+                if o.dir != dir {
+                    o.dir = dir;
+                    o.writer = None;
+                }
+            }
+            LogMsg::End(e) => {
+                if let Some(o) = open.get_mut(&e) {
+                    o.users = o.users.saturating_sub(1);
+                    if o.users == 0 {
+                        // Closed: nothing of the volume stays open when no
+                        // instance runs (a rotation unmounts it).
+                        open.remove(&e);
+                    }
+                }
+            }
+            LogMsg::Records(e, records, bytes) => {
+                if let Some(o) = open.get_mut(&e) {
+                    let r = append(o, &*volume, max, &records);
+                    match r {
+                        Ok(()) => o.failing = None,
+                        Err(err) => {
+                            if o.failing.as_deref() != Some(err.as_str()) {
+                                tracing::warn!(engine = %e, error = %err, "engine output not stored");
+                                o.failing = Some(err);
+                            }
+                            o.writer = None;
+                        }
+                    }
+                }
+                queued.fetch_sub(bytes, Ordering::AcqRel);
+            }
+        }
+    }
+}
+
+fn append(
+    o: &mut Open,
+    volume: &dyn VolumeDir,
+    max: u64,
+    records: &[Record],
+) -> Result<(), String> {
+    if o.writer.is_none() {
+        // Only ever under the mounted volume: never on the bare mount point
+        // (the node's own disk) when the volume is gone.
+        let mounted = volume.mounted();
+        if !mounted.as_ref().is_some_and(|m| o.dir.starts_with(m)) {
+            return Err(format!(
+                "{}: the tenant volume is not mounted",
+                o.dir.display()
+            ));
+        }
+        o.writer = Some(LogWriter::open(&o.dir, max).map_err(|e| e.to_string())?);
+    }
+    o.writer
+        .as_mut()
+        .map_or(Ok(()), |w| w.append(records).map_err(|e| e.to_string()))
+}
+
+/// What one capture does with its batches: counts what was dropped and
+/// writes the count as a note ahead of the next batch that fits.
+pub struct Capture {
+    sink: LogSink,
+    engine: Arc<str>,
+    dropped: u64,
+}
+
+impl Capture {
+    /// Registers an instance's output with the writer (its log directory).
+    pub fn new(sink: LogSink, engine: &str, dir: PathBuf) -> Self {
+        let engine: Arc<str> = Arc::from(engine);
+        let _ = sink.tx.send(LogMsg::Begin(engine.clone(), dir));
+        Capture {
+            sink,
+            engine,
+            dropped: 0,
+        }
+    }
+
+    /// Lines dropped and not yet reported in the log.
+    #[cfg(test)]
+    pub fn dropped(&self) -> u64 {
+        self.dropped
+    }
+
+    /// Hands a batch to the writer, or drops it (counted).
+    pub fn send(&mut self, mut records: Vec<Record>, time_ms: u64) {
+        if records.is_empty() {
+            return;
+        }
+        let n = records.len() as u64;
+        if self.dropped > 0 {
+            records.insert(0, self.note(time_ms));
+        }
+        if self.sink.offer(&self.engine, records, false) {
+            self.dropped = 0;
+        } else {
+            self.dropped += n;
+        }
+    }
+
+    fn note(&self, time_ms: u64) -> Record {
+        Record::note(
+            time_ms,
+            format!(
+                "{} line(s) dropped: the engine wrote faster than its log could be stored",
+                self.dropped
+            ),
+        )
+    }
+
+    /// The output ended: a count still unreported goes in whatever the
+    /// queue holds (one short line).
+    pub fn finish(mut self, time_ms: u64) {
+        if self.dropped > 0 {
+            let note = self.note(time_ms);
+            self.sink.offer(&self.engine, vec![note], true);
+            self.dropped = 0;
+        }
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        let _ = self.sink.tx.send(LogMsg::End(self.engine.clone()));
+    }
+}
+
+/// Starts the capture thread of one instance: reads both FIFOs until every
+/// writer is gone (the shim and the engine ended).
+pub fn capture(sink: LogSink, engine: &str, dir: PathBuf, output: Output) -> io::Result<()> {
+    let cap = Capture::new(sink, engine, dir);
+    std::thread::Builder::new()
+        .name(format!("engine-out-{engine}"))
+        .spawn(move || pump(cap, output))
+        .map(|_| ())
+}
+
+fn pump(mut cap: Capture, output: Output) {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let mut streams: Vec<(File, LineSplitter)> =
+        [(output.out, Stream::Out), (output.err, Stream::Err)]
+            .into_iter()
+            .filter_map(|(fd, s)| Some((File::from(fd?), LineSplitter::new(s, LINE_MAX))))
+            .collect();
+    let mut buf = vec![0u8; READ_CHUNK];
+    let timeout = Timespec {
+        tv_sec: FLUSH_AFTER.as_secs() as i64,
+        tv_nsec: 0,
+    };
+    while !streams.is_empty() {
+        if cap.sink.stopping.load(Ordering::Acquire) {
+            // What waits for a newline was read already: stored now.
+            let now = now_ms();
+            let mut batch = Vec::new();
+            for (_, s) in &mut streams {
+                s.flush(now, &mut batch);
+            }
+            cap.send(batch, now);
+            break;
+        }
+        let ready: Vec<bool> = {
+            let mut fds: Vec<PollFd<'_>> = streams
+                .iter()
+                .map(|(f, _)| PollFd::new(f, PollFlags::IN))
+                .collect();
+            match poll(&mut fds, Some(&timeout)) {
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    tracing::warn!(engine = %cap.engine, error = %e, "engine output: poll");
+                    break;
+                }
+                Ok(_) => fds.iter().map(|f| !f.revents().is_empty()).collect(),
+            }
+        };
+        let now = now_ms();
+        let mut batch = Vec::new();
+        if !ready.iter().any(|r| *r) {
+            // Silence: store what waits for a newline.
+            for (_, s) in &mut streams {
+                s.flush(now, &mut batch);
+            }
+            cap.send(batch, now);
+            continue;
+        }
+        let mut ended = vec![false; streams.len()];
+        for (i, (f, s)) in streams.iter_mut().enumerate() {
+            if !ready[i] {
+                continue;
+            }
+            match f.read(&mut buf) {
+                Ok(0) => {
+                    s.flush(now, &mut batch);
+                    ended[i] = true;
+                }
+                Ok(n) => s.push(&buf[..n], now, &mut batch),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::warn!(engine = %cap.engine, error = %e, "engine output: read");
+                    s.flush(now, &mut batch);
+                    ended[i] = true;
+                }
+            }
+        }
+        cap.send(batch, now);
+        let mut i = 0;
+        streams.retain(|_| {
+            i += 1;
+            !ended[i - 1]
+        });
+    }
+    cap.finish(now_ms());
+}
+
+/// The last events, shared by the runtime thread (writes) and the view.
+#[derive(Debug)]
+pub struct EventRing {
+    next: u64,
+    kept: VecDeque<EngineEvent>,
+}
+
+/// Shared handle.
+pub type Events = Arc<Mutex<EventRing>>;
+
+impl EventRing {
+    /// Sequence numbers start from the clock in microseconds, so they keep
+    /// increasing across agent restarts (a follower's last number stays
+    /// below the new agent's first).
+    pub fn new() -> Events {
+        let start = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(1, |d| u64::try_from(d.as_micros()).unwrap_or(1));
+        Arc::new(Mutex::new(EventRing {
+            next: start.max(1),
+            kept: VecDeque::new(),
+        }))
+    }
+
+    /// Records one event.
+    pub fn push(&mut self, engine: &str, ev: &Event) {
+        if self.kept.len() >= EVENTS_KEPT {
+            self.kept.pop_front();
+        }
+        self.kept.push_back(EngineEvent {
+            seq: self.next,
+            time_ms: now_ms(),
+            engine: engine.to_owned(),
+            kind: ev.name().to_owned(),
+            detail: detail(ev),
+        });
+        self.next += 1;
+    }
+
+    /// Events after `after`, oldest first, at most `max`.
+    pub fn after(&self, after: u64, max: usize) -> Vec<EngineEvent> {
+        self.kept
+            .iter()
+            .filter(|e| e.seq > after)
+            .take(max)
+            .cloned()
+            .collect()
+    }
+}
+
+/// One line on an event for the tenant.
+pub fn detail(ev: &Event) -> String {
+    match ev {
+        Event::Started {
+            instance,
+            pid,
+            version,
+        } => format!("instance {instance}, pid {pid}, version {version}"),
+        Event::Ready { instance }
+        | Event::OomKilled { instance }
+        | Event::WatchdogExpired { instance }
+        | Event::ReadyTimeout { instance }
+        | Event::Killed { instance } => format!("instance {instance}"),
+        Event::Exited { instance, exit } => format!("instance {instance}: {exit}"),
+        Event::LaunchFailed { instance, reason } => format!("instance {instance}: {reason}"),
+        Event::ProbeFailed {
+            instance,
+            probe,
+            failures,
+            threshold,
+        } => format!(
+            "instance {instance}: probes[{probe}] failed {failures} of {threshold} in a row"
+        ),
+        Event::Failed { failure } => failure.to_string(),
+        Event::BackingOff { delay, attempt } => {
+            format!("next start in {delay:?} (attempt {attempt})")
+        }
+        Event::Restarted {
+            instance,
+            attempt,
+            delay,
+        } => format!("instance {instance}, attempt {attempt}, after {delay:?}"),
+        Event::GaveUp { restarts, within } => {
+            format!("{restarts} restarts within {within:?}: left exited")
+        }
+        Event::Stopped => String::new(),
+        Event::Reloading { from, to } => format!("version {from} → {to}"),
+        Event::Reloaded { version } => format!("version {version}"),
+        Event::ReloadFailed { version, reason } => format!("version {version}: {reason}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct At(PathBuf);
+    impl VolumeDir for At {
+        fn mounted(&self) -> Option<PathBuf> {
+            Some(self.0.clone())
+        }
+    }
+
+    fn lines(n: usize, stream: Stream) -> Vec<Record> {
+        (0..n)
+            .map(|i| Record {
+                time_ms: 1,
+                stream,
+                partial: false,
+                text: format!("line {i}").into_bytes(),
+            })
+            .collect()
+    }
+
+    fn wait_written(sink: &LogSink) {
+        let t = std::time::Instant::now();
+        while sink.queued.load(Ordering::Acquire) > 0 {
+            assert!(t.elapsed() < Duration::from_secs(10), "writer stuck");
+            std::thread::yield_now();
+        }
+    }
+
+    #[test]
+    fn a_full_queue_drops_batches_and_the_log_says_how_many() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("web/logs");
+        std::fs::create_dir_all(tmp.path().join("web")).unwrap();
+        let sink = LogSink::start(
+            Arc::new(At(tmp.path().to_owned())),
+            leasehold_engines::logs::MIN_MAX_BYTES,
+            1000,
+        )
+        .unwrap();
+        let mut cap = Capture::new(sink.clone(), "web", dir.clone());
+        // The writer is held up: the queue is filled by hand first.
+        sink.queued.fetch_add(1000, Ordering::AcqRel);
+        cap.send(lines(3, Stream::Out), 5);
+        cap.send(lines(4, Stream::Err), 6);
+        assert_eq!(cap.dropped(), 7);
+        sink.queued.fetch_sub(1000, Ordering::AcqRel);
+        cap.send(lines(1, Stream::Out), 7);
+        assert_eq!(cap.dropped(), 0);
+        wait_written(&sink);
+        let back = leasehold_engines::logs::read(&dir, 0, 100).unwrap();
+        assert_eq!(back.len(), 2, "{back:?}");
+        assert_eq!(back[0].stream, Stream::Agent);
+        assert!(
+            String::from_utf8_lossy(&back[0].text).starts_with("7 line(s) dropped"),
+            "{back:?}"
+        );
+        assert_eq!(back[1].text, b"line 0");
+        // Dropped at the very end: the note still goes in.
+        sink.queued.fetch_add(1000, Ordering::AcqRel);
+        cap.send(lines(2, Stream::Out), 8);
+        sink.queued.fetch_sub(1000, Ordering::AcqRel);
+        cap.finish(9);
+        wait_written(&sink);
+        let back = leasehold_engines::logs::read(&dir, 0, 100).unwrap();
+        assert!(String::from_utf8_lossy(&back[2].text).starts_with("2 line(s) dropped"));
+    }
+
+    #[test]
+    fn nothing_is_written_outside_the_mounted_volume() {
+        let tmp = tempfile::tempdir().unwrap();
+        let vol = tmp.path().join("vol");
+        std::fs::create_dir_all(&vol).unwrap();
+        let sink = LogSink::start(
+            Arc::new(At(vol)),
+            leasehold_engines::logs::MIN_MAX_BYTES,
+            QUEUE_BYTES,
+        )
+        .unwrap();
+        let outside = tmp.path().join("bare/web/logs");
+        let mut cap = Capture::new(sink.clone(), "web", outside.clone());
+        cap.send(lines(2, Stream::Out), 1);
+        wait_written(&sink);
+        assert!(!outside.exists());
+        assert!(!tmp.path().join("bare").exists());
+    }
+
+    #[test]
+    fn fifos_carry_output_to_the_log_and_end_when_the_writers_go() {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        let dir = tmp.path().join("web/logs");
+        std::fs::create_dir_all(tmp.path().join("web")).unwrap();
+        let sink = LogSink::start(
+            Arc::new(At(tmp.path().to_owned())),
+            leasehold_engines::logs::MIN_MAX_BYTES,
+            QUEUE_BYTES,
+        )
+        .unwrap();
+        let (output, mut out_w, mut err_w) = make_fifos(&run).unwrap();
+        let cap = Capture::new(sink.clone(), "web", dir.clone());
+        let t = std::thread::spawn(move || pump(cap, output));
+        use std::io::Write;
+        out_w.write_all(b"hello\nwor").unwrap();
+        err_w.write_all(b"oops\n").unwrap();
+        out_w.write_all(b"ld\n").unwrap();
+        let long = vec![b'x'; LINE_MAX + 10];
+        out_w.write_all(&long).unwrap();
+        out_w.write_all(b"\nno newline at the end").unwrap();
+        drop((out_w, err_w));
+        t.join().unwrap();
+        wait_written(&sink);
+        let back = leasehold_engines::logs::read(&dir, 0, 100).unwrap();
+        let got: Vec<(Stream, bool, String)> = back
+            .iter()
+            .map(|r| {
+                let t = String::from_utf8_lossy(&r.text);
+                let t = if t.len() > 100 {
+                    format!("{}…", &t[..3])
+                } else {
+                    t.into_owned()
+                };
+                (r.stream, r.partial, t)
+            })
+            .collect();
+        let want = [
+            (Stream::Err, false, "oops".to_owned()),
+            (Stream::Out, false, "hello".to_owned()),
+            (Stream::Out, false, "world".to_owned()),
+            (Stream::Out, true, "xxx…".to_owned()),
+            (Stream::Out, false, "xxxxxxxxxx".to_owned()),
+            (Stream::Out, false, "no newline at the end".to_owned()),
+        ];
+        // Each stream in its own order; the two interleave as they came.
+        for s in [Stream::Out, Stream::Err] {
+            let g: Vec<_> = got.iter().filter(|r| r.0 == s).collect();
+            let w: Vec<_> = want.iter().filter(|r| r.0 == s).collect();
+            assert_eq!(g, w);
+        }
+    }
+
+    #[test]
+    fn output_written_while_no_agent_reads_waits_for_the_next_one() {
+        use std::io::Write;
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::create_dir_all(tmp.path().join("web")).unwrap();
+        let dir = tmp.path().join("web/logs");
+        let (first, mut out_w, err_w) = make_fifos(&run).unwrap();
+        // What the shim does: hold each FIFO open for reading.
+        let held = open_read(&run.join(STDOUT_FIFO)).unwrap();
+        // The agent ends: its read ends go.
+        drop(first);
+        // The engine writes on, without EPIPE: the line waits in the pipe.
+        out_w.write_all(b"while the agent restarts\n").unwrap();
+        // The next agent re-opens the FIFOs and reads what waited.
+        let again = reopen_fifos(&run).unwrap();
+        let sink = LogSink::start(
+            Arc::new(At(tmp.path().to_owned())),
+            leasehold_engines::logs::MIN_MAX_BYTES,
+            QUEUE_BYTES,
+        )
+        .unwrap();
+        let cap = Capture::new(sink.clone(), "web", dir.clone());
+        let t = std::thread::spawn(move || pump(cap, again));
+        out_w.write_all(b"after\n").unwrap();
+        drop((out_w, err_w, held));
+        t.join().unwrap();
+        wait_written(&sink);
+        let back = leasehold_engines::logs::read(&dir, 0, 10).unwrap();
+        let texts: Vec<&[u8]> = back.iter().map(|r| r.text.as_slice()).collect();
+        assert_eq!(texts, [&b"while the agent restarts"[..], b"after"]);
+        // Without the shim's hold the same write fails: the hold is what
+        // keeps the engine's output alive.
+        let (first, mut out_w, _err_w) = make_fifos(&run).unwrap();
+        drop(first);
+        let e = out_w.write_all(b"x\n").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(nix::libc::EPIPE));
+    }
+
+    #[test]
+    fn events_are_numbered_kept_bounded_and_read_after_a_number() {
+        let ring = EventRing::new();
+        let mut r = ring.lock().unwrap();
+        for i in 0..(EVENTS_KEPT + 10) {
+            r.push(
+                if i % 2 == 0 { "a" } else { "b" },
+                &Event::BackingOff {
+                    delay: Duration::from_millis(100),
+                    attempt: 1,
+                },
+            );
+        }
+        let all = r.after(0, 10_000);
+        assert_eq!(all.len(), EVENTS_KEPT);
+        assert!(all.windows(2).all(|w| w[1].seq == w[0].seq + 1));
+        let last = all.last().unwrap().seq;
+        assert!(r.after(last, 10).is_empty());
+        let some = r.after(last - 3, 2);
+        assert_eq!(some.len(), 2);
+        assert_eq!(some[0].seq, last - 2);
+        assert_eq!(some[0].kind, "backing-off");
+        assert_eq!(some[0].detail, "next start in 100ms (attempt 1)");
+        // A later ring (an agent restart) numbers above this one.
+        drop(r);
+        std::thread::sleep(Duration::from_millis(2));
+        let later = EventRing::new();
+        later.lock().unwrap().push("a", &Event::Stopped);
+        assert!(later.lock().unwrap().after(0, 1)[0].seq > last);
+    }
+}
