@@ -51,6 +51,10 @@ pub const MAX_IN_FLIGHT_PER_UID: usize = 16;
 pub const MAX_OUTGOING: usize = 64;
 /// Unique bus names whose uid is remembered (oldest forgotten first).
 const IDENTITY_CACHE: usize = 4096;
+/// How long polkit's yes is reused by default (`[dbus] auth_reuse_ms`).
+pub const AUTH_REUSE: Duration = Duration::from_secs(5);
+/// Reused answers remembered (connection, action, details).
+const GRANT_CACHE: usize = 4096;
 /// How long a uid's group membership is trusted.
 const GROUP_TTL: Duration = Duration::from_secs(10);
 /// uids whose group membership is remembered.
@@ -71,6 +75,7 @@ pub struct Authorizer {
     outgoing: Semaphore,
     identities: Mutex<Identities>,
     groups: Mutex<HashMap<u32, (Membership, Instant)>>,
+    grants: Mutex<Grants>,
     in_flight: InFlightTable,
     denials: RateLimit,
     busy: RateLimit,
@@ -216,6 +221,68 @@ impl Identities {
     }
 }
 
+/// One answer of polkit: this connection (unique name), this action, these
+/// details.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct GrantKey {
+    sender: String,
+    action: String,
+    details: Vec<(String, String)>,
+}
+
+impl GrantKey {
+    fn new(sender: &str, action: &str, details: &[(&str, &str)]) -> Self {
+        let mut details: Vec<(String, String)> = details
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        details.sort();
+        Self {
+            sender: sender.to_owned(),
+            action: action.to_owned(),
+            details,
+        }
+    }
+}
+
+/// polkit's recent yes answers, reused for [`AUTH_REUSE`] (configurable):
+/// under a flood of the bus each polkit check costs tens of milliseconds
+/// (docs/dbus.md), while a client on one connection repeats the same
+/// checks. Only yes is kept, only for unique names (never reused on a
+/// bus), never longer than the group cache that already bounds how long a
+/// removed member keeps access; the group pre-check still runs every call.
+struct Grants {
+    ttl: Duration,
+    at: HashMap<GrantKey, Instant>,
+}
+
+impl Grants {
+    fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            at: HashMap::new(),
+        }
+    }
+
+    fn holds(&self, k: &GrantKey) -> bool {
+        self.at.get(k).is_some_and(|t| t.elapsed() < self.ttl)
+    }
+
+    fn insert(&mut self, k: GrantKey) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        if self.at.len() >= GRANT_CACHE {
+            let ttl = self.ttl;
+            self.at.retain(|_, t| t.elapsed() < ttl);
+            if self.at.len() >= GRANT_CACHE {
+                self.at.clear();
+            }
+        }
+        self.at.insert(k, Instant::now());
+    }
+}
+
 /// Which of the two Leasehold groups a uid is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 struct Membership {
@@ -233,7 +300,7 @@ impl Authorizer {
     /// `conn` is used for the outgoing calls (bus, polkit): best a
     /// connection of its own, so their replies do not queue behind incoming
     /// calls. `timeout` bounds the authorization of each call.
-    pub fn new(conn: Connection, timeout: Duration) -> Self {
+    pub fn new(conn: Connection, timeout: Duration, reuse: Duration) -> Self {
         Self {
             conn,
             bus: tokio::sync::OnceCell::new(),
@@ -242,6 +309,7 @@ impl Authorizer {
             outgoing: Semaphore::new(MAX_OUTGOING),
             identities: Mutex::new(Identities::default()),
             groups: Mutex::new(HashMap::new()),
+            grants: Mutex::new(Grants::new(reuse)),
             in_flight: InFlightTable::default(),
             denials: RateLimit::new(20, Duration::from_secs(60)),
             busy: RateLimit::new(20, Duration::from_secs(60)),
@@ -306,6 +374,10 @@ impl Authorizer {
             }
         }
         let permit = self.admit(uid, action)?;
+        let grant = GrantKey::new(&sender, action, details);
+        if lock(&self.grants).holds(&grant) {
+            return Ok(Authorized { uid, permit });
+        }
         let subject = subject_of(caller, hdr)?;
         let details: HashMap<&str, &str> = details.iter().copied().collect();
         let asked = timeout_at(deadline, async {
@@ -330,7 +402,12 @@ impl Authorizer {
         })
         .await;
         match asked {
-            Ok(Ok(r)) if r.is_authorized => Ok(Authorized { uid, permit }),
+            Ok(Ok(r)) if r.is_authorized => {
+                if sender.starts_with(':') {
+                    lock(&self.grants).insert(grant);
+                }
+                Ok(Authorized { uid, permit })
+            }
             Ok(Ok(_)) => {
                 self.log_denial(uid, action, "polkit denied");
                 Err(Error::NotAuthorized(format!("not authorized for {action}")))
@@ -800,6 +877,51 @@ mod tests {
             member_of_agent_groups(4_000_000_000),
             Ok(Membership::default())
         );
+    }
+
+    #[test]
+    fn grants_are_per_connection_action_and_details_and_expire() {
+        let mut g = Grants::new(Duration::from_millis(200));
+        let k = GrantKey::new(
+            ":1.5",
+            "org.leasehold.tenant.secret",
+            &[("secret", "db"), ("method", "Put")],
+        );
+        assert!(!g.holds(&k));
+        g.insert(k.clone());
+        assert!(g.holds(&k));
+        // The details' order does not matter; their values do.
+        assert!(g.holds(&GrantKey::new(
+            ":1.5",
+            "org.leasehold.tenant.secret",
+            &[("method", "Put"), ("secret", "db")]
+        )));
+        assert!(!g.holds(&GrantKey::new(
+            ":1.5",
+            "org.leasehold.tenant.secret",
+            &[("secret", "other"), ("method", "Put")]
+        )));
+        assert!(!g.holds(&GrantKey::new(
+            ":1.6",
+            "org.leasehold.tenant.secret",
+            &[("secret", "db"), ("method", "Put")]
+        )));
+        assert!(!g.holds(&GrantKey::new(
+            ":1.5",
+            "org.leasehold.tenant.read",
+            &[("secret", "db"), ("method", "Put")]
+        )));
+        std::thread::sleep(Duration::from_millis(250));
+        assert!(!g.holds(&k), "expired");
+        // Bounded.
+        for i in 0..GRANT_CACHE + 5 {
+            g.insert(GrantKey::new(&format!(":1.{i}"), "a", &[]));
+        }
+        assert!(g.at.len() <= GRANT_CACHE);
+        // 0 turns reuse off.
+        let mut off = Grants::new(Duration::ZERO);
+        off.insert(k.clone());
+        assert!(!off.holds(&k));
     }
 
     #[test]

@@ -227,14 +227,24 @@ pub struct DbusSection {
     /// polkit); past it the call is refused with `NotAuthorized`.
     #[serde(default = "default_auth_timeout_ms")]
     pub auth_timeout_ms: u64,
+    /// How long polkit's yes is reused for the same connection, action and
+    /// details (0: ask polkit every call). At most the group cache's 10 s,
+    /// which already bounds how long a removed group member keeps access.
+    #[serde(default = "default_auth_reuse_ms")]
+    pub auth_reuse_ms: u64,
 }
 
 impl Default for DbusSection {
     fn default() -> Self {
         Self {
             auth_timeout_ms: default_auth_timeout_ms(),
+            auth_reuse_ms: default_auth_reuse_ms(),
         }
     }
+}
+
+fn default_auth_reuse_ms() -> u64 {
+    u64::try_from(crate::auth::AUTH_REUSE.as_millis()).unwrap_or(5000)
 }
 
 fn default_auth_timeout_ms() -> u64 {
@@ -565,6 +575,15 @@ impl Config {
                 ));
             }
         }
+        if self.dbus.auth_reuse_ms > 10_000 {
+            return Err(invalid(
+                "dbus.auth_reuse_ms",
+                format!(
+                    "{} is outside 0..=10000 (never longer than the 10 s group cache)",
+                    self.dbus.auth_reuse_ms
+                ),
+            ));
+        }
         if !(100..=60_000).contains(&self.dbus.auth_timeout_ms) {
             return Err(invalid(
                 "dbus.auth_timeout_ms",
@@ -692,6 +711,18 @@ mod tests {
     #[test]
     fn dbus_section_default_and_range() {
         assert_eq!(parse("").unwrap().dbus.auth_timeout_ms, 5000);
+        assert_eq!(parse("").unwrap().dbus.auth_reuse_ms, 5000);
+        assert_eq!(
+            parse("[dbus]\nauth_reuse_ms = 0\n")
+                .unwrap()
+                .dbus
+                .auth_reuse_ms,
+            0
+        );
+        let e = parse("[dbus]\nauth_reuse_ms = 10001\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("dbus.auth_reuse_ms"), "{e}");
         let c = parse("[dbus]\nauth_timeout_ms = 2500\n").unwrap();
         assert_eq!(c.dbus.auth_timeout_ms, 2500);
         let e = parse("[dbus]\nauth_timeout_ms = 0\n")

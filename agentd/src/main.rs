@@ -256,6 +256,7 @@ async fn run(args: &Args) -> Result<(), AgentError> {
         boundary: std::time::Duration::from_secs(cfg.boundary.check_interval_secs),
         tpm: std::time::Duration::from_secs(cfg.tpm.check_interval_secs),
         auth_timeout: std::time::Duration::from_millis(cfg.dbus.auth_timeout_ms),
+        auth_reuse: std::time::Duration::from_millis(cfg.dbus.auth_reuse_ms),
     };
     let result = serve(
         key_cfg,
@@ -289,6 +290,7 @@ struct Intervals {
     boundary: std::time::Duration,
     tpm: std::time::Duration,
     auth_timeout: std::time::Duration,
+    auth_reuse: std::time::Duration,
 }
 
 async fn serve(
@@ -513,7 +515,7 @@ async fn serve_bus(
     tokio::spawn(health::watch(keys, tpm_health.clone(), intervals.tpm));
     let ctx = Arc::new(api::Ctx {
         node: node.clone(),
-        auth: auth::Authorizer::new(auth_conn, intervals.auth_timeout),
+        auth: auth::Authorizer::new(auth_conn, intervals.auth_timeout, intervals.auth_reuse),
         secrets,
         boundaries: boundaries.clone(),
         volume,

@@ -29,7 +29,9 @@ fn main() {
         "- stack: private dbus-daemon (system config), polkitd 122 with the shipped rules, agentd --dev (swtpm); \
          client as a member of leasehold-landlord; every call = polkit CheckAuthorization about the caller's process \
          (pid, start time, the bus's uid) + key-thread round trip (uid and pid cached per connection: one \
-         GetConnectionCredentials per client)\n"
+         GetConnectionCredentials per client; polkit's yes reused on the same connection for 5 s, \
+         `[dbus] auth_reuse_ms`, so a client on one connection asks polkit about once per 5 s; the \
+         \"new connection per call\" row asks it every call, like one CLI run each)\n"
     )
     .unwrap();
     writeln!(out, "| load | calls | p50 | p99 | max | throughput |").unwrap();

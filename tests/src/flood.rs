@@ -91,6 +91,10 @@ pub fn during_flood(lab: &Lab, flooder: Who, calls: usize, flood: Flood) -> Floo
             s.spawn(|| lab.run(Who::Tenant, "lh-dbus-probe", &["bench", &n, "1", "tenant"]))
         });
         let floors: Vec<_> = [
+            (
+                "landlord NodeInfo, a new connection per call (one CLI run each)",
+                "landlord-fresh",
+            ),
             ("bus round trip (GetId)", "bus"),
             ("agent round trip, no polkit (Peer.Ping)", "ping"),
             ("polkit CheckAuthorization alone", "polkit"),

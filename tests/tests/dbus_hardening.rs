@@ -499,3 +499,36 @@ fn polkit_process_subject_is_bound_to_its_start_time() {
     let _ = sleeper.kill();
     let _ = sleeper.wait();
 }
+
+/// polkit's yes is reused on the same connection for the same action and
+/// details for `[dbus] auth_reuse_ms`, and only there: with polkitd frozen a
+/// connection it already answered keeps working inside the window, a new
+/// connection fails closed at once, and the window's end fails closed too.
+#[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
+fn polkit_answer_reused_per_connection_within_the_window_only() {
+    let lab = Lab::start_with_options(leasehold_tests::LabOptions {
+        agent_config: Some("[dbus]\nauth_timeout_ms = 1000\nauth_reuse_ms = 3000\n".into()),
+        ..Default::default()
+    });
+    let proxy = lab.block_on(async {
+        leasehold_dbus_api::LandlordProxy::new(lab.conn())
+            .await
+            .unwrap()
+    });
+    lab.block_on(proxy.node_info()).expect("asked polkit: yes");
+    let granted = Instant::now();
+    let frozen = Frozen::new(lab.polkit_pid().expect("polkitd running"));
+    lab.block_on(proxy.node_info())
+        .expect("the same connection, same action: polkit's yes reused");
+    // Another connection (a new CLI process) is asked about afresh.
+    let r = lab.run(Who::Root, "landlordctl", &["info"]);
+    assert_eq!(r.code, 3, "{r:?}");
+    assert!(r.stderr.contains("polkit did not answer"), "{r:?}");
+    // Past the window the first connection is asked again: fails closed.
+    std::thread::sleep(Duration::from_millis(3100).saturating_sub(granted.elapsed()));
+    let e = lab.block_on(proxy.node_info()).unwrap_err().to_string();
+    assert!(e.contains("polkit did not answer"), "{e}");
+    drop(frozen);
+    lab.block_on(proxy.node_info()).expect("polkit back");
+}

@@ -179,6 +179,19 @@ async fn bench(n: usize, clients: usize, target: &'static str) {
                         .await
                         .map(|_| ())
                         .map_err(leasehold_dbus_api::Error::ZBus),
+                    // What one CLI run costs: a connection of its own
+                    // (nothing of an earlier call reused), then NodeInfo.
+                    "landlord-fresh" => {
+                        let c = zbus::Connection::system()
+                            .await
+                            .map_err(leasehold_dbus_api::Error::ZBus)?;
+                        LandlordProxy::new(&c)
+                            .await
+                            .map_err(leasehold_dbus_api::Error::ZBus)?
+                            .node_info()
+                            .await
+                            .map(|_| ())
+                    }
                     _ => l.node_info().await.map(|_| ()),
                 }
             };
@@ -605,8 +618,11 @@ fn main() {
                 Some("ping") => "ping",
                 Some("polkit") => "polkit",
                 Some("polkit-pid") => "polkit-pid",
+                Some("landlord-fresh") => "landlord-fresh",
                 None => "landlord",
-                Some(t) => panic!("bench target {t:?}: tenant | bus | ping | polkit | polkit-pid"),
+                Some(t) => panic!(
+                    "bench target {t:?}: tenant | bus | ping | polkit | polkit-pid | landlord-fresh"
+                ),
             };
             rt.block_on(bench(n, c, target));
         }
