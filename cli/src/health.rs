@@ -109,6 +109,23 @@ pub async fn run(conn: &Connection, json: bool) -> Result<(), CliError> {
     Ok(())
 }
 
+/// `status`'s `health` (docs/json.md "StatusHealth"): one shape with or
+/// without a report, every field present (null when it has no value), so
+/// a script reads `.health.severity` without first asking which shape.
+fn part(
+    severity: &Value,
+    count: Option<usize>,
+    worst: Option<&Value>,
+    error: Option<&str>,
+) -> Value {
+    json!({
+        "severity": severity,
+        "fault_count": count,
+        "worst": worst,
+        "error": error,
+    })
+}
+
 /// For `status`: the summary (JSON, text) and the problem, if any.
 pub fn status_part(r: &Result<Value, ApiError>) -> (Value, String, Option<String>) {
     match r {
@@ -116,11 +133,12 @@ pub fn status_part(r: &Result<Value, ApiError>) -> (Value, String, Option<String
             let n = bad_faults(r);
             let problem = (n > 0).then(|| format!("health: {}", summary(r)));
             (
-                json!({
-                    "severity": r["severity"],
-                    "faults": faults(r).len(),
-                    "worst": faults(r).first(),
-                }),
+                part(
+                    &r["severity"],
+                    Some(faults(r).len()),
+                    faults(r).first(),
+                    None,
+                ),
                 summary(r),
                 problem,
             )
@@ -128,14 +146,14 @@ pub fn status_part(r: &Result<Value, ApiError>) -> (Value, String, Option<String
         // A landlord account may be kept from the health action on
         // purpose: said, not a problem.
         Err(ApiError::NotAuthorized(m)) => (
-            json!({"error": m}),
+            part(&Value::Null, None, None, Some(m)),
             "not authorized (org.leasehold.landlord.health)".into(),
             None,
         ),
         Err(e) => {
             let m = e.message();
             (
-                json!({"error": m}),
+                part(&Value::Null, None, None, Some(&m)),
                 format!("UNAVAILABLE ({m})"),
                 Some(format!("health report unavailable: {m}")),
             )
@@ -188,13 +206,18 @@ mod tests {
 
     #[test]
     fn status_part_problems() {
-        let (_, line, problem) = status_part(&Ok(report()));
+        let (v, line, problem) = status_part(&Ok(report()));
         assert!(line.starts_with("critical, 3 faults"));
+        assert_eq!(v["fault_count"], 3);
+        assert_eq!(v["worst"]["subject"], "net");
+        assert!(v["error"].is_null());
         assert!(problem.is_some());
         let warn = json!({"severity": "warning", "faults": [{"severity": "warning", "source": "net", "subject": "eth0", "message": "link down"}]});
         assert_eq!(status_part(&Ok(warn)).2, None, "warnings are not problems");
-        let (_, line, problem) = status_part(&Err(ApiError::NotAuthorized("no".into())));
+        let (v, line, problem) = status_part(&Err(ApiError::NotAuthorized("no".into())));
         assert!(line.contains("not authorized") && problem.is_none());
+        assert_eq!(v["error"], "no");
+        assert!(v["severity"].is_null() && v["fault_count"].is_null());
         let (_, _, problem) = status_part(&Err(ApiError::Failed("boom".into())));
         assert_eq!(problem.as_deref(), Some("health report unavailable: boom"));
     }

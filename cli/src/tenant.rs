@@ -209,18 +209,38 @@ fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// One `engine logs --json` line (docs/json.md "EngineLogLine"). Times are
+/// integers as everywhere in the JSON: `time` in unix seconds (as
+/// `monitor`'s), `time_ms` with the milliseconds the agent stamped.
+pub fn log_json(engine: &str, l: &(u64, String, String, bool)) -> serde_json::Value {
+    let (t, stream, text, partial) = l;
+    serde_json::json!({
+        "engine": engine,
+        "time": t / 1000,
+        "time_ms": t,
+        "stream": stream,
+        "text": text,
+        "partial": partial,
+    })
+}
+
+/// One `engine events --json` line (docs/json.md "EngineEvent").
+pub fn event_json(e: &(u64, u64, String, String, String)) -> serde_json::Value {
+    let (seq, t, engine, kind, detail) = e;
+    serde_json::json!({
+        "seq": seq,
+        "time": t / 1000,
+        "time_ms": t,
+        "engine": engine,
+        "kind": kind,
+        "detail": detail,
+    })
+}
+
 fn log_line(engine: &str, json: bool, l: &(u64, String, String, bool)) -> String {
     let (t, stream, text, partial) = l;
     if json {
-        serde_json::json!({
-            "engine": engine,
-            "time_ms": t,
-            "time": crate::timefmt::rfc3339_ms(*t),
-            "stream": stream,
-            "text": text,
-            "partial": partial,
-        })
-        .to_string()
+        log_json(engine, l).to_string()
     } else {
         // `+`: the line goes on in the next one (split at 16 KiB).
         format!(
@@ -234,17 +254,9 @@ fn log_line(engine: &str, json: bool, l: &(u64, String, String, bool)) -> String
 }
 
 fn event_line(json: bool, e: &(u64, u64, String, String, String)) -> String {
-    let (seq, t, engine, kind, detail) = e;
+    let (_, t, engine, kind, detail) = e;
     if json {
-        serde_json::json!({
-            "seq": seq,
-            "time_ms": t,
-            "time": crate::timefmt::rfc3339_ms(*t),
-            "engine": engine,
-            "kind": kind,
-            "detail": detail,
-        })
-        .to_string()
+        event_json(e).to_string()
     } else {
         format!(
             "{} {engine} {kind} {detail}",
@@ -863,6 +875,7 @@ mod tests {
         let j: serde_json::Value = serde_json::from_str(&log_line("web", true, &p)).unwrap();
         assert_eq!(j["engine"], "web");
         assert_eq!(j["time_ms"], t);
+        assert_eq!(j["time"], 1_796_336_702, "unix seconds, as monitor's");
         assert_eq!(j["partial"], true);
         let e = (42, t, "web".to_owned(), "stopped".to_owned(), String::new());
         assert_eq!(
@@ -871,6 +884,7 @@ mod tests {
         );
         let j: serde_json::Value = serde_json::from_str(&event_line(true, &e)).unwrap();
         assert_eq!(j["seq"], 42);
+        assert_eq!(j["time"], 1_796_336_702);
         assert_eq!(j["kind"], "stopped");
     }
 }

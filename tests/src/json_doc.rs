@@ -68,6 +68,9 @@ pub struct JsonDoc {
     pub commands: BTreeMap<String, Ty>,
     /// Type name → its fields.
     pub types: BTreeMap<String, BTreeMap<String, Field>>,
+    /// A type that is one of several, told apart by its `kind` field (a
+    /// `| kind | type |` table): type name → kind → the type it then is.
+    pub variants: BTreeMap<String, BTreeMap<String, Ty>>,
 }
 
 /// The backticked text of a table cell: `` `x` (…) `` → x.
@@ -99,29 +102,53 @@ impl JsonDoc {
         let mut section = String::new();
         let mut heading = String::new();
         let mut in_fields = false;
+        let mut in_variants = false;
         for (n, line) in text.lines().enumerate() {
             let at = |e: String| format!("line {}: {e}", n + 1);
             if let Some(h) = line.strip_prefix("## ") {
                 section = h.trim().to_owned();
                 heading.clear();
                 in_fields = false;
+                in_variants = false;
                 continue;
             }
             if let Some(h) = line.strip_prefix("### ") {
                 heading = h.trim().to_owned();
                 in_fields = false;
+                in_variants = false;
                 continue;
             }
             if !line.trim_start().starts_with('|') {
                 in_fields = false;
+                in_variants = false;
                 continue;
             }
             let c = cells(line);
             if c.iter().all(|x| x.trim().chars().all(|ch| ch == '-')) {
                 continue;
             }
+            if c.len() >= 2 && c[0].trim() == "kind" && c[1].trim() == "type" {
+                if doc.types.contains_key(&heading) || doc.variants.contains_key(&heading) {
+                    return Err(at(format!("type {heading} defined twice")));
+                }
+                Ty::parse(&heading).map_err(|e| at(format!("heading {heading:?}: {e}")))?;
+                doc.variants.insert(heading.clone(), BTreeMap::new());
+                in_variants = true;
+                continue;
+            }
+            if in_variants {
+                let kind = code(c[0]).ok_or_else(|| at("kind not in backticks".into()))?;
+                let ty = code(c.get(1).copied().unwrap_or_default())
+                    .ok_or_else(|| at("type not in backticks".into()))?;
+                let ty = Ty::parse(ty).map_err(at)?;
+                let kinds = doc.variants.get_mut(&heading).expect("table of a type");
+                if kinds.insert(kind.to_owned(), ty).is_some() {
+                    return Err(at(format!("{heading}: kind {kind} listed twice")));
+                }
+                continue;
+            }
             if c.len() >= 2 && c[0].trim() == "field" && c[1].trim() == "type" {
-                if doc.types.contains_key(&heading) {
+                if doc.types.contains_key(&heading) || doc.variants.contains_key(&heading) {
                     return Err(at(format!("type {heading} defined twice")));
                 }
                 Ty::parse(&heading).map_err(|e| at(format!("heading {heading:?}: {e}")))?;
@@ -162,8 +189,13 @@ impl JsonDoc {
                 f.ty.named(&mut used);
             }
         }
+        for kinds in doc.variants.values() {
+            for t in kinds.values() {
+                t.named(&mut used);
+            }
+        }
         for u in used {
-            if !doc.types.contains_key(&u) {
+            if !doc.types.contains_key(&u) && !doc.variants.contains_key(&u) {
                 return Err(format!("type {u} is used but not defined"));
             }
         }
@@ -201,6 +233,18 @@ impl JsonDoc {
                     .try_for_each(|(i, x)| self.check(x, t, &format!("{path}[{i}]"))),
                 None => wrong("an array"),
             },
+            Ty::Named(n) if self.variants.contains_key(n) => {
+                let kinds = &self.variants[n];
+                let Some(kind) = v.get("kind").and_then(Value::as_str) else {
+                    return wrong(&format!("a {n} object with a string \"kind\""));
+                };
+                match kinds.get(kind) {
+                    Some(t) => self.check(v, t, path),
+                    None => Err(format!(
+                        "{path}: kind {kind:?} is printed but not documented in docs/json.md ({n})"
+                    )),
+                }
+            }
             Ty::Named(n) => {
                 let fields = self
                     .types
@@ -269,5 +313,30 @@ mod tests {
         }
         assert!(d.check_command("y", &json!(1)).is_err());
         assert!(JsonDoc::parse(&DOC.replace("`[[B]?]`", "`[[C]?]`")).is_err());
+    }
+
+    const VARIANTS: &str = "## Commands\n\n| command | prints |\n|---|---|\n| `x` | `[V?]` |\n\n## Types\n\n### V\n\n| kind | type |\n|---|---|\n| `a` | `VA` |\n| `b` | `VB` |\n\n### VA\n\n| field | type | meaning |\n|---|---|---|\n| `kind` | `string` | |\n| `items` | `[integer]` | |\n\n### VB\n\n| field | type | meaning |\n|---|---|---|\n| `kind` | `string` | |\n| `items` | `[string]` | |\n";
+
+    #[test]
+    fn variants_are_told_apart_by_kind() {
+        let d = JsonDoc::parse(VARIANTS).unwrap();
+        assert_eq!(d.variants["V"].len(), 2);
+        assert!(d
+            .check_command(
+                "x",
+                &json!([{"kind": "a", "items": [1]}, {"kind": "b", "items": ["s"]}, null])
+            )
+            .is_ok());
+        for bad in [
+            json!([{"kind": "a", "items": ["s"]}]),
+            json!([{"kind": "b", "items": [1]}]),
+            json!([{"kind": "c", "items": []}]),
+            json!([{"items": []}]),
+            json!([{"kind": "a", "items": [], "extra": 1}]),
+        ] {
+            assert!(d.check_command("x", &bad).is_err(), "{bad}");
+        }
+        assert!(JsonDoc::parse(&VARIANTS.replace("`VB` |", "`VC` |")).is_err());
+        assert!(JsonDoc::parse(&VARIANTS.replace("| `b` |", "| `a` |")).is_err());
     }
 }

@@ -17,7 +17,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use clap::CommandFactory;
-use leasehold_cli::{boundary, output, shapes, tenant, CliError};
+use leasehold_cli::{boundary, health, output, shapes, tenant, CliError};
 use leasehold_dbus_api::{
     BoundaryInfo, EngineInfo, FlowVerdict, KeyChange, NodeInfo, PublicKey, SecretInfo, VolumeInfo,
 };
@@ -40,6 +40,7 @@ const NOT_RUN_HERE: &[(&str, &str)] = &[
     ("tenantctl engine reload", "needs a deployed engine"),
     ("tenantctl engine status", "needs a deployed engine"),
     ("tenantctl engine rm", "needs a deployed engine"),
+    ("tenantctl engine logs", "needs a deployed engine"),
 ];
 
 fn leaves(prefix: &str, c: &clap::Command, out: &mut BTreeSet<String>) {
@@ -278,11 +279,170 @@ fn output_functions_print_the_documented_shapes() {
         "tenantctl engine ls",
         &json!([tenant::engine_json(&engine)]),
     );
+    // One object per line: every field set (a partial piece, an event
+    // with a detail) and the least (an agent note, an empty detail).
+    for l in [
+        (
+            1_796_336_702_123,
+            "out".to_owned(),
+            "hello".to_owned(),
+            true,
+        ),
+        (0, "agent".to_owned(), String::new(), false),
+    ] {
+        check(&doc, "tenantctl engine logs", &tenant::log_json("web", &l));
+    }
+    for e in [
+        (
+            42,
+            1_796_336_702_123,
+            "web".to_owned(),
+            "exited".to_owned(),
+            "instance 3: exit code 1".to_owned(),
+        ),
+        (1, 0, "web".to_owned(), "stopped".to_owned(), String::new()),
+    ] {
+        check(&doc, "tenantctl engine events", &tenant::event_json(&e));
+    }
+    // The health report as the agent serializes it, every kind of reading
+    // with every optional value set and unset; `landlordctl health --json`
+    // prints it as is.
+    let report = serde_json::to_value(health_report()).unwrap();
+    check(&doc, "landlordctl health", &report);
+    let quiet = json!({"taken_at": 1, "severity": "ok", "sources": [], "faults": []});
+    check(&doc, "landlordctl health", &quiet);
+    // `status`'s summary of it: with a report, with one without faults,
+    // and without one (refused, unavailable): one shape.
+    let status_health = Ty::Named("StatusHealth".into());
+    for r in [
+        Ok(report),
+        Ok(quiet),
+        Err(leasehold_dbus_api::Error::NotAuthorized("no".into())),
+        Err(leasehold_dbus_api::Error::Failed("boom".into())),
+    ] {
+        let (v, _, _) = health::status_part(&r);
+        doc.check(&v, &status_health, "status.health").unwrap();
+    }
+
     let error = Ty::Named("ErrorReply".into());
     let mut e = CliError::new(6, "invalid argument: x");
     doc.check(&e.json(), &error, "error").unwrap();
     e.dbus_error = s("org.leasehold.Error.InvalidArgument");
     doc.check(&e.json(), &error, "error").unwrap();
+}
+
+/// A report with every source's kind of readings, once with every
+/// optional value and once without.
+fn health_report() -> leasehold_health::Report {
+    use leasehold_health::*;
+    let src = |source, status, readings| SourceReport {
+        source,
+        status,
+        deadline_ms: 2000,
+        elapsed_ms: 3,
+        readings,
+        problems: vec![Problem {
+            subject: "mc1".into(),
+            message: "ce_count: not a number".into(),
+        }],
+    };
+    let temp = |full: bool| TempSensor {
+        sensor: "hwmon0/temp1".into(),
+        chip: full.then(|| "coretemp".into()),
+        label: full.then(|| "Package id 0".into()),
+        milli_c: 41000,
+        max_milli_c: full.then_some(80000),
+        crit_milli_c: full.then_some(100_000),
+    };
+    let disk = |full: bool| DiskHealth {
+        disk: "sda".into(),
+        state: if full {
+            DiskState::Passed
+        } else {
+            DiskState::Timeout
+        },
+        critical_warning: full.then_some(0),
+        temperature_c: full.then_some(33),
+        exit_status: full.then_some(0),
+        message: full.then(|| "ok".into()),
+    };
+    let link = |full: bool| Link {
+        iface: "eth0".into(),
+        operstate: "up".into(),
+        admin_up: full,
+        carrier: full.then_some(true),
+        carrier_changes: full.then_some(1),
+    };
+    let zone = |full: bool| ThermalZone {
+        zone: "thermal_zone0".into(),
+        kind: full.then(|| "acpitz".into()),
+        milli_c: 40000,
+        trips: if full {
+            vec![Trip {
+                kind: "critical".into(),
+                milli_c: 105_000,
+            }]
+        } else {
+            vec![]
+        },
+    };
+    Report {
+        taken_at: 1_764_790_000,
+        severity: Severity::Critical,
+        sources: vec![
+            src(
+                Source::Edac,
+                SourceStatus::Ok,
+                Some(Readings::Edac(vec![EdacMc {
+                    mc: "mc0".into(),
+                    corrected: 0,
+                    uncorrected: 2,
+                }])),
+            ),
+            src(
+                Source::Hwmon,
+                SourceStatus::Ok,
+                Some(Readings::Hwmon(vec![temp(true), temp(false)])),
+            ),
+            src(
+                Source::Thermal,
+                SourceStatus::Ok,
+                Some(Readings::Thermal(vec![zone(true), zone(false)])),
+            ),
+            src(
+                Source::Block,
+                SourceStatus::Ok,
+                Some(Readings::Block(vec![
+                    BlockIo {
+                        disk: "sda".into(),
+                        io_errors: Some(0),
+                    },
+                    BlockIo {
+                        disk: "nvme0n1".into(),
+                        io_errors: None,
+                    },
+                ])),
+            ),
+            src(
+                Source::Smart,
+                SourceStatus::Ok,
+                Some(Readings::Smart(vec![disk(true), disk(false)])),
+            ),
+            src(
+                Source::Net,
+                SourceStatus::Ok,
+                Some(Readings::Net(vec![link(true), link(false)])),
+            ),
+            src(Source::Smart, SourceStatus::Stuck, None),
+            src(Source::Net, SourceStatus::Disabled, None),
+        ],
+        faults: vec![Fault {
+            severity: Severity::Critical,
+            source: Source::Edac,
+            subject: "mc0".into(),
+            message: "2 uncorrected memory errors since boot".into(),
+        }],
+    }
 }
 
 /// Runs `command` (its words after the program, then `args`) with
@@ -308,6 +468,29 @@ impl Runner<'_> {
         check(&self.doc, command, &v);
         self.seen.insert(command.to_owned());
         v
+    }
+
+    /// A command that prints one object per line (none is fine): each
+    /// line is checked.
+    #[track_caller]
+    fn lines(&mut self, who: Who, command: &str, args: &[&str]) -> Vec<Value> {
+        let mut words = command.split(' ');
+        let program = words.next().unwrap();
+        let mut argv: Vec<&str> = vec!["--json"];
+        argv.extend(words);
+        argv.extend(args);
+        let r = self.lab.run(who, program, &argv);
+        assert_eq!(r.code, 0, "{command} {args:?}: {r:?}");
+        let values: Vec<Value> = r
+            .stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{command}: {l:?}: {e}")))
+            .collect();
+        for v in &values {
+            check(&self.doc, command, v);
+        }
+        self.seen.insert(command.to_owned());
+        values
     }
 
     #[track_caller]
@@ -486,7 +669,13 @@ fn every_command_prints_its_documented_json() {
         &[1],
     );
     r.ok(l, "landlordctl volume status", &[]);
-    r.run(l, "landlordctl status", &[], &[0, 1]);
+    // The harness agent reads this host's real /sys: whatever it holds,
+    // the report has the documented shape (exit 1 if a fault is critical
+    // or stuck), and `status` carries its summary.
+    let h = r.run(l, "landlordctl health", &[], &[0, 1]);
+    assert_eq!(h["sources"].as_array().unwrap().len(), 6, "{h}");
+    let st = r.run(l, "landlordctl status", &[], &[0, 1]);
+    assert!(st["health"]["severity"].is_string(), "{st}");
     for power in ["reboot", "poweroff", "suspend"] {
         r.ok(l, &format!("landlordctl {power}"), &[]);
     }
@@ -531,6 +720,8 @@ fn every_command_prints_its_documented_json() {
     r.ok(t, "tenantctl boundary clear", &[]);
     r.ok(t, "tenantctl volume status", &[]);
     r.ok(t, "tenantctl engine ls", &[]);
+    // No engine has run: no event, no line (each line would be checked).
+    r.lines(t, "tenantctl engine events", &[]);
     r.run(t, "tenantctl status", &[], &[0, 1]);
     r.ok(t, "tenantctl rekey", &[]);
 
