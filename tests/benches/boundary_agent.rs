@@ -62,6 +62,40 @@ fn phase_lines(log: &str) -> Vec<String> {
         .collect()
 }
 
+/// Per call: reply time minus save and cut (what follows the kernel's
+/// change), as "min / median / p99 / max" for adds and for removals.
+fn reply_minus_after_kernel(v: &serde_json::Value, lines: &[String]) -> [String; 2] {
+    [("add_us", true), ("remove_us", false)].map(|(key, add)| {
+        let replies: Vec<u64> = v[key]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(serde_json::Value::as_u64)
+            .collect();
+        let after: Vec<u64> = lines
+            .iter()
+            .filter(|l| l.contains(&format!("add={add}")))
+            .map(|l| field(l, "save_us").unwrap_or(0) + field(l, "cut_us").unwrap_or(0))
+            .collect();
+        assert_eq!(replies.len(), after.len(), "one log line per call ({key})");
+        let mut d: Vec<u64> = replies
+            .iter()
+            .zip(&after)
+            .map(|(r, a)| r.saturating_sub(*a))
+            .collect();
+        d.sort_unstable();
+        let ms = |i: usize| format!("{:.2}", d[i] as f64 / 1e3);
+        let last = d.len() - 1;
+        format!(
+            "{} / {} / {} / {}",
+            ms(0),
+            ms(last / 2),
+            ms(last * 99 / 100),
+            ms(last)
+        )
+    })
+}
+
 fn field(line: &str, key: &str) -> Option<u64> {
     let at = line.find(&format!("{key}="))? + key.len() + 1;
     let digits: String = line[at..]
@@ -122,6 +156,7 @@ fn main() {
         .map(|v| v.split(',').filter_map(|x| x.parse().ok()).collect())
         .unwrap_or_else(|| vec![1_000, 100_000]);
     let mut phases: Vec<(usize, Vec<String>)> = Vec::new();
+    let mut to_kernel: Vec<(usize, [String; 2])> = Vec::new();
     for n in sizes {
         let file = lab.write_file("bulk.json", doc(n).as_bytes());
         lab.run(
@@ -177,6 +212,7 @@ fn main() {
         let lines = phase_lines(&lab.agent_log());
         phases.push((n, lines[before..].to_vec()));
         let v = r.json();
+        to_kernel.push((n, reply_minus_after_kernel(&v, &lines[before..])));
         assert_eq!(v["errors"].as_array().map(Vec::len), Some(0), "{v}");
         for what in ["add", "remove"] {
             let s = &v[what];
@@ -240,6 +276,16 @@ fn main() {
             )
             .unwrap();
         }
+    }
+    writeln!(
+        out,
+        "\nCall → kernel, per call: the client's call → reply time minus what the agent does after \
+         the kernel has the change (save and cut, from the same call's log line; calls and lines \
+         paired in order). min / median / p99 / max, ms.\n\n| peers | AddPeers | RemovePeers |\n|---|---|---|"
+    )
+    .unwrap();
+    for (n, [add, remove]) in &to_kernel {
+        writeln!(out, "| {n} | {add} | {remove} |").unwrap();
     }
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let load: Vec<&str> = load.split_whitespace().take(3).collect();

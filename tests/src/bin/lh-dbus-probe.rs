@@ -267,6 +267,13 @@ async fn peers(n: usize, target: &str) {
             }
         }
     }
+    // Each call's time in call order (µs), to pair with the agent's log.
+    let order = |v: &[Duration]| -> Vec<u64> {
+        v.iter()
+            .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+            .collect()
+    };
+    let (add_us, remove_us) = (order(&add), order(&remove));
     let stats = |v: &mut Vec<Duration>| {
         v.sort();
         let pct = |per_mille: usize| {
@@ -281,6 +288,8 @@ async fn peers(n: usize, target: &str) {
         serde_json::json!({
             "add": stats(&mut add),
             "remove": stats(&mut remove),
+            "add_us": add_us,
+            "remove_us": remove_us,
             "changes": changes,
             "errors": errors,
         })
