@@ -141,7 +141,7 @@ fn main() {
         out,
         "- stack: private dbus-daemon, polkitd 122 with the shipped rules, agentd --dev in its own network namespace; \
          client (lh-dbus-probe) as a member of leasehold-landlord, one connection; each sample = one call → reply \
-         (polkit CheckAuthorization, controller, peer edit, kernel element change over netlink, the edit stored on ext4 \
+         (authorization: polkit's yes reused on the connection for 5 s, `[dbus] auth_reuse_ms`; controller, peer edit, kernel element change over netlink, the edit stored on ext4 \
          as a journal record, fdatasync'd; a removal also cuts the removed peer's connections); the reply comes after the kernel has the element\n"
     )
     .unwrap();
