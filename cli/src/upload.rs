@@ -76,7 +76,7 @@ impl Progress {
         self.last = Some(Instant::now());
         let secs = self.start.elapsed().as_secs_f64().max(0.001);
         let mib = |b: u64| b as f64 / f64::from(1u32 << 20);
-        let pct = if total == 0 { 100 } else { done * 100 / total };
+        let pct = (done * 100).checked_div(total).unwrap_or(100);
         let mut e = std::io::stderr().lock();
         let _ = write!(
             e,

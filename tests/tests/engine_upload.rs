@@ -18,11 +18,14 @@ fn upload_over_host_reaches_the_agent_and_is_refused_without_volume() {
     assigned(&lab);
     let ssh = lab.start_sshd(&[Who::Tenant]);
     let tenantctl = leasehold_tests::bin("tenantctl");
-    let image = lab.write_file("local.tar", &vec![0x42; 5 << 20]);
+    // Over 4 MiB: more than one chunk, were there a volume.
+    lab.write_file("local.tar", &vec![0x42; 5 << 20]);
     let spec = lab.write_file("spec.toml", b"command = [\"/bin/true\"]\n");
     let remote = |args: &[&str]| -> Run {
-        let mut c = lab.command(Who::Tenant, &tenantctl);
-        // No local bus: everything goes over SSH.
+        // Run by root (who holds the client key); the SSH login is the
+        // tenant's, and that is the D-Bus caller. No local bus: everything
+        // goes over SSH.
+        let mut c = lab.command(Who::Root, &tenantctl);
         c.env_remove("DBUS_SYSTEM_BUS_ADDRESS")
             .env("LEASEHOLD_SSH", &ssh.command);
         let out = c
@@ -85,6 +88,16 @@ fn upload_over_host_reaches_the_agent_and_is_refused_without_volume() {
     let r = remote(&["engine", "deploy", "web", "app.tar", "--spec", spec]);
     assert_eq!(r.code, 69, "{r:?}");
     assert!(!r.stderr.contains("upload"), "{r:?}");
+    // A full 4 MiB chunk crosses the SSH bridge and the bus to the agent,
+    // which answers it (NotFound: `--resume` names no upload begun).
+    let t = std::time::Instant::now();
+    let r = remote(&["engine", "upload", "./local.tar", "--resume", "0123"]);
+    assert_eq!(r.code, 5, "{r:?}");
+    assert!(r.stderr.contains("no upload \"0123\""), "{r:?}");
+    println!(
+        "figure: tenantctl --host with one 4 MiB UploadChunk (ssh setup included): {} ms",
+        t.elapsed().as_millis()
+    );
     // An unknown upload id is NotFound for the tenant.
     let r = remote(&["engine", "upload-abort", "0123"]);
     assert_eq!(r.code, 5, "{r:?}");
