@@ -99,9 +99,14 @@ fn upload_over_host_reaches_the_agent_and_is_refused_without_volume() {
         t.elapsed().as_millis()
     );
     // An unknown upload id is NotFound for the tenant.
+    let t = std::time::Instant::now();
     let r = remote(&["engine", "upload-abort", "0123"]);
     assert_eq!(r.code, 5, "{r:?}");
     assert!(r.stderr.contains("no upload"), "{r:?}");
+    println!(
+        "figure: the same with no payload (AbortUpload): {} ms",
+        t.elapsed().as_millis()
+    );
 
     // No upload left anything behind in the agent's log as an error.
     assert!(!lab.agent_log().contains("image upload failed"));
