@@ -1553,7 +1553,8 @@ impl TenantEnginesApi {
         #[zbus(header)] hdr: Header<'_>,
         upload_id: String,
         offset: u64,
-        data: Vec<u8>,
+        // One block, not byte by byte: chunks are up to 4 MiB.
+        data: serde_bytes::ByteBuf,
     ) -> Result<u64, Error> {
         self.upload(&hdr, "UploadChunk", move |u, uid| {
             u.chunk(uid, &upload_id, offset, &data)

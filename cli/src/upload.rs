@@ -132,7 +132,9 @@ pub async fn upload(
                 .min(buf.len());
             file.read_exact(&mut buf[..want])
                 .map_err(|e| local_err(path, format!("{e} (did it change while being sent?)")))?;
-            offset = p.upload_chunk(&id, offset, &buf[..want]).await?;
+            offset = p
+                .upload_chunk(&id, offset, serde_bytes::Bytes::new(&buf[..want]))
+                .await?;
             progress.show(name, offset, size);
         }
         progress.clear();

@@ -633,7 +633,12 @@ pub mod tenant_engines {
         fn begin_upload(&self, name: &str, size: u64, sha256: &str) -> Result<String, Error>;
         /// Appends `data` (at most [`MAX_UPLOAD_CHUNK`] bytes) at `offset`,
         /// which must be the bytes received so far; returns that count.
-        fn upload_chunk(&self, upload_id: &str, offset: u64, data: &[u8]) -> Result<u64, Error>;
+        fn upload_chunk(
+            &self,
+            upload_id: &str,
+            offset: u64,
+            data: &serde_bytes::Bytes,
+        ) -> Result<u64, Error>;
         /// Checks the size and sha256, then puts the file in place under
         /// its name; returns the name.
         fn commit_upload(&self, upload_id: &str) -> Result<String, Error>;
