@@ -40,13 +40,27 @@ pub fn inbox_name(path: &Path) -> Result<String, CliError> {
         })
 }
 
-fn sha256_of(file: &mut std::fs::File, path: &Path) -> Result<String, CliError> {
+fn sha256_of(
+    file: &mut std::fs::File,
+    path: &Path,
+    name: &str,
+    size: u64,
+) -> Result<String, CliError> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
+    let mut progress = Progress::new("hashing");
+    let mut done = 0u64;
     loop {
         match file.read(&mut buf) {
-            Ok(0) => return Ok(hex::encode(h.finalize())),
-            Ok(n) => h.update(&buf[..n]),
+            Ok(0) => {
+                progress.clear();
+                return Ok(hex::encode(h.finalize()));
+            }
+            Ok(n) => {
+                h.update(&buf[..n]);
+                done += n as u64;
+                progress.show(name, done, size);
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => return Err(local_err(path, e)),
         }
@@ -55,14 +69,16 @@ fn sha256_of(file: &mut std::fs::File, path: &Path) -> Result<String, CliError> 
 
 /// A progress line on stderr: only on a terminal and without `--quiet`.
 struct Progress {
+    verb: &'static str,
     on: bool,
     start: Instant,
     last: Option<Instant>,
 }
 
 impl Progress {
-    fn new() -> Self {
+    fn new(verb: &'static str) -> Self {
         Self {
+            verb,
             on: std::io::stderr().is_terminal() && !crate::output::quiet(),
             start: Instant::now(),
             last: None,
@@ -80,7 +96,8 @@ impl Progress {
         let mut e = std::io::stderr().lock();
         let _ = write!(
             e,
-            "\r\x1b[2Kuploading {name}: {:.1}/{:.1} MiB ({pct}%), {:.1} MiB/s",
+            "\r\x1b[2K{} {name}: {:.1}/{:.1} MiB ({pct}%), {:.1} MiB/s",
+            self.verb,
             mib(done),
             mib(total),
             mib(done) / secs
@@ -115,7 +132,7 @@ pub async fn upload(
     let id = match resume {
         Some(id) => id.to_owned(),
         None => {
-            let digest = sha256_of(&mut file, path)?;
+            let digest = sha256_of(&mut file, path, name, size)?;
             p.begin_upload(name, size, &digest).await?
         }
     };
@@ -123,7 +140,7 @@ pub async fn upload(
         use std::io::Seek;
         file.seek(std::io::SeekFrom::Start(0))
             .map_err(|e| local_err(path, e))?;
-        let mut progress = Progress::new();
+        let mut progress = Progress::new("uploading");
         let mut buf = vec![0u8; MAX_UPLOAD_CHUNK];
         let mut offset = 0u64;
         while offset < size {

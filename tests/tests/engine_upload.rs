@@ -60,6 +60,11 @@ fn upload_over_host_reaches_the_agent_and_is_refused_without_volume() {
     assert_eq!(r.code, 69, "{r:?}");
     assert!(r.stderr.contains("no tenant volume"), "{r:?}");
 
+    // reload --image reads IMAGE the same way.
+    let r = remote(&["engine", "reload", "web", "--image", "./local.tar"]);
+    assert_eq!(r.code, 69, "{r:?}");
+    assert!(r.stderr.contains("no tenant volume is mounted"), "{r:?}");
+
     // Names are checked by the agent, before the volume: the field named.
     for bad in ["../x.tar", ".hidden", "a/b"] {
         let r = remote(&["engine", "upload", "./local.tar", "--as", bad]);
