@@ -49,6 +49,8 @@ pub struct Ctx {
     pub receipts: crate::receipts::ReceiptStore,
     /// Health reports (Health1.Report).
     pub health: Arc<leasehold_health::Monitor>,
+    /// Image uploads into the tenant's inbox.
+    pub uploads: Arc<crate::upload::Uploads>,
 }
 
 fn key_error(e: KeyError) -> Error {
@@ -1495,8 +1497,91 @@ impl TenantEnginesApi {
     }
 }
 
+fn upload_error(e: crate::upload::UploadError) -> Error {
+    use crate::upload::UploadError as U;
+    let msg = e.to_string();
+    match e {
+        U::Invalid { .. } | U::Inbox { .. } => Error::InvalidArgument(msg),
+        U::NotFound(_) => Error::NotFound(msg),
+        U::Busy => Error::Busy(msg),
+        U::NoVolume => Error::Unavailable(msg),
+        U::NoSpace { .. } => Error::Failed(msg),
+        U::Io { .. } => {
+            tracing::error!(error = %msg, "image upload failed");
+            Error::Failed(msg)
+        }
+    }
+}
+
+impl TenantEnginesApi {
+    /// Authorizes an upload call (the deploy action: an upload only
+    /// prepares a deploy) and runs it off the async workers.
+    async fn upload<T: Send + 'static>(
+        &self,
+        hdr: &Header<'_>,
+        method: &str,
+        f: impl FnOnce(&crate::upload::Uploads, u32) -> Result<T, crate::upload::UploadError>
+            + Send
+            + 'static,
+    ) -> Result<T, Error> {
+        let caller = self
+            .auth(hdr, actions::TENANT_ENGINE_DEPLOY, method, "")
+            .await?;
+        self.0.require_tenant()?;
+        let uploads = self.0.uploads.clone();
+        blocking(move || f(&uploads, caller.uid).map_err(upload_error)).await
+    }
+}
+
 #[interface(name = "org.leasehold.TenantEngines1")]
 impl TenantEnginesApi {
+    async fn begin_upload(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        name: String,
+        size: u64,
+        sha256: String,
+    ) -> Result<String, Error> {
+        self.upload(&hdr, "BeginUpload", move |u, uid| {
+            u.begin(uid, &name, size, &sha256)
+        })
+        .await
+    }
+
+    async fn upload_chunk(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        upload_id: String,
+        offset: u64,
+        // One block, not byte by byte: chunks are up to 4 MiB.
+        data: serde_bytes::ByteBuf,
+    ) -> Result<u64, Error> {
+        self.upload(&hdr, "UploadChunk", move |u, uid| {
+            u.chunk(uid, &upload_id, offset, &data)
+        })
+        .await
+    }
+
+    async fn commit_upload(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        upload_id: String,
+    ) -> Result<String, Error> {
+        self.upload(&hdr, "CommitUpload", move |u, uid| {
+            u.commit(uid, &upload_id)
+        })
+        .await
+    }
+
+    async fn abort_upload(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        upload_id: String,
+    ) -> Result<(), Error> {
+        self.upload(&hdr, "AbortUpload", move |u, uid| u.abort(uid, &upload_id))
+            .await
+    }
+
     async fn deploy(
         &self,
         #[zbus(header)] hdr: Header<'_>,

@@ -163,6 +163,9 @@ pub struct EnginesSection {
     /// files together).
     #[serde(default = "default_log_max_bytes")]
     pub log_max_bytes: u64,
+    /// Most bytes of one image upload into the inbox (`BeginUpload`).
+    #[serde(default = "default_upload_max_bytes")]
+    pub upload_max_bytes: u64,
 }
 
 impl Default for EnginesSection {
@@ -175,6 +178,7 @@ impl Default for EnginesSection {
             shim: None,
             uid_base: default_uid_base(),
             log_max_bytes: default_log_max_bytes(),
+            upload_max_bytes: default_upload_max_bytes(),
         }
     }
 }
@@ -203,6 +207,10 @@ fn default_uid_base() -> u32 {
 
 fn default_log_max_bytes() -> u64 {
     leasehold_engines::logs::DEFAULT_MAX_BYTES
+}
+
+fn default_upload_max_bytes() -> u64 {
+    crate::upload::DEFAULT_MAX_BYTES
 }
 
 /// A relative path of plain components (`a/b`), for keys that name a
@@ -549,6 +557,19 @@ impl Config {
                 ));
             }
         }
+        {
+            use crate::upload::{MAX_CHUNK, MAX_MAX_BYTES};
+            let min = MAX_CHUNK as u64;
+            if !(min..=MAX_MAX_BYTES).contains(&e.upload_max_bytes) {
+                return Err(invalid(
+                    "engines.upload_max_bytes",
+                    format!(
+                        "{} is outside {min}..={MAX_MAX_BYTES} (bytes of one image upload; the unpacker refuses archives above 8 GiB)",
+                        e.upload_max_bytes
+                    ),
+                ));
+            }
+        }
         // Together at most 23 s: a report always answers within D-Bus's
         // default 25 s call timeout.
         let h = &self.health;
@@ -672,6 +693,7 @@ mod tests {
         assert_eq!(c.engines.run_dir, PathBuf::from("/run/leasehold/engines"));
         assert_eq!(c.engines.shim, None);
         assert_eq!(c.engines.uid_base, 2_000_000);
+        assert_eq!(c.engines.upload_max_bytes, 4 << 30);
         for (text, want) in [
             (
                 "cgroup_root = \"sys\"",
@@ -693,6 +715,14 @@ mod tests {
             (
                 "log_max_bytes = 1000",
                 "engines.log_max_bytes: 1000 is outside",
+            ),
+            (
+                "upload_max_bytes = 1000",
+                "engines.upload_max_bytes: 1000 is outside",
+            ),
+            (
+                "upload_max_bytes = 9000000000",
+                "engines.upload_max_bytes: 9000000000 is outside",
             ),
         ] {
             let e = parse(&format!("[engines]\n{text}\n"))

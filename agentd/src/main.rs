@@ -21,6 +21,7 @@ mod peer_index;
 mod power;
 mod receipts;
 mod secrets;
+mod upload;
 mod volume;
 
 use std::path::{Path, PathBuf};
@@ -400,11 +401,27 @@ async fn serve(
         Ok(())
     } else {
         // After the volume: the engines run from it.
+        let uploads = Arc::new(upload::Uploads::new(
+            volume.clone(),
+            engines_cfg.images_dir.clone(),
+            engines_cfg.upload_max_bytes,
+        ));
+        {
+            // Temp files in the inbox are uploads an earlier agent never
+            // finished: nobody can finish them now.
+            let u = uploads.clone();
+            if let Ok(n) = tokio::task::spawn_blocking(move || u.sweep_at_start()).await {
+                if n > 0 {
+                    info!(files = n, "removed unfinished image uploads");
+                }
+            }
+        }
         let engines = start_engines(engines_cfg, &state_dir, volume.clone()).await?;
         serve_bus(
             keys.clone(),
             boundaries,
             volume.clone(),
+            uploads,
             engines,
             health,
             intervals,
@@ -471,6 +488,7 @@ async fn serve_bus(
     keys: Arc<Keys>,
     boundaries: Arc<boundary::Boundaries>,
     volume: Arc<volume::Volume>,
+    uploads: Arc<upload::Uploads>,
     engines: engines::EngineRuntime,
     health: leasehold_health::Settings,
     intervals: Intervals,
@@ -519,6 +537,7 @@ async fn serve_bus(
         secrets,
         boundaries: boundaries.clone(),
         volume,
+        uploads,
         tpm_health,
         receipts: receipts::ReceiptStore::new(state_dir),
         health: Arc::new(leasehold_health::Monitor::new(health)),

@@ -15,6 +15,7 @@ pub mod shapes;
 pub mod status;
 pub mod tenant;
 mod timefmt;
+pub mod upload;
 
 use std::ffi::OsString;
 use std::io::{BufRead, IsTerminal, Write};

@@ -126,16 +126,45 @@ pub enum Command {
 /// `tenantctl engine ...`
 #[derive(Debug, Subcommand)]
 pub enum EngineCommand {
-    /// Deploy an engine (left stopped) from an image archive in the inbox.
+    /// Deploy an engine (left stopped) from an image archive: a local file
+    /// (uploaded into the inbox first) or one already in the inbox.
     Deploy {
         /// Engine name.
         name: String,
-        /// The image archive's file name in the tenant's inbox on the node
-        /// (`<volume>/engines/inbox/`; copy it there first, e.g. with scp).
+        /// A local archive (a path with a `/`, or an existing local file):
+        /// uploaded into the tenant's inbox on the node, then deployed. Else
+        /// the file name of an archive already in the inbox
+        /// (`<volume>/engines/inbox/`).
         image: String,
         /// The spec (TOML, or JSON), docs/engines.md "Spec".
         #[arg(long, value_name = "FILE")]
         spec: PathBuf,
+        /// IMAGE is a local file: upload it (whatever its name).
+        #[arg(long, conflicts_with = "from_inbox")]
+        upload: bool,
+        /// IMAGE is a file name in the inbox: never upload.
+        #[arg(long)]
+        from_inbox: bool,
+    },
+    /// Upload a local image archive into the tenant's inbox on the node
+    /// (over --host too), without deploying it.
+    ///
+    /// The archive is sent in chunks of at most 4 MiB with its sha256, and
+    /// appears in the inbox only once complete and verified.
+    Upload {
+        /// The local archive.
+        file: PathBuf,
+        /// Its name in the inbox (default: the file's name).
+        #[arg(long = "as", value_name = "NAME")]
+        name: Option<String>,
+        /// Send into an upload already begun (its id) instead of beginning one.
+        #[arg(long, value_name = "UPLOAD_ID", hide = true)]
+        resume: Option<String>,
+    },
+    /// Abandon an unfinished upload (its partial file is removed).
+    UploadAbort {
+        /// The upload's id.
+        upload_id: String,
     },
     /// Start an engine (and mark it to start after a reboot).
     Start {
@@ -156,9 +185,16 @@ pub enum EngineCommand {
     Reload {
         /// Engine name.
         name: String,
-        /// A new image archive in the inbox (default: the current one).
-        #[arg(long, value_name = "FILE_NAME")]
+        /// A new image archive (default: the current one): a local file,
+        /// uploaded first, or a file name in the inbox, as for `deploy`.
+        #[arg(long, value_name = "FILE")]
         image: Option<String>,
+        /// --image is a local file: upload it.
+        #[arg(long, conflicts_with = "from_inbox", requires = "image")]
+        upload: bool,
+        /// --image is a file name in the inbox: never upload.
+        #[arg(long, requires = "image")]
+        from_inbox: bool,
         /// A new spec (default: the current one).
         #[arg(long, value_name = "FILE")]
         spec: Option<PathBuf>,
@@ -456,6 +492,22 @@ fn read_spec(path: &std::path::Path) -> Result<String, CliError> {
         .map_err(|_| CliError::new(exit::INVALID, format!("spec {}: not UTF-8", path.display())))
 }
 
+/// The inbox file name to deploy: IMAGE itself, or the name a local
+/// IMAGE was uploaded under (docs/cli.md, "engine deploy").
+async fn inbox_image(
+    p: &TenantEnginesProxy<'_>,
+    image: String,
+    upload: bool,
+    from_inbox: bool,
+) -> Result<String, CliError> {
+    if !crate::upload::is_local(&image, upload, from_inbox) {
+        return Ok(image);
+    }
+    let path = PathBuf::from(image);
+    let name = crate::upload::inbox_name(&path)?;
+    crate::upload::upload(p, &path, &name, None).await
+}
+
 async fn engine(
     conn: &zbus::Connection,
     json: bool,
@@ -466,8 +518,15 @@ async fn engine(
         .await
         .map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
     let info = match cmd {
-        EngineCommand::Deploy { name, image, spec } => {
+        EngineCommand::Deploy {
+            name,
+            image,
+            spec,
+            upload,
+            from_inbox,
+        } => {
             let text = read_spec(&spec)?;
+            let image = inbox_image(&p, image, upload, from_inbox).await?;
             p.deploy(&name, &image, &text)
                 .await
                 .map_err(in_document(&spec, "spec: "))?
@@ -475,10 +534,20 @@ async fn engine(
         EngineCommand::Start { name } => p.start(&name).await?,
         EngineCommand::Stop { name } => p.stop(&name).await?,
         EngineCommand::Restart { name } => p.restart(&name).await?,
-        EngineCommand::Reload { name, image, spec } => {
+        EngineCommand::Reload {
+            name,
+            image,
+            spec,
+            upload,
+            from_inbox,
+        } => {
             let text = match &spec {
                 Some(s) => read_spec(s)?,
                 None => String::new(),
+            };
+            let image = match image {
+                Some(i) => Some(inbox_image(&p, i, upload, from_inbox).await?),
+                None => None,
             };
             let r = p.reload(&name, image.as_deref().unwrap_or(""), &text).await;
             match &spec {
@@ -497,6 +566,28 @@ async fn engine(
                 json,
                 serde_json::json!({"name": name, "removed": true}),
                 || format!("removed engine {name}"),
+            );
+            return Ok(());
+        }
+        EngineCommand::Upload { file, name, resume } => {
+            let name = match name {
+                Some(n) => n,
+                None => crate::upload::inbox_name(&file)?,
+            };
+            let stored = crate::upload::upload(&p, &file, &name, resume.as_deref()).await?;
+            emit_done(
+                json,
+                serde_json::json!({"image": stored, "uploaded": true}),
+                || format!("uploaded {} into the inbox as {stored}", file.display()),
+            );
+            return Ok(());
+        }
+        EngineCommand::UploadAbort { upload_id } => {
+            p.abort_upload(&upload_id).await?;
+            emit_done(
+                json,
+                serde_json::json!({"upload_id": upload_id, "aborted": true}),
+                || format!("aborted upload {upload_id}"),
             );
             return Ok(());
         }

@@ -627,11 +627,31 @@ pub mod tenant_engines {
             after_seq: u64,
             max: u32,
         ) -> Result<Vec<(u64, u64, String, String, String)>, Error>;
+        /// Begins an upload of an image archive of `size` bytes whose
+        /// sha256 is `sha256` (64 hex digits) into the tenant's inbox as
+        /// `name` (a file name, as `Deploy`'s `image`); returns its id.
+        fn begin_upload(&self, name: &str, size: u64, sha256: &str) -> Result<String, Error>;
+        /// Appends `data` (at most [`MAX_UPLOAD_CHUNK`] bytes) at `offset`,
+        /// which must be the bytes received so far; returns that count.
+        fn upload_chunk(
+            &self,
+            upload_id: &str,
+            offset: u64,
+            data: &serde_bytes::Bytes,
+        ) -> Result<u64, Error>;
+        /// Checks the size and sha256, then puts the file in place under
+        /// its name; returns the name.
+        fn commit_upload(&self, upload_id: &str) -> Result<String, Error>;
+        /// Abandons an upload (its temp file is removed).
+        fn abort_upload(&self, upload_id: &str) -> Result<(), Error>;
         /// Interface version.
         #[zbus(property)]
         fn version(&self) -> zbus::Result<u32>;
     }
 }
+
+/// Most bytes one `UploadChunk` carries (4 MiB).
+pub const MAX_UPLOAD_CHUNK: usize = 4 << 20;
 
 /// Proxy of the landlord's health interface.
 pub mod health {

@@ -124,7 +124,8 @@ const fn engine_case(
 }
 
 /// The full authorization matrix: every method of both interfaces.
-/// `@PEM` and `@SECRET` are replaced with files the test writes.
+/// `@PEM`, `@SECRET`, `@SPEC`, `@EMPTY` (an empty file) … are replaced
+/// with files the test writes.
 pub const MATRIX: &[Case] = &[
     case(
         L,
@@ -523,6 +524,26 @@ pub const MATRIX: &[Case] = &[
     engine_case("Status", &["engine", "status", "web"], 5),
     engine_case("Logs", &["engine", "logs", "web"], 5),
     engine_case("Events", &["engine", "events"], 0),
+    // Uploads: a name the agent refuses (6) after authorization, in both
+    // labs; an upload id that does not exist (5). `--resume` sends into an
+    // upload without beginning one, so each method is the first called;
+    // an empty file sends no chunk and goes straight to the commit.
+    engine_case(
+        "BeginUpload",
+        &["engine", "upload", "@SPEC", "--as", ".hidden"],
+        6,
+    ),
+    engine_case(
+        "UploadChunk",
+        &["engine", "upload", "@SPEC", "--resume", "0"],
+        5,
+    ),
+    engine_case(
+        "CommitUpload",
+        &["engine", "upload", "@EMPTY", "--resume", "0"],
+        5,
+    ),
+    engine_case("AbortUpload", &["engine", "upload-abort", "0"], 5),
     // Landlord-only: the tenant is refused by polkit, an outsider by the bus.
     case(
         H,

@@ -60,6 +60,7 @@ fn auth_both_groups_user_is_refused_every_call_and_logged_once_per_connection() 
     let fdoc = lab.write_file("failsafe.toml", FAILSAFE_DOC.as_bytes());
     let sdoc = lab.write_file("sub.toml", SUB_DOC.as_bytes());
     let spec = lab.write_file("spec.toml", SPEC_DOC.as_bytes());
+    let empty = lab.write_file("empty", b"");
     let mut failures = Vec::new();
     for c in MATRIX {
         let args: Vec<&str> = c
@@ -72,6 +73,7 @@ fn auth_both_groups_user_is_refused_every_call_and_logged_once_per_connection() 
                 "@FAILSAFE" => fdoc.to_str().unwrap(),
                 "@SUB" => sdoc.to_str().unwrap(),
                 "@SPEC" => spec.to_str().unwrap(),
+                "@EMPTY" => empty.to_str().unwrap(),
                 other => other,
             })
             .collect();

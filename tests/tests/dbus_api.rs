@@ -42,6 +42,7 @@ fn dbus_authorization_matrix() {
     let fdoc = lab.write_file("failsafe.toml", FAILSAFE_DOC.as_bytes());
     let sdoc = lab.write_file("sub.toml", SUB_DOC.as_bytes());
     let spec = lab.write_file("spec.toml", SPEC_DOC.as_bytes());
+    let empty = lab.write_file("empty", b"");
     let set_boundary = || {
         lab.run(
             Who::Landlord,
@@ -99,6 +100,7 @@ fn dbus_authorization_matrix() {
                     "@FAILSAFE" => fdoc.to_str().unwrap(),
                     "@SUB" => sdoc.to_str().unwrap(),
                     "@SPEC" => spec.to_str().unwrap(),
+                    "@EMPTY" => empty.to_str().unwrap(),
                     other => other,
                 })
                 .collect();

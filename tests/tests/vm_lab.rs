@@ -158,7 +158,7 @@ const GUEST_USERS: [&str; 4] = ["root", "ll", "tt", "oo"];
 
 fn matrix_script(pem: &str) -> String {
     let mut s = String::from("set -u\ncd /tmp\n");
-    s.push_str(&format!("cat > /tmp/console.pem <<'PEM'\n{pem}PEM\nprintf 'correct horse' > /tmp/secret.txt\nchmod 644 /tmp/console.pem /tmp/secret.txt\n"));
+    s.push_str(&format!("cat > /tmp/console.pem <<'PEM'\n{pem}PEM\nprintf 'correct horse' > /tmp/secret.txt\n: > /tmp/empty\nchmod 644 /tmp/console.pem /tmp/secret.txt /tmp/empty\n"));
     for (name, doc) in [
         ("boundary", BOUNDARY_DOC),
         ("failsafe", FAILSAFE_DOC),
@@ -200,6 +200,7 @@ fn matrix_script(pem: &str) -> String {
                     "@FAILSAFE" => "/tmp/failsafe.toml".to_owned(),
                     "@SUB" => "/tmp/sub.toml".to_owned(),
                     "@SPEC" => "/tmp/spec.toml".to_owned(),
+                    "@EMPTY" => "/tmp/empty".to_owned(),
                     other => other.to_owned(),
                 })
                 .collect();

@@ -1020,3 +1020,35 @@ fn real_output_survives_an_agent_restart() {
     assert_eq!(s.last_exit, Some(Exit::Code(3)));
     wait_for(&|| texts(&rt) == ["one", "two", "three"], "every line once");
 }
+
+/// An archive uploaded in chunks (`crate::upload`) is deployed by its
+/// name: the upload and the runtime agree on where the inbox is.
+#[test]
+fn uploaded_image_deploys_by_its_name() {
+    let f = fixture(false);
+    let up = crate::upload::Uploads::new(
+        f.vol.clone(),
+        f.cfg.images_dir.clone(),
+        crate::upload::DEFAULT_MAX_BYTES,
+    );
+    let archive = image_archive();
+    let uid = rustix::process::getuid().as_raw();
+    let id = up
+        .begin(uid, "up.tar", archive.len() as u64, &sha256(&archive))
+        .unwrap();
+    let mut off = 0;
+    for c in archive.chunks(1000) {
+        off = up.chunk(uid, &id, off, c).unwrap();
+    }
+    assert_eq!(up.commit(uid, &id).unwrap(), "up.tar");
+    let mut rt = f.runtime();
+    let st = rt
+        .deploy("web", "up.tar", &spec(r#"command = ["/bin/app"]"#))
+        .unwrap();
+    assert_eq!(st.image, "up.tar");
+    assert!(f
+        .tmp
+        .path()
+        .join("vol/engines/web/v1/rootfs/bin/app")
+        .is_file());
+}

@@ -1,0 +1,370 @@
+//! T0: the temp name, rename, size and digest rules of uploads, on a
+//! tempdir standing in for the mounted tenant volume.
+
+use super::*;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::sync::RwLock;
+
+struct FakeVolume(RwLock<Option<PathBuf>>);
+
+impl VolumeDir for FakeVolume {
+    fn mounted(&self) -> Option<PathBuf> {
+        self.0.read().unwrap().clone()
+    }
+}
+
+struct Fixture {
+    tmp: tempfile::TempDir,
+    vol: Arc<FakeVolume>,
+    up: Uploads,
+}
+
+fn me() -> u32 {
+    rustix::process::getuid().as_raw()
+}
+
+fn fixture_with(max: u64) -> Fixture {
+    let tmp = tempfile::tempdir().unwrap();
+    let v = tmp.path().join("vol");
+    std::fs::create_dir(&v).unwrap();
+    let vol = Arc::new(FakeVolume(RwLock::new(Some(v))));
+    let up = Uploads::new(vol.clone(), "engines".into(), max);
+    Fixture { tmp, vol, up }
+}
+
+fn fixture() -> Fixture {
+    fixture_with(DEFAULT_MAX_BYTES)
+}
+
+impl Fixture {
+    fn inbox(&self) -> PathBuf {
+        self.tmp.path().join("vol/engines/inbox")
+    }
+    /// Names in the inbox, sorted.
+    fn listing(&self) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(self.inbox())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    }
+}
+
+fn sha(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+/// Sends `data` in chunks of `n`.
+fn send(up: &Uploads, id: &str, data: &[u8], n: usize) {
+    let mut off = 0u64;
+    for c in data.chunks(n) {
+        off = up.chunk(me(), id, off, c).unwrap();
+    }
+    assert_eq!(off, data.len() as u64);
+}
+
+#[test]
+fn upload_lands_under_its_name_only_when_complete() {
+    let f = fixture();
+    let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let id =
+        f.up.begin(me(), "app.tar", data.len() as u64, &sha(&data))
+            .unwrap();
+    // The inbox was made for the caller, 0700.
+    let m = std::fs::metadata(f.inbox()).unwrap();
+    assert_eq!(m.permissions().mode() & 0o777, 0o700);
+    assert_eq!(m.uid(), me());
+    send(&f.up, &id, &data[..50_000], 7_000);
+    // Half-way: only the temp name exists.
+    assert_eq!(f.listing(), [temp_name(&id)]);
+    let mut off = 50_000;
+    for c in data[50_000..].chunks(9_999) {
+        off = f.up.chunk(me(), &id, off, c).unwrap();
+    }
+    assert_eq!(f.up.commit(me(), &id).unwrap(), "app.tar");
+    assert_eq!(f.listing(), ["app.tar"]);
+    assert_eq!(std::fs::read(f.inbox().join("app.tar")).unwrap(), data);
+    let m = std::fs::metadata(f.inbox().join("app.tar")).unwrap();
+    assert_eq!(m.permissions().mode() & 0o777, 0o600);
+    assert_eq!(m.uid(), me());
+    // Done: the id is gone.
+    assert!(matches!(
+        f.up.commit(me(), &id),
+        Err(UploadError::NotFound(_))
+    ));
+}
+
+#[test]
+fn short_or_wrong_digest_upload_is_discarded() {
+    let f = fixture();
+    let data = b"the image bytes".to_vec();
+    std::fs::create_dir_all(f.inbox()).unwrap();
+    std::fs::write(f.inbox().join("app.tar"), b"old").unwrap();
+    // Short.
+    let id = f.up.begin(me(), "app.tar", 100, &sha(&data)).unwrap();
+    f.up.chunk(me(), &id, 0, &data).unwrap();
+    let e = f.up.commit(me(), &id).unwrap_err();
+    assert!(
+        matches!(e, UploadError::Invalid { field: "size", .. }),
+        "{e}"
+    );
+    // Wrong digest (the client's hash of other bytes).
+    let id =
+        f.up.begin(me(), "app.tar", data.len() as u64, &sha(b"something else"))
+            .unwrap();
+    f.up.chunk(me(), &id, 0, &data).unwrap();
+    let e = f.up.commit(me(), &id).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            UploadError::Invalid {
+                field: "sha256",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains(&sha(&data)), "{e}");
+    // Neither left a temp file nor touched the older image.
+    assert_eq!(f.listing(), ["app.tar"]);
+    assert_eq!(std::fs::read(f.inbox().join("app.tar")).unwrap(), b"old");
+}
+
+#[test]
+fn chunks_are_bounded_and_in_order() {
+    let f = fixture();
+    let id = f.up.begin(me(), "a.tar", 10, &sha(b"0123456789")).unwrap();
+    let e = f.up.chunk(me(), &id, 3, b"xyz").unwrap_err();
+    assert!(
+        matches!(
+            e,
+            UploadError::Invalid {
+                field: "offset",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = f.up.chunk(me(), &id, 0, b"0123456789X").unwrap_err();
+    assert!(
+        matches!(e, UploadError::Invalid { field: "data", .. }),
+        "{e}"
+    );
+    let big = vec![0u8; MAX_CHUNK + 1];
+    let e = f.up.chunk(me(), &id, 0, &big).unwrap_err();
+    assert!(
+        matches!(e, UploadError::Invalid { field: "data", .. }),
+        "{e}"
+    );
+    // Refused chunks changed nothing: the upload still completes.
+    assert_eq!(f.up.chunk(me(), &id, 0, b"01234").unwrap(), 5);
+    assert_eq!(f.up.chunk(me(), &id, 5, b"56789").unwrap(), 10);
+    assert_eq!(f.up.commit(me(), &id).unwrap(), "a.tar");
+    // Someone else's upload does not exist for the caller.
+    let id = f.up.begin(me(), "b.tar", 1, &sha(b"x")).unwrap();
+    assert!(matches!(
+        f.up.chunk(me() + 1, &id, 0, b"x"),
+        Err(UploadError::NotFound(_))
+    ));
+}
+
+#[test]
+fn bad_names_sizes_and_digests_are_refused_naming_the_field() {
+    let f = fixture_with(1000);
+    let good = sha(b"");
+    for bad in ["", "a/b", "..", "../x", ".hidden", "a\0b", &"x".repeat(256)] {
+        let e = f.up.begin(me(), bad, 1, &good).unwrap_err();
+        assert!(
+            matches!(e, UploadError::Invalid { field: "name", .. }),
+            "{bad:?}: {e}"
+        );
+        assert!(e.to_string().starts_with("name: "), "{e}");
+    }
+    let e = f.up.begin(me(), "a.tar", 1001, &good).unwrap_err();
+    assert!(
+        matches!(e, UploadError::Invalid { field: "size", .. }),
+        "{e}"
+    );
+    assert!(e.to_string().contains("engines.upload_max_bytes"), "{e}");
+    for bad in ["", "sha512:00", &"A".repeat(64), &"0".repeat(63)] {
+        let e = f.up.begin(me(), "a.tar", 1, bad).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                UploadError::Invalid {
+                    field: "sha256",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+    assert!(f
+        .up
+        .begin(me(), "a.tar", 0, &format!("sha256:{good}"))
+        .is_ok());
+    // Nothing was written for the refused ones.
+    assert_eq!(f.listing().len(), 1);
+}
+
+#[test]
+fn no_volume_is_refused_before_anything_is_written() {
+    let f = fixture();
+    *f.vol.0.write().unwrap() = None;
+    let e = f.up.begin(me(), "a.tar", 1, &sha(b"x")).unwrap_err();
+    assert!(matches!(e, UploadError::NoVolume), "{e}");
+    assert!(!f.tmp.path().join("vol/engines").exists());
+}
+
+#[test]
+fn interrupted_upload_leaves_no_image_and_its_temp_file_goes() {
+    let f = fixture();
+    let id =
+        f.up.begin(me(), "app.tar", 10, &sha(b"0123456789"))
+            .unwrap();
+    f.up.chunk(me(), &id, 0, b"01234").unwrap();
+    // The agent goes away mid-upload; a new one starts on the same volume.
+    let again = Uploads::new(f.vol.clone(), "engines".into(), DEFAULT_MAX_BYTES);
+    assert_eq!(again.sweep_at_start(), 1);
+    assert!(f.listing().is_empty());
+    // The next upload also removes temp files nobody owns, but not those
+    // of uploads in progress.
+    let live = f.up.begin(me(), "b.tar", 1, &sha(b"b")).unwrap();
+    std::fs::write(f.inbox().join(".upload-dead.part"), b"partial").unwrap();
+    let other = f.up.begin(me(), "c.tar", 1, &sha(b"c")).unwrap();
+    assert_eq!(f.listing(), {
+        let mut v = vec![temp_name(&live), temp_name(&other)];
+        v.sort();
+        v
+    });
+    f.up.abort(me(), &live).unwrap();
+    assert_eq!(f.listing(), [temp_name(&other)]);
+    assert!(matches!(
+        f.up.chunk(me(), &live, 0, b"b"),
+        Err(UploadError::NotFound(_))
+    ));
+}
+
+#[test]
+fn concurrent_uploads_of_one_name_do_not_mix() {
+    let f = Arc::new(fixture());
+    let a: Vec<u8> = vec![b'a'; 300_000];
+    let b: Vec<u8> = vec![b'b'; 200_000];
+    let ia =
+        f.up.begin(me(), "same.tar", a.len() as u64, &sha(&a))
+            .unwrap();
+    let ib =
+        f.up.begin(me(), "same.tar", b.len() as u64, &sha(&b))
+            .unwrap();
+    let threads: Vec<_> = [(ia, a.clone()), (ib.clone(), b.clone())]
+        .into_iter()
+        .map(|(id, data)| {
+            let f = f.clone();
+            std::thread::spawn(move || {
+                send(&f.up, &id, &data, 4096);
+                id
+            })
+        })
+        .collect();
+    let ids: Vec<String> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    // Each commit puts one whole archive in place; the last one wins.
+    assert_eq!(f.up.commit(me(), &ids[0]).unwrap(), "same.tar");
+    assert_eq!(std::fs::read(f.inbox().join("same.tar")).unwrap(), a);
+    assert_eq!(f.up.commit(me(), &ids[1]).unwrap(), "same.tar");
+    assert_eq!(std::fs::read(f.inbox().join("same.tar")).unwrap(), b);
+    assert_eq!(f.listing(), ["same.tar"]);
+}
+
+#[test]
+fn symlinks_in_the_inbox_are_never_followed() {
+    let f = fixture();
+    let outside = f.tmp.path().join("outside");
+    std::fs::write(&outside, b"agent's file").unwrap();
+    std::fs::create_dir_all(f.inbox()).unwrap();
+    std::os::unix::fs::symlink(&outside, f.inbox().join("app.tar")).unwrap();
+    let id = f.up.begin(me(), "app.tar", 3, &sha(b"new")).unwrap();
+    f.up.chunk(me(), &id, 0, b"new").unwrap();
+    f.up.commit(me(), &id).unwrap();
+    // The symlink was replaced, its target untouched.
+    assert_eq!(std::fs::read(&outside).unwrap(), b"agent's file");
+    assert!(std::fs::symlink_metadata(f.inbox().join("app.tar"))
+        .unwrap()
+        .is_file());
+    // An inbox that is itself a symlink, or that others may write, is refused.
+    std::fs::remove_dir_all(f.inbox()).unwrap();
+    std::os::unix::fs::symlink(f.tmp.path(), f.inbox()).unwrap();
+    let e = f.up.begin(me(), "a.tar", 1, &sha(b"x")).unwrap_err();
+    assert!(matches!(e, UploadError::Inbox { .. }), "{e}");
+    std::fs::remove_file(f.inbox()).unwrap();
+    std::fs::create_dir(f.inbox()).unwrap();
+    std::fs::set_permissions(f.inbox(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let e = f.up.begin(me(), "a.tar", 1, &sha(b"x")).unwrap_err();
+    assert!(e.to_string().contains("o-w"), "{e}");
+}
+
+#[test]
+fn uploads_in_progress_are_bounded() {
+    let f = fixture();
+    let ids: Vec<String> = (0..MAX_ACTIVE)
+        .map(|i| {
+            f.up.begin(me(), &format!("{i}.tar"), 1, &sha(b"x"))
+                .unwrap()
+        })
+        .collect();
+    assert!(matches!(
+        f.up.begin(me(), "more.tar", 1, &sha(b"x")),
+        Err(UploadError::Busy)
+    ));
+    f.up.abort(me(), &ids[0]).unwrap();
+    f.up.begin(me(), "more.tar", 1, &sha(b"x")).unwrap();
+}
+
+/// A full volume, on a real (tiny) tmpfs: refused at begin when the size
+/// does not fit, and a write that hits ENOSPC ends the upload cleanly.
+#[test]
+#[ignore = "needs root: mounts a 1 MiB tmpfs"]
+fn real_full_volume_fails_cleanly_naming_it() {
+    let f = fixture();
+    let mnt = f.tmp.path().join("vol");
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1m", "tmpfs"])
+        .arg(&mnt)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    struct Umount(PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Umount(mnt.clone());
+    let e = f.up.begin(me(), "big.tar", 4 << 20, &sha(b"")).unwrap_err();
+    assert!(matches!(e, UploadError::NoSpace { .. }), "{e}");
+    assert!(e.to_string().contains(mnt.to_str().unwrap()), "{e}");
+    // Fits at begin; then something else fills the volume.
+    let data = vec![7u8; 600 << 10];
+    let id =
+        f.up.begin(me(), "img.tar", data.len() as u64, &sha(&data))
+            .unwrap();
+    std::fs::write(mnt.join("filler"), vec![0u8; 700 << 10]).ok();
+    let mut err = None;
+    let mut off = 0;
+    for c in data.chunks(64 << 10) {
+        match f.up.chunk(me(), &id, off, c) {
+            Ok(n) => off = n,
+            Err(e) => {
+                err = Some(e);
+                break;
+            }
+        }
+    }
+    let e = err.expect("the volume filled up");
+    assert!(matches!(e, UploadError::NoSpace { .. }), "{e}");
+    assert!(f.listing().is_empty(), "{:?}", f.listing());
+    assert!(matches!(
+        f.up.commit(me(), &id),
+        Err(UploadError::NotFound(_))
+    ));
+}
