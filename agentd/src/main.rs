@@ -17,6 +17,7 @@ mod health;
 mod keys;
 mod lock;
 mod logging;
+mod metrics;
 mod peer_index;
 mod power;
 mod receipts;
@@ -102,6 +103,8 @@ enum AgentError {
     Lock(#[from] lock::LockError),
     #[error(transparent)]
     DevNet(#[from] devnet::DevNetError),
+    #[error("cannot serve the metrics: {0}")]
+    Metrics(#[from] metrics::MetricsError),
 }
 
 impl AgentError {
@@ -115,6 +118,8 @@ impl AgentError {
             AgentError::Lock(lock::LockError::Io { .. }) => exit::IO,
             AgentError::DevNet(e) if e.is_permission() => exit::NOPERM,
             AgentError::DevNet(_) => exit::UNAVAILABLE,
+            AgentError::Metrics(e) if e.is_config() => exit::CONFIG,
+            AgentError::Metrics(_) => exit::UNAVAILABLE,
             AgentError::Keys(k) => match k {
                 KeyError::InvalidTcti { .. } | KeyError::InvalidPcr(_) => exit::CONFIG,
                 KeyError::Connect { .. } => exit::UNAVAILABLE,
@@ -262,6 +267,7 @@ async fn run(args: &Args) -> Result<(), AgentError> {
         cfg.storage.clone(),
         cfg.engines.clone(),
         cfg.health.settings(),
+        cfg.metrics.clone(),
         args.oneshot,
         intervals,
         async move {
@@ -291,11 +297,15 @@ struct Intervals {
     auth_timeout: std::time::Duration,
 }
 
+// The configuration's sections, each for its own part: a struct would
+// only rename them.
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     key_cfg: KeyConfig,
     storage: config::StorageSection,
     engines_cfg: config::EnginesSection,
     health: leasehold_health::Settings,
+    metrics_cfg: config::MetricsSection,
     oneshot: bool,
     intervals: Intervals,
     stop: impl std::future::Future<Output = &'static str>,
@@ -405,6 +415,7 @@ async fn serve(
             volume.clone(),
             engines,
             health,
+            metrics_cfg,
             intervals,
             &state_dir,
             stop,
@@ -471,6 +482,7 @@ async fn serve_bus(
     volume: Arc<volume::Volume>,
     engines: engines::EngineRuntime,
     health: leasehold_health::Settings,
+    metrics_cfg: config::MetricsSection,
     intervals: Intervals,
     state_dir: &Path,
     stop: impl std::future::Future<Output = &'static str>,
@@ -546,24 +558,34 @@ async fn serve_bus(
         info!(deadline, "a boundary change awaits confirmation");
         tokio::spawn(ctx.clone().revert_at(conn.clone(), deadline));
     }
+    let dbus_metrics = Arc::new(metrics::DbusMetrics::default());
+    // Before the name is requested: a bad token file stops the start.
+    let metrics_socket = metrics::start(&metrics_cfg, ctx.clone(), dbus_metrics.clone()).await?;
     let server = conn.object_server();
+    let m = &dbus_metrics;
     server
-        .at(OBJECT_PATH, auth::Bounded(api::LandlordApi(ctx.clone())))
-        .await
-        .map_err(AgentError::Bus)?;
-    server
-        .at(OBJECT_PATH, auth::Bounded(api::TenantApi(ctx.clone())))
+        .at(
+            OBJECT_PATH,
+            auth::Bounded(api::LandlordApi(ctx.clone()), m.clone()),
+        )
         .await
         .map_err(AgentError::Bus)?;
     server
         .at(
             OBJECT_PATH,
-            auth::Bounded(api::TenantEnginesApi(ctx.clone())),
+            auth::Bounded(api::TenantApi(ctx.clone()), m.clone()),
         )
         .await
         .map_err(AgentError::Bus)?;
     server
-        .at(OBJECT_PATH, auth::Bounded(api::HealthApi(ctx)))
+        .at(
+            OBJECT_PATH,
+            auth::Bounded(api::TenantEnginesApi(ctx.clone()), m.clone()),
+        )
+        .await
+        .map_err(AgentError::Bus)?;
+    server
+        .at(OBJECT_PATH, auth::Bounded(api::HealthApi(ctx), m.clone()))
         .await
         .map_err(AgentError::Bus)?;
     conn.request_name(BUS_NAME).await.map_err(AgentError::Bus)?;
@@ -581,6 +603,9 @@ async fn serve_bus(
     // Release the name first so no new call starts, then let queued
     // changes finish before the volume closes and the keys shut down.
     let _ = conn.release_name(BUS_NAME).await;
+    if let Some(p) = metrics_socket {
+        let _ = std::fs::remove_file(p);
+    }
     let _ = tokio::task::spawn_blocking(move || node.stop()).await;
     if died {
         return Err(AgentError::Node("the controller thread ended".into()));
