@@ -43,6 +43,8 @@ pub const MAX_REQUEST_BYTES: usize = 8192;
 const READ_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time a client has to take the answer.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long unread input is drained before a connection is closed.
+const LINGER: Duration = Duration::from_secs(1);
 /// Largest token file read.
 const MAX_TOKEN_BYTES: u64 = 4096;
 /// Shortest token accepted: a guessable token is no access control.
@@ -574,6 +576,20 @@ impl Endpoint {
                 stream.write_all(head.as_bytes()).await?;
                 stream.write_all(body.as_bytes()).await?;
                 stream.shutdown().await
+            })
+            .await;
+            // Closing with unread input resets the connection, which can
+            // discard the answer before the client reads it (an oversize
+            // request's 431): read what is left, bounded, first.
+            let _ = tokio::time::timeout(LINGER, async {
+                let mut sink = [0u8; 4096];
+                let mut left = MAX_REQUEST_BYTES * 8;
+                while left > 0 {
+                    match stream.read(&mut sink).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => left = left.saturating_sub(n),
+                    }
+                }
             })
             .await;
         });
