@@ -103,7 +103,14 @@ fn metrics_socket_landlord_only_counters_move_no_tenant_data() {
     let refused = lab.run(Who::Tenant, "landlordctl", &["status"]);
     assert_ne!(refused.code, 0, "{refused:?}");
 
+    let t0 = Instant::now();
     let after = scrape(&socket);
+    eprintln!(
+        "scrape: {:?}, {} bytes, {} samples",
+        t0.elapsed(),
+        after.len(),
+        after.lines().filter(|l| !l.starts_with('#')).count()
+    );
     assert!(
         value(&after, NODE_INFO_OK) >= 1.0 + after_or_zero(&before, NODE_INFO_OK),
         "{after}"
