@@ -130,6 +130,28 @@ fn metrics_socket_landlord_only_counters_move_no_tenant_data() {
         "the tenant's name leaked:\n{after}"
     );
 
+    // What a scrape costs the agent (CPU time from /proc, in clock ticks).
+    let cpu = || {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", lab.agent_pid().unwrap())).unwrap();
+        let f: Vec<u64> = stat[stat.rfind(')').unwrap() + 2..]
+            .split(' ')
+            .skip(11)
+            .take(2)
+            .map(|v| v.parse().unwrap())
+            .collect();
+        f[0] + f[1]
+    };
+    let (ticks, t0) = (cpu(), Instant::now());
+    const N: u64 = 50;
+    for _ in 0..N {
+        scrape(&socket);
+    }
+    eprintln!(
+        "{N} scrapes in {:?}: agent CPU {:.1} ms per scrape",
+        t0.elapsed(),
+        (cpu() - ticks) as f64 * 10.0 / N as f64
+    );
+
     // Permissions: the landlord reads it; the tenant and an outsider cannot
     // even connect (curl exit 7).
     assert_eq!(curl_as(&lab, Who::Landlord, &socket), (0, "200".into()));
