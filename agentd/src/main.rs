@@ -204,6 +204,7 @@ fn load_config(args: &Args) -> Result<Config, AgentError> {
 
 async fn run(args: &Args) -> Result<(), AgentError> {
     let cfg = load_config(args)?;
+    let metrics_setup = metrics::Setup::new(&cfg.metrics)?;
     // Install handlers before touching the TPM so a SIGTERM during start-up
     // still ends in an orderly TPM shutdown.
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
@@ -267,7 +268,7 @@ async fn run(args: &Args) -> Result<(), AgentError> {
         cfg.storage.clone(),
         cfg.engines.clone(),
         cfg.health.settings(),
-        cfg.metrics.clone(),
+        metrics_setup,
         args.oneshot,
         intervals,
         async move {
@@ -305,7 +306,7 @@ async fn serve(
     storage: config::StorageSection,
     engines_cfg: config::EnginesSection,
     health: leasehold_health::Settings,
-    metrics_cfg: config::MetricsSection,
+    metrics_setup: metrics::Setup,
     oneshot: bool,
     intervals: Intervals,
     stop: impl std::future::Future<Output = &'static str>,
@@ -415,7 +416,7 @@ async fn serve(
             volume.clone(),
             engines,
             health,
-            metrics_cfg,
+            metrics_setup,
             intervals,
             &state_dir,
             stop,
@@ -482,7 +483,7 @@ async fn serve_bus(
     volume: Arc<volume::Volume>,
     engines: engines::EngineRuntime,
     health: leasehold_health::Settings,
-    metrics_cfg: config::MetricsSection,
+    metrics_setup: metrics::Setup,
     intervals: Intervals,
     state_dir: &Path,
     stop: impl std::future::Future<Output = &'static str>,
@@ -560,7 +561,7 @@ async fn serve_bus(
     }
     let dbus_metrics = Arc::new(metrics::DbusMetrics::default());
     // Before the name is requested: a bad token file stops the start.
-    let metrics_socket = metrics::start(&metrics_cfg, ctx.clone(), dbus_metrics.clone()).await?;
+    let metrics_socket = metrics::start(metrics_setup, ctx.clone(), dbus_metrics.clone()).await?;
     let server = conn.object_server();
     let m = &dbus_metrics;
     server

@@ -446,17 +446,40 @@ pub struct Endpoint {
     refused: RateLimit,
 }
 
+/// The endpoint's configuration with its token read: done at start,
+/// before the TPM is touched, so a bad token file stops the agent early.
+#[derive(Debug)]
+pub struct Setup {
+    cfg: crate::config::MetricsSection,
+    token: Option<Arc<Token>>,
+}
+
+impl Setup {
+    /// Reads the token file, if any.
+    pub fn new(cfg: &crate::config::MetricsSection) -> Result<Self, MetricsError> {
+        let token = match &cfg.token_file {
+            Some(p) => Some(Arc::new(Token::read(p)?)),
+            None => None,
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            token,
+        })
+    }
+}
+
+/// After an accept error (out of file descriptors, say): a pause, so the
+/// loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
 /// Starts the configured listeners; returns the socket path to remove at
 /// exit. Nothing configured: nothing started.
 pub async fn start(
-    cfg: &crate::config::MetricsSection,
+    setup: Setup,
     ctx: Arc<Ctx>,
     dbus: Arc<DbusMetrics>,
 ) -> Result<Option<PathBuf>, MetricsError> {
-    let token = match &cfg.token_file {
-        Some(p) => Some(Arc::new(Token::read(p)?)),
-        None => None,
-    };
+    let Setup { cfg, token } = setup;
     let ep = Arc::new(Endpoint {
         ctx,
         dbus,
@@ -472,6 +495,7 @@ pub async fn start(
         tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = l.accept().await else {
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 };
                 ep.clone().serve_one(stream, Peer::Token(token.clone()));
@@ -486,6 +510,7 @@ pub async fn start(
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = l.accept().await else {
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             };
             let uid = stream.peer_cred().map(|c| c.uid()).ok();
