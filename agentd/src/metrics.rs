@@ -642,8 +642,12 @@ impl Endpoint {
             }
         }
         let req = read_request(stream).await?;
-        if let Peer::Token(Some(token)) = &peer {
-            if !token.matches(req.authorization.as_deref()) {
+        // No token (the configuration forbids it) lets nobody in.
+        if let Peer::Token(token) = &peer {
+            if !token
+                .as_ref()
+                .is_some_and(|t| t.matches(req.authorization.as_deref()))
+            {
                 if let Some(suppressed) = self.refused.allow() {
                     tracing::warn!(
                         suppressed,
