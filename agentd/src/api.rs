@@ -484,7 +484,7 @@ impl Ctx {
         }
     }
 
-    async fn volume_info(&self) -> Result<VolumeInfo, Error> {
+    pub(crate) async fn volume_info(&self) -> Result<VolumeInfo, Error> {
         let v = self.volume.clone();
         let (m, rt, usage) =
             blocking(move || v.status().map_err(|e| Error::Failed(e.to_string()))).await?;

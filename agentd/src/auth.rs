@@ -108,7 +108,7 @@ impl Authorized {
         let uid = self.uid;
         let mut permit = Some(self.permit);
         let held = CALL_PERMIT
-            .try_with(|slot| *slot.borrow_mut() = permit.take())
+            .try_with(|slot| slot.borrow_mut().permit = permit.take())
             .is_ok();
         if held {
             Ok(uid)
@@ -285,9 +285,9 @@ impl Grants {
 
 /// Which of the two Leasehold groups a uid is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-struct Membership {
-    landlord: bool,
-    tenant: bool,
+pub(crate) struct Membership {
+    pub(crate) landlord: bool,
+    pub(crate) tenant: bool,
 }
 
 /// Why a call was refused before polkit answered.
@@ -323,6 +323,24 @@ impl Authorizer {
     /// on the node). The returned permit counts against the caller's
     /// in-flight bound until dropped.
     pub async fn check(
+        &self,
+        hdr: &Header<'_>,
+        action: &str,
+        details: &[(&str, &str)],
+        allow_root: bool,
+    ) -> Result<Authorized, Error> {
+        let r = self.check_caller(hdr, action, details, allow_root).await;
+        // The call's outcome for the metrics, when it runs inside Bounded.
+        let outcome = match &r {
+            Ok(_) => Outcome::Authorized,
+            Err(Error::Busy(_)) => Outcome::Busy,
+            Err(_) => Outcome::Denied,
+        };
+        let _ = CALL_PERMIT.try_with(|slot| slot.borrow_mut().outcome = Some(outcome));
+        r
+    }
+
+    async fn check_caller(
         &self,
         hdr: &Header<'_>,
         action: &str,
@@ -623,7 +641,7 @@ fn real_uid_of(pid: u32) -> Option<u32> {
 
 /// Group membership from the group database (NSS), like polkit's
 /// `subject.isInGroup`. A uid without a passwd entry is in no group.
-fn member_of_agent_groups(uid: u32) -> Result<Membership, nix::Error> {
+pub(crate) fn member_of_agent_groups(uid: u32) -> Result<Membership, nix::Error> {
     use nix::unistd::{getgrouplist, Gid, Group, Uid, User};
     let Some(user) = User::from_uid(Uid::from_raw(uid))? else {
         return Ok(Membership::default());
@@ -644,14 +662,52 @@ fn member_of_agent_groups(uid: u32) -> Result<Membership, nix::Error> {
 }
 
 tokio::task_local! {
-    /// The in-flight permit of the method call running in this task.
-    static CALL_PERMIT: RefCell<Option<InFlight>>;
+    /// The in-flight permit and the authorization outcome of the method
+    /// call running in this task.
+    static CALL_PERMIT: RefCell<CallSlot>;
+}
+
+/// What the shared path learns about one method call.
+#[derive(Debug, Default)]
+struct CallSlot {
+    permit: Option<InFlight>,
+    outcome: Option<Outcome>,
+}
+
+/// How a call's authorization ended (the `outcome` label of
+/// `leasehold_dbus_calls_total`). The handler's own result is not seen
+/// here: zbus sends the reply inside the generated dispatch code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Authorized; the method ran.
+    Authorized,
+    /// Refused: polkit, groups, root on the tenant interface, or no answer
+    /// in time (fail closed).
+    Denied,
+    /// Refused: too many calls of this user in flight.
+    Busy,
+    /// Answered without asking for authorization (a bug, or a method that
+    /// needs none).
+    Unchecked,
+}
+
+impl Outcome {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Authorized => "authorized",
+            Outcome::Denied => "denied",
+            Outcome::Busy => "busy",
+            Outcome::Unchecked => "unchecked",
+        }
+    }
 }
 
 /// A D-Bus interface whose method calls each run with a slot for their
 /// in-flight permit ([`Authorized::hold`]): the permit is released once the
-/// reply has been sent, whatever the handler returns.
-pub struct Bounded<I>(pub I);
+/// reply has been sent, whatever the handler returns. Every call is counted
+/// and timed in the metrics, here rather than in each method.
+pub struct Bounded<I>(pub I, pub Arc<crate::metrics::DbusMetrics>);
 
 #[zbus::export::async_trait::async_trait]
 impl<I: zbus::object_server::Interface> zbus::object_server::Interface for Bounded<I> {
@@ -720,7 +776,13 @@ impl<I: zbus::object_server::Interface> zbus::object_server::Interface for Bound
         msg: &'call zbus::Message,
         name: zbus::names::MemberName<'call>,
     ) -> zbus::object_server::DispatchResult<'call> {
-        with_permit_slot(self.0.call(server, connection, msg, name))
+        let method = name.to_string();
+        with_permit_slot(
+            self.0.call(server, connection, msg, name),
+            self.1.clone(),
+            I::name(),
+            method,
+        )
     }
 
     fn call_mut<'call>(
@@ -730,7 +792,14 @@ impl<I: zbus::object_server::Interface> zbus::object_server::Interface for Bound
         msg: &'call zbus::Message,
         name: zbus::names::MemberName<'call>,
     ) -> zbus::object_server::DispatchResult<'call> {
-        with_permit_slot(self.0.call_mut(server, connection, msg, name))
+        let method = name.to_string();
+        let metrics = self.1.clone();
+        with_permit_slot(
+            self.0.call_mut(server, connection, msg, name),
+            metrics,
+            I::name(),
+            method,
+        )
     }
 
     fn introspect_to_writer(&self, writer: &mut dyn std::fmt::Write, level: usize) {
@@ -738,14 +807,27 @@ impl<I: zbus::object_server::Interface> zbus::object_server::Interface for Bound
     }
 }
 
-fn with_permit_slot(
-    r: zbus::object_server::DispatchResult<'_>,
-) -> zbus::object_server::DispatchResult<'_> {
+fn with_permit_slot<'a>(
+    r: zbus::object_server::DispatchResult<'a>,
+    metrics: Arc<crate::metrics::DbusMetrics>,
+    interface: zbus::names::InterfaceName<'static>,
+    method: String,
+) -> zbus::object_server::DispatchResult<'a> {
     match r {
         zbus::object_server::DispatchResult::Async(f) => {
-            zbus::object_server::DispatchResult::Async(Box::pin(
-                CALL_PERMIT.scope(RefCell::new(None), f),
-            ))
+            let started = Instant::now();
+            zbus::object_server::DispatchResult::Async(Box::pin(CALL_PERMIT.scope(
+                RefCell::new(CallSlot::default()),
+                async move {
+                    let r = f.await;
+                    // The reply has been sent: the latency callers saw.
+                    let outcome = CALL_PERMIT
+                        .with(|slot| slot.borrow().outcome)
+                        .unwrap_or(Outcome::Unchecked);
+                    metrics.observe(&interface, &method, outcome, started.elapsed());
+                    r
+                },
+            )))
         }
         other => other,
     }
@@ -842,7 +924,7 @@ mod tests {
         let (held_tx, held_rx) = tokio::sync::oneshot::channel::<()>();
         let call = {
             let t = t.clone();
-            CALL_PERMIT.scope(RefCell::new(None), async move {
+            CALL_PERMIT.scope(RefCell::new(CallSlot::default()), async move {
                 let a = Authorized {
                     uid: 5,
                     permit: t.admit(5, 8).unwrap(),

@@ -33,6 +33,41 @@ pub struct Config {
     /// Health sensors (docs/health.md).
     #[serde(default)]
     pub health: HealthSection,
+    /// Prometheus metrics (docs/health.md, "Metrics"); off by default.
+    #[serde(default)]
+    pub metrics: MetricsSection,
+}
+
+/// `[metrics]`: where the Prometheus endpoint listens. Neither `socket`
+/// nor `listen`: no endpoint.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Unix socket, mode 0660, group `leasehold-landlord`: local readers.
+    pub socket: Option<PathBuf>,
+    /// TCP address; every request must carry the bearer token of
+    /// `token_file` (a port is open to every local user).
+    pub listen: Option<std::net::SocketAddr>,
+    /// The bearer token for `listen`.
+    pub token_file: Option<PathBuf>,
+    /// Connections served at once, both listeners together.
+    #[serde(default = "default_metrics_connections")]
+    pub max_connections: usize,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        Self {
+            socket: None,
+            listen: None,
+            token_file: None,
+            max_connections: default_metrics_connections(),
+        }
+    }
+}
+
+fn default_metrics_connections() -> usize {
+    4
 }
 
 /// `[health]`: which sources the health report reads and how long each
@@ -605,6 +640,43 @@ impl Config {
                 ),
             ));
         }
+        let m = &self.metrics;
+        if let Some(p) = &m.socket {
+            if !p.is_absolute() {
+                return Err(invalid(
+                    "metrics.socket",
+                    format!("{} is not an absolute path", p.display()),
+                ));
+            }
+        }
+        match (&m.listen, &m.token_file) {
+            (Some(_), None) => {
+                return Err(invalid(
+                    "metrics.token_file",
+                    "is required with metrics.listen: a TCP port is open to every local user"
+                        .into(),
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "metrics.token_file",
+                    "is only used with metrics.listen".into(),
+                ))
+            }
+            (Some(_), Some(p)) if !p.is_absolute() => {
+                return Err(invalid(
+                    "metrics.token_file",
+                    format!("{} is not an absolute path", p.display()),
+                ))
+            }
+            _ => {}
+        }
+        if !(1..=64).contains(&m.max_connections) {
+            return Err(invalid(
+                "metrics.max_connections",
+                format!("{} is outside 1..=64", m.max_connections),
+            ));
+        }
         if !(100..=60_000).contains(&self.dbus.auth_timeout_ms) {
             return Err(invalid(
                 "dbus.auth_timeout_ms",
@@ -621,6 +693,32 @@ mod tests {
 
     fn parse(t: &str) -> Result<Config, ConfigError> {
         Config::parse(Path::new("agentd.toml"), t)
+    }
+
+    #[test]
+    fn metrics_off_by_default_and_checked() {
+        let c = parse("").unwrap();
+        assert_eq!(c.metrics.socket, None);
+        assert_eq!(c.metrics.listen, None);
+        let c = parse("[metrics]\nsocket = \"/run/m.sock\"\nlisten = \"127.0.0.1:9464\"\ntoken_file = \"/etc/t\"\n").unwrap();
+        assert_eq!(c.metrics.listen.unwrap().port(), 9464);
+        assert_eq!(c.metrics.max_connections, 4);
+        for (text, key) in [
+            ("socket = \"m.sock\"", "metrics.socket"),
+            ("listen = \"127.0.0.1:9464\"", "metrics.token_file"),
+            ("token_file = \"/etc/t\"", "metrics.token_file"),
+            (
+                "listen = \"127.0.0.1:1\"\ntoken_file = \"t\"",
+                "metrics.token_file",
+            ),
+            ("max_connections = 0", "metrics.max_connections"),
+            ("listen = \"localhost\"", "metrics.listen"),
+        ] {
+            let e = parse(&format!("[metrics]\n{text}\n"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        }
     }
 
     #[test]

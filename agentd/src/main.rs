@@ -17,6 +17,7 @@ mod health;
 mod keys;
 mod lock;
 mod logging;
+mod metrics;
 mod peer_index;
 mod power;
 mod receipts;
@@ -103,6 +104,8 @@ enum AgentError {
     Lock(#[from] lock::LockError),
     #[error(transparent)]
     DevNet(#[from] devnet::DevNetError),
+    #[error("cannot serve the metrics: {0}")]
+    Metrics(#[from] metrics::MetricsError),
 }
 
 impl AgentError {
@@ -116,6 +119,8 @@ impl AgentError {
             AgentError::Lock(lock::LockError::Io { .. }) => exit::IO,
             AgentError::DevNet(e) if e.is_permission() => exit::NOPERM,
             AgentError::DevNet(_) => exit::UNAVAILABLE,
+            AgentError::Metrics(e) if e.is_config() => exit::CONFIG,
+            AgentError::Metrics(_) => exit::UNAVAILABLE,
             AgentError::Keys(k) => match k {
                 KeyError::InvalidTcti { .. } | KeyError::InvalidPcr(_) => exit::CONFIG,
                 KeyError::Connect { .. } => exit::UNAVAILABLE,
@@ -200,6 +205,7 @@ fn load_config(args: &Args) -> Result<Config, AgentError> {
 
 async fn run(args: &Args) -> Result<(), AgentError> {
     let cfg = load_config(args)?;
+    let metrics_setup = metrics::Setup::new(&cfg.metrics)?;
     // Install handlers before touching the TPM so a SIGTERM during start-up
     // still ends in an orderly TPM shutdown.
     let mut term = signal(SignalKind::terminate()).map_err(AgentError::Signals)?;
@@ -264,6 +270,7 @@ async fn run(args: &Args) -> Result<(), AgentError> {
         cfg.storage.clone(),
         cfg.engines.clone(),
         cfg.health.settings(),
+        metrics_setup,
         args.oneshot,
         intervals,
         async move {
@@ -294,11 +301,15 @@ struct Intervals {
     auth_reuse: std::time::Duration,
 }
 
+// The configuration's sections, each for its own part: a struct would
+// only rename them.
+#[allow(clippy::too_many_arguments)]
 async fn serve(
     key_cfg: KeyConfig,
     storage: config::StorageSection,
     engines_cfg: config::EnginesSection,
     health: leasehold_health::Settings,
+    metrics_setup: metrics::Setup,
     oneshot: bool,
     intervals: Intervals,
     stop: impl std::future::Future<Output = &'static str>,
@@ -424,6 +435,7 @@ async fn serve(
             uploads,
             engines,
             health,
+            metrics_setup,
             intervals,
             &state_dir,
             stop,
@@ -491,6 +503,7 @@ async fn serve_bus(
     uploads: Arc<upload::Uploads>,
     engines: engines::EngineRuntime,
     health: leasehold_health::Settings,
+    metrics_setup: metrics::Setup,
     intervals: Intervals,
     state_dir: &Path,
     stop: impl std::future::Future<Output = &'static str>,
@@ -567,24 +580,34 @@ async fn serve_bus(
         info!(deadline, "a boundary change awaits confirmation");
         tokio::spawn(ctx.clone().revert_at(conn.clone(), deadline));
     }
+    let dbus_metrics = Arc::new(metrics::DbusMetrics::default());
+    // Before the name is requested: a bad token file stops the start.
+    let metrics_socket = metrics::start(metrics_setup, ctx.clone(), dbus_metrics.clone()).await?;
     let server = conn.object_server();
+    let m = &dbus_metrics;
     server
-        .at(OBJECT_PATH, auth::Bounded(api::LandlordApi(ctx.clone())))
-        .await
-        .map_err(AgentError::Bus)?;
-    server
-        .at(OBJECT_PATH, auth::Bounded(api::TenantApi(ctx.clone())))
+        .at(
+            OBJECT_PATH,
+            auth::Bounded(api::LandlordApi(ctx.clone()), m.clone()),
+        )
         .await
         .map_err(AgentError::Bus)?;
     server
         .at(
             OBJECT_PATH,
-            auth::Bounded(api::TenantEnginesApi(ctx.clone())),
+            auth::Bounded(api::TenantApi(ctx.clone()), m.clone()),
         )
         .await
         .map_err(AgentError::Bus)?;
     server
-        .at(OBJECT_PATH, auth::Bounded(api::HealthApi(ctx)))
+        .at(
+            OBJECT_PATH,
+            auth::Bounded(api::TenantEnginesApi(ctx.clone()), m.clone()),
+        )
+        .await
+        .map_err(AgentError::Bus)?;
+    server
+        .at(OBJECT_PATH, auth::Bounded(api::HealthApi(ctx), m.clone()))
         .await
         .map_err(AgentError::Bus)?;
     conn.request_name(BUS_NAME).await.map_err(AgentError::Bus)?;
@@ -602,6 +625,9 @@ async fn serve_bus(
     // Release the name first so no new call starts, then let queued
     // changes finish before the volume closes and the keys shut down.
     let _ = conn.release_name(BUS_NAME).await;
+    if let Some(p) = metrics_socket {
+        let _ = std::fs::remove_file(p);
+    }
     let _ = tokio::task::spawn_blocking(move || node.stop()).await;
     if died {
         return Err(AgentError::Node("the controller thread ended".into()));

@@ -90,6 +90,42 @@ fn agentd_config_errors_name_the_key_and_exit_78() {
     assert_eq!(out.status.code(), Some(78));
 }
 
+/// A metrics token file that others may read stops the start before the
+/// TPM or the state directory is touched.
+#[test]
+fn agentd_metrics_token_file_checked_at_start_exit_78() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("metrics.token");
+    std::fs::write(&token, "0123456789abcdef0123\n").unwrap();
+    std::fs::set_permissions(&token, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let state = dir.path().join("state");
+    let path = dir.path().join("agentd.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[state]\ndir = \"{}\"\n[metrics]\nlisten = \"127.0.0.1:9464\"\ntoken_file = \"{}\"\n",
+            state.display(),
+            token.display()
+        ),
+    )
+    .unwrap();
+    let out = agentd()
+        .arg("--config")
+        .arg(&path)
+        .arg("--oneshot")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{err}");
+    assert!(
+        err.contains("metrics.token_file") && err.contains("metrics.token"),
+        "{err}"
+    );
+    assert!(!state.exists(), "the state directory was touched");
+    assert!(!err.contains("0123456789abcdef"), "the token leaked: {err}");
+}
+
 #[test]
 fn agentd_unreachable_tpm_exits_69() {
     let dir = tempfile::tempdir().unwrap();

@@ -1,0 +1,950 @@
+//! Prometheus metrics for the landlord (docs/health.md, "Metrics").
+//!
+//! Aggregates only: counts, generations, states. No engine name, secret
+//! name, peer, path or message is ever a label value or a value: the
+//! snapshot below holds numbers and fixed words, so nothing else can be
+//! encoded. The node's state is read when a scrape arrives (the health
+//! report with its own deadlines); D-Bus calls are counted as they end, in
+//! the shared dispatch path (`auth::Bounded`).
+//!
+//! The endpoint answers `GET /metrics` (HTTP/1.1, one request per
+//! connection) on a unix socket for local readers (mode 0660, group
+//! `leasehold-landlord`, and the peer's uid checked again on accept)
+//! and, if configured, on a TCP address where each request must carry a
+//! bearer token (a port is open to every local user, the tenant's too).
+//! Requests are parsed with `httparse`; the rest is a few writes, so no
+//! HTTP server crate.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use leasehold_engines::supervisor::Phase;
+use leasehold_health::{Report, Severity, Source};
+use leasehold_node::EngineStatus;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Semaphore;
+use zeroize::Zeroizing;
+
+use crate::api::Ctx;
+use crate::auth::{Outcome, RateLimit};
+
+/// Largest request accepted (request line and headers).
+pub const MAX_REQUEST_BYTES: usize = 8192;
+/// Time a client has to send its request.
+const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a client has to take the answer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long unread input is drained before a connection is closed.
+const LINGER: Duration = Duration::from_secs(1);
+/// Largest token file read.
+const MAX_TOKEN_BYTES: u64 = 4096;
+/// Shortest token accepted: a guessable token is no access control.
+const MIN_TOKEN_BYTES: usize = 16;
+/// Latency buckets (seconds): 1 ms to 30 s; a call waits at most the
+/// authorization deadline plus the method's own.
+const LATENCY_BUCKETS: [f64; 12] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 2.5, 10.0, 30.0,
+];
+
+/// Engine phases, so every phase has a series (0 when no engine is in it).
+const PHASES: [Phase; 8] = [
+    Phase::Stopped,
+    Phase::Starting,
+    Phase::Running,
+    Phase::Ready,
+    Phase::Stopping,
+    Phase::Exited,
+    Phase::BackingOff,
+    Phase::GaveUp,
+];
+/// Volume states (`VolumeStatus.state`), one-hot.
+pub const VOLUME_STATES: [&str; 5] = ["none", "open", "closed", "error", "unknown"];
+const SEVERITIES: [Severity; 3] = [Severity::Warning, Severity::Critical, Severity::Stuck];
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CallLabels {
+    interface: String,
+    method: String,
+    outcome: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct MethodLabels {
+    interface: String,
+    method: String,
+}
+
+/// D-Bus calls by interface, method and authorization outcome. Methods
+/// are those the interfaces export (an unknown name is answered by zbus
+/// and never reaches here), so the label sets are bounded.
+#[derive(Debug)]
+pub struct DbusMetrics {
+    calls: Family<CallLabels, Counter>,
+    latency: Family<MethodLabels, Histogram>,
+}
+
+impl Default for DbusMetrics {
+    fn default() -> Self {
+        Self {
+            calls: Family::default(),
+            latency: Family::new_with_constructor(|| Histogram::new(LATENCY_BUCKETS)),
+        }
+    }
+}
+
+impl DbusMetrics {
+    /// One call answered after `took`.
+    pub fn observe(&self, interface: &str, method: &str, outcome: Outcome, took: Duration) {
+        self.calls
+            .get_or_create(&CallLabels {
+                interface: interface.to_owned(),
+                method: method.to_owned(),
+                outcome: outcome.as_str().to_owned(),
+            })
+            .inc();
+        self.latency
+            .get_or_create(&MethodLabels {
+                interface: interface.to_owned(),
+                method: method.to_owned(),
+            })
+            .observe(took.as_secs_f64());
+    }
+}
+
+/// What a scrape reports about the node: numbers and fixed words only.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Snapshot {
+    pub landlord_generation: u64,
+    /// Tenant key-pair and symmetric-key generations; None: not assigned.
+    pub tenant_generations: Option<(u64, u64)>,
+    pub tpm_ok: bool,
+    pub boundary_enforced: bool,
+    pub boundary_elements: Option<u64>,
+    pub boundary_drifts: u64,
+    pub boundary_drift_unrepaired: bool,
+    /// One of [`VOLUME_STATES`].
+    pub volume_state: &'static str,
+    /// Bytes used and total of the mounted volume.
+    pub volume_usage: Option<(u64, u64)>,
+    pub engines: BTreeMap<&'static str, u64>,
+    pub engine_restarts: u64,
+    /// Faults by (source, severity).
+    pub faults: BTreeMap<(&'static str, &'static str), u64>,
+    /// Health sources by (source, status) in the last report.
+    pub sources_stuck: BTreeMap<&'static str, bool>,
+    pub health_seconds: f64,
+}
+
+impl Snapshot {
+    /// Engine counts by phase and the sum of their restarts; names dropped.
+    pub fn count_engines(&mut self, engines: &[EngineStatus]) {
+        self.engines = PHASES.iter().map(|p| (p.name(), 0)).collect();
+        for e in engines {
+            *self.engines.entry(e.phase.name()).or_default() += 1;
+            self.engine_restarts += u64::from(e.restarts);
+        }
+    }
+
+    /// Fault counts by source and severity; subjects and messages dropped.
+    pub fn count_faults(&mut self, report: &Report) {
+        self.faults.clear();
+        for s in Source::ALL {
+            for v in SEVERITIES {
+                self.faults.insert((s.as_str(), v.as_str()), 0);
+            }
+        }
+        for f in &report.faults {
+            *self
+                .faults
+                .entry((f.source.as_str(), f.severity.as_str()))
+                .or_default() += 1;
+        }
+        self.sources_stuck = report
+            .sources
+            .iter()
+            .map(|s| {
+                (
+                    s.source.as_str(),
+                    s.status == leasehold_health::SourceStatus::Stuck,
+                )
+            })
+            .collect();
+    }
+}
+
+fn gauge(v: u64) -> Gauge {
+    let g = Gauge::default();
+    g.set(i64::try_from(v).unwrap_or(i64::MAX));
+    g
+}
+
+/// The text format (Prometheus 0.0.4) of `s` and the D-Bus counters.
+pub fn encode(s: &Snapshot, dbus: &DbusMetrics) -> String {
+    let mut r = Registry::with_prefix("leasehold");
+    r.register(
+        "landlord_key_generation",
+        "Landlord key-pair generation",
+        gauge(s.landlord_generation),
+    );
+    r.register(
+        "assigned",
+        "1 if the node is assigned to a tenant",
+        gauge(u64::from(s.tenant_generations.is_some())),
+    );
+    if let Some((pair, key)) = s.tenant_generations {
+        r.register(
+            "tenant_key_generation",
+            "Tenant key-pair generation (absent when not assigned)",
+            gauge(pair),
+        );
+        r.register(
+            "tenant_symmetric_key_generation",
+            "Tenant symmetric key (KT) generation (absent when not assigned)",
+            gauge(key),
+        );
+    }
+    r.register(
+        "tpm_up",
+        "1 if the last TPM check answered",
+        gauge(u64::from(s.tpm_ok)),
+    );
+    r.register(
+        "boundary_enforced",
+        "1 if the boundary's nftables table is in the kernel",
+        gauge(u64::from(s.boundary_enforced)),
+    );
+    if let Some(n) = s.boundary_elements {
+        r.register(
+            "boundary_elements",
+            "Set elements of the enforced boundary",
+            gauge(n),
+        );
+    }
+    let drifts: Counter = Counter::default();
+    drifts.inc_by(s.boundary_drifts);
+    r.register(
+        "boundary_drifts",
+        "Times the kernel's table was found changed and restored, since the agent started",
+        drifts,
+    );
+    r.register(
+        "boundary_drift_unrepaired",
+        "1 if the last drift could not be repaired",
+        gauge(u64::from(s.boundary_drift_unrepaired)),
+    );
+    let volume = Family::<[(&'static str, &'static str); 1], Gauge>::default();
+    for state in VOLUME_STATES {
+        volume
+            .get_or_create(&[("state", state)])
+            .set(i64::from(state == s.volume_state));
+    }
+    r.register("volume_state", "The tenant volume's state, one-hot", volume);
+    if let Some((used, total)) = s.volume_usage {
+        r.register(
+            "volume_used_bytes",
+            "Bytes used on the tenant volume",
+            gauge(used),
+        );
+        r.register(
+            "volume_size_bytes",
+            "Size of the tenant volume's filesystem",
+            gauge(total),
+        );
+    }
+    let engines = Family::<[(&'static str, &'static str); 1], Gauge>::default();
+    for (phase, n) in &s.engines {
+        engines
+            .get_or_create(&[("state", *phase)])
+            .set(i64::try_from(*n).unwrap_or(i64::MAX));
+    }
+    r.register("engines", "Engines by supervision state", engines);
+    r.register(
+        "engine_restarts",
+        "Supervisor restarts of the deployed engines since their deploy, summed",
+        gauge(s.engine_restarts),
+    );
+    let faults = Family::<[(&'static str, &'static str); 2], Gauge>::default();
+    for ((source, severity), n) in &s.faults {
+        faults
+            .get_or_create(&[("source", *source), ("severity", *severity)])
+            .set(i64::try_from(*n).unwrap_or(i64::MAX));
+    }
+    r.register(
+        "health_faults",
+        "Faults in the health report taken for this scrape",
+        faults,
+    );
+    let stuck = Family::<[(&'static str, &'static str); 1], Gauge>::default();
+    for (source, is) in &s.sources_stuck {
+        stuck
+            .get_or_create(&[("source", *source)])
+            .set(i64::from(*is));
+    }
+    r.register(
+        "health_source_stuck",
+        "1 if the source missed its deadline in this scrape's report",
+        stuck,
+    );
+    let took = Gauge::<f64, std::sync::atomic::AtomicU64>::default();
+    took.set(s.health_seconds);
+    r.register(
+        "health_report_seconds",
+        "Time the health report of this scrape took",
+        took,
+    );
+    r.register(
+        "dbus_calls",
+        "D-Bus method calls answered, by authorization outcome",
+        dbus.calls.clone(),
+    );
+    r.register(
+        "dbus_call_duration_seconds",
+        "D-Bus method calls from dispatch to the reply sent",
+        dbus.latency.clone(),
+    );
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &r);
+    out
+}
+
+/// Reads the node's state for one scrape.
+pub async fn collect(ctx: &Ctx) -> Snapshot {
+    let mut s = Snapshot::default();
+    {
+        let snap = ctx.node.snapshot();
+        s.landlord_generation = snap.status.landlord.generation;
+        s.tenant_generations = snap
+            .status
+            .tenant
+            .as_ref()
+            .map(|t| (t.generation, t.key_generation));
+    }
+    s.tpm_ok = ctx.tpm_health.error().is_none();
+    let b = ctx.boundaries.clone();
+    if let Ok(info) = tokio::task::spawn_blocking(move || b.status()).await {
+        s.boundary_enforced = info.enforced.unwrap_or(false);
+        s.boundary_elements = info.elements;
+        s.boundary_drifts = info.drift_count.unwrap_or(0);
+        s.boundary_drift_unrepaired = info.drift_unrepaired.is_some();
+    }
+    s.volume_state = "unknown";
+    if let Ok(v) = ctx.volume_info().await {
+        s.volume_state = VOLUME_STATES
+            .into_iter()
+            .find(|st| v.state.as_deref() == Some(*st))
+            .unwrap_or("unknown");
+        s.volume_usage = v.used.zip(v.total);
+    }
+    s.count_engines(&ctx.node.engines());
+    let monitor = ctx.health.clone();
+    let asked = Instant::now();
+    // The report keeps its sources' deadlines (docs/health.md), and
+    // shares one in flight with D-Bus callers.
+    if let Ok(report) = tokio::task::spawn_blocking(move || monitor.report_asked_at(asked)).await {
+        s.count_faults(&report);
+    }
+    s.health_seconds = asked.elapsed().as_secs_f64();
+    s
+}
+
+/// Why the endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    #[error("metrics.socket {path}: {source}")]
+    Socket {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("metrics.socket {path}: exists and is not a socket; not replaced")]
+    NotASocket { path: PathBuf },
+    #[error("metrics.listen {addr}: {source}")]
+    Listen {
+        addr: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("metrics.token_file {path}: {reason}")]
+    Token { path: PathBuf, reason: String },
+}
+
+impl MetricsError {
+    /// A configuration the administrator must fix (not a busy port).
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self,
+            MetricsError::Token { .. } | MetricsError::NotASocket { .. }
+        )
+    }
+}
+
+/// The bearer token of the TCP listener.
+pub struct Token(Zeroizing<Vec<u8>>);
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(redacted)")
+    }
+}
+
+impl Token {
+    /// Reads the token: one line, at least [`MIN_TOKEN_BYTES`], from a
+    /// file no other user may read or write (fail closed otherwise).
+    pub fn read(path: &Path) -> Result<Self, MetricsError> {
+        let bad = |reason: String| MetricsError::Token {
+            path: path.to_owned(),
+            reason,
+        };
+        let meta = std::fs::metadata(path).map_err(|e| bad(e.to_string()))?;
+        if !meta.is_file() {
+            return Err(bad("not a regular file".into()));
+        }
+        if meta.mode() & 0o007 != 0 {
+            return Err(bad(format!(
+                "mode {:o} lets every user read or change it; chmod o-rwx",
+                meta.mode() & 0o777
+            )));
+        }
+        if meta.len() > MAX_TOKEN_BYTES {
+            return Err(bad(format!("larger than {MAX_TOKEN_BYTES} bytes")));
+        }
+        let bytes = Zeroizing::new(std::fs::read(path).map_err(|e| bad(e.to_string()))?);
+        let text = std::str::from_utf8(&bytes).map_err(|_| bad("not UTF-8".into()))?;
+        let t = text.trim();
+        if t.len() < MIN_TOKEN_BYTES || t.contains(char::is_whitespace) {
+            return Err(bad(format!(
+                "must be one word of at least {MIN_TOKEN_BYTES} characters"
+            )));
+        }
+        Ok(Token(Zeroizing::new(t.as_bytes().to_vec())))
+    }
+
+    fn matches(&self, header: Option<&[u8]>) -> bool {
+        use subtle::ConstantTimeEq;
+        let Some(v) = header.and_then(|h| h.strip_prefix(b"Bearer ")) else {
+            return false;
+        };
+        v.len() == self.0.len() && bool::from(v.ct_eq(&self.0))
+    }
+}
+
+/// The endpoint's shared state.
+pub struct Endpoint {
+    ctx: Arc<Ctx>,
+    dbus: Arc<DbusMetrics>,
+    slots: Arc<Semaphore>,
+    refused: RateLimit,
+}
+
+/// The endpoint's configuration with its token read: done at start,
+/// before the TPM is touched, so a bad token file stops the agent early.
+#[derive(Debug)]
+pub struct Setup {
+    cfg: crate::config::MetricsSection,
+    token: Option<Arc<Token>>,
+}
+
+impl Setup {
+    /// Reads the token file, if any.
+    pub fn new(cfg: &crate::config::MetricsSection) -> Result<Self, MetricsError> {
+        let token = match &cfg.token_file {
+            Some(p) => Some(Arc::new(Token::read(p)?)),
+            None => None,
+        };
+        Ok(Self {
+            cfg: cfg.clone(),
+            token,
+        })
+    }
+}
+
+/// After an accept error (out of file descriptors, say): a pause, so the
+/// loop does not spin.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Starts the configured listeners; returns the socket path to remove at
+/// exit. Nothing configured: nothing started.
+pub async fn start(
+    setup: Setup,
+    ctx: Arc<Ctx>,
+    dbus: Arc<DbusMetrics>,
+) -> Result<Option<PathBuf>, MetricsError> {
+    let Setup { cfg, token } = setup;
+    let ep = Arc::new(Endpoint {
+        ctx,
+        dbus,
+        slots: Arc::new(Semaphore::new(cfg.max_connections)),
+        refused: RateLimit::new(20, Duration::from_secs(60)),
+    });
+    if let Some(addr) = cfg.listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| MetricsError::Listen { addr, source })?;
+        tracing::info!(%addr, "metrics on TCP (bearer token required)");
+        let ep = ep.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = l.accept().await else {
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                };
+                ep.clone().serve_one(stream, Peer::Token(token.clone()));
+            }
+        });
+    }
+    let Some(path) = cfg.socket.clone() else {
+        return Ok(None);
+    };
+    let l = bind_socket(&path)?;
+    tracing::info!(path = %path.display(), "metrics on a unix socket (group {})", crate::auth::LANDLORD_GROUP);
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = l.accept().await else {
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            };
+            let uid = stream.peer_cred().map(|c| c.uid()).ok();
+            ep.clone().serve_one(stream, Peer::Local(uid));
+        }
+    });
+    Ok(Some(path))
+}
+
+/// Binds `path` with mode 0660 and group `leasehold-landlord` (0600 and
+/// root only when the group does not exist). A stale socket is replaced;
+/// any other file is left alone.
+fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, MetricsError> {
+    let io = |source| MetricsError::Socket {
+        path: path.to_owned(),
+        source,
+    };
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_socket() => std::fs::remove_file(path).map_err(io)?,
+        Ok(_) => return Err(MetricsError::NotASocket { path: path.into() }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io(e)),
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io)?;
+    }
+    let l = tokio::net::UnixListener::bind(path).map_err(io)?;
+    // Connections made before the mode is set are still checked by uid on
+    // accept.
+    let group = nix::unistd::Group::from_name(crate::auth::LANDLORD_GROUP)
+        .ok()
+        .flatten();
+    let mode = match &group {
+        Some(g) => {
+            std::os::unix::fs::chown(path, Some(0), Some(g.gid.as_raw())).map_err(io)?;
+            0o660
+        }
+        None => {
+            tracing::warn!(
+                group = crate::auth::LANDLORD_GROUP,
+                "no such group: the metrics socket is for root only"
+            );
+            0o600
+        }
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io)?;
+    Ok(l)
+}
+
+/// Who is at the other end, and what lets them in.
+enum Peer {
+    /// A unix socket peer's uid (None: unknown, refused).
+    Local(Option<u32>),
+    /// A TCP peer: must show this token.
+    Token(Option<Arc<Token>>),
+}
+
+/// Status line and body of a refusal.
+type Refusal = (&'static str, &'static str);
+
+impl Endpoint {
+    fn serve_one<S>(self: Arc<Self>, mut stream: S, peer: Peer)
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
+            tokio::spawn(async move {
+                let _ = respond(&mut stream, ("503 Service Unavailable", "busy\n")).await;
+            });
+            return;
+        };
+        tokio::spawn(async move {
+            let _slot = slot;
+            let answer = self.answer(&mut stream, peer).await;
+            let (status, body, kind) = match &answer {
+                Ok(text) => (
+                    "200 OK",
+                    text.as_str(),
+                    prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                ),
+                Err((status, body)) => (*status, *body, "text/plain; charset=utf-8"),
+            };
+            let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                stream.write_all(head.as_bytes()).await?;
+                stream.write_all(body.as_bytes()).await?;
+                stream.shutdown().await
+            })
+            .await;
+            // Closing with unread input resets the connection, which can
+            // discard the answer before the client reads it (an oversize
+            // request's 431): read what is left, bounded, first.
+            let _ = tokio::time::timeout(LINGER, async {
+                let mut sink = [0u8; 4096];
+                let mut left = MAX_REQUEST_BYTES * 8;
+                while left > 0 {
+                    match stream.read(&mut sink).await {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => left = left.saturating_sub(n),
+                    }
+                }
+            })
+            .await;
+        });
+    }
+
+    async fn answer<S: AsyncRead + Unpin>(
+        &self,
+        stream: &mut S,
+        peer: Peer,
+    ) -> Result<String, Refusal> {
+        if let Peer::Local(uid) = peer {
+            if !self.local_reader(uid).await {
+                if let Some(suppressed) = self.refused.allow() {
+                    tracing::warn!(
+                        uid,
+                        suppressed,
+                        "metrics: refused a local reader outside {}",
+                        crate::auth::LANDLORD_GROUP
+                    );
+                }
+                return Err((
+                    "403 Forbidden",
+                    "only root and leasehold-landlord may read the metrics\n",
+                ));
+            }
+        }
+        let req = read_request(stream).await?;
+        // No token (the configuration forbids it) lets nobody in.
+        if let Peer::Token(token) = &peer {
+            if !token
+                .as_ref()
+                .is_some_and(|t| t.matches(req.authorization.as_deref()))
+            {
+                if let Some(suppressed) = self.refused.allow() {
+                    tracing::warn!(
+                        suppressed,
+                        "metrics: refused a TCP request without the token"
+                    );
+                }
+                return Err(("401 Unauthorized", "a bearer token is required\n"));
+            }
+        }
+        if req.method != "GET" {
+            return Err(("405 Method Not Allowed", "GET only\n"));
+        }
+        if req.path.split('?').next() != Some("/metrics") {
+            return Err(("404 Not Found", "the metrics are at /metrics\n"));
+        }
+        let snap = collect(&self.ctx).await;
+        Ok(encode(&snap, &self.dbus))
+    }
+
+    /// Root, or a user in the landlord's group and not the tenant's (like
+    /// the D-Bus authorization).
+    async fn local_reader(&self, uid: Option<u32>) -> bool {
+        match uid {
+            Some(0) => true,
+            Some(uid) => matches!(
+                tokio::task::spawn_blocking(move || crate::auth::member_of_agent_groups(uid)).await,
+                Ok(Ok(crate::auth::Membership {
+                    landlord: true,
+                    tenant: false
+                }))
+            ),
+            None => false,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Request {
+    method: String,
+    path: String,
+    authorization: Option<Vec<u8>>,
+}
+
+/// Reads one request's head: at most [`MAX_REQUEST_BYTES`], within
+/// [`READ_TIMEOUT`]. A body is never read (GET has none).
+async fn read_request<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Request, Refusal> {
+    let mut buf = Vec::with_capacity(1024);
+    let read = tokio::time::timeout(READ_TIMEOUT, async {
+        let mut chunk = [0u8; 1024];
+        loop {
+            let n = stream
+                .read(&mut chunk)
+                .await
+                .map_err(|_| ("400 Bad Request", "read error\n"))?;
+            if n == 0 {
+                return Err(("400 Bad Request", "incomplete request\n"));
+            }
+            buf.extend_from_slice(&chunk[..n]);
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut req = httparse::Request::new(&mut headers);
+            match req.parse(&buf) {
+                Ok(httparse::Status::Complete(_)) => {
+                    return Ok(Request {
+                        method: req.method.unwrap_or_default().to_owned(),
+                        path: req.path.unwrap_or_default().to_owned(),
+                        authorization: req
+                            .headers
+                            .iter()
+                            .find(|h| h.name.eq_ignore_ascii_case("authorization"))
+                            .map(|h| h.value.to_vec()),
+                    })
+                }
+                Ok(httparse::Status::Partial) if buf.len() < MAX_REQUEST_BYTES => {}
+                Ok(httparse::Status::Partial) => {
+                    return Err(("431 Request Header Fields Too Large", "request too large\n"))
+                }
+                Err(_) => return Err(("400 Bad Request", "not an HTTP/1.1 request\n")),
+            }
+        }
+    })
+    .await;
+    read.unwrap_or(Err(("408 Request Timeout", "no request in time\n")))
+}
+
+/// A refusal written before any request is read (no slot free).
+async fn respond<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    (status, body): Refusal,
+) -> std::io::Result<()> {
+    let text = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(text.as_bytes()))
+        .await
+        .unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use leasehold_health::{Fault, SourceReport, SourceStatus};
+
+    const PRIVATE: [&str; 6] = [
+        "billing-engine-7f3a",
+        "tenant-image-xyz.tar",
+        "db-password-prod",
+        "10.99.88.77",
+        "wwn-0xsecretdisk",
+        "overheated because of billing-engine",
+    ];
+
+    fn engine(name: &str, phase: Phase, restarts: u32) -> EngineStatus {
+        EngineStatus {
+            name: name.into(),
+            image: PRIVATE[1].into(),
+            phase,
+            enabled: true,
+            pid: Some(4242),
+            started_at: None,
+            restarts,
+            last_exit: None,
+        }
+    }
+
+    fn fixture() -> (Snapshot, DbusMetrics) {
+        let mut s = Snapshot {
+            landlord_generation: 3,
+            tenant_generations: Some((5, 2)),
+            tpm_ok: true,
+            boundary_enforced: true,
+            boundary_elements: Some(12),
+            boundary_drifts: 1,
+            volume_state: "open",
+            volume_usage: Some((10, 100)),
+            ..Snapshot::default()
+        };
+        s.count_engines(&[
+            engine(PRIVATE[0], Phase::Ready, 2),
+            engine("db-password-prod-engine", Phase::Ready, 0),
+            engine("web", Phase::GaveUp, 7),
+        ]);
+        s.count_faults(&Report {
+            taken_at: 1,
+            severity: Severity::Critical,
+            sources: vec![SourceReport {
+                source: Source::Smart,
+                status: SourceStatus::Stuck,
+                deadline_ms: 10,
+                elapsed_ms: 10,
+                readings: None,
+                problems: vec![],
+            }],
+            faults: vec![
+                Fault {
+                    severity: Severity::Critical,
+                    source: Source::Smart,
+                    subject: PRIVATE[4].into(),
+                    message: PRIVATE[5].into(),
+                },
+                Fault {
+                    severity: Severity::Warning,
+                    source: Source::Net,
+                    subject: PRIVATE[3].into(),
+                    message: PRIVATE[2].into(),
+                },
+            ],
+        });
+        let d = DbusMetrics::default();
+        d.observe(
+            "org.leasehold.Landlord1",
+            "NodeInfo",
+            Outcome::Authorized,
+            Duration::from_millis(3),
+        );
+        d.observe(
+            "org.leasehold.TenantEngines1",
+            "Deploy",
+            Outcome::Denied,
+            Duration::from_millis(40),
+        );
+        (s, d)
+    }
+
+    #[test]
+    fn aggregates_only_no_private_value_appears() {
+        let (s, d) = fixture();
+        let text = encode(&s, &d);
+        for p in PRIVATE {
+            assert!(!text.contains(p), "{p:?} in\n{text}");
+        }
+        assert!(!text.contains("billing"), "{text}");
+        for line in [
+            "leasehold_landlord_key_generation 3",
+            "leasehold_assigned 1",
+            "leasehold_tenant_key_generation 5",
+            "leasehold_tenant_symmetric_key_generation 2",
+            "leasehold_boundary_elements 12",
+            "leasehold_boundary_drifts_total 1",
+            "leasehold_volume_state{state=\"open\"} 1",
+            "leasehold_volume_state{state=\"closed\"} 0",
+            "leasehold_engines{state=\"ready\"} 2",
+            "leasehold_engines{state=\"gave-up\"} 1",
+            "leasehold_engines{state=\"stopped\"} 0",
+            "leasehold_engine_restarts 9",
+            "leasehold_health_faults{source=\"smart\",severity=\"critical\"} 1",
+            "leasehold_health_faults{source=\"net\",severity=\"warning\"} 1",
+            "leasehold_health_faults{source=\"edac\",severity=\"critical\"} 0",
+            "leasehold_health_source_stuck{source=\"smart\"} 1",
+            "leasehold_dbus_calls_total{interface=\"org.leasehold.Landlord1\",method=\"NodeInfo\",outcome=\"authorized\"} 1",
+            "leasehold_dbus_calls_total{interface=\"org.leasehold.TenantEngines1\",method=\"Deploy\",outcome=\"denied\"} 1",
+            "leasehold_dbus_call_duration_seconds_bucket{interface=\"org.leasehold.Landlord1\",method=\"NodeInfo\",le=\"0.005\"} 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
+        }
+        // Every line is a comment or a sample with a leasehold_ name.
+        for l in text.lines() {
+            assert!(l.starts_with('#') || l.starts_with("leasehold_"), "{l:?}");
+        }
+    }
+
+    #[test]
+    fn unassigned_node_has_no_tenant_generation() {
+        let text = encode(&Snapshot::default(), &DbusMetrics::default());
+        assert!(text.contains("leasehold_assigned 0"));
+        assert!(!text.contains("tenant_key_generation"));
+    }
+
+    fn token_file(text: &str, mode: u32) -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("token");
+        std::fs::write(&p, text).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        (d, p)
+    }
+
+    #[test]
+    fn token_file_checked_fail_closed() {
+        let (_d, p) = token_file("0123456789abcdef0123\n", 0o640);
+        let t = Token::read(&p).unwrap();
+        assert!(t.matches(Some(b"Bearer 0123456789abcdef0123")));
+        assert!(!t.matches(Some(b"Bearer 0123456789abcdef012")));
+        assert!(!t.matches(Some(b"0123456789abcdef0123")));
+        assert!(!t.matches(None));
+        assert_eq!(format!("{t:?}"), "Token(redacted)");
+        for (text, mode, why) in [
+            ("0123456789abcdef0123", 0o644, "every user"),
+            ("short", 0o600, "at least 16"),
+            ("two words here and there", 0o600, "one word"),
+        ] {
+            let (_d, p) = token_file(text, mode);
+            let e = Token::read(&p).unwrap_err().to_string();
+            assert!(e.contains("metrics.token_file") && e.contains(why), "{e}");
+        }
+        let e = Token::read(Path::new("/nonexistent/token")).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/token"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn request_head_is_bounded() {
+        let ok = b"GET /metrics HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer abc\r\n\r\n";
+        let r = read_request(&mut &ok[..]).await.unwrap();
+        assert_eq!((r.method.as_str(), r.path.as_str()), ("GET", "/metrics"));
+        assert_eq!(r.authorization.as_deref(), Some(&b"Bearer abc"[..]));
+        let mut big = b"GET /metrics HTTP/1.1\r\nX: ".to_vec();
+        big.extend(std::iter::repeat_n(b'a', MAX_REQUEST_BYTES + 10));
+        let e = read_request(&mut &big[..]).await.unwrap_err();
+        assert!(e.0.starts_with("431"), "{e:?}");
+        let e = read_request(&mut &b"\x00\x01garbage\r\n\r\n"[..])
+            .await
+            .unwrap_err();
+        assert!(e.0.starts_with("400"), "{e:?}");
+        let e = read_request(&mut &b"GET /metr"[..]).await.unwrap_err();
+        assert!(e.0.starts_with("400"), "{e:?}");
+    }
+
+    #[test]
+    fn stale_socket_replaced_other_files_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("file");
+        std::fs::write(&f, "keep").unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            assert!(matches!(
+                bind_socket(&f),
+                Err(MetricsError::NotASocket { .. })
+            ));
+            assert_eq!(std::fs::read_to_string(&f).unwrap(), "keep");
+            let s = d.path().join("sub/m.sock");
+            drop(bind_socket(&s).unwrap());
+            // Left behind by a previous agent: replaced.
+            let _l = bind_socket(&s).unwrap();
+            let mode = std::fs::metadata(&s).unwrap().mode() & 0o777;
+            assert!(mode == 0o660 || mode == 0o600, "{mode:o}");
+        });
+    }
+}

@@ -1,0 +1,280 @@
+//! Issue 16, metrics, on the host harness (T1: real bus, polkitd with the
+//! shipped policy, agentd --dev on swtpm, the CLIs and curl as the test
+//! users): agentd with `[metrics] socket` serves the Prometheus text format
+//! on a unix socket only root and `leasehold-landlord` can read; D-Bus call
+//! counters move after a landlord call and a refused tenant call; the
+//! tenant's name never appears. With `prometheus` installed (Debian package,
+//! scripts/install-deps), a real Prometheus scrapes the TCP endpoint with
+//! the bearer token and its API answers a query for one metric.
+
+use std::fs;
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use leasehold_tests::{Lab, LabOptions, Who};
+
+/// The response's body, as root over the socket.
+fn scrape(socket: &Path) -> String {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    let (head, body) = out.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(head.contains("text/plain; version=0.0.4"), "{head}");
+    body.to_owned()
+}
+
+/// The value of the sample whose line starts with `series` (exact labels).
+fn value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+        .parse()
+        .unwrap()
+}
+
+const NODE_INFO_OK: &str = "leasehold_dbus_calls_total{interface=\"org.leasehold.Landlord1\",method=\"NodeInfo\",outcome=\"authorized\"}";
+const NODE_INFO_DENIED: &str = "leasehold_dbus_calls_total{interface=\"org.leasehold.Landlord1\",method=\"NodeInfo\",outcome=\"denied\"}";
+
+/// curl as `who` on the socket: (exit code, HTTP status or "000").
+fn curl_as(lab: &Lab, who: Who, socket: &Path) -> (i32, String) {
+    let out = lab
+        .command(who, Path::new("/usr/bin/curl"))
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--unix-socket",
+        ])
+        .arg(socket)
+        .arg("http://localhost/metrics")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
+fn metrics_socket_landlord_only_counters_move_no_tenant_data() {
+    let dir = tempfile::Builder::new()
+        .prefix("lh-metrics-")
+        .tempdir()
+        .unwrap();
+    fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = dir.path().join("run/metrics.sock");
+    let lab = Lab::start_with_options(LabOptions {
+        agent_config: Some(format!(
+            "{}[metrics]\nsocket = \"{}\"\n",
+            leasehold_tests::PATIENT_AUTH_CONFIG,
+            socket.display()
+        )),
+        ..LabOptions::default()
+    });
+    let meta = fs::metadata(&socket).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o660);
+
+    let before = scrape(&socket);
+    assert_eq!(value(&before, "leasehold_assigned"), 0.0);
+    assert_eq!(value(&before, "leasehold_landlord_key_generation"), 1.0);
+    assert_eq!(
+        value(&before, "leasehold_volume_state{state=\"none\"}"),
+        1.0
+    );
+    assert_eq!(value(&before, "leasehold_engines{state=\"ready\"}"), 0.0);
+
+    lab.run(
+        Who::Landlord,
+        "landlordctl",
+        &["--yes", "assign", "acme-private-co"],
+    )
+    .ok();
+    lab.run(Who::Landlord, "landlordctl", &["status"]).ok();
+    let refused = lab.run(Who::Tenant, "landlordctl", &["status"]);
+    assert_ne!(refused.code, 0, "{refused:?}");
+
+    let t0 = Instant::now();
+    let after = scrape(&socket);
+    eprintln!(
+        "scrape: {:?}, {} bytes, {} samples",
+        t0.elapsed(),
+        after.len(),
+        after.lines().filter(|l| !l.starts_with('#')).count()
+    );
+    assert!(
+        value(&after, NODE_INFO_OK) >= 1.0 + after_or_zero(&before, NODE_INFO_OK),
+        "{after}"
+    );
+    assert!(value(&after, NODE_INFO_DENIED) >= 1.0, "{after}");
+    assert!(
+        value(
+            &after,
+            "leasehold_dbus_call_duration_seconds_count{interface=\"org.leasehold.Landlord1\",method=\"NodeInfo\"}"
+        ) >= 2.0,
+        "{after}"
+    );
+    assert_eq!(value(&after, "leasehold_assigned"), 1.0);
+    assert_eq!(value(&after, "leasehold_tenant_key_generation"), 1.0);
+    assert!(
+        !after.contains("acme"),
+        "the tenant's name leaked:\n{after}"
+    );
+
+    // What a scrape costs the agent (CPU time from /proc, in clock ticks).
+    let cpu = || {
+        let stat = fs::read_to_string(format!("/proc/{}/stat", lab.agent_pid().unwrap())).unwrap();
+        let f: Vec<u64> = stat[stat.rfind(')').unwrap() + 2..]
+            .split(' ')
+            .skip(11)
+            .take(2)
+            .map(|v| v.parse().unwrap())
+            .collect();
+        f[0] + f[1]
+    };
+    let (ticks, t0) = (cpu(), Instant::now());
+    const N: u64 = 50;
+    for _ in 0..N {
+        scrape(&socket);
+    }
+    eprintln!(
+        "{N} scrapes in {:?}: agent CPU {:.1} ms per scrape",
+        t0.elapsed(),
+        (cpu() - ticks) as f64 * 10.0 / N as f64
+    );
+
+    // Permissions: the landlord reads it; the tenant and an outsider cannot
+    // even connect (curl exit 7).
+    assert_eq!(curl_as(&lab, Who::Landlord, &socket), (0, "200".into()));
+    for who in [Who::Tenant, Who::Outsider] {
+        let (code, status) = curl_as(&lab, who, &socket);
+        assert!(code == 7 && status == "000", "{who:?}: {code} {status}");
+    }
+
+    // Bad requests get a status, and the endpoint keeps serving.
+    let mut s = UnixStream::connect(&socket).unwrap();
+    s.write_all(b"POST /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 405"), "{out}");
+    let mut s = UnixStream::connect(&socket).unwrap();
+    s.write_all(&vec![b'A'; 10_000]).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    assert!(out.starts_with("HTTP/1.1 431"), "{out}");
+    scrape(&socket);
+}
+
+fn after_or_zero(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map_or(0.0, |v| v.parse().unwrap())
+}
+
+/// Runs `cmd` in the agent's network namespace.
+fn in_agent_netns(lab: &Lab, program: &str) -> Command {
+    let mut c = Command::new("nsenter");
+    c.arg(format!("--net=/proc/{}/ns/net", lab.agent_pid().unwrap()))
+        .arg(program);
+    c
+}
+
+#[test]
+#[ignore = "needs root: the harness Lab, and the prometheus package"]
+fn metrics_real_prometheus_scrapes_with_the_token() {
+    let Some(prom) = ["/usr/bin/prometheus"]
+        .into_iter()
+        .find(|p| Path::new(p).exists())
+    else {
+        panic!("prometheus is not installed: apt-get install prometheus (scripts/install-deps)");
+    };
+    let dir = tempfile::Builder::new()
+        .prefix("lh-prom-")
+        .tempdir()
+        .unwrap();
+    let token = dir.path().join("token");
+    fs::write(&token, "lab-token-0123456789abcdef\n").unwrap();
+    fs::set_permissions(&token, fs::Permissions::from_mode(0o640)).unwrap();
+    let lab = Lab::start_with_options(LabOptions {
+        agent_config: Some(format!(
+            "[metrics]\nlisten = \"127.0.0.1:9464\"\ntoken_file = \"{}\"\n",
+            token.display()
+        )),
+        ..LabOptions::default()
+    });
+    // Without the token: 401.
+    let out = in_agent_netns(&lab, "curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "http://127.0.0.1:9464/metrics",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
+
+    // The shipped scrape config, pointed at the lab's agent.
+    let shipped =
+        fs::read_to_string(leasehold_tests::workspace_root().join("dist/prometheus/leasehold.yml"))
+            .unwrap();
+    let conf = shipped
+        .replace("/etc/prometheus/leasehold.token", token.to_str().unwrap())
+        .replace("scrape_interval: 30s", "scrape_interval: 1s")
+        .replace("scrape_timeout: 25s", "scrape_timeout: 1s")
+        .replace("node1.example:9464", "127.0.0.1:9464");
+    fs::write(dir.path().join("prometheus.yml"), conf).unwrap();
+    let mut p = in_agent_netns(&lab, prom)
+        .arg(format!(
+            "--config.file={}",
+            dir.path().join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg("--web.listen-address=127.0.0.1:9090")
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(dir.path().join("prometheus.log")).unwrap())
+        .spawn()
+        .unwrap();
+    // Prometheus has no readiness event to wait on here: poll its API, bounded.
+    let started = Instant::now();
+    let (found, last) = loop {
+        let out = in_agent_netns(&lab, "curl")
+            .args([
+                "-s",
+                "http://127.0.0.1:9090/api/v1/query?query=leasehold_landlord_key_generation",
+            ])
+            .output()
+            .unwrap();
+        let last = String::from_utf8_lossy(&out.stdout).into_owned();
+        if last.contains("\"value\":[") {
+            break (true, last);
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            break (false, last);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let _ = p.kill();
+    let _ = p.wait();
+    assert!(
+        found,
+        "prometheus never had the metric: {last}\n{}",
+        fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default()
+    );
+    assert!(last.contains("\"job\":\"leasehold\""), "{last}");
+    assert!(last.contains(",\"1\"]"), "generation 1: {last}");
+}
