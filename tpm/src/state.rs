@@ -45,6 +45,11 @@ pub(crate) struct Manifest {
     /// The node signing key (erase receipts). Absent in format 1 manifests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing: Option<SigningKeyState>,
+    /// The attestation key (restricted signing key for quotes): same shape
+    /// as the signing key, its own blob. Absent before quotes existed; the
+    /// agent then makes it at the next start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<SigningKeyState>,
     /// Format 2 only: set while a destroying rotation of this level ran.
     /// Format 3 records that in `intent`; this build never writes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -145,7 +150,7 @@ impl Manifest {
                 v.push(s.sealed_file.clone());
             }
         }
-        if let Some(k) = &self.signing {
+        for k in self.signing.iter().chain(&self.attestation) {
             v.push(k.key_file.clone());
         }
         v
@@ -609,6 +614,11 @@ mod tests {
                 public_pem: "pem".into(),
                 fingerprint: "fp".into(),
             }),
+            attestation: Some(SigningKeyState {
+                key_file: "attest.pair".into(),
+                public_pem: "pem".into(),
+                fingerprint: "fp2".into(),
+            }),
             erasing: None,
             epoch: Some(7),
             intent: None,
@@ -686,6 +696,7 @@ mod tests {
     fn manifest_names_the_signing_key_blob() {
         let m = sample();
         assert!(m.files().contains(&"signing.pair".to_string()));
+        assert!(m.files().contains(&"attest.pair".to_string()));
         let text = serde_json::to_string(&m).unwrap();
         assert!(text.contains("\"signing\""), "{text}");
     }
