@@ -670,6 +670,7 @@ mod tests {
         let mut v = serde_json::to_value(sample()).unwrap();
         v["format"] = 1.into();
         v.as_object_mut().unwrap().remove("signing");
+        v.as_object_mut().unwrap().remove("attestation");
         v.as_object_mut().unwrap().remove("epoch");
         fs::write(s.manifest_path(), v.to_string()).unwrap();
         let m = s.read_manifest().unwrap().unwrap();
