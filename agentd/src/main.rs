@@ -510,7 +510,11 @@ async fn serve_bus(
         .await
         .map_err(AgentError::Bus)?;
     let tpm_health = Arc::new(health::TpmHealth::default());
-    tokio::spawn(health::watch(keys, tpm_health.clone(), intervals.tpm));
+    tokio::spawn(health::watch(
+        keys.clone(),
+        tpm_health.clone(),
+        intervals.tpm,
+    ));
     let ctx = Arc::new(api::Ctx {
         node: node.clone(),
         auth: auth::Authorizer::new(auth_conn, intervals.auth_timeout),
@@ -520,6 +524,7 @@ async fn serve_bus(
         tpm_health,
         receipts: receipts::ReceiptStore::new(state_dir),
         health: Arc::new(leasehold_health::Monitor::new(health)),
+        keys,
     });
     {
         let conn = conn.clone();
@@ -563,7 +568,11 @@ async fn serve_bus(
         .await
         .map_err(AgentError::Bus)?;
     server
-        .at(OBJECT_PATH, auth::Bounded(api::HealthApi(ctx)))
+        .at(OBJECT_PATH, auth::Bounded(api::HealthApi(ctx.clone())))
+        .await
+        .map_err(AgentError::Bus)?;
+    server
+        .at(OBJECT_PATH, auth::Bounded(api::AttestApi(ctx)))
         .await
         .map_err(AgentError::Bus)?;
     conn.request_name(BUS_NAME).await.map_err(AgentError::Bus)?;

@@ -47,7 +47,9 @@ pub enum AttestError {
     InvalidKey(String),
     /// The signature does not verify with the pinned AK: another node's (or
     /// another key's) quote, or altered bytes.
-    #[error("the quote is not signed by this node's attestation key (another node's quote, or altered)")]
+    #[error(
+        "the quote is not signed by this node's attestation key (another node's quote, or altered)"
+    )]
     BadSignature,
     /// The quote structure is malformed (truncated, trailing bytes).
     #[error("quote structure: {0}")]
@@ -202,7 +204,8 @@ impl AttestContext {
                 )),
             }
         };
-        let landlord = level(3, "landlord")?.ok_or_else(|| bad(4, "the landlord level is never none"))?;
+        let landlord =
+            level(3, "landlord")?.ok_or_else(|| bad(4, "the landlord level is never none"))?;
         let tenant = level(4, "tenant")?;
         let me = Self {
             node_id: node_id.to_owned(),
@@ -472,7 +475,10 @@ pub fn verify_quote(c: &Challenge<'_>, a: &Answer<'_>) -> Result<VerifiedQuote, 
     let mut h = Sha256::new();
     let mut pcrs = Vec::with_capacity(given.len());
     for ((_, v), p) in given.iter().zip(&requested) {
-        let value: [u8; 32] = v.as_slice().try_into().map_err(|_| AttestError::PcrDigest)?;
+        let value: [u8; 32] = v
+            .as_slice()
+            .try_into()
+            .map_err(|_| AttestError::PcrDigest)?;
         h.update(value);
         pcrs.push((*p, value));
     }
@@ -631,14 +637,23 @@ mod tests {
         };
         // Replayed: an answer to an earlier nonce.
         let old = n.quote(b"earlier-nonce-01", &ctx(2), &pcrs());
-        assert_eq!(verify_quote(&ch, &old.answer()), Err(AttestError::QualifyingData));
+        assert_eq!(
+            verify_quote(&ch, &old.answer()),
+            Err(AttestError::QualifyingData)
+        );
         // Another node's quote of this very nonce.
         let theirs = other.quote(nonce, &ctx(2), &pcrs());
-        assert_eq!(verify_quote(&ch, &theirs.answer()), Err(AttestError::BadSignature));
+        assert_eq!(
+            verify_quote(&ch, &theirs.answer()),
+            Err(AttestError::BadSignature)
+        );
         // A PCR value changed after the quote.
         let mut changed = n.quote(nonce, &ctx(2), &pcrs());
         changed.pcr_values[1].1[0] ^= 1;
-        assert_eq!(verify_quote(&ch, &changed.answer()), Err(AttestError::PcrDigest));
+        assert_eq!(
+            verify_quote(&ch, &changed.answer()),
+            Err(AttestError::PcrDigest)
+        );
         // A different PCR set from the one asked for.
         let fewer = n.quote(nonce, &ctx(2), &pcrs()[..2]);
         assert!(matches!(
@@ -649,49 +664,90 @@ mod tests {
         // quoted the new one (or the other way round).
         let mut rotated = n.quote(nonce, &ctx(3), &pcrs());
         rotated.context = ctx(2).render();
-        assert_eq!(verify_quote(&ch, &rotated.answer()), Err(AttestError::QualifyingData));
+        assert_eq!(
+            verify_quote(&ch, &rotated.answer()),
+            Err(AttestError::QualifyingData)
+        );
         // Truncated, extended and garbage structures (signed, so the parser is reached).
         let good = n.quote(nonce, &ctx(2), &pcrs());
         for cut in [0, 3, 5, 40, good.attest.len() - 1] {
             let q = n.sign(good.attest[..cut].to_vec(), pcrs(), ctx(2).render());
             assert!(
-                matches!(verify_quote(&ch, &q.answer()), Err(AttestError::Malformed(_) | AttestError::NotAQuote(_))),
+                matches!(
+                    verify_quote(&ch, &q.answer()),
+                    Err(AttestError::Malformed(_) | AttestError::NotAQuote(_))
+                ),
                 "cut at {cut}"
             );
         }
         let mut long = good.attest.clone();
         long.push(0);
         let q = n.sign(long, pcrs(), ctx(2).render());
-        assert!(matches!(verify_quote(&ch, &q.answer()), Err(AttestError::Malformed(_))));
+        assert!(matches!(
+            verify_quote(&ch, &q.answer()),
+            Err(AttestError::Malformed(_))
+        ));
         let q = n.sign(vec![0xa5; 200], pcrs(), ctx(2).render());
-        assert!(matches!(verify_quote(&ch, &q.answer()), Err(AttestError::NotAQuote(_))));
+        assert!(matches!(
+            verify_quote(&ch, &q.answer()),
+            Err(AttestError::NotAQuote(_))
+        ));
         // Unsigned garbage and a truncated signature.
         let mut g = good.clone();
         g.attest = vec![1, 2, 3];
-        assert_eq!(verify_quote(&ch, &g.answer()), Err(AttestError::BadSignature));
+        assert_eq!(
+            verify_quote(&ch, &g.answer()),
+            Err(AttestError::BadSignature)
+        );
         let mut g = good.clone();
         g.signature.truncate(100);
-        assert_eq!(verify_quote(&ch, &g.answer()), Err(AttestError::BadSignature));
+        assert_eq!(
+            verify_quote(&ch, &g.answer()),
+            Err(AttestError::BadSignature)
+        );
         // A context that is not canonical.
         let mut g = good.clone();
         g.context = g.context.replace("node_id ", "node_id  ");
-        assert!(matches!(verify_quote(&ch, &g.answer()), Err(AttestError::InvalidContext { .. })));
+        assert!(matches!(
+            verify_quote(&ch, &g.answer()),
+            Err(AttestError::InvalidContext { .. })
+        ));
     }
 
     #[test]
     fn request_bounds() {
         assert_eq!(check_request(&[0; 8], &[7, 0, 7]), Ok(vec![0, 7]));
         assert!(check_request(&[0; 64], &[23]).is_ok());
-        assert_eq!(check_request(&[0; 7], &[0]), Err(AttestError::InvalidNonce { len: 7 }));
-        assert_eq!(check_request(&[0; 65], &[0]), Err(AttestError::InvalidNonce { len: 65 }));
-        assert!(matches!(check_request(&[0; 8], &[]), Err(AttestError::InvalidPcrs(_))));
-        assert!(matches!(check_request(&[0; 8], &[24]), Err(AttestError::InvalidPcrs(m)) if m.contains("24")));
-        assert!(matches!(check_request(&[0; 8], &[u32::MAX]), Err(AttestError::InvalidPcrs(_))));
+        assert_eq!(
+            check_request(&[0; 7], &[0]),
+            Err(AttestError::InvalidNonce { len: 7 })
+        );
+        assert_eq!(
+            check_request(&[0; 65], &[0]),
+            Err(AttestError::InvalidNonce { len: 65 })
+        );
+        assert!(matches!(
+            check_request(&[0; 8], &[]),
+            Err(AttestError::InvalidPcrs(_))
+        ));
+        assert!(
+            matches!(check_request(&[0; 8], &[24]), Err(AttestError::InvalidPcrs(m)) if m.contains("24"))
+        );
+        assert!(matches!(
+            check_request(&[0; 8], &[u32::MAX]),
+            Err(AttestError::InvalidPcrs(_))
+        ));
     }
 
     #[test]
     fn context_round_trip_and_refusals() {
-        for c in [ctx(1), AttestContext { tenant: None, ..ctx(1) }] {
+        for c in [
+            ctx(1),
+            AttestContext {
+                tenant: None,
+                ..ctx(1)
+            },
+        ] {
             assert_eq!(AttestContext::parse(&c.render()), Ok(c));
         }
         let good = ctx(4).render();
@@ -707,7 +763,8 @@ mod tests {
         ] {
             assert!(AttestContext::parse(&bad).is_err(), "{bad:?}");
         }
-        let no_landlord = good.replace(&format!("landlord 1 1 {}", "a".repeat(64)), "landlord none");
+        let no_landlord =
+            good.replace(&format!("landlord 1 1 {}", "a".repeat(64)), "landlord none");
         assert!(AttestContext::parse(&no_landlord).is_err());
     }
 }

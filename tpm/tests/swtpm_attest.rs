@@ -77,26 +77,41 @@ fn swtpm_quote_verifies_offline_and_each_forgery_is_refused() {
 
     let t = Instant::now();
     let q = ha.quote(nonce, &pcrs, BOOT_ID).unwrap();
-    eprintln!("figure: swtpm quote (load AK, Quote, 4 x PCR_Read) {:?}", t.elapsed());
+    eprintln!(
+        "figure: swtpm quote (load AK, Quote, 4 x PCR_Read) {:?}",
+        t.elapsed()
+    );
     let v = verify_quote(&ch, &answer(&q)).expect("an honest quote verifies");
     let st = ha.status();
     assert_eq!(v.context.node_id, st.node_id);
     assert_eq!(v.context.boot_id, BOOT_ID);
     assert_eq!(v.context.landlord.fingerprint, st.landlord.fingerprint);
     let tenant = st.tenant.clone().unwrap();
-    assert_eq!(v.context.tenant.as_ref().unwrap().generation, tenant.generation);
-    assert_eq!(v.pcrs.iter().map(|(p, _)| *p).collect::<Vec<_>>(), [0, 1, 7, 16]);
+    assert_eq!(
+        v.context.tenant.as_ref().unwrap().generation,
+        tenant.generation
+    );
+    assert_eq!(
+        v.pcrs.iter().map(|(p, _)| *p).collect::<Vec<_>>(),
+        [0, 1, 7, 16]
+    );
 
     // Replayed: the answer to this nonce does not answer the next one.
     let next = Challenge {
         nonce: b"verifier-made-nonce-0002",
         ..ch
     };
-    assert_eq!(verify_quote(&next, &answer(&q)), Err(AttestError::QualifyingData));
+    assert_eq!(
+        verify_quote(&next, &answer(&q)),
+        Err(AttestError::QualifyingData)
+    );
 
     // Another node's quote of the same nonce, checked against A's AK.
     let qb = hb.quote(nonce, &pcrs, BOOT_ID).unwrap();
-    assert_eq!(verify_quote(&ch, &answer(&qb)), Err(AttestError::BadSignature));
+    assert_eq!(
+        verify_quote(&ch, &answer(&qb)),
+        Err(AttestError::BadSignature)
+    );
     assert_ne!(hb.attestation_key().unwrap().fingerprint, ak.fingerprint);
 
     // A changed PCR: the TPM's new quote carries the new value; passing the
@@ -107,7 +122,10 @@ fn swtpm_quote_verifies_offline_and_each_forgery_is_refused() {
     assert_ne!(v2.pcrs[3], v.pcrs[3], "PCR 16 changed");
     let mut stale = q2.clone();
     stale.pcr_values = q.pcr_values.clone();
-    assert_eq!(verify_quote(&ch, &answer(&stale)), Err(AttestError::PcrDigest));
+    assert_eq!(
+        verify_quote(&ch, &answer(&stale)),
+        Err(AttestError::PcrDigest)
+    );
 
     // A rotated tenant key: the quote states the new generation and
     // fingerprint; the pre-rotation context with the new quote is refused.
@@ -120,12 +138,18 @@ fn swtpm_quote_verifies_offline_and_each_forgery_is_refused() {
     assert_ne!(t3.fingerprint, tenant.fingerprint);
     let mut old_ctx = q3.clone();
     old_ctx.context = q2.context.clone();
-    assert_eq!(verify_quote(&ch, &answer(&old_ctx)), Err(AttestError::QualifyingData));
+    assert_eq!(
+        verify_quote(&ch, &answer(&old_ctx)),
+        Err(AttestError::QualifyingData)
+    );
 
     // Truncated and garbage structures.
     let mut cut = q.clone();
     cut.attest.truncate(cut.attest.len() / 2);
-    assert_eq!(verify_quote(&ch, &answer(&cut)), Err(AttestError::BadSignature));
+    assert_eq!(
+        verify_quote(&ch, &answer(&cut)),
+        Err(AttestError::BadSignature)
+    );
 
     ha.shutdown().unwrap();
     hb.shutdown().unwrap();

@@ -955,9 +955,7 @@ fn signing_key_unusable(path: &std::path::Path) -> impl Fn(tss_esapi::Error) -> 
     }
 }
 
-fn attestation_key_unusable(
-    path: &std::path::Path,
-) -> impl Fn(tss_esapi::Error) -> KeyError + '_ {
+fn attestation_key_unusable(path: &std::path::Path) -> impl Fn(tss_esapi::Error) -> KeyError + '_ {
     move |source| KeyError::AttestationKeyUnusable {
         path: path.to_path_buf(),
         source,
