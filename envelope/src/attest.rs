@@ -526,7 +526,7 @@ mod tests {
         v.extend_from_slice(&34u16.to_be_bytes());
         v.extend_from_slice(&[0x00, 0x0b]);
         v.extend_from_slice(&[7u8; 32]);
-        v.extend_from_slice(&(extra.len() as u16).to_be_bytes());
+        v.extend_from_slice(&u16::try_from(extra.len()).unwrap().to_be_bytes());
         v.extend_from_slice(extra);
         v.extend_from_slice(&123_456u64.to_be_bytes());
         v.extend_from_slice(&3u32.to_be_bytes());
@@ -541,7 +541,7 @@ mod tests {
             bits[usize::from(*p / 8)] |= 1 << (p % 8);
         }
         v.extend_from_slice(&bits);
-        v.extend_from_slice(&(digest.len() as u16).to_be_bytes());
+        v.extend_from_slice(&u16::try_from(digest.len()).unwrap().to_be_bytes());
         v.extend_from_slice(digest);
         v
     }
@@ -567,7 +567,10 @@ mod tests {
             for (_, v) in pcrs {
                 h.update(v);
             }
-            let sel: Vec<u8> = pcrs.iter().map(|(p, _)| *p as u8).collect();
+            let sel: Vec<u8> = pcrs
+                .iter()
+                .map(|(p, _)| u8::try_from(*p).unwrap())
+                .collect();
             let attest = attest_bytes(&qualifying_data(nonce, &context), &sel, &h.finalize());
             self.sign(attest, pcrs.to_vec(), context)
         }

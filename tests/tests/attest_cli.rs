@@ -73,7 +73,7 @@ fn attest_cli_verifies_pins_and_refuses_replay_other_node_changed_pcr_and_rotate
             .collect::<Vec<_>>(),
         ["0", "1", "7", "16"]
     );
-    let pinned = fs::read_to_string(&pins).unwrap();
+    let pinned = fs::read_to_string(pins).unwrap();
     assert!(
         pinned.contains(&format!(
             "local {} {}",
@@ -90,7 +90,7 @@ fn attest_cli_verifies_pins_and_refuses_replay_other_node_changed_pcr_and_rotate
         t.elapsed()
     );
     assert_eq!(again["newly_pinned"], false);
-    assert_eq!(fs::read_to_string(&pins).unwrap(), pinned);
+    assert_eq!(fs::read_to_string(pins).unwrap(), pinned);
     // The landlord gets the same key and node.
     let ll = attest(&lab, Who::Landlord, pins, &[]).ok().json();
     assert_eq!(ll["attestation_key"], first["attestation_key"]);
