@@ -12,6 +12,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -506,6 +507,15 @@ fn every_command_prints_its_documented_json() {
     r.ok(t, "tenantctl receipt-key", &[]);
     r.ok(t, "tenantctl register-console", &["laptop", pem]);
     r.ok(t, "tenantctl seal", &["--to", ut_pem, payload]);
+    let pins = lab.path("work").join("pins");
+    std::fs::create_dir_all(&pins).unwrap();
+    // Both roles' users write their pins there.
+    std::fs::set_permissions(&pins, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let pins = pins.join("known_nodes");
+    let pins = pins.to_str().unwrap();
+    let a = r.ok(t, "tenantctl attest", &["--pin-file", pins]);
+    assert_eq!(a["newly_pinned"], true, "{a}");
+    r.ok(l, "landlordctl attest", &["--pin-file", pins]);
     let put = r.ok(t, "tenantctl secret put", &["db", "--from", payload]);
     let list = r.ok(t, "tenantctl secret list", &[]);
     assert_eq!(list[0]["name"], "db", "{list}");

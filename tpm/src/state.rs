@@ -16,10 +16,12 @@ use crate::types::Role;
 
 /// Manifest format this build writes. Format 2 added the node signing key;
 /// format 3 the epoch and the change intent; format 4 the standby generation
-/// of a level. Formats 1 to 3 are still read and upgraded at open. An older
-/// build refuses a newer format by its version rather than by the unknown
-/// field (or, for a standby, by its unexplained NV index).
-pub(crate) const FORMAT: u32 = 4;
+/// of a level; format 5 the attestation key. Formats 1 to 4 are still read
+/// and upgraded at open. An older build refuses a newer format by its
+/// version rather than by the unknown field (or, for a standby, by its
+/// unexplained NV index). `attestation` is not refused in older formats:
+/// the key is checked against the TPM at open whatever the format says.
+pub(crate) const FORMAT: u32 = 5;
 /// First format with `epoch` and `intent`.
 pub(crate) const EPOCH_FORMAT: u32 = 3;
 /// First format with `standby`.

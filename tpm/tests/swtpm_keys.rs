@@ -977,7 +977,7 @@ fn swtpm_old_manifest_without_signing_key_gets_one_on_open() {
     let downgrade = || {
         let mut v: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
-        assert_eq!(v["format"], 4);
+        assert_eq!(v["format"], 5);
         assert!(v.as_object_mut().unwrap().remove("signing").is_some());
         assert!(v.as_object_mut().unwrap().remove("epoch").is_some());
         v["format"] = 1.into();
@@ -1007,7 +1007,7 @@ fn swtpm_old_manifest_without_signing_key_gets_one_on_open() {
     h.shutdown().unwrap();
     // The upgrade was committed: the current format naming the key, kept on re-open.
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
-    assert_eq!(v["format"], 4);
+    assert_eq!(v["format"], 5);
     assert!(v["epoch"].as_u64().is_some(), "{v}");
     assert_eq!(v["signing"]["fingerprint"], key.fingerprint.as_str());
     let (h, opened) = node.open();
@@ -1466,7 +1466,7 @@ fn swtpm_pre_epoch_state_is_upgraded_only_when_clean() {
     let epoch_of = || -> Option<u64> {
         let v: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
-        assert_eq!(v["format"], 4);
+        assert_eq!(v["format"], 5);
         v["epoch"].as_u64()
     };
 
