@@ -279,6 +279,39 @@ fn output_functions_print_the_documented_shapes() {
         "tenantctl engine ls",
         &json!([tenant::engine_json(&engine)]),
     );
+    // attest: with and without a tenant.
+    use leasehold_cli::attest::{proved_json, Proved};
+    use leasehold_envelope::attest::{AttestContext, LevelKeys, QuoteClock, VerifiedQuote};
+    let keys = LevelKeys {
+        generation: 2,
+        key_generation: 1,
+        fingerprint: "ab".repeat(32),
+    };
+    for tenant in [Some(keys.clone()), None] {
+        let p = Proved {
+            quote: VerifiedQuote {
+                context: AttestContext {
+                    node_id: "ab".into(),
+                    boot_id: "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0".into(),
+                    landlord: keys.clone(),
+                    tenant,
+                },
+                pcrs: vec![(0, [0; 32]), (7, [7; 32])],
+                clock: QuoteClock {
+                    clock: 1,
+                    reset_count: 2,
+                    restart_count: 3,
+                    safe: true,
+                    firmware_version: 4,
+                },
+            },
+            ak_fingerprint: "cd".repeat(32),
+            newly_pinned: true,
+            pin_file: "known_nodes".into(),
+        };
+        check(&doc, "tenantctl attest", &proved_json(&p));
+        check(&doc, "landlordctl attest", &proved_json(&p));
+    }
     let error = Ty::Named("ErrorReply".into());
     let mut e = CliError::new(6, "invalid argument: x");
     doc.check(&e.json(), &error, "error").unwrap();
