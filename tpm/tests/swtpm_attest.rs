@@ -197,3 +197,38 @@ fn swtpm_attestation_key_is_restricted_and_stable_across_restarts() {
         other => panic!("expected CorruptState, got {other:?}"),
     }
 }
+
+#[test]
+fn swtpm_state_from_before_quotes_gets_its_attestation_key_at_open() {
+    let node = Node::new();
+    let mut h = node.open();
+    h.assign_tenant(Role::Landlord, "acme", Confirm::No)
+        .unwrap();
+    let status = h.status();
+    h.shutdown().unwrap();
+    // keys.json as the previous build wrote it: format 4, no attestation key.
+    let manifest = node.state_dir().join("keys.json");
+    let mut v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    assert_eq!(v["format"], 5);
+    assert!(v.as_object_mut().unwrap().remove("attestation").is_some());
+    v["format"] = 4.into();
+    std::fs::write(&manifest, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    std::fs::remove_file(node.state_dir().join("attest.pair")).unwrap();
+
+    let mut h = node.open();
+    assert_eq!(h.status(), status, "the other keys are untouched");
+    let ak = h.attestation_key().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    assert_eq!(v["format"], 5);
+    assert_eq!(v["attestation"]["fingerprint"], ak.fingerprint.as_str());
+    let nonce = b"after-the-upgrade";
+    let q = h.quote(nonce, &[0], BOOT_ID).unwrap();
+    let ch = Challenge {
+        ak_pem: &ak.pem,
+        nonce,
+        pcrs: &[0],
+    };
+    verify_quote(&ch, &answer(&q)).unwrap();
+    h.shutdown().unwrap();
+}
