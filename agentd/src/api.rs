@@ -8,8 +8,8 @@ use std::time::SystemTime;
 
 use leasehold_dbus_api::{
     actions, BoundaryInfo, EngineInfo, Error, FlowVerdict, KeyChange, NodeInfo, PublicKey,
-    ReceiptInfo, SecretInfo, VolumeInfo, API_VERSION, HEALTH_API_VERSION, MAX_SPEC_TEXT,
-    OBJECT_PATH,
+    ReceiptInfo, SecretInfo, VolumeInfo, API_VERSION, ATTEST_API_VERSION, HEALTH_API_VERSION,
+    MAX_SPEC_TEXT, OBJECT_PATH,
 };
 use leasehold_engines::spec::Spec;
 use leasehold_netpolicy::policy::parse_doc;
@@ -51,6 +51,9 @@ pub struct Ctx {
     pub health: Arc<leasehold_health::Monitor>,
     /// Image uploads into the tenant's inbox.
     pub uploads: Arc<crate::upload::Uploads>,
+    /// The key thread, for quotes (Attest1): reads that change nothing, so
+    /// they skip the controller's queue.
+    pub keys: Arc<crate::keys::Keys>,
 }
 
 fn key_error(e: KeyError) -> Error {
@@ -60,6 +63,7 @@ fn key_error(e: KeyError) -> Error {
         KeyError::ConfirmationRequired { .. } => Error::ConfirmationRequired(msg),
         KeyError::NotAssigned => Error::NotAssigned(msg),
         KeyError::Envelope(_)
+        | KeyError::InvalidQuote { .. }
         | KeyError::InvalidName { .. }
         | KeyError::InvalidConsoleKey { .. } => Error::InvalidArgument(msg),
         KeyError::UnknownConsole { .. } => Error::NotFound(msg),
@@ -1753,5 +1757,85 @@ impl HealthApi {
     #[zbus(property)]
     fn version(&self) -> u32 {
         HEALTH_API_VERSION
+    }
+}
+
+/// `org.leasehold.Attest1`: TPM quotes for both roles (R13 challenges).
+/// The caller's role picks the polkit action (landlord or tenant attest).
+pub struct AttestApi(pub Arc<Ctx>);
+
+/// Where the kernel names this boot; a quote binds it.
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+
+/// The role's attest action, after its authorization.
+impl AttestApi {
+    async fn authorize(&self, hdr: &Header<'_>, method: &str) -> Result<Caller, Error> {
+        let role = self.0.auth.role_of(hdr).await?;
+        let action = match role {
+            Role::Landlord => actions::LANDLORD_ATTEST,
+            Role::Tenant => actions::TENANT_ATTEST,
+        };
+        self.0.authorize(hdr, role, action, method, &[]).await
+    }
+
+    async fn attest_method(
+        &self,
+        hdr: &Header<'_>,
+        nonce: Vec<u8>,
+        pcrs: Vec<u32>,
+    ) -> Result<AttestReply, Error> {
+        let caller = self.authorize(hdr, "Attest").await?;
+        // Bounds before any TPM work (the key thread checks them again).
+        leasehold_tpm::attest::check_request(&nonce, &pcrs)
+            .map_err(|e| Error::InvalidArgument(e.to_string()))?;
+        let boot_id = std::fs::read_to_string(BOOT_ID)
+            .map_err(|e| Error::Unavailable(format!("{BOOT_ID}: {e}")))?;
+        let boot_id = boot_id.trim().to_owned();
+        let q = self
+            .0
+            .keys
+            .call(move |k| k.quote(&nonce, &pcrs, &boot_id))
+            .await
+            .map_err(|e| key_error(e.into()))?
+            .map_err(key_error)?;
+        // Debug only: any tenant may ask, and log lines it can trigger are
+        // rate-limited or left out (STYLE.md).
+        tracing::debug!(role = %caller.role, uid = caller.uid, "quote given");
+        Ok((q.attest, q.signature, q.pcr_values, q.context))
+    }
+
+    async fn attestation_key_method(&self, hdr: &Header<'_>) -> Result<String, Error> {
+        self.authorize(hdr, "AttestationKey").await?;
+        self.0
+            .keys
+            .call(|k| k.attestation_key())
+            .await
+            .map_err(|e| key_error(e.into()))?
+            .map(|k| k.pem)
+            .map_err(key_error)
+    }
+}
+
+/// Attest's reply: (TPMS_ATTEST, signature, PCR values, context).
+type AttestReply = (Vec<u8>, Vec<u8>, Vec<(u32, Vec<u8>)>, String);
+
+#[interface(name = "org.leasehold.Attest1")]
+impl AttestApi {
+    async fn attest(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        nonce: Vec<u8>,
+        pcrs: Vec<u32>,
+    ) -> Result<AttestReply, Error> {
+        self.attest_method(&hdr, nonce, pcrs).await
+    }
+
+    async fn attestation_key(&self, #[zbus(header)] hdr: Header<'_>) -> Result<String, Error> {
+        self.attestation_key_method(&hdr).await
+    }
+
+    #[zbus(property)]
+    fn version(&self) -> u32 {
+        ATTEST_API_VERSION
     }
 }

@@ -35,6 +35,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use leasehold_dbus_api::Error;
+use leasehold_tpm::Role;
 use tokio::sync::Semaphore;
 use tokio::time::timeout_at;
 use zbus::message::Header;
@@ -314,6 +315,33 @@ impl Authorizer {
             denials: RateLimit::new(20, Duration::from_secs(60)),
             busy: RateLimit::new(20, Duration::from_secs(60)),
             both_roles: RateLimit::new(20, Duration::from_secs(60)),
+        }
+    }
+
+    /// The role a caller of an interface both roles share (Attest1) acts
+    /// as: root and members of the landlord group are the landlord, anyone
+    /// else the tenant. Only picks the polkit action to ask about: `check`
+    /// still refuses users in both groups or in neither.
+    pub async fn role_of(&self, hdr: &Header<'_>) -> Result<Role, Error> {
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let sender = hdr
+            .sender()
+            .ok_or_else(|| Error::NotAuthorized("message has no sender".into()))?
+            .to_string();
+        let caller = match self.caller_of(&sender, deadline).await {
+            Ok(c) => c,
+            Err(stop) => return Err(self.stopped(None, "role lookup", stop)),
+        };
+        if caller.uid == 0 {
+            return Ok(Role::Landlord);
+        }
+        match self.in_agent_groups(caller.uid, deadline).await {
+            Ok(Membership {
+                landlord: true,
+                tenant: false,
+            }) => Ok(Role::Landlord),
+            Ok(_) => Ok(Role::Tenant),
+            Err(stop) => Err(self.stopped(Some(caller.uid), "role lookup", stop)),
         }
     }
 

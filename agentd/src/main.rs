@@ -543,7 +543,11 @@ async fn serve_bus(
         .await
         .map_err(AgentError::Bus)?;
     let tpm_health = Arc::new(health::TpmHealth::default());
-    tokio::spawn(health::watch(keys, tpm_health.clone(), intervals.tpm));
+    tokio::spawn(health::watch(
+        keys.clone(),
+        tpm_health.clone(),
+        intervals.tpm,
+    ));
     let ctx = Arc::new(api::Ctx {
         node: node.clone(),
         auth: auth::Authorizer::new(auth_conn, intervals.auth_timeout, intervals.auth_reuse),
@@ -554,6 +558,7 @@ async fn serve_bus(
         tpm_health,
         receipts: receipts::ReceiptStore::new(state_dir),
         health: Arc::new(leasehold_health::Monitor::new(health)),
+        keys,
     });
     {
         let conn = conn.clone();
@@ -607,7 +612,11 @@ async fn serve_bus(
         .await
         .map_err(AgentError::Bus)?;
     server
-        .at(OBJECT_PATH, auth::Bounded(api::HealthApi(ctx), m.clone()))
+        .at(OBJECT_PATH, auth::Bounded(api::HealthApi(ctx.clone()), m.clone()))
+        .await
+        .map_err(AgentError::Bus)?;
+    server
+        .at(OBJECT_PATH, auth::Bounded(api::AttestApi(ctx), m.clone()))
         .await
         .map_err(AgentError::Bus)?;
     conn.request_name(BUS_NAME).await.map_err(AgentError::Bus)?;

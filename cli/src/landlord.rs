@@ -117,6 +117,12 @@ pub enum Command {
     /// A fresh report (up to the slowest source's deadline). Exit status 1
     /// when a fault is critical or stuck; warnings exit 0.
     Health,
+    /// Challenge the node's TPM: a quote of a fresh nonce, verified here.
+    ///
+    /// Proves the node id, boot id, key generations and fingerprints, and
+    /// the PCRs. The attestation key is pinned on first use (known_nodes);
+    /// exit status 7 when it changed, 1 when the quote is refused.
+    Attest(crate::attest::AttestArgs),
     /// Print the agent's signals, one line each, until Ctrl-C.
     ///
     /// Key changes (with receipts), boundary restored or reverted; JSON
@@ -392,6 +398,14 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         Command::VerifyReceipt(_) => unreachable!("handled above"),
         Command::Status => crate::status::landlord_status(&conn, json).await?,
         Command::Health => crate::health::run(&conn, json).await?,
+        Command::Attest(a) => {
+            let target = args.global.host.as_deref().unwrap_or("local");
+            let proved =
+                crate::attest::attest(&conn, target, crate::attest::Level::Landlord, &a).await?;
+            crate::output::emit(json, crate::attest::proved_json(&proved), || {
+                crate::attest::proved_text(&proved)
+            });
+        }
         Command::Monitor => crate::status::landlord_monitor(&conn, json).await?,
         Command::Receipts(cmd) => {
             crate::receipts::run(crate::receipts::Node::Landlord(&conn), json, cmd).await?;

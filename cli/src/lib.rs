@@ -3,6 +3,7 @@
 
 #![warn(missing_docs)]
 
+pub mod attest;
 pub mod boundary;
 pub mod health;
 pub mod keyfile;
@@ -42,7 +43,8 @@ pub mod exit {
     pub const NOT_FOUND: u8 = 5;
     /// An argument was refused.
     pub const INVALID: u8 = 6;
-    /// `verify-receipt`: the receipt was not signed by the node's key.
+    /// `verify-receipt`: the receipt was not signed by the node's key;
+    /// `attest`: the node's attestation key is not the pinned one.
     pub const NOT_NODE_KEY: u8 = 7;
     /// The agent (or the bus, or SSH) cannot be reached.
     pub const UNAVAILABLE: u8 = 69;
@@ -85,6 +87,9 @@ pub const EXIT_CODES_HELP: &str = "Exit status:
 a critical or stuck health fault).
 `health` (landlordctl): 1 a fault is critical or stuck; warnings exit 0.
 `verify-receipt`: 1 the signature does not match; 7 the node's key did not sign it.
+`attest`, `secret put --attest`: 1 the quote is refused (replayed, altered, a PCR
+or key not as expected); 7 the node's attestation key (or node id) is not the
+one pinned in known_nodes.
 A key change that committed with warnings (printed on stderr) exits 0.";
 
 /// A CLI failure: a message and an exit code.

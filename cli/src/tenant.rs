@@ -115,6 +115,12 @@ pub enum Command {
     /// The erase receipts of this tenancy (rotations since the assignment).
     #[command(subcommand)]
     Receipts(crate::receipts::ReceiptsCommand),
+    /// Challenge the node's TPM: a quote of a fresh nonce, verified here.
+    ///
+    /// Proves the node id, boot id, key generations and fingerprints, and
+    /// the PCRs. The attestation key is pinned on first use (known_nodes);
+    /// exit status 7 when it changed, 1 when the quote is refused.
+    Attest(crate::attest::AttestArgs),
     /// Write man page and shell completions into DIR.
     #[command(hide = true)]
     Generate {
@@ -667,6 +673,15 @@ pub enum SecretCommand {
         /// Seal to this PEM (pinned UT) instead of asking the node for UT.
         #[arg(long, value_name = "PEM")]
         to: Option<PathBuf>,
+        /// First require a fresh valid TPM quote (as `attest`, default PCRs
+        /// and pin file) stating that the key sealed to is the node's
+        /// current UT; refused: exit 1 (7: attestation key changed), and
+        /// nothing is sent.
+        #[arg(long)]
+        attest: bool,
+        /// With --attest: the pinned attestation keys (as `attest --pin-file`).
+        #[arg(long, value_name = "FILE", requires = "attest")]
+        pin_file: Option<PathBuf>,
     },
     /// List stored secrets (names and sizes).
     List,
@@ -770,6 +785,14 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         .map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;
     match args.command {
         Command::Engine(cmd) => engine(&conn, json, args.yes, cmd).await?,
+        Command::Attest(a) => {
+            let target = args.global.host.as_deref().unwrap_or("local");
+            let proved =
+                crate::attest::attest(&conn, target, crate::attest::Level::Tenant, &a).await?;
+            emit(json, crate::attest::proved_json(&proved), || {
+                crate::attest::proved_text(&proved)
+            });
+        }
         Command::Info => {
             let i = p.node_info().await?;
             emit(json, node_info_json(&i), || node_info_text(&i));
@@ -814,11 +837,38 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                 || format!("registered tenant console {name} ({fp})"),
             );
         }
-        Command::Secret(SecretCommand::Put { name, from, to }) => {
+        Command::Secret(SecretCommand::Put {
+            name,
+            from,
+            to,
+            attest,
+            pin_file,
+        }) => {
             let pem = match to {
                 Some(path) => read_pem_file("public key", &path)?,
                 None => p.get_public_key().await?.pem.unwrap_or_default(),
             };
+            if attest {
+                // The quote must state the very key sealed to as the
+                // node's current UT.
+                let fp = leasehold_envelope::RecipientKey::from_pem(&pem)
+                    .map_err(|e| CliError::new(exit::INVALID, format!("public key: {e}")))?
+                    .fingerprint_hex();
+                let a = crate::attest::AttestArgs {
+                    expect_key: Some(fp),
+                    pin_file,
+                    ..Default::default()
+                };
+                let target = args.global.host.as_deref().unwrap_or("local");
+                let proved =
+                    crate::attest::attest(&conn, target, crate::attest::Level::Tenant, &a).await?;
+                crate::output::note(&format!(
+                    "attested: node {} holds UT {} (quote by {})",
+                    proved.quote.context.node_id,
+                    a.expect_key.as_deref().unwrap_or(""),
+                    proved.ak_fingerprint
+                ));
+            }
             let payload = read_arg_file("secret", &from)?;
             // Sealed here; only the envelope crosses the wire.
             let env = leasehold_envelope::seal(&pem, &payload)

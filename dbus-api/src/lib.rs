@@ -9,6 +9,7 @@
 
 use zbus::{DeserializeDict, SerializeDict, Type};
 
+pub use attest::AttestProxy;
 pub use health::HealthProxy;
 pub use landlord::LandlordProxy;
 pub use tenant::TenantProxy;
@@ -27,6 +28,11 @@ pub const TENANT_ENGINES_INTERFACE: &str = "org.leasehold.TenantEngines1";
 pub const HEALTH_INTERFACE: &str = "org.leasehold.Health1";
 /// Value of `org.leasehold.Health1`'s `Version` property.
 pub const HEALTH_API_VERSION: u32 = 1;
+/// The attestation interface, for both roles (its own major version:
+/// docs/attest.md).
+pub const ATTEST_INTERFACE: &str = "org.leasehold.Attest1";
+/// Value of `org.leasehold.Attest1`'s `Version` property.
+pub const ATTEST_API_VERSION: u32 = 1;
 /// Longest spec text `Deploy` and `Reload` take (the spec's own cap).
 pub const MAX_SPEC_TEXT: usize = 1 << 20;
 /// Value of the `Version` property of both interfaces (minor revisions).
@@ -56,6 +62,8 @@ pub mod actions {
     /// Landlord: the node's health report (sensors, disks, links). Its own
     /// action so a monitoring account can be granted it alone.
     pub const LANDLORD_HEALTH: &str = "org.leasehold.landlord.health";
+    /// Landlord: TPM quotes (Attest1) and the attestation key.
+    pub const LANDLORD_ATTEST: &str = "org.leasehold.landlord.attest";
     /// Tenant: node info as the tenant sees it, own public key.
     pub const TENANT_READ: &str = "org.leasehold.tenant.read";
     /// Tenant: rotate / re-key tenant keys, register tenant consoles.
@@ -70,6 +78,8 @@ pub mod actions {
     pub const TENANT_ENGINE_CONTROL: &str = "org.leasehold.tenant.engine-control";
     /// Tenant: see engines (List, Status, Logs, Events).
     pub const TENANT_ENGINE_READ: &str = "org.leasehold.tenant.engine-read";
+    /// Tenant: TPM quotes (Attest1) and the attestation key.
+    pub const TENANT_ATTEST: &str = "org.leasehold.tenant.attest";
 
     /// Every action, landlord first.
     pub const ALL: &[&str] = &[
@@ -82,6 +92,7 @@ pub mod actions {
         LANDLORD_POWEROFF,
         LANDLORD_SUSPEND,
         LANDLORD_HEALTH,
+        LANDLORD_ATTEST,
         TENANT_READ,
         TENANT_KEYS,
         TENANT_SECRETS,
@@ -89,6 +100,7 @@ pub mod actions {
         TENANT_ENGINE_DEPLOY,
         TENANT_ENGINE_CONTROL,
         TENANT_ENGINE_READ,
+        TENANT_ATTEST,
     ];
 }
 
@@ -668,6 +680,37 @@ pub mod health {
         /// to the longest source deadline (smartctl: `health.smart_timeout_ms`
         /// plus `health.deadline_ms`).
         fn report(&self) -> Result<String, Error>;
+        /// Interface version.
+        #[zbus(property)]
+        fn version(&self) -> zbus::Result<u32>;
+    }
+}
+
+/// Proxy of the attestation interface (landlord and tenant).
+pub mod attest {
+    use super::*;
+
+    /// Client proxy of `org.leasehold.Attest1`.
+    #[zbus::proxy(
+        interface = "org.leasehold.Attest1",
+        default_service = "org.leasehold.Agent1",
+        default_path = "/org/leasehold/Agent1"
+    )]
+    pub trait Attest {
+        /// A TPM quote by the attestation key over `pcrs` (sha256 bank,
+        /// 1..=24 indices in 0..=23) with qualifying data SHA-256 of the
+        /// `nonce` (8..=64 bytes) and the returned context (node id, boot id,
+        /// key generations and fingerprints). Returns the marshalled
+        /// TPMS_ATTEST, its RSASSA-PKCS1-v1_5 SHA-256 signature, the PCR
+        /// values and the context text (docs/attest.md).
+        #[allow(clippy::type_complexity)]
+        fn attest(
+            &self,
+            nonce: &[u8],
+            pcrs: &[u32],
+        ) -> Result<(Vec<u8>, Vec<u8>, Vec<(u32, Vec<u8>)>, String), Error>;
+        /// The attestation key's public half (SubjectPublicKeyInfo PEM).
+        fn attestation_key(&self) -> Result<String, Error>;
         /// Interface version.
         #[zbus(property)]
         fn version(&self) -> zbus::Result<u32>;

@@ -10,11 +10,15 @@
 //! key PEM. [`valid_name`] is the rule for tenant, console and secret names,
 //! which the node enforces and the CLIs check before they connect.
 //!
+//! [`attest::verify_quote`] checks a TPM quote (R13 challenges) against the
+//! node's pinned attestation key.
+//!
 //! Pure Rust (RustCrypto): `tenantctl` links this crate instead of
 //! `leasehold-tpm`, so it builds without libtss2.
 
 #![warn(missing_docs)]
 
+pub mod attest;
 mod envelope;
 mod error;
 mod key;

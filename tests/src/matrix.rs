@@ -102,6 +102,11 @@ const L: &str = "org.leasehold.Landlord1";
 const T: &str = "org.leasehold.Tenant1";
 const E: &str = "org.leasehold.TenantEngines1";
 const H: &str = "org.leasehold.Health1";
+const A: &str = "org.leasehold.Attest1";
+
+/// Attest1 serves both roles (the caller's role picks the polkit action);
+/// outsiders never reach the agent.
+pub const BOTH_ROLES: [Expect; 4] = [Allow, Allow, Allow, BusDenied];
 
 /// Engine spec of the matrix (`@SPEC`): invalid on purpose (no command),
 /// so an authorized Deploy is refused right after authorization with
@@ -551,6 +556,24 @@ pub const MATRIX: &[Case] = &[
         LANDLORD,
         "landlordctl",
         &["health"],
+        Setup::None,
+    ),
+    // Both roles; `attest` calls AttestationKey, then Attest. The pin file
+    // is shared: root (the first column) pins the node, the others read it.
+    case(
+        A,
+        "Attest",
+        BOTH_ROLES,
+        "tenantctl",
+        &["attest", "--pin-file", "known_nodes"],
+        Setup::None,
+    ),
+    case(
+        A,
+        "AttestationKey",
+        BOTH_ROLES,
+        "tenantctl",
+        &["attest", "--pin-file", "known_nodes"],
         Setup::None,
     ),
 ];

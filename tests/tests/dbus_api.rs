@@ -15,6 +15,7 @@ const L: &str = "org.leasehold.Landlord1";
 const T: &str = "org.leasehold.Tenant1";
 const E: &str = "org.leasehold.TenantEngines1";
 const H: &str = "org.leasehold.Health1";
+const A: &str = "org.leasehold.Attest1";
 
 fn ensure_assigned(lab: &Lab) {
     let info = lab
@@ -57,10 +58,10 @@ fn dbus_authorization_matrix() {
     exported_ifaces.sort();
     assert_eq!(
         exported_ifaces,
-        [H, L, T, E],
+        [A, H, L, T, E],
         "interfaces the matrix covers"
     );
-    for iface in [L, T, E, H] {
+    for iface in [L, T, E, H, A] {
         let exported: BTreeSet<String> = lab.methods_of(iface).into_iter().collect();
         let tabled: BTreeSet<String> = MATRIX
             .iter()

@@ -12,6 +12,7 @@
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::Duration;
@@ -324,6 +325,39 @@ fn output_functions_print_the_documented_shapes() {
         doc.check(&v, &status_health, "status.health").unwrap();
     }
 
+    // attest: with and without a tenant.
+    use leasehold_cli::attest::{proved_json, Proved};
+    use leasehold_envelope::attest::{AttestContext, LevelKeys, QuoteClock, VerifiedQuote};
+    let keys = LevelKeys {
+        generation: 2,
+        key_generation: 1,
+        fingerprint: "ab".repeat(32),
+    };
+    for tenant in [Some(keys.clone()), None] {
+        let p = Proved {
+            quote: VerifiedQuote {
+                context: AttestContext {
+                    node_id: "ab".into(),
+                    boot_id: "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0".into(),
+                    landlord: keys.clone(),
+                    tenant,
+                },
+                pcrs: vec![(0, [0; 32]), (7, [7; 32])],
+                clock: QuoteClock {
+                    clock: 1,
+                    reset_count: 2,
+                    restart_count: 3,
+                    safe: true,
+                    firmware_version: 4,
+                },
+            },
+            ak_fingerprint: "cd".repeat(32),
+            newly_pinned: true,
+            pin_file: "known_nodes".into(),
+        };
+        check(&doc, "tenantctl attest", &proved_json(&p));
+        check(&doc, "landlordctl attest", &proved_json(&p));
+    }
     let error = Ty::Named("ErrorReply".into());
     let mut e = CliError::new(6, "invalid argument: x");
     doc.check(&e.json(), &error, "error").unwrap();
@@ -695,6 +729,15 @@ fn every_command_prints_its_documented_json() {
     r.ok(t, "tenantctl receipt-key", &[]);
     r.ok(t, "tenantctl register-console", &["laptop", pem]);
     r.ok(t, "tenantctl seal", &["--to", ut_pem, payload]);
+    let pins = lab.path("work").join("pins");
+    std::fs::create_dir_all(&pins).unwrap();
+    // Both roles' users write their pins there.
+    std::fs::set_permissions(&pins, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let pins = pins.join("known_nodes");
+    let pins = pins.to_str().unwrap();
+    let a = r.ok(t, "tenantctl attest", &["--pin-file", pins]);
+    assert_eq!(a["newly_pinned"], true, "{a}");
+    r.ok(l, "landlordctl attest", &["--pin-file", pins]);
     let put = r.ok(t, "tenantctl secret put", &["db", "--from", payload]);
     let list = r.ok(t, "tenantctl secret list", &[]);
     assert_eq!(list[0]["name"], "db", "{list}");

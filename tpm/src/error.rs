@@ -65,6 +65,23 @@ pub enum KeyError {
         #[source]
         source: tss_esapi::Error,
     },
+    /// The attestation key blob could not be loaded into this TPM.
+    #[error("the attestation key blob {path} does not load into this TPM: it was created by a different TPM or is corrupt ({source})")]
+    AttestationKeyUnusable {
+        /// The blob file.
+        path: PathBuf,
+        /// Underlying TPM error.
+        #[source]
+        source: tss_esapi::Error,
+    },
+    /// A quote request's nonce or PCR list is out of bounds.
+    #[error("invalid quote request: {field}: {reason}")]
+    InvalidQuote {
+        /// `nonce` or `pcrs`.
+        field: &'static str,
+        /// What is wrong, with the bounds.
+        reason: String,
+    },
     /// The per-generation secret that a key depends on is gone from the TPM:
     /// the key was erased by a rotation (e.g. a state directory restored from
     /// a backup) or the TPM was cleared.

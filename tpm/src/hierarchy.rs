@@ -16,6 +16,10 @@ use crate::state::{
     EPOCH_FORMAT, FORMAT,
 };
 use crate::sys::{self, Tpm, NV_BASE, NV_EPOCH};
+use leasehold_envelope::attest::{
+    check_request, qualifying_data, AttestContext, AttestError, LevelKeys,
+};
+
 use crate::types::{
     Confirm, DiskKey, GenerationSecret, PublicKeyInfo, Role, SigningKeyInfo, SymmetricKey, TpmKind,
 };
@@ -183,6 +187,20 @@ pub struct LevelStatus {
     pub name: Option<String>,
 }
 
+/// A quote by the attestation key: everything a verifier needs besides the
+/// AK public key and its own nonce (`leasehold_envelope::attest`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quote {
+    /// Marshalled TPMS_ATTEST (ATTEST_QUOTE).
+    pub attest: Vec<u8>,
+    /// RSASSA-PKCS1-v1_5 SHA-256 signature over `attest`.
+    pub signature: Vec<u8>,
+    /// (PCR, sha256 value), ascending.
+    pub pcr_values: Vec<(u32, Vec<u8>)>,
+    /// The context text whose hash (with the nonce) is the quote's extraData.
+    pub context: String,
+}
+
 /// Status of the hierarchy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Status {
@@ -234,6 +252,8 @@ const SEAL_MASK: &str = "leasehold/seal-mask/v1";
 /// Blob file of the node signing key (".pair" so leftovers of an interrupted
 /// creation are garbage-collected like other blobs).
 const SIGNING_KEY_FILE: &str = "signing.pair";
+/// Blob file of the attestation key (".pair": garbage-collected likewise).
+const ATTEST_KEY_FILE: &str = "attest.pair";
 
 fn nv_index_for(role: Role, generation: u64) -> u32 {
     NV_BASE + role.index() * 0x100 + u32::try_from(generation & 0xff).unwrap_or(0)
@@ -314,6 +334,14 @@ impl KeyHierarchy {
                     me.commit_manifest(next)?;
                     tracing::info!("created the node signing key");
                 }
+                // Likewise the attestation key, for state from before quotes.
+                if me.manifest.attestation.is_none() {
+                    let ak = me.create_attestation_key()?;
+                    let mut next = me.manifest.clone();
+                    next.attestation = Some(ak);
+                    me.commit_manifest(next)?;
+                    tracing::info!("created the attestation key");
+                }
                 Ok((me, Opened::Loaded { recovered }))
             }
             None => {
@@ -360,6 +388,7 @@ impl KeyHierarchy {
                     tenant: None,
                     consoles: Vec::new(),
                     signing: None,
+                    attestation: None,
                     erasing: None,
                     epoch: None,
                     intent: Some(Intent {
@@ -396,7 +425,11 @@ impl KeyHierarchy {
         let initialising = self.intent_kind() == Some(IntentKind::Init);
         if initialising {
             // An interrupted first start: nothing but the intent is recorded.
-            if m.landlord.generation != 0 || m.tenant.is_some() || m.signing.is_some() {
+            if m.landlord.generation != 0
+                || m.tenant.is_some()
+                || m.signing.is_some()
+                || m.attestation.is_some()
+            {
                 return Err(KeyError::CorruptState {
                     path,
                     reason: "a first start's manifest that names keys".into(),
@@ -575,6 +608,32 @@ impl KeyHierarchy {
                 });
             }
         }
+        if let Some(k) = &m.attestation {
+            let file = self.dir.path(&k.key_file);
+            let blob = match self.dir.read_blob(&k.key_file) {
+                Err(KeyError::Io { source, .. })
+                    if source.kind() == std::io::ErrorKind::NotFound =>
+                {
+                    return Err(KeyError::CorruptState {
+                        path: file,
+                        reason: "keys.json names this attestation key, but the file does not exist"
+                            .into(),
+                    })
+                }
+                r => r?,
+            };
+            let (fp, restricted) = self.tpm.attestation_fingerprint(&blob, &file)?;
+            // A quote is worth something only from a restricted key.
+            if fp != k.fingerprint || !restricted {
+                return Err(KeyError::CorruptState {
+                    path: file,
+                    reason: format!(
+                        "the TPM loads a key with fingerprint {fp} (restricted: {restricted}) from it, but keys.json records the restricted key {}",
+                        k.fingerprint
+                    ),
+                });
+            }
+        }
         Ok(plan)
     }
 
@@ -683,6 +742,7 @@ impl KeyHierarchy {
         let mut first = self.manifest.clone();
         first.landlord = level;
         first.signing = Some(self.create_signing_key()?);
+        first.attestation = Some(self.create_attestation_key()?);
         first.intent = None;
         self.commit_manifest(first)
     }
@@ -839,6 +899,97 @@ impl KeyHierarchy {
             key_file: SIGNING_KEY_FILE.to_owned(),
             public_pem: public.to_pem(),
             fingerprint: public.fingerprint_hex(),
+        })
+    }
+
+    /// Creates the attestation key and writes its blob. The manifest is not
+    /// changed here: the caller commits it.
+    fn create_attestation_key(&mut self) -> Result<SigningKeyState> {
+        let (blob, public) = self.tpm.create_attestation_key()?;
+        self.dir.write_blob(ATTEST_KEY_FILE, &blob)?;
+        Ok(SigningKeyState {
+            key_file: ATTEST_KEY_FILE.to_owned(),
+            public_pem: public.to_pem(),
+            fingerprint: public.fingerprint_hex(),
+        })
+    }
+
+    fn attestation_state(&self) -> Result<&SigningKeyState> {
+        // `open` always creates the key, so this only fails on a broken invariant.
+        self.manifest
+            .attestation
+            .as_ref()
+            .ok_or_else(|| KeyError::CorruptState {
+                path: self.dir.manifest_path(),
+                reason: "the manifest names no attestation key".into(),
+            })
+    }
+
+    /// The attestation key's public half (PEM and fingerprint). Made once
+    /// per node; unchanged by every key change. Any role may read it.
+    pub fn attestation_key(&self) -> Result<SigningKeyInfo> {
+        let k = self.attestation_state()?;
+        Ok(SigningKeyInfo {
+            pem: k.public_pem.clone(),
+            fingerprint: k.fingerprint.clone(),
+        })
+    }
+
+    /// The context a quote binds now: node id, `boot_id`, and each level's
+    /// generations and fingerprint.
+    pub fn attest_context(&self, boot_id: &str) -> AttestContext {
+        let lv = |l: &LevelState| LevelKeys {
+            generation: l.generation,
+            key_generation: l.key_generation,
+            fingerprint: l.fingerprint.clone(),
+        };
+        AttestContext {
+            node_id: self.manifest.node_id.clone(),
+            boot_id: boot_id.to_owned(),
+            landlord: lv(&self.manifest.landlord),
+            tenant: self.manifest.tenant.as_ref().map(lv),
+        }
+    }
+
+    /// TPM2_Quote by the attestation key over `pcrs` (sha256 bank) with
+    /// qualifying data SHA-256(nonce, context): the quote proves the PCRs
+    /// and the node's current key state at the time of this nonce. Nonce
+    /// 8..=64 bytes, PCRs 1..=24 distinct indices in 0..=23. Any role may
+    /// ask: a quote reveals no secret.
+    pub fn quote(&mut self, nonce: &[u8], pcrs: &[u32], boot_id: &str) -> Result<Quote> {
+        let pcrs = check_request(nonce, pcrs).map_err(|e| match e {
+            AttestError::InvalidNonce { .. } => KeyError::InvalidQuote {
+                field: "nonce",
+                reason: e.to_string(),
+            },
+            other => KeyError::InvalidQuote {
+                field: "pcrs",
+                reason: other.to_string(),
+            },
+        })?;
+        let context = self.attest_context(boot_id);
+        // The context is made by the agent; parse it back so a bad boot id
+        // is refused here instead of producing a quote no one can verify.
+        let text = context.render();
+        AttestContext::parse(&text).map_err(|e| KeyError::InvalidQuote {
+            field: "context",
+            reason: e.to_string(),
+        })?;
+        let qualifying = qualifying_data(nonce, &text);
+        let file = self.attestation_state()?.key_file.clone();
+        let blob = self.dir.read_blob(&file)?;
+        let q = self
+            .tpm
+            .quote(&blob, &self.dir.path(&file), &qualifying, &pcrs)?;
+        Ok(Quote {
+            attest: q.attest,
+            signature: q.signature,
+            pcr_values: q
+                .pcr_values
+                .into_iter()
+                .map(|(p, v)| (u32::from(p), v))
+                .collect(),
+            context: text,
         })
     }
 

@@ -33,9 +33,9 @@ mod types;
 pub use error::{EnvelopeError, KeyError, Result, SignatureError};
 pub use hierarchy::{
     valid_name, ChangeKind, FaultPoint, KeyChange, KeyConfig, KeyHierarchy, LevelStatus, Opened,
-    Status,
+    Quote, Status,
 };
-pub use leasehold_envelope::verify_signature;
+pub use leasehold_envelope::{attest, verify_signature};
 pub use types::{Confirm, DiskKey, PublicKeyInfo, Role, SigningKeyInfo, SymmetricKey, TpmKind};
 
 /// Validates a TCTI string without connecting (for config checks).

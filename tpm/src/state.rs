@@ -16,10 +16,12 @@ use crate::types::Role;
 
 /// Manifest format this build writes. Format 2 added the node signing key;
 /// format 3 the epoch and the change intent; format 4 the standby generation
-/// of a level. Formats 1 to 3 are still read and upgraded at open. An older
-/// build refuses a newer format by its version rather than by the unknown
-/// field (or, for a standby, by its unexplained NV index).
-pub(crate) const FORMAT: u32 = 4;
+/// of a level; format 5 the attestation key. Formats 1 to 4 are still read
+/// and upgraded at open. An older build refuses a newer format by its
+/// version rather than by the unknown field (or, for a standby, by its
+/// unexplained NV index). `attestation` is not refused in older formats:
+/// the key is checked against the TPM at open whatever the format says.
+pub(crate) const FORMAT: u32 = 5;
 /// First format with `epoch` and `intent`.
 pub(crate) const EPOCH_FORMAT: u32 = 3;
 /// First format with `standby`.
@@ -45,6 +47,11 @@ pub(crate) struct Manifest {
     /// The node signing key (erase receipts). Absent in format 1 manifests.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signing: Option<SigningKeyState>,
+    /// The attestation key (restricted signing key for quotes): same shape
+    /// as the signing key, its own blob. Absent before quotes existed; the
+    /// agent then makes it at the next start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attestation: Option<SigningKeyState>,
     /// Format 2 only: set while a destroying rotation of this level ran.
     /// Format 3 records that in `intent`; this build never writes it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -145,7 +152,7 @@ impl Manifest {
                 v.push(s.sealed_file.clone());
             }
         }
-        if let Some(k) = &self.signing {
+        for k in self.signing.iter().chain(&self.attestation) {
             v.push(k.key_file.clone());
         }
         v
@@ -609,6 +616,11 @@ mod tests {
                 public_pem: "pem".into(),
                 fingerprint: "fp".into(),
             }),
+            attestation: Some(SigningKeyState {
+                key_file: "attest.pair".into(),
+                public_pem: "pem".into(),
+                fingerprint: "fp2".into(),
+            }),
             erasing: None,
             epoch: Some(7),
             intent: None,
@@ -660,6 +672,7 @@ mod tests {
         let mut v = serde_json::to_value(sample()).unwrap();
         v["format"] = 1.into();
         v.as_object_mut().unwrap().remove("signing");
+        v.as_object_mut().unwrap().remove("attestation");
         v.as_object_mut().unwrap().remove("epoch");
         fs::write(s.manifest_path(), v.to_string()).unwrap();
         let m = s.read_manifest().unwrap().unwrap();
@@ -686,6 +699,7 @@ mod tests {
     fn manifest_names_the_signing_key_blob() {
         let m = sample();
         assert!(m.files().contains(&"signing.pair".to_string()));
+        assert!(m.files().contains(&"attest.pair".to_string()));
         let text = serde_json::to_string(&m).unwrap();
         assert!(text.contains("\"signing\""), "{text}");
     }

@@ -802,14 +802,15 @@ fn swtpm_interrupted_changes_leave_old_or_new_key_set() {
             // The signing key is the same whichever set was loaded.
             assert_eq!(h.signing_key().unwrap(), signing, "{name} at {point:?}");
             assert_signs(&mut h, &signing, name.as_bytes());
-            // Only the manifest's blobs remain (levels' pairs and sealed keys, signing key).
+            // Only the manifest's blobs remain (levels' pairs and sealed keys,
+            // signing key, attestation key).
             let mut files: Vec<String> = std::fs::read_dir(node.state_dir())
                 .unwrap()
                 .map(|e| e.unwrap().file_name().into_string().unwrap())
                 .filter(|n| n != "keys.json")
                 .collect();
             files.sort();
-            let expect = if h.status().tenant.is_some() { 5 } else { 3 };
+            let expect = if h.status().tenant.is_some() { 6 } else { 4 };
             assert_eq!(files.len(), expect, "{name} at {point:?}: {files:?}");
             h.shutdown().unwrap();
         }
@@ -976,7 +977,7 @@ fn swtpm_old_manifest_without_signing_key_gets_one_on_open() {
     let downgrade = || {
         let mut v: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
-        assert_eq!(v["format"], 4);
+        assert_eq!(v["format"], 5);
         assert!(v.as_object_mut().unwrap().remove("signing").is_some());
         assert!(v.as_object_mut().unwrap().remove("epoch").is_some());
         v["format"] = 1.into();
@@ -1006,7 +1007,7 @@ fn swtpm_old_manifest_without_signing_key_gets_one_on_open() {
     h.shutdown().unwrap();
     // The upgrade was committed: the current format naming the key, kept on re-open.
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
-    assert_eq!(v["format"], 4);
+    assert_eq!(v["format"], 5);
     assert!(v["epoch"].as_u64().is_some(), "{v}");
     assert_eq!(v["signing"]["fingerprint"], key.fingerprint.as_str());
     let (h, opened) = node.open();
@@ -1150,7 +1151,7 @@ fn swtpm_missing_manifest_over_tpm_keys_is_refused_and_touches_nothing() {
             e,
             KeyError::StateMissing {
                 nv_indices: 3,
-                files: 5,
+                files: 6,
                 ..
             }
         )
@@ -1179,7 +1180,7 @@ fn swtpm_missing_manifest_over_tpm_keys_is_refused_and_touches_nothing() {
     };
     assert!(matches!(
         KeyHierarchy::open(&cfg),
-        Err(KeyError::EraseRefused { entries: 5, .. })
+        Err(KeyError::EraseRefused { entries: 6, .. })
     ));
     assert_eq!(node.nv(), nv);
     // ... and is ignored where a manifest exists.
@@ -1465,7 +1466,7 @@ fn swtpm_pre_epoch_state_is_upgraded_only_when_clean() {
     let epoch_of = || -> Option<u64> {
         let v: serde_json::Value =
             serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
-        assert_eq!(v["format"], 4);
+        assert_eq!(v["format"], 5);
         v["epoch"].as_u64()
     };
 
@@ -1549,6 +1550,7 @@ fn swtpm_interrupted_first_start_is_finished() {
             }),
         );
         m.remove("signing");
+        m.remove("attestation");
         if !keep_epoch {
             m.remove("epoch");
         }
@@ -1569,6 +1571,7 @@ fn swtpm_interrupted_first_start_is_finished() {
         f
     };
     let expected_files = [
+        "attest.pair",
         "keys.json",
         "landlord-g1.pair",
         "landlord-g1.sealed",
@@ -1590,7 +1593,7 @@ fn swtpm_interrupted_first_start_is_finished() {
     // Crash right after the first manifest: at most the counter exists.
     genesis(testing::EPOCH_NV_INDEX, false);
     testing::nv_undefine(&node.tcti(), landlord_idx).unwrap();
-    for f in &expected_files[1..] {
+    for f in expected_files.iter().filter(|f| **f != "keys.json") {
         std::fs::remove_file(node.state_dir().join(f)).unwrap();
     }
     let stale_a = node.tmp.path().join("stale-a");
@@ -1618,7 +1621,7 @@ fn swtpm_interrupted_first_start_is_finished() {
 // ---- Standby generation: rotations without key generation (issue 12) -----
 
 /// The NV indices and blob files `keys.json` names (levels, standbys,
-/// signing key), plus the epoch counter; sorted.
+/// signing and attestation keys), plus the epoch counter; sorted.
 fn manifest_names(dir: &Path) -> (Vec<u32>, Vec<String>) {
     let v: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.join("keys.json")).unwrap()).unwrap();
@@ -1634,6 +1637,7 @@ fn manifest_names(dir: &Path) -> (Vec<u32>, Vec<String>) {
         }
     }
     files.push(v["signing"]["key_file"].as_str().unwrap().to_owned());
+    files.push(v["attestation"]["key_file"].as_str().unwrap().to_owned());
     nv.sort_unstable();
     files.sort();
     (nv, files)

@@ -283,6 +283,88 @@ impl Tpm {
         self.create_rsa_key(public, None, "Create (RSA signing key)")
     }
 
+    /// Creates the node's attestation key (AK): a *restricted* RSA-2048
+    /// RSASSA-PKCS1-v1_5 SHA-256 signing key under the primary. Restricted:
+    /// the TPM signs with it only digests it computed itself (quotes,
+    /// certifications), never a caller's digest that could imitate a quote.
+    pub fn create_attestation_key(&mut self) -> Result<(Blob, RecipientKey)> {
+        let public = rsa_template(RsaUse::Attest).map_err(tpm_err("build AK template"))?;
+        self.create_rsa_key(public, None, "Create (attestation key)")
+    }
+
+    /// Loads the AK blob and returns the fingerprint of the public key the
+    /// TPM reports for it, and whether the TPM says it is restricted.
+    pub fn attestation_fingerprint(
+        &mut self,
+        blob: &Blob,
+        path: &std::path::Path,
+    ) -> Result<(String, bool)> {
+        let h = self.load_as(blob, attestation_key_unusable(path))?;
+        let public = self.read_public_of(h)?;
+        let restricted = public.object_attributes().restricted();
+        Ok((recipient_of(&public)?.fingerprint_hex(), restricted))
+    }
+
+    /// TPM2_Quote with the AK over the sha256 bank of `pcrs` (normalised,
+    /// non-empty) with `qualifying` as extraData. Returns the marshalled
+    /// TPMS_ATTEST, the raw RSASSA signature and the PCR values read right
+    /// after (the verifier checks them against the quote's digest).
+    pub fn quote(
+        &mut self,
+        blob: &Blob,
+        path: &std::path::Path,
+        qualifying: &[u8; 32],
+        pcrs: &[u8],
+    ) -> Result<Quoted> {
+        let data = Data::try_from(qualifying.to_vec()).map_err(tpm_err("build qualifying data"))?;
+        let selection = pcr_selection(pcrs)?;
+        let scheme = SignatureScheme::RsaSsa {
+            hash_scheme: HashScheme::new(HashingAlgorithm::Sha256),
+        };
+        let h = self.load_as(blob, attestation_key_unusable(path))?;
+        let result = self
+            .authed(Enc::None, |c| c.quote(h, data, scheme, selection))
+            .map_err(tpm_err("Quote"));
+        self.flush(h);
+        let (attest, signature) = result?;
+        let signature = match signature {
+            Signature::RsaSsa(s) if s.hashing_algorithm() == HashingAlgorithm::Sha256 => {
+                s.signature().value().to_vec()
+            }
+            _ => {
+                return Err(KeyError::UnexpectedTpmResponse(
+                    "quote signature scheme (expected RSASSA-PKCS1-v1_5 with SHA-256)",
+                ))
+            }
+        };
+        let attest = attest.marshall().map_err(tpm_err("marshal TPMS_ATTEST"))?;
+        let mut values = Vec::with_capacity(pcrs.len());
+        for p in pcrs {
+            values.push((*p, self.pcr_value(*p)?));
+        }
+        Ok(Quoted {
+            attest,
+            signature,
+            pcr_values: values,
+        })
+    }
+
+    /// The sha256-bank value of one PCR.
+    fn pcr_value(&mut self, pcr: u8) -> Result<Vec<u8>> {
+        let sel = pcr_selection(&[pcr])?;
+        let (_, _, digests) = self
+            .ctx
+            .execute_without_session(|c| c.pcr_read(sel))
+            .map_err(tpm_err("PCR_Read"))?;
+        let d = digests
+            .value()
+            .first()
+            .ok_or(KeyError::UnexpectedTpmResponse(
+                "PCR_Read without the SHA-256 bank",
+            ))?;
+        Ok(d.value().to_vec())
+    }
+
     fn create_rsa_key(
         &mut self,
         template: Public,
@@ -591,18 +673,7 @@ impl Tpm {
     fn pcr_policy_digest(&mut self, pcrs: &[u8]) -> Result<Digest> {
         let mut concat = Vec::new();
         for p in pcrs {
-            let sel = pcr_selection(&[*p])?;
-            let (_, _, digests) = self
-                .ctx
-                .execute_without_session(|c| c.pcr_read(sel))
-                .map_err(tpm_err("PCR_Read"))?;
-            let d = digests
-                .value()
-                .first()
-                .ok_or(KeyError::UnexpectedTpmResponse(
-                    "PCR_Read without the SHA-256 bank",
-                ))?;
-            concat.extend_from_slice(d.value());
+            concat.extend_from_slice(&self.pcr_value(*p)?);
         }
         let pcr_digest =
             Digest::try_from(Sha256::digest(&concat).to_vec()).map_err(tpm_err("PCR digest"))?;
@@ -826,12 +897,25 @@ enum RsaUse {
     Decrypt,
     /// RSASSA-PKCS1-v1_5 SHA-256 signing only (the node signing key).
     Sign,
+    /// Restricted RSASSA-PKCS1-v1_5 SHA-256 signing (the attestation key).
+    Attest,
 }
 
-/// Template of an unrestricted RSA-2048 key under the primary that can do
-/// exactly one thing: a key never both decrypts and signs.
+/// What `Tpm::quote` returns.
+pub(crate) struct Quoted {
+    /// Marshalled TPMS_ATTEST (what the signature covers).
+    pub attest: Vec<u8>,
+    /// RSASSA-PKCS1-v1_5 SHA-256 signature by the AK.
+    pub signature: Vec<u8>,
+    /// (PCR, sha256 value), ascending.
+    pub pcr_values: Vec<(u8, Vec<u8>)>,
+}
+
+/// Template of an RSA-2048 key under the primary that can do exactly one
+/// thing: a key never both decrypts and signs. Only the AK is restricted.
 fn rsa_template(usage: RsaUse) -> tss_esapi::Result<Public> {
-    let sign = usage == RsaUse::Sign;
+    let sign = usage != RsaUse::Decrypt;
+    let restricted = usage == RsaUse::Attest;
     let attrs = ObjectAttributesBuilder::new()
         .with_fixed_tpm(true)
         .with_fixed_parent(true)
@@ -839,7 +923,7 @@ fn rsa_template(usage: RsaUse) -> tss_esapi::Result<Public> {
         .with_user_with_auth(true)
         .with_decrypt(!sign)
         .with_sign_encrypt(sign)
-        .with_restricted(false)
+        .with_restricted(restricted)
         .with_no_da(true)
         .build()?;
     let scheme = if sign {
@@ -853,7 +937,7 @@ fn rsa_template(usage: RsaUse) -> tss_esapi::Result<Public> {
         .with_exponent(RsaExponent::default())
         .with_is_decryption_key(!sign)
         .with_is_signing_key(sign)
-        .with_restricted(false)
+        .with_restricted(restricted)
         .build()?;
     PublicBuilder::new()
         .with_public_algorithm(PublicAlgorithm::Rsa)
@@ -866,6 +950,13 @@ fn rsa_template(usage: RsaUse) -> tss_esapi::Result<Public> {
 
 fn signing_key_unusable(path: &std::path::Path) -> impl Fn(tss_esapi::Error) -> KeyError + '_ {
     move |source| KeyError::SigningKeyUnusable {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn attestation_key_unusable(path: &std::path::Path) -> impl Fn(tss_esapi::Error) -> KeyError + '_ {
+    move |source| KeyError::AttestationKeyUnusable {
         path: path.to_path_buf(),
         source,
     }
