@@ -612,7 +612,10 @@ async fn serve_bus(
         .await
         .map_err(AgentError::Bus)?;
     server
-        .at(OBJECT_PATH, auth::Bounded(api::HealthApi(ctx.clone()), m.clone()))
+        .at(
+            OBJECT_PATH,
+            auth::Bounded(api::HealthApi(ctx.clone()), m.clone()),
+        )
         .await
         .map_err(AgentError::Bus)?;
     server

@@ -42,6 +42,11 @@ const NOT_RUN_HERE: &[(&str, &str)] = &[
     ("tenantctl engine status", "needs a deployed engine"),
     ("tenantctl engine rm", "needs a deployed engine"),
     ("tenantctl engine logs", "needs a deployed engine"),
+    ("tenantctl engine upload", "needs the tenant volume"),
+    (
+        "tenantctl engine upload-abort",
+        "needs an upload in progress (the tenant volume)",
+    ),
 ];
 
 fn leaves(prefix: &str, c: &clap::Command, out: &mut BTreeSet<String>) {
