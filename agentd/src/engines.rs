@@ -482,7 +482,11 @@ impl Runtime {
 
     fn volume_dir(&self) -> Result<PathBuf, RuntimeError> {
         let v = self.volume.mounted().ok_or(RuntimeError::NoVolume)?;
-        Ok(v.join(&self.cfg.images_dir))
+        let dir = v.join(&self.cfg.images_dir);
+        // The volume's root is writable by the tenant's users: never follow
+        // something planted in place of the agent's directory.
+        leasehold_storage::fs::ensure_own_dir(&dir).map_err(io("check", &dir))?;
+        Ok(dir)
     }
 
     fn run_dir(&self, engine: &str, dir_name: u64) -> PathBuf {

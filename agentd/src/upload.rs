@@ -221,8 +221,14 @@ impl Uploads {
         let base = mount.join(&self.images_dir);
         let inbox = base.join("inbox");
         let dir_flags = OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::RDONLY;
-        // Only the agent writes `<images_dir>`: made here if missing.
-        std::fs::create_dir_all(&base).map_err(io_err("mkdir", &base))?;
+        // Only the agent writes `<images_dir>`: made here if missing, and
+        // refused if it is not the agent's own (the volume's root is
+        // writable by the tenant's users; its sticky bit keeps them from
+        // replacing it after this check).
+        leasehold_storage::fs::ensure_own_dir(&base).map_err(|e| UploadError::Inbox {
+            path: base.clone(),
+            reason: e.to_string(),
+        })?;
         let basefd =
             rustix::fs::open(&base, dir_flags, Mode::empty()).map_err(|e| UploadError::Inbox {
                 path: base.clone(),
@@ -351,6 +357,9 @@ impl Uploads {
                 needed: size,
             });
         }
+        // Created and registered under one lock: another caller's sweep
+        // never sees the new temp file as a leftover.
+        let mut active = self.active();
         let id = hex::encode(rand::random::<[u8; 12]>());
         let temp = temp_name(&id);
         let path = inbox.join(&temp);
@@ -375,7 +384,6 @@ impl Uploads {
             temp,
             last: Instant::now(),
         };
-        let mut active = self.active();
         if active.len() >= MAX_ACTIVE {
             let _ = rustix::fs::unlinkat(&up.dir, up.temp.as_str(), rustix::fs::AtFlags::empty());
             return Err(UploadError::Busy);
@@ -453,10 +461,13 @@ impl Uploads {
     pub fn commit(&self, uid: u32, id: &str) -> Result<String, UploadError> {
         let u = self.get(uid, id)?;
         let mut u = u.lock().unwrap_or_else(|p| p.into_inner());
-        if self.active().remove(id).is_none() {
+        if !self.active().contains_key(id) {
             return Err(UploadError::NotFound(id.to_owned()));
         }
+        // Still registered while it is synced and renamed (seconds for a
+        // large file): a sweep meanwhile must not take it for a leftover.
         let r = Self::finish(&mut u);
+        self.active().remove(id);
         if r.is_err() {
             let _ = rustix::fs::unlinkat(&u.dir, u.temp.as_str(), rustix::fs::AtFlags::empty());
         }

@@ -532,7 +532,9 @@ impl Volume {
                 .flatten()
                 .map(|g| g.gid.as_raw());
             // No set-gid bit: the unit's RestrictSUIDSGID= refuses it.
-            let mode = if gid.is_some() { 0o770 } else { 0o700 };
+            // Sticky: a tenant's user may add entries but not rename or
+            // remove the agent's (its `engines/` directory).
+            let mode = if gid.is_some() { 0o1770 } else { 0o700 };
             fs::mount(
                 &mapping::devnode(mapping::NAME),
                 at,

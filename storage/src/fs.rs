@@ -226,6 +226,37 @@ pub fn make_dirs_searchable(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Makes sure `dir` is a real directory (not a symlink) owned by this
+/// process's user that nobody else may write, creating it 0755 if missing.
+/// For the agent's own directories on the tenant volume, whose root the
+/// tenant's users may write: a symlink or directory a tenant planted there
+/// must never be followed by the agent (root), so it is refused, named.
+pub fn ensure_own_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let me = nix::unistd::geteuid().as_raw();
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir(dir)?;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+        }
+        Err(e) => Err(e),
+        Ok(m) if m.file_type().is_dir() && m.uid() == me && m.mode() & 0o022 == 0 => Ok(()),
+        Ok(m) => Err(std::io::Error::other(format!(
+            "{} is not the agent's directory ({}, owner uid {}, mode {:o}): refused, not followed; move it aside",
+            dir.display(),
+            if m.file_type().is_symlink() {
+                "a symlink"
+            } else if m.file_type().is_dir() {
+                "a directory"
+            } else {
+                "not a directory"
+            },
+            m.uid(),
+            m.mode() & 0o7777
+        ))),
+    }
+}
+
 /// The existing directories above `dir` that others cannot search (no
 /// `o+x`): the tenant's users cannot reach a volume mounted below one.
 pub fn unsearchable_ancestors(dir: &Path) -> Vec<PathBuf> {

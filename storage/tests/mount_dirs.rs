@@ -4,7 +4,7 @@
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 
-use leasehold_storage::fs::{make_dirs_searchable, unsearchable_ancestors};
+use leasehold_storage::fs::{ensure_own_dir, make_dirs_searchable, unsearchable_ancestors};
 
 #[test]
 fn missing_mount_point_parents_are_made_searchable_under_a_strict_umask() {
@@ -32,4 +32,28 @@ fn missing_mount_point_parents_are_made_searchable_under_a_strict_umask() {
         !blocked.iter().any(|d| d.starts_with(keep.join("srv"))),
         "{blocked:?}"
     );
+}
+
+#[test]
+fn the_agents_directory_on_the_volume_is_never_a_planted_one() {
+    let t = tempfile::tempdir().unwrap();
+    let dir = t.path().join("engines");
+    ensure_own_dir(&dir).unwrap();
+    assert!(std::fs::metadata(&dir).unwrap().is_dir());
+    ensure_own_dir(&dir).unwrap();
+    // A symlink planted in its place (to somewhere the tenant wants the
+    // agent to write) is refused, not followed.
+    let planted = t.path().join("planted");
+    std::os::unix::fs::symlink(t.path().join("elsewhere"), &planted).unwrap();
+    let e = ensure_own_dir(&planted).unwrap_err().to_string();
+    assert!(e.contains("a symlink") && e.contains("refused"), "{e}");
+    // A directory others may write is refused too.
+    let open = t.path().join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+    assert!(ensure_own_dir(&open).is_err());
+    // So is a file.
+    let file = t.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    assert!(ensure_own_dir(&file).is_err());
 }
