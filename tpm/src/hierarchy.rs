@@ -915,24 +915,25 @@ impl KeyHierarchy {
     }
 
     fn attestation_state(&self) -> Result<&SigningKeyState> {
-        // `open` always creates the key, so this only fails on a broken invariant.
-        self.manifest
-            .attestation
-            .as_ref()
-            .ok_or_else(|| KeyError::CorruptState {
-                path: self.dir.manifest_path(),
-                reason: "the manifest names no attestation key".into(),
-            })
+        self.recorded_key(self.manifest.attestation.as_ref(), "attestation key")
+    }
+
+    /// A key `open` always records (so missing means a broken invariant).
+    fn recorded_key<'a>(
+        &self,
+        k: Option<&'a SigningKeyState>,
+        what: &str,
+    ) -> Result<&'a SigningKeyState> {
+        k.ok_or_else(|| KeyError::CorruptState {
+            path: self.dir.manifest_path(),
+            reason: format!("the manifest names no {what}"),
+        })
     }
 
     /// The attestation key's public half (PEM and fingerprint). Made once
     /// per node; unchanged by every key change. Any role may read it.
     pub fn attestation_key(&self) -> Result<SigningKeyInfo> {
-        let k = self.attestation_state()?;
-        Ok(SigningKeyInfo {
-            pem: k.public_pem.clone(),
-            fingerprint: k.fingerprint.clone(),
-        })
+        self.attestation_state().map(SigningKeyState::info)
     }
 
     /// The context a quote binds now: node id, `boot_id`, and each level's
@@ -994,25 +995,14 @@ impl KeyHierarchy {
     }
 
     fn signing_state(&self) -> Result<&SigningKeyState> {
-        // `open` always creates the key, so this only fails on a broken invariant.
-        self.manifest
-            .signing
-            .as_ref()
-            .ok_or_else(|| KeyError::CorruptState {
-                path: self.dir.manifest_path(),
-                reason: "the manifest names no node signing key".into(),
-            })
+        self.recorded_key(self.manifest.signing.as_ref(), "node signing key")
     }
 
     /// The node signing key's public half (PEM and fingerprint). It does not
     /// change with rotations, re-keys, assignment or release. Any role may
     /// read it.
     pub fn signing_key(&self) -> Result<SigningKeyInfo> {
-        let k = self.signing_state()?;
-        Ok(SigningKeyInfo {
-            pem: k.public_pem.clone(),
-            fingerprint: k.fingerprint.clone(),
-        })
+        self.signing_state().map(SigningKeyState::info)
     }
 
     /// Signs `data` with the node signing key: SHA-256 in software, then
@@ -1788,3 +1778,13 @@ fn placeholder_level() -> LevelState {
 
 // The name rule is shared with the CLIs, which check it without a TPM.
 pub use leasehold_envelope::valid_name;
+
+impl SigningKeyState {
+    /// Its public half, as callers see it.
+    fn info(&self) -> SigningKeyInfo {
+        SigningKeyInfo {
+            pem: self.public_pem.clone(),
+            fingerprint: self.fingerprint.clone(),
+        }
+    }
+}
