@@ -5,7 +5,7 @@
 
 use std::fmt::Write as _;
 
-use leasehold_tests::{Lab, Who};
+use leasehold_tests::{Lab, LabOptions, Who};
 
 fn main() {
     let lab = Lab::start();
@@ -36,15 +36,49 @@ fn main() {
     .unwrap();
     writeln!(out, "| load | calls | p50 | p99 | max | throughput |").unwrap();
     writeln!(out, "|---|---|---|---|---|---|").unwrap();
-    for (label, n, clients) in [
-        ("1,000 sequential calls, 1 client", 1000, 1),
-        ("8 concurrent clients x 250 calls", 250, 8),
+    let broker_lab = Lab::start_with_options(LabOptions {
+        dbus_broker: true,
+        ..LabOptions::default()
+    });
+    broker_lab
+        .run(Who::Landlord, "landlordctl", &["assign", "acme"])
+        .ok();
+    for (label, lab, n, clients, target) in [
+        (
+            "1,000 sequential calls, 1 client",
+            &lab,
+            1000,
+            1,
+            "landlord",
+        ),
+        ("8 concurrent clients x 250 calls", &lab, 250, 8, "landlord"),
+        (
+            "1,000 sequential calls, a new connection per call (one CLI run each)",
+            &lab,
+            1000,
+            1,
+            "landlord-fresh",
+        ),
+        (
+            "1,000 sequential calls, 1 client, dbus-broker",
+            &broker_lab,
+            1000,
+            1,
+            "landlord",
+        ),
+        (
+            "1,000 sequential calls, a new connection per call, dbus-broker",
+            &broker_lab,
+            1000,
+            1,
+            "landlord-fresh",
+        ),
     ] {
         let r = lab
             .run(
                 Who::Landlord,
                 "lh-dbus-probe",
-                &["bench", &n.to_string(), &clients.to_string()],
+                &["bench", &n.to_string(), &clients.to_string(), target],
             )
             .ok();
         let v = r.json();
@@ -70,12 +104,20 @@ fn main() {
     let flat = leasehold_tests::flood::during_outsider_flood(&flat_lab, 1000, flood);
     let flat_layout = flat_lab.cpu_layout();
     drop(flat_lab);
+    // The same flood with dbus-broker as the bus (docs/dbus.md "Bus
+    // implementation"), CPU groups as on a node.
+    let broker = leasehold_tests::flood::during_outsider_flood(&broker_lab, 1000, flood);
+    drop(broker_lab);
     writeln!(
         out,
         "\n| during an outsider flood, 1 client each, run together | calls | p50 | p99 | max | throughput |\n|---|---|---|---|---|---|"
     )
     .unwrap();
-    for (layout_label, r) in [("CPU groups", &run), ("flat (baseline)", &flat)] {
+    for (layout_label, r) in [
+        ("CPU groups", &run),
+        ("flat (baseline)", &flat),
+        ("dbus-broker, CPU groups", &broker),
+    ] {
         let rows = [
             ("landlord NodeInfo", &r.landlord),
             ("tenant NodeInfo", r.tenant.as_ref().unwrap()),
@@ -92,6 +134,7 @@ fn main() {
         "\nOutsider flood: waves of {} concurrent calls from {} connections plus two {} MiB messages at a time, \
          refused by the bus policy (none reached the agent). CPU groups: {layout}; {} waves, outcomes {}, \
          agentd RSS {} KiB before, {} KiB after. Flat: {flat_layout}; {} waves, outcomes {}. \
+         dbus-broker (the same bus configuration, CPU groups): {} waves, outcomes {}. \
          On a node the groups are systemd's: the agent's unit delegates its cgroup, which turns the cpu \
          controller on from the root down, so user.slice (every login, the outsider's included) and \
          system.slice (bus, polkitd, agentd) share the CPU as two groups.",
@@ -104,6 +147,8 @@ fn main() {
         run.agent_rss_kib.1,
         flat.flood["waves"],
         flat.flood["results"],
+        broker.flood["waves"],
+        broker.flood["results"],
     )
     .unwrap();
     // The same flood from a member of leasehold-tenant: it passes the bus

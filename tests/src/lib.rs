@@ -336,6 +336,9 @@ pub struct LabOptions {
     /// Every process in one flat CPU group instead of [`slices`]' systemd
     /// layout (the benchmarks' baseline).
     pub flat_cpu: bool,
+    /// dbus-broker (package dbus-broker) as the bus instead of dbus-daemon,
+    /// with the same configuration (`tests/support/dbus-broker.sh`).
+    pub dbus_broker: bool,
 }
 
 /// An sshd on loopback for the lab.
@@ -415,6 +418,92 @@ const BUS_CONF: &str = r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus 
 </busconfig>
 "#;
 
+/// dbus-daemon with `conf`; returns it and its address.
+fn start_dbus_daemon(slices: &Option<slices::Slices>, conf: &Path) -> (Child, String) {
+    let mut bus = match slices {
+        Some(s) => s.service("dbus.service", "dbus-daemon"),
+        None => Command::new("dbus-daemon"),
+    };
+    let mut bus = bus
+        .arg(format!("--config-file={}", conf.display()))
+        .args(["--nofork", "--print-address=1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dbus-daemon (package dbus)");
+    // The address line is printed once the socket listens: our readiness event.
+    let mut line = String::new();
+    BufReader::new(bus.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let address = line.trim().to_owned();
+    assert!(
+        address.starts_with("unix:"),
+        "dbus-daemon printed {address:?}"
+    );
+    (bus, address)
+}
+
+/// Where dbus-broker is: `/` when the package is installed, else the
+/// directory scripts/install-deps unpacks it into (it does not install it:
+/// an installed dbus-broker becomes the system bus at the next boot).
+pub fn dbus_broker_root() -> Option<PathBuf> {
+    if Path::new("/usr/bin/dbus-broker-launch").exists() {
+        return Some("/".into());
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))?;
+    let root = cache.join("leasehold/dbus-broker");
+    root.join("usr/bin/dbus-broker-launch")
+        .exists()
+        .then_some(root)
+}
+
+/// dbus-broker listening on `socket` with `conf` (the same configuration
+/// as dbus-daemon's; its `<listen>` is ignored).
+fn start_dbus_broker(
+    slices: &Option<slices::Slices>,
+    socket: &Path,
+    conf: &Path,
+) -> (Child, String) {
+    let root = dbus_broker_root().unwrap_or_else(|| {
+        panic!("dbus-broker not found, installed or unpacked: run scripts/install-deps")
+    });
+    let script = workspace_root().join("tests/support/dbus-broker.sh");
+    let mut bus = match slices {
+        Some(s) => s.service("dbus.service", "unshare"),
+        None => Command::new("unshare"),
+    };
+    let mut bus = bus
+        .arg("-m")
+        .arg(&script)
+        .arg(socket)
+        .arg(conf)
+        .arg(&root)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("unshare");
+    // The script says READY once the socket listens and is open to all
+    // (the broker takes it at the first connection): our readiness event.
+    // The rest of its stderr is drained so it never blocks.
+    let mut err = BufReader::new(bus.stderr.take().unwrap());
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = err.read_line(&mut line).unwrap();
+        assert!(n > 0, "dbus-broker.sh ended before listening");
+        if line.trim() == "READY" {
+            break;
+        }
+    }
+    std::thread::spawn(move || std::io::copy(&mut err, &mut std::io::sink()));
+    (bus, format!("unix:path={}", socket.display()))
+}
+
 impl Lab {
     /// Starts bus, polkitd (shipped policy and rules) and agentd --dev, the
     /// agent in a network namespace of its own so boundaries set through it
@@ -447,6 +536,11 @@ impl Lab {
         Self::start_with(Some(netns.to_owned()), LabOptions::default())
     }
 
+    /// [`Lab::start_in`] with `opts`.
+    pub fn start_in_with_options(netns: &str, opts: LabOptions) -> Lab {
+        Self::start_with(Some(netns.to_owned()), opts)
+    }
+
     fn start_with(netns: Option<String>, opts: LabOptions) -> Lab {
         require_root();
         users();
@@ -475,31 +569,11 @@ impl Lab {
                     .unwrap(),
             );
         fs::write(dir.path().join("bus.conf"), conf).unwrap();
-        let mut bus = match &slices {
-            Some(s) => s.service("dbus.service", "dbus-daemon"),
-            None => Command::new("dbus-daemon"),
+        let (bus, address) = if opts.dbus_broker {
+            start_dbus_broker(&slices, &socket, &dir.path().join("bus.conf"))
+        } else {
+            start_dbus_daemon(&slices, &dir.path().join("bus.conf"))
         };
-        let mut bus = bus
-            .arg(format!(
-                "--config-file={}",
-                dir.path().join("bus.conf").display()
-            ))
-            .args(["--nofork", "--print-address=1"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("dbus-daemon (package dbus)");
-        // The address line is printed once the socket listens: our readiness event.
-        let mut line = String::new();
-        BufReader::new(bus.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let address = line.trim().to_owned();
-        assert!(
-            address.starts_with("unix:"),
-            "dbus-daemon printed {address:?}"
-        );
 
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)

@@ -628,9 +628,9 @@ fn main() {
                 Some("polkit") => "polkit",
                 Some("polkit-pid") => "polkit-pid",
                 Some("landlord-fresh") => "landlord-fresh",
-                None => "landlord",
+                None | Some("landlord") => "landlord",
                 Some(t) => panic!(
-                    "bench target {t:?}: tenant | bus | ping | polkit | polkit-pid | landlord-fresh"
+                    "bench target {t:?}: landlord | tenant | bus | ping | polkit | polkit-pid | landlord-fresh"
                 ),
             };
             rt.block_on(bench(n, c, target));

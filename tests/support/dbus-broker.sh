@@ -1,0 +1,36 @@
+#!/bin/bash
+# dbus-broker as the lab's bus instead of dbus-daemon (LabOptions::dbus_broker),
+# outside systemd. Runs in a mount namespace of its own (unshare -m) so the
+# paths dbus-broker-launch insists on are private to it:
+# - /run/systemd/journal/socket: it logs there and exits without one;
+# - /run/dbus/system_bus_socket: with --scope system it connects to the system
+#   bus, i.e. to itself, through that path.
+# - /usr/bin/dbus-broker: the launcher starts the broker from that path; when
+#   the package is only unpacked (scripts/install-deps does not install it:
+#   installed, it becomes the system bus at the next boot), ROOT/usr/bin is
+#   laid over /usr/bin here.
+# usage: dbus-broker.sh SOCKET CONFIG ROOT
+set -eu
+sock=$1 conf=$2 root=$3
+mount --make-rprivate /
+if [[ $root != / ]]; then
+    mount -t overlay overlay -o "lowerdir=$root/usr/bin:/usr/bin" /usr/bin
+fi
+for d in /run/systemd /run/dbus; do mkdir -p $d; mount -t tmpfs tmpfs $d; done
+mkdir /run/systemd/journal
+socat -u UNIX-RECV:/run/systemd/journal/socket /dev/null &
+journal=$!
+ln -s "$sock" /run/dbus/system_bus_socket
+# The broker starts at the first connection, with the listening socket.
+# systemd-socket-activate makes the socket 0644; callers need write access
+# (the policy decides who may do what, as with dbus-daemon): chmod it once
+# it says it listens, then report READY.
+ready() {
+    while read -r line; do
+        case $line in Listening*) chmod 0666 "$sock"; echo READY >&2 ;; esac
+    done
+}
+systemd-socket-activate -l "$sock" dbus-broker-launch --scope system --config-file "$conf" 2> >(ready) &
+bus=$!
+trap 'kill $bus $journal 2>/dev/null; wait' TERM INT
+wait $bus
