@@ -3,6 +3,7 @@
 
 #![warn(missing_docs)]
 
+pub mod act;
 pub mod attest;
 pub mod boundary;
 pub mod health;
