@@ -15,6 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use leasehold_tests::json_doc::JsonDoc;
 use leasehold_tests::{bin, workspace_root, Lab, Ssh, Who};
 
 const AM: &str = "/usr/bin/prometheus-alertmanager";
@@ -30,7 +31,7 @@ fn free_port() -> u16 {
 /// A running `landlordctl --json act`, its record lines read as they come.
 struct Act {
     child: Child,
-    lines: mpsc::Receiver<serde_json::Value>,
+    lines: mpsc::Receiver<Result<serde_json::Value, String>>,
     seen: Vec<serde_json::Value>,
 }
 
@@ -54,9 +55,13 @@ impl Act {
         let out = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
+            let doc = JsonDoc::load();
             for line in BufReader::new(out).lines().map_while(Result::ok) {
-                let v = serde_json::from_str(&line)
-                    .unwrap_or_else(|e| panic!("act printed a line that is not JSON ({e}): {line}"));
+                // Every record has the shape docs/json.md gives.
+                let v = serde_json::from_str::<serde_json::Value>(&line)
+                    .map_err(|e| format!("not JSON ({e})"))
+                    .and_then(|v| doc.check_command("landlordctl act", &v).map(|()| v))
+                    .map_err(|e| format!("{e}: {line}"));
                 if tx.send(v).is_err() {
                     return;
                 }
@@ -83,7 +88,8 @@ impl Act {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(v) => {
+                Ok(Err(e)) => panic!("act printed a bad record: {e}"),
+                Ok(Ok(v)) => {
                     self.seen.push(v.clone());
                     if pred(&v) {
                         return v;
@@ -101,7 +107,10 @@ impl Act {
             .status();
         let st = self.child.wait().unwrap();
         assert!(st.success(), "act exited {st} on SIGTERM");
-        self.seen.extend(self.lines.try_iter());
+        for v in self.lines.try_iter() {
+            self.seen
+                .push(v.unwrap_or_else(|e| panic!("act printed a bad record: {e}")));
+        }
         std::mem::take(&mut self.seen)
     }
 }
@@ -200,7 +209,10 @@ action = "poweroff"
         fs::read_to_string(workspace_root().join("dist/prometheus/alertmanager.yml")).unwrap();
     let conf = shipped
         .replace("127.0.0.1:9465", &listen)
-        .replace("/etc/prometheus/leasehold-act.token", token.to_str().unwrap())
+        .replace(
+            "/etc/prometheus/leasehold-act.token",
+            token.to_str().unwrap(),
+        )
         .replace("group_wait: 10s", "group_wait: 0s")
         .replace("group_interval: 1m", "group_interval: 1s")
         .replace("repeat_interval: 1h", "repeat_interval: 1s");
@@ -323,10 +335,7 @@ action = "poweroff"
     let kept: serde_json::Value =
         serde_json::from_str(&fs::read_to_string(&state).unwrap()).unwrap();
     let acted = kept["acted"].as_object().unwrap();
-    let reboots: Vec<_> = acted
-        .values()
-        .filter(|a| a["action"] == "reboot")
-        .collect();
+    let reboots: Vec<_> = acted.values().filter(|a| a["action"] == "reboot").collect();
     assert_eq!(reboots.len(), 1, "{kept:#}");
     assert_eq!(reboots[0]["result"], "ok");
 }
