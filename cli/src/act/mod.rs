@@ -502,4 +502,97 @@ mod tests {
         std::fs::write(&p, "short").unwrap();
         assert!(Token::read(&p).unwrap_err().message.contains("16"));
     }
+
+    fn shared(dry_run: bool) -> Shared {
+        let inv = inventory::parse("token_file = \"/t\"\nstate_file = \"/s\"").unwrap();
+        Shared {
+            inv,
+            state_path: PathBuf::from("/nonexistent/act.json"),
+            state: Mutex::new(State::default()),
+            token: Token(Zeroizing::new(b"0123456789abcdef".to_vec())),
+            dry_run,
+            json: true,
+        }
+    }
+
+    fn alert() -> Alert {
+        parse_payload(
+            br#"{"version":"4","alerts":[{"status":"firing","labels":{"alertname":"LeaseholdNodeDown","instance":"n1:9464","severity":"critical"},
+            "annotations":{"summary":"n1 is down"},"startsAt":"2026-12-04T01:00:00Z","fingerprint":"ab12"}]}"#,
+        )
+        .unwrap()
+        .alerts
+        .remove(0)
+    }
+
+    fn hook(script: &str, timeout_secs: u64) -> Action {
+        Action::Hook {
+            command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            timeout_secs,
+        }
+    }
+
+    #[tokio::test]
+    async fn hook_gets_the_alert_and_its_failures_are_reported() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("env");
+        let s = shared(false);
+        let a = alert();
+        let script = format!(
+            "echo \"$LEASEHOLD_NODE|$LEASEHOLD_HOST|$LEASEHOLD_ALERTNAME|$LEASEHOLD_INSTANCE|$LEASEHOLD_SEVERITY|$LEASEHOLD_FINGERPRINT|$LEASEHOLD_STARTS_AT|$LEASEHOLD_SUMMARY\" > {}",
+            out.display()
+        );
+        perform(&s, &a, "n1", Some("landlord@n1"), &hook(&script, 10))
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            "n1|landlord@n1|LeaseholdNodeDown|n1:9464|critical|ab12|2026-12-04T01:00:00Z|n1 is down\n"
+        );
+        let e = perform(&s, &a, "n1", None, &hook("exit 3", 10))
+            .await
+            .unwrap_err();
+        assert!(e.contains("exit status: 3"), "{e}");
+        let started = std::time::Instant::now();
+        let e = perform(&s, &a, "n1", None, &hook("exec sleep 30", 1))
+            .await
+            .unwrap_err();
+        assert!(e.contains("killed after 1 s"), "{e}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        let e = perform(
+            &s,
+            &a,
+            "n1",
+            None,
+            &Action::Hook {
+                command: vec!["/nonexistent/hook".into()],
+                timeout_secs: 1,
+            },
+        )
+        .await
+        .unwrap_err();
+        assert!(e.starts_with("hook /nonexistent/hook: "), "{e}");
+    }
+
+    #[tokio::test]
+    async fn dry_run_acts_on_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("ran");
+        let s = shared(true);
+        let script = format!("touch {}", out.display());
+        perform(&s, &alert(), "n1", None, &hook(&script, 10))
+            .await
+            .unwrap();
+        // A reboot of an unreachable node "succeeds": nothing is called.
+        perform(
+            &s,
+            &alert(),
+            "n1",
+            Some("nobody@192.0.2.1"),
+            &Action::Reboot,
+        )
+        .await
+        .unwrap();
+        assert!(!out.exists());
+    }
 }
