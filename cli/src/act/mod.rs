@@ -269,14 +269,32 @@ pub async fn run(args: &ActArgs, json: bool) -> Result<(), CliError> {
     }
 }
 
+/// Logs a refused request, at most one line a second: anyone who reaches
+/// the port can cause refusals, and must not flood the log.
+fn log_refusal(status: u16, reason: &str) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    static HELD: AtomicU64 = AtomicU64::new(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    if LAST.swap(now, Ordering::Relaxed) == now {
+        HELD.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    match HELD.swap(0, Ordering::Relaxed) {
+        0 => eprintln!("landlordctl act: refused a request: {status} {reason}"),
+        n => eprintln!(
+            "landlordctl act: refused a request: {status} {reason} ({n} more refusals not logged)"
+        ),
+    }
+}
+
 async fn serve(shared: &Arc<Shared>, stream: &mut tokio::net::TcpStream) {
     let req = match http::read_request(stream, |h| shared.token.matches(h)).await {
         Ok(r) => r,
         Err(r) => {
-            eprintln!(
-                "landlordctl act: refused a request: {} {}",
-                r.status, r.reason
-            );
+            log_refusal(r.status, &r.reason);
             http::respond(stream, r.status, &serde_json::json!({"error": r.reason})).await;
             return;
         }
@@ -284,7 +302,7 @@ async fn serve(shared: &Arc<Shared>, stream: &mut tokio::net::TcpStream) {
     let payload = match parse_payload(&req.body) {
         Ok(p) => p,
         Err(e) => {
-            eprintln!("landlordctl act: refused a request: 400 {e}");
+            log_refusal(400, &e);
             http::respond(stream, 400, &serde_json::json!({"error": e})).await;
             return;
         }
