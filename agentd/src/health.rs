@@ -2,8 +2,9 @@
 //! agent lost (a dev swtpm killed, a resource manager gone) shows in
 //! `NodeInfo` instead of only in the next key operation's error.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tracing::{error, info};
 
@@ -16,18 +17,41 @@ const CHECK_DEADLINE: Duration = Duration::from_secs(60);
 /// Signed only for the round trip; the signature is thrown away.
 const CHECK_DATA: &[u8] = b"leasehold tpm health check";
 
-/// The last check's result, read by `NodeInfo`.
+/// The last check's result, read by `NodeInfo`, and the agent's heartbeat
+/// for the metrics: when a check last came back answered, and how often
+/// checks run (an alert rule compares the two, so a hung key thread or
+/// watcher is seen even while the endpoint still answers).
 #[derive(Debug, Default)]
-pub struct TpmHealth(Mutex<Option<String>>);
+pub struct TpmHealth {
+    error: Mutex<Option<String>>,
+    /// Unix seconds of the last answered check; 0: none yet.
+    answered_at: AtomicU64,
+    interval_secs: AtomicU64,
+}
 
 impl TpmHealth {
     /// `None` while healthy, else what failed.
     pub fn error(&self) -> Option<String> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Unix seconds of the last check the TPM answered, and the checks'
+    /// interval in seconds; None before the first answer.
+    pub fn heartbeat(&self) -> Option<(u64, u64)> {
+        match self.answered_at.load(Ordering::Relaxed) {
+            0 => None,
+            at => Some((at, self.interval_secs.load(Ordering::Relaxed))),
+        }
     }
 
     fn set(&self, now: Option<String>) {
-        let mut cur = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if now.is_none() {
+            let secs = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            self.answered_at.store(secs, Ordering::Relaxed);
+        }
+        let mut cur = self.error.lock().unwrap_or_else(|p| p.into_inner());
         // Log transitions only: one line per outage, not one per check.
         match (&*cur, &now) {
             (None, Some(e)) => error!(error = %e, "the TPM does not answer: reported as unhealthy"),
@@ -40,6 +64,9 @@ impl TpmHealth {
 
 /// Checks the TPM every `interval` until the key thread stops.
 pub async fn watch(keys: Arc<Keys>, health: Arc<TpmHealth>, interval: Duration) {
+    health
+        .interval_secs
+        .store(interval.as_secs(), Ordering::Relaxed);
     loop {
         let check = keys.call(|k| k.sign(CHECK_DATA).map(|_| ()));
         tokio::pin!(check);

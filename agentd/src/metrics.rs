@@ -127,6 +127,9 @@ pub struct Snapshot {
     /// Tenant key-pair and symmetric-key generations; None: not assigned.
     pub tenant_generations: Option<(u64, u64)>,
     pub tpm_ok: bool,
+    /// Unix seconds of the last answered periodic TPM check and the
+    /// checks' interval; None before the first.
+    pub heartbeat: Option<(u64, u64)>,
     pub boundary_enforced: bool,
     pub boundary_elements: Option<u64>,
     pub boundary_drifts: u64,
@@ -217,6 +220,18 @@ pub fn encode(s: &Snapshot, dbus: &DbusMetrics) -> String {
         "1 if the last TPM check answered",
         gauge(u64::from(s.tpm_ok)),
     );
+    if let Some((at, interval)) = s.heartbeat {
+        r.register(
+            "heartbeat_timestamp_seconds",
+            "Unix time of the last periodic TPM check the agent completed (its heartbeat)",
+            gauge(at),
+        );
+        r.register(
+            "heartbeat_interval_seconds",
+            "Seconds between the agent's periodic TPM checks",
+            gauge(interval),
+        );
+    }
     r.register(
         "boundary_enforced",
         "1 if the boundary's nftables table is in the kernel",
@@ -330,6 +345,7 @@ pub async fn collect(ctx: &Ctx) -> Snapshot {
             .map(|t| (t.generation, t.key_generation));
     }
     s.tpm_ok = ctx.tpm_health.error().is_none();
+    s.heartbeat = ctx.tpm_health.heartbeat();
     let b = ctx.boundaries.clone();
     if let Ok(info) = tokio::task::spawn_blocking(move || b.status()).await {
         s.boundary_enforced = info.enforced.unwrap_or(false);
@@ -778,6 +794,7 @@ mod tests {
             landlord_generation: 3,
             tenant_generations: Some((5, 2)),
             tpm_ok: true,
+            heartbeat: Some((1_764_790_000, 30)),
             boundary_enforced: true,
             boundary_elements: Some(12),
             boundary_drifts: 1,
@@ -853,6 +870,8 @@ mod tests {
             "leasehold_engines{state=\"gave-up\"} 1",
             "leasehold_engines{state=\"stopped\"} 0",
             "leasehold_engine_restarts 9",
+            "leasehold_heartbeat_timestamp_seconds 1764790000",
+            "leasehold_heartbeat_interval_seconds 30",
             "leasehold_health_faults{source=\"smart\",severity=\"critical\"} 1",
             "leasehold_health_faults{source=\"net\",severity=\"warning\"} 1",
             "leasehold_health_faults{source=\"edac\",severity=\"critical\"} 0",
@@ -874,6 +893,9 @@ mod tests {
         let text = encode(&Snapshot::default(), &DbusMetrics::default());
         assert!(text.contains("leasehold_assigned 0"));
         assert!(!text.contains("tenant_key_generation"));
+        // No heartbeat before the first TPM check answered: absent, so
+        // the stale-heartbeat rule does not fire on a starting agent.
+        assert!(!text.contains("heartbeat"));
     }
 
     fn token_file(text: &str, mode: u32) -> (tempfile::TempDir, PathBuf) {

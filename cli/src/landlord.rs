@@ -131,6 +131,15 @@ pub enum Command {
     /// The erase receipts of the landlord's changes (assign, release, rotate).
     #[command(subcommand)]
     Receipts(crate::receipts::ReceiptsCommand),
+    /// Alertmanager webhook receiver: turn alerts into corrective actions.
+    ///
+    /// Serves POST /alerts (bearer token) and maps each firing alert, by
+    /// its `instance` and `alertname` labels and the inventory, to notify,
+    /// reboot, poweroff (over SSH + D-Bus, like --host) or a hook; once per
+    /// alert, within per-node and fleet-wide rate limits kept in a state
+    /// file. One record line per decision and per action on stdout (JSON
+    /// lines with --json). Runs until SIGINT or SIGTERM.
+    Act(crate::act::ActArgs),
     /// Write man page and shell completions into DIR.
     #[command(hide = true)]
     Generate {
@@ -228,6 +237,16 @@ pub fn main() -> ExitCode {
 pub async fn run(args: Args) -> Result<(), CliError> {
     if let Command::Generate { dir } = &args.command {
         return crate::generate(Args::command(), dir);
+    }
+    if let Command::Act(a) = &args.command {
+        // act reaches each node as its inventory says, never --host's.
+        if args.global.host.is_some() {
+            return Err(CliError::new(
+                exit::USAGE,
+                "act: --host does not apply; each node's host is in the inventory",
+            ));
+        }
+        return crate::act::run(a, args.json).await;
     }
     if let Command::VerifyReceipt(a) = &args.command {
         let global = args.global.clone();
@@ -410,7 +429,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         Command::Receipts(cmd) => {
             crate::receipts::run(crate::receipts::Node::Landlord(&conn), json, cmd).await?;
         }
-        Command::Generate { .. } => unreachable!("handled above"),
+        Command::Generate { .. } | Command::Act(_) => unreachable!("handled above"),
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 #![warn(missing_docs)]
 
+pub mod act;
 pub mod attest;
 pub mod boundary;
 pub mod health;
@@ -86,6 +87,8 @@ pub const EXIT_CODES_HELP: &str = "Exit status:
 `status`: 1 a problem is listed (TPM, volume, boundary drift not repaired,
 a critical or stuck health fault).
 `health` (landlordctl): 1 a fault is critical or stuck; warnings exit 0.
+`act` (landlordctl): 0 after SIGINT or SIGTERM; 6 a bad inventory or token
+file; 1 the state file cannot be read or written; 69 --listen cannot be bound.
 `verify-receipt`: 1 the signature does not match; 7 the node's key did not sign it.
 `attest`, `secret put --attest`: 1 the quote is refused (replayed, altered, a PCR
 or key not as expected); 7 the node's attestation key (or node id) is not the

@@ -160,8 +160,9 @@ fn environment(out: &mut String, cmd: &clap::Command) {
         out.push_str(".TP\n\\fBLEASEHOLD_SSH\\fR\n");
         text(
             out,
-            "With --host: the SSH command and its options (split on white space; default: ssh). \
-             The CLI adds -xT, -p PORT if given, the target and systemd-stdio-bridge.",
+            "With --host (and for landlordctl act, each node's host): the SSH command and its \
+             options (split on white space; default: ssh). The CLI adds -xT, -p PORT if given, \
+             the target and systemd-stdio-bridge.",
         );
     }
 }
@@ -193,6 +194,10 @@ fn files(out: &mut String, name: &str) {
         entries.push((
             "/var/lib/leasehold",
             "The agent's state (keys manifest, volume metadata, receipts); root only.",
+        ));
+        entries.push((
+            "/usr/share/doc/leasehold/examples/prometheus",
+            "Scrape config, alert rules and the Alertmanager route that calls landlordctl act.",
         ));
     }
     for (path, what) in entries {

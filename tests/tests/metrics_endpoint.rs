@@ -125,6 +125,15 @@ fn metrics_socket_landlord_only_counters_move_no_tenant_data() {
     );
     assert_eq!(value(&after, "leasehold_assigned"), 1.0);
     assert_eq!(value(&after, "leasehold_tenant_key_generation"), 1.0);
+    // The heartbeat: the first periodic TPM check went through the key
+    // thread before the assign's key work (it is queued first at start).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let beat = value(&after, "leasehold_heartbeat_timestamp_seconds");
+    assert!(beat <= now + 1.0 && now - beat < 300.0, "{beat} vs {now}");
+    assert_eq!(value(&after, "leasehold_heartbeat_interval_seconds"), 30.0);
     assert!(
         !after.contains("acme"),
         "the tenant's name leaked:\n{after}"
