@@ -5,6 +5,7 @@
 
 pub mod attest;
 pub mod boundary;
+pub mod budget;
 pub mod health;
 pub mod keyfile;
 pub mod landlord;
