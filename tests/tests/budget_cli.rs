@@ -96,7 +96,10 @@ fn budget_set_show_refusals_and_restart() {
     assert!(r.stderr.contains("budget.pids_max"), "{r:?}");
     let r = lab.run(Who::Landlord, "landlordctl", &["budget", "set"]);
     assert_eq!(r.code, 2, "{r:?}");
-    assert_eq!(landlord(&lab, &["budget", "show"])["limits"]["pids_max"], 100);
+    assert_eq!(
+        landlord(&lab, &["budget", "show"])["limits"]["pids_max"],
+        100
+    );
 
     // The tenant may not set it (polkit), outsiders never reach the agent.
     let r = lab.run(
@@ -139,7 +142,10 @@ fn budget_set_show_refusals_and_restart() {
     let st = landlord(&lab, &["status"]);
     assert_eq!(st["budget"]["limits"]["pids_max"], 100, "{st}");
     let text = lab.run(Who::Landlord, "landlordctl", &["status"]).stdout;
-    assert!(text.contains("budget:") && text.contains("tenant usage:"), "{text}");
+    assert!(
+        text.contains("budget:") && text.contains("tenant usage:"),
+        "{text}"
+    );
 
     // The change is in the agent's log; recorded: a new agent has it.
     assert!(lab.agent_log().contains("tenant budget set"));

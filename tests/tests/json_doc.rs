@@ -20,7 +20,8 @@ use std::time::Duration;
 use clap::CommandFactory;
 use leasehold_cli::{boundary, health, output, shapes, tenant, CliError};
 use leasehold_dbus_api::{
-    BoundaryInfo, BudgetInfo, EngineInfo, FlowVerdict, KeyChange, NodeInfo, PublicKey, SecretInfo, VolumeInfo,
+    BoundaryInfo, BudgetInfo, EngineInfo, FlowVerdict, KeyChange, NodeInfo, PublicKey, SecretInfo,
+    VolumeInfo,
 };
 use leasehold_tests::json_doc::{JsonDoc, Ty};
 use leasehold_tests::{bin, console_pem, Lab, Who};
