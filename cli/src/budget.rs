@@ -96,6 +96,13 @@ pub async fn run(p: &LandlordProxy<'_>, cmd: BudgetCommand, json: bool) -> Resul
         }
     };
     if changed {
+        // Recorded but not in force yet: said on stderr in both modes, as
+        // key changes report what did not work after them.
+        if let (Some(false), Some(e)) = (info.written, &info.write_error) {
+            eprintln!(
+                "warning: the budget is recorded but not written on the engines' cgroup subtree ({e}); no engine starts until it can be"
+            );
+        }
         emit_done(json, budget_json(&info), || budget_text(&info));
     } else {
         emit(json, budget_json(&info), || budget_text(&info));

@@ -54,6 +54,27 @@ fn budget_set_show_refusals_and_restart() {
             .is_some_and(|e| e.contains("leasehold-engines.service")),
         "{b}"
     );
+    let r = lab
+        .run(
+            Who::Landlord,
+            "landlordctl",
+            &[
+                "budget",
+                "set",
+                "--memory-max",
+                "1G",
+                "--pids-max",
+                "100",
+                "--cpu-max",
+                "200000 100000",
+            ],
+        )
+        .ok();
+    assert!(
+        r.stderr
+            .contains("warning: the budget is recorded but not written"),
+        "{r:?}"
+    );
     let text = lab
         .run(Who::Landlord, "landlordctl", &["budget", "show"])
         .ok()
