@@ -7,10 +7,11 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use leasehold_dbus_api::{
-    actions, BoundaryInfo, EngineInfo, Error, FlowVerdict, KeyChange, NodeInfo, PublicKey,
-    ReceiptInfo, SecretInfo, VolumeInfo, API_VERSION, ATTEST_API_VERSION, HEALTH_API_VERSION,
-    MAX_SPEC_TEXT, OBJECT_PATH,
+    actions, BoundaryInfo, BudgetInfo, EngineInfo, Error, FlowVerdict, KeyChange, NodeInfo,
+    PublicKey, ReceiptInfo, SecretInfo, VolumeInfo, API_VERSION, ATTEST_API_VERSION,
+    HEALTH_API_VERSION, MAX_SPEC_TEXT, OBJECT_PATH,
 };
+use leasehold_engines::budget::Budget;
 use leasehold_engines::spec::Spec;
 use leasehold_netpolicy::policy::parse_doc;
 use leasehold_netpolicy::BoundaryDoc;
@@ -186,6 +187,63 @@ impl Ctx {
 
 fn boundary_doc(document: &str, format: &str) -> Result<BoundaryDoc, Error> {
     parse_doc(document, format).map_err(|e| Error::InvalidArgument(e.to_string()))
+}
+
+/// A budget document: TOML or JSON (`format` "toml", "json", or "" to
+/// tell by its first character), at most `MAX_BUDGET_BYTES`.
+fn budget_doc(document: &str, format: &str) -> Result<Budget, Error> {
+    let json = match format {
+        "json" => true,
+        "toml" => false,
+        "" => document.trim_start().starts_with('{'),
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "format: {}: \"toml\", \"json\" or \"\"",
+                leasehold_node::shown(other)
+            )))
+        }
+    };
+    let parsed = if json {
+        Budget::from_json(document)
+    } else {
+        Budget::from_toml(document)
+    };
+    parsed.map_err(|e| Error::InvalidArgument(e.to_string()))
+}
+
+/// The landlord's view of the tenant subtree on the wire: sums and counts.
+fn budget_dict(v: leasehold_node::TenantView, above: Option<u32>) -> BudgetInfo {
+    let b = v.budget;
+    let mut i = BudgetInfo {
+        cpu_max: b.cpu_max.map(|c| c.to_string()),
+        cpu_weight: b.cpu_weight.map(u32::from),
+        memory_max: b.memory_max.map(|m| m.0),
+        pids_max: b.pids_max,
+        io_weight: b.io_weight.map(u32::from),
+        written: Some(v.written),
+        write_error: v.error,
+        engines_above: above,
+        engines: Some(v.engines),
+        engines_running: Some(v.running),
+        ..BudgetInfo::default()
+    };
+    match v.usage {
+        Ok(u) => {
+            let sum = |f: fn(&leasehold_engines::cgroup::IoStat) -> u64| {
+                Some(u.io.iter().map(f).fold(0u64, u64::saturating_add))
+            };
+            i.cpu_usage_usec = Some(u.cpu_usage_usec);
+            i.memory_current = Some(u.memory_current);
+            i.pids_current = Some(u.pids_current);
+            i.oom_kills = Some(u.oom_kills);
+            i.io_read_bytes = sum(|s| s.rbytes);
+            i.io_write_bytes = sum(|s| s.wbytes);
+            i.io_reads = sum(|s| s.rios);
+            i.io_writes = sum(|s| s.wios);
+        }
+        Err(e) => i.usage_error = Some(e),
+    }
+    i
 }
 
 /// Runs blocking work (file I/O, nft, big documents) off the async workers.
@@ -371,6 +429,13 @@ impl Ctx {
             Outcome::Boundary(a) => self.boundary_info(landlord, a).await,
             other => Err(unexpected(&other)),
         }
+    }
+
+    /// The budget and aggregate usage (reads cgroup files: off the async
+    /// workers).
+    pub(crate) async fn budget_info(&self, above: Option<u32>) -> Result<BudgetInfo, Error> {
+        let node = self.node.clone();
+        blocking(move || Ok(budget_dict(node.tenant_usage(), above))).await
     }
 
     fn require_tenant(&self) -> Result<(), Error> {
@@ -1060,6 +1125,34 @@ impl LandlordApi {
             b.check_cluster(doc).map_err(boundary_error)
         })
         .await
+    }
+
+    async fn set_budget(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+        document: String,
+        format: String,
+    ) -> Result<BudgetInfo, Error> {
+        let received = SystemTime::now();
+        let caller = self
+            .auth(&hdr, actions::LANDLORD_BUDGET, "SetBudget", &[])
+            .await?;
+        let budget = budget_doc(&document, &format)?;
+        let applied = match self
+            .0
+            .submit(caller, received, Command::SetBudget { budget })
+            .await?
+        {
+            Outcome::BudgetSet(a) => a,
+            other => return Err(unexpected(&other)),
+        };
+        self.0.budget_info(Some(applied.engines_above)).await
+    }
+
+    async fn get_budget(&self, #[zbus(header)] hdr: Header<'_>) -> Result<BudgetInfo, Error> {
+        self.auth(&hdr, actions::LANDLORD_READ, "GetBudget", &[])
+            .await?;
+        self.0.budget_info(None).await
     }
 
     #[zbus(signal)]

@@ -37,7 +37,8 @@ use leasehold_engines::supervisor::{
     Action, Exit, Input, InstanceId, Supervisor, TimerId, VersionId,
 };
 use leasehold_node::{
-    EngineStatus, EngineView, Engines, Failure, FailureKind, NotStopped, StopReport,
+    BudgetApplied, EngineStatus, EngineView, Engines, Failure, FailureKind, NotStopped, StopReport,
+    TenantView,
 };
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
@@ -403,6 +404,7 @@ enum Cmd {
     Rm(String),
     StopAll(Duration),
     ForgetAll,
+    SetBudget(Budget),
 }
 
 enum Reply {
@@ -410,6 +412,7 @@ enum Reply {
     Unit(Result<(), RuntimeError>),
     Stopped(StopReport),
     Forgot(Result<usize, RuntimeError>),
+    Budget(Result<BudgetApplied, RuntimeError>),
 }
 
 enum Msg {
@@ -441,6 +444,7 @@ struct Runtime {
     killed: Vec<String>,
     logs: output::LogSink,
     events: output::Events,
+    tenant: Arc<tenant::Shared>,
 }
 
 fn subtree(cfg: &RuntimeConfig) -> Result<CgroupPath, RuntimeError> {
@@ -463,20 +467,14 @@ impl Runtime {
     /// controllers are enabled if they are not yet (nothing is written when
     /// they are). At the root of the mount the subtree is made directly.
     fn engine_cgroup(&self, engine: &str) -> Result<CgroupPath, RuntimeError> {
-        let sub = subtree(&self.cfg)?;
-        if let Some(parent) = sub.as_path().parent().filter(|p| !p.as_os_str().is_empty()) {
-            let parent = CgroupPath::new(parent).map_err(self.cg_err())?;
-            self.cgroups
-                .enable_controllers(&parent, &Controller::ALL)
-                .map_err(self.cg_err())?;
-        }
+        // The landlord's budget is written on the subtree first: no
+        // engine runs in a subtree without it.
+        let sub = self.tenant_cgroup()?;
         let cg = sub.child(engine).map_err(self.cg_err())?;
-        for c in [&sub, &cg] {
-            self.cgroups.create(c).map_err(self.cg_err())?;
-            self.cgroups
-                .enable_controllers(c, &Controller::ALL)
-                .map_err(self.cg_err())?;
-        }
+        self.cgroups.create(&cg).map_err(self.cg_err())?;
+        self.cgroups
+            .enable_controllers(&cg, &Controller::ALL)
+            .map_err(self.cg_err())?;
         Ok(cg)
     }
 
@@ -961,6 +959,7 @@ impl Runtime {
             Cmd::Reload(n, i, s) => Reply::Status(self.reload(&n, i.as_deref(), s)),
             Cmd::Rm(n) => Reply::Unit(self.rm(&n)),
             Cmd::ForgetAll => Reply::Forgot(self.forget_all()),
+            Cmd::SetBudget(b) => Reply::Budget(self.set_budget(b)),
             Cmd::StopAll(grace) => {
                 // Pending first, so kills made while stopping are counted.
                 self.killed.clear();
@@ -1314,6 +1313,7 @@ impl fmt::Debug for EngineRuntime {
 
 struct SnapshotView {
     snapshot: Snapshot,
+    tenant: Arc<tenant::Shared>,
     volume: Arc<dyn VolumeDir>,
     images_dir: String,
     events: output::Events,
@@ -1366,6 +1366,9 @@ impl EngineView for SnapshotView {
             .unwrap_or_else(|p| p.into_inner())
             .after(after, max.min(leasehold_node::MAX_EVENTS_READ))
     }
+    fn tenant(&self) -> TenantView {
+        self.tenant.view(&self.list())
+    }
 }
 
 impl EngineRuntime {
@@ -1386,6 +1389,11 @@ impl EngineRuntime {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => StateFile::default(),
             Err(e) => return Err(io("read", &path)(e)),
         };
+        let tenant = Arc::new(tenant::Shared::new(
+            &cfg,
+            cgroups.clone(),
+            tenant::load(&cfg.state_dir)?,
+        ));
         let (tx, rx) = mpsc::channel();
         let snapshot: Snapshot = Arc::default();
         let logs = output::LogSink::start(volume.clone(), cfg.log_max_bytes, output::QUEUE_BYTES)
@@ -1406,7 +1414,10 @@ impl EngineRuntime {
             killed: Vec::new(),
             logs,
             events: events.clone(),
+            tenant: tenant.clone(),
         };
+        // Before any engine is started again (adopted ones run already).
+        rt.write_budget_at_start();
         let mut to_start = Vec::new();
         for r in state.engines {
             let spec = Spec::from_json(&r.current.spec).map_err(|e| RuntimeError::State {
@@ -1476,6 +1487,7 @@ impl EngineRuntime {
         rt.save_logged();
         let view = Arc::new(SnapshotView {
             snapshot,
+            tenant,
             volume: view_cfg.0,
             images_dir: view_cfg.1,
             events,
@@ -1521,9 +1533,15 @@ impl Drop for EngineRuntime {
 
 impl Engines for EngineRuntime {
     fn budget(&mut self) -> Result<Budget, Failure> {
-        // The landlord cannot set a budget yet: none, the kernel's and
-        // the node's limits apply.
-        Ok(Budget::default())
+        // The controller is the only writer (through the runtime thread),
+        // so what is recorded is what the check must use.
+        Ok(self.view.tenant.budget())
+    }
+    fn set_budget(&mut self, budget: &Budget) -> Result<BudgetApplied, Failure> {
+        match self.call(Cmd::SetBudget(*budget), CALL_TIMEOUT)? {
+            Reply::Budget(r) => Ok(r?),
+            _ => Err(RuntimeError::NoAnswer("unexpected answer").into()),
+        }
     }
     fn deploy(&mut self, name: &str, image: &str, spec: &Spec) -> Result<EngineStatus, Failure> {
         self.status_call(Cmd::Deploy(
@@ -1578,6 +1596,7 @@ impl Engines for EngineRuntime {
 }
 
 mod output;
+mod tenant;
 
 #[cfg(test)]
 mod tests;

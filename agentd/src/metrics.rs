@@ -140,11 +140,41 @@ pub struct Snapshot {
     pub volume_usage: Option<(u64, u64)>,
     pub engines: BTreeMap<&'static str, u64>,
     pub engine_restarts: u64,
+    /// The tenant subtree: budget and aggregate usage (sums over every
+    /// engine; no engine appears on its own).
+    pub tenant: Option<TenantMetrics>,
     /// Faults by (source, severity).
     pub faults: BTreeMap<(&'static str, &'static str), u64>,
     /// Health sources by (source, status) in the last report.
     pub sources_stuck: BTreeMap<&'static str, bool>,
     pub health_seconds: f64,
+}
+
+/// The tenant subtree's numbers for one scrape.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TenantMetrics {
+    /// `1` when the budget is written on the subtree.
+    pub budget_written: bool,
+    /// Budget limits (absent: not set).
+    pub cpu_max: Option<(u64, u64)>,
+    pub memory_max: Option<u64>,
+    pub pids_max: Option<u64>,
+    /// The subtree's counters; None when they cannot be read.
+    pub usage: Option<leasehold_engines::cgroup::Usage>,
+}
+
+impl TenantMetrics {
+    /// From the runtime's view; per-device io lines are summed (device
+    /// numbers are not labels either).
+    pub fn from_view(v: leasehold_node::TenantView) -> Self {
+        TenantMetrics {
+            budget_written: v.written,
+            cpu_max: v.budget.cpu_max.map(|c| (c.quota_us, c.period_us)),
+            memory_max: v.budget.memory_max.map(|m| m.0),
+            pids_max: v.budget.pids_max,
+            usage: v.usage.ok(),
+        }
+    }
 }
 
 impl Snapshot {
@@ -287,6 +317,9 @@ pub fn encode(s: &Snapshot, dbus: &DbusMetrics) -> String {
         "Supervisor restarts of the deployed engines since their deploy, summed",
         gauge(s.engine_restarts),
     );
+    if let Some(t) = &s.tenant {
+        encode_tenant(&mut r, t);
+    }
     let faults = Family::<[(&'static str, &'static str); 2], Gauge>::default();
     for ((source, severity), n) in &s.faults {
         faults
@@ -332,6 +365,91 @@ pub fn encode(s: &Snapshot, dbus: &DbusMetrics) -> String {
     out
 }
 
+/// The tenant subtree's gauges: no labels at all.
+fn encode_tenant(r: &mut Registry, t: &TenantMetrics) {
+    r.register(
+        "tenant_budget_written",
+        "1 if the tenant budget is written on the engines' cgroup subtree",
+        gauge(u64::from(t.budget_written)),
+    );
+    if let Some((quota, period)) = t.cpu_max {
+        r.register(
+            "tenant_budget_cpu_quota_usec",
+            "cpu.max quota of the tenant subtree (per period)",
+            gauge(quota),
+        );
+        r.register(
+            "tenant_budget_cpu_period_usec",
+            "cpu.max period of the tenant subtree",
+            gauge(period),
+        );
+    }
+    if let Some(m) = t.memory_max {
+        r.register(
+            "tenant_budget_memory_max_bytes",
+            "memory.max of the tenant subtree",
+            gauge(m),
+        );
+    }
+    if let Some(p) = t.pids_max {
+        r.register(
+            "tenant_budget_pids_max",
+            "pids.max of the tenant subtree",
+            gauge(p),
+        );
+    }
+    let Some(u) = &t.usage else {
+        return;
+    };
+    let io = |f: fn(&leasehold_engines::cgroup::IoStat) -> u64| {
+        u.io.iter().map(f).fold(0u64, u64::saturating_add)
+    };
+    for (name, help, v) in [
+        (
+            "tenant_cpu_usage_usec",
+            "CPU time of all the tenant's engines (cpu.stat usage_usec of the subtree)",
+            u.cpu_usage_usec,
+        ),
+        (
+            "tenant_memory_bytes",
+            "Memory of all the tenant's engines (memory.current of the subtree)",
+            u.memory_current,
+        ),
+        (
+            "tenant_pids",
+            "Processes and threads of all the tenant's engines (pids.current)",
+            u.pids_current,
+        ),
+        (
+            "tenant_oom_kills",
+            "OOM kills in the tenant subtree (memory.events oom_kill)",
+            u.oom_kills,
+        ),
+        (
+            "tenant_io_read_bytes",
+            "Bytes read by the tenant's engines (io.stat, all devices)",
+            io(|s| s.rbytes),
+        ),
+        (
+            "tenant_io_write_bytes",
+            "Bytes written by the tenant's engines (io.stat, all devices)",
+            io(|s| s.wbytes),
+        ),
+        (
+            "tenant_io_reads",
+            "Read operations of the tenant's engines (io.stat, all devices)",
+            io(|s| s.rios),
+        ),
+        (
+            "tenant_io_writes",
+            "Write operations of the tenant's engines (io.stat, all devices)",
+            io(|s| s.wios),
+        ),
+    ] {
+        r.register(name, help, gauge(v));
+    }
+}
+
 /// Reads the node's state for one scrape.
 pub async fn collect(ctx: &Ctx) -> Snapshot {
     let mut s = Snapshot::default();
@@ -362,6 +480,11 @@ pub async fn collect(ctx: &Ctx) -> Snapshot {
         s.volume_usage = v.used.zip(v.total);
     }
     s.count_engines(&ctx.node.engines());
+    let node = ctx.node.clone();
+    // A few cgroup files: off the async workers.
+    if let Ok(v) = tokio::task::spawn_blocking(move || node.tenant_usage()).await {
+        s.tenant = Some(TenantMetrics::from_view(v));
+    }
     let monitor = ctx.health.clone();
     let asked = Instant::now();
     // The report keeps its sources' deadlines (docs/health.md), and
@@ -802,6 +925,34 @@ mod tests {
             volume_usage: Some((10, 100)),
             ..Snapshot::default()
         };
+        s.tenant = Some(TenantMetrics {
+            budget_written: true,
+            cpu_max: Some((200_000, 100_000)),
+            memory_max: Some(1 << 30),
+            pids_max: None,
+            usage: Some(leasehold_engines::cgroup::Usage {
+                cpu_usage_usec: 1_500_000,
+                memory_current: 64 << 20,
+                oom_kills: 1,
+                pids_current: 12,
+                io: vec![
+                    leasehold_engines::cgroup::IoStat {
+                        device: "259:7".into(),
+                        rbytes: 100,
+                        wbytes: 200,
+                        rios: 3,
+                        wios: 4,
+                    },
+                    leasehold_engines::cgroup::IoStat {
+                        device: "8:0".into(),
+                        rbytes: 1,
+                        wbytes: 2,
+                        rios: 1,
+                        wios: 1,
+                    },
+                ],
+            }),
+        });
         s.count_engines(&[
             engine(PRIVATE[0], Phase::Ready, 2),
             engine("db-password-prod-engine", Phase::Ready, 0),
@@ -857,6 +1008,9 @@ mod tests {
             assert!(!text.contains(p), "{p:?} in\n{text}");
         }
         assert!(!text.contains("billing"), "{text}");
+        // Device numbers are summed away; an unset limit has no series.
+        assert!(!text.contains("259:7") && !text.contains("8:0"), "{text}");
+        assert!(!text.contains("tenant_budget_pids_max"), "{text}");
         for line in [
             "leasehold_landlord_key_generation 3",
             "leasehold_assigned 1",
@@ -872,6 +1026,17 @@ mod tests {
             "leasehold_engine_restarts 9",
             "leasehold_heartbeat_timestamp_seconds 1764790000",
             "leasehold_heartbeat_interval_seconds 30",
+            "leasehold_tenant_budget_written 1",
+            "leasehold_tenant_budget_cpu_quota_usec 200000",
+            "leasehold_tenant_budget_memory_max_bytes 1073741824",
+            "leasehold_tenant_cpu_usage_usec 1500000",
+            "leasehold_tenant_memory_bytes 67108864",
+            "leasehold_tenant_pids 12",
+            "leasehold_tenant_oom_kills 1",
+            "leasehold_tenant_io_read_bytes 101",
+            "leasehold_tenant_io_write_bytes 202",
+            "leasehold_tenant_io_reads 4",
+            "leasehold_tenant_io_writes 5",
             "leasehold_health_faults{source=\"smart\",severity=\"critical\"} 1",
             "leasehold_health_faults{source=\"net\",severity=\"warning\"} 1",
             "leasehold_health_faults{source=\"edac\",severity=\"critical\"} 0",

@@ -95,6 +95,10 @@ pub enum Command {
     /// The tenant's encrypted volume (dm-crypt keyed by KL and KT).
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// The tenant's budget: CPU, memory, pids and I/O of all its engines
+    /// together, and what they use of it.
+    #[command(subcommand)]
+    Budget(crate::budget::BudgetCommand),
     /// Print the node's TPM-held signing key (verifies erase receipts) as PEM.
     ReceiptKey {
         /// Write the PEM to FILE instead of stdout.
@@ -370,6 +374,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             });
         }
         Command::Boundary(b) => boundary(&p, b, json, args.yes).await?,
+        Command::Budget(b) => crate::budget::run(&p, b, json).await?,
         Command::Volume(VolumeCommand::Init { device, force }) => {
             // The call without confirmation makes the agent run every check
             // (device, dm-crypt, mkfs) first: a device that cannot become

@@ -6,6 +6,7 @@
 pub mod act;
 pub mod attest;
 pub mod boundary;
+pub mod budget;
 pub mod health;
 pub mod keyfile;
 pub mod landlord;

@@ -7,7 +7,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use futures_util::StreamExt as _;
 use leasehold_dbus_api::tenant_engines::TenantEnginesProxy;
 use leasehold_dbus_api::{
-    BoundaryInfo, Error as ApiError, KeyChange, LandlordProxy, NodeInfo, TenantProxy, VolumeInfo,
+    BoundaryInfo, BudgetInfo, Error as ApiError, KeyChange, LandlordProxy, NodeInfo, TenantProxy,
+    VolumeInfo,
 };
 use serde_json::{json, Value};
 use zbus::Connection;
@@ -43,6 +44,9 @@ struct Overview {
     engines: Option<Vec<(String, String)>>,
     /// The health report (landlord only).
     health: Option<Result<Value, ApiError>>,
+    /// The tenant budget and its aggregate use (landlord only; the inner
+    /// None: an agent without `GetBudget`).
+    budget: Option<Option<BudgetInfo>>,
 }
 
 impl Overview {
@@ -75,6 +79,16 @@ impl Overview {
         for (name, state) in self.engines.iter().flatten() {
             if state == "gave-up" {
                 p.push(format!("engine {name}: gave up restarting"));
+            }
+        }
+        if let Some(Some(b)) = &self.budget {
+            // Only a problem while engines depend on it: a node without
+            // the engines' cgroup tree and without engines is fine.
+            if b.written == Some(false) && b.engines.unwrap_or(0) > 0 {
+                p.push(format!(
+                    "tenant budget not written on the engines' cgroup subtree: {}",
+                    b.write_error.as_deref().unwrap_or("no reason given")
+                ));
             }
         }
         if let Some(problem) = self
@@ -135,6 +149,9 @@ impl Overview {
         };
         if let Some(h) = &self.health {
             v["health"] = crate::health::status_part(h).0;
+        }
+        if let Some(b) = &self.budget {
+            v["budget"] = b.as_ref().map_or(Value::Null, crate::budget::budget_json);
         }
         v
     }
@@ -258,6 +275,10 @@ impl Overview {
                 i.engine_count.map_or_else(|| "?".into(), |n| n.to_string()),
             ),
         }
+        if let Some(Some(b)) = &self.budget {
+            line("budget:", crate::budget::limits_text(b));
+            line("tenant usage:", crate::budget::usage_text(b));
+        }
         if let Some(h) = &self.health {
             line("health:", crate::health::status_part(h).1);
         }
@@ -305,9 +326,23 @@ pub async fn landlord_status(conn: &Connection, json: bool) -> Result<(), CliErr
         volume: Some(p.volume_status().await?),
         engines: None,
         health: Some(crate::health::fetch(conn).await),
+        budget: Some(budget(&p).await?),
         info,
     }
     .emit(json)
+}
+
+/// The budget, or None from an agent that predates `GetBudget`.
+async fn budget(p: &LandlordProxy<'_>) -> Result<Option<BudgetInfo>, CliError> {
+    match p.get_budget().await {
+        Ok(b) => Ok(Some(b)),
+        Err(ApiError::ZBus(zbus::Error::MethodError(name, _, _)))
+            if name.as_str() == "org.freedesktop.DBus.Error.UnknownMethod" =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// `tenantctl status`.
@@ -332,6 +367,7 @@ pub async fn tenant_status(conn: &Connection, json: bool) -> Result<(), CliError
         volume: optional(p.volume_status().await)?,
         engines,
         health: None,
+        budget: None,
         info,
     }
     .emit(json)

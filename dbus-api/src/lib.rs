@@ -64,6 +64,8 @@ pub mod actions {
     pub const LANDLORD_HEALTH: &str = "org.leasehold.landlord.health";
     /// Landlord: TPM quotes (Attest1) and the attestation key.
     pub const LANDLORD_ATTEST: &str = "org.leasehold.landlord.attest";
+    /// Landlord: set the tenant's budget (cgroup limits of its subtree).
+    pub const LANDLORD_BUDGET: &str = "org.leasehold.landlord.budget";
     /// Tenant: node info as the tenant sees it, own public key.
     pub const TENANT_READ: &str = "org.leasehold.tenant.read";
     /// Tenant: rotate / re-key tenant keys, register tenant consoles.
@@ -93,6 +95,7 @@ pub mod actions {
         LANDLORD_SUSPEND,
         LANDLORD_HEALTH,
         LANDLORD_ATTEST,
+        LANDLORD_BUDGET,
         TENANT_READ,
         TENANT_KEYS,
         TENANT_SECRETS,
@@ -189,6 +192,55 @@ pub struct NodeInfo {
     /// How many engines the tenant has deployed (a count only: the
     /// landlord sees no engine's name or state). Absent from older agents.
     pub engine_count: Option<u32>,
+}
+
+/// The tenant's budget and the aggregate use of its cgroup subtree
+/// (`SetBudget`, `GetBudget`): counts and sums only, never an engine's name
+/// or its own figures. A limit absent from the dictionary is not set (the
+/// kernel's `max`; weights: 100).
+#[derive(Debug, Clone, Default, PartialEq, Eq, SerializeDict, DeserializeDict, Type)]
+#[zbus(signature = "a{sv}", rename_all = "PascalCase")]
+pub struct BudgetInfo {
+    /// `cpu.max` of the subtree, "QUOTA PERIOD" in µs.
+    pub cpu_max: Option<String>,
+    /// `cpu.weight` of the subtree.
+    pub cpu_weight: Option<u32>,
+    /// `memory.max` of the subtree, bytes.
+    pub memory_max: Option<u64>,
+    /// `pids.max` of the subtree.
+    pub pids_max: Option<u64>,
+    /// `io.weight` of the subtree.
+    pub io_weight: Option<u32>,
+    /// The budget was written on the subtree (last attempt).
+    pub written: Option<bool>,
+    /// Why it was not (no cgroup v2 tree for engines yet); every engine
+    /// launch writes it first and is refused while it cannot.
+    pub write_error: Option<String>,
+    /// `SetBudget` only: engines whose own limits are above the new
+    /// budget (they keep running, held to it by the kernel).
+    pub engines_above: Option<u32>,
+    /// Engines deployed.
+    pub engines: Option<u32>,
+    /// Engines with a running instance.
+    pub engines_running: Option<u32>,
+    /// The subtree's `cpu.stat` `usage_usec`.
+    pub cpu_usage_usec: Option<u64>,
+    /// The subtree's `memory.current`, bytes.
+    pub memory_current: Option<u64>,
+    /// The subtree's `pids.current`.
+    pub pids_current: Option<u64>,
+    /// The subtree's `memory.events` `oom_kill`.
+    pub oom_kills: Option<u64>,
+    /// The subtree's `io.stat`, summed over devices: bytes read.
+    pub io_read_bytes: Option<u64>,
+    /// Bytes written.
+    pub io_write_bytes: Option<u64>,
+    /// Read operations.
+    pub io_reads: Option<u64>,
+    /// Write operations.
+    pub io_writes: Option<u64>,
+    /// Why the usage fields are absent (the subtree cannot be read).
+    pub usage_error: Option<String>,
 }
 
 /// A public key.
@@ -504,6 +556,12 @@ pub mod landlord {
         fn list_receipts(&self) -> Result<Vec<ReceiptInfo>, Error>;
         /// One receipt of `ListReceipts` with its body and signature.
         fn get_receipt(&self, id: &str) -> Result<ReceiptInfo, Error>;
+        /// Sets the tenant's budget from a TOML or JSON document (format
+        /// "toml", "json" or "" to guess), recorded and written on the
+        /// tenant's cgroup subtree. Returns it with the aggregate usage.
+        fn set_budget(&self, document: &str, format: &str) -> Result<BudgetInfo, Error>;
+        /// The tenant's budget and the aggregate usage of its subtree.
+        fn get_budget(&self) -> Result<BudgetInfo, Error>;
         /// Interface version.
         #[zbus(property)]
         fn version(&self) -> zbus::Result<u32>;

@@ -9,7 +9,7 @@ use base64::Engine as _;
 use leasehold_tpm::{ChangeKind, Confirm, KeyChange, KeyError, Role};
 use tokio::sync::oneshot;
 
-use leasehold_engines::budget;
+use leasehold_engines::budget::{self, Budget};
 use leasehold_engines::spec::{Spec, MAX_STOP_GRACE};
 
 use crate::backend::{Backends, BoundaryChange, Failure, FailureKind, Wiped};
@@ -152,6 +152,13 @@ impl Node {
                 what: "engines",
                 source,
             })
+    }
+
+    /// The tenant's subtree for the landlord (budget, counts, aggregate
+    /// usage), from the runtime's view. Reads cgroup files: call it off
+    /// the async threads.
+    pub fn tenant_usage(&self) -> crate::TenantView {
+        self.engines.tenant()
     }
 
     /// The engines' events after `after` (see `EngineView::events`).
@@ -362,6 +369,7 @@ impl Controller {
             Command::ForgetVolume { confirm } => self.forget_volume(caller, confirm),
             Command::Boundary(c) => self.boundary(caller, c),
             Command::Engine(c) => self.engine(caller, c),
+            Command::SetBudget { budget } => self.set_budget(caller, &budget),
         };
         if let Err(e) = &r {
             tracing::debug!(command = name, error = %e, "command refused or failed");
@@ -1102,6 +1110,36 @@ impl Controller {
         };
         tracing::info!(uid = caller.uid, command = what, "engine command");
         Ok(out)
+    }
+
+    /// The landlord's budget for the tenant. Engines above it are not
+    /// stopped or refused: the kernel enforces the total (docs/engines.md,
+    /// "Budget").
+    fn set_budget(&mut self, caller: Caller, budget: &Budget) -> Result<Outcome, NodeError> {
+        if caller.role != Role::Landlord {
+            return Err(KeyError::NotPermitted {
+                caller: caller.role,
+                action: "set the tenant budget (it is the landlord's)",
+            }
+            .into());
+        }
+        budget.validate().map_err(|e| NodeError::Invalid {
+            field: "budget",
+            reason: e.to_string(),
+        })?;
+        let applied = self
+            .b
+            .engines
+            .set_budget(budget)
+            .map_err(NodeError::backend("engines (the tenant budget)"))?;
+        tracing::info!(
+            uid = caller.uid,
+            budget = %serde_json::to_string(budget).unwrap_or_default(),
+            written = applied.written,
+            engines_above = applied.engines_above,
+            "tenant budget set"
+        );
+        Ok(Outcome::BudgetSet(applied))
     }
 
     /// A spec the tenant may run: valid, inside the tenant budget ("can

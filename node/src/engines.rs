@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use leasehold_engines::budget::Budget;
+use leasehold_engines::cgroup::Usage;
 use leasehold_engines::logs::Record;
 use leasehold_engines::spec::Spec;
 use leasehold_engines::supervisor::{Exit, Phase};
@@ -180,6 +181,42 @@ impl StopReport {
     }
 }
 
+/// What setting the landlord's budget did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BudgetApplied {
+    /// The budget now recorded (it stands even if `error` is set).
+    pub budget: Budget,
+    /// The budget was written on the tenant's cgroup subtree.
+    pub written: bool,
+    /// Why it could not be written (no cgroup v2 tree for engines yet):
+    /// every engine launch writes it first and is refused while it cannot.
+    pub error: Option<String>,
+    /// How many deployed engines have a limit of their own above the new
+    /// budget (a count: the landlord sees no engine names). They keep
+    /// running, held by the kernel to the budget.
+    pub engines_above: u32,
+}
+
+/// The tenant's subtree as the landlord may see it: the budget, counts and
+/// the subtree's own cgroup counters (aggregates of every engine; never a
+/// name, a per-engine figure, a log or data).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TenantView {
+    /// The recorded budget.
+    pub budget: Budget,
+    /// The budget was written on the subtree (last attempt).
+    pub written: bool,
+    /// Why it was not.
+    pub error: Option<String>,
+    /// Engines deployed.
+    pub engines: u32,
+    /// Engines with a live instance.
+    pub running: u32,
+    /// The subtree's counters (cpu.stat, memory.current, memory.events,
+    /// pids.current, io.stat), or why they cannot be read.
+    pub usage: Result<Usage, String>,
+}
+
 /// Most events one [`EngineView::events`] call returns.
 pub const MAX_EVENTS_READ: usize = 1000;
 
@@ -222,6 +259,18 @@ pub trait EngineView: Send + Sync + fmt::Debug + 'static {
         let _ = (after, max);
         Vec::new()
     }
+    /// The tenant's subtree for the landlord: budget, counts, aggregate
+    /// usage. Reads a few cgroup files; call it off the async threads.
+    fn tenant(&self) -> TenantView {
+        TenantView {
+            budget: Budget::default(),
+            written: false,
+            error: None,
+            engines: 0,
+            running: 0,
+            usage: Err(unavailable().message),
+        }
+    }
 }
 
 /// The engine runtime (launcher, one supervisor per engine, the tenant's
@@ -232,6 +281,13 @@ pub trait EngineView: Send + Sync + fmt::Debug + 'static {
 pub trait Engines: Send + 'static {
     /// The landlord's budget on the tenant's cgroup subtree.
     fn budget(&mut self) -> Result<Budget, Failure>;
+    /// Records the landlord's budget (atomically) and writes it on the
+    /// tenant's subtree. Engines whose own limits are above it keep
+    /// running: the kernel holds the subtree to it.
+    fn set_budget(&mut self, budget: &Budget) -> Result<BudgetApplied, Failure> {
+        let _ = budget;
+        Err(unavailable())
+    }
     /// Unpacks the image and records the engine, stopped. Refuses a name
     /// in use (`Invalid`).
     fn deploy(&mut self, name: &str, image: &str, spec: &Spec) -> Result<EngineStatus, Failure>;

@@ -757,6 +757,22 @@ impl Engines for FakeEngines {
         Ok(w.budget)
     }
 
+    fn set_budget(&mut self, budget: &Budget) -> Result<crate::BudgetApplied, Failure> {
+        let mut w = self.0.op("engines.set_budget").map_err(vfail)?;
+        w.budget = *budget;
+        let above = w
+            .engines
+            .values()
+            .filter(|e| leasehold_engines::budget::check(&e.spec.limits, budget).is_err())
+            .count();
+        Ok(crate::BudgetApplied {
+            budget: *budget,
+            written: true,
+            error: None,
+            engines_above: u32::try_from(above).unwrap_or(u32::MAX),
+        })
+    }
+
     fn deploy(&mut self, name: &str, image: &str, spec: &Spec) -> Result<EngineStatus, Failure> {
         let mut w = self.0.op(format!("engines.deploy {name}")).map_err(vfail)?;
         if w.engines.contains_key(name) {
@@ -872,5 +888,18 @@ impl EngineView for FakeEngineView {
     fn status(&self, name: &str) -> Option<EngineStatus> {
         let w = self.0.world();
         w.engines.get(name).map(|e| engine_status(name, e))
+    }
+
+    fn tenant(&self) -> crate::TenantView {
+        let w = self.0.world();
+        crate::TenantView {
+            budget: w.budget,
+            written: true,
+            error: None,
+            engines: u32::try_from(w.engines.len()).unwrap_or(u32::MAX),
+            running: u32::try_from(w.engines.values().filter(|e| e.running).count())
+                .unwrap_or(u32::MAX),
+            usage: Ok(leasehold_engines::cgroup::Usage::default()),
+        }
     }
 }

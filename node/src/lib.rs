@@ -30,8 +30,8 @@ pub use backend::{
 };
 pub use controller::Node;
 pub use engines::{
-    EngineCommand, EngineEvent, EngineStatus, EngineView, Engines, NoEngines, NotStopped,
-    StopReport, ERASE_STOP_GRACE, MAX_EVENTS_READ, MAX_IMAGE_REF,
+    BudgetApplied, EngineCommand, EngineEvent, EngineStatus, EngineView, Engines, NoEngines,
+    NotStopped, StopReport, TenantView, ERASE_STOP_GRACE, MAX_EVENTS_READ, MAX_IMAGE_REF,
 };
 pub use receipt::{ErasedVolume, Receipt, SignedReceipt, RECEIPT_FORMAT};
 
@@ -123,6 +123,11 @@ pub enum Command {
     Boundary(BoundaryChange),
     /// Tenant: an engine command.
     Engine(EngineCommand),
+    /// Landlord: the tenant's budget (cgroup limits of its subtree).
+    SetBudget {
+        /// The new budget (validated again by the controller).
+        budget: leasehold_engines::budget::Budget,
+    },
 }
 
 impl Command {
@@ -140,6 +145,7 @@ impl Command {
             Command::ForgetVolume { .. } => "forget-volume",
             Command::Boundary(_) => "boundary",
             Command::Engine(c) => c.name(),
+            Command::SetBudget { .. } => "set-budget",
         }
     }
 }
@@ -207,6 +213,8 @@ pub enum Outcome {
     Engine(EngineStatus),
     /// An engine removed.
     EngineRemoved,
+    /// The tenant budget recorded (and written, or why not).
+    BudgetSet(BudgetApplied),
 }
 
 /// Why a command failed. Nothing changed unless the variant says so.

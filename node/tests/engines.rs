@@ -479,3 +479,60 @@ fn engines_are_the_tenants_and_reads_come_from_the_view() {
         .expect("rotate");
     assert!(matches!(r, Outcome::Changed(_)));
 }
+
+#[test]
+fn the_landlord_sets_the_budget_and_deploys_are_checked_against_it() {
+    let (f, node) = with_engines();
+    let b = Budget::from_toml("memory_max = \"256M\"").unwrap();
+    // The tenant cannot set its own budget.
+    let e = run(&node, TENANT, Command::SetBudget { budget: b }).unwrap_err();
+    assert!(
+        matches!(e, NodeError::Keys(KeyError::NotPermitted { .. })),
+        "{e:?}"
+    );
+    assert_eq!(f.world().budget, Budget::default());
+    // A budget the types allow but the ranges do not: refused by field.
+    let bad = Budget {
+        pids_max: Some(0),
+        ..Budget::default()
+    };
+    let e = run(&node, LANDLORD, Command::SetBudget { budget: bad }).unwrap_err();
+    assert!(e.to_string().contains("budget.pids_max"), "{e}");
+    assert!(!f.world().log.iter().any(|s| s == "engines.set_budget"));
+    // The landlord's: recorded by the runtime, engines above it counted
+    // (none of the fixture's engines sets a memory limit).
+    match run(&node, LANDLORD, Command::SetBudget { budget: b }).expect("set") {
+        Outcome::BudgetSet(a) => {
+            assert_eq!(a.budget, b);
+            assert_eq!(a.engines_above, 0);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(f.world().budget, b);
+    // And the next deploy is checked against it.
+    let e = deploy(
+        &node,
+        "hog",
+        spec("command = [\"/bin/hog\"]\nlimits = { memory_max = \"512M\" }\n"),
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("limits.memory_max: 512M is above the tenant budget 256M"),
+        "{e}"
+    );
+    // Lowering below a deployed engine's own limit is accepted and counted.
+    deploy(
+        &node,
+        "mid",
+        spec("command = [\"/bin/app\"]\nlimits = { memory_max = \"200M\" }\n"),
+    )
+    .expect("deploy");
+    let lower = Budget::from_toml("memory_max = \"100M\"").unwrap();
+    match run(&node, LANDLORD, Command::SetBudget { budget: lower }).expect("set") {
+        Outcome::BudgetSet(a) => assert_eq!(a.engines_above, 1),
+        other => panic!("{other:?}"),
+    }
+    let v = node.tenant_usage();
+    assert_eq!((v.budget, v.engines), (lower, 4));
+}

@@ -379,6 +379,24 @@ pub const MATRIX: &[Case] = &[
         Setup::None,
     ),
     // No receipt has this id: an authorized call ends in NotFound (5).
+    // `budget clear` sets the empty budget: harmless wherever the matrix
+    // runs (the VM lab's later engine tests included).
+    case(
+        L,
+        "SetBudget",
+        LANDLORD,
+        "landlordctl",
+        &["budget", "clear"],
+        Setup::None,
+    ),
+    case(
+        L,
+        "GetBudget",
+        LANDLORD,
+        "landlordctl",
+        &["budget", "show"],
+        Setup::None,
+    ),
     Case {
         allowed_code: 5,
         ..case(

@@ -20,7 +20,8 @@ use std::time::Duration;
 use clap::CommandFactory;
 use leasehold_cli::{boundary, health, output, shapes, tenant, CliError};
 use leasehold_dbus_api::{
-    BoundaryInfo, EngineInfo, FlowVerdict, KeyChange, NodeInfo, PublicKey, SecretInfo, VolumeInfo,
+    BoundaryInfo, BudgetInfo, EngineInfo, FlowVerdict, KeyChange, NodeInfo, PublicKey, SecretInfo,
+    VolumeInfo,
 };
 use leasehold_tests::json_doc::{JsonDoc, Ty};
 use leasehold_tests::{bin, console_pem, Lab, Who};
@@ -177,6 +178,36 @@ fn output_functions_print_the_documented_shapes() {
     };
     for v in [vol, VolumeInfo::default()] {
         check(&doc, "landlordctl volume status", &output::volume_json(&v));
+    }
+    let budget = BudgetInfo {
+        cpu_max: s("200000 100000"),
+        cpu_weight: Some(100),
+        memory_max: Some(1 << 30),
+        pids_max: Some(100),
+        io_weight: Some(50),
+        written: Some(false),
+        write_error: s("no controllers"),
+        engines_above: Some(1),
+        engines: Some(2),
+        engines_running: Some(1),
+        cpu_usage_usec: Some(1),
+        memory_current: Some(1),
+        pids_current: Some(1),
+        oom_kills: Some(0),
+        io_read_bytes: Some(1),
+        io_write_bytes: Some(1),
+        io_reads: Some(1),
+        io_writes: Some(1),
+        usage_error: s("unreadable"),
+    };
+    for v in [budget, BudgetInfo::default()] {
+        for c in [
+            "landlordctl budget set",
+            "landlordctl budget clear",
+            "landlordctl budget show",
+        ] {
+            check(&doc, c, &leasehold_cli::budget::budget_json(&v));
+        }
     }
     let secret = SecretInfo {
         name: s("db"),
@@ -712,6 +743,14 @@ fn every_command_prints_its_documented_json() {
         &[1],
     );
     r.ok(l, "landlordctl volume status", &[]);
+    r.ok(
+        l,
+        "landlordctl budget set",
+        &["--pids-max", "4096", "--memory-max", "1G"],
+    );
+    let b = r.ok(l, "landlordctl budget show", &[]);
+    assert_eq!(b["limits"]["pids_max"], 4096, "{b}");
+    r.ok(l, "landlordctl budget clear", &[]);
     // The harness agent reads this host's real /sys: whatever it holds,
     // the report has the documented shape (exit 1 if a fault is critical
     // or stuck), and `status` carries its summary.
@@ -719,6 +758,7 @@ fn every_command_prints_its_documented_json() {
     assert_eq!(h["sources"].as_array().unwrap().len(), 6, "{h}");
     let st = r.run(l, "landlordctl status", &[], &[0, 1]);
     assert!(st["health"]["severity"].is_string(), "{st}");
+    assert!(st["budget"]["limits"].is_object(), "{st}");
     for power in ["reboot", "poweroff", "suspend"] {
         r.ok(l, &format!("landlordctl {power}"), &[]);
     }

@@ -1052,3 +1052,5 @@ fn uploaded_image_deploys_by_its_name() {
         .join("vol/engines/web/v1/rootfs/bin/app")
         .is_file());
 }
+
+mod budget;

@@ -1,0 +1,211 @@
+//! T0: the landlord's budget on the tenant subtree: recorded, written at
+//! start, on change and before every launch; what the landlord sees.
+
+use super::*;
+
+fn budget(text: &str) -> Budget {
+    Budget::from_toml(text).unwrap()
+}
+
+fn tenant_files(f: &Fix) -> BTreeMap<String, String> {
+    f.cg.limits
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|((cg, _), _)| cg == Path::new("leasehold/tenant"))
+        .map(|((_, file), v)| (file.clone(), v.clone()))
+        .collect()
+}
+
+#[test]
+fn budget_is_recorded_written_and_survives_a_restart() {
+    let f = fixture(false);
+    let mut rt = f.runtime();
+    // None set: the subtree's files say max (the empty budget).
+    assert_eq!(rt.budget().unwrap(), Budget::default());
+    assert_eq!(
+        tenant_files(&f).get("memory.max").map(String::as_str),
+        Some("max")
+    );
+    let b = budget(
+        "cpu_max = \"200000 100000\"\nmemory_max = \"1G\"\npids_max = 100\nio_weight = 50\n",
+    );
+    let a = rt.set_budget(&b).unwrap();
+    assert!(a.written && a.error.is_none(), "{a:?}");
+    assert_eq!(a.engines_above, 0);
+    let files = tenant_files(&f);
+    assert_eq!(files["cpu.max"], "200000 100000");
+    assert_eq!(files["memory.max"], "1073741824");
+    assert_eq!(files["pids.max"], "100");
+    assert_eq!(files["io.weight"], "default 50");
+    assert_eq!(files["cpu.weight"], "100");
+    assert_eq!(rt.budget().unwrap(), b, "the controller's check reads it");
+    let st = std::fs::read_to_string(f.cfg.state_dir.join(tenant::BUDGET_FILE)).unwrap();
+    assert!(st.contains("\"pids_max\": 100"), "{st}");
+
+    // The landlord's view: counts and sums, the budget, no names.
+    let v = rt.view().tenant();
+    assert_eq!((v.engines, v.running, v.budget), (0, 0, b));
+    assert!(v.written && v.usage.is_ok(), "{v:?}");
+    drop(rt);
+
+    // A new agent reads it back and writes it before anything runs.
+    f.cg.limits.lock().unwrap().clear();
+    let mut rt = f.runtime();
+    assert_eq!(rt.budget().unwrap(), b);
+    assert_eq!(tenant_files(&f)["pids.max"], "100");
+    // Lifting every limit writes max again.
+    rt.set_budget(&Budget::default()).unwrap();
+    assert_eq!(tenant_files(&f)["pids.max"], "max");
+    assert_eq!(tenant_files(&f)["cpu.max"], "max 100000");
+}
+
+#[test]
+fn lowering_below_a_running_engine_counts_it_and_the_kernel_holds_it() {
+    let f = fixture(false);
+    let mut rt = f.runtime();
+    let s = spec("command = [\"/bin/app\"]\n[limits]\nmemory_max = \"512M\"\n");
+    rt.deploy("web", "app.tar", &s).unwrap();
+    rt.start("web").unwrap();
+    until(&rt, "web", |s| s.phase == Phase::Ready);
+    let a = rt.set_budget(&budget("memory_max = \"256M\"")).unwrap();
+    assert_eq!(a.engines_above, 1, "{a:?}");
+    assert!(a.written);
+    // Accepted and running on: the subtree holds it to 256M.
+    assert_eq!(tenant_files(&f)["memory.max"], "268435456");
+    let st = rt.view().status("web").unwrap();
+    assert_eq!(st.phase, Phase::Ready);
+    let v = rt.view().tenant();
+    assert_eq!((v.engines, v.running), (1, 1));
+    // Every launch writes the budget on the subtree first.
+    f.cg.limits.lock().unwrap().clear();
+    rt.restart("web").unwrap();
+    until(&rt, "web", |s| s.phase == Phase::Ready && s.restarts == 0);
+    let end = Instant::now() + Duration::from_secs(10);
+    while !tenant_files(&f).contains_key("memory.max") {
+        assert!(Instant::now() < end, "budget not written before the launch");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(tenant_files(&f)["memory.max"], "268435456");
+}
+
+/// A cgroup v2 directory as the kernel shows it, in a tempdir, its
+/// controllers already enabled for its children (a file cannot act out the
+/// kernel's `+cpu` syntax).
+fn cgroup_dir(dir: &Path, controllers: &str, limits: bool) {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("cgroup.controllers"), controllers).unwrap();
+    std::fs::write(dir.join("cgroup.subtree_control"), controllers).unwrap();
+    if limits {
+        for file in [
+            "cpu.max",
+            "cpu.weight",
+            "memory.max",
+            "memory.high",
+            "pids.max",
+            "io.weight",
+        ] {
+            std::fs::write(dir.join(file), "").unwrap();
+        }
+        std::fs::write(dir.join("cpu.stat"), "usage_usec 2500000\nuser_usec 1\n").unwrap();
+        std::fs::write(dir.join("memory.current"), "33554432\n").unwrap();
+        std::fs::write(
+            dir.join("memory.events"),
+            "low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n",
+        )
+        .unwrap();
+        std::fs::write(dir.join("pids.current"), "9\n").unwrap();
+        std::fs::write(
+            dir.join("io.stat"),
+            "259:0 rbytes=4096 wbytes=8192 rios=1 wios=2 dbytes=0 dios=0\n8:0 rbytes=1 wbytes=1 rios=1 wios=1\n",
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn budget_files_on_a_real_cgroupfs_and_usage_read_from_the_subtree() {
+    let f = fixture(false);
+    let root = f.cfg.cgroup_root.clone();
+    cgroup_dir(&root.join("leasehold"), "cpu memory io pids", false);
+    cgroup_dir(&root.join("leasehold/tenant"), "cpu memory io pids", true);
+    let mut rt = EngineRuntime::start(
+        f.cfg.clone(),
+        Arc::new(CgroupFs::with_root(Some(&root))),
+        f.sp.clone(),
+        f.vol.clone(),
+    )
+    .unwrap();
+    let a = rt
+        .set_budget(&budget(
+            "cpu_max = \"50000 100000\"\nmemory_max = \"2G\"\npids_max = 4096\ncpu_weight = 300\n",
+        ))
+        .unwrap();
+    assert!(a.written, "{a:?}");
+    let read = |f: &str| std::fs::read_to_string(root.join("leasehold/tenant").join(f)).unwrap();
+    assert_eq!(read("cpu.max"), "50000 100000");
+    assert_eq!(read("cpu.weight"), "300");
+    assert_eq!(read("memory.max"), "2147483648");
+    assert_eq!(read("memory.high"), "max");
+    assert_eq!(read("pids.max"), "4096");
+    assert_eq!(read("io.weight"), "default 100");
+    let u = rt.view().tenant().usage.unwrap();
+    assert_eq!(
+        (
+            u.cpu_usage_usec,
+            u.memory_current,
+            u.pids_current,
+            u.oom_kills
+        ),
+        (2_500_000, 32 << 20, 9, 1)
+    );
+    assert_eq!(u.io.iter().map(|s| s.wbytes).sum::<u64>(), 8193);
+}
+
+#[test]
+fn a_budget_that_cannot_be_written_is_recorded_and_no_engine_launches() {
+    let f = fixture(false);
+    let root = f.cfg.cgroup_root.clone();
+    // The host's case: cgroup v2 without controllers.
+    cgroup_dir(&root.join("leasehold"), "", false);
+    let mut rt = EngineRuntime::start(
+        f.cfg.clone(),
+        Arc::new(CgroupFs::with_root(Some(&root))),
+        f.sp.clone(),
+        f.vol.clone(),
+    )
+    .unwrap();
+    let b = budget("pids_max = 10");
+    let a = rt.set_budget(&b).unwrap();
+    assert!(!a.written, "{a:?}");
+    let err = a.error.unwrap();
+    assert!(err.contains("cgroup.controllers"), "{err}");
+    assert_eq!(rt.budget().unwrap(), b, "recorded all the same");
+    let v = rt.view().tenant();
+    assert!(!v.written && v.error.is_some());
+    assert!(v.usage.is_err(), "no subtree to read: {v:?}");
+    let e = rt
+        .deploy("web", "app.tar", &spec(r#"command = ["/bin/app"]"#))
+        .unwrap_err();
+    assert_eq!(e.kind, FailureKind::Unavailable, "{e}");
+    assert!(f.sp.spawned.lock().unwrap().is_empty());
+}
+
+#[test]
+fn a_damaged_budget_record_stops_the_runtime_naming_it() {
+    let f = fixture(false);
+    let path = f.cfg.state_dir.join(tenant::BUDGET_FILE);
+    for bad in [
+        "{",
+        r#"{"format": 1, "budget": {"pids_max": 0}}"#,
+        r#"{"format": 2, "budget": {}}"#,
+        r#"{"format": 1, "budget": {"memory": "1G"}}"#,
+    ] {
+        std::fs::write(&path, bad).unwrap();
+        let e = EngineRuntime::start(f.cfg.clone(), f.cg.clone(), f.sp.clone(), f.vol.clone())
+            .map(|_| ())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("budget.json"), "{bad}: {e}");
+    }
+}
