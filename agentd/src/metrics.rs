@@ -770,6 +770,7 @@ mod tests {
             started_at: None,
             restarts,
             last_exit: None,
+            probes: Vec::new(),
         }
     }
 

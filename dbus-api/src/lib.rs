@@ -308,6 +308,10 @@ pub struct EngineInfo {
     pub last_exit: Option<String>,
     /// Deploy: the budget limits the engine inherits.
     pub notes: Option<Vec<String>>,
+    /// Each probe of the spec, in order: (what it checks, failures in a
+    /// row, last result `ok` / `failed` / empty when not run yet, what the
+    /// last run saw, unix time it ended or 0).
+    pub probes: Option<Vec<(String, u32, String, String, u64)>>,
 }
 
 /// Boundaries as the caller may see them. Documents are JSON (the same

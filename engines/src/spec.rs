@@ -1119,11 +1119,14 @@ impl Spec {
             let field = format!("data_dirs[{i}]");
             check_rel_path(&field, d)?;
             let first = d.split('/').next().unwrap_or_default();
-            if ["proc", "sys", "dev"].contains(&first) || is_under(d, &SECRETS_DIR[1..]) {
+            if ["proc", "sys", "dev"].contains(&first)
+                || is_under(d, &SECRETS_DIR[1..])
+                || is_under(d, &crate::launch::NOTIFY_DIR[1..])
+            {
                 return Err(err(
                     field,
                     format!(
-                        "{}: not under proc, sys, dev or run/secrets (the launcher mounts those)",
+                        "{}: not under proc, sys, dev, run/secrets or run/leasehold-notify (the launcher mounts those)",
                         shown(d)
                     ),
                 ));

@@ -30,7 +30,7 @@ pub use backend::{
 };
 pub use controller::Node;
 pub use engines::{
-    EngineCommand, EngineEvent, EngineStatus, EngineView, Engines, NoEngines, NotStopped,
+    EngineCommand, EngineEvent, EngineProbe, EngineStatus, EngineView, Engines, NoEngines, NotStopped,
     StopReport, ERASE_STOP_GRACE, MAX_EVENTS_READ, MAX_IMAGE_REF,
 };
 pub use receipt::{ErasedVolume, Receipt, SignedReceipt, RECEIPT_FORMAT};
