@@ -1350,10 +1350,9 @@ fn engine_info(s: EngineStatus, notes: Option<Vec<String>>) -> EngineInfo {
                         Some(false) => "failed",
                         None => "",
                     };
-                    let at = p
-                        .at
-                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-                        .map_or(0, |d| d.as_secs());
+                    let at =
+                        p.at.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                            .map_or(0, |d| d.as_secs());
                     (
                         p.probe,
                         p.failures,

@@ -766,7 +766,9 @@ impl Runtime {
                     if heartbeat(&spec) {
                         match notify::bind(&rd, spec.uid) {
                             Ok((_, sock)) => notify_sock = Some(sock),
-                            Err(err) => tracing::error!(engine = name, %instance, error = %err, "the re-adopted engine's notify socket"),
+                            Err(err) => {
+                                tracing::error!(engine = name, %instance, error = %err, "the re-adopted engine's notify socket")
+                            }
                         }
                     }
                     (cg, rd, Ok(p))
@@ -865,9 +867,10 @@ impl Runtime {
             Some(sock) => {
                 let tx = self.tx.clone();
                 let n = name.to_owned();
-                let watched = notify::watch(sock, spec.uid, format!("{name}-{instance}"), move |m| {
-                    tx.send(Msg::Notified(n.clone(), instance, m)).is_ok()
-                });
+                let watched =
+                    notify::watch(sock, spec.uid, format!("{name}-{instance}"), move |m| {
+                        tx.send(Msg::Notified(n.clone(), instance, m)).is_ok()
+                    });
                 match watched {
                     Ok(w) => Some(w),
                     Err(err) => {
@@ -1042,7 +1045,9 @@ impl Runtime {
                     return Err(RuntimeError::Resolve {
                         name: name.to_owned(),
                         field,
-                        reason: format!("[{i}] {s:?}: no secret of that name is stored (tenantctl secret put)"),
+                        reason: format!(
+                            "[{i}] {s:?}: no secret of that name is stored (tenantctl secret put)"
+                        ),
                     })
                 }
                 Err(err) => {

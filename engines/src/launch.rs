@@ -392,11 +392,14 @@ impl Launcher {
     /// and the shim to `timeout` + 1 s by this call. Blocking.
     pub fn probe(&self, run_dir: &Path, argv: &[String], timeout: Duration) -> ProbeExit {
         use std::io::Read;
-        if !argv.first().is_some_and(|a| a.starts_with('/')) || argv.iter().any(|a| a.contains('\0'))
+        if !argv.first().is_some_and(|a| a.starts_with('/'))
+            || argv.iter().any(|a| a.contains('\0'))
         {
             return ProbeExit::NotRun("argv[0] must be an absolute path, no NUL".into());
         }
-        let ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX).max(1);
+        let ms = u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
         let child = Command::new(&self.shim)
             .arg("--probe")
             .arg(run_dir)
@@ -784,7 +787,9 @@ fn probe_main(args: &[OsString]) -> Result<i32, LaunchError> {
         let _ = child.wait();
         return Ok(PROBE_TIMED_OUT);
     }
-    let status = child.wait().map_err(|e| io_err("wait", Path::new(&argv[0]), e))?;
+    let status = child
+        .wait()
+        .map_err(|e| io_err("wait", Path::new(&argv[0]), e))?;
     use std::os::unix::process::ExitStatusExt;
     Ok(status
         .code()

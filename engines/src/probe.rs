@@ -242,7 +242,12 @@ mod tests {
     fn status_lines() {
         assert_eq!(status_line(b"HTTP/1.1 200 OK\r\n"), Ok(200));
         assert_eq!(status_line(b"HTTP/2 301\n"), Ok(301));
-        for bad in [&b""[..], b"HTTP/1.1 20 OK", b"HTTP/1.1 999 x", b"FTP 200 ok"] {
+        for bad in [
+            &b""[..],
+            b"HTTP/1.1 20 OK",
+            b"HTTP/1.1 999 x",
+            b"FTP 200 ok",
+        ] {
             assert!(status_line(bad).is_err(), "{bad:?}");
         }
     }
@@ -263,7 +268,10 @@ mod tests {
                 watchdog: true
             })
         );
-        assert_eq!(parse_notify(b"READY=0\nWATCHDOG=trigger"), Some(NotifyMessage::default()));
+        assert_eq!(
+            parse_notify(b"READY=0\nWATCHDOG=trigger"),
+            Some(NotifyMessage::default())
+        );
         assert_eq!(parse_notify(b"READY=1xx"), Some(NotifyMessage::default()));
         assert_eq!(parse_notify(&[0xff, b'R']), None);
         assert_eq!(parse_notify(&vec![b'a'; MAX_NOTIFY_DATAGRAM + 1]), None);

@@ -522,8 +522,8 @@ pub struct Spec {
     /// to the image root (`"var/lib/app"` is mounted at `/var/lib/app`).
     /// Default none: the whole root is read-only. At most
     /// [`MAX_DATA_DIRS`], components of `A-Z a-z 0-9 . _ -` (not `.` or
-    /// `..`), none inside another, none under `proc`, `sys`, `dev` or
-    /// `run/secrets`.
+    /// `..`), none inside another, none under `proc`, `sys`, `dev`,
+    /// `run/secrets` or `run/leasehold-notify`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub data_dirs: Vec<String>,
     /// Secrets from the node's store, by name (the store's rule:

@@ -30,8 +30,8 @@ pub use backend::{
 };
 pub use controller::Node;
 pub use engines::{
-    EngineCommand, EngineEvent, EngineProbe, EngineStatus, EngineView, Engines, NoEngines, NotStopped,
-    StopReport, ERASE_STOP_GRACE, MAX_EVENTS_READ, MAX_IMAGE_REF,
+    EngineCommand, EngineEvent, EngineProbe, EngineStatus, EngineView, Engines, NoEngines,
+    NotStopped, StopReport, ERASE_STOP_GRACE, MAX_EVENTS_READ, MAX_IMAGE_REF,
 };
 pub use receipt::{ErasedVolume, Receipt, SignedReceipt, RECEIPT_FORMAT};
 

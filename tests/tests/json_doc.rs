@@ -269,7 +269,13 @@ fn output_functions_print_the_documented_shapes() {
         last_exit: s("exit code 1"),
         notes: Some(vec!["n".into()]),
         probes: Some(vec![
-            ("http 8080 /".into(), 1, "failed".into(), "HTTP status 503".into(), 9),
+            (
+                "http 8080 /".into(),
+                1,
+                "failed".into(),
+                "HTTP status 503".into(),
+                9,
+            ),
             ("tcp 5432".into(), 0, String::new(), String::new(), 0),
         ]),
     };

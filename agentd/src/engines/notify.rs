@@ -129,7 +129,12 @@ fn read_loop(
             // a bug or an attack: counted, logged once in a while.
             refused = refused.saturating_add(1);
             if refused.is_power_of_two() {
-                tracing::warn!(engine = label, ?sender, refused, "notify message from another uid ignored");
+                tracing::warn!(
+                    engine = label,
+                    ?sender,
+                    refused,
+                    "notify message from another uid ignored"
+                );
             }
             continue;
         }

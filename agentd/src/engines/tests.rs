@@ -1074,7 +1074,6 @@ fn uploaded_image_deploys_by_its_name() {
         .is_file());
 }
 
-
 // ------------------------------------------------ probes, heartbeat, secrets
 
 struct FakeSecrets(BTreeMap<String, Vec<u8>>);
@@ -1133,9 +1132,7 @@ fn probes_run_show_in_status_and_failing_ones_restart_the_engine() {
     assert_eq!(s.probes[1].probe, format!("tcp {port}"));
     assert_eq!(s.probes[0].ok, None, "not run before the engine runs");
     rt.start("web").unwrap();
-    let s = until(&rt, "web", |s| {
-        s.probes.iter().all(|p| p.ok == Some(true))
-    });
+    let s = until(&rt, "web", |s| s.probes.iter().all(|p| p.ok == Some(true)));
     assert_eq!(s.probes[0].detail.as_deref(), Some("exit code 0"));
     assert_eq!(s.probes[1].detail.as_deref(), Some("connected"));
     assert_eq!(
@@ -1153,7 +1150,12 @@ fn probes_run_show_in_status_and_failing_ones_restart_the_engine() {
     assert!(f.sp.spawned.lock().unwrap().len() >= 2);
     let first = f.sp.spawned.lock().unwrap()[0].2.clone();
     assert!(first.signals.lock().unwrap().contains(&Signal::SIGTERM));
-    let kinds: Vec<String> = rt.view().events(0, 100).into_iter().map(|e| e.kind).collect();
+    let kinds: Vec<String> = rt
+        .view()
+        .events(0, 100)
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
     assert!(kinds.iter().any(|k| k == "probe-failed"), "{kinds:?}");
     // The tcp probe fails once nothing listens.
     drop(listener);
@@ -1207,10 +1209,19 @@ fn heartbeat_comes_from_the_instances_socket_and_the_watchdog_acts() {
     assert_eq!(rt.view().status("web").unwrap().restarts, 0);
     // Silence: the watchdog expires and the engine is restarted.
     until(&rt, "web", |s| s.restarts >= 1);
-    let kinds: Vec<String> = rt.view().events(0, 100).into_iter().map(|e| e.kind).collect();
+    let kinds: Vec<String> = rt
+        .view()
+        .events(0, 100)
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
     assert!(kinds.iter().any(|k| k == "watchdog-expired"), "{kinds:?}");
     // The first instance's socket went with it; the new one has its own.
-    let second = f.sp.spawned.lock().unwrap()[1].0.notify_dir.clone().unwrap();
+    let second = f.sp.spawned.lock().unwrap()[1]
+        .0
+        .notify_dir
+        .clone()
+        .unwrap();
     assert_ne!(second, dir);
     rt.stop("web", Some(Duration::ZERO)).unwrap();
 }
@@ -1231,7 +1242,10 @@ fn secrets_are_opened_at_launch_and_never_recorded() {
         .unwrap_err();
     assert_eq!(e.kind, FailureKind::Invalid);
     assert!(e.message.contains("secrets: [1] \"api-token\""), "{e}");
-    assert!(!f.tmp.path().join("vol/engines/web").exists(), "nothing unpacked");
+    assert!(
+        !f.tmp.path().join("vol/engines/web").exists(),
+        "nothing unpacked"
+    );
     rt.deploy(
         "web",
         "app.tar",
@@ -1241,7 +1255,10 @@ fn secrets_are_opened_at_launch_and_never_recorded() {
     rt.start("web").unwrap();
     until(&rt, "web", |s| s.pid.is_some());
     let given = f.sp.secrets_given.lock().unwrap().clone();
-    assert_eq!(given, vec![vec![b"-----KEY-----".to_vec(), b"hunter2".to_vec()]]);
+    assert_eq!(
+        given,
+        vec![vec![b"-----KEY-----".to_vec(), b"hunter2".to_vec()]]
+    );
     let ls = f.sp.spawned.lock().unwrap()[0].0.clone();
     assert_eq!(ls.secrets, vec!["tls.key".to_owned(), "db".to_owned()]);
     assert!(ls.env.iter().all(|(_, v)| !v.contains("hunter2")));
@@ -1278,7 +1295,10 @@ fn a_secret_gone_at_launch_fails_the_launch_naming_it() {
 fn write_busybox_socat_image(f: &Fix) {
     let mut files: Vec<(String, Vec<u8>)> = vec![
         ("bin/busybox".into(), std::fs::read("/bin/busybox").unwrap()),
-        ("usr/bin/socat".into(), std::fs::read("/usr/bin/socat").unwrap()),
+        (
+            "usr/bin/socat".into(),
+            std::fs::read("/usr/bin/socat").unwrap(),
+        ),
     ];
     let ldd = std::process::Command::new("ldd")
         .arg("/usr/bin/socat")
@@ -1290,7 +1310,10 @@ fn write_busybox_socat_image(f: &Fix) {
             .find(|w| w.starts_with('/'))
             .map(str::to_owned);
         if let Some(p) = path {
-            files.push((p.trim_start_matches('/').to_owned(), std::fs::read(&p).unwrap()));
+            files.push((
+                p.trim_start_matches('/').to_owned(),
+                std::fs::read(&p).unwrap(),
+            ));
         }
     }
     let entries: Vec<(&str, &[u8], u32)> = files
@@ -1346,13 +1369,15 @@ fn real_shim_secrets_heartbeat_and_exec_probe() {
         Arc::new(ShimSpawner(launch::Launcher::new(shim))),
         f.vol.clone(),
         Arc::new(FakeSecrets(
-            [("db".to_owned(), b"hunter2".to_vec())].into_iter().collect(),
+            [("db".to_owned(), b"hunter2".to_vec())]
+                .into_iter()
+                .collect(),
         )),
     )
     .unwrap();
     let script = "B=/bin/busybox; \
         echo secret=$($B cat /run/secrets/db) mode=$($B stat -c %a:%u /run/secrets/db); \
-        $B env | $B grep -q hunter2 && echo secret-in-env; \
+        $B env | $B grep -q \"$($B cat /run/secrets/db)\" && echo secret-in-env; \
         $B touch /tmp/healthy; \
         echo -n READY=1 | /usr/bin/socat - UNIX-SENDTO:$NOTIFY_SOCKET || echo socat-failed; \
         while [ ! -e /var/lib/app/sick ]; do $B sleep 0.02; done; \
@@ -1378,12 +1403,22 @@ fn real_shim_secrets_heartbeat_and_exec_probe() {
         .iter()
         .map(|r| String::from_utf8_lossy(&r.text).into_owned())
         .collect();
-    assert!(out.contains(&"secret=hunter2 mode=400:200000".to_owned()), "{out:?}");
-    assert!(!out.iter().any(|l| l == "secret-in-env" || l == "socat-failed"), "{out:?}");
+    assert!(
+        out.contains(&"secret=hunter2 mode=400:200000".to_owned()),
+        "{out:?}"
+    );
+    assert!(
+        !out.iter()
+            .any(|l| l == "secret-in-env" || l == "socat-failed"),
+        "{out:?}"
+    );
     // The probe passes inside the engine (its /tmp, its uid).
     let s = until_longer(&rt, "bb", |s| s.probes[0].ok == Some(true));
     assert_eq!(s.probes[0].detail.as_deref(), Some("exit code 0"));
-    assert!(!Path::new("/tmp/healthy").exists(), "the host's /tmp must not satisfy it");
+    assert!(
+        !Path::new("/tmp/healthy").exists(),
+        "the host's /tmp must not satisfy it"
+    );
     // Nothing of the secret outside the engine's tmpfs.
     let state = std::fs::read(f.cfg.state_dir.join(STATE_FILE)).unwrap();
     assert!(!state.windows(7).any(|w| w == b"hunter2"));
@@ -1400,7 +1435,11 @@ fn real_shim_secrets_heartbeat_and_exec_probe() {
         }
     }
     // Unhealthy: two failed probes in a row restart it.
-    std::fs::write(f.tmp.path().join("vol/engines/bb/data/var/lib/app/sick"), b"").unwrap();
+    std::fs::write(
+        f.tmp.path().join("vol/engines/bb/data/var/lib/app/sick"),
+        b"",
+    )
+    .unwrap();
     let s = until_longer(&rt, "bb", |s| s.restarts >= 1);
     assert!(s.probes[0].failures <= 2);
     let ev = view.events(0, 200);
@@ -1408,4 +1447,97 @@ fn real_shim_secrets_heartbeat_and_exec_probe() {
     assert!(pf.detail.contains("probes[0] failed"), "{pf:?}");
     rt.stop("bb", Some(Duration::ZERO)).unwrap();
     until_longer(&rt, "bb", |s| s.phase == Phase::Stopped);
+}
+
+/// T1 (root, busybox, the shim built): the real `exec` probe reports the
+/// command's exit code, is held to its timeout (the command killed), and
+/// names why it could not run; prints how long one probe takes.
+#[test]
+#[ignore = "needs root, /bin/busybox (busybox-static) and the engine shim (cargo build --workspace --bins)"]
+fn real_exec_probe_codes_timeout_and_reasons() {
+    let shim = real_shim();
+    let f = fixture(false);
+    write_busybox_image(&f);
+    let mut rt = EngineRuntime::start(
+        f.cfg.clone(),
+        Arc::new(DirCg(f.tmp.path().join("cgroup"))),
+        Arc::new(ShimSpawner(launch::Launcher::new(shim.clone()))),
+        f.vol.clone(),
+    )
+    .unwrap();
+    rt.deploy(
+        "bb",
+        "bb.tar",
+        &spec("command = [\"/bin/busybox\", \"sleep\", \"1000\"]\nstop_grace = \"0ms\"\n"),
+    )
+    .unwrap();
+    rt.start("bb").unwrap();
+    until(&rt, "bb", |s| s.pid.is_some());
+    let run = std::fs::read_dir(f.cfg.run_dir.join("bb"))
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    let l = launch::Launcher::new(shim);
+    let argv = |a: &[&str]| a.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    let t = Duration::from_secs(2);
+    let mut took = Vec::new();
+    for _ in 0..10 {
+        let t0 = Instant::now();
+        assert_eq!(
+            l.probe(&run, &argv(&["/bin/busybox", "true"]), t),
+            launch::ProbeExit::Code(0)
+        );
+        took.push(t0.elapsed());
+    }
+    took.sort();
+    println!(
+        "exec probe (busybox true): median {:?}, max {:?}",
+        took[5], took[9]
+    );
+    assert_eq!(
+        l.probe(&run, &argv(&["/bin/busybox", "sh", "-c", "exit 3"]), t),
+        launch::ProbeExit::Code(3)
+    );
+    // Its hostname is the engine's (uts namespace entered).
+    assert_eq!(
+        l.probe(
+            &run,
+            &argv(&[
+                "/bin/busybox",
+                "sh",
+                "-c",
+                "[ $(/bin/busybox hostname) = bb ]"
+            ]),
+            t
+        ),
+        launch::ProbeExit::Code(0)
+    );
+    let t0 = Instant::now();
+    assert_eq!(
+        l.probe(
+            &run,
+            &argv(&["/bin/busybox", "sleep", "5"]),
+            Duration::from_millis(200)
+        ),
+        launch::ProbeExit::TimedOut
+    );
+    assert!(
+        t0.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        t0.elapsed()
+    );
+    match l.probe(&run, &argv(&["/bin/nothere"]), t) {
+        launch::ProbeExit::NotRun(r) => assert!(r.contains("/bin/nothere"), "{r}"),
+        other => panic!("{other:?}"),
+    }
+    // A run directory whose shim is gone is refused, not entered.
+    let gone = f.tmp.path().join("gone");
+    std::fs::create_dir_all(&gone).unwrap();
+    assert!(matches!(
+        l.probe(&gone, &argv(&["/bin/busybox", "true"]), t),
+        launch::ProbeExit::NotRun(_)
+    ));
+    rt.stop("bb", Some(Duration::ZERO)).unwrap();
 }
