@@ -1541,3 +1541,50 @@ fn real_exec_probe_codes_timeout_and_reasons() {
     ));
     rt.stop("bb", Some(Duration::ZERO)).unwrap();
 }
+
+/// T1 (root, busybox, the shim built): the network probes reach a server
+/// inside an engine on 127.0.0.1 (engines share the node's network
+/// namespace): an http probe answered 200, one answered 404 (failed, with
+/// the status), a tcp probe connected.
+#[test]
+#[ignore = "needs root, /bin/busybox (busybox-static) and the engine shim (cargo build --workspace --bins)"]
+fn real_network_probes_reach_an_engines_server() {
+    let shim = real_shim();
+    let f = fixture(false);
+    write_busybox_image(&f);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut rt = EngineRuntime::start(
+        f.cfg.clone(),
+        Arc::new(DirCg(f.tmp.path().join("cgroup"))),
+        Arc::new(ShimSpawner(launch::Launcher::new(shim))),
+        f.vol.clone(),
+    )
+    .unwrap();
+    let text = format!(
+        "command = [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"127.0.0.1:{port}\", \"-h\", \"/srv/www\"]\n\
+         data_dirs = [\"srv/www\"]\n\
+         stop_grace = \"0ms\"\n\
+         [[probes]]\nhttp = {{ port = {port}, path = \"/ok.txt\" }}\ninterval = \"200ms\"\ntimeout = \"150ms\"\n\
+         [[probes]]\nhttp = {{ port = {port}, path = \"/missing\" }}\ninterval = \"200ms\"\ntimeout = \"150ms\"\nthreshold = 100\n\
+         [[probes]]\ntcp = {port}\ninterval = \"200ms\"\ntimeout = \"150ms\"\n"
+    );
+    rt.deploy("web", "bb.tar", &spec(&text)).unwrap();
+    std::fs::write(
+        f.tmp.path().join("vol/engines/web/data/srv/www/ok.txt"),
+        b"ok\n",
+    )
+    .unwrap();
+    rt.start("web").unwrap();
+    let s = until_longer(&rt, "web", |s| s.probes.iter().all(|p| p.ok.is_some()));
+    assert_eq!(s.probes[0].ok, Some(true), "{s:?}");
+    assert_eq!(s.probes[0].detail.as_deref(), Some("HTTP status 200"));
+    assert_eq!(s.probes[1].ok, Some(false));
+    assert_eq!(s.probes[1].detail.as_deref(), Some("HTTP status 404"));
+    assert_eq!(s.probes[2].detail.as_deref(), Some("connected"));
+    assert_eq!(s.restarts, 0);
+    rt.stop("web", Some(Duration::ZERO)).unwrap();
+}
