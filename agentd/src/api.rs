@@ -1434,6 +1434,28 @@ fn engine_info(s: EngineStatus, notes: Option<Vec<String>>) -> EngineInfo {
         restarts: Some(s.restarts),
         last_exit: s.last_exit.map(|e| e.to_string()),
         notes,
+        probes: Some(
+            s.probes
+                .into_iter()
+                .map(|p| {
+                    let result = match p.ok {
+                        Some(true) => "ok",
+                        Some(false) => "failed",
+                        None => "",
+                    };
+                    let at =
+                        p.at.and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                            .map_or(0, |d| d.as_secs());
+                    (
+                        p.probe,
+                        p.failures,
+                        result.to_owned(),
+                        p.detail.unwrap_or_default(),
+                        at,
+                    )
+                })
+                .collect(),
+        ),
     }
 }
 

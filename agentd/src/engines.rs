@@ -31,14 +31,15 @@ use std::time::{Duration, Instant, SystemTime};
 use leasehold_engines::budget::{self, Budget};
 use leasehold_engines::cgroup::{CgroupError, CgroupPath, Cgroups, Controller};
 use leasehold_engines::image::{unpack_image, ImageError, Limits as ImageLimits};
-use leasehold_engines::launch::{self, DataDir, LaunchError, LaunchSpec};
-use leasehold_engines::spec::{Spec, User};
+use leasehold_engines::launch::{self, DataDir, LaunchError, LaunchSpec, SecretBytes};
+use leasehold_engines::probe::NotifyMessage;
+use leasehold_engines::spec::{Probe, Spec, User, RESERVED_ENV};
 use leasehold_engines::supervisor::{
-    Action, Exit, Input, InstanceId, Supervisor, TimerId, VersionId,
+    Action, Exit, Input, InstanceId, Notify, Supervisor, TimerId, VersionId,
 };
 use leasehold_node::{
-    BudgetApplied, EngineStatus, EngineView, Engines, Failure, FailureKind, NotStopped, StopReport,
-    TenantView,
+    BudgetApplied, EngineProbe, EngineStatus, EngineView, Engines, Failure, FailureKind,
+    NotStopped, StopReport, TenantView,
 };
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
@@ -238,14 +239,70 @@ pub trait Proc: Send {
 pub trait Spawner: Send + Sync + 'static {
     /// Starts one instance (blocking, bounded); its output is appended to
     /// `stdout.log` and `stderr.log` in `log_dir`.
+    /// `secrets` are the bytes of `spec.secrets`, in order.
     fn spawn(
         &self,
         spec: &LaunchSpec,
         run_dir: &Path,
         log_dir: &Path,
+        secrets: &[SecretBytes],
     ) -> Result<Box<dyn Proc>, LaunchError>;
     /// Finds a running instance again after an agent restart.
     fn adopt(&self, run_dir: &Path) -> Result<Box<dyn Proc>, LaunchError>;
+    /// Runs an `exec` probe inside the running instance of `run_dir`,
+    /// held to `timeout` (blocking: called on a probe thread).
+    fn exec_probe(&self, run_dir: &Path, argv: &[String], timeout: Duration) -> launch::ProbeExit;
+}
+
+/// Opens the tenant's secrets for engines (the agent: the node's secret
+/// store under the key derived from the disk key).
+pub trait SecretSource: Send + Sync + 'static {
+    /// Whether a secret of this name is stored (deploy checks names).
+    fn exists(&self, name: &str) -> Result<bool, String>;
+    /// The secret's bytes (zeroized when dropped).
+    fn open(&self, name: &str) -> Result<SecretBytes, String>;
+}
+
+/// No secret store: every name is missing (tests that need none).
+#[cfg(test)]
+#[derive(Debug)]
+pub struct NoSecrets;
+
+#[cfg(test)]
+impl SecretSource for NoSecrets {
+    fn exists(&self, _: &str) -> Result<bool, String> {
+        Ok(false)
+    }
+    fn open(&self, name: &str) -> Result<SecretBytes, String> {
+        Err(format!("no secret named {name:?}"))
+    }
+}
+
+/// The node's secret store, opened with the key the store's writes use.
+pub struct TenantSecrets {
+    /// The key thread (derives the store's key on each open; the key is
+    /// dropped, zeroized, right after).
+    pub keys: crate::keys::KeyBackend,
+    /// The store.
+    pub store: crate::secrets::SecretStore,
+}
+
+impl SecretSource for TenantSecrets {
+    fn exists(&self, name: &str) -> Result<bool, String> {
+        let list = self.store.list().map_err(|e| e.to_string())?;
+        Ok(list.iter().any(|e| e.name == name))
+    }
+    fn open(&self, name: &str) -> Result<SecretBytes, String> {
+        use leasehold_node::backend::KeyStore;
+        let mut keys = crate::keys::KeyBackend(self.keys.0.clone());
+        let key = keys
+            .data_key(leasehold_node::SECRET_STORE_PURPOSE)
+            .map_err(|e| format!("the secret store's key: {e}"))?;
+        let mut plain = self.store.get(&key, name).map_err(|e| e.to_string())?;
+        // Moved out (the buffer, not a copy); the emptied wrapper zeroizes
+        // nothing more.
+        Ok(SecretBytes::new(std::mem::take(&mut *plain)))
+    }
 }
 
 /// The real launcher (`engines::launch`).
@@ -302,6 +359,7 @@ impl Spawner for ShimSpawner {
         spec: &LaunchSpec,
         run_dir: &Path,
         log_dir: &Path,
+        secrets: &[SecretBytes],
     ) -> Result<Box<dyn Proc>, LaunchError> {
         let _ = log_dir; // the log writer makes it, under the mounted volume only
         std::fs::create_dir_all(run_dir).map_err(|source| LaunchError::Io {
@@ -315,12 +373,15 @@ impl Spawner for ShimSpawner {
         let (out, stdout, stderr) = output::make_fifos(run_dir)?;
         let r = self
             .0
-            .start(spec, run_dir, stdout.into(), stderr.into(), &[])?;
+            .start(spec, run_dir, stdout.into(), stderr.into(), secrets)?;
         Ok(Box::new(ShimProc(r, Some(out))))
     }
     fn adopt(&self, run_dir: &Path) -> Result<Box<dyn Proc>, LaunchError> {
         let r = launch::Running::adopt(run_dir)?;
         Ok(Box::new(ShimProc(r, output::reopen_fifos(run_dir))))
+    }
+    fn exec_probe(&self, run_dir: &Path, argv: &[String], timeout: Duration) -> launch::ProbeExit {
+        self.0.probe(run_dir, argv, timeout)
     }
 }
 
@@ -368,6 +429,16 @@ struct Live {
     cg: CgroupPath,
     run_dir: PathBuf,
     oom_kills: u64,
+    /// The notify socket's reader (heartbeat on); ends when dropped.
+    _notifier: Option<notify::Notifier>,
+}
+
+/// The last result of one probe, for `status`.
+#[derive(Debug, Clone)]
+struct ProbeSeen {
+    ok: bool,
+    detail: String,
+    at: SystemTime,
 }
 
 struct Engine {
@@ -393,6 +464,10 @@ struct Engine {
     log_suppressed: u32,
     next_version: u64,
     events: VecDeque<String>,
+    /// Probes running now (instance, index): one at a time each.
+    probing: std::collections::BTreeSet<(InstanceId, usize)>,
+    /// The last result of each probe of the current spec, by index.
+    probes_seen: BTreeMap<usize, ProbeSeen>,
 }
 
 enum Cmd {
@@ -418,6 +493,10 @@ enum Reply {
 enum Msg {
     Cmd(Cmd, SyncSender<Reply>),
     Exited(String, InstanceId),
+    /// A probe finished: `Ok` healthy, `Err` why not.
+    Probed(String, InstanceId, usize, Result<String, String>),
+    /// A message on an instance's notify socket (its uid checked).
+    Notified(String, InstanceId, NotifyMessage),
     /// The agent is going away: the thread ends, the engines run on (the
     /// next agent re-adopts them).
     Shutdown,
@@ -436,6 +515,7 @@ struct Runtime {
     cgroups: Arc<dyn Cgroups>,
     spawner: Arc<dyn Spawner>,
     volume: Arc<dyn VolumeDir>,
+    secrets: Arc<dyn SecretSource>,
     engines: BTreeMap<String, Engine>,
     timers: BTreeMap<(Instant, String, TimerId), ()>,
     tx: Sender<Msg>,
@@ -589,9 +669,12 @@ impl Runtime {
                 }
                 None
             }
-            Action::RunProbe { .. } => {
-                // Probes are not run yet: no result is reported, so a
-                // probe never fails (docs/engines.md, "Runtime").
+            Action::RunProbe {
+                instance,
+                probe,
+                timeout,
+            } => {
+                self.run_probe(name, instance, probe, timeout);
                 None
             }
             Action::Schedule { timer, at } => {
@@ -652,7 +735,9 @@ impl Runtime {
             return failed(format!("unknown version {version}"));
         };
         let mut spec = v.launch.clone();
+        let mut notify_sock = None;
         let adopted = e.adoptable.take();
+        let adopted_here = adopted.is_some();
         let dir_name = adopted
             .as_ref()
             .map_or(e.id_base.saturating_add(instance.0), |(_, n)| *n);
@@ -674,6 +759,16 @@ impl Runtime {
                 };
                 let rd = self.run_dir(name, dir_name);
                 if let Some((p, _)) = adopted {
+                    // The engine still sends to the same path: a new
+                    // socket there is heard by this agent.
+                    if heartbeat(&spec) {
+                        match notify::bind(&rd, spec.uid) {
+                            Ok((_, sock)) => notify_sock = Some(sock),
+                            Err(err) => {
+                                tracing::error!(engine = name, %instance, error = %err, "the re-adopted engine's notify socket")
+                            }
+                        }
+                    }
                     (cg, rd, Ok(p))
                 } else if !self
                     .volume
@@ -683,6 +778,15 @@ impl Runtime {
                     // Never run a root that is not on the mounted volume.
                     return failed(RuntimeError::NoVolume.to_string());
                 } else {
+                    // Opened at each launch (never kept by the agent), in
+                    // the spec's order; a missing one names itself.
+                    let mut secrets = Vec::with_capacity(spec.secrets.len());
+                    for (i, s) in spec.secrets.iter().enumerate() {
+                        match self.secrets.open(s) {
+                            Ok(b) => secrets.push(b),
+                            Err(err) => return failed(format!("secrets[{i}] {s:?}: {err}")),
+                        }
+                    }
                     if let Err(err) = self.cgroups.create(&cg) {
                         return failed(err.to_string());
                     }
@@ -694,7 +798,22 @@ impl Runtime {
                         .parent()
                         .and_then(Path::parent)
                         .map_or_else(|| rd.clone(), |d| d.join("logs"));
-                    let r = self.spawner.spawn(&spec, &rd, &logs);
+                    // The heartbeat's socket, in place before the shim binds
+                    // its directory into the engine.
+                    if heartbeat(&spec) {
+                        match notify::bind(&rd, spec.uid) {
+                            Ok((dir, sock)) => {
+                                spec.notify_dir = Some(dir);
+                                notify_sock = Some(sock);
+                            }
+                            Err(err) => {
+                                let _ = self.cgroups.remove(&cg);
+                                return failed(format!("notify socket in {}: {err}", rd.display()));
+                            }
+                        }
+                    }
+                    let r = self.spawner.spawn(&spec, &rd, &logs, &secrets);
+                    drop(secrets);
                     (cg, rd, r)
                 }
             }
@@ -741,6 +860,34 @@ impl Runtime {
                 tracing::error!(engine = name, %instance, error = %err, "the engine's output is not captured");
             }
         }
+        let notifier = match notify_sock {
+            None => None,
+            Some(sock) => {
+                let tx = self.tx.clone();
+                let n = name.to_owned();
+                let watched =
+                    notify::watch(sock, spec.uid, format!("{name}-{instance}"), move |m| {
+                        tx.send(Msg::Notified(n.clone(), instance, m)).is_ok()
+                    });
+                match watched {
+                    Ok(w) => Some(w),
+                    Err(err) => {
+                        let _ = proc.signal(Signal::SIGKILL);
+                        return failed(format!("cannot start the notify reader: {err}"));
+                    }
+                }
+            }
+        };
+        if adopted_here && notifier.is_some() {
+            // It was running under the previous agent, past its READY=1
+            // (which it sends once): taken as ready; the watchdog, if any,
+            // still catches a hung one.
+            let m = NotifyMessage {
+                ready: true,
+                watchdog: false,
+            };
+            let _ = self.tx.send(Msg::Notified(name.to_owned(), instance, m));
+        }
         let oom_kills = self.cgroups.usage(&cg).map(|u| u.oom_kills).unwrap_or(0);
         let pid = proc.pid();
         if let Some(e) = self.engines.get_mut(name) {
@@ -752,6 +899,7 @@ impl Runtime {
                     cg,
                     run_dir,
                     oom_kills,
+                    _notifier: notifier,
                 },
             );
         }
@@ -802,6 +950,116 @@ impl Runtime {
         self.save_logged();
     }
 
+    /// Runs `spec.probes[n]` against the instance on a thread of its own
+    /// (held to `timeout` there); the result comes back as `Msg::Probed`.
+    /// A probe still running when it is due again is not doubled.
+    fn run_probe(&mut self, name: &str, instance: InstanceId, n: usize, timeout: Duration) {
+        let spawner = self.spawner.clone();
+        let tx = self.tx.clone();
+        let Some(e) = self.engines.get_mut(name) else {
+            return;
+        };
+        let (Some(probe), Some(l)) = (e.sup.spec().probes.get(n).cloned(), e.live.get(&instance))
+        else {
+            return;
+        };
+        if !e.probing.insert((instance, n)) {
+            return;
+        }
+        let run_dir = l.run_dir.clone();
+        let label = name.to_owned();
+        let spawned = std::thread::Builder::new()
+            .name(format!("engine-probe-{instance}-{n}"))
+            .spawn(move || {
+                let r = run_one_probe(spawner.as_ref(), &run_dir, &probe, timeout);
+                let _ = tx.send(Msg::Probed(label, instance, n, r));
+            });
+        if let Err(err) = spawned {
+            // Counted as a failure: a node out of threads is not healthy.
+            let _ = self.tx.send(Msg::Probed(
+                name.to_owned(),
+                instance,
+                n,
+                Err(format!("cannot start the probe thread: {err}")),
+            ));
+        }
+    }
+
+    fn probed(&mut self, name: &str, instance: InstanceId, n: usize, r: Result<String, String>) {
+        let Some(e) = self.engines.get_mut(name) else {
+            return;
+        };
+        e.probing.remove(&(instance, n));
+        // Only results about the engine's current instance are shown.
+        if e.sup.status().instance != Some(instance) {
+            return;
+        }
+        let ok = r.is_ok();
+        e.probes_seen.insert(
+            n,
+            ProbeSeen {
+                ok,
+                detail: r.unwrap_or_else(|e| e),
+                at: SystemTime::now(),
+            },
+        );
+        if let Err(err) = self.step(
+            name,
+            Input::Probe {
+                instance,
+                probe: n,
+                ok,
+            },
+        ) {
+            tracing::warn!(engine = name, error = %err, "probe result");
+        }
+    }
+
+    fn notified(&mut self, name: &str, instance: InstanceId, m: NotifyMessage) {
+        let live = self
+            .engines
+            .get(name)
+            .is_some_and(|e| e.live.contains_key(&instance));
+        if !live {
+            return;
+        }
+        for (yes, notify) in [(m.ready, Notify::Ready), (m.watchdog, Notify::Watchdog)] {
+            if yes {
+                if let Err(err) = self.step(name, Input::Heartbeat { instance, notify }) {
+                    tracing::warn!(engine = name, error = %err, "notify message");
+                }
+            }
+        }
+    }
+
+    /// Every secret the spec names is in the store (deploy, reload): a
+    /// missing one is refused naming it.
+    fn check_secrets(&self, name: &str, spec: &Spec) -> Result<(), RuntimeError> {
+        for (i, s) in spec.secrets.iter().enumerate() {
+            let field = "secrets";
+            match self.secrets.exists(s) {
+                Ok(true) => {}
+                Ok(false) => {
+                    return Err(RuntimeError::Resolve {
+                        name: name.to_owned(),
+                        field,
+                        reason: format!(
+                            "[{i}] {s:?}: no secret of that name is stored (tenantctl secret put)"
+                        ),
+                    })
+                }
+                Err(err) => {
+                    return Err(RuntimeError::Resolve {
+                        name: name.to_owned(),
+                        field,
+                        reason: format!("[{i}] {s:?}: the secret store cannot be read: {err}"),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn fire_timers(&mut self) {
         let now = Instant::now();
         while let Some(((at, name, t), ())) = self.timers.first_key_value() {
@@ -837,6 +1095,7 @@ impl Runtime {
             return Err(RuntimeError::TooMany);
         }
         let base = self.volume_dir()?;
+        self.check_secrets(name, spec)?;
         // The cgroup tree first: a host without it refuses before any unpack.
         let cg = self.engine_cgroup(name)?;
         let uid = (0..)
@@ -866,6 +1125,8 @@ impl Runtime {
             log_suppressed: 0,
             next_version: 2,
             events: VecDeque::new(),
+            probing: Default::default(),
+            probes_seen: BTreeMap::new(),
         };
         let st = status_of(&e);
         self.engines.insert(name.to_owned(), e);
@@ -1093,12 +1354,15 @@ impl Runtime {
         };
         let (uid, n) = (e.uid, e.next_version);
         let image = image.unwrap_or(&cur.image).to_owned();
+        self.check_secrets(name, &spec)?;
         let cg = self.engine_cgroup(name)?;
         let v = self.unpack(name, &image, &spec, &base, &base.join(name), n, uid)?;
         self.set_limits(&cg, &spec)?;
         let e = self.get(name)?;
         e.next_version = n + 1;
         e.versions.insert(VersionId(n), v);
+        // The probes may differ: results of the old ones are not shown.
+        e.probes_seen.clear();
         self.step(
             name,
             Input::Reload {
@@ -1174,6 +1438,8 @@ impl Runtime {
             match msg {
                 Some(Msg::Cmd(c, reply)) => self.cmd(c, reply),
                 Some(Msg::Exited(n, i)) => self.exited(&n, i),
+                Some(Msg::Probed(n, i, p, r)) => self.probed(&n, i, p, r),
+                Some(Msg::Notified(n, i, m)) => self.notified(&n, i, m),
                 Some(Msg::Shutdown) => return,
                 None => {}
             }
@@ -1198,18 +1464,6 @@ fn resolve(
         field,
         reason,
     };
-    if !spec.secrets.is_empty() {
-        return Err(bad(
-            "secrets",
-            "secrets are not handed to engines by this agent yet".into(),
-        ));
-    }
-    if spec.heartbeat.enabled {
-        return Err(bad(
-            "heartbeat.enabled",
-            "the notify socket is not provided by this agent yet".into(),
-        ));
-    }
     if matches!(spec.user, Some(User::Name(_))) {
         return Err(bad(
             "user",
@@ -1222,7 +1476,19 @@ fn resolve(
         .filter_map(|kv| kv.split_once('='))
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
+    // The notify variables are the agent's (an image's own would point
+    // the engine at a socket nobody reads).
+    env.retain(|k, _| !RESERVED_ENV.contains(&k.as_str()));
     env.extend(spec.env.clone());
+    if spec.heartbeat.enabled {
+        env.insert(
+            "NOTIFY_SOCKET".into(),
+            format!("{}/{}", launch::NOTIFY_DIR, launch::NOTIFY_NAME),
+        );
+        if let Some(w) = spec.heartbeat.watchdog {
+            env.insert("WATCHDOG_USEC".into(), w.0.as_micros().to_string());
+        }
+    }
     let mut argv: Vec<String> = spec.command.iter().chain(&spec.args).cloned().collect();
     if !argv[0].starts_with('/') {
         let path = env.get("PATH").map_or(DEFAULT_PATH, String::as_str);
@@ -1267,8 +1533,68 @@ fn resolve(
         cgroup: None,
         data_dirs,
         tmp_size: TMP_SIZE,
-        secrets: Vec::new(),
+        secrets: spec.secrets.clone(),
+        notify_dir: None,
     })
+}
+
+/// Whether the instance gets a notify socket: `NOTIFY_SOCKET` is only ever
+/// set by [`resolve`] (the spec cannot, and the image's is dropped), and
+/// only for `heartbeat.enabled`.
+fn heartbeat(spec: &LaunchSpec) -> bool {
+    spec.env.iter().any(|(k, _)| k == "NOTIFY_SOCKET")
+}
+
+/// One probe, bounded by `timeout`: `Ok` with what was seen, `Err` why it
+/// failed.
+fn run_one_probe(
+    spawner: &dyn Spawner,
+    run_dir: &Path,
+    probe: &Probe,
+    timeout: Duration,
+) -> Result<String, String> {
+    use leasehold_engines::probe;
+    if let Some(argv) = &probe.exec {
+        return match spawner.exec_probe(run_dir, argv, timeout) {
+            launch::ProbeExit::Code(0) => Ok("exit code 0".into()),
+            launch::ProbeExit::Code(c) => Err(format!("exit code {c}")),
+            launch::ProbeExit::TimedOut => Err(format!("timed out after {timeout:?}")),
+            launch::ProbeExit::NotRun(r) => Err(format!("not run: {r}")),
+        };
+    }
+    if let Some(port) = probe.tcp {
+        return probe::tcp(port, timeout)
+            .map(|()| "connected".into())
+            .map_err(|e| e.to_string());
+    }
+    if let Some(h) = &probe.http {
+        return probe::http(h.port, &h.path, timeout)
+            .map(|c| format!("HTTP status {c}"))
+            .map_err(|e| e.to_string());
+    }
+    Err("no probe kind".into())
+}
+
+/// How a probe is shown: `exec /bin/check`, `tcp 5432`, `http 8080 /healthz`.
+fn probe_label(p: &Probe) -> String {
+    if let Some(argv) = &p.exec {
+        let mut l = format!("exec {}", argv.join(" "));
+        if l.len() > 64 {
+            let mut cut = 61;
+            while !l.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            l.truncate(cut);
+            l.push_str("...");
+        }
+        l
+    } else if let Some(port) = p.tcp {
+        format!("tcp {port}")
+    } else if let Some(h) = &p.http {
+        format!("http {} {}", h.port, h.path)
+    } else {
+        "none".into()
+    }
 }
 
 fn status_of(e: &Engine) -> EngineStatus {
@@ -1292,6 +1618,23 @@ fn status_of(e: &Engine) -> EngineStatus {
         started_at,
         restarts: s.restarts,
         last_exit: s.last_exit,
+        probes: e
+            .sup
+            .spec()
+            .probes
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let seen = e.probes_seen.get(&i);
+                EngineProbe {
+                    probe: probe_label(p),
+                    failures: s.probe_failures.get(i).copied().unwrap_or(0),
+                    ok: seen.map(|r| r.ok),
+                    detail: seen.map(|r| r.detail.clone()),
+                    at: seen.map(|r| r.at),
+                }
+            })
+            .collect(),
     }
 }
 
@@ -1374,11 +1717,23 @@ impl EngineView for SnapshotView {
 impl EngineRuntime {
     /// Loads `engines.json`, re-adopts the instances still running and
     /// starts engines marked to start, then runs the runtime thread.
+    #[cfg(test)]
     pub fn start(
         cfg: RuntimeConfig,
         cgroups: Arc<dyn Cgroups>,
         spawner: Arc<dyn Spawner>,
         volume: Arc<dyn VolumeDir>,
+    ) -> Result<Self, RuntimeError> {
+        Self::start_with(cfg, cgroups, spawner, volume, Arc::new(NoSecrets))
+    }
+
+    /// [`EngineRuntime::start`] with the tenant's secrets for the engines.
+    pub fn start_with(
+        cfg: RuntimeConfig,
+        cgroups: Arc<dyn Cgroups>,
+        spawner: Arc<dyn Spawner>,
+        volume: Arc<dyn VolumeDir>,
+        secrets: Arc<dyn SecretSource>,
     ) -> Result<Self, RuntimeError> {
         let path = cfg.state_dir.join(STATE_FILE);
         let state: StateFile = match std::fs::read(&path) {
@@ -1406,6 +1761,7 @@ impl EngineRuntime {
             cgroups,
             spawner,
             volume,
+            secrets,
             engines: BTreeMap::new(),
             timers: BTreeMap::new(),
             tx: tx.clone(),
@@ -1476,6 +1832,8 @@ impl EngineRuntime {
                     log_suppressed: 0,
                     next_version: r.next_version,
                     events: VecDeque::new(),
+                    probing: Default::default(),
+                    probes_seen: BTreeMap::new(),
                 },
             );
         }
@@ -1595,6 +1953,7 @@ impl Engines for EngineRuntime {
     }
 }
 
+mod notify;
 mod output;
 mod tenant;
 

@@ -427,7 +427,7 @@ async fn serve(
                 }
             }
         }
-        let engines = start_engines(engines_cfg, &state_dir, volume.clone()).await?;
+        let engines = start_engines(engines_cfg, &state_dir, volume.clone(), keys.clone()).await?;
         serve_bus(
             keys.clone(),
             boundaries,
@@ -462,6 +462,7 @@ async fn start_engines(
     c: config::EnginesSection,
     state_dir: &Path,
     volume: Arc<volume::Volume>,
+    keys: Arc<Keys>,
 ) -> Result<engines::EngineRuntime, AgentError> {
     let shim = c.shim.clone().unwrap_or_else(|| {
         std::env::current_exe()
@@ -484,8 +485,13 @@ async fn start_engines(
     let spawner = Arc::new(engines::ShimSpawner(
         leasehold_engines::launch::Launcher::new(shim),
     ));
+    // The same store and key as the tenant's `secret put` (SecretPut).
+    let secrets = Arc::new(engines::TenantSecrets {
+        keys: keys::KeyBackend(keys),
+        store: secrets::SecretStore::new(state_dir.join("secrets")),
+    });
     tokio::task::spawn_blocking(move || {
-        engines::EngineRuntime::start(cfg, cgroups, spawner, volume)
+        engines::EngineRuntime::start_with(cfg, cgroups, spawner, volume, secrets)
     })
     .await
     .map_err(|e| AgentError::Engines(e.to_string()))?

@@ -909,6 +909,7 @@ mod tests {
             started_at: None,
             restarts,
             last_exit: None,
+            probes: Vec::new(),
         }
     }
 

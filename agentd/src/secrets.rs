@@ -1,7 +1,7 @@
 //! The tenant's secret store: payloads of envelopes the tenant sent, kept
 //! under a key derived from the disk key (so every destroying rotation
-//! erases them too). Values are never returned over D-Bus; engines will
-//! consume them (later issue).
+//! erases them too). Values are never returned over D-Bus; engines get
+//! them as files on a private tmpfs (`engines::TenantSecrets`).
 
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
@@ -149,8 +149,7 @@ impl SecretStore {
         Ok(out)
     }
 
-    /// Decrypts a secret (for engines, later; tests use it now).
-    #[allow(dead_code)]
+    /// Decrypts a secret (for an engine's launch).
     pub fn get(
         &self,
         key: &SymmetricKey,

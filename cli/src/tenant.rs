@@ -434,6 +434,16 @@ pub fn engine_json(e: &EngineInfo) -> serde_json::Value {
         "restarts": e.restarts,
         "last_exit": e.last_exit,
         "notes": e.notes,
+        "probes": e.probes.as_ref().map(|ps| ps
+            .iter()
+            .map(|(probe, failures, result, detail, at)| serde_json::json!({
+                "probe": probe,
+                "failures": failures,
+                "result": (!result.is_empty()).then_some(result),
+                "detail": (!result.is_empty()).then_some(detail),
+                "at": (*at > 0).then_some(at),
+            }))
+            .collect::<Vec<_>>()),
     })
 }
 
@@ -479,6 +489,16 @@ fn engine_text(e: &EngineInfo) -> String {
     lines.push(format!("restarts:   {}", e.restarts.unwrap_or(0)));
     if let Some(x) = &e.last_exit {
         lines.push(format!("last exit:  {x}"));
+    }
+    for (probe, failures, result, detail, _) in e.probes.iter().flatten() {
+        let last = if result.is_empty() {
+            "not run yet".to_owned()
+        } else {
+            format!("{result}: {detail}")
+        };
+        lines.push(format!(
+            "probe:      {probe}: {last} ({failures} failures in a row)"
+        ));
     }
     for n in e.notes.iter().flatten() {
         lines.push(format!("note:       {n}"));

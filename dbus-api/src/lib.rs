@@ -360,7 +360,15 @@ pub struct EngineInfo {
     pub last_exit: Option<String>,
     /// Deploy: the budget limits the engine inherits.
     pub notes: Option<Vec<String>>,
+    /// Each probe of the spec, in order: (what it checks, failures in a
+    /// row, last result `ok` / `failed` / empty when not run yet, what the
+    /// last run saw, unix time it ended or 0).
+    pub probes: Option<Vec<ProbeResult>>,
 }
+
+/// One probe in [`EngineInfo::probes`]: (what it checks, failures in a
+/// row, `ok` / `failed` / empty, what the last run saw, unix time or 0).
+pub type ProbeResult = (String, u32, String, String, u64);
 
 /// Boundaries as the caller may see them. Documents are JSON (the same
 /// shape as the TOML/JSON files `boundary set` takes).

@@ -262,6 +262,7 @@ fn main() {
         data_dirs: vec![],
         tmp_size: 1 << 20,
         secrets: vec![],
+        notify_dir: None,
     };
 
     let mut floor = Stats {

@@ -85,7 +85,18 @@ pub struct LaunchSpec {
     /// never touch the run directory.
     #[serde(default)]
     pub secrets: Vec<String>,
+    /// A host directory holding the instance's notify socket (made by the
+    /// agent), bound into the engine at [`NOTIFY_DIR`]; `None`: no
+    /// heartbeat.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify_dir: Option<PathBuf>,
 }
+
+/// Where the notify socket's directory appears inside an engine.
+pub const NOTIFY_DIR: &str = "/run/leasehold-notify";
+/// The socket's file name in it (`NOTIFY_SOCKET` is
+/// `/run/leasehold-notify/notify`).
+pub const NOTIFY_NAME: &str = "notify";
 
 /// Largest secret handed to an engine.
 pub const MAX_SECRET_BYTES: usize = 1 << 20;
@@ -349,6 +360,98 @@ impl Launcher {
     }
 }
 
+/// How an `exec` probe ended (see [`Launcher::probe`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeExit {
+    /// The probe command exited with this code (128 + N: killed by
+    /// signal N).
+    Code(i32),
+    /// Not done within its timeout (killed).
+    TimedOut,
+    /// The probe could not enter the engine (the shim's reason).
+    NotRun(String),
+}
+
+/// Exit code of the probe shim when the probe passed its timeout.
+pub const PROBE_TIMED_OUT: i32 = 124;
+/// Most bytes of the probe shim's stderr kept for the reason.
+const PROBE_REASON_BYTES: usize = 1024;
+/// Added to the probe's timeout before the agent kills the probe shim
+/// itself (the shim holds the command to the timeout; this bounds a shim
+/// that hangs while entering the engine).
+const PROBE_BACKSTOP: Duration = Duration::from_secs(1);
+
+impl Launcher {
+    /// Runs `argv` inside the running engine of `run_dir` — its mount,
+    /// pid, ipc and uts namespaces and its cgroup, as its uid, under the
+    /// same no_new_privs, Landlock and seccomp — through the shim
+    /// (`shim --probe RUN_DIR TIMEOUT_MS ARGV…`: entering a mount
+    /// namespace needs a single-threaded process, which the agent is not).
+    /// The command gets the engine's environment and working directory,
+    /// no stdin and no output. Held to `timeout` by the shim (SIGKILL),
+    /// and the shim to `timeout` + 1 s by this call. Blocking.
+    pub fn probe(&self, run_dir: &Path, argv: &[String], timeout: Duration) -> ProbeExit {
+        use std::io::Read;
+        if !argv.first().is_some_and(|a| a.starts_with('/'))
+            || argv.iter().any(|a| a.contains('\0'))
+        {
+            return ProbeExit::NotRun("argv[0] must be an absolute path, no NUL".into());
+        }
+        let ms = u64::try_from(timeout.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let child = Command::new(&self.shim)
+            .arg("--probe")
+            .arg(run_dir)
+            .arg(ms.to_string())
+            .args(argv)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .env_clear()
+            .spawn();
+        let mut child = match child {
+            Ok(c) => c,
+            Err(e) => return ProbeExit::NotRun(format!("spawn {}: {e}", self.shim.display())),
+        };
+        let done = pidfd_open(child.id()).and_then(|fd| {
+            let r = Running {
+                run_dir: run_dir.to_path_buf(),
+                shim_pid: child.id(),
+                pidfd: fd,
+                child: None,
+            };
+            // Only the pidfd's readiness is used here, not exit.json.
+            r.wait_readable(Some(timeout + PROBE_BACKSTOP))
+        });
+        if !matches!(done, Ok(true)) {
+            let _ = child.kill();
+        }
+        let status = match child.wait() {
+            Ok(s) => s,
+            Err(e) => return ProbeExit::NotRun(format!("wait for the probe shim: {e}")),
+        };
+        let mut reason = Vec::new();
+        if let Some(err) = child.stderr.take() {
+            let _ = err.take(PROBE_REASON_BYTES as u64).read_to_end(&mut reason);
+        }
+        if !matches!(done, Ok(true)) {
+            return ProbeExit::TimedOut;
+        }
+        match status.code() {
+            Some(PROBE_TIMED_OUT) => ProbeExit::TimedOut,
+            Some(CONFINE_FAILED) if !reason.is_empty() => ProbeExit::NotRun(
+                String::from_utf8_lossy(&reason)
+                    .trim()
+                    .trim_start_matches("leasehold-engine-shim: ")
+                    .to_owned(),
+            ),
+            Some(c) => ProbeExit::Code(c),
+            None => ProbeExit::NotRun(format!("the probe shim ended with {status}")),
+        }
+    }
+}
+
 fn validate(spec: &LaunchSpec) -> Result<(), LaunchError> {
     if spec.uid == 0 || spec.gid == 0 {
         return Err(LaunchError::InvalidSpec(
@@ -440,6 +543,30 @@ impl Running {
         self.pidfd.as_fd()
     }
 
+    /// Blocks until the pidfd is readable (the shim exited: `true`) or
+    /// `timeout` passed (`false`).
+    fn wait_readable(&self, timeout: Option<Duration>) -> Result<bool, LaunchError> {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let ts = timeout.map(|t| Timespec {
+            tv_sec: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(t.subsec_nanos()),
+        });
+        loop {
+            let mut fds = [PollFd::new(&self.pidfd, PollFlags::IN)];
+            match poll(&mut fds, ts.as_ref()) {
+                Ok(0) => return Ok(false),
+                Ok(_) => return Ok(true),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => {
+                    return Err(LaunchError::Sys {
+                        step: format!("poll(pidfd of {})", self.shim_pid),
+                        source: nix::Error::from_raw(e.raw_os_error()),
+                    })
+                }
+            }
+        }
+    }
+
     /// What the shim reported, once written.
     pub fn report(&self) -> Option<Report> {
         read_json(&self.run_dir.join("report.json")).ok()
@@ -461,24 +588,8 @@ impl Running {
     /// Waits until the shim exits (pidfd readable) or `timeout` passes
     /// (`None`: no limit), then returns how the engine ended.
     pub fn wait(&mut self, timeout: Option<Duration>) -> Result<Option<Exit>, LaunchError> {
-        use rustix::event::{poll, PollFd, PollFlags, Timespec};
-        let ts = timeout.map(|t| Timespec {
-            tv_sec: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
-            tv_nsec: i64::from(t.subsec_nanos()),
-        });
-        loop {
-            let mut fds = [PollFd::new(&self.pidfd, PollFlags::IN)];
-            match poll(&mut fds, ts.as_ref()) {
-                Ok(0) => return Ok(None),
-                Ok(_) => break,
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => {
-                    return Err(LaunchError::Sys {
-                        step: format!("poll(pidfd of {})", self.shim_pid),
-                        source: nix::Error::from_raw(e.raw_os_error()),
-                    })
-                }
-            }
+        if !self.wait_readable(timeout)? {
+            return Ok(None);
         }
         let shim_status = match self.child.as_mut() {
             Some(c) => Some(c.wait().map_err(|e| io_err("wait", Path::new("shim"), e))?),
@@ -513,6 +624,15 @@ static ENGINE_PID: AtomicI32 = AtomicI32::new(0);
 /// Entry point of the shim binary: `shim RUN_DIR`. Returns the process
 /// exit code: the engine's (128 + signal if killed), or [`CONFINE_FAILED`].
 pub fn shim_main(args: &[OsString]) -> i32 {
+    if args.get(1).is_some_and(|a| a == "--probe") {
+        return match probe_main(&args[2..]) {
+            Ok(code) => code,
+            Err(e) => {
+                eprintln!("leasehold-engine-shim: {e}");
+                CONFINE_FAILED
+            }
+        };
+    }
     let [_, run_dir] = args else {
         eprintln!("usage: leasehold-engine-shim RUN_DIR");
         return 2;
@@ -600,6 +720,81 @@ fn run(run_dir: &Path, report_file: &fs::File, report: &mut Report) -> Result<Ex
             Err(e) => return Err(sys("waitpid")(e)),
         }
     }
+}
+
+/// `--probe RUN_DIR TIMEOUT_MS ARGV…`: enters the running engine of
+/// `RUN_DIR` (see [`Launcher::probe`]), runs ARGV there and returns its
+/// exit code (128 + signal), or [`PROBE_TIMED_OUT`] after killing it.
+fn probe_main(args: &[OsString]) -> Result<i32, LaunchError> {
+    let bad = || LaunchError::InvalidSpec("usage: --probe RUN_DIR TIMEOUT_MS ARGV...");
+    let [run_dir, ms, argv @ ..] = args else {
+        return Err(bad());
+    };
+    let timeout = Duration::from_millis(ms.to_str().and_then(|m| m.parse().ok()).ok_or_else(bad)?);
+    if argv.is_empty() {
+        return Err(bad());
+    }
+    let run_dir = Path::new(run_dir);
+    close_inherited_fds()?;
+    let spec: LaunchSpec = read_json(&run_dir.join("spec.json"))?;
+    // The engine's init, pinned by its pidfd and checked by start time: a
+    // recycled pid is never entered.
+    let init = Running::adopt(run_dir)?;
+    if let Some(cg) = &spec.cgroup {
+        let procs = cg.join("cgroup.procs");
+        fs::write(&procs, "0\n").map_err(|e| io_err("write", &procs, e))?;
+    }
+    // One call, through the pidfd: all four namespaces of that process.
+    // The mount namespace also sets root and cwd to its root (the image).
+    nix::sched::setns(
+        &init.pidfd,
+        CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWUTS,
+    )
+    .map_err(sys(format!("setns(pidfd of {})", init.shim_pid)))?;
+    drop(init);
+    std::env::set_current_dir("/").map_err(|e| io_err("chdir", Path::new("/"), e))?;
+    nix::sys::prctl::set_no_new_privs().map_err(sys("prctl(PR_SET_NO_NEW_PRIVS)"))?;
+    let mut report = Report {
+        result: Ok(()),
+        landlock_abi: 0,
+        landlock: "none".into(),
+        seccomp: false,
+    };
+    landlock(&spec, &mut report)?;
+    drop_privileges(&spec)?;
+    seccomp()?;
+    let mut child = Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .env_clear()
+        .envs(spec.env.iter().map(|(k, v)| (k, v)))
+        .current_dir(&spec.cwd)
+        .spawn()
+        .map_err(|e| io_err("exec", Path::new(&argv[0]), e))?;
+    let probe = Running {
+        run_dir: run_dir.to_path_buf(),
+        shim_pid: child.id(),
+        pidfd: pidfd_open(child.id())?,
+        child: None,
+    };
+    if !probe.wait_readable(Some(timeout))? {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Ok(PROBE_TIMED_OUT);
+    }
+    let status = child
+        .wait()
+        .map_err(|e| io_err("wait", Path::new(&argv[0]), e))?;
+    use std::os::unix::process::ExitStatusExt;
+    Ok(status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(CONFINE_FAILED))
 }
 
 /// Marks every descriptor above stdio close-on-exec: whatever the agent
@@ -858,6 +1053,14 @@ fn setup_root(spec: &LaunchSpec, secrets: &[SecretBytes]) -> Result<(), LaunchEr
 
     if !spec.secrets.is_empty() {
         write_secrets(spec, secrets, root)?;
+    }
+
+    if let Some(host) = &spec.notify_dir {
+        // Only the socket's directory: the engine reaches the agent's end
+        // and nothing else of the run directory.
+        let dst = mountpoint(root, Path::new(NOTIFY_DIR), true)?;
+        bind(host, &dst, MsFlags::empty())?;
+        remount(&dst, nodev | MsFlags::MS_NOEXEC)?;
     }
 
     remount(root, nodev | MsFlags::MS_RDONLY)?;
@@ -1131,6 +1334,7 @@ mod tests {
             data_dirs: vec![],
             tmp_size: 1 << 20,
             secrets: vec![],
+            notify_dir: None,
         }
     }
 

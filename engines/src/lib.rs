@@ -9,6 +9,7 @@
 //!   events, probes, heartbeat, reload), pure over injected instants;
 //! - [`image`]: OCI image archives verified by digest and unpacked into a
 //!   root filesystem;
+//! - [`probe`]: the tcp and http probes and the notify-socket parser;
 //! - [`logs`]: each engine's output as timestamped lines in two rotated
 //!   files on the tenant volume;
 //! - [`cgroup`] and [`launch`]: cgroupfs behind a trait with an injectable
@@ -24,5 +25,6 @@ pub mod cgroup;
 pub mod image;
 pub mod launch;
 pub mod logs;
+pub mod probe;
 pub mod spec;
 pub mod supervisor;

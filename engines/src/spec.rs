@@ -522,8 +522,8 @@ pub struct Spec {
     /// to the image root (`"var/lib/app"` is mounted at `/var/lib/app`).
     /// Default none: the whole root is read-only. At most
     /// [`MAX_DATA_DIRS`], components of `A-Z a-z 0-9 . _ -` (not `.` or
-    /// `..`), none inside another, none under `proc`, `sys`, `dev` or
-    /// `run/secrets`.
+    /// `..`), none inside another, none under `proc`, `sys`, `dev`,
+    /// `run/secrets` or `run/leasehold-notify`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub data_dirs: Vec<String>,
     /// Secrets from the node's store, by name (the store's rule:
@@ -1119,11 +1119,14 @@ impl Spec {
             let field = format!("data_dirs[{i}]");
             check_rel_path(&field, d)?;
             let first = d.split('/').next().unwrap_or_default();
-            if ["proc", "sys", "dev"].contains(&first) || is_under(d, &SECRETS_DIR[1..]) {
+            if ["proc", "sys", "dev"].contains(&first)
+                || is_under(d, &SECRETS_DIR[1..])
+                || is_under(d, &crate::launch::NOTIFY_DIR[1..])
+            {
                 return Err(err(
                     field,
                     format!(
-                        "{}: not under proc, sys, dev or run/secrets (the launcher mounts those)",
+                        "{}: not under proc, sys, dev, run/secrets or run/leasehold-notify (the launcher mounts those)",
                         shown(d)
                     ),
                 ));

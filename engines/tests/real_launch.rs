@@ -204,6 +204,7 @@ fn spec(root: &Path, argv: &[&str]) -> LaunchSpec {
         data_dirs: vec![],
         tmp_size: 1 << 20,
         secrets: vec![],
+        notify_dir: None,
     }
 }
 

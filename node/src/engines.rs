@@ -123,6 +123,24 @@ pub struct EngineStatus {
     pub restarts: u32,
     /// How the last instance ended.
     pub last_exit: Option<Exit>,
+    /// Each probe of the spec, in order, with its last result.
+    pub probes: Vec<EngineProbe>,
+}
+
+/// One probe as `status` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineProbe {
+    /// What it checks: `exec /bin/check`, `tcp 5432`, `http 8080 /healthz`.
+    pub probe: String,
+    /// Failures in a row (reset by a success and when the threshold acts).
+    pub failures: u32,
+    /// The last result: healthy or not (`None`: not run yet).
+    pub ok: Option<bool>,
+    /// What the last run saw (`HTTP status 200`, `exit code 3`, `timed
+    /// out after 1s`).
+    pub detail: Option<String>,
+    /// When the last run ended.
+    pub at: Option<SystemTime>,
 }
 
 /// An engine `stop_all` could not show stopped.

@@ -734,6 +734,7 @@ fn engine_status(name: &str, e: &FakeEngine) -> EngineStatus {
         started_at: None,
         restarts: 0,
         last_exit: None,
+        probes: Vec::new(),
     }
 }
 

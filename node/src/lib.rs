@@ -30,8 +30,9 @@ pub use backend::{
 };
 pub use controller::Node;
 pub use engines::{
-    BudgetApplied, EngineCommand, EngineEvent, EngineStatus, EngineView, Engines, NoEngines,
-    NotStopped, StopReport, TenantView, ERASE_STOP_GRACE, MAX_EVENTS_READ, MAX_IMAGE_REF,
+    BudgetApplied, EngineCommand, EngineEvent, EngineProbe, EngineStatus, EngineView, Engines,
+    NoEngines, NotStopped, StopReport, TenantView, ERASE_STOP_GRACE, MAX_EVENTS_READ,
+    MAX_IMAGE_REF,
 };
 pub use receipt::{ErasedVolume, Receipt, SignedReceipt, RECEIPT_FORMAT};
 

@@ -303,6 +303,16 @@ fn output_functions_print_the_documented_shapes() {
         restarts: Some(0),
         last_exit: s("exit code 1"),
         notes: Some(vec!["n".into()]),
+        probes: Some(vec![
+            (
+                "http 8080 /".into(),
+                1,
+                "failed".into(),
+                "HTTP status 503".into(),
+                9,
+            ),
+            ("tcp 5432".into(), 0, String::new(), String::new(), 0),
+        ]),
     };
     for cmd in [
         "tenantctl engine deploy",

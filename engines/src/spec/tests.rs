@@ -303,6 +303,10 @@ fn every_field_kind_is_refused_with_its_path() {
         (&with("data_dirs = [\"proc/x\"]"), "data_dirs[0]"),
         (&with("data_dirs = [\"run/secrets\"]"), "data_dirs[0]"),
         (
+            &with("data_dirs = [\"run/leasehold-notify/x\"]"),
+            "data_dirs[0]",
+        ),
+        (
             &with("data_dirs = [\"var/lib\", \"var/lib/app\"]"),
             "data_dirs[1]",
         ),

@@ -1,0 +1,222 @@
+//! The per-instance `sd_notify` socket (docs/engines.md, "Runtime"):
+//! a datagram socket the agent binds in the instance's run directory,
+//! `<run_dir>/notify/notify`, whose directory the shim binds into the
+//! engine at `/run/leasehold-notify` (`NOTIFY_SOCKET`). One reader thread
+//! per instance takes `READY=1` and `WATCHDOG=1` from the engine's uid only
+//! (the kernel's `SCM_CREDENTIALS`, not what the sender claims) and posts
+//! them to the runtime; it ends when the instance's [`Notifier`] is
+//! dropped.
+
+use std::io::IoSliceMut;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use leasehold_engines::launch::NOTIFY_NAME;
+use leasehold_engines::probe::{parse_notify, NotifyMessage, MAX_NOTIFY_DATAGRAM};
+use nix::sys::socket::{
+    recvmsg, setsockopt, sockopt::PassCred, ControlMessageOwned, MsgFlags, UnixAddr,
+};
+
+/// A `WATCHDOG=1` this soon after the last one passed on is dropped: an
+/// engine pinging in a loop cannot keep the runtime thread busy (the
+/// shortest watchdog is 100 ms).
+const WATCHDOG_SPACING: Duration = Duration::from_millis(25);
+
+/// Held by the runtime for a live instance; dropping it ends the reader.
+pub struct Notifier {
+    /// Write end of a pipe the reader polls: closed on drop, read as HUP.
+    _stop: OwnedFd,
+}
+
+/// Makes `<run_dir>/notify/` (0755, root's) and binds the socket in it
+/// (owned by `uid`, 0600: only the engine may send), replacing a stale one
+/// (an instance re-adopted after an agent restart: the engine sends to the
+/// same path and reaches the new socket). Returns the directory.
+pub fn bind(run_dir: &Path, uid: u32) -> std::io::Result<(PathBuf, UnixDatagram)> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    // The run directory is the shim's (0700, root's); made here when the
+    // socket comes first.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(run_dir)?;
+    let dir = run_dir.join("notify");
+    match std::fs::DirBuilder::new().mode(0o755).create(&dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let path = dir.join(NOTIFY_NAME);
+    match std::fs::remove_file(&path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let sock = UnixDatagram::bind(&path)?;
+    std::os::unix::fs::chown(&path, Some(uid), Some(uid))?;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+    setsockopt(&sock, PassCred, &true).map_err(std::io::Error::from)?;
+    Ok((dir, sock))
+}
+
+/// Starts the reader of `sock`: each accepted message goes to `post`.
+pub fn watch(
+    sock: UnixDatagram,
+    uid: u32,
+    label: String,
+    post: impl Fn(NotifyMessage) -> bool + Send + 'static,
+) -> std::io::Result<Notifier> {
+    let (stop_r, stop_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    std::thread::Builder::new()
+        .name(format!("engine-notify-{label}"))
+        .spawn(move || read_loop(&sock, &stop_r, uid, &label, post))?;
+    Ok(Notifier { _stop: stop_w })
+}
+
+fn read_loop(
+    sock: &UnixDatagram,
+    stop: &OwnedFd,
+    uid: u32,
+    label: &str,
+    post: impl Fn(NotifyMessage) -> bool,
+) {
+    use rustix::event::{poll, PollFd, PollFlags};
+    // One byte over the cap: a longer datagram shows as truncated.
+    let mut buf = vec![0u8; MAX_NOTIFY_DATAGRAM + 1];
+    let mut last_watchdog: Option<Instant> = None;
+    let mut ready_sent = false;
+    let mut refused = 0u32;
+    loop {
+        let mut fds = [
+            PollFd::new(sock, PollFlags::IN),
+            PollFd::new(stop, PollFlags::IN),
+        ];
+        match poll(&mut fds, None) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => return,
+        }
+        if !fds[1].revents().is_empty() {
+            return;
+        }
+        if fds[0].revents().is_empty() {
+            continue;
+        }
+        let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let (len, sender, truncated) = match recvmsg::<UnixAddr>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(m) => {
+                let sender = m.cmsgs().ok().and_then(|mut c| {
+                    c.find_map(|c| match c {
+                        ControlMessageOwned::ScmCredentials(cr) => Some(cr.uid()),
+                        _ => None,
+                    })
+                });
+                (m.bytes, sender, m.flags.contains(MsgFlags::MSG_TRUNC))
+            }
+            Err(nix::Error::EAGAIN) | Err(nix::Error::EINTR) => continue,
+            Err(_) => return,
+        };
+        if sender != Some(uid) {
+            // Only the engine's uid can open the socket; anything else is
+            // a bug or an attack: counted, logged once in a while.
+            refused = refused.saturating_add(1);
+            if refused.is_power_of_two() {
+                tracing::warn!(
+                    engine = label,
+                    ?sender,
+                    refused,
+                    "notify message from another uid ignored"
+                );
+            }
+            continue;
+        }
+        let Some(mut m) = parse_notify(&buf[..len.min(buf.len())]).filter(|_| !truncated) else {
+            continue;
+        };
+        if m.ready && ready_sent {
+            m.ready = false;
+        }
+        if m.watchdog {
+            let now = Instant::now();
+            if last_watchdog.is_some_and(|t| now.duration_since(t) < WATCHDOG_SPACING) {
+                m.watchdog = false;
+            } else {
+                last_watchdog = Some(now);
+            }
+        }
+        if !m.ready && !m.watchdog {
+            continue;
+        }
+        ready_sent |= m.ready;
+        if !post(m) {
+            return;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc;
+
+    #[test]
+    fn only_the_engines_uid_is_heard_and_floods_are_thinned() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = nix::unistd::getuid().as_raw();
+        let (d, sock) = bind(dir.path(), me).unwrap();
+        let path = d.join(NOTIFY_NAME);
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&path).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+        let (tx, rx) = mpsc::channel();
+        let n = watch(sock, me, "t".into(), move |m| tx.send(m).is_ok()).unwrap();
+        let c = UnixDatagram::unbound().unwrap();
+        c.send_to(b"STATUS=starting", &path).unwrap();
+        c.send_to(b"READY=1\nSTATUS=up", &path).unwrap();
+        let m = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(m.ready && !m.watchdog, "{m:?}");
+        // A burst of pings: the first passes, the rest within the spacing
+        // are dropped; a second READY=1 is not passed on.
+        for _ in 0..50 {
+            c.send_to(b"WATCHDOG=1\nREADY=1", &path).unwrap();
+        }
+        let m = rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert!(m.watchdog && !m.ready, "{m:?}");
+        // An oversized datagram is dropped whole.
+        let mut big = b"WATCHDOG=1\n".to_vec();
+        big.resize(MAX_NOTIFY_DATAGRAM + 10, b'x');
+        std::thread::sleep(WATCHDOG_SPACING * 2);
+        c.send_to(&big, &path).unwrap();
+        assert!(rx.recv_timeout(Duration::from_millis(200)).is_err());
+        std::thread::sleep(WATCHDOG_SPACING * 2);
+        c.send_to(b"WATCHDOG=1", &path).unwrap();
+        assert!(rx.recv_timeout(Duration::from_secs(5)).unwrap().watchdog);
+        drop(n);
+    }
+
+    #[test]
+    fn another_uid_is_not_heard() {
+        let dir = tempfile::tempdir().unwrap();
+        let me = nix::unistd::getuid().as_raw();
+        // The socket is bound for another uid: this process's messages
+        // (its real credentials) are refused.
+        let (d, sock) = bind(dir.path(), me).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let _n = watch(sock, me.wrapping_add(1), "t".into(), move |m| {
+            tx.send(m).is_ok()
+        })
+        .unwrap();
+        let c = UnixDatagram::unbound().unwrap();
+        c.send_to(b"READY=1", d.join(NOTIFY_NAME)).unwrap();
+        assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
+    }
+}
