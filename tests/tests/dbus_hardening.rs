@@ -98,7 +98,12 @@ impl Drop for Netns {
 #[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn dbus_signals_reach_only_their_roles() {
     let ns = Netns::new("sig");
-    let lab = Lab::start_in(&ns.0);
+    let mut lab = Lab::start_in(&ns.0);
+    // Health collected every 2 s, so the drift below is in a periodic
+    // report (Health1.FaultsChanged) within the test.
+    lab.stop_agent();
+    lab.agent_config = Some("[health]\ninterval_secs = 2\n".into());
+    lab.start_agent();
     lab.run(Who::Landlord, "landlordctl", &["assign", "acme"])
         .ok();
     let bdoc = lab.write_file("boundary.toml", BOUNDARY_DOC.as_bytes());
@@ -121,22 +126,41 @@ fn dbus_signals_reach_only_their_roles() {
     // interfaces), a boundary restore (Landlord1.BoundaryRestored).
     lab.run(Who::Landlord, "landlordctl", &["rekey"]).ok();
     lab.run(Who::Tenant, "tenantctl", &["rekey"]).ok();
-    let restored = lab.block_on(async {
+    // The restore also makes the next periodic report's faults change
+    // (Health1.FaultsChanged, a boundary drift warning).
+    let (restored, faults) = lab.block_on(async {
         let p = leasehold_dbus_api::LandlordProxy::new(lab.conn())
             .await
             .unwrap();
+        let h = leasehold_dbus_api::HealthProxy::new(lab.conn())
+            .await
+            .unwrap();
         let mut sig = p.receive_boundary_restored().await.unwrap();
+        let mut changed = h.receive_faults_changed().await.unwrap();
         sh(&["ip", "netns", "exec", &ns.0, "nft", "flush", "ruleset"]);
-        tokio::time::timeout(Duration::from_secs(60), sig.next())
+        let restored = tokio::time::timeout(Duration::from_secs(60), sig.next())
             .await
             .expect("BoundaryRestored within 60 s")
             .unwrap()
             .args()
             .unwrap()
             .what()
-            .to_owned()
+            .to_owned();
+        let faults = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let s = changed.next().await.unwrap();
+                let faults = s.args().unwrap().faults().to_owned();
+                if faults.contains("\"boundary\"") {
+                    return faults;
+                }
+            }
+        })
+        .await
+        .expect("FaultsChanged with the drift within 60 s");
+        (restored, faults)
     });
     assert!(restored.contains("missing"), "{restored}");
+    assert!(faults.contains("behind the agent's back"), "{faults}");
     // A boundary set with a 2 s revert deadline and not confirmed
     // (Landlord1.BoundaryReverted).
     let reverted = lab.block_on(async {

@@ -29,7 +29,9 @@ fn dist_systemd_unit_verifies() {
         std::fs::read_to_string(workspace_root().join("dist/systemd/leasehold-agentd.service"))
             .unwrap();
     assert!(
-        unit.contains("Type=dbus")
+        unit.contains("Type=notify")
+            && unit.contains("NotifyAccess=main")
+            && unit.contains("WatchdogSec=60s")
             && unit.contains("BusName=org.leasehold.Agent1")
             && unit.contains("Delegate=yes")
     );
