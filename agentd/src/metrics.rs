@@ -839,8 +839,17 @@ mod tests {
                     subject: PRIVATE[3].into(),
                     message: PRIVATE[2].into(),
                 },
+                // An agent check's fault (its message could name an engine
+                // if a bug let it).
+                Fault {
+                    severity: Severity::Warning,
+                    source: Source::Engines,
+                    subject: "engines".into(),
+                    message: PRIVATE[0].into(),
+                },
             ],
         });
+        s.health_age_seconds = 12.5;
         let d = DbusMetrics::default();
         d.observe(
             "org.leasehold.Landlord1",
@@ -882,6 +891,10 @@ mod tests {
             "leasehold_health_faults{source=\"net\",severity=\"warning\"} 1",
             "leasehold_health_faults{source=\"edac\",severity=\"critical\"} 0",
             "leasehold_health_source_stuck{source=\"smart\"} 1",
+            "leasehold_health_faults{source=\"engines\",severity=\"warning\"} 1",
+            "leasehold_health_faults{source=\"tpm\",severity=\"stuck\"} 0",
+            "leasehold_health_faults{source=\"boundary\",severity=\"critical\"} 0",
+            "leasehold_health_report_age_seconds 12.5",
             "leasehold_dbus_calls_total{interface=\"org.leasehold.Landlord1\",method=\"NodeInfo\",outcome=\"authorized\"} 1",
             "leasehold_dbus_calls_total{interface=\"org.leasehold.TenantEngines1\",method=\"Deploy\",outcome=\"denied\"} 1",
             "leasehold_dbus_call_duration_seconds_bucket{interface=\"org.leasehold.Landlord1\",method=\"NodeInfo\",le=\"0.005\"} 1",
