@@ -55,6 +55,27 @@ fn dist_systemd_unit_verifies() {
 }
 
 #[test]
+fn dist_hardware_watchdog_is_an_example_not_installed_in_etc() {
+    let root = workspace_root();
+    let conf = std::fs::read_to_string(
+        root.join("dist/systemd/examples/60-leasehold-hardware-watchdog.conf"),
+    )
+    .unwrap();
+    assert!(conf.contains("[Manager]") && conf.contains("RuntimeWatchdogSec=30s"));
+    // The landlord's machine-wide choice: the package only documents it.
+    let deb = std::fs::read_to_string(root.join("scripts/build-deb")).unwrap();
+    let line = deb
+        .lines()
+        .find(|l| l.contains("60-leasehold-hardware-watchdog.conf"))
+        .expect("packaged");
+    assert!(
+        line.contains("/usr/share/doc/leasehold/examples/systemd/"),
+        "{line}"
+    );
+    assert!(!line.contains("/etc/"), "{line}");
+}
+
+#[test]
 fn dist_dbus_policy_is_valid_xml_for_dbus_daemon() {
     // dbus-daemon refuses to start with a broken included policy: the lab
     // harness includes the shipped file, so any lab start proves it; here we
