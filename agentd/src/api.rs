@@ -50,6 +50,9 @@ pub struct Ctx {
     pub receipts: crate::receipts::ReceiptStore,
     /// Health reports (Health1.Report).
     pub health: Arc<leasehold_health::Monitor>,
+    /// How often the agent collects a report by itself (metrics read the
+    /// last one while it is this fresh).
+    pub health_interval: std::time::Duration,
     /// Image uploads into the tenant's inbox.
     pub uploads: Arc<crate::upload::Uploads>,
     /// The key thread, for quotes (Attest1): reads that change nothing, so
@@ -1873,6 +1876,15 @@ impl HealthApi {
     fn version(&self) -> u32 {
         HEALTH_API_VERSION
     }
+
+    /// Declared for introspection; emitted by the periodic collection
+    /// (`collect::run`), which has no interface reference of its own.
+    #[zbus(signal)]
+    async fn faults_changed(
+        emitter: &zbus::object_server::SignalEmitter<'_>,
+        severity: &str,
+        faults: &str,
+    ) -> zbus::Result<()>;
 }
 
 /// `org.leasehold.Attest1`: TPM quotes for both roles (R13 challenges).

@@ -760,6 +760,11 @@ impl Boundaries {
         .map(|_| ())
     }
 
+    /// A cluster boundary is stored (its table should be in the kernel).
+    pub fn has_cluster(&self) -> bool {
+        self.snapshot().policy.cluster.is_some()
+    }
+
     /// The enforcement status only (no documents): the reply of a peer
     /// change, which must not cost in the size of the boundary.
     pub fn status(&self) -> BoundaryInfo {

@@ -106,6 +106,9 @@ pub struct HealthSection {
     /// sysfs root the sources read (another root: tests, fixtures).
     #[serde(default = "default_sys_root")]
     pub sys_root: PathBuf,
+    /// Seconds between the agent's own reports (metrics, `FaultsChanged`).
+    #[serde(default = "default_health_interval")]
+    pub interval_secs: u64,
 }
 
 impl Default for HealthSection {
@@ -121,8 +124,13 @@ impl Default for HealthSection {
             smart_timeout_ms: default_smart_timeout_ms(),
             smartctl: default_smartctl(),
             sys_root: default_sys_root(),
+            interval_secs: default_health_interval(),
         }
     }
+}
+
+fn default_health_interval() -> u64 {
+    60
 }
 
 fn default_health_deadline_ms() -> u64 {
@@ -620,6 +628,14 @@ impl Config {
                 format!("{} is outside 100..=18000", h.smart_timeout_ms),
             ));
         }
+        // A report runs smartctl on every disk: not more often than every
+        // 2 s; at least hourly, or the signal and metrics say little.
+        if !(2..=3_600).contains(&h.interval_secs) {
+            return Err(invalid(
+                "health.interval_secs",
+                format!("{} is outside 2..=3600", h.interval_secs),
+            ));
+        }
         for (key, p) in [
             ("health.smartctl", &h.smartctl),
             ("health.sys_root", &h.sys_root),
@@ -862,6 +878,7 @@ mod tests {
     #[test]
     fn health_section_defaults_and_errors_name_the_key() {
         let c = parse("").unwrap();
+        assert_eq!(c.health.interval_secs, 60);
         let s = c.health.settings();
         assert_eq!(s, leasehold_health::Settings::default());
         let c = parse("[health]\nsmart = false\nnet = false\ndeadline_ms = 500\n").unwrap();
@@ -877,6 +894,10 @@ mod tests {
             (
                 "smart_timeout_ms = 0",
                 "health.smart_timeout_ms: 0 is outside 100..=18000",
+            ),
+            (
+                "interval_secs = 1",
+                "health.interval_secs: 1 is outside 2..=3600",
             ),
             (
                 "smartctl = \"smartctl\"",

@@ -89,3 +89,94 @@ pub async fn watch(keys: Arc<Keys>, health: Arc<TpmHealth>, interval: Duration) 
         tokio::time::sleep(interval).await;
     }
 }
+
+/// The agent's own checks in the health report (`tpm`, `boundary`,
+/// `volume`, `engines`): each reads what the agent already owns. Called
+/// on the health monitor's threads, under its deadlines.
+pub struct AgentChecks {
+    pub keys: Arc<Keys>,
+    pub boundaries: Arc<crate::boundary::Boundaries>,
+    pub volume: Arc<crate::volume::Volume>,
+    pub node: Arc<leasehold_node::Node>,
+}
+
+impl leasehold_health::SelfChecks for AgentChecks {
+    fn tpm(&self) -> leasehold_health::TpmCheck {
+        // Behind whatever the key thread is doing: a hung TPM command
+        // makes this check miss its deadline (stuck), as it should.
+        let r = self.keys.call_blocking(|k| k.ping());
+        let error = match r {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(e.to_string()),
+            Err(e) => Some(e.to_string()),
+        };
+        leasehold_health::TpmCheck {
+            answered: error.is_none(),
+            error,
+        }
+    }
+
+    fn boundary(&self) -> leasehold_health::BoundaryCheck {
+        // The drift check's record: it reads the table back on every
+        // foreign nftables commit and on its timer, so no second read here
+        // (≈1 s of nft at 100k peers).
+        let st = self.boundaries.status();
+        leasehold_health::BoundaryCheck {
+            stored: self.boundaries.has_cluster(),
+            enforced: st.enforced.unwrap_or(false),
+            elements: st.elements,
+            drifts: st.drift_count.unwrap_or(0),
+            last_drift_age_secs: st
+                .last_drift_at
+                .map(|at| crate::boundary::revert::now_unix().saturating_sub(at)),
+            unrepaired: st.drift_unrepaired,
+        }
+    }
+
+    fn volume(&self) -> leasehold_health::VolumeCheck {
+        let (meta, rt, _) = match self.volume.status() {
+            Ok(parts) => parts,
+            Err(e) => {
+                return leasehold_health::VolumeCheck {
+                    state: "error".into(),
+                    expected: true,
+                    mounted: false,
+                    error: Some(e.to_string()),
+                }
+            }
+        };
+        let state = match &meta {
+            None => "none",
+            Some(_) if rt.working => "working",
+            Some(_) if rt.open => "open",
+            Some(m)
+                if rt.error.is_some()
+                    || m.state == leasehold_storage::VolumeState::Initializing =>
+            {
+                "error"
+            }
+            Some(_) => "closed",
+        };
+        leasehold_health::VolumeCheck {
+            state: state.into(),
+            // A volume exists and nothing is making it: engines and the
+            // tenant expect to find it mounted.
+            expected: meta.is_some() && !rt.working,
+            mounted: meta.is_some() && leasehold_storage::fs::is_mounted(self.volume.mount_point()),
+            error: rt.error,
+        }
+    }
+
+    fn engines(&self) -> leasehold_health::EnginesCheck {
+        use leasehold_engines::supervisor::Phase;
+        let list = self.node.engines();
+        let count = |p: &[Phase]| list.iter().filter(|e| p.contains(&e.phase)).count() as u64;
+        leasehold_health::EnginesCheck {
+            deployed: list.len() as u64,
+            running: count(&[Phase::Running, Phase::Ready]),
+            crash_looping: count(&[Phase::BackingOff]),
+            gave_up: count(&[Phase::GaveUp]),
+            restarts: list.iter().map(|e| u64::from(e.restarts)).sum(),
+        }
+    }
+}

@@ -9,12 +9,14 @@
 mod api;
 mod auth;
 mod boundary;
+mod collect;
 mod config;
 mod devnet;
 mod engines;
 mod fsutil;
 mod health;
 mod keys;
+mod liveness;
 mod lock;
 mod logging;
 mod metrics;
@@ -264,6 +266,7 @@ async fn run(args: &Args) -> Result<(), AgentError> {
         tpm: std::time::Duration::from_secs(cfg.tpm.check_interval_secs),
         auth_timeout: std::time::Duration::from_millis(cfg.dbus.auth_timeout_ms),
         auth_reuse: std::time::Duration::from_millis(cfg.dbus.auth_reuse_ms),
+        health: std::time::Duration::from_secs(cfg.health.interval_secs),
     };
     let result = serve(
         key_cfg,
@@ -299,6 +302,8 @@ struct Intervals {
     tpm: std::time::Duration,
     auth_timeout: std::time::Duration,
     auth_reuse: std::time::Duration,
+    /// Periodic health collection.
+    health: std::time::Duration,
 }
 
 // The configuration's sections, each for its own part: a struct would
@@ -554,16 +559,26 @@ async fn serve_bus(
         tpm_health.clone(),
         intervals.tpm,
     ));
+    let keys_for_watchdog = keys.clone();
+    let health_monitor = Arc::new(leasehold_health::Monitor::new(health).with_checks(Arc::new(
+        health::AgentChecks {
+            keys: keys.clone(),
+            boundaries: boundaries.clone(),
+            volume: volume.clone(),
+            node: node.clone(),
+        },
+    )));
     let ctx = Arc::new(api::Ctx {
         node: node.clone(),
         auth: auth::Authorizer::new(auth_conn, intervals.auth_timeout, intervals.auth_reuse),
         secrets,
         boundaries: boundaries.clone(),
-        volume,
+        volume: volume.clone(),
         uploads,
         tpm_health,
         receipts: receipts::ReceiptStore::new(state_dir),
-        health: Arc::new(leasehold_health::Monitor::new(health)),
+        health: health_monitor.clone(),
+        health_interval: intervals.health,
         keys,
     });
     {
@@ -630,6 +645,13 @@ async fn serve_bus(
         .map_err(AgentError::Bus)?;
     conn.request_name(BUS_NAME).await.map_err(AgentError::Bus)?;
     info!(name = BUS_NAME, "serving on the system bus");
+    tokio::spawn(collect::run(health_monitor, intervals.health, conn.clone()));
+    // The unit is Type=notify: this is the one place the agent starts
+    // serving, so every start that serves says so.
+    liveness::ready();
+    if let Some(w) = liveness::watchdog_interval() {
+        tokio::spawn(liveness::watchdog(keys_for_watchdog, w / 2));
+    }
     let died = tokio::select! {
         sig = stop => {
             info!(signal = sig, "stopping");
@@ -640,6 +662,7 @@ async fn serve_bus(
             true
         }
     };
+    liveness::stopping();
     // Release the name first so no new call starts, then let queued
     // changes finish before the volume closes and the keys shut down.
     let _ = conn.release_name(BUS_NAME).await;

@@ -14,6 +14,9 @@ use crate::{exit, CliError};
 /// Severities that make `health` (and `status`) exit 1.
 const BAD: [&str; 2] = ["critical", "stuck"];
 
+/// The report's sources that are the agent's own checks.
+const AGENT_CHECKS: [&str; 4] = ["tpm", "boundary", "volume", "engines"];
+
 /// Asks the agent for a report.
 pub async fn fetch(conn: &Connection) -> Result<Value, ApiError> {
     let p = HealthProxy::new(conn).await?;
@@ -45,7 +48,8 @@ pub fn text(r: &Value) -> String {
         let items = src["readings"]["items"].as_array().map(Vec::len);
         let problems = src["problems"].as_array().map_or(0, Vec::len);
         let mut what = match (s(src, "status"), items) {
-            ("ok", Some(n)) => format!("{n} item{}", if n == 1 { "" } else { "s" }),
+            ("ok", Some(n)) => check_line(src)
+                .unwrap_or_else(|| format!("{n} item{}", if n == 1 { "" } else { "s" })),
             ("disabled", _) => "turned off ([health] in agentd.toml)".into(),
             _ => "-".into(),
         };
@@ -79,6 +83,45 @@ pub fn text(r: &Value) -> String {
     }
     out.push_str(&format!("\nhealth: {}", summary(r)));
     out
+}
+
+/// The agent's own checks (`tpm`, `boundary`, `volume`, `engines`) in
+/// words; None for a sensor source (or a check this CLI does not know).
+fn check_line(src: &Value) -> Option<String> {
+    let c = &src["readings"]["items"][0];
+    let n = |k: &str| c[k].as_u64().unwrap_or(0);
+    Some(match s(src, "source") {
+        "tpm" if c["answered"] == true => "answers".into(),
+        "tpm" => format!("no answer: {}", s(c, "error")),
+        "boundary" if c["stored"] != true => "none stored".into(),
+        "boundary" => format!(
+            "{}, {} elements, {} drifts since start",
+            if c["enforced"] == true {
+                "enforced"
+            } else {
+                "NOT enforced"
+            },
+            n("elements"),
+            n("drifts")
+        ),
+        "volume" => format!(
+            "{}{}",
+            s(c, "state"),
+            if c["mounted"] == true {
+                ", mounted"
+            } else {
+                ""
+            }
+        ),
+        "engines" => format!(
+            "{} deployed, {} running, {} crash-looping, {} gave up",
+            n("deployed"),
+            n("running"),
+            n("crash_looping"),
+            n("gave_up")
+        ),
+        _ => return None,
+    })
 }
 
 /// One line: the worst severity, the count of faults and the worst one.
@@ -130,7 +173,14 @@ fn part(
 pub fn status_part(r: &Result<Value, ApiError>) -> (Value, String, Option<String>) {
     match r {
         Ok(r) => {
-            let n = bad_faults(r);
+            // The agent's own checks are not problems twice: `status`
+            // reads the TPM, volume, boundary and engines itself and names
+            // what is wrong with them.
+            let n = faults(r)
+                .iter()
+                .filter(|f| BAD.contains(&s(f, "severity")))
+                .filter(|f| !AGENT_CHECKS.contains(&s(f, "source")))
+                .count();
             let problem = (n > 0).then(|| format!("health: {}", summary(r)));
             (
                 part(
@@ -187,6 +237,36 @@ mod tests {
     }
 
     #[test]
+    fn agent_checks_in_words() {
+        let r = json!({
+            "taken_at": 1, "severity": "warning",
+            "sources": [
+                {"source": "tpm", "status": "ok", "deadline_ms": 2000, "elapsed_ms": 4,
+                 "readings": {"kind": "tpm", "items": [{"answered": true, "error": null}]}, "problems": []},
+                {"source": "boundary", "status": "ok", "deadline_ms": 2000, "elapsed_ms": 0,
+                 "readings": {"kind": "boundary", "items": [{"stored": true, "enforced": true,
+                   "elements": 3, "drifts": 1, "last_drift_age_secs": 5, "unrepaired": null}]}, "problems": []},
+                {"source": "volume", "status": "ok", "deadline_ms": 2000, "elapsed_ms": 0,
+                 "readings": {"kind": "volume", "items": [{"state": "none", "expected": false,
+                   "mounted": false, "error": null}]}, "problems": []},
+                {"source": "engines", "status": "ok", "deadline_ms": 2000, "elapsed_ms": 0,
+                 "readings": {"kind": "engines", "items": [{"deployed": 2, "running": 1,
+                   "crash_looping": 1, "gave_up": 0, "restarts": 4}]}, "problems": []}
+            ],
+            "faults": []
+        });
+        let t = text(&r);
+        for want in [
+            "tpm      ok               4  answers",
+            "boundary ok               0  enforced, 3 elements, 1 drifts since start",
+            "volume   ok               0  none",
+            "engines  ok               0  2 deployed, 1 running, 1 crash-looping, 0 gave up",
+        ] {
+            assert!(t.contains(want), "{want}: {t}");
+        }
+    }
+
+    #[test]
     fn table_and_summary() {
         let t = text(&report());
         assert!(t.contains("edac     ok               3  1 item"), "{t}");
@@ -214,6 +294,10 @@ mod tests {
         assert!(problem.is_some());
         let warn = json!({"severity": "warning", "faults": [{"severity": "warning", "source": "net", "subject": "eth0", "message": "link down"}]});
         assert_eq!(status_part(&Ok(warn)).2, None, "warnings are not problems");
+        let volume = json!({"severity": "critical", "faults": [{"severity": "critical", "source": "volume", "subject": "volume", "message": "the tenant volume is error, not open"}]});
+        let (_, line, problem) = status_part(&Ok(volume));
+        assert_eq!(problem, None, "status names the volume itself");
+        assert!(line.starts_with("critical, 1 fault"), "{line}");
         let (v, line, problem) = status_part(&Err(ApiError::NotAuthorized("no".into())));
         assert!(line.contains("not authorized") && problem.is_none());
         assert_eq!(v["error"], "no");

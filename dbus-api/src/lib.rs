@@ -749,6 +749,12 @@ pub mod health {
         /// Interface version.
         #[zbus(property)]
         fn version(&self) -> zbus::Result<u32>;
+        /// The agent's periodic report found a different set of faults
+        /// (severity, source, subject) than the previous one: the worst
+        /// severity and the faults as JSON (docs/json.md `HealthFault`).
+        /// Landlord only (the bus policy).
+        #[zbus(signal)]
+        fn faults_changed(&self, severity: String, faults: String) -> zbus::Result<()>;
     }
 }
 

@@ -240,10 +240,112 @@ pub fn evaluate(sources: &[SourceReport], prev: &Baseline) -> (Vec<Fault>, Basel
                     }
                 }
             }
+            Readings::Tpm(checks) => {
+                for t in checks.iter().filter(|t| !t.answered) {
+                    fault(
+                        Severity::Critical,
+                        "tpm",
+                        format!(
+                            "the TPM did not answer: {} (keys, the disk key and quotes are unavailable)",
+                            t.error.as_deref().unwrap_or("no reason given")
+                        ),
+                    );
+                }
+            }
+            Readings::Boundary(checks) => {
+                for b in checks {
+                    check_boundary(b, &mut fault);
+                }
+            }
+            Readings::Volume(checks) => {
+                for v in checks {
+                    check_volume(v, &mut fault);
+                }
+            }
+            Readings::Engines(checks) => {
+                // Warnings: an engine is the tenant's workload; the node is
+                // sound, and no landlord action (a reboot) should follow.
+                for e in checks {
+                    if e.crash_looping > 0 {
+                        fault(
+                            Severity::Warning,
+                            "engines",
+                            format!(
+                                "{} of {} engines crash-looping (exited, restarting after a back-off)",
+                                e.crash_looping, e.deployed
+                            ),
+                        );
+                    }
+                    if e.gave_up > 0 {
+                        fault(
+                            Severity::Warning,
+                            "engines",
+                            format!(
+                                "{} of {} engines given up on after repeated crashes (the tenant must start them)",
+                                e.gave_up, e.deployed
+                            ),
+                        );
+                    }
+                }
+            }
         }
     }
     faults.sort_by_key(|f| std::cmp::Reverse(f.severity));
     (faults, next)
+}
+
+/// A drift is reported for this long after it was found (and restored):
+/// long enough for a person or a scrape to see it, whichever report comes
+/// first (a periodic collection in between does not hide it).
+pub const DRIFT_RECENT_SECS: u64 = 3600;
+
+fn check_boundary(b: &BoundaryCheck, fault: &mut impl FnMut(Severity, &str, String)) {
+    if b.stored && !b.enforced {
+        fault(
+            Severity::Critical,
+            "nftables",
+            "a boundary is stored but the agent's nftables table is not in the kernel: traffic is not filtered as set".into(),
+        );
+    }
+    if let Some(why) = &b.unrepaired {
+        fault(
+            Severity::Critical,
+            "nftables",
+            format!(
+                "the table was changed behind the agent's back and could not be restored: {why}"
+            ),
+        );
+    } else if let Some(age) = b.last_drift_age_secs.filter(|a| *a < DRIFT_RECENT_SECS) {
+        fault(
+            Severity::Warning,
+            "nftables",
+            format!(
+                "the table was changed behind the agent's back {age} s ago and restored ({} times since the agent started)",
+                b.drifts
+            ),
+        );
+    }
+}
+
+fn check_volume(v: &VolumeCheck, fault: &mut impl FnMut(Severity, &str, String)) {
+    let why = v
+        .error
+        .as_deref()
+        .map(|e| format!(": {e}"))
+        .unwrap_or_default();
+    if v.expected && v.state != "open" {
+        fault(
+            Severity::Critical,
+            "volume",
+            format!("the tenant volume is {}, not open{why}", v.state),
+        );
+    } else if v.expected && !v.mounted {
+        fault(
+            Severity::Critical,
+            "volume",
+            "the tenant volume is open but its filesystem is not mounted at the mount point".into(),
+        );
+    }
 }
 
 #[cfg(test)]
@@ -312,6 +414,153 @@ mod tests {
             sev,
             [Severity::Stuck, Severity::Critical, Severity::Warning]
         );
+    }
+
+    fn one(source: Source, r: Readings) -> Vec<Fault> {
+        evaluate(
+            &[src(source, SourceStatus::Ok, Some(r))],
+            &Baseline::default(),
+        )
+        .0
+    }
+
+    fn boundary() -> BoundaryCheck {
+        BoundaryCheck {
+            stored: true,
+            enforced: true,
+            elements: Some(3),
+            drifts: 0,
+            last_drift_age_secs: None,
+            unrepaired: None,
+        }
+    }
+
+    #[test]
+    fn tpm_check_faults_when_unanswered() {
+        let ok = TpmCheck {
+            answered: true,
+            error: None,
+        };
+        assert!(one(Source::Tpm, Readings::Tpm(vec![ok])).is_empty());
+        let f = one(
+            Source::Tpm,
+            Readings::Tpm(vec![TpmCheck {
+                answered: false,
+                error: Some("connection refused".into()),
+            }]),
+        );
+        assert_eq!(f.len(), 1);
+        assert_eq!(
+            (f[0].severity, f[0].source),
+            (Severity::Critical, Source::Tpm)
+        );
+        assert!(f[0].message.contains("connection refused"), "{f:?}");
+    }
+
+    #[test]
+    fn boundary_check_drift_unenforced_unrepaired() {
+        assert!(one(Source::Boundary, Readings::Boundary(vec![boundary()])).is_empty());
+        // No boundary stored: nothing to enforce.
+        let none = BoundaryCheck {
+            stored: false,
+            enforced: false,
+            elements: None,
+            ..boundary()
+        };
+        assert!(one(Source::Boundary, Readings::Boundary(vec![none])).is_empty());
+        let gone = BoundaryCheck {
+            enforced: false,
+            ..boundary()
+        };
+        let f = one(Source::Boundary, Readings::Boundary(vec![gone]));
+        assert_eq!(f[0].severity, Severity::Critical);
+        assert!(f[0].message.contains("not in the kernel"), "{f:?}");
+        let drifted = BoundaryCheck {
+            drifts: 2,
+            last_drift_age_secs: Some(5),
+            ..boundary()
+        };
+        let f = one(Source::Boundary, Readings::Boundary(vec![drifted.clone()]));
+        assert_eq!(f.len(), 1);
+        assert_eq!(f[0].severity, Severity::Warning);
+        assert!(
+            f[0].message.contains("5 s ago and restored (2 times"),
+            "{f:?}"
+        );
+        let old = BoundaryCheck {
+            last_drift_age_secs: Some(DRIFT_RECENT_SECS),
+            ..drifted.clone()
+        };
+        assert!(one(Source::Boundary, Readings::Boundary(vec![old])).is_empty());
+        let stuck = BoundaryCheck {
+            unrepaired: Some("nft: permission denied".into()),
+            ..drifted
+        };
+        let f = one(Source::Boundary, Readings::Boundary(vec![stuck]));
+        assert_eq!(f.len(), 1, "the unrepaired drift only: {f:?}");
+        assert_eq!(f[0].severity, Severity::Critical);
+        assert!(f[0].message.contains("permission denied"), "{f:?}");
+    }
+
+    #[test]
+    fn volume_check_expected_but_not_mounted() {
+        let v = |state: &str, expected, mounted| VolumeCheck {
+            state: state.into(),
+            expected,
+            mounted,
+            error: (state == "error").then(|| "no disk key".into()),
+        };
+        for ok in [
+            v("none", false, false),
+            v("open", true, true),
+            v("working", false, false),
+        ] {
+            assert!(
+                one(Source::Volume, Readings::Volume(vec![ok.clone()])).is_empty(),
+                "{ok:?}"
+            );
+        }
+        let f = one(
+            Source::Volume,
+            Readings::Volume(vec![v("error", true, false)]),
+        );
+        assert_eq!(f[0].severity, Severity::Critical);
+        assert!(
+            f[0].message.contains("error, not open: no disk key"),
+            "{f:?}"
+        );
+        let f = one(
+            Source::Volume,
+            Readings::Volume(vec![v("open", true, false)]),
+        );
+        assert!(f[0].message.contains("not mounted"), "{f:?}");
+    }
+
+    #[test]
+    fn engines_check_counts_are_warnings_without_names() {
+        let e = EnginesCheck {
+            deployed: 4,
+            running: 1,
+            crash_looping: 2,
+            gave_up: 1,
+            restarts: 9,
+        };
+        let f = one(Source::Engines, Readings::Engines(vec![e.clone()]));
+        assert_eq!(f.len(), 2);
+        assert!(f
+            .iter()
+            .all(|f| f.severity == Severity::Warning && f.subject == "engines"));
+        assert!(
+            f[0].message.contains("2 of 4 engines crash-looping"),
+            "{f:?}"
+        );
+        assert!(f[1].message.contains("1 of 4 engines given up"), "{f:?}");
+        let calm = EnginesCheck {
+            crash_looping: 0,
+            gave_up: 0,
+            ..e
+        };
+        assert!(one(Source::Engines, Readings::Engines(vec![calm])).is_empty());
     }
 
     #[test]

@@ -80,8 +80,32 @@ impl Settings {
     }
 }
 
+/// The agent's own checks (`tpm`, `boundary`, `volume`, `engines`), done
+/// by the agent, which owns what they look at. Each is called on a thread
+/// of its own under the sysfs deadline (`Settings::deadline`) like a
+/// sensor source: one that blocks (a hung key thread) is `stuck`, and is
+/// not called again until it returns.
+pub trait SelfChecks: Send + Sync {
+    /// One cheap TPM command through the key thread.
+    fn tpm(&self) -> TpmCheck;
+    /// The boundary's table as the drift check last found it.
+    fn boundary(&self) -> BoundaryCheck;
+    /// The tenant volume's state and mount.
+    fn volume(&self) -> VolumeCheck;
+    /// Engine counts by supervision state.
+    fn engines(&self) -> EnginesCheck;
+}
+
 /// Reads one source (on its own thread).
-fn read_source(source: Source, s: &Settings, r: &dyn Reader) -> (Readings, Vec<Problem>) {
+fn read_source(
+    source: Source,
+    s: &Settings,
+    r: &dyn Reader,
+    checks: Option<&dyn SelfChecks>,
+) -> (Readings, Vec<Problem>) {
+    if let Some(readings) = run_check(source, checks) {
+        return (readings, Vec::new());
+    }
     let (readings, mut problems) = read_unbounded(source, s, r);
     if problems.len() > read::MAX_PROBLEMS {
         let more = problems.len() - (read::MAX_PROBLEMS - 1);
@@ -94,6 +118,18 @@ fn read_source(source: Source, s: &Settings, r: &dyn Reader) -> (Readings, Vec<P
     (readings, problems)
 }
 
+/// An agent check's readings; None for a sensor source (or no checks).
+fn run_check(source: Source, checks: Option<&dyn SelfChecks>) -> Option<Readings> {
+    let c = checks?;
+    Some(match source {
+        Source::Tpm => Readings::Tpm(vec![c.tpm()]),
+        Source::Boundary => Readings::Boundary(vec![c.boundary()]),
+        Source::Volume => Readings::Volume(vec![c.volume()]),
+        Source::Engines => Readings::Engines(vec![c.engines()]),
+        _ => return None,
+    })
+}
+
 fn read_unbounded(source: Source, s: &Settings, r: &dyn Reader) -> (Readings, Vec<Problem>) {
     let sys = &s.roots.sys;
     match source {
@@ -103,6 +139,15 @@ fn read_unbounded(source: Source, s: &Settings, r: &dyn Reader) -> (Readings, Ve
         Source::Block => sources::block(r, sys),
         Source::Smart => smart::smart(r, sys, &s.roots.dev, &s.smartctl, s.smart_timeout),
         Source::Net => sources::net(r, sys),
+        // Never reached: collect() lists the checks only with SelfChecks,
+        // and run_check() answers them.
+        Source::Tpm | Source::Boundary | Source::Volume | Source::Engines => (
+            Readings::Net(Vec::new()),
+            vec![Problem {
+                subject: source.as_str().into(),
+                message: "the agent's own check has no checker".into(),
+            }],
+        ),
     }
 }
 
@@ -110,11 +155,23 @@ fn ms(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
+/// A report already taken ([`Monitor::last`]).
+#[derive(Debug, Clone)]
+pub struct Last {
+    /// The report.
+    pub report: Report,
+    /// Since it was finished.
+    pub age: Duration,
+    /// How long it took.
+    pub took: Duration,
+}
+
 /// Takes reports: holds the settings, the reader, the previous report's
 /// counters and which sources still have a read running.
 pub struct Monitor {
     settings: Settings,
     reader: Arc<dyn Reader>,
+    checks: Option<Arc<dyn SelfChecks>>,
     state: Mutex<State>,
 }
 
@@ -140,6 +197,8 @@ impl Drop for Running {
 struct State {
     /// The last report and when it was finished.
     last: Option<(Instant, Report)>,
+    /// How long the last report took.
+    last_took: Duration,
     baseline: eval::Baseline,
     /// Set while a source's thread runs; a stuck thread keeps it set.
     busy: BTreeMap<Source, Arc<AtomicBool>>,
@@ -156,8 +215,16 @@ impl Monitor {
         Self {
             settings,
             reader,
+            checks: None,
             state: Mutex::new(State::default()),
         }
+    }
+
+    /// Adds the agent's own checks to every report (listed after the
+    /// sensors).
+    pub fn with_checks(mut self, checks: Arc<dyn SelfChecks>) -> Self {
+        self.checks = Some(checks);
+        self
     }
 
     /// The settings.
@@ -183,6 +250,7 @@ impl Monitor {
                 return r.clone();
             }
         }
+        let start = Instant::now();
         let sources = self.collect(&mut st.busy);
         let (faults, baseline) = eval::evaluate(&sources, &st.baseline);
         st.baseline = baseline;
@@ -195,7 +263,19 @@ impl Monitor {
             faults,
         };
         st.last = Some((Instant::now(), report.clone()));
+        st.last_took = start.elapsed();
         report
+    }
+
+    /// The last report taken (by anyone), with its age and how long it
+    /// took; None before the first. Never waits for a report being taken.
+    pub fn last(&self) -> Option<Last> {
+        let st = self.state.try_lock().ok()?;
+        st.last.as_ref().map(|(done, r)| Last {
+            report: r.clone(),
+            age: done.elapsed(),
+            took: st.last_took,
+        })
     }
 
     fn collect(&self, busy: &mut BTreeMap<Source, Arc<AtomicBool>>) -> Vec<SourceReport> {
@@ -204,7 +284,12 @@ impl Monitor {
         let (tx, rx) = mpsc::channel::<(Source, Option<(Readings, Vec<Problem>)>)>();
         let mut out: BTreeMap<Source, SourceReport> = BTreeMap::new();
         let mut pending: BTreeMap<Source, Instant> = BTreeMap::new();
-        for source in Source::ALL {
+        let checks: &[Source] = if self.checks.is_some() {
+            &Source::CHECKS
+        } else {
+            &[]
+        };
+        for source in Source::ALL.into_iter().chain(checks.iter().copied()) {
             let deadline = self.settings.deadline_of(source);
             let mut report = SourceReport {
                 source,
@@ -214,7 +299,9 @@ impl Monitor {
                 readings: None,
                 problems: Vec::new(),
             };
-            if !self.settings.enabled.contains(&source) {
+            // The agent's checks are always on: they are what the agent
+            // itself owns.
+            if !self.settings.enabled.contains(&source) && !Source::CHECKS.contains(&source) {
                 out.insert(source, report);
                 continue;
             }
@@ -232,12 +319,13 @@ impl Monitor {
                 continue;
             }
             let (tx, settings, reader) = (tx.clone(), self.settings.clone(), self.reader.clone());
+            let checks = self.checks.clone();
             let running = Running(flag.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("health-{}", source.as_str()))
                 .spawn(move || {
                     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        read_source(source, &settings, reader.as_ref())
+                        read_source(source, &settings, reader.as_ref(), checks.as_deref())
                     }));
                     drop(running);
                     let _ = tx.send((source, r.ok()));

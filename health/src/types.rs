@@ -46,10 +46,22 @@ pub enum Source {
     Smart,
     /// Network interfaces' link state.
     Net,
+    /// The agent's own check: the TPM answers a command through the key
+    /// thread.
+    Tpm,
+    /// The agent's own check: its nftables table is in the kernel as it
+    /// applied it.
+    Boundary,
+    /// The agent's own check: the tenant volume is mounted when it should
+    /// be.
+    Volume,
+    /// The agent's own check: the tenant's engines (counts only).
+    Engines,
 }
 
 impl Source {
-    /// Every source, in report order.
+    /// Every sensor source, in report order (the agent's own checks,
+    /// [`Source::CHECKS`], follow them).
     pub const ALL: [Source; 6] = [
         Source::Edac,
         Source::Hwmon,
@@ -68,8 +80,21 @@ impl Source {
             Source::Block => "block",
             Source::Smart => "smart",
             Source::Net => "net",
+            Source::Tpm => "tpm",
+            Source::Boundary => "boundary",
+            Source::Volume => "volume",
+            Source::Engines => "engines",
         }
     }
+
+    /// The agent's own checks, in report order (after the sensors): run
+    /// only by a [`crate::Monitor`] given [`crate::SelfChecks`].
+    pub const CHECKS: [Source; 4] = [
+        Source::Tpm,
+        Source::Boundary,
+        Source::Volume,
+        Source::Engines,
+    ];
 }
 
 /// One fault.
@@ -225,6 +250,65 @@ pub struct Link {
     pub carrier_changes: Option<u64>,
 }
 
+/// The TPM check: one cheap command (`GetRandom`) through the key thread.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TpmCheck {
+    /// The TPM answered.
+    pub answered: bool,
+    /// Why not.
+    pub error: Option<String>,
+}
+
+/// The boundary check: the agent's nftables table as its drift check last
+/// found it (that check runs on every foreign nftables commit and on its
+/// timer).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BoundaryCheck {
+    /// A cluster boundary is stored (so its table should be in the kernel).
+    pub stored: bool,
+    /// The agent's table is in the kernel.
+    pub enforced: bool,
+    /// Set elements in the kernel table.
+    pub elements: Option<u64>,
+    /// Times the table was found changed behind the agent's back since it
+    /// started.
+    pub drifts: u64,
+    /// Seconds since the last such finding (absent: none since start).
+    pub last_drift_age_secs: Option<u64>,
+    /// Why the last drift could not be undone (absent: it was, or none).
+    pub unrepaired: Option<String>,
+}
+
+/// The volume check. Nothing of the volume's content.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeCheck {
+    /// `none`, `open`, `closed`, `error`, `working` (being made or
+    /// remade).
+    pub state: String,
+    /// A volume exists and is not being worked on: it should be mounted.
+    pub expected: bool,
+    /// Its filesystem is in the host's mount table at the mount point.
+    pub mounted: bool,
+    /// Why it is not open, as the agent recorded it.
+    pub error: Option<String>,
+}
+
+/// The engines check: counts only, no engine names (the landlord sees no
+/// tenant workload).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnginesCheck {
+    /// Engines deployed.
+    pub deployed: u64,
+    /// Running (or ready).
+    pub running: u64,
+    /// Crash-looping: waiting to be restarted after exiting (backing off).
+    pub crash_looping: u64,
+    /// Given up on after too many restarts.
+    pub gave_up: u64,
+    /// Supervisor restarts of the deployed engines, summed.
+    pub restarts: u64,
+}
+
 /// What a source read.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", content = "items", rename_all = "lowercase")]
@@ -241,6 +325,14 @@ pub enum Readings {
     Smart(Vec<DiskHealth>),
     /// [`Source::Net`].
     Net(Vec<Link>),
+    /// [`Source::Tpm`] (one item).
+    Tpm(Vec<TpmCheck>),
+    /// [`Source::Boundary`] (one item).
+    Boundary(Vec<BoundaryCheck>),
+    /// [`Source::Volume`] (one item).
+    Volume(Vec<VolumeCheck>),
+    /// [`Source::Engines`] (one item).
+    Engines(Vec<EnginesCheck>),
 }
 
 /// One source's part of the report.

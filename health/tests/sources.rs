@@ -695,6 +695,10 @@ fn real_sysfs_answers_within_the_deadlines() {
                 Some(Readings::Block(v)) => v.len(),
                 Some(Readings::Smart(v)) => v.len(),
                 Some(Readings::Net(v)) => v.len(),
+                Some(Readings::Tpm(v)) => v.len(),
+                Some(Readings::Boundary(v)) => v.len(),
+                Some(Readings::Volume(v)) => v.len(),
+                Some(Readings::Engines(v)) => v.len(),
                 None => 0,
             },
             s.problems.len()
@@ -745,4 +749,137 @@ fn problems_and_trip_points_are_bounded() {
     assert!(source(&r, Source::Thermal).problems[0]
         .message
         .contains("more than 32 trip points"));
+}
+
+/// The agent's checks, faked: the TPM check blocks until released.
+struct FakeChecks {
+    tpm_gate: Mutex<mpsc::Receiver<()>>,
+    tpm_calls: std::sync::atomic::AtomicU32,
+    drifted: bool,
+}
+
+impl SelfChecks for FakeChecks {
+    fn tpm(&self) -> TpmCheck {
+        self.tpm_calls
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        // Blocks like a key thread held by a TPM that does not answer.
+        let _ = self.tpm_gate.lock().unwrap().recv();
+        TpmCheck {
+            answered: true,
+            error: None,
+        }
+    }
+    fn boundary(&self) -> BoundaryCheck {
+        BoundaryCheck {
+            stored: true,
+            enforced: true,
+            elements: Some(2),
+            drifts: u64::from(self.drifted),
+            last_drift_age_secs: self.drifted.then_some(3),
+            unrepaired: None,
+        }
+    }
+    fn volume(&self) -> VolumeCheck {
+        VolumeCheck {
+            state: "error".into(),
+            expected: true,
+            mounted: false,
+            error: Some("no disk key".into()),
+        }
+    }
+    fn engines(&self) -> EnginesCheck {
+        EnginesCheck {
+            deployed: 2,
+            running: 0,
+            crash_looping: 1,
+            gave_up: 1,
+            restarts: 5,
+        }
+    }
+}
+
+#[test]
+fn agent_checks_follow_the_sensors_and_a_hung_one_is_stuck() {
+    let f = Fixture::new();
+    let mut settings = f.settings(&[Source::Edac]);
+    settings.deadline = Duration::from_millis(300);
+    let (release, gate) = mpsc::channel();
+    let checks = Arc::new(FakeChecks {
+        tpm_gate: Mutex::new(gate),
+        tpm_calls: Default::default(),
+        drifted: true,
+    });
+    let m = Monitor::new(settings).with_checks(checks.clone());
+    let t = Instant::now();
+    let r = m.report();
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(2), "{took:?}");
+    let order: Vec<&str> = r.sources.iter().map(|s| s.source.as_str()).collect();
+    assert_eq!(
+        order,
+        [
+            "edac", "hwmon", "thermal", "block", "smart", "net", "tpm", "boundary", "volume",
+            "engines"
+        ]
+    );
+    // The hung TPM check: stuck within its deadline; the others answered.
+    assert_eq!(source(&r, Source::Tpm).status, SourceStatus::Stuck);
+    for s in [Source::Boundary, Source::Volume, Source::Engines] {
+        assert_eq!(source(&r, s).status, SourceStatus::Ok, "{s:?}");
+    }
+    let by = |src: Source| -> Vec<(Severity, String)> {
+        r.faults
+            .iter()
+            .filter(|f| f.source == src)
+            .map(|f| (f.severity, f.message.clone()))
+            .collect()
+    };
+    assert_eq!(by(Source::Tpm).len(), 1);
+    assert_eq!(by(Source::Tpm)[0].0, Severity::Stuck);
+    assert_eq!(by(Source::Volume)[0].0, Severity::Critical);
+    assert!(by(Source::Volume)[0].1.contains("no disk key"));
+    assert_eq!(by(Source::Boundary)[0].0, Severity::Warning);
+    assert_eq!(by(Source::Engines).len(), 2);
+    assert_eq!(r.severity, Severity::Stuck);
+    // No engine name anywhere: the check has none to give.
+    let json = serde_json::to_string(&r).unwrap();
+    assert!(json.contains("\"kind\":\"engines\""), "{json}");
+
+    // Still hung: said at once, not called again.
+    let r = m.report();
+    assert_eq!(source(&r, Source::Tpm).status, SourceStatus::Stuck);
+    assert!(source(&r, Source::Tpm).problems[0]
+        .message
+        .contains("has not returned yet"));
+    assert_eq!(
+        checks.tpm_calls.load(std::sync::atomic::Ordering::SeqCst),
+        1
+    );
+
+    // Released: the next report calls it again and it answers.
+    // Dropped: the blocked call returns, later ones do not block.
+    drop(release);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = m.report();
+        if source(&r, Source::Tpm).status == SourceStatus::Ok {
+            assert!(r.faults.iter().all(|f| f.source != Source::Tpm), "{r:?}");
+            break;
+        }
+        // The released thread clears its flag as it returns: a report
+        // can come just before.
+        assert!(Instant::now() < deadline, "tpm check never ran again");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn without_checks_no_agent_sources() {
+    let f = Fixture::new();
+    let r = Monitor::new(f.settings(&[])).report();
+    assert_eq!(r.sources.len(), Source::ALL.len());
+    assert!(r
+        .sources
+        .iter()
+        .all(|s| !Source::CHECKS.contains(&s.source)));
 }

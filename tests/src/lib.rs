@@ -300,6 +300,9 @@ pub struct Lab {
     /// agentd's config file (TOML) for the next [`Lab::start_agent`];
     /// None: dev-mode defaults.
     pub agent_config: Option<String>,
+    /// Extra environment for the next [`Lab::start_agent`] (e.g. a test's
+    /// `NOTIFY_SOCKET` standing in for systemd's).
+    pub agent_env: Vec<(String, String)>,
     /// agentd's `--dev` directory.
     agent_dir: PathBuf,
     /// agentd started in this process's network namespace (it makes its own).
@@ -606,6 +609,7 @@ impl Lab {
             sshd: None,
             netns,
             agent_config: opts.agent_config,
+            agent_env: Vec::new(),
             agent_dir,
             agent_host_netns: opts.agent_host_netns,
             agent_log_to_stderr: opts.agent_log_to_stderr,
@@ -755,7 +759,8 @@ impl Lab {
         cmd.arg("--dev")
             .arg(&self.agent_dir)
             .env("DBUS_SYSTEM_BUS_ADDRESS", &self.address)
-            .env("RUST_LOG", "info");
+            .env("RUST_LOG", "info")
+            .envs(self.agent_env.iter().map(|(k, v)| (k, v)));
         let child = if self.agent_log_to_stderr {
             cmd.stdin(Stdio::null())
                 .spawn()

@@ -628,4 +628,9 @@ pub const SIGNALS: &[SignalCase] = &[
         member: "KeysChanged",
         receive: [false, false, true, false],
     },
+    SignalCase {
+        interface: "org.leasehold.Health1",
+        member: "FaultsChanged",
+        receive: [true, true, false, false],
+    },
 ];

@@ -109,10 +109,13 @@ fn dbus_signals_reach_only_their_roles_on_dbus_broker() {
 
 fn signals_reach_only_their_roles(dbus_broker: bool) {
     let ns = Netns::new(if dbus_broker { "sigb" } else { "sig" });
+    // Health collected every 2 s, so the drift below is in a periodic
+    // report (Health1.FaultsChanged) within the test.
     let lab = Lab::start_in_with_options(
         &ns.0,
         LabOptions {
             dbus_broker,
+            agent_config: Some("[health]\ninterval_secs = 2\n".into()),
             ..LabOptions::default()
         },
     );
@@ -138,22 +141,41 @@ fn signals_reach_only_their_roles(dbus_broker: bool) {
     // interfaces), a boundary restore (Landlord1.BoundaryRestored).
     lab.run(Who::Landlord, "landlordctl", &["rekey"]).ok();
     lab.run(Who::Tenant, "tenantctl", &["rekey"]).ok();
-    let restored = lab.block_on(async {
+    // The restore also makes the next periodic report's faults change
+    // (Health1.FaultsChanged, a boundary drift warning).
+    let (restored, faults) = lab.block_on(async {
         let p = leasehold_dbus_api::LandlordProxy::new(lab.conn())
             .await
             .unwrap();
+        let h = leasehold_dbus_api::HealthProxy::new(lab.conn())
+            .await
+            .unwrap();
         let mut sig = p.receive_boundary_restored().await.unwrap();
+        let mut changed = h.receive_faults_changed().await.unwrap();
         sh(&["ip", "netns", "exec", &ns.0, "nft", "flush", "ruleset"]);
-        tokio::time::timeout(Duration::from_secs(60), sig.next())
+        let restored = tokio::time::timeout(Duration::from_secs(60), sig.next())
             .await
             .expect("BoundaryRestored within 60 s")
             .unwrap()
             .args()
             .unwrap()
             .what()
-            .to_owned()
+            .to_owned();
+        let faults = tokio::time::timeout(Duration::from_secs(60), async {
+            loop {
+                let s = changed.next().await.unwrap();
+                let faults = s.args().unwrap().faults().to_owned();
+                if faults.contains("\"boundary\"") {
+                    return faults;
+                }
+            }
+        })
+        .await
+        .expect("FaultsChanged with the drift within 60 s");
+        (restored, faults)
     });
     assert!(restored.contains("missing"), "{restored}");
+    assert!(faults.contains("behind the agent's back"), "{faults}");
     // A boundary set with a 2 s revert deadline and not confirmed
     // (Landlord1.BoundaryReverted).
     let reverted = lab.block_on(async {

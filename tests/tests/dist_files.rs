@@ -29,7 +29,9 @@ fn dist_systemd_unit_verifies() {
         std::fs::read_to_string(workspace_root().join("dist/systemd/leasehold-agentd.service"))
             .unwrap();
     assert!(
-        unit.contains("Type=dbus")
+        unit.contains("Type=notify")
+            && unit.contains("NotifyAccess=main")
+            && unit.contains("WatchdogSec=60s")
             && unit.contains("BusName=org.leasehold.Agent1")
             && unit.contains("Delegate=yes")
     );
@@ -50,6 +52,27 @@ fn dist_systemd_unit_verifies() {
         out.status.success() && !err.contains("leasehold-agentd.service"),
         "{err}"
     );
+}
+
+#[test]
+fn dist_hardware_watchdog_is_an_example_not_installed_in_etc() {
+    let root = workspace_root();
+    let conf = std::fs::read_to_string(
+        root.join("dist/systemd/examples/60-leasehold-hardware-watchdog.conf"),
+    )
+    .unwrap();
+    assert!(conf.contains("[Manager]") && conf.contains("RuntimeWatchdogSec=30s"));
+    // The landlord's machine-wide choice: the package only documents it.
+    let deb = std::fs::read_to_string(root.join("scripts/build-deb")).unwrap();
+    let line = deb
+        .lines()
+        .find(|l| l.contains("60-leasehold-hardware-watchdog.conf"))
+        .expect("packaged");
+    assert!(
+        line.contains("/usr/share/doc/leasehold/examples/systemd/"),
+        "{line}"
+    );
+    assert!(!line.contains("/etc/"), "{line}");
 }
 
 #[test]

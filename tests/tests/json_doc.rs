@@ -519,6 +519,64 @@ fn health_report() -> leasehold_health::Report {
             ),
             src(Source::Smart, SourceStatus::Stuck, None),
             src(Source::Net, SourceStatus::Disabled, None),
+            src(
+                Source::Tpm,
+                SourceStatus::Ok,
+                Some(Readings::Tpm(vec![
+                    TpmCheck {
+                        answered: true,
+                        error: None,
+                    },
+                    TpmCheck {
+                        answered: false,
+                        error: Some("connection refused".into()),
+                    },
+                ])),
+            ),
+            src(
+                Source::Boundary,
+                SourceStatus::Ok,
+                Some(Readings::Boundary(vec![
+                    BoundaryCheck {
+                        stored: true,
+                        enforced: true,
+                        elements: Some(3),
+                        drifts: 1,
+                        last_drift_age_secs: Some(5),
+                        unrepaired: Some("nft: no permission".into()),
+                    },
+                    BoundaryCheck {
+                        stored: false,
+                        enforced: false,
+                        elements: None,
+                        drifts: 0,
+                        last_drift_age_secs: None,
+                        unrepaired: None,
+                    },
+                ])),
+            ),
+            src(
+                Source::Volume,
+                SourceStatus::Ok,
+                Some(Readings::Volume(vec![VolumeCheck {
+                    state: "error".into(),
+                    expected: true,
+                    mounted: false,
+                    error: Some("no disk key".into()),
+                }])),
+            ),
+            src(
+                Source::Engines,
+                SourceStatus::Ok,
+                Some(Readings::Engines(vec![EnginesCheck {
+                    deployed: 3,
+                    running: 1,
+                    crash_looping: 1,
+                    gave_up: 1,
+                    restarts: 7,
+                }])),
+            ),
+            src(Source::Tpm, SourceStatus::Stuck, None),
         ],
         faults: vec![Fault {
             severity: Severity::Critical,
@@ -765,7 +823,8 @@ fn every_command_prints_its_documented_json() {
     // the report has the documented shape (exit 1 if a fault is critical
     // or stuck), and `status` carries its summary.
     let h = r.run(l, "landlordctl health", &[], &[0, 1]);
-    assert_eq!(h["sources"].as_array().unwrap().len(), 6, "{h}");
+    // Six sensors, then the agent's four checks.
+    assert_eq!(h["sources"].as_array().unwrap().len(), 10, "{h}");
     let st = r.run(l, "landlordctl status", &[], &[0, 1]);
     assert!(st["health"]["severity"].is_string(), "{st}");
     assert!(st["budget"]["limits"].is_object(), "{st}");

@@ -384,9 +384,11 @@ fn agent_unit(vm: &mut Vm) -> Ran {
         1,
         "no swtpm inside the guest"
     );
-    let unit = vm.sh("systemctl show leasehold-agentd -p Type -p BusName -p Delegate");
+    let unit =
+        vm.sh("systemctl show leasehold-agentd -p Type -p BusName -p Delegate -p WatchdogUSec");
     assert!(
-        unit.contains("Type=dbus")
+        unit.contains("Type=notify")
+            && unit.contains("WatchdogUSec=1min")
             && unit.contains("BusName=org.leasehold.Agent1")
             && unit.contains("Delegate=yes"),
         "{unit}"
@@ -736,7 +738,7 @@ impl Vm {
     }
 
     /// Starts the agent (joins a restart systemd already queued) and waits
-    /// until it serves the bus (Type=dbus: start returns then).
+    /// until it serves the bus (Type=notify: start returns at READY=1, sent once it owns its name).
     fn agent_up(&self) {
         self.sh(
             "systemctl reset-failed leasehold-agentd 2>/dev/null; systemctl start leasehold-agentd",

@@ -1240,6 +1240,12 @@ impl KeyHierarchy {
         &self.manifest.node_id
     }
 
+    /// One cheap TPM command (8 random bytes, thrown away): whether the
+    /// TPM answers, for the agent's health check.
+    pub fn ping(&mut self) -> Result<()> {
+        self.tpm.random(8).map(drop)
+    }
+
     /// Hardware or software TPM.
     pub fn tpm_kind(&self) -> TpmKind {
         self.tpm.kind()

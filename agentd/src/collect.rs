@@ -1,0 +1,121 @@
+//! Periodic health collection (docs/health.md, "Periodic collection"):
+//! a report every `[health] interval_secs`, so the metrics and the
+//! landlord's `FaultsChanged` signal follow the node without a caller.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use leasehold_dbus_api::{HEALTH_INTERFACE, OBJECT_PATH};
+use leasehold_health::{Fault, Monitor, Report, Severity, Source};
+use tracing::{info, warn};
+
+/// What makes two reports' faults "the same": severity, source and
+/// subject. Messages carry counts and ages (a drift's "12 s ago") that
+/// change every report; comparing them would signal every collection.
+type FaultKey = (Severity, Source, String);
+
+fn keys(faults: &[Fault]) -> BTreeSet<FaultKey> {
+    faults
+        .iter()
+        .map(|f| (f.severity, f.source, f.subject.clone()))
+        .collect()
+}
+
+/// Whether `next` must be signalled after `prev` (None: the first
+/// collection, the baseline; its state is what `Report` tells).
+pub fn changed(prev: Option<&[Fault]>, next: &[Fault]) -> bool {
+    prev.is_some_and(|p| keys(p) != keys(next))
+}
+
+/// The body of `FaultsChanged`: the worst severity and the faults as
+/// JSON (docs/json.md `HealthFault`, worst first).
+pub fn signal_body(r: &Report) -> (String, String) {
+    (
+        r.severity.as_str().to_owned(),
+        serde_json::to_string(&r.faults).unwrap_or_else(|_| "[]".into()),
+    )
+}
+
+/// Takes a report every `interval` until the runtime stops; emits
+/// `FaultsChanged` on the landlord's health interface when the set of
+/// faults changed since the previous collection.
+pub async fn run(monitor: Arc<Monitor>, interval: Duration, conn: zbus::Connection) {
+    let mut ticks = tokio::time::interval(interval);
+    // A report can take up to 23 s (smartctl): the next one starts an
+    // interval after, never piled up.
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut prev: Option<Vec<Fault>> = None;
+    loop {
+        ticks.tick().await;
+        let m = monitor.clone();
+        let asked = Instant::now();
+        let Ok(report) = tokio::task::spawn_blocking(move || m.report_asked_at(asked)).await else {
+            warn!("the periodic health report failed (a bug: see above)");
+            continue;
+        };
+        if changed(prev.as_deref(), &report.faults) {
+            let (severity, faults) = signal_body(&report);
+            info!(
+                event = "health-faults-changed",
+                severity = %severity,
+                faults = report.faults.len(),
+                "the node's health faults changed"
+            );
+            if let Err(e) = conn
+                .emit_signal(
+                    None::<&str>,
+                    OBJECT_PATH,
+                    HEALTH_INTERFACE,
+                    "FaultsChanged",
+                    &(severity, faults),
+                )
+                .await
+            {
+                warn!(error = %e, "cannot emit FaultsChanged");
+            }
+        }
+        prev = Some(report.faults);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fault(sev: Severity, source: Source, subject: &str, message: &str) -> Fault {
+        Fault {
+            severity: sev,
+            source,
+            subject: subject.into(),
+            message: message.into(),
+        }
+    }
+
+    #[test]
+    fn first_collection_is_the_baseline_and_messages_do_not_count() {
+        let drift = fault(Severity::Warning, Source::Boundary, "nftables", "5 s ago");
+        assert!(!changed(None, std::slice::from_ref(&drift)));
+        assert!(changed(Some(&[]), std::slice::from_ref(&drift)));
+        let later = fault(Severity::Warning, Source::Boundary, "nftables", "65 s ago");
+        assert!(!changed(Some(std::slice::from_ref(&drift)), &[later]));
+        let worse = fault(Severity::Critical, Source::Boundary, "nftables", "gone");
+        assert!(changed(Some(std::slice::from_ref(&drift)), &[worse]));
+        assert!(changed(Some(&[drift]), &[]));
+    }
+
+    #[test]
+    fn signal_body_is_severity_and_fault_json() {
+        let r = Report {
+            taken_at: 1,
+            severity: Severity::Stuck,
+            sources: vec![],
+            faults: vec![fault(Severity::Stuck, Source::Tpm, "tpm", "no answer")],
+        };
+        let (sev, json) = signal_body(&r);
+        assert_eq!(sev, "stuck");
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(v[0]["source"], "tpm");
+        assert_eq!(v[0]["severity"], "stuck");
+    }
+}
