@@ -252,9 +252,17 @@ impl GrantKey {
 /// checks. Only yes is kept, only for unique names (never reused on a
 /// bus), never longer than the group cache that already bounds how long a
 /// removed member keeps access; the group pre-check still runs every call.
+///
+/// polkit's policy can change under a kept answer (a rules file edited, an
+/// action file installed, polkitd restarted): every answer is then
+/// forgotten at once ([`Authorizer::forget_grants_on_policy_changes`]), and
+/// an answer asked before the change but arriving after it is not kept
+/// (`epoch`).
 struct Grants {
     ttl: Duration,
     at: HashMap<GrantKey, Instant>,
+    /// Bumped at every policy change.
+    epoch: u64,
 }
 
 impl Grants {
@@ -262,15 +270,23 @@ impl Grants {
         Self {
             ttl,
             at: HashMap::new(),
+            epoch: 0,
         }
+    }
+
+    /// Forgets every answer: the policy they came from changed.
+    fn forget_all(&mut self) {
+        self.at.clear();
+        self.epoch += 1;
     }
 
     fn holds(&self, k: &GrantKey) -> bool {
         self.at.get(k).is_some_and(|t| t.elapsed() < self.ttl)
     }
 
-    fn insert(&mut self, k: GrantKey) {
-        if self.ttl.is_zero() {
+    /// Keeps a yes asked for at `epoch` (none if the policy changed since).
+    fn insert(&mut self, k: GrantKey, epoch: u64) {
+        if self.ttl.is_zero() || epoch != self.epoch {
             return;
         }
         if self.at.len() >= GRANT_CACHE {
@@ -316,6 +332,49 @@ impl Authorizer {
             busy: RateLimit::new(20, Duration::from_secs(60)),
             both_roles: RateLimit::new(20, Duration::from_secs(60)),
         }
+    }
+
+    /// Forgets every kept polkit answer whenever polkit says its policy
+    /// changed (`Changed`: rules or actions reloaded) or polkitd's name
+    /// changes owner (a restart). Runs for the agent's life; returns only
+    /// if it cannot subscribe, and then answers are no longer kept at all
+    /// (fail closed: every call asks polkit).
+    pub async fn forget_grants_on_policy_changes(&self) {
+        use futures_util::StreamExt;
+        let subscribed = async {
+            let authority = AuthorityProxy::builder(&self.conn)
+                .cache_properties(zbus::proxy::CacheProperties::No)
+                .build()
+                .await?;
+            let changed = authority.receive_changed().await?;
+            let bus = zbus::fdo::DBusProxy::new(&self.conn).await?;
+            let owner = bus
+                .receive_name_owner_changed_with_args(&[(0, "org.freedesktop.PolicyKit1")])
+                .await?;
+            Ok::<_, zbus::Error>((changed, owner))
+        }
+        .await;
+        let (mut changed, mut owner) = match subscribed {
+            Ok(streams) => streams,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot follow polkit policy changes: polkit answers are not reused");
+                let mut g = lock(&self.grants);
+                g.forget_all();
+                g.ttl = Duration::ZERO;
+                return;
+            }
+        };
+        loop {
+            let why = tokio::select! {
+                Some(_) = changed.next() => "polkit policy changed",
+                Some(_) = owner.next() => "polkitd restarted",
+                else => break,
+            };
+            lock(&self.grants).forget_all();
+            tracing::info!("{why}: kept polkit answers forgotten");
+        }
+        // The bus connection is gone: the agent is stopping.
+        lock(&self.grants).ttl = Duration::ZERO;
     }
 
     /// The role a caller of an interface both roles share (Attest1) acts
@@ -421,9 +480,13 @@ impl Authorizer {
         }
         let permit = self.admit(uid, action)?;
         let grant = GrantKey::new(&sender, action, details);
-        if lock(&self.grants).holds(&grant) {
-            return Ok(Authorized { uid, permit });
-        }
+        let epoch = {
+            let g = lock(&self.grants);
+            if g.holds(&grant) {
+                return Ok(Authorized { uid, permit });
+            }
+            g.epoch
+        };
         let subject = subject_of(caller, hdr)?;
         let details: HashMap<&str, &str> = details.iter().copied().collect();
         let asked = timeout_at(deadline, async {
@@ -450,7 +513,7 @@ impl Authorizer {
         match asked {
             Ok(Ok(r)) if r.is_authorized => {
                 if sender.starts_with(':') {
-                    lock(&self.grants).insert(grant);
+                    lock(&self.grants).insert(grant, epoch);
                 }
                 Ok(Authorized { uid, permit })
             }

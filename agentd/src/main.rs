@@ -582,6 +582,10 @@ async fn serve_bus(
         keys,
     });
     {
+        let ctx = ctx.clone();
+        tokio::spawn(async move { ctx.auth.forget_grants_on_policy_changes().await });
+    }
+    {
         let conn = conn.clone();
         tokio::spawn(async move {
             while let Some(what) = restored_rx.recv().await {

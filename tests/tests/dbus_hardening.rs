@@ -598,3 +598,94 @@ fn polkit_answer_reused_per_connection_within_the_window_only() {
     drop(frozen);
     lab.block_on(proxy.node_info()).expect("polkit back");
 }
+
+/// A kept polkit answer does not outlive a policy change: once a rules file
+/// says no, the next call on the same connection is refused, long before
+/// the reuse window ends. (A landlord member: polkitd always says yes to
+/// root, whatever the rules.)
+#[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
+fn polkit_answer_forgotten_when_the_policy_changes() {
+    const WINDOW: Duration = Duration::from_secs(10);
+    let lab = Lab::start_with_options(LabOptions {
+        agent_config: Some(format!("[dbus]\nauth_reuse_ms = {}\n", WINDOW.as_millis())),
+        ..Default::default()
+    });
+    let mut repl = lab
+        .command(Who::Landlord, &bin("lh-dbus-probe"))
+        .arg("repl")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut to = repl.stdin.take().unwrap();
+    let mut from = BufReader::new(repl.stdout.take().unwrap());
+    let mut ready = String::new();
+    from.read_line(&mut ready).unwrap();
+    assert_eq!(ready.trim(), "READY");
+    let mut call = || {
+        use std::io::Write;
+        writeln!(to, "call").unwrap();
+        let mut line = String::new();
+        from.read_line(&mut line).unwrap();
+        line.trim().to_owned()
+    };
+    assert_eq!(call(), "ok", "asked polkit: yes");
+    let granted = Instant::now();
+    assert_eq!(call(), "ok", "the same connection: polkit's yes reused");
+    // polkitd says Changed once it has reloaded the rules: the event the
+    // test waits for (the agent gets the same signal). Subscribed before
+    // the file is written, so it is this change's signal.
+    let mut changed = lab.block_on(async {
+        let rule = zbus::MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .interface("org.freedesktop.PolicyKit1.Authority")
+            .member("Changed")
+            .build()
+            .unwrap();
+        zbus::MessageStream::for_match_rule(rule, lab.conn(), None)
+            .await
+            .unwrap()
+    });
+    let name = Who::Landlord.user().unwrap().name;
+    let rules = lab.path("polkit-rules").join("00-lhtest-deny.rules");
+    std::fs::write(
+        &rules,
+        format!(
+            "polkit.addRule(function(action, subject) {{\n\
+             if (action.id.indexOf(\"org.leasehold.\") === 0 && subject.user === \"{name}\") return polkit.Result.NO;\n\
+             return polkit.Result.NOT_HANDLED;\n}});\n"
+        ),
+    )
+    .unwrap();
+    sh(&["chown", "polkitd:root", rules.to_str().unwrap()]);
+    lab.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), changed.next())
+            .await
+            .expect("polkitd did not say Changed after a rules file appeared")
+    });
+    // The agent forgets its kept answers when it sees the same signal; it
+    // may see it a moment after the test: each call below is the check.
+    let refused = loop {
+        let r = call();
+        if r != "ok" {
+            break r;
+        }
+        assert!(
+            granted.elapsed() < WINDOW / 2,
+            "still answered from the kept yes {:?} after the grant; agent log:\n{}",
+            granted.elapsed(),
+            lab.agent_log()
+        );
+    };
+    assert!(refused.contains("not authorized"), "{refused}");
+    assert!(
+        lab.agent_log()
+            .contains("polkit policy changed: kept polkit answers forgotten"),
+        "{}",
+        lab.agent_log()
+    );
+    drop(call);
+    drop(to);
+    repl.wait().unwrap();
+}

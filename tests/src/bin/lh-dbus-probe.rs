@@ -644,6 +644,24 @@ fn main() {
             let big_mib = args[3].parse().unwrap();
             rt.block_on(flood(conns, per_conn, big_mib));
         }
+        // One connection kept: a NodeInfo call per line read on stdin,
+        // answered "ok" or "err MESSAGE" on stdout (tests that need the
+        // same connection across a change they make meanwhile).
+        Some("repl") => rt.block_on(async {
+            use std::io::BufRead;
+            let conn = zbus::Connection::system().await.expect("system bus");
+            let l = LandlordProxy::new(&conn).await.unwrap();
+            println!("READY");
+            for line in std::io::stdin().lock().lines() {
+                if line.is_err() {
+                    break;
+                }
+                match l.node_info().await {
+                    Ok(_) => println!("ok"),
+                    Err(e) => println!("err {}", e.to_string().replace('\n', " ")),
+                }
+            }
+        }),
         Some("hammer") => {
             let secs = args[2].parse().unwrap();
             rt.block_on(hammer(&args[1], secs));
