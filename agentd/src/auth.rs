@@ -1061,7 +1061,7 @@ mod tests {
             &[("secret", "db"), ("method", "Put")],
         );
         assert!(!g.holds(&k));
-        g.insert(k.clone());
+        g.insert(k.clone(), 0);
         assert!(g.holds(&k));
         // The details' order does not matter; their values do.
         assert!(g.holds(&GrantKey::new(
@@ -1088,13 +1088,29 @@ mod tests {
         assert!(!g.holds(&k), "expired");
         // Bounded.
         for i in 0..GRANT_CACHE + 5 {
-            g.insert(GrantKey::new(&format!(":1.{i}"), "a", &[]));
+            g.insert(GrantKey::new(&format!(":1.{i}"), "a", &[]), 0);
         }
         assert!(g.at.len() <= GRANT_CACHE);
         // 0 turns reuse off.
         let mut off = Grants::new(Duration::ZERO);
-        off.insert(k.clone());
+        off.insert(k.clone(), 0);
         assert!(!off.holds(&k));
+    }
+
+    #[test]
+    fn a_policy_change_forgets_answers_and_refuses_late_ones() {
+        let mut g = Grants::new(Duration::from_secs(10));
+        let k = GrantKey::new(":1.5", "org.leasehold.landlord.read", &[]);
+        let asked_at = g.epoch;
+        g.insert(k.clone(), asked_at);
+        assert!(g.holds(&k));
+        g.forget_all();
+        assert!(!g.holds(&k), "forgotten at the change");
+        // An answer asked before the change, arriving after it.
+        g.insert(k.clone(), asked_at);
+        assert!(!g.holds(&k), "asked under the old policy: not kept");
+        g.insert(k.clone(), g.epoch);
+        assert!(g.holds(&k));
     }
 
     #[test]

@@ -685,7 +685,7 @@ fn polkit_answer_forgotten_when_the_policy_changes() {
         "{}",
         lab.agent_log()
     );
-    drop(call);
+    // Closing its stdin ends the probe.
     drop(to);
     repl.wait().unwrap();
 }
