@@ -106,6 +106,13 @@ pub struct HealthSection {
     /// sysfs root the sources read (another root: tests, fixtures).
     #[serde(default = "default_sys_root")]
     pub sys_root: PathBuf,
+    /// Watch links, addresses and default routes through rtnetlink (the
+    /// report's `network`).
+    #[serde(default = "default_true")]
+    pub netlink: bool,
+    /// systemd-networkd's DHCP lease files.
+    #[serde(default = "default_leases_dir")]
+    pub leases_dir: PathBuf,
 }
 
 impl Default for HealthSection {
@@ -121,8 +128,14 @@ impl Default for HealthSection {
             smart_timeout_ms: default_smart_timeout_ms(),
             smartctl: default_smartctl(),
             sys_root: default_sys_root(),
+            netlink: true,
+            leases_dir: default_leases_dir(),
         }
     }
+}
+
+fn default_leases_dir() -> PathBuf {
+    "/run/systemd/netif/leases".into()
 }
 
 fn default_health_deadline_ms() -> u64 {
@@ -166,6 +179,7 @@ impl HealthSection {
             deadline: std::time::Duration::from_millis(self.deadline_ms),
             smart_timeout: std::time::Duration::from_millis(self.smart_timeout_ms),
             smartctl: self.smartctl.clone(),
+            leases_dir: self.leases_dir.clone(),
         }
     }
 }
@@ -623,6 +637,7 @@ impl Config {
         for (key, p) in [
             ("health.smartctl", &h.smartctl),
             ("health.sys_root", &h.sys_root),
+            ("health.leases_dir", &h.leases_dir),
         ] {
             if !p.is_absolute() {
                 return Err(invalid(
@@ -885,6 +900,10 @@ mod tests {
             (
                 "sys_root = \"sys\"",
                 "health.sys_root: sys is not an absolute path",
+            ),
+            (
+                "leases_dir = \"leases\"",
+                "health.leases_dir: leases is not an absolute path",
             ),
             ("edac = \"yes\"", "health.edac: invalid type"),
             ("sensors = []", "unknown field `sensors`"),
