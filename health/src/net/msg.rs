@@ -347,7 +347,7 @@ pub(crate) mod build {
             body.extend_from_slice(&u16::try_from(4 + v.len()).unwrap().to_ne_bytes());
             body.extend_from_slice(&t.to_ne_bytes());
             body.extend_from_slice(v);
-            while body.len() % 4 != 0 {
+            while !body.len().is_multiple_of(4) {
                 body.push(0);
             }
         }
