@@ -592,6 +592,13 @@ async fn serve_bus(
         .build()
         .await
         .map_err(AgentError::Bus)?;
+    // Starting the watcher reads the links, addresses and routes (a few
+    // netlink round trips): off the runtime's threads.
+    let health = Arc::new(
+        tokio::task::spawn_blocking(move || health_monitor(&health))
+            .await
+            .map_err(|e| AgentError::Node(e.to_string()))?,
+    );
     let tpm_health = Arc::new(health::TpmHealth::default());
     tokio::spawn(health::watch(
         keys.clone(),
@@ -607,7 +614,7 @@ async fn serve_bus(
         uploads,
         tpm_health,
         receipts: receipts::ReceiptStore::new(state_dir),
-        health: Arc::new(health_monitor(&health)),
+        health,
         keys,
     });
     {
