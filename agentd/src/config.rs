@@ -884,6 +884,10 @@ mod tests {
         assert_eq!(s.enabled.len(), 4);
         assert!(!s.enabled.contains(&leasehold_health::Source::Smart));
         assert_eq!(s.deadline, std::time::Duration::from_millis(500));
+        assert!(c.health.netlink);
+        let c = parse("[health]\nnetlink = false\nleases_dir = \"/tmp/l\"\n").unwrap();
+        assert!(!c.health.netlink);
+        assert_eq!(c.health.settings().leases_dir, Path::new("/tmp/l"));
         for (text, want) in [
             (
                 "deadline_ms = 5",
