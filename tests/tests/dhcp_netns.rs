@@ -60,6 +60,8 @@ const INGRESS: &str = r#"table inet lhdhcp {
 struct Namespaces {
     prefix: String,
     children: Vec<Child>,
+    /// dnsmasq's lease and pid files, the client's script.
+    dir: tempfile::TempDir,
 }
 
 impl Namespaces {
@@ -120,8 +122,11 @@ fn dnsmasq(n: &mut Namespaces, which: &str, range: &str) -> usize {
         .args(["netns", "exec", &ns, "dnsmasq", "--no-daemon", "--port=0"])
         .args(["--interface=e0", "--bind-interfaces", "--log-facility=-"])
         .arg(format!("--dhcp-range={range},1h"))
-        .arg(format!("--dhcp-leasefile=/tmp/{ns}.leases"))
-        .arg(format!("--pid-file=/tmp/{ns}.pid"))
+        .arg(format!(
+            "--dhcp-leasefile={}/{ns}.leases",
+            n.dir.path().display()
+        ))
+        .arg(format!("--pid-file={}/{ns}.pid", n.dir.path().display()))
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -172,6 +177,7 @@ fn dhcp_failsafe_lease_from_the_landlord_and_a_rogue_kept_out_only_at_ingress() 
     let mut n = Namespaces {
         prefix: format!("lhd{}", std::process::id()),
         children: Vec::new(),
+        dir: tempfile::tempdir().unwrap(),
     };
     for x in ["sw", "node", "land", "rogue"] {
         ip(&["netns", "add", &n.ns(x)]);
@@ -221,8 +227,7 @@ fn dhcp_failsafe_lease_from_the_landlord_and_a_rogue_kept_out_only_at_ingress() 
     for x in ["node", "land", "rogue"] {
         wait_up(&n.ns(x), &["e0"]);
     }
-    let dir = tempfile::tempdir().unwrap();
-    let script = dir.path().join("udhcpc.script");
+    let script = n.dir.path().join("udhcpc.script");
     std::fs::write(
         &script,
         "#!/bin/sh\n[ \"$1\" = bound ] && echo \"BOUND serverid=$serverid\"\nexit 0\n",
