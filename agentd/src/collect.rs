@@ -111,6 +111,7 @@ mod tests {
             severity: Severity::Stuck,
             sources: vec![],
             faults: vec![fault(Severity::Stuck, Source::Tpm, "tpm", "no answer")],
+            network: None,
         };
         let (sev, json) = signal_body(&r);
         assert_eq!(sev, "stuck");

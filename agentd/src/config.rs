@@ -109,6 +109,13 @@ pub struct HealthSection {
     /// Seconds between the agent's own reports (metrics, `FaultsChanged`).
     #[serde(default = "default_health_interval")]
     pub interval_secs: u64,
+    /// Watch links, addresses and default routes through rtnetlink (the
+    /// report's `network`).
+    #[serde(default = "default_true")]
+    pub netlink: bool,
+    /// systemd-networkd's DHCP lease files.
+    #[serde(default = "default_leases_dir")]
+    pub leases_dir: PathBuf,
 }
 
 impl Default for HealthSection {
@@ -125,12 +132,18 @@ impl Default for HealthSection {
             smartctl: default_smartctl(),
             sys_root: default_sys_root(),
             interval_secs: default_health_interval(),
+            netlink: true,
+            leases_dir: default_leases_dir(),
         }
     }
 }
 
 fn default_health_interval() -> u64 {
     60
+}
+
+fn default_leases_dir() -> PathBuf {
+    "/run/systemd/netif/leases".into()
 }
 
 fn default_health_deadline_ms() -> u64 {
@@ -174,6 +187,7 @@ impl HealthSection {
             deadline: std::time::Duration::from_millis(self.deadline_ms),
             smart_timeout: std::time::Duration::from_millis(self.smart_timeout_ms),
             smartctl: self.smartctl.clone(),
+            leases_dir: self.leases_dir.clone(),
         }
     }
 }
@@ -639,6 +653,7 @@ impl Config {
         for (key, p) in [
             ("health.smartctl", &h.smartctl),
             ("health.sys_root", &h.sys_root),
+            ("health.leases_dir", &h.leases_dir),
         ] {
             if !p.is_absolute() {
                 return Err(invalid(
@@ -886,6 +901,10 @@ mod tests {
         assert_eq!(s.enabled.len(), 4);
         assert!(!s.enabled.contains(&leasehold_health::Source::Smart));
         assert_eq!(s.deadline, std::time::Duration::from_millis(500));
+        assert!(c.health.netlink);
+        let c = parse("[health]\nnetlink = false\nleases_dir = \"/tmp/l\"\n").unwrap();
+        assert!(!c.health.netlink);
+        assert_eq!(c.health.settings().leases_dir, Path::new("/tmp/l"));
         for (text, want) in [
             (
                 "deadline_ms = 5",
@@ -906,6 +925,10 @@ mod tests {
             (
                 "sys_root = \"sys\"",
                 "health.sys_root: sys is not an absolute path",
+            ),
+            (
+                "leases_dir = \"leases\"",
+                "health.leases_dir: leases is not an absolute path",
             ),
             ("edac = \"yes\"", "health.edac: invalid type"),
             ("sensors = []", "unknown field `sensors`"),

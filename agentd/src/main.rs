@@ -272,7 +272,7 @@ async fn run(args: &Args) -> Result<(), AgentError> {
         key_cfg,
         cfg.storage.clone(),
         cfg.engines.clone(),
-        cfg.health.settings(),
+        cfg.health.clone(),
         metrics_setup,
         args.oneshot,
         intervals,
@@ -313,7 +313,7 @@ async fn serve(
     key_cfg: KeyConfig,
     storage: config::StorageSection,
     engines_cfg: config::EnginesSection,
-    health: leasehold_health::Settings,
+    health: config::HealthSection,
     metrics_setup: metrics::Setup,
     oneshot: bool,
     intervals: Intervals,
@@ -503,6 +503,56 @@ async fn start_engines(
     .map_err(|e| AgentError::Engines(e.to_string()))
 }
 
+/// The health monitor, with the rtnetlink watcher when `[health] netlink`
+/// is on. A watcher that cannot start is a fault in every report, not a
+/// reason to stop the agent: the rest of its work does not depend on it.
+fn health_monitor(cfg: &config::HealthSection) -> leasehold_health::Monitor {
+    let m = leasehold_health::Monitor::new(cfg.settings());
+    if !cfg.netlink {
+        return m;
+    }
+    let watch = leasehold_health::net::NetWatch::start().map_err(|e| e.to_string());
+    match &watch {
+        Ok(w) => {
+            let events = w.subscribe();
+            // Logged from a thread of its own, rate-limited: a flapping
+            // cable must not flood the journal.
+            let spawned = std::thread::Builder::new()
+                .name("netlink-log".into())
+                .spawn(move || log_net_events(&events));
+            if let Err(e) = spawned {
+                warn!(error = %e, "link events are not logged");
+            }
+        }
+        Err(e) => error!(error = %e, "links and addresses are not watched (rtnetlink)"),
+    }
+    m.with_network(watch.map(Arc::new))
+}
+
+/// Logs link and address events: at most 20 a minute, then how many were
+/// left out.
+fn log_net_events(events: &std::sync::mpsc::Receiver<leasehold_health::net::Stamped>) {
+    const PER_MINUTE: u32 = 20;
+    let mut window = std::time::Instant::now();
+    let (mut logged, mut skipped) = (0u32, 0u64);
+    for s in events {
+        if window.elapsed() >= std::time::Duration::from_secs(60) {
+            if skipped > 0 {
+                warn!(skipped, "link and address events not logged (rate limit)");
+            }
+            window = std::time::Instant::now();
+            (logged, skipped) = (0, 0);
+        }
+        if logged == PER_MINUTE {
+            skipped += 1;
+            continue;
+        }
+        logged += 1;
+        let e = s.event;
+        info!(event = e.kind.as_str(), iface = %e.iface, detail = e.detail.as_deref().unwrap_or(""), "network");
+    }
+}
+
 /// Serves both interfaces until `stop` resolves. The name is requested only
 /// after the interfaces are in place, so no call can see a half-built agent.
 // The agent's parts, each built by `serve`: a struct would only rename them.
@@ -513,7 +563,7 @@ async fn serve_bus(
     volume: Arc<volume::Volume>,
     uploads: Arc<upload::Uploads>,
     engines: engines::EngineRuntime,
-    health: leasehold_health::Settings,
+    health: config::HealthSection,
     metrics_setup: metrics::Setup,
     intervals: Intervals,
     state_dir: &Path,
@@ -553,6 +603,11 @@ async fn serve_bus(
         .build()
         .await
         .map_err(AgentError::Bus)?;
+    // Starting the watcher reads the links, addresses and routes (a few
+    // netlink round trips): off the runtime's threads.
+    let monitor = tokio::task::spawn_blocking(move || health_monitor(&health))
+        .await
+        .map_err(|e| AgentError::Node(e.to_string()))?;
     let tpm_health = Arc::new(health::TpmHealth::default());
     tokio::spawn(health::watch(
         keys.clone(),
@@ -560,14 +615,12 @@ async fn serve_bus(
         intervals.tpm,
     ));
     let keys_for_watchdog = keys.clone();
-    let health_monitor = Arc::new(leasehold_health::Monitor::new(health).with_checks(Arc::new(
-        health::AgentChecks {
-            keys: keys.clone(),
-            boundaries: boundaries.clone(),
-            volume: volume.clone(),
-            node: node.clone(),
-        },
-    )));
+    let health_monitor = Arc::new(monitor.with_checks(Arc::new(health::AgentChecks {
+        keys: keys.clone(),
+        boundaries: boundaries.clone(),
+        volume: volume.clone(),
+        node: node.clone(),
+    })));
     let ctx = Arc::new(api::Ctx {
         node: node.clone(),
         auth: auth::Authorizer::new(auth_conn, intervals.auth_timeout, intervals.auth_reuse),

@@ -150,6 +150,8 @@ pub struct Snapshot {
     pub health_seconds: f64,
     /// Age of the report the faults come from (0: taken for this scrape).
     pub health_age_seconds: f64,
+    /// Links, addresses and routes (counts only); None: not watched.
+    pub net: Option<NetCounts>,
 }
 
 /// The tenant subtree's numbers for one scrape.
@@ -175,6 +177,43 @@ impl TenantMetrics {
             memory_max: v.budget.memory_max.map(|m| m.0),
             pids_max: v.budget.pids_max,
             usage: v.usage.ok(),
+        }
+    }
+}
+
+/// The network part of a scrape: counts, no addresses and no names (an
+/// address is landlord data, but as a label it would make a series per
+/// lease).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NetCounts {
+    pub watching: bool,
+    /// Links by (admin up, carrier).
+    pub links_up: u64,
+    pub links_no_carrier: u64,
+    pub links_down: u64,
+    pub addresses_v4: u64,
+    pub addresses_v6: u64,
+    pub default_routes: u64,
+    pub leases: u64,
+    pub events: u64,
+}
+
+impl NetCounts {
+    /// Counts of the report's network part.
+    pub fn of(n: &leasehold_health::net::Network) -> Self {
+        let count = |f: &dyn Fn(&&leasehold_health::net::LinkState) -> bool| {
+            n.links.iter().filter(f).count() as u64
+        };
+        Self {
+            watching: n.watching,
+            links_up: count(&|l| l.admin_up && l.carrier),
+            links_no_carrier: count(&|l| l.admin_up && !l.carrier),
+            links_down: count(&|l| !l.admin_up),
+            addresses_v4: n.addresses.iter().filter(|a| a.family == "ipv4").count() as u64,
+            addresses_v6: n.addresses.iter().filter(|a| a.family == "ipv6").count() as u64,
+            default_routes: n.default_routes.len() as u64,
+            leases: n.leases.len() as u64,
+            events: n.events_total,
         }
     }
 }
@@ -213,6 +252,7 @@ impl Snapshot {
                 )
             })
             .collect();
+        self.net = report.network.as_ref().map(NetCounts::of);
     }
 }
 
@@ -358,6 +398,52 @@ pub fn encode(s: &Snapshot, dbus: &DbusMetrics) -> String {
         "Age of the health report the faults come from (the agent's periodic one; 0: taken for this scrape)",
         age,
     );
+    if let Some(n) = &s.net {
+        r.register(
+            "net_watching",
+            "1 if links and addresses are watched (rtnetlink)",
+            gauge(u64::from(n.watching)),
+        );
+        let links = Family::<[(&'static str, &'static str); 1], Gauge>::default();
+        for (state, v) in [
+            ("up", n.links_up),
+            ("no-carrier", n.links_no_carrier),
+            ("down", n.links_down),
+        ] {
+            links
+                .get_or_create(&[("state", state)])
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        }
+        r.register(
+            "net_links",
+            "Network links: up (with carrier), no-carrier (up without), down (administratively)",
+            links,
+        );
+        let addrs = Family::<[(&'static str, &'static str); 1], Gauge>::default();
+        for (family, v) in [("ipv4", n.addresses_v4), ("ipv6", n.addresses_v6)] {
+            addrs
+                .get_or_create(&[("family", family)])
+                .set(i64::try_from(v).unwrap_or(i64::MAX));
+        }
+        r.register("net_addresses", "Addresses of the node", addrs);
+        r.register(
+            "net_default_routes",
+            "Default routes",
+            gauge(n.default_routes),
+        );
+        r.register(
+            "net_dhcp_leases",
+            "DHCP leases (systemd-networkd)",
+            gauge(n.leases),
+        );
+        let events: Counter = Counter::default();
+        events.inc_by(n.events);
+        r.register(
+            "net_events",
+            "Link, address and default-route changes seen since the agent started",
+            events,
+        );
+    }
     r.register(
         "dbus_calls",
         "D-Bus method calls answered, by authorization outcome",
@@ -938,6 +1024,50 @@ mod tests {
         }
     }
 
+    /// Two links (one without carrier), an IPv4 and an IPv6 address, a
+    /// default route, a lease: addresses and names that must stay out.
+    fn network() -> leasehold_health::net::Network {
+        use leasehold_health::net::*;
+        let link = |iface: &str, carrier| LinkState {
+            iface: iface.into(),
+            index: 2,
+            admin_up: true,
+            carrier,
+            operstate: "up".into(),
+            mtu: None,
+            mac: None,
+        };
+        let addr = |a: &str, family: &str| NetAddress {
+            iface: PRIVATE[0].into(),
+            family: family.into(),
+            address: a.into(),
+            prefix_len: 24,
+            scope: "global".into(),
+            dynamic: true,
+            valid_lft_s: None,
+            preferred_lft_s: None,
+        };
+        Network {
+            watching: true,
+            links: vec![link(PRIVATE[0], true), link("eth1", false)],
+            addresses: vec![addr(PRIVATE[3], "ipv4"), addr("fd00::7", "ipv6")],
+            default_routes: vec![DefaultRoute {
+                family: "ipv4".into(),
+                gateway: Some(PRIVATE[3].into()),
+                iface: Some(PRIVATE[0].into()),
+                metric: 0,
+                protocol: "dhcp".into(),
+                table: 254,
+            }],
+            leases: vec![Lease {
+                address: Some(PRIVATE[3].into()),
+                ..Lease::default()
+            }],
+            events_total: 7,
+            ..Network::default()
+        }
+    }
+
     fn fixture() -> (Snapshot, DbusMetrics) {
         let mut s = Snapshot {
             landlord_generation: 3,
@@ -1017,6 +1147,7 @@ mod tests {
                     message: PRIVATE[0].into(),
                 },
             ],
+            network: Some(network()),
         });
         s.health_age_seconds = 12.5;
         let d = DbusMetrics::default();
@@ -1080,6 +1211,15 @@ mod tests {
             "leasehold_health_faults{source=\"tpm\",severity=\"stuck\"} 0",
             "leasehold_health_faults{source=\"boundary\",severity=\"critical\"} 0",
             "leasehold_health_report_age_seconds 12.5",
+            "leasehold_net_watching 1",
+            "leasehold_net_links{state=\"up\"} 1",
+            "leasehold_net_links{state=\"no-carrier\"} 1",
+            "leasehold_net_links{state=\"down\"} 0",
+            "leasehold_net_addresses{family=\"ipv4\"} 1",
+            "leasehold_net_addresses{family=\"ipv6\"} 1",
+            "leasehold_net_default_routes 1",
+            "leasehold_net_dhcp_leases 1",
+            "leasehold_net_events_total 7",
             "leasehold_dbus_calls_total{interface=\"org.leasehold.Landlord1\",method=\"NodeInfo\",outcome=\"authorized\"} 1",
             "leasehold_dbus_calls_total{interface=\"org.leasehold.TenantEngines1\",method=\"Deploy\",outcome=\"denied\"} 1",
             "leasehold_dbus_call_duration_seconds_bucket{interface=\"org.leasehold.Landlord1\",method=\"NodeInfo\",le=\"0.005\"} 1",

@@ -81,6 +81,9 @@ pub fn text(r: &Value) -> String {
             ));
         }
     }
+    if let Some(n) = r["network"].as_object() {
+        out.push_str(&network_text(n));
+    }
     out.push_str(&format!("\nhealth: {}", summary(r)));
     out
 }
@@ -122,6 +125,123 @@ fn check_line(src: &Value) -> Option<String> {
         ),
         _ => return None,
     })
+}
+
+/// The report's `network` (docs/health.md "Network") as tables: links with
+/// their addresses, default routes, leases, the last events.
+fn network_text(n: &serde_json::Map<String, Value>) -> String {
+    let list = |k: &str| {
+        n.get(k)
+            .and_then(Value::as_array)
+            .map_or(&[][..], Vec::as_slice)
+    };
+    let mut out = String::new();
+    if let Some(e) = n.get("error").and_then(Value::as_str) {
+        out.push_str(&format!("\nnetwork: NOT WATCHED ({e})\n"));
+    }
+    out.push_str(&format!(
+        "\n{:<16}{:<7}{:<8}{:<15}{}\n",
+        "LINK", "ADMIN", "CARRIER", "STATE", "ADDRESSES"
+    ));
+    for l in list("links") {
+        let iface = s(l, "iface");
+        let addrs: Vec<String> = list("addresses")
+            .iter()
+            .filter(|a| s(a, "iface") == iface)
+            .map(|a| format!("{}/{}", s(a, "address"), a["prefix_len"]))
+            .collect();
+        let yes = |k: &str| match l[k].as_bool() {
+            Some(true) => "up",
+            Some(false) => "down",
+            None => "?",
+        };
+        out.push_str(&format!(
+            "{iface:<16}{:<7}{:<8}{:<15}{}\n",
+            yes("admin_up"),
+            yes("carrier"),
+            s(l, "operstate"),
+            addrs.join(" ")
+        ));
+    }
+    for r in list("default_routes") {
+        out.push_str(&format!(
+            "default route: via {} dev {} metric {} ({})\n",
+            r["gateway"].as_str().unwrap_or("-"),
+            r["iface"].as_str().unwrap_or("?"),
+            r["metric"],
+            s(r, "protocol")
+        ));
+    }
+    for l in list("leases") {
+        out.push_str(&format!(
+            "DHCP lease: {} on {} from {}, {} s\n",
+            s(l, "address"),
+            l["iface"].as_str().unwrap_or("?"),
+            l["server"].as_str().unwrap_or("?"),
+            l["lifetime_s"]
+        ));
+    }
+    let events = list("recent_events");
+    if !events.is_empty() {
+        out.push_str(&format!(
+            "last events ({} since the agent started):\n",
+            n.get("events_total").unwrap_or(&Value::Null)
+        ));
+        for e in events.iter().rev().take(5) {
+            out.push_str(&format!(
+                "  {} {} {}{}\n",
+                e["at_ms"],
+                s(e, "kind"),
+                s(e, "iface"),
+                e["detail"]
+                    .as_str()
+                    .map_or(String::new(), |d| format!(" {d}"))
+            ));
+        }
+    }
+    out
+}
+
+/// For `status`: links up of all, addresses and default gateways, in one
+/// line; None when the report has no network part.
+pub fn network_line(r: &Value) -> Option<String> {
+    let n = r["network"].as_object()?;
+    if let Some(e) = n.get("error").and_then(Value::as_str) {
+        return Some(format!("not watched ({e})"));
+    }
+    let list = |k: &str| {
+        n.get(k)
+            .and_then(Value::as_array)
+            .map_or(&[][..], Vec::as_slice)
+    };
+    let links = list("links");
+    let up = links
+        .iter()
+        .filter(|l| l["admin_up"] == true && l["carrier"] == true)
+        .count();
+    let global: Vec<String> = list("addresses")
+        .iter()
+        .filter(|a| s(a, "scope") == "global")
+        .map(|a| format!("{}/{}", s(a, "address"), a["prefix_len"]))
+        .collect();
+    let gw: Vec<&str> = list("default_routes")
+        .iter()
+        .filter_map(|r| r["gateway"].as_str())
+        .collect();
+    Some(format!(
+        "{up}/{} links up; addresses {}; default via {}",
+        links.len(),
+        if global.is_empty() {
+            "none".into()
+        } else {
+            global.join(" ")
+        },
+        if gw.is_empty() {
+            "none".into()
+        } else {
+            gw.join(" ")
+        }
+    ))
 }
 
 /// One line: the worst severity, the count of faults and the worst one.

@@ -281,6 +281,9 @@ impl Overview {
         }
         if let Some(h) = &self.health {
             line("health:", crate::health::status_part(h).1);
+            if let Some(n) = h.as_ref().ok().and_then(crate::health::network_line) {
+                line("network:", n);
+            }
         }
         if let Some(r) = &i.running {
             line("running:", r.clone());

@@ -10,6 +10,7 @@
 #![warn(missing_docs)]
 
 pub mod eval;
+pub mod net;
 pub mod read;
 pub mod smart;
 pub mod sources;
@@ -56,6 +57,8 @@ pub struct Settings {
     pub smart_timeout: Duration,
     /// The smartctl binary.
     pub smartctl: PathBuf,
+    /// systemd-networkd's DHCP leases (`/run/systemd/netif/leases`).
+    pub leases_dir: PathBuf,
 }
 
 impl Default for Settings {
@@ -66,6 +69,7 @@ impl Default for Settings {
             deadline: Duration::from_secs(2),
             smart_timeout: Duration::from_secs(10),
             smartctl: "/usr/sbin/smartctl".into(),
+            leases_dir: "/run/systemd/netif/leases".into(),
         }
     }
 }
@@ -173,6 +177,9 @@ pub struct Monitor {
     reader: Arc<dyn Reader>,
     checks: Option<Arc<dyn SelfChecks>>,
     state: Mutex<State>,
+    /// The rtnetlink watcher, or why it could not start; None: not asked
+    /// for (the report's `network` is then null).
+    net: Option<Result<Arc<net::NetWatch>, String>>,
 }
 
 impl std::fmt::Debug for Monitor {
@@ -217,6 +224,7 @@ impl Monitor {
             reader,
             checks: None,
             state: Mutex::new(State::default()),
+            net: None,
         }
     }
 
@@ -225,6 +233,30 @@ impl Monitor {
     pub fn with_checks(mut self, checks: Arc<dyn SelfChecks>) -> Self {
         self.checks = Some(checks);
         self
+    }
+
+    /// Adds the network part to reports: the watcher's state and events
+    /// (or why it could not start) and the DHCP leases.
+    pub fn with_network(mut self, watch: Result<Arc<net::NetWatch>, String>) -> Self {
+        self.net = Some(watch);
+        self
+    }
+
+    /// The network part of a report now.
+    pub fn network(&self) -> Option<net::Network> {
+        let watch = self.net.as_ref()?;
+        let mut n = match watch {
+            Ok(w) => w.snapshot(),
+            Err(e) => net::Network {
+                error: Some(e.clone()),
+                ..Default::default()
+            },
+        };
+        let name_of = |i: u32| watch.as_ref().ok().and_then(|w| w.name_of(i));
+        let (leases, problems) = net::leases::read_leases(&self.settings.leases_dir, &name_of);
+        n.leases = leases;
+        n.problems = problems;
+        Some(n)
     }
 
     /// The settings.
@@ -252,8 +284,19 @@ impl Monitor {
         }
         let start = Instant::now();
         let sources = self.collect(&mut st.busy);
-        let (faults, baseline) = eval::evaluate(&sources, &st.baseline);
+        let (mut faults, baseline) = eval::evaluate(&sources, &st.baseline);
         st.baseline = baseline;
+        let network = self.network();
+        if let Some(e) = network.as_ref().and_then(|n| n.error.as_ref()) {
+            // Not watching: link and address changes go unseen.
+            faults.push(Fault {
+                severity: Severity::Warning,
+                source: Source::Net,
+                subject: "rtnetlink".into(),
+                message: format!("links and addresses are not watched: {e}"),
+            });
+            faults.sort_by_key(|f| std::cmp::Reverse(f.severity));
+        }
         let report = Report {
             taken_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -261,6 +304,7 @@ impl Monitor {
             severity: faults.first().map_or(Severity::Ok, |f| f.severity),
             sources,
             faults,
+            network,
         };
         st.last = Some((Instant::now(), report.clone()));
         st.last_took = start.elapsed();

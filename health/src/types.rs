@@ -363,4 +363,8 @@ pub struct Report {
     pub sources: Vec<SourceReport>,
     /// Every fault, worst first.
     pub faults: Vec<Fault>,
+    /// Links, addresses, default routes, leases and recent link events
+    /// (rtnetlink); null when the watcher is turned off.
+    #[serde(default)]
+    pub network: Option<crate::net::Network>,
 }

@@ -46,6 +46,7 @@ impl Fixture {
             deadline: Duration::from_secs(5),
             smart_timeout: Duration::from_secs(5),
             smartctl: self.dir.path().join("no-smartctl"),
+            leases_dir: self.dir.path().join("leases"),
         }
     }
 }

@@ -360,7 +360,8 @@ fn output_functions_print_the_documented_shapes() {
     // prints it as is.
     let report = serde_json::to_value(health_report()).unwrap();
     check(&doc, "landlordctl health", &report);
-    let quiet = json!({"taken_at": 1, "severity": "ok", "sources": [], "faults": []});
+    let quiet = json!({"taken_at": 1, "severity": "ok", "sources": [], "faults": [],
+                       "network": null});
     check(&doc, "landlordctl health", &quiet);
     // `status`'s summary of it: with a report, with one without faults,
     // and without one (refused, unavailable): one shape.
@@ -583,6 +584,75 @@ fn health_report() -> leasehold_health::Report {
             source: Source::Edac,
             subject: "mc0".into(),
             message: "2 uncorrected memory errors since boot".into(),
+        }],
+        network: Some(network()),
+    }
+}
+
+/// The report's network part, every optional value set and unset.
+fn network() -> leasehold_health::net::Network {
+    use leasehold_health::net::*;
+    let link = |full: bool| LinkState {
+        iface: "eth0".into(),
+        index: 2,
+        admin_up: true,
+        carrier: full,
+        operstate: "up".into(),
+        mtu: full.then_some(1500),
+        mac: full.then(|| "52:54:00:12:34:56".into()),
+    };
+    let addr = |full: bool| NetAddress {
+        iface: "eth0".into(),
+        family: "ipv4".into(),
+        address: "192.0.2.7".into(),
+        prefix_len: 24,
+        scope: "global".into(),
+        dynamic: full,
+        valid_lft_s: full.then_some(3600),
+        preferred_lft_s: full.then_some(3600),
+    };
+    let route = |full: bool| DefaultRoute {
+        family: "ipv4".into(),
+        gateway: full.then(|| "192.0.2.1".into()),
+        iface: full.then(|| "eth0".into()),
+        metric: 1024,
+        protocol: "dhcp".into(),
+        table: 254,
+    };
+    let lease = |full: bool| Lease {
+        iface: full.then(|| "eth0".into()),
+        ifindex: 2,
+        address: full.then(|| "192.0.2.7".into()),
+        prefix_len: full.then_some(24),
+        routers: vec!["192.0.2.1".into()],
+        server: full.then(|| "192.0.2.1".into()),
+        dns: vec!["192.0.2.1".into()],
+        domain: full.then(|| "lab.example".into()),
+        lifetime_s: full.then_some(3600),
+        t1_s: full.then_some(1800),
+        t2_s: full.then_some(3150),
+        written_at: full.then_some(1_764_790_000),
+    };
+    let event = |full: bool| NetEvent {
+        at_ms: 1_764_790_000_123,
+        kind: NetEventKind::CarrierDown,
+        iface: "eth0".into(),
+        detail: full.then(|| "192.0.2.7/24".into()),
+    };
+    Network {
+        watching: true,
+        error: Some("rtnetlink: no buffer space".into()),
+        links: vec![link(true), link(false)],
+        addresses: vec![addr(true), addr(false)],
+        default_routes: vec![route(true), route(false)],
+        leases: vec![lease(true), lease(false)],
+        recent_events: vec![event(true), event(false)],
+        events_total: 2,
+        resyncs: 0,
+        dropped: 0,
+        problems: vec![leasehold_health::Problem {
+            subject: "leases".into(),
+            message: "/run/systemd/netif/leases/9: no ADDRESS".into(),
         }],
     }
 }
