@@ -15,10 +15,12 @@
 //! Requests are parsed with `httparse`; the rest is a few writes, so no
 //! HTTP server crate.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use leasehold_engines::supervisor::Phase;
@@ -101,9 +103,26 @@ impl Default for DbusMetrics {
     }
 }
 
+/// Interfaces only a tenant calls (counted without method names).
+const TENANT_ONLY_INTERFACES: [&str; 2] = [
+    leasehold_dbus_api::TENANT_INTERFACE,
+    leasehold_dbus_api::TENANT_ENGINES_INTERFACE,
+];
+
+/// The `method` label of a tenant interface's calls.
+pub const ANY_METHOD: &str = "*";
+
 impl DbusMetrics {
     /// One call answered after `took`.
     pub fn observe(&self, interface: &str, method: &str, outcome: Outcome, took: Duration) {
+        // The landlord reads these: which tenant methods are called, and
+        // how often (secrets put, images deployed), is the tenant's
+        // business, so the tenant's interfaces are counted as a whole.
+        let method = if TENANT_ONLY_INTERFACES.contains(&interface) {
+            ANY_METHOD
+        } else {
+            method
+        };
         self.calls
             .get_or_create(&CallLabels {
                 interface: interface.to_owned(),
@@ -618,6 +637,14 @@ pub enum MetricsError {
     },
     #[error("metrics.socket {path}: exists and is not a socket; not replaced")]
     NotASocket { path: PathBuf },
+    #[error(
+        "metrics.socket {path}: its directory {dir} must be a directory owned by root and writable by no one else ({why})"
+    )]
+    UnsafeDir {
+        path: PathBuf,
+        dir: PathBuf,
+        why: String,
+    },
     #[error("metrics.listen {addr}: {source}")]
     Listen {
         addr: std::net::SocketAddr,
@@ -633,7 +660,9 @@ impl MetricsError {
     pub fn is_config(&self) -> bool {
         matches!(
             self,
-            MetricsError::Token { .. } | MetricsError::NotASocket { .. }
+            MetricsError::Token { .. }
+                | MetricsError::NotASocket { .. }
+                | MetricsError::UnsafeDir { .. }
         )
     }
 }
@@ -692,8 +721,54 @@ impl Token {
 pub struct Endpoint {
     ctx: Arc<Ctx>,
     dbus: Arc<DbusMetrics>,
-    slots: Arc<Semaphore>,
+    /// Connections served at once, per listener: idle TCP connections (any
+    /// local user can open them) never take the unix socket's slots.
+    unix_slots: Arc<Semaphore>,
+    tcp_slots: Arc<Semaphore>,
+    /// TCP connections per source address: one address (every local user
+    /// shares the node's) holds at most half the TCP slots, so the
+    /// console's address always finds one.
+    per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    per_address_max: usize,
     refused: RateLimit,
+}
+
+/// One TCP connection counted against its source address.
+struct AddressSlot {
+    table: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    addr: IpAddr,
+}
+
+impl AddressSlot {
+    fn take(table: &Arc<Mutex<HashMap<IpAddr, usize>>>, addr: IpAddr, max: usize) -> Option<Self> {
+        let mut t = table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = t.entry(addr).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            table: table.clone(),
+            addr,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut t = self
+            .table
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = t.get_mut(&self.addr) {
+            *n -= 1;
+            if *n == 0 {
+                t.remove(&self.addr);
+            }
+        }
+    }
 }
 
 /// The endpoint's configuration with its token read: done at start,
@@ -733,7 +808,10 @@ pub async fn start(
     let ep = Arc::new(Endpoint {
         ctx,
         dbus,
-        slots: Arc::new(Semaphore::new(cfg.max_connections)),
+        unix_slots: Arc::new(Semaphore::new(cfg.max_connections)),
+        tcp_slots: Arc::new(Semaphore::new(cfg.max_connections)),
+        per_address: Arc::default(),
+        per_address_max: cfg.max_connections.div_ceil(2),
         refused: RateLimit::new(20, Duration::from_secs(60)),
     });
     if let Some(addr) = cfg.listen {
@@ -744,11 +822,19 @@ pub async fn start(
         let ep = ep.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = l.accept().await else {
+                let Ok((stream, from)) = l.accept().await else {
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 };
-                ep.clone().serve_one(stream, Peer::Token(token.clone()));
+                let Some(counted) =
+                    AddressSlot::take(&ep.per_address, from.ip(), ep.per_address_max)
+                else {
+                    ep.busy(stream);
+                    continue;
+                };
+                let slots = ep.tcp_slots.clone();
+                ep.clone()
+                    .serve_one(stream, Peer::Token(token.clone()), slots, Some(counted));
             }
         });
     }
@@ -764,7 +850,8 @@ pub async fn start(
                 continue;
             };
             let uid = stream.peer_cred().map(|c| c.uid()).ok();
-            ep.clone().serve_one(stream, Peer::Local(uid));
+            let slots = ep.unix_slots.clone();
+            ep.clone().serve_one(stream, Peer::Local(uid), slots, None);
         }
     });
     Ok(Some(path))
@@ -786,6 +873,26 @@ fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, MetricsError> {
     }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(io)?;
+        // The socket's mode and group are set by path after bind: only
+        // safe if no one else can replace the path meanwhile (a symlink
+        // there would hand another file to the landlord group).
+        let m = std::fs::symlink_metadata(dir).map_err(io)?;
+        let why = if !m.is_dir() {
+            Some("not a directory".to_owned())
+        } else if m.uid() != nix::unistd::geteuid().as_raw() {
+            Some(format!("owned by uid {}", m.uid()))
+        } else if m.mode() & 0o022 != 0 {
+            Some(format!("mode {:o}", m.mode() & 0o7777))
+        } else {
+            None
+        };
+        if let Some(why) = why {
+            return Err(MetricsError::UnsafeDir {
+                path: path.to_owned(),
+                dir: dir.to_owned(),
+                why,
+            });
+        }
     }
     let l = tokio::net::UnixListener::bind(path).map_err(io)?;
     // Connections made before the mode is set are still checked by uid on
@@ -795,7 +902,7 @@ fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, MetricsError> {
         .flatten();
     let mode = match &group {
         Some(g) => {
-            std::os::unix::fs::chown(path, Some(0), Some(g.gid.as_raw())).map_err(io)?;
+            std::os::unix::fs::lchown(path, Some(0), Some(g.gid.as_raw())).map_err(io)?;
             0o660
         }
         None => {
@@ -822,18 +929,32 @@ enum Peer {
 type Refusal = (&'static str, &'static str);
 
 impl Endpoint {
-    fn serve_one<S>(self: Arc<Self>, mut stream: S, peer: Peer)
+    /// 503 at once, nothing read.
+    fn busy<S>(&self, mut stream: S)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
-        let Ok(slot) = self.slots.clone().try_acquire_owned() else {
-            tokio::spawn(async move {
-                let _ = respond(&mut stream, ("503 Service Unavailable", "busy\n")).await;
-            });
+        tokio::spawn(async move {
+            let _ = respond(&mut stream, ("503 Service Unavailable", "busy\n")).await;
+        });
+    }
+
+    fn serve_one<S>(
+        self: Arc<Self>,
+        stream: S,
+        peer: Peer,
+        slots: Arc<Semaphore>,
+        counted: Option<AddressSlot>,
+    ) where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let Ok(slot) = slots.try_acquire_owned() else {
+            self.busy(stream);
             return;
         };
+        let mut stream = stream;
         tokio::spawn(async move {
-            let _slot = slot;
+            let _slot = (slot, counted);
             let answer = self.answer(&mut stream, peer).await;
             let (status, body, kind) = match &answer {
                 Ok(text) => (
@@ -1221,7 +1342,7 @@ mod tests {
             "leasehold_net_dhcp_leases 1",
             "leasehold_net_events_total 7",
             "leasehold_dbus_calls_total{interface=\"org.leasehold.Landlord1\",method=\"NodeInfo\",outcome=\"authorized\"} 1",
-            "leasehold_dbus_calls_total{interface=\"org.leasehold.TenantEngines1\",method=\"Deploy\",outcome=\"denied\"} 1",
+            "leasehold_dbus_calls_total{interface=\"org.leasehold.TenantEngines1\",method=\"*\",outcome=\"denied\"} 1",
             "leasehold_dbus_call_duration_seconds_bucket{interface=\"org.leasehold.Landlord1\",method=\"NodeInfo\",le=\"0.005\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "no {line:?} in\n{text}");
@@ -1311,6 +1432,38 @@ mod tests {
             let _l = bind_socket(&s).unwrap();
             let mode = std::fs::metadata(&s).unwrap().mode() & 0o777;
             assert!(mode == 0o660 || mode == 0o600, "{mode:o}");
+            // A directory others may write into: they could swap the path
+            // for a symlink between bind and chmod. Refused, nothing bound.
+            let open = d.path().join("open");
+            std::fs::create_dir(&open).unwrap();
+            std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+            let e = bind_socket(&open.join("m.sock")).unwrap_err();
+            assert!(matches!(e, MetricsError::UnsafeDir { .. }), "{e}");
+            assert!(e.to_string().contains("mode 1777"), "{e}");
+            assert!(e.is_config());
+            assert!(!open.join("m.sock").exists());
         });
+    }
+
+    #[test]
+    fn one_address_holds_at_most_its_share_of_tcp_slots() {
+        let table = Arc::new(Mutex::new(HashMap::new()));
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        let console: IpAddr = "192.0.2.10".parse().unwrap();
+        let a = AddressSlot::take(&table, local, 2).unwrap();
+        let b = AddressSlot::take(&table, local, 2).unwrap();
+        assert!(
+            AddressSlot::take(&table, local, 2).is_none(),
+            "third from one address"
+        );
+        let c = AddressSlot::take(&table, console, 2).expect("another address still gets in");
+        drop(a);
+        let _d = AddressSlot::take(&table, local, 2).expect("freed on drop");
+        drop((b, c));
+        assert_eq!(
+            table.lock().unwrap().get(&console),
+            None,
+            "emptied entries removed"
+        );
     }
 }
