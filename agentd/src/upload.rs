@@ -15,6 +15,7 @@ use std::fs::File;
 use std::io::Write;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -107,6 +108,15 @@ struct Upload {
     mount: PathBuf,
     temp: String,
     last: Instant,
+    /// Bytes still to come, shared with its [`Entry`].
+    remaining: Arc<AtomicU64>,
+}
+
+/// An upload in progress and the bytes it will still write, readable
+/// without the upload's lock (free-space checks of new uploads).
+struct Entry {
+    up: Arc<Mutex<Upload>>,
+    remaining: Arc<AtomicU64>,
 }
 
 /// The uploads in progress (in memory: an agent restart drops them, and
@@ -115,7 +125,7 @@ pub struct Uploads {
     volume: Arc<dyn VolumeDir>,
     images_dir: String,
     max_bytes: u64,
-    active: Mutex<BTreeMap<String, Arc<Mutex<Upload>>>>,
+    active: Mutex<BTreeMap<String, Entry>>,
 }
 
 impl std::fmt::Debug for Uploads {
@@ -210,7 +220,7 @@ impl Uploads {
         }
     }
 
-    fn active(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Arc<Mutex<Upload>>>> {
+    fn active(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
         self.active.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -274,8 +284,8 @@ impl Uploads {
             let mut active = self.active();
             let stale: Vec<String> = active
                 .iter()
-                .filter(|(_, u)| {
-                    u.try_lock()
+                .filter(|(_, e)| {
+                    e.up.try_lock()
                         .map(|u| u.last.elapsed() >= IDLE)
                         .unwrap_or(false)
                 })
@@ -349,17 +359,24 @@ impl Uploads {
         if self.active().len() >= MAX_ACTIVE {
             return Err(UploadError::Busy);
         }
+        // Created and registered under one lock: another caller's sweep
+        // never sees the new temp file as a leftover, and two uploads
+        // begun together cannot both count the same free space.
+        let mut active = self.active();
+        // What the uploads under way will still write counts as taken: the
+        // free space is what is left after them.
+        let promised: u64 = active
+            .values()
+            .map(|e| e.remaining.load(Ordering::Acquire))
+            .fold(0u64, u64::saturating_add);
         let free = free_bytes(&dir).map_err(|e| io_err("statvfs", &mount)(e))?;
-        if free < size {
+        if free.saturating_sub(promised) < size {
             return Err(UploadError::NoSpace {
                 mount,
-                free,
+                free: free.saturating_sub(promised),
                 needed: size,
             });
         }
-        // Created and registered under one lock: another caller's sweep
-        // never sees the new temp file as a leftover.
-        let mut active = self.active();
         let id = hex::encode(rand::random::<[u8; 12]>());
         let temp = temp_name(&id);
         let path = inbox.join(&temp);
@@ -383,12 +400,20 @@ impl Uploads {
             mount,
             temp,
             last: Instant::now(),
+            remaining: Arc::new(AtomicU64::new(size)),
         };
         if active.len() >= MAX_ACTIVE {
             let _ = rustix::fs::unlinkat(&up.dir, up.temp.as_str(), rustix::fs::AtFlags::empty());
             return Err(UploadError::Busy);
         }
-        active.insert(id.clone(), Arc::new(Mutex::new(up)));
+        let remaining = up.remaining.clone();
+        active.insert(
+            id.clone(),
+            Entry {
+                up: Arc::new(Mutex::new(up)),
+                remaining,
+            },
+        );
         tracing::info!(upload = id, uid, name, size, "upload begun");
         Ok(id)
     }
@@ -397,7 +422,7 @@ impl Uploads {
         let u = self
             .active()
             .get(id)
-            .cloned()
+            .map(|e| e.up.clone())
             .ok_or_else(|| UploadError::NotFound(id.to_owned()))?;
         // Another caller's upload is not shown to exist.
         if u.lock().unwrap_or_else(|p| p.into_inner()).uid != uid {
@@ -450,6 +475,7 @@ impl Uploads {
         }
         u.hasher.update(data);
         u.received += len;
+        u.remaining.store(u.size - u.received, Ordering::Release);
         u.last = Instant::now();
         Ok(u.received)
     }

@@ -348,6 +348,12 @@ fn real_full_volume_fails_cleanly_naming_it() {
     let id =
         f.up.begin(me(), "img.tar", data.len() as u64, &sha(&data))
             .unwrap();
+    // A second upload begun now cannot count the space the first will
+    // still write (nothing of it is on disk yet).
+    let e =
+        f.up.begin(me(), "second.tar", 600 << 10, &sha(b"x"))
+            .unwrap_err();
+    assert!(matches!(e, UploadError::NoSpace { .. }), "{e}");
     std::fs::write(mnt.join("filler"), vec![0u8; 700 << 10]).ok();
     let mut err = None;
     let mut off = 0;
