@@ -6,6 +6,7 @@
 //! stops, and a refused change leaves the previous table in force. Only
 //! `RemoveBoundary` (confirmed) lifts it.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -17,7 +18,7 @@ use leasehold_netpolicy::conntrack;
 use leasehold_netpolicy::enforce::{Change, Enforcer, Seen};
 use leasehold_netpolicy::model::{Direction, Proto};
 use leasehold_netpolicy::monitor;
-use leasehold_netpolicy::nft::Ruleset;
+use leasehold_netpolicy::nft::{EngineEgress, Ruleset};
 use leasehold_netpolicy::nft::{self, ApplyError};
 use leasehold_netpolicy::policy::Policy;
 use leasehold_netpolicy::{explain, Boundary, DocError, Flow};
@@ -58,6 +59,12 @@ pub enum BoundaryError {
     /// ConfirmBoundary without a pending revert.
     #[error("no boundary change is waiting for confirmation (none was set with a revert deadline, or it was already confirmed or reverted)")]
     NoPending,
+    /// An engine's egress rules need a node boundary to live in.
+    #[error("engine {0}: its egress needs a node boundary to be enforced in, and none is set")]
+    EngineNoBoundary(String),
+    /// Too many engines with egress rules.
+    #[error("engine {0}: {max} engines have egress rules already (the most)", max = nft::ENGINES_MAX)]
+    EngineTooMany(String),
     /// The stored policy is unreadable.
     #[error("boundary state {path} is damaged: {reason}")]
     Damaged {
@@ -82,6 +89,9 @@ pub(crate) struct Snapshot {
     index: PeerIndex,
     /// The effective view as JSON, computed at the first read.
     effective: std::sync::OnceLock<Option<String>>,
+    /// The running engines' egress rules (not stored: the engine runtime
+    /// installs them at each launch, see [`Boundaries::set_engine_egress`]).
+    engines: BTreeMap<String, EngineEgress>,
 }
 
 impl Snapshot {
@@ -97,13 +107,18 @@ impl Snapshot {
             bounds,
             index,
             effective: std::sync::OnceLock::new(),
+            engines: BTreeMap::new(),
         })
     }
 
     fn ruleset(&self) -> Option<Ruleset> {
+        let options = nft::Options {
+            engines: self.engines.values().cloned().collect(),
+            ..nft::Options::default()
+        };
         self.bounds
             .as_ref()
-            .map(|(c, s)| Ruleset::build(c, s.as_ref()))
+            .map(|(c, s)| Ruleset::build_with(c, s.as_ref(), &options))
     }
 }
 
@@ -468,14 +483,20 @@ impl Boundaries {
         // node controller, so the policy cannot move underneath.
         let mut next = self.snapshot().policy.clone();
         let out = f(&mut next)?;
-        let next = Snapshot::new(next)?;
+        let mut next = Snapshot::new(next)?;
+        next.engines = self.snapshot().engines.clone();
         let mut warnings = next
             .bounds
             .as_ref()
             .map(|(c, s)| Self::change_warnings(c, s.as_ref()))
             .unwrap_or_default();
-        let rules = next.ruleset();
+        let mut rules = next.ruleset();
         let mut g = self.lock();
+        if g.snap.engines != next.engines {
+            // An engine launched or went meanwhile: its rules stay.
+            next.engines = g.snap.engines.clone();
+            rules = next.ruleset();
+        }
         if let Some(rs) = rules {
             self.apply_rules(&mut g, rs)?;
         }
@@ -732,6 +753,43 @@ impl Boundaries {
                 })
             })
             .collect()
+    }
+
+    /// Installs (`Some`) or removes (`None`) the egress rules of engine
+    /// `name`, in one transaction with the rest of the table; "already so"
+    /// touches nothing. Refused without a node boundary (no table to hold
+    /// them: the engine must not run unconfined) and beyond
+    /// [`nft::ENGINES_MAX`] engines.
+    pub fn set_engine_egress(
+        &self,
+        name: &str,
+        rules: Option<EngineEgress>,
+    ) -> Result<(), BoundaryError> {
+        let mut g = self.lock();
+        if g.snap.engines.get(name) == rules.as_ref() {
+            return Ok(());
+        }
+        let mut next = Snapshot::clone(&g.snap);
+        match rules {
+            Some(r) => {
+                if !next.engines.contains_key(name) && next.engines.len() >= nft::ENGINES_MAX {
+                    return Err(BoundaryError::EngineTooMany(name.to_owned()));
+                }
+                next.engines.insert(name.to_owned(), r);
+            }
+            None => {
+                next.engines.remove(name);
+            }
+        }
+        match next.ruleset() {
+            Some(rs) => self.apply_rules(&mut g, rs)?,
+            None if next.engines.is_empty() => {}
+            None => {
+                return Err(BoundaryError::EngineNoBoundary(name.to_owned()))
+            }
+        }
+        g.snap = Arc::new(next);
+        Ok(())
     }
 
     /// Lifts every boundary: removes the table, then the stored policy.
