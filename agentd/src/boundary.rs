@@ -18,8 +18,8 @@ use leasehold_netpolicy::conntrack;
 use leasehold_netpolicy::enforce::{Change, Enforcer, Seen};
 use leasehold_netpolicy::model::{Direction, Proto};
 use leasehold_netpolicy::monitor;
-use leasehold_netpolicy::nft::{EngineEgress, Ruleset};
 use leasehold_netpolicy::nft::{self, ApplyError};
+use leasehold_netpolicy::nft::{EngineEgress, Ruleset};
 use leasehold_netpolicy::policy::Policy;
 use leasehold_netpolicy::{explain, Boundary, DocError, Flow};
 
@@ -784,9 +784,7 @@ impl Boundaries {
         match next.ruleset() {
             Some(rs) => self.apply_rules(&mut g, rs)?,
             None if next.engines.is_empty() => {}
-            None => {
-                return Err(BoundaryError::EngineNoBoundary(name.to_owned()))
-            }
+            None => return Err(BoundaryError::EngineNoBoundary(name.to_owned())),
         }
         g.snap = Arc::new(next);
         Ok(())
@@ -1168,6 +1166,35 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Without a node boundary there is no table to hold an engine's
+    /// egress: refused by name, and nothing is recorded; removing rules
+    /// that are not there is "already so" (no nft run: no root needed).
+    #[test]
+    fn engine_egress_without_a_boundary_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Boundaries::load(dir.path()).unwrap();
+        let mount = Path::new("/sys/fs/cgroup");
+        let e = EngineEgress::new(
+            "web",
+            mount,
+            &mount.join("t/web"),
+            leasehold_netpolicy::BoundaryDoc::from_toml(
+                "action = \"drop\"\n[[allow]]\nname = \"db\"\npeers = [\"10.1.2.3\"]\n",
+            )
+            .unwrap()
+            .validate(false)
+            .unwrap(),
+        )
+        .unwrap();
+        let err = b.set_engine_egress("web", Some(e)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "engine web: its egress needs a node boundary to be enforced in, and none is set"
+        );
+        assert!(b.snapshot().engines.is_empty());
+        b.set_engine_egress("web", None).unwrap();
+    }
 
     #[test]
     fn flow_arguments_are_checked_by_name() {

@@ -33,12 +33,12 @@ use leasehold_engines::cgroup::{CgroupError, CgroupPath, Cgroups, Controller};
 use leasehold_engines::image::{unpack_image, ImageError, Limits as ImageLimits};
 use leasehold_engines::launch::{self, DataDir, LaunchError, LaunchSpec, SecretBytes};
 use leasehold_engines::probe::NotifyMessage;
-use leasehold_netpolicy::nft::EngineEgress;
-use leasehold_netpolicy::Boundary;
 use leasehold_engines::spec::{Probe, Spec, User, RESERVED_ENV};
 use leasehold_engines::supervisor::{
     Action, Exit, Input, InstanceId, Notify, Supervisor, TimerId, VersionId,
 };
+use leasehold_netpolicy::nft::EngineEgress;
+use leasehold_netpolicy::Boundary;
 use leasehold_node::{
     BudgetApplied, EngineProbe, EngineStatus, EngineView, Engines, Failure, FailureKind,
     NotStopped, StopReport, TenantView,

@@ -959,3 +959,58 @@ fn netns_engine_egress_narrows_by_cgroup() {
         let _ = s.wait();
     }
 }
+
+/// Issue 14 through the enforcer (what the agent runs, in its own
+/// namespace: here a fresh one, unshared by this thread): a table with an
+/// engine's chain applies (directly and staged), reads back clean over
+/// netlink, an engine's rules removed again read back clean, and a rule
+/// deleted behind the enforcer's back is drift.
+#[test]
+#[ignore = "needs root: network namespaces, nftables and cgroup v2"]
+fn netns_engine_egress_through_the_enforcer_checks_clean() {
+    leasehold_netpolicy_root_check();
+    let mount = cgroup2_mount();
+    let base = mount.join(format!("lh-egress-enf-{}", std::process::id()));
+    let web = base.join("web");
+    let _cgs = Cgroups(vec![base.clone(), web.clone()]);
+    std::fs::create_dir_all(&web).unwrap();
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let cluster = cluster(
+            "action = \"drop\"\n[[allow]]\nname = \"lan\"\npeers = [\"10.77.0.0/24\", \"10.77.1.1\"]\n",
+        );
+        let egress = BoundaryDoc::from_toml(
+            "action = \"drop\"\n[[allow]]\nname = \"ok\"\npeers = [\"10.77.0.2\", \"10.77.0.0/28\"]\ndirection = \"out\"\n",
+        )
+        .unwrap()
+        .validate(false)
+        .unwrap();
+        let with = nft::Options {
+            engines: vec![nft::EngineEgress::new("web", &mount, &web, egress).unwrap()],
+            ..nft::Options::default()
+        };
+        for staged in [false, true] {
+            let mut enf = leasehold_netpolicy::enforce::Enforcer::new(Vec::new())
+                .staged_from(if staged { 0 } else { usize::MAX });
+            enf.apply(nft::Ruleset::build_with(&cluster, None, &with))
+                .unwrap();
+            assert_eq!(enf.check().unwrap().map(|d| d.to_string()), None);
+            enf.apply(nft::Ruleset::build(&cluster, None)).unwrap();
+            assert_eq!(enf.check().unwrap().map(|d| d.to_string()), None);
+            enf.apply(nft::Ruleset::build_with(&cluster, None, &with))
+                .unwrap();
+            assert_eq!(enf.check().unwrap().map(|d| d.to_string()), None);
+            if staged {
+                run(&["nft", "flush", "chain", "inet", "leasehold", "engine0"]);
+                assert!(
+                    enf.check().unwrap().is_some(),
+                    "an emptied engine chain is drift"
+                );
+                enf.restore().unwrap();
+                assert_eq!(enf.check().unwrap().map(|d| d.to_string()), None);
+            }
+        }
+    })
+    .join()
+    .unwrap();
+}

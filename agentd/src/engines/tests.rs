@@ -1702,5 +1702,10 @@ fn a_refused_egress_install_fails_the_launch_closed() {
         .unwrap();
     rt2.start("web").unwrap();
     until(&rt2, "web", |s| s.phase == Phase::Ready);
-    assert!(eg2.calls.lock().unwrap().iter().all(|(_, d, _)| d.is_none()));
+    assert!(eg2
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|(_, d, _)| d.is_none()));
 }
