@@ -770,6 +770,7 @@ impl Boundaries {
             return Ok(());
         }
         let mut next = Snapshot::clone(&g.snap);
+        let adding = rules.is_some();
         match rules {
             Some(r) => {
                 if !next.engines.contains_key(name) && next.engines.len() >= nft::ENGINES_MAX {
@@ -783,7 +784,8 @@ impl Boundaries {
         }
         match next.ruleset() {
             Some(rs) => self.apply_rules(&mut g, rs)?,
-            None if next.engines.is_empty() => {}
+            // No table: nothing to take the rules out of.
+            None if !adding => {}
             None => return Err(BoundaryError::EngineNoBoundary(name.to_owned())),
         }
         g.snap = Arc::new(next);
@@ -800,7 +802,11 @@ impl Boundaries {
         if let Err(e) = self.write_pending(None) {
             warn!(error = %e, "cannot remove the pending boundary revert");
         }
-        g.snap = Arc::new(Snapshot::new(Policy::new())?);
+        let mut next = Snapshot::new(Policy::new())?;
+        // Kept for the next boundary: the engines are still running and
+        // their rules come back with the table.
+        next.engines = g.snap.engines.clone();
+        g.snap = Arc::new(next);
         Ok(())
     }
 
