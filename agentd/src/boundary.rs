@@ -1202,6 +1202,65 @@ mod tests {
         b.set_engine_egress("web", None).unwrap();
     }
 
+    /// T1 (root): the boundary owner with a real table, in a network
+    /// namespace unshared by the test's thread, and a real cgroup2 dir: an
+    /// engine's rules go in with the table, read back clean, stay through a
+    /// boundary change, and come out again.
+    #[test]
+    #[ignore = "needs root: a network namespace, nftables and cgroup v2"]
+    fn real_engine_egress_goes_in_and_out_with_the_table() {
+        assert!(nix::unistd::geteuid().is_root(), "run as root");
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        let mount = mounts
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+            })
+            .expect("a cgroup2 hierarchy");
+        let base = mount.join(format!("lh-agent-egress-{}", std::process::id()));
+        let web = base.join("web");
+        std::fs::create_dir_all(&web).unwrap();
+        let (w, m) = (web.clone(), mount.clone());
+        let r = std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let b = Boundaries::load(dir.path()).unwrap();
+            let doc = |peers: &str| {
+                leasehold_netpolicy::BoundaryDoc::from_toml(&format!(
+                    "action = \"drop\"\n[[allow]]\nname = \"lan\"\npeers = [{peers}]\n"
+                ))
+                .unwrap()
+            };
+            b.update(|p| p.set_cluster(doc("\"10.0.0.0/8\"")))
+                .unwrap();
+            let egress = leasehold_netpolicy::BoundaryDoc::from_toml(
+                "action = \"drop\"\n[[allow]]\nname = \"db\"\npeers = [\"10.1.2.3\"]\ndirection = \"out\"\n",
+            )
+            .unwrap()
+            .validate(false)
+            .unwrap();
+            let e = EngineEgress::new("web", &m, &w, egress).unwrap();
+            b.set_engine_egress("web", Some(e.clone())).unwrap();
+            let table = || nft::current(&[]).unwrap().unwrap_or_default();
+            assert!(table().contains("jump engine0"), "{}", table());
+            assert!(table().contains("leasehold: engine web denied"));
+            assert_eq!(b.check_and_restore(), None, "reads back clean");
+            b.update(|p| p.set_cluster(doc("\"10.0.0.0/8\", \"192.0.2.1\"")))
+                .unwrap();
+            assert!(table().contains("jump engine0"), "kept through a change");
+            b.set_engine_egress("web", Some(e)).unwrap();
+            b.set_engine_egress("web", None).unwrap();
+            assert!(!table().contains("engine"), "{}", table());
+            assert!(table().contains("landlord_out"));
+            assert_eq!(b.check_and_restore(), None);
+        })
+        .join();
+        let _ = std::fs::remove_dir(&web);
+        let _ = std::fs::remove_dir(&base);
+        r.unwrap();
+    }
+
     #[test]
     fn flow_arguments_are_checked_by_name() {
         assert!(parse_flow("in", "10.0.0.1", "tcp", 22).is_ok());
