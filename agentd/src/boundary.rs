@@ -6,6 +6,7 @@
 //! stops, and a refused change leaves the previous table in force. Only
 //! `RemoveBoundary` (confirmed) lifts it.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -17,8 +18,8 @@ use leasehold_netpolicy::conntrack;
 use leasehold_netpolicy::enforce::{Change, Enforcer, Seen};
 use leasehold_netpolicy::model::{Direction, Proto};
 use leasehold_netpolicy::monitor;
-use leasehold_netpolicy::nft::Ruleset;
 use leasehold_netpolicy::nft::{self, ApplyError};
+use leasehold_netpolicy::nft::{EngineEgress, Ruleset};
 use leasehold_netpolicy::policy::Policy;
 use leasehold_netpolicy::{explain, Boundary, DocError, Flow};
 
@@ -58,6 +59,12 @@ pub enum BoundaryError {
     /// ConfirmBoundary without a pending revert.
     #[error("no boundary change is waiting for confirmation (none was set with a revert deadline, or it was already confirmed or reverted)")]
     NoPending,
+    /// An engine's egress rules need a node boundary to live in.
+    #[error("engine {0}: its egress needs a node boundary to be enforced in, and none is set")]
+    EngineNoBoundary(String),
+    /// Too many engines with egress rules.
+    #[error("engine {0}: {max} engines have egress rules already (the most)", max = nft::ENGINES_MAX)]
+    EngineTooMany(String),
     /// The stored policy is unreadable.
     #[error("boundary state {path} is damaged: {reason}")]
     Damaged {
@@ -82,6 +89,9 @@ pub(crate) struct Snapshot {
     index: PeerIndex,
     /// The effective view as JSON, computed at the first read.
     effective: std::sync::OnceLock<Option<String>>,
+    /// The running engines' egress rules (not stored: the engine runtime
+    /// installs them at each launch, see [`Boundaries::set_engine_egress`]).
+    engines: BTreeMap<String, EngineEgress>,
 }
 
 impl Snapshot {
@@ -97,13 +107,18 @@ impl Snapshot {
             bounds,
             index,
             effective: std::sync::OnceLock::new(),
+            engines: BTreeMap::new(),
         })
     }
 
     fn ruleset(&self) -> Option<Ruleset> {
+        let options = nft::Options {
+            engines: self.engines.values().cloned().collect(),
+            ..nft::Options::default()
+        };
         self.bounds
             .as_ref()
-            .map(|(c, s)| Ruleset::build(c, s.as_ref()))
+            .map(|(c, s)| Ruleset::build_with(c, s.as_ref(), &options))
     }
 }
 
@@ -468,14 +483,20 @@ impl Boundaries {
         // node controller, so the policy cannot move underneath.
         let mut next = self.snapshot().policy.clone();
         let out = f(&mut next)?;
-        let next = Snapshot::new(next)?;
+        let mut next = Snapshot::new(next)?;
+        next.engines = self.snapshot().engines.clone();
         let mut warnings = next
             .bounds
             .as_ref()
             .map(|(c, s)| Self::change_warnings(c, s.as_ref()))
             .unwrap_or_default();
-        let rules = next.ruleset();
+        let mut rules = next.ruleset();
         let mut g = self.lock();
+        if g.snap.engines != next.engines {
+            // An engine launched or went meanwhile: its rules stay.
+            next.engines = g.snap.engines.clone();
+            rules = next.ruleset();
+        }
         if let Some(rs) = rules {
             self.apply_rules(&mut g, rs)?;
         }
@@ -734,6 +755,43 @@ impl Boundaries {
             .collect()
     }
 
+    /// Installs (`Some`) or removes (`None`) the egress rules of engine
+    /// `name`, in one transaction with the rest of the table; "already so"
+    /// touches nothing. Refused without a node boundary (no table to hold
+    /// them: the engine must not run unconfined) and beyond
+    /// [`nft::ENGINES_MAX`] engines.
+    pub fn set_engine_egress(
+        &self,
+        name: &str,
+        rules: Option<EngineEgress>,
+    ) -> Result<(), BoundaryError> {
+        let mut g = self.lock();
+        if g.snap.engines.get(name) == rules.as_ref() {
+            return Ok(());
+        }
+        let mut next = Snapshot::clone(&g.snap);
+        let adding = rules.is_some();
+        match rules {
+            Some(r) => {
+                if !next.engines.contains_key(name) && next.engines.len() >= nft::ENGINES_MAX {
+                    return Err(BoundaryError::EngineTooMany(name.to_owned()));
+                }
+                next.engines.insert(name.to_owned(), r);
+            }
+            None => {
+                next.engines.remove(name);
+            }
+        }
+        match next.ruleset() {
+            Some(rs) => self.apply_rules(&mut g, rs)?,
+            // No table: nothing to take the rules out of.
+            None if !adding => {}
+            None => return Err(BoundaryError::EngineNoBoundary(name.to_owned())),
+        }
+        g.snap = Arc::new(next);
+        Ok(())
+    }
+
     /// Lifts every boundary: removes the table, then the stored policy.
     pub fn remove(&self) -> Result<(), BoundaryError> {
         let mut g = self.lock();
@@ -744,7 +802,11 @@ impl Boundaries {
         if let Err(e) = self.write_pending(None) {
             warn!(error = %e, "cannot remove the pending boundary revert");
         }
-        g.snap = Arc::new(Snapshot::new(Policy::new())?);
+        let mut next = Snapshot::new(Policy::new())?;
+        // Kept for the next boundary: the engines are still running and
+        // their rules come back with the table.
+        next.engines = g.snap.engines.clone();
+        g.snap = Arc::new(next);
         Ok(())
     }
 
@@ -1110,6 +1172,94 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Without a node boundary there is no table to hold an engine's
+    /// egress: refused by name, and nothing is recorded; removing rules
+    /// that are not there is "already so" (no nft run: no root needed).
+    #[test]
+    fn engine_egress_without_a_boundary_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Boundaries::load(dir.path()).unwrap();
+        let mount = Path::new("/sys/fs/cgroup");
+        let e = EngineEgress::new(
+            "web",
+            mount,
+            &mount.join("t/web"),
+            leasehold_netpolicy::BoundaryDoc::from_toml(
+                "action = \"drop\"\n[[allow]]\nname = \"db\"\npeers = [\"10.1.2.3\"]\n",
+            )
+            .unwrap()
+            .validate(false)
+            .unwrap(),
+        )
+        .unwrap();
+        let err = b.set_engine_egress("web", Some(e)).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "engine web: its egress needs a node boundary to be enforced in, and none is set"
+        );
+        assert!(b.snapshot().engines.is_empty());
+        b.set_engine_egress("web", None).unwrap();
+    }
+
+    /// T1 (root): the boundary owner with a real table, in a network
+    /// namespace unshared by the test's thread, and a real cgroup2 dir: an
+    /// engine's rules go in with the table, read back clean, stay through a
+    /// boundary change, and come out again.
+    #[test]
+    #[ignore = "needs root: a network namespace, nftables and cgroup v2"]
+    fn real_engine_egress_goes_in_and_out_with_the_table() {
+        assert!(nix::unistd::geteuid().is_root(), "run as root");
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        let mount = mounts
+            .lines()
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
+            })
+            .expect("a cgroup2 hierarchy");
+        let base = mount.join(format!("lh-agent-egress-{}", std::process::id()));
+        let web = base.join("web");
+        std::fs::create_dir_all(&web).unwrap();
+        let (w, m) = (web.clone(), mount.clone());
+        let r = std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let b = Boundaries::load(dir.path()).unwrap();
+            let doc = |peers: &str| {
+                leasehold_netpolicy::BoundaryDoc::from_toml(&format!(
+                    "action = \"drop\"\n[[allow]]\nname = \"lan\"\npeers = [{peers}]\n"
+                ))
+                .unwrap()
+            };
+            b.update(|p| p.set_cluster(doc("\"10.0.0.0/8\"")))
+                .unwrap();
+            let egress = leasehold_netpolicy::BoundaryDoc::from_toml(
+                "action = \"drop\"\n[[allow]]\nname = \"db\"\npeers = [\"10.1.2.3\"]\ndirection = \"out\"\n",
+            )
+            .unwrap()
+            .validate(false)
+            .unwrap();
+            let e = EngineEgress::new("web", &m, &w, egress).unwrap();
+            b.set_engine_egress("web", Some(e.clone())).unwrap();
+            let table = || nft::current(&[]).unwrap().unwrap_or_default();
+            assert!(table().contains("jump engine0"), "{}", table());
+            assert!(table().contains("leasehold: engine web denied"));
+            assert_eq!(b.check_and_restore(), None, "reads back clean");
+            b.update(|p| p.set_cluster(doc("\"10.0.0.0/8\", \"192.0.2.1\"")))
+                .unwrap();
+            assert!(table().contains("jump engine0"), "kept through a change");
+            b.set_engine_egress("web", Some(e)).unwrap();
+            b.set_engine_egress("web", None).unwrap();
+            assert!(!table().contains("engine"), "{}", table());
+            assert!(table().contains("landlord_out"));
+            assert_eq!(b.check_and_restore(), None);
+        })
+        .join();
+        let _ = std::fs::remove_dir(&web);
+        let _ = std::fs::remove_dir(&base);
+        r.unwrap();
+    }
 
     #[test]
     fn flow_arguments_are_checked_by_name() {

@@ -37,6 +37,8 @@ use leasehold_engines::spec::{Probe, Spec, User, RESERVED_ENV};
 use leasehold_engines::supervisor::{
     Action, Exit, Input, InstanceId, Notify, Supervisor, TimerId, VersionId,
 };
+use leasehold_netpolicy::nft::EngineEgress;
+use leasehold_netpolicy::Boundary;
 use leasehold_node::{
     BudgetApplied, EngineProbe, EngineStatus, EngineView, Engines, Failure, FailureKind,
     NotStopped, StopReport, TenantView,
@@ -166,6 +168,14 @@ pub enum RuntimeError {
     /// The runtime thread did not answer in time or is gone.
     #[error("the engine runtime did not answer ({0})")]
     NoAnswer(&'static str),
+    /// The engine's egress rules could not be installed or removed.
+    #[error("engine {name:?}: egress rules: {reason}")]
+    Egress {
+        /// The engine.
+        name: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl RuntimeError {
@@ -180,9 +190,10 @@ impl RuntimeError {
             | RuntimeError::Running { .. }
             | RuntimeError::Refused { .. }
             | RuntimeError::Resolve { .. } => FailureKind::Invalid,
-            RuntimeError::Io { .. } | RuntimeError::State { .. } | RuntimeError::NoAnswer(_) => {
-                FailureKind::Failed
-            }
+            RuntimeError::Io { .. }
+            | RuntimeError::State { .. }
+            | RuntimeError::NoAnswer(_)
+            | RuntimeError::Egress { .. } => FailureKind::Failed,
         }
     }
 }
@@ -203,6 +214,62 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Ru
 
 // ---------------------------------------------------------------------------
 // What is injected.
+
+/// Where an engine's egress rules go: the boundary owner, the one writer
+/// of the agent's nftables table (docs/engines.md, "Egress").
+pub trait EgressRules: Send + Sync + 'static {
+    /// Installs (`Some((cgroup directory, egress boundary))`) or removes
+    /// (`None`) engine `engine`'s rules; "already so" is success.
+    fn set(&self, engine: &str, rules: Option<(PathBuf, Boundary)>) -> Result<(), String>;
+}
+
+impl EgressRules for crate::boundary::Boundaries {
+    fn set(&self, engine: &str, rules: Option<(PathBuf, Boundary)>) -> Result<(), String> {
+        let rules = match rules {
+            None => None,
+            Some((dir, b)) => {
+                let mount = cgroup2_mount_of(&dir)
+                    .ok_or_else(|| format!("{} is not on a cgroup2 mount", dir.display()))?;
+                Some(EngineEgress::new(engine, &mount, &dir, b).map_err(|e| e.to_string())?)
+            }
+        };
+        self.set_engine_egress(engine, rules)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// No boundary owner: an engine with egress cannot be confined, so it is
+/// refused (fails closed); removing is trivially done.
+#[cfg(test)]
+#[derive(Debug, Clone, Copy)]
+pub struct NoEgress;
+
+#[cfg(test)]
+impl EgressRules for NoEgress {
+    fn set(&self, _engine: &str, rules: Option<(PathBuf, Boundary)>) -> Result<(), String> {
+        match rules {
+            None => Ok(()),
+            Some(_) => Err("no boundary owner to enforce the egress in".into()),
+        }
+    }
+}
+
+/// The cgroup v2 mount holding `dir` (the longest mount point above it):
+/// the level of a `socket cgroupv2` match counts from there.
+fn cgroup2_mount_of(dir: &Path) -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").ok()?;
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            match (f.get(1), f.get(2)) {
+                (Some(m), Some(&"cgroup2")) => Some(PathBuf::from(m)),
+                _ => None,
+            }
+        })
+        .filter(|m| dir.starts_with(m))
+        .max_by_key(|m| m.components().count())
+}
 
 /// Where the tenant volume is mounted, if it is.
 pub trait VolumeDir: Send + Sync + 'static {
@@ -516,6 +583,7 @@ struct Runtime {
     spawner: Arc<dyn Spawner>,
     volume: Arc<dyn VolumeDir>,
     secrets: Arc<dyn SecretSource>,
+    egress: Arc<dyn EgressRules>,
     engines: BTreeMap<String, Engine>,
     timers: BTreeMap<(Instant, String, TimerId), ()>,
     tx: Sender<Msg>,
@@ -735,6 +803,7 @@ impl Runtime {
             return failed(format!("unknown version {version}"));
         };
         let mut spec = v.launch.clone();
+        let spec_text = v.spec.clone();
         let mut notify_sock = None;
         let adopted = e.adoptable.take();
         let adopted_here = adopted.is_some();
@@ -751,6 +820,14 @@ impl Runtime {
         let (cg, run_dir, proc) = match ecg {
             Err(err) => return failed(err.to_string()),
             Ok(ecg) => {
+                // Before the engine runs (or, adopted, goes on running):
+                // never unconfined when its rules cannot be installed.
+                if let Err(err) = self.install_egress(name, &spec_text, &ecg) {
+                    if let Some((p, _)) = adopted {
+                        let _ = p.signal(Signal::SIGKILL);
+                    }
+                    return failed(err.to_string());
+                }
                 let Ok(cg) = ecg.child(&format!("i{dir_name}")) else {
                     if let Some((p, _)) = adopted {
                         let _ = p.signal(Signal::SIGKILL);
@@ -1374,6 +1451,26 @@ impl Runtime {
         Ok(status_of(self.get(name)?))
     }
 
+    /// Installs the egress rules of engine `name` for its spec (JSON)
+    /// matching its cgroup `ecg`, or removes them when the spec has none.
+    fn install_egress(
+        &self,
+        name: &str,
+        spec_json: &str,
+        ecg: &CgroupPath,
+    ) -> Result<(), RuntimeError> {
+        let err = |reason: String| RuntimeError::Egress {
+            name: name.to_owned(),
+            reason,
+        };
+        let spec = Spec::from_json(spec_json).map_err(|e| err(format!("spec: {e}")))?;
+        let rules = spec
+            .egress_boundary()
+            .map_err(|e| err(e.to_string()))?
+            .map(|b| (self.cgroups.dir(ecg), b));
+        self.egress.set(name, rules).map_err(err)
+    }
+
     fn rm(&mut self, name: &str) -> Result<(), RuntimeError> {
         let e = self.get(name)?;
         if !e.sup.instances().is_empty() || !e.live.is_empty() {
@@ -1383,6 +1480,14 @@ impl Runtime {
             });
         }
         let cg = subtree(&self.cfg)?.child(name).map_err(self.cg_err())?;
+        // The rules name the cgroup: they go first (a table naming a
+        // removed cgroup could not be loaded again).
+        self.egress
+            .set(name, None)
+            .map_err(|reason| RuntimeError::Egress {
+                name: name.to_owned(),
+                reason,
+            })?;
         self.cgroups.remove(&cg).map_err(self.cg_err())?;
         if let Some(v) = self.volume.mounted() {
             let dir = v.join(&self.cfg.images_dir).join(name);
@@ -1403,6 +1508,9 @@ impl Runtime {
         for (name, e) in std::mem::take(&mut self.engines) {
             for l in e.live.values() {
                 let _ = self.cgroups.kill(&l.cg);
+            }
+            if let Err(reason) = self.egress.set(&name, None) {
+                tracing::warn!(engine = name, %reason, "egress rules not removed");
             }
             if let Ok(cg) = sub.child(&name) {
                 let _ = self.cgroups.remove(&cg);
@@ -1727,13 +1835,27 @@ impl EngineRuntime {
         Self::start_with(cfg, cgroups, spawner, volume, Arc::new(NoSecrets))
     }
 
-    /// [`EngineRuntime::start`] with the tenant's secrets for the engines.
+    /// [`EngineRuntime::start_with`] without a boundary owner ([`NoEgress`]).
+    #[cfg(test)]
     pub fn start_with(
         cfg: RuntimeConfig,
         cgroups: Arc<dyn Cgroups>,
         spawner: Arc<dyn Spawner>,
         volume: Arc<dyn VolumeDir>,
         secrets: Arc<dyn SecretSource>,
+    ) -> Result<Self, RuntimeError> {
+        Self::start_full(cfg, cgroups, spawner, volume, secrets, Arc::new(NoEgress))
+    }
+
+    /// [`EngineRuntime::start`] with the tenant's secrets for the engines
+    /// and the boundary owner for their egress rules.
+    pub fn start_full(
+        cfg: RuntimeConfig,
+        cgroups: Arc<dyn Cgroups>,
+        spawner: Arc<dyn Spawner>,
+        volume: Arc<dyn VolumeDir>,
+        secrets: Arc<dyn SecretSource>,
+        egress: Arc<dyn EgressRules>,
     ) -> Result<Self, RuntimeError> {
         let path = cfg.state_dir.join(STATE_FILE);
         let state: StateFile = match std::fs::read(&path) {
@@ -1762,6 +1884,7 @@ impl EngineRuntime {
             spawner,
             volume,
             secrets,
+            egress,
             engines: BTreeMap::new(),
             timers: BTreeMap::new(),
             tx: tx.clone(),

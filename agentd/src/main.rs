@@ -432,7 +432,14 @@ async fn serve(
                 }
             }
         }
-        let engines = start_engines(engines_cfg, &state_dir, volume.clone(), keys.clone()).await?;
+        let engines = start_engines(
+            engines_cfg,
+            &state_dir,
+            volume.clone(),
+            keys.clone(),
+            boundaries.clone(),
+        )
+        .await?;
         serve_bus(
             keys.clone(),
             boundaries,
@@ -468,6 +475,7 @@ async fn start_engines(
     state_dir: &Path,
     volume: Arc<volume::Volume>,
     keys: Arc<Keys>,
+    boundaries: Arc<boundary::Boundaries>,
 ) -> Result<engines::EngineRuntime, AgentError> {
     let shim = c.shim.clone().unwrap_or_else(|| {
         std::env::current_exe()
@@ -496,7 +504,7 @@ async fn start_engines(
         store: secrets::SecretStore::new(state_dir.join("secrets")),
     });
     tokio::task::spawn_blocking(move || {
-        engines::EngineRuntime::start_with(cfg, cgroups, spawner, volume, secrets)
+        engines::EngineRuntime::start_full(cfg, cgroups, spawner, volume, secrets, boundaries)
     })
     .await
     .map_err(|e| AgentError::Engines(e.to_string()))?

@@ -97,6 +97,109 @@ fn host_addr(f: Family, v: u128) -> IpAddr {
 pub struct Options {
     /// The internal networks.
     pub internal: crate::model::Peers,
+    /// Engines with an egress boundary of their own (see [`EngineEgress`]).
+    pub engines: Vec<EngineEgress>,
+}
+
+/// Most engines with an egress boundary in one table: each adds a chain
+/// and its sets, and every engine packet walks the jump rules in turn.
+pub const ENGINES_MAX: usize = 256;
+
+/// Where nft resolves a `socket cgroupv2` path (fixed in nft 1.0.6).
+pub const CGROUP2_BASE: &str = "/sys/fs/cgroup";
+
+/// An engine's egress boundary, enforced on the packets of sockets in its
+/// cgroup (the engines share the node's network namespace). nft turns the
+/// path into the cgroup's id when the table is loaded, so the directory
+/// must exist then, and a cgroup made again under the same name is a new
+/// id: the agent keeps the engine's cgroup for as long as the rules name
+/// it (docs/netpolicy.md, "Engines").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineEgress {
+    /// The engine (rule comments).
+    pub name: String,
+    /// Its cgroup below [`CGROUP2_BASE`], as nft resolves it.
+    pub cgroup: String,
+    /// Depth of that cgroup in the cgroup v2 hierarchy (1: a child of the
+    /// root): the rule matches a socket whose cgroup has this ancestor at
+    /// that level, so every instance below the engine's cgroup is covered.
+    pub level: u32,
+    /// The engine's egress boundary (its outbound entries are enforced).
+    pub boundary: Boundary,
+}
+
+/// Why an [`EngineEgress`] cannot be made.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EgressError {
+    /// The cgroup is not below [`CGROUP2_BASE`] or not a plain path.
+    #[error("engine {engine}: cgroup {cgroup} cannot be named to nft: {reason}")]
+    Cgroup {
+        /// The engine.
+        engine: String,
+        /// The path given.
+        cgroup: String,
+        /// Why.
+        reason: &'static str,
+    },
+}
+
+impl EngineEgress {
+    /// The rules for engine `name` whose cgroup is the directory `dir` of
+    /// the cgroup v2 mount `mount` (nft reads paths below [`CGROUP2_BASE`],
+    /// so `dir` must be there; `mount` gives the level).
+    pub fn new(
+        name: &str,
+        mount: &std::path::Path,
+        dir: &std::path::Path,
+        boundary: Boundary,
+    ) -> Result<EngineEgress, EgressError> {
+        let bad = |reason| EgressError::Cgroup {
+            engine: name.to_owned(),
+            cgroup: dir.display().to_string(),
+            reason,
+        };
+        let rel = dir
+            .strip_prefix(CGROUP2_BASE)
+            .map_err(|_| bad("not below /sys/fs/cgroup"))?;
+        let depth = dir
+            .strip_prefix(mount)
+            .map_err(|_| bad("not below the cgroup v2 mount"))?
+            .components()
+            .count();
+        let mut parts = Vec::new();
+        for c in rel.components() {
+            match c {
+                std::path::Component::Normal(s) => match s.to_str() {
+                    Some(s)
+                        if s.bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) =>
+                    {
+                        parts.push(s)
+                    }
+                    _ => return Err(bad("a part is not [A-Za-z0-9._-]")),
+                },
+                _ => return Err(bad("not a plain path")),
+            }
+        }
+        if depth == 0 {
+            return Err(bad("the root of the hierarchy is every process"));
+        }
+        // The name goes into rule comments (nft: 128 bytes, quoted).
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        {
+            return Err(bad("the engine name is not 1-64 of [A-Za-z0-9._-]"));
+        }
+        Ok(EngineEgress {
+            name: name.to_owned(),
+            cgroup: parts.join("/"),
+            level: u32::try_from(depth).map_err(|_| bad("too deep"))?,
+            boundary,
+        })
+    }
 }
 
 /// What entries sharing sets have in common: directions and protocols
@@ -476,6 +579,45 @@ fn level(
     }
 }
 
+/// The engines' egress (see [`Ruleset::build_with`]): one output chain at
+/// priority -3 (after the landlord's and the tenant's) sends the packets
+/// of each engine's sockets, matched by cgroup, to the engine's own chain,
+/// which accepts what the engine's outbound entries allow and ends with the
+/// engine boundary's action, counted. Packets without a socket (the
+/// kernel's own, neighbour discovery) and other processes pass this chain.
+fn engines(out: &mut String, sets: &mut BTreeMap<String, SetDef>, es: &[EngineEgress]) {
+    if es.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        out,
+        "  chain engines_out {{\n    type filter hook output priority -3; policy accept;\n    ct state established,related accept\n    oif \"lo\" accept"
+    );
+    for (k, e) in es.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "    socket cgroupv2 level {} \"{}\" jump engine{k} comment \"engine {}\"",
+            e.level, e.cgroup, e.name
+        );
+    }
+    out.push_str("  }\n");
+    for (k, e) in es.iter().enumerate() {
+        let allow = groups(sets, &format!("e{k}a"), &e.boundary.allow);
+        let _ = writeln!(out, "  chain engine{k} {{");
+        for g in &allow {
+            group_rules(out, g, Hook::Output);
+        }
+        let note = format!("leasehold: engine {} denied", e.name);
+        let last = match e.boundary.action {
+            Action::Drop => format!("counter drop comment \"{note}\""),
+            Action::Reject => format!(
+                "meta l4proto tcp counter reject with tcp reset comment \"{note}\"\n    counter reject with icmpx type admin-prohibited comment \"{note}\""
+            ),
+        };
+        let _ = writeln!(out, "    {last}\n  }}");
+    }
+}
+
 /// From this many hosts on a hash set is created with a size: the kernel
 /// then takes a fixed-size hash table instead of one that grows as
 /// elements come (measured: 100k elements over netlink 150-280 ms into a
@@ -550,6 +692,7 @@ impl Ruleset {
             let tallow = groups(&mut sets, "tta", &t.allow);
             level(&mut chains, "tenant", -5, t.action, &common, &tallow);
         }
+        engines(&mut chains, &mut sets, &options.engines);
         Ruleset {
             sets,
             chains,
@@ -1169,6 +1312,92 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn engine_egress_jumps_by_cgroup_to_its_own_chain() {
+        let c = doc("action = \"drop\"\n[[allow]]\nname = \"all\"\npeers = [\"0.0.0.0/0\"]\n");
+        let egress = BoundaryDoc::from_toml(
+            "action = \"drop\"\n[[allow]]\nname = \"db\"\npeers = [\"10.1.2.3\"]\ndirection = \"out\"\nprotocols = [{ proto = \"tcp\", ports = [5432] }]\n",
+        )
+        .unwrap()
+        .validate(false)
+        .unwrap();
+        let mount = std::path::Path::new("/sys/fs/cgroup");
+        let e = EngineEgress::new(
+            "web",
+            mount,
+            &mount.join("leasehold.slice/tenant/web"),
+            egress.clone(),
+        )
+        .unwrap();
+        assert_eq!(
+            (e.cgroup.as_str(), e.level),
+            ("leasehold.slice/tenant/web", 3)
+        );
+        let opts = Options {
+            engines: vec![e],
+            ..Options::default()
+        };
+        let rs = Ruleset::build_with(&c, None, &opts);
+        let text = rs.full_script();
+        assert!(
+            text.contains(
+                "chain engines_out {\n    type filter hook output priority -3; policy accept;"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("socket cgroupv2 level 3 \"leasehold.slice/tenant/web\" jump engine0 comment \"engine web\""), "{text}");
+        assert!(
+            text.contains(
+                "ip daddr @e0a0_h4 meta l4proto tcp tcp dport { 5432 } accept comment \"db\""
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("counter drop comment \"leasehold: engine web denied\""),
+            "{text}"
+        );
+        assert!(
+            text.contains("set e0a0_h4 {\n    type ipv4_addr\n    elements = { 10.1.2.3 }"),
+            "{text}"
+        );
+        let counts = rs.rule_counts();
+        assert_eq!(counts.get("engines_out"), Some(&3));
+        assert_eq!(counts.get("engine0"), Some(&2));
+        // Suffixed generations rename the engine's sets too.
+        assert!(rs
+            .clone()
+            .with_suffix("_g1")
+            .full_script()
+            .contains("@e0a0_h4_g1"));
+        // Without engines nothing of this is in the table.
+        assert!(!Ruleset::build(&c, None).full_script().contains("engine"));
+        // Paths nft cannot be given are refused by name, before any table.
+        for (dir, mnt) in [
+            ("/tmp/x/web", "/tmp/x"),
+            ("/sys/fs/cgroup/a\"b/web", "/sys/fs/cgroup"),
+            ("/sys/fs/cgroup/../web", "/sys/fs/cgroup"),
+            ("/sys/fs/cgroup", "/sys/fs/cgroup"),
+        ] {
+            let err = EngineEgress::new(
+                "web",
+                std::path::Path::new(mnt),
+                std::path::Path::new(dir),
+                egress.clone(),
+            )
+            .unwrap_err();
+            assert!(err.to_string().starts_with("engine web: cgroup "), "{err}");
+        }
+        // A hybrid host: the cgroup2 mount below the base, level from the mount.
+        let e = EngineEgress::new(
+            "web",
+            std::path::Path::new("/sys/fs/cgroup/unified"),
+            std::path::Path::new("/sys/fs/cgroup/unified/t/web"),
+            egress,
+        )
+        .unwrap();
+        assert_eq!((e.cgroup.as_str(), e.level), ("unified/t/web", 2));
     }
 
     #[test]

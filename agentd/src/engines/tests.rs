@@ -1590,3 +1590,122 @@ fn real_network_probes_reach_an_engines_server() {
 }
 
 mod budget;
+
+/// Records the egress rules asked for (and how many engines were spawned
+/// by then); refuses every install while `fail` is set.
+struct FakeEgress {
+    sp: Arc<FakeSpawner>,
+    calls: Mutex<Vec<(String, Option<PathBuf>, usize)>>,
+    fail: bool,
+}
+
+impl EgressRules for FakeEgress {
+    fn set(&self, engine: &str, rules: Option<(PathBuf, Boundary)>) -> Result<(), String> {
+        let spawned = self.sp.spawned.lock().unwrap().len();
+        let dir = rules.as_ref().map(|(d, _)| d.clone());
+        self.calls
+            .lock()
+            .unwrap()
+            .push((engine.to_owned(), dir, spawned));
+        if self.fail && rules.is_some() {
+            return Err("nft refused".into());
+        }
+        Ok(())
+    }
+}
+
+impl Fix {
+    fn runtime_with_egress(&self, egress: Arc<FakeEgress>) -> EngineRuntime {
+        EngineRuntime::start_full(
+            self.cfg.clone(),
+            self.cg.clone(),
+            self.sp.clone(),
+            self.vol.clone(),
+            Arc::new(NoSecrets),
+            egress,
+        )
+        .unwrap()
+    }
+}
+
+const EGRESS_SPEC: &str = "command = [\"/bin/app\"]\n[egress]\naction = \"drop\"\n[[egress.allow]]\nname = \"db\"\npeers = [\"10.1.2.3\"]\ndirection = \"out\"\n";
+
+/// Issue 14: an engine's egress rules, for its own cgroup (every
+/// instance below it), are installed before its first instance is
+/// spawned and removed at rm before its cgroup goes.
+#[test]
+fn egress_rules_go_in_before_the_engine_runs_and_out_at_rm() {
+    let f = fixture(false);
+    let eg = Arc::new(FakeEgress {
+        sp: f.sp.clone(),
+        calls: Mutex::default(),
+        fail: false,
+    });
+    let mut rt = f.runtime_with_egress(eg.clone());
+    rt.deploy("web", "app.tar", &spec(EGRESS_SPEC)).unwrap();
+    rt.start("web").unwrap();
+    until(&rt, "web", |s| s.phase == Phase::Ready);
+    assert_eq!(
+        eg.calls.lock().unwrap().clone(),
+        [(
+            "web".to_owned(),
+            Some(PathBuf::from("/fake-cgroup/leasehold/tenant/web")),
+            0
+        )],
+        "installed once, for the engine's cgroup, before anything ran"
+    );
+    rt.stop("web", None).unwrap();
+    until(&rt, "web", |s| s.phase == Phase::Stopped);
+    rt.rm("web").unwrap();
+    let calls = eg.calls.lock().unwrap().clone();
+    assert_eq!(calls.last().unwrap().0, "web");
+    assert_eq!(calls.last().unwrap().1, None, "removed at rm: {calls:?}");
+}
+
+/// A refused install fails the launch (launch-failed names the reason)
+/// and nothing is spawned: the engine never runs unconfined.
+#[test]
+fn a_refused_egress_install_fails_the_launch_closed() {
+    let f = fixture(false);
+    let eg = Arc::new(FakeEgress {
+        sp: f.sp.clone(),
+        calls: Mutex::default(),
+        fail: true,
+    });
+    let mut rt = f.runtime_with_egress(eg.clone());
+    rt.deploy("web", "app.tar", &spec(EGRESS_SPEC)).unwrap();
+    rt.start("web").unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    let ev = loop {
+        let evs = rt.view().events(0, 100);
+        if let Some(e) = evs.into_iter().find(|e| e.kind == "launch-failed") {
+            break e;
+        }
+        assert!(Instant::now() < end, "no launch-failed event");
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    assert!(
+        ev.detail.contains("egress rules: nft refused"),
+        "{}",
+        ev.detail
+    );
+    assert!(f.sp.spawned.lock().unwrap().is_empty(), "nothing ran");
+    // Without egress in the spec the runtime asks for no rules at all.
+    let f2 = fixture(false);
+    let eg2 = Arc::new(FakeEgress {
+        sp: f2.sp.clone(),
+        calls: Mutex::default(),
+        fail: true,
+    });
+    let mut rt2 = f2.runtime_with_egress(eg2.clone());
+    rt2.deploy("web", "app.tar", &spec("command = [\"/bin/app\"]\n"))
+        .unwrap();
+    rt2.start("web").unwrap();
+    until(&rt2, "web", |s| s.phase == Phase::Ready);
+    assert!(eg2
+        .calls
+        .lock()
+        .unwrap()
+        .iter()
+        .all(|(_, d, _)| d.is_none()));
+}
