@@ -109,6 +109,10 @@ pub struct HealthSection {
     /// Seconds between the agent's own reports (metrics, `FaultsChanged`).
     #[serde(default = "default_health_interval")]
     pub interval_secs: u64,
+    /// Corrective actions (`[[health.action]]`, docs/health.md
+    /// "Corrective actions"); none by default.
+    #[serde(default)]
+    pub action: Vec<crate::actions::Rule>,
 }
 
 impl Default for HealthSection {
@@ -125,6 +129,7 @@ impl Default for HealthSection {
             smartctl: default_smartctl(),
             sys_root: default_sys_root(),
             interval_secs: default_health_interval(),
+            action: Vec::new(),
         }
     }
 }
@@ -636,6 +641,7 @@ impl Config {
                 format!("{} is outside 2..=3600", h.interval_secs),
             ));
         }
+        crate::actions::validate(&h.action).map_err(|e| invalid("health.action", e))?;
         for (key, p) in [
             ("health.smartctl", &h.smartctl),
             ("health.sys_root", &h.sys_root),

@@ -6,6 +6,7 @@
 //! (SIGHUP is logged and ignored). See docs/agentd.md for options and exit
 //! codes.
 
+mod actions;
 mod api;
 mod auth;
 mod boundary;
@@ -272,7 +273,7 @@ async fn run(args: &Args) -> Result<(), AgentError> {
         key_cfg,
         cfg.storage.clone(),
         cfg.engines.clone(),
-        cfg.health.settings(),
+        cfg.health.clone(),
         metrics_setup,
         args.oneshot,
         intervals,
@@ -313,7 +314,7 @@ async fn serve(
     key_cfg: KeyConfig,
     storage: config::StorageSection,
     engines_cfg: config::EnginesSection,
-    health: leasehold_health::Settings,
+    health: config::HealthSection,
     metrics_setup: metrics::Setup,
     oneshot: bool,
     intervals: Intervals,
@@ -513,7 +514,7 @@ async fn serve_bus(
     volume: Arc<volume::Volume>,
     uploads: Arc<upload::Uploads>,
     engines: engines::EngineRuntime,
-    health: leasehold_health::Settings,
+    health: config::HealthSection,
     metrics_setup: metrics::Setup,
     intervals: Intervals,
     state_dir: &Path,
@@ -560,14 +561,16 @@ async fn serve_bus(
         intervals.tpm,
     ));
     let keys_for_watchdog = keys.clone();
-    let health_monitor = Arc::new(leasehold_health::Monitor::new(health).with_checks(Arc::new(
-        health::AgentChecks {
-            keys: keys.clone(),
-            boundaries: boundaries.clone(),
-            volume: volume.clone(),
-            node: node.clone(),
-        },
-    )));
+    let health_monitor = Arc::new(
+        leasehold_health::Monitor::new(health.settings()).with_checks(Arc::new(
+            health::AgentChecks {
+                keys: keys.clone(),
+                boundaries: boundaries.clone(),
+                volume: volume.clone(),
+                node: node.clone(),
+            },
+        )),
+    );
     let ctx = Arc::new(api::Ctx {
         node: node.clone(),
         auth: auth::Authorizer::new(auth_conn, intervals.auth_timeout, intervals.auth_reuse),
@@ -645,7 +648,21 @@ async fn serve_bus(
         .map_err(AgentError::Bus)?;
     conn.request_name(BUS_NAME).await.map_err(AgentError::Bus)?;
     info!(name = BUS_NAME, "serving on the system bus");
-    tokio::spawn(collect::run(health_monitor, intervals.health, conn.clone()));
+    let corrective = actions::Actions::new(
+        health.action.clone(),
+        state_dir,
+        actions::Runner {
+            node: node.clone(),
+            conn: conn.clone(),
+            records: actions::RecordStore::new(state_dir),
+        },
+    );
+    tokio::spawn(collect::run(
+        health_monitor,
+        intervals.health,
+        conn.clone(),
+        corrective,
+    ));
     // The unit is Type=notify: this is the one place the agent starts
     // serving, so every start that serves says so.
     liveness::ready();
