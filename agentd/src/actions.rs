@@ -1,5 +1,5 @@
 //! Corrective actions on health faults (docs/health.md "Corrective
-//! actions"): `[[health.action]]` rules matched against each periodic
+//! actions on the node"): `[[health.action]]` rules matched against each periodic
 //! report, a cooldown per rule persisted in the state dir, and a signed
 //! record of every action that touched the tenant's workloads.
 //!
@@ -361,6 +361,9 @@ pub struct RecordBody {
     pub rule: String,
     /// What was done.
     pub action: String,
+    /// The tenant's key fingerprint then (None: no tenant): the tenant
+    /// whose `ListActionRecords` shows the record.
+    pub tenant_key: Option<String>,
     /// The faults that made it.
     pub faults: Vec<Fault>,
     /// `stop-engines`: what stopped.
@@ -444,11 +447,68 @@ impl RecordStore {
         Ok(ids.into_iter().map(|(_, _, id)| id).collect())
     }
 
-    /// The stored document of `id` (`{"body": …, "signature": …}`).
+    /// The stored document of `id` (`{"receipt": …, "receipt_signature": …}`).
     pub fn read(&self, id: &str) -> Result<String, ActionError> {
         let path = self.dir.join(format!("{id}.json"));
         std::fs::read_to_string(&path).map_err(|source| ActionError::Io { path, source })
     }
+
+    /// The records made while the tenant with key fingerprint
+    /// `tenant_key` was assigned, oldest first. A file that does not read
+    /// back as a record is skipped (logged): one bad file must not hide
+    /// the others.
+    pub fn list_for(&self, tenant_key: &str) -> Result<Vec<StoredRecord>, ActionError> {
+        let mut out = Vec::new();
+        for id in self.ids()? {
+            match self.read(&id).map(|t| parse_stored(&id, &t)) {
+                Ok(Some(r)) if r.tenant_key.as_deref() == Some(tenant_key) => out.push(r),
+                Ok(Some(_)) => {}
+                Ok(None) => warn!(record = %id, "an action record does not read back; skipped"),
+                Err(e) => warn!(error = %e, "an action record cannot be read; skipped"),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One stored record, as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecord {
+    /// Id (file name without `.json`).
+    pub id: String,
+    /// From the body.
+    pub time: u64,
+    /// From the body.
+    pub action: String,
+    /// From the body.
+    pub signer: String,
+    /// From the body.
+    pub tenant_key: Option<String>,
+    /// The body, exactly as signed.
+    pub body: String,
+    /// Base64 signature.
+    pub signature: String,
+}
+
+fn parse_stored(id: &str, text: &str) -> Option<StoredRecord> {
+    let doc: serde_json::Value = serde_json::from_str(text).ok()?;
+    let body = doc.get(receipt_json::BODY)?.as_str()?.to_owned();
+    let signature = doc.get(receipt_json::SIGNATURE)?.as_str()?.to_owned();
+    let b: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let s = |k: &str| {
+        b.get(k)
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+    };
+    Some(StoredRecord {
+        id: id.to_owned(),
+        time: b.get("time")?.as_u64()?,
+        action: s("action")?,
+        signer: s("signer")?,
+        tenant_key: s("tenant_key"),
+        body,
+        signature,
+    })
 }
 
 /// What runs the actions: the node controller (engines, signing), the
@@ -496,6 +556,7 @@ impl Runner {
             time: unix_now(),
             rule: f.rule.name.clone(),
             action: f.rule.action.as_str().into(),
+            tenant_key: snap.status.tenant.as_ref().map(|t| t.fingerprint.clone()),
             faults: f.faults.clone(),
             engines,
             signer: snap.receipt_key.fingerprint.clone(),

@@ -110,7 +110,7 @@ pub struct HealthSection {
     #[serde(default = "default_health_interval")]
     pub interval_secs: u64,
     /// Corrective actions (`[[health.action]]`, docs/health.md
-    /// "Corrective actions"); none by default.
+    /// "Corrective actions on the node"); none by default.
     #[serde(default)]
     pub action: Vec<crate::actions::Rule>,
 }

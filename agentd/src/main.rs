@@ -580,6 +580,7 @@ async fn serve_bus(
         uploads,
         tpm_health,
         receipts: receipts::ReceiptStore::new(state_dir),
+        action_records: actions::RecordStore::new(state_dir),
         health: health_monitor.clone(),
         health_interval: intervals.health,
         keys,

@@ -130,7 +130,7 @@ pub enum Command {
         budget: leasehold_engines::budget::Budget,
     },
     /// The agent itself: sign the body of a corrective action's record
-    /// with the node's receipt key (docs/health.md "Corrective actions").
+    /// with the node's receipt key (docs/health.md "Corrective actions on the node").
     /// Never reachable from a D-Bus caller's input.
     SignRecord {
         /// The JSON body, signed as given.
