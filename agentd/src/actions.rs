@@ -30,6 +30,11 @@ pub const MAX_RECORDS: usize = 256;
 pub const MIN_POWER_COOLDOWN_SECS: u64 = 600;
 /// Longest a hook may run before it is killed.
 pub const MAX_HOOK_TIMEOUT_SECS: u64 = 300;
+/// The cooldown key of engines' `on_failure = ["reboot-node"]` (a name
+/// no configured rule may take).
+pub const ENGINE_REBOOT_RULE: &str = "engines-reboot-node";
+/// Least seconds between two reboots an engine asked for.
+pub const ENGINE_REBOOT_COOLDOWN_SECS: u64 = 3600;
 /// The body format of an action record.
 pub const RECORD_FORMAT: u32 = 1;
 
@@ -143,6 +148,9 @@ pub fn validate(rules: &[Rule]) -> Result<(), String> {
                 .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
         {
             return Err(at("name", "1 to 64 of A-Z a-z 0-9 - _".into()));
+        }
+        if r.name == ENGINE_REBOOT_RULE {
+            return Err(at("name", "reserved for engines' reboot-node".into()));
         }
         if !names.insert(r.name.as_str()) {
             return Err(at("name", "used by an earlier rule".into()));
@@ -703,11 +711,51 @@ impl Actions {
         }
     }
 
+    /// An engine's `on_failure = ["reboot-node"]` (the landlord allowed it):
+    /// the same persisted cooldown, record and logind call as a rule's
+    /// reboot, under its own key ([`ENGINE_REBOOT_RULE`], one reboot an
+    /// hour at most).
+    pub async fn engine_reboot(&mut self, engine: &str, why: &str) {
+        let rule = engine_reboot_rule();
+        match self.limiter.take(&rule, unix_now()) {
+            Ok(true) => {
+                let faults = vec![Fault {
+                    severity: Severity::Critical,
+                    source: Source::Engines,
+                    subject: engine.to_owned(),
+                    message: format!("on_failure reboot-node: {why}"),
+                }];
+                self.runner.run(Firing { rule, faults }).await;
+            }
+            Ok(false) => warn!(
+                event = "health-action-cooldown",
+                engine, "an engine asked for a reboot within the cooldown; not done"
+            ),
+            Err(e) => {
+                error!(event = "health-action-refused", engine, error = %e, "an engine's reboot cannot be recorded; not done")
+            }
+        }
+    }
+
     /// Runs what this report fires, one after the other.
     pub async fn on_report(&mut self, faults: &[Fault]) {
         for f in self.matcher.next(faults, &mut self.limiter, unix_now()) {
             self.runner.run(f).await;
         }
+    }
+}
+
+/// The rule engines' `reboot-node` runs under.
+pub fn engine_reboot_rule() -> Rule {
+    Rule {
+        name: ENGINE_REBOOT_RULE.into(),
+        source: Some(Source::Engines),
+        severity: Severity::Critical,
+        action: Kind::Reboot,
+        priority: Priority::default(),
+        command: Vec::new(),
+        timeout_secs: default_timeout(),
+        cooldown_secs: Some(ENGINE_REBOOT_COOLDOWN_SECS),
     }
 }
 

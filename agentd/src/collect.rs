@@ -45,7 +45,7 @@ pub async fn run(
     monitor: Arc<Monitor>,
     interval: Duration,
     conn: zbus::Connection,
-    mut actions: crate::actions::Actions,
+    actions: Arc<tokio::sync::Mutex<crate::actions::Actions>>,
 ) {
     let mut ticks = tokio::time::interval(interval);
     // A report can take up to 23 s (smartctl): the next one starts an
@@ -81,7 +81,7 @@ pub async fn run(
                 warn!(error = %e, "cannot emit FaultsChanged");
             }
         }
-        actions.on_report(&report.faults).await;
+        actions.lock().await.on_report(&report.faults).await;
         prev = Some(report.faults);
     }
 }

@@ -214,6 +214,11 @@ pub struct EnginesSection {
     /// Most bytes of one image upload into the inbox (`BeginUpload`).
     #[serde(default = "default_upload_max_bytes")]
     pub upload_max_bytes: u64,
+    /// Whether the tenant's engines may reboot the node
+    /// (`on_failure = ["reboot-node"]`), at most once an hour, with a
+    /// signed record (docs/engines.md). Off: logged and ignored.
+    #[serde(default)]
+    pub allow_reboot_node: bool,
 }
 
 impl Default for EnginesSection {
@@ -227,6 +232,7 @@ impl Default for EnginesSection {
             uid_base: default_uid_base(),
             log_max_bytes: default_log_max_bytes(),
             upload_max_bytes: default_upload_max_bytes(),
+            allow_reboot_node: false,
         }
     }
 }

@@ -433,13 +433,22 @@ async fn serve(
                 }
             }
         }
-        let engines = start_engines(engines_cfg, &state_dir, volume.clone(), keys.clone()).await?;
+        let (reboot_tx, reboot_rx) = tokio::sync::mpsc::unbounded_channel();
+        let engines = start_engines(
+            engines_cfg,
+            &state_dir,
+            volume.clone(),
+            keys.clone(),
+            reboot_tx,
+        )
+        .await?;
         serve_bus(
             keys.clone(),
             boundaries,
             volume.clone(),
             uploads,
             engines,
+            reboot_rx,
             health,
             metrics_setup,
             intervals,
@@ -469,6 +478,7 @@ async fn start_engines(
     state_dir: &Path,
     volume: Arc<volume::Volume>,
     keys: Arc<Keys>,
+    reboot_node: tokio::sync::mpsc::UnboundedSender<(String, String)>,
 ) -> Result<engines::EngineRuntime, AgentError> {
     let shim = c.shim.clone().unwrap_or_else(|| {
         std::env::current_exe()
@@ -484,6 +494,7 @@ async fn start_engines(
         uid_base: c.uid_base,
         state_dir: state_dir.to_owned(),
         log_max_bytes: c.log_max_bytes,
+        reboot_node: c.allow_reboot_node.then_some(reboot_node),
     };
     let cgroups = Arc::new(leasehold_engines::cgroup::CgroupFs::with_root(Some(
         &c.cgroup_root,
@@ -514,6 +525,7 @@ async fn serve_bus(
     volume: Arc<volume::Volume>,
     uploads: Arc<upload::Uploads>,
     engines: engines::EngineRuntime,
+    mut reboot_rx: tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
     health: config::HealthSection,
     metrics_setup: metrics::Setup,
     intervals: Intervals,
@@ -649,7 +661,7 @@ async fn serve_bus(
         .map_err(AgentError::Bus)?;
     conn.request_name(BUS_NAME).await.map_err(AgentError::Bus)?;
     info!(name = BUS_NAME, "serving on the system bus");
-    let corrective = actions::Actions::new(
+    let corrective = Arc::new(tokio::sync::Mutex::new(actions::Actions::new(
         health.action.clone(),
         state_dir,
         actions::Runner {
@@ -657,7 +669,15 @@ async fn serve_bus(
             conn: conn.clone(),
             records: actions::RecordStore::new(state_dir),
         },
-    );
+    )));
+    {
+        let corrective = corrective.clone();
+        tokio::spawn(async move {
+            while let Some((engine, why)) = reboot_rx.recv().await {
+                corrective.lock().await.engine_reboot(&engine, &why).await;
+            }
+        });
+    }
     tokio::spawn(collect::run(
         health_monitor,
         intervals.health,

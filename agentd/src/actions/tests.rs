@@ -163,3 +163,22 @@ fn records_are_bounded_and_in_the_receipt_spelling() {
         &format!("{}-0", 7 + MAX_RECORDS as u64)
     );
 }
+
+#[test]
+fn engine_reboots_share_one_persisted_hourly_cooldown() {
+    let dir = tempfile::tempdir().unwrap();
+    let rule = engine_reboot_rule();
+    validate(std::slice::from_ref(&rule)).unwrap_err();
+    let mut l = Limiter::load(dir.path()).unwrap();
+    assert!(l.take(&rule, 10_000).unwrap());
+    assert!(!l.take(&rule, 10_000 + 3_599).unwrap());
+    let mut l = Limiter::load(dir.path()).unwrap();
+    assert!(!l.take(&rule, 10_000 + 60).unwrap(), "across a restart");
+    assert!(l.take(&rule, 10_000 + 3_600).unwrap());
+    // No configured rule may take its name (and so its cooldown).
+    let e = validate(&rules(
+        "[[action]]\nname = \"engines-reboot-node\"\nseverity = \"critical\"\naction = \"notify\"\n",
+    ))
+    .unwrap_err();
+    assert!(e.contains("reserved"), "{e}");
+}
