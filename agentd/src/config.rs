@@ -930,6 +930,40 @@ mod tests {
     }
 
     #[test]
+    fn health_actions_errors_name_the_rule_and_field() {
+        let c = parse("[[health.action]]\nname = \"hot\"\nsource = \"thermal\"\nseverity = \"critical\"\naction = \"reboot\"\n[engines]\nallow_reboot_node = true\n").unwrap();
+        assert_eq!(c.health.action.len(), 1);
+        assert_eq!(c.health.action[0].cooldown(), 3600);
+        assert!(c.engines.allow_reboot_node);
+        assert!(parse("").unwrap().health.action.is_empty());
+        assert!(!parse("").unwrap().engines.allow_reboot_node);
+        let rule = |extra: &str| {
+            format!("[[health.action]]\nname = \"r\"\nseverity = \"critical\"\n{extra}\n")
+        };
+        for (text, want) in [
+            (
+                rule("action = \"explode\""),
+                "health.action[0].action: unknown variant `explode`",
+            ),
+            (
+                rule("action = \"notify\"\nsource = \"cpu\""),
+                "health.action[0].source: unknown variant `cpu`",
+            ),
+            (
+                rule("action = \"notify\"\nwhen = 1"),
+                "unknown field `when`",
+            ),
+            (
+                rule("action = \"poweroff\"\ncooldown_secs = 5"),
+                "health.action: [0] (\"r\").cooldown_secs: 5 is below 600",
+            ),
+        ] {
+            let e = parse(&text).unwrap_err().to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
     fn full_file_parses() {
         let c = parse("[tpm]\ntcti = \"swtpm:host=127.0.0.1,port=2321\"\nseal_pcrs = [7]\n[state]\ndir = \"/tmp/x\"\n").unwrap();
         assert_eq!(c.tpm.seal_pcrs, vec![7]);

@@ -116,8 +116,13 @@ cooldown_secs = 0
     assert_eq!(none, serde_json::json!([]));
 
     // The fault: one reboot through logind.
+    let t0 = Instant::now();
     set_ue_and_wait(&lab, &sys, 2);
     assert_eq!(wait_power(&lab), ["reboot"]);
+    eprintln!(
+        "fault written -> reboot asked of logind: {:?} (interval 2 s)",
+        t0.elapsed()
+    );
 
     // It clears and comes back (a flapping sensor): no second reboot
     // within the cooldown. Clearing again makes the next signal, after
