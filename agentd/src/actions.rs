@@ -249,14 +249,20 @@ impl Limiter {
         })
     }
 
-    /// A limiter that counts every rule of `rules` as fired at `now`: what
+    /// A limiter that counts every rule of `rules` (and engines'
+    /// reboot-node) as fired at `now`: what
     /// an unreadable cooldown file gives (fail closed: no reboot until a
     /// full cooldown has passed).
     pub fn closed(state_dir: &Path, rules: &[Rule], now: u64) -> Self {
         Self {
             dir: state_dir.to_owned(),
             doc: LimiterDoc {
-                last: rules.iter().map(|r| (r.name.clone(), now)).collect(),
+                last: rules
+                    .iter()
+                    .map(|r| r.name.clone())
+                    .chain([ENGINE_REBOOT_RULE.to_owned()])
+                    .map(|n| (n, now))
+                    .collect(),
             },
         }
     }

@@ -84,7 +84,7 @@ pub struct RuntimeConfig {
     /// why): the corrective actions' rate-limited reboot. None: the
     /// landlord does not allow it (`[engines] allow_reboot_node`), and the
     /// supervisors never plan it.
-    pub reboot_node: Option<tokio::sync::mpsc::UnboundedSender<(String, String)>>,
+    pub reboot_node: Option<tokio::sync::mpsc::Sender<(String, String)>>,
 }
 
 /// Errors of the runtime; each names the engine, path or step.
@@ -696,7 +696,14 @@ impl Runtime {
                 match &self.cfg.reboot_node {
                     Some(tx) => {
                         tracing::warn!(engine = name, %failure, "the engine asks for a node reboot");
-                        let _ = tx.send((name.to_owned(), failure.to_string()));
+                        // Bounded: requests past a few queued are the
+                        // same request (one reboot an hour at most).
+                        if tx.try_send((name.to_owned(), failure.to_string())).is_err() {
+                            tracing::warn!(
+                                engine = name,
+                                "a node reboot is already asked for; this request is dropped"
+                            );
+                        }
                     }
                     None => {
                         tracing::warn!(engine = name, %failure, "the engine asks for a node reboot; not allowed, ignored")

@@ -433,7 +433,7 @@ async fn serve(
                 }
             }
         }
-        let (reboot_tx, reboot_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (reboot_tx, reboot_rx) = tokio::sync::mpsc::channel(4);
         let engines = start_engines(
             engines_cfg,
             &state_dir,
@@ -478,7 +478,7 @@ async fn start_engines(
     state_dir: &Path,
     volume: Arc<volume::Volume>,
     keys: Arc<Keys>,
-    reboot_node: tokio::sync::mpsc::UnboundedSender<(String, String)>,
+    reboot_node: tokio::sync::mpsc::Sender<(String, String)>,
 ) -> Result<engines::EngineRuntime, AgentError> {
     let shim = c.shim.clone().unwrap_or_else(|| {
         std::env::current_exe()
@@ -525,7 +525,7 @@ async fn serve_bus(
     volume: Arc<volume::Volume>,
     uploads: Arc<upload::Uploads>,
     engines: engines::EngineRuntime,
-    mut reboot_rx: tokio::sync::mpsc::UnboundedReceiver<(String, String)>,
+    mut reboot_rx: tokio::sync::mpsc::Receiver<(String, String)>,
     health: config::HealthSection,
     metrics_setup: metrics::Setup,
     intervals: Intervals,

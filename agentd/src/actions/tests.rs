@@ -89,6 +89,7 @@ fn an_unreadable_limiter_fails_closed() {
     let mut m = Matcher::new(r);
     let hot = [fault(Severity::Critical, Source::Thermal, "zone0")];
     assert!(m.next(&hot, &mut l, 5_100).is_empty());
+    assert!(!l.take(&engine_reboot_rule(), 5_100).unwrap());
 }
 
 #[test]
