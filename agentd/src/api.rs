@@ -46,6 +46,8 @@ pub struct Ctx {
     pub secrets: SecretStore,
     /// The last TPM health check (NodeInfo).
     pub tpm_health: Arc<crate::health::TpmHealth>,
+    /// The corrective actions' records (ListActionRecords).
+    pub action_records: crate::actions::RecordStore,
     /// Receipt reads (ListReceipts, GetReceipt).
     pub receipts: crate::receipts::ReceiptStore,
     /// Health reports (Health1.Report).
@@ -1758,6 +1760,48 @@ impl TenantEnginesApi {
         confirm: bool,
     ) -> Result<(), Error> {
         self.remove_method(&hdr, name, confirm).await
+    }
+
+    async fn list_action_records(
+        &self,
+        #[zbus(header)] hdr: Header<'_>,
+    ) -> Result<Vec<ReceiptInfo>, Error> {
+        self.auth(&hdr, actions::TENANT_ENGINE_READ, "ListActionRecords", "")
+            .await?;
+        self.0.require_tenant()?;
+        // The tenant of now: records made for an earlier tenant (or with
+        // no tenant) are never shown.
+        let Some(key) = self
+            .0
+            .node
+            .snapshot()
+            .status
+            .tenant
+            .as_ref()
+            .map(|t| t.fingerprint.clone())
+        else {
+            return Ok(Vec::new());
+        };
+        let store = self.0.action_records.clone();
+        blocking(move || {
+            store
+                .list_for(&key)
+                .map(|v| {
+                    v.into_iter()
+                        .map(|r| ReceiptInfo {
+                            id: Some(r.id),
+                            time: Some(r.time),
+                            change: Some("health-action".into()),
+                            role: Some(r.action),
+                            signer: Some(r.signer),
+                            receipt: Some(r.body),
+                            receipt_signature: Some(r.signature),
+                        })
+                        .collect()
+                })
+                .map_err(|e| Error::Failed(e.to_string()))
+        })
+        .await
     }
 
     async fn list(&self, #[zbus(header)] hdr: Header<'_>) -> Result<Vec<EngineInfo>, Error> {

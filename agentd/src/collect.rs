@@ -40,7 +40,13 @@ pub fn signal_body(r: &Report) -> (String, String) {
 /// Takes a report every `interval` until the runtime stops; emits
 /// `FaultsChanged` on the landlord's health interface when the set of
 /// faults changed since the previous collection.
-pub async fn run(monitor: Arc<Monitor>, interval: Duration, conn: zbus::Connection) {
+/// Each report then goes to the corrective actions (`crate::actions`).
+pub async fn run(
+    monitor: Arc<Monitor>,
+    interval: Duration,
+    conn: zbus::Connection,
+    actions: Arc<tokio::sync::Mutex<crate::actions::Actions>>,
+) {
     let mut ticks = tokio::time::interval(interval);
     // A report can take up to 23 s (smartctl): the next one starts an
     // interval after, never piled up.
@@ -75,6 +81,7 @@ pub async fn run(monitor: Arc<Monitor>, interval: Duration, conn: zbus::Connecti
                 warn!(error = %e, "cannot emit FaultsChanged");
             }
         }
+        actions.lock().await.on_report(&report.faults).await;
         prev = Some(report.faults);
     }
 }

@@ -116,6 +116,10 @@ pub struct HealthSection {
     /// systemd-networkd's DHCP lease files.
     #[serde(default = "default_leases_dir")]
     pub leases_dir: PathBuf,
+    /// Corrective actions (`[[health.action]]`, docs/health.md
+    /// "Corrective actions on the node"); none by default.
+    #[serde(default)]
+    pub action: Vec<crate::actions::Rule>,
 }
 
 impl Default for HealthSection {
@@ -134,6 +138,7 @@ impl Default for HealthSection {
             interval_secs: default_health_interval(),
             netlink: true,
             leases_dir: default_leases_dir(),
+            action: Vec::new(),
         }
     }
 }
@@ -223,6 +228,11 @@ pub struct EnginesSection {
     /// Most bytes of one image upload into the inbox (`BeginUpload`).
     #[serde(default = "default_upload_max_bytes")]
     pub upload_max_bytes: u64,
+    /// Whether the tenant's engines may reboot the node
+    /// (`on_failure = ["reboot-node"]`), at most once an hour, with a
+    /// signed record (docs/engines.md). Off: logged and ignored.
+    #[serde(default)]
+    pub allow_reboot_node: bool,
 }
 
 impl Default for EnginesSection {
@@ -236,6 +246,7 @@ impl Default for EnginesSection {
             uid_base: default_uid_base(),
             log_max_bytes: default_log_max_bytes(),
             upload_max_bytes: default_upload_max_bytes(),
+            allow_reboot_node: false,
         }
     }
 }
@@ -650,6 +661,7 @@ impl Config {
                 format!("{} is outside 2..=3600", h.interval_secs),
             ));
         }
+        crate::actions::validate(&h.action).map_err(|e| invalid("health.action", e))?;
         for (key, p) in [
             ("health.smartctl", &h.smartctl),
             ("health.sys_root", &h.sys_root),
@@ -936,6 +948,40 @@ mod tests {
             let e = parse(&format!("[health]\n{text}\n"))
                 .unwrap_err()
                 .to_string();
+            assert!(e.contains(want), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn health_actions_errors_name_the_rule_and_field() {
+        let c = parse("[[health.action]]\nname = \"hot\"\nsource = \"thermal\"\nseverity = \"critical\"\naction = \"reboot\"\n[engines]\nallow_reboot_node = true\n").unwrap();
+        assert_eq!(c.health.action.len(), 1);
+        assert_eq!(c.health.action[0].cooldown(), 3600);
+        assert!(c.engines.allow_reboot_node);
+        assert!(parse("").unwrap().health.action.is_empty());
+        assert!(!parse("").unwrap().engines.allow_reboot_node);
+        let rule = |extra: &str| {
+            format!("[[health.action]]\nname = \"r\"\nseverity = \"critical\"\n{extra}\n")
+        };
+        for (text, want) in [
+            (
+                rule("action = \"explode\""),
+                "health.action[0].action: unknown variant `explode`",
+            ),
+            (
+                rule("action = \"notify\"\nsource = \"cpu\""),
+                "health.action[0].source: unknown variant `cpu`",
+            ),
+            (
+                rule("action = \"notify\"\nwhen = 1"),
+                "unknown field `when`",
+            ),
+            (
+                rule("action = \"poweroff\"\ncooldown_secs = 5"),
+                "health.action: [0] (\"r\").cooldown_secs: 5 is below 600",
+            ),
+        ] {
+            let e = parse(&text).unwrap_err().to_string();
             assert!(e.contains(want), "{text}: {e}");
         }
     }

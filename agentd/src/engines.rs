@@ -82,6 +82,11 @@ pub struct RuntimeConfig {
     pub state_dir: PathBuf,
     /// Bytes of output kept per engine (both log files).
     pub log_max_bytes: u64,
+    /// Where an engine's `on_failure = ["reboot-node"]` goes (engine,
+    /// why): the corrective actions' rate-limited reboot. None: the
+    /// landlord does not allow it (`[engines] allow_reboot_node`), and the
+    /// supervisors never plan it.
+    pub reboot_node: Option<tokio::sync::mpsc::Sender<(String, String)>>,
 }
 
 /// Errors of the runtime; each names the engine, path or step.
@@ -754,7 +759,24 @@ impl Runtime {
                 None
             }
             Action::RebootNode { failure } => {
-                tracing::warn!(engine = name, %failure, "the engine asks for a node reboot; not wired yet, ignored");
+                // The supervisor plans it only when allowed; the cooldown,
+                // record and logind call are the corrective actions'.
+                match &self.cfg.reboot_node {
+                    Some(tx) => {
+                        tracing::warn!(engine = name, %failure, "the engine asks for a node reboot");
+                        // Bounded: requests past a few queued are the
+                        // same request (one reboot an hour at most).
+                        if tx.try_send((name.to_owned(), failure.to_string())).is_err() {
+                            tracing::warn!(
+                                engine = name,
+                                "a node reboot is already asked for; this request is dropped"
+                            );
+                        }
+                    }
+                    None => {
+                        tracing::warn!(engine = name, %failure, "the engine asks for a node reboot; not allowed, ignored")
+                    }
+                }
                 None
             }
             Action::Emit(ev) => {
@@ -1190,7 +1212,11 @@ impl Runtime {
         let e = Engine {
             name: name.to_owned(),
             uid,
-            sup: Supervisor::new(VersionId(1), spec.clone()),
+            sup: {
+                let mut sup = Supervisor::new(VersionId(1), spec.clone());
+                sup.set_reboot_allowed(self.cfg.reboot_node.is_some());
+                sup
+            },
             versions,
             live: BTreeMap::new(),
             adoptable: None,
@@ -1904,7 +1930,8 @@ impl EngineRuntime {
                 detail: format!("engine {:?}: {e}", r.name),
             })?;
             let version = VersionId(r.current.id);
-            let sup = Supervisor::new(version, spec);
+            let mut sup = Supervisor::new(version, spec);
+            sup.set_reboot_allowed(rt.cfg.reboot_node.is_some());
             let mut adoptable = None;
             for (i, pid) in &r.instances {
                 let rd = rt.run_dir(&r.name, *i);

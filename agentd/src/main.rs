@@ -6,6 +6,7 @@
 //! (SIGHUP is logged and ignored). See docs/agentd.md for options and exit
 //! codes.
 
+mod actions;
 mod api;
 mod auth;
 mod boundary;
@@ -432,12 +433,14 @@ async fn serve(
                 }
             }
         }
+        let (reboot_tx, reboot_rx) = tokio::sync::mpsc::channel(4);
         let engines = start_engines(
             engines_cfg,
             &state_dir,
             volume.clone(),
             keys.clone(),
             boundaries.clone(),
+            reboot_tx,
         )
         .await?;
         serve_bus(
@@ -446,6 +449,7 @@ async fn serve(
             volume.clone(),
             uploads,
             engines,
+            reboot_rx,
             health,
             metrics_setup,
             intervals,
@@ -476,6 +480,7 @@ async fn start_engines(
     volume: Arc<volume::Volume>,
     keys: Arc<Keys>,
     boundaries: Arc<boundary::Boundaries>,
+    reboot_node: tokio::sync::mpsc::Sender<(String, String)>,
 ) -> Result<engines::EngineRuntime, AgentError> {
     let shim = c.shim.clone().unwrap_or_else(|| {
         std::env::current_exe()
@@ -491,6 +496,7 @@ async fn start_engines(
         uid_base: c.uid_base,
         state_dir: state_dir.to_owned(),
         log_max_bytes: c.log_max_bytes,
+        reboot_node: c.allow_reboot_node.then_some(reboot_node),
     };
     let cgroups = Arc::new(leasehold_engines::cgroup::CgroupFs::with_root(Some(
         &c.cgroup_root,
@@ -571,6 +577,7 @@ async fn serve_bus(
     volume: Arc<volume::Volume>,
     uploads: Arc<upload::Uploads>,
     engines: engines::EngineRuntime,
+    mut reboot_rx: tokio::sync::mpsc::Receiver<(String, String)>,
     health: config::HealthSection,
     metrics_setup: metrics::Setup,
     intervals: Intervals,
@@ -613,9 +620,12 @@ async fn serve_bus(
         .map_err(AgentError::Bus)?;
     // Starting the watcher reads the links, addresses and routes (a few
     // netlink round trips): off the runtime's threads.
-    let monitor = tokio::task::spawn_blocking(move || health_monitor(&health))
-        .await
-        .map_err(|e| AgentError::Node(e.to_string()))?;
+    let monitor = {
+        let health = health.clone();
+        tokio::task::spawn_blocking(move || health_monitor(&health))
+    }
+    .await
+    .map_err(|e| AgentError::Node(e.to_string()))?;
     let tpm_health = Arc::new(health::TpmHealth::default());
     tokio::spawn(health::watch(
         keys.clone(),
@@ -638,6 +648,7 @@ async fn serve_bus(
         uploads,
         tpm_health,
         receipts: receipts::ReceiptStore::new(state_dir),
+        action_records: actions::RecordStore::new(state_dir),
         health: health_monitor.clone(),
         health_interval: intervals.health,
         keys,
@@ -710,7 +721,29 @@ async fn serve_bus(
         .map_err(AgentError::Bus)?;
     conn.request_name(BUS_NAME).await.map_err(AgentError::Bus)?;
     info!(name = BUS_NAME, "serving on the system bus");
-    tokio::spawn(collect::run(health_monitor, intervals.health, conn.clone()));
+    let corrective = Arc::new(tokio::sync::Mutex::new(actions::Actions::new(
+        health.action.clone(),
+        state_dir,
+        actions::Runner {
+            node: node.clone(),
+            conn: conn.clone(),
+            records: actions::RecordStore::new(state_dir),
+        },
+    )));
+    {
+        let corrective = corrective.clone();
+        tokio::spawn(async move {
+            while let Some((engine, why)) = reboot_rx.recv().await {
+                corrective.lock().await.engine_reboot(&engine, &why).await;
+            }
+        });
+    }
+    tokio::spawn(collect::run(
+        health_monitor,
+        intervals.health,
+        conn.clone(),
+        corrective,
+    ));
     // The unit is Type=notify: this is the one place the agent starts
     // serving, so every start that serves says so.
     liveness::ready();

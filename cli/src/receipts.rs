@@ -59,6 +59,9 @@ pub enum Node<'a> {
     Landlord(&'a Connection),
     /// The tenant's interface.
     Tenant(&'a Connection),
+    /// The tenant's corrective-action records (`tenantctl actions`), read
+    /// through `TenantEngines1.ListActionRecords`.
+    TenantActions(&'a Connection),
 }
 
 fn unavailable(e: zbus::Error) -> CliError {
@@ -82,6 +85,13 @@ impl Node<'_> {
                     .list_receipts()
                     .await?
             }
+            Node::TenantActions(c) => {
+                leasehold_dbus_api::tenant_engines::TenantEnginesProxy::new(c)
+                    .await
+                    .map_err(unavailable)?
+                    .list_action_records()
+                    .await?
+            }
         })
     }
 
@@ -101,6 +111,18 @@ impl Node<'_> {
                     .get_receipt(id)
                     .await?
             }
+            // The list carries every body (at most 256 records).
+            Node::TenantActions(_) => self
+                .list()
+                .await?
+                .into_iter()
+                .find(|r| r.id.as_deref() == Some(id))
+                .ok_or_else(|| {
+                    CliError::new(
+                        exit::NOT_FOUND,
+                        format!("no action record {id:?} (see `actions list`)"),
+                    )
+                })?,
         })
     }
 
@@ -113,7 +135,7 @@ impl Node<'_> {
                     .get_receipt_key()
                     .await?
             }
-            Node::Tenant(c) => {
+            Node::Tenant(c) | Node::TenantActions(c) => {
                 TenantProxy::new(c)
                     .await
                     .map_err(unavailable)?
@@ -156,6 +178,14 @@ pub async fn run(node: Node<'_>, json: bool, cmd: ReceiptsCommand) -> Result<(),
                 }
                 list.iter()
                     .map(|r| {
+                        if r.change.as_deref() == Some("health-action") {
+                            return format!(
+                                "{}  corrective action {}, {}",
+                                r.id.as_deref().unwrap_or("?"),
+                                r.role.as_deref().unwrap_or("?"),
+                                r.time.map_or_else(|| "?".into(), unix_time_text)
+                            );
+                        }
                         format!(
                             "{}  {} of {} keys, {}",
                             r.id.as_deref().unwrap_or("?"),

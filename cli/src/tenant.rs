@@ -115,6 +115,11 @@ pub enum Command {
     /// The erase receipts of this tenancy (rotations since the assignment).
     #[command(subcommand)]
     Receipts(crate::receipts::ReceiptsCommand),
+    /// The signed records of corrective actions that touched this
+    /// tenant's engines (stop, reboot, power off), made by the landlord's
+    /// health rules. `actions show ID --out FILE`, then verify-receipt.
+    #[command(subcommand)]
+    Actions(crate::receipts::ReceiptsCommand),
     /// Challenge the node's TPM: a quote of a fresh nonce, verified here.
     ///
     /// Proves the node id, boot id, key generations and fingerprints, and
@@ -974,6 +979,9 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         Command::Monitor => crate::status::tenant_monitor(&conn, json).await?,
         Command::Receipts(cmd) => {
             crate::receipts::run(crate::receipts::Node::Tenant(&conn), json, cmd).await?;
+        }
+        Command::Actions(cmd) => {
+            crate::receipts::run(crate::receipts::Node::TenantActions(&conn), json, cmd).await?;
         }
         Command::Generate { .. } | Command::Seal { .. } | Command::VerifyReceipt(_) => {
             unreachable!("handled above")

@@ -705,6 +705,13 @@ pub mod tenant_engines {
             after_seq: u64,
             max: u32,
         ) -> Result<Vec<(u64, u64, String, String, String)>, Error>;
+        /// The signed records of the landlord's corrective actions that
+        /// touched this tenant's workloads (stop-engines, reboot,
+        /// poweroff: docs/health.md "Corrective actions on the node"), oldest first,
+        /// at most 256, each with its body and signature: `Id`, `Time`,
+        /// `Change` ("health-action"), `Role` (the action), `Signer`,
+        /// `Receipt`, `ReceiptSignature`. `verify-receipt` checks them.
+        fn list_action_records(&self) -> Result<Vec<ReceiptInfo>, Error>;
         /// Begins an upload of an image archive of `size` bytes whose
         /// sha256 is `sha256` (64 hex digits) into the tenant's inbox as
         /// `name` (a file name, as `Deploy`'s `image`); returns its id.

@@ -370,6 +370,23 @@ impl Controller {
             Command::Boundary(c) => self.boundary(caller, c),
             Command::Engine(c) => self.engine(caller, c),
             Command::SetBudget { budget } => self.set_budget(caller, &budget),
+            Command::SignRecord { body } => {
+                let sig = self.b.keys.sign(body.as_bytes())?;
+                Ok(Outcome::Signed {
+                    signature: base64::engine::general_purpose::STANDARD.encode(sig),
+                })
+            }
+            Command::StopEngines => {
+                let r = match self.b.engines.stop_all(ERASE_STOP_GRACE) {
+                    Ok(r) => r,
+                    Err(e) => StopReport {
+                        error: Some(e.to_string()),
+                        ..StopReport::default()
+                    },
+                };
+                tracing::warn!(uid = caller.uid, engines = ?r.stopped, killed = ?r.killed, not_stopped = ?r.not_stopped, "engines stopped by a corrective action");
+                Ok(Outcome::EnginesStopped(r))
+            }
         };
         if let Err(e) = &r {
             tracing::debug!(command = name, error = %e, "command refused or failed");

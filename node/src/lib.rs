@@ -129,6 +129,16 @@ pub enum Command {
         /// The new budget (validated again by the controller).
         budget: leasehold_engines::budget::Budget,
     },
+    /// The agent itself: sign the body of a corrective action's record
+    /// with the node's receipt key (docs/health.md "Corrective actions on the node").
+    /// Never reachable from a D-Bus caller's input.
+    SignRecord {
+        /// The JSON body, signed as given.
+        body: String,
+    },
+    /// The agent itself: stop every engine (a corrective action), as a
+    /// rotation stops them.
+    StopEngines,
 }
 
 impl Command {
@@ -147,6 +157,8 @@ impl Command {
             Command::Boundary(_) => "boundary",
             Command::Engine(c) => c.name(),
             Command::SetBudget { .. } => "set-budget",
+            Command::SignRecord { .. } => "sign-record",
+            Command::StopEngines => "stop-engines",
         }
     }
 }
@@ -216,6 +228,13 @@ pub enum Outcome {
     EngineRemoved,
     /// The tenant budget recorded (and written, or why not).
     BudgetSet(BudgetApplied),
+    /// A record signed: RSASSA-PKCS1-v1_5 SHA-256, base64.
+    Signed {
+        /// The signature.
+        signature: String,
+    },
+    /// Every engine asked to stop (what stopped, what did not).
+    EnginesStopped(StopReport),
 }
 
 /// Why a command failed. Nothing changed unless the variant says so.

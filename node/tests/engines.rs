@@ -536,3 +536,37 @@ fn the_landlord_sets_the_budget_and_deploys_are_checked_against_it() {
     let v = node.tenant_usage();
     assert_eq!((v.budget, v.engines), (lower, 4));
 }
+
+/// The corrective actions' commands (docs/health.md "Corrective actions"):
+/// `StopEngines` stops every engine through the runtime as a rotation
+/// does, and `SignRecord` signs the body as given with the node's key.
+#[test]
+fn corrective_actions_stop_engines_and_sign_records() {
+    let (f, node) = with_engines();
+    match run(&node, LANDLORD, Command::StopEngines).expect("stop") {
+        Outcome::EnginesStopped(r) => {
+            assert_eq!(r.error, None);
+            assert!(r.stopped.contains(&"db".to_owned()), "{r:?}");
+        }
+        other => panic!("expected EnginesStopped, got {other:?}"),
+    }
+    assert!(f.world().log.iter().any(|s| s == "engines.stop_all"));
+    let body = r#"{"format":1,"kind":"health-action"}"#;
+    match run(&node, LANDLORD, Command::SignRecord { body: body.into() }).expect("sign") {
+        Outcome::Signed { signature } => {
+            use base64::Engine as _;
+            let sig = base64::engine::general_purpose::STANDARD
+                .decode(signature)
+                .unwrap();
+            // The fake key "signs" by reversing the bytes it was given.
+            let back: Vec<u8> = sig.into_iter().rev().collect();
+            assert_eq!(back, body.as_bytes());
+        }
+        other => panic!("expected Signed, got {other:?}"),
+    }
+    f.fail("engines.stop_all");
+    match run(&node, LANDLORD, Command::StopEngines).expect("a failed stop is reported") {
+        Outcome::EnginesStopped(r) => assert!(r.error.is_some(), "{r:?}"),
+        other => panic!("expected EnginesStopped, got {other:?}"),
+    }
+}

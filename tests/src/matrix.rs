@@ -547,6 +547,9 @@ pub const MATRIX: &[Case] = &[
     engine_case("Status", &["engine", "status", "web"], 5),
     engine_case("Logs", &["engine", "logs", "web"], 5),
     engine_case("Events", &["engine", "events"], 0),
+    // Tenant only: the records are the tenant's proof; the landlord has
+    // the journal (docs/health.md "Corrective actions").
+    engine_case("ListActionRecords", &["actions", "list"], 0),
     // Uploads: a name the agent refuses (6) after authorization, in both
     // labs; an upload id that does not exist (5). `--resume` sends into an
     // upload without beginning one, so each method is the first called;

@@ -39,6 +39,10 @@ const NOT_RUN_HERE: &[(&str, &str)] = &[
         "landlordctl volume init",
         "needs device-mapper and a block device",
     ),
+    (
+        "tenantctl actions show",
+        "needs a corrective action's record: health_actions checks its document with verify-receipt",
+    ),
     ("tenantctl engine deploy", "needs the tenant volume"),
     ("tenantctl engine start", "needs a deployed engine"),
     ("tenantctl engine stop", "needs a deployed engine"),
@@ -972,6 +976,9 @@ fn every_command_prints_its_documented_json() {
         serde_json::to_string_pretty(&change).unwrap().as_bytes(),
     );
     r.ok(t, "tenantctl verify-receipt", &[pretty.to_str().unwrap()]);
+    // No corrective action has run: an empty list.
+    let acts = r.ok(t, "tenantctl actions list", &[]);
+    assert_eq!(acts, json!([]));
     let list = r.ok(t, "tenantctl receipts list", &[]);
     let id = list[0]["id"].as_str().unwrap().to_owned();
     let doc = r.ok(t, "tenantctl receipts show", &[&id]);

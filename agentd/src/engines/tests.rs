@@ -285,6 +285,7 @@ fn fixture(ignore_term: bool) -> Fix {
         uid_base: 200_000,
         state_dir: state,
         log_max_bytes: leasehold_engines::logs::DEFAULT_MAX_BYTES,
+        reboot_node: None,
     };
     Fix {
         tmp,

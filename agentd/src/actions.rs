@@ -1,0 +1,769 @@
+//! Corrective actions on health faults (docs/health.md "Corrective
+//! actions on the node"): `[[health.action]]` rules matched against each periodic
+//! report, a cooldown per rule persisted in the state dir, and a signed
+//! record of every action that touched the tenant's workloads.
+//!
+//! A rule fires when it starts matching (not on every report that still
+//! matches), and only if its cooldown since its last firing has passed.
+//! The firing is written to disk before the action runs, so a crash or
+//! the reboot itself cannot make the agent fire it again on its next
+//! start: at most one reboot per cooldown, across restarts.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use leasehold_dbus_api::receipt_json;
+use leasehold_health::{Fault, Severity, Source};
+use leasehold_node::{Caller, Command, Node, Outcome, Request, StopReport};
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
+
+/// Most rules: each one is matched against every report.
+pub const MAX_RULES: usize = 16;
+/// Records kept; the oldest goes first.
+pub const MAX_RECORDS: usize = 256;
+/// Least cooldown of `reboot` and `poweroff`: a flapping sensor must not
+/// keep the node in a reboot loop.
+pub const MIN_POWER_COOLDOWN_SECS: u64 = 600;
+/// Longest a hook may run before it is killed.
+pub const MAX_HOOK_TIMEOUT_SECS: u64 = 300;
+/// The cooldown key of engines' `on_failure = ["reboot-node"]` (a name
+/// no configured rule may take).
+pub const ENGINE_REBOOT_RULE: &str = "engines-reboot-node";
+/// Least seconds between two reboots an engine asked for.
+pub const ENGINE_REBOOT_COOLDOWN_SECS: u64 = 3600;
+/// The body format of an action record.
+pub const RECORD_FORMAT: u32 = 1;
+
+/// What a rule does.
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// A journal line at the rule's priority (the landlord's
+    /// `FaultsChanged` signal is sent by the collection anyway).
+    Notify,
+    /// Runs the rule's command (no shell) with the faults in its
+    /// environment.
+    Hook,
+    /// Stops every tenant engine through the node controller.
+    StopEngines,
+    /// Reboots through logind.
+    Reboot,
+    /// Powers off through logind.
+    Poweroff,
+}
+
+impl Kind {
+    /// The name in the configuration and records.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Notify => "notify",
+            Kind::Hook => "hook",
+            Kind::StopEngines => "stop-engines",
+            Kind::Reboot => "reboot",
+            Kind::Poweroff => "poweroff",
+        }
+    }
+}
+
+/// The journal priority of a `notify` line.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Priority {
+    /// 5.
+    Notice,
+    /// 4.
+    #[default]
+    Warning,
+    /// 3.
+    Err,
+}
+
+/// One `[[health.action]]`.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// Unique name (the cooldown's key, in logs and records).
+    pub name: String,
+    /// The fault source it matches (none: any).
+    #[serde(default)]
+    pub source: Option<Source>,
+    /// The fault severity it matches, exactly (a sensor that is stuck is
+    /// not a sensor that reads critical).
+    pub severity: Severity,
+    /// What it does.
+    pub action: Kind,
+    /// `notify`: the journal priority.
+    #[serde(default)]
+    pub priority: Priority,
+    /// `hook`: absolute path of the program, then its arguments.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// `hook`: seconds before it is killed.
+    #[serde(default = "default_timeout")]
+    pub timeout_secs: u64,
+    /// Least seconds between two firings (persisted across restarts).
+    /// Default 300; `reboot` and `poweroff` default to 3600 and take no
+    /// less than 600.
+    #[serde(default)]
+    pub cooldown_secs: Option<u64>,
+}
+
+fn default_timeout() -> u64 {
+    30
+}
+
+impl Rule {
+    /// The cooldown that applies.
+    pub fn cooldown(&self) -> u64 {
+        match (self.cooldown_secs, self.action) {
+            (Some(c), _) => c,
+            (None, Kind::Reboot | Kind::Poweroff) => 3600,
+            (None, _) => 300,
+        }
+    }
+
+    fn matches(&self, f: &Fault) -> bool {
+        self.severity == f.severity && self.source.is_none_or(|s| s == f.source)
+    }
+}
+
+/// Checks the rules; the message names the rule by index and name and the
+/// field.
+pub fn validate(rules: &[Rule]) -> Result<(), String> {
+    if rules.len() > MAX_RULES {
+        return Err(format!("{} rules, at most {MAX_RULES}", rules.len()));
+    }
+    let mut names = BTreeSet::new();
+    for (i, r) in rules.iter().enumerate() {
+        let at = |field: &str, why: String| format!("[{i}] ({:?}).{field}: {why}", r.name);
+        if r.name.is_empty()
+            || r.name.len() > 64
+            || !r
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+        {
+            return Err(at("name", "1 to 64 of A-Z a-z 0-9 - _".into()));
+        }
+        if r.name == ENGINE_REBOOT_RULE {
+            return Err(at("name", "reserved for engines' reboot-node".into()));
+        }
+        if !names.insert(r.name.as_str()) {
+            return Err(at("name", "used by an earlier rule".into()));
+        }
+        if r.severity == Severity::Ok {
+            return Err(at("severity", "\"ok\" is no fault".into()));
+        }
+        match r.action {
+            Kind::Hook => {
+                let Some(p) = r.command.first() else {
+                    return Err(at("command", "a hook needs a command".into()));
+                };
+                if !Path::new(p).is_absolute() {
+                    return Err(at("command", format!("{p} is not an absolute path")));
+                }
+                if !(1..=MAX_HOOK_TIMEOUT_SECS).contains(&r.timeout_secs) {
+                    return Err(at(
+                        "timeout_secs",
+                        format!("{} is outside 1..={MAX_HOOK_TIMEOUT_SECS}", r.timeout_secs),
+                    ));
+                }
+            }
+            _ if !r.command.is_empty() => {
+                return Err(at(
+                    "command",
+                    format!("only for \"hook\", not {:?}", r.action.as_str()),
+                ));
+            }
+            _ => {}
+        }
+        let c = r.cooldown();
+        if c > 7 * 86_400 {
+            return Err(at("cooldown_secs", format!("{c} is above a week")));
+        }
+        if matches!(r.action, Kind::Reboot | Kind::Poweroff) && c < MIN_POWER_COOLDOWN_SECS {
+            return Err(at(
+                "cooldown_secs",
+                format!("{c} is below {MIN_POWER_COOLDOWN_SECS} (a flapping sensor must not reboot the node in a loop)"),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Errors of the action state and records.
+#[derive(Debug, thiserror::Error)]
+pub enum ActionError {
+    /// A file cannot be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The cooldown file is not what the agent writes.
+    #[error("{path}: not a cooldown record: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// The cooldown file: per rule, the unix second it last fired.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct LimiterDoc {
+    last: BTreeMap<String, u64>,
+}
+
+/// The rules' cooldowns, persisted in `<state dir>/actions.json`.
+#[derive(Debug)]
+pub struct Limiter {
+    dir: PathBuf,
+    doc: LimiterDoc,
+}
+
+const LIMITER_FILE: &str = "actions.json";
+
+impl Limiter {
+    /// Reads the cooldowns (none yet: none fired).
+    pub fn load(state_dir: &Path) -> Result<Self, ActionError> {
+        let path = state_dir.join(LIMITER_FILE);
+        let doc = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| ActionError::Corrupt {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => LimiterDoc::default(),
+            Err(source) => return Err(ActionError::Io { path, source }),
+        };
+        Ok(Self {
+            dir: state_dir.to_owned(),
+            doc,
+        })
+    }
+
+    /// A limiter that counts every rule of `rules` (and engines'
+    /// reboot-node) as fired at `now`: what
+    /// an unreadable cooldown file gives (fail closed: no reboot until a
+    /// full cooldown has passed).
+    pub fn closed(state_dir: &Path, rules: &[Rule], now: u64) -> Self {
+        Self {
+            dir: state_dir.to_owned(),
+            doc: LimiterDoc {
+                last: rules
+                    .iter()
+                    .map(|r| r.name.clone())
+                    .chain([ENGINE_REBOOT_RULE.to_owned()])
+                    .map(|n| (n, now))
+                    .collect(),
+            },
+        }
+    }
+
+    /// Whether `rule` may fire at `now`; if so, the firing is written
+    /// (atomically) before this returns. A write that fails refuses the
+    /// firing: an action whose cooldown could not be kept does not run.
+    pub fn take(&mut self, rule: &Rule, now: u64) -> Result<bool, ActionError> {
+        if let Some(&last) = self.doc.last.get(&rule.name) {
+            // A clock set back counts as within the cooldown.
+            if now < last.saturating_add(rule.cooldown()) {
+                return Ok(false);
+            }
+        }
+        let before = self.doc.last.insert(rule.name.clone(), now);
+        let bytes = serde_json::to_vec(&self.doc).unwrap_or_default();
+        if let Err(source) = crate::fsutil::write_atomic(&self.dir, LIMITER_FILE, &bytes) {
+            match before {
+                Some(b) => self.doc.last.insert(rule.name.clone(), b),
+                None => self.doc.last.remove(&rule.name),
+            };
+            return Err(ActionError::Io {
+                path: self.dir.join(LIMITER_FILE),
+                source,
+            });
+        }
+        Ok(true)
+    }
+}
+
+/// A rule that fires now, with the faults it matched.
+#[derive(Debug, Clone)]
+pub struct Firing {
+    /// The rule.
+    pub rule: Rule,
+    /// The faults.
+    pub faults: Vec<Fault>,
+}
+
+/// Which rules match, report after report.
+#[derive(Debug)]
+pub struct Matcher {
+    rules: Vec<Rule>,
+    /// Rules that matched the previous report.
+    active: BTreeSet<String>,
+}
+
+impl Matcher {
+    /// With the configured rules.
+    pub fn new(rules: Vec<Rule>) -> Self {
+        Self {
+            rules,
+            active: BTreeSet::new(),
+        }
+    }
+
+    /// The rules that start matching with this report and whose cooldown
+    /// has passed (their firing recorded in `limiter`). A rule still
+    /// matching does not fire again; one that stopped matching may fire
+    /// on its next match, cooldown permitting.
+    pub fn next(&mut self, faults: &[Fault], limiter: &mut Limiter, now: u64) -> Vec<Firing> {
+        let mut out = Vec::new();
+        let mut active = BTreeSet::new();
+        for r in &self.rules {
+            let hit: Vec<Fault> = faults.iter().filter(|f| r.matches(f)).cloned().collect();
+            if hit.is_empty() {
+                continue;
+            }
+            active.insert(r.name.clone());
+            if self.active.contains(&r.name) {
+                continue;
+            }
+            match limiter.take(r, now) {
+                Ok(true) => out.push(Firing {
+                    rule: r.clone(),
+                    faults: hit,
+                }),
+                Ok(false) => info!(
+                    event = "health-action-cooldown",
+                    rule = %r.name,
+                    action = r.action.as_str(),
+                    "a corrective action matched within its cooldown; not run"
+                ),
+                Err(e) => error!(
+                    event = "health-action-refused",
+                    rule = %r.name,
+                    error = %e,
+                    "a corrective action's cooldown cannot be recorded; not run"
+                ),
+            }
+        }
+        self.active = active;
+        out
+    }
+}
+
+/// The body of a record, signed with the node's receipt key. Field order
+/// and names are the wire format.
+#[derive(Debug, Clone, Serialize)]
+pub struct RecordBody {
+    /// [`RECORD_FORMAT`].
+    pub format: u32,
+    /// Always "health-action" (never an erase receipt).
+    pub kind: String,
+    /// Node id.
+    pub node_id: String,
+    /// Seconds since the epoch.
+    pub time: u64,
+    /// The rule's name.
+    pub rule: String,
+    /// What was done.
+    pub action: String,
+    /// The tenant's key fingerprint then (None: no tenant): the tenant
+    /// whose `ListActionRecords` shows the record.
+    pub tenant_key: Option<String>,
+    /// The faults that made it.
+    pub faults: Vec<Fault>,
+    /// `stop-engines`: what stopped.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub engines: Option<StopReport>,
+    /// Fingerprint of the node signing key.
+    pub signer: String,
+}
+
+/// The records under `<state dir>/health-actions/`, at most
+/// [`MAX_RECORDS`].
+#[derive(Debug, Clone)]
+pub struct RecordStore {
+    dir: PathBuf,
+}
+
+impl RecordStore {
+    /// `<state_dir>/health-actions`.
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            dir: state_dir.join("health-actions"),
+        }
+    }
+
+    /// Keeps a signed record (atomic write, in the receipts' JSON
+    /// spelling so `verify-receipt` checks it), then drops the oldest
+    /// beyond the bound. Returns its id.
+    pub fn store(&self, body: &str, time: u64, signature: &str) -> Result<String, ActionError> {
+        let io = |path: PathBuf| move |source| ActionError::Io { path, source };
+        std::fs::create_dir_all(&self.dir).map_err(io(self.dir.clone()))?;
+        let mut n = 0u32;
+        let id = loop {
+            let id = format!("{time}-{n}");
+            if !self.dir.join(format!("{id}.json")).exists() {
+                break id;
+            }
+            n += 1;
+        };
+        let mut doc = serde_json::Map::new();
+        doc.insert(receipt_json::BODY.into(), body.into());
+        doc.insert(receipt_json::SIGNATURE.into(), signature.into());
+        let name = format!("{id}.json");
+        crate::fsutil::write_atomic(
+            &self.dir,
+            &name,
+            serde_json::Value::Object(doc).to_string().as_bytes(),
+        )
+        .map_err(io(self.dir.join(&name)))?;
+        let ids = self.ids()?;
+        for old in ids.iter().take(ids.len().saturating_sub(MAX_RECORDS)) {
+            let p = self.dir.join(format!("{old}.json"));
+            if let Err(e) = std::fs::remove_file(&p) {
+                warn!(path = %p.display(), error = %e, "cannot drop an old action record");
+            }
+        }
+        Ok(id)
+    }
+
+    /// Record ids, oldest first.
+    pub fn ids(&self) -> Result<Vec<String>, ActionError> {
+        let rd = match std::fs::read_dir(&self.dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(ActionError::Io {
+                    path: self.dir.clone(),
+                    source,
+                })
+            }
+        };
+        let mut ids: Vec<(u64, u32, String)> = rd
+            .filter_map(Result::ok)
+            .filter_map(|e| e.file_name().to_str().map(str::to_owned))
+            .filter_map(|n| {
+                let id = n.strip_suffix(".json")?;
+                let (t, k) = id.split_once('-')?;
+                Some((t.parse().ok()?, k.parse().ok()?, id.to_owned()))
+            })
+            .collect();
+        ids.sort();
+        Ok(ids.into_iter().map(|(_, _, id)| id).collect())
+    }
+
+    /// The stored document of `id` (`{"receipt": …, "receipt_signature": …}`).
+    pub fn read(&self, id: &str) -> Result<String, ActionError> {
+        let path = self.dir.join(format!("{id}.json"));
+        std::fs::read_to_string(&path).map_err(|source| ActionError::Io { path, source })
+    }
+
+    /// The records made while the tenant with key fingerprint
+    /// `tenant_key` was assigned, oldest first. A file that does not read
+    /// back as a record is skipped (logged): one bad file must not hide
+    /// the others.
+    pub fn list_for(&self, tenant_key: &str) -> Result<Vec<StoredRecord>, ActionError> {
+        let mut out = Vec::new();
+        for id in self.ids()? {
+            match self.read(&id).map(|t| parse_stored(&id, &t)) {
+                Ok(Some(r)) if r.tenant_key.as_deref() == Some(tenant_key) => out.push(r),
+                Ok(Some(_)) => {}
+                Ok(None) => warn!(record = %id, "an action record does not read back; skipped"),
+                Err(e) => warn!(error = %e, "an action record cannot be read; skipped"),
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One stored record, as read back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredRecord {
+    /// Id (file name without `.json`).
+    pub id: String,
+    /// From the body.
+    pub time: u64,
+    /// From the body.
+    pub action: String,
+    /// From the body.
+    pub signer: String,
+    /// From the body.
+    pub tenant_key: Option<String>,
+    /// The body, exactly as signed.
+    pub body: String,
+    /// Base64 signature.
+    pub signature: String,
+}
+
+fn parse_stored(id: &str, text: &str) -> Option<StoredRecord> {
+    let doc: serde_json::Value = serde_json::from_str(text).ok()?;
+    let body = doc.get(receipt_json::BODY)?.as_str()?.to_owned();
+    let signature = doc.get(receipt_json::SIGNATURE)?.as_str()?.to_owned();
+    let b: serde_json::Value = serde_json::from_str(&body).ok()?;
+    let s = |k: &str| {
+        b.get(k)
+            .and_then(serde_json::Value::as_str)
+            .map(str::to_owned)
+    };
+    Some(StoredRecord {
+        id: id.to_owned(),
+        time: b.get("time")?.as_u64()?,
+        action: s("action")?,
+        signer: s("signer")?,
+        tenant_key: s("tenant_key"),
+        body,
+        signature,
+    })
+}
+
+/// What runs the actions: the node controller (engines, signing), the
+/// bus (logind) and the record store.
+pub struct Runner {
+    /// The controller.
+    pub node: Arc<Node>,
+    /// The system bus (logind).
+    pub conn: zbus::Connection,
+    /// Where records go.
+    pub records: RecordStore,
+}
+
+/// The agent as the caller of its own commands (for the controller's log).
+const AGENT: Caller = Caller {
+    role: leasehold_tpm::Role::Landlord,
+    uid: 0,
+};
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+impl Runner {
+    async fn submit(&self, command: Command) -> Result<Outcome, String> {
+        self.node
+            .submit(Request {
+                caller: AGENT,
+                command,
+                received: SystemTime::now(),
+            })
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    /// Signs and keeps the record of an action that touched the tenant.
+    async fn record(&self, f: &Firing, engines: Option<StopReport>) -> Result<String, String> {
+        let snap = self.node.snapshot();
+        let body = RecordBody {
+            format: RECORD_FORMAT,
+            kind: "health-action".into(),
+            node_id: snap.status.node_id.clone(),
+            time: unix_now(),
+            rule: f.rule.name.clone(),
+            action: f.rule.action.as_str().into(),
+            tenant_key: snap.status.tenant.as_ref().map(|t| t.fingerprint.clone()),
+            faults: f.faults.clone(),
+            engines,
+            signer: snap.receipt_key.fingerprint.clone(),
+        };
+        let text = serde_json::to_string(&body).map_err(|e| e.to_string())?;
+        let signature = match self
+            .submit(Command::SignRecord { body: text.clone() })
+            .await?
+        {
+            Outcome::Signed { signature } => signature,
+            other => return Err(format!("unexpected outcome {other:?}")),
+        };
+        self.records
+            .store(&text, body.time, &signature)
+            .map_err(|e| e.to_string())
+    }
+
+    /// Runs one firing. Errors are logged: the next report goes on.
+    pub async fn run(&self, f: Firing) {
+        let r = &f.rule;
+        let faults = serde_json::to_string(&f.faults).unwrap_or_else(|_| "[]".into());
+        match r.action {
+            Kind::Notify => match r.priority {
+                Priority::Err => {
+                    error!(event = "health-action", rule = %r.name, faults = %faults, "corrective action: notify")
+                }
+                Priority::Warning => {
+                    warn!(event = "health-action", rule = %r.name, faults = %faults, "corrective action: notify")
+                }
+                Priority::Notice => {
+                    info!(event = "health-action", rule = %r.name, faults = %faults, "corrective action: notify")
+                }
+            },
+            // Its own task: a slow hook must not hold the next report.
+            Kind::Hook => {
+                let r = r.clone();
+                tokio::spawn(async move { run_hook(&r, &faults).await });
+            }
+            Kind::StopEngines => {
+                let stopped = match self.submit(Command::StopEngines).await {
+                    Ok(Outcome::EnginesStopped(s)) => s,
+                    Ok(other) => StopReport {
+                        error: Some(format!("unexpected outcome {other:?}")),
+                        ..StopReport::default()
+                    },
+                    Err(e) => StopReport {
+                        error: Some(e),
+                        ..StopReport::default()
+                    },
+                };
+                match self.record(&f, Some(stopped)).await {
+                    Ok(id) => {
+                        warn!(event = "health-action", rule = %r.name, action = "stop-engines", record = %id, "corrective action: engines stopped")
+                    }
+                    Err(e) => {
+                        error!(event = "health-action", rule = %r.name, error = %e, "engines stopped; their record was not kept")
+                    }
+                }
+            }
+            Kind::Reboot | Kind::Poweroff => {
+                // The record first: the tenant reads it after the reboot.
+                // Without it the reboot does not happen (the tenant would
+                // not learn why its workloads stopped).
+                let id = match self.record(&f, None).await {
+                    Ok(id) => id,
+                    Err(e) => {
+                        error!(event = "health-action-refused", rule = %r.name, error = %e, "no signed record: the node is not rebooted or powered off");
+                        return;
+                    }
+                };
+                let p = if r.action == Kind::Reboot {
+                    crate::power::PowerAction::Reboot
+                } else {
+                    crate::power::PowerAction::PowerOff
+                };
+                warn!(event = "health-action", rule = %r.name, action = r.action.as_str(), record = %id, faults = %faults, "corrective action: asking logind");
+                if let Err(e) = crate::power::run(&self.conn, p).await {
+                    error!(event = "health-action-failed", rule = %r.name, error = %e, "logind did not take the power action");
+                }
+            }
+        }
+    }
+}
+
+async fn run_hook(r: &Rule, faults: &str) {
+    let Some((prog, args)) = r.command.split_first() else {
+        return;
+    };
+    let child = tokio::process::Command::new(prog)
+        .args(args)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .env("LEASEHOLD_RULE", &r.name)
+        .env("LEASEHOLD_SEVERITY", r.severity.as_str())
+        .env("LEASEHOLD_FAULTS", faults)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) => {
+            error!(event = "health-action-failed", rule = %r.name, program = %prog, error = %e, "the hook did not start");
+            return;
+        }
+    };
+    match tokio::time::timeout(Duration::from_secs(r.timeout_secs), child.wait()).await {
+        Ok(Ok(st)) if st.success() => {
+            info!(event = "health-action", rule = %r.name, action = "hook", "corrective action: hook ran");
+        }
+        Ok(Ok(st)) => {
+            warn!(event = "health-action-failed", rule = %r.name, status = %st, "the hook failed");
+        }
+        Ok(Err(e)) => {
+            warn!(event = "health-action-failed", rule = %r.name, error = %e, "the hook's status is unknown")
+        }
+        Err(_) => {
+            let _ = child.kill().await;
+            warn!(event = "health-action-failed", rule = %r.name, timeout_secs = r.timeout_secs, "the hook timed out and was killed");
+        }
+    }
+}
+
+/// The actions of one agent: matcher, limiter, runner.
+pub struct Actions {
+    matcher: Matcher,
+    limiter: Limiter,
+    runner: Runner,
+}
+
+impl Actions {
+    /// Loads the cooldowns; an unreadable file counts every rule as just
+    /// fired (logged).
+    pub fn new(rules: Vec<Rule>, state_dir: &Path, runner: Runner) -> Self {
+        let limiter = Limiter::load(state_dir).unwrap_or_else(|e| {
+            error!(error = %e, "the corrective actions' cooldowns are unreadable; every rule waits a full cooldown");
+            Limiter::closed(state_dir, &rules, unix_now())
+        });
+        Self {
+            matcher: Matcher::new(rules),
+            limiter,
+            runner,
+        }
+    }
+
+    /// An engine's `on_failure = ["reboot-node"]` (the landlord allowed it):
+    /// the same persisted cooldown, record and logind call as a rule's
+    /// reboot, under its own key ([`ENGINE_REBOOT_RULE`], one reboot an
+    /// hour at most).
+    pub async fn engine_reboot(&mut self, engine: &str, why: &str) {
+        let rule = engine_reboot_rule();
+        match self.limiter.take(&rule, unix_now()) {
+            Ok(true) => {
+                let faults = vec![Fault {
+                    severity: Severity::Critical,
+                    source: Source::Engines,
+                    subject: engine.to_owned(),
+                    message: format!("on_failure reboot-node: {why}"),
+                }];
+                self.runner.run(Firing { rule, faults }).await;
+            }
+            Ok(false) => warn!(
+                event = "health-action-cooldown",
+                engine, "an engine asked for a reboot within the cooldown; not done"
+            ),
+            Err(e) => {
+                error!(event = "health-action-refused", engine, error = %e, "an engine's reboot cannot be recorded; not done")
+            }
+        }
+    }
+
+    /// Runs what this report fires, one after the other.
+    pub async fn on_report(&mut self, faults: &[Fault]) {
+        for f in self.matcher.next(faults, &mut self.limiter, unix_now()) {
+            self.runner.run(f).await;
+        }
+    }
+}
+
+/// The rule engines' `reboot-node` runs under.
+pub fn engine_reboot_rule() -> Rule {
+    Rule {
+        name: ENGINE_REBOOT_RULE.into(),
+        source: Some(Source::Engines),
+        severity: Severity::Critical,
+        action: Kind::Reboot,
+        priority: Priority::default(),
+        command: Vec::new(),
+        timeout_secs: default_timeout(),
+        cooldown_secs: Some(ENGINE_REBOOT_COOLDOWN_SECS),
+    }
+}
+
+#[cfg(test)]
+mod tests;
