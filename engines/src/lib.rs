@@ -21,6 +21,7 @@
 pub mod backoff;
 pub mod budget;
 pub mod cgroup;
+pub mod holder;
 pub mod image;
 pub mod launch;
 pub mod logs;
