@@ -1613,18 +1613,22 @@ impl Vm {
         self.tenant_ok(&["engine", "logs", name])
     }
 
+    /// Waits (bounded) for `text` in the engine's logs; on a timeout the
+    /// failure shows its status and the events (why it did not start).
     #[track_caller]
     fn engine_logs_until(&self, name: &str, text: &str) {
-        let mut last = String::new();
-        wait_until(
-            120,
-            1,
-            &format!("engine {name}: no {text:?} in its logs"),
-            || {
-                last = self.engine_logs(name);
-                last.contains(text)
-            },
-        );
+        let t0 = Instant::now();
+        while !self.engine_logs(name).contains(text) {
+            if t0.elapsed().as_secs() > 120 {
+                panic!(
+                    "engine {name}: no {text:?} in its logs: {}\nlogs: {}\nevents: {:?}",
+                    self.engine_status(name),
+                    self.engine_logs(name),
+                    self.engine_events()
+                );
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
     }
 
     fn engine_events(&self) -> Vec<serde_json::Value> {
@@ -1841,13 +1845,20 @@ fn engines_on_the_node(vm: &mut Vm) {
     vm.tenant_ok(&["engine", "rm", "bomb"]);
     vm.step("engines: fork bomb held by pids.max");
 
-    // The agent restarts (as on an upgrade): the engine runs on, re-adopted
-    // (same pid), the engines unit is not restarted, and supervision
-    // resumes: a stop is carried out and its exit seen.
+    // The agent restarts as on an upgrade (postinst's keep-open request,
+    // so the volume under the engine stays mapped: a plain stop closes
+    // it): the engine runs on, re-adopted (same pid), the engines unit is
+    // not restarted, and supervision resumes: a stop is carried out and
+    // its exit seen.
     let holder_before =
         vm.sh("systemctl show -p MainPID -p ActiveEnterTimestampMonotonic leasehold-engines");
     let agent_before = vm.sh("systemctl show -p MainPID --value leasehold-agentd");
-    vm.sh("systemctl restart leasehold-agentd");
+    vm.sh(&format!(
+        "printf '%s %s\\n' \"$(cat /proc/sys/kernel/random/boot_id)\" {} > {STATE}/volume.keep-open && systemctl restart leasehold-agentd",
+        agent_before.trim()
+    ));
+    let v = vm.volume();
+    assert_eq!(v["event"], "opened (the mapping was still active)", "{v}");
     assert_ne!(
         vm.sh("systemctl show -p MainPID --value leasehold-agentd"),
         agent_before
