@@ -1756,7 +1756,7 @@ fn engines_on_the_node(vm: &mut Vm) {
     let v2 = st["pid"].as_u64().unwrap();
     vm.tenant_ok(&["engine", "stop", "hello"]);
     vm.engine_until("hello", &["stopped"]);
-    vm.tenant_ok(&["engine", "rm", "hello"]);
+    vm.tenant_ok(&["--yes", "engine", "rm", "hello"]);
     assert!(!vm.tenant_ok(&["engine", "ls"]).contains("hello"));
     assert_eq!(vm.sh_status(&format!("test -d /proc/{v2}")).code, 1);
     vm.step("engines: deploy, start, status, logs, stop, reload, rm over --host");
@@ -1810,7 +1810,7 @@ fn engines_on_the_node(vm: &mut Vm) {
         "vm: hog: {last}; memory.events: {}",
         mem.lines().skip(1).collect::<Vec<_>>().join(", ")
     );
-    vm.tenant_ok(&["engine", "rm", "hog"]);
+    vm.tenant_ok(&["--yes", "engine", "rm", "hog"]);
     vm.step("engines: memory hog OOM-killed and reported, the other engine untouched");
 
     // A fork bomb held by pids.max = 16: the subshell forks until refused
@@ -1842,7 +1842,7 @@ fn engines_on_the_node(vm: &mut Vm) {
     eprintln!("vm: bomb: pids.current {current} (max 16), forks refused {refused}");
     vm.tenant_ok(&["engine", "stop", "bomb"]);
     vm.engine_until("bomb", &["stopped"]);
-    vm.tenant_ok(&["engine", "rm", "bomb"]);
+    vm.tenant_ok(&["--yes", "engine", "rm", "bomb"]);
     vm.step("engines: fork bomb held by pids.max");
 
     // The agent restarts as on an upgrade (postinst's keep-open request,
