@@ -372,7 +372,10 @@ fn oci_layout_directory_with_an_uncompressed_layer() {
     // The root is the engine's `/`: searchable by its uid whatever the
     // agent's umask (the lab node's UMask=0077 made it 0700 before).
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(place.dest()).unwrap().permissions().mode();
+    let mode = std::fs::metadata(place.dest())
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o7777, 0o755);
 }
 
