@@ -482,10 +482,12 @@ async fn start_engines(
     boundaries: Arc<boundary::Boundaries>,
     reboot_node: tokio::sync::mpsc::Sender<(String, String)>,
 ) -> Result<engines::EngineRuntime, AgentError> {
+    // Next to the agent (a build tree), else where the package puts it.
     let shim = c.shim.clone().unwrap_or_else(|| {
         std::env::current_exe()
             .ok()
             .and_then(|p| p.parent().map(|d| d.join("leasehold-engine-shim")))
+            .filter(|p| p.exists())
             .unwrap_or_else(|| PathBuf::from("/usr/lib/leasehold/leasehold-engine-shim"))
     });
     let cfg = engines::RuntimeConfig {

@@ -369,6 +369,14 @@ fn oci_layout_directory_with_an_uncompressed_layer() {
     let got = place.unpack(&layout).unwrap();
     assert_eq!(got.format, ImageFormat::OciDirectory);
     assert_eq!(place.read("etc/os-release"), b"ID=test\n");
+    // The root is the engine's `/`: searchable by its uid whatever the
+    // agent's umask (the lab node's UMask=0077 made it 0700 before).
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(place.dest())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o7777, 0o755);
 }
 
 /// `docker save` (before Docker 25): manifest.json, `<hex>.json` config,

@@ -54,6 +54,56 @@ fn dist_systemd_unit_verifies() {
     );
 }
 
+/// Issue 14: the engines unit (Delegate=yes, the shim's holder mode, not
+/// restarted) verifies, and the agent's unit is ordered after it.
+#[test]
+fn dist_engines_unit_verifies_and_the_agent_wants_it() {
+    let root = workspace_root().join("dist/systemd");
+    let unit = std::fs::read_to_string(root.join("leasehold-engines.service")).unwrap();
+    for line in [
+        "Type=notify",
+        "Delegate=yes",
+        "ExecStart=/usr/lib/leasehold/leasehold-engine-shim --hold",
+        "Restart=no",
+        "DevicePolicy=closed",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "no {line:?} in the unit");
+    }
+    let agent = std::fs::read_to_string(root.join("leasehold-agentd.service")).unwrap();
+    for key in ["Wants=", "After="] {
+        assert!(
+            agent
+                .lines()
+                .any(|l| l.starts_with(key) && l.contains("leasehold-engines.service")),
+            "the agent's unit lacks {key}leasehold-engines.service"
+        );
+    }
+    assert!(agent.contains("RuntimeDirectoryPreserve=yes"));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("leasehold-engines.service");
+    std::fs::write(
+        &path,
+        unit.replace(
+            "/usr/lib/leasehold/leasehold-engine-shim",
+            bin("leasehold-engine-shim").to_str().unwrap(),
+        ),
+    )
+    .unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && !err.contains("leasehold-engines.service"),
+        "{err}"
+    );
+    // The default subtree the agent uses lies in this unit's cgroup.
+    let conf = std::fs::read_to_string(workspace_root().join("dist/agentd.toml")).unwrap();
+    assert!(conf.contains("system.slice/leasehold-engines.service/tenant"));
+}
+
 #[test]
 fn dist_hardware_watchdog_is_an_example_not_installed_in_etc() {
     let root = workspace_root();

@@ -230,6 +230,9 @@ const SECTIONS: &[Section<Vm>] = &[
     sec("matrix", &["guest-users"], matrix),
     sec("boundary", &["guest-users"], boundary),
     sec("volume", &["install"], volume),
+    // Issue 14: a tenant with a mounted volume, as the volume section leaves
+    // it; ends with a tenant rotation (the volume comes back empty).
+    sec("engines", &["volume", "guest-users", "agent-unit"], engines),
     sec(
         "erase-landlord-rotation",
         &["volume"],
@@ -279,7 +282,18 @@ fn main() -> ExitCode {
         }
         return ExitCode::SUCCESS;
     }
-    let run = closure(SECTIONS, |s| args.selects(&full(s)));
+    // LEASEHOLD_VM_SECTIONS=a,b: only those (and what they need), to
+    // iterate on one section without the whole run (docs/lab.md).
+    let only = match sections_env(SECTIONS) {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{NAME}: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let run = closure(SECTIONS, |s| {
+        args.selects(&full(s)) && only.as_ref().is_none_or(|o| o.contains(&s))
+    });
     if run.is_empty() {
         println!("\nrunning 0 sections of {NAME} (none matches the filter)\n");
         return ExitCode::SUCCESS;
@@ -321,6 +335,40 @@ fn main() -> ExitCode {
     } else {
         ExitCode::FAILURE
     }
+}
+
+/// `LEASEHOLD_VM_SECTIONS`: a comma-separated list of section names (unset
+/// or empty: every section). An unknown name is an error naming it, so a
+/// typo never runs nothing and reports success.
+fn sections_env(sections: &[Section<Vm>]) -> Result<Option<Vec<&'static str>>, String> {
+    let Ok(text) = std::env::var("LEASEHOLD_VM_SECTIONS") else {
+        return Ok(None);
+    };
+    let names: Vec<&str> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .collect();
+    if names.is_empty() {
+        return Ok(None);
+    }
+    names
+        .iter()
+        .map(|n| {
+            sections
+                .iter()
+                .find(|s| s.name == *n)
+                .map(|s| s.name)
+                .ok_or_else(|| {
+                    let all: Vec<&str> = sections.iter().map(|s| s.name).collect();
+                    format!(
+                        "LEASEHOLD_VM_SECTIONS: no section {n:?} (sections: {})",
+                        all.join(", ")
+                    )
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }
 
 /// Image (cached).
@@ -515,6 +563,12 @@ fn boundary(vm: &mut Vm) -> Ran {
 fn volume(vm: &mut Vm) -> Ran {
     // Issue 6: the tenant's volume.
     volume_lifecycle(vm);
+    Ran::Done
+}
+
+/// Issue 14: engines on the packaged node, driven over `tenantctl --host`.
+fn engines(vm: &mut Vm) -> Ran {
+    engines_on_the_node(vm);
     Ran::Done
 }
 
@@ -1198,6 +1252,11 @@ fn package_upgrade(vm: &mut Vm, deb: &std::path::Path) {
         }
         let (newer, version) = bumped_deb(deb, suffix);
         let pid = main_pid(vm);
+        // Issue 14: the engines unit is never restarted by an upgrade.
+        let engines_unit = |vm: &Vm| {
+            vm.sh("systemctl show -p ActiveState -p MainPID -p ActiveEnterTimestampMonotonic leasehold-engines")
+        };
+        let engines_before = engines_unit(vm);
         let t0 = ticks(vm);
         vm.lab_ok(600, &["install", NODE, newer.to_str().unwrap()]);
         assert_eq!(
@@ -1215,6 +1274,11 @@ fn package_upgrade(vm: &mut Vm, deb: &std::path::Path) {
             "active"
         );
         assert_ne!(main_pid(vm), pid, "{label}: the agent was not restarted");
+        assert_eq!(
+            engines_unit(vm),
+            engines_before,
+            "{label}: the engines unit was restarted or stopped"
+        );
         assert_eq!(
             vm.sh_status(&format!("systemctl is-enabled {UNIT}"))
                 .stdout
@@ -1404,6 +1468,476 @@ fn boundary_packets(vm: &mut Vm) {
     vm.sh("runuser -u tt -- tenantctl boundary clear && landlordctl --yes boundary remove");
     assert_eq!(vm.sh_status("nft list table inet leasehold").code, 1);
     vm.step("boundary: live flows cut on landlord and tenant revocation");
+}
+
+/// The engines unit's cgroup on the node.
+const ENGINES_CG: &str = "/sys/fs/cgroup/system.slice/leasehold-engines.service";
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(b)
+        .iter()
+        .map(|x| format!("{x:02x}"))
+        .collect()
+}
+
+/// Runs a host command that must succeed.
+#[track_caller]
+fn host(c: &mut Command) -> String {
+    let o = c.output().unwrap();
+    assert!(
+        o.status.success(),
+        "{c:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// An OCI image archive made here, no registry: one layer with the host's
+/// busybox-static and, for the escape attempts, `nft` and `dbus-send` with
+/// their shared libraries (from `ldd`, at the same paths).
+fn engine_image(dir: &Path) -> PathBuf {
+    let _ = std::fs::remove_dir_all(dir);
+    let root = dir.join("layer");
+    let mut files = vec![PathBuf::from("/bin/busybox")];
+    for tool in ["/usr/sbin/nft", "/usr/bin/dbus-send"] {
+        files.push(PathBuf::from(tool));
+        for line in host(Command::new("ldd").arg(tool)).lines() {
+            let path = line
+                .split_whitespace()
+                .find(|w| w.starts_with('/'))
+                .map(PathBuf::from);
+            files.extend(path);
+        }
+    }
+    for f in &files {
+        let to = root.join(f.strip_prefix("/").unwrap());
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        // Through symlinks (ld.so is one): the image holds the files.
+        std::fs::copy(f, &to).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
+    }
+    let tar = |dir: &Path, out: &Path, what: &[&str]| {
+        host(
+            Command::new("tar")
+                .args(["--owner=0", "--group=0", "--numeric-owner", "-C"])
+                .arg(dir)
+                .arg("-cf")
+                .arg(out)
+                .args(what),
+        );
+    };
+    let layer_tar = dir.join("layer.tar");
+    let top: Vec<String> = std::fs::read_dir(&root)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    tar(
+        &root,
+        &layer_tar,
+        &top.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    let layer = std::fs::read(&layer_tar).unwrap();
+    let desc = |media: &str, b: &[u8]| serde_json::json!({"mediaType": media, "digest": format!("sha256:{}", sha256_hex(b)), "size": b.len()});
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {"Env": ["PATH=/bin:/usr/bin:/usr/sbin"]},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", sha256_hex(&layer))]}
+    }))
+    .unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": desc("application/vnd.oci.image.config.v1+json", &config),
+        "layers": [desc("application/vnd.oci.image.layer.v1.tar", &layer)],
+    }))
+    .unwrap();
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [desc("application/vnd.oci.image.manifest.v1+json", &manifest)],
+    }))
+    .unwrap();
+    let oci = dir.join("oci");
+    let blobs = oci.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::write(oci.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    std::fs::write(oci.join("index.json"), &index).unwrap();
+    for b in [&layer, &config, &manifest] {
+        std::fs::write(blobs.join(sha256_hex(b)), b).unwrap();
+    }
+    let archive = dir.join("bb.tar");
+    tar(&oci, &archive, &["oci-layout", "index.json", "blobs"]);
+    archive
+}
+
+/// An engine spec file on the host: busybox `sh -c SCRIPT` plus `extra`
+/// TOML.
+fn engine_spec(dir: &Path, name: &str, script: &str, extra: &str) -> String {
+    let path = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &path,
+        format!("command = [\"/bin/busybox\", \"sh\", \"-c\", {script:?}]\nstop_grace = \"3s\"\n{extra}"),
+    )
+    .unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+impl Vm {
+    /// `tenantctl --host ARGS` that must succeed.
+    #[track_caller]
+    fn tenant_ok(&self, args: &[&str]) -> String {
+        let o = self.tenantctl(args);
+        assert_eq!(
+            o.code, 0,
+            "tenantctl {args:?} exited {}: {}{}",
+            o.code, o.stdout, o.stderr
+        );
+        o.stdout
+    }
+
+    fn engine_status(&self, name: &str) -> serde_json::Value {
+        json(&self.tenant_ok(&["--json", "engine", "status", name]))
+    }
+
+    /// Waits (bounded) until the engine's state is one of `states`; the
+    /// agent publishes no event the host could block on over SSH but the
+    /// polled `events`, so the status is polled.
+    #[track_caller]
+    fn engine_until(&self, name: &str, states: &[&str]) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        wait_until(120, 1, &format!("engine {name}: never {states:?}"), || {
+            last = self.engine_status(name);
+            states.iter().any(|s| last["state"] == *s)
+        });
+        last
+    }
+
+    fn engine_logs(&self, name: &str) -> String {
+        self.tenant_ok(&["engine", "logs", name])
+    }
+
+    /// Waits (bounded) for `text` in the engine's logs; on a timeout the
+    /// failure shows its status and the events (why it did not start).
+    #[track_caller]
+    fn engine_logs_until(&self, name: &str, text: &str) {
+        let t0 = Instant::now();
+        while !self.engine_logs(name).contains(text) {
+            if t0.elapsed().as_secs() > 120 {
+                panic!(
+                    "engine {name}: no {text:?} in its logs: {}\nlogs: {}\nevents: {:?}",
+                    self.engine_status(name),
+                    self.engine_logs(name),
+                    self.engine_events()
+                );
+            }
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
+    fn engine_events(&self) -> Vec<serde_json::Value> {
+        self.tenant_ok(&["--json", "engine", "events"])
+            .lines()
+            .map(json)
+            .collect()
+    }
+}
+
+/// Issue 14 (T2): the engines unit holds the tree; an image built here is
+/// deployed, run, logged, stopped, reloaded and removed over `tenantctl
+/// --host`; limits hold (OOM, fork bomb) without touching another engine;
+/// an engine survives an agent restart; escapes are denied; a tenant
+/// rotation stops engines before the erase. Expects a tenant and an open
+/// volume; leaves the volume recreated empty (the rotation).
+fn engines_on_the_node(vm: &mut Vm) {
+    // The engines unit: its holder in holder/, controllers on, tenant/.
+    let unit =
+        vm.sh("systemctl show leasehold-engines -p ActiveState -p Delegate -p MainPID -p Type");
+    assert!(
+        unit.contains("ActiveState=active")
+            && unit.contains("Delegate=yes")
+            && unit.contains("Type=notify"),
+        "{unit}"
+    );
+    let holder_pid = vm
+        .sh("systemctl show -p MainPID --value leasehold-engines")
+        .trim()
+        .to_owned();
+    let tree = vm.sh(&format!(
+        "cat /proc/{holder_pid}/cgroup {ENGINES_CG}/cgroup.procs; echo; cat {ENGINES_CG}/cgroup.subtree_control {ENGINES_CG}/tenant/cgroup.subtree_control"
+    ));
+    let lines: Vec<&str> = tree.lines().collect();
+    assert!(
+        lines.first() == Some(&"0::/system.slice/leasehold-engines.service/holder")
+            && lines.get(1) == Some(&"")
+            && lines[2..].iter().all(|l| {
+                let c: Vec<&str> = l.split_whitespace().collect();
+                ["cpu", "memory", "io", "pids"]
+                    .iter()
+                    .all(|w| c.contains(w))
+            })
+            && lines.len() == 4,
+        "holder in holder/, nothing in the unit's own cgroup, controllers on: {tree}"
+    );
+    let enabled = vm.sh(
+        "systemctl is-enabled leasehold-engines; systemctl show leasehold-agentd -p Wants -p After",
+    );
+    assert!(
+        enabled.starts_with("enabled") && enabled.matches("leasehold-engines.service").count() == 2,
+        "{enabled}"
+    );
+    vm.step("engines: the engines unit holds the tree");
+
+    let dir = workspace_root().join("target/vm-engines");
+    let image = engine_image(&dir);
+    let image = image.to_str().unwrap();
+    eprintln!(
+        "vm: engine image {} bytes",
+        std::fs::metadata(image).unwrap().len()
+    );
+    // hello: says hello as its uid, then one line every 2 s.
+    let hello = engine_spec(
+        &dir,
+        "hello",
+        "echo hello v1 from uid $(/bin/busybox id -u); while :; do /bin/busybox sleep 2; echo tick; done",
+        "",
+    );
+    let t = Instant::now();
+    let out = vm.tenant_ok(&["engine", "deploy", "hello", image, "--spec", &hello]);
+    let deploy_s = t.elapsed().as_secs_f64();
+    let st = vm.engine_status("hello");
+    assert_eq!(
+        st["state"], "stopped",
+        "deploy leaves it stopped: {out} {st}"
+    );
+    let t = Instant::now();
+    vm.tenant_ok(&["engine", "start", "hello"]);
+    let st = vm.engine_until("hello", &["ready", "running"]);
+    let pid = st["pid"].as_u64().expect("a pid");
+    vm.engine_logs_until("hello", "hello v1 from uid 2000000");
+    let start_s = t.elapsed().as_secs_f64();
+    eprintln!(
+        "vm: engine deploy (upload + unpack) {deploy_s:.1} s, start to first line {start_s:.1} s"
+    );
+    // The shim (the pid status gives) in the engine's own cgroup under
+    // the engines unit, not in the agent's.
+    let cg = vm.sh(&format!("cat /proc/{pid}/cgroup"));
+    assert!(
+        cg.trim()
+            .starts_with("0::/system.slice/leasehold-engines.service/tenant/hello/"),
+        "{cg}"
+    );
+    vm.tenant_ok(&["engine", "stop", "hello"]);
+    let st = vm.engine_until("hello", &["stopped"]);
+    assert_eq!(
+        vm.sh_status(&format!("test -d /proc/{pid}")).code,
+        1,
+        "shim {pid} still runs: {st}"
+    );
+    assert_eq!(
+        vm.sh(&format!("cat {ENGINES_CG}/tenant/hello/cgroup.procs 2>/dev/null; find {ENGINES_CG}/tenant/hello -name 'i*' -type d")).trim(),
+        "",
+        "processes or instance cgroups left after stop"
+    );
+    // Reload while running: v2 takes over, v1 goes.
+    vm.tenant_ok(&["engine", "start", "hello"]);
+    let st = vm.engine_until("hello", &["ready", "running"]);
+    let v1 = st["pid"].as_u64().unwrap();
+    let hello2 = engine_spec(
+        &dir,
+        "hello2",
+        "echo hello v2 from uid $(/bin/busybox id -u); while :; do /bin/busybox sleep 2; echo tick; done",
+        "",
+    );
+    vm.tenant_ok(&["engine", "reload", "hello", "--spec", &hello2]);
+    vm.engine_logs_until("hello", "hello v2 from uid 2000000");
+    let mut st = serde_json::Value::Null;
+    wait_until(120, 1, "reload: v1's shim still runs", || {
+        st = vm.engine_status("hello");
+        st["pid"].as_u64().is_some_and(|p| p != v1)
+            && vm.sh_status(&format!("test -d /proc/{v1}")).code == 1
+    });
+    let v2 = st["pid"].as_u64().unwrap();
+    vm.tenant_ok(&["engine", "stop", "hello"]);
+    vm.engine_until("hello", &["stopped"]);
+    vm.tenant_ok(&["--yes", "engine", "rm", "hello"]);
+    assert!(!vm.tenant_ok(&["engine", "ls"]).contains("hello"));
+    assert_eq!(vm.sh_status(&format!("test -d /proc/{v2}")).code, 1);
+    vm.step("engines: deploy, start, status, logs, stop, reload, rm over --host");
+
+    // A steady engine beside the limited ones: it must not notice them.
+    let steady = engine_spec(
+        &dir,
+        "steady",
+        "echo steady up; while :; do /bin/busybox sleep 2; done",
+        "",
+    );
+    vm.tenant_ok(&["engine", "deploy", "steady", image, "--spec", &steady]);
+    vm.tenant_ok(&["engine", "start", "steady"]);
+    let steady_pid = vm.engine_until("steady", &["ready", "running"])["pid"]
+        .as_u64()
+        .unwrap();
+    vm.engine_logs_until("steady", "steady up");
+
+    // A memory hog over memory.max = 32M: OOM-killed and reported so.
+    let hog = engine_spec(
+        &dir,
+        "hog",
+        "echo hog start; x=0123456789abcdef; while :; do x=$x$x; done",
+        "[limits]\nmemory_max = \"32M\"\n[restart]\npolicy = \"never\"\n",
+    );
+    vm.tenant_ok(&["engine", "deploy", "hog", image, "--spec", &hog]);
+    vm.tenant_ok(&["engine", "start", "hog"]);
+    let st = vm.engine_until("hog", &["exited"]);
+    let last = st["last_exit"].as_str().unwrap_or("");
+    assert!(last.contains("OOM"), "hog: last exit {last:?}: {st}");
+    let mem = vm.sh(&format!(
+        "cat {ENGINES_CG}/tenant/hog/memory.max {ENGINES_CG}/tenant/hog/memory.events"
+    ));
+    assert!(
+        mem.starts_with(&format!("{}\n", 32u64 << 20)) && !mem.contains("oom_kill 0"),
+        "{mem}"
+    );
+    let ev = vm.engine_events();
+    assert!(
+        ev.iter()
+            .any(|e| e["engine"] == "hog" && e["kind"] == "oom-killed"),
+        "no oom-killed event: {ev:?}"
+    );
+    let st = vm.engine_status("steady");
+    assert!(
+        st["pid"].as_u64() == Some(steady_pid)
+            && (st["state"] == "ready" || st["state"] == "running"),
+        "steady was touched: {st}"
+    );
+    eprintln!(
+        "vm: hog: {last}; memory.events: {}",
+        mem.lines().skip(1).collect::<Vec<_>>().join(", ")
+    );
+    vm.tenant_ok(&["--yes", "engine", "rm", "hog"]);
+    vm.step("engines: memory hog OOM-killed and reported, the other engine untouched");
+
+    // A fork bomb held by pids.max = 16: the subshell forks until refused
+    // (ash exits on a failed fork); its sleeps stay, held at the limit.
+    let bomb = engine_spec(
+        &dir,
+        "bomb",
+        "( i=0; while [ $i -lt 200 ]; do /bin/busybox sleep 600 & i=$((i+1)); done ); echo bomb held rc=$?; exec /bin/busybox sleep 600",
+        "[limits]\npids_max = 16\n[restart]\npolicy = \"never\"\n",
+    );
+    vm.tenant_ok(&["engine", "deploy", "bomb", image, "--spec", &bomb]);
+    vm.tenant_ok(&["engine", "start", "bomb"]);
+    vm.engine_logs_until("bomb", "bomb held rc=");
+    let pids = vm.sh(&format!(
+        // 6.1 counts a refused fork in the forking task's own cgroup (the
+        // instance's), not in the one whose limit was hit: summed here.
+        "cat {ENGINES_CG}/tenant/bomb/pids.max {ENGINES_CG}/tenant/bomb/pids.current; cat {ENGINES_CG}/tenant/bomb/pids.events {ENGINES_CG}/tenant/bomb/i*/pids.events | awk '$1 == \"max\" {{ s += $2 }} END {{ print \"max \" s }}'"
+    ));
+    let l: Vec<&str> = pids.lines().collect();
+    let current: u64 = l[1].trim().parse().unwrap();
+    let refused: u64 = l[2].trim().strip_prefix("max ").unwrap().parse().unwrap();
+    assert!(l[0] == "16" && current <= 16 && refused > 0, "pids: {pids}");
+    let logs = vm.engine_logs("bomb");
+    assert!(logs.contains("can't fork"), "{logs}");
+    let st = vm.engine_status("steady");
+    assert_eq!(
+        st["pid"].as_u64(),
+        Some(steady_pid),
+        "steady was touched: {st}"
+    );
+    eprintln!("vm: bomb: pids.current {current} (max 16), forks refused {refused}");
+    vm.tenant_ok(&["engine", "stop", "bomb"]);
+    vm.engine_until("bomb", &["stopped"]);
+    vm.tenant_ok(&["--yes", "engine", "rm", "bomb"]);
+    vm.step("engines: fork bomb held by pids.max");
+
+    // The agent restarts as on an upgrade (postinst's keep-open request,
+    // so the volume under the engine stays mapped: a plain stop closes
+    // it): the engine runs on, re-adopted (same pid), the engines unit is
+    // not restarted, and supervision resumes: a stop is carried out and
+    // its exit seen.
+    let holder_before =
+        vm.sh("systemctl show -p MainPID -p ActiveEnterTimestampMonotonic leasehold-engines");
+    let agent_before = vm.sh("systemctl show -p MainPID --value leasehold-agentd");
+    vm.sh(&format!(
+        "printf '%s %s\\n' \"$(cat /proc/sys/kernel/random/boot_id)\" {} > {STATE}/volume.keep-open && systemctl restart leasehold-agentd",
+        agent_before.trim()
+    ));
+    let v = vm.volume();
+    assert_eq!(v["event"], "opened (the mapping was still active)", "{v}");
+    assert_ne!(
+        vm.sh("systemctl show -p MainPID --value leasehold-agentd"),
+        agent_before
+    );
+    let st = vm.engine_until("steady", &["ready", "running"]);
+    assert_eq!(st["pid"].as_u64(), Some(steady_pid), "not re-adopted: {st}");
+    assert_eq!(vm.sh_status(&format!("test -d /proc/{steady_pid}")).code, 0);
+    assert_eq!(
+        vm.sh("systemctl show -p MainPID -p ActiveEnterTimestampMonotonic leasehold-engines"),
+        holder_before,
+        "the engines unit was restarted"
+    );
+    vm.tenant_ok(&["engine", "stop", "steady"]);
+    let st = vm.engine_until("steady", &["stopped"]);
+    assert_eq!(
+        vm.sh_status(&format!("test -d /proc/{steady_pid}")).code,
+        1,
+        "{st}"
+    );
+    vm.step("engines: an agent restart re-adopts a running engine");
+
+    // Escape attempts from inside an engine (its own uid, no capabilities,
+    // its own mount namespace): each must fail. nft and dbus-send run at
+    // all (their --version), so a denial is not a missing library.
+    let probe = engine_spec(
+        &dir,
+        "probe",
+        "t() { n=$1; shift; if out=$(\"$@\" 2>&1); then echo \"ESCAPED $n: $out\"; else echo \"denied $n: $(echo \"$out\" | /bin/busybox head -n1)\"; fi; }; \
+         /usr/sbin/nft --version && /usr/bin/dbus-send --help 2>&1 | /bin/busybox head -n1; \
+         t state /bin/busybox ls /var/lib/leasehold; \
+         t proc1-root /bin/busybox ls /proc/1/root/var/lib/leasehold; \
+         t nft /usr/sbin/nft list ruleset; \
+         t tpm /bin/busybox dd if=/dev/tpmrm0 of=/dev/null bs=1 count=1; \
+         t mknod-tpm /bin/busybox mknod /tmp/tpm c 10 224; \
+         t bus /usr/bin/dbus-send --system --print-reply --dest=org.leasehold.Agent1 /org/leasehold/Agent1 org.leasehold.Landlord1.NodeInfo; \
+         t bus-tenant /usr/bin/dbus-send --system --print-reply --dest=org.leasehold.Agent1 /org/leasehold/Agent1 org.leasehold.Tenant1.NodeInfo; \
+         echo probes done; exec /bin/busybox sleep 600",
+        "[restart]\npolicy = \"never\"\n",
+    );
+    vm.tenant_ok(&["engine", "deploy", "probe", image, "--spec", &probe]);
+    vm.tenant_ok(&["engine", "start", "probe"]);
+    vm.engine_logs_until("probe", "probes done");
+    let logs = vm.engine_logs("probe");
+    eprintln!("vm: escape attempts:\n{logs}");
+    assert!(
+        logs.contains("nftables v") && !logs.contains("ESCAPED"),
+        "{logs}"
+    );
+    for n in [
+        "state",
+        "proc1-root",
+        "nft",
+        "tpm",
+        "mknod-tpm",
+        "bus",
+        "bus-tenant",
+    ] {
+        assert!(logs.contains(&format!("denied {n}:")), "{n}: {logs}");
+    }
+    vm.step("engines: escape attempts denied");
+
+    // A destroying tenant rotation stops the running engine before the
+    // erase and says so in its receipt.
+    let probe_pid = vm.engine_status("probe")["pid"].as_u64().unwrap();
+    let change = json(&vm.sh("runuser -u tt -- tenantctl --json --yes rotate"));
+    let engines = &change["receipt"]["engines"];
+    assert_eq!(engines["stopped"], serde_json::json!(["probe"]), "{change}");
+    assert_eq!(vm.sh_status(&format!("test -d /proc/{probe_pid}")).code, 1);
+    vm.wait_volume_remade("engines: tenant rotation");
+    let ls = vm.tenant_ok(&["engine", "ls"]);
+    assert!(
+        !ls.contains("probe"),
+        "engines forgotten after the erase: {ls}"
+    );
+    vm.step("engines: a tenant rotation stops them before the erase (receipt)");
 }
 
 fn wait_until(secs: u64, every: u64, what: &str, mut done: impl FnMut() -> bool) {

@@ -193,6 +193,12 @@ impl Staging {
             std::process::id()
         ));
         std::fs::create_dir(&path).map_err(|e| ImageError::io("create", &path, e))?;
+        // It becomes the engine's `/`, which its unprivileged uid must be
+        // able to search: 0755 whatever the umask (the agent's unit has
+        // UMask=0077, which left it 0700 and every exec EACCES on the lab
+        // node). The agent's 0700 directories above it keep others out.
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .map_err(|e| ImageError::io("chmod", &path, e))?;
         Ok(Staging {
             path,
             committed: false,
