@@ -414,6 +414,9 @@ async fn serve(
             }
         }
     }
+    // What the engines run, read at stop: engines still running from the
+    // volume keep it open (below).
+    let mut engine_view: Option<Arc<dyn leasehold_node::EngineView>> = None;
     let result = if oneshot {
         Ok(())
     } else {
@@ -443,6 +446,7 @@ async fn serve(
             reboot_tx,
         )
         .await?;
+        engine_view = Some(leasehold_node::Engines::view(&engines));
         serve_bus(
             keys.clone(),
             boundaries,
@@ -459,8 +463,21 @@ async fn serve(
         .await
     };
     if !oneshot {
+        // Engines outlive the agent (their unit holds them); closing the
+        // volume under them would take their files away mid-write. While
+        // one runs, the volume stays mapped and mounted and the next agent
+        // adopts it, as after an upgrade (docs/engines.md).
+        let running: Vec<String> = engine_view
+            .map(|v| {
+                v.list()
+                    .into_iter()
+                    .filter(|e| e.pid.is_some())
+                    .map(|e| e.name)
+                    .collect()
+            })
+            .unwrap_or_default();
         let v = volume.clone();
-        match tokio::task::spawn_blocking(move || v.close()).await {
+        match tokio::task::spawn_blocking(move || v.close(&running)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => error!(error = %e, "closing the volume"),
             Err(e) => error!(error = %e, "volume task failed"),

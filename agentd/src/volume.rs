@@ -795,18 +795,30 @@ impl Volume {
 
     /// At stop: unmount and wipe the mapping (the data stays on the device
     /// under its key), unless this stop is a restart for a package upgrade
-    /// (see [`KEEP_OPEN`]).
-    pub fn close(&self) -> Result<(), VolumeError> {
+    /// (see [`KEEP_OPEN`]) or `engines_running` (names of engines still
+    /// running from the volume) is not empty.
+    pub fn close(&self, engines_running: &[String]) -> Result<(), VolumeError> {
         let Some(m) = self.meta()? else {
             return Ok(());
         };
+        // Read (and consumed) whatever else decides.
+        let upgrade = self.keep_open_requested();
         // Only a volume that is open and in no key change is left open: the
         // next agent adopts a `ready` mapping as it is, anything else is
         // closed as usual (fail closed).
-        if self.keep_open_requested() && m.state == VolumeState::Ready && self.rt().open {
+        let keepable = m.state == VolumeState::Ready && self.rt().open;
+        if keepable && upgrade {
             tracing::info!(
                 mount = %self.cfg.mount.display(),
                 "restart for a package upgrade: the volume stays mapped and mounted for the next agent"
+            );
+            return Ok(());
+        }
+        if keepable && !engines_running.is_empty() {
+            tracing::info!(
+                mount = %self.cfg.mount.display(),
+                engines = engines_running.len(),
+                "engines still run from the volume: it stays mapped and mounted for the next agent (stop them first to close it)"
             );
             return Ok(());
         }

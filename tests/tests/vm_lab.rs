@@ -1875,6 +1875,24 @@ fn engines_on_the_node(vm: &mut Vm) {
         holder_before,
         "the engines unit was restarted"
     );
+    // A plain restart (no keep-open request): the engine still runs from
+    // the volume, so the volume stays open for it too, instead of being
+    // closed under it.
+    let agent_before = vm.sh("systemctl show -p MainPID --value leasehold-agentd");
+    vm.sh("systemctl restart leasehold-agentd");
+    let v = vm.volume();
+    assert_eq!(v["event"], "opened (the mapping was still active)", "{v}");
+    assert_ne!(
+        vm.sh("systemctl show -p MainPID --value leasehold-agentd"),
+        agent_before
+    );
+    let st = vm.engine_until("steady", &["ready", "running"]);
+    assert_eq!(st["pid"].as_u64(), Some(steady_pid), "not re-adopted: {st}");
+    assert!(
+        vm.sh("journalctl -u leasehold-agentd -b --no-pager -o cat")
+            .contains("engines still run from the volume"),
+        "the plain stop did not keep the volume for the engine"
+    );
     vm.tenant_ok(&["engine", "stop", "steady"]);
     let st = vm.engine_until("steady", &["stopped"]);
     assert_eq!(
@@ -1882,7 +1900,7 @@ fn engines_on_the_node(vm: &mut Vm) {
         1,
         "{st}"
     );
-    vm.step("engines: an agent restart re-adopts a running engine");
+    vm.step("engines: an agent restart (upgrade or plain) re-adopts a running engine");
 
     // Escape attempts from inside an engine (its own uid, no capabilities,
     // its own mount namespace): each must fail. nft and dbus-send run at
