@@ -1,6 +1,6 @@
 # The lab image recipe. Its SHA-256 keys the image cache: change anything
 # here (or bump RECIPE_REVISION) and the next `lab build` rebuilds.
-RECIPE_REVISION=3
+RECIPE_REVISION=4
 SUITE=bookworm
 IMAGE_SIZE=4G
 # systemd and the base; the agent's runtime dependencies (the .deb is
@@ -12,6 +12,8 @@ PACKAGES=(
   cryptsetup-bin dmsetup nftables e2fsprogs
   keyutils fio
   busybox-static crun
+  # health's smart source (the .deb only recommends it; the VM faults section)
+  smartmontools
 )
 
 # Runs on the host after the packages are in; $1 is the rootfs, $2 the
@@ -29,6 +31,17 @@ Name=en* eth*
 
 [Network]
 DHCP=yes
+NET
+  # The fault NIC (vagrant/lab's second NIC, MAC 52:54:00:fa:17:01): up,
+  # no addresses, so its link going down (QMP set_link) touches nothing else.
+  cat > "$root/etc/systemd/network/10-fault-nic.network" <<'NET'
+[Match]
+MACAddress=52:54:00:fa:17:01
+
+[Network]
+DHCP=no
+LinkLocalAddressing=no
+ConfigureWithoutCarrier=yes
 NET
   ln -sf /lib/systemd/system/systemd-networkd.service "$root/etc/systemd/system/multi-user.target.wants/systemd-networkd.service"
   # The serial console carries test output; no getty on it.
