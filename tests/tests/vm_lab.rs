@@ -249,6 +249,13 @@ const SECTIONS: &[Section<Vm>] = &[
     // A mounted volume with the tenant assigned, as the crash section leaves it.
     sec("package-upgrade", &["volume-crashes"], upgrade),
     sec("handover", &["guest-users"], handover),
+    // Issue 16: faults injected by QEMU over QMP (a NIC's link, an NVMe
+    // disk's SMART critical warning) end in the configured corrective
+    // actions; a stopped agent is restarted by systemd's watchdog.
+    sec("faults", &["install"], faults),
+    // A hung kernel, reset by QEMU's i6300esb watchdog that systemd pets:
+    // the node reboots (after the sections that need it up unchanged).
+    sec("kernel-hang", &["install"], kernel_hang),
     // Writes to the volume and reads the hand-over's secret back.
     sec("reboot", &["handover", "volume"], reboot),
     // Needs a node that came back: a dead one would "power off" at once.
@@ -1968,4 +1975,457 @@ fn wait_until(secs: u64, every: u64, what: &str, mut done: impl FnMut() -> bool)
         assert!(t0.elapsed().as_secs() < secs, "{what}");
         std::thread::sleep(std::time::Duration::from_secs(every));
     }
+}
+
+/// The fault NIC's MAC (vagrant/lab's second NIC; recipe.sh brings it up
+/// without addresses).
+const FAULT_MAC: &str = "52:54:00:fa:17:01";
+/// Where the faults section's hooks write (the unit's ProtectSystem=strict
+/// leaves the state directory writable).
+const HOOK_LOG: &str = "/var/lib/leasehold/fault-hooks.log";
+/// The FaultsChanged signals dbus-monitor records during the section.
+const SIGNAL_LOG: &str = "/root/faults-changed.log";
+/// QEMU's id of the emulated NVMe controller (vagrant/lab).
+const NVME_QOM: &str = "/machine/peripheral/nvme0";
+
+/// The faults section's rules: a notify and a hook for a link fault
+/// (warning) and for a failing disk (critical). Each hook line starts
+/// with the guest's time, for the figures.
+const FAULT_RULES: &str = r#"
+[[health.action]]
+name = "link-notify"
+source = "net"
+severity = "warning"
+action = "notify"
+priority = "warning"
+
+[[health.action]]
+name = "link-hook"
+source = "net"
+severity = "warning"
+action = "hook"
+command = ["/bin/sh", "-c", 'echo "$(date +%s.%N) $LEASEHOLD_RULE $LEASEHOLD_SEVERITY $LEASEHOLD_FAULTS" >> /var/lib/leasehold/fault-hooks.log']
+timeout_secs = 60
+
+[[health.action]]
+name = "disk-notify"
+source = "smart"
+severity = "critical"
+action = "notify"
+priority = "err"
+
+[[health.action]]
+name = "disk-hook"
+source = "smart"
+severity = "critical"
+action = "hook"
+command = ["/bin/sh", "-c", 'echo "$(date +%s.%N) $LEASEHOLD_RULE $LEASEHOLD_SEVERITY $LEASEHOLD_FAULTS" >> /var/lib/leasehold/fault-hooks.log']
+timeout_secs = 60
+"#;
+
+impl Vm {
+    /// One QMP command to node 1's QEMU; its `return`.
+    #[track_caller]
+    fn qmp(&self, cmd: &serde_json::Value) -> serde_json::Value {
+        json(&self.lab_ok(60, &["qmp", NODE, &cmd.to_string()]))
+    }
+
+    /// Waits (in the guest, on inotify through `tail -F`, bounded) until
+    /// FILE holds at least N lines containing TEXT (fixed string).
+    #[track_caller]
+    fn wait_lines(&self, file: &str, text: &str, n: usize, secs: u32, what: &str) {
+        let o = self.sh_status(&format!(
+            "timeout {secs} bash -c 'grep -m\"$2\" -q -F -e \"$0\" < <(exec tail -n +1 -F --pid=$$ \"$1\" </dev/null 2>/dev/null)' {} {file} {n}",
+            shell_quote(text)
+        ));
+        assert_eq!(
+            o.code,
+            0,
+            "{what}: no {n}. line with {text:?} in {file} within {secs} s ({}): {}\n{}",
+            o.code,
+            o.stderr,
+            self.sh_status(&format!("tail -n 40 {file}")).stdout
+        );
+    }
+
+    /// Waits (in the guest, following the journal, bounded) for a line of
+    /// leasehold-agentd's unit containing TEXT since the unix time SINCE.
+    #[track_caller]
+    fn wait_journal(&self, since: &str, text: &str, secs: u32, what: &str) {
+        let o = self.sh_status(&format!(
+            "timeout {secs} bash -c 'grep -m1 -q -F -e \"$0\" < <(exec timeout {secs} journalctl -u leasehold-agentd -f -n all --since \"@$1\" -o cat </dev/null 2>/dev/null)' {} {since}",
+            shell_quote(text)
+        ));
+        assert_eq!(
+            o.code,
+            0,
+            "{what}: no journal line with {text:?} within {secs} s: {}",
+            self.sh_status(&format!(
+                "journalctl -u leasehold-agentd --since @{since} --no-pager | tail -n 40"
+            ))
+            .stdout
+        );
+    }
+
+    /// The FaultsChanged signals recorded so far: (severity, faults JSON).
+    fn faults_changed(&self) -> Vec<(String, serde_json::Value)> {
+        let log = self.sh(&format!("cat {SIGNAL_LOG}"));
+        let strings = |block: &str| -> Vec<String> {
+            block
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("string \""))
+                .map(|l| l.trim_end_matches('"').replace("\\\"", "\""))
+                .collect()
+        };
+        log.split("member=FaultsChanged")
+            .skip(1)
+            .map(|b| {
+                let s = strings(b);
+                assert!(s.len() >= 2, "a FaultsChanged without its body: {b}");
+                (s[0].clone(), json(&s[1]))
+            })
+            .collect()
+    }
+
+    /// Waits for the first FaultsChanged after the `seen` first ones that
+    /// satisfies `want`; returns how many have been seen then.
+    #[track_caller]
+    fn wait_faults_changed(
+        &self,
+        mut seen: usize,
+        secs: u64,
+        what: &str,
+        want: impl Fn(&str, &serde_json::Value) -> bool,
+    ) -> usize {
+        let t0 = Instant::now();
+        loop {
+            let left = secs.saturating_sub(t0.elapsed().as_secs()).max(1);
+            self.wait_lines(
+                SIGNAL_LOG,
+                "member=FaultsChanged",
+                seen + 1,
+                left as u32,
+                what,
+            );
+            let all = self.faults_changed();
+            for (sev, faults) in &all[seen..] {
+                seen += 1;
+                if want(sev, faults) {
+                    return seen;
+                }
+            }
+            assert!(
+                t0.elapsed().as_secs() < secs,
+                "{what}: no such FaultsChanged within {secs} s: {all:?}"
+            );
+        }
+    }
+
+    /// The hook lines of RULE so far.
+    fn hook_lines(&self, rule: &str) -> Vec<String> {
+        self.sh(&format!("cat {HOOK_LOG} 2>/dev/null || true"))
+            .lines()
+            .filter(|l| l.split(' ').nth(1) == Some(rule))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+fn has_fault(faults: &serde_json::Value, source: &str, subject: &str, severity: &str) -> bool {
+    faults.as_array().is_some_and(|a| {
+        a.iter().any(|f| {
+            f["source"] == source && f["subject"] == subject && f["severity"] == severity
+        })
+    })
+}
+
+fn mentions(faults: &serde_json::Value, subject: &str) -> bool {
+    faults
+        .as_array()
+        .is_some_and(|a| a.iter().any(|f| f["subject"] == subject))
+}
+
+/// Guest unix time with fractions, as the hooks write it.
+fn guest_time(vm: &Vm) -> f64 {
+    vm.sh("date +%s.%N").trim().parse().unwrap()
+}
+
+/// Issue 16, T2: node-side faults injected by QEMU end in the configured
+/// actions; a stopped agent is restarted by systemd's watchdog.
+fn faults(vm: &mut Vm) -> Ran {
+    // A report every 5 s and the rules; the section puts the file back.
+    vm.sh(&format!(
+        "cp /etc/leasehold/agentd.toml /root/agentd.toml.before-faults && \
+         sed -i 's/^\\[health\\]$/[health]\\ninterval_secs = 5/' /etc/leasehold/agentd.toml && \
+         cat >> /etc/leasehold/agentd.toml <<'TOML'\n{FAULT_RULES}TOML\n\
+         rm -f {HOOK_LOG} {STATE}/actions.json && systemctl restart leasehold-agentd"
+    ));
+    // Recorded from here on: dbus-monitor says NameLost once it is a
+    // monitor (it gives its name up), so nothing after that is missed.
+    assert_eq!(
+        vm.sh_status("command -v dbus-monitor smartctl | wc -l").stdout.trim(),
+        "2",
+        "dbus-monitor (dbus-bin) and smartctl (smartmontools) in the image"
+    );
+    vm.sh(&format!(
+        "setsid -f sh -c 'exec dbus-monitor --system \"type=signal,interface=org.leasehold.Health1,member=FaultsChanged\" > {SIGNAL_LOG} 2>&1' </dev/null >/dev/null 2>&1"
+    ));
+    vm.wait_lines(SIGNAL_LOG, "NameLost", 1, 60, "dbus-monitor ready");
+    // This report joins the agent's first collection (the baseline, not
+    // signalled), started with the agent: a fault injected after it
+    // changes the set and is signalled.
+    let base = json(&vm.sh("landlordctl --json health"));
+    let iface = vm
+        .sh(&format!(
+            "ip -o link | awk -F': ' '/{FAULT_MAC}/ {{print $2}}'"
+        ))
+        .trim()
+        .to_owned();
+    assert!(!iface.is_empty(), "no interface with MAC {FAULT_MAC}");
+    assert_eq!(
+        vm.sh(&format!("cat /sys/class/net/{iface}/carrier")).trim(),
+        "1",
+        "{iface} has a carrier before the fault"
+    );
+    let nvme = vm
+        .sh("ls /sys/block | grep -m1 '^nvme' || true")
+        .trim()
+        .to_owned();
+    assert!(!nvme.is_empty(), "no NVMe disk in the guest");
+    assert!(
+        !mentions(&base["faults"], &iface) && !mentions(&base["faults"], &nvme),
+        "no fault on {iface} or {nvme} before injecting: {}",
+        base["faults"]
+    );
+    let smart = base["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["source"] == "smart")
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        smart.to_string().contains(&nvme),
+        "smartctl read {nvme} at the baseline: {smart}"
+    );
+    vm.step("faults: rules, dbus-monitor, baseline");
+
+    // 1. The fault NIC's link goes down (QEMU: the virtio-net link status).
+    let t = Instant::now();
+    let before = guest_time(vm);
+    vm.qmp(&serde_json::json!({"execute": "set_link", "arguments": {"name": "nic1", "up": false}}));
+    vm.wait_lines(HOOK_LOG, " link-hook ", 1, 120, "link down: the hook");
+    let link_secs = t.elapsed().as_secs_f64();
+    let hook = vm.hook_lines("link-hook");
+    assert!(
+        hook.len() == 1 && hook[0].contains(" warning ") && hook[0].contains(&iface),
+        "one link-hook run naming {iface}: {hook:?}"
+    );
+    let seen = vm.wait_faults_changed(0, 120, "link down: FaultsChanged", |_, f| {
+        has_fault(f, "net", &iface, "warning")
+    });
+    vm.sh("journalctl --sync");
+    let notified = vm.sh(
+        "journalctl -u leasehold-agentd -o json --no-pager EVENT=health-action RULE=link-notify",
+    );
+    let line = json(notified.lines().last().unwrap_or("null"));
+    assert!(
+        line["PRIORITY"] == "4"
+            && line["FAULTS"].as_str().is_some_and(|f| f.contains(&iface)),
+        "the notify rule's journal line: {notified}"
+    );
+    let report = json(&vm.sh("landlordctl --json health"));
+    let events = &report["network"]["events"];
+    let down = events
+        .as_array()
+        .and_then(|a| {
+            a.iter()
+                .rev()
+                .find(|e| e["iface"] == iface.as_str() && e["kind"] == "carrier-down")
+        })
+        .unwrap_or_else(|| panic!("a carrier-down event for {iface}: {events}"));
+    let down_at = down["at_ms"].as_f64().unwrap() / 1000.0;
+    let hook_at: f64 = hook[0].split(' ').next().unwrap().parse().unwrap();
+    assert!(
+        down_at >= before && hook_at >= down_at,
+        "set_link ({before}) ≤ rtnetlink event ({down_at}) ≤ hook ({hook_at})"
+    );
+    eprintln!(
+        "vm: link down (TCG): QMP → hook seen from the host {link_secs:.1} s; rtnetlink event {:.2} s after the injection, hook {:.2} s after the event (interval 5 s)",
+        down_at - before,
+        hook_at - down_at
+    );
+    // Link up: the fault clears (after one "flapped" report: the carrier
+    // counter rose), signalled; the rules do not fire again.
+    vm.qmp(&serde_json::json!({"execute": "set_link", "arguments": {"name": "nic1", "up": true}}));
+    let seen = vm.wait_faults_changed(seen, 120, "link up: FaultsChanged", |_, f| {
+        !mentions(f, &iface)
+    });
+    let report = json(&vm.sh("landlordctl --json health"));
+    assert!(
+        !has_fault(&report["faults"], "net", &iface, "warning")
+            || report["faults"].to_string().contains("flapped"),
+        "{}",
+        report["faults"]
+    );
+    assert!(
+        report["network"]["events"]
+            .as_array()
+            .is_some_and(|a| a
+                .iter()
+                .any(|e| e["iface"] == iface.as_str() && e["kind"] == "carrier-up")),
+        "a carrier-up event for {iface}"
+    );
+    assert_eq!(vm.hook_lines("link-hook").len(), 1, "the hook ran once");
+    vm.step("faults: NIC link down (QMP set_link) → notify + hook; link up clears it");
+
+    // 2. The NVMe disk reports a critical warning (bit 2: reliability
+    // degraded) in its SMART log.
+    let t = Instant::now();
+    vm.qmp(&serde_json::json!({"execute": "qom-set", "arguments": {"path": NVME_QOM, "property": "smart_critical_warning", "value": 4}}));
+    let smart = json(&vm.sh(&format!(
+        "smartctl --json -H -A /dev/{nvme} || true"
+    )));
+    assert_eq!(
+        smart["nvme_smart_health_information_log"]["critical_warning"], 4,
+        "smartctl in the guest sees the warning: {smart}"
+    );
+    vm.wait_lines(HOOK_LOG, " disk-hook ", 1, 180, "NVMe warning: the hook");
+    let disk_secs = t.elapsed().as_secs_f64();
+    let hook = vm.hook_lines("disk-hook");
+    assert!(
+        hook.len() == 1 && hook[0].contains(" critical ") && hook[0].contains(&nvme),
+        "one disk-hook run naming {nvme}: {hook:?}"
+    );
+    let seen = vm.wait_faults_changed(seen, 120, "NVMe warning: FaultsChanged", |sev, f| {
+        sev == "critical" && has_fault(f, "smart", &nvme, "critical")
+    });
+    vm.sh("journalctl --sync");
+    let notified = vm.sh(
+        "journalctl -u leasehold-agentd -o json --no-pager EVENT=health-action RULE=disk-notify",
+    );
+    let line = json(notified.lines().last().unwrap_or("null"));
+    assert!(
+        line["PRIORITY"] == "3"
+            && line["FAULTS"].as_str().is_some_and(|f| f.contains(&nvme)),
+        "the disk notify rule's journal line: {notified}"
+    );
+    eprintln!("vm: NVMe critical warning (TCG): QMP → hook seen from the host {disk_secs:.1} s (interval 5 s)");
+    vm.qmp(&serde_json::json!({"execute": "qom-set", "arguments": {"path": NVME_QOM, "property": "smart_critical_warning", "value": 0}}));
+    vm.wait_faults_changed(seen, 120, "NVMe warning cleared: FaultsChanged", |_, f| {
+        !mentions(f, &nvme)
+    });
+    vm.step("faults: NVMe SMART critical warning (QMP qom-set) → notify + hook; cleared");
+
+    // 3. The agent hangs (SIGSTOP): no more WATCHDOG=1, systemd kills it
+    // (SIGABRT, after SIGCONT) past WatchdogSec and restarts it.
+    let pid = vm
+        .sh("systemctl show -p MainPID --value leasehold-agentd")
+        .trim()
+        .to_owned();
+    let restarts = |vm: &Vm| -> u64 {
+        vm.sh("systemctl show -p NRestarts --value leasehold-agentd")
+            .trim()
+            .parse()
+            .unwrap()
+    };
+    let n0 = restarts(vm);
+    let since = vm.sh(&format!("date +%s && kill -STOP {pid}")).trim().to_owned();
+    let t = Instant::now();
+    vm.wait_journal(&since, "Watchdog timeout", 240, "agent hang: systemd's watchdog");
+    let killed = t.elapsed().as_secs();
+    vm.wait_journal(&since, "Started leasehold-agentd.service", 240, "agent hang: restarted");
+    let back = t.elapsed().as_secs();
+    let new_pid = vm
+        .sh("systemctl show -p MainPID --value leasehold-agentd")
+        .trim()
+        .to_owned();
+    assert_ne!(new_pid, pid, "a new agent process");
+    assert_eq!(restarts(vm), n0 + 1, "one restart");
+    let journal = vm.sh(&format!(
+        "journalctl -u leasehold-agentd --since @{since} --no-pager -o short-unix"
+    ));
+    assert!(
+        journal.contains("Failed with result 'watchdog'"),
+        "the journal says why: {journal}"
+    );
+    json(&vm.sh("landlordctl --json info"));
+    eprintln!(
+        "vm: agent hang (SIGSTOP, TCG): watchdog timeout seen after {killed} s, agent serving again after {back} s (WatchdogSec=60s)"
+    );
+    vm.step("faults: agent SIGSTOP → systemd watchdog restart");
+
+    // The node as it was: the file back, no monitor.
+    vm.sh(&format!(
+        "pkill -x dbus-monitor; mv /root/agentd.toml.before-faults /etc/leasehold/agentd.toml && systemctl restart leasehold-agentd"
+    ));
+    Ran::Done
+}
+
+/// Issue 16, T2: a hung kernel. systemd pets QEMU's i6300esb with the
+/// package's RuntimeWatchdogSec example; a panicked kernel (panic=0: it
+/// stays hung) stops that and the watchdog resets the node.
+fn kernel_hang(vm: &mut Vm) -> Ran {
+    const DROPIN: &str = "/etc/systemd/system.conf.d/60-leasehold-hardware-watchdog.conf";
+    vm.sh(&format!(
+        "install -D -m 0644 /usr/share/doc/leasehold/examples/systemd/60-leasehold-hardware-watchdog.conf {DROPIN} && systemctl daemon-reexec"
+    ));
+    assert_eq!(
+        vm.sh("systemctl show -p RuntimeWatchdogUSec --value").trim(),
+        "30s"
+    );
+    let wd = vm.sh("cat /sys/class/watchdog/watchdog0/identity; ls -l /proc/1/fd");
+    assert!(
+        wd.contains("i6300ESB") && wd.contains("/dev/watchdog0"),
+        "systemd holds the i6300esb: {wd}"
+    );
+    let boot_id = vm.sh("cat /proc/sys/kernel/random/boot_id");
+    // Waits for QEMU's WATCHDOG event on a QMP connection made first.
+    let mut waiter = Command::new("timeout")
+        .args(["400", vm.lab.to_str().unwrap(), "qmp-event", NODE, "WATCHDOG", "360"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(waiter.stdout.take().unwrap());
+    let mut ready = String::new();
+    out.read_line(&mut ready).unwrap();
+    assert_eq!(ready.trim(), "listening", "lab qmp-event");
+    // The panic after SSH has returned (a hung kernel keeps no session).
+    vm.sh("sysctl -q kernel.panic=0 && setsid -f sh -c 'sleep 1; echo c > /proc/sysrq-trigger' </dev/null >/dev/null 2>&1");
+    let t = Instant::now();
+    let mut event = String::new();
+    out.read_line(&mut event).unwrap();
+    let status = waiter.wait().unwrap();
+    let fired = t.elapsed().as_secs();
+    if !status.success() {
+        // Leave a live node to the sections after this one.
+        let _ = vm.lab(60, &["qmp", NODE, r#"{"execute":"system_reset"}"#]);
+        let _ = vm.lab(600, &["wait-ssh", NODE]);
+        panic!("no WATCHDOG event within 360 s of the panic ({status}): {event}");
+    }
+    assert!(event.contains("reset"), "the watchdog's action: {event}");
+    vm.lab_ok(600, &["wait-ssh", NODE]);
+    let ssh = t.elapsed().as_secs();
+    let new_boot = vm.sh("cat /proc/sys/kernel/random/boot_id");
+    assert_ne!(new_boot, boot_id, "a new boot");
+    vm.sh("timeout 180 sh -c 'until systemctl is-active -q leasehold-agentd; do sleep 1; done'");
+    let agent = t.elapsed().as_secs();
+    json(&vm.sh("landlordctl --json info"));
+    let prev = vm.sh("journalctl -b -1 -o cat --no-pager _PID=1 | grep -i watchdog || true");
+    assert!(
+        prev.contains("i6300ESB"),
+        "the previous boot's systemd used the hardware watchdog: {prev}"
+    );
+    eprintln!(
+        "vm: kernel hang (sysrq c, panic=0, TCG): QEMU watchdog reset {fired} s after the panic, SSH after {ssh} s, agent active after {agent} s (RuntimeWatchdogSec=30s)"
+    );
+    // The node as it was: no hardware watchdog.
+    vm.sh(&format!("rm -f {DROPIN} && systemctl daemon-reexec"));
+    vm.step("kernel hang → i6300esb reset, agent back");
+    Ran::Done
 }
