@@ -1,6 +1,10 @@
-//! Disk health through `smartctl --json -n standby DEVICE`: one process per
-//! disk, all in parallel, each killed (with its process group) at the
-//! per-disk timeout; standby disks are not woken.
+//! Disk health through `smartctl --json -n standby -H -A DEVICE`: one
+//! process per disk, all in parallel, each killed (with its process group)
+//! at the per-disk timeout; standby disks are not woken. `-H` (the
+//! self-assessment; NVMe: the critical warning) and `-A` (attributes; NVMe:
+//! the SMART/health log with `critical_warning` and the temperature) are
+//! needed: without them smartctl only opens the device and reads nothing
+//! (found on the VM lab's emulated NVMe disk).
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
@@ -178,7 +182,7 @@ fn error(disk: &str, message: String) -> DiskHealth {
 fn check(disk: &str, smartctl: &Path, device: &Path, timeout: Duration) -> DiskHealth {
     let deadline = Instant::now() + timeout;
     let mut child = match Command::new(smartctl)
-        .args(["--json", "-n", "standby"])
+        .args(["--json", "-n", "standby", "-H", "-A"])
         .arg(device)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -218,7 +218,7 @@ pub enum DiskState {
     Timeout,
 }
 
-/// One disk's health from `smartctl --json -n standby`.
+/// One disk's health from `smartctl --json -n standby -H -A`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DiskHealth {
     /// `sda`, `nvme0n1`.

@@ -435,8 +435,8 @@ fn fake_smartctl(f: &Fixture) -> PathBuf {
         &script,
         format!(
             "#!/bin/sh\n\
-             [ \"$1 $2 $3\" = \"--json -n standby\" ] || {{ echo bad args >&2; exit 1; }}\n\
-             d=$(basename \"$4\")\n\
+             [ \"$1 $2 $3 $4 $5\" = \"--json -n standby -H -A\" ] || {{ echo bad args >&2; exit 1; }}\n\
+             d=$(basename \"$6\")\n\
              if [ -e {dir}/$d.hang ]; then sleep 1000; fi\n\
              if [ -e {dir}/$d.big ]; then head -c 2097152 /dev/zero; exit 0; fi\n\
              cat {dir}/$d.json\n\
