@@ -2031,11 +2031,12 @@ impl Vm {
     }
 
     /// Waits (in the guest, on inotify through `tail -F`, bounded) until
-    /// FILE holds at least N lines containing TEXT (fixed string).
+    /// FILE holds at least N lines containing TEXT (fixed string). (`grep
+    /// -m N` reads on to the Nth match; `-q` would stop at the first.)
     #[track_caller]
     fn wait_lines(&self, file: &str, text: &str, n: usize, secs: u32, what: &str) {
         let o = self.sh_status(&format!(
-            "timeout {secs} bash -c 'grep -m\"$2\" -q -F -e \"$0\" < <(exec tail -n +1 -F --pid=$$ \"$1\" </dev/null 2>/dev/null)' {} {file} {n}",
+            "timeout {secs} bash -c 'grep -m\"$2\" -F -e \"$0\" >/dev/null < <(exec tail -n +1 -F --pid=$$ \"$1\" </dev/null 2>/dev/null)' {} {file} {n}",
             shell_quote(text)
         ));
         assert_eq!(
@@ -2049,17 +2050,18 @@ impl Vm {
     }
 
     /// Waits (in the guest, following the journal, bounded) for a line of
-    /// leasehold-agentd's unit containing TEXT since the unix time SINCE.
+    /// leasehold-agentd's unit matching the extended regex RE since the
+    /// unix time SINCE.
     #[track_caller]
-    fn wait_journal(&self, since: &str, text: &str, secs: u32, what: &str) {
+    fn wait_journal(&self, since: &str, re: &str, secs: u32, what: &str) {
         let o = self.sh_status(&format!(
-            "timeout {secs} bash -c 'grep -m1 -q -F -e \"$0\" < <(exec timeout {secs} journalctl -u leasehold-agentd -f -n all --since \"@$1\" -o cat </dev/null 2>/dev/null)' {} {since}",
-            shell_quote(text)
+            "timeout {secs} bash -c 'grep -m1 -q -E -e \"$0\" < <(exec timeout {secs} journalctl -u leasehold-agentd -f -n all --since \"@$1\" -o cat </dev/null 2>/dev/null)' {} {since}",
+            shell_quote(re)
         ));
         assert_eq!(
             o.code,
             0,
-            "{what}: no journal line with {text:?} within {secs} s: {}",
+            "{what}: no journal line matching {re:?} within {secs} s: {}",
             self.sh_status(&format!(
                 "journalctl -u leasehold-agentd --since @{since} --no-pager | tail -n 40"
             ))
@@ -2074,7 +2076,8 @@ impl Vm {
             block
                 .lines()
                 .filter_map(|l| l.trim().strip_prefix("string \""))
-                .map(|l| l.trim_end_matches('"').replace("\\\"", "\""))
+                // dbus-monitor prints strings as they are, unescaped.
+                .map(|l| l.strip_suffix('"').unwrap_or(l).to_owned())
                 .collect()
         };
         log.split("member=FaultsChanged")
@@ -2338,7 +2341,13 @@ fn faults(vm: &mut Vm) -> Ran {
     let t = Instant::now();
     vm.wait_journal(&since, "Watchdog timeout", 240, "agent hang: systemd's watchdog");
     let killed = t.elapsed().as_secs();
-    vm.wait_journal(&since, "Started leasehold-agentd.service", 240, "agent hang: restarted");
+    // systemd 252: "Started leasehold-agentd.service - Leasehold node agent."
+    vm.wait_journal(
+        &since,
+        "^Started (leasehold-agentd.service - )?Leasehold node agent",
+        240,
+        "agent hang: restarted",
+    );
     let back = t.elapsed().as_secs();
     let new_pid = vm
         .sh("systemctl show -p MainPID --value leasehold-agentd")
@@ -2380,7 +2389,7 @@ fn kernel_hang(vm: &mut Vm) -> Ran {
     );
     let wd = vm.sh("cat /sys/class/watchdog/watchdog0/identity; ls -l /proc/1/fd");
     assert!(
-        wd.contains("i6300ESB") && wd.contains("/dev/watchdog0"),
+        wd.contains("i6300ESB") && wd.contains("/dev/watchdog"),
         "systemd holds the i6300esb: {wd}"
     );
     let boot_id = vm.sh("cat /proc/sys/kernel/random/boot_id");
@@ -2388,7 +2397,7 @@ fn kernel_hang(vm: &mut Vm) -> Ran {
     let mut waiter = Command::new("timeout")
         .args(["400", vm.lab.to_str().unwrap(), "qmp-event", NODE, "WATCHDOG", "360"])
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
         .spawn()
         .unwrap();
     let mut out = BufReader::new(waiter.stdout.take().unwrap());
@@ -2396,7 +2405,8 @@ fn kernel_hang(vm: &mut Vm) -> Ran {
     out.read_line(&mut ready).unwrap();
     assert_eq!(ready.trim(), "listening", "lab qmp-event");
     // The panic after SSH has returned (a hung kernel keeps no session).
-    vm.sh("sysctl -q kernel.panic=0 && setsid -f sh -c 'sleep 1; echo c > /proc/sysrq-trigger' </dev/null >/dev/null 2>&1");
+    // The journal on disk first: the previous boot's is read after the reset.
+    vm.sh("journalctl --sync && sync && sysctl -q kernel.panic=0 && setsid -f sh -c 'sleep 1; echo c > /proc/sysrq-trigger' </dev/null >/dev/null 2>&1");
     let t = Instant::now();
     let mut event = String::new();
     out.read_line(&mut event).unwrap();
