@@ -2107,7 +2107,7 @@ impl Vm {
                 SIGNAL_LOG,
                 "member=FaultsChanged",
                 seen + 1,
-                left as u32,
+                u32::try_from(left).unwrap_or(u32::MAX),
                 what,
             );
             let all = self.faults_changed();
@@ -2140,9 +2140,8 @@ fn shell_quote(s: &str) -> String {
 
 fn has_fault(faults: &serde_json::Value, source: &str, subject: &str, severity: &str) -> bool {
     faults.as_array().is_some_and(|a| {
-        a.iter().any(|f| {
-            f["source"] == source && f["subject"] == subject && f["severity"] == severity
-        })
+        a.iter()
+            .any(|f| f["source"] == source && f["subject"] == subject && f["severity"] == severity)
     })
 }
 
@@ -2170,7 +2169,9 @@ fn faults(vm: &mut Vm) -> Ran {
     // Recorded from here on: dbus-monitor says NameLost once it is a
     // monitor (it gives its name up), so nothing after that is missed.
     assert_eq!(
-        vm.sh_status("command -v dbus-monitor smartctl | wc -l").stdout.trim(),
+        vm.sh_status("command -v dbus-monitor smartctl | wc -l")
+            .stdout
+            .trim(),
         "2",
         "dbus-monitor (dbus-bin) and smartctl (smartmontools) in the image"
     );
@@ -2237,8 +2238,7 @@ fn faults(vm: &mut Vm) -> Ran {
     );
     let line = json(notified.lines().last().unwrap_or("null"));
     assert!(
-        line["PRIORITY"] == "4"
-            && line["FAULTS"].as_str().is_some_and(|f| f.contains(&iface)),
+        line["PRIORITY"] == "4" && line["FAULTS"].as_str().is_some_and(|f| f.contains(&iface)),
         "the notify rule's journal line: {notified}"
     );
     let report = json(&vm.sh("landlordctl --json health"));
@@ -2276,11 +2276,9 @@ fn faults(vm: &mut Vm) -> Ran {
         report["faults"]
     );
     assert!(
-        report["network"]["events"]
-            .as_array()
-            .is_some_and(|a| a
-                .iter()
-                .any(|e| e["iface"] == iface.as_str() && e["kind"] == "carrier-up")),
+        report["network"]["events"].as_array().is_some_and(|a| a
+            .iter()
+            .any(|e| e["iface"] == iface.as_str() && e["kind"] == "carrier-up")),
         "a carrier-up event for {iface}"
     );
     assert_eq!(vm.hook_lines("link-hook").len(), 1, "the hook ran once");
@@ -2290,9 +2288,7 @@ fn faults(vm: &mut Vm) -> Ran {
     // degraded) in its SMART log.
     let t = Instant::now();
     vm.qmp(&serde_json::json!({"execute": "qom-set", "arguments": {"path": NVME_QOM, "property": "smart_critical_warning", "value": 4}}));
-    let smart = json(&vm.sh(&format!(
-        "smartctl --json -H -A /dev/{nvme} || true"
-    )));
+    let smart = json(&vm.sh(&format!("smartctl --json -H -A /dev/{nvme} || true")));
     assert_eq!(
         smart["nvme_smart_health_information_log"]["critical_warning"], 4,
         "smartctl in the guest sees the warning: {smart}"
@@ -2313,8 +2309,7 @@ fn faults(vm: &mut Vm) -> Ran {
     );
     let line = json(notified.lines().last().unwrap_or("null"));
     assert!(
-        line["PRIORITY"] == "3"
-            && line["FAULTS"].as_str().is_some_and(|f| f.contains(&nvme)),
+        line["PRIORITY"] == "3" && line["FAULTS"].as_str().is_some_and(|f| f.contains(&nvme)),
         "the disk notify rule's journal line: {notified}"
     );
     eprintln!("vm: NVMe critical warning (TCG): QMP → hook seen from the host {disk_secs:.1} s (interval 5 s)");
@@ -2337,9 +2332,17 @@ fn faults(vm: &mut Vm) -> Ran {
             .unwrap()
     };
     let n0 = restarts(vm);
-    let since = vm.sh(&format!("date +%s && kill -STOP {pid}")).trim().to_owned();
+    let since = vm
+        .sh(&format!("date +%s && kill -STOP {pid}"))
+        .trim()
+        .to_owned();
     let t = Instant::now();
-    vm.wait_journal(&since, "Watchdog timeout", 240, "agent hang: systemd's watchdog");
+    vm.wait_journal(
+        &since,
+        "Watchdog timeout",
+        240,
+        "agent hang: systemd's watchdog",
+    );
     let killed = t.elapsed().as_secs();
     // systemd 252: "Started leasehold-agentd.service - Leasehold node agent."
     vm.wait_journal(
@@ -2369,9 +2372,9 @@ fn faults(vm: &mut Vm) -> Ran {
     vm.step("faults: agent SIGSTOP → systemd watchdog restart");
 
     // The node as it was: the file back, no monitor.
-    vm.sh(&format!(
-        "pkill -x dbus-monitor; mv /root/agentd.toml.before-faults /etc/leasehold/agentd.toml && systemctl restart leasehold-agentd"
-    ));
+    vm.sh(
+        "pkill -x dbus-monitor; mv /root/agentd.toml.before-faults /etc/leasehold/agentd.toml && systemctl restart leasehold-agentd",
+    );
     Ran::Done
 }
 
@@ -2384,7 +2387,8 @@ fn kernel_hang(vm: &mut Vm) -> Ran {
         "install -D -m 0644 /usr/share/doc/leasehold/examples/systemd/60-leasehold-hardware-watchdog.conf {DROPIN} && systemctl daemon-reexec"
     ));
     assert_eq!(
-        vm.sh("systemctl show -p RuntimeWatchdogUSec --value").trim(),
+        vm.sh("systemctl show -p RuntimeWatchdogUSec --value")
+            .trim(),
         "30s"
     );
     let wd = vm.sh("cat /sys/class/watchdog/watchdog0/identity; ls -l /proc/1/fd");
@@ -2395,7 +2399,14 @@ fn kernel_hang(vm: &mut Vm) -> Ran {
     let boot_id = vm.sh("cat /proc/sys/kernel/random/boot_id");
     // Waits for QEMU's WATCHDOG event on a QMP connection made first.
     let mut waiter = Command::new("timeout")
-        .args(["400", vm.lab.to_str().unwrap(), "qmp-event", NODE, "WATCHDOG", "360"])
+        .args([
+            "400",
+            vm.lab.to_str().unwrap(),
+            "qmp-event",
+            NODE,
+            "WATCHDOG",
+            "360",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::inherit())
         .spawn()
