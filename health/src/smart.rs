@@ -4,7 +4,7 @@
 //! self-assessment; NVMe: the critical warning) and `-A` (attributes; NVMe:
 //! the SMART/health log with `critical_warning` and the temperature) are
 //! needed: without them smartctl only opens the device and reads nothing
-//! (found on the VM lab's emulated NVMe disk).
+//! (smartmontools 7.3: "NVMe device successfully opened … Use smartctl -a").
 
 use std::io::Read;
 use std::os::unix::process::CommandExt;
