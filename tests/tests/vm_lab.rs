@@ -18,6 +18,8 @@ use leasehold_tests::matrix::{
 };
 use leasehold_tests::{console_pem, workspace_root};
 
+#[path = "support/console.rs"]
+mod console;
 #[path = "support/sections.rs"]
 mod sections;
 use sections::{check_table, closure, run_sections, summary, Args, Ran, Section};
@@ -36,6 +38,9 @@ struct Vm {
     deb: Option<PathBuf>,
     /// Node 1's volume metadata, read by the reboot section.
     node1_volume: Option<String>,
+    /// The landlord's console on the host (Prometheus, Alertmanager,
+    /// `act`), started by the prometheus section for node-down.
+    console: Option<console::Console>,
 }
 
 struct Out {
@@ -89,11 +94,7 @@ impl Vm {
     }
 
     fn ssh_env(&self) -> String {
-        let cache = std::env::var("LEASEHOLD_LAB_CACHE").unwrap_or_else(|_| {
-            let base = std::env::var("XDG_CACHE_HOME")
-                .unwrap_or_else(|_| format!("{}/.cache", std::env::var("HOME").unwrap()));
-            format!("{base}/leasehold-lab")
-        });
+        let cache = lab_cache();
         format!(
             "ssh -i {cache}/id_ed25519 -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o BatchMode=yes -o ConnectTimeout=10"
         )
@@ -118,6 +119,15 @@ impl Vm {
             stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
         }
     }
+}
+
+/// vagrant/lab's cache directory (its SSH key, its nodes).
+fn lab_cache() -> String {
+    std::env::var("LEASEHOLD_LAB_CACHE").unwrap_or_else(|_| {
+        let base = std::env::var("XDG_CACHE_HOME")
+            .unwrap_or_else(|_| format!("{}/.cache", std::env::var("HOME").unwrap()));
+        format!("{base}/leasehold-lab")
+    })
 }
 
 /// Prints a node's serial console tail and agentd journal.
@@ -258,10 +268,17 @@ const SECTIONS: &[Section<Vm>] = &[
     sec("kernel-hang", &["install"], kernel_hang),
     // Writes to the volume and reads the hand-over's secret back.
     sec("reboot", &["handover", "volume"], reboot),
+    // Issue 16: the console on the host scrapes the node through the
+    // boundary's failsafe; a boundary drift reboots the node once through
+    // Alertmanager and `act`. Leaves the console running for node-down.
+    sec("prometheus", &["guest-users"], prometheus),
     // Needs a node that came back: a dead one would "power off" at once.
     sec("poweroff", &["reboot"], poweroff),
     // Node 1's volume metadata (read before the reboot) on node 1's disk.
     sec("node2-disk", &["reboot", "poweroff"], node2_disk),
+    // Last: kills node 1's QEMU (starting it again first if an earlier
+    // section powered it off) and times the node-down alert.
+    sec("node-down", &["prometheus"], node_down),
 ];
 
 const fn sec(
@@ -326,6 +343,7 @@ fn main() -> ExitCode {
         t: Instant::now(),
         deb: None,
         node1_volume: None,
+        console: None,
     };
     println!("\nrunning {} sections of {NAME} (one boot)", run.len());
     let done = run_sections(&mut vm, SECTIONS, &run, |vm, name| {
@@ -334,6 +352,9 @@ fn main() -> ExitCode {
         show_logs(&vm.lab, NODE);
         if name == "node2-disk" {
             show_logs(&vm.lab, "2");
+        }
+        if let (Some(c), "prometheus" | "node-down") = (&vm.console, name) {
+            eprintln!("{}", c.logs());
         }
     });
     eprintln!("vm: phase timings (s): {:?}", vm.timings);
@@ -1967,6 +1988,302 @@ fn engines_on_the_node(vm: &mut Vm) {
         "engines forgotten after the erase: {ls}"
     );
     vm.step("engines: a tenant rotation stops them before the erase (receipt)");
+}
+
+/// Issue 16 on the VM lab.
+fn prometheus(vm: &mut Vm) -> Ran {
+    console_acts_on_the_node(vm);
+    Ran::Done
+}
+
+/// Issue 16, the node dies: the last section.
+fn node_down(vm: &mut Vm) -> Ran {
+    node_down_alert(vm);
+    Ran::Done
+}
+
+/// The lab node's cluster boundary for the console: the lab's SSH, the
+/// node's DHCP (QEMU's server is the gateway) and, with `metrics`, the
+/// console's scrapes of port 9464 are failsafe; nothing else is allowed.
+fn console_boundary(metrics: bool) -> String {
+    let mut s = String::from(
+        "action = \"reject\"\n\
+         [[failsafe]]\nname = \"lab-ssh\"\npeers = [\"10.0.2.2\"]\ndirection = \"in\"\nprotocols = [{ proto = \"tcp\", ports = [22] }]\n\
+         [[failsafe]]\nname = \"dhcp-broadcast\"\npeers = [\"255.255.255.255\"]\ndirection = \"out\"\nprotocols = [{ proto = \"udp\", ports = [67] }]\n\
+         [[failsafe]]\nname = \"dhcp-server-in\"\npeers = [\"10.0.2.2\"]\ndirection = \"in\"\nprotocols = [{ proto = \"udp\", ports = [68] }]\n\
+         [[failsafe]]\nname = \"dhcp-server-out\"\npeers = [\"10.0.2.2\"]\ndirection = \"out\"\nprotocols = [{ proto = \"udp\", ports = [67] }]\n",
+    );
+    if metrics {
+        s.push_str("[[failsafe]]\nname = \"console-metrics\"\npeers = [\"10.0.2.2\"]\ndirection = \"in\"\nprotocols = [{ proto = \"tcp\", ports = [9464] }]\n");
+    }
+    s
+}
+
+/// Boots recorded by the node's persistent journal.
+fn boots(vm: &Vm) -> usize {
+    vm.sh("journalctl --list-boots --no-pager -q | grep -c .")
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+impl Vm {
+    /// A GET of the node's metrics through QEMU's forward, from the host:
+    /// (HTTP status, body); status 0 when no HTTP answer came.
+    fn scrape(&self, token: Option<&str>) -> (u16, String) {
+        let port = self.lab_ok(30, &["metrics-port", NODE]).trim().to_owned();
+        let mut c = Command::new("curl");
+        c.args(["-s", "--max-time", "20", "-w", "\n%{http_code}"]);
+        if let Some(t) = token {
+            c.arg("-H").arg(format!("Authorization: Bearer {t}"));
+        }
+        let out = c
+            .arg(format!("http://127.0.0.1:{port}/metrics"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+        (code.trim().parse().unwrap_or(0), body.to_owned())
+    }
+
+    fn wait_agent(&self) {
+        self.sh("timeout 120 sh -c 'until systemctl is-active -q leasehold-agentd; do sleep 1; done'");
+    }
+}
+
+/// Issue 16, T2 console side: a real Prometheus on the host scrapes the
+/// node's agent through QEMU's forward and the boundary's failsafe, with
+/// the shipped scrape config and rules; the shipped Alertmanager route
+/// sends to `landlordctl act`, whose inventory maps the node to its SSH.
+/// A boundary drift made by hand (the table flushed) fires
+/// `LeaseholdBoundaryDrift`, mapped to a reboot: the node reboots exactly
+/// once however often Alertmanager repeats the alert, and comes back.
+fn console_acts_on_the_node(vm: &mut Vm) {
+    // The landlord's SSH user for act, with the lab key.
+    vm.sh("install -d -o ll -g ll -m 700 /home/ll/.ssh && install -o ll -g ll -m 600 /root/.ssh/authorized_keys /home/ll/.ssh/authorized_keys");
+    // The metrics endpoint on the node's address, with a token file.
+    let token: String = {
+        use rand::Rng;
+        let mut r = rand::thread_rng();
+        (0..32)
+            .map(|_| char::from(b"0123456789abcdef"[r.gen_range(0..16)]))
+            .collect()
+    };
+    vm.sh(&format!(
+        "umask 077 && printf '%s\\n' {token} > /etc/leasehold/metrics.token && \
+         chgrp leasehold-landlord /etc/leasehold/metrics.token && chmod 0640 /etc/leasehold/metrics.token && \
+         sed -i -e 's|^# listen = \"127.0.0.1:9464\".*|listen = \"0.0.0.0:9464\"|' \
+                -e 's|^# token_file = \"/etc/leasehold/metrics.token\".*|token_file = \"/etc/leasehold/metrics.token\"|' \
+             /etc/leasehold/agentd.toml && \
+         grep -qx 'listen = \"0.0.0.0:9464\"' /etc/leasehold/agentd.toml && \
+         grep -qx 'token_file = \"/etc/leasehold/metrics.token\"' /etc/leasehold/agentd.toml && \
+         systemctl restart leasehold-agentd"
+    ));
+    vm.wait_agent();
+    let (code, body) = vm.scrape(Some(&token));
+    assert_eq!(code, 200, "scrape without a boundary: {body}");
+    assert_eq!(vm.scrape(None).0, 401, "a scrape without the token");
+    // A boundary without the console's failsafe entry: the scrape is
+    // refused by the node (reject), with the token.
+    vm.sh("landlordctl --json info | grep -q '\"assigned\":true' || landlordctl --yes assign acme >/dev/null");
+    vm.sh(&format!(
+        "cat > /tmp/console-a.toml <<'DOC'\n{}DOC\nlandlordctl boundary set /tmp/console-a.toml >/dev/null",
+        console_boundary(false)
+    ));
+    let (code, body) = vm.scrape(Some(&token));
+    assert_eq!(code, 0, "a scrape passed a boundary without the console's failsafe: {body}");
+    vm.sh(&format!(
+        "cat > /tmp/console-b.toml <<'DOC'\n{}DOC\nlandlordctl boundary set /tmp/console-b.toml >/dev/null",
+        console_boundary(true)
+    ));
+    let (code, body) = vm.scrape(Some(&token));
+    assert_eq!(code, 200, "a scrape through the failsafe: {body}");
+    assert!(body.contains("leasehold_boundary_enforced 1"), "{body}");
+    vm.step("console: metrics on 9464 through the boundary's failsafe");
+
+    let metrics_port = vm.lab_ok(30, &["metrics-port", NODE]).trim().to_owned();
+    let ssh_port = vm.lab_ok(30, &["port", NODE]).trim().to_owned();
+    let c = console::Console::start(
+        &format!("127.0.0.1:{metrics_port}"),
+        &token,
+        &format!("ll@127.0.0.1:{ssh_port}"),
+        &vm.ssh_env(),
+        &leasehold_tests::bin("landlordctl"),
+    );
+    let c = vm.console.insert(c);
+    let up = format!("up{{job=\"leasehold\",instance=\"{}\"}}", console::INSTANCE);
+    let t = c.wait_value(120, &up, |v| v == Some(1.0));
+    c.wait_value(60, "leasehold_boundary_enforced", |v| v == Some(1.0));
+    eprintln!(
+        "vm: prometheus: first successful scrape {} ms after start (TCG)",
+        t.as_millis()
+    );
+    // A clean start: no drift alert (node down may still be pending from
+    // the agent restart above, not firing).
+    c.wait_value(60, "sum(increase(leasehold_boundary_drifts_total[10m]))", |v| {
+        v == Some(0.0)
+    });
+    let firing: Vec<String> = c
+        .query("ALERTS{alertstate=\"firing\"}")
+        .iter()
+        .map(|a| a["metric"]["alertname"].as_str().unwrap_or("").to_owned())
+        .collect();
+    eprintln!("vm: prometheus: alerts firing before the drift: {firing:?}");
+    assert!(!firing.iter().any(|a| a == "LeaseholdBoundaryDrift"), "{firing:?}");
+    vm.step("console: prometheus scrapes the node");
+
+    // The drift: the boundary's table changed by hand (its rules flushed).
+    // The agent restores it and counts it; the alert maps to a reboot.
+    let boots_before = boots(vm);
+    let boot_id = vm.sh("cat /proc/sys/kernel/random/boot_id");
+    let drift = Instant::now();
+    vm.sh("nft flush table inet leasehold");
+    let c = vm.console.as_mut().unwrap();
+    let decided = c.act_wait(180, "the drift's reboot decided", |v| {
+        v["event"] == "decided" && v["alertname"] == "LeaseholdBoundaryDrift"
+    });
+    let to_decided = drift.elapsed();
+    assert_eq!(decided["decision"], "acted", "{decided}");
+    assert_eq!(decided["action"], "reboot", "{decided}");
+    assert_eq!(decided["node"], "node1", "{decided}");
+    let fingerprint = decided["fingerprint"].clone();
+    let done = c.act_wait(120, "the reboot done", |v| {
+        v["event"] == "done" && v["alertname"] == "LeaseholdBoundaryDrift"
+    });
+    eprintln!(
+        "vm: boundary drift (nft flush) -> act decided the reboot {} ms, reboot call done {} ms (TCG): {}",
+        to_decided.as_millis(),
+        drift.elapsed().as_millis(),
+        done["result"]
+    );
+    // The node reboots and comes back; meanwhile Alertmanager repeats
+    // the alert (act: already-acted) and node down fires (a notification).
+    wait_until(400, 2, "node did not come back after act's reboot", || {
+        let o = vm.lab(30, &["ssh", NODE, "cat /proc/sys/kernel/random/boot_id"]);
+        o.code == 0 && o.stdout != boot_id
+    });
+    vm.wait_agent();
+    let back = drift.elapsed();
+    let c = vm.console.as_mut().unwrap();
+    let node_down = c.act_wait(180, "node down during the reboot", |v| {
+        v["event"] == "decided" && v["alertname"] == "LeaseholdNodeDown"
+    });
+    assert_eq!(node_down["action"], "notify", "{node_down}");
+    c.wait_value(300, &up, |v| v == Some(1.0));
+    c.wait_value(60, "leasehold_boundary_enforced", |v| v == Some(1.0));
+    // Repeats of the drift alert once the node is back: never again.
+    while c.act_next(Duration::from_millis(10)).is_some() {}
+    for _ in 0..2 {
+        let again = c.act_wait(120, "a repeat of the drift alert", |v| {
+            v["event"] == "decided" && v["alertname"] == "LeaseholdBoundaryDrift"
+        });
+        assert_eq!(again["decision"], "already-acted", "{again}");
+        assert_eq!(again["fingerprint"], fingerprint, "{again}");
+    }
+    let repeats = c
+        .seen
+        .iter()
+        .filter(|v| v["event"] == "decided" && v["fingerprint"] == fingerprint)
+        .count();
+    let state = c.act_state();
+    let reboots = state["acted"]
+        .as_object()
+        .unwrap()
+        .values()
+        .filter(|a| a["action"] == "reboot")
+        .count();
+    assert_eq!(reboots, 1, "{state:#}");
+    assert_eq!(boots(vm), boots_before + 1, "the node booted once");
+    eprintln!(
+        "vm: drift reboot: node back (agent active) {} s after the drift; Alertmanager sent the alert {repeats} times, one reboot (TCG)",
+        back.as_secs()
+    );
+    vm.step("console: a boundary drift reboots the node once through Alertmanager and act");
+}
+
+/// Issue 16: the node's QEMU killed; `LeaseholdNodeDown` reaches
+/// Alertmanager and `act` within 5 s with the lab's timing (docs/lab.md).
+fn node_down_alert(vm: &mut Vm) {
+    // Node 1 powered off by an earlier section: start it again (node 2
+    // has its tenant disk after node2-disk).
+    if vm.lab(30, &["running", NODE]).code != 0 {
+        if vm.lab(30, &["running", "2"]).code == 0 {
+            vm.lab_ok(300, &["down", "2"]);
+        }
+        vm.lab_ok(600, &["start", NODE]);
+        vm.wait_agent();
+        let port = vm.lab_ok(30, &["metrics-port", NODE]).trim().to_owned();
+        vm.console
+            .as_ref()
+            .unwrap()
+            .retarget(&format!("127.0.0.1:{port}"));
+        vm.step("node-down: node 1 started again");
+    }
+    let c = vm.console.as_mut().unwrap();
+    let up = format!("up{{job=\"leasehold\",instance=\"{}\"}}", console::INSTANCE);
+    c.wait_value(300, &up, |v| v == Some(1.0));
+    // No node-down alert left from before (it resolves once scrapes pass).
+    let firing = "count(ALERTS{alertname=\"LeaseholdNodeDown\",alertstate=\"firing\"})";
+    c.wait_value(120, firing, |v| v.is_none());
+    wait_until(120, 1, "node down still active in Alertmanager", || {
+        c.am_alerts("LeaseholdNodeDown").is_empty()
+    });
+    let dur = c
+        .value("max_over_time(scrape_duration_seconds{job=\"leasehold\"}[2m])")
+        .unwrap_or(f64::NAN);
+    let known: Vec<serde_json::Value> = c
+        .seen
+        .iter()
+        .filter(|v| v["alertname"] == "LeaseholdNodeDown")
+        .map(|v| v["starts_at"].clone())
+        .collect();
+    // Drain what act printed so far: the next node-down record is new.
+    while c.act_next(Duration::from_millis(10)).is_some() {}
+    let pid = std::fs::read_to_string(format!("{}/nodes/{NODE}/qemu.pid", lab_cache()))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let killed = Instant::now();
+    let k = Command::new("kill").args(["-KILL", &pid]).status().unwrap();
+    assert!(k.success(), "kill -KILL {pid} (node 1's QEMU)");
+    let mut in_am: Option<Duration> = None;
+    let at_act = loop {
+        let waited = killed.elapsed();
+        assert!(
+            waited < Duration::from_secs(120),
+            "no node-down alert at act 120 s after QEMU was killed; act printed {:#?}",
+            c.seen
+        );
+        if in_am.is_none() && !c.am_alerts("LeaseholdNodeDown").is_empty() {
+            in_am = Some(waited);
+        }
+        if let Some(v) = c.act_next(Duration::from_millis(100)) {
+            if v["event"] == "decided"
+                && v["alertname"] == "LeaseholdNodeDown"
+                && !known.contains(&v["starts_at"])
+            {
+                assert_eq!(v["instance"], console::INSTANCE, "{v}");
+                break killed.elapsed();
+            }
+        }
+    };
+    let in_am = in_am.unwrap_or(at_act);
+    let t = &console::LAB_TIMING;
+    eprintln!(
+        "vm: node down: QEMU killed -> alert in Alertmanager {} ms, webhook at act {} ms (TCG; scrape and evaluation every {}, for {}, group_wait {}; slowest scrape of the last 2 min {dur:.3} s)",
+        in_am.as_millis(),
+        at_act.as_millis(),
+        t.scrape,
+        t.node_down_for,
+        t.group_wait
+    );
+    assert!(
+        at_act <= Duration::from_secs(5),
+        "node down reached act {} ms after the kill (bound 5 s)",
+        at_act.as_millis()
+    );
+    vm.lab(300, &["down", NODE]);
+    vm.step("node-down: QEMU killed, alert at act");
 }
 
 fn wait_until(secs: u64, every: u64, what: &str, mut done: impl FnMut() -> bool) {

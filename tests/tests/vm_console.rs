@@ -1,0 +1,119 @@
+//! T0: the console the VM lab runs on the host (support/console.rs,
+//! docs/lab.md "The console") is configured from the shipped files: the
+//! scrape config, rules and route with the lab's timings pass `promtool
+//! check config` and `amtool check-config`, say what the lab claims, and a
+//! shipped file that no longer has a value the lab replaces is an error
+//! naming it (never a run with other settings than printed).
+
+#[path = "support/console.rs"]
+#[allow(dead_code)]
+mod console;
+
+use std::fs;
+use std::path::Path;
+use std::process::Command;
+
+use leasehold_tests::workspace_root;
+
+fn tool(path: &str, package: &str) -> String {
+    assert!(
+        Path::new(path).exists(),
+        "{path} is not installed: apt-get install {package} (scripts/install-deps)"
+    );
+    path.to_owned()
+}
+
+#[track_caller]
+fn run_ok(cmd: &mut Command) {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn shipped(name: &str) -> String {
+    fs::read_to_string(workspace_root().join("dist/prometheus").join(name)).unwrap()
+}
+
+#[test]
+fn lab_console_configs_pass_promtool_and_amtool() {
+    let d = tempfile::tempdir().unwrap();
+    let d = d.path();
+    let t = &console::LAB_TIMING;
+    let token = d.join("token");
+    fs::write(&token, "0123456789abcdef0123\n").unwrap();
+    let rules = d.join("rules.yml");
+    let r = console::rules_yml(&shipped("leasehold-rules.yml"), t).unwrap();
+    assert!(
+        r.contains("expr: up{job=\"leasehold\"} == 0\n        for: 1s\n"),
+        "{r}"
+    );
+    fs::write(&rules, r).unwrap();
+    let p = console::prometheus_yml(
+        &shipped("leasehold.yml"),
+        "127.0.0.1:40000",
+        &token,
+        &rules,
+        "127.0.0.1:40001",
+        t,
+    )
+    .unwrap();
+    for want in [
+        "  scrape_interval: 1s\n  evaluation_interval: 1s\n",
+        "    scrape_interval: 1s\n    scrape_timeout: 1s\n",
+        "- 127.0.0.1:40000\n        labels:\n          instance: lab-node1:9464\n",
+        "targets: [\"127.0.0.1:40001\"]",
+    ] {
+        assert!(p.contains(want), "{want:?} not in:\n{p}");
+    }
+    assert!(p.contains(token.to_str().unwrap()) && !p.contains("/etc/prometheus"));
+    fs::write(d.join("prometheus.yml"), &p).unwrap();
+    run_ok(
+        Command::new(tool("/usr/bin/promtool", "prometheus"))
+            .args(["check", "config"])
+            .arg(d.join("prometheus.yml")),
+    );
+    let a = console::alertmanager_yml(
+        &shipped("alertmanager.yml"),
+        "127.0.0.1:40002",
+        &token,
+        t,
+    )
+    .unwrap();
+    for want in [
+        "url: http://127.0.0.1:40002/alerts",
+        "group_wait: 0s",
+        "group_interval: 1s",
+        "repeat_interval: 2s",
+    ] {
+        assert!(a.contains(want), "{want:?} not in:\n{a}");
+    }
+    fs::write(d.join("alertmanager.yml"), &a).unwrap();
+    run_ok(
+        Command::new(tool("/usr/bin/amtool", "prometheus-alertmanager"))
+            .arg("check-config")
+            .arg(d.join("alertmanager.yml")),
+    );
+}
+
+#[test]
+fn a_shipped_file_without_the_value_replaced_is_named() {
+    let t = &console::LAB_TIMING;
+    let e = console::rules_yml("groups: []\n", t).unwrap_err();
+    assert!(
+        e.contains("dist/prometheus/leasehold-rules.yml") && e.contains("for: 1m"),
+        "{e}"
+    );
+    let changed = shipped("leasehold.yml").replace("scrape_timeout: 25s", "scrape_timeout: 20s");
+    let p = Path::new("/t");
+    let e = console::prometheus_yml(&changed, "h:1", p, p, "h:2", t).unwrap_err();
+    assert!(
+        e.contains("dist/prometheus/leasehold.yml") && e.contains("scrape_timeout: 25s"),
+        "{e}"
+    );
+    let e = console::alertmanager_yml("route: {}\n", "h:1", p, t).unwrap_err();
+    assert!(e.contains("dist/prometheus/alertmanager.yml"), "{e}");
+}
