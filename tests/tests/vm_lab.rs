@@ -272,6 +272,8 @@ const SECTIONS: &[Section<Vm>] = &[
     // boundary's failsafe; a boundary drift reboots the node once through
     // Alertmanager and `act`. Leaves the console running for node-down.
     sec("prometheus", &["guest-users"], prometheus),
+    // Only with LEASEHOLD_VM_BENCH=1: boundary drift -> act, 20 times.
+    sec("console-bench", &["prometheus"], console_bench),
     // Needs a node that came back: a dead one would "power off" at once.
     sec("poweroff", &["reboot"], poweroff),
     // Node 1's volume metadata (read before the reboot) on node 1's disk.
@@ -1996,6 +1998,15 @@ fn prometheus(vm: &mut Vm) -> Ran {
     Ran::Done
 }
 
+/// Issue 16: the fault-to-notification benchmark (LEASEHOLD_VM_BENCH=1).
+fn console_bench(vm: &mut Vm) -> Ran {
+    if std::env::var("LEASEHOLD_VM_BENCH").as_deref() != Ok("1") {
+        return Ran::Skipped("LEASEHOLD_VM_BENCH is not 1".to_owned());
+    }
+    drift_to_notification(vm, 20);
+    Ran::Done
+}
+
 /// Issue 16, the node dies: the last section.
 fn node_down(vm: &mut Vm) -> Ran {
     node_down_alert(vm);
@@ -2199,6 +2210,64 @@ fn console_acts_on_the_node(vm: &mut Vm) {
         back.as_secs()
     );
     vm.step("console: a boundary drift reboots the node once through Alertmanager and act");
+}
+
+/// `n` boundary drifts made by hand on the node, each timed to `act`'s
+/// record of the lab's drift alert (a notification), from the host: from
+/// the start of the SSH command that flushes the table (an upper bound)
+/// and from its return (the flush done: a lower bound). Results for
+/// docs/benchmarks.md.
+fn drift_to_notification(vm: &mut Vm, n: usize) {
+    let mut from_start = Vec::new();
+    let mut from_return = Vec::new();
+    let lab_alert = format!("ALERTS{{alertname=\"{}\"}}", console::LAB_DRIFT_ALERT);
+    for i in 0..n {
+        let c = vm.console.as_mut().unwrap();
+        // The previous drift's alert resolved: the next one is new.
+        c.wait_value(120, &format!("count({lab_alert})"), |v| v.is_none());
+        let known: Vec<serde_json::Value> = c
+            .seen
+            .iter()
+            .filter(|v| v["alertname"] == console::LAB_DRIFT_ALERT)
+            .map(|v| v["starts_at"].clone())
+            .collect();
+        while c.act_next(Duration::from_millis(10)).is_some() {}
+        let t0 = Instant::now();
+        vm.sh("nft flush table inet leasehold");
+        let t1 = t0.elapsed();
+        let c = vm.console.as_mut().unwrap();
+        c.act_wait(120, "the lab's drift alert", |v| {
+            v["event"] == "decided"
+                && v["alertname"] == console::LAB_DRIFT_ALERT
+                && !known.contains(&v["starts_at"])
+        });
+        let t = t0.elapsed();
+        eprintln!(
+            "vm: drift {i}: act after {} ms from the SSH start, {} ms after it returned (TCG)",
+            t.as_millis(),
+            (t - t1).as_millis()
+        );
+        from_start.push(t);
+        from_return.push(t - t1);
+    }
+    // Nearest rank on the sorted samples; p in percent.
+    let pct = |v: &mut Vec<Duration>, p: usize| {
+        v.sort();
+        v[((v.len() - 1) * p + 50) / 100].as_millis()
+    };
+    eprintln!(
+        "vm: bench drift -> act notification, {n} drifts (TCG; scrape and evaluation every {}, group_wait {}): \
+         from the SSH start p50 {} ms p99 {} ms max {} ms; from its return p50 {} ms p99 {} ms max {} ms",
+        console::LAB_TIMING.scrape,
+        console::LAB_TIMING.group_wait,
+        pct(&mut from_start, 50),
+        pct(&mut from_start, 99),
+        pct(&mut from_start, 100),
+        pct(&mut from_return, 50),
+        pct(&mut from_return, 99),
+        pct(&mut from_return, 100),
+    );
+    vm.step("console-bench: boundary drift -> act, timed");
 }
 
 /// Issue 16: the node's QEMU killed; `LeaseholdNodeDown` reaches

@@ -107,9 +107,15 @@ pub fn prometheus_yml(
     ))
 }
 
-/// dist/prometheus/leasehold-rules.yml with the lab's `for:` on node down.
+/// The lab's own alert, for the fault-to-notification benchmark: a drift
+/// in the last 5 s, so each drift is a new alert (a new `startsAt`); the
+/// shipped `LeaseholdBoundaryDrift` stays firing for 10 minutes after one.
+pub const LAB_DRIFT_ALERT: &str = "LeaseholdLabDriftNow";
+
+/// dist/prometheus/leasehold-rules.yml with the lab's `for:` on node down,
+/// and a group with the lab's own alert.
 pub fn rules_yml(shipped: &str, t: &Timing) -> Result<String, String> {
-    swap(
+    let s = swap(
         "dist/prometheus/leasehold-rules.yml",
         shipped.to_owned(),
         "expr: up{job=\"leasehold\"} == 0\n        for: 1m\n",
@@ -117,7 +123,10 @@ pub fn rules_yml(shipped: &str, t: &Timing) -> Result<String, String> {
             "expr: up{{job=\"leasehold\"}} == 0\n        for: {}\n",
             t.node_down_for
         ),
-    )
+    )?;
+    Ok(format!(
+        "{s}\n  - name: leasehold-lab\n    rules:\n      - alert: {LAB_DRIFT_ALERT}\n        expr: increase(leasehold_boundary_drifts_total[5s]) > 0\n        labels:\n          severity: warning\n"
+    ))
 }
 
 /// dist/prometheus/alertmanager.yml sending to the lab's `act`.
