@@ -76,13 +76,8 @@ fn lab_console_configs_pass_promtool_and_amtool() {
             .args(["check", "config"])
             .arg(d.join("prometheus.yml")),
     );
-    let a = console::alertmanager_yml(
-        &shipped("alertmanager.yml"),
-        "127.0.0.1:40002",
-        &token,
-        t,
-    )
-    .unwrap();
+    let a = console::alertmanager_yml(&shipped("alertmanager.yml"), "127.0.0.1:40002", &token, t)
+        .unwrap();
     for want in [
         "url: http://127.0.0.1:40002/alerts",
         "group_wait: 0s",

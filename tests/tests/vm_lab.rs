@@ -2058,7 +2058,9 @@ impl Vm {
     }
 
     fn wait_agent(&self) {
-        self.sh("timeout 120 sh -c 'until systemctl is-active -q leasehold-agentd; do sleep 1; done'");
+        self.sh(
+            "timeout 120 sh -c 'until systemctl is-active -q leasehold-agentd; do sleep 1; done'",
+        );
     }
 }
 
@@ -2102,7 +2104,10 @@ fn console_acts_on_the_node(vm: &mut Vm) {
         console_boundary(false)
     ));
     let (code, body) = vm.scrape(Some(&token));
-    assert_eq!(code, 0, "a scrape passed a boundary without the console's failsafe: {body}");
+    assert_eq!(
+        code, 0,
+        "a scrape passed a boundary without the console's failsafe: {body}"
+    );
     vm.sh(&format!(
         "cat > /tmp/console-b.toml <<'DOC'\n{}DOC\nlandlordctl boundary set /tmp/console-b.toml >/dev/null",
         console_boundary(true)
@@ -2131,16 +2136,21 @@ fn console_acts_on_the_node(vm: &mut Vm) {
     );
     // A clean start: no drift alert (node down may still be pending from
     // the agent restart above, not firing).
-    c.wait_value(60, "sum(increase(leasehold_boundary_drifts_total[10m]))", |v| {
-        v == Some(0.0)
-    });
+    c.wait_value(
+        60,
+        "sum(increase(leasehold_boundary_drifts_total[10m]))",
+        |v| v == Some(0.0),
+    );
     let firing: Vec<String> = c
         .query("ALERTS{alertstate=\"firing\"}")
         .iter()
         .map(|a| a["metric"]["alertname"].as_str().unwrap_or("").to_owned())
         .collect();
     eprintln!("vm: prometheus: alerts firing before the drift: {firing:?}");
-    assert!(!firing.iter().any(|a| a == "LeaseholdBoundaryDrift"), "{firing:?}");
+    assert!(
+        !firing.iter().any(|a| a == "LeaseholdBoundaryDrift"),
+        "{firing:?}"
+    );
     vm.step("console: prometheus scrapes the node");
 
     // The drift: the boundary's table changed by hand (its rules flushed).

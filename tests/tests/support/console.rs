@@ -137,14 +137,24 @@ pub fn alertmanager_yml(
     t: &Timing,
 ) -> Result<String, String> {
     const F: &str = "dist/prometheus/alertmanager.yml";
-    let s = swap(F, shipped.to_owned(), "127.0.0.1:9465/alerts", &format!("{act_listen}/alerts"))?;
+    let s = swap(
+        F,
+        shipped.to_owned(),
+        "127.0.0.1:9465/alerts",
+        &format!("{act_listen}/alerts"),
+    )?;
     let s = swap(
         F,
         s,
         "/etc/prometheus/leasehold-act.token",
         token.to_str().unwrap(),
     )?;
-    let s = swap(F, s, "group_wait: 10s", &format!("group_wait: {}", t.group_wait))?;
+    let s = swap(
+        F,
+        s,
+        "group_wait: 10s",
+        &format!("group_wait: {}", t.group_wait),
+    )?;
     let s = swap(
         F,
         s,
@@ -329,8 +339,14 @@ impl Console {
         .unwrap();
         write_prometheus_yml(&d, target, am_port);
         let prom = Command::new(PROMETHEUS)
-            .arg(format!("--config.file={}", d.join("prometheus.yml").display()))
-            .arg(format!("--storage.tsdb.path={}", d.join("prom-data").display()))
+            .arg(format!(
+                "--config.file={}",
+                d.join("prometheus.yml").display()
+            ))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                d.join("prom-data").display()
+            ))
             .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
             // POST /-/reload when the node's forwarded port changes.
             .arg("--web.enable-lifecycle")
