@@ -112,3 +112,89 @@ fn a_shipped_file_without_the_value_replaced_is_named() {
     let e = console::alertmanager_yml("route: {}\n", "h:1", p, t).unwrap_err();
     assert!(e.contains("dist/prometheus/alertmanager.yml"), "{e}");
 }
+
+/// A stand-in for the node's metrics endpoint on the host: answers every
+/// request with the drift counter until stopped (then the port refuses,
+/// like a killed QEMU's forward).
+struct FakeNode {
+    port: u16,
+    drifts: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FakeNode {
+    fn start() -> FakeNode {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.set_nonblocking(true).unwrap();
+        let port = l.local_addr().unwrap().port();
+        let drifts = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (d, s) = (drifts.clone(), stop.clone());
+        std::thread::spawn(move || {
+            // The listener is closed when this thread ends.
+            while !s.load(Ordering::SeqCst) {
+                match l.accept() {
+                    Ok((mut c, _)) => {
+                        c.set_nonblocking(false).unwrap();
+                        let _ = c.set_read_timeout(Some(std::time::Duration::from_secs(2)));
+                        let mut buf = [0u8; 4096];
+                        let _ = c.read(&mut buf);
+                        let body = format!(
+                            "leasehold_boundary_drifts_total {}\nleasehold_boundary_enforced 1\n",
+                            d.load(Ordering::SeqCst)
+                        );
+                        let _ = write!(
+                            c,
+                            "HTTP/1.1 200 OK\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                            body.len()
+                        );
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                }
+            }
+        });
+        FakeNode { port, drifts, stop }
+    }
+}
+
+/// The console of the VM lab on the host, against a stand-in node: the
+/// lab's drift alert reaches `act` as a notification, and a node that
+/// stops answering reaches it as `LeaseholdNodeDown` within 5 s (the VM
+/// lab's `node-down` asserts the same against a killed QEMU, under TCG).
+#[test]
+#[ignore = "needs the workspace's binaries (cargo build --workspace --bins) and the prometheus packages; scripts/test runs it"]
+fn lab_console_on_the_host_times_node_down() {
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+    let node = FakeNode::start();
+    let mut c = console::Console::start(
+        &format!("127.0.0.1:{}", node.port),
+        "0123456789abcdef0123",
+        // act never reaches it: no alert here maps to an action on the node.
+        "ll@127.0.0.1:1",
+        "ssh",
+        &leasehold_tests::bin("landlordctl"),
+    );
+    let up = format!("up{{job=\"leasehold\",instance=\"{}\"}}", console::INSTANCE);
+    c.wait_value(60, &up, |v| v == Some(1.0));
+    c.wait_value(60, "leasehold_boundary_drifts_total", |v| v == Some(0.0));
+    let t0 = Instant::now();
+    node.drifts.store(1, Ordering::SeqCst);
+    let n = c.act_wait(60, "the lab's drift alert", |v| {
+        v["event"] == "decided" && v["alertname"] == console::LAB_DRIFT_ALERT
+    });
+    assert_eq!(n["action"], "notify", "{n}");
+    assert_eq!(n["instance"], console::INSTANCE, "{n}");
+    eprintln!("drift -> act: {} ms", t0.elapsed().as_millis());
+    let killed = Instant::now();
+    node.stop.store(true, Ordering::SeqCst);
+    let d = c.act_wait(60, "node down", |v| {
+        v["event"] == "decided" && v["alertname"] == "LeaseholdNodeDown"
+    });
+    let t = killed.elapsed();
+    eprintln!("endpoint closed -> node down at act: {} ms", t.as_millis());
+    assert_eq!(d["action"], "notify", "{d}");
+    assert!(t <= Duration::from_secs(5), "{} ms", t.as_millis());
+}
