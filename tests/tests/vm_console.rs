@@ -69,7 +69,10 @@ fn lab_console_configs_pass_promtool_and_amtool() {
     ] {
         assert!(p.contains(want), "{want:?} not in:\n{p}");
     }
-    assert!(p.contains(token.to_str().unwrap()) && !p.contains("/etc/prometheus"));
+    assert!(
+        p.contains(&format!("credentials_file: {}", token.display())),
+        "{p}"
+    );
     fs::write(d.join("prometheus.yml"), &p).unwrap();
     run_ok(
         Command::new(tool("/usr/bin/promtool", "prometheus"))
