@@ -59,9 +59,16 @@ pub enum BoundaryError {
     /// ConfirmBoundary without a pending revert.
     #[error("no boundary change is waiting for confirmation (none was set with a revert deadline, or it was already confirmed or reverted)")]
     NoPending,
-    /// An engine's egress rules need a node boundary to live in.
-    #[error("engine {0}: its egress needs a node boundary to be enforced in, and none is set")]
-    EngineNoBoundary(String),
+    /// An engine's egress rules have no table the agent may load: the
+    /// stored boundary does not validate, or a leasehold table the agent
+    /// did not make is in the kernel (no boundary stored).
+    #[error("engine {engine}: its egress cannot be enforced: {reason}")]
+    EngineNoTable {
+        /// The engine.
+        engine: String,
+        /// Why.
+        reason: &'static str,
+    },
     /// Too many engines with egress rules.
     #[error("engine {0}: {max} engines have egress rules already (the most)", max = nft::ENGINES_MAX)]
     EngineTooMany(String),
@@ -111,14 +118,21 @@ impl Snapshot {
         })
     }
 
+    /// The table to load: the boundaries with the engines' chains; with no
+    /// boundary stored, the engines' chains alone (an engine's egress
+    /// never lapses with the landlord's boundary); None when there is
+    /// nothing to load, or the stored boundary does not validate (the
+    /// kernel keeps what it has).
     fn ruleset(&self) -> Option<Ruleset> {
         let options = nft::Options {
             engines: self.engines.values().cloned().collect(),
             ..nft::Options::default()
         };
-        self.bounds
-            .as_ref()
-            .map(|(c, s)| Ruleset::build_with(c, s.as_ref(), &options))
+        match (&self.bounds, &self.policy.cluster) {
+            (Some((c, s)), _) => Some(Ruleset::build_with(c, s.as_ref(), &options)),
+            (None, None) => Ruleset::engines_only(&options),
+            (None, Some(_)) => None,
+        }
     }
 }
 
@@ -234,6 +248,24 @@ fn ssh_peers() -> Vec<IpAddr> {
         }
     }
     out
+}
+
+/// A leasehold table holding more than engines' chains is in the kernel
+/// (a boundary the agent has not stored, e.g. its state was lost): not the
+/// agent's to replace while no boundary is stored. A table of engines'
+/// chains only is what an earlier agent left after `boundary remove`, and
+/// is taken over. nft failing to list says nothing (the apply that follows
+/// reports it).
+fn foreign_table() -> bool {
+    let engine_chain = |c: &str| {
+        c == "engines_out"
+            || c.strip_prefix("engine")
+                .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
+    };
+    match nft::objects(&[]) {
+        Ok((chains, _)) => chains.iter().any(|c| !engine_chain(c)),
+        Err(_) => false,
+    }
 }
 
 /// Parses the flow arguments of ExplainFlow; errors name the argument.
@@ -453,22 +485,62 @@ impl Boundaries {
             // Stored but no longer valid: say why.
             g.snap.policy.boundaries()?;
         }
+        if g.snap.bounds.is_none() && foreign_table() {
+            // Not ours to replace, even with the engines' chains alone.
+            warn!("a leasehold table is in the kernel but no boundary is stored; leaving it (landlordctl boundary remove lifts it)");
+            return Ok(());
+        }
+        let engines = g.snap.engines.len();
         match g.snap.ruleset() {
             Some(rs) => {
                 let n = rs.elements();
-                self.apply_rules(&mut g, rs)?;
-                info!(elements = n, "boundary applied");
+                if let Err(e) = self.apply_rules(&mut g, rs) {
+                    if engines == 0 || g.snap.bounds.is_none() {
+                        return Err(e);
+                    }
+                    // A recorded engine's cgroup that nft cannot resolve
+                    // must not keep the node's boundary out: the boundary
+                    // alone, and the engine runtime kills what it cannot
+                    // hold to its egress when it re-adopts it.
+                    error!(error = %e, engines, "the boundary with the recorded engines' egress was refused; applying the boundary alone");
+                    let snap = Arc::make_mut(&mut g.snap);
+                    snap.engines.clear();
+                    let Some(rs) = g.snap.ruleset() else {
+                        return Err(e);
+                    };
+                    self.apply_rules(&mut g, rs)?;
+                }
+                info!(
+                    elements = n,
+                    engines = g.snap.engines.len(),
+                    "boundary applied"
+                );
                 if let Some((c, s)) = &g.snap.bounds {
                     self.cut_flows(c, s.as_ref(), None);
                 }
             }
-            None => {
-                if matches!(nft::current(&[]), Ok(Some(_))) {
-                    warn!("a leasehold table is in the kernel but no boundary is stored; leaving it (landlordctl boundary remove lifts it)");
-                }
-            }
+            None => {}
         }
         Ok(())
+    }
+
+    /// At start, before [`Boundaries::apply_stored`]: the egress rules of
+    /// the engines recorded as running (their instances may be alive, and
+    /// are held by these until the engine runtime re-adopts them), so the
+    /// first table the agent loads already holds them (one transaction
+    /// with the boundary). Nothing reaches the kernel here. Beyond
+    /// [`nft::ENGINES_MAX`] the rest are left out (and logged): the runtime
+    /// kills what it cannot hold when it re-adopts it.
+    pub fn preload_engine_egress(&self, rules: Vec<EngineEgress>) {
+        let mut g = self.lock();
+        let snap = Arc::make_mut(&mut g.snap);
+        for r in rules {
+            if snap.engines.len() >= nft::ENGINES_MAX && !snap.engines.contains_key(&r.name) {
+                warn!(engine = %r.name, "too many engines with egress rules; left out of the first table");
+                continue;
+            }
+            snap.engines.insert(r.name.clone(), r);
+        }
     }
 
     /// Changes the policy with `f`, applies it, stores it. Nothing changes
@@ -757,9 +829,11 @@ impl Boundaries {
 
     /// Installs (`Some`) or removes (`None`) the egress rules of engine
     /// `name`, in one transaction with the rest of the table; "already so"
-    /// touches nothing. Refused without a node boundary (no table to hold
-    /// them: the engine must not run unconfined) and beyond
-    /// [`nft::ENGINES_MAX`] engines.
+    /// touches nothing. Without a node boundary the table holds the
+    /// engines' chains alone. Refused (the engine must not run unconfined)
+    /// when the stored boundary does not validate, when a leasehold table
+    /// the agent did not load is in the kernel with no boundary stored, and
+    /// beyond [`nft::ENGINES_MAX`] engines.
     pub fn set_engine_egress(
         &self,
         name: &str,
@@ -782,20 +856,65 @@ impl Boundaries {
                 next.engines.remove(name);
             }
         }
+        let no_table = |reason| BoundaryError::EngineNoTable {
+            engine: name.to_owned(),
+            reason,
+        };
+        if adding && next.bounds.is_none() && !g.enforcer.is_active() {
+            if next.policy.cluster.is_some() {
+                return Err(no_table(
+                    "the stored node boundary does not validate (the kernel keeps its table)",
+                ));
+            }
+            if foreign_table() {
+                return Err(no_table(
+                    "a leasehold table the agent did not load is in the kernel and no boundary is stored (landlordctl boundary remove lifts it)",
+                ));
+            }
+        }
         match next.ruleset() {
             Some(rs) => self.apply_rules(&mut g, rs)?,
-            // No table: nothing to take the rules out of.
+            // The last engine's rules went and no boundary is set: the
+            // table held only them.
+            None if next.bounds.is_none() && next.policy.cluster.is_none() => {
+                if g.enforcer.is_active() {
+                    g.enforcer.remove()?;
+                    g.last_change = Some("removed");
+                }
+            }
+            // The stored boundary does not validate: the kernel keeps its
+            // table (nothing of ours to take out of it).
             None if !adding => {}
-            None => return Err(BoundaryError::EngineNoBoundary(name.to_owned())),
+            None => {
+                return Err(no_table(
+                    "the stored node boundary does not validate (the kernel keeps its table)",
+                ))
+            }
         }
         g.snap = Arc::new(next);
         Ok(())
     }
 
     /// Lifts every boundary: removes the table, then the stored policy.
+    /// Engines' egress rules stay: while any engine has them, the table is
+    /// replaced by one holding only their chains, in one transaction, so
+    /// no engine runs unconfined for a moment.
     pub fn remove(&self) -> Result<(), BoundaryError> {
         let mut g = self.lock();
-        g.enforcer.remove()?;
+        let kept = nft::Options {
+            engines: g.snap.engines.values().cloned().collect(),
+            ..nft::Options::default()
+        };
+        match Ruleset::engines_only(&kept) {
+            Some(rs) => {
+                self.apply_rules(&mut g, rs)?;
+                info!(
+                    engines = kept.engines.len(),
+                    "boundary lifted; the engines' egress rules stay in force"
+                );
+            }
+            None => g.enforcer.remove()?,
+        }
         g.last_change = Some("removed");
         self.save(&mut g.journal, &Policy::new())?;
         // Nothing to revert to a lifted boundary.
@@ -803,8 +922,7 @@ impl Boundaries {
             warn!(error = %e, "cannot remove the pending boundary revert");
         }
         let mut next = Snapshot::new(Policy::new())?;
-        // Kept for the next boundary: the engines are still running and
-        // their rules come back with the table.
+        // Still in force (above), and in every table loaded next.
         next.engines = g.snap.engines.clone();
         g.snap = Arc::new(next);
         Ok(())
@@ -831,9 +949,10 @@ impl Boundaries {
     /// change, which must not cost in the size of the boundary.
     pub fn status(&self) -> BoundaryInfo {
         let g = self.lock();
+        let on = g.enforcer.is_active() && g.snap.bounds.is_some();
         BoundaryInfo {
-            enforced: Some(g.enforcer.is_active()),
-            elements: g.enforcer.elements().map(|n| n as u64),
+            enforced: Some(on),
+            elements: g.enforcer.elements().filter(|_| on).map(|n| n as u64),
             change: g.last_change.map(str::to_owned),
             last_drift: g.last_drift.clone(),
             drift_count: Some(g.drift.count),
@@ -849,11 +968,14 @@ impl Boundaries {
     pub fn info(&self, landlord: bool) -> BoundaryInfo {
         let (snap, status) = {
             let g = self.lock();
+            // The boundary's table: one holding only engines' chains is
+            // not a boundary.
+            let on = g.enforcer.is_active() && g.snap.bounds.is_some();
             (
                 g.snap.clone(),
                 (
-                    g.enforcer.is_active(),
-                    g.enforcer.elements().map(|n| n as u64),
+                    on,
+                    g.enforcer.elements().filter(|_| on).map(|n| n as u64),
                     g.last_change.map(str::to_owned),
                     g.last_drift.clone(),
                     g.drift.clone(),
@@ -1173,33 +1295,17 @@ fn to_json<T: serde::Serialize>(v: &T) -> String {
 mod tests {
     use super::*;
 
-    /// Without a node boundary there is no table to hold an engine's
-    /// egress: refused by name, and nothing is recorded; removing rules
-    /// that are not there is "already so" (no nft run: no root needed).
+    /// Removing rules that are not there is "already so": nothing is run
+    /// (no nft, no root needed). With rules, and without a boundary, the
+    /// table holds the engines' chains alone (T1:
+    /// `engines::tests::egress::real_engine_egress_holds_through_boundary_remove_and_replace`).
     #[test]
-    fn engine_egress_without_a_boundary_is_refused() {
+    fn removing_engine_egress_that_is_not_there_touches_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let b = Boundaries::load(dir.path()).unwrap();
-        let mount = Path::new("/sys/fs/cgroup");
-        let e = EngineEgress::new(
-            "web",
-            mount,
-            &mount.join("t/web"),
-            leasehold_netpolicy::BoundaryDoc::from_toml(
-                "action = \"drop\"\n[[allow]]\nname = \"db\"\npeers = [\"10.1.2.3\"]\n",
-            )
-            .unwrap()
-            .validate(false)
-            .unwrap(),
-        )
-        .unwrap();
-        let err = b.set_engine_egress("web", Some(e)).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "engine web: its egress needs a node boundary to be enforced in, and none is set"
-        );
-        assert!(b.snapshot().engines.is_empty());
         b.set_engine_egress("web", None).unwrap();
+        assert!(b.snapshot().engines.is_empty());
+        assert_eq!(b.status().change, None);
     }
 
     /// T1 (root): the boundary owner with a real table, in a network

@@ -232,15 +232,106 @@ impl EgressRules for crate::boundary::Boundaries {
     fn set(&self, engine: &str, rules: Option<(PathBuf, Boundary)>) -> Result<(), String> {
         let rules = match rules {
             None => None,
-            Some((dir, b)) => {
-                let mount = cgroup2_mount_of(&dir)
-                    .ok_or_else(|| format!("{} is not on a cgroup2 mount", dir.display()))?;
-                Some(EngineEgress::new(engine, &mount, &dir, b).map_err(|e| e.to_string())?)
-            }
+            Some((dir, b)) => Some(egress_rules(engine, &dir, b)?),
         };
         self.set_engine_egress(engine, rules)
             .map_err(|e| e.to_string())
     }
+}
+
+/// Engine `engine`'s rules for nft: its cgroup directory `dir` on the
+/// cgroup2 mount holding it.
+fn egress_rules(engine: &str, dir: &Path, b: Boundary) -> Result<EngineEgress, String> {
+    let mount = cgroup2_mount_of(dir)
+        .ok_or_else(|| format!("{} is not on a cgroup2 mount", dir.display()))?;
+    EngineEgress::new(engine, &mount, dir, b).map_err(|e| e.to_string())
+}
+
+/// Most bytes of `engines.json` read at start for the egress rules
+/// ([`MAX_ENGINES`] specs of at most 1 MiB each, with room for the rest).
+const MAX_STATE_BYTES: u64 = (MAX_ENGINES as u64 + 1) * (2 << 20);
+
+/// At start, before the first table is loaded: the egress rules of every
+/// engine `engines.json` records with instances (running when the last
+/// agent wrote it, so perhaps still running, held only by the tenant's
+/// sub-boundary until the runtime re-adopts it). Its cgroup is
+/// `<cgroup_root>/<subtree>/<engine>`; an engine whose cgroup is gone has
+/// nothing running (a node reboot) and is left out (nft cannot name a
+/// missing cgroup). What cannot be read is logged and left out: the
+/// runtime then refuses to start (a damaged state file) or kills an
+/// instance it cannot hold to its egress when it re-adopts it.
+pub fn recorded_egress(cgroup_root: &Path, subtree: &str, state_dir: &Path) -> Vec<EngineEgress> {
+    recorded_egress_dirs(cgroup_root, subtree, state_dir)
+        .into_iter()
+        .filter_map(|(name, dir, b)| {
+            egress_rules(&name, &dir, b)
+                .inspect_err(
+                    |e| tracing::error!(engine = name, error = %e, "recorded egress not preloaded"),
+                )
+                .ok()
+        })
+        .collect()
+}
+
+/// [`recorded_egress`] before the rules are made: (engine, its cgroup
+/// directory, its egress boundary).
+fn recorded_egress_dirs(
+    cgroup_root: &Path,
+    subtree: &str,
+    state_dir: &Path,
+) -> Vec<(String, PathBuf, Boundary)> {
+    let path = state_dir.join(STATE_FILE);
+    let read = std::fs::File::open(&path).and_then(|f| {
+        let mut buf = Vec::new();
+        std::io::Read::read_to_end(&mut std::io::Read::take(f, MAX_STATE_BYTES + 1), &mut buf)?;
+        Ok(buf)
+    });
+    let bytes = match read {
+        Ok(b) if b.len() as u64 > MAX_STATE_BYTES => {
+            tracing::error!(path = %path.display(), max = MAX_STATE_BYTES, "engine state too large to read for the egress rules");
+            return Vec::new();
+        }
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "cannot read the engine state for the egress rules");
+            return Vec::new();
+        }
+    };
+    let state: StateFile = match serde_json::from_slice(&bytes) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(path = %path.display(), error = %e, "damaged engine state: no egress rules preloaded");
+            return Vec::new();
+        }
+    };
+    let Ok(sub) = CgroupPath::new(subtree) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for r in state.engines.iter().filter(|r| !r.instances.is_empty()) {
+        let b = match Spec::from_json(&r.current.spec).map(|s| s.egress_boundary()) {
+            Ok(Ok(Some(b))) => b,
+            Ok(Ok(None)) => continue,
+            Ok(Err(e)) => {
+                tracing::error!(engine = r.name, error = %e, "recorded egress not preloaded");
+                continue;
+            }
+            Err(e) => {
+                tracing::error!(engine = r.name, error = %e, "recorded spec not preloaded");
+                continue;
+            }
+        };
+        let Ok(cg) = sub.child(&r.name) else {
+            continue;
+        };
+        let dir = cgroup_root.join(cg.as_path());
+        if !dir.is_dir() {
+            continue;
+        }
+        out.push((r.name.clone(), dir, b));
+    }
+    out
 }
 
 /// No boundary owner: an engine with egress cannot be confined, so it is

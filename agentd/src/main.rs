@@ -362,6 +362,15 @@ async fn serve(
     // Boundaries are enforced before the bus is served, and stay in the
     // kernel whatever happens next (fail closed).
     let boundaries = Arc::new(boundary::Boundaries::load(&state_dir)?);
+    // Engines recorded as running may still be (the agent restarted, they
+    // did not): their egress rules go into that same first table, one
+    // transaction with the boundary, before anything else runs; the engine
+    // runtime re-adopts them later (docs/engines.md, "Egress at start").
+    boundaries.preload_engine_egress(engines::recorded_egress(
+        &engines_cfg.cgroup_root,
+        &engines_cfg.cgroup_subtree,
+        &state_dir,
+    ));
     {
         let b = boundaries.clone();
         match tokio::task::spawn_blocking(move || b.apply_stored()).await {

@@ -700,6 +700,26 @@ impl Ruleset {
         }
     }
 
+    /// The table when no node boundary is set but engines have egress rules
+    /// (None without engines): only the engines' chains (see
+    /// [`Ruleset::build_with`]). A boundary removed while engines run is
+    /// replaced by this in the same transaction (the full script deletes
+    /// and re-creates the table atomically), so an engine's egress never
+    /// lapses with the landlord's boundary.
+    pub fn engines_only(options: &Options) -> Option<Ruleset> {
+        if options.engines.is_empty() {
+            return None;
+        }
+        let mut sets = BTreeMap::new();
+        let mut chains = String::new();
+        engines(&mut chains, &mut sets, &options.engines);
+        Some(Ruleset {
+            sets,
+            chains,
+            suffix: String::new(),
+        })
+    }
+
     /// The same ruleset with its sets named `<set><suffix>` (in the sets and
     /// in the rules that look them up). A staged full apply fills sets of a
     /// new generation next to the live ones, then switches the chains over
@@ -1371,6 +1391,20 @@ mod tests {
             .with_suffix("_g1")
             .full_script()
             .contains("@e0a0_h4_g1"));
+        // Without a boundary: the engines' chains alone, nothing else.
+        let only = Ruleset::engines_only(&opts).unwrap();
+        let text = only.full_script();
+        assert!(text.contains("jump engine0"), "{text}");
+        assert!(
+            !text.contains("landlord") && !text.contains("tenant_"),
+            "{text}"
+        );
+        assert_eq!(only.rule_counts(), {
+            let mut c = counts.clone();
+            c.retain(|k, _| k.starts_with("engine"));
+            c
+        });
+        assert_eq!(Ruleset::engines_only(&Options::default()), None);
         // Without engines nothing of this is in the table.
         assert!(!Ruleset::build(&c, None).full_script().contains("engine"));
         // Paths nft cannot be given are refused by name, before any table.

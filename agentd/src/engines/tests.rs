@@ -1591,6 +1591,7 @@ fn real_network_probes_reach_an_engines_server() {
 }
 
 mod budget;
+mod egress;
 
 /// Records the egress rules asked for (and how many engines were spawned
 /// by then); refuses every install while `fail` is set.
