@@ -1426,6 +1426,8 @@ impl TenantApi {
 
 /// An engine on the wire.
 fn engine_info(s: EngineStatus, notes: Option<Vec<String>>) -> EngineInfo {
+    // Deploy's notes (the budget), else what the runtime says of it.
+    let notes = notes.or_else(|| (!s.notes.is_empty()).then(|| s.notes.clone()));
     EngineInfo {
         name: Some(s.name),
         image: Some(s.image),

@@ -35,7 +35,7 @@ use leasehold_engines::launch::{self, DataDir, LaunchError, LaunchSpec, SecretBy
 use leasehold_engines::probe::NotifyMessage;
 use leasehold_engines::spec::{Probe, Spec, User, RESERVED_ENV};
 use leasehold_engines::supervisor::{
-    Action, Exit, Input, InstanceId, Notify, Supervisor, TimerId, VersionId,
+    Action, Event, Exit, Input, InstanceId, Notify, Supervisor, TimerId, VersionId,
 };
 use leasehold_netpolicy::nft::EngineEgress;
 use leasehold_netpolicy::Boundary;
@@ -560,6 +560,11 @@ struct VersionRec {
     /// The launch spec resolved against the image (cgroup filled per
     /// instance).
     launch: LaunchSpec,
+    /// The image's config digest (its ID) as unpacked: a fresh root
+    /// (`on_failure = ["reload"]`) is made only from an image that
+    /// verifies to it again. None: recorded by an older agent.
+    #[serde(default)]
+    digest: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -631,6 +636,8 @@ struct Engine {
     probing: std::collections::BTreeSet<(InstanceId, usize)>,
     /// The last result of each probe of the current spec, by index.
     probes_seen: BTreeMap<usize, ProbeSeen>,
+    /// Why the last `on_failure = ["reload"]` had no fresh root (status).
+    fresh_note: Option<String>,
 }
 
 enum Cmd {
@@ -807,8 +814,10 @@ impl Runtime {
     fn act(&mut self, name: &str, a: Action) -> Option<Input> {
         match a {
             Action::Launch {
-                instance, version, ..
-            } => Some(self.launch(name, instance, version)),
+                instance,
+                version,
+                fresh_root,
+            } => Some(self.launch(name, instance, version, fresh_root)),
             Action::Terminate { instance } => {
                 let e = self.engines.get(name)?;
                 if let Some(l) = e.live.get(&instance) {
@@ -907,7 +916,70 @@ impl Runtime {
         }
     }
 
-    fn launch(&mut self, name: &str, instance: InstanceId, version: VersionId) -> Input {
+    /// `on_failure = ["reload"]`: a fresh root for `version` of engine
+    /// `name`, unpacked from its image in the inbox (verified again: the
+    /// archive's chain of digests, then its config digest against the one
+    /// recorded at deploy) next to the current root, as
+    /// `v<N>/rootfs-i<dir>`. Nothing is switched here: the caller launches
+    /// from it and makes it the version's root once the instance runs.
+    /// Err: why not (the caller runs from the root the engine had).
+    fn fresh_root(&self, name: &str, version: VersionId, dir: u64) -> Result<PathBuf, String> {
+        let e = self.engines.get(name).ok_or("engine gone")?;
+        let v = e.versions.get(&version).ok_or("unknown version")?;
+        let base = self.volume_dir().map_err(|e| e.to_string())?;
+        let input = base.join("inbox").join(&v.image);
+        let Some(want) = v.digest.as_deref() else {
+            return Err(format!(
+                "no image digest recorded for version {version} (deployed by an older agent): the image cannot be verified"
+            ));
+        };
+        match std::fs::symlink_metadata(&input) {
+            Ok(m) if m.is_file() => {}
+            _ => {
+                return Err(format!(
+                    "the stored image {:?} is gone from the inbox",
+                    v.image
+                ))
+            }
+        }
+        let vdir = v
+            .launch
+            .rootfs
+            .parent()
+            .ok_or("no version directory above the root")?
+            .to_owned();
+        if !vdir.starts_with(&base) {
+            return Err("the root is not on the tenant volume".into());
+        }
+        // Fresh roots an earlier try or agent left (never the current one).
+        if let Ok(rd) = std::fs::read_dir(&vdir) {
+            for d in rd.flatten() {
+                let p = d.path();
+                if d.file_name().to_string_lossy().starts_with("rootfs-i") && p != v.launch.rootfs {
+                    let _ = std::fs::remove_dir_all(&p);
+                }
+            }
+        }
+        let root = vdir.join(format!("rootfs-i{dir}"));
+        let u = unpack_image(&input, &root, &ImageLimits::default())
+            .map_err(|e| format!("the stored image {:?} fails verification: {e}", v.image))?;
+        if u.config_digest != want {
+            let _ = std::fs::remove_dir_all(&root);
+            return Err(format!(
+                "the stored image {:?} is not the one deployed (config {} instead of {want})",
+                v.image, u.config_digest
+            ));
+        }
+        Ok(root)
+    }
+
+    fn launch(
+        &mut self,
+        name: &str,
+        instance: InstanceId,
+        version: VersionId,
+        fresh_root: bool,
+    ) -> Input {
         let failed = |reason: String| Input::LaunchFailed { instance, reason };
         let Some(e) = self.engines.get_mut(name) else {
             return failed("engine gone".into());
@@ -924,6 +996,32 @@ impl Runtime {
             .as_ref()
             .map_or(e.id_base.saturating_add(instance.0), |(_, n)| *n);
         e.next_name = e.next_name.max(dir_name.saturating_add(1));
+        // `on_failure = ["reload"]`: a fresh root from the verified image,
+        // or, when there is none to be had, the root it had (said so).
+        let mut fresh = None;
+        if fresh_root && adopted.is_none() {
+            match self.fresh_root(name, version, dir_name) {
+                Ok(root) => {
+                    spec.rootfs = root.clone();
+                    fresh = Some(root);
+                }
+                Err(reason) => {
+                    let reason = format!("{reason}; running from the previous root");
+                    self.note_fresh_root(name, Some(reason.clone()));
+                    self.act(
+                        name,
+                        Action::Emit(Event::ImageReloadFailed { instance, reason }),
+                    );
+                }
+            }
+        }
+        // A fresh root that did not get to run goes; the old one stays.
+        let failed = |reason: String| {
+            if let Some(r) = &fresh {
+                let _ = std::fs::remove_dir_all(r);
+            }
+            failed(reason)
+        };
         // An adopted instance already runs in its cgroup: nothing to create
         // (and a failure here must not lose track of it).
         let ecg = match adopted {
@@ -1080,6 +1178,22 @@ impl Runtime {
         }
         let oom_kills = self.cgroups.usage(&cg).map(|u| u.oom_kills).unwrap_or(0);
         let pid = proc.pid();
+        if let Some(root) = fresh {
+            // The instance runs from the fresh root: it becomes the
+            // version's, and the root it replaces goes.
+            let old = self
+                .engines
+                .get_mut(name)
+                .and_then(|e| e.versions.get_mut(&version))
+                .map(|v| std::mem::replace(&mut v.launch.rootfs, root));
+            if let Some(old) = old {
+                if let Err(err) = std::fs::remove_dir_all(&old) {
+                    tracing::warn!(engine = name, root = %old.display(), error = %err, "the replaced root was not removed");
+                }
+            }
+            self.note_fresh_root(name, None);
+            self.act(name, Action::Emit(Event::ImageReloaded { instance }));
+        }
         if let Some(e) = self.engines.get_mut(name) {
             e.live.insert(
                 instance,
@@ -1095,6 +1209,14 @@ impl Runtime {
         }
         self.save_logged();
         Input::Launched { instance, pid }
+    }
+
+    /// What `status` says of the last fresh root (`on_failure =
+    /// ["reload"]`): why there was none, or nothing once one runs.
+    fn note_fresh_root(&mut self, name: &str, why: Option<String>) {
+        if let Some(e) = self.engines.get_mut(name) {
+            e.fresh_note = why.map(|w| format!("reload image: {w}"));
+        }
     }
 
     fn exited(&mut self, name: &str, instance: InstanceId) {
@@ -1321,6 +1443,7 @@ impl Runtime {
             events: VecDeque::new(),
             probing: Default::default(),
             probes_seen: BTreeMap::new(),
+            fresh_note: None,
         };
         let st = status_of(&e);
         self.engines.insert(name.to_owned(), e);
@@ -1402,6 +1525,7 @@ impl Runtime {
             image: image.to_owned(),
             spec: spec_json,
             launch,
+            digest: Some(unpacked.config_digest),
         })
     }
 
@@ -1557,6 +1681,7 @@ impl Runtime {
         e.versions.insert(VersionId(n), v);
         // The probes may differ: results of the old ones are not shown.
         e.probes_seen.clear();
+        e.fresh_note = None;
         self.step(
             name,
             Input::Reload {
@@ -1843,6 +1968,7 @@ fn status_of(e: &Engine) -> EngineStatus {
         started_at,
         restarts: s.restarts,
         last_exit: s.last_exit,
+        notes: e.fresh_note.iter().cloned().collect(),
         probes: e
             .sup
             .spec()
@@ -2075,6 +2201,7 @@ impl EngineRuntime {
                     events: VecDeque::new(),
                     probing: Default::default(),
                     probes_seen: BTreeMap::new(),
+                    fresh_note: None,
                 },
             );
         }

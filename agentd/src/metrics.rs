@@ -1142,6 +1142,7 @@ mod tests {
             restarts,
             last_exit: None,
             probes: Vec::new(),
+            notes: Vec::new(),
         }
     }
 

@@ -347,7 +347,30 @@ pub enum Event {
         /// Why.
         reason: String,
     },
+    /// `on_failure = ["reload"]`: the instance runs from a fresh root
+    /// unpacked from the engine's image (verified again); the previous
+    /// root is gone (emitted by the runtime, which unpacks).
+    ImageReloaded {
+        /// The instance running from it.
+        instance: InstanceId,
+    },
+    /// `on_failure = ["reload"]` could not give the instance a fresh root
+    /// (the image is gone, fails verification, or instances launched from
+    /// fresh roots failed [`MAX_FRESH_ROOT_TRIES`] times in a row): it runs
+    /// from the root it had.
+    ImageReloadFailed {
+        /// The instance (launched from the previous root, or the last that
+        /// failed).
+        instance: InstanceId,
+        /// Why.
+        reason: String,
+    },
 }
+
+/// Launches from a fresh root (`on_failure = ["reload"]`) that fail in a
+/// row before the supervisor restarts from the root the engine had (each
+/// through the backoff schedule).
+pub const MAX_FRESH_ROOT_TRIES: u32 = 3;
 
 impl Event {
     /// The wire name (`started`, `exited`, `oom-killed`, …).
@@ -370,6 +393,8 @@ impl Event {
             Event::Reloading { .. } => "reloading",
             Event::Reloaded { .. } => "reloaded",
             Event::ReloadFailed { .. } => "reload-failed",
+            Event::ImageReloaded { .. } => "image-reloaded",
+            Event::ImageReloadFailed { .. } => "image-reload-failed",
         }
     }
 }
@@ -490,6 +515,8 @@ struct Instance {
     watchdog: Option<Instant>,
     stop: Option<StopWhy>,
     killed: bool,
+    /// Launched from a fresh root (`on_failure = ["reload"]`).
+    fresh_root: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -556,6 +583,9 @@ pub struct Supervisor {
     next_timer: u64,
     restarts: u32,
     last_exit: Option<Exit>,
+    /// Launches from a fresh root in a row that did not start (reset when
+    /// one does): bounded by [`MAX_FRESH_ROOT_TRIES`].
+    fresh_tries: u32,
 }
 
 fn find(i: &Option<Instance>, id: InstanceId) -> bool {
@@ -583,6 +613,7 @@ impl Supervisor {
             next_timer: 1,
             restarts: 0,
             last_exit: None,
+            fresh_tries: 0,
         }
     }
 
@@ -768,7 +799,11 @@ impl Supervisor {
 
     /// Launches a new current instance of the engine's version.
     fn launch(&mut self, fresh_root: bool, out: &mut Vec<Action>) -> InstanceId {
-        let id = self.new_instance(self.version);
+        let mut id = self.new_instance(self.version);
+        id.fresh_root = fresh_root;
+        if fresh_root {
+            self.fresh_tries = self.fresh_tries.saturating_add(1);
+        }
         out.push(Action::Launch {
             instance: id.id,
             version: self.version,
@@ -792,6 +827,7 @@ impl Supervisor {
             watchdog: None,
             stop: None,
             killed: false,
+            fresh_root: false,
         }
     }
 
@@ -975,6 +1011,9 @@ impl Supervisor {
         }));
         if slot == Slot::Current {
             self.backoff.started(now);
+            if self.current.as_ref().is_some_and(|i| i.fresh_root) {
+                self.fresh_tries = 0;
+            }
         }
         if phase == IPhase::Stopping {
             // Stop asked before the process existed.
@@ -1251,6 +1290,22 @@ impl Supervisor {
                     }
                     Some(StopWhy::ReadyTimeout) | Some(StopWhy::Retire) => {
                         self.after_exit(now, false, None, out)
+                    }
+                    // A fresh root's instance that never started: the
+                    // reload again through the backoff, a bounded number
+                    // of times, then from the root the engine had.
+                    None if i.fresh_root && i.pid.is_none() && self.enabled => {
+                        let again = self.fresh_tries < MAX_FRESH_ROOT_TRIES;
+                        if !again {
+                            self.fresh_tries = 0;
+                            out.push(Action::Emit(Event::ImageReloadFailed {
+                                instance: i.id,
+                                reason: format!(
+                                    "{MAX_FRESH_ROOT_TRIES} launches from a fresh root failed in a row; restarting from the previous root"
+                                ),
+                            }));
+                        }
+                        self.after_exit(now, false, Some(again), out)
                     }
                     None => self.after_exit(now, exit.clean(), None, out),
                 }

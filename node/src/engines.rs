@@ -125,6 +125,10 @@ pub struct EngineStatus {
     pub last_exit: Option<Exit>,
     /// Each probe of the spec, in order, with its last result.
     pub probes: Vec<EngineProbe>,
+    /// What the runtime has to say about it (`reload image: the stored
+    /// image "app.tar" is gone from the inbox; running from the previous
+    /// root`); empty mostly.
+    pub notes: Vec<String>,
 }
 
 /// One probe as `status` shows it.

@@ -735,6 +735,7 @@ fn engine_status(name: &str, e: &FakeEngine) -> EngineStatus {
         restarts: 0,
         last_exit: None,
         probes: Vec::new(),
+        notes: Vec::new(),
     }
 }
 

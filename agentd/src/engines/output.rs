@@ -513,6 +513,10 @@ pub fn detail(ev: &Event) -> String {
         Event::Reloading { from, to } => format!("version {from} → {to}"),
         Event::Reloaded { version } => format!("version {version}"),
         Event::ReloadFailed { version, reason } => format!("version {version}: {reason}"),
+        Event::ImageReloaded { instance } => {
+            format!("instance {instance}: runs from a fresh root of the verified image")
+        }
+        Event::ImageReloadFailed { instance, reason } => format!("instance {instance}: {reason}"),
     }
 }
 

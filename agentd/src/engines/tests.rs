@@ -35,7 +35,12 @@ fn tar_of(files: &[(&str, &[u8], u32)]) -> Vec<u8> {
 
 /// An oci-archive with one layer holding `bin/app`.
 fn image_archive() -> Vec<u8> {
-    let layer = tar_of(&[("bin/app", b"#!/bin/sh\n", 0o755)]);
+    image_with(b"#!/bin/sh\n")
+}
+
+/// The same with `bin/app` holding `app` (another image ID).
+fn image_with(app: &[u8]) -> Vec<u8> {
+    let layer = tar_of(&[("bin/app", app, 0o755)]);
     let config = serde_json::to_vec(&serde_json::json!({
         "architecture": "amd64", "os": "linux",
         "config": {"Env": ["PATH=/bin"], "WorkingDir": "/srv"},
@@ -1592,6 +1597,7 @@ fn real_network_probes_reach_an_engines_server() {
 
 mod budget;
 mod egress;
+mod fresh_root;
 
 /// Records the egress rules asked for (and how many engines were spawned
 /// by then); refuses every install while `fail` is set.

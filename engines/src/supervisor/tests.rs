@@ -730,6 +730,94 @@ fn on_failure_reload_relaunches_from_a_fresh_root_and_reboot_needs_the_policy() 
     assert!(!has(&a, &Action::Terminate { instance: i }));
 }
 
+/// A fresh root's instance that fails to launch is tried again from a
+/// fresh root through the backoff, [`MAX_FRESH_ROOT_TRIES`] times in a
+/// row; then the supervisor says so and restarts from the previous root.
+/// One that starts resets the count.
+#[test]
+fn fresh_root_launches_are_retried_with_backoff_then_fall_back() {
+    let s = spec(
+        r#"
+        command = ["/bin/app"]
+        on_failure = ["reload"]
+        restart.policy = "never"
+        [[probes]]
+        tcp = 80
+        interval = "1s"
+        timeout = "500ms"
+        threshold = 1
+        "#,
+    );
+    let (mut h, i) = H::running(s);
+    let t = *h.timers.keys().next().expect("probe timer");
+    h.fire(t);
+    h.step(Input::Probe {
+        instance: i,
+        probe: 0,
+        ok: false,
+    });
+    let a = h.step(Input::Exited {
+        instance: i,
+        exit: Exit::Signal(15),
+    });
+    let (mut t, mut at) = H::armed(&a);
+    let mut delays = Vec::new();
+    for n in 1..=MAX_FRESH_ROOT_TRIES {
+        let a = h.fire(t);
+        let fresh = a.iter().find_map(|x| match x {
+            Action::Launch {
+                instance,
+                fresh_root,
+                ..
+            } => Some((*instance, *fresh_root)),
+            _ => None,
+        });
+        let (inst, fresh) = fresh.expect("a launch");
+        assert!(fresh, "try {n} is from a fresh root");
+        let a = h.step(Input::LaunchFailed {
+            instance: inst,
+            reason: "no space left".into(),
+        });
+        let (t2, at2) = H::armed(&a);
+        delays.push(at2 - at);
+        (t, at) = (t2, at2);
+        if n < MAX_FRESH_ROOT_TRIES {
+            assert!(!events(&a).contains(&"image-reload-failed"), "{a:?}");
+        } else {
+            assert!(events(&a).contains(&"image-reload-failed"), "{a:?}");
+            assert!(has(
+                &a,
+                &Action::Emit(Event::ImageReloadFailed {
+                    instance: inst,
+                    reason: format!("{MAX_FRESH_ROOT_TRIES} launches from a fresh root failed in a row; restarting from the previous root"),
+                })
+            ));
+        }
+    }
+    assert!(
+        delays.windows(2).all(|w| w[1] >= w[0]),
+        "backoff: {delays:?}"
+    );
+    // Then from the previous root (the policy is `never`: forced).
+    let a = h.fire(t);
+    assert!(
+        matches!(
+            a.first(),
+            Some(Action::Launch {
+                fresh_root: false,
+                ..
+            })
+        ),
+        "{a:?}"
+    );
+    let inst = launched(&a).unwrap();
+    h.step(Input::Launched {
+        instance: inst,
+        pid: 7,
+    });
+    assert_eq!(h.s.status().phase, Phase::Ready);
+}
+
 // ---------------------------------------------------------------------------
 // Property: for any sequence of inputs, at most one instance is alive
 // outside a reload (two at most in one), no launch happens while the tenant
