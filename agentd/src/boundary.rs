@@ -491,35 +491,32 @@ impl Boundaries {
             return Ok(());
         }
         let engines = g.snap.engines.len();
-        match g.snap.ruleset() {
-            Some(rs) => {
-                let n = rs.elements();
-                if let Err(e) = self.apply_rules(&mut g, rs) {
-                    if engines == 0 || g.snap.bounds.is_none() {
-                        return Err(e);
-                    }
-                    // A recorded engine's cgroup that nft cannot resolve
-                    // must not keep the node's boundary out: the boundary
-                    // alone, and the engine runtime kills what it cannot
-                    // hold to its egress when it re-adopts it.
-                    error!(error = %e, engines, "the boundary with the recorded engines' egress was refused; applying the boundary alone");
-                    let snap = Arc::make_mut(&mut g.snap);
-                    snap.engines.clear();
-                    let Some(rs) = g.snap.ruleset() else {
-                        return Err(e);
-                    };
-                    self.apply_rules(&mut g, rs)?;
+        if let Some(rs) = g.snap.ruleset() {
+            let n = rs.elements();
+            if let Err(e) = self.apply_rules(&mut g, rs) {
+                if engines == 0 || g.snap.bounds.is_none() {
+                    return Err(e);
                 }
-                info!(
-                    elements = n,
-                    engines = g.snap.engines.len(),
-                    "boundary applied"
-                );
-                if let Some((c, s)) = &g.snap.bounds {
-                    self.cut_flows(c, s.as_ref(), None);
-                }
+                // A recorded engine's cgroup that nft cannot resolve
+                // must not keep the node's boundary out: the boundary
+                // alone, and the engine runtime kills what it cannot
+                // hold to its egress when it re-adopts it.
+                error!(error = %e, engines, "the boundary with the recorded engines' egress was refused; applying the boundary alone");
+                let snap = Arc::make_mut(&mut g.snap);
+                snap.engines.clear();
+                let Some(rs) = g.snap.ruleset() else {
+                    return Err(e);
+                };
+                self.apply_rules(&mut g, rs)?;
             }
-            None => {}
+            info!(
+                elements = n,
+                engines = g.snap.engines.len(),
+                "boundary applied"
+            );
+            if let Some((c, s)) = &g.snap.bounds {
+                self.cut_flows(c, s.as_ref(), None);
+            }
         }
         Ok(())
     }
