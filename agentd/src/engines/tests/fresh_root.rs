@@ -130,3 +130,65 @@ fn on_failure_reload_runs_from_a_fresh_verified_root_or_says_why_not() {
     assert!(rt.view().status("web").unwrap().notes.is_empty());
     rt.stop("web", Some(Duration::ZERO)).unwrap();
 }
+
+/// T1 (root, busybox, the shim built): the real launcher and shim. A file
+/// planted in the engine's root makes its exec probe fail; with
+/// `on_failure = ["reload"]` the next instance runs from a fresh root of
+/// the verified image (the planted file gone, the probe passing inside
+/// it, the data dir kept) and the old root is removed.
+#[test]
+#[ignore = "needs root, /bin/busybox (busybox-static) and the engine shim (cargo build --workspace --bins)"]
+fn real_shim_reload_image_runs_from_a_fresh_root() {
+    let shim = real_shim();
+    let f = fixture(false);
+    write_busybox_image(&f);
+    let mut rt = EngineRuntime::start(
+        f.cfg.clone(),
+        Arc::new(DirCg(f.tmp.path().join("cgroup"))),
+        Arc::new(ShimSpawner(launch::Launcher::new(shim))),
+        f.vol.clone(),
+    )
+    .unwrap();
+    let text = "command = [\"/bin/busybox\", \"sh\", \"-c\", \"B=/bin/busybox; $B touch /var/lib/app/run-$$-$($B date +%s%N); [ -e /planted ] && echo planted || echo clean; exec $B sleep 1000\"]\n\
+         data_dirs = [\"var/lib/app\"]\n\
+         on_failure = [\"reload\"]\n\
+         stop_grace = \"0ms\"\n\
+         [[probes]]\n\
+         exec = [\"/bin/busybox\", \"sh\", \"-c\", \"[ ! -e /planted ]\"]\n\
+         interval = \"200ms\"\ntimeout = \"150ms\"\nthreshold = 1\n";
+    rt.deploy("bb", "bb.tar", &spec(text)).unwrap();
+    rt.start("bb").unwrap();
+    until_longer(&rt, "bb", |s| s.probes[0].ok == Some(true));
+    let v1 = f.tmp.path().join("vol/engines/bb/v1");
+    std::fs::write(v1.join("rootfs/planted"), "x").unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    while last_event(&rt, "image-reloaded").is_none() {
+        assert!(Instant::now() < end, "no image-reloaded event");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let s = until_longer(&rt, "bb", |s| {
+        s.phase == Phase::Ready && s.probes[0].ok == Some(true)
+    });
+    assert_eq!(s.restarts, 1, "{s:?}");
+    let r = roots(&v1);
+    assert!(r.len() == 1 && r[0].starts_with("rootfs-i"), "{r:?}");
+    assert!(!v1.join(&r[0]).join("planted").exists());
+    let runs = std::fs::read_dir(f.tmp.path().join("vol/engines/bb/data/var/lib/app"))
+        .unwrap()
+        .count();
+    assert_eq!(runs, 2, "the data dir is kept across the fresh root");
+    let out: Vec<String> = rt
+        .view()
+        .logs("bb", 0, 100)
+        .unwrap()
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.text).into_owned())
+        .collect();
+    assert_eq!(
+        out,
+        ["clean", "clean"],
+        "the second instance saw a clean root"
+    );
+    rt.stop("bb", Some(Duration::ZERO)).unwrap();
+    until_longer(&rt, "bb", |s| s.phase == Phase::Stopped);
+}
