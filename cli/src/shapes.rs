@@ -152,7 +152,28 @@ pub fn boundary_doc(text: Option<&str>) -> Result<Value, CliError> {
         "allow": entries_doc(d.get("allow"))?,
         "failsafe": entries_doc(d.get("failsafe"))?,
         "routers": d.get("routers").cloned().unwrap_or_else(|| json!([])),
+        "dhcp_servers": dhcp_servers_doc(d.get("dhcp_servers")),
     }))
+}
+
+/// `dhcp_servers` in the one shape: null when absent, else
+/// `[{ "addr": …, "mac": … or null }]` whether written as an address or
+/// as a table.
+fn dhcp_servers_doc(v: Option<&Value>) -> Value {
+    match v.and_then(Value::as_array) {
+        None => Value::Null,
+        Some(list) => Value::Array(
+            list.iter()
+                .map(|s| match s {
+                    Value::String(a) => json!({ "addr": a, "mac": null }),
+                    other => json!({
+                        "addr": other.get("addr").cloned().unwrap_or(Value::Null),
+                        "mac": other.get("mac").cloned().unwrap_or(Value::Null),
+                    }),
+                })
+                .collect(),
+        ),
+    }
 }
 
 /// The effective entries (a JSON list of entries) in the one shape.

@@ -787,18 +787,64 @@ pub fn first_match<'a>(entries: &'a [Entry], f: &Flow) -> Option<&'a str> {
         .map(|e| e.name.as_str())
 }
 
+/// Whether the cluster's `dhcp_servers` let `f` through whatever the
+/// entries say: a reply from a listed server to the client port (udp 68,
+/// DHCPv6 546), or a request of the node's client to the server port (udp
+/// 67, DHCPv6 547) of a listed server or of the broadcast (multicast)
+/// address. Flows carry no source port: the kernel's rules also require
+/// the server port as source of a reply (and the client port as source of
+/// a request), and check a pinned server's MAC, which a flow cannot show.
+pub fn dhcp_admits(cluster: &Boundary, f: &Flow) -> bool {
+    let Some(servers) = &cluster.dhcp_servers else {
+        return false;
+    };
+    if f.proto != Proto::Udp {
+        return false;
+    }
+    let (fam, addr, server_port, client_port, all) = match f.peer {
+        IpAddr::V4(a) => (
+            Family::V4,
+            u128::from(u32::from(a)),
+            67,
+            68,
+            u128::from(u32::MAX),
+        ),
+        IpAddr::V6(a) => (
+            Family::V6,
+            u128::from(a),
+            547,
+            546,
+            u128::from(std::net::Ipv6Addr::new(0xff02, 0, 0, 0, 0, 0, 1, 2)),
+        ),
+    };
+    let listed = || servers.iter().any(|s| s.family == fam && s.addr == addr);
+    match f.direction {
+        Direction::In => f.port == client_port && listed(),
+        Direction::Out => {
+            let has_fam = servers.iter().any(|s| s.family == fam);
+            f.port == server_port && has_fam && (addr == all || listed())
+        }
+        Direction::Both => false,
+    }
+}
+
 /// Whether the kernel lets a new flow `f` through: a failsafe entry allows
-/// it, or the cluster boundary allows it and so does the sub-boundary (if
-/// any). No allocation; O(entries × log peers).
+/// it, or the cluster's `dhcp_servers` ([`dhcp_admits`]), or the cluster
+/// boundary allows it and so does the sub-boundary (if any). No
+/// allocation; O(entries × log peers).
 pub fn admits(cluster: &Boundary, sub: Option<&Boundary>, f: &Flow) -> bool {
     let any = |entries: &[Entry]| entries.iter().any(|e| matches(e, f));
-    any(&cluster.failsafe) || (any(&cluster.allow) && sub.is_none_or(|s| any(&s.allow)))
+    any(&cluster.failsafe)
+        || dhcp_admits(cluster, f)
+        || (any(&cluster.allow) && sub.is_none_or(|s| any(&s.allow)))
 }
 
 /// [`admits`] with the boundaries' coverages built once (≈ the cost of one
 /// [`excess`]): then one binary search per boundary per flow, whatever the
 /// number of entries. For testing many flows (conntrack entries) at once.
 pub struct Admitter {
+    /// The cluster boundary's `dhcp_servers` only (no entries).
+    dhcp: Boundary,
     failsafe: Allows,
     cluster: Allows,
     sub: Option<Allows>,
@@ -854,6 +900,10 @@ impl Admitter {
     /// Builds the coverages of the failsafe entries and both boundaries.
     pub fn new(cluster: &Boundary, sub: Option<&Boundary>) -> Self {
         Admitter {
+            dhcp: Boundary {
+                dhcp_servers: cluster.dhcp_servers.clone(),
+                ..Boundary::default()
+            },
             failsafe: Allows::new(&cluster.failsafe),
             cluster: Allows::new(&cluster.allow),
             sub: sub.map(|s| Allows::new(&s.allow)),
@@ -863,6 +913,7 @@ impl Admitter {
     /// Same answer as [`admits`]; no allocation.
     pub fn admits(&self, f: &Flow) -> bool {
         self.failsafe.allows(f)
+            || dhcp_admits(&self.dhcp, f)
             || (self.cluster.allows(f) && self.sub.as_ref().is_none_or(|s| s.allows(f)))
     }
 }
@@ -872,7 +923,8 @@ impl Admitter {
 pub struct Explanation {
     /// The verdict.
     pub allowed: bool,
-    /// The failsafe entry that let it through, if any.
+    /// The failsafe entry that let it through, if any (`dhcp_servers`:
+    /// the cluster boundary's DHCP servers, see [`dhcp_admits`]).
     pub failsafe: Option<String>,
     /// The cluster entry that allows it (None: the cluster boundary denies it).
     pub cluster: Option<String>,
@@ -885,13 +937,19 @@ pub struct Explanation {
 /// Evaluates a flow against the failsafe, the cluster boundary and the
 /// tenant's sub-boundary; a packet must pass both boundaries.
 pub fn explain(cluster: &Boundary, sub: Option<&Boundary>, f: &Flow) -> Explanation {
-    let failsafe = first_match(&cluster.failsafe, f).map(str::to_owned);
+    let failsafe = first_match(&cluster.failsafe, f)
+        .map(str::to_owned)
+        .or_else(|| dhcp_admits(cluster, f).then(|| "dhcp_servers".to_owned()));
     let c = first_match(&cluster.allow, f).map(str::to_owned);
     let s = sub.map(|b| first_match(&b.allow, f).map(str::to_owned));
     // The kernel's answer: failsafe, or both boundaries (see [`admits`]).
     let allowed = failsafe.is_some() || (c.is_some() && s.as_ref().is_none_or(Option::is_some));
     let reason = if let Some(fs) = &failsafe {
-        format!("allowed by failsafe entry {fs:?}")
+        if first_match(&cluster.failsafe, f).is_none() {
+            "allowed as DHCP with the cluster boundary's dhcp_servers".to_owned()
+        } else {
+            format!("allowed by failsafe entry {fs:?}")
+        }
     } else {
         match (&c, &s) {
             (None, _) => "denied: no entry of the cluster boundary allows it".to_owned(),
@@ -1348,12 +1406,47 @@ protocols = [{ proto = "tcp", ports = ["80-81"] }]
             })
     }
 
-    fn arb_boundary() -> impl Strategy<Value = Boundary> {
+    fn arb_text() -> impl Strategy<Value = String> {
         (0usize..5).prop_flat_map(|n| {
             (0..n)
                 .map(arb_entry)
                 .collect::<Vec<_>>()
-                .prop_map(|v| b(&v.concat()))
+                .prop_map(|v| v.concat())
+        })
+    }
+
+    fn arb_boundary() -> impl Strategy<Value = Boundary> {
+        arb_text().prop_map(|t| b(&t))
+    }
+
+    /// A `dhcp_servers` line (or none) over the small universe, some
+    /// servers pinned to a MAC.
+    fn arb_dhcp() -> impl Strategy<Value = Option<String>> {
+        proptest::option::of(proptest::collection::btree_map(
+            (any::<bool>(), 0u8..20),
+            any::<bool>(),
+            0..3,
+        ))
+        .prop_map(|o| {
+            o.map(|m| {
+                let items: Vec<String> = m
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, ((v6, h), pin))| {
+                        let a = if v6 {
+                            format!("fd00::{h:x}")
+                        } else {
+                            format!("10.0.0.{h}")
+                        };
+                        if pin {
+                            format!("{{ addr = \"{a}\", mac = \"52:54:00:00:00:{i:02x}\" }}")
+                        } else {
+                            format!("\"{a}\"")
+                        }
+                    })
+                    .collect();
+                format!("dhcp_servers = [{}]\n", items.join(", "))
+            })
         })
     }
 
@@ -1369,9 +1462,19 @@ protocols = [{ proto = "tcp", ports = ["80-81"] }]
     }
 
     fn arb_flow() -> impl Strategy<Value = Flow> {
-        (0usize..2, 0usize..3, 0u8..20, 0usize..4, 0u16..24).prop_map(|(d, fam, h, p, port)| Flow {
+        // Ports of the small universe and DHCP's; peers of the universe
+        // and the DHCP broadcast and multicast addresses.
+        let port = prop_oneof![0u16..24, prop::sample::select(vec![67u16, 68, 546, 547])];
+        let peer = prop_oneof![
+            8 => (0usize..3, 0u8..20).prop_map(|(fam, h)| peer_of(fam, h)),
+            1 => prop::sample::select(vec![
+                "255.255.255.255".parse::<IpAddr>().unwrap(),
+                "ff02::1:2".parse().unwrap(),
+            ]),
+        ];
+        (0usize..2, peer, 0usize..4, port).prop_map(|(d, peer, p, port)| Flow {
             direction: [Direction::In, Direction::Out][d],
-            peer: peer_of(fam, h),
+            peer,
             proto: Proto::ALL[p],
             port,
         })
@@ -1454,7 +1557,17 @@ protocols = [{ proto = "tcp", ports = ["80-81"] }]
         #![proptest_config(ProptestConfig::with_cases(500))]
 
         #[test]
-        fn accepted_sub_boundaries_never_widen(c in arb_boundary(), s in arb_boundary(), flows in proptest::collection::vec(arb_flow(), 20)) {
+        fn accepted_sub_boundaries_never_widen(c in arb_text(), cd in arb_dhcp(), s in arb_text(), sd in arb_dhcp(), flows in proptest::collection::vec(arb_flow(), 20)) {
+            let c = b(&format!("{}{c}", cd.unwrap_or_default()));
+            // A sub-boundary naming DHCP servers (adding or "narrowing"
+            // them) is refused, naming the field; the tenant can only send
+            // it without.
+            if let Some(sd) = &sd {
+                let r = BoundaryDoc::from_toml(&format!("{sd}{s}")).unwrap().validate(false);
+                prop_assert_eq!(r.unwrap_err().field, "dhcp_servers");
+            }
+            let s = BoundaryDoc::from_toml(&s).unwrap().validate(false).unwrap();
+            prop_assert!(s.dhcp_servers.is_none());
             let ex = excess(&s, &c);
             for f in &flows {
                 let sub_allows = first_match(&s.allow, f).is_some();
@@ -1465,6 +1578,20 @@ protocols = [{ proto = "tcp", ports = ["80-81"] }]
                 }
                 if sub_allows && !cluster_allows {
                     prop_assert!(!ex.is_empty(), "a widening flow {f:?} was not reported");
+                }
+                // The kernel's answer with the sub-boundary never admits
+                // more than without it: DHCP servers come from the cluster
+                // boundary only, and a DHCP flow is admitted from a listed
+                // server (or to it, or to the broadcast) only.
+                let with_sub = admits(&c, Some(&s), f);
+                prop_assert!(!with_sub || admits(&c, None, f), "{f:?}");
+                prop_assert_eq!(Admitter::new(&c, Some(&s)).admits(f), with_sub);
+                if dhcp_admits(&c, f) {
+                    let servers = c.dhcp_servers.as_ref().unwrap();
+                    let listed = servers.iter().any(|d| d.ip() == f.peer);
+                    let bcast = ["255.255.255.255", "ff02::1:2"].iter().any(|a| a.parse::<IpAddr>().unwrap() == f.peer);
+                    prop_assert!(f.proto == Proto::Udp && (listed || (f.direction == Direction::Out && bcast)), "{f:?}");
+                    prop_assert!([67, 68, 546, 547].contains(&f.port), "{f:?}");
                 }
             }
         }

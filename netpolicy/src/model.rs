@@ -33,6 +33,8 @@ pub const MAX_PROTOCOLS: usize = 16;
 pub const MAX_PORT_SPECS: usize = 1_000;
 /// Most routers.
 pub const MAX_ROUTERS: usize = 16;
+/// Most DHCP servers (`dhcp_servers`).
+pub const MAX_DHCP_SERVERS: usize = 16;
 
 /// What happens to traffic no entry allows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -158,6 +160,112 @@ pub struct BoundaryDoc {
     /// only). Absent: none, from anyone.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routers: Vec<String>,
+    /// The landlord's DHCP servers (cluster boundary only): when present,
+    /// DHCP replies (udp 67→68, DHCPv6 547→546) are accepted only from
+    /// these, before any packet socket sees them (an ingress chain per
+    /// interface), and the node's client requests go out. Absent: DHCP is
+    /// whatever the entries allow (docs/netpolicy.md, "DHCP").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dhcp_servers: Option<Vec<DhcpServerDoc>>,
+}
+
+/// One DHCP server as written: `"10.77.0.1"`, or
+/// `{ addr = "10.77.0.1", mac = "52:54:00:12:34:56" }` to accept its replies
+/// only from that Ethernet source address as well.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(
+    untagged,
+    deny_unknown_fields,
+    expecting = "an address, or { addr = ADDRESS, mac = MAC }"
+)]
+pub enum DhcpServerDoc {
+    /// The address its replies come from (the server's, or its relay's).
+    Addr(String),
+    /// The address and the MAC its replies come from.
+    Pinned {
+        /// Address.
+        addr: String,
+        /// Ethernet source address (`aa:bb:cc:dd:ee:ff`).
+        mac: String,
+    },
+}
+
+/// A validated DHCP server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DhcpServer {
+    /// Family of the address (IPv4: DHCP, IPv6: DHCPv6).
+    pub family: Family,
+    /// The address its replies come from.
+    pub addr: u128,
+    /// The Ethernet source address its replies must come from, if pinned.
+    pub mac: Option<[u8; 6]>,
+}
+
+impl DhcpServer {
+    /// The address.
+    pub fn ip(&self) -> IpAddr {
+        match self.family {
+            Family::V4 => IpAddr::V4(std::net::Ipv4Addr::from(
+                u32::try_from(self.addr).unwrap_or(u32::MAX),
+            )),
+            Family::V6 => IpAddr::V6(std::net::Ipv6Addr::from(self.addr)),
+        }
+    }
+
+    /// The MAC as nft writes it (`52:54:00:12:34:56`).
+    pub fn mac_text(&self) -> Option<String> {
+        self.mac.map(|m| {
+            m.iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<Vec<_>>()
+                .join(":")
+        })
+    }
+}
+
+/// `aa:bb:cc:dd:ee:ff` (or with `-`): a unicast, non-zero Ethernet address.
+fn parse_mac(s: &str) -> Result<[u8; 6], String> {
+    let parts: Vec<&str> = s.split([':', '-']).collect();
+    let mut m = [0u8; 6];
+    if parts.len() != 6 || s.len() != 17 {
+        return Err(format!("{s:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"));
+    }
+    for (b, p) in m.iter_mut().zip(&parts) {
+        *b = u8::from_str_radix(p, 16)
+            .ok()
+            .filter(|_| p.len() == 2)
+            .ok_or_else(|| format!("{s:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"))?;
+    }
+    if m == [0; 6] || m[0] & 1 == 1 {
+        return Err(format!(
+            "{s:?}: a server's MAC is a unicast address, not zero, multicast or broadcast"
+        ));
+    }
+    Ok(m)
+}
+
+/// A DHCP server's address: one unicast address.
+fn parse_server_addr(s: &str) -> Result<(Family, u128), String> {
+    let (f, lo, hi) = parse_cidr(s)?;
+    if lo != hi {
+        return Err(format!("{s:?}: a DHCP server is one address, not a prefix"));
+    }
+    let ip = match f {
+        Family::V4 => IpAddr::V4(std::net::Ipv4Addr::from(
+            u32::try_from(lo).unwrap_or(u32::MAX),
+        )),
+        Family::V6 => IpAddr::V6(std::net::Ipv6Addr::from(lo)),
+    };
+    let bad = ip.is_unspecified()
+        || ip.is_multicast()
+        || ip.is_loopback()
+        || ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST);
+    if bad {
+        return Err(format!(
+            "{s:?}: a DHCP server's address is a unicast address"
+        ));
+    }
+    Ok((f, lo))
 }
 
 pub use crate::doc::{DocError, Location};
@@ -370,6 +478,32 @@ pub struct Boundary {
     pub failsafe: Vec<Entry>,
     /// Routers whose RAs and redirects are accepted (cluster boundary only).
     pub routers: BTreeSet<(Family, u128)>,
+    /// The only sources of DHCP replies (cluster boundary only); None: DHCP
+    /// is not fenced apart from the entries.
+    pub dhcp_servers: Option<BTreeSet<DhcpServer>>,
+}
+
+/// Validates `dhcp_servers` (already counted): each one unicast address,
+/// the MAC if given a unicast Ethernet address; the list may be empty
+/// (then no DHCP reply is accepted from anyone), a server given twice is
+/// refused.
+fn dhcp_servers(list: &[DhcpServerDoc]) -> Result<BTreeSet<DhcpServer>, DocError> {
+    let mut out = BTreeSet::new();
+    for (i, d) in list.iter().enumerate() {
+        let at = format!("dhcp_servers[{i}]");
+        let (addr, mac, addr_at) = match d {
+            DhcpServerDoc::Addr(a) => (a, None, at.clone()),
+            DhcpServerDoc::Pinned { addr, mac } => (addr, Some(mac), format!("{at}.addr")),
+        };
+        let (family, addr) = parse_server_addr(addr).map_err(|e| err(addr_at, e))?;
+        let mac = mac
+            .map(|m| parse_mac(m).map_err(|e| err(format!("{at}.mac"), e)))
+            .transpose()?;
+        if !out.insert(DhcpServer { family, addr, mac }) {
+            return Err(err(at, "this server is listed twice"));
+        }
+    }
+    Ok(out)
 }
 
 impl BoundaryDoc {
@@ -405,6 +539,9 @@ impl BoundaryDoc {
             )?;
         }
         over("routers".into(), self.routers.len(), "routers", MAX_ROUTERS)?;
+        if let Some(d) = &self.dhcp_servers {
+            over("dhcp_servers".into(), d.len(), "servers", MAX_DHCP_SERVERS)?;
+        }
         let mut total = 0usize;
         for (section, list) in [("allow", &self.allow), ("failsafe", &self.failsafe)] {
             over(section.into(), list.len(), "entries", MAX_ENTRIES)?;
@@ -484,6 +621,17 @@ impl BoundaryDoc {
             }
             routers.insert((f, lo));
         }
+        if !allow_failsafe && self.dhcp_servers.is_some() {
+            return Err(err(
+                "dhcp_servers",
+                "only the landlord's cluster boundary may name DHCP servers",
+            ));
+        }
+        let dhcp_servers = self
+            .dhcp_servers
+            .as_ref()
+            .map(|list| dhcp_servers(list))
+            .transpose()?;
         let allow = self.entries("allow", &self.allow)?;
         let failsafe = self.entries("failsafe", &self.failsafe)?;
         Ok(Boundary {
@@ -491,6 +639,7 @@ impl BoundaryDoc {
             allow,
             failsafe,
             routers,
+            dhcp_servers,
         })
     }
 
@@ -938,5 +1087,66 @@ protocols = [{ proto = "tcp", ports = [80, "443", "8000-8080"] }]
             b.allow[0].peers.v6.intervals(),
             &[(0xffff_0a00_0000, 0xffff_0a00_00ff)]
         );
+    }
+
+    #[test]
+    fn dhcp_servers_are_checked_naming_the_field() {
+        let v = |t: &str, cluster: bool| {
+            BoundaryDoc::from_toml(t)
+                .map_err(|e| e.to_string())
+                .and_then(|d| d.validate(cluster).map_err(|e| e.to_string()))
+        };
+        let b = v(
+            "dhcp_servers = [\"10.77.0.1\", { addr = \"fe80::1\", mac = \"52:54:00:AB:cd:01\" }]\n",
+            true,
+        )
+        .unwrap();
+        let d: Vec<DhcpServer> = b.dhcp_servers.unwrap().into_iter().collect();
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0].ip().to_string(), "10.77.0.1");
+        assert_eq!(d[0].mac, None);
+        assert_eq!(d[1].ip().to_string(), "fe80::1");
+        assert_eq!(d[1].mac_text().as_deref(), Some("52:54:00:ab:cd:01"));
+        // Absent and empty differ: empty accepts DHCP replies from no one.
+        assert_eq!(v("", true).unwrap().dhcp_servers, None);
+        assert_eq!(
+            v("dhcp_servers = []\n", true).unwrap().dhcp_servers,
+            Some(BTreeSet::new())
+        );
+        for (t, want) in [
+            ("dhcp_servers = [\"10.0.0.0/24\"]", "dhcp_servers[0]: \"10.0.0.0/24\": a DHCP server is one address, not a prefix"),
+            ("dhcp_servers = [\"255.255.255.255\"]", "dhcp_servers[0]: \"255.255.255.255\": a DHCP server's address is a unicast address"),
+            ("dhcp_servers = [\"ff02::1:2\"]", "dhcp_servers[0]: \"ff02::1:2\": a DHCP server's address is a unicast address"),
+            ("dhcp_servers = [\"x\"]", "dhcp_servers[0]: \"x\" is not an IP address or CIDR"),
+            ("dhcp_servers = [\"10.0.0.1\", \"10.0.0.1\"]", "dhcp_servers[1]: this server is listed twice"),
+            ("dhcp_servers = [{ addr = \"10.0.0.1\", mac = \"52:54:00:00:00\" }]", "dhcp_servers[0].mac: \"52:54:00:00:00\" is not a MAC address (aa:bb:cc:dd:ee:ff)"),
+            ("dhcp_servers = [{ addr = \"10.0.0.1\", mac = \"ff:ff:ff:ff:ff:ff\" }]", "dhcp_servers[0].mac: \"ff:ff:ff:ff:ff:ff\": a server's MAC is a unicast address, not zero, multicast or broadcast"),
+            ("dhcp_servers = [{ addr = \"10.0.0.x\", mac = \"52:54:00:00:00:01\" }]", "dhcp_servers[0].addr: \"10.0.0.x\" is not an IP address or CIDR"),
+        ] {
+            assert_eq!(v(t, true).unwrap_err(), want, "{t}");
+        }
+        // A table with a key it does not know, or without addr.
+        let e = v("dhcp_servers = [{ addr = \"10.0.0.1\", vlan = 3 }]", true).unwrap_err();
+        assert!(e.contains("dhcp_servers[0]"), "{e}");
+        // A sub-boundary may not name any (not even fewer).
+        assert_eq!(
+            v("dhcp_servers = [\"10.77.0.1\"]", false).unwrap_err(),
+            "dhcp_servers: only the landlord's cluster boundary may name DHCP servers"
+        );
+        assert!(v("dhcp_servers = []", false).is_err());
+        // Bounded, counted before parsing.
+        let d = BoundaryDoc {
+            dhcp_servers: Some(vec![DhcpServerDoc::Addr("x".into()); MAX_DHCP_SERVERS + 1]),
+            ..Default::default()
+        };
+        assert_eq!(refusal(&d, true).field, "dhcp_servers");
+        // JSON: both shapes, and back.
+        let j = BoundaryDoc::from_json(
+            r#"{"dhcp_servers": ["10.77.0.1", {"addr": "10.77.0.2", "mac": "52:54:00:00:00:02"}]}"#,
+        )
+        .unwrap();
+        let again = BoundaryDoc::from_json(&serde_json::to_string(&j).unwrap()).unwrap();
+        assert_eq!(j, again);
+        assert_eq!(j.validate(true).unwrap().dhcp_servers.unwrap().len(), 2);
     }
 }

@@ -23,7 +23,7 @@ use std::io::Write as _;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::{Command, Stdio};
 
-use crate::model::{to_cidrs, Action, Boundary, Direction, Entry, Family, Proto};
+use crate::model::{to_cidrs, Action, Boundary, DhcpServer, Direction, Entry, Family, Proto};
 
 /// Name of the table.
 pub const TABLE: &str = "leasehold";
@@ -99,6 +99,43 @@ pub struct Options {
     pub internal: crate::model::Peers,
     /// Engines with an egress boundary of their own (see [`EngineEgress`]).
     pub engines: Vec<EngineEgress>,
+    /// The interfaces that get an ingress chain keeping DHCP replies from
+    /// anyone but the cluster's `dhcp_servers` away from packet sockets
+    /// (only when `dhcp_servers` is set). See [`ingress_devices`].
+    pub dhcp_devices: Vec<String>,
+}
+
+/// Most interfaces given a DHCP ingress chain (one chain each).
+pub const DHCP_DEVICES_MAX: usize = 256;
+
+/// Whether nft can be given `name` as an interface: 1–15 characters of
+/// `[A-Za-z0-9._@+-]` (Linux allows more; such an interface gets no
+/// ingress chain and is named by [`ingress_devices`]).
+pub fn device_name_ok(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._@+-".contains(&b))
+}
+
+/// The interfaces of this network namespace that get a DHCP ingress chain
+/// (every one but `lo`, sorted, at most [`DHCP_DEVICES_MAX`]), and those
+/// left out (a name nft cannot be given, or beyond the limit).
+pub fn ingress_devices() -> std::io::Result<(Vec<String>, Vec<String>)> {
+    let mut names: Vec<String> = nix::net::if_::if_nameindex()
+        .map_err(std::io::Error::from)?
+        .iter()
+        .map(|i| i.name().to_string_lossy().into_owned())
+        .filter(|n| n != "lo")
+        .collect();
+    names.sort();
+    names.dedup();
+    let (mut ok, mut left): (Vec<String>, Vec<String>) =
+        names.into_iter().partition(|n| device_name_ok(n));
+    if ok.len() > DHCP_DEVICES_MAX {
+        left.extend(ok.split_off(DHCP_DEVICES_MAX));
+    }
+    Ok((ok, left))
 }
 
 /// Most engines with an egress boundary in one table: each adds a chain
@@ -467,6 +504,90 @@ struct Common<'a> {
     failsafe: &'a [Group<'a>],
     routers: &'a crate::model::Peers,
     internal: &'a crate::model::Peers,
+    dhcp: Option<&'a BTreeSet<DhcpServer>>,
+}
+
+/// DHCP (v4) and DHCPv6: (family, server port, client port, address
+/// keyword, nfproto, where clients send).
+const DHCP_FAMILIES: [(Family, u16, u16, &str, &str, &str); 2] = [
+    (Family::V4, 67, 68, "ip", "ipv4", "255.255.255.255"),
+    (Family::V6, 547, 546, "ip6", "ipv6", "ff02::1:2"),
+];
+
+/// Rules letting DHCP replies through only from `servers` (the address,
+/// and the Ethernet source where pinned), the others dropped, counted:
+/// the input chains and the ingress chains. A family without a listed
+/// server has every reply dropped.
+fn dhcp_reply_rules(out: &mut String, servers: &BTreeSet<DhcpServer>) {
+    for (fam, sp, cp, kw, proto, _) in DHCP_FAMILIES {
+        let of_fam = || servers.iter().filter(move |s| s.family == fam);
+        let plain: Vec<String> = of_fam()
+            .filter(|s| s.mac.is_none())
+            .map(|s| s.ip().to_string())
+            .collect();
+        if !plain.is_empty() {
+            let _ = writeln!(
+                out,
+                "    udp sport {sp} udp dport {cp} {kw} saddr {{ {} }} accept comment \"leasehold: dhcp server\"",
+                plain.join(", ")
+            );
+        }
+        for s in of_fam() {
+            if let Some(mac) = s.mac_text() {
+                let _ = writeln!(
+                    out,
+                    "    udp sport {sp} udp dport {cp} {kw} saddr {} ether saddr {mac} accept comment \"leasehold: dhcp server\"",
+                    s.ip()
+                );
+            }
+        }
+        let _ = writeln!(
+            out,
+            "    meta nfproto {proto} udp sport {sp} udp dport {cp} counter drop comment \"leasehold: not a dhcp server\""
+        );
+    }
+}
+
+/// The node's DHCP client requests (broadcast or multicast, and unicast
+/// renewals to the servers): output chains.
+fn dhcp_request_rules(out: &mut String, servers: &BTreeSet<DhcpServer>) {
+    for (fam, sp, cp, kw, _, all) in DHCP_FAMILIES {
+        let mut to: Vec<String> = servers
+            .iter()
+            .filter(|s| s.family == fam)
+            .map(|s| s.ip().to_string())
+            .collect();
+        if to.is_empty() {
+            continue;
+        }
+        to.sort();
+        to.dedup();
+        to.insert(0, all.to_owned());
+        let _ = writeln!(
+            out,
+            "    udp sport {cp} udp dport {sp} {kw} daddr {{ {} }} accept comment \"leasehold: dhcp client\"",
+            to.join(", ")
+        );
+    }
+}
+
+/// One ingress chain per interface (priority -500, before the packet
+/// sockets of DHCP clients see a frame): DHCP replies only from the
+/// servers. Everything else passes (the input chains decide).
+fn dhcp_ingress(out: &mut String, servers: &BTreeSet<DhcpServer>, devices: &[String]) {
+    for (k, dev) in devices
+        .iter()
+        .filter(|d| device_name_ok(d))
+        .take(DHCP_DEVICES_MAX)
+        .enumerate()
+    {
+        let _ = writeln!(
+            out,
+            "  chain dhcp_ingress{k} {{\n    type filter hook ingress device \"{dev}\" priority -500; policy accept;"
+        );
+        dhcp_reply_rules(out, servers);
+        out.push_str("  }\n");
+    }
 }
 
 fn chain(
@@ -508,6 +629,12 @@ fn chain(
                 out,
                 "    icmp type redirect counter drop comment \"leasehold: not a named router\""
             );
+            // DHCP replies only from the named servers, allowed peers
+            // included (kernel-socket clients; packet-socket clients are
+            // served by the ingress chains).
+            if let Some(d) = common.dhcp {
+                dhcp_reply_rules(out, d);
+            }
             let _ = writeln!(out, "    ct state related accept\n    iif \"lo\" accept");
             // IPv6 cannot work without neighbour discovery.
             let _ = writeln!(
@@ -524,6 +651,9 @@ fn chain(
                 out,
                 "    icmpv6 type {{ nd-neighbor-solicit, nd-neighbor-advert, nd-router-solicit }} accept"
             );
+            if let Some(d) = common.dhcp {
+                dhcp_request_rules(out, d);
+            }
         }
         Hook::FwdIn | Hook::FwdOut => {
             let _ = writeln!(out, "    ct state established,related accept");
@@ -660,6 +790,16 @@ impl Ruleset {
     /// from the cluster's `routers` only and dropped from anyone else,
     /// allowed peers included. Neighbour solicitations and advertisements
     /// pass both ways; the node may send router solicitations.
+    ///
+    /// DHCP, when the cluster names `dhcp_servers`: replies (udp 67→68,
+    /// DHCPv6 547→546) are accepted from those servers only (address, and
+    /// Ethernet source where pinned) and dropped, counted, from anyone
+    /// else, in the input chains (after established flows, before the
+    /// entries) and in one ingress chain per interface of
+    /// `options.dhcp_devices` (`dhcp_ingress<k>`, priority -500), which
+    /// runs before the packet sockets DHCP clients read offers on; the
+    /// output chains let the client's requests go to the broadcast or
+    /// multicast address and to the servers.
     pub fn build_with(cluster: &Boundary, sub: Option<&Boundary>, options: &Options) -> Ruleset {
         let mut sets = BTreeMap::new();
         let failsafe = groups(&mut sets, "llf", &cluster.failsafe);
@@ -678,6 +818,7 @@ impl Ruleset {
             failsafe: &failsafe,
             routers: &routers,
             internal: &options.internal,
+            dhcp: cluster.dhcp_servers.as_ref(),
         };
         let mut chains = String::new();
         level(
@@ -693,6 +834,9 @@ impl Ruleset {
             level(&mut chains, "tenant", -5, t.action, &common, &tallow);
         }
         engines(&mut chains, &mut sets, &options.engines);
+        if let Some(d) = &cluster.dhcp_servers {
+            dhcp_ingress(&mut chains, d, &options.dhcp_devices);
+        }
         Ruleset {
             sets,
             chains,
@@ -1551,6 +1695,54 @@ mod tests {
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].set, "lla0_h4");
         assert_eq!(d[0].addrs, ["10.3.0.1".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn dhcp_servers_alone_answer_dhcp_in_input_and_ingress_chains() {
+        let c = doc("dhcp_servers = [\"10.77.0.1\", { addr = \"10.77.0.2\", mac = \"52:54:00:00:00:02\" }]\n[[allow]]\nname = \"all\"\npeers = [\"0.0.0.0/0\"]\n");
+        let t = BoundaryDoc::from_toml("[[allow]]\nname = \"x\"\npeers = [\"0.0.0.0/0\"]\n")
+            .unwrap()
+            .validate(false)
+            .unwrap();
+        let o = Options {
+            dhcp_devices: vec!["e0".into(), "bad name".into(), "e1".into()],
+            ..Options::default()
+        };
+        let r = Ruleset::build_with(&c, Some(&t), &o);
+        let text = r.full_script();
+        let replies = "    udp sport 67 udp dport 68 ip saddr { 10.77.0.1 } accept comment \"leasehold: dhcp server\"\n    udp sport 67 udp dport 68 ip saddr 10.77.0.2 ether saddr 52:54:00:00:00:02 accept comment \"leasehold: dhcp server\"\n    meta nfproto ipv4 udp sport 67 udp dport 68 counter drop comment \"leasehold: not a dhcp server\"\n    meta nfproto ipv6 udp sport 547 udp dport 546 counter drop comment \"leasehold: not a dhcp server\"\n";
+        // Input chains of both levels: after router control, before the
+        // entries (an allow entry for everyone does not let a rogue in).
+        for ch in ["landlord_in", "tenant_in"] {
+            let body = text.split(&format!("chain {ch} {{")).nth(1).unwrap();
+            let body = &body[..body.find("\n  }").unwrap()];
+            let at = body.find(replies).unwrap_or_else(|| panic!("{body}"));
+            assert!(at > body.find("icmp type redirect counter drop").unwrap());
+            assert!(at < body.find("ct state related accept").unwrap());
+        }
+        for ch in ["landlord_out", "tenant_out"] {
+            let body = text.split(&format!("chain {ch} {{")).nth(1).unwrap();
+            assert!(body.contains("    udp sport 68 udp dport 67 ip daddr { 255.255.255.255, 10.77.0.1, 10.77.0.2 } accept comment \"leasehold: dhcp client\"\n"), "{body}");
+            assert!(
+                !body[..body.find("\n  }").unwrap()].contains("dport 547"),
+                "no DHCPv6 server: no request rule"
+            );
+        }
+        // One ingress chain per nameable interface.
+        for (k, dev) in [(0, "e0"), (1, "e1")] {
+            let head = format!("  chain dhcp_ingress{k} {{\n    type filter hook ingress device \"{dev}\" priority -500; policy accept;\n{replies}  }}\n");
+            assert!(text.contains(&head), "{text}");
+        }
+        assert!(!text.contains("dhcp_ingress2"));
+        assert_eq!(r.rule_counts()["dhcp_ingress0"], 4);
+        // Without dhcp_servers nothing of it, whatever the devices.
+        let plain = doc("[[allow]]\nname = \"all\"\npeers = [\"0.0.0.0/0\"]\n");
+        let text = Ruleset::build_with(&plain, None, &o).full_script();
+        assert!(!text.contains("dhcp"), "{text}");
+        assert!(!text.contains("sport 67"), "{text}");
+        // Names nft can be given.
+        assert!(device_name_ok("eth0.100") && device_name_ok("br-1@x"));
+        assert!(!device_name_ok("") && !device_name_ok("a\"b") && !device_name_ok(&"e".repeat(16)));
     }
 
     #[test]

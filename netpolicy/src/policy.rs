@@ -181,6 +181,7 @@ impl Policy {
             allow: entries,
             failsafe: Vec::new(),
             routers: Vec::new(),
+            dhcp_servers: None,
         };
         // The intersection can have more entries than the document (one per
         // group of peers with the same ports): it must fit the limits too,
