@@ -126,12 +126,47 @@ impl Snapshot {
     fn ruleset(&self) -> Option<Ruleset> {
         let options = nft::Options {
             engines: self.engines.values().cloned().collect(),
+            dhcp_devices: if self.fences_dhcp() {
+                dhcp_devices()
+            } else {
+                Vec::new()
+            },
             ..nft::Options::default()
         };
         match (&self.bounds, &self.policy.cluster) {
             (Some((c, s)), _) => Some(Ruleset::build_with(c, s.as_ref(), &options)),
             (None, None) => Ruleset::engines_only(&options),
             (None, Some(_)) => None,
+        }
+    }
+
+    /// Whether the cluster boundary names DHCP servers.
+    fn fences_dhcp(&self) -> bool {
+        self.bounds
+            .as_ref()
+            .is_some_and(|(c, _)| c.dhcp_servers.is_some())
+    }
+}
+
+/// The interfaces of the agent's namespace that get a DHCP ingress chain
+/// (every one but `lo`); those that cannot are logged. The input chains
+/// still fence DHCP for kernel-socket clients whatever this finds.
+fn dhcp_devices() -> Vec<String> {
+    match nft::ingress_devices() {
+        Ok((devices, left)) => {
+            if !left.is_empty() {
+                warn!(
+                    event = "boundary-dhcp-interfaces-left-out",
+                    interfaces = ?left,
+                    "these interfaces get no DHCP ingress chain (a name nft cannot be given, or over {}): a rogue DHCP server on them is not kept from packet-socket clients",
+                    nft::DHCP_DEVICES_MAX
+                );
+            }
+            devices
+        }
+        Err(e) => {
+            error!(error = %e, "cannot list the interfaces: no DHCP ingress chain");
+            Vec::new()
         }
     }
 }
@@ -1051,6 +1086,7 @@ impl Boundaries {
     /// was found when something was restored.
     pub fn check_and_restore(&self) -> Option<String> {
         let mut g = self.lock();
+        self.follow_interfaces(&mut g);
         match g.enforcer.check() {
             Ok(None) => {
                 g.drift.unrepaired = None;
@@ -1086,6 +1122,37 @@ impl Boundaries {
         }
     }
 
+    /// With `dhcp_servers`, every interface needs its DHCP ingress chain:
+    /// when the interfaces differ from those of the applied table (one
+    /// appeared or went), the table is applied again with chains for the
+    /// current ones (`event=boundary-dhcp-interfaces`).
+    fn follow_interfaces(&self, g: &mut Inner) {
+        if !g.snap.fences_dhcp() {
+            return;
+        }
+        let Some(had) = g.enforcer.applied_rules().map(Ruleset::dhcp_devices) else {
+            return;
+        };
+        let now = dhcp_devices();
+        if now == had {
+            return;
+        }
+        let Some(rs) = g.snap.ruleset() else {
+            return;
+        };
+        match self.apply_rules(g, rs) {
+            Ok(()) => info!(
+                event = "boundary-dhcp-interfaces",
+                interfaces = ?now,
+                before = ?had,
+                "interfaces changed: DHCP ingress chains follow"
+            ),
+            Err(e) => {
+                error!(error = %e, "cannot apply the DHCP ingress chains for the current interfaces")
+            }
+        }
+    }
+
     /// Watches for changes behind the agent's back. The kernel's nftables
     /// notifications report every commit with the objects it changed: one that another process
     /// made to the table triggers a check (which reads the table back and
@@ -1100,6 +1167,7 @@ impl Boundaries {
         restored: tokio::sync::mpsc::UnboundedSender<String>,
     ) {
         let (tx, rx) = mpsc::sync_channel::<()>(1);
+        let link_tx = tx.clone();
         match monitor::Listener::open(nft::TABLE) {
             Ok(mut listener) => {
                 let me = Arc::clone(self);
@@ -1132,6 +1200,28 @@ impl Boundaries {
             }
             Err(e) => {
                 warn!(error = %e, "cannot subscribe to nftables notifications; checking the boundary on the timer only")
+            }
+        }
+        // An interface appearing or going: a check, which gives it its
+        // DHCP ingress chain when the cluster names DHCP servers (else
+        // the check only reads the table; the timer also catches what an
+        // overflowing subscriber queue lost).
+        match leasehold_health::net::NetWatch::start() {
+            Ok(w) => {
+                let links = w.subscribe();
+                let tx = link_tx;
+                std::thread::spawn(move || {
+                    let _keep = w;
+                    for s in links.iter() {
+                        use leasehold_health::net::NetEventKind as K;
+                        if matches!(s.event.kind, K::LinkAdded | K::LinkRemoved) {
+                            let _ = tx.try_send(());
+                        }
+                    }
+                });
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot watch interfaces: DHCP ingress chains follow them on the timer only")
             }
         }
         let me = Arc::clone(self);

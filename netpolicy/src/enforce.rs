@@ -203,6 +203,11 @@ impl Enforcer {
         }
     }
 
+    /// The ruleset last applied (None: nothing applied yet).
+    pub fn applied_rules(&self) -> Option<&nft::Ruleset> {
+        self.applied.as_ref().map(|a| &a.rules)
+    }
+
     /// Sets from how many single hosts on a full apply is staged (tests
     /// use 0 to take that path with small rulesets).
     pub fn staged_from(mut self, hosts: usize) -> Self {

@@ -1174,6 +1174,20 @@ impl Ruleset {
         counts
     }
 
+    /// The interfaces this ruleset has a DHCP ingress chain for, in order.
+    pub fn dhcp_devices(&self) -> Vec<String> {
+        self.chains
+            .lines()
+            .filter_map(|l| {
+                l.trim()
+                    .strip_prefix("type filter hook ingress device \"")?
+                    .split('"')
+                    .next()
+                    .map(str::to_owned)
+            })
+            .collect()
+    }
+
     /// Number of set elements (hosts plus CIDRs).
     pub fn elements(&self) -> usize {
         self.sets.values().map(|s| s.elements.len()).sum()
@@ -1734,6 +1748,7 @@ mod tests {
             assert!(text.contains(&head), "{text}");
         }
         assert!(!text.contains("dhcp_ingress2"));
+        assert_eq!(r.dhcp_devices(), ["e0", "e1"]);
         assert_eq!(r.rule_counts()["dhcp_ingress0"], 4);
         // Without dhcp_servers nothing of it, whatever the devices.
         let plain = doc("[[allow]]\nname = \"all\"\npeers = [\"0.0.0.0/0\"]\n");
