@@ -1399,6 +1399,72 @@ mod tests {
     /// namespace unshared by the test's thread, and a real cgroup2 dir: an
     /// engine's rules go in with the table, read back clean, stay through a
     /// boundary change, and come out again.
+    /// With `dhcp_servers`, the table has a DHCP ingress chain for each
+    /// interface of the namespace; one appearing or going is followed at
+    /// the next check (the watcher's link events trigger it; a veth pair here: this
+    /// kernel has no dummy module); without
+    /// `dhcp_servers` no chain.
+    #[test]
+    #[ignore = "needs root: a network namespace and nftables"]
+    fn dhcp_ingress_chains_follow_the_interfaces() {
+        assert!(nix::unistd::geteuid().is_root(), "run as root");
+        std::thread::spawn(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let ip = |args: &[&str]| {
+                let o = std::process::Command::new("ip")
+                    .args(args)
+                    .output()
+                    .unwrap();
+                assert!(o.status.success(), "ip {args:?}: {o:?}");
+            };
+            let dir = tempfile::tempdir().unwrap();
+            let b = Boundaries::load(dir.path()).unwrap();
+            let doc = |dhcp: &str| {
+                leasehold_netpolicy::BoundaryDoc::from_toml(&format!(
+                    "{dhcp}action = \"drop\"\n[[allow]]\nname = \"lan\"\npeers = [\"10.0.0.0/8\"]\n"
+                ))
+                .unwrap()
+            };
+            let table = || nft::current(&[]).unwrap().unwrap_or_default();
+            ip(&["link", "add", "d0", "type", "veth", "peer", "name", "d0p"]);
+            b.update(|p| p.set_cluster(doc("dhcp_servers = [\"10.0.0.1\"]\n")))
+                .unwrap();
+            assert!(
+                table().contains("hook ingress device \"d0\""),
+                "{}",
+                table()
+            );
+            assert!(table().contains("leasehold: not a dhcp server"));
+            assert_eq!(b.check_and_restore(), None, "reads back clean");
+            // A new interface gets its chain at the next check…
+            ip(&["link", "add", "d1", "type", "veth", "peer", "name", "d1p"]);
+            assert_eq!(b.check_and_restore(), None);
+            let t = table();
+            assert!(
+                t.contains("device \"d0\"") && t.contains("device \"d1\""),
+                "{t}"
+            );
+            // …one gone loses it, and the table still reads back clean.
+            ip(&["link", "del", "d0"]);
+            assert_eq!(b.check_and_restore(), None);
+            let t = table();
+            assert!(
+                !t.contains("device \"d0\"") && t.contains("device \"d1\""),
+                "{t}"
+            );
+            assert_eq!(b.check_and_restore(), None);
+            // Without dhcp_servers: no chain, no DHCP rule.
+            b.update(|p| p.set_cluster(doc(""))).unwrap();
+            assert!(!table().contains("dhcp"), "{}", table());
+            assert!(!table().contains("ingress"), "{}", table());
+            ip(&["link", "add", "d2", "type", "veth", "peer", "name", "d2p"]);
+            assert_eq!(b.check_and_restore(), None);
+            assert!(!table().contains("ingress"), "{}", table());
+        })
+        .join()
+        .unwrap();
+    }
+
     #[test]
     #[ignore = "needs root: a network namespace, nftables and cgroup v2"]
     fn real_engine_egress_goes_in_and_out_with_the_table() {
