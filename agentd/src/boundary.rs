@@ -791,6 +791,9 @@ impl Boundaries {
     fn change_warnings(c: &Boundary, s: Option<&Boundary>) -> Vec<String> {
         let mut w = Self::ssh_warnings(c, s);
         w.extend(Self::failsafe_warnings(c));
+        if c.dhcp_servers.as_ref().is_some_and(|d| d.is_empty()) {
+            w.push("dhcp_servers is empty: the node accepts DHCP replies from no one (a lease cannot be renewed)".to_owned());
+        }
         w
     }
 

@@ -310,6 +310,31 @@ fn effective_text(out: &mut String, v: &Value) {
     }
 }
 
+/// `dhcp_servers` as written (addresses, or tables with a MAC) for
+/// humans: `10.77.0.1, 10.77.0.2 (mac 52:54:00:00:00:02)`; `none` for an
+/// empty list, `any (not set)` when absent.
+fn dhcp_servers_text(v: &Value) -> String {
+    let Some(list) = v.as_array() else {
+        return "any (not set)".to_owned();
+    };
+    if list.is_empty() {
+        return "none".to_owned();
+    }
+    list.iter()
+        .map(|d| match d {
+            Value::String(a) => a.clone(),
+            other => {
+                let addr = other.get("addr").and_then(Value::as_str).unwrap_or("?");
+                match other.get("mac").and_then(Value::as_str) {
+                    Some(m) => format!("{addr} (mac {m})"),
+                    None => addr.to_owned(),
+                }
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// A listing as text.
 pub fn info_text(i: &BoundaryInfo) -> String {
     let mut s = String::new();
@@ -321,6 +346,12 @@ pub fn info_text(i: &BoundaryInfo) -> String {
             .unwrap_or("drop");
         s.push_str(&format!("cluster boundary (denied traffic: {action}):\n"));
         entries_text(&mut s, cluster.get("allow").unwrap_or(&Value::Null));
+        if let Some(d) = cluster.get("dhcp_servers").filter(|d| !d.is_null()) {
+            s.push_str(&format!(
+                "  DHCP replies only from: {}\n",
+                dhcp_servers_text(d)
+            ));
+        }
         if let Some(g) = cluster.get("groups").and_then(Value::as_object) {
             for (name, members) in g {
                 let m: Vec<&str> = members
@@ -484,6 +515,13 @@ pub fn check_text(v: &Value) -> String {
     if let Some(a) = v["action"].as_array() {
         s.push_str(&format!("denied traffic: {} → {}\n", a[0], a[1]));
     }
+    if let Some(d) = v["dhcp_servers"].as_array() {
+        s.push_str(&format!(
+            "DHCP replies only from: {} → {}\n",
+            dhcp_servers_text(&d[0]),
+            dhcp_servers_text(&d[1])
+        ));
+    }
     if v["fits"] == Value::Bool(false) {
         s.push_str(&format!(
             "WIDER than the cluster boundary ({} parts): `tenantctl boundary set` would refuse it; --narrow stores the intersection:\n",
@@ -565,6 +603,18 @@ pub fn verdict_text(v: &FlowVerdict) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dhcp_servers_are_shown_for_humans() {
+        let v: Value =
+            serde_json::json!(["10.77.0.1", { "addr": "10.77.0.2", "mac": "52:54:00:00:00:02" }]);
+        assert_eq!(
+            dhcp_servers_text(&v),
+            "10.77.0.1, 10.77.0.2 (mac 52:54:00:00:00:02)"
+        );
+        assert_eq!(dhcp_servers_text(&serde_json::json!([])), "none");
+        assert_eq!(dhcp_servers_text(&Value::Null), "any (not set)");
+    }
 
     fn refusal(msg: &str) -> CliError {
         CliError {

@@ -1149,4 +1149,32 @@ protocols = [{ proto = "tcp", ports = [80, "443", "8000-8080"] }]
         assert_eq!(j, again);
         assert_eq!(j.validate(true).unwrap().dhcp_servers.unwrap().len(), 2);
     }
+
+    /// Every TOML example of docs/netpolicy.md is a valid cluster
+    /// boundary (the document example, the DHCP ones).
+    #[test]
+    fn documented_examples_validate() {
+        let md = include_str!("../../docs/netpolicy.md");
+        let mut n = 0;
+        for block in md.split("```toml\n").skip(1) {
+            let text = block.split("```").next().unwrap();
+            let d = BoundaryDoc::from_toml(text).unwrap_or_else(|e| panic!("{e}:\n{text}"));
+            d.validate(true).unwrap_or_else(|e| panic!("{e}:\n{text}"));
+            n += 1;
+        }
+        assert!(n >= 3, "{n} examples");
+        let dhcp = md.split("## DHCP").nth(1).unwrap();
+        let first = dhcp
+            .split("```toml\n")
+            .nth(1)
+            .unwrap()
+            .split("```")
+            .next()
+            .unwrap();
+        let b = BoundaryDoc::from_toml(first)
+            .unwrap()
+            .validate(true)
+            .unwrap();
+        assert_eq!(b.dhcp_servers.unwrap().len(), 1);
+    }
 }

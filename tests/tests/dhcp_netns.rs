@@ -27,7 +27,7 @@ use leasehold_netpolicy::BoundaryDoc;
 use leasehold_tests::require_root;
 
 /// Without `dhcp_servers`: the failsafe example of docs/netpolicy.md
-/// ("DHCP without dhcp_servers"), with the landlord's server.
+/// ("DHCP", without `dhcp_servers`), with the landlord's server.
 const FAILSAFE: &str = r#"
 [[failsafe]]
 name = "dhcp-broadcast"

@@ -195,6 +195,9 @@ impl Boundaries {
         if old_doc.action != doc.action {
             out["action"] = json!([old_doc.action, doc.action]);
         }
+        if old_doc.dhcp_servers != doc.dhcp_servers {
+            out["dhcp_servers"] = json!([old_doc.dhcp_servers, doc.dhcp_servers]);
+        }
         match snap.bounds.as_ref() {
             Some((old, _)) => {
                 flows(&mut out, "newly_denied", lost_flows(old, &new));
