@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 
-use leasehold_netpolicy::model::EntryDoc;
+use leasehold_netpolicy::model::{DhcpServerDoc, EntryDoc};
 use leasehold_netpolicy::{excess, Boundary, BoundaryDoc, Excess};
 use serde_json::{json, Value};
 
@@ -196,7 +196,20 @@ impl Boundaries {
             out["action"] = json!([old_doc.action, doc.action]);
         }
         if old_doc.dhcp_servers != doc.dhcp_servers {
-            out["dhcp_servers"] = json!([old_doc.dhcp_servers, doc.dhcp_servers]);
+            // One shape whatever was written: `{ addr, mac }` (mac null).
+            let norm = |d: &Option<Vec<DhcpServerDoc>>| {
+                d.as_ref().map(|l| {
+                    l.iter()
+                        .map(|s| match s {
+                            DhcpServerDoc::Addr(a) => json!({ "addr": a, "mac": null }),
+                            DhcpServerDoc::Pinned { addr, mac } => {
+                                json!({ "addr": addr, "mac": mac })
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                })
+            };
+            out["dhcp_servers"] = json!([norm(&old_doc.dhcp_servers), norm(&doc.dhcp_servers)]);
         }
         match snap.bounds.as_ref() {
             Some((old, _)) => {
