@@ -941,6 +941,102 @@ fn boundary_check_confirm_and_revert_with_agent() {
     lab.run(Who::Tenant, "tenantctl", &["boundary", "clear"])
         .ok();
 
+    // dhcp_servers (docs/netpolicy.md, DHCP): a tenant cannot name any…
+    let tdhcp = lab.write_file(
+        "tdhcp.toml",
+        b"dhcp_servers = [\"10.1.0.1\"]\n[[allow]]\nname = \"x\"\npeers = [\"10.1.0.0/24\"]\n",
+    );
+    let r = lab.run(
+        Who::Tenant,
+        "tenantctl",
+        &["boundary", "check", tdhcp.to_str().unwrap()],
+    );
+    assert_eq!(r.code, 6, "{r:?}");
+    assert!(
+        r.stderr
+            .contains("dhcp_servers: only the landlord's cluster boundary may name DHCP servers"),
+        "{r:?}"
+    );
+    // …the landlord's check shows the change, show lists them, explain
+    // admits a reply from the server.
+    let dhcp = lab.write_file(
+        "dhcp.toml",
+        format!(
+            "dhcp_servers = [{{ addr = \"10.1.0.1\", mac = \"52:54:00:00:00:01\" }}]\n{CHECK_A}"
+        )
+        .as_bytes(),
+    );
+    let dhcp = dhcp.to_str().unwrap();
+    let r = lab
+        .run(
+            Who::Landlord,
+            "landlordctl",
+            &["--json", "boundary", "check", dhcp],
+        )
+        .ok();
+    assert_eq!(
+        r.json()["dhcp_servers"],
+        serde_json::json!([null, [{ "addr": "10.1.0.1", "mac": "52:54:00:00:00:01" }]]),
+        "{r:?}"
+    );
+    let r = lab
+        .run(Who::Landlord, "landlordctl", &["boundary", "check", dhcp])
+        .ok();
+    assert!(
+        r.stdout
+            .contains("DHCP replies only from: any (not set) → 10.1.0.1 (mac 52:54:00:00:00:01)"),
+        "{}",
+        r.stdout
+    );
+    lab.run(Who::Landlord, "landlordctl", &["boundary", "set", dhcp])
+        .ok();
+    let r = lab
+        .run(Who::Landlord, "landlordctl", &["boundary", "show"])
+        .ok();
+    assert!(
+        r.stdout
+            .contains("DHCP replies only from: 10.1.0.1 (mac 52:54:00:00:00:01)"),
+        "{}",
+        r.stdout
+    );
+    let r = lab.run(
+        Who::Landlord,
+        "landlordctl",
+        &[
+            "boundary",
+            "explain",
+            "--peer",
+            "10.3.0.1",
+            "--direction",
+            "in",
+            "--proto",
+            "udp",
+            "--port",
+            "68",
+        ],
+    );
+    assert_eq!(r.code, 1, "not a listed server: {r:?}");
+    let r = lab.run(
+        Who::Landlord,
+        "landlordctl",
+        &[
+            "boundary",
+            "explain",
+            "--peer",
+            "10.1.0.1",
+            "--direction",
+            "in",
+            "--proto",
+            "udp",
+            "--port",
+            "68",
+        ],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("dhcp_servers"), "{r:?}");
+    lab.run(Who::Landlord, "landlordctl", &["boundary", "set", a])
+        .ok();
+
     // Explain: 0 allowed, 1 denied; --port required for tcp/udp; other.
     let ex = |args: &[&str]| {
         let mut all = vec!["boundary", "explain"];
