@@ -997,6 +997,26 @@ impl Boundaries {
         }
     }
 
+    /// Packets and bytes the table's deny rules dropped or rejected, by
+    /// class (`nft::DENY_CLASSES`, every one), since the agent started:
+    /// read from the kernel's named counters now (one netlink dump, no rule
+    /// or element read), plus those of tables the agent replaced. None when
+    /// the kernel cannot be asked.
+    pub fn deny_counters(&self) -> Option<Vec<(&'static str, u64, u64)>> {
+        let mut g = self.lock();
+        match g.enforcer.deny_counters() {
+            Ok(v) => Some(
+                v.into_iter()
+                    .map(|(c, d)| (c, d.packets, d.bytes))
+                    .collect(),
+            ),
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the deny counters");
+                None
+            }
+        }
+    }
+
     /// What the caller may see: the landlord everything, the tenant its
     /// sub-boundary, the effective policy and the failsafe. Computed from
     /// the snapshot, outside the lock.

@@ -2,7 +2,8 @@
 //!
 //! Aggregates only: counts, generations, states. No engine name, secret
 //! name, peer, path or message is ever a label value or a value: the
-//! snapshot below holds numbers and fixed words, so nothing else can be
+//! snapshot below holds numbers and fixed words, and the sensors' names
+//! as the kernel gives them (bounded: [`sensors`]), so nothing else can be
 //! encoded. The node's state is read when a scrape arrives (the health
 //! report with its own deadlines); D-Bus calls are counted as they end, in
 //! the shared dispatch path (`auth::Bounded`).
@@ -38,6 +39,8 @@ use zeroize::Zeroizing;
 
 use crate::api::Ctx;
 use crate::auth::{Outcome, RateLimit};
+
+pub mod sensors;
 
 /// Largest request accepted (request line and headers).
 pub const MAX_REQUEST_BYTES: usize = 8192;
@@ -171,6 +174,11 @@ pub struct Snapshot {
     pub health_age_seconds: f64,
     /// Links, addresses and routes (counts only); None: not watched.
     pub net: Option<NetCounts>,
+    /// The report's sensor readings (bounded).
+    pub sensors: sensors::Sensors,
+    /// The boundary's deny counters by class: (class, packets, bytes);
+    /// None when they could not be read.
+    pub deny: Option<Vec<(&'static str, u64, u64)>>,
 }
 
 /// The tenant subtree's numbers for one scrape.
@@ -272,6 +280,7 @@ impl Snapshot {
             })
             .collect();
         self.net = report.network.as_ref().map(NetCounts::of);
+        self.sensors = sensors::Sensors::of(report);
     }
 }
 
@@ -473,6 +482,10 @@ pub fn encode(s: &Snapshot, dbus: &DbusMetrics) -> String {
         "D-Bus method calls from dispatch to the reply sent",
         dbus.latency.clone(),
     );
+    sensors::encode(&mut r, &s.sensors);
+    if let Some(d) = &s.deny {
+        sensors::encode_deny(&mut r, d);
+    }
     let mut out = String::new();
     // Writing to a String cannot fail.
     let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &r);
@@ -579,11 +592,17 @@ pub async fn collect(ctx: &Ctx) -> Snapshot {
     s.tpm_ok = ctx.tpm_health.error().is_none();
     s.heartbeat = ctx.tpm_health.heartbeat();
     let b = ctx.boundaries.clone();
-    if let Ok(info) = tokio::task::spawn_blocking(move || b.status()).await {
+    // The deny counters: one netlink dump of the table's counter objects
+    // (well under a millisecond), under the boundary's lock, so never
+    // between a table's deletion and the carrying of its counts.
+    if let Ok((info, deny)) =
+        tokio::task::spawn_blocking(move || (b.status(), b.deny_counters())).await
+    {
         s.boundary_enforced = info.enforced.unwrap_or(false);
         s.boundary_elements = info.elements;
         s.boundary_drifts = info.drift_count.unwrap_or(0);
         s.boundary_drift_unrepaired = info.drift_unrepaired.is_some();
+        s.deny = deny;
     }
     s.volume_state = "unknown";
     if let Ok(v) = ctx.volume_info().await {

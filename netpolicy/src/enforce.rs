@@ -83,6 +83,10 @@ pub struct Enforcer {
     /// the table back and still sees that commit's effect.
     own: VecDeque<(u32, u32)>,
     read_backs: u64,
+    /// Deny counts of tables this enforcer replaced or removed (a table
+    /// deleted and re-created starts its counters at 0), by class: added
+    /// to the kernel's, so the totals only grow while the agent runs.
+    retired: BTreeMap<&'static str, DenyCount>,
 }
 
 /// Commit ranges of the enforcer kept for [`Enforcer::classify`]; older
@@ -110,13 +114,33 @@ struct Listing {
 
 fn strip_handles(v: &mut Value) {
     if let Value::Object(m) = v {
-        for inner in m.values_mut() {
+        for (kind, inner) in m.iter_mut() {
             if let Value::Object(o) = inner {
                 o.remove("handle");
+                // A named counter's values move with every packet it
+                // counts (`-s` leaves them in for counter objects).
+                if kind == "counter" {
+                    o.remove("packets");
+                    o.remove("bytes");
+                }
             }
         }
     }
 }
+
+/// Packets and bytes denied by the rules of one class
+/// ([`nft::DENY_CLASSES`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DenyCount {
+    /// Packets dropped or rejected.
+    pub packets: u64,
+    /// Their bytes (layer 3 on).
+    pub bytes: u64,
+}
+
+/// Most counter objects read from the table (the agent declares
+/// [`nft::DENY_CLASSES`]; more are someone else's and not read).
+const MAX_COUNTERS: usize = 64;
 
 fn elem_string(v: &Value) -> String {
     match v {
@@ -200,6 +224,7 @@ impl Enforcer {
             staged_min: STAGED_MIN_HOSTS,
             own: VecDeque::new(),
             read_backs: 0,
+            retired: BTreeMap::new(),
         }
     }
 
@@ -517,7 +542,10 @@ impl Enforcer {
         } else {
             rules
         };
+        // The script deletes the table and its counters with it.
+        let kept = self.kernel_deny_counts();
         nft::apply(&rules.full_script(), &self.prefix())?;
+        self.retire(kept);
         self.applied = Some(Applied {
             rules,
             shape: None,
@@ -563,13 +591,82 @@ impl Enforcer {
 
     /// Removes the table (lifts every boundary). Absent is fine.
     pub fn remove(&mut self) -> Result<(), ApplyError> {
+        let kept = self.kernel_deny_counts();
         let before = self.generation();
         let r = nft::apply(&nft::remove_script(), &self.prefix());
         let after = self.generation();
         self.committed(before, after);
         r?;
+        self.retire(kept);
         self.applied = None;
         Ok(())
+    }
+
+    /// Packets and bytes denied per class ([`nft::DENY_CLASSES`], every
+    /// one listed) since this enforcer started: the table's named counters
+    /// (one netlink dump of the counter objects, no rule or element read;
+    /// with a prefix, `nft -j list counters`) plus those of the tables it
+    /// replaced. Packets counted between the last read of a table and its
+    /// deletion, and a table deleted by someone else (`nft flush ruleset`),
+    /// are lost; a restarted agent takes over the values of the table in
+    /// the kernel.
+    pub fn deny_counters(&mut self) -> Result<Vec<(&'static str, DenyCount)>, ApplyError> {
+        let now = self.read_deny_counts()?;
+        Ok(nft::DENY_CLASSES
+            .iter()
+            .map(|c| {
+                let r = self.retired.get(c).copied().unwrap_or_default();
+                let k = now.get(c).copied().unwrap_or_default();
+                (
+                    *c,
+                    DenyCount {
+                        packets: r.packets.saturating_add(k.packets),
+                        bytes: r.bytes.saturating_add(k.bytes),
+                    },
+                )
+            })
+            .collect())
+    }
+
+    fn read_deny_counts(&mut self) -> Result<BTreeMap<&'static str, DenyCount>, ApplyError> {
+        let listed = if self.prefix.is_empty() {
+            let r = self
+                .conn()
+                .and_then(|c| c.counters(nft::TABLE, MAX_COUNTERS));
+            if r.is_err() {
+                self.conn = None;
+            }
+            r?
+        } else {
+            nft::counters(&self.prefix(), MAX_COUNTERS)?
+        };
+        let mut out = BTreeMap::new();
+        for (name, packets, bytes) in listed {
+            let Some(class) = name
+                .strip_prefix(nft::DENY_COUNTER_PREFIX)
+                .and_then(|c| nft::DENY_CLASSES.iter().find(|k| **k == c))
+            else {
+                continue;
+            };
+            out.insert(*class, DenyCount { packets, bytes });
+        }
+        Ok(out)
+    }
+
+    /// The kernel's deny counts just before the table is deleted (an
+    /// unreadable table: none; its counts are lost, not guessed).
+    fn kernel_deny_counts(&mut self) -> BTreeMap<&'static str, DenyCount> {
+        self.read_deny_counts()
+            .inspect_err(|e| tracing::debug!(error = %e, "deny counters not read before the table is replaced"))
+            .unwrap_or_default()
+    }
+
+    fn retire(&mut self, kept: BTreeMap<&'static str, DenyCount>) {
+        for (c, k) in kept {
+            let r = self.retired.entry(c).or_default();
+            r.packets = r.packets.saturating_add(k.packets);
+            r.bytes = r.bytes.saturating_add(k.bytes);
+        }
     }
 
     /// Compares the kernel's table with what was applied. None: equal (or

@@ -28,6 +28,9 @@ const NFT_MSG_DELSET: u16 = 11;
 const NFT_MSG_NEWSETELEM: u16 = 12;
 const NFT_MSG_GETSETELEM: u16 = 13;
 const NFT_MSG_GETGEN: u16 = 16;
+const NFT_MSG_GETOBJ: u16 = 19;
+/// NFTA_OBJ_TYPE of a counter object.
+const NFT_OBJECT_COUNTER: u32 = 1;
 const NLM_F_DUMP: u16 = 0x300;
 const NLM_F_DUMP_INTR: u16 = 0x10;
 const NLMSG_DONE: u16 = 3;
@@ -534,6 +537,51 @@ impl Conn {
             }
         }
         Ok(Some(out))
+    }
+
+    /// The table's named counter objects as (name, packets, bytes): one
+    /// dump of the objects (NFT_MSG_GETOBJ, filtered to counters by the
+    /// kernel), no rule or set element read. Empty when there is no
+    /// table. At most `limit` are kept (the table is the agent's; more
+    /// would be someone else's objects).
+    pub fn counters(
+        &mut self,
+        table: &str,
+        limit: usize,
+    ) -> Result<Vec<(String, u64, u64)>, ApplyError> {
+        let mut body = Vec::new();
+        attr(&mut body, 1, &cstr(table)); // NFTA_OBJ_TABLE
+        attr(&mut body, 3, &NFT_OBJECT_COUNTER.to_be_bytes()); // NFTA_OBJ_TYPE
+        let answers = self
+            .request(NFT_MSG_GETOBJ, NLM_F_REQUEST | NLM_F_DUMP, &body)?
+            .unwrap_or_default();
+        let mut out = Vec::new();
+        for a in answers {
+            let a = attrs(&a);
+            let get = |t: u16| a.iter().find(|(x, _)| *x == t).map(|(_, p)| *p);
+            if get(1).map(name_of).as_deref() != Some(table)
+                || get(3).map(|p| p.get(..4) == Some(&NFT_OBJECT_COUNTER.to_be_bytes()[..]))
+                    != Some(true)
+            {
+                continue;
+            }
+            let (mut packets, mut bytes) = (0, 0);
+            for (t, p) in attrs(get(4).unwrap_or(&[])) {
+                let v = p
+                    .get(..8)
+                    .and_then(|b| b.try_into().ok())
+                    .map_or(0, u64::from_be_bytes);
+                match t {
+                    1 => bytes = v,   // NFTA_COUNTER_BYTES
+                    2 => packets = v, // NFTA_COUNTER_PACKETS
+                    _ => {}
+                }
+            }
+            if out.len() < limit {
+                out.push((get(2).map(name_of).unwrap_or_default(), packets, bytes));
+            }
+        }
+        Ok(out)
     }
 
     /// Deletes sets (one transaction); absent sets make it fail.

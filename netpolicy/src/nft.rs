@@ -28,6 +28,44 @@ use crate::model::{to_cidrs, Action, Boundary, DhcpServer, Direction, Entry, Fam
 /// Name of the table.
 pub const TABLE: &str = "leasehold";
 
+/// The classes of the table's deny rules, each counted by a named counter
+/// object `deny_<class>` (docs/netpolicy.md "Deny counters"): the last rule
+/// of each base chain of both levels, the engines' chains together (no
+/// engine is told apart), and router control. A fixed set: every table
+/// declares all of them, so a reader finds each, 0 included, and reads
+/// them without listing rules or set elements.
+pub const DENY_CLASSES: [&str; 10] = [
+    "landlord_in",
+    "landlord_out",
+    "landlord_fwd_in",
+    "landlord_fwd_out",
+    "tenant_in",
+    "tenant_out",
+    "tenant_fwd_in",
+    "tenant_fwd_out",
+    "engines_out",
+    "router",
+];
+
+/// Prefix of the deny counters' object names.
+pub const DENY_COUNTER_PREFIX: &str = "deny_";
+
+/// The counter statement of a deny rule of `class` (one of
+/// [`DENY_CLASSES`]).
+fn deny_counter(class: &str) -> String {
+    format!("counter name \"{DENY_COUNTER_PREFIX}{class}\"")
+}
+
+/// The declarations of every deny counter, for a `table { … }` block.
+/// Declaring one that exists is a no-op in the kernel (its values stay).
+fn deny_counter_decls() -> String {
+    let mut s = String::new();
+    for c in DENY_CLASSES {
+        let _ = writeln!(s, "  counter {DENY_COUNTER_PREFIX}{c} {{\n  }}");
+    }
+    s
+}
+
 /// One named set of the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct SetDef {
@@ -620,14 +658,16 @@ fn chain(
             }
             let _ = writeln!(
                 out,
-                "    icmpv6 type {{ nd-router-advert, nd-redirect }} counter drop comment \"leasehold: not a named router\""
+                "    icmpv6 type {{ nd-router-advert, nd-redirect }} {} drop comment \"leasehold: not a named router\"",
+                deny_counter("router")
             );
             if let Some(r) = anon(Family::V4, &common.routers.v4) {
                 let _ = writeln!(out, "    ip saddr {r} icmp type redirect accept");
             }
             let _ = writeln!(
                 out,
-                "    icmp type redirect counter drop comment \"leasehold: not a named router\""
+                "    icmp type redirect {} drop comment \"leasehold: not a named router\"",
+                deny_counter("router")
             );
             // DHCP replies only from the named servers, allowed peers
             // included (kernel-socket clients; packet-socket clients are
@@ -672,11 +712,12 @@ fn chain(
     for g in common.failsafe {
         failsafe_reverse_rules(out, g, hook);
     }
+    let counter = deny_counter(name);
     let last = match action {
-        Action::Drop => "counter drop comment \"leasehold: denied\"".to_owned(),
-        Action::Reject => {
-            "meta l4proto tcp counter reject with tcp reset comment \"leasehold: denied\"\n    counter reject with icmpx type admin-prohibited comment \"leasehold: denied\"".to_owned()
-        }
+        Action::Drop => format!("{counter} drop comment \"leasehold: denied\""),
+        Action::Reject => format!(
+            "meta l4proto tcp {counter} reject with tcp reset comment \"leasehold: denied\"\n    {counter} reject with icmpx type admin-prohibited comment \"leasehold: denied\""
+        ),
     };
     let _ = writeln!(out, "    {last}\n  }}");
 }
@@ -738,10 +779,13 @@ fn engines(out: &mut String, sets: &mut BTreeMap<String, SetDef>, es: &[EngineEg
             group_rules(out, g, Hook::Output);
         }
         let note = format!("leasehold: engine {} denied", e.name);
+        // One counter for every engine: the landlord reads it, and which
+        // engine is denied what is the tenant's business.
+        let counter = deny_counter("engines_out");
         let last = match e.boundary.action {
-            Action::Drop => format!("counter drop comment \"{note}\""),
+            Action::Drop => format!("{counter} drop comment \"{note}\""),
             Action::Reject => format!(
-                "meta l4proto tcp counter reject with tcp reset comment \"{note}\"\n    counter reject with icmpx type admin-prohibited comment \"{note}\""
+                "meta l4proto tcp {counter} reject with tcp reset comment \"{note}\"\n    {counter} reject with icmpx type admin-prohibited comment \"{note}\""
             ),
         };
         let _ = writeln!(out, "    {last}\n  }}");
@@ -986,7 +1030,12 @@ impl Ruleset {
         for set in old_sets.iter().filter(|n| !self.sets.contains_key(*n)) {
             let _ = writeln!(s, "delete set inet {TABLE} {set}");
         }
-        let _ = write!(s, "table inet {TABLE} {{\n{}}}\n", self.chains);
+        let _ = write!(
+            s,
+            "table inet {TABLE} {{\n{}{}}}\n",
+            deny_counter_decls(),
+            self.chains
+        );
         s
     }
 
@@ -1221,6 +1270,7 @@ impl Ruleset {
             }
             s.push_str("  }\n");
         }
+        s.push_str(&deny_counter_decls());
         s.push_str(&self.chains);
         s.push_str("}\n");
         s
@@ -1392,6 +1442,42 @@ pub fn objects(prefix: &[&str]) -> Result<(Vec<String>, Vec<String>), ApplyError
     Ok(out)
 }
 
+/// The table's named counters as (name, packets, bytes), through the nft
+/// tool (`nft -j list counters table inet leasehold`; the agent reads them
+/// over netlink, this is for a prefix such as `ip netns exec NS`). Empty
+/// when the table is absent; at most `limit` kept.
+pub fn counters(prefix: &[&str], limit: usize) -> Result<Vec<(String, u64, u64)>, ApplyError> {
+    let o = nft(prefix, &["-j", "list", "counters", "table", "inet", TABLE])
+        .stdin(Stdio::null())
+        .output()?;
+    if !o.status.success() {
+        let err = String::from_utf8_lossy(&o.stderr);
+        if err.contains("No such file or directory") {
+            return Ok(Vec::new());
+        }
+        return Err(ApplyError::Refused(err.trim().to_owned()));
+    }
+    let doc: serde_json::Value = serde_json::from_slice(&o.stdout)
+        .map_err(|e| ApplyError::Refused(format!("cannot parse nft -j output: {e}")))?;
+    Ok(doc
+        .get("nftables")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|x| x.get("counter"))
+        .filter(|c| c.get("table").and_then(serde_json::Value::as_str) == Some(TABLE))
+        .filter_map(|c| {
+            let n = |k: &str| c.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+            Some((
+                c.get("name")?.as_str()?.to_owned(),
+                n("packets"),
+                n("bytes"),
+            ))
+        })
+        .take(limit)
+        .collect())
+}
+
 /// Applies a script with `nft -f -` (optionally prefixed, e.g. with
 /// `ip netns exec NS` in tests).
 pub fn apply(script: &str, prefix: &[&str]) -> Result<(), ApplyError> {
@@ -1533,7 +1619,9 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("counter drop comment \"leasehold: engine web denied\""),
+            text.contains(
+                "counter name \"deny_engines_out\" drop comment \"leasehold: engine web denied\""
+            ),
             "{text}"
         );
         assert!(
@@ -1628,6 +1716,58 @@ mod tests {
         assert!(r.contains("chain landlord_fwd_out {\n    type filter hook forward priority -9;"));
         assert!(r.contains("chain tenant_fwd_in {\n    type filter hook forward priority -5;"));
         assert!(r.contains("ip daddr @lla0_n4 accept"));
+    }
+
+    #[test]
+    fn every_deny_rule_counts_in_its_class_counter_declared_in_every_table() {
+        let c = doc("[[allow]]\nname = \"all\"\npeers = [\"10.0.0.0/8\"]\n");
+        let t = BoundaryDoc::from_toml(
+            "action = \"reject\"\n[[allow]]\nname = \"x\"\npeers = [\"10.0.0.0/24\"]\n",
+        )
+        .unwrap()
+        .validate(false)
+        .unwrap();
+        let rs = Ruleset::build(&c, Some(&t));
+        let full = rs.full_script();
+        let switch = rs.switch_script(&[], &[]);
+        for class in DENY_CLASSES {
+            let decl = format!("  counter deny_{class} {{\n  }}\n");
+            assert!(full.contains(&decl), "{class}: {full}");
+            assert!(switch.contains(&decl), "{class}: {switch}");
+        }
+        // Each chain's last rules count in its own class, nowhere else; no
+        // anonymous counter is left on a deny rule.
+        for ch in [
+            "landlord_in",
+            "landlord_out",
+            "landlord_fwd_in",
+            "landlord_fwd_out",
+            "tenant_in",
+            "tenant_out",
+            "tenant_fwd_in",
+            "tenant_fwd_out",
+        ] {
+            let body = full.split(&format!("chain {ch} {{")).nth(1).unwrap();
+            let body = &body[..body.find("\n  }").unwrap()];
+            let last = body.lines().last().unwrap().trim();
+            assert!(
+                last.starts_with(&format!("counter name \"deny_{ch}\" ")),
+                "{ch}: {body}"
+            );
+        }
+        for line in full.lines().map(str::trim) {
+            let denies = line.contains(" drop") || line.contains(" reject");
+            assert!(!denies || line.contains("counter name \"deny_"), "{line}");
+            assert!(!line.contains("counter drop") && !line.contains("counter reject"));
+        }
+        // The tenant level rejects: both reject rules share the counter.
+        assert_eq!(
+            full.matches("counter name \"deny_tenant_in\" reject")
+                .count(),
+            2
+        );
+        // Counter declarations are not rules: the drift check's counts hold.
+        assert_eq!(rs.rule_counts().len(), 8);
     }
 
     fn doc(text: &str) -> Boundary {
@@ -1779,13 +1919,19 @@ mod tests {
                 "{body}"
             );
             assert!(
-                lines[4].starts_with("icmpv6 type { nd-router-advert, nd-redirect } counter drop")
+                lines[4].starts_with(
+                    "icmpv6 type { nd-router-advert, nd-redirect } counter name \"deny_router\" drop"
+                ),
+                "{body}"
             );
             assert_eq!(
                 lines[5],
                 "ip saddr { 10.0.0.254/32 } icmp type redirect accept"
             );
-            assert!(lines[6].starts_with("icmp type redirect counter drop"));
+            assert!(
+                lines[6].starts_with("icmp type redirect counter name \"deny_router\" drop"),
+                "{body}"
+            );
             assert_eq!(lines[7], "ct state related accept");
             assert_eq!(
                 lines[9],

@@ -287,3 +287,288 @@ fn metrics_real_prometheus_scrapes_with_the_token() {
     assert!(last.contains("\"job\":\"leasehold\""), "{last}");
     assert!(last.contains(",\"1\"]"), "generation 1: {last}");
 }
+
+/// A network namespace of the test's own, removed on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("lh-{tag}-{}", std::process::id());
+        leasehold_tests::sh(&["ip", "netns", "add", &name]);
+        leasehold_tests::sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        Netns(name)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn put(root: &Path, rel: &str, text: &str) {
+    let p = root.join(rel);
+    fs::create_dir_all(p.parent().unwrap()).unwrap();
+    fs::write(p, text).unwrap();
+}
+
+/// A fixture sysfs tree (one memory controller with errors, a hwmon chip,
+/// a thermal zone, a disk with I/O errors) and a fake smartctl that passes
+/// the disk at 33 °C.
+fn sensor_fixture(dir: &Path) {
+    let sys = dir.join("sys");
+    put(&sys, "devices/system/edac/mc/mc0/ce_count", "5\n");
+    put(&sys, "devices/system/edac/mc/mc0/ue_count", "0\n");
+    put(&sys, "class/hwmon/hwmon0/name", "coretemp\n");
+    put(&sys, "class/hwmon/hwmon0/temp1_input", "41500\n");
+    put(&sys, "class/hwmon/hwmon0/temp1_label", "Package id 0\n");
+    put(&sys, "class/hwmon/hwmon0/temp1_crit", "100000\n");
+    put(&sys, "class/thermal/thermal_zone0/type", "acpitz\n");
+    put(&sys, "class/thermal/thermal_zone0/temp", "40000\n");
+    put(&sys, "block/sda/device/ioerr_cnt", "0x2\n");
+    let script = dir.join("smartctl");
+    fs::write(
+        &script,
+        "#!/bin/sh\necho '{\"smartctl\":{\"exit_status\":0},\"smart_status\":{\"passed\":true},\"temperature\":{\"current\":33}}'\n",
+    )
+    .unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+/// A cluster boundary that allows one address the test never uses: what
+/// the peer sends, and what the node sends to it, is denied.
+fn deny_doc(action: &str) -> String {
+    format!("action = \"{action}\"\n[[allow]]\nname = \"other\"\npeers = [\"10.9.9.9\"]\n")
+}
+
+const DENIED_IN: &str = "leasehold_boundary_denied_packets_total{class=\"landlord_in\"}";
+const DENIED_IN_BYTES: &str = "leasehold_boundary_denied_bytes_total{class=\"landlord_in\"}";
+const DENIED_OUT: &str = "leasehold_boundary_denied_packets_total{class=\"landlord_out\"}";
+
+/// `n` pings from `ns` (`ip netns exec`) to `addr`, each given 0.3 s:
+/// they are denied, so none is answered.
+fn pings(ns: &str, addr: &str, n: u32) {
+    let out = Command::new("ip")
+        .args(["netns", "exec", ns, "ping", "-c", &n.to_string()])
+        .args(["-i", "0.2", "-W", "0.3", addr])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "answered: {out:?}");
+}
+
+/// Sensors from a fixture sysfs and the boundary's deny counters, read by
+/// the agent and scraped by a real Prometheus; denied packets in a network
+/// namespace move the counters, which survive a full re-apply of the table.
+#[test]
+#[ignore = "needs root: the harness Lab, network namespaces and the prometheus package"]
+fn metrics_sensors_and_deny_counters_scraped_by_prometheus() {
+    let prom = Path::new("/usr/bin/prometheus");
+    assert!(
+        prom.exists(),
+        "prometheus is not installed: apt-get install prometheus (scripts/install-deps)"
+    );
+    let dir = tempfile::Builder::new()
+        .prefix("lh-promsens-")
+        .tempdir()
+        .unwrap();
+    sensor_fixture(dir.path());
+    let token = dir.path().join("token");
+    fs::write(&token, "lab-token-0123456789abcdef\n").unwrap();
+    fs::set_permissions(&token, fs::Permissions::from_mode(0o640)).unwrap();
+    let node = Netns::new("msn");
+    let peer = Netns::new("msp");
+    let lab = Lab::start_in_with_options(
+        &node.0,
+        LabOptions {
+            agent_config: Some(format!(
+                "[health]\ninterval_secs = 2\nsys_root = \"{}\"\nsmartctl = \"{}\"\n\
+                 [metrics]\nsocket = \"{}\"\nlisten = \"127.0.0.1:9464\"\ntoken_file = \"{}\"\n",
+                dir.path().join("sys").display(),
+                dir.path().join("smartctl").display(),
+                dir.path().join("m.sock").display(),
+                token.display()
+            )),
+            ..LabOptions::default()
+        },
+    );
+    let socket = dir.path().join("m.sock");
+    // A veth pair: the node's end 10.78.0.1, the peer's 10.78.0.2.
+    leasehold_tests::sh(&[
+        "ip", "-n", &node.0, "link", "add", "lhm0", "type", "veth", "peer", "name", "lhm1",
+        "netns", &peer.0,
+    ]);
+    for (ns, dev, addr) in [
+        (&node.0, "lhm0", "10.78.0.1/24"),
+        (&peer.0, "lhm1", "10.78.0.2/24"),
+    ] {
+        // No IPv6 on the link: its MLD reports and router solicitations
+        // would be denied too, and counted.
+        leasehold_tests::sh(&[
+            "ip",
+            "netns",
+            "exec",
+            ns,
+            "sysctl",
+            "-qw",
+            &format!("net.ipv6.conf.{dev}.disable_ipv6=1"),
+        ]);
+        leasehold_tests::sh(&["ip", "-n", ns, "addr", "add", addr, "dev", dev]);
+        leasehold_tests::sh(&["ip", "-n", ns, "link", "set", dev, "up"]);
+    }
+
+    // No boundary yet: every class listed, at 0.
+    let body = scrape(&socket);
+    assert_eq!(value(&body, DENIED_IN), 0.0, "{body}");
+    assert_eq!(
+        value(
+            &body,
+            "leasehold_boundary_denied_packets_total{class=\"engines_out\"}"
+        ),
+        0.0
+    );
+    // The sensors, with the kernel's names.
+    for (series, want) in [
+        (
+            "leasehold_hwmon_temperature_celsius{chip=\"coretemp\",sensor=\"hwmon0/temp1\",label=\"Package id 0\"}",
+            41.5,
+        ),
+        (
+            "leasehold_hwmon_temperature_crit_celsius{chip=\"coretemp\",sensor=\"hwmon0/temp1\",label=\"Package id 0\"}",
+            100.0,
+        ),
+        (
+            "leasehold_thermal_zone_temperature_celsius{zone=\"thermal_zone0\",type=\"acpitz\"}",
+            40.0,
+        ),
+        ("leasehold_edac_corrected_errors_total{mc=\"mc0\"}", 5.0),
+        ("leasehold_edac_uncorrected_errors_total{mc=\"mc0\"}", 0.0),
+        ("leasehold_disk_io_errors_total{disk=\"sda\"}", 2.0),
+        ("leasehold_disk_smart_state{disk=\"sda\",state=\"passed\"}", 1.0),
+        ("leasehold_disk_smart_state{disk=\"sda\",state=\"failed\"}", 0.0),
+        ("leasehold_disk_temperature_celsius{disk=\"sda\"}", 33.0),
+    ] {
+        assert_eq!(value(&body, series), want, "{series}");
+    }
+
+    // The boundary: the peer's pings are dropped on input, the node's on
+    // output; each denied packet counts once, in its class.
+    let doc = lab.write_file("deny.toml", deny_doc("drop").as_bytes());
+    lab.run(
+        Who::Landlord,
+        "landlordctl",
+        &["boundary", "set", doc.to_str().unwrap()],
+    )
+    .ok();
+    pings(&peer.0, "10.78.0.1", 3);
+    pings(&node.0, "10.78.0.2", 2);
+    let body = scrape(&socket);
+    assert_eq!(value(&body, DENIED_IN), 3.0, "{body}");
+    // 84 bytes: an echo request of ping's default 56-byte payload.
+    assert_eq!(value(&body, DENIED_IN_BYTES), 3.0 * 84.0, "{body}");
+    assert_eq!(value(&body, DENIED_OUT), 2.0, "{body}");
+    assert_eq!(
+        value(
+            &body,
+            "leasehold_boundary_denied_packets_total{class=\"tenant_in\"}"
+        ),
+        0.0
+    );
+
+    // Reject instead of drop: other chains, so the whole table is replaced
+    // (deleted and re-created): the counts so far are carried.
+    let doc = lab.write_file("reject.toml", deny_doc("reject").as_bytes());
+    lab.run(
+        Who::Landlord,
+        "landlordctl",
+        &["boundary", "set", doc.to_str().unwrap()],
+    )
+    .ok();
+    let body = scrape(&socket);
+    assert_eq!(value(&body, DENIED_IN), 3.0, "carried: {body}");
+    pings(&peer.0, "10.78.0.1", 2);
+    let body = scrape(&socket);
+    assert_eq!(value(&body, DENIED_IN), 5.0, "{body}");
+
+    // A real Prometheus scrapes it all with the shipped config.
+    let shipped =
+        fs::read_to_string(leasehold_tests::workspace_root().join("dist/prometheus/leasehold.yml"))
+            .unwrap();
+    let conf = shipped
+        .replace("/etc/prometheus/leasehold.token", token.to_str().unwrap())
+        .replace("scrape_interval: 30s", "scrape_interval: 1s")
+        .replace("scrape_timeout: 25s", "scrape_timeout: 1s")
+        .replace("node1.example:9464", "127.0.0.1:9464");
+    fs::write(dir.path().join("prometheus.yml"), conf).unwrap();
+    let mut p = in_agent_netns(&lab, prom.to_str().unwrap())
+        .arg(format!(
+            "--config.file={}",
+            dir.path().join("prometheus.yml").display()
+        ))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.path().join("data").display()
+        ))
+        .arg("--web.listen-address=127.0.0.1:9090")
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(dir.path().join("prometheus.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let query = |q: &str| -> String {
+        let out = in_agent_netns(&lab, "curl")
+            .args(["-s", "-G", "http://127.0.0.1:9090/api/v1/query"])
+            .args(["--data-urlencode", &format!("query={q}")])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // Prometheus has no readiness event to wait on here: poll its API, bounded.
+    let started = Instant::now();
+    let checks = [
+        (
+            "leasehold_boundary_denied_packets_total{class=\"landlord_in\"}",
+            "\"5\"]",
+        ),
+        (
+            "leasehold_boundary_denied_packets_total{class=\"landlord_out\"}",
+            "\"2\"]",
+        ),
+        (
+            "leasehold_hwmon_temperature_celsius{chip=\"coretemp\"}",
+            "\"41.5\"]",
+        ),
+        (
+            "leasehold_disk_smart_state{disk=\"sda\",state=\"passed\"}",
+            "\"1\"]",
+        ),
+        (
+            "leasehold_edac_corrected_errors_total{mc=\"mc0\"}",
+            "\"5\"]",
+        ),
+        (
+            "leasehold_thermal_zone_temperature_celsius{type=\"acpitz\"}",
+            "\"40\"]",
+        ),
+    ];
+    let (ok, answers) = loop {
+        let answers: Vec<String> = checks.iter().map(|(q, _)| query(q)).collect();
+        if checks
+            .iter()
+            .zip(&answers)
+            .all(|((_, want), got)| got.contains(want) && got.contains("\"job\":\"leasehold\""))
+        {
+            break (true, answers);
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            break (false, answers);
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let _ = p.kill();
+    let _ = p.wait();
+    assert!(
+        ok,
+        "prometheus answers: {answers:#?}\n{}",
+        fs::read_to_string(dir.path().join("prometheus.log")).unwrap_or_default()
+    );
+}
