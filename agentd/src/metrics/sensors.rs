@@ -486,7 +486,9 @@ mod tests {
         let s = Sensors::of(&r);
         assert_eq!(s, Sensors::default());
         let t = text(&s, None);
-        assert!(!t.contains("celsius") && !t.contains("edac") && !t.contains("disk_"));
+        for family in ["celsius", "leasehold_edac_", "leasehold_disk_"] {
+            assert!(!t.contains(family), "{family} in\n{t}");
+        }
         // The omitted counts are listed all the same (0).
         assert!(t.contains("leasehold_health_readings_omitted{source=\"edac\"} 0"));
     }
