@@ -61,13 +61,12 @@ fn scrape(socket: &Path) -> (usize, usize) {
     )
 }
 
-fn start() -> (Lab, std::path::PathBuf) {
+fn start() -> (Lab, std::path::PathBuf, tempfile::TempDir) {
     let dir = tempfile::Builder::new()
         .prefix("lh-mbench-")
         .tempdir()
-        .unwrap()
-        .keep();
-    let socket = dir.join("m.sock");
+        .unwrap();
+    let socket = dir.path().join("m.sock");
     let lab = Lab::start_with_options(LabOptions {
         agent_config: Some(format!("[metrics]\nsocket = \"{}\"\n", socket.display())),
         ..LabOptions::default()
@@ -79,7 +78,7 @@ fn start() -> (Lab, std::path::PathBuf) {
         &["boundary", "set", doc.to_str().unwrap()],
     )
     .ok();
-    (lab, socket)
+    (lab, socket, dir)
 }
 
 fn main() {
@@ -87,8 +86,8 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(60);
-    let (scraped, s_sock) = start();
-    let (idle, i_sock) = start();
+    let (scraped, s_sock, _sdir) = start();
+    let (idle, i_sock, _idir) = start();
     let (sp, ip) = (scraped.agent_pid().unwrap(), idle.agent_pid().unwrap());
     // Both have taken their first periodic report and settled.
     let (bytes, samples) = scrape(&s_sock);
