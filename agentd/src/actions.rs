@@ -17,7 +17,7 @@ use std::time::{Duration, SystemTime};
 
 use leasehold_dbus_api::receipt_json;
 use leasehold_health::{Fault, Severity, Source};
-use leasehold_node::{Caller, Command, Node, Outcome, Request, StopReport};
+use leasehold_node::{Caller, Command, Node, Outcome, Request, StopReport, Throttle, Throttles};
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
@@ -54,6 +54,10 @@ pub enum Kind {
     Reboot,
     /// Powers off through logind.
     Poweroff,
+    /// Lowers the tenant subtree's `cpu.max` to `cpu_percent` of the
+    /// budget's CPU while the fault lasts (level, not edge: see
+    /// [`plan_throttles`]).
+    ThrottleEngines,
 }
 
 impl Kind {
@@ -65,6 +69,7 @@ impl Kind {
             Kind::StopEngines => "stop-engines",
             Kind::Reboot => "reboot",
             Kind::Poweroff => "poweroff",
+            Kind::ThrottleEngines => "throttle-engines",
         }
     }
 }
@@ -105,6 +110,10 @@ pub struct Rule {
     /// `hook`: seconds before it is killed.
     #[serde(default = "default_timeout")]
     pub timeout_secs: u64,
+    /// `throttle-engines`: percent (1..=100) of the budget's CPU (of the
+    /// node's CPUs when the budget sets none) the tenant keeps.
+    #[serde(default)]
+    pub cpu_percent: Option<u32>,
     /// Least seconds between two firings (persisted across restarts).
     /// Default 300; `reboot` and `poweroff` default to 3600 and take no
     /// less than 600.
@@ -180,6 +189,24 @@ pub fn validate(rules: &[Rule]) -> Result<(), String> {
                 ));
             }
             _ => {}
+        }
+        match (r.action, r.cpu_percent) {
+            (Kind::ThrottleEngines, None) => {
+                return Err(at(
+                    "cpu_percent",
+                    "a throttle needs cpu_percent (1..=100)".into(),
+                ));
+            }
+            (Kind::ThrottleEngines, Some(p)) if !(1..=100).contains(&p) => {
+                return Err(at("cpu_percent", format!("{p} is outside 1..=100")));
+            }
+            (Kind::ThrottleEngines, Some(_)) | (_, None) => {}
+            (k, Some(_)) => {
+                return Err(at(
+                    "cpu_percent",
+                    format!("only for \"throttle-engines\", not {:?}", k.as_str()),
+                ));
+            }
         }
         let c = r.cooldown();
         if c > 7 * 86_400 {
@@ -326,7 +353,12 @@ impl Matcher {
     pub fn next(&mut self, faults: &[Fault], limiter: &mut Limiter, now: u64) -> Vec<Firing> {
         let mut out = Vec::new();
         let mut active = BTreeSet::new();
-        for r in &self.rules {
+        // Throttles last while their fault does: `plan_throttles`.
+        for r in self
+            .rules
+            .iter()
+            .filter(|r| r.action != Kind::ThrottleEngines)
+        {
             let hit: Vec<Fault> = faults.iter().filter(|f| r.matches(f)).cloned().collect();
             if hit.is_empty() {
                 continue;
@@ -359,6 +391,85 @@ impl Matcher {
     }
 }
 
+/// What the `throttle-engines` rules want after one report.
+#[derive(Debug, Clone)]
+pub struct ThrottlePlan {
+    /// Every throttle in force after it.
+    pub next: Throttles,
+    /// Rules whose throttle begins, with the faults that made it.
+    pub begun: Vec<Firing>,
+    /// Rules whose throttle ends (their fault cleared), with what it was.
+    pub ended: Vec<(String, Throttle)>,
+}
+
+/// The throttles after a report. A throttle rule is a level, not an edge:
+/// its throttle begins when it matches a fault and none of its own is in
+/// force, and lasts while the rule matches. It ends on the first report
+/// the rule no longer matches once it has lasted its cooldown
+/// (`cooldown_secs`): a sensor hovering at a trip point keeps the tenant
+/// throttled instead of lowering and restoring `cpu.max` (and signing two
+/// records) on every report, and so there is at most one throttle per
+/// rule per cooldown. A clock set back (`now` before its start) ends the
+/// hold: the throttle then ends with its fault. A throttle whose rule is
+/// no longer configured ends on the first report.
+pub fn plan_throttles(
+    rules: &[Rule],
+    current: &Throttles,
+    faults: &[Fault],
+    now: u64,
+) -> ThrottlePlan {
+    let mut next = Throttles::default();
+    let mut begun = Vec::new();
+    let mut ended = Vec::new();
+    for r in rules.iter().filter(|r| r.action == Kind::ThrottleEngines) {
+        let Some(pct) = r.cpu_percent.and_then(|p| u8::try_from(p).ok()) else {
+            continue;
+        };
+        let hit: Vec<Fault> = faults.iter().filter(|f| r.matches(f)).cloned().collect();
+        match current.0.get(&r.name) {
+            Some(t) if !hit.is_empty() => {
+                // The configured percent (a restart may have changed it).
+                let t = Throttle {
+                    cpu_percent: pct,
+                    since: t.since,
+                };
+                next.0.insert(r.name.clone(), t);
+            }
+            Some(t) => {
+                let held = now >= t.since && now < t.since.saturating_add(r.cooldown());
+                if held {
+                    next.0.insert(r.name.clone(), *t);
+                } else {
+                    ended.push((r.name.clone(), *t));
+                }
+            }
+            None if !hit.is_empty() => {
+                next.0.insert(
+                    r.name.clone(),
+                    Throttle {
+                        cpu_percent: pct,
+                        since: now,
+                    },
+                );
+                begun.push(Firing {
+                    rule: r.clone(),
+                    faults: hit,
+                });
+            }
+            None => {}
+        }
+    }
+    for (name, t) in &current.0 {
+        let configured = rules
+            .iter()
+            .any(|r| r.action == Kind::ThrottleEngines && &r.name == name);
+        if !configured {
+            ended.push((name.clone(), *t));
+        }
+    }
+    ThrottlePlan { next, begun, ended }
+}
+
 /// The body of a record, signed with the node's receipt key. Field order
 /// and names are the wire format.
 #[derive(Debug, Clone, Serialize)]
@@ -383,6 +494,13 @@ pub struct RecordBody {
     /// `stop-engines`: what stopped.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub engines: Option<StopReport>,
+    /// `throttle-engines`, `unthrottle-engines`: the rule's percent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_percent: Option<u8>,
+    /// `throttle-engines`, `unthrottle-engines`: the subtree's `cpu.max`
+    /// after it ("QUOTA PERIOD", "max PERIOD").
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cpu_max: Option<String>,
     /// Fingerprint of the node signing key.
     pub signer: String,
 }
@@ -562,17 +680,33 @@ impl Runner {
 
     /// Signs and keeps the record of an action that touched the tenant.
     async fn record(&self, f: &Firing, engines: Option<StopReport>) -> Result<String, String> {
+        self.record_as(f, f.rule.action.as_str(), engines, None)
+            .await
+    }
+
+    /// [`Runner::record`] under another action name, with a throttle's
+    /// percent and resulting `cpu.max`.
+    async fn record_as(
+        &self,
+        f: &Firing,
+        action: &str,
+        engines: Option<StopReport>,
+        throttle: Option<(u8, String)>,
+    ) -> Result<String, String> {
         let snap = self.node.snapshot();
+        let (cpu_percent, cpu_max) = throttle.map_or((None, None), |(p, c)| (Some(p), Some(c)));
         let body = RecordBody {
             format: RECORD_FORMAT,
             kind: "health-action".into(),
             node_id: snap.status.node_id.clone(),
             time: unix_now(),
             rule: f.rule.name.clone(),
-            action: f.rule.action.as_str().into(),
+            action: action.into(),
             tenant_key: snap.status.tenant.as_ref().map(|t| t.fingerprint.clone()),
             faults: f.faults.clone(),
             engines,
+            cpu_percent,
+            cpu_max,
             signer: snap.receipt_key.fingerprint.clone(),
         };
         let text = serde_json::to_string(&body).map_err(|e| e.to_string())?;
@@ -586,6 +720,73 @@ impl Runner {
         self.records
             .store(&text, body.time, &signature)
             .map_err(|e| e.to_string())
+    }
+
+    /// Sets the throttles a plan wants, then signs a record of each that
+    /// began or ended. Returns what is in force (unchanged when the
+    /// runtime refused: the next report tries again).
+    async fn throttle(&self, current: &Throttles, plan: ThrottlePlan) -> Throttles {
+        let a = match self
+            .submit(Command::ThrottleEngines {
+                throttles: plan.next.clone(),
+            })
+            .await
+        {
+            Ok(Outcome::Throttled(a)) => a,
+            Ok(other) => {
+                error!(event = "health-action-failed", action = "throttle-engines", outcome = ?other, "unexpected outcome");
+                return current.clone();
+            }
+            Err(e) => {
+                error!(event = "health-action-failed", action = "throttle-engines", error = %e, "the tenant's cpu.max cannot be set; tried again on the next report");
+                return current.clone();
+            }
+        };
+        if let Some(e) = &a.error {
+            warn!(event = "health-action", action = "throttle-engines", error = %e, "the throttle is recorded but not written on the subtree yet (every engine launch writes it first)");
+        }
+        for f in &plan.begun {
+            let pct = f
+                .rule
+                .cpu_percent
+                .and_then(|p| u8::try_from(p).ok())
+                .unwrap_or(100);
+            match self
+                .record_as(f, "throttle-engines", None, Some((pct, a.cpu_max.clone())))
+                .await
+            {
+                Ok(id) => {
+                    warn!(event = "health-action", rule = %f.rule.name, action = "throttle-engines", cpu_max = %a.cpu_max, record = %id, "corrective action: tenant subtree throttled")
+                }
+                Err(e) => {
+                    error!(event = "health-action", rule = %f.rule.name, error = %e, "tenant throttled; its record was not kept")
+                }
+            }
+        }
+        for (name, t) in &plan.ended {
+            let rule = self_rule(name);
+            let f = Firing {
+                rule,
+                faults: Vec::new(),
+            };
+            match self
+                .record_as(
+                    &f,
+                    "unthrottle-engines",
+                    None,
+                    Some((t.cpu_percent, a.cpu_max.clone())),
+                )
+                .await
+            {
+                Ok(id) => {
+                    info!(event = "health-action", rule = %name, action = "unthrottle-engines", cpu_max = %a.cpu_max, record = %id, "corrective action: the fault cleared, tenant throttle lifted")
+                }
+                Err(e) => {
+                    error!(event = "health-action", rule = %name, error = %e, "tenant throttle lifted; its record was not kept")
+                }
+            }
+        }
+        a.throttles
     }
 
     /// Runs one firing. Errors are logged: the next report goes on.
@@ -630,6 +831,8 @@ impl Runner {
                     }
                 }
             }
+            // Never a firing: `Actions::on_report` plans throttles.
+            Kind::ThrottleEngines => {}
             Kind::Reboot | Kind::Poweroff => {
                 // The record first: the tenant reads it after the reboot.
                 // Without it the reboot does not happen (the tenant would
@@ -695,11 +898,31 @@ async fn run_hook(r: &Rule, faults: &str) {
     }
 }
 
-/// The actions of one agent: matcher, limiter, runner.
+/// The rule a record of an ended throttle names (only its name is used).
+fn self_rule(name: &str) -> Rule {
+    Rule {
+        name: name.to_owned(),
+        source: None,
+        severity: Severity::Warning,
+        action: Kind::ThrottleEngines,
+        priority: Priority::default(),
+        command: Vec::new(),
+        timeout_secs: default_timeout(),
+        cooldown_secs: None,
+        cpu_percent: None,
+    }
+}
+
+/// The actions of one agent: matcher, limiter, runner, and the throttles
+/// in force.
 pub struct Actions {
     matcher: Matcher,
     limiter: Limiter,
     runner: Runner,
+    rules: Vec<Rule>,
+    /// As the engine runtime recorded them (read back at start: an agent
+    /// restart neither forgets nor lifts a throttle in force).
+    throttles: Throttles,
 }
 
 impl Actions {
@@ -710,10 +933,16 @@ impl Actions {
             error!(error = %e, "the corrective actions' cooldowns are unreadable; every rule waits a full cooldown");
             Limiter::closed(state_dir, &rules, unix_now())
         });
+        let throttles = runner.node.throttles();
+        if let Some(p) = throttles.cpu_percent() {
+            warn!(event = "health-action", cpu_percent = p, rules = ?throttles.0.keys().collect::<Vec<_>>(), "a throttle of the tenant is in force since before this start; it lasts until its fault clears");
+        }
         Self {
-            matcher: Matcher::new(rules),
+            matcher: Matcher::new(rules.clone()),
             limiter,
             runner,
+            rules,
+            throttles,
         }
     }
 
@@ -745,7 +974,12 @@ impl Actions {
 
     /// Runs what this report fires, one after the other.
     pub async fn on_report(&mut self, faults: &[Fault]) {
-        for f in self.matcher.next(faults, &mut self.limiter, unix_now()) {
+        let now = unix_now();
+        let plan = plan_throttles(&self.rules, &self.throttles, faults, now);
+        if plan.next != self.throttles {
+            self.throttles = self.runner.throttle(&self.throttles, plan).await;
+        }
+        for f in self.matcher.next(faults, &mut self.limiter, now) {
             self.runner.run(f).await;
         }
     }
@@ -762,6 +996,7 @@ pub fn engine_reboot_rule() -> Rule {
         command: Vec::new(),
         timeout_secs: default_timeout(),
         cooldown_secs: Some(ENGINE_REBOOT_COOLDOWN_SECS),
+        cpu_percent: None,
     }
 }
 

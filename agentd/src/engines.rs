@@ -650,6 +650,7 @@ enum Cmd {
     StopAll(Duration),
     ForgetAll,
     SetBudget(Budget),
+    SetThrottles(leasehold_node::Throttles),
 }
 
 enum Reply {
@@ -658,6 +659,7 @@ enum Reply {
     Stopped(StopReport),
     Forgot(Result<usize, RuntimeError>),
     Budget(Result<BudgetApplied, RuntimeError>),
+    Throttled(Result<leasehold_node::ThrottleApplied, RuntimeError>),
 }
 
 enum Msg {
@@ -1539,6 +1541,7 @@ impl Runtime {
             Cmd::Rm(n) => Reply::Unit(self.rm(&n)),
             Cmd::ForgetAll => Reply::Forgot(self.forget_all()),
             Cmd::SetBudget(b) => Reply::Budget(self.set_budget(b)),
+            Cmd::SetThrottles(t) => Reply::Throttled(self.set_throttles(t)),
             Cmd::StopAll(grace) => {
                 // Pending first, so kills made while stopping are counted.
                 self.killed.clear();
@@ -2063,6 +2066,9 @@ impl EngineView for SnapshotView {
     fn tenant(&self) -> TenantView {
         self.tenant.view(&self.list())
     }
+    fn throttles(&self) -> leasehold_node::Throttles {
+        self.tenant.throttles()
+    }
 }
 
 impl EngineRuntime {
@@ -2113,6 +2119,7 @@ impl EngineRuntime {
             &cfg,
             cgroups.clone(),
             tenant::load(&cfg.state_dir)?,
+            tenant::load_throttles(&cfg.state_dir)?,
         ));
         let (tx, rx) = mpsc::channel();
         let snapshot: Snapshot = Arc::default();
@@ -2266,6 +2273,15 @@ impl Engines for EngineRuntime {
     fn set_budget(&mut self, budget: &Budget) -> Result<BudgetApplied, Failure> {
         match self.call(Cmd::SetBudget(*budget), CALL_TIMEOUT)? {
             Reply::Budget(r) => Ok(r?),
+            _ => Err(RuntimeError::NoAnswer("unexpected answer").into()),
+        }
+    }
+    fn set_throttles(
+        &mut self,
+        throttles: &leasehold_node::Throttles,
+    ) -> Result<leasehold_node::ThrottleApplied, Failure> {
+        match self.call(Cmd::SetThrottles(throttles.clone()), CALL_TIMEOUT)? {
+            Reply::Throttled(r) => Ok(r?),
             _ => Err(RuntimeError::NoAnswer("unexpected answer").into()),
         }
     }

@@ -337,6 +337,49 @@ pub fn budget_files(budget: &Budget) -> Vec<(CgroupFile, String)> {
     )
 }
 
+/// Least `cpu.max` quota the kernel takes, µs.
+const MIN_QUOTA_US: u64 = 1000;
+
+/// The subtree's `cpu.max` under a corrective throttle (docs/health.md,
+/// `throttle-engines`): `cpu_percent` (1..=100) of the budget's `cpu_max`,
+/// or of `node_cpus` whole CPUs when the budget sets none, rounded down,
+/// at least the kernel's 1000 µs and never above the budget (a budget at
+/// the kernel's minimum stays as it is). The budget's period is kept.
+pub fn throttled_cpu_max(budget: &Budget, cpu_percent: u8, node_cpus: u32) -> CpuMax {
+    let pct = u64::from(cpu_percent.clamp(1, 100));
+    let base = budget.cpu_max.unwrap_or(CpuMax {
+        quota_us: u64::from(node_cpus.max(1)).saturating_mul(CpuMax::DEFAULT_PERIOD_US),
+        period_us: CpuMax::DEFAULT_PERIOD_US,
+    });
+    let quota_us = (base.quota_us.saturating_mul(pct) / 100)
+        .max(MIN_QUOTA_US)
+        .min(base.quota_us.max(MIN_QUOTA_US));
+    CpuMax {
+        quota_us,
+        period_us: base.period_us,
+    }
+}
+
+/// [`budget_files`] with `cpu.max` lowered by a corrective throttle
+/// (`Some(percent)`, see [`throttled_cpu_max`]); `None`: the budget's
+/// files exactly.
+pub fn throttled_budget_files(
+    budget: &Budget,
+    throttle: Option<u8>,
+    node_cpus: u32,
+) -> Vec<(CgroupFile, String)> {
+    let mut out = budget_files(budget);
+    if let Some(pct) = throttle {
+        let v = throttled_cpu_max(budget, pct, node_cpus).to_string();
+        for (f, value) in &mut out {
+            if *f == "cpu.max" {
+                *value = v.clone();
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -356,6 +399,51 @@ mod tests {
             memory_max: mib(1024),
             pids_max: Some(500),
             io_weight: Some(200),
+        }
+    }
+
+    #[test]
+    fn a_throttle_lowers_cpu_max_never_above_the_budget() {
+        let b = budget();
+        assert_eq!(
+            throttled_cpu_max(&b, 50, 8),
+            CpuMax {
+                quota_us: 100_000,
+                period_us: 100_000
+            }
+        );
+        assert_eq!(throttled_cpu_max(&b, 100, 8), b.cpu_max.unwrap());
+        // No budget cpu_max: a fraction of the node's CPUs.
+        let none = Budget::default();
+        assert_eq!(throttled_cpu_max(&none, 25, 4).to_string(), "100000 100000");
+        // The kernel's least quota; never above a budget already there.
+        assert_eq!(throttled_cpu_max(&none, 1, 0).quota_us, 1000);
+        let tiny = Budget {
+            cpu_max: Some(CpuMax {
+                quota_us: 1000,
+                period_us: 1_000_000,
+            }),
+            ..Budget::default()
+        };
+        assert_eq!(throttled_cpu_max(&tiny, 10, 64), tiny.cpu_max.unwrap());
+        for pct in 1..=100u8 {
+            for cpus in [1u32, 3, 128] {
+                let t = throttled_cpu_max(&b, pct, cpus);
+                assert!(!t.exceeds(&b.cpu_max.unwrap()), "{pct}% {t}");
+                assert!(parse_cpu_max(&t.to_string()).is_ok(), "{t}");
+            }
+        }
+        // Only cpu.max changes; None is the budget's files exactly.
+        let plain = budget_files(&b);
+        assert_eq!(throttled_budget_files(&b, None, 8), plain);
+        let t = throttled_budget_files(&b, Some(50), 8);
+        for ((f1, v1), (f2, v2)) in plain.iter().zip(&t) {
+            assert_eq!(f1, f2);
+            if *f1 == "cpu.max" {
+                assert_eq!(v2, "100000 100000");
+            } else {
+                assert_eq!(v1, v2);
+            }
         }
     }
 

@@ -161,6 +161,12 @@ impl Node {
         self.engines.tenant()
     }
 
+    /// The corrective throttles in force, from the runtime's view (no
+    /// cgroup read). Never waits for a change.
+    pub fn throttles(&self) -> crate::Throttles {
+        self.engines.throttles()
+    }
+
     /// The engines' events after `after` (see `EngineView::events`).
     pub fn engine_events(&self, after: u64, max: usize) -> Vec<crate::EngineEvent> {
         self.engines.events(after, max)
@@ -386,6 +392,19 @@ impl Controller {
                 };
                 tracing::warn!(uid = caller.uid, engines = ?r.stopped, killed = ?r.killed, not_stopped = ?r.not_stopped, "engines stopped by a corrective action");
                 Ok(Outcome::EnginesStopped(r))
+            }
+            Command::ThrottleEngines { throttles } => {
+                throttles.validate().map_err(|reason| NodeError::Invalid {
+                    field: "throttles",
+                    reason,
+                })?;
+                let a = self
+                    .b
+                    .engines
+                    .set_throttles(&throttles)
+                    .map_err(NodeError::backend("engines (a corrective throttle)"))?;
+                tracing::warn!(uid = caller.uid, cpu_max = %a.cpu_max, rules = ?throttles.0.keys().collect::<Vec<_>>(), written = a.written, "tenant subtree's cpu.max set by a corrective action");
+                Ok(Outcome::Throttled(a))
             }
         };
         if let Err(e) = &r {

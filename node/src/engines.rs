@@ -7,6 +7,7 @@
 //! [`EngineView`], which any thread may call: it answers from the runtime's
 //! own snapshot and never waits behind a change.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -16,7 +17,7 @@ use leasehold_engines::cgroup::Usage;
 use leasehold_engines::logs::Record;
 use leasehold_engines::spec::Spec;
 use leasehold_engines::supervisor::{Exit, Phase};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::backend::{Failure, FailureKind};
 
@@ -219,6 +220,86 @@ pub struct BudgetApplied {
     pub engines_above: u32,
 }
 
+/// Longest name of a corrective rule (`[[health.action]]` names).
+pub const MAX_THROTTLE_RULE: usize = 64;
+/// Most throttles in force at once (one per rule; rules are at most 16).
+pub const MAX_THROTTLES: usize = 16;
+
+/// One corrective throttle in force (docs/health.md, `throttle-engines`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Throttle {
+    /// Percent (1..=100) of the budget's CPU (or of the node's CPUs when
+    /// the budget sets none) the subtree keeps.
+    pub cpu_percent: u8,
+    /// When it began, unix seconds.
+    pub since: u64,
+}
+
+/// The corrective throttles in force on the tenant subtree, by the rule
+/// that made each; the lowest percent binds. Empty: none, the budget's
+/// `cpu.max` exactly.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Throttles(pub BTreeMap<String, Throttle>);
+
+impl Throttles {
+    /// The percent that binds (the lowest), None when none is in force.
+    pub fn cpu_percent(&self) -> Option<u8> {
+        self.0.values().map(|t| t.cpu_percent).min()
+    }
+
+    /// When the earliest in force began.
+    pub fn since(&self) -> Option<u64> {
+        self.0.values().map(|t| t.since).min()
+    }
+
+    /// Checks what a state file or a caller gives: at most
+    /// [`MAX_THROTTLES`], rule names of 1 to [`MAX_THROTTLE_RULE`] of
+    /// `A-Z a-z 0-9 - _`, percents 1..=100. The message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.0.len() > MAX_THROTTLES {
+            return Err(format!(
+                "{} throttles, at most {MAX_THROTTLES}",
+                self.0.len()
+            ));
+        }
+        for (rule, t) in &self.0 {
+            if rule.is_empty()
+                || rule.len() > MAX_THROTTLE_RULE
+                || !rule
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_".contains(&b))
+            {
+                return Err(format!(
+                    "rule {}: 1 to {MAX_THROTTLE_RULE} of A-Z a-z 0-9 - _",
+                    crate::shown(rule)
+                ));
+            }
+            if !(1..=100).contains(&t.cpu_percent) {
+                return Err(format!(
+                    "{rule}.cpu_percent: {} is outside 1..=100",
+                    t.cpu_percent
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What setting the corrective throttles did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThrottleApplied {
+    /// The throttles now recorded (they stand even if `error` is set).
+    pub throttles: Throttles,
+    /// The subtree's `cpu.max` they make ("QUOTA PERIOD" or "max PERIOD").
+    pub cpu_max: String,
+    /// It was written on the tenant's cgroup subtree.
+    pub written: bool,
+    /// Why it could not be written (every engine launch writes it first).
+    pub error: Option<String>,
+}
+
 /// The tenant's subtree as the landlord may see it: the budget, counts and
 /// the subtree's own cgroup counters (aggregates of every engine; never a
 /// name, a per-engine figure, a log or data).
@@ -237,6 +318,10 @@ pub struct TenantView {
     /// The subtree's counters (cpu.stat, memory.current, memory.events,
     /// pids.current, io.stat), or why they cannot be read.
     pub usage: Result<Usage, String>,
+    /// Corrective throttles in force (docs/health.md, `throttle-engines`).
+    pub throttles: Throttles,
+    /// With a throttle in force: the subtree's lowered `cpu.max`.
+    pub throttled_cpu_max: Option<String>,
 }
 
 /// Most events one [`EngineView::events`] call returns.
@@ -291,7 +376,13 @@ pub trait EngineView: Send + Sync + fmt::Debug + 'static {
             engines: 0,
             running: 0,
             usage: Err(unavailable().message),
+            throttles: Throttles::default(),
+            throttled_cpu_max: None,
         }
+    }
+    /// The corrective throttles in force (no cgroup read).
+    fn throttles(&self) -> Throttles {
+        Throttles::default()
     }
 }
 
@@ -308,6 +399,14 @@ pub trait Engines: Send + 'static {
     /// running: the kernel holds the subtree to it.
     fn set_budget(&mut self, budget: &Budget) -> Result<BudgetApplied, Failure> {
         let _ = budget;
+        Err(unavailable())
+    }
+    /// Records the corrective throttles in force (atomically; an agent
+    /// restart keeps them) and writes the `cpu.max` they make on the
+    /// tenant's subtree: the lowest percent of the budget's CPU, the
+    /// budget's own value when none is left. Only the subtree is touched.
+    fn set_throttles(&mut self, throttles: &Throttles) -> Result<ThrottleApplied, Failure> {
+        let _ = throttles;
         Err(unavailable())
     }
     /// Unpacks the image and records the engine, stopped. Refuses a name

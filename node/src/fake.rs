@@ -902,6 +902,8 @@ impl EngineView for FakeEngineView {
             running: u32::try_from(w.engines.values().filter(|e| e.running).count())
                 .unwrap_or(u32::MAX),
             usage: Ok(leasehold_engines::cgroup::Usage::default()),
+            throttles: crate::Throttles::default(),
+            throttled_cpu_max: None,
         }
     }
 }

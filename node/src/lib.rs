@@ -31,8 +31,8 @@ pub use backend::{
 pub use controller::Node;
 pub use engines::{
     BudgetApplied, EngineCommand, EngineEvent, EngineProbe, EngineStatus, EngineView, Engines,
-    NoEngines, NotStopped, StopReport, TenantView, ERASE_STOP_GRACE, MAX_EVENTS_READ,
-    MAX_IMAGE_REF,
+    NoEngines, NotStopped, StopReport, TenantView, Throttle, ThrottleApplied, Throttles,
+    ERASE_STOP_GRACE, MAX_EVENTS_READ, MAX_IMAGE_REF, MAX_THROTTLES, MAX_THROTTLE_RULE,
 };
 pub use receipt::{ErasedVolume, Receipt, SignedReceipt, RECEIPT_FORMAT};
 
@@ -139,6 +139,13 @@ pub enum Command {
     /// The agent itself: stop every engine (a corrective action), as a
     /// rotation stops them.
     StopEngines,
+    /// The agent itself: the corrective throttles in force on the tenant
+    /// subtree (`throttle-engines`), the whole set each time. Never
+    /// reachable from a D-Bus caller's input.
+    ThrottleEngines {
+        /// Every throttle in force (empty: restore the budget's cpu.max).
+        throttles: Throttles,
+    },
 }
 
 impl Command {
@@ -159,6 +166,7 @@ impl Command {
             Command::SetBudget { .. } => "set-budget",
             Command::SignRecord { .. } => "sign-record",
             Command::StopEngines => "stop-engines",
+            Command::ThrottleEngines { .. } => "throttle-engines",
         }
     }
 }
@@ -235,6 +243,8 @@ pub enum Outcome {
     },
     /// Every engine asked to stop (what stopped, what did not).
     EnginesStopped(StopReport),
+    /// The corrective throttles recorded (and written, or why not).
+    Throttled(ThrottleApplied),
 }
 
 /// Why a command failed. Nothing changed unless the variant says so.

@@ -12,15 +12,31 @@ use std::sync::{Arc, RwLock};
 
 use leasehold_engines::budget::{self, Budget};
 use leasehold_engines::cgroup::{CgroupPath, Cgroups, Controller};
-use leasehold_node::{BudgetApplied, EngineStatus, TenantView};
+use leasehold_node::{BudgetApplied, EngineStatus, TenantView, ThrottleApplied, Throttles};
 use serde::{Deserialize, Serialize};
 
 use super::{io, subtree, Runtime, RuntimeConfig, RuntimeError};
 
 /// The budget's file under the state directory.
 pub const BUDGET_FILE: &str = "budget.json";
-/// Largest budget file read at start (a budget document is at most 4 KiB).
+/// The corrective throttles' file under the state directory.
+pub const THROTTLE_FILE: &str = "throttle.json";
+/// Largest budget or throttle file read at start (a budget document is at
+/// most 4 KiB; 16 throttles are under 2 KiB).
 const MAX_FILE: u64 = 64 << 10;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ThrottleFile {
+    format: u32,
+    throttles: Throttles,
+}
+
+/// The node's CPUs, the base of a throttle when the budget sets no
+/// `cpu_max` (what the agent may run on; at least 1).
+pub(super) fn node_cpus() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+}
 
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,8 +49,25 @@ struct BudgetFile {
 #[derive(Debug, Clone, Default)]
 struct State {
     budget: Budget,
+    throttles: Throttles,
     written: bool,
     error: Option<String>,
+}
+
+impl State {
+    /// The subtree's files: the budget's, `cpu.max` lowered while a
+    /// throttle is in force.
+    fn files(&self) -> Vec<(budget::CgroupFile, String)> {
+        budget::throttled_budget_files(&self.budget, self.throttles.cpu_percent(), node_cpus())
+    }
+
+    fn cpu_max(&self) -> String {
+        self.files()
+            .into_iter()
+            .find(|(f, _)| *f == "cpu.max")
+            .map(|(_, v)| v)
+            .unwrap_or_default()
+    }
 }
 
 /// Shared between the runtime thread (which writes) and the view (which
@@ -46,12 +79,18 @@ pub(super) struct Shared {
 }
 
 impl Shared {
-    pub(super) fn new(cfg: &RuntimeConfig, cgroups: Arc<dyn Cgroups>, b: Budget) -> Self {
+    pub(super) fn new(
+        cfg: &RuntimeConfig,
+        cgroups: Arc<dyn Cgroups>,
+        b: Budget,
+        throttles: Throttles,
+    ) -> Self {
         Shared {
             cgroups,
             subtree: subtree(cfg).map_err(|e| e.to_string()),
             state: RwLock::new(State {
                 budget: b,
+                throttles,
                 ..State::default()
             }),
         }
@@ -61,10 +100,19 @@ impl Shared {
         self.state.read().unwrap_or_else(|p| p.into_inner()).budget
     }
 
+    pub(super) fn throttles(&self) -> Throttles {
+        self.state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .throttles
+            .clone()
+    }
+
     /// Budget, counts and the subtree's own counters: aggregates only,
     /// whatever `engines` holds (names are dropped here).
     pub(super) fn view(&self, engines: &[EngineStatus]) -> TenantView {
         let st = self.state.read().unwrap_or_else(|p| p.into_inner()).clone();
+        let throttled_cpu_max = st.throttles.cpu_percent().map(|_| st.cpu_max());
         let usage = self
             .subtree
             .clone()
@@ -77,6 +125,8 @@ impl Shared {
             engines: count(engines.len()),
             running: count(engines.iter().filter(|e| e.pid.is_some()).count()),
             usage,
+            throttled_cpu_max,
+            throttles: st.throttles,
         }
     }
 }
@@ -109,6 +159,34 @@ pub(super) fn load(state_dir: &Path) -> Result<Budget, RuntimeError> {
     Ok(f.budget)
 }
 
+/// Reads the corrective throttles in force (none recorded: none). Like the
+/// budget, a file that does not parse stops the agent, naming it: guessing
+/// could lift a throttle while its fault persists.
+pub(super) fn load_throttles(state_dir: &Path) -> Result<Throttles, RuntimeError> {
+    let path = state_dir.join(THROTTLE_FILE);
+    let bad = |detail: String| RuntimeError::State {
+        path: path.clone(),
+        detail,
+    };
+    let meta = match std::fs::symlink_metadata(&path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Throttles::default()),
+        Err(e) => return Err(io("read", &path)(e)),
+    };
+    if !meta.is_file() || meta.len() > MAX_FILE {
+        return Err(bad(format!(
+            "not a regular file of at most {MAX_FILE} bytes"
+        )));
+    }
+    let bytes = std::fs::read(&path).map_err(io("read", &path))?;
+    let f: ThrottleFile = serde_json::from_slice(&bytes).map_err(|e| bad(e.to_string()))?;
+    if f.format != 1 {
+        return Err(bad(format!("unknown format {}", f.format)));
+    }
+    f.throttles.validate().map_err(bad)?;
+    Ok(f.throttles)
+}
+
 impl Runtime {
     /// The tenant's subtree with the budget written on it: the delegated
     /// parent's controllers enabled (the parent is never created), the
@@ -134,11 +212,51 @@ impl Runtime {
         self.cgroups
             .enable_controllers(&sub, &Controller::ALL)
             .map_err(self.cg_err())?;
-        let files = budget::budget_files(&self.tenant.budget());
+        let files = self
+            .tenant
+            .state
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .files();
         self.cgroups
             .set_limits(&sub, &files)
             .map_err(self.cg_err())?;
         Ok(sub)
+    }
+
+    /// The corrective throttles in force: recorded first (atomically: an
+    /// agent restart keeps them, so it neither forgets to restore nor
+    /// restores while the fault lasts), then the subtree's files written
+    /// with `cpu.max` lowered (or the budget's exactly when none is left).
+    /// A budget change keeps them: every write of the subtree applies both.
+    pub(super) fn set_throttles(&mut self, t: Throttles) -> Result<ThrottleApplied, RuntimeError> {
+        let path = self.cfg.state_dir.join(THROTTLE_FILE);
+        t.validate().map_err(|detail| RuntimeError::State {
+            path: path.clone(),
+            detail,
+        })?;
+        let text = serde_json::to_vec_pretty(&ThrottleFile {
+            format: 1,
+            throttles: t.clone(),
+        })
+        .map_err(|e| RuntimeError::State {
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        crate::fsutil::write_atomic(&self.cfg.state_dir, THROTTLE_FILE, &text)
+            .map_err(io("write", &path))?;
+        let cpu_max = {
+            let mut st = self.tenant.state.write().unwrap_or_else(|p| p.into_inner());
+            st.throttles = t.clone();
+            st.cpu_max()
+        };
+        let r = self.tenant_cgroup();
+        Ok(ThrottleApplied {
+            throttles: t,
+            cpu_max,
+            written: r.is_ok(),
+            error: r.err().map(|e| e.to_string()),
+        })
     }
 
     /// At start: the recorded budget onto the subtree. A failure is logged
