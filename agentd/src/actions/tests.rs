@@ -183,3 +183,138 @@ fn engine_reboots_share_one_persisted_hourly_cooldown() {
     .unwrap_err();
     assert!(e.contains("reserved"), "{e}");
 }
+
+const THROTTLE_ON_HOT: &str = r#"
+[[action]]
+name = "hot-throttle"
+source = "thermal"
+severity = "warning"
+action = "throttle-engines"
+cpu_percent = 50
+
+[[action]]
+name = "crit-throttle"
+source = "thermal"
+severity = "critical"
+action = "throttle-engines"
+cpu_percent = 20
+cooldown_secs = 0
+"#;
+
+fn names(t: &Throttles) -> Vec<&str> {
+    t.0.keys().map(String::as_str).collect()
+}
+
+#[test]
+fn a_throttle_lasts_while_its_fault_does_and_holds_its_cooldown_through_a_flap() {
+    let r = rules(THROTTLE_ON_HOT);
+    validate(&r).unwrap();
+    let warm = [fault(Severity::Warning, Source::Thermal, "zone0")];
+    let t0 = 1_000_000;
+    // The fault: the throttle begins, with the faults for its record.
+    let p = plan_throttles(&r, &Throttles::default(), &warm, t0);
+    assert_eq!(names(&p.next), ["hot-throttle"]);
+    assert_eq!(p.next.cpu_percent(), Some(50));
+    assert_eq!(p.next.0["hot-throttle"].since, t0);
+    assert_eq!(p.begun.len(), 1);
+    assert_eq!(p.begun[0].faults, warm);
+    assert!(p.ended.is_empty());
+    // Still warm: nothing new (level, no second record).
+    let p = plan_throttles(&r, &p.next, &warm, t0 + 60);
+    assert!(p.begun.is_empty() && p.ended.is_empty());
+    let inforce = p.next;
+    // A flap within the cooldown (300): cleared, hot again; it holds.
+    let p = plan_throttles(&r, &inforce, &[], t0 + 120);
+    assert_eq!(p.next, inforce, "held within the cooldown");
+    assert!(p.begun.is_empty() && p.ended.is_empty());
+    let p = plan_throttles(&r, &p.next, &warm, t0 + 180);
+    assert_eq!(p.next, inforce);
+    assert!(p.begun.is_empty(), "no second throttle within the cooldown");
+    // Cleared past the cooldown: it ends, with what it was.
+    let p = plan_throttles(&r, &inforce, &[], t0 + 300);
+    assert!(p.next.0.is_empty());
+    assert_eq!(p.next.cpu_percent(), None);
+    assert_eq!(
+        p.ended,
+        [("hot-throttle".to_owned(), inforce.0["hot-throttle"])]
+    );
+    // And begins again on the next fault.
+    let p = plan_throttles(&r, &p.next, &warm, t0 + 301);
+    assert_eq!(p.begun.len(), 1);
+    // A critical fault too: both in force, the lowest percent binds;
+    // cooldown 0 ends it on the first clear report.
+    let both = [
+        warm[0].clone(),
+        fault(Severity::Critical, Source::Thermal, "zone1"),
+    ];
+    let p = plan_throttles(&r, &p.next, &both, t0 + 360);
+    assert_eq!(names(&p.next), ["crit-throttle", "hot-throttle"]);
+    assert_eq!(p.next.cpu_percent(), Some(20));
+    let p = plan_throttles(&r, &p.next, &warm, t0 + 361);
+    assert_eq!(names(&p.next), ["hot-throttle"]);
+    assert_eq!(p.ended.len(), 1);
+    assert_eq!(p.next.cpu_percent(), Some(50));
+}
+
+#[test]
+fn a_throttle_read_back_after_a_restart_is_neither_forgotten_nor_lifted_early() {
+    let r = rules(THROTTLE_ON_HOT);
+    let warm = [fault(Severity::Warning, Source::Thermal, "zone0")];
+    let t0 = 2_000_000;
+    let before = plan_throttles(&r, &Throttles::default(), &warm, t0).next;
+    // What a new agent reads back (the runtime's throttle.json).
+    let back: Throttles = serde_json::from_str(&serde_json::to_string(&before).unwrap()).unwrap();
+    assert_eq!(back, before);
+    // The fault persists: in force, no new record.
+    let p = plan_throttles(&r, &back, &warm, t0 + 30);
+    assert_eq!(p.next, before);
+    assert!(p.begun.is_empty() && p.ended.is_empty());
+    // It cleared while the agent was down, past the cooldown: lifted.
+    let p = plan_throttles(&r, &back, &[], t0 + 900);
+    assert!(p.next.0.is_empty());
+    assert_eq!(p.ended.len(), 1);
+    // A clock set back ends the hold (the throttle ends with its fault).
+    let p = plan_throttles(&r, &back, &[], t0 - 3600);
+    assert!(p.next.0.is_empty());
+    // A throttle whose rule is gone from the configuration is lifted.
+    let p = plan_throttles(&rules(REBOOT_ON_HOT), &back, &warm, t0 + 1);
+    assert!(p.next.0.is_empty());
+    assert_eq!(p.ended[0].0, "hot-throttle");
+    // A restart that changed the rule's percent: the new one, same start.
+    let changed = rules(&THROTTLE_ON_HOT.replace("cpu_percent = 50", "cpu_percent = 40"));
+    let p = plan_throttles(&changed, &back, &warm, t0 + 2);
+    assert_eq!(p.next.0["hot-throttle"].cpu_percent, 40);
+    assert_eq!(p.next.0["hot-throttle"].since, t0);
+    assert!(p.begun.is_empty());
+}
+
+#[test]
+fn throttle_rules_are_not_edge_firings_and_their_fields_are_checked() {
+    let r = rules(THROTTLE_ON_HOT);
+    let dir = tempfile::tempdir().unwrap();
+    let mut l = Limiter::load(dir.path()).unwrap();
+    let mut m = Matcher::new(r);
+    let warm = [fault(Severity::Warning, Source::Thermal, "zone0")];
+    assert!(m.next(&warm, &mut l, 10).is_empty());
+    for (text, want) in [
+        (
+            "[[action]]\nname = \"t\"\nseverity = \"warning\"\naction = \"throttle-engines\"\n",
+            "[0] (\"t\").cpu_percent: a throttle needs cpu_percent (1..=100)",
+        ),
+        (
+            "[[action]]\nname = \"t\"\nseverity = \"warning\"\naction = \"throttle-engines\"\ncpu_percent = 0\n",
+            "[0] (\"t\").cpu_percent: 0 is outside 1..=100",
+        ),
+        (
+            "[[action]]\nname = \"t\"\nseverity = \"warning\"\naction = \"throttle-engines\"\ncpu_percent = 101\n",
+            "[0] (\"t\").cpu_percent: 101 is outside 1..=100",
+        ),
+        (
+            "[[action]]\nname = \"t\"\nseverity = \"warning\"\naction = \"notify\"\ncpu_percent = 50\n",
+            "[0] (\"t\").cpu_percent: only for \"throttle-engines\", not \"notify\"",
+        ),
+    ] {
+        let e = validate(&rules(text)).unwrap_err();
+        assert!(e.starts_with(want), "{e} (wanted {want})");
+    }
+}

@@ -209,3 +209,118 @@ fn a_damaged_budget_record_stops_the_runtime_naming_it() {
         assert!(e.contains("budget.json"), "{bad}: {e}");
     }
 }
+
+fn throttles(entries: &[(&str, u8, u64)]) -> leasehold_node::Throttles {
+    leasehold_node::Throttles(
+        entries
+            .iter()
+            .map(|(n, p, s)| {
+                (
+                    (*n).to_owned(),
+                    leasehold_node::Throttle {
+                        cpu_percent: *p,
+                        since: *s,
+                    },
+                )
+            })
+            .collect(),
+    )
+}
+
+/// `throttle-engines` on a cgroupfs fixture (the injectable cgroup root):
+/// the subtree's cpu.max lowered and nothing else, persisted across a
+/// restart, kept through a budget change, restored exactly.
+#[test]
+fn a_throttle_lowers_cpu_max_survives_a_restart_and_a_budget_change_and_restores_exactly() {
+    let f = fixture(false);
+    let root = f.cfg.cgroup_root.clone();
+    cgroup_dir(&root.join("leasehold"), "cpu memory io pids", false);
+    cgroup_dir(&root.join("leasehold/tenant"), "cpu memory io pids", true);
+    // A sibling cgroup the throttle must never touch.
+    cgroup_dir(&root.join("other"), "cpu memory io pids", true);
+    std::fs::write(root.join("other/cpu.max"), "max 100000").unwrap();
+    let start = || {
+        EngineRuntime::start(
+            f.cfg.clone(),
+            Arc::new(CgroupFs::with_root(Some(&root))),
+            f.sp.clone(),
+            f.vol.clone(),
+        )
+        .unwrap()
+    };
+    let read = |f: &str| std::fs::read_to_string(root.join("leasehold/tenant").join(f)).unwrap();
+    let mut rt = start();
+    rt.set_budget(&budget("cpu_max = \"200000 100000\"\nmemory_max = \"1G\""))
+        .unwrap();
+    let a = rt.set_throttles(&throttles(&[("hot", 50, 1000)])).unwrap();
+    assert!(a.written, "{a:?}");
+    assert_eq!(a.cpu_max, "100000 100000");
+    assert_eq!(read("cpu.max"), "100000 100000");
+    assert_eq!(read("memory.max"), "1073741824", "the rest is the budget's");
+    let v = rt.view().tenant();
+    assert_eq!(v.throttles.cpu_percent(), Some(50));
+    assert_eq!(v.throttled_cpu_max.as_deref(), Some("100000 100000"));
+    assert_eq!(rt.view().throttles(), a.throttles);
+    drop(rt);
+
+    // A new agent (a restart or a crash) reads it back and writes it
+    // before anything runs.
+    std::fs::write(root.join("leasehold/tenant/cpu.max"), "").unwrap();
+    let mut rt = start();
+    assert_eq!(read("cpu.max"), "100000 100000");
+    assert_eq!(rt.view().throttles(), throttles(&[("hot", 50, 1000)]));
+
+    // A budget change during the throttle: still throttled, of the new
+    // budget; a second, lower throttle binds.
+    rt.set_budget(&budget("cpu_max = \"400000 100000\""))
+        .unwrap();
+    assert_eq!(read("cpu.max"), "200000 100000");
+    rt.set_throttles(&throttles(&[("hot", 50, 1000), ("crit", 10, 2000)]))
+        .unwrap();
+    assert_eq!(read("cpu.max"), "40000 100000");
+
+    // The fault clears: exactly the (new) budget's value.
+    let a = rt.set_throttles(&throttles(&[])).unwrap();
+    assert_eq!(a.cpu_max, "400000 100000");
+    assert_eq!(read("cpu.max"), "400000 100000");
+    assert_eq!(rt.view().tenant().throttled_cpu_max, None);
+    // No budget cpu_max: a fraction of the node's CPUs, then "max".
+    rt.set_budget(&Budget::default()).unwrap();
+    rt.set_throttles(&throttles(&[("hot", 50, 3000)])).unwrap();
+    let cpus = u64::from(tenant::node_cpus());
+    assert_eq!(read("cpu.max"), format!("{} 100000", cpus * 50_000));
+    rt.set_throttles(&throttles(&[])).unwrap();
+    assert_eq!(read("cpu.max"), "max 100000");
+    drop(rt);
+    let rt = start();
+    assert_eq!(read("cpu.max"), "max 100000", "nothing restored twice");
+    assert!(rt.view().throttles().0.is_empty());
+    assert_eq!(
+        std::fs::read_to_string(root.join("other/cpu.max")).unwrap(),
+        "max 100000",
+        "no other cgroup touched"
+    );
+}
+
+#[test]
+fn a_damaged_throttle_record_stops_the_runtime_and_bad_throttles_are_refused() {
+    let f = fixture(false);
+    let path = f.cfg.state_dir.join(tenant::THROTTLE_FILE);
+    for bad in [
+        "{",
+        r#"{"format": 1, "throttles": {"hot": {"cpu_percent": 0, "since": 1}}}"#,
+        r#"{"format": 2, "throttles": {}}"#,
+    ] {
+        std::fs::write(&path, bad).unwrap();
+        let e = EngineRuntime::start(f.cfg.clone(), f.cg.clone(), f.sp.clone(), f.vol.clone())
+            .unwrap_err();
+        assert!(e.to_string().contains("throttle.json"), "{e}");
+    }
+    std::fs::remove_file(&path).unwrap();
+    let mut rt = f.runtime();
+    let e = rt
+        .set_throttles(&throttles(&[("hot", 101, 1)]))
+        .unwrap_err();
+    assert!(e.message.contains("hot.cpu_percent: 101"), "{e}");
+    assert!(!path.exists(), "nothing recorded");
+}
