@@ -230,6 +230,10 @@ fn budget_dict(v: leasehold_node::TenantView, above: Option<u32>) -> BudgetInfo 
         engines_above: above,
         engines: Some(v.engines),
         engines_running: Some(v.running),
+        // Aggregate only: the percent that binds, not the rules.
+        throttle_cpu_percent: v.throttles.cpu_percent().map(u32::from),
+        throttled_cpu_max: v.throttled_cpu_max,
+        throttled_since: v.throttles.since(),
         ..BudgetInfo::default()
     };
     match v.usage {

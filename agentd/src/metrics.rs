@@ -192,6 +192,8 @@ pub struct TenantMetrics {
     pub pids_max: Option<u64>,
     /// The subtree's counters; None when they cannot be read.
     pub usage: Option<leasehold_engines::cgroup::Usage>,
+    /// Percent of its CPU a corrective throttle leaves it (0: none).
+    pub throttle_cpu_percent: u8,
 }
 
 impl TenantMetrics {
@@ -204,6 +206,7 @@ impl TenantMetrics {
             memory_max: v.budget.memory_max.map(|m| m.0),
             pids_max: v.budget.pids_max,
             usage: v.usage.ok(),
+            throttle_cpu_percent: v.throttles.cpu_percent().unwrap_or(0),
         }
     }
 }
@@ -498,6 +501,11 @@ fn encode_tenant(r: &mut Registry, t: &TenantMetrics) {
         "tenant_budget_written",
         "1 if the tenant budget is written on the engines' cgroup subtree",
         gauge(u64::from(t.budget_written)),
+    );
+    r.register(
+        "tenant_throttle_cpu_percent",
+        "percent of its CPU a corrective throttle leaves the tenant subtree (0: none)",
+        gauge(u64::from(t.throttle_cpu_percent)),
     );
     if let Some((quota, period)) = t.cpu_max {
         r.register(
@@ -1227,6 +1235,7 @@ mod tests {
             cpu_max: Some((200_000, 100_000)),
             memory_max: Some(1 << 30),
             pids_max: None,
+            throttle_cpu_percent: 50,
             usage: Some(leasehold_engines::cgroup::Usage {
                 cpu_usage_usec: 1_500_000,
                 memory_current: 64 << 20,
@@ -1334,6 +1343,7 @@ mod tests {
             "leasehold_heartbeat_timestamp_seconds 1764790000",
             "leasehold_heartbeat_interval_seconds 30",
             "leasehold_tenant_budget_written 1",
+            "leasehold_tenant_throttle_cpu_percent 50",
             "leasehold_tenant_budget_cpu_quota_usec 200000",
             "leasehold_tenant_budget_memory_max_bytes 1073741824",
             "leasehold_tenant_cpu_usage_usec 1500000",

@@ -139,6 +139,11 @@ pub fn budget_json(i: &BudgetInfo) -> Value {
         "engines_above": i.engines_above,
         "usage": usage,
         "usage_error": i.usage_error,
+        "throttle": i.throttle_cpu_percent.map(|p| json!({
+            "cpu_percent": p,
+            "cpu_max": i.throttled_cpu_max,
+            "since": i.throttled_since,
+        })),
     })
 }
 
@@ -255,5 +260,16 @@ pub fn budget_text(i: &BudgetInfo) -> String {
     }
     line("engines:", engines);
     line("usage:", usage_text(i));
+    if let Some(p) = i.throttle_cpu_percent {
+        line(
+            "throttled:",
+            format!(
+                "{p}% of the budget's CPU by a corrective action (cpu.max {}) since {} (until the fault clears)",
+                i.throttled_cpu_max.as_deref().unwrap_or("?"),
+                i.throttled_since
+                    .map_or_else(|| "?".into(), |t| crate::timefmt::rfc3339_ms(t.saturating_mul(1000))),
+            ),
+        );
+    }
     s.trim_end().to_owned()
 }

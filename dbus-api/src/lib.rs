@@ -241,6 +241,15 @@ pub struct BudgetInfo {
     pub io_writes: Option<u64>,
     /// Why the usage fields are absent (the subtree cannot be read).
     pub usage_error: Option<String>,
+    /// A corrective throttle is in force (`throttle-engines`,
+    /// docs/health.md): the percent of the budget's CPU (or the node's)
+    /// the subtree keeps (the lowest of the rules in force). Absent: none
+    /// (or an older agent).
+    pub throttle_cpu_percent: Option<u32>,
+    /// With a throttle: the subtree's lowered `cpu.max`, "QUOTA PERIOD".
+    pub throttled_cpu_max: Option<String>,
+    /// With a throttle: when the earliest in force began, unix seconds.
+    pub throttled_since: Option<u64>,
 }
 
 /// A public key.

@@ -203,6 +203,9 @@ fn output_functions_print_the_documented_shapes() {
         io_reads: Some(1),
         io_writes: Some(1),
         usage_error: s("unreadable"),
+        throttle_cpu_percent: Some(50),
+        throttled_cpu_max: s("100000 100000"),
+        throttled_since: Some(1_764_790_000),
     };
     for v in [budget, BudgetInfo::default()] {
         for c in [
