@@ -260,16 +260,22 @@ pub fn budget_text(i: &BudgetInfo) -> String {
     }
     line("engines:", engines);
     line("usage:", usage_text(i));
-    if let Some(p) = i.throttle_cpu_percent {
-        line(
-            "throttled:",
-            format!(
-                "{p}% of the budget's CPU by a corrective action (cpu.max {}) since {} (until the fault clears)",
-                i.throttled_cpu_max.as_deref().unwrap_or("?"),
-                i.throttled_since
-                    .map_or_else(|| "?".into(), |t| crate::timefmt::rfc3339_ms(t.saturating_mul(1000))),
-            ),
-        );
+    if let Some(t) = throttle_text(i) {
+        line("throttled:", t);
     }
     s.trim_end().to_owned()
+}
+
+/// A corrective throttle in force (`throttle-engines`), for `budget` and
+/// `status`; None when there is none.
+pub fn throttle_text(i: &BudgetInfo) -> Option<String> {
+    let p = i.throttle_cpu_percent?;
+    Some(format!(
+        "{p}% of the budget's CPU by a corrective action (cpu.max {}) since {} (until the fault clears)",
+        i.throttled_cpu_max.as_deref().unwrap_or("?"),
+        i.throttled_since.map_or_else(
+            || "?".into(),
+            |t| crate::timefmt::rfc3339_ms(t.saturating_mul(1000))
+        ),
+    ))
 }

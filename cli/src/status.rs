@@ -278,6 +278,9 @@ impl Overview {
         if let Some(Some(b)) = &self.budget {
             line("budget:", crate::budget::limits_text(b));
             line("tenant usage:", crate::budget::usage_text(b));
+            if let Some(t) = crate::budget::throttle_text(b) {
+                line("throttled:", t);
+            }
         }
         if let Some(h) = &self.health {
             line("health:", crate::health::status_part(h).1);

@@ -179,6 +179,11 @@ cgroup_subtree = "leasehold/tenant"
         .stdout;
     assert!(text.contains("throttled:"), "{text}");
     assert!(!text.contains("warm-throttle"), "aggregate only: {text}");
+    let text = lab
+        .run(Who::Landlord, "landlordctl", &["status"])
+        .ok()
+        .stdout;
+    assert!(text.contains("throttled:"), "{text}");
 
     // A restart with the fault present: written again at start, kept by
     // the first report (the hook's second line shows that report ran).
