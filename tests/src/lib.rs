@@ -19,6 +19,7 @@ pub mod flood;
 pub mod json_doc;
 pub mod markdown;
 pub mod matrix;
+pub mod oci;
 pub mod slices;
 
 /// Root of the workspace.

@@ -6,6 +6,8 @@
 //!                                   NodeInfo latency, JSON on stdout
 //! lh-dbus-probe peers <n> <target> one-host AddPeers/RemovePeers latency, JSON
 //! lh-dbus-probe burst <n>           n concurrent landlord calls, outcomes as JSON
+//! lh-dbus-probe starts <n> <engine> n engine starts on one connection, each
+//!                                   "t0 NS" and waited until it exited
 //! lh-dbus-probe listen [monitor]    eavesdrop on the bus (and try BecomeMonitor);
 //!                                   prints READY, then one line per message,
 //!                                   until the sentinel signal (DONE)
@@ -659,6 +661,39 @@ fn main() {
                 match l.node_info().await {
                     Ok(_) => println!("ok"),
                     Err(e) => println!("err {}", e.to_string().replace('\n', " ")),
+                }
+            }
+        }),
+        // Engine start latency from one kept connection (the engines VM
+        // bench): per start "t0 NS" (wall clock just before the call), then
+        // the call, then the engine's status polled every 50 ms (at most
+        // 60 s) until it has exited (its spec: exit at once, never restart).
+        Some("starts") => rt.block_on(async {
+            let n: u32 = args[1].parse().unwrap();
+            let name = &args[2];
+            let conn = zbus::Connection::system().await.expect("system bus");
+            let e = engines(&conn).await;
+            for _ in 0..n {
+                let t0 = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos();
+                if let Err(err) = e.start(name).await {
+                    println!("fail {err}");
+                    continue;
+                }
+                println!("t0 {t0}");
+                let t = Instant::now();
+                loop {
+                    let st = e.status(name).await.map(|i| i.state);
+                    if st.as_ref().is_ok_and(|s| s.as_deref() == Some("exited")) {
+                        break;
+                    }
+                    if t.elapsed() > Duration::from_secs(60) {
+                        println!("fail not exited: {st:?}");
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
         }),

@@ -1,0 +1,197 @@
+#!/bin/sh
+# Runs on a lab node as root (tests/benches/engines_vm.rs), from
+# /var/tmp/lhb (the bench's files: lhmark, rootfs/, bundle/, bb.tar, the
+# specs). Issue 14's engine figures, one run:
+#   1. start latency, N rounds (round 0 a warm-up), launchers interleaved:
+#      the agent (tenantctl engine start as the tenant), systemd-run --scope,
+#      systemd-run (service), crun run; "sample LAUNCHER T0 FIRST" lines
+#   2. exit -> first restart, R samples (restart.policy always, initial 1ms;
+#      a manual start between samples forgets the backoff); "restart EXIT
+#      FIRST" lines
+#   3. agent RSS and CPU over IDLE_SECS with 0, then E idle engines;
+#      "idle ENGINES RSS_KB HWM_KB TICKS SECS CLK_TCK SHIMS_KB ENGINES_KB
+#      MEM_AVAIL_KB" lines
+# Engine events go out between "events" and "end" lines. Every wait is
+# bounded; a launcher that fails prints "fail LAUNCHER ..." and the run
+# goes on.
+set -eu
+B=/var/tmp/lhb
+L=$B/lhmark
+RF=$B/rootfs
+W=$B/out
+N=${N:-30}
+R=${R:-20}
+E=${E:-100}
+IDLE_SECS=${IDLE_SECS:-60}
+DEV=$(readlink -f /dev/disk/by-id/virtio-leasehold-tenant)
+CONF=/etc/leasehold/agentd.toml
+rm -rf "$W"; mkdir -p "$W"; chmod 755 "$B" "$W"
+id tt >/dev/null 2>&1 || useradd -m -G leasehold-tenant tt
+
+t() { runuser -u tt -- tenantctl "$@"; }
+
+# Waits (bounded: 300 s) until a tenantctl command's output matches.
+until_out() { # pattern command...
+    pat=$1; shift; n=0
+    until "$@" 2>/dev/null | grep -q -- "$pat"; do
+        n=$((n + 1)); [ "$n" -lt 1500 ] || { echo "timeout waiting for $pat from $*" >&2; return 1; }
+        sleep 0.2
+    done
+}
+
+agent_idle() {
+    n=0
+    while landlordctl --json info | grep -q '"running":"'; do
+        n=$((n + 1)); [ "$n" -lt 3000 ] || { echo "node never idle" >&2; exit 1; }
+        sleep 0.2
+    done
+}
+
+# The tenant and its volume, as a landlord sets up a node (no fill: the
+# bench is about engines; TCG makes the fill's AES slow).
+landlordctl --json info | grep -q '"assigned":true' || landlordctl --yes assign bench >/dev/null
+systemctl stop leasehold-agentd
+sed -i '/^\[storage\]/,$d' "$CONF"
+printf '[storage]\nfill_on_init = false\n' >> "$CONF"
+systemctl start leasehold-agentd
+landlordctl --yes volume init --force "$DEV" >/dev/null
+agent_idle
+# The landlord's budget for the tenant, through its CLI: room for E engines
+# (each is a shim with its signal thread and the engine: 3 tasks).
+landlordctl budget set --pids-max 4096 --memory-max 1536M >/dev/null
+landlordctl budget show
+
+agent_pid() { systemctl show -p MainPID --value leasehold-agentd; }
+
+idle_sample() { # engines
+    pid=$(agent_pid)
+    tck=$(getconf CLK_TCK)
+    a=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+    s0=$(date +%s%N)
+    sleep "$IDLE_SECS"
+    b=$(awk '{print $14 + $15}' "/proc/$pid/stat")
+    s1=$(date +%s%N)
+    rss=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")
+    hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$pid/status")
+    shims=0; engines=0
+    for p in $(pgrep -f '^/usr/lib/leasehold/leasehold-engine-shim' || true); do
+        grep -q -- '--hold' "/proc/$p/cmdline" 2>/dev/null && continue
+        shims=$((shims + $(awk '/^VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)))
+    done
+    for p in $(pgrep -x lhmark || true); do
+        engines=$((engines + $(awk '/^VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)))
+    done
+    avail=$(awk '/^MemAvailable/ {print $2}' /proc/meminfo)
+    echo "idle $1 $rss $hwm $((b - a)) $(( (s1 - s0) / 1000000 )) $tck $shims $engines $avail"
+}
+
+# 3a. The agent with no engine at all.
+idle_sample 0
+
+# 1. Start latency. The agent's engine exits at once (restart never); each
+# sample waits until the agent shows it exited.
+t engine deploy s "$B/bb.tar" --spec "$B/start.toml" >/dev/null
+i=0
+while [ "$i" -le "$N" ]; do
+    if runuser -u tt -- "$L" spawn tenantctl engine start s >> "$W/agent" 2>> "$W/agent.err"; then
+        # This round's line in the log, then the exit seen by the agent.
+        n=0
+        until [ "$(t engine logs s | grep -c ' out first ')" -gt "$i" ]; do
+            n=$((n + 1)); [ "$n" -lt 600 ] || { echo "fail agent round $i: $(t engine status s | tr '\n' ' ')"; break; }
+            sleep 0.2
+        done
+        until_out '"state":"exited"' t --json engine status s || echo "fail agent round $i: $(t engine status s | tr '\n' ' ')"
+    else
+        echo "fail agent round $i: $(tail -n1 "$W/agent.err")"
+    fi
+    "$L" spawn systemd-run --quiet --scope "$RF/lhmark" engine >> "$W/scope" 2>> "$W/scope.err" \
+        || echo "fail scope round $i: $(tail -n1 "$W/scope.err")"
+    "$L" spawn systemd-run --quiet --pipe --wait --collect "$RF/lhmark" engine >> "$W/service" 2>> "$W/service.err" </dev/null \
+        || echo "fail service round $i: $(tail -n1 "$W/service.err")"
+    "$L" spawn crun --cgroup-manager=cgroupfs run --bundle "$B/bundle" "lhb-$i" >> "$W/crun" 2>> "$W/crun.err" </dev/null \
+        || echo "fail crun round $i: $(tail -n1 "$W/crun.err")"
+    crun delete -f "lhb-$i" >/dev/null 2>&1 || true
+    i=$((i + 1))
+done
+# The agent's engine printed its "first" lines into its log.
+t engine logs s | sed -n 's/.* out first \([0-9]*\)$/first \1/p' >> "$W/agent.first"
+# 1b. The agent's own path: N+1 starts from one kept D-Bus connection (no
+# client start; polkit's yes reused on the connection), back to back.
+t engine deploy p "$B/bb.tar" --spec "$B/start.toml" >/dev/null
+runuser -u tt -- "$B/lh-dbus-probe" starts $((N + 1)) p > "$W/probe" 2>> "$W/probe.err" \
+    || echo "fail probe: $(tail -n1 "$W/probe.err")"
+grep '^fail' "$W/probe" | sed 's/^fail/fail probe:/' || true
+t engine logs p | sed -n 's/.* out first \([0-9]*\)$/first \1/p' >> "$W/probe.first"
+for l in agent probe scope service crun; do
+    if [ "$l" = agent ] || [ "$l" = probe ]; then
+        grep '^t0 ' "$W/$l" | cut -d' ' -f2 > "$W/a.t0"
+        cut -d' ' -f2 "$W/$l.first" > "$W/a.first"
+    else
+        grep '^t0 ' "$W/$l" | cut -d' ' -f2 > "$W/a.t0"
+        grep '^first ' "$W/$l" | cut -d' ' -f2 > "$W/a.first"
+    fi
+    echo "count $l $(wc -l < "$W/a.t0") $(wc -l < "$W/a.first")"
+    paste -d' ' "$W/a.t0" "$W/a.first" | sed "s/^/sample $l /"
+done
+echo events; t --json engine events; echo end
+t --yes engine rm s >/dev/null
+t --yes engine rm p >/dev/null
+
+# 2. Exit -> first restart: instance A prints, creates the flag, prints its
+# exit time and exits 1; the agent restarts it (always, initial 1ms);
+# instance B finds the flag, removes it and stays. Then stop, so the next
+# manual start begins with a fresh backoff.
+t engine deploy r "$B/bb.tar" --spec "$B/restart.toml" >/dev/null
+i=0
+while [ "$i" -le "$R" ]; do
+    t engine start r
+    n=0
+    until [ "$(t engine logs r | grep -c ' out first ')" -ge $((2 * (i + 1))) ]; do
+        n=$((n + 1)); [ "$n" -lt 600 ] || { echo "fail restart round $i: $(t engine status r | tr '\n' ' ')"; break; }
+        sleep 0.2
+    done
+    t engine stop r
+    until_out '"state":"stopped"' t --json engine status r || echo "fail restart stop $i"
+    i=$((i + 1))
+done
+# Ordered by the marker's own clock (two instances' outputs reach the log
+# through two pipes: their order there is not the order of events).
+t engine logs r | sed -n 's/.* out \(first\|exit\) \([0-9]*\)$/\1 \2/p' | sort -n -k2 > "$W/r"
+echo "restart-lines $(wc -l < "$W/r")"
+awk '$1 == "exit" {e = $2; next} $1 == "first" && e != "" {print "restart " e " " $2; e = ""}' "$W/r"
+echo events; t --json engine events; echo end
+t --yes engine rm r >/dev/null
+
+# 3b. E idle engines.
+t0=$(date +%s%N)
+i=1
+while [ "$i" -le "$E" ]; do
+    t engine deploy "e$i" "$B/bb.tar" --spec "$B/idle.toml" >/dev/null || { echo "fail deploy e$i"; break; }
+    i=$((i + 1))
+done
+t1=$(date +%s%N)
+i=1
+while [ "$i" -le "$E" ]; do
+    t engine start "e$i" || { echo "fail start e$i"; break; }
+    i=$((i + 1))
+done
+n=0
+until [ "$(t engine ls | grep -c 'ready')" -ge "$E" ]; do
+    n=$((n + 1)); [ "$n" -lt 600 ] || { echo "fail: $(t engine ls | grep -vc ready) engines not ready"; break; }
+    sleep 1
+done
+t2=$(date +%s%N)
+echo "deploy-all $(( (t1 - t0) / 1000000 )) start-all $(( (t2 - t1) / 1000000 )) ready $(t engine ls | grep -c ready)"
+# Let the starts settle (their events, logs and timers) before measuring.
+sleep 10
+idle_sample "$(t engine ls | grep -c ready)"
+cat /sys/fs/cgroup/system.slice/leasehold-engines.service/tenant/pids.current \
+    /sys/fs/cgroup/system.slice/leasehold-engines.service/tenant/memory.current | tr '\n' ' ' | sed 's/^/tenant-subtree /'; echo
+grep -i threads "/proc/$(agent_pid)/status" | tr '\t\n' '  ' | sed 's/^/agent-/'; echo
+ls "/proc/$(agent_pid)/fd" | wc -l | sed 's/^/agent-fds /'
+i=1
+while [ "$i" -le "$E" ]; do t engine stop "e$i" >/dev/null || true; i=$((i + 1)); done
+echo "guest $(uname -r) $(nproc) $(awk '/^MemTotal/ {print $2}' /proc/meminfo)"
+echo "cgroup2 $(awk '$2 == "/sys/fs/cgroup" {print $4}' /proc/self/mounts)"
+echo "versions $(systemctl --version | head -n1 | tr ' ' _) $(crun --version | head -n1 | tr ' ' _)"
+echo done
