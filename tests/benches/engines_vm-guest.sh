@@ -130,7 +130,7 @@ for l in agent probe scope service crun; do
         grep '^t0 ' "$W/$l" | cut -d' ' -f2 > "$W/a.t0"
         grep '^first ' "$W/$l" | cut -d' ' -f2 > "$W/a.first"
     fi
-    echo "count $l $(wc -l < "$W/a.t0") $(wc -l < "$W/a.first")"
+    echo "count-$l $(wc -l < "$W/a.t0") t0, $(wc -l < "$W/a.first") first"
     paste -d' ' "$W/a.t0" "$W/a.first" | sed "s/^/sample $l /"
 done
 echo events; t --json engine events; echo end
@@ -162,11 +162,13 @@ awk '$1 == "exit" {e = $2; next} $1 == "first" && e != "" {print "restart " e " 
 echo events; t --json engine events; echo end
 t --yes engine rm r >/dev/null
 
-# 3b. E idle engines.
+# 3b. E idle engines: the image uploaded once into the inbox, each engine
+# deployed from it (unpacked into its own root).
+t engine upload "$B/bb.tar" --as lhb.tar >/dev/null
 t0=$(date +%s%N)
 i=1
 while [ "$i" -le "$E" ]; do
-    t engine deploy "e$i" "$B/bb.tar" --spec "$B/idle.toml" >/dev/null || { echo "fail deploy e$i"; break; }
+    t engine deploy "e$i" lhb.tar --from-inbox --spec "$B/idle.toml" >/dev/null || { echo "fail deploy e$i"; break; }
     i=$((i + 1))
 done
 t1=$(date +%s%N)
@@ -181,7 +183,7 @@ until [ "$(t engine ls | grep -c 'ready')" -ge "$E" ]; do
     sleep 1
 done
 t2=$(date +%s%N)
-echo "deploy-all $(( (t1 - t0) / 1000000 )) start-all $(( (t2 - t1) / 1000000 )) ready $(t engine ls | grep -c ready)"
+echo "deploy-all-from-inbox-ms $(( (t1 - t0) / 1000000 )) start-all-ms $(( (t2 - t1) / 1000000 )) ready $(t engine ls | grep -c ready)"
 # Let the starts settle (their events, logs and timers) before measuring.
 sleep 10
 idle_sample "$(t engine ls | grep -c ready)"
@@ -189,8 +191,6 @@ cat /sys/fs/cgroup/system.slice/leasehold-engines.service/tenant/pids.current \
     /sys/fs/cgroup/system.slice/leasehold-engines.service/tenant/memory.current | tr '\n' ' ' | sed 's/^/tenant-subtree /'; echo
 grep -i threads "/proc/$(agent_pid)/status" | tr '\t\n' '  ' | sed 's/^/agent-/'; echo
 ls "/proc/$(agent_pid)/fd" | wc -l | sed 's/^/agent-fds /'
-i=1
-while [ "$i" -le "$E" ]; do t engine stop "e$i" >/dev/null || true; i=$((i + 1)); done
 echo "guest $(uname -r) $(nproc) $(awk '/^MemTotal/ {print $2}' /proc/meminfo)"
 echo "cgroup2 $(awk '$2 == "/sys/fs/cgroup" {print $4}' /proc/self/mounts)"
 echo "versions $(systemctl --version | head -n1 | tr ' ' _) $(crun --version | head -n1 | tr ' ' _)"

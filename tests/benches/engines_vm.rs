@@ -293,7 +293,11 @@ fn main() {
     let guest_secs = t.elapsed().as_secs();
     let cpu = lab(
         120,
-        &["ssh", "1", "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2"],
+        &[
+            "ssh",
+            "1",
+            "grep -m1 'model name' /proc/cpuinfo | cut -d: -f2",
+        ],
     );
     lab(300, &["destroy"]);
     std::fs::write(dir.join("guest.out"), &out).unwrap();
@@ -362,7 +366,11 @@ fn main() {
     };
 
     let mut s = String::new();
-    writeln!(s, "## Engines on the lab node: start, restart, 100 idle (issue 14)\n").unwrap();
+    writeln!(
+        s,
+        "## Engines on the lab node: start, restart, 100 idle (issue 14)\n"
+    )
+    .unwrap();
     writeln!(
         s,
         "`flock /tmp/leasehold-vm-a.lock env LEASEHOLD_LAB_CACHE=… cargo bench -p leasehold-tests --bench engines_vm` (root; after `scripts/build-deb`; one VM run, every figure below; {guest_secs} s in the guest)\n"
@@ -393,7 +401,11 @@ fn main() {
         "### Start: client call → the engine's first instruction (TCG), {starts} starts each (one warm-up round dropped), launchers interleaved round by round\n"
     )
     .unwrap();
-    writeln!(s, "| launcher (TCG) | client | confinement | n | p50 | p99 | max |").unwrap();
+    writeln!(
+        s,
+        "| launcher (TCG) | client | confinement | n | p50 | p99 | max |"
+    )
+    .unwrap();
     writeln!(s, "|---|---|---|---|---|---|---|").unwrap();
     let mut p50s: BTreeMap<&str, (f64, f64)> = BTreeMap::new();
     for (key, label, client, conf) in [
@@ -443,35 +455,51 @@ fn main() {
         )
         .unwrap();
     }
+    let counts: Vec<String> = info
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix("count-").map(|l| format!("{l} {v}")))
+        .collect();
+    writeln!(
+        s,
+        "\nRecorded (warm-up included): {}. p99 is nearest-rank: below 100 samples it is the maximum.",
+        counts.join("; ")
+    )
+    .unwrap();
     // Where the agent's start goes: t0 → the `started` event (the agent has
     // the shim's pid) → the marker's first instruction.
     for (key, engine, what) in [
         ("agent", "s", "`tenantctl engine start`"),
         ("probe", "p", "one kept connection"),
     ] {
-    let started = ev_times(engine, "started");
-    let agent = samples.get(key).cloned().unwrap_or_default();
-    if started.len() != agent.len() {
-        writeln!(s, "\n({what}: {} `started` events for {} samples, no split.)", started.len(), agent.len()).unwrap();
-    }
-    if started.len() == agent.len() && !agent.is_empty() {
-        let a = sorted(
-            agent
-                .iter()
-                .zip(&started)
-                .skip(1)
-                .map(|(&(t0, _), &e)| ms(t0, e * 1_000_000))
-                .collect(),
-        );
-        let b = sorted(
-            agent
-                .iter()
-                .zip(&started)
-                .skip(1)
-                .map(|(&(_, first), &e)| ms(e * 1_000_000, first))
-                .collect(),
-        );
-        writeln!(
+        let started = ev_times(engine, "started");
+        let agent = samples.get(key).cloned().unwrap_or_default();
+        if started.len() != agent.len() {
+            writeln!(
+                s,
+                "\n({what}: {} `started` events for {} samples, no split.)",
+                started.len(),
+                agent.len()
+            )
+            .unwrap();
+        }
+        if started.len() == agent.len() && !agent.is_empty() {
+            let a = sorted(
+                agent
+                    .iter()
+                    .zip(&started)
+                    .skip(1)
+                    .map(|(&(t0, _), &e)| ms(t0, e * 1_000_000))
+                    .collect(),
+            );
+            let b = sorted(
+                agent
+                    .iter()
+                    .zip(&started)
+                    .skip(1)
+                    .map(|(&(_, first), &e)| ms(e * 1_000_000, first))
+                    .collect(),
+            );
+            writeln!(
             s,
             "\nThe agent's start ({what}) split at its `started` event (event times are milliseconds): t0 → `started` (client start if any, D-Bus, polkit, the controller, the engine's cgroups, the shim spawned) p50 {:.1} ms, p99 {:.1} ms; `started` → first instruction (the shim's confinement and exec) p50 {:.1} ms, p99 {:.1} ms.",
             pct(&a, 50.0),
@@ -480,10 +508,16 @@ fn main() {
             pct(&b, 99.0)
         )
         .unwrap();
-    }
+        }
     }
 
-    let r = sorted(restart_pairs.iter().skip(1).map(|&(a, b)| ms(a, b)).collect());
+    let r = sorted(
+        restart_pairs
+            .iter()
+            .skip(1)
+            .map(|&(a, b)| ms(a, b))
+            .collect(),
+    );
     writeln!(
         s,
         "\n### Exit → first restart (TCG), {} samples (one warm-up dropped)\n",
@@ -566,7 +600,12 @@ fn main() {
         )
         .unwrap();
     }
-    for k in ["deploy-all", "tenant-subtree", "agent-Threads:", "agent-fds"] {
+    for k in [
+        "deploy-all-from-inbox-ms",
+        "tenant-subtree",
+        "agent-Threads:",
+        "agent-fds",
+    ] {
         if let Some(v) = info.get(k) {
             writeln!(s, "\n- `{k}` {v}").unwrap();
         }

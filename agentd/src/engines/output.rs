@@ -140,6 +140,12 @@ pub struct LogSink {
     queued: Arc<AtomicUsize>,
     limit: usize,
     stopping: Arc<AtomicBool>,
+    /// Read end of the stop pipe: every capture polls it with its FIFOs,
+    /// and it hangs up when [`LogSink::stop`] closes the write end, so an
+    /// idle capture sleeps in `poll` without a timeout and still stops at
+    /// once (100 idle engines cost the agent no wake-ups).
+    stop_r: Arc<OwnedFd>,
+    stop_w: Arc<Mutex<Option<OwnedFd>>>,
 }
 
 struct Open {
@@ -158,6 +164,8 @@ impl LogSink {
         max_bytes: u64,
         queue_limit: usize,
     ) -> io::Result<Self> {
+        let (stop_r, stop_w) =
+            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
         let (tx, rx) = mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let q = queued.clone();
@@ -169,13 +177,18 @@ impl LogSink {
             queued,
             limit: queue_limit,
             stopping: Arc::default(),
+            stop_r: Arc::new(stop_r),
+            stop_w: Arc::new(Mutex::new(Some(stop_w))),
         })
     }
 
-    /// The runtime ends: every capture stops reading within
-    /// [`FLUSH_AFTER`] and closes its FIFOs, leaving what is unread in them.
+    /// The runtime ends: every capture stops reading at once (the stop
+    /// pipe hangs up) and closes its FIFOs, leaving what is unread in them.
     pub fn stop(&self) {
         self.stopping.store(true, Ordering::Release);
+        if let Ok(mut w) = self.stop_w.lock() {
+            w.take();
+        }
     }
 
     /// Takes a batch if it fits in the queue (else `false`: dropped).
@@ -355,10 +368,11 @@ fn pump(mut cap: Capture, output: Output) {
             .filter_map(|(fd, s)| Some((File::from(fd?), LineSplitter::new(s, LINE_MAX))))
             .collect();
     let mut buf = vec![0u8; READ_CHUNK];
-    let timeout = Timespec {
+    let flush_after = Timespec {
         tv_sec: FLUSH_AFTER.as_secs() as i64,
         tv_nsec: 0,
     };
+    let stop = cap.sink.stop_r.clone();
     while !streams.is_empty() {
         if cap.sink.stopping.load(Ordering::Acquire) {
             // What waits for a newline was read already: stored now.
@@ -370,20 +384,34 @@ fn pump(mut cap: Capture, output: Output) {
             cap.send(batch, now);
             break;
         }
+        // A timeout only while a line waits for its newline (stored after
+        // FLUSH_AFTER of silence); otherwise sleep until output or stop.
+        let timeout = streams
+            .iter()
+            .any(|(_, s)| s.pending() > 0)
+            .then_some(&flush_after);
         let ready: Vec<bool> = {
             let mut fds: Vec<PollFd<'_>> = streams
                 .iter()
                 .map(|(f, _)| PollFd::new(f, PollFlags::IN))
+                .chain(std::iter::once(PollFd::new(&*stop, PollFlags::IN)))
                 .collect();
-            match poll(&mut fds, Some(&timeout)) {
+            match poll(&mut fds, timeout) {
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => {
                     tracing::warn!(engine = %cap.engine, error = %e, "engine output: poll");
                     break;
                 }
-                Ok(_) => fds.iter().map(|f| !f.revents().is_empty()).collect(),
+                Ok(_) => fds[..streams.len()]
+                    .iter()
+                    .map(|f| !f.revents().is_empty())
+                    .collect(),
             }
         };
+        if cap.sink.stopping.load(Ordering::Acquire) {
+            // Woken by the stop: the check at the top of the loop.
+            continue;
+        }
         let now = now_ms();
         let mut batch = Vec::new();
         if !ready.iter().any(|r| *r) {
@@ -662,6 +690,79 @@ mod tests {
             let w: Vec<_> = want.iter().filter(|r| r.0 == s).collect();
             assert_eq!(g, w);
         }
+    }
+
+    /// Voluntary context switches of one thread of this process.
+    fn switches(tid: i32) -> u64 {
+        let st = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")).unwrap();
+        st.lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap()
+    }
+
+    #[test]
+    fn an_idle_capture_sleeps_until_output_or_stop() {
+        use std::io::Write;
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::create_dir_all(tmp.path().join("web")).unwrap();
+        let dir = tmp.path().join("web/logs");
+        let sink = LogSink::start(
+            Arc::new(At(tmp.path().to_owned())),
+            leasehold_engines::logs::MIN_MAX_BYTES,
+            QUEUE_BYTES,
+        )
+        .unwrap();
+        let (output, mut out_w, _err_w) = make_fifos(&run).unwrap();
+        let cap = Capture::new(sink.clone(), "web", dir.clone());
+        let (tid_tx, tid_rx) = mpsc::channel();
+        let (done_tx, done_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            tid_tx.send(nix::unistd::gettid().as_raw()).unwrap();
+            pump(cap, output);
+            done_tx.send(()).unwrap();
+        });
+        let tid = tid_rx.recv().unwrap();
+        out_w.write_all(b"one line\n").unwrap();
+        wait_written(&sink);
+        let n = || leasehold_engines::logs::read(&dir, 0, 10).map_or(0, |v| v.len());
+        let t0 = std::time::Instant::now();
+        while n() < 1 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the line never came"
+            );
+            std::thread::yield_now();
+        }
+        // Idle (writers open, nothing pending): no timeout, so no wake-up
+        // over 2.5 times FLUSH_AFTER (the old loop woke every FLUSH_AFTER).
+        let before = switches(tid);
+        std::thread::sleep(FLUSH_AFTER * 5 / 2);
+        assert!(
+            switches(tid) <= before + 1,
+            "an idle capture woke up: {} -> {}",
+            before,
+            switches(tid)
+        );
+        // A line without its newline is still stored after FLUSH_AFTER.
+        out_w.write_all(b"prompt> ").unwrap();
+        let t0 = std::time::Instant::now();
+        while n() < 2 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the prompt was never stored"
+            );
+            std::thread::yield_now();
+        }
+        // The stop wakes it at once, writers still open.
+        let t0 = std::time::Instant::now();
+        sink.stop();
+        done_rx
+            .recv_timeout(FLUSH_AFTER / 2)
+            .expect("the capture did not stop at once");
+        assert!(t0.elapsed() < FLUSH_AFTER / 2);
     }
 
     #[test]
