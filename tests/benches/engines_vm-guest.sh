@@ -28,6 +28,10 @@ CONF=/etc/leasehold/agentd.toml
 rm -rf "$W"; mkdir -p "$W"; chmod 755 "$B" "$W"
 id tt >/dev/null 2>&1 || useradd -m -G leasehold-tenant tt
 
+echo "guest $(uname -r) $(nproc) $(awk '/^MemTotal/ {print $2}' /proc/meminfo)"
+echo "cgroup2 $(awk '$2 == "/sys/fs/cgroup" {print $4}' /proc/self/mounts)"
+echo "versions $(systemctl --version | head -n1 | tr ' ' _) $(crun --version | head -n1 | tr ' ' _)"
+
 t() { runuser -u tt -- tenantctl "$@"; }
 
 # Waits (bounded: 300 s) until a tenantctl command's output matches.
@@ -191,7 +195,4 @@ cat /sys/fs/cgroup/system.slice/leasehold-engines.service/tenant/pids.current \
     /sys/fs/cgroup/system.slice/leasehold-engines.service/tenant/memory.current | tr '\n' ' ' | sed 's/^/tenant-subtree /'; echo
 grep -i threads "/proc/$(agent_pid)/status" | tr '\t\n' '  ' | sed 's/^/agent-/'; echo
 ls "/proc/$(agent_pid)/fd" | wc -l | sed 's/^/agent-fds /'
-echo "guest $(uname -r) $(nproc) $(awk '/^MemTotal/ {print $2}' /proc/meminfo)"
-echo "cgroup2 $(awk '$2 == "/sys/fs/cgroup" {print $4}' /proc/self/mounts)"
-echo "versions $(systemctl --version | head -n1 | tr ' ' _) $(crun --version | head -n1 | tr ' ' _)"
 echo done

@@ -282,15 +282,22 @@ fn main() {
         String::from_utf8_lossy(&o.stderr)
     );
     let t = std::time::Instant::now();
-    let out = lab(
-        7200,
-        &[
+    // Not asserted: a script that stops half-way still leaves its figures
+    // (the report lists the failure).
+    let g = Command::new("timeout")
+        .arg("7200")
+        .arg(workspace_root().join("vagrant/lab"))
+        .args([
             "ssh",
             "1",
             &format!("N={starts} R={restarts} E={engines} IDLE_SECS={idle_secs} sh /var/tmp/lhb/guest.sh"),
-        ],
-    );
+        ])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&g.stdout).into_owned();
+    let guest_err = String::from_utf8_lossy(&g.stderr).into_owned();
     let guest_secs = t.elapsed().as_secs();
+    std::fs::write(dir.join("guest.err"), &guest_err).unwrap();
     let cpu = lab(
         120,
         &[
@@ -307,6 +314,14 @@ fn main() {
     let mut events: Vec<serde_json::Value> = Vec::new();
     let mut idle: Vec<Idle> = Vec::new();
     let mut fails: Vec<String> = Vec::new();
+    if !g.status.success() {
+        let tail: Vec<&str> = guest_err.lines().rev().take(3).collect();
+        fails.push(format!(
+            "the guest script ended with {}: {}",
+            g.status,
+            tail.into_iter().rev().collect::<Vec<_>>().join(" / ")
+        ));
+    }
     let mut info: BTreeMap<String, String> = BTreeMap::new();
     let mut lines = out.lines();
     while let Some(l) = lines.next() {
