@@ -43,11 +43,11 @@ fn env_n(name: &str, default: u32) -> u32 {
 }
 
 /// Nearest-rank percentile (p in 0..=100) of sorted samples.
-fn pct(sorted: &[f64], p: f64) -> f64 {
+fn pct(sorted: &[f64], p: usize) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    let rank = (p * sorted.len()).div_ceil(100);
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
@@ -258,7 +258,7 @@ fn main() {
     lab(900, &["up", "1"]);
     lab(900, &["install", "1", deb.to_str().unwrap()]);
     // The staged files over the lab's SSH (stdin passes through).
-    let tar = Command::new("tar")
+    let mut tar = Command::new("tar")
         .arg("-C")
         .arg(&dir)
         .args(["-cf", "-", "."])
@@ -273,9 +273,10 @@ fn main() {
             "1",
             "rm -rf /var/tmp/lhb && mkdir -p /var/tmp/lhb && tar -C /var/tmp/lhb -xf - && chmod 755 /var/tmp/lhb",
         ])
-        .stdin(tar.stdout.unwrap())
+        .stdin(tar.stdout.take().unwrap())
         .output()
         .unwrap();
+    assert!(tar.wait().unwrap().success(), "tar of {}", dir.display());
     assert!(
         o.status.success(),
         "copy: {}",
@@ -339,17 +340,17 @@ fn main() {
                 }
             }
             Some("idle") if f.len() == 10 => {
-                let n = |i: usize| f[i].parse::<f64>().unwrap_or(f64::NAN);
-                let secs = n(5) / 1000.0;
+                let n = |i: usize| f[i].parse::<u64>().unwrap_or(0);
+                let secs = n(5) as f64 / 1000.0;
                 idle.push(Idle {
-                    engines: n(1) as u64,
-                    rss_kb: n(2) as u64,
-                    hwm_kb: n(3) as u64,
-                    cpu_pct: n(4) / n(6) / secs * 100.0,
+                    engines: n(1),
+                    rss_kb: n(2),
+                    hwm_kb: n(3),
+                    cpu_pct: n(4) as f64 / n(6).max(1) as f64 / secs * 100.0,
                     secs,
-                    shims_kb: n(7) as u64,
-                    engines_kb: n(8) as u64,
-                    avail_kb: n(9) as u64,
+                    shims_kb: n(7),
+                    engines_kb: n(8),
+                    avail_kb: n(9),
                 });
             }
             Some("events") => {
@@ -459,13 +460,13 @@ fn main() {
             .get(key)
             .map_or(vec![], |x| x.iter().skip(1).map(|&(a, b)| ms(a, b)).collect());
         let v = sorted(v);
-        p50s.insert(key, (pct(&v, 50.0), pct(&v, 99.0)));
+        p50s.insert(key, (pct(&v, 50), pct(&v, 99)));
         writeln!(
             s,
             "| {label} | {client} | {conf} | {} | {:.1} ms | {:.1} ms | {:.1} ms |",
             v.len(),
-            pct(&v, 50.0),
-            pct(&v, 99.0),
+            pct(&v, 50),
+            pct(&v, 99),
             v.last().copied().unwrap_or(f64::NAN)
         )
         .unwrap();
@@ -517,10 +518,10 @@ fn main() {
             writeln!(
             s,
             "\nThe agent's start ({what}) split at its `started` event (event times are milliseconds): t0 → `started` (client start if any, D-Bus, polkit, the controller, the engine's cgroups, the shim spawned) p50 {:.1} ms, p99 {:.1} ms; `started` → first instruction (the shim's confinement and exec) p50 {:.1} ms, p99 {:.1} ms.",
-            pct(&a, 50.0),
-            pct(&a, 99.0),
-            pct(&b, 50.0),
-            pct(&b, 99.0)
+            pct(&a, 50),
+            pct(&a, 99),
+            pct(&b, 50),
+            pct(&b, 99)
         )
         .unwrap();
         }
@@ -546,8 +547,8 @@ fn main() {
         s,
         "| A's last instruction → B's first instruction | {} | {:.1} ms | {:.1} ms | {:.1} ms |",
         r.len(),
-        pct(&r, 50.0),
-        pct(&r, 99.0),
+        pct(&r, 50),
+        pct(&r, 99),
         r.last().copied().unwrap_or(f64::NAN)
     )
     .unwrap();
@@ -585,8 +586,8 @@ fn main() {
             s,
             "| {label} | {} | {:.1} ms | {:.1} ms | {:.1} ms |",
             v.len(),
-            pct(&v, 50.0),
-            pct(&v, 99.0),
+            pct(&v, 50),
+            pct(&v, 99),
             v.last().copied().unwrap_or(f64::NAN)
         )
         .unwrap();
@@ -641,9 +642,9 @@ fn main() {
         agent.1,
         crun.0,
         met(agent.1 < crun.0),
-        pct(&r, 50.0),
-        pct(&r, 99.0),
-        met(pct(&r, 99.0) <= 20.0),
+        pct(&r, 50),
+        pct(&r, 99),
+        met(pct(&r, 99) <= 20.0),
         last.map_or(f64::NAN, |i| i.rss_kb as f64 / 1024.0),
         last.map_or(0, |i| i.engines),
         met(last.is_some_and(|i| i.engines >= 100 && i.rss_kb <= 30 * 1024)),
