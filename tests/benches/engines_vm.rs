@@ -389,7 +389,7 @@ fn main() {
     .unwrap();
     writeln!(
         s,
-        "`flock /tmp/leasehold-vm-a.lock env LEASEHOLD_LAB_CACHE=… cargo bench -p leasehold-tests --bench engines_vm` (root; after `scripts/build-deb`; one VM run, every figure below; {guest_secs} s in the guest)\n"
+        "`flock /tmp/leasehold-vm-a.lock env LEASEHOLD_LAB_CACHE=… cargo bench -p leasehold-tests --bench engines_vm` (root; after `scripts/build-deb` and `cargo build --workspace --bins`; one VM run, every figure below; {guest_secs} s in the guest)\n"
     )
     .unwrap();
     s.push_str(&leasehold_tests::markdown::machine());
