@@ -29,6 +29,7 @@ rm -rf "$W"; mkdir -p "$W"; chmod 755 "$B" "$W"
 id tt >/dev/null 2>&1 || useradd -m -G leasehold-tenant tt
 
 echo "guest $(uname -r) $(nproc) $(awk '/^MemTotal/ {print $2}' /proc/meminfo)"
+echo "cpu $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
 echo "cgroup2 $(awk '$2 == "/sys/fs/cgroup" {print $4}' /proc/self/mounts)"
 echo "versions $(systemctl --version | head -n1 | tr ' ' _) $(crun --version | head -n1 | tr ' ' _)"
 
@@ -187,7 +188,7 @@ until [ "$(t engine ls | grep -c 'ready')" -ge "$E" ]; do
     sleep 1
 done
 t2=$(date +%s%N)
-echo "deploy-all-from-inbox-ms $(( (t1 - t0) / 1000000 )) start-all-ms $(( (t2 - t1) / 1000000 )) ready $(t engine ls | grep -c ready)"
+echo "deploy-all-from-inbox-ms $(( (t1 - t0) / 1000000 )) start-all-ms $(( (t2 - t1) / 1000000 )) ready $(t engine ls | grep -c ready) of $E"
 # Let the starts settle (their events, logs and timers) before measuring.
 sleep 10
 idle_sample "$(t engine ls | grep -c ready)"
