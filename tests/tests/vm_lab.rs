@@ -243,6 +243,15 @@ const SECTIONS: &[Section<Vm>] = &[
     // Issue 14: a tenant with a mounted volume, as the volume section leaves
     // it; ends with a tenant rotation (the volume comes back empty).
     sec("engines", &["volume", "guest-users", "agent-unit"], engines),
+    // Issue 14 at run time: secrets, heartbeat, probes, egress, cpu.max.
+    // Builds on the volume section's state, as `engines` does (not on
+    // `engines` itself, which leaves the same state: a tenant, an open
+    // volume); leaves no engine, boundary or secret behind.
+    sec(
+        "engine-runtime",
+        &["volume", "guest-users", "agent-unit"],
+        engine_runtime,
+    ),
     sec(
         "erase-landlord-rotation",
         &["volume"],
@@ -599,6 +608,12 @@ fn volume(vm: &mut Vm) -> Ran {
 /// Issue 14: engines on the packaged node, driven over `tenantctl --host`.
 fn engines(vm: &mut Vm) -> Ran {
     engines_on_the_node(vm);
+    Ran::Done
+}
+
+/// Issue 14 at run time on the packaged node, over `tenantctl --host`.
+fn engine_runtime(vm: &mut Vm) -> Ran {
+    engines_at_run_time(vm);
     Ran::Done
 }
 
@@ -1528,13 +1543,14 @@ fn host(c: &mut Command) -> String {
 }
 
 /// An OCI image archive made here, no registry: one layer with the host's
-/// busybox-static and, for the escape attempts, `nft` and `dbus-send` with
-/// their shared libraries (from `ldd`, at the same paths).
-fn engine_image(dir: &Path) -> PathBuf {
+/// busybox-static and `tools` (the engines section's escape attempts: `nft`
+/// and `dbus-send`; the runtime section's heartbeat: `socat`) with their
+/// shared libraries (from `ldd`, at the same paths).
+fn engine_image(dir: &Path, tools: &[&str]) -> PathBuf {
     let _ = std::fs::remove_dir_all(dir);
     let root = dir.join("layer");
     let mut files = vec![PathBuf::from("/bin/busybox")];
-    for tool in ["/usr/sbin/nft", "/usr/bin/dbus-send"] {
+    for tool in tools {
         files.push(PathBuf::from(tool));
         for line in host(Command::new("ldd").arg(tool)).lines() {
             let path = line
@@ -1721,7 +1737,7 @@ fn engines_on_the_node(vm: &mut Vm) {
     vm.step("engines: the engines unit holds the tree");
 
     let dir = workspace_root().join("target/vm-engines");
-    let image = engine_image(&dir);
+    let image = engine_image(&dir, &["/usr/sbin/nft", "/usr/bin/dbus-send"]);
     let image = image.to_str().unwrap();
     eprintln!(
         "vm: engine image {} bytes",
@@ -2845,4 +2861,453 @@ fn kernel_hang(vm: &mut Vm) -> Ran {
     vm.sh(&format!("rm -f {DROPIN} && systemctl daemon-reexec"));
     vm.step("kernel hang → i6300esb reset, agent back");
     Ran::Done
+}
+
+/// An engine's data directory `dir` on the node (root's view of the
+/// tenant volume; the engine sees it at `/DIR`).
+fn engine_data(name: &str, dir: &str) -> String {
+    format!("{MNT}/engines/{name}/data/{dir}")
+}
+
+impl Vm {
+    /// `(pid, uid, has MARKER=visible, lines holding the secret)` of each
+    /// process in the engine's instance cgroups, read in the guest.
+    fn engine_environs(&self, name: &str, secret: &str) -> Vec<(u64, u64, bool, u64)> {
+        let out = self.sh(&format!(
+            "for p in $(cat {ENGINES_CG}/tenant/{name}/i*/cgroup.procs); do \
+             echo $p $(stat -c %u /proc/$p) $(tr '\\0' '\\n' < /proc/$p/environ | grep -c '^MARKER=visible$') $(tr '\\0' '\\n' < /proc/$p/environ | grep -cF '{secret}'); done; true"
+        ));
+        out.lines()
+            .map(|l| {
+                let f: Vec<u64> = l
+                    .split_whitespace()
+                    .map(|w| w.parse().unwrap_or_else(|_| panic!("{name}: {out}")))
+                    .collect();
+                assert_eq!(f.len(), 4, "{name}: {out}");
+                (f[0], f[1], f[2] == 1, f[3])
+            })
+            .collect()
+    }
+
+    /// The newest event's number (0: none yet).
+    fn last_event_seq(&self) -> u64 {
+        self.engine_events()
+            .iter()
+            .filter_map(|e| e["seq"].as_u64())
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Waits (bounded) for an event `kind` of `name` numbered above
+    /// `after`; returns it.
+    #[track_caller]
+    fn event_after(&self, name: &str, kind: &str, after: u64) -> serde_json::Value {
+        let t0 = Instant::now();
+        loop {
+            let seen = self.engine_events();
+            if let Some(e) = seen.iter().find(|e| {
+                e["engine"] == name && e["kind"] == kind && e["seq"].as_u64() > Some(after)
+            }) {
+                return e.clone();
+            }
+            assert!(
+                t0.elapsed().as_secs() < 120,
+                "engine {name}: no {kind:?} event after {after}: {seen:?}"
+            );
+            std::thread::sleep(Duration::from_secs(1));
+        }
+    }
+
+    /// Stops (if running) and removes an engine.
+    fn engine_gone(&self, name: &str) {
+        self.tenant_ok(&["engine", "stop", name]);
+        self.engine_until(name, &["stopped"]);
+        self.tenant_ok(&["--yes", "engine", "rm", name]);
+    }
+}
+
+/// Issue 14 (T2) at run time: a secret reaches the engine as a 0400 file of
+/// its uid and nowhere else; a heartbeat with a watchdog keeps an engine
+/// ready and its silence restarts it; exec, tcp and http probes pass and
+/// a failing one restarts the engine at its threshold; a CPU hog is held to
+/// `cpu.max`; per-engine egress with real packets to listeners on the host.
+/// Expects a tenant and an open volume; leaves no engine, secret or
+/// boundary.
+fn engines_at_run_time(vm: &mut Vm) {
+    let dir = workspace_root().join("target/vm-engine-runtime");
+    // socat for the heartbeat: busybox cannot send to a datagram socket.
+    let image = engine_image(&dir, &["/usr/bin/socat"]);
+    let image = image.to_str().unwrap();
+    eprintln!(
+        "vm: runtime image {} bytes",
+        std::fs::metadata(image).unwrap().len()
+    );
+    // Uploaded once: later deploys name it in the inbox.
+    vm.tenant_ok(&["engine", "upload", image]);
+    let image = "bb.tar";
+
+    // Secrets: a value no other part of the run holds.
+    let value = format!(
+        "s3cret-{:x}-{}",
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos(),
+        std::process::id()
+    );
+    let secret_file = dir.join("rt-db.secret");
+    std::fs::write(&secret_file, &value).unwrap();
+    vm.tenant_ok(&["secret", "put", "rt-db", "--from", secret_file.to_str().unwrap()]);
+    let sec = engine_spec(
+        &dir,
+        "rt-sec",
+        "B=/bin/busybox; f=/run/secrets/rt-db; \
+         echo secret mode=$($B stat -c %a:%u $f) sha=$($B sha256sum < $f | $B cut -d' ' -f1) uid=$($B id -u); \
+         $B env | $B grep -qF \"$($B cat $f)\" && echo secret-in-env; \
+         echo secret shown; exec $B sleep 100000",
+        "secrets = [\"rt-db\"]\n[env]\nMARKER = \"visible\"\n",
+    );
+    vm.tenant_ok(&["engine", "deploy", "rt-sec", image, "--spec", &sec, "--from-inbox"]);
+    vm.tenant_ok(&["engine", "start", "rt-sec"]);
+    vm.engine_logs_until("rt-sec", "secret shown");
+    let procs = vm.engine_environs("rt-sec", &value);
+    let engine = procs
+        .iter()
+        .find(|p| p.2)
+        .unwrap_or_else(|| panic!("no process with the spec's env: {procs:?}"));
+    let (pid, uid) = (engine.0, engine.1);
+    assert!(uid >= 2_000_000, "engine uid {uid}");
+    assert!(
+        procs.iter().all(|p| p.3 == 0),
+        "the secret in a process environment: {procs:?}"
+    );
+    let logs = vm.engine_logs("rt-sec");
+    assert!(
+        logs.contains(&format!(
+            "secret mode=400:{uid} sha={} uid={uid}",
+            sha256_hex(value.as_bytes())
+        )) && !logs.contains("secret-in-env"),
+        "{logs}"
+    );
+    // From outside the engine: its /run/secrets is a tmpfs, the file 0400
+    // and the engine's; read-only for it.
+    let st = vm.sh(&format!(
+        "stat -c '%a %u %s' /proc/{pid}/root/run/secrets/rt-db; stat -f -c %T /proc/{pid}/root/run/secrets; grep ' /run/secrets ' /proc/{pid}/mountinfo | grep -c ' ro,'"
+    ));
+    let l: Vec<&str> = st.lines().collect();
+    assert!(
+        l.len() == 3 && l[0] == format!("400 {uid} {}", value.len()) && l[1] == "tmpfs" && l[2] != "0",
+        "secret file mode, owner, size; tmpfs; read-only: {st}"
+    );
+    // Nowhere else: the state file (which names it), the run directory,
+    // the volume's engine directory (root, logs), the agent's journal.
+    let leaks = vm.sh(&format!(
+        "grep -c rt-db {STATE}/engines.json; grep -cF '{value}' {STATE}/engines.json; \
+         grep -rlF -D skip '{value}' /run/leasehold/engines {MNT}/engines/rt-sec | wc -l; \
+         journalctl -u leasehold-agentd -b --no-pager -o cat | grep -cF '{value}'; true"
+    ));
+    let l: Vec<&str> = leaks.lines().collect();
+    assert!(
+        l.len() == 4 && l[0] != "0" && l[1..] == ["0", "0", "0"],
+        "engines.json names it, nothing holds its value: {leaks}"
+    );
+    vm.engine_gone("rt-sec");
+    // A secret that is not stored: refused naming it, nothing deployed.
+    let nosec = engine_spec(
+        &dir,
+        "rt-nosec",
+        "exec /bin/busybox sleep 100000",
+        "secrets = [\"rt-absent\"]\n",
+    );
+    let r = vm.tenantctl(&["engine", "deploy", "rt-nosec", image, "--spec", &nosec, "--from-inbox"]);
+    assert!(
+        r.code != 0 && r.stderr.contains("\"rt-absent\"") && r.stderr.contains("no secret"),
+        "{} {} {}",
+        r.code,
+        r.stdout,
+        r.stderr
+    );
+    assert!(!vm.tenant_ok(&["engine", "ls"]).contains("rt-nosec"));
+    vm.step("engine-runtime: a secret only as the engine's 0400 file; a missing one refused");
+
+    // Heartbeat: READY=1 two seconds after exec, then WATCHDOG=1 every
+    // second until a file appears in its data dir; the watchdog is 5 s.
+    let hb = engine_spec(
+        &dir,
+        "rt-hb",
+        "B=/bin/busybox; n() { echo -n \"$1\" | /usr/bin/socat - UNIX-SENDTO:$NOTIFY_SOCKET || echo socat failed; }; \
+         echo hb up usec=$WATCHDOG_USEC; $B sleep 2; n READY=1; \
+         i=0; while [ ! -e /var/lib/hb/hang ]; do n WATCHDOG=1; i=$((i+1)); echo ping $i; $B sleep 1; done; \
+         echo hb hangs; exec $B sleep 100000",
+        "data_dirs = [\"var/lib/hb\"]\n[heartbeat]\nenabled = true\nwatchdog = \"5s\"\n",
+    );
+    vm.tenant_ok(&["engine", "deploy", "rt-hb", image, "--spec", &hb, "--from-inbox"]);
+    let seq0 = vm.last_event_seq();
+    vm.tenant_ok(&["engine", "start", "rt-hb"]);
+    let started = vm.event_after("rt-hb", "started", seq0);
+    let ready = vm.event_after("rt-hb", "ready", seq0);
+    let to_ready = ready["time_ms"].as_i64().unwrap() - started["time_ms"].as_i64().unwrap();
+    assert!(
+        to_ready >= 2000,
+        "ready {to_ready} ms after exec: before the engine's READY=1"
+    );
+    vm.engine_logs_until("rt-hb", "hb up usec=5000000");
+    // Kept by its pings over more than two watchdog periods (12 pings a
+    // second apart): no expiry, no restart.
+    vm.engine_logs_until("rt-hb", "ping 12");
+    let st = vm.engine_status("rt-hb");
+    assert!(
+        st["state"] == "ready" && st["restarts"] == 0,
+        "pinged engine: {st}"
+    );
+    assert!(
+        !vm.engine_events()
+            .iter()
+            .any(|e| e["engine"] == "rt-hb" && e["kind"] == "watchdog-expired"),
+        "the watchdog expired on a pinged engine"
+    );
+    assert!(!vm.engine_logs("rt-hb").contains("socat failed"));
+    let seq1 = vm.last_event_seq();
+    let touched: i64 = vm
+        .sh(&format!(
+            "touch {}/hang && date +%s%3N",
+            engine_data("rt-hb", "var/lib/hb")
+        ))
+        .trim()
+        .parse()
+        .unwrap();
+    let expired = vm.event_after("rt-hb", "watchdog-expired", seq1);
+    let restarted = vm.event_after("rt-hb", "restarted", expired["seq"].as_u64().unwrap());
+    let to_expiry = expired["time_ms"].as_i64().unwrap() - touched;
+    let to_restart = restarted["time_ms"].as_i64().unwrap() - expired["time_ms"].as_i64().unwrap();
+    eprintln!(
+        "vm: heartbeat (TCG): ready {to_ready} ms after exec (engine sleeps 2 s first); last ping → watchdog-expired {to_expiry} ms after the stop (watchdog 5 s, pings every ~1 s); expired → restarted {to_restart} ms (stop_grace 3 s, first backoff 100 ms)"
+    );
+    // The last ping was at most a ping period before the stop (one may
+    // still go out just after it); the restart waits for the instance's
+    // exit (SIGTERM) and the first backoff delay.
+    assert!(
+        (3000..=9000).contains(&to_expiry),
+        "watchdog expired {to_expiry} ms after the pings stopped (watchdog 5 s)"
+    );
+    assert!(
+        (0..=3100 + 4000).contains(&to_restart),
+        "restarted {to_restart} ms after the expiry (stop_grace 3 s + backoff 100 ms + 4 s TCG slack)"
+    );
+    let st = vm.engine_status("rt-hb");
+    assert!(st["restarts"].as_u64() >= Some(1), "{st}");
+    vm.engine_gone("rt-hb");
+    vm.step("engine-runtime: heartbeat keeps an engine ready, its silence restarts it");
+
+    // Probes: busybox httpd on the node's loopback (engines share its
+    // network namespace); exec checks a file in its data dir.
+    let web = engine_spec(
+        &dir,
+        "rt-web",
+        "B=/bin/busybox; $B mkdir -p /tmp/www; echo ok > /tmp/www/healthz; echo web up; \
+         exec $B httpd -f -p 127.0.0.1:18080 -h /tmp/www",
+        "data_dirs = [\"var/lib/web\"]\n\
+         [[probes]]\nexec = [\"/bin/busybox\", \"sh\", \"-c\", \"[ ! -e /var/lib/web/sick ]\"]\ninterval = \"2s\"\ntimeout = \"1500ms\"\nthreshold = 2\n\
+         [[probes]]\ntcp = 18080\ninterval = \"2s\"\ntimeout = \"1s\"\n\
+         [[probes]]\nhttp = { port = 18080, path = \"/healthz\" }\ninterval = \"2s\"\ntimeout = \"1s\"\n",
+    );
+    vm.tenant_ok(&["engine", "deploy", "rt-web", image, "--spec", &web, "--from-inbox"]);
+    vm.tenant_ok(&["engine", "start", "rt-web"]);
+    let mut st = serde_json::Value::Null;
+    wait_until(120, 1, "rt-web: probes never all passed", || {
+        st = vm.engine_status("rt-web");
+        st["probes"]
+            .as_array()
+            .is_some_and(|p| p.len() == 3 && p.iter().all(|p| p["result"] == "ok"))
+    });
+    let probes = st["probes"].as_array().unwrap();
+    let shown: Vec<String> = probes
+        .iter()
+        .map(|p| format!("{}: {}", p["probe"], p["detail"]))
+        .collect();
+    eprintln!("vm: probes passing: {shown:?}");
+    assert_eq!(probes[1]["probe"], "tcp 18080", "{st}");
+    assert_eq!(probes[2]["probe"], "http 18080 /healthz", "{st}");
+    assert_eq!(probes[2]["detail"], "HTTP status 200", "{st}");
+    assert_eq!(probes[0]["detail"], "exit code 0", "{st}");
+    assert_eq!(st["restarts"], 0, "{st}");
+    let seq2 = vm.last_event_seq();
+    vm.sh(&format!(
+        "touch {}/sick",
+        engine_data("rt-web", "var/lib/web")
+    ));
+    let failed = vm.event_after("rt-web", "probe-failed", seq2);
+    let restarted = vm.event_after("rt-web", "restarted", failed["seq"].as_u64().unwrap());
+    assert!(
+        failed["detail"].as_str().unwrap_or("").contains("probes[0]"),
+        "{failed}"
+    );
+    // At its threshold (2), not before: one failure alone did not act.
+    let ev = vm.engine_events();
+    let fails: Vec<&serde_json::Value> = ev
+        .iter()
+        .filter(|e| {
+            e["engine"] == "rt-web"
+                && e["kind"] == "probe-failed"
+                && e["seq"].as_u64() > Some(seq2)
+                && e["seq"].as_u64() < restarted["seq"].as_u64()
+        })
+        .collect();
+    eprintln!(
+        "vm: failing exec probe: {:?} → restarted {} ms later (TCG)",
+        fails.iter().map(|e| &e["detail"]).collect::<Vec<_>>(),
+        restarted["time_ms"].as_i64().unwrap() - failed["time_ms"].as_i64().unwrap()
+    );
+    let details: Vec<&str> = fails
+        .iter()
+        .filter_map(|e| e["detail"].as_str())
+        .filter(|d| d.contains("probes[0]"))
+        .collect();
+    assert!(
+        details.len() == 2
+            && details[0].ends_with("probes[0] failed 1 of 2 in a row")
+            && details[1].ends_with("probes[0] failed 2 of 2 in a row"),
+        "restarted at the threshold, not before: {details:?}"
+    );
+    let st = vm.engine_status("rt-web");
+    assert!(st["restarts"].as_u64() >= Some(1), "{st}");
+    vm.engine_gone("rt-web");
+    vm.step("engine-runtime: exec, tcp and http probes pass; a failing one restarts the engine");
+
+    // A CPU hog held to cpu.max = 20 % of one CPU, measured over 12 s of
+    // the guest's wall time from the engine cgroup's own usage.
+    let hog = engine_spec(
+        &dir,
+        "rt-cpu",
+        "echo hog up; while :; do :; done",
+        "[limits]\ncpus = 0.2\n[restart]\npolicy = \"never\"\n",
+    );
+    vm.tenant_ok(&["engine", "deploy", "rt-cpu", image, "--spec", &hog, "--from-inbox"]);
+    vm.tenant_ok(&["engine", "start", "rt-cpu"]);
+    vm.engine_logs_until("rt-cpu", "hog up");
+    let cg = format!("{ENGINES_CG}/tenant/rt-cpu");
+    let out = vm.sh(&format!(
+        "u() {{ awk '$1 == \"usage_usec\" {{ print $2 }}' {cg}/cpu.stat; }}; \
+         cat {cg}/cpu.max; a=$(u); t0=$(date +%s%N); sleep 12; b=$(u); t1=$(date +%s%N); \
+         echo $a $b $t0 $t1; awk '$1 == \"nr_throttled\" {{ print $2 }}' {cg}/cpu.stat"
+    ));
+    let l: Vec<&str> = out.lines().collect();
+    assert_eq!(l.first(), Some(&"20000 100000"), "{out}");
+    let n: Vec<f64> = l[1]
+        .split_whitespace()
+        .map(|w| w.parse().unwrap())
+        .collect();
+    let share = (n[1] - n[0]) / ((n[3] - n[2]) / 1000.0);
+    let throttled: u64 = l[2].trim().parse().unwrap();
+    eprintln!(
+        "vm: cpu hog under cpu.max 20000 100000 (TCG): {:.1} % of one CPU over {:.1} s, throttled {throttled} times",
+        share * 100.0,
+        (n[3] - n[2]) / 1e9
+    );
+    assert!(
+        (0.15..=0.25).contains(&share) && throttled > 0,
+        "cpu share {share:.3}, not within 0.20 ± 0.05 (throttled {throttled}): {out}"
+    );
+    vm.engine_gone("rt-cpu");
+    vm.step("engine-runtime: a CPU hog held to cpu.max");
+
+    // Egress with real packets to two listeners on the host (the guest
+    // reaches them at 10.0.2.2): the landlord's boundary and the tenant's
+    // sub-boundary allow both, the engine's egress only a.
+    let a = HostListener::start();
+    let b = HostListener::start();
+    vm.sh("landlordctl --json info | grep -q '\"assigned\":true' || landlordctl --yes assign acme >/dev/null");
+    vm.sh(&format!(
+        "cat > /tmp/rt-lab.toml <<'DOC'\n{}DOC\nlandlordctl boundary set /tmp/rt-lab.toml",
+        lab_boundary(&[a.port, b.port])
+    ));
+    let allow = |name: &str, ports: &[u16]| {
+        let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
+        format!(
+            "[[allow]]\nname = \"{name}\"\npeers = [\"10.0.2.2\"]\ndirection = \"out\"\nprotocols = [{{ proto = \"tcp\", ports = [{}] }}]\n",
+            ports.join(", ")
+        )
+    };
+    vm.sh(&format!(
+        "cat > /tmp/rt-sub.toml <<'DOC'\naction = \"reject\"\n{}DOC\nchmod 644 /tmp/rt-sub.toml && runuser -u tt -- tenantctl boundary set /tmp/rt-sub.toml",
+        allow("both", &[a.port, b.port])
+    ));
+    let script = |name: &str| {
+        format!(
+            "B=/bin/busybox; for p in {} {}; do if echo from-{name}-$p | $B nc -w 5 10.0.2.2 $p; then echo reached $p; else echo blocked $p; fi; done; echo egress done; exec $B sleep 100000",
+            a.port, b.port
+        )
+    };
+    let egr = engine_spec(
+        &dir,
+        "rt-egr",
+        &script("rt-egr"),
+        &format!(
+            "[restart]\npolicy = \"never\"\n[egress]\naction = \"drop\"\n{}",
+            allow("a-only", &[a.port]).replace("[[allow]]", "[[egress.allow]]")
+        ),
+    );
+    let free = engine_spec(
+        &dir,
+        "rt-free",
+        &script("rt-free"),
+        "[restart]\npolicy = \"never\"\n",
+    );
+    let heard = |l: &HostListener, line: &str| {
+        let t0 = Instant::now();
+        while t0.elapsed().as_secs() < 30 {
+            match l.next(5) {
+                Some(e) if e == line => return true,
+                Some(_) => {}
+                None => {}
+            }
+        }
+        false
+    };
+    vm.tenant_ok(&["engine", "deploy", "rt-egr", image, "--spec", &egr, "--from-inbox"]);
+    vm.tenant_ok(&["engine", "start", "rt-egr"]);
+    vm.engine_logs_until("rt-egr", "egress done");
+    let logs = vm.engine_logs("rt-egr");
+    assert!(
+        logs.contains(&format!("reached {}", a.port))
+            && logs.contains(&format!("blocked {}", b.port)),
+        "{logs}"
+    );
+    assert!(heard(&a, &format!("from-rt-egr-{}", a.port)), "a did not hear rt-egr");
+    assert!(
+        b.drain().is_empty() && b.next(2).is_none(),
+        "b heard from rt-egr, whose egress allows only a"
+    );
+    let table = vm.sh("nft list table inet leasehold");
+    let denied = table
+        .lines()
+        .find(|l| l.contains("leasehold: engine rt-egr denied"))
+        .unwrap_or_else(|| panic!("no egress chain for rt-egr: {table}"));
+    let packets: u64 = denied
+        .split_whitespace()
+        .skip_while(|w| *w != "packets")
+        .nth(1)
+        .and_then(|w| w.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        packets > 0 && denied.contains("drop"),
+        "rt-egr's denial counted: {denied}"
+    );
+    vm.tenant_ok(&["engine", "deploy", "rt-free", image, "--spec", &free, "--from-inbox"]);
+    vm.tenant_ok(&["engine", "start", "rt-free"]);
+    vm.engine_logs_until("rt-free", "egress done");
+    let logs = vm.engine_logs("rt-free");
+    assert!(
+        logs.contains(&format!("reached {}", a.port))
+            && logs.contains(&format!("reached {}", b.port)),
+        "{logs}"
+    );
+    assert!(heard(&a, &format!("from-rt-free-{}", a.port)), "a did not hear rt-free");
+    assert!(heard(&b, &format!("from-rt-free-{}", b.port)), "b did not hear rt-free");
+    eprintln!("vm: egress: rt-egr reached a, dropped towards b ({packets} packets counted); rt-free reached both");
+    vm.engine_gone("rt-egr");
+    vm.engine_gone("rt-free");
+    vm.sh("runuser -u tt -- tenantctl boundary clear && landlordctl --yes boundary remove");
+    vm.tenant_ok(&["secret", "rm", "rt-db"]);
+    vm.step("engine-runtime: per-engine egress with real packets");
 }
