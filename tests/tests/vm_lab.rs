@@ -2957,7 +2957,13 @@ fn engines_at_run_time(vm: &mut Vm) {
     );
     let secret_file = dir.join("rt-db.secret");
     std::fs::write(&secret_file, &value).unwrap();
-    vm.tenant_ok(&["secret", "put", "rt-db", "--from", secret_file.to_str().unwrap()]);
+    vm.tenant_ok(&[
+        "secret",
+        "put",
+        "rt-db",
+        "--from",
+        secret_file.to_str().unwrap(),
+    ]);
     let sec = engine_spec(
         &dir,
         "rt-sec",
@@ -2967,7 +2973,15 @@ fn engines_at_run_time(vm: &mut Vm) {
          echo secret shown; exec $B sleep 100000",
         "secrets = [\"rt-db\"]\n[env]\nMARKER = \"visible\"\n",
     );
-    vm.tenant_ok(&["engine", "deploy", "rt-sec", image, "--spec", &sec, "--from-inbox"]);
+    vm.tenant_ok(&[
+        "engine",
+        "deploy",
+        "rt-sec",
+        image,
+        "--spec",
+        &sec,
+        "--from-inbox",
+    ]);
     vm.tenant_ok(&["engine", "start", "rt-sec"]);
     vm.engine_logs_until("rt-sec", "secret shown");
     let procs = vm.engine_environs("rt-sec", &value);
@@ -2996,7 +3010,10 @@ fn engines_at_run_time(vm: &mut Vm) {
     ));
     let l: Vec<&str> = st.lines().collect();
     assert!(
-        l.len() == 3 && l[0] == format!("400 {uid} {}", value.len()) && l[1] == "tmpfs" && l[2] != "0",
+        l.len() == 3
+            && l[0] == format!("400 {uid} {}", value.len())
+            && l[1] == "tmpfs"
+            && l[2] != "0",
         "secret file mode, owner, size; tmpfs; read-only: {st}"
     );
     // Nowhere else: the state file (which names it), the run directory,
@@ -3019,7 +3036,15 @@ fn engines_at_run_time(vm: &mut Vm) {
         "exec /bin/busybox sleep 100000",
         "secrets = [\"rt-absent\"]\n",
     );
-    let r = vm.tenantctl(&["engine", "deploy", "rt-nosec", image, "--spec", &nosec, "--from-inbox"]);
+    let r = vm.tenantctl(&[
+        "engine",
+        "deploy",
+        "rt-nosec",
+        image,
+        "--spec",
+        &nosec,
+        "--from-inbox",
+    ]);
     assert!(
         r.code != 0 && r.stderr.contains("\"rt-absent\"") && r.stderr.contains("no secret"),
         "{} {} {}",
@@ -3041,7 +3066,15 @@ fn engines_at_run_time(vm: &mut Vm) {
          echo hb hangs; exec $B sleep 100000",
         "data_dirs = [\"var/lib/hb\"]\n[heartbeat]\nenabled = true\nwatchdog = \"5s\"\n",
     );
-    vm.tenant_ok(&["engine", "deploy", "rt-hb", image, "--spec", &hb, "--from-inbox"]);
+    vm.tenant_ok(&[
+        "engine",
+        "deploy",
+        "rt-hb",
+        image,
+        "--spec",
+        &hb,
+        "--from-inbox",
+    ]);
     let seq0 = vm.last_event_seq();
     vm.tenant_ok(&["engine", "start", "rt-hb"]);
     let started = vm.event_after("rt-hb", "started", seq0);
@@ -3111,7 +3144,15 @@ fn engines_at_run_time(vm: &mut Vm) {
          [[probes]]\ntcp = 18080\ninterval = \"2s\"\ntimeout = \"1s\"\n\
          [[probes]]\nhttp = { port = 18080, path = \"/healthz\" }\ninterval = \"2s\"\ntimeout = \"1s\"\n",
     );
-    vm.tenant_ok(&["engine", "deploy", "rt-web", image, "--spec", &web, "--from-inbox"]);
+    vm.tenant_ok(&[
+        "engine",
+        "deploy",
+        "rt-web",
+        image,
+        "--spec",
+        &web,
+        "--from-inbox",
+    ]);
     vm.tenant_ok(&["engine", "start", "rt-web"]);
     let mut st = serde_json::Value::Null;
     wait_until(120, 1, "rt-web: probes never all passed", || {
@@ -3139,7 +3180,10 @@ fn engines_at_run_time(vm: &mut Vm) {
     let failed = vm.event_after("rt-web", "probe-failed", seq2);
     let restarted = vm.event_after("rt-web", "restarted", failed["seq"].as_u64().unwrap());
     assert!(
-        failed["detail"].as_str().unwrap_or("").contains("probes[0]"),
+        failed["detail"]
+            .as_str()
+            .unwrap_or("")
+            .contains("probes[0]"),
         "{failed}"
     );
     // At its threshold (2), not before: one failure alone did not act.
@@ -3182,7 +3226,15 @@ fn engines_at_run_time(vm: &mut Vm) {
         "echo hog up; while :; do :; done",
         "[limits]\ncpus = 0.2\n[restart]\npolicy = \"never\"\n",
     );
-    vm.tenant_ok(&["engine", "deploy", "rt-cpu", image, "--spec", &hog, "--from-inbox"]);
+    vm.tenant_ok(&[
+        "engine",
+        "deploy",
+        "rt-cpu",
+        image,
+        "--spec",
+        &hog,
+        "--from-inbox",
+    ]);
     vm.tenant_ok(&["engine", "start", "rt-cpu"]);
     vm.engine_logs_until("rt-cpu", "hog up");
     let cg = format!("{ENGINES_CG}/tenant/rt-cpu");
@@ -3264,7 +3316,15 @@ fn engines_at_run_time(vm: &mut Vm) {
         }
         false
     };
-    vm.tenant_ok(&["engine", "deploy", "rt-egr", image, "--spec", &egr, "--from-inbox"]);
+    vm.tenant_ok(&[
+        "engine",
+        "deploy",
+        "rt-egr",
+        image,
+        "--spec",
+        &egr,
+        "--from-inbox",
+    ]);
     vm.tenant_ok(&["engine", "start", "rt-egr"]);
     vm.engine_logs_until("rt-egr", "egress done");
     let logs = vm.engine_logs("rt-egr");
@@ -3273,7 +3333,10 @@ fn engines_at_run_time(vm: &mut Vm) {
             && logs.contains(&format!("blocked {}", b.port)),
         "{logs}"
     );
-    assert!(heard(&a, &format!("from-rt-egr-{}", a.port)), "a did not hear rt-egr");
+    assert!(
+        heard(&a, &format!("from-rt-egr-{}", a.port)),
+        "a did not hear rt-egr"
+    );
     assert!(
         b.drain().is_empty() && b.next(2).is_none(),
         "b heard from rt-egr, whose egress allows only a"
@@ -3293,7 +3356,15 @@ fn engines_at_run_time(vm: &mut Vm) {
         packets > 0 && denied.contains("drop"),
         "rt-egr's denial counted: {denied}"
     );
-    vm.tenant_ok(&["engine", "deploy", "rt-free", image, "--spec", &free, "--from-inbox"]);
+    vm.tenant_ok(&[
+        "engine",
+        "deploy",
+        "rt-free",
+        image,
+        "--spec",
+        &free,
+        "--from-inbox",
+    ]);
     vm.tenant_ok(&["engine", "start", "rt-free"]);
     vm.engine_logs_until("rt-free", "egress done");
     let logs = vm.engine_logs("rt-free");
@@ -3302,8 +3373,14 @@ fn engines_at_run_time(vm: &mut Vm) {
             && logs.contains(&format!("reached {}", b.port)),
         "{logs}"
     );
-    assert!(heard(&a, &format!("from-rt-free-{}", a.port)), "a did not hear rt-free");
-    assert!(heard(&b, &format!("from-rt-free-{}", b.port)), "b did not hear rt-free");
+    assert!(
+        heard(&a, &format!("from-rt-free-{}", a.port)),
+        "a did not hear rt-free"
+    );
+    assert!(
+        heard(&b, &format!("from-rt-free-{}", b.port)),
+        "b did not hear rt-free"
+    );
     eprintln!("vm: egress: rt-egr reached a, dropped towards b ({packets} packets counted); rt-free reached both");
     vm.engine_gone("rt-egr");
     vm.engine_gone("rt-free");
