@@ -1478,7 +1478,7 @@ mod tests {
             assert_eq!(b.check_and_restore(), None);
             // Without dhcp_servers: no chain, no DHCP rule.
             b.update(|p| p.set_cluster(doc(""))).unwrap();
-            assert!(!table().contains("dhcp"), "{}", table());
+            assert!(!table().contains("dhcp server"), "{}", table());
             assert!(!table().contains("ingress"), "{}", table());
             ip(&["link", "add", "d2", "type", "veth", "peer", "name", "d2p"]);
             assert_eq!(b.check_and_restore(), None);

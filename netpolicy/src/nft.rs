@@ -31,10 +31,12 @@ pub const TABLE: &str = "leasehold";
 /// The classes of the table's deny rules, each counted by a named counter
 /// object `deny_<class>` (docs/netpolicy.md "Deny counters"): the last rule
 /// of each base chain of both levels, the engines' chains together (no
-/// engine is told apart), and router control. A fixed set: every table
+/// engine is told apart), router control, and DHCP replies from anyone but
+/// the cluster boundary's `dhcp_servers` (input and ingress chains
+/// together). A fixed set: every table
 /// declares all of them, so a reader finds each, 0 included, and reads
 /// them without listing rules or set elements.
-pub const DENY_CLASSES: [&str; 10] = [
+pub const DENY_CLASSES: [&str; 11] = [
     "landlord_in",
     "landlord_out",
     "landlord_fwd_in",
@@ -45,6 +47,7 @@ pub const DENY_CLASSES: [&str; 10] = [
     "tenant_fwd_out",
     "engines_out",
     "router",
+    "dhcp",
 ];
 
 /// Prefix of the deny counters' object names.
@@ -581,7 +584,8 @@ fn dhcp_reply_rules(out: &mut String, servers: &BTreeSet<DhcpServer>) {
         }
         let _ = writeln!(
             out,
-            "    meta nfproto {proto} udp sport {sp} udp dport {cp} counter drop comment \"leasehold: not a dhcp server\""
+            "    meta nfproto {proto} udp sport {sp} udp dport {cp} {} drop comment \"leasehold: not a dhcp server\"",
+            deny_counter("dhcp")
         );
     }
 }
@@ -1642,7 +1646,7 @@ mod tests {
         let text = only.full_script();
         assert!(text.contains("jump engine0"), "{text}");
         assert!(
-            !text.contains("landlord") && !text.contains("tenant_"),
+            !text.contains("chain landlord") && !text.contains("chain tenant_"),
             "{text}"
         );
         assert_eq!(only.rule_counts(), {
@@ -1724,16 +1728,25 @@ mod tests {
 
     #[test]
     fn every_deny_rule_counts_in_its_class_counter_declared_in_every_table() {
-        let c = doc("[[allow]]\nname = \"all\"\npeers = [\"10.0.0.0/8\"]\n");
+        let c = doc(
+            "dhcp_servers = [\"10.0.0.1\"]\n[[allow]]\nname = \"all\"\npeers = [\"10.0.0.0/8\"]\n",
+        );
         let t = BoundaryDoc::from_toml(
             "action = \"reject\"\n[[allow]]\nname = \"x\"\npeers = [\"10.0.0.0/24\"]\n",
         )
         .unwrap()
         .validate(false)
         .unwrap();
-        let rs = Ruleset::build(&c, Some(&t));
+        let o = Options {
+            dhcp_devices: vec!["e0".into()],
+            ..Options::default()
+        };
+        let rs = Ruleset::build_with(&c, Some(&t), &o);
         let full = rs.full_script();
         let switch = rs.switch_script(&[], &[]);
+        // Rogue DHCP replies: in both input chains and the ingress chain,
+        // both families, one class.
+        assert_eq!(full.matches("counter name \"deny_dhcp\" drop").count(), 6);
         for class in DENY_CLASSES {
             let decl = format!("  counter deny_{class} {{\n  }}\n");
             assert!(full.contains(&decl), "{class}: {full}");
@@ -1770,8 +1783,9 @@ mod tests {
                 .count(),
             2
         );
-        // Counter declarations are not rules: the drift check's counts hold.
-        assert_eq!(rs.rule_counts().len(), 8);
+        // Counter declarations are not rules: the drift check's counts hold
+        // (eight base chains and the ingress chain).
+        assert_eq!(rs.rule_counts().len(), 9);
     }
 
     fn doc(text: &str) -> Boundary {
@@ -1868,14 +1882,18 @@ mod tests {
         };
         let r = Ruleset::build_with(&c, Some(&t), &o);
         let text = r.full_script();
-        let replies = "    udp sport 67 udp dport 68 ip saddr { 10.77.0.1 } accept comment \"leasehold: dhcp server\"\n    udp sport 67 udp dport 68 ip saddr 10.77.0.2 ether saddr 52:54:00:00:00:02 accept comment \"leasehold: dhcp server\"\n    meta nfproto ipv4 udp sport 67 udp dport 68 counter drop comment \"leasehold: not a dhcp server\"\n    meta nfproto ipv6 udp sport 547 udp dport 546 counter drop comment \"leasehold: not a dhcp server\"\n";
+        let replies = "    udp sport 67 udp dport 68 ip saddr { 10.77.0.1 } accept comment \"leasehold: dhcp server\"\n    udp sport 67 udp dport 68 ip saddr 10.77.0.2 ether saddr 52:54:00:00:00:02 accept comment \"leasehold: dhcp server\"\n    meta nfproto ipv4 udp sport 67 udp dport 68 counter name \"deny_dhcp\" drop comment \"leasehold: not a dhcp server\"\n    meta nfproto ipv6 udp sport 547 udp dport 546 counter name \"deny_dhcp\" drop comment \"leasehold: not a dhcp server\"\n";
         // Input chains of both levels: after router control, before the
         // entries (an allow entry for everyone does not let a rogue in).
         for ch in ["landlord_in", "tenant_in"] {
             let body = text.split(&format!("chain {ch} {{")).nth(1).unwrap();
             let body = &body[..body.find("\n  }").unwrap()];
             let at = body.find(replies).unwrap_or_else(|| panic!("{body}"));
-            assert!(at > body.find("icmp type redirect counter drop").unwrap());
+            assert!(
+                at > body
+                    .find("icmp type redirect counter name \"deny_router\" drop")
+                    .unwrap()
+            );
             assert!(at < body.find("ct state related accept").unwrap());
         }
         for ch in ["landlord_out", "tenant_out"] {
@@ -1896,7 +1914,9 @@ mod tests {
         assert_eq!(r.rule_counts()["dhcp_ingress0"], 4);
         // Without dhcp_servers nothing of it, whatever the devices.
         let plain = doc("[[allow]]\nname = \"all\"\npeers = [\"0.0.0.0/0\"]\n");
-        let text = Ruleset::build_with(&plain, None, &o).full_script();
+        let text = Ruleset::build_with(&plain, None, &o)
+            .full_script()
+            .replace("counter deny_dhcp ", "");
         assert!(!text.contains("dhcp"), "{text}");
         assert!(!text.contains("sport 67"), "{text}");
         // Names nft can be given.

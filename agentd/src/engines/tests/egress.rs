@@ -195,7 +195,10 @@ fn real_engine_egress_holds_through_boundary_remove_and_replace() {
 
         b.remove().unwrap();
         let t = table();
-        assert!(t.contains("jump engine0") && !t.contains("landlord"), "{t}");
+        assert!(
+            t.contains("jump engine0") && !t.contains("chain landlord"),
+            "{t}"
+        );
         assert_eq!(
             udp_from(Some(&inst), &both),
             ["sent", "denied"],
@@ -303,7 +306,10 @@ fn real_recorded_engine_egress_is_in_the_first_table_at_start() {
         b3.preload_engine_egress(recorded_egress(&root, &sub, &state));
         b3.apply_stored().unwrap();
         let t = table();
-        assert!(t.contains("jump engine0") && !t.contains("landlord"), "{t}");
+        assert!(
+            t.contains("jump engine0") && !t.contains("chain landlord"),
+            "{t}"
+        );
         assert_eq!(udp_from(Some(&inst), &both), ["denied", "denied"]);
         assert_eq!(udp_from(None, &["10.88.0.1"]), ["sent"]);
         sh(&["nft", "delete", "table", "inet", "leasehold"]);
