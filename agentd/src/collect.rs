@@ -37,13 +37,31 @@ pub fn signal_body(r: &Report) -> (String, String) {
     )
 }
 
-/// Takes a report every `interval` until the runtime stops; emits
+/// How long an early report waits after the wake-up: the events of one
+/// change (a carrier lost, the addresses going with it) make one report.
+const SETTLE: Duration = Duration::from_millis(50);
+
+/// The least time between two reports taken early: a flapping link costs
+/// at most one report (sensors, smartctl) per this, whatever its rate.
+const EARLY_SPACING: Duration = Duration::from_secs(2);
+
+/// When a report woken early may be taken: `SETTLE` after the wake-up, and
+/// not before `EARLY_SPACING` after the previous report started.
+fn early_at(woken: Instant, previous: Option<Instant>) -> Instant {
+    let settled = woken + SETTLE;
+    previous.map_or(settled, |p| settled.max(p + EARLY_SPACING))
+}
+
+/// Takes a report every `interval` until the runtime stops, and early
+/// when `wake` is notified (a link event: docs/health.md "Periodic
+/// collection"); emits
 /// `FaultsChanged` on the landlord's health interface when the set of
 /// faults changed since the previous collection.
 /// Each report then goes to the corrective actions (`crate::actions`).
 pub async fn run(
     monitor: Arc<Monitor>,
     interval: Duration,
+    wake: Arc<tokio::sync::Notify>,
     conn: zbus::Connection,
     actions: Arc<tokio::sync::Mutex<crate::actions::Actions>>,
 ) {
@@ -52,10 +70,20 @@ pub async fn run(
     // interval after, never piled up.
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut prev: Option<Vec<Fault>> = None;
+    let mut started: Option<Instant> = None;
     loop {
-        ticks.tick().await;
+        tokio::select! {
+            _ = ticks.tick() => {}
+            () = wake.notified() => {
+                let at = early_at(Instant::now(), started);
+                tokio::time::sleep_until(at.into()).await;
+                // The next periodic report comes a full interval later.
+                ticks.reset();
+            }
+        }
         let m = monitor.clone();
         let asked = Instant::now();
+        started = Some(asked);
         let Ok(report) = tokio::task::spawn_blocking(move || m.report_asked_at(asked)).await else {
             warn!("the periodic health report failed (a bug: see above)");
             continue;
@@ -97,6 +125,21 @@ mod tests {
             subject: subject.into(),
             message: message.into(),
         }
+    }
+
+    #[test]
+    fn early_reports_settle_and_keep_their_spacing() {
+        let t = Instant::now();
+        assert_eq!(early_at(t, None), t + SETTLE);
+        // Long after the previous report: only the settling wait.
+        let long_ago = t.checked_sub(Duration::from_secs(60)).unwrap_or(t);
+        if long_ago + EARLY_SPACING <= t {
+            assert_eq!(early_at(t, Some(long_ago)), t + SETTLE);
+        }
+        // Right after one: not before the spacing is over.
+        assert_eq!(early_at(t, Some(t)), t + EARLY_SPACING);
+        let half = t + EARLY_SPACING / 2;
+        assert_eq!(early_at(half, Some(t)), t + EARLY_SPACING);
     }
 
     #[test]

@@ -548,7 +548,13 @@ async fn start_engines(
 /// The health monitor, with the rtnetlink watcher when `[health] netlink`
 /// is on. A watcher that cannot start is a fault in every report, not a
 /// reason to stop the agent: the rest of its work does not depend on it.
-fn health_monitor(cfg: &config::HealthSection) -> leasehold_health::Monitor {
+/// Link events that can change the faults (a carrier or an interface
+/// lost or back) wake `wake`: the collection then takes a report at once
+/// instead of at its next tick (`collect::run`).
+fn health_monitor(
+    cfg: &config::HealthSection,
+    wake: Arc<tokio::sync::Notify>,
+) -> leasehold_health::Monitor {
     let m = leasehold_health::Monitor::new(cfg.settings());
     if !cfg.netlink {
         return m;
@@ -561,7 +567,7 @@ fn health_monitor(cfg: &config::HealthSection) -> leasehold_health::Monitor {
             // cable must not flood the journal.
             let spawned = std::thread::Builder::new()
                 .name("netlink-log".into())
-                .spawn(move || log_net_events(&events));
+                .spawn(move || log_net_events(&events, &wake));
             if let Err(e) = spawned {
                 warn!(error = %e, "link events are not logged");
             }
@@ -572,12 +578,29 @@ fn health_monitor(cfg: &config::HealthSection) -> leasehold_health::Monitor {
 }
 
 /// Logs link and address events: at most 20 a minute, then how many were
-/// left out.
-fn log_net_events(events: &std::sync::mpsc::Receiver<leasehold_health::net::Stamped>) {
+/// left out. Wakes the collection for those that can change a fault
+/// (every one, unlike the log, whatever the rate: `Notify` keeps one
+/// wake-up however many come).
+fn log_net_events(
+    events: &std::sync::mpsc::Receiver<leasehold_health::net::Stamped>,
+    wake: &tokio::sync::Notify,
+) {
+    use leasehold_health::net::NetEventKind as K;
     const PER_MINUTE: u32 = 20;
     let mut window = std::time::Instant::now();
     let (mut logged, mut skipped) = (0u32, 0u64);
     for s in events {
+        if matches!(
+            s.event.kind,
+            K::CarrierDown
+                | K::CarrierUp
+                | K::AdminDown
+                | K::AdminUp
+                | K::LinkAdded
+                | K::LinkRemoved
+        ) {
+            wake.notify_one();
+        }
         if window.elapsed() >= std::time::Duration::from_secs(60) {
             if skipped > 0 {
                 warn!(skipped, "link and address events not logged (rate limit)");
@@ -648,9 +671,10 @@ async fn serve_bus(
         .map_err(AgentError::Bus)?;
     // Starting the watcher reads the links, addresses and routes (a few
     // netlink round trips): off the runtime's threads.
+    let wake = Arc::new(tokio::sync::Notify::new());
     let monitor = {
-        let health = health.clone();
-        tokio::task::spawn_blocking(move || health_monitor(&health))
+        let (health, wake) = (health.clone(), wake.clone());
+        tokio::task::spawn_blocking(move || health_monitor(&health, wake))
     }
     .await
     .map_err(|e| AgentError::Node(e.to_string()))?;
@@ -769,6 +793,7 @@ async fn serve_bus(
     tokio::spawn(collect::run(
         health_monitor,
         intervals.health,
+        wake,
         conn.clone(),
         corrective,
     ));
