@@ -411,6 +411,36 @@ fn key_event(json: bool, c: &KeyChange) {
     );
 }
 
+/// A `FaultsChanged`: the worst severity and each fault, one per clause
+/// in text (the agent's JSON is passed through in `--json`; a body that
+/// is not JSON is shown as it came, never dropped).
+fn faults_event(json: bool, severity: &str, faults: &str) {
+    let list: Value = serde_json::from_str(faults).unwrap_or_else(|_| Value::String(faults.into()));
+    let text = match list.as_array() {
+        Some(a) if a.is_empty() => "no faults".to_owned(),
+        Some(a) => a
+            .iter()
+            .map(|f| {
+                format!(
+                    "{} {} {}: {}",
+                    f["severity"].as_str().unwrap_or("?"),
+                    f["source"].as_str().unwrap_or("?"),
+                    f["subject"].as_str().unwrap_or("?"),
+                    f["message"].as_str().unwrap_or("")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; "),
+        None => faults.to_owned(),
+    };
+    event(
+        json,
+        "FaultsChanged",
+        json!({"severity": severity, "faults": list}),
+        format!("health {severity}: {text}"),
+    );
+}
+
 /// Says on stderr (never stdout, which carries only events) that the
 /// subscriptions are in place: a change after this line is printed.
 fn ready(what: &str) {
@@ -430,7 +460,11 @@ pub async fn landlord_monitor(conn: &Connection, json: bool) -> Result<(), CliEr
     let mut keys = p.receive_keys_changed().await.map_err(unavailable)?;
     let mut restored = p.receive_boundary_restored().await.map_err(unavailable)?;
     let mut reverted = p.receive_boundary_reverted().await.map_err(unavailable)?;
-    ready("KeysChanged, BoundaryRestored, BoundaryReverted");
+    let h = leasehold_dbus_api::health::HealthProxy::new(conn)
+        .await
+        .map_err(unavailable)?;
+    let mut faults = h.receive_faults_changed().await.map_err(unavailable)?;
+    ready("KeysChanged, BoundaryRestored, BoundaryReverted, FaultsChanged");
     loop {
         tokio::select! {
             s = keys.next() => {
@@ -449,6 +483,12 @@ pub async fn landlord_monitor(conn: &Connection, json: bool) -> Result<(), CliEr
                 let s = s.ok_or_else(ended)?;
                 if let Ok(a) = s.args() {
                     event(json, "BoundaryReverted", json!({"what": a.what}), format!("the previous boundary was put back (not confirmed in time): {}", a.what));
+                }
+            }
+            s = faults.next() => {
+                let s = s.ok_or_else(ended)?;
+                if let Ok(a) = s.args() {
+                    faults_event(json, &a.severity, &a.faults);
                 }
             }
             _ = tokio::signal::ctrl_c() => return Ok(()),
