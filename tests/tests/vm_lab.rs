@@ -703,6 +703,25 @@ fn reboot(vm: &mut Vm) -> Ran {
     // Reboot through the landlord's API: keys persist in the vTPM, the agent comes back.
     let before = json(&vm.sh("landlordctl --json info"));
     vm.sh(&format!("echo across-reboot > {MNT}/reboot.txt && sync"));
+    // Issue 14: an engine the tenant started is started again at boot.
+    let dir = workspace_root().join("target/vm-reboot-engine");
+    let image = engine_image(&dir, &[]);
+    let spec = engine_spec(
+        &dir,
+        "survivor",
+        "echo up in boot $(/bin/busybox cat /proc/sys/kernel/random/boot_id); while :; do /bin/busybox sleep 5; done",
+        "",
+    );
+    vm.tenant_ok(&[
+        "engine",
+        "deploy",
+        "survivor",
+        image.to_str().unwrap(),
+        "--spec",
+        &spec,
+    ]);
+    vm.tenant_ok(&["engine", "start", "survivor"]);
+    let engine_before = vm.engine_until("survivor", &["ready", "running"]);
     vm.node1_volume = Some(vm.sh(&format!("cat {STATE}/volume.json")));
     let boot_id = vm.sh("cat /proc/sys/kernel/random/boot_id");
     let r = vm.sh_status("runuser -u ll -- landlordctl reboot");
@@ -735,7 +754,21 @@ fn reboot(vm: &mut Vm) -> Ran {
         vm.sh(&format!("cat {MNT}/reboot.txt")).trim(),
         "across-reboot"
     );
-    vm.step("reboot via landlordctl, agent back with the same keys");
+    let engine_after = vm.engine_until("survivor", &["ready", "running"]);
+    assert_ne!(
+        engine_after["pid"], engine_before["pid"],
+        "a new instance after the reboot: {engine_after}"
+    );
+    vm.engine_logs_until(
+        "survivor",
+        &format!(
+            "up in boot {}",
+            vm.sh("cat /proc/sys/kernel/random/boot_id").trim()
+        ),
+    );
+    vm.tenant_ok(&["engine", "stop", "survivor"]);
+    vm.tenant_ok(&["--yes", "engine", "rm", "survivor"]);
+    vm.step("reboot via landlordctl, agent back with the same keys, the started engine again");
     Ran::Done
 }
 
