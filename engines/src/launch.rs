@@ -956,6 +956,11 @@ fn mountpoint(root: &Path, target: &Path, dir: bool) -> Result<PathBuf, LaunchEr
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 if dir || i + 1 < parts.len() {
                     fs::create_dir(&path).map_err(|e| io_err("mkdir", &path, e))?;
+                    // 0755 whatever the umask: the agent's unit has
+                    // UMask=0077, which made a created `/run` 0700 root and
+                    // the engine's `/run/secrets` unreachable to its uid.
+                    fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                        .map_err(|e| io_err("chmod", &path, e))?;
                 } else {
                     fs::File::create(&path).map_err(|e| io_err("write", &path, e))?;
                 }
