@@ -48,6 +48,9 @@ pub fn bind(run_dir: &Path, uid: u32) -> std::io::Result<(PathBuf, UnixDatagram)
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
         Err(e) => return Err(e),
     }
+    // The unit's UMask=0077 masks the mode above to 0700: the engine's
+    // uid could not reach the socket through it.
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
     let path = dir.join(NOTIFY_NAME);
     match std::fs::remove_file(&path) {
         Ok(()) => {}
