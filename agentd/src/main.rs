@@ -150,6 +150,11 @@ impl AgentError {
 
 fn main() -> ExitCode {
     let args = Args::parse();
+    // The unit's UMask=0077, also when started otherwise (tests, --dev):
+    // files the agent makes are private unless it says so, and paths an
+    // engine must reach get their mode set explicitly (a mode left to the
+    // umask broke engines on the packaged node only).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     // The TSS C library prints its own warnings for every TPM error code;
     // we report errors ourselves, with context, so keep it quiet by default.
     if std::env::var_os("TSS2_LOG").is_none() {

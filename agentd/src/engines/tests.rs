@@ -680,6 +680,10 @@ impl Cgroups for DirCg {
 /// busybox-static comes from scripts/install-deps, the shim from
 /// `cargo build --workspace --bins`.
 fn real_shim() -> PathBuf {
+    // The packaged agent runs with UMask=0077 (its unit, and main() sets
+    // it): the real engines run under it here too, so a path an engine
+    // needs that is left to the umask fails here, not first on a node.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let shim = std::env::current_exe()
         .unwrap()
         .parent()
@@ -1579,11 +1583,10 @@ fn real_network_probes_reach_an_engines_server() {
          [[probes]]\ntcp = {port}\ninterval = \"200ms\"\ntimeout = \"150ms\"\n"
     );
     rt.deploy("web", "bb.tar", &spec(&text)).unwrap();
-    std::fs::write(
-        f.tmp.path().join("vol/engines/web/data/srv/www/ok.txt"),
-        b"ok\n",
-    )
-    .unwrap();
+    let ok = f.tmp.path().join("vol/engines/web/data/srv/www/ok.txt");
+    std::fs::write(&ok, b"ok\n").unwrap();
+    // Written by root under the agent's umask (0600): readable to httpd.
+    std::fs::set_permissions(&ok, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
     rt.start("web").unwrap();
     let s = until_longer(&rt, "web", |s| s.probes.iter().all(|p| p.ok.is_some()));
     assert_eq!(s.probes[0].ok, Some(true), "{s:?}");

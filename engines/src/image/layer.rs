@@ -369,6 +369,11 @@ impl<'l> Unpacker<'l> {
                     self.root
                         .create_dir(&here)
                         .map_err(|e| io_refusal("create parent directory", e))?;
+                    // A parent the layer does not list (OCI allows that) is
+                    // 0755, as other runtimes make it, not the umask's: the
+                    // agent's UMask=0077 would leave it 0700, unreachable to
+                    // the engine's uid. A later entry for it sets its own.
+                    self.dir_modes.insert(here.clone(), 0o755);
                     self.stats.dirs += 1;
                 }
                 Err(e) => return Err(io_refusal("stat", e)),

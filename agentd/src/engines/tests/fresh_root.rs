@@ -149,7 +149,9 @@ fn real_shim_reload_image_runs_from_a_fresh_root() {
         f.vol.clone(),
     )
     .unwrap();
-    let text = "command = [\"/bin/busybox\", \"sh\", \"-c\", \"B=/bin/busybox; $B touch /var/lib/app/run-$$-$($B date +%s%N); [ -e /planted ] && echo planted || echo clean; exec $B sleep 1000\"]\n\
+    // A uuid names each run: both instances' shells are the same pid in
+    // pid namespaces of their own, and may start within the same second.
+    let text = "command = [\"/bin/busybox\", \"sh\", \"-c\", \"B=/bin/busybox; $B touch /var/lib/app/run-$($B cat /proc/sys/kernel/random/uuid); [ -e /planted ] && echo planted || echo clean; exec $B sleep 1000\"]\n\
          data_dirs = [\"var/lib/app\"]\n\
          on_failure = [\"reload\"]\n\
          stop_grace = \"0ms\"\n\
@@ -173,22 +175,34 @@ fn real_shim_reload_image_runs_from_a_fresh_root() {
     let r = roots(&v1);
     assert!(r.len() == 1 && r[0].starts_with("rootfs-i"), "{r:?}");
     assert!(!v1.join(&r[0]).join("planted").exists());
+    // The probe can pass before the second instance's shell has touched
+    // its file and printed: its line is the sign both are done.
+    let logs = || -> Vec<String> {
+        rt.view()
+            .logs("bb", 0, 100)
+            .unwrap()
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.text).into_owned())
+            .collect()
+    };
+    let end = Instant::now() + Duration::from_secs(30);
+    while logs().len() < 2 {
+        assert!(
+            Instant::now() < end,
+            "the second instance never printed: {:?}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        logs(),
+        ["clean", "clean"],
+        "the second instance saw a clean root"
+    );
     let runs = std::fs::read_dir(f.tmp.path().join("vol/engines/bb/data/var/lib/app"))
         .unwrap()
         .count();
     assert_eq!(runs, 2, "the data dir is kept across the fresh root");
-    let out: Vec<String> = rt
-        .view()
-        .logs("bb", 0, 100)
-        .unwrap()
-        .iter()
-        .map(|r| String::from_utf8_lossy(&r.text).into_owned())
-        .collect();
-    assert_eq!(
-        out,
-        ["clean", "clean"],
-        "the second instance saw a clean root"
-    );
     rt.stop("bb", Some(Duration::ZERO)).unwrap();
     until_longer(&rt, "bb", |s| s.phase == Phase::Stopped);
 }
