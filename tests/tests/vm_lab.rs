@@ -2769,7 +2769,7 @@ fn faults(vm: &mut Vm) -> Ran {
         "the notify rule's journal line: {notified}"
     );
     let report = json(&vm.sh("landlordctl --json health"));
-    let events = &report["network"]["events"];
+    let events = &report["network"]["recent_events"];
     let down = events
         .as_array()
         .and_then(|a| {
@@ -2783,6 +2783,13 @@ fn faults(vm: &mut Vm) -> Ran {
     assert!(
         down_at >= before && hook_at >= down_at,
         "set_link ({before}) ≤ rtnetlink event ({down_at}) ≤ hook ({hook_at})"
+    );
+    // The event takes a report at once (50 ms settle), not at the next of
+    // the 5 s ticks: the hook follows within one report's time.
+    assert!(
+        hook_at - down_at < 4.0,
+        "the link event's early report: hook {:.2} s after the event",
+        hook_at - down_at
     );
     eprintln!(
         "vm: link down (TCG): QMP → hook seen from the host {link_secs:.1} s; rtnetlink event {:.2} s after the injection, hook {:.2} s after the event (interval 5 s)",
@@ -2803,9 +2810,11 @@ fn faults(vm: &mut Vm) -> Ran {
         report["faults"]
     );
     assert!(
-        report["network"]["events"].as_array().is_some_and(|a| a
-            .iter()
-            .any(|e| e["iface"] == iface.as_str() && e["kind"] == "carrier-up")),
+        report["network"]["recent_events"]
+            .as_array()
+            .is_some_and(|a| a
+                .iter()
+                .any(|e| e["iface"] == iface.as_str() && e["kind"] == "carrier-up")),
         "a carrier-up event for {iface}"
     );
     assert_eq!(vm.hook_lines("link-hook").len(), 1, "the hook ran once");
@@ -2964,11 +2973,9 @@ fn kernel_hang(vm: &mut Vm) -> Ran {
     vm.sh("timeout 180 sh -c 'until systemctl is-active -q leasehold-agentd; do sleep 1; done'");
     let agent = t.elapsed().as_secs();
     json(&vm.sh("landlordctl --json info"));
-    let prev = vm.sh("journalctl -b -1 -o cat --no-pager _PID=1 | grep -i watchdog || true");
-    assert!(
-        prev.contains("i6300ESB"),
-        "the previous boot's systemd used the hardware watchdog: {prev}"
-    );
+    // That systemd held the i6300esb is checked before the panic (its fd
+    // in PID 1); the previous boot's journal had no line of it on the
+    // first lab run (systemd 252 says nothing at daemon-reexec).
     eprintln!(
         "vm: kernel hang (sysrq c, panic=0, TCG): QEMU watchdog reset {fired} s after the panic, SSH after {ssh} s, agent active after {agent} s (RuntimeWatchdogSec=30s)"
     );
