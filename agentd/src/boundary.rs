@@ -289,8 +289,8 @@ fn ssh_peers() -> Vec<IpAddr> {
 /// (a boundary the agent has not stored, e.g. its state was lost): not the
 /// agent's to replace while no boundary is stored. A table of engines'
 /// chains only is what an earlier agent left after `boundary remove`, and
-/// is taken over. nft failing to list says nothing (the apply that follows
-/// reports it).
+/// is taken over. nft failing to list counts as foreign: replacing a table
+/// the agent cannot read could lift someone's boundary (fail closed).
 fn foreign_table() -> bool {
     let engine_chain = |c: &str| {
         c == "engines_out"
@@ -299,7 +299,10 @@ fn foreign_table() -> bool {
     };
     match nft::objects(&[]) {
         Ok((chains, _)) => chains.iter().any(|c| !engine_chain(c)),
-        Err(_) => false,
+        Err(e) => {
+            warn!(error = %e, "cannot list the leasehold table's chains: taken as not the agent's");
+            true
+        }
     }
 }
 
@@ -516,13 +519,22 @@ impl Boundaries {
     /// existing table is left alone: only RemoveBoundary lifts it.
     pub fn apply_stored(&self) -> Result<(), BoundaryError> {
         let mut g = self.lock();
+        // On every way out without the table loaded, the preloaded
+        // engines' egress is forgotten: kept, a re-adopted engine's same
+        // rules would read as "already in" and never reach nft (or its
+        // checks for a foreign table).
+        let forget_engines = |g: &mut Inner| Arc::make_mut(&mut g.snap).engines.clear();
         if g.snap.bounds.is_none() && g.snap.policy.cluster.is_some() {
             // Stored but no longer valid: say why.
-            g.snap.policy.boundaries()?;
+            if let Err(e) = g.snap.policy.boundaries() {
+                forget_engines(&mut g);
+                return Err(e.into());
+            }
         }
         if g.snap.bounds.is_none() && foreign_table() {
             // Not ours to replace, even with the engines' chains alone.
             warn!("a leasehold table is in the kernel but no boundary is stored; leaving it (landlordctl boundary remove lifts it)");
+            forget_engines(&mut g);
             return Ok(());
         }
         let engines = g.snap.engines.len();
@@ -530,6 +542,7 @@ impl Boundaries {
             let n = rs.elements();
             if let Err(e) = self.apply_rules(&mut g, rs) {
                 if engines == 0 || g.snap.bounds.is_none() {
+                    forget_engines(&mut g);
                     return Err(e);
                 }
                 // A recorded engine's cgroup that nft cannot resolve
@@ -950,8 +963,18 @@ impl Boundaries {
             }
             None => g.enforcer.remove()?,
         }
+        if let Err(e) = self.save(&mut g.journal, &Policy::new()) {
+            // Still stored: its table goes back, so that the kernel, the
+            // status and the next start all say the same (not "enforced"
+            // over a table without it).
+            if let Some(rs) = g.snap.ruleset() {
+                if let Err(back) = self.apply_rules(&mut g, rs) {
+                    error!(error = %back, "the boundary could not be removed from the state and its table could not be put back: the drift check restores it");
+                }
+            }
+            return Err(e);
+        }
         g.last_change = Some("removed");
-        self.save(&mut g.journal, &Policy::new())?;
         // Nothing to revert to a lifted boundary.
         if let Err(e) = self.write_pending(None) {
             warn!(error = %e, "cannot remove the pending boundary revert");

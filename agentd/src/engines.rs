@@ -1181,19 +1181,16 @@ impl Runtime {
         }
         let oom_kills = self.cgroups.usage(&cg).map(|u| u.oom_kills).unwrap_or(0);
         let pid = proc.pid();
+        let mut replaced = None;
         if let Some(root) = fresh {
             // The instance runs from the fresh root: it becomes the
-            // version's, and the root it replaces goes.
-            let old = self
+            // version's; the root it replaces goes once engines.json names
+            // the new one (below), so no state ever names a deleted root.
+            replaced = self
                 .engines
                 .get_mut(name)
                 .and_then(|e| e.versions.get_mut(&version))
                 .map(|v| std::mem::replace(&mut v.launch.rootfs, root));
-            if let Some(old) = old {
-                if let Err(err) = std::fs::remove_dir_all(&old) {
-                    tracing::warn!(engine = name, root = %old.display(), error = %err, "the replaced root was not removed");
-                }
-            }
             self.note_fresh_root(name, None);
             self.act(name, Action::Emit(Event::ImageReloaded { instance }));
         }
@@ -1210,7 +1207,18 @@ impl Runtime {
                 },
             );
         }
-        self.save_logged();
+        match (self.save(), replaced) {
+            (Ok(()), Some(old)) => {
+                if let Err(err) = std::fs::remove_dir_all(&old) {
+                    tracing::warn!(engine = name, root = %old.display(), error = %err, "the replaced root was not removed");
+                }
+            }
+            (Ok(()), None) => {}
+            (Err(e), old) => {
+                // Kept: the recorded state may still name it.
+                tracing::error!(error = %e, kept = ?old, "cannot record the engines' state");
+            }
+        }
         Input::Launched { instance, pid }
     }
 

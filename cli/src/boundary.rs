@@ -512,14 +512,16 @@ pub fn check_text(v: &Value) -> String {
             s.push_str(&format!("  ~ {name}: {}\n", parts.join("; ")));
         }
     }
-    if let Some(a) = v["action"].as_array() {
-        s.push_str(&format!("denied traffic: {} → {}\n", a[0], a[1]));
+    // [before, after] pairs; another shape from the bus is not shown
+    // (never indexed blindly: a short array must not panic the CLI).
+    if let Some([before, after]) = v["action"].as_array().map(Vec::as_slice) {
+        s.push_str(&format!("denied traffic: {before} → {after}\n"));
     }
-    if let Some(d) = v["dhcp_servers"].as_array() {
+    if let Some([before, after]) = v["dhcp_servers"].as_array().map(Vec::as_slice) {
         s.push_str(&format!(
             "DHCP replies only from: {} → {}\n",
-            dhcp_servers_text(&d[0]),
-            dhcp_servers_text(&d[1])
+            dhcp_servers_text(before),
+            dhcp_servers_text(after)
         ));
     }
     if v["fits"] == Value::Bool(false) {
@@ -603,6 +605,23 @@ pub fn verdict_text(v: &FlowVerdict) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_check_reply_of_another_shape_does_not_panic() {
+        for v in [
+            serde_json::json!({"action": [], "dhcp_servers": ["only one"]}),
+            serde_json::json!({"action": ["drop"], "dhcp_servers": []}),
+            serde_json::json!({"action": "drop", "dhcp_servers": null}),
+        ] {
+            let t = check_text(&v);
+            assert!(
+                !t.contains("denied traffic") && !t.contains("DHCP replies"),
+                "{t}"
+            );
+        }
+        let t = check_text(&serde_json::json!({"action": ["drop", "reject"]}));
+        assert!(t.contains("denied traffic: \"drop\" → \"reject\""), "{t}");
+    }
 
     #[test]
     fn dhcp_servers_are_shown_for_humans() {

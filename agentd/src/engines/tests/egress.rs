@@ -297,9 +297,19 @@ fn real_recorded_engine_egress_is_in_the_first_table_at_start() {
         // No boundary stored, but a boundary's table in the kernel: left.
         let empty = tempfile::tempdir().unwrap();
         let b2 = Boundaries::load(empty.path()).unwrap();
-        b2.preload_engine_egress(recorded_egress(&root, &sub, &state));
+        let recorded = recorded_egress(&root, &sub, &state);
+        b2.preload_engine_egress(recorded.clone());
         b2.apply_stored().unwrap();
         assert!(table().contains("landlord_out"), "not replaced");
+        // The preloaded rules were not loaded, so they are not taken as in
+        // force: the re-adopted engine's install meets the refusal, and
+        // removing it does not replace the foreign table.
+        let again = recorded.into_iter().next().unwrap();
+        let name = again.name.clone();
+        let err = b2.set_engine_egress(&name, Some(again)).unwrap_err();
+        assert!(err.to_string().contains("did not load"), "{err}");
+        b2.set_engine_egress(&name, None).unwrap();
+        assert!(table().contains("landlord_out"), "still not replaced");
         // Nothing in the kernel: the engines' chains alone.
         sh(&["nft", "delete", "table", "inet", "leasehold"]);
         let b3 = Boundaries::load(empty.path()).unwrap();
