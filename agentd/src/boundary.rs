@@ -1447,9 +1447,9 @@ mod tests {
     /// boundary change, and come out again.
     /// With `dhcp_servers`, the table has a DHCP ingress chain for each
     /// interface of the namespace; one appearing or going is followed at
-    /// the next check (the watcher's link events trigger it; a veth pair here: this
-    /// kernel has no dummy module); without
-    /// `dhcp_servers` no chain.
+    /// the next check, called here by hand (in the agent the watcher's link
+    /// events call it; that wiring is not under this test). A veth pair:
+    /// this kernel has no dummy module. Without `dhcp_servers` no chain.
     #[test]
     #[ignore = "needs root: a network namespace and nftables"]
     fn dhcp_ingress_chains_follow_the_interfaces() {
