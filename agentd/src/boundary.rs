@@ -1376,6 +1376,26 @@ impl leasehold_node::backend::BoundaryStore for BoundaryBackend {
             Failure::new(kind, e.to_string())
         })
     }
+
+    /// The tenant's sub-boundary (already inside the cluster boundary),
+    /// else the cluster boundary; None when no boundary is stored. A stored
+    /// boundary that no longer validates cannot be told: refused (fail
+    /// closed), as the engine's rules could not go in either.
+    fn engine_egress_limit(
+        &mut self,
+    ) -> Result<Option<leasehold_netpolicy::Boundary>, leasehold_node::Failure> {
+        let snap = self.0.snapshot();
+        if snap.bounds.is_none() && snap.policy.cluster.is_some() {
+            return Err(leasehold_node::Failure::new(
+                leasehold_node::FailureKind::Unavailable,
+                "the stored node boundary does not validate, so an engine's egress cannot be checked against it",
+            ));
+        }
+        Ok(snap
+            .bounds
+            .as_ref()
+            .map(|(cluster, sub)| sub.as_ref().unwrap_or(cluster).clone()))
+    }
 }
 
 /// One failsafe entry as a line: `ssh: in 192.0.2.10 tcp 22`.

@@ -138,3 +138,73 @@ fn upload_is_the_tenants_only() {
     assert_eq!(r.code, 6, "{r:?}");
     assert!(r.stderr.contains("missing.tar"), "{r:?}");
 }
+
+/// T1: a spec's `egress` is checked against the tenant's sub-boundary in
+/// the real agent (its boundary backend says what the limit is): wider is
+/// refused naming `egress`; inside it passes on to the engines (which end
+/// at the harness's missing volume). Before any boundary, nothing to widen.
+#[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
+fn engine_egress_is_checked_against_the_tenants_sub_boundary() {
+    let lab = Lab::start();
+    assigned(&lab);
+    let spec = |name: &str, peers: &str| {
+        lab.write_file(
+            name,
+            format!(
+                "command = [\"/bin/true\"]\n[egress]\n[[egress.allow]]\nname = \"db\"\npeers = [\"{peers}\"]\n"
+            )
+            .as_bytes(),
+        )
+    };
+    let inside = spec("inside.toml", "10.1.2.3");
+    let wider = spec("wider.toml", "10.2.0.0/16");
+    let deploy = |spec: &std::path::Path| {
+        lab.run(
+            Who::Tenant,
+            "tenantctl",
+            &[
+                "engine",
+                "deploy",
+                "web",
+                "web.tar",
+                "--from-inbox",
+                "--spec",
+                spec.to_str().unwrap(),
+            ],
+        )
+    };
+    // No boundary stored: nothing an egress could widen.
+    let r = deploy(&wider);
+    assert_eq!(r.code, 69, "{r:?}");
+    assert!(!r.stderr.contains("egress"), "{r:?}");
+    let cluster = lab.write_file(
+        "cluster.toml",
+        b"[[allow]]\nname = \"net\"\npeers = [\"10.0.0.0/8\"]\n",
+    );
+    lab.run(
+        Who::Landlord,
+        "landlordctl",
+        &["boundary", "set", cluster.to_str().unwrap()],
+    )
+    .ok();
+    let sub = lab.write_file(
+        "sub.toml",
+        b"[[allow]]\nname = \"web\"\npeers = [\"10.1.0.0/16\"]\n",
+    );
+    lab.run(
+        Who::Tenant,
+        "tenantctl",
+        &["boundary", "set", sub.to_str().unwrap()],
+    )
+    .ok();
+    let r = deploy(&wider);
+    assert_eq!(r.code, 6, "{r:?}");
+    assert!(
+        r.stderr.contains("egress") && r.stderr.contains("can only narrow"),
+        "{r:?}"
+    );
+    let r = deploy(&inside);
+    assert_eq!(r.code, 69, "passes the egress check: {r:?}");
+    assert!(!r.stderr.contains("egress"), "{r:?}");
+}
