@@ -2559,11 +2559,13 @@ impl Vm {
 
     /// Waits (in the guest, on inotify through `tail -F`, bounded) until
     /// FILE holds at least N lines containing TEXT (fixed string). (`grep
-    /// -m N` reads on to the Nth match; `-q` would stop at the first.)
+    /// -c -m N` reads on to the Nth match; `-q` would stop at the first,
+    /// and so does GNU grep whose output is /dev/null: it then reads on to
+    /// an end of input that `tail -F` never gives.)
     #[track_caller]
     fn wait_lines(&self, file: &str, text: &str, n: usize, secs: u32, what: &str) {
         let o = self.sh_status(&format!(
-            "timeout {secs} bash -c 'grep -m\"$2\" -F -e \"$0\" >/dev/null < <(exec tail -n +1 -F --pid=$$ \"$1\" </dev/null 2>/dev/null)' {} {file} {n}",
+            "timeout {secs} bash -c 'grep -c -m\"$2\" -F -e \"$0\" < <(exec tail -n +1 -F --pid=$$ \"$1\" </dev/null 2>/dev/null)' {} {file} {n}",
             shell_quote(text)
         ));
         assert_eq!(
