@@ -2190,6 +2190,9 @@ impl Vm {
 /// `LeaseholdBoundaryDrift`, mapped to a reboot: the node reboots exactly
 /// once however often Alertmanager repeats the alert, and comes back.
 fn console_acts_on_the_node(vm: &mut Vm) {
+    // No boundary to start from, whatever an earlier section that failed
+    // half-way left (its own boundary keeps 9464 out).
+    vm.sh("runuser -u tt -- tenantctl boundary clear >/dev/null 2>&1; landlordctl --yes boundary remove >/dev/null 2>&1; true");
     // The landlord's SSH user for act, with the lab key.
     vm.sh("install -d -o ll -g ll -m 700 /home/ll/.ssh && install -o ll -g ll -m 600 /root/.ssh/authorized_keys /home/ll/.ssh/authorized_keys");
     // The metrics endpoint on the node's address, with a token file.
