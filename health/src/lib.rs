@@ -311,6 +311,62 @@ impl Monitor {
         report
     }
 
+    /// A report for a link event: the `net` source read again (sysfs,
+    /// milliseconds), every other source's readings and faults as the
+    /// last report had them, so a link fault is known without waiting for
+    /// smartctl or a slow source. Before the first report, or with `net`
+    /// not enabled, a full [`Monitor::report`].
+    pub fn report_links(&self) -> Report {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let last = match &st.last {
+            Some((_, r)) if self.settings.enabled.contains(&Source::Net) => r.clone(),
+            _ => {
+                drop(st);
+                return self.report();
+            }
+        };
+        let start = Instant::now();
+        let fresh = self.collect_only(&mut st.busy, Some(Source::Net));
+        let (net_faults, baseline) = eval::evaluate(&fresh, &st.baseline);
+        st.baseline = baseline;
+        let mut sources = last.sources;
+        for f in fresh {
+            if let Some(s) = sources.iter_mut().find(|s| s.source == f.source) {
+                *s = f;
+            }
+        }
+        // The link faults anew (the rtnetlink one below with them), the
+        // others as they were.
+        let mut faults: Vec<Fault> = last
+            .faults
+            .into_iter()
+            .filter(|f| f.source != Source::Net)
+            .chain(net_faults)
+            .collect();
+        let network = self.network();
+        if let Some(e) = network.as_ref().and_then(|n| n.error.as_ref()) {
+            faults.push(Fault {
+                severity: Severity::Warning,
+                source: Source::Net,
+                subject: "rtnetlink".into(),
+                message: format!("links and addresses are not watched: {e}"),
+            });
+        }
+        faults.sort_by_key(|f| std::cmp::Reverse(f.severity));
+        let report = Report {
+            taken_at: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            severity: faults.first().map_or(Severity::Ok, |f| f.severity),
+            sources,
+            faults,
+            network,
+        };
+        st.last = Some((Instant::now(), report.clone()));
+        st.last_took = start.elapsed();
+        report
+    }
+
     /// The last report taken (by anyone), with its age and how long it
     /// took; None before the first. Never waits for a report being taken.
     pub fn last(&self) -> Option<Last> {
@@ -323,6 +379,15 @@ impl Monitor {
     }
 
     fn collect(&self, busy: &mut BTreeMap<Source, Arc<AtomicBool>>) -> Vec<SourceReport> {
+        self.collect_only(busy, None)
+    }
+
+    /// Reads every source, or only `only`.
+    fn collect_only(
+        &self,
+        busy: &mut BTreeMap<Source, Arc<AtomicBool>>,
+        only: Option<Source>,
+    ) -> Vec<SourceReport> {
         let start = Instant::now();
         // None: the read panicked (a bug), which is not "slow".
         let (tx, rx) = mpsc::channel::<(Source, Option<(Readings, Vec<Problem>)>)>();
@@ -334,6 +399,9 @@ impl Monitor {
             &[]
         };
         for source in Source::ALL.into_iter().chain(checks.iter().copied()) {
+            if only.is_some_and(|o| o != source) {
+                continue;
+            }
             let deadline = self.settings.deadline_of(source);
             let mut report = SourceReport {
                 source,

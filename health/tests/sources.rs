@@ -884,3 +884,61 @@ fn without_checks_no_agent_sources() {
         .iter()
         .all(|s| !Source::CHECKS.contains(&s.source)));
 }
+
+/// A link event's report reads `net` again and takes every other source
+/// from the last report: a link down is known without waiting for a hung
+/// smartctl, and the disk's fault is still there.
+#[test]
+fn a_link_report_reads_links_only_and_keeps_the_other_faults() {
+    let f = Fixture::new();
+    let mut s = f.settings(&[Source::Net, Source::Smart]);
+    s.smartctl = fake_smartctl(&f);
+    s.smart_timeout = Duration::from_millis(1500);
+    smart_disk(&f, "sda", PASSED, 0);
+    fs::write(f.dir.path().join("smart/sda.hang"), "").unwrap();
+    let link = |carrier: &str, changes: &str| {
+        f.put(
+            "class/net/eth1/operstate",
+            if carrier == "1" { "up" } else { "down" },
+        );
+        f.put("class/net/eth1/flags", "0x1003");
+        f.put("class/net/eth1/carrier", carrier);
+        f.put("class/net/eth1/carrier_changes", changes);
+    };
+    link("1", "0");
+    let m = Monitor::new(s);
+    // Before any report: a full one (smartctl's timeout included).
+    let t = Instant::now();
+    let first = m.report_links();
+    assert!(
+        t.elapsed() >= Duration::from_millis(1500),
+        "{:?}",
+        t.elapsed()
+    );
+    assert!(faults_of(&first, "eth1").is_empty());
+    assert_eq!(faults_of(&first, "sda")[0].severity, Severity::Stuck);
+    link("0", "1");
+    let t = Instant::now();
+    let r = m.report_links();
+    assert!(
+        t.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        t.elapsed()
+    );
+    let down = faults_of(&r, "eth1");
+    assert!(
+        down.iter().any(|f| f.message.contains("link down")),
+        "{down:?}"
+    );
+    assert_eq!(faults_of(&r, "sda")[0].severity, Severity::Stuck, "kept");
+    assert_eq!(r.severity, Severity::Stuck);
+    assert_eq!(disk(&r, "sda").state, DiskState::Timeout, "readings kept");
+    // Back up: the flap counted once, then nothing; the full report agrees.
+    link("1", "2");
+    let r = m.report_links();
+    assert!(faults_of(&r, "eth1")[0]
+        .message
+        .contains("1 carrier changes"));
+    let r = m.report();
+    assert!(faults_of(&r, "eth1").is_empty(), "{:?}", r.faults);
+}
