@@ -899,7 +899,9 @@ fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, MetricsError> {
         Err(e) => return Err(io(e)),
     }
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io)?;
+        // 0755: the landlord group traverses it to the socket (the agent's
+        // umask would make it 0700).
+        crate::fsutil::create_dir_all_mode(dir, 0o755).map_err(io)?;
         // The socket's mode and group are set by path after bind: only
         // safe if no one else can replace the path meanwhile (a symlink
         // there would hand another file to the landlord group).
