@@ -284,8 +284,20 @@ impl Monitor {
         }
         let start = Instant::now();
         let sources = self.collect(&mut st.busy);
-        let (mut faults, baseline) = eval::evaluate(&sources, &st.baseline);
+        let (faults, baseline) = eval::evaluate(&sources, &st.baseline);
         st.baseline = baseline;
+        self.finish(&mut st, start, sources, faults)
+    }
+
+    /// Adds the network part (a watcher that is not running is a fault),
+    /// makes the report and keeps it as the last one.
+    fn finish(
+        &self,
+        st: &mut State,
+        start: Instant,
+        sources: Vec<SourceReport>,
+        mut faults: Vec<Fault>,
+    ) -> Report {
         let network = self.network();
         if let Some(e) = network.as_ref().and_then(|n| n.error.as_ref()) {
             // Not watching: link and address changes go unseen.
@@ -295,8 +307,8 @@ impl Monitor {
                 subject: "rtnetlink".into(),
                 message: format!("links and addresses are not watched: {e}"),
             });
-            faults.sort_by_key(|f| std::cmp::Reverse(f.severity));
         }
+        faults.sort_by_key(|f| std::cmp::Reverse(f.severity));
         let report = Report {
             taken_at: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
@@ -335,36 +347,15 @@ impl Monitor {
                 *s = f;
             }
         }
-        // The link faults anew (the rtnetlink one below with them), the
-        // others as they were.
-        let mut faults: Vec<Fault> = last
+        // The link faults anew (the rtnetlink one with them), the others
+        // as they were.
+        let faults: Vec<Fault> = last
             .faults
             .into_iter()
             .filter(|f| f.source != Source::Net)
             .chain(net_faults)
             .collect();
-        let network = self.network();
-        if let Some(e) = network.as_ref().and_then(|n| n.error.as_ref()) {
-            faults.push(Fault {
-                severity: Severity::Warning,
-                source: Source::Net,
-                subject: "rtnetlink".into(),
-                message: format!("links and addresses are not watched: {e}"),
-            });
-        }
-        faults.sort_by_key(|f| std::cmp::Reverse(f.severity));
-        let report = Report {
-            taken_at: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-            severity: faults.first().map_or(Severity::Ok, |f| f.severity),
-            sources,
-            faults,
-            network,
-        };
-        st.last = Some((Instant::now(), report.clone()));
-        st.last_took = start.elapsed();
-        report
+        self.finish(&mut st, start, sources, faults)
     }
 
     /// The last report taken (by anyone), with its age and how long it

@@ -1602,56 +1602,14 @@ fn engine_image(dir: &Path, tools: &[&str]) -> PathBuf {
         // Through symlinks (ld.so is one): the image holds the files.
         std::fs::copy(f, &to).unwrap_or_else(|e| panic!("{}: {e}", f.display()));
     }
-    let tar = |dir: &Path, out: &Path, what: &[&str]| {
-        host(
-            Command::new("tar")
-                .args(["--owner=0", "--group=0", "--numeric-owner", "-C"])
-                .arg(dir)
-                .arg("-cf")
-                .arg(out)
-                .args(what),
-        );
-    };
-    let layer_tar = dir.join("layer.tar");
-    let top: Vec<String> = std::fs::read_dir(&root)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    tar(
-        &root,
-        &layer_tar,
-        &top.iter().map(String::as_str).collect::<Vec<_>>(),
-    );
-    let layer = std::fs::read(&layer_tar).unwrap();
-    let desc = |media: &str, b: &[u8]| serde_json::json!({"mediaType": media, "digest": format!("sha256:{}", sha256_hex(b)), "size": b.len()});
-    let config = serde_json::to_vec(&serde_json::json!({
-        "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/bin:/usr/bin:/usr/sbin"]},
-        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", sha256_hex(&layer))]}
-    }))
-    .unwrap();
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": desc("application/vnd.oci.image.config.v1+json", &config),
-        "layers": [desc("application/vnd.oci.image.layer.v1.tar", &layer)],
-    }))
-    .unwrap();
-    let index = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [desc("application/vnd.oci.image.manifest.v1+json", &manifest)],
-    }))
-    .unwrap();
-    let oci = dir.join("oci");
-    let blobs = oci.join("blobs/sha256");
-    std::fs::create_dir_all(&blobs).unwrap();
-    std::fs::write(oci.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    std::fs::write(oci.join("index.json"), &index).unwrap();
-    for b in [&layer, &config, &manifest] {
-        std::fs::write(blobs.join(sha256_hex(b)), b).unwrap();
-    }
+    // Named bb.tar: the inbox keeps the uploaded file's name, which the
+    // sections deploy `--from-inbox`.
     let archive = dir.join("bb.tar");
-    tar(&oci, &archive, &["oci-layout", "index.json", "blobs"]);
+    std::fs::rename(
+        leasehold_tests::oci::archive(&dir.join("oci"), &root),
+        &archive,
+    )
+    .unwrap();
     archive
 }
 
