@@ -177,6 +177,13 @@ impl leasehold_health::SelfChecks for AgentChecks {
             crash_looping: count(&[Phase::BackingOff]),
             gave_up: count(&[Phase::GaveUp]),
             restarts: list.iter().map(|e| u64::from(e.restarts)).sum(),
+            probe_failing: list.iter().filter(|e| probe_failing(e)).count() as u64,
         }
     }
+}
+
+/// An engine some probe of which failed its last run (a probe not run yet
+/// counts as healthy: a new instance is not a fault).
+pub fn probe_failing(e: &leasehold_node::EngineStatus) -> bool {
+    e.probes.iter().any(|p| p.ok == Some(false))
 }

@@ -162,6 +162,8 @@ pub struct Snapshot {
     pub volume_usage: Option<(u64, u64)>,
     pub engines: BTreeMap<&'static str, u64>,
     pub engine_restarts: u64,
+    /// Engines some probe of which failed its last run.
+    pub engine_probe_failing: u64,
     /// The tenant subtree: budget and aggregate usage (sums over every
     /// engine; no engine appears on its own).
     pub tenant: Option<TenantMetrics>,
@@ -255,6 +257,7 @@ impl Snapshot {
         for e in engines {
             *self.engines.entry(e.phase.name()).or_default() += 1;
             self.engine_restarts += u64::from(e.restarts);
+            self.engine_probe_failing += u64::from(crate::health::probe_failing(e));
         }
     }
 
@@ -389,6 +392,11 @@ pub fn encode(s: &Snapshot, dbus: &DbusMetrics) -> String {
         "engine_restarts",
         "Supervisor restarts of the deployed engines since their deploy, summed",
         gauge(s.engine_restarts),
+    );
+    r.register(
+        "engines_probe_failing",
+        "Engines some health probe of which failed its last run",
+        gauge(s.engine_probe_failing),
     );
     if let Some(t) = &s.tenant {
         encode_tenant(&mut r, t);
@@ -1264,7 +1272,18 @@ mod tests {
         s.count_engines(&[
             engine(PRIVATE[0], Phase::Ready, 2),
             engine("db-password-prod-engine", Phase::Ready, 0),
-            engine("web", Phase::GaveUp, 7),
+            EngineStatus {
+                // A failing probe's text is the tenant's: only the count
+                // may reach the metrics.
+                probes: vec![leasehold_node::EngineProbe {
+                    probe: format!("http 8080 /{}", PRIVATE[2]),
+                    failures: 3,
+                    ok: Some(false),
+                    detail: Some(PRIVATE[5].into()),
+                    at: None,
+                }],
+                ..engine("web", Phase::GaveUp, 7)
+            },
         ]);
         s.count_faults(&Report {
             taken_at: 1,
@@ -1342,6 +1361,7 @@ mod tests {
             "leasehold_engines{state=\"gave-up\"} 1",
             "leasehold_engines{state=\"stopped\"} 0",
             "leasehold_engine_restarts 9",
+            "leasehold_engines_probe_failing 1",
             "leasehold_heartbeat_timestamp_seconds 1764790000",
             "leasehold_heartbeat_interval_seconds 30",
             "leasehold_tenant_budget_written 1",

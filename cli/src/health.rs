@@ -117,11 +117,12 @@ fn check_line(src: &Value) -> Option<String> {
             }
         ),
         "engines" => format!(
-            "{} deployed, {} running, {} crash-looping, {} gave up",
+            "{} deployed, {} running, {} crash-looping, {} gave up, {} failing a probe",
             n("deployed"),
             n("running"),
             n("crash_looping"),
-            n("gave_up")
+            n("gave_up"),
+            n("probe_failing")
         ),
         _ => return None,
     })
@@ -371,7 +372,7 @@ mod tests {
                    "mounted": false, "error": null}]}, "problems": []},
                 {"source": "engines", "status": "ok", "deadline_ms": 2000, "elapsed_ms": 0,
                  "readings": {"kind": "engines", "items": [{"deployed": 2, "running": 1,
-                   "crash_looping": 1, "gave_up": 0, "restarts": 4}]}, "problems": []}
+                   "crash_looping": 1, "gave_up": 0, "restarts": 4, "probe_failing": 1}]}, "problems": []}
             ],
             "faults": []
         });
@@ -380,7 +381,7 @@ mod tests {
             "tpm      ok               4  answers",
             "boundary ok               0  enforced, 3 elements, 1 drifts since start",
             "volume   ok               0  none",
-            "engines  ok               0  2 deployed, 1 running, 1 crash-looping, 0 gave up",
+            "engines  ok               0  2 deployed, 1 running, 1 crash-looping, 0 gave up, 1 failing a probe",
         ] {
             assert!(t.contains(want), "{want}: {t}");
         }

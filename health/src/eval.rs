@@ -276,6 +276,16 @@ pub fn evaluate(sources: &[SourceReport], prev: &Baseline) -> (Vec<Fault>, Basel
                             ),
                         );
                     }
+                    if e.probe_failing > 0 {
+                        fault(
+                            Severity::Warning,
+                            "engines",
+                            format!(
+                                "{} of {} engines failing a health probe (the supervisor acts on its threshold)",
+                                e.probe_failing, e.deployed
+                            ),
+                        );
+                    }
                     if e.gave_up > 0 {
                         fault(
                             Severity::Warning,
@@ -544,9 +554,10 @@ mod tests {
             crash_looping: 2,
             gave_up: 1,
             restarts: 9,
+            probe_failing: 3,
         };
         let f = one(Source::Engines, Readings::Engines(vec![e.clone()]));
-        assert_eq!(f.len(), 2);
+        assert_eq!(f.len(), 3);
         assert!(f
             .iter()
             .all(|f| f.severity == Severity::Warning && f.subject == "engines"));
@@ -554,10 +565,16 @@ mod tests {
             f[0].message.contains("2 of 4 engines crash-looping"),
             "{f:?}"
         );
-        assert!(f[1].message.contains("1 of 4 engines given up"), "{f:?}");
+        assert!(
+            f[1].message
+                .contains("3 of 4 engines failing a health probe"),
+            "{f:?}"
+        );
+        assert!(f[2].message.contains("1 of 4 engines given up"), "{f:?}");
         let calm = EnginesCheck {
             crash_looping: 0,
             gave_up: 0,
+            probe_failing: 0,
             ..e
         };
         assert!(one(Source::Engines, Readings::Engines(vec![calm])).is_empty());

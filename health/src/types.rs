@@ -307,6 +307,10 @@ pub struct EnginesCheck {
     pub gave_up: u64,
     /// Supervisor restarts of the deployed engines, summed.
     pub restarts: u64,
+    /// Engines whose last run of some probe failed (the tenant's probes:
+    /// `exec`, `tcp`, `http`). Absent from older agents' reports: 0.
+    #[serde(default)]
+    pub probe_failing: u64,
 }
 
 /// What a source read.

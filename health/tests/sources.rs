@@ -795,6 +795,7 @@ impl SelfChecks for FakeChecks {
             crash_looping: 1,
             gave_up: 1,
             restarts: 5,
+            probe_failing: 0,
         }
     }
 }

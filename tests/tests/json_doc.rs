@@ -582,6 +582,7 @@ fn health_report() -> leasehold_health::Report {
                     crash_looping: 1,
                     gave_up: 1,
                     restarts: 7,
+                    probe_failing: 1,
                 }])),
             ),
             src(Source::Tpm, SourceStatus::Stuck, None),
