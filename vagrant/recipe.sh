@@ -12,8 +12,9 @@ PACKAGES=(
   cryptsetup-bin dmsetup nftables e2fsprogs
   keyutils fio
   busybox-static crun
-  # health's smart source (the .deb only recommends it; the VM faults section)
-  smartmontools
+  # health's smart source and its NVMe SMART events (the .deb only
+  # recommends them; the VM faults section)
+  smartmontools nvme-cli
 )
 
 # Runs on the host after the packages are in; $1 is the rootfs, $2 the

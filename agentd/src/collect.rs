@@ -53,8 +53,17 @@ fn early_at(woken: Instant, previous: Option<Instant>) -> Instant {
     previous.map_or(settled, |p| settled.max(p + EARLY_SPACING))
 }
 
+/// What wakes the collection before its tick: a link event, an NVMe SMART
+/// event. Each re-reads its source only (`Monitor::report_only`).
+pub struct Wakes {
+    /// A carrier or an interface lost or back.
+    pub links: Arc<tokio::sync::Notify>,
+    /// A disk's SMART state changed (an NVMe event).
+    pub smart: Arc<tokio::sync::Notify>,
+}
+
 /// Takes a report every `interval` until the runtime stops, and early
-/// when `wake` is notified (a link event: docs/health.md "Periodic
+/// when one of `wakes` is notified (a link or SMART event: docs/health.md "Periodic
 /// collection"); emits
 /// `FaultsChanged` on the landlord's health interface when the set of
 /// faults changed since the previous collection.
@@ -62,7 +71,7 @@ fn early_at(woken: Instant, previous: Option<Instant>) -> Instant {
 pub async fn run(
     monitor: Arc<Monitor>,
     interval: Duration,
-    wake: Arc<tokio::sync::Notify>,
+    wakes: Wakes,
     conn: zbus::Connection,
     actions: Arc<tokio::sync::Mutex<crate::actions::Actions>>,
 ) {
@@ -73,22 +82,24 @@ pub async fn run(
     let mut prev: Option<Vec<Fault>> = None;
     let mut started: Option<Instant> = None;
     loop {
-        let links_only = tokio::select! {
-            _ = ticks.tick() => false,
-            () = wake.notified() => {
-                let at = early_at(Instant::now(), started);
-                tokio::time::sleep_until(at.into()).await;
-                true
-            }
+        let only = tokio::select! {
+            _ = ticks.tick() => None,
+            () = wakes.links.notified() => Some(Source::Net),
+            () = wakes.smart.notified() => Some(Source::Smart),
         };
+        if only.is_some() {
+            let at = early_at(Instant::now(), started);
+            tokio::time::sleep_until(at.into()).await;
+        }
         let m = monitor.clone();
         let asked = Instant::now();
         started = Some(asked);
-        // A link event re-reads the links only; the periodic reports stay
-        // on their ticks (the other sources' faults are as old as ever).
+        // An event re-reads its source only (the links; the disks); the
+        // periodic reports stay on their ticks (the other sources' faults
+        // are as old as ever).
         let Ok(report) = tokio::task::spawn_blocking(move || {
-            if links_only {
-                m.report_links()
+            if let Some(source) = only {
+                m.report_only(source)
             } else {
                 m.report_asked_at(asked)
             }

@@ -103,6 +103,14 @@ pub struct HealthSection {
     /// The smartctl binary (package smartmontools).
     #[serde(default = "default_smartctl")]
     pub smartctl: PathBuf,
+    /// NVMe SMART events: turn the SMART bits of each controller's Async
+    /// Event Configuration on and read the disks at once on an event
+    /// (docs/health.md "SMART events"); with `smart` only.
+    #[serde(default = "default_true")]
+    pub nvme_events: bool,
+    /// The nvme-cli binary (package nvme-cli).
+    #[serde(default = "default_nvme")]
+    pub nvme: PathBuf,
     /// sysfs root the sources read (another root: tests, fixtures).
     #[serde(default = "default_sys_root")]
     pub sys_root: PathBuf,
@@ -134,6 +142,8 @@ impl Default for HealthSection {
             deadline_ms: default_health_deadline_ms(),
             smart_timeout_ms: default_smart_timeout_ms(),
             smartctl: default_smartctl(),
+            nvme_events: true,
+            nvme: default_nvme(),
             sys_root: default_sys_root(),
             interval_secs: default_health_interval(),
             netlink: true,
@@ -161,6 +171,10 @@ fn default_smart_timeout_ms() -> u64 {
 
 fn default_smartctl() -> PathBuf {
     "/usr/sbin/smartctl".into()
+}
+
+fn default_nvme() -> PathBuf {
+    "/usr/sbin/nvme".into()
 }
 
 fn default_sys_root() -> PathBuf {
@@ -664,6 +678,7 @@ impl Config {
         crate::actions::validate(&h.action).map_err(|e| invalid("health.action", e))?;
         for (key, p) in [
             ("health.smartctl", &h.smartctl),
+            ("health.nvme", &h.nvme),
             ("health.sys_root", &h.sys_root),
             ("health.leases_dir", &h.leases_dir),
         ] {
@@ -934,6 +949,11 @@ mod tests {
                 "smartctl = \"smartctl\"",
                 "health.smartctl: smartctl is not an absolute path",
             ),
+            (
+                "nvme = \"nvme\"",
+                "health.nvme: nvme is not an absolute path",
+            ),
+            ("nvme_events = 1", "health.nvme_events: invalid type"),
             (
                 "sys_root = \"sys\"",
                 "health.sys_root: sys is not an absolute path",

@@ -559,8 +559,18 @@ async fn start_engines(
 fn health_monitor(
     cfg: &config::HealthSection,
     wake: Arc<tokio::sync::Notify>,
+    smart_wake: Arc<tokio::sync::Notify>,
 ) -> leasehold_health::Monitor {
     let m = leasehold_health::Monitor::new(cfg.settings());
+    if cfg.smart && cfg.nvme_events {
+        let (nvme, roots) = (cfg.nvme.clone(), cfg.settings().roots);
+        let spawned = std::thread::Builder::new()
+            .name("nvme-events".into())
+            .spawn(move || nvme_events(&nvme, &roots, &smart_wake));
+        if let Err(e) = spawned {
+            warn!(error = %e, "NVMe SMART events are not watched");
+        }
+    }
     if !cfg.netlink {
         return m;
     }
@@ -580,6 +590,66 @@ fn health_monitor(
         Err(e) => error!(error = %e, "links and addresses are not watched (rtnetlink)"),
     }
     m.with_network(watch.map(Arc::new))
+}
+
+/// Bound of one nvme-cli run.
+const NVME_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// NVMe SMART events (docs/health.md "SMART events"): every controller's
+/// SMART event bits turned on, again after a controller reset; a SMART
+/// event wakes `smart_wake` (the disks read at once). Without nvme-cli,
+/// or where a controller refuses, its SMART state is seen by the periodic
+/// report only, as before.
+fn nvme_events(
+    nvme: &std::path::Path,
+    roots: &leasehold_health::Roots,
+    smart_wake: &tokio::sync::Notify,
+) {
+    use leasehold_health::nvme::{self, Enabled, NvmeEvent};
+    let ctrls = nvme::controllers(&roots.sys);
+    if !nvme.exists() {
+        if !ctrls.is_empty() {
+            warn!(nvme = %nvme.display(), "nvme-cli is not installed: NVMe SMART warnings are seen at the periodic health report only");
+        }
+        return;
+    }
+    // Listening first: a reset while the bits are being set is not missed.
+    let sock = match nvme::subscribe() {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "NVMe SMART events are not watched (uevent socket)");
+            return;
+        }
+    };
+    let enable = |ctrl: &str| match nvme::enable_smart_events(nvme, &roots.dev, ctrl, NVME_TIMEOUT)
+    {
+        Ok(Enabled::Set { before, after }) => info!(
+            event = "nvme-smart-events",
+            ctrl,
+            before = %format!("{before:#x}"),
+            after = %format!("{after:#x}"),
+            "NVMe SMART events turned on"
+        ),
+        Ok(Enabled::Already(v)) => {
+            info!(event = "nvme-smart-events", ctrl, value = %format!("{v:#x}"), "NVMe SMART events were on")
+        }
+        Err(e) => warn!(
+            ctrl,
+            error = %e,
+            "NVMe SMART events are off for this controller: its SMART state is seen at the periodic health report only"
+        ),
+    };
+    for c in &ctrls {
+        enable(c);
+    }
+    let err = nvme::watch(&sock, |e| match e {
+        NvmeEvent::Smart { ctrl, aen } => {
+            info!(event = "nvme-smart-event", ctrl, aen = %format!("{aen:#08x}"), "NVMe SMART event: reading the disks");
+            smart_wake.notify_one();
+        }
+        NvmeEvent::Connected { ctrl } => enable(&ctrl),
+    });
+    error!(error = %err, "NVMe SMART events are no longer watched");
 }
 
 /// Logs link and address events: at most 20 a minute, then how many were
@@ -677,9 +747,10 @@ async fn serve_bus(
     // Starting the watcher reads the links, addresses and routes (a few
     // netlink round trips): off the runtime's threads.
     let wake = Arc::new(tokio::sync::Notify::new());
+    let smart_wake = Arc::new(tokio::sync::Notify::new());
     let monitor = {
-        let (health, wake) = (health.clone(), wake.clone());
-        tokio::task::spawn_blocking(move || health_monitor(&health, wake))
+        let (health, wake, smart_wake) = (health.clone(), wake.clone(), smart_wake.clone());
+        tokio::task::spawn_blocking(move || health_monitor(&health, wake, smart_wake))
     }
     .await
     .map_err(|e| AgentError::Node(e.to_string()))?;
@@ -798,7 +869,10 @@ async fn serve_bus(
     tokio::spawn(collect::run(
         health_monitor,
         intervals.health,
-        wake,
+        collect::Wakes {
+            links: wake,
+            smart: smart_wake,
+        },
         conn.clone(),
         corrective,
     ));

@@ -11,7 +11,9 @@
 
 pub mod eval;
 pub mod net;
+pub mod nvme;
 pub mod read;
+pub mod run;
 pub mod smart;
 pub mod sources;
 mod types;
@@ -329,17 +331,26 @@ impl Monitor {
     /// smartctl or a slow source. Before the first report, or with `net`
     /// not enabled, a full [`Monitor::report`].
     pub fn report_links(&self) -> Report {
+        self.report_only(Source::Net)
+    }
+
+    /// A report for an event about one source (`net`: a link event;
+    /// `smart`: an NVMe SMART event): that source read again, every other
+    /// source's readings and faults as the last report had them. Before
+    /// the first report, or with `source` not enabled, a full
+    /// [`Monitor::report`].
+    pub fn report_only(&self, source: Source) -> Report {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let last = match &st.last {
-            Some((_, r)) if self.settings.enabled.contains(&Source::Net) => r.clone(),
+            Some((_, r)) if self.settings.enabled.contains(&source) => r.clone(),
             _ => {
                 drop(st);
                 return self.report();
             }
         };
         let start = Instant::now();
-        let fresh = self.collect_only(&mut st.busy, Some(Source::Net));
-        let (net_faults, baseline) = eval::evaluate(&fresh, &st.baseline);
+        let fresh = self.collect_only(&mut st.busy, Some(source));
+        let (fresh_faults, baseline) = eval::evaluate(&fresh, &st.baseline);
         st.baseline = baseline;
         let mut sources = last.sources;
         for f in fresh {
@@ -347,13 +358,15 @@ impl Monitor {
                 *s = f;
             }
         }
-        // The link faults anew (the rtnetlink one with them), the others
-        // as they were.
+        // The source's faults anew, the others as they were, except the
+        // rtnetlink one, which `finish` adds as it is now.
         let faults: Vec<Fault> = last
             .faults
             .into_iter()
-            .filter(|f| f.source != Source::Net)
-            .chain(net_faults)
+            .filter(|f| {
+                f.source != source && !(f.source == Source::Net && f.subject == "rtnetlink")
+            })
+            .chain(fresh_faults)
             .collect();
         self.finish(&mut st, start, sources, faults)
     }

@@ -6,16 +6,15 @@
 //! needed: without them smartctl only opens the device and reads nothing
 //! (smartmontools 7.3: "NVMe device successfully opened … Use smartctl -a").
 
-use std::io::Read;
-use std::os::unix::process::CommandExt;
+use std::ffi::OsStr;
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::read::{short, Reader};
+use crate::run::{run_bounded, RunError};
 use crate::types::*;
 
 /// Largest smartctl output read per disk (a SATA disk's full `-a` JSON is
@@ -180,91 +179,28 @@ fn error(disk: &str, message: String) -> DiskHealth {
 /// One disk: smartctl in a process group of its own, its output read up to
 /// [`MAX_SMARTCTL_OUTPUT`], killed at `timeout`.
 fn check(disk: &str, smartctl: &Path, device: &Path, timeout: Duration) -> DiskHealth {
-    let deadline = Instant::now() + timeout;
-    let mut child = match Command::new(smartctl)
-        .args(["--json", "-n", "standby", "-H", "-A"])
-        .arg(device)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-    {
-        Ok(c) => c,
-        Err(e) => return error(disk, format!("cannot run {}: {e}", smartctl.display())),
-    };
-    let kill = |child: &mut std::process::Child| {
-        // The group, not only smartctl: anything it started would hold the
-        // pipe open. The child is not yet reaped, so its pid (the group id)
-        // cannot have been reused.
-        if let Ok(pid) = i32::try_from(child.id()) {
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
-        let _ = child.wait();
-    };
-    let Some(stdout) = child.stdout.take() else {
-        kill(&mut child);
-        return error(disk, "smartctl has no output pipe".into());
-    };
-    let (tx, rx) = mpsc::channel();
-    let reader = std::thread::Builder::new()
-        .name(format!("smart-out-{disk}"))
-        .spawn(move || {
-            let mut buf = Vec::new();
-            let r = stdout
-                .take(MAX_SMARTCTL_OUTPUT as u64 + 1)
-                .read_to_end(&mut buf);
-            let _ = tx.send(r.map(|_| buf));
-        });
-    if let Err(e) = reader {
-        kill(&mut child);
-        return error(disk, format!("no thread for smartctl's output: {e}"));
-    }
-    let timed_out = |child: &mut std::process::Child| {
-        kill(child);
-        DiskHealth {
+    let args = [
+        OsStr::new("--json"),
+        OsStr::new("-n"),
+        OsStr::new("standby"),
+        OsStr::new("-H"),
+        OsStr::new("-A"),
+        device.as_os_str(),
+    ];
+    match run_bounded(smartctl, &args, timeout, MAX_SMARTCTL_OUTPUT) {
+        Ok((code, buf)) => parse(disk, code, &buf),
+        Err(RunError::Timeout) => DiskHealth {
             state: DiskState::Timeout,
             message: Some(format!(
                 "smartctl did not finish within {} ms; killed",
                 timeout.as_millis()
             )),
             ..error(disk, String::new())
-        }
-    };
-    let buf = match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-        Ok(Ok(buf)) if buf.len() > MAX_SMARTCTL_OUTPUT => {
-            kill(&mut child);
-            return error(
-                disk,
-                format!("smartctl printed more than {MAX_SMARTCTL_OUTPUT} bytes; killed"),
-            );
-        }
-        Ok(Ok(buf)) => buf,
-        Ok(Err(e)) => {
-            kill(&mut child);
-            return error(disk, format!("reading smartctl's output: {e}"));
-        }
-        Err(_) => return timed_out(&mut child),
-    };
-    // Its output ended; its exit follows. No event for a child's exit here
-    // without a pidfd, so poll, briefly, up to the deadline.
-    loop {
-        match child.try_wait() {
-            Ok(Some(status)) => {
-                let code = status.code().unwrap_or(-1);
-                return parse(disk, code, &buf);
-            }
-            Ok(None) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            Ok(None) => return timed_out(&mut child),
-            Err(e) => {
-                kill(&mut child);
-                return error(disk, format!("waiting for smartctl: {e}"));
-            }
-        }
+        },
+        Err(RunError::TooLarge) => error(
+            disk,
+            format!("smartctl printed more than {MAX_SMARTCTL_OUTPUT} bytes; killed"),
+        ),
+        Err(RunError::Start(m) | RunError::Io(m)) => error(disk, m),
     }
 }

@@ -943,3 +943,36 @@ fn a_link_report_reads_links_only_and_keeps_the_other_faults() {
     let r = m.report();
     assert!(faults_of(&r, "eth1").is_empty(), "{:?}", r.faults);
 }
+
+/// An NVMe SMART event re-reads the disks only: the link fault the last
+/// report had is kept (the links are not read again), the new SMART state
+/// is judged at once, and no fault is doubled.
+#[test]
+fn a_smart_event_reads_the_disks_only() {
+    let f = Fixture::new();
+    let mut s = f.settings(&[Source::Net, Source::Smart]);
+    s.smartctl = fake_smartctl(&f);
+    smart_disk(&f, "nvme0n1", PASSED, 0);
+    f.put("class/net/eth1/operstate", "down");
+    f.put("class/net/eth1/flags", "0x1003");
+    f.put("class/net/eth1/carrier", "0");
+    f.put("class/net/eth1/carrier_changes", "1");
+    let m = Monitor::new(s);
+    let first = m.report();
+    assert_eq!(faults_of(&first, "eth1").len(), 1, "{:?}", first.faults);
+    assert!(faults_of(&first, "nvme0n1").is_empty());
+    // The disk warns; the link came back meanwhile, unseen by this report.
+    smart_disk(&f, "nvme0n1", NVME_WARN, 0);
+    f.put("class/net/eth1/operstate", "up");
+    f.put("class/net/eth1/carrier", "1");
+    let r = m.report_only(Source::Smart);
+    let warn = faults_of(&r, "nvme0n1");
+    assert_eq!(warn.len(), 1, "{:?}", r.faults);
+    assert_eq!(warn[0].severity, Severity::Critical);
+    assert_eq!(faults_of(&r, "eth1").len(), 1, "kept from the last report");
+    assert_eq!(r.faults.len(), first.faults.len() + 1, "{:?}", r.faults);
+    // The next full report reads both again.
+    let r = m.report();
+    assert!(faults_of(&r, "eth1").is_empty(), "{:?}", r.faults);
+    assert_eq!(faults_of(&r, "nvme0n1").len(), 1);
+}

@@ -2625,6 +2625,16 @@ timeout_secs = 60
 "#;
 
 impl Vm {
+    /// Lines of the agent's journal with `EVENT=event` (since boot).
+    fn journal_count(&self, event: &str) -> usize {
+        self.sh(&format!(
+            "journalctl --sync; journalctl -b -u leasehold-agentd -o cat --no-pager EVENT={event} | wc -l"
+        ))
+        .trim()
+        .parse()
+        .unwrap_or(0)
+    }
+
     /// One QMP command to node 1's QEMU; its `return`.
     #[track_caller]
     fn qmp(&self, cmd: &serde_json::Value) -> serde_json::Value {
@@ -2907,6 +2917,18 @@ fn faults(vm: &mut Vm) -> Ran {
     );
     vm.wait_lines(HOOK_LOG, " disk-hook ", 1, 180, "NVMe warning: the hook");
     let disk_secs = t.elapsed().as_secs_f64();
+    // The agent turned the controller's SMART events on (nvme-cli) and
+    // read the disks on the controller's event, not only at its tick.
+    vm.sh("journalctl --sync");
+    let on = vm.sh("journalctl -u leasehold-agentd -o cat --no-pager EVENT=nvme-smart-events");
+    assert!(
+        !on.trim().is_empty(),
+        "no 'NVMe SMART events turned on' line"
+    );
+    assert!(
+        vm.journal_count("nvme-smart-event") >= 1,
+        "no NVMe SMART event logged by the agent"
+    );
     let hook = vm.hook_lines("disk-hook");
     assert!(
         hook.len() == 1 && hook[0].contains(" critical ") && hook[0].contains(&nvme),
@@ -3681,7 +3703,8 @@ impl Drop for HostMonitor {
 /// `FaultsChanged` line at the landlord's console on the host
 /// (`landlordctl --json monitor` over SSH as `ll`): 20 NIC link downs
 /// (rtnetlink: the report is taken at once) and 20 NVMe SMART critical
-/// warnings (polled: `interval_secs = 2`, the least the agent takes).
+/// warnings (an NVMe async event: the disks are read at once; the
+/// periodic report, `interval_secs = 5`, clears each warning after it).
 /// Writes docs/benchmarks.md `faults_vm`.
 fn fault_bench(vm: &mut Vm) -> Ran {
     const N: usize = 20;
@@ -3691,7 +3714,7 @@ fn fault_bench(vm: &mut Vm) -> Ran {
     vm.sh("install -d -o ll -g ll -m 700 /home/ll/.ssh && install -o ll -g ll -m 600 /root/.ssh/authorized_keys /home/ll/.ssh/authorized_keys");
     vm.sh(
         "cp /etc/leasehold/agentd.toml /root/agentd.toml.before-bench && \
-         sed -i 's/^\\[health\\]$/[health]\\ninterval_secs = 2/' /etc/leasehold/agentd.toml && \
+         sed -i 's/^\\[health\\]$/[health]\\ninterval_secs = 5/' /etc/leasehold/agentd.toml && \
          systemctl restart leasehold-agentd",
     );
     vm.wait_agent();
@@ -3729,6 +3752,7 @@ fn fault_bench(vm: &mut Vm) -> Ran {
             .unwrap_or_else(|| panic!("link up {i}: the fault did not clear"));
     }
     vm.step("fault-bench: 20 link downs timed to the console");
+    let events_before = vm.journal_count("nvme-smart-event");
     let mut smart_ms = Vec::new();
     for i in 0..N {
         let t0 = Instant::now();
@@ -3741,6 +3765,7 @@ fn fault_bench(vm: &mut Vm) -> Ran {
         mon.faults_changed(60, |f| !mentions(f, &nvme))
             .unwrap_or_else(|| panic!("SMART warning {i}: the fault did not clear"));
     }
+    let events = vm.journal_count("nvme-smart-event") - events_before;
     vm.step("fault-bench: 20 NVMe SMART warnings timed to the console");
     drop(mon);
     let guest_kernel = vm.sh("uname -r").trim().to_owned();
@@ -3769,7 +3794,7 @@ fn fault_bench(vm: &mut Vm) -> Ran {
          `LEASEHOLD_VM_BENCH=1 LEASEHOLD_VM_SECTIONS=fault-bench cargo test -p leasehold-tests --test vm_lab -- --include-ignored` (root; after `scripts/build-deb` with `LEASEHOLD_DEB_FEATURES=fault-injection`)\n\n\
          {}- guest: the lab node (Debian 12, kernel {guest_kernel}, 2 vCPUs, 2 GiB) under QEMU **TCG** (CPU emulated: every figure is several times a real node's)\n\
          - console: `landlordctl --json monitor` run over SSH as `ll` from the host; a sample is from just before `vagrant/lab qmp` starts (a QMP client process: part of each figure) to the `FaultsChanged` line arriving on the host; each fault cleared and its clearing seen before the next\n\
-         - agent: the .deb with `[health] interval_secs = 2`, default deadlines, smartctl on the NVMe and virtio disks\n\n\
+         - agent: the .deb with `[health] interval_secs = 5`, default deadlines, smartctl on the NVMe and virtio disks; NVMe SMART events on (nvme-cli)\n\n\
          | fault | n | min ms | p50 ms | p99 ms | max ms | how the agent learns it |\n|---|---|---|---|---|---|---|\n",
         leasehold_tests::markdown::machine()
     );
@@ -3778,14 +3803,18 @@ fn fault_bench(vm: &mut Vm) -> Ran {
         &mut link_ms,
         "rtnetlink carrier event → a link report 50 ms later (links read again, the other sources' faults kept)",
     ));
+    let (link_p99, smart_p99) = (pct(&mut link_ms, 99), pct(&mut smart_ms, 99));
     body.push_str(&row(
         "NVMe SMART critical warning (`qom-set smart_critical_warning 4`)",
         &mut smart_ms,
-        "the next periodic report (every 2 s) runs smartctl",
+        &format!("the controller's SMART async event (the agent turned it on with nvme-cli) → the kernel's `NVME_AEN` uevent → the disks read (smartctl) 50 ms later, the other sources' faults kept; {events} events logged by the agent for the {N} warnings"),
     ));
-    body.push_str(
-        "\nGoal (issue 16): p99 ≤ 1 s for node-side faults: met for the link (an event) even under TCG; not for a disk's SMART state, which has no event and is polled (its bound is `interval_secs` plus one smartctl run, about 2 s at the least interval). The single-shot faults of the `faults` and `kernel-hang` sections (agent SIGSTOP → systemd's `WatchdogSec=60s`; kernel panic → i6300esb reset) take tens of seconds by their settings and are printed by those sections, not sampled here.",
-    );
+    let met = |p99: u128| if p99 <= 1000 { "met" } else { "**not met**" };
+    body.push_str(&format!(
+        "\nGoal (issue 16): p99 ≤ 1 s for node-side faults, under TCG: link {} (p99 {link_p99} ms), NVMe SMART {} (p99 {smart_p99} ms). A SATA disk's SMART state has no event and is still polled (its bound is `interval_secs` plus one smartctl run). The single-shot faults of the `faults` and `kernel-hang` sections (agent SIGSTOP → systemd's `WatchdogSec=60s`; kernel panic → i6300esb reset) take tens of seconds by their settings and are printed by those sections, not sampled here.",
+        met(link_p99),
+        met(smart_p99),
+    ));
     leasehold_tests::markdown::write_section("faults_vm", &body);
     Ran::Done
 }
