@@ -182,8 +182,11 @@ impl leasehold_health::SelfChecks for AgentChecks {
     }
 }
 
-/// An engine some probe of which failed its last run (a probe not run yet
-/// counts as healthy: a new instance is not a fault).
+/// A running engine some probe of which failed its last run. Probes act
+/// on running instances only, and their last results outlive the
+/// instance: a stopped, exited or given-up engine is not counted (it is in
+/// its own count), nor is a probe not run yet.
 pub fn probe_failing(e: &leasehold_node::EngineStatus) -> bool {
-    e.probes.iter().any(|p| p.ok == Some(false))
+    use leasehold_engines::supervisor::Phase;
+    matches!(e.phase, Phase::Running | Phase::Ready) && e.probes.iter().any(|p| p.ok == Some(false))
 }

@@ -605,7 +605,7 @@ fn nvme_events(
     roots: &leasehold_health::Roots,
     smart_wake: &tokio::sync::Notify,
 ) {
-    use leasehold_health::nvme::{self, Enabled, NvmeEvent};
+    use leasehold_health::nvme::{self, NvmeEvent, Watched};
     let ctrls = nvme::controllers(&roots.sys);
     if !nvme.exists() {
         if !ctrls.is_empty() {
@@ -621,8 +621,50 @@ fn nvme_events(
             return;
         }
     };
-    let enable = |ctrl: &str| match nvme::enable_smart_events(nvme, &roots.dev, ctrl, NVME_TIMEOUT)
-    {
+    // Setting the bits takes up to three nvme-cli runs per controller: on a
+    // thread of its own, so the uevent reader never stops reading. `None`:
+    // every controller (at start, and after lost messages).
+    let (tx, rx) = std::sync::mpsc::channel::<Option<String>>();
+    let (nvme, roots_c) = (nvme.to_owned(), roots.clone());
+    let spawned = std::thread::Builder::new()
+        .name("nvme-enable".into())
+        .spawn(move || {
+            for which in rx {
+                let ctrls = match which {
+                    Some(c) => vec![c],
+                    None => nvme::controllers(&roots_c.sys),
+                };
+                for ctrl in &ctrls {
+                    enable_nvme_events(&nvme, &roots_c.dev, ctrl);
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        warn!(error = %e, "NVMe SMART events are not turned on");
+        return;
+    }
+    let _ = tx.send(None);
+    let err = nvme::watch(&sock, |w| match w {
+        Watched::Event(NvmeEvent::Smart { ctrl, aen }) => {
+            info!(event = "nvme-smart-event", ctrl, aen = %format!("{aen:#08x}"), "NVMe SMART event: reading the disks");
+            smart_wake.notify_one();
+        }
+        Watched::Event(NvmeEvent::Connected { ctrl }) => {
+            let _ = tx.send(Some(ctrl));
+        }
+        Watched::Lost => {
+            warn!("uevents were lost (socket buffer full): reading the disks and turning NVMe SMART events on again");
+            smart_wake.notify_one();
+            let _ = tx.send(None);
+        }
+    });
+    error!(error = %err, "NVMe SMART events are no longer watched");
+}
+
+/// Turns controller `ctrl`'s SMART events on, logged either way.
+fn enable_nvme_events(nvme: &std::path::Path, dev: &std::path::Path, ctrl: &str) {
+    use leasehold_health::nvme::{self, Enabled};
+    match nvme::enable_smart_events(nvme, dev, ctrl, NVME_TIMEOUT) {
         Ok(Enabled::Set { before, after }) => info!(
             event = "nvme-smart-events",
             ctrl,
@@ -638,18 +680,7 @@ fn nvme_events(
             error = %e,
             "NVMe SMART events are off for this controller: its SMART state is seen at the periodic health report only"
         ),
-    };
-    for c in &ctrls {
-        enable(c);
     }
-    let err = nvme::watch(&sock, |e| match e {
-        NvmeEvent::Smart { ctrl, aen } => {
-            info!(event = "nvme-smart-event", ctrl, aen = %format!("{aen:#08x}"), "NVMe SMART event: reading the disks");
-            smart_wake.notify_one();
-        }
-        NvmeEvent::Connected { ctrl } => enable(&ctrl),
-    });
-    error!(error = %err, "NVMe SMART events are no longer watched");
 }
 
 /// Logs link and address events: at most 20 a minute, then how many were

@@ -1168,6 +1168,16 @@ mod tests {
         "overheated because of billing-engine",
     ];
 
+    fn failed_probe() -> leasehold_node::EngineProbe {
+        leasehold_node::EngineProbe {
+            probe: format!("http 8080 /{}", PRIVATE[2]),
+            failures: 3,
+            ok: Some(false),
+            detail: Some(PRIVATE[5].into()),
+            at: None,
+        }
+    }
+
     fn engine(name: &str, phase: Phase, restarts: u32) -> EngineStatus {
         EngineStatus {
             name: name.into(),
@@ -1275,13 +1285,12 @@ mod tests {
             EngineStatus {
                 // A failing probe's text is the tenant's: only the count
                 // may reach the metrics.
-                probes: vec![leasehold_node::EngineProbe {
-                    probe: format!("http 8080 /{}", PRIVATE[2]),
-                    failures: 3,
-                    ok: Some(false),
-                    detail: Some(PRIVATE[5].into()),
-                    at: None,
-                }],
+                probes: vec![failed_probe()],
+                ..engine(PRIVATE[0], Phase::Running, 0)
+            },
+            // Its last probe failed, but it has given up: counted there.
+            EngineStatus {
+                probes: vec![failed_probe()],
                 ..engine("web", Phase::GaveUp, 7)
             },
         ]);

@@ -204,9 +204,12 @@ impl Drop for Running {
 
 #[derive(Default)]
 struct State {
-    /// The last report and when it was finished.
+    /// The last report and when its oldest part was read: a full report's
+    /// end; for a report of one source (`report_only`), the full report's
+    /// it kept the rest of. So a partial report is never shared with a
+    /// caller that asked for a fresh one, and its age is its oldest part's.
     last: Option<(Instant, Report)>,
-    /// How long the last report took.
+    /// How long the last full report took.
     last_took: Duration,
     baseline: eval::Baseline,
     /// Set while a source's thread runs; a stuck thread keeps it set.
@@ -288,7 +291,7 @@ impl Monitor {
         let sources = self.collect(&mut st.busy);
         let (faults, baseline) = eval::evaluate(&sources, &st.baseline);
         st.baseline = baseline;
-        self.finish(&mut st, start, sources, faults)
+        self.finish(&mut st, start, sources, faults, true)
     }
 
     /// Adds the network part (a watcher that is not running is a fault),
@@ -299,6 +302,7 @@ impl Monitor {
         start: Instant,
         sources: Vec<SourceReport>,
         mut faults: Vec<Fault>,
+        full: bool,
     ) -> Report {
         let network = self.network();
         if let Some(e) = network.as_ref().and_then(|n| n.error.as_ref()) {
@@ -320,8 +324,14 @@ impl Monitor {
             faults,
             network,
         };
-        st.last = Some((Instant::now(), report.clone()));
-        st.last_took = start.elapsed();
+        let done = match (&st.last, full) {
+            (Some((oldest, _)), false) => *oldest,
+            _ => Instant::now(),
+        };
+        st.last = Some((done, report.clone()));
+        if full {
+            st.last_took = start.elapsed();
+        }
         report
     }
 
@@ -368,7 +378,7 @@ impl Monitor {
             })
             .chain(fresh_faults)
             .collect();
-        self.finish(&mut st, start, sources, faults)
+        self.finish(&mut st, start, sources, faults, false)
     }
 
     /// The last report taken (by anyone), with its age and how long it

@@ -20,8 +20,10 @@ use std::time::Duration;
 
 use crate::run::{run_bounded, RunError};
 
-/// The Async Event Configuration feature.
-pub const FEATURE_AEC: &str = "0x0b";
+/// The Async Event Configuration feature, as nvme-cli's long option (the
+/// short ones changed meaning: since nvme-cli 2.7 `-v` is `--verbose` and
+/// the value is `-V`; the long ones are the same in every version).
+pub const FEATURE_AEC: &str = "--feature-id=0x0b";
 /// AEC bits 0-4: an event for each SMART critical warning bit defined
 /// since NVMe 1.2 (bit 5, PMR, is 1.4 and refused by older controllers).
 pub const SMART_AEC_BITS: u32 = 0x1f;
@@ -29,8 +31,10 @@ pub const SMART_AEC_BITS: u32 = 0x1f;
 pub const AER_TYPE_SMART: u32 = 1;
 /// nvme-cli's output read at most (one line is expected).
 pub const MAX_NVME_OUTPUT: usize = 16 << 10;
-/// A uevent is at most this long (the kernel's UEVENT_BUFFER_SIZE).
-pub const UEVENT_MAX: usize = 2048;
+/// A uevent is read into this much: the kernel's variables are at most
+/// 2048 bytes (UEVENT_BUFFER_SIZE), the `action@devpath` header comes on
+/// top; a longer message is not one of the kernel's and is dropped.
+pub const UEVENT_MAX: usize = 8192;
 
 /// A kernel uevent: `ACTION@DEVPATH` then `KEY=VALUE` strings.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,9 +59,9 @@ impl Uevent {
 
 /// Parses one message of the kernel's uevent group. `None` for anything
 /// else (udevd's rebroadcasts start with `libudev`, never read here), or
-/// past [`UEVENT_MAX`].
+/// at [`UEVENT_MAX`] or past it (it may have been cut).
 pub fn parse_uevent(buf: &[u8]) -> Option<Uevent> {
-    if buf.len() > UEVENT_MAX {
+    if buf.len() >= UEVENT_MAX {
         return None;
     }
     let mut parts = buf.split(|b| *b == 0).filter(|p| !p.is_empty());
@@ -166,11 +170,7 @@ pub fn enable_smart_events(
     }
     let device = dev.join(ctrl);
     let get = || -> Result<u32, String> {
-        let out = run(
-            nvme,
-            &["get-feature", path(&device)?, "-f", FEATURE_AEC],
-            timeout,
-        )?;
+        let out = run(nvme, &["get-feature", path(&device)?, FEATURE_AEC], timeout)?;
         parse_current(&out).ok_or_else(|| {
             format!(
                 "nvme get-feature printed no current value: {:?}",
@@ -182,23 +182,27 @@ pub fn enable_smart_events(
     if before & SMART_AEC_BITS == SMART_AEC_BITS {
         return Ok(Enabled::Already(before));
     }
-    let value = format!("{:#x}", before | SMART_AEC_BITS);
-    run(
-        nvme,
-        &[
-            "set-feature",
-            path(&device)?,
-            "-f",
-            FEATURE_AEC,
-            "-v",
-            &value,
-        ],
-        timeout,
-    )?;
+    let set = |v: u32| {
+        let value = format!("--value={v:#x}");
+        run(
+            nvme,
+            &["set-feature", path(&device)?, FEATURE_AEC, &value],
+            timeout,
+        )
+    };
+    let want = before | SMART_AEC_BITS;
+    set(want)?;
     let after = get()?;
-    if after & SMART_AEC_BITS != SMART_AEC_BITS {
+    if after & want != want {
+        // Whatever the controller holds now, the kernel's bits are put
+        // back (best effort): a failed try must not cost the kernel its
+        // notices (namespace changes, ANA).
+        let undo = match set(before) {
+            Ok(_) => String::new(),
+            Err(e) => format!("; putting {before:#x} back failed: {e}"),
+        };
         return Err(format!(
-            "the controller kept {after:#x} after set-feature {value}"
+            "the controller holds {after:#x} after set-feature {want:#x} (was {before:#x}){undo}"
         ));
     }
     Ok(Enabled::Set { before, after })
@@ -250,25 +254,43 @@ pub fn subscribe() -> std::io::Result<netlink_sys::Socket> {
     use netlink_sys::{protocols::NETLINK_KOBJECT_UEVENT, Socket, SocketAddr};
     let mut sock = Socket::new(NETLINK_KOBJECT_UEVENT)?;
     sock.bind(&SocketAddr::new(0, 1))?;
-    // Bursts (a hot-plug of many devices) queue here, not lost.
-    let _ = sock.set_rx_buf_sz(1 << 20);
+    // Bursts (a hot-plug of many devices, `udevadm trigger`) queue here:
+    // forced past `net.core.rmem_max` (root), else as much as it allows.
+    // What overflows anyway is an ENOBUFS, which `watch` reports.
+    const RCVBUF: usize = 1 << 20;
+    if nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::RcvBufForce, &RCVBUF).is_err()
+    {
+        sock.set_rx_buf_sz(RCVBUF)?;
+    }
     Ok(sock)
 }
 
-/// Reads uevents until an error, calling `on` with each NVMe event. Only
-/// messages from the kernel (port 0) are taken.
-pub fn watch(sock: &netlink_sys::Socket, mut on: impl FnMut(NvmeEvent)) -> std::io::Error {
-    let mut buf: Vec<u8> = Vec::with_capacity(UEVENT_MAX * 4);
+/// What [`watch`] hands on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Watched {
+    /// An NVMe event.
+    Event(NvmeEvent),
+    /// Messages were lost (ENOBUFS: the socket's buffer overflowed): an
+    /// event may be among them. The caller reads the disks and sets every
+    /// controller's bits again, as if each had sent one.
+    Lost,
+}
+
+/// Reads uevents until an error other than a lost burst, calling `on` with
+/// each NVMe event. Only messages from the kernel (port 0) are taken.
+pub fn watch(sock: &netlink_sys::Socket, mut on: impl FnMut(Watched)) -> std::io::Error {
+    let mut buf: Vec<u8> = Vec::with_capacity(UEVENT_MAX);
     loop {
         buf.clear();
         match sock.recv_from(&mut buf, 0) {
             Ok((_, from)) if from.port_number() != 0 => {}
             Ok(_) => {
                 if let Some(e) = parse_uevent(&buf).as_ref().and_then(classify) {
-                    on(e);
+                    on(Watched::Event(e));
                 }
             }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => on(Watched::Lost),
             Err(e) => return e,
         }
     }

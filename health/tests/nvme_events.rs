@@ -10,7 +10,9 @@ use std::time::{Duration, Instant};
 use leasehold_health::nvme::{controllers, enable_smart_events, Enabled};
 
 /// A fake `nvme`: the feature's value lives in `<dir>/aec`; `set-feature`
-/// writes it unless `<dir>/stubborn` exists; `<dir>/hang` hangs it.
+/// writes it (with `<dir>/stubborn`: keeps only the low two bits of
+/// anything but 0x100, a controller that takes the value as something
+/// else); only the long options are accepted; `<dir>/hang` hangs it.
 fn fake_nvme(dir: &Path) -> PathBuf {
     let script = dir.join("nvme");
     fs::write(
@@ -20,10 +22,11 @@ fn fake_nvme(dir: &Path) -> PathBuf {
              d={dir}\n\
              echo \"$@\" >> $d/calls\n\
              if [ -e $d/hang ]; then sleep 1000; fi\n\
-             [ \"$2\" = /dev/nvme0 ] && [ \"$3 $4\" = \"-f 0x0b\" ] || {{ echo bad args >&2; exit 22; }}\n\
+             [ \"$2\" = /dev/nvme0 ] && [ \"$3\" = --feature-id=0x0b ] || {{ echo bad args >&2; exit 22; }}\n\
              case $1 in\n\
-             get-feature) printf 'get-feature:0x0b (Async Event Configuration), Current value:0x%08x\\n' $(cat $d/aec) ;;\n\
-             set-feature) [ \"$5\" = -v ] || exit 22; [ -e $d/stubborn ] || printf '%d' $6 > $d/aec; echo set-feature:0x0b ;;\n\
+             get-feature) [ $# = 3 ] || exit 22; printf 'get-feature:0x0b (Async Event Configuration), Current value:0x%08x\\n' $(cat $d/aec) ;;\n\
+             set-feature) case $4 in --value=0x*) ;; *) exit 22 ;; esac; [ $# = 4 ] || exit 22\n\
+               v=${{4#--value=}}; if [ -e $d/stubborn ] && [ $v != 0x100 ]; then printf '%d' $(( $v & 0x3 )) > $d/aec; else printf '%d' $v > $d/aec; fi; echo set-feature:0x0b ;;\n\
              *) exit 22 ;;\n\
              esac\n",
             dir = dir.display()
@@ -60,9 +63,9 @@ fn smart_bits_are_added_to_the_kernels_and_read_back() {
     assert_eq!(
         calls(d.path()),
         [
-            "get-feature /dev/nvme0 -f 0x0b",
-            "set-feature /dev/nvme0 -f 0x0b -v 0x11f",
-            "get-feature /dev/nvme0 -f 0x0b"
+            "get-feature /dev/nvme0 --feature-id=0x0b",
+            "set-feature /dev/nvme0 --feature-id=0x0b --value=0x11f",
+            "get-feature /dev/nvme0 --feature-id=0x0b"
         ]
     );
     // Again: on already, nothing set.
@@ -77,12 +80,22 @@ fn a_controller_that_keeps_its_value_or_fails_is_an_error_naming_it() {
     let nvme = fake_nvme(d.path());
     fs::write(d.path().join("aec"), "256").unwrap();
     fs::write(d.path().join("stubborn"), "").unwrap();
+    // A controller that takes the value as something else (here: only its
+    // low two bits): refused, and the kernel's value put back.
     let e = enable_smart_events(&nvme, Path::new("/dev"), "nvme0", T).unwrap_err();
-    assert!(e.contains("kept 0x100 after set-feature 0x11f"), "{e}");
+    assert!(
+        e.contains("holds 0x3 after set-feature 0x11f (was 0x100)"),
+        "{e}"
+    );
+    assert_eq!(fs::read_to_string(d.path().join("aec")).unwrap(), "256");
+    assert_eq!(
+        calls(d.path()).last().unwrap(),
+        "set-feature /dev/nvme0 --feature-id=0x0b --value=0x100"
+    );
     // nvme-cli refusing (another device): its exit code and the command.
     let e = enable_smart_events(&nvme, Path::new("/dev"), "nvme1", T).unwrap_err();
     assert!(
-        e.contains("nvme get-feature /dev/nvme1 -f 0x0b exited with 22"),
+        e.contains("nvme get-feature /dev/nvme1 --feature-id=0x0b exited with 22"),
         "{e}"
     );
     // Not a controller's name: nothing run.

@@ -957,15 +957,32 @@ fn a_smart_event_reads_the_disks_only() {
     f.put("class/net/eth1/flags", "0x1003");
     f.put("class/net/eth1/carrier", "0");
     f.put("class/net/eth1/carrier_changes", "1");
-    let m = Monitor::new(s);
+    // Links not watched: the rtnetlink fault, which every report adds.
+    let m = Monitor::new(s).with_network(Err("test: not watching".into()));
     let first = m.report();
     assert_eq!(faults_of(&first, "eth1").len(), 1, "{:?}", first.faults);
+    assert_eq!(
+        faults_of(&first, "rtnetlink").len(),
+        1,
+        "{:?}",
+        first.faults
+    );
     assert!(faults_of(&first, "nvme0n1").is_empty());
     // The disk warns; the link came back meanwhile, unseen by this report.
     smart_disk(&f, "nvme0n1", NVME_WARN, 0);
     f.put("class/net/eth1/operstate", "up");
     f.put("class/net/eth1/carrier", "1");
+    let before = Instant::now();
     let r = m.report_only(Source::Smart);
+    // Its age is its oldest part's (the full report before), so a caller
+    // asking for a fresh report is not handed this one.
+    assert!(m.last().unwrap().age >= before.elapsed());
+    assert_eq!(
+        faults_of(&r, "rtnetlink").len(),
+        1,
+        "not doubled: {:?}",
+        r.faults
+    );
     let warn = faults_of(&r, "nvme0n1");
     assert_eq!(warn.len(), 1, "{:?}", r.faults);
     assert_eq!(warn[0].severity, Severity::Critical);
