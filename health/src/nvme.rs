@@ -18,7 +18,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use crate::run::{run_bounded, RunError};
+use crate::run::{run_bounded, RunError, Stderr};
 
 /// The Async Event Configuration feature, as nvme-cli's long option (the
 /// short ones changed meaning: since nvme-cli 2.7 `-v` is `--verbose` and
@@ -215,7 +215,7 @@ fn path(p: &Path) -> Result<&str, String> {
 
 fn run(nvme: &Path, args: &[&str], timeout: Duration) -> Result<String, String> {
     let what = || format!("nvme {}", args.join(" "));
-    match run_bounded(nvme, args, timeout, MAX_NVME_OUTPUT) {
+    match run_bounded(nvme, args, timeout, MAX_NVME_OUTPUT, Stderr::Merged) {
         Ok((0, out)) => Ok(String::from_utf8_lossy(&out).into_owned()),
         Ok((code, out)) => Err(format!(
             "{} exited with {code}: {:?}",

@@ -24,27 +24,54 @@ pub enum RunError {
     Io(String),
 }
 
-/// Runs `program args…` (stdin and stderr null); its exit code (-1: a
-/// signal) and stdout, within `timeout` and at most `max_out` bytes.
+/// What the program's stderr becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stderr {
+    /// /dev/null (smartctl: its JSON on stdout says it all).
+    Null,
+    /// The same pipe as stdout, in the order written (nvme-cli: its errors
+    /// are on stderr and belong in the message).
+    Merged,
+}
+
+/// Runs `program args…` (stdin null); its exit code (-1: a signal) and
+/// stdout (with `Stderr::Merged`, stderr too), within `timeout` and at
+/// most `max_out` bytes.
 pub fn run_bounded<S: AsRef<OsStr>>(
     program: &Path,
     args: &[S],
     timeout: Duration,
     max_out: usize,
+    stderr: Stderr,
 ) -> Result<(i32, Vec<u8>), RunError> {
     let name = program.file_name().map_or_else(
         || program.display().to_string(),
         |n| n.to_string_lossy().into_owned(),
     );
     let deadline = Instant::now() + timeout;
-    let mut child = Command::new(program)
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .process_group(0)
-        .spawn()
-        .map_err(|e| RunError::Start(format!("cannot run {}: {e}", program.display())))?;
+    let mut cmd = Command::new(program);
+    cmd.args(args).stdin(Stdio::null()).process_group(0);
+    let merged = match stderr {
+        Stderr::Null => {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::null());
+            None
+        }
+        Stderr::Merged => {
+            let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+                .map_err(|e| RunError::Start(format!("no pipe for {name}: {e}")))?;
+            let w2 = w
+                .try_clone()
+                .map_err(|e| RunError::Start(format!("no pipe for {name}: {e}")))?;
+            cmd.stdout(Stdio::from(w)).stderr(Stdio::from(w2));
+            Some(std::fs::File::from(r))
+        }
+    };
+    let spawned = cmd.spawn();
+    // The command holds the pipe's write ends: gone now, so the read end
+    // sees the end when the program (and what it started) closes them.
+    drop(cmd);
+    let mut child =
+        spawned.map_err(|e| RunError::Start(format!("cannot run {}: {e}", program.display())))?;
     let kill = |child: &mut std::process::Child| {
         // The group, not only the program: anything it started would hold
         // the pipe open. The child is not yet reaped, so its pid (the group
@@ -57,9 +84,13 @@ pub fn run_bounded<S: AsRef<OsStr>>(
         }
         let _ = child.wait();
     };
-    let Some(stdout) = child.stdout.take() else {
-        kill(&mut child);
-        return Err(RunError::Start(format!("{name} has no output pipe")));
+    let stdout: Box<dyn Read + Send> = match (merged, child.stdout.take()) {
+        (Some(f), _) => Box::new(f),
+        (None, Some(p)) => Box::new(p),
+        (None, None) => {
+            kill(&mut child);
+            return Err(RunError::Start(format!("{name} has no output pipe")));
+        }
     };
     let (tx, rx) = mpsc::channel();
     let reader = std::thread::Builder::new()

@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::read::{short, Reader};
-use crate::run::{run_bounded, RunError};
+use crate::run::{run_bounded, RunError, Stderr};
 use crate::types::*;
 
 /// Largest smartctl output read per disk (a SATA disk's full `-a` JSON is
@@ -187,7 +187,7 @@ fn check(disk: &str, smartctl: &Path, device: &Path, timeout: Duration) -> DiskH
         OsStr::new("-A"),
         device.as_os_str(),
     ];
-    match run_bounded(smartctl, &args, timeout, MAX_SMARTCTL_OUTPUT) {
+    match run_bounded(smartctl, &args, timeout, MAX_SMARTCTL_OUTPUT, Stderr::Null) {
         Ok((code, buf)) => parse(disk, code, &buf),
         Err(RunError::Timeout) => DiskHealth {
             state: DiskState::Timeout,

@@ -92,10 +92,11 @@ fn a_controller_that_keeps_its_value_or_fails_is_an_error_naming_it() {
         calls(d.path()).last().unwrap(),
         "set-feature /dev/nvme0 --feature-id=0x0b --value=0x100"
     );
-    // nvme-cli refusing (another device): its exit code and the command.
+    // nvme-cli refusing (another device): the command, its exit code and
+    // what it said on stderr.
     let e = enable_smart_events(&nvme, Path::new("/dev"), "nvme1", T).unwrap_err();
     assert!(
-        e.contains("nvme get-feature /dev/nvme1 --feature-id=0x0b exited with 22"),
+        e.contains("nvme get-feature /dev/nvme1 --feature-id=0x0b exited with 22: \"bad args"),
         "{e}"
     );
     // Not a controller's name: nothing run.
