@@ -364,6 +364,11 @@ impl Authorizer {
                 return;
             }
         };
+        // polkitd says Changed for every login session that starts or ends
+        // (each `tenantctl --host` call is an SSH login): logged once a
+        // minute at most, with how many went unlogged.
+        let mut logged: Option<tokio::time::Instant> = None;
+        let mut unlogged = 0u64;
         loop {
             let why = tokio::select! {
                 Some(_) = changed.next() => "polkit policy changed",
@@ -371,7 +376,14 @@ impl Authorizer {
                 else => break,
             };
             lock(&self.grants).forget_all();
-            tracing::info!("{why}: kept polkit answers forgotten");
+            let restart = why == "polkitd restarted";
+            if !restart && logged.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+                unlogged += 1;
+                continue;
+            }
+            logged = Some(tokio::time::Instant::now());
+            tracing::info!(unlogged, "{why}: kept polkit answers forgotten ({unlogged} more changes since the last line)");
+            unlogged = 0;
         }
         // The bus connection is gone: the agent is stopping.
         lock(&self.grants).ttl = Duration::ZERO;
