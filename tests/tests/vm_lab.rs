@@ -292,8 +292,8 @@ const SECTIONS: &[Section<Vm>] = &[
     sec("node2-disk", &["reboot", "poweroff"], node2_disk),
     // Last: kills node 1's QEMU (starting it again first if an earlier
     // section powered it off) and times the node-down alert.
-    // Only with LEASEHOLD_VM_BENCH=1: node down timed 20 times by kill
-    // and 20 times by freeze (boots the node again after each kill).
+    // Only with LEASEHOLD_VM_BENCH=1: node down timed 20 times each by a
+    // hung agent, a frozen machine and a kill (a boot after each kill).
     sec("node-down-bench", &["prometheus"], node_down_bench),
     sec("node-down", &["prometheus"], node_down),
 ];
@@ -2405,6 +2405,10 @@ enum NodeDown {
     /// QMP `stop`: every vCPU halted, a hung machine (the forward accepts,
     /// nothing answers: each scrape runs into its timeout); `cont` after.
     Freeze,
+    /// `kill -STOP` of agentd: a hung agent on a live node (its metrics
+    /// endpoint accepts, nothing answers); `kill -CONT` after, well within
+    /// `WatchdogSec`, so systemd does not restart it.
+    AgentStop,
 }
 
 /// Node 1 running with its agent, scraped by the console. An earlier
@@ -2471,6 +2475,11 @@ fn node_down_once(vm: &mut Vm, how: NodeDown) -> (Duration, Duration, f64) {
             vm.qmp(&serde_json::json!({"execute": "stop"}));
             Instant::now()
         }
+        NodeDown::AgentStop => {
+            // Likewise from the SSH command's return (the agent stopped).
+            vm.sh("kill -STOP $(systemctl show -p MainPID --value leasehold-agentd)");
+            Instant::now()
+        }
     };
     let c = vm.console.as_mut().unwrap();
     let mut in_am: Option<Duration> = None;
@@ -2495,15 +2504,21 @@ fn node_down_once(vm: &mut Vm, how: NodeDown) -> (Duration, Duration, f64) {
         }
     };
     let in_am = in_am.unwrap_or(at_act);
-    if how == NodeDown::Freeze {
-        vm.qmp(&serde_json::json!({"execute": "cont"}));
+    match how {
+        NodeDown::Freeze => {
+            vm.qmp(&serde_json::json!({"execute": "cont"}));
+        }
+        NodeDown::AgentStop => {
+            vm.sh("kill -CONT $(systemctl show -p MainPID --value leasehold-agentd)");
+        }
+        NodeDown::Kill => {}
     }
     (in_am, at_act, dur)
 }
 
-/// Issue 16's benchmark of node down (LEASEHOLD_VM_BENCH=1): `n` QEMU kills
-/// (each followed by a boot) and `n` freezes, each timed to Alertmanager
-/// and to `act`; docs/benchmarks.md `node_down_vm`.
+/// Issue 16's benchmark of node down (LEASEHOLD_VM_BENCH=1): `n` hung
+/// agents, `n` freezes and `n` QEMU kills (each followed by a boot), each
+/// timed to Alertmanager and to `act`; docs/benchmarks.md `node_down_vm`.
 fn node_down_bench(vm: &mut Vm) -> Ran {
     if std::env::var("LEASEHOLD_VM_BENCH").as_deref() != Ok("1") {
         return Ran::Skipped("LEASEHOLD_VM_BENCH is not 1".to_owned());
@@ -2513,8 +2528,11 @@ fn node_down_bench(vm: &mut Vm) -> Ran {
         .and_then(|s| s.parse().ok())
         .unwrap_or(20);
     let t0 = Instant::now();
+    // Asked now: the last kill leaves the node down.
+    node_up_for_console(vm);
+    let guest_kernel = vm.sh("uname -r").trim().to_owned();
     let mut rows = String::new();
-    for how in [NodeDown::Freeze, NodeDown::Kill] {
+    for how in [NodeDown::AgentStop, NodeDown::Freeze, NodeDown::Kill] {
         let (mut am, mut act, mut slowest) = (Vec::new(), Vec::new(), 0f64);
         for i in 0..n {
             let (a, b, dur) = node_down_once(vm, how);
@@ -2537,7 +2555,10 @@ fn node_down_bench(vm: &mut Vm) -> Ran {
         let over = act.iter().filter(|d| **d > Duration::from_secs(5)).count();
         let what = match how {
             NodeDown::Kill => "QEMU killed (`kill -KILL`: power lost; a boot before each)",
-            NodeDown::Freeze => "vCPUs halted (QMP `stop`: a hung machine; `cont` after)",
+            NodeDown::Freeze => "vCPUs halted (QMP `stop`: a hung machine or kernel; `cont` after)",
+            NodeDown::AgentStop => {
+                "agent hung (`kill -STOP` of agentd; `kill -CONT` after, before systemd's watchdog)"
+            }
         };
         rows.push_str(&format!(
             "| {what} | {n} | {} | {} | {} | {} | {} | {} | {over} | {slowest:.3} |\n",
@@ -2550,10 +2571,9 @@ fn node_down_bench(vm: &mut Vm) -> Ran {
         ));
         vm.step(&format!("node-down-bench: {n} samples, {how:?}"));
     }
-    let guest_kernel = vm.sh("uname -r").trim().to_owned();
     let t = &console::LAB_TIMING;
     let body = format!(
-        "## Node down on the lab node, sampled (issue 16)\n\n\
+        "## Node or agent down on the lab node → the console, sampled (issue 16)\n\n\
          `LEASEHOLD_VM_BENCH=1 LEASEHOLD_VM_SECTIONS=node-down-bench cargo test -p leasehold-tests --test vm_lab -- --include-ignored` (root; {} min)\n\n\
          {}- guest: the lab node (Debian 12, kernel {guest_kernel}, 2 vCPUs, 2 GiB) under QEMU **TCG** (CPU emulated)\n\
          - console on the host: Prometheus and Alertmanager (Debian packages) with the shipped files and the lab's timing (scrape and evaluation every {}, scrape timeout 1 s, `LeaseholdNodeDown` `for: {}`, group_wait {}), `landlordctl act` as the webhook; each sample starts with the node scraped (`up` = 1) and no node-down alert left\n\
