@@ -365,10 +365,12 @@ impl Authorizer {
             }
         };
         // polkitd says Changed for every login session that starts or ends
-        // (each `tenantctl --host` call is an SSH login): logged once a
-        // minute at most, with how many went unlogged.
-        let mut logged: Option<tokio::time::Instant> = None;
-        let mut unlogged = 0u64;
+        // (each `tenantctl --host` call is an SSH login): at most
+        // `PER_MINUTE` lines a minute, the next one saying how many went
+        // unlogged; a polkitd restart always.
+        const PER_MINUTE: u32 = 10;
+        let mut window = tokio::time::Instant::now();
+        let (mut lines, mut unlogged) = (0u32, 0u64);
         loop {
             let why = tokio::select! {
                 Some(_) = changed.next() => "polkit policy changed",
@@ -376,13 +378,16 @@ impl Authorizer {
                 else => break,
             };
             lock(&self.grants).forget_all();
-            let restart = why == "polkitd restarted";
-            if !restart && logged.is_some_and(|t| t.elapsed() < Duration::from_secs(60)) {
+            if window.elapsed() >= Duration::from_secs(60) {
+                window = tokio::time::Instant::now();
+                lines = 0;
+            }
+            if why != "polkitd restarted" && lines >= PER_MINUTE {
                 unlogged += 1;
                 continue;
             }
-            logged = Some(tokio::time::Instant::now());
-            tracing::info!(unlogged, "{why}: kept polkit answers forgotten ({unlogged} more changes since the last line)");
+            lines += 1;
+            tracing::info!(unlogged, "{why}: kept polkit answers forgotten ({unlogged} changes unlogged before this one)");
             unlogged = 0;
         }
         // The bus connection is gone: the agent is stopping.

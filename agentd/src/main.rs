@@ -629,9 +629,21 @@ fn nvme_events(
     let spawned = std::thread::Builder::new()
         .name("nvme-enable".into())
         .spawn(move || {
-            for which in rx {
-                let ctrls = match which {
-                    Some(c) => vec![c],
+            while let Ok(first) = rx.recv() {
+                // What queued meanwhile is merged into one pass: a storm of
+                // resets or lost messages costs one run per controller.
+                let mut which: Option<std::collections::BTreeSet<String>> =
+                    Some(Default::default());
+                for w in std::iter::once(first).chain(rx.try_iter()) {
+                    match (w, which.as_mut()) {
+                        (Some(c), Some(set)) => {
+                            set.insert(c);
+                        }
+                        _ => which = None,
+                    }
+                }
+                let ctrls: Vec<String> = match which {
+                    Some(set) => set.into_iter().collect(),
                     None => nvme::controllers(&roots_c.sys),
                 };
                 for ctrl in &ctrls {

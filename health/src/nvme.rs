@@ -193,19 +193,35 @@ pub fn enable_smart_events(
     let want = before | SMART_AEC_BITS;
     set(want)?;
     let after = get()?;
-    if after & want != want {
-        // Whatever the controller holds now, the kernel's bits are put
-        // back (best effort): a failed try must not cost the kernel its
-        // notices (namespace changes, ANA).
-        let undo = match set(before) {
-            Ok(_) => String::new(),
-            Err(e) => format!("; putting {before:#x} back failed: {e}"),
-        };
-        return Err(format!(
-            "the controller holds {after:#x} after set-feature {want:#x} (was {before:#x}){undo}"
-        ));
+    let kernels_kept = after & before == before;
+    if kernels_kept && after & SMART_AEC_BITS != 0 {
+        // Some SMART bits may be missing (a controller without that
+        // warning): the ones held still give events; `after` says which.
+        return Ok(Enabled::Set { before, after });
     }
-    Ok(Enabled::Set { before, after })
+    // The kernel's bits are put back if they went (best effort): a failed
+    // try must not cost the kernel its notices (namespace changes, ANA).
+    let undo = match (kernels_kept, || set(before)) {
+        (true, _) => String::new(),
+        (false, put) => match put() {
+            Ok(_) => format!("; {before:#x} put back"),
+            Err(e) => format!("; putting {before:#x} back failed: {e}"),
+        },
+    };
+    Err(format!(
+        "the controller holds {after:#x} after set-feature {want:#x} (was {before:#x}){undo}"
+    ))
+}
+
+/// nvme-cli's last non-empty line (its error: `NVMe status: …`, a failed
+/// open), at most 300 characters.
+fn last_line(out: &str) -> String {
+    let line = out
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    line.chars().take(300).collect()
 }
 
 fn path(p: &Path) -> Result<&str, String> {
@@ -220,7 +236,7 @@ fn run(nvme: &Path, args: &[&str], timeout: Duration) -> Result<String, String> 
         Ok((code, out)) => Err(format!(
             "{} exited with {code}: {:?}",
             what(),
-            crate::read::short(&String::from_utf8_lossy(&out))
+            last_line(&String::from_utf8_lossy(&out))
         )),
         Err(RunError::Timeout) => Err(format!(
             "{} did not finish within {} ms; killed",

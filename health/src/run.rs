@@ -29,8 +29,9 @@ pub enum RunError {
 pub enum Stderr {
     /// /dev/null (smartctl: its JSON on stdout says it all).
     Null,
-    /// The same pipe as stdout, in the order written (nvme-cli: its errors
-    /// are on stderr and belong in the message).
+    /// The same pipe as stdout (nvme-cli: its errors are on stderr and
+    /// belong in the message; its stdout is buffered, so stderr may come
+    /// first).
     Merged,
 }
 

@@ -26,7 +26,7 @@ fn fake_nvme(dir: &Path) -> PathBuf {
              case $1 in\n\
              get-feature) [ $# = 3 ] || exit 22; printf 'get-feature:0x0b (Async Event Configuration), Current value:0x%08x\\n' $(cat $d/aec) ;;\n\
              set-feature) case $4 in --value=0x*) ;; *) exit 22 ;; esac; [ $# = 4 ] || exit 22\n\
-               v=${{4#--value=}}; if [ -e $d/stubborn ] && [ $v != 0x100 ]; then printf '%d' $(( $v & 0x3 )) > $d/aec; else printf '%d' $v > $d/aec; fi; echo set-feature:0x0b ;;\n\
+               v=${{4#--value=}}; if [ -e $d/stubborn ] && [ $v != 0x100 ]; then printf '%d' $(( $v & 0x3 )) > $d/aec; elif [ -e $d/partial ]; then printf '%d' $(( $v & ~0x10 )) > $d/aec; else printf '%d' $v > $d/aec; fi; echo set-feature:0x0b ;;\n\
              *) exit 22 ;;\n\
              esac\n",
             dir = dir.display()
@@ -84,7 +84,7 @@ fn a_controller_that_keeps_its_value_or_fails_is_an_error_naming_it() {
     // low two bits): refused, and the kernel's value put back.
     let e = enable_smart_events(&nvme, Path::new("/dev"), "nvme0", T).unwrap_err();
     assert!(
-        e.contains("holds 0x3 after set-feature 0x11f (was 0x100)"),
+        e.contains("holds 0x3 after set-feature 0x11f (was 0x100); 0x100 put back"),
         "{e}"
     );
     assert_eq!(fs::read_to_string(d.path().join("aec")).unwrap(), "256");
@@ -110,6 +110,22 @@ fn a_controller_that_keeps_its_value_or_fails_is_an_error_naming_it() {
     let e =
         enable_smart_events(&d.path().join("absent"), Path::new("/dev"), "nvme0", T).unwrap_err();
     assert!(e.contains("cannot run"), "{e}");
+}
+
+#[test]
+fn a_controller_without_one_warning_keeps_the_others() {
+    let d = tempfile::tempdir().unwrap();
+    let nvme = fake_nvme(d.path());
+    fs::write(d.path().join("aec"), "256").unwrap();
+    fs::write(d.path().join("partial"), "").unwrap();
+    let r = enable_smart_events(&nvme, Path::new("/dev"), "nvme0", T).unwrap();
+    assert_eq!(
+        r,
+        Enabled::Set {
+            before: 0x100,
+            after: 0x10f
+        }
+    );
 }
 
 #[test]
