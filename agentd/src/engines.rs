@@ -23,6 +23,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, RwLock};
@@ -391,6 +392,12 @@ pub trait Proc: Send {
     /// A function that blocks until the instance has exited (run on a
     /// thread of its own).
     fn exit_waiter(&self) -> Result<Box<dyn FnOnce() + Send>, LaunchError>;
+    /// A descriptor readable once the instance has exited (a pidfd),
+    /// watched by the one I/O thread instead of a waiter thread per
+    /// instance; `None`: use [`Proc::exit_waiter`].
+    fn exit_fd(&self) -> Option<Result<OwnedFd, LaunchError>> {
+        None
+    }
     /// After the waiter returned: how it ended.
     fn reap(&mut self) -> launch::Exit;
     /// The read ends of its output FIFOs, once (`None`: not captured).
@@ -502,6 +509,18 @@ impl Proc for ShimProc {
                 }
             }
         }))
+    }
+    fn exit_fd(&self) -> Option<Result<OwnedFd, LaunchError>> {
+        Some(
+            self.0
+                .pidfd()
+                .try_clone_to_owned()
+                .map_err(|source| LaunchError::Io {
+                    op: "dup",
+                    path: PathBuf::from("pidfd"),
+                    source,
+                }),
+        )
     }
     fn take_output(&mut self) -> Option<output::Output> {
         self.1.take()
@@ -1116,24 +1135,32 @@ impl Runtime {
                 return failed(err.to_string());
             }
         };
-        let waiter = match proc.exit_waiter() {
-            Ok(w) => w,
-            Err(err) => {
-                let _ = proc.signal(Signal::SIGKILL);
-                return failed(format!("cannot watch the instance: {err}"));
-            }
-        };
         let tx = self.tx.clone();
         let n = name.to_owned();
-        let spawned = std::thread::Builder::new()
-            .name(format!("engine-wait-{instance}"))
-            .spawn(move || {
-                waiter();
-                let _ = tx.send(Msg::Exited(n, instance));
-            });
-        if let Err(err) = spawned {
+        let done: Box<dyn FnOnce() + Send> = Box::new(move || {
+            let _ = tx.send(Msg::Exited(n, instance));
+        });
+        let watched = match proc.exit_fd() {
+            Some(Ok(fd)) => self
+                .logs
+                .watch_exit(fd, done)
+                .map_err(|e| format!("cannot watch the instance: {e}")),
+            Some(Err(e)) => Err(format!("cannot watch the instance: {e}")),
+            None => match proc.exit_waiter() {
+                Ok(waiter) => std::thread::Builder::new()
+                    .name(format!("engine-wait-{instance}"))
+                    .spawn(move || {
+                        waiter();
+                        done();
+                    })
+                    .map(drop)
+                    .map_err(|e| format!("cannot start the exit watcher: {e}")),
+                Err(e) => Err(format!("cannot watch the instance: {e}")),
+            },
+        };
+        if let Err(err) = watched {
             let _ = proc.signal(Signal::SIGKILL);
-            return failed(format!("cannot start the exit watcher: {err}"));
+            return failed(err);
         }
         if let Some(out) = proc.take_output() {
             // <images_dir>/<engine>/v<N>/rootfs → <images_dir>/<engine>/logs

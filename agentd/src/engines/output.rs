@@ -2,8 +2,8 @@
 //! "Events").
 //!
 //! Output: the shim's stdout and stderr are FIFOs in its run directory
-//! ([`make_fifos`]); a capture thread per instance reads both, splits lines
-//! and hands batches to one writer thread, which appends them to the
+//! ([`make_fifos`]); one I/O thread (epoll) reads every instance's FIFOs,
+//! splits lines and hands batches to one writer thread, which appends them to the
 //! engine's log on the tenant volume. The hand-over is bounded in bytes: a
 //! batch that does not fit is dropped and counted, and the count is written
 //! into the log as a note as soon as something fits again, so a flood
@@ -12,7 +12,7 @@
 //! Events: a ring of the last [`EVENTS_KEPT`] supervision events with
 //! sequence numbers, read by `Events` polls.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::OwnedFd;
@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use leasehold_engines::launch::{LaunchError, STDERR_FIFO, STDOUT_FIFO};
 use leasehold_engines::logs::{LineSplitter, LogWriter, Record, Stream, LINE_MAX};
@@ -140,12 +140,12 @@ pub struct LogSink {
     queued: Arc<AtomicUsize>,
     limit: usize,
     stopping: Arc<AtomicBool>,
-    /// Read end of the stop pipe: every capture polls it with its FIFOs,
-    /// and it hangs up when [`LogSink::stop`] closes the write end, so an
-    /// idle capture sleeps in `poll` without a timeout and still stops at
-    /// once (100 idle engines cost the agent no wake-ups).
-    stop_r: Arc<OwnedFd>,
+    /// Write end of the stop pipe, whose read end the I/O thread watches:
+    /// it hangs up when [`LogSink::stop`] closes this, so the idle thread
+    /// sleeps in `epoll_wait` without a timeout and still stops at once
+    /// (100 idle engines cost the agent no wake-ups).
     stop_w: Arc<Mutex<Option<OwnedFd>>>,
+    io: Arc<IoHandle>,
 }
 
 struct Open {
@@ -166,19 +166,51 @@ impl LogSink {
     ) -> io::Result<Self> {
         let (stop_r, stop_w) =
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+        use rustix::event::{epoll, eventfd, EventfdFlags};
+        let epoll = epoll::create(epoll::CreateFlags::CLOEXEC)?;
+        let wake = eventfd(0, EventfdFlags::CLOEXEC | EventfdFlags::NONBLOCK)?;
+        for (fd, token) in [(&wake, WAKE), (&stop_r, STOP)] {
+            epoll::add(
+                &epoll,
+                fd,
+                epoll::EventData::new_u64(token),
+                epoll::EventFlags::IN,
+            )?;
+        }
         let (tx, rx) = mpsc::channel();
         let queued = Arc::new(AtomicUsize::new(0));
         let q = queued.clone();
         std::thread::Builder::new()
             .name("engine-logs".into())
             .spawn(move || writer(rx, q, volume, max_bytes))?;
+        let (jobs, jobs_rx) = mpsc::channel();
+        let io = Arc::new(IoHandle {
+            jobs: Mutex::new(jobs),
+            wake,
+            tid: Default::default(),
+        });
+        let stopping: Arc<AtomicBool> = Arc::default();
+        let lp = IoLoop {
+            epoll,
+            next: STOP,
+            exits: HashMap::new(),
+            readings: HashMap::new(),
+        };
+        let (h, st) = (io.clone(), stopping.clone());
+        std::thread::Builder::new()
+            .name("engine-io".into())
+            // The stop pipe's read end lives as long as the thread.
+            .spawn(move || {
+                let _stop_r = stop_r;
+                lp.run(jobs_rx, h, st)
+            })?;
         Ok(LogSink {
             tx,
             queued,
             limit: queue_limit,
-            stopping: Arc::default(),
-            stop_r: Arc::new(stop_r),
+            stopping,
             stop_w: Arc::new(Mutex::new(Some(stop_w))),
+            io,
         })
     }
 
@@ -287,6 +319,9 @@ pub struct Capture {
     sink: LogSink,
     engine: Arc<str>,
     dropped: u64,
+    /// Told when the capture ends (tests wait on it).
+    #[cfg(test)]
+    ended: Option<mpsc::Sender<()>>,
 }
 
 impl Capture {
@@ -298,6 +333,8 @@ impl Capture {
             sink,
             engine,
             dropped: 0,
+            #[cfg(test)]
+            ended: None,
         }
     }
 
@@ -347,109 +384,293 @@ impl Capture {
 impl Drop for Capture {
     fn drop(&mut self) {
         let _ = self.sink.tx.send(LogMsg::End(self.engine.clone()));
+        #[cfg(test)]
+        if let Some(t) = self.ended.take() {
+            let _ = t.send(());
+        }
     }
 }
 
-/// Starts the capture thread of one instance: reads both FIFOs until every
-/// writer is gone (the shim and the engine ended).
+/// Hands one instance's output to the I/O thread, which reads both FIFOs
+/// until every writer is gone (the shim and the engine ended). After
+/// [`LogSink::stop`] nothing is read: the capture ends at once.
 pub fn capture(sink: LogSink, engine: &str, dir: PathBuf, output: Output) -> io::Result<()> {
-    let cap = Capture::new(sink, engine, dir);
-    std::thread::Builder::new()
-        .name(format!("engine-out-{engine}"))
-        .spawn(move || pump(cap, output))
-        .map(|_| ())
+    let cap = Capture::new(sink.clone(), engine, dir);
+    sink.hand(Job::Output(cap, output))
 }
 
-fn pump(mut cap: Capture, output: Output) {
-    use rustix::event::{poll, PollFd, PollFlags, Timespec};
-    let mut streams: Vec<(File, LineSplitter)> =
-        [(output.out, Stream::Out), (output.err, Stream::Err)]
-            .into_iter()
-            .filter_map(|(fd, s)| Some((File::from(fd?), LineSplitter::new(s, LINE_MAX))))
-            .collect();
-    let mut buf = vec![0u8; READ_CHUNK];
-    let flush_after = Timespec {
-        tv_sec: FLUSH_AFTER.as_secs() as i64,
-        tv_nsec: 0,
-    };
-    let stop = cap.sink.stop_r.clone();
-    while !streams.is_empty() {
-        if cap.sink.stopping.load(Ordering::Acquire) {
-            // What waits for a newline was read already: stored now.
-            let now = now_ms();
-            let mut batch = Vec::new();
-            for (_, s) in &mut streams {
-                s.flush(now, &mut batch);
-            }
-            cap.send(batch, now);
-            break;
+/// What the I/O thread is handed.
+enum Job {
+    /// An instance's output: read until its writers are gone.
+    Output(Capture, Output),
+    /// A pidfd (readable once the process exited) and what to call then.
+    Exit(OwnedFd, Done),
+}
+
+/// Called once, on the I/O thread, when a watched process has exited.
+pub type Done = Box<dyn FnOnce() + Send>;
+
+/// The I/O thread's handle (inside [`LogSink`]).
+struct IoHandle {
+    jobs: Mutex<Sender<Job>>,
+    /// An eventfd: written after each job, so the thread takes it at once.
+    wake: OwnedFd,
+    /// The thread's id, for tests that count its wake-ups.
+    tid: std::sync::atomic::AtomicI32,
+}
+
+impl LogSink {
+    /// Calls `done` once `pidfd` is readable (the process exited), on the
+    /// I/O thread: one thread watches every instance.
+    pub fn watch_exit(&self, pidfd: OwnedFd, done: Done) -> io::Result<()> {
+        self.hand(Job::Exit(pidfd, done))
+    }
+
+    fn hand(&self, job: Job) -> io::Result<()> {
+        if self.stopping.load(Ordering::Acquire) {
+            // Stopped: nothing is read or watched any more (a capture's
+            // drop still tells the writer it ended).
+            return Ok(());
         }
-        // A timeout only while a line waits for its newline (stored after
-        // FLUSH_AFTER of silence); otherwise sleep until output or stop.
-        let timeout = streams
-            .iter()
-            .any(|(_, s)| s.pending() > 0)
-            .then_some(&flush_after);
-        let ready: Vec<bool> = {
-            let mut fds: Vec<PollFd<'_>> = streams
-                .iter()
-                .map(|(f, _)| PollFd::new(f, PollFlags::IN))
-                .chain(std::iter::once(PollFd::new(&*stop, PollFlags::IN)))
-                .collect();
-            match poll(&mut fds, timeout) {
+        let sent = self
+            .io
+            .jobs
+            .lock()
+            .map_err(|_| io::Error::other("the engine I/O thread failed"))?
+            .send(job);
+        if sent.is_err() {
+            return Err(io::Error::other("the engine I/O thread has ended"));
+        }
+        rustix::io::write(&self.io.wake, &1u64.to_ne_bytes())?;
+        Ok(())
+    }
+
+    /// The I/O thread's id (0 until it runs).
+    #[cfg(test)]
+    fn io_tid(&self) -> i32 {
+        self.io.tid.load(Ordering::Acquire)
+    }
+}
+
+/// epoll tokens: 0 and 1 are the wake eventfd and the stop pipe; an entry
+/// `id` uses `id << 1 | stream` (an exit: stream 0).
+const WAKE: u64 = 0;
+const STOP: u64 = 1;
+
+/// One instance's output on the I/O thread.
+struct Reading {
+    cap: Capture,
+    /// stdout's and stderr's read ends while they last.
+    streams: [Option<(File, LineSplitter)>; 2],
+    /// The last read: a line without its newline is stored after
+    /// [`FLUSH_AFTER`] of silence on both streams.
+    last: Instant,
+}
+
+impl Reading {
+    fn pending(&self) -> bool {
+        self.streams.iter().flatten().any(|(_, s)| s.pending() > 0)
+    }
+
+    fn flush(&mut self, now: u64) {
+        let mut batch = Vec::new();
+        for (_, s) in self.streams.iter_mut().flatten() {
+            s.flush(now, &mut batch);
+        }
+        self.cap.send(batch, now);
+    }
+}
+
+/// The one thread that reads every instance's output and watches every
+/// instance's exit (epoll): 100 engines cost one thread and one read
+/// buffer, not two threads and a buffer each.
+struct IoLoop {
+    epoll: OwnedFd,
+    next: u64,
+    exits: HashMap<u64, (OwnedFd, Done)>,
+    readings: HashMap<u64, Reading>,
+}
+
+impl IoLoop {
+    fn run(mut self, jobs: Receiver<Job>, handle: Arc<IoHandle>, stopping: Arc<AtomicBool>) {
+        use rustix::event::{epoll, Timespec};
+        handle
+            .tid
+            .store(nix::unistd::gettid().as_raw(), Ordering::Release);
+        let mut buf = vec![0u8; READ_CHUNK];
+        let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
+        loop {
+            // A timeout only while a line waits for its newline; otherwise
+            // sleep until output, an exit, a job or the stop.
+            let now = Instant::now();
+            let timeout = self
+                .readings
+                .values()
+                .filter(|r| r.pending())
+                .map(|r| (r.last + FLUSH_AFTER).saturating_duration_since(now))
+                .min()
+                .map(|d| Timespec {
+                    tv_sec: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                    tv_nsec: i64::from(d.subsec_nanos()),
+                });
+            events.clear();
+            match epoll::wait(
+                &self.epoll,
+                rustix::buffer::spare_capacity(&mut events),
+                timeout.as_ref(),
+            ) {
+                Ok(_) => {}
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => {
-                    tracing::warn!(engine = %cap.engine, error = %e, "engine output: poll");
-                    break;
+                    // Not expected (EBADF, EINVAL): said, and the thread
+                    // ends; captures end with it (the writer is told).
+                    tracing::error!(error = %e, "engine I/O: epoll_wait");
+                    return;
                 }
-                Ok(_) => fds[..streams.len()]
-                    .iter()
-                    .map(|f| !f.revents().is_empty())
-                    .collect(),
+            }
+            let now = Instant::now();
+            let now_ms = now_ms();
+            for ev in events.drain(..) {
+                let token = ev.data.u64();
+                match token {
+                    WAKE => {
+                        let mut n = [0u8; 8];
+                        let _ = rustix::io::read(&handle.wake, &mut n);
+                        while let Ok(job) = jobs.try_recv() {
+                            self.take(job);
+                        }
+                    }
+                    // Hung up by `LogSink::stop`, after it set `stopping`.
+                    STOP => {}
+                    t => self.ready(t, &mut buf, now, now_ms),
+                }
+            }
+            if stopping.load(Ordering::Acquire) {
+                // What waits for a newline was read already: stored now;
+                // the FIFOs are closed, what is unread stays in them.
+                for (_, mut r) in self.readings.drain() {
+                    r.flush(now_ms);
+                    r.cap.finish(now_ms);
+                }
+                return;
+            }
+            // Silence: store what waits for a newline.
+            for r in self.readings.values_mut() {
+                if r.pending() && now.saturating_duration_since(r.last) >= FLUSH_AFTER {
+                    r.flush(now_ms);
+                }
+            }
+        }
+    }
+
+    fn add(&self, fd: &OwnedFd, token: u64) -> io::Result<()> {
+        use rustix::event::epoll;
+        epoll::add(
+            &self.epoll,
+            fd,
+            epoll::EventData::new_u64(token),
+            epoll::EventFlags::IN,
+        )
+        .map_err(io::Error::from)
+    }
+
+    fn take(&mut self, job: Job) {
+        self.next += 1;
+        let id = self.next;
+        match job {
+            Job::Exit(fd, done) => {
+                if let Err(e) = self.add(&fd, id << 1) {
+                    // Fails closed: reported as exited, so the runtime
+                    // reaps and looks (a live shim is then said lost).
+                    tracing::error!(error = %e, "engine I/O: cannot watch an exit");
+                    done();
+                    return;
+                }
+                self.exits.insert(id, (fd, done));
+            }
+            Job::Output(cap, output) => {
+                let mut streams = [None, None];
+                for (i, (fd, s)) in [(output.out, Stream::Out), (output.err, Stream::Err)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let Some(fd) = fd else { continue };
+                    match self.add(&fd, id << 1 | i as u64) {
+                        Ok(()) => {
+                            streams[i] = Some((File::from(fd), LineSplitter::new(s, LINE_MAX)))
+                        }
+                        Err(e) => {
+                            tracing::warn!(engine = %cap.engine, error = %e, "engine output: epoll_ctl")
+                        }
+                    }
+                }
+                if streams.iter().all(Option::is_none) {
+                    cap.finish(now_ms());
+                    return;
+                }
+                self.readings.insert(
+                    id,
+                    Reading {
+                        cap,
+                        streams,
+                        last: Instant::now(),
+                    },
+                );
+            }
+        }
+    }
+
+    fn ready(&mut self, token: u64, buf: &mut [u8], now: Instant, now_ms: u64) {
+        let id = token >> 1;
+        if let Some((fd, done)) = self.exits.remove(&id) {
+            let _ = rustix::event::epoll::delete(&self.epoll, &fd);
+            drop(fd);
+            done();
+            return;
+        }
+        let Some(r) = self.readings.get_mut(&id) else {
+            return;
+        };
+        let i = usize::from(token & 1 == 1);
+        let Some((f, s)) = r.streams[i].as_mut() else {
+            return;
+        };
+        // One read per readiness (level-triggered): a flooding engine
+        // cannot starve the others.
+        let mut batch = Vec::new();
+        let ended = match f.read(buf) {
+            Ok(0) => true,
+            Ok(n) => {
+                s.push(&buf[..n], now_ms, &mut batch);
+                r.last = now;
+                false
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                false
+            }
+            Err(e) => {
+                tracing::warn!(engine = %r.cap.engine, error = %e, "engine output: read");
+                true
             }
         };
-        if cap.sink.stopping.load(Ordering::Acquire) {
-            // Woken by the stop: the check at the top of the loop.
-            continue;
-        }
-        let now = now_ms();
-        let mut batch = Vec::new();
-        if !ready.iter().any(|r| *r) {
-            // Silence: store what waits for a newline.
-            for (_, s) in &mut streams {
-                s.flush(now, &mut batch);
-            }
-            cap.send(batch, now);
-            continue;
-        }
-        let mut ended = vec![false; streams.len()];
-        for (i, (f, s)) in streams.iter_mut().enumerate() {
-            if !ready[i] {
-                continue;
-            }
-            match f.read(&mut buf) {
-                Ok(0) => {
-                    s.flush(now, &mut batch);
-                    ended[i] = true;
-                }
-                Ok(n) => s.push(&buf[..n], now, &mut batch),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    tracing::warn!(engine = %cap.engine, error = %e, "engine output: read");
-                    s.flush(now, &mut batch);
-                    ended[i] = true;
-                }
+        if ended {
+            s.flush(now_ms, &mut batch);
+            if let Some((f, _)) = r.streams[i].take() {
+                let _ = rustix::event::epoll::delete(&self.epoll, &f);
             }
         }
-        cap.send(batch, now);
-        let mut i = 0;
-        streams.retain(|_| {
-            i += 1;
-            !ended[i - 1]
-        });
+        r.cap.send(batch, now_ms);
+        if r.streams.iter().all(Option::is_none) {
+            if let Some(r) = self.readings.remove(&id) {
+                r.cap.finish(now_ms);
+            }
+        }
     }
-    cap.finish(now_ms());
 }
 
 /// The last events, shared by the runtime thread (writes) and the view.
@@ -571,6 +792,15 @@ mod tests {
             .collect()
     }
 
+    /// `capture`, and a channel told when it ends.
+    fn capture_then(sink: &LogSink, engine: &str, dir: PathBuf, output: Output) -> Receiver<()> {
+        let (tx, rx) = mpsc::channel();
+        let mut cap = Capture::new(sink.clone(), engine, dir);
+        cap.ended = Some(tx);
+        sink.hand(Job::Output(cap, output)).unwrap();
+        rx
+    }
+
     fn wait_written(sink: &LogSink) {
         let t = std::time::Instant::now();
         while sink.queued.load(Ordering::Acquire) > 0 {
@@ -651,8 +881,7 @@ mod tests {
         )
         .unwrap();
         let (output, mut out_w, mut err_w) = make_fifos(&run).unwrap();
-        let cap = Capture::new(sink.clone(), "web", dir.clone());
-        let t = std::thread::spawn(move || pump(cap, output));
+        let ended = capture_then(&sink, "web", dir.clone(), output);
         use std::io::Write;
         out_w.write_all(b"hello\nwor").unwrap();
         err_w.write_all(b"oops\n").unwrap();
@@ -661,7 +890,7 @@ mod tests {
         out_w.write_all(&long).unwrap();
         out_w.write_all(b"\nno newline at the end").unwrap();
         drop((out_w, err_w));
-        t.join().unwrap();
+        ended.recv_timeout(Duration::from_secs(10)).unwrap();
         wait_written(&sink);
         let back = leasehold_engines::logs::read(&dir, 0, 100).unwrap();
         let got: Vec<(Stream, bool, String)> = back
@@ -716,15 +945,7 @@ mod tests {
         )
         .unwrap();
         let (output, mut out_w, _err_w) = make_fifos(&run).unwrap();
-        let cap = Capture::new(sink.clone(), "web", dir.clone());
-        let (tid_tx, tid_rx) = mpsc::channel();
-        let (done_tx, done_rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            tid_tx.send(nix::unistd::gettid().as_raw()).unwrap();
-            pump(cap, output);
-            done_tx.send(()).unwrap();
-        });
-        let tid = tid_rx.recv().unwrap();
+        let done_rx = capture_then(&sink, "web", dir.clone(), output);
         out_w.write_all(b"one line\n").unwrap();
         wait_written(&sink);
         let n = || leasehold_engines::logs::read(&dir, 0, 10).map_or(0, |v| v.len());
@@ -738,6 +959,8 @@ mod tests {
         }
         // Idle (writers open, nothing pending): no timeout, so no wake-up
         // over 2.5 times FLUSH_AFTER (the old loop woke every FLUSH_AFTER).
+        let tid = sink.io_tid();
+        assert_ne!(tid, 0);
         let before = switches(tid);
         std::thread::sleep(FLUSH_AFTER * 5 / 2);
         assert!(
@@ -766,6 +989,89 @@ mod tests {
     }
 
     #[test]
+    fn one_thread_reads_every_instance_a_flood_starves_none_and_exits_are_seen() {
+        use std::io::Write;
+        use std::sync::atomic::AtomicBool;
+        let tmp = tempfile::tempdir().unwrap();
+        let sink = LogSink::start(
+            Arc::new(At(tmp.path().to_owned())),
+            leasehold_engines::logs::MIN_MAX_BYTES,
+            QUEUE_BYTES,
+        )
+        .unwrap();
+        let mut writers = Vec::new();
+        let mut ends = Vec::new();
+        for i in 0..20 {
+            let run = tmp.path().join(format!("run{i}"));
+            std::fs::create_dir_all(&run).unwrap();
+            std::fs::create_dir_all(tmp.path().join(format!("e{i}"))).unwrap();
+            let (output, out_w, err_w) = make_fifos(&run).unwrap();
+            let dir = tmp.path().join(format!("e{i}/logs"));
+            ends.push(capture_then(&sink, &format!("e{i}"), dir, output));
+            writers.push((out_w, err_w));
+        }
+        // Instance 0 floods until told; instance 1's one line still comes.
+        let (mut flood, _) = writers.remove(0);
+        let go = Arc::new(AtomicBool::new(true));
+        let g = go.clone();
+        let flooder = std::thread::spawn(move || {
+            let line = [b'f'; 1023];
+            while g.load(Ordering::Acquire) {
+                if flood
+                    .write_all(&line)
+                    .and_then(|()| flood.write_all(b"\n"))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        writers[0].0.write_all(b"quiet\n").unwrap();
+        let quiet = tmp.path().join("e1/logs");
+        let t0 = std::time::Instant::now();
+        while leasehold_engines::logs::read(&quiet, 0, 10).map_or(0, |v| v.len()) < 1 {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "a flooding instance starved another"
+            );
+            std::thread::yield_now();
+        }
+        assert!(!flooder.is_finished(), "the flood ended before the check");
+        go.store(false, Ordering::Release);
+        flooder.join().unwrap();
+        // Writers gone: every capture ends.
+        drop(writers);
+        for e in ends {
+            e.recv_timeout(Duration::from_secs(10)).unwrap();
+        }
+        // An exit is seen through its pidfd.
+        let mut child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        let pidfd = rustix::process::pidfd_open(
+            rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+            rustix::process::PidfdFlags::empty(),
+        )
+        .unwrap();
+        let (tx, rx) = mpsc::channel();
+        sink.watch_exit(pidfd, Box::new(move || tx.send(()).unwrap()))
+            .unwrap();
+        assert!(
+            rx.recv_timeout(Duration::from_millis(200)).is_err(),
+            "told before the exit"
+        );
+        child.kill().unwrap();
+        rx.recv_timeout(Duration::from_secs(10))
+            .expect("the exit was not seen");
+        child.wait().unwrap();
+        // After the stop nothing more is taken, and no error either.
+        sink.stop();
+        let again = make_fifos(&tmp.path().join("run3")).unwrap().0;
+        assert!(capture(sink.clone(), "late", tmp.path().join("late"), again).is_ok());
+    }
+
+    #[test]
     fn output_written_while_no_agent_reads_waits_for_the_next_one() {
         use std::io::Write;
         let tmp = tempfile::tempdir().unwrap();
@@ -788,11 +1094,10 @@ mod tests {
             QUEUE_BYTES,
         )
         .unwrap();
-        let cap = Capture::new(sink.clone(), "web", dir.clone());
-        let t = std::thread::spawn(move || pump(cap, again));
+        let ended = capture_then(&sink, "web", dir.clone(), again);
         out_w.write_all(b"after\n").unwrap();
         drop((out_w, err_w, held));
-        t.join().unwrap();
+        ended.recv_timeout(Duration::from_secs(10)).unwrap();
         wait_written(&sink);
         let back = leasehold_engines::logs::read(&dir, 0, 10).unwrap();
         let texts: Vec<&[u8]> = back.iter().map(|r| r.text.as_slice()).collect();
