@@ -1183,10 +1183,13 @@ impl Runtime {
             Some(sock) => {
                 let tx = self.tx.clone();
                 let n = name.to_owned();
-                let watched =
-                    notify::watch(sock, spec.uid, format!("{name}-{instance}"), move |m| {
-                        tx.send(Msg::Notified(n.clone(), instance, m)).is_ok()
-                    });
+                let watched = notify::watch(
+                    &self.logs,
+                    sock,
+                    spec.uid,
+                    format!("{name}-{instance}"),
+                    move |m| tx.send(Msg::Notified(n.clone(), instance, m)).is_ok(),
+                );
                 match watched {
                     Ok(w) => Some(w),
                     Err(err) => {

@@ -1,11 +1,11 @@
 //! The per-instance `sd_notify` socket (docs/engines.md, "Runtime"):
 //! a datagram socket the agent binds in the instance's run directory,
 //! `<run_dir>/notify/notify`, whose directory the shim binds into the
-//! engine at `/run/leasehold-notify` (`NOTIFY_SOCKET`). One reader thread
-//! per instance takes `READY=1` and `WATCHDOG=1` from the engine's uid only
-//! (the kernel's `SCM_CREDENTIALS`, not what the sender claims) and posts
-//! them to the runtime; it ends when the instance's [`Notifier`] is
-//! dropped.
+//! engine at `/run/leasehold-notify` (`NOTIFY_SOCKET`). The agent's one
+//! engine I/O thread reads every instance's socket, takes `READY=1` and
+//! `WATCHDOG=1` from the engine's uid only (the kernel's
+//! `SCM_CREDENTIALS`, not what the sender claims) and posts them to the
+//! runtime; an instance's reading ends when its [`Notifier`] is dropped.
 
 use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -26,7 +26,8 @@ const WATCHDOG_SPACING: Duration = Duration::from_millis(25);
 
 /// Held by the runtime for a live instance; dropping it ends the reader.
 pub struct Notifier {
-    /// Write end of a pipe the reader polls: closed on drop, read as HUP.
+    /// Write end of a pipe the I/O thread watches: closed on drop, seen
+    /// as HUP.
     _stop: OwnedFd,
 }
 
@@ -64,53 +65,61 @@ pub fn bind(run_dir: &Path, uid: u32) -> std::io::Result<(PathBuf, UnixDatagram)
     Ok((dir, sock))
 }
 
-/// Starts the reader of `sock`: each accepted message goes to `post`.
+/// Starts reading `sock` on the agent's engine I/O thread (`io`): each
+/// accepted message goes to `post`; dropping the [`Notifier`] ends it.
 pub fn watch(
+    io: &super::output::LogSink,
     sock: UnixDatagram,
     uid: u32,
     label: String,
     post: impl Fn(NotifyMessage) -> bool + Send + 'static,
 ) -> std::io::Result<Notifier> {
     let (stop_r, stop_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    std::thread::Builder::new()
-        .name(format!("engine-notify-{label}"))
-        .spawn(move || read_loop(&sock, &stop_r, uid, &label, post))?;
+    sock.set_nonblocking(true)?;
+    io.watch_notify(
+        NotifyReader {
+            sock,
+            uid,
+            label,
+            post: Box::new(post),
+            last_watchdog: None,
+            ready_sent: false,
+            refused: 0,
+        },
+        stop_r,
+    )?;
     Ok(Notifier { _stop: stop_w })
 }
 
-fn read_loop(
-    sock: &UnixDatagram,
-    stop: &OwnedFd,
+/// One instance's socket and what was passed on so far.
+pub struct NotifyReader {
+    sock: UnixDatagram,
     uid: u32,
-    label: &str,
-    post: impl Fn(NotifyMessage) -> bool,
-) {
-    use rustix::event::{poll, PollFd, PollFlags};
-    // One byte over the cap: a longer datagram shows as truncated.
-    let mut buf = vec![0u8; MAX_NOTIFY_DATAGRAM + 1];
-    let mut last_watchdog: Option<Instant> = None;
-    let mut ready_sent = false;
-    let mut refused = 0u32;
-    loop {
-        let mut fds = [
-            PollFd::new(sock, PollFlags::IN),
-            PollFd::new(stop, PollFlags::IN),
-        ];
-        match poll(&mut fds, None) {
-            Ok(_) => {}
-            Err(rustix::io::Errno::INTR) => continue,
-            Err(_) => return,
-        }
-        if !fds[1].revents().is_empty() {
-            return;
-        }
-        if fds[0].revents().is_empty() {
-            continue;
-        }
+    label: String,
+    post: Box<dyn Fn(NotifyMessage) -> bool + Send>,
+    last_watchdog: Option<Instant>,
+    ready_sent: bool,
+    refused: u32,
+}
+
+impl NotifyReader {
+    /// The socket (the I/O thread waits for it to be readable).
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.sock.as_fd()
+    }
+
+    /// Takes one datagram if there is one (`buf`: any scratch space; one
+    /// byte over [`MAX_NOTIFY_DATAGRAM`] of it is used). `false`: the
+    /// reader is done (the runtime is gone, or the socket failed).
+    pub fn read_one(&mut self, buf: &mut [u8]) -> bool {
+        // One byte over the cap: a longer datagram shows as truncated.
+        let cap = (MAX_NOTIFY_DATAGRAM + 1).min(buf.len());
+        let buf = &mut buf[..cap];
         let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
-        let mut iov = [IoSliceMut::new(&mut buf)];
+        let mut iov = [IoSliceMut::new(buf)];
         let (len, sender, truncated) = match recvmsg::<UnixAddr>(
-            sock.as_raw_fd(),
+            self.sock.as_raw_fd(),
             &mut iov,
             Some(&mut cmsg),
             MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC,
@@ -124,44 +133,46 @@ fn read_loop(
                 });
                 (m.bytes, sender, m.flags.contains(MsgFlags::MSG_TRUNC))
             }
-            Err(nix::Error::EAGAIN) | Err(nix::Error::EINTR) => continue,
-            Err(_) => return,
+            Err(nix::Error::EAGAIN) | Err(nix::Error::EINTR) => return true,
+            Err(_) => return false,
         };
-        if sender != Some(uid) {
+        let buf: &[u8] = &iov[0];
+        if sender != Some(self.uid) {
             // Only the engine's uid can open the socket; anything else is
             // a bug or an attack: counted, logged once in a while.
-            refused = refused.saturating_add(1);
-            if refused.is_power_of_two() {
+            self.refused = self.refused.saturating_add(1);
+            if self.refused.is_power_of_two() {
                 tracing::warn!(
-                    engine = label,
+                    engine = self.label,
                     ?sender,
-                    refused,
+                    refused = self.refused,
                     "notify message from another uid ignored"
                 );
             }
-            continue;
+            return true;
         }
         let Some(mut m) = parse_notify(&buf[..len.min(buf.len())]).filter(|_| !truncated) else {
-            continue;
+            return true;
         };
-        if m.ready && ready_sent {
+        if m.ready && self.ready_sent {
             m.ready = false;
         }
         if m.watchdog {
             let now = Instant::now();
-            if last_watchdog.is_some_and(|t| now.duration_since(t) < WATCHDOG_SPACING) {
+            if self
+                .last_watchdog
+                .is_some_and(|t| now.duration_since(t) < WATCHDOG_SPACING)
+            {
                 m.watchdog = false;
             } else {
-                last_watchdog = Some(now);
+                self.last_watchdog = Some(now);
             }
         }
         if !m.ready && !m.watchdog {
-            continue;
+            return true;
         }
-        ready_sent |= m.ready;
-        if !post(m) {
-            return;
-        }
+        self.ready_sent |= m.ready;
+        (self.post)(m)
     }
 }
 
@@ -169,6 +180,22 @@ fn read_loop(
 mod tests {
     use super::*;
     use std::sync::mpsc;
+
+    struct Nowhere;
+    impl crate::engines::VolumeDir for Nowhere {
+        fn mounted(&self) -> Option<PathBuf> {
+            None
+        }
+    }
+
+    fn sink(_: &Path) -> super::super::output::LogSink {
+        super::super::output::LogSink::start(
+            std::sync::Arc::new(Nowhere),
+            leasehold_engines::logs::MIN_MAX_BYTES,
+            1 << 20,
+        )
+        .unwrap()
+    }
 
     #[test]
     fn only_the_engines_uid_is_heard_and_floods_are_thinned() {
@@ -181,7 +208,8 @@ mod tests {
         );
         assert_eq!(mode & 0o777, 0o600);
         let (tx, rx) = mpsc::channel();
-        let n = watch(sock, me, "t".into(), move |m| tx.send(m).is_ok()).unwrap();
+        let io = sink(dir.path());
+        let n = watch(&io, sock, me, "t".into(), move |m| tx.send(m).is_ok()).unwrap();
         let c = UnixDatagram::unbound().unwrap();
         c.send_to(b"STATUS=starting", &path).unwrap();
         c.send_to(b"READY=1\nSTATUS=up", &path).unwrap();
@@ -214,7 +242,8 @@ mod tests {
         // (its real credentials) are refused.
         let (d, sock) = bind(dir.path(), me).unwrap();
         let (tx, rx) = mpsc::channel();
-        let _n = watch(sock, me.wrapping_add(1), "t".into(), move |m| {
+        let io = sink(dir.path());
+        let _n = watch(&io, sock, me.wrapping_add(1), "t".into(), move |m| {
             tx.send(m).is_ok()
         })
         .unwrap();

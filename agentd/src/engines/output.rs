@@ -27,6 +27,7 @@ use leasehold_engines::logs::{LineSplitter, LogWriter, Record, Stream, LINE_MAX}
 use leasehold_engines::supervisor::Event;
 use leasehold_node::EngineEvent;
 
+use super::notify::NotifyReader;
 use super::VolumeDir;
 
 /// Bytes of output waiting for the writer, all engines together, before
@@ -195,6 +196,7 @@ impl LogSink {
             next: STOP,
             exits: HashMap::new(),
             readings: HashMap::new(),
+            notifies: HashMap::new(),
         };
         let (h, st) = (io.clone(), stopping.clone());
         std::thread::Builder::new()
@@ -405,6 +407,8 @@ enum Job {
     Output(Capture, Output),
     /// A pidfd (readable once the process exited) and what to call then.
     Exit(OwnedFd, Done),
+    /// An instance's notify socket, until the pipe's write end is gone.
+    Notify(NotifyReader, OwnedFd),
 }
 
 /// Called once, on the I/O thread, when a watched process has exited.
@@ -424,6 +428,12 @@ impl LogSink {
     /// I/O thread: one thread watches every instance.
     pub fn watch_exit(&self, pidfd: OwnedFd, done: Done) -> io::Result<()> {
         self.hand(Job::Exit(pidfd, done))
+    }
+
+    /// Reads `reader`'s socket on the I/O thread until `stop`'s write end
+    /// is closed.
+    pub fn watch_notify(&self, reader: NotifyReader, stop: OwnedFd) -> io::Result<()> {
+        self.hand(Job::Notify(reader, stop))
     }
 
     fn hand(&self, job: Job) -> io::Result<()> {
@@ -489,6 +499,8 @@ struct IoLoop {
     next: u64,
     exits: HashMap<u64, (OwnedFd, Done)>,
     readings: HashMap<u64, Reading>,
+    /// Notify sockets (token `id << 1`) and their stop pipes (`id << 1 | 1`).
+    notifies: HashMap<u64, (NotifyReader, OwnedFd)>,
 }
 
 impl IoLoop {
@@ -588,6 +600,24 @@ impl IoLoop {
                 }
                 self.exits.insert(id, (fd, done));
             }
+            Job::Notify(reader, stop) => {
+                let added = rustix::event::epoll::add(
+                    &self.epoll,
+                    reader.fd(),
+                    rustix::event::epoll::EventData::new_u64(id << 1),
+                    rustix::event::epoll::EventFlags::IN,
+                )
+                .map_err(io::Error::from)
+                .and_then(|()| self.add(&stop, id << 1 | 1));
+                if let Err(e) = added {
+                    // The instance runs without its heartbeat being heard:
+                    // its watchdog (if any) then ends it, which is said.
+                    tracing::error!(error = %e, "engine I/O: cannot watch a notify socket");
+                    let _ = rustix::event::epoll::delete(&self.epoll, reader.fd());
+                    return;
+                }
+                self.notifies.insert(id, (reader, stop));
+            }
             Job::Output(cap, output) => {
                 let mut streams = [None, None];
                 for (i, (fd, s)) in [(output.out, Stream::Out), (output.err, Stream::Err)]
@@ -626,6 +656,16 @@ impl IoLoop {
             let _ = rustix::event::epoll::delete(&self.epoll, &fd);
             drop(fd);
             done();
+            return;
+        }
+        if let Some((reader, _)) = self.notifies.get_mut(&id) {
+            // The socket: one datagram; the stop pipe: the instance is gone.
+            if token & 1 == 1 || !reader.read_one(buf) {
+                if let Some((reader, stop)) = self.notifies.remove(&id) {
+                    let _ = rustix::event::epoll::delete(&self.epoll, reader.fd());
+                    let _ = rustix::event::epoll::delete(&self.epoll, &stop);
+                }
+            }
             return;
         }
         let Some(r) = self.readings.get_mut(&id) else {
