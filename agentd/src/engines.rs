@@ -390,8 +390,14 @@ pub trait Proc: Send {
     /// Sends a signal (the shim forwards SIGTERM; SIGKILL ends the engine).
     fn signal(&self, sig: Signal) -> Result<(), LaunchError>;
     /// A function that blocks until the instance has exited (run on a
-    /// thread of its own).
-    fn exit_waiter(&self) -> Result<Box<dyn FnOnce() + Send>, LaunchError>;
+    /// thread of its own), for a `Proc` without [`Proc::exit_fd`].
+    fn exit_waiter(&self) -> Result<Box<dyn FnOnce() + Send>, LaunchError> {
+        Err(LaunchError::Io {
+            op: "watch the exit of",
+            path: PathBuf::from("the instance"),
+            source: std::io::ErrorKind::Unsupported.into(),
+        })
+    }
     /// A descriptor readable once the instance has exited (a pidfd),
     /// watched by the one I/O thread instead of a waiter thread per
     /// instance; `None`: use [`Proc::exit_waiter`].
@@ -488,27 +494,6 @@ impl Proc for ShimProc {
     }
     fn signal(&self, sig: Signal) -> Result<(), LaunchError> {
         self.0.signal(sig)
-    }
-    fn exit_waiter(&self) -> Result<Box<dyn FnOnce() + Send>, LaunchError> {
-        let fd = self
-            .0
-            .pidfd()
-            .try_clone_to_owned()
-            .map_err(|source| LaunchError::Io {
-                op: "dup",
-                path: PathBuf::from("pidfd"),
-                source,
-            })?;
-        Ok(Box::new(move || {
-            use rustix::event::{poll, PollFd, PollFlags};
-            loop {
-                let mut fds = [PollFd::new(&fd, PollFlags::IN)];
-                match poll(&mut fds, None) {
-                    Err(rustix::io::Errno::INTR) => continue,
-                    _ => return,
-                }
-            }
-        }))
     }
     fn exit_fd(&self) -> Option<Result<OwnedFd, LaunchError>> {
         Some(

@@ -15,7 +15,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
 use std::io::{self, Read};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
@@ -185,26 +185,29 @@ impl LogSink {
             .name("engine-logs".into())
             .spawn(move || writer(rx, q, volume, max_bytes))?;
         let (jobs, jobs_rx) = mpsc::channel();
+        let (epoll, wake) = (Arc::new(epoll), Arc::new(wake));
         let io = Arc::new(IoHandle {
             jobs: Mutex::new(jobs),
-            wake,
-            tid: Default::default(),
+            epoll: epoll.clone(),
+            wake: wake.clone(),
+            next: 1.into(),
+            tid: Arc::default(),
         });
         let stopping: Arc<AtomicBool> = Arc::default();
         let lp = IoLoop {
             epoll,
-            next: STOP,
+            wake,
             exits: HashMap::new(),
             readings: HashMap::new(),
             notifies: HashMap::new(),
         };
-        let (h, st) = (io.clone(), stopping.clone());
+        let (tid, st) = (io.tid.clone(), stopping.clone());
         std::thread::Builder::new()
             .name("engine-io".into())
             // The stop pipe's read end lives as long as the thread.
             .spawn(move || {
                 let _stop_r = stop_r;
-                lp.run(jobs_rx, h, st)
+                lp.run(jobs_rx, tid, st)
             })?;
         Ok(LogSink {
             tx,
@@ -411,16 +414,37 @@ enum Job {
     Notify(NotifyReader, OwnedFd),
 }
 
+impl Job {
+    /// The descriptors the job is watched by, with their stream bit.
+    fn fds(&self) -> Vec<(BorrowedFd<'_>, u64)> {
+        match self {
+            Job::Output(_, o) => [(&o.out, 0u64), (&o.err, 1)]
+                .into_iter()
+                .filter_map(|(fd, i)| Some((fd.as_ref()?.as_fd(), i)))
+                .collect(),
+            Job::Exit(fd, _) => vec![(fd.as_fd(), 0)],
+            Job::Notify(r, stop) => vec![(r.fd(), 0), (stop.as_fd(), 1)],
+        }
+    }
+}
+
 /// Called once, on the I/O thread, when a watched process has exited.
 pub type Done = Box<dyn FnOnce() + Send>;
 
-/// The I/O thread's handle (inside [`LogSink`]).
+/// The I/O thread's handle (inside [`LogSink`]). The thread itself holds
+/// none of it but the epoll set, the eventfd and `tid`: once every
+/// handle is gone, the stop pipe hangs up and the thread ends.
 struct IoHandle {
-    jobs: Mutex<Sender<Job>>,
+    jobs: Mutex<Sender<(u64, Job)>>,
+    /// The epoll set: a job's descriptors are added by the caller, so an
+    /// error is the caller's, at once.
+    epoll: Arc<OwnedFd>,
     /// An eventfd: written after each job, so the thread takes it at once.
-    wake: OwnedFd,
+    wake: Arc<OwnedFd>,
+    /// Entry ids (tokens `id << 1 | stream`); 0 is the thread's own.
+    next: std::sync::atomic::AtomicU64,
     /// The thread's id, for tests that count its wake-ups.
-    tid: std::sync::atomic::AtomicI32,
+    tid: Arc<std::sync::atomic::AtomicI32>,
 }
 
 impl LogSink {
@@ -437,21 +461,48 @@ impl LogSink {
     }
 
     fn hand(&self, job: Job) -> io::Result<()> {
+        use rustix::event::epoll;
         if self.stopping.load(Ordering::Acquire) {
             // Stopped: nothing is read or watched any more (a capture's
             // drop still tells the writer it ended).
             return Ok(());
         }
-        let sent = self
-            .io
-            .jobs
-            .lock()
-            .map_err(|_| io::Error::other("the engine I/O thread failed"))?
-            .send(job);
-        if sent.is_err() {
+        let id = self.io.next.fetch_add(1, Ordering::Relaxed);
+        let fds = job.fds();
+        // Added here, not on the thread: a failure fails the caller (the
+        // launch), never an instance left unheard. An event that comes
+        // before the thread has the job is reported again (level).
+        for (n, (fd, i)) in fds.iter().enumerate() {
+            let added = epoll::add(
+                &*self.io.epoll,
+                fd,
+                epoll::EventData::new_u64(id << 1 | i),
+                epoll::EventFlags::IN,
+            );
+            if let Err(e) = added {
+                for (fd, _) in &fds[..n] {
+                    let _ = epoll::delete(&*self.io.epoll, fd);
+                }
+                return Err(io::Error::other(format!("epoll_ctl: {e}")));
+            }
+        }
+        drop(fds);
+        let sent = match self.io.jobs.lock() {
+            Ok(tx) => tx.send((id, job)).map_err(|e| e.0 .1),
+            Err(_) => Err(job),
+        };
+        if let Err(job) = sent {
+            for (fd, _) in job.fds() {
+                let _ = epoll::delete(&*self.io.epoll, fd);
+            }
+            if self.stopping.load(Ordering::Acquire) {
+                // Stopped meanwhile: as above.
+                return Ok(());
+            }
             return Err(io::Error::other("the engine I/O thread has ended"));
         }
-        rustix::io::write(&self.io.wake, &1u64.to_ne_bytes())?;
+        // The job is queued: taken at the latest with the next event.
+        let _ = rustix::io::write(&*self.io.wake, &1u64.to_ne_bytes());
         Ok(())
     }
 
@@ -463,7 +514,7 @@ impl LogSink {
 }
 
 /// epoll tokens: 0 and 1 are the wake eventfd and the stop pipe; an entry
-/// `id` uses `id << 1 | stream` (an exit: stream 0).
+/// `id` (from 1) uses `id << 1 | stream` (an exit: stream 0).
 const WAKE: u64 = 0;
 const STOP: u64 = 1;
 
@@ -491,24 +542,43 @@ impl Reading {
     }
 }
 
-/// The one thread that reads every instance's output and watches every
-/// instance's exit (epoll): 100 engines cost one thread and one read
-/// buffer, not two threads and a buffer each.
+/// The one thread that reads every instance's output, watches every
+/// instance's exit and reads every heartbeat socket (epoll): 100 engines
+/// cost one thread and one read buffer, not two or three threads each.
 struct IoLoop {
-    epoll: OwnedFd,
-    next: u64,
+    epoll: Arc<OwnedFd>,
+    wake: Arc<OwnedFd>,
     exits: HashMap<u64, (OwnedFd, Done)>,
     readings: HashMap<u64, Reading>,
     /// Notify sockets (token `id << 1`) and their stop pipes (`id << 1 | 1`).
     notifies: HashMap<u64, (NotifyReader, OwnedFd)>,
 }
 
+/// Ends the agent if the I/O thread ends any other way than by the stop
+/// (a panic, an `epoll_wait` error): every instance's exit, output and
+/// heartbeat would go unheard. systemd restarts the agent, which adopts
+/// the running instances again (docs/engines.md).
+struct AbortUnlessStopped(bool);
+
+impl Drop for AbortUnlessStopped {
+    fn drop(&mut self) {
+        if !self.0 {
+            tracing::error!("the engine I/O thread failed: the agent ends (systemd restarts it)");
+            std::process::abort();
+        }
+    }
+}
+
 impl IoLoop {
-    fn run(mut self, jobs: Receiver<Job>, handle: Arc<IoHandle>, stopping: Arc<AtomicBool>) {
+    fn run(
+        mut self,
+        jobs: Receiver<(u64, Job)>,
+        tid: Arc<std::sync::atomic::AtomicI32>,
+        stopping: Arc<AtomicBool>,
+    ) {
         use rustix::event::{epoll, Timespec};
-        handle
-            .tid
-            .store(nix::unistd::gettid().as_raw(), Ordering::Release);
+        let mut guard = AbortUnlessStopped(false);
+        tid.store(nix::unistd::gettid().as_raw(), Ordering::Release);
         let mut buf = vec![0u8; READ_CHUNK];
         let mut events: Vec<epoll::Event> = Vec::with_capacity(64);
         loop {
@@ -527,44 +597,43 @@ impl IoLoop {
                 });
             events.clear();
             match epoll::wait(
-                &self.epoll,
+                &*self.epoll,
                 rustix::buffer::spare_capacity(&mut events),
                 timeout.as_ref(),
             ) {
                 Ok(_) => {}
                 Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => {
-                    // Not expected (EBADF, EINVAL): said, and the thread
-                    // ends; captures end with it (the writer is told).
+                    // Not expected (EBADF, EINVAL): the guard ends the agent.
                     tracing::error!(error = %e, "engine I/O: epoll_wait");
                     return;
                 }
             }
             let now = Instant::now();
             let now_ms = now_ms();
-            for ev in events.drain(..) {
-                let token = ev.data.u64();
-                match token {
-                    WAKE => {
-                        let mut n = [0u8; 8];
-                        let _ = rustix::io::read(&handle.wake, &mut n);
-                        while let Ok(job) = jobs.try_recv() {
-                            self.take(job);
-                        }
-                    }
-                    // Hung up by `LogSink::stop`, after it set `stopping`.
-                    STOP => {}
-                    t => self.ready(t, &mut buf, now, now_ms),
-                }
-            }
-            if stopping.load(Ordering::Acquire) {
-                // What waits for a newline was read already: stored now;
-                // the FIFOs are closed, what is unread stays in them.
+            // The stop first: nothing more is read once it is seen (what
+            // is unread stays in the FIFOs for the next agent). The stop
+            // pipe hangs up on `LogSink::stop` or when the last handle is
+            // dropped: either ends the thread.
+            if stopping.load(Ordering::Acquire) || events.iter().any(|e| e.data.u64() == STOP) {
                 for (_, mut r) in self.readings.drain() {
                     r.flush(now_ms);
                     r.cap.finish(now_ms);
                 }
+                guard.0 = true;
                 return;
+            }
+            for ev in events.drain(..) {
+                match ev.data.u64() {
+                    WAKE => {
+                        let mut n = [0u8; 8];
+                        let _ = rustix::io::read(&*self.wake, &mut n);
+                        while let Ok((id, job)) = jobs.try_recv() {
+                            self.take(id, job);
+                        }
+                    }
+                    t => self.ready(t, &mut buf, now, now_ms),
+                }
             }
             // Silence: store what waits for a newline.
             for r in self.readings.values_mut() {
@@ -575,65 +644,18 @@ impl IoLoop {
         }
     }
 
-    fn add(&self, fd: &OwnedFd, token: u64) -> io::Result<()> {
-        use rustix::event::epoll;
-        epoll::add(
-            &self.epoll,
-            fd,
-            epoll::EventData::new_u64(token),
-            epoll::EventFlags::IN,
-        )
-        .map_err(io::Error::from)
-    }
-
-    fn take(&mut self, job: Job) {
-        self.next += 1;
-        let id = self.next;
+    /// A job whose descriptors are in the epoll set already.
+    fn take(&mut self, id: u64, job: Job) {
         match job {
             Job::Exit(fd, done) => {
-                if let Err(e) = self.add(&fd, id << 1) {
-                    // Fails closed: reported as exited, so the runtime
-                    // reaps and looks (a live shim is then said lost).
-                    tracing::error!(error = %e, "engine I/O: cannot watch an exit");
-                    done();
-                    return;
-                }
                 self.exits.insert(id, (fd, done));
             }
             Job::Notify(reader, stop) => {
-                let added = rustix::event::epoll::add(
-                    &self.epoll,
-                    reader.fd(),
-                    rustix::event::epoll::EventData::new_u64(id << 1),
-                    rustix::event::epoll::EventFlags::IN,
-                )
-                .map_err(io::Error::from)
-                .and_then(|()| self.add(&stop, id << 1 | 1));
-                if let Err(e) = added {
-                    // The instance runs without its heartbeat being heard:
-                    // its watchdog (if any) then ends it, which is said.
-                    tracing::error!(error = %e, "engine I/O: cannot watch a notify socket");
-                    let _ = rustix::event::epoll::delete(&self.epoll, reader.fd());
-                    return;
-                }
                 self.notifies.insert(id, (reader, stop));
             }
             Job::Output(cap, output) => {
-                let mut streams = [None, None];
-                for (i, (fd, s)) in [(output.out, Stream::Out), (output.err, Stream::Err)]
-                    .into_iter()
-                    .enumerate()
-                {
-                    let Some(fd) = fd else { continue };
-                    match self.add(&fd, id << 1 | i as u64) {
-                        Ok(()) => {
-                            streams[i] = Some((File::from(fd), LineSplitter::new(s, LINE_MAX)))
-                        }
-                        Err(e) => {
-                            tracing::warn!(engine = %cap.engine, error = %e, "engine output: epoll_ctl")
-                        }
-                    }
-                }
+                let streams = [(output.out, Stream::Out), (output.err, Stream::Err)]
+                    .map(|(fd, s)| fd.map(|fd| (File::from(fd), LineSplitter::new(s, LINE_MAX))));
                 if streams.iter().all(Option::is_none) {
                     cap.finish(now_ms());
                     return;
@@ -1109,6 +1131,34 @@ mod tests {
         sink.stop();
         let again = make_fifos(&tmp.path().join("run3")).unwrap().0;
         assert!(capture(sink.clone(), "late", tmp.path().join("late"), again).is_ok());
+    }
+
+    #[test]
+    fn the_io_thread_ends_with_its_last_handle_without_a_stop() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sink = LogSink::start(
+            Arc::new(At(tmp.path().to_owned())),
+            leasehold_engines::logs::MIN_MAX_BYTES,
+            QUEUE_BYTES,
+        )
+        .unwrap();
+        let t0 = std::time::Instant::now();
+        while sink.io_tid() == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(10), "no I/O thread");
+            std::thread::yield_now();
+        }
+        let task = PathBuf::from(format!("/proc/self/task/{}", sink.io_tid()));
+        assert!(task.exists());
+        // Dropped, not stopped (a runtime that failed to start): the
+        // thread ends instead of spinning on the hung-up stop pipe.
+        drop(sink);
+        while task.exists() {
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "the I/O thread outlived its last handle"
+            );
+            std::thread::yield_now();
+        }
     }
 
     #[test]
