@@ -188,7 +188,7 @@ mod tests {
         }
     }
 
-    fn sink(_: &Path) -> super::super::output::LogSink {
+    fn sink() -> super::super::output::LogSink {
         super::super::output::LogSink::start(
             std::sync::Arc::new(Nowhere),
             leasehold_engines::logs::MIN_MAX_BYTES,
@@ -208,7 +208,7 @@ mod tests {
         );
         assert_eq!(mode & 0o777, 0o600);
         let (tx, rx) = mpsc::channel();
-        let io = sink(dir.path());
+        let io = sink();
         let n = watch(&io, sock, me, "t".into(), move |m| tx.send(m).is_ok()).unwrap();
         let c = UnixDatagram::unbound().unwrap();
         c.send_to(b"STATUS=starting", &path).unwrap();
@@ -242,7 +242,7 @@ mod tests {
         // (its real credentials) are refused.
         let (d, sock) = bind(dir.path(), me).unwrap();
         let (tx, rx) = mpsc::channel();
-        let io = sink(dir.path());
+        let io = sink();
         let _n = watch(&io, sock, me.wrapping_add(1), "t".into(), move |m| {
             tx.send(m).is_ok()
         })

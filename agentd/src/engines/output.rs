@@ -854,6 +854,16 @@ mod tests {
             .collect()
     }
 
+    /// A sink writing logs under `root` (taken as the mounted volume).
+    fn sink_at(root: PathBuf) -> LogSink {
+        LogSink::start(
+            Arc::new(At(root)),
+            leasehold_engines::logs::MIN_MAX_BYTES,
+            QUEUE_BYTES,
+        )
+        .unwrap()
+    }
+
     /// `capture`, and a channel told when it ends.
     fn capture_then(sink: &LogSink, engine: &str, dir: PathBuf, output: Output) -> Receiver<()> {
         let (tx, rx) = mpsc::channel();
@@ -915,12 +925,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let vol = tmp.path().join("vol");
         std::fs::create_dir_all(&vol).unwrap();
-        let sink = LogSink::start(
-            Arc::new(At(vol)),
-            leasehold_engines::logs::MIN_MAX_BYTES,
-            QUEUE_BYTES,
-        )
-        .unwrap();
+        let sink = sink_at(vol);
         let outside = tmp.path().join("bare/web/logs");
         let mut cap = Capture::new(sink.clone(), "web", outside.clone());
         cap.send(lines(2, Stream::Out), 1);
@@ -936,12 +941,7 @@ mod tests {
         std::fs::create_dir_all(&run).unwrap();
         let dir = tmp.path().join("web/logs");
         std::fs::create_dir_all(tmp.path().join("web")).unwrap();
-        let sink = LogSink::start(
-            Arc::new(At(tmp.path().to_owned())),
-            leasehold_engines::logs::MIN_MAX_BYTES,
-            QUEUE_BYTES,
-        )
-        .unwrap();
+        let sink = sink_at(tmp.path().to_owned());
         let (output, mut out_w, mut err_w) = make_fifos(&run).unwrap();
         let ended = capture_then(&sink, "web", dir.clone(), output);
         use std::io::Write;
@@ -1000,12 +1000,7 @@ mod tests {
         std::fs::create_dir_all(&run).unwrap();
         std::fs::create_dir_all(tmp.path().join("web")).unwrap();
         let dir = tmp.path().join("web/logs");
-        let sink = LogSink::start(
-            Arc::new(At(tmp.path().to_owned())),
-            leasehold_engines::logs::MIN_MAX_BYTES,
-            QUEUE_BYTES,
-        )
-        .unwrap();
+        let sink = sink_at(tmp.path().to_owned());
         let (output, mut out_w, _err_w) = make_fifos(&run).unwrap();
         let done_rx = capture_then(&sink, "web", dir.clone(), output);
         out_w.write_all(b"one line\n").unwrap();
@@ -1055,12 +1050,7 @@ mod tests {
         use std::io::Write;
         use std::sync::atomic::AtomicBool;
         let tmp = tempfile::tempdir().unwrap();
-        let sink = LogSink::start(
-            Arc::new(At(tmp.path().to_owned())),
-            leasehold_engines::logs::MIN_MAX_BYTES,
-            QUEUE_BYTES,
-        )
-        .unwrap();
+        let sink = sink_at(tmp.path().to_owned());
         let mut writers = Vec::new();
         let mut ends = Vec::new();
         for i in 0..20 {
@@ -1136,12 +1126,7 @@ mod tests {
     #[test]
     fn the_io_thread_ends_with_its_last_handle_without_a_stop() {
         let tmp = tempfile::tempdir().unwrap();
-        let sink = LogSink::start(
-            Arc::new(At(tmp.path().to_owned())),
-            leasehold_engines::logs::MIN_MAX_BYTES,
-            QUEUE_BYTES,
-        )
-        .unwrap();
+        let sink = sink_at(tmp.path().to_owned());
         let t0 = std::time::Instant::now();
         while sink.io_tid() == 0 {
             assert!(t0.elapsed() < Duration::from_secs(10), "no I/O thread");
@@ -1178,12 +1163,7 @@ mod tests {
         out_w.write_all(b"while the agent restarts\n").unwrap();
         // The next agent re-opens the FIFOs and reads what waited.
         let again = reopen_fifos(&run).unwrap();
-        let sink = LogSink::start(
-            Arc::new(At(tmp.path().to_owned())),
-            leasehold_engines::logs::MIN_MAX_BYTES,
-            QUEUE_BYTES,
-        )
-        .unwrap();
+        let sink = sink_at(tmp.path().to_owned());
         let ended = capture_then(&sink, "web", dir.clone(), again);
         out_w.write_all(b"after\n").unwrap();
         drop((out_w, err_w, held));
