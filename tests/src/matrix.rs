@@ -51,7 +51,9 @@ pub enum Setup {
     None,
     Assigned,
     SecretExists,
-    /// A cluster boundary ([`BOUNDARY_DOC`]) is set (reset before each call).
+    /// A cluster boundary ([`BOUNDARY_DOC`]) is set (made again before each
+    /// call on the host; in the VM before a case's first call and after an
+    /// allowed one).
     Boundary,
     /// Assigned and a cluster boundary set.
     AssignedBoundary,

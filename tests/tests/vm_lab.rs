@@ -49,20 +49,41 @@ struct Out {
     stderr: String,
 }
 
+/// Runs `c` (a `timeout …` command) with its output in files, not pipes:
+/// over a shared SSH connection the connection's master holds the
+/// client's output until the remote command ends, so a pipe would make
+/// the caller wait past the `timeout` for a command that hangs.
+fn bounded(c: &mut Command) -> Out {
+    let (out, err) = (tempfile::tempfile().unwrap(), tempfile::tempfile().unwrap());
+    let status = c
+        .stdin(std::process::Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(err.try_clone().unwrap())
+        .status()
+        .unwrap();
+    let read = |mut f: std::fs::File| {
+        use std::io::{Read, Seek};
+        let mut b = Vec::new();
+        f.rewind().unwrap();
+        f.read_to_end(&mut b).unwrap();
+        String::from_utf8_lossy(&b).into_owned()
+    };
+    Out {
+        code: status.code().unwrap_or(-1),
+        stdout: read(out),
+        stderr: read(err),
+    }
+}
+
 impl Vm {
     /// Runs a lab verb with a bound (coreutils timeout): no wait without one.
     fn lab(&self, secs: u32, args: &[&str]) -> Out {
-        let out = Command::new("timeout")
-            .arg(secs.to_string())
-            .arg(&self.lab)
-            .args(args)
-            .output()
-            .unwrap();
-        Out {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        bounded(
+            Command::new("timeout")
+                .arg(secs.to_string())
+                .arg(&self.lab)
+                .args(args),
+        )
     }
 
     #[track_caller]
@@ -115,7 +136,9 @@ impl Vm {
     /// monitors keep their own connections, as on a real console.
     fn ssh_env_with(&self, shared: bool) -> String {
         let cache = lab_cache();
-        let mux = if shared {
+        // ssh binds the socket path plus a 17-byte suffix within the 108
+        // bytes of a unix socket address: a longer cache shares nothing.
+        let mux = if shared && cache.len() <= MUX_CACHE_MAX {
             format!(
                 " -o ControlMaster=auto -o ControlPath={cache}/mux-%C -o ControlPersist=600 -o ServerAliveInterval=5 -o ServerAliveCountMax=3"
             )
@@ -134,23 +157,22 @@ impl Vm {
     /// tenantctl on the host, over SSH to the node as the guest tenant.
     fn tenantctl(&self, args: &[&str]) -> Out {
         let port = self.lab_ok(30, &["port", NODE]).trim().to_owned();
-        let out = Command::new("timeout")
-            .arg("120")
-            .arg(leasehold_tests::bin("tenantctl"))
-            .arg("--host")
-            .arg(format!("tt@127.0.0.1:{port}"))
-            .args(args)
-            .env("LEASEHOLD_SSH", self.ssh_env_with(true))
-            .env_remove("DBUS_SYSTEM_BUS_ADDRESS")
-            .output()
-            .unwrap();
-        Out {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        bounded(
+            Command::new("timeout")
+                .arg("120")
+                .arg(leasehold_tests::bin("tenantctl"))
+                .arg("--host")
+                .arg(format!("tt@127.0.0.1:{port}"))
+                .args(args)
+                .env("LEASEHOLD_SSH", self.ssh_env_with(true))
+                .env_remove("DBUS_SYSTEM_BUS_ADDRESS"),
+        )
     }
 }
+
+/// The longest lab cache path whose `mux-%C` sockets fit (vagrant/lab's
+/// `ssh_opts` has the same bound).
+const MUX_CACHE_MAX: usize = 45;
 
 /// vagrant/lab's cache directory (its SSH key, its nodes).
 fn lab_cache() -> String {
@@ -904,7 +926,7 @@ const MNT: &str = "/srv/leasehold/tenant";
 const STATE: &str = "/var/lib/leasehold";
 
 impl Vm {
-    /// SHA-256 of the whole tenant disk.
+    /// The tenant disk's completed writes and discards ([`disk_writes`]).
     fn disk_writes(&self) -> String {
         self.sh(&disk_writes())
     }
@@ -1079,8 +1101,11 @@ fn volume_lifecycle(vm: &mut Vm) {
         r.stderr
     );
     // A filesystem signature, then mounted: refused, the device untouched.
+    let before = vm.disk_writes();
     vm.sh(&format!("mkfs.ext4 -q -F {DEV}"));
     let sum = vm.disk_writes();
+    // The counters are on (queue/iostats) and of this disk: mkfs moved them.
+    assert_ne!(sum, before, "mkfs.ext4's writes are not counted");
     let r = vm.sh_status(&format!("landlordctl --yes volume init {DEV}"));
     assert_eq!(r.code, 6, "{}", r.stderr);
     assert!(
@@ -1861,7 +1886,9 @@ fn engines_on_the_node(vm: &mut Vm) {
     vm.step("engines: deploy, start, status, logs, stop, reload, rm over --host");
 
     // A steady engine beside the limited ones: it must not notice them.
-    // This and the engines below deploy the image hello uploaded.
+    // This and the engines below deploy the image hello uploaded, by its
+    // name in the inbox.
+    let inbox = Path::new(image).file_name().unwrap().to_str().unwrap();
     let steady = engine_spec(
         &dir,
         "steady",
@@ -1872,7 +1899,7 @@ fn engines_on_the_node(vm: &mut Vm) {
         "engine",
         "deploy",
         "steady",
-        image,
+        inbox,
         "--spec",
         &steady,
         "--from-inbox",
@@ -1894,7 +1921,7 @@ fn engines_on_the_node(vm: &mut Vm) {
         "engine",
         "deploy",
         "hog",
-        image,
+        inbox,
         "--spec",
         &hog,
         "--from-inbox",
@@ -1941,7 +1968,7 @@ fn engines_on_the_node(vm: &mut Vm) {
         "engine",
         "deploy",
         "bomb",
-        image,
+        inbox,
         "--spec",
         &bomb,
         "--from-inbox",
@@ -2046,7 +2073,7 @@ fn engines_on_the_node(vm: &mut Vm) {
         "engine",
         "deploy",
         "probe",
-        image,
+        inbox,
         "--spec",
         &probe,
         "--from-inbox",
@@ -3126,7 +3153,7 @@ fn faults(vm: &mut Vm) -> Ran {
 
     // The node as it was: the file back, no monitor.
     vm.sh(
-        &format!("pkill -x dbus-monitor; mv /root/agentd.toml.before-faults /etc/leasehold/agentd.toml && rm {WD_DROPIN_DIR}/lab-watchdog.conf && systemctl daemon-reload && systemctl restart leasehold-agentd"),
+        &format!("pkill -x dbus-monitor; mv /root/agentd.toml.before-faults /etc/leasehold/agentd.toml && rm -f {WD_DROPIN_DIR}/lab-watchdog.conf && systemctl daemon-reload && systemctl restart leasehold-agentd"),
     );
     Ran::Done
 }
@@ -3642,6 +3669,7 @@ fn engines_at_run_time(vm: &mut Vm) {
         "cat > /tmp/rt-sub.toml <<'DOC'\naction = \"reject\"\n{}DOC\nchmod 644 /tmp/rt-sub.toml && runuser -u tt -- tenantctl boundary set /tmp/rt-sub.toml",
         allow("both", &[a.port, b.port])
     ));
+    vm.new_ssh_connection_ok("a landlord boundary and a tenant sub-boundary with reject");
     let script = |name: &str| {
         format!(
             "B=/bin/busybox; for p in {} {}; do if echo from-{name}-$p | $B nc -w 5 10.0.2.2 $p; then echo reached $p; else echo blocked $p; fi; done; echo egress done; exec $B sleep 100000",
