@@ -25,6 +25,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -36,7 +37,7 @@ use leasehold_engines::launch::{self, DataDir, LaunchError, LaunchSpec, SecretBy
 use leasehold_engines::probe::NotifyMessage;
 use leasehold_engines::spec::{Probe, Spec, User, RESERVED_ENV};
 use leasehold_engines::supervisor::{
-    Action, Event, Exit, Input, InstanceId, Notify, Supervisor, TimerId, VersionId,
+    Action, Event, Exit, Input, InstanceId, Notify, Respawn, Supervisor, TimerId, VersionId,
 };
 use leasehold_netpolicy::nft::EngineEgress;
 use leasehold_netpolicy::Boundary;
@@ -410,6 +411,11 @@ pub trait Proc: Send {
     fn take_output(&mut self) -> Option<output::Output> {
         None
     }
+    /// The read end of its status FIFO, once (`None`: none; the shim
+    /// then never respawns). Read only with [`Proc::exit_fd`].
+    fn take_status(&mut self) -> Option<OwnedFd> {
+        None
+    }
 }
 
 /// Starts and re-adopts instances.
@@ -486,7 +492,7 @@ impl SecretSource for TenantSecrets {
 #[derive(Debug)]
 pub struct ShimSpawner(pub launch::Launcher);
 
-struct ShimProc(launch::Running, Option<output::Output>);
+struct ShimProc(launch::Running, Option<output::Output>, Option<OwnedFd>);
 
 impl Proc for ShimProc {
     fn pid(&self) -> u32 {
@@ -509,6 +515,9 @@ impl Proc for ShimProc {
     }
     fn take_output(&mut self) -> Option<output::Output> {
         self.1.take()
+    }
+    fn take_status(&mut self) -> Option<OwnedFd> {
+        self.2.take()
     }
     fn reap(&mut self) -> launch::Exit {
         match self.0.wait(Some(Duration::from_secs(1))) {
@@ -539,14 +548,19 @@ impl Spawner for ShimSpawner {
         // not pipes: the shim holds the FIFOs open, so the engine's output
         // outlives an agent restart (docs/engines.md, "Logs").
         let (out, stdout, stderr) = output::make_fifos(run_dir)?;
+        let status = output::make_status_fifo(run_dir)?;
         let r = self
             .0
             .start(spec, run_dir, stdout.into(), stderr.into(), secrets)?;
-        Ok(Box::new(ShimProc(r, Some(out))))
+        Ok(Box::new(ShimProc(r, Some(out), Some(status))))
     }
     fn adopt(&self, run_dir: &Path) -> Result<Box<dyn Proc>, LaunchError> {
         let r = launch::Running::adopt(run_dir)?;
-        Ok(Box::new(ShimProc(r, output::reopen_fifos(run_dir))))
+        Ok(Box::new(ShimProc(
+            r,
+            output::reopen_fifos(run_dir),
+            output::reopen_status_fifo(run_dir),
+        )))
     }
     fn exec_probe(&self, run_dir: &Path, argv: &[String], timeout: Duration) -> launch::ProbeExit {
         self.0.probe(run_dir, argv, timeout)
@@ -670,6 +684,8 @@ enum Reply {
 enum Msg {
     Cmd(Cmd, SyncSender<Reply>),
     Exited(String, InstanceId),
+    /// The shim's status record: it started the engine again in place.
+    Respawned(String, InstanceId, launch::Exit),
     /// A probe finished: `Ok` healthy, `Err` why not.
     Probed(String, InstanceId, usize, Result<String, String>),
     /// A message on an instance's notify socket (its uid checked).
@@ -824,7 +840,8 @@ impl Runtime {
                 instance,
                 version,
                 fresh_root,
-            } => Some(self.launch(name, instance, version, fresh_root)),
+                respawn,
+            } => Some(self.launch(name, instance, version, fresh_root, respawn)),
             Action::Terminate { instance } => {
                 let e = self.engines.get(name)?;
                 if let Some(l) = e.live.get(&instance) {
@@ -986,6 +1003,7 @@ impl Runtime {
         instance: InstanceId,
         version: VersionId,
         fresh_root: bool,
+        respawn: Option<Respawn>,
     ) -> Input {
         let failed = |reason: String| Input::LaunchFailed { instance, reason };
         let Some(e) = self.engines.get_mut(name) else {
@@ -995,6 +1013,13 @@ impl Runtime {
             return failed(format!("unknown version {version}"));
         };
         let mut spec = v.launch.clone();
+        // Only in this instance's spec.json, never in the version's record.
+        spec.respawn = respawn.map(|r| launch::Respawn {
+            delay_ms: u64::try_from(r.delay.as_millis())
+                .unwrap_or(launch::MAX_RESPAWN_DELAY_MS)
+                .min(launch::MAX_RESPAWN_DELAY_MS),
+            on_clean_exit: r.on_clean_exit,
+        });
         let spec_text = v.spec.clone();
         let mut notify_sock = None;
         let adopted = e.adoptable.take();
@@ -1125,10 +1150,23 @@ impl Runtime {
         let done: Box<dyn FnOnce() + Send> = Box::new(move || {
             let _ = tx.send(Msg::Exited(n, instance));
         });
+        // The notify reader passes READY=1 once per engine: a respawn's
+        // record (read first, on the same I/O thread) lets the new
+        // engine's through.
+        let ready_passed = Arc::new(AtomicBool::new(false));
+        let status = proc.take_status().map(|fd| {
+            let (tx, n, ready) = (self.tx.clone(), name.to_owned(), ready_passed.clone());
+            output::StatusReader::new(fd, format!("{name}-{instance}"), move |r| match r {
+                launch::StatusRecord::Respawned { exit } => {
+                    ready.store(false, Ordering::Release);
+                    let _ = tx.send(Msg::Respawned(n.clone(), instance, exit));
+                }
+            })
+        });
         let watched = match proc.exit_fd() {
             Some(Ok(fd)) => self
                 .logs
-                .watch_exit(fd, done)
+                .watch_exit(fd, done, status)
                 .map_err(|e| format!("cannot watch the instance: {e}")),
             Some(Err(e)) => Err(format!("cannot watch the instance: {e}")),
             None => match proc.exit_waiter() {
@@ -1173,6 +1211,7 @@ impl Runtime {
                     sock,
                     spec.uid,
                     format!("{name}-{instance}"),
+                    ready_passed,
                     move |m| tx.send(Msg::Notified(n.clone(), instance, m)).is_ok(),
                 );
                 match watched {
@@ -1242,6 +1281,36 @@ impl Runtime {
     fn note_fresh_root(&mut self, name: &str, why: Option<String>) {
         if let Some(e) = self.engines.get_mut(name) {
             e.fresh_note = why.map(|w| format!("reload image: {w}"));
+        }
+    }
+
+    /// The shim started the engine again in place after `how`: an OOM
+    /// kill is told by `memory.events` against the baseline, which then
+    /// moves on for the new engine.
+    fn respawned(&mut self, name: &str, instance: InstanceId, how: launch::Exit) {
+        let Some(e) = self.engines.get_mut(name) else {
+            return;
+        };
+        let Some(l) = e.live.get_mut(&instance) else {
+            return;
+        };
+        let kills = self.cgroups.usage(&l.cg).map(|u| u.oom_kills).ok();
+        let oom = kills.is_some_and(|k| k > l.oom_kills);
+        if let Some(k) = kills {
+            l.oom_kills = k;
+        }
+        let exit = match how {
+            _ if oom => Exit::Oom,
+            launch::Exit::Code(c) => Exit::Code(c),
+            launch::Exit::Signal(s) => Exit::Signal(s),
+            // The shim writes only the two above.
+            other => {
+                tracing::warn!(engine = name, %instance, exit = ?other, "unexpected exit in a respawn record");
+                Exit::Signal(Signal::SIGKILL as i32)
+            }
+        };
+        if let Err(err) = self.step(name, Input::Respawned { instance, exit }) {
+            tracing::warn!(engine = name, error = %err, "respawn report");
         }
     }
 
@@ -1815,6 +1884,7 @@ impl Runtime {
             match msg {
                 Some(Msg::Cmd(c, reply)) => self.cmd(c, reply),
                 Some(Msg::Exited(n, i)) => self.exited(&n, i),
+                Some(Msg::Respawned(n, i, x)) => self.respawned(&n, i, x),
                 Some(Msg::Probed(n, i, p, r)) => self.probed(&n, i, p, r),
                 Some(Msg::Notified(n, i, m)) => self.notified(&n, i, m),
                 Some(Msg::Shutdown) => return,
@@ -1912,6 +1982,8 @@ fn resolve(
         tmp_size: TMP_SIZE,
         secrets: spec.secrets.clone(),
         notify_dir: None,
+        // Granted per launch (`Runtime::launch`), never recorded.
+        respawn: None,
     })
 }
 

@@ -263,6 +263,7 @@ fn main() {
         tmp_size: 1 << 20,
         secrets: vec![],
         notify_dir: None,
+        respawn: None,
     };
 
     let mut floor = Stats {

@@ -207,6 +207,23 @@ impl Backoff {
             attempt: self.attempt,
         }
     }
+
+    /// The delay of the restart the next exit is sure to get, whenever it
+    /// comes, if that is the first of a series: no restart since the last
+    /// reset, and room in the give-up window (restarts only leave the
+    /// window as time passes). `None`: the next exit may wait longer, or
+    /// give up. What the shim may do by itself (`LaunchSpec::respawn`).
+    pub fn sure_first_restart(&self) -> Option<Duration> {
+        if self.attempt != 0 {
+            return None;
+        }
+        if let Some((restarts, _)) = self.schedule.give_up {
+            if u32::try_from(self.recent.len()).unwrap_or(u32::MAX) >= restarts {
+                return None;
+            }
+        }
+        Some(self.next)
+    }
 }
 
 #[cfg(test)]
@@ -231,6 +248,62 @@ mod tests {
             Decision::Restart { delay, .. } => delay,
             Decision::GiveUp { .. } => panic!("gave up"),
         }
+    }
+
+    proptest! {
+        /// Whatever exits came before and whenever the next one comes: a
+        /// sure first restart is exactly what `exited` then decides.
+        #[test]
+        fn a_sure_first_restart_is_what_the_next_exit_gets(
+            gaps in proptest::collection::vec(0u64..5_000, 0..8),
+            next in 0u64..200_000,
+            give_up in proptest::option::of((0u32..4, 1u64..20_000)),
+            resets in proptest::collection::vec(any::<bool>(), 8),
+        ) {
+            let s = Schedule {
+                initial: ms(100),
+                max: ms(1_000),
+                factor: 2.0,
+                reset_after: ms(3_000),
+                give_up: give_up.map(|(n, w)| (n, ms(w))),
+            };
+            let clock = Clock(Instant::now());
+            let mut b = Backoff::new(s);
+            let mut t = ms(0);
+            for (n, g) in gaps.iter().enumerate() {
+                if resets[n] { b.reset(); }
+                b.started(clock.at(t));
+                t += ms(*g);
+                if let Decision::GiveUp { .. } = b.exited(clock.at(t)) { b.reset(); }
+            }
+            b.started(clock.at(t));
+            if let Some(d) = b.sure_first_restart() {
+                let got = b.exited(clock.at(t + ms(next)));
+                prop_assert!(
+                    matches!(got, Decision::Restart { delay, attempt: 1, .. } if delay == d),
+                    "granted {d:?}, got {got:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn sure_first_restart_only_before_a_series_and_with_room() {
+        let clock = Clock(Instant::now());
+        let mut b = Backoff::new(Schedule::default());
+        assert_eq!(b.sure_first_restart(), Some(ms(100)));
+        b.started(clock.at(ms(0)));
+        b.exited(clock.at(ms(10)));
+        assert_eq!(b.sure_first_restart(), None, "a series has begun");
+        b.reset();
+        assert_eq!(b.sure_first_restart(), Some(ms(100)));
+        let mut none = Backoff::new(Schedule {
+            give_up: Some((0, ms(1_000))),
+            ..Schedule::default()
+        });
+        assert_eq!(none.sure_first_restart(), None, "no restart allowed at all");
+        none.reset();
+        assert_eq!(none.sure_first_restart(), None);
     }
 
     #[test]

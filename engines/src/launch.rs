@@ -45,7 +45,7 @@ use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -90,6 +90,41 @@ pub struct LaunchSpec {
     /// heartbeat.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notify_dir: Option<PathBuf>,
+    /// The agent's grant to start the engine again once, in place, when
+    /// it exits (the supervisor's `Respawn`); `None`: every exit ends the
+    /// shim. Used only with a [`STATUS_FIFO`] in the run directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub respawn: Option<Respawn>,
+}
+
+/// Start the engine again once after its exit: the first restart of a
+/// series, in place (docs/engines.md, "The first restart in place").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Respawn {
+    /// Wait this long after the exit (the backoff's first delay).
+    pub delay_ms: u64,
+    /// Also after exit code 0.
+    pub on_clean_exit: bool,
+}
+
+/// Longest [`Respawn::delay_ms`] (the longest backoff delay a spec takes).
+pub const MAX_RESPAWN_DELAY_MS: u64 = 3_600_000;
+
+/// The FIFO in the run directory through which the shim tells the agent
+/// what it did by itself (made by the agent; the shim holds it open
+/// read-write, so a record never waits for a reader).
+pub const STATUS_FIFO: &str = "status.fifo";
+
+/// One line (JSON) on [`STATUS_FIFO`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StatusRecord {
+    /// The engine ended with `exit`; the shim is starting it again now
+    /// (written before the new engine is spawned).
+    Respawned {
+        /// How the engine ended.
+        exit: Exit,
+    },
 }
 
 /// Where the notify socket's directory appears inside an engine.
@@ -473,6 +508,14 @@ fn validate(spec: &LaunchSpec) -> Result<(), LaunchError> {
             "a secret name must be one plain file name",
         ));
     }
+    if spec
+        .respawn
+        .is_some_and(|r| r.delay_ms > MAX_RESPAWN_DELAY_MS)
+    {
+        return Err(LaunchError::InvalidSpec(
+            "respawn.delay_ms is above 3600000",
+        ));
+    }
     if spec.data_dirs.iter().any(|d| {
         !d.target.is_absolute()
             || d.target
@@ -619,7 +662,24 @@ pub const STDERR_FIFO: &str = "stderr.fifo";
 /// Exit code of the shim when confinement failed before the engine ran.
 pub const CONFINE_FAILED: i32 = 126;
 
-static ENGINE_PID: AtomicI32 = AtomicI32::new(0);
+/// The engine the signal thread forwards to, and whether a stop (SIGTERM,
+/// SIGINT) came. One lock: a stop is either seen before a respawn (none
+/// then) or forwarded to the new engine, never lost between the two.
+struct Current {
+    pid: i32,
+    stop: bool,
+}
+
+static CURRENT: Mutex<Current> = Mutex::new(Current {
+    pid: 0,
+    stop: false,
+});
+/// Signalled when `stop` is set (ends a respawn's delay at once).
+static STOP_SEEN: Condvar = Condvar::new();
+
+fn current() -> MutexGuard<'static, Current> {
+    CURRENT.lock().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Entry point of the shim binary: `shim RUN_DIR`. Returns the process
 /// exit code: the engine's (128 + signal if killed), or [`CONFINE_FAILED`].
@@ -649,6 +709,18 @@ pub fn shim_main(args: &[OsString]) -> i32 {
             return CONFINE_FAILED;
         }
     };
+    // The status FIFO, when the agent made one: read-write (a record
+    // never waits for the agent, which may be restarting), non-blocking
+    // (one record per respawn: the pipe never fills), before pivot_root.
+    let status = {
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(run_dir.join(STATUS_FIFO))
+            .ok()
+    };
     // The output FIFOs the agent reads (when it made them): held open for
     // reading, never read, as long as the shim lives, so the engine's
     // writes never meet a FIFO without a reader (EPIPE, SIGPIPE) while the
@@ -671,7 +743,7 @@ pub fn shim_main(args: &[OsString]) -> i32 {
         landlock: "none".into(),
         seccomp: false,
     };
-    let exit = match run(&run_dir, &report_file, &mut report) {
+    let exit = match run(&run_dir, &report_file, status.as_ref(), &mut report) {
         Ok(exit) => exit,
         Err(e) => {
             eprintln!("leasehold-engine-shim: {e}");
@@ -689,8 +761,14 @@ pub fn shim_main(args: &[OsString]) -> i32 {
 }
 
 /// Confines this process, starts the engine as its child (pid 2), forwards
-/// signals, reaps orphans and returns how the engine ended.
-fn run(run_dir: &Path, report_file: &fs::File, report: &mut Report) -> Result<Exit, LaunchError> {
+/// signals, reaps orphans and returns how the engine ended; with a respawn
+/// grant and a status FIFO, starts it once more first (see [`Respawn`]).
+fn run(
+    run_dir: &Path,
+    report_file: &fs::File,
+    status: Option<&fs::File>,
+    report: &mut Report,
+) -> Result<Exit, LaunchError> {
     close_inherited_fds()?;
     let spec: LaunchSpec = read_json(&run_dir.join("spec.json"))?;
     let secrets = read_secrets(&spec)?;
@@ -699,16 +777,54 @@ fn run(run_dir: &Path, report_file: &fs::File, report: &mut Report) -> Result<Ex
     // After seccomp: the thread inherits the filter.
     forward_signals()?;
     write_file(report_file, report);
-    let child = cmd.spawn().map_err(|e| LaunchError::Io {
-        op: "exec",
-        path: PathBuf::from(&spec.argv[0]),
-        source: e,
-    })?;
-    let engine = Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
-    ENGINE_PID.store(engine.as_raw(), Ordering::SeqCst);
-    // pid 1: orphans of the engine are reparented here; reap them all until
-    // the engine itself ends. Leaving then kills what remains in the
-    // namespace.
+    let spawn = |cmd: &mut Command, now: &mut Current| {
+        let child = cmd.spawn().map_err(|e| LaunchError::Io {
+            op: "exec",
+            path: PathBuf::from(&spec.argv[0]),
+            source: e,
+        })?;
+        now.pid = i32::try_from(child.id()).unwrap_or(0);
+        Ok::<_, LaunchError>(Pid::from_raw(now.pid))
+    };
+    let mut engine = spawn(&mut cmd, &mut current())?;
+    let mut respawn = spec.respawn.zip(status);
+    loop {
+        let exit = reap_until(engine)?;
+        let Some((grant, status)) = respawn.take() else {
+            return Ok(exit);
+        };
+        if exit == Exit::Code(0) && !grant.on_clean_exit {
+            return Ok(exit);
+        }
+        {
+            let mut now = current();
+            if now.stop {
+                return Ok(exit);
+            }
+            now.pid = 0;
+        }
+        // The new engine starts alone: what the old one left (its uid's
+        // processes; pid 1 itself is spared by kill(-1)) goes first.
+        let _ = nix::sys::signal::kill(Pid::from_raw(-1), Signal::SIGKILL);
+        reap_all(Duration::from_secs(2));
+        let delay = Duration::from_millis(grant.delay_ms);
+        let (mut now, _) = STOP_SEEN
+            .wait_timeout_while(current(), delay, |c| !c.stop)
+            .unwrap_or_else(PoisonError::into_inner);
+        if now.stop {
+            return Ok(exit);
+        }
+        // Before the spawn, under the lock: the agent reads the exit
+        // before anything the new engine does (its READY=1, its exit).
+        write_file_line(status, &StatusRecord::Respawned { exit });
+        engine = spawn(&mut cmd, &mut now)?;
+    }
+}
+
+/// pid 1: orphans of the engine are reparented here; reaps them all until
+/// the engine itself ends, and returns how it did. Leaving the shim then
+/// kills what remains in the namespace.
+fn reap_until(engine: Pid) -> Result<Exit, LaunchError> {
     use nix::sys::wait::{waitpid, WaitStatus};
     loop {
         match waitpid(None, None) {
@@ -718,6 +834,25 @@ fn run(run_dir: &Path, report_file: &fs::File, report: &mut Report) -> Result<Ex
             }
             Ok(_) | Err(nix::Error::EINTR) => {}
             Err(e) => return Err(sys("waitpid")(e)),
+        }
+    }
+}
+
+/// Reaps every child that is left, for at most `bound` (a process stuck
+/// in the kernel is not waited for longer; it was sent SIGKILL).
+fn reap_all(bound: Duration) {
+    use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+    let end = std::time::Instant::now() + bound;
+    loop {
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {
+                if std::time::Instant::now() >= end {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(_) | Err(nix::Error::EINTR) => {}
+            Err(_) => return, // ECHILD: none left
         }
     }
 }
@@ -848,7 +983,14 @@ fn forward_signals() -> Result<(), LaunchError> {
         .name("forward".into())
         .spawn(move || {
             for sig in signals.forever() {
-                let pid = ENGINE_PID.load(Ordering::SeqCst);
+                let pid = {
+                    let mut now = current();
+                    if sig == SIGTERM || sig == SIGINT {
+                        now.stop = true;
+                        STOP_SEEN.notify_all();
+                    }
+                    now.pid
+                };
                 if pid > 0 {
                     if let Ok(s) = Signal::try_from(sig) {
                         let _ = nix::sys::signal::kill(Pid::from_raw(pid), s);
@@ -858,6 +1000,15 @@ fn forward_signals() -> Result<(), LaunchError> {
         })
         .map_err(|e| io_err("spawn", Path::new("signal thread"), e))?;
     Ok(())
+}
+
+/// Appends `value` as one JSON line to `file` (a FIFO: one write, far
+/// below `PIPE_BUF`, so a reader never sees half a record).
+fn write_file_line<T: Serialize>(mut file: &fs::File, value: &T) {
+    if let Ok(mut text) = serde_json::to_string(value) {
+        text.push('\n');
+        let _ = file.write_all(text.as_bytes());
+    }
 }
 
 /// Rewrites `file` (opened before pivot_root) with `value` as JSON.
@@ -1340,7 +1491,38 @@ mod tests {
             tmp_size: 1 << 20,
             secrets: vec![],
             notify_dir: None,
+            respawn: None,
         }
+    }
+
+    #[test]
+    fn a_respawn_delay_is_bounded_and_the_grant_is_optional_on_disk() {
+        let mut s = spec();
+        s.respawn = Some(Respawn {
+            delay_ms: MAX_RESPAWN_DELAY_MS + 1,
+            on_clean_exit: false,
+        });
+        assert!(matches!(
+            validate(&s),
+            Err(LaunchError::InvalidSpec(m)) if m.contains("respawn.delay_ms")
+        ));
+        s.respawn = Some(Respawn {
+            delay_ms: MAX_RESPAWN_DELAY_MS,
+            on_clean_exit: true,
+        });
+        assert!(validate(&s).is_ok());
+        // A spec.json written before respawns (no field) still reads.
+        let old = serde_json::to_value(spec()).unwrap();
+        assert!(old.get("respawn").is_none(), "not written when absent");
+        let back: LaunchSpec = serde_json::from_value(old).unwrap();
+        assert_eq!(back.respawn, None);
+        let rec = StatusRecord::Respawned {
+            exit: Exit::Code(3),
+        };
+        assert_eq!(
+            serde_json::to_string(&rec).unwrap(),
+            r#"{"respawned":{"exit":{"Code":3}}}"#
+        );
     }
 
     #[test]

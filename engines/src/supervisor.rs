@@ -21,7 +21,7 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use crate::backoff::{wants_restart, Backoff, Decision, Schedule};
-use crate::spec::{FailureAction, Spec};
+use crate::spec::{FailureAction, RestartPolicy, Spec};
 
 /// One launched process tree of an engine (its own cgroup).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -173,6 +173,15 @@ pub enum Input {
         /// Which.
         instance: InstanceId,
         /// How.
+        exit: Exit,
+    },
+    /// The runtime: the instance's shim started its engine again in place
+    /// after this exit, as its [`Respawn`] grant let it (same instance,
+    /// pid and cgroup); reported after the fact.
+    Respawned {
+        /// Which.
+        instance: InstanceId,
+        /// How the engine ended before.
         exit: Exit,
     },
     /// The runtime: a probe the supervisor asked for finished.
@@ -399,6 +408,19 @@ impl Event {
     }
 }
 
+/// What an instance's shim may do by itself when its engine exits: start
+/// it again once, in place, after `delay` (docs/engines.md, "The first
+/// restart in place"). Granted only when that exit is sure to get exactly
+/// this restart from the schedule ([`Backoff::sure_first_restart`]), so the
+/// supervisor learns of it after the fact ([`Input::Respawned`]) and agrees.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Respawn {
+    /// The backoff's first delay.
+    pub delay: Duration,
+    /// Also after exit code 0 (`restart.policy = "always"`).
+    pub on_clean_exit: bool,
+}
+
 /// What the runtime must do, in order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Action {
@@ -411,6 +433,8 @@ pub enum Action {
         version: VersionId,
         /// Unpack the root again (data dirs kept).
         fresh_root: bool,
+        /// The shim may restart the engine once by itself.
+        respawn: Option<Respawn>,
     },
     /// SIGTERM to the instance's main process.
     Terminate {
@@ -712,6 +736,7 @@ impl Supervisor {
                     self.gone(now, slot, exit, &mut out);
                 }
             }
+            Input::Respawned { instance, exit } => self.respawned(now, instance, exit, &mut out),
             Input::Probe {
                 instance,
                 probe,
@@ -804,14 +829,29 @@ impl Supervisor {
         if fresh_root {
             self.fresh_tries = self.fresh_tries.saturating_add(1);
         }
+        let respawn = self.respawn_grant();
         out.push(Action::Launch {
             instance: id.id,
             version: self.version,
             fresh_root,
+            respawn,
         });
         let iid = id.id;
         self.current = Some(id);
         iid
+    }
+
+    /// The grant of a current instance launched now (see [`Respawn`]).
+    fn respawn_grant(&self) -> Option<Respawn> {
+        let policy = self.spec.restart.policy;
+        if policy == RestartPolicy::Never {
+            return None;
+        }
+        let delay = self.backoff.sure_first_restart()?;
+        Some(Respawn {
+            delay,
+            on_clean_exit: policy == RestartPolicy::Always,
+        })
     }
 
     fn new_instance(&mut self, version: VersionId) -> Instance {
@@ -961,10 +1001,13 @@ impl Supervisor {
             let from = self.version;
             self.next = Some((version, spec));
             let inc = self.new_instance(version);
+            // No respawn grant: a reload's instance that ends before it
+            // is ready fails the reload.
             out.push(Action::Launch {
                 instance: inc.id,
                 version,
                 fresh_root: false,
+                respawn: None,
             });
             self.incoming = Some(inc);
             out.push(Action::Emit(Event::Reloading { from, to: version }));
@@ -1031,6 +1074,56 @@ impl Supervisor {
         } else {
             self.ready(now, slot, out);
         }
+    }
+
+    /// The shim restarted the engine in place after `exit`: the events a
+    /// restart by the schedule has (exited, backing-off, restarted,
+    /// started), for the same instance and pid; readiness, probes and the
+    /// watchdog start again as after a launch.
+    fn respawned(&mut self, now: Instant, id: InstanceId, exit: Exit, out: &mut Vec<Action>) {
+        let Some(slot) = self.slot(id) else { return };
+        let Some(i) = self.get(slot) else { return };
+        // Launched is stepped before any report of the instance is read.
+        let Some(pid) = i.pid else { return };
+        let (stopping, version) = (i.phase == IPhase::Stopping, i.version);
+        out.push(Action::Emit(Event::Exited { instance: id, exit }));
+        if exit == Exit::Oom {
+            out.push(Action::Emit(Event::OomKilled { instance: id }));
+        }
+        if slot == Slot::Current {
+            self.last_exit = Some(exit);
+        }
+        if stopping {
+            // The stop reached the shim after the new engine ran: the stop
+            // (forwarded to it, or the kill) ends that one too.
+            out.push(Action::Emit(Event::Started {
+                instance: id,
+                pid,
+                version,
+            }));
+            return;
+        }
+        self.disarm_instance(id, false, out);
+        let (delay, attempt) = match self.backoff.exited(now) {
+            Decision::Restart { delay, attempt, .. } => (delay, attempt),
+            // Not reached: a grant is only given when this exit is sure to
+            // restart (`Backoff::sure_first_restart`).
+            Decision::GiveUp { .. } => (Duration::ZERO, self.backoff.attempt()),
+        };
+        out.push(Action::Emit(Event::BackingOff { delay, attempt }));
+        self.restarts = self.restarts.saturating_add(1);
+        out.push(Action::Emit(Event::Restarted {
+            instance: id,
+            attempt,
+            delay,
+        }));
+        if let Some(i) = self.get(slot) {
+            i.pid = None;
+            i.phase = IPhase::Launching;
+            i.watchdog = None;
+            i.probe_failures.iter_mut().for_each(|f| *f = 0);
+        }
+        self.launched(now, id, pid, out);
     }
 
     fn ready(&mut self, now: Instant, slot: Slot, out: &mut Vec<Action>) {

@@ -17,7 +17,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use leasehold_engines::cgroup::{CgroupError, CgroupFs, CgroupPath, Cgroups, Controller};
-use leasehold_engines::launch::{DataDir, Exit, LaunchSpec, Launcher, Running, SecretBytes};
+use leasehold_engines::launch::{
+    DataDir, Exit, LaunchSpec, Launcher, Respawn, Running, SecretBytes, STATUS_FIFO,
+};
 
 const SHIM: &str = env!("CARGO_BIN_EXE_leasehold-engine-shim");
 const ENGINE_UID: u32 = 61_234;
@@ -59,6 +61,7 @@ fn main() {
     let tests: &[(&str, Test)] = &[
         ("real_confined_engine", real_confined_engine),
         ("real_exit_status_and_signals", real_exit_status_and_signals),
+        ("real_respawn_in_place", real_respawn_in_place),
         (
             "real_engine_outlives_its_launcher",
             real_engine_outlives_its_launcher,
@@ -205,6 +208,7 @@ fn spec(root: &Path, argv: &[&str]) -> LaunchSpec {
         tmp_size: 1 << 20,
         secrets: vec![],
         notify_dir: None,
+        respawn: None,
     }
 }
 
@@ -409,6 +413,92 @@ fn real_exit_status_and_signals() -> Outcome {
         Exit::LaunchFailed(why) => assert!(why.contains("/nonexistent"), "{why}"),
         other => panic!("{other:?}"),
     }
+    Outcome::Passed
+}
+
+/// The shim's grant: one respawn, told on the status FIFO before the new
+/// engine runs; none after a clean exit unless granted; none when a
+/// SIGTERM comes during the delay (the stop is never lost between two
+/// engines).
+fn real_respawn_in_place() -> Outcome {
+    if let Some(skip) = need_root() {
+        return skip;
+    }
+    let fs_ = rootfs();
+    need_busybox(&fs_);
+    let work = tempfile::tempdir().unwrap();
+    let launcher = Launcher::new(SHIM);
+    // The agent's side: the FIFO and its read end, made before the start.
+    let run = |argv: &[&str], name: &str, grant: Option<Respawn>| {
+        let dir = work.path().join(name);
+        fs::create_dir_all(&dir).unwrap();
+        nix::unistd::mkfifo(
+            &dir.join(STATUS_FIFO),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        let status = {
+            use std::os::unix::fs::OpenOptionsExt;
+            fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NONBLOCK)
+                .open(dir.join(STATUS_FIFO))
+                .unwrap()
+        };
+        let mut s = spec(&fs_.root, argv);
+        s.respawn = grant;
+        let r = launcher
+            .start(&s, &dir, Stdio::null(), Stdio::inherit(), &[])
+            .unwrap();
+        (r, status)
+    };
+    let records = |mut f: fs::File| {
+        let mut text = String::new();
+        match f.read_to_string(&mut text) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => panic!("status FIFO: {e}"),
+        }
+        text
+    };
+    let grant = |delay_ms, on_clean_exit| {
+        Some(Respawn {
+            delay_ms,
+            on_clean_exit,
+        })
+    };
+    // Twice "exit 3": one respawn, then the shim ends with the second exit.
+    let (mut r, st) = run(&["/bin/sh", "-c", "exit 3"], "once", grant(1, false));
+    assert_eq!(wait(&mut r), Exit::Code(3));
+    assert_eq!(records(st), "{\"respawned\":{\"exit\":{\"Code\":3}}}\n");
+    // Exit code 0 is not a failure: no respawn unless granted for it.
+    let (mut r, st) = run(&["/bin/sh", "-c", "exit 0"], "clean", grant(1, false));
+    assert_eq!(wait(&mut r), Exit::Code(0));
+    assert_eq!(records(st), "");
+    let (mut r, st) = run(&["/bin/sh", "-c", "exit 0"], "always", grant(1, true));
+    assert_eq!(wait(&mut r), Exit::Code(0));
+    assert_eq!(records(st).lines().count(), 1);
+    // A stop during the delay: no respawn, the shim ends at once.
+    let (mut r, st) = run(
+        &["/bin/sh", "-c", "exit 1"],
+        "stopped",
+        grant(60_000, false),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    let t = Instant::now();
+    r.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert_eq!(wait(&mut r), Exit::Code(1));
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
+    assert_eq!(records(st), "");
+    // Without the FIFO the grant is not used (nothing could tell the
+    // agent).
+    let dir = work.path().join("nofifo");
+    let mut s = spec(&fs_.root, &["/bin/sh", "-c", "exit 4"]);
+    s.respawn = grant(1, false);
+    let mut r = launcher
+        .start(&s, &dir, Stdio::null(), Stdio::inherit(), &[])
+        .unwrap();
+    assert_eq!(wait(&mut r), Exit::Code(4));
     Outcome::Passed
 }
 

@@ -11,6 +11,8 @@ use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use leasehold_engines::launch::NOTIFY_NAME;
@@ -72,6 +74,7 @@ pub fn watch(
     sock: UnixDatagram,
     uid: u32,
     label: String,
+    ready_passed: Arc<AtomicBool>,
     post: impl Fn(NotifyMessage) -> bool + Send + 'static,
 ) -> std::io::Result<Notifier> {
     let (stop_r, stop_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
@@ -83,7 +86,7 @@ pub fn watch(
             label,
             post: Box::new(post),
             last_watchdog: None,
-            ready_sent: false,
+            ready_sent: ready_passed,
             refused: 0,
         },
         stop_r,
@@ -98,7 +101,9 @@ pub struct NotifyReader {
     label: String,
     post: Box<dyn Fn(NotifyMessage) -> bool + Send>,
     last_watchdog: Option<Instant>,
-    ready_sent: bool,
+    /// READY=1 passed on for the engine running now (cleared by the
+    /// shim's respawn record: its new engine says READY=1 again).
+    ready_sent: Arc<AtomicBool>,
     refused: u32,
 }
 
@@ -154,7 +159,7 @@ impl NotifyReader {
         let Some(mut m) = parse_notify(&buf[..len.min(buf.len())]).filter(|_| !truncated) else {
             return true;
         };
-        if m.ready && self.ready_sent {
+        if m.ready && self.ready_sent.load(Ordering::Acquire) {
             m.ready = false;
         }
         if m.watchdog {
@@ -171,7 +176,9 @@ impl NotifyReader {
         if !m.ready && !m.watchdog {
             return true;
         }
-        self.ready_sent |= m.ready;
+        if m.ready {
+            self.ready_sent.store(true, Ordering::Release);
+        }
         (self.post)(m)
     }
 }
@@ -209,7 +216,10 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let (tx, rx) = mpsc::channel();
         let io = sink();
-        let n = watch(&io, sock, me, "t".into(), move |m| tx.send(m).is_ok()).unwrap();
+        let n = watch(&io, sock, me, "t".into(), Arc::default(), move |m| {
+            tx.send(m).is_ok()
+        })
+        .unwrap();
         let c = UnixDatagram::unbound().unwrap();
         c.send_to(b"STATUS=starting", &path).unwrap();
         c.send_to(b"READY=1\nSTATUS=up", &path).unwrap();
@@ -243,9 +253,14 @@ mod tests {
         let (d, sock) = bind(dir.path(), me).unwrap();
         let (tx, rx) = mpsc::channel();
         let io = sink();
-        let _n = watch(&io, sock, me.wrapping_add(1), "t".into(), move |m| {
-            tx.send(m).is_ok()
-        })
+        let _n = watch(
+            &io,
+            sock,
+            me.wrapping_add(1),
+            "t".into(),
+            Arc::default(),
+            move |m| tx.send(m).is_ok(),
+        )
         .unwrap();
         let c = UnixDatagram::unbound().unwrap();
         c.send_to(b"READY=1", d.join(NOTIFY_NAME)).unwrap();

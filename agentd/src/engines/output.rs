@@ -22,7 +22,7 @@ use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use leasehold_engines::launch::{LaunchError, STDERR_FIFO, STDOUT_FIFO};
+use leasehold_engines::launch::{LaunchError, StatusRecord, STATUS_FIFO, STDERR_FIFO, STDOUT_FIFO};
 use leasehold_engines::logs::{LineSplitter, LogWriter, Record, Stream, LINE_MAX};
 use leasehold_engines::supervisor::Event;
 use leasehold_node::EngineEvent;
@@ -117,6 +117,26 @@ pub fn make_fifos(run_dir: &Path) -> Result<(Output, File, File), LaunchError> {
         out_w,
         err_w,
     ))
+}
+
+/// Makes the shim's status FIFO in `run_dir` (0600) and opens its read
+/// end (non-blocking; the shim opens it read-write itself).
+pub fn make_status_fifo(run_dir: &Path) -> Result<OwnedFd, LaunchError> {
+    let p = run_dir.join(STATUS_FIFO);
+    let _ = std::fs::remove_file(&p);
+    nix::unistd::mkfifo(&p, nix::sys::stat::Mode::from_bits_truncate(0o600)).map_err(|e| {
+        LaunchError::Sys {
+            step: format!("mkfifo {}", p.display()),
+            source: e,
+        }
+    })?;
+    open_read(&p).map_err(launch_io("open", &p))
+}
+
+/// Re-opens an adopted instance's status FIFO (`None`: started without
+/// one, by an agent before respawns).
+pub fn reopen_status_fifo(run_dir: &Path) -> Option<OwnedFd> {
+    open_read(&run_dir.join(STATUS_FIFO)).ok()
 }
 
 /// Re-opens the read ends of an adopted instance's FIFOs. An instance
@@ -408,8 +428,10 @@ pub fn capture(sink: LogSink, engine: &str, dir: PathBuf, output: Output) -> io:
 enum Job {
     /// An instance's output: read until its writers are gone.
     Output(Capture, Output),
-    /// A pidfd (readable once the process exited) and what to call then.
-    Exit(OwnedFd, Done),
+    /// A pidfd (readable once the process exited) and what to call then;
+    /// with the shim's status FIFO, whose records are all handed on before
+    /// `Done` is called.
+    Exit(OwnedFd, Done, Option<StatusReader>),
     /// An instance's notify socket, until the pipe's write end is gone.
     Notify(NotifyReader, OwnedFd),
 }
@@ -422,7 +444,13 @@ impl Job {
                 .into_iter()
                 .filter_map(|(fd, i)| Some((fd.as_ref()?.as_fd(), i)))
                 .collect(),
-            Job::Exit(fd, _) => vec![(fd.as_fd(), 0)],
+            Job::Exit(fd, _, status) => {
+                let mut v = vec![(fd.as_fd(), 0)];
+                if let Some(s) = status {
+                    v.push((s.file.as_fd(), 1));
+                }
+                v
+            }
             Job::Notify(r, stop) => vec![(r.fd(), 0), (stop.as_fd(), 1)],
         }
     }
@@ -430,6 +458,64 @@ impl Job {
 
 /// Called once, on the I/O thread, when a watched process has exited.
 pub type Done = Box<dyn FnOnce() + Send>;
+
+/// Most bytes of a status record (a line); the shim writes far less.
+const STATUS_LINE_MAX: usize = 4096;
+
+/// A shim's status FIFO on the I/O thread: each record (a JSON line) goes
+/// to `on`.
+pub struct StatusReader {
+    file: File,
+    label: String,
+    partial: Vec<u8>,
+    on: Box<dyn FnMut(StatusRecord) + Send>,
+}
+
+impl StatusReader {
+    /// Reads `fd` (the status FIFO's read end) for `on`.
+    pub fn new(fd: OwnedFd, label: String, on: impl FnMut(StatusRecord) + Send + 'static) -> Self {
+        StatusReader {
+            file: File::from(fd),
+            label,
+            partial: Vec::new(),
+            on: Box::new(on),
+        }
+    }
+
+    /// Hands on every complete record there is (the shim is trusted, and
+    /// writes one line per respawn: no fairness bound needed). `false`:
+    /// the FIFO is done (no writer left, or it failed).
+    fn drain(&mut self, buf: &mut [u8]) -> bool {
+        let label = self.label.as_str();
+        loop {
+            match self.file.read(buf) {
+                Ok(0) => return false,
+                Ok(n) => {
+                    self.partial.extend_from_slice(&buf[..n]);
+                    while let Some(end) = self.partial.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = self.partial.drain(..=end).collect();
+                        match serde_json::from_slice::<StatusRecord>(&line[..end]) {
+                            Ok(r) => (self.on)(r),
+                            Err(e) => {
+                                tracing::warn!(engine = label, error = %e, "shim status record not understood")
+                            }
+                        }
+                    }
+                    if self.partial.len() > STATUS_LINE_MAX {
+                        tracing::warn!(engine = label, "shim status record too long: dropped");
+                        self.partial.clear();
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) => {
+                    tracing::warn!(engine = label, error = %e, "shim status: read");
+                    return false;
+                }
+            }
+        }
+    }
+}
 
 /// The I/O thread's handle (inside [`LogSink`]). The thread itself holds
 /// none of it but the epoll set, the eventfd and `tid`: once every
@@ -449,9 +535,16 @@ struct IoHandle {
 
 impl LogSink {
     /// Calls `done` once `pidfd` is readable (the process exited), on the
-    /// I/O thread: one thread watches every instance.
-    pub fn watch_exit(&self, pidfd: OwnedFd, done: Done) -> io::Result<()> {
-        self.hand(Job::Exit(pidfd, done))
+    /// I/O thread: one thread watches every instance. `status`: the
+    /// shim's status records, each handed on as it comes and all of them
+    /// before `done`.
+    pub fn watch_exit(
+        &self,
+        pidfd: OwnedFd,
+        done: Done,
+        status: Option<StatusReader>,
+    ) -> io::Result<()> {
+        self.hand(Job::Exit(pidfd, done, status))
     }
 
     /// Reads `reader`'s socket on the I/O thread until `stop`'s write end
@@ -548,7 +641,7 @@ impl Reading {
 struct IoLoop {
     epoll: Arc<OwnedFd>,
     wake: Arc<OwnedFd>,
-    exits: HashMap<u64, (OwnedFd, Done)>,
+    exits: HashMap<u64, (OwnedFd, Done, Option<StatusReader>)>,
     readings: HashMap<u64, Reading>,
     /// Notify sockets (token `id << 1`) and their stop pipes (`id << 1 | 1`).
     notifies: HashMap<u64, (NotifyReader, OwnedFd)>,
@@ -623,7 +716,14 @@ impl IoLoop {
                 guard.0 = true;
                 return;
             }
-            for ev in events.drain(..) {
+            // Status records first (stream 1 of an exit entry): a shim's
+            // record comes before anything its new engine does (READY=1 on
+            // the notify socket, output) and before its own exit.
+            let (first, rest): (Vec<_>, Vec<_>) = events.drain(..).partition(|ev| {
+                let t = ev.data.u64();
+                t & 1 == 1 && self.exits.contains_key(&(t >> 1))
+            });
+            for ev in first.into_iter().chain(rest) {
                 match ev.data.u64() {
                     WAKE => {
                         let mut n = [0u8; 8];
@@ -647,8 +747,8 @@ impl IoLoop {
     /// A job whose descriptors are in the epoll set already.
     fn take(&mut self, id: u64, job: Job) {
         match job {
-            Job::Exit(fd, done) => {
-                self.exits.insert(id, (fd, done));
+            Job::Exit(fd, done, status) => {
+                self.exits.insert(id, (fd, done, status));
             }
             Job::Notify(reader, stop) => {
                 self.notifies.insert(id, (reader, stop));
@@ -674,9 +774,27 @@ impl IoLoop {
 
     fn ready(&mut self, token: u64, buf: &mut [u8], now: Instant, now_ms: u64) {
         let id = token >> 1;
-        if let Some((fd, done)) = self.exits.remove(&id) {
+        if token & 1 == 1 {
+            if let Some((_, _, status)) = self.exits.get_mut(&id) {
+                // The status FIFO: its records now; done once no writer
+                // is left (the shim ended: its pidfd says so next).
+                if let Some(s) = status.as_mut() {
+                    if !s.drain(buf) {
+                        let _ = rustix::event::epoll::delete(&self.epoll, &s.file);
+                        *status = None;
+                    }
+                }
+                return;
+            }
+        }
+        if let Some((fd, done, status)) = self.exits.remove(&id) {
             let _ = rustix::event::epoll::delete(&self.epoll, &fd);
             drop(fd);
+            if let Some(mut s) = status {
+                // Whatever the shim wrote before it ended, before its exit.
+                s.drain(buf);
+                let _ = rustix::event::epoll::delete(&self.epoll, &s.file);
+            }
             done();
             return;
         }
@@ -1107,7 +1225,7 @@ mod tests {
         )
         .unwrap();
         let (tx, rx) = mpsc::channel();
-        sink.watch_exit(pidfd, Box::new(move || tx.send(()).unwrap()))
+        sink.watch_exit(pidfd, Box::new(move || tx.send(()).unwrap()), None)
             .unwrap();
         assert!(
             rx.recv_timeout(Duration::from_millis(200)).is_err(),
@@ -1121,6 +1239,78 @@ mod tests {
         sink.stop();
         let again = make_fifos(&tmp.path().join("run3")).unwrap().0;
         assert!(capture(sink.clone(), "late", tmp.path().join("late"), again).is_ok());
+    }
+
+    #[test]
+    fn status_records_come_as_written_and_all_before_the_exit() {
+        use leasehold_engines::launch::Exit as LExit;
+        use std::io::Write;
+        let tmp = tempfile::tempdir().unwrap();
+        let sink = sink_at(tmp.path().join("logs"));
+        let run = tmp.path().join("run");
+        std::fs::create_dir(&run).unwrap();
+        let read = make_status_fifo(&run).unwrap();
+        // The shim's end: read-write, as the shim opens it.
+        let mut shim = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(run.join(STATUS_FIFO))
+            .unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        let pidfd = rustix::process::pidfd_open(
+            rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+            rustix::process::PidfdFlags::empty(),
+        )
+        .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let tx2 = tx.clone();
+        let status = StatusReader::new(read, "e".into(), move |r| tx2.send(Some(r)).unwrap());
+        sink.watch_exit(
+            pidfd,
+            Box::new(move || tx.send(None).unwrap()),
+            Some(status),
+        )
+        .unwrap();
+        let rec = |code| StatusRecord::Respawned {
+            exit: LExit::Code(code),
+        };
+        shim.write_all(b"{\"respawned\":{\"exit\":{\"Code\":3}}}\n")
+            .unwrap();
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+            Some(rec(3))
+        );
+        // Garbage is logged and skipped; a record split over two writes
+        // still arrives whole.
+        shim.write_all(b"not json\n{\"respawned\":{\"exit\":")
+            .unwrap();
+        shim.write_all(b"{\"Code\":4}}}\n").unwrap();
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+            Some(rec(4))
+        );
+        // Written just before the exit: still handed on first.
+        shim.write_all(b"{\"respawned\":{\"exit\":{\"Signal\":9}}}\n")
+            .unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let rest: Vec<_> = (0..2)
+            .map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap())
+            .collect();
+        assert_eq!(
+            rest,
+            [
+                Some(StatusRecord::Respawned {
+                    exit: LExit::Signal(9)
+                }),
+                None
+            ]
+        );
+        drop(shim);
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
     }
 
     #[test]

@@ -823,6 +823,104 @@ fn real_shim_runs_an_engine_from_an_image() {
     assert!(exited.detail.ends_with("exit code 7"), "{exited:?}");
 }
 
+/// Host pids of the processes in the pid namespace `pid` heads.
+fn in_pid_ns_of(pid: u32) -> Vec<u32> {
+    let ns = std::fs::read_link(format!("/proc/{pid}/ns/pid")).unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|p| std::fs::read_link(format!("/proc/{p}/ns/pid")).is_ok_and(|n| n == ns))
+        .collect()
+}
+
+/// T1 (root, busybox, the shim built): the first restart is made by the
+/// shim in place (same instance and shim pid, the old engine's leftovers
+/// killed, /tmp kept) and reported as a restart; a later exit goes
+/// through the agent's schedule as before (a new instance).
+#[test]
+#[ignore = "needs root, /bin/busybox (busybox-static) and the engine shim (cargo build --workspace --bins)"]
+fn real_first_restart_is_made_in_place_by_the_shim() {
+    let shim = real_shim();
+    let f = fixture(false);
+    write_busybox_image(&f);
+    let mut rt = EngineRuntime::start(
+        f.cfg.clone(),
+        Arc::new(DirCg(f.tmp.path().join("cgroup"))),
+        Arc::new(ShimSpawner(launch::Launcher::new(shim))),
+        f.vol.clone(),
+    )
+    .unwrap();
+    let script = "if [ -e /var/lib/app/third ]; then echo third; exec /bin/busybox sleep 1000; fi; \
+                  if [ -e /tmp/ran ]; then echo second; /bin/busybox touch /var/lib/app/third; exec /bin/busybox sleep 1000; fi; \
+                  /bin/busybox touch /tmp/ran; /bin/busybox sleep 1000 & echo first; exit 3";
+    rt.deploy(
+        "bb",
+        "bb.tar",
+        &spec(&format!(
+            "command = [\"/bin/busybox\", \"sh\", \"-c\", {script:?}]\n\
+             data_dirs = [\"var/lib/app\"]\n\
+             [restart]\npolicy = \"on-failure\"\ninitial = \"1ms\"\n"
+        )),
+    )
+    .unwrap();
+    let shim_pid = rt.start("bb").unwrap().pid.expect("the shim's pid");
+    let view = rt.view();
+    let logged = |want: &[u8]| {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let l = view.logs("bb", 0, 100).unwrap();
+            if l.iter().any(|r| r.text == want) {
+                return;
+            }
+            assert!(Instant::now() < end, "timed out; log so far {l:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    logged(b"second");
+    let st = until(&rt, "bb", |s| s.restarts == 1 && s.phase == Phase::Ready);
+    assert_eq!(st.pid, Some(shim_pid), "the same shim: restarted in place");
+    assert_eq!(st.last_exit, Some(Exit::Code(3)));
+    // The shim and the new engine only: the old one's background sleep
+    // was killed before the new engine started.
+    let procs = in_pid_ns_of(shim_pid);
+    assert_eq!(procs.len(), 2, "shim and engine only: {procs:?}");
+    let kinds: Vec<String> = view.events(0, 100).into_iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            "started",
+            "ready",
+            "exited",
+            "backing-off",
+            "restarted",
+            "started",
+            "ready"
+        ],
+        "the events of a restart, one instance"
+    );
+    // The shim respawns once: the next exit ends it, and the agent's
+    // schedule restarts the engine as a new instance.
+    let engine = *procs.iter().find(|p| **p != shim_pid).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(engine as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    logged(b"third");
+    let st = until(&rt, "bb", |s| s.restarts == 2 && s.phase == Phase::Ready);
+    assert_ne!(st.pid, Some(shim_pid), "a new instance");
+    assert_eq!(st.last_exit, Some(Exit::Signal(9)));
+    let kinds: Vec<String> = view.events(0, 100).into_iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds[7..],
+        ["exited", "backing-off", "restarted", "started", "ready"]
+    );
+    // A stop ends the new one, and nothing restarts it.
+    rt.stop("bb", None).unwrap();
+    let st = until(&rt, "bb", |s| s.phase == Phase::Stopped);
+    assert_eq!(st.restarts, 2);
+}
+
 #[test]
 fn the_delegated_parent_is_never_created() {
     let f = fixture(false);

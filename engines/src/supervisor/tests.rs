@@ -169,6 +169,151 @@ fn first_restart_within_100ms_then_doubling_to_the_cap() {
     assert_eq!(h.s.status().restarts, 12);
 }
 
+fn grant(a: &[Action]) -> Option<Respawn> {
+    a.iter().find_map(|x| match x {
+        Action::Launch { respawn, .. } => *respawn,
+        _ => None,
+    })
+}
+
+#[test]
+fn the_first_launch_lets_the_shim_restart_once_by_itself() {
+    let mut h = H::new(default_spec());
+    let a = h.step(Input::Start);
+    assert_eq!(
+        grant(&a),
+        Some(Respawn {
+            delay: ms(100),
+            on_clean_exit: false
+        }),
+        "on-failure by default: not after exit code 0"
+    );
+    let mut h = H::new(spec(
+        "command = [\"/bin/app\"]\n[restart]\npolicy = \"always\"\ninitial = \"1ms\"",
+    ));
+    assert_eq!(
+        grant(&h.step(Input::Start)),
+        Some(Respawn {
+            delay: ms(1),
+            on_clean_exit: true
+        })
+    );
+    let mut h = H::new(spec(
+        "command = [\"/bin/app\"]\n[restart]\npolicy = \"never\"",
+    ));
+    assert_eq!(grant(&h.step(Input::Start)), None, "never restarted");
+    // A restart by the schedule is not the first of its series: no grant.
+    let (mut h, i) = H::running(default_spec());
+    let a = h.step(Input::Exited {
+        instance: i,
+        exit: Exit::Code(1),
+    });
+    let (t, _) = H::armed(&a);
+    let a = h.fire(t);
+    assert!(launched(&a).is_some());
+    assert_eq!(grant(&a), None);
+    // Nor a reload's instance (it must get ready or fail the reload).
+    let (mut h, _) = ready_with_heartbeat();
+    assert_eq!(grant(&reload(&mut h, V2)), None);
+}
+
+#[test]
+fn a_restart_in_place_reads_as_a_restart_of_the_same_instance() {
+    let (mut h, i) = H::running(default_spec());
+    h.advance(ms(700));
+    let a = h.step(Input::Respawned {
+        instance: i,
+        exit: Exit::Code(3),
+    });
+    assert_eq!(
+        events(&a),
+        ["exited", "backing-off", "restarted", "started", "ready"]
+    );
+    assert!(has(
+        &a,
+        &Action::Emit(Event::Restarted {
+            instance: i,
+            attempt: 1,
+            delay: ms(100)
+        })
+    ));
+    assert!(
+        launched(&a).is_none(),
+        "the shim started it, not the runtime"
+    );
+    let st = h.s.status();
+    assert_eq!(st.phase, Phase::Ready);
+    assert_eq!((st.instance, st.pid), (Some(i), Some(100)));
+    assert_eq!((st.restarts, st.last_exit), (1, Some(Exit::Code(3))));
+    assert_eq!(st.since, Some(h.at()), "uptime counts from the new engine");
+    // The series goes on: the next exit waits the second delay.
+    h.advance(ms(5));
+    let a = h.step(Input::Exited {
+        instance: i,
+        exit: Exit::Oom,
+    });
+    assert_eq!(events(&a), ["exited", "oom-killed", "backing-off"]);
+    assert!(has(
+        &a,
+        &Action::Emit(Event::BackingOff {
+            delay: ms(200),
+            attempt: 2
+        })
+    ));
+}
+
+#[test]
+fn a_restart_in_place_waits_for_ready_again_and_reports_an_oom() {
+    let (mut h, i) = ready_with_heartbeat();
+    let a = h.step(Input::Respawned {
+        instance: i,
+        exit: Exit::Oom,
+    });
+    assert_eq!(
+        events(&a),
+        [
+            "exited",
+            "oom-killed",
+            "backing-off",
+            "restarted",
+            "started"
+        ]
+    );
+    assert_eq!(h.s.phase(), Phase::Running, "READY=1 awaited again");
+    let a = h.step(Input::Heartbeat {
+        instance: i,
+        notify: Notify::Ready,
+    });
+    assert_eq!(events(&a), ["ready"]);
+    assert_eq!(h.s.status().last_exit, Some(Exit::Oom));
+}
+
+#[test]
+fn a_restart_in_place_during_a_stop_does_not_undo_the_stop() {
+    let (mut h, i) = H::running(default_spec());
+    let a = h.step(Input::Stop { grace: None });
+    assert!(has(&a, &Action::Terminate { instance: i }));
+    let a = h.step(Input::Respawned {
+        instance: i,
+        exit: Exit::Code(1),
+    });
+    assert_eq!(events(&a), ["exited", "started"]);
+    assert_eq!(h.s.phase(), Phase::Stopping);
+    let a = h.step(Input::Exited {
+        instance: i,
+        exit: Exit::Signal(15),
+    });
+    assert_eq!(events(&a), ["exited", "stopped"]);
+    assert_eq!(h.s.phase(), Phase::Stopped);
+    // A report about an instance that is gone changes nothing.
+    assert!(h
+        .step(Input::Respawned {
+            instance: i,
+            exit: Exit::Code(1)
+        })
+        .is_empty());
+}
+
 #[test]
 fn a_stable_run_resets_the_delay() {
     let (mut h, mut i) = H::running(default_spec());
@@ -484,7 +629,8 @@ fn reload_keeps_the_old_instance_until_the_new_one_is_ready() {
         &Action::Launch {
             instance: InstanceId(2),
             version: V2,
-            fresh_root: false
+            fresh_root: false,
+            respawn: None,
         }
     ));
     let new = InstanceId(2);
@@ -837,6 +983,9 @@ enum Move {
     Fire(usize),
     Advance(u16),
     Stale(u8),
+    /// The shim of the k-th instance restarts its engine in place (only
+    /// if granted and unused, and the exit is one the grant covers).
+    Respawn(usize, u8),
 }
 
 fn arb_move() -> impl Strategy<Value = Move> {
@@ -853,6 +1002,7 @@ fn arb_move() -> impl Strategy<Value = Move> {
         6 => any::<usize>().prop_map(Move::Fire),
         2 => (0u16..5000).prop_map(Move::Advance),
         1 => any::<u8>().prop_map(Move::Stale),
+        2 => (any::<usize>(), any::<u8>()).prop_map(|(k, e)| Move::Respawn(k, e)),
     ]
 }
 
@@ -914,6 +1064,9 @@ proptest! {
         let mut seen: BTreeSet<InstanceId> = BTreeSet::new();
         let mut stopped = true;
         let mut next_version = 2u64;
+        // Unused grants of live instances; instances a stop was sent to.
+        let mut grants: BTreeMap<InstanceId, Respawn> = BTreeMap::new();
+        let mut signalled: BTreeSet<InstanceId> = BTreeSet::new();
         for m in moves {
             let ids: Vec<InstanceId> = live.keys().copied().collect();
             let timers: Vec<TimerId> = h.timers.keys().copied().collect();
@@ -957,6 +1110,16 @@ proptest! {
                     None
                 }
                 Move::Stale(n) => Some(Input::Exited { instance: InstanceId(10_000 + u64::from(n)), exit: Exit::Code(1) }),
+                Move::Respawn(k, e) => nth(&ids, k).filter(|i| live[i]).and_then(|instance| {
+                    let g = grants.get(&instance)?;
+                    let exit = match e % 4 {
+                        0 => Exit::Code(0),
+                        1 => Exit::Code(1),
+                        2 => Exit::Signal(9),
+                        _ => Exit::Oom,
+                    };
+                    (g.on_clean_exit || !exit.clean()).then_some(Input::Respawned { instance, exit })
+                }),
             };
             let Some(input) = input else { continue };
             let command = matches!(input, Input::Start | Input::Stop { .. } | Input::Restart | Input::Reload { .. });
@@ -970,6 +1133,10 @@ proptest! {
                 _ => {}
             }
             let before: BTreeSet<InstanceId> = live.keys().copied().collect();
+            let respawned = match &input {
+                Input::Respawned { instance, .. } => grants.remove(instance).map(|g| (*instance, g)),
+                _ => None,
+            };
             let r = h.s.step(h.at(), input.clone());
             let a = match r {
                 Ok(a) => a,
@@ -984,14 +1151,33 @@ proptest! {
                 Input::Start | Input::Restart => stopped = false,
                 _ => {}
             }
+            if let Some((i, g)) = respawned {
+                // The supervisor agrees with what the shim did: the first
+                // restart of a series, after the granted delay, same
+                // instance; or, when a stop was on its way, no restart.
+                let restarted: Vec<_> = a.iter().filter_map(|x| match x {
+                    Action::Emit(Event::Restarted { instance, attempt, delay }) => Some((*instance, *attempt, *delay)),
+                    _ => None,
+                }).collect();
+                if signalled.contains(&i) {
+                    prop_assert!(restarted.is_empty(), "{:?}", a);
+                } else {
+                    prop_assert_eq!(restarted, vec![(i, 1, g.delay)], "{:?}", a);
+                }
+                prop_assert!(launched(&a).is_none());
+            }
             for x in &a {
                 match x {
-                    Action::Launch { instance, .. } => {
+                    Action::Launch { instance, respawn, .. } => {
+                        if let Some(g) = respawn {
+                            grants.insert(*instance, *g);
+                        }
                         prop_assert!(!stopped, "launch while stopped: {:?} after {:?}", a, input);
                         prop_assert!(seen.insert(*instance), "instance id reused");
                         live.insert(*instance, false);
                     }
                     Action::Terminate { instance } | Action::Kill { instance } => {
+                        signalled.insert(*instance);
                         prop_assert!(before.contains(instance) || live.contains_key(instance),
                             "signal to a dead instance {:?}", instance);
                     }
