@@ -32,11 +32,17 @@
 //! again from `shim.pid` (pid and start time, so a recycled pid is not
 //! taken for it).
 //!
+//! With a [`Respawn`] grant the shim starts the engine once more after its
+//! first exit instead (the first restart of a series, in place: same pid
+//! namespace, cgroup and confinement), telling the agent first on
+//! [`STATUS_FIFO`].
+//!
 //! The run directory (on /run, tmpfs; mode 0700) holds: `spec.json` and
 //! `shim.pid` (written by the agent); `report.json` (the shim, just before
 //! the engine starts: the confinement reached, or why it failed) and
 //! `exit.json` (the shim, when the engine ended), both opened by the shim
-//! before pivot_root.
+//! before pivot_root; the output FIFOs and `status.fifo` (made by the
+//! agent).
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
