@@ -25,7 +25,6 @@ use std::collections::{BTreeMap, VecDeque};
 use std::fmt;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -411,8 +410,9 @@ pub trait Proc: Send {
     fn take_output(&mut self) -> Option<output::Output> {
         None
     }
-    /// The read end of its status FIFO, once (`None`: none; the shim
-    /// then never respawns). Read only with [`Proc::exit_fd`].
+    /// The read end of its status FIFO, once (`None`: none here). Read
+    /// only with [`Proc::exit_fd`]; the shim uses its grant whenever the
+    /// FIFO is in its run directory.
     fn take_status(&mut self) -> Option<OwnedFd> {
         None
     }
@@ -684,8 +684,10 @@ enum Reply {
 enum Msg {
     Cmd(Cmd, SyncSender<Reply>),
     Exited(String, InstanceId),
-    /// The shim's status record: it started the engine again in place.
-    Respawned(String, InstanceId, launch::Exit),
+    /// The shim's status records: the engine exited and will be started
+    /// again in place; it is being started now.
+    Respawning(String, InstanceId, launch::Exit),
+    Respawned(String, InstanceId),
     /// A probe finished: `Ok` healthy, `Err` why not.
     Probed(String, InstanceId, usize, Result<String, String>),
     /// A message on an instance's notify socket (its uid checked).
@@ -1150,19 +1152,31 @@ impl Runtime {
         let done: Box<dyn FnOnce() + Send> = Box::new(move || {
             let _ = tx.send(Msg::Exited(n, instance));
         });
-        // The notify reader passes READY=1 once per engine: a respawn's
-        // record (read first, on the same I/O thread) lets the new
-        // engine's through.
-        let ready_passed = Arc::new(AtomicBool::new(false));
-        let status = proc.take_status().map(|fd| {
-            let (tx, n, ready) = (self.tx.clone(), name.to_owned(), ready_passed.clone());
+        // The notify reader passes READY=1 once per engine: the shim's
+        // records (read first, on the same I/O thread) hold it back while
+        // no engine runs and let the new engine's through.
+        let ready = notify::ReadyGate::default();
+        let mut status = proc.take_status().map(|fd| {
+            let (tx, n, ready) = (self.tx.clone(), name.to_owned(), ready.clone());
             output::StatusReader::new(fd, format!("{name}-{instance}"), move |r| match r {
-                launch::StatusRecord::Respawned { exit } => {
-                    ready.store(false, Ordering::Release);
-                    let _ = tx.send(Msg::Respawned(n.clone(), instance, exit));
+                launch::StatusRecord::Exited { exit } => {
+                    ready.hold();
+                    let _ = tx.send(Msg::Respawning(n.clone(), instance, exit));
+                }
+                launch::StatusRecord::Respawned => {
+                    ready.open();
+                    let _ = tx.send(Msg::Respawned(n.clone(), instance));
                 }
             })
         });
+        if adopted_here {
+            // Records written while no agent read them (the shim does not
+            // wait for one): stepped right after the adoption's Launched,
+            // before the taken-as-ready below.
+            if let Some(s) = status.as_mut() {
+                s.drain_now();
+            }
+        }
         let watched = match proc.exit_fd() {
             Some(Ok(fd)) => self
                 .logs
@@ -1211,7 +1225,7 @@ impl Runtime {
                     sock,
                     spec.uid,
                     format!("{name}-{instance}"),
-                    ready_passed,
+                    ready,
                     move |m| tx.send(Msg::Notified(n.clone(), instance, m)).is_ok(),
                 );
                 match watched {
@@ -1284,10 +1298,24 @@ impl Runtime {
         }
     }
 
-    /// The shim started the engine again in place after `how`: an OOM
-    /// kill is told by `memory.events` against the baseline, which then
-    /// moves on for the new engine.
-    fn respawned(&mut self, name: &str, instance: InstanceId, how: launch::Exit) {
+    /// The shim is starting the engine again now.
+    fn respawned(&mut self, name: &str, instance: InstanceId) {
+        let live = self
+            .engines
+            .get(name)
+            .is_some_and(|e| e.live.contains_key(&instance));
+        if !live {
+            return;
+        }
+        if let Err(err) = self.step(name, Input::Respawned { instance }) {
+            tracing::warn!(engine = name, error = %err, "respawn report");
+        }
+    }
+
+    /// The engine exited and its shim will start it again after the
+    /// delay: an OOM kill is told by `memory.events` against the
+    /// baseline, which then moves on for the new engine.
+    fn respawning(&mut self, name: &str, instance: InstanceId, how: launch::Exit) {
         let Some(e) = self.engines.get_mut(name) else {
             return;
         };
@@ -1309,7 +1337,7 @@ impl Runtime {
                 Exit::Signal(Signal::SIGKILL as i32)
             }
         };
-        if let Err(err) = self.step(name, Input::Respawned { instance, exit }) {
+        if let Err(err) = self.step(name, Input::Respawning { instance, exit }) {
             tracing::warn!(engine = name, error = %err, "respawn report");
         }
     }
@@ -1884,7 +1912,8 @@ impl Runtime {
             match msg {
                 Some(Msg::Cmd(c, reply)) => self.cmd(c, reply),
                 Some(Msg::Exited(n, i)) => self.exited(&n, i),
-                Some(Msg::Respawned(n, i, x)) => self.respawned(&n, i, x),
+                Some(Msg::Respawning(n, i, x)) => self.respawning(&n, i, x),
+                Some(Msg::Respawned(n, i)) => self.respawned(&n, i),
                 Some(Msg::Probed(n, i, p, r)) => self.probed(&n, i, p, r),
                 Some(Msg::Notified(n, i, m)) => self.notified(&n, i, m),
                 Some(Msg::Shutdown) => return,

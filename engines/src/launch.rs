@@ -125,12 +125,17 @@ pub const STATUS_FIFO: &str = "status.fifo";
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum StatusRecord {
-    /// The engine ended with `exit`; the shim is starting it again now
-    /// (written before the new engine is spawned).
-    Respawned {
+    /// The engine ended with `exit` and the shim is using its grant:
+    /// leftovers killed, then the delay, then [`StatusRecord::Respawned`]
+    /// (or, if a stop comes first, the shim's own exit). Written at once,
+    /// so the agent stops probing and watching an engine that is gone.
+    Exited {
         /// How the engine ended.
         exit: Exit,
     },
+    /// The shim is starting the engine again now (written just before the
+    /// spawn: the agent reads it before anything the new engine does).
+    Respawned,
 }
 
 /// Where the notify socket's directory appears inside an engine.
@@ -799,7 +804,9 @@ fn run(
         let Some((grant, status)) = respawn.take() else {
             return Ok(exit);
         };
-        if exit == Exit::Code(0) && !grant.on_clean_exit {
+        // kill(-1) is only ever meant for the shim's own pid namespace.
+        let pid1 = nix::unistd::getpid().as_raw() == 1;
+        if !pid1 || (exit == Exit::Code(0) && !grant.on_clean_exit) {
             return Ok(exit);
         }
         {
@@ -809,6 +816,7 @@ fn run(
             }
             now.pid = 0;
         }
+        write_file_line(status, &StatusRecord::Exited { exit: exit.clone() });
         // The new engine starts alone: what the old one left (its uid's
         // processes; pid 1 itself is spared by kill(-1)) goes first.
         let _ = nix::sys::signal::kill(Pid::from_raw(-1), Signal::SIGKILL);
@@ -820,9 +828,9 @@ fn run(
         if now.stop {
             return Ok(exit);
         }
-        // Before the spawn, under the lock: the agent reads the exit
-        // before anything the new engine does (its READY=1, its exit).
-        write_file_line(status, &StatusRecord::Respawned { exit });
+        // Before the spawn, under the lock: the agent reads it before
+        // anything the new engine does (its READY=1, its exit).
+        write_file_line(status, &StatusRecord::Respawned);
         engine = spawn(&mut cmd, &mut now)?;
     }
 }
@@ -1522,12 +1530,16 @@ mod tests {
         assert!(old.get("respawn").is_none(), "not written when absent");
         let back: LaunchSpec = serde_json::from_value(old).unwrap();
         assert_eq!(back.respawn, None);
-        let rec = StatusRecord::Respawned {
+        let rec = StatusRecord::Exited {
             exit: Exit::Code(3),
         };
         assert_eq!(
             serde_json::to_string(&rec).unwrap(),
-            r#"{"respawned":{"exit":{"Code":3}}}"#
+            r#"{"exited":{"exit":{"Code":3}}}"#
+        );
+        assert_eq!(
+            serde_json::to_string(&StatusRecord::Respawned).unwrap(),
+            r#""respawned""#
         );
     }
 

@@ -175,14 +175,19 @@ pub enum Input {
         /// How.
         exit: Exit,
     },
-    /// The runtime: the instance's shim started its engine again in place
-    /// after this exit, as its [`Respawn`] grant let it (same instance,
-    /// pid and cgroup); reported after the fact.
+    /// The runtime: the instance's engine exited and its shim is using
+    /// its [`Respawn`] grant (the engine comes back after the delay, same
+    /// instance, pid and cgroup, unless a stop ends the shim first).
+    Respawning {
+        /// Which.
+        instance: InstanceId,
+        /// How the engine ended.
+        exit: Exit,
+    },
+    /// The runtime: the shim is starting the engine again now.
     Respawned {
         /// Which.
         instance: InstanceId,
-        /// How the engine ended before.
-        exit: Exit,
     },
     /// The runtime: a probe the supervisor asked for finished.
     Probe {
@@ -513,6 +518,12 @@ enum IPhase {
     Running,
     Ready,
     Stopping,
+    /// Its engine exited; the shim starts it again after `delay` (the
+    /// schedule's restart `attempt`).
+    Respawning {
+        attempt: u32,
+        delay: Duration,
+    },
 }
 
 /// Why an instance is being stopped, i.e. what its exit leads to.
@@ -541,6 +552,9 @@ struct Instance {
     killed: bool,
     /// Launched from a fresh root (`on_failure = ["reload"]`).
     fresh_root: bool,
+    /// Its engine's exit was reported from the shim's record (not again
+    /// when the shim then ends without a respawn).
+    exit_reported: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -665,6 +679,7 @@ impl Supervisor {
                 IPhase::Running => Phase::Running,
                 IPhase::Ready => Phase::Ready,
                 IPhase::Stopping => Phase::Stopping,
+                IPhase::Respawning { .. } => Phase::BackingOff,
             },
             None => match self.idle {
                 Idle::Stopped => Phase::Stopped,
@@ -736,7 +751,8 @@ impl Supervisor {
                     self.gone(now, slot, exit, &mut out);
                 }
             }
-            Input::Respawned { instance, exit } => self.respawned(now, instance, exit, &mut out),
+            Input::Respawning { instance, exit } => self.respawning(now, instance, exit, &mut out),
+            Input::Respawned { instance } => self.respawned(now, instance, &mut out),
             Input::Probe {
                 instance,
                 probe,
@@ -868,6 +884,7 @@ impl Supervisor {
             stop: None,
             killed: false,
             fresh_root: false,
+            exit_reported: false,
         }
     }
 
@@ -1076,16 +1093,20 @@ impl Supervisor {
         }
     }
 
-    /// The shim restarted the engine in place after `exit`: the events a
-    /// restart by the schedule has (exited, backing-off, restarted,
-    /// started), for the same instance and pid; readiness, probes and the
-    /// watchdog start again as after a launch.
-    fn respawned(&mut self, now: Instant, id: InstanceId, exit: Exit, out: &mut Vec<Action>) {
+    /// The engine exited and its shim will start it again after the
+    /// granted delay: the events of an exit the schedule restarts
+    /// (exited, backing-off); the instance's timers end, probe results and
+    /// heartbeats are ignored until [`Input::Respawned`].
+    fn respawning(&mut self, now: Instant, id: InstanceId, exit: Exit, out: &mut Vec<Action>) {
         let Some(slot) = self.slot(id) else { return };
         let Some(i) = self.get(slot) else { return };
-        // Launched is stepped before any report of the instance is read.
-        let Some(pid) = i.pid else { return };
-        let (stopping, version) = (i.phase == IPhase::Stopping, i.version);
+        // Launched is stepped before any report of the instance is read;
+        // one exit per engine.
+        if i.pid.is_none() || i.exit_reported {
+            return;
+        }
+        i.exit_reported = true;
+        let phase = i.phase;
         out.push(Action::Emit(Event::Exited { instance: id, exit }));
         if exit == Exit::Oom {
             out.push(Action::Emit(Event::OomKilled { instance: id }));
@@ -1093,17 +1114,19 @@ impl Supervisor {
         if slot == Slot::Current {
             self.last_exit = Some(exit);
         }
-        if stopping {
-            // The stop reached the shim after the new engine ran: the stop
-            // (forwarded to it, or the kill) ends that one too.
-            out.push(Action::Emit(Event::Started {
-                instance: id,
-                pid,
-                version,
-            }));
+        if phase == IPhase::Stopping {
+            // A stop is on its way: the shim ends without the respawn,
+            // or (the stop after the spawn) the new engine gets it.
             return;
         }
         self.disarm_instance(id, false, out);
+        if self.incoming.is_some() {
+            // During a reload an exit is not restarted: the new version
+            // takes over when ready (as without the grant), so the shim
+            // is ended now (its report adds no second `exited`).
+            self.begin_stop(now, slot, StopWhy::Retire, Duration::ZERO, out);
+            return;
+        }
         let (delay, attempt) = match self.backoff.exited(now) {
             Decision::Restart { delay, attempt, .. } => (delay, attempt),
             // Not reached: a grant is only given when this exit is sure to
@@ -1111,19 +1134,45 @@ impl Supervisor {
             Decision::GiveUp { .. } => (Duration::ZERO, self.backoff.attempt()),
         };
         out.push(Action::Emit(Event::BackingOff { delay, attempt }));
-        self.restarts = self.restarts.saturating_add(1);
-        out.push(Action::Emit(Event::Restarted {
-            instance: id,
-            attempt,
-            delay,
-        }));
         if let Some(i) = self.get(slot) {
-            i.pid = None;
-            i.phase = IPhase::Launching;
+            i.phase = IPhase::Respawning { attempt, delay };
+            i.launched_at = None;
             i.watchdog = None;
             i.probe_failures.iter_mut().for_each(|f| *f = 0);
         }
-        self.launched(now, id, pid, out);
+    }
+
+    /// The shim is starting the engine again: `restarted`, then `started`
+    /// for the same instance and pid, and readiness, probes and the
+    /// watchdog as after a launch.
+    fn respawned(&mut self, now: Instant, id: InstanceId, out: &mut Vec<Action>) {
+        let Some(slot) = self.slot(id) else { return };
+        let Some(i) = self.get(slot) else { return };
+        let (Some(pid), true) = (i.pid, i.exit_reported) else {
+            return;
+        };
+        i.exit_reported = false;
+        let version = i.version;
+        match i.phase {
+            IPhase::Respawning { attempt, delay } => {
+                i.pid = None;
+                i.phase = IPhase::Launching;
+                self.restarts = self.restarts.saturating_add(1);
+                out.push(Action::Emit(Event::Restarted {
+                    instance: id,
+                    attempt,
+                    delay,
+                }));
+                self.launched(now, id, pid, out);
+            }
+            // The stop came after the shim's check: the new engine gets it
+            // (forwarded) or the kill; said as it is.
+            _ => out.push(Action::Emit(Event::Started {
+                instance: id,
+                pid,
+                version,
+            })),
+        }
     }
 
     fn ready(&mut self, now: Instant, slot: Slot, out: &mut Vec<Action>) {
@@ -1341,12 +1390,14 @@ impl Supervisor {
     fn gone(&mut self, now: Instant, slot: Slot, exit: Exit, out: &mut Vec<Action>) {
         let Some(i) = self.take(slot) else { return };
         self.disarm_instance(i.id, false, out);
-        out.push(Action::Emit(Event::Exited {
-            instance: i.id,
-            exit,
-        }));
-        if exit == Exit::Oom {
-            out.push(Action::Emit(Event::OomKilled { instance: i.id }));
+        if !i.exit_reported {
+            out.push(Action::Emit(Event::Exited {
+                instance: i.id,
+                exit,
+            }));
+            if exit == Exit::Oom {
+                out.push(Action::Emit(Event::OomKilled { instance: i.id }));
+            }
         }
         match slot {
             Slot::Retiring(_) => {}

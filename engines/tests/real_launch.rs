@@ -470,15 +470,19 @@ fn real_respawn_in_place() -> Outcome {
     // Twice "exit 3": one respawn, then the shim ends with the second exit.
     let (mut r, st) = run(&["/bin/sh", "-c", "exit 3"], "once", grant(1, false));
     assert_eq!(wait(&mut r), Exit::Code(3));
-    assert_eq!(records(st), "{\"respawned\":{\"exit\":{\"Code\":3}}}\n");
+    assert_eq!(
+        records(st),
+        "{\"exited\":{\"exit\":{\"Code\":3}}}\n\"respawned\"\n"
+    );
     // Exit code 0 is not a failure: no respawn unless granted for it.
     let (mut r, st) = run(&["/bin/sh", "-c", "exit 0"], "clean", grant(1, false));
     assert_eq!(wait(&mut r), Exit::Code(0));
     assert_eq!(records(st), "");
     let (mut r, st) = run(&["/bin/sh", "-c", "exit 0"], "always", grant(1, true));
     assert_eq!(wait(&mut r), Exit::Code(0));
-    assert_eq!(records(st).lines().count(), 1);
-    // A stop during the delay: no respawn, the shim ends at once.
+    assert_eq!(records(st).lines().count(), 2);
+    // A stop during the delay: no respawn, the shim ends at once (the
+    // exit was told, the respawn never).
     let (mut r, st) = run(
         &["/bin/sh", "-c", "exit 1"],
         "stopped",
@@ -489,7 +493,7 @@ fn real_respawn_in_place() -> Outcome {
     r.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
     assert_eq!(wait(&mut r), Exit::Code(1));
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
-    assert_eq!(records(st), "");
+    assert_eq!(records(st), "{\"exited\":{\"exit\":{\"Code\":1}}}\n");
     // Without the FIFO the grant is not used (nothing could tell the
     // agent).
     let dir = work.path().join("nofifo");

@@ -11,7 +11,7 @@ use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -74,7 +74,7 @@ pub fn watch(
     sock: UnixDatagram,
     uid: u32,
     label: String,
-    ready_passed: Arc<AtomicBool>,
+    ready: ReadyGate,
     post: impl Fn(NotifyMessage) -> bool + Send + 'static,
 ) -> std::io::Result<Notifier> {
     let (stop_r, stop_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
@@ -86,12 +86,40 @@ pub fn watch(
             label,
             post: Box::new(post),
             last_watchdog: None,
-            ready_sent: ready_passed,
+            ready,
             refused: 0,
         },
         stop_r,
     )?;
     Ok(Notifier { _stop: stop_w })
+}
+
+/// Whether a READY=1 is passed on: once per engine. The shim's records
+/// (a respawn) hold it from the old engine's exit (a late READY=1 of the
+/// old engine is not the new one's) and open it again just before the new
+/// engine starts.
+#[derive(Debug, Clone, Default)]
+pub struct ReadyGate(Arc<AtomicU8>);
+
+const GATE_OPEN: u8 = 0;
+const GATE_PASSED: u8 = 1;
+const GATE_HELD: u8 = 2;
+
+impl ReadyGate {
+    /// A READY=1 came: pass it on (the first since the gate opened)?
+    fn pass(&self) -> bool {
+        self.0
+            .compare_exchange(GATE_OPEN, GATE_PASSED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+    /// The engine exited: no READY=1 until [`ReadyGate::open`].
+    pub fn hold(&self) {
+        self.0.store(GATE_HELD, Ordering::Release);
+    }
+    /// A new engine starts: its first READY=1 is passed on.
+    pub fn open(&self) {
+        self.0.store(GATE_OPEN, Ordering::Release);
+    }
 }
 
 /// One instance's socket and what was passed on so far.
@@ -101,9 +129,7 @@ pub struct NotifyReader {
     label: String,
     post: Box<dyn Fn(NotifyMessage) -> bool + Send>,
     last_watchdog: Option<Instant>,
-    /// READY=1 passed on for the engine running now (cleared by the
-    /// shim's respawn record: its new engine says READY=1 again).
-    ready_sent: Arc<AtomicBool>,
+    ready: ReadyGate,
     refused: u32,
 }
 
@@ -159,7 +185,7 @@ impl NotifyReader {
         let Some(mut m) = parse_notify(&buf[..len.min(buf.len())]).filter(|_| !truncated) else {
             return true;
         };
-        if m.ready && self.ready_sent.load(Ordering::Acquire) {
+        if m.ready && !self.ready.pass() {
             m.ready = false;
         }
         if m.watchdog {
@@ -175,9 +201,6 @@ impl NotifyReader {
         }
         if !m.ready && !m.watchdog {
             return true;
-        }
-        if m.ready {
-            self.ready_sent.store(true, Ordering::Release);
         }
         (self.post)(m)
     }
@@ -205,6 +228,19 @@ mod tests {
     }
 
     #[test]
+    fn the_ready_gate_passes_one_ready_per_engine() {
+        let g = ReadyGate::default();
+        assert!(g.pass());
+        assert!(!g.pass(), "once");
+        g.hold();
+        assert!(!g.pass(), "no engine runs (a late READY=1 of the old one)");
+        let shared = g.clone();
+        shared.open();
+        assert!(g.pass(), "the new engine's");
+        assert!(!g.pass());
+    }
+
+    #[test]
     fn only_the_engines_uid_is_heard_and_floods_are_thinned() {
         let dir = tempfile::tempdir().unwrap();
         let me = nix::unistd::getuid().as_raw();
@@ -216,7 +252,7 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let (tx, rx) = mpsc::channel();
         let io = sink();
-        let n = watch(&io, sock, me, "t".into(), Arc::default(), move |m| {
+        let n = watch(&io, sock, me, "t".into(), ReadyGate::default(), move |m| {
             tx.send(m).is_ok()
         })
         .unwrap();
@@ -258,7 +294,7 @@ mod tests {
             sock,
             me.wrapping_add(1),
             "t".into(),
-            Arc::default(),
+            ReadyGate::default(),
             move |m| tx.send(m).is_ok(),
         )
         .unwrap();

@@ -482,6 +482,13 @@ impl StatusReader {
         }
     }
 
+    /// Hands on what is there now (an adopted instance's records, before
+    /// the reader goes to the I/O thread).
+    pub fn drain_now(&mut self) {
+        let mut buf = [0u8; 1024];
+        let _ = self.drain(&mut buf);
+    }
+
     /// Hands on every complete record there is (the shim is trusted, and
     /// writes one line per respawn: no fairness bound needed). `false`:
     /// the FIFO is done (no writer left, or it failed).
@@ -1274,10 +1281,10 @@ mod tests {
             Some(status),
         )
         .unwrap();
-        let rec = |code| StatusRecord::Respawned {
+        let rec = |code| StatusRecord::Exited {
             exit: LExit::Code(code),
         };
-        shim.write_all(b"{\"respawned\":{\"exit\":{\"Code\":3}}}\n")
+        shim.write_all(b"{\"exited\":{\"exit\":{\"Code\":3}}}\n")
             .unwrap();
         assert_eq!(
             rx.recv_timeout(Duration::from_secs(10)).unwrap(),
@@ -1285,30 +1292,20 @@ mod tests {
         );
         // Garbage is logged and skipped; a record split over two writes
         // still arrives whole.
-        shim.write_all(b"not json\n{\"respawned\":{\"exit\":")
-            .unwrap();
+        shim.write_all(b"not json\n{\"exited\":{\"exit\":").unwrap();
         shim.write_all(b"{\"Code\":4}}}\n").unwrap();
         assert_eq!(
             rx.recv_timeout(Duration::from_secs(10)).unwrap(),
             Some(rec(4))
         );
         // Written just before the exit: still handed on first.
-        shim.write_all(b"{\"respawned\":{\"exit\":{\"Signal\":9}}}\n")
-            .unwrap();
+        shim.write_all(b"\"respawned\"\n").unwrap();
         child.kill().unwrap();
         child.wait().unwrap();
         let rest: Vec<_> = (0..2)
             .map(|_| rx.recv_timeout(Duration::from_secs(10)).unwrap())
             .collect();
-        assert_eq!(
-            rest,
-            [
-                Some(StatusRecord::Respawned {
-                    exit: LExit::Signal(9)
-                }),
-                None
-            ]
-        );
+        assert_eq!(rest, [Some(StatusRecord::Respawned), None]);
         drop(shim);
         assert!(rx.recv_timeout(Duration::from_millis(100)).is_err());
     }

@@ -921,6 +921,68 @@ fn real_first_restart_is_made_in_place_by_the_shim() {
     assert_eq!(st.restarts, 2);
 }
 
+/// T1: a respawn made while no agent runs is told to the next agent,
+/// which reads the shim's records when it re-adopts the instance.
+#[test]
+#[ignore = "needs root, /bin/busybox (busybox-static) and the engine shim (cargo build --workspace --bins)"]
+fn real_respawn_while_no_agent_runs_is_read_on_adoption() {
+    let shim = real_shim();
+    let f = fixture(false);
+    write_busybox_image(&f);
+    let start = || {
+        EngineRuntime::start(
+            f.cfg.clone(),
+            Arc::new(DirCg(f.tmp.path().join("cgroup"))),
+            Arc::new(ShimSpawner(launch::Launcher::new(shim.clone()))),
+            f.vol.clone(),
+        )
+        .unwrap()
+    };
+    let data = f.tmp.path().join("vol/engines/bb/data/var/lib/app");
+    let script = "if [ -e /tmp/ran ]; then /bin/busybox touch /var/lib/app/second; exec /bin/busybox sleep 1000; fi; \
+                  /bin/busybox touch /tmp/ran; while [ ! -e /var/lib/app/go ]; do /bin/busybox sleep 0.02; done; exit 3";
+    let mut rt = start();
+    rt.deploy(
+        "bb",
+        "bb.tar",
+        &spec(&format!(
+            "command = [\"/bin/busybox\", \"sh\", \"-c\", {script:?}]\n\
+             data_dirs = [\"var/lib/app\"]\n\
+             [restart]\npolicy = \"on-failure\"\ninitial = \"1ms\"\n"
+        )),
+    )
+    .unwrap();
+    let shim_pid = rt.start("bb").unwrap().pid.unwrap();
+    until(&rt, "bb", |s| s.phase == Phase::Ready);
+    drop(rt);
+    std::fs::write(data.join("go"), b"").unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while !data.join("second").exists() {
+        assert!(Instant::now() < end, "no respawn without an agent");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let rt = start();
+    let st = until(&rt, "bb", |s| s.restarts == 1 && s.phase == Phase::Ready);
+    assert_eq!(st.pid, Some(shim_pid), "re-adopted, restarted in place");
+    assert_eq!(st.last_exit, Some(Exit::Code(3)));
+    let kinds: Vec<String> = rt
+        .view()
+        .events(0, 100)
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert!(
+        kinds.ends_with(&[
+            "exited".to_string(),
+            "backing-off".into(),
+            "restarted".into(),
+            "started".into(),
+            "ready".into()
+        ]),
+        "{kinds:?}"
+    );
+}
+
 #[test]
 fn the_delegated_parent_is_never_created() {
     let f = fixture(false);
