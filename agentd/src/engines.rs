@@ -686,7 +686,8 @@ enum Msg {
     Exited(String, InstanceId),
     /// The shim's status records: the engine exited and will be started
     /// again in place; it is being started now.
-    Respawning(String, InstanceId, launch::Exit),
+    /// (With the OOM-kill count of its cgroup read at the record.)
+    Respawning(String, InstanceId, launch::Exit, Option<u64>),
     Respawned(String, InstanceId),
     /// A probe finished: `Ok` healthy, `Err` why not.
     Probed(String, InstanceId, usize, Result<String, String>),
@@ -1158,10 +1159,13 @@ impl Runtime {
         let ready = notify::ReadyGate::default();
         let mut status = proc.take_status().map(|fd| {
             let (tx, n, ready) = (self.tx.clone(), name.to_owned(), ready.clone());
+            let (cgroups, icg) = (self.cgroups.clone(), cg.clone());
             output::StatusReader::new(fd, format!("{name}-{instance}"), move |r| match r {
                 launch::StatusRecord::Exited { exit } => {
                     ready.hold();
-                    let _ = tx.send(Msg::Respawning(n.clone(), instance, exit));
+                    // Read now, before the new engine can be OOM-killed.
+                    let kills = cgroups.usage(&icg).map(|u| u.oom_kills).ok();
+                    let _ = tx.send(Msg::Respawning(n.clone(), instance, exit, kills));
                 }
                 launch::StatusRecord::Respawned => {
                     ready.open();
@@ -1315,14 +1319,19 @@ impl Runtime {
     /// The engine exited and its shim will start it again after the
     /// delay: an OOM kill is told by `memory.events` against the
     /// baseline, which then moves on for the new engine.
-    fn respawning(&mut self, name: &str, instance: InstanceId, how: launch::Exit) {
+    fn respawning(
+        &mut self,
+        name: &str,
+        instance: InstanceId,
+        how: launch::Exit,
+        kills: Option<u64>,
+    ) {
         let Some(e) = self.engines.get_mut(name) else {
             return;
         };
         let Some(l) = e.live.get_mut(&instance) else {
             return;
         };
-        let kills = self.cgroups.usage(&l.cg).map(|u| u.oom_kills).ok();
         let oom = kills.is_some_and(|k| k > l.oom_kills);
         if let Some(k) = kills {
             l.oom_kills = k;
@@ -1912,7 +1921,7 @@ impl Runtime {
             match msg {
                 Some(Msg::Cmd(c, reply)) => self.cmd(c, reply),
                 Some(Msg::Exited(n, i)) => self.exited(&n, i),
-                Some(Msg::Respawning(n, i, x)) => self.respawning(&n, i, x),
+                Some(Msg::Respawning(n, i, x, k)) => self.respawning(&n, i, x, k),
                 Some(Msg::Respawned(n, i)) => self.respawned(&n, i),
                 Some(Msg::Probed(n, i, p, r)) => self.probed(&n, i, p, r),
                 Some(Msg::Notified(n, i, m)) => self.notified(&n, i, m),

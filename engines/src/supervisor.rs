@@ -519,10 +519,11 @@ enum IPhase {
     Ready,
     Stopping,
     /// Its engine exited; the shim starts it again after `delay` (the
-    /// schedule's restart `attempt`).
+    /// schedule's restart `attempt`, due `at`).
     Respawning {
         attempt: u32,
         delay: Duration,
+        at: Instant,
     },
 }
 
@@ -720,7 +721,10 @@ impl Supervisor {
             version: self.version,
             reloading: self.next.as_ref().map(|(v, _)| *v),
             instance: cur.map(|i| i.id),
-            pid: cur.and_then(|i| i.pid),
+            // While the shim waits to respawn, no engine runs.
+            pid: cur
+                .filter(|i| !matches!(i.phase, IPhase::Respawning { .. }))
+                .and_then(|i| i.pid),
             since: cur.and_then(|i| i.launched_at),
             restarts: self.restarts,
             last_exit: self.last_exit,
@@ -1009,6 +1013,20 @@ impl Supervisor {
         if !self.retiring.is_empty() {
             return Err(Refused::ReloadInProgress(self.version));
         }
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|i| matches!(i.phase, IPhase::Respawning { .. }))
+        {
+            // No engine runs (its shim waits to respawn the old version):
+            // as for an engine backing off, the new version starts at once
+            // — the shim is ended and a new instance launched.
+            self.adopt(version, spec);
+            out.push(Action::Emit(Event::Reloaded { version }));
+            self.relaunch = true;
+            self.begin_stop(now, Slot::Current, StopWhy::Asked, Duration::ZERO, out);
+            return Ok(());
+        }
         let running = self
             .current
             .as_ref()
@@ -1127,15 +1145,15 @@ impl Supervisor {
             self.begin_stop(now, slot, StopWhy::Retire, Duration::ZERO, out);
             return;
         }
-        let (delay, attempt) = match self.backoff.exited(now) {
-            Decision::Restart { delay, attempt, .. } => (delay, attempt),
+        let (delay, attempt, at) = match self.backoff.exited(now) {
+            Decision::Restart { delay, attempt, at } => (delay, attempt, at),
             // Not reached: a grant is only given when this exit is sure to
             // restart (`Backoff::sure_first_restart`).
-            Decision::GiveUp { .. } => (Duration::ZERO, self.backoff.attempt()),
+            Decision::GiveUp { .. } => (Duration::ZERO, self.backoff.attempt(), now),
         };
         out.push(Action::Emit(Event::BackingOff { delay, attempt }));
         if let Some(i) = self.get(slot) {
-            i.phase = IPhase::Respawning { attempt, delay };
+            i.phase = IPhase::Respawning { attempt, delay, at };
             i.launched_at = None;
             i.watchdog = None;
             i.probe_failures.iter_mut().for_each(|f| *f = 0);
@@ -1154,7 +1172,7 @@ impl Supervisor {
         i.exit_reported = false;
         let version = i.version;
         match i.phase {
-            IPhase::Respawning { attempt, delay } => {
+            IPhase::Respawning { attempt, delay, .. } => {
                 i.pid = None;
                 i.phase = IPhase::Launching;
                 self.restarts = self.restarts.saturating_add(1);
@@ -1402,7 +1420,9 @@ impl Supervisor {
         match slot {
             Slot::Retiring(_) => {}
             Slot::Incoming => {
-                self.last_exit = Some(exit);
+                if !i.exit_reported {
+                    self.last_exit = Some(exit);
+                }
                 let version = i.version;
                 self.next = None;
                 out.push(Action::Emit(Event::ReloadFailed {
@@ -1412,7 +1432,10 @@ impl Supervisor {
                 self.old_version_back(now, out);
             }
             Slot::Current => {
-                self.last_exit = Some(exit);
+                // The engine's own exit, not how its shim then ended.
+                if !i.exit_reported {
+                    self.last_exit = Some(exit);
+                }
                 if self.incoming.is_some() && i.stop != Some(StopWhy::Asked) {
                     // Ended during a reload: the new instance takes over
                     // when ready (or the old version comes back).
@@ -1451,6 +1474,25 @@ impl Supervisor {
                         }
                         self.after_exit(now, false, Some(again), out)
                     }
+                    // The shim ended while it waited to respawn (killed
+                    // by someone else): the restart the exit already got
+                    // from the schedule is made by the agent instead, at
+                    // the same time, not counted twice.
+                    None if self.enabled => match i.phase {
+                        IPhase::Respawning { delay, at, .. } => {
+                            let timer = self.arm(
+                                TimerKind::Restart { fresh_root: false },
+                                at.max(now),
+                                out,
+                            );
+                            self.idle = Idle::BackingOff {
+                                timer,
+                                delay,
+                                fresh_root: false,
+                            };
+                        }
+                        _ => self.after_exit(now, exit.clean(), None, out),
+                    },
                     None => self.after_exit(now, exit.clean(), None, out),
                 }
             }
