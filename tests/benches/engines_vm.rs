@@ -559,7 +559,7 @@ fn report(out: &str, starts: u32) {
         r.len()
     )
     .unwrap();
-    writeln!(s, "`restart.policy = \"always\"`, `restart.initial = \"1ms\"` (the default, 100 ms, would add 100 ms by design). Instance A prints its first instruction, creates a flag in its data dir, prints the time and exits 1; the agent restarts it; instance B finds the flag and stays. A manual `start` before each sample forgets the backoff, so every sample is a first restart.\n").unwrap();
+    writeln!(s, "`restart.policy = \"always\"`, `restart.initial = \"1ms\"` (the default, 100 ms, would add 100 ms by design). Instance A prints its first instruction, creates a flag in its data dir, prints the time and exits 1; it is restarted; instance B finds the flag and stays. A manual `start` before each sample forgets the backoff, so every sample is a first restart: made in place by the shim since 2026-12-04 (docs/engines.md, \"The first restart in place\"; before, a new shim by the agent: p50 311.7 ms).\n").unwrap();
     writeln!(s, "| interval (TCG) | n | p50 | p99 | max |").unwrap();
     writeln!(s, "|---|---|---|---|---|").unwrap();
     writeln!(
@@ -591,14 +591,17 @@ fn report(out: &str, starts: u32) {
     }
     for (label, v) in [
         (
-            "A's exit → the agent's `exited` event (shim reaps, writes exit.json, exits; pidfd readable)",
+            "A's exit → the agent's `exited` event (the shim reaps A, writes its `exited` record; the agent's I/O thread reads it)",
             detect,
         ),
         (
-            "`exited` → `started` (backoff 1 ms, cgroups, the shim spawned)",
+            "`exited` → `started` (the shim kills A's leftovers, waits the 1 ms delay, writes `respawned`; the agent reads it)",
             relaunch,
         ),
-        ("`started` → B's first instruction", exec),
+        (
+            "`started` → B's first instruction (the shim spawns B: fork and exec, same confinement)",
+            exec,
+        ),
     ] {
         let v = sorted(v);
         writeln!(

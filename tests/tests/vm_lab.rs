@@ -3655,6 +3655,69 @@ fn engines_at_run_time(vm: &mut Vm) {
     vm.engine_gone("rt-cpu");
     vm.step("engine-runtime: a CPU hog held to cpu.max");
 
+    // The first restart in place (docs/engines.md): the shim starts the
+    // engine again in the same instance (one instance cgroup, /tmp kept),
+    // after killing what the old engine left (its background sleep).
+    let re = engine_spec(
+        &dir,
+        "rt-re",
+        "B=/bin/busybox; if [ -e /tmp/ran ]; then echo second run; exec $B sleep 100000; fi; \
+         $B touch /tmp/ran; $B sleep 100000 & echo first run; exit 3",
+        "[restart]\npolicy = \"on-failure\"\ninitial = \"1ms\"\n",
+    );
+    vm.tenant_ok(&[
+        "engine",
+        "deploy",
+        "rt-re",
+        image,
+        "--spec",
+        &re,
+        "--from-inbox",
+    ]);
+    vm.tenant_ok(&["engine", "start", "rt-re"]);
+    vm.engine_logs_until("rt-re", "second run");
+    let mut st = serde_json::Value::Null;
+    wait_until(60, 1, "rt-re: never ready after one restart", || {
+        st = vm.engine_status("rt-re");
+        st["state"] == "ready" && st["restarts"] == 1
+    });
+    assert!(
+        st["last_exit"]
+            .as_str()
+            .is_some_and(|l| l.contains("exit code 3")),
+        "{st}"
+    );
+    let pid = st["pid"].as_u64().unwrap();
+    let procs = vm.sh(&format!(
+        "ls -d {ENGINES_CG}/tenant/rt-re/i*; cat {ENGINES_CG}/tenant/rt-re/i*/cgroup.procs"
+    ));
+    let lines: Vec<&str> = procs.lines().collect();
+    assert!(
+        lines.len() == 3 && lines[1..].contains(&pid.to_string().as_str()),
+        "one instance cgroup holding the shim ({pid}) and the new engine only: {procs}"
+    );
+    let kinds: Vec<String> = vm
+        .engine_events()
+        .iter()
+        .filter(|e| e["engine"] == "rt-re")
+        .map(|e| e["kind"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "started",
+            "ready",
+            "exited",
+            "backing-off",
+            "restarted",
+            "started",
+            "ready"
+        ],
+        "rt-re's events"
+    );
+    vm.engine_gone("rt-re");
+    vm.step("engine-runtime: the first restart in place (same instance, leftovers killed)");
+
     // Egress with real packets to two listeners on the host (the guest
     // reaches them at 10.0.2.2): the landlord's boundary and the tenant's
     // sub-boundary allow both, the engine's egress only a.
