@@ -1220,6 +1220,9 @@ proptest! {
         let mut grants: BTreeMap<InstanceId, Respawn> = BTreeMap::new();
         let mut waiting: BTreeMap<InstanceId, Respawn> = BTreeMap::new();
         let mut signalled: BTreeSet<InstanceId> = BTreeSet::new();
+        // Instances whose engine's exit was told from the shim's record
+        // and that have not respawned since.
+        let mut reported: BTreeSet<InstanceId> = BTreeSet::new();
         for m in moves {
             let ids: Vec<InstanceId> = live.keys().copied().collect();
             let timers: Vec<TimerId> = h.timers.keys().copied().collect();
@@ -1316,6 +1319,28 @@ proptest! {
             match input {
                 Input::Stop { .. } => stopped = true,
                 Input::Start | Input::Restart => stopped = false,
+                _ => {}
+            }
+            // Exactly one `exited` per engine exit: from the record, or from
+            // the instance's end when no record told it.
+            let exited_events = |i: InstanceId| a.iter().filter(|x| matches!(x,
+                Action::Emit(Event::Exited { instance, .. }) if *instance == i)).count();
+            match &input {
+                Input::Respawning { instance, .. } => {
+                    prop_assert_eq!(exited_events(*instance), 1, "{:?}", a);
+                    reported.insert(*instance);
+                }
+                Input::Respawned { instance } => {
+                    prop_assert_eq!(exited_events(*instance), 0, "{:?}", a);
+                    reported.remove(instance);
+                }
+                // (Not a stale report: those name no instance there was.)
+                Input::Exited { instance, .. } | Input::LaunchFailed { instance, .. }
+                    if seen.contains(instance) =>
+                {
+                    let want = usize::from(!reported.remove(instance));
+                    prop_assert_eq!(exited_events(*instance), want, "{:?}", a);
+                }
                 _ => {}
             }
             if let Some((i, g)) = respawning {
