@@ -88,6 +88,8 @@ idle_sample() { # engines
     done
     avail=$(awk '/^MemAvailable/ {print $2}' /proc/meminfo)
     echo "idle $1 $rss $hwm $((b - a)) $(( (s1 - s0) / 1000000 )) $tck $shims $engines $avail"
+    # Where the agent's RSS is (anonymous or file-backed); kept in guest.out.
+    echo "smaps $1 $(awk '/^(Rss|Pss_Anon|Pss_File|Anonymous|Private_Dirty):/ {printf "%s%s ", $1, $2}' "/proc/$pid/smaps_rollup")"
 }
 
 # 3a. The agent with no engine at all.
