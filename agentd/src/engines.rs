@@ -1302,13 +1302,17 @@ impl Runtime {
         }
     }
 
+    /// Whether `instance` of `name` is still one of the runtime's: a late
+    /// report about one that ended changes nothing.
+    fn is_live(&self, name: &str, instance: InstanceId) -> bool {
+        self.engines
+            .get(name)
+            .is_some_and(|e| e.live.contains_key(&instance))
+    }
+
     /// The shim is starting the engine again now.
     fn respawned(&mut self, name: &str, instance: InstanceId) {
-        let live = self
-            .engines
-            .get(name)
-            .is_some_and(|e| e.live.contains_key(&instance));
-        if !live {
+        if !self.is_live(name, instance) {
             return;
         }
         if let Err(err) = self.step(name, Input::Respawned { instance }) {
@@ -1460,11 +1464,7 @@ impl Runtime {
     }
 
     fn notified(&mut self, name: &str, instance: InstanceId, m: NotifyMessage) {
-        let live = self
-            .engines
-            .get(name)
-            .is_some_and(|e| e.live.contains_key(&instance));
-        if !live {
+        if !self.is_live(name, instance) {
             return;
         }
         for (yes, notify) in [(m.ready, Notify::Ready), (m.watchdog, Notify::Watchdog)] {

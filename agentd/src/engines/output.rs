@@ -1222,15 +1222,7 @@ mod tests {
             e.recv_timeout(Duration::from_secs(10)).unwrap();
         }
         // An exit is seen through its pidfd.
-        let mut child = std::process::Command::new("sleep")
-            .arg("600")
-            .spawn()
-            .unwrap();
-        let pidfd = rustix::process::pidfd_open(
-            rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
-            rustix::process::PidfdFlags::empty(),
-        )
-        .unwrap();
+        let (mut child, pidfd) = sleeper();
         let (tx, rx) = mpsc::channel();
         sink.watch_exit(pidfd, Box::new(move || tx.send(()).unwrap()), None)
             .unwrap();
@@ -1248,6 +1240,20 @@ mod tests {
         assert!(capture(sink.clone(), "late", tmp.path().join("late"), again).is_ok());
     }
 
+    /// A `sleep 600` child and its pidfd (readable once it exits).
+    fn sleeper() -> (std::process::Child, OwnedFd) {
+        let child = std::process::Command::new("sleep")
+            .arg("600")
+            .spawn()
+            .unwrap();
+        let pidfd = rustix::process::pidfd_open(
+            rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
+            rustix::process::PidfdFlags::empty(),
+        )
+        .unwrap();
+        (child, pidfd)
+    }
+
     #[test]
     fn status_records_come_as_written_and_all_before_the_exit() {
         use leasehold_engines::launch::Exit as LExit;
@@ -1263,15 +1269,7 @@ mod tests {
             .write(true)
             .open(run.join(STATUS_FIFO))
             .unwrap();
-        let mut child = std::process::Command::new("sleep")
-            .arg("600")
-            .spawn()
-            .unwrap();
-        let pidfd = rustix::process::pidfd_open(
-            rustix::process::Pid::from_raw(child.id() as i32).unwrap(),
-            rustix::process::PidfdFlags::empty(),
-        )
-        .unwrap();
+        let (mut child, pidfd) = sleeper();
         let (tx, rx) = mpsc::channel();
         let tx2 = tx.clone();
         let status = StatusReader::new(read, "e".into(), move |r| tx2.send(Some(r)).unwrap());

@@ -706,6 +706,18 @@ fn real_shim() -> PathBuf {
     shim
 }
 
+/// The runtime on the fixture with the real launcher (`shim`) and a
+/// directory standing in for the cgroup tree (T1 on the host).
+fn real_runtime(f: &Fix, shim: &Path) -> EngineRuntime {
+    EngineRuntime::start(
+        f.cfg.clone(),
+        Arc::new(DirCg(f.tmp.path().join("cgroup"))),
+        Arc::new(ShimSpawner(launch::Launcher::new(shim))),
+        f.vol.clone(),
+    )
+    .unwrap()
+}
+
 /// Writes an OCI archive holding only /bin/busybox into the inbox as
 /// `bb.tar`.
 fn write_busybox_image(f: &Fix) {
@@ -750,13 +762,7 @@ fn real_shim_runs_an_engine_from_an_image() {
     let shim = real_shim();
     let f = fixture(false);
     write_busybox_image(&f);
-    let mut rt = EngineRuntime::start(
-        f.cfg.clone(),
-        Arc::new(DirCg(f.tmp.path().join("cgroup"))),
-        Arc::new(ShimSpawner(launch::Launcher::new(shim))),
-        f.vol.clone(),
-    )
-    .unwrap();
+    let mut rt = real_runtime(&f, &shim);
     rt.deploy(
         "bb",
         "bb.tar",
@@ -843,13 +849,7 @@ fn real_first_restart_is_made_in_place_by_the_shim() {
     let shim = real_shim();
     let f = fixture(false);
     write_busybox_image(&f);
-    let mut rt = EngineRuntime::start(
-        f.cfg.clone(),
-        Arc::new(DirCg(f.tmp.path().join("cgroup"))),
-        Arc::new(ShimSpawner(launch::Launcher::new(shim))),
-        f.vol.clone(),
-    )
-    .unwrap();
+    let mut rt = real_runtime(&f, &shim);
     let script = "if [ -e /var/lib/app/third ]; then echo third; exec /bin/busybox sleep 1000; fi; \
                   if [ -e /tmp/ran ]; then echo second; /bin/busybox touch /var/lib/app/third; exec /bin/busybox sleep 1000; fi; \
                   /bin/busybox touch /tmp/ran; /bin/busybox sleep 1000 & echo first; exit 3";
@@ -929,15 +929,7 @@ fn real_respawn_while_no_agent_runs_is_read_on_adoption() {
     let shim = real_shim();
     let f = fixture(false);
     write_busybox_image(&f);
-    let start = || {
-        EngineRuntime::start(
-            f.cfg.clone(),
-            Arc::new(DirCg(f.tmp.path().join("cgroup"))),
-            Arc::new(ShimSpawner(launch::Launcher::new(shim.clone()))),
-            f.vol.clone(),
-        )
-        .unwrap()
-    };
+    let start = || real_runtime(&f, &shim);
     let data = f.tmp.path().join("vol/engines/bb/data/var/lib/app");
     let script = "if [ -e /tmp/ran ]; then /bin/busybox touch /var/lib/app/second; exec /bin/busybox sleep 1000; fi; \
                   /bin/busybox touch /tmp/ran; while [ ! -e /var/lib/app/go ]; do /bin/busybox sleep 0.02; done; exit 3";
@@ -1016,13 +1008,7 @@ fn real_flooding_engine_is_not_blocked_and_its_log_stays_bounded() {
     let shim = real_shim();
     let f = fixture(false);
     write_busybox_image(&f);
-    let mut rt = EngineRuntime::start(
-        f.cfg.clone(),
-        Arc::new(DirCg(f.tmp.path().join("cgroup"))),
-        Arc::new(ShimSpawner(launch::Launcher::new(shim))),
-        f.vol.clone(),
-    )
-    .unwrap();
+    let mut rt = real_runtime(&f, &shim);
     let sh = |script: &str| {
         spec(&format!(
             "command = [\"/bin/busybox\", \"sh\", \"-c\", {script:?}]\n[restart]\npolicy = \"never\"\n"
@@ -1128,15 +1114,7 @@ fn real_output_survives_an_agent_restart() {
     let shim = real_shim();
     let f = fixture(false);
     write_busybox_image(&f);
-    let start = || {
-        EngineRuntime::start(
-            f.cfg.clone(),
-            Arc::new(DirCg(f.tmp.path().join("cgroup"))),
-            Arc::new(ShimSpawner(launch::Launcher::new(shim.clone()))),
-            f.vol.clone(),
-        )
-        .unwrap()
-    };
+    let start = || real_runtime(&f, &shim);
     let data = f.tmp.path().join("vol/engines/bb/data/var/lib/app");
     // The engine waits on files the test makes in its data dir (the only
     // place both see), and says when it has written.
@@ -1628,13 +1606,7 @@ fn real_exec_probe_codes_timeout_and_reasons() {
     let shim = real_shim();
     let f = fixture(false);
     write_busybox_image(&f);
-    let mut rt = EngineRuntime::start(
-        f.cfg.clone(),
-        Arc::new(DirCg(f.tmp.path().join("cgroup"))),
-        Arc::new(ShimSpawner(launch::Launcher::new(shim.clone()))),
-        f.vol.clone(),
-    )
-    .unwrap();
+    let mut rt = real_runtime(&f, &shim);
     rt.deploy(
         "bb",
         "bb.tar",
@@ -1727,13 +1699,7 @@ fn real_network_probes_reach_an_engines_server() {
         .local_addr()
         .unwrap()
         .port();
-    let mut rt = EngineRuntime::start(
-        f.cfg.clone(),
-        Arc::new(DirCg(f.tmp.path().join("cgroup"))),
-        Arc::new(ShimSpawner(launch::Launcher::new(shim))),
-        f.vol.clone(),
-    )
-    .unwrap();
+    let mut rt = real_runtime(&f, &shim);
     let text = format!(
         "command = [\"/bin/busybox\", \"httpd\", \"-f\", \"-p\", \"127.0.0.1:{port}\", \"-h\", \"/srv/www\"]\n\
          data_dirs = [\"srv/www\"]\n\

@@ -142,13 +142,7 @@ fn real_shim_reload_image_runs_from_a_fresh_root() {
     let shim = real_shim();
     let f = fixture(false);
     write_busybox_image(&f);
-    let mut rt = EngineRuntime::start(
-        f.cfg.clone(),
-        Arc::new(DirCg(f.tmp.path().join("cgroup"))),
-        Arc::new(ShimSpawner(launch::Launcher::new(shim))),
-        f.vol.clone(),
-    )
-    .unwrap();
+    let mut rt = real_runtime(&f, &shim);
     // A uuid names each run: both instances' shells are the same pid in
     // pid namespaces of their own, and may start within the same second.
     let text = "command = [\"/bin/busybox\", \"sh\", \"-c\", \"B=/bin/busybox; $B touch /var/lib/app/run-$($B cat /proc/sys/kernel/random/uuid); [ -e /planted ] && echo planted || echo clean; exec $B sleep 1000\"]\n\
