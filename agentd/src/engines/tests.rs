@@ -881,8 +881,17 @@ fn real_first_restart_is_made_in_place_by_the_shim() {
     assert_eq!(st.pid, Some(shim_pid), "the same shim: restarted in place");
     assert_eq!(st.last_exit, Some(Exit::Code(3)));
     // The shim and the new engine only: the old one's background sleep
-    // was killed before the new engine started.
-    let procs = in_pid_ns_of(shim_pid);
+    // was killed before the new engine started. (The new engine's shell
+    // runs `touch` before it execs its sleep: wait for that to settle; a
+    // surviving leftover keeps the count at 3 and fails.)
+    let end = Instant::now() + Duration::from_secs(10);
+    let procs = loop {
+        let procs = in_pid_ns_of(shim_pid);
+        if procs.len() == 2 || Instant::now() > end {
+            break procs;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert_eq!(procs.len(), 2, "shim and engine only: {procs:?}");
     let kinds: Vec<String> = view.events(0, 100).into_iter().map(|e| e.kind).collect();
     assert_eq!(
