@@ -962,7 +962,7 @@ fn real_respawn_while_no_agent_runs_is_read_on_adoption() {
         assert!(Instant::now() < end, "no respawn without an agent");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let rt = start();
+    let mut rt = start();
     let st = until(&rt, "bb", |s| s.restarts == 1 && s.phase == Phase::Ready);
     assert_eq!(st.pid, Some(shim_pid), "re-adopted, restarted in place");
     assert_eq!(st.last_exit, Some(Exit::Code(3)));
@@ -982,6 +982,9 @@ fn real_respawn_while_no_agent_runs_is_read_on_adoption() {
         ]),
         "{kinds:?}"
     );
+    // Nothing left running after the test.
+    rt.stop("bb", None).unwrap();
+    until(&rt, "bb", |s| s.phase == Phase::Stopped);
 }
 
 #[test]
