@@ -166,6 +166,13 @@ fn main() -> ExitCode {
         log = log_to,
         "agentd starting"
     );
+    // No transparent huge pages for the agent: with the kernel's "always"
+    // (Debian's default) a few 2 MiB pages made a third of its resident
+    // memory (docs/engines.md, "The agent's memory"). Engines get the
+    // node's policy back in the shim.
+    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+        warn!("cannot turn transparent huge pages off for the agent: {e}");
+    }
     // Before the runtime starts its threads: unshare moves only this one.
     if args.dev.is_some() {
         match devnet::isolate(args.dev_keep_netns) {

@@ -905,6 +905,7 @@ fn probe_main(args: &[OsString]) -> Result<i32, LaunchError> {
     .map_err(sys(format!("setns(pidfd of {})", init.shim_pid)))?;
     drop(init);
     std::env::set_current_dir("/").map_err(|e| io_err("chdir", Path::new("/"), e))?;
+    thp_as_node()?;
     nix::sys::prctl::set_no_new_privs().map_err(sys("prctl(PR_SET_NO_NEW_PRIVS)"))?;
     let mut report = Report {
         result: Ok(()),
@@ -1051,6 +1052,7 @@ fn confine(
         .map_err(sys("unshare(NEWNS|NEWIPC|NEWUTS)"))?;
     setup_root(spec, secrets)?;
     nix::unistd::sethostname(&spec.name).map_err(sys("sethostname"))?;
+    thp_as_node()?;
     nix::sys::prctl::set_no_new_privs().map_err(sys("prctl(PR_SET_NO_NEW_PRIVS)"))?;
     landlock(spec, report)?;
     drop_privileges(spec)?;
@@ -1063,6 +1065,14 @@ fn confine(
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .current_dir(&spec.cwd);
     Ok(cmd)
+}
+
+/// Gives the engine the node's transparent huge page policy: the agent
+/// turns huge pages off for itself (`PR_SET_THP_DISABLE`, docs/engines.md,
+/// "The agent's memory"), and that flag is inherited by every child and
+/// kept across exec; an engine (a database, say) must not lose them for it.
+fn thp_as_node() -> Result<(), LaunchError> {
+    nix::sys::prctl::set_thp_disable(false).map_err(sys("prctl(PR_SET_THP_DISABLE, 0)"))
 }
 
 fn bind(src: &Path, dst: &Path, flags: MsFlags) -> Result<(), LaunchError> {

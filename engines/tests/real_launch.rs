@@ -249,6 +249,9 @@ fn real_confined_engine() -> Outcome {
     let out = fs::File::create(&out_path).unwrap();
     let err = out.try_clone().unwrap();
     s.secrets = vec!["db-password".into()];
+    // As the agent runs: no transparent huge pages for itself, a flag its
+    // children inherit; the engine must not.
+    nix::sys::prctl::set_thp_disable(true).unwrap();
     let mut running = Launcher::new(SHIM)
         .start(
             &s,
@@ -276,6 +279,8 @@ fn real_confined_engine() -> Outcome {
     // Nothing inherited but stdio.
     assert_eq!(field(&out, "extra_fds"), "");
     assert_eq!(field(&out, "Seccomp"), "2");
+    // The node's huge page policy, not the agent's.
+    assert_eq!(field(&out, "thp_disable"), "false");
     // A small pid of its own pid namespace (the shim is 1, its signal
     // thread 2); its own hostname (uts namespace).
     let pid: u32 = field(&out, "pid").parse().unwrap();
@@ -879,6 +884,10 @@ fn probe(args: &[String]) -> i32 {
         println!("{key}={v}");
     }
     println!("pid={}", std::process::id());
+    println!(
+        "thp_disable={}",
+        nix::sys::prctl::get_thp_disable().map_or_else(|e| e.to_string(), |d| d.to_string())
+    );
     // Open descriptors other than stdio (read_dir's own fd excluded by
     // reading the list first): a leaked one could reach the host.
     let fds: Vec<String> = fs::read_dir("/proc/self/fd")

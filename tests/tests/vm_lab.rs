@@ -549,6 +549,16 @@ fn agent_unit(vm: &mut Vm) -> Ran {
         1,
         "no swtpm inside the guest"
     );
+    // No transparent huge pages for the agent (Debian's kernel policy is
+    // "always"): they made a third of its memory (docs/engines.md, "The
+    // agent's memory"). The engines get the node's policy back:
+    // engine-runtime checks that.
+    let thp = vm.sh("grep THP_enabled /proc/$(pidof agentd)/status");
+    assert_eq!(
+        thp.split_whitespace().collect::<Vec<_>>(),
+        ["THP_enabled:", "0"],
+        "{thp}"
+    );
     let unit =
         vm.sh("systemctl show leasehold-agentd -p Type -p BusName -p Delegate -p WatchdogUSec");
     assert!(
@@ -3700,6 +3710,16 @@ fn engines_at_run_time(vm: &mut Vm) {
         lines.len() == 3 && lines[1..].contains(&pid.to_string().as_str()),
         "one instance cgroup holding the shim ({pid}) and the new engine only: {procs}"
     );
+    // The agent has no transparent huge pages (agent-unit); the engine it
+    // started has the node's policy, also after a restart in place.
+    for p in &lines[1..] {
+        let thp = vm.sh(&format!("grep THP_enabled /proc/{p}/status"));
+        assert_eq!(
+            thp.split_whitespace().collect::<Vec<_>>(),
+            ["THP_enabled:", "1"],
+            "process {p} of rt-re: {thp}"
+        );
+    }
     let kinds: Vec<String> = vm
         .engine_events()
         .iter()
