@@ -7,7 +7,8 @@
 //!  └─ shim (pid 1 of the new pid ns, root)
 //!       setsid; joins the engine's cgroup; unshare(NEWNS|NEWIPC|NEWUTS);
 //!       private mounts; rootfs bound read-only + /proc, /dev, /tmp, data dirs;
-//!       pivot_root; hostname; no_new_privs; Landlock; drop every capability,
+//!       pivot_root; hostname; the node's huge page policy back (the agent
+//!       turns it off for itself); no_new_privs; Landlock; drop every capability,
 //!       groups, uid/gid; seccomp deny-list — then spawns
 //!        └─ engine (pid 2), inheriting all of it
 //! ```
@@ -905,7 +906,7 @@ fn probe_main(args: &[OsString]) -> Result<i32, LaunchError> {
     .map_err(sys(format!("setns(pidfd of {})", init.shim_pid)))?;
     drop(init);
     std::env::set_current_dir("/").map_err(|e| io_err("chdir", Path::new("/"), e))?;
-    thp_as_node()?;
+    thp_as_node();
     nix::sys::prctl::set_no_new_privs().map_err(sys("prctl(PR_SET_NO_NEW_PRIVS)"))?;
     let mut report = Report {
         result: Ok(()),
@@ -1052,7 +1053,7 @@ fn confine(
         .map_err(sys("unshare(NEWNS|NEWIPC|NEWUTS)"))?;
     setup_root(spec, secrets)?;
     nix::unistd::sethostname(&spec.name).map_err(sys("sethostname"))?;
-    thp_as_node()?;
+    thp_as_node();
     nix::sys::prctl::set_no_new_privs().map_err(sys("prctl(PR_SET_NO_NEW_PRIVS)"))?;
     landlock(spec, report)?;
     drop_privileges(spec)?;
@@ -1071,8 +1072,12 @@ fn confine(
 /// turns huge pages off for itself (`PR_SET_THP_DISABLE`, docs/engines.md,
 /// "The agent's memory"), and that flag is inherited by every child and
 /// kept across exec; an engine (a database, say) must not lose them for it.
-fn thp_as_node() -> Result<(), LaunchError> {
-    nix::sys::prctl::set_thp_disable(false).map_err(sys("prctl(PR_SET_THP_DISABLE, 0)"))
+/// Best effort, as the agent's own setting: a kernel without the prctl has
+/// nothing to clear, and huge pages are no reason to refuse a start.
+fn thp_as_node() {
+    if nix::sys::prctl::get_thp_disable() == Ok(true) {
+        let _ = nix::sys::prctl::set_thp_disable(false);
+    }
 }
 
 fn bind(src: &Path, dst: &Path, flags: MsFlags) -> Result<(), LaunchError> {

@@ -76,15 +76,17 @@ idle_sample() { # engines
     sleep "$IDLE_SECS"
     b=$(awk '{print $14 + $15}' "/proc/$pid/stat")
     s1=$(date +%s%N)
-    rss=$(awk '/^VmRSS/ {print $2}' "/proc/$pid/status")
+    # Rss of smaps_rollup, not VmRSS: 6.1 folds a task's counts into VmRSS
+    # only every 64 page faults (a static shim's read a few KiB).
+    rss=$(awk '/^Rss:/ {print $2}' "/proc/$pid/smaps_rollup")
     hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$pid/status")
     shims=0; engines=0
     for p in $(pgrep -f '^/usr/lib/leasehold/leasehold-engine-shim' || true); do
         grep -q -- '--hold' "/proc/$p/cmdline" 2>/dev/null && continue
-        shims=$((shims + $(awk '/^VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)))
+        shims=$((shims + $(awk '/^Rss:/ {print $2}' "/proc/$p/smaps_rollup" 2>/dev/null || echo 0)))
     done
     for p in $(pgrep -x lhmark || true); do
-        engines=$((engines + $(awk '/^VmRSS/ {print $2}' "/proc/$p/status" 2>/dev/null || echo 0)))
+        engines=$((engines + $(awk '/^Rss:/ {print $2}' "/proc/$p/smaps_rollup" 2>/dev/null || echo 0)))
     done
     avail=$(awk '/^MemAvailable/ {print $2}' /proc/meminfo)
     echo "idle $1 $rss $hwm $((b - a)) $(( (s1 - s0) / 1000000 )) $tck $shims $engines $avail"

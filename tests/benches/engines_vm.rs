@@ -621,7 +621,7 @@ fn report(out: &str, starts: u32) {
         idle.last().map_or(0, |i| i.engines)
     )
     .unwrap();
-    writeln!(s, "Each engine: the idle marker (`lhmark idle`) under its own shim, deployed and started by the tenant with `tenantctl`; the landlord's budget raised first with `landlordctl budget set --pids-max 4096 --memory-max 1536M`. CPU is the agent's utime + stime over the window (`/proc/PID/stat`), as a share of one CPU.\n").unwrap();
+    writeln!(s, "Each engine: the idle marker (`lhmark idle`) under its own shim, deployed and started by the tenant with `tenantctl`; the landlord's budget raised first with `landlordctl budget set --pids-max 4096 --memory-max 1536M`. CPU is the agent's utime + stime over the window (`/proc/PID/stat`), as a share of one CPU. RSS is `Rss` of `/proc/PID/smaps_rollup` (from 2026-12-05; `VmRSS` before, which Linux 6.1 updates only every 64 page faults of a thread and so reads low).\n").unwrap();
     writeln!(s, "| engines running | agent RSS | agent peak RSS (VmHWM) | agent CPU | window | shims' RSS (sum) | engines' RSS (sum) | node MemAvailable |").unwrap();
     writeln!(s, "|---|---|---|---|---|---|---|---|").unwrap();
     for i in &idle {

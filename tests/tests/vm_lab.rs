@@ -3520,14 +3520,16 @@ fn engines_at_run_time(vm: &mut Vm) {
     vm.step("engine-runtime: heartbeat keeps an engine ready, its silence restarts it");
 
     // Probes: busybox httpd on the node's loopback (engines share its
-    // network namespace); exec checks a file in its data dir.
+    // network namespace); exec checks a file in its data dir, and that the
+    // probe, like the engine, has the node's huge page policy (the agent's
+    // is off: agent-unit).
     let web = engine_spec(
         &dir,
         "rt-web",
         "B=/bin/busybox; $B mkdir -p /tmp/www; echo ok > /tmp/www/healthz; echo web up; \
          exec $B httpd -f -p 127.0.0.1:18080 -h /tmp/www",
         "data_dirs = [\"var/lib/web\"]\n\
-         [[probes]]\nexec = [\"/bin/busybox\", \"sh\", \"-c\", \"[ ! -e /var/lib/web/sick ]\"]\ninterval = \"2s\"\ntimeout = \"1500ms\"\nthreshold = 2\n\
+         [[probes]]\nexec = [\"/bin/busybox\", \"sh\", \"-c\", \"[ ! -e /var/lib/web/sick ] && /bin/busybox grep -q 'THP_enabled:.*1' /proc/self/status\"]\ninterval = \"2s\"\ntimeout = \"1500ms\"\nthreshold = 2\n\
          [[probes]]\ntcp = 18080\ninterval = \"2s\"\ntimeout = \"1s\"\n\
          [[probes]]\nhttp = { port = 18080, path = \"/healthz\" }\ninterval = \"2s\"\ntimeout = \"1s\"\n",
     );
