@@ -1075,9 +1075,7 @@ fn confine(
 /// Best effort, as the agent's own setting: a kernel without the prctl has
 /// nothing to clear, and huge pages are no reason to refuse a start.
 fn thp_as_node() {
-    if nix::sys::prctl::get_thp_disable() == Ok(true) {
-        let _ = nix::sys::prctl::set_thp_disable(false);
-    }
+    let _ = nix::sys::prctl::set_thp_disable(false);
 }
 
 fn bind(src: &Path, dst: &Path, flags: MsFlags) -> Result<(), LaunchError> {

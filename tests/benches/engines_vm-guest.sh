@@ -68,6 +68,11 @@ landlordctl budget show
 
 agent_pid() { systemctl show -p MainPID --value leasehold-agentd; }
 
+# A process's resident KiB: Rss of smaps_rollup, not VmRSS (6.1 folds a
+# task's counts into VmRSS only every 64 page faults: a static shim's read a
+# few KiB); 0 for a process gone meanwhile.
+rss_kb() { awk '/^Rss:/ {print $2}' "/proc/$1/smaps_rollup" 2>/dev/null || echo 0; }
+
 idle_sample() { # engines
     pid=$(agent_pid)
     tck=$(getconf CLK_TCK)
@@ -76,17 +81,15 @@ idle_sample() { # engines
     sleep "$IDLE_SECS"
     b=$(awk '{print $14 + $15}' "/proc/$pid/stat")
     s1=$(date +%s%N)
-    # Rss of smaps_rollup, not VmRSS: 6.1 folds a task's counts into VmRSS
-    # only every 64 page faults (a static shim's read a few KiB).
-    rss=$(awk '/^Rss:/ {print $2}' "/proc/$pid/smaps_rollup")
+    rss=$(rss_kb "$pid")
     hwm=$(awk '/^VmHWM/ {print $2}' "/proc/$pid/status")
     shims=0; engines=0
     for p in $(pgrep -f '^/usr/lib/leasehold/leasehold-engine-shim' || true); do
         grep -q -- '--hold' "/proc/$p/cmdline" 2>/dev/null && continue
-        shims=$((shims + $(awk '/^Rss:/ {print $2}' "/proc/$p/smaps_rollup" 2>/dev/null || echo 0)))
+        shims=$((shims + $(rss_kb "$p")))
     done
     for p in $(pgrep -x lhmark || true); do
-        engines=$((engines + $(awk '/^Rss:/ {print $2}' "/proc/$p/smaps_rollup" 2>/dev/null || echo 0)))
+        engines=$((engines + $(rss_kb "$p")))
     done
     avail=$(awk '/^MemAvailable/ {print $2}' /proc/meminfo)
     echo "idle $1 $rss $hwm $((b - a)) $(( (s1 - s0) / 1000000 )) $tck $shims $engines $avail"

@@ -530,6 +530,16 @@ fn install(vm: &mut Vm) -> Ran {
     Ran::Done
 }
 
+/// The `THP_enabled:` line of a guest process's status (`PID` may be a
+/// shell expression): "0" when `PR_SET_THP_DISABLE` is set.
+fn thp_enabled(vm: &mut Vm, pid: &str) -> String {
+    let line = vm.sh(&format!("grep THP_enabled /proc/{pid}/status"));
+    match line.split_whitespace().collect::<Vec<_>>()[..] {
+        ["THP_enabled:", v] => v.to_owned(),
+        _ => panic!("no THP_enabled line for {pid}: {line:?}"),
+    }
+}
+
 /// The agent runs from its unit on the vTPM.
 fn agent_unit(vm: &mut Vm) -> Ran {
     // The agent runs from its unit on the vTPM, not on swtpm over TCP.
@@ -553,12 +563,7 @@ fn agent_unit(vm: &mut Vm) -> Ran {
     // "always"): they made a third of its memory (docs/engines.md, "The
     // agent's memory"). The engines get the node's policy back:
     // engine-runtime checks that.
-    let thp = vm.sh("grep THP_enabled /proc/$(pidof agentd)/status");
-    assert_eq!(
-        thp.split_whitespace().collect::<Vec<_>>(),
-        ["THP_enabled:", "0"],
-        "{thp}"
-    );
+    assert_eq!(thp_enabled(vm, "$(pidof agentd)"), "0", "agentd");
     let unit =
         vm.sh("systemctl show leasehold-agentd -p Type -p BusName -p Delegate -p WatchdogUSec");
     assert!(
@@ -3715,12 +3720,7 @@ fn engines_at_run_time(vm: &mut Vm) {
     // The agent has no transparent huge pages (agent-unit); the engine it
     // started has the node's policy, also after a restart in place.
     for p in &lines[1..] {
-        let thp = vm.sh(&format!("grep THP_enabled /proc/{p}/status"));
-        assert_eq!(
-            thp.split_whitespace().collect::<Vec<_>>(),
-            ["THP_enabled:", "1"],
-            "process {p} of rt-re: {thp}"
-        );
+        assert_eq!(thp_enabled(vm, p), "1", "process {p} of rt-re");
     }
     let kinds: Vec<String> = vm
         .engine_events()
