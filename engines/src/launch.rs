@@ -45,7 +45,6 @@
 //! before pivot_root; the output FIFOs and `status.fifo` (made by the
 //! agent).
 
-use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs;
 use std::io::{self, Write};
@@ -1436,68 +1435,167 @@ fn denied_syscalls() -> Vec<i64> {
     ]
 }
 
-fn seccomp() -> Result<(), LaunchError> {
-    use seccompiler::{
-        BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
-        SeccompRule, TargetArch,
-    };
-    fn err<E: std::fmt::Display>(step: &'static str) -> impl FnOnce(E) -> LaunchError {
-        move |e: E| LaunchError::Sys {
-            step: format!("seccomp {step}: {e}"),
-            source: nix::Error::EINVAL,
+/// `clone` flags that create a namespace (an unprivileged user namespace
+/// above all, which Debian allows): `clone` with any of them is denied.
+const CLONE_NS_FLAGS: u32 = (libc::CLONE_NEWUSER
+    | libc::CLONE_NEWNS
+    | libc::CLONE_NEWPID
+    | libc::CLONE_NEWNET
+    | libc::CLONE_NEWIPC
+    | libc::CLONE_NEWUTS
+    | libc::CLONE_NEWCGROUP)
+    .unsigned_abs();
+
+/// `AUDIT_ARCH_*` of the architecture the shim runs on: a system call made
+/// under another ABI (i386's `int 0x80` from a 64-bit process) kills the
+/// process, as every container runtime's filter does.
+#[cfg(target_arch = "x86_64")]
+const AUDIT_ARCH: u32 = 0xC000_003E;
+#[cfg(target_arch = "aarch64")]
+const AUDIT_ARCH: u32 = 0xC000_00B7;
+
+/// Where a check of the engine's seccomp program goes (see
+/// [`seccomp_program`]).
+#[derive(Clone, Copy, Debug)]
+enum Jump {
+    /// The next instruction.
+    Next,
+    /// The instruction at this index.
+    To(usize),
+    Allow,
+    Eperm,
+    Enosys,
+    /// The checks after the deny list (`clone3`, `clone`).
+    Rest,
+}
+
+/// One instruction before its jumps are resolved.
+type Op = (u32, u32, Jump, Jump);
+
+const BPF_LD_ABS: u32 = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+const BPF_JEQ: u32 = libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K;
+const BPF_JGE: u32 = libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K;
+const BPF_RET: u32 = libc::BPF_RET | libc::BPF_K;
+
+/// The deny list as a binary search over the sorted numbers (leaves of
+/// at most three equality checks, the last one's miss going on to
+/// [`Jump::Rest`]): a system call is decided in about six comparisons
+/// instead of one per denied call.
+fn deny_tree(code: &mut Vec<Op>, nrs: &[u32]) {
+    if nrs.len() <= 3 {
+        for (i, &n) in nrs.iter().enumerate() {
+            let miss = if i + 1 == nrs.len() {
+                Jump::Rest
+            } else {
+                Jump::Next
+            };
+            code.push((BPF_JEQ, n, Jump::Eperm, miss));
         }
+        return;
     }
-    let arch: TargetArch = std::env::consts::ARCH.try_into().map_err(err("arch"))?;
-    let mut rules: BTreeMap<i64, Vec<SeccompRule>> =
-        denied_syscalls().into_iter().map(|s| (s, vec![])).collect();
-    // clone() creating namespaces (an unprivileged user namespace above
-    // all): one rule per flag, any of them set is denied.
-    let ns_flags = [
-        libc::CLONE_NEWUSER,
-        libc::CLONE_NEWNS,
-        libc::CLONE_NEWPID,
-        libc::CLONE_NEWNET,
-        libc::CLONE_NEWIPC,
-        libc::CLONE_NEWUTS,
-        libc::CLONE_NEWCGROUP,
+    let mid = nrs.len() / 2;
+    let at = code.len();
+    code.push((BPF_JGE, nrs[mid], Jump::Next, Jump::Next));
+    deny_tree(code, &nrs[..mid]);
+    code[at].2 = Jump::To(code.len());
+    deny_tree(code, &nrs[mid..]);
+}
+
+/// The engine's seccomp program (classic BPF), decided by: a foreign
+/// architecture kills the process; on x86_64 an x32 system call (number
+/// with bit 30 set) gets ENOSYS, as on a kernel without x32; each of
+/// [`denied_syscalls`] EPERM; `clone` with any of [`CLONE_NS_FLAGS`]
+/// EPERM; `clone3` ENOSYS (its flags are in memory, out of a filter's
+/// reach: libc falls back to `clone`, checked here); everything else is
+/// allowed.
+///
+/// Assembled here rather than by `seccompiler` (which still installs it):
+/// seccompiler makes five instructions of each unconditional rule and nine
+/// of each 64-bit argument check, one program per action, tested one after
+/// the other — 305 instructions in two filters, where this is one filter
+/// of about 70 searched as a tree. At install the kernel runs the program
+/// once per system call number to fill its cache, so the cost follows the
+/// path length (docs/engines.md, "Seccomp"). The unit test runs both
+/// through an interpreter and requires the same decision for every
+/// system call number.
+fn seccomp_program() -> Result<Vec<seccompiler::sock_filter>, LaunchError> {
+    use std::mem::offset_of;
+    let field = |at: usize| u32::try_from(at).map_err(|_| seccomp_err("field offset", 0));
+    let nr = field(offset_of!(libc::seccomp_data, nr))?;
+    let arch = field(offset_of!(libc::seccomp_data, arch))?;
+    // The low half of the first argument (little-endian): every
+    // namespace flag is below bit 32.
+    let arg0 = field(offset_of!(libc::seccomp_data, args))?;
+    let mut code: Vec<Op> = vec![
+        (BPF_LD_ABS, arch, Jump::Next, Jump::Next),
+        (BPF_JEQ, AUDIT_ARCH, Jump::To(3), Jump::Next),
+        (
+            BPF_RET,
+            libc::SECCOMP_RET_KILL_PROCESS,
+            Jump::Next,
+            Jump::Next,
+        ),
+        (BPF_LD_ABS, nr, Jump::Next, Jump::Next),
     ];
-    let mut clone_rules = Vec::new();
-    for flag in ns_flags {
-        let flag = u64::from(flag.unsigned_abs());
-        let cond = SeccompCondition::new(
-            0,
-            SeccompCmpArgLen::Qword,
-            SeccompCmpOp::MaskedEq(flag),
-            flag,
-        )
-        .map_err(err("clone condition"))?;
-        clone_rules.push(SeccompRule::new(vec![cond]).map_err(err("clone rule"))?);
+    #[cfg(target_arch = "x86_64")]
+    code.push((BPF_JGE, 0x4000_0000, Jump::Enosys, Jump::Next)); // __X32_SYSCALL_BIT
+    let mut nrs = denied_syscalls()
+        .into_iter()
+        .map(|n| u32::try_from(n).map_err(|_| seccomp_err("system call number", n)))
+        .collect::<Result<Vec<u32>, _>>()?;
+    nrs.sort_unstable();
+    nrs.dedup();
+    deny_tree(&mut code, &nrs);
+    let rest = code.len();
+    let number = |n: i64| u32::try_from(n).map_err(|_| seccomp_err("system call number", n));
+    code.push((BPF_JEQ, number(libc::SYS_clone3)?, Jump::Enosys, Jump::Next));
+    code.push((BPF_JEQ, number(libc::SYS_clone)?, Jump::Next, Jump::Allow));
+    code.push((BPF_LD_ABS, arg0, Jump::Next, Jump::Next));
+    let jset = libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K;
+    code.push((jset, CLONE_NS_FLAGS, Jump::Eperm, Jump::Allow));
+    let allow = code.len();
+    let errno = |e: i32| libc::SECCOMP_RET_ERRNO | (e.unsigned_abs() & 0xffff);
+    code.push((BPF_RET, libc::SECCOMP_RET_ALLOW, Jump::Next, Jump::Next));
+    code.push((BPF_RET, errno(libc::EPERM), Jump::Next, Jump::Next));
+    code.push((BPF_RET, errno(libc::ENOSYS), Jump::Next, Jump::Next));
+    let mut prog = Vec::with_capacity(code.len());
+    for (i, &(op, k, jt, jf)) in code.iter().enumerate() {
+        // Classic BPF jumps only forward, at most 255 instructions.
+        let offset = |j: Jump| {
+            let to = match j {
+                Jump::Next => i + 1,
+                Jump::To(t) => t,
+                Jump::Allow => allow,
+                Jump::Eperm => allow + 1,
+                Jump::Enosys => allow + 2,
+                Jump::Rest => rest,
+            };
+            to.checked_sub(i + 1)
+                .and_then(|d| u8::try_from(d).ok())
+                .ok_or_else(|| seccomp_err("jump out of range at", i as i64))
+        };
+        prog.push(seccompiler::sock_filter {
+            code: u16::try_from(op).map_err(|_| seccomp_err("opcode at", i as i64))?,
+            jt: offset(jt)?,
+            jf: offset(jf)?,
+            k,
+        });
     }
-    rules.insert(libc::SYS_clone, clone_rules);
-    let deny = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM.unsigned_abs()),
-        arch,
-    )
-    .map_err(err("filter"))?;
-    // clone3 passes its flags in memory, out of a filter's reach: ENOSYS
-    // makes libc fall back to clone(), which the rules above check.
-    let clone3 = SeccompFilter::new(
-        [(libc::SYS_clone3, vec![])].into_iter().collect(),
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS.unsigned_abs()),
-        arch,
-    )
-    .map_err(err("filter"))?;
-    for f in [deny, clone3] {
-        let prog: BpfProgram = f.try_into().map_err(err("compile"))?;
-        seccompiler::apply_filter(&prog).map_err(|e| LaunchError::Sys {
-            step: format!("seccomp install: {e}"),
-            source: nix::Error::EPERM,
-        })?;
+    Ok(prog)
+}
+
+fn seccomp_err(what: &'static str, n: i64) -> LaunchError {
+    LaunchError::Sys {
+        step: format!("seccomp program: {what} {n}"),
+        source: nix::Error::EINVAL,
     }
-    Ok(())
+}
+
+fn seccomp() -> Result<(), LaunchError> {
+    seccompiler::apply_filter(&seccomp_program()?).map_err(|e| LaunchError::Sys {
+        step: format!("seccomp install: {e}"),
+        source: nix::Error::EPERM,
+    })
 }
 
 #[cfg(test)]
@@ -1651,6 +1749,153 @@ mod tests {
             libc::SYS_exit_group,
         ] {
             assert!(!set.contains(&needed));
+        }
+    }
+
+    /// Runs a classic BPF seccomp program on one system call, as the
+    /// kernel would (the instructions these programs use only).
+    fn bpf_run(prog: &[seccompiler::sock_filter], nr: u32, arch: u32, arg0: u64) -> u32 {
+        let mut data = [0u8; 64];
+        data[0..4].copy_from_slice(&nr.to_le_bytes());
+        data[4..8].copy_from_slice(&arch.to_le_bytes());
+        data[16..24].copy_from_slice(&arg0.to_le_bytes());
+        let (mut pc, mut a) = (0usize, 0u32);
+        loop {
+            let i = &prog[pc];
+            let jump = |taken: bool| pc + 1 + usize::from(if taken { i.jt } else { i.jf });
+            let code = u32::from(i.code);
+            pc = match code {
+                c if c == libc::BPF_LD | libc::BPF_W | libc::BPF_ABS => {
+                    let at = i.k as usize;
+                    a = u32::from_le_bytes(data[at..at + 4].try_into().unwrap());
+                    pc + 1
+                }
+                c if c == libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K => jump(a == i.k),
+                c if c == libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K => jump(a >= i.k),
+                c if c == libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K => jump(a & i.k != 0),
+                c if c == libc::BPF_JMP => pc + 1 + i.k as usize, // JA
+                c if c == libc::BPF_ALU | libc::BPF_AND | libc::BPF_K => {
+                    a &= i.k;
+                    pc + 1
+                }
+                c if c == libc::BPF_RET | libc::BPF_K => return i.k,
+                c => panic!("instruction {c:#x} at {pc} not interpreted"),
+            };
+        }
+    }
+
+    /// The rules as `seccompiler` compiled them until 2026-12-05: the deny
+    /// list, `clone` with any namespace flag (one 64-bit masked check per
+    /// flag), and `clone3` in a second filter; the kernel takes the most
+    /// severe answer of the two (here: never both an errno).
+    fn seccompiler_programs() -> Vec<seccompiler::BpfProgram> {
+        use seccompiler::{
+            SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+            SeccompRule, TargetArch,
+        };
+        let arch: TargetArch = std::env::consts::ARCH.try_into().unwrap();
+        let mut rules: std::collections::BTreeMap<i64, Vec<SeccompRule>> =
+            denied_syscalls().into_iter().map(|s| (s, vec![])).collect();
+        let clone_rules = (0..32)
+            .map(|b| 1u64 << b)
+            .filter(|f| CLONE_NS_FLAGS as u64 & f != 0)
+            .map(|f| {
+                let cond =
+                    SeccompCondition::new(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(f), f)
+                        .unwrap();
+                SeccompRule::new(vec![cond]).unwrap()
+            })
+            .collect();
+        rules.insert(libc::SYS_clone, clone_rules);
+        let eperm = SeccompAction::Errno(libc::EPERM.unsigned_abs());
+        let deny = SeccompFilter::new(rules, SeccompAction::Allow, eperm, arch).unwrap();
+        let enosys = SeccompAction::Errno(libc::ENOSYS.unsigned_abs());
+        let clone3 = [(libc::SYS_clone3, vec![])].into_iter().collect();
+        let clone3 = SeccompFilter::new(clone3, SeccompAction::Allow, enosys, arch).unwrap();
+        vec![deny.try_into().unwrap(), clone3.try_into().unwrap()]
+    }
+
+    #[test]
+    fn seccomp_program_decides_as_seccompiler_did_and_refuses_x32() {
+        let prog = seccomp_program().unwrap();
+        assert!(prog.len() < 80, "{} instructions", prog.len());
+        let old = seccompiler_programs();
+        let old_len: usize = old.iter().map(Vec::len).sum();
+        assert!(old_len > 4 * prog.len(), "{old_len} vs {}", prog.len());
+        let allow = libc::SECCOMP_RET_ALLOW;
+        let eperm = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
+        let enosys = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
+        let kill = libc::SECCOMP_RET_KILL_PROCESS;
+        // Both filters of the old pair answer; the kernel keeps the most
+        // severe (kill > errno > allow).
+        let old_run = |nr, arch, arg0| {
+            let answers: Vec<u32> = old.iter().map(|p| bpf_run(p, nr, arch, arg0)).collect();
+            if answers.contains(&kill) {
+                kill
+            } else {
+                answers.into_iter().find(|&a| a != allow).unwrap_or(allow)
+            }
+        };
+        let sys = |n: i64| u32::try_from(n).unwrap();
+        let clone = sys(libc::SYS_clone);
+        let thread_flags = (libc::CLONE_VM
+            | libc::CLONE_FS
+            | libc::CLONE_FILES
+            | libc::CLONE_SIGHAND
+            | libc::CLONE_THREAD
+            | libc::CLONE_SYSVSEM
+            | libc::CLONE_SETTLS
+            | libc::CLONE_PARENT_SETTID
+            | libc::CLONE_CHILD_CLEARTID) as u64;
+        let mut args = vec![0, thread_flags, libc::SIGCHLD as u64, 1 << 40];
+        for bit in 0..32 {
+            let f = 1u64 << bit;
+            if CLONE_NS_FLAGS as u64 & f != 0 {
+                args.extend([f, f | thread_flags, f | libc::SIGCHLD as u64]);
+            }
+        }
+        let mut denied = 0;
+        for nr in 0..1024u32 {
+            for &arg0 in if nr == clone {
+                &args[..]
+            } else {
+                &[0, u64::MAX][..]
+            } {
+                let new = bpf_run(&prog, nr, AUDIT_ARCH, arg0);
+                assert_eq!(
+                    new,
+                    old_run(nr, AUDIT_ARCH, arg0),
+                    "nr {nr}, arg0 {arg0:#x}"
+                );
+                denied += usize::from(new != allow);
+                // Under another architecture: killed, as before.
+                assert_eq!(bpf_run(&prog, nr, 0x4000_0003, arg0), kill);
+                assert_eq!(old_run(nr, 0x4000_0003, arg0), kill);
+            }
+        }
+        assert!(denied > denied_syscalls().len(), "{denied}");
+        // clone: any namespace flag denied, threads and forks allowed.
+        assert_eq!(bpf_run(&prog, clone, AUDIT_ARCH, thread_flags), allow);
+        assert_eq!(
+            bpf_run(&prog, clone, AUDIT_ARCH, libc::SIGCHLD as u64),
+            allow
+        );
+        let user = libc::CLONE_NEWUSER as u64 | libc::SIGCHLD as u64;
+        assert_eq!(bpf_run(&prog, clone, AUDIT_ARCH, user), eperm);
+        let clone3 = sys(libc::SYS_clone3);
+        assert_eq!(bpf_run(&prog, clone3, AUDIT_ARCH, 0), enosys);
+        assert_eq!(bpf_run(&prog, sys(libc::SYS_mount), AUDIT_ARCH, 0), eperm);
+        // x32 (bit 30 of the number, same architecture): the new program
+        // refuses every such call, the old one let them all through.
+        #[cfg(target_arch = "x86_64")]
+        for nr in [0, sys(libc::SYS_mount), sys(libc::SYS_unshare), clone] {
+            let x32 = nr | 0x4000_0000;
+            assert_eq!(
+                bpf_run(&prog, x32, AUDIT_ARCH, u64::MAX),
+                enosys,
+                "x32 {nr}"
+            );
+            assert_eq!(old_run(x32, AUDIT_ARCH, u64::MAX), allow, "x32 {nr}");
         }
     }
 
