@@ -51,7 +51,6 @@ use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -673,23 +672,114 @@ pub const STDERR_FIFO: &str = "stderr.fifo";
 /// Exit code of the shim when confinement failed before the engine ran.
 pub const CONFINE_FAILED: i32 = 126;
 
-/// The engine the signal thread forwards to, and whether a stop (SIGTERM,
-/// SIGINT) came. One lock: a stop is either seen before a respawn (none
-/// then) or forwarded to the new engine, never lost between the two.
-struct Current {
-    pid: i32,
+/// Signals the shim forwards to the engine (an engine that were itself
+/// pid 1 would ignore a SIGTERM it has no handler for).
+const FORWARDED: [Signal; 5] = [
+    Signal::SIGTERM,
+    Signal::SIGINT,
+    Signal::SIGHUP,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
+];
+
+/// The shim's signals, read by its only thread from a self-pipe
+/// (`signal-hook`'s delivery, which its handlers write to): SIGCHLD (a
+/// child ended) and [`FORWARDED`]. Handlers, not a blocked mask: a pid
+/// namespace's init drops the signals it has no handler for, and a mask
+/// would be inherited by the engine (std's spawn keeps it). Exec resets
+/// handlers, so the engine starts with the default ones. No signal
+/// thread: a task less per engine in the pids budget, one thread
+/// creation less per start.
+struct ShimSignals {
+    delivery: signal_hook::iterator::backend::SignalDelivery<
+        std::os::unix::net::UnixStream,
+        signal_hook::iterator::exfiltrator::SignalOnly,
+    >,
+    /// A SIGTERM or SIGINT came: no respawn.
     stop: bool,
 }
 
-static CURRENT: Mutex<Current> = Mutex::new(Current {
-    pid: 0,
-    stop: false,
-});
-/// Signalled when `stop` is set (ends a respawn's delay at once).
-static STOP_SEEN: Condvar = Condvar::new();
+impl ShimSignals {
+    fn install() -> Result<Self, LaunchError> {
+        use signal_hook::iterator::backend::SignalDelivery;
+        use signal_hook::iterator::exfiltrator::SignalOnly;
+        let err = |e| io_err("install", Path::new("signal handlers"), e);
+        let (read, write) = std::os::unix::net::UnixStream::pair().map_err(err)?;
+        let signals = FORWARDED
+            .iter()
+            .chain(&[Signal::SIGCHLD])
+            .map(|&s| s as libc::c_int);
+        let delivery = SignalDelivery::with_pipe(read, write, SignalOnly, signals).map_err(err)?;
+        Ok(ShimSignals {
+            delivery,
+            stop: false,
+        })
+    }
 
-fn current() -> MutexGuard<'static, Current> {
-    CURRENT.lock().unwrap_or_else(PoisonError::into_inner)
+    /// Waits for a signal, at most `timeout` (None: no limit); false when
+    /// the time ran out.
+    fn wait(&self, timeout: Option<Duration>) -> Result<bool, LaunchError> {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
+        let timeout = timeout.map(|t| Timespec {
+            tv_sec: i64::try_from(t.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(t.subsec_nanos()),
+        });
+        let mut fds = [PollFd::new(self.delivery.get_read(), PollFlags::IN)];
+        match poll(&mut fds, timeout.as_ref()) {
+            Ok(n) => Ok(n > 0),
+            Err(rustix::io::Errno::INTR) => Ok(true),
+            Err(e) => Err(LaunchError::Sys {
+                step: "poll(signal pipe)".into(),
+                source: nix::Error::from_raw(e.raw_os_error()),
+            }),
+        }
+    }
+
+    /// Takes every signal that came: notes a stop, and forwards all but
+    /// SIGCHLD to `engine` when there is one.
+    fn drain(&mut self, engine: Option<Pid>) {
+        for sig in self.delivery.pending() {
+            let Ok(sig) = Signal::try_from(sig) else {
+                continue;
+            };
+            if sig == Signal::SIGCHLD {
+                continue;
+            }
+            if sig == Signal::SIGTERM || sig == Signal::SIGINT {
+                self.stop = true;
+            }
+            if let Some(pid) = engine {
+                let _ = nix::sys::signal::kill(pid, sig);
+            }
+        }
+    }
+
+    /// pid 1: orphans of the engine are reparented here; reaps them all
+    /// until the engine itself ends, forwarding signals to it, and returns
+    /// how it did. Leaving the shim then kills what remains in the
+    /// namespace.
+    fn reap_until(&mut self, engine: Pid) -> Result<Exit, LaunchError> {
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        loop {
+            // Everything that ended, then sleep until a signal: a child
+            // ending in between leaves its SIGCHLD byte in the pipe.
+            loop {
+                match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(WaitStatus::Exited(pid, code)) if pid == engine => {
+                        return Ok(Exit::Code(code))
+                    }
+                    Ok(WaitStatus::Signaled(pid, sig, _)) if pid == engine => {
+                        return Ok(Exit::Signal(sig as i32))
+                    }
+                    Ok(WaitStatus::StillAlive) => break,
+                    Ok(_) | Err(nix::Error::EINTR) => {}
+                    Err(e) => return Err(sys("waitpid")(e)),
+                }
+            }
+            self.wait(None)?;
+            self.drain(Some(engine));
+        }
+    }
 }
 
 /// Entry point of the shim binary: `shim RUN_DIR`. Returns the process
@@ -780,27 +870,25 @@ fn run(
     status: Option<&fs::File>,
     report: &mut Report,
 ) -> Result<Exit, LaunchError> {
+    let mut signals = ShimSignals::install()?;
     close_inherited_fds()?;
     let spec: LaunchSpec = read_json(&run_dir.join("spec.json"))?;
     let secrets = read_secrets(&spec)?;
     let mut cmd = confine(&spec, &secrets, report)?;
     drop(secrets);
-    // After seccomp: the thread inherits the filter.
-    forward_signals()?;
     write_file(report_file, report);
-    let spawn = |cmd: &mut Command, now: &mut Current| {
+    let spawn = |cmd: &mut Command| {
         let child = cmd.spawn().map_err(|e| LaunchError::Io {
             op: "exec",
             path: PathBuf::from(&spec.argv[0]),
             source: e,
         })?;
-        now.pid = i32::try_from(child.id()).unwrap_or(0);
-        Ok::<_, LaunchError>(Pid::from_raw(now.pid))
+        Ok::<_, LaunchError>(Pid::from_raw(i32::try_from(child.id()).unwrap_or(0)))
     };
-    let mut engine = spawn(&mut cmd, &mut current())?;
+    let mut engine = spawn(&mut cmd)?;
     let mut respawn = spec.respawn.zip(status);
     loop {
-        let exit = reap_until(engine)?;
+        let exit = signals.reap_until(engine)?;
         let Some((grant, status)) = respawn.take() else {
             return Ok(exit);
         };
@@ -809,46 +897,34 @@ fn run(
         if !pid1 || (exit == Exit::Code(0) && !grant.on_clean_exit) {
             return Ok(exit);
         }
-        {
-            let mut now = current();
-            if now.stop {
-                return Ok(exit);
-            }
-            now.pid = 0;
+        // A stop that came with the exit counts: no respawn.
+        signals.drain(None);
+        if signals.stop {
+            return Ok(exit);
         }
         write_file_line(status, &StatusRecord::Exited { exit: exit.clone() });
         // The new engine starts alone: what the old one left (its uid's
         // processes; pid 1 itself is spared by kill(-1)) goes first.
         let _ = nix::sys::signal::kill(Pid::from_raw(-1), Signal::SIGKILL);
         reap_all(Duration::from_secs(2));
-        let delay = Duration::from_millis(grant.delay_ms);
-        let (mut now, _) = STOP_SEEN
-            .wait_timeout_while(current(), delay, |c| !c.stop)
-            .unwrap_or_else(PoisonError::into_inner);
-        if now.stop {
-            return Ok(exit);
-        }
-        // Before the spawn, under the lock: the agent reads it before
-        // anything the new engine does (its READY=1, its exit).
-        write_file_line(status, &StatusRecord::Respawned);
-        engine = spawn(&mut cmd, &mut now)?;
-    }
-}
-
-/// pid 1: orphans of the engine are reparented here; reaps them all until
-/// the engine itself ends, and returns how it did. Leaving the shim then
-/// kills what remains in the namespace.
-fn reap_until(engine: Pid) -> Result<Exit, LaunchError> {
-    use nix::sys::wait::{waitpid, WaitStatus};
-    loop {
-        match waitpid(None, None) {
-            Ok(WaitStatus::Exited(pid, code)) if pid == engine => return Ok(Exit::Code(code)),
-            Ok(WaitStatus::Signaled(pid, sig, _)) if pid == engine => {
-                return Ok(Exit::Signal(sig as i32))
+        // The delay, cut short by a stop.
+        let end = std::time::Instant::now() + Duration::from_millis(grant.delay_ms);
+        loop {
+            signals.drain(None);
+            if signals.stop {
+                return Ok(exit);
             }
-            Ok(_) | Err(nix::Error::EINTR) => {}
-            Err(e) => return Err(sys("waitpid")(e)),
+            let left = end.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() || !signals.wait(Some(left))? {
+                break;
+            }
         }
+        // Before the spawn: the agent reads it before anything the new
+        // engine does (its READY=1, its exit). A stop from now on is
+        // forwarded to the new engine (it waits in the pipe until the next
+        // drain, after the spawn): never lost between the two.
+        write_file_line(status, &StatusRecord::Respawned);
+        engine = spawn(&mut cmd)?;
     }
 }
 
@@ -985,36 +1061,6 @@ fn read_secrets(spec: &LaunchSpec) -> Result<Vec<SecretBytes>, LaunchError> {
         out.push(bytes);
     }
     Ok(out)
-}
-
-fn forward_signals() -> Result<(), LaunchError> {
-    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
-    // Handlers also make these signals deliverable to pid 1 from the
-    // parent namespace (the agent); SIGKILL always is.
-    let mut signals =
-        signal_hook::iterator::Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2])
-            .map_err(|e| io_err("install", Path::new("signal handlers"), e))?;
-    std::thread::Builder::new()
-        .name("forward".into())
-        .spawn(move || {
-            for sig in signals.forever() {
-                let pid = {
-                    let mut now = current();
-                    if sig == SIGTERM || sig == SIGINT {
-                        now.stop = true;
-                        STOP_SEEN.notify_all();
-                    }
-                    now.pid
-                };
-                if pid > 0 {
-                    if let Ok(s) = Signal::try_from(sig) {
-                        let _ = nix::sys::signal::kill(Pid::from_raw(pid), s);
-                    }
-                }
-            }
-        })
-        .map_err(|e| io_err("spawn", Path::new("signal thread"), e))?;
-    Ok(())
 }
 
 /// Appends `value` as one JSON line to `file` (a FIFO: one write, far

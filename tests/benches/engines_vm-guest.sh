@@ -62,7 +62,8 @@ systemctl start leasehold-agentd
 landlordctl --yes volume init --force "$DEV" >/dev/null
 agent_idle
 # The landlord's budget for the tenant, through its CLI: room for E engines
-# (each is a shim with its signal thread and the engine: 3 tasks).
+# (each is a shim and the engine: 2 tasks; 3 before the shim lost its
+# signal thread on 2026-12-05).
 landlordctl budget set --pids-max 4096 --memory-max 1536M >/dev/null
 landlordctl budget show
 
