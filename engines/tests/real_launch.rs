@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use leasehold_engines::cgroup::{CgroupError, CgroupFs, CgroupPath, Cgroups, Controller};
 use leasehold_engines::launch::{
-    DataDir, Exit, LaunchSpec, Launcher, Respawn, Running, SecretBytes, STATUS_FIFO,
+    DataDir, Exit, LaunchSpec, Launcher, ProbeExit, Respawn, Running, SecretBytes, STATUS_FIFO,
 };
 
 const SHIM: &str = env!("CARGO_BIN_EXE_leasehold-engine-shim");
@@ -36,6 +36,9 @@ fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--probe") {
         std::process::exit(probe(&args[2..]));
+    }
+    if args.get(1).map(String::as_str) == Some("--in-engine") {
+        std::process::exit(in_engine(&args[2]));
     }
     if args.get(1).map(String::as_str) == Some("--hog") {
         std::process::exit(hog());
@@ -62,6 +65,7 @@ fn main() {
         ("real_confined_engine", real_confined_engine),
         ("real_exit_status_and_signals", real_exit_status_and_signals),
         ("real_respawn_in_place", real_respawn_in_place),
+        ("real_exec_probe", real_exec_probe),
         (
             "real_engine_outlives_its_launcher",
             real_engine_outlives_its_launcher,
@@ -514,6 +518,105 @@ fn real_respawn_in_place() -> Outcome {
     Outcome::Passed
 }
 
+/// `Launcher::probe`: a command run inside a running engine (its mount,
+/// pid, ipc and uts namespaces, its uid, no_new_privs, seccomp, Landlock)
+/// — what exec probes do; its exit code, its timeout, and a refusal once
+/// the engine is gone.
+fn real_exec_probe() -> Outcome {
+    if let Some(skip) = need_root() {
+        return skip;
+    }
+    let fs_ = rootfs();
+    need_busybox(&fs_);
+    let work = tempfile::tempdir().unwrap();
+    let data = work.path().join("data");
+    fs::create_dir(&data).unwrap();
+    chown(&data, Some(ENGINE_UID), Some(ENGINE_GID)).unwrap();
+    let mut s = spec(
+        &fs_.root,
+        &[
+            "/bin/sh",
+            "-c",
+            "trap 'exit 0' TERM; while :; do sleep 1; done",
+        ],
+    );
+    s.data_dirs = vec![DataDir {
+        host: data.clone(),
+        target: "/data".into(),
+    }];
+    // As the agent runs: huge pages off for itself, a flag its children
+    // inherit; a probe, like the engine, must have the node's policy.
+    nix::sys::prctl::set_thp_disable(true).unwrap();
+    let launcher = Launcher::new(SHIM);
+    let run_dir = work.path().join("run");
+    let mut r = launcher
+        .start(&s, &run_dir, Stdio::null(), Stdio::null(), &[])
+        .unwrap();
+    // A failed assertion must not leave the engine running (through a
+    // pidfd of the shim: never another process that got its pid).
+    struct KillOnDrop(std::os::fd::OwnedFd);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = rustix::process::pidfd_send_signal(&self.0, rustix::process::Signal::KILL);
+        }
+    }
+    let _kill = KillOnDrop(r.pidfd().try_clone_to_owned().unwrap());
+    let t = Instant::now();
+    while r.engine_pid().is_none() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let engine = r.engine_pid().expect("engine.pid");
+    let probe = |argv: &[&str], timeout_ms| {
+        let argv: Vec<String> = argv.iter().map(|a| a.to_string()).collect();
+        launcher.probe(&run_dir, &argv, Duration::from_millis(timeout_ms))
+    };
+
+    assert_eq!(
+        probe(&["/probe", "--in-engine", "/data/probe.out"], 10_000),
+        ProbeExit::Code(0)
+    );
+    let out = fs::read_to_string(data.join("probe.out")).unwrap();
+    println!("exec probe:\n{out}");
+    let ns = |kind: &str| {
+        fs::read_link(format!("/proc/{engine}/ns/{kind}"))
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    };
+    for kind in ["mnt", "pid", "ipc", "uts"] {
+        assert_eq!(field(&out, kind), ns(kind), "{kind} namespace");
+    }
+    let id = format!("{ENGINE_UID},{ENGINE_UID},{ENGINE_UID}");
+    assert_eq!(field(&out, "uid"), id);
+    assert_eq!(field(&out, "NoNewPrivs"), "1");
+    assert_eq!(field(&out, "Seccomp"), "2");
+    assert_eq!(field(&out, "CapEff"), "0000000000000000");
+    assert_eq!(field(&out, "hostname"), "probe");
+    assert_eq!(field(&out, "thp_disable"), "false");
+    assert_eq!(field(&out, "SigBlk"), "0000000000000000");
+
+    // Its exit code is the probe's result; a probe past its timeout is
+    // killed (the shim holds it to the timeout).
+    assert_eq!(
+        probe(&["/bin/sh", "-c", "exit 3"], 10_000),
+        ProbeExit::Code(3)
+    );
+    let t = Instant::now();
+    assert_eq!(
+        probe(&["/bin/sh", "-c", "sleep 30"], 300),
+        ProbeExit::TimedOut
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+
+    r.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert_eq!(wait(&mut r), Exit::Code(0));
+    match probe(&["/bin/sh", "-c", "exit 0"], 10_000) {
+        ProbeExit::NotRun(why) => println!("probe after the engine ended: {why}"),
+        other => panic!("probe into an ended engine: {other:?}"),
+    }
+    Outcome::Passed
+}
+
 fn real_engine_outlives_its_launcher() -> Outcome {
     if let Some(skip) = need_root() {
         return skip;
@@ -857,6 +960,41 @@ fn nix_errno(r: nix::Result<()>) -> String {
     match r {
         Ok(()) => "ok".into(),
         Err(e) => format!("{e:?}"),
+    }
+}
+
+/// `--in-engine OUT`: what an exec probe sees, as "key=value" lines in
+/// OUT (its output is not kept by `Launcher::probe`).
+fn in_engine(out: &str) -> i32 {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let mut text = String::new();
+    let r = nix::unistd::getresuid().unwrap();
+    text += &format!("uid={},{},{}\n", r.real, r.effective, r.saved);
+    for key in ["NoNewPrivs", "Seccomp", "CapEff", "SigBlk"] {
+        let v = status
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+            .unwrap_or("?")
+            .trim();
+        text += &format!("{key}={v}\n");
+    }
+    for kind in ["mnt", "pid", "ipc", "uts"] {
+        let link = fs::read_link(format!("/proc/self/ns/{kind}"))
+            .map_or_else(|e| e.to_string(), |l| l.to_string_lossy().into_owned());
+        text += &format!("{kind}={link}\n");
+    }
+    let host = nix::unistd::gethostname().unwrap_or_default();
+    text += &format!("hostname={}\n", host.to_string_lossy());
+    text += &format!(
+        "thp_disable={}\n",
+        nix::sys::prctl::get_thp_disable().map_or_else(|e| e.to_string(), |d| d.to_string())
+    );
+    match fs::write(out, text) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("{out}: {e}");
+            1
+        }
     }
 }
 

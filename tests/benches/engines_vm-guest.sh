@@ -7,7 +7,7 @@
 #      systemd-run (service), crun run; "sample LAUNCHER T0 FIRST" lines
 #   2. exit -> first restart, R samples (restart.policy always, initial 1ms;
 #      a manual start between samples forgets the backoff); "restart EXIT
-#      FIRST" lines
+#      FIRST" lines; then the same with a bare parent ("floor EXIT FIRST")
 #   3. agent RSS and CPU over IDLE_SECS with 0, then E idle engines;
 #      "idle ENGINES RSS_KB HWM_KB TICKS SECS CLK_TCK SHIMS_KB ENGINES_KB
 #      MEM_AVAIL_KB" lines
@@ -174,6 +174,10 @@ echo "restart-lines $(wc -l < "$W/r")"
 awk '$1 == "exit" {e = $2; next} $1 == "first" && e != "" {print "restart " e " " $2; e = ""}' "$W/r"
 echo events; t --json engine events; echo end
 t --yes engine rm r >/dev/null
+# 2b. The floor of a restart on this node: a bare parent waits for the
+# marker's exit and spawns it again (no confinement, no delay, no agent).
+"$L" floor "$R" > "$W/floor" 2>> "$W/floor.err" || echo "fail floor: $(tail -n1 "$W/floor.err")"
+awk '$1 == "exit" {e = $2; next} $1 == "first" && e != "" {print "floor " e " " $2; e = ""}' "$W/floor"
 
 # 3b. E idle engines: the image uploaded once into the inbox, each engine
 # deployed from it (unpacked into its own root).

@@ -13,6 +13,11 @@
 //!                         restart)
 //! lhmark spawn CMD ARG..  print `t0 NS`, then exec CMD (the client whose
 //!                         call starts the engine: t0 is just before it)
+//! lhmark exit             print `first NS`, then `exit NS`, exit 1
+//! lhmark floor N          N + 1 times: run `lhmark exit`, wait for it,
+//!                         run `lhmark engine`, wait for it — the restart
+//!                         of a bare supervisor (no confinement, no delay),
+//!                         the floor an in-place restart is measured against
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
@@ -47,10 +52,29 @@ fn main() {
         eprintln!("lhmark spawn {cmd}: {e}");
         std::process::exit(127);
     }
+    if mode == "floor" {
+        drop(out);
+        let n: u32 = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(20);
+        let me = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
+        for _ in 0..=n {
+            for m in ["exit", "engine"] {
+                if let Err(e) = std::process::Command::new(&me).arg(m).status() {
+                    eprintln!("lhmark floor: {e}");
+                    std::process::exit(2);
+                }
+            }
+        }
+        return;
+    }
     let _ = writeln!(out, "first {t}");
     let _ = out.flush();
     match mode {
         "engine" => {}
+        "exit" => {
+            let _ = writeln!(out, "exit {}", now_ns());
+            let _ = out.flush();
+            std::process::exit(1);
+        }
         "idle" => idle(),
         "restart" => {
             let flag = args.get(1).map_or("/data/flag", String::as_str);
