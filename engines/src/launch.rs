@@ -18,8 +18,8 @@
 //! `CLONE_NEWPID` only applies to the children of the calling thread, and
 //! only once per thread: hence a fresh thread per start in the agent (the
 //! agent's own namespaces do not change); `unshare` of a mount namespace
-//! needs a single-threaded caller: the shim, before it starts its signal
-//! thread.
+//! needs a single-threaded caller: the shim, which never starts a thread
+//! (its signals come through a self-pipe it polls).
 //!
 //! The shim is the engine's init and supervisor: it forwards SIGTERM,
 //! SIGINT, SIGHUP, SIGUSR1 and SIGUSR2 to the engine (an engine as pid 1
@@ -433,8 +433,10 @@ impl Launcher {
     /// (`shim --probe RUN_DIR TIMEOUT_MS ARGV…`: entering a mount
     /// namespace needs a single-threaded process, which the agent is not).
     /// The command gets the engine's environment and working directory,
-    /// no stdin and no output. Held to `timeout` by the shim (SIGKILL),
-    /// and the shim to `timeout` + 1 s by this call. Blocking.
+    /// no stdin and no output, in a process group of its own, which is
+    /// killed when it ends (what it started in the background goes with
+    /// it). Held to `timeout` by the shim (SIGKILL to the group), and the
+    /// shim to `timeout` + 1 s by this call. Blocking.
     pub fn probe(&self, run_dir: &Path, argv: &[String], timeout: Duration) -> ProbeExit {
         use std::io::Read;
         if !argv.first().is_some_and(|a| a.starts_with('/'))
@@ -695,8 +697,8 @@ struct ShimSignals {
         std::os::unix::net::UnixStream,
         signal_hook::iterator::exfiltrator::SignalOnly,
     >,
-    /// A SIGTERM or SIGINT came: no respawn.
-    stop: bool,
+    /// A SIGTERM or SIGINT came (which): no respawn.
+    stop: Option<Signal>,
 }
 
 impl ShimSignals {
@@ -712,7 +714,7 @@ impl ShimSignals {
         let delivery = SignalDelivery::with_pipe(read, write, SignalOnly, signals).map_err(err)?;
         Ok(ShimSignals {
             delivery,
-            stop: false,
+            stop: None,
         })
     }
 
@@ -746,7 +748,7 @@ impl ShimSignals {
                 continue;
             }
             if sig == Signal::SIGTERM || sig == Signal::SIGINT {
-                self.stop = true;
+                self.stop.get_or_insert(sig);
             }
             if let Some(pid) = engine {
                 let _ = nix::sys::signal::kill(pid, sig);
@@ -877,6 +879,14 @@ fn run(
     let mut cmd = confine(&spec, &secrets, report)?;
     drop(secrets);
     write_file(report_file, report);
+    // What came while the shim confined itself: a stop means no engine at
+    // all; any other signal is dropped (it was meant for an engine that
+    // did not run yet, and SIGHUP or SIGUSR1 would kill one that has no
+    // handler in place yet — before the handlers, the kernel dropped them).
+    signals.drain(None);
+    if let Some(sig) = signals.stop {
+        return Ok(Exit::Signal(sig as i32));
+    }
     let spawn = |cmd: &mut Command| {
         let child = cmd.spawn().map_err(|e| LaunchError::Io {
             op: "exec",
@@ -899,7 +909,7 @@ fn run(
         }
         // A stop that came with the exit counts: no respawn.
         signals.drain(None);
-        if signals.stop {
+        if signals.stop.is_some() {
             return Ok(exit);
         }
         write_file_line(status, &StatusRecord::Exited { exit: exit.clone() });
@@ -911,7 +921,7 @@ fn run(
         let end = std::time::Instant::now() + Duration::from_millis(grant.delay_ms);
         loop {
             signals.drain(None);
-            if signals.stop {
+            if signals.stop.is_some() {
                 return Ok(exit);
             }
             let left = end.saturating_duration_since(std::time::Instant::now());
@@ -992,24 +1002,33 @@ fn probe_main(args: &[OsString]) -> Result<i32, LaunchError> {
     landlock(&spec, &mut report)?;
     drop_privileges(&spec)?;
     seccomp()?;
-    let mut child = Command::new(&argv[0])
-        .args(&argv[1..])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&spec.cwd)
-        .spawn()
-        .map_err(|e| io_err("exec", Path::new(&argv[0]), e))?;
+    // A process group of its own: what the probe starts (a shell's
+    // children) ends with it, timed out or not.
+    let mut child = std::os::unix::process::CommandExt::process_group(
+        Command::new(&argv[0])
+            .args(&argv[1..])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+        0,
+    )
+    .env_clear()
+    .envs(spec.env.iter().map(|(k, v)| (k, v)))
+    .current_dir(&spec.cwd)
+    .spawn()
+    .map_err(|e| io_err("exec", Path::new(&argv[0]), e))?;
     let probe = Running {
         run_dir: run_dir.to_path_buf(),
         shim_pid: child.id(),
         pidfd: pidfd_open(child.id())?,
         child: None,
     };
-    if !probe.wait_readable(Some(timeout))? {
-        let _ = child.kill();
+    let done = probe.wait_readable(Some(timeout))?;
+    // Before the leader is reaped: its pid, the group's id, cannot have
+    // been reused.
+    let group = Pid::from_raw(i32::try_from(child.id()).unwrap_or(0));
+    let _ = nix::sys::signal::killpg(group, Signal::SIGKILL);
+    if !done {
         let _ = child.wait();
         return Ok(PROBE_TIMED_OUT);
     }
@@ -1497,6 +1516,9 @@ const CLONE_NS_FLAGS: u32 = (libc::CLONE_NEWUSER
 /// process, as every container runtime's filter does.
 #[cfg(target_arch = "x86_64")]
 const AUDIT_ARCH: u32 = 0xC000_003E;
+// The program reads the low half of a 64-bit argument at its address.
+#[cfg(target_endian = "big")]
+compile_error!("the engine seccomp program assumes a little-endian target");
 #[cfg(target_arch = "aarch64")]
 const AUDIT_ARCH: u32 = 0xC000_00B7;
 

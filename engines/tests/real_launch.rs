@@ -518,10 +518,11 @@ fn real_respawn_in_place() -> Outcome {
     Outcome::Passed
 }
 
-/// `Launcher::probe`: a command run inside a running engine (its mount,
-/// pid, ipc and uts namespaces, its uid, no_new_privs, seccomp, Landlock)
-/// — what exec probes do; its exit code, its timeout, and a refusal once
-/// the engine is gone.
+/// `Launcher::probe` on its own (agentd tests it through the agent): a
+/// command run inside a running engine (its mount, pid, ipc and uts
+/// namespaces, its uid, no_new_privs, seccomp, Landlock) — what exec
+/// probes do; its exit code, its timeout with what it started, and a
+/// refusal once the engine is gone.
 fn real_exec_probe() -> Outcome {
     if let Some(skip) = need_root() {
         return skip;
@@ -593,25 +594,41 @@ fn real_exec_probe() -> Outcome {
     assert_eq!(field(&out, "CapEff"), "0000000000000000");
     assert_eq!(field(&out, "hostname"), "probe");
     assert_eq!(field(&out, "thp_disable"), "false");
-    assert_eq!(field(&out, "SigBlk"), "0000000000000000");
 
-    // Its exit code is the probe's result; a probe past its timeout is
-    // killed (the shim holds it to the timeout).
+    // Its exit code is the probe's result.
     assert_eq!(
         probe(&["/bin/sh", "-c", "exit 3"], 10_000),
         ProbeExit::Code(3)
     );
+    // Past its timeout the shim kills it, with what it started (its
+    // process group): the time is the probe's 2 s, not this call's
+    // backstop (3 s), and afterwards the engine's init has the engine as
+    // its only child — a background sleep left behind would be
+    // re-parented to it.
     let t = Instant::now();
-    assert_eq!(
-        probe(&["/bin/sh", "-c", "sleep 30"], 300),
-        ProbeExit::TimedOut
+    let sleeper = [
+        "/bin/sh",
+        "-c",
+        "/bin/busybox sleep 30 & /bin/busybox sleep 30",
+    ];
+    assert_eq!(probe(&sleeper, 2_000), ProbeExit::TimedOut);
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_millis(2_800),
+        "{took:?}"
     );
-    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    let shim = r.shim_pid();
+    let children = || fs::read_to_string(format!("/proc/{shim}/task/{shim}/children")).unwrap();
+    let t = Instant::now();
+    while children().trim() != engine.to_string() && t.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(children().trim(), engine.to_string(), "left in the engine");
 
     r.signal(nix::sys::signal::Signal::SIGTERM).unwrap();
     assert_eq!(wait(&mut r), Exit::Code(0));
     match probe(&["/bin/sh", "-c", "exit 0"], 10_000) {
-        ProbeExit::NotRun(why) => println!("probe after the engine ended: {why}"),
+        ProbeExit::NotRun(why) => assert!(why.contains("gone"), "{why}"),
         other => panic!("probe into an ended engine: {other:?}"),
     }
     Outcome::Passed
@@ -970,7 +987,7 @@ fn in_engine(out: &str) -> i32 {
     let mut text = String::new();
     let r = nix::unistd::getresuid().unwrap();
     text += &format!("uid={},{},{}\n", r.real, r.effective, r.saved);
-    for key in ["NoNewPrivs", "Seccomp", "CapEff", "SigBlk"] {
+    for key in ["NoNewPrivs", "Seccomp", "CapEff"] {
         let v = status
             .lines()
             .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
