@@ -19,6 +19,10 @@
 //! Also: from the engine's output to its shim's exit seen on the pidfd
 //! (the engine exits right after writing; exit detection, no polling).
 //!
+//! `LEASEHOLD_BENCH_BASELINE_SHIM=PATH`: one more row, the launcher with
+//! that shim binary (an older build, say) and no cgroup, interleaved with
+//! the others: a change to the shim measured side by side in one run.
+//!
 //! `LEASEHOLD_TEST_DELEGATED=1` (in a unit or scope with `Delegate=yes`):
 //! the bench moves itself to `<own cgroup>/runner`, enables the controllers
 //! on its own cgroup and creates the engines' cgroups there, as the engines
@@ -282,6 +286,14 @@ fn main() {
         name: "launcher: no cgroup",
         samples: vec![],
     };
+    let baseline = std::env::var_os("LEASEHOLD_BENCH_BASELINE_SHIM").map(|p| {
+        let name = format!("launcher with {}: no cgroup", Path::new(&p).display());
+        (Launcher::new(p), name)
+    });
+    let mut baseline_nocg = Stats {
+        name: "launcher with the baseline shim: no cgroup",
+        samples: vec![],
+    };
     let mut crun_s = Stats {
         name: "`crun run`: cgroup created (clone3 CLONE_INTO_CGROUP)",
         samples: vec![],
@@ -377,6 +389,24 @@ fn main() {
             ours_nocg.samples.push(d);
         }
 
+        if let Some((base, _)) = &baseline {
+            let (r, w) = pipe();
+            let run_dir = run.path().join(format!("base{i}"));
+            let t = Instant::now();
+            let mut running = base
+                .start(&spec, &run_dir, Stdio::from(w), Stdio::inherit(), &[])
+                .unwrap();
+            let d = first_byte(t, r);
+            running
+                .wait(Some(Duration::from_secs(10)))
+                .unwrap()
+                .expect("engine exit");
+            assert_eq!(running.report().map(|r| r.result), Some(Ok(())));
+            if count {
+                baseline_nocg.samples.push(d);
+            }
+        }
+
         for (args, stats) in [
             (&["--scope"][..], &mut scope),
             (&["--pipe", "--wait", "--collect"][..], &mut service),
@@ -470,12 +500,27 @@ fn main() {
             .unwrap()
             .display()
     );
+    if let Some((_, name)) = &baseline {
+        println!("- baseline row: {name}");
+    }
     println!();
     println!("| candidate | p50 | p99 | max |");
     println!("|---|---|---|---|");
     for s in [
-        &floor, &unshare, &ours, &ours_nocg, &crun_s, &crun_nocg, &scope, &service, &exit_seen,
+        &floor,
+        &unshare,
+        &ours,
+        &ours_nocg,
+        &baseline_nocg,
+        &crun_s,
+        &crun_nocg,
+        &scope,
+        &service,
+        &exit_seen,
     ] {
+        if std::ptr::eq(s, &baseline_nocg) && baseline.is_none() {
+            continue;
+        }
         if s.samples.is_empty() {
             println!("| {} | skipped: not installed here | | |", s.name);
             continue;
