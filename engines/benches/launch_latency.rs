@@ -37,7 +37,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use leasehold_engines::cgroup::{CgroupFs, CgroupPath, Cgroups};
-use leasehold_engines::launch::{LaunchSpec, Launcher};
+use leasehold_engines::launch::{LaunchSpec, Launcher, Respawn, STATUS_FIFO};
 
 const SHIM: &str = env!("CARGO_BIN_EXE_leasehold-engine-shim");
 const UID: u32 = 61_234;
@@ -102,6 +102,51 @@ fn first_byte(start: Instant, mut r: fs::File) -> Duration {
     let n = r.read(&mut b).expect("read engine output");
     assert_eq!(n, 1, "engine wrote nothing");
     start.elapsed()
+}
+
+/// The first restart in place: the engine prints "x" and exits 1; the
+/// shim's grant (no delay) starts it once more, which prints "x" again and
+/// exits. Time from the first "x" to the second, as the pipe shows them.
+fn respawn_sample(launcher: &Launcher, spec: &LaunchSpec, run_dir: &Path) -> Duration {
+    use std::os::unix::fs::OpenOptionsExt;
+    fs::create_dir_all(run_dir).unwrap();
+    nix::unistd::mkfifo(
+        &run_dir.join(STATUS_FIFO),
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+    )
+    .unwrap();
+    // The agent's read end, open before the start (the grant needs it).
+    let _status = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(run_dir.join(STATUS_FIFO))
+        .unwrap();
+    let mut s = spec.clone();
+    s.argv = ["/bin/busybox", "sh", "-c", "echo x; exit 1"]
+        .map(String::from)
+        .to_vec();
+    s.respawn = Some(Respawn {
+        delay_ms: 0,
+        on_clean_exit: false,
+    });
+    let (mut r, w) = pipe();
+    let mut running = launcher
+        .start(&s, run_dir, Stdio::from(w), Stdio::inherit(), &[])
+        .unwrap();
+    let mut seen = Vec::new();
+    let mut b = [0u8; 1];
+    while seen.len() < 2 {
+        match r.read(&mut b) {
+            Ok(1) if b[0] == b'x' => seen.push(Instant::now()),
+            Ok(1) => {}
+            other => panic!("respawn: engine output ended: {other:?}"),
+        }
+    }
+    running
+        .wait(Some(Duration::from_secs(10)))
+        .unwrap()
+        .expect("engine exit");
+    seen[1] - seen[0]
 }
 
 fn crun_config(root: &Path) -> serde_json::Value {
@@ -294,6 +339,15 @@ fn main() {
         name: "launcher with the baseline shim: no cgroup",
         samples: vec![],
     };
+    let mut respawn = Stats {
+        name:
+            "first restart in place: first instance's output → the next one's (no delay, no cgroup)",
+        samples: vec![],
+    };
+    let mut baseline_respawn = Stats {
+        name: "the same with the baseline shim",
+        samples: vec![],
+    };
     let mut crun_s = Stats {
         name: "`crun run`: cgroup created (clone3 CLONE_INTO_CGROUP)",
         samples: vec![],
@@ -387,6 +441,17 @@ fn main() {
         assert_eq!(running.report().map(|r| r.result), Some(Ok(())));
         if count {
             ours_nocg.samples.push(d);
+        }
+
+        let d = respawn_sample(&launcher, &spec, &run.path().join(format!("re{i}")));
+        if count {
+            respawn.samples.push(d);
+        }
+        if let Some((base, _)) = &baseline {
+            let d = respawn_sample(base, &spec, &run.path().join(format!("basere{i}")));
+            if count {
+                baseline_respawn.samples.push(d);
+            }
         }
 
         if let Some((base, _)) = &baseline {
@@ -512,13 +577,16 @@ fn main() {
         &ours,
         &ours_nocg,
         &baseline_nocg,
+        &respawn,
+        &baseline_respawn,
         &crun_s,
         &crun_nocg,
         &scope,
         &service,
         &exit_seen,
     ] {
-        if std::ptr::eq(s, &baseline_nocg) && baseline.is_none() {
+        let base_row = std::ptr::eq(s, &baseline_nocg) || std::ptr::eq(s, &baseline_respawn);
+        if base_row && baseline.is_none() {
             continue;
         }
         if s.samples.is_empty() {
