@@ -104,6 +104,23 @@ fn first_byte(start: Instant, mut r: fs::File) -> Duration {
     start.elapsed()
 }
 
+/// One start without a cgroup: the call → the engine's first output byte;
+/// waits for the engine's exit and checks the confinement report.
+fn start_sample(launcher: &Launcher, spec: &LaunchSpec, run_dir: &Path) -> Duration {
+    let (r, w) = pipe();
+    let t = Instant::now();
+    let mut running = launcher
+        .start(spec, run_dir, Stdio::from(w), Stdio::inherit(), &[])
+        .unwrap();
+    let d = first_byte(t, r);
+    running
+        .wait(Some(Duration::from_secs(10)))
+        .unwrap()
+        .expect("engine exit");
+    assert_eq!(running.report().map(|r| r.result), Some(Ok(())));
+    d
+}
+
 /// The first restart in place: the engine prints "x" and exits 1; the
 /// shim's grant (no delay) starts it once more, which prints "x" again and
 /// exits. Time from the first "x" to the second, as the pipe shows them.
@@ -427,18 +444,7 @@ fn main() {
             exit_seen.samples.push(e);
         }
 
-        let (r, w) = pipe();
-        let run_dir = run.path().join(format!("nocg{i}"));
-        let t = Instant::now();
-        let mut running = launcher
-            .start(&spec, &run_dir, Stdio::from(w), Stdio::inherit(), &[])
-            .unwrap();
-        let d = first_byte(t, r);
-        running
-            .wait(Some(Duration::from_secs(10)))
-            .unwrap()
-            .expect("engine exit");
-        assert_eq!(running.report().map(|r| r.result), Some(Ok(())));
+        let d = start_sample(&launcher, &spec, &run.path().join(format!("nocg{i}")));
         if count {
             ours_nocg.samples.push(d);
         }
@@ -455,18 +461,7 @@ fn main() {
         }
 
         if let Some((base, _)) = &baseline {
-            let (r, w) = pipe();
-            let run_dir = run.path().join(format!("base{i}"));
-            let t = Instant::now();
-            let mut running = base
-                .start(&spec, &run_dir, Stdio::from(w), Stdio::inherit(), &[])
-                .unwrap();
-            let d = first_byte(t, r);
-            running
-                .wait(Some(Duration::from_secs(10)))
-                .unwrap()
-                .expect("engine exit");
-            assert_eq!(running.report().map(|r| r.result), Some(Ok(())));
+            let d = start_sample(base, &spec, &run.path().join(format!("base{i}")));
             if count {
                 baseline_nocg.samples.push(d);
             }
