@@ -980,6 +980,15 @@ fn nix_errno(r: nix::Result<()>) -> String {
     }
 }
 
+/// A "Key:\tvalue" line's value in /proc/PID/status, "?" when absent.
+fn status_field<'a>(status: &'a str, key: &str) -> &'a str {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
+        .unwrap_or("?")
+        .trim()
+}
+
 /// `--in-engine OUT`: what an exec probe sees, as "key=value" lines in
 /// OUT (its output is not kept by `Launcher::probe`).
 fn in_engine(out: &str) -> i32 {
@@ -988,11 +997,7 @@ fn in_engine(out: &str) -> i32 {
     let r = nix::unistd::getresuid().unwrap();
     text += &format!("uid={},{},{}\n", r.real, r.effective, r.saved);
     for key in ["NoNewPrivs", "Seccomp", "CapEff"] {
-        let v = status
-            .lines()
-            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-            .unwrap_or("?")
-            .trim();
+        let v = status_field(&status, key);
         text += &format!("{key}={v}\n");
     }
     for kind in ["mnt", "pid", "ipc", "uts"] {
@@ -1035,11 +1040,7 @@ fn probe(args: &[String]) -> i32 {
         "Seccomp",
         "SigBlk",
     ] {
-        let v = status
-            .lines()
-            .find_map(|l| l.strip_prefix(key)?.strip_prefix(':'))
-            .unwrap_or("?")
-            .trim();
+        let v = status_field(&status, key);
         println!("{key}={v}");
     }
     println!("pid={}", std::process::id());
