@@ -2473,6 +2473,8 @@ impl Engines for EngineRuntime {
 
 mod notify;
 mod output;
+#[cfg(feature = "bench-stand-ins")]
+pub mod stand_in;
 mod tenant;
 
 #[cfg(test)]

@@ -442,8 +442,9 @@ async fn serve(
         Ok(())
     } else {
         // After the volume: the engines run from it.
+        let engine_volume = engine_volume(volume.clone());
         let uploads = Arc::new(upload::Uploads::new(
-            volume.clone(),
+            engine_volume.clone(),
             engines_cfg.images_dir.clone(),
             engines_cfg.upload_max_bytes,
         ));
@@ -461,7 +462,7 @@ async fn serve(
         let engines = start_engines(
             engines_cfg,
             &state_dir,
-            volume.clone(),
+            engine_volume,
             keys.clone(),
             boundaries.clone(),
             reboot_tx,
@@ -509,13 +510,31 @@ async fn serve(
     result
 }
 
+/// Where engines and uploads live: the tenant volume (or, in a build for
+/// the host's whole-path bench, a stand-in: engines/stand_in.rs).
+fn engine_volume(volume: Arc<volume::Volume>) -> Arc<dyn engines::VolumeDir> {
+    #[cfg(feature = "bench-stand-ins")]
+    return engines::stand_in::volume(volume);
+    #[cfg(not(feature = "bench-stand-ins"))]
+    volume
+}
+
+fn engine_cgroups(
+    fs: leasehold_engines::cgroup::CgroupFs,
+) -> Arc<dyn leasehold_engines::cgroup::Cgroups> {
+    #[cfg(feature = "bench-stand-ins")]
+    return engines::stand_in::cgroups(fs);
+    #[cfg(not(feature = "bench-stand-ins"))]
+    Arc::new(fs)
+}
+
 /// The engine runtime: re-adopts the engines still running, starts those
 /// marked to start. Where cgroup v2 or the volume is missing it still runs
 /// (deploy and start then refuse, naming what is missing).
 async fn start_engines(
     c: config::EnginesSection,
     state_dir: &Path,
-    volume: Arc<volume::Volume>,
+    volume: Arc<dyn engines::VolumeDir>,
     keys: Arc<Keys>,
     boundaries: Arc<boundary::Boundaries>,
     reboot_node: tokio::sync::mpsc::Sender<(String, String)>,
@@ -538,7 +557,7 @@ async fn start_engines(
         log_max_bytes: c.log_max_bytes,
         reboot_node: c.allow_reboot_node.then_some(reboot_node),
     };
-    let cgroups = Arc::new(leasehold_engines::cgroup::CgroupFs::with_root(Some(
+    let cgroups = engine_cgroups(leasehold_engines::cgroup::CgroupFs::with_root(Some(
         &c.cgroup_root,
     )));
     let spawner = Arc::new(engines::ShimSpawner(

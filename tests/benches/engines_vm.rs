@@ -18,6 +18,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
+use leasehold_tests::engine_bench::{ms, pct, sorted};
 use leasehold_tests::workspace_root;
 
 /// Every lab call is bounded (TCG is slow, but never unbounded).
@@ -44,171 +45,14 @@ fn env_n(name: &str, default: u32) -> u32 {
         .unwrap_or(default)
 }
 
-/// Nearest-rank percentile (p in 0..=100) of sorted samples.
-fn pct(sorted: &[f64], p: usize) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (p * sorted.len()).div_ceil(100);
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn sorted(mut v: Vec<f64>) -> Vec<f64> {
-    v.sort_by(f64::total_cmp);
-    v
-}
-
-fn ms(a: u128, b: u128) -> f64 {
-    (b as f64 - a as f64) / 1e6
-}
-
-/// The launcher's seccomp deny-list (engines/src/launch.rs), for crun's
-/// config, as in engines/benches/launch_latency.rs.
-const DENIED: &[&str] = &[
-    "mount",
-    "umount2",
-    "pivot_root",
-    "chroot",
-    "move_mount",
-    "open_tree",
-    "fsopen",
-    "fsconfig",
-    "fsmount",
-    "fspick",
-    "mount_setattr",
-    "unshare",
-    "setns",
-    "ptrace",
-    "process_vm_readv",
-    "process_vm_writev",
-    "kcmp",
-    "pidfd_getfd",
-    "kexec_load",
-    "kexec_file_load",
-    "reboot",
-    "init_module",
-    "finit_module",
-    "delete_module",
-    "bpf",
-    "perf_event_open",
-    "userfaultfd",
-    "keyctl",
-    "add_key",
-    "request_key",
-    "swapon",
-    "swapoff",
-    "acct",
-    "quotactl",
-    "settimeofday",
-    "clock_settime",
-    "clock_adjtime",
-    "adjtimex",
-    "syslog",
-    "vhangup",
-    "open_by_handle_at",
-    "name_to_handle_at",
-    "lookup_dcookie",
-    "iopl",
-    "ioperm",
-];
-
-/// crun's bundle: the same namespaces, read-only root, no capabilities,
-/// no_new_privs and deny-list as the agent's shim (no Landlock: crun has
-/// none), an unprivileged uid, the guest's copy of the rootfs.
-fn crun_config() -> serde_json::Value {
-    let syscalls: Vec<serde_json::Value> = DENIED
-        .iter()
-        .map(|s| serde_json::json!({"names": [s], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}))
-        .collect();
-    serde_json::json!({
-        "ociVersion": "1.0.0",
-        "process": {
-            "terminal": false,
-            "user": {"uid": 2_000_999, "gid": 2_000_999},
-            "args": ["/lhmark", "engine"],
-            "env": ["PATH=/bin"],
-            "cwd": "/",
-            "capabilities": {"bounding": [], "effective": [], "inheritable": [], "permitted": [], "ambient": []},
-            "noNewPrivileges": true
-        },
-        "root": {"path": "/var/tmp/lhb/rootfs", "readonly": true},
-        "hostname": "bench",
-        "mounts": [
-            {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
-            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
-            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777", "size=1m"]}
-        ],
-        "linux": {
-            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
-            "seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"], "syscalls": syscalls},
-            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug"],
-            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
-        }
-    })
-}
-
-fn run(c: &mut Command) {
-    let o = c.output().unwrap();
-    assert!(
-        o.status.success(),
-        "{c:?}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// The files the guest script uses, under `stage`: the marker, the root
-/// filesystem (marker + empty mount points), crun's bundle, the same root
-/// as an OCI archive for the agent, the three specs and the script.
-fn stage(stage: &Path) {
-    let _ = std::fs::remove_dir_all(stage);
-    let root = stage.join("rootfs");
-    for d in ["proc", "dev", "tmp", "data"] {
-        std::fs::create_dir_all(root.join(d)).unwrap();
-    }
-    let marker = stage.join("lhmark");
-    run(Command::new("rustc")
-        .args([
-            "--edition",
-            "2021",
-            "-O",
-            "-C",
-            "target-feature=+crt-static",
-            "-C",
-            "strip=symbols",
-            "-C",
-            "panic=abort",
-        ])
-        .arg(workspace_root().join("tests/support/lhmark.rs"))
-        .arg("-o")
-        .arg(&marker));
-    std::fs::copy(&marker, root.join("lhmark")).unwrap();
-    let image = leasehold_tests::oci::archive(&stage.join("../engines-vm-oci"), &root);
-    std::fs::copy(image, stage.join("bb.tar")).unwrap();
-    std::fs::create_dir_all(stage.join("bundle")).unwrap();
-    std::fs::write(
-        stage.join("bundle/config.json"),
-        serde_json::to_vec_pretty(&crun_config()).unwrap(),
-    )
-    .unwrap();
-    let never = "stop_grace = \"3s\"\n[restart]\npolicy = \"never\"\n";
-    std::fs::write(
-        stage.join("start.toml"),
-        format!("command = [\"/lhmark\", \"engine\"]\n{never}"),
-    )
-    .unwrap();
-    std::fs::write(
-        stage.join("idle.toml"),
-        format!("command = [\"/lhmark\", \"idle\"]\n{never}"),
-    )
-    .unwrap();
-    std::fs::write(
-        stage.join("restart.toml"),
-        "command = [\"/lhmark\", \"restart\", \"/data/flag\"]\nstop_grace = \"3s\"\ndata_dirs = [\"data\"]\n[restart]\npolicy = \"always\"\ninitial = \"1ms\"\n",
-    )
-    .unwrap();
+/// The files the guest script uses, under `dir`: the shared stage (the
+/// marker, its root filesystem, crun's bundle for the guest's copy of it,
+/// the OCI archive, the specs), the kept-connection client and the script.
+fn stage(dir: &Path) {
+    leasehold_tests::engine_bench::stage(dir, Path::new("/var/tmp/lhb/rootfs"));
     // The client of the "one kept connection" row (cargo build --bins).
     let probe = leasehold_tests::bin("lh-dbus-probe");
-    std::fs::copy(&probe, stage.join("lh-dbus-probe")).unwrap_or_else(|e| {
+    std::fs::copy(&probe, dir.join("lh-dbus-probe")).unwrap_or_else(|e| {
         panic!(
             "{}: {e} (cargo build --workspace --bins first)",
             probe.display()
@@ -216,7 +60,7 @@ fn stage(stage: &Path) {
     });
     std::fs::copy(
         workspace_root().join("tests/benches/engines_vm-guest.sh"),
-        stage.join("guest.sh"),
+        dir.join("guest.sh"),
     )
     .unwrap();
 }

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 
+pub mod engine_bench;
 pub mod flood;
 pub mod json_doc;
 pub mod markdown;
@@ -304,6 +305,7 @@ pub struct Lab {
     /// Extra environment for the next [`Lab::start_agent`] (e.g. a test's
     /// `NOTIFY_SOCKET` standing in for systemd's).
     pub agent_env: Vec<(String, String)>,
+    agentd: Option<PathBuf>,
     /// agentd's `--dev` directory.
     agent_dir: PathBuf,
     /// agentd started in this process's network namespace (it makes its own).
@@ -343,6 +345,11 @@ pub struct LabOptions {
     /// dbus-broker (package dbus-broker) as the bus instead of dbus-daemon,
     /// with the same configuration (`tests/support/dbus-broker.sh`).
     pub dbus_broker: bool,
+    /// Another agentd binary than the workspace's ([`bin`]), e.g. a build
+    /// with the bench stand-ins (tests/benches/engines_host.rs).
+    pub agentd: Option<PathBuf>,
+    /// More environment for agentd, from its first start.
+    pub agent_env: Vec<(String, String)>,
 }
 
 /// An sshd on loopback for the lab.
@@ -610,7 +617,8 @@ impl Lab {
             sshd: None,
             netns,
             agent_config: opts.agent_config,
-            agent_env: Vec::new(),
+            agent_env: opts.agent_env,
+            agentd: opts.agentd,
             agent_dir,
             agent_host_netns: opts.agent_host_netns,
             agent_log_to_stderr: opts.agent_log_to_stderr,
@@ -725,7 +733,7 @@ impl Lab {
 
     /// Starts agentd --dev on the lab's state and waits until it owns its name.
     pub fn start_agent(&mut self) {
-        let agentd = bin("agentd");
+        let agentd = self.agentd.clone().unwrap_or_else(|| bin("agentd"));
         // Both wrappers exec agentd: the child's pid is agentd's.
         let mut cmd = match &self.netns {
             None if self.agent_host_netns => {

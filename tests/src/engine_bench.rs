@@ -1,0 +1,181 @@
+//! What the engine benchmarks share (tests/benches/engines_vm.rs on a lab
+//! node, tests/benches/engines_host.rs on this host): the staged marker,
+//! root filesystem, crun bundle, OCI archive and specs, and the statistics.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::workspace_root;
+
+/// Nearest-rank percentile (p in 0..=100) of sorted samples.
+pub fn pct(sorted: &[f64], p: usize) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = (p * sorted.len()).div_ceil(100);
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// The samples in ascending order.
+pub fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+/// Milliseconds from `a` to `b` (nanosecond timestamps).
+pub fn ms(a: u128, b: u128) -> f64 {
+    (b as f64 - a as f64) / 1e6
+}
+
+/// The launcher's seccomp deny-list (engines/src/launch.rs), for crun's
+/// config, as in engines/benches/launch_latency.rs.
+const DENIED: &[&str] = &[
+    "mount",
+    "umount2",
+    "pivot_root",
+    "chroot",
+    "move_mount",
+    "open_tree",
+    "fsopen",
+    "fsconfig",
+    "fsmount",
+    "fspick",
+    "mount_setattr",
+    "unshare",
+    "setns",
+    "ptrace",
+    "process_vm_readv",
+    "process_vm_writev",
+    "kcmp",
+    "pidfd_getfd",
+    "kexec_load",
+    "kexec_file_load",
+    "reboot",
+    "init_module",
+    "finit_module",
+    "delete_module",
+    "bpf",
+    "perf_event_open",
+    "userfaultfd",
+    "keyctl",
+    "add_key",
+    "request_key",
+    "swapon",
+    "swapoff",
+    "acct",
+    "quotactl",
+    "settimeofday",
+    "clock_settime",
+    "clock_adjtime",
+    "adjtimex",
+    "syslog",
+    "vhangup",
+    "open_by_handle_at",
+    "name_to_handle_at",
+    "lookup_dcookie",
+    "iopl",
+    "ioperm",
+];
+
+/// crun's bundle: the same namespaces, read-only root, no capabilities,
+/// no_new_privs and deny-list as the agent's shim (no Landlock: crun has
+/// none), an unprivileged uid, the root filesystem at `rootfs` (where the
+/// node running crun has it).
+pub fn crun_config(rootfs: &Path) -> serde_json::Value {
+    let syscalls: Vec<serde_json::Value> = DENIED
+        .iter()
+        .map(|s| serde_json::json!({"names": [s], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}))
+        .collect();
+    serde_json::json!({
+        "ociVersion": "1.0.0",
+        "process": {
+            "terminal": false,
+            "user": {"uid": 2_000_999, "gid": 2_000_999},
+            "args": ["/lhmark", "engine"],
+            "env": ["PATH=/bin"],
+            "cwd": "/",
+            "capabilities": {"bounding": [], "effective": [], "inheritable": [], "permitted": [], "ambient": []},
+            "noNewPrivileges": true
+        },
+        "root": {"path": rootfs, "readonly": true},
+        "hostname": "bench",
+        "mounts": [
+            {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "noexec", "nodev"]},
+            {"destination": "/dev", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "strictatime", "mode=755", "size=65536k"]},
+            {"destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "nodev", "mode=1777", "size=1m"]}
+        ],
+        "linux": {
+            "namespaces": [{"type": "pid"}, {"type": "ipc"}, {"type": "uts"}, {"type": "mount"}],
+            "seccomp": {"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"], "syscalls": syscalls},
+            "maskedPaths": ["/proc/kcore", "/proc/keys", "/proc/timer_list", "/proc/sched_debug"],
+            "readonlyPaths": ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+        }
+    })
+}
+
+fn run(c: &mut Command) {
+    let o = c.output().unwrap();
+    assert!(
+        o.status.success(),
+        "{c:?}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// The files both engine benches use, under `stage` (made anew): the
+/// marker (`tests/support/lhmark.rs`, static), its root filesystem
+/// (`rootfs/`: the marker and empty mount points), crun's bundle (`bundle/`,
+/// its root at `bundle_rootfs`), the same root as an OCI archive for the
+/// agent (`bb.tar`) and the engine specs (`start.toml`, `idle.toml`,
+/// `restart.toml`).
+pub fn stage(stage: &Path, bundle_rootfs: &Path) {
+    let _ = std::fs::remove_dir_all(stage);
+    let root = stage.join("rootfs");
+    for d in ["proc", "dev", "tmp", "data"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let marker = stage.join("lhmark");
+    run(Command::new("rustc")
+        .args([
+            "--edition",
+            "2021",
+            "-O",
+            "-C",
+            "target-feature=+crt-static",
+            "-C",
+            "strip=symbols",
+            "-C",
+            "panic=abort",
+        ])
+        .arg(workspace_root().join("tests/support/lhmark.rs"))
+        .arg("-o")
+        .arg(&marker));
+    std::fs::copy(&marker, root.join("lhmark")).unwrap();
+    // Next to the stage, not in it (the VM bench copies the stage whole).
+    let mut oci = stage.as_os_str().to_owned();
+    oci.push("-oci");
+    let image = crate::oci::archive(Path::new(&oci), &root);
+    std::fs::copy(image, stage.join("bb.tar")).unwrap();
+    std::fs::create_dir_all(stage.join("bundle")).unwrap();
+    std::fs::write(
+        stage.join("bundle/config.json"),
+        serde_json::to_vec_pretty(&crun_config(bundle_rootfs)).unwrap(),
+    )
+    .unwrap();
+    let never = "stop_grace = \"3s\"\n[restart]\npolicy = \"never\"\n";
+    std::fs::write(
+        stage.join("start.toml"),
+        format!("command = [\"/lhmark\", \"engine\"]\n{never}"),
+    )
+    .unwrap();
+    std::fs::write(
+        stage.join("idle.toml"),
+        format!("command = [\"/lhmark\", \"idle\"]\n{never}"),
+    )
+    .unwrap();
+    std::fs::write(
+        stage.join("restart.toml"),
+        "command = [\"/lhmark\", \"restart\", \"/data/flag\"]\nstop_grace = \"3s\"\ndata_dirs = [\"data\"]\n[restart]\npolicy = \"always\"\ninitial = \"1ms\"\n",
+    )
+    .unwrap();
+}
