@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use leasehold_tests::engine_bench::{ms, pct, sorted};
+use leasehold_tests::engine_bench::{cells, ms, pct, sorted};
 use leasehold_tests::{require_root, workspace_root, Lab, LabOptions, Who};
 
 fn env_n(name: &str, default: u32) -> u32 {
@@ -270,30 +270,20 @@ fn main() {
     let archive = b.stage.join("bb.tar");
     let archive = archive.to_str().unwrap();
     let spec = |name: &str| b.stage.join(name).display().to_string();
-    b.tenant(&[
-        "engine",
-        "deploy",
-        "s",
-        archive,
-        "--spec",
-        &spec("start.toml"),
-    ]);
-    b.tenant(&[
-        "engine",
-        "deploy",
-        "p",
-        archive,
-        "--spec",
-        &spec("start.toml"),
-    ]);
-    b.tenant(&[
-        "engine",
-        "deploy",
-        "r",
-        archive,
-        "--spec",
-        &spec("restart.toml"),
-    ]);
+    for (engine, spec_file) in [
+        ("s", "start.toml"),
+        ("p", "start.toml"),
+        ("r", "restart.toml"),
+    ] {
+        b.tenant(&[
+            "engine",
+            "deploy",
+            engine,
+            archive,
+            "--spec",
+            &spec(spec_file),
+        ]);
+    }
     let marker = b.stage.join("lhmark");
     let root_marker = b.stage.join("rootfs/lhmark");
     let crun_bin = Path::new("/usr/bin/crun");
@@ -481,15 +471,7 @@ fn main() {
         ("`crun run`", "`crun` as root, cgroupfs manager", "namespaces, read-only root, seccomp deny-list, no capabilities, own cgroup (`clone3` into it)", &crun),
         ("no launcher: the marker execs the marker", "—", "none", &exec),
     ] {
-        writeln!(
-            s,
-            "| {label} | {client} | {conf} | {} | {:.2} ms | {:.2} ms | {:.2} ms |",
-            v.len(),
-            pct(v, 50),
-            pct(v, 99),
-            v.last().copied().unwrap_or(f64::NAN)
-        )
-        .unwrap();
+        writeln!(s, "| {label} | {client} | {conf} | {} |", cells(v, 2)).unwrap();
     }
     writeln!(s, "\nRecorded (warm-up included): agent {} t0, {} first; kept connection {} t0, {} first; crun {} pairs; exec {} pairs. p99 is nearest-rank.", agent_t0.len(), agent_first.len(), probe_t0.len(), probe_first.len(), crun_pairs.len(), exec_pairs.len()).unwrap();
     // t0 → `started` (client, bus, polkit, controller, cgroups, the shim
@@ -550,15 +532,7 @@ fn main() {
         ("A's last instruction → B's first instruction (the agent's engine)", &rs),
         ("baseline: a bare parent (`lhmark floor`, as root) waits for the marker's exit and spawns it again — no confinement, no agent", &fl),
     ] {
-        writeln!(
-            s,
-            "| {label} | {} | {:.2} ms | {:.2} ms | {:.2} ms |",
-            v.len(),
-            pct(v, 50),
-            pct(v, 99),
-            v.last().copied().unwrap_or(f64::NAN)
-        )
-        .unwrap();
+        writeln!(s, "| {label} | {} |", cells(v, 2)).unwrap();
     }
     let met = |b: bool| if b { "met" } else { "**not met**" };
     writeln!(

@@ -18,7 +18,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use leasehold_tests::engine_bench::{ms, pct, sorted};
+use leasehold_tests::engine_bench::{cells, ms, pct, sorted};
 use leasehold_tests::workspace_root;
 
 /// Every lab call is bounded (TCG is slow, but never unbounded).
@@ -330,15 +330,7 @@ fn report(out: &str, starts: u32) {
             .map_or(vec![], |x| x.iter().skip(1).map(|&(a, b)| ms(a, b)).collect());
         let v = sorted(v);
         p50s.insert(key, (pct(&v, 50), pct(&v, 99)));
-        writeln!(
-            s,
-            "| {label} | {client} | {conf} | {} | {:.1} ms | {:.1} ms | {:.1} ms |",
-            v.len(),
-            pct(&v, 50),
-            pct(&v, 99),
-            v.last().copied().unwrap_or(f64::NAN)
-        )
-        .unwrap();
+        writeln!(s, "| {label} | {client} | {conf} | {} |", cells(&v, 1)).unwrap();
     }
     let counts: Vec<String> = info
         .iter()
@@ -414,11 +406,8 @@ fn report(out: &str, starts: u32) {
     writeln!(s, "|---|---|---|---|---|").unwrap();
     writeln!(
         s,
-        "| A's last instruction → B's first instruction | {} | {:.1} ms | {:.1} ms | {:.1} ms |",
-        r.len(),
-        pct(&r, 50),
-        pct(&r, 99),
-        r.last().copied().unwrap_or(f64::NAN)
+        "| A's last instruction → B's first instruction | {} |",
+        cells(&r, 1)
     )
     .unwrap();
     let exited = ev_times("r", "exited");
@@ -458,15 +447,7 @@ fn report(out: &str, starts: u32) {
         ),
     ] {
         let v = sorted(v);
-        writeln!(
-            s,
-            "| {label} | {} | {:.1} ms | {:.1} ms | {:.1} ms |",
-            v.len(),
-            pct(&v, 50),
-            pct(&v, 99),
-            v.last().copied().unwrap_or(f64::NAN)
-        )
-        .unwrap();
+        writeln!(s, "| {label} | {} |", cells(&v, 1)).unwrap();
     }
 
     writeln!(

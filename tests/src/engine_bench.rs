@@ -16,6 +16,18 @@ pub fn pct(sorted: &[f64], p: usize) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
 
+/// A table row's statistics of sorted samples (milliseconds) with
+/// `digits` decimals: `n | p50 ms | p99 ms | max ms`.
+pub fn cells(v: &[f64], digits: usize) -> String {
+    format!(
+        "{} | {:.digits$} ms | {:.digits$} ms | {:.digits$} ms",
+        v.len(),
+        pct(v, 50),
+        pct(v, 99),
+        v.last().copied().unwrap_or(f64::NAN)
+    )
+}
+
 /// The samples in ascending order.
 pub fn sorted(mut v: Vec<f64>) -> Vec<f64> {
     v.sort_by(f64::total_cmp);
