@@ -58,6 +58,16 @@ landlordctl --json info | grep -q '"assigned":true' || landlordctl --yes assign 
 systemctl stop leasehold-agentd
 sed -i '/^\[storage\]/,$d' "$CONF"
 printf '[storage]\nfill_on_init = false\n' >> "$CONF"
+if [ "${FAVORDYNMODS:-0}" = 1 ]; then
+    # The landlord's node-wide option (docs/engines.md, "favordynmods"): the
+    # packaged example drop-in, applied by the engines unit's restart (no
+    # engine runs yet).
+    install -D -m 0644 /usr/share/doc/leasehold/examples/systemd/leasehold-engines-favordynmods.conf \
+        /etc/systemd/system/leasehold-engines.service.d/favordynmods.conf
+    systemctl daemon-reload
+    systemctl restart leasehold-engines
+fi
+echo "cgroup2 $(awk '$2 == "/sys/fs/cgroup" {print $4}' /proc/self/mounts)"
 systemctl start leasehold-agentd
 landlordctl --yes volume init --force "$DEV" >/dev/null
 agent_idle

@@ -10,6 +10,8 @@
 //! `tests/support/lhmark.rs`, built here with rustc as a static binary.
 //! `LH_BENCH_STARTS` (default 30), `LH_BENCH_RESTARTS` (20),
 //! `LH_BENCH_ENGINES` (100), `LH_BENCH_IDLE_SECS` (60) size the run;
+//! `LH_BENCH_FAVORDYNMODS=1` installs the packaged favordynmods drop-in
+//! first;
 //! `LH_BENCH_GUEST_OUT=target/engines-vm/guest.out` renders a saved run
 //! again without a VM.
 
@@ -95,6 +97,9 @@ fn run_vm(starts: u32) -> String {
     let restarts = env_n("LH_BENCH_RESTARTS", 20);
     let engines = env_n("LH_BENCH_ENGINES", 100);
     let idle_secs = env_n("LH_BENCH_IDLE_SECS", 60);
+    // 1: the node with the packaged favordynmods drop-in (the landlord's
+    // option; the report's cgroup2 options show it).
+    let favor = env_n("LH_BENCH_FAVORDYNMODS", 0);
     // The package users install when there is one; else the lab's test
     // build (its hooks only act when their variables are set).
     let debs: Vec<_> = std::fs::read_dir(workspace_root().join("target/debian"))
@@ -149,7 +154,7 @@ fn run_vm(starts: u32) -> String {
         .args([
             "ssh",
             "1",
-            &format!("N={starts} R={restarts} E={engines} IDLE_SECS={idle_secs} sh /var/tmp/lhb/guest.sh"),
+            &format!("N={starts} R={restarts} E={engines} IDLE_SECS={idle_secs} FAVORDYNMODS={favor} sh /var/tmp/lhb/guest.sh"),
         ])
         .output()
         .unwrap();

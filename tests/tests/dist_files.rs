@@ -126,6 +126,37 @@ fn dist_hardware_watchdog_is_an_example_not_installed_in_etc() {
 }
 
 #[test]
+fn dist_favordynmods_is_an_example_drop_in_for_the_engines_unit() {
+    let root = workspace_root();
+    let conf = std::fs::read_to_string(
+        root.join("dist/systemd/examples/leasehold-engines-favordynmods.conf"),
+    )
+    .unwrap();
+    // Outside the unit's sandbox (its /sys is read-only), and without a
+    // source, so the mount keeps systemd's options (docs/engines.md).
+    let exec: Vec<&str> = conf
+        .lines()
+        .filter(|l| l.starts_with("ExecStartPre="))
+        .collect();
+    assert_eq!(
+        exec,
+        ["ExecStartPre=+/bin/mount -o remount,favordynmods /sys/fs/cgroup"],
+        "{conf}"
+    );
+    assert!(conf.contains("[Service]"));
+    // The landlord's node-wide choice: the package only documents it.
+    let deb = std::fs::read_to_string(root.join("scripts/build-deb")).unwrap();
+    let line = deb
+        .lines()
+        .find(|l| l.contains("leasehold-engines-favordynmods.conf"))
+        .expect("packaged");
+    assert!(
+        line.contains("/usr/share/doc/leasehold/examples/systemd/") && !line.contains("/etc/"),
+        "{line}"
+    );
+}
+
+#[test]
 fn dist_dbus_policy_is_valid_xml_for_dbus_daemon() {
     // dbus-daemon refuses to start with a broken included policy: the lab
     // harness includes the shipped file, so any lab start proves it; here we

@@ -707,7 +707,73 @@ fn engines(vm: &mut Vm) -> Ran {
 /// Issue 14 at run time on the packaged node, over `tenantctl --host`.
 fn engine_runtime(vm: &mut Vm) -> Ran {
     engines_at_run_time(vm);
+    favordynmods_drop_in(vm);
     Ran::Done
+}
+
+/// The packaged `favordynmods` example (docs/engines.md): installed as the
+/// engines unit's drop-in, the unit's next start remounts the cgroup2
+/// hierarchy with the option and keeps systemd's; an engine starts and runs
+/// in its cgroup under it; then the option is taken off again (a remount
+/// naming a source applies exactly the options given, on 6.1).
+fn favordynmods_drop_in(vm: &mut Vm) {
+    const DROPIN: &str = "/etc/systemd/system/leasehold-engines.service.d/favordynmods.conf";
+    let opts = |vm: &Vm| {
+        vm.sh("awk '$2 == \"/sys/fs/cgroup\" {print $4}' /proc/self/mounts")
+            .trim()
+            .to_owned()
+    };
+    let before = opts(vm);
+    assert!(!before.contains("favordynmods"), "{before}");
+    vm.sh(&format!(
+        "install -D -m 0644 /usr/share/doc/leasehold/examples/systemd/leasehold-engines-favordynmods.conf {DROPIN} \
+         && systemctl daemon-reload && systemctl stop leasehold-agentd \
+         && systemctl restart leasehold-engines && systemctl start leasehold-agentd"
+    ));
+    let after = opts(vm);
+    let has = |o: &str| after.split(',').any(|x| x == o);
+    assert!(
+        [
+            "favordynmods",
+            "nsdelegate",
+            "memory_recursiveprot",
+            "nosuid",
+            "nodev",
+            "noexec"
+        ]
+        .iter()
+        .all(|o| has(o)),
+        "cgroup2 after the drop-in: {after} (before: {before})"
+    );
+    let dir = workspace_root().join("target/vm-engine-runtime");
+    let spec = engine_spec(
+        &dir,
+        "rt-fdm",
+        "echo cg $(/bin/busybox cat /proc/self/cgroup); echo fdm up; exec /bin/busybox sleep 100000",
+        "",
+    );
+    vm.tenant_ok(&[
+        "engine",
+        "deploy",
+        "rt-fdm",
+        "bb.tar",
+        "--spec",
+        &spec,
+        "--from-inbox",
+    ]);
+    vm.tenant_ok(&["engine", "start", "rt-fdm"]);
+    vm.engine_logs_until("rt-fdm", "fdm up");
+    let logs = vm.engine_logs("rt-fdm");
+    assert!(
+        logs.contains("cg 0::/system.slice/leasehold-engines.service/tenant/rt-fdm"),
+        "{logs}"
+    );
+    vm.engine_gone("rt-fdm");
+    vm.sh(&format!(
+        "rm {DROPIN} && systemctl daemon-reload && mount -o remount,{before} cgroup2 /sys/fs/cgroup"
+    ));
+    assert_eq!(opts(vm), before, "favordynmods taken off again");
+    vm.step("engine-runtime: the packaged favordynmods drop-in");
 }
 
 /// A landlord rotation erases the volume.
