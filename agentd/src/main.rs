@@ -288,6 +288,7 @@ async fn run(args: &Args) -> Result<(), AgentError> {
         cfg.health.clone(),
         metrics_setup,
         args.oneshot,
+        args.dev.is_some(),
         intervals,
         async move {
             tokio::select! {
@@ -329,6 +330,7 @@ async fn serve(
     health: config::HealthSection,
     metrics_setup: metrics::Setup,
     oneshot: bool,
+    dev: bool,
     intervals: Intervals,
     stop: impl std::future::Future<Output = &'static str>,
 ) -> Result<(), AgentError> {
@@ -442,7 +444,7 @@ async fn serve(
         Ok(())
     } else {
         // After the volume: the engines run from it.
-        let engine_volume = engine_volume(volume.clone());
+        let engine_volume = engine_volume(volume.clone(), dev);
         let uploads = Arc::new(upload::Uploads::new(
             engine_volume.clone(),
             engines_cfg.images_dir.clone(),
@@ -466,6 +468,7 @@ async fn serve(
             keys.clone(),
             boundaries.clone(),
             reboot_tx,
+            dev,
         )
         .await?;
         engine_view = Some(leasehold_node::Engines::view(&engines));
@@ -512,20 +515,28 @@ async fn serve(
 
 /// Where engines and uploads live: the tenant volume (or, in a build for
 /// the host's whole-path bench, a stand-in: engines/stand_in.rs).
-fn engine_volume(volume: Arc<volume::Volume>) -> Arc<dyn engines::VolumeDir> {
+/// The stand-ins act only in development mode (`--dev`).
+fn engine_volume(volume: Arc<volume::Volume>, dev: bool) -> Arc<dyn engines::VolumeDir> {
     #[cfg(feature = "bench-stand-ins")]
-    return engines::stand_in::volume(volume);
+    return engines::stand_in::volume(volume, dev);
     #[cfg(not(feature = "bench-stand-ins"))]
-    volume
+    {
+        let _ = dev;
+        volume
+    }
 }
 
 fn engine_cgroups(
     fs: leasehold_engines::cgroup::CgroupFs,
+    dev: bool,
 ) -> Arc<dyn leasehold_engines::cgroup::Cgroups> {
     #[cfg(feature = "bench-stand-ins")]
-    return engines::stand_in::cgroups(fs);
+    return engines::stand_in::cgroups(fs, dev);
     #[cfg(not(feature = "bench-stand-ins"))]
-    Arc::new(fs)
+    {
+        let _ = dev;
+        Arc::new(fs)
+    }
 }
 
 /// The engine runtime: re-adopts the engines still running, starts those
@@ -538,6 +549,7 @@ async fn start_engines(
     keys: Arc<Keys>,
     boundaries: Arc<boundary::Boundaries>,
     reboot_node: tokio::sync::mpsc::Sender<(String, String)>,
+    dev: bool,
 ) -> Result<engines::EngineRuntime, AgentError> {
     // Next to the agent (a build tree), else where the package puts it.
     let shim = c.shim.clone().unwrap_or_else(|| {
@@ -557,9 +569,10 @@ async fn start_engines(
         log_max_bytes: c.log_max_bytes,
         reboot_node: c.allow_reboot_node.then_some(reboot_node),
     };
-    let cgroups = engine_cgroups(leasehold_engines::cgroup::CgroupFs::with_root(Some(
-        &c.cgroup_root,
-    )));
+    let cgroups = engine_cgroups(
+        leasehold_engines::cgroup::CgroupFs::with_root(Some(&c.cgroup_root)),
+        dev,
+    );
     let spawner = Arc::new(engines::ShimSpawner(
         leasehold_engines::launch::Launcher::new(shim),
     ));

@@ -24,28 +24,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use leasehold_tests::engine_bench::{cells, ms, pct, sorted};
+use leasehold_tests::engine_bench::{cells, env_n, ms, ok, pct, sorted, started_split};
 use leasehold_tests::{require_root, workspace_root, Lab, LabOptions, Who};
-
-fn env_n(name: &str, default: u32) -> u32 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn ok(c: &mut Command) -> Output {
-    let o = c
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {c:?}: {e}"));
-    assert!(
-        o.status.success(),
-        "{c:?}: {}{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    o
-}
 
 /// The numbers after `key` at the start of lines (`t0 NS`, `first NS`).
 fn stamps(text: &str, key: &str) -> Vec<u128> {
@@ -69,7 +49,7 @@ fn build() -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     ok(Command::new(cargo)
         .current_dir(workspace_root())
-        .args(["build", "--release", "--target-dir"])
+        .args(["build", "--release", "--locked", "--target-dir"])
         .arg(&target)
         .args([
             "-p",
@@ -100,11 +80,61 @@ fn cgroup2_mount() -> PathBuf {
         .expect("a cgroup2 mount")
 }
 
+/// After a start's call returns, the bench reads nothing (no client
+/// process, no D-Bus call) for this long: the start being measured (a few
+/// ms here) has the CPU to itself, as crun's has.
+const SETTLE: Duration = Duration::from_millis(100);
+/// Then the engine's state is read this often.
+const POLL: Duration = Duration::from_millis(20);
+
 struct Bench {
     lab: Lab,
     bin: PathBuf,
     stage: PathBuf,
+    /// The process whose mount namespace crun runs in (its pid).
+    cg2_ns: Option<u32>,
+}
+
+/// What a run leaves unless removed, removed also when the bench panics:
+/// dropped after the lab (agentd stopped first, so nothing restarts an
+/// engine): the crun namespace's process, every process in the bench's
+/// cgroup subtree (engines outlive the agent), the subtree.
+struct Leftovers {
     cg2_ns: Option<std::process::Child>,
+    unit: PathBuf,
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.cg2_ns.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = std::fs::write(self.unit.join("cgroup.kill"), "1");
+        let t = Instant::now();
+        while std::fs::read_to_string(self.unit.join("cgroup.events"))
+            .is_ok_and(|e| e.contains("populated 1"))
+            && t.elapsed() < Duration::from_secs(10)
+        {
+            std::thread::sleep(POLL);
+        }
+        remove_tree(&self.unit);
+    }
+}
+
+/// Removes a cgroup directory and its children, deepest first (cgroupfs
+/// takes only rmdir); what cannot be removed is reported.
+fn remove_tree(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&e.path());
+            }
+        }
+    }
+    if let Err(e) = std::fs::remove_dir(dir) {
+        eprintln!("left {}: {e}", dir.display());
+    }
 }
 
 impl Bench {
@@ -141,7 +171,7 @@ impl Bench {
                 "{engine} never {state}: {}",
                 self.text(&["engine", "status", engine])
             );
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(POLL);
         }
     }
 
@@ -157,7 +187,7 @@ impl Bench {
                 t.elapsed() < Duration::from_secs(30),
                 "{engine}: fewer than {n} starts in its log"
             );
-            std::thread::sleep(Duration::from_millis(2));
+            std::thread::sleep(POLL);
         }
     }
 
@@ -168,11 +198,11 @@ impl Bench {
     /// the node skip its RCU grace period (measured here: 1.5 ms instead of
     /// 7-20), which would flatter the agent's next start.
     fn crun(&self, args: &[&str]) -> Command {
-        let mut c = match &self.cg2_ns {
+        let mut c = match self.cg2_ns {
             None => self.lab.command(Who::Root, Path::new(args[0])),
             Some(holder) => {
                 let mut c = self.lab.command(Who::Root, Path::new("nsenter"));
-                c.arg(format!("--mount=/proc/{}/ns/mnt", holder.id()))
+                c.arg(format!("--mount=/proc/{holder}/ns/mnt"))
                     .arg("--")
                     .arg(args[0]);
                 c
@@ -228,6 +258,10 @@ fn main() {
     // The engines' subtree's parent stands for the engines unit's cgroup.
     let unit = format!("lh-engines-host-{}", std::process::id());
     std::fs::create_dir(cg2.join(&unit)).unwrap();
+    let leftovers = Leftovers {
+        cg2_ns: cgroup2_namespace(&cg2),
+        unit: cg2.join(&unit),
+    };
     let config = format!(
         "{}[engines]\ncgroup_root = {:?}\ncgroup_subtree = \"{unit}/tenant\"\nrun_dir = {:?}\n",
         leasehold_tests::PATIENT_AUTH_CONFIG,
@@ -257,11 +291,11 @@ fn main() {
             && log.contains("bench stand-in: engine cgroups without controllers"),
         "agentd did not take the stand-ins (a build without bench-stand-ins?): {log}"
     );
-    let mut b = Bench {
+    let b = Bench {
         lab,
         bin,
         stage,
-        cg2_ns: cgroup2_namespace(&cg2),
+        cg2_ns: leftovers.cg2_ns.as_ref().map(std::process::Child::id),
     };
     let load0 = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     ok(b.lab
@@ -286,7 +320,6 @@ fn main() {
     }
     let marker = b.stage.join("lhmark");
     let root_marker = b.stage.join("rootfs/lhmark");
-    let crun_bin = Path::new("/usr/bin/crun");
 
     // 1. Starts, interleaved round by round (round 0 a warm-up).
     let mut agent_t0 = Vec::new();
@@ -302,6 +335,7 @@ fn main() {
             .arg(b.bin.join("tenantctl"))
             .args(["engine", "start", "s"]));
         agent_t0.extend(stamps(&String::from_utf8_lossy(&o.stdout), "t0 "));
+        std::thread::sleep(SETTLE);
         b.until_firsts("s", i + 1);
         b.until_state("s", "exited");
         // The agent keeps a bounded list of events: read them each round.
@@ -310,11 +344,7 @@ fn main() {
         let id = format!("lhh-{i}");
         let bundle = b.stage.join("bundle");
         let o = b
-            .crun(&[
-                marker.to_str().unwrap(),
-                "spawn",
-                crun_bin.to_str().unwrap(),
-            ])
+            .crun(&[marker.to_str().unwrap(), "spawn", "crun"])
             .args(["--cgroup-manager=cgroupfs", "run", "--bundle"])
             .arg(&bundle)
             .arg(&id)
@@ -349,7 +379,12 @@ fn main() {
     let o = ok(b
         .lab
         .command(Who::Tenant, &b.bin.join("lh-dbus-probe"))
-        .args(["starts", &(n + 1).to_string(), "p"]));
+        .args([
+            "starts",
+            &(n + 1).to_string(),
+            "p",
+            &SETTLE.as_millis().to_string(),
+        ]));
     let out = String::from_utf8_lossy(&o.stdout);
     fails.extend(
         out.lines()
@@ -375,6 +410,7 @@ fn main() {
     // (always, initial 1 ms), B stays; a stop, so each start is a first.
     for i in 0..=r {
         b.tenant(&["engine", "start", "r"]);
+        std::thread::sleep(SETTLE);
         b.until_firsts("r", 2 * (i + 1));
         b.tenant(&["engine", "stop", "r"]);
         b.until_state("r", "stopped");
@@ -417,33 +453,39 @@ fn main() {
     for e in ["s", "p", "r"] {
         b.tenant(&["--yes", "engine", "rm", e]);
     }
-    if let Some(mut ns) = b.cg2_ns.take() {
-        let _ = ns.kill();
-        let _ = ns.wait();
-    }
     drop(b);
-    // The engines' cgroups went with them; the subtree and its parent are
-    // the bench's.
-    for d in [cg2.join(&unit).join("tenant"), cg2.join(&unit)] {
-        if let Err(e) = std::fs::remove_dir(&d) {
-            eprintln!("left {}: {e}", d.display());
-        }
-    }
+    // Killed, then removed (also when anything above panicked).
+    drop(leftovers);
 
     // The report.
-    let zip = |t0: &[u128], first: &[u128]| -> Vec<f64> {
-        sorted(
-            t0.iter()
-                .zip(first)
-                .skip(1)
-                .map(|(&a, &f)| ms(a, f))
-                .collect(),
-        )
+    // A start whose stamp is missing would shift every later pair: such a
+    // row is left empty (and said so) rather than mis-paired.
+    let paired = |what: &str, t0: &[u128], first: &[u128], fails: &mut Vec<String>| {
+        if t0.len() == first.len() {
+            t0.iter().copied().zip(first.iter().copied()).collect()
+        } else {
+            fails.push(format!(
+                "{what}: {} t0 for {} first instructions, not paired",
+                t0.len(),
+                first.len()
+            ));
+            Vec::new()
+        }
     };
+    let agent_pairs: Vec<(u128, u128)> = paired("agent", &agent_t0, &agent_first, &mut fails);
+    let probe_pairs: Vec<(u128, u128)> =
+        paired("kept connection", &probe_t0, &probe_first, &mut fails);
     let pairs_ms = |p: &[(u128, u128)]| sorted(p.iter().skip(1).map(|&(a, f)| ms(a, f)).collect());
     let mut s = String::new();
     writeln!(s, "## Engines on this host, not emulated: the agent's whole start path and first restart (issue 14)\n").unwrap();
-    writeln!(s, "`cargo bench -p leasehold-tests --bench engines_host` (root; builds its own release binaries, agentd with the feature `bench-stand-ins`, into `target/bench-stand-ins`). Unlike engines_vm this runs on the host's CPU, not under TCG: the lab's dbus-daemon and polkitd with the shipped policy, agentd `--dev` on swtpm, `tenantctl` as the tenant. What the host lacks is stood in for: a plain directory for the tenant volume (no device-mapper here), and the engines' cgroups are real cgroup v2 directories (the shim's join is a real migration) without controllers or limits (this host's controllers are all on cgroup v1). No systemd on this host: no `systemd-run` rows (engines_vm has them).\n").unwrap();
+    let controllers = std::fs::read_to_string(cg2.join("cgroup.controllers")).unwrap_or_default();
+    let systemd = Path::new("/run/systemd/system").is_dir();
+    writeln!(s, "`cargo bench -p leasehold-tests --bench engines_host` (root; builds its own release binaries, agentd with the feature `bench-stand-ins`, into `target/bench-stand-ins`). Unlike engines_vm this runs on the host's CPU, not under TCG: the lab's dbus-daemon and polkitd with the shipped policy, agentd `--dev` on swtpm, `tenantctl` as the tenant. Stood in for: a plain directory for the tenant volume (the bench needs no device-mapper), and the engines' cgroups are real cgroup v2 directories (the shim's join is a real migration) without controllers or limits (this host's cgroup v2 root offers: `{}`). {} After each start's call the bench reads nothing for {} ms (then the engine's state every {} ms), so that the start has the CPU to itself, as crun's has.\n",
+        controllers.trim(),
+        if systemd { "systemd runs here, but the bench has no `systemd-run` rows (engines_vm has them)." } else { "No systemd on this host: no `systemd-run` rows (engines_vm has them)." },
+        SETTLE.as_millis(),
+        POLL.as_millis(),
+    ).unwrap();
     s.push_str(&leasehold_tests::markdown::machine());
     writeln!(
         s,
@@ -461,8 +503,8 @@ fn main() {
     )
     .unwrap();
     writeln!(s, "|---|---|---|---|---|---|---|").unwrap();
-    let agent = zip(&agent_t0, &agent_first);
-    let probe = zip(&probe_t0, &probe_first);
+    let agent = pairs_ms(&agent_pairs);
+    let probe = pairs_ms(&probe_pairs);
     let crun = pairs_ms(&crun_pairs);
     let exec = pairs_ms(&exec_pairs);
     for (label, client, conf, v) in [
@@ -476,47 +518,18 @@ fn main() {
     writeln!(s, "\nRecorded (warm-up included): agent {} t0, {} first; kept connection {} t0, {} first; crun {} pairs; exec {} pairs. p99 is nearest-rank.", agent_t0.len(), agent_first.len(), probe_t0.len(), probe_first.len(), crun_pairs.len(), exec_pairs.len()).unwrap();
     // t0 → `started` (client, bus, polkit, controller, cgroups, the shim
     // spawned) and `started` → first instruction (the shim's part).
-    for (what, t0, first, st) in [
-        (
-            "`tenantctl engine start`",
-            &agent_t0,
-            &agent_first,
-            &agent_started,
-        ),
-        (
-            "one kept connection",
-            &probe_t0,
-            &probe_first,
-            &probe_started,
-        ),
-    ] {
-        if st.len() != t0.len() || first.len() != t0.len() {
-            writeln!(
-                s,
-                "\n({what}: {} `started` events for {} samples, no split.)",
-                st.len(),
-                t0.len()
-            )
-            .unwrap();
-            continue;
-        }
-        let a = sorted(
-            t0.iter()
-                .zip(st.iter())
-                .skip(1)
-                .map(|(&t, &e)| ms(t, e * 1_000_000))
-                .collect(),
-        );
-        let c = sorted(
-            first
-                .iter()
-                .zip(st.iter())
-                .skip(1)
-                .map(|(&f, &e)| ms(e * 1_000_000, f))
-                .collect(),
-        );
-        writeln!(s, "\nThe agent's start ({what}) split at its `started` event (event times are whole milliseconds: each part ±1 ms): t0 → `started` (client start if any, D-Bus, polkit, the controller, the engine's cgroup, the shim spawned) p50 {:.1} ms, p99 {:.1} ms; `started` → first instruction (the shim's confinement, its cgroup join, the engine's exec) p50 {:.1} ms, p99 {:.1} ms.", pct(&a, 50), pct(&a, 99), pct(&c, 50), pct(&c, 99)).unwrap();
-    }
+    s.push_str(&started_split(
+        "`tenantctl engine start`",
+        &agent_pairs,
+        &agent_started,
+        true,
+    ));
+    s.push_str(&started_split(
+        "one kept connection",
+        &probe_pairs,
+        &probe_started,
+        true,
+    ));
     let rs = pairs_ms(&restart_pairs);
     let fl = pairs_ms(&floor_pairs);
     writeln!(

@@ -20,7 +20,7 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use leasehold_tests::engine_bench::{cells, ms, pct, sorted};
+use leasehold_tests::engine_bench::{cells, env_n, ms, pct, sorted, started_split};
 use leasehold_tests::workspace_root;
 
 /// Every lab call is bounded (TCG is slow, but never unbounded).
@@ -38,13 +38,6 @@ fn lab(secs: u32, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn env_n(name: &str, default: u32) -> u32 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
 }
 
 /// The files the guest script uses, under `dir`: the shared stage (the
@@ -353,44 +346,13 @@ fn report(out: &str, starts: u32) {
         ("agent", "s", "`tenantctl engine start`"),
         ("probe", "p", "one kept connection"),
     ] {
-        let started = ev_times(engine, "started");
         let agent = samples.get(key).cloned().unwrap_or_default();
-        if started.len() != agent.len() {
-            writeln!(
-                s,
-                "\n({what}: {} `started` events for {} samples, no split.)",
-                started.len(),
-                agent.len()
-            )
-            .unwrap();
-        }
-        if started.len() == agent.len() && !agent.is_empty() {
-            let a = sorted(
-                agent
-                    .iter()
-                    .zip(&started)
-                    .skip(1)
-                    .map(|(&(t0, _), &e)| ms(t0, e * 1_000_000))
-                    .collect(),
-            );
-            let b = sorted(
-                agent
-                    .iter()
-                    .zip(&started)
-                    .skip(1)
-                    .map(|(&(_, first), &e)| ms(e * 1_000_000, first))
-                    .collect(),
-            );
-            writeln!(
-            s,
-            "\nThe agent's start ({what}) split at its `started` event (event times are milliseconds): t0 → `started` (client start if any, D-Bus, polkit, the controller, the engine's cgroups, the shim spawned) p50 {:.1} ms, p99 {:.1} ms; `started` → first instruction (the shim's confinement and exec) p50 {:.1} ms, p99 {:.1} ms.",
-            pct(&a, 50),
-            pct(&a, 99),
-            pct(&b, 50),
-            pct(&b, 99)
-        )
-        .unwrap();
-        }
+        s.push_str(&started_split(
+            what,
+            &agent,
+            &ev_times(engine, "started"),
+            false,
+        ));
     }
 
     let r = sorted(

@@ -3,7 +3,7 @@
 //! root filesystem, crun bundle, OCI archive and specs, and the statistics.
 
 use std::path::Path;
-use std::process::Command;
+use std::process::{Command, Output};
 
 use crate::workspace_root;
 
@@ -125,13 +125,78 @@ pub fn crun_config(rootfs: &Path) -> serde_json::Value {
     })
 }
 
-fn run(c: &mut Command) {
-    let o = c.output().unwrap();
+/// Runs `c`, which must succeed; its output.
+pub fn ok(c: &mut Command) -> Output {
+    let o = c
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {c:?}: {e}"));
     assert!(
         o.status.success(),
-        "{c:?}: {}",
+        "{c:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
         String::from_utf8_lossy(&o.stderr)
     );
+    o
+}
+
+/// A size from the environment (`LH_BENCH_…`), else `default`.
+pub fn env_n(name: &str, default: u32) -> u32 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The report's sentence splitting the agent's starts (`(t0, first)`
+/// nanoseconds, warm-up first) at their `started` events (`started_ms`,
+/// whole milliseconds, one per start): t0 → `started`, `started` → first
+/// instruction. `mid_ms`: take each event at the middle of its millisecond
+/// (for sub-10 ms starts; the kernel's time is truncated to the ms).
+pub fn started_split(
+    what: &str,
+    starts: &[(u128, u128)],
+    started_ms: &[u128],
+    mid_ms: bool,
+) -> String {
+    if started_ms.len() != starts.len() {
+        return format!(
+            "\n({what}: {} `started` events for {} samples, no split.)",
+            started_ms.len(),
+            starts.len()
+        );
+    }
+    if starts.is_empty() {
+        return String::new();
+    }
+    let at = |e: u128| e * 1_000_000 + if mid_ms { 500_000 } else { 0 };
+    let a = sorted(
+        starts
+            .iter()
+            .zip(started_ms)
+            .skip(1)
+            .map(|(&(t0, _), &e)| ms(t0, at(e)))
+            .collect(),
+    );
+    let b = sorted(
+        starts
+            .iter()
+            .zip(started_ms)
+            .skip(1)
+            .map(|(&(_, first), &e)| ms(at(e), first))
+            .collect(),
+    );
+    let times = if mid_ms {
+        "event times are whole milliseconds, each taken at the middle of its millisecond: each part ±0.5 ms"
+    } else {
+        "event times are milliseconds"
+    };
+    format!(
+        "\nThe agent's start ({what}) split at its `started` event ({times}): t0 → `started` (client start if any, D-Bus, polkit, the controller, the engine's cgroups, the shim spawned) p50 {:.1} ms, p99 {:.1} ms; `started` → first instruction (the shim's confinement and exec) p50 {:.1} ms, p99 {:.1} ms.",
+        pct(&a, 50),
+        pct(&a, 99),
+        pct(&b, 50),
+        pct(&b, 99)
+    )
 }
 
 /// The files both engine benches use, under `stage` (made anew): the
@@ -147,7 +212,7 @@ pub fn stage(stage: &Path, bundle_rootfs: &Path) {
         std::fs::create_dir_all(root.join(d)).unwrap();
     }
     let marker = stage.join("lhmark");
-    run(Command::new("rustc")
+    ok(Command::new("rustc")
         .args([
             "--edition",
             "2021",

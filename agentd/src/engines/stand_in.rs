@@ -1,9 +1,10 @@
 //! Stand-ins for what a development host lacks, so that the whole start
 //! path (a tenant's call, the bus, polkit, the controller, the runtime, the
 //! shim) can be measured there: feature `bench-stand-ins`, never in a
-//! package (scripts/build-deb does not enable it; docs/engines.md, "The
-//! whole path on the host"). Each is chosen at start by an environment
-//! variable and announced on the agent's standard output and log.
+//! package (scripts/build-deb refuses it; docs/engines.md, "The whole path
+//! off emulation"). Each is chosen at start by an environment variable, only
+//! in development mode (`--dev`), and announced on the agent's standard
+//! output and log.
 //!
 //! - `LEASEHOLD_BENCH_VOLUME_DIR=DIR`: DIR (a plain directory, NOT
 //!   encrypted) stands for the mounted tenant volume; the host has no
@@ -69,9 +70,14 @@ fn announce(what: &str) {
     tracing::warn!("bench stand-in: {what}");
 }
 
-/// The volume the runtime and uploads use: `volume`, or the stand-in.
-pub fn volume(volume: Arc<dyn VolumeDir>) -> Arc<dyn VolumeDir> {
+/// The volume the runtime and uploads use: `volume`, or the stand-in
+/// (development mode only).
+pub fn volume(volume: Arc<dyn VolumeDir>, dev: bool) -> Arc<dyn VolumeDir> {
     match std::env::var_os("LEASEHOLD_BENCH_VOLUME_DIR") {
+        Some(_) if !dev => {
+            announce("LEASEHOLD_BENCH_VOLUME_DIR ignored: only with --dev");
+            volume
+        }
         Some(dir) if Path::new(&dir).is_absolute() => {
             let dir = PathBuf::from(dir);
             announce(&format!(
@@ -90,12 +96,15 @@ pub fn volume(volume: Arc<dyn VolumeDir>) -> Arc<dyn VolumeDir> {
     }
 }
 
-/// The engines' cgroups: `fs`, or the same without controllers.
-pub fn cgroups(fs: CgroupFs) -> Arc<dyn Cgroups> {
+/// The engines' cgroups: `fs`, or the same without controllers
+/// (development mode only).
+pub fn cgroups(fs: CgroupFs, dev: bool) -> Arc<dyn Cgroups> {
     if std::env::var_os("LEASEHOLD_BENCH_NO_CONTROLLERS").is_some_and(|v| v == "1") {
-        announce("engine cgroups without controllers: no limit is enforced");
-        Arc::new(NoControllers(fs))
-    } else {
-        Arc::new(fs)
+        if dev {
+            announce("engine cgroups without controllers: no limit is enforced");
+            return Arc::new(NoControllers(fs));
+        }
+        announce("LEASEHOLD_BENCH_NO_CONTROLLERS ignored: only with --dev");
     }
+    Arc::new(fs)
 }

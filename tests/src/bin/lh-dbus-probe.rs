@@ -6,8 +6,11 @@
 //!                                   NodeInfo latency, JSON on stdout
 //! lh-dbus-probe peers <n> <target> one-host AddPeers/RemovePeers latency, JSON
 //! lh-dbus-probe burst <n>           n concurrent landlord calls, outcomes as JSON
-//! lh-dbus-probe starts <n> <engine> n engine starts on one connection, each
-//!                                   "t0 NS" and waited until it exited
+//! lh-dbus-probe starts <n> <engine> [settle_ms]
+//!                                   n engine starts on one connection, each
+//!                                   "t0 NS" and waited until it exited (its
+//!                                   status first read settle_ms after the
+//!                                   call: not while the start is measured)
 //! lh-dbus-probe listen [monitor]    eavesdrop on the bus (and try BecomeMonitor);
 //!                                   prints READY, then one line per message,
 //!                                   until the sentinel signal (DONE)
@@ -671,6 +674,7 @@ fn main() {
         Some("starts") => rt.block_on(async {
             let n: u32 = args[1].parse().unwrap();
             let name = &args[2];
+            let settle: u64 = args.get(3).map_or(0, |s| s.parse().unwrap());
             let conn = zbus::Connection::system().await.expect("system bus");
             let e = engines(&conn).await;
             for _ in 0..n {
@@ -684,6 +688,7 @@ fn main() {
                 }
                 println!("t0 {t0}");
                 let t = Instant::now();
+                tokio::time::sleep(Duration::from_millis(settle)).await;
                 loop {
                     let st = e.status(name).await.map(|i| i.state);
                     if st.as_ref().is_ok_and(|s| s.as_deref() == Some("exited")) {
