@@ -42,6 +42,30 @@ fn log_stamps(log: &str, kind: &str) -> Vec<u128> {
         .collect()
 }
 
+/// Each exit paired with the first instruction that follows it, in time
+/// order (an instance's first line not after an exit, A's own, is skipped).
+fn exit_first_pairs(exits: Vec<u128>, firsts: Vec<u128>) -> Vec<(u128, u128)> {
+    let mut ev: Vec<(u128, bool)> = exits
+        .into_iter()
+        .map(|t| (t, true))
+        .chain(firsts.into_iter().map(|t| (t, false)))
+        .collect();
+    ev.sort_unstable();
+    let mut out = Vec::new();
+    let mut exit = None;
+    for (t, is_exit) in ev {
+        match (is_exit, exit) {
+            (true, _) => exit = Some(t),
+            (false, Some(e)) => {
+                out.push((e, t));
+                exit = None;
+            }
+            _ => {}
+        }
+    }
+    out
+}
+
 /// The release binaries with the stand-ins, in a target directory of
 /// their own.
 fn build() -> PathBuf {
@@ -418,37 +442,10 @@ fn main() {
     // By the marker's own clock: two instances' lines reach the log through
     // two pipes.
     let log = b.text(&["engine", "logs", "r"]);
-    let mut ev: Vec<(u128, bool)> = log_stamps(&log, "exit")
-        .into_iter()
-        .map(|t| (t, true))
-        .chain(log_stamps(&log, "first").into_iter().map(|t| (t, false)))
-        .collect();
-    ev.sort_unstable();
-    let pairs = |ev: &[(u128, bool)]| {
-        let mut out = Vec::new();
-        let mut exit = None;
-        for &(t, is_exit) in ev {
-            match (is_exit, exit) {
-                (true, _) => exit = Some(t),
-                (false, Some(e)) => {
-                    out.push((e, t));
-                    exit = None;
-                }
-                _ => {}
-            }
-        }
-        out
-    };
-    let restart_pairs = pairs(&ev);
+    let restart_pairs = exit_first_pairs(log_stamps(&log, "exit"), log_stamps(&log, "first"));
     let o = ok(Command::new(&marker).args(["floor", &r.to_string()]));
     let out = String::from_utf8_lossy(&o.stdout);
-    let mut fev: Vec<(u128, bool)> = stamps(&out, "exit ")
-        .into_iter()
-        .map(|t| (t, true))
-        .chain(stamps(&out, "first ").into_iter().map(|t| (t, false)))
-        .collect();
-    fev.sort_unstable();
-    let floor_pairs = pairs(&fev);
+    let floor_pairs = exit_first_pairs(stamps(&out, "exit "), stamps(&out, "first "));
     let load1 = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     for e in ["s", "p", "r"] {
         b.tenant(&["--yes", "engine", "rm", e]);
