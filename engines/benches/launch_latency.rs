@@ -121,6 +121,48 @@ fn start_sample(launcher: &Launcher, spec: &LaunchSpec, run_dir: &Path) -> Durat
     d
 }
 
+/// One start as the agent makes it: the engine's cgroup created, then the
+/// launcher started (`tag` names the cgroup and run directory). Returns
+/// the call → the first output byte, and that byte → the shim's exit seen
+/// on its pidfd; the cgroup is removed again.
+fn cgroup_sample(
+    launcher: &Launcher,
+    spec: &LaunchSpec,
+    cgroups: &CgroupFs,
+    run: &Path,
+    tag: &str,
+) -> (Duration, Duration) {
+    // Migrations close together share one RCU grace period (the kernel's
+    // rcu_sync stays warm for one more after a writer): without a pause,
+    // a row right after another's migration would skip its wait.
+    std::thread::sleep(Duration::from_millis(50));
+    let (r, w) = pipe();
+    let cg = CgroupPath::new(format!("lh-bench-{}-{tag}", std::process::id())).unwrap();
+    let t = Instant::now();
+    cgroups.create(&cg).unwrap();
+    let mut spec_cg = spec.clone();
+    spec_cg.cgroup = Some(cgroups.dir(&cg));
+    let mut running = launcher
+        .start(
+            &spec_cg,
+            &run.join(format!("run{tag}")),
+            Stdio::from(w),
+            Stdio::inherit(),
+            &[],
+        )
+        .unwrap();
+    let d = first_byte(t, r);
+    let out = Instant::now();
+    running
+        .wait(Some(Duration::from_secs(10)))
+        .unwrap()
+        .expect("engine exit");
+    let e = out.elapsed();
+    assert_eq!(running.report().map(|r| r.result), Some(Ok(())));
+    cgroups.remove(&cg).unwrap();
+    (d, e)
+}
+
 /// The first restart in place: the engine prints "x" and exits 1; the
 /// shim's grant (no delay) starts it once more, which prints "x" again and
 /// exits. Time from the first "x" to the second, as the pipe shows them.
@@ -341,7 +383,12 @@ fn main() {
         samples: vec![],
     };
     let mut ours = Stats {
-        name: "launcher: cgroup created, shim joins it",
+        name: "launcher: cgroup created, the launcher moves the shim into it during its start-up",
+        samples: vec![],
+    };
+    let shim_joins = Launcher::new(SHIM).shim_joins_cgroup();
+    let mut ours_shim_joins = Stats {
+        name: "launcher: cgroup created, the shim joins it after its start-up (before 2026-12-05)",
         samples: vec![],
     };
     let mut ours_nocg = Stats {
@@ -419,29 +466,14 @@ fn main() {
             unshare.samples.push(d);
         }
 
-        let (r, w) = pipe();
-        let run_dir = run.path().join(format!("run{i}"));
-        let cg = CgroupPath::new(format!("lh-bench-{}-{i}", std::process::id())).unwrap();
-        let t = Instant::now();
-        // As the agent will: create the engine's cgroup, the shim joins it.
-        cgroups.create(&cg).unwrap();
-        let mut spec_cg = spec.clone();
-        spec_cg.cgroup = Some(cgroups.dir(&cg));
-        let mut running = launcher
-            .start(&spec_cg, &run_dir, Stdio::from(w), Stdio::inherit(), &[])
-            .unwrap();
-        let d = first_byte(t, r);
-        let out = Instant::now();
-        running
-            .wait(Some(Duration::from_secs(10)))
-            .unwrap()
-            .expect("engine exit");
-        let e = out.elapsed();
-        assert_eq!(running.report().map(|r| r.result), Some(Ok(())));
-        cgroups.remove(&cg).unwrap();
+        let (d, e) = cgroup_sample(&launcher, &spec, &cgroups, run.path(), &format!("{i}"));
         if count {
             ours.samples.push(d);
             exit_seen.samples.push(e);
+        }
+        let (d, _) = cgroup_sample(&shim_joins, &spec, &cgroups, run.path(), &format!("s{i}"));
+        if count {
+            ours_shim_joins.samples.push(d);
         }
 
         let d = start_sample(&launcher, &spec, &run.path().join(format!("nocg{i}")));
@@ -458,9 +490,6 @@ fn main() {
             if count {
                 baseline_respawn.samples.push(d);
             }
-        }
-
-        if let Some((base, _)) = &baseline {
             let d = start_sample(base, &spec, &run.path().join(format!("base{i}")));
             if count {
                 baseline_nocg.samples.push(d);
@@ -570,6 +599,7 @@ fn main() {
         &floor,
         &unshare,
         &ours,
+        &ours_shim_joins,
         &ours_nocg,
         &baseline_nocg,
         &respawn,

@@ -5,7 +5,8 @@
 //! ```text
 //! agent: a short-lived thread unshare(CLONE_NEWPID)s, then spawns
 //!  └─ shim (pid 1 of the new pid ns, root)
-//!       setsid; joins the engine's cgroup; unshare(NEWNS|NEWIPC|NEWUTS);
+//!       setsid; waits until the launcher has moved it into the engine's
+//!       cgroup; unshare(NEWNS|NEWIPC|NEWUTS);
 //!       private mounts; rootfs bound read-only + /proc, /dev, /tmp, data dirs;
 //!       pivot_root; hostname; the node's huge page policy back (the agent
 //!       turns it off for itself); no_new_privs; Landlock; drop every capability,
@@ -32,6 +33,19 @@
 //! subreaper), the engine runs on, and [`Running::adopt`] finds the shim
 //! again from `shim.pid` (pid and start time, so a recycled pid is not
 //! taken for it).
+//!
+//! The launcher, not the shim, moves the shim into the engine's cgroup,
+//! from a thread of its own, as soon as the shim is spawned: the move waits
+//! for an RCU grace period (`cgroup_threadgroup_rwsem` taken for writing;
+//! 7-20 ms on a real CPU, ~19 ms under the lab's TCG), and that wait now
+//! overlaps the shim's start-up (loader, descriptors, spec, secrets)
+//! instead of following it. The shim confines nothing and starts nothing
+//! before the launcher's word on its stdin (after the secrets) that it is
+//! in its cgroup: what it then makes for the engine (mounts, tmpfs pages of
+//! the secrets, namespaces) is charged to the engine's cgroup, and a failed
+//! move or a launcher gone before it (end of stdin) fails the start closed.
+//! `shim RUN_DIR` without [`LAUNCHER_JOINS`] (an older agent's call, or
+//! [`Launcher::shim_joins_cgroup`]) joins by itself, as before.
 //!
 //! With a [`Respawn`] grant the shim starts the engine once more after its
 //! first exit instead (the first restart of a series, in place: same pid
@@ -146,6 +160,18 @@ pub const NOTIFY_NAME: &str = "notify";
 /// Largest secret handed to an engine.
 pub const MAX_SECRET_BYTES: usize = 1 << 20;
 
+/// The shim's first argument when the launcher moves it into its cgroup
+/// (`shim --launcher-joins RUN_DIR`): the shim then waits for the
+/// launcher's word on stdin, after the secrets — [`JOINED`], or
+/// [`NOT_JOINED`] and why — instead of writing `cgroup.procs` itself.
+pub const LAUNCHER_JOINS: &str = "--launcher-joins";
+/// The launcher's word: the shim is in its cgroup.
+const JOINED: u8 = b'+';
+/// The launcher's word: it could not move the shim; the reason follows
+/// (at most [`MAX_JOIN_REASON`] bytes), then the end of the pipe.
+const NOT_JOINED: u8 = b'-';
+const MAX_JOIN_REASON: usize = 512;
+
 /// A secret's bytes on their way into an engine: Debug redacted, zeroized
 /// on drop, reached through [`SecretBytes::expose`] only.
 pub struct SecretBytes(zeroize::Zeroizing<Vec<u8>>);
@@ -244,6 +270,15 @@ pub enum LaunchError {
     /// The thread that spawns the shim panicked.
     #[error("the engine-spawn thread panicked")]
     SpawnThread,
+    /// The launcher did not move the shim into the engine's cgroup: the
+    /// engine is not started.
+    #[error("the launcher did not move the shim into its cgroup ({}): {reason}", procs.display())]
+    NotJoined {
+        /// The cgroup's `cgroup.procs`.
+        procs: PathBuf,
+        /// What the launcher said, or that it ended first.
+        reason: String,
+    },
     /// `shim.pid` names a process that is not this shim any more.
     #[error("shim {pid} in {} is gone or was replaced", run_dir.display())]
     ShimGone {
@@ -289,6 +324,10 @@ fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T, LaunchError
 #[derive(Debug, Clone)]
 pub struct Launcher {
     shim: PathBuf,
+    /// The shim writes its own `cgroup.procs` after its start-up (the way
+    /// before 2026-12-05; benches compare it), instead of the launcher
+    /// moving it during its start-up.
+    shim_joins: bool,
 }
 
 /// A started engine, watched through its shim's pidfd.
@@ -299,6 +338,10 @@ pub struct Running {
     pidfd: OwnedFd,
     /// Present when this process spawned the shim (it reaps it).
     child: Option<Child>,
+    /// The thread moving the shim into its cgroup, while it may still
+    /// run: joined before the shim is reaped, so the pid it writes can
+    /// never be a recycled one.
+    joiner: Option<std::thread::JoinHandle<()>>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -319,7 +362,18 @@ impl Launcher {
     /// A launcher running `shim` (the `leasehold-engine-shim` binary, or
     /// the agent's own executable once it has a shim subcommand).
     pub fn new(shim: impl Into<PathBuf>) -> Self {
-        Launcher { shim: shim.into() }
+        Launcher {
+            shim: shim.into(),
+            shim_joins: false,
+        }
+    }
+
+    /// The same launcher, but the shim moves itself into its cgroup after
+    /// its start-up, as it did before the launcher did it during the
+    /// start-up: for benches that compare the two.
+    pub fn shim_joins_cgroup(mut self) -> Self {
+        self.shim_joins = true;
+        self
     }
 
     /// Writes `spec.json` into `run_dir` (created, mode 0700) and starts the
@@ -330,6 +384,10 @@ impl Launcher {
     /// runs; the engine's own start is reported in `report.json`.
     /// `secrets` are the bytes of `spec.secrets`, in order: they go to the
     /// shim through a pipe (its stdin), never through a file.
+    /// With `spec.cgroup`, a thread moves the shim into it meanwhile and
+    /// tells the shim on the same pipe (see the module's notes); a failed
+    /// move shows as the shim's `report.json` and exit, as any failed
+    /// confinement.
     /// Blocking (a thread is spawned and joined, the secrets are written to
     /// a pipe): from async code, call it through `spawn_blocking`.
     pub fn start(
@@ -363,11 +421,14 @@ impl Launcher {
             nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("pipe2"))?;
         // A thread of its own: unshare(CLONE_NEWPID) changes the pid
         // namespace of this thread's later children, once per thread.
+        let procs = spec.cgroup.as_ref().map(|cg| cg.join("cgroup.procs"));
+        let launcher_joins = procs.is_some() && !self.shim_joins;
         let child = std::thread::scope(|scope| {
             scope
                 .spawn(move || {
                     unshare(CloneFlags::CLONE_NEWPID).map_err(sys("unshare(CLONE_NEWPID)"))?;
                     Command::new(&self.shim)
+                        .args(launcher_joins.then_some(LAUNCHER_JOINS))
                         .arg(run_dir)
                         .stdin(Stdio::from(secrets_r))
                         .stdout(stdout)
@@ -379,6 +440,26 @@ impl Launcher {
                 .join()
                 .map_err(|_| LaunchError::SpawnThread)?
         })?;
+        let pid = child.id();
+        // The move first (its grace period runs while the shim starts up
+        // and reads the secrets), its word to the shim after the secrets.
+        let mut join = Join::None;
+        if let Some(procs) = procs.filter(|_| launcher_joins) {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<fs::File>(1);
+            let moved = procs.clone();
+            join = match std::thread::Builder::new()
+                .name("shim-join".into())
+                .spawn(move || {
+                    let result = move_into(&moved, pid);
+                    if let Ok(pipe) = rx.recv() {
+                        tell_joined(pipe, result);
+                    }
+                }) {
+                Ok(handle) => Join::Thread(handle, tx),
+                // No thread to be had: the move here, after the secrets.
+                Err(_) => Join::Inline(procs),
+            };
+        }
         // The shim reads them first thing. A shim that already failed
         // (EPIPE) says why in report.json.
         let mut pipe = fs::File::from(secrets_w);
@@ -388,8 +469,19 @@ impl Launcher {
                 break;
             }
         }
-        drop(pipe);
-        let pid = child.id();
+        let joiner = match join {
+            Join::None => None,
+            Join::Thread(handle, tx) => {
+                // A send fails only if the thread ended without reading:
+                // the pipe then closes here, and the shim fails closed.
+                let _ = tx.send(pipe);
+                Some(handle)
+            }
+            Join::Inline(procs) => {
+                tell_joined(pipe, move_into(&procs, pid));
+                None
+            }
+        };
         let pidfd = pidfd_open(pid)?;
         let start_time = start_time(pid).ok_or(LaunchError::ShimGone {
             pid,
@@ -401,8 +493,42 @@ impl Launcher {
             shim_pid: pid,
             pidfd,
             child: Some(child),
+            joiner,
         })
     }
+}
+
+/// Who moves a spawned shim into its cgroup (see [`Launcher::start`]).
+enum Join {
+    /// No cgroup, or the shim joins by itself.
+    None,
+    /// A thread, handed the pipe once the secrets are in it.
+    Thread(
+        std::thread::JoinHandle<()>,
+        std::sync::mpsc::SyncSender<fs::File>,
+    ),
+    /// The launcher itself, after the secrets.
+    Inline(PathBuf),
+}
+
+/// Moves process `pid` (the shim, all of it) into the cgroup of `procs`.
+fn move_into(procs: &Path, pid: u32) -> Result<(), String> {
+    fs::write(procs, format!("{pid}\n")).map_err(|e| format!("writing its pid there: {e}"))
+}
+
+/// The launcher's word to the shim after the secrets (one write; the
+/// reason bounded), then the end of the pipe. A shim already gone: EPIPE,
+/// ignored (its report says why it went).
+fn tell_joined(mut pipe: fs::File, result: Result<(), String>) {
+    let word = match result {
+        Ok(()) => vec![JOINED],
+        Err(reason) => {
+            let mut word = vec![NOT_JOINED];
+            word.extend(reason.bytes().take(MAX_JOIN_REASON));
+            word
+        }
+    };
+    let _ = pipe.write_all(&word);
 }
 
 /// How an `exec` probe ended (see [`Launcher::probe`]).
@@ -467,6 +593,7 @@ impl Launcher {
                 shim_pid: child.id(),
                 pidfd: fd,
                 child: None,
+                joiner: None,
             };
             // Only the pidfd's readiness is used here, not exit.json.
             r.wait_readable(Some(timeout + PROBE_BACKSTOP))
@@ -572,6 +699,7 @@ impl Running {
             shim_pid: rec.pid,
             pidfd,
             child: None,
+            joiner: None,
         })
     }
 
@@ -645,6 +773,10 @@ impl Running {
     pub fn wait(&mut self, timeout: Option<Duration>) -> Result<Option<Exit>, LaunchError> {
         if !self.wait_readable(timeout)? {
             return Ok(None);
+        }
+        // Its write is done (or failed) before the pid can be reused.
+        if let Some(joiner) = self.joiner.take() {
+            let _ = joiner.join();
         }
         let shim_status = match self.child.as_mut() {
             Some(c) => Some(c.wait().map_err(|e| io_err("wait", Path::new("shim"), e))?),
@@ -796,9 +928,13 @@ pub fn shim_main(args: &[OsString]) -> i32 {
             }
         };
     }
-    let [_, run_dir] = args else {
-        eprintln!("usage: leasehold-engine-shim RUN_DIR");
-        return 2;
+    let (launcher_joins, run_dir) = match args {
+        [_, run_dir] => (false, run_dir),
+        [_, flag, run_dir] if flag == LAUNCHER_JOINS => (true, run_dir),
+        _ => {
+            eprintln!("usage: leasehold-engine-shim [{LAUNCHER_JOINS}] RUN_DIR");
+            return 2;
+        }
     };
     let run_dir = PathBuf::from(run_dir);
     // Both opened before pivot_root (the run directory is not visible
@@ -846,7 +982,13 @@ pub fn shim_main(args: &[OsString]) -> i32 {
         landlock: "none".into(),
         seccomp: false,
     };
-    let exit = match run(&run_dir, &report_file, status.as_ref(), &mut report) {
+    let exit = match run(
+        &run_dir,
+        launcher_joins,
+        &report_file,
+        status.as_ref(),
+        &mut report,
+    ) {
         Ok(exit) => exit,
         Err(e) => {
             eprintln!("leasehold-engine-shim: {e}");
@@ -868,6 +1010,7 @@ pub fn shim_main(args: &[OsString]) -> i32 {
 /// grant and a status FIFO, starts it once more first (see [`Respawn`]).
 fn run(
     run_dir: &Path,
+    launcher_joins: bool,
     report_file: &fs::File,
     status: Option<&fs::File>,
     report: &mut Report,
@@ -876,7 +1019,7 @@ fn run(
     close_inherited_fds()?;
     let spec: LaunchSpec = read_json(&run_dir.join("spec.json"))?;
     let secrets = read_secrets(&spec)?;
-    let mut cmd = confine(&spec, &secrets, report)?;
+    let mut cmd = confine(&spec, launcher_joins, &secrets, report)?;
     drop(secrets);
     write_file(report_file, report);
     // What came while the shim confined itself: a stop means no engine at
@@ -1022,6 +1165,7 @@ fn probe_main(args: &[OsString]) -> Result<i32, LaunchError> {
         shim_pid: child.id(),
         pidfd: pidfd_open(child.id())?,
         child: None,
+        joiner: None,
     };
     let done = probe.wait_readable(Some(timeout))?;
     // Before the leader is reaped: its pid, the group's id, cannot have
@@ -1082,6 +1226,43 @@ fn read_secrets(spec: &LaunchSpec) -> Result<Vec<SecretBytes>, LaunchError> {
     Ok(out)
 }
 
+/// Waits for the launcher's word on stdin (after the secrets) that this
+/// process is in the cgroup of `procs`; anything else fails the start
+/// closed: the reason it sends, or the pipe's end (the launcher is gone).
+fn await_join(procs: &Path) -> Result<(), LaunchError> {
+    use io::Read;
+    let mut stdin = io::stdin().lock();
+    let mut word = [0u8; 1];
+    let n = loop {
+        match stdin.read(&mut word) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            r => {
+                break r.map_err(|e| io_err("read", Path::new("the launcher's word (stdin)"), e))?
+            }
+        }
+    };
+    match (n, word[0]) {
+        (1, JOINED) => Ok(()),
+        (1, NOT_JOINED) => {
+            let mut reason = Vec::new();
+            let limit = u64::try_from(MAX_JOIN_REASON).unwrap_or(u64::MAX);
+            let _ = stdin.take(limit).read_to_end(&mut reason);
+            Err(LaunchError::NotJoined {
+                procs: procs.to_path_buf(),
+                reason: String::from_utf8_lossy(&reason).into_owned(),
+            })
+        }
+        (0, _) => Err(LaunchError::NotJoined {
+            procs: procs.to_path_buf(),
+            reason: "the launcher ended before it moved the shim".into(),
+        }),
+        (_, byte) => Err(LaunchError::NotJoined {
+            procs: procs.to_path_buf(),
+            reason: format!("the launcher's word {byte:#04x} is not one the shim knows"),
+        }),
+    }
+}
+
 /// Appends `value` as one JSON line to `file` (a FIFO: one write, far
 /// below `PIPE_BUF`, so a reader never sees half a record).
 fn write_file_line<T: Serialize>(mut file: &fs::File, value: &T) {
@@ -1103,15 +1284,20 @@ fn write_file<T: Serialize>(mut file: &fs::File, value: &T) {
 /// Every confinement step, in order; returns the engine's command.
 fn confine(
     spec: &LaunchSpec,
+    launcher_joins: bool,
     secrets: &[SecretBytes],
     report: &mut Report,
 ) -> Result<Command, LaunchError> {
     // Out of the agent's session: no terminal signal reaches the engine.
     nix::unistd::setsid().map_err(sys("setsid"))?;
     if let Some(cg) = &spec.cgroup {
-        // "0": the writing process (our pid differs between namespaces).
         let procs = cg.join("cgroup.procs");
-        fs::write(&procs, "0\n").map_err(|e| io_err("write", &procs, e))?;
+        if launcher_joins {
+            await_join(&procs)?;
+        } else {
+            // "0": the writing process (our pid differs between namespaces).
+            fs::write(&procs, "0\n").map_err(|e| io_err("write", &procs, e))?;
+        }
     }
     unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
         .map_err(sys("unshare(NEWNS|NEWIPC|NEWUTS)"))?;

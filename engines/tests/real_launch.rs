@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 
 use leasehold_engines::cgroup::{CgroupError, CgroupFs, CgroupPath, Cgroups, Controller};
 use leasehold_engines::launch::{
-    DataDir, Exit, LaunchSpec, Launcher, ProbeExit, Respawn, Running, SecretBytes, STATUS_FIFO,
+    DataDir, Exit, LaunchSpec, Launcher, ProbeExit, Respawn, Running, SecretBytes, CONFINE_FAILED,
+    LAUNCHER_JOINS, STATUS_FIFO,
 };
 
 const SHIM: &str = env!("CARGO_BIN_EXE_leasehold-engine-shim");
@@ -71,6 +72,10 @@ fn main() {
             real_engine_outlives_its_launcher,
         ),
         ("real_cgroup_join_kill_remove", real_cgroup_join_kill_remove),
+        (
+            "real_cgroup_join_fails_closed",
+            real_cgroup_join_fails_closed,
+        ),
         ("real_cgroup_limits", real_cgroup_limits),
     ];
     let (mut skip, mut filters) = (Vec::new(), Vec::new());
@@ -758,6 +763,104 @@ fn real_cgroup_join_kill_remove() -> Outcome {
         cg.remove(&engine).unwrap(),
         leasehold_engines::cgroup::Action::Done
     );
+
+    // The way before the launcher moved the shim: the shim joins by itself
+    // (kept for an older agent's calls and for the benches' comparison).
+    cg.create(&engine).unwrap();
+    let mut r = Launcher::new(SHIM)
+        .shim_joins_cgroup()
+        .start(
+            &s,
+            &work.path().join("run2"),
+            Stdio::null(),
+            Stdio::null(),
+            &[],
+        )
+        .unwrap();
+    let t = Instant::now();
+    while cg.pids(&engine).unwrap().len() < 3 && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pids = cg.pids(&engine).unwrap();
+    assert!(pids.contains(&r.shim_pid()), "{pids:?}");
+    assert!(pids.contains(&r.engine_pid().unwrap()), "{pids:?}");
+    cg.kill(&engine).unwrap();
+    assert!(matches!(wait(&mut r), Exit::ShimLost(_)));
+    Outcome::Passed
+}
+
+/// The launcher moves the shim into its cgroup while it starts up; the
+/// shim starts nothing before the launcher's word. A move the kernel
+/// refuses (the cgroup is gone), and a launcher that ends before its word
+/// (the pipe's end), or sends another, each fail the start closed: the
+/// engine never runs, the report says why.
+fn real_cgroup_join_fails_closed() -> Outcome {
+    if let Some(skip) = need_root() {
+        return skip;
+    }
+    let Some(mount) = cgroup2_mount() else {
+        return Outcome::Skipped("no cgroup2 mount".into());
+    };
+    let fs_ = rootfs();
+    need_busybox(&fs_);
+    let cg = engine_cgroups(&mount);
+    let gone = CgroupPath::new(format!("leasehold-test-gone-{}", std::process::id())).unwrap();
+    assert!(!cg.dir(&gone).exists());
+    let work = tempfile::tempdir().unwrap();
+    // The engine would print: its output must stay empty.
+    let mut s = spec(&fs_.root, &["/bin/echo", "ran"]);
+    s.cgroup = Some(cg.dir(&gone));
+    let out = work.path().join("out");
+    let mut r = Launcher::new(SHIM)
+        .start(
+            &s,
+            &work.path().join("run"),
+            Stdio::from(fs::File::create(&out).unwrap()),
+            Stdio::null(),
+            &[],
+        )
+        .unwrap();
+    match wait(&mut r) {
+        Exit::LaunchFailed(why) => {
+            assert!(why.contains("did not move the shim"), "{why}");
+            assert!(why.contains(&gone.to_string()), "{why}");
+            assert!(why.contains("cgroup.procs"), "{why}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let report = r.report().expect("report.json");
+    assert!(report.result.is_err(), "{report:?}");
+    assert!(!report.seccomp, "{report:?}");
+    assert_eq!(fs::read_to_string(&out).unwrap(), "");
+
+    // The shim by hand, told to wait for the launcher's word: the end of
+    // stdin, or a byte that is not the word, and it stops there.
+    for (stdin, reason) in [
+        (&b""[..], "ended before it moved the shim"),
+        (&b"?"[..], "word 0x3f is not one the shim knows"),
+    ] {
+        let run = work.path().join(format!("by-hand-{}", stdin.len()));
+        fs::create_dir(&run).unwrap();
+        fs::write(run.join("spec.json"), serde_json::to_vec(&s).unwrap()).unwrap();
+        let mut shim = Command::new(SHIM)
+            .args([LAUNCHER_JOINS.as_ref(), run.as_os_str()])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write;
+            let mut pipe = shim.stdin.take().unwrap();
+            pipe.write_all(stdin).unwrap();
+        }
+        let status = shim.wait().unwrap();
+        assert_eq!(status.code(), Some(CONFINE_FAILED), "{status}");
+        let report = fs::read_to_string(run.join("report.json")).unwrap();
+        assert!(report.contains(reason), "{report}");
+        let exit = fs::read_to_string(run.join("exit.json")).unwrap();
+        assert!(exit.contains("LaunchFailed"), "{exit}");
+    }
     Outcome::Passed
 }
 
