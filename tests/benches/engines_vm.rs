@@ -153,8 +153,15 @@ fn run_vm(starts: u32) -> String {
         .unwrap();
     let guest_err = String::from_utf8_lossy(&g.stderr).into_owned();
     std::fs::write(dir.join("guest.err"), &guest_err).unwrap();
+    // The run's end (the report's date, also when a saved run is rendered
+    // again later).
+    let ended = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
     let mut out = format!(
-        "package {}\nguest-secs {}\n",
+        "package {}\nguest-secs {}\nrun-ended {ended}\n",
         deb.file_name().unwrap().to_string_lossy(),
         t.elapsed().as_secs()
     );
@@ -184,6 +191,9 @@ fn report(out: &str, starts: u32) {
     let mut events: Vec<serde_json::Value> = Vec::new();
     let mut idle: Vec<Idle> = Vec::new();
     let mut fails: Vec<String> = Vec::new();
+    // "with" / "without" favordynmods: µs per spawn, one per block.
+    let mut forks: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    let mut fork_n = 0;
     let mut info: BTreeMap<String, String> = BTreeMap::new();
     let mut lines = out.lines();
     while let Some(l) = lines.next() {
@@ -203,6 +213,13 @@ fn report(out: &str, starts: u32) {
             Some("floor") if f.len() == 3 => {
                 if let (Some(a), Some(b)) = (num(1), num(2)) {
                     floor_pairs.push((a, b));
+                }
+            }
+            Some("forks") if f.len() == 4 => {
+                if let (Some(n), Some(us)) = (num(2), num(3)) {
+                    let per = us as f64 / n.max(1) as f64;
+                    fork_n = n;
+                    forks.entry(f[1].to_owned()).or_default().push(per);
                 }
             }
             Some("idle") if f.len() == 10 => {
@@ -259,7 +276,20 @@ fn report(out: &str, starts: u32) {
         info.get("guest-secs").map_or("?", String::as_str)
     )
     .unwrap();
-    s.push_str(&leasehold_tests::markdown::machine());
+    let machine = leasehold_tests::markdown::machine();
+    match info.get("run-ended") {
+        // The run's own date, not the rendering's.
+        Some(ended) => {
+            for l in machine.lines() {
+                if l.starts_with("- date: ") {
+                    writeln!(s, "- date: {ended} (the run's end)").unwrap();
+                } else {
+                    writeln!(s, "{l}").unwrap();
+                }
+            }
+        }
+        None => s.push_str(&machine),
+    }
     let g: Vec<&str> = info.get("guest").map_or(vec![], |x| x.split(' ').collect());
     writeln!(
         s,
@@ -469,6 +499,33 @@ fn report(out: &str, starts: u32) {
         word("agent-fds", 0),
     )
     .unwrap();
+
+    if let (Some(with), Some(without)) = (forks.get("with"), forks.get("without")) {
+        let med = |v: &Vec<f64>| {
+            let mut v = v.clone();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+        };
+        let list = |v: &Vec<f64>| {
+            v.iter()
+                .map(|x| format!("{:.0}", x))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        writeln!(
+            s,
+            "\n### What `favordynmods` costs process creation (TCG)\n\nBlocks of {} spawns of `/bin/true` from a shell loop (fork, exec, exit, wait), the node's cgroup2 remounted with and without the option before each block, {} rounds, the order swapped every round, the {} idle engines still running. µs per spawn, each block; median of the blocks:\n\n| cgroup2 | blocks (µs per spawn) | median | vs without |\n|---|---|---|---|\n| without `favordynmods` | {} | {:.0} µs | |\n| with `favordynmods` | {} | {:.0} µs | {:+.1} % |",
+            fork_n,
+            without.len(),
+            idle.last().map_or(0, |i| i.engines),
+            list(without),
+            med(without),
+            list(with),
+            med(with),
+            (med(with) / med(without) - 1.0) * 100.0,
+        )
+        .unwrap();
+    }
 
     writeln!(s, "\n### Against issue 14's goals (all TCG)\n").unwrap();
     let agent = p50s.get("agent").copied().unwrap_or((f64::NAN, f64::NAN));

@@ -147,7 +147,7 @@ pub fn env_n(name: &str, default: u32) -> u32 {
         .unwrap_or(default)
 }
 
-/// The report's sentence splitting the agent's starts (`(t0, first)`
+/// The report's paragraph (blank line before and after) splitting the agent's starts (`(t0, first)`
 /// nanoseconds, warm-up first) at their `started` events (`started_ms`,
 /// whole milliseconds, one per start): t0 → `started`, `started` → first
 /// instruction. `mid_ms`: take each event at the middle of its millisecond
@@ -160,7 +160,7 @@ pub fn started_split(
 ) -> String {
     if started_ms.len() != starts.len() {
         return format!(
-            "\n({what}: {} `started` events for {} samples, no split.)",
+            "\n({what}: {} `started` events for {} samples, no split.)\n",
             started_ms.len(),
             starts.len()
         );
@@ -191,7 +191,7 @@ pub fn started_split(
         "event times are milliseconds"
     };
     format!(
-        "\nThe agent's start ({what}) split at its `started` event ({times}): t0 → `started` (client start if any, D-Bus, polkit, the controller, the engine's cgroups, the shim spawned) p50 {:.1} ms, p99 {:.1} ms; `started` → first instruction (the shim's confinement and exec) p50 {:.1} ms, p99 {:.1} ms.",
+        "\nThe agent's start ({what}) split at its `started` event ({times}): t0 → `started` (client start if any, D-Bus, polkit, the controller, the engine's cgroups, the shim spawned) p50 {:.1} ms, p99 {:.1} ms; `started` → first instruction (the shim's confinement and exec) p50 {:.1} ms, p99 {:.1} ms.\n",
         pct(&a, 50),
         pct(&a, 99),
         pct(&b, 50),
