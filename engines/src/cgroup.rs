@@ -245,7 +245,7 @@ pub trait Cgroups: Send + Sync {
     fn kill(&self, cg: &CgroupPath) -> Result<(), CgroupError>;
     /// Removes `cg`; it must be empty. `Identity` if already gone.
     fn remove(&self, cg: &CgroupPath) -> Result<Action, CgroupError>;
-    /// The absolute directory of `cg` (for the shim, which joins it itself).
+    /// The absolute directory of `cg` (the launch spec names it; the launcher moves the shim into it).
     fn dir(&self, cg: &CgroupPath) -> PathBuf;
 }
 

@@ -45,7 +45,13 @@
 //! the secrets, namespaces) is charged to the engine's cgroup, and a failed
 //! move or a launcher gone before it (end of stdin) fails the start closed.
 //! `shim RUN_DIR` without [`LAUNCHER_JOINS`] (an older agent's call, or
-//! [`Launcher::shim_joins_cgroup`]) joins by itself, as before.
+//! [`Launcher::shim_joins_cgroup`]) joins by itself, as before. The other
+//! way round, an older shim given the flag prints its usage and exits 2
+//! without a report (the agent sees a lost shim): the agent and the shim
+//! ship in one package and are upgraded together. The shim is reaped only
+//! through [`Running::wait`], after the moving thread ended; an unreaped
+//! shim stays a zombie, which keeps its pid from being reused meanwhile —
+//! never reap it elsewhere without joining that thread first.
 //!
 //! With a [`Respawn`] grant the shim starts the engine once more after its
 //! first exit instead (the first restart of a series, in place: same pid
@@ -267,7 +273,7 @@ pub enum LaunchError {
     /// A mount point inside the image is a symlink (refused, not followed).
     #[error("mount point {} in the image is a symlink", .0.display())]
     SymlinkMountPoint(PathBuf),
-    /// The thread that spawns the shim panicked.
+    /// The thread that spawns the shim could not be started, or panicked.
     #[error("the engine-spawn thread panicked")]
     SpawnThread,
     /// The launcher did not move the shim into the engine's cgroup: the
@@ -389,7 +395,8 @@ impl Launcher {
     /// move shows as the shim's `report.json` and exit, as any failed
     /// confinement.
     /// Blocking (a thread is spawned and joined, the secrets are written to
-    /// a pipe): from async code, call it through `spawn_blocking`.
+    /// a pipe; the moving thread outlives the call, until its word is
+    /// written): from async code, call it through `spawn_blocking`.
     pub fn start(
         &self,
         spec: &LaunchSpec,
@@ -424,8 +431,9 @@ impl Launcher {
         let procs = spec.cgroup.as_ref().map(|cg| cg.join("cgroup.procs"));
         let launcher_joins = procs.is_some() && !self.shim_joins;
         let child = std::thread::scope(|scope| {
-            scope
-                .spawn(move || {
+            std::thread::Builder::new()
+                .name("shim-spawn".into())
+                .spawn_scoped(scope, move || {
                     unshare(CloneFlags::CLONE_NEWPID).map_err(sys("unshare(CLONE_NEWPID)"))?;
                     Command::new(&self.shim)
                         .args(launcher_joins.then_some(LAUNCHER_JOINS))
@@ -437,6 +445,7 @@ impl Launcher {
                         .spawn()
                         .map_err(|e| io_err("spawn", &self.shim, e))
                 })
+                .map_err(|_| LaunchError::SpawnThread)?
                 .join()
                 .map_err(|_| LaunchError::SpawnThread)?
         })?;
@@ -469,6 +478,31 @@ impl Launcher {
                 break;
             }
         }
+        // The shim is tracked (pidfd, shim.pid) before it may go on: an
+        // engine never runs that the agent could not find again.
+        let tracked = pidfd_open(pid).and_then(|pidfd| {
+            let start_time = start_time(pid).ok_or(LaunchError::ShimGone {
+                pid,
+                run_dir: run_dir.to_path_buf(),
+            })?;
+            write_json(&run_dir.join("shim.pid"), &ShimPid { pid, start_time })?;
+            Ok(pidfd)
+        });
+        let pidfd = match tracked {
+            Ok(pidfd) => pidfd,
+            Err(e) => {
+                // No word: the end of the pipe fails the shim closed.
+                drop(pipe);
+                let mut child = child;
+                let _ = child.kill();
+                if let Join::Thread(handle, tx) = join {
+                    drop(tx);
+                    let _ = handle.join();
+                }
+                let _ = child.wait();
+                return Err(e);
+            }
+        };
         let joiner = match join {
             Join::None => None,
             Join::Thread(handle, tx) => {
@@ -482,12 +516,6 @@ impl Launcher {
                 None
             }
         };
-        let pidfd = pidfd_open(pid)?;
-        let start_time = start_time(pid).ok_or(LaunchError::ShimGone {
-            pid,
-            run_dir: run_dir.to_path_buf(),
-        })?;
-        write_json(&run_dir.join("shim.pid"), &ShimPid { pid, start_time })?;
         Ok(Running {
             run_dir: run_dir.to_path_buf(),
             shim_pid: pid,
@@ -513,7 +541,12 @@ enum Join {
 
 /// Moves process `pid` (the shim, all of it) into the cgroup of `procs`.
 fn move_into(procs: &Path, pid: u32) -> Result<(), String> {
-    fs::write(procs, format!("{pid}\n")).map_err(|e| format!("writing its pid there: {e}"))
+    // Never created: a path that is not a cgroup fails.
+    fs::OpenOptions::new()
+        .write(true)
+        .open(procs)
+        .and_then(|mut f| f.write_all(format!("{pid}\n").as_bytes()))
+        .map_err(|e| format!("writing its pid there: {e}"))
 }
 
 /// The launcher's word to the shim after the secrets (one write; the
@@ -794,7 +827,7 @@ impl Running {
 }
 
 // ---------------------------------------------------------------------------
-// The shim (runs as its own process: `leasehold-engine-shim RUN_DIR`, pid 1
+// The shim (runs as its own process: `leasehold-engine-shim [--launcher-joins] RUN_DIR`, pid 1
 // of a new pid namespace).
 
 /// The FIFO in the run directory that carries the engine's stdout to the
@@ -916,7 +949,7 @@ impl ShimSignals {
     }
 }
 
-/// Entry point of the shim binary: `shim RUN_DIR`. Returns the process
+/// Entry point of the shim binary: `shim [--launcher-joins] RUN_DIR`. Returns the process
 /// exit code: the engine's (128 + signal if killed), or [`CONFINE_FAILED`].
 pub fn shim_main(args: &[OsString]) -> i32 {
     if args.get(1).is_some_and(|a| a == "--probe") {
@@ -1254,7 +1287,7 @@ fn await_join(procs: &Path) -> Result<(), LaunchError> {
         }
         (0, _) => Err(LaunchError::NotJoined {
             procs: procs.to_path_buf(),
-            reason: "the launcher ended before it moved the shim".into(),
+            reason: "the launcher ended before its word".into(),
         }),
         (_, byte) => Err(LaunchError::NotJoined {
             procs: procs.to_path_buf(),
@@ -1290,11 +1323,16 @@ fn confine(
 ) -> Result<Command, LaunchError> {
     // Out of the agent's session: no terminal signal reaches the engine.
     nix::unistd::setsid().map_err(sys("setsid"))?;
-    if let Some(cg) = &spec.cgroup {
-        let procs = cg.join("cgroup.procs");
-        if launcher_joins {
-            await_join(&procs)?;
-        } else {
+    match &spec.cgroup {
+        None if launcher_joins => {
+            return Err(LaunchError::InvalidSpec(
+                "--launcher-joins without a cgroup in the spec",
+            ))
+        }
+        None => {}
+        Some(cg) if launcher_joins => await_join(&cg.join("cgroup.procs"))?,
+        Some(cg) => {
+            let procs = cg.join("cgroup.procs");
             // "0": the writing process (our pid differs between namespaces).
             fs::write(&procs, "0\n").map_err(|e| io_err("write", &procs, e))?;
         }

@@ -729,15 +729,28 @@ fn real_cgroup_join_kill_remove() -> Outcome {
     }
 
     let work = tempfile::tempdir().unwrap();
-    let mut s = spec(&fs_.root, &["/bin/sh", "-c", "while :; do sleep 1; done"]);
+    // A secret larger than a pipe's buffer: the launcher's word comes
+    // after it on the same pipe, and the shim reads both through one
+    // buffered stdin.
+    let big: Vec<u8> = (0..100_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+    let mut s = spec(
+        &fs_.root,
+        &[
+            "/bin/sh",
+            "-c",
+            "wc -c < /run/secrets/big; while :; do sleep 1; done",
+        ],
+    );
     s.cgroup = Some(cg.dir(&engine));
+    s.secrets = vec!["big".into()];
+    let out = work.path().join("out");
     let mut r = Launcher::new(SHIM)
         .start(
             &s,
             &work.path().join("run"),
+            Stdio::from(fs::File::create(&out).unwrap()),
             Stdio::null(),
-            Stdio::null(),
-            &[],
+            &[SecretBytes::new(big.clone())],
         )
         .unwrap();
     let t = Instant::now();
@@ -747,6 +760,11 @@ fn real_cgroup_join_kill_remove() -> Outcome {
     let pids = cg.pids(&engine).unwrap();
     assert!(pids.contains(&r.shim_pid()), "{pids:?}");
     assert!(pids.contains(&r.engine_pid().unwrap()), "{pids:?}");
+    let t = Instant::now();
+    while fs::read_to_string(&out).unwrap().is_empty() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(fs::read_to_string(&out).unwrap().trim(), "100000");
     if !cg.dir(&engine).join("cgroup.kill").exists() {
         let _ = r.signal(nix::sys::signal::Signal::SIGKILL);
         wait(&mut r);
@@ -767,6 +785,7 @@ fn real_cgroup_join_kill_remove() -> Outcome {
     // The way before the launcher moved the shim: the shim joins by itself
     // (kept for an older agent's calls and for the benches' comparison).
     cg.create(&engine).unwrap();
+    s.secrets = vec![];
     let mut r = Launcher::new(SHIM)
         .shim_joins_cgroup()
         .start(
@@ -823,6 +842,8 @@ fn real_cgroup_join_fails_closed() -> Outcome {
     match wait(&mut r) {
         Exit::LaunchFailed(why) => {
             assert!(why.contains("did not move the shim"), "{why}");
+            // The launcher's own reason, from its write.
+            assert!(why.contains("writing its pid there"), "{why}");
             assert!(why.contains(&gone.to_string()), "{why}");
             assert!(why.contains("cgroup.procs"), "{why}");
         }
@@ -836,7 +857,7 @@ fn real_cgroup_join_fails_closed() -> Outcome {
     // The shim by hand, told to wait for the launcher's word: the end of
     // stdin, or a byte that is not the word, and it stops there.
     for (stdin, reason) in [
-        (&b""[..], "ended before it moved the shim"),
+        (&b""[..], "ended before its word"),
         (&b"?"[..], "word 0x3f is not one the shim knows"),
     ] {
         let run = work.path().join(format!("by-hand-{}", stdin.len()));
@@ -861,6 +882,59 @@ fn real_cgroup_join_fails_closed() -> Outcome {
         let exit = fs::read_to_string(run.join("exit.json")).unwrap();
         assert!(exit.contains("LaunchFailed"), "{exit}");
     }
+
+    // The shim waits for the word: with stdin open and no word, it starts
+    // nothing and reports nothing; moved (by hand here) and told, it
+    // starts the engine in that cgroup.
+    let held = CgroupPath::new(format!("leasehold-test-held-{}", std::process::id())).unwrap();
+    cg.create(&held).unwrap();
+    struct Kill(CgroupFs, CgroupPath);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill(&self.1);
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = self.0.remove(&self.1);
+        }
+    }
+    let _kill = Kill(cg.clone(), held.clone());
+    let run = work.path().join("held");
+    fs::create_dir(&run).unwrap();
+    let mut s = spec(&fs_.root, &["/bin/sh", "-c", "while :; do sleep 1; done"]);
+    s.cgroup = Some(cg.dir(&held));
+    fs::write(run.join("spec.json"), serde_json::to_vec(&s).unwrap()).unwrap();
+    let mut shim = Command::new(SHIM)
+        .args([LAUNCHER_JOINS.as_ref(), run.as_os_str()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = shim.id();
+    let children = || fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    // A negative: nothing to wait for but time (the engine would start
+    // within milliseconds of the shim's start-up).
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        children(),
+        "",
+        "the shim started the engine without the word"
+    );
+    assert_eq!(fs::read_to_string(run.join("report.json")).unwrap(), "");
+    assert!(shim.try_wait().unwrap().is_none());
+    fs::write(cg.dir(&held).join("cgroup.procs"), pid.to_string()).unwrap();
+    {
+        use std::io::Write;
+        shim.stdin.take().unwrap().write_all(b"+").unwrap();
+    }
+    let t = Instant::now();
+    while children().is_empty() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let engine: u32 = children().trim().parse().expect("the engine started");
+    let pids = cg.pids(&held).unwrap();
+    assert!(pids.contains(&pid) && pids.contains(&engine), "{pids:?}");
+    cg.kill(&held).unwrap();
+    shim.wait().unwrap();
     Outcome::Passed
 }
 
