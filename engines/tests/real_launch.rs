@@ -690,15 +690,10 @@ fn real_engine_outlives_its_launcher() -> Outcome {
 }
 
 fn real_cgroup_join_kill_remove() -> Outcome {
-    if let Some(skip) = need_root() {
-        return skip;
-    }
-    let Some(mount) = cgroup2_mount() else {
-        return Outcome::Skipped("no cgroup2 mount".into());
+    let (fs_, cg) = match cgroup_setup() {
+        Ok(x) => x,
+        Err(skip) => return skip,
     };
-    let fs_ = rootfs();
-    need_busybox(&fs_);
-    let cg = engine_cgroups(&mount);
     let base = CgroupPath::new(format!("leasehold-test-{}", std::process::id())).unwrap();
     let engine = base.child("engine").unwrap();
     struct Cleanup(CgroupFs, CgroupPath, CgroupPath);
@@ -753,13 +748,7 @@ fn real_cgroup_join_kill_remove() -> Outcome {
             &[SecretBytes::new(big.clone())],
         )
         .unwrap();
-    let t = Instant::now();
-    while cg.pids(&engine).unwrap().len() < 3 && t.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let pids = cg.pids(&engine).unwrap();
-    assert!(pids.contains(&r.shim_pid()), "{pids:?}");
-    assert!(pids.contains(&r.engine_pid().unwrap()), "{pids:?}");
+    in_cgroup(&cg, &engine, &r);
     let t = Instant::now();
     while fs::read_to_string(&out).unwrap().is_empty() && t.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(10));
@@ -796,13 +785,7 @@ fn real_cgroup_join_kill_remove() -> Outcome {
             &[],
         )
         .unwrap();
-    let t = Instant::now();
-    while cg.pids(&engine).unwrap().len() < 3 && t.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let pids = cg.pids(&engine).unwrap();
-    assert!(pids.contains(&r.shim_pid()), "{pids:?}");
-    assert!(pids.contains(&r.engine_pid().unwrap()), "{pids:?}");
+    in_cgroup(&cg, &engine, &r);
     cg.kill(&engine).unwrap();
     assert!(matches!(wait(&mut r), Exit::ShimLost(_)));
     Outcome::Passed
@@ -814,15 +797,10 @@ fn real_cgroup_join_kill_remove() -> Outcome {
 /// (the pipe's end), or sends another, each fail the start closed: the
 /// engine never runs, the report says why.
 fn real_cgroup_join_fails_closed() -> Outcome {
-    if let Some(skip) = need_root() {
-        return skip;
-    }
-    let Some(mount) = cgroup2_mount() else {
-        return Outcome::Skipped("no cgroup2 mount".into());
+    let (fs_, cg) = match cgroup_setup() {
+        Ok(x) => x,
+        Err(skip) => return skip,
     };
-    let fs_ = rootfs();
-    need_busybox(&fs_);
-    let cg = engine_cgroups(&mount);
     let gone = CgroupPath::new(format!("leasehold-test-gone-{}", std::process::id())).unwrap();
     assert!(!cg.dir(&gone).exists());
     let work = tempfile::tempdir().unwrap();
@@ -938,19 +916,41 @@ fn real_cgroup_join_fails_closed() -> Outcome {
     Outcome::Passed
 }
 
+/// What every cgroup test needs: root, a cgroup2 mount, the test rootfs
+/// with busybox and the cgroup manager; or why it is skipped.
+fn cgroup_setup() -> Result<(Rootfs, CgroupFs), Outcome> {
+    if let Some(skip) = need_root() {
+        return Err(skip);
+    }
+    let Some(mount) = cgroup2_mount() else {
+        return Err(Outcome::Skipped("no cgroup2 mount".into()));
+    };
+    let fs_ = rootfs();
+    need_busybox(&fs_);
+    Ok((fs_, engine_cgroups(&mount)))
+}
+
+/// Waits (5 s at most) until `cg` holds the shim and a shell engine with
+/// its `sleep` (three processes), then checks the shim and the engine are
+/// there.
+fn in_cgroup(cg: &CgroupFs, path: &CgroupPath, r: &Running) {
+    let t = Instant::now();
+    while cg.pids(path).unwrap().len() < 3 && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pids = cg.pids(path).unwrap();
+    assert!(pids.contains(&r.shim_pid()), "{pids:?}");
+    assert!(pids.contains(&r.engine_pid().unwrap()), "{pids:?}");
+}
+
 /// Real controllers (the lab node; skipped where the cgroup2 hierarchy has
 /// none, as on the host): `pids.max` holds a fork loop, a memory hog over
 /// `memory.max` is OOM-killed and `memory.events` counts it.
 fn real_cgroup_limits() -> Outcome {
-    if let Some(skip) = need_root() {
-        return skip;
-    }
-    let Some(mount) = cgroup2_mount() else {
-        return Outcome::Skipped("no cgroup2 mount".into());
+    let (fs_, cg) = match cgroup_setup() {
+        Ok(x) => x,
+        Err(skip) => return skip,
     };
-    let fs_ = rootfs();
-    need_busybox(&fs_);
-    let cg = engine_cgroups(&mount);
     let base = CgroupPath::new(format!("leasehold-limits-{}", std::process::id())).unwrap();
     cg.create(&base).unwrap();
     let available = fs::read_to_string(cg.dir(&base).join("cgroup.controllers")).unwrap();
