@@ -802,7 +802,10 @@ impl Running {
     }
 
     /// Waits until the shim exits (pidfd readable) or `timeout` passes
-    /// (`None`: no limit), then returns how the engine ended.
+    /// (`None`: no limit), then returns how the engine ended. Once the shim
+    /// has exited, the thread moving it into its cgroup is joined first:
+    /// that can add up to one RCU grace period to `timeout` (its write
+    /// waits for one), and keeps the pid from being reused under it.
     pub fn wait(&mut self, timeout: Option<Duration>) -> Result<Option<Exit>, LaunchError> {
         if !self.wait_readable(timeout)? {
             return Ok(None);
