@@ -839,15 +839,7 @@ fn real_cgroup_join_fails_closed() -> Outcome {
         (&b"?"[..], "word 0x3f is not one the shim knows"),
     ] {
         let run = work.path().join(format!("by-hand-{}", stdin.len()));
-        fs::create_dir(&run).unwrap();
-        fs::write(run.join("spec.json"), serde_json::to_vec(&s).unwrap()).unwrap();
-        let mut shim = Command::new(SHIM)
-            .args([LAUNCHER_JOINS.as_ref(), run.as_os_str()])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut shim = shim_by_hand(&run, &s);
         {
             use std::io::Write;
             let mut pipe = shim.stdin.take().unwrap();
@@ -876,17 +868,9 @@ fn real_cgroup_join_fails_closed() -> Outcome {
     }
     let _kill = Kill(cg.clone(), held.clone());
     let run = work.path().join("held");
-    fs::create_dir(&run).unwrap();
     let mut s = spec(&fs_.root, &["/bin/sh", "-c", "while :; do sleep 1; done"]);
     s.cgroup = Some(cg.dir(&held));
-    fs::write(run.join("spec.json"), serde_json::to_vec(&s).unwrap()).unwrap();
-    let mut shim = Command::new(SHIM)
-        .args([LAUNCHER_JOINS.as_ref(), run.as_os_str()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut shim = shim_by_hand(&run, &s);
     let pid = shim.id();
     let children = || fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
     // A negative: nothing to wait for but time (the engine would start
@@ -914,6 +898,21 @@ fn real_cgroup_join_fails_closed() -> Outcome {
     cg.kill(&held).unwrap();
     shim.wait().unwrap();
     Outcome::Passed
+}
+
+/// The shim started directly, as the launcher would with
+/// `--launcher-joins`: `run` made with `spec` as its `spec.json`; stdin a
+/// pipe the test writes the launcher's word to (or closes).
+fn shim_by_hand(run: &Path, spec: &LaunchSpec) -> std::process::Child {
+    fs::create_dir(run).unwrap();
+    fs::write(run.join("spec.json"), serde_json::to_vec(spec).unwrap()).unwrap();
+    Command::new(SHIM)
+        .args([LAUNCHER_JOINS.as_ref(), run.as_os_str()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }
 
 /// What every cgroup test needs: root, a cgroup2 mount, the test rootfs

@@ -155,11 +155,7 @@ fn run_vm(starts: u32) -> String {
     std::fs::write(dir.join("guest.err"), &guest_err).unwrap();
     // The run's end (the report's date, also when a saved run is rendered
     // again later).
-    let ended = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
+    let ended = leasehold_tests::markdown::utc_minute();
     let mut out = format!(
         "package {}\nguest-secs {}\nrun-ended {ended}\n",
         deb.file_name().unwrap().to_string_lossy(),
@@ -276,20 +272,13 @@ fn report(out: &str, starts: u32) {
         info.get("guest-secs").map_or("?", String::as_str)
     )
     .unwrap();
-    let machine = leasehold_tests::markdown::machine();
-    match info.get("run-ended") {
-        // The run's own date, not the rendering's.
+    // The run's own date, not the rendering's.
+    s.push_str(&match info.get("run-ended") {
         Some(ended) => {
-            for l in machine.lines() {
-                if l.starts_with("- date: ") {
-                    writeln!(s, "- date: {ended} (the run's end)").unwrap();
-                } else {
-                    writeln!(s, "{l}").unwrap();
-                }
-            }
+            leasehold_tests::markdown::machine_dated(&format!("{ended} (the run's end)"))
         }
-        None => s.push_str(&machine),
-    }
+        None => leasehold_tests::markdown::machine(),
+    });
     let g: Vec<&str> = info.get("guest").map_or(vec![], |x| x.split(' ').collect());
     writeln!(
         s,
@@ -501,11 +490,7 @@ fn report(out: &str, starts: u32) {
     .unwrap();
 
     if let (Some(with), Some(without)) = (forks.get("with"), forks.get("without")) {
-        let med = |v: &Vec<f64>| {
-            let mut v = v.clone();
-            v.sort_by(f64::total_cmp);
-            v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-        };
+        let med = |v: &Vec<f64>| pct(&sorted(v.clone()), 50);
         let list = |v: &Vec<f64>| {
             v.iter()
                 .map(|x| format!("{:.0}", x))

@@ -39,15 +39,28 @@ pub fn write_section(id: &str, body: &str) {
     eprintln!("wrote section {id} of {}", path.display());
 }
 
-/// Machine description for a benchmark header.
+/// The current UTC time to the minute, as benchmark headers give it.
+pub fn utc_minute() -> String {
+    cmd("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
+}
+
+/// A command's standard output, trimmed ("" if it cannot run).
+fn cmd(c: &str, a: &[&str]) -> String {
+    std::process::Command::new(c)
+        .args(a)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Machine description for a benchmark header, dated now.
 pub fn machine() -> String {
-    let cmd = |c: &str, a: &[&str]| {
-        std::process::Command::new(c)
-            .args(a)
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-            .unwrap_or_default()
-    };
+    machine_dated(&utc_minute())
+}
+
+/// Machine description for a benchmark header, with `date` as given (a
+/// saved run rendered again keeps its own).
+pub fn machine_dated(date: &str) -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .lines()
@@ -57,8 +70,7 @@ pub fn machine() -> String {
         })
         .unwrap_or_else(|| "unknown".into());
     format!(
-        "- date: {}\n- machine: {cpu}, {} cores\n- kernel: {}\n",
-        cmd("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
+        "- date: {date}\n- machine: {cpu}, {} cores\n- kernel: {}\n",
         std::thread::available_parallelism().map_or(0, |n| n.get()),
         cmd("uname", &["-r"])
     )
