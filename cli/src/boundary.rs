@@ -9,7 +9,9 @@ use serde_json::{json, Value};
 
 use crate::{exit, read_arg_file, CliError};
 
-/// The flow `boundary explain` asks about.
+// The flow `boundary explain` asks about (no doc comment: as a deferred
+// subcommand its about would replace the variant's).
+#[allow(missing_docs)]
 #[derive(Debug, Args)]
 pub struct ExplainArgs {
     /// The other end of the flow (IPv4 or IPv6 address).

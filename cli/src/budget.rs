@@ -13,6 +13,7 @@ use crate::{exit, CliError};
 
 /// `landlordctl budget ...`
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum BudgetCommand {
     /// Set the tenant's budget, from a TOML or JSON document or from flags
     /// (not both). Limits not given are lifted (the kernel's `max`).

@@ -50,6 +50,9 @@ pub struct Args {
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
+// Each subcommand's arguments are built only when it is used
+// (docs/cli.md, "Start-up"); so in every enum below.
+#[command(defer = true)]
 pub enum Command {
     /// Show node id, TPM, key generations and fingerprints, assigned tenant.
     Info,
@@ -154,6 +157,7 @@ pub enum Command {
 
 /// `landlordctl volume ...`
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum VolumeCommand {
     /// Make DEVICE the tenant's encrypted volume (erases it). Refuses a
     /// mounted device, the root disk, and a device with a filesystem or
@@ -176,6 +180,7 @@ pub enum VolumeCommand {
 
 /// `landlordctl boundary ...`
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum BoundaryCommand {
     /// Set the cluster boundary from a TOML or JSON document (applied at once).
     Set {
@@ -229,7 +234,8 @@ pub enum BoundaryCommand {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let args = match crate::parse_kept::<Args>(&argv, crate::leak) {
         Ok(a) => a,
         Err(e) => return crate::usage_exit("landlordctl", e),
     };

@@ -353,6 +353,28 @@ pub fn ask_typed_yes(msg: &str, what: &str, refused: u8) -> Result<(), CliError>
     Ok(())
 }
 
+/// `P` from `argv`, as [`clap::Parser::try_parse_from`], with its command tree
+/// handed to `keep` afterwards ([`leak`] or [`drop`]).
+pub fn parse_kept<P: clap::Parser>(
+    argv: &[std::ffi::OsString],
+    keep: fn(clap::Command),
+) -> Result<P, clap::Error> {
+    let mut cmd = P::command();
+    let r = match cmd.try_get_matches_from_mut(argv) {
+        Ok(mut m) => P::from_arg_matches_mut(&mut m).map_err(|e| e.format(&mut cmd)),
+        Err(e) => Err(e),
+    };
+    keep(cmd);
+    r
+}
+
+/// Leaks a parsed command tree rather than dropping it: freeing it is a
+/// quarter of a cold start's instructions, and the process either exits
+/// soon or keeps running with the one tree it built.
+pub fn leak(cmd: clap::Command) {
+    std::mem::forget(cmd);
+}
+
 /// A command-line parse error (or `--help`/`--version`): printed by clap,
 /// or, with `--json` among the arguments, as a `--json` error on stdout.
 pub fn usage_exit(prog: &str, e: clap::Error) -> ExitCode {

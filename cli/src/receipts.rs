@@ -22,6 +22,7 @@ pub const NOT_NODE_KEY: u8 = exit::NOT_NODE_KEY;
 
 /// `receipts ...`
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum ReceiptsCommand {
     /// List the erase receipts this role may see (oldest first).
     #[command(alias = "ls")]
@@ -37,7 +38,9 @@ pub enum ReceiptsCommand {
     },
 }
 
-/// `verify-receipt` arguments.
+// `verify-receipt` arguments (no doc comment: as a deferred subcommand
+// its about would replace the variant's).
+#[allow(missing_docs)]
 #[derive(Debug, Args)]
 pub struct VerifyArgs {
     /// Receipt file (JSON): the --json output of a key change or of

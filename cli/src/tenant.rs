@@ -19,10 +19,11 @@ use crate::{
     GlobalArgs, EXIT_CODES_HELP,
 };
 
-/// Command line of `tenantctl`.
+/// Command line of `tenantctl`. `C` is the subcommand tree: the whole
+/// [`Command`], or [`EngineOnly`] for the hot path ([`parse`]).
 #[derive(Debug, Parser)]
 #[command(name = "tenantctl", version, about = "Manage a Leasehold node as its tenant", after_help = EXIT_CODES_HELP)]
-pub struct Args {
+pub struct Args<C: Subcommand = Command> {
     /// --host, --quiet, --no-pager (shared with landlordctl).
     #[command(flatten)]
     pub global: GlobalArgs,
@@ -43,11 +44,59 @@ pub struct Args {
     pub timeout: crate::progress::Timeout,
     /// What to do.
     #[command(subcommand)]
-    pub command: Command,
+    pub command: C,
+}
+
+/// Only the engine subtree of [`Command`], under the same globals: what
+/// [`parse`] tries first when the command line names `engine`.
+#[derive(Debug, Subcommand)]
+pub enum EngineOnly {
+    /// The tenant's engines.
+    #[command(subcommand)]
+    Engine(EngineCommand),
+}
+
+/// Parses `tenantctl`'s command line (docs/cli.md, "Start-up"). A line
+/// that names `engine` is parsed against the engine subtree alone first
+/// ([`parse_engine_only`]), and that parse is kept only when it succeeds;
+/// it then means what the whole tree makes of the line
+/// (`the_engine_subtree_parses_a_line_as_the_whole_tree_does`). Anything
+/// else (help, version, an error, another command) is parsed by the whole
+/// tree, so every message is the whole tree's.
+pub fn parse<I, T>(argv: I) -> Result<Args, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString>,
+{
+    let argv: Vec<std::ffi::OsString> = argv.into_iter().map(Into::into).collect();
+    if let Some(a) = parse_engine_only(&argv, crate::leak) {
+        return Ok(a);
+    }
+    crate::parse_kept(&argv, crate::leak)
+}
+
+/// `argv` parsed against [`EngineOnly`] when it names `engine` and that
+/// parse succeeds; `None` otherwise. `keep` is what becomes of the tree.
+pub fn parse_engine_only(argv: &[std::ffi::OsString], keep: fn(clap::Command)) -> Option<Args> {
+    if !argv.iter().skip(1).any(|a| a == "engine") {
+        return None;
+    }
+    let a = crate::parse_kept::<Args<EngineOnly>>(argv, keep).ok()?;
+    let EngineOnly::Engine(cmd) = a.command;
+    Some(Args {
+        global: a.global,
+        json: a.json,
+        yes: a.yes,
+        timeout: a.timeout,
+        command: Command::Engine(cmd),
+    })
 }
 
 /// Subcommands.
 #[derive(Debug, Subcommand)]
+// Each subcommand's arguments are built only when it is used
+// (docs/cli.md, "Start-up"); so in every enum below.
+#[command(defer = true)]
 pub enum Command {
     /// Show the node as the tenant sees it.
     Info,
@@ -136,6 +185,7 @@ pub enum Command {
 
 /// `tenantctl engine ...`
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum EngineCommand {
     /// Deploy an engine (left stopped) from an image archive: a local file
     /// (uploaded into the inbox first) or one already in the inbox.
@@ -650,6 +700,7 @@ async fn engine(
 
 /// `tenantctl volume ...`
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum VolumeCommand {
     /// Show the volume: device, size, use, key generations, open or not.
     /// Exits 1 when the volume is failed (the landlord must act).
@@ -658,6 +709,7 @@ pub enum VolumeCommand {
 
 /// `tenantctl boundary ...`
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum BoundaryCommand {
     /// Set the sub-boundary from a TOML or JSON document.
     Set {
@@ -687,6 +739,7 @@ pub enum BoundaryCommand {
 
 /// `tenantctl secret ...`
 #[derive(Debug, Subcommand)]
+#[command(defer = true)]
 pub enum SecretCommand {
     /// Seal a file locally to the node's UT and store it on the node.
     Put {
@@ -719,7 +772,7 @@ pub enum SecretCommand {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let args = match Args::try_parse() {
+    let args = match parse(std::env::args_os()) {
         Ok(a) => a,
         Err(e) => return crate::usage_exit("tenantctl", e),
     };
@@ -739,7 +792,7 @@ pub fn seal_file(to: &std::path::Path, file: &std::path::Path) -> Result<Vec<u8>
 pub async fn run(args: Args) -> Result<(), CliError> {
     let json = args.json;
     match &args.command {
-        Command::Generate { dir } => return crate::generate(Args::command(), dir),
+        Command::Generate { dir } => return crate::generate(<Args>::command(), dir),
         Command::Seal { to, file, out } => {
             let env = seal_file(to, file)?;
             let out = out.clone().unwrap_or_else(|| {
@@ -993,6 +1046,187 @@ pub async fn run(args: Args) -> Result<(), CliError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+    use std::ffi::OsString;
+
+    fn argv(line: &[&str]) -> Vec<OsString> {
+        std::iter::once("tenantctl")
+            .chain(line.iter().copied())
+            .map(OsString::from)
+            .collect()
+    }
+
+    /// What the whole tree makes of a line: `None` for an error, help or
+    /// version.
+    fn whole(argv: &[OsString]) -> Option<Args> {
+        crate::parse_kept::<Args>(argv, drop).ok()
+    }
+
+    /// What [`parse`] does with a line, by the path it takes.
+    fn both(argv: &[OsString]) -> (Option<String>, Option<String>) {
+        let lean = parse_engine_only(argv, drop).map(|a| format!("{a:?}"));
+        let whole = whole(argv)
+            .filter(|a| matches!(a.command, Command::Engine(_)))
+            .map(|a| format!("{a:?}"));
+        (lean, whole)
+    }
+
+    #[test]
+    fn the_engine_subtree_parses_a_line_as_the_whole_tree_does() {
+        // Taken by the engine subtree, with the whole tree's meaning.
+        for line in [
+            &["engine", "start", "web"][..],
+            &["--json", "engine", "status", "web"],
+            &["engine", "status", "web", "--json", "-q"],
+            &["-H", "tt@node:2222", "engine", "stop", "web"],
+            &["engine", "stop", "--host=node", "web"],
+            &["--timeout", "30s", "engine", "restart", "web"],
+            &[
+                "engine", "logs", "-f", "--since", "5m", "--tail", "10", "web",
+            ],
+            &["engine", "rm", "web", "--yes"],
+            &["engine", "deploy", "web", "img.tar", "--spec", "s.toml"],
+            &["engine", "reload", "web", "--image", "x.tar", "--upload"],
+            &["engine", "upload", "x.tar", "--as", "y.tar"],
+            &["engine", "ls", "--no-pager"],
+            &["engine", "events", "-f"],
+            &["engine", "start", "--", "engine"],
+        ] {
+            let (lean, whole) = both(&argv(line));
+            assert!(lean.is_some(), "{line:?}: not taken");
+            assert_eq!(lean, whole, "{line:?}");
+        }
+        // Left to the whole tree: its help, version and errors, other
+        // commands (whatever their arguments).
+        for line in [
+            &["engine"][..],
+            &["engine", "--help"],
+            &["engine", "start", "-h"],
+            &["--version", "engine"],
+            &["engine", "start"],
+            &["engine", "frobnicate"],
+            &["engine", "logs", "--tail", "0", "web"],
+            &["--timeout", "soon", "engine", "ls"],
+            &["help", "engine"],
+            &["secret", "put", "engine", "--to", "k.pem"],
+            &["boundary", "show", "engine"],
+            &["info"],
+        ] {
+            let a = argv(line);
+            assert_eq!(parse_engine_only(&a, drop).map(|_| ()), None, "{line:?}");
+        }
+        // parse itself: the same outcome either way, errors the whole
+        // tree's.
+        let a = argv(&["engine", "start", "web"]);
+        assert_eq!(
+            format!("{:?}", parse(a.clone()).unwrap()),
+            format!("{:?}", whole(&a).unwrap())
+        );
+        let e = parse(argv(&["engine", "start"])).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        assert!(
+            e.to_string().contains("tenantctl engine start <NAME>"),
+            "{e}"
+        );
+        let e = parse(argv(&["engine", "--help"])).unwrap_err();
+        assert_eq!(e.kind(), clap::error::ErrorKind::DisplayHelp);
+        assert!(e.to_string().contains("deploy"), "{e}");
+    }
+
+    #[test]
+    fn every_command_tree_is_sound() {
+        // clap's own checks of every argument, deferred ones included.
+        <Args>::command().debug_assert();
+        Args::<EngineOnly>::command().debug_assert();
+    }
+
+    // Pieces of a tenant's engine command lines: the globals in each
+    // spelling, the engine subcommands and their options, a few wrong ones.
+    const GLOBALS: &[&[&str]] = &[
+        &["--json"],
+        &["-q"],
+        &["--quiet"],
+        &["-y"],
+        &["--yes"],
+        &["-qy"],
+        &["-H", "n"],
+        &["--host", "tt@n:2222"],
+        &["--host=n"],
+        &["-Hn"],
+        &["--timeout", "30s"],
+        &["--timeout=0"],
+        &["--no-pager"],
+        &["--timeout", "soon"],
+        &["--json=true"],
+        &["-h"],
+        &["--version"],
+    ];
+    const SUBCOMMANDS: &[&str] = &[
+        "start",
+        "stop",
+        "restart",
+        "status",
+        "logs",
+        "events",
+        "deploy",
+        "reload",
+        "rm",
+        "ls",
+        "upload",
+        "help",
+        "frobnicate",
+        "web",
+    ];
+    const OPTIONS: &[&[&str]] = &[
+        &["x.tar"],
+        &["-f"],
+        &["--follow"],
+        &["--since", "5m"],
+        &["--since", "2026-12-03T22:00:00Z"],
+        &["--tail", "10"],
+        &["--tail", "0"],
+        &["--spec", "s.toml"],
+        &["--image", "x.tar"],
+        &["--upload"],
+        &["--from-inbox"],
+        &["--as", "y.tar"],
+        &["--resume", "id"],
+        &["--"],
+        &["engine"],
+        &["--help"],
+    ];
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+        /// The hot path never changes what a line means: the engine
+        /// subtree takes exactly the lines the whole tree reads as an
+        /// engine command, and reads them the same.
+        #[test]
+        fn lean_parse_means_what_the_whole_tree_means(
+            before in prop::collection::vec(prop::sample::select(GLOBALS), 0..3),
+            engine in prop::bool::weighted(0.9),
+            sub in prop::sample::select(SUBCOMMANDS),
+            name in prop::bool::weighted(0.8),
+            options in prop::collection::vec(prop::sample::select(OPTIONS), 0..2),
+            after in prop::collection::vec(prop::sample::select(GLOBALS), 0..3),
+            order in any::<prop::sample::Index>(),
+        ) {
+            // Most lines name `engine`, a subcommand and an engine, as real
+            // ones do; options and globals go before or after the name.
+            let mut words: Vec<&str> = before.concat();
+            if engine {
+                words.push("engine");
+            }
+            words.push(sub);
+            let mut rest: Vec<&[&str]> = options.into_iter().chain(after).collect();
+            if name {
+                rest.insert(order.index(rest.len() + 1), &["web"]);
+            }
+            words.extend(rest.concat());
+            let (lean, whole) = both(&argv(&words));
+            prop_assert_eq!(lean, whole, "{:?}", words);
+        }
+    }
 
     fn l(t: u64, text: &str) -> (u64, String, String, bool) {
         (t, "out".into(), text.into(), false)

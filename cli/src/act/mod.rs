@@ -27,7 +27,9 @@ use self::decide::{Alert, Decision, State};
 use self::inventory::{Action, Inventory};
 use crate::{exit, CliError};
 
-/// `landlordctl act`.
+// `landlordctl act` (no doc comment: as a deferred subcommand its about
+// would replace the variant's).
+#[allow(missing_docs)]
 #[derive(Debug, Clone, clap::Args)]
 pub struct ActArgs {
     /// Address to serve the webhook on (POST /alerts), e.g. 127.0.0.1:9465.
