@@ -20,8 +20,9 @@ pub const DEFAULT_PCRS: &str = "0,1,7";
 /// Nonce length the CLIs use (the node accepts 8..=64).
 const NONCE_LEN: usize = 32;
 
-// Options of `attest` (no doc comment: as a deferred subcommand its
-// about would replace the variant's, docs/cli.md "Start-up").
+// Options of `attest`. No doc comment: the arguments of its subcommand are
+// deferred, and once built the struct's about would replace the variant's
+// (docs/cli.md, "Start-up").
 #[allow(missing_docs)]
 #[derive(Debug, Clone, clap::Args)]
 pub struct AttestArgs {

@@ -9,8 +9,9 @@ use serde_json::{json, Value};
 
 use crate::{exit, read_arg_file, CliError};
 
-// The flow `boundary explain` asks about (no doc comment: as a deferred
-// subcommand its about would replace the variant's).
+// The flow `boundary explain` asks about. No doc comment: the arguments of
+// its subcommand are deferred, and once built the struct's about would
+// replace the variant's (docs/cli.md, "Start-up").
 #[allow(missing_docs)]
 #[derive(Debug, Args)]
 pub struct ExplainArgs {

@@ -355,7 +355,7 @@ pub fn ask_typed_yes(msg: &str, what: &str, refused: u8) -> Result<(), CliError>
 
 /// `P` from `argv`, as [`clap::Parser::try_parse_from`], with its command tree
 /// handed to `keep` afterwards ([`leak`] or [`drop`]).
-pub fn parse_kept<P: clap::Parser>(
+pub(crate) fn parse_kept<P: clap::Parser>(
     argv: &[std::ffi::OsString],
     keep: fn(clap::Command),
 ) -> Result<P, clap::Error> {
@@ -370,8 +370,9 @@ pub fn parse_kept<P: clap::Parser>(
 
 /// Leaks a parsed command tree rather than dropping it: freeing it is a
 /// quarter of a cold start's instructions, and the process either exits
-/// soon or keeps running with the one tree it built.
-pub fn leak(cmd: clap::Command) {
+/// soon or keeps the trees it built (one; two when `tenantctl`'s engine
+/// subtree was tried first and refused the line).
+pub(crate) fn leak(cmd: clap::Command) {
     std::mem::forget(cmd);
 }
 

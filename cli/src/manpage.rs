@@ -338,6 +338,40 @@ mod tests {
         }
     }
 
+    /// Every subcommand's descriptions, by path ("help" left out: clap
+    /// adds it when it builds).
+    fn descriptions(c: &clap::Command, path: &str, out: &mut Vec<String>) {
+        for s in c.get_subcommands().filter(|s| s.get_name() != "help") {
+            let p = format!("{path} {}", s.get_name());
+            out.push(format!(
+                "{p}: {:?} / {:?}",
+                s.get_about(),
+                s.get_long_about()
+            ));
+            descriptions(s, &p, out);
+        }
+    }
+
+    #[test]
+    fn building_a_tree_keeps_every_description() {
+        // Arguments are deferred (docs/cli.md, "Start-up"): built, a
+        // subcommand's own struct must not replace what its variant says.
+        for (cmd, name) in [
+            (crate::landlord::Args::command(), "landlordctl"),
+            (<crate::tenant::Args>::command(), "tenantctl"),
+        ] {
+            let mut before = Vec::new();
+            descriptions(&cmd, name, &mut before);
+            let mut built = cmd.clone();
+            built.build();
+            let mut after = Vec::new();
+            descriptions(&built, name, &mut after);
+            assert!(before.len() > 20, "{before:?}");
+            assert_eq!(before, after);
+            cmd.debug_assert();
+        }
+    }
+
     #[test]
     fn roff_escapes() {
         assert_eq!(super::esc(".x-y\\z"), "\\&.x\\-y\\ez");

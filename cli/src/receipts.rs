@@ -38,8 +38,9 @@ pub enum ReceiptsCommand {
     },
 }
 
-// `verify-receipt` arguments (no doc comment: as a deferred subcommand
-// its about would replace the variant's).
+// `verify-receipt` arguments. No doc comment: the arguments of its
+// subcommand are deferred, and once built the struct's about would replace
+// the variant's (docs/cli.md, "Start-up").
 #[allow(missing_docs)]
 #[derive(Debug, Args)]
 pub struct VerifyArgs {

@@ -82,7 +82,7 @@ fn json_doc_lists_every_command_of_both_clis() {
     );
     leaves(
         "tenantctl",
-        &leasehold_cli::tenant::Args::command(),
+        &<leasehold_cli::tenant::Args>::command(),
         &mut commands,
     );
     let documented: BTreeSet<String> = doc.commands.keys().cloned().collect();

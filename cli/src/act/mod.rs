@@ -27,8 +27,9 @@ use self::decide::{Alert, Decision, State};
 use self::inventory::{Action, Inventory};
 use crate::{exit, CliError};
 
-// `landlordctl act` (no doc comment: as a deferred subcommand its about
-// would replace the variant's).
+// `landlordctl act`. No doc comment: the arguments of its subcommand are
+// deferred, and once built the struct's about would replace the variant's
+// (docs/cli.md, "Start-up").
 #[allow(missing_docs)]
 #[derive(Debug, Clone, clap::Args)]
 pub struct ActArgs {
