@@ -406,6 +406,10 @@ pub trait Proc: Send {
     }
     /// After the waiter returned: how it ended.
     fn reap(&mut self) -> launch::Exit;
+    /// Lets a spawned instance go on once the state names it (it waits
+    /// until then: [`launch::Launcher::start_held`]); a no-op for an
+    /// adopted one.
+    fn release(&mut self) {}
     /// The read ends of its output FIFOs, once (`None`: not captured).
     fn take_output(&mut self) -> Option<output::Output> {
         None
@@ -519,6 +523,9 @@ impl Proc for ShimProc {
     fn take_status(&mut self) -> Option<OwnedFd> {
         self.2.take()
     }
+    fn release(&mut self) {
+        self.0.release();
+    }
     fn reap(&mut self) -> launch::Exit {
         match self.0.wait(Some(Duration::from_secs(1))) {
             Ok(Some(e)) => e,
@@ -549,9 +556,10 @@ impl Spawner for ShimSpawner {
         // outlives an agent restart (docs/engines.md, "Logs").
         let (out, stdout, stderr) = output::make_fifos(run_dir)?;
         let status = output::make_status_fifo(run_dir)?;
+        // Held until the runtime has recorded the instance (`launch`).
         let r = self
             .0
-            .start(spec, run_dir, stdout.into(), stderr.into(), secrets)?;
+            .start_held(spec, run_dir, stdout.into(), stderr.into(), secrets)?;
         Ok(Box::new(ShimProc(r, Some(out), Some(status))))
     }
     fn adopt(&self, run_dir: &Path) -> Result<Box<dyn Proc>, LaunchError> {
@@ -1279,7 +1287,20 @@ impl Runtime {
                 },
             );
         }
-        match (self.save(), replaced) {
+        // The instance goes on only once engines.json names it: an agent
+        // killed before that leaves a shim that sees its pipe end and
+        // fails closed, never an engine the next agent cannot adopt.
+        let saved = self.save();
+        if let Some(l) = self
+            .engines
+            .get_mut(name)
+            .and_then(|e| e.live.get_mut(&instance))
+        {
+            if saved.is_ok() || adopted_here {
+                l.proc.release();
+            }
+        }
+        match (saved, replaced) {
             (Ok(()), Some(old)) => {
                 if let Err(err) = std::fs::remove_dir_all(&old) {
                     tracing::warn!(engine = name, root = %old.display(), error = %err, "the replaced root was not removed");
@@ -1289,6 +1310,24 @@ impl Runtime {
             (Err(e), old) => {
                 // Kept: the recorded state may still name it.
                 tracing::error!(error = %e, kept = ?old, "cannot record the engines' state");
+                if !adopted_here {
+                    // Unreleased, it never ran: ended here, reported as not
+                    // started (its exit watch finds no instance later).
+                    if let Some(mut l) = self
+                        .engines
+                        .get_mut(name)
+                        .and_then(|e| e.live.remove(&instance))
+                    {
+                        let _ = l.proc.signal(Signal::SIGKILL);
+                        let _ = l.proc.reap();
+                        let _ = self.cgroups.remove(&l.cg);
+                    }
+                    // A fresh root stays: the version names it now.
+                    return Input::LaunchFailed {
+                        instance,
+                        reason: format!("cannot record the engines' state: {e}"),
+                    };
+                }
             }
         }
         Input::Launched { instance, pid }

@@ -348,6 +348,17 @@ pub struct Running {
     /// run: joined before the shim is reaped, so the pid it writes can
     /// never be a recycled one.
     joiner: Option<std::thread::JoinHandle<()>>,
+    /// The shim's word, held until [`Running::release`] ([`Launcher::start_held`]).
+    word: Option<Word>,
+}
+
+/// A held word: what [`Running::release`] does with the pipe.
+#[derive(Debug)]
+enum Word {
+    /// Hand it to the moving thread (it writes the word after the move).
+    Thread(std::sync::mpsc::SyncSender<fs::File>, fs::File),
+    /// Move the shim here, then write the word.
+    Inline(PathBuf, fs::File),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -405,7 +416,44 @@ impl Launcher {
         stderr: Stdio,
         secrets: &[SecretBytes],
     ) -> Result<Running, LaunchError> {
+        let mut r = self.launch(spec, run_dir, stdout, stderr, secrets, false)?;
+        r.release();
+        Ok(r)
+    }
+
+    /// [`Launcher::start`], but the shim waits, before it unshares or runs
+    /// anything, until [`Running::release`]: the caller records the
+    /// instance first, so an engine never runs that it could not find
+    /// again after a crash. Unreleased (dropped, killed, or the caller
+    /// gone), the shim sees its pipe end and fails closed. Only a shim the
+    /// launcher moves into a cgroup waits for a word, so a spec without a
+    /// cgroup (or [`Launcher::shim_joins_cgroup`]) is refused.
+    pub fn start_held(
+        &self,
+        spec: &LaunchSpec,
+        run_dir: &Path,
+        stdout: Stdio,
+        stderr: Stdio,
+        secrets: &[SecretBytes],
+    ) -> Result<Running, LaunchError> {
+        self.launch(spec, run_dir, stdout, stderr, secrets, true)
+    }
+
+    fn launch(
+        &self,
+        spec: &LaunchSpec,
+        run_dir: &Path,
+        stdout: Stdio,
+        stderr: Stdio,
+        secrets: &[SecretBytes],
+        held: bool,
+    ) -> Result<Running, LaunchError> {
         validate(spec)?;
+        if held && (spec.cgroup.is_none() || self.shim_joins) {
+            return Err(LaunchError::InvalidSpec(
+                "a held start needs a cgroup the launcher moves the shim into",
+            ));
+        }
         if secrets.len() != spec.secrets.len() {
             return Err(LaunchError::InvalidSpec(
                 "one secret's bytes per name in spec.secrets",
@@ -503,18 +551,11 @@ impl Launcher {
                 return Err(e);
             }
         };
-        let joiner = match join {
-            Join::None => None,
-            Join::Thread(handle, tx) => {
-                // A send fails only if the thread ended without reading:
-                // the pipe then closes here, and the shim fails closed.
-                let _ = tx.send(pipe);
-                Some(handle)
-            }
-            Join::Inline(procs) => {
-                tell_joined(pipe, move_into(&procs, pid));
-                None
-            }
+        let (joiner, word) = match join {
+            // No word: the shim goes on by itself (its pipe closes here).
+            Join::None => (None, None),
+            Join::Thread(handle, tx) => (Some(handle), Some(Word::Thread(tx, pipe))),
+            Join::Inline(procs) => (None, Some(Word::Inline(procs, pipe))),
         };
         Ok(Running {
             run_dir: run_dir.to_path_buf(),
@@ -522,6 +563,7 @@ impl Launcher {
             pidfd,
             child: Some(child),
             joiner,
+            word,
         })
     }
 }
@@ -627,6 +669,7 @@ impl Launcher {
                 pidfd: fd,
                 child: None,
                 joiner: None,
+                word: None,
             };
             // Only the pidfd's readiness is used here, not exit.json.
             r.wait_readable(Some(timeout + PROBE_BACKSTOP))
@@ -733,6 +776,7 @@ impl Running {
             pidfd,
             child: None,
             joiner: None,
+            word: None,
         })
     }
 
@@ -788,6 +832,21 @@ impl Running {
         read_json(&self.run_dir.join("report.json")).ok()
     }
 
+    /// Lets a shim started with [`Launcher::start_held`] go on: its word
+    /// (moved, or why not) is written once the move into its cgroup is
+    /// done. Once only; a no-op for any other `Running`.
+    pub fn release(&mut self) {
+        match self.word.take() {
+            // A send fails only if the thread ended without reading: the
+            // pipe then closes here, and the shim fails closed.
+            Some(Word::Thread(tx, pipe)) => {
+                let _ = tx.send(pipe);
+            }
+            Some(Word::Inline(procs, pipe)) => tell_joined(pipe, move_into(&procs, self.shim_pid)),
+            None => {}
+        }
+    }
+
     /// Sends `signal` to the shim, which forwards SIGTERM, SIGINT, SIGHUP,
     /// SIGUSR1 and SIGUSR2 to the engine; SIGKILL kills the shim, and the
     /// engine with it (the pid namespace ends with its init). Through the pidfd: never a
@@ -802,11 +861,15 @@ impl Running {
     }
 
     /// Waits until the shim exits (pidfd readable) or `timeout` passes
-    /// (`None`: no limit), then returns how the engine ended. Once the shim
-    /// has exited, the thread moving it into its cgroup is joined first:
+    /// (`None`: no limit), then returns how the engine ended (a start held
+    /// and never released is abandoned first: [`Running::release`]). Once
+    /// the shim has exited, the thread moving it into its cgroup is joined first:
     /// that can add up to one RCU grace period to `timeout` (its write
     /// waits for one), and keeps the pid from being reused under it.
     pub fn wait(&mut self, timeout: Option<Duration>) -> Result<Option<Exit>, LaunchError> {
+        // A start never released is abandoned: the shim sees its pipe end
+        // and fails closed (the moving thread stops waiting for the pipe).
+        self.word = None;
         if !self.wait_readable(timeout)? {
             return Ok(None);
         }
@@ -1202,6 +1265,7 @@ fn probe_main(args: &[OsString]) -> Result<i32, LaunchError> {
         pidfd: pidfd_open(child.id())?,
         child: None,
         joiner: None,
+        word: None,
     };
     let done = probe.wait_readable(Some(timeout))?;
     // Before the leader is reaped: its pid, the group's id, cannot have

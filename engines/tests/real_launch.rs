@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use leasehold_engines::cgroup::{CgroupError, CgroupFs, CgroupPath, Cgroups, Controller};
 use leasehold_engines::launch::{
-    DataDir, Exit, LaunchSpec, Launcher, ProbeExit, Respawn, Running, SecretBytes, CONFINE_FAILED,
-    LAUNCHER_JOINS, STATUS_FIFO,
+    DataDir, Exit, LaunchError, LaunchSpec, Launcher, ProbeExit, Respawn, Running, SecretBytes,
+    CONFINE_FAILED, LAUNCHER_JOINS, STATUS_FIFO,
 };
 
 const SHIM: &str = env!("CARGO_BIN_EXE_leasehold-engine-shim");
@@ -76,6 +76,7 @@ fn main() {
             "real_cgroup_join_fails_closed",
             real_cgroup_join_fails_closed,
         ),
+        ("real_held_start", real_held_start),
         ("real_cgroup_limits", real_cgroup_limits),
     ];
     let (mut skip, mut filters) = (Vec::new(), Vec::new());
@@ -897,6 +898,115 @@ fn real_cgroup_join_fails_closed() -> Outcome {
     assert!(pids.contains(&pid) && pids.contains(&engine), "{pids:?}");
     cg.kill(&held).unwrap();
     shim.wait().unwrap();
+    Outcome::Passed
+}
+
+/// `Launcher::start_held`: the shim, moved into its cgroup, starts nothing
+/// until `release`; waited on unreleased, it fails closed and the engine
+/// never runs. Refused without a cgroup (nothing would hold the shim).
+fn real_held_start() -> Outcome {
+    let (fs_, cg) = match cgroup_setup() {
+        Ok(x) => x,
+        Err(skip) => return skip,
+    };
+    let work = tempfile::tempdir().unwrap();
+    let l = Launcher::new(SHIM);
+    let plain = spec(&fs_.root, &["/bin/echo", "ran"]);
+    let err = l
+        .start_held(
+            &plain,
+            &work.path().join("no-cg"),
+            Stdio::null(),
+            Stdio::null(),
+            &[],
+        )
+        .unwrap_err();
+    assert!(matches!(err, LaunchError::InvalidSpec(_)), "{err}");
+    assert!(
+        !work.path().join("no-cg/spec.json").exists(),
+        "refused before anything"
+    );
+
+    let base = CgroupPath::new(format!("leasehold-test-hold-{}", std::process::id())).unwrap();
+    let (held, dropped) = (base.child("held").unwrap(), base.child("dropped").unwrap());
+    struct Cleanup(CgroupFs, Vec<CgroupPath>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            for c in &self.1 {
+                let _ = self.0.kill(c);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+            for c in &self.1 {
+                let _ = self.0.remove(c);
+            }
+        }
+    }
+    cg.create(&held).unwrap();
+    cg.create(&dropped).unwrap();
+    let _cleanup = Cleanup(
+        cg.clone(),
+        vec![held.clone(), dropped.clone(), base.clone()],
+    );
+
+    // Held: moved, but nothing runs until the release.
+    let mut s = spec(
+        &fs_.root,
+        &["/bin/sh", "-c", "echo ran; while :; do sleep 1; done"],
+    );
+    s.cgroup = Some(cg.dir(&held));
+    let out = work.path().join("out");
+    let mut r = l
+        .start_held(
+            &s,
+            &work.path().join("held"),
+            Stdio::from(fs::File::create(&out).unwrap()),
+            Stdio::null(),
+            &[],
+        )
+        .unwrap();
+    let t = Instant::now();
+    while !cg.pids(&held).unwrap().contains(&r.shim_pid()) && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(cg.pids(&held).unwrap(), vec![r.shim_pid()], "moved, alone");
+    // A negative: nothing to wait for but time (unheld, the engine starts
+    // within milliseconds of the shim's start-up).
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        r.engine_pid(),
+        None,
+        "the engine started before the release"
+    );
+    assert_eq!(fs::read_to_string(&out).unwrap(), "");
+    r.release();
+    in_cgroup(&cg, &held, &r);
+    let t = Instant::now();
+    while fs::read_to_string(&out).unwrap().is_empty() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(fs::read_to_string(&out).unwrap(), "ran\n");
+    r.release(); // once only: a second is nothing
+    let _ = r.signal(nix::sys::signal::Signal::SIGKILL);
+    wait(&mut r);
+
+    // Never released (the caller could not record it): waited on, the
+    // start is abandoned, the shim fails closed, the engine never ran.
+    s.cgroup = Some(cg.dir(&dropped));
+    let out = work.path().join("out-dropped");
+    let mut r = l
+        .start_held(
+            &s,
+            &work.path().join("dropped"),
+            Stdio::from(fs::File::create(&out).unwrap()),
+            Stdio::null(),
+            &[],
+        )
+        .unwrap();
+    match wait(&mut r) {
+        Exit::LaunchFailed(why) => assert!(why.contains("ended before its word"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(fs::read_to_string(&out).unwrap(), "");
     Outcome::Passed
 }
 

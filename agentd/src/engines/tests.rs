@@ -156,6 +156,11 @@ struct Ctl {
     cv: Condvar,
     ignore_term: bool,
     signals: Mutex<Vec<Signal>>,
+    /// engines.json as it was when the instance was let go on (`None`:
+    /// never released).
+    released_with: Mutex<Option<String>>,
+    /// The state file the fake reads at its release.
+    state_file: PathBuf,
 }
 
 impl Ctl {
@@ -198,6 +203,10 @@ impl Proc for FakeProc {
     fn reap(&mut self) -> launch::Exit {
         self.ctl.exit.lock().unwrap().clone().unwrap()
     }
+    fn release(&mut self) {
+        let state = std::fs::read_to_string(&self.ctl.state_file).unwrap_or_default();
+        *self.ctl.released_with.lock().unwrap() = Some(state);
+    }
 }
 
 #[derive(Default)]
@@ -212,6 +221,8 @@ struct FakeSpawner {
     probes_run: Mutex<Vec<Vec<String>>>,
     /// The secrets' bytes each spawn was given.
     secrets_given: Mutex<Vec<Vec<Vec<u8>>>>,
+    /// The runtime's engines.json (read by each instance at its release).
+    state_file: PathBuf,
 }
 
 impl Spawner for FakeSpawner {
@@ -231,6 +242,7 @@ impl Spawner for FakeSpawner {
         assert!(log_dir.starts_with(spec.rootfs.parent().unwrap().parent().unwrap()));
         let ctl = Arc::new(Ctl {
             ignore_term: self.ignore_term,
+            state_file: self.state_file.clone(),
             ..Ctl::default()
         });
         let mut s = self.spawned.lock().unwrap();
@@ -288,7 +300,7 @@ fn fixture(ignore_term: bool) -> Fix {
         images_dir: "engines".into(),
         run_dir: tmp.path().join("run"),
         uid_base: 200_000,
-        state_dir: state,
+        state_dir: state.clone(),
         log_max_bytes: leasehold_engines::logs::DEFAULT_MAX_BYTES,
         reboot_node: None,
     };
@@ -298,6 +310,7 @@ fn fixture(ignore_term: bool) -> Fix {
         cg: Arc::default(),
         sp: Arc::new(FakeSpawner {
             ignore_term,
+            state_file: state.join(STATE_FILE),
             ..FakeSpawner::default()
         }),
         vol: Arc::new(FakeVolume(Mutex::new(Some(vol)))),
@@ -605,6 +618,62 @@ fn stop_all_reads_back_the_cgroups_before_claiming_stopped() {
             );
         }
     }
+}
+
+#[test]
+fn an_instance_goes_on_only_once_the_state_names_it() {
+    // An agent killed between the spawn and the save must not leave an
+    // engine running that the next agent cannot adopt: the shim waits
+    // (launch::Launcher::start_held) until engines.json names it.
+    let f = fixture(false);
+    let mut rt = f.runtime();
+    rt.deploy("web", "app.tar", &spec(r#"command = ["/bin/app"]"#))
+        .unwrap();
+    rt.start("web").unwrap();
+    let s = until(&rt, "web", |s| s.phase == Phase::Ready);
+    let pid = s.pid.unwrap();
+    let ctl = f.sp.spawned.lock().unwrap()[0].2.clone();
+    let state = ctl.released_with.lock().unwrap().clone().expect("released");
+    let st: serde_json::Value = serde_json::from_str(&state).unwrap();
+    assert_eq!(
+        st["engines"][0]["instances"][0][1], pid,
+        "the state at the release names the instance: {state}"
+    );
+    // And a restart's new instance too.
+    ctl.end(launch::Exit::Code(1));
+    until(&rt, "web", |s| s.restarts == 1 && s.phase == Phase::Ready);
+    let ctl = f.sp.spawned.lock().unwrap()[1].2.clone();
+    let state = ctl.released_with.lock().unwrap().clone().expect("released");
+    let pid = rt.view().status("web").unwrap().pid.unwrap();
+    assert!(state.contains(&pid.to_string()), "{state}");
+}
+
+#[test]
+fn an_instance_the_state_cannot_name_never_goes_on() {
+    // engines.json cannot be written: the spawned shim is never let go
+    // on, is killed, and the start is reported as not started.
+    let f = fixture(false);
+    let mut rt = f.runtime();
+    rt.deploy(
+        "web",
+        "app.tar",
+        &spec("command = [\"/bin/app\"]\n[restart]\npolicy = \"never\"\n"),
+    )
+    .unwrap();
+    std::fs::remove_dir_all(&f.cfg.state_dir).unwrap();
+    std::fs::write(&f.cfg.state_dir, "not a directory").unwrap();
+    let _ = rt.start("web");
+    until(&rt, "web", |s| s.last_exit == Some(Exit::NotStarted));
+    let spawned = f.sp.spawned.lock().unwrap().clone();
+    assert_eq!(spawned.len(), 1);
+    let ctl = &spawned[0].2;
+    assert!(
+        ctl.released_with.lock().unwrap().is_none(),
+        "never released"
+    );
+    assert_eq!(*ctl.signals.lock().unwrap(), vec![Signal::SIGKILL]);
+    let s = rt.view().status("web").unwrap();
+    assert!(s.pid.is_none(), "{s:?}");
 }
 
 #[test]
