@@ -426,7 +426,9 @@ pub trait Proc: Send {
 pub trait Spawner: Send + Sync + 'static {
     /// Starts one instance (blocking, bounded); its output is appended to
     /// `stdout.log` and `stderr.log` in `log_dir`.
-    /// `secrets` are the bytes of `spec.secrets`, in order.
+    /// `secrets` are the bytes of `spec.secrets`, in order. The instance
+    /// waits until [`Proc::release`]; reaped or dropped unreleased, it
+    /// fails closed without running the engine.
     fn spawn(
         &self,
         spec: &LaunchSpec,
@@ -1208,7 +1210,7 @@ impl Runtime {
             },
         };
         if let Err(err) = watched {
-            let _ = proc.signal(Signal::SIGKILL);
+            self.end_unreleased(name, proc.as_mut(), &cg, &run_dir);
             return failed(err);
         }
         if let Some(out) = proc.take_output() {
@@ -1243,7 +1245,7 @@ impl Runtime {
                 match watched {
                     Ok(w) => Some(w),
                     Err(err) => {
-                        let _ = proc.signal(Signal::SIGKILL);
+                        self.end_unreleased(name, proc.as_mut(), &cg, &run_dir);
                         return failed(format!("cannot start the notify reader: {err}"));
                     }
                 }
@@ -1271,8 +1273,6 @@ impl Runtime {
                 .get_mut(name)
                 .and_then(|e| e.versions.get_mut(&version))
                 .map(|v| std::mem::replace(&mut v.launch.rootfs, root));
-            self.note_fresh_root(name, None);
-            self.act(name, Action::Emit(Event::ImageReloaded { instance }));
         }
         if let Some(e) = self.engines.get_mut(name) {
             e.live.insert(
@@ -1302,14 +1302,15 @@ impl Runtime {
         }
         match (saved, replaced) {
             (Ok(()), Some(old)) => {
+                self.note_fresh_root(name, None);
+                self.act(name, Action::Emit(Event::ImageReloaded { instance }));
                 if let Err(err) = std::fs::remove_dir_all(&old) {
                     tracing::warn!(engine = name, root = %old.display(), error = %err, "the replaced root was not removed");
                 }
             }
             (Ok(()), None) => {}
             (Err(e), old) => {
-                // Kept: the recorded state may still name it.
-                tracing::error!(error = %e, kept = ?old, "cannot record the engines' state");
+                tracing::error!(engine = name, %instance, error = %e, "cannot record the engines' state");
                 if !adopted_here {
                     // Unreleased, it never ran: ended here, reported as not
                     // started (its exit watch finds no instance later).
@@ -1318,11 +1319,20 @@ impl Runtime {
                         .get_mut(name)
                         .and_then(|e| e.live.remove(&instance))
                     {
-                        let _ = l.proc.signal(Signal::SIGKILL);
-                        let _ = l.proc.reap();
-                        let _ = self.cgroups.remove(&l.cg);
+                        self.end_unreleased(name, l.proc.as_mut(), &l.cg, &l.run_dir);
                     }
-                    // A fresh root stays: the version names it now.
+                    // A fresh root that did not get to run goes; the
+                    // version names the old one again.
+                    if let Some(old) = old {
+                        if let Some(v) = self
+                            .engines
+                            .get_mut(name)
+                            .and_then(|e| e.versions.get_mut(&version))
+                        {
+                            let fresh = std::mem::replace(&mut v.launch.rootfs, old);
+                            let _ = std::fs::remove_dir_all(fresh);
+                        }
+                    }
                     return Input::LaunchFailed {
                         instance,
                         reason: format!("cannot record the engines' state: {e}"),
@@ -1435,6 +1445,24 @@ impl Runtime {
             tracing::warn!(engine = name, error = %err, "exit report");
         }
         self.save_logged();
+    }
+
+    /// Ends an instance that was never let go on (or could not be
+    /// watched): killed, reaped, its cgroup and run directory removed as
+    /// after an exit (a cgroup that will not go is retried later).
+    fn end_unreleased(&mut self, name: &str, proc: &mut dyn Proc, cg: &CgroupPath, run_dir: &Path) {
+        let _ = proc.signal(Signal::SIGKILL);
+        let _ = proc.reap();
+        if !self.cgroups.pids(cg).is_ok_and(|p| p.is_empty()) {
+            let _ = self.cgroups.kill(cg);
+        }
+        if let Err(err) = self.cgroups.remove(cg) {
+            tracing::warn!(engine = name, error = %err, "the instance's cgroup was not removed");
+            if let Some(e) = self.engines.get_mut(name) {
+                e.leftover.push(cg.clone());
+            }
+        }
+        let _ = std::fs::remove_dir_all(run_dir);
     }
 
     /// Runs `spec.probes[n]` against the instance on a thread of its own

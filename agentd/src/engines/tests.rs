@@ -235,6 +235,8 @@ impl Spawner for FakeSpawner {
     ) -> Result<Box<dyn Proc>, LaunchError> {
         assert!(log_dir.ends_with("logs"), "{log_dir:?}");
         assert_eq!(secrets.len(), spec.secrets.len());
+        // As the real spawner: the run directory is there once spawned.
+        std::fs::create_dir_all(run_dir).unwrap();
         self.secrets_given
             .lock()
             .unwrap()
@@ -674,6 +676,13 @@ fn an_instance_the_state_cannot_name_never_goes_on() {
     assert_eq!(*ctl.signals.lock().unwrap(), vec![Signal::SIGKILL]);
     let s = rt.view().status("web").unwrap();
     assert!(s.pid.is_none(), "{s:?}");
+    // Cleaned up as after an exit: no instance cgroup, no run directory.
+    assert!(!spawned[0].1.exists(), "{:?}", spawned[0].1);
+    let dirs = f.cg.dirs.lock().unwrap().clone();
+    assert!(
+        !dirs.contains(Path::new("leasehold/tenant/web/i1")),
+        "{dirs:?}"
+    );
 }
 
 #[test]
