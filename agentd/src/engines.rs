@@ -1210,7 +1210,7 @@ impl Runtime {
             },
         };
         if let Err(err) = watched {
-            self.end_unreleased(name, proc.as_mut(), &cg, &run_dir);
+            self.end_unreleased(name, instance, proc.as_mut(), &cg, &run_dir);
             return failed(err);
         }
         if let Some(out) = proc.take_output() {
@@ -1245,7 +1245,7 @@ impl Runtime {
                 match watched {
                     Ok(w) => Some(w),
                     Err(err) => {
-                        self.end_unreleased(name, proc.as_mut(), &cg, &run_dir);
+                        self.end_unreleased(name, instance, proc.as_mut(), &cg, &run_dir);
                         return failed(format!("cannot start the notify reader: {err}"));
                     }
                 }
@@ -1319,7 +1319,7 @@ impl Runtime {
                         .get_mut(name)
                         .and_then(|e| e.live.remove(&instance))
                     {
-                        self.end_unreleased(name, l.proc.as_mut(), &l.cg, &l.run_dir);
+                        self.end_unreleased(name, instance, l.proc.as_mut(), &l.cg, &l.run_dir);
                     }
                     // A fresh root that did not get to run goes; the
                     // version names the old one again.
@@ -1429,18 +1429,7 @@ impl Runtime {
                 Exit::Signal(Signal::SIGKILL as i32)
             }
         };
-        if !self.cgroups.pids(&l.cg).is_ok_and(|p| p.is_empty()) {
-            let _ = self.cgroups.kill(&l.cg);
-        }
-        if let Err(err) = self.cgroups.remove(&l.cg) {
-            // Processes may outlive the shim for a moment after the kill:
-            // read back again before claiming the engine stopped.
-            tracing::warn!(engine = name, %instance, error = %err, "the instance's cgroup was not removed");
-            if let Some(e) = self.engines.get_mut(name) {
-                e.leftover.push(l.cg.clone());
-            }
-        }
-        let _ = std::fs::remove_dir_all(&l.run_dir);
+        self.clear_instance(name, instance, &l.cg, &l.run_dir);
         if let Err(err) = self.step(name, Input::Exited { instance, exit }) {
             tracing::warn!(engine = name, error = %err, "exit report");
         }
@@ -1448,16 +1437,36 @@ impl Runtime {
     }
 
     /// Ends an instance that was never let go on (or could not be
-    /// watched): killed, reaped, its cgroup and run directory removed as
-    /// after an exit (a cgroup that will not go is retried later).
-    fn end_unreleased(&mut self, name: &str, proc: &mut dyn Proc, cg: &CgroupPath, run_dir: &Path) {
+    /// watched): killed, reaped, then cleared as after an exit.
+    fn end_unreleased(
+        &mut self,
+        name: &str,
+        instance: InstanceId,
+        proc: &mut dyn Proc,
+        cg: &CgroupPath,
+        run_dir: &Path,
+    ) {
         let _ = proc.signal(Signal::SIGKILL);
         let _ = proc.reap();
+        self.clear_instance(name, instance, cg, run_dir);
+    }
+
+    /// After an instance ended: what is left in its cgroup killed, the
+    /// cgroup removed (or retried later), its run directory removed.
+    fn clear_instance(
+        &mut self,
+        name: &str,
+        instance: InstanceId,
+        cg: &CgroupPath,
+        run_dir: &Path,
+    ) {
         if !self.cgroups.pids(cg).is_ok_and(|p| p.is_empty()) {
             let _ = self.cgroups.kill(cg);
         }
         if let Err(err) = self.cgroups.remove(cg) {
-            tracing::warn!(engine = name, error = %err, "the instance's cgroup was not removed");
+            // Processes may outlive the shim for a moment after the kill:
+            // read back again before claiming the engine stopped.
+            tracing::warn!(engine = name, %instance, error = %err, "the instance's cgroup was not removed");
             if let Some(e) = self.engines.get_mut(name) {
                 e.leftover.push(cg.clone());
             }

@@ -5,6 +5,7 @@
 use std::fmt::Write as _;
 use std::time::{Duration, Instant};
 
+use leasehold_tests::markdown::cmd;
 use leasehold_tpm::chain::{derive_disk_key, Link};
 use leasehold_tpm::envelope;
 use leasehold_tpm::swtpm::Swtpm;
@@ -43,14 +44,6 @@ fn fmt(d: Duration) -> String {
     } else {
         format!("{:.2} ms", d.as_secs_f64() * 1e3)
     }
-}
-
-fn cmd(c: &str, args: &[&str]) -> String {
-    std::process::Command::new(c)
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default()
 }
 
 fn main() {

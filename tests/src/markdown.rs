@@ -45,7 +45,7 @@ pub fn utc_minute() -> String {
 }
 
 /// A command's standard output, trimmed ("" if it cannot run).
-fn cmd(c: &str, a: &[&str]) -> String {
+pub fn cmd(c: &str, a: &[&str]) -> String {
     std::process::Command::new(c)
         .args(a)
         .output()
