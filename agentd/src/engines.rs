@@ -1290,7 +1290,13 @@ impl Runtime {
         // The instance goes on only once engines.json names it: an agent
         // killed before that leaves a shim that sees its pipe end and
         // fails closed, never an engine the next agent cannot adopt.
+        if !adopted_here {
+            crate::crashpoint::crash_point("engine:spawned");
+        }
         let saved = self.save();
+        if !adopted_here && saved.is_ok() {
+            crate::crashpoint::crash_point("engine:saved");
+        }
         if let Some(l) = self
             .engines
             .get_mut(name)
@@ -1840,6 +1846,79 @@ impl Runtime {
         let _ = p.reply.send(Reply::Stopped(r));
     }
 
+    /// At load, before any start: the instance cgroups and run directories
+    /// of engine `name` other than the re-adopted one are killed and
+    /// removed. They are what no running agent accounts for: a shim an
+    /// agent killed before its save left held (it fails closed at once), a
+    /// recorded instance that ended while no agent ran, and a recorded one
+    /// that could not be re-adopted although it may still run (`recorded`;
+    /// killed rather than left unsupervised beside a new copy on the same
+    /// data). New instance names start above every name found, so a new
+    /// instance never joins a cgroup something may still run in; a cgroup
+    /// that does not go at once is retried (`reap_leftovers`).
+    fn sweep_unrecorded(&mut self, name: &str, recorded: &[u64]) {
+        let Some(e) = self.engines.get(name) else {
+            return;
+        };
+        let keep = e.adoptable.as_ref().map(|(_, n)| *n);
+        // Exactly `i<N>` as `run_dir` writes it (no sign, no leading zero).
+        let instance = |f: &str| {
+            let n = f.strip_prefix('i')?.parse::<u64>().ok()?;
+            (format!("i{n}") == f).then_some(n)
+        };
+        let mut highest = None;
+        match subtree(&self.cfg).and_then(|s| s.child(name).map_err(self.cg_err())) {
+            Err(err) => tracing::warn!(engine = name, error = %err, "instance cgroups not swept"),
+            Ok(ecg) => match self.cgroups.children(&ecg) {
+                Err(err) => {
+                    tracing::warn!(engine = name, error = %err, "instance cgroups not swept")
+                }
+                Ok(children) => {
+                    for f in children {
+                        let Some(n) = instance(&f).filter(|n| Some(*n) != keep) else {
+                            continue;
+                        };
+                        let Ok(cg) = ecg.child(&f) else { continue };
+                        highest = highest.max(Some(n));
+                        if recorded.contains(&n) {
+                            tracing::warn!(
+                                engine = name,
+                                cgroup = f,
+                                "a recorded instance not re-adopted: killed and removed"
+                            );
+                        } else {
+                            tracing::warn!(
+                                engine = name,
+                                cgroup = f,
+                                "an instance no state names: killed and removed"
+                            );
+                        }
+                        let _ = self.cgroups.kill(&cg);
+                        if self.cgroups.remove(&cg).is_err() {
+                            if let Some(e) = self.engines.get_mut(name) {
+                                e.leftover.push(cg);
+                            }
+                        }
+                    }
+                }
+            },
+        }
+        if let Ok(dirs) = std::fs::read_dir(self.cfg.run_dir.join(name)) {
+            for d in dirs.flatten() {
+                let n = d.file_name().to_str().and_then(instance);
+                if n.is_some_and(|n| Some(n) != keep) {
+                    highest = highest.max(n);
+                    let _ = std::fs::remove_dir_all(d.path());
+                }
+            }
+        }
+        if let (Some(h), Some(e)) = (highest, self.engines.get_mut(name)) {
+            let above = h.saturating_add(1);
+            e.id_base = e.id_base.max(above);
+            e.next_name = e.next_name.max(above);
+        }
+    }
+
     /// Kills and removes again the cgroups an ended instance left.
     fn reap_leftovers(&mut self, name: &str) {
         let Some(e) = self.engines.get_mut(name) else {
@@ -1939,6 +2018,9 @@ impl Runtime {
                 name: name.to_owned(),
                 reason,
             })?;
+        // Instance cgroups that did not go when they ended go now, or the
+        // engine's cannot.
+        self.reap_leftovers(name);
         self.cgroups.remove(&cg).map_err(self.cg_err())?;
         if let Some(v) = self.volume.mounted() {
             let dir = v.join(&self.cfg.images_dir).join(name);
@@ -2367,6 +2449,7 @@ impl EngineRuntime {
             let mut sup = Supervisor::new(version, spec);
             sup.set_reboot_allowed(rt.cfg.reboot_node.is_some());
             let mut adoptable = None;
+            let recorded: Vec<u64> = r.instances.iter().map(|(i, _)| *i).collect();
             for (i, pid) in &r.instances {
                 let rd = rt.run_dir(&r.name, *i);
                 match rt.spawner.adopt(&rd) {
@@ -2399,6 +2482,7 @@ impl EngineRuntime {
             } else if r.enabled {
                 to_start.push(r.name.clone());
             }
+            let name = r.name.clone();
             rt.engines.insert(
                 r.name.clone(),
                 Engine {
@@ -2421,6 +2505,7 @@ impl EngineRuntime {
                     fresh_note: None,
                 },
             );
+            rt.sweep_unrecorded(&name, &recorded);
         }
         for n in to_start {
             if let Err(e) = rt.step(&n, Input::Start) {

@@ -12,6 +12,7 @@ mod auth;
 mod boundary;
 mod collect;
 mod config;
+mod crashpoint;
 mod devnet;
 mod engines;
 mod fsutil;

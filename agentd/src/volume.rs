@@ -113,19 +113,7 @@ fn now() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Test hook for the crash tests (feature `fault-injection`, never in the
-/// package users install): `LEASEHOLD_CRASH_AT=<step>` kills the agent
-/// (SIGKILL, no clean-up) when it reaches that step.
-#[cfg(feature = "fault-injection")]
-fn crash_point(step: &str) {
-    if std::env::var("LEASEHOLD_CRASH_AT").as_deref() == Ok(step) {
-        tracing::warn!(step, "LEASEHOLD_CRASH_AT: killing the agent here");
-        let _ = nix::sys::signal::raise(nix::sys::signal::Signal::SIGKILL);
-    }
-}
-
-#[cfg(not(feature = "fault-injection"))]
-fn crash_point(_step: &str) {}
+use crate::crashpoint::crash_point;
 
 /// Test hook (feature `fault-injection`): `LEASEHOLD_FAIL_AT=<step>` makes
 /// that step fail as if the kernel had refused it.

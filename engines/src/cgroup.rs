@@ -247,6 +247,27 @@ pub trait Cgroups: Send + Sync {
     fn remove(&self, cg: &CgroupPath) -> Result<Action, CgroupError>;
     /// The absolute directory of `cg` (the launch spec names it; the launcher moves the shim into it).
     fn dir(&self, cg: &CgroupPath) -> PathBuf;
+    /// The names of `cg`'s child cgroups (its subdirectories); none when
+    /// `cg` does not exist.
+    fn children(&self, cg: &CgroupPath) -> Result<Vec<String>, CgroupError> {
+        let dir = self.dir(cg);
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err("read", &dir, e)),
+        };
+        let mut names = Vec::new();
+        for d in rd {
+            let d = d.map_err(|e| io_err("read", &dir, e))?;
+            if d.file_type().is_ok_and(|t| t.is_dir()) {
+                if let Ok(n) = d.file_name().into_string() {
+                    names.push(n);
+                }
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
 }
 
 /// cgroupfs at a root directory: `/sys/fs/cgroup/<unit cgroup>` in

@@ -2156,6 +2156,67 @@ fn engines_on_the_node(vm: &mut Vm) {
     );
     vm.step("engines: an agent restart (upgrade or plain) re-adopts a running engine");
 
+    // The agent killed while it starts an engine (the test build's crash
+    // points, docs/engines.md): after the shim's spawn but before the state
+    // names the instance, and after that save but before the shim's word.
+    // Either way the engine's first instruction runs at most once, and
+    // nothing of the killed start is left running or in the tree: the shim
+    // fails closed at its pipe's end, the next agent sweeps what no state
+    // names.
+    let once = engine_spec(
+        &dir,
+        "once",
+        "echo ran once; while :; do /bin/busybox sleep 2; done",
+        "restart.policy = \"always\"\nrestart.initial = \"1ms\"\n",
+    );
+    vm.tenant_ok(&["engine", "deploy", "once", image, "--spec", &once]);
+    let leftovers = format!(
+        "cat {ENGINES_CG}/tenant/once/i[0-9]*/cgroup.procs 2>/dev/null; ls -d {ENGINES_CG}/tenant/once/i[0-9]* /run/leasehold/engines/once/i[0-9]* 2>/dev/null; true"
+    );
+    let swept = || {
+        vm.sh("journalctl -u leasehold-agentd -b --no-pager -o cat | grep -c 'an instance no state names' || true")
+            .trim()
+            .parse::<u32>()
+            .unwrap_or(0)
+    };
+    let swept_before = swept();
+    vm.crash_at(Some("engine:spawned"));
+    let o = vm.tenantctl(&["engine", "start", "once"]);
+    assert_ne!(o.code, 0, "the agent was killed in the start: {}", o.stdout);
+    vm.crash_at(None);
+    let st = vm.engine_status("once");
+    assert_eq!(st["state"], "stopped", "no state named the start: {st}");
+    assert_eq!(vm.sh(&leftovers).trim(), "", "left by the killed start");
+    let logs = vm.engine_logs("once");
+    assert!(
+        !logs.contains("ran once"),
+        "the unrecorded shim ran: {logs}"
+    );
+    assert!(
+        swept() > swept_before,
+        "the next agent did not sweep the held shim's cgroup"
+    );
+    vm.step("engines: an agent killed before the state names a start leaves nothing running");
+
+    vm.crash_at(Some("engine:saved"));
+    let o = vm.tenantctl(&["engine", "start", "once"]);
+    assert_ne!(o.code, 0, "the agent was killed in the start: {}", o.stdout);
+    // systemd restarts the agent with the hook still set: each one starts
+    // the recorded engine again and is killed at the same point, until the
+    // hook is lifted.
+    vm.crash_at(None);
+    vm.engine_until("once", &["ready", "running"]);
+    vm.engine_logs_until("once", "ran once");
+    let logs = vm.engine_logs("once");
+    assert_eq!(logs.matches("ran once").count(), 1, "one run: {logs}");
+    let left = vm.sh(&leftovers);
+    let dirs: Vec<&str> = left.lines().filter(|l| l.starts_with('/')).collect();
+    assert_eq!(dirs.len(), 2, "one instance (cgroup, run dir): {left}");
+    vm.tenant_ok(&["engine", "stop", "once"]);
+    vm.engine_until("once", &["stopped"]);
+    vm.tenant_ok(&["--yes", "engine", "rm", "once"]);
+    vm.step("engines: an agent killed after the save, before the word: the engine runs once");
+
     // Escape attempts from inside an engine (its own uid, no capabilities,
     // its own mount namespace): each must fail. nft and dbus-send run at
     // all (their --version), so a denial is not a missing library.

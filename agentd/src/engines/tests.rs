@@ -88,6 +88,16 @@ struct FakeCg {
 }
 
 impl Cgroups for FakeCg {
+    fn children(&self, cg: &CgroupPath) -> Result<Vec<String>, CgroupError> {
+        Ok(self
+            .dirs
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|d| d.parent() == Some(cg.as_path()))
+            .filter_map(|d| Some(d.file_name()?.to_str()?.to_owned()))
+            .collect())
+    }
     fn create(&self, cg: &CgroupPath) -> Result<CgAction, CgroupError> {
         let new = self.dirs.lock().unwrap().insert(cg.as_path().to_owned());
         Ok(if new {
@@ -524,6 +534,82 @@ fn a_running_engine_is_readopted_by_a_new_runtime() {
     let ctl = f.sp.spawned.lock().unwrap()[0].2.clone();
     ctl.end(launch::Exit::Code(0));
     until(&rt2, "web", |s| s.last_exit == Some(Exit::Code(0)));
+}
+
+#[test]
+fn a_new_runtime_sweeps_instances_no_state_names() {
+    // What an agent killed between a shim's spawn and its save leaves (an
+    // instance cgroup and run directory no state names), beside a recorded
+    // instance that still runs: the next runtime kills and removes the
+    // first and keeps the second, before anything is started.
+    let f = fixture(false);
+    let mut rt = f.runtime();
+    rt.deploy("web", "app.tar", &spec(r#"command = ["/bin/app"]"#))
+        .unwrap();
+    rt.start("web").unwrap();
+    until(&rt, "web", |s| s.phase == Phase::Ready);
+    drop(rt);
+    let running = f.sp.spawned.lock().unwrap()[0].1.clone();
+    let kept = Path::new("leasehold/tenant/web").join(running.file_name().unwrap());
+    assert!(f.cg.dirs.lock().unwrap().contains(&kept));
+    let stray = PathBuf::from("leasehold/tenant/web/i99");
+    f.cg.dirs.lock().unwrap().insert(stray.clone());
+    let stray_run = running.with_file_name("i99");
+    std::fs::create_dir_all(&stray_run).unwrap();
+    let rt2 = f.runtime();
+    until(&rt2, "web", |s| s.pid == Some(4242));
+    let killed = f.cg.killed.lock().unwrap().clone();
+    assert_eq!(killed, vec![stray.clone()]);
+    let dirs = f.cg.dirs.lock().unwrap().clone();
+    assert!(!dirs.contains(&stray) && dirs.contains(&kept), "{dirs:?}");
+    assert!(!stray_run.exists() && running.exists());
+    assert_eq!(f.sp.spawned.lock().unwrap().len(), 1);
+    // New instances are named above every name found.
+    let mut rt2 = rt2;
+    rt2.restart("web").unwrap();
+    until(&rt2, "web", |s| {
+        s.phase == Phase::Ready && s.pid != Some(4242)
+    });
+    let newest = f.sp.spawned.lock().unwrap().last().unwrap().1.clone();
+    assert!(instance_number(&newest) > 99, "{newest:?}");
+}
+
+/// `N` of an instance's run directory `…/i<N>`.
+fn instance_number(run_dir: &Path) -> u64 {
+    let name = run_dir.file_name().unwrap().to_str().unwrap();
+    name.strip_prefix('i').unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_swept_cgroup_that_stays_is_never_joined_and_goes_before_rm() {
+    // The killed stray's cgroup does not go at once (its process still
+    // exiting): the next instance gets a name above it, and `rm` retries it
+    // before the engine's own cgroup.
+    let f = fixture(false);
+    let mut rt = f.runtime();
+    rt.deploy("web", "app.tar", &spec(r#"command = ["/bin/app"]"#))
+        .unwrap();
+    drop(rt);
+    let stray = PathBuf::from("leasehold/tenant/web/i0");
+    f.cg.dirs.lock().unwrap().insert(stray.clone());
+    *f.cg.stuck.lock().unwrap() = 1;
+    let mut rt2 = f.runtime();
+    assert!(
+        f.cg.dirs.lock().unwrap().contains(&stray),
+        "not yet removed"
+    );
+    rt2.start("web").unwrap();
+    until(&rt2, "web", |s| s.phase == Phase::Ready);
+    let run = f.sp.spawned.lock().unwrap()[0].1.clone();
+    assert!(instance_number(&run) > 0, "{run:?}");
+    rt2.stop("web", None).unwrap();
+    until(&rt2, "web", |s| s.phase == Phase::Stopped);
+    rt2.rm("web").unwrap();
+    let dirs = f.cg.dirs.lock().unwrap().clone();
+    assert!(
+        !dirs.iter().any(|d| d.starts_with("leasehold/tenant/web")),
+        "{dirs:?}"
+    );
 }
 
 #[test]
