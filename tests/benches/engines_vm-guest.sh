@@ -147,7 +147,16 @@ runuser -u tt -- "$B/lh-dbus-probe" starts $((N + 1)) p > "$W/probe" 2>> "$W/pro
     || echo "fail probe: $(tail -n1 "$W/probe.err")"
 grep '^fail' "$W/probe" | sed 's/^fail/fail probe:/' || true
 t engine logs p | sed -n 's/.* out first \([0-9]*\)$/first \1/p' >> "$W/probe.first"
-for l in agent probe scope service crun; do
+# 1c. systemd's own start from one kept connection (as root), the like of
+# 1b: "t0" just before StartTransientUnit, "first" from the marker, a scope
+# (a waiting child execs the marker once the job is done, as systemd-run
+# --scope does) and a service (ExecStart the marker).
+for k in scope service; do
+    "$B/lh-dbus-probe" units $((N + 1)) "$k" "$RF/lhmark" "$W/u$k" >> "$W/u$k" 2>> "$W/u$k.err" </dev/null \
+        || echo "fail u$k: $(tail -n1 "$W/u$k.err")"
+    grep '^fail' "$W/u$k" | sed "s/^fail/fail u$k:/" || true
+done
+for l in agent probe scope service crun uscope uservice; do
     if [ "$l" = agent ] || [ "$l" = probe ]; then
         grep '^t0 ' "$W/$l" | cut -d' ' -f2 > "$W/a.t0"
         cut -d' ' -f2 "$W/$l.first" > "$W/a.first"

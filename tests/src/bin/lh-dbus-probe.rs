@@ -11,6 +11,13 @@
 //!                                   "t0 NS" and waited until it exited (its
 //!                                   status first read settle_ms after the
 //!                                   call: not while the start is measured)
+//! lh-dbus-probe units <n> <scope|service> <marker> <out>
+//!                                   systemd's start of the marker from one
+//!                                   kept connection (as root), the like of
+//!                                   `starts`: per unit "t0 NS" just before
+//!                                   StartTransientUnit; the marker prints
+//!                                   "first NS" (into `out`: this stdout's
+//!                                   file)
 //! lh-dbus-probe listen [monitor]    eavesdrop on the bus (and try BecomeMonitor);
 //!                                   prints READY, then one line per message,
 //!                                   until the sentinel signal (DONE)
@@ -299,6 +306,111 @@ async fn peers(n: usize, target: &str) {
             "errors": errors,
         })
     );
+}
+
+/// systemd's own start from one kept connection (the engines VM bench, as
+/// root), what `systemd-run` does after its own start: `scope` — a child
+/// already running waits on its stdin, StartTransientUnit names its pid,
+/// and once the job is removed the child execs the marker (as
+/// `systemd-run --scope` execs after its job); `service` — the unit's
+/// ExecStart is the marker, its output appended to `out`. Per unit "t0 NS"
+/// (wall clock just before the call) on stdout; one unit at a time.
+async fn units(n: u32, kind: &str, marker: &str, out: &str) {
+    use futures_util::StreamExt;
+    use std::io::Write;
+    use zbus::OwnedObjectPath;
+    use zbus::Variant;
+    const SD: &str = "org.freedesktop.systemd1";
+    const SD_PATH: &str = "/org/freedesktop/systemd1";
+    const SD_MGR: &str = "org.freedesktop.systemd1.Manager";
+    let conn = zbus::Connection::system().await.expect("system bus");
+    conn.call_method(Some(SD), SD_PATH, Some(SD_MGR), "Subscribe", &())
+        .await
+        .expect("Subscribe");
+    conn.call_method(
+        Some("org.freedesktop.DBus"),
+        "/org/freedesktop/DBus",
+        Some("org.freedesktop.DBus"),
+        "AddMatch",
+        &("type='signal',interface='org.freedesktop.systemd1.Manager',member='JobRemoved'",),
+    )
+    .await
+    .expect("AddMatch");
+    let mut stream = zbus::MessageStream::from(&conn);
+    for i in 0..n {
+        let unit = format!("lhb-{kind}-{}-{i}.{kind}", std::process::id());
+        let mut props: Vec<(&str, Variant)> = vec![("CollectMode", "inactive-or-failed".into())];
+        let mut child = None;
+        if kind == "scope" {
+            let c = std::process::Command::new("/bin/sh")
+                .arg("-c")
+                .arg(format!("read _ && exec {marker} engine"))
+                .stdin(std::process::Stdio::piped())
+                .spawn()
+                .expect("sh");
+            props.push(("PIDs", Variant::from(vec![c.id()])));
+            child = Some(c);
+        } else {
+            let exec = vec![(
+                marker.to_owned(),
+                vec![marker.to_owned(), "engine".to_owned()],
+                false,
+            )];
+            props.push(("ExecStart", Variant::from(exec)));
+            props.push(("StandardOutputFileToAppend", Variant::from(out)));
+        }
+        let aux: Vec<(&str, Vec<(&str, Variant)>)> = Vec::new();
+        let t0 = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        println!("t0 {t0}");
+        let r = conn
+            .call_method(
+                Some(SD),
+                SD_PATH,
+                Some(SD_MGR),
+                "StartTransientUnit",
+                &(unit.as_str(), "fail", props, aux),
+            )
+            .await;
+        let job: OwnedObjectPath = match r.and_then(|m| m.body().deserialize()) {
+            Ok(j) => j,
+            Err(e) => {
+                println!("fail {unit}: {e}");
+                continue;
+            }
+        };
+        // The job's end (a service's is its start; a scope's its set-up).
+        let t = Instant::now();
+        while let Ok(Some(m)) = tokio::time::timeout(Duration::from_secs(60), stream.next())
+            .await
+            .map(|m| m.and_then(Result::ok))
+        {
+            if m.header()
+                .member()
+                .is_some_and(|x| x.as_str() == "JobRemoved")
+                && m.body()
+                    .deserialize::<(u32, OwnedObjectPath, String, String)>()
+                    .is_ok_and(|b| b.1 == job)
+            {
+                break;
+            }
+            if t.elapsed() > Duration::from_secs(60) {
+                println!("fail {unit}: no JobRemoved");
+                break;
+            }
+        }
+        if let Some(mut c) = child {
+            if let Some(mut w) = c.stdin.take() {
+                let _ = w.write_all(b"go\n");
+            }
+            let _ = c.wait();
+        } else {
+            // The marker exits at once; let its unit go before the next.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    }
 }
 
 /// Interfaces of the sentinel signal that ends `listen`.
@@ -702,6 +814,12 @@ fn main() {
                 }
             }
         }),
+        Some("units") => rt.block_on(units(
+            args[1].parse().unwrap(),
+            &args[2],
+            &args[3],
+            &args[4],
+        )),
         Some("hammer") => {
             let secs = args[2].parse().unwrap();
             rt.block_on(hammer(&args[1], secs));
