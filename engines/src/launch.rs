@@ -1414,12 +1414,19 @@ fn confine(
     drop_privileges(spec)?;
     seccomp()?;
     report.seccomp = true;
+    // The engine's working directory is the shim's own, entered here as
+    // the engine's uid (the same check the child's chdir made): a command
+    // with a directory of its own makes the static shim's std fall back
+    // from posix_spawn (a vfork) to a whole fork, since a static glibc
+    // cannot resolve posix_spawn_file_actions_addchdir_np; under the lab's
+    // emulated CPU a fork's copied page tables cost every start and every
+    // restart in place (docs/engines.md, "The engine's spawn").
+    std::env::set_current_dir(&spec.cwd).map_err(|e| io_err("chdir", &spec.cwd, e))?;
     let mut cmd = Command::new(&spec.argv[0]);
     cmd.args(&spec.argv[1..])
         .stdin(Stdio::null())
         .env_clear()
-        .envs(spec.env.iter().map(|(k, v)| (k, v)))
-        .current_dir(&spec.cwd);
+        .envs(spec.env.iter().map(|(k, v)| (k, v)));
     Ok(cmd)
 }
 
