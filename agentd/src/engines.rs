@@ -734,6 +734,18 @@ struct Runtime {
     tenant: Arc<tenant::Shared>,
 }
 
+/// The name of instance `n`'s cgroup and run directory: `i<N>`.
+fn instance_dir(n: u64) -> String {
+    format!("i{n}")
+}
+
+/// `N` of a name exactly as `instance_dir` writes it (no sign, no leading
+/// zero): anything else is not an instance's.
+fn instance_number(name: &str) -> Option<u64> {
+    let n = name.strip_prefix('i')?.parse::<u64>().ok()?;
+    (instance_dir(n) == name).then_some(n)
+}
+
 fn subtree(cfg: &RuntimeConfig) -> Result<CgroupPath, RuntimeError> {
     CgroupPath::new(&cfg.subtree).map_err(|source| RuntimeError::Cgroup {
         root: cfg.cgroup_root.clone(),
@@ -775,7 +787,7 @@ impl Runtime {
     }
 
     fn run_dir(&self, engine: &str, dir_name: u64) -> PathBuf {
-        self.cfg.run_dir.join(engine).join(format!("i{dir_name}"))
+        self.cfg.run_dir.join(engine).join(instance_dir(dir_name))
     }
 
     fn publish(&self) {
@@ -1084,7 +1096,7 @@ impl Runtime {
                     }
                     return failed(err.to_string());
                 }
-                let Ok(cg) = ecg.child(&format!("i{dir_name}")) else {
+                let Ok(cg) = ecg.child(&instance_dir(dir_name)) else {
                     if let Some((p, _)) = adopted {
                         let _ = p.signal(Signal::SIGKILL);
                     }
@@ -1861,11 +1873,6 @@ impl Runtime {
             return;
         };
         let keep = e.adoptable.as_ref().map(|(_, n)| *n);
-        // Exactly `i<N>` as `run_dir` writes it (no sign, no leading zero).
-        let instance = |f: &str| {
-            let n = f.strip_prefix('i')?.parse::<u64>().ok()?;
-            (format!("i{n}") == f).then_some(n)
-        };
         let mut highest = None;
         match subtree(&self.cfg).and_then(|s| s.child(name).map_err(self.cg_err())) {
             Err(err) => tracing::warn!(engine = name, error = %err, "instance cgroups not swept"),
@@ -1875,7 +1882,7 @@ impl Runtime {
                 }
                 Ok(children) => {
                     for f in children {
-                        let Some(n) = instance(&f).filter(|n| Some(*n) != keep) else {
+                        let Some(n) = instance_number(&f).filter(|n| Some(*n) != keep) else {
                             continue;
                         };
                         let Ok(cg) = ecg.child(&f) else { continue };
@@ -1905,7 +1912,7 @@ impl Runtime {
         }
         if let Ok(dirs) = std::fs::read_dir(self.cfg.run_dir.join(name)) {
             for d in dirs.flatten() {
-                let n = d.file_name().to_str().and_then(instance);
+                let n = d.file_name().to_str().and_then(instance_number);
                 if n.is_some_and(|n| Some(n) != keep) {
                     highest = highest.max(n);
                     let _ = std::fs::remove_dir_all(d.path());

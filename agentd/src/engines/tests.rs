@@ -40,13 +40,24 @@ fn image_archive() -> Vec<u8> {
 
 /// The same with `bin/app` holding `app` (another image ID).
 fn image_with(app: &[u8]) -> Vec<u8> {
-    let layer = tar_of(&[("bin/app", app, 0o755)]);
-    let config = serde_json::to_vec(&serde_json::json!({
+    oci_archive(
+        &[("bin/app", app, 0o755)],
+        serde_json::json!({"Env": ["PATH=/bin"], "WorkingDir": "/srv"}),
+    )
+}
+
+/// An oci-archive of one layer holding `files`; `run` is the image's run
+/// configuration (`null` for none).
+fn oci_archive(files: &[(&str, &[u8], u32)], run: serde_json::Value) -> Vec<u8> {
+    let layer = tar_of(files);
+    let mut config = serde_json::json!({
         "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "WorkingDir": "/srv"},
         "rootfs": {"type": "layers", "diff_ids": [sha256(&layer)]}
-    }))
-    .unwrap();
+    });
+    if !run.is_null() {
+        config["config"] = run;
+    }
+    let config = serde_json::to_vec(&config).unwrap();
     let manifest = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -345,6 +356,16 @@ fn spec(text: &str) -> Spec {
     Spec::from_toml(text).unwrap()
 }
 
+/// `web` deployed (`command = ["/bin/app"]`), started, and ready.
+fn ready_web(f: &Fix) -> EngineRuntime {
+    let mut rt = f.runtime();
+    rt.deploy("web", "app.tar", &spec(r#"command = ["/bin/app"]"#))
+        .unwrap();
+    rt.start("web").unwrap();
+    until(&rt, "web", |s| s.phase == Phase::Ready);
+    rt
+}
+
 /// Waits (bounded) until `f` holds for the engine's status.
 fn until(rt: &EngineRuntime, name: &str, f: impl Fn(&EngineStatus) -> bool) -> EngineStatus {
     let end = Instant::now() + Duration::from_secs(10);
@@ -464,11 +485,7 @@ fn deploy_start_stop_rm() {
 #[test]
 fn a_crash_is_restarted_after_the_backoff() {
     let f = fixture(false);
-    let mut rt = f.runtime();
-    rt.deploy("web", "app.tar", &spec(r#"command = ["/bin/app"]"#))
-        .unwrap();
-    rt.start("web").unwrap();
-    until(&rt, "web", |s| s.phase == Phase::Ready);
+    let rt = ready_web(&f);
     let ctl = f.sp.spawned.lock().unwrap()[0].2.clone();
     let crashed = Instant::now();
     ctl.end(launch::Exit::Code(3));
@@ -519,11 +536,7 @@ fn stop_all_kills_after_the_grace_and_reports_it() {
 #[test]
 fn a_running_engine_is_readopted_by_a_new_runtime() {
     let f = fixture(false);
-    let mut rt = f.runtime();
-    rt.deploy("web", "app.tar", &spec(r#"command = ["/bin/app"]"#))
-        .unwrap();
-    rt.start("web").unwrap();
-    until(&rt, "web", |s| s.phase == Phase::Ready);
+    let rt = ready_web(&f);
     drop(rt);
     // A new agent on the same state: the shim is found, nothing launched.
     let rt2 = f.runtime();
@@ -543,11 +556,7 @@ fn a_new_runtime_sweeps_instances_no_state_names() {
     // instance that still runs: the next runtime kills and removes the
     // first and keeps the second, before anything is started.
     let f = fixture(false);
-    let mut rt = f.runtime();
-    rt.deploy("web", "app.tar", &spec(r#"command = ["/bin/app"]"#))
-        .unwrap();
-    rt.start("web").unwrap();
-    until(&rt, "web", |s| s.phase == Phase::Ready);
+    let rt = ready_web(&f);
     drop(rt);
     let running = f.sp.spawned.lock().unwrap()[0].1.clone();
     let kept = Path::new("leasehold/tenant/web").join(running.file_name().unwrap());
@@ -571,13 +580,29 @@ fn a_new_runtime_sweeps_instances_no_state_names() {
         s.phase == Phase::Ready && s.pid != Some(4242)
     });
     let newest = f.sp.spawned.lock().unwrap().last().unwrap().1.clone();
-    assert!(instance_number(&newest) > 99, "{newest:?}");
+    assert!(number_of(&newest) > 99, "{newest:?}");
+}
+
+#[test]
+fn only_names_as_written_are_instances() {
+    assert_eq!(instance_number(&instance_dir(7)), Some(7));
+    for other in [
+        "i",
+        "i07",
+        "i+7",
+        "i-7",
+        "7",
+        "x7",
+        "i7 ",
+        "i18446744073709551616",
+    ] {
+        assert_eq!(instance_number(other), None, "{other}");
+    }
 }
 
 /// `N` of an instance's run directory `…/i<N>`.
-fn instance_number(run_dir: &Path) -> u64 {
-    let name = run_dir.file_name().unwrap().to_str().unwrap();
-    name.strip_prefix('i').unwrap().parse().unwrap()
+fn number_of(run_dir: &Path) -> u64 {
+    instance_number(run_dir.file_name().unwrap().to_str().unwrap()).unwrap()
 }
 
 #[test]
@@ -601,7 +626,7 @@ fn a_swept_cgroup_that_stays_is_never_joined_and_goes_before_rm() {
     rt2.start("web").unwrap();
     until(&rt2, "web", |s| s.phase == Phase::Ready);
     let run = f.sp.spawned.lock().unwrap()[0].1.clone();
-    assert!(instance_number(&run) > 0, "{run:?}");
+    assert!(number_of(&run) > 0, "{run:?}");
     rt2.stop("web", None).unwrap();
     until(&rt2, "web", |s| s.phase == Phase::Stopped);
     rt2.rm("web").unwrap();
@@ -615,11 +640,7 @@ fn a_swept_cgroup_that_stays_is_never_joined_and_goes_before_rm() {
 #[test]
 fn an_enabled_engine_whose_instance_is_gone_starts_again() {
     let f = fixture(false);
-    let mut rt = f.runtime();
-    rt.deploy("web", "app.tar", &spec(r#"command = ["/bin/app"]"#))
-        .unwrap();
-    rt.start("web").unwrap();
-    until(&rt, "web", |s| s.phase == Phase::Ready);
+    let rt = ready_web(&f);
     drop(rt);
     f.sp.alive.lock().unwrap().clear(); // a node reboot
     let rt2 = f.runtime();
@@ -650,11 +671,7 @@ fn unsupported_spec_parts_are_refused_by_field() {
 #[test]
 fn after_readoption_new_instances_never_reuse_a_directory() {
     let f = fixture(false);
-    let mut rt = f.runtime();
-    rt.deploy("web", "app.tar", &spec(r#"command = ["/bin/app"]"#))
-        .unwrap();
-    rt.start("web").unwrap();
-    until(&rt, "web", |s| s.phase == Phase::Ready);
+    let rt = ready_web(&f);
     drop(rt);
     let mut rt2 = f.runtime();
     until(&rt2, "web", |s| s.pid == Some(4242));
@@ -774,11 +791,7 @@ fn an_instance_the_state_cannot_name_never_goes_on() {
 #[test]
 fn without_the_volume_nothing_is_launched() {
     let f = fixture(false);
-    let mut rt = f.runtime();
-    rt.deploy("web", "app.tar", &spec(r#"command = ["/bin/app"]"#))
-        .unwrap();
-    rt.start("web").unwrap();
-    until(&rt, "web", |s| s.phase == Phase::Ready);
+    let mut rt = ready_web(&f);
     // The volume goes away under a running engine, which then crashes:
     // its restart is not launched from wherever the mount point leads.
     *f.vol.0.lock().unwrap() = None;
@@ -886,34 +899,7 @@ fn real_runtime(f: &Fix, shim: &Path) -> EngineRuntime {
 /// `bb.tar`.
 fn write_busybox_image(f: &Fix) {
     let busybox = std::fs::read("/bin/busybox").unwrap();
-    let layer = tar_of(&[("bin/busybox", &busybox, 0o755)]);
-    // The fixture's archive with this layer instead.
-    let config = serde_json::to_vec(&serde_json::json!({
-        "architecture": "amd64", "os": "linux",
-        "rootfs": {"type": "layers", "diff_ids": [sha256(&layer)]}
-    }))
-    .unwrap();
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": desc("application/vnd.oci.image.config.v1+json", &config),
-        "layers": [desc("application/vnd.oci.image.layer.v1.tar", &layer)],
-    }))
-    .unwrap();
-    let index = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [desc("application/vnd.oci.image.manifest.v1+json", &manifest)],
-    }))
-    .unwrap();
-    let blob = |b: &[u8]| format!("blobs/sha256/{}", &sha256(b)[7..]);
-    let (l, c, m) = (blob(&layer), blob(&config), blob(&manifest));
-    let archive = tar_of(&[
-        ("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#, 0o644),
-        ("index.json", &index, 0o644),
-        (&m, &manifest, 0o644),
-        (&c, &config, 0o644),
-        (&l, &layer, 0o644),
-    ]);
+    let archive = oci_archive(&[("bin/busybox", &busybox, 0o755)], serde_json::Value::Null);
     std::fs::write(f.tmp.path().join("vol/engines/inbox/bb.tar"), archive).unwrap();
 }
 
@@ -1644,33 +1630,7 @@ fn write_busybox_socat_image(f: &Fix) {
         .iter()
         .map(|(n, b)| (n.as_str(), b.as_slice(), 0o755))
         .collect();
-    let layer = tar_of(&entries);
-    let config = serde_json::to_vec(&serde_json::json!({
-        "architecture": "amd64", "os": "linux",
-        "rootfs": {"type": "layers", "diff_ids": [sha256(&layer)]}
-    }))
-    .unwrap();
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": desc("application/vnd.oci.image.config.v1+json", &config),
-        "layers": [desc("application/vnd.oci.image.layer.v1.tar", &layer)],
-    }))
-    .unwrap();
-    let index = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [desc("application/vnd.oci.image.manifest.v1+json", &manifest)],
-    }))
-    .unwrap();
-    let blob = |b: &[u8]| format!("blobs/sha256/{}", &sha256(b)[7..]);
-    let (l, c, m) = (blob(&layer), blob(&config), blob(&manifest));
-    let archive = tar_of(&[
-        ("oci-layout", br#"{"imageLayoutVersion":"1.0.0"}"#, 0o644),
-        ("index.json", &index, 0o644),
-        (&m, &manifest, 0o644),
-        (&c, &config, 0o644),
-        (&l, &layer, 0o644),
-    ]);
+    let archive = oci_archive(&entries, serde_json::Value::Null);
     std::fs::write(f.tmp.path().join("vol/engines/inbox/bbs.tar"), archive).unwrap();
 }
 
