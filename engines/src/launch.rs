@@ -44,6 +44,13 @@
 //! in its cgroup: what it then makes for the engine (mounts, tmpfs pages of
 //! the secrets, namespaces) is charged to the engine's cgroup, and a failed
 //! move or a launcher gone before it (end of stdin) fails the start closed.
+//! Moved, the shim confines itself whole (namespaces, root, Landlock, no
+//! privileges, seccomp) and then waits for a second word, [`GO`], before it
+//! starts the engine: a held start ([`Launcher::start_held`]) writes it at
+//! [`Running::release`], once the caller has recorded the instance, so the
+//! confinement runs while the caller records instead of after it. A shim
+//! that never gets the word has run nothing of the engine's and exits
+//! (its namespaces and mounts go with it).
 //! `shim RUN_DIR` without [`LAUNCHER_JOINS`] (an older agent's call, or
 //! [`Launcher::shim_joins_cgroup`]) joins by itself, as before. The other
 //! way round, an older shim given the flag prints its usage and exits 2
@@ -169,10 +176,14 @@ pub const MAX_SECRET_BYTES: usize = 1 << 20;
 /// The shim's first argument when the launcher moves it into its cgroup
 /// (`shim --launcher-joins RUN_DIR`): the shim then waits for the
 /// launcher's word on stdin, after the secrets — [`JOINED`], or
-/// [`NOT_JOINED`] and why — instead of writing `cgroup.procs` itself.
+/// [`NOT_JOINED`] and why — instead of writing `cgroup.procs` itself, and
+/// once confined, for its word [`GO`] before it starts the engine.
 pub const LAUNCHER_JOINS: &str = "--launcher-joins";
 /// The launcher's word: the shim is in its cgroup.
 const JOINED: u8 = b'+';
+/// The launcher's second word: the instance is recorded, start the engine
+/// ([`Running::release`]; the end of the pipe instead fails it closed).
+const GO: u8 = b'>';
 /// The launcher's word: it could not move the shim; the reason follows
 /// (at most [`MAX_JOIN_REASON`] bytes), then the end of the pipe.
 const NOT_JOINED: u8 = b'-';
@@ -209,7 +220,8 @@ pub struct DataDir {
     pub target: PathBuf,
 }
 
-/// What the shim reached, written just before the engine starts.
+/// What the shim reached, written once it is confined (before the word to
+/// go on, when it waits for one), and again if it fails after that.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Report {
     /// `Ok` if everything below is in force and the engine is next.
@@ -276,6 +288,13 @@ pub enum LaunchError {
     /// The thread that spawns the shim could not be started, or panicked.
     #[error("the engine-spawn thread panicked")]
     SpawnThread,
+    /// The launcher did not let the confined shim start the engine (it
+    /// ended first, or sent a word the shim does not know): not started.
+    #[error("the launcher did not let the engine start: {reason}")]
+    NotLetGo {
+        /// That the launcher ended first, or the word it sent.
+        reason: String,
+    },
     /// The launcher did not move the shim into the engine's cgroup: the
     /// engine is not started.
     #[error("the launcher did not move the shim into its cgroup ({}): {reason}", procs.display())]
@@ -352,12 +371,12 @@ pub struct Running {
     word: Option<Word>,
 }
 
-/// A held word: what [`Running::release`] does with the pipe.
+/// A held word to go on: what [`Running::release`] does.
 #[derive(Debug)]
 enum Word {
-    /// Hand it to the moving thread (it writes the word after the move).
-    Thread(std::sync::mpsc::SyncSender<fs::File>, fs::File),
-    /// Move the shim here, then write the word.
+    /// Tell the moving thread (it writes [`GO`] after its word on the move).
+    Thread(std::sync::mpsc::SyncSender<()>),
+    /// Move the shim here, then write both words.
     Inline(PathBuf, fs::File),
 }
 
@@ -421,8 +440,8 @@ impl Launcher {
         Ok(r)
     }
 
-    /// [`Launcher::start`], but the shim waits, before it unshares or runs
-    /// anything, until [`Running::release`]: the caller records the
+    /// [`Launcher::start`], but the shim, moved and confined, starts the
+    /// engine only at [`Running::release`]: the caller records the
     /// instance first, so an engine never runs that it could not find
     /// again after a crash. Unreleased (dropped, killed, or the caller
     /// gone), the shim sees its pipe end and fails closed. Only a shim the
@@ -499,20 +518,25 @@ impl Launcher {
         })?;
         let pid = child.id();
         // The move first (its grace period runs while the shim starts up
-        // and reads the secrets), its word to the shim after the secrets.
+        // and reads the secrets), its word to the shim after the secrets:
+        // the shim then confines itself while the caller records the
+        // instance, and starts the engine only on the word to go on.
         let mut join = Join::None;
         if let Some(procs) = procs.filter(|_| launcher_joins) {
             let (tx, rx) = std::sync::mpsc::sync_channel::<fs::File>(1);
+            let (go_tx, go_rx) = std::sync::mpsc::sync_channel::<()>(1);
             let moved = procs.clone();
             join = match std::thread::Builder::new()
                 .name("shim-join".into())
                 .spawn(move || {
                     let result = move_into(&moved, pid);
                     if let Ok(pipe) = rx.recv() {
-                        tell_joined(pipe, result);
+                        if tell_joined(&pipe, result) && go_rx.recv().is_ok() {
+                            tell_go(&pipe);
+                        }
                     }
                 }) {
-                Ok(handle) => Join::Thread(handle, tx),
+                Ok(handle) => Join::Thread(handle, tx, go_tx),
                 // No thread to be had: the move here, after the secrets.
                 Err(_) => Join::Inline(procs),
             };
@@ -543,8 +567,8 @@ impl Launcher {
                 drop(pipe);
                 let mut child = child;
                 let _ = child.kill();
-                if let Join::Thread(handle, tx) = join {
-                    drop(tx);
+                if let Join::Thread(handle, tx, go) = join {
+                    drop((tx, go));
                     let _ = handle.join();
                 }
                 let _ = child.wait();
@@ -554,7 +578,13 @@ impl Launcher {
         let (joiner, word) = match join {
             // No word: the shim goes on by itself (its pipe closes here).
             Join::None => (None, None),
-            Join::Thread(handle, tx) => (Some(handle), Some(Word::Thread(tx, pipe))),
+            // The pipe to the thread now: its word on the move goes as soon
+            // as the move is done; a failed send (the thread gone) drops
+            // the pipe, and the shim fails closed.
+            Join::Thread(handle, tx, go) => {
+                let _ = tx.send(pipe);
+                (Some(handle), Some(Word::Thread(go)))
+            }
             Join::Inline(procs) => (None, Some(Word::Inline(procs, pipe))),
         };
         Ok(Running {
@@ -572,10 +602,12 @@ impl Launcher {
 enum Join {
     /// No cgroup, or the shim joins by itself.
     None,
-    /// A thread, handed the pipe once the secrets are in it.
+    /// A thread, handed the pipe once the secrets are in it and the shim
+    /// is tracked, and told at the release.
     Thread(
         std::thread::JoinHandle<()>,
         std::sync::mpsc::SyncSender<fs::File>,
+        std::sync::mpsc::SyncSender<()>,
     ),
     /// The launcher itself, after the secrets.
     Inline(PathBuf),
@@ -592,9 +624,9 @@ fn move_into(procs: &Path, pid: u32) -> Result<(), String> {
 }
 
 /// The launcher's word to the shim after the secrets (one write; the
-/// reason bounded), then the end of the pipe. A shim already gone: EPIPE,
-/// ignored (its report says why it went).
-fn tell_joined(mut pipe: fs::File, result: Result<(), String>) {
+/// reason bounded). True if it said [`JOINED`] and the shim took it; a
+/// shim already gone: EPIPE, false (its report says why it went).
+fn tell_joined(mut pipe: &fs::File, result: Result<(), String>) -> bool {
     let word = match result {
         Ok(()) => vec![JOINED],
         Err(reason) => {
@@ -603,7 +635,13 @@ fn tell_joined(mut pipe: fs::File, result: Result<(), String>) {
             word
         }
     };
-    let _ = pipe.write_all(&word);
+    pipe.write_all(&word).is_ok() && word == [JOINED]
+}
+
+/// The launcher's word to go on, after [`tell_joined`]'s (the caller then
+/// drops the pipe).
+fn tell_go(mut pipe: &fs::File) {
+    let _ = pipe.write_all(&[GO]);
 }
 
 /// How an `exec` probe ended (see [`Launcher::probe`]).
@@ -832,18 +870,25 @@ impl Running {
         read_json(&self.run_dir.join("report.json")).ok()
     }
 
-    /// Lets a shim started with [`Launcher::start_held`] go on: its word
-    /// (moved, or why not) is written once the move into its cgroup is
-    /// done. Once only; a no-op for any other `Running`.
+    /// Lets a shim started with [`Launcher::start_held`] start its engine:
+    /// its word to go on is written once the move into its cgroup is done
+    /// and said (the shim may be confined by then, waiting for it). Once
+    /// only; a no-op for any other `Running`.
     pub fn release(&mut self) {
         match self.word.take() {
-            // A send fails only if the thread ended without reading: the
-            // pipe then closes here, and the shim fails closed.
-            Some(Word::Thread(tx, pipe)) => {
-                let _ = tx.send(pipe);
+            // A send fails only if the thread ended without it (the move
+            // failed, or the shim is gone): the shim fails closed anyway.
+            Some(Word::Thread(go)) => {
+                let _ = go.send(());
             }
-            Some(Word::Inline(procs, pipe)) => tell_joined(pipe, move_into(&procs, self.shim_pid)),
-            None => {}
+            Some(Word::Inline(procs, pipe))
+                if tell_joined(&pipe, move_into(&procs, self.shim_pid)) =>
+            {
+                tell_go(&pipe);
+            }
+            // Not moved (the shim fails closed at the end of the pipe), or
+            // nothing held.
+            Some(Word::Inline(..)) | None => {}
         }
     }
 
@@ -1121,6 +1166,11 @@ fn run(
     let mut cmd = confine(&spec, launcher_joins, &secrets, report)?;
     drop(secrets);
     write_file(report_file, report);
+    // Confined, the engine not started: the launcher's word to go on comes
+    // once the agent has recorded this instance (`Running::release`).
+    if launcher_joins {
+        await_go()?;
+    }
     // What came while the shim confined itself: a stop means no engine at
     // all; any other signal is dropped (it was meant for an engine that
     // did not run yet, and SIGHUP or SIGUSR1 would kill one that has no
@@ -1331,35 +1381,55 @@ fn read_secrets(spec: &LaunchSpec) -> Result<Vec<SecretBytes>, LaunchError> {
 /// closed: the reason it sends, or the pipe's end (the launcher is gone).
 fn await_join(procs: &Path) -> Result<(), LaunchError> {
     use io::Read;
-    let mut stdin = io::stdin().lock();
-    let mut word = [0u8; 1];
-    let n = loop {
-        match stdin.read(&mut word) {
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            r => {
-                break r.map_err(|e| io_err("read", Path::new("the launcher's word (stdin)"), e))?
-            }
-        }
-    };
-    match (n, word[0]) {
-        (1, JOINED) => Ok(()),
-        (1, NOT_JOINED) => {
+    match read_word()? {
+        Some(JOINED) => Ok(()),
+        Some(NOT_JOINED) => {
             let mut reason = Vec::new();
             let limit = u64::try_from(MAX_JOIN_REASON).unwrap_or(u64::MAX);
-            let _ = stdin.take(limit).read_to_end(&mut reason);
+            let _ = io::stdin().lock().take(limit).read_to_end(&mut reason);
             Err(LaunchError::NotJoined {
                 procs: procs.to_path_buf(),
                 reason: String::from_utf8_lossy(&reason).into_owned(),
             })
         }
-        (0, _) => Err(LaunchError::NotJoined {
+        None => Err(LaunchError::NotJoined {
             procs: procs.to_path_buf(),
             reason: "the launcher ended before its word".into(),
         }),
-        (_, byte) => Err(LaunchError::NotJoined {
+        Some(byte) => Err(LaunchError::NotJoined {
             procs: procs.to_path_buf(),
             reason: format!("the launcher's word {byte:#04x} is not one the shim knows"),
         }),
+    }
+}
+
+/// Waits for the launcher's word to go on ([`GO`], after [`JOINED`]);
+/// anything else, or the pipe's end (the agent never recorded this
+/// instance, or is gone), fails the start closed.
+fn await_go() -> Result<(), LaunchError> {
+    match read_word()? {
+        Some(GO) => Ok(()),
+        None => Err(LaunchError::NotLetGo {
+            reason: "the launcher ended before its word to go on".into(),
+        }),
+        Some(byte) => Err(LaunchError::NotLetGo {
+            reason: format!("the launcher's word {byte:#04x} is not one the shim knows"),
+        }),
+    }
+}
+
+/// One byte of the launcher's words on stdin; `None` at the pipe's end.
+fn read_word() -> Result<Option<u8>, LaunchError> {
+    use io::Read;
+    let mut stdin = io::stdin().lock();
+    let mut word = [0u8; 1];
+    loop {
+        match stdin.read(&mut word) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Ok(0) => return Ok(None),
+            Ok(_) => return Ok(Some(word[0])),
+            Err(e) => return Err(io_err("read", Path::new("the launcher's word (stdin)"), e)),
+        }
     }
 }
 

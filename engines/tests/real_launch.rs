@@ -834,12 +834,23 @@ fn real_cgroup_join_fails_closed() -> Outcome {
     assert_eq!(fs::read_to_string(&out).unwrap(), "");
 
     // The shim by hand, told to wait for the launcher's word: the end of
-    // stdin, or a byte that is not the word, and it stops there.
-    for (stdin, reason) in [
-        (&b""[..], "ended before its word"),
-        (&b"?"[..], "word 0x3f is not one the shim knows"),
-    ] {
-        let run = work.path().join(format!("by-hand-{}", stdin.len()));
+    // stdin, or a byte that is not the word, and it stops there; the same
+    // after the word on the move, for the word to go on (then confined
+    // already, the engine not started).
+    for (i, (stdin, reason, confined)) in [
+        (&b""[..], "ended before its word", false),
+        (&b"?"[..], "word 0x3f is not one the shim knows", false),
+        (&b"+"[..], "ended before its word to go on", true),
+        (
+            &b"+?"[..],
+            "did not let the engine start: the launcher's word 0x3f",
+            true,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let run = work.path().join(format!("by-hand-{i}"));
         let mut shim = shim_by_hand(&run, &s);
         {
             use std::io::Write;
@@ -850,6 +861,7 @@ fn real_cgroup_join_fails_closed() -> Outcome {
         assert_eq!(status.code(), Some(CONFINE_FAILED), "{status}");
         let report = fs::read_to_string(run.join("report.json")).unwrap();
         assert!(report.contains(reason), "{report}");
+        assert_eq!(report.contains("\"seccomp\":true"), confined, "{report}");
         let exit = fs::read_to_string(run.join("exit.json")).unwrap();
         assert!(exit.contains("LaunchFailed"), "{exit}");
     }
@@ -885,10 +897,36 @@ fn real_cgroup_join_fails_closed() -> Outcome {
     assert_eq!(fs::read_to_string(run.join("report.json")).unwrap(), "");
     assert!(shim.try_wait().unwrap().is_none());
     fs::write(cg.dir(&held).join("cgroup.procs"), pid.to_string()).unwrap();
+    let mut stdin = shim.stdin.take().unwrap();
     {
         use std::io::Write;
-        shim.stdin.take().unwrap().write_all(b"+").unwrap();
+        stdin.write_all(b"+").unwrap();
     }
+    // Moved: it confines itself, reports so, and still starts nothing
+    // until the word to go on.
+    let report = run.join("report.json");
+    let t = Instant::now();
+    while !fs::read_to_string(&report)
+        .unwrap()
+        .contains("\"seccomp\":true")
+        && t.elapsed() < Duration::from_secs(5)
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let r: leasehold_engines::launch::Report =
+        serde_json::from_str(&fs::read_to_string(&report).unwrap()).unwrap();
+    assert!(r.result.is_ok() && r.seccomp, "{r:?}");
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(
+        children(),
+        "",
+        "the engine started before the word to go on"
+    );
+    {
+        use std::io::Write;
+        stdin.write_all(b">").unwrap();
+    }
+    drop(stdin);
     let t = Instant::now();
     while children().is_empty() && t.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(10));
@@ -969,8 +1007,18 @@ fn real_held_start() -> Outcome {
         std::thread::sleep(Duration::from_millis(10));
     }
     assert_eq!(cg.pids(&held).unwrap(), vec![r.shim_pid()], "moved, alone");
+    // Moved, it confines itself meanwhile (its report says so).
+    let t = Instant::now();
+    while !r.report().is_some_and(|p| p.seccomp) && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let p = r.report().expect("report.json");
+    assert!(
+        p.result.is_ok() && p.seccomp,
+        "confined before the release: {p:?}"
+    );
     // A negative: nothing to wait for but time (unheld, the engine starts
-    // within milliseconds of the shim's start-up).
+    // within milliseconds of its confinement).
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         r.engine_pid(),
