@@ -66,8 +66,9 @@
 //! [`STATUS_FIFO`].
 //!
 //! The run directory (on /run, tmpfs; mode 0700) holds: `spec.json` and
-//! `shim.pid` (written by the agent); `report.json` (the shim, just before
-//! the engine starts: the confinement reached, or why it failed) and
+//! `shim.pid` (written by the agent); `report.json` (the shim, once
+//! confined, before it waits for [`GO`]: the confinement reached, or why
+//! it failed — rewritten if it fails after that) and
 //! `exit.json` (the shim, when the engine ended), both opened by the shim
 //! before pivot_root; the output FIFOs and `status.fifo` (made by the
 //! agent).
@@ -425,8 +426,8 @@ impl Launcher {
     /// move shows as the shim's `report.json` and exit, as any failed
     /// confinement.
     /// Blocking (a thread is spawned and joined, the secrets are written to
-    /// a pipe; the moving thread outlives the call, until its word is
-    /// written): from async code, call it through `spawn_blocking`.
+    /// a pipe; the moving thread outlives the call, until both its words
+    /// are written): from async code, call it through `spawn_blocking`.
     pub fn start(
         &self,
         spec: &LaunchSpec,
@@ -624,8 +625,9 @@ fn move_into(procs: &Path, pid: u32) -> Result<(), String> {
 }
 
 /// The launcher's word to the shim after the secrets (one write; the
-/// reason bounded). True if it said [`JOINED`] and the shim took it; a
-/// shim already gone: EPIPE, false (its report says why it went).
+/// reason bounded). True if it said [`JOINED`] and the write went into
+/// the pipe; a shim already gone: EPIPE, false (its report says why it
+/// went).
 fn tell_joined(mut pipe: &fs::File, result: Result<(), String>) -> bool {
     let word = match result {
         Ok(()) => vec![JOINED],
@@ -913,7 +915,8 @@ impl Running {
     /// waits for one), and keeps the pid from being reused under it.
     pub fn wait(&mut self, timeout: Option<Duration>) -> Result<Option<Exit>, LaunchError> {
         // A start never released is abandoned: the shim sees its pipe end
-        // and fails closed (the moving thread stops waiting for the pipe).
+        // and fails closed (the moving thread stops waiting for the word to
+        // go on and drops the pipe).
         self.word = None;
         if !self.wait_readable(timeout)? {
             return Ok(None);
@@ -1410,10 +1413,10 @@ fn await_go() -> Result<(), LaunchError> {
     match read_word()? {
         Some(GO) => Ok(()),
         None => Err(LaunchError::NotLetGo {
-            reason: "the launcher ended before its word to go on".into(),
+            reason: "it ended before its word to go on".into(),
         }),
         Some(byte) => Err(LaunchError::NotLetGo {
-            reason: format!("the launcher's word {byte:#04x} is not one the shim knows"),
+            reason: format!("its word {byte:#04x} is not one the shim knows"),
         }),
     }
 }

@@ -840,10 +840,14 @@ fn real_cgroup_join_fails_closed() -> Outcome {
     for (i, (stdin, reason, confined)) in [
         (&b""[..], "ended before its word", false),
         (&b"?"[..], "word 0x3f is not one the shim knows", false),
-        (&b"+"[..], "ended before its word to go on", true),
+        (
+            &b"+"[..],
+            "did not let the engine start: it ended before its word to go on",
+            true,
+        ),
         (
             &b"+?"[..],
-            "did not let the engine start: the launcher's word 0x3f",
+            "did not let the engine start: its word 0x3f",
             true,
         ),
     ]
@@ -913,8 +917,9 @@ fn real_cgroup_join_fails_closed() -> Outcome {
     {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let r: leasehold_engines::launch::Report =
-        serde_json::from_str(&fs::read_to_string(&report).unwrap()).unwrap();
+    let text = fs::read_to_string(&report).unwrap();
+    let r: leasehold_engines::launch::Report = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("not confined within 5 s: report.json {text:?}: {e}"));
     assert!(r.result.is_ok() && r.seccomp, "{r:?}");
     std::thread::sleep(Duration::from_millis(100));
     assert_eq!(
@@ -1051,7 +1056,8 @@ fn real_held_start() -> Outcome {
         )
         .unwrap();
     match wait(&mut r) {
-        Exit::LaunchFailed(why) => assert!(why.contains("ended before its word"), "{why}"),
+        // Moved and confined meanwhile: it waited for the word to go on.
+        Exit::LaunchFailed(why) => assert!(why.contains("ended before its word to go on"), "{why}"),
         other => panic!("{other:?}"),
     }
     assert_eq!(fs::read_to_string(&out).unwrap(), "");
