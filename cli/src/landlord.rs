@@ -38,8 +38,8 @@ pub struct Args {
     /// Confirm operations that destroy data, without asking.
     #[arg(long, short = 'y', global = true)]
     pub yes: bool,
-    /// Stop waiting for a long operation (volume init, rotate, release,
-    /// assign, volume forget) after this long (e.g. 90s, 30m, 2h; 0: no
+    /// Stop waiting for a long operation (volume init, rotate, rekey,
+    /// release, assign, volume forget) after this long (e.g. 90s, 30m, 2h; 0: no
     /// limit). The node may still finish it: `volume status`, `info`.
     #[arg(long, global = true, value_name = "DURATION", default_value = crate::progress::DEFAULT_TIMEOUT, value_parser = crate::progress::parse_timeout)]
     pub timeout: crate::progress::Timeout,
@@ -349,7 +349,13 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             emit_change(json, &c, || change_text(&c));
         }
         Command::Rekey => {
-            let c = p.rekey_keys().await?;
+            let c = bounded(
+                "re-key the landlord keys",
+                "landlordctl info",
+                timeout,
+                p.rekey_keys(),
+            )
+            .await?;
             emit_change(json, &c, || change_text(&c));
         }
         Command::RegisterConsole { name, pem } => {

@@ -38,7 +38,7 @@ pub struct Args<C: Subcommand = Command> {
     /// Confirm operations that destroy data, without asking.
     #[arg(long, short = 'y', global = true)]
     pub yes: bool,
-    /// Stop waiting for a long operation (rotate) after this long (e.g.
+    /// Stop waiting for a long operation (rotate, rekey) after this long (e.g.
     /// 90s, 30m, 2h; 0: no limit). The node may still finish it: `info`.
     #[arg(long, global = true, value_name = "DURATION", default_value = crate::progress::DEFAULT_TIMEOUT, value_parser = crate::progress::parse_timeout)]
     pub timeout: crate::progress::Timeout,
@@ -908,7 +908,13 @@ pub async fn run(args: Args) -> Result<(), CliError> {
             emit_change(json, &c, || change_text(&c));
         }
         Command::Rekey => {
-            let c = p.rekey_keys().await?;
+            let c = crate::progress::bounded(
+                "re-key the tenant keys",
+                "tenantctl info",
+                args.timeout,
+                p.rekey_keys(),
+            )
+            .await?;
             emit_change(json, &c, || change_text(&c));
         }
         Command::RegisterConsole { name, pem } => {

@@ -315,6 +315,8 @@ pub struct Lab {
     /// CPU groups like a systemd node's (None: flat). Last: removed after
     /// the processes in them are gone.
     slices: Option<slices::Slices>,
+    /// Ends the lab's watchdog when dropped (last, after the processes).
+    _watchdog: std::sync::mpsc::Sender<()>,
 }
 
 /// agentd configuration for tests about who may do what, not about the
@@ -369,12 +371,124 @@ fn spawn_logged(cmd: &mut Command, log: &Path) -> Child {
         .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"))
 }
 
-fn terminate(child: &mut Child) {
+/// How long a lab process (the agent, polkitd, the bus, sshd) has to exit
+/// after SIGTERM. A bound, not a synchronisation: the exit is the event
+/// waited for. The agent's orderly stop takes well under a second here; one
+/// that takes a minute is a bug to report, not to wait out (a CI run once
+/// hung to its limit with no word of which process or why).
+pub const STOP_BOUND: Duration = Duration::from_secs(60);
+
+/// How long one CLI run may take before the harness kills it and fails the
+/// test, saying which command. The CLIs' own long calls are bounded by
+/// their `--timeout` (30 min by default): far more than any test needs.
+pub const RUN_BOUND: Duration = Duration::from_secs(300);
+
+/// Sends SIGTERM and waits for the exit, at most `STOP_BOUND`; a process
+/// still there is killed. `None`: it had to be killed.
+fn terminate(child: &mut Child) -> Option<std::process::ExitStatus> {
+    use wait_timeout::ChildExt;
     let _ = Command::new("kill")
         .arg("-TERM")
         .arg(child.id().to_string())
         .status();
-    let _ = child.wait();
+    match child.wait_timeout(STOP_BOUND) {
+        Ok(Some(st)) => Some(st),
+        _ => {
+            let _ = child.kill();
+            let _ = child.wait();
+            None
+        }
+    }
+}
+
+/// How long a test's own D-Bus call may wait for its answer: a stuck agent
+/// fails the call (and the test) instead of hanging it.
+pub const CALL_BOUND: Duration = Duration::from_secs(60);
+
+/// A connection to the lab's bus (as root) whose method calls are bounded
+/// by `CALL_BOUND`.
+pub async fn connect(address: &str) -> zbus::Connection {
+    zbus::connection::Builder::address(address)
+        .method_timeout(CALL_BOUND)
+        .build()
+        .await
+        .unwrap()
+}
+
+/// How long one [`Lab`] may live. A bound, not a synchronisation: the
+/// longest test with a lab takes under 2 min and the benches under 10. A
+/// lab still alive at the bound is a hang somewhere no other bound covers
+/// (the test process itself): the watchdog prints the test's name and the
+/// end of the agent's log and aborts the test binary, so that CI fails
+/// saying where instead of running into its own limit saying nothing.
+pub const LAB_BOUND: Duration = Duration::from_secs(30 * 60);
+
+/// Starts the watchdog of a lab started by the current thread (libtest
+/// names it after the test); dropping the returned sender ends it.
+fn watchdog(agent_log: PathBuf) -> std::sync::mpsc::Sender<()> {
+    let test = std::thread::current().name().unwrap_or("a test").to_owned();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        if rx.recv_timeout(LAB_BOUND) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            let log = fs::read_to_string(&agent_log).unwrap_or_default();
+            // Not eprintln!: libtest captures that (in this thread too)
+            // and an abort never shows it.
+            let _ = writeln!(
+                std::io::stderr(),
+                "{test}: its lab has lived {LAB_BOUND:?}, a hang; aborting the test binary. agentd's log ends:\n{}",
+                tail(&log)
+            );
+            std::process::abort();
+        }
+    });
+    tx
+}
+
+/// The end of a log, for a failure message.
+fn tail(log: &str) -> &str {
+    let mut start = log.len().saturating_sub(8000);
+    while !log.is_char_boundary(start) {
+        start += 1;
+    }
+    &log[start..]
+}
+
+/// `cmd.output()`, bounded by `RUN_BOUND`: a command still running then is
+/// killed and the test fails naming it.
+fn output_bounded(cmd: &mut Command) -> Output {
+    use std::io::Read;
+    use wait_timeout::ChildExt;
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+    let reader = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out = reader(Box::new(child.stdout.take().unwrap()));
+    let err = reader(Box::new(child.stderr.take().unwrap()));
+    let status = match child.wait_timeout(RUN_BOUND).unwrap() {
+        Some(st) => st,
+        None => {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = err.join().unwrap_or_default();
+            panic!(
+                "{cmd:?} did not finish within {RUN_BOUND:?} (killed); its stderr: {}",
+                String::from_utf8_lossy(&err)
+            );
+        }
+    };
+    Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
 }
 
 async fn wait_for_name(conn: &zbus::Connection, name: &str, what: &str) {
@@ -593,10 +707,7 @@ impl Lab {
             .unwrap();
         let power = PowerLog::default();
         let conn = rt.block_on(async {
-            let conn = zbus::connection::Builder::address(address.as_str())
-                .build()
-                .await
-                .unwrap();
+            let conn = connect(&address).await;
             conn.object_server()
                 .at("/org/freedesktop/login1", Login1(power.clone()))
                 .await
@@ -605,6 +716,7 @@ impl Lab {
             conn
         });
         let agent_dir = opts.agent_dir.unwrap_or_else(|| dir.path().join("agent"));
+        let agent_log = dir.path().join("agentd.log");
         let mut lab = Lab {
             dir,
             address,
@@ -623,6 +735,7 @@ impl Lab {
             agent_host_netns: opts.agent_host_netns,
             agent_log_to_stderr: opts.agent_log_to_stderr,
             slices,
+            _watchdog: watchdog(agent_log),
         };
         lab.start_polkit();
         lab.start_agent();
@@ -721,14 +834,17 @@ impl Lab {
         }
     }
 
-    /// Sends SIGTERM to agentd and waits for it to exit.
+    /// Sends SIGTERM to agentd and waits for it to exit (at most
+    /// `STOP_BOUND`: then it is killed and the test fails with its log).
     pub fn stop_agent(&mut self) -> std::process::ExitStatus {
         let mut c = self.agent.take().expect("agent running");
-        let _ = Command::new("kill")
-            .arg("-TERM")
-            .arg(c.id().to_string())
-            .status();
-        c.wait().unwrap()
+        terminate(&mut c).unwrap_or_else(|| {
+            self.kill_dev_tpm();
+            panic!(
+                "agentd did not exit within {STOP_BOUND:?} of SIGTERM (killed); its log ends:\n{}",
+                tail(&self.agent_log())
+            )
+        })
     }
 
     /// Starts agentd --dev on the lab's state and waits until it owns its name.
@@ -810,9 +926,37 @@ impl Lab {
         &self.agent_dir
     }
 
-    /// Waits for agentd to exit by itself (after a signal the test sent).
+    /// Kills the development swtpm of an agent that had to be killed (an
+    /// agent that stops by itself stops it): only the process the pid
+    /// file names, and only if it is this lab's swtpm.
+    fn kill_dev_tpm(&self) {
+        let tpm = self.agent_dir.join("tpm");
+        let Ok(pid) = fs::read_to_string(tpm.join("swtpm.pid")) else {
+            return;
+        };
+        let pid = pid.trim();
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline);
+        if cmdline.starts_with("swtpm") && cmdline.contains(tpm.to_str().unwrap_or("\0")) {
+            let _ = Command::new("kill").args(["-KILL", pid]).status();
+        }
+    }
+
+    /// Waits for agentd to exit by itself (after a signal the test sent),
+    /// at most `STOP_BOUND`: then it is killed and the test fails.
     pub fn wait_agent(&mut self) -> std::process::ExitStatus {
-        self.agent.take().expect("agent running").wait().unwrap()
+        use wait_timeout::ChildExt;
+        let mut c = self.agent.take().expect("agent running");
+        if let Some(st) = c.wait_timeout(STOP_BOUND).unwrap() {
+            return st;
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        self.kill_dev_tpm();
+        panic!(
+            "agentd did not exit within {STOP_BOUND:?} (killed); its log ends:\n{}",
+            tail(&self.agent_log())
+        )
     }
 
     /// Whether agentd is still running.
@@ -889,12 +1033,7 @@ impl Lab {
 
     /// Runs a workspace binary (landlordctl, tenantctl, lh-dbus-probe) as `who`.
     pub fn run(&self, who: Who, program: &str, args: &[&str]) -> Run {
-        Run::from(
-            self.command(who, &bin(program))
-                .args(args)
-                .output()
-                .unwrap(),
-        )
+        Run::from(output_bounded(self.command(who, &bin(program)).args(args)))
     }
 
     /// Starts sshd on a free loopback port with a generated host key; the
@@ -989,17 +1128,25 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for c in [
-            self.sshd.as_mut(),
-            self.agent.as_mut(),
-            self.polkit.as_mut(),
-        ]
-        .into_iter()
-        .flatten()
-        {
+        if let Some(c) = self.sshd.as_mut() {
+            terminate(c);
+        }
+        // An agent that does not stop on SIGTERM fails the test (unless it
+        // already failed), with the end of its log saying where it was.
+        let agent_stuck = self.agent.as_mut().is_some_and(|c| terminate(c).is_none());
+        if agent_stuck {
+            self.kill_dev_tpm();
+        }
+        if let Some(c) = self.polkit.as_mut() {
             terminate(c);
         }
         terminate(&mut self.bus);
+        if agent_stuck && !std::thread::panicking() {
+            panic!(
+                "agentd did not exit within {STOP_BOUND:?} of SIGTERM (killed); its log ends:\n{}",
+                tail(&self.agent_log())
+            );
+        }
     }
 }
 

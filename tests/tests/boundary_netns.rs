@@ -583,10 +583,7 @@ fn boundary_reachability_matrix_with_agent() {
     // wait for its BoundaryRestored signal.
     let restored_after = |cmd: &[&str]| {
         lab.block_on(async {
-            let conn = zbus::connection::Builder::address(lab.address.as_str())
-                .build()
-                .await
-                .unwrap();
+            let conn = leasehold_tests::connect(&lab.address).await;
             let p = leasehold_dbus_api::LandlordProxy::new(&conn).await.unwrap();
             let mut sig = p.receive_boundary_restored().await.unwrap();
             let mut full = vec!["ip", "netns", "exec"];
@@ -783,10 +780,7 @@ protocols = [{ proto = "tcp", ports = [443] }]
 /// Waits for the agent's BoundaryReverted signal (subscribed before `act`).
 fn reverted_after(lab: &Lab, act: impl FnOnce(), within: std::time::Duration) -> Option<String> {
     lab.block_on(async {
-        let conn = zbus::connection::Builder::address(lab.address.as_str())
-            .build()
-            .await
-            .unwrap();
+        let conn = leasehold_tests::connect(&lab.address).await;
         let p = leasehold_dbus_api::LandlordProxy::new(&conn).await.unwrap();
         let mut sig = p.receive_boundary_reverted().await.unwrap();
         act();

@@ -105,10 +105,7 @@ fn health_cli_landlord_reads_the_report_others_are_refused() {
 
     // The interface's Version property (root's connection to the lab bus).
     let version = lab.block_on(async {
-        let conn = zbus::connection::Builder::address(lab.address.as_str())
-            .build()
-            .await
-            .unwrap();
+        let conn = leasehold_tests::connect(&lab.address).await;
         let p = leasehold_dbus_api::HealthProxy::new(&conn).await.unwrap();
         p.version().await.unwrap()
     });
