@@ -110,7 +110,7 @@ fn start_sample(launcher: &Launcher, spec: &LaunchSpec, run_dir: &Path) -> Durat
     let (r, w) = pipe();
     let t = Instant::now();
     let mut running = launcher
-        .start(spec, run_dir, Stdio::from(w), Stdio::inherit(), &[])
+        .start(spec, run_dir, Stdio::from(w), Stdio::inherit(), vec![])
         .unwrap();
     let d = first_byte(t, r);
     running
@@ -148,7 +148,7 @@ fn cgroup_sample(
             &run.join(format!("run{tag}")),
             Stdio::from(w),
             Stdio::inherit(),
-            &[],
+            vec![],
         )
         .unwrap();
     let d = first_byte(t, r);
@@ -190,7 +190,7 @@ fn respawn_sample(launcher: &Launcher, spec: &LaunchSpec, run_dir: &Path) -> Dur
     });
     let (mut r, w) = pipe();
     let mut running = launcher
-        .start(&s, run_dir, Stdio::from(w), Stdio::inherit(), &[])
+        .start(&s, run_dir, Stdio::from(w), Stdio::inherit(), vec![])
         .unwrap();
     let mut seen = Vec::new();
     let mut b = [0u8; 1];

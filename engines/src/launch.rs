@@ -38,12 +38,13 @@
 //! from a thread of its own, as soon as the shim is spawned: the move waits
 //! for an RCU grace period (`cgroup_threadgroup_rwsem` taken for writing;
 //! 7-20 ms on a real CPU, ~19 ms under the lab's TCG), and that wait now
-//! overlaps the shim's start-up (loader, descriptors, spec, secrets)
-//! instead of following it. The shim confines nothing and starts nothing
-//! before the launcher's word on its stdin (after the secrets) that it is
-//! in its cgroup: what it then makes for the engine (mounts, tmpfs pages of
-//! the secrets, namespaces) is charged to the engine's cgroup, and a failed
-//! move or a launcher gone before it (end of stdin) fails the start closed.
+//! overlaps the shim's start-up (loader, descriptors, spec) instead of
+//! following it. The shim reads no secret, confines nothing and starts
+//! nothing before the launcher's word on its stdin that it is in its
+//! cgroup: what it then makes for the engine (the secrets' bytes read from
+//! the pipe, which follow the word, their tmpfs pages, mounts, namespaces)
+//! is charged to the engine's cgroup, and a failed move or a launcher gone
+//! before it (end of stdin) fails the start closed.
 //! Moved, the shim confines itself whole (namespaces, root, Landlock, no
 //! privileges, seccomp) and then waits for a second word, [`GO`], before it
 //! starts the engine: a held start ([`Launcher::start_held`]) writes it at
@@ -175,11 +176,17 @@ pub const NOTIFY_NAME: &str = "notify";
 pub const MAX_SECRET_BYTES: usize = 1 << 20;
 
 /// The shim's first argument when the launcher moves it into its cgroup
-/// (`shim --launcher-joins RUN_DIR`): the shim then waits for the
-/// launcher's word on stdin, after the secrets — [`JOINED`], or
-/// [`NOT_JOINED`] and why — instead of writing `cgroup.procs` itself, and
-/// once confined, for its word [`GO`] before it starts the engine.
+/// (`shim --launcher-joins --secrets-after-join RUN_DIR`): the shim then
+/// waits for the launcher's word on stdin — [`JOINED`], or [`NOT_JOINED`]
+/// and why — instead of writing `cgroup.procs` itself, and once confined,
+/// for its word [`GO`] before it starts the engine.
 pub const LAUNCHER_JOINS: &str = "--launcher-joins";
+/// The second argument with [`LAUNCHER_JOINS`]: the secrets come after
+/// the word on the move (`+`, the secrets, `>`), so the shim reads them
+/// into memory charged to the engine's cgroup, never to the agent's. An
+/// older agent's call without it has them first (the secrets, `+`, `>`);
+/// the shim reads either, by its arguments.
+pub const SECRETS_AFTER_JOIN: &str = "--secrets-after-join";
 /// The launcher's word: the shim is in its cgroup.
 const JOINED: u8 = b'+';
 /// The launcher's second word: the instance is recorded, start the engine
@@ -377,8 +384,8 @@ pub struct Running {
 enum Word {
     /// Tell the moving thread (it writes [`GO`] after its word on the move).
     Thread(std::sync::mpsc::SyncSender<()>),
-    /// Move the shim here, then write both words.
-    Inline(PathBuf, fs::File),
+    /// Write [`GO`] here: the launcher moved the shim and said so itself.
+    Pipe(fs::File),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -422,9 +429,9 @@ impl Launcher {
     /// `secrets` are the bytes of `spec.secrets`, in order: they go to the
     /// shim through a pipe (its stdin), never through a file.
     /// With `spec.cgroup`, a thread moves the shim into it meanwhile and
-    /// tells the shim on the same pipe (see the module's notes); a failed
-    /// move shows as the shim's `report.json` and exit, as any failed
-    /// confinement.
+    /// tells the shim on the same pipe, before the secrets, which it is
+    /// given (see the module's notes); a failed move shows as the shim's
+    /// `report.json` and exit, as any failed confinement.
     /// Blocking (a thread is spawned and joined, the secrets are written to
     /// a pipe; the moving thread outlives the call, until both its words
     /// are written): from async code, call it through `spawn_blocking`.
@@ -434,7 +441,7 @@ impl Launcher {
         run_dir: &Path,
         stdout: Stdio,
         stderr: Stdio,
-        secrets: &[SecretBytes],
+        secrets: Vec<SecretBytes>,
     ) -> Result<Running, LaunchError> {
         let mut r = self.launch(spec, run_dir, stdout, stderr, secrets, false)?;
         r.release();
@@ -454,7 +461,7 @@ impl Launcher {
         run_dir: &Path,
         stdout: Stdio,
         stderr: Stdio,
-        secrets: &[SecretBytes],
+        secrets: Vec<SecretBytes>,
     ) -> Result<Running, LaunchError> {
         self.launch(spec, run_dir, stdout, stderr, secrets, true)
     }
@@ -465,7 +472,7 @@ impl Launcher {
         run_dir: &Path,
         stdout: Stdio,
         stderr: Stdio,
-        secrets: &[SecretBytes],
+        secrets: Vec<SecretBytes>,
         held: bool,
     ) -> Result<Running, LaunchError> {
         validate(spec)?;
@@ -504,7 +511,12 @@ impl Launcher {
                 .spawn_scoped(scope, move || {
                     unshare(CloneFlags::CLONE_NEWPID).map_err(sys("unshare(CLONE_NEWPID)"))?;
                     Command::new(&self.shim)
-                        .args(launcher_joins.then_some(LAUNCHER_JOINS))
+                        .args(
+                            launcher_joins
+                                .then_some([LAUNCHER_JOINS, SECRETS_AFTER_JOIN])
+                                .into_iter()
+                                .flatten(),
+                        )
                         .arg(run_dir)
                         .stdin(Stdio::from(secrets_r))
                         .stdout(stdout)
@@ -519,38 +531,51 @@ impl Launcher {
         })?;
         let pid = child.id();
         // The move first (its grace period runs while the shim starts up
-        // and reads the secrets), its word to the shim after the secrets:
-        // the shim then confines itself while the caller records the
-        // instance, and starts the engine only on the word to go on.
+        // and reads its spec), then its word to the shim, then the secrets
+        // (the shim reads them into memory charged to the engine's
+        // cgroup): the shim then confines itself while the caller records
+        // the instance, and starts the engine only on the word to go on.
+        // A thread of its own moves it and writes all three, so the
+        // launcher (the agent's runtime) goes on at once.
         let mut join = Join::None;
         if let Some(procs) = procs.filter(|_| launcher_joins) {
-            let (tx, rx) = std::sync::mpsc::sync_channel::<fs::File>(1);
+            let (tx, rx) = std::sync::mpsc::sync_channel::<(fs::File, Vec<SecretBytes>)>(1);
             let (go_tx, go_rx) = std::sync::mpsc::sync_channel::<()>(1);
             let moved = procs.clone();
             join = match std::thread::Builder::new()
                 .name("shim-join".into())
                 .spawn(move || {
                     let result = move_into(&moved, pid);
-                    if let Ok(pipe) = rx.recv() {
-                        if tell_joined(&pipe, result) && go_rx.recv().is_ok() {
+                    if let Ok((pipe, secrets)) = rx.recv() {
+                        if tell_joined(&pipe, result)
+                            && write_secrets_to(&pipe, &secrets)
+                            && go_rx.recv().is_ok()
+                        {
                             tell_go(&pipe);
                         }
                     }
                 }) {
                 Ok(handle) => Join::Thread(handle, tx, go_tx),
-                // No thread to be had: the move here, after the secrets.
+                // No thread to be had: the move here.
                 Err(_) => Join::Inline(procs),
             };
         }
-        // The shim reads them first thing. A shim that already failed
-        // (EPIPE) says why in report.json.
-        let mut pipe = fs::File::from(secrets_w);
-        for s in secrets {
-            let len = u32::try_from(s.expose().len()).unwrap_or(u32::MAX);
-            if pipe.write_all(&len.to_le_bytes()).is_err() || pipe.write_all(s.expose()).is_err() {
-                break;
+        let pipe = fs::File::from(secrets_w);
+        // Not moved by a thread: the word (if moved here) and the secrets
+        // now; none after a failed move (the shim fails closed on the
+        // reason it reads).
+        let mut secrets = Some(secrets);
+        let joined = match &join {
+            Join::Inline(procs) => {
+                tell_joined(&pipe, move_into(procs, pid))
+                    && write_secrets_to(&pipe, &secrets.take().unwrap_or_default())
             }
-        }
+            Join::None => {
+                write_secrets_to(&pipe, &secrets.take().unwrap_or_default());
+                true
+            }
+            Join::Thread(..) => true,
+        };
         // The shim is tracked (pidfd, shim.pid) before it may go on: an
         // engine never runs that the agent could not find again.
         let tracked = pidfd_open(pid).and_then(|pidfd| {
@@ -579,14 +604,17 @@ impl Launcher {
         let (joiner, word) = match join {
             // No word: the shim goes on by itself (its pipe closes here).
             Join::None => (None, None),
-            // The pipe to the thread now: its word on the move goes as soon
-            // as the move is done; a failed send (the thread gone) drops
-            // the pipe, and the shim fails closed.
+            // The pipe and the secrets to the thread now: its word on the
+            // move goes as soon as the move is done, the secrets after it;
+            // a failed send (the thread gone) drops the pipe, and the shim
+            // fails closed.
             Join::Thread(handle, tx, go) => {
-                let _ = tx.send(pipe);
+                let _ = tx.send((pipe, secrets.take().unwrap_or_default()));
                 (Some(handle), Some(Word::Thread(go)))
             }
-            Join::Inline(procs) => (None, Some(Word::Inline(procs, pipe))),
+            // Said already; the word to go on at the release. Not moved:
+            // the pipe ends here, after the reason.
+            Join::Inline(_) => (None, joined.then_some(Word::Pipe(pipe))),
         };
         Ok(Running {
             run_dir: run_dir.to_path_buf(),
@@ -603,14 +631,14 @@ impl Launcher {
 enum Join {
     /// No cgroup, or the shim joins by itself.
     None,
-    /// A thread, handed the pipe once the secrets are in it and the shim
-    /// is tracked, and told at the release.
+    /// A thread, handed the pipe and the secrets once the shim is
+    /// tracked, and told at the release.
     Thread(
         std::thread::JoinHandle<()>,
-        std::sync::mpsc::SyncSender<fs::File>,
+        std::sync::mpsc::SyncSender<(fs::File, Vec<SecretBytes>)>,
         std::sync::mpsc::SyncSender<()>,
     ),
-    /// The launcher itself, after the secrets.
+    /// The launcher itself, at once (no thread to be had).
     Inline(PathBuf),
 }
 
@@ -624,20 +652,29 @@ fn move_into(procs: &Path, pid: u32) -> Result<(), String> {
         .map_err(|e| format!("writing its pid there: {e}"))
 }
 
-/// The launcher's word to the shim after the secrets (one write; the
-/// reason bounded). True if it said [`JOINED`] and the write went into
-/// the pipe; a shim already gone: EPIPE, false (its report says why it
-/// went).
+/// The launcher's word to the shim on its move (one write; the reason
+/// bounded). True if it said [`JOINED`] and the write went into the pipe;
+/// a shim already gone: EPIPE, false (its report says why it went).
 fn tell_joined(mut pipe: &fs::File, result: Result<(), String>) -> bool {
-    let word = match result {
-        Ok(()) => vec![JOINED],
+    let (word, joined) = match result {
+        Ok(()) => (vec![JOINED], true),
         Err(reason) => {
             let mut word = vec![NOT_JOINED];
             word.extend(reason.bytes().take(MAX_JOIN_REASON));
-            word
+            (word, false)
         }
     };
-    pipe.write_all(&word).is_ok() && word == [JOINED]
+    pipe.write_all(&word).is_ok() && joined
+}
+
+/// The secrets on the shim's stdin (per secret a little-endian u32 length,
+/// then the bytes), after the word on the move. False if the pipe broke (a
+/// shim that already failed says why in report.json).
+fn write_secrets_to(mut pipe: &fs::File, secrets: &[SecretBytes]) -> bool {
+    secrets.iter().all(|s| {
+        let len = u32::try_from(s.expose().len()).unwrap_or(u32::MAX);
+        pipe.write_all(&len.to_le_bytes()).is_ok() && pipe.write_all(s.expose()).is_ok()
+    })
 }
 
 /// The launcher's word to go on, after [`tell_joined`]'s (the caller then
@@ -883,14 +920,8 @@ impl Running {
             Some(Word::Thread(go)) => {
                 let _ = go.send(());
             }
-            Some(Word::Inline(procs, pipe))
-                if tell_joined(&pipe, move_into(&procs, self.shim_pid)) =>
-            {
-                tell_go(&pipe);
-            }
-            // Not moved (the shim fails closed at the end of the pipe), or
-            // nothing held.
-            Some(Word::Inline(..)) | None => {}
+            Some(Word::Pipe(pipe)) => tell_go(&pipe),
+            None => {}
         }
     }
 
@@ -941,7 +972,7 @@ impl Running {
 }
 
 // ---------------------------------------------------------------------------
-// The shim (runs as its own process: `leasehold-engine-shim [--launcher-joins] RUN_DIR`, pid 1
+// The shim (runs as its own process: `leasehold-engine-shim [--launcher-joins [--secrets-after-join]] RUN_DIR`, pid 1
 // of a new pid namespace).
 
 /// The FIFO in the run directory that carries the engine's stdout to the
@@ -1063,7 +1094,7 @@ impl ShimSignals {
     }
 }
 
-/// Entry point of the shim binary: `shim [--launcher-joins] RUN_DIR`. Returns the process
+/// Entry point of the shim binary: `shim [--launcher-joins [--secrets-after-join]] RUN_DIR`. Returns the process
 /// exit code: the engine's (128 + signal if killed), or [`CONFINE_FAILED`].
 pub fn shim_main(args: &[OsString]) -> i32 {
     if args.get(1).is_some_and(|a| a == "--probe") {
@@ -1075,11 +1106,16 @@ pub fn shim_main(args: &[OsString]) -> i32 {
             }
         };
     }
-    let (launcher_joins, run_dir) = match args {
-        [_, run_dir] => (false, run_dir),
-        [_, flag, run_dir] if flag == LAUNCHER_JOINS => (true, run_dir),
+    let (join, run_dir) = match args {
+        [_, run_dir] => (JoinOrder::Itself, run_dir),
+        [_, flag, run_dir] if flag == LAUNCHER_JOINS => (JoinOrder::SecretsFirst, run_dir),
+        [_, flag, order, run_dir] if flag == LAUNCHER_JOINS && order == SECRETS_AFTER_JOIN => {
+            (JoinOrder::WordFirst, run_dir)
+        }
         _ => {
-            eprintln!("usage: leasehold-engine-shim [{LAUNCHER_JOINS}] RUN_DIR");
+            eprintln!(
+                "usage: leasehold-engine-shim [{LAUNCHER_JOINS} [{SECRETS_AFTER_JOIN}]] RUN_DIR"
+            );
             return 2;
         }
     };
@@ -1129,13 +1165,7 @@ pub fn shim_main(args: &[OsString]) -> i32 {
         landlock: "none".into(),
         seccomp: false,
     };
-    let exit = match run(
-        &run_dir,
-        launcher_joins,
-        &report_file,
-        status.as_ref(),
-        &mut report,
-    ) {
+    let exit = match run(&run_dir, join, &report_file, status.as_ref(), &mut report) {
         Ok(exit) => exit,
         Err(e) => {
             eprintln!("leasehold-engine-shim: {e}");
@@ -1157,7 +1187,7 @@ pub fn shim_main(args: &[OsString]) -> i32 {
 /// grant and a status FIFO, starts it once more first (see [`Respawn`]).
 fn run(
     run_dir: &Path,
-    launcher_joins: bool,
+    join: JoinOrder,
     report_file: &fs::File,
     status: Option<&fs::File>,
     report: &mut Report,
@@ -1165,13 +1195,23 @@ fn run(
     let mut signals = ShimSignals::install()?;
     close_inherited_fds()?;
     let spec: LaunchSpec = read_json(&run_dir.join("spec.json"))?;
-    let secrets = read_secrets(&spec)?;
-    let mut cmd = confine(&spec, launcher_joins, &secrets, report)?;
+    // An older agent's order: the secrets before its word on the move.
+    let early = match join {
+        JoinOrder::SecretsFirst => Some(read_secrets(&spec)?),
+        JoinOrder::Itself | JoinOrder::WordFirst => None,
+    };
+    join_cgroup(&spec, join)?;
+    // In the engine's cgroup now: the secrets' pages are the engine's.
+    let secrets = match early {
+        Some(secrets) => secrets,
+        None => read_secrets(&spec)?,
+    };
+    let mut cmd = confine(&spec, &secrets, report)?;
     drop(secrets);
     write_file(report_file, report);
     // Confined, the engine not started: the launcher's word to go on comes
     // once the agent has recorded this instance (`Running::release`).
-    if launcher_joins {
+    if join != JoinOrder::Itself {
         await_go()?;
     }
     // What came while the shim confined itself: a stop means no engine at
@@ -1359,10 +1399,22 @@ fn close_inherited_fds() -> Result<(), LaunchError> {
     Ok(())
 }
 
+/// The shim's stdin, unbuffered: std's `Stdin` would read up to 8 KiB
+/// ahead into a buffer of its own, which is never zeroized and would keep
+/// secret bytes that came with a word for the shim's whole life; and each
+/// read here takes only what its caller asked for.
+struct RawStdin;
+
+impl io::Read for RawStdin {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        nix::unistd::read(libc::STDIN_FILENO, buf).map_err(io::Error::from)
+    }
+}
+
 /// The secrets' bytes from stdin: per secret a little-endian u32 length,
 /// then the bytes.
 fn read_secrets(spec: &LaunchSpec) -> Result<Vec<SecretBytes>, LaunchError> {
-    let mut stdin = io::stdin().lock();
+    let mut stdin = RawStdin;
     let stdin_err = |e| io_err("read", Path::new("secrets pipe (stdin)"), e);
     let mut out = Vec::with_capacity(spec.secrets.len());
     for _ in &spec.secrets {
@@ -1379,7 +1431,7 @@ fn read_secrets(spec: &LaunchSpec) -> Result<Vec<SecretBytes>, LaunchError> {
     Ok(out)
 }
 
-/// Waits for the launcher's word on stdin (after the secrets) that this
+/// Waits for the launcher's word on stdin (before the secrets) that this
 /// process is in the cgroup of `procs`; anything else fails the start
 /// closed: the reason it sends, or the pipe's end (the launcher is gone).
 fn await_join(procs: &Path) -> Result<(), LaunchError> {
@@ -1389,7 +1441,7 @@ fn await_join(procs: &Path) -> Result<(), LaunchError> {
         Some(NOT_JOINED) => {
             let mut reason = Vec::new();
             let limit = u64::try_from(MAX_JOIN_REASON).unwrap_or(u64::MAX);
-            let _ = io::stdin().lock().take(limit).read_to_end(&mut reason);
+            let _ = RawStdin.take(limit).read_to_end(&mut reason);
             Err(LaunchError::NotJoined {
                 procs: procs.to_path_buf(),
                 reason: String::from_utf8_lossy(&reason).into_owned(),
@@ -1424,7 +1476,7 @@ fn await_go() -> Result<(), LaunchError> {
 /// One byte of the launcher's words on stdin; `None` at the pipe's end.
 fn read_word() -> Result<Option<u8>, LaunchError> {
     use io::Read;
-    let mut stdin = io::stdin().lock();
+    let mut stdin = RawStdin;
     let mut word = [0u8; 1];
     loop {
         match stdin.read(&mut word) {
@@ -1454,29 +1506,50 @@ fn write_file<T: Serialize>(mut file: &fs::File, value: &T) {
     }
 }
 
-/// Every confinement step, in order; returns the engine's command.
-fn confine(
-    spec: &LaunchSpec,
-    launcher_joins: bool,
-    secrets: &[SecretBytes],
-    report: &mut Report,
-) -> Result<Command, LaunchError> {
+/// Who moves the shim into its cgroup, and where its secrets come on
+/// stdin (the shim's arguments).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum JoinOrder {
+    /// No flag: the shim writes `cgroup.procs` itself, then reads them.
+    Itself,
+    /// [`LAUNCHER_JOINS`] alone (an older agent): the secrets, then the
+    /// word on the move.
+    SecretsFirst,
+    /// [`LAUNCHER_JOINS`] [`SECRETS_AFTER_JOIN`]: the word, then the
+    /// secrets.
+    WordFirst,
+}
+
+/// Out of the agent's session and into the engine's cgroup (moved by the
+/// launcher, or by the shim itself), before anything is made for the
+/// engine.
+fn join_cgroup(spec: &LaunchSpec, join: JoinOrder) -> Result<(), LaunchError> {
     // Out of the agent's session: no terminal signal reaches the engine.
     nix::unistd::setsid().map_err(sys("setsid"))?;
-    match &spec.cgroup {
-        None if launcher_joins => {
+    match (&spec.cgroup, join) {
+        (None, JoinOrder::Itself) => {}
+        (None, _) => {
             return Err(LaunchError::InvalidSpec(
                 "--launcher-joins without a cgroup in the spec",
             ))
         }
-        None => {}
-        Some(cg) if launcher_joins => await_join(&cg.join("cgroup.procs"))?,
-        Some(cg) => {
+        (Some(cg), JoinOrder::Itself) => {
             let procs = cg.join("cgroup.procs");
             // "0": the writing process (our pid differs between namespaces).
             fs::write(&procs, "0\n").map_err(|e| io_err("write", &procs, e))?;
         }
+        (Some(cg), _) => await_join(&cg.join("cgroup.procs"))?,
     }
+    Ok(())
+}
+
+/// Every confinement step after the move, in order; returns the engine's
+/// command.
+fn confine(
+    spec: &LaunchSpec,
+    secrets: &[SecretBytes],
+    report: &mut Report,
+) -> Result<Command, LaunchError> {
     unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
         .map_err(sys("unshare(NEWNS|NEWIPC|NEWUTS)"))?;
     setup_root(spec, secrets)?;

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use leasehold_engines::cgroup::{CgroupError, CgroupFs, CgroupPath, Cgroups, Controller};
 use leasehold_engines::launch::{
     DataDir, Exit, LaunchError, LaunchSpec, Launcher, ProbeExit, Respawn, Running, SecretBytes,
-    CONFINE_FAILED, LAUNCHER_JOINS, STATUS_FIFO,
+    CONFINE_FAILED, LAUNCHER_JOINS, SECRETS_AFTER_JOIN, STATUS_FIFO,
 };
 
 const SHIM: &str = env!("CARGO_BIN_EXE_leasehold-engine-shim");
@@ -57,7 +57,13 @@ fn main() {
             ],
         );
         let r = Launcher::new(SHIM)
-            .start(&s, Path::new(&args[2]), Stdio::null(), Stdio::null(), &[])
+            .start(
+                &s,
+                Path::new(&args[2]),
+                Stdio::null(),
+                Stdio::null(),
+                vec![],
+            )
             .unwrap();
         println!("{}", r.shim_pid());
         return;
@@ -77,6 +83,7 @@ fn main() {
             real_cgroup_join_fails_closed,
         ),
         ("real_held_start", real_held_start),
+        ("real_secrets_follow_the_word", real_secrets_follow_the_word),
         ("real_cgroup_limits", real_cgroup_limits),
     ];
     let (mut skip, mut filters) = (Vec::new(), Vec::new());
@@ -268,7 +275,7 @@ fn real_confined_engine() -> Outcome {
             &work.path().join("run"),
             out.into(),
             err.into(),
-            &[SecretBytes::new(b"test-secret-value".to_vec())],
+            vec![SecretBytes::new(b"test-secret-value".to_vec())],
         )
         .unwrap();
     let exit = wait(&mut running);
@@ -384,7 +391,7 @@ fn real_exit_status_and_signals() -> Outcome {
                 &work.path().join(name),
                 Stdio::null(),
                 Stdio::inherit(),
-                &[],
+                vec![],
             )
             .unwrap()
     };
@@ -466,7 +473,7 @@ fn real_respawn_in_place() -> Outcome {
         let mut s = spec(&fs_.root, argv);
         s.respawn = grant;
         let r = launcher
-            .start(&s, &dir, Stdio::null(), Stdio::inherit(), &[])
+            .start(&s, &dir, Stdio::null(), Stdio::inherit(), vec![])
             .unwrap();
         (r, status)
     };
@@ -518,7 +525,7 @@ fn real_respawn_in_place() -> Outcome {
     let mut s = spec(&fs_.root, &["/bin/sh", "-c", "exit 4"]);
     s.respawn = grant(1, false);
     let mut r = launcher
-        .start(&s, &dir, Stdio::null(), Stdio::inherit(), &[])
+        .start(&s, &dir, Stdio::null(), Stdio::inherit(), vec![])
         .unwrap();
     assert_eq!(wait(&mut r), Exit::Code(4));
     Outcome::Passed
@@ -557,7 +564,7 @@ fn real_exec_probe() -> Outcome {
     let launcher = Launcher::new(SHIM);
     let run_dir = work.path().join("run");
     let mut r = launcher
-        .start(&s, &run_dir, Stdio::null(), Stdio::null(), &[])
+        .start(&s, &run_dir, Stdio::null(), Stdio::null(), vec![])
         .unwrap();
     // A failed assertion must not leave the engine running (through a
     // pidfd of the shim: never another process that got its pid).
@@ -725,9 +732,9 @@ fn real_cgroup_join_kill_remove() -> Outcome {
     }
 
     let work = tempfile::tempdir().unwrap();
-    // A secret larger than a pipe's buffer: the launcher's word comes
-    // after it on the same pipe, and the shim reads both through one
-    // buffered stdin.
+    // A secret larger than a pipe's buffer: it follows the launcher's
+    // word on the same pipe (the moving thread writes both, the shim
+    // reads them unbuffered).
     let big: Vec<u8> = (0..100_000u32).map(|i| b'a' + (i % 26) as u8).collect();
     let mut s = spec(
         &fs_.root,
@@ -746,7 +753,7 @@ fn real_cgroup_join_kill_remove() -> Outcome {
             &work.path().join("run"),
             Stdio::from(fs::File::create(&out).unwrap()),
             Stdio::null(),
-            &[SecretBytes::new(big.clone())],
+            vec![SecretBytes::new(big.clone())],
         )
         .unwrap();
     in_cgroup(&cg, &engine, &r);
@@ -783,7 +790,7 @@ fn real_cgroup_join_kill_remove() -> Outcome {
             &work.path().join("run2"),
             Stdio::null(),
             Stdio::null(),
-            &[],
+            vec![],
         )
         .unwrap();
     in_cgroup(&cg, &engine, &r);
@@ -805,9 +812,11 @@ fn real_cgroup_join_fails_closed() -> Outcome {
     let gone = CgroupPath::new(format!("leasehold-test-gone-{}", std::process::id())).unwrap();
     assert!(!cg.dir(&gone).exists());
     let work = tempfile::tempdir().unwrap();
-    // The engine would print: its output must stay empty.
+    // The engine would print: its output must stay empty. With a secret:
+    // after a failed move none is written (the reason ends the pipe).
     let mut s = spec(&fs_.root, &["/bin/echo", "ran"]);
     s.cgroup = Some(cg.dir(&gone));
+    s.secrets = vec!["never-read".into()];
     let out = work.path().join("out");
     let mut r = Launcher::new(SHIM)
         .start(
@@ -815,9 +824,10 @@ fn real_cgroup_join_fails_closed() -> Outcome {
             &work.path().join("run"),
             Stdio::from(fs::File::create(&out).unwrap()),
             Stdio::null(),
-            &[],
+            vec![SecretBytes::new(b"never read".to_vec())],
         )
         .unwrap();
+    s.secrets = vec![];
     match wait(&mut r) {
         Exit::LaunchFailed(why) => {
             assert!(why.contains("did not move the shim"), "{why}");
@@ -855,7 +865,7 @@ fn real_cgroup_join_fails_closed() -> Outcome {
     .enumerate()
     {
         let run = work.path().join(format!("by-hand-{i}"));
-        let mut shim = shim_by_hand(&run, &s);
+        let mut shim = shim_by_hand(&run, &s, AGENT_ORDER);
         {
             use std::io::Write;
             let mut pipe = shim.stdin.take().unwrap();
@@ -887,7 +897,7 @@ fn real_cgroup_join_fails_closed() -> Outcome {
     let run = work.path().join("held");
     let mut s = spec(&fs_.root, &["/bin/sh", "-c", "while :; do sleep 1; done"]);
     s.cgroup = Some(cg.dir(&held));
-    let mut shim = shim_by_hand(&run, &s);
+    let mut shim = shim_by_hand(&run, &s, AGENT_ORDER);
     let pid = shim.id();
     let children = || fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
     // A negative: nothing to wait for but time (the engine would start
@@ -944,6 +954,124 @@ fn real_cgroup_join_fails_closed() -> Outcome {
     Outcome::Passed
 }
 
+/// The secrets come after the word on the move (so the shim reads them into
+/// memory charged to the engine's cgroup): the shim by hand, with the
+/// agent's flags, takes a secret's first byte where the word belongs for
+/// an unknown word and fails closed before reading any secret; told `+`,
+/// then the secret, then `>`, it starts the engine with the secret in
+/// place. An older agent's order (the secret first) still works with its
+/// flag. The launcher end to end, with secrets: `real_cgroup_join_kill_remove`.
+fn real_secrets_follow_the_word() -> Outcome {
+    let (fs_, cg) = match cgroup_setup() {
+        Ok(x) => x,
+        Err(skip) => return skip,
+    };
+    let work = tempfile::tempdir().unwrap();
+    let frame = |bytes: &[u8]| {
+        let mut f = u32::try_from(bytes.len()).unwrap().to_le_bytes().to_vec();
+        f.extend_from_slice(bytes);
+        f
+    };
+    let secret = frame(b"hello");
+    let mut s = spec(
+        &fs_.root,
+        &[
+            "/bin/sh",
+            "-c",
+            "cat /run/secrets/s; echo; while :; do sleep 1; done",
+        ],
+    );
+    s.secrets = vec!["s".into()];
+
+    // The secret where the word belongs: 0x05 (its length's first byte).
+    let held = CgroupPath::new(format!("leasehold-test-order-{}", std::process::id())).unwrap();
+    cg.create(&held).unwrap();
+    struct Kill(CgroupFs, CgroupPath);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill(&self.1);
+            std::thread::sleep(Duration::from_millis(100));
+            let _ = self.0.remove(&self.1);
+        }
+    }
+    let _kill = Kill(cg.clone(), held.clone());
+    s.cgroup = Some(cg.dir(&held));
+    let run = work.path().join("secret-first");
+    let mut shim = shim_by_hand(&run, &s, AGENT_ORDER);
+    fs::write(cg.dir(&held).join("cgroup.procs"), shim.id().to_string()).unwrap();
+    let mut stdin = shim.stdin.take().unwrap();
+    {
+        use std::io::Write;
+        stdin.write_all(&secret).unwrap();
+    }
+    // Stdin stays open: only the byte read as the word can end the shim.
+    let t = Instant::now();
+    let status = loop {
+        if let Some(st) = shim.try_wait().unwrap() {
+            break st;
+        }
+        if t.elapsed() > Duration::from_secs(5) {
+            let _ = shim.kill();
+            panic!(
+                "the shim took a secret for its word's place and waited: report {:?}",
+                fs::read_to_string(run.join("report.json"))
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    drop(stdin);
+    assert_eq!(status.code(), Some(CONFINE_FAILED), "{status}");
+    let report = fs::read_to_string(run.join("report.json")).unwrap();
+    assert!(
+        report.contains("word 0x05 is not one the shim knows"),
+        "{report}"
+    );
+
+    // Each order with its flags: moved by hand, told, the secret, let go.
+    for (name, flags, stdin_bytes) in [
+        ("agent", AGENT_ORDER, [&b"+"[..], &secret, b">"].concat()),
+        ("older", OLDER_ORDER, [&secret[..], b"+", b">"].concat()),
+    ] {
+        let run = work.path().join(name);
+        let out = work.path().join(format!("{name}.out"));
+        fs::create_dir(&run).unwrap();
+        fs::write(run.join("spec.json"), serde_json::to_vec(&s).unwrap()).unwrap();
+        let mut shim = Command::new(SHIM)
+            .args(flags)
+            .arg(&run)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::from(fs::File::create(&out).unwrap()))
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        fs::write(cg.dir(&held).join("cgroup.procs"), shim.id().to_string()).unwrap();
+        {
+            use std::io::Write;
+            let mut stdin = shim.stdin.take().unwrap();
+            stdin.write_all(&stdin_bytes).unwrap();
+        }
+        // Until the whole line (cat and echo write apart).
+        let t = Instant::now();
+        while !fs::read_to_string(&out).unwrap().ends_with('\n')
+            && t.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(
+            fs::read_to_string(&out).unwrap(),
+            "hello\n",
+            "{name} order: report {:?}",
+            fs::read_to_string(run.join("report.json"))
+        );
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(shim.id()).unwrap()),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+        shim.wait().unwrap();
+    }
+    Outcome::Passed
+}
+
 /// `Launcher::start_held`: the shim, moved into its cgroup, starts nothing
 /// until `release`; waited on unreleased, it fails closed and the engine
 /// never runs. Refused without a cgroup (nothing would hold the shim).
@@ -961,7 +1089,7 @@ fn real_held_start() -> Outcome {
             &work.path().join("no-cg"),
             Stdio::null(),
             Stdio::null(),
-            &[],
+            vec![],
         )
         .unwrap_err();
     assert!(matches!(err, LaunchError::InvalidSpec(_)), "{err}");
@@ -1004,7 +1132,7 @@ fn real_held_start() -> Outcome {
             &work.path().join("held"),
             Stdio::from(fs::File::create(&out).unwrap()),
             Stdio::null(),
-            &[],
+            vec![],
         )
         .unwrap();
     let t = Instant::now();
@@ -1052,7 +1180,7 @@ fn real_held_start() -> Outcome {
             &work.path().join("dropped"),
             Stdio::from(fs::File::create(&out).unwrap()),
             Stdio::null(),
-            &[],
+            vec![],
         )
         .unwrap();
     match wait(&mut r) {
@@ -1064,14 +1192,21 @@ fn real_held_start() -> Outcome {
     Outcome::Passed
 }
 
-/// The shim started directly, as the launcher would with
-/// `--launcher-joins`: `run` made with `spec` as its `spec.json`; stdin a
-/// pipe the test writes the launcher's word to (or closes).
-fn shim_by_hand(run: &Path, spec: &LaunchSpec) -> std::process::Child {
+/// The shim's flags as this agent passes them: the word on the move, then
+/// the secrets.
+const AGENT_ORDER: &[&str] = &[LAUNCHER_JOINS, SECRETS_AFTER_JOIN];
+/// As an older agent passed them: the secrets, then the word.
+const OLDER_ORDER: &[&str] = &[LAUNCHER_JOINS];
+
+/// The shim started directly, as the launcher would with `flags`: `run`
+/// made with `spec` as its `spec.json`; stdin a pipe the test writes the
+/// launcher's words (and secrets) to, or closes.
+fn shim_by_hand(run: &Path, spec: &LaunchSpec, flags: &[&str]) -> std::process::Child {
     fs::create_dir(run).unwrap();
     fs::write(run.join("spec.json"), serde_json::to_vec(spec).unwrap()).unwrap();
     Command::new(SHIM)
-        .args([LAUNCHER_JOINS.as_ref(), run.as_os_str()])
+        .args(flags)
+        .arg(run)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -1169,7 +1304,7 @@ fn real_cgroup_limits() -> Outcome {
             &work.path().join("forks"),
             out.into(),
             Stdio::inherit(),
-            &[],
+            vec![],
         )
         .unwrap();
     let t = Instant::now();
@@ -1208,7 +1343,7 @@ fn real_cgroup_limits() -> Outcome {
             &work.path().join("hog"),
             Stdio::null(),
             Stdio::inherit(),
-            &[],
+            vec![],
         )
         .unwrap();
     let exit = wait(&mut r);

@@ -180,6 +180,8 @@ struct Ctl {
     /// engines.json as it was when the instance was let go on (`None`:
     /// never released).
     released_with: Mutex<Option<String>>,
+    /// The state file's inode at the release.
+    released_ino: Mutex<Option<u64>>,
     /// The state file the fake reads at its release.
     state_file: PathBuf,
 }
@@ -225,8 +227,12 @@ impl Proc for FakeProc {
         self.ctl.exit.lock().unwrap().clone().unwrap()
     }
     fn release(&mut self) {
+        use std::os::unix::fs::MetadataExt;
         let state = std::fs::read_to_string(&self.ctl.state_file).unwrap_or_default();
         *self.ctl.released_with.lock().unwrap() = Some(state);
+        *self.ctl.released_ino.lock().unwrap() = std::fs::metadata(&self.ctl.state_file)
+            .ok()
+            .map(|m| m.ino());
     }
 }
 
@@ -252,7 +258,7 @@ impl Spawner for FakeSpawner {
         spec: &LaunchSpec,
         run_dir: &Path,
         log_dir: &Path,
-        secrets: &[SecretBytes],
+        secrets: Vec<SecretBytes>,
     ) -> Result<Box<dyn Proc>, LaunchError> {
         assert!(log_dir.ends_with("logs"), "{log_dir:?}");
         assert_eq!(secrets.len(), spec.secrets.len());
@@ -751,6 +757,30 @@ fn an_instance_goes_on_only_once_the_state_names_it() {
     let state = ctl.released_with.lock().unwrap().clone().expect("released");
     let pid = rt.view().status("web").unwrap().pid.unwrap();
     assert!(state.contains(&pid.to_string()), "{state}");
+}
+
+#[test]
+fn a_start_writes_the_state_once_unless_it_changes_or_goes() {
+    use std::os::unix::fs::MetadataExt;
+    let f = fixture(false);
+    let state = f.cfg.state_dir.join(STATE_FILE);
+    let ino = || std::fs::metadata(&state).unwrap().ino();
+    let mut rt = ready_web(&f);
+    // The save after the release wrote the same bytes: not again.
+    let ctl = f.sp.spawned.lock().unwrap()[0].2.clone();
+    let released = ctl.released_ino.lock().unwrap().expect("released");
+    assert_eq!(ino(), released, "engines.json rewritten after the release");
+    // A change is written; so is a state file someone removed, even when
+    // the runtime's own record did not change.
+    rt.stop("web", None).unwrap();
+    until(&rt, "web", |s| s.pid.is_none());
+    let st: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    assert_eq!(st["engines"][0]["enabled"], false, "{st}");
+    assert_ne!(ino(), released);
+    std::fs::remove_file(&state).unwrap();
+    rt.stop("web", None).unwrap();
+    let st: serde_json::Value = serde_json::from_slice(&std::fs::read(&state).unwrap()).unwrap();
+    assert_eq!(st["engines"][0]["enabled"], false, "{st}");
 }
 
 #[test]

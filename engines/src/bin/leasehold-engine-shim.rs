@@ -1,4 +1,4 @@
-//! `leasehold-engine-shim [--launcher-joins] RUN_DIR`: starts and supervises one confined
+//! `leasehold-engine-shim [--launcher-joins [--secrets-after-join]] RUN_DIR`: starts and supervises one confined
 //! engine (see `leasehold_engines::launch`). Started by the agent, never by
 //! hand.
 //!
