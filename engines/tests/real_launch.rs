@@ -704,17 +704,8 @@ fn real_cgroup_join_kill_remove() -> Outcome {
     };
     let base = CgroupPath::new(format!("leasehold-test-{}", std::process::id())).unwrap();
     let engine = base.child("engine").unwrap();
-    struct Cleanup(CgroupFs, CgroupPath, CgroupPath);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            let _ = self.0.kill(&self.2);
-            std::thread::sleep(Duration::from_millis(100));
-            let _ = self.0.remove(&self.2);
-            let _ = self.0.remove(&self.1);
-        }
-    }
     cg.create(&engine).unwrap();
-    let _cleanup = Cleanup(cg.clone(), base.clone(), engine.clone());
+    let _gone = CgroupsGone(cg.clone(), vec![engine.clone(), base.clone()]);
 
     // On this host the cgroup2 hierarchy has no controller: enabling one
     // must fail, naming the file (cgroups-rs would skip it silently).
@@ -885,15 +876,7 @@ fn real_cgroup_join_fails_closed() -> Outcome {
     // starts the engine in that cgroup.
     let held = CgroupPath::new(format!("leasehold-test-held-{}", std::process::id())).unwrap();
     cg.create(&held).unwrap();
-    struct Kill(CgroupFs, CgroupPath);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill(&self.1);
-            std::thread::sleep(Duration::from_millis(100));
-            let _ = self.0.remove(&self.1);
-        }
-    }
-    let _kill = Kill(cg.clone(), held.clone());
+    let _gone = CgroupsGone(cg.clone(), vec![held.clone()]);
     let run = work.path().join("held");
     let mut s = spec(&fs_.root, &["/bin/sh", "-c", "while :; do sleep 1; done"]);
     s.cgroup = Some(cg.dir(&held));
@@ -986,15 +969,7 @@ fn real_secrets_follow_the_word() -> Outcome {
     // The secret where the word belongs: 0x05 (its length's first byte).
     let held = CgroupPath::new(format!("leasehold-test-order-{}", std::process::id())).unwrap();
     cg.create(&held).unwrap();
-    struct Kill(CgroupFs, CgroupPath);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill(&self.1);
-            std::thread::sleep(Duration::from_millis(100));
-            let _ = self.0.remove(&self.1);
-        }
-    }
-    let _kill = Kill(cg.clone(), held.clone());
+    let _gone = CgroupsGone(cg.clone(), vec![held.clone()]);
     s.cgroup = Some(cg.dir(&held));
     let run = work.path().join("secret-first");
     let mut shim = shim_by_hand(&run, &s, AGENT_ORDER);
@@ -1100,21 +1075,9 @@ fn real_held_start() -> Outcome {
 
     let base = CgroupPath::new(format!("leasehold-test-hold-{}", std::process::id())).unwrap();
     let (held, dropped) = (base.child("held").unwrap(), base.child("dropped").unwrap());
-    struct Cleanup(CgroupFs, Vec<CgroupPath>);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            for c in &self.1 {
-                let _ = self.0.kill(c);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-            for c in &self.1 {
-                let _ = self.0.remove(c);
-            }
-        }
-    }
     cg.create(&held).unwrap();
     cg.create(&dropped).unwrap();
-    let _cleanup = Cleanup(
+    let _gone = CgroupsGone(
         cg.clone(),
         vec![held.clone(), dropped.clone(), base.clone()],
     );
@@ -1214,6 +1177,23 @@ fn shim_by_hand(run: &Path, spec: &LaunchSpec, flags: &[&str]) -> std::process::
         .unwrap()
 }
 
+/// A test's cgroups, killed and removed when the test ends, passed or
+/// not; children listed before their parents.
+struct CgroupsGone(CgroupFs, Vec<CgroupPath>);
+
+impl Drop for CgroupsGone {
+    fn drop(&mut self) {
+        for c in &self.1 {
+            let _ = self.0.kill(c);
+        }
+        // A clean-up, not a check: a moment for the killed to go.
+        std::thread::sleep(Duration::from_millis(200));
+        for c in &self.1 {
+            let _ = self.0.remove(c);
+        }
+    }
+}
+
 /// What every cgroup test needs: root, a cgroup2 mount, the test rootfs
 /// with busybox and the cgroup manager; or why it is skipped.
 fn cgroup_setup() -> Result<(Rootfs, CgroupFs), Outcome> {
@@ -1267,19 +1247,7 @@ fn real_cgroup_limits() -> Outcome {
     }
     let forks = base.child("forks").unwrap();
     let hog = base.child("hog").unwrap();
-    struct Cleanup(CgroupFs, Vec<CgroupPath>);
-    impl Drop for Cleanup {
-        fn drop(&mut self) {
-            for c in &self.1 {
-                let _ = self.0.kill(c);
-            }
-            std::thread::sleep(Duration::from_millis(200));
-            for c in &self.1 {
-                let _ = self.0.remove(c);
-            }
-        }
-    }
-    let _cleanup = Cleanup(cg.clone(), vec![forks.clone(), hog.clone(), base.clone()]);
+    let _gone = CgroupsGone(cg.clone(), vec![forks.clone(), hog.clone(), base.clone()]);
     cg.enable_controllers(&base, &wanted).unwrap();
     let work = tempfile::tempdir().unwrap();
     let read = |c: &CgroupPath, f: &str| fs::read_to_string(cg.dir(c).join(f)).unwrap();
