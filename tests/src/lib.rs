@@ -454,40 +454,59 @@ fn tail(log: &str) -> &str {
 }
 
 /// `cmd.output()`, bounded by `RUN_BOUND`: a command still running then is
-/// killed and the test fails naming it.
+/// killed with its whole process group (an `ssh` it started, say) and the
+/// test fails naming it; output a descendant still holds open 10 s after
+/// the command ended fails the test too, instead of waiting for it.
 fn output_bounded(cmd: &mut Command) -> Output {
     use std::io::Read;
+    use std::os::unix::process::CommandExt;
     use wait_timeout::ChildExt;
     let mut child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
     let reader = |mut r: Box<dyn Read + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut buf = Vec::new();
             let _ = r.read_to_end(&mut buf);
-            buf
-        })
+            let _ = tx.send(buf);
+        });
+        rx
     };
     let out = reader(Box::new(child.stdout.take().unwrap()));
     let err = reader(Box::new(child.stderr.take().unwrap()));
+    let drained = |rx: &std::sync::mpsc::Receiver<Vec<u8>>| {
+        rx.recv_timeout(Duration::from_secs(10))
+            .unwrap_or_else(|_| {
+                panic!("{cmd:?} ended, but something it started still holds its output open")
+            })
+    };
     let status = match child.wait_timeout(RUN_BOUND).unwrap() {
         Some(st) => st,
         None => {
-            let _ = child.kill();
+            if let Ok(pgid) = i32::try_from(child.id()) {
+                let _ = nix::sys::signal::killpg(
+                    nix::unistd::Pid::from_raw(pgid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
             let _ = child.wait();
-            let err = err.join().unwrap_or_default();
+            let err = err
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_default();
             panic!(
-                "{cmd:?} did not finish within {RUN_BOUND:?} (killed); its stderr: {}",
+                "{cmd:?} did not finish within {RUN_BOUND:?} (killed with its process group); its stderr: {}",
                 String::from_utf8_lossy(&err)
             );
         }
     };
     Output {
         status,
-        stdout: out.join().unwrap_or_default(),
-        stderr: err.join().unwrap_or_default(),
+        stdout: drained(&out),
+        stderr: drained(&err),
     }
 }
 
@@ -679,6 +698,8 @@ impl Lab {
             .tempdir()
             .unwrap();
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        // From here on (the bus's start and the first connection too).
+        let watchdog = watchdog(dir.path().join("agentd.log"));
         let work = dir.path().join("work");
         fs::create_dir(&work).unwrap();
         fs::set_permissions(&work, fs::Permissions::from_mode(0o1777)).unwrap();
@@ -716,7 +737,6 @@ impl Lab {
             conn
         });
         let agent_dir = opts.agent_dir.unwrap_or_else(|| dir.path().join("agent"));
-        let agent_log = dir.path().join("agentd.log");
         let mut lab = Lab {
             dir,
             address,
@@ -735,7 +755,7 @@ impl Lab {
             agent_host_netns: opts.agent_host_netns,
             agent_log_to_stderr: opts.agent_log_to_stderr,
             slices,
-            _watchdog: watchdog(agent_log),
+            _watchdog: watchdog,
         };
         lab.start_polkit();
         lab.start_agent();

@@ -49,19 +49,28 @@ fn swtpm_pid(lab: &Lab) -> u32 {
 
 /// The next notification, or None when none comes within `within`.
 fn next(sock: &UnixDatagram, within: Duration) -> Option<String> {
-    sock.set_read_timeout(Some(within)).unwrap();
+    let deadline = std::time::Instant::now() + within;
     let mut buf = [0u8; 4096];
-    match sock.recv(&mut buf) {
-        Ok(n) => Some(String::from_utf8_lossy(&buf[..n]).trim().to_owned()),
-        Err(e)
-            if matches!(
-                e.kind(),
-                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-            ) =>
-        {
-            None
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return None;
         }
-        Err(e) => panic!("notify socket: {e}"),
+        sock.set_read_timeout(Some(left)).unwrap();
+        match sock.recv(&mut buf) {
+            Ok(n) => return Some(String::from_utf8_lossy(&buf[..n]).trim().to_owned()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return None
+            }
+            // A signal (the harness's SIGCHLD handler): wait on.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => panic!("notify socket: {e}"),
+        }
     }
 }
 
