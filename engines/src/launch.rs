@@ -564,14 +564,12 @@ impl Launcher {
         // Not moved by a thread: the word (if moved here) and the secrets
         // now; none after a failed move (the shim fails closed on the
         // reason it reads).
-        let mut secrets = Some(secrets);
         let joined = match &join {
             Join::Inline(procs) => {
-                tell_joined(&pipe, move_into(procs, pid))
-                    && write_secrets_to(&pipe, &secrets.take().unwrap_or_default())
+                tell_joined(&pipe, move_into(procs, pid)) && write_secrets_to(&pipe, &secrets)
             }
             Join::None => {
-                write_secrets_to(&pipe, &secrets.take().unwrap_or_default());
+                write_secrets_to(&pipe, &secrets);
                 true
             }
             Join::Thread(..) => true,
@@ -609,7 +607,7 @@ impl Launcher {
             // a failed send (the thread gone) drops the pipe, and the shim
             // fails closed.
             Join::Thread(handle, tx, go) => {
-                let _ = tx.send((pipe, secrets.take().unwrap_or_default()));
+                let _ = tx.send((pipe, secrets));
                 (Some(handle), Some(Word::Thread(go)))
             }
             // Said already; the word to go on at the release. Not moved:
