@@ -247,6 +247,10 @@ pub struct EnginesSection {
     /// signed record (docs/engines.md). Off: logged and ignored.
     #[serde(default)]
     pub allow_reboot_node: bool,
+    /// Keep one shim spawned ahead, handed the next start (docs/engines.md,
+    /// "The warm shim"): a start then skips the shim's exec and start-up.
+    #[serde(default = "default_warm_shim")]
+    pub warm_shim: bool,
 }
 
 impl Default for EnginesSection {
@@ -261,8 +265,13 @@ impl Default for EnginesSection {
             log_max_bytes: default_log_max_bytes(),
             upload_max_bytes: default_upload_max_bytes(),
             allow_reboot_node: false,
+            warm_shim: default_warm_shim(),
         }
     }
+}
+
+fn default_warm_shim() -> bool {
+    true
 }
 
 fn default_cgroup_root() -> PathBuf {

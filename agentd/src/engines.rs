@@ -562,7 +562,7 @@ impl Spawner for ShimSpawner {
         // Held until the runtime has recorded the instance (`launch`).
         let r = self
             .0
-            .start_held(spec, run_dir, stdout.into(), stderr.into(), secrets)?;
+            .start_held_fds(spec, run_dir, stdout.into(), stderr.into(), secrets)?;
         Ok(Box::new(ShimProc(r, Some(out), Some(status))))
     }
     fn adopt(&self, run_dir: &Path) -> Result<Box<dyn Proc>, LaunchError> {

@@ -574,9 +574,13 @@ async fn start_engines(
         leasehold_engines::cgroup::CgroupFs::with_root(Some(&c.cgroup_root)),
         dev,
     );
-    let spawner = Arc::new(engines::ShimSpawner(
-        leasehold_engines::launch::Launcher::new(shim),
-    ));
+    let mut launcher = leasehold_engines::launch::Launcher::new(shim);
+    if c.warm_shim {
+        launcher = launcher.with_warm_shim();
+        // In the background: the first start finds it waiting.
+        launcher.refill();
+    }
+    let spawner = Arc::new(engines::ShimSpawner(launcher));
     // The same store and key as the tenant's `secret put` (SecretPut).
     let secrets = Arc::new(engines::TenantSecrets {
         keys: keys::KeyBackend(keys),

@@ -196,6 +196,16 @@ const GO: u8 = b'>';
 /// (at most [`MAX_JOIN_REASON`] bytes), then the end of the pipe.
 const NOT_JOINED: u8 = b'-';
 const MAX_JOIN_REASON: usize = 512;
+/// The argument of a warm shim (`shim --warm`, [`Launcher::with_warm_shim`]):
+/// started before any engine is asked for, it waits on stdin for
+/// [`HAND_OFF`], then goes on as `--launcher-joins --secrets-after-join`.
+pub const WARM: &str = "--warm";
+/// The launcher's hand-off to a warm shim: the run directory (its length
+/// as a little-endian u16, then the path) with the engine's stdout and
+/// stderr as descriptors.
+const HAND_OFF: u8 = b'@';
+/// Longest run directory a hand-off carries (Linux's `PATH_MAX`).
+pub const MAX_RUN_DIR: usize = 4096;
 
 /// A secret's bytes on their way into an engine: Debug redacted, zeroized
 /// on drop, reached through [`SecretBytes::expose`] only.
@@ -361,6 +371,68 @@ pub struct Launcher {
     /// before 2026-12-05; benches compare it), instead of the launcher
     /// moving it during its start-up.
     shim_joins: bool,
+    /// The warm shim's place, shared by the launcher's clones (one per
+    /// started engine, which refills it at its release); `None`: every
+    /// start spawns its shim.
+    warm: Option<std::sync::Arc<std::sync::Mutex<Place>>>,
+}
+
+/// The place of a warm shim ([`Launcher::with_warm_shim`]).
+#[derive(Debug, Default)]
+enum Slot {
+    #[default]
+    Empty,
+    /// A thread is spawning one.
+    Filling,
+    Ready(Warm),
+}
+
+/// A warm shim: spawned (`shim --warm`, its own pid namespace, the
+/// agent's cgroup), waiting for its hand-off on `sock` (its stdin).
+#[derive(Debug)]
+struct Warm {
+    child: Child,
+    sock: fs::File,
+}
+
+impl Warm {
+    /// Ends it (it runs nothing: it is only waiting) and reaps it.
+    fn discard(mut self) {
+        drop(self.sock);
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The slot behind the launchers' shared lock: a warm shim left when the
+/// last launcher goes is ended with it.
+#[derive(Debug, Default)]
+struct Place(Slot);
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        if let Slot::Ready(warm) = std::mem::take(&mut self.0) {
+            warm.discard();
+        }
+    }
+}
+
+/// The engine's stdout and stderr for a start.
+enum Output {
+    /// Given to a spawned shim as they are.
+    Stdio(Stdio, Stdio),
+    /// Descriptors: handed to a warm shim with its run directory, or given
+    /// to a spawned one.
+    Fds(OwnedFd, OwnedFd),
+}
+
+impl Output {
+    fn into_stdio(self) -> (Stdio, Stdio) {
+        match self {
+            Output::Stdio(out, err) => (out, err),
+            Output::Fds(out, err) => (Stdio::from(out), Stdio::from(err)),
+        }
+    }
 }
 
 /// A started engine, watched through its shim's pidfd.
@@ -377,6 +449,8 @@ pub struct Running {
     joiner: Option<std::thread::JoinHandle<()>>,
     /// The shim's word, held until [`Running::release`] ([`Launcher::start_held`]).
     word: Option<Word>,
+    /// The launcher whose warm shim to refill at the release.
+    refill: Option<Launcher>,
 }
 
 /// A held word to go on: what [`Running::release`] does.
@@ -409,7 +483,167 @@ impl Launcher {
         Launcher {
             shim: shim.into(),
             shim_joins: false,
+            warm: None,
         }
+    }
+
+    /// The same launcher, keeping one warm shim: spawned ahead (at
+    /// [`Launcher::refill`], and again at each release), so a held start
+    /// with descriptors ([`Launcher::start_held_fds`]) hands it its run
+    /// directory instead of spawning one, and its exec and start-up are
+    /// off the start's path (docs/engines.md, "The warm shim"). A warm
+    /// shim ends when the last clone of the launcher is dropped (its stdin
+    /// ends) or the process exits.
+    pub fn with_warm_shim(mut self) -> Self {
+        self.warm = Some(std::sync::Arc::default());
+        self
+    }
+
+    /// Spawns a warm shim now if this launcher keeps one and has none
+    /// (blocking: a thread and the spawn); replaces one that died.
+    pub fn warm_up(&self) -> Result<(), LaunchError> {
+        let Some(slot) = &self.warm else {
+            return Ok(());
+        };
+        {
+            let mut place = lock(slot);
+            if let Slot::Ready(w) = &mut place.0 {
+                if matches!(w.child.try_wait(), Ok(None)) {
+                    return Ok(());
+                }
+            }
+            if matches!(place.0, Slot::Filling) {
+                return Ok(());
+            }
+            if let Slot::Ready(dead) = std::mem::replace(&mut place.0, Slot::Filling) {
+                dead.discard();
+            }
+        }
+        let spawned = self.spawn_warm();
+        let mut place = lock(slot);
+        match spawned {
+            Ok(w) => {
+                place.0 = Slot::Ready(w);
+                Ok(())
+            }
+            Err(e) => {
+                place.0 = Slot::Empty;
+                Err(e)
+            }
+        }
+    }
+
+    /// [`Launcher::warm_up`] on a thread of its own, if the place is
+    /// empty; a failure leaves it empty (the next start spawns its shim,
+    /// and refills again).
+    pub fn refill(&self) {
+        let Some(slot) = &self.warm else {
+            return;
+        };
+        if !matches!(lock(slot).0, Slot::Empty) {
+            return;
+        }
+        let launcher = self.clone();
+        let _ = std::thread::Builder::new()
+            .name("shim-warm".into())
+            .spawn(move || {
+                let _ = launcher.warm_up();
+            });
+    }
+
+    /// The warm shim's pid, if one waits (for tests).
+    pub fn warm_pid(&self) -> Option<u32> {
+        match &lock(self.warm.as_ref()?).0 {
+            Slot::Ready(w) => Some(w.child.id()),
+            _ => None,
+        }
+    }
+
+    fn spawn_warm(&self) -> Result<Warm, LaunchError> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()
+            .map_err(|e| io_err("socketpair", &self.shim, e))?;
+        let child = self.spawn_shim(
+            &[std::ffi::OsStr::new(WARM)],
+            Stdio::from(OwnedFd::from(theirs)),
+            Stdio::null(),
+            Stdio::null(),
+        )?;
+        Ok(Warm {
+            child,
+            sock: fs::File::from(OwnedFd::from(ours)),
+        })
+    }
+
+    /// The shim with `args`, in a pid namespace of its own (from a thread
+    /// of its own: unshare(CLONE_NEWPID) changes the pid namespace of this
+    /// thread's later children, once per thread).
+    fn spawn_shim(
+        &self,
+        args: &[&std::ffi::OsStr],
+        stdin: Stdio,
+        stdout: Stdio,
+        stderr: Stdio,
+    ) -> Result<Child, LaunchError> {
+        std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("shim-spawn".into())
+                .spawn_scoped(scope, move || {
+                    unshare(CloneFlags::CLONE_NEWPID).map_err(sys("unshare(CLONE_NEWPID)"))?;
+                    Command::new(&self.shim)
+                        .args(args)
+                        .stdin(stdin)
+                        .stdout(stdout)
+                        .stderr(stderr)
+                        .env_clear()
+                        .spawn()
+                        .map_err(|e| io_err("spawn", &self.shim, e))
+                })
+                .map_err(|_| LaunchError::SpawnThread)?
+                .join()
+                .map_err(|_| LaunchError::SpawnThread)?
+        })
+    }
+
+    /// The warm shim, handed `run_dir` and the engine's output; `None`
+    /// (none waits, it died, or the hand-off failed): spawn one.
+    fn hand_off(&self, run_dir: &Path, out: &OwnedFd, err: &OwnedFd) -> Option<(Child, fs::File)> {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let mut warm = {
+            let mut place = lock(self.warm.as_ref()?);
+            match std::mem::take(&mut place.0) {
+                Slot::Ready(w) => w,
+                other => {
+                    place.0 = other;
+                    return None;
+                }
+            }
+        };
+        let path = run_dir.as_os_str().as_encoded_bytes();
+        let len = u16::try_from(path.len())
+            .ok()
+            .filter(|&l| usize::from(l) <= MAX_RUN_DIR && l > 0);
+        let (Some(len), Ok(None)) = (len, warm.child.try_wait()) else {
+            warm.discard();
+            return None;
+        };
+        let mut msg = vec![HAND_OFF];
+        msg.extend(len.to_le_bytes());
+        msg.extend(path);
+        let fds = [out.as_raw_fd(), err.as_raw_fd()];
+        let sent = sendmsg::<()>(
+            warm.sock.as_raw_fd(),
+            &[io::IoSlice::new(&msg)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        );
+        if sent != Ok(msg.len()) {
+            warm.discard();
+            return None;
+        }
+        let Warm { child, sock } = warm;
+        Some((child, sock))
     }
 
     /// The same launcher, but the shim moves itself into its cgroup after
@@ -443,7 +677,7 @@ impl Launcher {
         stderr: Stdio,
         secrets: Vec<SecretBytes>,
     ) -> Result<Running, LaunchError> {
-        let mut r = self.launch(spec, run_dir, stdout, stderr, secrets, false)?;
+        let mut r = self.launch(spec, run_dir, Output::Stdio(stdout, stderr), secrets, false)?;
         r.release();
         Ok(r)
     }
@@ -463,15 +697,28 @@ impl Launcher {
         stderr: Stdio,
         secrets: Vec<SecretBytes>,
     ) -> Result<Running, LaunchError> {
-        self.launch(spec, run_dir, stdout, stderr, secrets, true)
+        self.launch(spec, run_dir, Output::Stdio(stdout, stderr), secrets, true)
+    }
+
+    /// [`Launcher::start_held`] with the output as descriptors: the warm
+    /// shim, if this launcher keeps one and one waits, is handed the start
+    /// (else one is spawned, as there); the release refills it.
+    pub fn start_held_fds(
+        &self,
+        spec: &LaunchSpec,
+        run_dir: &Path,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+        secrets: Vec<SecretBytes>,
+    ) -> Result<Running, LaunchError> {
+        self.launch(spec, run_dir, Output::Fds(stdout, stderr), secrets, true)
     }
 
     fn launch(
         &self,
         spec: &LaunchSpec,
         run_dir: &Path,
-        stdout: Stdio,
-        stderr: Stdio,
+        output: Output,
         secrets: Vec<SecretBytes>,
         held: bool,
     ) -> Result<Running, LaunchError> {
@@ -496,39 +743,33 @@ impl Launcher {
             let _ = fs::remove_file(run_dir.join(stale));
         }
         write_json(&run_dir.join("spec.json"), spec)?;
-        // Close-on-exec: no other child of the agent may hold the write end
-        // (the shim would never see EOF); the read end becomes the shim's
-        // stdin through dup2, which clears the flag there.
-        let (secrets_r, secrets_w) =
-            nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("pipe2"))?;
-        // A thread of its own: unshare(CLONE_NEWPID) changes the pid
-        // namespace of this thread's later children, once per thread.
         let procs = spec.cgroup.as_ref().map(|cg| cg.join("cgroup.procs"));
         let launcher_joins = procs.is_some() && !self.shim_joins;
-        let child = std::thread::scope(|scope| {
-            std::thread::Builder::new()
-                .name("shim-spawn".into())
-                .spawn_scoped(scope, move || {
-                    unshare(CloneFlags::CLONE_NEWPID).map_err(sys("unshare(CLONE_NEWPID)"))?;
-                    Command::new(&self.shim)
-                        .args(
-                            launcher_joins
-                                .then_some([LAUNCHER_JOINS, SECRETS_AFTER_JOIN])
-                                .into_iter()
-                                .flatten(),
-                        )
-                        .arg(run_dir)
-                        .stdin(Stdio::from(secrets_r))
-                        .stdout(stdout)
-                        .stderr(stderr)
-                        .env_clear()
-                        .spawn()
-                        .map_err(|e| io_err("spawn", &self.shim, e))
-                })
-                .map_err(|_| LaunchError::SpawnThread)?
-                .join()
-                .map_err(|_| LaunchError::SpawnThread)?
-        })?;
+        // The warm shim (it then reads its spec as a spawned one would),
+        // or a spawned one.
+        let warm = match &output {
+            Output::Fds(out, err) if launcher_joins => self.hand_off(run_dir, out, err),
+            _ => None,
+        };
+        let (child, pipe) = match warm {
+            Some(handed) => handed,
+            None => {
+                // Close-on-exec: no other child of the agent may hold the
+                // write end (the shim would never see EOF); the read end
+                // becomes the shim's stdin through dup2, which clears the
+                // flag there.
+                let (secrets_r, secrets_w) =
+                    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("pipe2"))?;
+                let mut args = Vec::with_capacity(3);
+                if launcher_joins {
+                    args.extend([LAUNCHER_JOINS, SECRETS_AFTER_JOIN].map(std::ffi::OsStr::new));
+                }
+                args.push(run_dir.as_os_str());
+                let (stdout, stderr) = output.into_stdio();
+                let child = self.spawn_shim(&args, Stdio::from(secrets_r), stdout, stderr)?;
+                (child, fs::File::from(secrets_w))
+            }
+        };
         let pid = child.id();
         // The move first (its grace period runs while the shim starts up
         // and reads its spec), then its word to the shim, then the secrets
@@ -560,7 +801,6 @@ impl Launcher {
                 Err(_) => Join::Inline(procs),
             };
         }
-        let pipe = fs::File::from(secrets_w);
         // Not moved by a thread: the word (if moved here) and the secrets
         // now; none after a failed move (the shim fails closed on the
         // reason it reads).
@@ -621,8 +861,17 @@ impl Launcher {
             child: Some(child),
             joiner,
             word,
+            refill: self.warm.is_some().then(|| self.clone()),
         })
     }
+}
+
+fn lock(place: &std::sync::Mutex<Place>) -> std::sync::MutexGuard<'_, Place> {
+    // A panic while holding it leaves a valid slot (each change is one
+    // assignment).
+    place
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Who moves a spawned shim into its cgroup (see [`Launcher::start`]).
@@ -745,6 +994,7 @@ impl Launcher {
                 child: None,
                 joiner: None,
                 word: None,
+                refill: None,
             };
             // Only the pidfd's readiness is used here, not exit.json.
             r.wait_readable(Some(timeout + PROBE_BACKSTOP))
@@ -852,6 +1102,7 @@ impl Running {
             child: None,
             joiner: None,
             word: None,
+            refill: None,
         })
     }
 
@@ -920,6 +1171,10 @@ impl Running {
             }
             Some(Word::Pipe(pipe)) => tell_go(&pipe),
             None => {}
+        }
+        // After the word: the engine's start goes first.
+        if let Some(launcher) = self.refill.take() {
+            launcher.refill();
         }
     }
 
@@ -1104,6 +1359,9 @@ pub fn shim_main(args: &[OsString]) -> i32 {
             }
         };
     }
+    if args.len() == 2 && args[1] == WARM {
+        return warm_main();
+    }
     let (join, run_dir) = match args {
         [_, run_dir] => (JoinOrder::Itself, run_dir),
         [_, flag, run_dir] if flag == LAUNCHER_JOINS => (JoinOrder::SecretsFirst, run_dir),
@@ -1112,12 +1370,146 @@ pub fn shim_main(args: &[OsString]) -> i32 {
         }
         _ => {
             eprintln!(
-                "usage: leasehold-engine-shim [{LAUNCHER_JOINS} [{SECRETS_AFTER_JOIN}]] RUN_DIR"
+                "usage: leasehold-engine-shim [{LAUNCHER_JOINS} [{SECRETS_AFTER_JOIN}]] RUN_DIR | {WARM}"
             );
             return 2;
         }
     };
-    let run_dir = PathBuf::from(run_dir);
+    match Prepared::now() {
+        Ok(prepared) => serve(Path::new(run_dir), join, prepared),
+        Err(e) => {
+            eprintln!("leasehold-engine-shim: {e}");
+            CONFINE_FAILED
+        }
+    }
+}
+
+/// `shim --warm`: what needs no run directory, then waits on stdin (a
+/// socket) for the launcher's hand-off ([`Launcher::with_warm_shim`]) and
+/// starts that engine as `--launcher-joins --secrets-after-join RUN_DIR`
+/// would. The end of stdin before it (the agent stopped, or dropped its
+/// warm shim): exits 0, having made nothing.
+fn warm_main() -> i32 {
+    let prepared = Prepared::now();
+    match prepared.and_then(|p| Ok((p, await_hand_off()?))) {
+        Ok((prepared, Some(run_dir))) => serve(&run_dir, JoinOrder::WordFirst, prepared),
+        Ok((_, None)) => 0,
+        // Its stderr is the null device until the hand-off: the launcher
+        // sees a shim gone without a report, and starts a cold one.
+        Err(e) => {
+            eprintln!("leasehold-engine-shim: {e}");
+            CONFINE_FAILED
+        }
+    }
+}
+
+/// What the shim does before it knows its engine: its signal handlers,
+/// the inherited descriptors, its own session, the seccomp program built.
+/// A warm shim does it while it waits; a cold one first thing.
+struct Prepared {
+    signals: ShimSignals,
+    filter: Vec<seccompiler::sock_filter>,
+}
+
+impl Prepared {
+    fn now() -> Result<Self, LaunchError> {
+        let signals = ShimSignals::install()?;
+        close_inherited_fds()?;
+        // Out of the agent's session: no terminal signal reaches the engine.
+        nix::unistd::setsid().map_err(sys("setsid"))?;
+        Ok(Prepared {
+            signals,
+            filter: seccomp_program()?,
+        })
+    }
+}
+
+/// The warm shim's hand-off on stdin: [`HAND_OFF`], the run directory's
+/// length (u16, little-endian, at most [`MAX_RUN_DIR`]) and path, with the
+/// engine's stdout and stderr as two descriptors (SCM_RIGHTS), which
+/// become the shim's own 1 and 2. `None` at the end of stdin.
+fn await_hand_off() -> Result<Option<PathBuf>, LaunchError> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::unix::ffi::OsStringExt;
+    let bad = |why: String| LaunchError::NotJoined {
+        procs: PathBuf::from("(the warm shim's hand-off)"),
+        reason: why,
+    };
+    let mut head = [0u8; 3];
+    let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 2]);
+    let (got, fds) = loop {
+        let mut iov = [io::IoSliceMut::new(&mut head)];
+        match recvmsg::<()>(
+            libc::STDIN_FILENO,
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) {
+            Ok(msg) => {
+                let mut fds = Vec::new();
+                for c in msg.cmsgs().map_err(sys("recvmsg: its descriptors"))? {
+                    if let ControlMessageOwned::ScmRights(rights) = c {
+                        fds.extend(rights);
+                    }
+                }
+                if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+                    fds.push(-1); // more than it has room for: refused below
+                }
+                break (msg.bytes, fds);
+            }
+            Err(nix::Error::EINTR) => continue,
+            Err(e) => return Err(sys("recvmsg(stdin)")(e)),
+        }
+    };
+    // Closed on every way out but the one that takes them as 1 and 2.
+    let close_all = |fds: &[std::os::fd::RawFd]| {
+        for &fd in fds.iter().filter(|&&fd| fd >= 0) {
+            let _ = nix::unistd::close(fd);
+        }
+    };
+    if got == 0 {
+        close_all(&fds);
+        return Ok(None);
+    }
+    let rest = io::Read::read_exact(&mut RawStdin, &mut head[got..]);
+    let checked = rest
+        .map_err(|e| bad(format!("its header: {e}")))
+        .and_then(|()| match (head[0], fds.as_slice()) {
+            (HAND_OFF, &[out, err]) => Ok((out, err)),
+            (HAND_OFF, fds) => Err(bad(format!("{} descriptors, not 2", fds.len()))),
+            (byte, _) => Err(bad(format!("the word {byte:#04x} is not a hand-off"))),
+        })
+        .and_then(|fds| {
+            let len = usize::from(u16::from_le_bytes([head[1], head[2]]));
+            if len == 0 || len > MAX_RUN_DIR {
+                return Err(bad(format!("a run directory of {len} bytes")));
+            }
+            let mut path = vec![0u8; len];
+            io::Read::read_exact(&mut RawStdin, &mut path)
+                .map_err(|e| bad(format!("its run directory: {e}")))?;
+            let path = PathBuf::from(OsString::from_vec(path));
+            if !path.is_absolute() || path.as_os_str().as_encoded_bytes().contains(&0) {
+                return Err(bad(format!("{} is not an absolute path", path.display())));
+            }
+            Ok((fds, path))
+        });
+    let ((out, err), run_dir) = match checked {
+        Ok(c) => c,
+        Err(e) => {
+            close_all(&fds);
+            return Err(e);
+        }
+    };
+    let taken = nix::unistd::dup2(out, libc::STDOUT_FILENO)
+        .and_then(|_| nix::unistd::dup2(err, libc::STDERR_FILENO));
+    close_all(&fds);
+    taken.map_err(sys("dup2(its stdout and stderr)"))?;
+    Ok(Some(run_dir))
+}
+
+/// The shim for one engine, from its run directory on; returns the exit
+/// code.
+fn serve(run_dir: &Path, join: JoinOrder, prepared: Prepared) -> i32 {
     // Both opened before pivot_root (the run directory is not visible
     // afterwards) and as root (the engine's uid cannot open them).
     let files = fs::File::create(run_dir.join("report.json"))
@@ -1163,7 +1555,14 @@ pub fn shim_main(args: &[OsString]) -> i32 {
         landlock: "none".into(),
         seccomp: false,
     };
-    let exit = match run(&run_dir, join, &report_file, status.as_ref(), &mut report) {
+    let exit = match run(
+        run_dir,
+        join,
+        prepared,
+        &report_file,
+        status.as_ref(),
+        &mut report,
+    ) {
         Ok(exit) => exit,
         Err(e) => {
             eprintln!("leasehold-engine-shim: {e}");
@@ -1186,25 +1585,38 @@ pub fn shim_main(args: &[OsString]) -> i32 {
 fn run(
     run_dir: &Path,
     join: JoinOrder,
+    prepared: Prepared,
     report_file: &fs::File,
     status: Option<&fs::File>,
     report: &mut Report,
 ) -> Result<Exit, LaunchError> {
-    let mut signals = ShimSignals::install()?;
-    close_inherited_fds()?;
+    let Prepared {
+        mut signals,
+        filter,
+    } = prepared;
     let spec: LaunchSpec = read_json(&run_dir.join("spec.json"))?;
     // An older agent's order: the secrets before its word on the move.
     let early = match join {
         JoinOrder::SecretsFirst => Some(read_secrets(&spec)?),
         JoinOrder::Itself | JoinOrder::WordFirst => None,
     };
+    // The current order: the namespaces and mounts while the launcher's
+    // move waits for its grace period (the critical path of a warm shim's
+    // start); the other orders join first, as they did.
+    let ahead = join == JoinOrder::WordFirst;
+    if ahead {
+        enter_root(&spec)?;
+    }
     join_cgroup(&spec, join)?;
+    if !ahead {
+        enter_root(&spec)?;
+    }
     // In the engine's cgroup now: the secrets' pages are the engine's.
     let secrets = match early {
         Some(secrets) => secrets,
         None => read_secrets(&spec)?,
     };
-    let mut cmd = confine(&spec, &secrets, report)?;
+    let mut cmd = confine(&spec, &secrets, &filter, report)?;
     drop(secrets);
     write_file(report_file, report);
     // Confined, the engine not started: the launcher's word to go on comes
@@ -1334,7 +1746,7 @@ fn probe_main(args: &[OsString]) -> Result<i32, LaunchError> {
     };
     landlock(&spec, &mut report)?;
     drop_privileges(&spec)?;
-    seccomp()?;
+    seccomp(&seccomp_program()?)?;
     // A process group of its own: what the probe starts (a shell's
     // children) ends with it, timed out or not.
     let mut child = std::os::unix::process::CommandExt::process_group(
@@ -1357,6 +1769,7 @@ fn probe_main(args: &[OsString]) -> Result<i32, LaunchError> {
         child: None,
         joiner: None,
         word: None,
+        refill: None,
     };
     let done = probe.wait_readable(Some(timeout))?;
     // Before the leader is reaped: its pid, the group's id, cannot have
@@ -1522,8 +1935,6 @@ enum JoinOrder {
 /// launcher, or by the shim itself), before anything is made for the
 /// engine.
 fn join_cgroup(spec: &LaunchSpec, join: JoinOrder) -> Result<(), LaunchError> {
-    // Out of the agent's session: no terminal signal reaches the engine.
-    nix::unistd::setsid().map_err(sys("setsid"))?;
     match (&spec.cgroup, join) {
         (None, JoinOrder::Itself) => {}
         (None, _) => {
@@ -1541,22 +1952,32 @@ fn join_cgroup(spec: &LaunchSpec, join: JoinOrder) -> Result<(), LaunchError> {
     Ok(())
 }
 
-/// Every confinement step after the move, in order; returns the engine's
-/// command.
+/// The engine's namespaces and every mount of its root but the secrets'
+/// (they come after the move): before the move's word in the current
+/// order, so they overlap its grace period. The mount and namespace
+/// objects, kernel memory of a few KiB, are then the agent's, not the
+/// engine's (docs/engines.md, "The warm shim").
+fn enter_root(spec: &LaunchSpec) -> Result<(), LaunchError> {
+    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
+        .map_err(sys("unshare(NEWNS|NEWIPC|NEWUTS)"))?;
+    setup_root(spec)
+}
+
+/// Every confinement step after the move, in order, [`enter_root`]
+/// done; returns the engine's command.
 fn confine(
     spec: &LaunchSpec,
     secrets: &[SecretBytes],
+    filter: &[seccompiler::sock_filter],
     report: &mut Report,
 ) -> Result<Command, LaunchError> {
-    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
-        .map_err(sys("unshare(NEWNS|NEWIPC|NEWUTS)"))?;
-    setup_root(spec, secrets)?;
+    finish_root(spec, secrets)?;
     nix::unistd::sethostname(&spec.name).map_err(sys("sethostname"))?;
     thp_as_node();
     nix::sys::prctl::set_no_new_privs().map_err(sys("prctl(PR_SET_NO_NEW_PRIVS)"))?;
     landlock(spec, report)?;
     drop_privileges(spec)?;
-    seccomp()?;
+    seccomp(filter)?;
     report.seccomp = true;
     // The engine's working directory is the shim's own, entered here as
     // the engine's uid (the same check the child's chdir made): a command
@@ -1669,7 +2090,7 @@ const PROC_MASKED: [&str; 8] = [
 /// Read-only in the engine's /proc (crun's default `readonlyPaths`).
 const PROC_READ_ONLY: [&str; 5] = ["bus", "fs", "irq", "sys", "sysrq-trigger"];
 
-fn setup_root(spec: &LaunchSpec, secrets: &[SecretBytes]) -> Result<(), LaunchError> {
+fn setup_root(spec: &LaunchSpec) -> Result<(), LaunchError> {
     let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     mount(
         None::<&str>,
@@ -1740,10 +2161,6 @@ fn setup_root(spec: &LaunchSpec, secrets: &[SecretBytes]) -> Result<(), LaunchEr
         remount(&dst, nodev)?;
     }
 
-    if !spec.secrets.is_empty() {
-        write_secrets(spec, secrets, root)?;
-    }
-
     if let Some(host) = &spec.notify_dir {
         // Only the socket's directory: the engine reaches the agent's end
         // and nothing else of the run directory.
@@ -1751,8 +2168,20 @@ fn setup_root(spec: &LaunchSpec, secrets: &[SecretBytes]) -> Result<(), LaunchEr
         bind(host, &dst, MsFlags::empty())?;
         remount(&dst, nodev | MsFlags::MS_NOEXEC)?;
     }
+    Ok(())
+}
 
-    remount(root, nodev | MsFlags::MS_RDONLY)?;
+/// The secrets' tmpfs (read in the engine's cgroup), then the root
+/// read-only and entered.
+fn finish_root(spec: &LaunchSpec, secrets: &[SecretBytes]) -> Result<(), LaunchError> {
+    let root = spec.rootfs.as_path();
+    if !spec.secrets.is_empty() {
+        write_secrets(spec, secrets, root)?;
+    }
+    remount(
+        root,
+        MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_RDONLY,
+    )?;
     std::env::set_current_dir(root).map_err(|e| io_err("chdir", root, e))?;
     nix::unistd::pivot_root(".", ".").map_err(sys("pivot_root"))?;
     // The old root is stacked under the new one: detach it.
@@ -2101,8 +2530,8 @@ fn seccomp_err(what: &'static str, n: i64) -> LaunchError {
     }
 }
 
-fn seccomp() -> Result<(), LaunchError> {
-    seccompiler::apply_filter(&seccomp_program()?).map_err(|e| LaunchError::Sys {
+fn seccomp(filter: &[seccompiler::sock_filter]) -> Result<(), LaunchError> {
+    seccompiler::apply_filter(filter).map_err(|e| LaunchError::Sys {
         step: format!("seccomp install: {e}"),
         source: nix::Error::EPERM,
     })

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use leasehold_engines::cgroup::{CgroupError, CgroupFs, CgroupPath, Cgroups, Controller};
 use leasehold_engines::launch::{
     DataDir, Exit, LaunchError, LaunchSpec, Launcher, ProbeExit, Respawn, Running, SecretBytes,
-    CONFINE_FAILED, LAUNCHER_JOINS, SECRETS_AFTER_JOIN, STATUS_FIFO,
+    CONFINE_FAILED, LAUNCHER_JOINS, SECRETS_AFTER_JOIN, STATUS_FIFO, WARM,
 };
 
 const SHIM: &str = env!("CARGO_BIN_EXE_leasehold-engine-shim");
@@ -84,6 +84,11 @@ fn main() {
         ),
         ("real_held_start", real_held_start),
         ("real_secrets_follow_the_word", real_secrets_follow_the_word),
+        ("real_warm_shim", real_warm_shim),
+        (
+            "real_warm_shim_hand_off_refused",
+            real_warm_shim_hand_off_refused,
+        ),
         ("real_cgroup_limits", real_cgroup_limits),
     ];
     let (mut skip, mut filters) = (Vec::new(), Vec::new());
@@ -1152,6 +1157,206 @@ fn real_held_start() -> Outcome {
         other => panic!("{other:?}"),
     }
     assert_eq!(fs::read_to_string(&out).unwrap(), "");
+    Outcome::Passed
+}
+
+/// Until `done` holds, 5 s at most (the state polled: no event for it).
+fn until(mut done: impl FnMut() -> bool) -> bool {
+    let t = Instant::now();
+    while !done() {
+        if t.elapsed() > Duration::from_secs(5) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
+/// The warm shim: spawned ahead in a pid namespace of its own, outside
+/// the engine's cgroup; handed a held start with a secret, it is the
+/// engine's shim (moved, confined, the secret in place, nothing run before
+/// the release); the release spawns the next one; one that died is not
+/// used (the start spawns its shim); the last launcher dropped ends it.
+fn real_warm_shim() -> Outcome {
+    let (fs_, cg) = match cgroup_setup() {
+        Ok(x) => x,
+        Err(skip) => return skip,
+    };
+    let work = tempfile::tempdir().unwrap();
+    let base = CgroupPath::new(format!("leasehold-test-warm-{}", std::process::id())).unwrap();
+    let (first, second) = (base.child("first").unwrap(), base.child("second").unwrap());
+    for c in [&first, &second] {
+        cg.create(c).unwrap();
+    }
+    let _gone = CgroupsGone(
+        cg.clone(),
+        vec![first.clone(), second.clone(), base.clone()],
+    );
+
+    let l = Launcher::new(SHIM).with_warm_shim();
+    l.warm_up().unwrap();
+    let warm = l.warm_pid().expect("a warm shim after warm_up");
+    let status = fs::read_to_string(format!("/proc/{warm}/status")).unwrap();
+    assert_eq!(
+        status_field(&status, "NSpid").split_whitespace().last(),
+        Some("1"),
+        "pid 1 of a namespace of its own: {status}"
+    );
+    assert!(
+        !cg.pids(&first).unwrap().contains(&warm),
+        "not in an engine's cgroup yet"
+    );
+    l.warm_up().unwrap();
+    assert_eq!(l.warm_pid(), Some(warm), "one only");
+
+    let mut s = spec(
+        &fs_.root,
+        &[
+            "/bin/sh",
+            "-c",
+            "cat /run/secrets/s; echo; while :; do sleep 1; done",
+        ],
+    );
+    s.secrets = vec!["s".into()];
+    s.cgroup = Some(cg.dir(&first));
+    let out = work.path().join("first.out");
+    let fd = |p: &Path| std::os::fd::OwnedFd::from(fs::File::create(p).unwrap());
+    let mut r = l
+        .start_held_fds(
+            &s,
+            &work.path().join("first"),
+            fd(&out),
+            fd(&work.path().join("first.err")),
+            vec![SecretBytes::new(b"warm secret".to_vec())],
+        )
+        .unwrap();
+    assert_eq!(r.shim_pid(), warm, "handed the warm shim");
+    assert_eq!(l.warm_pid(), None, "taken");
+    assert!(
+        until(|| r.report().is_some_and(|p| p.seccomp)),
+        "confined: {:?}",
+        r.report()
+    );
+    assert!(r.report().unwrap().result.is_ok(), "{:?}", r.report());
+    assert_eq!(
+        cg.pids(&first).unwrap(),
+        vec![warm],
+        "moved, alone, nothing run"
+    );
+    assert_eq!(fs::read_to_string(&out).unwrap(), "");
+    r.release();
+    assert!(until(|| fs::read_to_string(&out).unwrap().ends_with('\n')));
+    assert_eq!(fs::read_to_string(&out).unwrap(), "warm secret\n");
+    in_cgroup(&cg, &first, &r);
+    assert!(
+        until(|| l.warm_pid().is_some()),
+        "the release spawns the next warm shim"
+    );
+    let next = l.warm_pid().unwrap();
+    assert_ne!(next, warm);
+
+    // Dead before the start: not handed anything; a shim is spawned.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(next).unwrap()),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    s.cgroup = Some(cg.dir(&second));
+    let out2 = work.path().join("second.out");
+    let mut r2 = l
+        .start_held_fds(
+            &s,
+            &work.path().join("second"),
+            fd(&out2),
+            fd(&work.path().join("second.err")),
+            vec![SecretBytes::new(b"cold".to_vec())],
+        )
+        .unwrap();
+    assert_ne!(
+        r2.shim_pid(),
+        next,
+        "a dead warm shim is never handed a start"
+    );
+    r2.release();
+    assert!(until(|| fs::read_to_string(&out2).unwrap().ends_with('\n')));
+    assert_eq!(fs::read_to_string(&out2).unwrap(), "cold\n");
+    in_cgroup(&cg, &second, &r2);
+    assert!(
+        until(|| l.warm_pid().is_some()),
+        "refilled after a cold start"
+    );
+    let last = l.warm_pid().unwrap();
+    for r in [&mut r, &mut r2] {
+        let _ = r.signal(nix::sys::signal::Signal::SIGKILL);
+        wait(r);
+    }
+    drop((r, r2));
+    drop(l);
+    // Dropped with the last launcher: ended and reaped.
+    assert!(
+        !Path::new(&format!("/proc/{last}")).exists(),
+        "the warm shim outlived its launcher"
+    );
+    Outcome::Passed
+}
+
+/// A warm shim driven by hand: whatever is not a whole hand-off (another
+/// word, an empty or relative path, no descriptors) fails it closed before
+/// it opens or makes anything; the end of its stdin ends it quietly.
+fn real_warm_shim_hand_off_refused() -> Outcome {
+    if let Some(skip) = need_root() {
+        return skip;
+    }
+    use std::io::Write;
+    use std::os::unix::net::UnixStream;
+    let work = tempfile::tempdir().unwrap();
+    let run = work.path().join("run");
+    fs::create_dir(&run).unwrap();
+    let path = run.as_os_str().as_encoded_bytes();
+    let with_len = |p: &[u8]| {
+        let mut m = vec![b'@'];
+        m.extend(u16::try_from(p.len()).unwrap().to_le_bytes());
+        m.extend(p);
+        m
+    };
+    for (what, bytes, code) in [
+        ("the end of stdin", None, 0),
+        ("another word", Some(b"+".to_vec()), CONFINE_FAILED),
+        ("an empty path", Some(with_len(b"")), CONFINE_FAILED),
+        ("a relative path", Some(with_len(b"run")), CONFINE_FAILED),
+        ("no descriptors", Some(with_len(path)), CONFINE_FAILED),
+        ("half a header", Some(b"@".to_vec()), CONFINE_FAILED),
+    ] {
+        let (mut ours, theirs) = UnixStream::pair().unwrap();
+        let mut shim = Command::new(SHIM)
+            .arg(WARM)
+            .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        if let Some(b) = bytes {
+            ours.write_all(&b).unwrap();
+        }
+        drop(ours);
+        let t = Instant::now();
+        let status = loop {
+            if let Some(st) = shim.try_wait().unwrap() {
+                break st;
+            }
+            if t.elapsed() > Duration::from_secs(5) {
+                let _ = shim.kill();
+                panic!("{what}: the warm shim did not end");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        assert_eq!(status.code(), Some(code), "{what}: {status}");
+        assert_eq!(
+            fs::read_dir(&run).unwrap().count(),
+            0,
+            "{what}: it made something"
+        );
+    }
     Outcome::Passed
 }
 

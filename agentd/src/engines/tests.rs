@@ -913,13 +913,16 @@ fn real_shim() -> PathBuf {
     shim
 }
 
-/// The runtime on the fixture with the real launcher (`shim`) and a
-/// directory standing in for the cgroup tree (T1 on the host).
+/// The runtime on the fixture with the real launcher (`shim`, keeping a
+/// warm shim as the agent does by default) and a directory standing in
+/// for the cgroup tree (T1 on the host).
 fn real_runtime(f: &Fix, shim: &Path) -> EngineRuntime {
+    let launcher = launch::Launcher::new(shim).with_warm_shim();
+    launcher.warm_up().unwrap();
     EngineRuntime::start(
         f.cfg.clone(),
         Arc::new(DirCg(f.tmp.path().join("cgroup"))),
-        Arc::new(ShimSpawner(launch::Launcher::new(shim))),
+        Arc::new(ShimSpawner(launcher)),
         f.vol.clone(),
     )
     .unwrap()
@@ -1680,7 +1683,7 @@ fn real_shim_secrets_heartbeat_and_exec_probe() {
     let mut rt = EngineRuntime::start_with(
         f.cfg.clone(),
         Arc::new(DirCg(f.tmp.path().join("cgroup"))),
-        Arc::new(ShimSpawner(launch::Launcher::new(shim))),
+        Arc::new(ShimSpawner(launch::Launcher::new(shim).with_warm_shim())),
         f.vol.clone(),
         Arc::new(FakeSecrets(
             [("db".to_owned(), b"hunter2".to_vec())]
