@@ -4,10 +4,12 @@
 //!
 //! ```text
 //! agent: a short-lived thread unshare(CLONE_NEWPID)s, then spawns
-//!  └─ shim (pid 1 of the new pid ns, root)
-//!       setsid; waits until the launcher has moved it into the engine's
-//!       cgroup; unshare(NEWNS|NEWIPC|NEWUTS);
-//!       private mounts; rootfs bound read-only + /proc, /dev, /tmp, data dirs;
+//!  └─ shim (pid 1 of the new pid ns, root; spawned at the start, or
+//!       ahead as the warm shim and handed the start)
+//!       setsid; unshare(NEWNS|NEWIPC|NEWUTS); private mounts; rootfs
+//!       bound + /proc, /dev, /tmp, data dirs; waits until the launcher has
+//!       moved it into the engine's cgroup; the secrets (read then) on a
+//!       tmpfs; the root read-only;
 //!       pivot_root; hostname; the node's huge page policy back (the agent
 //!       turns it off for itself); no_new_privs; Landlock; drop every capability,
 //!       groups, uid/gid; seccomp deny-list — then spawns
@@ -39,12 +41,11 @@
 //! for an RCU grace period (`cgroup_threadgroup_rwsem` taken for writing;
 //! 7-20 ms on a real CPU, ~19 ms under the lab's TCG), and that wait now
 //! overlaps the shim's start-up (loader, descriptors, spec) instead of
-//! following it. The shim reads no secret, confines nothing and starts
-//! nothing before the launcher's word on its stdin that it is in its
-//! cgroup: what it then makes for the engine (the secrets' bytes read from
-//! the pipe, which follow the word, their tmpfs pages, mounts, namespaces)
-//! is charged to the engine's cgroup, and a failed move or a launcher gone
-//! before it (end of stdin) fails the start closed.
+//! following it. The shim reads no secret, takes no privilege away and
+//! starts nothing before the launcher's word on its stdin that it is in
+//! its cgroup: the secrets' bytes (read from the pipe after the word) and
+//! their tmpfs pages are charged to the engine's cgroup, and a failed move
+//! or a launcher gone before it (end of stdin) fails the start closed.
 //! Moved, the shim confines itself whole (namespaces, root, Landlock, no
 //! privileges, seccomp) and then waits for a second word, [`GO`], before it
 //! starts the engine: a held start ([`Launcher::start_held`]) writes it at
@@ -52,6 +53,25 @@
 //! confinement runs while the caller records instead of after it. A shim
 //! that never gets the word has run nothing of the engine's and exits
 //! (its namespaces and mounts go with it).
+//! In that order (`--launcher-joins --secrets-after-join`) the shim makes
+//! its namespaces and every mount of the engine's root but the secrets'
+//! tmpfs before the word on the move, while the move waits for its grace
+//! period; the secrets, their tmpfs, the root made read-only and
+//! `pivot_root` come after it (the mount objects, a few KiB of kernel
+//! memory, are then charged to the agent's cgroup; docs/engines.md, "The
+//! warm shim").
+//!
+//! A launcher [`Launcher::with_warm_shim`] keeps one shim spawned ahead
+//! (`shim --warm`: its own pid namespace, the agent's cgroup, stdin a
+//! socket): it prepares what needs no engine (signal handlers, inherited
+//! descriptors, its session, the seccomp program) and waits. A held start
+//! hands it the run directory and the engine's stdout and stderr
+//! ([`HAND_OFF`], the descriptors as SCM_RIGHTS); it then goes on exactly
+//! as a spawned shim in that order, and the start skips the shim's exec
+//! and start-up. The release spawns the next one; a warm shim that died
+//! is never handed a start (one is spawned instead); the end of its stdin
+//! (the last launcher dropped, the agent gone) ends it, having made
+//! nothing.
 //! `shim RUN_DIR` without [`LAUNCHER_JOINS`] (an older agent's call, or
 //! [`Launcher::shim_joins_cgroup`]) joins by itself, as before. The other
 //! way round, an older shim given the flag prints its usage and exits 2
@@ -537,18 +557,35 @@ impl Launcher {
     /// empty; a failure leaves it empty (the next start spawns its shim,
     /// and refills again).
     pub fn refill(&self) {
+        self.refill_after(Duration::ZERO);
+    }
+
+    /// [`Launcher::refill`], the spawn `delay` later (the place is taken
+    /// meanwhile: a start then spawns its own shim).
+    fn refill_after(&self, delay: Duration) {
         let Some(slot) = &self.warm else {
             return;
         };
-        if !matches!(lock(slot).0, Slot::Empty) {
-            return;
+        {
+            let mut place = lock(slot);
+            if !matches!(place.0, Slot::Empty) {
+                return;
+            }
+            place.0 = Slot::Filling;
         }
         let launcher = self.clone();
-        let _ = std::thread::Builder::new()
+        let spawned = std::thread::Builder::new()
             .name("shim-warm".into())
             .spawn(move || {
-                let _ = launcher.warm_up();
+                std::thread::sleep(delay);
+                let warm = launcher.spawn_warm();
+                if let Some(slot) = &launcher.warm {
+                    lock(slot).0 = warm.map_or(Slot::Empty, Slot::Ready);
+                }
             });
+        if spawned.is_err() {
+            lock(slot).0 = Slot::Empty;
+        }
     }
 
     /// The warm shim's pid, if one waits (for tests).
@@ -622,7 +659,7 @@ impl Launcher {
         let path = run_dir.as_os_str().as_encoded_bytes();
         let len = u16::try_from(path.len())
             .ok()
-            .filter(|&l| usize::from(l) <= MAX_RUN_DIR && l > 0);
+            .filter(|&l| usize::from(l) <= MAX_RUN_DIR && l > 0 && run_dir.is_absolute());
         let (Some(len), Ok(None)) = (len, warm.child.try_wait()) else {
             warm.discard();
             return None;
@@ -638,7 +675,10 @@ impl Launcher {
             MsgFlags::MSG_NOSIGNAL,
             None,
         );
-        if sent != Ok(msg.len()) {
+        // Its acknowledgement, bounded: a shim that was dying, or refused
+        // the hand-off, is never given the start (this one spawns a shim
+        // with the same descriptors instead).
+        if sent != Ok(msg.len()) || !acknowledged(&warm.sock) {
             warm.discard();
             return None;
         }
@@ -747,6 +787,7 @@ impl Launcher {
         let launcher_joins = procs.is_some() && !self.shim_joins;
         // The warm shim (it then reads its spec as a spawned one would),
         // or a spawned one.
+        let fds_output = matches!(output, Output::Fds(..));
         let warm = match &output {
             Output::Fds(out, err) if launcher_joins => self.hand_off(run_dir, out, err),
             _ => None,
@@ -861,9 +902,44 @@ impl Launcher {
             child: Some(child),
             joiner,
             word,
-            refill: self.warm.is_some().then(|| self.clone()),
+            // Only a start that could have had it: one with stdio never does.
+            refill: (self.warm.is_some() && fds_output).then(|| self.clone()),
         })
     }
+}
+
+/// How long after a release its launcher spawns the next warm shim.
+const REFILL_DELAY: Duration = Duration::from_millis(150);
+
+/// Longest wait for a warm shim's acknowledgement of its hand-off (it
+/// only has to wake up: well under a millisecond natively, a few under
+/// the lab's emulation).
+const ACK_BOUND: Duration = Duration::from_secs(2);
+
+/// Whether the warm shim on `sock` acknowledged its hand-off within
+/// [`ACK_BOUND`].
+fn acknowledged(sock: &fs::File) -> bool {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let end = std::time::Instant::now() + ACK_BOUND;
+    loop {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        let timeout = Timespec {
+            tv_sec: i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(left.subsec_nanos()),
+        };
+        let mut fds = [PollFd::new(sock, PollFlags::IN)];
+        match poll(&mut fds, Some(&timeout)) {
+            Ok(0) => return false,
+            Ok(_) => break,
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(_) => return false,
+        }
+    }
+    let mut ack = [0u8; 1];
+    matches!(io::Read::read(&mut &*sock, &mut ack), Ok(1)) && ack[0] == HAND_OFF
 }
 
 fn lock(place: &std::sync::Mutex<Place>) -> std::sync::MutexGuard<'_, Place> {
@@ -1172,9 +1248,11 @@ impl Running {
             Some(Word::Pipe(pipe)) => tell_go(&pipe),
             None => {}
         }
-        // After the word: the engine's start goes first.
+        // A while after the word: the engine's start (the shim's
+        // confinement, the engine's exec) goes first, not beside a new
+        // shim's exec and start-up on the node's few CPUs.
         if let Some(launcher) = self.refill.take() {
-            launcher.refill();
+            launcher.refill_after(REFILL_DELAY);
         }
     }
 
@@ -1375,13 +1453,7 @@ pub fn shim_main(args: &[OsString]) -> i32 {
             return 2;
         }
     };
-    match Prepared::now() {
-        Ok(prepared) => serve(Path::new(run_dir), join, prepared),
-        Err(e) => {
-            eprintln!("leasehold-engine-shim: {e}");
-            CONFINE_FAILED
-        }
-    }
+    serve(Path::new(run_dir), join, Prepared::now())
 }
 
 /// `shim --warm`: what needs no run directory, then waits on stdin (a
@@ -1390,12 +1462,18 @@ pub fn shim_main(args: &[OsString]) -> i32 {
 /// would. The end of stdin before it (the agent stopped, or dropped its
 /// warm shim): exits 0, having made nothing.
 fn warm_main() -> i32 {
-    let prepared = Prepared::now();
-    match prepared.and_then(|p| Ok((p, await_hand_off()?))) {
-        Ok((prepared, Some(run_dir))) => serve(&run_dir, JoinOrder::WordFirst, prepared),
-        Ok((_, None)) => 0,
-        // Its stderr is the null device until the hand-off: the launcher
-        // sees a shim gone without a report, and starts a cold one.
+    // Nothing prepared, nothing handed: the launcher sees it gone (or no
+    // acknowledgement) and spawns a shim for its start instead.
+    let mut prepared = match Prepared::now() {
+        Ok(p) => p,
+        Err(_) => return CONFINE_FAILED,
+    };
+    match await_hand_off(&mut prepared.signals) {
+        Ok(Some(run_dir)) => serve(&run_dir, JoinOrder::WordFirst, Ok(prepared)),
+        // The end of stdin, or stopped while waiting: made nothing.
+        Ok(None) => 0,
+        // Its stderr is the null device unless the hand-off came whole: the
+        // launcher sees no acknowledgement and spawns a shim instead.
         Err(e) => {
             eprintln!("leasehold-engine-shim: {e}");
             CONFINE_FAILED
@@ -1427,14 +1505,44 @@ impl Prepared {
 /// The warm shim's hand-off on stdin: [`HAND_OFF`], the run directory's
 /// length (u16, little-endian, at most [`MAX_RUN_DIR`]) and path, with the
 /// engine's stdout and stderr as two descriptors (SCM_RIGHTS), which
-/// become the shim's own 1 and 2. `None` at the end of stdin.
-fn await_hand_off() -> Result<Option<PathBuf>, LaunchError> {
+/// become the shim's own 1 and 2; then one byte back ([`HAND_OFF`]), the
+/// acknowledgement the launcher waits for before it goes on. `None` at the
+/// end of stdin, or on SIGTERM or SIGINT while waiting (a warm shim is
+/// pid 1 of its namespace: without the handlers it would ignore them).
+fn await_hand_off(signals: &mut ShimSignals) -> Result<Option<PathBuf>, LaunchError> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
     use std::os::unix::ffi::OsStringExt;
     let bad = |why: String| LaunchError::NotJoined {
         procs: PathBuf::from("(the warm shim's hand-off)"),
         reason: why,
     };
+    loop {
+        use rustix::event::{poll, PollFd, PollFlags};
+        let stdin = io::stdin();
+        let mut fds = [
+            PollFd::new(&stdin, PollFlags::IN),
+            PollFd::new(signals.delivery.get_read(), PollFlags::IN),
+        ];
+        match poll(&mut fds, None) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => {
+                return Err(LaunchError::Sys {
+                    step: "poll(stdin, signal pipe)".into(),
+                    source: nix::Error::from_raw(e.raw_os_error()),
+                })
+            }
+        }
+        let (input, signalled) = (!fds[0].revents().is_empty(), !fds[1].revents().is_empty());
+        if signalled {
+            signals.drain(None);
+            if signals.stop.is_some() {
+                return Ok(None);
+            }
+        }
+        if input {
+            break;
+        }
+    }
     let mut head = [0u8; 3];
     let mut cmsg = nix::cmsg_space!([std::os::fd::RawFd; 2]);
     let (got, fds) = loop {
@@ -1446,14 +1554,16 @@ fn await_hand_off() -> Result<Option<PathBuf>, LaunchError> {
             MsgFlags::MSG_CMSG_CLOEXEC,
         ) {
             Ok(msg) => {
+                // More descriptors than it has room for (nix then gives
+                // none of them: they are close-on-exec, and this shim ends).
+                if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+                    return Err(bad("more than 2 descriptors".into()));
+                }
                 let mut fds = Vec::new();
                 for c in msg.cmsgs().map_err(sys("recvmsg: its descriptors"))? {
                     if let ControlMessageOwned::ScmRights(rights) = c {
                         fds.extend(rights);
                     }
-                }
-                if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-                    fds.push(-1); // more than it has room for: refused below
                 }
                 break (msg.bytes, fds);
             }
@@ -1463,7 +1573,7 @@ fn await_hand_off() -> Result<Option<PathBuf>, LaunchError> {
     };
     // Closed on every way out but the one that takes them as 1 and 2.
     let close_all = |fds: &[std::os::fd::RawFd]| {
-        for &fd in fds.iter().filter(|&&fd| fd >= 0) {
+        for &fd in fds {
             let _ = nix::unistd::close(fd);
         }
     };
@@ -1471,8 +1581,7 @@ fn await_hand_off() -> Result<Option<PathBuf>, LaunchError> {
         close_all(&fds);
         return Ok(None);
     }
-    let rest = io::Read::read_exact(&mut RawStdin, &mut head[got..]);
-    let checked = rest
+    let checked = io::Read::read_exact(&mut RawStdin, &mut head[got..])
         .map_err(|e| bad(format!("its header: {e}")))
         .and_then(|()| match (head[0], fds.as_slice()) {
             (HAND_OFF, &[out, err]) => Ok((out, err)),
@@ -1504,12 +1613,15 @@ fn await_hand_off() -> Result<Option<PathBuf>, LaunchError> {
         .and_then(|_| nix::unistd::dup2(err, libc::STDERR_FILENO));
     close_all(&fds);
     taken.map_err(sys("dup2(its stdout and stderr)"))?;
+    // The acknowledgement: from here on the start is this shim's, and
+    // whatever fails is in its report.
+    nix::unistd::write(io::stdin(), &[HAND_OFF]).map_err(sys("write(the acknowledgement)"))?;
     Ok(Some(run_dir))
 }
 
 /// The shim for one engine, from its run directory on; returns the exit
 /// code.
-fn serve(run_dir: &Path, join: JoinOrder, prepared: Prepared) -> i32 {
+fn serve(run_dir: &Path, join: JoinOrder, prepared: Result<Prepared, LaunchError>) -> i32 {
     // Both opened before pivot_root (the run directory is not visible
     // afterwards) and as root (the engine's uid cannot open them).
     let files = fs::File::create(run_dir.join("report.json"))
@@ -1555,14 +1667,17 @@ fn serve(run_dir: &Path, join: JoinOrder, prepared: Prepared) -> i32 {
         landlock: "none".into(),
         seccomp: false,
     };
-    let exit = match run(
-        run_dir,
-        join,
-        prepared,
-        &report_file,
-        status.as_ref(),
-        &mut report,
-    ) {
+    let ran = prepared.and_then(|prepared| {
+        run(
+            run_dir,
+            join,
+            prepared,
+            &report_file,
+            status.as_ref(),
+            &mut report,
+        )
+    });
+    let exit = match ran {
         Ok(exit) => exit,
         Err(e) => {
             eprintln!("leasehold-engine-shim: {e}");

@@ -1255,13 +1255,43 @@ fn real_warm_shim() -> Outcome {
     let next = l.warm_pid().unwrap();
     assert_ne!(next, warm);
 
-    // Dead before the start: not handed anything; a shim is spawned.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(next).unwrap()),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .unwrap();
+    // Stopped (alive, but it cannot acknowledge): not handed the start,
+    // which spawns its shim after the acknowledgement's bound; ended.
+    let stopped = nix::unistd::Pid::from_raw(i32::try_from(next).unwrap());
+    nix::sys::signal::kill(stopped, nix::sys::signal::Signal::SIGSTOP).unwrap();
     s.cgroup = Some(cg.dir(&second));
+    let mut r2 = l
+        .start_held_fds(
+            &s,
+            &work.path().join("stopped"),
+            fd(&work.path().join("stopped.out")),
+            fd(&work.path().join("stopped.err")),
+            vec![SecretBytes::new(b"x".to_vec())],
+        )
+        .unwrap();
+    assert_ne!(
+        r2.shim_pid(),
+        next,
+        "a warm shim that never acknowledged got the start"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{next}")).exists(),
+        "the stopped warm shim was left"
+    );
+    r2.release();
+    let _ = r2.signal(nix::sys::signal::Signal::SIGKILL);
+    wait(&mut r2);
+    assert!(until(|| l.warm_pid().is_some()), "refilled");
+    let next = l.warm_pid().unwrap();
+
+    // Dead before the start (a zombie: the launcher reaps it): not handed
+    // anything; a shim is spawned.
+    let dead = nix::unistd::Pid::from_raw(i32::try_from(next).unwrap());
+    nix::sys::signal::kill(dead, nix::sys::signal::Signal::SIGKILL).unwrap();
+    assert!(until(|| fs::read_to_string(format!("/proc/{next}/stat"))
+        .is_ok_and(
+            |st| st[st.rfind(')').unwrap() + 2..].starts_with('Z')
+        )));
     let out2 = work.path().join("second.out");
     let mut r2 = l
         .start_held_fds(
@@ -1301,44 +1331,126 @@ fn real_warm_shim() -> Outcome {
 }
 
 /// A warm shim driven by hand: whatever is not a whole hand-off (another
-/// word, an empty or relative path, no descriptors) fails it closed before
-/// it opens or makes anything; the end of its stdin ends it quietly.
+/// word, an empty, relative or cut path, no descriptors, one, or three)
+/// fails it closed, saying why, before it acknowledges, opens or makes
+/// anything; the end of its stdin, or SIGTERM while it waits, ends it
+/// quietly.
 fn real_warm_shim_hand_off_refused() -> Outcome {
     if let Some(skip) = need_root() {
         return skip;
     }
-    use std::io::Write;
+    use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+    use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
     let work = tempfile::tempdir().unwrap();
     let run = work.path().join("run");
     fs::create_dir(&run).unwrap();
-    let path = run.as_os_str().as_encoded_bytes();
-    let with_len = |p: &[u8]| {
-        let mut m = vec![b'@'];
+    let path = run.as_os_str().as_encoded_bytes().to_vec();
+    let header = |word: u8, p: &[u8]| {
+        let mut m = vec![word];
         m.extend(u16::try_from(p.len()).unwrap().to_le_bytes());
         m.extend(p);
         m
     };
-    for (what, bytes, code) in [
-        ("the end of stdin", None, 0),
-        ("another word", Some(b"+".to_vec()), CONFINE_FAILED),
-        ("an empty path", Some(with_len(b"")), CONFINE_FAILED),
-        ("a relative path", Some(with_len(b"run")), CONFINE_FAILED),
-        ("no descriptors", Some(with_len(path)), CONFINE_FAILED),
-        ("half a header", Some(b"@".to_vec()), CONFINE_FAILED),
-    ] {
-        let (mut ours, theirs) = UnixStream::pair().unwrap();
+    let mut cut = header(b'@', &path);
+    cut.truncate(cut.len() - 2);
+    let null = fs::File::open("/dev/null").unwrap();
+    let n = null.as_raw_fd();
+    // (case, bytes, descriptors sent with them, exit code, reason on stderr)
+    let cases: Vec<(&str, Option<Vec<u8>>, Vec<i32>, i32, &str)> = vec![
+        ("the end of stdin", None, vec![], 0, ""),
+        (
+            "another word",
+            Some(header(b'+', &path)),
+            vec![n, n],
+            CONFINE_FAILED,
+            "the word 0x2b is not a hand-off",
+        ),
+        (
+            "an empty path",
+            Some(header(b'@', b"")),
+            vec![n, n],
+            CONFINE_FAILED,
+            "a run directory of 0 bytes",
+        ),
+        (
+            "a relative path",
+            Some(header(b'@', b"run")),
+            vec![n, n],
+            CONFINE_FAILED,
+            "run is not an absolute path",
+        ),
+        (
+            "a cut path",
+            Some(cut),
+            vec![n, n],
+            CONFINE_FAILED,
+            "its run directory",
+        ),
+        (
+            "half a header",
+            Some(b"@".to_vec()),
+            vec![n, n],
+            CONFINE_FAILED,
+            "its header",
+        ),
+        (
+            "no descriptors",
+            Some(header(b'@', &path)),
+            vec![],
+            CONFINE_FAILED,
+            "0 descriptors, not 2",
+        ),
+        (
+            "one descriptor",
+            Some(header(b'@', &path)),
+            vec![n],
+            CONFINE_FAILED,
+            "1 descriptors, not 2",
+        ),
+        (
+            "three descriptors",
+            Some(header(b'@', &path)),
+            vec![n, n, n],
+            CONFINE_FAILED,
+            "more than 2 descriptors",
+        ),
+        ("SIGTERM while waiting", None, vec![], 0, ""),
+    ];
+    for (what, bytes, fds, code, reason) in cases {
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let err = work.path().join("stderr");
         let mut shim = Command::new(SHIM)
             .arg(WARM)
             .stdin(Stdio::from(std::os::fd::OwnedFd::from(theirs)))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::from(fs::File::create(&err).unwrap()))
             .spawn()
             .unwrap();
-        if let Some(b) = bytes {
-            ours.write_all(&b).unwrap();
+        if what.starts_with("SIGTERM") {
+            // Once it waits (its handlers are in place): its session is its own.
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(shim.id()).unwrap());
+            assert!(
+                until(|| nix::unistd::getsid(Some(pid)) == Ok(pid)),
+                "{what}: never ready"
+            );
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
         }
-        drop(ours);
+        if let Some(b) = bytes {
+            let rights = [ControlMessage::ScmRights(&fds)];
+            let sent = sendmsg::<()>(
+                ours.as_raw_fd(),
+                &[std::io::IoSlice::new(&b)],
+                if fds.is_empty() { &[] } else { &rights },
+                MsgFlags::empty(),
+                None,
+            )
+            .unwrap();
+            assert_eq!(sent, b.len());
+        }
+        if !what.starts_with("SIGTERM") {
+            ours.shutdown(std::net::Shutdown::Write).unwrap();
+        }
         let t = Instant::now();
         let status = loop {
             if let Some(st) = shim.try_wait().unwrap() {
@@ -1351,6 +1463,18 @@ fn real_warm_shim_hand_off_refused() -> Outcome {
             std::thread::sleep(Duration::from_millis(10));
         };
         assert_eq!(status.code(), Some(code), "{what}: {status}");
+        let said = fs::read_to_string(&err).unwrap();
+        assert!(said.contains(reason), "{what}: {said:?}");
+        // What it sent back before it ended (it left bytes unread: the end
+        // is a reset, after anything it wrote).
+        let mut ack = Vec::new();
+        match (&ours).read_to_end(&mut ack) {
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            r => {
+                r.unwrap();
+            }
+        }
+        assert!(ack.is_empty(), "{what}: acknowledged {ack:?}");
         assert_eq!(
             fs::read_dir(&run).unwrap().count(),
             0,

@@ -152,6 +152,36 @@ runuser -u tt -- "$B/lh-dbus-probe" starts $((N + 1)) p > "$W/probe" 2>> "$W/pro
     || echo "fail probe: $(tail -n1 "$W/probe.err")"
 grep '^fail' "$W/probe" | sed 's/^fail/fail probe:/' || true
 t engine logs p | sed -n 's/.* out first \([0-9]*\)$/first \1/p' >> "$W/probe.first"
+# 1b'. The same with no warm shim: the agent restarted with
+# `[engines] warm_shim = false`, then back to the packaged default
+# (docs/engines.md, "The warm shim"). The events so far first: a restart
+# starts the agent's list again.
+# s and p removed before it: an agent's start starts engines marked to run.
+echo events; t --json engine events; echo end
+t --yes engine rm s >/dev/null
+t --yes engine rm p >/dev/null
+warm_shim() { # on|off
+    systemctl stop leasehold-agentd
+    sed -i '/^warm_shim = false$/d' "$CONF"
+    [ "$1" = on ] || sed -i '/^\[engines\]/a warm_shim = false' "$CONF"
+    systemctl start leasehold-agentd
+    agent_idle
+    n=0
+    until [ "$(pgrep -fc -- '--warm$' || true)" = "$([ "$1" = on ] && echo 1 || echo 0)" ]; do
+        n=$((n + 1)); [ "$n" -lt 100 ] || { echo "fail warm shim $1: $(pgrep -fa -- --warm | tr '\n' ' ')"; break; }
+        sleep 0.1
+    done
+    echo "warm-shims-$1 $(pgrep -fc -- '--warm$' || true)"
+}
+warm_shim off
+t engine deploy c "$B/bb.tar" --spec "$B/start.toml" >/dev/null
+runuser -u tt -- "$B/lh-dbus-probe" starts $((N + 1)) c > "$W/cold" 2>> "$W/cold.err" \
+    || echo "fail cold: $(tail -n1 "$W/cold.err")"
+grep '^fail' "$W/cold" | sed 's/^fail/fail cold:/' || true
+t engine logs c | sed -n 's/.* out first \([0-9]*\)$/first \1/p' >> "$W/cold.first"
+echo events; t --json engine events; echo end
+t --yes engine rm c >/dev/null
+warm_shim on
 # 1c. systemd's own start from one kept connection (as root), the like of
 # 1b: "t0" just before StartTransientUnit, "first" from the marker, a scope
 # (a waiting child execs the marker once the job is done, as systemd-run
@@ -161,8 +191,8 @@ for k in scope service; do
         || echo "fail u$k: $(tail -n1 "$W/u$k.err")"
     grep '^fail' "$W/u$k" | sed "s/^fail/fail u$k:/" || true
 done
-for l in agent probe scope service crun uscope uservice; do
-    if [ "$l" = agent ] || [ "$l" = probe ]; then
+for l in agent probe cold scope service crun uscope uservice; do
+    if [ "$l" = agent ] || [ "$l" = probe ] || [ "$l" = cold ]; then
         grep '^t0 ' "$W/$l" | cut -d' ' -f2 > "$W/a.t0"
         cut -d' ' -f2 "$W/$l.first" > "$W/a.first"
     else
@@ -173,8 +203,6 @@ for l in agent probe scope service crun uscope uservice; do
     paste -d' ' "$W/a.t0" "$W/a.first" | sed "s/^/sample $l /"
 done
 echo events; t --json engine events; echo end
-t --yes engine rm s >/dev/null
-t --yes engine rm p >/dev/null
 
 # 2. Exit -> first restart: instance A prints, creates the flag, prints its
 # exit time and exits 1; the agent restarts it (always, initial 1ms);
