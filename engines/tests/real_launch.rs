@@ -1357,7 +1357,8 @@ fn real_warm_shim_hand_off_refused() -> Outcome {
     let null = fs::File::open("/dev/null").unwrap();
     let n = null.as_raw_fd();
     // (case, bytes, descriptors sent with them, exit code, reason on stderr)
-    let cases: Vec<(&str, Option<Vec<u8>>, Vec<i32>, i32, &str)> = vec![
+    type Case = (&'static str, Option<Vec<u8>>, Vec<i32>, i32, &'static str);
+    let cases: Vec<Case> = vec![
         ("the end of stdin", None, vec![], 0, ""),
         (
             "another word",

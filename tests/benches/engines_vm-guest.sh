@@ -163,6 +163,8 @@ t --yes engine rm p >/dev/null
 warm_shim() { # on|off
     systemctl stop leasehold-agentd
     sed -i '/^warm_shim = false$/d' "$CONF"
+    # (The [engines] table went with the cut above; an empty one is kept.)
+    grep -q '^\[engines\]' "$CONF" || printf '[engines]\n' >> "$CONF"
     [ "$1" = on ] || sed -i '/^\[engines\]/a warm_shim = false' "$CONF"
     systemctl start leasehold-agentd
     agent_idle
