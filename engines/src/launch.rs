@@ -1468,6 +1468,7 @@ fn warm_main() -> i32 {
         Ok(p) => p,
         Err(_) => return CONFINE_FAILED,
     };
+    prepared.staged = stage();
     match await_hand_off(&mut prepared.signals) {
         Ok(Some(run_dir)) => serve(&run_dir, JoinOrder::WordFirst, Ok(prepared)),
         // The end of stdin, or stopped while waiting: made nothing.
@@ -1487,6 +1488,9 @@ fn warm_main() -> i32 {
 struct Prepared {
     signals: ShimSignals,
     filter: Vec<seccompiler::sock_filter>,
+    /// What a warm shim made of the engine's root ahead (nothing for a
+    /// spawned one).
+    staged: Staged,
 }
 
 impl Prepared {
@@ -1498,6 +1502,7 @@ impl Prepared {
         Ok(Prepared {
             signals,
             filter: seccomp_program()?,
+            staged: Staged::default(),
         })
     }
 }
@@ -1708,6 +1713,7 @@ fn run(
     let Prepared {
         mut signals,
         filter,
+        mut staged,
     } = prepared;
     let spec: LaunchSpec = read_json(&run_dir.join("spec.json"))?;
     // An older agent's order: the secrets before its word on the move.
@@ -1720,11 +1726,11 @@ fn run(
     // start); the other orders join first, as they did.
     let ahead = join == JoinOrder::WordFirst;
     if ahead {
-        enter_root(&spec)?;
+        enter_root(&spec, &mut staged)?;
     }
     join_cgroup(&spec, join)?;
     if !ahead {
-        enter_root(&spec)?;
+        enter_root(&spec, &mut staged)?;
     }
     // In the engine's cgroup now: the secrets' pages are the engine's.
     let secrets = match early {
@@ -2072,10 +2078,12 @@ fn join_cgroup(spec: &LaunchSpec, join: JoinOrder) -> Result<(), LaunchError> {
 /// order, so they overlap its grace period. The mount and namespace
 /// objects, kernel memory of a few KiB, are then the agent's, not the
 /// engine's (docs/engines.md, "The warm shim").
-fn enter_root(spec: &LaunchSpec) -> Result<(), LaunchError> {
-    unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
-        .map_err(sys("unshare(NEWNS|NEWIPC|NEWUTS)"))?;
-    setup_root(spec)
+fn enter_root(spec: &LaunchSpec, staged: &mut Staged) -> Result<(), LaunchError> {
+    if !staged.unshared {
+        unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
+            .map_err(sys("unshare(NEWNS|NEWIPC|NEWUTS)"))?;
+    }
+    setup_root(spec, staged)
 }
 
 /// Every confinement step after the move, in order, [`enter_root`]
@@ -2191,22 +2199,9 @@ fn mountpoint(root: &Path, target: &Path, dir: bool) -> Result<PathBuf, LaunchEr
     Ok(path)
 }
 
-/// Masked in the engine's /proc (crun's default `maskedPaths`).
-const PROC_MASKED: [&str; 8] = [
-    "acpi",
-    "kcore",
-    "keys",
-    "latency_stats",
-    "timer_list",
-    "timer_stats",
-    "sched_debug",
-    "scsi",
-];
-/// Read-only in the engine's /proc (crun's default `readonlyPaths`).
-const PROC_READ_ONLY: [&str; 5] = ["bus", "fs", "irq", "sys", "sysrq-trigger"];
-
-fn setup_root(spec: &LaunchSpec) -> Result<(), LaunchError> {
-    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+/// Every mount of this (new) namespace private: nothing made here
+/// propagates back to the host's.
+fn make_private() -> Result<(), LaunchError> {
     mount(
         None::<&str>,
         "/",
@@ -2214,25 +2209,35 @@ fn setup_root(spec: &LaunchSpec) -> Result<(), LaunchError> {
         MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         None::<&str>,
     )
-    .map_err(sys("make / private"))?;
-    let root = spec.rootfs.as_path();
-    bind(root, root, MsFlags::MS_REC)?;
+    .map_err(sys("make / private"))
+}
 
-    let proc_dir = mountpoint(root, Path::new("/proc"), true)?;
+/// Moves the mount at `src` (with the mounts under it) to `dst`.
+fn move_mount(src: &Path, dst: &Path) -> Result<(), LaunchError> {
+    mount(Some(src), dst, None::<&str>, MsFlags::MS_MOVE, None::<&str>).map_err(sys(format!(
+        "move {} to {}",
+        src.display(),
+        dst.display()
+    )))
+}
+
+/// The engine's /proc at `at`: this pid namespace's, masked as container
+/// runtimes mask it.
+fn mount_proc(at: &Path) -> Result<(), LaunchError> {
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     mount(
         Some("proc"),
-        &proc_dir,
+        at,
         Some("proc"),
         nodev | MsFlags::MS_NOEXEC,
         None::<&str>,
     )
     .map_err(sys("mount proc"))?;
-
     // As container runtimes do: kernel-wide information in this /proc
     // that a pid namespace does not narrow, masked; the rest of /proc/sys
     // and friends read-only (the engine's uid could not write them anyway).
     for masked in PROC_MASKED {
-        let dst = proc_dir.join(masked);
+        let dst = at.join(masked);
         match fs::symlink_metadata(&dst) {
             Ok(m) if m.is_dir() => {
                 mount(
@@ -2249,23 +2254,112 @@ fn setup_root(spec: &LaunchSpec) -> Result<(), LaunchError> {
         }
     }
     for ro in PROC_READ_ONLY {
-        let dst = proc_dir.join(ro);
+        let dst = at.join(ro);
         if dst.exists() {
             bind(&dst, &dst, MsFlags::MS_REC)?;
             remount(&dst, nodev | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY)?;
         }
     }
+    Ok(())
+}
 
-    let dev = mountpoint(root, Path::new("/dev"), true)?;
-    tmpfs(&dev, "mode=0755,size=64k,nr_inodes=64")?;
+/// The engine's /dev at `at`: a small read-only tmpfs with the five
+/// harmless device nodes bound from the host's.
+fn mount_dev(at: &Path) -> Result<(), LaunchError> {
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    tmpfs(at, "mode=0755,size=64k,nr_inodes=64")?;
     for node in ["null", "zero", "full", "random", "urandom"] {
-        let dst = dev.join(node);
+        let dst = at.join(node);
         fs::File::create(&dst).map_err(|e| io_err("write", &dst, e))?;
         bind(&Path::new("/dev").join(node), &dst, MsFlags::empty())?;
         // Not nodev: these mounts are the device nodes themselves.
         remount(&dst, MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC)?;
     }
-    remount(&dev, nodev | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY)?;
+    remount(at, nodev | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY)
+}
+
+/// What a warm shim made ahead, before it knows its engine ([`stage`]).
+#[derive(Debug, Default)]
+struct Staged {
+    /// Its namespaces are its own already, its mounts private.
+    unshared: bool,
+    /// The engine's /proc, ready to be moved into its root.
+    proc: Option<PathBuf>,
+    /// The engine's /dev, likewise.
+    dev: Option<PathBuf>,
+}
+
+/// Where a warm shim stages the engine's /proc and /dev: a tmpfs of its
+/// own over this directory, in its own mount namespace only (the host's
+/// /dev/shm is untouched; the shim needs nothing under it).
+const STAGE: &str = "/dev/shm";
+
+/// A warm shim's confinement that depends on no engine, made while it
+/// waits: its namespaces (mount, IPC, UTS), its mounts private, and the
+/// engine's /proc (its pid namespace's, masked) and /dev on a staging
+/// tmpfs, moved into the engine's root at its start. Best effort: what
+/// failed is made at the start as a spawned shim makes it (a failure
+/// there then fails the start, with its reason).
+fn stage() -> Staged {
+    let mut staged = Staged::default();
+    if unshare(CloneFlags::CLONE_NEWNS | CloneFlags::CLONE_NEWIPC | CloneFlags::CLONE_NEWUTS)
+        .is_err()
+    {
+        return staged;
+    }
+    // Not private, mounts made here could propagate to the host's: the
+    // start unshares again and makes them private (or fails closed).
+    if make_private().is_err() {
+        return staged;
+    }
+    // From here on the start does not unshare again.
+    staged.unshared = true;
+    let stage = Path::new(STAGE);
+    if tmpfs(stage, "mode=0700,size=64k,nr_inodes=16").is_err() {
+        return staged;
+    }
+    let (proc_dir, dev) = (stage.join("proc"), stage.join("dev"));
+    if fs::create_dir(&proc_dir).is_ok() && mount_proc(&proc_dir).is_ok() {
+        staged.proc = Some(proc_dir);
+    }
+    if fs::create_dir(&dev).is_ok() && mount_dev(&dev).is_ok() {
+        staged.dev = Some(dev);
+    }
+    staged
+}
+
+/// Masked in the engine's /proc (crun's default `maskedPaths`).
+const PROC_MASKED: [&str; 8] = [
+    "acpi",
+    "kcore",
+    "keys",
+    "latency_stats",
+    "timer_list",
+    "timer_stats",
+    "sched_debug",
+    "scsi",
+];
+/// Read-only in the engine's /proc (crun's default `readonlyPaths`).
+const PROC_READ_ONLY: [&str; 5] = ["bus", "fs", "irq", "sys", "sysrq-trigger"];
+
+fn setup_root(spec: &LaunchSpec, staged: &mut Staged) -> Result<(), LaunchError> {
+    let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
+    if !staged.unshared {
+        make_private()?;
+    }
+    let root = spec.rootfs.as_path();
+    bind(root, root, MsFlags::MS_REC)?;
+
+    let proc_dir = mountpoint(root, Path::new("/proc"), true)?;
+    match staged.proc.take() {
+        Some(ready) => move_mount(&ready, &proc_dir)?,
+        None => mount_proc(&proc_dir)?,
+    }
+    let dev = mountpoint(root, Path::new("/dev"), true)?;
+    match staged.dev.take() {
+        Some(ready) => move_mount(&ready, &dev)?,
+        None => mount_dev(&dev)?,
+    }
 
     let tmp = mountpoint(root, Path::new("/tmp"), true)?;
     tmpfs(&tmp, &format!("mode=1777,size={}", spec.tmp_size))?;

@@ -70,6 +70,7 @@ fn main() {
     }
     let tests: &[(&str, Test)] = &[
         ("real_confined_engine", real_confined_engine),
+        ("real_confined_engine_warm", real_confined_engine_warm),
         ("real_exit_status_and_signals", real_exit_status_and_signals),
         ("real_respawn_in_place", real_respawn_in_place),
         ("real_exec_probe", real_exec_probe),
@@ -255,6 +256,27 @@ fn real_confined_engine() -> Outcome {
     if let Some(skip) = need_root() {
         return skip;
     }
+    confined_engine(None);
+    Outcome::Passed
+}
+
+/// [`real_confined_engine`] through a warm shim (handed a held start in a
+/// cgroup; its /proc and /dev made while it waited): the same confinement.
+fn real_confined_engine_warm() -> Outcome {
+    let (_fs, cg) = match cgroup_setup() {
+        Ok(x) => x,
+        Err(skip) => return skip,
+    };
+    let path = CgroupPath::new(format!("leasehold-test-cwarm-{}", std::process::id())).unwrap();
+    cg.create(&path).unwrap();
+    let _gone = CgroupsGone(cg.clone(), vec![path.clone()]);
+    confined_engine(Some(cg.dir(&path)));
+    Outcome::Passed
+}
+
+/// Starts the probe engine (spawned; or, given a cgroup, through a warm
+/// shim) and checks every part of its confinement from inside.
+fn confined_engine(warm_in: Option<PathBuf>) {
     let fs_ = rootfs();
     let work = tempfile::tempdir().unwrap();
     let secret = work.path().join("host-secret");
@@ -274,15 +296,36 @@ fn real_confined_engine() -> Outcome {
     // As the agent runs: no transparent huge pages for itself, a flag its
     // children inherit; the engine must not.
     nix::sys::prctl::set_thp_disable(true).unwrap();
-    let mut running = Launcher::new(SHIM)
-        .start(
-            &s,
-            &work.path().join("run"),
-            out.into(),
-            err.into(),
-            vec![SecretBytes::new(b"test-secret-value".to_vec())],
-        )
-        .unwrap();
+    let secret_bytes = vec![SecretBytes::new(b"test-secret-value".to_vec())];
+    let mut running = match warm_in {
+        None => Launcher::new(SHIM)
+            .start(
+                &s,
+                &work.path().join("run"),
+                out.into(),
+                err.into(),
+                secret_bytes,
+            )
+            .unwrap(),
+        Some(cgroup) => {
+            s.cgroup = Some(cgroup);
+            let l = Launcher::new(SHIM).with_warm_shim();
+            l.warm_up().unwrap();
+            let warm = l.warm_pid().unwrap();
+            let mut r = l
+                .start_held_fds(
+                    &s,
+                    &work.path().join("run"),
+                    out.into(),
+                    err.into(),
+                    secret_bytes,
+                )
+                .unwrap();
+            assert_eq!(r.shim_pid(), warm, "handed the warm shim");
+            r.release();
+            r
+        }
+    };
     let exit = wait(&mut running);
     let out = fs::read_to_string(&out_path).unwrap();
     assert_eq!(exit, Exit::Code(7), "probe output:\n{out}");
@@ -378,7 +421,6 @@ fn real_confined_engine() -> Outcome {
         // securityfs is often not mounted: the report is what we have.
         println!("note: Landlock not available on this kernel: not asserted");
     }
-    Outcome::Passed
 }
 
 fn real_exit_status_and_signals() -> Outcome {
@@ -1208,6 +1250,17 @@ fn real_warm_shim() -> Outcome {
     );
     l.warm_up().unwrap();
     assert_eq!(l.warm_pid(), Some(warm), "one only");
+    // While it waits it stages the engine's /proc and /dev in a mount
+    // namespace of its own; the host's mounts do not change.
+    let staged = |mi: &str| mi.contains(" /dev/shm/proc ") && mi.contains(" /dev/shm/dev ");
+    assert!(
+        until(|| fs::read_to_string(format!("/proc/{warm}/mountinfo")).is_ok_and(|m| staged(&m))),
+        "staged: {:?}",
+        fs::read_to_string(format!("/proc/{warm}/mountinfo"))
+    );
+    assert!(!staged(
+        &fs::read_to_string("/proc/self/mountinfo").unwrap()
+    ));
 
     let mut s = spec(
         &fs_.root,
