@@ -442,6 +442,9 @@ pub trait Spawner: Send + Sync + 'static {
     /// Runs an `exec` probe inside the running instance of `run_dir`,
     /// held to `timeout` (blocking: called on a probe thread).
     fn exec_probe(&self, run_dir: &Path, argv: &[String], timeout: Duration) -> launch::ProbeExit;
+    /// Every engine is being stopped (before the tenant volume changes):
+    /// nothing prepared ahead may hold the volume's mounts.
+    fn quiesce(&self) {}
 }
 
 /// Opens the tenant's secrets for engines (the agent: the node's secret
@@ -575,6 +578,9 @@ impl Spawner for ShimSpawner {
     }
     fn exec_probe(&self, run_dir: &Path, argv: &[String], timeout: Duration) -> launch::ProbeExit {
         self.0.probe(run_dir, argv, timeout)
+    }
+    fn quiesce(&self) {
+        self.0.discard_warm();
     }
 }
 
@@ -1806,6 +1812,8 @@ impl Runtime {
             Cmd::SetBudget(b) => Reply::Budget(self.set_budget(b)),
             Cmd::SetThrottles(t) => Reply::Throttled(self.set_throttles(t)),
             Cmd::StopAll(grace) => {
+                // The warm shim's mount namespace goes before the volume.
+                self.spawner.quiesce();
                 // Pending first, so kills made while stopping are counted.
                 self.killed.clear();
                 self.stop_all = Some(PendingStop {

@@ -539,17 +539,29 @@ impl Launcher {
                 dead.discard();
             }
         }
-        let spawned = self.spawn_warm();
-        let mut place = lock(slot);
-        match spawned {
+        match self.spawn_warm() {
             Ok(w) => {
-                place.0 = Slot::Ready(w);
+                settle(slot, Some(w));
                 Ok(())
             }
             Err(e) => {
-                place.0 = Slot::Empty;
+                settle(slot, None);
                 Err(e)
             }
+        }
+    }
+
+    /// Ends the warm shim, if one waits, and any being spawned: before the
+    /// tenant volume changes (every engine stopped), so no mount namespace
+    /// made before the change holds the old volume's mounts. The next
+    /// start spawns its shim, and its release refills.
+    pub fn discard_warm(&self) {
+        let Some(slot) = &self.warm else {
+            return;
+        };
+        let old = std::mem::take(&mut lock(slot).0);
+        if let Slot::Ready(w) = old {
+            w.discard();
         }
     }
 
@@ -573,15 +585,25 @@ impl Launcher {
             }
             place.0 = Slot::Filling;
         }
-        let launcher = self.clone();
+        // The place weakly: dropped meanwhile (the agent stopping), no
+        // shim is spawned for it.
+        let place = std::sync::Arc::downgrade(slot);
+        let spawner = Launcher {
+            warm: None,
+            ..self.clone()
+        };
         let spawned = std::thread::Builder::new()
             .name("shim-warm".into())
             .spawn(move || {
                 std::thread::sleep(delay);
-                let warm = launcher.spawn_warm();
-                if let Some(slot) = &launcher.warm {
-                    lock(slot).0 = warm.map_or(Slot::Empty, Slot::Ready);
+                let Some(slot) = place.upgrade() else {
+                    return;
+                };
+                // Given up meanwhile (discard_warm): nothing to fill.
+                if !matches!(lock(&slot).0, Slot::Filling) {
+                    return;
                 }
+                settle(&slot, spawner.spawn_warm().ok());
             });
         if spawned.is_err() {
             lock(slot).0 = Slot::Empty;
@@ -642,8 +664,15 @@ impl Launcher {
     }
 
     /// The warm shim, handed `run_dir` and the engine's output; `None`
-    /// (none waits, it died, or the hand-off failed): spawn one.
-    fn hand_off(&self, run_dir: &Path, out: &OwnedFd, err: &OwnedFd) -> Option<(Child, fs::File)> {
+    /// (none waits, it died, it cannot see a path of the start, or the
+    /// hand-off failed): spawn one.
+    fn hand_off(
+        &self,
+        spec: &LaunchSpec,
+        run_dir: &Path,
+        out: &OwnedFd,
+        err: &OwnedFd,
+    ) -> Option<(Child, fs::File)> {
         use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
         use std::os::fd::AsRawFd;
         let mut warm = {
@@ -660,7 +689,27 @@ impl Launcher {
         let len = u16::try_from(path.len())
             .ok()
             .filter(|&l| usize::from(l) <= MAX_RUN_DIR && l > 0 && run_dir.is_absolute());
-        let (Some(len), Ok(None)) = (len, warm.child.try_wait()) else {
+        // Every host path of the start, as the warm shim's mount
+        // namespace (copied when it was spawned) shows it: a volume
+        // mounted since that did not propagate into it is not handed.
+        let pid = warm.child.id();
+        // The same file (device and inode) as here: a mount point's
+        // empty directory under a mount that did not come in is not it.
+        let sees = |p: &Path| {
+            use std::os::unix::fs::MetadataExt;
+            let theirs =
+                Path::new(&format!("/proc/{pid}/root")).join(p.strip_prefix("/").unwrap_or(p));
+            match (fs::metadata(p), fs::metadata(theirs)) {
+                (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
+                _ => false,
+            }
+        };
+        let visible = [run_dir, &spec.rootfs]
+            .into_iter()
+            .chain(spec.data_dirs.iter().map(|d| d.host.as_path()))
+            .chain(spec.notify_dir.as_deref())
+            .all(sees);
+        let (Some(len), Ok(None), true) = (len, warm.child.try_wait(), visible) else {
             warm.discard();
             return None;
         };
@@ -789,7 +838,7 @@ impl Launcher {
         // or a spawned one.
         let fds_output = matches!(output, Output::Fds(..));
         let warm = match &output {
-            Output::Fds(out, err) if launcher_joins => self.hand_off(run_dir, out, err),
+            Output::Fds(out, err) if launcher_joins => self.hand_off(spec, run_dir, out, err),
             _ => None,
         };
         let (child, pipe) = match warm {
@@ -908,12 +957,31 @@ impl Launcher {
     }
 }
 
+/// Puts a freshly spawned warm shim (or none, the spawn failed) in the
+/// place it was spawned for, if that still waits for one (`Filling`);
+/// else (given up meanwhile, or filled by another) it is ended.
+fn settle(place: &std::sync::Mutex<Place>, warm: Option<Warm>) {
+    let mut p = lock(place);
+    match (&p.0, warm) {
+        (Slot::Filling, Some(w)) => p.0 = Slot::Ready(w),
+        (Slot::Filling, None) => p.0 = Slot::Empty,
+        (_, Some(w)) => {
+            drop(p);
+            w.discard();
+        }
+        (_, None) => {}
+    }
+}
+
 /// How long after a release its launcher spawns the next warm shim.
 const REFILL_DELAY: Duration = Duration::from_millis(150);
 
-/// Longest wait for a warm shim's acknowledgement of its hand-off (it
-/// only has to wake up: well under a millisecond natively, a few under
-/// the lab's emulation).
+/// Longest wait for a warm shim's acknowledgement of its hand-off: it has
+/// to wake up (well under a millisecond natively, a few under the lab's
+/// emulation), or, handed a start right after its spawn, first finish
+/// its own preparation (tens of milliseconds under emulation). A shim
+/// that acknowledges just past it is killed and reaped before the
+/// spawned one starts; what it opened is made again.
 const ACK_BOUND: Duration = Duration::from_secs(2);
 
 /// Whether the warm shim on `sock` acknowledged its hand-off within
@@ -2295,7 +2363,8 @@ struct Staged {
 const STAGE: &str = "/dev/shm";
 
 /// A warm shim's confinement that depends on no engine, made while it
-/// waits: its namespaces (mount, IPC, UTS), its mounts private, and the
+/// waits: its namespaces (mount, IPC, UTS), its mounts slaves of the
+/// agent's, and the
 /// engine's /proc (its pid namespace's, masked) and /dev on a staging
 /// tmpfs, moved into the engine's root at its start. Best effort: what
 /// failed is made at the start as a spawned shim makes it (a failure
@@ -2307,9 +2376,21 @@ fn stage() -> Staged {
     {
         return staged;
     }
-    // Not private, mounts made here could propagate to the host's: the
-    // start unshares again and makes them private (or fails closed).
-    if make_private().is_err() {
+    // Slaves, not private, while it waits: what the agent unmounts (the
+    // tenant volume, before a key change) goes from this copy too, so a
+    // waiting shim never holds it open, and what it mounts comes in;
+    // nothing made here goes back. setup_root makes them private at the
+    // start. Not done, mounts made here could propagate to the agent's:
+    // the start unshares again and makes them private (or fails closed).
+    if mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_SLAVE,
+        None::<&str>,
+    )
+    .is_err()
+    {
         return staged;
     }
     // From here on the start does not unshare again.
@@ -2344,9 +2425,7 @@ const PROC_READ_ONLY: [&str; 5] = ["bus", "fs", "irq", "sys", "sysrq-trigger"];
 
 fn setup_root(spec: &LaunchSpec, staged: &mut Staged) -> Result<(), LaunchError> {
     let nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
-    if !staged.unshared {
-        make_private()?;
-    }
+    make_private()?;
     let root = spec.rootfs.as_path();
     bind(root, root, MsFlags::MS_REC)?;
 

@@ -87,6 +87,10 @@ fn main() {
         ("real_secrets_follow_the_word", real_secrets_follow_the_word),
         ("real_warm_shim", real_warm_shim),
         (
+            "real_warm_shim_and_the_agents_mounts",
+            real_warm_shim_and_the_agents_mounts,
+        ),
+        (
             "real_warm_shim_hand_off_refused",
             real_warm_shim_hand_off_refused,
         ),
@@ -312,6 +316,11 @@ fn confined_engine(warm_in: Option<PathBuf>) {
             let l = Launcher::new(SHIM).with_warm_shim();
             l.warm_up().unwrap();
             let warm = l.warm_pid().unwrap();
+            let info = || fs::read_to_string(format!("/proc/{warm}/mountinfo")).unwrap_or_default();
+            // Staged before the start, so the start uses what it staged.
+            assert!(until(
+                || info().contains("/shm/proc ") && info().contains("/shm/dev ")
+            ));
             let mut r = l
                 .start_held_fds(
                     &s,
@@ -322,6 +331,18 @@ fn confined_engine(warm_in: Option<PathBuf>) {
                 )
                 .unwrap();
             assert_eq!(r.shim_pid(), warm, "handed the warm shim");
+            // Confined: what it staged moved into the engine's root.
+            assert!(
+                until(|| r.report().is_some_and(|p| p.seccomp)),
+                "{:?}",
+                r.report()
+            );
+            assert!(!info().contains("/shm/"), "left staged: {}", info());
+            assert!(
+                info().contains(" /proc ") && info().contains(" /dev "),
+                "{}",
+                info()
+            );
             r.release();
             r
         }
@@ -1252,7 +1273,7 @@ fn real_warm_shim() -> Outcome {
     assert_eq!(l.warm_pid(), Some(warm), "one only");
     // While it waits it stages the engine's /proc and /dev in a mount
     // namespace of its own; the host's mounts do not change.
-    let staged = |mi: &str| mi.contains(" /dev/shm/proc ") && mi.contains(" /dev/shm/dev ");
+    let staged = |mi: &str| mi.contains("/shm/proc ") && mi.contains("/shm/dev ");
     assert!(
         until(|| fs::read_to_string(format!("/proc/{warm}/mountinfo")).is_ok_and(|m| staged(&m))),
         "staged: {:?}",
@@ -1375,11 +1396,159 @@ fn real_warm_shim() -> Outcome {
     }
     drop((r, r2));
     drop(l);
-    // Dropped with the last launcher: ended and reaped.
+    // Dropped with the last launcher (a refill thread may hold the place a
+    // moment longer): ended and reaped.
     assert!(
-        !Path::new(&format!("/proc/{last}")).exists(),
+        until(|| !Path::new(&format!("/proc/{last}")).exists()),
         "the warm shim outlived its launcher"
     );
+    Outcome::Passed
+}
+
+/// Mounts the test made, detached when it ends (passed or not), the
+/// last made first.
+struct Unmount(Vec<PathBuf>);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        for p in self.0.iter().rev() {
+            let _ = nix::mount::umount2(p, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// A waiting warm shim's mounts follow the agent's (slaves): a mount made
+/// under a shared mount after its spawn shows in its namespace, and goes
+/// from it when unmounted (so it never holds the tenant volume open);
+/// `discard_warm` ends it. A start whose root the warm shim cannot see (a
+/// mount that did not propagate) is not handed to it: a shim is spawned.
+fn real_warm_shim_and_the_agents_mounts() -> Outcome {
+    use nix::mount::{mount, MsFlags};
+    let (fs_, cg) = match cgroup_setup() {
+        Ok(x) => x,
+        Err(skip) => return skip,
+    };
+    let work = tempfile::tempdir().unwrap();
+    let (shared, private) = (work.path().join("shared"), work.path().join("private"));
+    let mut mounts = Unmount(Vec::new());
+    // Two mounts of the test's own, whatever /tmp's propagation is.
+    for (dir, kind) in [
+        (&shared, MsFlags::MS_SHARED),
+        (&private, MsFlags::MS_PRIVATE),
+    ] {
+        fs::create_dir(dir).unwrap();
+        mount(
+            Some(dir.as_path()),
+            dir.as_path(),
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        mounts.0.push(dir.clone());
+        mount(
+            None::<&str>,
+            dir.as_path(),
+            None::<&str>,
+            MsFlags::MS_PRIVATE,
+            None::<&str>,
+        )
+        .unwrap();
+        mount(
+            None::<&str>,
+            dir.as_path(),
+            None::<&str>,
+            kind,
+            None::<&str>,
+        )
+        .unwrap();
+    }
+    let l = Launcher::new(SHIM).with_warm_shim();
+    l.warm_up().unwrap();
+    let warm = l.warm_pid().unwrap();
+    let info = || fs::read_to_string(format!("/proc/{warm}/mountinfo")).unwrap_or_default();
+    assert!(until(|| info().contains("/shm/dev ")), "staged: {}", info());
+    let sub = shared.join("sub");
+    fs::create_dir(&sub).unwrap();
+    mount(
+        Some("tmpfs"),
+        sub.as_path(),
+        Some("tmpfs"),
+        MsFlags::empty(),
+        Some("size=4k"),
+    )
+    .unwrap();
+    mounts.0.push(sub.clone());
+    let shown = format!(" {} ", sub.display());
+    assert!(
+        until(|| info().contains(&shown)),
+        "a mount made since: {}",
+        info()
+    );
+    nix::mount::umount2(sub.as_path(), nix::mount::MntFlags::empty()).unwrap();
+    mounts.0.pop();
+    assert!(until(|| !info().contains(&shown)), "an unmount: {}", info());
+
+    // The root under a mount made since, under a private one: not in the
+    // warm shim's namespace.
+    let root = private.join("root");
+    fs::create_dir(&root).unwrap();
+    mount(
+        Some(fs_.root.as_path()),
+        root.as_path(),
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .unwrap();
+    mounts.0.push(root.clone());
+    let path = CgroupPath::new(format!("leasehold-test-wmounts-{}", std::process::id())).unwrap();
+    cg.create(&path).unwrap();
+    let _gone = CgroupsGone(cg.clone(), vec![path.clone()]);
+    let mut s = spec(
+        &root,
+        &["/bin/sh", "-c", "echo ran; while :; do sleep 1; done"],
+    );
+    s.cgroup = Some(cg.dir(&path));
+    let out = work.path().join("out");
+    let fd = |p: &Path| std::os::fd::OwnedFd::from(fs::File::create(p).unwrap());
+    let mut r = l
+        .start_held_fds(
+            &s,
+            &work.path().join("run"),
+            fd(&out),
+            fd(&work.path().join("err")),
+            vec![],
+        )
+        .unwrap();
+    assert_ne!(
+        r.shim_pid(),
+        warm,
+        "handed a start whose root it cannot see"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{warm}")).exists(),
+        "that warm shim was left"
+    );
+    r.release();
+    assert!(
+        until(|| fs::read_to_string(&out).unwrap() == "ran\n"),
+        "the spawned shim's engine ran"
+    );
+    let _ = r.signal(nix::sys::signal::Signal::SIGKILL);
+    wait(&mut r);
+
+    // Ended before a volume change.
+    assert!(until(|| l.warm_pid().is_some()), "refilled");
+    let next = l.warm_pid().unwrap();
+    l.discard_warm();
+    assert_eq!(l.warm_pid(), None);
+    assert!(
+        !Path::new(&format!("/proc/{next}")).exists(),
+        "discarded, not ended"
+    );
+    drop(r);
+    drop(l);
     Outcome::Passed
 }
 

@@ -250,6 +250,8 @@ struct FakeSpawner {
     secrets_given: Mutex<Vec<Vec<Vec<u8>>>>,
     /// The runtime's engines.json (read by each instance at its release).
     state_file: PathBuf,
+    /// How many times every engine was to be stopped (`quiesce`).
+    quiesced: std::sync::atomic::AtomicUsize,
 }
 
 impl Spawner for FakeSpawner {
@@ -284,6 +286,10 @@ impl Spawner for FakeSpawner {
             pid: 1000 + u32::try_from(s.len()).unwrap(),
             ctl,
         }))
+    }
+    fn quiesce(&self) {
+        self.quiesced
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     }
     fn exec_probe(&self, _: &Path, argv: &[String], _: Duration) -> launch::ProbeExit {
         self.probes_run.lock().unwrap().push(argv.to_vec());
@@ -514,8 +520,13 @@ fn stop_all_kills_after_the_grace_and_reports_it() {
     }
     rt.start("a").unwrap();
     until(&rt, "a", |s| s.phase == Phase::Ready);
+    let quiesced = || f.sp.quiesced.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(quiesced(), 0);
     let t = Instant::now();
     let r = rt.stop_all(Duration::from_millis(200)).unwrap();
+    // The spawner drops what it prepared ahead (the warm shim's mount
+    // namespace) before the volume may change.
+    assert_eq!(quiesced(), 1);
     assert!(t.elapsed() >= Duration::from_millis(200));
     assert!(t.elapsed() < Duration::from_secs(5));
     assert_eq!(r.stopped, vec!["a"]);
