@@ -64,7 +64,10 @@
 //! A launcher [`Launcher::with_warm_shim`] keeps one shim spawned ahead
 //! (`shim --warm`: its own pid namespace, the agent's cgroup, stdin a
 //! socket): it prepares what needs no engine (signal handlers, inherited
-//! descriptors, its session, the seccomp program) and waits. A held start
+//! descriptors, its session, the seccomp program, and — [`stage`] — its
+//! namespaces with the engine's /proc and /dev, moved into the engine's
+//! root at the start; its mounts slaves of the agent's meanwhile, so it
+//! never holds the tenant volume open) and waits. A held start
 //! hands it the run directory and the engine's stdout and stderr
 //! ([`HAND_OFF`], the descriptors as SCM_RIGHTS); it then goes on exactly
 //! as a spawned shim in that order, and the start skips the shim's exec
