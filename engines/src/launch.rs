@@ -572,12 +572,6 @@ impl Launcher {
     /// empty; a failure leaves it empty (the next start spawns its shim,
     /// and refills again).
     pub fn refill(&self) {
-        self.refill_after(Duration::ZERO);
-    }
-
-    /// [`Launcher::refill`], the spawn `delay` later (the place is taken
-    /// meanwhile: a start then spawns its own shim).
-    fn refill_after(&self, delay: Duration) {
         let Some(slot) = &self.warm else {
             return;
         };
@@ -598,7 +592,6 @@ impl Launcher {
         let spawned = std::thread::Builder::new()
             .name("shim-warm".into())
             .spawn(move || {
-                std::thread::sleep(delay);
                 let Some(slot) = place.upgrade() else {
                     return;
                 };
@@ -976,9 +969,6 @@ fn settle(place: &std::sync::Mutex<Place>, warm: Option<Warm>) {
     }
 }
 
-/// How long after a release its launcher spawns the next warm shim.
-const REFILL_DELAY: Duration = Duration::from_millis(150);
-
 /// Longest wait for a warm shim's acknowledgement of its hand-off: it has
 /// to wake up (well under a millisecond natively, a few under the lab's
 /// emulation), or, handed a start right after its spawn, first finish
@@ -1319,11 +1309,12 @@ impl Running {
             Some(Word::Pipe(pipe)) => tell_go(&pipe),
             None => {}
         }
-        // A while after the word: the engine's start (the shim's
-        // confinement, the engine's exec) goes first, not beside a new
-        // shim's exec and start-up on the node's few CPUs.
+        // At once: back-to-back starts (a tenant's script, a crash loop)
+        // find it ready. A delay, to keep its exec off the engine's start,
+        // made most such starts spawn their own shim beside the refill
+        // (measured under TCG: docs/engines.md, "The warm shim").
         if let Some(launcher) = self.refill.take() {
-            launcher.refill_after(REFILL_DELAY);
+            launcher.refill();
         }
     }
 
