@@ -271,9 +271,7 @@ fn real_confined_engine_warm() -> Outcome {
         Ok(x) => x,
         Err(skip) => return skip,
     };
-    let path = CgroupPath::new(format!("leasehold-test-cwarm-{}", std::process::id())).unwrap();
-    cg.create(&path).unwrap();
-    let _gone = CgroupsGone(cg.clone(), vec![path.clone()]);
+    let (_, [path], _gone) = scratch_cgroups(&cg, "cwarm", [""]);
     confined_engine(Some(cg.dir(&path)));
     Outcome::Passed
 }
@@ -770,10 +768,7 @@ fn real_cgroup_join_kill_remove() -> Outcome {
         Ok(x) => x,
         Err(skip) => return skip,
     };
-    let base = CgroupPath::new(format!("leasehold-test-{}", std::process::id())).unwrap();
-    let engine = base.child("engine").unwrap();
-    cg.create(&engine).unwrap();
-    let _gone = CgroupsGone(cg.clone(), vec![engine.clone(), base.clone()]);
+    let (base, [engine], _gone) = scratch_cgroups(&cg, "join", ["engine"]);
 
     // On this host the cgroup2 hierarchy has no controller: enabling one
     // must fail, naming the file (cgroups-rs would skip it silently).
@@ -942,9 +937,7 @@ fn real_cgroup_join_fails_closed() -> Outcome {
     // The shim waits for the word: with stdin open and no word, it starts
     // nothing and reports nothing; moved (by hand here) and told, it
     // starts the engine in that cgroup.
-    let held = CgroupPath::new(format!("leasehold-test-held-{}", std::process::id())).unwrap();
-    cg.create(&held).unwrap();
-    let _gone = CgroupsGone(cg.clone(), vec![held.clone()]);
+    let (_, [held], _gone) = scratch_cgroups(&cg, "held", [""]);
     let run = work.path().join("held");
     let mut s = spec(&fs_.root, &["/bin/sh", "-c", "while :; do sleep 1; done"]);
     s.cgroup = Some(cg.dir(&held));
@@ -1035,9 +1028,7 @@ fn real_secrets_follow_the_word() -> Outcome {
     s.secrets = vec!["s".into()];
 
     // The secret where the word belongs: 0x05 (its length's first byte).
-    let held = CgroupPath::new(format!("leasehold-test-order-{}", std::process::id())).unwrap();
-    cg.create(&held).unwrap();
-    let _gone = CgroupsGone(cg.clone(), vec![held.clone()]);
+    let (_, [held], _gone) = scratch_cgroups(&cg, "order", [""]);
     s.cgroup = Some(cg.dir(&held));
     let run = work.path().join("secret-first");
     let mut shim = shim_by_hand(&run, &s, AGENT_ORDER);
@@ -1141,14 +1132,7 @@ fn real_held_start() -> Outcome {
         "refused before anything"
     );
 
-    let base = CgroupPath::new(format!("leasehold-test-hold-{}", std::process::id())).unwrap();
-    let (held, dropped) = (base.child("held").unwrap(), base.child("dropped").unwrap());
-    cg.create(&held).unwrap();
-    cg.create(&dropped).unwrap();
-    let _gone = CgroupsGone(
-        cg.clone(),
-        vec![held.clone(), dropped.clone(), base.clone()],
-    );
+    let (_, [held, dropped], _gone) = scratch_cgroups(&cg, "hold", ["held", "dropped"]);
 
     // Held: moved, but nothing runs until the release.
     let mut s = spec(
@@ -1246,15 +1230,7 @@ fn real_warm_shim() -> Outcome {
         Err(skip) => return skip,
     };
     let work = tempfile::tempdir().unwrap();
-    let base = CgroupPath::new(format!("leasehold-test-warm-{}", std::process::id())).unwrap();
-    let (first, second) = (base.child("first").unwrap(), base.child("second").unwrap());
-    for c in [&first, &second] {
-        cg.create(c).unwrap();
-    }
-    let _gone = CgroupsGone(
-        cg.clone(),
-        vec![first.clone(), second.clone(), base.clone()],
-    );
+    let (_, [first, second], _gone) = scratch_cgroups(&cg, "warm", ["first", "second"]);
 
     let l = Launcher::new(SHIM).with_warm_shim();
     l.warm_up().unwrap();
@@ -1502,9 +1478,7 @@ fn real_warm_shim_and_the_agents_mounts() -> Outcome {
     )
     .unwrap();
     mounts.0.push(root.clone());
-    let path = CgroupPath::new(format!("leasehold-test-wmounts-{}", std::process::id())).unwrap();
-    cg.create(&path).unwrap();
-    let _gone = CgroupsGone(cg.clone(), vec![path.clone()]);
+    let (_, [path], _gone) = scratch_cgroups(&cg, "wmounts", [""]);
     let mut s = spec(
         &root,
         &["/bin/sh", "-c", "echo ran; while :; do sleep 1; done"],
@@ -1727,6 +1701,33 @@ fn shim_by_hand(run: &Path, spec: &LaunchSpec, flags: &[&str]) -> std::process::
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
+}
+
+/// The test's cgroup `leasehold-test-TAG-PID` and the cgroups `names`
+/// under it (`""`: that one itself), created; with the guard that kills and
+/// removes them all when the test ends.
+fn scratch_cgroups<const N: usize>(
+    cg: &CgroupFs,
+    tag: &str,
+    names: [&str; N],
+) -> (CgroupPath, [CgroupPath; N], CgroupsGone) {
+    let base = CgroupPath::new(format!("leasehold-test-{tag}-{}", std::process::id())).unwrap();
+    let made = names.map(|n| {
+        if n.is_empty() {
+            base.clone()
+        } else {
+            base.child(n).unwrap()
+        }
+    });
+    for c in &made {
+        cg.create(c).unwrap();
+    }
+    let mut all: Vec<CgroupPath> = made.to_vec();
+    if !all.contains(&base) {
+        all.push(base.clone());
+    }
+    let gone = CgroupsGone(cg.clone(), all);
+    (base, made, gone)
 }
 
 /// A test's cgroups, killed and removed when the test ends, passed or
