@@ -66,8 +66,9 @@
 //! socket): it prepares what needs no engine (signal handlers, inherited
 //! descriptors, its session, the seccomp program, and — [`stage`] — its
 //! namespaces with the engine's /proc and /dev, moved into the engine's
-//! root at the start; its mounts slaves of the agent's meanwhile, so it
-//! never holds the tenant volume open) and waits. A held start
+//! root at the start; its mounts slaves of the agent's meanwhile, and it
+//! is discarded before the tenant volume changes, so it never holds the
+//! volume open) and waits. A held start
 //! hands it the run directory and the engine's stdout and stderr
 //! ([`HAND_OFF`], the descriptors as SCM_RIGHTS); it then goes on exactly
 //! as a spawned shim in that order, and the start skips the shim's exec
@@ -421,8 +422,11 @@ struct Warm {
 impl Warm {
     /// Ends it (it runs nothing: it is only waiting) and reaps it.
     fn discard(mut self) {
-        drop(self.sock);
+        // Killed before its stdin ends: one that took a hand-off late
+        // must not go on to say anything (the end of its stdin would be a
+        // failed start in the engine's log).
         let _ = self.child.kill();
+        drop(self.sock);
         let _ = self.child.wait();
     }
 }
@@ -691,20 +695,34 @@ impl Launcher {
         let pid = warm.child.id();
         // The same file (device and inode) as here: a mount point's
         // empty directory under a mount that did not come in is not it.
-        let sees = |p: &Path| {
+        // Resolved inside its root (RESOLVE_IN_ROOT): an absolute symlink
+        // on the way is its, not the agent's.
+        let visible = {
+            use rustix::fs::{openat2, Mode, OFlags, ResolveFlags};
             use std::os::unix::fs::MetadataExt;
-            let theirs =
-                Path::new(&format!("/proc/{pid}/root")).join(p.strip_prefix("/").unwrap_or(p));
-            match (fs::metadata(p), fs::metadata(theirs)) {
-                (Ok(a), Ok(b)) => (a.dev(), a.ino()) == (b.dev(), b.ino()),
-                _ => false,
-            }
+            let flags = OFlags::PATH | OFlags::CLOEXEC;
+            let root = rustix::fs::open(
+                format!("/proc/{pid}/root"),
+                flags | OFlags::DIRECTORY,
+                Mode::empty(),
+            );
+            let sees = |p: &Path| {
+                let Ok(root) = &root else {
+                    return false;
+                };
+                let theirs = openat2(root, p, flags, Mode::empty(), ResolveFlags::IN_ROOT)
+                    .and_then(rustix::fs::fstat);
+                match (fs::metadata(p), theirs) {
+                    (Ok(a), Ok(b)) => a.dev() == b.st_dev && a.ino() == b.st_ino,
+                    _ => false,
+                }
+            };
+            [run_dir, &spec.rootfs]
+                .into_iter()
+                .chain(spec.data_dirs.iter().map(|d| d.host.as_path()))
+                .chain(spec.notify_dir.as_deref())
+                .all(sees)
         };
-        let visible = [run_dir, &spec.rootfs]
-            .into_iter()
-            .chain(spec.data_dirs.iter().map(|d| d.host.as_path()))
-            .chain(spec.notify_dir.as_deref())
-            .all(sees);
         let (Some(len), Ok(None), true) = (len, warm.child.try_wait(), visible) else {
             warm.discard();
             return None;
@@ -840,6 +858,14 @@ impl Launcher {
         let (child, pipe) = match warm {
             Some(handed) => handed,
             None => {
+                // Whatever a warm shim that was not given the start wrote
+                // before it was killed (its files, opened after a late
+                // acknowledgement) goes.
+                if fds_output {
+                    for stale in ["exit.json", "report.json"] {
+                        let _ = fs::remove_file(run_dir.join(stale));
+                    }
+                }
                 // Close-on-exec: no other child of the agent may hold the
                 // write end (the shim would never see EOF); the read end
                 // becomes the shim's stdin through dup2, which clears the

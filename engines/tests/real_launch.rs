@@ -1512,6 +1512,50 @@ fn real_warm_shim_and_the_agents_mounts() -> Outcome {
     let _ = r.signal(nix::sys::signal::Signal::SIGKILL);
     wait(&mut r);
 
+    // The same through an absolute symlink: resolved in the warm shim's
+    // root, not the test's, the root it would see is the empty directory.
+    assert!(until(|| l.warm_pid().is_some()), "refilled");
+    let next = l.warm_pid().unwrap();
+    let root2 = private.join("root2");
+    fs::create_dir(&root2).unwrap();
+    mount(
+        Some(fs_.root.as_path()),
+        root2.as_path(),
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .unwrap();
+    mounts.0.push(root2.clone());
+    let link = work.path().join("link");
+    std::os::unix::fs::symlink(&private, &link).unwrap();
+    let s2 = LaunchSpec {
+        rootfs: link.join("root2"),
+        ..s.clone()
+    };
+    let out2 = work.path().join("out2");
+    let mut r = l
+        .start_held_fds(
+            &s2,
+            &work.path().join("run2"),
+            fd(&out2),
+            fd(&work.path().join("err2")),
+            vec![],
+        )
+        .unwrap();
+    assert_ne!(
+        r.shim_pid(),
+        next,
+        "handed through a symlink it resolves elsewhere"
+    );
+    r.release();
+    assert!(
+        until(|| fs::read_to_string(&out2).unwrap() == "ran\n"),
+        "the spawned shim's engine ran"
+    );
+    let _ = r.signal(nix::sys::signal::Signal::SIGKILL);
+    wait(&mut r);
+
     // Ended before a volume change.
     assert!(until(|| l.warm_pid().is_some()), "refilled");
     let next = l.warm_pid().unwrap();

@@ -161,13 +161,15 @@ echo events; t --json engine events; echo end
 t --yes engine rm s >/dev/null
 t --yes engine rm p >/dev/null
 warm_shim() { # on|off
-    systemctl stop leasehold-agentd
+    systemctl stop leasehold-agentd || echo "fail warm shim $1: stop"
     sed -i '/^warm_shim = false$/d' "$CONF"
     # (The [engines] table went with the cut above; an empty one is kept.)
     grep -q '^\[engines\]' "$CONF" || printf '[engines]\n' >> "$CONF"
     [ "$1" = on ] || sed -i '/^\[engines\]/a warm_shim = false' "$CONF"
-    systemctl start leasehold-agentd
+    systemctl start leasehold-agentd || echo "fail warm shim $1: start"
     agent_idle
+    # Counts every shim started with --warm, handed a start or not: only
+    # right with no engine running (s and p are removed above).
     n=0
     until [ "$(pgrep -fc -- '--warm$' || true)" = "$([ "$1" = on ] && echo 1 || echo 0)" ]; do
         n=$((n + 1)); [ "$n" -lt 100 ] || { echo "fail warm shim $1: $(pgrep -fa -- --warm | tr '\n' ' ')"; break; }

@@ -249,8 +249,8 @@ fn report(out: &str, starts: u32) {
             _ => {}
         }
     }
-    // Events of every dump, once each (an agent restart in between starts
-    // the numbering again: equal numbers are not the same event).
+    // Events of every dump, once each (the same event in two dumps is the
+    // same whole value).
     events.sort_by_key(|e| (e["seq"].as_u64(), e["time_ms"].as_u64()));
     events.dedup();
     let ev_times = |engine: &str, kind: &str| -> Vec<u128> {
