@@ -406,8 +406,9 @@ pub struct Launcher {
 enum Slot {
     #[default]
     Empty,
-    /// A thread is spawning one.
-    Filling,
+    /// A thread is spawning one, for this claim (a place emptied and
+    /// claimed again meanwhile takes no shim spawned for an older one).
+    Filling(u64),
     Ready(Warm),
 }
 
@@ -431,10 +432,20 @@ impl Warm {
     }
 }
 
-/// The slot behind the launchers' shared lock: a warm shim left when the
-/// last launcher goes is ended with it.
+/// The slot behind the launchers' shared lock, and its next claim's
+/// number: a warm shim left when the last launcher goes is ended with it.
 #[derive(Debug, Default)]
-struct Place(Slot);
+struct Place(Slot, u64);
+
+impl Place {
+    /// Marks the place as being filled, by a new claim.
+    fn claim(&mut self) -> u64 {
+        let claim = self.1;
+        self.1 = self.1.wrapping_add(1);
+        self.0 = Slot::Filling(claim);
+        claim
+    }
+}
 
 impl Drop for Place {
     fn drop(&mut self) {
@@ -532,27 +543,28 @@ impl Launcher {
         let Some(slot) = &self.warm else {
             return Ok(());
         };
-        {
+        let claim = {
             let mut place = lock(slot);
             if let Slot::Ready(w) = &mut place.0 {
                 if matches!(w.child.try_wait(), Ok(None)) {
                     return Ok(());
                 }
             }
-            if matches!(place.0, Slot::Filling) {
+            if matches!(place.0, Slot::Filling(_)) {
                 return Ok(());
             }
-            if let Slot::Ready(dead) = std::mem::replace(&mut place.0, Slot::Filling) {
+            if let Slot::Ready(dead) = std::mem::take(&mut place.0) {
                 dead.discard();
             }
-        }
+            place.claim()
+        };
         match self.spawn_warm() {
             Ok(w) => {
-                settle(slot, Some(w));
+                settle(slot, claim, Some(w));
                 Ok(())
             }
             Err(e) => {
-                settle(slot, None);
+                settle(slot, claim, None);
                 Err(e)
             }
         }
@@ -579,13 +591,13 @@ impl Launcher {
         let Some(slot) = &self.warm else {
             return;
         };
-        {
+        let claim = {
             let mut place = lock(slot);
             if !matches!(place.0, Slot::Empty) {
                 return;
             }
-            place.0 = Slot::Filling;
-        }
+            place.claim()
+        };
         // The place weakly: dropped meanwhile (the agent stopping), no
         // shim is spawned for it.
         let place = std::sync::Arc::downgrade(slot);
@@ -600,13 +612,13 @@ impl Launcher {
                     return;
                 };
                 // Given up meanwhile (discard_warm): nothing to fill.
-                if !matches!(lock(&slot).0, Slot::Filling) {
+                if !matches!(lock(&slot).0, Slot::Filling(c) if c == claim) {
                     return;
                 }
-                settle(&slot, spawner.spawn_warm().ok());
+                settle(&slot, claim, spawner.spawn_warm().ok());
             });
         if spawned.is_err() {
-            lock(slot).0 = Slot::Empty;
+            settle(slot, claim, None);
         }
     }
 
@@ -980,18 +992,20 @@ impl Launcher {
 }
 
 /// Puts a freshly spawned warm shim (or none, the spawn failed) in the
-/// place it was spawned for, if that still waits for one (`Filling`);
-/// else (given up meanwhile, or filled by another) it is ended.
-fn settle(place: &std::sync::Mutex<Place>, warm: Option<Warm>) {
+/// place it was spawned for, if that still waits for it (`Filling` by
+/// the same claim); else (given up meanwhile, perhaps claimed again since
+/// — before a volume change, say) it is ended.
+fn settle(place: &std::sync::Mutex<Place>, claim: u64, warm: Option<Warm>) {
     let mut p = lock(place);
-    match (&p.0, warm) {
-        (Slot::Filling, Some(w)) => p.0 = Slot::Ready(w),
-        (Slot::Filling, None) => p.0 = Slot::Empty,
-        (_, Some(w)) => {
+    let ours = matches!(p.0, Slot::Filling(c) if c == claim);
+    match warm {
+        Some(w) if ours => p.0 = Slot::Ready(w),
+        None if ours => p.0 = Slot::Empty,
+        Some(w) => {
             drop(p);
             w.discard();
         }
-        (_, None) => {}
+        None => {}
     }
 }
 
@@ -2848,6 +2862,31 @@ fn seccomp(filter: &[seccompiler::sock_filter]) -> Result<(), LaunchError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A refill spawned for a claim that was given up (every engine
+    /// stopped before a volume change) and claimed again before it
+    /// settles: its shim is ended, the newer claim keeps the place.
+    #[test]
+    fn a_warm_shim_spawned_for_an_older_claim_is_not_kept() {
+        let place = std::sync::Mutex::new(Place::default());
+        let old = lock(&place).claim();
+        let _ = std::mem::take(&mut lock(&place).0);
+        let new = lock(&place).claim();
+        let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let child = Command::new("sleep").arg("30").spawn().unwrap();
+        let pid = child.id();
+        let sock = fs::File::from(OwnedFd::from(ours));
+        settle(&place, old, Some(Warm { child, sock }));
+        assert!(matches!(lock(&place).0, Slot::Filling(c) if c == new));
+        assert!(
+            !Path::new(&format!("/proc/{pid}")).exists(),
+            "the older claim's shim is ended and reaped"
+        );
+        settle(&place, old, None);
+        assert!(matches!(lock(&place).0, Slot::Filling(c) if c == new));
+        settle(&place, new, None);
+        assert!(matches!(lock(&place).0, Slot::Empty));
+    }
 
     fn spec() -> LaunchSpec {
         LaunchSpec {
