@@ -755,6 +755,12 @@ impl Launcher {
         // with the same descriptors instead).
         if sent != Ok(msg.len()) || !acknowledged(&warm.sock) {
             warm.discard();
+            // What it may have written before it was killed (its files,
+            // opened after a late acknowledgement) goes: only a shim that
+            // was sent the run directory can have.
+            for stale in ["exit.json", "report.json"] {
+                let _ = fs::remove_file(run_dir.join(stale));
+            }
             return None;
         }
         let Warm { child, sock } = warm;
@@ -870,14 +876,6 @@ impl Launcher {
         let (child, pipe) = match warm {
             Some(handed) => handed,
             None => {
-                // Whatever a warm shim that was not given the start wrote
-                // before it was killed (its files, opened after a late
-                // acknowledgement) goes.
-                if fds_output {
-                    for stale in ["exit.json", "report.json"] {
-                        let _ = fs::remove_file(run_dir.join(stale));
-                    }
-                }
                 // Close-on-exec: no other child of the agent may hold the
                 // write end (the shim would never see EOF); the read end
                 // becomes the shim's stdin through dup2, which clears the

@@ -1465,99 +1465,66 @@ fn real_warm_shim_and_the_agents_mounts() -> Outcome {
     mounts.0.pop();
     assert!(until(|| !info().contains(&shown)), "an unmount: {}", info());
 
-    // The root under a mount made since, under a private one: not in the
-    // warm shim's namespace.
-    let root = private.join("root");
-    fs::create_dir(&root).unwrap();
-    mount(
-        Some(fs_.root.as_path()),
-        root.as_path(),
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .unwrap();
-    mounts.0.push(root.clone());
     let (_, [path], _gone) = scratch_cgroups(&cg, "wmounts", [""]);
-    let mut s = spec(
-        &root,
-        &["/bin/sh", "-c", "echo ran; while :; do sleep 1; done"],
-    );
-    s.cgroup = Some(cg.dir(&path));
-    let out = work.path().join("out");
     let fd = |p: &Path| std::os::fd::OwnedFd::from(fs::File::create(p).unwrap());
-    let mut r = l
-        .start_held_fds(
-            &s,
-            &work.path().join("run"),
-            fd(&out),
-            fd(&work.path().join("err")),
-            vec![],
+    // The image's root bound at `under/NAME` (made after the warm shim's
+    // spawn, under the private mount: not in its namespace), started with
+    // the root seen as `seen/NAME`: a spawned shim, not the warm one,
+    // starts it, and its engine runs.
+    let mut cold_start = |name: &str, seen: &Path, why: &str| {
+        let warm = l.warm_pid().expect("a warm shim");
+        let bound = private.join(name);
+        fs::create_dir(&bound).unwrap();
+        mount(
+            Some(fs_.root.as_path()),
+            bound.as_path(),
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REC,
+            None::<&str>,
         )
         .unwrap();
-    assert_ne!(
-        r.shim_pid(),
-        warm,
-        "handed a start whose root it cannot see"
-    );
-    assert!(
-        !Path::new(&format!("/proc/{warm}")).exists(),
-        "that warm shim was left"
-    );
-    r.release();
-    assert!(
-        until(|| fs::read_to_string(&out).unwrap() == "ran\n"),
-        "the spawned shim's engine ran"
-    );
-    let _ = r.signal(nix::sys::signal::Signal::SIGKILL);
-    wait(&mut r);
-
+        mounts.0.push(bound);
+        let mut s = spec(
+            &seen.join(name),
+            &["/bin/sh", "-c", "echo ran; while :; do sleep 1; done"],
+        );
+        s.cgroup = Some(cg.dir(&path));
+        let out = work.path().join(format!("{name}.out"));
+        let mut r = l
+            .start_held_fds(
+                &s,
+                &work.path().join(format!("{name}.run")),
+                fd(&out),
+                fd(&work.path().join(format!("{name}.err"))),
+                vec![],
+            )
+            .unwrap();
+        assert_ne!(r.shim_pid(), warm, "{why}");
+        assert!(
+            !Path::new(&format!("/proc/{warm}")).exists(),
+            "that warm shim was left"
+        );
+        r.release();
+        assert!(
+            until(|| fs::read_to_string(&out).unwrap() == "ran\n"),
+            "the spawned shim's engine ran"
+        );
+        let _ = r.signal(nix::sys::signal::Signal::SIGKILL);
+        wait(&mut r);
+        assert!(until(|| l.warm_pid().is_some()), "refilled");
+    };
+    cold_start("root", &private, "handed a start whose root it cannot see");
     // The same through an absolute symlink: resolved in the warm shim's
     // root, not the test's, the root it would see is the empty directory.
-    assert!(until(|| l.warm_pid().is_some()), "refilled");
-    let next = l.warm_pid().unwrap();
-    let root2 = private.join("root2");
-    fs::create_dir(&root2).unwrap();
-    mount(
-        Some(fs_.root.as_path()),
-        root2.as_path(),
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .unwrap();
-    mounts.0.push(root2.clone());
     let link = work.path().join("link");
     std::os::unix::fs::symlink(&private, &link).unwrap();
-    let s2 = LaunchSpec {
-        rootfs: link.join("root2"),
-        ..s.clone()
-    };
-    let out2 = work.path().join("out2");
-    let mut r = l
-        .start_held_fds(
-            &s2,
-            &work.path().join("run2"),
-            fd(&out2),
-            fd(&work.path().join("err2")),
-            vec![],
-        )
-        .unwrap();
-    assert_ne!(
-        r.shim_pid(),
-        next,
-        "handed through a symlink it resolves elsewhere"
+    cold_start(
+        "root2",
+        &link,
+        "handed through a symlink it resolves elsewhere",
     );
-    r.release();
-    assert!(
-        until(|| fs::read_to_string(&out2).unwrap() == "ran\n"),
-        "the spawned shim's engine ran"
-    );
-    let _ = r.signal(nix::sys::signal::Signal::SIGKILL);
-    wait(&mut r);
 
     // Ended before a volume change.
-    assert!(until(|| l.warm_pid().is_some()), "refilled");
     let next = l.warm_pid().unwrap();
     l.discard_warm();
     assert_eq!(l.warm_pid(), None);
@@ -1565,7 +1532,6 @@ fn real_warm_shim_and_the_agents_mounts() -> Outcome {
         !Path::new(&format!("/proc/{next}")).exists(),
         "discarded, not ended"
     );
-    drop(r);
     drop(l);
     Outcome::Passed
 }
