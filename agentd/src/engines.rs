@@ -36,7 +36,8 @@ use leasehold_engines::launch::{self, DataDir, LaunchError, LaunchSpec, SecretBy
 use leasehold_engines::probe::NotifyMessage;
 use leasehold_engines::spec::{Probe, Spec, User, RESERVED_ENV};
 use leasehold_engines::supervisor::{
-    Action, Event, Exit, Input, InstanceId, Notify, Respawn, Supervisor, TimerId, VersionId,
+    Action, Event, Exit, Input, InstanceId, Notify, Respawn, Settled, Supervisor, TimerId,
+    VersionId,
 };
 use leasehold_netpolicy::nft::EngineEgress;
 use leasehold_netpolicy::Boundary;
@@ -49,6 +50,10 @@ use serde::{Deserialize, Serialize};
 
 /// The state file under the state directory.
 pub const STATE_FILE: &str = "engines.json";
+/// In an instance's run directory once the agent signals it to end (a
+/// stop, a restart, a failure's restart): the exit its shim then records
+/// is not the engine's own, for the next agent.
+const STOPPING_MARK: &str = "stopping";
 /// Longest wait for a command's answer (an image unpack included).
 const CALL_TIMEOUT: Duration = Duration::from_secs(600);
 /// After the grace of `stop_all`: how long the kill is given to show.
@@ -89,6 +94,13 @@ pub struct RuntimeConfig {
     /// landlord does not allow it (`[engines] allow_reboot_node`), and the
     /// supervisors never plan it.
     pub reboot_node: Option<tokio::sync::mpsc::Sender<(String, String)>>,
+    /// The kernel's boot id (`/proc/sys/kernel/random/boot_id`), recorded
+    /// in the state: a runtime that finds its own boot's record knows the
+    /// agent restarted, not the node, and leaves engines that had come to
+    /// rest (exited by themselves, or given up) as they were. None
+    /// (unreadable): every start is taken for a boot, and engines marked
+    /// to run are started.
+    pub boot_id: Option<String>,
 }
 
 /// Errors of the runtime; each names the engine, path or step.
@@ -439,6 +451,10 @@ pub trait Spawner: Send + Sync + 'static {
     ) -> Result<Box<dyn Proc>, LaunchError>;
     /// Finds a running instance again after an agent restart.
     fn adopt(&self, run_dir: &Path) -> Result<Box<dyn Proc>, LaunchError>;
+    /// How the engine of an instance that is gone (not adoptable) ended,
+    /// as its shim recorded it (`None`: no record — the shim was killed,
+    /// or the engine never ran).
+    fn recorded_exit(&self, run_dir: &Path) -> Option<launch::Exit>;
     /// Runs an `exec` probe inside the running instance of `run_dir`,
     /// held to `timeout` (blocking: called on a probe thread).
     fn exec_probe(&self, run_dir: &Path, argv: &[String], timeout: Duration) -> launch::ProbeExit;
@@ -568,6 +584,9 @@ impl Spawner for ShimSpawner {
             .start_held_fds(spec, run_dir, stdout.into(), stderr.into(), secrets)?;
         Ok(Box::new(ShimProc(r, Some(out), Some(status))))
     }
+    fn recorded_exit(&self, run_dir: &Path) -> Option<launch::Exit> {
+        launch::recorded_exit(run_dir)
+    }
     fn adopt(&self, run_dir: &Path) -> Result<Box<dyn Proc>, LaunchError> {
         let r = launch::Running::adopt(run_dir)?;
         Ok(Box::new(ShimProc(
@@ -615,11 +634,27 @@ struct EngineRec {
     instances: Vec<(u64, u32)>,
     next_instance: u64,
     next_version: u64,
+    /// Enabled, nothing alive, nothing pending (exited and not restarted
+    /// by its policy, or given up) when last written. Read back only within
+    /// the same boot ([`StateFile::boot_id`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    settled: Option<SettledRec>,
+}
+
+/// An engine at rest as it was recorded (see [`Supervisor::settled`]).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct SettledRec {
+    state: Settled,
+    last_exit: Option<Exit>,
+    restarts: u32,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 struct StateFile {
     format: u32,
+    /// The boot it was written in (None: unknown, or an older agent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    boot_id: Option<String>,
     engines: Vec<EngineRec>,
 }
 
@@ -756,6 +791,15 @@ fn instance_number(name: &str) -> Option<u64> {
     (instance_dir(n) == name).then_some(n)
 }
 
+/// Leaves [`STOPPING_MARK`] in `run_dir` (tmpfs, no sync: it matters
+/// only to an agent of the same boot). Best effort: without it an
+/// interrupted stop reads as the engine's own exit.
+fn mark_stopping(run_dir: &Path) {
+    if let Err(e) = std::fs::write(run_dir.join(STOPPING_MARK), b"") {
+        tracing::warn!(run_dir = %run_dir.display(), error = %e, "stop mark not written");
+    }
+}
+
 fn subtree(cfg: &RuntimeConfig) -> Result<CgroupPath, RuntimeError> {
     CgroupPath::new(&cfg.subtree).map_err(|source| RuntimeError::Cgroup {
         root: cfg.cgroup_root.clone(),
@@ -832,6 +876,7 @@ impl Runtime {
     fn save(&self) -> Result<(), RuntimeError> {
         let st = StateFile {
             format: 1,
+            boot_id: self.cfg.boot_id.clone(),
             engines: self
                 .engines
                 .values()
@@ -847,6 +892,14 @@ impl Runtime {
                         .collect(),
                     next_instance: e.next_name,
                     next_version: e.next_version,
+                    settled: e.sup.settled().filter(|_| e.live.is_empty()).map(|state| {
+                        let st = e.sup.status();
+                        SettledRec {
+                            state,
+                            last_exit: st.last_exit,
+                            restarts: st.restarts,
+                        }
+                    }),
                 })
                 .collect(),
         };
@@ -888,7 +941,22 @@ impl Runtime {
 
     /// Feeds `input` to `name`'s supervisor and carries out what it asks.
     fn step(&mut self, name: &str, input: Input) -> Result<(), RuntimeError> {
-        let mut queue = VecDeque::from([input]);
+        self.steps(name, VecDeque::from([input]))
+    }
+
+    /// Carries out `actions` (the supervisor's, from a call other than
+    /// [`Supervisor::step`]), then feeds what they report back.
+    fn carry_out(&mut self, name: &str, actions: Vec<Action>) -> Result<(), RuntimeError> {
+        let mut queue = VecDeque::new();
+        for a in actions {
+            if let Some(next) = self.act(name, a) {
+                queue.push_back(next);
+            }
+        }
+        self.steps(name, queue)
+    }
+
+    fn steps(&mut self, name: &str, mut queue: VecDeque<Input>) -> Result<(), RuntimeError> {
         while let Some(input) = queue.pop_front() {
             let now = Instant::now();
             let e = self.get(name)?;
@@ -916,6 +984,7 @@ impl Runtime {
             Action::Terminate { instance } => {
                 let e = self.engines.get(name)?;
                 if let Some(l) = e.live.get(&instance) {
+                    mark_stopping(&l.run_dir);
                     if let Err(err) = l.proc.signal(Signal::SIGTERM) {
                         tracing::warn!(engine = name, %instance, error = %err, "SIGTERM");
                     }
@@ -928,6 +997,7 @@ impl Runtime {
                 }
                 let e = self.engines.get(name)?;
                 if let Some(l) = e.live.get(&instance) {
+                    mark_stopping(&l.run_dir);
                     if let Err(err) = self.cgroups.kill(&l.cg) {
                         tracing::warn!(engine = name, %instance, error = %err, "cgroup.kill");
                     }
@@ -1905,6 +1975,30 @@ impl Runtime {
         let _ = p.reply.send(Reply::Stopped(r));
     }
 
+    /// How instance `dir` of `name`, recorded and now gone, ended while no
+    /// agent watched: its shim's record, OOM when its cgroup counted an OOM
+    /// kill (each instance has its own cgroup). None: no record.
+    fn recorded_exit(&self, name: &str, dir: u64) -> Option<Exit> {
+        let run_dir = self.run_dir(name, dir);
+        // The agent itself was stopping it (a restart, a failure's restart,
+        // a stop_all): not the engine's own end, and the relaunch the agent
+        // meant is what the next one does (started, as after a crash).
+        if run_dir.join(STOPPING_MARK).exists() {
+            return None;
+        }
+        let how = self.spawner.recorded_exit(&run_dir)?;
+        let oom = subtree(&self.cfg)
+            .and_then(|s| s.child(name).map_err(self.cg_err()))
+            .and_then(|e| e.child(&instance_dir(dir)).map_err(self.cg_err()))
+            .is_ok_and(|cg| self.cgroups.usage(&cg).is_ok_and(|u| u.oom_kills > 0));
+        match how {
+            _ if oom => Some(Exit::Oom),
+            launch::Exit::Code(c) => Some(Exit::Code(c)),
+            launch::Exit::Signal(s) => Some(Exit::Signal(s)),
+            launch::Exit::LaunchFailed(_) | launch::Exit::ShimLost(_) => None,
+        }
+    }
+
     /// At load, before any start: the instance cgroups and run directories
     /// of engine `name` other than the re-adopted one are killed and
     /// removed. They are what no running agent accounts for: a shim an
@@ -2494,7 +2588,12 @@ impl EngineRuntime {
         };
         // Before any engine is started again (adopted ones run already).
         rt.write_budget_at_start();
+        // The agent restarted within the boot the state was written in
+        // (not the node): what had come to rest stays at rest, and what
+        // ended while no agent watched goes through its restart policy.
+        let same_boot = rt.cfg.boot_id.is_some() && state.boot_id == rt.cfg.boot_id;
         let mut to_start = Vec::new();
+        let mut to_resume = Vec::new();
         for r in state.engines {
             let spec = Spec::from_json(&r.current.spec).map_err(|e| RuntimeError::State {
                 path: path.clone(),
@@ -2527,8 +2626,34 @@ impl EngineRuntime {
             }
             let mut versions = BTreeMap::new();
             versions.insert(version, r.current.clone());
+            // One instance recorded and gone: how it ended, if its shim
+            // recorded it (read before the sweep removes its directory).
+            let ended = match r.instances.as_slice() {
+                [(i, _)] if same_boot && r.enabled && adoptable.is_none() => {
+                    rt.recorded_exit(&r.name, *i)
+                }
+                _ => None,
+            };
             if adoptable.is_some() {
                 to_start.push(r.name.clone());
+            } else if let Some(st) = r
+                .settled
+                .as_ref()
+                .filter(|_| same_boot && r.enabled && r.instances.is_empty())
+            {
+                tracing::info!(
+                    engine = r.name,
+                    state = ?st.state,
+                    "at rest before the agent restarted: left so (not started again)"
+                );
+                sup.restore_settled(st.state, st.last_exit, st.restarts);
+            } else if let Some(exit) = ended.filter(|_| rt.volume.mounted().is_some()) {
+                tracing::info!(
+                    engine = r.name,
+                    %exit,
+                    "ended while no agent watched: its restart policy decides"
+                );
+                to_resume.push((r.name.clone(), exit));
             } else if r.enabled && rt.volume.mounted().is_none() {
                 tracing::error!(
                     engine = r.name,
@@ -2565,6 +2690,15 @@ impl EngineRuntime {
         for n in to_start {
             if let Err(e) = rt.step(&n, Input::Start) {
                 tracing::error!(engine = n, error = %e, "the engine was not started again");
+            }
+        }
+        for (n, exit) in to_resume {
+            let actions = match rt.engines.get_mut(&n) {
+                Some(e) => e.sup.resume_after_exit(Instant::now(), exit),
+                None => continue,
+            };
+            if let Err(e) = rt.carry_out(&n, actions) {
+                tracing::error!(engine = n, error = %e, "the engine's exit was not acted on");
             }
         }
         rt.save_logged();

@@ -569,6 +569,10 @@ async fn start_engines(
         state_dir: state_dir.to_owned(),
         log_max_bytes: c.log_max_bytes,
         reboot_node: c.allow_reboot_node.then_some(reboot_node),
+        boot_id: std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .ok()
+            .map(|b| b.trim().to_owned())
+            .filter(|b| !b.is_empty()),
     };
     let cgroups = engine_cgroups(
         leasehold_engines::cgroup::CgroupFs::with_root(Some(&c.cgroup_root)),

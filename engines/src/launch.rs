@@ -508,10 +508,31 @@ struct ShimPid {
 
 /// Field 22 of /proc/<pid>/stat: start time in clock ticks since boot.
 fn start_time(pid: u32) -> Option<u64> {
+    stat_after_comm(pid)?
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
+}
+
+/// [`start_time`] of a process that has not exited: None for a zombie
+/// (state `Z`, or `X` while it is reaped). A shim that ended while no
+/// agent watched can stay a zombie for a moment before its new parent
+/// reaps it; it is gone, not adoptable (its record says how it ended).
+fn live_start_time(pid: u32) -> Option<u64> {
+    let stat = stat_after_comm(pid)?;
+    let mut fields = stat.split_whitespace();
+    match fields.next()? {
+        "Z" | "X" | "x" => None,
+        _ => fields.nth(18)?.parse().ok(),
+    }
+}
+
+/// `/proc/PID/stat` after the command name (which may hold spaces and
+/// parentheses: cut after the last `)`), from the state field on.
+fn stat_after_comm(pid: u32) -> Option<String> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // comm may contain spaces and parentheses: split after the last ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    Some(stat.get(stat.rfind(')')? + 2..)?.to_owned())
 }
 
 impl Launcher {
@@ -1255,6 +1276,18 @@ fn pidfd_open(pid: u32) -> Result<OwnedFd, LaunchError> {
     })
 }
 
+/// How the engine of a shim that is gone ended, as the shim recorded it
+/// in the run directory's `exit.json` (the engine's own exit code or
+/// signal). `None` when there is no such record: the shim was killed
+/// first, or the engine never ran (the shim opens the file empty before
+/// anything else and fills it only after the engine's exit).
+pub fn recorded_exit(run_dir: &Path) -> Option<Exit> {
+    match read_json::<Exit>(&run_dir.join("exit.json")) {
+        Ok(e @ (Exit::Code(_) | Exit::Signal(_))) => Some(e),
+        _ => None,
+    }
+}
+
 impl Running {
     /// Finds the shim of `run_dir` again (after an agent restart): checks
     /// that `shim.pid` still names the same process (start time) and opens
@@ -1267,7 +1300,7 @@ impl Running {
         };
         let pidfd = pidfd_open(rec.pid).map_err(|_| gone())?;
         // Checked after opening the pidfd: the pidfd now pins this process.
-        if start_time(rec.pid) != Some(rec.start_time) {
+        if live_start_time(rec.pid) != Some(rec.start_time) {
             return Err(gone());
         }
         Ok(Running {
@@ -3019,6 +3052,25 @@ mod tests {
     fn start_time_of_self() {
         assert!(start_time(std::process::id()).is_some());
         assert!(start_time(u32::MAX).is_none());
+        assert_eq!(
+            live_start_time(std::process::id()),
+            start_time(std::process::id())
+        );
+    }
+
+    #[test]
+    fn a_zombie_has_no_live_start_time() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Exited, not reaped: a zombie until the wait below.
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while start_time(pid).is_some() && live_start_time(pid).is_some() {
+            assert!(std::time::Instant::now() < end, "never a zombie");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(start_time(pid).is_some(), "still there (a zombie)");
+        assert_eq!(live_start_time(pid), None);
+        child.wait().unwrap();
     }
 
     #[test]

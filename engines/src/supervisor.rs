@@ -20,6 +20,8 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use crate::backoff::{wants_restart, Backoff, Decision, Schedule};
 use crate::spec::{FailureAction, RestartPolicy, Spec};
 
@@ -49,7 +51,8 @@ impl fmt::Display for VersionId {
 }
 
 /// How an instance ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
 pub enum Exit {
     /// Exited with this code.
     Code(i32),
@@ -78,6 +81,19 @@ impl fmt::Display for Exit {
             Exit::NotStarted => f.write_str("not started"),
         }
     }
+}
+
+/// Where an engine the tenant wants running came to rest with nothing
+/// alive and nothing pending: what an agent restart within the same boot
+/// must leave as it is (the runtime records it; see
+/// [`Supervisor::settled`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Settled {
+    /// Exited and its restart policy does not restart it.
+    Exited,
+    /// Too many restarts: left exited until a command.
+    GaveUp,
 }
 
 /// The engine's state as `status` shows it.
@@ -701,6 +717,72 @@ impl Supervisor {
     /// Whether the tenant wants it running (started and not stopped since).
     pub fn enabled(&self) -> bool {
         self.enabled
+    }
+
+    /// `Some` when the tenant wants it running but it came to rest: no
+    /// instance alive, no restart pending, exited (its policy does not
+    /// restart it) or given up. An agent restart within the same boot
+    /// restores it with [`Supervisor::restore_settled`] instead of
+    /// starting it again (a `restart = "never"` batch engine would
+    /// otherwise run again at every agent upgrade).
+    pub fn settled(&self) -> Option<Settled> {
+        // A launch that failed on the node's side (rules, cgroup, state
+        // disk, confinement) is not the engine's own end: the next agent
+        // tries again, as before.
+        if !self.enabled
+            || self.current.is_some()
+            || self.reloading()
+            || self.last_exit == Some(Exit::NotStarted)
+        {
+            return None;
+        }
+        match self.idle {
+            Idle::Exited => Some(Settled::Exited),
+            Idle::GaveUp => Some(Settled::GaveUp),
+            Idle::Stopped | Idle::BackingOff { .. } => None,
+        }
+    }
+
+    /// After an agent restart within the boot `settled` was recorded in:
+    /// the engine is as it was (wanted running, at rest, its last exit and
+    /// restart count), and nothing is launched. Only on a supervisor with
+    /// nothing alive (a new one); otherwise ignored.
+    pub fn restore_settled(&mut self, settled: Settled, last_exit: Option<Exit>, restarts: u32) {
+        if self.current.is_some() || self.reloading() {
+            return;
+        }
+        self.enabled = true;
+        self.idle = match settled {
+            Settled::Exited => Idle::Exited,
+            Settled::GaveUp => Idle::GaveUp,
+        };
+        self.last_exit = last_exit;
+        self.restarts = restarts;
+    }
+
+    /// After an agent restart: the engine was wanted running and its
+    /// instance ended while no agent watched (`exit`, as its shim recorded
+    /// it). As after that exit: the events, the last exit, then the
+    /// restart policy through the backoff (a restart is a timer; nothing is
+    /// launched here). Only on a supervisor with nothing alive (a new one);
+    /// otherwise no action.
+    pub fn resume_after_exit(&mut self, now: Instant, exit: Exit) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.current.is_some() || self.reloading() {
+            return out;
+        }
+        self.enabled = true;
+        // A number of its own: the events name an instance as every
+        // exit's do (the gone one's number belonged to the last agent).
+        let instance = InstanceId(self.next_instance);
+        self.next_instance += 1;
+        out.push(Action::Emit(Event::Exited { instance, exit }));
+        if exit == Exit::Oom {
+            out.push(Action::Emit(Event::OomKilled { instance }));
+        }
+        self.last_exit = Some(exit);
+        self.after_exit(now, exit.clean(), None, &mut out);
+        out
     }
 
     /// Instances alive (launched and not seen to end), current first.

@@ -893,6 +893,71 @@ fn reboot(vm: &mut Vm) -> Ran {
     ]);
     vm.tenant_ok(&["engine", "start", "survivor"]);
     let engine_before = vm.engine_until("survivor", &["ready", "running"]);
+    // Engines that came to rest (a `restart = "never"` job that ran) stay
+    // so across an agent restart of the same boot; one that ends while no
+    // agent runs goes through its policy; both run again at boot.
+    let boot = |vm: &Vm| {
+        vm.sh("cat /proc/sys/kernel/random/boot_id")
+            .trim()
+            .to_owned()
+    };
+    let never = "[restart]\npolicy = \"never\"\n";
+    let batch = engine_spec(
+        &dir,
+        "batch",
+        "echo batch in boot $(/bin/busybox cat /proc/sys/kernel/random/boot_id)",
+        never,
+    );
+    let late = engine_spec(
+        &dir,
+        "late",
+        "echo late in boot $(/bin/busybox cat /proc/sys/kernel/random/boot_id); \
+         /bin/busybox rm -f /var/lib/late/go; \
+         while [ ! -e /var/lib/late/go ]; do /bin/busybox sleep 0.2; done; exit 7",
+        &format!("data_dirs = [\"var/lib/late\"]\n{never}"),
+    );
+    for (name, spec) in [("batch", &batch), ("late", &late)] {
+        vm.tenant_ok(&[
+            "engine",
+            "deploy",
+            name,
+            "bb.tar",
+            "--spec",
+            spec,
+            "--from-inbox",
+        ]);
+        vm.tenant_ok(&["engine", "start", name]);
+    }
+    vm.engine_until("batch", &["exited"]);
+    vm.engine_until("late", &["ready", "running"]);
+    // Its line read before the agent stops (not left in the FIFO).
+    vm.engine_logs_until("late", "late in boot");
+    vm.sh("systemctl stop leasehold-agentd");
+    // `late` ends while no agent runs (its shim records the exit).
+    vm.sh(&format!(
+        "touch {go}/go && timeout 60 sh -c 'until grep -qsF \\\"Code\\\":7 /run/leasehold/engines/late/i*/exit.json; do sleep 0.2; done'",
+        go = engine_data("late", "var/lib/late")
+    ));
+    vm.sh("systemctl start leasehold-agentd");
+    let st = vm.engine_status("batch");
+    assert_eq!(st["state"], "exited", "batch after an agent restart: {st}");
+    let st = vm.engine_status("late");
+    assert_eq!(st["state"], "exited", "late after an agent restart: {st}");
+    assert!(
+        st["last_exit"]
+            .as_str()
+            .is_some_and(|l| l.contains("exit code 7")),
+        "{st}"
+    );
+    let b0 = boot(vm);
+    for name in ["batch", "late"] {
+        let logs = vm.engine_logs(name);
+        assert_eq!(
+            logs.matches(&format!("{name} in boot {b0}")).count(),
+            1,
+            "{name} ran once in this boot: {logs}"
+        );
+    }
     vm.node1_volume = Some(vm.sh(&format!("cat {STATE}/volume.json")));
     let boot_id = vm.sh("cat /proc/sys/kernel/random/boot_id");
     let r = vm.sh_status("runuser -u ll -- landlordctl reboot");
@@ -937,9 +1002,15 @@ fn reboot(vm: &mut Vm) -> Ran {
             vm.sh("cat /proc/sys/kernel/random/boot_id").trim()
         ),
     );
-    vm.tenant_ok(&["engine", "stop", "survivor"]);
-    vm.tenant_ok(&["--yes", "engine", "rm", "survivor"]);
-    vm.step("reboot via landlordctl, agent back with the same keys, the started engine again");
+    // Marked to run: after the boot both ran again (once each).
+    let b1 = boot(vm);
+    vm.engine_logs_until("batch", &format!("batch in boot {b1}"));
+    vm.engine_logs_until("late", &format!("late in boot {b1}"));
+    for name in ["survivor", "batch", "late"] {
+        vm.tenant_ok(&["engine", "stop", name]);
+        vm.tenant_ok(&["--yes", "engine", "rm", name]);
+    }
+    vm.step("reboot via landlordctl, agent back with the same keys, the started engine again; an engine at rest stays so across an agent restart, one that ended while the agent was stopped is decided by its policy, both run again at boot");
     Ran::Done
 }
 

@@ -1403,3 +1403,104 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn only_an_enabled_engine_at_rest_is_settled() {
+    let never = spec("command = [\"/bin/app\"]\n[restart]\npolicy = \"never\"");
+    let mut h = H::new(never.clone());
+    assert_eq!(h.s.settled(), None, "never started: stopped, not at rest");
+    let (mut h2, i) = H::running(never);
+    assert_eq!(h2.s.settled(), None, "running");
+    let a = h2.step(Input::Exited {
+        instance: i,
+        exit: Exit::Code(0),
+    });
+    assert_eq!(events(&a), ["exited"]);
+    assert_eq!(h2.s.settled(), Some(Settled::Exited));
+    // Backing off is not at rest (a restart is pending).
+    let (mut h3, i) = H::running(default_spec());
+    h3.step(Input::Exited {
+        instance: i,
+        exit: Exit::Code(1),
+    });
+    assert_eq!(h3.s.phase(), Phase::BackingOff);
+    assert_eq!(h3.s.settled(), None);
+    // Stopped by the tenant: not wanted running.
+    let a = h.step(Input::Start);
+    let i = launched(&a).unwrap();
+    h.step(Input::Launched {
+        instance: i,
+        pid: 5,
+    });
+    h.step(Input::Stop { grace: None });
+    h.step(Input::Exited {
+        instance: i,
+        exit: Exit::Signal(15),
+    });
+    assert_eq!(h.s.phase(), Phase::Stopped);
+    assert_eq!(h.s.settled(), None);
+    // A launch that failed is not the engine's own end.
+    let a = h.step(Input::Start);
+    let i = launched(&a).unwrap();
+    h.step(Input::LaunchFailed {
+        instance: i,
+        reason: "no cgroup".into(),
+    });
+    assert_eq!(h.s.phase(), Phase::Exited);
+    assert_eq!(h.s.settled(), None);
+}
+
+#[test]
+fn a_restored_rest_is_as_it_was_and_a_start_begins_afresh() {
+    let mut h = H::new(default_spec());
+    h.s.restore_settled(Settled::GaveUp, Some(Exit::Code(2)), 4);
+    let st = h.s.status();
+    assert_eq!(
+        (h.s.phase(), st.last_exit, st.restarts, h.s.enabled()),
+        (Phase::GaveUp, Some(Exit::Code(2)), 4, true)
+    );
+    assert_eq!(h.s.settled(), Some(Settled::GaveUp));
+    assert!(launched(&h.step(Input::Start)).is_some());
+    // Never over something alive.
+    h.s.restore_settled(Settled::Exited, None, 0);
+    assert_eq!(h.s.phase(), Phase::Starting);
+}
+
+#[test]
+fn an_exit_while_no_agent_watched_is_decided_by_the_policy() {
+    for (policy, exit, restarts) in [
+        ("never", Exit::Code(1), false),
+        ("on-failure", Exit::Code(0), false),
+        ("on-failure", Exit::Oom, true),
+        ("always", Exit::Code(0), true),
+    ] {
+        let mut h = H::new(spec(&format!(
+            "command = [\"/bin/app\"]\n[restart]\npolicy = {policy:?}"
+        )));
+        let at = h.at();
+        let a = h.s.resume_after_exit(at, exit);
+        h.note(&a);
+        assert!(launched(&a).is_none(), "a timer, never a launch here");
+        assert_eq!(h.s.status().last_exit, Some(exit));
+        assert!(h.s.enabled());
+        if restarts {
+            let mut want = vec!["exited"];
+            if exit == Exit::Oom {
+                want.push("oom-killed");
+            }
+            want.push("backing-off");
+            assert_eq!(events(&a), want, "{policy}");
+            let (t, when) = H::armed(&a);
+            assert_eq!(when, at + ms(100), "the first delay");
+            assert!(launched(&h.fire(t)).is_some());
+        } else {
+            assert_eq!(events(&a), ["exited"], "{policy}");
+            assert_eq!(h.s.settled(), Some(Settled::Exited), "{policy}");
+        }
+    }
+    // Ignored over something alive.
+    let (mut h, _) = H::running(default_spec());
+    let at = h.at();
+    assert!(h.s.resume_after_exit(at, Exit::Code(1)).is_empty());
+    assert_eq!(h.s.phase(), Phase::Ready);
+}
