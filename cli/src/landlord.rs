@@ -38,9 +38,10 @@ pub struct Args {
     /// Confirm operations that destroy data, without asking.
     #[arg(long, short = 'y', global = true)]
     pub yes: bool,
-    /// Stop waiting for a long operation (volume init, rotate, rekey,
-    /// release, assign, volume forget) after this long (e.g. 90s, 30m, 2h; 0: no
-    /// limit). The node may still finish it: `volume status`, `info`.
+    /// Stop waiting for the node after this long (e.g. 90s, 30m, 2h; 0: no
+    /// limit): a long operation (volume init, rotate, rekey, release, assign,
+    /// volume forget), and every other call and the connection. The node may
+    /// still finish it: `volume status`, `info`.
     #[arg(long, global = true, value_name = "DURATION", default_value = crate::progress::DEFAULT_TIMEOUT, value_parser = crate::progress::parse_timeout)]
     pub timeout: crate::progress::Timeout,
     /// What to do.
@@ -260,8 +261,9 @@ pub async fn run(args: Args) -> Result<(), CliError> {
     }
     if let Command::VerifyReceipt(a) = &args.command {
         let global = args.global.clone();
+        let timeout = args.timeout;
         return crate::receipts::verify(args.json, a, || async move {
-            Ok((global.connect().await?, true))
+            Ok((global.connect(timeout).await?, true))
         })
         .await;
     }
@@ -276,7 +278,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         }
         _ => {}
     }
-    let conn = args.global.connect().await?;
+    let conn = args.global.connect(args.timeout).await?;
     let p = LandlordProxy::new(&conn)
         .await
         .map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;

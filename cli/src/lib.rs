@@ -158,6 +158,11 @@ impl From<ApiError> for CliError {
                     "the Leasehold agent is not running (org.leasehold.Agent1 has no owner)",
                 )
             }
+            ApiError::ZBus(zbus::Error::InputOutput(io))
+                if io.kind() == std::io::ErrorKind::TimedOut =>
+            {
+                return CliError::new(exit::FAILURE, progress::NO_ANSWER);
+            }
             ApiError::ZBus(_) => exit::UNAVAILABLE,
             ApiError::Busy(_) => exit::BUSY,
             ApiError::Failed(_) => exit::FAILURE,
@@ -218,26 +223,49 @@ impl GlobalArgs {
     }
 
     /// Connects to the node: over SSH with `--host`, else to the local
-    /// system bus.
-    pub async fn connect(&self) -> Result<Connection, CliError> {
+    /// system bus. `timeout` (`--timeout`) bounds the connection's set-up
+    /// and every call made on it: a frozen agent or a dead SSH link ends
+    /// the CLI with exit 1 instead of hanging a script.
+    pub async fn connect(&self, timeout: progress::Timeout) -> Result<Connection, CliError> {
         match &self.host {
-            Some(h) => connect_ssh(h).await,
-            None => connect_local().await,
+            Some(h) => connect_ssh_bounded(h, timeout).await,
+            None => connect_local_bounded(timeout).await,
         }
+    }
+}
+
+/// Builds `b` with every method call bounded by `timeout` (None: no
+/// limit), the set-up too; `fail` words an error.
+async fn build_bounded(
+    b: zbus::connection::Builder<'_>,
+    timeout: progress::Timeout,
+    fail: impl Fn(String) -> CliError,
+) -> Result<Connection, CliError> {
+    let Some(t) = timeout.0 else {
+        return b.build().await.map_err(|e| fail(e.to_string()));
+    };
+    match tokio::time::timeout(t, b.method_timeout(t).build()).await {
+        Ok(r) => r.map_err(|e| fail(e.to_string())),
+        Err(_) => Err(fail(format!(
+            "no connection within {}s (--timeout)",
+            t.as_secs()
+        ))),
     }
 }
 
 /// Connects to the local system bus (honours `DBUS_SYSTEM_BUS_ADDRESS`).
 pub async fn connect_local() -> Result<Connection, CliError> {
-    zbus::connection::Builder::system()
-        .build()
-        .await
-        .map_err(|e| {
-            CliError::new(
-                exit::UNAVAILABLE,
-                format!("cannot connect to the system bus: {e}"),
-            )
-        })
+    connect_local_bounded(progress::Timeout(None)).await
+}
+
+async fn connect_local_bounded(timeout: progress::Timeout) -> Result<Connection, CliError> {
+    build_bounded(zbus::connection::Builder::system(), timeout, |e| {
+        CliError::new(
+            exit::UNAVAILABLE,
+            format!("cannot connect to the system bus: {e}"),
+        )
+    })
+    .await
 }
 
 /// The unixexec transport for `--host`: like `systemctl -H`, D-Bus runs over
@@ -282,17 +310,23 @@ pub fn ssh_transport(host: &str, ssh: Option<&str>) -> Result<Unixexec, CliError
 
 /// Connects to a remote node's system bus over SSH.
 pub async fn connect_ssh(host: &str) -> Result<Connection, CliError> {
+    connect_ssh_bounded(host, progress::Timeout(None)).await
+}
+
+async fn connect_ssh_bounded(
+    host: &str,
+    timeout: progress::Timeout,
+) -> Result<Connection, CliError> {
     let ssh = std::env::var("LEASEHOLD_SSH").ok();
     let transport = ssh_transport(host, ssh.as_deref())?;
-    zbus::connection::Builder::address(Address::new(Transport::Unixexec(transport)))
-        .build()
-        .await
-        .map_err(|e| {
-            CliError::new(
-                exit::UNAVAILABLE,
-                format!("cannot reach the agent on {host} over SSH: {e}"),
-            )
-        })
+    let b = zbus::connection::Builder::address(Address::new(Transport::Unixexec(transport)));
+    build_bounded(b, timeout, |e| {
+        CliError::new(
+            exit::UNAVAILABLE,
+            format!("cannot reach the agent on {host} over SSH: {e}"),
+        )
+    })
+    .await
 }
 
 /// Runs a call that may need confirmation. Without `--yes`, the call is made

@@ -12,7 +12,11 @@ use leasehold_dbus_api::Error as ApiError;
 /// device, short enough that a frozen agent does not hang a script.
 pub const DEFAULT_TIMEOUT: &str = "30m";
 
-/// `--timeout`: how long to wait for a long call (None: no limit).
+/// A call that got no answer within `--timeout` (the connection's bound
+/// on every call; long calls say more, see [`bounded`]).
+pub const NO_ANSWER: &str = "no answer from the agent within --timeout; it may be frozen or the link to the node down, and it may still carry the call out (check with a query, or give a longer --timeout, 0 for none)";
+
+/// `--timeout`: how long to wait for a call (None: no limit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeout(pub Option<Duration>);
 
@@ -101,6 +105,12 @@ where
         let _ = write!(e, "\r\x1b[2K");
         let _ = e.flush();
     }
+    // The connection's own bound on the call (the same --timeout) may
+    // end it first: the same words.
+    let r = r.filter(|r| {
+        !matches!(r, Err(ApiError::ZBus(zbus::Error::InputOutput(io)))
+            if io.kind() == std::io::ErrorKind::TimedOut)
+    });
     r.unwrap_or_else(|| {
         Err(ApiError::Failed(format!(
             "timed out after {}s waiting for the node to {what} (--timeout); the node may still be doing it: see `{check}`",

@@ -38,8 +38,9 @@ pub struct Args<C: Subcommand = Command> {
     /// Confirm operations that destroy data, without asking.
     #[arg(long, short = 'y', global = true)]
     pub yes: bool,
-    /// Stop waiting for a long operation (rotate, rekey) after this long (e.g.
-    /// 90s, 30m, 2h; 0: no limit). The node may still finish it: `info`.
+    /// Stop waiting for the node after this long (e.g. 90s, 30m, 2h; 0: no
+    /// limit): a long operation (rotate, rekey), and every other call and the
+    /// connection. The node may still finish it: `info`.
     #[arg(long, global = true, value_name = "DURATION", default_value = crate::progress::DEFAULT_TIMEOUT, value_parser = crate::progress::parse_timeout)]
     pub timeout: crate::progress::Timeout,
     /// What to do.
@@ -823,8 +824,9 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         }
         Command::VerifyReceipt(a) => {
             let global = args.global.clone();
+            let timeout = args.timeout;
             return crate::receipts::verify(json, a, || async move {
-                Ok((global.connect().await?, false))
+                Ok((global.connect(timeout).await?, false))
             })
             .await;
         }
@@ -862,7 +864,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
         }
         _ => {}
     }
-    let conn = args.global.connect().await?;
+    let conn = args.global.connect(args.timeout).await?;
     let p = TenantProxy::new(&conn)
         .await
         .map_err(|e| CliError::new(exit::UNAVAILABLE, e.to_string()))?;

@@ -213,6 +213,51 @@ fn scrape(socket: &Path) -> String {
     body.to_owned()
 }
 
+/// A frozen agent (SIGSTOP: the bus takes the calls, nothing answers):
+/// every CLI call ends at `--timeout` with exit 1, saying so — a query and
+/// a long call alike — and the same calls answer once it runs again.
+#[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
+fn cli_calls_to_a_frozen_agent_end_at_the_timeout() {
+    let lab = Lab::start();
+    let frozen = Frozen::new(lab.agent_pid().expect("the agent runs"));
+    for (who, cli, args, says) in [
+        (
+            Who::Tenant,
+            "tenantctl",
+            &["--timeout", "2s", "info"][..],
+            "no answer from the agent within --timeout",
+        ),
+        (
+            Who::Landlord,
+            "landlordctl",
+            &["--timeout", "2s", "--json", "status"][..],
+            "no answer from the agent within --timeout",
+        ),
+        (
+            Who::Tenant,
+            "tenantctl",
+            &["--timeout", "2s", "engine", "ls"][..],
+            "no answer from the agent within --timeout",
+        ),
+        (
+            Who::Landlord,
+            "landlordctl",
+            &["--timeout", "2s", "rekey"][..],
+            "timed out after 2s waiting for the node to re-key the landlord keys",
+        ),
+    ] {
+        let r = lab.run(who, cli, args);
+        assert_eq!(r.code, 1, "{cli} {args:?}: {r:?}");
+        assert!(r.stderr.contains(says), "{cli} {args:?}: {r:?}");
+    }
+    drop(frozen);
+    lab.run(Who::Tenant, "tenantctl", &["--timeout", "30s", "info"])
+        .ok();
+    lab.run(Who::Landlord, "landlordctl", &["--timeout", "30s", "info"])
+        .ok();
+}
+
 #[test]
 #[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn health_checks_tpm_volume_engines_and_boundary_drift() {

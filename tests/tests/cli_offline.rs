@@ -317,3 +317,32 @@ fn cli_json_errors_are_json_on_stdout_with_the_same_exit_code() {
         }
     }
 }
+
+/// `--timeout` bounds the connection too: an SSH command that never
+/// answers (a dead link that does not close) ends the CLI at the deadline,
+/// saying so, instead of hanging a script.
+#[test]
+fn a_link_that_never_answers_ends_at_the_timeout() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let ssh = dir.path().join("silent-ssh");
+    // Takes the arguments ssh would, reads nothing, writes nothing.
+    // Its stderr is not the CLI's: the test reads that to its end.
+    std::fs::write(&ssh, "#!/bin/sh\nexec sleep 30 2>/dev/null\n").unwrap();
+    std::fs::set_permissions(&ssh, std::fs::Permissions::from_mode(0o755)).unwrap();
+    for cli in CLIS {
+        let out = offline(cli)
+            .env("LEASEHOLD_SSH", &ssh)
+            .args(["--timeout", "1s", "-H", "nobody@node.invalid", "info"])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(69), "{cli}: {}", fail_msg(&out));
+        assert!(
+            err.contains("cannot reach the agent on nobody@node.invalid over SSH: no connection within 1s (--timeout)"),
+            "{cli}: {}",
+            fail_msg(&out)
+        );
+    }
+}
