@@ -453,6 +453,12 @@ fn tail(log: &str) -> &str {
     &log[start..]
 }
 
+/// [`output_bounded`] as a [`Run`]: for tests that make their own command
+/// (over SSH, say).
+pub fn run_bounded(cmd: &mut Command) -> Run {
+    Run::from(output_bounded(cmd))
+}
+
 /// `cmd.output()`, bounded by `RUN_BOUND`: a command still running then is
 /// killed with its whole process group (an `ssh` it started, say) and the
 /// test fails naming it; output a descendant still holds open 10 s after

@@ -29,23 +29,17 @@ fn path(p: &Path) -> &str {
 /// local bus: only SSH reaches the node.
 fn remote(lab: &Lab, ssh: &Ssh, program: &str, flag: &str, user: &str, args: &[&str]) -> Run {
     let host = format!("{user}@127.0.0.1:{}", ssh.port);
-    let out = lab
-        .command(Who::Root, &bin(program))
-        .env(
-            "DBUS_SYSTEM_BUS_ADDRESS",
-            "unix:path=/nonexistent/leasehold-bus",
-        )
-        .env("LEASEHOLD_SSH", &ssh.command)
-        .arg(flag)
-        .arg(host)
-        .args(args)
-        .output()
-        .unwrap();
-    Run {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    leasehold_tests::run_bounded(
+        lab.command(Who::Root, &bin(program))
+            .env(
+                "DBUS_SYSTEM_BUS_ADDRESS",
+                "unix:path=/nonexistent/leasehold-bus",
+            )
+            .env("LEASEHOLD_SSH", &ssh.command)
+            .arg(flag)
+            .arg(host)
+            .args(args),
+    )
 }
 
 #[test]

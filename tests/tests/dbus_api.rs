@@ -460,12 +460,7 @@ fn dbus_tenantctl_over_ssh() {
         // No local bus: everything goes over SSH.
         c.env_remove("DBUS_SYSTEM_BUS_ADDRESS")
             .env("LEASEHOLD_SSH", &ssh.command);
-        let out = c.arg("--host").arg(host).args(args).output().unwrap();
-        Run {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        leasehold_tests::run_bounded(c.arg("--host").arg(host).args(args))
     };
     let info = remote("lhtest-tenant", &["--json", "info"]).ok().json();
     assert_eq!(info["tenant_name"], "acme");
