@@ -1366,16 +1366,11 @@ fn real_respawn_while_no_agent_runs_is_read_on_adoption() {
     let script = "if [ -e /tmp/ran ]; then /bin/busybox touch /var/lib/app/second; exec /bin/busybox sleep 1000; fi; \
                   /bin/busybox touch /tmp/ran; while [ ! -e /var/lib/app/go ]; do /bin/busybox sleep 0.02; done; exit 3";
     let mut rt = start();
-    rt.deploy(
-        "bb",
-        "bb.tar",
-        &spec(&format!(
-            "command = [\"/bin/busybox\", \"sh\", \"-c\", {script:?}]\n\
-             data_dirs = [\"var/lib/app\"]\n\
-             [restart]\npolicy = \"on-failure\"\ninitial = \"1ms\"\n"
-        )),
-    )
-    .unwrap();
+    deploy_bb_script(
+        &mut rt,
+        script,
+        "policy = \"on-failure\"\ninitial = \"1ms\"",
+    );
     let shim_pid = rt.start("bb").unwrap().pid.unwrap();
     until(&rt, "bb", |s| s.phase == Phase::Ready);
     drop(rt);
@@ -1410,6 +1405,21 @@ fn real_respawn_while_no_agent_runs_is_read_on_adoption() {
     until(&rt, "bb", |s| s.phase == Phase::Stopped);
 }
 
+/// Deploys `bb` (the busybox image) running `sh -c script`, with the data
+/// dir `/var/lib/app` and `restart` as its `[restart]` table's lines.
+fn deploy_bb_script(rt: &mut EngineRuntime, script: &str, restart: &str) {
+    rt.deploy(
+        "bb",
+        "bb.tar",
+        &spec(&format!(
+            "command = [\"/bin/busybox\", \"sh\", \"-c\", {script:?}]\n\
+             data_dirs = [\"var/lib/app\"]\n\
+             [restart]\n{restart}\n"
+        )),
+    )
+    .unwrap();
+}
+
 /// T1: an engine that ended by itself while no agent ran, with a policy
 /// that does not restart it, is read from its shim's record by the next
 /// agent and left exited with its code; the agent after that (same boot)
@@ -1424,16 +1434,7 @@ fn real_exit_while_no_agent_runs_is_not_restarted_by_never() {
     let data = f.tmp.path().join("vol/engines/bb/data/var/lib/app");
     let script = "while [ ! -e /var/lib/app/go ]; do /bin/busybox sleep 0.02; done; exit 7";
     let mut rt = start();
-    rt.deploy(
-        "bb",
-        "bb.tar",
-        &spec(&format!(
-            "command = [\"/bin/busybox\", \"sh\", \"-c\", {script:?}]\n\
-             data_dirs = [\"var/lib/app\"]\n\
-             [restart]\npolicy = \"never\"\n"
-        )),
-    )
-    .unwrap();
+    deploy_bb_script(&mut rt, script, "policy = \"never\"");
     let shim_pid = rt.start("bb").unwrap().pid.unwrap();
     until(&rt, "bb", |s| s.phase == Phase::Ready);
     drop(rt);
