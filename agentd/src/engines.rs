@@ -709,7 +709,13 @@ struct Engine {
     probes_seen: BTreeMap<usize, ProbeSeen>,
     /// Why the last `on_failure = ["reload"]` had no fresh root (status).
     fresh_note: Option<String>,
+    /// Marked to run but not started by this agent: why (status; gone at
+    /// its next launch).
+    held_note: Option<&'static str>,
 }
+
+/// [`Engine::held_note`] when no tenant volume was mounted at the load.
+const HELD_NO_VOLUME: &str = "marked to run, not started: no tenant volume was mounted when the agent started (it starts with `engine start`, or with the next agent start that finds the volume)";
 
 enum Cmd {
     Deploy(String, String, Box<Spec>),
@@ -1163,6 +1169,7 @@ impl Runtime {
         });
         let spec_text = v.spec.clone();
         let mut notify_sock = None;
+        e.held_note = None;
         let adopted = e.adoptable.take();
         let adopted_here = adopted.is_some();
         let dir_name = adopted
@@ -1785,6 +1792,7 @@ impl Runtime {
             probing: Default::default(),
             probes_seen: BTreeMap::new(),
             fresh_note: None,
+            held_note: None,
         };
         let st = status_of(&e);
         self.engines.insert(name.to_owned(), e);
@@ -2411,7 +2419,12 @@ fn status_of(e: &Engine) -> EngineStatus {
         started_at,
         restarts: s.restarts,
         last_exit: s.last_exit,
-        notes: e.fresh_note.iter().cloned().collect(),
+        notes: e
+            .held_note
+            .map(str::to_owned)
+            .into_iter()
+            .chain(e.fresh_note.iter().cloned())
+            .collect(),
         probes: e
             .sup
             .spec()
@@ -2628,6 +2641,7 @@ impl EngineRuntime {
             versions.insert(version, r.current.clone());
             // One instance recorded and gone: how it ended, if its shim
             // recorded it (read before the sweep removes its directory).
+            let mut held = None;
             let ended = match r.instances.as_slice() {
                 [(i, _)] if same_boot && r.enabled && adoptable.is_none() => {
                     rt.recorded_exit(&r.name, *i)
@@ -2655,10 +2669,14 @@ impl EngineRuntime {
                 );
                 to_resume.push((r.name.clone(), exit));
             } else if r.enabled && rt.volume.mounted().is_none() {
+                // The mark stays (recorded again as it was): the next agent
+                // that finds the volume starts it, as after a reboot.
                 tracing::error!(
                     engine = r.name,
-                    "marked to start, but no tenant volume is mounted: left stopped"
+                    "marked to start, but no tenant volume is mounted: left stopped, still marked to run"
                 );
+                sup.keep_wanted();
+                held = Some(HELD_NO_VOLUME);
             } else if r.enabled {
                 to_start.push(r.name.clone());
             }
@@ -2683,6 +2701,7 @@ impl EngineRuntime {
                     probing: Default::default(),
                     probes_seen: BTreeMap::new(),
                     fresh_note: None,
+                    held_note: held,
                 },
             );
             rt.sweep_unrecorded(&name, &recorded);

@@ -760,6 +760,16 @@ impl Supervisor {
         self.restarts = restarts;
     }
 
+    /// After an agent restart that cannot start it (no tenant volume):
+    /// still wanted running — so recorded, for the next agent — but
+    /// stopped; a `start` runs it. Only on a supervisor with nothing alive
+    /// (a new one); otherwise ignored.
+    pub fn keep_wanted(&mut self) {
+        if self.current.is_none() && !self.reloading() {
+            self.enabled = true;
+        }
+    }
+
     /// After an agent restart: the engine was wanted running and its
     /// instance ended while no agent watched (`exit`, as its shim recorded
     /// it). As after that exit: the events, the last exit, then the

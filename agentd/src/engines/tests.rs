@@ -1071,12 +1071,26 @@ fn without_the_volume_nothing_is_launched() {
     assert_eq!(f.sp.spawned.lock().unwrap().len(), 1);
     let e = rt.start("web").unwrap_err();
     assert_eq!(e.kind, FailureKind::Unavailable, "{e}");
-    // A new agent without the volume leaves the engine stopped.
+    // A new agent without the volume (a reboot whose volume did not open)
+    // leaves the engine stopped — what it decides at its load is final —
+    // but still marked to run, saying why: the next agent that finds the
+    // volume starts it (before, the mark was lost with the first save).
+    drop(rt);
     f.sp.alive.lock().unwrap().clear();
     let rt2 = f.runtime();
-    std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(rt2.view().status("web").unwrap().phase, Phase::Stopped);
+    let s = rt2.view().status("web").unwrap();
+    assert_eq!((s.phase, s.enabled), (Phase::Stopped, true), "{s:?}");
+    assert!(
+        s.notes.iter().any(|n| n.contains("no tenant volume")),
+        "{s:?}"
+    );
     assert_eq!(f.sp.spawned.lock().unwrap().len(), 1);
+    drop(rt2);
+    *f.vol.0.lock().unwrap() = Some(f.tmp.path().join("vol"));
+    let rt3 = f.runtime();
+    let s = until(&rt3, "web", |s| s.phase == Phase::Ready);
+    assert!(s.notes.is_empty(), "{s:?}");
+    assert_eq!(f.sp.spawned.lock().unwrap().len(), 2);
 }
 
 /// A cgroup manager over plain directories: the shim "joins" by writing to
