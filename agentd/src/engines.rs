@@ -29,6 +29,7 @@ use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
+use leasehold_engines::backoff::wants_restart;
 use leasehold_engines::budget::{self, Budget};
 use leasehold_engines::cgroup::{CgroupError, CgroupPath, Cgroups, Controller};
 use leasehold_engines::image::{unpack_image, ImageError, Limits as ImageLimits};
@@ -2421,6 +2422,7 @@ fn status_of(e: &Engine) -> EngineStatus {
         last_exit: s.last_exit,
         notes: e
             .held_note
+            .filter(|_| e.sup.enabled())
             .map(str::to_owned)
             .into_iter()
             .chain(e.fresh_note.iter().cloned())
@@ -2613,6 +2615,7 @@ impl EngineRuntime {
                 detail: format!("engine {:?}: {e}", r.name),
             })?;
             let version = VersionId(r.current.id);
+            let spec_policy = spec.restart.policy;
             let mut sup = Supervisor::new(version, spec);
             sup.set_reboot_allowed(rt.cfg.reboot_node.is_some());
             let mut adoptable = None;
@@ -2668,6 +2671,10 @@ impl EngineRuntime {
                     "ended while no agent watched: its restart policy decides"
                 );
                 to_resume.push((r.name.clone(), exit));
+            } else if let Some(exit) = ended.filter(|e| !wants_restart(spec_policy, e.clean())) {
+                // Ended by itself, not to be restarted, while no volume is
+                // mounted: at rest, as it would have been.
+                sup.restore_settled(Settled::Exited, Some(exit), 0);
             } else if r.enabled && rt.volume.mounted().is_none() {
                 // The mark stays (recorded again as it was): the next agent
                 // that finds the volume starts it, as after a reboot.

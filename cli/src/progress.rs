@@ -16,6 +16,27 @@ pub const DEFAULT_TIMEOUT: &str = "30m";
 /// on every call; long calls say more, see [`bounded`]).
 pub const NO_ANSWER: &str = "no answer from the agent within --timeout; it may be frozen or the link to the node down, and it may still carry the call out (check with a query, or give a longer --timeout, 0 for none)";
 
+/// `call`, held as a whole to the connection's `--timeout` (its method
+/// timeout; none: no limit). zbus starts that clock only once a call is
+/// written, and does not apply it to the property read that fills a
+/// proxy's cache: a write stuck on a dead link (a large upload chunk over
+/// SSH) or such a read is bounded here. At the deadline the same error as
+/// the connection's (exit 1, [`NO_ANSWER`]).
+pub async fn within<T, E, Fut>(conn: &zbus::Connection, call: Fut) -> Result<T, E>
+where
+    Fut: Future<Output = Result<T, E>>,
+    E: From<zbus::Error>,
+{
+    match conn.method_timeout() {
+        None => call.await,
+        Some(t) => tokio::time::timeout(t, call).await.unwrap_or_else(|_| {
+            Err(E::from(zbus::Error::from(std::io::Error::from(
+                std::io::ErrorKind::TimedOut,
+            ))))
+        }),
+    }
+}
+
 /// `--timeout`: how long to wait for a call (None: no limit).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeout(pub Option<Duration>);

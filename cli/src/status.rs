@@ -327,7 +327,7 @@ pub async fn landlord_status(conn: &Connection, json: bool) -> Result<(), CliErr
     let info = p.node_info().await?;
     Overview {
         landlord: true,
-        version: p.version().await.ok(),
+        version: crate::progress::within(conn, p.version()).await.ok(),
         boundary: p.get_boundary().await?,
         volume: Some(p.volume_status().await?),
         engines: None,
@@ -368,7 +368,7 @@ pub async fn tenant_status(conn: &Connection, json: bool) -> Result<(), CliError
     });
     Overview {
         landlord: false,
-        version: p.version().await.ok(),
+        version: crate::progress::within(conn, p.version()).await.ok(),
         boundary: optional(p.get_boundary().await)?.unwrap_or_default(),
         volume: optional(p.volume_status().await)?,
         engines,

@@ -11,6 +11,7 @@ use leasehold_dbus_api::tenant_engines::TenantEnginesProxy;
 use leasehold_dbus_api::MAX_UPLOAD_CHUNK;
 use sha2::{Digest, Sha256};
 
+use crate::progress::within;
 use crate::{exit, CliError};
 
 /// Whether IMAGE names a local file to upload (true) or a file already in
@@ -113,10 +114,14 @@ impl Progress {
     }
 }
 
+/// How long a failed upload's abort is waited for.
+const ABORT_BOUND: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Uploads `path` into the inbox as `name`; returns the name the node
 /// stored it under. `resume`: send into an upload already begun (its id)
 /// instead of beginning one. An error or Ctrl-C aborts the upload, so the
-/// node keeps no partial file.
+/// node keeps no partial file. Each chunk and the commit are held to the
+/// connection's `--timeout` as a whole, their writes included.
 pub async fn upload(
     p: &TenantEnginesProxy<'_>,
     path: &Path,
@@ -136,6 +141,7 @@ pub async fn upload(
             p.begin_upload(name, size, &digest).await?
         }
     };
+    let conn = p.inner().connection();
     let send = async {
         use std::io::Seek;
         file.seek(std::io::SeekFrom::Start(0))
@@ -149,22 +155,25 @@ pub async fn upload(
                 .min(buf.len());
             file.read_exact(&mut buf[..want])
                 .map_err(|e| local_err(path, format!("{e} (did it change while being sent?)")))?;
-            offset = p
-                .upload_chunk(&id, offset, serde_bytes::Bytes::new(&buf[..want]))
-                .await?;
+            offset = within(
+                conn,
+                p.upload_chunk(&id, offset, serde_bytes::Bytes::new(&buf[..want])),
+            )
+            .await?;
             progress.show(name, offset, size);
         }
         progress.clear();
-        Ok::<_, CliError>(p.commit_upload(&id).await?)
+        Ok::<_, CliError>(within(conn, p.commit_upload(&id)).await?)
     };
     let r = tokio::select! {
         r = send => r,
         _ = tokio::signal::ctrl_c() => Err(CliError::new(exit::FAILURE, format!("interrupted: the upload of {} was aborted", path.display()))),
     };
     if r.is_err() {
-        // Best effort: a commit that failed already removed it on the node,
-        // and the next upload or agent start removes what is left.
-        let _ = p.abort_upload(&id).await;
+        // Best effort, briefly (not a second --timeout after a first): a
+        // commit that failed already removed it on the node, and the next
+        // upload or agent start removes what is left.
+        let _ = tokio::time::timeout(ABORT_BOUND, p.abort_upload(&id)).await;
     }
     r
 }

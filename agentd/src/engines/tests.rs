@@ -1091,6 +1091,39 @@ fn without_the_volume_nothing_is_launched() {
     let s = until(&rt3, "web", |s| s.phase == Phase::Ready);
     assert!(s.notes.is_empty(), "{s:?}");
     assert_eq!(f.sp.spawned.lock().unwrap().len(), 2);
+    // Held again, then stopped by the tenant: no longer marked, no note.
+    drop(rt3);
+    f.sp.alive.lock().unwrap().clear();
+    *f.vol.0.lock().unwrap() = None;
+    let mut rt4 = f.runtime();
+    rt4.stop("web", None).unwrap();
+    let s = rt4.view().status("web").unwrap();
+    assert_eq!((s.phase, s.enabled), (Phase::Stopped, false), "{s:?}");
+    assert!(s.notes.is_empty(), "{s:?}");
+}
+
+#[test]
+fn an_exit_while_no_agent_watched_and_no_volume_is_kept_when_not_restarted() {
+    // `never`, ended by itself while no agent ran, and the next agent has
+    // no volume: exited (not held to run), so the agent after it, with the
+    // volume, does not run it again.
+    let f = fixture(false);
+    let rt = running(&f, "job", "[restart]\npolicy = \"never\"");
+    drop(rt);
+    instance(&f, 0).end(launch::Exit::Code(3));
+    *f.vol.0.lock().unwrap() = None;
+    let rt = f.runtime();
+    let s = rt.view().status("job").unwrap();
+    assert_eq!(
+        (s.phase, s.last_exit, s.notes.len()),
+        (Phase::Exited, Some(Exit::Code(3)), 0),
+        "{s:?}"
+    );
+    drop(rt);
+    *f.vol.0.lock().unwrap() = Some(f.tmp.path().join("vol"));
+    let rt = f.runtime();
+    assert_eq!(rt.view().status("job").unwrap().phase, Phase::Exited);
+    assert_eq!(spawned(&f), 1);
 }
 
 /// A cgroup manager over plain directories: the shim "joins" by writing to
