@@ -158,9 +158,7 @@ impl From<ApiError> for CliError {
                     "the Leasehold agent is not running (org.leasehold.Agent1 has no owner)",
                 )
             }
-            ApiError::ZBus(zbus::Error::InputOutput(io))
-                if io.kind() == std::io::ErrorKind::TimedOut =>
-            {
+            e if progress::timed_out(e) => {
                 return CliError::new(exit::FAILURE, progress::NO_ANSWER);
             }
             ApiError::ZBus(_) => exit::UNAVAILABLE,

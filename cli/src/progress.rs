@@ -16,6 +16,13 @@ pub const DEFAULT_TIMEOUT: &str = "30m";
 /// on every call; long calls say more, see [`bounded`]).
 pub const NO_ANSWER: &str = "no answer from the agent within --timeout; it may be frozen or the link to the node down, and it may still carry the call out (check with a query, or give a longer --timeout, 0 for none)";
 
+/// Whether `e` is a call that got no answer within `--timeout`: the
+/// connection's method timeout, or [`within`]'s (the same error).
+pub fn timed_out(e: &ApiError) -> bool {
+    matches!(e, ApiError::ZBus(zbus::Error::InputOutput(io))
+        if io.kind() == std::io::ErrorKind::TimedOut)
+}
+
 /// `call`, held as a whole to the connection's `--timeout` (its method
 /// timeout; none: no limit). zbus starts that clock only once a call is
 /// written, and does not apply it to the property read that fills a
@@ -128,10 +135,7 @@ where
     }
     // The connection's own bound on the call (the same --timeout) may
     // end it first: the same words.
-    let r = r.filter(|r| {
-        !matches!(r, Err(ApiError::ZBus(zbus::Error::InputOutput(io)))
-            if io.kind() == std::io::ErrorKind::TimedOut)
-    });
+    let r = r.filter(|r| !r.as_ref().is_err_and(timed_out));
     r.unwrap_or_else(|| {
         Err(ApiError::Failed(format!(
             "timed out after {}s waiting for the node to {what} (--timeout); the node may still be doing it: see `{check}`",
