@@ -2642,9 +2642,9 @@ impl EngineRuntime {
             }
             let mut versions = BTreeMap::new();
             versions.insert(version, r.current.clone());
+            let mut held = None;
             // One instance recorded and gone: how it ended, if its shim
             // recorded it (read before the sweep removes its directory).
-            let mut held = None;
             let ended = match r.instances.as_slice() {
                 [(i, _)] if same_boot && r.enabled && adoptable.is_none() => {
                     rt.recorded_exit(&r.name, *i)
