@@ -62,6 +62,9 @@ const KILL_WAIT: Duration = Duration::from_secs(2);
 /// Most engines one tenant may deploy (issue 14 asks for 100 idle engines
 /// on a 2-vCPU node; docs/benchmarks.md measures them).
 pub const MAX_ENGINES: usize = 128;
+/// Names no engine takes: the directories beside the engines' own on the
+/// tenant volume (`inbox/` belongs to the tenant's login).
+pub const RESERVED_NAMES: [&str; 1] = ["inbox"];
 /// Events kept per engine for `status`.
 const MAX_EVENTS: usize = 32;
 /// Engine event log lines per engine per [`LOG_WINDOW`].
@@ -325,7 +328,7 @@ fn recorded_egress_dirs(
     };
     let mut out = Vec::new();
     for r in state.engines.iter().filter(|r| !r.instances.is_empty()) {
-        let b = match Spec::from_json(&r.current.spec).map(|s| s.egress_boundary()) {
+        let b = match Spec::from_stored_json(&r.current.spec).map(|s| s.egress_boundary()) {
             Ok(Ok(Some(b))) => b,
             Ok(Ok(None)) => continue,
             Ok(Err(e)) => {
@@ -1752,6 +1755,17 @@ impl Runtime {
                 reason: "not a plain engine name".into(),
             });
         }
+        // Engines and the inbox share one directory: an engine named so
+        // would have the tenant's login-owned inbox as its own directory.
+        if RESERVED_NAMES.contains(&name) {
+            return Err(RuntimeError::Refused {
+                name: name.to_owned(),
+                reason: format!(
+                    "the names {} are reserved (the agent's own directories)",
+                    RESERVED_NAMES.join(", ")
+                ),
+            });
+        }
         if self.engines.len() >= MAX_ENGINES {
             return Err(RuntimeError::TooMany);
         }
@@ -1860,10 +1874,27 @@ impl Runtime {
                 return Err(e);
             }
         };
+        // Below data/ the engine writes (an earlier version's data dir may
+        // hold this one): made and chowned through descriptors, never
+        // through a link it planted (leasehold_engines::datadir).
         for d in &launch.data_dirs {
-            std::fs::create_dir_all(&d.host).map_err(io("mkdir", &d.host))?;
-            std::os::unix::fs::chown(&d.host, Some(uid), Some(uid))
-                .map_err(io("chown", &d.host))?;
+            let made = leasehold_engines::datadir::open(d, true)
+                .map_err(|e| match e {
+                    LaunchError::Io { op, path, source } => RuntimeError::Io { op, path, source },
+                    e => RuntimeError::Resolve {
+                        name: name.to_owned(),
+                        field: "data_dirs",
+                        reason: e.to_string(),
+                    },
+                })
+                .and_then(|fd| {
+                    std::os::unix::fs::fchown(&fd, Some(uid), Some(uid))
+                        .map_err(io("chown", &d.host))
+                });
+            if let Err(e) = made {
+                let _ = std::fs::remove_dir_all(&vdir);
+                return Err(e);
+            }
         }
         let spec_json = serde_json::to_string(spec).map_err(|e| RuntimeError::Resolve {
             name: name.to_owned(),
@@ -2150,7 +2181,7 @@ impl Runtime {
             name: name.to_owned(),
             reason,
         };
-        let spec = Spec::from_json(spec_json).map_err(|e| err(format!("spec: {e}")))?;
+        let spec = Spec::from_stored_json(spec_json).map_err(|e| err(format!("spec: {e}")))?;
         let rules = spec
             .egress_boundary()
             .map_err(|e| err(e.to_string()))?
@@ -2610,10 +2641,11 @@ impl EngineRuntime {
         let mut to_start = Vec::new();
         let mut to_resume = Vec::new();
         for r in state.engines {
-            let spec = Spec::from_json(&r.current.spec).map_err(|e| RuntimeError::State {
-                path: path.clone(),
-                detail: format!("engine {:?}: {e}", r.name),
-            })?;
+            let spec =
+                Spec::from_stored_json(&r.current.spec).map_err(|e| RuntimeError::State {
+                    path: path.clone(),
+                    detail: format!("engine {:?}: {e}", r.name),
+                })?;
             let version = VersionId(r.current.id);
             let spec_policy = spec.restart.policy;
             let mut sup = Supervisor::new(version, spec);

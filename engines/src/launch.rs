@@ -327,6 +327,10 @@ pub enum LaunchError {
     /// A mount point inside the image is a symlink (refused, not followed).
     #[error("mount point {} in the image is a symlink", .0.display())]
     SymlinkMountPoint(PathBuf),
+    /// A data directory's path on the host has a symlink, or a file, where
+    /// a directory belongs (an engine's own doing: refused, not followed).
+    #[error("data dir {} is a symlink or not a directory (refused, not followed)", .0.display())]
+    SymlinkDataDir(PathBuf),
     /// The thread that spawns the shim could not be started, or panicked.
     #[error("the engine-spawn thread panicked")]
     SpawnThread,
@@ -1260,6 +1264,18 @@ fn validate(spec: &LaunchSpec) -> Result<(), LaunchError> {
     }) {
         return Err(LaunchError::InvalidSpec(
             "data dir targets must be absolute, without '..'",
+        ));
+    }
+    // The launcher's own mount points are made as root: never inside a
+    // directory the engine writes (a spec from before this check).
+    let mounts = [Path::new(crate::spec::SECRETS_DIR), Path::new(NOTIFY_DIR)];
+    if spec.data_dirs.iter().any(|d| {
+        mounts
+            .iter()
+            .any(|m| m.starts_with(&d.target) || d.target.starts_with(m))
+    }) {
+        return Err(LaunchError::InvalidSpec(
+            "a data dir may not hold or lie under /run/secrets or /run/leasehold-notify",
         ));
     }
     Ok(())
@@ -2272,6 +2288,32 @@ fn bind(src: &Path, dst: &Path, flags: MsFlags) -> Result<(), LaunchError> {
     .map_err(sys(format!("bind {} on {}", src.display(), dst.display())))
 }
 
+/// A bind mount of the directory open at `src` (`host`: its path, for the
+/// error) on `dst`: a clone of it (`open_tree`), moved into place.
+fn bind_fd(src: &OwnedFd, host: &Path, dst: &Path) -> Result<(), LaunchError> {
+    use rustix::mount::{MoveMountFlags, OpenTreeFlags};
+    let step = |e: rustix::io::Errno| LaunchError::Sys {
+        step: format!("bind {} on {}", host.display(), dst.display()),
+        source: nix::Error::from_raw(e.raw_os_error()),
+    };
+    let tree = rustix::mount::open_tree(
+        src,
+        "",
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_EMPTY_PATH,
+    )
+    .map_err(step)?;
+    rustix::mount::move_mount(
+        &tree,
+        "",
+        rustix::fs::CWD,
+        dst,
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
+    )
+    .map_err(step)
+}
+
 fn remount(dst: &Path, flags: MsFlags) -> Result<(), LaunchError> {
     mount(
         None::<&str>,
@@ -2509,8 +2551,12 @@ fn setup_root(spec: &LaunchSpec, staged: &mut Staged) -> Result<(), LaunchError>
     tmpfs(&tmp, &format!("mode=1777,size={}", spec.tmp_size))?;
 
     for d in &spec.data_dirs {
+        // Opened without following a link (the engine writes below its
+        // data/), and mounted from the descriptor: no path is resolved
+        // again between the check and the mount.
+        let src = crate::datadir::open(d, false)?;
         let dst = mountpoint(root, &d.target, true)?;
-        bind(&d.host, &dst, MsFlags::empty())?;
+        bind_fd(&src, &d.host, &dst)?;
         remount(&dst, nodev)?;
     }
 
@@ -2717,6 +2763,11 @@ fn denied_syscalls() -> Vec<i64> {
         libc::SYS_open_by_handle_at,
         libc::SYS_name_to_handle_at,
         libc::SYS_lookup_dcookie,
+        // io_uring: a kernel attack surface of its own (Docker's default
+        // profile refuses it since 25.0); programs fall back to plain I/O.
+        libc::SYS_io_uring_setup,
+        libc::SYS_io_uring_enter,
+        libc::SYS_io_uring_register,
         #[cfg(target_arch = "x86_64")]
         libc::SYS_iopl,
         #[cfg(target_arch = "x86_64")]

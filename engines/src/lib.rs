@@ -22,6 +22,7 @@
 pub mod backoff;
 pub mod budget;
 pub mod cgroup;
+pub mod datadir;
 pub mod holder;
 pub mod image;
 pub mod launch;

@@ -829,6 +829,17 @@ impl Spec {
         Ok(spec)
     }
 
+    /// [`Spec::from_json`] for a spec the agent accepted earlier and
+    /// stored: a rule added since for new specs (a data dir `run`, above
+    /// the launcher's mount points) does not make the agent's state
+    /// unreadable; the shim refuses to start such an engine (fail closed,
+    /// said in its status) until the tenant reloads it with a new spec.
+    pub fn from_stored_json(text: &str) -> Result<Spec, SpecError> {
+        let spec: Spec = parse_json(text, MAX_SPEC_BYTES)?;
+        spec.validate_as(true)?;
+        Ok(spec)
+    }
+
     /// The full argv: `command` then `args`.
     pub fn argv(&self) -> impl Iterator<Item = &str> {
         self.command.iter().chain(&self.args).map(String::as_str)
@@ -896,6 +907,10 @@ impl Spec {
     /// Checks every rule the types do not: caps (counts first), names,
     /// paths, ranges and the rules between fields.
     pub fn validate(&self) -> Result<(), SpecError> {
+        self.validate_as(false)
+    }
+
+    fn validate_as(&self, stored: bool) -> Result<(), SpecError> {
         self.check_caps()?;
         self.check_exec()?;
         if let Some(w) = &self.working_dir {
@@ -921,7 +936,7 @@ impl Spec {
             Duration::from_secs(1),
             MAX_DURATION,
         )?;
-        self.check_data_dirs()?;
+        self.check_data_dirs(stored)?;
         let mut seen = std::collections::BTreeSet::new();
         for (i, s) in self.secrets.iter().enumerate() {
             let field = format!("secrets[{i}]");
@@ -1114,19 +1129,24 @@ impl Spec {
         Ok(())
     }
 
-    fn check_data_dirs(&self) -> Result<(), SpecError> {
+    fn check_data_dirs(&self, stored: bool) -> Result<(), SpecError> {
         for (i, d) in self.data_dirs.iter().enumerate() {
             let field = format!("data_dirs[{i}]");
             check_rel_path(&field, d)?;
             let first = d.split('/').next().unwrap_or_default();
+            // Nor above the launcher's mount points: their directories
+            // would be made inside a directory the engine writes (`run`),
+            // where a running version could swap them for links.
+            let launcher = [&SECRETS_DIR[1..], &crate::launch::NOTIFY_DIR[1..]];
             if ["proc", "sys", "dev"].contains(&first)
-                || is_under(d, &SECRETS_DIR[1..])
-                || is_under(d, &crate::launch::NOTIFY_DIR[1..])
+                || launcher
+                    .iter()
+                    .any(|m| is_under(d, m) || (!stored && is_under(m, d)))
             {
                 return Err(err(
                     field,
                     format!(
-                        "{}: not under proc, sys, dev, run/secrets or run/leasehold-notify (the launcher mounts those)",
+                        "{}: not under proc, sys, dev, run/secrets or run/leasehold-notify, and not run itself (the launcher mounts those)",
                         shown(d)
                     ),
                 ));

@@ -72,6 +72,10 @@ fn main() {
         ("real_confined_engine", real_confined_engine),
         ("real_confined_engine_warm", real_confined_engine_warm),
         ("real_exit_status_and_signals", real_exit_status_and_signals),
+        (
+            "real_data_dir_through_a_link_is_not_mounted",
+            real_data_dir_through_a_link_is_not_mounted,
+        ),
         ("real_respawn_in_place", real_respawn_in_place),
         ("real_exec_probe", real_exec_probe),
         (
@@ -504,6 +508,53 @@ fn real_exit_status_and_signals() -> Outcome {
         Exit::LaunchFailed(why) => assert!(why.contains("/nonexistent"), "{why}"),
         other => panic!("{other:?}"),
     }
+    Outcome::Passed
+}
+
+/// A data dir whose host path has a symlink below `data/` (what an engine
+/// can plant in its own data dir) is not mounted: the start fails, naming
+/// it, and the link's target is neither shown to the engine nor touched.
+fn real_data_dir_through_a_link_is_not_mounted() -> Outcome {
+    if let Some(skip) = need_root() {
+        return skip;
+    }
+    let fs_ = rootfs();
+    let work = tempfile::tempdir().unwrap();
+    let outside = work.path().join("outside");
+    fs::create_dir(&outside).unwrap();
+    fs::write(outside.join("host-file"), "host").unwrap();
+    let data = work.path().join("data");
+    fs::create_dir_all(data.join("a")).unwrap();
+    std::os::unix::fs::symlink(&outside, data.join("a/b")).unwrap();
+    // The engine would list the directory; it never runs.
+    let mut s = spec(&fs_.root, &["/probe", "--probe", "/nonexistent"]);
+    s.data_dirs = vec![DataDir {
+        host: data.join("a/b"),
+        target: "/a/b".into(),
+    }];
+    let out = work.path().join("out");
+    let o = fs::File::create(&out).unwrap();
+    let mut r = Launcher::new(SHIM)
+        .start(
+            &s,
+            &work.path().join("run"),
+            o.try_clone().unwrap().into(),
+            o.into(),
+            vec![],
+        )
+        .unwrap();
+    match wait(&mut r) {
+        Exit::LaunchFailed(why) => assert!(
+            why.contains("symlink or not a directory") && why.contains("a/b"),
+            "{why}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        fs::read_dir(&outside).unwrap().count(),
+        1,
+        "nothing made through the link"
+    );
     Outcome::Passed
 }
 

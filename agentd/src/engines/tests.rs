@@ -945,6 +945,79 @@ fn a_symlink_where_roots_are_kept_is_refused() {
 }
 
 #[test]
+fn an_engine_named_inbox_is_refused() {
+    let f = fixture(false);
+    let mut rt = f.runtime();
+    // What the tenant's login could plant in its own inbox beforehand.
+    let outside = f.tmp.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::os::unix::fs::symlink(&outside, f.tmp.path().join("vol/engines/inbox/data")).unwrap();
+    let e = rt
+        .deploy(
+            "inbox",
+            "app.tar",
+            &spec("command = [\"/bin/app\"]\ndata_dirs = [\"etc\"]"),
+        )
+        .unwrap_err();
+    assert_eq!(e.kind, FailureKind::Invalid, "{e}");
+    assert!(e.message.contains("reserved"), "{e}");
+    assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0);
+    assert!(rt.view().list().is_empty());
+}
+
+#[test]
+fn a_data_dir_through_a_link_the_engine_planted_is_refused_and_not_followed() {
+    use std::os::unix::fs::MetadataExt;
+    let f = fixture(false);
+    let mut rt = f.runtime();
+    rt.deploy(
+        "web",
+        "app.tar",
+        &spec("command = [\"/bin/app\"]\ndata_dirs = [\"a\"]"),
+    )
+    .unwrap();
+    let data = f.tmp.path().join("vol/engines/web/data");
+    assert_eq!(std::fs::metadata(data.join("a")).unwrap().uid(), 200_000);
+    // The engine owns data/a: it links a/b to a host directory.
+    let outside = f.tmp.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let owner = std::fs::metadata(&outside).unwrap().uid();
+    std::os::unix::fs::symlink(&outside, data.join("a/b")).unwrap();
+    for dirs in ["a/b", "a/b/c"] {
+        let e = rt
+            .reload(
+                "web",
+                None,
+                Some(&spec(&format!(
+                    "command = [\"/bin/app\"]\ndata_dirs = [{dirs:?}]"
+                ))),
+            )
+            .unwrap_err();
+        assert_eq!(e.kind, FailureKind::Invalid, "{dirs}: {e}");
+        assert!(
+            e.message.contains("data_dirs") && e.message.contains("symlink"),
+            "{dirs}: {e}"
+        );
+        assert_eq!(std::fs::metadata(&outside).unwrap().uid(), owner, "{dirs}");
+        assert_eq!(std::fs::read_dir(&outside).unwrap().count(), 0, "{dirs}");
+        assert!(
+            !f.tmp.path().join("vol/engines/web/v2").exists(),
+            "{dirs}: no version left behind"
+        );
+    }
+    // A real directory below the earlier data dir is fine (the engine
+    // owns it anyway).
+    std::fs::remove_file(data.join("a/b")).unwrap();
+    rt.reload(
+        "web",
+        None,
+        Some(&spec("command = [\"/bin/app\"]\ndata_dirs = [\"a/b\"]")),
+    )
+    .unwrap();
+    assert_eq!(std::fs::metadata(data.join("a/b")).unwrap().uid(), 200_000);
+}
+
+#[test]
 fn stop_all_reads_back_the_cgroups_before_claiming_stopped() {
     for (stuck, shown_stopped) in [(1, true), (1000, false)] {
         let f = fixture(false);
