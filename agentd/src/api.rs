@@ -295,13 +295,22 @@ impl Events for BusEvents {
         }
         // Landlords see every change; tenants see changes of tenant keys.
         // Delivery is restricted to the roles by the bus policy.
-        let mut ifaces = vec![leasehold_dbus_api::LANDLORD_INTERFACE];
+        let mut ifaces = vec![(leasehold_dbus_api::LANDLORD_INTERFACE, change.clone())];
         if report.change.role == Role::Tenant {
-            ifaces.push(leasehold_dbus_api::TENANT_INTERFACE);
+            // An assignment's receipt is the previous tenant's erase (its
+            // engines, its volume), a release's the tenancy that ended:
+            // the tenant's signal carries neither, as ListReceipts does
+            // not (docs/dbus.md, "Receipts").
+            let mut theirs = change;
+            if kind == "assign" || kind == "release" {
+                theirs.receipt = None;
+                theirs.receipt_signature = None;
+            }
+            ifaces.push((leasehold_dbus_api::TENANT_INTERFACE, theirs));
         }
         let conn = self.conn.clone();
         self.rt.spawn(async move {
-            for iface in ifaces {
+            for (iface, change) in ifaces {
                 if let Err(e) = conn
                     .emit_signal(None::<&str>, OBJECT_PATH, iface, "KeysChanged", &(&change,))
                     .await

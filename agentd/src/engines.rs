@@ -2238,6 +2238,11 @@ impl Runtime {
             }
         }
         self.timers.clear();
+        // Names, pids, exits and failure reasons of the tenancy that ends.
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         self.save()?;
         Ok(n)
     }

@@ -271,8 +271,25 @@ fn receipts_by_role_and_verify() {
         &["--json", "receipts", "list"]
     ))
     .is_empty());
+    let lmon = Monitor::start(&lab, Who::Landlord, "landlordctl", &["--json"]);
+    let tmon = Monitor::start(&lab, Who::Tenant, "tenantctl", &["--json"]);
     lab.run(Who::Landlord, "landlordctl", &["--yes", "assign", "acme"])
         .ok();
+    // The signal as ListReceipts: the landlord's carries the assignment's
+    // receipt (the previous tenancy's erase), the tenant's does not.
+    for (who, m, receipt) in [("landlord", &lmon, true), ("tenant", &tmon, false)] {
+        let ev: Value = serde_json::from_str(&m.next("KeysChanged")).unwrap();
+        assert_eq!(ev["change"]["kind"], "assign", "{who}: {ev}");
+        assert_eq!(ev["change"]["receipt"].is_object(), receipt, "{who}: {ev}");
+        assert_eq!(
+            ev["change"]
+                .get("receipt_signature")
+                .is_some_and(|v| !v.is_null()),
+            receipt,
+            "{who}: {ev}"
+        );
+    }
+    drop((lmon, tmon));
     let landlord = ids(lab.run(
         Who::Landlord,
         "landlordctl",

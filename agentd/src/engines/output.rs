@@ -899,6 +899,12 @@ impl EventRing {
         self.next += 1;
     }
 
+    /// Forgets every event (a tenancy ends: the next tenant sees none of
+    /// the last one's); numbers go on increasing.
+    pub fn clear(&mut self) {
+        self.kept.clear();
+    }
+
     /// Events after `after`, oldest first, at most `max`.
     pub fn after(&self, after: u64, max: usize) -> Vec<EngineEvent> {
         self.kept

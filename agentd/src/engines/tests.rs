@@ -572,8 +572,12 @@ fn stop_all_kills_after_the_grace_and_reports_it() {
             "{n} marked not to start"
         );
     }
+    let last = rt.view().events(0, 1000);
+    assert!(last.iter().any(|e| e.engine == "a"), "{last:?}");
     assert_eq!(rt.forget_all().unwrap(), 2);
     assert!(rt.view().list().is_empty());
+    // The next tenancy reads none of this one's events.
+    assert_eq!(rt.view().events(0, 1000), vec![]);
 }
 
 #[test]

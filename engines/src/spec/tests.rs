@@ -302,6 +302,8 @@ fn every_field_kind_is_refused_with_its_path() {
         (&with("data_dirs = [\"a b\"]"), "data_dirs[0]"),
         (&with("data_dirs = [\"proc/x\"]"), "data_dirs[0]"),
         (&with("data_dirs = [\"run/secrets\"]"), "data_dirs[0]"),
+        // Above the launcher's mount points (they would be made in it).
+        (&with("data_dirs = [\"app\", \"run\"]"), "data_dirs[1]"),
         (
             &with("data_dirs = [\"run/leasehold-notify/x\"]"),
             "data_dirs[0]",
@@ -804,5 +806,19 @@ fn the_docs_example_is_the_tested_one() {
     assert_eq!(
         Spec::from_toml(doc_block("## Spec")).unwrap(),
         Spec::from_toml(EXAMPLE).unwrap()
+    );
+}
+
+#[test]
+fn a_stored_spec_with_a_data_dir_run_still_loads() {
+    // Accepted before the rule came: the agent's state stays readable
+    // (the shim refuses to start it; launch::validate).
+    let json = r#"{"command":["/bin/app"],"data_dirs":["run"]}"#;
+    assert!(Spec::from_json(json).is_err());
+    let s = Spec::from_stored_json(json).unwrap();
+    assert_eq!(s.data_dirs, ["run"]);
+    // Everything else is checked as for a new spec.
+    assert!(
+        Spec::from_stored_json(r#"{"command":["/bin/app"],"data_dirs":["run/secrets"]}"#).is_err()
     );
 }
