@@ -35,7 +35,7 @@ use leasehold_engines::cgroup::{CgroupError, CgroupPath, Cgroups, Controller};
 use leasehold_engines::image::{unpack_image, ImageError, Limits as ImageLimits};
 use leasehold_engines::launch::{self, DataDir, LaunchError, LaunchSpec, SecretBytes};
 use leasehold_engines::probe::NotifyMessage;
-use leasehold_engines::spec::{Probe, Spec, User, RESERVED_ENV};
+use leasehold_engines::spec::{Probe, Spec, User, MAX_ENV, MAX_EXEC_BYTES, RESERVED_ENV};
 use leasehold_engines::supervisor::{
     Action, Event, Exit, Input, InstanceId, Notify, Respawn, Settled, Supervisor, TimerId,
     VersionId,
@@ -869,6 +869,47 @@ impl Runtime {
         // something planted in place of the agent's directory.
         leasehold_storage::fs::ensure_own_dir(&dir).map_err(io("check", &dir))?;
         Ok(dir)
+    }
+
+    /// Removes the staging roots of unpacks an earlier agent did not
+    /// finish (killed mid-deploy: up to the unpack cap each, on the tenant
+    /// volume, which nothing else removes). Only `<engine>/v<N>/.*.unpacking-*`
+    /// directories: never a data dir, never a version.
+    fn sweep_staging(&self) {
+        let Ok(base) = self.volume_dir() else { return };
+        let dirs = |p: &Path| -> Vec<PathBuf> {
+            std::fs::read_dir(p)
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|e| e.path())
+                .collect()
+        };
+        for engine in dirs(&base) {
+            for v in dirs(&engine) {
+                let version = v.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                if version
+                    .strip_prefix('v')
+                    .is_none_or(|n| n.parse::<u64>().is_err())
+                {
+                    continue;
+                }
+                for staging in dirs(&v) {
+                    let n = staging.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                    if n.starts_with('.') && n.contains(".unpacking-") {
+                        match std::fs::remove_dir_all(&staging) {
+                            Ok(()) => {
+                                tracing::info!(path = %staging.display(), "removed an unfinished unpack")
+                            }
+                            Err(e) => {
+                                tracing::warn!(path = %staging.display(), error = %e, "cannot remove an unfinished unpack")
+                            }
+                        }
+                    }
+                }
+            }
+        }
     }
 
     fn run_dir(&self, engine: &str, dir_name: u64) -> PathBuf {
@@ -2325,14 +2366,64 @@ fn resolve(
             env.insert("WATCHDOG_USEC".into(), w.0.as_micros().to_string());
         }
     }
+    // The image's Env is bounded only by its config's size (4 MiB): held
+    // to the spec's exec bound once merged, as it is stored with the
+    // engine and handed to exec (E2BIG past the kernel's limit).
     let mut argv: Vec<String> = spec.command.iter().chain(&spec.args).cloned().collect();
+    let bytes: usize = argv.iter().map(|a| a.len() + 1).sum::<usize>()
+        + env
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 2)
+            .sum::<usize>();
+    if env.len() > 2 * MAX_ENV || bytes > MAX_EXEC_BYTES {
+        return Err(bad(
+            "env",
+            format!(
+                "the image's Env with the spec's env: {} variables, {bytes} bytes with the command; at most {} and {MAX_EXEC_BYTES}",
+                env.len(),
+                2 * MAX_ENV
+            ),
+        ));
+    }
+    if env
+        .iter()
+        .any(|(k, v)| k.is_empty() || k.contains('\0') || v.contains('\0'))
+    {
+        return Err(bad(
+            "env",
+            "the image's Env has an empty name or a NUL byte".into(),
+        ));
+    }
     if !argv[0].starts_with('/') {
         let path = env.get("PATH").map_or(DEFAULT_PATH, String::as_str);
+        // Looked up inside the root as the engine will see it (`..` and
+        // absolute links stay in it): the agent runs as root, and the
+        // deploy's outcome must not tell whether a host path exists.
+        let in_root = rustix::fs::open(
+            root,
+            rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+            rustix::fs::Mode::empty(),
+        )
+        .ok();
+        let exists = |p: &str| {
+            in_root.as_ref().is_some_and(|r| {
+                rustix::fs::openat2(
+                    r,
+                    p.trim_start_matches('/'),
+                    rustix::fs::OFlags::PATH
+                        | rustix::fs::OFlags::NOFOLLOW
+                        | rustix::fs::OFlags::CLOEXEC,
+                    rustix::fs::Mode::empty(),
+                    rustix::fs::ResolveFlags::IN_ROOT | rustix::fs::ResolveFlags::NO_MAGICLINKS,
+                )
+                .is_ok()
+            })
+        };
         let found = path
             .split(':')
             .filter(|d| d.starts_with('/'))
             .map(|d| format!("{}/{}", d.trim_end_matches('/'), argv[0]))
-            .find(|p| std::fs::symlink_metadata(root.join(p.trim_start_matches('/'))).is_ok());
+            .find(|p| exists(p));
         match found {
             Some(p) => argv[0] = p,
             None => {
@@ -2639,6 +2730,7 @@ impl EngineRuntime {
         };
         // Before any engine is started again (adopted ones run already).
         rt.write_budget_at_start();
+        rt.sweep_staging();
         // The agent restarted within the boot the state was written in
         // (not the node): what had come to rest stays at rest, and what
         // ended while no agent watched goes through its restart policy.

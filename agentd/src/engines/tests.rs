@@ -1022,6 +1022,102 @@ fn a_data_dir_through_a_link_the_engine_planted_is_refused_and_not_followed() {
 }
 
 #[test]
+fn an_image_env_past_the_exec_bound_is_refused_naming_it() {
+    let f = fixture(false);
+    let inbox = f.tmp.path().join("vol/engines/inbox");
+    // 600 variables of 1 KiB: far past 512 and 256 KiB (a config may be
+    // 4 MiB); then one with a NUL byte.
+    let big: Vec<String> = (0..600)
+        .map(|i| format!("V{i}={}", "x".repeat(1024)))
+        .collect();
+    std::fs::write(
+        inbox.join("big.tar"),
+        oci_archive(
+            &[("bin/app", b"#!/bin/sh\n", 0o755)],
+            serde_json::json!({ "Env": big }),
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        inbox.join("nul.tar"),
+        oci_archive(
+            &[("bin/app", b"#!/bin/sh\n", 0o755)],
+            serde_json::json!({ "Env": ["A=b\0c"] }),
+        ),
+    )
+    .unwrap();
+    let mut rt = f.runtime();
+    for (image, says) in [("big.tar", "at most 512"), ("nul.tar", "NUL")] {
+        let e = rt
+            .deploy("web", image, &spec(r#"command = ["/bin/app"]"#))
+            .unwrap_err();
+        assert_eq!(e.kind, FailureKind::Invalid, "{image}: {e}");
+        assert!(
+            e.message.contains("env") && e.message.contains(says),
+            "{image}: {e}"
+        );
+        assert!(e.message.len() < 400, "{image}: {} bytes", e.message.len());
+        assert!(rt.view().list().is_empty());
+        assert!(!f.tmp.path().join("vol/engines/web/v1").exists(), "{image}");
+    }
+}
+
+#[test]
+fn the_command_is_looked_up_inside_the_image_only() {
+    let f = fixture(false);
+    // A host file the image's PATH climbs to (as root, a plain lookup
+    // would find it and the deploy would say so).
+    let host = f.tmp.path().join("hostdir");
+    std::fs::create_dir_all(&host).unwrap();
+    std::fs::write(host.join("tool"), b"").unwrap();
+    let climb = format!("/../../../../../../../..{}", host.display());
+    std::fs::write(
+        f.tmp.path().join("vol/engines/inbox/climb.tar"),
+        oci_archive(
+            &[("bin/app", b"#!/bin/sh\n", 0o755)],
+            serde_json::json!({ "Env": [format!("PATH={climb}:/bin")] }),
+        ),
+    )
+    .unwrap();
+    let mut rt = f.runtime();
+    let e = rt
+        .deploy("web", "climb.tar", &spec(r#"command = ["tool"]"#))
+        .unwrap_err();
+    assert!(e.message.contains("not in the image's PATH"), "{e}");
+    // The image's own PATH still works.
+    rt.deploy("web", "climb.tar", &spec(r#"command = ["app"]"#))
+        .unwrap();
+    assert_eq!(
+        rt.view().status("web").unwrap().image,
+        "climb.tar",
+        "deployed"
+    );
+}
+
+#[test]
+fn an_unpack_an_earlier_agent_did_not_finish_is_swept_at_start() {
+    let f = fixture(false);
+    let vol = f.tmp.path().join("vol/engines");
+    let staging = vol.join("web/v1/.rootfs.unpacking-99-12345");
+    std::fs::create_dir_all(staging.join("usr/bin")).unwrap();
+    std::fs::write(staging.join("usr/bin/x"), b"partial").unwrap();
+    // Never touched: data, a version's root, something else hidden.
+    std::fs::create_dir_all(vol.join("web/data/db")).unwrap();
+    std::fs::create_dir_all(vol.join("web/v1/rootfs")).unwrap();
+    std::fs::create_dir_all(vol.join("web/v1/.other")).unwrap();
+    let _rt = f.runtime();
+    assert!(!staging.exists());
+    for kept in [
+        "web/data/db",
+        "web/v1/rootfs",
+        "web/v1/.other",
+        "inbox/app.tar",
+    ] {
+        assert!(vol.join(kept).exists(), "{kept}");
+    }
+}
+
+#[test]
 fn stop_all_reads_back_the_cgroups_before_claiming_stopped() {
     for (stuck, shown_stopped) in [(1, true), (1000, false)] {
         let f = fixture(false);
