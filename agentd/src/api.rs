@@ -395,7 +395,12 @@ impl Ctx {
             role: Role::Landlord,
             uid: 0,
         };
-        for attempt in 0..30u32 {
+        // Until it is done or no longer pending: the revert is the
+        // landlord's way back in, so it is never given up (before, 30
+        // tries 2 s apart, after which the bad boundary stayed until the
+        // agent restarted). 2 s doubling to 60 s between tries.
+        let mut pause = std::time::Duration::from_secs(2);
+        for attempt in 0u64.. {
             let r = self
                 .submit(
                     caller,
@@ -427,8 +432,9 @@ impl Ctx {
                 }
                 Err(e) => {
                     // Busy or a failed apply: the revert stays pending; try again.
-                    tracing::error!(error = %e.message(), attempt, "boundary revert failed; retrying");
-                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    tracing::error!(error = %e.message(), attempt, retry_in_s = pause.as_secs(), "boundary revert failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(std::time::Duration::from_secs(60));
                 }
             }
         }

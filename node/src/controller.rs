@@ -1,5 +1,7 @@
 //! The controller thread and its workflows.
 
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::thread::JoinHandle;
@@ -19,6 +21,11 @@ use crate::{
     EngineStatus, EngineView, NodeError, Outcome, Request, Snapshot, StopReport, ERASE_STOP_GRACE,
     MAX_ENVELOPE_BYTES, MAX_IMAGE_REF, MAX_SECRETS, MAX_SECRET_BYTES, QUEUE_DEPTH,
 };
+
+/// Room kept past [`QUEUE_DEPTH`] for urgent changes
+/// ([`Command::is_urgent`]): a full queue refuses them only when this many
+/// urgent ones already wait too.
+pub const URGENT_RESERVE: usize = 4;
 
 /// A queued change.
 #[derive(Debug)]
@@ -40,6 +47,9 @@ struct Job {
 #[derive(Debug)]
 pub struct Node {
     tx: Mutex<Option<SyncSender<Job>>>,
+    /// Changes waiting (sent, not yet taken to run): the bound callers
+    /// meet; urgent ones may go past it by [`URGENT_RESERVE`].
+    waiting: Arc<AtomicUsize>,
     snapshot: Arc<RwLock<Arc<Snapshot>>>,
     running: Arc<Mutex<Option<&'static str>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -72,8 +82,9 @@ impl Node {
         let first = c.read_snapshot().map_err(NodeError::Keys)?;
         let snapshot = Arc::new(RwLock::new(Arc::new(first)));
         let running = Arc::new(Mutex::new(None));
-        let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE_DEPTH);
-        let (snap, run) = (snapshot.clone(), running.clone());
+        let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE_DEPTH + URGENT_RESERVE);
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let (snap, run, wait) = (snapshot.clone(), running.clone(), waiting.clone());
         let (ended_tx, ended) = oneshot::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("node".into())
@@ -86,7 +97,26 @@ impl Node {
                 c.run_after_reply();
                 c.publish(&snap);
                 *lock(&run) = None;
-                for job in rx {
+                // Taken in order of arrival, except that an urgent change
+                // (the landlord's boundary revert) goes first: a full queue
+                // of tenant work never holds back the lock-out safety net.
+                let mut queue: VecDeque<Job> = VecDeque::new();
+                loop {
+                    if queue.is_empty() {
+                        match rx.recv() {
+                            Ok(job) => queue.push_back(job),
+                            Err(_) => break,
+                        }
+                    }
+                    queue.extend(rx.try_iter());
+                    let next = queue
+                        .iter()
+                        .position(|j| j.req.command.is_urgent())
+                        .unwrap_or(0);
+                    let Some(job) = queue.remove(next) else {
+                        continue;
+                    };
+                    wait.fetch_sub(1, Ordering::SeqCst);
                     *lock(&run) = Some(job.req.command.name());
                     let r = c.execute(job.req);
                     // Readers see the new state before the caller's reply.
@@ -109,6 +139,7 @@ impl Node {
             })?;
         Ok(Node {
             tx: Mutex::new(Some(tx)),
+            waiting,
             snapshot,
             running,
             thread: Mutex::new(Some(thread)),
@@ -185,15 +216,37 @@ impl Node {
         let name = req.command.name();
         let tx = lock(&self.tx);
         let tx = tx.as_ref().ok_or(NodeError::Stopped)?;
-        match tx.try_send(Job { req, reply }) {
+        let urgent = req.command.is_urgent();
+        // Counted before the send (under the sender's lock: one enqueue at
+        // a time), so the thread never takes a job it was not counted for.
+        let bound = if urgent {
+            QUEUE_DEPTH + URGENT_RESERVE
+        } else {
+            QUEUE_DEPTH
+        };
+        let full = self.waiting.load(Ordering::SeqCst) >= bound;
+        if !full {
+            self.waiting.fetch_add(1, Ordering::SeqCst);
+        }
+        match if full {
+            Err(TrySendError::Full(Job { req, reply }))
+        } else {
+            tx.try_send(Job { req, reply })
+        } {
             Ok(()) => Ok(Pending(rx)),
             Err(TrySendError::Full(_)) => {
+                if !full {
+                    self.waiting.fetch_sub(1, Ordering::SeqCst);
+                }
                 let running = self.running().unwrap_or("a change");
                 Err(NodeError::Busy(format!(
                     "{name}: the node is busy ({running} running, {QUEUE_DEPTH} more changes queued); try again"
                 )))
             }
-            Err(TrySendError::Disconnected(_)) => Err(NodeError::Stopped),
+            Err(TrySendError::Disconnected(_)) => {
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+                Err(NodeError::Stopped)
+            }
         }
     }
 
@@ -352,7 +405,11 @@ impl Controller {
             Command::Release { confirm } => self.release(caller, confirm),
             Command::RegisterConsole { name, pem } => {
                 check_name("name", &name)?;
-                let fp = self.b.keys.register_console(caller.role, &name, &pem)?;
+                let fp = self
+                    .b
+                    .keys
+                    .register_console(caller.role, &name, &pem)
+                    .map_err(console_error)?;
                 tracing::info!(uid = caller.uid, role = %caller.role, console = %name, "console key registered");
                 Ok(Outcome::ConsoleRegistered(fp))
             }
@@ -1256,4 +1313,43 @@ fn check_image(image: &str) -> Result<(), NodeError> {
         });
     }
     Ok(())
+}
+
+/// A console registration's refusal: the per-role cap is the caller's
+/// input (`name`) like the secret store's cap; the rest as it is.
+fn console_error(e: KeyError) -> NodeError {
+    match e {
+        KeyError::TooManyConsoles { .. } => NodeError::Invalid {
+            field: "name",
+            reason: e.to_string(),
+        },
+        other => other.into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_console_cap_is_an_invalid_name_naming_the_cap() {
+        let e = console_error(KeyError::TooManyConsoles {
+            role: Role::Tenant,
+            count: leasehold_tpm::MAX_CONSOLES,
+            max: leasehold_tpm::MAX_CONSOLES,
+        });
+        assert!(
+            matches!(e, NodeError::Invalid { field: "name", .. }),
+            "{e:?}"
+        );
+        assert_eq!(
+            e.to_string(),
+            "name: the tenant has 32 console keys, the most a role may register (32); \
+             register one of those names again to replace its key"
+        );
+        assert!(matches!(
+            console_error(KeyError::NotAssigned),
+            NodeError::Keys(KeyError::NotAssigned)
+        ));
+    }
 }

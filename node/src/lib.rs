@@ -149,6 +149,17 @@ pub enum Command {
 }
 
 impl Command {
+    /// Whether the controller runs it before changes queued earlier (and
+    /// takes it when the queue is full, within `URGENT_RESERVE`): the
+    /// landlord's boundary revert, the safety net of a change that may
+    /// have locked the landlord out, which tenant work must not hold back.
+    pub fn is_urgent(&self) -> bool {
+        matches!(
+            self,
+            Command::Boundary(crate::backend::BoundaryChange::RevertPending { .. })
+        )
+    }
+
     /// Short name for logs and `Busy` messages.
     pub fn name(&self) -> &'static str {
         match self {

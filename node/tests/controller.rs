@@ -518,14 +518,33 @@ fn reads_answer_during_a_change_and_the_queue_is_bounded() {
         Err(NodeError::Busy(m)) => assert!(m.contains("rotate running"), "{m}"),
         other => panic!("expected Busy, got {other:?}"),
     }
+    // The landlord's boundary revert still gets in, and runs first.
+    let revert = node
+        .enqueue(req(
+            LANDLORD,
+            Command::Boundary(BoundaryChange::RevertPending { deadline: 1 }),
+        ))
+        .expect("an urgent change passes a full queue");
+    let mark = f.world().log.len();
     release.send(()).unwrap();
     let r = rt.block_on(rotation).unwrap().unwrap();
     assert!(changed(r).receipt.is_some());
+    rt.block_on(revert.outcome()).unwrap();
     for q in queued {
         // Queued behind the rotation, then run in order: the secrets are gone.
         let e = rt.block_on(q.outcome()).unwrap_err();
         assert!(matches!(e, NodeError::Backend { .. }), "{e}");
     }
+    let log = f.world().log[mark..].to_vec();
+    let at = |op: &str| log.iter().position(|l| l == op);
+    assert!(
+        at("boundary.cluster").is_some_and(|b| at("secrets.remove").is_some_and(|s| b < s)),
+        "the revert ran before the queued changes: {log:?}"
+    );
+    // Behind it, the queue is back to its bound.
+    assert!(node
+        .enqueue(req(TENANT, Command::RemoveSecret { name: "x".into() }))
+        .is_ok());
     assert_eq!(
         node.snapshot()
             .status
