@@ -282,6 +282,37 @@ impl Events for BusEvents {
             .map_err(|e| leasehold_node::Failure::failed(format!("receipts/{}: {e}", r.file_name)))
     }
 
+    fn begin_tenancy_change(
+        &mut self,
+        change: &leasehold_node::TenancyChange,
+    ) -> Result<(), leasehold_node::Failure> {
+        self.receipts.begin_change(change).map_err(|e| {
+            leasehold_node::Failure::failed(format!(
+                "cannot record the change of tenancy ({}): {e}",
+                crate::receipts::CHANGE_FILE
+            ))
+        })
+    }
+
+    fn end_tenancy_change(&mut self) {
+        if let Err(e) = self.receipts.end_change() {
+            // The next start finds it and checks the keys: it finishes a
+            // change that committed (again: each step is idempotent) or
+            // drops one that did not.
+            tracing::error!(error = %e, "cannot remove the record of a change of tenancy");
+        }
+    }
+
+    fn pending_tenancy_change(&mut self) -> Option<leasehold_node::TenancyChange> {
+        self.receipts.pending_change()
+    }
+
+    fn tenancy_recorded(&mut self, assigned: bool) {
+        if let Err(e) = self.receipts.tenancy_changed(assigned) {
+            tracing::error!(error = %e, "cannot record the tenancy; the tenant sees no receipt until the next assignment");
+        }
+    }
+
     fn keys_changed(&mut self, report: &ChangeReport) {
         let change = change_dict(report);
         // A tenancy starts or ends: the receipts so far are not the

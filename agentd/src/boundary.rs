@@ -312,17 +312,30 @@ pub fn parse_flow(direction: &str, peer: &str, proto: &str, port: u16) -> Result
     let direction = match direction {
         "in" => Direction::In,
         "out" => Direction::Out,
-        d => return Err(bad("direction", format!("{d:?}: use in or out"))),
+        d => {
+            return Err(bad(
+                "direction",
+                format!("{}: use in or out", leasehold_node::shown(d)),
+            ))
+        }
     };
-    let peer: IpAddr = peer
-        .parse()
-        .map_err(|_| bad("peer", format!("{peer:?} is not an IP address")))?;
+    let peer: IpAddr = peer.parse().map_err(|_| {
+        bad(
+            "peer",
+            format!("{} is not an IP address", leasehold_node::shown(peer)),
+        )
+    })?;
     let proto = match proto {
         "tcp" => Proto::Tcp,
         "udp" => Proto::Udp,
         "icmp" => Proto::Icmp,
         "other" => Proto::Other,
-        p => return Err(bad("proto", format!("{p:?}: use tcp, udp, icmp or other"))),
+        p => {
+            return Err(bad(
+                "proto",
+                format!("{}: use tcp, udp, icmp or other", leasehold_node::shown(p)),
+            ))
+        }
     };
     Ok(Flow {
         direction,
@@ -1603,6 +1616,24 @@ mod tests {
             parse_flow("in", "fd00::1", "sctp", 22).unwrap_err().field,
             "proto"
         );
+    }
+
+    /// A 1 MiB argument comes back shortened, naming the argument.
+    #[test]
+    fn long_flow_arguments_are_echoed_truncated() {
+        let long = "x".repeat(1 << 20);
+        for (field, e) in [
+            ("direction", parse_flow(&long, "10.0.0.1", "tcp", 22)),
+            ("peer", parse_flow("in", &long, "tcp", 22)),
+            ("proto", parse_flow("in", "10.0.0.1", &long, 22)),
+        ] {
+            let e = e.unwrap_err();
+            assert_eq!(e.field, field);
+            let e = e.to_string();
+            assert!(e.len() < 300, "{field}: {} bytes", e.len());
+            assert!(e.starts_with(&format!("{field}: ")), "{e}");
+            assert!(e.contains("(1048576 bytes)"), "{e}");
+        }
     }
 
     #[test]

@@ -72,6 +72,9 @@ struct Tenancy {
 }
 
 /// The receipts directory and the tenancy record.
+/// The record of a change of tenancy on its way, in the state dir.
+pub const CHANGE_FILE: &str = "tenancy-change.json";
+
 #[derive(Debug, Clone)]
 pub struct ReceiptStore {
     dir: PathBuf,
@@ -85,6 +88,46 @@ impl ReceiptStore {
             dir: state_dir.join("receipts"),
             tenancy: state_dir.join("tenancy.json"),
         }
+    }
+
+    /// `<state_dir>/tenancy-change.json`: a change of tenancy on its way
+    /// (`leasehold_node::TenancyChange`), beside the tenancy record.
+    fn change_path(&self) -> PathBuf {
+        self.tenancy.with_file_name(CHANGE_FILE)
+    }
+
+    /// Writes the record of a change of tenancy on its way (atomic, and
+    /// durable before the TPM change).
+    pub fn begin_change(&self, change: &leasehold_node::TenancyChange) -> std::io::Result<()> {
+        let doc = serde_json::to_vec(change).map_err(std::io::Error::other)?;
+        let path = self.change_path();
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        std::fs::create_dir_all(dir)?;
+        crate::fsutil::write_atomic(dir, CHANGE_FILE, &doc)
+    }
+
+    /// Removes that record (durably: the directory is synced).
+    pub fn end_change(&self) -> std::io::Result<()> {
+        let path = self.change_path();
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        std::fs::File::open(path.parent().unwrap_or(Path::new("/")))?.sync_all()
+    }
+
+    /// The record an earlier agent left. One that does not parse (written
+    /// atomically, so only a damaged disk) is logged and left alone: not
+    /// knowing whether the change committed, the start destroys nothing.
+    pub fn pending_change(&self) -> Option<leasehold_node::TenancyChange> {
+        let path = self.change_path();
+        let text = std::fs::read(&path).ok()?;
+        serde_json::from_slice(&text)
+            .map_err(|e| {
+                tracing::error!(path = %path.display(), error = %e, "the record of a change of tenancy does not parse; left as it is");
+            })
+            .ok()
     }
 
     /// Keeps a signed receipt (atomic write), in the one JSON spelling

@@ -54,8 +54,9 @@ pub enum UploadError {
         /// Why.
         reason: String,
     },
-    /// No such upload (or not the caller's).
-    #[error("no upload {0:?} in progress (finished, aborted, expired or never begun)")]
+    /// No such upload (or not the caller's): the id as errors show caller
+    /// input ([`leasehold_node::shown`]: quoted, at most 64 characters).
+    #[error("no upload {0} in progress (finished, aborted, expired or never begun)")]
     NotFound(String),
     /// Too many uploads at once.
     #[error("{MAX_ACTIVE} uploads are already in progress; finish or abort one first")]
@@ -92,6 +93,13 @@ pub enum UploadError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl UploadError {
+    /// [`UploadError::NotFound`] for the caller's `id`, shortened.
+    fn not_found(id: &str) -> Self {
+        UploadError::NotFound(leasehold_node::shown(id))
+    }
 }
 
 /// One upload in progress.
@@ -423,10 +431,10 @@ impl Uploads {
             .active()
             .get(id)
             .map(|e| e.up.clone())
-            .ok_or_else(|| UploadError::NotFound(id.to_owned()))?;
+            .ok_or_else(|| UploadError::not_found(id))?;
         // Another caller's upload is not shown to exist.
         if u.lock().unwrap_or_else(|p| p.into_inner()).uid != uid {
-            return Err(UploadError::NotFound(id.to_owned()));
+            return Err(UploadError::not_found(id));
         }
         Ok(u)
     }
@@ -443,7 +451,7 @@ impl Uploads {
         let u = self.get(uid, id)?;
         let mut u = u.lock().unwrap_or_else(|p| p.into_inner());
         if !self.active().contains_key(id) {
-            return Err(UploadError::NotFound(id.to_owned()));
+            return Err(UploadError::not_found(id));
         }
         if data.len() > MAX_CHUNK {
             return Err(UploadError::Invalid {
@@ -488,7 +496,7 @@ impl Uploads {
         let u = self.get(uid, id)?;
         let mut u = u.lock().unwrap_or_else(|p| p.into_inner());
         if !self.active().contains_key(id) {
-            return Err(UploadError::NotFound(id.to_owned()));
+            return Err(UploadError::not_found(id));
         }
         // Still registered while it is synced and renamed (seconds for a
         // large file): a sweep meanwhile must not take it for a leftover.

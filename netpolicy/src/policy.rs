@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::check::{effective_entries, entries_as_docs, excess_upto, intersection_within, Excess};
+use crate::doc::{shown, ECHO_LIMIT};
 use crate::model::{
     check_doc_size, parse_cidr, Boundary, BoundaryDoc, DocError, EntryDoc, MAX_DOC_BYTES,
 };
@@ -51,7 +52,7 @@ pub fn parse_doc(text: &str, format: &str) -> Result<BoundaryDoc, DocError> {
         "" => BoundaryDoc::from_toml(text),
         other => Err(err(
             "format",
-            format!("unknown format {other:?} (toml or json)"),
+            format!("unknown format {} (toml or json)", shown(other)),
         )),
     }
 }
@@ -255,18 +256,33 @@ impl Policy {
                         ));
                     }
                     if !doc.groups.contains_key(g) {
-                        return Err(err(format!("peers[{i}]"), format!("unknown group {g:?}")));
+                        return Err(err(
+                            format!("peers[{i}]"),
+                            format!("unknown group {}", shown(g)),
+                        ));
                     }
                 }
                 None => {
-                    parse_cidr(p).map_err(|r| err(format!("peers[{i}]"), r))?;
+                    // parse_cidr's reason quotes the peer whole: past the
+                    // echo limit, say the same with the peer shortened.
+                    parse_cidr(p).map_err(|r| {
+                        let r = if p.chars().count() <= ECHO_LIMIT {
+                            r
+                        } else {
+                            format!("{} is not an IP address or CIDR", shown(p))
+                        };
+                        err(format!("peers[{i}]"), r)
+                    })?;
                 }
             }
         }
         let (list, field): (&mut Vec<String>, String) = match target.strip_prefix('@') {
             Some(g) => (
                 doc.groups.get_mut(g).ok_or_else(|| {
-                    err("target", format!("no group {g:?} in the cluster boundary"))
+                    err(
+                        "target",
+                        format!("no group {} in the cluster boundary", shown(g)),
+                    )
                 })?,
                 format!("groups.{g}"),
             ),
@@ -278,7 +294,7 @@ impl Policy {
                     .ok_or_else(|| {
                         err(
                             "target",
-                            format!("no allow entry {target:?} in the cluster boundary"),
+                            format!("no allow entry {} in the cluster boundary", shown(target)),
                         )
                     })?;
                 (&mut doc.allow[i].peers, format!("allow[{i}].peers"))
@@ -292,7 +308,10 @@ impl Policy {
                 if add {
                     continue;
                 }
-                return Err(err(format!("peers[{i}]"), format!("{p:?} is given twice")));
+                return Err(err(
+                    format!("peers[{i}]"),
+                    format!("{} is given twice", shown(p)),
+                ));
             }
             let at = list.iter().position(|x| x == p);
             match (add, at) {
@@ -305,7 +324,11 @@ impl Policy {
                 (false, None) => {
                     return Err(err(
                         format!("peers[{i}]"),
-                        format!("{p:?} is not a peer of {target:?} (give it as listed)"),
+                        format!(
+                            "{} is not a peer of {} (give it as listed)",
+                            shown(p),
+                            shown(target)
+                        ),
                     ))
                 }
             }
@@ -385,6 +408,50 @@ mod tests {
         let stored = p.sub.clone().unwrap().validate(false).unwrap();
         let (c, _) = p.boundaries().unwrap().unwrap();
         assert!(excess(&stored, &c).is_empty());
+    }
+
+    /// A 1 MiB argument comes back shortened, naming the argument.
+    #[test]
+    fn long_arguments_are_echoed_truncated() {
+        let long = "x".repeat(1 << 20);
+        let short = |e: DocError, field: &str| {
+            assert_eq!(e.field, field);
+            let e = e.to_string();
+            assert!(e.len() < 300, "{field}: {} bytes", e.len());
+            assert!(e.starts_with(&format!("{field}: ")), "{e}");
+            assert!(e.contains(" bytes)"), "{e}");
+        };
+        short(parse_doc("", &long).unwrap_err(), "format");
+        let mut p = policy();
+        let before = p.clone();
+        let group = format!("@{long}");
+        // Not an address, an unknown group, a padded address with a bad
+        // prefix length, a huge prefix length.
+        let padded = format!("{}10.9.9.9", " ".repeat(1 << 20));
+        let prefix = format!("10.0.0.0/{}", "9".repeat(1 << 20));
+        for peer in [&long, &group, &format!("{padded}/33"), &prefix] {
+            short(
+                p.add_peers("cluster", std::slice::from_ref(peer))
+                    .unwrap_err(),
+                "peers[0]",
+            );
+        }
+        short(
+            p.add_peers(&long, &["1.2.3.4".into()]).unwrap_err(),
+            "target",
+        );
+        short(
+            p.add_peers(&group, &["1.2.3.4".into()]).unwrap_err(),
+            "target",
+        );
+        assert_eq!(p, before);
+        // Parsed (blanks are trimmed) but not a peer of the entry.
+        short(
+            p.remove_peers("web", std::slice::from_ref(&padded))
+                .unwrap_err(),
+            "peers[0]",
+        );
+        assert_eq!(p, before);
     }
 
     #[test]

@@ -308,6 +308,32 @@ pub trait Events: Send + 'static {
     fn store_receipt(&mut self, receipt: &crate::SignedReceipt) -> Result<(), Failure>;
     /// A key change committed (whether or not everything after it worked).
     fn keys_changed(&mut self, report: &crate::ChangeReport);
+    /// Records, durably, that a change of tenancy is about to be made
+    /// (before the TPM change): an agent killed before the cleanup after
+    /// it finds the record at start ([`Events::pending_tenancy_change`]).
+    /// A failure stops the change before anything changed.
+    fn begin_tenancy_change(&mut self, change: &TenancyChange) -> Result<(), Failure>;
+    /// The change and everything after it ran (or it did not commit):
+    /// the record goes.
+    fn end_tenancy_change(&mut self);
+    /// The record an earlier agent left, if any.
+    fn pending_tenancy_change(&mut self) -> Option<TenancyChange>;
+    /// A change of tenancy finished at start: the tenant's record of
+    /// which receipts are its own is made anew (as `keys_changed` does).
+    fn tenancy_recorded(&mut self, assigned: bool);
+}
+
+/// A change of tenancy (assignment or release) on its way, kept in the
+/// agent's state dir from before the TPM change until everything after it
+/// ran. An agent that finds it at start and whose tenant is no longer
+/// `tenant_before` finishes what the killed one may not have: the previous
+/// tenancy's secrets, sub-boundary, engine records and receipt record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct TenancyChange {
+    /// "assign" or "release".
+    pub kind: String,
+    /// The tenant key's fingerprint before the change (None: no tenant).
+    pub tenant_before: Option<String>,
 }
 
 /// The backends of one node.

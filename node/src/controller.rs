@@ -79,6 +79,9 @@ impl Node {
             b: backends,
             after_reply: vec![AfterReply::PrepareStandby],
         };
+        // Before the first snapshot: what a killed agent left of a change
+        // of tenancy is seen through before anyone reads the state.
+        c.finish_tenancy_change();
         let first = c.read_snapshot().map_err(NodeError::Keys)?;
         let snapshot = Arc::new(RwLock::new(Arc::new(first)));
         let running = Arc::new(Mutex::new(None));
@@ -605,10 +608,12 @@ impl Controller {
             )));
         }
         let before = generations(&status);
+        self.begin_tenancy_change("assign", &status)?;
         // A previous tenant's engines run from the volume being erased.
         let engines = self.stop_engines();
         if let Err(e) = self.b.volume.begin_key_change() {
             self.resume_engines(&engines);
+            self.b.events.end_tenancy_change();
             return Err(NodeError::Backend {
                 what: "volume",
                 source: e,
@@ -626,9 +631,70 @@ impl Controller {
             Err(e) => {
                 self.end_key_change_logged();
                 self.resume_engines(&engines);
+                self.b.events.end_tenancy_change();
                 Err(e.into())
             }
         }
+    }
+
+    /// Records a change of tenancy before anything changes (see
+    /// [`crate::backend::TenancyChange`]); refused when it cannot be
+    /// recorded: a crash after it would otherwise leave the previous
+    /// tenancy's state to the next tenant.
+    fn begin_tenancy_change(
+        &mut self,
+        kind: &str,
+        status: &leasehold_tpm::Status,
+    ) -> Result<(), NodeError> {
+        let change = crate::backend::TenancyChange {
+            kind: kind.to_owned(),
+            tenant_before: status.tenant.as_ref().map(|t| t.fingerprint.clone()),
+        };
+        self.b
+            .events
+            .begin_tenancy_change(&change)
+            .map_err(|source| NodeError::Backend {
+                what: "state",
+                source,
+            })
+    }
+
+    /// At start: a change of tenancy an earlier agent began and did not
+    /// see through. Committed (the tenant is no longer the one before):
+    /// the previous tenancy's secrets, sub-boundary, engine records and
+    /// receipt record go, as after the change. Not committed: nothing to
+    /// do (the volume's own record reopens it). The record goes either way.
+    fn finish_tenancy_change(&mut self) {
+        let Some(p) = self.b.events.pending_tenancy_change() else {
+            return;
+        };
+        let now = match self.b.keys.status() {
+            Ok(s) => s.tenant.map(|t| t.fingerprint),
+            Err(e) => {
+                // Kept for the next start: the TPM may answer then.
+                tracing::error!(error = %e, "cannot read the keys to finish an interrupted change of tenancy");
+                return;
+            }
+        };
+        if now == p.tenant_before {
+            tracing::info!(
+                change = p.kind,
+                "an interrupted change of tenancy did not commit; nothing to finish"
+            );
+        } else {
+            tracing::warn!(change = p.kind, "finishing an interrupted change of tenancy: the previous tenancy's secrets, sub-boundary and engines go");
+            if let Err(e) = self.b.secrets.purge() {
+                tracing::error!(error = %e, "the previous tenancy's secrets were not removed");
+            }
+            if let Err(e) = self.b.boundaries.change(BoundaryChange::ClearSub) {
+                tracing::error!(error = %e, "the previous tenant's sub-boundary was not removed");
+            }
+            if let Err(e) = self.b.engines.forget_all() {
+                tracing::error!(error = %e, "the previous tenancy's engine records were not dropped");
+            }
+            self.b.events.tenancy_recorded(now.is_some());
+        }
+        self.b.events.end_tenancy_change();
     }
 
     fn release(&mut self, caller: Caller, confirmed: bool) -> Result<Outcome, NodeError> {
@@ -651,10 +717,12 @@ impl Controller {
             )));
         }
         let before = generations(&status);
+        self.begin_tenancy_change("release", &status)?;
         // The tenant's engines run from the volume being erased.
         let engines = self.stop_engines();
         if let Err(e) = self.b.volume.begin_key_change() {
             self.resume_engines(&engines);
+            self.b.events.end_tenancy_change();
             return Err(NodeError::Backend {
                 what: "volume",
                 source: e,
@@ -672,11 +740,13 @@ impl Controller {
             Ok(None) => {
                 self.end_key_change_logged();
                 self.resume_engines(&engines);
+                self.b.events.end_tenancy_change();
                 Ok(Outcome::AlreadyReleased)
             }
             Err(e) => {
                 self.end_key_change_logged();
                 self.resume_engines(&engines);
+                self.b.events.end_tenancy_change();
                 Err(e.into())
             }
         }
@@ -871,6 +941,10 @@ impl Controller {
             engines,
         };
         self.b.events.keys_changed(&report);
+        if matches!(report.change.kind, ChangeKind::Assign | ChangeKind::Release) {
+            // Everything after the change ran: nothing for a next agent.
+            self.b.events.end_tenancy_change();
+        }
         report
     }
 

@@ -97,6 +97,11 @@ pub struct World {
     pub boundary_changes: u32,
     /// Every backend call, in order.
     pub log: Vec<String>,
+    /// The change of tenancy on its way (`Events::begin_tenancy_change`;
+    /// on "disk": it outlives a controller).
+    pub tenancy_change: Option<crate::backend::TenancyChange>,
+    /// Tenancy records made by a start that finished such a change.
+    pub tenancy_recorded: Vec<bool>,
     /// Step names that fail (`keys.rotate`, `keys.rotate.after_erase`,
     /// `volume.wipe`, `volume.remake`, `secrets.purge`, `keys.sign`,
     /// `boundary.clear_sub`, `keys.register_console`, …). Each fires once.
@@ -712,6 +717,27 @@ impl Events for FakeEvents {
         // Signals go out after the change; not a backend step that can fail.
         let mut w = self.0.world();
         w.signals.push(report.clone());
+    }
+
+    fn begin_tenancy_change(
+        &mut self,
+        change: &crate::backend::TenancyChange,
+    ) -> Result<(), Failure> {
+        let mut w = self.0.op("events.begin_tenancy_change").map_err(vfail)?;
+        w.tenancy_change = Some(change.clone());
+        Ok(())
+    }
+
+    fn end_tenancy_change(&mut self) {
+        self.0.world().tenancy_change = None;
+    }
+
+    fn pending_tenancy_change(&mut self) -> Option<crate::backend::TenancyChange> {
+        self.0.world().tenancy_change.clone()
+    }
+
+    fn tenancy_recorded(&mut self, assigned: bool) {
+        self.0.world().tenancy_recorded.push(assigned);
     }
 }
 

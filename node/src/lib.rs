@@ -26,7 +26,7 @@ use leasehold_tpm::{KeyChange, KeyError, PublicKeyInfo, Role, SigningKeyInfo, St
 
 pub use backend::{
     Backends, BoundaryApplied, BoundaryChange, DiskKeyInfo, Failure, FailureKind, Remade,
-    SecretEntry, Wiped,
+    SecretEntry, TenancyChange, Wiped,
 };
 pub use controller::Node;
 pub use engines::{

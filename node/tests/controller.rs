@@ -760,3 +760,67 @@ fn a_panicking_backend_ends_the_controller_visibly() {
         1
     );
 }
+
+/// An agent killed between the TPM's new tenancy and the cleanup after it:
+/// the next start finishes that cleanup (the previous tenancy's secrets,
+/// sub-boundary, engine records, receipt record); killed before the TPM
+/// change, the next start destroys nothing. Either way the record goes.
+#[test]
+fn a_change_of_tenancy_cut_short_is_finished_at_the_next_start() {
+    for (kill_at, committed) in [("secrets.purge", true), ("keys.assign", false)] {
+        let (f, node) = assigned();
+        f.world().sub_boundary = true;
+        let secrets = f.world().secrets.len();
+        assert!(secrets > 0);
+        f.world().panic_at = Some(kill_at.into());
+        let e = run(
+            &node,
+            LANDLORD,
+            Command::Assign {
+                name: "next".into(),
+                console_key: None,
+                confirm: true,
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(e, NodeError::Stopped), "{kill_at}: {e}");
+        futures_block(node.ended());
+        assert!(
+            f.world().tenancy_change.is_some(),
+            "{kill_at}: recorded before"
+        );
+        // The agent restarts.
+        f.world().panic_at = None;
+        f.restart();
+        let node = Node::start(f.backends()).expect("start");
+        let w = f.world();
+        assert_eq!(w.tenancy_change, None, "{kill_at}: the record goes");
+        let tenant = node.snapshot().status.tenant.clone().unwrap();
+        if committed {
+            assert_eq!(tenant.name.as_deref(), Some("next"), "{kill_at}");
+            assert!(w.secrets.is_empty(), "{kill_at}: secrets purged");
+            assert!(!w.sub_boundary, "{kill_at}: sub-boundary cleared");
+            assert!(w.log.iter().any(|l| l == "engines.forget_all"), "{kill_at}");
+            assert_eq!(w.tenancy_recorded, vec![true], "{kill_at}");
+        } else {
+            assert_eq!(tenant.name.as_deref(), Some("acme"), "{kill_at}");
+            assert_eq!(w.secrets.len(), secrets, "{kill_at}: nothing destroyed");
+            assert!(w.sub_boundary, "{kill_at}");
+            assert!(w.tenancy_recorded.is_empty(), "{kill_at}");
+        }
+    }
+}
+
+#[test]
+fn a_change_of_tenancy_that_cannot_be_recorded_changes_nothing() {
+    let (f, node) = assigned();
+    f.fail("events.begin_tenancy_change");
+    let e = run(&node, LANDLORD, Command::Release { confirm: true }).unwrap_err();
+    assert!(matches!(e, NodeError::Backend { .. }), "{e}");
+    assert!(node.snapshot().status.tenant.is_some(), "still assigned");
+    assert!(!f.world().log.iter().any(|l| l.starts_with("volume.begin")));
+    // Then it goes through, and leaves no record behind.
+    run(&node, LANDLORD, Command::Release { confirm: true }).unwrap();
+    assert!(node.snapshot().status.tenant.is_none());
+    assert_eq!(f.world().tenancy_change, None);
+}

@@ -253,3 +253,71 @@ fn cli_flags_boundary_clear_in_both_clis_and_remove_still_works() {
         assert!(!verbs.contains(&"remove"), "{program}: {h}");
     }
 }
+
+/// A change of tenancy the agent was killed in the middle of (stood in
+/// for: the agent stopped with the record such a change leaves,
+/// `tenancy-change.json` in its state dir): the next agent finishes what
+/// the change leaves to do when the tenant is no longer the one the record
+/// names (the previous tenancy's secrets and sub-boundary go), and
+/// destroys nothing when it still is (the change did not commit). The
+/// record goes either way.
+#[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
+fn a_change_of_tenancy_cut_short_is_finished_by_the_next_agent() {
+    let mut lab = Lab::start();
+    lab.run(LANDLORD, "landlordctl", &["--yes", "assign", "acme"])
+        .ok();
+    let cluster = lab.write_file("cluster.toml", CLUSTER.as_bytes());
+    let sub = lab.write_file("sub.toml", SUB.as_bytes());
+    lab.run(
+        LANDLORD,
+        "landlordctl",
+        &["boundary", "set", path(&cluster)],
+    )
+    .ok();
+    lab.run(TENANT, "tenantctl", &["boundary", "set", path(&sub)])
+        .ok();
+    let secret = lab.write_file("pw.txt", b"hunter2");
+    lab.run(
+        TENANT,
+        "tenantctl",
+        &["secret", "put", "db", "--from", path(&secret)],
+    )
+    .ok();
+    let fingerprint = lab
+        .run(LANDLORD, "landlordctl", &["--json", "info"])
+        .ok()
+        .json()["tenant_fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let record = lab.path("agent").join("state").join("tenancy-change.json");
+    let secrets = |lab: &Lab| {
+        lab.run(TENANT, "tenantctl", &["--json", "secret", "list"])
+            .ok()
+            .json()
+    };
+    let sub_set = |lab: &Lab| {
+        !lab.run(TENANT, "tenantctl", &["--json", "boundary", "show"])
+            .ok()
+            .json()["sub"]
+            .is_null()
+    };
+    for (before, committed) in [(fingerprint.as_str(), false), ("0000", true)] {
+        lab.stop_agent();
+        std::fs::write(
+            &record,
+            format!(r#"{{"kind":"assign","tenant_before":"{before}"}}"#),
+        )
+        .unwrap();
+        lab.start_agent();
+        assert!(!record.exists(), "committed {committed}: the record goes");
+        if committed {
+            assert_eq!(secrets(&lab), serde_json::json!([]));
+            assert!(!sub_set(&lab), "the previous tenant's sub-boundary went");
+        } else {
+            assert_eq!(secrets(&lab)[0]["name"], "db", "nothing destroyed");
+            assert!(sub_set(&lab), "nothing destroyed");
+        }
+    }
+}

@@ -221,6 +221,17 @@ pub enum KeyError {
         /// The name given.
         name: String,
     },
+    /// A role already has the most console keys it may register
+    /// ([`crate::MAX_CONSOLES`]); names it has may still be registered again.
+    #[error("the {role} has {count} console keys, the most a role may register ({max}); register one of those names again to replace its key")]
+    TooManyConsoles {
+        /// Whose consoles.
+        role: Role,
+        /// How many it has.
+        count: usize,
+        /// The cap.
+        max: usize,
+    },
     /// A console name is not known.
     #[error("no {role} console named {name:?} is registered")]
     UnknownConsole {

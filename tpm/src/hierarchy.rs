@@ -1642,7 +1642,8 @@ impl KeyHierarchy {
         Ok(Some(change))
     }
 
-    /// Registers (or replaces) a console's public key under the caller's role.
+    /// Registers (or replaces) a console's public key under the caller's role:
+    /// a new name only while the role has fewer than [`MAX_CONSOLES`].
     pub fn register_console(&mut self, caller: Role, name: &str, pem: &str) -> Result<String> {
         if !valid_name(name) {
             return Err(KeyError::InvalidName {
@@ -1653,6 +1654,7 @@ impl KeyHierarchy {
         if caller == Role::Tenant && self.manifest.tenant.is_none() {
             return Err(KeyError::NotAssigned);
         }
+        self.manifest.check_console_room(caller, name)?;
         let key = RecipientKey::from_pem(pem).map_err(|e| KeyError::InvalidConsoleKey {
             name: name.to_owned(),
             reason: e.to_string(),
@@ -1784,6 +1786,14 @@ fn placeholder_level() -> LevelState {
 
 // The name rule is shared with the CLIs, which check it without a TPM.
 pub use leasehold_envelope::valid_name;
+
+/// Most console keys one role may register. Each registration rewrites the
+/// whole manifest (which also holds the other role's keys) and every status
+/// carries the list, so it stays small. A manifest written before the cap
+/// may hold more: it loads and its consoles keep working; new names are
+/// refused until the role is below the cap, and a registered name may always
+/// be registered again (its key replaced).
+pub const MAX_CONSOLES: usize = 32;
 
 impl SigningKeyState {
     /// Its public half, as callers see it.

@@ -33,7 +33,7 @@ mod types;
 pub use error::{EnvelopeError, KeyError, Result, SignatureError};
 pub use hierarchy::{
     valid_name, ChangeKind, FaultPoint, KeyChange, KeyConfig, KeyHierarchy, LevelStatus, Opened,
-    Quote, Status,
+    Quote, Status, MAX_CONSOLES,
 };
 pub use leasehold_envelope::{attest, verify_signature};
 pub use types::{Confirm, DiskKey, PublicKeyInfo, Role, SigningKeyInfo, SymmetricKey, TpmKind};

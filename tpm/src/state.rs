@@ -12,6 +12,7 @@ use base64::Engine as _;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{KeyError, Result};
+use crate::hierarchy::MAX_CONSOLES;
 use crate::types::Role;
 
 /// Manifest format this build writes. Format 2 added the node signing key;
@@ -135,6 +136,28 @@ impl Manifest {
             Role::Landlord => Some(&mut self.landlord),
             Role::Tenant => self.tenant.as_mut(),
         }
+    }
+
+    /// Whether `role` may register console `name`: always when it has that
+    /// name (the key is replaced), else while it has fewer than
+    /// [`MAX_CONSOLES`]. A manifest from before the cap may hold more; it
+    /// is not refused, only its new names are.
+    pub fn check_console_room(&self, role: Role, name: &str) -> Result<()> {
+        let mut count = 0;
+        for c in self.consoles.iter().filter(|c| c.role == role) {
+            if c.name == name {
+                return Ok(());
+            }
+            count += 1;
+        }
+        if count >= MAX_CONSOLES {
+            return Err(KeyError::TooManyConsoles {
+                role,
+                count,
+                max: MAX_CONSOLES,
+            });
+        }
+        Ok(())
     }
 
     fn levels(&self) -> impl Iterator<Item = &LevelState> {
@@ -860,6 +883,71 @@ mod tests {
         assert!(matches!(
             s.read_manifest(),
             Err(KeyError::CorruptState { .. })
+        ));
+    }
+
+    fn console(role: Role, name: &str) -> ConsoleKey {
+        ConsoleKey {
+            role,
+            name: name.to_owned(),
+            pem: "pem".into(),
+            fingerprint: "fp".into(),
+        }
+    }
+
+    #[test]
+    fn console_keys_are_capped_per_role() {
+        let mut m = sample();
+        m.consoles = (0..MAX_CONSOLES - 1)
+            .map(|i| console(Role::Landlord, &format!("ops-{i}")))
+            .collect();
+        m.consoles.push(console(Role::Tenant, "t-0"));
+        assert!(m.check_console_room(Role::Landlord, "ops-new").is_ok());
+        m.consoles.push(console(Role::Landlord, "ops-last"));
+        // At the cap: a new name is refused, naming the role and the cap.
+        let e = m.check_console_room(Role::Landlord, "ops-new").unwrap_err();
+        assert!(
+            matches!(
+                e,
+                KeyError::TooManyConsoles {
+                    role: Role::Landlord,
+                    count: MAX_CONSOLES,
+                    max: MAX_CONSOLES,
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(
+            e.to_string().contains("landlord has 32 console keys"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("(32)"), "{e}");
+        // A registered name may be registered again (its key replaced).
+        assert!(m.check_console_room(Role::Landlord, "ops-0").is_ok());
+        assert!(m.check_console_room(Role::Landlord, "ops-last").is_ok());
+        // The other role has its own allowance, and a landlord name is not
+        // the tenant's.
+        assert!(m.check_console_room(Role::Tenant, "t-1").is_ok());
+        assert!(m.check_console_room(Role::Tenant, "ops-new").is_ok());
+    }
+
+    /// A manifest from before the cap, holding more consoles than it
+    /// allows, still loads whole; only new names are refused.
+    #[test]
+    fn manifest_over_the_console_cap_still_loads() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::open(d.path()).unwrap();
+        let mut m = sample();
+        m.consoles = (0..MAX_CONSOLES + 8)
+            .map(|i| console(Role::Landlord, &format!("ops-{i}")))
+            .collect();
+        s.write_manifest(&m).unwrap();
+        let back = s.read_manifest().unwrap().unwrap();
+        assert_eq!(back, m);
+        assert!(back.check_console_room(Role::Landlord, "ops-39").is_ok());
+        assert!(matches!(
+            back.check_console_room(Role::Landlord, "ops-new"),
+            Err(KeyError::TooManyConsoles { count: 40, .. })
         ));
     }
 }

@@ -208,6 +208,24 @@ fn bad_names_sizes_and_digests_are_refused_naming_the_field() {
     assert_eq!(f.listing().len(), 1);
 }
 
+/// An unknown 1 MiB id comes back shortened in the error.
+#[test]
+fn a_long_unknown_id_is_echoed_truncated() {
+    let f = fixture();
+    let long = "x".repeat(1 << 20);
+    for e in [
+        f.up.chunk(me(), &long, 0, b"x").unwrap_err(),
+        f.up.commit(me(), &long).unwrap_err(),
+        f.up.abort(me(), &long).unwrap_err(),
+    ] {
+        assert!(matches!(e, UploadError::NotFound(_)), "{e}");
+        let e = e.to_string();
+        assert!(e.len() < 300, "{} bytes", e.len());
+        assert!(e.starts_with("no upload \"xxx"), "{e}");
+        assert!(e.contains("(1048576 bytes) in progress"), "{e}");
+    }
+}
+
 #[test]
 fn no_volume_is_refused_before_anything_is_written() {
     let f = fixture();
