@@ -181,6 +181,11 @@ struct Caller {
     uid: u32,
     /// None when the bus does not know it.
     pid: Option<u32>,
+    /// The start time of `pid` (clock ticks since boot, /proc/PID/stat)
+    /// read when the connection was first identified: every later check
+    /// names that process, not whichever holds the pid by then (polkitd
+    /// compares it with the live one). None: not readable then.
+    start: Option<u64>,
 }
 
 /// The caller per unique bus name. Unique names are never reused on a bus,
@@ -229,10 +234,13 @@ struct GrantKey {
     sender: String,
     action: String,
     details: Vec<(String, String)>,
+    /// The caller's groups when polkit said yes (root: none): a caller
+    /// moved to the other group never reuses the old role's answer.
+    member: (bool, bool),
 }
 
 impl GrantKey {
-    fn new(sender: &str, action: &str, details: &[(&str, &str)]) -> Self {
+    fn new(sender: &str, action: &str, details: &[(&str, &str)], member: Membership) -> Self {
         let mut details: Vec<(String, String)> = details
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
@@ -242,6 +250,7 @@ impl GrantKey {
             sender: sender.to_owned(),
             action: action.to_owned(),
             details,
+            member: (member.landlord, member.tenant),
         }
     }
 }
@@ -469,6 +478,7 @@ impl Authorizer {
         }
         // Root is the landlord by identity, not by group (and is refused
         // the tenant interface above), so only other callers are checked.
+        let mut member = Membership::default();
         if uid != 0 {
             match self.in_agent_groups(uid, deadline).await {
                 Ok(Membership {
@@ -491,12 +501,12 @@ impl Authorizer {
                         "not authorized for {action}: the caller is in neither {LANDLORD_GROUP} nor {TENANT_GROUP}"
                     )));
                 }
-                Ok(_) => {}
+                Ok(m) => member = m,
                 Err(stop) => return Err(self.stopped(Some(uid), action, stop)),
             }
         }
         let permit = self.admit(uid, action)?;
-        let grant = GrantKey::new(&sender, action, details);
+        let grant = GrantKey::new(&sender, action, details, member);
         let epoch = {
             let g = lock(&self.grants);
             if g.holds(&grant) {
@@ -627,9 +637,11 @@ impl Authorizer {
         let uid = creds
             .unix_user_id()
             .ok_or_else(|| unknown("the bus did not give its uid".into()))?;
+        let pid = creds.process_id();
         let caller = Caller {
             uid,
-            pid: creds.process_id(),
+            pid,
+            start: pid.and_then(start_time_of),
         };
         // Only names that start with ':' are unique (and never reused).
         if sender.starts_with(':') {
@@ -725,15 +737,32 @@ impl Authorizer {
 /// after this point). Otherwise, and without a pid, polkit is asked about
 /// the bus name as before.
 fn subject_of(caller: Caller, hdr: &Header<'_>) -> Result<Subject, Error> {
-    if let Some(pid) = caller.pid {
-        if real_uid_of(pid) == Some(caller.uid) {
-            if let Ok(s) = Subject::new_for_pid(pid, None, Some(caller.uid)) {
+    // The start time read when the connection was identified (never the
+    // pid's current one: that would be whichever process holds it now).
+    if let (Some(pid), Some(start)) = (caller.pid, caller.start) {
+        if real_uid_of(pid) == Some(caller.uid) && start_time_of(pid) == Some(start) {
+            if let Ok(s) = Subject::new_for_pid(pid, Some(start), Some(caller.uid)) {
                 return Ok(s);
             }
         }
     }
     Subject::new_for_message_header(hdr)
         .map_err(|e| Error::NotAuthorized(format!("cannot build the polkit subject: {e}")))
+}
+
+/// The start time of process `pid` (field 22 of /proc/PID/stat, clock
+/// ticks since boot), counted from the last `)` (the name may hold any).
+fn start_time_of(pid: u32) -> Option<u64> {
+    parse_start_time(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn parse_start_time(stat: &str) -> Option<u64> {
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(19)?
+        .parse()
+        .ok()
 }
 
 /// The real uid of process `pid` (`Uid:` of /proc/PID/status), if it exists.
@@ -995,7 +1024,19 @@ mod tests {
         Caller {
             uid,
             pid: Some(4242),
+            start: None,
         }
+    }
+
+    #[test]
+    fn a_process_start_time_is_read_past_any_name() {
+        let me = start_time_of(std::process::id()).expect("own start time");
+        assert_eq!(start_time_of(std::process::id()), Some(me));
+        // A name with spaces and parentheses (field 22 is 4242).
+        let stat = "77 (a) b (c) S 1 77 77 0 -1 4194560 90 0 0 0 1 2 0 0 20 0 1 0 4242 1000 10";
+        assert_eq!(parse_start_time(stat), Some(4242));
+        assert_eq!(parse_start_time("77 (x"), None);
+        assert_eq!(start_time_of(u32::MAX), None);
     }
 
     #[test]
@@ -1069,6 +1110,11 @@ mod tests {
         );
     }
 
+    const TENANT_ONLY: Membership = Membership {
+        landlord: false,
+        tenant: true,
+    };
+
     #[test]
     fn grants_are_per_connection_action_and_details_and_expire() {
         let mut g = Grants::new(Duration::from_millis(200));
@@ -1076,6 +1122,7 @@ mod tests {
             ":1.5",
             "org.leasehold.tenant.secret",
             &[("secret", "db"), ("method", "Put")],
+            TENANT_ONLY,
         );
         assert!(!g.holds(&k));
         g.insert(k.clone(), 0);
@@ -1084,28 +1131,42 @@ mod tests {
         assert!(g.holds(&GrantKey::new(
             ":1.5",
             "org.leasehold.tenant.secret",
-            &[("method", "Put"), ("secret", "db")]
+            &[("method", "Put"), ("secret", "db")],
+            TENANT_ONLY
         )));
         assert!(!g.holds(&GrantKey::new(
             ":1.5",
             "org.leasehold.tenant.secret",
-            &[("secret", "other"), ("method", "Put")]
+            &[("secret", "other"), ("method", "Put")],
+            TENANT_ONLY
         )));
         assert!(!g.holds(&GrantKey::new(
             ":1.6",
             "org.leasehold.tenant.secret",
-            &[("secret", "db"), ("method", "Put")]
+            &[("secret", "db"), ("method", "Put")],
+            TENANT_ONLY
         )));
         assert!(!g.holds(&GrantKey::new(
             ":1.5",
             "org.leasehold.tenant.read",
-            &[("secret", "db"), ("method", "Put")]
+            &[("secret", "db"), ("method", "Put")],
+            TENANT_ONLY
+        )));
+        // The same caller moved to the other group: not its answer.
+        assert!(!g.holds(&GrantKey::new(
+            ":1.5",
+            "org.leasehold.tenant.secret",
+            &[("secret", "db"), ("method", "Put")],
+            Membership {
+                landlord: true,
+                tenant: false,
+            },
         )));
         std::thread::sleep(Duration::from_millis(250));
         assert!(!g.holds(&k), "expired");
         // Bounded.
         for i in 0..GRANT_CACHE + 5 {
-            g.insert(GrantKey::new(&format!(":1.{i}"), "a", &[]), 0);
+            g.insert(GrantKey::new(&format!(":1.{i}"), "a", &[], TENANT_ONLY), 0);
         }
         assert!(g.at.len() <= GRANT_CACHE);
         // 0 turns reuse off.
@@ -1117,7 +1178,7 @@ mod tests {
     #[test]
     fn a_policy_change_forgets_answers_and_refuses_late_ones() {
         let mut g = Grants::new(Duration::from_secs(10));
-        let k = GrantKey::new(":1.5", "org.leasehold.landlord.read", &[]);
+        let k = GrantKey::new(":1.5", "org.leasehold.landlord.read", &[], TENANT_ONLY);
         let asked_at = g.epoch;
         g.insert(k.clone(), asked_at);
         assert!(g.holds(&k));
