@@ -175,7 +175,14 @@ impl SecretStore {
             .map_err(|_| SecretError::Crypto)
     }
 
+    /// Removes one secret, durably (the directory synced: a removal
+    /// reported done does not come back after a power loss).
     pub fn remove(&self, name: &str) -> Result<(), SecretError> {
+        self.unlink(name)?;
+        self.sync_dir()
+    }
+
+    fn unlink(&self, name: &str) -> Result<(), SecretError> {
         let path = self.path(name);
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),
@@ -186,17 +193,28 @@ impl SecretStore {
         }
     }
 
+    fn sync_dir(&self) -> Result<(), SecretError> {
+        fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("sync", &self.dir))
+    }
+
     /// Removes every secret (after a destroying key change their key is gone
-    /// anyway; this frees the space and the names).
+    /// anyway; this frees the space and the names), then syncs the
+    /// directory once: the previous tenancy's names do not come back after
+    /// a power loss.
     pub fn purge(&self) -> Result<usize, SecretError> {
         let entries = self.list()?;
         let mut n = 0;
         for e in &entries {
-            match self.remove(&e.name) {
+            match self.unlink(&e.name) {
                 Ok(()) => n += 1,
                 Err(SecretError::NotFound(_)) => {}
                 Err(e) => return Err(e),
             }
+        }
+        if n > 0 {
+            self.sync_dir()?;
         }
         Ok(n)
     }

@@ -1987,6 +1987,8 @@ fn probe_main(args: &[OsString]) -> Result<i32, LaunchError> {
     let run_dir = Path::new(run_dir);
     close_inherited_fds()?;
     let spec: LaunchSpec = read_json(&run_dir.join("spec.json"))?;
+    // As the shim does: never a uid 0 or a path the launcher refuses.
+    validate(&spec)?;
     // The engine's init, pinned by its pidfd and checked by start time: a
     // recycled pid is never entered.
     let init = Running::adopt(run_dir)?;
@@ -2517,8 +2519,9 @@ fn stage() -> Staged {
 }
 
 /// Masked in the engine's /proc (crun's default `maskedPaths`).
-const PROC_MASKED: [&str; 8] = [
+const PROC_MASKED: [&str; 9] = [
     "acpi",
+    "asound",
     "kcore",
     "keys",
     "latency_stats",
