@@ -2582,6 +2582,10 @@ pub struct EngineRuntime {
     tx: Sender<Msg>,
     view: Arc<SnapshotView>,
     logs: output::LogSink,
+    /// The tenant's cgroup subtree, killed from here when the runtime
+    /// thread does not answer a stop before an erase (busy unpacking, or
+    /// gone): no engine keeps running on a volume being erased.
+    fallback: Option<(Arc<dyn Cgroups>, CgroupPath)>,
 }
 
 impl fmt::Debug for EngineRuntime {
@@ -2710,6 +2714,7 @@ impl EngineRuntime {
         let events = output::EventRing::new();
         let logs_handle = logs.clone();
         let view_cfg = (volume.clone(), cfg.images_dir.clone());
+        let fallback = subtree(&cfg).ok().map(|p| (cgroups.clone(), p));
         let mut rt = Runtime {
             cfg,
             cgroups,
@@ -2873,6 +2878,7 @@ impl EngineRuntime {
             tx,
             view,
             logs: logs_handle,
+            fallback,
         })
     }
 
@@ -2960,9 +2966,32 @@ impl Engines for EngineRuntime {
     }
     fn stop_all(&mut self, grace: Duration) -> Result<StopReport, Failure> {
         let bound = grace + KILL_WAIT + Duration::from_secs(5);
-        match self.call(Cmd::StopAll(grace), bound)? {
-            Reply::Stopped(r) => Ok(r),
-            _ => Err(RuntimeError::NoAnswer("unexpected answer").into()),
+        match self.call(Cmd::StopAll(grace), bound) {
+            Ok(Reply::Stopped(r)) => Ok(r),
+            Ok(_) => Err(RuntimeError::NoAnswer("unexpected answer").into()),
+            Err(e) => {
+                // The thread is busy (a long unpack) or gone: the stop it
+                // will still carry out is too late for the erase that
+                // follows. Every process of the tenant's subtree is killed
+                // from here; nothing is claimed stopped by name.
+                let killed = match &self.fallback {
+                    Some((cgroups, tree)) => cgroups
+                        .kill(tree)
+                        .map(|()| {
+                            format!(
+                                "every process in the tenant's cgroups ({}) was killed (cgroup.kill)",
+                                cgroups.dir(tree).display()
+                            )
+                        })
+                        .unwrap_or_else(|k| format!("the tenant's cgroups could not be killed: {k}")),
+                    None => "the tenant's cgroups are not known".into(),
+                };
+                tracing::error!(error = %e, %killed, "the engine runtime did not answer the stop before an erase");
+                Ok(StopReport {
+                    error: Some(format!("{e}; {killed}")),
+                    ..StopReport::default()
+                })
+            }
         }
     }
     fn forget_all(&mut self) -> Result<usize, Failure> {

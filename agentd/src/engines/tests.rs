@@ -1118,6 +1118,31 @@ fn an_unpack_an_earlier_agent_did_not_finish_is_swept_at_start() {
 }
 
 #[test]
+fn a_stop_the_runtime_does_not_answer_kills_the_tenants_cgroups() {
+    let f = fixture(false);
+    let mut rt = running(&f, "web", "");
+    // The runtime thread ends (as if stuck: a call gets no answer).
+    rt.tx.send(Msg::Shutdown).unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while rt.tx.send(Msg::Shutdown).is_ok() {
+        assert!(Instant::now() < end, "the runtime thread did not end");
+        std::thread::yield_now();
+    }
+    let r = rt.stop_all(Duration::ZERO).unwrap();
+    assert!(
+        r.stopped.is_empty(),
+        "nothing claimed stopped by name: {r:?}"
+    );
+    let why = r.error.unwrap();
+    assert!(why.contains("cgroup.kill"), "{why}");
+    let killed = f.cg.killed.lock().unwrap().clone();
+    assert!(
+        killed.contains(&PathBuf::from("leasehold/tenant")),
+        "the subtree was killed: {killed:?}"
+    );
+}
+
+#[test]
 fn stop_all_reads_back_the_cgroups_before_claiming_stopped() {
     for (stuck, shown_stopped) in [(1, true), (1000, false)] {
         let f = fixture(false);
