@@ -13,7 +13,7 @@ use nix::fcntl::OFlag;
 use sha2::{Digest as _, Sha256};
 
 use super::error::{from_io, CapHit, ImageError};
-use super::types::{ImageFormat, Limits};
+use super::types::{ImageFormat, Limits, PathMemory};
 
 /// PAX extended headers larger than this are refused (real ones hold a few
 /// records: path, linkpath, mtime, xattrs).
@@ -104,6 +104,18 @@ impl Source {
             });
         };
         Ok((source, format))
+    }
+
+    /// What the index of the outer tar holds in names, as counted against
+    /// [`Limits::max_path_memory`] (nothing for a directory).
+    pub(crate) fn kept_path_memory(&self) -> u64 {
+        match self {
+            Source::Tar { blobs, .. } => blobs
+                .keys()
+                .map(|name| PathMemory::cost(name.len()))
+                .fold(0, u64::saturating_add),
+            Source::Dir { .. } => 0,
+        }
     }
 
     fn exists(&self, name: &str) -> bool {
@@ -216,7 +228,8 @@ fn normalise(name: &str) -> Option<String> {
 
 /// One pass over the outer tar (seeking over file data) recording where each
 /// regular file's bytes are. Symlinks between entries are resolved within
-/// the archive's own names; anything else is ignored.
+/// the archive's own names; anything else is ignored. The names and link
+/// targets kept are counted against [`Limits::max_path_memory`].
 fn index_tar(
     path: &Path,
     file: &File,
@@ -237,6 +250,7 @@ fn index_tar(
     let entries = archive.entries_with_seek().map_err(bad)?;
     let mut blobs = HashMap::new();
     let mut links: HashMap<String, String> = HashMap::new();
+    let mut memory = PathMemory::new(limits.max_path_memory, 0);
     let mut count = 0u64;
     walk(entries, limits.max_path_bytes, bad, |entry, name, link| {
         count += 1;
@@ -262,6 +276,7 @@ fn index_tar(
                     format!("the archive ends inside {name} (truncated)"),
                 )));
             }
+            memory.charge(name.len())?;
             if blobs.insert(name.clone(), blob).is_some() || links.contains_key(&name) {
                 return Err(ImageError::Duplicate { name });
             }
@@ -275,6 +290,8 @@ fn index_tar(
                 ""
             };
             if let Some(target) = normalise(&format!("{base}/{target}")) {
+                memory.charge(name.len())?;
+                memory.charge(target.len())?;
                 if links.insert(name.clone(), target).is_some() || blobs.contains_key(&name) {
                     return Err(ImageError::Duplicate { name });
                 }
@@ -501,4 +518,67 @@ pub(crate) fn read_small(
         }
     }
     Ok((bytes, actual))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An outer tar of `n` empty files with 200-byte names and one symlink.
+    fn outer_tar(dir: &Path, n: usize) -> PathBuf {
+        let mut builder = tar::Builder::new(Vec::new());
+        for i in 0..n {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(0);
+            h.set_mode(0o644);
+            builder
+                .append_data(&mut h, format!("{}{i:03}", "n".repeat(197)), io::empty())
+                .unwrap();
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        builder.append_link(&mut h, "link", "n").unwrap();
+        let path = dir.join("outer.tar");
+        std::fs::write(&path, builder.into_inner().unwrap()).unwrap();
+        path
+    }
+
+    /// The index of the outer archive counts its names and link targets
+    /// against `max_path_memory`, refusing the archive naming the cap; what
+    /// it keeps is handed on to the unpacker's count.
+    #[test]
+    fn the_archive_index_counts_against_the_path_memory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = outer_tar(tmp.path(), 50);
+        // 50 names of 200 bytes, plus `link` and its target `n`.
+        let needed = 50 * (200 + 64) + (4 + 64) + (1 + 64);
+        let limits = Limits {
+            max_path_memory: needed - 1,
+            ..Limits::default()
+        };
+        match index_tar(&path, &File::open(&path).unwrap(), &limits) {
+            Err(ImageError::Cap { what, cap }) => {
+                assert!(what.contains("memory for paths kept"), "{what}");
+                assert_eq!(cap, needed - 1);
+            }
+            Err(other) => panic!("wanted the path-memory cap, got {other}"),
+            Ok(_) => panic!("wanted the path-memory cap, got success"),
+        }
+        let limits = Limits {
+            max_path_memory: needed,
+            ..Limits::default()
+        };
+        let file = File::open(&path).unwrap();
+        let blobs = index_tar(&path, &file, &limits).unwrap();
+        // The link leads to no file: only the 50 names stay in the index.
+        assert_eq!(blobs.len(), 50);
+        let source = Source::Tar {
+            path: path.clone(),
+            file,
+            blobs,
+        };
+        assert_eq!(source.kept_path_memory(), 50 * (200 + 64));
+    }
 }

@@ -11,9 +11,10 @@
 //! through a `cap_std::fs::Dir` for the root, which refuses (rather than
 //! follows) anything leading outside it, as a second line of defence.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{btree_map, BTreeMap, HashSet};
 use std::ffi::{OsStr, OsString};
 use std::io::{self, Read};
+use std::ops::Bound;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Component, Path, PathBuf};
@@ -22,7 +23,7 @@ use cap_std::fs::{Dir, OpenOptions, Permissions};
 
 use super::archive::walk;
 use super::error::{from_io, ImageError};
-use super::types::{Limits, UnpackStats};
+use super::types::{Limits, PathMemory, UnpackStats};
 
 /// Marks a whiteout: `.wh.NAME` deletes NAME from lower layers.
 const WHITEOUT_PREFIX: &str = ".wh.";
@@ -41,8 +42,28 @@ pub(crate) struct Unpacker<'l> {
     entries: u64,
     /// Directory modes, applied at the end so that a read-only directory
     /// in a lower layer does not stop a higher one from writing into it.
-    dir_modes: HashMap<PathBuf, u32>,
+    /// Ordered, so that the modes under a removed directory are one range.
+    dir_modes: BTreeMap<PathBuf, u32>,
     owners: Owners,
+    /// The paths kept (here and in [`LayerPaths`]), against
+    /// [`Limits::max_path_memory`].
+    memory: PathMemory,
+    /// Directories listed by opaque whiteouts.
+    #[cfg(test)]
+    opaque_listings: u64,
+}
+
+/// What one layer has done so far, forgotten when it ends.
+#[derive(Default)]
+struct LayerPaths {
+    /// Paths this layer wrote, with their ancestors: an opaque whiteout
+    /// keeps these.
+    written: HashSet<PathBuf>,
+    /// Directories this layer already made opaque. Everything in one since
+    /// was written by this layer (an entry's resolved path and its
+    /// ancestors are in `written`), so another marker for it would remove
+    /// nothing: it is not listed again.
+    opaque: HashSet<PathBuf>,
 }
 
 /// Why one entry was refused.
@@ -52,14 +73,19 @@ type Refusal = String;
 pub(crate) type Owners = BTreeMap<String, (u64, u64)>;
 
 impl<'l> Unpacker<'l> {
-    pub(crate) fn new(root: Dir, limits: &'l Limits) -> Self {
+    /// `path_memory` bytes are already held for paths (the outer
+    /// archive's index).
+    pub(crate) fn new(root: Dir, limits: &'l Limits, path_memory: u64) -> Self {
         Unpacker {
             root,
             limits,
             stats: UnpackStats::default(),
             entries: 0,
-            dir_modes: HashMap::new(),
+            dir_modes: BTreeMap::new(),
             owners: BTreeMap::new(),
+            memory: PathMemory::new(limits.max_path_memory, path_memory),
+            #[cfg(test)]
+            opaque_listings: 0,
         }
     }
 
@@ -73,8 +99,7 @@ impl<'l> Unpacker<'l> {
         let entries = archive
             .entries()
             .map_err(|e| from_io("read layer", format!("layer {layer}"), e))?;
-        // Paths this layer wrote: an opaque whiteout keeps these.
-        let mut written: HashSet<PathBuf> = HashSet::new();
+        let mut paths = LayerPaths::default();
         let bad = |e: io::Error| from_io("read layer", format!("layer {layer}"), e);
         walk(
             entries,
@@ -89,7 +114,7 @@ impl<'l> Unpacker<'l> {
                     ));
                 }
                 let shown = String::from_utf8_lossy(&path).into_owned();
-                self.apply_entry(entry, &path, link.as_deref(), &mut written)
+                self.apply_entry(entry, &path, link.as_deref(), &mut paths)
                     .map_err(|reason| match reason {
                         EntryError::Refused(reason) => ImageError::Entry {
                             layer,
@@ -100,6 +125,9 @@ impl<'l> Unpacker<'l> {
                     })
             },
         )?;
+        for path in paths.written.iter().chain(&paths.opaque) {
+            self.memory.release(path.as_os_str().len());
+        }
         self.stats.layers += 1;
         Ok(())
     }
@@ -132,16 +160,22 @@ impl<'l> Unpacker<'l> {
         entry: &mut tar::Entry<'_, R>,
         raw_path: &[u8],
         raw_link: Option<&[u8]>,
-        written: &mut HashSet<PathBuf>,
+        paths: &mut LayerPaths,
     ) -> Result<(), EntryError> {
-        let comps = clean(raw_path)?;
+        let comps = clean(raw_path, self.limits.max_path_depth)?;
         let kind = entry.header().entry_type();
 
         // Whiteouts first: their names are markers, not files.
         if let Some(last) = comps.last().and_then(|c| c.to_str()) {
             if last == OPAQUE_WHITEOUT {
                 let dir = self.resolve(&comps[..comps.len() - 1], true)?;
-                self.opaque(&dir, written)?;
+                // Once per directory per layer: a layer repeating the marker
+                // would otherwise have the directory listed each time.
+                if !paths.opaque.contains(&dir) {
+                    self.opaque(&dir, &paths.written)?;
+                    self.memory.charge(dir.as_os_str().len())?;
+                    paths.opaque.insert(dir);
+                }
                 self.stats.opaque_whiteouts += 1;
                 return Ok(());
             }
@@ -169,7 +203,7 @@ impl<'l> Unpacker<'l> {
             // The root itself ("./"): only its mode matters.
             if kind.is_dir() {
                 let mode = self.mode(entry)?;
-                self.dir_modes.insert(PathBuf::new(), mode);
+                self.set_mode(PathBuf::new(), mode)?;
                 return Ok(());
             }
             return Err(EntryError::Refused(
@@ -203,7 +237,7 @@ impl<'l> Unpacker<'l> {
                         self.stats.dirs += 1;
                     }
                 }
-                self.dir_modes.insert(target.clone(), mode);
+                self.set_mode(target.clone(), mode)?;
             }
             tar::EntryType::Regular | tar::EntryType::Continuous => {
                 let mode = self.mode(entry)?;
@@ -238,7 +272,7 @@ impl<'l> Unpacker<'l> {
             tar::EntryType::Link => {
                 let link = raw_link
                     .ok_or_else(|| EntryError::Refused("a hard link without a target".into()))?;
-                let source = self.resolve(&clean(link)?, false)?;
+                let source = self.resolve(&clean(link, self.limits.max_path_depth)?, false)?;
                 match self.root.symlink_metadata(&source) {
                     Ok(m) if m.is_file() => {}
                     _ => {
@@ -271,11 +305,49 @@ impl<'l> Unpacker<'l> {
         // The target and its ancestors: an opaque whiteout later in this
         // layer keeps them.
         for path in target.ancestors() {
-            if !written.insert(path.to_path_buf()) {
+            if paths.written.contains(path) {
                 break;
+            }
+            self.memory.charge(path.as_os_str().len())?;
+            paths.written.insert(path.to_path_buf());
+        }
+        Ok(())
+    }
+
+    /// Records the mode a directory gets at the end, counting a new path
+    /// against [`Limits::max_path_memory`].
+    fn set_mode(&mut self, path: PathBuf, mode: u32) -> Result<(), ImageError> {
+        match self.dir_modes.entry(path) {
+            btree_map::Entry::Occupied(mut known) => {
+                known.insert(mode);
+            }
+            btree_map::Entry::Vacant(new) => {
+                self.memory.charge(new.key().as_os_str().len())?;
+                new.insert(mode);
             }
         }
         Ok(())
+    }
+
+    /// Forgets the modes recorded for `path` and the directories under it:
+    /// one range of the ordered map (a path sorts just before its
+    /// descendants, component by component), so removing a directory costs
+    /// what it held, not a pass over every directory recorded.
+    fn forget_modes_under(&mut self, path: &Path) {
+        loop {
+            let next = self
+                .dir_modes
+                .range::<Path, _>((Bound::Included(path), Bound::Unbounded))
+                .next()
+                .map(|(p, _)| p)
+                .filter(|p| p.starts_with(path))
+                .cloned();
+            let Some(next) = next else {
+                break;
+            };
+            self.dir_modes.remove(&next);
+            self.memory.release(next.as_os_str().len());
+        }
     }
 
     /// The entry's mode with setuid and setgid removed (counted).
@@ -309,6 +381,9 @@ impl<'l> Unpacker<'l> {
                 continue;
             }
             out.push(comp);
+            if out.len() > self.limits.max_path_depth {
+                return Err(depth_cap(self.limits.max_path_depth));
+            }
             let last = pending.is_empty();
             if missing || (last && !follow_last) {
                 continue;
@@ -373,7 +448,7 @@ impl<'l> Unpacker<'l> {
                     // 0755, as other runtimes make it, not the umask's: the
                     // agent's UMask=0077 would leave it 0700, unreachable to
                     // the engine's uid. A later entry for it sets its own.
-                    self.dir_modes.insert(here.clone(), 0o755);
+                    self.set_mode(here.clone(), 0o755)?;
                     self.stats.dirs += 1;
                 }
                 Err(e) => return Err(io_refusal("stat", e)),
@@ -387,7 +462,7 @@ impl<'l> Unpacker<'l> {
     fn remove(&mut self, path: &Path) -> Result<(), EntryError> {
         match self.root.symlink_metadata(path) {
             Ok(m) if m.is_dir() => {
-                self.dir_modes.retain(|p, _| !p.starts_with(path));
+                self.forget_modes_under(path);
                 self.root
                     .remove_dir_all(path)
                     .map_err(|e| io_refusal("remove directory", e))
@@ -408,6 +483,10 @@ impl<'l> Unpacker<'l> {
         } else {
             dir
         };
+        #[cfg(test)]
+        {
+            self.opaque_listings += 1;
+        }
         let entries = match self.root.read_dir(shown) {
             Ok(entries) => entries,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
@@ -440,6 +519,14 @@ impl From<ImageError> for EntryError {
     }
 }
 
+/// A path deeper than [`Limits::max_path_depth`].
+fn depth_cap(max: usize) -> EntryError {
+    EntryError::Image(ImageError::cap(
+        "path depth in components",
+        u64::try_from(max).unwrap_or(u64::MAX),
+    ))
+}
+
 fn io_refusal(op: &str, e: io::Error) -> EntryError {
     EntryError::Refused(format!("{op}: {e}"))
 }
@@ -451,8 +538,8 @@ fn perms(mode: u32) -> Permissions {
 /// Splits an entry path into normal components: a leading `/` and `.`
 /// components are dropped (absolute paths are taken relative to the root,
 /// as every image tool writes them), `..` is refused, as are components
-/// longer than NAME_MAX.
-fn clean(raw: &[u8]) -> Result<Vec<OsString>, EntryError> {
+/// longer than NAME_MAX and more than `max_depth` components.
+fn clean(raw: &[u8], max_depth: usize) -> Result<Vec<OsString>, EntryError> {
     let mut comps = Vec::new();
     for part in raw.split(|b| *b == b'/') {
         match part {
@@ -463,8 +550,336 @@ fn clean(raw: &[u8]) -> Result<Vec<OsString>, EntryError> {
                     "a component longer than {MAX_NAME_BYTES} bytes"
                 )))
             }
+            _ if comps.len() >= max_depth => return Err(depth_cap(max_depth)),
             p => comps.push(OsStr::from_bytes(p).to_owned()),
         }
     }
     Ok(comps)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use cap_std::ambient_authority;
+    use tar::{EntryType, Header};
+
+    use super::*;
+
+    /// A layer tar built entry by entry (the tar crate writes GNU long
+    /// names and link names as needed).
+    struct LayerTar(tar::Builder<Vec<u8>>);
+
+    impl LayerTar {
+        fn new() -> Self {
+            LayerTar(tar::Builder::new(Vec::new()))
+        }
+
+        fn add(mut self, kind: EntryType, path: &str, link: &str, mode: u32) -> Self {
+            let mut h = Header::new_gnu();
+            h.set_entry_type(kind);
+            h.set_mode(mode);
+            h.set_size(0);
+            h.set_mtime(1_700_000_000);
+            if link.is_empty() {
+                self.0.append_data(&mut h, path, io::empty()).unwrap();
+            } else {
+                self.0.append_link(&mut h, path, link).unwrap();
+            }
+            self
+        }
+
+        fn dir(self, path: &str, mode: u32) -> Self {
+            self.add(EntryType::Directory, path, "", mode)
+        }
+
+        fn file(self, path: &str) -> Self {
+            self.add(EntryType::Regular, path, "", 0o644)
+        }
+
+        fn symlink(self, path: &str, target: &str) -> Self {
+            self.add(EntryType::Symlink, path, target, 0o777)
+        }
+
+        fn build(self) -> Vec<u8> {
+            self.0.into_inner().unwrap()
+        }
+    }
+
+    fn root_of(tmp: &tempfile::TempDir) -> Dir {
+        Dir::open_ambient_dir(tmp.path(), ambient_authority()).unwrap()
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn expect_cap(result: Result<(), ImageError>, what: &str, cap: u64) {
+        match result {
+            Err(ImageError::Cap { what: w, cap: c }) => {
+                assert!(w.contains(what), "{w} (wanted {what})");
+                assert_eq!(c, cap, "{w}");
+                // The message names what was counted and the cap.
+                let shown = ImageError::Cap { what: w, cap: c }.to_string();
+                assert!(
+                    shown.contains(&format!("exceeds the cap of {cap}")),
+                    "{shown}"
+                );
+            }
+            Err(other) => panic!("wanted a cap on {what}, got {other}"),
+            Ok(()) => panic!("wanted a cap on {what}, got success"),
+        }
+    }
+
+    /// A layer repeating `d/.wh..wh..opq` has `d` listed once: the second
+    /// and later markers would remove nothing (everything left in `d` was
+    /// written by this layer). The result is the one a single marker gives,
+    /// and the next layer's marker applies again.
+    #[test]
+    fn repeated_opaque_markers_list_the_directory_once_per_layer() {
+        let tmp = tempfile::tempdir().unwrap();
+        let limits = Limits::default();
+        let mut unpacker = Unpacker::new(root_of(&tmp), &limits, 0);
+        let mut lower = LayerTar::new().dir("d", 0o755);
+        for i in 0..50 {
+            lower = lower.file(&format!("d/old{i}"));
+        }
+        unpacker
+            .apply_layer(1, &lower.dir("d/sub", 0o700).build()[..])
+            .unwrap();
+
+        let mut upper =
+            LayerTar::new()
+                .file("d/new1")
+                .add(EntryType::Regular, "d/.wh..wh..opq", "", 0o644);
+        for i in 0..500 {
+            if i == 250 {
+                upper = upper.file("d/new2");
+            }
+            upper = upper.add(EntryType::Regular, "d/.wh..wh..opq", "", 0o644);
+        }
+        // Another directory's marker is its own.
+        upper = upper
+            .file("e/kept")
+            .add(EntryType::Regular, "e/.wh..wh..opq", "", 0o644);
+        unpacker
+            .apply_layer(2, &upper.file("d/new3").build()[..])
+            .unwrap();
+        assert_eq!(unpacker.opaque_listings, 2, "d and e, once each");
+        assert_eq!(unpacker.stats.opaque_whiteouts, 502);
+        assert_eq!(names(&tmp.path().join("d")), ["new1", "new2", "new3"]);
+        assert_eq!(names(&tmp.path().join("e")), ["kept"]);
+
+        // A later layer's marker empties d of what layer 2 put there.
+        let third = LayerTar::new()
+            .add(EntryType::Regular, "d/.wh..wh..opq", "", 0o644)
+            .add(EntryType::Regular, "d/.wh..wh..opq", "", 0o644)
+            .file("d/third")
+            .build();
+        unpacker.apply_layer(3, &third[..]).unwrap();
+        assert_eq!(unpacker.opaque_listings, 3);
+        assert_eq!(names(&tmp.path().join("d")), ["third"]);
+        // d/sub (0700), removed by layer 2's marker, has its mode forgotten.
+        let kept: Vec<_> = unpacker.dir_modes.keys().cloned().collect();
+        assert_eq!(kept, [PathBuf::from("d"), PathBuf::from("e")]);
+        unpacker.finish().unwrap();
+        let mode = |p: &str| {
+            std::fs::metadata(tmp.path().join(p))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o7777
+        };
+        assert_eq!(mode("d"), 0o755);
+    }
+
+    /// The set of directories made opaque is counted too: markers for
+    /// directories that do not exist write nothing, yet each distinct one
+    /// is kept for the rest of the layer.
+    #[test]
+    fn the_directories_made_opaque_count_against_the_path_memory() {
+        let mut layer = LayerTar::new();
+        for i in 0..1000 {
+            layer = layer.add(
+                EntryType::Regular,
+                &format!("x{i:04}/.wh..wh..opq"),
+                "",
+                0o644,
+            );
+        }
+        let layer = layer.build();
+        // 1000 paths of 5 bytes cost 69 000 bytes.
+        let limits = Limits {
+            max_path_memory: 60_000,
+            ..Limits::default()
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let mut unpacker = Unpacker::new(root_of(&tmp), &limits, 0);
+        expect_cap(
+            unpacker.apply_layer(1, &layer[..]),
+            "memory for paths kept",
+            60_000,
+        );
+        let limits = Limits {
+            max_path_memory: 70_000,
+            ..Limits::default()
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let mut unpacker = Unpacker::new(root_of(&tmp), &limits, 0);
+        unpacker.apply_layer(1, &layer[..]).unwrap();
+        assert_eq!(unpacker.opaque_listings, 1000);
+        // Forgotten (and released) when the layer ends.
+        assert_eq!(unpacker.memory.used(), 0);
+    }
+
+    /// Paths kept (the layer's written set with ancestors, directory
+    /// modes) are counted against the cap, which refuses the image naming
+    /// it; what a layer kept is released when it ends.
+    #[test]
+    fn paths_kept_over_the_cap_are_refused() {
+        let mut layer = LayerTar::new().dir("dir", 0o755);
+        for i in 0..100 {
+            layer = layer.file(&format!("dir/{}{i:03}", "f".repeat(200)));
+        }
+        let layer = layer.build();
+        // 100 files of 207 bytes (271 each) plus `dir` twice and the root.
+        let needed = 100 * (207 + 64) + 2 * (3 + 64) + 64;
+        let tight = Limits {
+            max_path_memory: needed - 1,
+            ..Limits::default()
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let mut unpacker = Unpacker::new(root_of(&tmp), &tight, 0);
+        expect_cap(
+            unpacker.apply_layer(1, &layer[..]),
+            "memory for paths kept",
+            needed - 1,
+        );
+
+        let exact = Limits {
+            max_path_memory: needed,
+            ..Limits::default()
+        };
+        let tmp = tempfile::tempdir().unwrap();
+        let mut unpacker = Unpacker::new(root_of(&tmp), &exact, 0);
+        unpacker.apply_layer(1, &layer[..]).unwrap();
+        // Only the directory mode of `dir` stays after the layer.
+        assert_eq!(unpacker.memory.used(), 3 + 64);
+        // What the outer archive's index holds counts against the same cap.
+        let tmp = tempfile::tempdir().unwrap();
+        let mut unpacker = Unpacker::new(root_of(&tmp), &exact, 64);
+        expect_cap(
+            unpacker.apply_layer(1, &layer[..]),
+            "memory for paths kept",
+            needed,
+        );
+        // The default holds it with room to spare.
+        let limits = Limits::default();
+        let tmp = tempfile::tempdir().unwrap();
+        let mut unpacker = Unpacker::new(root_of(&tmp), &limits, 0);
+        unpacker.apply_layer(1, &layer[..]).unwrap();
+        assert_eq!(unpacker.finish().unwrap().0.files, 100);
+    }
+
+    /// Entry paths, hard-link targets and paths once resolved through a
+    /// symlink are held to `max_path_depth` components.
+    #[test]
+    fn too_deep_paths_are_refused() {
+        let deep = |n: usize| vec!["a"; n].join("/");
+        let limits = Limits::default();
+        assert_eq!(limits.max_path_depth, 256);
+        // 256 components unpack.
+        let tmp = tempfile::tempdir().unwrap();
+        let mut unpacker = Unpacker::new(root_of(&tmp), &limits, 0);
+        let ok = LayerTar::new().file(&format!("{}/f", deep(255))).build();
+        unpacker.apply_layer(1, &ok[..]).unwrap();
+        assert!(tmp.path().join(format!("{}/f", deep(255))).is_file());
+
+        // 257 do not, whatever the entry (2048 would fit in 4096 bytes).
+        for layer in [
+            LayerTar::new().file(&format!("{}/f", deep(256))).build(),
+            LayerTar::new().dir(&deep(257), 0o755).build(),
+            LayerTar::new()
+                .add(
+                    EntryType::Regular,
+                    &format!("{}/.wh.x", deep(256)),
+                    "",
+                    0o644,
+                )
+                .build(),
+            LayerTar::new()
+                .file("target")
+                .add(EntryType::Link, "h", &format!("{}/f", deep(256)), 0o644)
+                .build(),
+        ] {
+            let tmp = tempfile::tempdir().unwrap();
+            let mut unpacker = Unpacker::new(root_of(&tmp), &limits, 0);
+            expect_cap(
+                unpacker.apply_layer(1, &layer[..]),
+                "path depth in components",
+                256,
+            );
+        }
+
+        // 101 components through a symlink to 200 are 300 once resolved.
+        let tmp = tempfile::tempdir().unwrap();
+        let mut unpacker = Unpacker::new(root_of(&tmp), &limits, 0);
+        let layer = LayerTar::new()
+            .symlink("s", &deep(200))
+            .file(&format!("s/{}/f", deep(99)))
+            .build();
+        expect_cap(
+            unpacker.apply_layer(1, &layer[..]),
+            "path depth in components",
+            256,
+        );
+    }
+
+    /// Removing a directory forgets the modes recorded under it, and only
+    /// those: `a!`, `a.c` and `ab` sort among `a`'s descendants bytewise
+    /// but not component by component.
+    #[test]
+    fn removing_a_directory_forgets_exactly_the_modes_under_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let limits = Limits::default();
+        let mut unpacker = Unpacker::new(root_of(&tmp), &limits, 0);
+        let layer = LayerTar::new()
+            .dir("a", 0o755)
+            .dir("a/b", 0o700)
+            .dir("a/b/c", 0o700)
+            .dir("a!", 0o700)
+            .dir("a.c", 0o700)
+            .dir("ab", 0o700)
+            .dir("a0", 0o700)
+            .build();
+        unpacker.apply_layer(1, &layer[..]).unwrap();
+        let before = unpacker.memory.used();
+        let layer = LayerTar::new()
+            .add(EntryType::Regular, ".wh.a", "", 0o644)
+            .build();
+        unpacker.apply_layer(2, &layer[..]).unwrap();
+        let kept: Vec<_> = unpacker.dir_modes.keys().cloned().collect();
+        let expect: Vec<PathBuf> = ["a!", "a.c", "a0", "ab"]
+            .iter()
+            .map(PathBuf::from)
+            .collect();
+        assert_eq!(kept, expect);
+        assert_eq!(
+            before - unpacker.memory.used(),
+            PathMemory::cost(1) + PathMemory::cost(3) + PathMemory::cost(5)
+        );
+        unpacker.finish().unwrap();
+        for p in ["a!", "a.c", "a0", "ab"] {
+            let mode = std::fs::metadata(tmp.path().join(p))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o7777, 0o700, "{p}");
+        }
+    }
 }

@@ -123,7 +123,7 @@ pub fn unpack_image(
     let staging = Staging::create(parent, name)?;
     let root = cap_std::fs::Dir::open_ambient_dir(&staging.path, ambient_authority())
         .map_err(|e| ImageError::io("open", &staging.path, e))?;
-    let mut unpacker = Unpacker::new(root, limits);
+    let mut unpacker = Unpacker::new(root, limits, source.kept_path_memory());
     let mut budget = limits.max_unpacked_bytes;
     for (i, layer) in plan.layers.iter().enumerate() {
         apply_layer(

@@ -2,6 +2,8 @@
 
 use std::collections::BTreeMap;
 
+use super::error::ImageError;
+
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 const GIB: u64 = 1024 * MIB;
@@ -34,6 +36,18 @@ pub struct Limits {
     /// Symbolic links followed while resolving one path inside the root
     /// (default 40, Linux's own limit).
     pub max_symlink_hops: u32,
+    /// Components of an entry's path, of a hard link's target, and of a
+    /// path once resolved in the root (default 256; real images stay
+    /// under 64). Bounds the per-component work on each entry (every
+    /// prefix is looked at): without it a 4096-byte path has 2048.
+    pub max_path_depth: usize,
+    /// Memory held for paths while reading and unpacking: each path kept
+    /// (the outer archive's index, directory modes, the paths a layer
+    /// wrote and the directories it made opaque) counts its length plus
+    /// 64 bytes for the string and the map's slot (default 256 MiB: an
+    /// image of 15 000 to 100 000 entries needs 2 to 20 MiB; 1 000 000
+    /// entries of 150-byte paths, about 205 MiB).
+    pub max_path_memory: u64,
 }
 
 impl Default for Limits {
@@ -48,7 +62,62 @@ impl Default for Limits {
             max_entries: 1_000_000,
             max_path_bytes: 4096,
             max_symlink_hops: 40,
+            max_path_depth: 256,
+            max_path_memory: 256 * MIB,
         }
+    }
+}
+
+/// What a path kept in a map costs beyond its bytes, as counted against
+/// [`Limits::max_path_memory`]: the `PathBuf` or `String` itself, its
+/// allocation's rounding and the map's slot.
+pub(crate) const PATH_OVERHEAD: u64 = 64;
+
+/// The memory held for paths, counted against
+/// [`Limits::max_path_memory`]: charged before a path is kept, released
+/// when it is dropped.
+#[derive(Debug)]
+pub(crate) struct PathMemory {
+    used: u64,
+    cap: u64,
+}
+
+impl PathMemory {
+    /// `used` bytes are already held (the outer archive's index).
+    pub(crate) fn new(cap: u64, used: u64) -> Self {
+        PathMemory { used, cap }
+    }
+
+    /// What keeping a path of `len` bytes costs.
+    pub(crate) fn cost(len: usize) -> u64 {
+        u64::try_from(len)
+            .unwrap_or(u64::MAX)
+            .saturating_add(PATH_OVERHEAD)
+    }
+
+    /// Counts a path of `len` bytes about to be kept; refuses it, and the
+    /// image, if that goes over the cap.
+    pub(crate) fn charge(&mut self, len: usize) -> Result<(), ImageError> {
+        let used = self.used.saturating_add(Self::cost(len));
+        if used > self.cap {
+            return Err(ImageError::cap(
+                "memory for paths kept while unpacking, in bytes",
+                self.cap,
+            ));
+        }
+        self.used = used;
+        Ok(())
+    }
+
+    /// A path of `len` bytes is no longer kept.
+    pub(crate) fn release(&mut self, len: usize) {
+        self.used = self.used.saturating_sub(Self::cost(len));
+    }
+
+    /// Bytes counted as held.
+    #[cfg(test)]
+    pub(crate) fn used(&self) -> u64 {
+        self.used
     }
 }
 
