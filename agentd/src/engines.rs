@@ -770,6 +770,12 @@ type Snapshot = Arc<RwLock<BTreeMap<String, EngineStatus>>>;
 
 struct Runtime {
     cfg: RuntimeConfig,
+    /// Set by the handle's stop fallback (the tenant's cgroups killed for
+    /// an erase while this thread was busy): nothing is launched until the
+    /// engines are forgotten (`ForgetAll`), so work this thread finishes
+    /// late (a fresh root, a restart timer) starts nothing on a volume
+    /// being erased.
+    halted: Arc<std::sync::atomic::AtomicBool>,
     cgroups: Arc<dyn Cgroups>,
     spawner: Arc<dyn Spawner>,
     volume: Arc<dyn VolumeDir>,
@@ -887,6 +893,14 @@ impl Runtime {
                 .collect()
         };
         for engine in dirs(&base) {
+            // Not below the tenant's own directory.
+            if engine
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_none_or(|n| RESERVED_NAMES.contains(&n))
+            {
+                continue;
+            }
             for v in dirs(&engine) {
                 let version = v.file_name().and_then(|n| n.to_str()).unwrap_or("");
                 if version
@@ -1198,6 +1212,19 @@ impl Runtime {
         respawn: Option<Respawn>,
     ) -> Input {
         let failed = |reason: String| Input::LaunchFailed { instance, reason };
+        // An engine an older agent let take a reserved name: its directory
+        // is the tenant login's own (a planted data/ link would be mounted).
+        if self.halted.load(std::sync::atomic::Ordering::SeqCst) {
+            return failed(
+                "not started: the tenant's engines were killed for an erase while the runtime was busy"
+                    .into(),
+            );
+        }
+        if RESERVED_NAMES.contains(&name) {
+            return failed(format!(
+                "the name {name} is reserved since 2026-12-06 (the tenant's inbox); deploy the engine under another name"
+            ));
+        }
         let Some(e) = self.engines.get_mut(name) else {
             return failed("engine gone".into());
         };
@@ -1872,6 +1899,12 @@ impl Runtime {
         version: u64,
         uid: u32,
     ) -> Result<VersionRec, RuntimeError> {
+        if RESERVED_NAMES.contains(&name) {
+            return Err(RuntimeError::Refused {
+                name: name.to_owned(),
+                reason: "the name is reserved (the tenant's inbox); deploy the engine under another name".into(),
+            });
+        }
         let input = base.join("inbox").join(image);
         if image.is_empty()
             || image.len() > leasehold_node::MAX_IMAGE_REF
@@ -2279,6 +2312,9 @@ impl Runtime {
             }
         }
         self.timers.clear();
+        // The engines are gone with the erase: launches may go on again.
+        self.halted
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         // Names, pids, exits and failure reasons of the tenancy that ends.
         self.events
             .lock()
@@ -2586,6 +2622,8 @@ pub struct EngineRuntime {
     /// thread does not answer a stop before an erase (busy unpacking, or
     /// gone): no engine keeps running on a volume being erased.
     fallback: Option<(Arc<dyn Cgroups>, CgroupPath)>,
+    /// Shared with the runtime thread (`Runtime::halted`).
+    halted: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl fmt::Debug for EngineRuntime {
@@ -2715,8 +2753,10 @@ impl EngineRuntime {
         let logs_handle = logs.clone();
         let view_cfg = (volume.clone(), cfg.images_dir.clone());
         let fallback = subtree(&cfg).ok().map(|p| (cgroups.clone(), p));
+        let halted = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut rt = Runtime {
             cfg,
+            halted: halted.clone(),
             cgroups,
             spawner,
             volume,
@@ -2879,6 +2919,7 @@ impl EngineRuntime {
             view,
             logs: logs_handle,
             fallback,
+            halted,
         })
     }
 
@@ -2974,6 +3015,7 @@ impl Engines for EngineRuntime {
                 // will still carry out is too late for the erase that
                 // follows. Every process of the tenant's subtree is killed
                 // from here; nothing is claimed stopped by name.
+                self.halted.store(true, std::sync::atomic::Ordering::SeqCst);
                 let killed = match &self.fallback {
                     Some((cgroups, tree)) => cgroups
                         .kill(tree)
@@ -2995,7 +3037,17 @@ impl Engines for EngineRuntime {
         }
     }
     fn forget_all(&mut self) -> Result<usize, Failure> {
-        match self.call(Cmd::ForgetAll, CALL_TIMEOUT)? {
+        let r = self.call(Cmd::ForgetAll, CALL_TIMEOUT);
+        if r.is_err() {
+            // The thread forgets them when it gets to it; the next tenant
+            // must not read this tenancy's events meanwhile.
+            self.view
+                .events
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        }
+        match r? {
             Reply::Forgot(r) => Ok(r?),
             _ => Err(RuntimeError::NoAnswer("unexpected answer").into()),
         }

@@ -71,10 +71,10 @@ struct Tenancy {
     earlier: BTreeSet<String>,
 }
 
-/// The receipts directory and the tenancy record.
 /// The record of a change of tenancy on its way, in the state dir.
 pub const CHANGE_FILE: &str = "tenancy-change.json";
 
+/// The receipts directory and the tenancy record.
 #[derive(Debug, Clone)]
 pub struct ReceiptStore {
     dir: PathBuf,

@@ -334,6 +334,15 @@ pub struct TenancyChange {
     pub kind: String,
     /// The tenant key's fingerprint before the change (None: no tenant).
     pub tenant_before: Option<String>,
+    /// The TPM change committed (the record is rewritten right after it).
+    #[serde(default)]
+    pub committed: bool,
+    /// With `committed`: the tenant key's fingerprint after the change
+    /// (None: released). A start finishes the change only while the keys
+    /// are still so; changed again since, the record is stale and nothing
+    /// is destroyed.
+    #[serde(default)]
+    pub tenant_after: Option<String>,
 }
 
 /// The backends of one node.

@@ -619,20 +619,61 @@ impl Controller {
                 source: e,
             });
         }
+        let tenant_before = status.tenant.as_ref().map(|t| t.fingerprint.clone());
         match self.b.keys.assign(name, console_key, confirm(confirmed)) {
-            Ok(c) => Ok(Outcome::Changed(self.after_change(
-                caller,
-                c,
-                before,
-                None,
-                None,
-                Some(engines),
-            ))),
+            Ok(c) => {
+                self.tenancy_committed("assign", tenant_before, c.fingerprint_after.clone());
+                Ok(Outcome::Changed(self.after_change(
+                    caller,
+                    c,
+                    before,
+                    None,
+                    None,
+                    Some(engines),
+                )))
+            }
             Err(e) => {
-                self.end_key_change_logged();
-                self.resume_engines(&engines);
-                self.b.events.end_tenancy_change();
+                self.tenancy_change_failed(tenant_before.as_deref(), &engines);
                 Err(e.into())
+            }
+        }
+    }
+
+    /// The TPM change of a change of tenancy committed: the record says so
+    /// and names the tenant after it, so a start that finds the record
+    /// finishes only while the keys are still as the change left them.
+    fn tenancy_committed(&mut self, kind: &str, before: Option<String>, after: Option<String>) {
+        let record = crate::backend::TenancyChange {
+            kind: kind.to_owned(),
+            tenant_before: before,
+            committed: true,
+            tenant_after: after,
+        };
+        if let Err(e) = self.b.events.begin_tenancy_change(&record) {
+            // The record as first written still finishes it at a start.
+            tracing::warn!(error = %e, "cannot mark the change of tenancy committed");
+        }
+    }
+
+    /// The keys' change of a change of tenancy reported an error. Not
+    /// committed (the tenant is the one before): everything goes back
+    /// (volume, engines) and the record goes. Committed anyway (its later
+    /// steps failed) or unknown: nothing of the previous tenancy is
+    /// started again; a committed change is finished now, an unknown one
+    /// by the next start (the record stays).
+    fn tenancy_change_failed(&mut self, before: Option<&str>, engines: &StopReport) {
+        match self.b.keys.status() {
+            Ok(s) if s.tenant.as_ref().map(|t| t.fingerprint.as_str()) == before => {
+                self.end_key_change_logged();
+                self.resume_engines(engines);
+                self.b.events.end_tenancy_change();
+            }
+            Ok(_) => {
+                tracing::error!("the change of tenancy failed after its TPM commit; finishing what it leaves to do");
+                self.finish_tenancy_change();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the change of tenancy failed and the keys cannot be read; the next start finishes it if it committed");
             }
         }
     }
@@ -649,6 +690,8 @@ impl Controller {
         let change = crate::backend::TenancyChange {
             kind: kind.to_owned(),
             tenant_before: status.tenant.as_ref().map(|t| t.fingerprint.clone()),
+            committed: false,
+            tenant_after: None,
         };
         self.b
             .events
@@ -676,23 +719,39 @@ impl Controller {
                 return;
             }
         };
-        if now == p.tenant_before {
+        if !p.committed && now == p.tenant_before {
             tracing::info!(
                 change = p.kind,
                 "an interrupted change of tenancy did not commit; nothing to finish"
             );
+        } else if p.committed && now != p.tenant_after {
+            // The keys changed again since (the record outlived its
+            // change): what it would remove is no longer the previous
+            // tenancy's.
+            tracing::warn!(
+                change = p.kind,
+                "a stale record of a change of tenancy (the keys changed since); nothing destroyed"
+            );
         } else {
             tracing::warn!(change = p.kind, "finishing an interrupted change of tenancy: the previous tenancy's secrets, sub-boundary and engines go");
+            let mut failed = false;
             if let Err(e) = self.b.secrets.purge() {
                 tracing::error!(error = %e, "the previous tenancy's secrets were not removed");
+                failed = true;
             }
             if let Err(e) = self.b.boundaries.change(BoundaryChange::ClearSub) {
                 tracing::error!(error = %e, "the previous tenant's sub-boundary was not removed");
+                failed = true;
             }
             if let Err(e) = self.b.engines.forget_all() {
                 tracing::error!(error = %e, "the previous tenancy's engine records were not dropped");
+                failed = true;
             }
             self.b.events.tenancy_recorded(now.is_some());
+            if failed {
+                // Tried again at the next start (each step is idempotent).
+                return;
+            }
         }
         self.b.events.end_tenancy_change();
     }
@@ -728,15 +787,19 @@ impl Controller {
                 source: e,
             });
         }
+        let tenant_before = status.tenant.as_ref().map(|t| t.fingerprint.clone());
         match self.b.keys.release(Confirm::DestroyData) {
-            Ok(Some(c)) => Ok(Outcome::Changed(self.after_change(
-                caller,
-                c,
-                before,
-                None,
-                None,
-                Some(engines),
-            ))),
+            Ok(Some(c)) => {
+                self.tenancy_committed("release", tenant_before, None);
+                Ok(Outcome::Changed(self.after_change(
+                    caller,
+                    c,
+                    before,
+                    None,
+                    None,
+                    Some(engines),
+                )))
+            }
             Ok(None) => {
                 self.end_key_change_logged();
                 self.resume_engines(&engines);
@@ -744,9 +807,7 @@ impl Controller {
                 Ok(Outcome::AlreadyReleased)
             }
             Err(e) => {
-                self.end_key_change_logged();
-                self.resume_engines(&engines);
-                self.b.events.end_tenancy_change();
+                self.tenancy_change_failed(tenant_before.as_deref(), &engines);
                 Err(e.into())
             }
         }

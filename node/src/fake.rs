@@ -415,6 +415,11 @@ impl KeyStore for Fake {
         if console_key.is_some() {
             w.consoles.insert((Role::Tenant, "initial".into()));
         }
+        // A step after the manifest's commit failing (the old slot's
+        // undefine, say): committed, yet reported as an error.
+        if w.faults.remove("keys.assign after commit") {
+            return Err(injected("injected fault after the commit".into()));
+        }
         Ok(change(
             ChangeKind::Assign,
             Role::Tenant,

@@ -152,11 +152,18 @@ impl Command {
     /// Whether the controller runs it before changes queued earlier (and
     /// takes it when the queue is full, within `URGENT_RESERVE`): the
     /// landlord's boundary revert, the safety net of a change that may
-    /// have locked the landlord out, which tenant work must not hold back.
+    /// have locked the landlord out, which tenant work must not hold back,
+    /// and the landlord's confirmation of that change.
     pub fn is_urgent(&self) -> bool {
+        // The landlord's confirmation too: queued before the deadline, it
+        // must not be overtaken by the revert it answers (urgent changes
+        // keep their order among themselves).
         matches!(
             self,
-            Command::Boundary(crate::backend::BoundaryChange::RevertPending { .. })
+            Command::Boundary(
+                crate::backend::BoundaryChange::RevertPending { .. }
+                    | crate::backend::BoundaryChange::ConfirmPending
+            )
         )
     }
 

@@ -824,3 +824,66 @@ fn a_change_of_tenancy_that_cannot_be_recorded_changes_nothing() {
     assert!(node.snapshot().status.tenant.is_none());
     assert_eq!(f.world().tenancy_change, None);
 }
+
+/// The keys report an error after the TPM change committed (a step after
+/// the manifest's write failed): the previous tenancy is not started again
+/// and what the change leaves to do is done now.
+#[test]
+fn a_change_of_tenancy_that_fails_after_its_commit_is_finished_not_undone() {
+    let (f, node) = assigned();
+    f.world().sub_boundary = true;
+    f.fail("keys.assign after commit");
+    let e = run(
+        &node,
+        LANDLORD,
+        Command::Assign {
+            name: "next".into(),
+            console_key: None,
+            confirm: true,
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(e, NodeError::Keys(_)), "{e}");
+    let w = f.world();
+    assert!(w.secrets.is_empty(), "the previous tenancy's secrets went");
+    assert!(!w.sub_boundary);
+    assert_eq!(w.tenancy_change, None);
+    assert!(
+        !w.log.iter().any(|l| l.starts_with("engines.start")),
+        "nothing of the previous tenancy started again: {:?}",
+        w.log
+    );
+}
+
+/// A record that outlived its change (its removal failed) and keys that
+/// changed since (a rekey): the next start destroys nothing.
+#[test]
+fn a_stale_record_of_a_change_of_tenancy_destroys_nothing() {
+    let (f, node) = assigned();
+    let fp = node.snapshot().status.tenant.clone().unwrap().fingerprint;
+    for (after, destroys) in [(fp.clone(), true), ("tenant-old".to_owned(), false)] {
+        let secrets = f.world().secrets.clone();
+        assert!(!secrets.is_empty());
+        f.world().tenancy_change = Some(leasehold_node::TenancyChange {
+            kind: "assign".into(),
+            tenant_before: Some("tenant-0".into()),
+            committed: true,
+            tenant_after: Some(after.clone()),
+        });
+        let node = Node::start(f.backends()).expect("start");
+        let w = f.world();
+        assert_eq!(w.tenancy_change, None, "{after}");
+        if destroys {
+            // The keys are as the change left them: finished.
+            assert!(w.secrets.is_empty(), "{after}");
+        } else {
+            assert_eq!(w.secrets, secrets, "{after}: nothing destroyed");
+        }
+        drop(w);
+        // For the next round: secrets again.
+        if destroys {
+            f.world().secrets = secrets;
+        }
+        drop(node);
+    }
+}

@@ -2336,6 +2336,62 @@ fn engines_on_the_node(vm: &mut Vm) {
     }
     vm.step("engines: escape attempts denied");
 
+    // A link an engine plants in its own data dir, then a reload naming a
+    // data dir through it: refused (before 2026-12-06 the agent chowned
+    // the link's target, the host's /etc, and the shim bound it
+    // read-write); and no engine may take the inbox's name.
+    let planter = engine_spec(
+        &dir,
+        "planter",
+        "/bin/busybox ln -s /etc /data/x && echo planted; exec /bin/busybox sleep 600",
+        "data_dirs = [\"data\"]\n[restart]\npolicy = \"never\"\n",
+    );
+    let through = engine_spec(
+        &dir,
+        "through",
+        "exec /bin/busybox sleep 600",
+        "data_dirs = [\"data/x\"]\n[restart]\npolicy = \"never\"\n",
+    );
+    vm.tenant_ok(&[
+        "engine",
+        "deploy",
+        "planter",
+        inbox,
+        "--spec",
+        &planter,
+        "--from-inbox",
+    ]);
+    vm.tenant_ok(&["engine", "start", "planter"]);
+    vm.engine_logs_until("planter", "planted");
+    let etc_before = vm.sh("stat -c '%u:%g %a' /etc");
+    let o = vm.tenantctl(&["engine", "reload", "planter", "--spec", &through]);
+    assert_ne!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert!(
+        o.stderr.contains("symlink or not a directory"),
+        "{}{}",
+        o.stdout,
+        o.stderr
+    );
+    assert_eq!(vm.sh("stat -c '%u:%g %a' /etc"), etc_before);
+    assert_eq!(etc_before.trim(), "0:0 755", "{etc_before}");
+    let o = vm.tenantctl(&[
+        "engine",
+        "deploy",
+        "inbox",
+        inbox,
+        "--spec",
+        &through,
+        "--from-inbox",
+    ]);
+    assert_ne!(o.code, 0, "{}{}", o.stdout, o.stderr);
+    assert!(o.stderr.contains("reserved"), "{}{}", o.stdout, o.stderr);
+    vm.tenant_ok(&["engine", "stop", "planter"]);
+    vm.engine_until("planter", &["stopped"]);
+    vm.tenant_ok(&["--yes", "engine", "rm", "planter"]);
+    vm.step(
+        "engines: a data dir through a link the engine planted is refused; no engine named inbox",
+    );
+
     // A destroying tenant rotation stops the running engine before the
     // erase and says so in its receipt.
     let probe_pid = vm.engine_status("probe")["pid"].as_u64().unwrap();

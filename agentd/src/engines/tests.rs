@@ -1140,6 +1140,9 @@ fn a_stop_the_runtime_does_not_answer_kills_the_tenants_cgroups() {
         killed.contains(&PathBuf::from("leasehold/tenant")),
         "the subtree was killed: {killed:?}"
     );
+    // Work the thread finishes late launches nothing until the engines
+    // are forgotten.
+    assert!(rt.halted.load(std::sync::atomic::Ordering::SeqCst));
 }
 
 #[test]
