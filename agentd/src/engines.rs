@@ -732,6 +732,11 @@ enum Cmd {
     ForgetAll,
     SetBudget(Budget),
     SetThrottles(leasehold_node::Throttles),
+    /// Sent by the handle's stop fallback after it set `halted`: read
+    /// after the late `StopAll` (the same queue), so launches go on again
+    /// once that stop was carried out, whatever follows (a rollback's
+    /// restarts, a corrective stop).
+    Unhalt,
 }
 
 enum Reply {
@@ -1212,14 +1217,14 @@ impl Runtime {
         respawn: Option<Respawn>,
     ) -> Input {
         let failed = |reason: String| Input::LaunchFailed { instance, reason };
-        // An engine an older agent let take a reserved name: its directory
-        // is the tenant login's own (a planted data/ link would be mounted).
         if self.halted.load(std::sync::atomic::Ordering::SeqCst) {
             return failed(
                 "not started: the tenant's engines were killed for an erase while the runtime was busy"
                     .into(),
             );
         }
+        // An engine an older agent let take a reserved name: its directory
+        // is the tenant login's own (a planted data/ link would be mounted).
         if RESERVED_NAMES.contains(&name) {
             return failed(format!(
                 "the name {name} is reserved since 2026-12-06 (the tenant's inbox); deploy the engine under another name"
@@ -1993,6 +1998,11 @@ impl Runtime {
             Cmd::Reload(n, i, s) => Reply::Status(self.reload(&n, i.as_deref(), s)),
             Cmd::Rm(n) => Reply::Unit(self.rm(&n)),
             Cmd::ForgetAll => Reply::Forgot(self.forget_all()),
+            Cmd::Unhalt => {
+                self.halted
+                    .store(false, std::sync::atomic::Ordering::SeqCst);
+                Reply::Unit(Ok(()))
+            }
             Cmd::SetBudget(b) => Reply::Budget(self.set_budget(b)),
             Cmd::SetThrottles(t) => Reply::Throttled(self.set_throttles(t)),
             Cmd::StopAll(grace) => {
@@ -2298,6 +2308,9 @@ impl Runtime {
     }
 
     fn forget_all(&mut self) -> Result<usize, RuntimeError> {
+        // The engines are gone with the erase: launches may go on again.
+        self.halted
+            .store(false, std::sync::atomic::Ordering::SeqCst);
         let n = self.engines.len();
         let sub = subtree(&self.cfg)?;
         for (name, e) in std::mem::take(&mut self.engines) {
@@ -2312,9 +2325,6 @@ impl Runtime {
             }
         }
         self.timers.clear();
-        // The engines are gone with the erase: launches may go on again.
-        self.halted
-            .store(false, std::sync::atomic::Ordering::SeqCst);
         // Names, pids, exits and failure reasons of the tenancy that ends.
         self.events
             .lock()
@@ -3016,6 +3026,10 @@ impl Engines for EngineRuntime {
                 // follows. Every process of the tenant's subtree is killed
                 // from here; nothing is claimed stopped by name.
                 self.halted.store(true, std::sync::atomic::Ordering::SeqCst);
+                // Lifted by the thread once it has carried out the late
+                // stop (queued before this).
+                let (utx, _) = mpsc::sync_channel(1);
+                let _ = self.tx.send(Msg::Cmd(Cmd::Unhalt, utx));
                 let killed = match &self.fallback {
                     Some((cgroups, tree)) => cgroups
                         .kill(tree)

@@ -668,9 +668,32 @@ impl Controller {
                 self.resume_engines(engines);
                 self.b.events.end_tenancy_change();
             }
-            Ok(_) => {
+            Ok(s) => {
                 tracing::error!("the change of tenancy failed after its TPM commit; finishing what it leaves to do");
+                // Marked committed first, naming the keys as they are: a
+                // record this leaves behind is then stale, never taken for
+                // an uncommitted change once the new tenant's keys move.
+                let kind = self
+                    .b
+                    .events
+                    .pending_tenancy_change()
+                    .map_or_else(|| "assign".to_owned(), |p| p.kind);
+                self.tenancy_committed(
+                    &kind,
+                    before.map(str::to_owned),
+                    s.tenant.map(|t| t.fingerprint),
+                );
+                // The old disk key is gone with the commit: dm-crypt's copy
+                // goes too, and the volume is made again under the new one
+                // (no receipt: nothing here can vouch for the erase).
+                if let Err(e) = self.b.volume.wipe() {
+                    tracing::error!(error = %e, "the kernel's copy of the old disk key could not be shown gone");
+                }
                 self.finish_tenancy_change();
+                self.after_reply.push(AfterReply::Remake(format!(
+                    "{kind} (reported failed after its commit)"
+                )));
+                self.after_reply.push(AfterReply::PrepareStandby);
             }
             Err(e) => {
                 tracing::error!(error = %e, "the change of tenancy failed and the keys cannot be read; the next start finishes it if it committed");
@@ -734,6 +757,18 @@ impl Controller {
             );
         } else {
             tracing::warn!(change = p.kind, "finishing an interrupted change of tenancy: the previous tenancy's secrets, sub-boundary and engines go");
+            if !p.committed {
+                // As after a commit: should a step fail and the record
+                // stay, it names these keys and is stale once they move.
+                let record = crate::backend::TenancyChange {
+                    committed: true,
+                    tenant_after: now.clone(),
+                    ..p.clone()
+                };
+                if let Err(e) = self.b.events.begin_tenancy_change(&record) {
+                    tracing::warn!(error = %e, "cannot mark the change of tenancy committed");
+                }
+            }
             let mut failed = false;
             if let Err(e) = self.b.secrets.purge() {
                 tracing::error!(error = %e, "the previous tenancy's secrets were not removed");

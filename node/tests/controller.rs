@@ -848,6 +848,18 @@ fn a_change_of_tenancy_that_fails_after_its_commit_is_finished_not_undone() {
     assert!(w.secrets.is_empty(), "the previous tenancy's secrets went");
     assert!(!w.sub_boundary);
     assert_eq!(w.tenancy_change, None);
+    // The old disk key's kernel copy goes, as after a change that
+    // reported success (the volume is made again after the reply).
+    assert!(
+        w.log.iter().any(|l| l == "volume.wipe"),
+        "wiped: {:?}",
+        w.log
+    );
+    assert!(
+        !w.log.iter().any(|l| l == "volume.end"),
+        "the volume is not marked ready under the old key: {:?}",
+        w.log
+    );
     assert!(
         !w.log.iter().any(|l| l.starts_with("engines.start")),
         "nothing of the previous tenancy started again: {:?}",

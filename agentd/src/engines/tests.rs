@@ -1146,6 +1146,42 @@ fn a_stop_the_runtime_does_not_answer_kills_the_tenants_cgroups() {
 }
 
 #[test]
+fn while_halted_for_an_erase_nothing_is_launched_until_the_late_stop_is_done() {
+    let f = fixture(false);
+    let mut rt = f.runtime();
+    rt.deploy("web", "app.tar", &spec(r#"command = ["/bin/app"]"#))
+        .unwrap();
+    // As the stop fallback leaves it (the thread was busy).
+    rt.halted.store(true, std::sync::atomic::Ordering::SeqCst);
+    rt.start("web").unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while !rt
+        .view()
+        .events(0, 1000)
+        .iter()
+        .any(|e| e.detail.contains("killed for an erase"))
+    {
+        assert!(
+            Instant::now() < end,
+            "no launch failure: {:?}",
+            rt.view().events(0, 1000)
+        );
+        std::thread::yield_now();
+    }
+    let s = rt.view().status("web").unwrap();
+    assert_eq!(spawned(&f), 0, "nothing launched: {s:?}");
+    rt.stop("web", None).unwrap();
+    // What the fallback queues after the late stop lifts it.
+    match rt.call(Cmd::Unhalt, Duration::from_secs(10)) {
+        Ok(Reply::Unit(Ok(()))) => {}
+        _ => panic!("no answer to Unhalt"),
+    }
+    rt.start("web").unwrap();
+    until(&rt, "web", |s| s.phase == Phase::Ready);
+    assert_eq!(spawned(&f), 1);
+}
+
+#[test]
 fn stop_all_reads_back_the_cgroups_before_claiming_stopped() {
     for (stuck, shown_stopped) in [(1, true), (1000, false)] {
         let f = fixture(false);
