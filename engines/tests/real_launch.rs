@@ -386,6 +386,10 @@ fn confined_engine(warm_in: Option<PathBuf>) {
     assert_eq!(field(&out, "write_tmp"), "ok");
     assert_eq!(field(&out, "write_data"), "ok");
     assert_eq!(fs::read_to_string(data.join("f")).unwrap(), "data");
+    let opts: Vec<&str> = field(&out, "data_mount").split(',').collect();
+    for o in ["rw", "nosuid", "nodev"] {
+        assert!(opts.contains(&o), "data dir mount {opts:?} lacks {o}");
+    }
     // Denied by seccomp (EPERM) where the kernel would otherwise allow or
     // answer differently: TRACEME always succeeds, an unprivileged user
     // namespace is allowed on Debian.
@@ -2145,6 +2149,18 @@ fn probe(args: &[String]) -> i32 {
     );
     println!("write_tmp={}", errno_of(fs::write("/tmp/x", "x")));
     println!("write_data={}", errno_of(fs::write("/data/f", "data")));
+    // The data dir's mount (a clone of the shim's descriptor since
+    // 2026-12-06): its per-mount options.
+    let data_mount = fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(4) == Some(&"/data")).then(|| f.get(5).map(|o| (*o).to_owned()))?
+        })
+        .last()
+        .unwrap_or_default();
+    println!("data_mount={data_mount}");
     println!(
         "write_proc_comm={}",
         errno_of(fs::write("/proc/self/comm", "x"))
