@@ -2154,11 +2154,11 @@ fn probe(args: &[String]) -> i32 {
     let data_mount = fs::read_to_string("/proc/self/mountinfo")
         .unwrap_or_default()
         .lines()
-        .filter_map(|l| {
+        .rev()
+        .find_map(|l| {
             let f: Vec<&str> = l.split_whitespace().collect();
             (f.get(4) == Some(&"/data")).then(|| f.get(5).map(|o| (*o).to_owned()))?
         })
-        .last()
         .unwrap_or_default();
     println!("data_mount={data_mount}");
     println!(
