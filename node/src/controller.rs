@@ -633,7 +633,7 @@ impl Controller {
                 )))
             }
             Err(e) => {
-                self.tenancy_change_failed(tenant_before.as_deref(), &engines);
+                self.tenancy_change_failed("assign", tenant_before.as_deref(), &engines);
                 Err(e.into())
             }
         }
@@ -661,7 +661,7 @@ impl Controller {
     /// steps failed) or unknown: nothing of the previous tenancy is
     /// started again; a committed change is finished now, an unknown one
     /// by the next start (the record stays).
-    fn tenancy_change_failed(&mut self, before: Option<&str>, engines: &StopReport) {
+    fn tenancy_change_failed(&mut self, kind: &str, before: Option<&str>, engines: &StopReport) {
         match self.b.keys.status() {
             Ok(s) if s.tenant.as_ref().map(|t| t.fingerprint.as_str()) == before => {
                 self.end_key_change_logged();
@@ -673,13 +673,8 @@ impl Controller {
                 // Marked committed first, naming the keys as they are: a
                 // record this leaves behind is then stale, never taken for
                 // an uncommitted change once the new tenant's keys move.
-                let kind = self
-                    .b
-                    .events
-                    .pending_tenancy_change()
-                    .map_or_else(|| "assign".to_owned(), |p| p.kind);
                 self.tenancy_committed(
-                    &kind,
+                    kind,
                     before.map(str::to_owned),
                     s.tenant.map(|t| t.fingerprint),
                 );
@@ -842,7 +837,7 @@ impl Controller {
                 Ok(Outcome::AlreadyReleased)
             }
             Err(e) => {
-                self.tenancy_change_failed(tenant_before.as_deref(), &engines);
+                self.tenancy_change_failed("release", tenant_before.as_deref(), &engines);
                 Err(e.into())
             }
         }
