@@ -32,7 +32,7 @@ use std::time::{Duration, Instant, SystemTime};
 use leasehold_engines::backoff::wants_restart;
 use leasehold_engines::budget::{self, Budget};
 use leasehold_engines::cgroup::{CgroupError, CgroupPath, Cgroups, Controller};
-use leasehold_engines::image::{unpack_image, ImageError, Limits as ImageLimits};
+use leasehold_engines::image::{unpack_image_abortable, ImageError, Limits as ImageLimits};
 use leasehold_engines::launch::{self, DataDir, LaunchError, LaunchSpec, SecretBytes};
 use leasehold_engines::probe::NotifyMessage;
 use leasehold_engines::spec::{Probe, Spec, User, MAX_ENV, MAX_EXEC_BYTES, RESERVED_ENV};
@@ -781,6 +781,12 @@ struct Runtime {
     /// late (a fresh root, a restart timer) starts nothing on a volume
     /// being erased.
     halted: Arc<std::sync::atomic::AtomicBool>,
+    /// Set by the handle as it sends a stop of every engine or a forget
+    /// (a change of keys or tenancy): an unpack in progress (deploy,
+    /// reload, fresh root) stops at once and leaves nothing, so it neither
+    /// writes on the volume about to be erased nor holds that stop for
+    /// minutes. Cleared when this thread reads that command.
+    abort: Arc<std::sync::atomic::AtomicBool>,
     cgroups: Arc<dyn Cgroups>,
     spawner: Arc<dyn Spawner>,
     volume: Arc<dyn VolumeDir>,
@@ -1196,8 +1202,14 @@ impl Runtime {
             }
         }
         let root = vdir.join(format!("rootfs-i{dir}"));
-        let u = unpack_image(&input, &root, &ImageLimits::default())
-            .map_err(|e| format!("the stored image {:?} fails verification: {e}", v.image))?;
+        let u = unpack_image_abortable(&input, &root, &ImageLimits::default(), &self.abort)
+            .map_err(|e| match e {
+                ImageError::Aborted => format!(
+                    "the stored image {:?} was not unpacked: every engine is being stopped (a change of keys or tenancy)",
+                    v.image
+                ),
+                e => format!("the stored image {:?} fails verification: {e}", v.image),
+            })?;
         if u.config_digest != want {
             let _ = std::fs::remove_dir_all(&root);
             return Err(format!(
@@ -1936,10 +1948,21 @@ impl Runtime {
         }
         std::fs::create_dir_all(&vdir).map_err(io("mkdir", &vdir))?;
         let root = vdir.join("rootfs");
-        let unpacked = match unpack_image(&input, &root, &ImageLimits::default()) {
+        let unpacked = match unpack_image_abortable(
+            &input,
+            &root,
+            &ImageLimits::default(),
+            &self.abort,
+        ) {
             Ok(u) => u,
             Err(source) => {
                 let _ = std::fs::remove_dir_all(&vdir);
+                if matches!(source, ImageError::Aborted) {
+                    return Err(RuntimeError::Refused {
+                        name: name.to_owned(),
+                        reason: "not deployed: the image's unpack was stopped because every engine is being stopped (a change of keys or tenancy); nothing was kept".into(),
+                    });
+                }
                 return Err(RuntimeError::Image {
                     path: input,
                     source,
@@ -1997,7 +2020,10 @@ impl Runtime {
             Cmd::Restart(n) => Reply::Status(self.simple(&n, Input::Restart)),
             Cmd::Reload(n, i, s) => Reply::Status(self.reload(&n, i.as_deref(), s)),
             Cmd::Rm(n) => Reply::Unit(self.rm(&n)),
-            Cmd::ForgetAll => Reply::Forgot(self.forget_all()),
+            Cmd::ForgetAll => {
+                self.abort.store(false, std::sync::atomic::Ordering::SeqCst);
+                Reply::Forgot(self.forget_all())
+            }
             Cmd::Unhalt => {
                 self.halted
                     .store(false, std::sync::atomic::Ordering::SeqCst);
@@ -2006,6 +2032,9 @@ impl Runtime {
             Cmd::SetBudget(b) => Reply::Budget(self.set_budget(b)),
             Cmd::SetThrottles(t) => Reply::Throttled(self.set_throttles(t)),
             Cmd::StopAll(grace) => {
+                // Unpacks from here on are the next tenancy's (the handle
+                // sends nothing else while it waits for this stop).
+                self.abort.store(false, std::sync::atomic::Ordering::SeqCst);
                 // The warm shim's mount namespace goes before the volume.
                 self.spawner.quiesce();
                 // Pending first, so kills made while stopping are counted.
@@ -2634,6 +2663,8 @@ pub struct EngineRuntime {
     fallback: Option<(Arc<dyn Cgroups>, CgroupPath)>,
     /// Shared with the runtime thread (`Runtime::halted`).
     halted: Arc<std::sync::atomic::AtomicBool>,
+    /// Shared with the runtime thread (`Runtime::abort`).
+    abort: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl fmt::Debug for EngineRuntime {
@@ -2764,9 +2795,11 @@ impl EngineRuntime {
         let view_cfg = (volume.clone(), cfg.images_dir.clone());
         let fallback = subtree(&cfg).ok().map(|p| (cgroups.clone(), p));
         let halted = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let abort = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let mut rt = Runtime {
             cfg,
             halted: halted.clone(),
+            abort: abort.clone(),
             cgroups,
             spawner,
             volume,
@@ -2930,6 +2963,7 @@ impl EngineRuntime {
             logs: logs_handle,
             fallback,
             halted,
+            abort,
         })
     }
 
@@ -3015,8 +3049,39 @@ impl Engines for EngineRuntime {
             _ => Err(RuntimeError::NoAnswer("unexpected answer").into()),
         }
     }
+    fn send(&mut self, c: &leasehold_node::EngineCommand) -> leasehold_node::EngineAnswer {
+        use leasehold_node::EngineCommand as E;
+        let cmd = match c {
+            E::Deploy { name, image, spec } => {
+                Cmd::Deploy(name.clone(), image.clone(), spec.clone())
+            }
+            E::Start { name } => Cmd::Start(name.clone()),
+            E::Stop { name, grace } => Cmd::Stop(name.clone(), *grace),
+            E::Restart { name } => Cmd::Restart(name.clone()),
+            E::Reload { name, image, spec } => {
+                Cmd::Reload(name.clone(), image.clone(), spec.clone())
+            }
+            E::Rm { name } => Cmd::Rm(name.clone()),
+        };
+        // Sent now, in the controller's order; answered in that order.
+        let (rtx, rrx) = mpsc::sync_channel(1);
+        let sent = self.tx.send(Msg::Cmd(cmd, rtx)).is_ok();
+        Box::new(move || {
+            if !sent {
+                return Err(RuntimeError::NoAnswer("the runtime thread is gone").into());
+            }
+            match rrx.recv_timeout(CALL_TIMEOUT) {
+                Ok(Reply::Status(r)) => Ok(Some(r?)),
+                Ok(Reply::Unit(r)) => Ok(r.map(|()| None)?),
+                Ok(_) => Err(RuntimeError::NoAnswer("unexpected answer").into()),
+                Err(_) => Err(RuntimeError::NoAnswer("no answer within the deadline").into()),
+            }
+        })
+    }
     fn stop_all(&mut self, grace: Duration) -> Result<StopReport, Failure> {
         let bound = grace + KILL_WAIT + Duration::from_secs(5);
+        // An unpack the thread is busy with stops first.
+        self.abort.store(true, std::sync::atomic::Ordering::SeqCst);
         match self.call(Cmd::StopAll(grace), bound) {
             Ok(Reply::Stopped(r)) => Ok(r),
             Ok(_) => Err(RuntimeError::NoAnswer("unexpected answer").into()),
@@ -3051,6 +3116,7 @@ impl Engines for EngineRuntime {
         }
     }
     fn forget_all(&mut self) -> Result<usize, Failure> {
+        self.abort.store(true, std::sync::atomic::Ordering::SeqCst);
         let r = self.call(Cmd::ForgetAll, CALL_TIMEOUT);
         if r.is_err() {
             // The thread forgets them when it gets to it; the next tenant

@@ -1491,3 +1491,54 @@ fn a_blob_missing_from_the_archive_is_named() {
     );
     place.assert_nothing_left();
 }
+
+/// An unpack stopped by its flag ends with `Aborted` and leaves nothing:
+/// the flag set before (nothing is made), and set while it writes (when
+/// the staging directory appears, seen through inotify).
+#[test]
+fn an_abort_stops_the_unpack_and_leaves_nothing() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    use leasehold_engines::image::unpack_image_abortable;
+    use rustix::fs::inotify;
+
+    let place = Place::new();
+    let mut layer = LayerTar::new();
+    for i in 0..50_000 {
+        layer = layer.file(&format!("d/f{i}"), b"x");
+    }
+    let image = oci_image(&[(layer.build(), Comp::Gzip)]);
+    let archive = image.write_tar(&place.input);
+
+    let set = AtomicBool::new(true);
+    let r = unpack_image_abortable(&archive, &place.dest(), &Limits::default(), &set);
+    assert!(matches!(r, Err(ImageError::Aborted)), "{r:?}");
+    assert_eq!(
+        ImageError::Aborted.to_string(),
+        "stopped before it finished; nothing was kept"
+    );
+    place.assert_nothing_left();
+
+    let abort = Arc::new(AtomicBool::new(false));
+    let fd = inotify::init(inotify::CreateFlags::CLOEXEC).unwrap();
+    inotify::add_watch(&fd, &place.out, inotify::WatchFlags::CREATE).unwrap();
+    let watcher = {
+        let abort = abort.clone();
+        std::thread::spawn(move || {
+            let mut buf = [std::mem::MaybeUninit::uninit(); 4096];
+            let mut events = inotify::Reader::new(&fd, &mut buf);
+            let name = events.next().unwrap().file_name().map(|n| n.to_owned());
+            abort.store(true, Ordering::SeqCst);
+            name
+        })
+    };
+    let r = unpack_image_abortable(&archive, &place.dest(), &Limits::default(), &abort);
+    let created = watcher.join().unwrap();
+    assert!(
+        format!("{created:?}").contains(".rootfs.unpacking-"),
+        "{created:?}"
+    );
+    assert!(matches!(r, Err(ImageError::Aborted)), "{r:?}");
+    place.assert_nothing_left();
+}

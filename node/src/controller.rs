@@ -38,9 +38,28 @@ impl Pending {
     }
 }
 
+type Reply = oneshot::Sender<Result<Outcome, NodeError>>;
+
 struct Job {
     req: Request,
-    reply: oneshot::Sender<Result<Outcome, NodeError>>,
+    reply: Reply,
+}
+
+/// Engine commands sent to the engine runtime whose answers are still
+/// awaited (off the controller's thread), at most: one more is refused
+/// with `Busy` before it is sent.
+pub const MAX_ENGINE_ANSWERS_AWAITED: usize = 16;
+
+/// The rest of a command, run off the controller's thread.
+type Later = Box<dyn FnOnce() -> Result<Outcome, NodeError> + Send>;
+
+/// What the controller's thread did with a command.
+// One per command, moved once: boxing the outcome would buy nothing.
+#[allow(clippy::large_enum_variant)]
+enum Done {
+    Now(Result<Outcome, NodeError>),
+    /// Sent on; its answer is awaited by the waiter thread.
+    Later(Later),
 }
 
 /// Handle to the controller. Cheap to share behind an `Arc`.
@@ -75,10 +94,31 @@ impl Node {
     /// Reads the first snapshot and starts the controller thread. Blocking.
     pub fn start(backends: Backends) -> Result<Node, NodeError> {
         let engines = backends.engines.view();
+        let awaited = Arc::new(AtomicUsize::new(0));
         let mut c = Controller {
             b: backends,
             after_reply: vec![AfterReply::PrepareStandby],
+            awaited: awaited.clone(),
         };
+        // Answers of engine commands, awaited in the order sent (the
+        // runtime answers in that order).
+        let (later_tx, later_rx) = mpsc::channel::<(Later, &'static str, Reply)>();
+        std::thread::Builder::new()
+            .name("node-answers".into())
+            .spawn(move || {
+                for (later, name, reply) in later_rx {
+                    let r = later();
+                    if let Err(e) = &r {
+                        tracing::debug!(command = name, error = %e, "command refused or failed");
+                    }
+                    let _ = reply.send(r);
+                    awaited.fetch_sub(1, Ordering::SeqCst);
+                }
+            })
+            .map_err(|e| NodeError::Backend {
+                what: "node controller",
+                source: crate::Failure::failed(format!("cannot start its answer thread: {e}")),
+            })?;
         // Before the first snapshot: what a killed agent left of a change
         // of tenancy is seen through before anyone reads the state.
         c.finish_tenancy_change();
@@ -121,10 +161,23 @@ impl Node {
                     };
                     wait.fetch_sub(1, Ordering::SeqCst);
                     *lock(&run) = Some(job.req.command.name());
-                    let r = c.execute(job.req);
+                    let name = job.req.command.name();
+                    let done = c.execute_or_send(job.req);
                     // Readers see the new state before the caller's reply.
                     c.publish(&snap);
-                    let _ = job.reply.send(r);
+                    match done {
+                        Done::Now(r) => {
+                            let _ = job.reply.send(r);
+                        }
+                        Done::Later(later) => {
+                            if let Err(mpsc::SendError((_, _, reply))) =
+                                later_tx.send((later, name, job.reply))
+                            {
+                                c.awaited.fetch_sub(1, Ordering::SeqCst);
+                                let _ = reply.send(Err(NodeError::Stopped));
+                            }
+                        }
+                    }
                     // Work the caller need not wait for (the new empty
                     // volume, the next standby keys) still runs before the
                     // next command.
@@ -292,6 +345,9 @@ struct Controller {
     b: Backends,
     /// What the running command leaves to do after its reply.
     after_reply: Vec<AfterReply>,
+    /// Engine commands sent whose answers are awaited (see
+    /// [`MAX_ENGINE_ANSWERS_AWAITED`]).
+    awaited: Arc<AtomicUsize>,
 }
 
 /// Work after a reply, before the next command.
@@ -390,6 +446,34 @@ impl Controller {
         })
     }
 
+    /// A tenant's engine command is checked and sent to the engine
+    /// runtime here, its answer awaited off this thread; anything else is
+    /// carried out.
+    fn execute_or_send(&mut self, req: Request) -> Done {
+        let Request {
+            caller,
+            command,
+            received,
+        } = req;
+        match command {
+            Command::Engine(c) => {
+                let what = c.name();
+                match self.engine(caller, c) {
+                    Ok(later) => Done::Later(later),
+                    Err(e) => {
+                        tracing::debug!(command = what, error = %e, "command refused or failed");
+                        Done::Now(Err(e))
+                    }
+                }
+            }
+            command => Done::Now(self.execute(Request {
+                caller,
+                command,
+                received,
+            })),
+        }
+    }
+
     fn execute(&mut self, req: Request) -> Result<Outcome, NodeError> {
         let Request {
             caller,
@@ -434,7 +518,12 @@ impl Controller {
             } => self.init_volume(caller, &device, force, confirm),
             Command::ForgetVolume { confirm } => self.forget_volume(caller, confirm),
             Command::Boundary(c) => self.boundary(caller, c),
-            Command::Engine(c) => self.engine(caller, c),
+            // Not reached from the thread (`execute_or_send`): waited here.
+            Command::Engine(c) => self.engine(caller, c).and_then(|later| {
+                let r = later();
+                self.awaited.fetch_sub(1, Ordering::SeqCst);
+                r
+            }),
             Command::SetBudget { budget } => self.set_budget(caller, &budget),
             Command::SignRecord { body } => {
                 let sig = self.b.keys.sign(body.as_bytes())?;
@@ -1313,7 +1402,9 @@ impl Controller {
         Ok(Outcome::Boundary(applied))
     }
 
-    fn engine(&mut self, caller: Caller, c: EngineCommand) -> Result<Outcome, NodeError> {
+    /// Checks a tenant's engine command and sends it to the engine
+    /// runtime; the rest (waiting for its answer) is handed back.
+    fn engine(&mut self, caller: Caller, c: EngineCommand) -> Result<Later, NodeError> {
         if caller.role != Role::Tenant {
             return Err(KeyError::NotPermitted {
                 caller: caller.role,
@@ -1324,50 +1415,60 @@ impl Controller {
         self.require_tenant()?;
         check_name("name", c.engine())?;
         let what = c.name();
-        let eng = NodeError::backend("engines");
-        let out = match c {
-            EngineCommand::Deploy { name, image, spec } => {
-                check_image(&image)?;
-                let notes = self.check_spec(&spec)?;
-                let status = self.b.engines.deploy(&name, &image, &spec).map_err(eng)?;
-                Outcome::EngineDeployed { status, notes }
+        let mut notes = Vec::new();
+        match &c {
+            EngineCommand::Deploy { image, spec, .. } => {
+                check_image(image)?;
+                notes = self.check_spec(spec)?;
             }
-            EngineCommand::Start { name } => {
-                Outcome::Engine(self.b.engines.start(&name).map_err(eng)?)
-            }
-            EngineCommand::Stop { name, grace } => {
+            EngineCommand::Stop { grace, .. } => {
                 if let Some(g) = grace.filter(|g| *g > MAX_STOP_GRACE) {
                     return Err(NodeError::Invalid {
                         field: "grace",
                         reason: format!("{g:?}: at most {MAX_STOP_GRACE:?}"),
                     });
                 }
-                Outcome::Engine(self.b.engines.stop(&name, grace).map_err(eng)?)
             }
-            EngineCommand::Restart { name } => {
-                Outcome::Engine(self.b.engines.restart(&name).map_err(eng)?)
-            }
-            EngineCommand::Reload { name, image, spec } => {
-                if let Some(i) = &image {
+            EngineCommand::Reload { image, spec, .. } => {
+                if let Some(i) = image {
                     check_image(i)?;
                 }
-                if let Some(s) = &spec {
+                if let Some(s) = spec {
                     self.check_spec(s)?;
                 }
-                Outcome::Engine(
-                    self.b
-                        .engines
-                        .reload(&name, image.as_deref(), spec.as_deref())
-                        .map_err(eng)?,
-                )
             }
-            EngineCommand::Rm { name } => {
-                self.b.engines.rm(&name).map_err(eng)?;
-                Outcome::EngineRemoved
-            }
-        };
-        tracing::info!(uid = caller.uid, command = what, "engine command");
-        Ok(out)
+            EngineCommand::Start { .. }
+            | EngineCommand::Restart { .. }
+            | EngineCommand::Rm { .. } => {}
+        }
+        // Bounded before anything is sent: a refused command is not
+        // carried out later.
+        if self.awaited.fetch_add(1, Ordering::SeqCst) >= MAX_ENGINE_ANSWERS_AWAITED {
+            self.awaited.fetch_sub(1, Ordering::SeqCst);
+            return Err(NodeError::Busy(format!(
+                "{MAX_ENGINE_ANSWERS_AWAITED} engine commands already wait for the engine runtime (an image may be being unpacked); {what} was not sent, try again"
+            )));
+        }
+        let answer = self.b.engines.send(&c);
+        let uid = caller.uid;
+        Ok(Box::new(move || {
+            let answered = answer().map_err(NodeError::backend("engines"))?;
+            tracing::info!(uid, command = what, "engine command");
+            let status = || {
+                answered.ok_or_else(|| NodeError::Backend {
+                    what: "engines",
+                    source: Failure::failed("no status in the engine runtime's answer".to_owned()),
+                })
+            };
+            Ok(match c {
+                EngineCommand::Deploy { .. } => Outcome::EngineDeployed {
+                    status: status()?,
+                    notes,
+                },
+                EngineCommand::Rm { .. } => Outcome::EngineRemoved,
+                _ => Outcome::Engine(status()?),
+            })
+        }))
     }
 
     /// The landlord's budget for the tenant. Engines above it are not

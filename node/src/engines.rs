@@ -30,6 +30,28 @@ pub const ERASE_STOP_GRACE: Duration = Duration::from_secs(5);
 /// Longest image reference (a file name in the tenant's image inbox).
 pub const MAX_IMAGE_REF: usize = 255;
 
+/// The wait for the answer to an engine command ([`Engines::send`]):
+/// the engine's status, `None` for a removal.
+pub type EngineAnswer = Box<dyn FnOnce() -> Result<Option<EngineStatus>, Failure> + Send>;
+
+/// Carries `c` out with the one-call methods of `engines` (what
+/// [`Engines::send`] does by default).
+pub fn carry_out<E: Engines + ?Sized>(
+    engines: &mut E,
+    c: &EngineCommand,
+) -> Result<Option<EngineStatus>, Failure> {
+    match c {
+        EngineCommand::Deploy { name, image, spec } => engines.deploy(name, image, spec).map(Some),
+        EngineCommand::Start { name } => engines.start(name).map(Some),
+        EngineCommand::Stop { name, grace } => engines.stop(name, *grace).map(Some),
+        EngineCommand::Restart { name } => engines.restart(name).map(Some),
+        EngineCommand::Reload { name, image, spec } => engines
+            .reload(name, image.as_deref(), spec.as_deref())
+            .map(Some),
+        EngineCommand::Rm { name } => engines.rm(name).map(|()| None),
+    }
+}
+
 /// A tenant's engine command.
 #[derive(Debug, Clone)]
 pub enum EngineCommand {
@@ -428,6 +450,17 @@ pub trait Engines: Send + 'static {
     ) -> Result<EngineStatus, Failure>;
     /// Removes a stopped engine (running: `Invalid`, stop it first).
     fn rm(&mut self, name: &str) -> Result<(), Failure>;
+    /// Sends a tenant's engine command (checked by the controller) and
+    /// hands back the wait for its answer, to be waited for off the
+    /// controller's thread: the controller goes on with the next change
+    /// (the landlord's boundary revert, a release) while an image is
+    /// unpacked. Commands are carried out in the order they are sent, and
+    /// before a later `stop_all` or `forget_all`. `None`: removed.
+    /// Default: carried out here, at once.
+    fn send(&mut self, c: &EngineCommand) -> EngineAnswer {
+        let r = carry_out(self, c);
+        Box::new(move || r)
+    }
     /// Stops every engine (SIGTERM; SIGKILL after its grace, at most
     /// `grace`), marks each not to start, and waits until each is read back
     /// gone (no process left in its cgroup) or the bound (`grace` plus the

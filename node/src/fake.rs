@@ -118,6 +118,28 @@ pub struct World {
     /// A step that waits for a message before it runs (tests of reads and
     /// of the queue while a change runs).
     pub hold: Option<(String, std::sync::mpsc::Receiver<()>)>,
+    /// Answers of engine commands wait until it opens (the command itself
+    /// is carried out when sent): an engine runtime busy unpacking.
+    pub answers: Option<Gate>,
+}
+
+/// Closed until [`Gate::open`].
+#[derive(Debug, Clone, Default)]
+pub struct Gate(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+impl Gate {
+    /// Lets every waiter through, now and later.
+    pub fn open(&self) {
+        *self.0 .0.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        self.0 .1.notify_all();
+    }
+
+    fn wait(&self) {
+        let mut open = self.0 .0.lock().unwrap_or_else(|p| p.into_inner());
+        while !*open {
+            open = self.0 .1.wait(open).unwrap_or_else(|p| p.into_inner());
+        }
+    }
 }
 
 /// Handle to a shared world.
@@ -202,6 +224,13 @@ impl Fake {
                 v.kernel_key = Some(gens);
             }
         }
+    }
+
+    /// Makes the answers of engine commands wait until the gate opens.
+    pub fn hold_answers(&self) -> Gate {
+        let g = Gate::default();
+        self.world().answers = Some(g.clone());
+        g
     }
 
     /// Makes step `name` wait until the returned sender sends (or drops).
@@ -803,6 +832,17 @@ impl Engines for FakeEngines {
             written: true,
             error: None,
             engines_above: u32::try_from(above).unwrap_or(u32::MAX),
+        })
+    }
+
+    fn send(&mut self, c: &crate::EngineCommand) -> crate::EngineAnswer {
+        let r = crate::engines::carry_out(self, c);
+        let gate = self.0.world().answers.clone();
+        Box::new(move || {
+            if let Some(g) = gate {
+                g.wait();
+            }
+            r
         })
     }
 

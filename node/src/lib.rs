@@ -28,10 +28,10 @@ pub use backend::{
     Backends, BoundaryApplied, BoundaryChange, DiskKeyInfo, Failure, FailureKind, Remade,
     SecretEntry, TenancyChange, Wiped,
 };
-pub use controller::Node;
+pub use controller::{Node, MAX_ENGINE_ANSWERS_AWAITED};
 pub use engines::{
-    BudgetApplied, EngineCommand, EngineEvent, EngineProbe, EngineStatus, EngineView, Engines,
-    NoEngines, NotStopped, StopReport, TenantView, Throttle, ThrottleApplied, Throttles,
+    BudgetApplied, EngineAnswer, EngineCommand, EngineEvent, EngineProbe, EngineStatus, EngineView,
+    Engines, NoEngines, NotStopped, StopReport, TenantView, Throttle, ThrottleApplied, Throttles,
     ERASE_STOP_GRACE, MAX_EVENTS_READ, MAX_IMAGE_REF, MAX_THROTTLES, MAX_THROTTLE_RULE,
 };
 pub use receipt::{ErasedVolume, Receipt, SignedReceipt, RECEIPT_FORMAT};

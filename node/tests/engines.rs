@@ -570,3 +570,83 @@ fn corrective_actions_stop_engines_and_sign_records() {
         other => panic!("expected EnginesStopped, got {other:?}"),
     }
 }
+
+/// A tenant's engine command is sent to the engine runtime and its answer
+/// awaited off the controller's thread: while the runtime has not answered
+/// (an image being unpacked), a landlord's change goes ahead. Past
+/// `MAX_ENGINE_ANSWERS_AWAITED` unanswered, a command is refused `Busy`
+/// and never sent; the answers come once the runtime gives them.
+#[test]
+fn an_engine_command_awaiting_the_runtime_does_not_hold_the_controller() {
+    use leasehold_node::MAX_ENGINE_ANSWERS_AWAITED;
+    let (f, node) = with_engines();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let gate = f.hold_answers();
+    let send = |c: EngineCommand| {
+        node.enqueue(Request {
+            caller: TENANT,
+            command: Command::Engine(c),
+            received: SystemTime::now(),
+        })
+        .expect("queued")
+    };
+    let mut pending = vec![send(EngineCommand::Stop {
+        name: "web".into(),
+        grace: None,
+    })];
+    // The landlord's change is carried out while the stop is unanswered.
+    let b = Budget::from_toml("memory_max = \"1G\"").unwrap();
+    let landlord = node
+        .enqueue(Request {
+            caller: LANDLORD,
+            command: Command::SetBudget { budget: b },
+            received: SystemTime::now(),
+        })
+        .expect("queued");
+    let r = rt
+        .block_on(async {
+            tokio::time::timeout(std::time::Duration::from_secs(30), landlord.outcome()).await
+        })
+        .expect("the landlord's change was held behind an unanswered engine command");
+    assert!(matches!(r, Ok(Outcome::BudgetSet(_))), "{r:?}");
+    assert_eq!(f.world().budget, b);
+    // The stop itself was carried out when sent, before the budget.
+    let log = f.world().log.clone();
+    let stop = log
+        .iter()
+        .position(|s| s == "engines.stop web")
+        .expect("sent");
+    let budget = log.iter().position(|s| s.starts_with("engines.set_budget"));
+    assert!(budget.is_none_or(|b| b > stop), "{log:?}");
+
+    for _ in 1..MAX_ENGINE_ANSWERS_AWAITED {
+        pending.push(send(EngineCommand::Start {
+            name: "idle".into(),
+        }));
+    }
+    let busy = rt
+        .block_on(send(EngineCommand::Restart { name: "db".into() }).outcome())
+        .unwrap_err();
+    assert!(matches!(busy, NodeError::Busy(_)), "{busy}");
+    assert!(busy.to_string().contains("was not sent"), "{busy}");
+    assert!(
+        !f.world().log.iter().any(|s| s.contains("engines.restart")),
+        "a refused command is not carried out"
+    );
+
+    gate.open();
+    for p in pending {
+        let r = rt.block_on(p.outcome());
+        assert!(matches!(r, Ok(Outcome::Engine(_))), "{r:?}");
+    }
+    assert!(!f.world().engines["web"].running);
+    assert!(f.world().engines["idle"].running);
+    // Room again.
+    assert!(matches!(
+        engine(&node, EngineCommand::Restart { name: "db".into() }),
+        Ok(Outcome::Engine(_))
+    ));
+}

@@ -2589,3 +2589,46 @@ fn a_refused_egress_install_fails_the_launch_closed() {
         .iter()
         .all(|(_, d, _)| d.is_none()));
 }
+
+/// A stop of every engine (before an erase) stops a deploy whose image is
+/// being unpacked: the deploy is refused saying why, nothing of it is
+/// left, and the stop is answered by the thread (no cgroup.kill fallback).
+#[test]
+fn a_stop_before_an_erase_stops_an_unpack_in_progress() {
+    let f = fixture(false);
+    let names: Vec<String> = (0..50_000).map(|i| format!("d/f{i}")).collect();
+    let files: Vec<(&str, &[u8], u32)> = names
+        .iter()
+        .map(|n| (n.as_str(), &b"x"[..], 0o644))
+        .collect();
+    let big = oci_archive(&files, serde_json::json!({"Env": ["PATH=/bin"]}));
+    let vol = f.tmp.path().join("vol/engines");
+    std::fs::write(vol.join("inbox/big.tar"), big).unwrap();
+    let mut rt = f.runtime();
+    let (dtx, drx) = mpsc::sync_channel(1);
+    rt.tx
+        .send(Msg::Cmd(
+            Cmd::Deploy(
+                "big".into(),
+                "big.tar".into(),
+                Box::new(spec(r#"command = ["/bin/app"]"#)),
+            ),
+            dtx,
+        ))
+        .unwrap();
+    let r = rt.stop_all(Duration::ZERO).unwrap();
+    assert_eq!(r.error, None, "answered by the thread: {r:?}");
+    match drx.recv_timeout(Duration::from_secs(60)) {
+        Ok(Reply::Status(Err(e))) => {
+            let e = e.to_string();
+            assert!(e.contains("unpack was stopped"), "{e}");
+        }
+        Ok(Reply::Status(Ok(s))) => panic!("deployed before the stop: {s:?}"),
+        _ => panic!("no answer to the deploy"),
+    }
+    assert!(rt.view().status("big").is_none());
+    assert!(!vol.join("big").join("v1").exists(), "nothing kept");
+    // The next tenancy's deploys unpack again.
+    rt.deploy("web", "app.tar", &spec(r#"command = ["/bin/app"]"#))
+        .unwrap();
+}

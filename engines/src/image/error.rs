@@ -128,6 +128,10 @@ pub enum ImageError {
         /// What is wrong with it.
         reason: &'static str,
     },
+    /// Stopped by the caller's flag ([`super::unpack_image_abortable`])
+    /// before it finished; nothing is left.
+    #[error("stopped before it finished; nothing was kept")]
+    Aborted,
 }
 
 impl ImageError {
