@@ -26,7 +26,7 @@ use std::fmt;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, SyncSender};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use leasehold_engines::backoff::wants_restart;
@@ -718,6 +718,40 @@ struct Engine {
     held_note: Option<&'static str>,
 }
 
+/// Why an unpack or a tenant command gave way to a stop of every engine.
+const STOPPING_ALL: &str =
+    "every engine is being stopped (a change of keys or tenancy, or a corrective action)";
+
+/// [`Runtime::abort`]: raised once for each stop of every engine (or
+/// forget) sent, lowered once as each is read; up while any is on its way.
+#[derive(Default)]
+pub(crate) struct AbortUnpacks {
+    /// Read by the unpacker on every read.
+    flag: std::sync::atomic::AtomicBool,
+    /// Stops sent and not yet read (the flag is set under this lock).
+    pending: Mutex<u64>,
+}
+
+impl AbortUnpacks {
+    fn raise(&self) {
+        let mut n = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        *n += 1;
+        self.flag.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn lower(&self) {
+        let mut n = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        *n = n.saturating_sub(1);
+        if *n == 0 {
+            self.flag.store(false, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn raised(&self) -> bool {
+        self.flag.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 /// [`Engine::held_note`] when no tenant volume was mounted at the load.
 const HELD_NO_VOLUME: &str = "marked to run, not started: no tenant volume was mounted when the agent started (it starts with `engine start`, or with the next agent start that finds the volume)";
 
@@ -781,12 +815,13 @@ struct Runtime {
     /// late (a fresh root, a restart timer) starts nothing on a volume
     /// being erased.
     halted: Arc<std::sync::atomic::AtomicBool>,
-    /// Set by the handle as it sends a stop of every engine or a forget
-    /// (a change of keys or tenancy): an unpack in progress (deploy,
-    /// reload, fresh root) stops at once and leaves nothing, so it neither
-    /// writes on the volume about to be erased nor holds that stop for
-    /// minutes. Cleared when this thread reads that command.
-    abort: Arc<std::sync::atomic::AtomicBool>,
+    /// Raised by the handle as it sends a stop of every engine or a
+    /// forget: an unpack in progress (deploy, reload, fresh root) stops at
+    /// once and leaves nothing, so it neither writes on the volume about
+    /// to be erased nor holds that stop for minutes, and tenant commands
+    /// queued before the stop are refused, not carried out. Lowered as
+    /// this thread reads the last such command sent.
+    abort: Arc<AbortUnpacks>,
     cgroups: Arc<dyn Cgroups>,
     spawner: Arc<dyn Spawner>,
     volume: Arc<dyn VolumeDir>,
@@ -1202,10 +1237,10 @@ impl Runtime {
             }
         }
         let root = vdir.join(format!("rootfs-i{dir}"));
-        let u = unpack_image_abortable(&input, &root, &ImageLimits::default(), &self.abort)
+        let u = unpack_image_abortable(&input, &root, &ImageLimits::default(), &self.abort.flag)
             .map_err(|e| match e {
                 ImageError::Aborted => format!(
-                    "the stored image {:?} was not unpacked: every engine is being stopped (a change of keys or tenancy)",
+                    "the stored image {:?} was not unpacked: {STOPPING_ALL}",
                     v.image
                 ),
                 e => format!("the stored image {:?} fails verification: {e}", v.image),
@@ -1952,7 +1987,7 @@ impl Runtime {
             &input,
             &root,
             &ImageLimits::default(),
-            &self.abort,
+            &self.abort.flag,
         ) {
             Ok(u) => u,
             Err(source) => {
@@ -1960,7 +1995,7 @@ impl Runtime {
                 if matches!(source, ImageError::Aborted) {
                     return Err(RuntimeError::Refused {
                         name: name.to_owned(),
-                        reason: "not deployed: the image's unpack was stopped because every engine is being stopped (a change of keys or tenancy); nothing was kept".into(),
+                        reason: format!("not deployed: the image's unpack was stopped, nothing was kept: {STOPPING_ALL}"),
                     });
                 }
                 return Err(RuntimeError::Image {
@@ -2013,6 +2048,31 @@ impl Runtime {
     }
 
     fn cmd(&mut self, c: Cmd, reply: SyncSender<Reply>) {
+        // Sent before a stop of every engine that is on its way: refused
+        // (said so), not carried out ahead of it, so that stop is not held
+        // behind them (an `rm` of a large root, a launch).
+        if self.abort.raised() {
+            let name = match &c {
+                Cmd::Deploy(n, ..)
+                | Cmd::Start(n)
+                | Cmd::Stop(n, _)
+                | Cmd::Restart(n)
+                | Cmd::Reload(n, ..)
+                | Cmd::Rm(n) => Some(n.clone()),
+                _ => None,
+            };
+            if let Some(name) = name {
+                let err = RuntimeError::Refused {
+                    name,
+                    reason: format!("not carried out: {STOPPING_ALL}; try again after it"),
+                };
+                let _ = reply.send(match c {
+                    Cmd::Rm(_) => Reply::Unit(Err(err)),
+                    _ => Reply::Status(Err(err)),
+                });
+                return;
+            }
+        }
         let r = match c {
             Cmd::Deploy(n, i, s) => Reply::Status(self.deploy(&n, &i, &s)),
             Cmd::Start(n) => Reply::Status(self.simple(&n, Input::Start)),
@@ -2021,7 +2081,7 @@ impl Runtime {
             Cmd::Reload(n, i, s) => Reply::Status(self.reload(&n, i.as_deref(), s)),
             Cmd::Rm(n) => Reply::Unit(self.rm(&n)),
             Cmd::ForgetAll => {
-                self.abort.store(false, std::sync::atomic::Ordering::SeqCst);
+                self.abort.lower();
                 Reply::Forgot(self.forget_all())
             }
             Cmd::Unhalt => {
@@ -2032,9 +2092,8 @@ impl Runtime {
             Cmd::SetBudget(b) => Reply::Budget(self.set_budget(b)),
             Cmd::SetThrottles(t) => Reply::Throttled(self.set_throttles(t)),
             Cmd::StopAll(grace) => {
-                // Unpacks from here on are the next tenancy's (the handle
-                // sends nothing else while it waits for this stop).
-                self.abort.store(false, std::sync::atomic::Ordering::SeqCst);
+                // Commands sent after this stop are carried out again.
+                self.abort.lower();
                 // The warm shim's mount namespace goes before the volume.
                 self.spawner.quiesce();
                 // Pending first, so kills made while stopping are counted.
@@ -2664,7 +2723,7 @@ pub struct EngineRuntime {
     /// Shared with the runtime thread (`Runtime::halted`).
     halted: Arc<std::sync::atomic::AtomicBool>,
     /// Shared with the runtime thread (`Runtime::abort`).
-    abort: Arc<std::sync::atomic::AtomicBool>,
+    abort: Arc<AbortUnpacks>,
 }
 
 impl fmt::Debug for EngineRuntime {
@@ -2795,7 +2854,7 @@ impl EngineRuntime {
         let view_cfg = (volume.clone(), cfg.images_dir.clone());
         let fallback = subtree(&cfg).ok().map(|p| (cgroups.clone(), p));
         let halted = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let abort = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let abort = Arc::new(AbortUnpacks::default());
         let mut rt = Runtime {
             cfg,
             halted: halted.clone(),
@@ -3080,8 +3139,9 @@ impl Engines for EngineRuntime {
     }
     fn stop_all(&mut self, grace: Duration) -> Result<StopReport, Failure> {
         let bound = grace + KILL_WAIT + Duration::from_secs(5);
-        // An unpack the thread is busy with stops first.
-        self.abort.store(true, std::sync::atomic::Ordering::SeqCst);
+        // An unpack the thread is busy with stops first; tenant commands
+        // queued before the stop are refused.
+        self.abort.raise();
         match self.call(Cmd::StopAll(grace), bound) {
             Ok(Reply::Stopped(r)) => Ok(r),
             Ok(_) => Err(RuntimeError::NoAnswer("unexpected answer").into()),
@@ -3116,7 +3176,7 @@ impl Engines for EngineRuntime {
         }
     }
     fn forget_all(&mut self) -> Result<usize, Failure> {
-        self.abort.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.abort.raise();
         let r = self.call(Cmd::ForgetAll, CALL_TIMEOUT);
         if r.is_err() {
             // The thread forgets them when it gets to it; the next tenant

@@ -107,7 +107,21 @@ impl Node {
             .name("node-answers".into())
             .spawn(move || {
                 for (later, name, reply) in later_rx {
-                    let r = later();
+                    // A panic answers this caller and keeps the thread (and
+                    // the count) for the next.
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(later))
+                        .unwrap_or_else(|_| {
+                            tracing::error!(
+                                command = name,
+                                "waiting for an engine command's answer panicked"
+                            );
+                            Err(NodeError::Backend {
+                                what: "engines",
+                                source: crate::Failure::failed(
+                                    "waiting for the engine runtime's answer failed".to_owned(),
+                                ),
+                            })
+                        });
                     if let Err(e) = &r {
                         tracing::debug!(command = name, error = %e, "command refused or failed");
                     }
@@ -331,7 +345,9 @@ impl Node {
     }
 
     /// Stops taking commands, lets queued ones finish, joins the thread.
-    /// Blocking.
+    /// Blocking. Engine commands already sent are not waited for: their
+    /// callers get their answers if the process lives long enough (an
+    /// unfinished unpack is swept at the next start).
     pub fn stop(&self) {
         drop(lock(&self.tx).take());
         if let Some(t) = lock(&self.thread).take() {

@@ -671,6 +671,8 @@ impl BoundaryStore for FakeBoundary {
         let name = match &c {
             BoundaryChange::ClearSub => "boundary.clear_sub",
             BoundaryChange::SetSub { .. } => "boundary.set_sub",
+            BoundaryChange::ConfirmPending => "boundary.confirm",
+            BoundaryChange::RevertPending { .. } => "boundary.revert",
             _ => "boundary.cluster",
         };
         let mut w = self.0.op(name).map_err(vfail)?;

@@ -518,7 +518,16 @@ fn reads_answer_during_a_change_and_the_queue_is_bounded() {
         Err(NodeError::Busy(m)) => assert!(m.contains("rotate running"), "{m}"),
         other => panic!("expected Busy, got {other:?}"),
     }
-    // The landlord's boundary revert still gets in, and runs first.
+    // The landlord's confirmation of a boundary, then the revert it
+    // answers (its deadline came meanwhile): both get in past the full
+    // queue and run first, in their order, so the confirmation queued in
+    // time is not overtaken by the revert.
+    let confirm = node
+        .enqueue(req(
+            LANDLORD,
+            Command::Boundary(BoundaryChange::ConfirmPending),
+        ))
+        .expect("an urgent change passes a full queue");
     let revert = node
         .enqueue(req(
             LANDLORD,
@@ -529,6 +538,7 @@ fn reads_answer_during_a_change_and_the_queue_is_bounded() {
     release.send(()).unwrap();
     let r = rt.block_on(rotation).unwrap().unwrap();
     assert!(changed(r).receipt.is_some());
+    rt.block_on(confirm.outcome()).unwrap();
     rt.block_on(revert.outcome()).unwrap();
     for q in queued {
         // Queued behind the rotation, then run in order: the secrets are gone.
@@ -538,8 +548,9 @@ fn reads_answer_during_a_change_and_the_queue_is_bounded() {
     let log = f.world().log[mark..].to_vec();
     let at = |op: &str| log.iter().position(|l| l == op);
     assert!(
-        at("boundary.cluster").is_some_and(|b| at("secrets.remove").is_some_and(|s| b < s)),
-        "the revert ran before the queued changes: {log:?}"
+        at("boundary.confirm").is_some_and(|c| at("boundary.revert")
+            .is_some_and(|r| c < r && at("secrets.remove").is_some_and(|s| r < s))),
+        "the confirmation, then the revert, ran before the queued changes: {log:?}"
     );
     // Behind it, the queue is back to its bound.
     assert!(node

@@ -2621,7 +2621,8 @@ fn a_stop_before_an_erase_stops_an_unpack_in_progress() {
     match drx.recv_timeout(Duration::from_secs(60)) {
         Ok(Reply::Status(Err(e))) => {
             let e = e.to_string();
-            assert!(e.contains("unpack was stopped"), "{e}");
+            // Stopped mid-unpack, or refused before it began.
+            assert!(e.contains("every engine is being stopped"), "{e}");
         }
         Ok(Reply::Status(Ok(s))) => panic!("deployed before the stop: {s:?}"),
         _ => panic!("no answer to the deploy"),
@@ -2631,4 +2632,31 @@ fn a_stop_before_an_erase_stops_an_unpack_in_progress() {
     // The next tenancy's deploys unpack again.
     rt.deploy("web", "app.tar", &spec(r#"command = ["/bin/app"]"#))
         .unwrap();
+}
+
+/// While a stop of every engine is on its way, tenant commands queued
+/// before it are refused saying so, not carried out ahead of it; once
+/// it is read, commands are carried out again.
+#[test]
+fn tenant_commands_queued_before_a_stop_of_every_engine_are_refused() {
+    let f = fixture(false);
+    let mut rt = f.runtime();
+    rt.deploy("web", "app.tar", &spec(r#"command = ["/bin/app"]"#))
+        .unwrap();
+    rt.abort.raise();
+    let e = rt.start("web").unwrap_err().to_string();
+    assert!(
+        e.contains("not carried out: every engine is being stopped"),
+        "{e}"
+    );
+    let e = rt.rm("web").unwrap_err().to_string();
+    assert!(e.contains("not carried out"), "{e}");
+    assert_eq!(spawned(&f), 0);
+    // As the thread does when it reads that stop.
+    rt.abort.lower();
+    rt.start("web").unwrap();
+    until(&rt, "web", |s| s.phase == Phase::Ready);
+    // A stop of every engine raises and lowers it once.
+    rt.stop_all(Duration::from_secs(1)).unwrap();
+    rt.start("web").unwrap();
 }

@@ -440,6 +440,15 @@ impl<'l> Unpacker<'l> {
                 break;
             };
             if comp == ".." {
+                // As the kernel: `m/..` needs `m`. Climbing out of a
+                // missing component would give a path nobody looked at
+                // (a symlink on it would be taken for a directory).
+                if missing {
+                    return Err(EntryError::Refused(
+                        "a `..` after a component that does not exist (through a symlink's target)"
+                            .into(),
+                    ));
+                }
                 if here.pop() {
                     depth -= 1;
                 }
@@ -1104,6 +1113,33 @@ mod tests {
         unpacker.finish().unwrap();
     }
 
+    /// A symlink target climbing out of a component that does not exist
+    /// (`m/../s`) is refused, as the kernel refuses it: the path it gave
+    /// was looked at by nobody, and through a symlink `s` it would have
+    /// been taken for a directory of the root.
+    #[test]
+    fn a_climb_out_of_a_missing_component_is_refused() {
+        for plain in [false, true] {
+            let tmp = tempfile::tempdir().unwrap();
+            let limits = Limits::default();
+            let mut unpacker = Unpacker::new(root_of(&tmp), &limits, 0);
+            unpacker.plain = plain;
+            let layer = LayerTar::new()
+                .dir("d/x", 0o755)
+                .symlink("s", "d")
+                .symlink("l", "m/../s")
+                .dir("l/x", 0o700)
+                .build();
+            match unpacker.apply_layer(1, &layer[..]) {
+                Err(ImageError::Entry { entry, reason, .. }) => {
+                    assert_eq!(entry, "l/x");
+                    assert!(reason.contains("does not exist"), "{reason}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+
     /// Every directory in the root, relative, without following links.
     fn dirs_in(root: &Path) -> BTreeSet<PathBuf> {
         let mut out = BTreeSet::new();
@@ -1164,6 +1200,8 @@ mod tests {
             Just("c/../b"),
             Just("x"),
             Just("a/a/a"),
+            Just("x/../b"),
+            Just("c/x/../../a"),
         ];
         proptest::collection::vec((0u8..6, path, target), 0..14).prop_map(|v| {
             v.into_iter()

@@ -91,9 +91,10 @@ pub fn unpack_image(
 }
 
 /// [`unpack_image`] that stops, leaving nothing, with
-/// [`ImageError::Aborted`] soon after `abort` is set (it is read on every
-/// read of a blob: every 8 KiB or so, and between tar entries of a few
-/// bytes, some 16 entries). The agent sets it to stop the tenant's engines
+/// [`ImageError::Aborted`] soon after `abort` is set: it is read on every
+/// read of a blob and of a decompressed layer (every 8 KiB or so of
+/// either, or 16 small entries), and once more before the directory modes
+/// are set and before the root is renamed into place. The agent sets it to stop the tenant's engines
 /// before an erase: an unpack must not write on a volume being erased,
 /// nor hold that stop for minutes.
 pub fn unpack_image_abortable(
@@ -183,7 +184,17 @@ fn unpack(
             abort,
         )?;
     }
+    // Nothing is kept once asked to stop, however late.
+    let stopped = || {
+        if abort.load(Ordering::SeqCst) {
+            Err(ImageError::Aborted)
+        } else {
+            Ok(())
+        }
+    };
+    stopped()?;
     let (stats, owners) = unpacker.finish()?;
+    stopped()?;
     staging.commit(dest)?;
     // One warning per image, not one per entry: a hostile image cannot
     // flood the log.
@@ -744,7 +755,15 @@ fn apply_layer(
             shown: max_unpacked,
         }),
     );
-    unpacker.apply_layer(number, &mut tar_stream)?;
+    // Checked on the decompressed stream too: 8 KiB of gzip can be
+    // megabytes of entries.
+    unpacker.apply_layer(
+        number,
+        Abortable {
+            inner: &mut tar_stream,
+            abort,
+        },
+    )?;
     tar_stream
         .drain()
         .map_err(|e| from_io("decompress", &shown, e))?;
