@@ -764,8 +764,6 @@ enum Cmd {
     Rm(String),
     StopAll(Duration),
     ForgetAll,
-    SetBudget(Budget),
-    SetThrottles(leasehold_node::Throttles),
     /// Sent by the handle's stop fallback after it set `halted`: read
     /// after the late `StopAll` (the same queue), so launches go on again
     /// once that stop was carried out, whatever follows (a rollback's
@@ -778,8 +776,6 @@ enum Reply {
     Unit(Result<(), RuntimeError>),
     Stopped(StopReport),
     Forgot(Result<usize, RuntimeError>),
-    Budget(Result<BudgetApplied, RuntimeError>),
-    Throttled(Result<leasehold_node::ThrottleApplied, RuntimeError>),
 }
 
 enum Msg {
@@ -905,7 +901,7 @@ impl Runtime {
     fn engine_cgroup(&self, engine: &str) -> Result<CgroupPath, RuntimeError> {
         // The landlord's budget is written on the subtree first: no
         // engine runs in a subtree without it.
-        let sub = self.tenant_cgroup()?;
+        let sub = self.tenant.tenant_cgroup()?;
         let cg = sub.child(engine).map_err(self.cg_err())?;
         self.cgroups.create(&cg).map_err(self.cg_err())?;
         self.cgroups
@@ -981,6 +977,12 @@ impl Runtime {
         for (n, e) in &self.engines {
             m.insert(n.clone(), status_of(e));
         }
+        self.tenant.set_engine_limits(
+            self.engines
+                .values()
+                .map(|e| e.sup.spec().limits.clone())
+                .collect(),
+        );
         *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = m;
     }
 
@@ -2089,8 +2091,6 @@ impl Runtime {
                     .store(false, std::sync::atomic::Ordering::SeqCst);
                 Reply::Unit(Ok(()))
             }
-            Cmd::SetBudget(b) => Reply::Budget(self.set_budget(b)),
-            Cmd::SetThrottles(t) => Reply::Throttled(self.set_throttles(t)),
             Cmd::StopAll(grace) => {
                 // Commands sent after this stop are carried out again.
                 self.abort.lower();
@@ -2876,7 +2876,7 @@ impl EngineRuntime {
             saved: std::cell::RefCell::new(None),
         };
         // Before any engine is started again (adopted ones run already).
-        rt.write_budget_at_start();
+        rt.tenant.write_budget_at_start();
         rt.sweep_staging();
         // The agent restarted within the boot the state was written in
         // (not the node): what had come to rest stays at rest, and what
@@ -3055,24 +3055,20 @@ impl Drop for EngineRuntime {
 
 impl Engines for EngineRuntime {
     fn budget(&mut self) -> Result<Budget, Failure> {
-        // The controller is the only writer (through the runtime thread),
+        // The controller is the only writer (`set_budget`, below),
         // so what is recorded is what the check must use.
         Ok(self.view.tenant.budget())
     }
+    // On the caller's thread, not the runtime's (which may be unpacking
+    // a tenant's image): the landlord's change never waits for the tenant.
     fn set_budget(&mut self, budget: &Budget) -> Result<BudgetApplied, Failure> {
-        match self.call(Cmd::SetBudget(*budget), CALL_TIMEOUT)? {
-            Reply::Budget(r) => Ok(r?),
-            _ => Err(RuntimeError::NoAnswer("unexpected answer").into()),
-        }
+        Ok(self.view.tenant.set_budget(*budget)?)
     }
     fn set_throttles(
         &mut self,
         throttles: &leasehold_node::Throttles,
     ) -> Result<leasehold_node::ThrottleApplied, Failure> {
-        match self.call(Cmd::SetThrottles(throttles.clone()), CALL_TIMEOUT)? {
-            Reply::Throttled(r) => Ok(r?),
-            _ => Err(RuntimeError::NoAnswer("unexpected answer").into()),
-        }
+        Ok(self.view.tenant.set_throttles(throttles.clone())?)
     }
     fn deploy(&mut self, name: &str, image: &str, spec: &Spec) -> Result<EngineStatus, Failure> {
         self.status_call(Cmd::Deploy(

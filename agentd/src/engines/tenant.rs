@@ -8,14 +8,15 @@
 //! whose budget write fails is refused).
 
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use leasehold_engines::budget::{self, Budget};
-use leasehold_engines::cgroup::{CgroupPath, Cgroups, Controller};
+use leasehold_engines::cgroup::{CgroupError, CgroupPath, Cgroups, Controller};
+use leasehold_engines::spec::Limits;
 use leasehold_node::{BudgetApplied, EngineStatus, TenantView, ThrottleApplied, Throttles};
 use serde::{Deserialize, Serialize};
 
-use super::{io, subtree, Runtime, RuntimeConfig, RuntimeError};
+use super::{io, subtree, RuntimeConfig, RuntimeError};
 
 /// The budget's file under the state directory.
 pub const BUDGET_FILE: &str = "budget.json";
@@ -70,12 +71,20 @@ impl State {
     }
 }
 
-/// Shared between the runtime thread (which writes) and the view (which
-/// reads from any thread).
+/// Shared between the runtime thread (which writes the subtree before a
+/// launch), the controller's thread (which sets the budget and the
+/// throttles here, without waiting for the runtime thread: it may be busy
+/// unpacking a tenant's image) and the view (which reads from any thread).
 pub(super) struct Shared {
     cgroups: Arc<dyn Cgroups>,
     subtree: Result<CgroupPath, String>,
     state: RwLock<State>,
+    cfg: RuntimeConfig,
+    /// Held by each record-and-write of the subtree, so writes from both
+    /// threads apply in turn, each the state it read.
+    write: Mutex<()>,
+    /// Each engine's own limits, as the runtime thread last published them.
+    limits: RwLock<Vec<Limits>>,
 }
 
 impl Shared {
@@ -93,7 +102,15 @@ impl Shared {
                 throttles,
                 ..State::default()
             }),
+            cfg: cfg.clone(),
+            write: Mutex::new(()),
+            limits: RwLock::new(Vec::new()),
         }
+    }
+
+    /// The engines' own limits (the runtime thread, as it publishes).
+    pub(super) fn set_engine_limits(&self, limits: Vec<Limits>) {
+        *self.limits.write().unwrap_or_else(|p| p.into_inner()) = limits;
     }
 
     pub(super) fn budget(&self) -> Budget {
@@ -187,14 +204,24 @@ pub(super) fn load_throttles(state_dir: &Path) -> Result<Throttles, RuntimeError
     Ok(f.throttles)
 }
 
-impl Runtime {
+impl Shared {
+    fn cg_err(&self) -> impl FnOnce(CgroupError) -> RuntimeError {
+        let root = self.cfg.cgroup_root.clone();
+        move |source| RuntimeError::Cgroup { root, source }
+    }
+
     /// The tenant's subtree with the budget written on it: the delegated
     /// parent's controllers enabled (the parent is never created), the
     /// subtree created with every controller enabled, then every budget
     /// file written. Records the outcome for the view.
     pub(super) fn tenant_cgroup(&self) -> Result<CgroupPath, RuntimeError> {
+        let _turn = self.write.lock().unwrap_or_else(|p| p.into_inner());
+        self.tenant_cgroup_held()
+    }
+
+    fn tenant_cgroup_held(&self) -> Result<CgroupPath, RuntimeError> {
         let r = self.write_tenant_cgroup();
-        let mut st = self.tenant.state.write().unwrap_or_else(|p| p.into_inner());
+        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
         st.written = r.is_ok();
         st.error = r.as_ref().err().map(ToString::to_string);
         r
@@ -212,12 +239,7 @@ impl Runtime {
         self.cgroups
             .enable_controllers(&sub, &Controller::ALL)
             .map_err(self.cg_err())?;
-        let files = self
-            .tenant
-            .state
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .files();
+        let files = self.state.read().unwrap_or_else(|p| p.into_inner()).files();
         self.cgroups
             .set_limits(&sub, &files)
             .map_err(self.cg_err())?;
@@ -229,7 +251,8 @@ impl Runtime {
     /// restores while the fault lasts), then the subtree's files written
     /// with `cpu.max` lowered (or the budget's exactly when none is left).
     /// A budget change keeps them: every write of the subtree applies both.
-    pub(super) fn set_throttles(&mut self, t: Throttles) -> Result<ThrottleApplied, RuntimeError> {
+    pub(super) fn set_throttles(&self, t: Throttles) -> Result<ThrottleApplied, RuntimeError> {
+        let _turn = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let path = self.cfg.state_dir.join(THROTTLE_FILE);
         t.validate().map_err(|detail| RuntimeError::State {
             path: path.clone(),
@@ -246,11 +269,11 @@ impl Runtime {
         crate::fsutil::write_atomic(&self.cfg.state_dir, THROTTLE_FILE, &text)
             .map_err(io("write", &path))?;
         let cpu_max = {
-            let mut st = self.tenant.state.write().unwrap_or_else(|p| p.into_inner());
+            let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
             st.throttles = t.clone();
             st.cpu_max()
         };
-        let r = self.tenant_cgroup();
+        let r = self.tenant_cgroup_held();
         Ok(ThrottleApplied {
             throttles: t,
             cpu_max,
@@ -264,7 +287,7 @@ impl Runtime {
     pub(super) fn write_budget_at_start(&self) {
         match self.tenant_cgroup() {
             Ok(_) => tracing::info!("tenant budget written on the subtree"),
-            Err(e) if self.tenant.budget() == Budget::default() => {
+            Err(e) if self.budget() == Budget::default() => {
                 tracing::debug!(error = %e, "no tenant budget set; the subtree is not usable yet")
             }
             Err(e) => tracing::warn!(
@@ -277,7 +300,8 @@ impl Runtime {
     /// The landlord's new budget: recorded first (atomically), then written
     /// on the subtree. Engines whose own limits are above it are counted,
     /// not stopped: the kernel holds the subtree to it.
-    pub(super) fn set_budget(&mut self, b: Budget) -> Result<BudgetApplied, RuntimeError> {
+    pub(super) fn set_budget(&self, b: Budget) -> Result<BudgetApplied, RuntimeError> {
+        let _turn = self.write.lock().unwrap_or_else(|p| p.into_inner());
         let path = self.cfg.state_dir.join(BUDGET_FILE);
         let text = serde_json::to_vec_pretty(&BudgetFile {
             format: 1,
@@ -289,16 +313,14 @@ impl Runtime {
         })?;
         crate::fsutil::write_atomic(&self.cfg.state_dir, BUDGET_FILE, &text)
             .map_err(io("write", &path))?;
-        self.tenant
-            .state
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .budget = b;
-        let r = self.tenant_cgroup();
+        self.state.write().unwrap_or_else(|p| p.into_inner()).budget = b;
+        let r = self.tenant_cgroup_held();
         let above = self
-            .engines
-            .values()
-            .filter(|e| budget::check(&e.sup.spec().limits, &b).is_err())
+            .limits
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|l| budget::check(l, &b).is_err())
             .count();
         Ok(BudgetApplied {
             budget: b,

@@ -2660,3 +2660,50 @@ fn tenant_commands_queued_before_a_stop_of_every_engine_are_refused() {
     rt.stop_all(Duration::from_secs(1)).unwrap();
     rt.start("web").unwrap();
 }
+
+/// The landlord's budget is set without waiting for the runtime thread,
+/// here busy unpacking a tenant's image: the budget is answered, recorded
+/// and on the subtree while the deploy is still unanswered.
+#[test]
+fn the_budget_is_set_while_the_runtime_unpacks() {
+    let f = fixture(false);
+    let names: Vec<String> = (0..20_000).map(|i| format!("d/f{i}")).collect();
+    let files: Vec<(&str, &[u8], u32)> = names
+        .iter()
+        .map(|n| (n.as_str(), &b"x"[..], 0o644))
+        .collect();
+    let big = oci_archive(&files, serde_json::json!({"Env": ["PATH=/bin"]}));
+    std::fs::write(f.tmp.path().join("vol/engines/inbox/big.tar"), big).unwrap();
+    let mut rt = f.runtime();
+    let (dtx, drx) = mpsc::sync_channel(1);
+    rt.tx
+        .send(Msg::Cmd(
+            Cmd::Deploy(
+                "big".into(),
+                "big.tar".into(),
+                Box::new(spec(r#"command = ["/bin/app"]"#)),
+            ),
+            dtx,
+        ))
+        .unwrap();
+    let b = Budget::from_toml("memory_max = \"1G\"\npids_max = 100").unwrap();
+    let applied = rt.set_budget(&b).unwrap();
+    assert!(applied.written, "{applied:?}");
+    assert!(
+        matches!(drx.try_recv(), Err(mpsc::TryRecvError::Empty)),
+        "the budget waited for the deploy"
+    );
+    assert_eq!(rt.budget().unwrap(), b);
+    assert_eq!(rt.view().tenant().budget, b);
+    let path = f.tmp.path().join("state").join(tenant::BUDGET_FILE);
+    assert!(std::fs::read_to_string(path).unwrap().contains("pids_max"));
+    match drx.recv_timeout(Duration::from_secs(120)) {
+        Ok(Reply::Status(Ok(_))) => {}
+        _ => panic!("the deploy did not finish"),
+    }
+    // The deployed engine is counted against a narrower budget.
+    let narrow = Budget::from_toml("pids_max = 10").unwrap();
+    let with_limits = spec("command = [\"/bin/app\"]\n[limits]\npids_max = 50");
+    rt.deploy("web", "app.tar", &with_limits).unwrap();
+    assert_eq!(rt.set_budget(&narrow).unwrap().engines_above, 1);
+}
