@@ -843,6 +843,18 @@ fn a_change_of_tenancy_that_cannot_be_recorded_changes_nothing() {
 fn a_change_of_tenancy_that_fails_after_its_commit_is_finished_not_undone() {
     let (f, node) = assigned();
     f.world().sub_boundary = true;
+    // An engine of the previous tenancy, running: stopped for the change,
+    // never started again.
+    f.world().engines.insert(
+        "web".into(),
+        leasehold_node::fake::FakeEngine {
+            image: "web.tar".into(),
+            spec: leasehold_engines::spec::Spec::from_toml(r#"command = ["/bin/app"]"#).unwrap(),
+            running: true,
+            enabled: true,
+            stubborn: false,
+        },
+    );
     f.fail("keys.assign after commit");
     let e = run(
         &node,
@@ -872,9 +884,19 @@ fn a_change_of_tenancy_that_fails_after_its_commit_is_finished_not_undone() {
         w.log
     );
     assert!(
+        w.log.iter().any(|l| l == "engines.stop_all"),
+        "stopped for the change: {:?}",
+        w.log
+    );
+    assert!(
         !w.log.iter().any(|l| l.starts_with("engines.start")),
         "nothing of the previous tenancy started again: {:?}",
         w.log
+    );
+    assert!(
+        w.engines.values().all(|e| !e.running),
+        "no engine of the previous tenancy runs: {:?}",
+        w.engines
     );
 }
 
