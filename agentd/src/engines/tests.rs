@@ -2590,21 +2590,17 @@ fn a_refused_egress_install_fails_the_launch_closed() {
         .all(|(_, d, _)| d.is_none()));
 }
 
-/// A stop of every engine (before an erase) stops a deploy whose image is
-/// being unpacked: the deploy is refused saying why, nothing of it is
-/// left, and the stop is answered by the thread (no cgroup.kill fallback).
-#[test]
-fn a_stop_before_an_erase_stops_an_unpack_in_progress() {
-    let f = fixture(false);
-    let names: Vec<String> = (0..50_000).map(|i| format!("d/f{i}")).collect();
+/// Sends the deploy of an engine `big` whose image holds `files` small
+/// files (seconds to unpack) without waiting; the answer comes on the
+/// receiver.
+fn deploy_big(f: &Fix, rt: &EngineRuntime, files: usize) -> mpsc::Receiver<Reply> {
+    let names: Vec<String> = (0..files).map(|i| format!("d/f{i}")).collect();
     let files: Vec<(&str, &[u8], u32)> = names
         .iter()
         .map(|n| (n.as_str(), &b"x"[..], 0o644))
         .collect();
     let big = oci_archive(&files, serde_json::json!({"Env": ["PATH=/bin"]}));
-    let vol = f.tmp.path().join("vol/engines");
-    std::fs::write(vol.join("inbox/big.tar"), big).unwrap();
-    let mut rt = f.runtime();
+    std::fs::write(f.tmp.path().join("vol/engines/inbox/big.tar"), big).unwrap();
     let (dtx, drx) = mpsc::sync_channel(1);
     rt.tx
         .send(Msg::Cmd(
@@ -2616,6 +2612,18 @@ fn a_stop_before_an_erase_stops_an_unpack_in_progress() {
             dtx,
         ))
         .unwrap();
+    drx
+}
+
+/// A stop of every engine (before an erase) stops a deploy whose image is
+/// being unpacked: the deploy is refused saying why, nothing of it is
+/// left, and the stop is answered by the thread (no cgroup.kill fallback).
+#[test]
+fn a_stop_before_an_erase_stops_an_unpack_in_progress() {
+    let f = fixture(false);
+    let vol = f.tmp.path().join("vol/engines");
+    let mut rt = f.runtime();
+    let drx = deploy_big(&f, &rt, 50_000);
     let r = rt.stop_all(Duration::ZERO).unwrap();
     assert_eq!(r.error, None, "answered by the thread: {r:?}");
     match drx.recv_timeout(Duration::from_secs(60)) {
@@ -2667,25 +2675,8 @@ fn tenant_commands_queued_before_a_stop_of_every_engine_are_refused() {
 #[test]
 fn the_budget_is_set_while_the_runtime_unpacks() {
     let f = fixture(false);
-    let names: Vec<String> = (0..20_000).map(|i| format!("d/f{i}")).collect();
-    let files: Vec<(&str, &[u8], u32)> = names
-        .iter()
-        .map(|n| (n.as_str(), &b"x"[..], 0o644))
-        .collect();
-    let big = oci_archive(&files, serde_json::json!({"Env": ["PATH=/bin"]}));
-    std::fs::write(f.tmp.path().join("vol/engines/inbox/big.tar"), big).unwrap();
     let mut rt = f.runtime();
-    let (dtx, drx) = mpsc::sync_channel(1);
-    rt.tx
-        .send(Msg::Cmd(
-            Cmd::Deploy(
-                "big".into(),
-                "big.tar".into(),
-                Box::new(spec(r#"command = ["/bin/app"]"#)),
-            ),
-            dtx,
-        ))
-        .unwrap();
+    let drx = deploy_big(&f, &rt, 20_000);
     let b = Budget::from_toml("memory_max = \"1G\"\npids_max = 100").unwrap();
     let applied = rt.set_budget(&b).unwrap();
     assert!(applied.written, "{applied:?}");
