@@ -712,9 +712,27 @@ impl Controller {
                 self.data_under_keys(&status)
             )));
         }
-        let before = generations(&status);
-        self.begin_tenancy_change("assign", &status)?;
-        // A previous tenant's engines run from the volume being erased.
+        self.change_tenancy(caller, "assign", &status, |keys| {
+            keys.assign(name, console_key, confirm(confirmed)).map(Some)
+        })
+    }
+
+    /// A change of tenancy (`kind`: assign or release), checked and
+    /// confirmed: recorded, every engine stopped (they run from the volume
+    /// about to be erased), the volume marked, then `change` on the keys.
+    /// Committed: finished as every destroying change is. Nothing to change
+    /// (`Ok(None)`: a release with no tenant): undone, `AlreadyReleased`.
+    /// Failed: undone, or finished if the keys committed first
+    /// (`tenancy_change_failed`).
+    fn change_tenancy(
+        &mut self,
+        caller: Caller,
+        kind: &'static str,
+        status: &leasehold_tpm::Status,
+        change: impl FnOnce(&mut dyn crate::backend::KeyStore) -> Result<Option<KeyChange>, KeyError>,
+    ) -> Result<Outcome, NodeError> {
+        let before = generations(status);
+        self.begin_tenancy_change(kind, status)?;
         let engines = self.stop_engines();
         if let Err(e) = self.b.volume.begin_key_change() {
             self.resume_engines(&engines);
@@ -725,9 +743,9 @@ impl Controller {
             });
         }
         let tenant_before = status.tenant.as_ref().map(|t| t.fingerprint.clone());
-        match self.b.keys.assign(name, console_key, confirm(confirmed)) {
-            Ok(c) => {
-                self.tenancy_committed("assign", tenant_before, c.fingerprint_after.clone());
+        match change(self.b.keys.as_mut()) {
+            Ok(Some(c)) => {
+                self.tenancy_committed(kind, tenant_before, c.fingerprint_after.clone());
                 Ok(Outcome::Changed(self.after_change(
                     caller,
                     c,
@@ -737,8 +755,14 @@ impl Controller {
                     Some(engines),
                 )))
             }
+            Ok(None) => {
+                self.end_key_change_logged();
+                self.resume_engines(&engines);
+                self.b.events.end_tenancy_change();
+                Ok(Outcome::AlreadyReleased)
+            }
             Err(e) => {
-                self.tenancy_change_failed("assign", tenant_before.as_deref(), &engines);
+                self.tenancy_change_failed(kind, tenant_before.as_deref(), &engines);
                 Err(e.into())
             }
         }
@@ -910,42 +934,9 @@ impl Controller {
                 self.data_under_keys(&status)
             )));
         }
-        let before = generations(&status);
-        self.begin_tenancy_change("release", &status)?;
-        // The tenant's engines run from the volume being erased.
-        let engines = self.stop_engines();
-        if let Err(e) = self.b.volume.begin_key_change() {
-            self.resume_engines(&engines);
-            self.b.events.end_tenancy_change();
-            return Err(NodeError::Backend {
-                what: "volume",
-                source: e,
-            });
-        }
-        let tenant_before = status.tenant.as_ref().map(|t| t.fingerprint.clone());
-        match self.b.keys.release(Confirm::DestroyData) {
-            Ok(Some(c)) => {
-                self.tenancy_committed("release", tenant_before, None);
-                Ok(Outcome::Changed(self.after_change(
-                    caller,
-                    c,
-                    before,
-                    None,
-                    None,
-                    Some(engines),
-                )))
-            }
-            Ok(None) => {
-                self.end_key_change_logged();
-                self.resume_engines(&engines);
-                self.b.events.end_tenancy_change();
-                Ok(Outcome::AlreadyReleased)
-            }
-            Err(e) => {
-                self.tenancy_change_failed("release", tenant_before.as_deref(), &engines);
-                Err(e.into())
-            }
-        }
+        self.change_tenancy(caller, "release", &status, |keys| {
+            keys.release(Confirm::DestroyData)
+        })
     }
 
     /// What a destroying change would erase, in words, for its
