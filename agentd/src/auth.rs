@@ -752,17 +752,9 @@ fn subject_of(caller: Caller, hdr: &Header<'_>) -> Result<Subject, Error> {
 
 /// The start time of process `pid` (field 22 of /proc/PID/stat, clock
 /// ticks since boot), counted from the last `)` (the name may hold any).
+/// What names one process with its pid (the shim's records use it too).
 fn start_time_of(pid: u32) -> Option<u64> {
-    parse_start_time(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
-}
-
-fn parse_start_time(stat: &str) -> Option<u64> {
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
+    leasehold_engines::launch::start_time(pid)
 }
 
 /// The real uid of process `pid` (`Uid:` of /proc/PID/status), if it exists.
@@ -1032,10 +1024,7 @@ mod tests {
     fn a_process_start_time_is_read_past_any_name() {
         let me = start_time_of(std::process::id()).expect("own start time");
         assert_eq!(start_time_of(std::process::id()), Some(me));
-        // A name with spaces and parentheses (field 22 is 4242).
-        let stat = "77 (a) b (c) S 1 77 77 0 -1 4194560 90 0 0 0 1 2 0 0 20 0 1 0 4242 1000 10";
-        assert_eq!(parse_start_time(stat), Some(4242));
-        assert_eq!(parse_start_time("77 (x"), None);
+        // Parsing past any name: leasehold_engines::launch's tests.
         assert_eq!(start_time_of(u32::MAX), None);
     }
 

@@ -510,13 +510,16 @@ struct ShimPid {
     start_time: u64,
 }
 
-/// Field 22 of /proc/<pid>/stat: start time in clock ticks since boot.
-fn start_time(pid: u32) -> Option<u64> {
-    stat_after_comm(pid)?
-        .split_whitespace()
-        .nth(19)?
-        .parse()
-        .ok()
+/// Field 22 of /proc/<pid>/stat: start time in clock ticks since boot
+/// (with the pid, what names one process: the agent's polkit checks use
+/// it too).
+pub fn start_time(pid: u32) -> Option<u64> {
+    parse_start_time(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// [`start_time`] from the text of a `/proc/PID/stat`.
+fn parse_start_time(stat: &str) -> Option<u64> {
+    after_comm(stat)?.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// [`start_time`] of a process that has not exited: None for a zombie
@@ -524,19 +527,18 @@ fn start_time(pid: u32) -> Option<u64> {
 /// agent watched can stay a zombie for a moment before its new parent
 /// reaps it; it is gone, not adoptable (its record says how it ended).
 fn live_start_time(pid: u32) -> Option<u64> {
-    let stat = stat_after_comm(pid)?;
-    let mut fields = stat.split_whitespace();
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut fields = after_comm(&stat)?.split_whitespace();
     match fields.next()? {
         "Z" | "X" | "x" => None,
         _ => fields.nth(18)?.parse().ok(),
     }
 }
 
-/// `/proc/PID/stat` after the command name (which may hold spaces and
+/// A `/proc/PID/stat` after the command name (which may hold spaces and
 /// parentheses: cut after the last `)`), from the state field on.
-fn stat_after_comm(pid: u32) -> Option<String> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    Some(stat.get(stat.rfind(')')? + 2..)?.to_owned())
+fn after_comm(stat: &str) -> Option<&str> {
+    stat.get(stat.rfind(')')? + 2..)
 }
 
 impl Launcher {
@@ -3110,6 +3112,15 @@ mod tests {
             live_start_time(std::process::id()),
             start_time(std::process::id())
         );
+    }
+
+    #[test]
+    fn a_start_time_is_read_past_any_name() {
+        // A name with spaces and parentheses (field 22 is 4242).
+        let stat = "77 (a) b (c) S 1 77 77 0 -1 4194560 90 0 0 0 1 2 0 0 20 0 1 0 4242 1000 10";
+        assert_eq!(parse_start_time(stat), Some(4242));
+        assert_eq!(parse_start_time("77 (x"), None);
+        assert_eq!(start_time(u32::MAX), None);
     }
 
     #[test]
