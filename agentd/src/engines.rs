@@ -718,6 +718,82 @@ struct Engine {
     held_note: Option<&'static str>,
 }
 
+/// Refuses engine uids another account may own: the `MAX_ENGINES` uids
+/// and gids from `base` against the user and group databases (NSS, so
+/// directory users too) and the subordinate ranges of `/etc/subuid` and
+/// `/etc/subgid` (rootless containers run as those). An engine sharing a
+/// uid with any of them could read that account's files, and it could
+/// read the engine's. Err names the first conflict.
+pub fn check_uid_range(base: u32) -> Result<(), String> {
+    use nix::unistd::{Gid, Group, Uid, User};
+    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    uid_range_conflict(
+        base,
+        u32::try_from(MAX_ENGINES).unwrap_or(u32::MAX),
+        |u| {
+            User::from_uid(Uid::from_raw(u))
+                .ok()
+                .flatten()
+                .map(|u| u.name)
+        },
+        |g| {
+            Group::from_gid(Gid::from_raw(g))
+                .ok()
+                .flatten()
+                .map(|g| g.name)
+        },
+        &[
+            ("/etc/subuid", &read("/etc/subuid")),
+            ("/etc/subgid", &read("/etc/subgid")),
+        ],
+    )
+    .map_or(Ok(()), Err)
+}
+
+/// [`check_uid_range`] over given lookups and subordinate-id files
+/// (`(path, text)`; lines `name:start:count`, others skipped).
+fn uid_range_conflict(
+    base: u32,
+    count: u32,
+    user: impl Fn(u32) -> Option<String>,
+    group: impl Fn(u32) -> Option<String>,
+    subordinate: &[(&str, &str)],
+) -> Option<String> {
+    let end = u64::from(base) + u64::from(count);
+    let range = format!("{base}..{end}");
+    for id in base..base.saturating_add(count) {
+        if let Some(name) = user(id) {
+            return Some(format!(
+                "engines.uid_base: uid {id} (in the engines' range {range}) belongs to user {name:?}; choose a uid_base whose {count} ids no account uses"
+            ));
+        }
+        if let Some(name) = group(id) {
+            return Some(format!(
+                "engines.uid_base: gid {id} (in the engines' range {range}) belongs to group {name:?}; choose a uid_base whose {count} ids no account uses"
+            ));
+        }
+    }
+    for (path, text) in subordinate {
+        for line in text.lines() {
+            let mut f = line.trim().split(':');
+            let (Some(name), Some(start), Some(n), None) = (f.next(), f.next(), f.next(), f.next())
+            else {
+                continue;
+            };
+            let (Ok(start), Ok(n)) = (start.parse::<u64>(), n.parse::<u64>()) else {
+                continue;
+            };
+            if start < end && u64::from(base) < start.saturating_add(n) {
+                return Some(format!(
+                    "engines.uid_base: the engines' range {range} overlaps {name:?}'s subordinate ids {start}..{} in {path}; choose a uid_base outside every subordinate range",
+                    start.saturating_add(n)
+                ));
+            }
+        }
+    }
+    None
+}
+
 /// Why an unpack or a tenant command gave way to a stop of every engine.
 const STOPPING_ALL: &str =
     "every engine is being stopped (a change of keys or tenancy, or a corrective action)";

@@ -560,6 +560,8 @@ async fn start_engines(
             .filter(|p| p.exists())
             .unwrap_or_else(|| PathBuf::from("/usr/lib/leasehold/leasehold-engine-shim"))
     });
+    // Before anything runs as those ids (fail closed, naming the conflict).
+    engines::check_uid_range(c.uid_base).map_err(AgentError::Engines)?;
     let cfg = engines::RuntimeConfig {
         cgroup_root: c.cgroup_root.clone(),
         subtree: c.cgroup_subtree,

@@ -2698,3 +2698,38 @@ fn the_budget_is_set_while_the_runtime_unpacks() {
     rt.deploy("web", "app.tar", &with_limits).unwrap();
     assert_eq!(rt.set_budget(&narrow).unwrap().engines_above, 1);
 }
+
+/// Engine ids another account owns are refused, naming the first: a user
+/// or a group (NSS) in the range, or a subordinate range that overlaps
+/// it; ranges that only touch it, and malformed lines, are not conflicts.
+#[test]
+fn engine_uids_another_account_owns_are_refused() {
+    let none = |_: u32| None;
+    let sub = "alice:100000:65536\n# comment\nbad line\nbob:2000128:65536\n";
+    assert_eq!(
+        uid_range_conflict(2_000_000, 128, none, none, &[("/etc/subuid", sub)]),
+        None
+    );
+    let e = uid_range_conflict(2_000_000, 129, none, none, &[("/etc/subuid", sub)]).unwrap();
+    assert!(
+        e.contains("\"bob\"'s subordinate ids 2000128..2065664 in /etc/subuid"),
+        "{e}"
+    );
+    assert!(e.starts_with("engines.uid_base:"), "{e}");
+    let e = uid_range_conflict(150_000, 128, none, none, &[("/etc/subgid", sub)]).unwrap();
+    assert!(e.contains("\"alice\"") && e.contains("/etc/subgid"), "{e}");
+    let user = |u: u32| (u == 2_000_005).then(|| "svc".to_owned());
+    let e = uid_range_conflict(2_000_000, 128, user, none, &[]).unwrap();
+    assert!(
+        e.contains("uid 2000005") && e.contains("user \"svc\""),
+        "{e}"
+    );
+    let group = |g: u32| (g == 2_000_127).then(|| "ops".to_owned());
+    let e = uid_range_conflict(2_000_000, 128, none, group, &[]).unwrap();
+    assert!(
+        e.contains("gid 2000127") && e.contains("group \"ops\""),
+        "{e}"
+    );
+    // This host: the default base is free.
+    assert_eq!(check_uid_range(2_000_000), Ok(()));
+}
