@@ -5,7 +5,7 @@ use std::net::IpAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::doc::unique_keys;
+use crate::doc::{shown, unique_keys, ECHO_LIMIT};
 use crate::ranges::Ranges;
 
 /// Longest entry or group name (characters of A-Z a-z 0-9 . _ -).
@@ -228,17 +228,21 @@ fn parse_mac(s: &str) -> Result<[u8; 6], String> {
     let parts: Vec<&str> = s.split([':', '-']).collect();
     let mut m = [0u8; 6];
     if parts.len() != 6 || s.len() != 17 {
-        return Err(format!("{s:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"));
+        return Err(format!(
+            "{} is not a MAC address (aa:bb:cc:dd:ee:ff)",
+            shown(s)
+        ));
     }
     for (b, p) in m.iter_mut().zip(&parts) {
         *b = u8::from_str_radix(p, 16)
             .ok()
             .filter(|_| p.len() == 2)
-            .ok_or_else(|| format!("{s:?} is not a MAC address (aa:bb:cc:dd:ee:ff)"))?;
+            .ok_or_else(|| format!("{} is not a MAC address (aa:bb:cc:dd:ee:ff)", shown(s)))?;
     }
     if m == [0; 6] || m[0] & 1 == 1 {
         return Err(format!(
-            "{s:?}: a server's MAC is a unicast address, not zero, multicast or broadcast"
+            "{}: a server's MAC is a unicast address, not zero, multicast or broadcast",
+            shown(s)
         ));
     }
     Ok(m)
@@ -248,7 +252,10 @@ fn parse_mac(s: &str) -> Result<[u8; 6], String> {
 fn parse_server_addr(s: &str) -> Result<(Family, u128), String> {
     let (f, lo, hi) = parse_cidr(s)?;
     if lo != hi {
-        return Err(format!("{s:?}: a DHCP server is one address, not a prefix"));
+        return Err(format!(
+            "{}: a DHCP server is one address, not a prefix",
+            shown(s)
+        ));
     }
     let ip = match f {
         Family::V4 => IpAddr::V4(std::net::Ipv4Addr::from(
@@ -262,7 +269,8 @@ fn parse_server_addr(s: &str) -> Result<(Family, u128), String> {
         || ip == IpAddr::V4(std::net::Ipv4Addr::BROADCAST);
     if bad {
         return Err(format!(
-            "{s:?}: a DHCP server's address is a unicast address"
+            "{}: a DHCP server's address is a unicast address",
+            shown(s)
         ));
     }
     Ok((f, lo))
@@ -324,7 +332,7 @@ pub fn parse_cidr(s: &str) -> Result<(Family, u128, u128), String> {
     let ip: IpAddr = addr
         .trim()
         .parse()
-        .map_err(|_| format!("{s:?} is not an IP address or CIDR"))?;
+        .map_err(|_| format!("{} is not an IP address or CIDR", shown(s)))?;
     let (family, bits, value) = match ip {
         IpAddr::V4(v4) => (Family::V4, 32u32, u128::from(u32::from(v4))),
         IpAddr::V6(v6) => (Family::V6, 128u32, u128::from(v6)),
@@ -336,7 +344,7 @@ pub fn parse_cidr(s: &str) -> Result<(Family, u128, u128), String> {
             .parse()
             .ok()
             .filter(|l| *l <= bits)
-            .ok_or_else(|| format!("{s:?}: prefix length must be 0-{bits}"))?,
+            .ok_or_else(|| format!("{}: prefix length must be 0-{bits}", shown(s)))?,
     };
     let host_bits = bits - len;
     let mask: u128 = if host_bits == 128 {
@@ -346,7 +354,8 @@ pub fn parse_cidr(s: &str) -> Result<(Family, u128, u128), String> {
     };
     if value & mask != 0 {
         return Err(format!(
-            "{s:?}: host bits set (did you mean {}?)",
+            "{}: host bits set (did you mean {}?)",
+            shown(s),
             format_cidr(family, value & !mask, len)
         ));
     }
@@ -426,7 +435,7 @@ pub fn parse_port(p: &PortSpec) -> Result<(u128, u128), String> {
             let parse = |x: &str| {
                 x.trim()
                     .parse::<u16>()
-                    .map_err(|_| format!("{t:?} is not a port (0-65535) or range"))
+                    .map_err(|_| format!("{} is not a port (0-65535) or range", shown(t)))
             };
             let (a, b) = match t.split_once('-') {
                 Some((a, b)) => (parse(a)?, parse(b)?),
@@ -436,7 +445,7 @@ pub fn parse_port(p: &PortSpec) -> Result<(u128, u128), String> {
                 }
             };
             if a > b {
-                return Err(format!("{t:?}: range is backwards"));
+                return Err(format!("{}: range is backwards", shown(t)));
             }
             Ok((u128::from(a), u128::from(b)))
         }
@@ -531,12 +540,7 @@ impl BoundaryDoc {
         };
         over("groups".into(), self.groups.len(), "groups", MAX_GROUPS)?;
         for (g, members) in &self.groups {
-            over(
-                format!("groups.{g}"),
-                members.len(),
-                "members",
-                MAX_GROUP_MEMBERS,
-            )?;
+            over(group_at(g), members.len(), "members", MAX_GROUP_MEMBERS)?;
         }
         over("routers".into(), self.routers.len(), "routers", MAX_ROUTERS)?;
         if let Some(d) = &self.dhcp_servers {
@@ -590,12 +594,9 @@ impl BoundaryDoc {
     pub fn validate(&self, allow_failsafe: bool) -> Result<Boundary, DocError> {
         self.check_limits()?;
         for (g, members) in &self.groups {
-            check_name(&format!("groups.{g}"), g)?;
+            check_name(&group_at(g), g)?;
             if members.is_empty() {
-                return Err(err(
-                    format!("groups.{g}"),
-                    "a group needs at least one member",
-                ));
+                return Err(err(group_at(g), "a group needs at least one member"));
             }
         }
         if !allow_failsafe && !self.failsafe.is_empty() {
@@ -616,7 +617,7 @@ impl BoundaryDoc {
             if lo != hi {
                 return Err(err(
                     format!("routers[{i}]"),
-                    format!("{r:?}: a router is one address, not a prefix"),
+                    format!("{}: a router is one address, not a prefix", shown(r)),
                 ));
             }
             routers.insert((f, lo));
@@ -653,7 +654,7 @@ impl BoundaryDoc {
                 if !names.insert(e.name.clone()) {
                     return Err(err(
                         format!("{at}.name"),
-                        format!("duplicate entry name {:?}", e.name),
+                        format!("duplicate entry name {}", shown(&e.name)),
                     ));
                 }
                 self.entry(&at, e)
@@ -679,7 +680,7 @@ impl BoundaryDoc {
                 Some(g) => self
                     .groups
                     .get(g)
-                    .ok_or_else(|| err(field(), format!("unknown group {g:?}")))?,
+                    .ok_or_else(|| err(field(), format!("unknown group {}", shown(g))))?,
                 None => std::slice::from_ref(p),
             };
             for m in members {
@@ -784,14 +785,44 @@ fn check_name(field: &str, name: &str) -> Result<(), DocError> {
     } else {
         Err(err(
             field,
-            format!("{name:?}: use 1-64 characters of A-Z a-z 0-9 . _ -"),
+            format!("{}: use 1-64 characters of A-Z a-z 0-9 . _ -", shown(name)),
         ))
+    }
+}
+
+/// The field of group `g`: its name cut to [`ECHO_LIMIT`] characters (a
+/// name that long is refused anyway; the error need not echo it whole).
+fn group_at(g: &str) -> String {
+    if g.chars().count() <= ECHO_LIMIT {
+        format!("groups.{g}")
+    } else {
+        format!("groups.{}…", g.chars().take(ECHO_LIMIT).collect::<String>())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn caller_strings_are_echoed_cut_short() {
+        let long = "x".repeat(100_000);
+        for text in [
+            format!("[[allow]]\nname = \"x\"\npeers = [\"{long}\"]\n"),
+            format!("[[allow]]\nname = \"x\"\npeers = [\"@{long}\"]\n"),
+            format!("[[allow]]\nname = \"x\"\npeers = [\"::/0\"]\nprotocols = [{{ proto = \"tcp\", ports = [\"{long}\"] }}]\n"),
+            format!("[[allow]]\nname = \"{long}\"\npeers = [\"::/0\"]\n"),
+            format!("routers = [\"{long}\"]\n"),
+            format!("[groups]\n{long} = [\"10.0.0.1\"]\n[[allow]]\nname = \"x\"\npeers = [\"10.0.0.1\"]\n"),
+        ] {
+            let e = BoundaryDoc::from_toml(&text)
+                .and_then(|d| d.validate(true))
+                .unwrap_err();
+            let shown = format!("{}: {}", e.field, e.reason);
+            assert!(shown.len() < 400, "{} bytes: {}", shown.len(), &shown[..400]);
+            assert!(shown.contains("100000 bytes") || e.field.ends_with('…'), "{shown}");
+        }
+    }
 
     #[test]
     fn cidrs_format_as_std() {
