@@ -500,6 +500,15 @@ pub enum ConfigError {
         /// Parser message.
         message: String,
     },
+    /// A value is valid but conflicts with the host (the reason names
+    /// the key).
+    #[error("invalid config {path}: {reason}")]
+    Check {
+        /// File.
+        path: PathBuf,
+        /// What conflicts, naming the key.
+        reason: String,
+    },
     /// A value is out of range.
     #[error("invalid config {path}: {key}: {reason}")]
     Invalid {

@@ -723,31 +723,36 @@ struct Engine {
 /// directory users too) and the subordinate ranges of `/etc/subuid` and
 /// `/etc/subgid` (rootless containers run as those). An engine sharing a
 /// uid with any of them could read that account's files, and it could
-/// read the engine's. Err names the first conflict.
+/// read the engine's. Err names the first conflict, or what could not be
+/// read (a lookup that fails is not taken for "no such account").
 pub fn check_uid_range(base: u32) -> Result<(), String> {
     use nix::unistd::{Gid, Group, Uid, User};
-    let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
+    let read = |p: &str| match std::fs::read_to_string(p) {
+        Ok(t) => Ok(t),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(String::new()),
+        Err(e) => Err(format!(
+            "engines.uid_base: cannot read {p} to check the engines' ids against it: {e}"
+        )),
+    };
+    let lookup = |what: &str, id: u32, e: nix::Error| {
+        format!("engines.uid_base: cannot look up {what} {id} in the account databases: {e}")
+    };
+    let (subuid, subgid) = (read("/etc/subuid")?, read("/etc/subgid")?);
     uid_range_conflict(
         base,
         u32::try_from(MAX_ENGINES).unwrap_or(u32::MAX),
         |u| {
             User::from_uid(Uid::from_raw(u))
-                .ok()
-                .flatten()
-                .map(|u| u.name)
+                .map(|o| o.map(|u| u.name))
+                .map_err(|e| lookup("uid", u, e))
         },
         |g| {
             Group::from_gid(Gid::from_raw(g))
-                .ok()
-                .flatten()
-                .map(|g| g.name)
+                .map(|o| o.map(|g| g.name))
+                .map_err(|e| lookup("gid", g, e))
         },
-        &[
-            ("/etc/subuid", &read("/etc/subuid")),
-            ("/etc/subgid", &read("/etc/subgid")),
-        ],
+        &[("/etc/subuid", &subuid), ("/etc/subgid", &subgid)],
     )
-    .map_or(Ok(()), Err)
 }
 
 /// [`check_uid_range`] over given lookups and subordinate-id files
@@ -755,20 +760,20 @@ pub fn check_uid_range(base: u32) -> Result<(), String> {
 fn uid_range_conflict(
     base: u32,
     count: u32,
-    user: impl Fn(u32) -> Option<String>,
-    group: impl Fn(u32) -> Option<String>,
+    user: impl Fn(u32) -> Result<Option<String>, String>,
+    group: impl Fn(u32) -> Result<Option<String>, String>,
     subordinate: &[(&str, &str)],
-) -> Option<String> {
+) -> Result<(), String> {
     let end = u64::from(base) + u64::from(count);
     let range = format!("{base}..{end}");
     for id in base..base.saturating_add(count) {
-        if let Some(name) = user(id) {
-            return Some(format!(
+        if let Some(name) = user(id)? {
+            return Err(format!(
                 "engines.uid_base: uid {id} (in the engines' range {range}) belongs to user {name:?}; choose a uid_base whose {count} ids no account uses"
             ));
         }
-        if let Some(name) = group(id) {
-            return Some(format!(
+        if let Some(name) = group(id)? {
+            return Err(format!(
                 "engines.uid_base: gid {id} (in the engines' range {range}) belongs to group {name:?}; choose a uid_base whose {count} ids no account uses"
             ));
         }
@@ -783,15 +788,15 @@ fn uid_range_conflict(
             let (Ok(start), Ok(n)) = (start.parse::<u64>(), n.parse::<u64>()) else {
                 continue;
             };
-            if start < end && u64::from(base) < start.saturating_add(n) {
-                return Some(format!(
+            if n > 0 && start < end && u64::from(base) < start.saturating_add(n) {
+                return Err(format!(
                     "engines.uid_base: the engines' range {range} overlaps {name:?}'s subordinate ids {start}..{} in {path}; choose a uid_base outside every subordinate range",
                     start.saturating_add(n)
                 ));
             }
         }
     }
-    None
+    Ok(())
 }
 
 /// Why an unpack or a tenant command gave way to a stop of every engine.

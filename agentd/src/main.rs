@@ -221,6 +221,23 @@ fn load_config(args: &Args) -> Result<Config, AgentError> {
 
 async fn run(args: &Args) -> Result<(), AgentError> {
     let cfg = load_config(args)?;
+    // Before anything is touched (the TPM, the volume, engines still
+    // running from an earlier agent): ids of engines another account owns
+    // stop the agent here, naming the conflict (exit 78, not restarted).
+    info!(
+        uid_base = cfg.engines.uid_base,
+        "checking the engines' ids against the account databases and subordinate ranges"
+    );
+    let base = cfg.engines.uid_base;
+    tokio::task::spawn_blocking(move || engines::check_uid_range(base))
+        .await
+        .map_err(|e| AgentError::Engines(e.to_string()))?
+        .map_err(|reason| {
+            AgentError::Config(config::ConfigError::Check {
+                path: args.config.clone(),
+                reason,
+            })
+        })?;
     let metrics_setup = metrics::Setup::new(&cfg.metrics)?;
     // Install handlers before touching the TPM so a SIGTERM during start-up
     // still ends in an orderly TPM shutdown.
@@ -560,8 +577,6 @@ async fn start_engines(
             .filter(|p| p.exists())
             .unwrap_or_else(|| PathBuf::from("/usr/lib/leasehold/leasehold-engine-shim"))
     });
-    // Before anything runs as those ids (fail closed, naming the conflict).
-    engines::check_uid_range(c.uid_base).map_err(AgentError::Engines)?;
     let cfg = engines::RuntimeConfig {
         cgroup_root: c.cgroup_root.clone(),
         subtree: c.cgroup_subtree,

@@ -454,8 +454,10 @@ pub trait Engines: Send + 'static {
     /// hands back the wait for its answer, to be waited for off the
     /// controller's thread: the controller goes on with the next change
     /// (the landlord's boundary revert, a release) while an image is
-    /// unpacked. Commands are carried out in the order they are sent, and
-    /// before a later `stop_all` or `forget_all`. `None`: removed.
+    /// unpacked. Commands are taken in the order they are sent, before a
+    /// later `stop_all` or `forget_all`, which refuses those not yet carried
+    /// out (said so in their answer) rather than wait for them. `None`:
+    /// removed.
     /// Default: carried out here, at once.
     fn send(&mut self, c: &EngineCommand) -> EngineAnswer {
         let r = carry_out(self, c);

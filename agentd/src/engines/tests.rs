@@ -2590,10 +2590,9 @@ fn a_refused_egress_install_fails_the_launch_closed() {
         .all(|(_, d, _)| d.is_none()));
 }
 
-/// Sends the deploy of an engine `big` whose image holds `files` small
-/// files (seconds to unpack) without waiting; the answer comes on the
-/// receiver.
-fn deploy_big(f: &Fix, rt: &EngineRuntime, files: usize) -> mpsc::Receiver<Reply> {
+/// Writes `big.tar` to the inbox: an image of `files` small files
+/// (seconds to unpack).
+fn write_big(f: &Fix, files: usize) {
     let names: Vec<String> = (0..files).map(|i| format!("d/f{i}")).collect();
     let files: Vec<(&str, &[u8], u32)> = names
         .iter()
@@ -2601,6 +2600,11 @@ fn deploy_big(f: &Fix, rt: &EngineRuntime, files: usize) -> mpsc::Receiver<Reply
         .collect();
     let big = oci_archive(&files, serde_json::json!({"Env": ["PATH=/bin"]}));
     std::fs::write(f.tmp.path().join("vol/engines/inbox/big.tar"), big).unwrap();
+}
+
+/// Sends the deploy of engine `big` from `big.tar` without waiting; the
+/// answer comes on the receiver.
+fn send_deploy_big(rt: &EngineRuntime) -> mpsc::Receiver<Reply> {
     let (dtx, drx) = mpsc::sync_channel(1);
     rt.tx
         .send(Msg::Cmd(
@@ -2615,6 +2619,12 @@ fn deploy_big(f: &Fix, rt: &EngineRuntime, files: usize) -> mpsc::Receiver<Reply
     drx
 }
 
+/// [`write_big`] then [`send_deploy_big`].
+fn deploy_big(f: &Fix, rt: &EngineRuntime, files: usize) -> mpsc::Receiver<Reply> {
+    write_big(f, files);
+    send_deploy_big(rt)
+}
+
 /// A stop of every engine (before an erase) stops a deploy whose image is
 /// being unpacked: the deploy is refused saying why, nothing of it is
 /// left, and the stop is answered by the thread (no cgroup.kill fallback).
@@ -2623,13 +2633,21 @@ fn a_stop_before_an_erase_stops_an_unpack_in_progress() {
     let f = fixture(false);
     let vol = f.tmp.path().join("vol/engines");
     let mut rt = f.runtime();
-    let drx = deploy_big(&f, &rt, 50_000);
+    write_big(&f, 50_000);
+    // The unpack has begun when it opens the archive (inotify, no sleep):
+    // the stop must end it in progress, not refuse it before it starts.
+    use rustix::fs::inotify;
+    let fd = inotify::init(inotify::CreateFlags::CLOEXEC).unwrap();
+    inotify::add_watch(&fd, vol.join("inbox/big.tar"), inotify::WatchFlags::OPEN).unwrap();
+    let drx = send_deploy_big(&rt);
+    let mut buf = [std::mem::MaybeUninit::uninit(); 1024];
+    inotify::Reader::new(&fd, &mut buf).next().unwrap();
     let r = rt.stop_all(Duration::ZERO).unwrap();
     assert_eq!(r.error, None, "answered by the thread: {r:?}");
     match drx.recv_timeout(Duration::from_secs(60)) {
         Ok(Reply::Status(Err(e))) => {
             let e = e.to_string();
-            // Stopped mid-unpack, or refused before it began.
+            assert!(e.contains("the image's unpack was stopped"), "{e}");
             assert!(e.contains("every engine is being stopped"), "{e}");
         }
         Ok(Reply::Status(Ok(s))) => panic!("deployed before the stop: {s:?}"),
@@ -2701,35 +2719,39 @@ fn the_budget_is_set_while_the_runtime_unpacks() {
 
 /// Engine ids another account owns are refused, naming the first: a user
 /// or a group (NSS) in the range, or a subordinate range that overlaps
-/// it; ranges that only touch it, and malformed lines, are not conflicts.
+/// it; ranges that only touch it, empty ranges and malformed lines are
+/// not conflicts; a lookup that fails is an error, not "no account".
 #[test]
 fn engine_uids_another_account_owns_are_refused() {
-    let none = |_: u32| None;
-    let sub = "alice:100000:65536\n# comment\nbad line\nbob:2000128:65536\n";
+    let none = |_: u32| Ok(None);
+    let sub = "alice:100000:65536\n# comment\nbad line\nbob:2000128:65536\nempty:2000010:0\n";
     assert_eq!(
         uid_range_conflict(2_000_000, 128, none, none, &[("/etc/subuid", sub)]),
-        None
+        Ok(())
     );
-    let e = uid_range_conflict(2_000_000, 129, none, none, &[("/etc/subuid", sub)]).unwrap();
+    let e = uid_range_conflict(2_000_000, 129, none, none, &[("/etc/subuid", sub)]).unwrap_err();
     assert!(
         e.contains("\"bob\"'s subordinate ids 2000128..2065664 in /etc/subuid"),
         "{e}"
     );
     assert!(e.starts_with("engines.uid_base:"), "{e}");
-    let e = uid_range_conflict(150_000, 128, none, none, &[("/etc/subgid", sub)]).unwrap();
+    let e = uid_range_conflict(150_000, 128, none, none, &[("/etc/subgid", sub)]).unwrap_err();
     assert!(e.contains("\"alice\"") && e.contains("/etc/subgid"), "{e}");
-    let user = |u: u32| (u == 2_000_005).then(|| "svc".to_owned());
-    let e = uid_range_conflict(2_000_000, 128, user, none, &[]).unwrap();
+    let user = |u: u32| Ok((u == 2_000_005).then(|| "svc".to_owned()));
+    let e = uid_range_conflict(2_000_000, 128, user, none, &[]).unwrap_err();
     assert!(
         e.contains("uid 2000005") && e.contains("user \"svc\""),
         "{e}"
     );
-    let group = |g: u32| (g == 2_000_127).then(|| "ops".to_owned());
-    let e = uid_range_conflict(2_000_000, 128, none, group, &[]).unwrap();
+    let group = |g: u32| Ok((g == 2_000_127).then(|| "ops".to_owned()));
+    let e = uid_range_conflict(2_000_000, 128, none, group, &[]).unwrap_err();
     assert!(
         e.contains("gid 2000127") && e.contains("group \"ops\""),
         "{e}"
     );
-    // This host: the default base is free.
-    assert_eq!(check_uid_range(2_000_000), Ok(()));
+    let down = |_: u32| {
+        Err("engines.uid_base: cannot look up uid 2000000 in the account databases: EIO".to_owned())
+    };
+    let e = uid_range_conflict(2_000_000, 128, down, none, &[]).unwrap_err();
+    assert!(e.contains("cannot look up"), "{e}");
 }
