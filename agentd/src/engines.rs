@@ -3124,6 +3124,17 @@ impl EngineRuntime {
     }
 }
 
+/// An answer sent to `rrx`, awaited until `deadline` (one already there is
+/// taken even past it).
+fn answer_by(rrx: &Receiver<Reply>, deadline: Instant) -> Result<Option<EngineStatus>, Failure> {
+    match rrx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        Ok(Reply::Status(r)) => Ok(Some(r?)),
+        Ok(Reply::Unit(r)) => Ok(r.map(|()| None)?),
+        Ok(_) => Err(RuntimeError::NoAnswer("unexpected answer").into()),
+        Err(_) => Err(RuntimeError::NoAnswer("no answer within the deadline").into()),
+    }
+}
+
 impl Drop for EngineRuntime {
     fn drop(&mut self) {
         let _ = self.tx.send(Msg::Shutdown);
@@ -3202,16 +3213,16 @@ impl Engines for EngineRuntime {
         // Sent now, in the controller's order; answered in that order.
         let (rtx, rrx) = mpsc::sync_channel(1);
         let sent = self.tx.send(Msg::Cmd(cmd, rtx)).is_ok();
+        // The deadline runs from the send, not from when the answer is
+        // first awaited: answers are awaited one after another, so a
+        // stuck runtime would otherwise hold the last of 16 for 16 times
+        // the bound.
+        let deadline = Instant::now() + CALL_TIMEOUT;
         Box::new(move || {
             if !sent {
                 return Err(RuntimeError::NoAnswer("the runtime thread is gone").into());
             }
-            match rrx.recv_timeout(CALL_TIMEOUT) {
-                Ok(Reply::Status(r)) => Ok(Some(r?)),
-                Ok(Reply::Unit(r)) => Ok(r.map(|()| None)?),
-                Ok(_) => Err(RuntimeError::NoAnswer("unexpected answer").into()),
-                Err(_) => Err(RuntimeError::NoAnswer("no answer within the deadline").into()),
-            }
+            answer_by(&rrx, deadline)
         })
     }
     fn stop_all(&mut self, grace: Duration) -> Result<StopReport, Failure> {

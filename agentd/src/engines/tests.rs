@@ -2755,3 +2755,30 @@ fn engine_uids_another_account_owns_are_refused() {
     let e = uid_range_conflict(2_000_000, 128, down, none, &[]).unwrap_err();
     assert!(e.contains("cannot look up"), "{e}");
 }
+
+/// Answers are awaited one after another; each waits until its own
+/// deadline, set when it was sent, so a stuck runtime does not make the
+/// last of many wait the bound once per answer before it.
+#[test]
+fn an_answer_waits_until_the_deadline_set_at_its_send() {
+    let (tx, rx) = mpsc::sync_channel::<Reply>(1);
+    // Past its deadline with nothing sent: refused at once.
+    let t = Instant::now();
+    let e = answer_by(&rx, Instant::now() - Duration::from_secs(1)).unwrap_err();
+    assert!(
+        e.to_string().contains("no answer within the deadline"),
+        "{e}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    // An answer already there is taken even past the deadline.
+    tx.send(Reply::Unit(Ok(()))).unwrap();
+    assert!(answer_by(&rx, Instant::now() - Duration::from_secs(1))
+        .unwrap()
+        .is_none());
+    // One that comes while it waits is taken.
+    let late = std::thread::spawn(move || tx.send(Reply::Unit(Ok(()))));
+    assert!(answer_by(&rx, Instant::now() + Duration::from_secs(60))
+        .unwrap()
+        .is_none());
+    late.join().unwrap().unwrap();
+}
