@@ -1998,14 +1998,17 @@ fn probe_main(args: &[OsString]) -> Result<i32, LaunchError> {
         let procs = cg.join("cgroup.procs");
         fs::write(&procs, "0\n").map_err(|e| io_err("write", &procs, e))?;
     }
-    // One call, through the pidfd: all four namespaces of that process.
-    // The mount namespace also sets root and cwd to its root (the image).
+    // One call, through the pidfd: all five namespaces of that process
+    // (an engine started before cgroup namespaces shares the agent's, and
+    // joining it changes nothing). The mount namespace also sets root and
+    // cwd to its root (the image).
     nix::sched::setns(
         &init.pidfd,
         CloneFlags::CLONE_NEWNS
             | CloneFlags::CLONE_NEWPID
             | CloneFlags::CLONE_NEWIPC
-            | CloneFlags::CLONE_NEWUTS,
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWCGROUP,
     )
     .map_err(sys(format!("setns(pidfd of {})", init.shim_pid)))?;
     drop(init);
@@ -2247,6 +2250,12 @@ fn confine(
     filter: &[seccompiler::sock_filter],
     report: &mut Report,
 ) -> Result<Command, LaunchError> {
+    // In the engine's cgroup by now (the move, or its own join): a cgroup
+    // namespace rooted there, so the engine reads its cgroup as "/" and
+    // not the node's hierarchy (the agent's unit, the tenant's subtree,
+    // the other engines' names under it), as container runtimes do on
+    // cgroup v2.
+    unshare(CloneFlags::CLONE_NEWCGROUP).map_err(sys("unshare(CLONE_NEWCGROUP)"))?;
     finish_root(spec, secrets)?;
     nix::unistd::sethostname(&spec.name).map_err(sys("sethostname"))?;
     thp_as_node();

@@ -372,6 +372,9 @@ fn confined_engine(warm_in: Option<PathBuf>) {
     // Pid 2 of its own pid namespace: the shim is 1, and has no other
     // task (no signal thread); its own hostname (uts namespace).
     assert_eq!(field(&out, "pid"), "2");
+    // Its own cgroup namespace, rooted at its cgroup: no path of the
+    // node's hierarchy.
+    assert_eq!(field(&out, "cgroup_path"), "0::/");
     // The shim handles the signals it forwards; the engine starts with
     // none blocked. (What it ignores is its own: this probe is a Rust
     // program, whose runtime ignores SIGPIPE.)
@@ -718,9 +721,16 @@ fn real_exec_probe() -> Outcome {
             .to_string_lossy()
             .into_owned()
     };
-    for kind in ["mnt", "pid", "ipc", "uts"] {
+    for kind in ["mnt", "pid", "ipc", "uts", "cgroup"] {
         assert_eq!(field(&out, kind), ns(kind), "{kind} namespace");
+        let host = fs::read_link(format!("/proc/self/ns/{kind}")).unwrap();
+        assert_ne!(
+            field(&out, kind),
+            host.to_string_lossy(),
+            "{kind}: the host's"
+        );
     }
+    assert_eq!(field(&out, "cgroup_path"), "0::/");
     let id = format!("{ENGINE_UID},{ENGINE_UID},{ENGINE_UID}");
     assert_eq!(field(&out, "uid"), id);
     assert_eq!(field(&out, "NoNewPrivs"), "1");
@@ -2061,11 +2071,12 @@ fn in_engine(out: &str) -> i32 {
         let v = status_field(&status, key);
         text += &format!("{key}={v}\n");
     }
-    for kind in ["mnt", "pid", "ipc", "uts"] {
+    for kind in ["mnt", "pid", "ipc", "uts", "cgroup"] {
         let link = fs::read_link(format!("/proc/self/ns/{kind}"))
             .map_or_else(|e| e.to_string(), |l| l.to_string_lossy().into_owned());
         text += &format!("{kind}={link}\n");
     }
+    text += &format!("cgroup_path={}\n", unified_cgroup());
     let host = nix::unistd::gethostname().unwrap_or_default();
     text += &format!("hostname={}\n", host.to_string_lossy());
     text += &format!(
@@ -2079,6 +2090,17 @@ fn in_engine(out: &str) -> i32 {
             1
         }
     }
+}
+
+/// The cgroup v2 line of /proc/self/cgroup ("0::PATH"), as this process's
+/// cgroup namespace shows it.
+fn unified_cgroup() -> String {
+    fs::read_to_string("/proc/self/cgroup")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("0::"))
+        .unwrap_or("none")
+        .to_owned()
 }
 
 fn probe(args: &[String]) -> i32 {
@@ -2105,6 +2127,7 @@ fn probe(args: &[String]) -> i32 {
         println!("{key}={v}");
     }
     println!("pid={}", std::process::id());
+    println!("cgroup_path={}", unified_cgroup());
     println!(
         "thp_disable={}",
         nix::sys::prctl::get_thp_disable().map_or_else(|e| e.to_string(), |d| d.to_string())

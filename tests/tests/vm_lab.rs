@@ -2303,6 +2303,7 @@ fn engines_on_the_node(vm: &mut Vm) {
          t mknod-tpm /bin/busybox mknod /tmp/tpm c 10 224; \
          t bus /usr/bin/dbus-send --system --print-reply --dest=org.leasehold.Agent1 /org/leasehold/Agent1 org.leasehold.Landlord1.NodeInfo; \
          t bus-tenant /usr/bin/dbus-send --system --print-reply --dest=org.leasehold.Agent1 /org/leasehold/Agent1 org.leasehold.Tenant1.NodeInfo; \
+         echo \"own cgroup: $(/bin/busybox cat /proc/self/cgroup)\"; \
          echo probes done; exec /bin/busybox sleep 600",
         "[restart]\npolicy = \"never\"\n",
     );
@@ -2334,7 +2335,13 @@ fn engines_on_the_node(vm: &mut Vm) {
     ] {
         assert!(logs.contains(&format!("denied {n}:")), "{n}: {logs}");
     }
-    vm.step("engines: escape attempts denied");
+    // Its own cgroup namespace: its cgroup is "/", no path of the node's.
+    assert!(
+        logs.lines()
+            .any(|l| l.trim_end().ends_with("own cgroup: 0::/")),
+        "{logs}"
+    );
+    vm.step("engines: escape attempts denied; the engine's cgroup namespace");
 
     // A link an engine plants in its own data dir, then a reload naming a
     // data dir through it: refused (before 2026-12-06 the agent chowned
