@@ -293,7 +293,7 @@ fn ssh_peers() -> Vec<IpAddr> {
 /// the agent cannot read could lift someone's boundary (fail closed).
 fn foreign_table() -> bool {
     let engine_chain = |c: &str| {
-        c == "engines_out"
+        ["engines_out", "engines_sub", "engines_in", "engines_node"].contains(&c)
             || c.strip_prefix("engine")
                 .is_some_and(|k| !k.is_empty() && k.bytes().all(|b| b.is_ascii_digit()))
     };
@@ -1544,6 +1544,81 @@ mod tests {
         .unwrap();
     }
 
+    /// The node guard through the boundary owner: the first engine of a
+    /// subtree puts it in the table (with no node boundary: the engines'
+    /// chains alone); another engine with the guard alone changes nothing
+    /// in the kernel (the same table: the enforcer sends nothing, and the
+    /// rules' handles stay); an engine with
+    /// egress adds its chain; the guard goes with the last engine of its
+    /// subtree, and the table with it when no boundary is set.
+    #[test]
+    #[ignore = "needs root: a network namespace, nftables and cgroup v2"]
+    fn real_node_guard_goes_in_once_per_subtree() {
+        let mount = PathBuf::from(
+            std::fs::read_to_string("/proc/self/mounts")
+                .unwrap()
+                .lines()
+                .find_map(|l| {
+                    let f: Vec<&str> = l.split_whitespace().collect();
+                    (f.get(2) == Some(&"cgroup2")).then(|| f[1].to_owned())
+                })
+                .expect("a cgroup2 hierarchy"),
+        );
+        let base = mount.join(format!("lh-agent-guard-{}", std::process::id()));
+        let tenant = base.join("tenant");
+        let dirs = ["web", "db", "api"].map(|n| tenant.join(n));
+        for d in &dirs {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let (ds, m) = (dirs.clone(), mount.clone());
+        let r = std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+            let dir = tempfile::tempdir().unwrap();
+            let b = Boundaries::load(dir.path()).unwrap();
+            let guard = |n: &str, d: &Path| EngineEgress::guard_only(n, &m, d).unwrap();
+            // With handles: a table applied again has new ones.
+            let listed = || {
+                let o = std::process::Command::new("nft")
+                    .args(["-a", "list", "table", "inet", "leasehold"])
+                    .output()
+                    .unwrap();
+                String::from_utf8_lossy(&o.stdout).into_owned()
+            };
+            b.set_engine_egress("web", Some(guard("web", &ds[0])))
+                .unwrap();
+            let first = listed();
+            assert!(first.contains("jump engines_node"), "{first}");
+            assert!(!first.contains("chain landlord"), "{first}");
+            assert_eq!(b.check_and_restore(), None, "reads back clean");
+            b.set_engine_egress("db", Some(guard("db", &ds[1]))).unwrap();
+            assert_eq!(listed(), first, "the same subtree: nothing applied");
+            let egress = leasehold_netpolicy::BoundaryDoc::from_toml(
+                "action = \"drop\"\n[[allow]]\nname = \"db\"\npeers = [\"10.1.2.3\"]\ndirection = \"out\"\n",
+            )
+            .unwrap()
+            .validate(false)
+            .unwrap();
+            let api = EngineEgress::new("api", &m, &ds[2], egress).unwrap();
+            b.set_engine_egress("api", Some(api)).unwrap();
+            assert!(listed().contains("jump engine0"), "{}", listed());
+            b.set_engine_egress("api", None).unwrap();
+            let back = listed();
+            assert!(!back.contains("jump engine0"), "{back}");
+            b.set_engine_egress("db", None).unwrap();
+            assert_eq!(listed(), back, "web still guards the subtree");
+            assert_eq!(b.check_and_restore(), None);
+            b.set_engine_egress("web", None).unwrap();
+            assert_eq!(listed(), "", "no boundary, no engine: no table");
+        })
+        .join();
+        for d in dirs.iter().rev() {
+            let _ = std::fs::remove_dir(d);
+        }
+        let _ = std::fs::remove_dir(&tenant);
+        let _ = std::fs::remove_dir(&base);
+        r.unwrap();
+    }
+
     #[test]
     #[ignore = "needs root: a network namespace, nftables and cgroup v2"]
     fn real_engine_egress_goes_in_and_out_with_the_table() {
@@ -1589,8 +1664,10 @@ mod tests {
             assert!(table().contains("jump engine0"), "kept through a change");
             b.set_engine_egress("web", Some(e)).unwrap();
             b.set_engine_egress("web", None).unwrap();
-            // Gone but the engines' deny counter, declared in every table.
-            let bare = table().replace("deny_engines_out", "");
+            // Gone but the engines' deny counters, declared in every table.
+            let bare = table()
+                .replace("deny_engines_out", "")
+                .replace("deny_engines_node", "");
             assert!(!bare.contains("engine"), "{bare}");
             assert!(table().contains("landlord_out"));
             assert_eq!(b.check_and_restore(), None);

@@ -238,16 +238,18 @@ fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> Ru
 // ---------------------------------------------------------------------------
 // What is injected.
 
-/// Where an engine's egress rules go: the boundary owner, the one writer
-/// of the agent's nftables table (docs/engines.md, "Egress").
+/// Where an engine's rules go: the boundary owner, the one writer of the
+/// agent's nftables table (docs/engines.md, "Egress"; docs/netpolicy.md,
+/// "The node guard").
 pub trait EgressRules: Send + Sync + 'static {
-    /// Installs (`Some((cgroup directory, egress boundary))`) or removes
-    /// (`None`) engine `engine`'s rules; "already so" is success.
-    fn set(&self, engine: &str, rules: Option<(PathBuf, Boundary)>) -> Result<(), String>;
+    /// Installs (`Some((cgroup directory, egress boundary))`: the node
+    /// guard, and the egress if any) or removes (`None`) engine `engine`'s
+    /// rules; "already so" is success.
+    fn set(&self, engine: &str, rules: Option<(PathBuf, Option<Boundary>)>) -> Result<(), String>;
 }
 
 impl EgressRules for crate::boundary::Boundaries {
-    fn set(&self, engine: &str, rules: Option<(PathBuf, Boundary)>) -> Result<(), String> {
+    fn set(&self, engine: &str, rules: Option<(PathBuf, Option<Boundary>)>) -> Result<(), String> {
         let rules = match rules {
             None => None,
             Some((dir, b)) => Some(egress_rules(engine, &dir, b)?),
@@ -258,11 +260,15 @@ impl EgressRules for crate::boundary::Boundaries {
 }
 
 /// Engine `engine`'s rules for nft: its cgroup directory `dir` on the
-/// cgroup2 mount holding it.
-fn egress_rules(engine: &str, dir: &Path, b: Boundary) -> Result<EngineEgress, String> {
+/// cgroup2 mount holding it; the node guard, and its egress if any.
+fn egress_rules(engine: &str, dir: &Path, b: Option<Boundary>) -> Result<EngineEgress, String> {
     let mount = cgroup2_mount_of(dir)
         .ok_or_else(|| format!("{} is not on a cgroup2 mount", dir.display()))?;
-    EngineEgress::new(engine, &mount, dir, b).map_err(|e| e.to_string())
+    match b {
+        Some(b) => EngineEgress::new(engine, &mount, dir, b),
+        None => EngineEgress::guard_only(engine, &mount, dir),
+    }
+    .map_err(|e| e.to_string())
 }
 
 /// Most bytes of `engines.json` read at start for the egress rules
@@ -292,12 +298,13 @@ pub fn recorded_egress(cgroup_root: &Path, subtree: &str, state_dir: &Path) -> V
 }
 
 /// [`recorded_egress`] before the rules are made: (engine, its cgroup
-/// directory, its egress boundary).
+/// directory, its egress boundary if any: every engine gets the node
+/// guard).
 fn recorded_egress_dirs(
     cgroup_root: &Path,
     subtree: &str,
     state_dir: &Path,
-) -> Vec<(String, PathBuf, Boundary)> {
+) -> Vec<(String, PathBuf, Option<Boundary>)> {
     let path = state_dir.join(STATE_FILE);
     let read = std::fs::File::open(&path).and_then(|f| {
         let mut buf = Vec::new();
@@ -329,15 +336,16 @@ fn recorded_egress_dirs(
     let mut out = Vec::new();
     for r in state.engines.iter().filter(|r| !r.instances.is_empty()) {
         let b = match Spec::from_stored_json(&r.current.spec).map(|s| s.egress_boundary()) {
-            Ok(Ok(Some(b))) => b,
-            Ok(Ok(None)) => continue,
+            Ok(Ok(b)) => b,
+            // Its egress cannot be made: the guard at least (the runtime
+            // refuses the instance when it re-adopts it without its egress).
             Ok(Err(e)) => {
                 tracing::error!(engine = r.name, error = %e, "recorded egress not preloaded");
-                continue;
+                None
             }
             Err(e) => {
                 tracing::error!(engine = r.name, error = %e, "recorded spec not preloaded");
-                continue;
+                None
             }
         };
         let Ok(cg) = sub.child(&r.name) else {
@@ -352,17 +360,18 @@ fn recorded_egress_dirs(
     out
 }
 
-/// No boundary owner: an engine with egress cannot be confined, so it is
-/// refused (fails closed); removing is trivially done.
+/// No boundary owner (tests of other things): an engine with egress
+/// cannot be confined, so it is refused (fails closed); the node guard
+/// alone is taken as done, and removing is trivially done.
 #[cfg(test)]
 #[derive(Debug, Clone, Copy)]
 pub struct NoEgress;
 
 #[cfg(test)]
 impl EgressRules for NoEgress {
-    fn set(&self, _engine: &str, rules: Option<(PathBuf, Boundary)>) -> Result<(), String> {
+    fn set(&self, _engine: &str, rules: Option<(PathBuf, Option<Boundary>)>) -> Result<(), String> {
         match rules {
-            None => Ok(()),
+            None | Some((_, None)) => Ok(()),
             Some(_) => Err("no boundary owner to enforce the egress in".into()),
         }
     }
@@ -2422,8 +2431,9 @@ impl Runtime {
         Ok(status_of(self.get(name)?))
     }
 
-    /// Installs the egress rules of engine `name` for its spec (JSON)
-    /// matching its cgroup `ecg`, or removes them when the spec has none.
+    /// Installs the rules of engine `name` for its spec (JSON) matching
+    /// its cgroup `ecg`: the node guard, and its egress if the spec has
+    /// one.
     fn install_egress(
         &self,
         name: &str,
@@ -2435,11 +2445,10 @@ impl Runtime {
             reason,
         };
         let spec = Spec::from_stored_json(spec_json).map_err(|e| err(format!("spec: {e}")))?;
-        let rules = spec
-            .egress_boundary()
-            .map_err(|e| err(e.to_string()))?
-            .map(|b| (self.cgroups.dir(ecg), b));
-        self.egress.set(name, rules).map_err(err)
+        let b = spec.egress_boundary().map_err(|e| err(e.to_string()))?;
+        self.egress
+            .set(name, Some((self.cgroups.dir(ecg), b)))
+            .map_err(err)
     }
 
     fn rm(&mut self, name: &str) -> Result<(), RuntimeError> {

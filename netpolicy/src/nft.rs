@@ -31,12 +31,13 @@ pub const TABLE: &str = "leasehold";
 /// The classes of the table's deny rules, each counted by a named counter
 /// object `deny_<class>` (docs/netpolicy.md "Deny counters"): the last rule
 /// of each base chain of both levels, the engines' chains together (no
-/// engine is told apart), router control, and DHCP replies from anyone but
+/// engine is told apart), engines' connections to the node's own
+/// services (`engines_node`), router control, and DHCP replies from anyone but
 /// the cluster boundary's `dhcp_servers` (input and ingress chains
 /// together). A fixed set: every table
 /// declares all of them, so a reader finds each, 0 included, and reads
 /// them without listing rules or set elements.
-pub const DENY_CLASSES: [&str; 11] = [
+pub const DENY_CLASSES: [&str; 12] = [
     "landlord_in",
     "landlord_out",
     "landlord_fwd_in",
@@ -46,6 +47,7 @@ pub const DENY_CLASSES: [&str; 11] = [
     "tenant_fwd_in",
     "tenant_fwd_out",
     "engines_out",
+    "engines_node",
     "router",
     "dhcp",
 ];
@@ -186,8 +188,14 @@ pub const ENGINES_MAX: usize = 256;
 /// Where nft resolves a `socket cgroupv2` path (fixed in nft 1.0.6).
 pub const CGROUP2_BASE: &str = "/sys/fs/cgroup";
 
-/// An engine's egress boundary, enforced on the packets of sockets in its
-/// cgroup (the engines share the node's network namespace). nft turns the
+/// The bit of the conntrack mark that says a connection over `lo` was
+/// opened by an engine (set in `engines_out`, read in `engines_in`).
+pub const ENGINE_LO_MARK: u32 = 0x1000_0000;
+
+/// An engine's rules, enforced on the packets of sockets in its cgroup
+/// (the engines share the node's network namespace): the node guard
+/// (every engine: its connections to the node's own addresses reach only
+/// engines' sockets) and, if it has one, its egress boundary. nft turns the
 /// path into the cgroup's id when the table is loaded, so the directory
 /// must exist then, and a cgroup made again under the same name is a new
 /// id: the agent keeps the engine's cgroup for as long as the rules name
@@ -202,8 +210,9 @@ pub struct EngineEgress {
     /// root): the rule matches a socket whose cgroup has this ancestor at
     /// that level, so every instance below the engine's cgroup is covered.
     pub level: u32,
-    /// The engine's egress boundary (its outbound entries are enforced).
-    pub boundary: Boundary,
+    /// The engine's egress boundary (its outbound entries are enforced);
+    /// `None`: the node guard only.
+    pub boundary: Option<Boundary>,
 }
 
 /// Why an [`EngineEgress`] cannot be made.
@@ -224,12 +233,42 @@ pub enum EgressError {
 impl EngineEgress {
     /// The rules for engine `name` whose cgroup is the directory `dir` of
     /// the cgroup v2 mount `mount` (nft reads paths below [`CGROUP2_BASE`],
-    /// so `dir` must be there; `mount` gives the level).
+    /// so `dir` must be there; `mount` gives the level): the node guard
+    /// and the egress `boundary`.
     pub fn new(
         name: &str,
         mount: &std::path::Path,
         dir: &std::path::Path,
         boundary: Boundary,
+    ) -> Result<EngineEgress, EgressError> {
+        EngineEgress::with(name, mount, dir, Some(boundary))
+    }
+
+    /// [`EngineEgress::new`] for an engine without an egress boundary:
+    /// the node guard only.
+    pub fn guard_only(
+        name: &str,
+        mount: &std::path::Path,
+        dir: &std::path::Path,
+    ) -> Result<EngineEgress, EgressError> {
+        EngineEgress::with(name, mount, dir, None)
+    }
+
+    /// The tenant's subtree holding the engine's cgroup (its parent):
+    /// `(level, path)` as nft names it.
+    pub fn subtree(&self) -> (u32, String) {
+        let parent = self
+            .cgroup
+            .rsplit_once('/')
+            .map_or(String::new(), |(p, _)| p.to_owned());
+        (self.level.saturating_sub(1), parent)
+    }
+
+    fn with(
+        name: &str,
+        mount: &std::path::Path,
+        dir: &std::path::Path,
+        boundary: Option<Boundary>,
     ) -> Result<EngineEgress, EgressError> {
         let bad = |reason| EgressError::Cgroup {
             engine: name.to_owned(),
@@ -261,6 +300,13 @@ impl EngineEgress {
         }
         if depth == 0 {
             return Err(bad("the root of the hierarchy is every process"));
+        }
+        // The node guard matches the engines' parent (the tenant's
+        // subtree): the root would be every process.
+        if depth == 1 {
+            return Err(bad(
+                "its parent is the root of the hierarchy (every process), not a subtree of engines",
+            ));
         }
         // The name goes into rule comments (nft: 128 bytes, quoted).
         if name.is_empty()
@@ -754,21 +800,53 @@ fn level(
     }
 }
 
-/// The engines' egress (see [`Ruleset::build_with`]): one output chain at
-/// priority -3 (after the landlord's and the tenant's) sends the packets
-/// of each engine's sockets, matched by cgroup, to the engine's own chain,
-/// which accepts what the engine's outbound entries allow and ends with the
-/// engine boundary's action, counted. Packets without a socket (the
-/// kernel's own, neighbour discovery) and other processes pass this chain.
+/// The engines' rules (see [`Ruleset::build_with`]).
+///
+/// Output, chain `engines_out` at priority -3 (after the landlord's and
+/// the tenant's, so a packet must pass all three): replies pass; a packet
+/// of a socket in the tenant's subtree (one socket lookup; every other
+/// process's packets pass) goes to `engines_sub`, where a new connection
+/// over `lo` (to any of the node's own addresses) is marked in conntrack
+/// ([`ENGINE_LO_MARK`]) and passes (an untracked one, which could not be
+/// checked at input, is dropped), and the rest goes to the engine's own
+/// chain if it has an egress boundary: what its outbound entries allow
+/// passes, the rest meets its action, counted.
+///
+/// Input, chain `engines_in` (priority -3): a new connection over `lo`
+/// marked as an engine's reaches only a socket in the tenant's subtree
+/// (itself, another engine); a service of the node (sshd, the agent's
+/// metrics, a resolver on 127.0.0.53) is refused and counted
+/// (`deny_engines_node`). Packets without a socket (the kernel's own,
+/// neighbour discovery) pass both.
 fn engines(out: &mut String, sets: &mut BTreeMap<String, SetDef>, es: &[EngineEgress]) {
     if es.is_empty() {
         return;
     }
+    let subtrees: BTreeSet<(u32, String)> = es.iter().map(EngineEgress::subtree).collect();
     let _ = writeln!(
         out,
-        "  chain engines_out {{\n    type filter hook output priority -3; policy accept;\n    ct state established,related accept\n    oif \"lo\" accept"
+        "  chain engines_out {{\n    type filter hook output priority -3; policy accept;\n    ct state established,related accept"
     );
-    for (k, e) in es.iter().enumerate() {
+    for (level, path) in &subtrees {
+        let _ = writeln!(
+            out,
+            "    socket cgroupv2 level {level} \"{path}\" jump engines_sub comment \"the tenant's engines\""
+        );
+    }
+    out.push_str("  }\n");
+    let _ = writeln!(
+        out,
+        "  chain engines_sub {{\n    oif \"lo\" ct state new ct mark set ct mark or {ENGINE_LO_MARK:#010x} accept comment \"to the node: checked at input\"\n    oif \"lo\" ct state untracked {} drop comment \"leasehold: an engine's untracked packet to the node denied\"\n    oif \"lo\" accept",
+        deny_counter("engines_node")
+    );
+    // Numbered among the engines with egress only: an engine with the
+    // guard alone changes no other engine's chain (nor the table, when its
+    // subtree is already guarded).
+    let egress: Vec<(&EngineEgress, &Boundary)> = es
+        .iter()
+        .filter_map(|e| Some((e, e.boundary.as_ref()?)))
+        .collect();
+    for (k, (e, _)) in egress.iter().enumerate() {
         let _ = writeln!(
             out,
             "    socket cgroupv2 level {} \"{}\" jump engine{k} comment \"engine {}\"",
@@ -776,8 +854,25 @@ fn engines(out: &mut String, sets: &mut BTreeMap<String, SetDef>, es: &[EngineEg
         );
     }
     out.push_str("  }\n");
-    for (k, e) in es.iter().enumerate() {
-        let allow = groups(sets, &format!("e{k}a"), &e.boundary.allow);
+    let _ = writeln!(
+        out,
+        "  chain engines_in {{\n    type filter hook input priority -3; policy accept;\n    iif \"lo\" ct state new ct mark and {ENGINE_LO_MARK:#010x} == {ENGINE_LO_MARK:#010x} jump engines_node\n  }}"
+    );
+    let _ = writeln!(out, "  chain engines_node {{");
+    for (level, path) in &subtrees {
+        let _ = writeln!(
+            out,
+            "    socket cgroupv2 level {level} \"{path}\" accept comment \"an engine's socket\""
+        );
+    }
+    let counter = deny_counter("engines_node");
+    let note = "leasehold: an engine's connection to the node denied";
+    let _ = writeln!(
+        out,
+        "    meta l4proto tcp {counter} reject with tcp reset comment \"{note}\"\n    {counter} reject with icmpx type admin-prohibited comment \"{note}\"\n  }}"
+    );
+    for (k, (e, b)) in egress.iter().enumerate() {
+        let allow = groups(sets, &format!("e{k}a"), &b.allow);
         let _ = writeln!(out, "  chain engine{k} {{");
         for g in &allow {
             group_rules(out, g, Hook::Output);
@@ -786,7 +881,7 @@ fn engines(out: &mut String, sets: &mut BTreeMap<String, SetDef>, es: &[EngineEg
         // One counter for every engine: the landlord reads it, and which
         // engine is denied what is the tenant's business.
         let counter = deny_counter("engines_out");
-        let last = match e.boundary.action {
+        let last = match b.action {
             Action::Drop => format!("{counter} drop comment \"{note}\""),
             Action::Reject => format!(
                 "meta l4proto tcp {counter} reject with tcp reset comment \"{note}\"\n    {counter} reject with icmpx type admin-prohibited comment \"{note}\""
@@ -1615,7 +1710,33 @@ mod tests {
             ),
             "{text}"
         );
+        // One lookup for the tenant's subtree in the output chain; the
+        // engine's own jump behind it.
+        assert!(text.contains("socket cgroupv2 level 2 \"leasehold.slice/tenant\" jump engines_sub comment \"the tenant's engines\""), "{text}");
         assert!(text.contains("socket cgroupv2 level 3 \"leasehold.slice/tenant/web\" jump engine0 comment \"engine web\""), "{text}");
+        // The node guard: marked at output, checked at input.
+        assert!(
+            text.contains("oif \"lo\" ct state new ct mark set ct mark or 0x10000000 accept"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "chain engines_in {\n    type filter hook input priority -3; policy accept;\n    iif \"lo\" ct state new ct mark and 0x10000000 == 0x10000000 jump engines_node"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "chain engines_node {\n    socket cgroupv2 level 2 \"leasehold.slice/tenant\" accept"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "meta l4proto tcp counter name \"deny_engines_node\" reject with tcp reset"
+            ),
+            "{text}"
+        );
         assert!(
             text.contains(
                 "ip daddr @e0a0_h4 meta l4proto tcp tcp dport { 5432 } accept comment \"db\""
@@ -1633,8 +1754,38 @@ mod tests {
             "{text}"
         );
         let counts = rs.rule_counts();
-        assert_eq!(counts.get("engines_out"), Some(&3));
+        assert_eq!(counts.get("engines_out"), Some(&2));
+        assert_eq!(counts.get("engines_sub"), Some(&4));
+        assert_eq!(counts.get("engines_in"), Some(&1));
+        assert_eq!(counts.get("engines_node"), Some(&3));
         assert_eq!(counts.get("engine0"), Some(&2));
+        // An engine without egress: the guard, no chain of its own; two
+        // engines of one subtree, one lookup.
+        let db = EngineEgress::guard_only("db", mount, &mount.join("leasehold.slice/tenant/db"))
+            .unwrap();
+        assert_eq!(db.boundary, None);
+        let both = Options {
+            engines: vec![db.clone(), opts.engines[0].clone()],
+            ..Options::default()
+        };
+        let text2 = Ruleset::build_with(&c, None, &both).full_script();
+        assert_eq!(text2.matches("jump engines_sub").count(), 1, "{text2}");
+        assert!(
+            text2.contains("jump engine0 comment \"engine web\""),
+            "{text2}"
+        );
+        assert!(!text2.contains("engine1"), "{text2}");
+        assert!(!text2.contains("engine db"), "{text2}");
+        let guard = Ruleset::engines_only(&Options {
+            engines: vec![db],
+            ..Options::default()
+        })
+        .unwrap();
+        let counts = guard.rule_counts();
+        assert_eq!(counts.get("engines_sub"), Some(&3));
+        assert_eq!(counts.get("engines_node"), Some(&3));
+        assert!(!guard.full_script().contains("chain engine0"));
+        let counts = rs.rule_counts();
         // Suffixed generations rename the engine's sets too.
         assert!(rs
             .clone()
@@ -1656,10 +1807,11 @@ mod tests {
         });
         assert_eq!(Ruleset::engines_only(&Options::default()), None);
         // Without engines nothing of this is in the table (but the
-        // engines' deny counter, declared in every table).
+        // engines' deny counters, declared in every table).
         let bare = Ruleset::build(&c, None)
             .full_script()
-            .replace("deny_engines_out", "");
+            .replace("deny_engines_out", "")
+            .replace("deny_engines_node", "");
         assert!(!bare.contains("engine"), "{bare}");
         // Paths nft cannot be given are refused by name, before any table.
         for (dir, mnt) in [
@@ -1667,6 +1819,9 @@ mod tests {
             ("/sys/fs/cgroup/a\"b/web", "/sys/fs/cgroup"),
             ("/sys/fs/cgroup/../web", "/sys/fs/cgroup"),
             ("/sys/fs/cgroup", "/sys/fs/cgroup"),
+            // Its parent would be the root: the guard would match every
+            // process.
+            ("/sys/fs/cgroup/web", "/sys/fs/cgroup"),
         ] {
             let err = EngineEgress::new(
                 "web",
@@ -1686,6 +1841,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!((e.cgroup.as_str(), e.level), ("unified/t/web", 2));
+        assert_eq!(e.subtree(), (1, "unified/t".to_owned()));
     }
 
     #[test]

@@ -2290,11 +2290,19 @@ fn engines_on_the_node(vm: &mut Vm) {
 
     // Escape attempts from inside an engine (its own uid, no capabilities,
     // its own mount namespace): each must fail. nft and dbus-send run at
-    // all (their --version), so a denial is not a missing library.
+    // all (their --version), so a denial is not a missing library. The
+    // node's own services (sshd here) are out of an engine's reach by
+    // 127.0.0.1 and by the node's address (the node guard), while its own
+    // loopback listener answers it.
+    let node_addr = vm
+        .sh("ip -4 -o addr show scope global | awk '{print $4}' | cut -d/ -f1 | head -n1")
+        .trim()
+        .to_owned();
+    assert!(!node_addr.is_empty(), "the node's address");
     let probe = engine_spec(
         &dir,
         "probe",
-        "t() { n=$1; shift; if out=$(\"$@\" 2>&1); then echo \"ESCAPED $n: $out\"; else echo \"denied $n: $(echo \"$out\" | /bin/busybox head -n1)\"; fi; }; \
+        &"t() { n=$1; shift; if out=$(\"$@\" 2>&1); then echo \"ESCAPED $n: $out\"; else echo \"denied $n: $(echo \"$out\" | /bin/busybox head -n1)\"; fi; }; \
          /usr/sbin/nft --version && /usr/bin/dbus-send --help 2>&1 | /bin/busybox head -n1; \
          t state /bin/busybox ls /var/lib/leasehold; \
          t proc1-root /bin/busybox ls /proc/1/root/var/lib/leasehold; \
@@ -2304,7 +2312,13 @@ fn engines_on_the_node(vm: &mut Vm) {
          t bus /usr/bin/dbus-send --system --print-reply --dest=org.leasehold.Agent1 /org/leasehold/Agent1 org.leasehold.Landlord1.NodeInfo; \
          t bus-tenant /usr/bin/dbus-send --system --print-reply --dest=org.leasehold.Agent1 /org/leasehold/Agent1 org.leasehold.Tenant1.NodeInfo; \
          echo \"own cgroup: $(/bin/busybox cat /proc/self/cgroup)\"; \
-         echo probes done; exec /bin/busybox sleep 600",
+         t node-ssh /bin/busybox nc -w 2 127.0.0.1 22; \
+         t node-ssh-addr /bin/busybox nc -w 2 NODE_ADDR 22; \
+         /bin/busybox nc -l -p 18090 -e /bin/busybox echo self-reached & \
+         for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do self=$(/bin/busybox nc -w 2 127.0.0.1 18090) && [ -n \"$self\" ] && break; /bin/busybox sleep 0.1; done; \
+         echo \"loopback to itself: $self\"; \
+         echo probes done; exec /bin/busybox sleep 600"
+            .replace("NODE_ADDR", &node_addr),
         "[restart]\npolicy = \"never\"\n",
     );
     vm.tenant_ok(&[
@@ -2332,16 +2346,28 @@ fn engines_on_the_node(vm: &mut Vm) {
         "mknod-tpm",
         "bus",
         "bus-tenant",
+        "node-ssh",
+        "node-ssh-addr",
     ] {
         assert!(logs.contains(&format!("denied {n}:")), "{n}: {logs}");
     }
+    // Refused at once (a reset), not left to time out.
+    assert!(
+        logs.contains(
+            "denied node-ssh: nc: can't connect to remote host (127.0.0.1): Connection refused"
+        ),
+        "{logs}"
+    );
+    assert!(logs.contains("loopback to itself: self-reached"), "{logs}");
+    let denied = vm.sh("nft list counter inet leasehold deny_engines_node");
+    assert!(!denied.contains("packets 0 "), "{denied}");
     // Its own cgroup namespace: its cgroup is "/", no path of the node's.
     assert!(
         logs.lines()
             .any(|l| l.trim_end().ends_with("own cgroup: 0::/")),
         "{logs}"
     );
-    vm.step("engines: escape attempts denied; the engine's cgroup namespace");
+    vm.step("engines: escape attempts denied (the node's sshd too); the engine's cgroup namespace");
 
     // A link an engine plants in its own data dir, then a reload naming a
     // data dir through it: refused (before 2026-12-06 the agent chowned

@@ -2471,8 +2471,9 @@ mod budget;
 mod egress;
 mod fresh_root;
 
-/// Records the egress rules asked for (and how many engines were spawned
-/// by then); refuses every install while `fail` is set.
+/// Records the rules asked for (every launch: the node guard, and the
+/// egress if any) and how many engines were spawned by then; refuses
+/// every install while `fail` is set.
 struct FakeEgress {
     sp: Arc<FakeSpawner>,
     calls: Mutex<Vec<(String, Option<PathBuf>, usize)>>,
@@ -2480,7 +2481,7 @@ struct FakeEgress {
 }
 
 impl EgressRules for FakeEgress {
-    fn set(&self, engine: &str, rules: Option<(PathBuf, Boundary)>) -> Result<(), String> {
+    fn set(&self, engine: &str, rules: Option<(PathBuf, Option<Boundary>)>) -> Result<(), String> {
         let spawned = self.sp.spawned.lock().unwrap().len();
         let dir = rules.as_ref().map(|(d, _)| d.clone());
         self.calls
@@ -2570,24 +2571,39 @@ fn a_refused_egress_install_fails_the_launch_closed() {
         ev.detail
     );
     assert!(f.sp.spawned.lock().unwrap().is_empty(), "nothing ran");
-    // Without egress in the spec the runtime asks for no rules at all.
-    let f2 = fixture(false);
-    let eg2 = Arc::new(FakeEgress {
-        sp: f2.sp.clone(),
-        calls: Mutex::default(),
-        fail: true,
-    });
-    let mut rt2 = f2.runtime_with_egress(eg2.clone());
-    rt2.deploy("web", "app.tar", &spec("command = [\"/bin/app\"]\n"))
-        .unwrap();
-    rt2.start("web").unwrap();
-    until(&rt2, "web", |s| s.phase == Phase::Ready);
-    assert!(eg2
-        .calls
-        .lock()
-        .unwrap()
-        .iter()
-        .all(|(_, d, _)| d.is_none()));
+    // Without egress in the spec the runtime still asks for the node
+    // guard (docs/netpolicy.md, "The node guard"), before the spawn; a
+    // refused guard fails the launch closed as well.
+    for fail in [true, false] {
+        let f2 = fixture(false);
+        let eg2 = Arc::new(FakeEgress {
+            sp: f2.sp.clone(),
+            calls: Mutex::default(),
+            fail,
+        });
+        let mut rt2 = f2.runtime_with_egress(eg2.clone());
+        rt2.deploy("web", "app.tar", &spec("command = [\"/bin/app\"]\n"))
+            .unwrap();
+        rt2.start("web").unwrap();
+        if fail {
+            let end = Instant::now() + Duration::from_secs(10);
+            while !rt2
+                .view()
+                .events(0, 100)
+                .iter()
+                .any(|e| e.kind == "launch-failed")
+            {
+                assert!(Instant::now() < end, "no launch-failed event");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            assert!(f2.sp.spawned.lock().unwrap().is_empty(), "nothing ran");
+        } else {
+            until(&rt2, "web", |s| s.phase == Phase::Ready);
+        }
+        let calls = eg2.calls.lock().unwrap().clone();
+        let web_dir = PathBuf::from("/fake-cgroup/leasehold/tenant/web");
+        assert_eq!(calls.first(), Some(&("web".to_owned(), Some(web_dir), 0)));
+    }
 }
 
 /// Writes `big.tar` to the inbox: an image of `files` small files

@@ -30,11 +30,11 @@ fn recorded_fixture() -> (Fix, Arc<FakeEgress>) {
 }
 
 /// What goes into the first table at start: the engines recorded with
-/// instances whose spec has `egress` and whose cgroup is still there;
-/// not a stopped one, not one without egress, not one whose cgroup is
-/// gone (a node reboot: nothing runs, and nft could not name it).
+/// instances whose cgroup is still there (the node guard for each, and the
+/// egress of those that have one); not a stopped one, not one whose cgroup
+/// is gone (a node reboot: nothing runs, and nft could not name it).
 #[test]
-fn recorded_egress_is_the_running_engines_with_egress() {
+fn recorded_egress_is_every_running_engine_s_guard_and_egress() {
     let (f, _) = recorded_fixture();
     let root = f.tmp.path().join("cgroup");
     let (sub, state) = (f.cfg.subtree.as_str(), f.cfg.state_dir.as_path());
@@ -50,9 +50,17 @@ fn recorded_egress_is_the_running_engines_with_egress() {
         got.iter()
             .map(|(n, d, _)| (n.as_str(), d.clone()))
             .collect::<Vec<_>>(),
-        [("web", root.join("leasehold/tenant/web"))]
+        [
+            ("plain", root.join("leasehold/tenant/plain")),
+            ("web", root.join("leasehold/tenant/web"))
+        ]
     );
-    assert_eq!(got[0].2.allow.len(), 1, "the spec's egress boundary");
+    assert!(got[0].2.is_none(), "the node guard alone");
+    assert_eq!(
+        got[1].2.as_ref().map(|b| b.allow.len()),
+        Some(1),
+        "the spec's egress boundary"
+    );
     // Not on a cgroup2 mount: nft could not name it; left out, logged.
     assert!(recorded_egress(&root, sub, state).is_empty());
     // A damaged state file preloads nothing (the runtime refuses it).
