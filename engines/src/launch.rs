@@ -1579,6 +1579,12 @@ impl ShimSignals {
 /// Entry point of the shim binary: `shim [--launcher-joins [--secrets-after-join]] RUN_DIR`. Returns the process
 /// exit code: the engine's (128 + signal if killed), or [`CONFINE_FAILED`].
 pub fn shim_main(args: &[OsString]) -> i32 {
+    // First of all, in every mode: no core dump of the shim (it holds the
+    // engine's secrets for a moment) or of anything it starts.
+    if let Err(e) = no_core_dumps() {
+        eprintln!("leasehold-engine-shim: {e}");
+        return CONFINE_FAILED;
+    }
     if args.get(1).is_some_and(|a| a == "--probe") {
         return match probe_main(&args[2..]) {
             Ok(code) => code,
@@ -1605,6 +1611,28 @@ pub fn shim_main(args: &[OsString]) -> i32 {
         }
     };
     serve(Path::new(run_dir), join, Prepared::now())
+}
+
+/// RLIMIT_CORE 0, soft and hard, inherited by the engine (which, without
+/// CAP_SYS_RESOURCE, cannot raise it). A node's `core_pattern` is the
+/// landlord's: a pipe to systemd-coredump would store an engine's memory —
+/// the tenant's data, its secrets — on the node's disk, outside the
+/// encrypted volume. The kernel runs a pipe whatever the limit, but
+/// systemd-coredump stores nothing for a limit below a page, and a file
+/// pattern writes nothing at 0.
+fn no_core_dumps() -> Result<(), LaunchError> {
+    use rustix::process::{setrlimit, Resource, Rlimit};
+    setrlimit(
+        Resource::Core,
+        Rlimit {
+            current: Some(0),
+            maximum: Some(0),
+        },
+    )
+    .map_err(|e| LaunchError::Sys {
+        step: "setrlimit(RLIMIT_CORE, 0)".into(),
+        source: nix::Error::from_raw(e.raw_os_error()),
+    })
 }
 
 /// `shim --warm`: what needs no run directory, then waits on stdin (a

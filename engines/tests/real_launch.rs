@@ -375,6 +375,9 @@ fn confined_engine(warm_in: Option<PathBuf>) {
     // Its own cgroup namespace, rooted at its cgroup: no path of the
     // node's hierarchy.
     assert_eq!(field(&out, "cgroup_path"), "0::/");
+    // No core dump (the node's core_pattern is the landlord's), and no
+    // way to raise the limit.
+    assert_eq!(field(&out, "core_limit"), "0,0");
     // The shim handles the signals it forwards; the engine starts with
     // none blocked. (What it ignores is its own: this probe is a Rust
     // program, whose runtime ignores SIGPIPE.)
@@ -731,6 +734,9 @@ fn real_exec_probe() -> Outcome {
         );
     }
     assert_eq!(field(&out, "cgroup_path"), "0::/");
+    // No core dump (the node's core_pattern is the landlord's), and no
+    // way to raise the limit.
+    assert_eq!(field(&out, "core_limit"), "0,0");
     let id = format!("{ENGINE_UID},{ENGINE_UID},{ENGINE_UID}");
     assert_eq!(field(&out, "uid"), id);
     assert_eq!(field(&out, "NoNewPrivs"), "1");
@@ -2077,6 +2083,7 @@ fn in_engine(out: &str) -> i32 {
         text += &format!("{kind}={link}\n");
     }
     text += &format!("cgroup_path={}\n", unified_cgroup());
+    text += &format!("core_limit={}\n", core_limit());
     let host = nix::unistd::gethostname().unwrap_or_default();
     text += &format!("hostname={}\n", host.to_string_lossy());
     text += &format!(
@@ -2101,6 +2108,19 @@ fn unified_cgroup() -> String {
         .find(|l| l.starts_with("0::"))
         .unwrap_or("none")
         .to_owned()
+}
+
+/// "SOFT,HARD" of "Max core file size" in /proc/self/limits.
+fn core_limit() -> String {
+    fs::read_to_string("/proc/self/limits")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            let rest = l.strip_prefix("Max core file size")?;
+            let v: Vec<&str> = rest.split_whitespace().collect();
+            Some(format!("{},{}", v.first()?, v.get(1)?))
+        })
+        .unwrap_or_else(|| "none".into())
 }
 
 fn probe(args: &[String]) -> i32 {
@@ -2128,6 +2148,7 @@ fn probe(args: &[String]) -> i32 {
     }
     println!("pid={}", std::process::id());
     println!("cgroup_path={}", unified_cgroup());
+    println!("core_limit={}", core_limit());
     println!(
         "thp_disable={}",
         nix::sys::prctl::get_thp_disable().map_or_else(|e| e.to_string(), |d| d.to_string())

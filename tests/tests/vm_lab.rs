@@ -764,10 +764,18 @@ fn favordynmods_drop_in(vm: &mut Vm) {
         ]);
         vm.tenant_ok(&["engine", "start", "rt-fdm"]);
         vm.engine_logs_until("rt-fdm", "fdm up");
+        // In its cgroup under the remounted hierarchy, as the node sees it
+        // (the engine itself reads "/": its own cgroup namespace).
         let logs = vm.engine_logs("rt-fdm");
         assert!(
-            logs.contains("cg 0::/system.slice/leasehold-engines.service/tenant/rt-fdm"),
+            logs.lines().any(|l| l.trim_end().ends_with(" cg 0::/")),
             "{logs}"
+        );
+        let pid = vm.engine_status("rt-fdm")["pid"].as_u64().unwrap();
+        let seen = vm.sh(&format!("cat /proc/{pid}/cgroup"));
+        assert!(
+            seen.contains("0::/system.slice/leasehold-engines.service/tenant/rt-fdm/"),
+            "{seen}"
         );
     }));
     // Whatever happened above: no engine, no drop-in, the option off (a
@@ -2312,6 +2320,7 @@ fn engines_on_the_node(vm: &mut Vm) {
          t bus /usr/bin/dbus-send --system --print-reply --dest=org.leasehold.Agent1 /org/leasehold/Agent1 org.leasehold.Landlord1.NodeInfo; \
          t bus-tenant /usr/bin/dbus-send --system --print-reply --dest=org.leasehold.Agent1 /org/leasehold/Agent1 org.leasehold.Tenant1.NodeInfo; \
          echo \"own cgroup: $(/bin/busybox cat /proc/self/cgroup)\"; \
+         echo \"core limit: $(ulimit -c) $(ulimit -H -c)\"; \
          t node-ssh /bin/busybox nc -w 2 127.0.0.1 22; \
          t node-ssh-addr /bin/busybox nc -w 2 NODE_ADDR 22; \
          /bin/busybox nc -l -p 18090 -e /bin/busybox echo self-reached & \
@@ -2361,6 +2370,8 @@ fn engines_on_the_node(vm: &mut Vm) {
     assert!(logs.contains("loopback to itself: self-reached"), "{logs}");
     let denied = vm.sh("nft list counter inet leasehold deny_engines_node");
     assert!(!denied.contains("packets 0 "), "{denied}");
+    // No core dump to the node's core_pattern, and no raising the limit.
+    assert!(logs.contains("core limit: 0 0"), "{logs}");
     // Its own cgroup namespace: its cgroup is "/", no path of the node's.
     assert!(
         logs.lines()
