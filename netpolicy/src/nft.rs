@@ -803,29 +803,36 @@ fn level(
 /// The engines' rules (see [`Ruleset::build_with`]).
 ///
 /// Output, chain `engines_out` at priority -3 (after the landlord's and
-/// the tenant's, so a packet must pass all three): replies pass; a packet
-/// of a socket in the tenant's subtree (one socket lookup; every other
-/// process's packets pass) goes to `engines_sub`, where a new connection
-/// over `lo` (to any of the node's own addresses) is marked in conntrack
-/// ([`ENGINE_LO_MARK`]) and passes (an untracked one, which could not be
-/// checked at input, is dropped), and the rest goes to the engine's own
-/// chain if it has an egress boundary: what its outbound entries allow
-/// passes, the rest meets its action, counted.
+/// the tenant's, so a packet must pass all three): a packet of a socket in
+/// the tenant's subtree goes to `engines_sub` (one socket lookup; every
+/// other process's packets pass, and a new flow of theirs over `lo` has
+/// the engine bit cleared: a stale entry an engine left on the same tuple
+/// must not get a node's own packet refused at input). In `engines_sub`
+/// every new flow of an engine is marked in conntrack ([`ENGINE_LO_MARK`]),
+/// so what reaches the node's own sockets (over `lo`, or as the local copy
+/// of a broadcast or multicast) is checked at input; over `lo`, a packet
+/// in the original direction of a flow the engine did not open (a host
+/// flow's tuple reused) and an untracked one are dropped, the rest passes;
+/// elsewhere replies pass and the rest goes to the engine's own chain if
+/// it has an egress boundary: what its outbound entries allow passes, the
+/// rest meets its action, counted.
 ///
-/// Input, chain `engines_in` (priority -3): a new connection over `lo`
-/// marked as an engine's reaches only a socket in the tenant's subtree
-/// (itself, another engine); a service of the node (sshd, the agent's
-/// metrics, a resolver on 127.0.0.53) is refused and counted
-/// (`deny_engines_node`). Packets without a socket (the kernel's own,
-/// neighbour discovery) pass both.
+/// Input, chain `engines_in` (priority -3): a new flow with the engine bit
+/// reaches only a socket in the tenant's subtree (itself, another engine);
+/// a service of the node (sshd, the agent's metrics, a resolver on
+/// 127.0.0.53) is refused and counted (`deny_engines_node`). Packets
+/// without a socket (the kernel's own, neighbour discovery) pass both.
 fn engines(out: &mut String, sets: &mut BTreeMap<String, SetDef>, es: &[EngineEgress]) {
     if es.is_empty() {
         return;
     }
     let subtrees: BTreeSet<(u32, String)> = es.iter().map(EngineEgress::subtree).collect();
+    let m = format!("{ENGINE_LO_MARK:#010x}");
+    let clear = format!("{:#010x}", !ENGINE_LO_MARK);
+    let node = deny_counter("engines_node");
     let _ = writeln!(
         out,
-        "  chain engines_out {{\n    type filter hook output priority -3; policy accept;\n    ct state established,related accept"
+        "  chain engines_out {{\n    type filter hook output priority -3; policy accept;"
     );
     for (level, path) in &subtrees {
         let _ = writeln!(
@@ -833,11 +840,13 @@ fn engines(out: &mut String, sets: &mut BTreeMap<String, SetDef>, es: &[EngineEg
             "    socket cgroupv2 level {level} \"{path}\" jump engines_sub comment \"the tenant's engines\""
         );
     }
-    out.push_str("  }\n");
     let _ = writeln!(
         out,
-        "  chain engines_sub {{\n    oif \"lo\" ct state new ct mark set ct mark or {ENGINE_LO_MARK:#010x} accept comment \"to the node: checked at input\"\n    oif \"lo\" ct state untracked {} drop comment \"leasehold: an engine's untracked packet to the node denied\"\n    oif \"lo\" accept",
-        deny_counter("engines_node")
+        "    oif \"lo\" ct state new ct mark and {m} == {m} ct mark set ct mark and {clear} comment \"not an engine's flow\"\n  }}"
+    );
+    let _ = writeln!(
+        out,
+        "  chain engines_sub {{\n    ct state new ct mark set ct mark or {m} comment \"opened by an engine: checked at input\"\n    oif \"lo\" ct state untracked {node} drop comment \"leasehold: an engine's untracked packet to the node denied\"\n    oif \"lo\" ct direction original ct mark and {m} != {m} {node} drop comment \"leasehold: an engine's packet in a flow it did not open denied\"\n    oif \"lo\" accept\n    ct state established,related accept"
     );
     // Numbered among the engines with egress only: an engine with the
     // guard alone changes no other engine's chain (nor the table, when its
@@ -856,7 +865,7 @@ fn engines(out: &mut String, sets: &mut BTreeMap<String, SetDef>, es: &[EngineEg
     out.push_str("  }\n");
     let _ = writeln!(
         out,
-        "  chain engines_in {{\n    type filter hook input priority -3; policy accept;\n    iif \"lo\" ct state new ct mark and {ENGINE_LO_MARK:#010x} == {ENGINE_LO_MARK:#010x} jump engines_node\n  }}"
+        "  chain engines_in {{\n    type filter hook input priority -3; policy accept;\n    ct state new ct mark and {m} == {m} jump engines_node\n  }}"
     );
     let _ = writeln!(out, "  chain engines_node {{");
     for (level, path) in &subtrees {
@@ -865,11 +874,10 @@ fn engines(out: &mut String, sets: &mut BTreeMap<String, SetDef>, es: &[EngineEg
             "    socket cgroupv2 level {level} \"{path}\" accept comment \"an engine's socket\""
         );
     }
-    let counter = deny_counter("engines_node");
     let note = "leasehold: an engine's connection to the node denied";
     let _ = writeln!(
         out,
-        "    meta l4proto tcp {counter} reject with tcp reset comment \"{note}\"\n    {counter} reject with icmpx type admin-prohibited comment \"{note}\"\n  }}"
+        "    meta l4proto tcp {node} reject with tcp reset comment \"{note}\"\n    {node} reject with icmpx type admin-prohibited comment \"{note}\"\n  }}"
     );
     for (k, (e, b)) in egress.iter().enumerate() {
         let allow = groups(sets, &format!("e{k}a"), &b.allow);
@@ -1716,12 +1724,22 @@ mod tests {
         assert!(text.contains("socket cgroupv2 level 3 \"leasehold.slice/tenant/web\" jump engine0 comment \"engine web\""), "{text}");
         // The node guard: marked at output, checked at input.
         assert!(
-            text.contains("oif \"lo\" ct state new ct mark set ct mark or 0x10000000 accept"),
+            text.contains(
+                "chain engines_sub {\n    ct state new ct mark set ct mark or 0x10000000"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("oif \"lo\" ct direction original ct mark and 0x10000000 != 0x10000000 counter name \"deny_engines_node\" drop"),
+            "{text}"
+        );
+        assert!(
+            text.contains("oif \"lo\" ct state new ct mark and 0x10000000 == 0x10000000 ct mark set ct mark and 0xefffffff"),
             "{text}"
         );
         assert!(
             text.contains(
-                "chain engines_in {\n    type filter hook input priority -3; policy accept;\n    iif \"lo\" ct state new ct mark and 0x10000000 == 0x10000000 jump engines_node"
+                "chain engines_in {\n    type filter hook input priority -3; policy accept;\n    ct state new ct mark and 0x10000000 == 0x10000000 jump engines_node"
             ),
             "{text}"
         );
@@ -1755,7 +1773,7 @@ mod tests {
         );
         let counts = rs.rule_counts();
         assert_eq!(counts.get("engines_out"), Some(&2));
-        assert_eq!(counts.get("engines_sub"), Some(&4));
+        assert_eq!(counts.get("engines_sub"), Some(&6));
         assert_eq!(counts.get("engines_in"), Some(&1));
         assert_eq!(counts.get("engines_node"), Some(&3));
         assert_eq!(counts.get("engine0"), Some(&2));
@@ -1782,7 +1800,7 @@ mod tests {
         })
         .unwrap();
         let counts = guard.rule_counts();
-        assert_eq!(counts.get("engines_sub"), Some(&3));
+        assert_eq!(counts.get("engines_sub"), Some(&5));
         assert_eq!(counts.get("engines_node"), Some(&3));
         assert!(!guard.full_script().contains("chain engine0"));
         let counts = rs.rule_counts();

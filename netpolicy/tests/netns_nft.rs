@@ -1202,6 +1202,80 @@ for k in kids:
 print(json.dumps(out))
 "#;
 
+/// What `hostile.py` tries from an engine's cgroup against a UDP echo
+/// service of the node (port 7106), around conntrack; prints a JSON object.
+const HOSTILE: &str = r#"
+import os, socket, sys, time, json
+B = json.loads(sys.argv[1])
+eng, base = B["engine"], B["base"]
+def serve():
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("0.0.0.0", 7106))
+        os.write(w, b"r")
+        while True:
+            d, a = s.recvfrom(64)
+            open(B["dir"] + "/got-" + d.decode(), "w").write("x")
+            s.sendto(d, a)
+    os.read(r, 1)
+    return pid
+def send(cg, sport, dst, tag, bcast=False, reply=False):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        if cg:
+            open(cg + "/cgroup.procs", "w").write(str(os.getpid()))
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if bcast:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+        s.bind(("0.0.0.0" if bcast else "127.0.0.1", sport))
+        try:
+            s.sendto(tag.encode(), dst)
+            m = "sent"
+        except OSError:
+            m = "denied"
+        if reply and m == "sent":
+            s.settimeout(1.0)
+            try:
+                s.recvfrom(64)
+                m = "answered"
+            except socket.timeout:
+                m = "unanswered"
+        os.write(w, m.encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return os.read(r, 32).decode()
+def got(tag):
+    f = B["dir"] + "/got-" + tag
+    for _ in range(50):
+        if os.path.exists(f):
+            return "got"
+        time.sleep(0.02)
+    return "lost"
+srv = serve()
+out = {}
+lo = ("127.0.0.1", 7106)
+# A flow the node opened and was answered on (established), its socket
+# closed; the engine sends on the same tuple.
+out["node_first"] = send(None, base + 1, lo, "n1", reply=True)
+send(eng, base + 1, lo, "e1")
+out["engine_reuse"] = got("e1")
+# The engine leaves an unanswered entry on a tuple; the node then uses it.
+send(eng, base + 2, lo, "e2")
+out["engine_stale"] = got("e2")
+out["node_after"] = send(None, base + 2, lo, "n2", reply=True)
+# The local copy of a broadcast to the node's subnet.
+send(eng, base + 3, ("10.77.0.255", 7106), "e3", bcast=True)
+out["engine_broadcast"] = got("e3")
+send(None, base + 4, ("10.77.0.255", 7106), "n3", bcast=True)
+out["node_broadcast"] = got("n3")
+os.kill(srv, 9)
+print(json.dumps(out))
+"#;
+
 /// Issue 14 / R2, the node guard on a real kernel: engines share the
 /// node's network namespace, so before it an engine reached every service
 /// the node listens on over `lo` (sshd, the agent's metrics, a resolver on
@@ -1306,6 +1380,34 @@ fn netns_engines_reach_no_service_of_the_node() {
             before.iter().all(|m| m == "open" || m == "got"),
             "{before:?}"
         );
+        // Around conntrack (a second review): a node's answered flow whose
+        // tuple an engine reuses, an engine's stale entry on a tuple the
+        // node then uses, the local copy of an engine's broadcast.
+        let hostile = |round: &str, base: u16| -> serde_json::Value {
+            let dir = files.path().join(format!("hostile-{round}"));
+            std::fs::create_dir(&dir).unwrap();
+            let arg = serde_json::json!({"engine": p(&web), "base": base, "dir": dir});
+            let out = Command::new("python3")
+                .args(["-c", HOSTILE, &arg.to_string()])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{out:?}");
+            serde_json::from_slice(&out.stdout).unwrap()
+        };
+        let guarded = serde_json::json!({
+            "node_first": "answered",
+            "engine_reuse": "lost",
+            "engine_stale": "lost",
+            "node_after": "answered",
+            "engine_broadcast": "lost",
+            "node_broadcast": "got",
+        });
+        let open = hostile("before", 41000);
+        assert_eq!(
+            (&open["engine_reuse"], &open["engine_stale"], &open["engine_broadcast"]),
+            (&"got".into(), &"got".into(), &"got".into()),
+            "without a table: {open}"
+        );
         let denied = |e: &mut leasehold_netpolicy::enforce::Enforcer| {
             let v = e.deny_counters().unwrap();
             v.iter().find(|(k, _)| *k == "engines_node").unwrap().1.packets
@@ -1317,14 +1419,17 @@ fn netns_engines_reach_no_service_of_the_node() {
         assert_eq!(enf.check().unwrap().map(|d| d.to_string()), None);
         // 3 SYNs and 1 datagram.
         assert_eq!(denied(&mut enf), 4);
+        assert_eq!(hostile("alone", 42000), guarded, "engines' chains alone");
         // Under a node boundary (everything in 10.77.0.0/24 and loopback).
         let cluster =
             cluster("action = \"drop\"\n[[allow]]\nname = \"lan\"\npeers = [\"10.77.0.0/24\"]\n");
         enf.apply(nft::Ruleset::build_with(&cluster, None, &opts))
             .unwrap();
+        let before = denied(&mut enf);
         assert_eq!(reach("bounded"), expected, "under a node boundary");
         assert_eq!(enf.check().unwrap().map(|d| d.to_string()), None);
-        assert_eq!(denied(&mut enf), 8);
+        assert_eq!(denied(&mut enf), before + 4);
+        assert_eq!(hostile("bounded", 43000), guarded, "under a node boundary");
         enf.remove().unwrap();
     })
     .join()
