@@ -28,7 +28,7 @@ use crate::peer_index::PeerIndex;
 mod diff;
 mod journal;
 pub mod revert;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::fsutil::write_atomic;
 
@@ -125,7 +125,7 @@ impl Snapshot {
     /// kernel keeps what it has).
     fn ruleset(&self) -> Option<Ruleset> {
         let options = nft::Options {
-            engines: self.engines.values().cloned().collect(),
+            engines: self.live_engines(),
             dhcp_devices: if self.fences_dhcp() {
                 dhcp_devices()
             } else {
@@ -138,6 +138,26 @@ impl Snapshot {
             (None, None) => Ruleset::engines_only(&options),
             (None, Some(_)) => None,
         }
+    }
+
+    /// The engines' rules whose cgroup is still there. nft refuses a whole
+    /// table naming a missing cgroup, so one gone (the engines' unit
+    /// stopped, which removes the tree) would fail every later load — the
+    /// landlord's boundary changes and the drift repair included. Nothing
+    /// runs in a cgroup that is gone; its rules come back with the
+    /// engine's next launch (a new cgroup, so new rules: `cgroup_id`).
+    fn live_engines(&self) -> Vec<EngineEgress> {
+        self.engines
+            .values()
+            .filter(|e| {
+                let there = Path::new(nft::CGROUP2_BASE).join(&e.cgroup).is_dir();
+                if !there {
+                    debug!(engine = %e.name, cgroup = %e.cgroup, "cgroup gone: its rules left out of the table");
+                }
+                there
+            })
+            .cloned()
+            .collect()
     }
 
     /// Whether the cluster boundary names DHCP servers.
@@ -963,7 +983,7 @@ impl Boundaries {
     pub fn remove(&self) -> Result<(), BoundaryError> {
         let mut g = self.lock();
         let kept = nft::Options {
-            engines: g.snap.engines.values().cloned().collect(),
+            engines: g.snap.live_engines(),
             ..nft::Options::default()
         };
         match Ruleset::engines_only(&kept) {
@@ -1550,7 +1570,9 @@ mod tests {
     /// in the kernel (the same table: the enforcer sends nothing, and the
     /// rules' handles stay); an engine with
     /// egress adds its chain; the guard goes with the last engine of its
-    /// subtree, and the table with it when no boundary is set.
+    /// subtree, and the table with it when no boundary is set; a removed
+    /// engines' tree does not block a boundary change, and a cgroup made
+    /// again gets its rules loaded again.
     #[test]
     #[ignore = "needs root: a network namespace, nftables and cgroup v2"]
     fn real_node_guard_goes_in_once_per_subtree() {
@@ -1575,7 +1597,11 @@ mod tests {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
             let dir = tempfile::tempdir().unwrap();
             let b = Boundaries::load(dir.path()).unwrap();
-            let guard = |n: &str, d: &Path| EngineEgress::guard_only(n, &m, d).unwrap();
+            let guard = |n: &str, d: &Path| {
+                let mut e = EngineEgress::guard_only(n, &m, d).unwrap();
+                e.cgroup_id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(d).unwrap());
+                e
+            };
             // With handles: a table applied again has new ones.
             let listed = || {
                 let o = std::process::Command::new("nft")
@@ -1607,8 +1633,30 @@ mod tests {
             b.set_engine_egress("db", None).unwrap();
             assert_eq!(listed(), back, "web still guards the subtree");
             assert_eq!(b.check_and_restore(), None);
+            // The engines' tree removed (the engines' unit stopped): the
+            // landlord's boundary still loads, without the engines' rules
+            // (nft would refuse a table naming a missing cgroup).
+            for d in [&ds[0], &ds[1], &ds[2]] {
+                std::fs::remove_dir(d).unwrap();
+            }
+            std::fs::remove_dir(ds[0].parent().unwrap()).unwrap();
+            let doc = leasehold_netpolicy::BoundaryDoc::from_toml(
+                "action = \"drop\"\n[[allow]]\nname = \"lan\"\npeers = [\"10.0.0.0/8\"]\n",
+            )
+            .unwrap();
+            b.update(|p| p.set_cluster(doc)).unwrap();
+            let without = listed();
+            assert!(without.contains("chain landlord_in"), "{without}");
+            assert!(!without.contains("chain engines_node"), "{without}");
+            assert_eq!(b.check_and_restore(), None);
+            // Made again under the same name: a new cgroup, whose rules
+            // are loaded again (the old ones compared equal by path).
+            std::fs::create_dir_all(&ds[0]).unwrap();
+            b.set_engine_egress("web", Some(guard("web", &ds[0])))
+                .unwrap();
+            assert!(listed().contains("jump engines_node"), "{}", listed());
             b.set_engine_egress("web", None).unwrap();
-            assert_eq!(listed(), "", "no boundary, no engine: no table");
+            assert!(!listed().contains("chain engines_node"), "{}", listed());
         })
         .join();
         for d in dirs.iter().rev() {

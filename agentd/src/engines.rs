@@ -264,11 +264,17 @@ impl EgressRules for crate::boundary::Boundaries {
 fn egress_rules(engine: &str, dir: &Path, b: Option<Boundary>) -> Result<EngineEgress, String> {
     let mount = cgroup2_mount_of(dir)
         .ok_or_else(|| format!("{} is not on a cgroup2 mount", dir.display()))?;
-    match b {
+    let mut rules = match b {
         Some(b) => EngineEgress::new(engine, &mount, dir, b),
         None => EngineEgress::guard_only(engine, &mount, dir),
     }
-    .map_err(|e| e.to_string())
+    .map_err(|e| e.to_string())?;
+    // The cgroup as it is now: one made again under the same name (the
+    // engines' unit restarted) gets its rules loaded again.
+    rules.cgroup_id = std::os::unix::fs::MetadataExt::ino(
+        &std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?,
+    );
+    Ok(rules)
 }
 
 /// Most bytes of `engines.json` read at start for the egress rules

@@ -213,6 +213,12 @@ pub struct EngineEgress {
     /// The engine's egress boundary (its outbound entries are enforced);
     /// `None`: the node guard only.
     pub boundary: Option<Boundary>,
+    /// The cgroup directory's inode when the rules were made (0: not
+    /// read). nft resolves the path once, at load: a cgroup made again
+    /// under the same name (the engines' unit restarted) is a new one, and
+    /// rules for it that compare equal to the old ones would never be
+    /// loaded again.
+    pub cgroup_id: u64,
 }
 
 /// Why an [`EngineEgress`] cannot be made.
@@ -322,6 +328,7 @@ impl EngineEgress {
             cgroup: parts.join("/"),
             level: u32::try_from(depth).map_err(|_| bad("too deep"))?,
             boundary,
+            cgroup_id: 0,
         })
     }
 }
