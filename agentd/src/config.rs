@@ -636,6 +636,25 @@ impl Config {
                 ));
             }
         }
+        // The engines' subtree is theirs alone: its cgroup is what the node
+        // guard takes for "the tenant's engines" (docs/netpolicy.md), so a
+        // systemd unit's own cgroup (system.slice: every service) would
+        // let them reach the node's services, and tie those services'
+        // loopback flows to the guard.
+        let last = e.cgroup_subtree.rsplit('/').next().unwrap_or_default();
+        if let Some(unit) = [".slice", ".service", ".scope", ".socket", ".mount", ".swap"]
+            .into_iter()
+            .find(|u| last.ends_with(u))
+        {
+            return Err(invalid(
+                "engines.cgroup_subtree",
+                format!(
+                    "{:?} is a systemd unit's cgroup ({unit}), shared with its processes: name a subtree of the engines' own below the engines' unit (default {:?})",
+                    e.cgroup_subtree,
+                    default_subtree()
+                ),
+            ));
+        }
         if !(65_536..=4_000_000_000).contains(&e.uid_base) {
             return Err(invalid(
                 "engines.uid_base",
@@ -880,6 +899,14 @@ mod tests {
             (
                 "cgroup_subtree = \"../x\"",
                 "engines.cgroup_subtree: \"../x\" is not a relative",
+            ),
+            (
+                "cgroup_subtree = \"system.slice\"",
+                "engines.cgroup_subtree: \"system.slice\" is a systemd unit's cgroup (.slice)",
+            ),
+            (
+                "cgroup_subtree = \"system.slice/leasehold-engines.service\"",
+                "engines.cgroup_subtree: \"system.slice/leasehold-engines.service\" is a systemd unit's cgroup (.service)",
             ),
             (
                 "images_dir = \"/abs\"",
