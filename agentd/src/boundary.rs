@@ -1176,7 +1176,11 @@ impl Boundaries {
                 g.drift.count += 1;
                 g.drift.last_at = Some(revert::now_unix());
                 warn!(event = "boundary-drift", what = %what, "the boundary was changed behind the agent's back; restoring");
-                match g.enforcer.restore() {
+                // The table as it should be now, not the text last loaded:
+                // a cgroup that text named may be gone (the engines' unit
+                // stopped), and nft would refuse it whole.
+                let now = g.snap.ruleset();
+                match g.enforcer.restore_with(now) {
                     Ok(()) => {
                         info!(event = "boundary-restored", "boundary restored");
                         // Connections opened while the table was gone.
@@ -1598,8 +1602,10 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let b = Boundaries::load(dir.path()).unwrap();
             let guard = |n: &str, d: &Path| {
+                let ino = |p: &Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
                 let mut e = EngineEgress::guard_only(n, &m, d).unwrap();
-                e.cgroup_id = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(d).unwrap());
+                e.cgroup_id = ino(d);
+                e.subtree_id = ino(d.parent().unwrap());
                 e
             };
             // With handles: a table applied again has new ones.
@@ -1633,24 +1639,64 @@ mod tests {
             b.set_engine_egress("db", None).unwrap();
             assert_eq!(listed(), back, "web still guards the subtree");
             assert_eq!(b.check_and_restore(), None);
-            // The engines' tree removed (the engines' unit stopped): the
-            // landlord's boundary still loads, without the engines' rules
-            // (nft would refuse a table naming a missing cgroup).
-            for d in [&ds[0], &ds[1], &ds[2]] {
-                std::fs::remove_dir(d).unwrap();
-            }
-            std::fs::remove_dir(ds[0].parent().unwrap()).unwrap();
-            let doc = leasehold_netpolicy::BoundaryDoc::from_toml(
-                "action = \"drop\"\n[[allow]]\nname = \"lan\"\npeers = [\"10.0.0.0/8\"]\n",
-            )
-            .unwrap();
-            b.update(|p| p.set_cluster(doc)).unwrap();
-            let without = listed();
-            assert!(without.contains("chain landlord_in"), "{without}");
-            assert!(!without.contains("chain engines_node"), "{without}");
+            // The subtree and web made again under the same names (the
+            // engines' unit restarted), nothing loaded in between: web's
+            // next launch loads the table again (nft resolved the old
+            // cgroups; equal text would have been "unchanged").
+            let gone = |ds: &[PathBuf; 3]| {
+                for d in ds {
+                    let _ = std::fs::remove_dir(d);
+                }
+                std::fs::remove_dir(ds[0].parent().unwrap()).unwrap();
+            };
+            gone(&ds);
+            std::fs::create_dir_all(&ds[0]).unwrap();
+            b.set_engine_egress("web", Some(guard("web", &ds[0])))
+                .unwrap();
+            let again = listed();
+            // nft lists a rule's cgroup by its path only while the id it
+            // resolved at load is a live cgroup: a raw number here is a
+            // rule for the removed one.
+            let sub = ds[0]
+                .parent()
+                .unwrap()
+                .strip_prefix(nft::CGROUP2_BASE)
+                .unwrap()
+                .display()
+                .to_string();
+            assert!(
+                again.contains(&format!("level 2 \"{sub}\" jump engines_sub")),
+                "{again}"
+            );
+            // The tree removed (the engines' unit stopped) after a table
+            // naming it was loaded: the drift repair (the table deleted
+            // behind the agent's back) and the landlord's next change both
+            // load, without the engines' rules (nft refuses a table naming
+            // a missing cgroup).
+            let doc = |peers: &str| {
+                leasehold_netpolicy::BoundaryDoc::from_toml(&format!(
+                    "action = \"drop\"\n[[allow]]\nname = \"lan\"\npeers = [{peers}]\n"
+                ))
+                .unwrap()
+            };
+            b.update(|p| p.set_cluster(doc("\"10.0.0.0/8\"")))
+                .unwrap();
+            assert!(listed().contains("chain engines_node"), "{}", listed());
+            gone(&ds);
+            let o = std::process::Command::new("nft")
+                .args(["delete", "table", "inet", "leasehold"])
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{o:?}");
+            assert!(b.check_and_restore().is_some(), "drift found and repaired");
+            let repaired = listed();
+            assert!(repaired.contains("chain landlord_in"), "{repaired}");
+            assert!(!repaired.contains("chain engines_node"), "{repaired}");
+            b.update(|p| p.set_cluster(doc("\"10.0.0.0/8\", \"192.0.2.1\"")))
+                .unwrap();
+            assert!(!listed().contains("chain engines_node"), "{}", listed());
             assert_eq!(b.check_and_restore(), None);
-            // Made again under the same name: a new cgroup, whose rules
-            // are loaded again (the old ones compared equal by path).
+            // Made again: its rules come back with its next launch.
             std::fs::create_dir_all(&ds[0]).unwrap();
             b.set_engine_egress("web", Some(guard("web", &ds[0])))
                 .unwrap();

@@ -269,11 +269,15 @@ fn egress_rules(engine: &str, dir: &Path, b: Option<Boundary>) -> Result<EngineE
         None => EngineEgress::guard_only(engine, &mount, dir),
     }
     .map_err(|e| e.to_string())?;
-    // The cgroup as it is now: one made again under the same name (the
-    // engines' unit restarted) gets its rules loaded again.
-    rules.cgroup_id = std::os::unix::fs::MetadataExt::ino(
-        &std::fs::metadata(dir).map_err(|e| format!("{}: {e}", dir.display()))?,
-    );
+    // The cgroups as they are now: ones made again under the same names
+    // (the engines' unit restarted) get their rules loaded again.
+    let ino = |d: &Path| {
+        std::fs::metadata(d)
+            .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+            .map_err(|e| format!("{}: {e}", d.display()))
+    };
+    rules.cgroup_id = ino(dir)?;
+    rules.subtree_id = ino(dir.parent().unwrap_or(dir))?;
     Ok(rules)
 }
 

@@ -839,6 +839,21 @@ impl Enforcer {
         Ok(None)
     }
 
+    /// After [`Enforcer::check`] found a drift: `rules` in full (what the
+    /// table should be now, which may differ from the last ruleset: a
+    /// cgroup it named may be gone), or the last ruleset when `None`.
+    pub fn restore_with(&mut self, rules: Option<Ruleset>) -> Result<(), ApplyError> {
+        let Some(rules) = rules else {
+            return self.restore();
+        };
+        let before = self.applied.take();
+        if let Err(e) = self.apply_full(rules) {
+            self.applied = before;
+            return Err(e);
+        }
+        Ok(())
+    }
+
     /// Re-applies the last ruleset in full (after [`Enforcer::check`]
     /// found a drift).
     pub fn restore(&mut self) -> Result<(), ApplyError> {

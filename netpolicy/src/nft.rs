@@ -219,6 +219,8 @@ pub struct EngineEgress {
     /// rules for it that compare equal to the old ones would never be
     /// loaded again.
     pub cgroup_id: u64,
+    /// The same for its parent, the tenant's subtree (0: not read).
+    pub subtree_id: u64,
 }
 
 /// Why an [`EngineEgress`] cannot be made.
@@ -329,6 +331,7 @@ impl EngineEgress {
             level: u32::try_from(depth).map_err(|_| bad("too deep"))?,
             boundary,
             cgroup_id: 0,
+            subtree_id: 0,
         })
     }
 }
@@ -833,7 +836,22 @@ fn engines(out: &mut String, sets: &mut BTreeMap<String, SetDef>, es: &[EngineEg
     if es.is_empty() {
         return;
     }
-    let subtrees: BTreeSet<(u32, String)> = es.iter().map(EngineEgress::subtree).collect();
+    // Per subtree, the inodes its engines saw it with, in the rules'
+    // comments: nft resolved the path when the table was loaded, so a
+    // subtree made again must change the text, or the enforcer would find
+    // the same table and never load it again.
+    let mut subtrees: BTreeMap<(u32, String), BTreeSet<u64>> = BTreeMap::new();
+    for e in es {
+        subtrees
+            .entry(e.subtree())
+            .or_default()
+            .insert(e.subtree_id);
+    }
+    let seen = |ids: &BTreeSet<u64>| {
+        ids.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, id| {
+            (h ^ id).wrapping_mul(0x0100_0000_01b3)
+        })
+    };
     let m = format!("{ENGINE_LO_MARK:#010x}");
     let clear = format!("{:#010x}", !ENGINE_LO_MARK);
     let node = deny_counter("engines_node");
@@ -841,19 +859,20 @@ fn engines(out: &mut String, sets: &mut BTreeMap<String, SetDef>, es: &[EngineEg
         out,
         "  chain engines_out {{\n    type filter hook output priority -3; policy accept;"
     );
-    for (level, path) in &subtrees {
+    for ((level, path), ids) in &subtrees {
         let _ = writeln!(
             out,
-            "    socket cgroupv2 level {level} \"{path}\" jump engines_sub comment \"the tenant's engines\""
+            "    socket cgroupv2 level {level} \"{path}\" jump engines_sub comment \"the tenant's engines ({:016x})\"",
+            seen(ids)
         );
     }
     let _ = writeln!(
         out,
-        "    oif \"lo\" ct state new ct mark and {m} == {m} ct mark set ct mark and {clear} comment \"not an engine's flow\"\n  }}"
+        "    ct state new ct mark and {m} == {m} ct mark set ct mark and {clear} comment \"not an engine's flow\"\n  }}"
     );
     let _ = writeln!(
         out,
-        "  chain engines_sub {{\n    ct state new ct mark set ct mark or {m} comment \"opened by an engine: checked at input\"\n    oif \"lo\" ct state untracked {node} drop comment \"leasehold: an engine's untracked packet to the node denied\"\n    oif \"lo\" ct direction original ct mark and {m} != {m} {node} drop comment \"leasehold: an engine's packet in a flow it did not open denied\"\n    oif \"lo\" accept\n    ct state established,related accept"
+        "  chain engines_sub {{\n    ct state new ct mark set ct mark or {m} comment \"opened by an engine: checked at input\"\n    oif \"lo\" ct state untracked,invalid {node} drop comment \"leasehold: an engine's untracked or invalid packet to the node denied\"\n    oif \"lo\" ct direction original ct mark and {m} != {m} {node} drop comment \"leasehold: an engine's packet in a flow it did not open denied\"\n    oif \"lo\" accept\n    ct state established,related accept"
     );
     // Numbered among the engines with egress only: an engine with the
     // guard alone changes no other engine's chain (nor the table, when its
@@ -865,20 +884,32 @@ fn engines(out: &mut String, sets: &mut BTreeMap<String, SetDef>, es: &[EngineEg
     for (k, (e, _)) in egress.iter().enumerate() {
         let _ = writeln!(
             out,
-            "    socket cgroupv2 level {} \"{}\" jump engine{k} comment \"engine {}\"",
-            e.level, e.cgroup, e.name
+            "    socket cgroupv2 level {} \"{}\" jump engine{k} comment \"engine {} ({:x})\"",
+            e.level, e.cgroup, e.name, e.cgroup_id
         );
     }
     out.push_str("  }\n");
+    // The first packet of a flow; and, but for TCP, every packet in the
+    // direction the engine sent it: a UDP flow refused at its first packet
+    // must not become established by another engine answering it from
+    // the service's port. (TCP's later packets may meet a request socket,
+    // which a cgroup lookup does not match; a refused SYN is answered
+    // with a reset, and no one else can complete its handshake.)
     let _ = writeln!(
         out,
-        "  chain engines_in {{\n    type filter hook input priority -3; policy accept;\n    ct state new ct mark and {m} == {m} jump engines_node\n  }}"
+        "  chain engines_in {{\n    type filter hook input priority -3; policy accept;\n    ct state new ct mark and {m} == {m} jump engines_node\n    ct direction original ct mark and {m} == {m} meta l4proto != tcp jump engines_node\n  }}"
     );
-    let _ = writeln!(out, "  chain engines_node {{");
-    for (level, path) in &subtrees {
+    // Broadcast and multicast go to every socket bound to them, while the
+    // lookup finds one: an engine's never reaches the node's sockets.
+    let _ = writeln!(
+        out,
+        "  chain engines_node {{\n    fib daddr type {{ broadcast, multicast }} {node} drop comment \"leasehold: an engine's broadcast or multicast to the node denied\""
+    );
+    for ((level, path), ids) in &subtrees {
         let _ = writeln!(
             out,
-            "    socket cgroupv2 level {level} \"{path}\" accept comment \"an engine's socket\""
+            "    socket cgroupv2 level {level} \"{path}\" accept comment \"an engine's socket ({:016x})\"",
+            seen(ids)
         );
     }
     let note = "leasehold: an engine's connection to the node denied";
@@ -1727,8 +1758,8 @@ mod tests {
         );
         // One lookup for the tenant's subtree in the output chain; the
         // engine's own jump behind it.
-        assert!(text.contains("socket cgroupv2 level 2 \"leasehold.slice/tenant\" jump engines_sub comment \"the tenant's engines\""), "{text}");
-        assert!(text.contains("socket cgroupv2 level 3 \"leasehold.slice/tenant/web\" jump engine0 comment \"engine web\""), "{text}");
+        assert!(text.contains("socket cgroupv2 level 2 \"leasehold.slice/tenant\" jump engines_sub comment \"the tenant's engines ("), "{text}");
+        assert!(text.contains("socket cgroupv2 level 3 \"leasehold.slice/tenant/web\" jump engine0 comment \"engine web (0)\""), "{text}");
         // The node guard: marked at output, checked at input.
         assert!(
             text.contains(
@@ -1741,18 +1772,18 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("oif \"lo\" ct state new ct mark and 0x10000000 == 0x10000000 ct mark set ct mark and 0xefffffff"),
+            text.contains("\n    ct state new ct mark and 0x10000000 == 0x10000000 ct mark set ct mark and 0xefffffff"),
             "{text}"
         );
         assert!(
             text.contains(
-                "chain engines_in {\n    type filter hook input priority -3; policy accept;\n    ct state new ct mark and 0x10000000 == 0x10000000 jump engines_node"
+                "chain engines_in {\n    type filter hook input priority -3; policy accept;\n    ct state new ct mark and 0x10000000 == 0x10000000 jump engines_node\n    ct direction original ct mark and 0x10000000 == 0x10000000 meta l4proto != tcp jump engines_node"
             ),
             "{text}"
         );
         assert!(
             text.contains(
-                "chain engines_node {\n    socket cgroupv2 level 2 \"leasehold.slice/tenant\" accept"
+                "chain engines_node {\n    fib daddr type { broadcast, multicast } counter name \"deny_engines_node\" drop comment \"leasehold: an engine's broadcast or multicast to the node denied\"\n    socket cgroupv2 level 2 \"leasehold.slice/tenant\" accept"
             ),
             "{text}"
         );
@@ -1781,8 +1812,8 @@ mod tests {
         let counts = rs.rule_counts();
         assert_eq!(counts.get("engines_out"), Some(&2));
         assert_eq!(counts.get("engines_sub"), Some(&6));
-        assert_eq!(counts.get("engines_in"), Some(&1));
-        assert_eq!(counts.get("engines_node"), Some(&3));
+        assert_eq!(counts.get("engines_in"), Some(&2));
+        assert_eq!(counts.get("engines_node"), Some(&4));
         assert_eq!(counts.get("engine0"), Some(&2));
         // An engine without egress: the guard, no chain of its own; two
         // engines of one subtree, one lookup.
@@ -1796,7 +1827,7 @@ mod tests {
         let text2 = Ruleset::build_with(&c, None, &both).full_script();
         assert_eq!(text2.matches("jump engines_sub").count(), 1, "{text2}");
         assert!(
-            text2.contains("jump engine0 comment \"engine web\""),
+            text2.contains("jump engine0 comment \"engine web (0)\""),
             "{text2}"
         );
         assert!(!text2.contains("engine1"), "{text2}");
@@ -1808,8 +1839,19 @@ mod tests {
         .unwrap();
         let counts = guard.rule_counts();
         assert_eq!(counts.get("engines_sub"), Some(&5));
-        assert_eq!(counts.get("engines_node"), Some(&3));
+        assert_eq!(counts.get("engines_node"), Some(&4));
         assert!(!guard.full_script().contains("chain engine0"));
+        // A subtree made again (another inode) changes the text, so the
+        // enforcer loads it again (nft resolved the old cgroup).
+        let mut again = both.clone();
+        for e in &mut again.engines {
+            e.subtree_id = 7;
+        }
+        assert_ne!(
+            Ruleset::build_with(&c, None, &again).full_script(),
+            text2,
+            "a new subtree inode must change the table"
+        );
         let counts = rs.rule_counts();
         // Suffixed generations rename the engine's sets too.
         assert!(rs

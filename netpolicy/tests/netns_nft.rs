@@ -1207,38 +1207,41 @@ print(json.dumps(out))
 const HOSTILE: &str = r#"
 import os, socket, sys, time, json
 B = json.loads(sys.argv[1])
-eng, base = B["engine"], B["base"]
-def serve():
+eng, other, base = B["engine"], B["other"], B["base"]
+def join(cg):
+    if cg:
+        open(cg + "/cgroup.procs", "w").write(str(os.getpid()))
+def serve(port, bind="0.0.0.0"):
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        s.bind(("0.0.0.0", 7106))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((bind, port))
         os.write(w, b"r")
         while True:
             d, a = s.recvfrom(64)
-            open(B["dir"] + "/got-" + d.decode(), "w").write("x")
+            open(B["dir"] + "/got-" + str(port) + "-" + d.decode(), "w").write("x")
             s.sendto(d, a)
     os.read(r, 1)
     return pid
-def send(cg, sport, dst, tag, bcast=False, reply=False):
+def send(cg, sport, dst, tag, bcast=False, reply=False, src="127.0.0.1"):
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        if cg:
-            open(cg + "/cgroup.procs", "w").write(str(os.getpid()))
+        join(cg)
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if bcast:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-        s.bind(("0.0.0.0" if bcast else "127.0.0.1", sport))
+        s.bind(("0.0.0.0" if bcast else src, sport))
         try:
             s.sendto(tag.encode(), dst)
             m = "sent"
         except OSError:
             m = "denied"
         if reply and m == "sent":
-            s.settimeout(1.0)
+            s.settimeout(2.0)
             try:
                 s.recvfrom(64)
                 m = "answered"
@@ -1248,31 +1251,64 @@ def send(cg, sport, dst, tag, bcast=False, reply=False):
         os._exit(0)
     os.waitpid(pid, 0)
     return os.read(r, 32).decode()
-def got(tag):
-    f = B["dir"] + "/got-" + tag
-    for _ in range(50):
-        if os.path.exists(f):
-            return "got"
+def seen(port, tag):
+    return os.path.exists(B["dir"] + "/got-" + str(port) + "-" + tag)
+def wait(port, tag):
+    for _ in range(250):
+        if seen(port, tag):
+            return True
         time.sleep(0.02)
-    return "lost"
-srv = serve()
+    return False
+sentinels = [0]
+def after(dst, port, tag, bcast=False):
+    # "lost" only once a node datagram sent after it on the same path has
+    # arrived: not merely late.
+    sentinels[0] += 1
+    s = "s" + str(sentinels[0])
+    send(None, base + 50 + sentinels[0], dst, s, bcast=bcast)
+    if not wait(port, s):
+        return "no sentinel"
+    return "got" if seen(port, tag) else "lost"
 out = {}
+srv = [serve(7106), serve(7107)]
 lo = ("127.0.0.1", 7106)
 # A flow the node opened and was answered on (established), its socket
 # closed; the engine sends on the same tuple.
 out["node_first"] = send(None, base + 1, lo, "n1", reply=True)
 send(eng, base + 1, lo, "e1")
-out["engine_reuse"] = got("e1")
+out["engine_reuse"] = after(lo, 7106, "e1")
 # The engine leaves an unanswered entry on a tuple; the node then uses it.
 send(eng, base + 2, lo, "e2")
-out["engine_stale"] = got("e2")
+out["engine_stale"] = after(lo, 7106, "e2")
 out["node_after"] = send(None, base + 2, lo, "n2", reply=True)
 # The local copy of a broadcast to the node's subnet.
 send(eng, base + 3, ("10.77.0.255", 7106), "e3", bcast=True)
-out["engine_broadcast"] = got("e3")
-send(None, base + 4, ("10.77.0.255", 7106), "n3", bcast=True)
-out["node_broadcast"] = got("n3")
-os.kill(srv, 9)
+out["engine_broadcast"] = after(("10.77.0.255", 7106), 7106, "e3", bcast=True)
+out["node_broadcast"] = "got" if wait(7106, "s" + str(sentinels[0])) else "lost"
+# Refused at its first packet, the engine's flow answered by another
+# engine from the service's port (made established), that engine gone:
+# the next packet still must not reach the node's service.
+send(eng, base + 4, lo, "e4")
+send(other, 7106, ("127.0.0.1", base + 4), "x4")
+send(eng, base + 4, lo, "e5")
+out["engine_established_by_another"] = after(lo, 7106, "e5")
+# Another engine bound to the broadcast address beside the node's
+# wildcard socket: the lookup would find the engine's, delivery reaches
+# both.
+peer = os.fork()
+if peer == 0:
+    join(other)
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("10.77.0.255", 7107))
+    time.sleep(30)
+    os._exit(0)
+time.sleep(0.2)
+send(eng, base + 6, ("10.77.0.255", 7107), "e6", bcast=True)
+out["engine_broadcast_beside_an_engine"] = after(("10.77.0.255", 7107), 7107, "e6", bcast=True)
+os.kill(peer, 9)
+for p in srv:
+    os.kill(p, 9)
 print(json.dumps(out))
 "#;
 
@@ -1386,7 +1422,7 @@ fn netns_engines_reach_no_service_of_the_node() {
         let hostile = |round: &str, base: u16| -> serde_json::Value {
             let dir = files.path().join(format!("hostile-{round}"));
             std::fs::create_dir(&dir).unwrap();
-            let arg = serde_json::json!({"engine": p(&web), "base": base, "dir": dir});
+            let arg = serde_json::json!({"engine": p(&web), "other": p(&db), "base": base, "dir": dir});
             let out = Command::new("python3")
                 .args(["-c", HOSTILE, &arg.to_string()])
                 .output()
@@ -1401,13 +1437,19 @@ fn netns_engines_reach_no_service_of_the_node() {
             "node_after": "answered",
             "engine_broadcast": "lost",
             "node_broadcast": "got",
+            "engine_established_by_another": "lost",
+            "engine_broadcast_beside_an_engine": "lost",
         });
         let open = hostile("before", 41000);
-        assert_eq!(
-            (&open["engine_reuse"], &open["engine_stale"], &open["engine_broadcast"]),
-            (&"got".into(), &"got".into(), &"got".into()),
-            "without a table: {open}"
-        );
+        for k in [
+            "engine_reuse",
+            "engine_stale",
+            "engine_broadcast",
+            "engine_established_by_another",
+            "engine_broadcast_beside_an_engine",
+        ] {
+            assert_eq!(open[k], "got", "{k} without a table: {open}");
+        }
         let denied = |e: &mut leasehold_netpolicy::enforce::Enforcer| {
             let v = e.deny_counters().unwrap();
             v.iter().find(|(k, _)| *k == "engines_node").unwrap().1.packets
