@@ -1568,6 +1568,15 @@ mod tests {
         .unwrap();
     }
 
+    /// A cluster document allowing `peers` (TOML array items), dropping
+    /// the rest.
+    fn lan(peers: &str) -> leasehold_netpolicy::BoundaryDoc {
+        leasehold_netpolicy::BoundaryDoc::from_toml(&format!(
+            "action = \"drop\"\n[[allow]]\nname = \"lan\"\npeers = [{peers}]\n"
+        ))
+        .unwrap()
+    }
+
     /// The node guard through the boundary owner: the first engine of a
     /// subtree puts it in the table (with no node boundary: the engines'
     /// chains alone); another engine with the guard alone changes nothing
@@ -1673,13 +1682,7 @@ mod tests {
             // behind the agent's back) and the landlord's next change both
             // load, without the engines' rules (nft refuses a table naming
             // a missing cgroup).
-            let doc = |peers: &str| {
-                leasehold_netpolicy::BoundaryDoc::from_toml(&format!(
-                    "action = \"drop\"\n[[allow]]\nname = \"lan\"\npeers = [{peers}]\n"
-                ))
-                .unwrap()
-            };
-            b.update(|p| p.set_cluster(doc("\"10.0.0.0/8\"")))
+            b.update(|p| p.set_cluster(lan("\"10.0.0.0/8\"")))
                 .unwrap();
             assert!(listed().contains("chain engines_node"), "{}", listed());
             gone(&ds);
@@ -1692,7 +1695,7 @@ mod tests {
             let repaired = listed();
             assert!(repaired.contains("chain landlord_in"), "{repaired}");
             assert!(!repaired.contains("chain engines_node"), "{repaired}");
-            b.update(|p| p.set_cluster(doc("\"10.0.0.0/8\", \"192.0.2.1\"")))
+            b.update(|p| p.set_cluster(lan("\"10.0.0.0/8\", \"192.0.2.1\"")))
                 .unwrap();
             assert!(!listed().contains("chain engines_node"), "{}", listed());
             assert_eq!(b.check_and_restore(), None);
@@ -1733,13 +1736,7 @@ mod tests {
             nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
             let dir = tempfile::tempdir().unwrap();
             let b = Boundaries::load(dir.path()).unwrap();
-            let doc = |peers: &str| {
-                leasehold_netpolicy::BoundaryDoc::from_toml(&format!(
-                    "action = \"drop\"\n[[allow]]\nname = \"lan\"\npeers = [{peers}]\n"
-                ))
-                .unwrap()
-            };
-            b.update(|p| p.set_cluster(doc("\"10.0.0.0/8\"")))
+            b.update(|p| p.set_cluster(lan("\"10.0.0.0/8\"")))
                 .unwrap();
             let egress = leasehold_netpolicy::BoundaryDoc::from_toml(
                 "action = \"drop\"\n[[allow]]\nname = \"db\"\npeers = [\"10.1.2.3\"]\ndirection = \"out\"\n",
@@ -1753,7 +1750,7 @@ mod tests {
             assert!(table().contains("jump engine0"), "{}", table());
             assert!(table().contains("leasehold: engine web denied"));
             assert_eq!(b.check_and_restore(), None, "reads back clean");
-            b.update(|p| p.set_cluster(doc("\"10.0.0.0/8\", \"192.0.2.1\"")))
+            b.update(|p| p.set_cluster(lan("\"10.0.0.0/8\", \"192.0.2.1\"")))
                 .unwrap();
             assert!(table().contains("jump engine0"), "kept through a change");
             b.set_engine_egress("web", Some(e)).unwrap();

@@ -772,14 +772,20 @@ fn chain(
     for g in common.failsafe {
         failsafe_reverse_rules(out, g, hook);
     }
-    let counter = deny_counter(name);
-    let last = match action {
-        Action::Drop => format!("{counter} drop comment \"leasehold: denied\""),
-        Action::Reject => format!(
-            "meta l4proto tcp {counter} reject with tcp reset comment \"leasehold: denied\"\n    {counter} reject with icmpx type admin-prohibited comment \"leasehold: denied\""
-        ),
-    };
+    let last = denial(action, &deny_counter(name), "leasehold: denied");
     let _ = writeln!(out, "    {last}\n  }}");
+}
+
+/// The last rule (or two) of a chain that denies: `action`, counted by
+/// `counter`, commented `note`; a reject answers TCP with a reset and the
+/// rest with ICMP admin-prohibited.
+fn denial(action: Action, counter: &str, note: &str) -> String {
+    match action {
+        Action::Drop => format!("{counter} drop comment \"{note}\""),
+        Action::Reject => format!(
+            "meta l4proto tcp {counter} reject with tcp reset comment \"{note}\"\n    {counter} reject with icmpx type admin-prohibited comment \"{note}\""
+        ),
+    }
 }
 
 /// The four base chains of one level: input and output, and two at the
@@ -859,13 +865,18 @@ fn engines(out: &mut String, sets: &mut BTreeMap<String, SetDef>, es: &[EngineEg
         out,
         "  chain engines_out {{\n    type filter hook output priority -3; policy accept;"
     );
-    for ((level, path), ids) in &subtrees {
-        let _ = writeln!(
-            out,
-            "    socket cgroupv2 level {level} \"{path}\" jump engines_sub comment \"the tenant's engines ({:016x})\"",
-            seen(ids)
-        );
-    }
+    // One rule per subtree: `verdict`, and the subtree's inodes in the
+    // comment `what (…)`.
+    let per_subtree = |out: &mut String, verdict: &str, what: &str| {
+        for ((level, path), ids) in &subtrees {
+            let _ = writeln!(
+                out,
+                "    socket cgroupv2 level {level} \"{path}\" {verdict} comment \"{what} ({:016x})\"",
+                seen(ids)
+            );
+        }
+    };
+    per_subtree(out, "jump engines_sub", "the tenant's engines");
     let _ = writeln!(
         out,
         "    ct state new ct mark and {m} == {m} ct mark set ct mark and {clear} comment \"not an engine's flow\"\n  }}"
@@ -905,18 +916,13 @@ fn engines(out: &mut String, sets: &mut BTreeMap<String, SetDef>, es: &[EngineEg
         out,
         "  chain engines_node {{\n    fib daddr type {{ broadcast, multicast }} {node} drop comment \"leasehold: an engine's broadcast or multicast to the node denied\""
     );
-    for ((level, path), ids) in &subtrees {
-        let _ = writeln!(
-            out,
-            "    socket cgroupv2 level {level} \"{path}\" accept comment \"an engine's socket ({:016x})\"",
-            seen(ids)
-        );
-    }
-    let note = "leasehold: an engine's connection to the node denied";
-    let _ = writeln!(
-        out,
-        "    meta l4proto tcp {node} reject with tcp reset comment \"{note}\"\n    {node} reject with icmpx type admin-prohibited comment \"{note}\"\n  }}"
+    per_subtree(out, "accept", "an engine's socket");
+    let last = denial(
+        Action::Reject,
+        &node,
+        "leasehold: an engine's connection to the node denied",
     );
+    let _ = writeln!(out, "    {last}\n  }}");
     for (k, (e, b)) in egress.iter().enumerate() {
         let allow = groups(sets, &format!("e{k}a"), &b.allow);
         let _ = writeln!(out, "  chain engine{k} {{");
@@ -926,13 +932,7 @@ fn engines(out: &mut String, sets: &mut BTreeMap<String, SetDef>, es: &[EngineEg
         let note = format!("leasehold: engine {} denied", e.name);
         // One counter for every engine: the landlord reads it, and which
         // engine is denied what is the tenant's business.
-        let counter = deny_counter("engines_out");
-        let last = match b.action {
-            Action::Drop => format!("{counter} drop comment \"{note}\""),
-            Action::Reject => format!(
-                "meta l4proto tcp {counter} reject with tcp reset comment \"{note}\"\n    {counter} reject with icmpx type admin-prohibited comment \"{note}\""
-            ),
-        };
+        let last = denial(b.action, &deny_counter("engines_out"), &note);
         let _ = writeln!(out, "    {last}\n  }}");
     }
 }
