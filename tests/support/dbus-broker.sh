@@ -18,8 +18,18 @@ if [[ $root != / ]]; then
 fi
 for d in /run/systemd /run/dbus; do mkdir -p $d; mount -t tmpfs tmpfs $d; done
 mkdir /run/systemd/journal
-socat -u UNIX-RECV:/run/systemd/journal/socket /dev/null &
-journal=$!
+# The journal sink must be bound before the bus can start: the launcher exits
+# without it, resetting the first connection (seen in CI, a loaded host:
+# socat started in the background had not bound yet). systemd-socket-activate
+# binds first and says so: that line is the event waited for; it hands the
+# socket to socat at the first datagram.
+coproc journal_sink {
+    exec systemd-socket-activate --datagram -l /run/systemd/journal/socket \
+        socat -u FD:3 /dev/null 2>&1
+}
+journal=$journal_sink_PID
+read -r line <&"${journal_sink[0]}"
+[[ $line == Listening* ]] || { echo "journal sink: $line" >&2; exit 1; }
 ln -s "$sock" /run/dbus/system_bus_socket
 # The broker starts at the first connection, with the listening socket.
 # systemd-socket-activate makes the socket 0644; callers need write access
