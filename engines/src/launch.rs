@@ -2828,6 +2828,13 @@ const CLONE_NS_FLAGS: u32 = (libc::CLONE_NEWUSER
     | libc::CLONE_NEWCGROUP)
     .unsigned_abs();
 
+/// `SOL_SOCKET` options denied by `setsockopt`: binding a socket to a
+/// device. Allowed without privilege since Linux 5.7, a socket bound to
+/// `lo` wins the lookup over a node socket bound to another device on the
+/// same port, where the node guard's check and the delivery may disagree
+/// (docs/netpolicy.md, "The node guard"); no engine needs it.
+const DENIED_SOCKET_OPTIONS: [i32; 2] = [libc::SO_BINDTODEVICE, libc::SO_BINDTOIFINDEX];
+
 /// `AUDIT_ARCH_*` of the architecture the shim runs on: a system call made
 /// under another ABI (i386's `int 0x80` from a 64-bit process) kills the
 /// process, as every container runtime's filter does.
@@ -2890,15 +2897,15 @@ fn deny_tree(code: &mut Vec<Op>, nrs: &[u32]) {
 /// architecture kills the process; on x86_64 an x32 system call (number
 /// with bit 30 set) gets ENOSYS, as on a kernel without x32; each of
 /// [`denied_syscalls`] EPERM; `clone` with any of [`CLONE_NS_FLAGS`]
-/// EPERM; `clone3` ENOSYS (its flags are in memory, out of a filter's
-/// reach: libc falls back to `clone`, checked here); everything else is
-/// allowed.
+/// EPERM; `setsockopt` of one of [`DENIED_SOCKET_OPTIONS`] EPERM; `clone3`
+/// ENOSYS (its flags are in memory, out of a filter's reach: libc falls
+/// back to `clone`, checked here); everything else is allowed.
 ///
 /// Assembled here rather than by `seccompiler` (which still installs it):
 /// seccompiler makes five instructions of each unconditional rule and nine
 /// of each 64-bit argument check, one program per action, tested one after
 /// the other — 305 instructions in two filters, where this is one filter
-/// of about 70 searched as a tree. At install the kernel runs the program
+/// of about 80 searched as a tree. At install the kernel runs the program
 /// once per system call number to fill its cache, so the cost follows the
 /// path length (docs/engines.md, "Seccomp"). The unit test runs both
 /// through an interpreter and requires the same decision for every
@@ -2933,8 +2940,32 @@ fn seccomp_program() -> Result<Vec<seccompiler::sock_filter>, LaunchError> {
     deny_tree(&mut code, &nrs);
     let rest = code.len();
     let number = |n: i64| u32::try_from(n).map_err(|_| seccomp_err("system call number", n));
+    let int = |n: i32| n.unsigned_abs();
     code.push((BPF_JEQ, number(libc::SYS_clone3)?, Jump::Enosys, Jump::Next));
-    code.push((BPF_JEQ, number(libc::SYS_clone)?, Jump::Next, Jump::Allow));
+    // clone's flags are checked after setsockopt's (the jump set there).
+    let clone_at = code.len();
+    code.push((BPF_JEQ, number(libc::SYS_clone)?, Jump::Next, Jump::Next));
+    // setsockopt(_, SOL_SOCKET, SO_BINDTODEVICE | SO_BINDTOIFINDEX, …):
+    // level and option are C ints, so the low halves are what the kernel
+    // reads.
+    code.push((
+        BPF_JEQ,
+        number(libc::SYS_setsockopt)?,
+        Jump::Next,
+        Jump::Allow,
+    ));
+    code.push((BPF_LD_ABS, arg0 + 8, Jump::Next, Jump::Next));
+    code.push((BPF_JEQ, int(libc::SOL_SOCKET), Jump::Next, Jump::Allow));
+    code.push((BPF_LD_ABS, arg0 + 16, Jump::Next, Jump::Next));
+    for (i, option) in DENIED_SOCKET_OPTIONS.iter().enumerate() {
+        let miss = if i + 1 == DENIED_SOCKET_OPTIONS.len() {
+            Jump::Allow
+        } else {
+            Jump::Next
+        };
+        code.push((BPF_JEQ, int(*option), Jump::Eperm, miss));
+    }
+    code[clone_at].2 = Jump::To(code.len());
     code.push((BPF_LD_ABS, arg0, Jump::Next, Jump::Next));
     let jset = libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K;
     code.push((jset, CLONE_NS_FLAGS, Jump::Eperm, Jump::Allow));
@@ -3192,11 +3223,13 @@ mod tests {
 
     /// Runs a classic BPF seccomp program on one system call, as the
     /// kernel would (the instructions these programs use only).
-    fn bpf_run(prog: &[seccompiler::sock_filter], nr: u32, arch: u32, arg0: u64) -> u32 {
+    fn bpf_run(prog: &[seccompiler::sock_filter], nr: u32, arch: u32, args: [u64; 3]) -> u32 {
         let mut data = [0u8; 64];
         data[0..4].copy_from_slice(&nr.to_le_bytes());
         data[4..8].copy_from_slice(&arch.to_le_bytes());
-        data[16..24].copy_from_slice(&arg0.to_le_bytes());
+        for (i, arg) in args.iter().enumerate() {
+            data[16 + 8 * i..24 + 8 * i].copy_from_slice(&arg.to_le_bytes());
+        }
         let (mut pc, mut a) = (0usize, 0u32);
         loop {
             let i = &prog[pc];
@@ -3222,10 +3255,12 @@ mod tests {
         }
     }
 
-    /// The rules as `seccompiler` compiled them until 2026-12-05: the deny
-    /// list, `clone` with any namespace flag (one 64-bit masked check per
-    /// flag), and `clone3` in a second filter; the kernel takes the most
-    /// severe answer of the two (here: never both an errno).
+    /// The same rules compiled by `seccompiler` (as the shim did until
+    /// 2026-12-05): the deny list, `clone` with any namespace flag (one
+    /// 64-bit masked check per flag), `setsockopt` of a denied option (the
+    /// low halves of level and option), and `clone3` in a second filter;
+    /// the kernel takes the most severe answer of the two (here: never
+    /// both an errno).
     fn seccompiler_programs() -> Vec<seccompiler::BpfProgram> {
         use seccompiler::{
             SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
@@ -3245,6 +3280,18 @@ mod tests {
             })
             .collect();
         rules.insert(libc::SYS_clone, clone_rules);
+        let int = |n: i32| u64::from(n.unsigned_abs());
+        let sockopt_rules = DENIED_SOCKET_OPTIONS
+            .iter()
+            .map(|&o| {
+                let eq = |arg, v| {
+                    SeccompCondition::new(arg, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, v)
+                        .unwrap()
+                };
+                SeccompRule::new(vec![eq(1, int(libc::SOL_SOCKET)), eq(2, int(o))]).unwrap()
+            })
+            .collect();
+        rules.insert(libc::SYS_setsockopt, sockopt_rules);
         let eperm = SeccompAction::Errno(libc::EPERM.unsigned_abs());
         let deny = SeccompFilter::new(rules, SeccompAction::Allow, eperm, arch).unwrap();
         let enosys = SeccompAction::Errno(libc::ENOSYS.unsigned_abs());
@@ -3254,9 +3301,9 @@ mod tests {
     }
 
     #[test]
-    fn seccomp_program_decides_as_seccompiler_did_and_refuses_x32() {
+    fn seccomp_program_decides_as_seccompiler_and_refuses_x32() {
         let prog = seccomp_program().unwrap();
-        assert!(prog.len() < 80, "{} instructions", prog.len());
+        assert!(prog.len() < 90, "{} instructions", prog.len());
         let old = seccompiler_programs();
         let old_len: usize = old.iter().map(Vec::len).sum();
         assert!(old_len > 4 * prog.len(), "{old_len} vs {}", prog.len());
@@ -3264,10 +3311,10 @@ mod tests {
         let eperm = libc::SECCOMP_RET_ERRNO | libc::EPERM as u32;
         let enosys = libc::SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
         let kill = libc::SECCOMP_RET_KILL_PROCESS;
-        // Both filters of the old pair answer; the kernel keeps the most
-        // severe (kill > errno > allow).
-        let old_run = |nr, arch, arg0| {
-            let answers: Vec<u32> = old.iter().map(|p| bpf_run(p, nr, arch, arg0)).collect();
+        // Both filters of seccompiler's pair answer; the kernel keeps the
+        // most severe (kill > errno > allow).
+        let old_run = |nr, arch, args| {
+            let answers: Vec<u32> = old.iter().map(|p| bpf_run(p, nr, arch, args)).collect();
             if answers.contains(&kill) {
                 kill
             } else {
@@ -3276,6 +3323,7 @@ mod tests {
         };
         let sys = |n: i64| u32::try_from(n).unwrap();
         let clone = sys(libc::SYS_clone);
+        let setsockopt = sys(libc::SYS_setsockopt);
         let thread_flags = (libc::CLONE_VM
             | libc::CLONE_FS
             | libc::CLONE_FILES
@@ -3285,55 +3333,104 @@ mod tests {
             | libc::CLONE_SETTLS
             | libc::CLONE_PARENT_SETTID
             | libc::CLONE_CHILD_CLEARTID) as u64;
-        let mut args = vec![0, thread_flags, libc::SIGCHLD as u64, 1 << 40];
+        let mut clone_args = vec![0, thread_flags, libc::SIGCHLD as u64, 1 << 40];
         for bit in 0..32 {
             let f = 1u64 << bit;
             if CLONE_NS_FLAGS as u64 & f != 0 {
-                args.extend([f, f | thread_flags, f | libc::SIGCHLD as u64]);
+                clone_args.extend([f, f | thread_flags, f | libc::SIGCHLD as u64]);
             }
         }
+        let clone_args: Vec<[u64; 3]> = clone_args.into_iter().map(|a| [a, 0, 0]).collect();
+        // Levels and options around the denied pair, with high halves set
+        // (the kernel reads C ints: still the denied pair).
+        let int = |n: i32| u64::from(n.unsigned_abs());
+        let high = 1u64 << 32;
+        let levels = [
+            int(libc::SOL_SOCKET),
+            int(libc::SOL_SOCKET) | high,
+            int(libc::IPPROTO_IP),
+            int(libc::IPPROTO_TCP),
+            int(libc::IPPROTO_IPV6),
+        ];
+        let options = [
+            int(libc::SO_BINDTODEVICE),
+            int(libc::SO_BINDTOIFINDEX),
+            int(libc::SO_BINDTODEVICE) | high,
+            int(libc::SO_REUSEADDR),
+            int(libc::SO_MARK),
+            0,
+        ];
+        let sockopt_args: Vec<[u64; 3]> = levels
+            .iter()
+            .flat_map(|&l| options.iter().map(move |&o| [3, l, o]))
+            .collect();
+        let plain = [[0, 0, 0], [u64::MAX; 3]];
         let mut denied = 0;
         for nr in 0..1024u32 {
-            for &arg0 in if nr == clone {
-                &args[..]
-            } else {
-                &[0, u64::MAX][..]
-            } {
-                let new = bpf_run(&prog, nr, AUDIT_ARCH, arg0);
+            let cases = match nr {
+                n if n == clone => &clone_args[..],
+                n if n == setsockopt => &sockopt_args[..],
+                _ => &plain[..],
+            };
+            for &args in cases {
+                let new = bpf_run(&prog, nr, AUDIT_ARCH, args);
                 assert_eq!(
                     new,
-                    old_run(nr, AUDIT_ARCH, arg0),
-                    "nr {nr}, arg0 {arg0:#x}"
+                    old_run(nr, AUDIT_ARCH, args),
+                    "nr {nr}, args {args:#x?}"
                 );
                 denied += usize::from(new != allow);
-                // Under another architecture: killed, as before.
-                assert_eq!(bpf_run(&prog, nr, 0x4000_0003, arg0), kill);
-                assert_eq!(old_run(nr, 0x4000_0003, arg0), kill);
+                // Under another architecture: killed.
+                assert_eq!(bpf_run(&prog, nr, 0x4000_0003, args), kill);
+                assert_eq!(old_run(nr, 0x4000_0003, args), kill);
             }
         }
         assert!(denied > denied_syscalls().len(), "{denied}");
         // clone: any namespace flag denied, threads and forks allowed.
-        assert_eq!(bpf_run(&prog, clone, AUDIT_ARCH, thread_flags), allow);
         assert_eq!(
-            bpf_run(&prog, clone, AUDIT_ARCH, libc::SIGCHLD as u64),
+            bpf_run(&prog, clone, AUDIT_ARCH, [thread_flags, 0, 0]),
+            allow
+        );
+        assert_eq!(
+            bpf_run(&prog, clone, AUDIT_ARCH, [libc::SIGCHLD as u64, 0, 0]),
             allow
         );
         let user = libc::CLONE_NEWUSER as u64 | libc::SIGCHLD as u64;
-        assert_eq!(bpf_run(&prog, clone, AUDIT_ARCH, user), eperm);
+        assert_eq!(bpf_run(&prog, clone, AUDIT_ARCH, [user, 0, 0]), eperm);
         let clone3 = sys(libc::SYS_clone3);
-        assert_eq!(bpf_run(&prog, clone3, AUDIT_ARCH, 0), enosys);
-        assert_eq!(bpf_run(&prog, sys(libc::SYS_mount), AUDIT_ARCH, 0), eperm);
-        // x32 (bit 30 of the number, same architecture): the new program
-        // refuses every such call, the old one let them all through.
+        assert_eq!(bpf_run(&prog, clone3, AUDIT_ARCH, [0; 3]), enosys);
+        assert_eq!(
+            bpf_run(&prog, sys(libc::SYS_mount), AUDIT_ARCH, [0; 3]),
+            eperm
+        );
+        // setsockopt: binding to a device denied (whatever the high
+        // halves), every other option allowed.
+        let sol = int(libc::SOL_SOCKET);
+        for (level, option, answer) in [
+            (sol, int(libc::SO_BINDTODEVICE), eperm),
+            (sol, int(libc::SO_BINDTOIFINDEX), eperm),
+            (sol | high, int(libc::SO_BINDTODEVICE) | high, eperm),
+            (sol, int(libc::SO_REUSEADDR), allow),
+            (int(libc::IPPROTO_TCP), int(libc::SO_BINDTODEVICE), allow),
+        ] {
+            let args = [3, level, option];
+            assert_eq!(
+                bpf_run(&prog, setsockopt, AUDIT_ARCH, args),
+                answer,
+                "{args:?}"
+            );
+        }
+        // x32 (bit 30 of the number, same architecture): this program
+        // refuses every such call, seccompiler's let them all through.
         #[cfg(target_arch = "x86_64")]
         for nr in [0, sys(libc::SYS_mount), sys(libc::SYS_unshare), clone] {
             let x32 = nr | 0x4000_0000;
             assert_eq!(
-                bpf_run(&prog, x32, AUDIT_ARCH, u64::MAX),
+                bpf_run(&prog, x32, AUDIT_ARCH, [u64::MAX; 3]),
                 enosys,
                 "x32 {nr}"
             );
-            assert_eq!(old_run(x32, AUDIT_ARCH, u64::MAX), allow, "x32 {nr}");
+            assert_eq!(old_run(x32, AUDIT_ARCH, [u64::MAX; 3]), allow, "x32 {nr}");
         }
     }
 

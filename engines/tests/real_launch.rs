@@ -401,6 +401,9 @@ fn confined_engine(warm_in: Option<PathBuf>) {
     // namespace is allowed on Debian.
     assert_eq!(field(&out, "mount"), "EPERM");
     assert_eq!(field(&out, "ptrace_traceme"), "EPERM");
+    // Binding a socket to a device (allowed unprivileged since 5.7; the
+    // node guard's socket check assumes no engine socket does).
+    assert_eq!(field(&out, "bind_to_device"), "EPERM");
     assert_eq!(field(&out, "unshare_user"), "EPERM");
     assert_eq!(field(&out, "setuid0"), "EPERM");
     // No host path: neither the test's file nor the agent's state.
@@ -2110,6 +2113,25 @@ fn unified_cgroup() -> String {
         .to_owned()
 }
 
+/// `SO_BINDTODEVICE` to `lo` on a fresh UDP socket: allowed without
+/// privilege since Linux 5.7, denied by the engine's seccomp filter.
+fn bind_to_device() -> String {
+    use nix::sys::socket::{setsockopt, socket, sockopt, AddressFamily, SockFlag, SockType};
+    match socket(
+        AddressFamily::Inet,
+        SockType::Datagram,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    ) {
+        Ok(fd) => nix_errno(setsockopt(
+            &fd,
+            sockopt::BindToDevice,
+            &std::ffi::OsString::from("lo"),
+        )),
+        Err(e) => format!("socket: {e:?}"),
+    }
+}
+
 /// "SOFT,HARD" of "Max core file size" in /proc/self/limits.
 fn core_limit() -> String {
     fs::read_to_string("/proc/self/limits")
@@ -2220,6 +2242,7 @@ fn probe(args: &[String]) -> i32 {
         ))
     );
     println!("ptrace_traceme={}", nix_errno(nix::sys::ptrace::traceme()));
+    println!("bind_to_device={}", bind_to_device());
     println!(
         "unshare_user={}",
         nix_errno(nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER))

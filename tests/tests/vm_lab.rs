@@ -1993,7 +1993,10 @@ fn engines_on_the_node(vm: &mut Vm) {
     vm.step("engines: the engines unit holds the tree");
 
     let dir = workspace_root().join("target/vm-engines");
-    let image = engine_image(&dir, &["/usr/sbin/nft", "/usr/bin/dbus-send"]);
+    let image = engine_image(
+        &dir,
+        &["/usr/sbin/nft", "/usr/bin/dbus-send", "/usr/bin/socat"],
+    );
     let image = image.to_str().unwrap();
     eprintln!(
         "vm: engine image {} bytes",
@@ -2323,6 +2326,8 @@ fn engines_on_the_node(vm: &mut Vm) {
          echo \"core limit: $(ulimit -c) $(ulimit -H -c)\"; \
          t node-ssh /bin/busybox nc -w 2 127.0.0.1 22; \
          t node-ssh-addr /bin/busybox nc -w 2 NODE_ADDR 22; \
+         /usr/bin/socat -u /dev/null UDP4-SENDTO:127.0.0.1:9 && echo 'plain udp socket: ok'; \
+         t bind-to-device /usr/bin/socat -u /dev/null UDP4-SENDTO:127.0.0.1:9,so-bindtodevice=lo; \
          /bin/busybox nc -l -p 18090 -e /bin/busybox echo self-reached & \
          for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do self=$(/bin/busybox nc -w 2 127.0.0.1 18090) && [ -n \"$self\" ] && break; /bin/busybox sleep 0.1; done; \
          echo \"loopback to itself: $self\"; \
@@ -2357,6 +2362,7 @@ fn engines_on_the_node(vm: &mut Vm) {
         "bus-tenant",
         "node-ssh",
         "node-ssh-addr",
+        "bind-to-device",
     ] {
         assert!(logs.contains(&format!("denied {n}:")), "{n}: {logs}");
     }
@@ -2368,6 +2374,15 @@ fn engines_on_the_node(vm: &mut Vm) {
         "{logs}"
     );
     assert!(logs.contains("loopback to itself: self-reached"), "{logs}");
+    // A socket bound to a device: refused by seccomp (the same socket
+    // without the option works).
+    assert!(logs.contains("plain udp socket: ok"), "{logs}");
+    assert!(
+        logs.lines()
+            .any(|l| l.starts_with("denied bind-to-device:")
+                && l.contains("Operation not permitted")),
+        "{logs}"
+    );
     let denied = vm.sh("nft list counter inet leasehold deny_engines_node");
     assert!(!denied.contains("packets 0 "), "{denied}");
     // No core dump to the node's core_pattern, and no raising the limit.
@@ -2378,7 +2393,7 @@ fn engines_on_the_node(vm: &mut Vm) {
             .any(|l| l.trim_end().ends_with("own cgroup: 0::/")),
         "{logs}"
     );
-    vm.step("engines: escape attempts denied (the node's sshd too); the engine's cgroup namespace");
+    vm.step("engines: escape attempts denied (the node's sshd, a device-bound socket too); the engine's cgroup namespace");
 
     // A link an engine plants in its own data dir, then a reload naming a
     // data dir through it: refused (before 2026-12-06 the agent chowned
