@@ -137,6 +137,36 @@ fn change_dict(r: &ChangeReport) -> KeyChange {
     }
 }
 
+/// `KeysChanged` for each interface that gets it: landlords see every
+/// change; tenants see changes of tenant keys (delivery is restricted to
+/// the roles by the bus policy). Each copy carries what that role's
+/// `ListReceipts` shows (docs/dbus.md, "Receipts"):
+/// - the landlord's copy of a tenant's own rotation has no receipt and no
+///   warnings: the receipt names the tenant's engines, and so can a
+///   warning (an engine not shown stopped);
+/// - the tenant's copy of an assignment or a release has no receipt: it is
+///   the previous tenancy's erase, or the one that ended.
+fn signal_copies(change: KeyChange, role: Role) -> Vec<(&'static str, KeyChange)> {
+    let kind = change.kind.clone().unwrap_or_default();
+    let tenancy = kind == "assign" || kind == "release";
+    let mut landlords = change.clone();
+    if role == Role::Tenant && !tenancy {
+        landlords.receipt = None;
+        landlords.receipt_signature = None;
+        landlords.warnings = None;
+    }
+    let mut copies = vec![(leasehold_dbus_api::LANDLORD_INTERFACE, landlords)];
+    if role == Role::Tenant {
+        let mut theirs = change;
+        if tenancy {
+            theirs.receipt = None;
+            theirs.receipt_signature = None;
+        }
+        copies.push((leasehold_dbus_api::TENANT_INTERFACE, theirs));
+    }
+    copies
+}
+
 /// A stored receipt on the wire; the body and signature only for
 /// `GetReceipt`.
 fn receipt_dict(r: crate::receipts::Stored, with_body: bool) -> ReceiptInfo {
@@ -324,21 +354,7 @@ impl Events for BusEvents {
                 tracing::error!(error = %e, "cannot record the tenancy; the tenant sees no receipt until the next assignment");
             }
         }
-        // Landlords see every change; tenants see changes of tenant keys.
-        // Delivery is restricted to the roles by the bus policy.
-        let mut ifaces = vec![(leasehold_dbus_api::LANDLORD_INTERFACE, change.clone())];
-        if report.change.role == Role::Tenant {
-            // An assignment's receipt is the previous tenant's erase (its
-            // engines, its volume), a release's the tenancy that ended:
-            // the tenant's signal carries neither, as ListReceipts does
-            // not (docs/dbus.md, "Receipts").
-            let mut theirs = change;
-            if kind == "assign" || kind == "release" {
-                theirs.receipt = None;
-                theirs.receipt_signature = None;
-            }
-            ifaces.push((leasehold_dbus_api::TENANT_INTERFACE, theirs));
-        }
+        let ifaces = signal_copies(change, report.change.role);
         let conn = self.conn.clone();
         self.rt.spawn(async move {
             for (iface, change) in ifaces {
@@ -2060,5 +2076,53 @@ impl AttestApi {
     #[zbus(property)]
     fn version(&self) -> u32 {
         ATTEST_API_VERSION
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(kind: &str, role: Role) -> KeyChange {
+        KeyChange {
+            kind: Some(kind.into()),
+            role: Some(role.to_string()),
+            receipt: Some(r#"{"engines":{"stopped":["db"]}}"#.into()),
+            receipt_signature: Some("sig".into()),
+            warnings: Some(vec!["engines not shown stopped: db".into()]),
+            ..KeyChange::default()
+        }
+    }
+
+    /// Each role's copy of `KeysChanged` carries only the receipts its
+    /// `ListReceipts` shows it (receipts.rs `list`).
+    #[test]
+    fn each_roles_key_change_signal_carries_only_its_own_receipts() {
+        let (l, t) = (
+            leasehold_dbus_api::LANDLORD_INTERFACE,
+            leasehold_dbus_api::TENANT_INTERFACE,
+        );
+        // (kind, role) → receipt in the landlord's copy, in the tenant's
+        // (None: no tenant copy).
+        for (kind, role, landlord_sees, tenant_sees) in [
+            ("rotate", Role::Tenant, false, Some(true)),
+            ("rekey", Role::Tenant, false, Some(true)),
+            ("assign", Role::Tenant, true, Some(false)),
+            ("release", Role::Tenant, true, Some(false)),
+            ("rotate", Role::Landlord, true, None),
+        ] {
+            let copies = signal_copies(change(kind, role), role);
+            let of = |iface: &str| copies.iter().find(|(i, _)| *i == iface).map(|(_, c)| c);
+            let ll = of(l).expect("the landlord always gets it");
+            assert_eq!(ll.receipt.is_some(), landlord_sees, "{kind} {role}");
+            assert_eq!(ll.receipt_signature.is_some(), landlord_sees);
+            assert_eq!(ll.warnings.is_some(), landlord_sees, "{kind} {role}");
+            assert_eq!(ll.kind.as_deref(), Some(kind), "the change itself is shown");
+            assert_eq!(
+                of(t).map(|c| c.receipt.is_some()),
+                tenant_sees,
+                "{kind} {role}"
+            );
+        }
     }
 }

@@ -1551,11 +1551,17 @@ impl Runtime {
                 s.drain_now();
             }
         }
+        // A copy of the shim's pidfd ends the output's reading with the
+        // instance (a FIFO's write end passed to another engine would keep
+        // it, and the agent's descriptors, open).
+        let mut end = None;
         let watched = match proc.exit_fd() {
-            Some(Ok(fd)) => self
-                .logs
-                .watch_exit(fd, done, status)
-                .map_err(|e| format!("cannot watch the instance: {e}")),
+            Some(Ok(fd)) => {
+                end = fd.try_clone().ok();
+                self.logs
+                    .watch_exit(fd, done, status)
+                    .map_err(|e| format!("cannot watch the instance: {e}"))
+            }
             Some(Err(e)) => Err(format!("cannot watch the instance: {e}")),
             None => match proc.exit_waiter() {
                 Ok(waiter) => std::thread::Builder::new()
@@ -1582,7 +1588,7 @@ impl Runtime {
                 .map(|d| d.join("logs"));
             let started = dir
                 .ok_or_else(|| std::io::Error::other("no engine directory above the root"))
-                .and_then(|d| output::capture(self.logs.clone(), name, d, out));
+                .and_then(|d| output::capture(self.logs.clone(), name, d, out, end));
             if let Err(err) = started {
                 // The engine runs on; its output stays in the FIFO (and
                 // blocks it once full): said loudly, not hidden.

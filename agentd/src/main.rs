@@ -149,6 +149,31 @@ impl AgentError {
     }
 }
 
+/// The agent's soft limit on open descriptors, raised to this (or the hard
+/// limit, if lower). An instance holds about six (its FIFOs, status FIFO,
+/// pidfds, notify socket and stop pipe): 100 idle engines measured 626 in
+/// all, so [`engines::MAX_ENGINES`] during reloads would come near the 1024
+/// a systemd unit gets by default, and every later open (D-Bus
+/// connections, the landlord's calls too) would fail. The unit sets
+/// `LimitNOFILE` to the same; engines get 1024 back from the shim.
+const OPEN_FILES: u64 = 65_536;
+
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let now = getrlimit(Resource::Nofile);
+    let want = now.maximum.map_or(OPEN_FILES, |max| max.min(OPEN_FILES));
+    if now.current.is_some_and(|cur| cur >= want) {
+        return;
+    }
+    let raised = Rlimit {
+        current: Some(want),
+        maximum: now.maximum,
+    };
+    if let Err(e) = setrlimit(Resource::Nofile, raised) {
+        warn!("cannot raise the open files limit to {want}: {e}");
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
     // The unit's UMask=0077, also when started otherwise (tests, --dev):
@@ -167,6 +192,7 @@ fn main() -> ExitCode {
         log = log_to,
         "agentd starting"
     );
+    raise_open_files_limit();
     // No transparent huge pages for the agent: with the kernel's "always"
     // (Debian's default) a few 2 MiB pages made a third of its resident
     // memory (docs/engines.md, "The agent's memory"). Engines get the

@@ -1585,6 +1585,7 @@ pub fn shim_main(args: &[OsString]) -> i32 {
         eprintln!("leasehold-engine-shim: {e}");
         return CONFINE_FAILED;
     }
+    default_open_files();
     if args.get(1).is_some_and(|a| a == "--probe") {
         return match probe_main(&args[2..]) {
             Ok(code) => code,
@@ -1633,6 +1634,27 @@ fn no_core_dumps() -> Result<(), LaunchError> {
         step: "setrlimit(RLIMIT_CORE, 0)".into(),
         source: nix::Error::from_raw(e.raw_os_error()),
     })
+}
+
+/// The soft limit on open descriptors an engine starts with: what a
+/// systemd service gets (programs using `select` fail on descriptors of
+/// 1024 and above), not the agent's raised one. The hard limit is kept:
+/// an engine may raise its own.
+const ENGINE_OPEN_FILES: u64 = 1024;
+
+fn default_open_files() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let now = getrlimit(Resource::Nofile);
+    if now.current.is_none_or(|cur| cur > ENGINE_OPEN_FILES) {
+        // Best effort: lowering a soft limit cannot fail but for EINVAL.
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(ENGINE_OPEN_FILES),
+                maximum: now.maximum,
+            },
+        );
+    }
 }
 
 /// `shim --warm`: what needs no run directory, then waits on stdin (a

@@ -68,6 +68,9 @@ fn main() {
         println!("{}", r.shim_pid());
         return;
     }
+    // As the agent does (its unit's LimitNOFILE): the engines must start
+    // with 1024 again all the same.
+    raise_open_files();
     let tests: &[(&str, Test)] = &[
         ("real_confined_engine", real_confined_engine),
         ("real_confined_engine_warm", real_confined_engine_warm),
@@ -378,6 +381,8 @@ fn confined_engine(warm_in: Option<PathBuf>) {
     // No core dump (the node's core_pattern is the landlord's), and no
     // way to raise the limit.
     assert_eq!(field(&out, "core_limit"), "0,0");
+    // A service's soft limit on descriptors, not the agent's raised one.
+    assert_eq!(field(&out, "open_files"), engine_open_files());
     // The shim handles the signals it forwards; the engine starts with
     // none blocked. (What it ignores is its own: this probe is a Rust
     // program, whose runtime ignores SIGPIPE.)
@@ -740,6 +745,8 @@ fn real_exec_probe() -> Outcome {
     // No core dump (the node's core_pattern is the landlord's), and no
     // way to raise the limit.
     assert_eq!(field(&out, "core_limit"), "0,0");
+    // A service's soft limit on descriptors, not the agent's raised one.
+    assert_eq!(field(&out, "open_files"), engine_open_files());
     let id = format!("{ENGINE_UID},{ENGINE_UID},{ENGINE_UID}");
     assert_eq!(field(&out, "uid"), id);
     assert_eq!(field(&out, "NoNewPrivs"), "1");
@@ -2087,6 +2094,7 @@ fn in_engine(out: &str) -> i32 {
     }
     text += &format!("cgroup_path={}\n", unified_cgroup());
     text += &format!("core_limit={}\n", core_limit());
+    text += &format!("open_files={}\n", open_files_limit());
     let host = nix::unistd::gethostname().unwrap_or_default();
     text += &format!("hostname={}\n", host.to_string_lossy());
     text += &format!(
@@ -2132,13 +2140,45 @@ fn bind_to_device() -> String {
     }
 }
 
+/// Raises this runner's soft limit on open descriptors to its hard limit,
+/// as the agent does (raising the hard limit needs CAP_SYS_RESOURCE, which
+/// this host's root lacks).
+fn raise_open_files() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    let max = getrlimit(Resource::Nofile).maximum;
+    let l = Rlimit {
+        current: max,
+        maximum: max,
+    };
+    setrlimit(Resource::Nofile, l).expect("raise RLIMIT_NOFILE's soft limit");
+}
+
+/// What an engine must see: 1024 (or less, the hard limit), and the hard
+/// limit kept.
+fn engine_open_files() -> String {
+    let hard = rustix::process::getrlimit(rustix::process::Resource::Nofile)
+        .maximum
+        .map_or("unlimited".to_owned(), |m| m.to_string());
+    let soft = hard.parse::<u64>().map_or(1024, |h| h.min(1024));
+    format!("{soft},{hard}")
+}
+
+/// "SOFT,HARD" of "Max open files" in /proc/self/limits.
+fn open_files_limit() -> String {
+    limit_of("Max open files")
+}
+
 /// "SOFT,HARD" of "Max core file size" in /proc/self/limits.
 fn core_limit() -> String {
+    limit_of("Max core file size")
+}
+
+fn limit_of(name: &str) -> String {
     fs::read_to_string("/proc/self/limits")
         .unwrap_or_default()
         .lines()
         .find_map(|l| {
-            let rest = l.strip_prefix("Max core file size")?;
+            let rest = l.strip_prefix(name)?;
             let v: Vec<&str> = rest.split_whitespace().collect();
             Some(format!("{},{}", v.first()?, v.get(1)?))
         })
@@ -2171,6 +2211,7 @@ fn probe(args: &[String]) -> i32 {
     println!("pid={}", std::process::id());
     println!("cgroup_path={}", unified_cgroup());
     println!("core_limit={}", core_limit());
+    println!("open_files={}", open_files_limit());
     println!(
         "thp_disable={}",
         nix::sys::prctl::get_thp_disable().map_or_else(|e| e.to_string(), |d| d.to_string())

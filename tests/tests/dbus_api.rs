@@ -552,6 +552,31 @@ fn dbus_keys_changed_signal_and_version_property() {
     assert_eq!(change.role.as_deref(), Some("landlord"));
     assert_eq!(change.generation_after, Some(2));
     assert_eq!(change.data_destroyed, Some(false));
+    // A tenant's own rotation: the landlord's signal says a rotation
+    // happened, without the receipt (it names the tenant's engines) or the
+    // warnings, as the landlord's ListReceipts does not show it (the
+    // tenant's copy, delivered to leasehold-tenant only, keeps them: T0
+    // each_roles_key_change_signal_carries_only_its_own_receipts).
+    ensure_assigned(&lab);
+    let landlords = lab.block_on(async {
+        use futures_util::StreamExt;
+        let root = leasehold_tests::connect(&lab.address).await;
+        let p = leasehold_dbus_api::LandlordProxy::new(&root).await.unwrap();
+        let mut changes = p.receive_keys_changed().await.unwrap();
+        lab.run(Who::Tenant, "tenantctl", &["--yes", "rotate"]).ok();
+        let bound = std::time::Duration::from_secs(30);
+        let l = tokio::time::timeout(bound, changes.next())
+            .await
+            .expect("the landlord's KeysChanged within the bound")
+            .unwrap();
+        l.args().unwrap().change().clone()
+    });
+    assert_eq!(landlords.kind.as_deref(), Some("rotate"));
+    assert_eq!(landlords.role.as_deref(), Some("tenant"));
+    assert_eq!(landlords.data_destroyed, Some(true));
+    assert_eq!(landlords.receipt, None, "{landlords:?}");
+    assert_eq!(landlords.receipt_signature, None);
+    assert_eq!(landlords.warnings, None);
 }
 
 /// The engine runtime in the agent on this host: no tenant volume (and no

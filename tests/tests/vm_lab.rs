@@ -2324,6 +2324,7 @@ fn engines_on_the_node(vm: &mut Vm) {
          t bus-tenant /usr/bin/dbus-send --system --print-reply --dest=org.leasehold.Agent1 /org/leasehold/Agent1 org.leasehold.Tenant1.NodeInfo; \
          echo \"own cgroup: $(/bin/busybox cat /proc/self/cgroup)\"; \
          echo \"core limit: $(ulimit -c) $(ulimit -H -c)\"; \
+         echo \"open files: $(ulimit -n) $(ulimit -H -n)\"; \
          t node-ssh /bin/busybox nc -w 2 127.0.0.1 22; \
          t node-ssh-addr /bin/busybox nc -w 2 NODE_ADDR 22; \
          /usr/bin/socat -u /dev/null UDP4-SENDTO:127.0.0.1:9 && echo 'plain udp socket: ok'; \
@@ -2387,6 +2388,18 @@ fn engines_on_the_node(vm: &mut Vm) {
     assert!(!denied.contains("packets 0 "), "{denied}");
     // No core dump to the node's core_pattern, and no raising the limit.
     assert!(logs.contains("core limit: 0 0"), "{logs}");
+    // The agent's descriptors raised by its unit; an engine starts with a
+    // service's 1024 again.
+    let agent_limits = vm.sh("grep 'Max open files' /proc/$(pidof agentd)/limits");
+    assert!(
+        agent_limits
+            .split_whitespace()
+            .filter(|w| *w == "65536")
+            .count()
+            == 2,
+        "{agent_limits}"
+    );
+    assert!(logs.contains("open files: 1024 65536"), "{logs}");
     // Its own cgroup namespace: its cgroup is "/", no path of the node's.
     assert!(
         logs.lines()

@@ -33,6 +33,15 @@ use super::VolumeDir;
 /// Bytes of output waiting for the writer, all engines together, before
 /// batches are dropped.
 pub const QUEUE_BYTES: usize = 4 << 20;
+/// One instance may hold at most this share of the queue (1/4): a
+/// flooding engine cannot fill it and have every other engine's lines
+/// dropped.
+const INSTANCE_SHARE: usize = 4;
+/// What a queued record costs beyond its stored bytes: the record itself
+/// and its text's allocation (the allocator's header and rounding), so
+/// that the bound is on the agent's memory (a flood of 1-byte lines
+/// would otherwise hold about three times the bound).
+const RECORD_OVERHEAD: usize = std::mem::size_of::<Record>() + 32;
 /// Events kept for `Events` polls.
 pub const EVENTS_KEPT: usize = 512;
 /// A line with no newline yet is stored after this much silence (a prompt,
@@ -43,6 +52,11 @@ const FLUSH_AFTER: Duration = Duration::from_secs(1);
 const PIPE_SIZE: i32 = 1 << 20;
 /// One read.
 const READ_CHUNK: usize = 64 << 10;
+/// Most bytes read from one stream once its instance has ended: what its
+/// processes wrote fits in the pipe; a write end still held elsewhere (an
+/// engine can pass its stdout to another engine) cannot keep the reading,
+/// or the agent's descriptors, going.
+const DRAIN_AT_END: usize = PIPE_SIZE.unsigned_abs() as usize + READ_CHUNK;
 
 /// Unix milliseconds now.
 pub fn now_ms() -> u64 {
@@ -150,7 +164,9 @@ pub fn reopen_fifos(run_dir: &Path) -> Option<Output> {
 
 enum LogMsg {
     Begin(Arc<str>, PathBuf),
-    Records(Arc<str>, Vec<Record>, usize),
+    /// The engine, the batch, its cost in the queue and the instance's
+    /// share of it.
+    Records(Arc<str>, Vec<Record>, usize, Arc<AtomicUsize>),
     End(Arc<str>),
 }
 
@@ -248,20 +264,32 @@ impl LogSink {
         }
     }
 
-    /// Takes a batch if it fits in the queue (else `false`: dropped).
-    fn offer(&self, engine: &Arc<str>, records: Vec<Record>, force: bool) -> bool {
-        let bytes: usize = records.iter().map(Record::stored_len).sum();
+    /// Takes a batch if it fits in the queue and in the instance's share
+    /// of it (`mine`), else `false`: dropped.
+    fn offer(
+        &self,
+        engine: &Arc<str>,
+        mine: &Arc<AtomicUsize>,
+        records: Vec<Record>,
+        force: bool,
+    ) -> bool {
+        let bytes: usize = records
+            .iter()
+            .map(|r| r.stored_len() + RECORD_OVERHEAD)
+            .sum();
         let held = self.queued.fetch_add(bytes, Ordering::AcqRel);
-        if !force && held + bytes > self.limit {
+        let own = mine.fetch_add(bytes, Ordering::AcqRel);
+        let undo = || {
             self.queued.fetch_sub(bytes, Ordering::AcqRel);
+            mine.fetch_sub(bytes, Ordering::AcqRel);
+        };
+        if !force && (held + bytes > self.limit || own + bytes > self.limit / INSTANCE_SHARE) {
+            undo();
             return false;
         }
-        if self
-            .tx
-            .send(LogMsg::Records(engine.clone(), records, bytes))
-            .is_err()
-        {
-            self.queued.fetch_sub(bytes, Ordering::AcqRel);
+        let msg = LogMsg::Records(engine.clone(), records, bytes, mine.clone());
+        if self.tx.send(msg).is_err() {
+            undo();
             return false;
         }
         true
@@ -295,7 +323,7 @@ fn writer(rx: Receiver<LogMsg>, queued: Arc<AtomicUsize>, volume: Arc<dyn Volume
                     }
                 }
             }
-            LogMsg::Records(e, records, bytes) => {
+            LogMsg::Records(e, records, bytes, mine) => {
                 if let Some(o) = open.get_mut(&e) {
                     let r = append(o, &*volume, max, &records);
                     match r {
@@ -310,6 +338,7 @@ fn writer(rx: Receiver<LogMsg>, queued: Arc<AtomicUsize>, volume: Arc<dyn Volume
                     }
                 }
                 queued.fetch_sub(bytes, Ordering::AcqRel);
+                mine.fetch_sub(bytes, Ordering::AcqRel);
             }
         }
     }
@@ -343,6 +372,8 @@ fn append(
 pub struct Capture {
     sink: LogSink,
     engine: Arc<str>,
+    /// This instance's bytes in the queue.
+    held: Arc<AtomicUsize>,
     dropped: u64,
     /// Told when the capture ends (tests wait on it).
     #[cfg(test)]
@@ -357,6 +388,7 @@ impl Capture {
         Capture {
             sink,
             engine,
+            held: Arc::default(),
             dropped: 0,
             #[cfg(test)]
             ended: None,
@@ -378,7 +410,7 @@ impl Capture {
         if self.dropped > 0 {
             records.insert(0, self.note(time_ms));
         }
-        if self.sink.offer(&self.engine, records, false) {
+        if self.sink.offer(&self.engine, &self.held, records, false) {
             self.dropped = 0;
         } else {
             self.dropped += n;
@@ -400,7 +432,7 @@ impl Capture {
     pub fn finish(mut self, time_ms: u64) {
         if self.dropped > 0 {
             let note = self.note(time_ms);
-            self.sink.offer(&self.engine, vec![note], true);
+            self.sink.offer(&self.engine, &self.held, vec![note], true);
             self.dropped = 0;
         }
     }
@@ -417,17 +449,26 @@ impl Drop for Capture {
 }
 
 /// Hands one instance's output to the I/O thread, which reads both FIFOs
-/// until every writer is gone (the shim and the engine ended). After
-/// [`LogSink::stop`] nothing is read: the capture ends at once.
-pub fn capture(sink: LogSink, engine: &str, dir: PathBuf, output: Output) -> io::Result<()> {
+/// until every writer is gone (the shim and the engine ended) or, with
+/// `end` (the shim's pidfd), until the instance has ended and what it
+/// wrote is read ([`DRAIN_AT_END`]). After [`LogSink::stop`] nothing is
+/// read: the capture ends at once.
+pub fn capture(
+    sink: LogSink,
+    engine: &str,
+    dir: PathBuf,
+    output: Output,
+    end: Option<OwnedFd>,
+) -> io::Result<()> {
     let cap = Capture::new(sink.clone(), engine, dir);
-    sink.hand(Job::Output(cap, output))
+    sink.hand(Job::Output(cap, output, end))
 }
 
 /// What the I/O thread is handed.
 enum Job {
-    /// An instance's output: read until its writers are gone.
-    Output(Capture, Output),
+    /// An instance's output: read until its writers are gone or the
+    /// instance has ended (the pidfd, if any).
+    Output(Capture, Output, Option<OwnedFd>),
     /// A pidfd (readable once the process exited) and what to call then;
     /// with the shim's status FIFO, whose records are all handed on before
     /// `Done` is called.
@@ -440,7 +481,7 @@ impl Job {
     /// The descriptors the job is watched by, with their stream bit.
     fn fds(&self) -> Vec<(BorrowedFd<'_>, u64)> {
         match self {
-            Job::Output(_, o) => [(&o.out, 0u64), (&o.err, 1)]
+            Job::Output(_, o, end) => [(&o.out, 0u64), (&o.err, 1), (end, 2)]
                 .into_iter()
                 .filter_map(|(fd, i)| Some((fd.as_ref()?.as_fd(), i)))
                 .collect(),
@@ -534,7 +575,7 @@ struct IoHandle {
     epoll: Arc<OwnedFd>,
     /// An eventfd: written after each job, so the thread takes it at once.
     wake: Arc<OwnedFd>,
-    /// Entry ids (tokens `id << 1 | stream`); 0 is the thread's own.
+    /// Entry ids (tokens `id << 2 | slot`); 0 is the thread's own.
     next: std::sync::atomic::AtomicU64,
     /// The thread's id, for tests that count its wake-ups.
     tid: Arc<std::sync::atomic::AtomicI32>,
@@ -576,7 +617,7 @@ impl LogSink {
             let added = epoll::add(
                 &*self.io.epoll,
                 fd,
-                epoll::EventData::new_u64(id << 1 | i),
+                epoll::EventData::new_u64(id << 2 | i),
                 epoll::EventFlags::IN,
             );
             if let Err(e) = added {
@@ -614,7 +655,9 @@ impl LogSink {
 }
 
 /// epoll tokens: 0 and 1 are the wake eventfd and the stop pipe; an entry
-/// `id` (from 1) uses `id << 1 | stream` (an exit: stream 0).
+/// `id` (from 1) uses `id << 2 | slot`: output 0 stdout, 1 stderr, 2 the
+/// instance's end; an exit 0 its pidfd, 1 the status FIFO; a notify 0 the
+/// socket, 1 the stop pipe.
 const WAKE: u64 = 0;
 const STOP: u64 = 1;
 
@@ -623,6 +666,8 @@ struct Reading {
     cap: Capture,
     /// stdout's and stderr's read ends while they last.
     streams: [Option<(File, LineSplitter)>; 2],
+    /// The instance's pidfd: readable once it has ended.
+    end: Option<OwnedFd>,
     /// The last read: a line without its newline is stored after
     /// [`FLUSH_AFTER`] of silence on both streams.
     last: Instant,
@@ -650,7 +695,7 @@ struct IoLoop {
     wake: Arc<OwnedFd>,
     exits: HashMap<u64, (OwnedFd, Done, Option<StatusReader>)>,
     readings: HashMap<u64, Reading>,
-    /// Notify sockets (token `id << 1`) and their stop pipes (`id << 1 | 1`).
+    /// Notify sockets (token `id << 2`) and their stop pipes (`id << 2 | 1`).
     notifies: HashMap<u64, (NotifyReader, OwnedFd)>,
 }
 
@@ -728,7 +773,7 @@ impl IoLoop {
             // the notify socket, output) and before its own exit.
             let (first, rest): (Vec<_>, Vec<_>) = events.drain(..).partition(|ev| {
                 let t = ev.data.u64();
-                t & 1 == 1 && self.exits.contains_key(&(t >> 1))
+                t & 3 == 1 && self.exits.contains_key(&(t >> 2))
             });
             for ev in first.into_iter().chain(rest) {
                 match ev.data.u64() {
@@ -760,28 +805,28 @@ impl IoLoop {
             Job::Notify(reader, stop) => {
                 self.notifies.insert(id, (reader, stop));
             }
-            Job::Output(cap, output) => {
+            Job::Output(cap, output, end) => {
                 let streams = [(output.out, Stream::Out), (output.err, Stream::Err)]
                     .map(|(fd, s)| fd.map(|fd| (File::from(fd), LineSplitter::new(s, LINE_MAX))));
-                if streams.iter().all(Option::is_none) {
-                    cap.finish(now_ms());
+                let mut r = Reading {
+                    cap,
+                    streams,
+                    end,
+                    last: Instant::now(),
+                };
+                if r.streams.iter().all(Option::is_none) {
+                    self.close(&mut r);
+                    r.cap.finish(now_ms());
                     return;
                 }
-                self.readings.insert(
-                    id,
-                    Reading {
-                        cap,
-                        streams,
-                        last: Instant::now(),
-                    },
-                );
+                self.readings.insert(id, r);
             }
         }
     }
 
     fn ready(&mut self, token: u64, buf: &mut [u8], now: Instant, now_ms: u64) {
-        let id = token >> 1;
-        if token & 1 == 1 {
+        let id = token >> 2;
+        if token & 3 == 1 {
             if let Some((_, _, status)) = self.exits.get_mut(&id) {
                 // The status FIFO: its records now; done once no writer
                 // is left (the shim ended: its pidfd says so next).
@@ -807,7 +852,7 @@ impl IoLoop {
         }
         if let Some((reader, _)) = self.notifies.get_mut(&id) {
             // The socket: one datagram; the stop pipe: the instance is gone.
-            if token & 1 == 1 || !reader.read_one(buf) {
+            if token & 3 == 1 || !reader.read_one(buf) {
                 if let Some((reader, stop)) = self.notifies.remove(&id) {
                     let _ = rustix::event::epoll::delete(&self.epoll, reader.fd());
                     let _ = rustix::event::epoll::delete(&self.epoll, &stop);
@@ -815,10 +860,36 @@ impl IoLoop {
             }
             return;
         }
+        if token & 3 == 2 {
+            // The instance has ended: what it wrote is read now, and the
+            // reading ends even if a write end is still held elsewhere.
+            if let Some(mut r) = self.readings.remove(&id) {
+                let mut batch = Vec::new();
+                for (f, s) in r.streams.iter_mut().flatten() {
+                    let mut read = 0;
+                    while read < DRAIN_AT_END {
+                        match f.read(buf) {
+                            Ok(0) => break,
+                            Ok(n) => {
+                                s.push(&buf[..n], now_ms, &mut batch);
+                                read += n;
+                            }
+                            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                            Err(_) => break,
+                        }
+                    }
+                    s.flush(now_ms, &mut batch);
+                }
+                r.cap.send(batch, now_ms);
+                self.close(&mut r);
+                r.cap.finish(now_ms);
+            }
+            return;
+        }
         let Some(r) = self.readings.get_mut(&id) else {
             return;
         };
-        let i = usize::from(token & 1 == 1);
+        let i = usize::from(token & 3 == 1);
         let Some((f, s)) = r.streams[i].as_mut() else {
             return;
         };
@@ -853,9 +924,22 @@ impl IoLoop {
         }
         r.cap.send(batch, now_ms);
         if r.streams.iter().all(Option::is_none) {
-            if let Some(r) = self.readings.remove(&id) {
+            if let Some(mut r) = self.readings.remove(&id) {
+                self.close(&mut r);
                 r.cap.finish(now_ms);
             }
+        }
+    }
+
+    /// Takes a reading's descriptors out of the epoll set and closes them
+    /// (explicitly: the pidfd is a copy of the exit watch's, whose open
+    /// description would keep this entry in the set).
+    fn close(&self, r: &mut Reading) {
+        for (f, _) in r.streams.iter_mut().filter_map(Option::take) {
+            let _ = rustix::event::epoll::delete(&self.epoll, &f);
+        }
+        if let Some(end) = r.end.take() {
+            let _ = rustix::event::epoll::delete(&self.epoll, &end);
         }
     }
 }
@@ -1000,7 +1084,7 @@ mod tests {
         let (tx, rx) = mpsc::channel();
         let mut cap = Capture::new(sink.clone(), engine, dir);
         cap.ended = Some(tx);
-        sink.hand(Job::Output(cap, output)).unwrap();
+        sink.hand(Job::Output(cap, output, None)).unwrap();
         rx
     }
 
@@ -1020,16 +1104,16 @@ mod tests {
         let sink = LogSink::start(
             Arc::new(At(tmp.path().to_owned())),
             leasehold_engines::logs::MIN_MAX_BYTES,
-            1000,
+            4000,
         )
         .unwrap();
         let mut cap = Capture::new(sink.clone(), "web", dir.clone());
         // The writer is held up: the queue is filled by hand first.
-        sink.queued.fetch_add(1000, Ordering::AcqRel);
+        sink.queued.fetch_add(4000, Ordering::AcqRel);
         cap.send(lines(3, Stream::Out), 5);
         cap.send(lines(4, Stream::Err), 6);
         assert_eq!(cap.dropped(), 7);
-        sink.queued.fetch_sub(1000, Ordering::AcqRel);
+        sink.queued.fetch_sub(4000, Ordering::AcqRel);
         cap.send(lines(1, Stream::Out), 7);
         assert_eq!(cap.dropped(), 0);
         wait_written(&sink);
@@ -1042,13 +1126,56 @@ mod tests {
         );
         assert_eq!(back[1].text, b"line 0");
         // Dropped at the very end: the note still goes in.
-        sink.queued.fetch_add(1000, Ordering::AcqRel);
+        sink.queued.fetch_add(4000, Ordering::AcqRel);
         cap.send(lines(2, Stream::Out), 8);
-        sink.queued.fetch_sub(1000, Ordering::AcqRel);
+        sink.queued.fetch_sub(4000, Ordering::AcqRel);
         cap.finish(9);
         wait_written(&sink);
         let back = leasehold_engines::logs::read(&dir, 0, 100).unwrap();
         assert!(String::from_utf8_lossy(&back[2].text).starts_with("2 line(s) dropped"));
+    }
+
+    /// One instance's flood fills its share of the queue, not the queue:
+    /// another engine's lines still go in. What a batch costs counts the
+    /// records' memory, not only their bytes on disk.
+    #[test]
+    fn a_flooding_instance_leaves_room_for_the_others() {
+        let tmp = tempfile::tempdir().unwrap();
+        for e in ["flood", "quiet"] {
+            std::fs::create_dir_all(tmp.path().join(e)).unwrap();
+        }
+        let sink = LogSink::start(
+            Arc::new(At(tmp.path().to_owned())),
+            leasehold_engines::logs::MIN_MAX_BYTES,
+            QUEUE_BYTES,
+        )
+        .unwrap();
+        let mut flood = Capture::new(sink.clone(), "flood", tmp.path().join("flood/logs"));
+        let mut quiet = Capture::new(sink.clone(), "quiet", tmp.path().join("quiet/logs"));
+        // The writer is held up: the flood's share is full (by hand).
+        flood
+            .held
+            .fetch_add(QUEUE_BYTES / INSTANCE_SHARE, Ordering::AcqRel);
+        flood.send(lines(1, Stream::Out), 1);
+        assert_eq!(flood.dropped(), 1, "beyond its share");
+        quiet.send(lines(2, Stream::Out), 2);
+        assert_eq!(quiet.dropped(), 0, "the other engine's lines go in");
+        flood
+            .held
+            .fetch_sub(QUEUE_BYTES / INSTANCE_SHARE, Ordering::AcqRel);
+        wait_written(&sink);
+        assert_eq!(quiet.held.load(Ordering::Acquire), 0);
+        let back = leasehold_engines::logs::read(&tmp.path().join("quiet/logs"), 0, 10).unwrap();
+        assert_eq!(back.len(), 2);
+        // A 1-byte line costs its record too: a share of 1 MiB holds far
+        // fewer than 1 MiB / 25 of them.
+        let one = Record {
+            time_ms: 1,
+            stream: Stream::Out,
+            partial: false,
+            text: b"x".to_vec(),
+        };
+        assert!(one.stored_len() + RECORD_OVERHEAD >= 3 * one.stored_len());
     }
 
     #[test]
@@ -1243,7 +1370,58 @@ mod tests {
         // After the stop nothing more is taken, and no error either.
         sink.stop();
         let again = make_fifos(&tmp.path().join("run3")).unwrap().0;
-        assert!(capture(sink.clone(), "late", tmp.path().join("late"), again).is_ok());
+        assert!(capture(sink.clone(), "late", tmp.path().join("late"), again, None).is_ok());
+    }
+
+    /// An engine can hand its stdout to another engine (an abstract
+    /// socket): the write end then outlives the instance. The reading ends
+    /// with the instance anyway — what was written is stored, the agent's
+    /// read ends are closed (the holder's next write: EPIPE) — instead of
+    /// keeping two descriptors per instance until the holder lets go.
+    #[test]
+    fn an_ended_instance_ends_its_reading_though_a_write_end_is_held() {
+        use std::io::Write;
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        let dir = tmp.path().join("web/logs");
+        std::fs::create_dir_all(tmp.path().join("web")).unwrap();
+        let sink = sink_at(tmp.path().to_owned());
+        let (output, mut out_w, err_w) = make_fifos(&run).unwrap();
+        let (mut shim, pidfd) = sleeper();
+        let (tx, ended) = mpsc::channel();
+        let mut cap = Capture::new(sink.clone(), "web", dir.clone());
+        cap.ended = Some(tx);
+        sink.hand(Job::Output(cap, output, Some(pidfd))).unwrap();
+        out_w.write_all(b"before the end\nno newline").unwrap();
+        // Read while the instance runs: nothing ends.
+        let t = Instant::now();
+        while leasehold_engines::logs::read(&dir, 0, 10).map_or(0, |r| r.len()) == 0 {
+            assert!(t.elapsed() < Duration::from_secs(10), "not read");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(ended.recv_timeout(Duration::from_millis(200)).is_err());
+        out_w.write_all(b" yet\nwritten last\n").unwrap();
+        shim.kill().unwrap();
+        shim.wait().unwrap();
+        ended
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the reading went on after the instance ended");
+        wait_written(&sink);
+        let back = leasehold_engines::logs::read(&dir, 0, 100).unwrap();
+        let texts: Vec<String> = back
+            .iter()
+            .map(|r| String::from_utf8_lossy(&r.text).into_owned())
+            .collect();
+        assert_eq!(
+            texts,
+            ["before the end", "no newline yet", "written last"],
+            "{back:?}"
+        );
+        // The agent's read ends are closed: a held write end finds no reader.
+        let e = out_w.write_all(b"after\n").unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(nix::libc::EPIPE), "{e}");
+        drop(err_w);
     }
 
     /// A `sleep 600` child and its pidfd (readable once it exits).
