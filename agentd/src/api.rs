@@ -1553,11 +1553,14 @@ fn engine_spec(text: &str) -> Result<Box<Spec>, Error> {
 
 /// Most text one `Logs` reply carries (the system bus refuses messages
 /// over 32 MiB by default): the newest lines that fit.
-pub const MAX_LOG_REPLY_BYTES: usize = 8 << 20;
+pub const MAX_LOG_REPLY_BYTES: usize = leasehold_engines::logs::MAX_READ_BYTES;
 
 /// Lines on the wire: `(unix ms, stream, text, partial)`, the newest
 /// [`MAX_LOG_REPLY_BYTES`] of them. Text is made UTF-8 (invalid bytes
 /// become U+FFFD) without NUL, which a D-Bus string cannot hold.
+/// Engine log reads running at once (`Logs`); the others wait their turn.
+static LOG_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 fn log_lines(records: Vec<leasehold_engines::logs::Record>) -> Vec<(u64, String, String, bool)> {
     let mut out = Vec::with_capacity(records.len());
     let mut bytes = 0usize;
@@ -1919,6 +1922,14 @@ impl TenantEnginesApi {
                 leasehold_engines::logs::MAX_READ_LINES
             )));
         }
+        // At most two reads at a time, node-wide: each streams up to two
+        // files of half the log budget (512 MiB each at the largest) and
+        // holds up to 8 MiB of lines; 16 calls in flight per uid, and
+        // followers polling, would otherwise multiply both.
+        let _permit = LOG_READS
+            .acquire()
+            .await
+            .map_err(|_| Error::Failed("log reads are closed".into()))?;
         let node = self.0.node.clone();
         blocking(move || {
             node.engine_logs(&name, since_unix_ms, max)

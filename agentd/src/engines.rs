@@ -1793,11 +1793,14 @@ impl Runtime {
             launch::Exit::Code(c) => Exit::Code(c),
             launch::Exit::Signal(s) => Exit::Signal(s),
             launch::Exit::LaunchFailed(r) => {
-                tracing::warn!(engine = name, %instance, reason = %r, "the engine did not start");
+                // Quoted (`?`): the reason can carry the spec's command,
+                // the tenant's text, and a newline would forge a line in
+                // plain-text logging.
+                tracing::warn!(engine = name, %instance, reason = ?r, "the engine did not start");
                 Exit::NotStarted
             }
             launch::Exit::ShimLost(r) => {
-                tracing::warn!(engine = name, %instance, reason = %r, "the engine's shim ended without a status");
+                tracing::warn!(engine = name, %instance, reason = ?r, "the engine's shim ended without a status");
                 Exit::Signal(Signal::SIGKILL as i32)
             }
         };

@@ -351,9 +351,32 @@ fn log_line(engine: &str, json: bool, l: &(u64, String, String, bool)) -> String
             crate::timefmt::rfc3339_ms(*t),
             stream,
             if *partial { "+" } else { "" },
-            text
+            printable(text)
         )
     }
+}
+
+/// An engine's text for a terminal: control characters but tab shown
+/// escaped (`\r`, `\x1b`, `\u{9b}`), so that output cannot move the
+/// cursor, rewrite the lines above, pose as the agent's notes or send the
+/// terminal sequences (title, clipboard). `--json` carries it as written.
+fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(|c| c.is_control() && c != '\t') {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\t' => out.push(c),
+            '\r' => out.push_str("\\r"),
+            c if c.is_control() && (c as u32) < 0x80 => {
+                out.push_str(&format!("\\x{:02x}", c as u32));
+            }
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.into()
 }
 
 fn event_line(json: bool, e: &(u64, u64, String, String, String)) -> String {
@@ -1359,6 +1382,15 @@ mod tests {
             log_line("web", false, &p),
             "2026-12-03T22:25:02.123Z out+ hello"
         );
+        // Control characters escaped in text (a carriage return posing as
+        // the agent's note, a cursor move, C1's CSI), kept in JSON.
+        let hostile = l(t, "x\r2026 agent 0 line(s)\x1b[1A\u{9b}2K\ttab é");
+        assert_eq!(
+            log_line("web", false, &hostile),
+            "2026-12-03T22:25:02.123Z out x\\r2026 agent 0 line(s)\\x1b[1A\\u{9b}2K\ttab é"
+        );
+        let j: serde_json::Value = serde_json::from_str(&log_line("web", true, &hostile)).unwrap();
+        assert_eq!(j["text"], hostile.2.as_str());
         let j: serde_json::Value = serde_json::from_str(&log_line("web", true, &p)).unwrap();
         assert_eq!(j["engine"], "web");
         assert_eq!(j["time_ms"], t);

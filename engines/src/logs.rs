@@ -377,58 +377,113 @@ fn check_dir(dir: &Path) -> Result<(), LogError> {
     }
 }
 
-fn read_file(
-    path: &Path,
-    since_ms: u64,
-    keep: usize,
-    out: &mut VecDeque<Record>,
-) -> Result<(), LogError> {
-    let mut f = match OpenOptions::new()
+/// Most bytes of text one [`read`] keeps (the newest lines): what a reply
+/// can carry anyway (the D-Bus `Logs` reply's 8 MiB). With it, a read
+/// holds at most this much whatever the file's size: the whole file was
+/// read into memory before (up to 1 GiB at the largest budget, per call).
+pub const MAX_READ_BYTES: usize = 8 << 20;
+
+/// Longest line of a log file read whole: a record's header and
+/// [`LINE_MAX`] bytes. A longer one (not written by the agent) is skipped.
+const MAX_RECORD_LINE: usize = LINE_MAX + 64;
+
+/// The newest records read so far, within the line and byte bounds.
+struct Kept {
+    out: VecDeque<Record>,
+    bytes: usize,
+    max_lines: usize,
+    max_bytes: usize,
+}
+
+impl Kept {
+    fn push(&mut self, r: Record) {
+        self.bytes += r.text.len();
+        self.out.push_back(r);
+        while self.out.len() > self.max_lines || (self.bytes > self.max_bytes && self.out.len() > 1)
+        {
+            if let Some(old) = self.out.pop_front() {
+                self.bytes -= old.text.len();
+            }
+        }
+    }
+}
+
+fn open_log(path: &Path) -> Result<Option<File>, LogError> {
+    let f = match OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
         .open(path)
     {
         Ok(f) => f,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io_err("open", path)(e)),
     };
     let meta = f.metadata().map_err(io_err("stat", path))?;
     if !meta.is_file() {
         return Err(io_err("read", path)(io::Error::other("not a regular file")));
     }
+    Ok(Some(f))
+}
+
+/// Reads one file line by line (a buffer's worth at a time, never the
+/// whole file), keeping the records stamped at or after `since_ms`.
+fn read_file(path: &Path, f: File, since_ms: u64, kept: &mut Kept) -> Result<(), LogError> {
+    use io::BufRead;
     // Bounded: a file is at most half the budget plus one record; a larger
     // one (a budget lowered since) is read up to the largest budget.
-    let mut buf = Vec::new();
-    Read::by_ref(&mut f)
-        .take(MAX_MAX_BYTES)
-        .read_to_end(&mut buf)
-        .map_err(io_err("read", path))?;
-    let mut lines = buf.split(|&b| b == b'\n');
-    // The last piece has no newline: empty, or a record being written.
-    let mut next = lines.next();
-    while let Some(line) = next {
-        next = lines.next();
-        if next.is_none() {
-            break;
+    let mut r = io::BufReader::with_capacity(64 << 10, f.take(MAX_MAX_BYTES));
+    let mut line = Vec::with_capacity(MAX_RECORD_LINE);
+    loop {
+        line.clear();
+        let n = Read::by_ref(&mut r)
+            .take(MAX_RECORD_LINE as u64)
+            .read_until(b'\n', &mut line)
+            .map_err(io_err("read", path))?;
+        if n == 0 {
+            return Ok(());
         }
-        match Record::decode(line) {
-            Some(r) if r.time_ms >= since_ms => {
-                if out.len() == keep {
-                    out.pop_front();
-                }
-                out.push_back(r);
+        if line.last() != Some(&b'\n') {
+            if line.len() < MAX_RECORD_LINE {
+                // The last piece has no newline: a record being written.
+                return Ok(());
             }
+            // Too long to be a record: skipped up to its newline.
+            loop {
+                let buf = r.fill_buf().map_err(io_err("read", path))?;
+                if buf.is_empty() {
+                    return Ok(());
+                }
+                match buf.iter().position(|&b| b == b'\n') {
+                    Some(i) => {
+                        r.consume(i + 1);
+                        break;
+                    }
+                    None => {
+                        let all = buf.len();
+                        r.consume(all);
+                    }
+                }
+            }
+            continue;
+        }
+        line.pop();
+        match Record::decode(&line) {
+            Some(rec) if rec.time_ms >= since_ms => kept.push(rec),
             _ => {}
         }
     }
-    Ok(())
 }
 
-/// The last `max_lines` records (at most [`MAX_READ_LINES`]) stamped at or
-/// after `since_ms`, oldest first, from both files. No log yet: none.
+/// The last `max_lines` records (at most [`MAX_READ_LINES`], and at most
+/// [`MAX_READ_BYTES`] of text) stamped at or after `since_ms`, oldest
+/// first, from both files. No log yet: none.
+///
+/// The current file is opened before the previous one: a rotation in
+/// between (the current file renamed to the previous) then gives the same
+/// file twice, read once, instead of the previous file before the rotation
+/// and the current one after it, which skipped the file that turned.
 pub fn read(dir: &Path, since_ms: u64, max_lines: usize) -> Result<Vec<Record>, LogError> {
     let keep = max_lines.min(MAX_READ_LINES);
-    let mut out = VecDeque::with_capacity(keep.min(1024));
     if keep == 0 {
         return Ok(Vec::new());
     }
@@ -436,9 +491,28 @@ pub fn read(dir: &Path, since_ms: u64, max_lines: usize) -> Result<Vec<Record>, 
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         _ => check_dir(dir)?,
     }
-    read_file(&dir.join(PREVIOUS), since_ms, keep, &mut out)?;
-    read_file(&dir.join(CURRENT), since_ms, keep, &mut out)?;
-    Ok(out.into())
+    let (cur_path, prev_path) = (dir.join(CURRENT), dir.join(PREVIOUS));
+    let cur = open_log(&cur_path)?;
+    let mut prev = open_log(&prev_path)?;
+    if let (Some(c), Some(p)) = (&cur, &prev) {
+        use std::os::unix::fs::MetadataExt;
+        let id = |f: &File| f.metadata().map(|m| (m.dev(), m.ino())).ok();
+        if id(c).is_some() && id(c) == id(p) {
+            prev = None;
+        }
+    }
+    let mut kept = Kept {
+        out: VecDeque::with_capacity(keep.min(1024)),
+        bytes: 0,
+        max_lines: keep,
+        max_bytes: MAX_READ_BYTES,
+    };
+    for (path, f) in [(prev_path, prev), (cur_path, cur)] {
+        if let Some(f) = f {
+            read_file(&path, f, since_ms, &mut kept)?;
+        }
+    }
+    Ok(kept.out.into())
 }
 
 #[cfg(test)]

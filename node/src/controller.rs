@@ -524,7 +524,8 @@ impl Controller {
                     .secrets
                     .remove(&name)
                     .map_err(NodeError::backend("secret store"))?;
-                tracing::info!(uid = caller.uid, secret = %name, "tenant secret removed");
+                // Not its name: the tenant's (docs/agentd.md, "Logging").
+                tracing::info!(uid = caller.uid, "tenant secret removed");
                 Ok(Outcome::SecretRemoved)
             }
             Command::InitVolume {
@@ -555,7 +556,15 @@ impl Controller {
                         ..StopReport::default()
                     },
                 };
-                tracing::warn!(uid = caller.uid, engines = ?r.stopped, killed = ?r.killed, not_stopped = ?r.not_stopped, "engines stopped by a corrective action");
+                // Counts, not names: the journal is the landlord's (docs/agentd.md,
+                // "Logging"); the names are in the answer, to the caller.
+                tracing::warn!(
+                    uid = caller.uid,
+                    stopped = r.stopped.len(),
+                    killed = r.killed.len(),
+                    not_stopped = r.not_stopped.len(),
+                    "engines stopped by a corrective action"
+                );
                 Ok(Outcome::EnginesStopped(r))
             }
             Command::ThrottleEngines { throttles } => {
@@ -1011,10 +1020,17 @@ impl Controller {
         match self.b.engines.stop_all(ERASE_STOP_GRACE) {
             Ok(r) => {
                 if !r.stopped.is_empty() {
-                    tracing::info!(engines = ?r.stopped, killed = ?r.killed, "engines stopped before the erase");
+                    tracing::info!(
+                        stopped = r.stopped.len(),
+                        killed = r.killed.len(),
+                        "engines stopped before the erase"
+                    );
                 }
                 if !r.not_stopped.is_empty() {
-                    tracing::error!(engines = ?r.not_stopped, "engines not shown stopped before the erase");
+                    tracing::error!(
+                        not_stopped = r.not_stopped.len(),
+                        "engines not shown stopped before the erase"
+                    );
                 }
                 r
             }
@@ -1237,7 +1253,9 @@ impl Controller {
             // The caller still gets it; only the node's copy is missing.
             tracing::error!(error = %e, "cannot store the erase receipt");
         }
-        tracing::info!(receipt = %signed.body, "erase receipt");
+        // Its kind and role only: the body names the tenant's engines
+        // (stored, and given to the roles that may read it).
+        tracing::info!(change = %kind, role = %receipt.role, "erase receipt signed");
         Ok(signed)
     }
 
@@ -1300,7 +1318,7 @@ impl Controller {
             .secrets
             .put(&key, name, &payload)
             .map_err(NodeError::backend("secret store"))?;
-        tracing::info!(uid = caller.uid, secret = %name, size = entry.size, "tenant secret stored");
+        tracing::info!(uid = caller.uid, size = entry.size, "tenant secret stored");
         Ok(Outcome::SecretStored(entry))
     }
 

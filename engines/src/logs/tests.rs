@@ -218,3 +218,50 @@ fn bad_budgets_and_symlinks_are_refused() {
     assert!(read(&link, 0, 10).is_err());
     assert_eq!(fs::read_dir(elsewhere.path()).unwrap().count(), 0);
 }
+
+/// A read keeps at most `MAX_READ_BYTES` of text, the newest lines,
+/// whatever the files hold (it no longer reads a whole file into memory);
+/// a line too long to be a record is skipped, not kept.
+#[test]
+fn a_read_keeps_the_newest_lines_within_its_byte_bound() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("logs");
+    let mut w = LogWriter::open(&dir, 64 << 20).unwrap();
+    let line = "x".repeat(LINE_MAX);
+    let n = MAX_READ_BYTES / LINE_MAX + 100;
+    let records: Vec<Record> = (0..n).map(|i| rec(i as u64, Stream::Out, &line)).collect();
+    w.append(&records).unwrap();
+    let back = read(&dir, 0, MAX_READ_LINES).unwrap();
+    let bytes: usize = back.iter().map(|r| r.text.len()).sum();
+    assert!(bytes <= MAX_READ_BYTES, "{bytes}");
+    assert_eq!(back.len(), MAX_READ_BYTES / LINE_MAX);
+    assert_eq!(back.last().unwrap().time_ms, (n - 1) as u64, "the newest");
+    // A line longer than any record, between two records: skipped.
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(dir.join(CURRENT))
+        .unwrap();
+    let mut junk = b"99 o ".to_vec();
+    junk.extend(std::iter::repeat_n(b'y', 3 * LINE_MAX));
+    junk.push(b'\n');
+    f.write_all(&junk).unwrap();
+    drop(f);
+    w.append(&[rec(1 << 40, Stream::Err, "after")]).unwrap();
+    let back = read(&dir, 1 << 40, 10).unwrap();
+    assert_eq!(texts(&back), ["after"]);
+    let all = read(&dir, 0, MAX_READ_LINES).unwrap();
+    assert!(all.iter().all(|r| r.text.len() <= LINE_MAX));
+}
+
+/// A rotation between the two opens makes both names the same file (the
+/// current one renamed): it is read once. Simulated by a hard link.
+#[test]
+fn the_same_file_under_both_names_is_read_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("logs");
+    let mut w = LogWriter::open(&dir, MIN_MAX_BYTES).unwrap();
+    w.append(&[rec(1, Stream::Out, "one"), rec(2, Stream::Out, "two")])
+        .unwrap();
+    fs::hard_link(dir.join(CURRENT), dir.join(PREVIOUS)).unwrap();
+    assert_eq!(texts(&read(&dir, 0, 10).unwrap()), ["one", "two"]);
+}
