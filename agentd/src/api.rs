@@ -1555,12 +1555,12 @@ fn engine_spec(text: &str) -> Result<Box<Spec>, Error> {
 /// over 32 MiB by default): the newest lines that fit.
 pub const MAX_LOG_REPLY_BYTES: usize = leasehold_engines::logs::MAX_READ_BYTES;
 
-/// Lines on the wire: `(unix ms, stream, text, partial)`, the newest
-/// [`MAX_LOG_REPLY_BYTES`] of them. Text is made UTF-8 (invalid bytes
-/// become U+FFFD) without NUL, which a D-Bus string cannot hold.
 /// Engine log reads running at once (`Logs`); the others wait their turn.
 static LOG_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
+/// Lines on the wire: `(unix ms, stream, text, partial)`, the newest
+/// [`MAX_LOG_REPLY_BYTES`] of them. Text is made UTF-8 (invalid bytes
+/// become U+FFFD) without NUL, which a D-Bus string cannot hold.
 fn log_lines(records: Vec<leasehold_engines::logs::Record>) -> Vec<(u64, String, String, bool)> {
     let mut out = Vec::with_capacity(records.len());
     let mut bytes = 0usize;

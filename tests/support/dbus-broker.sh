@@ -29,7 +29,7 @@ coproc journal_sink {
 }
 journal=$journal_sink_PID
 read -r line <&"${journal_sink[0]}"
-[[ $line == Listening* ]] || { echo "journal sink: $line" >&2; exit 1; }
+[[ $line == Listening* ]] || { echo "journal sink: $line" >&2; kill $journal; exit 1; }
 ln -s "$sock" /run/dbus/system_bus_socket
 # The broker starts at the first connection, with the listening socket.
 # systemd-socket-activate makes the socket 0644; callers need write access
