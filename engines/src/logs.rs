@@ -425,14 +425,35 @@ fn open_log(path: &Path) -> Result<Option<File>, LogError> {
     Ok(Some(f))
 }
 
-/// Reads one file line by line (a buffer's worth at a time, never the
-/// whole file), keeping the records stamped at or after `since_ms`.
-fn read_file(path: &Path, f: File, since_ms: u64, kept: &mut Kept) -> Result<(), LogError> {
-    use io::BufRead;
+/// Most bytes of a record beyond its text: up to 20 digits, a space, the
+/// flag, a space, and the newline.
+const RECORD_HEADER: u64 = 24;
+
+/// Reads one file from `start` line by line (a buffer's worth at a time,
+/// never the whole file), keeping the records stamped at or after
+/// `since_ms`. From inside the file, the record `start` falls in is
+/// skipped (it is not whole).
+fn read_file(
+    path: &Path,
+    mut f: File,
+    start: u64,
+    since_ms: u64,
+    kept: &mut Kept,
+) -> Result<(), LogError> {
+    use io::{BufRead, Seek};
+    if start > 0 {
+        // From the byte before: a record starting exactly at `start` is
+        // kept (its newline before it is the one skipped).
+        f.seek(io::SeekFrom::Start(start - 1))
+            .map_err(io_err("seek", path))?;
+    }
     // Bounded: a file is at most half the budget plus one record; a larger
     // one (a budget lowered since) is read up to the largest budget.
     let mut r = io::BufReader::with_capacity(64 << 10, f.take(MAX_MAX_BYTES));
     let mut line = Vec::with_capacity(MAX_RECORD_LINE);
+    if start > 0 && !skip_line(&mut r).map_err(io_err("read", path))? {
+        return Ok(());
+    }
     loop {
         line.clear();
         let n = Read::by_ref(&mut r)
@@ -448,21 +469,8 @@ fn read_file(path: &Path, f: File, since_ms: u64, kept: &mut Kept) -> Result<(),
                 return Ok(());
             }
             // Too long to be a record: skipped up to its newline.
-            loop {
-                let buf = r.fill_buf().map_err(io_err("read", path))?;
-                if buf.is_empty() {
-                    return Ok(());
-                }
-                match buf.iter().position(|&b| b == b'\n') {
-                    Some(i) => {
-                        r.consume(i + 1);
-                        break;
-                    }
-                    None => {
-                        let all = buf.len();
-                        r.consume(all);
-                    }
-                }
+            if !skip_line(&mut r).map_err(io_err("read", path))? {
+                return Ok(());
             }
             continue;
         }
@@ -470,6 +478,27 @@ fn read_file(path: &Path, f: File, since_ms: u64, kept: &mut Kept) -> Result<(),
         match Record::decode(&line) {
             Some(rec) if rec.time_ms >= since_ms => kept.push(rec),
             _ => {}
+        }
+    }
+}
+
+/// Consumes up to and including the next newline; `false`: the end came
+/// first.
+fn skip_line(r: &mut impl io::BufRead) -> io::Result<bool> {
+    loop {
+        let buf = r.fill_buf()?;
+        if buf.is_empty() {
+            return Ok(false);
+        }
+        match buf.iter().position(|&b| b == b'\n') {
+            Some(i) => {
+                r.consume(i + 1);
+                return Ok(true);
+            }
+            None => {
+                let all = buf.len();
+                r.consume(all);
+            }
         }
     }
 }
@@ -482,6 +511,11 @@ fn read_file(path: &Path, f: File, since_ms: u64, kept: &mut Kept) -> Result<(),
 /// between (the current file renamed to the previous) then gives the same
 /// file twice, read once, instead of the previous file before the rotation
 /// and the current one after it, which skipped the file that turned.
+///
+/// Only the files' last bytes are read: the lines kept lie within the
+/// last `MAX_READ_BYTES` of text plus a header per line, so a read's work
+/// does not grow with the budget (up to 1 GiB) nor with how often a
+/// follower asks.
 pub fn read(dir: &Path, since_ms: u64, max_lines: usize) -> Result<Vec<Record>, LogError> {
     let keep = max_lines.min(MAX_READ_LINES);
     if keep == 0 {
@@ -507,9 +541,23 @@ pub fn read(dir: &Path, since_ms: u64, max_lines: usize) -> Result<Vec<Record>, 
         max_lines: keep,
         max_bytes: MAX_READ_BYTES,
     };
-    for (path, f) in [(prev_path, prev), (cur_path, cur)] {
+    let size = |f: &Option<File>, path: &Path| -> Result<u64, LogError> {
+        f.as_ref().map_or(Ok(0), |f| {
+            Ok(f.metadata().map_err(io_err("stat", path))?.len())
+        })
+    };
+    let window = MAX_READ_BYTES as u64 + keep as u64 * RECORD_HEADER;
+    let cur_size = size(&cur, &cur_path)?;
+    let prev_size = size(&prev, &prev_path)?;
+    let cur_start = cur_size.saturating_sub(window);
+    let prev_window = window.saturating_sub(cur_size);
+    if prev_window == 0 {
+        prev = None;
+    }
+    let prev_start = prev_size.saturating_sub(prev_window);
+    for (path, f, start) in [(prev_path, prev, prev_start), (cur_path, cur, cur_start)] {
         if let Some(f) = f {
-            read_file(&path, f, since_ms, &mut kept)?;
+            read_file(&path, f, start, since_ms, &mut kept)?;
         }
     }
     Ok(kept.out.into())
