@@ -1701,8 +1701,10 @@ fn upload_error(e: crate::upload::UploadError) -> Error {
         U::Busy => Error::Busy(msg),
         U::NoVolume => Error::Unavailable(msg),
         U::NoSpace { .. } => Error::Failed(msg),
-        U::Io { .. } => {
-            tracing::error!(error = %msg, "image upload failed");
+        U::Io { op, ref source, .. } => {
+            // Not the path: it ends in the tenant's file name (the caller
+            // gets the whole message).
+            tracing::error!(op, error = %source, "image upload failed");
             Error::Failed(msg)
         }
     }

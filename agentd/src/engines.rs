@@ -1276,7 +1276,9 @@ impl Runtime {
                     }
                     if e.log_lines < LOG_LINES {
                         e.log_lines += 1;
-                        tracing::info!(engine = name, event = ev.name(), detail = ?ev, "engine event");
+                        // Its kind only: details can carry the tenant's
+                        // secret and image names, its commands' text.
+                        tracing::info!(engine = name, event = ev.name(), "engine event");
                     } else {
                         e.log_suppressed = e.log_suppressed.saturating_add(1);
                     }

@@ -150,13 +150,32 @@ impl AgentError {
 }
 
 /// The agent's soft limit on open descriptors, raised to this (or the hard
-/// limit, if lower). An instance holds about six (its FIFOs, status FIFO,
-/// pidfds, notify socket and stop pipe): 100 idle engines measured 626 in
-/// all, so [`engines::MAX_ENGINES`] during reloads would come near the 1024
+/// limit, if lower). An instance holds about seven (its FIFOs, status
+/// FIFO, pidfds, notify socket and stop pipe): 100 idle engines measured
+/// 727 in all, so [`engines::MAX_ENGINES`] during reloads would come near the 1024
 /// a systemd unit gets by default, and every later open (D-Bus
 /// connections, the landlord's calls too) would fail. The unit sets
 /// `LimitNOFILE` to the same; engines get 1024 back from the shim.
 const OPEN_FILES: u64 = 65_536;
+
+// What PutSecret keeps is what the shim can hand an engine.
+const _: () =
+    assert!(leasehold_node::MAX_SECRET_PAYLOAD == leasehold_engines::launch::MAX_SECRET_BYTES);
+
+/// No core dump of the agent (the unit says `LimitCORE=0` too): it holds
+/// the disk key, the secret store's key and secrets in clear for moments,
+/// and a dump would put them on the node's disk, outside the encrypted
+/// volume, past a release. As the shim does for engines.
+fn no_core_dumps() {
+    use rustix::process::{setrlimit, Resource, Rlimit};
+    let zero = Rlimit {
+        current: Some(0),
+        maximum: Some(0),
+    };
+    if let Err(e) = setrlimit(Resource::Core, zero) {
+        warn!("cannot turn core dumps off for the agent: {e}");
+    }
+}
 
 fn raise_open_files_limit() {
     use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
@@ -193,6 +212,7 @@ fn main() -> ExitCode {
         "agentd starting"
     );
     raise_open_files_limit();
+    no_core_dumps();
     // No transparent huge pages for the agent: with the kernel's "always"
     // (Debian's default) a few 2 MiB pages made a third of its resident
     // memory (docs/engines.md, "The agent's memory"). Engines get the
@@ -494,6 +514,18 @@ async fn serve(
             engines_cfg.images_dir.clone(),
             engines_cfg.upload_max_bytes,
         ));
+        {
+            let u = uploads.clone();
+            volume.before_unmount(Box::new(move || {
+                let n = u.drop_all();
+                if n > 0 {
+                    info!(
+                        uploads = n,
+                        "image uploads in progress dropped: the volume is unmounted"
+                    );
+                }
+            }));
+        }
         {
             // Temp files in the inbox are uploads an earlier agent never
             // finished: nobody can finish them now.

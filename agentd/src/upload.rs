@@ -321,10 +321,24 @@ impl Uploads {
             }
             if rustix::fs::unlinkat(dir, name, rustix::fs::AtFlags::empty()).is_ok() {
                 removed += 1;
-                tracing::info!(file = %inbox.join(name).display(), "removed an unfinished upload");
             }
         }
+        if removed > 0 {
+            // One line, not one per file: the tenant names the files and
+            // may make as many as it likes (journald's rate limit).
+            tracing::info!(files = removed, inbox = %inbox.display(), "removed unfinished uploads");
+        }
         removed
+    }
+
+    /// Drops every upload in progress (their files close): the volume is
+    /// about to be unmounted. Their clients' next call answers NotFound;
+    /// the temp files go with an erase, or at the next sweep.
+    pub fn drop_all(&self) -> usize {
+        let mut active = self.active();
+        let n = active.len();
+        active.clear();
+        n
     }
 
     /// At agent start: every temp file is an unfinished upload of an
@@ -543,7 +557,9 @@ impl Uploads {
         rustix::fs::renameat(&u.dir, u.temp.as_str(), &u.dir, u.name.as_str())
             .map_err(|e| io_err("rename", &dest)(e.into()))?;
         rustix::fs::fsync(&u.dir).map_err(|e| io_err("fsync", &u.inbox)(e.into()))?;
-        tracing::info!(uid = u.uid, size = u.size, "upload committed");
+        // Debug, as begin and abort: an empty upload can be committed in a
+        // loop.
+        tracing::debug!(uid = u.uid, size = u.size, "upload committed");
         Ok(u.name.clone())
     }
 

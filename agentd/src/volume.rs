@@ -105,6 +105,21 @@ pub struct Volume {
     cfg: StorageSection,
     dir: PathBuf,
     rt: Mutex<Runtime>,
+    before_unmount: Hooks,
+}
+
+/// What holds files open on the mounted volume and must let go before it
+/// is unmounted (the image uploads in progress).
+type Hook = Box<dyn Fn() + Send + Sync>;
+
+#[derive(Default)]
+struct Hooks(Mutex<Vec<Hook>>);
+
+impl std::fmt::Debug for Hooks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.0.lock().map_or(0, |h| h.len());
+        write!(f, "Hooks({n})")
+    }
 }
 
 fn now() -> u64 {
@@ -140,7 +155,21 @@ impl Volume {
             cfg,
             dir: dir.to_owned(),
             rt: Mutex::new(Runtime::default()),
+            before_unmount: Hooks::default(),
         }
+    }
+
+    /// `f` runs before every unmount (a key change's teardown, the
+    /// agent's close): what it holds open on the volume, it lets go of.
+    /// An upload left open kept the old filesystem busy: the unmount was
+    /// lazy, the mapping's removal deferred, and the remade volume could
+    /// not take the mapping's name (review, 2026-12-06).
+    pub fn before_unmount(&self, f: Hook) {
+        self.before_unmount
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(f);
     }
 
     fn rt(&self) -> std::sync::MutexGuard<'_, Runtime> {
@@ -537,6 +566,15 @@ impl Volume {
     /// Unmounts (detaching if busy) and wipes and removes the mapping.
     /// Returns whether the removal had to be deferred.
     fn teardown(&self) -> Result<bool, VolumeError> {
+        for hook in self
+            .before_unmount
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+        {
+            hook();
+        }
         let detached = fs::unmount(&self.cfg.mount)?;
         let closed = mapping::close(mapping::NAME)?;
         Ok(detached || closed == mapping::Closed::Deferred)

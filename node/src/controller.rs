@@ -1287,6 +1287,16 @@ impl Controller {
                 },
                 other => other.into(),
             })?;
+        if payload.len() > crate::MAX_SECRET_PAYLOAD {
+            return Err(NodeError::Invalid {
+                field: "envelope",
+                reason: format!(
+                    "its secret is {} bytes; an engine can be given at most {} bytes",
+                    payload.len(),
+                    crate::MAX_SECRET_PAYLOAD
+                ),
+            });
+        }
         let list = self
             .b
             .secrets

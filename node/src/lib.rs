@@ -42,6 +42,11 @@ pub const QUEUE_DEPTH: usize = 16;
 pub const MAX_SECRETS: usize = 128;
 /// Most bytes of secret payloads the tenant may store in total.
 pub const MAX_SECRET_BYTES: u64 = 16 << 20;
+/// Largest secret payload `PutSecret` keeps: what the engine shim gives an
+/// engine (`leasehold_engines::launch::MAX_SECRET_BYTES`, checked equal in
+/// agentd). A larger one (an envelope sealed by another tool) was stored
+/// and then refused at every start of an engine naming it.
+pub const MAX_SECRET_PAYLOAD: usize = 1 << 20;
 /// Largest envelope `PutSecret` accepts (1 MiB payload plus headers).
 pub const MAX_ENVELOPE_BYTES: usize = (1 << 20) + 600;
 /// Label of the secret store's key (derived from the disk key).

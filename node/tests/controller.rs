@@ -431,6 +431,22 @@ fn secret_caps_are_enforced_before_anything_is_stored() {
     )
     .unwrap_err();
     assert!(e.to_string().starts_with("envelope:"), "{e}");
+    // An envelope within its bound whose secret is more than an engine can
+    // be given (the fake's envelope is its payload).
+    let e = run(
+        &node,
+        TENANT,
+        Command::PutSecret {
+            name: "wide".into(),
+            envelope: vec![0u8; leasehold_node::MAX_SECRET_PAYLOAD + 1],
+        },
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().starts_with("envelope:") && e.to_string().contains("an engine can be given"),
+        "{e}"
+    );
+    assert!(!f.world().secrets.contains_key("wide"));
     for i in 0..leasehold_node::MAX_SECRETS - 2 {
         run(
             &node,

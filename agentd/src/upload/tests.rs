@@ -392,3 +392,39 @@ fn real_full_volume_fails_cleanly_naming_it() {
         Err(UploadError::NotFound(_))
     ));
 }
+
+/// Descriptors of this process open on `path`'s directory entries below
+/// it (files and directories of the inbox).
+fn open_below(path: &Path) -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter(|t| t.starts_with(path))
+        .count()
+}
+
+/// Before the volume is unmounted (a key change's teardown), every upload
+/// in progress lets go of it: its files close, its client's next call is
+/// NotFound. An upload left open kept the filesystem busy, and the volume
+/// made again under the new key could not take the mapping's name.
+#[test]
+fn uploads_are_dropped_before_the_volume_unmounts() {
+    let f = fixture();
+    let data = vec![7u8; 10_000];
+    let id =
+        f.up.begin(me(), "app.tar", data.len() as u64, &sha(&data))
+            .unwrap();
+    send(&f.up, &id, &data[..5_000], 5_000);
+    let vol = f.tmp.path().join("vol");
+    assert!(
+        open_below(&vol) >= 2,
+        "the temp file and the inbox are open"
+    );
+    assert_eq!(f.up.drop_all(), 1);
+    assert_eq!(open_below(&vol), 0, "nothing of the volume left open");
+    assert!(matches!(
+        f.up.chunk(me(), &id, 5_000, &data[5_000..]),
+        Err(UploadError::NotFound(_))
+    ));
+    assert_eq!(f.up.drop_all(), 0);
+}
