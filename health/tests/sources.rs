@@ -660,7 +660,11 @@ fn a_panicking_source_is_stuck_and_tried_again() {
     let f = Fixture::new();
     f.put("devices/system/edac/mc/mc0/ce_count", "0");
     let mut s = f.settings(&[Source::Edac]);
-    s.deadline = Duration::from_millis(200);
+    // Far above the panic's own cost: with RUST_BACKTRACE set (CI) the
+    // panicking thread symbolizes a backtrace first, which took over 200 ms
+    // on a loaded 2-core CI host (the report then said Stuck). Failed
+    // before the deadline is what shows it was known at once.
+    s.deadline = Duration::from_secs(10);
     let m = Monitor::with_reader(s, Arc::new(PanickingReader));
     for _ in 0..2 {
         let r = m.report();
