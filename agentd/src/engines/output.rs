@@ -1102,11 +1102,34 @@ mod tests {
 
     /// `capture`, and a channel told when it ends.
     fn capture_then(sink: &LogSink, engine: &str, dir: PathBuf, output: Output) -> Receiver<()> {
+        capture_until(sink, engine, dir, output, None)
+    }
+
+    /// [`capture_then`], the reading also ended by `end` (a pidfd).
+    fn capture_until(
+        sink: &LogSink,
+        engine: &str,
+        dir: PathBuf,
+        output: Output,
+        end: Option<OwnedFd>,
+    ) -> Receiver<()> {
         let (tx, rx) = mpsc::channel();
         let mut cap = Capture::new(sink.clone(), engine, dir);
         cap.ended = Some(tx);
-        sink.hand(Job::Output(cap, output, None)).unwrap();
+        sink.hand(Job::Output(cap, output, end)).unwrap();
         rx
+    }
+
+    /// A temp dir with a run directory and engine `web`'s log directory
+    /// (not made: the writer makes it), and a sink writing under it.
+    fn web() -> (tempfile::TempDir, PathBuf, PathBuf, LogSink) {
+        let tmp = tempfile::tempdir().unwrap();
+        let run = tmp.path().join("run");
+        std::fs::create_dir_all(&run).unwrap();
+        std::fs::create_dir_all(tmp.path().join("web")).unwrap();
+        let dir = tmp.path().join("web/logs");
+        let sink = sink_at(tmp.path().to_owned());
+        (tmp, run, dir, sink)
     }
 
     fn wait_written(sink: &LogSink) {
@@ -1243,12 +1266,7 @@ mod tests {
 
     #[test]
     fn fifos_carry_output_to_the_log_and_end_when_the_writers_go() {
-        let tmp = tempfile::tempdir().unwrap();
-        let run = tmp.path().join("run");
-        std::fs::create_dir_all(&run).unwrap();
-        let dir = tmp.path().join("web/logs");
-        std::fs::create_dir_all(tmp.path().join("web")).unwrap();
-        let sink = sink_at(tmp.path().to_owned());
+        let (_tmp, run, dir, sink) = web();
         let (output, mut out_w, mut err_w) = make_fifos(&run).unwrap();
         let ended = capture_then(&sink, "web", dir.clone(), output);
         use std::io::Write;
@@ -1430,18 +1448,10 @@ mod tests {
     #[test]
     fn an_ended_instance_ends_its_reading_though_a_write_end_is_held() {
         use std::io::Write;
-        let tmp = tempfile::tempdir().unwrap();
-        let run = tmp.path().join("run");
-        std::fs::create_dir_all(&run).unwrap();
-        let dir = tmp.path().join("web/logs");
-        std::fs::create_dir_all(tmp.path().join("web")).unwrap();
-        let sink = sink_at(tmp.path().to_owned());
+        let (_tmp, run, dir, sink) = web();
         let (output, mut out_w, err_w) = make_fifos(&run).unwrap();
         let (mut shim, pidfd) = sleeper();
-        let (tx, ended) = mpsc::channel();
-        let mut cap = Capture::new(sink.clone(), "web", dir.clone());
-        cap.ended = Some(tx);
-        sink.hand(Job::Output(cap, output, Some(pidfd))).unwrap();
+        let ended = capture_until(&sink, "web", dir.clone(), output, Some(pidfd));
         out_w.write_all(b"before the end\nno newline").unwrap();
         // Read while the instance runs: nothing ends.
         let t = Instant::now();
