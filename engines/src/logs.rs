@@ -408,7 +408,8 @@ impl Kept {
     }
 }
 
-fn open_log(path: &Path) -> Result<Option<File>, LogError> {
+/// The file and its size (one `fstat` for both checks).
+fn open_log(path: &Path) -> Result<Option<(File, u64)>, LogError> {
     let f = match OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK)
@@ -422,7 +423,7 @@ fn open_log(path: &Path) -> Result<Option<File>, LogError> {
     if !meta.is_file() {
         return Err(io_err("read", path)(io::Error::other("not a regular file")));
     }
-    Ok(Some(f))
+    Ok(Some((f, meta.len())))
 }
 
 /// Most bytes of a record beyond its text: up to 20 digits, a space, the
@@ -528,7 +529,7 @@ pub fn read(dir: &Path, since_ms: u64, max_lines: usize) -> Result<Vec<Record>, 
     let (cur_path, prev_path) = (dir.join(CURRENT), dir.join(PREVIOUS));
     let cur = open_log(&cur_path)?;
     let mut prev = open_log(&prev_path)?;
-    if let (Some(c), Some(p)) = (&cur, &prev) {
+    if let (Some((c, _)), Some((p, _))) = (&cur, &prev) {
         use std::os::unix::fs::MetadataExt;
         let id = |f: &File| f.metadata().map(|m| (m.dev(), m.ino())).ok();
         if id(c).is_some() && id(c) == id(p) {
@@ -541,14 +542,9 @@ pub fn read(dir: &Path, since_ms: u64, max_lines: usize) -> Result<Vec<Record>, 
         max_lines: keep,
         max_bytes: MAX_READ_BYTES,
     };
-    let size = |f: &Option<File>, path: &Path| -> Result<u64, LogError> {
-        f.as_ref().map_or(Ok(0), |f| {
-            Ok(f.metadata().map_err(io_err("stat", path))?.len())
-        })
-    };
     let window = MAX_READ_BYTES as u64 + keep as u64 * RECORD_HEADER;
-    let cur_size = size(&cur, &cur_path)?;
-    let prev_size = size(&prev, &prev_path)?;
+    let cur_size = cur.as_ref().map_or(0, |(_, n)| *n);
+    let prev_size = prev.as_ref().map_or(0, |(_, n)| *n);
     let cur_start = cur_size.saturating_sub(window);
     let prev_window = window.saturating_sub(cur_size);
     if prev_window == 0 {
@@ -556,7 +552,7 @@ pub fn read(dir: &Path, since_ms: u64, max_lines: usize) -> Result<Vec<Record>, 
     }
     let prev_start = prev_size.saturating_sub(prev_window);
     for (path, f, start) in [(prev_path, prev, prev_start), (cur_path, cur, cur_start)] {
-        if let Some(f) = f {
+        if let Some((f, _)) = f {
             read_file(&path, f, start, since_ms, &mut kept)?;
         }
     }
