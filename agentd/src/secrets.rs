@@ -2,6 +2,12 @@
 //! under a key derived from the disk key (so every destroying rotation
 //! erases them too). Values are never returned over D-Bus; engines get
 //! them as files on a private tmpfs (`engines::TenantSecrets`).
+//!
+//! A file names the key it was stored under (a key id: 8 bytes of a
+//! domain-separated SHA-256 of the key, which tells nothing of the key).
+//! A destroying change purges the store after its TPM commit; an agent
+//! killed in between leaves files under a key that is gone, and the next
+//! start removes them by that id (`purge_stale`) rather than trying each.
 
 use std::fs;
 use std::os::unix::fs::DirBuilderExt;
@@ -13,8 +19,60 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use leasehold_tpm::SymmetricKey;
 use rand::RngCore;
 
-const MAGIC: &[u8; 5] = b"LHSS1";
+/// Files of the first format: magic, nonce, ciphertext (no key id). Still
+/// read; `purge_stale` tells their key by trying to open them.
+const MAGIC_V1: &[u8; 5] = b"LHSS1";
+/// Magic, key id, nonce, ciphertext (with its 16-byte tag).
+const MAGIC: &[u8; 5] = b"LHSS2";
+const KEY_ID_LEN: usize = 8;
+const NONCE_LEN: usize = 12;
+const TAG_LEN: usize = 16;
 const SUFFIX: &str = ".secret";
+
+/// Which key a file was stored under, without revealing the key.
+fn key_id(key: &SymmetricKey) -> [u8; KEY_ID_LEN] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"leasehold/secret-store/key-id/v1\0");
+    h.update(key.expose_secret());
+    let d = h.finalize();
+    let mut id = [0u8; KEY_ID_LEN];
+    id.copy_from_slice(&d[..KEY_ID_LEN]);
+    id
+}
+
+/// A stored file's layout: where its nonce starts, and its key id (none in
+/// the first format).
+struct Layout {
+    nonce_at: usize,
+    key_id: Option<[u8; KEY_ID_LEN]>,
+}
+
+impl Layout {
+    fn overhead(&self) -> usize {
+        self.nonce_at + NONCE_LEN + TAG_LEN
+    }
+
+    /// From a file's first bytes; `None`: not a secret file of any format.
+    fn of(head: &[u8]) -> Option<Layout> {
+        let magic = head.get(..MAGIC.len())?;
+        if magic == MAGIC_V1 {
+            return Some(Layout {
+                nonce_at: MAGIC_V1.len(),
+                key_id: None,
+            });
+        }
+        if magic != MAGIC {
+            return None;
+        }
+        let mut id = [0u8; KEY_ID_LEN];
+        id.copy_from_slice(head.get(MAGIC.len()..MAGIC.len() + KEY_ID_LEN)?);
+        Some(Layout {
+            nonce_at: MAGIC.len() + KEY_ID_LEN,
+            key_id: Some(id),
+        })
+    }
+}
 
 /// Metadata of a stored secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,6 +95,14 @@ pub enum SecretError {
     },
     #[error("cannot encrypt the secret")]
     Crypto,
+    #[error("the secret {0:?} cannot be opened: it is damaged")]
+    Damaged(String),
+    #[error(
+        "the secret {0:?} was stored under a key a destroying key change replaced; store it again"
+    )]
+    Stale(String),
+    #[error("the secret {0:?} cannot be opened with the store's key (damaged, or stored under a key since replaced)")]
+    Unopened(String),
 }
 
 #[derive(Debug, Clone)]
@@ -76,7 +142,7 @@ impl SecretStore {
                 .create(&self.dir)
                 .map_err(io("create", &self.dir))?;
         }
-        let mut nonce = [0u8; 12];
+        let mut nonce = [0u8; NONCE_LEN];
         rand::rngs::OsRng.fill_bytes(&mut nonce);
         let cipher =
             Aes256Gcm::new_from_slice(key.expose_secret()).map_err(|_| SecretError::Crypto)?;
@@ -89,8 +155,9 @@ impl SecretStore {
                 },
             )
             .map_err(|_| SecretError::Crypto)?;
-        let mut bytes = Vec::with_capacity(MAGIC.len() + nonce.len() + ct.len());
+        let mut bytes = Vec::with_capacity(MAGIC.len() + KEY_ID_LEN + nonce.len() + ct.len());
         bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(&key_id(key));
         bytes.extend_from_slice(&nonce);
         bytes.extend_from_slice(&ct);
         let file = format!("{name}{SUFFIX}");
@@ -99,17 +166,39 @@ impl SecretStore {
         self.entry(name)
     }
 
-    fn entry(&self, name: &str) -> Result<Entry, SecretError> {
+    /// A file's layout and metadata (one open: its head and its size).
+    fn head(&self, name: &str) -> Result<(Option<Layout>, fs::Metadata), SecretError> {
+        use std::io::Read;
         let path = self.path(name);
-        let meta = fs::metadata(&path).map_err(|e| match e.kind() {
+        let not_found = |e: std::io::Error, op| match e.kind() {
             std::io::ErrorKind::NotFound => SecretError::NotFound(name.to_owned()),
             _ => SecretError::Io {
-                op: "stat",
+                op,
                 path: path.clone(),
                 source: e,
             },
-        })?;
-        let overhead = (MAGIC.len() + 12 + 16) as u64;
+        };
+        let f = fs::File::open(&path).map_err(|e| not_found(e, "open"))?;
+        let meta = f.metadata().map_err(|e| not_found(e, "stat"))?;
+        let mut head = [0u8; MAGIC.len() + KEY_ID_LEN];
+        let mut n = 0;
+        let mut r = f.take(head.len() as u64);
+        loop {
+            match r.read(&mut head[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(not_found(e, "read")),
+            }
+        }
+        Ok((Layout::of(&head[..n]), meta))
+    }
+
+    fn entry(&self, name: &str) -> Result<Entry, SecretError> {
+        let (layout, meta) = self.head(name)?;
+        let overhead = layout.map_or(MAGIC.len() + KEY_ID_LEN + NONCE_LEN + TAG_LEN, |l| {
+            l.overhead()
+        }) as u64;
         Ok(Entry {
             name: name.to_owned(),
             size: meta.len().saturating_sub(overhead),
@@ -157,10 +246,14 @@ impl SecretStore {
     ) -> Result<zeroize::Zeroizing<Vec<u8>>, SecretError> {
         let path = self.path(name);
         let bytes = fs::read(&path).map_err(|_| SecretError::NotFound(name.to_owned()))?;
-        if bytes.len() < MAGIC.len() + 12 + 16 || &bytes[..MAGIC.len()] != MAGIC {
-            return Err(SecretError::Crypto);
+        let layout = match Layout::of(&bytes) {
+            Some(l) if bytes.len() >= l.overhead() => l,
+            _ => return Err(SecretError::Damaged(name.to_owned())),
+        };
+        if layout.key_id.is_some_and(|id| id != key_id(key)) {
+            return Err(SecretError::Stale(name.to_owned()));
         }
-        let (nonce, ct) = bytes[MAGIC.len()..].split_at(12);
+        let (nonce, ct) = bytes[layout.nonce_at..].split_at(NONCE_LEN);
         let cipher =
             Aes256Gcm::new_from_slice(key.expose_secret()).map_err(|_| SecretError::Crypto)?;
         cipher
@@ -172,7 +265,11 @@ impl SecretStore {
                 },
             )
             .map(zeroize::Zeroizing::new)
-            .map_err(|_| SecretError::Crypto)
+            .map_err(|_| match layout.key_id {
+                // Its key is the one given: the file is what failed.
+                Some(_) => SecretError::Damaged(name.to_owned()),
+                None => SecretError::Unopened(name.to_owned()),
+            })
     }
 
     /// Removes one secret, durably (the directory synced: a removal
@@ -205,12 +302,53 @@ impl SecretStore {
     /// a power loss.
     pub fn purge(&self) -> Result<usize, SecretError> {
         let entries = self.list()?;
+        if !entries.is_empty() {
+            crate::crashpoint::crash_point("secrets:purge");
+        }
         let mut n = 0;
         for e in &entries {
             match self.unlink(&e.name) {
                 Ok(()) => n += 1,
                 Err(SecretError::NotFound(_)) => {}
                 Err(e) => return Err(e),
+            }
+        }
+        if n > 0 {
+            self.sync_dir()?;
+        }
+        Ok(n)
+    }
+
+    /// Removes the secrets stored under another key than `key` (the store's
+    /// key now): what a destroying change left when the agent was killed
+    /// between its TPM commit and its purge. Their key is gone; they could
+    /// only fail launches and hold names and room against the caps. A file
+    /// under `key` stays, damaged or not; so does a file of no known format
+    /// (not ours to judge). First-format files, which name no key, go if
+    /// `key` cannot open them.
+    pub fn purge_stale(&self, key: &SymmetricKey) -> Result<usize, SecretError> {
+        let current = key_id(key);
+        let mut n = 0;
+        for e in self.list()? {
+            let stale = match self.head(&e.name) {
+                Ok((
+                    Some(Layout {
+                        key_id: Some(id), ..
+                    }),
+                    _,
+                )) => id != current,
+                Ok((Some(Layout { key_id: None, .. }), _)) => {
+                    matches!(self.get(key, &e.name), Err(SecretError::Unopened(_)))
+                }
+                Ok((None, _)) | Err(SecretError::NotFound(_)) => false,
+                Err(e) => return Err(e),
+            };
+            if stale {
+                match self.unlink(&e.name) {
+                    Ok(()) => n += 1,
+                    Err(SecretError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
             }
         }
         if n > 0 {
@@ -254,6 +392,9 @@ impl leasehold_node::backend::SecretStore for SecretStore {
     fn purge(&mut self) -> Result<usize, leasehold_node::Failure> {
         SecretStore::purge(self).map_err(failure)
     }
+    fn purge_stale(&mut self, key: &SymmetricKey) -> Result<usize, leasehold_node::Failure> {
+        SecretStore::purge_stale(self, key).map_err(failure)
+    }
     fn list(&self) -> Result<Vec<leasehold_node::SecretEntry>, leasehold_node::Failure> {
         SecretStore::list(self)
             .map(|l| l.into_iter().map(entry).collect())
@@ -291,5 +432,105 @@ mod tests {
         s.put(&k, "b", b"2").unwrap();
         assert_eq!(s.purge().unwrap(), 2);
         assert!(s.list().unwrap().is_empty());
+    }
+
+    /// A first-format file (no key id), as an agent before the key id wrote.
+    fn put_v1(s: &SecretStore, key: &SymmetricKey, name: &str, payload: &[u8]) {
+        let nonce = [9u8; NONCE_LEN];
+        let ct = Aes256Gcm::new_from_slice(key.expose_secret())
+            .unwrap()
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: payload,
+                    aad: name.as_bytes(),
+                },
+            )
+            .unwrap();
+        let mut bytes = MAGIC_V1.to_vec();
+        bytes.extend_from_slice(&nonce);
+        bytes.extend_from_slice(&ct);
+        fs::write(s.path(name), bytes).unwrap();
+    }
+
+    #[test]
+    fn secrets_of_a_replaced_key_are_told_and_purged_the_rest_kept() {
+        let d = tempfile::tempdir().unwrap();
+        let s = SecretStore::new(d.path().join("secrets"));
+        let (old, new) = (
+            SymmetricKey::from_bytes([3; 32]),
+            SymmetricKey::from_bytes([4; 32]),
+        );
+        s.put(&old, "old-a", b"1").unwrap();
+        s.put(&old, "old-b", b"22").unwrap();
+        put_v1(&s, &old, "old-v1", b"333");
+        s.put(&new, "new-a", b"4444").unwrap();
+        put_v1(&s, &new, "new-v1", b"55555");
+        // Damaged under the current key: kept (not a key change's leftover).
+        s.put(&new, "new-bad", b"666666").unwrap();
+        let bad = s.path("new-bad");
+        let mut raw = fs::read(&bad).unwrap();
+        *raw.last_mut().unwrap() ^= 1;
+        fs::write(&bad, raw).unwrap();
+        // Not a secret file of any format: kept.
+        fs::write(s.path("foreign"), b"not ours").unwrap();
+        let sizes: Vec<(String, u64)> = s
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.name, e.size))
+            .collect();
+        let want = [
+            ("foreign", 0),
+            ("new-a", 4),
+            ("new-bad", 6),
+            ("new-v1", 5),
+            ("old-a", 1),
+            ("old-b", 2),
+            ("old-v1", 3),
+        ];
+        assert_eq!(
+            sizes,
+            want.map(|(n, z)| (n.to_owned(), z)).to_vec(),
+            "sizes of both formats"
+        );
+        assert!(matches!(s.get(&new, "old-a"), Err(SecretError::Stale(_))));
+        assert!(matches!(
+            s.get(&new, "new-bad"),
+            Err(SecretError::Damaged(_))
+        ));
+        assert!(matches!(
+            s.get(&new, "old-v1"),
+            Err(SecretError::Unopened(_))
+        ));
+        assert!(matches!(
+            s.get(&new, "foreign"),
+            Err(SecretError::Damaged(_))
+        ));
+        assert_eq!(&s.get(&new, "new-v1").unwrap()[..], b"55555");
+
+        assert_eq!(s.purge_stale(&new).unwrap(), 3);
+        let left: Vec<String> = s.list().unwrap().into_iter().map(|e| e.name).collect();
+        assert_eq!(left, ["foreign", "new-a", "new-bad", "new-v1"]);
+        assert_eq!(&s.get(&new, "new-a").unwrap()[..], b"4444");
+        // Again: nothing more (the same key's files are never stale).
+        assert_eq!(s.purge_stale(&new).unwrap(), 0);
+        // An empty or missing store.
+        let e = SecretStore::new(d.path().join("none"));
+        assert_eq!(e.purge_stale(&new).unwrap(), 0);
+    }
+
+    #[test]
+    fn the_key_id_names_the_key_and_reveals_nothing_of_it() {
+        let k = SymmetricKey::from_bytes([3; 32]);
+        assert_eq!(key_id(&k), key_id(&SymmetricKey::from_bytes([3; 32])));
+        assert_ne!(key_id(&k), key_id(&SymmetricKey::from_bytes([4; 32])));
+        let d = tempfile::tempdir().unwrap();
+        let s = SecretStore::new(d.path().to_owned());
+        s.put(&k, "x", b"payload").unwrap();
+        let raw = fs::read(s.path("x")).unwrap();
+        assert_eq!(&raw[..MAGIC.len()], MAGIC);
+        assert_eq!(&raw[MAGIC.len()..MAGIC.len() + KEY_ID_LEN], key_id(&k));
+        assert!(!raw.windows(8).any(|w| w == [3u8; 8]), "key bytes on disk");
     }
 }

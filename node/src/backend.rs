@@ -298,6 +298,10 @@ pub trait SecretStore: Send + 'static {
     fn remove(&mut self, name: &str) -> Result<(), Failure>;
     /// Removes every secret; returns how many there were.
     fn purge(&mut self) -> Result<usize, Failure>;
+    /// Removes the secrets stored under another key than `key`, the
+    /// store's key now (left by a destroying change cut short between its
+    /// commit and its purge); returns how many.
+    fn purge_stale(&mut self, key: &SymmetricKey) -> Result<usize, Failure>;
     /// Every stored secret.
     fn list(&self) -> Result<Vec<SecretEntry>, Failure>;
 }

@@ -136,6 +136,7 @@ impl Node {
         // Before the first snapshot: what a killed agent left of a change
         // of tenancy is seen through before anyone reads the state.
         c.finish_tenancy_change();
+        c.purge_stale_secrets();
         let first = c.read_snapshot().map_err(NodeError::Keys)?;
         let snapshot = Arc::new(RwLock::new(Arc::new(first)));
         let running = Arc::new(Mutex::new(None));
@@ -922,6 +923,40 @@ impl Controller {
             }
         }
         self.b.events.end_tenancy_change();
+    }
+
+    /// At start: the secrets stored under a key that is gone. A destroying
+    /// change purges the store after its TPM commit; an agent killed in
+    /// between (no record: a rotation is not a change of tenancy) left
+    /// them, unopenable, failing the launches that name them and counting
+    /// against the caps. The store tells them by the key each names. Not
+    /// checked (and tried at the next start) if the key cannot be read.
+    fn purge_stale_secrets(&mut self) {
+        match self.b.secrets.list() {
+            Ok(l) if l.is_empty() => return,
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "cannot list the secret store to check its key");
+                return;
+            }
+        }
+        let key = match self.b.keys.data_key(crate::SECRET_STORE_PURPOSE) {
+            Ok(k) => k,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot derive the secret store's key; secrets under a replaced key are not looked for");
+                return;
+            }
+        };
+        match self.b.secrets.purge_stale(&key) {
+            Ok(0) => {}
+            Ok(n) => tracing::warn!(
+                count = n,
+                "removed secrets stored under a key a destroying change replaced (the agent stopped before it purged them)"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot remove the secrets stored under a replaced key")
+            }
+        }
     }
 
     fn release(&mut self, caller: Caller, confirmed: bool) -> Result<Outcome, NodeError> {

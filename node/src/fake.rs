@@ -91,6 +91,9 @@ pub struct World {
     pub volume: Option<FakeVolume>,
     /// Secrets: name → size.
     pub secrets: BTreeMap<String, u64>,
+    /// The first byte of the key each secret was stored under (the fake's
+    /// data key follows the key generations; absent: never stale).
+    pub secret_keys: BTreeMap<String, u8>,
     /// A sub-boundary is set.
     pub sub_boundary: bool,
     /// Cluster boundary changes applied.
@@ -259,6 +262,14 @@ impl Fake {
         }
         Ok(Op { w })
     }
+}
+
+/// The fake's data key, one byte repeated: changes with every key
+/// generation and with the tenant's presence, as the real one.
+fn data_key_id(w: &World) -> u8 {
+    let l = w.landlord.as_ref().map_or(0, |l| l.key_generation);
+    let t = w.tenant.as_ref().map_or(0, |t| t.key_generation + 1);
+    u8::try_from((l * 31 + t * 7 + 1) % 256).unwrap_or(0)
 }
 
 fn generations(w: &World) -> Vec<(String, u64)> {
@@ -502,7 +513,7 @@ impl KeyStore for Fake {
     fn data_key(&mut self, _purpose: &str) -> Result<SymmetricKey, KeyError> {
         let w = self.op("keys.data_key").map_err(injected)?;
         check_erasing(&w)?;
-        Ok(SymmetricKey::from_bytes([7; 32]))
+        Ok(SymmetricKey::from_bytes([data_key_id(&w); 32]))
     }
 
     fn disk_key(&mut self) -> Result<DiskKeyInfo, KeyError> {
@@ -697,12 +708,14 @@ pub struct FakeSecrets(pub Fake);
 impl SecretStore for FakeSecrets {
     fn put(
         &mut self,
-        _key: &SymmetricKey,
+        key: &SymmetricKey,
         name: &str,
         payload: &[u8],
     ) -> Result<SecretEntry, Failure> {
         let mut w = self.0.op("secrets.put").map_err(vfail)?;
         w.secrets.insert(name.to_owned(), payload.len() as u64);
+        w.secret_keys
+            .insert(name.to_owned(), key.expose_secret()[0]);
         Ok(SecretEntry {
             name: name.to_owned(),
             size: payload.len() as u64,
@@ -712,6 +725,7 @@ impl SecretStore for FakeSecrets {
 
     fn remove(&mut self, name: &str) -> Result<(), Failure> {
         let mut w = self.0.op("secrets.remove").map_err(vfail)?;
+        w.secret_keys.remove(name);
         w.secrets
             .remove(name)
             .map(|_| ())
@@ -722,7 +736,24 @@ impl SecretStore for FakeSecrets {
         let mut w = self.0.op("secrets.purge").map_err(vfail)?;
         let n = w.secrets.len();
         w.secrets.clear();
+        w.secret_keys.clear();
         Ok(n)
+    }
+
+    fn purge_stale(&mut self, key: &SymmetricKey) -> Result<usize, Failure> {
+        let mut w = self.0.op("secrets.purge_stale").map_err(vfail)?;
+        let now = key.expose_secret()[0];
+        let stale: Vec<String> = w
+            .secrets
+            .keys()
+            .filter(|n| w.secret_keys.get(*n).copied().unwrap_or(now) != now)
+            .cloned()
+            .collect();
+        for n in &stale {
+            w.secrets.remove(n);
+            w.secret_keys.remove(n);
+        }
+        Ok(stale.len())
     }
 
     fn list(&self) -> Result<Vec<SecretEntry>, Failure> {

@@ -839,6 +839,59 @@ fn a_change_of_tenancy_cut_short_is_finished_at_the_next_start() {
 }
 
 #[test]
+fn a_destroying_rotation_cut_short_before_its_purge_leaves_no_secret_of_the_old_key() {
+    for role in [Role::Tenant, Role::Landlord] {
+        let (f, node) = assigned();
+        // A restart with nothing cut short keeps every secret.
+        node.stop();
+        f.restart();
+        let node = Node::start(f.backends()).expect("start");
+        assert_eq!(f.world().secrets.len(), 2, "{role:?}: a plain restart");
+        f.world().panic_at = Some("secrets.purge".into());
+        let caller = if role == Role::Tenant {
+            TENANT
+        } else {
+            LANDLORD
+        };
+        let e = run(
+            &node,
+            caller,
+            Command::Rotate {
+                role,
+                confirm: true,
+            },
+        )
+        .unwrap_err();
+        assert!(matches!(e, NodeError::Stopped), "{role:?}: {e}");
+        futures_block(node.ended());
+        assert_eq!(f.world().secrets.len(), 2, "{role:?}: left by the kill");
+        f.world().panic_at = None;
+        f.restart();
+        let node = Node::start(f.backends()).expect("start");
+        {
+            let w = f.world();
+            assert!(w.secrets.is_empty(), "{role:?}: {:?}", w.secrets);
+            assert!(w.log.iter().any(|l| l == "secrets.purge_stale"), "{role:?}");
+        }
+        // One stored under the new key stays through the next restart.
+        run(
+            &node,
+            TENANT,
+            Command::PutSecret {
+                name: "c".into(),
+                envelope: b"payload".to_vec(),
+            },
+        )
+        .expect("put");
+        node.stop();
+        f.restart();
+        let _node = Node::start(f.backends()).expect("start");
+        let names: Vec<String> = f.world().secrets.keys().cloned().collect();
+        assert_eq!(names, ["c"], "{role:?}");
+    }
+}
+
+#[test]
 fn a_change_of_tenancy_that_cannot_be_recorded_changes_nothing() {
     let (f, node) = assigned();
     f.fail("events.begin_tenancy_change");

@@ -1488,6 +1488,49 @@ fn volume_crashes(vm: &mut Vm) {
         );
     }
     vm.step("volume: SIGKILL at each step of a destroying rotation");
+    // Killed between the TPM commit and the purge of the secret store (no
+    // record: a rotation is not a change of tenancy): the next start
+    // removes the secrets left under the key that is gone, by the key id
+    // each file names, and keeps one stored under the new key.
+    vm.sh("printf crash-secret > /tmp/crash-secret.txt && chmod 644 /tmp/crash-secret.txt");
+    vm.sh("runuser -u tt -- tenantctl secret put crash --from /tmp/crash-secret.txt");
+    vm.crash_at(Some("secrets:purge"));
+    let r = vm.sh_status("runuser -u tt -- tenantctl --yes --json rotate");
+    assert_ne!(
+        r.code, 0,
+        "secrets:purge: the agent was to be killed: {}",
+        r.stdout
+    );
+    assert_eq!(
+        vm.sh("ls /var/lib/leasehold/secrets | grep -c '^crash.secret$' || true")
+            .trim(),
+        "1",
+        "secrets:purge: killed before the purge"
+    );
+    vm.crash_at(None);
+    vm.agent_up();
+    let list = json(&vm.sh("runuser -u tt -- tenantctl --json secret list"));
+    assert_eq!(list, serde_json::json!([]), "secrets:purge: {list}");
+    assert!(
+        vm.sh("journalctl --sync; journalctl -b -u leasehold-agentd -o cat --no-pager | grep -c 'removed secrets stored under a key a destroying change replaced' || true")
+            .trim()
+            .parse::<u32>()
+            .unwrap_or(0)
+            >= 1,
+        "secrets:purge: the start did not say it removed them"
+    );
+    vm.sh("runuser -u tt -- tenantctl secret put kept --from /tmp/crash-secret.txt");
+    vm.sh("systemctl restart leasehold-agentd");
+    let list = json(&vm.sh("runuser -u tt -- tenantctl --json secret list"));
+    assert_eq!(list[0]["name"], "kept", "a secret of the new key: {list}");
+    vm.sh("runuser -u tt -- tenantctl secret rm kept");
+    wait_until(
+        120,
+        1,
+        "secrets:purge: the volume was not made again",
+        || vm.volume()["state"] == "open",
+    );
+    vm.step("volume: SIGKILL between a rotation's commit and its purge of the secret store");
 }
 
 /// `deb` repacked with version `<its version>+<suffix>`: the same build,
