@@ -916,6 +916,20 @@ fn engines(out: &mut String, sets: &mut BTreeMap<String, SetDef>, es: &[EngineEg
         out,
         "  chain engines_node {{\n    fib daddr type {{ broadcast, multicast }} {node} drop comment \"leasehold: an engine's broadcast or multicast to the node denied\""
     );
+    // This chain's lookup takes a packet over `lo` as arriving by `lo`;
+    // delivery takes it as arriving by the interface of the address it is
+    // sent to. A node socket bound to that interface (SO_BINDTODEVICE)
+    // is seen by delivery only, and wins over an engine's socket on the
+    // same port (UDP with SO_REUSEADDR on both): the check would pass the
+    // engine's and delivery reach the node's. Only loopback addresses
+    // are on `lo`, so an engine's datagrams to the node go there only.
+    // (TCP cannot share a listening port across users; its check stays.)
+    for (family, loopback) in [("ip", "127.0.0.0/8"), ("ip6", "::1")] {
+        let _ = writeln!(
+            out,
+            "    meta l4proto != tcp {family} daddr != {loopback} {node} reject with icmpx type admin-prohibited comment \"leasehold: an engine's datagram to an interface address of the node denied\""
+        );
+    }
     per_subtree(out, "accept", "an engine's socket");
     let last = denial(
         Action::Reject,
@@ -1783,7 +1797,7 @@ mod tests {
         );
         assert!(
             text.contains(
-                "chain engines_node {\n    fib daddr type { broadcast, multicast } counter name \"deny_engines_node\" drop comment \"leasehold: an engine's broadcast or multicast to the node denied\"\n    socket cgroupv2 level 2 \"leasehold.slice/tenant\" accept"
+                "chain engines_node {\n    fib daddr type { broadcast, multicast } counter name \"deny_engines_node\" drop comment \"leasehold: an engine's broadcast or multicast to the node denied\"\n    meta l4proto != tcp ip daddr != 127.0.0.0/8 counter name \"deny_engines_node\" reject with icmpx type admin-prohibited comment \"leasehold: an engine's datagram to an interface address of the node denied\"\n    meta l4proto != tcp ip6 daddr != ::1 counter name \"deny_engines_node\" reject with icmpx type admin-prohibited comment \"leasehold: an engine's datagram to an interface address of the node denied\"\n    socket cgroupv2 level 2 \"leasehold.slice/tenant\" accept"
             ),
             "{text}"
         );
@@ -1813,7 +1827,7 @@ mod tests {
         assert_eq!(counts.get("engines_out"), Some(&2));
         assert_eq!(counts.get("engines_sub"), Some(&6));
         assert_eq!(counts.get("engines_in"), Some(&2));
-        assert_eq!(counts.get("engines_node"), Some(&4));
+        assert_eq!(counts.get("engines_node"), Some(&6));
         assert_eq!(counts.get("engine0"), Some(&2));
         // An engine without egress: the guard, no chain of its own; two
         // engines of one subtree, one lookup.
@@ -1839,7 +1853,7 @@ mod tests {
         .unwrap();
         let counts = guard.rule_counts();
         assert_eq!(counts.get("engines_sub"), Some(&5));
-        assert_eq!(counts.get("engines_node"), Some(&4));
+        assert_eq!(counts.get("engines_node"), Some(&6));
         assert!(!guard.full_script().contains("chain engine0"));
         // A subtree made again (another inode) changes the text, so the
         // enforcer loads it again (nft resolved the old cgroup).

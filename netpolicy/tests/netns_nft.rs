@@ -1211,12 +1211,16 @@ eng, other, base = B["engine"], B["other"], B["base"]
 def join(cg):
     if cg:
         open(cg + "/cgroup.procs", "w").write(str(os.getpid()))
-def serve(port, bind="0.0.0.0"):
+def fam(addr):
+    return socket.AF_INET6 if ":" in addr else socket.AF_INET
+def serve(port, bind="0.0.0.0", dev=None):
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = socket.socket(fam(bind), socket.SOCK_DGRAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if dev:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE, dev.encode())
         s.bind((bind, port))
         os.write(w, b"r")
         while True:
@@ -1225,12 +1229,14 @@ def serve(port, bind="0.0.0.0"):
             s.sendto(d, a)
     os.read(r, 1)
     return pid
-def send(cg, sport, dst, tag, bcast=False, reply=False, src="127.0.0.1"):
+def send(cg, sport, dst, tag, bcast=False, reply=False, src=None):
+    if src is None:
+        src = "::" if ":" in dst[0] else "127.0.0.1"
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         join(cg)
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s = socket.socket(fam(dst[0]), socket.SOCK_DGRAM)
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if bcast:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
@@ -1307,6 +1313,36 @@ time.sleep(0.2)
 send(eng, base + 6, ("10.77.0.255", 7107), "e6", bcast=True)
 out["engine_broadcast_beside_an_engine"] = after(("10.77.0.255", 7107), 7107, "e6", bcast=True)
 os.kill(peer, 9)
+# A node service bound to an interface (SO_BINDTODEVICE and SO_REUSEADDR,
+# as DHCP servers bind) and an engine's socket on the same port: the
+# input check looks sockets up as arriving by `lo`, which finds the
+# engine's; delivery looks them up by the interface of the address sent
+# to, which finds the node's (a socket bound to that device scores
+# higher). Sent to one of the node's interface addresses, IPv4 and IPv6,
+# from another socket of the engine (a port of this round: no tuple
+# shared with another round's conntrack entries).
+def holder(cg, bind, port):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        join(cg)
+        s = socket.socket(fam(bind), socket.SOCK_DGRAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind((bind, port))
+        os.write(w, b"r")
+        time.sleep(30)
+        os._exit(0)
+    os.read(r, 1)
+    return pid
+srv.append(serve(7108, "0.0.0.0", dev="d0"))
+srv.append(serve(7109, "::", dev="d0"))
+held = [holder(eng, "0.0.0.0", 7108), holder(eng, "::", 7109)]
+send(eng, base + 7, ("10.77.0.1", 7108), "e7", src="0.0.0.0")
+out["engine_beside_a_device_bound_service"] = after(("10.77.0.1", 7108), 7108, "e7")
+send(eng, base + 8, ("fd77::1", 7109), "e8")
+out["engine_beside_a_device_bound_service6"] = after(("fd77::1", 7109), 7109, "e8")
+for p in held:
+    os.kill(p, 9)
 for p in srv:
     os.kill(p, 9)
 print(json.dumps(out))
@@ -1348,6 +1384,7 @@ fn netns_engines_reach_no_service_of_the_node() {
         // The node's own address on an interface: reached over `lo` too.
         run(&["ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
         run(&["ip", "addr", "add", "10.77.0.1/24", "dev", "d0"]);
+        run(&["ip", "addr", "add", "fd77::1/64", "dev", "d0", "nodad"]);
         run(&["ip", "link", "set", "d1", "up"]);
         run(&["ip", "link", "set", "d0", "up"]);
         let guard = |name: &str, dir: &std::path::Path| {
@@ -1375,6 +1412,8 @@ fn netns_engines_reach_no_service_of_the_node() {
                 [p(&db), "0.0.0.0", 7002, false],
                 [none, "127.0.0.1", 7003, true],
                 [p(&db), "127.0.0.1", 7005, true],
+                [p(&db), "0.0.0.0", 7006, true],
+                [p(&db), "0.0.0.0", 7007, true],
             ],
             "try": [
                 [p(&web), "127.0.0.1", 7001, false],
@@ -1388,6 +1427,8 @@ fn netns_engines_reach_no_service_of_the_node() {
                 [none, "127.0.0.1", 7001, false],
                 [p(&web), "127.0.0.1", 7003, true],
                 [p(&web), "127.0.0.1", 7005, true],
+                [p(&web), "127.0.0.1", 7006, true],
+                [p(&web), "10.77.0.1", 7007, true],
             ],
         });
         let reach = |round: &str| -> Vec<String> {
@@ -1408,6 +1449,8 @@ fn netns_engines_reach_no_service_of_the_node() {
             "open", "open", // outside the subtree: not an engine
             "lost", // the node's UDP
             "got",  // another engine's UDP
+            "got",  // another engine's UDP on every address, by 127.0.0.1
+            "lost", // the same by the node's interface address: datagrams to the node go by loopback only
         ];
         // Before any table: every attempt goes through (what engines could
         // do before the guard).
@@ -1439,6 +1482,8 @@ fn netns_engines_reach_no_service_of_the_node() {
             "node_broadcast": "got",
             "engine_established_by_another": "lost",
             "engine_broadcast_beside_an_engine": "lost",
+            "engine_beside_a_device_bound_service": "lost",
+            "engine_beside_a_device_bound_service6": "lost",
         });
         let open = hostile("before", 41000);
         for k in [
@@ -1447,6 +1492,8 @@ fn netns_engines_reach_no_service_of_the_node() {
             "engine_broadcast",
             "engine_established_by_another",
             "engine_broadcast_beside_an_engine",
+            "engine_beside_a_device_bound_service",
+            "engine_beside_a_device_bound_service6",
         ] {
             assert_eq!(open[k], "got", "{k} without a table: {open}");
         }
@@ -1459,8 +1506,8 @@ fn netns_engines_reach_no_service_of_the_node() {
         enf.apply(nft::Ruleset::engines_only(&opts).unwrap()).unwrap();
         assert_eq!(reach("alone"), expected, "engines' chains alone");
         assert_eq!(enf.check().unwrap().map(|d| d.to_string()), None);
-        // 3 SYNs and 1 datagram.
-        assert_eq!(denied(&mut enf), 4);
+        // 3 SYNs and 2 datagrams.
+        assert_eq!(denied(&mut enf), 5);
         assert_eq!(hostile("alone", 42000), guarded, "engines' chains alone");
         // Under a node boundary (everything in 10.77.0.0/24 and loopback).
         let cluster =
@@ -1470,7 +1517,7 @@ fn netns_engines_reach_no_service_of_the_node() {
         let before = denied(&mut enf);
         assert_eq!(reach("bounded"), expected, "under a node boundary");
         assert_eq!(enf.check().unwrap().map(|d| d.to_string()), None);
-        assert_eq!(denied(&mut enf), before + 4);
+        assert_eq!(denied(&mut enf), before + 5);
         assert_eq!(hostile("bounded", 43000), guarded, "under a node boundary");
         enf.remove().unwrap();
     })
