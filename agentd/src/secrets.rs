@@ -74,6 +74,27 @@ impl Layout {
     }
 }
 
+/// The payload of a stored file under `key`, if it opens (its tag checks).
+fn decrypt(
+    key: &SymmetricKey,
+    name: &str,
+    bytes: &[u8],
+    layout: &Layout,
+) -> Option<zeroize::Zeroizing<Vec<u8>>> {
+    let (nonce, ct) = bytes.get(layout.nonce_at..)?.split_at_checked(NONCE_LEN)?;
+    let cipher = Aes256Gcm::new_from_slice(key.expose_secret()).ok()?;
+    cipher
+        .decrypt(
+            Nonce::from_slice(nonce),
+            Payload {
+                msg: ct,
+                aad: name.as_bytes(),
+            },
+        )
+        .ok()
+        .map(zeroize::Zeroizing::new)
+}
+
 /// Metadata of a stored secret.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -167,10 +188,13 @@ impl SecretStore {
     }
 
     /// A file's layout and metadata (one open: its head and its size).
-    fn head(&self, name: &str) -> Result<(Option<Layout>, fs::Metadata), SecretError> {
-        use std::io::Read;
+    /// Opens a stored file: non-blocking (a FIFO put there by hand must
+    /// not hang the store); `None` for anything but a regular file (a
+    /// directory must not fail every listing either).
+    fn open_file(&self, name: &str) -> Result<(Option<fs::File>, fs::Metadata), SecretError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let path = self.path(name);
-        let not_found = |e: std::io::Error, op| match e.kind() {
+        let failed = |e: std::io::Error, op| match e.kind() {
             std::io::ErrorKind::NotFound => SecretError::NotFound(name.to_owned()),
             _ => SecretError::Io {
                 op,
@@ -178,8 +202,23 @@ impl SecretStore {
                 source: e,
             },
         };
-        let f = fs::File::open(&path).map_err(|e| not_found(e, "open"))?;
-        let meta = f.metadata().map_err(|e| not_found(e, "stat"))?;
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_NONBLOCK)
+            .open(&path)
+            .map_err(|e| failed(e, "open"))?;
+        let meta = f.metadata().map_err(|e| failed(e, "stat"))?;
+        Ok((meta.is_file().then_some(f), meta))
+    }
+
+    /// A file's layout (none: not a secret file of a known format) and
+    /// metadata, from one open.
+    fn head(&self, name: &str) -> Result<(Option<Layout>, fs::Metadata), SecretError> {
+        use std::io::Read;
+        let (f, meta) = self.open_file(name)?;
+        let Some(f) = f else {
+            return Ok((None, meta));
+        };
         let mut head = [0u8; MAGIC.len() + KEY_ID_LEN];
         let mut n = 0;
         let mut r = f.take(head.len() as u64);
@@ -188,7 +227,13 @@ impl SecretStore {
                 Ok(0) => break,
                 Ok(k) => n += k,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(not_found(e, "read")),
+                Err(e) => {
+                    return Err(SecretError::Io {
+                        op: "read",
+                        path: self.path(name),
+                        source: e,
+                    })
+                }
             }
         }
         Ok((Layout::of(&head[..n]), meta))
@@ -244,32 +289,39 @@ impl SecretStore {
         key: &SymmetricKey,
         name: &str,
     ) -> Result<zeroize::Zeroizing<Vec<u8>>, SecretError> {
-        let path = self.path(name);
-        let bytes = fs::read(&path).map_err(|_| SecretError::NotFound(name.to_owned()))?;
-        let layout = match Layout::of(&bytes) {
-            Some(l) if bytes.len() >= l.overhead() => l,
-            _ => return Err(SecretError::Damaged(name.to_owned())),
+        let (bytes, layout) = self.read_file(name)?;
+        // Tried whatever the id says: damage in the id itself must not
+        // make a good secret stale.
+        decrypt(key, name, &bytes, &layout).ok_or_else(|| match layout.key_id {
+            Some(id) if id != key_id(key) => SecretError::Stale(name.to_owned()),
+            // Its key is the one given: the file is what failed.
+            Some(_) => SecretError::Damaged(name.to_owned()),
+            None => SecretError::Unopened(name.to_owned()),
+        })
+    }
+
+    /// A stored file whole (at most the largest a payload makes), with its
+    /// layout; `Damaged` if it has none or is larger.
+    fn read_file(&self, name: &str) -> Result<(Vec<u8>, Layout), SecretError> {
+        use std::io::Read;
+        let most =
+            leasehold_node::MAX_SECRET_PAYLOAD + MAGIC.len() + KEY_ID_LEN + NONCE_LEN + TAG_LEN;
+        let (f, _) = self.open_file(name)?;
+        let Some(f) = f else {
+            return Err(SecretError::Damaged(name.to_owned()));
         };
-        if layout.key_id.is_some_and(|id| id != key_id(key)) {
-            return Err(SecretError::Stale(name.to_owned()));
+        let mut bytes = Vec::new();
+        f.take(most as u64 + 1)
+            .read_to_end(&mut bytes)
+            .map_err(|e| SecretError::Io {
+                op: "read",
+                path: self.path(name),
+                source: e,
+            })?;
+        match Layout::of(&bytes) {
+            Some(l) if bytes.len() >= l.overhead() && bytes.len() <= most => Ok((bytes, l)),
+            _ => Err(SecretError::Damaged(name.to_owned())),
         }
-        let (nonce, ct) = bytes[layout.nonce_at..].split_at(NONCE_LEN);
-        let cipher =
-            Aes256Gcm::new_from_slice(key.expose_secret()).map_err(|_| SecretError::Crypto)?;
-        cipher
-            .decrypt(
-                Nonce::from_slice(nonce),
-                Payload {
-                    msg: ct,
-                    aad: name.as_bytes(),
-                },
-            )
-            .map(zeroize::Zeroizing::new)
-            .map_err(|_| match layout.key_id {
-                // Its key is the one given: the file is what failed.
-                Some(_) => SecretError::Damaged(name.to_owned()),
-                None => SecretError::Unopened(name.to_owned()),
-            })
     }
 
     /// Removes one secret, durably (the directory synced: a removal
@@ -336,10 +388,14 @@ impl SecretStore {
                         key_id: Some(id), ..
                     }),
                     _,
-                )) => id != current,
-                Ok((Some(Layout { key_id: None, .. }), _)) => {
-                    matches!(self.get(key, &e.name), Err(SecretError::Unopened(_)))
-                }
+                )) if id == current => false,
+                // Another key's id (or damage in the id itself), or the
+                // first format: stale only if the store's key cannot open
+                // it (read whole only then).
+                Ok((Some(_), _)) => matches!(
+                    self.get(key, &e.name),
+                    Err(SecretError::Stale(_) | SecretError::Unopened(_))
+                ),
                 Ok((None, _)) | Err(SecretError::NotFound(_)) => false,
                 Err(e) => return Err(e),
             };
@@ -472,6 +528,13 @@ mod tests {
         let mut raw = fs::read(&bad).unwrap();
         *raw.last_mut().unwrap() ^= 1;
         fs::write(&bad, raw).unwrap();
+        // Damage in the key id of a file under the current key: it still
+        // opens, so it is neither stale nor removed.
+        s.put(&new, "new-id-bit", b"7777777").unwrap();
+        let hit = s.path("new-id-bit");
+        let mut raw = fs::read(&hit).unwrap();
+        raw[MAGIC.len()] ^= 0x80;
+        fs::write(&hit, raw).unwrap();
         // Not a secret file of any format: kept.
         fs::write(s.path("foreign"), b"not ours").unwrap();
         let sizes: Vec<(String, u64)> = s
@@ -484,6 +547,7 @@ mod tests {
             ("foreign", 0),
             ("new-a", 4),
             ("new-bad", 6),
+            ("new-id-bit", 7),
             ("new-v1", 5),
             ("old-a", 1),
             ("old-b", 2),
@@ -508,16 +572,40 @@ mod tests {
             Err(SecretError::Damaged(_))
         ));
         assert_eq!(&s.get(&new, "new-v1").unwrap()[..], b"55555");
+        assert_eq!(&s.get(&new, "new-id-bit").unwrap()[..], b"7777777");
 
         assert_eq!(s.purge_stale(&new).unwrap(), 3);
         let left: Vec<String> = s.list().unwrap().into_iter().map(|e| e.name).collect();
-        assert_eq!(left, ["foreign", "new-a", "new-bad", "new-v1"]);
+        assert_eq!(
+            left,
+            ["foreign", "new-a", "new-bad", "new-id-bit", "new-v1"]
+        );
         assert_eq!(&s.get(&new, "new-a").unwrap()[..], b"4444");
         // Again: nothing more (the same key's files are never stale).
         assert_eq!(s.purge_stale(&new).unwrap(), 0);
         // An empty or missing store.
         let e = SecretStore::new(d.path().join("none"));
         assert_eq!(e.purge_stale(&new).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_directory_or_fifo_under_a_secret_name_neither_fails_nor_hangs_the_store() {
+        let d = tempfile::tempdir().unwrap();
+        let s = SecretStore::new(d.path().to_owned());
+        let k = SymmetricKey::from_bytes([3; 32]);
+        s.put(&k, "good", b"1").unwrap();
+        fs::create_dir(s.path("dir")).unwrap();
+        nix::unistd::mkfifo(
+            &s.path("fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        let names: Vec<String> = s.list().unwrap().into_iter().map(|e| e.name).collect();
+        assert_eq!(names, ["dir", "fifo", "good"]);
+        assert!(matches!(s.get(&k, "fifo"), Err(SecretError::Damaged(_))));
+        assert!(matches!(s.get(&k, "dir"), Err(SecretError::Damaged(_))));
+        assert_eq!(s.purge_stale(&k).unwrap(), 0);
+        assert_eq!(&s.get(&k, "good").unwrap()[..], b"1");
     }
 
     #[test]

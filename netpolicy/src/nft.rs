@@ -923,7 +923,16 @@ fn engines(out: &mut String, sets: &mut BTreeMap<String, SetDef>, es: &[EngineEg
     // same port (UDP with SO_REUSEADDR on both): the check would pass the
     // engine's and delivery reach the node's. Only loopback addresses
     // are on `lo`, so an engine's datagrams to the node go there only.
-    // (TCP cannot share a listening port across users; its check stays.)
+    // TCP cannot share a listening port across users unless the two
+    // listeners are bound to different devices, which an engine can do
+    // only by an IPv6 link-local address's scope id (SO_BINDTODEVICE is
+    // refused by its seccomp filter): nothing of an engine's goes to a
+    // link-local address of the node.
+    let note = "leasehold: an engine's connection to a link-local address of the node denied";
+    let _ = writeln!(
+        out,
+        "    ip6 daddr fe80::/10 meta l4proto tcp {node} reject with tcp reset comment \"{note}\"\n    ip6 daddr fe80::/10 {node} reject with icmpx type admin-prohibited comment \"{note}\""
+    );
     for (family, loopback) in [("ip", "127.0.0.0/8"), ("ip6", "::1")] {
         let _ = writeln!(
             out,
@@ -1797,7 +1806,7 @@ mod tests {
         );
         assert!(
             text.contains(
-                "chain engines_node {\n    fib daddr type { broadcast, multicast } counter name \"deny_engines_node\" drop comment \"leasehold: an engine's broadcast or multicast to the node denied\"\n    meta l4proto != tcp ip daddr != 127.0.0.0/8 counter name \"deny_engines_node\" reject with icmpx type admin-prohibited comment \"leasehold: an engine's datagram to an interface address of the node denied\"\n    meta l4proto != tcp ip6 daddr != ::1 counter name \"deny_engines_node\" reject with icmpx type admin-prohibited comment \"leasehold: an engine's datagram to an interface address of the node denied\"\n    socket cgroupv2 level 2 \"leasehold.slice/tenant\" accept"
+                "chain engines_node {\n    fib daddr type { broadcast, multicast } counter name \"deny_engines_node\" drop comment \"leasehold: an engine's broadcast or multicast to the node denied\"\n    ip6 daddr fe80::/10 meta l4proto tcp counter name \"deny_engines_node\" reject with tcp reset comment \"leasehold: an engine's connection to a link-local address of the node denied\"\n    ip6 daddr fe80::/10 counter name \"deny_engines_node\" reject with icmpx type admin-prohibited comment \"leasehold: an engine's connection to a link-local address of the node denied\"\n    meta l4proto != tcp ip daddr != 127.0.0.0/8 counter name \"deny_engines_node\" reject with icmpx type admin-prohibited comment \"leasehold: an engine's datagram to an interface address of the node denied\"\n    meta l4proto != tcp ip6 daddr != ::1 counter name \"deny_engines_node\" reject with icmpx type admin-prohibited comment \"leasehold: an engine's datagram to an interface address of the node denied\"\n    socket cgroupv2 level 2 \"leasehold.slice/tenant\" accept"
             ),
             "{text}"
         );
@@ -1827,7 +1836,7 @@ mod tests {
         assert_eq!(counts.get("engines_out"), Some(&2));
         assert_eq!(counts.get("engines_sub"), Some(&6));
         assert_eq!(counts.get("engines_in"), Some(&2));
-        assert_eq!(counts.get("engines_node"), Some(&6));
+        assert_eq!(counts.get("engines_node"), Some(&8));
         assert_eq!(counts.get("engine0"), Some(&2));
         // An engine without egress: the guard, no chain of its own; two
         // engines of one subtree, one lookup.
@@ -1853,7 +1862,7 @@ mod tests {
         .unwrap();
         let counts = guard.rule_counts();
         assert_eq!(counts.get("engines_sub"), Some(&5));
-        assert_eq!(counts.get("engines_node"), Some(&6));
+        assert_eq!(counts.get("engines_node"), Some(&8));
         assert!(!guard.full_script().contains("chain engine0"));
         // A subtree made again (another inode) changes the text, so the
         // enforcer loads it again (nft resolved the old cgroup).

@@ -1343,6 +1343,60 @@ send(eng, base + 8, ("fd77::1", 7109), "e8")
 out["engine_beside_a_device_bound_service6"] = after(("fd77::1", 7109), 7109, "e8")
 for p in held:
     os.kill(p, 9)
+# TCP by IPv6 link-local: a scope id binds a socket to a device, and
+# listeners on different devices do not conflict. The engine's listener
+# on the node's link-local address on `lo` (IPV6_FREEBIND: lo has no such
+# address) beside a node listener bound to d0 by its scope id; the engine
+# connects to the address on d0. The check (by `lo`) would find the
+# engine's listener, delivery (by d0) the node's.
+def tcp_serve(cg, addr, free=False):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        join(cg)
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if free:
+            s.setsockopt(socket.IPPROTO_IPV6, 78, 1)  # IPV6_FREEBIND
+        s.bind(addr)
+        s.listen(4)
+        os.write(w, b"r")
+        while True:
+            c, _ = s.accept()
+            open(B["dir"] + "/tcp-" + ("engine" if cg else "node"), "w").write("x")
+            c.close()
+    os.read(r, 1)
+    return pid
+def tcp_try(cg, addr):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        join(cg)
+        s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+        s.settimeout(2.0)
+        try:
+            s.connect(addr)
+            m = "open"
+        except socket.timeout:
+            m = "timeout"
+        except OSError:
+            m = "refused"
+        os.write(w, m.encode())
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return os.read(r, 16).decode()
+d0, lo_i = socket.if_nametoindex("d0"), socket.if_nametoindex("lo")
+tport = base + 10
+srv.append(tcp_serve(None, ("fe80::77", tport, 0, d0)))
+srv.append(tcp_serve(eng, ("fe80::77", tport, 0, lo_i), free=True))
+m = tcp_try(eng, ("fe80::77", tport, 0, d0))
+if m == "open":
+    for _ in range(50):
+        if os.path.exists(B["dir"] + "/tcp-node") or os.path.exists(B["dir"] + "/tcp-engine"):
+            break
+        time.sleep(0.02)
+    m += " by the " + ("node" if os.path.exists(B["dir"] + "/tcp-node") else "engine")
+out["engine_tcp_by_link_local"] = m
 for p in srv:
     os.kill(p, 9)
 print(json.dumps(out))
@@ -1385,6 +1439,7 @@ fn netns_engines_reach_no_service_of_the_node() {
         run(&["ip", "link", "add", "d0", "type", "veth", "peer", "name", "d1"]);
         run(&["ip", "addr", "add", "10.77.0.1/24", "dev", "d0"]);
         run(&["ip", "addr", "add", "fd77::1/64", "dev", "d0", "nodad"]);
+        run(&["ip", "addr", "add", "fe80::77/64", "dev", "d0", "nodad"]);
         run(&["ip", "link", "set", "d1", "up"]);
         run(&["ip", "link", "set", "d0", "up"]);
         let guard = |name: &str, dir: &std::path::Path| {
@@ -1484,6 +1539,7 @@ fn netns_engines_reach_no_service_of_the_node() {
             "engine_broadcast_beside_an_engine": "lost",
             "engine_beside_a_device_bound_service": "lost",
             "engine_beside_a_device_bound_service6": "lost",
+            "engine_tcp_by_link_local": "refused",
         });
         let open = hostile("before", 41000);
         for k in [
@@ -1497,6 +1553,10 @@ fn netns_engines_reach_no_service_of_the_node() {
         ] {
             assert_eq!(open[k], "got", "{k} without a table: {open}");
         }
+        assert_eq!(
+            open["engine_tcp_by_link_local"], "open by the node",
+            "without a table: {open}"
+        );
         let denied = |e: &mut leasehold_netpolicy::enforce::Enforcer| {
             let v = e.deny_counters().unwrap();
             v.iter().find(|(k, _)| *k == "engines_node").unwrap().1.packets

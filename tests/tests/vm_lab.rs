@@ -1501,11 +1501,13 @@ fn volume_crashes(vm: &mut Vm) {
         "secrets:purge: the agent was to be killed: {}",
         r.stdout
     );
-    assert_eq!(
-        vm.sh("ls /var/lib/leasehold/secrets | grep -c '^crash.secret$' || true")
+    // Killed at the purge, not before: the agent said so (systemd may
+    // have restarted it since, whose start then removed the files).
+    assert_ne!(
+        vm.sh("journalctl --sync; journalctl -b -u leasehold-agentd -o cat --no-pager STEP=secrets:purge | grep -c 'killing the agent here' || true")
             .trim(),
-        "1",
-        "secrets:purge: killed before the purge"
+        "0",
+        "secrets:purge: not killed at the purge"
     );
     vm.crash_at(None);
     vm.agent_up();

@@ -10,7 +10,9 @@
 //! never blocks the engine (its pipe is always drained) nor the agent.
 //!
 //! Events: a ring of the last [`EVENTS_KEPT`] supervision events with
-//! sequence numbers, read by `Events` polls.
+//! sequence numbers, read by `Events` polls. Full, it drops the oldest
+//! event of the engine holding the most: a crash-looping engine cannot
+//! push out another engine's rare events (an OOM kill, a give-up).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
@@ -970,6 +972,8 @@ impl IoLoop {
 pub struct EventRing {
     next: u64,
     kept: VecDeque<EngineEvent>,
+    /// Events kept per engine (no zero entries).
+    per_engine: HashMap<String, usize>,
 }
 
 /// Shared handle.
@@ -986,14 +990,18 @@ impl EventRing {
         Arc::new(Mutex::new(EventRing {
             next: start.max(1),
             kept: VecDeque::new(),
+            per_engine: HashMap::new(),
         }))
     }
 
-    /// Records one event.
+    /// Records one event; full, drops the oldest event of the engine with
+    /// the most kept (of those, the one whose oldest is oldest), so each
+    /// engine keeps at least its share of the ring whatever another does.
     pub fn push(&mut self, engine: &str, ev: &Event) {
         if self.kept.len() >= EVENTS_KEPT {
-            self.kept.pop_front();
+            self.drop_one(engine);
         }
+        *self.per_engine.entry(engine.to_owned()).or_default() += 1;
         self.kept.push_back(EngineEvent {
             seq: self.next,
             time_ms: now_ms(),
@@ -1004,10 +1012,31 @@ impl EventRing {
         self.next += 1;
     }
 
+    fn drop_one(&mut self, incoming: &str) {
+        // The engine about to add one counts it: an engine tied with
+        // another loses its own.
+        let count =
+            |e: &str| self.per_engine.get(e).copied().unwrap_or(0) + usize::from(e == incoming);
+        let most = self.per_engine.keys().map(|e| count(e)).max().unwrap_or(0);
+        let Some(at) = self.kept.iter().position(|e| count(&e.engine) == most) else {
+            self.kept.pop_front();
+            return;
+        };
+        if let Some(gone) = self.kept.remove(at) {
+            if let Some(n) = self.per_engine.get_mut(&gone.engine) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_engine.remove(&gone.engine);
+                }
+            }
+        }
+    }
+
     /// Forgets every event (a tenancy ends: the next tenant sees none of
     /// the last one's); numbers go on increasing.
     pub fn clear(&mut self) {
         self.kept.clear();
+        self.per_engine.clear();
     }
 
     /// Events after `after`, oldest first, at most `max`.
@@ -1606,6 +1635,43 @@ mod tests {
         drop(first);
         let e = out_w.write_all(b"x\n").unwrap_err();
         assert_eq!(e.raw_os_error(), Some(nix::libc::EPIPE));
+    }
+
+    #[test]
+    fn a_noisy_engine_cannot_push_out_another_engines_events() {
+        let ring = EventRing::new();
+        let mut r = ring.lock().unwrap();
+        let exit = Event::Stopped;
+        r.push("quiet", &exit);
+        r.push("calm", &exit);
+        r.push("calm", &exit);
+        for _ in 0..(EVENTS_KEPT * 3) {
+            r.push("noisy", &exit);
+        }
+        r.push("quiet", &exit);
+        let all = r.after(0, 10_000);
+        assert_eq!(all.len(), EVENTS_KEPT);
+        let n = |e: &str| all.iter().filter(|x| x.engine == e).count();
+        assert_eq!((n("quiet"), n("calm")), (2, 2), "the rare events stay");
+        assert_eq!(n("noisy"), EVENTS_KEPT - 4);
+        // Still oldest first, numbers increasing (holes where dropped).
+        assert!(all.windows(2).all(|w| w[1].seq > w[0].seq));
+        assert_eq!(all[0].engine, "quiet");
+        // The noisy engine keeps its newest.
+        let last_noisy = all.iter().rev().find(|x| x.engine == "noisy").unwrap();
+        assert_eq!(last_noisy.seq, all.last().unwrap().seq - 1);
+        // Two engines as noisy as each other share the ring: each drops
+        // its own oldest.
+        r.clear();
+        for i in 0..(EVENTS_KEPT * 2) {
+            r.push(if i % 2 == 0 { "a" } else { "b" }, &exit);
+        }
+        let all = r.after(0, 10_000);
+        let n = |e: &str| all.iter().filter(|x| x.engine == e).count();
+        assert_eq!((n("a"), n("b")), (EVENTS_KEPT / 2, EVENTS_KEPT / 2));
+        assert_eq!(r.per_engine.values().sum::<usize>(), EVENTS_KEPT);
+        r.clear();
+        assert!(r.per_engine.is_empty() && r.after(0, 10).is_empty());
     }
 
     #[test]
