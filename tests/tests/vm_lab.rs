@@ -2509,6 +2509,30 @@ fn engines_on_the_node(vm: &mut Vm) {
         "engines: a data dir through a link the engine planted is refused; no engine named inbox",
     );
 
+    // An upload left open (begun, one chunk, never committed: its temp
+    // file held open by the agent on the volume) does not keep the
+    // rotation's unmount busy: it is dropped before the teardown, and the
+    // volume is made again under the new key at once (before 2026-12-06
+    // the unmount went lazy and the new mapping could not take its name
+    // until the agent restarted).
+    let call = "runuser -u tt -- busctl --system call org.leasehold.Agent1 /org/leasehold/Agent1 org.leasehold.TenantEngines1";
+    let begun = vm.sh(&format!(
+        "{call} BeginUpload sts held.tar 1048576 {}",
+        "0".repeat(64)
+    ));
+    let upload = begun
+        .trim()
+        .strip_prefix("s ")
+        .unwrap_or_else(|| panic!("BeginUpload: {begun}"))
+        .trim_matches('"')
+        .to_owned();
+    assert_eq!(
+        vm.sh(&format!("{call} UploadChunk stay {upload} 0 4 1 2 3 4"))
+            .trim(),
+        "t 4"
+    );
+    let held = format!("ls -l /proc/$(pidof agentd)/fd | grep -c '{MNT}/.*upload-' || true");
+    assert_eq!(vm.sh(&held).trim(), "1", "the upload's file is open");
     // A destroying tenant rotation stops the running engine before the
     // erase and says so in its receipt.
     let probe_pid = vm.engine_status("probe")["pid"].as_u64().unwrap();
@@ -2522,7 +2546,23 @@ fn engines_on_the_node(vm: &mut Vm) {
         !ls.contains("probe"),
         "engines forgotten after the erase: {ls}"
     );
-    vm.step("engines: a tenant rotation stops them before the erase (receipt)");
+    // The upload went with the old volume (its id is unknown now) and no
+    // mapping waits for a deferred removal.
+    assert_eq!(vm.sh(&held).trim(), "0", "an upload's file still open");
+    let gone = vm.sh_status(&format!("{call} UploadChunk stay {upload} 4 1 5"));
+    assert_ne!(
+        gone.code, 0,
+        "the upload outlived the erase: {}",
+        gone.stdout
+    );
+    assert!(gone.stderr.contains("no upload"), "{}", gone.stderr);
+    let deferred = vm.sh("dmsetup info 2>/dev/null | grep -c 'DEFERRED REMOVE' || true");
+    assert_eq!(
+        deferred.trim(),
+        "0",
+        "a mapping waits for a deferred removal"
+    );
+    vm.step("engines: a tenant rotation stops them before the erase (receipt); an open upload does not hold the old volume");
 }
 
 /// Issue 16 on the VM lab.
