@@ -703,8 +703,20 @@ struct ProbeSeen {
     at: SystemTime,
 }
 
+/// Numbers each `Engine` made by this agent: a name can be removed and
+/// deployed again while a probe of the old one still runs, and instances
+/// are numbered from 1 again.
+static INCARNATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn incarnation() -> u64 {
+    INCARNATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
 struct Engine {
     name: String,
+    /// Which engine of this name (`incarnation()`): a late probe result
+    /// of a removed one is not taken for the new one's.
+    incarnation: u64,
     uid: u32,
     sup: Supervisor,
     versions: BTreeMap<VersionId, VersionRec>,
@@ -887,7 +899,7 @@ enum Msg {
     Respawning(String, InstanceId, launch::Exit, Option<u64>),
     Respawned(String, InstanceId),
     /// A probe finished: `Ok` healthy, `Err` why not.
-    Probed(String, InstanceId, usize, Result<String, String>),
+    Probed(String, u64, InstanceId, usize, Result<String, String>),
     /// A message on an instance's notify socket (its uid checked).
     Notified(String, InstanceId, NotifyMessage),
     /// The agent is going away: the thread ends, the engines run on (the
@@ -1869,16 +1881,18 @@ impl Runtime {
         }
         let run_dir = l.run_dir.clone();
         let label = name.to_owned();
+        let inc = e.incarnation;
         let spawned = std::thread::Builder::new()
             .name(format!("engine-probe-{instance}-{n}"))
             .spawn(move || {
                 let r = run_one_probe(spawner.as_ref(), &run_dir, &probe, timeout);
-                let _ = tx.send(Msg::Probed(label, instance, n, r));
+                let _ = tx.send(Msg::Probed(label, inc, instance, n, r));
             });
         if let Err(err) = spawned {
             // Counted as a failure: a node out of threads is not healthy.
             let _ = self.tx.send(Msg::Probed(
                 name.to_owned(),
+                inc,
                 instance,
                 n,
                 Err(format!("cannot start the probe thread: {err}")),
@@ -1886,10 +1900,23 @@ impl Runtime {
         }
     }
 
-    fn probed(&mut self, name: &str, instance: InstanceId, n: usize, r: Result<String, String>) {
+    fn probed(
+        &mut self,
+        name: &str,
+        incarnation: u64,
+        instance: InstanceId,
+        n: usize,
+        r: Result<String, String>,
+    ) {
         let Some(e) = self.engines.get_mut(name) else {
             return;
         };
+        // A probe of an engine removed since, whose name was deployed
+        // again: its instance numbers start over, so the number alone
+        // would take the old result for the new instance's.
+        if e.incarnation != incarnation {
+            return;
+        }
         e.probing.remove(&(instance, n));
         // Only results about the engine's current instance are shown.
         if e.sup.status().instance != Some(instance) {
@@ -1916,10 +1943,12 @@ impl Runtime {
         }
     }
 
-    fn notified(&mut self, name: &str, instance: InstanceId, m: NotifyMessage) {
+    /// Whether what `status` shows of the engine changed.
+    fn notified(&mut self, name: &str, instance: InstanceId, m: NotifyMessage) -> bool {
         if !self.is_live(name, instance) {
-            return;
+            return false;
         }
+        let before = self.engines.get(name).map(status_of);
         for (yes, notify) in [(m.ready, Notify::Ready), (m.watchdog, Notify::Watchdog)] {
             if yes {
                 if let Err(err) = self.step(name, Input::Heartbeat { instance, notify }) {
@@ -1927,6 +1956,7 @@ impl Runtime {
                 }
             }
         }
+        self.engines.get(name).map(status_of) != before
     }
 
     /// Every secret the spec names is in the store (deploy, reload): a
@@ -1957,18 +1987,22 @@ impl Runtime {
         Ok(())
     }
 
-    fn fire_timers(&mut self) {
+    /// Whether any timer fired.
+    fn fire_timers(&mut self) -> bool {
         let now = Instant::now();
+        let mut fired = false;
         while let Some(((at, name, t), ())) = self.timers.first_key_value() {
             if *at > now {
                 break;
             }
             let (name, t) = (name.clone(), *t);
             self.timers.pop_first();
+            fired = true;
             if let Err(err) = self.step(&name, Input::Timer(t)) {
                 tracing::warn!(engine = name, error = %err, "timer");
             }
         }
+        fired
     }
 
     fn deploy(
@@ -2038,6 +2072,7 @@ impl Runtime {
             next_version: 2,
             events: VecDeque::new(),
             probing: Default::default(),
+            incarnation: incarnation(),
             probes_seen: BTreeMap::new(),
             fresh_note: None,
             held_note: None,
@@ -2534,8 +2569,15 @@ impl Runtime {
     }
 
     fn run(mut self, rx: Receiver<Msg>) {
+        // What `ls` and `status` read is rebuilt after every message but
+        // a heartbeat that changed nothing shown: an engine may send 40 a
+        // second, and each rebuild is every engine's status.
+        let mut changed = true;
         loop {
-            self.publish();
+            if changed {
+                self.publish();
+            }
+            changed = true;
             let next = self
                 .timers
                 .keys()
@@ -2560,12 +2602,13 @@ impl Runtime {
                 Some(Msg::Exited(n, i)) => self.exited(&n, i),
                 Some(Msg::Respawning(n, i, x, k)) => self.respawning(&n, i, x, k),
                 Some(Msg::Respawned(n, i)) => self.respawned(&n, i),
-                Some(Msg::Probed(n, i, p, r)) => self.probed(&n, i, p, r),
-                Some(Msg::Notified(n, i, m)) => self.notified(&n, i, m),
+                Some(Msg::Probed(n, inc, i, p, r)) => self.probed(&n, inc, i, p, r),
+                Some(Msg::Notified(n, i, m)) => changed = self.notified(&n, i, m),
                 Some(Msg::Shutdown) => return,
                 None => {}
             }
-            self.fire_timers();
+            changed |= self.fire_timers();
+            changed |= self.stop_all.is_some();
             self.check_stop_all();
         }
     }
@@ -2737,22 +2780,47 @@ fn run_one_probe(
         };
     }
     if let Some(port) = probe.tcp {
-        return probe::tcp(port, timeout)
+        return probe::tcp(port, timeout, probe_mark())
             .map(|()| "connected".into())
             .map_err(|e| e.to_string());
     }
     if let Some(h) = &probe.http {
-        return probe::http(h.port, &h.path, timeout)
+        return probe::http(h.port, &h.path, timeout, probe_mark())
             .map(|c| format!("HTTP status {c}"))
             .map_err(|e| e.to_string());
     }
     Err("no probe kind".into())
 }
 
+/// The mark of the agent's `tcp` and `http` probes: the node guard checks
+/// them as an engine's connections (an engine's listener only). Root only
+/// (`SO_MARK` needs CAP_NET_ADMIN; an agent that is not root loads no
+/// guard either).
+fn probe_mark() -> leasehold_engines::probe::Mark {
+    leasehold_engines::probe::Mark(
+        nix::unistd::geteuid()
+            .is_root()
+            .then_some(leasehold_netpolicy::nft::PROBE_MARK),
+    )
+}
+
 /// How a probe is shown: `exec /bin/check`, `tcp 5432`, `http 8080 /healthz`.
 fn probe_label(p: &Probe) -> String {
     if let Some(argv) = &p.exec {
-        let mut l = format!("exec {}", argv.join(" "));
+        // From a bounded prefix: an argv may hold 256 KiB, and this runs
+        // for every status rebuilt.
+        let mut l = String::from("exec");
+        for a in argv {
+            if l.len() > 64 {
+                break;
+            }
+            l.push(' ');
+            l.push_str(
+                a.char_indices()
+                    .nth(65)
+                    .map_or(a.as_str(), |(i, _)| &a[..i]),
+            );
+        }
         if l.len() > 64 {
             let mut cut = 61;
             while !l.is_char_boundary(cut) {
@@ -3093,6 +3161,7 @@ impl EngineRuntime {
                     next_version: r.next_version,
                     events: VecDeque::new(),
                     probing: Default::default(),
+                    incarnation: incarnation(),
                     probes_seen: BTreeMap::new(),
                     fresh_note: None,
                     held_note: held,

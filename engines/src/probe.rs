@@ -4,7 +4,10 @@
 //!
 //! Engines share the node's network namespace today (the launcher does
 //! not unshare it), so "the engine's loopback" is `127.0.0.1` as the agent
-//! sees it.
+//! sees it. The agent runs these probes itself, as root: its socket
+//! carries a mark (`SO_MARK`, [`Mark`]) that the node guard takes as an
+//! engine's, so a probe reaches only an engine's listener, never a
+//! service of the node's (docs/netpolicy.md, "The node guard").
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
@@ -47,34 +50,55 @@ fn loopback(port: u16) -> SocketAddr {
     SocketAddr::from((Ipv4Addr::LOCALHOST, port))
 }
 
-fn connect(port: u16, deadline: Instant, timeout: Duration) -> Result<TcpStream, ProbeError> {
+/// The packet mark (`SO_MARK`) a probe's socket carries, or none (an
+/// agent without the node guard: not root, no nftables).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark(pub Option<u32>);
+
+fn connect(
+    port: u16,
+    deadline: Instant,
+    timeout: Duration,
+    mark: Mark,
+) -> Result<TcpStream, ProbeError> {
+    use socket2::{Domain, Protocol, Socket, Type};
     let addr = loopback(port);
     let left = deadline
         .checked_duration_since(Instant::now())
         .filter(|d| !d.is_zero())
         .ok_or(ProbeError::Timeout(timeout))?;
-    TcpStream::connect_timeout(&addr, left).map_err(|e| match e.kind() {
-        std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
-            ProbeError::Timeout(timeout)
-        }
-        _ => ProbeError::Connect {
-            addr,
-            reason: e.to_string(),
-        },
-    })
+    let sock = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))
+        .map_err(|e| ProbeError::Io(format!("socket: {e}")))?;
+    if let Mark(Some(m)) = mark {
+        // Fail closed: unmarked, the probe would be the node's own
+        // connection, which the guard lets reach every service.
+        sock.set_mark(m)
+            .map_err(|e| ProbeError::Io(format!("cannot mark the probe's socket: {e}")))?;
+    }
+    sock.connect_timeout(&addr.into(), left)
+        .map(|()| TcpStream::from(sock))
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
+                ProbeError::Timeout(timeout)
+            }
+            _ => ProbeError::Connect {
+                addr,
+                reason: e.to_string(),
+            },
+        })
 }
 
 /// Healthy if `127.0.0.1:port` accepts a connection within `timeout`.
-pub fn tcp(port: u16, timeout: Duration) -> Result<(), ProbeError> {
-    connect(port, Instant::now() + timeout, timeout).map(drop)
+pub fn tcp(port: u16, timeout: Duration, mark: Mark) -> Result<(), ProbeError> {
+    connect(port, Instant::now() + timeout, timeout, mark).map(drop)
 }
 
 /// `GET path` on `127.0.0.1:port`: healthy on a 2xx or 3xx status. The
 /// whole exchange is held to `timeout`; at most [`MAX_HTTP_HEAD`] bytes
 /// are read (the body is never read).
-pub fn http(port: u16, path: &str, timeout: Duration) -> Result<u16, ProbeError> {
+pub fn http(port: u16, path: &str, timeout: Duration, mark: Mark) -> Result<u16, ProbeError> {
     let deadline = Instant::now() + timeout;
-    let mut s = connect(port, deadline, timeout)?;
+    let mut s = connect(port, deadline, timeout, mark)?;
     let io_err = |e: std::io::Error| match e.kind() {
         std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
             ProbeError::Timeout(timeout)
@@ -187,28 +211,34 @@ mod tests {
     fn tcp_probe_accepts_a_listener_and_fails_a_closed_port() {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = l.local_addr().unwrap().port();
-        tcp(port, Duration::from_secs(1)).unwrap();
-        let e = tcp(closed_port(), Duration::from_secs(1)).unwrap_err();
+        tcp(port, Duration::from_secs(1), Mark(None)).unwrap();
+        let e = tcp(closed_port(), Duration::from_secs(1), Mark(None)).unwrap_err();
         assert!(matches!(e, ProbeError::Connect { .. }), "{e}");
     }
 
     #[test]
     fn http_probe_reads_only_the_status() {
         let ok = serve_once(b"HTTP/1.1 204 No Content\r\n\r\n", Duration::ZERO);
-        assert_eq!(http(ok, "/healthz", Duration::from_secs(1)), Ok(204));
+        assert_eq!(
+            http(ok, "/healthz", Duration::from_secs(1), Mark(None)),
+            Ok(204)
+        );
         let redirect = serve_once(b"HTTP/1.0 302 Found\r\nLocation: /\r\n\r\n", Duration::ZERO);
-        assert_eq!(http(redirect, "/healthz", Duration::from_secs(1)), Ok(302));
+        assert_eq!(
+            http(redirect, "/healthz", Duration::from_secs(1), Mark(None)),
+            Ok(302)
+        );
         let bad = serve_once(b"HTTP/1.1 503 Busy\r\n\r\n", Duration::ZERO);
         assert_eq!(
-            http(bad, "/healthz", Duration::from_secs(1)),
+            http(bad, "/healthz", Duration::from_secs(1), Mark(None)),
             Err(ProbeError::Status(503))
         );
         let junk = serve_once(b"SSH-2.0-OpenSSH\r\n", Duration::ZERO);
         assert!(matches!(
-            http(junk, "/healthz", Duration::from_secs(1)),
+            http(junk, "/healthz", Duration::from_secs(1), Mark(None)),
             Err(ProbeError::NotHttp(_))
         ));
-        let e = http(closed_port(), "/", Duration::from_secs(1)).unwrap_err();
+        let e = http(closed_port(), "/", Duration::from_secs(1), Mark(None)).unwrap_err();
         assert!(matches!(e, ProbeError::Connect { .. }), "{e}");
     }
 
@@ -216,7 +246,7 @@ mod tests {
     fn http_probe_is_held_to_its_timeout() {
         let slow = serve_once(b"HTTP/1.1 200 OK\r\n\r\n", Duration::from_secs(3));
         let t0 = Instant::now();
-        let e = http(slow, "/healthz", Duration::from_millis(200)).unwrap_err();
+        let e = http(slow, "/healthz", Duration::from_millis(200), Mark(None)).unwrap_err();
         let took = t0.elapsed();
         assert_eq!(e, ProbeError::Timeout(Duration::from_millis(200)));
         assert!(took < Duration::from_millis(600), "{took:?}");
@@ -234,7 +264,7 @@ mod tests {
             let chunk = [b'x'; 1024];
             while s.write_all(&chunk).is_ok() {}
         });
-        let e = http(port, "/", Duration::from_secs(2)).unwrap_err();
+        let e = http(port, "/", Duration::from_secs(2), Mark(None)).unwrap_err();
         assert!(matches!(e, ProbeError::NotHttp(_)), "{e}");
     }
 

@@ -283,9 +283,36 @@ fn real_confined_engine_warm() -> Outcome {
     Outcome::Passed
 }
 
+/// `fs.suid_dumpable` set for the guard's life, restored on drop (also on
+/// a failed assertion's unwind).
+struct SuidDumpable(Option<String>);
+
+impl SuidDumpable {
+    const PATH: &'static str = "/proc/sys/fs/suid_dumpable";
+    fn set(v: &str) -> Self {
+        let old = fs::read_to_string(Self::PATH).ok();
+        if old.is_some() {
+            fs::write(Self::PATH, v).unwrap();
+        }
+        SuidDumpable(old)
+    }
+}
+
+impl Drop for SuidDumpable {
+    fn drop(&mut self) {
+        if let Some(old) = &self.0 {
+            let _ = fs::write(Self::PATH, old.trim());
+        }
+    }
+}
+
 /// Starts the probe engine (spawned; or, given a cgroup, through a warm
 /// shim) and checks every part of its confinement from inside.
 fn confined_engine(warm_in: Option<PathBuf>) {
+    // At 1 the kernel leaves a process dumpable across its uid change (at
+    // Debian's 0 it does not): only the shim's own prctl then makes it not
+    // dumpable, which the engine checks below.
+    let _dumpable = SuidDumpable::set("1");
     let fs_ = rootfs();
     let work = tempfile::tempdir().unwrap();
     let secret = work.path().join("host-secret");
@@ -409,6 +436,10 @@ fn confined_engine(warm_in: Option<PathBuf>) {
     // Binding a socket to a device (allowed unprivileged since 5.7; the
     // node guard's socket check assumes no engine socket does).
     assert_eq!(field(&out, "bind_to_device"), "EPERM");
+    // The shim, its pid 1 under the same uid, is not dumpable (/proc/1 is
+    // root's): the engine cannot open its memory to forge the status it
+    // writes for the agent, whatever the node's fs.suid_dumpable.
+    assert_eq!(field(&out, "shim_proc_owner"), "0");
     assert_eq!(field(&out, "unshare_user"), "EPERM");
     assert_eq!(field(&out, "setuid0"), "EPERM");
     // No host path: neither the test's file nor the agent's state.
@@ -2284,6 +2315,15 @@ fn probe(args: &[String]) -> i32 {
     );
     println!("ptrace_traceme={}", nix_errno(nix::sys::ptrace::traceme()));
     println!("bind_to_device={}", bind_to_device());
+    // The shim (pid 1) is not dumpable: its /proc files (not the
+    // directory, which shows the euid always) are root's.
+    println!(
+        "shim_proc_owner={}",
+        fs::metadata("/proc/1/mem").map_or_else(
+            |e| format!("{:?}", e.kind()),
+            |m| { std::os::unix::fs::MetadataExt::uid(&m).to_string() }
+        )
+    );
     println!(
         "unshare_user={}",
         nix_errno(nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWUSER))

@@ -192,6 +192,13 @@ pub const CGROUP2_BASE: &str = "/sys/fs/cgroup";
 /// opened by an engine (set in `engines_out`, read in `engines_in`).
 pub const ENGINE_LO_MARK: u32 = 0x1000_0000;
 
+/// The packet mark (`SO_MARK`) of the agent's `tcp` and `http` probes of
+/// engines: `engines_out` sends them through the engines' checks, so a
+/// probe, run by the agent as root, reaches an engine's listener and no
+/// service of the node's (a tenant would otherwise scan the node's ports,
+/// read their banners and hold their connections through its spec).
+pub const PROBE_MARK: u32 = ENGINE_LO_MARK;
+
 /// An engine's rules, enforced on the packets of sockets in its cgroup
 /// (the engines share the node's network namespace): the node guard
 /// (every engine: its connections to the node's own addresses reach only
@@ -877,6 +884,11 @@ fn engines(out: &mut String, sets: &mut BTreeMap<String, SetDef>, es: &[EngineEg
         }
     };
     per_subtree(out, "jump engines_sub", "the tenant's engines");
+    let _ = writeln!(
+        out,
+        "    meta mark and {probe:#010x} == {probe:#010x} jump engines_sub comment \"the agent's probes of engines\"",
+        probe = PROBE_MARK
+    );
     let _ = writeln!(
         out,
         "    ct state new ct mark and {m} == {m} ct mark set ct mark and {clear} comment \"not an engine's flow\"\n  }}"
@@ -1833,7 +1845,7 @@ mod tests {
             "{text}"
         );
         let counts = rs.rule_counts();
-        assert_eq!(counts.get("engines_out"), Some(&2));
+        assert_eq!(counts.get("engines_out"), Some(&3));
         assert_eq!(counts.get("engines_sub"), Some(&6));
         assert_eq!(counts.get("engines_in"), Some(&2));
         assert_eq!(counts.get("engines_node"), Some(&8));
@@ -1848,7 +1860,8 @@ mod tests {
             ..Options::default()
         };
         let text2 = Ruleset::build_with(&c, None, &both).full_script();
-        assert_eq!(text2.matches("jump engines_sub").count(), 1, "{text2}");
+        // One for the subtree, one for the agent's probes.
+        assert_eq!(text2.matches("jump engines_sub").count(), 2, "{text2}");
         assert!(
             text2.contains("jump engine0 comment \"engine web (0)\""),
             "{text2}"

@@ -1162,12 +1162,14 @@ def serve(cg, fam, addr, port, udp):
         os._exit(0)
     os.read(r, 1)
     return pid
-def attempt(cg, fam, addr, port, udp):
+def attempt(cg, fam, addr, port, udp, mark=0):
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         join(cg)
         s = socket.socket(fam, socket.SOCK_DGRAM if udp else socket.SOCK_STREAM)
+        if mark:
+            s.setsockopt(socket.SOL_SOCKET, 36, mark)  # SO_MARK, as the agent's probes
         s.settimeout(1.5)
         try:
             if udp:
@@ -1187,8 +1189,8 @@ def attempt(cg, fam, addr, port, udp):
 plan = json.loads(sys.argv[1])
 kids = [serve(cg, socket.AF_INET6 if ":" in a else socket.AF_INET, a, p, u) for cg, a, p, u in plan["serve"]]
 out = []
-for cg, a, p, u in plan["try"]:
-    m = attempt(cg, socket.AF_INET6 if ":" in a else socket.AF_INET, a, p, u)
+for cg, a, p, u, *mark in plan["try"]:
+    m = attempt(cg, socket.AF_INET6 if ":" in a else socket.AF_INET, a, p, u, *mark)
     if u:
         f = sys.argv[2] + "/udp-" + str(p)
         for _ in range(50):
@@ -1484,6 +1486,8 @@ fn netns_engines_reach_no_service_of_the_node() {
                 [p(&web), "127.0.0.1", 7005, true],
                 [p(&web), "127.0.0.1", 7006, true],
                 [p(&web), "10.77.0.1", 7007, true],
+                [none, "127.0.0.1", 7001, false, nft::PROBE_MARK],
+                [none, "127.0.0.1", 7002, false, nft::PROBE_MARK],
             ],
         });
         let reach = |round: &str| -> Vec<String> {
@@ -1506,6 +1510,8 @@ fn netns_engines_reach_no_service_of_the_node() {
             "got",  // another engine's UDP
             "got",  // another engine's UDP on every address, by 127.0.0.1
             "lost", // the same by the node's interface address: datagrams to the node go by loopback only
+            "refused", // the agent's probe (marked) to the node's service
+            "open",    // the agent's probe to an engine's
         ];
         // Before any table: every attempt goes through (what engines could
         // do before the guard).
@@ -1566,8 +1572,8 @@ fn netns_engines_reach_no_service_of_the_node() {
         enf.apply(nft::Ruleset::engines_only(&opts).unwrap()).unwrap();
         assert_eq!(reach("alone"), expected, "engines' chains alone");
         assert_eq!(enf.check().unwrap().map(|d| d.to_string()), None);
-        // 3 SYNs and 2 datagrams.
-        assert_eq!(denied(&mut enf), 5);
+        // 4 SYNs (one the agent's probe) and 2 datagrams.
+        assert_eq!(denied(&mut enf), 6);
         assert_eq!(hostile("alone", 42000), guarded, "engines' chains alone");
         // Under a node boundary (everything in 10.77.0.0/24 and loopback).
         let cluster =
@@ -1577,7 +1583,7 @@ fn netns_engines_reach_no_service_of_the_node() {
         let before = denied(&mut enf);
         assert_eq!(reach("bounded"), expected, "under a node boundary");
         assert_eq!(enf.check().unwrap().map(|d| d.to_string()), None);
-        assert_eq!(denied(&mut enf), before + 5);
+        assert_eq!(denied(&mut enf), before + 6);
         assert_eq!(hostile("bounded", 43000), guarded, "under a node boundary");
         enf.remove().unwrap();
     })

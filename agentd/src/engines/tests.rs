@@ -254,6 +254,9 @@ struct FakeSpawner {
     quiesced: std::sync::atomic::AtomicUsize,
     /// Every spawn fails (a launch the node could not make).
     fail_spawn: Mutex<bool>,
+    /// The next `exec` probe waits here for what it returns (a probe
+    /// hung while its engine is removed).
+    probe_hold: Mutex<Option<std::sync::mpsc::Receiver<launch::ProbeExit>>>,
 }
 
 impl Spawner for FakeSpawner {
@@ -298,6 +301,10 @@ impl Spawner for FakeSpawner {
     }
     fn exec_probe(&self, _: &Path, argv: &[String], _: Duration) -> launch::ProbeExit {
         self.probes_run.lock().unwrap().push(argv.to_vec());
+        let held = self.probe_hold.lock().unwrap().take();
+        if let Some(rx) = held {
+            return rx.recv().unwrap_or(launch::ProbeExit::Code(0));
+        }
         self.probe_exit
             .lock()
             .unwrap()
@@ -2797,4 +2804,93 @@ fn an_answer_waits_until_the_deadline_set_at_its_send() {
         .unwrap()
         .is_none());
     assert!(late.join().unwrap());
+}
+
+#[test]
+fn a_probe_label_is_cut_from_a_bounded_prefix_as_before() {
+    let probe = |argv: Vec<String>| {
+        serde_json::from_value::<Probe>(serde_json::json!({ "exec": argv })).unwrap()
+    };
+    let short = probe(vec!["/bin/check".into(), "--fast".into()]);
+    assert_eq!(probe_label(&short), "exec /bin/check --fast");
+    // What joining the whole argv and cutting it gave.
+    let cut = |argv: &[String]| {
+        let mut l = format!("exec {}", argv.join(" "));
+        if l.len() > 64 {
+            let mut at = 61;
+            while !l.is_char_boundary(at) {
+                at -= 1;
+            }
+            l.truncate(at);
+            l.push_str("...");
+        }
+        l
+    };
+    for argv in [
+        vec![
+            "/bin/sh".to_owned(),
+            "-c".to_owned(),
+            "x".repeat(256 * 1024),
+        ],
+        vec!["é".repeat(100)],
+        (0..5000).map(|i| format!("arg{i}")).collect(),
+        vec!["a".repeat(60), "b".repeat(3)],
+    ] {
+        let l = probe_label(&probe(argv.clone()));
+        assert_eq!(l, cut(&argv));
+        assert!(l.len() <= 64, "{l}");
+    }
+}
+
+/// A probe still running when its engine is removed, and answering after
+/// an engine of the same name was deployed and started: its instance
+/// number is the new one's too (they start from 1), yet its result is not
+/// taken for the new engine's.
+#[test]
+fn a_removed_engines_late_probe_is_not_the_new_ones() {
+    let f = fixture(false);
+    let mut rt = f.runtime();
+    let web = spec(
+        "command = [\"/bin/app\"]\n\
+         [[probes]]\nexec = [\"/bin/app\", \"check\"]\ninterval = \"100ms\"\ntimeout = \"50ms\"\nthreshold = 1\n",
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    *f.sp.probe_hold.lock().unwrap() = Some(rx);
+    rt.deploy("web", "app.tar", &web).unwrap();
+    rt.start("web").unwrap();
+    let ran = || f.sp.probes_run.lock().unwrap().len();
+    let t = Instant::now();
+    while ran() == 0 {
+        assert!(t.elapsed() < Duration::from_secs(10), "no probe ran");
+        std::thread::yield_now();
+    }
+    rt.stop("web", Some(Duration::ZERO)).unwrap();
+    rt.rm("web").unwrap();
+    rt.deploy("web", "app.tar", &web).unwrap();
+    rt.start("web").unwrap();
+    let s = until(&rt, "web", |s| s.probes[0].ok == Some(true));
+    assert_eq!(s.restarts, 0);
+    // The old probe answers now: a failure, which with threshold 1 would
+    // restart the engine it was taken for.
+    tx.send(launch::ProbeExit::Code(3)).unwrap();
+    let seen = ran();
+    let t = Instant::now();
+    while ran() < seen + 3 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "the new probe stopped"
+        );
+        std::thread::yield_now();
+    }
+    let s = until(&rt, "web", |s| s.probes[0].ok.is_some());
+    assert_eq!(s.probes[0].ok, Some(true), "{:?}", s.probes[0]);
+    assert_eq!(s.restarts, 0, "restarted for the old engine's probe");
+    let kinds: Vec<String> = rt
+        .view()
+        .events(0, 1000)
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert!(!kinds.iter().any(|k| k == "probe-failed"), "{kinds:?}");
+    rt.stop("web", Some(Duration::ZERO)).unwrap();
 }
