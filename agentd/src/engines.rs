@@ -939,6 +939,8 @@ struct Runtime {
     timers: BTreeMap<(Instant, String, TimerId), ()>,
     tx: Sender<Msg>,
     snapshot: Snapshot,
+    /// Snapshots published (`publish`); read by tests.
+    published: Arc<std::sync::atomic::AtomicU64>,
     stop_all: Option<PendingStop>,
     killed: Vec<String>,
     logs: output::LogSink,
@@ -1096,6 +1098,8 @@ impl Runtime {
                 .collect(),
         );
         *self.snapshot.write().unwrap_or_else(|p| p.into_inner()) = m;
+        self.published
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 
     fn save(&self) -> Result<(), RuntimeError> {
@@ -1948,7 +1952,7 @@ impl Runtime {
         if !self.is_live(name, instance) {
             return false;
         }
-        let before = self.engines.get(name).map(status_of);
+        let before = self.engines.get(name).map(shown);
         for (yes, notify) in [(m.ready, Notify::Ready), (m.watchdog, Notify::Watchdog)] {
             if yes {
                 if let Err(err) = self.step(name, Input::Heartbeat { instance, notify }) {
@@ -1956,7 +1960,7 @@ impl Runtime {
                 }
             }
         }
-        self.engines.get(name).map(status_of) != before
+        self.engines.get(name).map(shown) != before
     }
 
     /// Every secret the spec names is in the store (deploy, reload): a
@@ -1987,22 +1991,25 @@ impl Runtime {
         Ok(())
     }
 
-    /// Whether any timer fired.
+    /// Whether a timer that fired changed what `status` shows (a
+    /// watchdog re-armed by each heartbeat leaves its earlier timers to
+    /// fire for nothing).
     fn fire_timers(&mut self) -> bool {
         let now = Instant::now();
-        let mut fired = false;
+        let mut changed = false;
         while let Some(((at, name, t), ())) = self.timers.first_key_value() {
             if *at > now {
                 break;
             }
             let (name, t) = (name.clone(), *t);
             self.timers.pop_first();
-            fired = true;
+            let before = self.engines.get(&name).map(shown);
             if let Err(err) = self.step(&name, Input::Timer(t)) {
                 tracing::warn!(engine = name, error = %err, "timer");
             }
+            changed |= self.engines.get(&name).map(shown) != before;
         }
-        fired
+        changed
     }
 
     fn deploy(
@@ -2605,7 +2612,8 @@ impl Runtime {
                 Some(Msg::Probed(n, inc, i, p, r)) => self.probed(&n, inc, i, p, r),
                 Some(Msg::Notified(n, i, m)) => changed = self.notified(&n, i, m),
                 Some(Msg::Shutdown) => return,
-                None => {}
+                // Woken for a timer: what it did decides.
+                None => changed = false,
             }
             changed |= self.fire_timers();
             changed |= self.stop_all.is_some();
@@ -2839,6 +2847,17 @@ fn probe_label(p: &Probe) -> String {
     }
 }
 
+/// What `status` shows of an engine, to tell whether a step changed it:
+/// without `started_at`, which is worked out from the clock at each call
+/// (it differs by nanoseconds every time; a new instance changes the pid
+/// and the phase too).
+fn shown(e: &Engine) -> EngineStatus {
+    EngineStatus {
+        started_at: None,
+        ..status_of(e)
+    }
+}
+
 fn status_of(e: &Engine) -> EngineStatus {
     let s = e.sup.status();
     let image = e
@@ -2903,6 +2922,9 @@ pub struct EngineRuntime {
     halted: Arc<std::sync::atomic::AtomicBool>,
     /// Shared with the runtime thread (`Runtime::abort`).
     abort: Arc<AbortUnpacks>,
+    /// Shared with the runtime thread (`Runtime::published`).
+    #[cfg_attr(not(test), allow(dead_code))]
+    published: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl fmt::Debug for EngineRuntime {
@@ -3026,6 +3048,7 @@ impl EngineRuntime {
         ));
         let (tx, rx) = mpsc::channel();
         let snapshot: Snapshot = Arc::default();
+        let published = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let logs = output::LogSink::start(volume.clone(), cfg.log_max_bytes, output::QUEUE_BYTES)
             .map_err(io("spawn", Path::new("engine-logs thread")))?;
         let events = output::EventRing::new();
@@ -3047,6 +3070,7 @@ impl EngineRuntime {
             timers: BTreeMap::new(),
             tx: tx.clone(),
             snapshot: snapshot.clone(),
+            published: published.clone(),
             stop_all: None,
             killed: Vec::new(),
             logs,
@@ -3203,6 +3227,7 @@ impl EngineRuntime {
             fallback,
             halted,
             abort,
+            published,
         })
     }
 

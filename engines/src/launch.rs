@@ -2781,7 +2781,7 @@ fn drop_privileges(spec: &LaunchSpec) -> Result<(), LaunchError> {
     // as the engine's pid 1 under the engine's uid, holding the agent's
     // status FIFO and report files; dumpable, the engine (same uid) could
     // open /proc/1/mem and forge what the agent reads. The kernel sets it
-    // from suid_dumpable at the uid change, 0 on Debian's default only.
+    // from fs.suid_dumpable at the uid change: dumpable only at 1.
     // The engine's own exec makes it dumpable again (its own memory).
     nix::sys::prctl::set_dumpable(false).map_err(sys("prctl(PR_SET_DUMPABLE, 0)"))?;
     Ok(())

@@ -2125,12 +2125,23 @@ fn heartbeat_comes_from_the_instances_socket_and_the_watchdog_acts() {
     c.send_to(b"READY=1", &sock).unwrap();
     until(&rt, "web", |s| s.phase == Phase::Ready);
     // Pings keep it ready past several watchdog periods.
+    let published = || rt.published.load(std::sync::atomic::Ordering::Relaxed);
+    let before = published();
     let end = Instant::now() + Duration::from_millis(900);
+    let mut pings = 0;
     while Instant::now() < end {
         c.send_to(b"WATCHDOG=1", &sock).unwrap();
+        pings += 1;
         std::thread::sleep(Duration::from_millis(100));
     }
     assert_eq!(rt.view().status("web").unwrap().restarts, 0);
+    // A ping that changes nothing shown publishes nothing (every engine's
+    // status was rebuilt for each before).
+    let during = published() - before;
+    assert!(
+        pings >= 8 && during <= 2,
+        "{during} publications for {pings} pings"
+    );
     // Silence: the watchdog expires and the engine is restarted.
     until(&rt, "web", |s| s.restarts >= 1);
     let kinds: Vec<String> = rt
