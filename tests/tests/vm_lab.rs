@@ -4011,6 +4011,44 @@ fn engines_at_run_time(vm: &mut Vm) {
         .map(|p| format!("{}: {}", p["probe"], p["detail"]))
         .collect();
     eprintln!("vm: probes passing: {shown:?}");
+    // The agent's tcp and http probes are checked by the node guard as an
+    // engine's connections: a spec naming one of the node's ports (sshd's
+    // 22) learns nothing of it — refused at once, not "connected", and no
+    // banner ("not an HTTP answer: SSH-2.0-…" before).
+    let scan = engine_spec(
+        &dir,
+        "rt-scan",
+        "exec /bin/busybox sleep 3600",
+        "[[probes]]\ntcp = 22\ninterval = \"2s\"\ntimeout = \"1s\"\nthreshold = 100\n\
+         [[probes]]\nhttp = { port = 22, path = \"/\" }\ninterval = \"2s\"\ntimeout = \"1s\"\nthreshold = 100\n",
+    );
+    vm.tenant_ok(&[
+        "engine",
+        "deploy",
+        "rt-scan",
+        image,
+        "--spec",
+        &scan,
+        "--from-inbox",
+    ]);
+    vm.tenant_ok(&["engine", "start", "rt-scan"]);
+    let mut sc = serde_json::Value::Null;
+    wait_until(120, 1, "rt-scan: probes never answered", || {
+        sc = vm.engine_status("rt-scan");
+        sc["probes"]
+            .as_array()
+            .is_some_and(|p| p.len() == 2 && p.iter().all(|p| !p["result"].is_null()))
+    });
+    for p in sc["probes"].as_array().unwrap() {
+        let detail = p["detail"].as_str().unwrap_or("");
+        assert_ne!(p["result"], "ok", "a probe reached the node's sshd: {sc}");
+        assert!(detail.contains("refused"), "{sc}");
+        assert!(!detail.contains("SSH"), "the node's banner shown: {sc}");
+    }
+    eprintln!("vm: probes of the node's sshd: {}", sc["probes"]);
+    vm.tenant_ok(&["engine", "stop", "rt-scan"]);
+    vm.engine_until("rt-scan", &["stopped"]);
+    vm.tenant_ok(&["--yes", "engine", "rm", "rt-scan"]);
     assert_eq!(probes[1]["probe"], "tcp 18080", "{st}");
     assert_eq!(probes[2]["probe"], "http 18080 /healthz", "{st}");
     assert_eq!(probes[2]["detail"], "HTTP status 200", "{st}");
