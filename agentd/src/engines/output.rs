@@ -11,8 +11,9 @@
 //!
 //! Events: a ring of the last [`EVENTS_KEPT`] supervision events with
 //! sequence numbers, read by `Events` polls. Full, it drops the oldest
-//! event of the engine holding the most: a crash-looping engine cannot
-//! push out another engine's rare events (an OOM kill, a give-up).
+//! event beyond its engine's newest [`EVENTS_PROTECTED`]: a crash-looping
+//! engine cannot push out another engine's last events (an OOM kill, a
+//! give-up), and otherwise the oldest go first.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
@@ -54,6 +55,9 @@ fn queued_cost(r: &Record) -> usize {
 }
 /// Events kept for `Events` polls.
 pub const EVENTS_KEPT: usize = 512;
+/// Each engine's newest events a full ring keeps while another engine
+/// holds more than its own.
+pub const EVENTS_PROTECTED: usize = 32;
 /// A line with no newline yet is stored after this much silence (a prompt,
 /// a progress bar), so it is not held back forever.
 const FLUSH_AFTER: Duration = Duration::from_secs(1);
@@ -994,9 +998,9 @@ impl EventRing {
         }))
     }
 
-    /// Records one event; full, drops the oldest event of the engine with
-    /// the most kept (of those, the one whose oldest is oldest), so each
-    /// engine keeps at least its share of the ring whatever another does.
+    /// Records one event; full, drops the oldest event that is not among
+    /// its engine's newest [`EVENTS_PROTECTED`] (the oldest of all if
+    /// every engine is within them).
     pub fn push(&mut self, engine: &str, ev: &Event) {
         if self.kept.len() >= EVENTS_KEPT {
             self.drop_one(engine);
@@ -1013,15 +1017,16 @@ impl EventRing {
     }
 
     fn drop_one(&mut self, incoming: &str) {
-        // The engine about to add one counts it: an engine tied with
-        // another loses its own.
+        // The engine about to add one counts it. Scanning from the front,
+        // the first event of an engine is its oldest: the first whose
+        // engine holds more than its protected ones is the one to drop.
         let count =
             |e: &str| self.per_engine.get(e).copied().unwrap_or(0) + usize::from(e == incoming);
-        let most = self.per_engine.keys().map(|e| count(e)).max().unwrap_or(0);
-        let Some(at) = self.kept.iter().position(|e| count(&e.engine) == most) else {
-            self.kept.pop_front();
-            return;
-        };
+        let at = self
+            .kept
+            .iter()
+            .position(|e| count(&e.engine) > EVENTS_PROTECTED)
+            .unwrap_or(0);
         if let Some(gone) = self.kept.remove(at) {
             if let Some(n) = self.per_engine.get_mut(&gone.engine) {
                 *n -= 1;
@@ -1660,8 +1665,30 @@ mod tests {
         // The noisy engine keeps its newest.
         let last_noisy = all.iter().rev().find(|x| x.engine == "noisy").unwrap();
         assert_eq!(last_noisy.seq, all.last().unwrap().seq - 1);
-        // Two engines as noisy as each other share the ring: each drops
-        // its own oldest.
+        // An engine busy after another was: the later one's events all
+        // stay (a reader of its round finds each), the earlier one's
+        // oldest go first, down to its newest protected ones.
+        r.clear();
+        for _ in 0..400 {
+            r.push("first", &exit);
+        }
+        for _ in 0..400 {
+            r.push("second", &exit);
+        }
+        let all = r.after(0, 10_000);
+        let n = |e: &str| all.iter().filter(|x| x.engine == e).count();
+        assert_eq!((n("first"), n("second")), (EVENTS_KEPT - 400, 400));
+        for _ in 0..400 {
+            r.push("second", &exit);
+        }
+        let all = r.after(0, 10_000);
+        let n = |e: &str| all.iter().filter(|x| x.engine == e).count();
+        assert_eq!(
+            (n("first"), n("second")),
+            (EVENTS_PROTECTED, EVENTS_KEPT - EVENTS_PROTECTED)
+        );
+        // Two engines as noisy as each other share the ring: the oldest
+        // go first.
         r.clear();
         for i in 0..(EVENTS_KEPT * 2) {
             r.push(if i % 2 == 0 { "a" } else { "b" }, &exit);
