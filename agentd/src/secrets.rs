@@ -357,9 +357,18 @@ impl SecretStore {
         if !entries.is_empty() {
             crate::crashpoint::crash_point("secrets:purge");
         }
+        self.unlink_synced(entries.iter().map(|e| e.name.as_str()))
+    }
+
+    /// Unlinks each named secret (one gone meanwhile is not counted), then
+    /// syncs the directory once if any went; returns how many.
+    fn unlink_synced<'a>(
+        &self,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<usize, SecretError> {
         let mut n = 0;
-        for e in &entries {
-            match self.unlink(&e.name) {
+        for name in names {
+            match self.unlink(name) {
                 Ok(()) => n += 1,
                 Err(SecretError::NotFound(_)) => {}
                 Err(e) => return Err(e),
@@ -380,7 +389,7 @@ impl SecretStore {
     /// `key` cannot open them.
     pub fn purge_stale(&self, key: &SymmetricKey) -> Result<usize, SecretError> {
         let current = key_id(key);
-        let mut n = 0;
+        let mut stale_names = Vec::new();
         for e in self.list()? {
             let stale = match self.head(&e.name) {
                 Ok((
@@ -400,17 +409,10 @@ impl SecretStore {
                 Err(e) => return Err(e),
             };
             if stale {
-                match self.unlink(&e.name) {
-                    Ok(()) => n += 1,
-                    Err(SecretError::NotFound(_)) => {}
-                    Err(e) => return Err(e),
-                }
+                stale_names.push(e.name);
             }
         }
-        if n > 0 {
-            self.sync_dir()?;
-        }
-        Ok(n)
+        self.unlink_synced(stale_names.iter().map(String::as_str))
     }
 }
 

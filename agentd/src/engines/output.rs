@@ -1354,12 +1354,7 @@ mod tests {
     #[test]
     fn an_idle_capture_sleeps_until_output_or_stop() {
         use std::io::Write;
-        let tmp = tempfile::tempdir().unwrap();
-        let run = tmp.path().join("run");
-        std::fs::create_dir_all(&run).unwrap();
-        std::fs::create_dir_all(tmp.path().join("web")).unwrap();
-        let dir = tmp.path().join("web/logs");
-        let sink = sink_at(tmp.path().to_owned());
+        let (_tmp, run, dir, sink) = web();
         let (output, mut out_w, _err_w) = make_fifos(&run).unwrap();
         let done_rx = capture_then(&sink, "web", dir.clone(), output);
         out_w.write_all(b"one line\n").unwrap();
