@@ -1506,6 +1506,7 @@ fn engine_info(s: EngineStatus, notes: Option<Vec<String>>) -> EngineInfo {
             .map(|d| d.as_secs()),
         restarts: Some(s.restarts),
         last_exit: s.last_exit.map(|e| e.to_string()),
+        probes_delayed: Some(s.probes_delayed),
         notes,
         probes: Some(
             s.probes

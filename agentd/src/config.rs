@@ -251,6 +251,14 @@ pub struct EnginesSection {
     /// "The warm shim"): a start then skips the shim's exec and start-up.
     #[serde(default = "default_warm_shim")]
     pub warm_shim: bool,
+    /// Probe runs a second the node starts for all engines together
+    /// (docs/engines.md, "What probes may cost the node"); runs past it
+    /// wait, engines taking turns.
+    #[serde(default = "default_probe_rate")]
+    pub probe_rate: u32,
+    /// Probe runs at once for all engines together.
+    #[serde(default = "default_probe_concurrency")]
+    pub probe_concurrency: u32,
 }
 
 impl Default for EnginesSection {
@@ -266,8 +274,18 @@ impl Default for EnginesSection {
             upload_max_bytes: default_upload_max_bytes(),
             allow_reboot_node: false,
             warm_shim: default_warm_shim(),
+            probe_rate: default_probe_rate(),
+            probe_concurrency: default_probe_concurrency(),
         }
     }
+}
+
+fn default_probe_rate() -> u32 {
+    crate::engines::probe_gate::DEFAULT_RATE
+}
+
+fn default_probe_concurrency() -> u32 {
+    crate::engines::probe_gate::DEFAULT_CONCURRENCY
 }
 
 fn default_warm_shim() -> bool {
@@ -689,6 +707,31 @@ impl Config {
                 ));
             }
         }
+        {
+            use crate::engines::probe_gate::{CONCURRENCY_RANGE, RATE_RANGE};
+            if !RATE_RANGE.contains(&e.probe_rate) {
+                return Err(invalid(
+                    "engines.probe_rate",
+                    format!(
+                        "{} is outside {}..={} (probe runs a second, all engines together)",
+                        e.probe_rate,
+                        RATE_RANGE.start(),
+                        RATE_RANGE.end()
+                    ),
+                ));
+            }
+            if !CONCURRENCY_RANGE.contains(&e.probe_concurrency) {
+                return Err(invalid(
+                    "engines.probe_concurrency",
+                    format!(
+                        "{} is outside {}..={} (probe runs at once, all engines together)",
+                        e.probe_concurrency,
+                        CONCURRENCY_RANGE.start(),
+                        CONCURRENCY_RANGE.end()
+                    ),
+                ));
+            }
+        }
         // Together at most 23 s: a report always answers within D-Bus's
         // default 25 s call timeout.
         let h = &self.health;
@@ -925,6 +968,20 @@ mod tests {
                 "upload_max_bytes = 9000000000",
                 "engines.upload_max_bytes: 9000000000 is outside",
             ),
+            ("probe_rate = 0", "engines.probe_rate: 0 is outside 1..=10000"),
+            (
+                "probe_rate = 10001",
+                "engines.probe_rate: 10001 is outside",
+            ),
+            (
+                "probe_concurrency = 0",
+                "engines.probe_concurrency: 0 is outside 1..=1024",
+            ),
+            (
+                "probe_concurrency = 5000",
+                "engines.probe_concurrency: 5000 is outside",
+            ),
+            ("probe_rate = -1", "probe_rate"),
         ] {
             let e = parse(&format!("[engines]\n{text}\n"))
                 .unwrap_err()

@@ -105,6 +105,11 @@ pub struct RuntimeConfig {
     /// (unreadable): every start is taken for a boot, and engines marked
     /// to run are started.
     pub boot_id: Option<String>,
+    /// Probe runs a second the whole node may start (`[engines]
+    /// probe_rate`, [`probe_gate`]).
+    pub probe_rate: u32,
+    /// Probe runs at once (`[engines] probe_concurrency`).
+    pub probe_concurrency: u32,
 }
 
 /// Errors of the runtime; each names the engine, path or step.
@@ -740,6 +745,8 @@ struct Engine {
     events: VecDeque<String>,
     /// Probes running now (instance, index): one at a time each.
     probing: std::collections::BTreeSet<(InstanceId, usize)>,
+    /// Probe runs that waited for the node's bound (status).
+    probes_delayed: u64,
     /// The last result of each probe of the current spec, by index.
     probes_seen: BTreeMap<usize, ProbeSeen>,
     /// Why the last `on_failure = ["reload"]` had no fresh root (status).
@@ -943,6 +950,8 @@ struct Runtime {
     published: Arc<std::sync::atomic::AtomicU64>,
     stop_all: Option<PendingStop>,
     killed: Vec<String>,
+    /// The node's bound on probe runs: due runs wait here past it.
+    probes: probe_gate::ProbeGate,
     logs: output::LogSink,
     events: output::Events,
     tenant: Arc<tenant::Shared>,
@@ -1867,41 +1876,88 @@ impl Runtime {
         let _ = std::fs::remove_dir_all(run_dir);
     }
 
-    /// Runs `spec.probes[n]` against the instance on a thread of its own
-    /// (held to `timeout` there); the result comes back as `Msg::Probed`.
-    /// A probe still running when it is due again is not doubled.
+    /// `spec.probes[n]` of the instance came due: offered to the node's
+    /// bound, which starts it now or after others ([`Runtime::start_probes`]).
+    /// A probe still running or waiting when it is due again is not doubled.
     fn run_probe(&mut self, name: &str, instance: InstanceId, n: usize, timeout: Duration) {
-        let spawner = self.spawner.clone();
-        let tx = self.tx.clone();
-        let Some(e) = self.engines.get_mut(name) else {
+        let Some(e) = self.engines.get(name) else {
             return;
         };
-        let (Some(probe), Some(l)) = (e.sup.spec().probes.get(n).cloned(), e.live.get(&instance))
-        else {
-            return;
-        };
-        if !e.probing.insert((instance, n)) {
+        if e.sup.spec().probes.get(n).is_none()
+            || !e.live.contains_key(&instance)
+            || e.probing.contains(&(instance, n))
+        {
             return;
         }
-        let run_dir = l.run_dir.clone();
-        let label = name.to_owned();
-        let inc = e.incarnation;
-        let spawned = std::thread::Builder::new()
-            .name(format!("engine-probe-{instance}-{n}"))
-            .spawn(move || {
-                let r = run_one_probe(spawner.as_ref(), &run_dir, &probe, timeout);
-                let _ = tx.send(Msg::Probed(label, inc, instance, n, r));
-            });
-        if let Err(err) = spawned {
-            // Counted as a failure: a node out of threads is not healthy.
-            let _ = self.tx.send(Msg::Probed(
-                name.to_owned(),
-                inc,
-                instance,
-                n,
-                Err(format!("cannot start the probe thread: {err}")),
-            ));
+        self.probes.offer(probe_gate::Due {
+            engine: name.to_owned(),
+            incarnation: e.incarnation,
+            instance,
+            probe: n,
+            timeout,
+        });
+    }
+
+    /// Starts the probe runs the node's bound lets through, each on a
+    /// thread of its own (held to its timeout there); each result comes
+    /// back as `Msg::Probed`. True when a status changed (a run waited).
+    fn start_probes(&mut self) -> bool {
+        let engines = &self.engines;
+        let admitted = self.probes.take(Instant::now(), |d| {
+            engines.get(&d.engine).is_some_and(|e| {
+                e.incarnation == d.incarnation
+                    && e.live.contains_key(&d.instance)
+                    && e.sup.spec().probes.get(d.probe).is_some()
+                    && !e.probing.contains(&(d.instance, d.probe))
+            })
+        });
+        let mut changed = false;
+        for a in admitted {
+            let d = a.due;
+            let spawner = self.spawner.clone();
+            let tx = self.tx.clone();
+            let Some(e) = self.engines.get_mut(&d.engine) else {
+                self.probes.finished();
+                continue;
+            };
+            let (Some(probe), Some(l)) = (
+                e.sup.spec().probes.get(d.probe).cloned(),
+                e.live.get(&d.instance),
+            ) else {
+                self.probes.finished();
+                continue;
+            };
+            e.probing.insert((d.instance, d.probe));
+            if a.waited {
+                e.probes_delayed += 1;
+                changed = true;
+            }
+            let run_dir = l.run_dir.clone();
+            let (label, inc, instance, n, timeout) = (
+                d.engine.clone(),
+                d.incarnation,
+                d.instance,
+                d.probe,
+                d.timeout,
+            );
+            let spawned = std::thread::Builder::new()
+                .name(format!("engine-probe-{instance}-{n}"))
+                .spawn(move || {
+                    let r = run_one_probe(spawner.as_ref(), &run_dir, &probe, timeout);
+                    let _ = tx.send(Msg::Probed(label, inc, instance, n, r));
+                });
+            if let Err(err) = spawned {
+                // Counted as a failure: a node out of threads is not healthy.
+                let _ = self.tx.send(Msg::Probed(
+                    d.engine,
+                    inc,
+                    instance,
+                    n,
+                    Err(format!("cannot start the probe thread: {err}")),
+                ));
+            }
         }
+        changed
     }
 
     fn probed(
@@ -1912,6 +1968,8 @@ impl Runtime {
         n: usize,
         r: Result<String, String>,
     ) {
+        // Every run the bound let through ends here, whoever it was for.
+        self.probes.finished();
         let Some(e) = self.engines.get_mut(name) else {
             return;
         };
@@ -2079,6 +2137,7 @@ impl Runtime {
             next_version: 2,
             events: VecDeque::new(),
             probing: Default::default(),
+            probes_delayed: 0,
             incarnation: incarnation(),
             probes_seen: BTreeMap::new(),
             fresh_note: None,
@@ -2566,6 +2625,7 @@ impl Runtime {
             }
         }
         self.timers.clear();
+        self.probes.clear();
         // Names, pids, exits and failure reasons of the tenancy that ends.
         self.events
             .lock()
@@ -2592,6 +2652,7 @@ impl Runtime {
                 .map(|(at, _, _)| *at)
                 .into_iter()
                 .chain(self.stop_all.as_ref().map(|p| p.deadline))
+                .chain(self.probes.wake_at(Instant::now()))
                 .min();
             let msg = match next {
                 Some(at) => match rx.recv_timeout(at.saturating_duration_since(Instant::now())) {
@@ -2616,6 +2677,7 @@ impl Runtime {
                 None => changed = false,
             }
             changed |= self.fire_timers();
+            changed |= self.start_probes();
             changed |= self.stop_all.is_some();
             self.check_stop_all();
         }
@@ -2879,6 +2941,7 @@ fn status_of(e: &Engine) -> EngineStatus {
         started_at,
         restarts: s.restarts,
         last_exit: s.last_exit,
+        probes_delayed: e.probes_delayed,
         notes: e
             .held_note
             .filter(|_| e.sup.enabled())
@@ -3057,6 +3120,8 @@ impl EngineRuntime {
         let fallback = subtree(&cfg).ok().map(|p| (cgroups.clone(), p));
         let halted = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let abort = Arc::new(AbortUnpacks::default());
+        let probes =
+            probe_gate::ProbeGate::new(cfg.probe_rate, cfg.probe_concurrency, Instant::now());
         let mut rt = Runtime {
             cfg,
             halted: halted.clone(),
@@ -3073,6 +3138,7 @@ impl EngineRuntime {
             published: published.clone(),
             stop_all: None,
             killed: Vec::new(),
+            probes,
             logs,
             events: events.clone(),
             tenant: tenant.clone(),
@@ -3185,6 +3251,7 @@ impl EngineRuntime {
                     next_version: r.next_version,
                     events: VecDeque::new(),
                     probing: Default::default(),
+                    probes_delayed: 0,
                     incarnation: incarnation(),
                     probes_seen: BTreeMap::new(),
                     fresh_note: None,
@@ -3411,6 +3478,7 @@ impl Engines for EngineRuntime {
 
 mod notify;
 mod output;
+pub mod probe_gate;
 #[cfg(feature = "bench-stand-ins")]
 pub mod stand_in;
 mod tenant;

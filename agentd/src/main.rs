@@ -648,6 +648,8 @@ async fn start_engines(
             .ok()
             .map(|b| b.trim().to_owned())
             .filter(|b| !b.is_empty()),
+        probe_rate: c.probe_rate,
+        probe_concurrency: c.probe_concurrency,
     };
     let cgroups = engine_cgroups(
         leasehold_engines::cgroup::CgroupFs::with_root(Some(&c.cgroup_root)),

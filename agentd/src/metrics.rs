@@ -164,6 +164,8 @@ pub struct Snapshot {
     pub engine_restarts: u64,
     /// Engines some probe of which failed its last run.
     pub engine_probe_failing: u64,
+    /// Probe runs that waited for the node's bound, summed.
+    pub engine_probes_delayed: u64,
     /// The tenant subtree: budget and aggregate usage (sums over every
     /// engine; no engine appears on its own).
     pub tenant: Option<TenantMetrics>,
@@ -258,6 +260,7 @@ impl Snapshot {
             *self.engines.entry(e.phase.name()).or_default() += 1;
             self.engine_restarts += u64::from(e.restarts);
             self.engine_probe_failing += u64::from(crate::health::probe_failing(e));
+            self.engine_probes_delayed += e.probes_delayed;
         }
     }
 
@@ -397,6 +400,11 @@ pub fn encode(s: &Snapshot, dbus: &DbusMetrics) -> String {
         "engines_probe_failing",
         "Engines some health probe of which failed its last run",
         gauge(s.engine_probe_failing),
+    );
+    r.register(
+        "engine_probes_delayed",
+        "Probe runs of the deployed engines that waited for the node's bound on probe work, summed",
+        gauge(s.engine_probes_delayed),
     );
     if let Some(t) = &s.tenant {
         encode_tenant(&mut r, t);
@@ -1189,6 +1197,7 @@ mod tests {
             restarts,
             last_exit: None,
             probes: Vec::new(),
+            probes_delayed: 0,
             notes: Vec::new(),
         }
     }
@@ -1286,6 +1295,7 @@ mod tests {
                 // A failing probe's text is the tenant's: only the count
                 // may reach the metrics.
                 probes: vec![failed_probe()],
+                probes_delayed: 4,
                 ..engine(PRIVATE[0], Phase::Running, 0)
             },
             // Its last probe failed, but it has given up: counted there.
@@ -1371,6 +1381,7 @@ mod tests {
             "leasehold_engines{state=\"stopped\"} 0",
             "leasehold_engine_restarts 9",
             "leasehold_engines_probe_failing 1",
+            "leasehold_engine_probes_delayed 4",
             "leasehold_heartbeat_timestamp_seconds 1764790000",
             "leasehold_heartbeat_interval_seconds 30",
             "leasehold_tenant_budget_written 1",

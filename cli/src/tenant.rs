@@ -528,6 +528,7 @@ pub fn engine_json(e: &EngineInfo) -> serde_json::Value {
                 "at": (*at > 0).then_some(at),
             }))
             .collect::<Vec<_>>()),
+        "probes_delayed": e.probes_delayed,
     })
 }
 
@@ -582,6 +583,11 @@ fn engine_text(e: &EngineInfo) -> String {
         };
         lines.push(format!(
             "probe:      {probe}: {last} ({failures} failures in a row)"
+        ));
+    }
+    if let Some(n) = e.probes_delayed.filter(|n| *n > 0) {
+        lines.push(format!(
+            "probes:     {n} runs waited for the node's probe bound (docs/engines.md)"
         ));
     }
     for n in e.notes.iter().flatten() {

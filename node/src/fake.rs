@@ -828,6 +828,7 @@ fn engine_status(name: &str, e: &FakeEngine) -> EngineStatus {
         restarts: 0,
         last_exit: None,
         probes: Vec::new(),
+        probes_delayed: 0,
         notes: Vec::new(),
     }
 }

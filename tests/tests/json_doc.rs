@@ -320,6 +320,7 @@ fn output_functions_print_the_documented_shapes() {
             ),
             ("tcp 5432".into(), 0, String::new(), String::new(), 0),
         ]),
+        probes_delayed: Some(3),
     };
     for cmd in [
         "tenantctl engine deploy",

@@ -371,6 +371,8 @@ fn fixture(ignore_term: bool) -> Fix {
         log_max_bytes: leasehold_engines::logs::DEFAULT_MAX_BYTES,
         reboot_node: None,
         boot_id: Some("boot-1".into()),
+        probe_rate: probe_gate::DEFAULT_RATE,
+        probe_concurrency: probe_gate::DEFAULT_CONCURRENCY,
     };
     Fix {
         tmp,
@@ -2903,5 +2905,99 @@ fn a_removed_engines_late_probe_is_not_the_new_ones() {
         .map(|e| e.kind)
         .collect();
     assert!(!kinds.iter().any(|k| k == "probe-failed"), "{kinds:?}");
+    rt.stop("web", Some(Duration::ZERO)).unwrap();
+}
+
+/// The node's bound on probe work (`[engines] probe_rate`): an engine
+/// asking for 8 probes every 100 ms (80 runs a second) gets the node's
+/// rate, not its own, and a calm engine beside it still has its probe run
+/// in turn. The runs that waited show in the busy engine's status.
+#[test]
+fn probe_runs_are_held_to_the_nodes_rate_and_engines_take_turns() {
+    let mut f = fixture(false);
+    f.cfg.probe_rate = 8;
+    let t0 = Instant::now();
+    let mut rt = f.runtime();
+    let mut busy = String::from("command = [\"/bin/app\"]\n");
+    for i in 0..8 {
+        busy.push_str(&format!(
+            "[[probes]]\nexec = [\"/bin/busy\", \"{i}\"]\ninterval = \"100ms\"\ntimeout = \"50ms\"\n"
+        ));
+    }
+    rt.deploy("busy", "app.tar", &spec(&busy)).unwrap();
+    rt.deploy(
+        "calm",
+        "app.tar",
+        &spec(
+            "command = [\"/bin/app\"]\n\
+             [[probes]]\nexec = [\"/bin/calm\"]\ninterval = \"100ms\"\ntimeout = \"50ms\"\n",
+        ),
+    )
+    .unwrap();
+    rt.start("busy").unwrap();
+    rt.start("calm").unwrap();
+    let ran = || f.sp.probes_run.lock().unwrap().clone();
+    let end = Instant::now() + Duration::from_secs(20);
+    while ran().len() < 24 {
+        assert!(Instant::now() < end, "probes stopped: {:?}", ran());
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let s = until(&rt, "busy", |s| s.probes_delayed >= 4);
+    let runs = ran();
+    let secs = t0.elapsed().as_secs_f64();
+    // A second's worth at once, then the rate: without the bound this
+    // is about 90 a second.
+    assert!(
+        runs.len() as f64 <= 8.0 + 8.0 * secs + 1.0,
+        "{} runs in {secs:.2} s",
+        runs.len()
+    );
+    let calm = runs.iter().filter(|a| a[0] == "/bin/calm").count();
+    assert!(
+        calm * 3 >= runs.len(),
+        "calm got {calm} of {} runs: engines take turns",
+        runs.len()
+    );
+    assert!(s.probes.iter().all(|p| p.failures == 0), "{s:?}");
+    assert_eq!(rt.view().status("calm").unwrap().restarts, 0);
+    rt.stop("busy", Some(Duration::ZERO)).unwrap();
+    rt.stop("calm", Some(Duration::ZERO)).unwrap();
+}
+
+/// At most `[engines] probe_concurrency` runs at once: a probe hung in its
+/// engine holds its slot, and nothing else starts until it answers.
+#[test]
+fn probe_runs_at_once_are_held_to_the_concurrency() {
+    let mut f = fixture(false);
+    f.cfg.probe_concurrency = 1;
+    let mut rt = f.runtime();
+    let (tx, rx) = std::sync::mpsc::channel();
+    *f.sp.probe_hold.lock().unwrap() = Some(rx);
+    rt.deploy(
+        "web",
+        "app.tar",
+        &spec(
+            "command = [\"/bin/app\"]\n\
+             [[probes]]\nexec = [\"/bin/app\", \"a\"]\ninterval = \"100ms\"\ntimeout = \"90ms\"\n\
+             [[probes]]\nexec = [\"/bin/app\", \"b\"]\ninterval = \"100ms\"\ntimeout = \"90ms\"\n",
+        ),
+    )
+    .unwrap();
+    rt.start("web").unwrap();
+    let ran = || f.sp.probes_run.lock().unwrap().len();
+    let end = Instant::now() + Duration::from_secs(10);
+    while ran() == 0 {
+        assert!(Instant::now() < end, "no probe ran");
+        std::thread::yield_now();
+    }
+    // Five of the other probe's intervals: none of its runs may start
+    // while the held one has the only slot.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(ran(), 1, "a second run started beside the held one");
+    tx.send(launch::ProbeExit::Code(0)).unwrap();
+    let s = until(&rt, "web", |s| {
+        s.probes.iter().all(|p| p.ok == Some(true)) && s.probes_delayed >= 1
+    });
+    assert_eq!(s.restarts, 0);
     rt.stop("web", Some(Duration::ZERO)).unwrap();
 }
