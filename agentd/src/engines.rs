@@ -1246,11 +1246,9 @@ impl Runtime {
                 None
             }
             Action::RunProbe {
-                instance,
-                probe,
-                timeout,
+                instance, probe, ..
             } => {
-                self.run_probe(name, instance, probe, timeout);
+                self.run_probe(name, instance, probe);
                 None
             }
             Action::Schedule { timer, at } => {
@@ -1879,7 +1877,8 @@ impl Runtime {
     /// `spec.probes[n]` of the instance came due: offered to the node's
     /// bound, which starts it now or after others ([`Runtime::start_probes`]).
     /// A probe still running or waiting when it is due again is not doubled.
-    fn run_probe(&mut self, name: &str, instance: InstanceId, n: usize, timeout: Duration) {
+    /// Its timeout is read from the spec when it starts.
+    fn run_probe(&mut self, name: &str, instance: InstanceId, n: usize) {
         let Some(e) = self.engines.get(name) else {
             return;
         };
@@ -1894,26 +1893,31 @@ impl Runtime {
             incarnation: e.incarnation,
             instance,
             probe: n,
-            timeout,
         });
     }
 
     /// Starts the probe runs the node's bound lets through, each on a
     /// thread of its own (held to its timeout there); each result comes
-    /// back as `Msg::Probed`. True when a status changed (a run waited).
-    fn start_probes(&mut self) -> bool {
+    /// back as `Msg::Probed`. Runs that began to wait are counted in their
+    /// engine's status, which shows them with its next change (a
+    /// publication for the count alone would come as often as the probes).
+    fn start_probes(&mut self) {
         let engines = &self.engines;
-        let admitted = self.probes.take(Instant::now(), |d| {
+        let taken = self.probes.take(Instant::now(), |d| {
             engines.get(&d.engine).is_some_and(|e| {
                 e.incarnation == d.incarnation
+                    && e.sup.status().instance == Some(d.instance)
                     && e.live.contains_key(&d.instance)
                     && e.sup.spec().probes.get(d.probe).is_some()
                     && !e.probing.contains(&(d.instance, d.probe))
             })
         });
-        let mut changed = false;
-        for a in admitted {
-            let d = a.due;
+        for (name, n) in taken.waiting {
+            if let Some(e) = self.engines.get_mut(&name) {
+                e.probes_delayed += n;
+            }
+        }
+        for d in taken.start {
             let spawner = self.spawner.clone();
             let tx = self.tx.clone();
             let Some(e) = self.engines.get_mut(&d.engine) else {
@@ -1928,22 +1932,18 @@ impl Runtime {
                 continue;
             };
             e.probing.insert((d.instance, d.probe));
-            if a.waited {
-                e.probes_delayed += 1;
-                changed = true;
-            }
             let run_dir = l.run_dir.clone();
-            let (label, inc, instance, n, timeout) = (
-                d.engine.clone(),
-                d.incarnation,
-                d.instance,
-                d.probe,
-                d.timeout,
-            );
+            let timeout = probe.timeout.0;
+            let (label, inc, instance, n) = (d.engine.clone(), d.incarnation, d.instance, d.probe);
             let spawned = std::thread::Builder::new()
                 .name(format!("engine-probe-{instance}-{n}"))
                 .spawn(move || {
-                    let r = run_one_probe(spawner.as_ref(), &run_dir, &probe, timeout);
+                    // A result always comes back: it frees the run's slot
+                    // in the node's bound.
+                    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        run_one_probe(spawner.as_ref(), &run_dir, &probe, timeout)
+                    }))
+                    .unwrap_or_else(|_| Err("the probe's thread panicked".into()));
                     let _ = tx.send(Msg::Probed(label, inc, instance, n, r));
                 });
             if let Err(err) = spawned {
@@ -1957,7 +1957,6 @@ impl Runtime {
                 ));
             }
         }
-        changed
     }
 
     fn probed(
@@ -2677,7 +2676,7 @@ impl Runtime {
                 None => changed = false,
             }
             changed |= self.fire_timers();
-            changed |= self.start_probes();
+            self.start_probes();
             changed |= self.stop_all.is_some();
             self.check_stop_all();
         }

@@ -373,9 +373,9 @@ pub struct EngineInfo {
     /// row, last result `ok` / `failed` / empty when not run yet, what the
     /// last run saw, unix time it ended or 0).
     pub probes: Option<Vec<ProbeResult>>,
-    /// Probe runs since deploy that waited for the node's bound on probe
-    /// work (`[engines] probe_rate`, `probe_concurrency`): each started
-    /// later than its interval said.
+    /// Probe runs that had to wait for the node's bound on probe work
+    /// (`[engines] probe_rate`, `probe_concurrency`), since the agent
+    /// started: each started later than its interval said, or not at all.
     pub probes_delayed: Option<u64>,
 }
 

@@ -148,9 +148,10 @@ pub struct EngineStatus {
     pub last_exit: Option<Exit>,
     /// Each probe of the spec, in order, with its last result.
     pub probes: Vec<EngineProbe>,
-    /// Probe runs since deploy that waited for the node's bound on probe
-    /// work (the landlord's `[engines] probe_rate` and
-    /// `probe_concurrency`): each started later than its interval said.
+    /// Probe runs that had to wait for the node's bound on probe work
+    /// (the landlord's `[engines] probe_rate` and `probe_concurrency`),
+    /// since the agent started: each started later than its interval
+    /// said, or not at all (its instance ended first).
     pub probes_delayed: u64,
     /// What the runtime has to say about it (`reload image: the stored
     /// image "app.tar" is gone from the inbox; running from the previous

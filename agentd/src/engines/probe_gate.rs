@@ -8,8 +8,10 @@
 //! The gate lets at most `rate` runs start a second (a token bucket
 //! holding one second's worth) and `concurrency` run at once. A due run
 //! past either waits in a queue taken round-robin by engine, so one
-//! engine's probes cannot keep another's waiting; a probe already waiting
-//! is not queued twice. Pure: the caller passes the time.
+//! engine's many probes do not keep another's waiting for the rate; a
+//! probe already waiting is not queued twice, and an engine's queue holds
+//! only its current instance's runs (at most its 8 probes). Pure: the
+//! caller passes the time.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -26,28 +28,31 @@ pub const RATE_RANGE: std::ops::RangeInclusive<u32> = 1..=10_000;
 /// Bounds of `[engines] probe_concurrency`.
 pub const CONCURRENCY_RANGE: std::ops::RangeInclusive<u32> = 1..=1024;
 
-/// One due probe run: which engine (name and incarnation), instance,
-/// probe index and its timeout.
+/// One due probe run: which engine (name and incarnation), instance and
+/// probe index (its definition and timeout are read when it starts).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Due {
     pub engine: String,
     pub incarnation: u64,
     pub instance: InstanceId,
     pub probe: usize,
-    pub timeout: Duration,
 }
 
-/// A run let through: `waited` when it could not start as it came due.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Admitted {
-    pub due: Due,
-    pub waited: bool,
+/// What one [`ProbeGate::take`] decided.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Taken {
+    /// The runs to start now.
+    pub start: Vec<Due>,
+    /// Per engine, the runs that came due since the last take and must
+    /// wait (each counted once, when it first waits).
+    pub waiting: BTreeMap<String, u64>,
 }
 
 struct Queued {
     due: Due,
-    /// Left in the queue by a `take`: it waited.
-    passed: bool,
+    /// The number of the take after which it came due: younger than the
+    /// current take, it has not waited yet.
+    since: u64,
 }
 
 pub struct ProbeGate {
@@ -60,6 +65,10 @@ pub struct ProbeGate {
     queue: BTreeMap<String, VecDeque<Queued>>,
     /// The engine taken from last: the next take starts after it.
     last: Option<String>,
+    /// Takes so far.
+    takes: u64,
+    /// Per engine, runs queued since the last take.
+    fresh: BTreeMap<String, u64>,
 }
 
 const MICRO: u64 = 1_000_000;
@@ -77,6 +86,8 @@ impl ProbeGate {
             running: 0,
             queue: BTreeMap::new(),
             last: None,
+            takes: 0,
+            fresh: BTreeMap::new(),
         }
     }
 
@@ -91,37 +102,64 @@ impl ProbeGate {
     }
 
     /// A probe run came due. False when the same probe of the same
-    /// instance is already waiting (it is not queued twice).
+    /// instance is already waiting (it is not queued twice). Only an
+    /// engine's current instance is probed: its runs for any other
+    /// instance or incarnation are dropped here, so a queue never holds
+    /// more than the engine's probes.
     pub fn offer(&mut self, due: Due) -> bool {
         let q = self.queue.entry(due.engine.clone()).or_default();
-        if q.iter().any(|w| {
-            w.due.incarnation == due.incarnation
-                && w.due.instance == due.instance
-                && w.due.probe == due.probe
-        }) {
+        let takes = self.takes;
+        let mut dropped_fresh = 0;
+        q.retain(|w| {
+            let keep = w.due.incarnation == due.incarnation && w.due.instance == due.instance;
+            if !keep && w.since == takes {
+                dropped_fresh += 1;
+            }
+            keep
+        });
+        if dropped_fresh > 0 {
+            Self::unfresh(&mut self.fresh, &due.engine, dropped_fresh);
+        }
+        if q.iter().any(|w| w.due.probe == due.probe) {
             return false;
         }
-        q.push_back(Queued { due, passed: false });
+        *self.fresh.entry(due.engine.clone()).or_default() += 1;
+        q.push_back(Queued { due, since: takes });
         true
+    }
+
+    fn unfresh(fresh: &mut BTreeMap<String, u64>, engine: &str, n: u64) {
+        if let Some(f) = fresh.get_mut(engine) {
+            *f = f.saturating_sub(n);
+            if *f == 0 {
+                fresh.remove(engine);
+            }
+        }
     }
 
     /// The runs that may start now, one engine after another; each holds a
     /// slot until [`ProbeGate::finished`]. `valid` drops a waiting run
     /// whose engine, instance or probe is gone (no token spent on it).
-    pub fn take(&mut self, now: Instant, valid: impl Fn(&Due) -> bool) -> Vec<Admitted> {
+    /// Also says which runs began to wait.
+    pub fn take(&mut self, now: Instant, valid: impl Fn(&Due) -> bool) -> Taken {
         self.refill(now);
-        let mut out = Vec::new();
+        let mut start = Vec::new();
         while self.running < self.concurrency && self.micro >= MICRO {
             let Some(name) = self.next_engine() else {
                 break;
             };
-            let q = self
-                .queue
-                .get_mut(&name)
-                .expect("next_engine names a queue");
-            let w = q.pop_front().expect("queues are never left empty");
+            let Some(q) = self.queue.get_mut(&name) else {
+                break;
+            };
+            let Some(w) = q.pop_front() else {
+                self.queue.remove(&name);
+                continue;
+            };
             if q.is_empty() {
                 self.queue.remove(&name);
+            }
+            if w.since == self.takes {
+                Self::unfresh(&mut self.fresh, &name, 1);
             }
             self.last = Some(name);
             if !valid(&w.due) {
@@ -129,17 +167,13 @@ impl ProbeGate {
             }
             self.micro -= MICRO;
             self.running += 1;
-            out.push(Admitted {
-                due: w.due,
-                waited: w.passed,
-            });
+            start.push(w.due);
         }
-        for q in self.queue.values_mut() {
-            for w in q {
-                w.passed = true;
-            }
+        self.takes += 1;
+        Taken {
+            start,
+            waiting: std::mem::take(&mut self.fresh),
         }
-        out
     }
 
     /// The first engine with a waiting run after the last one taken from.
@@ -180,6 +214,7 @@ impl ProbeGate {
     /// Every waiting run dropped (the tenancy's engines are forgotten).
     pub fn clear(&mut self) {
         self.queue.clear();
+        self.fresh.clear();
         self.last = None;
     }
 
@@ -206,14 +241,18 @@ mod tests {
             incarnation: 1,
             instance: InstanceId(1),
             probe,
-            timeout: Duration::from_millis(50),
         }
     }
 
-    fn names(a: &[Admitted]) -> Vec<String> {
-        a.iter()
-            .map(|a| format!("{}{}", a.due.engine, a.due.probe))
+    fn names(t: &Taken) -> Vec<String> {
+        t.start
+            .iter()
+            .map(|d| format!("{}{}", d.engine, d.probe))
             .collect()
+    }
+
+    fn waiting(t: &Taken, engine: &str) -> u64 {
+        t.waiting.get(engine).copied().unwrap_or(0)
     }
 
     /// Within the bucket a run starts as it comes due; past it, runs start
@@ -226,23 +265,26 @@ mod tests {
             assert!(g.offer(due("a", p)));
         }
         let first = g.take(t0, |_| true);
-        assert_eq!(first.len(), 4, "a second's worth at once");
-        assert!(first.iter().all(|a| !a.waited));
-        assert!(g.take(t0, |_| true).is_empty());
+        assert_eq!(first.start.len(), 4, "a second's worth at once");
+        assert_eq!(waiting(&first, "a"), 2, "two wait, counted once");
+        let again = g.take(t0, |_| true);
+        assert_eq!(again, Taken::default(), "not counted twice");
         // A token every 250 ms: woken for it, not before.
         let at = g.wake_at(t0).unwrap();
         assert_eq!(at - t0, Duration::from_millis(250));
-        assert!(g.take(at - Duration::from_micros(1), |_| true).is_empty());
+        assert!(g
+            .take(at - Duration::from_micros(1), |_| true)
+            .start
+            .is_empty());
         let next = g.take(at, |_| true);
         assert_eq!(names(&next), ["a4"]);
-        assert!(next[0].waited);
         // Over any window, at most a second's worth plus the rate.
         let mut started = 4 + 1;
         let mut now = at;
         for i in 0..400 {
             g.offer(due("b", i % 8));
             now += Duration::from_millis(10);
-            started += g.take(now, |_| true).len();
+            started += g.take(now, |_| true).start.len();
         }
         let secs = (now - t0).as_secs_f64();
         assert!(
@@ -260,14 +302,19 @@ mod tests {
         for p in 0..5 {
             g.offer(due("a", p));
         }
-        assert_eq!(g.take(t0, |_| true).len(), 2);
+        let first = g.take(t0, |_| true);
+        assert_eq!(first.start.len(), 2);
+        assert_eq!(waiting(&first, "a"), 3);
         assert_eq!(g.running(), 2);
         assert_eq!(g.wake_at(t0), None, "woken by an end, not a timer");
-        assert!(g.take(t0 + Duration::from_secs(5), |_| true).is_empty());
+        assert!(g
+            .take(t0 + Duration::from_secs(5), |_| true)
+            .start
+            .is_empty());
         g.finished();
         let next = g.take(t0 + Duration::from_secs(5), |_| true);
         assert_eq!(names(&next), ["a2"]);
-        assert!(next[0].waited);
+        assert!(next.waiting.is_empty());
     }
 
     /// A probe already waiting is not queued again.
@@ -276,13 +323,47 @@ mod tests {
         let t0 = Instant::now();
         let mut g = ProbeGate::new(1, 1, t0);
         g.offer(due("a", 0));
-        assert_eq!(g.take(t0, |_| true).len(), 1);
+        assert_eq!(g.take(t0, |_| true).start.len(), 1);
         assert!(g.offer(due("a", 0)));
         assert!(!g.offer(due("a", 0)));
-        let mut other = due("a", 0);
-        other.instance = InstanceId(2);
-        assert!(g.offer(other), "another instance's is another run");
+        assert!(g.offer(due("a", 1)));
         assert_eq!(g.waiting(), 2);
+    }
+
+    /// An engine's queue holds its current instance's runs only: an
+    /// instance restarting faster than the gate admits does not pile up
+    /// its predecessors' runs (at most the engine's probes wait).
+    #[test]
+    fn a_new_instance_replaces_the_old_ones_waiting_runs() {
+        let t0 = Instant::now();
+        let mut g = ProbeGate::new(9, 100, t0);
+        for i in 1..=1000 {
+            for p in 0..8 {
+                g.offer(Due {
+                    instance: InstanceId(i),
+                    ..due("a", p)
+                });
+            }
+            let mut next = due("b", 0);
+            next.incarnation = i;
+            g.offer(next);
+        }
+        assert_eq!(g.waiting(), 8 + 1);
+        // The runs left are the newest instance's and incarnation's.
+        let t = g.take(t0, |d| match d.engine.as_str() {
+            "a" => d.instance == InstanceId(1000),
+            _ => d.incarnation == 1000,
+        });
+        assert_eq!(t.start.len(), 9, "{t:?}");
+        assert!(t.waiting.is_empty(), "{t:?}");
+        // One more, past the bucket: counted once as waiting.
+        g.offer(Due {
+            instance: InstanceId(1001),
+            ..due("a", 0)
+        });
+        let t = g.take(t0, |_| true);
+        assert!(t.start.is_empty());
+        assert_eq!(waiting(&t, "a"), 1);
     }
 
     /// Engines are taken in turn: a busy engine's queue does not hold
@@ -315,6 +396,7 @@ mod tests {
         g.offer(due("here", 0));
         let a = g.take(t0, |d| d.engine != "gone");
         assert_eq!(names(&a), ["here0"]);
+        assert!(a.waiting.is_empty());
         assert_eq!(g.waiting(), 0);
         g.offer(due("x", 0));
         g.clear();
