@@ -24,7 +24,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use leasehold_tests::engine_bench::{cells, env_n, ms, ok, pct, sorted, started_split};
+use leasehold_tests::engine_bench::{
+    build_stand_ins as build, cells, cgroup2_mount, env_n, ms, ok, pct, sorted, started_split,
+    CgroupUnit,
+};
 use leasehold_tests::{require_root, workspace_root, Lab, LabOptions, Who};
 
 /// The numbers after `key` at the start of lines (`t0 NS`, `first NS`).
@@ -66,44 +69,6 @@ fn exit_first_pairs(exits: Vec<u128>, firsts: Vec<u128>) -> Vec<(u128, u128)> {
     out
 }
 
-/// The release binaries with the stand-ins, in a target directory of
-/// their own.
-fn build() -> PathBuf {
-    let target = workspace_root().join("target/bench-stand-ins");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    ok(Command::new(cargo)
-        .current_dir(workspace_root())
-        .args(["build", "--release", "--locked", "--target-dir"])
-        .arg(&target)
-        .args([
-            "-p",
-            "leasehold-agentd",
-            "-p",
-            "leasehold-cli",
-            "-p",
-            "leasehold-engines",
-            "-p",
-            "leasehold-tests",
-            "--features",
-            "leasehold-agentd/bench-stand-ins",
-            "--bins",
-        ]));
-    target.join("release")
-}
-
-/// The cgroup v2 mount: `/sys/fs/cgroup` on a v2-only host, `…/unified`
-/// on this hybrid one.
-fn cgroup2_mount() -> PathBuf {
-    std::fs::read_to_string("/proc/self/mounts")
-        .unwrap()
-        .lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.get(2) == Some(&"cgroup2")).then(|| PathBuf::from(f[1]))
-        })
-        .expect("a cgroup2 mount")
-}
-
 /// After a start's call returns, the bench reads nothing (no client
 /// process, no D-Bus call) for this long: the start being measured (a few
 /// ms here) has the CPU to itself, as crun's has.
@@ -121,11 +86,11 @@ struct Bench {
 
 /// What a run leaves unless removed, removed also when the bench panics:
 /// dropped after the lab (agentd stopped first, so nothing restarts an
-/// engine): the crun namespace's process, every process in the bench's
-/// cgroup subtree (engines outlive the agent), the subtree.
+/// engine): the crun namespace's process, then the bench's cgroup subtree
+/// (`CgroupUnit`).
 struct Leftovers {
     cg2_ns: Option<std::process::Child>,
-    unit: PathBuf,
+    _unit: CgroupUnit,
 }
 
 impl Drop for Leftovers {
@@ -134,30 +99,6 @@ impl Drop for Leftovers {
             let _ = c.kill();
             let _ = c.wait();
         }
-        let _ = std::fs::write(self.unit.join("cgroup.kill"), "1");
-        let t = Instant::now();
-        while std::fs::read_to_string(self.unit.join("cgroup.events"))
-            .is_ok_and(|e| e.contains("populated 1"))
-            && t.elapsed() < Duration::from_secs(10)
-        {
-            std::thread::sleep(POLL);
-        }
-        remove_tree(&self.unit);
-    }
-}
-
-/// Removes a cgroup directory and its children, deepest first (cgroupfs
-/// takes only rmdir); what cannot be removed is reported.
-fn remove_tree(dir: &Path) {
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_tree(&e.path());
-            }
-        }
-    }
-    if let Err(e) = std::fs::remove_dir(dir) {
-        eprintln!("left {}: {e}", dir.display());
     }
 }
 
@@ -284,7 +225,7 @@ fn main() {
     std::fs::create_dir(cg2.join(&unit)).unwrap();
     let leftovers = Leftovers {
         cg2_ns: cgroup2_namespace(&cg2),
-        unit: cg2.join(&unit),
+        _unit: CgroupUnit(cg2.join(&unit)),
     };
     let config = format!(
         "{}[engines]\ncgroup_root = {:?}\ncgroup_subtree = \"{unit}/tenant\"\nrun_dir = {:?}\n",

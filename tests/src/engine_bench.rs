@@ -256,3 +256,77 @@ pub fn stage(stage: &Path, bundle_rootfs: &Path) {
     )
     .unwrap();
 }
+
+/// The release binaries with the bench stand-ins (agentd's feature
+/// `bench-stand-ins`), in a target directory of their own: no other
+/// agentd ever has them. engines_host and probe_cost run these.
+pub fn build_stand_ins() -> std::path::PathBuf {
+    let target = workspace_root().join("target/bench-stand-ins");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    ok(Command::new(cargo)
+        .current_dir(workspace_root())
+        .args(["build", "--release", "--locked", "--target-dir"])
+        .arg(&target)
+        .args([
+            "-p",
+            "leasehold-agentd",
+            "-p",
+            "leasehold-cli",
+            "-p",
+            "leasehold-engines",
+            "-p",
+            "leasehold-tests",
+            "--features",
+            "leasehold-agentd/bench-stand-ins",
+            "--bins",
+        ]));
+    target.join("release")
+}
+
+/// The cgroup v2 mount: `/sys/fs/cgroup` on a v2-only host, `…/unified`
+/// on a hybrid one.
+pub fn cgroup2_mount() -> std::path::PathBuf {
+    std::fs::read_to_string("/proc/self/mounts")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.get(2) == Some(&"cgroup2")).then(|| std::path::PathBuf::from(f[1]))
+        })
+        .expect("a cgroup2 mount")
+}
+
+/// A bench's cgroup subtree (standing for the engines unit's cgroup):
+/// when dropped, every process in it is killed (engines outlive the
+/// agent) and the subtree removed — also when the bench panics. Drop it
+/// after the lab (agentd stopped first, so nothing restarts an engine).
+pub struct CgroupUnit(pub std::path::PathBuf);
+
+impl Drop for CgroupUnit {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.0.join("cgroup.kill"), "1");
+        let t = std::time::Instant::now();
+        while std::fs::read_to_string(self.0.join("cgroup.events"))
+            .is_ok_and(|e| e.contains("populated 1"))
+            && t.elapsed() < std::time::Duration::from_secs(10)
+        {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        remove_tree(&self.0);
+    }
+}
+
+/// Removes a cgroup directory and its children, deepest first (cgroupfs
+/// takes only rmdir); what cannot be removed is reported.
+fn remove_tree(dir: &Path) {
+    if let Ok(rd) = std::fs::read_dir(dir) {
+        for e in rd.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                remove_tree(&e.path());
+            }
+        }
+    }
+    if let Err(e) = std::fs::remove_dir(dir) {
+        eprintln!("left {}: {e}", dir.display());
+    }
+}

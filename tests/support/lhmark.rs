@@ -14,6 +14,8 @@
 //! lhmark spawn CMD ARG..  print `t0 NS`, then exec CMD (the client whose
 //!                         call starts the engine: t0 is just before it)
 //! lhmark exit             print `first NS`, then `exit NS`, exit 1
+//! lhmark count FILE       append one byte to FILE, exit 0 (probe_cost's
+//!                         exec probe: FILE's size is the runs)
 //! lhmark floor N          N + 1 times: run `lhmark exit`, wait for it,
 //!                         run `lhmark engine`, wait for it — the restart
 //!                         of a bare supervisor (no confinement, no delay),
@@ -76,6 +78,18 @@ fn main() {
             std::process::exit(1);
         }
         "idle" => idle(),
+        "count" => {
+            let file = args.get(1).map_or("/data/runs", String::as_str);
+            let r = std::fs::OpenOptions::new()
+                .append(true)
+                .create(true)
+                .open(file)
+                .and_then(|mut f| f.write_all(b"."));
+            if let Err(e) = r {
+                eprintln!("lhmark count {file}: {e}");
+                std::process::exit(2);
+            }
+        }
         "restart" => {
             let flag = args.get(1).map_or("/data/flag", String::as_str);
             if std::fs::remove_file(flag).is_ok() {
