@@ -123,6 +123,7 @@ fn tenant(lab: &Lab, bin: &Path, args: &[&str]) -> String {
 }
 
 fn run_row(
+    row: usize,
     label: &'static str,
     gate: Option<(u32, u32)>,
     bin: &Path,
@@ -137,7 +138,8 @@ fn run_row(
         .unwrap();
     let vol = run.path().join("volume");
     std::fs::create_dir(&vol).unwrap();
-    let unit = format!("lh-probe-cost-{}", std::process::id());
+    // A name per row: one left behind does not stop the next.
+    let unit = format!("lh-probe-cost-{}-{row}", std::process::id());
     std::fs::create_dir(cg2.join(&unit)).unwrap();
     let subtree = CgroupUnit(cg2.join(&unit));
     let mut config = format!(
@@ -185,12 +187,20 @@ fn run_row(
         }
     }
     let pid = lab.agent_pid().expect("the agent's pid");
+    let delayed = || -> u64 {
+        let status: serde_json::Value =
+            serde_json::from_str(&tenant(&lab, bin, &["--json", "engine", "status", "q0"]))
+                .unwrap();
+        status["probes_delayed"].as_u64().unwrap_or(0)
+    };
     // Past the first second's burst and every engine's first interval.
     std::thread::sleep(Duration::from_secs(2));
+    let delayed_a = delayed();
     let a = sample(pid, &vol);
     std::thread::sleep(window);
     let b = sample(pid, &vol);
     let th = threads(pid);
+    let delayed_b = delayed();
     // How the agent answers while it probes: a client call each.
     let mut ls_ms = Vec::new();
     for _ in 0..10 {
@@ -198,8 +208,6 @@ fn run_row(
         tenant(&lab, bin, &["engine", "ls"]);
         ls_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
-    let status: serde_json::Value =
-        serde_json::from_str(&tenant(&lab, bin, &["--json", "engine", "status", "q0"])).unwrap();
     let secs = b.at.duration_since(a.at).as_secs_f64();
     let hz = ticks_per_s();
     drop(lab);
@@ -215,7 +223,7 @@ fn run_row(
         node_cpu: (b.busy - a.busy) as f64 / (b.total - a.total) as f64 * 100.0,
         threads: th,
         ls_ms: sorted(ls_ms),
-        delayed: status["probes_delayed"].as_u64().unwrap_or(0),
+        delayed: delayed_b.saturating_sub(delayed_a),
         secs,
     }
 }
@@ -241,8 +249,17 @@ fn main() {
     ok(Command::new("chmod").args(["-R", "a+rX"]).arg(&stage));
     let load0 = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let rows = [
-        run_row("bound at its defaults", None, &bin, &stage, engines, window),
         run_row(
+            0,
+            "bound at its defaults",
+            None,
+            &bin,
+            &stage,
+            engines,
+            window,
+        ),
+        run_row(
+            1,
             "bound at 128 a second (its first default)",
             Some((128, 32)),
             &bin,
@@ -251,6 +268,7 @@ fn main() {
             window,
         ),
         run_row(
+            2,
             "bound opened to its maxima",
             Some((10_000, 1024)),
             &bin,
@@ -267,7 +285,7 @@ fn main() {
         "## What probes cost the node, with its bound on probe work and without\n"
     )
     .unwrap();
-    writeln!(s, "`cargo bench -p leasehold-tests --bench probe_cost` (root). On this host's CPU, not TCG; engines_host's stand-ins (a plain directory for the tenant volume, cgroups without controllers), the lab's dbus-daemon and polkitd, agentd `--dev` on swtpm, release build. {engines} engines (`lhmark idle`), each with {PROBES} exec probes every {INTERVAL_MS} ms (the most a spec may ask for): {demand} runs a second asked for. Each probe runs `lhmark count /data/runs` in its engine (a byte appended in its data dir: the files' sizes are the runs). Measured over {} s after every engine was ready and 2 s more; one agent per row, rows one after the other. Agent CPU: its own and its reaped children's (the probe shims and, through them, the probe commands), % of one CPU.\n", window.as_secs()).unwrap();
+    writeln!(s, "`cargo bench -p leasehold-tests --bench probe_cost` (root). On this host's CPU, not TCG; engines_host's stand-ins (a plain directory for the tenant volume, cgroups without controllers), the lab's dbus-daemon and polkitd, agentd `--dev` on swtpm, release build. {engines} engines (`lhmark idle`), each with {PROBES} exec probes every {INTERVAL_MS} ms (the most a spec may ask for): {demand} runs a second asked for. Each probe runs `lhmark count /data/runs` in its engine (a byte appended in its data dir: the files' sizes are the runs). Measured over {} s after every engine was ready and 2 s more; one agent per row, rows one after the other. Agent CPU: its own and its reaped children's (the probe shims and, through them, the probe commands; `/proc/PID/stat`), % of one CPU; node CPU from `/proc/stat` ticks (sampled differently: the two do not add up exactly). Runs that timed out (90 ms) append nothing and are not counted. `probes_delayed`: q0's runs that began to wait during the window. `tenantctl engine ls`: 10 calls right after the window, the probes still running.\n", window.as_secs()).unwrap();
     s.push_str(&leasehold_tests::markdown::machine());
     writeln!(
         s,
@@ -284,7 +302,7 @@ fn main() {
             .join(" "),
     )
     .unwrap();
-    writeln!(s, "| row | `[engines] probe_rate`, `probe_concurrency` | probe runs a second | agent CPU (with its probes) | node CPU busy (all CPUs) | agent threads at the end | q0's `probes_delayed` | `tenantctl engine ls` during it: n | p50 | p99 | max |").unwrap();
+    writeln!(s, "| row | `[engines] probe_rate`, `probe_concurrency` | probe runs a second | agent CPU (with its probes) | node CPU busy (all CPUs) | agent threads at the end | q0's runs that waited | `tenantctl engine ls`: n | p50 | p99 | max |").unwrap();
     writeln!(s, "|---|---|---|---|---|---|---|---|---|---|---|").unwrap();
     for r in &rows {
         writeln!(

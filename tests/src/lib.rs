@@ -46,7 +46,7 @@ pub fn bin(name: &str) -> PathBuf {
     let debug = workspace_root().join("target/debug").join(name);
     assert!(
         debug.exists(),
-        "binary {name} not found next to {}; build it first: cargo build --workspace --bins (scripts/test does)",
+        "binary {name} not found next to {}; build it first: cargo build --workspace --bins (scripts/test builds them)",
         exe.display()
     );
     debug

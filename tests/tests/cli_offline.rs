@@ -3,7 +3,8 @@
 //! `verify-receipt` need no agent and no bus; output into a pipe the reader
 //! closed ends quietly instead of panicking. No root needed.
 //!
-//! The binaries come from `cargo build --workspace --bins` (scripts/test).
+//! The binaries come from `cargo build --workspace --bins` (scripts/test
+//! builds them with `cargo test --no-run`).
 
 use std::os::fd::OwnedFd;
 use std::path::Path;

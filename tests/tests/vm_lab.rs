@@ -1576,8 +1576,9 @@ fn bumped_deb(deb: &std::path::Path, suffix: &str) -> (PathBuf, String) {
     .unwrap();
     let out = dir.join(format!("leasehold_{version}_amd64.deb"));
     run(Command::new("dpkg-deb")
-        // gzip -1: the upgrade's package is built and unpacked under TCG
-        // for each upgrade; the first install keeps the lintian-checked xz.
+        // gzip -1: the upgrade's package is unpacked under TCG for each
+        // upgrade (and xz is slow to build); the first install keeps the
+        // lintian-checked xz.
         .args(["--root-owner-group", "-Zgzip", "-z1", "--build"])
         .arg(&tree)
         .arg(&out));

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use leasehold_engines::supervisor::InstanceId;
 
 /// Default `[engines] probe_rate`. An exec probe cost the agent about
-/// 4 ms of CPU on the bench host (docs/benchmarks.md, "probe_cost": 56 %
-/// of one CPU at 128 a second, 16 % at 32); room for two probes of each
+/// 4 ms of CPU on the bench host (docs/benchmarks.md, "probe_cost": 54 %
+/// of one CPU at 128 a second, 15 % at 32); room for two probes of each
 /// of 128 engines at the default 10 s interval.
 pub const DEFAULT_RATE: u32 = 32;
 /// Default `[engines] probe_concurrency`.

@@ -1440,7 +1440,7 @@ fn real_shim() -> PathBuf {
     );
     assert!(
         shim.exists(),
-        "{} is missing: build it first (cargo build --workspace --bins; scripts/test does)",
+        "{} is missing: build it first (cargo build --workspace --bins; scripts/test builds them)",
         shim.display()
     );
     shim
