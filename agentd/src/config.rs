@@ -709,27 +709,30 @@ impl Config {
         }
         {
             use crate::engines::probe_gate::{CONCURRENCY_RANGE, RATE_RANGE};
-            if !RATE_RANGE.contains(&e.probe_rate) {
-                return Err(invalid(
+            for (field, value, range, what) in [
+                (
                     "engines.probe_rate",
-                    format!(
-                        "{} is outside {}..={} (probe runs a second, all engines together)",
-                        e.probe_rate,
-                        RATE_RANGE.start(),
-                        RATE_RANGE.end()
-                    ),
-                ));
-            }
-            if !CONCURRENCY_RANGE.contains(&e.probe_concurrency) {
-                return Err(invalid(
+                    e.probe_rate,
+                    RATE_RANGE,
+                    "probe runs a second",
+                ),
+                (
                     "engines.probe_concurrency",
-                    format!(
-                        "{} is outside {}..={} (probe runs at once, all engines together)",
-                        e.probe_concurrency,
-                        CONCURRENCY_RANGE.start(),
-                        CONCURRENCY_RANGE.end()
-                    ),
-                ));
+                    e.probe_concurrency,
+                    CONCURRENCY_RANGE,
+                    "probe runs at once",
+                ),
+            ] {
+                if !range.contains(&value) {
+                    return Err(invalid(
+                        field,
+                        format!(
+                            "{value} is outside {}..={} ({what}, all engines together)",
+                            range.start(),
+                            range.end()
+                        ),
+                    ));
+                }
             }
         }
         // Together at most 23 s: a report always answers within D-Bus's

@@ -25,10 +25,10 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use leasehold_tests::engine_bench::{
-    build_stand_ins as build, cells, cgroup2_mount, env_n, ms, ok, pct, sorted, started_split,
-    CgroupUnit,
+    build_stand_ins as build, cells, cgroup2_mount, env_n, ms, ok, pct, sorted, stand_in_lab,
+    started_split, CgroupUnit,
 };
-use leasehold_tests::{require_root, workspace_root, Lab, LabOptions, Who};
+use leasehold_tests::{require_root, workspace_root, Lab, Who};
 
 /// The numbers after `key` at the start of lines (`t0 NS`, `first NS`).
 fn stamps(text: &str, key: &str) -> Vec<u128> {
@@ -233,23 +233,7 @@ fn main() {
         cg2.display().to_string(),
         run.path().join("run").display().to_string(),
     );
-    let lab = Lab::start_with_options(LabOptions {
-        agent_config: Some(config),
-        agentd: Some(bin.join("agentd")),
-        agent_env: vec![
-            (
-                "LEASEHOLD_BENCH_VOLUME_DIR".into(),
-                vol.display().to_string(),
-            ),
-            ("LEASEHOLD_BENCH_NO_CONTROLLERS".into(), "1".into()),
-        ],
-        // No CPU slices: the harness would move each client into one (a
-        // cgroup migration), and a migration just before the shim's join
-        // lets the join skip its RCU grace period — a node's tenant runs
-        // its commands in its login's cgroup, with no migration per command.
-        flat_cpu: true,
-        ..LabOptions::default()
-    });
+    let lab = stand_in_lab(config, &bin, &vol);
     let log = lab.agent_log();
     assert!(
         log.contains("bench stand-in: the tenant volume is the plain directory")

@@ -22,9 +22,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use leasehold_tests::engine_bench::{
-    build_stand_ins, cells, cgroup2_mount, env_n, ok, sorted, CgroupUnit,
+    build_stand_ins, cells, cgroup2_mount, env_n, ok, sorted, stand_in_lab, CgroupUnit,
 };
-use leasehold_tests::{require_root, workspace_root, Lab, LabOptions, Who};
+use leasehold_tests::{require_root, workspace_root, Lab, Who};
 
 const PROBES: usize = 8;
 const INTERVAL_MS: usize = 100;
@@ -151,19 +151,7 @@ fn run_row(
     if let Some((rate, at_once)) = gate {
         writeln!(config, "probe_rate = {rate}\nprobe_concurrency = {at_once}").unwrap();
     }
-    let lab = Lab::start_with_options(LabOptions {
-        agent_config: Some(config),
-        agentd: Some(bin.join("agentd")),
-        agent_env: vec![
-            (
-                "LEASEHOLD_BENCH_VOLUME_DIR".into(),
-                vol.display().to_string(),
-            ),
-            ("LEASEHOLD_BENCH_NO_CONTROLLERS".into(), "1".into()),
-        ],
-        flat_cpu: true,
-        ..LabOptions::default()
-    });
+    let lab = stand_in_lab(config, bin, &vol);
     ok(lab
         .command(Who::Landlord, &bin.join("landlordctl"))
         .args(["--yes", "assign", "bench"]));

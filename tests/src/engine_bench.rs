@@ -330,3 +330,26 @@ fn remove_tree(dir: &Path) {
         eprintln!("left {}: {e}", dir.display());
     }
 }
+
+/// The lab (dbus-daemon, polkitd, agentd `--dev` on swtpm) with the
+/// stand-ins' agent from `bin` ([`build_stand_ins`]): `vol` a plain
+/// directory for the tenant volume, engine cgroups without controllers.
+pub fn stand_in_lab(config: String, bin: &Path, vol: &Path) -> crate::Lab {
+    crate::Lab::start_with_options(crate::LabOptions {
+        agent_config: Some(config),
+        agentd: Some(bin.join("agentd")),
+        agent_env: vec![
+            (
+                "LEASEHOLD_BENCH_VOLUME_DIR".into(),
+                vol.display().to_string(),
+            ),
+            ("LEASEHOLD_BENCH_NO_CONTROLLERS".into(), "1".into()),
+        ],
+        // No CPU slices: the harness would move each client into one (a
+        // cgroup migration), and a migration just before the shim's join
+        // lets the join skip its RCU grace period — a node's tenant runs
+        // its commands in its login's cgroup, with no migration per command.
+        flat_cpu: true,
+        ..crate::LabOptions::default()
+    })
+}
