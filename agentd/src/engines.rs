@@ -1520,7 +1520,9 @@ impl Runtime {
                     // The heartbeat's socket, in place before the shim binds
                     // its directory into the engine.
                     if heartbeat(&spec) {
-                        match notify::bind(&rd, spec.uid) {
+                        match notify::bind(&rd, spec.uid)
+                            .and_then(|b| notify::record_readiness(&rd).map(|()| b))
+                        {
                             Ok((dir, sock)) => {
                                 spec.notify_dir = Some(dir);
                                 notify_sock = Some(sock);
@@ -1551,7 +1553,12 @@ impl Runtime {
         // The notify reader passes READY=1 once per engine: the shim's
         // records (read first, on the same I/O thread) hold it back while
         // no engine runs and let the new engine's through.
-        let ready = notify::ReadyGate::default();
+        let ready = if heartbeat(&spec) {
+            notify::ReadyGate::recorded(&run_dir)
+        } else {
+            notify::ReadyGate::default()
+        };
+        let ready_gate = ready.clone();
         let mut status = proc.take_status().map(|fd| {
             let (tx, n, ready) = (self.tx.clone(), name.to_owned(), ready.clone());
             let (cgroups, icg) = (self.cgroups.clone(), cg.clone());
@@ -1643,14 +1650,20 @@ impl Runtime {
             }
         };
         if adopted_here && notifier.is_some() {
-            // It was running under the previous agent, past its READY=1
-            // (which it sends once): taken as ready; the watchdog, if any,
-            // still catches a hung one.
-            let m = NotifyMessage {
-                ready: true,
-                watchdog: false,
-            };
-            let _ = self.tx.send(Msg::Notified(name.to_owned(), instance, m));
+            if ready_gate.readopted_ready(&run_dir) {
+                // Its READY=1 (which an engine sends once) came to an
+                // earlier agent: ready; the watchdog, if any, still
+                // catches a hung one.
+                let m = NotifyMessage {
+                    ready: true,
+                    watchdog: false,
+                };
+                let _ = self.tx.send(Msg::Notified(name.to_owned(), instance, m));
+            } else {
+                // Not ready yet: it still is to say so, on the new socket,
+                // within `heartbeat.ready_timeout` from now.
+                tracing::info!(engine = name, %instance, "re-adopted before its READY=1; waiting for it");
+            }
         }
         let oom_kills = self.cgroups.usage(&cg).map(|u| u.oom_kills).unwrap_or(0);
         let pid = proc.pid();

@@ -120,20 +120,28 @@ idle_sample 0
 
 # 1. Start latency. The agent's engine exits at once (restart never); each
 # sample waits until the agent shows it exited.
-t engine deploy s "$B/bb.tar" --spec "$B/start.toml" >/dev/null
-i=0
-while [ "$i" -le "$N" ]; do
-    if runuser -u tt -- "$L" spawn tenantctl engine start s >> "$W/agent" 2>> "$W/agent.err"; then
+# One agent round: CLIENT starts ENGINE, t0 into $W/ROW.
+agent_round() { # client engine row
+    if runuser -u tt -- "$L" spawn "$1" engine start "$2" >> "$W/$3" 2>> "$W/$3.err"; then
         # This round's line in the log, then the exit seen by the agent.
         n=0
-        until [ "$(t engine logs s | grep -c ' out first ')" -gt "$i" ]; do
-            n=$((n + 1)); [ "$n" -lt 600 ] || { echo "fail agent round $i: $(t engine status s | tr '\n' ' ')"; break; }
+        until [ "$(t engine logs "$2" | grep -c ' out first ')" -gt "$i" ]; do
+            n=$((n + 1)); [ "$n" -lt 600 ] || { echo "fail $3 round $i: $(t engine status "$2" | tr '\n' ' ')"; break; }
             sleep 0.2
         done
-        until_out '"state":"exited"' t --json engine status s || echo "fail agent round $i: $(t engine status s | tr '\n' ' ')"
+        until_out '"state":"exited"' t --json engine status "$2" || echo "fail $3 round $i: $(t engine status "$2" | tr '\n' ' ')"
     else
-        echo "fail agent round $i: $(tail -n1 "$W/agent.err")"
+        echo "fail $3 round $i: $(tail -n1 "$W/$3.err")"
     fi
+}
+t engine deploy s "$B/bb.tar" --spec "$B/start.toml" >/dev/null
+# A baseline tenantctl (LH_BENCH_BASELINE_TENANTCTL): its own engine, its
+# round right after the packaged client's.
+[ ! -x "$B/tenantctl-base" ] || t engine deploy sb "$B/bb.tar" --spec "$B/start.toml" >/dev/null
+i=0
+while [ "$i" -le "$N" ]; do
+    agent_round tenantctl s agent
+    [ ! -x "$B/tenantctl-base" ] || agent_round "$B/tenantctl-base" sb agentbase
     "$L" spawn systemd-run --quiet --scope "$RF/lhmark" engine >> "$W/scope" 2>> "$W/scope.err" \
         || echo "fail scope round $i: $(tail -n1 "$W/scope.err")"
     "$L" spawn systemd-run --quiet --pipe --wait --collect "$RF/lhmark" engine >> "$W/service" 2>> "$W/service.err" </dev/null \
@@ -145,6 +153,11 @@ while [ "$i" -le "$N" ]; do
 done
 # The agent's engine printed its "first" lines into its log.
 t engine logs s | sed -n 's/.* out first \([0-9]*\)$/first \1/p' >> "$W/agent.first"
+if [ -x "$B/tenantctl-base" ]; then
+    t engine logs sb | sed -n 's/.* out first \([0-9]*\)$/first \1/p' >> "$W/agentbase.first"
+    echo events; t --json engine events; echo end
+    t --yes engine rm sb >/dev/null
+fi
 # 1b. The agent's own path: N+1 starts from one kept D-Bus connection (no
 # client start; polkit's yes reused on the connection), back to back.
 t engine deploy p "$B/bb.tar" --spec "$B/start.toml" >/dev/null
@@ -195,8 +208,10 @@ for k in scope service; do
         || echo "fail u$k: $(tail -n1 "$W/u$k.err")"
     grep '^fail' "$W/u$k" | sed "s/^fail/fail u$k:/" || true
 done
-for l in agent probe cold scope service crun uscope uservice; do
-    if [ "$l" = agent ] || [ "$l" = probe ] || [ "$l" = cold ]; then
+rows="agent probe cold scope service crun uscope uservice"
+[ ! -x "$B/tenantctl-base" ] || rows="$rows agentbase"
+for l in $rows; do
+    if [ "$l" = agent ] || [ "$l" = agentbase ] || [ "$l" = probe ] || [ "$l" = cold ]; then
         grep '^t0 ' "$W/$l" | cut -d' ' -f2 > "$W/a.t0"
         cut -d' ' -f2 "$W/$l.first" > "$W/a.first"
     else

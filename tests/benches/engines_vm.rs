@@ -11,7 +11,8 @@
 //! `LH_BENCH_STARTS` (default 30), `LH_BENCH_RESTARTS` (20),
 //! `LH_BENCH_ENGINES` (100), `LH_BENCH_IDLE_SECS` (60) size the run;
 //! `LH_BENCH_FAVORDYNMODS=1` installs the packaged favordynmods drop-in
-//! first;
+//! first; `LH_BENCH_BASELINE_TENANTCTL=FILE` adds a row for that
+//! `tenantctl` binary, its starts interleaved with the packaged one's;
 //! `LH_BENCH_GUEST_OUT=target/engines-vm/guest.out` renders a saved run
 //! again without a VM.
 
@@ -58,6 +59,17 @@ fn stage(dir: &Path) {
         dir.join("guest.sh"),
     )
     .unwrap();
+    // A baseline client, interleaved with the packaged one (its own row).
+    let base = dir.join("tenantctl-base");
+    let _ = std::fs::remove_file(&base);
+    if let Some(p) = std::env::var_os("LH_BENCH_BASELINE_TENANTCTL") {
+        std::fs::copy(&p, &base).unwrap_or_else(|e| {
+            panic!(
+                "LH_BENCH_BASELINE_TENANTCTL {}: {e}",
+                Path::new(&p).display()
+            )
+        });
+    }
 }
 
 #[derive(Default)]
@@ -319,6 +331,12 @@ fn report(out: &str, starts: u32) {
             "the shim: namespaces, pivot_root, Landlock, seccomp, no capabilities, own cgroup",
         ),
         (
+            "agentbase",
+            "agent: the same through a baseline `tenantctl`",
+            "`LH_BENCH_BASELINE_TENANTCTL` as the tenant, its own engine, each round right after the packaged client's",
+            "the shim, as above",
+        ),
+        (
             "probe",
             "agent: the same call from one kept connection",
             "`lh-dbus-probe starts` as the tenant (debug build; polkit's yes reused on the connection), not interleaved: after the rounds above",
@@ -361,6 +379,10 @@ fn report(out: &str, starts: u32) {
             "none (a service cgroup)",
         ),
     ] {
+        // The baseline row only when the run had one.
+        if key == "agentbase" && !samples.contains_key(key) {
+            continue;
+        }
         let v: Vec<f64> = samples
             .get(key)
             .map_or(vec![], |x| x.iter().skip(1).map(|&(a, b)| ms(a, b)).collect());
@@ -382,9 +404,13 @@ fn report(out: &str, starts: u32) {
     // the shim's pid) → the marker's first instruction.
     for (key, engine, what) in [
         ("agent", "s", "`tenantctl engine start`"),
+        ("agentbase", "sb", "the baseline `tenantctl`"),
         ("probe", "p", "one kept connection"),
         ("cold", "c", "one kept connection, no warm shim"),
     ] {
+        if key == "agentbase" && !samples.contains_key(key) {
+            continue;
+        }
         let agent = samples.get(key).cloned().unwrap_or_default();
         s.push_str(&started_split(
             what,

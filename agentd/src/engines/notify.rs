@@ -94,31 +94,99 @@ pub fn watch(
     Ok(Notifier { _stop: stop_w })
 }
 
+/// In an instance's run directory (root's, 0700: out of the engine's
+/// reach), since 2026-12-07: made at launch with a heartbeat, it says the
+/// agent records the engine's `READY=1` in [`READY_MARK`]. An instance
+/// without it was started by an older agent.
+pub const READY_RECORDED: &str = "ready-recorded";
+/// Present while the instance's current engine has sent `READY=1` (as the
+/// agent heard it): made when the first one is passed on, removed when the
+/// shim reports the engine's exit. A new agent re-adopting the instance
+/// reads it (an engine sends `READY=1` once).
+pub const READY_MARK: &str = "ready";
+
+/// Makes [`READY_RECORDED`] in a new instance's run directory.
+pub fn record_readiness(run_dir: &Path) -> std::io::Result<()> {
+    std::fs::File::create(run_dir.join(READY_RECORDED)).map(drop)
+}
+
 /// Whether a READY=1 is passed on: once per engine. The shim's records
 /// (a respawn) hold it from the old engine's exit (a late READY=1 of the
 /// old engine is not the new one's) and open it again just before the new
-/// engine starts.
+/// engine starts. With a mark ([`ReadyGate::recorded`]) the engine's
+/// readiness is also kept in its run directory, for the next agent.
 #[derive(Debug, Clone, Default)]
-pub struct ReadyGate(Arc<AtomicU8>);
+pub struct ReadyGate {
+    state: Arc<AtomicU8>,
+    /// `<run_dir>/ready` ([`READY_MARK`]).
+    mark: Option<Arc<Path>>,
+}
 
 const GATE_OPEN: u8 = 0;
 const GATE_PASSED: u8 = 1;
 const GATE_HELD: u8 = 2;
 
 impl ReadyGate {
-    /// A READY=1 came: pass it on (the first since the gate opened)?
-    fn pass(&self) -> bool {
-        self.0
-            .compare_exchange(GATE_OPEN, GATE_PASSED, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+    /// A gate that keeps [`READY_MARK`] in `run_dir` (heartbeat on).
+    pub fn recorded(run_dir: &Path) -> Self {
+        Self {
+            state: Arc::default(),
+            mark: Some(run_dir.join(READY_MARK).into()),
+        }
     }
-    /// The engine exited: no READY=1 until [`ReadyGate::open`].
+
+    /// A READY=1 came: pass it on (the first since the gate opened)? The
+    /// mark is made before it is passed on: an agent killed in between
+    /// leaves a ready engine unmarked (the next agent waits for a
+    /// `READY=1` that will not come, and the ready timeout restarts it),
+    /// never an unready one marked.
+    fn pass(&self) -> bool {
+        let passed = self
+            .state
+            .compare_exchange(GATE_OPEN, GATE_PASSED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if passed {
+            if let Some(m) = &self.mark {
+                if let Err(err) = std::fs::File::create(m) {
+                    tracing::error!(path = %m.display(), error = %err, "cannot record the engine's READY=1");
+                }
+            }
+        }
+        passed
+    }
+    /// The engine exited: no READY=1 until [`ReadyGate::open`], and its
+    /// mark goes.
     pub fn hold(&self) {
-        self.0.store(GATE_HELD, Ordering::Release);
+        self.state.store(GATE_HELD, Ordering::Release);
+        if let Some(m) = &self.mark {
+            match std::fs::remove_file(m) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    tracing::error!(path = %m.display(), error = %err, "cannot remove the engine's READY=1 record")
+                }
+            }
+        }
     }
     /// A new engine starts: its first READY=1 is passed on.
     pub fn open(&self) {
-        self.0.store(GATE_OPEN, Ordering::Release);
+        self.state.store(GATE_OPEN, Ordering::Release);
+    }
+
+    /// A re-adopted instance (its unread shim records already stepped):
+    /// had its running engine sent `READY=1` under an earlier agent? Yes
+    /// when [`READY_MARK`] is there, or when the instance predates the
+    /// record ([`READY_RECORDED`] absent: taken as ready, as agents did
+    /// before it); then the gate counts it as passed. No when the engine
+    /// exited meanwhile (held) or its `READY=1` already came to this
+    /// agent (passed on by the reader).
+    pub fn readopted_ready(&self, run_dir: &Path) -> bool {
+        let was = !run_dir.join(READY_RECORDED).exists()
+            || self.mark.as_ref().is_some_and(|m| m.exists());
+        was && self
+            .state
+            .compare_exchange(GATE_OPEN, GATE_PASSED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
     }
 }
 
@@ -225,6 +293,36 @@ mod tests {
             1 << 20,
         )
         .unwrap()
+    }
+
+    #[test]
+    fn the_ready_mark_follows_the_current_engines_ready() {
+        let dir = tempfile::tempdir().unwrap();
+        let mark = dir.path().join(READY_MARK);
+        record_readiness(dir.path()).unwrap();
+        let g = ReadyGate::recorded(dir.path());
+        assert!(!mark.exists());
+        assert!(g.pass());
+        assert!(mark.exists(), "made when READY=1 is passed on");
+        g.hold();
+        assert!(!mark.exists(), "gone with the engine's exit");
+        g.open();
+        assert!(!mark.exists(), "the new engine has not said READY=1");
+        // A new agent: a fresh gate on the same directory.
+        let g2 = ReadyGate::recorded(dir.path());
+        assert!(!g2.readopted_ready(dir.path()), "not ready: no mark");
+        assert!(g2.pass(), "its READY=1 still passes");
+        let g3 = ReadyGate::recorded(dir.path());
+        assert!(g3.readopted_ready(dir.path()), "marked");
+        assert!(!g3.pass(), "counted as passed");
+        // Held (an exit read on adoption): not ready whatever the mark.
+        let g4 = ReadyGate::recorded(dir.path());
+        std::fs::File::create(&mark).unwrap();
+        g4.hold();
+        assert!(!g4.readopted_ready(dir.path()));
+        // An instance an older agent started: taken as ready.
+        std::fs::remove_file(dir.path().join(READY_RECORDED)).unwrap();
+        assert!(ReadyGate::recorded(dir.path()).readopted_ready(dir.path()));
     }
 
     #[test]

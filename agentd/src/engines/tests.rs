@@ -2163,6 +2163,58 @@ fn heartbeat_comes_from_the_instances_socket_and_the_watchdog_acts() {
     rt.stop("web", Some(Duration::ZERO)).unwrap();
 }
 
+/// An engine sends `READY=1` once: a re-adopted instance is ready only if
+/// its engine said so to an earlier agent (the run directory's mark). One
+/// adopted before its `READY=1` waits for it on the new socket, within
+/// `heartbeat.ready_timeout` from the adoption (before 2026-12-07 it was
+/// taken as ready).
+#[test]
+fn a_readopted_instance_is_ready_only_if_its_engine_said_so() {
+    let mut f = fixture(false);
+    // The engine's uid is this process's, so the test can send as it.
+    f.cfg.uid_base = nix::unistd::getuid().as_raw();
+    let hb = "command = [\"/bin/app\"]\n\
+              [heartbeat]\nenabled = true\nready_timeout = \"1s\"\n";
+    let mut rt = f.runtime();
+    rt.deploy("web", "app.tar", &spec(hb)).unwrap();
+    rt.start("web").unwrap();
+    let s = until(&rt, "web", |s| s.pid.is_some());
+    assert_eq!(s.phase, Phase::Running);
+    let (_, run_dir, _) = f.sp.spawned.lock().unwrap()[0].clone();
+    assert!(run_dir.join(notify::READY_RECORDED).exists());
+    assert!(!run_dir.join(notify::READY_MARK).exists());
+    drop(rt);
+    // Adopted before its READY=1: the new socket hears it.
+    let rt = f.runtime();
+    until(&rt, "web", |s| s.pid.is_some());
+    let sock = run_dir.join("notify").join(launch::NOTIFY_NAME);
+    let c = std::os::unix::net::UnixDatagram::unbound().unwrap();
+    c.send_to(b"READY=1", &sock).unwrap();
+    until(&rt, "web", |s| s.phase == Phase::Ready);
+    assert!(run_dir.join(notify::READY_MARK).exists(), "recorded");
+    drop(rt);
+    // Adopted after it: ready with nothing sent.
+    let rt = f.runtime();
+    let s = until(&rt, "web", |s| s.phase == Phase::Ready);
+    assert_eq!(s.restarts, 0);
+    drop(rt);
+    // Adopted before it, and it never comes: the ready timeout acts
+    // (taken as ready, it never would).
+    std::fs::remove_file(run_dir.join(notify::READY_MARK)).unwrap();
+    let rt = f.runtime();
+    until(&rt, "web", |s| s.restarts >= 1);
+    let kinds: Vec<String> = rt
+        .view()
+        .events(0, 100)
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert!(kinds.iter().any(|k| k == "ready-timeout"), "{kinds:?}");
+    assert!(!kinds.iter().any(|k| k == "ready"), "{kinds:?}");
+    let mut rt = rt;
+    rt.stop("web", Some(Duration::ZERO)).unwrap();
+}
+
 /// Secrets named in the spec must be stored at deploy (a missing one is
 /// named), are opened at each launch and handed to the launcher only: the
 /// state file holds their names, never their bytes.
