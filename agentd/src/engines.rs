@@ -1520,16 +1520,21 @@ impl Runtime {
                     // The heartbeat's socket, in place before the shim binds
                     // its directory into the engine.
                     if heartbeat(&spec) {
-                        match notify::bind(&rd, spec.uid)
-                            .and_then(|b| notify::record_readiness(&rd).map(|()| b))
-                        {
+                        let bound = notify::bind(&rd, spec.uid)
+                            .map_err(|e| format!("notify socket in {}: {e}", rd.display()))
+                            .and_then(|b| {
+                                notify::record_readiness(&rd).map(|()| b).map_err(|e| {
+                                    format!("readiness record in {}: {e}", rd.display())
+                                })
+                            });
+                        match bound {
                             Ok((dir, sock)) => {
                                 spec.notify_dir = Some(dir);
                                 notify_sock = Some(sock);
                             }
-                            Err(err) => {
+                            Err(reason) => {
                                 let _ = self.cgroups.remove(&cg);
-                                return failed(format!("notify socket in {}: {err}", rd.display()));
+                                return failed(reason);
                             }
                         }
                     }
@@ -1578,9 +1583,30 @@ impl Runtime {
         if adopted_here {
             // Records written while no agent read them (the shim does not
             // wait for one): stepped right after the adoption's Launched,
-            // before the taken-as-ready below.
+            // before its readiness below.
             if let Some(s) = status.as_mut() {
                 s.drain_now();
+            }
+            // Decided here, while this thread is the gate's only user: the
+            // I/O thread gets the instance's records and socket only below,
+            // so an exit it reads later cannot fall between the mark's
+            // check and the gate, and this message is in the channel
+            // before any of its own.
+            if notify_sock.is_some() {
+                if ready_gate.readopted_ready(&run_dir) {
+                    // Its READY=1 (which an engine sends once) came to an
+                    // earlier agent: ready; the watchdog, if any, still
+                    // catches a hung one.
+                    let m = NotifyMessage {
+                        ready: true,
+                        watchdog: false,
+                    };
+                    let _ = self.tx.send(Msg::Notified(name.to_owned(), instance, m));
+                } else {
+                    // Not ready yet: it still is to say so, on the new
+                    // socket, within `heartbeat.ready_timeout` from now.
+                    tracing::info!(engine = name, %instance, "re-adopted before its READY=1; waiting for it");
+                }
             }
         }
         // A copy of the shim's pidfd ends the output's reading with the
@@ -1649,22 +1675,6 @@ impl Runtime {
                 }
             }
         };
-        if adopted_here && notifier.is_some() {
-            if ready_gate.readopted_ready(&run_dir) {
-                // Its READY=1 (which an engine sends once) came to an
-                // earlier agent: ready; the watchdog, if any, still
-                // catches a hung one.
-                let m = NotifyMessage {
-                    ready: true,
-                    watchdog: false,
-                };
-                let _ = self.tx.send(Msg::Notified(name.to_owned(), instance, m));
-            } else {
-                // Not ready yet: it still is to say so, on the new socket,
-                // within `heartbeat.ready_timeout` from now.
-                tracing::info!(engine = name, %instance, "re-adopted before its READY=1; waiting for it");
-            }
-        }
         let oom_kills = self.cgroups.usage(&cg).map(|u| u.oom_kills).unwrap_or(0);
         let pid = proc.pid();
         let mut replaced = None;

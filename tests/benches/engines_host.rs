@@ -411,7 +411,7 @@ fn main() {
     s.push_str(&leasehold_tests::markdown::machine());
     writeln!(
         s,
-        "- load average before / after: {} / {}\n- cgroup v2 at `{}`; {}; the release profile of the .deb (opt-level \"s\", fat LTO), the shim dynamically linked (the .deb's is static)\n- marker and root filesystem: engines_vm's (`tests/support/lhmark.rs`, static; `lhmark spawn CLIENT …` stamps t0 just before it execs the client, so every row includes starting its client)\n",
+        "- load average before / after: {} / {}\n- cgroup v2 at `{}`; {}; the release profile of the .deb (opt-level \"s\", fat LTO), the shim and `tenantctl` dynamically linked (the .deb's are static)\n- marker and root filesystem: engines_vm's (`tests/support/lhmark.rs`, static; `lhmark spawn CLIENT …` stamps t0 just before it execs the client, so every row includes starting its client)\n",
         load0.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
         load1.split_whitespace().take(3).collect::<Vec<_>>().join(" "),
         cgroup2_mount().display(),

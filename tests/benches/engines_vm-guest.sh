@@ -135,13 +135,16 @@ agent_round() { # client engine row
     fi
 }
 t engine deploy s "$B/bb.tar" --spec "$B/start.toml" >/dev/null
-# A baseline tenantctl (LH_BENCH_BASELINE_TENANTCTL): its own engine, its
-# round right after the packaged client's.
+# A baseline tenantctl (LH_BENCH_BASELINE_TENANTCTL): its own engine,
+# first in odd rounds (neither client always finds the bus and polkit
+# warmed by the other).
 [ ! -x "$B/tenantctl-base" ] || t engine deploy sb "$B/bb.tar" --spec "$B/start.toml" >/dev/null
+base_round() { [ ! -x "$B/tenantctl-base" ] || agent_round "$B/tenantctl-base" sb agentbase; }
 i=0
 while [ "$i" -le "$N" ]; do
+    [ $((i % 2)) = 0 ] || base_round
     agent_round tenantctl s agent
-    [ ! -x "$B/tenantctl-base" ] || agent_round "$B/tenantctl-base" sb agentbase
+    [ $((i % 2)) = 1 ] || base_round
     "$L" spawn systemd-run --quiet --scope "$RF/lhmark" engine >> "$W/scope" 2>> "$W/scope.err" \
         || echo "fail scope round $i: $(tail -n1 "$W/scope.err")"
     "$L" spawn systemd-run --quiet --pipe --wait --collect "$RF/lhmark" engine >> "$W/service" 2>> "$W/service.err" </dev/null \

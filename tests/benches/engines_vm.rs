@@ -11,8 +11,10 @@
 //! `LH_BENCH_STARTS` (default 30), `LH_BENCH_RESTARTS` (20),
 //! `LH_BENCH_ENGINES` (100), `LH_BENCH_IDLE_SECS` (60) size the run;
 //! `LH_BENCH_FAVORDYNMODS=1` installs the packaged favordynmods drop-in
-//! first; `LH_BENCH_BASELINE_TENANTCTL=FILE` adds a row for that
-//! `tenantctl` binary, its starts interleaved with the packaged one's;
+//! first; `LH_BENCH_BASELINE_TENANTCTL=FILE` (an absolute path: cargo
+//! runs the bench in `tests/`) adds a row for that `tenantctl` binary,
+//! its starts interleaved with the packaged one's (each first in every
+//! other round);
 //! `LH_BENCH_GUEST_OUT=target/engines-vm/guest.out` renders a saved run
 //! again without a VM.
 
@@ -333,7 +335,7 @@ fn report(out: &str, starts: u32) {
         (
             "agentbase",
             "agent: the same through a baseline `tenantctl`",
-            "`LH_BENCH_BASELINE_TENANTCTL` as the tenant, its own engine, each round right after the packaged client's",
+            "`LH_BENCH_BASELINE_TENANTCTL` as the tenant, its own engine, interleaved with the packaged client (first in odd rounds)",
             "the shim, as above",
         ),
         (

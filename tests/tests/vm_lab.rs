@@ -3950,6 +3950,25 @@ fn engines_at_run_time(vm: &mut Vm) {
         "the watchdog expired on a pinged engine"
     );
     assert!(!vm.engine_logs("rt-hb").contains("socat failed"));
+    // An agent restart after its READY=1, which it sends once: re-adopted
+    // (the same pid) and ready from the run directory's mark, not left
+    // `running` until `ready_timeout` kills it (docs/engines.md,
+    // "Heartbeat"). Its pings go on to the new socket (the watchdog below
+    // is the new agent's).
+    let pid = st["pid"].clone();
+    vm.sh("systemctl restart leasehold-agentd");
+    let st = vm.engine_until("rt-hb", &["ready"]);
+    assert!(
+        st["pid"] == pid && st["restarts"] == 0,
+        "re-adopted after READY=1: {st}"
+    );
+    assert!(
+        !vm.engine_events()
+            .iter()
+            .any(|e| e["engine"] == "rt-hb" && e["kind"] == "ready-timeout"),
+        "{:?}",
+        vm.engine_events()
+    );
     let seq1 = vm.last_event_seq();
     let touched: i64 = vm
         .sh(&format!(
@@ -3980,7 +3999,7 @@ fn engines_at_run_time(vm: &mut Vm) {
     let st = vm.engine_status("rt-hb");
     assert!(st["restarts"].as_u64() >= Some(1), "{st}");
     vm.engine_gone("rt-hb");
-    vm.step("engine-runtime: heartbeat keeps an engine ready, its silence restarts it");
+    vm.step("engine-runtime: heartbeat keeps an engine ready (also re-adopted by a restarted agent), its silence restarts it");
 
     // Probes: busybox httpd on the node's loopback (engines share its
     // network namespace); exec checks a file in its data dir, and that the

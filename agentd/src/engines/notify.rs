@@ -315,11 +315,16 @@ mod tests {
         let g3 = ReadyGate::recorded(dir.path());
         assert!(g3.readopted_ready(dir.path()), "marked");
         assert!(!g3.pass(), "counted as passed");
-        // Held (an exit read on adoption): not ready whatever the mark.
+        // Held (an exit read on adoption): not ready, the mark gone with
+        // it; and held with a mark there still (the gate decides).
         let g4 = ReadyGate::recorded(dir.path());
         std::fs::File::create(&mark).unwrap();
         g4.hold();
+        assert!(!mark.exists());
         assert!(!g4.readopted_ready(dir.path()));
+        std::fs::File::create(&mark).unwrap();
+        assert!(!g4.readopted_ready(dir.path()), "held");
+        std::fs::remove_file(&mark).unwrap();
         // An instance an older agent started: taken as ready.
         std::fs::remove_file(dir.path().join(READY_RECORDED)).unwrap();
         assert!(ReadyGate::recorded(dir.path()).readopted_ready(dir.path()));

@@ -2184,9 +2184,10 @@ fn a_readopted_instance_is_ready_only_if_its_engine_said_so() {
     assert!(run_dir.join(notify::READY_RECORDED).exists());
     assert!(!run_dir.join(notify::READY_MARK).exists());
     drop(rt);
-    // Adopted before its READY=1: the new socket hears it.
+    // Adopted before its READY=1: running, and the new socket hears it.
     let rt = f.runtime();
-    until(&rt, "web", |s| s.pid.is_some());
+    let s = until(&rt, "web", |s| s.pid.is_some());
+    assert_eq!(s.phase, Phase::Running, "not ready before READY=1");
     let sock = run_dir.join("notify").join(launch::NOTIFY_NAME);
     let c = std::os::unix::net::UnixDatagram::unbound().unwrap();
     c.send_to(b"READY=1", &sock).unwrap();
