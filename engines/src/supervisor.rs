@@ -1210,8 +1210,9 @@ impl Supervisor {
     fn respawning(&mut self, now: Instant, id: InstanceId, exit: Exit, out: &mut Vec<Action>) {
         let Some(slot) = self.slot(id) else { return };
         let Some(i) = self.get(slot) else { return };
-        // Launched is stepped before any report of the instance is read;
-        // one exit per engine.
+        // Launched is stepped before any report of the instance (a
+        // re-adopted one's are read before it, stepped after); one exit
+        // per engine.
         if i.pid.is_none() || i.exit_reported {
             return;
         }

@@ -178,8 +178,8 @@ impl ReadyGate {
     /// when [`READY_MARK`] is there, or when the instance predates the
     /// record ([`READY_RECORDED`] absent: taken as ready, as agents did
     /// before it); then the gate counts it as passed. No when the engine
-    /// exited meanwhile (held) or its `READY=1` already came to this
-    /// agent (passed on by the reader).
+    /// exited meanwhile (held). Called before the instance's reader
+    /// starts, so the gate is this thread's alone.
     pub fn readopted_ready(&self, run_dir: &Path) -> bool {
         let was = !run_dir.join(READY_RECORDED).exists()
             || self.mark.as_ref().is_some_and(|m| m.exists());
