@@ -426,6 +426,15 @@ fn until(rt: &EngineRuntime, name: &str, f: impl Fn(&EngineStatus) -> bool) -> E
     }
 }
 
+/// The kinds of the runtime's first 100 events, oldest first.
+fn event_kinds(rt: &EngineRuntime) -> Vec<String> {
+    rt.view()
+        .events(0, 100)
+        .into_iter()
+        .map(|e| e.kind)
+        .collect()
+}
+
 // ---------------------------------------------------------------- tests
 
 #[test]
@@ -887,12 +896,7 @@ fn an_exit_while_no_agent_watched_goes_through_the_restart_policy() {
         };
         assert_eq!(s.last_exit, Some(Exit::Code(code)), "{policy} {code}");
         assert_eq!(spawned(&f), 1 + usize::from(restarted), "{policy} {code}");
-        let kinds: Vec<String> = rt
-            .view()
-            .events(0, 100)
-            .into_iter()
-            .map(|e| e.kind)
-            .collect();
+        let kinds = event_kinds(&rt);
         assert_eq!(
             kinds.first().map(String::as_str),
             Some("exited"),
@@ -1677,12 +1681,7 @@ fn real_respawn_while_no_agent_runs_is_read_on_adoption() {
     let st = until(&rt, "bb", |s| s.restarts == 1 && s.phase == Phase::Ready);
     assert_eq!(st.pid, Some(shim_pid), "re-adopted, restarted in place");
     assert_eq!(st.last_exit, Some(Exit::Code(3)));
-    let kinds: Vec<String> = rt
-        .view()
-        .events(0, 100)
-        .into_iter()
-        .map(|e| e.kind)
-        .collect();
+    let kinds = event_kinds(&rt);
     assert!(
         kinds.ends_with(&[
             "exited".to_string(),
@@ -2076,12 +2075,7 @@ fn probes_run_show_in_status_and_failing_ones_restart_the_engine() {
     assert!(f.sp.spawned.lock().unwrap().len() >= 2);
     let first = f.sp.spawned.lock().unwrap()[0].2.clone();
     assert!(first.signals.lock().unwrap().contains(&Signal::SIGTERM));
-    let kinds: Vec<String> = rt
-        .view()
-        .events(0, 100)
-        .into_iter()
-        .map(|e| e.kind)
-        .collect();
+    let kinds = event_kinds(&rt);
     assert!(kinds.iter().any(|k| k == "probe-failed"), "{kinds:?}");
     // The tcp probe fails once nothing listens.
     drop(listener);
@@ -2146,12 +2140,7 @@ fn heartbeat_comes_from_the_instances_socket_and_the_watchdog_acts() {
     );
     // Silence: the watchdog expires and the engine is restarted.
     until(&rt, "web", |s| s.restarts >= 1);
-    let kinds: Vec<String> = rt
-        .view()
-        .events(0, 100)
-        .into_iter()
-        .map(|e| e.kind)
-        .collect();
+    let kinds = event_kinds(&rt);
     assert!(kinds.iter().any(|k| k == "watchdog-expired"), "{kinds:?}");
     // The first instance's socket went with it; the new one has its own.
     let second = f.sp.spawned.lock().unwrap()[1]
@@ -2207,12 +2196,7 @@ fn a_readopted_instance_is_ready_only_if_its_engine_said_so() {
     std::fs::remove_file(run_dir.join(notify::READY_MARK)).unwrap();
     let rt = f.runtime();
     until(&rt, "web", |s| s.restarts >= 1);
-    let kinds: Vec<String> = rt
-        .view()
-        .events(0, 100)
-        .into_iter()
-        .map(|e| e.kind)
-        .collect();
+    let kinds = event_kinds(&rt);
     assert!(kinds.iter().any(|k| k == "ready-timeout"), "{kinds:?}");
     assert!(!kinds.iter().any(|k| k == "ready"), "{kinds:?}");
     let mut rt = rt;
