@@ -15,7 +15,14 @@ use leasehold_tpm::{
 use tokio::sync::oneshot;
 use zeroize::Zeroizing;
 
-type Job = Box<dyn FnOnce(&mut KeyHierarchy) + Send>;
+/// A job and what it is (its closure's type name: the function that sent
+/// it), for the log line of a slow one.
+type Job = (&'static str, Box<dyn FnOnce(&mut KeyHierarchy) + Send>);
+
+/// A key job taking longer is logged as a warning: TPM commands take
+/// milliseconds (seconds for a key generation on a slow TPM), so this is a
+/// TPM, or swtpm's socket, that has stopped answering.
+const SLOW_JOB: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Handle to the key-owner thread.
 #[derive(Debug)]
@@ -50,8 +57,13 @@ impl Keys {
                     }
                 };
                 // Runs until every sender is dropped.
-                for job in rx {
+                for (what, job) in rx {
+                    let started = std::time::Instant::now();
                     job(&mut keys);
+                    let took = started.elapsed();
+                    if took > SLOW_JOB {
+                        tracing::warn!("key thread: a job took {took:?} ({what})");
+                    }
                 }
                 let _ = done_tx.send(keys.shutdown());
             })
@@ -90,9 +102,12 @@ impl Keys {
         f: impl FnOnce(&mut KeyHierarchy) -> R + Send + 'static,
     ) -> Result<R, KeysGone> {
         let (rtx, rrx) = oneshot::channel();
-        self.send(Box::new(move |k| {
-            let _ = rtx.send(f(k));
-        }))?;
+        self.send((
+            std::any::type_name_of_val(&f),
+            Box::new(move |k| {
+                let _ = rtx.send(f(k));
+            }),
+        ))?;
         rrx.await.map_err(|_| KeysGone)
     }
 
@@ -103,9 +118,12 @@ impl Keys {
         f: impl FnOnce(&mut KeyHierarchy) -> R + Send + 'static,
     ) -> Result<R, KeysGone> {
         let (rtx, rrx) = mpsc::sync_channel(1);
-        self.send(Box::new(move |k| {
-            let _ = rtx.send(f(k));
-        }))?;
+        self.send((
+            std::any::type_name_of_val(&f),
+            Box::new(move |k| {
+                let _ = rtx.send(f(k));
+            }),
+        ))?;
         rrx.recv().map_err(|_| KeysGone)
     }
 

@@ -5,6 +5,7 @@
 
 #![allow(missing_docs)]
 
+use std::fmt::Write as _;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -444,6 +445,61 @@ fn watchdog(agent_log: PathBuf) -> std::sync::mpsc::Sender<()> {
     tx
 }
 
+/// One line per thread of `pid`: its name, state and what it waits on in
+/// the kernel (from /proc: nothing here can block).
+fn threads(what: &str, pid: u32) -> String {
+    let mut r = format!("{what} (pid {pid}) threads: name state wchan\n");
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        let _ = writeln!(r, "  (gone)");
+        return r;
+    };
+    for t in tasks.flatten() {
+        let d = t.path();
+        let read = |f: &str| fs::read_to_string(d.join(f)).unwrap_or_default();
+        let name = read("comm");
+        // stat: "tid (comm) S ...": the state is the first field after the
+        // name's closing parenthesis (a name may hold spaces).
+        let stat = read("stat");
+        let state = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .unwrap_or("?")
+            .to_owned();
+        let _ = writeln!(
+            r,
+            "  {} {} {} {}",
+            t.file_name().to_string_lossy(),
+            name.trim(),
+            state,
+            read("wchan")
+        );
+    }
+    r
+}
+
+/// Every thread's stack of `pid`, by gdb in batch mode (bounded: gdb
+/// attaching to a process stuck in the kernel can wait too).
+fn stacks(pid: u32) -> String {
+    let out = Command::new("timeout")
+        .args(["-s", "KILL", "60", "gdb", "-nx", "-batch", "-p"])
+        .arg(pid.to_string())
+        .args(["-ex", "thread apply all bt"])
+        .stdin(Stdio::null())
+        .output();
+    match out {
+        Ok(o) if o.status.success() => format!(
+            "agentd's stacks (gdb):\n{}",
+            String::from_utf8_lossy(&o.stdout)
+        ),
+        Ok(o) => format!(
+            "agentd's stacks: gdb failed ({}): {}\n",
+            o.status,
+            String::from_utf8_lossy(&o.stderr).trim()
+        ),
+        Err(e) => format!("agentd's stacks: cannot run gdb: {e}\n"),
+    }
+}
+
 /// The end of a log, for a failure message.
 fn tail(log: &str) -> &str {
     let mut start = log.len().saturating_sub(8000);
@@ -456,14 +512,16 @@ fn tail(log: &str) -> &str {
 /// [`output_bounded`] as a [`Run`]: for tests that make their own command
 /// (over SSH, say).
 pub fn run_bounded(cmd: &mut Command) -> Run {
-    Run::from(output_bounded(cmd))
+    Run::from(output_bounded(cmd, None))
 }
 
 /// `cmd.output()`, bounded by `RUN_BOUND`: a command still running then is
 /// killed with its whole process group (an `ssh` it started, say) and the
-/// test fails naming it; output a descendant still holds open 10 s after
-/// the command ended fails the test too, instead of waiting for it.
-fn output_bounded(cmd: &mut Command) -> Output {
+/// test fails naming it, with `on_hang`'s report (made before the kill,
+/// while the hang is still there); output a descendant still holds open
+/// 10 s after the command ended fails the test too, instead of waiting for
+/// it.
+fn output_bounded(cmd: &mut Command, on_hang: Option<&dyn Fn() -> String>) -> Output {
     use std::io::Read;
     use std::os::unix::process::CommandExt;
     use wait_timeout::ChildExt;
@@ -493,6 +551,7 @@ fn output_bounded(cmd: &mut Command) -> Output {
     let status = match child.wait_timeout(RUN_BOUND).unwrap() {
         Some(st) => st,
         None => {
+            let report = on_hang.map(|f| f()).unwrap_or_default();
             if let Ok(pgid) = i32::try_from(child.id()) {
                 let _ = nix::sys::signal::killpg(
                     nix::unistd::Pid::from_raw(pgid),
@@ -504,7 +563,7 @@ fn output_bounded(cmd: &mut Command) -> Output {
                 .recv_timeout(Duration::from_secs(10))
                 .unwrap_or_default();
             panic!(
-                "{cmd:?} did not finish within {RUN_BOUND:?} (killed with its process group); its stderr: {}",
+                "{cmd:?} did not finish within {RUN_BOUND:?} (killed with its process group); its stderr: {}\n{report}",
                 String::from_utf8_lossy(&err)
             );
         }
@@ -1058,8 +1117,44 @@ impl Lab {
     }
 
     /// Runs a workspace binary (landlordctl, tenantctl, lh-dbus-probe) as `who`.
+    /// One that hangs fails the test with [`Lab::hang_report`].
     pub fn run(&self, who: Who, program: &str, args: &[&str]) -> Run {
-        Run::from(output_bounded(self.command(who, &bin(program)).args(args)))
+        Run::from(output_bounded(
+            self.command(who, &bin(program)).args(args),
+            Some(&|| self.hang_report()),
+        ))
+    }
+
+    /// Where the lab's processes are, for a call that did not come back: each
+    /// thread's state and kernel wait channel (agentd, swtpm, the bus,
+    /// polkitd), agentd's thread stacks (gdb, when installed), and the end
+    /// of agentd's log. Made while the hang is still there; every step is
+    /// bounded, none can hang the report.
+    pub fn hang_report(&self) -> String {
+        let mut r = String::from("--- the lab at the hang ---\n");
+        let agent = self.agent_pid();
+        let swtpm = fs::read_to_string(self.agent_dir.join("tpm").join("swtpm.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok());
+        let procs = [
+            ("agentd", agent),
+            ("swtpm", swtpm),
+            ("bus", Some(self.bus.id())),
+            ("polkitd", self.polkit.as_ref().map(Child::id)),
+        ];
+        for (what, pid) in procs {
+            match pid {
+                Some(pid) => r.push_str(&threads(what, pid)),
+                None => {
+                    let _ = writeln!(r, "{what}: not running");
+                }
+            }
+        }
+        if let Some(pid) = agent {
+            r.push_str(&stacks(pid));
+        }
+        let _ = write!(r, "agentd's log ends:\n{}", tail(&self.agent_log()));
+        r
     }
 
     /// Starts sshd on a free loopback port with a generated host key; the

@@ -216,6 +216,9 @@ fn scrape(socket: &Path) -> String {
 /// A frozen agent (SIGSTOP: the bus takes the calls, nothing answers):
 /// every CLI call ends at `--timeout` with exit 1, saying so — a query and
 /// a long call alike — and the same calls answer once it runs again.
+/// Meanwhile the harness's hang report (what a CLI call that outlives the
+/// harness's bound fails with) shows the agent's stopped threads and their
+/// stacks.
 #[test]
 #[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn cli_calls_to_a_frozen_agent_end_at_the_timeout() {
@@ -251,6 +254,27 @@ fn cli_calls_to_a_frozen_agent_end_at_the_timeout() {
         assert_eq!(r.code, 1, "{cli} {args:?}: {r:?}");
         assert!(r.stderr.contains(says), "{cli} {args:?}: {r:?}");
     }
+    // What the harness reports when a CLI call outlives its bound: the
+    // agent's threads, stopped here, and their stacks, read from the live
+    // process.
+    let pid = lab.agent_pid().unwrap();
+    let report = lab.hang_report();
+    assert!(
+        report.contains(&format!("agentd (pid {pid}) threads")),
+        "{report}"
+    );
+    assert!(
+        report
+            .lines()
+            .any(|l| l.trim_start().split(' ').nth(1) == Some("keys")
+                && l.split(' ').any(|f| f == "T")),
+        "the key thread, stopped: {report}"
+    );
+    assert!(report.contains("swtpm (pid"), "{report}");
+    assert!(
+        report.contains("agentd's stacks (gdb)") && report.contains("agentd::keys::"),
+        "{report}"
+    );
     drop(frozen);
     lab.run(Who::Tenant, "tenantctl", &["--timeout", "30s", "info"])
         .ok();
