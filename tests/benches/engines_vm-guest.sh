@@ -7,7 +7,9 @@
 #      systemd-run (service), crun run; "sample LAUNCHER T0 FIRST" lines
 #   2. exit -> first restart, R samples (restart.policy always, initial 1ms;
 #      a manual start between samples forgets the backoff); "restart EXIT
-#      FIRST" lines; then the same with a bare parent ("floor EXIT FIRST")
+#      FIRST" lines; then the same with a bare parent ("floor EXIT FIRST"),
+#      and that parent in namespaces, the engine's cgroup and the engine's
+#      whole confinement ("floor-ns", "floor-cgroup", "floor-confined")
 #   3. agent RSS and CPU over IDLE_SECS with 0, then E idle engines;
 #      "idle ENGINES RSS_KB HWM_KB TICKS SECS CLK_TCK SHIMS_KB ENGINES_KB
 #      MEM_AVAIL_KB" lines
@@ -249,11 +251,40 @@ t engine logs r | sed -n 's/.* out \(first\|exit\) \([0-9]*\)$/\1 \2/p' | sort -
 echo "restart-lines $(wc -l < "$W/r")"
 awk '$1 == "exit" {e = $2; next} $1 == "first" && e != "" {print "restart " e " " $2; e = ""}' "$W/r"
 echo events; t --json engine events; echo end
-t --yes engine rm r >/dev/null
 # 2b. The floor of a restart on this node: a bare parent waits for the
 # marker's exit and spawns it again (no confinement, no delay, no agent).
 "$L" floor "$R" > "$W/floor" 2>> "$W/floor.err" || echo "fail floor: $(tail -n1 "$W/floor.err")"
-awk '$1 == "exit" {e = $2; next} $1 == "first" && e != "" {print "floor " e " " $2; e = ""}' "$W/floor"
+pairs() { # row file
+    awk -v row="$1" '$1 == "exit" {e = $2; next} $1 == "first" && e != "" {print row " " e " " $2; e = ""}' "$2"
+}
+pairs floor "$W/floor"
+# 2c. Where the in-place restart's gap to the floor goes: the same bare
+# parent in new pid and mount namespaces (unshare, as root); as root in the
+# running engine's cgroup; and inside the running engine's whole
+# confinement (the shim's probe path: its namespaces and cgroup, Landlock,
+# its uid, no_new_privs, seccomp; the lines through its data dir, as
+# stdout is null there). Engine r runs again for this (A, then B stays).
+t engine start r
+n=0
+until [ "$(t engine logs r | grep -c ' out first ')" -ge $((2 * (R + 2))) ]; do
+    n=$((n + 1)); [ "$n" -lt 600 ] || { echo "fail floor-confined: r not restarted"; break; }
+    sleep 0.2
+done
+rd=$(ls -d /run/leasehold/engines/r/*/ | head -n1)
+cg=$(sed -n 's/.*"cgroup":"\([^"]*\)".*/\1/p' "$rd/spec.json")
+data=$(sed -n 's/.*"host":"\([^"]*\)".*/\1/p' "$rd/spec.json")
+unshare --fork --pid --mount --mount-proc "$L" floor "$R" > "$W/floorns" 2>> "$W/floorns.err" \
+    || echo "fail floor-ns: $(tail -n1 "$W/floorns.err")"
+pairs floor-ns "$W/floorns"
+sh -c 'echo $$ > "$1/cgroup.procs" && exec "$2" floor "$3"' sh "$cg" "$L" "$R" > "$W/floorcg" 2>> "$W/floorcg.err" \
+    || echo "fail floor-cgroup: $(tail -n1 "$W/floorcg.err")"
+pairs floor-cgroup "$W/floorcg"
+rm -f "$data/floor.out"
+/usr/lib/leasehold/leasehold-engine-shim --probe "$rd" 600000 /lhmark floor "$R" /data/floor.out \
+    2>> "$W/floorconf.err" || echo "fail floor-confined: exit $? $(tail -n1 "$W/floorconf.err")"
+pairs floor-confined "$data/floor.out"
+t engine stop r
+t --yes engine rm r >/dev/null
 
 # 3b. E idle engines: the image uploaded once into the inbox, each engine
 # deployed from it (unpacked into its own root).

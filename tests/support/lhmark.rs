@@ -16,10 +16,12 @@
 //! lhmark exit             print `first NS`, then `exit NS`, exit 1
 //! lhmark count FILE       append one byte to FILE, exit 0 (probe_cost's
 //!                         exec probe: FILE's size is the runs)
-//! lhmark floor N          N + 1 times: run `lhmark exit`, wait for it,
+//! lhmark floor N [FILE]   N + 1 times: run `lhmark exit`, wait for it,
 //!                         run `lhmark engine`, wait for it — the restart
 //!                         of a bare supervisor (no confinement, no delay),
-//!                         the floor an in-place restart is measured against
+//!                         the floor an in-place restart is measured against;
+//!                         their lines appended to FILE if given (inside an
+//!                         engine, through the shim's probe, stdout is null)
 
 use std::io::Write;
 use std::os::unix::process::CommandExt;
@@ -58,9 +60,29 @@ fn main() {
         drop(out);
         let n: u32 = args.get(1).and_then(|n| n.parse().ok()).unwrap_or(20);
         let me = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
+        let file = match args.get(2) {
+            Some(f) => match std::fs::OpenOptions::new().append(true).create(true).open(f) {
+                Ok(file) => Some(file),
+                Err(e) => {
+                    eprintln!("lhmark floor {f}: {e}");
+                    std::process::exit(2);
+                }
+            },
+            None => None,
+        };
         for _ in 0..=n {
             for m in ["exit", "engine"] {
-                if let Err(e) = std::process::Command::new(&me).arg(m).status() {
+                let mut cmd = std::process::Command::new(&me);
+                if let Some(f) = &file {
+                    match f.try_clone() {
+                        Ok(f) => cmd.stdout(f),
+                        Err(e) => {
+                            eprintln!("lhmark floor: {e}");
+                            std::process::exit(2);
+                        }
+                    };
+                }
+                if let Err(e) = cmd.arg(m).status() {
                     eprintln!("lhmark floor: {e}");
                     std::process::exit(2);
                 }
