@@ -1579,9 +1579,10 @@ impl ShimSignals {
 /// Entry point of the shim binary: `shim [--launcher-joins [--secrets-after-join]] RUN_DIR`. Returns the process
 /// exit code: the engine's (128 + signal if killed), or [`CONFINE_FAILED`].
 pub fn shim_main(args: &[OsString]) -> i32 {
-    // First of all, in every mode: no core dump of the shim (it holds the
-    // engine's secrets for a moment) or of anything it starts.
-    if let Err(e) = no_core_dumps() {
+    // First of all, in every mode: nothing of the agent's held (below), and
+    // no core dump of the shim (it holds the engine's secrets for a moment)
+    // or of anything it starts.
+    if let Err(e) = close_inherited().and_then(|()| no_core_dumps()) {
         eprintln!("leasehold-engine-shim: {e}");
         return CONFINE_FAILED;
     }
@@ -1612,6 +1613,33 @@ pub fn shim_main(args: &[OsString]) -> i32 {
         }
     };
     serve(Path::new(run_dir), join, Prepared::now())
+}
+
+/// Closes every descriptor above stderr the shim was started with. Called
+/// first, when none of the shim's own is open: each one above 2 is the
+/// agent's. Close-on-exec (below) keeps them from the engine, but the shim
+/// itself lives as long as its engine, a warm one until its start. The
+/// agent's TSS library opens its connection to swtpm once per TPM command,
+/// without close-on-exec, and swtpm serves one connection at a time: a
+/// shim spawned while a command was in flight, holding its copy, would
+/// leave every later TPM command of the agent waiting forever (the likely
+/// cause of a `landlordctl assign` that hung in CI right after the start).
+fn close_inherited() -> Result<(), LaunchError> {
+    let dir = Path::new("/proc/self/fd");
+    let fds: Vec<i32> = fs::read_dir(dir)
+        .map_err(|e| io_err("read", dir, e))?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        match nix::unistd::close(fd) {
+            // The directory listing's own descriptor, closed since; on
+            // Linux a close interrupted has closed all the same.
+            Ok(()) | Err(nix::Error::EBADF | nix::Error::EINTR) => {}
+            Err(e) => return Err(sys(format!("close({fd})"))(e)),
+        }
+    }
+    Ok(())
 }
 
 /// RLIMIT_CORE 0, soft and hard, inherited by the engine (which, without
@@ -2117,8 +2145,9 @@ fn probe_main(args: &[OsString]) -> Result<i32, LaunchError> {
         .unwrap_or(CONFINE_FAILED))
 }
 
-/// Marks every descriptor above stdio close-on-exec: whatever the agent
-/// (or whoever started it) leaked to the shim must not reach the engine.
+/// Marks every descriptor above stdio close-on-exec: none may reach the
+/// engine. The agent's are closed already ([`close_inherited`]); this is
+/// the second line, for any the shim opened since without the flag.
 fn close_inherited_fds() -> Result<(), LaunchError> {
     use nix::fcntl::{fcntl, FcntlArg, FdFlag};
     let dir = Path::new("/proc/self/fd");

@@ -94,6 +94,10 @@ fn main() {
         ("real_secrets_follow_the_word", real_secrets_follow_the_word),
         ("real_warm_shim", real_warm_shim),
         (
+            "real_shim_keeps_no_descriptor_of_the_agents",
+            real_shim_keeps_no_descriptor_of_the_agents,
+        ),
+        (
             "real_warm_shim_and_the_agents_mounts",
             real_warm_shim_and_the_agents_mounts,
         ),
@@ -1488,6 +1492,47 @@ fn real_warm_shim() -> Outcome {
     // moment longer): ended and reaped.
     assert!(
         until(|| !Path::new(&format!("/proc/{last}")).exists()),
+        "the warm shim outlived its launcher"
+    );
+    Outcome::Passed
+}
+
+/// A shim keeps no descriptor of the agent's, even while it lives on
+/// (here a warm one, waiting): one inherited without close-on-exec, as
+/// the TSS library's per-command socket to swtpm is, is closed as the
+/// shim starts — its peer reads the end while the shim still waits. Kept,
+/// swtpm (one connection at a time) would never answer the agent again.
+fn real_shim_keeps_no_descriptor_of_the_agents() -> Outcome {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    use std::os::fd::AsRawFd;
+    let (ours, theirs) = socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::empty(),
+    )
+    .unwrap();
+    // Only `theirs` is inherited.
+    fcntl(ours.as_raw_fd(), FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)).unwrap();
+    let l = Launcher::new(SHIM).with_warm_shim();
+    l.warm_up().unwrap();
+    let warm = l.warm_pid().expect("a warm shim after warm_up");
+    drop(theirs);
+    let mut peer = std::os::unix::net::UnixStream::from(ours);
+    peer.set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut byte = [0u8; 1];
+    let got = peer.read(&mut byte);
+    assert!(
+        matches!(got, Ok(0)),
+        "the warm shim holds the agent's descriptor: {got:?}"
+    );
+    assert_eq!(l.warm_pid(), Some(warm), "still waiting");
+    assert!(Path::new(&format!("/proc/{warm}")).exists());
+    drop(l);
+    assert!(
+        until(|| !Path::new(&format!("/proc/{warm}")).exists()),
         "the warm shim outlived its launcher"
     );
     Outcome::Passed
