@@ -1623,7 +1623,7 @@ pub fn shim_main(args: &[OsString]) -> i32 {
 /// without close-on-exec, and swtpm serves one connection at a time: a
 /// shim spawned while a command was in flight, holding its copy, would
 /// leave every later TPM command of the agent waiting forever (the likely
-/// cause of a `landlordctl assign` that hung in CI right after the start).
+/// cause of a `landlordctl assign` that hung in CI right after the start)
 fn close_inherited() -> Result<(), LaunchError> {
     let dir = Path::new("/proc/self/fd");
     let fds: Vec<i32> = fs::read_dir(dir)

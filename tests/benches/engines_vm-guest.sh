@@ -270,19 +270,25 @@ until [ "$(t engine logs r | grep -c ' out first ')" -ge $((2 * (R + 2))) ]; do
     n=$((n + 1)); [ "$n" -lt 600 ] || { echo "fail floor-confined: r not restarted"; break; }
     sleep 0.2
 done
-rd=$(ls -d /run/leasehold/engines/r/*/ | head -n1)
-cg=$(sed -n 's/.*"cgroup":"\([^"]*\)".*/\1/p' "$rd/spec.json")
-data=$(sed -n 's/.*"host":"\([^"]*\)".*/\1/p' "$rd/spec.json")
+# Each step's failure is a "fail" line; the run goes on (set -e would end it).
+rd=$(ls -d /run/leasehold/engines/r/*/ 2>/dev/null | head -n1 || true)
+# spec.json is one line of JSON; restart.toml has one data dir.
+cg=$(sed -n 's/.*"cgroup":"\([^"]*\)".*/\1/p' "$rd/spec.json" 2>/dev/null || true)
+data=$(sed -n 's/.*"data_dirs":\[{"host":"\([^"]*\)".*/\1/p' "$rd/spec.json" 2>/dev/null || true)
 unshare --fork --pid --mount --mount-proc "$L" floor "$R" > "$W/floorns" 2>> "$W/floorns.err" \
     || echo "fail floor-ns: $(tail -n1 "$W/floorns.err")"
 pairs floor-ns "$W/floorns"
-sh -c 'echo $$ > "$1/cgroup.procs" && exec "$2" floor "$3"' sh "$cg" "$L" "$R" > "$W/floorcg" 2>> "$W/floorcg.err" \
-    || echo "fail floor-cgroup: $(tail -n1 "$W/floorcg.err")"
-pairs floor-cgroup "$W/floorcg"
-rm -f "$data/floor.out"
-/usr/lib/leasehold/leasehold-engine-shim --probe "$rd" 600000 /lhmark floor "$R" /data/floor.out \
-    2>> "$W/floorconf.err" || echo "fail floor-confined: exit $? $(tail -n1 "$W/floorconf.err")"
-pairs floor-confined "$data/floor.out"
+if [ -n "$cg" ] && [ -n "$data" ]; then
+    sh -c 'echo $$ > "$1/cgroup.procs" && exec "$2" floor "$3"' sh "$cg" "$L" "$R" > "$W/floorcg" 2>> "$W/floorcg.err" \
+        || echo "fail floor-cgroup: $(tail -n1 "$W/floorcg.err")"
+    pairs floor-cgroup "$W/floorcg"
+    rm -f "$data/floor.out"
+    /usr/lib/leasehold/leasehold-engine-shim --probe "$rd" 600000 /lhmark floor "$R" /data/floor.out \
+        2>> "$W/floorconf.err" || echo "fail floor-confined: exit $? $(tail -n1 "$W/floorconf.err")"
+    if [ -f "$data/floor.out" ]; then pairs floor-confined "$data/floor.out"; fi
+else
+    echo "fail floor-cgroup, floor-confined: no run directory, cgroup or data dir of r ($rd)"
+fi
 t engine stop r
 t --yes engine rm r >/dev/null
 

@@ -477,6 +477,22 @@ fn threads(what: &str, pid: u32) -> String {
     r
 }
 
+/// The child processes of `pid` (of each of its threads).
+fn children(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect()
+}
+
 /// Every thread's stack of `pid`, by gdb in batch mode (bounded: gdb
 /// attaching to a process stuck in the kernel can wait too).
 fn stacks(pid: u32) -> String {
@@ -1126,8 +1142,8 @@ impl Lab {
     }
 
     /// Where the lab's processes are, for a call that did not come back: each
-    /// thread's state and kernel wait channel (agentd, swtpm, the bus,
-    /// polkitd), agentd's thread stacks (gdb, when installed), and the end
+    /// thread's state and kernel wait channel (agentd, swtpm, polkitd, the
+    /// bus and the processes it started), agentd's thread stacks (gdb, when installed), and the end
     /// of agentd's log. Made while the hang is still there; every step is
     /// bounded, none can hang the report.
     pub fn hang_report(&self) -> String {
@@ -1139,7 +1155,6 @@ impl Lab {
         let procs = [
             ("agentd", agent),
             ("swtpm", swtpm),
-            ("bus", Some(self.bus.id())),
             ("polkitd", self.polkit.as_ref().map(Child::id)),
         ];
         for (what, pid) in procs {
@@ -1149,6 +1164,18 @@ impl Lab {
                     let _ = writeln!(r, "{what}: not running");
                 }
             }
+        }
+        // The bus and what it started (dbus-broker runs under a script:
+        // the launcher, the broker and its journal sink are its children).
+        let mut bus = vec![self.bus.id()];
+        let mut i = 0;
+        while i < bus.len() && bus.len() < 32 {
+            bus.extend(children(bus[i]));
+            i += 1;
+        }
+        for pid in bus {
+            let comm = fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+            r.push_str(&threads(&format!("bus: {}", comm.trim()), pid));
         }
         if let Some(pid) = agent {
             r.push_str(&stacks(pid));

@@ -32,7 +32,9 @@ read -r line <&"${journal_sink[0]}"
 [[ $line == Listening* ]] || { echo "journal sink: $line" >&2; kill $journal; exit 1; }
 # Drained from now on: a pipe nobody reads fills, and a sink blocked on its
 # stderr stops taking the broker's log datagrams, which can stall the bus.
-cat <&"${journal_sink[0]}" >&2 &
+# Through a copy: bash closes a coproc's descriptors in background children.
+exec {sink_out}<&"${journal_sink[0]}"
+cat <&"$sink_out" >&2 &
 ln -s "$sock" /run/dbus/system_bus_socket
 # The broker starts at the first connection, with the listening socket.
 # systemd-socket-activate makes the socket 0644; callers need write access

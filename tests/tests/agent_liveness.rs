@@ -271,6 +271,7 @@ fn cli_calls_to_a_frozen_agent_end_at_the_timeout() {
         "the key thread, stopped: {report}"
     );
     assert!(report.contains("swtpm (pid"), "{report}");
+    assert!(report.contains("bus: dbus-daemon (pid"), "{report}");
     assert!(
         report.contains("agentd's stacks (gdb)") && report.contains("agentd::keys::"),
         "{report}"
