@@ -1528,8 +1528,15 @@ fn real_shim_keeps_no_descriptor_of_the_agents() -> Outcome {
         matches!(got, Ok(0)),
         "the warm shim holds the agent's descriptor: {got:?}"
     );
+    // Alive, not a zombie (a shim that died closes it too); it may still
+    // be staging (running) or already waiting.
     assert_eq!(l.warm_pid(), Some(warm), "still waiting");
-    assert!(Path::new(&format!("/proc/{warm}")).exists());
+    let stat = fs::read_to_string(format!("/proc/{warm}/stat")).unwrap();
+    let state = stat[stat.rfind(')').unwrap() + 2..].chars().next();
+    assert!(
+        matches!(state, Some('R' | 'S' | 'D')),
+        "the warm shim is not alive: {stat}"
+    );
     drop(l);
     assert!(
         until(|| !Path::new(&format!("/proc/{warm}")).exists()),

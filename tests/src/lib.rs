@@ -494,10 +494,12 @@ fn children(pid: u32) -> Vec<u32> {
 }
 
 /// Every thread's stack of `pid`, by gdb in batch mode (bounded: gdb
-/// attaching to a process stuck in the kernel can wait too).
+/// attaching to a process stuck in the kernel can wait too). SIGTERM
+/// first, so that gdb detaches: one killed while attached can leave the
+/// process stopped.
 fn stacks(pid: u32) -> String {
     let out = Command::new("timeout")
-        .args(["-s", "KILL", "60", "gdb", "-nx", "-batch", "-p"])
+        .args(["-k", "5", "55", "gdb", "-nx", "-batch", "-p"])
         .arg(pid.to_string())
         .args(["-ex", "thread apply all bt"])
         .stdin(Stdio::null())
