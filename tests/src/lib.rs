@@ -1033,16 +1033,25 @@ impl Lab {
     /// agent that stops by itself stops it): only the process the pid
     /// file names, and only if it is this lab's swtpm.
     fn kill_dev_tpm(&self) {
-        let tpm = self.agent_dir.join("tpm");
-        let Ok(pid) = fs::read_to_string(tpm.join("swtpm.pid")) else {
+        let Some(pid) = self.swtpm_pid() else {
             return;
         };
-        let pid = pid.trim();
+        let tpm = self.agent_dir.join("tpm");
         let cmdline = fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let cmdline = String::from_utf8_lossy(&cmdline);
         if cmdline.starts_with("swtpm") && cmdline.contains(tpm.to_str().unwrap_or("\0")) {
-            let _ = Command::new("kill").args(["-KILL", pid]).status();
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
         }
+    }
+
+    /// The development swtpm's pid, from its pid file (`tpm/swtpm.pid` in
+    /// the agent's `--dev` directory); None without one.
+    pub fn swtpm_pid(&self) -> Option<u32> {
+        fs::read_to_string(self.agent_dir.join("tpm").join("swtpm.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
     }
 
     /// Waits for agentd to exit by itself (after a signal the test sent),
@@ -1151,12 +1160,9 @@ impl Lab {
     pub fn hang_report(&self) -> String {
         let mut r = String::from("--- the lab at the hang ---\n");
         let agent = self.agent_pid();
-        let swtpm = fs::read_to_string(self.agent_dir.join("tpm").join("swtpm.pid"))
-            .ok()
-            .and_then(|p| p.trim().parse::<u32>().ok());
         let procs = [
             ("agentd", agent),
-            ("swtpm", swtpm),
+            ("swtpm", self.swtpm_pid()),
             ("polkitd", self.polkit.as_ref().map(Child::id)),
         ];
         for (what, pid) in procs {

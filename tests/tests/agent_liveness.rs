@@ -39,14 +39,6 @@ impl Drop for Frozen {
     }
 }
 
-fn swtpm_pid(lab: &Lab) -> u32 {
-    std::fs::read_to_string(lab.agent_dir().join("tpm/swtpm.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
-}
-
 /// The next notification, or None when none comes within `within`.
 fn next(sock: &UnixDatagram, within: Duration) -> Option<String> {
     let deadline = std::time::Instant::now() + within;
@@ -115,7 +107,7 @@ fn liveness_ready_watchdog_pings_stop_while_the_key_thread_hangs() {
 
     // A TPM that does not answer: the report's TPM check holds the key
     // thread. The report still answers, within its deadline, `stuck`.
-    let frozen = Frozen::new(swtpm_pid(&lab));
+    let frozen = Frozen::new(lab.swtpm_pid().expect("the dev swtpm runs"));
     let started = Instant::now();
     let r = lab.run(Who::Landlord, "landlordctl", &["health", "--json"]);
     let took = started.elapsed();
