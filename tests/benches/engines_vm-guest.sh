@@ -48,6 +48,17 @@ until_out() { # pattern command...
     done
 }
 
+# Waits (bounded: 600 polls, 120 s) until ENGINE's log holds COUNT
+# "first" lines (its instances' first instructions); else a "fail WHAT"
+# line with the engine's status, and the run goes on.
+await_firsts() { # engine count what
+    n=0
+    until [ "$(t engine logs "$1" | grep -c ' out first ')" -ge "$2" ]; do
+        n=$((n + 1)); [ "$n" -lt 600 ] || { echo "fail $3: $(t engine status "$1" | tr '\n' ' ')"; return 0; }
+        sleep 0.2
+    done
+}
+
 agent_idle() {
     n=0
     while landlordctl --json info | grep -q '"running":"'; do
@@ -126,11 +137,7 @@ idle_sample 0
 agent_round() { # client engine row
     if runuser -u tt -- "$L" spawn "$1" engine start "$2" >> "$W/$3" 2>> "$W/$3.err"; then
         # This round's line in the log, then the exit seen by the agent.
-        n=0
-        until [ "$(t engine logs "$2" | grep -c ' out first ')" -gt "$i" ]; do
-            n=$((n + 1)); [ "$n" -lt 600 ] || { echo "fail $3 round $i: $(t engine status "$2" | tr '\n' ' ')"; break; }
-            sleep 0.2
-        done
+        await_firsts "$2" $((i + 1)) "$3 round $i"
         until_out '"state":"exited"' t --json engine status "$2" || echo "fail $3 round $i: $(t engine status "$2" | tr '\n' ' ')"
     else
         echo "fail $3 round $i: $(tail -n1 "$W/$3.err")"
@@ -236,11 +243,7 @@ t engine deploy r "$B/bb.tar" --spec "$B/restart.toml" >/dev/null
 i=0
 while [ "$i" -le "$R" ]; do
     t engine start r
-    n=0
-    until [ "$(t engine logs r | grep -c ' out first ')" -ge $((2 * (i + 1))) ]; do
-        n=$((n + 1)); [ "$n" -lt 600 ] || { echo "fail restart round $i: $(t engine status r | tr '\n' ' ')"; break; }
-        sleep 0.2
-    done
+    await_firsts r $((2 * (i + 1))) "restart round $i"
     t engine stop r
     until_out '"state":"stopped"' t --json engine status r || echo "fail restart stop $i"
     i=$((i + 1))
@@ -265,11 +268,7 @@ pairs floor "$W/floor"
 # its uid, no_new_privs, seccomp; the lines through its data dir, as
 # stdout is null there). Engine r runs again for this (A, then B stays).
 t engine start r
-n=0
-until [ "$(t engine logs r | grep -c ' out first ')" -ge $((2 * (R + 2))) ]; do
-    n=$((n + 1)); [ "$n" -lt 600 ] || { echo "fail floor-confined: r not restarted"; break; }
-    sleep 0.2
-done
+await_firsts r $((2 * (R + 2))) "floor-confined: r not restarted"
 # Each step's failure is a "fail" line; the run goes on (set -e would end it).
 rd=$(ls -d /run/leasehold/engines/r/*/ 2>/dev/null | head -n1 || true)
 # spec.json is one line of JSON; restart.toml has one data dir.
