@@ -1582,14 +1582,14 @@ pub fn shim_main(args: &[OsString]) -> i32 {
     // First of all, in every mode: nothing of the agent's held (below), and
     // no core dump of the shim (it holds the engine's secrets for a moment)
     // or of anything it starts.
-    close_inherited();
+    let inherited = close_inherited();
     if let Err(e) = no_core_dumps() {
         eprintln!("leasehold-engine-shim: {e}");
         return CONFINE_FAILED;
     }
     default_open_files();
     if args.get(1).is_some_and(|a| a == "--probe") {
-        return match probe_main(&args[2..]) {
+        return match inherited.and_then(|()| probe_main(&args[2..])) {
             Ok(code) => code,
             Err(e) => {
                 eprintln!("leasehold-engine-shim: {e}");
@@ -1598,7 +1598,7 @@ pub fn shim_main(args: &[OsString]) -> i32 {
         };
     }
     if args.len() == 2 && args[1] == WARM {
-        return warm_main();
+        return warm_main(inherited);
     }
     let (join, run_dir) = match args {
         [_, run_dir] => (JoinOrder::Itself, run_dir),
@@ -1613,33 +1613,34 @@ pub fn shim_main(args: &[OsString]) -> i32 {
             return 2;
         }
     };
-    serve(Path::new(run_dir), join, Prepared::now())
+    serve(Path::new(run_dir), join, Prepared::now(inherited))
 }
 
 /// Closes every descriptor above stderr the shim was started with. Called
 /// first, when none of the shim's own is open: each one above 2 is the
-/// agent's. Close-on-exec (below) keeps them from the engine, but the shim
+/// agent's. Close-on-exec would keep them from the engine, but the shim
 /// itself lives as long as its engine, a warm one until its start. The
 /// agent's TSS library opens its connection to swtpm once per TPM command,
 /// without close-on-exec, and swtpm serves one connection at a time: a
 /// shim spawned while a command was in flight, holding its copy, would
 /// leave every later TPM command of the agent waiting forever (the likely
 /// cause of a `landlordctl assign` that hung in CI right after the start).
-/// Best effort: on Linux a close releases the descriptor whatever it
-/// returns (EBADF: the listing's own, closed since), and a /proc that
-/// cannot be listed fails the start closed a step later, with a report
-/// ([`close_inherited_fds`]).
-fn close_inherited() {
-    let Ok(dir) = fs::read_dir("/proc/self/fd") else {
-        return;
-    };
-    let fds: Vec<i32> = dir
+/// One pass: on Linux a close releases the descriptor whatever it returns
+/// (EBADF: the listing's own, closed since). A /proc that cannot be listed
+/// is returned, and fails the start (or probe) closed with a report where
+/// it would be written ([`Prepared::now`]); everything the shim opens
+/// itself is close-on-exec (std, nix and rustix open so).
+fn close_inherited() -> Result<(), LaunchError> {
+    let dir = Path::new("/proc/self/fd");
+    let fds: Vec<i32> = fs::read_dir(dir)
+        .map_err(|e| io_err("read", dir, e))?
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .filter(|&fd| fd > 2)
         .collect();
     for fd in fds {
         let _ = nix::unistd::close(fd);
     }
+    Ok(())
 }
 
 /// RLIMIT_CORE 0, soft and hard, inherited by the engine (which, without
@@ -1690,10 +1691,10 @@ fn default_open_files() {
 /// starts that engine as `--launcher-joins --secrets-after-join RUN_DIR`
 /// would. The end of stdin before it (the agent stopped, or dropped its
 /// warm shim): exits 0, having made nothing.
-fn warm_main() -> i32 {
+fn warm_main(inherited: Result<(), LaunchError>) -> i32 {
     // Nothing prepared, nothing handed: the launcher sees it gone (or no
     // acknowledgement) and spawns a shim for its start instead.
-    let mut prepared = match Prepared::now() {
+    let mut prepared = match Prepared::now(inherited) {
         Ok(p) => p,
         Err(_) => return CONFINE_FAILED,
     };
@@ -1723,9 +1724,10 @@ struct Prepared {
 }
 
 impl Prepared {
-    fn now() -> Result<Self, LaunchError> {
+    /// `inherited`: how [`close_inherited`] went, first thing.
+    fn now(inherited: Result<(), LaunchError>) -> Result<Self, LaunchError> {
+        inherited?;
         let signals = ShimSignals::install()?;
-        close_inherited_fds()?;
         // Out of the agent's session: no terminal signal reaches the engine.
         nix::unistd::setsid().map_err(sys("setsid"))?;
         Ok(Prepared {
@@ -2065,7 +2067,6 @@ fn probe_main(args: &[OsString]) -> Result<i32, LaunchError> {
         return Err(bad());
     }
     let run_dir = Path::new(run_dir);
-    close_inherited_fds()?;
     let spec: LaunchSpec = read_json(&run_dir.join("spec.json"))?;
     // As the shim does: never a uid 0 or a path the launcher refuses.
     validate(&spec)?;
@@ -2143,27 +2144,6 @@ fn probe_main(args: &[OsString]) -> Result<i32, LaunchError> {
         .code()
         .or_else(|| status.signal().map(|s| 128 + s))
         .unwrap_or(CONFINE_FAILED))
-}
-
-/// Marks every descriptor above stdio close-on-exec: none may reach the
-/// engine. The agent's are closed already ([`close_inherited`]); this is
-/// the second line, for any the shim opened since without the flag.
-fn close_inherited_fds() -> Result<(), LaunchError> {
-    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-    let dir = Path::new("/proc/self/fd");
-    let fds: Vec<i32> = fs::read_dir(dir)
-        .map_err(|e| io_err("read", dir, e))?
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-        .filter(|&fd| fd > 2)
-        .collect();
-    for fd in fds {
-        match fcntl(fd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC)) {
-            // The directory listing's own descriptor, closed since.
-            Ok(_) | Err(nix::Error::EBADF) => {}
-            Err(e) => return Err(sys(format!("fcntl({fd}, FD_CLOEXEC)"))(e)),
-        }
-    }
-    Ok(())
 }
 
 /// The shim's stdin, unbuffered: std's `Stdin` would read up to 8 KiB
