@@ -808,7 +808,9 @@ impl Runner {
             // Its own task: a slow hook must not hold the next report.
             Kind::Hook => {
                 let r = r.clone();
-                tokio::spawn(async move { run_hook(&r, &faults).await });
+                tokio::spawn(async move {
+                    run_hook(&r, &faults).await;
+                });
             }
             Kind::StopEngines => {
                 let stopped = match self.submit(Command::StopEngines).await {
@@ -858,9 +860,68 @@ impl Runner {
     }
 }
 
-async fn run_hook(r: &Rule, faults: &str) {
+/// How a hook ended ([`run_hook`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum HookEnd {
+    /// Not started (its error).
+    NotStarted(String),
+    /// Exited with this status (`success` or not), within its timeout.
+    Exited { success: bool, status: String },
+    /// Still running at `timeout_secs`: killed, its process group with it.
+    TimedOut,
+    /// Its end could not be watched or read (the group was killed).
+    Unknown(String),
+}
+
+/// What [`run_hook`] did: how the hook ended, and whether processes of its
+/// group were left and killed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct HookRun {
+    pub end: HookEnd,
+    /// Processes of the hook's group were still there once it had exited:
+    /// killed. (At a timeout the group is killed whatever it holds.)
+    pub leftovers_killed: bool,
+}
+
+/// Runs a rule's hook: its own process group, ended — the group with it —
+/// when the hook ends or at `timeout_secs`. Nothing a hook starts in its
+/// group outlives it, as a oneshot unit's control group does not: a process
+/// left in the background would keep what it inherited (the agent's TPM
+/// connection mid-command, on swtpm: every later TPM command would wait;
+/// docs/engines.md) and run unwatched. A process that leaves the group
+/// (`setsid`, `setpgid`) is not followed (docs/health.md).
+async fn run_hook(r: &Rule, faults: &str) -> HookRun {
+    let run = hook_run(r, faults).await;
+    match &run.end {
+        HookEnd::NotStarted(e) => {
+            error!(event = "health-action-failed", rule = %r.name, program = %r.command.first().map(String::as_str).unwrap_or(""), error = %e, "the hook did not start");
+        }
+        HookEnd::Exited { success: true, .. } => {
+            info!(event = "health-action", rule = %r.name, action = "hook", "corrective action: hook ran");
+        }
+        HookEnd::Exited { status, .. } => {
+            warn!(event = "health-action-failed", rule = %r.name, status = %status, "the hook failed");
+        }
+        HookEnd::TimedOut => {
+            warn!(event = "health-action-failed", rule = %r.name, timeout_secs = r.timeout_secs, "the hook timed out and was killed, its process group with it");
+        }
+        HookEnd::Unknown(e) => {
+            warn!(event = "health-action-failed", rule = %r.name, error = %e, "the hook's status is unknown; its process group was killed");
+        }
+    }
+    if run.leftovers_killed && !matches!(run.end, HookEnd::TimedOut) {
+        warn!(event = "health-action", rule = %r.name, "the hook left processes running in its group: killed");
+    }
+    run
+}
+
+async fn hook_run(r: &Rule, faults: &str) -> HookRun {
+    let not_started = |e: String| HookRun {
+        end: HookEnd::NotStarted(e),
+        leftovers_killed: false,
+    };
     let Some((prog, args)) = r.command.split_first() else {
-        return;
+        return not_started("no command".into());
     };
     let child = tokio::process::Command::new(prog)
         .args(args)
@@ -872,28 +933,95 @@ async fn run_hook(r: &Rule, faults: &str) {
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        .process_group(0)
         .kill_on_drop(true)
         .spawn();
     let mut child = match child {
         Ok(c) => c,
-        Err(e) => {
-            error!(event = "health-action-failed", rule = %r.name, program = %prog, error = %e, "the hook did not start");
-            return;
-        }
+        Err(e) => return not_started(e.to_string()),
     };
-    match tokio::time::timeout(Duration::from_secs(r.timeout_secs), child.wait()).await {
-        Ok(Ok(st)) if st.success() => {
-            info!(event = "health-action", rule = %r.name, action = "hook", "corrective action: hook ran");
-        }
-        Ok(Ok(st)) => {
-            warn!(event = "health-action-failed", rule = %r.name, status = %st, "the hook failed");
-        }
-        Ok(Err(e)) => {
-            warn!(event = "health-action-failed", rule = %r.name, error = %e, "the hook's status is unknown")
-        }
-        Err(_) => {
-            let _ = child.kill().await;
-            warn!(event = "health-action-failed", rule = %r.name, timeout_secs = r.timeout_secs, "the hook timed out and was killed");
+    let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) else {
+        let _ = child.kill().await;
+        return HookRun {
+            end: HookEnd::Unknown("no pid".into()),
+            leftovers_killed: false,
+        };
+    };
+    // The hook's exit, seen without reaping it (a pidfd is readable once
+    // the process has exited): until it is reaped its pid, the group's id,
+    // cannot be reused, so the group's kill below reaches only the hook's.
+    // A blocking thread: tokio's AsyncFd takes an owned descriptor only
+    // through an `unsafe` constructor, and hooks are rare.
+    let timeout = Duration::from_secs(r.timeout_secs);
+    let ended = tokio::task::spawn_blocking(move || exit_within(pid, timeout))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e.to_string())));
+    // Exited: only the group's others can be running still (the hook is a
+    // zombie, which a signal succeeds on: so they are counted first, for
+    // the log). Timed out or unwatched: the hook and its group.
+    let leftovers_killed = matches!(ended, Ok(true)) && group_has_others(pid);
+    let _ = nix::sys::signal::killpg(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    let status = child.wait().await;
+    let end = match (ended, status) {
+        (Ok(false), _) => HookEnd::TimedOut,
+        (Err(e), _) => HookEnd::Unknown(format!("its exit could not be watched: {e}")),
+        (Ok(true), Ok(st)) => HookEnd::Exited {
+            success: st.success(),
+            status: st.to_string(),
+        },
+        (Ok(true), Err(e)) => HookEnd::Unknown(e.to_string()),
+    };
+    HookRun {
+        end,
+        leftovers_killed,
+    }
+}
+
+/// Whether a process other than `leader`, not a zombie, is in process
+/// group `leader` (a scan of /proc: for the log only).
+fn group_has_others(leader: i32) -> bool {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&p| p != leader)
+        .any(|p| {
+            // After the command's closing parenthesis: state, ppid, pgrp.
+            std::fs::read_to_string(format!("/proc/{p}/stat"))
+                .ok()
+                .and_then(|st| {
+                    let (_, rest) = st.rsplit_once(')')?;
+                    let mut f = rest.split_whitespace();
+                    let state = f.next()?;
+                    let pgrp: i32 = f.nth(1)?.parse().ok()?;
+                    Some(pgrp == leader && state != "Z" && state != "X")
+                })
+                .unwrap_or(false)
+        })
+}
+
+/// Whether process `pid` (a child not yet reaped) exits within `timeout`,
+/// watched through a pidfd; not reaped.
+fn exit_within(pid: i32, timeout: Duration) -> std::io::Result<bool> {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let pid = rustix::process::Pid::from_raw(pid).ok_or(rustix::io::Errno::SRCH)?;
+    let fd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())?;
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let ts = Timespec {
+            tv_sec: i64::try_from(left.as_secs()).unwrap_or(i64::MAX),
+            tv_nsec: i64::from(left.subsec_nanos()),
+        };
+        let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+        match poll(&mut fds, Some(&ts)) {
+            Ok(0) => return Ok(false),
+            Ok(_) => return Ok(true),
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
         }
     }
 }

@@ -2,6 +2,7 @@
 //! bounded record store.
 
 use super::*;
+use std::fs;
 
 fn fault(sev: Severity, source: Source, subject: &str) -> Fault {
     Fault {
@@ -317,4 +318,102 @@ fn throttle_rules_are_not_edge_firings_and_their_fields_are_checked() {
         let e = validate(&rules(text)).unwrap_err();
         assert!(e.starts_with(want), "{e} (wanted {want})");
     }
+}
+
+/// A rule running `sh -c SCRIPT` as its hook, within `timeout_secs`.
+fn hook_rule(script: &str, timeout_secs: u64) -> Rule {
+    let mut r = rules(&format!(
+        "[[action]]\nname = \"h\"\nseverity = \"critical\"\naction = \"hook\"\ntimeout_secs = {timeout_secs}\ncommand = [\"/bin/sh\", \"-c\", {}]\n",
+        toml::Value::String(script.into())
+    ));
+    validate(&r).unwrap();
+    r.remove(0)
+}
+
+fn run_hook_now(r: &Rule) -> HookRun {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(run_hook(r, "[]"))
+}
+
+/// The pid a hook wrote to `file`.
+fn pid_in(file: &Path) -> i32 {
+    fs::read_to_string(file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+}
+
+/// Whether `pid` has ended within a bound (a SIGKILL is delivered
+/// asynchronously): its pidfd readable, or no such process.
+fn ends(pid: i32) -> bool {
+    match exit_within(pid, Duration::from_secs(10)) {
+        Ok(ended) => ended,
+        Err(e) => e.raw_os_error() == Some(nix::libc::ESRCH),
+    }
+}
+
+#[test]
+fn a_hook_leaves_nothing_running_in_its_group_when_it_exits() {
+    let dir = tempfile::tempdir().unwrap();
+    let bg = dir.path().join("bg");
+    let r = hook_rule(
+        &format!("sleep 1000 & echo $! > {}; exit 0", bg.display()),
+        30,
+    );
+    let run = run_hook_now(&r);
+    assert_eq!(
+        run.end,
+        HookEnd::Exited {
+            success: true,
+            status: "exit status: 0".into()
+        }
+    );
+    assert!(run.leftovers_killed, "{run:?}");
+    let pid = pid_in(&bg);
+    assert!(ends(pid), "the hook's background sleep ({pid}) still runs");
+
+    // Nothing left: nothing reported.
+    let r = hook_rule("exit 3", 30);
+    let run = run_hook_now(&r);
+    assert!(
+        matches!(&run.end, HookEnd::Exited { success: false, status } if status.contains('3')),
+        "{run:?}"
+    );
+    assert!(!run.leftovers_killed);
+}
+
+#[test]
+fn a_hook_past_its_timeout_is_killed_with_its_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bg, fg) = (dir.path().join("bg"), dir.path().join("fg"));
+    let r = hook_rule(
+        &format!(
+            "sleep 1000 & echo $! > {}; echo $$ > {}; exec sleep 1000",
+            bg.display(),
+            fg.display()
+        ),
+        1,
+    );
+    let run = run_hook_now(&r);
+    assert_eq!(run.end, HookEnd::TimedOut);
+    for (what, f) in [("background", &bg), ("foreground", &fg)] {
+        let pid = pid_in(f);
+        assert!(ends(pid), "the hook's {what} sleep ({pid}) still runs");
+    }
+}
+
+#[test]
+fn a_hook_that_cannot_start_says_so() {
+    let mut r = hook_rule("exit 0", 30);
+    r.command = vec!["/nonexistent/leasehold-hook".into()];
+    let run = run_hook_now(&r);
+    assert!(
+        matches!(&run.end, HookEnd::NotStarted(e) if e.contains("No such file")),
+        "{run:?}"
+    );
+    assert!(!run.leftovers_killed);
 }
