@@ -74,8 +74,9 @@ pub async fn watch(keys: Arc<Keys>, health: Arc<TpmHealth>, interval: Duration) 
             Ok(r) => r,
             Err(_) => {
                 health.set(Some(format!(
-                    "no answer from the TPM within {} s",
-                    CHECK_DEADLINE.as_secs()
+                    "no answer from the TPM within {} s{}",
+                    CHECK_DEADLINE.as_secs(),
+                    keys.running_note()
                 )));
                 check.await
             }
@@ -114,6 +115,17 @@ impl leasehold_health::SelfChecks for AgentChecks {
             answered: error.is_none(),
             error,
         }
+    }
+
+    fn stuck_detail(&self, source: leasehold_health::Source) -> Option<String> {
+        let (what, took) = match source {
+            leasehold_health::Source::Tpm => self.keys.running()?,
+            _ => return None,
+        };
+        Some(format!(
+            "the key thread has run one job for {} s: {what}",
+            took.as_secs()
+        ))
     }
 
     fn boundary(&self) -> leasehold_health::BoundaryCheck {

@@ -24,10 +24,14 @@ type Job = (&'static str, Box<dyn FnOnce(&mut KeyHierarchy) + Send>);
 /// TPM, or swtpm's socket, that has stopped answering.
 const SLOW_JOB: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The job the key thread is running, and since when.
+type RunningJob = Arc<Mutex<Option<(&'static str, std::time::Instant)>>>;
+
 /// Handle to the key-owner thread.
 #[derive(Debug)]
 pub struct Keys {
     tx: Mutex<Option<mpsc::Sender<Job>>>,
+    running: RunningJob,
     done: Mutex<Option<oneshot::Receiver<Result<(), KeyError>>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
@@ -43,6 +47,8 @@ impl Keys {
         let (tx, rx) = mpsc::channel::<Job>();
         let (opened_tx, opened_rx) = mpsc::channel();
         let (done_tx, done_rx) = oneshot::channel();
+        let running: RunningJob = Arc::default();
+        let on_thread = running.clone();
         let thread = std::thread::Builder::new()
             .name("keys".into())
             .spawn(move || {
@@ -59,7 +65,9 @@ impl Keys {
                 // Runs until every sender is dropped.
                 for (what, job) in rx {
                     let started = std::time::Instant::now();
+                    *lock(&on_thread) = Some((what, started));
                     job(&mut keys);
+                    *lock(&on_thread) = None;
                     let took = started.elapsed();
                     if took > SLOW_JOB {
                         tracing::warn!("key thread: a job took {took:?} ({what})");
@@ -80,11 +88,32 @@ impl Keys {
         Ok((
             Self {
                 tx: Mutex::new(Some(tx)),
+                running,
                 done: Mutex::new(Some(done_rx)),
                 thread: Mutex::new(Some(thread)),
             },
             opened,
         ))
+    }
+
+    /// The job the key thread is running (its closure's type name: the
+    /// function that sent it) and for how long; None when it is idle. For
+    /// the TPM checks' messages: a TPM that stopped answering is named
+    /// with what it was asked.
+    pub fn running(&self) -> Option<(&'static str, std::time::Duration)> {
+        lock(&self.running).map(|(what, since)| (what, since.elapsed()))
+    }
+
+    /// "; the key thread has run one job for 42 s (WHAT)", or "" when it
+    /// is idle: to end a message about a TPM that does not answer.
+    pub fn running_note(&self) -> String {
+        match self.running() {
+            Some((what, took)) => format!(
+                "; the key thread has run one job for {} s ({what})",
+                took.as_secs()
+            ),
+            None => String::new(),
+        }
     }
 
     /// Queues a job for the key thread.
@@ -243,5 +272,62 @@ impl KeyStore for KeyBackend {
     }
     fn prepare_standby(&mut self) -> Result<usize, KeyError> {
         self.run(|k| k.prepare_standby())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The running job is named while it runs, with its age, and nothing
+    /// once the thread is idle again: what the TPM checks' messages say
+    /// of a TPM that stopped answering.
+    #[test]
+    fn the_running_job_is_named_while_it_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        let swtpm = leasehold_tpm::swtpm::Swtpm::start(&dir.path().join("tpm")).unwrap();
+        let (keys, _) = Keys::start(KeyConfig {
+            tcti: swtpm.tcti(),
+            state_dir: dir.path().join("state"),
+            seal_pcrs: Vec::new(),
+            erase_existing: false,
+        })
+        .unwrap();
+        let keys = Arc::new(keys);
+        assert!(keys.running().is_none());
+        assert_eq!(keys.running_note(), "");
+        let (started_tx, started) = mpsc::channel();
+        let (release, gate) = mpsc::channel::<()>();
+        let k = keys.clone();
+        let job = std::thread::spawn(move || {
+            k.call_blocking(move |_| {
+                started_tx.send(()).unwrap();
+                let _ = gate.recv();
+            })
+        });
+        started.recv().unwrap();
+        let (what, _) = keys.running().expect("a job is running");
+        assert!(
+            what.contains("the_running_job_is_named_while_it_runs"),
+            "{what}"
+        );
+        assert!(
+            keys.running_note()
+                .starts_with("; the key thread has run one job for 0 s ("),
+            "{}",
+            keys.running_note()
+        );
+        release.send(()).unwrap();
+        job.join().unwrap().unwrap();
+        // The thread clears it before it takes the next job: a call after
+        // the one above has returned sees it idle.
+        keys.call_blocking(|_| ()).unwrap();
+        assert!(keys.running().is_none());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(keys.shutdown()).unwrap();
+        drop(swtpm);
     }
 }

@@ -100,6 +100,12 @@ pub trait SelfChecks: Send + Sync {
     fn volume(&self) -> VolumeCheck;
     /// Engine counts by supervision state.
     fn engines(&self) -> EnginesCheck;
+    /// What the agent knows of a check that missed its deadline (the TPM:
+    /// the key thread's running job and its age), shown as a problem of
+    /// the stuck source. Must not block: it is asked on the report's path.
+    fn stuck_detail(&self, _source: Source) -> Option<String> {
+        None
+    }
 }
 
 /// Reads one source (on its own thread).
@@ -512,6 +518,19 @@ impl Monitor {
                 }
                 // Every thread answered or is gone.
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
+        if let Some(checks) = &self.checks {
+            for r in out.values_mut() {
+                if r.status != SourceStatus::Stuck {
+                    continue;
+                }
+                if let Some(detail) = checks.stuck_detail(r.source) {
+                    r.problems.push(Problem {
+                        subject: r.source.as_str().into(),
+                        message: detail,
+                    });
+                }
             }
         }
         out.into_values().collect()

@@ -802,6 +802,9 @@ impl SelfChecks for FakeChecks {
             probe_failing: 0,
         }
     }
+    fn stuck_detail(&self, source: Source) -> Option<String> {
+        (source == Source::Tpm).then(|| "the key thread has run one job for 9 s: fake::job".into())
+    }
 }
 
 #[test]
@@ -840,8 +843,21 @@ fn agent_checks_follow_the_sensors_and_a_hung_one_is_stuck() {
             .map(|f| (f.severity, f.message.clone()))
             .collect()
     };
-    assert_eq!(by(Source::Tpm).len(), 1);
-    assert_eq!(by(Source::Tpm)[0].0, Severity::Stuck);
+    // Stuck, and what the agent knows of it (the key thread's job): only
+    // for the stuck source.
+    assert_eq!(
+        by(Source::Tpm),
+        [
+            (
+                Severity::Stuck,
+                "no answer within 300 ms: nothing is known about it".to_owned()
+            ),
+            (
+                Severity::Warning,
+                "the key thread has run one job for 9 s: fake::job".to_owned()
+            )
+        ]
+    );
     assert_eq!(by(Source::Volume)[0].0, Severity::Critical);
     assert!(by(Source::Volume)[0].1.contains("no disk key"));
     assert_eq!(by(Source::Boundary)[0].0, Severity::Warning);
@@ -857,6 +873,9 @@ fn agent_checks_follow_the_sensors_and_a_hung_one_is_stuck() {
     assert!(source(&r, Source::Tpm).problems[0]
         .message
         .contains("has not returned yet"));
+    assert!(source(&r, Source::Tpm).problems[1]
+        .message
+        .contains("fake::job"));
     assert_eq!(
         checks.tpm_calls.load(std::sync::atomic::Ordering::SeqCst),
         1
