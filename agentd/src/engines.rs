@@ -110,6 +110,9 @@ pub struct RuntimeConfig {
     pub probe_rate: u32,
     /// Probe runs at once (`[engines] probe_concurrency`).
     pub probe_concurrency: u32,
+    /// systemd's store for the instances' notify sockets (off outside
+    /// systemd): kept across an agent restart.
+    pub fdstore: Arc<crate::fdstore::FdStore>,
 }
 
 /// Errors of the runtime; each names the engine, path or step.
@@ -1420,6 +1423,8 @@ impl Runtime {
         });
         let spec_text = v.spec.clone();
         let mut notify_sock = None;
+        // The socket came back from systemd's store (already in it).
+        let mut sock_kept = false;
         e.held_note = None;
         let adopted = e.adoptable.take();
         let adopted_here = adopted.is_some();
@@ -1478,11 +1483,15 @@ impl Runtime {
                 };
                 let rd = self.run_dir(name, dir_name);
                 if let Some((p, _)) = adopted {
-                    // The engine still sends to the same path: a new
-                    // socket there is heard by this agent.
+                    // The engine still sends to the same path: the socket
+                    // systemd kept (with what came while no agent ran), or
+                    // a new one there, is heard by this agent.
                     if heartbeat(&spec) {
-                        match notify::bind(&rd, spec.uid) {
-                            Ok((_, sock)) => notify_sock = Some(sock),
+                        match notify::kept_or_bind(&rd, spec.uid, &self.cfg.fdstore) {
+                            Ok((sock, kept)) => {
+                                notify_sock = Some(sock);
+                                sock_kept = kept;
+                            }
                             Err(err) => {
                                 tracing::error!(engine = name, %instance, error = %err, "the re-adopted engine's notify socket")
                             }
@@ -1592,6 +1601,16 @@ impl Runtime {
             // so an exit it reads later cannot fall between the mark's
             // check and the gate, and this message is in the channel
             // before any of its own.
+            if let Some(sock) = notify_sock.as_ref().filter(|_| sock_kept) {
+                // An engine exited while no agent ran: what waits in the
+                // kept socket may be its READY=1, not the running one's.
+                if ready_gate.cycled() {
+                    let n = notify::discard_queued(sock);
+                    if n > 0 {
+                        tracing::info!(engine = name, %instance, discarded = n, "notify messages of an engine that exited while no agent ran: discarded");
+                    }
+                }
+            }
             if notify_sock.is_some() {
                 if ready_gate.readopted_ready(&run_dir) {
                     // Its READY=1 (which an engine sends once) came to an
@@ -1656,6 +1675,14 @@ impl Runtime {
         let notifier = match notify_sock {
             None => None,
             Some(sock) => {
+                if !sock_kept {
+                    // Kept by systemd across an agent restart: a READY=1
+                    // sent while no agent runs waits in it. Dropped from
+                    // the store as the instance is cleared.
+                    if let Some(n) = crate::fdstore::notify_name(&run_dir) {
+                        self.cfg.fdstore.store(&n, std::os::fd::AsFd::as_fd(&sock));
+                    }
+                }
                 let tx = self.tx.clone();
                 let n = name.to_owned();
                 let watched = notify::watch(
@@ -1892,6 +1919,11 @@ impl Runtime {
             tracing::warn!(engine = name, %instance, error = %err, "the instance's cgroup was not removed");
             if let Some(e) = self.engines.get_mut(name) {
                 e.leftover.push(cg.clone());
+            }
+        }
+        if self.cfg.fdstore.is_on() && run_dir.join("notify").exists() {
+            if let Some(n) = crate::fdstore::notify_name(run_dir) {
+                self.cfg.fdstore.remove(&n);
             }
         }
         let _ = std::fs::remove_dir_all(run_dir);
@@ -3286,6 +3318,12 @@ impl EngineRuntime {
             if let Err(e) = rt.step(&n, Input::Start) {
                 tracing::error!(engine = n, error = %e, "the engine was not started again");
             }
+        }
+        // Every instance still running is adopted by now: a socket systemd
+        // kept for one that is gone is dropped from its store.
+        let released = rt.cfg.fdstore.release_unclaimed();
+        if !released.is_empty() {
+            tracing::info!(sockets = ?released, "notify sockets kept for instances that are gone: released");
         }
         for (n, exit) in to_resume {
             let actions = match rt.engines.get_mut(&n) {

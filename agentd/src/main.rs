@@ -15,6 +15,7 @@ mod config;
 mod crashpoint;
 mod devnet;
 mod engines;
+mod fdstore;
 mod fsutil;
 mod health;
 mod keys;
@@ -211,6 +212,9 @@ fn main() -> ExitCode {
         log = log_to,
         "agentd starting"
     );
+    // First, before any thread of the agent's opens a descriptor: the
+    // notify sockets systemd kept across a restart are numbers from 3 on.
+    let fdstore = Arc::new(fdstore::FdStore::from_env());
     raise_open_files_limit();
     no_core_dumps();
     // No transparent huge pages for the agent: with the kernel's "always"
@@ -247,7 +251,7 @@ fn main() -> ExitCode {
             return ExitCode::from(exit::SOFTWARE);
         }
     };
-    match rt.block_on(run(&args)) {
+    match rt.block_on(run(&args, fdstore)) {
         Ok(()) => ExitCode::from(exit::OK),
         Err(e) => {
             error!("{e}");
@@ -265,7 +269,7 @@ fn load_config(args: &Args) -> Result<Config, AgentError> {
     Ok(Config::load(&args.config)?)
 }
 
-async fn run(args: &Args) -> Result<(), AgentError> {
+async fn run(args: &Args, fdstore: Arc<fdstore::FdStore>) -> Result<(), AgentError> {
     let cfg = load_config(args)?;
     // Before anything is touched (the TPM, the volume, engines still
     // running from an earlier agent): ids of engines another account owns
@@ -354,6 +358,7 @@ async fn run(args: &Args) -> Result<(), AgentError> {
         args.oneshot,
         args.dev.is_some(),
         intervals,
+        fdstore,
         async move {
             tokio::select! {
                 _ = term.recv() => "SIGTERM",
@@ -396,6 +401,7 @@ async fn serve(
     oneshot: bool,
     dev: bool,
     intervals: Intervals,
+    fdstore: Arc<fdstore::FdStore>,
     stop: impl std::future::Future<Output = &'static str>,
 ) -> Result<(), AgentError> {
     let state_dir = key_cfg.state_dir.clone();
@@ -545,6 +551,7 @@ async fn serve(
             boundaries.clone(),
             reboot_tx,
             dev,
+            fdstore,
         )
         .await?;
         engine_view = Some(leasehold_node::Engines::view(&engines));
@@ -618,6 +625,9 @@ fn engine_cgroups(
 /// The engine runtime: re-adopts the engines still running, starts those
 /// marked to start. Where cgroup v2 or the volume is missing it still runs
 /// (deploy and start then refuse, naming what is missing).
+// Each argument is a different owner's handle: a struct would only rename
+// them.
+#[allow(clippy::too_many_arguments)]
 async fn start_engines(
     c: config::EnginesSection,
     state_dir: &Path,
@@ -626,6 +636,7 @@ async fn start_engines(
     boundaries: Arc<boundary::Boundaries>,
     reboot_node: tokio::sync::mpsc::Sender<(String, String)>,
     dev: bool,
+    fdstore: Arc<fdstore::FdStore>,
 ) -> Result<engines::EngineRuntime, AgentError> {
     // Next to the agent (a build tree), else where the package puts it.
     let shim = c.shim.clone().unwrap_or_else(|| {
@@ -650,6 +661,7 @@ async fn start_engines(
             .filter(|b| !b.is_empty()),
         probe_rate: c.probe_rate,
         probe_concurrency: c.probe_concurrency,
+        fdstore,
     };
     let cgroups = engine_cgroups(
         leasehold_engines::cgroup::CgroupFs::with_root(Some(&c.cgroup_root)),

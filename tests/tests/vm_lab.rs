@@ -4001,6 +4001,88 @@ fn engines_at_run_time(vm: &mut Vm) {
     vm.engine_gone("rt-hb");
     vm.step("engine-runtime: heartbeat keeps an engine ready (also re-adopted by a restarted agent), its silence restarts it");
 
+    // READY=1 while no agent runs: the engine's notify socket is in
+    // systemd's descriptor store, so it waits there and the next agent,
+    // given the socket back, hears it (before the store: ECONNREFUSED to
+    // the engine, which stayed `running` until `ready_timeout` restarted
+    // it). The next agent's start is held by a runtime drop-in until the
+    // engine has sent.
+    let late = engine_spec(
+        &dir,
+        "rt-late",
+        "B=/bin/busybox; while [ ! -e /var/lib/hb/go ]; do $B sleep 1; done; \
+         if echo -n READY=1 | /usr/bin/socat - UNIX-SENDTO:$NOTIFY_SOCKET; then $B touch /var/lib/hb/sent; \
+         else echo socat failed; $B touch /var/lib/hb/refused; fi; exec $B sleep 100000",
+        "data_dirs = [\"var/lib/hb\"]\n[heartbeat]\nenabled = true\nready_timeout = \"300s\"\n",
+    );
+    vm.tenant_ok(&[
+        "engine",
+        "deploy",
+        "rt-late",
+        image,
+        "--spec",
+        &late,
+        "--from-inbox",
+    ]);
+    vm.tenant_ok(&["engine", "start", "rt-late"]);
+    let st = vm.engine_until("rt-late", &["running"]);
+    let pid = st["pid"].clone();
+    assert!(pid.as_u64().is_some(), "{st}");
+    let stored = |vm: &Vm| -> u64 {
+        vm.sh("systemctl show -p NFileDescriptorStore --value leasehold-agentd")
+            .trim()
+            .parse()
+            .unwrap_or(0)
+    };
+    assert!(
+        stored(vm) >= 1,
+        "the engine's notify socket is not in systemd's store"
+    );
+    let hold_dir = "/run/systemd/system/leasehold-agentd.service.d";
+    vm.sh(&format!(
+        r#"rm -f /run/lh-release && mkdir -p {hold_dir} && printf '%s\n' '[Service]' "ExecStartPre=/bin/sh -c 'timeout 100 sh -c \"until [ -e /run/lh-release ]; do sleep 0.2; done\"'" > {hold_dir}/lab-hold.conf && systemctl daemon-reload && systemctl restart --no-block leasehold-agentd && for i in $(seq 300); do [ "$(systemctl show -p SubState --value leasehold-agentd)" = start-pre ] && exit 0; sleep 0.2; done; systemctl status leasehold-agentd; exit 1"#
+    ));
+    // No agent runs now (held before its start); systemd still holds
+    // the socket.
+    assert!(
+        vm.sh("pgrep -x agentd | wc -l").trim() == "0",
+        "an agent runs"
+    );
+    assert!(stored(vm) >= 1, "systemd dropped the store at the restart");
+    let data = engine_data("rt-late", "var/lib/hb");
+    let sent = vm.sh(&format!(
+        "touch {data}/go && for i in $(seq 150); do \
+         [ -e {data}/sent ] && echo sent && exit 0; [ -e {data}/refused ] && echo refused && exit 0; sleep 0.2; done; echo neither"
+    ));
+    vm.sh(&format!(
+        "touch /run/lh-release && for i in $(seq 600); do systemctl is-active -q leasehold-agentd && break; sleep 0.2; done; \
+         rm -rf {hold_dir}/lab-hold.conf /run/lh-release && systemctl daemon-reload && systemctl is-active leasehold-agentd"
+    ));
+    assert_eq!(
+        sent.trim(),
+        "sent",
+        "the engine's READY=1 with no agent running was not taken by its socket"
+    );
+    let st = vm.engine_until("rt-late", &["ready"]);
+    assert!(
+        st["pid"] == pid && st["restarts"] == 0,
+        "ready from the kept socket, re-adopted: {st}"
+    );
+    assert!(
+        !vm.engine_events()
+            .iter()
+            .any(|e| e["engine"] == "rt-late" && e["kind"] == "ready-timeout"),
+        "{:?}",
+        vm.engine_events()
+    );
+    vm.engine_gone("rt-late");
+    assert_eq!(
+        stored(vm),
+        0,
+        "the store still holds a socket of an instance that ended"
+    );
+    vm.step("engine-runtime: READY=1 sent while no agent runs waits in the socket systemd keeps; the next agent hears it");
+
     // Probes: busybox httpd on the node's loopback (engines share its
     // network namespace); exec checks a file in its data dir, and that the
     // probe, like the engine, has the node's huge page policy (the agent's

@@ -67,6 +67,55 @@ pub fn bind(run_dir: &Path, uid: u32) -> std::io::Result<(PathBuf, UnixDatagram)
     Ok((dir, sock))
 }
 
+/// A re-adopted instance's socket: the one an earlier agent bound, if
+/// systemd kept it across the restart ([`crate::fdstore`]) and it is still
+/// the datagram socket bound at the instance's path — with whatever the
+/// engine sent while no agent ran — else a new one ([`bind`]). The flag
+/// says which (kept: already in the store).
+pub fn kept_or_bind(
+    run_dir: &Path,
+    uid: u32,
+    store: &crate::fdstore::FdStore,
+) -> std::io::Result<(UnixDatagram, bool)> {
+    if let Some(name) = crate::fdstore::notify_name(run_dir) {
+        if let Some(fd) = store.take(&name) {
+            let path = run_dir.join("notify").join(NOTIFY_NAME);
+            let is_it = nix::sys::socket::getsockopt(&fd, nix::sys::socket::sockopt::SockType)
+                .is_ok_and(|t| t == nix::sys::socket::SockType::Datagram)
+                && nix::sys::socket::getsockname::<UnixAddr>(fd.as_raw_fd())
+                    .ok()
+                    .and_then(|a| a.path().map(Path::to_path_buf))
+                    .is_some_and(|p| p == path);
+            if is_it {
+                let sock = UnixDatagram::from(fd);
+                setsockopt(&sock, PassCred, &true).map_err(std::io::Error::from)?;
+                return Ok((sock, true));
+            }
+            tracing::warn!(
+                name,
+                "the socket systemd kept is not the instance's: bound anew"
+            );
+            store.remove(&name);
+        }
+    }
+    bind(run_dir, uid).map(|(_, sock)| (sock, false))
+}
+
+/// Discards what waits in a kept socket: sent by an engine that has since
+/// exited (the shim restarted it while no agent ran), so its `READY=1` is
+/// not the running engine's. Bounded; returns how many.
+pub fn discard_queued(sock: &UnixDatagram) -> usize {
+    let mut buf = [0u8; 64];
+    let mut n = 0;
+    while n < 100_000 {
+        match nix::sys::socket::recv(sock.as_raw_fd(), &mut buf, MsgFlags::MSG_DONTWAIT) {
+            Ok(_) => n += 1,
+            Err(_) => break,
+        }
+    }
+    n
+}
+
 /// Starts reading `sock` on the agent's engine I/O thread (`io`): each
 /// accepted message goes to `post`; dropping the [`Notifier`] ends it.
 pub fn watch(
@@ -118,6 +167,8 @@ pub fn record_readiness(run_dir: &Path) -> std::io::Result<()> {
 #[derive(Debug, Clone, Default)]
 pub struct ReadyGate {
     state: Arc<AtomicU8>,
+    /// Held at least once: an engine of the instance exited.
+    cycled: Arc<std::sync::atomic::AtomicBool>,
     /// `<run_dir>/ready` ([`READY_MARK`]).
     mark: Option<Arc<Path>>,
 }
@@ -131,6 +182,7 @@ impl ReadyGate {
     pub fn recorded(run_dir: &Path) -> Self {
         Self {
             state: Arc::default(),
+            cycled: Arc::default(),
             mark: Some(run_dir.join(READY_MARK).into()),
         }
     }
@@ -158,6 +210,7 @@ impl ReadyGate {
     /// mark goes.
     pub fn hold(&self) {
         self.state.store(GATE_HELD, Ordering::Release);
+        self.cycled.store(true, Ordering::Release);
         if let Some(m) = &self.mark {
             match std::fs::remove_file(m) {
                 Ok(()) => {}
@@ -168,6 +221,13 @@ impl ReadyGate {
             }
         }
     }
+    /// Whether an engine of the instance has exited since the gate was
+    /// made (for a re-adopted instance: while no agent ran, its records
+    /// stepped).
+    pub fn cycled(&self) -> bool {
+        self.cycled.load(Ordering::Acquire)
+    }
+
     /// A new engine starts: its first READY=1 is passed on.
     pub fn open(&self) {
         self.state.store(GATE_OPEN, Ordering::Release);
@@ -293,6 +353,50 @@ mod tests {
             1 << 20,
         )
         .unwrap()
+    }
+
+    /// A kept socket's queue from an engine that exited while no agent
+    /// ran: the gate says an engine cycled, and what waited is discarded
+    /// (its READY=1 is not the running engine's); a kept socket that is
+    /// not the instance's is replaced by a new one at the path.
+    #[test]
+    fn what_an_exited_engine_left_in_a_kept_socket_is_discarded() {
+        let dir = tempfile::tempdir().unwrap();
+        let g = ReadyGate::recorded(dir.path());
+        assert!(!g.cycled());
+        g.hold();
+        g.open();
+        assert!(g.cycled(), "an exit and a respawn: cycled");
+        let (_, sock) = bind(dir.path(), nix::unistd::getuid().as_raw()).unwrap();
+        let path = dir.path().join("notify").join(NOTIFY_NAME);
+        let c = UnixDatagram::unbound().unwrap();
+        for m in [&b"READY=1"[..], b"WATCHDOG=1", b"READY=1"] {
+            c.send_to(m, &path).unwrap();
+        }
+        sock.set_nonblocking(true).unwrap();
+        assert_eq!(discard_queued(&sock), 3);
+        assert_eq!(discard_queued(&sock), 0);
+
+        // Kept: the same socket comes back (what is sent to the path
+        // reaches it); one bound elsewhere does not.
+        let name = crate::fdstore::notify_name(dir.path()).unwrap();
+        let other = UnixDatagram::bind(dir.path().join("elsewhere")).unwrap();
+        let store = crate::fdstore::FdStore::to_socket(
+            &dir.path().join("no-systemd"),
+            std::collections::BTreeMap::from([(name.clone(), OwnedFd::from(sock))]),
+        );
+        let (kept, was_kept) = kept_or_bind(dir.path(), 0, &store).unwrap();
+        assert!(was_kept);
+        c.send_to(b"READY=1", &path).unwrap();
+        kept.set_nonblocking(true).unwrap();
+        assert_eq!(discard_queued(&kept), 1);
+        let store = crate::fdstore::FdStore::to_socket(
+            &dir.path().join("no-systemd"),
+            std::collections::BTreeMap::from([(name, OwnedFd::from(other))]),
+        );
+        let (_new, was_kept) =
+            kept_or_bind(dir.path(), nix::unistd::getuid().as_raw(), &store).unwrap();
+        assert!(!was_kept, "a socket bound elsewhere is not the instance's");
     }
 
     #[test]

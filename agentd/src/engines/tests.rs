@@ -373,6 +373,7 @@ fn fixture(ignore_term: bool) -> Fix {
         boot_id: Some("boot-1".into()),
         probe_rate: probe_gate::DEFAULT_RATE,
         probe_concurrency: probe_gate::DEFAULT_CONCURRENCY,
+        fdstore: Arc::new(crate::fdstore::FdStore::off()),
     };
     Fix {
         tmp,
@@ -2201,6 +2202,74 @@ fn a_readopted_instance_is_ready_only_if_its_engine_said_so() {
     assert!(!kinds.iter().any(|k| k == "ready"), "{kinds:?}");
     let mut rt = rt;
     rt.stop("web", Some(Duration::ZERO)).unwrap();
+}
+
+/// With systemd's descriptor store (a stand-in here: its notify socket,
+/// read by the test), the instance's notify socket outlives the agent: a
+/// `READY=1` the engine sends while no agent runs waits in it (before the
+/// store: refused, and the engine restarted at `ready_timeout`), and the
+/// next agent, given the socket back, hears it — ready with nothing sent
+/// again. The store drops the socket as the instance ends; a socket kept
+/// for an instance that is gone is released at the next start.
+#[test]
+fn a_ready_sent_while_no_agent_runs_waits_in_the_kept_socket() {
+    use std::os::unix::net::UnixDatagram;
+    let mut f = fixture(false);
+    f.cfg.uid_base = nix::unistd::getuid().as_raw();
+    let systemd_path = f.tmp.path().join("systemd-notify");
+    let systemd = UnixDatagram::bind(&systemd_path).unwrap();
+    let store = |passed| Arc::new(crate::fdstore::FdStore::to_socket(&systemd_path, passed));
+    f.cfg.fdstore = store(Default::default());
+    let hb = "command = [\"/bin/app\"]\n\
+              [heartbeat]\nenabled = true\nready_timeout = \"60s\"\n";
+    let mut rt = f.runtime();
+    rt.deploy("web", "app.tar", &spec(hb)).unwrap();
+    rt.start("web").unwrap();
+    let s = until(&rt, "web", |s| s.pid.is_some());
+    assert_eq!(s.phase, Phase::Running);
+    let (_, run_dir, _) = f.sp.spawned.lock().unwrap()[0].clone();
+    let name = crate::fdstore::notify_name(&run_dir).unwrap();
+    let (text, mut fds) = crate::fdstore::received(&systemd).expect("stored");
+    assert_eq!(text, format!("FDSTORE=1\nFDNAME={name}"));
+    assert_eq!(fds.len(), 1);
+    let kept = fds.remove(0);
+    drop(rt);
+    assert!(
+        crate::fdstore::received(&systemd).is_none(),
+        "an agent going away keeps its engines' sockets stored"
+    );
+    // No agent: the engine says READY=1 (once), into the kept socket.
+    let sock = run_dir.join("notify").join(launch::NOTIFY_NAME);
+    UnixDatagram::unbound()
+        .unwrap()
+        .send_to(b"READY=1", &sock)
+        .expect("heard by no agent, but kept");
+    // The next agent, given it back by name (and one of an instance that
+    // is gone): ready from what waited, nothing sent again.
+    let (gone, _) = UnixDatagram::pair().unwrap();
+    f.cfg.fdstore = store(std::collections::BTreeMap::from([
+        (name.clone(), kept),
+        ("notify/run/gone/i9".to_owned(), gone.into()),
+    ]));
+    let mut rt = f.runtime();
+    let s = until(&rt, "web", |s| s.phase == Phase::Ready);
+    assert_eq!(s.restarts, 0);
+    assert!(run_dir.join(notify::READY_MARK).exists(), "recorded");
+    assert_eq!(
+        crate::fdstore::received(&systemd)
+            .map(|(t, _)| t)
+            .as_deref(),
+        Some("FDSTOREREMOVE=1\nFDNAME=notify/run/gone/i9"),
+        "the socket of an instance that is gone is released; the kept one is not stored twice"
+    );
+    assert!(crate::fdstore::received(&systemd).is_none());
+    // Its end drops it from the store.
+    rt.stop("web", Some(Duration::ZERO)).unwrap();
+    until(&rt, "web", |s| s.pid.is_none());
+    assert_eq!(
+        crate::fdstore::received(&systemd).map(|(t, _)| t),
+        Some(format!("FDSTOREREMOVE=1\nFDNAME={name}"))
+    );
 }
 
 /// Secrets named in the spec must be stored at deploy (a missing one is

@@ -1,0 +1,304 @@
+//! systemd's file descriptor store (`FDSTORE=1`, `FileDescriptorStoreMax=`
+//! in the unit): the engines' notify sockets kept by the service manager
+//! across an agent restart, so a `READY=1` an engine sends while no agent
+//! runs waits in its socket for the next agent instead of being refused
+//! (docs/engines.md, "Heartbeat"). systemd keeps the store while the unit
+//! runs or has a job queued (a restart, an upgrade's restart, a restart
+//! after a crash or the watchdog) and closes it when the unit stops; the
+//! next agent gets the descriptors back as `LISTEN_FDS`, by name.
+//!
+//! Without `NOTIFY_SOCKET` (development mode, tests) the store is off and
+//! every call is a no-op.
+
+use std::collections::BTreeMap;
+use std::io::IoSlice;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::net::UnixDatagram;
+use std::path::Path;
+use std::sync::Mutex;
+
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags, UnixAddr};
+
+/// systemd's bound on a descriptor's name (`FDNAME_MAX`).
+const MAX_NAME: usize = 255;
+/// The prefix of every name the agent stores: what it takes back.
+const PREFIX: &str = "notify";
+
+/// The agent's side of the store.
+#[derive(Debug, Default)]
+pub struct FdStore {
+    /// `NOTIFY_SOCKET`'s address; None: off.
+    socket: Option<UnixAddr>,
+    /// What the service manager passed back at start, by name, until a
+    /// re-adopted instance takes its own.
+    passed: Mutex<BTreeMap<String, OwnedFd>>,
+}
+
+/// The store's name for the notify socket of the instance in `run_dir`:
+/// `notify` and the path. None when systemd would refuse it (over 255
+/// bytes, a ':' or a byte that is not printable ASCII): that socket is
+/// not kept, as before the store.
+pub fn notify_name(run_dir: &Path) -> Option<String> {
+    let path = run_dir.as_os_str().as_bytes();
+    let ok = path.iter().all(|&b| b.is_ascii_graphic() && b != b':')
+        && PREFIX.len() + path.len() <= MAX_NAME;
+    ok.then(|| format!("{PREFIX}{}", run_dir.display()))
+}
+
+impl FdStore {
+    /// Off: nothing stored, nothing passed back.
+    pub fn off() -> Self {
+        Self::default()
+    }
+
+    /// Under systemd (`NOTIFY_SOCKET`): on, with the descriptors it passed
+    /// back (`LISTEN_FDS`, `LISTEN_FDNAMES`; checked against
+    /// `LISTEN_PID`). Call before any other descriptor is opened by a
+    /// thread of the agent's (the passed ones are numbers from 3 on).
+    pub fn from_env() -> Self {
+        let Some(addr) = std::env::var_os("NOTIFY_SOCKET").and_then(|s| notify_addr(&s)) else {
+            return Self::off();
+        };
+        let mut passed = BTreeMap::new();
+        match sd_notify::listen_fds_with_names() {
+            Ok(fds) => {
+                for (raw, name) in fds {
+                    match own(raw) {
+                        Ok(fd) if name.starts_with(PREFIX) => {
+                            passed.insert(name, fd);
+                        }
+                        Ok(_) => {
+                            tracing::warn!(
+                                name,
+                                "a descriptor passed by systemd that is not the agent's: closed"
+                            )
+                        }
+                        Err(e) => {
+                            tracing::warn!(name, error = %e, "a descriptor passed by systemd could not be taken")
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the descriptors passed by systemd could not be read")
+            }
+        }
+        if !passed.is_empty() {
+            tracing::info!(
+                count = passed.len(),
+                "notify sockets kept across the restart by systemd"
+            );
+        }
+        Self {
+            socket: Some(addr),
+            passed: Mutex::new(passed),
+        }
+    }
+
+    /// A store that sends to `socket` (tests: a stand-in for systemd).
+    #[cfg(test)]
+    pub fn to_socket(socket: &Path, passed: BTreeMap<String, OwnedFd>) -> Self {
+        Self {
+            socket: UnixAddr::new(socket).ok(),
+            passed: Mutex::new(passed),
+        }
+    }
+
+    /// Whether descriptors are stored at all.
+    pub fn is_on(&self) -> bool {
+        self.socket.is_some()
+    }
+
+    /// Stores `fd` under `name` (logged when refused: the engine then
+    /// loses a `READY=1` sent while no agent runs, as before the store).
+    pub fn store(&self, name: &str, fd: BorrowedFd<'_>) {
+        if let Err(e) = self.send(&format!("FDSTORE=1\nFDNAME={name}"), Some(fd)) {
+            tracing::warn!(name, error = %e, "systemd did not take the notify socket");
+        }
+    }
+
+    /// Drops `name` from the store (the instance ended).
+    pub fn remove(&self, name: &str) {
+        if let Err(e) = self.send(&format!("FDSTOREREMOVE=1\nFDNAME={name}"), None) {
+            tracing::warn!(name, error = %e, "the notify socket was not dropped from systemd's store");
+        }
+    }
+
+    /// The descriptor passed back under `name`, once.
+    pub fn take(&self, name: &str) -> Option<OwnedFd> {
+        lock(&self.passed).remove(name)
+    }
+
+    /// Every passed-back descriptor no instance took (its instance is
+    /// gone): dropped from the store and closed. Returns their names.
+    pub fn release_unclaimed(&self) -> Vec<String> {
+        let left = std::mem::take(&mut *lock(&self.passed));
+        let names: Vec<String> = left.into_keys().collect();
+        for n in &names {
+            self.remove(n);
+        }
+        names
+    }
+
+    fn send(&self, state: &str, fd: Option<BorrowedFd<'_>>) -> std::io::Result<()> {
+        let Some(addr) = &self.socket else {
+            return Ok(());
+        };
+        let sock = UnixDatagram::unbound()?;
+        let iov = [IoSlice::new(state.as_bytes())];
+        let fds: Vec<i32> = fd.iter().map(|f| f.as_raw_fd()).collect();
+        let rights = [ControlMessage::ScmRights(&fds)];
+        let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
+        sendmsg(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), Some(addr))?;
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `NOTIFY_SOCKET`: a path, or `@name` for the abstract namespace.
+fn notify_addr(s: &std::ffi::OsStr) -> Option<UnixAddr> {
+    let b = s.as_bytes();
+    match b.first()? {
+        b'/' => UnixAddr::new(Path::new(s)).ok(),
+        b'@' => UnixAddr::new_abstract(&b[1..]).ok(),
+        _ => None,
+    }
+}
+
+/// An owned copy of descriptor number `raw` of this process (one systemd
+/// passed: nothing else owns it), the number itself closed. Through
+/// `pidfd_getfd` on the agent's own pidfd: the safe way to own a number
+/// (the workspace forbids `unsafe`).
+fn own(raw: i32) -> std::io::Result<OwnedFd> {
+    use rustix::process::{getpid, pidfd_getfd, pidfd_open, PidfdFlags, PidfdGetfdFlags};
+    let me = pidfd_open(getpid(), PidfdFlags::empty())?;
+    let fd = pidfd_getfd(&me, raw, PidfdGetfdFlags::empty());
+    // Whether or not the copy was made: the number is no one else's.
+    let _ = nix::unistd::close(raw);
+    Ok(fd?)
+}
+
+/// One message a stand-in for systemd's notify socket received: its text
+/// and descriptors (tests; non-blocking: None when nothing waits).
+#[cfg(test)]
+pub(crate) fn received(sock: &UnixDatagram) -> Option<(String, Vec<OwnedFd>)> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned};
+    let mut buf = [0u8; 1024];
+    let mut cmsg = nix::cmsg_space!([i32; 4]);
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let m = recvmsg::<UnixAddr>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC | MsgFlags::MSG_DONTWAIT,
+    )
+    .ok()?;
+    let mut fds = Vec::new();
+    for c in m.cmsgs().ok()? {
+        if let ControlMessageOwned::ScmRights(r) = c {
+            for raw in r {
+                fds.push(own(raw).ok()?);
+            }
+        }
+    }
+    let n = m.bytes;
+    Some((String::from_utf8_lossy(&buf[..n]).into_owned(), fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+
+    #[test]
+    fn names_are_what_systemd_takes() {
+        assert_eq!(
+            notify_name(Path::new("/run/leasehold/engines/web/i3")).as_deref(),
+            Some("notify/run/leasehold/engines/web/i3")
+        );
+        assert_eq!(notify_name(Path::new("/run/a:b")), None);
+        assert_eq!(notify_name(Path::new("/run/a b")), None);
+        assert_eq!(notify_name(Path::new("/run/a\nb")), None);
+        let long = format!("/{}", "x".repeat(MAX_NAME - PREFIX.len() - 1));
+        assert!(notify_name(Path::new(&long)).is_some());
+        let longer = format!("/{}", "x".repeat(MAX_NAME - PREFIX.len()));
+        assert_eq!(notify_name(Path::new(&longer)), None);
+    }
+
+    /// Stored with its name and the descriptor itself (the same socket:
+    /// a datagram sent to the original arrives on the copy systemd
+    /// holds); removed by name; off, nothing is sent.
+    #[test]
+    fn stores_and_removes_through_the_notify_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let systemd = UnixDatagram::bind(dir.path().join("notify")).unwrap();
+        let store = FdStore::to_socket(&dir.path().join("notify"), BTreeMap::new());
+        assert!(store.is_on());
+        let engine_side = dir.path().join("engine.sock");
+        let sock = UnixDatagram::bind(&engine_side).unwrap();
+        store.store("notify/run/x/i1", sock.as_fd());
+        let (text, fds) = received(&systemd).unwrap();
+        assert_eq!(text, "FDSTORE=1\nFDNAME=notify/run/x/i1");
+        assert_eq!(fds.len(), 1);
+        let kept = UnixDatagram::from(fds.into_iter().next().unwrap());
+        drop(sock);
+        UnixDatagram::unbound()
+            .unwrap()
+            .send_to(b"READY=1", &engine_side)
+            .unwrap();
+        let mut buf = [0u8; 16];
+        let n = kept.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"READY=1");
+
+        store.remove("notify/run/x/i1");
+        let (text, fds) = received(&systemd).unwrap();
+        assert_eq!(text, "FDSTOREREMOVE=1\nFDNAME=notify/run/x/i1");
+        assert!(fds.is_empty());
+
+        let off = FdStore::off();
+        assert!(!off.is_on());
+        off.store("notify/run/x/i2", kept.as_fd());
+        off.remove("notify/run/x/i2");
+        assert!(received(&systemd).is_none(), "an off store sent something");
+    }
+
+    /// What systemd passed back is taken once by name; the rest is
+    /// dropped from the store and closed.
+    #[test]
+    fn passed_descriptors_are_taken_once_and_the_rest_released() {
+        let dir = tempfile::tempdir().unwrap();
+        let systemd = UnixDatagram::bind(dir.path().join("notify")).unwrap();
+        let (a, _) = UnixDatagram::pair().unwrap();
+        let (b, _) = UnixDatagram::pair().unwrap();
+        let passed = BTreeMap::from([
+            ("notify/run/e/i1".to_owned(), OwnedFd::from(a)),
+            ("notify/run/e/i2".to_owned(), OwnedFd::from(b)),
+        ]);
+        let store = FdStore::to_socket(&dir.path().join("notify"), passed);
+        assert!(store.take("notify/run/e/i1").is_some());
+        assert!(store.take("notify/run/e/i1").is_none());
+        assert_eq!(store.release_unclaimed(), ["notify/run/e/i2"]);
+        let (text, _) = received(&systemd).unwrap();
+        assert_eq!(text, "FDSTOREREMOVE=1\nFDNAME=notify/run/e/i2");
+        assert!(store.take("notify/run/e/i2").is_none());
+        assert!(store.release_unclaimed().is_empty());
+    }
+
+    /// A number this process holds becomes an owned descriptor of the
+    /// same file (whether the number was closed is not checked here: a
+    /// test running beside this one may be given it at once).
+    #[test]
+    fn a_passed_number_is_owned() {
+        let (a, b) = UnixDatagram::pair().unwrap();
+        let raw = nix::unistd::dup(a.as_raw_fd()).unwrap();
+        let owned = UnixDatagram::from(own(raw).unwrap());
+        assert_ne!(owned.as_raw_fd(), raw);
+        b.send(b"x").unwrap();
+        let mut buf = [0u8; 1];
+        assert_eq!(owned.recv(&mut buf).unwrap(), 1);
+    }
+}
