@@ -1568,7 +1568,22 @@ impl Runtime {
         // records (read first, on the same I/O thread) hold it back while
         // no engine runs and let the new engine's through.
         let ready = if heartbeat(&spec) {
-            notify::ReadyGate::recorded(&run_dir)
+            let gate = notify::ReadyGate::recorded(&run_dir);
+            // In systemd's store while its engine has not said READY=1.
+            let store_name = crate::fdstore::notify_name(&run_dir);
+            match (notify_sock.as_ref(), store_name) {
+                (Some(sock), Some(n)) if self.cfg.fdstore.is_on() => match sock.try_clone() {
+                    Ok(copy) => gate.with_keep(
+                        notify::Keep::new(self.cfg.fdstore.clone(), n, copy.into()),
+                        sock_kept,
+                    ),
+                    Err(err) => {
+                        tracing::warn!(engine = name, %instance, error = %err, "the notify socket is not kept across an agent restart");
+                        gate
+                    }
+                },
+                _ => gate,
+            }
         } else {
             notify::ReadyGate::default()
         };
@@ -1675,14 +1690,6 @@ impl Runtime {
         let notifier = match notify_sock {
             None => None,
             Some(sock) => {
-                if !sock_kept {
-                    // Kept by systemd across an agent restart: a READY=1
-                    // sent while no agent runs waits in it. Dropped from
-                    // the store as the instance is cleared.
-                    if let Some(n) = crate::fdstore::notify_name(&run_dir) {
-                        self.cfg.fdstore.store(&n, std::os::fd::AsFd::as_fd(&sock));
-                    }
-                }
                 let tx = self.tx.clone();
                 let n = name.to_owned();
                 let watched = notify::watch(

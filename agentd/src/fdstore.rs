@@ -60,40 +60,32 @@ impl FdStore {
         let Some(addr) = std::env::var_os("NOTIFY_SOCKET").and_then(|s| notify_addr(&s)) else {
             return Self::off();
         };
-        let mut passed = BTreeMap::new();
-        match sd_notify::listen_fds_with_names() {
-            Ok(fds) => {
-                for (raw, name) in fds {
-                    match own(raw) {
-                        Ok(fd) if name.starts_with(PREFIX) => {
-                            passed.insert(name, fd);
-                        }
-                        Ok(_) => {
-                            tracing::warn!(
-                                name,
-                                "a descriptor passed by systemd that is not the agent's: closed"
-                            )
-                        }
-                        Err(e) => {
-                            tracing::warn!(name, error = %e, "a descriptor passed by systemd could not be taken")
-                        }
-                    }
-                }
-            }
+        let listed = match sd_notify::listen_fds_with_names() {
+            Ok(fds) => fds.collect(),
             Err(e) => {
-                tracing::warn!(error = %e, "the descriptors passed by systemd could not be read")
+                tracing::warn!(error = %e, "the descriptors passed by systemd could not be read");
+                Vec::new()
             }
+        };
+        let (passed, dropped) = taken(listed, own_all);
+        let store = Self {
+            socket: Some(addr),
+            passed: Mutex::new(passed),
+        };
+        // Not usable: dropped from the store, so it does not come back at
+        // every start.
+        for n in &dropped {
+            store.remove(n);
         }
-        if !passed.is_empty() {
+        let kept = lock(&store.passed).len();
+        if kept > 0 || !dropped.is_empty() {
             tracing::info!(
-                count = passed.len(),
+                kept,
+                dropped = ?dropped,
                 "notify sockets kept across the restart by systemd"
             );
         }
-        Self {
-            socket: Some(addr),
-            passed: Mutex::new(passed),
-        }
+        store
     }
 
     /// A store that sends to `socket` (tests: a stand-in for systemd).
@@ -110,8 +102,9 @@ impl FdStore {
         self.socket.is_some()
     }
 
-    /// Stores `fd` under `name` (logged when refused: the engine then
-    /// loses a `READY=1` sent while no agent runs, as before the store).
+    /// Stores `fd` under `name`. A send that fails is logged; systemd
+    /// says nothing back (a full store, `NotifyAccess`): then the engine's
+    /// `READY=1` sent while no agent runs is lost, as before the store.
     pub fn store(&self, name: &str, fd: BorrowedFd<'_>) {
         if let Err(e) = self.send(&format!("FDSTORE=1\nFDNAME={name}"), Some(fd)) {
             tracing::warn!(name, error = %e, "systemd did not take the notify socket");
@@ -169,17 +162,66 @@ fn notify_addr(s: &std::ffi::OsStr) -> Option<UnixAddr> {
     }
 }
 
-/// An owned copy of descriptor number `raw` of this process (one systemd
-/// passed: nothing else owns it), the number itself closed. Through
+/// What systemd passed back, sorted: the agent's by name, and the names
+/// not to use (each dropped from the store). A name passed twice (a
+/// socket bound anew at the same path while the old one stayed stored)
+/// cannot say which copy the engine reaches: neither is used, and the
+/// instance binds a new socket.
+fn taken(
+    listed: Vec<(i32, String)>,
+    own_all: impl FnOnce(Vec<i32>) -> Vec<std::io::Result<OwnedFd>>,
+) -> (BTreeMap<String, OwnedFd>, Vec<String>) {
+    let (raws, names): (Vec<i32>, Vec<String>) = listed.into_iter().unzip();
+    let mut passed = BTreeMap::new();
+    let mut dropped = std::collections::BTreeSet::new();
+    for (fd, name) in own_all(raws).into_iter().zip(names) {
+        match fd {
+            Err(e) => {
+                tracing::warn!(name, error = %e, "a descriptor passed by systemd could not be taken");
+                dropped.insert(name);
+            }
+            Ok(_) if !name.starts_with(PREFIX) => {
+                tracing::warn!(
+                    name,
+                    "a descriptor passed by systemd that is not the agent's: closed"
+                );
+                dropped.insert(name);
+            }
+            Ok(fd) => {
+                if passed.insert(name.clone(), fd).is_some() {
+                    dropped.insert(name);
+                }
+            }
+        }
+    }
+    for n in &dropped {
+        passed.remove(n);
+    }
+    (passed, dropped.into_iter().collect())
+}
+
+/// Owned copies of descriptor numbers of this process that systemd passed
+/// (nothing else owns them), each number closed whatever happens. Through
 /// `pidfd_getfd` on the agent's own pidfd: the safe way to own a number
 /// (the workspace forbids `unsafe`).
-fn own(raw: i32) -> std::io::Result<OwnedFd> {
+fn own_all(raws: Vec<i32>) -> Vec<std::io::Result<OwnedFd>> {
     use rustix::process::{getpid, pidfd_getfd, pidfd_open, PidfdFlags, PidfdGetfdFlags};
-    let me = pidfd_open(getpid(), PidfdFlags::empty())?;
-    let fd = pidfd_getfd(&me, raw, PidfdGetfdFlags::empty());
-    // Whether or not the copy was made: the number is no one else's.
-    let _ = nix::unistd::close(raw);
-    Ok(fd?)
+    let me = pidfd_open(getpid(), PidfdFlags::empty());
+    raws.into_iter()
+        .map(|raw| {
+            let fd = match &me {
+                Ok(me) => pidfd_getfd(me, raw, PidfdGetfdFlags::empty()).map_err(Into::into),
+                Err(e) => Err(std::io::Error::from(*e)),
+            };
+            let _ = nix::unistd::close(raw);
+            fd
+        })
+        .collect()
+}
+
+#[cfg(test)]
+fn own(raw: i32) -> std::io::Result<OwnedFd> {
+    own_all(vec![raw]).remove(0)
 }
 
 /// One message a stand-in for systemd's notify socket received: its text
@@ -213,6 +255,33 @@ pub(crate) fn received(sock: &UnixDatagram) -> Option<(String, Vec<OwnedFd>)> {
 mod tests {
     use super::*;
     use std::os::fd::AsFd;
+
+    /// The agent's by name; a name passed twice, one not the agent's and
+    /// one that could not be taken are dropped (to be removed from the
+    /// store), never used.
+    #[test]
+    fn what_systemd_passed_is_sorted() {
+        let pair = || OwnedFd::from(UnixDatagram::pair().unwrap().0);
+        let listed = vec![
+            (10, "notify/run/e/i1".to_owned()),
+            (11, "notify/run/e/i2".to_owned()),
+            (12, "notify/run/e/i2".to_owned()),
+            (13, "other".to_owned()),
+            (14, "notify/run/e/i3".to_owned()),
+        ];
+        let (passed, dropped) = taken(listed, |raws| {
+            assert_eq!(raws, [10, 11, 12, 13, 14]);
+            vec![
+                Ok(pair()),
+                Ok(pair()),
+                Ok(pair()),
+                Ok(pair()),
+                Err(std::io::Error::from_raw_os_error(nix::libc::EBADF)),
+            ]
+        });
+        assert_eq!(passed.keys().collect::<Vec<_>>(), ["notify/run/e/i1"]);
+        assert_eq!(dropped, ["notify/run/e/i2", "notify/run/e/i3", "other"]);
+    }
 
     #[test]
     fn names_are_what_systemd_takes() {

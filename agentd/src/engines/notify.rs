@@ -169,6 +169,9 @@ pub struct ReadyGate {
     state: Arc<AtomicU8>,
     /// Held at least once: an engine of the instance exited.
     cycled: Arc<std::sync::atomic::AtomicBool>,
+    /// The socket in systemd's store while the engine has not said
+    /// `READY=1` ([`Keep`]).
+    keep: Option<Arc<Keep>>,
     /// `<run_dir>/ready` ([`READY_MARK`]).
     mark: Option<Arc<Path>>,
 }
@@ -183,8 +186,21 @@ impl ReadyGate {
         Self {
             state: Arc::default(),
             cycled: Arc::default(),
+            keep: None,
             mark: Some(run_dir.join(READY_MARK).into()),
         }
+    }
+
+    /// Keeps the instance's socket in systemd's store while its engine
+    /// has not said `READY=1`: from now (unless `keep` came back from the
+    /// store), again from each new engine's start, out of it once it is
+    /// said.
+    pub fn with_keep(mut self, keep: Keep, in_store: bool) -> Self {
+        if !in_store {
+            keep.put_fresh();
+        }
+        self.keep = Some(Arc::new(keep));
+        self
     }
 
     /// A READY=1 came: pass it on (the first since the gate opened)? The
@@ -202,6 +218,9 @@ impl ReadyGate {
                 if let Err(err) = std::fs::File::create(m) {
                     tracing::error!(path = %m.display(), error = %err, "cannot record the engine's READY=1");
                 }
+            }
+            if let Some(k) = &self.keep {
+                k.take_out();
             }
         }
         passed
@@ -231,6 +250,9 @@ impl ReadyGate {
     /// A new engine starts: its first READY=1 is passed on.
     pub fn open(&self) {
         self.state.store(GATE_OPEN, Ordering::Release);
+        if let Some(k) = &self.keep {
+            k.put();
+        }
     }
 
     /// A re-adopted instance (its unread shim records already stepped):
@@ -243,10 +265,55 @@ impl ReadyGate {
     pub fn readopted_ready(&self, run_dir: &Path) -> bool {
         let was = !run_dir.join(READY_RECORDED).exists()
             || self.mark.as_ref().is_some_and(|m| m.exists());
-        was && self
-            .state
-            .compare_exchange(GATE_OPEN, GATE_PASSED, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
+        let ready = was
+            && self
+                .state
+                .compare_exchange(GATE_OPEN, GATE_PASSED, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok();
+        if ready {
+            if let Some(k) = &self.keep {
+                k.take_out();
+            }
+        }
+        ready
+    }
+}
+
+/// An instance's notify socket in systemd's descriptor store
+/// ([`crate::fdstore`]) while its engine has not said `READY=1`, the one
+/// message a later agent needs (it is sent once). Out of the store once
+/// said: the watchdog's pings, sent while no agent runs, are refused as
+/// before rather than queued — a kept socket's queue is short
+/// (`net.unix.max_dgram_qlen`, 10 on Linux 6.1), and a full one would
+/// block an engine's blocking send until an agent reads it.
+#[derive(Debug)]
+pub struct Keep {
+    store: Arc<crate::fdstore::FdStore>,
+    name: String,
+    /// A copy of the socket (the reader has its own).
+    sock: OwnedFd,
+}
+
+impl Keep {
+    pub fn new(store: Arc<crate::fdstore::FdStore>, name: String, sock: OwnedFd) -> Self {
+        Self { store, name, sock }
+    }
+
+    /// Stored (systemd keeps one copy of the same socket however often).
+    fn put(&self) {
+        use std::os::fd::AsFd;
+        self.store.store(&self.name, self.sock.as_fd());
+    }
+
+    /// Stored in place of whatever the store holds under the name (a
+    /// socket bound at the same path before: not this one).
+    fn put_fresh(&self) {
+        self.store.remove(&self.name);
+        self.put();
+    }
+
+    fn take_out(&self) {
+        self.store.remove(&self.name);
     }
 }
 
@@ -397,6 +464,55 @@ mod tests {
         let (_new, was_kept) =
             kept_or_bind(dir.path(), nix::unistd::getuid().as_raw(), &store).unwrap();
         assert!(!was_kept, "a socket bound elsewhere is not the instance's");
+    }
+
+    /// In systemd's store (a stand-in) exactly while the current engine
+    /// has not said READY=1: stored fresh at the start, out once said,
+    /// in again at a new engine's start, out when a re-adopted engine had
+    /// said it.
+    #[test]
+    fn the_socket_is_stored_while_ready_is_awaited() {
+        let dir = tempfile::tempdir().unwrap();
+        let systemd = UnixDatagram::bind(dir.path().join("systemd")).unwrap();
+        let store = Arc::new(crate::fdstore::FdStore::to_socket(
+            &dir.path().join("systemd"),
+            Default::default(),
+        ));
+        let (_, sock) = bind(dir.path(), nix::unistd::getuid().as_raw()).unwrap();
+        let keep = |s: &UnixDatagram| {
+            Keep::new(
+                store.clone(),
+                "notify/x".into(),
+                s.try_clone().unwrap().into(),
+            )
+        };
+        let next = || crate::fdstore::received(&systemd).map(|(t, fds)| (t, fds.len()));
+        let stored = Some(("FDSTORE=1\nFDNAME=notify/x".to_owned(), 1));
+        let removed = Some(("FDSTOREREMOVE=1\nFDNAME=notify/x".to_owned(), 0));
+        record_readiness(dir.path()).unwrap();
+        let g = ReadyGate::recorded(dir.path()).with_keep(keep(&sock), false);
+        assert_eq!(
+            (next(), next(), next()),
+            (removed.clone(), stored.clone(), None)
+        );
+        assert!(g.pass());
+        assert_eq!((next(), next()), (removed.clone(), None));
+        assert!(!g.pass(), "once per engine");
+        assert_eq!(next(), None);
+        g.hold();
+        assert_eq!(next(), None, "an exit changes nothing until the next start");
+        g.open();
+        assert_eq!((next(), next()), (stored.clone(), None));
+        // Re-adopted, came back from the store: nothing stored again; its
+        // READY=1 heard: out.
+        let g = ReadyGate::recorded(dir.path()).with_keep(keep(&sock), true);
+        assert_eq!(next(), None);
+        assert!(g.pass());
+        assert_eq!((next(), next()), (removed.clone(), None));
+        // Its READY=1 heard by an earlier agent (the mark): out at once.
+        let g = ReadyGate::recorded(dir.path()).with_keep(keep(&sock), true);
+        assert!(g.readopted_ready(dir.path()));
+        assert_eq!((next(), next()), (removed, None));
     }
 
     #[test]
