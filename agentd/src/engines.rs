@@ -1579,6 +1579,11 @@ impl Runtime {
                     ),
                     Err(err) => {
                         tracing::warn!(engine = name, %instance, error = %err, "the notify socket is not kept across an agent restart");
+                        if sock_kept {
+                            // Nothing would take it out once READY=1 is
+                            // heard.
+                            self.cfg.fdstore.remove(&n);
+                        }
                         gate
                     }
                 },
@@ -2677,6 +2682,13 @@ impl Runtime {
         for (name, e) in std::mem::take(&mut self.engines) {
             for l in e.live.values() {
                 let _ = self.cgroups.kill(&l.cg);
+                // Their exits find no engine (no clear_instance): out of
+                // systemd's store here.
+                if let Some(n) = crate::fdstore::notify_name(&l.run_dir) {
+                    if self.cfg.fdstore.is_on() {
+                        self.cfg.fdstore.remove(&n);
+                    }
+                }
             }
             if let Err(reason) = self.egress.set(&name, None) {
                 tracing::warn!(engine = name, %reason, "egress rules not removed");

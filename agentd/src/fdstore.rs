@@ -143,7 +143,16 @@ impl FdStore {
         let fds: Vec<i32> = fd.iter().map(|f| f.as_raw_fd()).collect();
         let rights = [ControlMessage::ScmRights(&fds)];
         let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
-        sendmsg(sock.as_raw_fd(), &iov, cmsgs, MsgFlags::empty(), Some(addr))?;
+        // Never waits: the caller may be the engine I/O thread, and PID 1
+        // may be busy (a daemon-reload); a full queue is logged as a
+        // failed send.
+        sendmsg(
+            sock.as_raw_fd(),
+            &iov,
+            cmsgs,
+            MsgFlags::MSG_DONTWAIT,
+            Some(addr),
+        )?;
         Ok(())
     }
 }

@@ -319,10 +319,17 @@ mod tests {
         );
         release.send(()).unwrap();
         job.join().unwrap().unwrap();
-        // The thread clears it before it takes the next job: a call after
-        // the one above has returned sees it idle.
-        keys.call_blocking(|_| ()).unwrap();
-        assert!(keys.running().is_none());
+        // Cleared once the job has returned (just after its answer is
+        // sent: no event to wait for, so a bounded poll).
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while keys.running().is_some() {
+            assert!(
+                std::time::Instant::now() < end,
+                "still running: {:?}",
+                keys.running()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

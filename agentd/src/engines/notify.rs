@@ -88,8 +88,14 @@ pub fn kept_or_bind(
                     .is_some_and(|p| p == path);
             if is_it {
                 let sock = UnixDatagram::from(fd);
-                setsockopt(&sock, PassCred, &true).map_err(std::io::Error::from)?;
-                return Ok((sock, true));
+                match setsockopt(&sock, PassCred, &true) {
+                    Ok(()) => return Ok((sock, true)),
+                    Err(e) => {
+                        // Not read without credentials: out of the store.
+                        store.remove(&name);
+                        return Err(e.into());
+                    }
+                }
             }
             tracing::warn!(
                 name,
@@ -230,6 +236,11 @@ impl ReadyGate {
     pub fn hold(&self) {
         self.state.store(GATE_HELD, Ordering::Release);
         self.cycled.store(true, Ordering::Release);
+        // From the exit on, the next engine's READY=1 is awaited: an agent
+        // restarted during the respawn's delay must not lose it.
+        if let Some(k) = &self.keep {
+            k.put();
+        }
         if let Some(m) = &self.mark {
             match std::fs::remove_file(m) {
                 Ok(()) => {}
@@ -500,7 +511,11 @@ mod tests {
         assert!(!g.pass(), "once per engine");
         assert_eq!(next(), None);
         g.hold();
-        assert_eq!(next(), None, "an exit changes nothing until the next start");
+        assert_eq!(
+            (next(), next()),
+            (stored.clone(), None),
+            "from an exit on, the next engine's READY=1 is awaited"
+        );
         g.open();
         assert_eq!((next(), next()), (stored.clone(), None));
         // Re-adopted, came back from the store: nothing stored again; its

@@ -795,24 +795,28 @@ impl IoLoop {
                 guard.0 = true;
                 return;
             }
+            // New jobs first: their descriptors are in the epoll set
+            // already, so this batch may hold their events, and the order
+            // below needs to know an exit entry's status stream.
+            if events.iter().any(|e| e.data.u64() == WAKE) {
+                let mut n = [0u8; 8];
+                let _ = rustix::io::read(&*self.wake, &mut n);
+                while let Ok((id, job)) = jobs.try_recv() {
+                    self.take(id, job);
+                }
+            }
             // Status records first (stream 1 of an exit entry): a shim's
             // record comes before anything its new engine does (READY=1 on
             // the notify socket, output) and before its own exit.
-            let (first, rest): (Vec<_>, Vec<_>) = events.drain(..).partition(|ev| {
-                let t = ev.data.u64();
-                t & 3 == 1 && self.exits.contains_key(&(t >> 2))
-            });
+            let (first, rest): (Vec<_>, Vec<_>) = events
+                .drain(..)
+                .filter(|ev| ev.data.u64() != WAKE)
+                .partition(|ev| {
+                    let t = ev.data.u64();
+                    t & 3 == 1 && self.exits.contains_key(&(t >> 2))
+                });
             for ev in first.into_iter().chain(rest) {
-                match ev.data.u64() {
-                    WAKE => {
-                        let mut n = [0u8; 8];
-                        let _ = rustix::io::read(&*self.wake, &mut n);
-                        while let Ok((id, job)) = jobs.try_recv() {
-                            self.take(id, job);
-                        }
-                    }
-                    t => self.ready(t, &mut buf, now, now_ms),
-                }
+                self.ready(ev.data.u64(), &mut buf, now, now_ms);
             }
             // Silence: store what waits for a newline.
             for r in self.readings.values_mut() {
