@@ -1934,9 +1934,7 @@ impl Runtime {
             }
         }
         if self.cfg.fdstore.is_on() && run_dir.join("notify").exists() {
-            if let Some(n) = crate::fdstore::notify_name(run_dir) {
-                self.cfg.fdstore.remove(&n);
-            }
+            self.cfg.fdstore.remove_instance(run_dir);
         }
         let _ = std::fs::remove_dir_all(run_dir);
     }
@@ -2684,11 +2682,7 @@ impl Runtime {
                 let _ = self.cgroups.kill(&l.cg);
                 // Their exits find no engine (no clear_instance): out of
                 // systemd's store here.
-                if let Some(n) = crate::fdstore::notify_name(&l.run_dir) {
-                    if self.cfg.fdstore.is_on() {
-                        self.cfg.fdstore.remove(&n);
-                    }
-                }
+                self.cfg.fdstore.remove_instance(&l.run_dir);
             }
             if let Err(reason) = self.egress.set(&name, None) {
                 tracing::warn!(engine = name, %reason, "egress rules not removed");

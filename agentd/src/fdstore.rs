@@ -118,6 +118,14 @@ impl FdStore {
         }
     }
 
+    /// Drops the notify socket of the instance in `run_dir` from the store
+    /// (its instance ended); nothing when off.
+    pub fn remove_instance(&self, run_dir: &Path) {
+        if let Some(n) = notify_name(run_dir).filter(|_| self.is_on()) {
+            self.remove(&n);
+        }
+    }
+
     /// The descriptor passed back under `name`, once.
     pub fn take(&self, name: &str) -> Option<OwnedFd> {
         lock(&self.passed).remove(name)

@@ -286,13 +286,7 @@ mod tests {
     fn the_running_job_is_named_while_it_runs() {
         let dir = tempfile::tempdir().unwrap();
         let swtpm = leasehold_tpm::swtpm::Swtpm::start(&dir.path().join("tpm")).unwrap();
-        let (keys, _) = Keys::start(KeyConfig {
-            tcti: swtpm.tcti(),
-            state_dir: dir.path().join("state"),
-            seal_pcrs: Vec::new(),
-            erase_existing: false,
-        })
-        .unwrap();
+        let (keys, _) = Keys::start(swtpm.key_config(dir.path().join("state"))).unwrap();
         let keys = Arc::new(keys);
         assert!(keys.running().is_none());
         assert_eq!(keys.running_note(), "");

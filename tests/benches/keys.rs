@@ -9,7 +9,7 @@ use leasehold_tests::markdown::cmd;
 use leasehold_tpm::chain::{derive_disk_key, Link};
 use leasehold_tpm::envelope;
 use leasehold_tpm::swtpm::Swtpm;
-use leasehold_tpm::{Confirm, KeyConfig, KeyHierarchy, Role, SymmetricKey};
+use leasehold_tpm::{Confirm, KeyHierarchy, Role, SymmetricKey};
 
 struct Stat {
     name: &'static str,
@@ -50,13 +50,7 @@ fn main() {
     std::env::set_var("TSS2_LOG", "all+none");
     let tmp = tempfile::tempdir().unwrap();
     let swtpm = Swtpm::start(&tmp.path().join("tpm")).expect("start swtpm");
-    let cfg = KeyConfig {
-        tcti: swtpm.tcti(),
-        state_dir: tmp.path().join("state"),
-        seal_pcrs: vec![],
-        erase_existing: false,
-    };
-    let (mut h, _) = KeyHierarchy::open(&cfg).unwrap();
+    let (mut h, _) = KeyHierarchy::open(&swtpm.key_config(tmp.path().join("state"))).unwrap();
     h.assign_tenant(Role::Landlord, "acme", Confirm::No)
         .unwrap();
     let env = envelope::seal(&h.public_key(Role::Tenant).unwrap().pem, &[1u8; 4096]).unwrap();

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use leasehold_tests::bin;
 use leasehold_tpm::swtpm::Swtpm;
-use leasehold_tpm::{KeyConfig, KeyHierarchy};
+use leasehold_tpm::KeyHierarchy;
 
 /// How many shims are spawned.
 const SHIMS: usize = 300;
@@ -34,13 +34,7 @@ fn tpm_commands_go_on_while_shims_are_spawned() {
     let shim = bin("leasehold-engine-shim");
     let tmp = tempfile::tempdir().unwrap();
     let swtpm = Swtpm::start(&tmp.path().join("tpm")).unwrap();
-    let cfg = KeyConfig {
-        tcti: swtpm.tcti(),
-        state_dir: tmp.path().join("state"),
-        seal_pcrs: vec![],
-        erase_existing: false,
-    };
-    let (mut keys, _) = KeyHierarchy::open(&cfg).unwrap();
+    let (mut keys, _) = KeyHierarchy::open(&swtpm.key_config(tmp.path().join("state"))).unwrap();
     // Each warm shim waits on its stdin (a socket whose other end is
     // kept here) as the agent's does; dropping that end ends it.
     let kept: Kept = Arc::default();

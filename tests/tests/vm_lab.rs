@@ -3769,6 +3769,21 @@ impl Vm {
     }
 
     /// Stops (if running) and removes an engine.
+    /// After an agent restart: `name` becomes ready with the same pid, no
+    /// restart and no `ready-timeout` event.
+    #[track_caller]
+    fn readopted_ready(&self, name: &str, pid: &serde_json::Value, what: &str) {
+        let st = self.engine_until(name, &["ready"]);
+        assert!(st["pid"] == *pid && st["restarts"] == 0, "{what}: {st}");
+        let events = self.engine_events();
+        assert!(
+            !events
+                .iter()
+                .any(|e| e["engine"] == name && e["kind"] == "ready-timeout"),
+            "{what}: {events:?}"
+        );
+    }
+
     fn engine_gone(&self, name: &str) {
         self.tenant_ok(&["engine", "stop", name]);
         self.engine_until(name, &["stopped"]);
@@ -3957,18 +3972,7 @@ fn engines_at_run_time(vm: &mut Vm) {
     // is the new agent's).
     let pid = st["pid"].clone();
     vm.sh("systemctl restart leasehold-agentd");
-    let st = vm.engine_until("rt-hb", &["ready"]);
-    assert!(
-        st["pid"] == pid && st["restarts"] == 0,
-        "re-adopted after READY=1: {st}"
-    );
-    assert!(
-        !vm.engine_events()
-            .iter()
-            .any(|e| e["engine"] == "rt-hb" && e["kind"] == "ready-timeout"),
-        "{:?}",
-        vm.engine_events()
-    );
+    vm.readopted_ready("rt-hb", &pid, "re-adopted after READY=1");
     let seq1 = vm.last_event_seq();
     let touched: i64 = vm
         .sh(&format!(
@@ -4080,18 +4084,7 @@ fn engines_at_run_time(vm: &mut Vm) {
         "sent",
         "the engine's READY=1 with no agent running was not taken by its socket"
     );
-    let st = vm.engine_until("rt-late", &["ready"]);
-    assert!(
-        st["pid"] == pid && st["restarts"] == 0,
-        "ready from the kept socket, re-adopted: {st}"
-    );
-    assert!(
-        !vm.engine_events()
-            .iter()
-            .any(|e| e["engine"] == "rt-late" && e["kind"] == "ready-timeout"),
-        "{:?}",
-        vm.engine_events()
-    );
+    vm.readopted_ready("rt-late", &pid, "ready from the kept socket, re-adopted");
     // Out of the store once its READY=1 is heard (later pings are not
     // queued for a next agent).
     assert_eq!(stored(vm), 0, "kept in systemd's store after READY=1");

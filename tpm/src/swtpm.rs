@@ -110,6 +110,18 @@ impl Swtpm {
         )))
     }
 
+    /// The key hierarchy's configuration on this swtpm, its state in
+    /// `state_dir`: no PCR sealing, existing state kept (what tests and
+    /// benchmarks open).
+    pub fn key_config(&self, state_dir: impl Into<PathBuf>) -> crate::KeyConfig {
+        crate::KeyConfig {
+            tcti: self.tcti(),
+            state_dir: state_dir.into(),
+            seal_pcrs: Vec::new(),
+            erase_existing: false,
+        }
+    }
+
     /// TCTI string for tss-esapi.
     pub fn tcti(&self) -> String {
         format!("swtpm:host=127.0.0.1,port={}", self.port)

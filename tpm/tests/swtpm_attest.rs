@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use leasehold_tpm::attest::{verify_quote, Answer, AttestError, Challenge};
 use leasehold_tpm::swtpm::Swtpm;
-use leasehold_tpm::{Confirm, KeyConfig, KeyError, KeyHierarchy, Quote, Role};
+use leasehold_tpm::{Confirm, KeyError, KeyHierarchy, Quote, Role};
 
 const BOOT_ID: &str = "0f1e2d3c-4b5a-6978-8796-a5b4c3d2e1f0";
 
@@ -30,14 +30,9 @@ impl Node {
         self.tmp.path().join("state")
     }
     fn open(&self) -> KeyHierarchy {
-        KeyHierarchy::open(&KeyConfig {
-            tcti: self.swtpm.as_ref().unwrap().tcti(),
-            state_dir: self.state_dir(),
-            seal_pcrs: vec![],
-            erase_existing: false,
-        })
-        .expect("open key hierarchy")
-        .0
+        KeyHierarchy::open(&self.swtpm.as_ref().unwrap().key_config(self.state_dir()))
+            .expect("open key hierarchy")
+            .0
     }
 }
 
@@ -185,12 +180,7 @@ fn swtpm_attestation_key_is_restricted_and_stable_across_restarts() {
     // The manifest records the AK; a blob that is not it is refused at open.
     let state = node.state_dir();
     std::fs::copy(state.join("signing.pair"), state.join("attest.pair")).unwrap();
-    match KeyHierarchy::open(&KeyConfig {
-        tcti: node.swtpm.as_ref().unwrap().tcti(),
-        state_dir: state,
-        seal_pcrs: vec![],
-        erase_existing: false,
-    }) {
+    match KeyHierarchy::open(&node.swtpm.as_ref().unwrap().key_config(state)) {
         Err(e @ KeyError::CorruptState { .. }) => {
             assert!(e.to_string().contains("attest.pair"), "{e}")
         }

@@ -2237,19 +2237,27 @@ fn heartbeat_comes_from_the_instances_socket_and_the_watchdog_acts() {
 /// adopted before its `READY=1` waits for it on the new socket, within
 /// `heartbeat.ready_timeout` from the adoption (before 2026-12-07 it was
 /// taken as ready).
+/// Deploys and starts `web` with a heartbeat and `ready_timeout`; its
+/// instance runs, not yet ready. Returns the runtime and the run dir.
+fn start_heartbeat_web(f: &Fix, ready_timeout: &str) -> (EngineRuntime, PathBuf) {
+    let hb = format!(
+        "command = [\"/bin/app\"]\n[heartbeat]\nenabled = true\nready_timeout = \"{ready_timeout}\"\n"
+    );
+    let mut rt = f.runtime();
+    rt.deploy("web", "app.tar", &spec(&hb)).unwrap();
+    rt.start("web").unwrap();
+    let s = until(&rt, "web", |s| s.pid.is_some());
+    assert_eq!(s.phase, Phase::Running);
+    let (_, run_dir, _) = f.sp.spawned.lock().unwrap()[0].clone();
+    (rt, run_dir)
+}
+
 #[test]
 fn a_readopted_instance_is_ready_only_if_its_engine_said_so() {
     let mut f = fixture(false);
     // The engine's uid is this process's, so the test can send as it.
     f.cfg.uid_base = nix::unistd::getuid().as_raw();
-    let hb = "command = [\"/bin/app\"]\n\
-              [heartbeat]\nenabled = true\nready_timeout = \"1s\"\n";
-    let mut rt = f.runtime();
-    rt.deploy("web", "app.tar", &spec(hb)).unwrap();
-    rt.start("web").unwrap();
-    let s = until(&rt, "web", |s| s.pid.is_some());
-    assert_eq!(s.phase, Phase::Running);
-    let (_, run_dir, _) = f.sp.spawned.lock().unwrap()[0].clone();
+    let (rt, run_dir) = start_heartbeat_web(&f, "1s");
     assert!(run_dir.join(notify::READY_RECORDED).exists());
     assert!(!run_dir.join(notify::READY_MARK).exists());
     drop(rt);
@@ -2299,14 +2307,7 @@ fn a_ready_sent_while_no_agent_runs_waits_in_the_kept_socket() {
     let systemd = UnixDatagram::bind(&systemd_path).unwrap();
     let store = |passed| Arc::new(crate::fdstore::FdStore::to_socket(&systemd_path, passed));
     f.cfg.fdstore = store(Default::default());
-    let hb = "command = [\"/bin/app\"]\n\
-              [heartbeat]\nenabled = true\nready_timeout = \"60s\"\n";
-    let mut rt = f.runtime();
-    rt.deploy("web", "app.tar", &spec(hb)).unwrap();
-    rt.start("web").unwrap();
-    let s = until(&rt, "web", |s| s.pid.is_some());
-    assert_eq!(s.phase, Phase::Running);
-    let (_, run_dir, _) = f.sp.spawned.lock().unwrap()[0].clone();
+    let (rt, run_dir) = start_heartbeat_web(&f, "60s");
     let name = crate::fdstore::notify_name(&run_dir).unwrap();
     // Whatever the store held under the name goes first (a socket bound
     // at the same path before: not this one).
