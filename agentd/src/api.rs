@@ -1507,6 +1507,9 @@ fn engine_info(s: EngineStatus, notes: Option<Vec<String>>) -> EngineInfo {
         restarts: Some(s.restarts),
         last_exit: s.last_exit.map(|e| e.to_string()),
         probes_delayed: Some(s.probes_delayed),
+        landlock_abi: s.confinement.as_ref().map(|c| c.landlock_abi),
+        landlock: s.confinement.as_ref().map(|c| c.landlock.clone()),
+        seccomp: s.confinement.as_ref().map(|c| c.seccomp),
         notes,
         probes: Some(
             s.probes

@@ -43,8 +43,8 @@ use leasehold_engines::supervisor::{
 use leasehold_netpolicy::nft::EngineEgress;
 use leasehold_netpolicy::Boundary;
 use leasehold_node::{
-    BudgetApplied, EngineProbe, EngineStatus, EngineView, Engines, Failure, FailureKind,
-    NotStopped, StopReport, TenantView,
+    BudgetApplied, Confinement, EngineProbe, EngineStatus, EngineView, Engines, Failure,
+    FailureKind, NotStopped, StopReport, TenantView,
 };
 use nix::sys::signal::Signal;
 use serde::{Deserialize, Serialize};
@@ -701,6 +701,35 @@ struct Live {
     oom_kills: u64,
     /// The notify socket's reader (heartbeat on); ends when dropped.
     _notifier: Option<notify::Notifier>,
+    /// Its shim's confinement report, read by `status` once it is there.
+    confinement: Arc<ConfinementCell>,
+}
+
+/// An instance's confinement as its shim reported it (`report.json`,
+/// written once the shim is confined, before its engine starts; the same
+/// for every engine it starts in place). Read by the view, which answers
+/// `status` from a snapshot taken at the runtime's last step: the report
+/// usually comes after that step, with no step of its own.
+struct ConfinementCell {
+    run_dir: PathBuf,
+    read: std::sync::OnceLock<Option<Confinement>>,
+}
+
+impl ConfinementCell {
+    /// The report once written, then kept (`None` before; a failed
+    /// confinement is none: its engine did not run).
+    fn get(&self) -> Option<Confinement> {
+        if let Some(c) = self.read.get() {
+            return c.clone();
+        }
+        let r = launch::read_report(&self.run_dir)?;
+        let c = r.result.is_ok().then(|| Confinement {
+            landlock_abi: r.landlock_abi,
+            landlock: r.landlock,
+            seccomp: r.seccomp,
+        });
+        self.read.get_or_init(|| c).clone()
+    }
 }
 
 /// The last result of one probe, for `status`.
@@ -923,7 +952,10 @@ struct PendingStop {
     reply: SyncSender<Reply>,
 }
 
-type Snapshot = Arc<RwLock<BTreeMap<String, EngineStatus>>>;
+/// Each engine's status at the runtime's last step, with its running
+/// instance's confinement report (read when asked: see
+/// [`ConfinementCell`]).
+type Snapshot = Arc<RwLock<BTreeMap<String, (EngineStatus, Option<Arc<ConfinementCell>>)>>>;
 
 struct Runtime {
     cfg: RuntimeConfig,
@@ -1101,7 +1133,7 @@ impl Runtime {
     fn publish(&self) {
         let mut m = BTreeMap::new();
         for (n, e) in &self.engines {
-            m.insert(n.clone(), status_of(e));
+            m.insert(n.clone(), (status_of(e), confinement_cell(e)));
         }
         self.tenant.set_engine_limits(
             self.engines
@@ -1734,6 +1766,10 @@ impl Runtime {
                     dir_name,
                     proc,
                     cg,
+                    confinement: Arc::new(ConfinementCell {
+                        run_dir: run_dir.clone(),
+                        read: std::sync::OnceLock::new(),
+                    }),
                     run_dir,
                     oom_kills,
                     _notifier: notifier,
@@ -2976,6 +3012,16 @@ fn probe_label(p: &Probe) -> String {
     }
 }
 
+/// The current instance's confinement report, while it runs.
+fn confinement_cell(e: &Engine) -> Option<Arc<ConfinementCell>> {
+    use leasehold_engines::supervisor::Phase;
+    let s = e.sup.status();
+    if !matches!(s.phase, Phase::Running | Phase::Ready) {
+        return None;
+    }
+    Some(e.live.get(&s.instance?)?.confinement.clone())
+}
+
 /// What `status` shows of an engine, to tell whether a step changed it:
 /// without `started_at`, which is worked out from the clock at each call
 /// (it differs by nanoseconds every time; a new instance changes the pid
@@ -3009,6 +3055,8 @@ fn status_of(e: &Engine) -> EngineStatus {
         restarts: s.restarts,
         last_exit: s.last_exit,
         probes_delayed: e.probes_delayed,
+        // Filled in by the view (ConfinementCell).
+        confinement: None,
         notes: e
             .held_note
             .filter(|_| e.sup.enabled())
@@ -3071,6 +3119,13 @@ struct SnapshotView {
     events: output::Events,
 }
 
+fn with_confinement((s, cell): &(EngineStatus, Option<Arc<ConfinementCell>>)) -> EngineStatus {
+    EngineStatus {
+        confinement: cell.as_ref().and_then(|c| c.get()),
+        ..s.clone()
+    }
+}
+
 impl fmt::Debug for SnapshotView {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("SnapshotView")
@@ -3083,7 +3138,7 @@ impl EngineView for SnapshotView {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .values()
-            .cloned()
+            .map(with_confinement)
             .collect()
     }
     fn status(&self, name: &str) -> Option<EngineStatus> {
@@ -3091,7 +3146,7 @@ impl EngineView for SnapshotView {
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
-            .cloned()
+            .map(with_confinement)
     }
     fn logs(
         &self,

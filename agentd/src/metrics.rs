@@ -1199,6 +1199,7 @@ mod tests {
             probes: Vec::new(),
             probes_delayed: 0,
             notes: Vec::new(),
+            confinement: None,
         }
     }
 

@@ -529,6 +529,11 @@ pub fn engine_json(e: &EngineInfo) -> serde_json::Value {
             }))
             .collect::<Vec<_>>()),
         "probes_delayed": e.probes_delayed,
+        "confinement": e.landlock.as_ref().map(|l| serde_json::json!({
+            "landlock_abi": e.landlock_abi,
+            "landlock": l,
+            "seccomp": e.seccomp,
+        })),
     })
 }
 
@@ -585,6 +590,12 @@ fn engine_text(e: &EngineInfo) -> String {
             "probe:      {probe}: {last} ({failures} failures in a row)"
         ));
     }
+    if let Some(l) = &e.landlock {
+        lines.push(format!(
+            "confined:   {}",
+            confinement_text(l, e.landlock_abi, e.seccomp)
+        ));
+    }
     if let Some(n) = e.probes_delayed.filter(|n| *n > 0) {
         lines.push(format!(
             "probes:     {n} runs waited for the node's probe bound (docs/engines.md)"
@@ -594,6 +605,24 @@ fn engine_text(e: &EngineInfo) -> String {
         lines.push(format!("note:       {n}"));
     }
     lines.join("\n")
+}
+
+/// `Landlock ABI 2 (partial: no scopes below ABI 6), seccomp`.
+fn confinement_text(landlock: &str, abi: Option<u32>, seccomp: Option<bool>) -> String {
+    let abi = abi.unwrap_or(0);
+    let mut t = if abi == 0 || landlock == "none" {
+        "no Landlock (not in this kernel)".to_owned()
+    } else if abi < 6 {
+        format!("Landlock ABI {abi} ({landlock}: no scopes below ABI 6)")
+    } else {
+        format!("Landlock ABI {abi} ({landlock})")
+    };
+    t.push_str(if seccomp == Some(true) {
+        ", seccomp"
+    } else {
+        ", no seccomp"
+    });
+    t
 }
 
 fn read_spec(path: &std::path::Path) -> Result<String, CliError> {
@@ -1090,6 +1119,37 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::ffi::OsString;
+
+    #[test]
+    fn an_engines_confinement_is_shown_with_what_its_kernel_lacks() {
+        let e = |abi, landlock: &str| EngineInfo {
+            name: Some("web".into()),
+            landlock_abi: Some(abi),
+            landlock: Some(landlock.into()),
+            seccomp: Some(true),
+            ..EngineInfo::default()
+        };
+        let lab = e(2, "partial");
+        assert!(
+            engine_text(&lab)
+                .contains("confined:   Landlock ABI 2 (partial: no scopes below ABI 6), seccomp"),
+            "{}",
+            engine_text(&lab)
+        );
+        assert_eq!(
+            engine_json(&lab)["confinement"],
+            serde_json::json!({"landlock_abi": 2, "landlock": "partial", "seccomp": true})
+        );
+        assert!(engine_text(&e(6, "full")).contains("confined:   Landlock ABI 6 (full), seccomp"));
+        assert!(engine_text(&e(0, "none")).contains("no Landlock (not in this kernel)"));
+        // Not running (or an older agent): no line, null in JSON.
+        let idle = EngineInfo {
+            name: Some("web".into()),
+            ..EngineInfo::default()
+        };
+        assert!(!engine_text(&idle).contains("confined"));
+        assert!(engine_json(&idle)["confinement"].is_null());
+    }
 
     fn argv(line: &[&str]) -> Vec<OsString> {
         std::iter::once("tenantctl")

@@ -377,6 +377,16 @@ pub struct EngineInfo {
     /// (`[engines] probe_rate`, `probe_concurrency`), since the agent
     /// started: each started later than its interval said, or not at all.
     pub probes_delayed: Option<u64>,
+    /// How the running instance is confined, as its shim reported it
+    /// (absent: not running, or not confined yet): the Landlock ABI in
+    /// force (0: none; scopes for abstract unix sockets and signals from
+    /// 6) ...
+    pub landlock_abi: Option<u32>,
+    /// ... whether the Landlock ruleset is `full`, `partial` (the kernel
+    /// lacks part of it) or `none` ...
+    pub landlock: Option<String>,
+    /// ... and whether the seccomp filter is installed.
+    pub seccomp: Option<bool>,
 }
 
 /// One probe in [`EngineInfo::probes`]: (what it checks, failures in a

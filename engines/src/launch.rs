@@ -277,6 +277,11 @@ pub struct Report {
     pub seccomp: bool,
 }
 
+/// What the shim of `run_dir` reported ([`Report`]), once written.
+pub fn read_report(run_dir: &Path) -> Option<Report> {
+    read_json(&run_dir.join("report.json")).ok()
+}
+
 /// How an engine ended.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Exit {
@@ -1381,7 +1386,7 @@ impl Running {
 
     /// What the shim reported, once written.
     pub fn report(&self) -> Option<Report> {
-        read_json(&self.run_dir.join("report.json")).ok()
+        read_report(&self.run_dir)
     }
 
     /// Lets a shim started with [`Launcher::start_held`] start its engine:

@@ -157,6 +157,23 @@ pub struct EngineStatus {
     /// image "app.tar" is gone from the inbox; running from the previous
     /// root`); empty mostly.
     pub notes: Vec<String>,
+    /// How the current instance is confined, as its shim reported it once
+    /// confined (`None`: no instance running, or not confined yet).
+    pub confinement: Option<Confinement>,
+}
+
+/// What an engine's shim reached (its `report.json`): the parts of the
+/// confinement that depend on the node's kernel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confinement {
+    /// Landlock ABI in force (0: none; the lab's 6.1 reaches 2; the
+    /// scopes for abstract unix sockets and signals need 6).
+    pub landlock_abi: u32,
+    /// The ruleset "full", "partial" (the kernel lacks some of what it
+    /// asks for) or "none".
+    pub landlock: String,
+    /// The seccomp filter is installed.
+    pub seccomp: bool,
 }
 
 /// One probe as `status` shows it.

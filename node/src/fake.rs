@@ -830,6 +830,7 @@ fn engine_status(name: &str, e: &FakeEngine) -> EngineStatus {
         probes: Vec::new(),
         probes_delayed: 0,
         notes: Vec::new(),
+        confinement: None,
     }
 }
 

@@ -30,9 +30,10 @@ pub use backend::{
 };
 pub use controller::{Node, MAX_ENGINE_ANSWERS_AWAITED};
 pub use engines::{
-    BudgetApplied, EngineAnswer, EngineCommand, EngineEvent, EngineProbe, EngineStatus, EngineView,
-    Engines, NoEngines, NotStopped, StopReport, TenantView, Throttle, ThrottleApplied, Throttles,
-    ERASE_STOP_GRACE, MAX_EVENTS_READ, MAX_IMAGE_REF, MAX_THROTTLES, MAX_THROTTLE_RULE,
+    BudgetApplied, Confinement, EngineAnswer, EngineCommand, EngineEvent, EngineProbe,
+    EngineStatus, EngineView, Engines, NoEngines, NotStopped, StopReport, TenantView, Throttle,
+    ThrottleApplied, Throttles, ERASE_STOP_GRACE, MAX_EVENTS_READ, MAX_IMAGE_REF, MAX_THROTTLES,
+    MAX_THROTTLE_RULE,
 };
 pub use receipt::{ErasedVolume, Receipt, SignedReceipt, RECEIPT_FORMAT};
 

@@ -321,6 +321,9 @@ fn output_functions_print_the_documented_shapes() {
             ("tcp 5432".into(), 0, String::new(), String::new(), 0),
         ]),
         probes_delayed: Some(3),
+        landlock_abi: Some(2),
+        landlock: Some("partial".into()),
+        seccomp: Some(true),
     };
     for cmd in [
         "tenantctl engine deploy",

@@ -2076,6 +2076,19 @@ fn engines_on_the_node(vm: &mut Vm) {
     let pid = st["pid"].as_u64().expect("a pid");
     vm.engine_logs_until("hello", "hello v1 from uid 2000000");
     let start_s = t.elapsed().as_secs_f64();
+    // The confinement the tenant is shown: the lab's 6.1 reaches Landlock
+    // ABI 2 of the ruleset's 6 (partial: no truncate right, no scopes).
+    let st = vm.engine_status("hello");
+    assert_eq!(
+        st["confinement"],
+        serde_json::json!({"landlock_abi": 2, "landlock": "partial", "seccomp": true}),
+        "{st}"
+    );
+    let text = vm.tenant_ok(&["engine", "status", "hello"]);
+    assert!(
+        text.contains("confined:   Landlock ABI 2 (partial: no scopes below ABI 6), seccomp"),
+        "{text}"
+    );
     eprintln!(
         "vm: engine deploy (upload + unpack) {deploy_s:.1} s, start to first line {start_s:.1} s"
     );

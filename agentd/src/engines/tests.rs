@@ -1532,6 +1532,17 @@ fn real_shim_runs_an_engine_from_an_image() {
         .filter(|m| m.ino() == fifo)
         .count();
     assert_eq!(held, 2, "the shim's stdout and its held read end");
+    // Its confinement as the shim reported it: seccomp, and Landlock at
+    // the ABI this kernel offers (the ruleset asks for 6: full from 6).
+    let c = view.status("bb").unwrap().confinement.expect("confinement");
+    assert!(c.seccomp, "{c:?}");
+    let want = match c.landlock_abi {
+        0 => "none",
+        1..=5 => "partial",
+        _ => "full",
+    };
+    assert_eq!(c.landlock, want, "{c:?}");
+    println!("confinement: {c:?}");
     std::fs::write(f.tmp.path().join("vol/engines/bb/data/var/lib/app/go"), b"").unwrap();
     let s = until(&rt, "bb", |s| s.phase == Phase::Exited);
     assert_eq!(s.last_exit, Some(Exit::Code(7)));
@@ -3111,6 +3122,58 @@ fn a_removed_engines_late_probe_is_not_the_new_ones() {
         .map(|e| e.kind)
         .collect();
     assert!(!kinds.iter().any(|k| k == "probe-failed"), "{kinds:?}");
+    rt.stop("web", Some(Duration::ZERO)).unwrap();
+}
+
+/// The shim's confinement report (Landlock ABI and enforcement, seccomp)
+/// is in `status` while an instance runs, also when the shim writes it
+/// after the runtime's last step (the view reads it when asked), and goes
+/// with the instance. A report of a failed confinement shows none.
+#[test]
+fn status_shows_the_running_instances_confinement() {
+    let f = fixture(false);
+    let mut rt = f.runtime();
+    rt.deploy("web", "app.tar", &spec("command = [\"/bin/app\"]\n"))
+        .unwrap();
+    assert_eq!(rt.view().status("web").unwrap().confinement, None);
+    rt.start("web").unwrap();
+    let s = until(&rt, "web", |s| s.pid.is_some());
+    assert_eq!(s.confinement, None, "no report yet");
+    // Written by the shim now, with no step of the runtime after it.
+    let run_dir = f.sp.spawned.lock().unwrap()[0].1.clone();
+    let report = |result: Result<(), String>| {
+        serde_json::to_vec(&launch::Report {
+            result,
+            landlock_abi: 2,
+            landlock: "partial".into(),
+            seccomp: true,
+        })
+        .unwrap()
+    };
+    std::fs::write(run_dir.join("report.json"), report(Ok(()))).unwrap();
+    let want = Some(leasehold_node::Confinement {
+        landlock_abi: 2,
+        landlock: "partial".into(),
+        seccomp: true,
+    });
+    assert_eq!(rt.view().status("web").unwrap().confinement, want);
+    assert_eq!(rt.view().list()[0].confinement, want);
+    // Kept once read: the instance's confinement does not change.
+    std::fs::write(run_dir.join("report.json"), report(Err("late".into()))).unwrap();
+    assert_eq!(rt.view().status("web").unwrap().confinement, want);
+    rt.stop("web", Some(Duration::ZERO)).unwrap();
+    let s = until(&rt, "web", |s| s.phase == Phase::Stopped);
+    assert_eq!(s.confinement, None);
+    // A failed confinement is none.
+    rt.start("web").unwrap();
+    until(&rt, "web", |s| s.pid.is_some());
+    let run_dir = f.sp.spawned.lock().unwrap()[1].1.clone();
+    std::fs::write(
+        run_dir.join("report.json"),
+        report(Err("landlock restrict_self: EPERM".into())),
+    )
+    .unwrap();
+    assert_eq!(rt.view().status("web").unwrap().confinement, None);
     rt.stop("web", Some(Duration::ZERO)).unwrap();
 }
 
