@@ -56,6 +56,11 @@ pub fn parse_rfc3339(s: &str) -> Result<u64, String> {
             "{s:?}: give a duration (30s, 10m, 2h, 1d) or an RFC 3339 time (2026-12-03T22:00:00Z)"
         )
     };
+    // Byte positions below slice the text: ASCII only, or a multi-byte
+    // character across a boundary would panic (review).
+    if !s.is_ascii() {
+        return Err(bad());
+    }
     let b = s.as_bytes();
     if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b'T' | b't' | b' ') {
         return Err(bad());
@@ -170,9 +175,21 @@ mod tests {
             "2026-12-03T22:25:02+0100",
             "1969-12-31T23:59:59Z",
             "10x",
+            "2026-12-03T22:25:0\u{20ac}Z",
+            "2026-12-03T22:25:02+0\u{e9}:00",
+            "2026-12-03T22:25:02\u{e9}",
+            "2026-12-03T22:25:02.5\u{e9}",
         ] {
             let e = parse_since(s, 1_000_000).unwrap_err();
             assert!(e.contains(s), "{s}: {e}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever the text, an answer and never a panic.
+        #[test]
+        fn any_since_is_answered(s in "\\PC{0,40}") {
+            let _ = parse_since(&s, 1_796_336_702_123);
         }
     }
 

@@ -904,6 +904,11 @@ impl IoLoop {
                             Ok(n) => {
                                 s.push(&buf[..n], now_ms, &mut batch);
                                 read += n;
+                                // Handed over read by read, as while it
+                                // ran: a full pipe of empty lines is
+                                // millions of records (review: 2 MiB of
+                                // output gathered as 100+ MB at once).
+                                r.cap.send(std::mem::take(&mut batch), now_ms);
                             }
                             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                             Err(_) => break,
