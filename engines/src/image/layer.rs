@@ -432,6 +432,12 @@ impl<'l> Unpacker<'l> {
         let mut pending: Vec<OsString> = comps.iter().rev().cloned().collect();
         let mut hops = 0u32;
         let mut missing = false;
+        // Every component this entry may cost, its symlinks' targets
+        // included: a target of 4096 bytes holds 2048 `d/..` pairs, and 40
+        // of them per entry, each entry alike, made one small image cost
+        // the root agent hours (review). Real paths stay far below.
+        let budget = 2 * self.limits.max_path_depth;
+        let mut steps = comps.len();
         loop {
             if !missing {
                 self.skip_known(&mut here, &mut depth, &mut pending)?;
@@ -483,6 +489,12 @@ impl<'l> Unpacker<'l> {
                         .root
                         .read_link_contents(&here)
                         .map_err(|e| io_refusal("read symlink", e))?;
+                    steps += target.components().count();
+                    if steps > budget {
+                        return Err(EntryError::Refused(format!(
+                            "more than {budget} path components to resolve (symlinks' targets included)"
+                        )));
+                    }
                     here.pop();
                     depth -= 1;
                     for part in target.components().rev() {
@@ -497,6 +509,14 @@ impl<'l> Unpacker<'l> {
                         here.clear();
                         depth = 0;
                     }
+                }
+                // As the kernel (ENOTDIR): nothing goes on past a file,
+                // not even `f/..`, which cost a lookup each (review).
+                Ok(m) if !last && !m.is_dir() => {
+                    return Err(EntryError::Refused(format!(
+                        "{} is not a directory, and the path goes on past it",
+                        here.display()
+                    )));
                 }
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::NotFound => missing = true,
@@ -1138,6 +1158,58 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+    }
+
+    /// A path going on past a file (`f/..` in a symlink's target) is
+    /// refused as the kernel refuses it, and an entry whose symlinks hold
+    /// more components than twice the depth cap (`d/..` pairs: each a
+    /// cheap step, but thousands per entry) is refused before it is walked.
+    #[test]
+    fn paths_through_files_and_long_climbs_are_refused() {
+        let pairs = |name: &str, n: usize| vec![format!("{name}/.."); n].join("/");
+        let cases = [
+            (format!("{}/x", pairs("f", 3)), "is not a directory"),
+            (
+                format!("{}/x", pairs("d", 300)),
+                "path components to resolve",
+            ),
+        ];
+        for (target, why) in cases {
+            let tmp = tempfile::tempdir().unwrap();
+            let limits = Limits::default();
+            let mut unpacker = Unpacker::new(root_of(&tmp), &limits, 0);
+            let layer = LayerTar::new()
+                .file("f")
+                .dir("d", 0o755)
+                .dir("x", 0o755)
+                .symlink("l", &target)
+                .file("l/y")
+                .build();
+            match unpacker.apply_layer(1, &layer[..]) {
+                Err(ImageError::Entry { entry, reason, .. }) => {
+                    assert_eq!(entry, "l/y");
+                    assert!(reason.contains(why), "{reason}");
+                }
+                other => panic!("{target}: {other:?}"),
+            }
+            assert!(
+                unpacker.lookups < 20,
+                "{} paths looked at",
+                unpacker.lookups
+            );
+        }
+        // A short climb through a directory still resolves.
+        let tmp = tempfile::tempdir().unwrap();
+        let limits = Limits::default();
+        let mut unpacker = Unpacker::new(root_of(&tmp), &limits, 0);
+        let layer = LayerTar::new()
+            .dir("d", 0o755)
+            .dir("x", 0o755)
+            .symlink("l", "d/../d/../x")
+            .file("l/y")
+            .build();
+        unpacker.apply_layer(1, &layer[..]).unwrap();
+        assert!(tmp.path().join("x/y").is_file());
     }
 
     /// Every directory in the root, relative, without following links.
