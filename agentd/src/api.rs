@@ -1702,13 +1702,16 @@ fn upload_error(e: crate::upload::UploadError) -> Error {
     match e {
         U::Invalid { .. } | U::Inbox { .. } => Error::InvalidArgument(msg),
         U::NotFound(_) => Error::NotFound(msg),
-        U::Busy => Error::Busy(msg),
+        U::Busy(_) => Error::Busy(msg),
         U::NoVolume => Error::Unavailable(msg),
         U::NoSpace { .. } => Error::Failed(msg),
         U::Io { op, ref source, .. } => {
             // Not the path: it ends in the tenant's file name (the caller
-            // gets the whole message).
-            tracing::error!(op, error = %source, "image upload failed");
+            // gets the whole message). Debug: the inbox is the tenant's,
+            // which can make these fail in a loop (a file removed under
+            // the upload), and journald's rate limit would then drop the
+            // agent's other lines (review).
+            tracing::debug!(op, error = %source, "image upload failed");
             Error::Failed(msg)
         }
     }

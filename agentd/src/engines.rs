@@ -416,6 +416,11 @@ fn cgroup2_mount_of(dir: &Path) -> Option<PathBuf> {
 pub trait VolumeDir: Send + Sync + 'static {
     /// The mount point, only while the volume is open and mounted.
     fn mounted(&self) -> Option<PathBuf>;
+    /// Unmounts since the agent started, counted once each is done: which
+    /// mount a holder of descriptors on the volume was given.
+    fn unmounts(&self) -> u64 {
+        0
+    }
 }
 
 impl VolumeDir for crate::volume::Volume {
@@ -423,6 +428,9 @@ impl VolumeDir for crate::volume::Volume {
         let (_, rt, _) = self.status().ok()?;
         let at = self.mount_point();
         (rt.open && leasehold_storage::fs::is_mounted(at)).then(|| at.to_owned())
+    }
+    fn unmounts(&self) -> u64 {
+        crate::volume::Volume::unmounts(self)
     }
 }
 

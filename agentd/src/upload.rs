@@ -32,8 +32,10 @@ pub const DEFAULT_MAX_BYTES: u64 = 4 << 30;
 /// Bounds of `engines.upload_max_bytes`: at most the unpacker's own
 /// archive cap (8 GiB).
 pub const MAX_MAX_BYTES: u64 = 8 << 30;
-/// Uploads in progress at once.
+/// Uploads in progress at once, per caller (uid).
 pub const MAX_ACTIVE: usize = 4;
+/// Uploads in progress at once on the node (every caller).
+pub const MAX_ACTIVE_NODE: usize = 16;
 /// An upload that received nothing for this long is dropped (its temp file
 /// removed) when the next upload begins.
 pub const IDLE: Duration = Duration::from_secs(600);
@@ -58,9 +60,9 @@ pub enum UploadError {
     /// input ([`leasehold_node::shown`]: quoted, at most 64 characters).
     #[error("no upload {0} in progress (finished, aborted, expired or never begun)")]
     NotFound(String),
-    /// Too many uploads at once.
-    #[error("{MAX_ACTIVE} uploads are already in progress; finish or abort one first")]
-    Busy,
+    /// Too many uploads at once: why, with the caller's own uploads.
+    #[error("{0}")]
+    Busy(String),
     /// No tenant volume: images are kept nowhere else.
     #[error("no tenant volume is mounted: images are only kept on the encrypted volume (volume init, or open it first)")]
     NoVolume,
@@ -125,6 +127,8 @@ struct Upload {
 struct Entry {
     up: Arc<Mutex<Upload>>,
     remaining: Arc<AtomicU64>,
+    /// Its caller (the per-caller bound).
+    uid: u32,
 }
 
 /// The uploads in progress (in memory: an agent restart drops them, and
@@ -134,6 +138,13 @@ pub struct Uploads {
     images_dir: String,
     max_bytes: u64,
     active: Mutex<BTreeMap<String, Entry>>,
+    /// Held (read) by every call for as long as it works in the inbox;
+    /// [`Uploads::drop_all`] takes it (write), so no call still holds a
+    /// descriptor on the volume once it returns. `Some(n)`: closed at
+    /// the volume's `n`th unmount, which is under way (every call
+    /// refused until the volume has been unmounted: it may still show as
+    /// mounted, and a descriptor opened now would keep it busy).
+    gate: std::sync::RwLock<Option<u64>>,
 }
 
 impl std::fmt::Debug for Uploads {
@@ -209,6 +220,29 @@ fn check_digest(d: &str) -> Result<(), UploadError> {
     }
 }
 
+/// Refuses another upload of `uid`'s beyond [`MAX_ACTIVE`] (naming its
+/// own uploads, so it can abort one), or beyond [`MAX_ACTIVE_NODE`].
+fn busy(active: &BTreeMap<String, Entry>, uid: u32) -> Result<(), UploadError> {
+    let mine: Vec<&str> = active
+        .iter()
+        .filter(|(_, e)| e.uid == uid)
+        .map(|(id, _)| id.as_str())
+        .collect();
+    if mine.len() >= MAX_ACTIVE {
+        return Err(UploadError::Busy(format!(
+            "{MAX_ACTIVE} uploads of yours are in progress ({}): finish one, abort one (tenantctl engine upload-abort ID), or leave it: one that receives no byte for {} minutes is dropped when an upload begins",
+            mine.join(", "),
+            IDLE.as_secs() / 60
+        )));
+    }
+    if active.len() >= MAX_ACTIVE_NODE {
+        return Err(UploadError::Busy(format!(
+            "{MAX_ACTIVE_NODE} uploads are in progress on this node; try again later"
+        )));
+    }
+    Ok(())
+}
+
 fn temp_name(id: &str) -> String {
     format!("{TEMP_PREFIX}{id}{TEMP_SUFFIX}")
 }
@@ -225,7 +259,17 @@ impl Uploads {
             images_dir,
             max_bytes,
             active: Mutex::new(BTreeMap::new()),
+            gate: std::sync::RwLock::new(None),
         }
+    }
+
+    /// See `gate`: held for the whole call.
+    fn enter(&self) -> Result<std::sync::RwLockReadGuard<'_, Option<u64>>, UploadError> {
+        let g = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        if *g == Some(self.volume.unmounts()) {
+            return Err(UploadError::NoVolume);
+        }
+        Ok(g)
     }
 
     fn active(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
@@ -332,9 +376,17 @@ impl Uploads {
     }
 
     /// Drops every upload in progress (their files close): the volume is
-    /// about to be unmounted. Their clients' next call answers NotFound;
-    /// the temp files go with an erase, or at the next sweep.
+    /// about to be unmounted. Every call answers NoVolume until the
+    /// unmount is done, then theirs NotFound; the temp files go with an
+    /// erase, or at the next sweep.
     pub fn drop_all(&self) -> usize {
+        // Every call in flight ends first (its descriptors with it); none
+        // starts until the unmount is done (review: a begin racing the
+        // unmount kept the filesystem busy, the unmount was lazy and the
+        // mapping's removal deferred, so the next tenancy's volume could
+        // not be made).
+        let mut gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        *gate = Some(self.volume.unmounts());
         let mut active = self.active();
         let n = active.len();
         active.clear();
@@ -344,6 +396,9 @@ impl Uploads {
     /// At agent start: every temp file is an unfinished upload of an
     /// earlier agent. Nothing to do without a volume.
     pub fn sweep_at_start(&self) -> usize {
+        let Ok(_gate) = self.enter() else {
+            return 0;
+        };
         let Some(mount) = self.volume.mounted() else {
             return 0;
         };
@@ -364,6 +419,7 @@ impl Uploads {
         size: u64,
         sha256: &str,
     ) -> Result<String, UploadError> {
+        let _gate = self.enter()?;
         check_name(name)?;
         if size > self.max_bytes {
             return Err(UploadError::Invalid {
@@ -377,10 +433,21 @@ impl Uploads {
         check_digest(sha256)?;
         let sha256 = sha256.strip_prefix("sha256:").unwrap_or(sha256).to_owned();
         let (dir, inbox, mount) = self.open_inbox(uid)?;
-        self.sweep(&dir, &inbox);
-        if self.active().len() >= MAX_ACTIVE {
-            return Err(UploadError::Busy);
+        // A directory at the name would fail the rename only at the
+        // commit, after the whole transfer.
+        if let Ok(st) = rustix::fs::statat(&dir, name, rustix::fs::AtFlags::SYMLINK_NOFOLLOW) {
+            if rustix::fs::FileType::from_raw_mode(st.st_mode).is_dir() {
+                return Err(UploadError::Invalid {
+                    field: "name",
+                    reason: format!(
+                        "{}: a directory of that name is in the inbox (an upload replaces files only)",
+                        leasehold_node::shown(name)
+                    ),
+                });
+            }
         }
+        self.sweep(&dir, &inbox);
+        self.check_busy(uid)?;
         // Created and registered under one lock: another caller's sweep
         // never sees the new temp file as a leftover, and two uploads
         // begun together cannot both count the same free space.
@@ -424,9 +491,9 @@ impl Uploads {
             last: Instant::now(),
             remaining: Arc::new(AtomicU64::new(size)),
         };
-        if active.len() >= MAX_ACTIVE {
+        if let Err(e) = busy(&active, uid) {
             let _ = rustix::fs::unlinkat(&up.dir, up.temp.as_str(), rustix::fs::AtFlags::empty());
-            return Err(UploadError::Busy);
+            return Err(e);
         }
         let remaining = up.remaining.clone();
         active.insert(
@@ -434,6 +501,7 @@ impl Uploads {
             Entry {
                 up: Arc::new(Mutex::new(up)),
                 remaining,
+                uid,
             },
         );
         // Debug: a tenant can begin and abort uploads as fast as it likes
@@ -441,6 +509,10 @@ impl Uploads {
         // never the file's name, the tenant's.
         tracing::debug!(upload = id, uid, size, "upload begun");
         Ok(id)
+    }
+
+    fn check_busy(&self, uid: u32) -> Result<(), UploadError> {
+        busy(&self.active(), uid)
     }
 
     fn get(&self, uid: u32, id: &str) -> Result<Arc<Mutex<Upload>>, UploadError> {
@@ -465,6 +537,7 @@ impl Uploads {
     /// Appends `data` at `offset` (which must be what was received so far);
     /// returns the bytes received. A write error ends the upload.
     pub fn chunk(&self, uid: u32, id: &str, offset: u64, data: &[u8]) -> Result<u64, UploadError> {
+        let _gate = self.enter()?;
         let u = self.get(uid, id)?;
         let mut u = u.lock().unwrap_or_else(|p| p.into_inner());
         if !self.active().contains_key(id) {
@@ -501,7 +574,11 @@ impl Uploads {
         u.hasher.update(data);
         u.received += len;
         u.remaining.store(u.size - u.received, Ordering::Release);
-        u.last = Instant::now();
+        // Only bytes keep an upload alive: empty chunks every few minutes
+        // held a place for ever (review).
+        if len > 0 {
+            u.last = Instant::now();
+        }
         Ok(u.received)
     }
 
@@ -510,6 +587,7 @@ impl Uploads {
     /// (replacing an older file of that name). A mismatch ends the upload
     /// and removes its temp file. Returns the name.
     pub fn commit(&self, uid: u32, id: &str) -> Result<String, UploadError> {
+        let _gate = self.enter()?;
         let u = self.get(uid, id)?;
         let mut u = u.lock().unwrap_or_else(|p| p.into_inner());
         if !self.active().contains_key(id) {
@@ -565,8 +643,15 @@ impl Uploads {
 
     /// Abandons an upload: its temp file is removed.
     pub fn abort(&self, uid: u32, id: &str) -> Result<(), UploadError> {
+        let _gate = self.enter()?;
         let u = self.get(uid, id)?;
         let u = u.lock().unwrap_or_else(|p| p.into_inner());
+        // Committed (or dropped) while this waited for it: not aborted,
+        // and never reported so (review: an abort during a commit said
+        // "aborted" of a file then in the inbox).
+        if !self.active().contains_key(id) {
+            return Err(UploadError::not_found(id));
+        }
         self.drop_upload(id, &u);
         tracing::debug!(upload = id, "upload aborted");
         Ok(())

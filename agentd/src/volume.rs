@@ -106,6 +106,8 @@ pub struct Volume {
     dir: PathBuf,
     rt: Mutex<Runtime>,
     before_unmount: Hooks,
+    /// Unmounts done (or tried) since the agent started.
+    unmounts: std::sync::atomic::AtomicU64,
 }
 
 /// What holds files open on the mounted volume and must let go before it
@@ -156,7 +158,14 @@ impl Volume {
             dir: dir.to_owned(),
             rt: Mutex::new(Runtime::default()),
             before_unmount: Hooks::default(),
+            unmounts: std::sync::atomic::AtomicU64::new(0),
         }
+    }
+
+    /// Unmounts done (or tried) since the agent started: counted right
+    /// after each, the hooks having run before it.
+    pub fn unmounts(&self) -> u64 {
+        self.unmounts.load(std::sync::atomic::Ordering::Acquire)
     }
 
     /// `f` runs before every unmount (a key change's teardown, the
@@ -575,7 +584,12 @@ impl Volume {
         {
             hook();
         }
-        let detached = fs::unmount(&self.cfg.mount)?;
+        let unmounted = fs::unmount(&self.cfg.mount);
+        // Counted once done (or failed: the old mount is then all there
+        // is): the uploads refuse every call from their drop until here.
+        self.unmounts
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let detached = unmounted?;
         let closed = mapping::close(mapping::NAME)?;
         Ok(detached || closed == mapping::Closed::Deferred)
     }

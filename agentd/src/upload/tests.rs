@@ -5,11 +5,15 @@ use super::*;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::sync::RwLock;
 
-struct FakeVolume(RwLock<Option<PathBuf>>);
+/// The mount point, and the unmounts done.
+struct FakeVolume(RwLock<Option<PathBuf>>, AtomicU64);
 
 impl VolumeDir for FakeVolume {
     fn mounted(&self) -> Option<PathBuf> {
         self.0.read().unwrap().clone()
+    }
+    fn unmounts(&self) -> u64 {
+        self.1.load(Ordering::SeqCst)
     }
 }
 
@@ -27,7 +31,7 @@ fn fixture_with(max: u64) -> Fixture {
     let tmp = tempfile::tempdir().unwrap();
     let v = tmp.path().join("vol");
     std::fs::create_dir(&v).unwrap();
-    let vol = Arc::new(FakeVolume(RwLock::new(Some(v))));
+    let vol = Arc::new(FakeVolume(RwLock::new(Some(v)), AtomicU64::new(0)));
     let up = Uploads::new(vol.clone(), "engines".into(), max);
     Fixture { tmp, vol, up }
 }
@@ -321,8 +325,11 @@ fn symlinks_in_the_inbox_are_never_followed() {
     assert!(e.to_string().contains("o-w"), "{e}");
 }
 
+/// Each caller (uid) has [`MAX_ACTIVE`] uploads at once; refused, it is
+/// told which are its own (to abort one), and another caller is not held
+/// up by it. Empty chunks do not keep an upload from its idle drop.
 #[test]
-fn uploads_in_progress_are_bounded() {
+fn uploads_in_progress_are_bounded_per_caller() {
     let f = fixture();
     let ids: Vec<String> = (0..MAX_ACTIVE)
         .map(|i| {
@@ -330,12 +337,47 @@ fn uploads_in_progress_are_bounded() {
                 .unwrap()
         })
         .collect();
-    assert!(matches!(
-        f.up.begin(me(), "more.tar", 1, &sha(b"x")),
-        Err(UploadError::Busy)
-    ));
+    match f.up.begin(me(), "more.tar", 1, &sha(b"x")) {
+        Err(UploadError::Busy(m)) => {
+            for id in &ids {
+                assert!(m.contains(id.as_str()), "{m}");
+            }
+            assert!(m.contains("upload-abort"), "{m}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Another caller begins all the same.
+    let other = f.up.begin(me() + 1, "theirs.tar", 1, &sha(b"x")).unwrap();
+    f.up.abort(me() + 1, &other).unwrap();
     f.up.abort(me(), &ids[0]).unwrap();
     f.up.begin(me(), "more.tar", 1, &sha(b"x")).unwrap();
+    // An empty chunk is no sign of life.
+    let last = |id: &str| f.up.active()[id].up.lock().unwrap().last;
+    let before = last(&ids[1]);
+    std::thread::sleep(Duration::from_millis(2));
+    assert_eq!(f.up.chunk(me(), &ids[1], 0, b"").unwrap(), 0);
+    assert_eq!(last(&ids[1]), before, "kept alive by an empty chunk");
+    f.up.chunk(me(), &ids[1], 0, b"x").unwrap();
+    assert!(last(&ids[1]) > before);
+}
+
+/// A directory at the name is refused at begin, naming the field, not
+/// after the whole transfer at the commit's rename.
+#[test]
+fn a_directory_at_the_name_is_refused_at_begin() {
+    let f = fixture();
+    let id = f.up.begin(me(), "first.tar", 1, &sha(b"x")).unwrap();
+    f.up.abort(me(), &id).unwrap();
+    std::fs::create_dir(f.inbox().join("app.tar")).unwrap();
+    match f.up.begin(me(), "app.tar", 1, &sha(b"x")) {
+        Err(UploadError::Invalid {
+            field: "name",
+            reason,
+        }) => {
+            assert!(reason.contains("directory"), "{reason}")
+        }
+        other => panic!("{other:?}"),
+    }
 }
 
 /// A full volume, on a real (tiny) tmpfs: refused at begin when the size
@@ -424,7 +466,82 @@ fn uploads_are_dropped_before_the_volume_unmounts() {
     assert_eq!(open_below(&vol), 0, "nothing of the volume left open");
     assert!(matches!(
         f.up.chunk(me(), &id, 5_000, &data[5_000..]),
+        Err(UploadError::NoVolume)
+    ));
+    // Once the unmount is done: gone.
+    f.vol.1.fetch_add(1, Ordering::SeqCst);
+    assert!(matches!(
+        f.up.chunk(me(), &id, 5_000, &data[5_000..]),
         Err(UploadError::NotFound(_))
     ));
     assert_eq!(f.up.drop_all(), 0);
+}
+
+/// From the drop before an unmount until the unmount is done, every call
+/// is refused, though the volume still shows as mounted: a descriptor
+/// opened then would keep the filesystem busy. After it, uploads go on
+/// (into the next mount).
+#[test]
+fn no_upload_begins_between_the_drop_and_the_unmount() {
+    let f = fixture();
+    let id = f.up.begin(me(), "a.tar", 2, &sha(b"xy")).unwrap();
+    assert_eq!(f.up.drop_all(), 1);
+    assert!(f.vol.mounted().is_some(), "still shown as mounted");
+    assert!(matches!(
+        f.up.begin(me(), "b.tar", 1, &sha(b"x")),
+        Err(UploadError::NoVolume)
+    ));
+    assert!(matches!(
+        f.up.chunk(me(), &id, 0, b"x"),
+        Err(UploadError::NoVolume)
+    ));
+    assert_eq!(f.up.sweep_at_start(), 0);
+    assert_eq!(open_below(&f.tmp.path().join("vol")), 0);
+    // The unmount done (and the volume mounted again).
+    f.vol.1.fetch_add(1, Ordering::SeqCst);
+    let id = f.up.begin(me(), "b.tar", 1, &sha(b"x")).unwrap();
+    f.up.chunk(me(), &id, 0, b"x").unwrap();
+    assert_eq!(f.up.commit(me(), &id).unwrap(), "b.tar");
+}
+
+/// Callers beginning and sending while the volume's drop comes: once the
+/// drop returns, nothing of the volume is open, whatever was in flight
+/// (before, a begin past its inbox check registered after the drop).
+#[test]
+fn calls_in_flight_end_before_the_drop_returns() {
+    for round in 0..20u64 {
+        let f = fixture();
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        let vol = f.tmp.path().join("vol");
+        std::thread::scope(|s| {
+            for t in 0..3u32 {
+                let (up, stop) = (&f.up, &stop);
+                s.spawn(move || {
+                    let mut i = 0;
+                    while !stop.load(Ordering::SeqCst) {
+                        i += 1;
+                        if let Ok(id) = up.begin(me() + t, &format!("{t}-{i}.tar"), 1, &sha(b"x")) {
+                            let _ = up.chunk(me() + t, &id, 0, b"x");
+                            if i % 2 == 0 {
+                                let _ = up.abort(me() + t, &id);
+                            }
+                        }
+                    }
+                });
+            }
+            let t0 = Instant::now();
+            while f.up.active().is_empty() {
+                assert!(t0.elapsed() < Duration::from_secs(10), "no upload began");
+                std::thread::yield_now();
+            }
+            f.up.drop_all();
+            let left = open_below(&vol);
+            stop.store(true, Ordering::SeqCst);
+            assert_eq!(
+                left, 0,
+                "round {round}: descriptors of the volume after the drop"
+            );
+            assert!(f.up.active().is_empty(), "round {round}");
+        });
+    }
 }
