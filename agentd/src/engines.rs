@@ -731,7 +731,7 @@ impl ConfinementCell {
             return c.clone();
         }
         let r = launch::read_report(&self.run_dir)?;
-        let c = r.result.is_ok().then(|| Confinement {
+        let c = r.result.is_ok().then_some(Confinement {
             landlock_abi: r.landlock_abi,
             landlock: r.landlock,
             seccomp: r.seccomp,
