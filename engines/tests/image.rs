@@ -426,6 +426,60 @@ fn docker_archive() {
     assert_eq!(place.read("srv/data.txt"), b"hello from layer two\n");
 }
 
+/// A docker-archive listing one layer many times reads it as many times:
+/// the listed layers' sizes are summed against `max_archive_bytes`, as an
+/// OCI manifest's are (before, nothing bounded them: a large layer of empty
+/// compressed frames listed 128 times was read 128 times).
+#[test]
+fn docker_archive_layers_listed_again_count_again() {
+    let place = Place::new();
+    let l1 = base_layer();
+    let n = 40;
+    let config = config_json(&vec![sha256(&l1); n]);
+    let config_name = format!("{}.json", hex_of(&sha256(&config)));
+    let manifest = serde_json::to_vec(&serde_json::json!([{
+        "Config": config_name,
+        "Layers": vec!["a/layer.tar"; n],
+    }]))
+    .unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in [
+        ("manifest.json", &manifest[..]),
+        (&config_name[..], &config[..]),
+        ("a/layer.tar", &l1[..]),
+    ] {
+        let mut h = Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        b.append_data(&mut h, name, data).unwrap();
+    }
+    let archive = place.input.join("docker.tar");
+    let bytes = b.into_inner().unwrap();
+    std::fs::write(&archive, &bytes).unwrap();
+    // The archive itself is within the cap; its layer listed 40 times is not.
+    let limits = Limits {
+        max_archive_bytes: (bytes.len() + 10 * l1.len()) as u64,
+        ..Limits::default()
+    };
+    let err = place.unpack_with(&archive, &limits).unwrap_err();
+    assert!(
+        matches!(err, ImageError::Cap { ref what, .. } if what.contains("listed twice")),
+        "{err}"
+    );
+    place.assert_nothing_left();
+    // Listed as often as fits, it unpacks.
+    let got = place
+        .unpack_with(
+            &archive,
+            &Limits {
+                max_archive_bytes: (bytes.len() + n * l1.len()) as u64,
+                ..Limits::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(got.stats.layers, n);
+}
+
 #[test]
 fn docker_archive_config_not_matching_its_name_is_refused() {
     let place = Place::new();

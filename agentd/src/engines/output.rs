@@ -1020,7 +1020,7 @@ impl EventRing {
             time_ms: now_ms(),
             engine: engine.to_owned(),
             kind: ev.name().to_owned(),
-            detail: detail(ev),
+            detail: bounded(detail(ev)),
         });
         self.next += 1;
     }
@@ -1062,6 +1062,23 @@ impl EventRing {
             .cloned()
             .collect()
     }
+}
+
+/// Longest event detail kept, in bytes: 512 events are kept, and a
+/// detail may quote what the tenant's image or spec holds.
+pub const MAX_EVENT_DETAIL: usize = 2048;
+
+/// `d` cut to [`MAX_EVENT_DETAIL`] bytes (at a character boundary).
+fn bounded(mut d: String) -> String {
+    if d.len() > MAX_EVENT_DETAIL {
+        let mut at = MAX_EVENT_DETAIL - 3;
+        while !d.is_char_boundary(at) {
+            at -= 1;
+        }
+        d.truncate(at);
+        d.push('…');
+    }
+    d
 }
 
 /// One line on an event for the tenant.
@@ -1644,6 +1661,24 @@ mod tests {
         drop(first);
         let e = out_w.write_all(b"x\n").unwrap_err();
         assert_eq!(e.raw_os_error(), Some(nix::libc::EPIPE));
+    }
+
+    /// An event's detail is kept to [`MAX_EVENT_DETAIL`] bytes, cut at a
+    /// character (a launch failure quoting the tenant's input).
+    #[test]
+    fn event_details_are_bounded() {
+        let ring = EventRing::new();
+        let mut r = ring.lock().unwrap();
+        r.push(
+            "web",
+            &Event::LaunchFailed {
+                instance: leasehold_engines::supervisor::InstanceId(1),
+                reason: "é".repeat(1 << 20),
+            },
+        );
+        let d = &r.after(0, 1)[0].detail;
+        assert!(d.len() <= MAX_EVENT_DETAIL, "{}", d.len());
+        assert!(d.ends_with('…'));
     }
 
     #[test]

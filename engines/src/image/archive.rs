@@ -118,6 +118,15 @@ impl Source {
         }
     }
 
+    /// The size of `name` in the outer tar (`None`: not there, or a
+    /// directory layout, whose sizes come from its descriptors).
+    pub(crate) fn tar_size(&self, name: &str) -> Option<u64> {
+        match self {
+            Source::Tar { blobs, .. } => blobs.get(name).map(|b| b.size),
+            Source::Dir { .. } => None,
+        }
+    }
+
     fn exists(&self, name: &str) -> bool {
         match self {
             Source::Tar { blobs, .. } => blobs.contains_key(name),

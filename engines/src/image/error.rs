@@ -25,7 +25,7 @@ pub enum ImageError {
         path: PathBuf,
     },
     /// The outer archive is not a readable tar file.
-    #[error("{path}: not a readable tar archive: {reason}")]
+    #[error("{path}: not a readable tar archive: {}", cut(.reason, 256))]
     BadArchive {
         /// The input.
         path: PathBuf,
@@ -33,7 +33,7 @@ pub enum ImageError {
         reason: String,
     },
     /// A documented cap was exceeded.
-    #[error("{what} exceeds the cap of {cap}")]
+    #[error("{} exceeds the cap of {cap}", cut(.what, 256))]
     Cap {
         /// What was counted (e.g. "archive size in bytes", "layers").
         what: String,
@@ -41,19 +41,19 @@ pub enum ImageError {
         cap: u64,
     },
     /// A file the format requires is absent from the archive.
-    #[error("{name} is missing from the archive")]
+    #[error("{} is missing from the archive", cut(.name, 128))]
     Missing {
         /// Its name inside the archive or layout.
         name: String,
     },
     /// The archive holds two entries with the same name.
-    #[error("{name} appears twice in the archive")]
+    #[error("{} appears twice in the archive", cut(.name, 128))]
     Duplicate {
         /// Its name inside the archive.
         name: String,
     },
     /// A JSON document (index, manifest, config, manifest.json) is malformed.
-    #[error("{what}: invalid JSON: {reason}")]
+    #[error("{}: invalid JSON: {}", cut(.what, 128), cut(.reason, 256))]
     Json {
         /// Which document.
         what: String,
@@ -61,7 +61,7 @@ pub enum ImageError {
         reason: String,
     },
     /// A digest uses an algorithm other than sha256, or is malformed.
-    #[error("{what}: unsupported digest {digest:?} (only sha256:<64 hex> is accepted)")]
+    #[error("{}: unsupported digest {:?} (only sha256:<64 hex> is accepted)", cut(.what, 128), cut(.digest, 80))]
     DigestAlgorithm {
         /// Which blob.
         what: String,
@@ -69,7 +69,7 @@ pub enum ImageError {
         digest: String,
     },
     /// A blob's content does not hash to its descriptor's digest.
-    #[error("{what}: digest mismatch: descriptor says {expected}, content is {actual}")]
+    #[error("{}: digest mismatch: descriptor says {}, content is {actual}", cut(.what, 128), cut(.expected, 80))]
     DigestMismatch {
         /// Which blob.
         what: String,
@@ -79,7 +79,7 @@ pub enum ImageError {
         actual: String,
     },
     /// A blob's length differs from its descriptor's size.
-    #[error("{what}: size mismatch: descriptor says {expected} bytes, blob has {actual}")]
+    #[error("{}: size mismatch: descriptor says {expected} bytes, blob has {actual}", cut(.what, 128))]
     SizeMismatch {
         /// Which blob.
         what: String,
@@ -89,7 +89,7 @@ pub enum ImageError {
         actual: u64,
     },
     /// A descriptor's media type is not one this agent unpacks.
-    #[error("{what}: unsupported media type {media_type}")]
+    #[error("{}: unsupported media type {:?}", cut(.what, 128), cut(.media_type, 80))]
     MediaType {
         /// Which blob.
         what: String,
@@ -97,7 +97,7 @@ pub enum ImageError {
         media_type: String,
     },
     /// The index has no linux/amd64 image.
-    #[error("no linux/amd64 image in the index; it offers: {offered}")]
+    #[error("no linux/amd64 image in the index; it offers: {}", cut(.offered, 512))]
     NoPlatform {
         /// The platforms the index lists, comma separated.
         offered: String,
@@ -132,6 +132,17 @@ pub enum ImageError {
     /// before it finished; nothing is left.
     #[error("stopped before it finished; nothing was kept")]
     Aborted,
+}
+
+/// A value from the archive as an error shows it: at most `max`
+/// characters, then how long it was. The archive is the tenant's, and its
+/// errors are kept (engine events, a reload's note): a 4 MiB media type or
+/// digest was repeated whole in each (review).
+pub(crate) fn cut(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        None => s.to_owned(),
+        Some((at, _)) => format!("{}… ({} bytes)", &s[..at], s.len()),
+    }
 }
 
 impl ImageError {
@@ -183,5 +194,58 @@ pub(crate) fn from_io(op: &'static str, path: impl Into<PathBuf>, e: io::Error) 
     match cap_hit(&e) {
         Some((what, cap)) => ImageError::cap(what, cap),
         None => ImageError::io(op, path, e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Whatever the archive wrote, an error's text stays short.
+    #[test]
+    fn archive_values_are_cut_in_errors() {
+        let long = "x".repeat(4 << 20);
+        let errs = [
+            ImageError::MediaType {
+                what: format!("manifest sha256:{long}"),
+                media_type: long.clone(),
+            },
+            ImageError::DigestAlgorithm {
+                what: long.clone(),
+                digest: long.clone(),
+            },
+            ImageError::DigestMismatch {
+                what: long.clone(),
+                expected: long.clone(),
+                actual: "sha256:00".into(),
+            },
+            ImageError::Json {
+                what: long.clone(),
+                reason: long.clone(),
+            },
+            ImageError::NoPlatform {
+                offered: long.clone(),
+            },
+            ImageError::Missing { name: long.clone() },
+            ImageError::Duplicate { name: long.clone() },
+            ImageError::cap(long.clone(), 1),
+        ];
+        for e in errs {
+            let t = e.to_string();
+            assert!(t.len() < 1200, "{} bytes", t.len());
+            assert!(
+                t.contains(&format!("({} bytes)", long.len())),
+                "{}",
+                &t[..200]
+            );
+        }
+        assert_eq!(cut("short", 64), "short");
+        assert_eq!(
+            cut("é".repeat(70).as_str(), 64)
+                .chars()
+                .filter(|c| *c == 'é')
+                .count(),
+            64
+        );
     }
 }

@@ -194,9 +194,11 @@ impl<'l> Unpacker<'l> {
         let comps = clean(raw_path, self.limits.max_path_depth)?;
         let kind = entry.header().entry_type();
 
-        // Whiteouts first: their names are markers, not files.
-        if let Some(last) = comps.last().and_then(|c| c.to_str()) {
-            if last == OPAQUE_WHITEOUT {
+        // Whiteouts first: their names are markers, not files. Matched as
+        // bytes: a marker for a name that is not UTF-8 is one too (review:
+        // it was written into the root as a file, and its victim stayed).
+        if let Some(last) = comps.last().map(|c| c.as_bytes()) {
+            if last == OPAQUE_WHITEOUT.as_bytes() {
                 let dir = self.resolve(&comps[..comps.len() - 1], true)?;
                 // Once per directory per layer: a layer repeating the marker
                 // would otherwise have the directory listed each time.
@@ -208,19 +210,19 @@ impl<'l> Unpacker<'l> {
                 self.stats.opaque_whiteouts += 1;
                 return Ok(());
             }
-            if last.starts_with(".wh..wh.") {
+            if last.starts_with(b".wh..wh.") {
                 // Other AUFS metadata (.wh..wh.plnk, .wh..wh.aufs): no meaning here.
-                tracing::debug!(entry = %last, "ignoring AUFS metadata entry");
+                tracing::debug!(entry = %String::from_utf8_lossy(last), "ignoring AUFS metadata entry");
                 return Ok(());
             }
-            if let Some(name) = last.strip_prefix(WHITEOUT_PREFIX) {
-                if name.is_empty() || name == "." || name == ".." {
+            if let Some(name) = last.strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
+                if name.is_empty() || name == b"." || name == b".." {
                     return Err(EntryError::Refused(
                         "a whiteout of no name, `.` or `..`".into(),
                     ));
                 }
                 let mut victim = comps[..comps.len() - 1].to_vec();
-                victim.push(OsString::from(name));
+                victim.push(OsStr::from_bytes(name).to_owned());
                 let victim = self.resolve(&victim, false)?;
                 self.remove(&victim)?;
                 self.stats.whiteouts += 1;
@@ -819,6 +821,19 @@ mod tests {
             self.add(EntryType::Symlink, path, target, 0o777)
         }
 
+        /// A regular file whose name is `raw` bytes (not UTF-8, say).
+        fn file_raw(mut self, raw: &[u8]) -> Self {
+            let mut h = Header::new_gnu();
+            h.set_entry_type(EntryType::Regular);
+            h.set_mode(0o644);
+            h.set_size(0);
+            h.set_mtime(1_700_000_000);
+            h.as_old_mut().name[..raw.len()].copy_from_slice(raw);
+            h.set_cksum();
+            self.0.append(&h, io::empty()).unwrap();
+            self
+        }
+
         fn build(self) -> Vec<u8> {
             self.0.into_inner().unwrap()
         }
@@ -1210,6 +1225,39 @@ mod tests {
             .build();
         unpacker.apply_layer(1, &layer[..]).unwrap();
         assert!(tmp.path().join("x/y").is_file());
+    }
+
+    /// A whiteout of a name that is not UTF-8 removes its file, and the
+    /// marker is not written into the root (both were, before: matched as
+    /// text, the marker was taken for a file).
+    #[test]
+    fn whiteouts_of_names_that_are_not_utf8_apply() {
+        let tmp = tempfile::tempdir().unwrap();
+        let limits = Limits::default();
+        let mut unpacker = Unpacker::new(root_of(&tmp), &limits, 0);
+        unpacker
+            .apply_layer(
+                1,
+                &LayerTar::new()
+                    .dir("d", 0o755)
+                    .file_raw(b"d/caf\xe9")
+                    .build()[..],
+            )
+            .unwrap();
+        let victim = tmp.path().join(OsStr::from_bytes(b"d/caf\xe9"));
+        assert!(victim.is_file());
+        unpacker
+            .apply_layer(2, &LayerTar::new().file_raw(b"d/.wh.caf\xe9").build()[..])
+            .unwrap();
+        assert!(!victim.exists(), "the whiteout did not apply");
+        assert!(
+            std::fs::read_dir(tmp.path().join("d"))
+                .unwrap()
+                .next()
+                .is_none(),
+            "the marker is in the root"
+        );
+        unpacker.finish().unwrap();
     }
 
     /// Every directory in the root, relative, without following links.

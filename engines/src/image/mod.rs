@@ -574,10 +574,23 @@ fn plan_docker(source: &Source, limits: &Limits) -> Result<Plan, ImageError> {
         });
     }
     let mut layers = Vec::with_capacity(diff_ids.len());
+    let mut total = 0u64;
     for (i, (layer, diff_id)) in entry.layers.iter().zip(diff_ids).enumerate() {
         let what = format!("layer {} ({layer})", i + 1);
+        let name = archive_name(layer);
+        // As the OCI descriptors' sizes are summed: a layer listed many
+        // times is read as many times, and layers of empty compressed
+        // frames never reach the unpacked cap (review: one large layer
+        // listed 128 times was read 128 times).
+        total = total.saturating_add(source.tar_size(&name).unwrap_or(0));
+        if total > limits.max_archive_bytes {
+            return Err(ImageError::cap(
+                "layer blobs in bytes (a layer listed twice counts twice)",
+                limits.max_archive_bytes,
+            ));
+        }
         layers.push(LayerPlan {
-            name: archive_name(layer),
+            name,
             compression: None,
             blob: None,
             diff_id: sha256_digest(&format!("{what} diff_id"), diff_id)?,
