@@ -2689,6 +2689,10 @@ impl Runtime {
                 phase: e.sup.phase().name(),
             });
         }
+        // Its image, data and logs are on the volume: without it, nothing
+        // is removed (review: the record went and they stayed, outside
+        // every bound, for a later engine of the name to find).
+        let v = self.volume.mounted().ok_or(RuntimeError::NoVolume)?;
         let cg = subtree(&self.cfg)?.child(name).map_err(self.cg_err())?;
         // The rules name the cgroup: they go first (a table naming a
         // removed cgroup could not be loaded again).
@@ -2702,13 +2706,11 @@ impl Runtime {
         // engine's cannot.
         self.reap_leftovers(name);
         self.cgroups.remove(&cg).map_err(self.cg_err())?;
-        if let Some(v) = self.volume.mounted() {
-            let dir = v.join(&self.cfg.images_dir).join(name);
-            match std::fs::remove_dir_all(&dir) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(io("remove", &dir)(e)),
-            }
+        let dir = v.join(&self.cfg.images_dir).join(name);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("remove", &dir)(e)),
         }
         self.engines.remove(name);
         self.timers.retain(|(_, n, _), _| n != name);

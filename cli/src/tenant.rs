@@ -412,14 +412,12 @@ async fn engine_logs(
     let max = tail.unwrap_or(10_000);
     let mut cursor = LogCursor::new(since);
     loop {
-        let ask = if cursor.started { 10_000 } else { max };
+        let first = !cursor.started;
+        let ask = if first { max } else { 10_000 };
         let lines = p.logs(name, cursor.since(), ask).await?;
-        if cursor.started
-            && lines.len() >= 10_000
-            && lines.first().is_some_and(|l| l.0 > cursor.since())
-        {
+        if cursor.gap_before(&lines) {
             eprintln!(
-                "tenantctl: more than 10000 lines came between two reads; some were not shown"
+                "tenantctl: some lines were not shown: more than 10000 lines (or 8 MiB) came between two reads, or the log rotated past them"
             );
         }
         for l in cursor.new_lines(&lines) {
@@ -427,6 +425,14 @@ async fn engine_logs(
         }
         if !follow {
             return Ok(());
+        }
+        // A first read cut to its newest lines may have left out older
+        // lines of its last millisecond: the next read, from that
+        // millisecond, must not take them for new ones (review: a stack
+        // trace stored in one millisecond came out twice and out of order).
+        if first && lines.len() >= usize::try_from(max).unwrap_or(usize::MAX) {
+            let now = p.logs(name, cursor.since(), 10_000).await?;
+            cursor.all_printed_at_last(&now);
         }
         tokio::time::sleep(FOLLOW_EVERY).await;
     }
@@ -453,6 +459,25 @@ impl LogCursor {
 
     fn since(&self) -> u64 {
         self.last_ms
+    }
+
+    /// After a first read cut to its newest lines: every line of the last
+    /// millisecond there is now counts as printed (those the cut left out
+    /// came before the tail, and are not to be shown either).
+    fn all_printed_at_last<T>(&mut self, lines: &[(u64, T, T, bool)]) {
+        let n = lines.iter().filter(|l| l.0 == self.last_ms).count();
+        if self.printed_at_last > 0 {
+            self.printed_at_last = self.printed_at_last.max(n);
+        }
+    }
+
+    /// Whether a read from the cursor skipped lines: it no longer holds
+    /// the last printed millisecond (more than a read's bound came since,
+    /// or the log rotated past it).
+    fn gap_before<T>(&self, lines: &[(u64, T, T, bool)]) -> bool {
+        self.started
+            && self.printed_at_last > 0
+            && lines.first().is_some_and(|l| l.0 > self.last_ms)
     }
 
     /// The lines of a read not printed yet, in order.
@@ -1426,6 +1451,28 @@ mod tests {
         // Nothing new: nothing printed, the cursor stays.
         assert!(c.new_lines(&[l(9, "e"), l(9, "f")]).is_empty());
         assert_eq!(c.since(), 9);
+    }
+
+    /// `-f --tail 2` over a millisecond holding 4 lines: the first read
+    /// prints the newest 2; the next read from that millisecond holds all 4,
+    /// and none of them is printed again (nor the 2 before the tail).
+    #[test]
+    fn follow_after_a_cut_first_read_prints_nothing_twice() {
+        let mut c = LogCursor::new(0);
+        let tail = [l(7, "c"), l(7, "d")];
+        assert_eq!(texts(c.new_lines(&tail)), ["c", "d"]);
+        let all = [l(7, "a"), l(7, "b"), l(7, "c"), l(7, "d")];
+        c.all_printed_at_last(&all);
+        assert!(!c.gap_before(&all));
+        let next = [l(7, "a"), l(7, "b"), l(7, "c"), l(7, "d"), l(8, "e")];
+        assert_eq!(texts(c.new_lines(&next)), ["e"]);
+        // A read that no longer holds the last printed millisecond (rotated,
+        // or over the read's bound) is a gap, said so.
+        assert!(c.gap_before(&[l(9, "g")]));
+        assert!(!c.gap_before(&[l(8, "e"), l(9, "g")]));
+        // Nothing printed yet: no gap to speak of.
+        let fresh = LogCursor::new(0);
+        assert!(!fresh.gap_before(&[l(9, "g")]));
     }
 
     #[test]

@@ -532,6 +532,20 @@ fn deploy_start_stop_rm() {
     rt.stop("web", None).unwrap();
     let s = until(&rt, "web", |s| s.phase == Phase::Stopped);
     assert!(!s.enabled);
+    // Without the volume (its image, data and logs are there): refused,
+    // nothing removed.
+    *f.vol.0.lock().unwrap() = None;
+    let e = rt.rm("web").unwrap_err();
+    assert_eq!(e.kind, FailureKind::Unavailable, "{e}");
+    assert!(rt.view().status("web").is_some());
+    assert!(f
+        .cg
+        .dirs
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|d| d.ends_with("tenant/web")));
+    *f.vol.0.lock().unwrap() = Some(f.tmp.path().join("vol"));
     rt.rm("web").unwrap();
     assert!(rt.view().status("web").is_none());
     assert!(!f.tmp.path().join("vol/engines/web").exists());
