@@ -144,8 +144,10 @@ fn change_dict(r: &ChangeReport) -> KeyChange {
 /// - the landlord's copy of a tenant's own rotation has no receipt and no
 ///   warnings: the receipt names the tenant's engines, and so can a
 ///   warning (an engine not shown stopped);
-/// - the tenant's copy of an assignment or a release has no receipt: it is
-///   the previous tenancy's erase, or the one that ended.
+/// - the tenant's copy of an assignment or a release has no receipt and
+///   no warnings: it is the previous tenancy's erase, or the one that
+///   ended, and a warning can name that tenancy's engines or its
+///   sub-boundary (review).
 fn signal_copies(change: KeyChange, role: Role) -> Vec<(&'static str, KeyChange)> {
     let kind = change.kind.clone().unwrap_or_default();
     let tenancy = kind == "assign" || kind == "release";
@@ -161,6 +163,7 @@ fn signal_copies(change: KeyChange, role: Role) -> Vec<(&'static str, KeyChange)
         if tenancy {
             theirs.receipt = None;
             theirs.receipt_signature = None;
+            theirs.warnings = None;
         }
         copies.push((leasehold_dbus_api::TENANT_INTERFACE, theirs));
     }
@@ -1707,11 +1710,30 @@ fn upload_error(e: crate::upload::UploadError) -> Error {
         U::NoSpace { .. } => Error::Failed(msg),
         U::Io { op, ref source, .. } => {
             // Not the path: it ends in the tenant's file name (the caller
-            // gets the whole message). Debug: the inbox is the tenant's,
-            // which can make these fail in a loop (a file removed under
-            // the upload), and journald's rate limit would then drop the
-            // agent's other lines (review).
-            tracing::debug!(op, error = %source, "image upload failed");
+            // gets the whole message). What the tenant can cause in its
+            // inbox (a file removed, a directory put in the way) at debug:
+            // in a loop it would flood the journal (review); the device's
+            // own errors (EIO, EROFS, …) at warn.
+            use rustix::io::Errno;
+            let tenants = [
+                Errno::NOENT,
+                Errno::ISDIR,
+                Errno::NOTDIR,
+                Errno::EXIST,
+                Errno::STALE,
+                Errno::ACCESS,
+                Errno::PERM,
+                Errno::NOTEMPTY,
+                Errno::INVAL,
+            ];
+            if source
+                .raw_os_error()
+                .is_some_and(|n| tenants.iter().any(|e| e.raw_os_error() == n))
+            {
+                tracing::debug!(op, error = %source, "image upload failed");
+            } else {
+                tracing::warn!(op, error = %source, "image upload failed");
+            }
             Error::Failed(msg)
         }
     }
@@ -2140,6 +2162,12 @@ mod tests {
             assert_eq!(ll.kind.as_deref(), Some(kind), "the change itself is shown");
             assert_eq!(
                 of(t).map(|c| c.receipt.is_some()),
+                tenant_sees,
+                "{kind} {role}"
+            );
+            // A warning may name the engines the receipt names.
+            assert_eq!(
+                of(t).map(|c| c.warnings.is_some()),
                 tenant_sees,
                 "{kind} {role}"
             );

@@ -1850,7 +1850,20 @@ impl Runtime {
     /// ["reload"]`): why there was none, or nothing once one runs.
     fn note_fresh_root(&mut self, name: &str, why: Option<String>) {
         if let Some(e) = self.engines.get_mut(name) {
-            e.fresh_note = why.map(|w| format!("reload image: {w}"));
+            // Bounded: shown in every status and list (the text can quote
+            // the tenant's archive).
+            e.fresh_note = why.map(|w| {
+                let mut n = format!("reload image: {w}");
+                if n.len() > 1024 {
+                    let mut at = 1021;
+                    while !n.is_char_boundary(at) {
+                        at -= 1;
+                    }
+                    n.truncate(at);
+                    n.push('…');
+                }
+                n
+            });
         }
     }
 

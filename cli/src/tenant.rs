@@ -426,13 +426,19 @@ async fn engine_logs(
         if !follow {
             return Ok(());
         }
-        // A first read cut to its newest lines may have left out older
-        // lines of its last millisecond: the next read, from that
-        // millisecond, must not take them for new ones (review: a stack
-        // trace stored in one millisecond came out twice and out of order).
-        if first && lines.len() >= usize::try_from(max).unwrap_or(usize::MAX) {
-            let now = p.logs(name, cursor.since(), 10_000).await?;
-            cursor.all_printed_at_last(&now);
+        // A first read cut inside its last millisecond (every line it
+        // returned is of that millisecond) left out older lines of it: the
+        // next read, from that millisecond, must not take them for new
+        // ones (review: a stack trace stored in one millisecond came out
+        // twice and out of order).
+        if first
+            && lines.len() >= usize::try_from(max).unwrap_or(usize::MAX)
+            && lines.first().is_some_and(|l| l.0 == cursor.since())
+        {
+            if let Some(last) = lines.last() {
+                let now = p.logs(name, cursor.since(), 10_000).await?;
+                cursor.printed_through(&now, last);
+            }
         }
         tokio::time::sleep(FOLLOW_EVERY).await;
     }
@@ -461,13 +467,19 @@ impl LogCursor {
         self.last_ms
     }
 
-    /// After a first read cut to its newest lines: every line of the last
-    /// millisecond there is now counts as printed (those the cut left out
-    /// came before the tail, and are not to be shown either).
-    fn all_printed_at_last<T>(&mut self, lines: &[(u64, T, T, bool)]) {
-        let n = lines.iter().filter(|l| l.0 == self.last_ms).count();
-        if self.printed_at_last > 0 {
-            self.printed_at_last = self.printed_at_last.max(n);
+    /// After a first read cut inside its last millisecond: the lines of
+    /// that millisecond in `lines` up to the last one printed (`last`,
+    /// found from the end) count as printed — those the cut left out came
+    /// before the tail, and are not to be shown either; those after it
+    /// came since (stored after the first read), and are.
+    fn printed_through<T: PartialEq>(
+        &mut self,
+        lines: &[(u64, T, T, bool)],
+        last: &(u64, T, T, bool),
+    ) {
+        let same: Vec<&(u64, T, T, bool)> = lines.iter().filter(|l| l.0 == self.last_ms).collect();
+        if let Some(at) = same.iter().rposition(|l| *l == last) {
+            self.printed_at_last = self.printed_at_last.max(at + 1);
         }
     }
 
@@ -1461,11 +1473,19 @@ mod tests {
         let mut c = LogCursor::new(0);
         let tail = [l(7, "c"), l(7, "d")];
         assert_eq!(texts(c.new_lines(&tail)), ["c", "d"]);
-        let all = [l(7, "a"), l(7, "b"), l(7, "c"), l(7, "d")];
-        c.all_printed_at_last(&all);
+        // Read again at once: a line of the same millisecond stored since.
+        let all = [l(7, "a"), l(7, "b"), l(7, "c"), l(7, "d"), l(7, "d2")];
+        c.printed_through(&all, &tail[1]);
         assert!(!c.gap_before(&all));
-        let next = [l(7, "a"), l(7, "b"), l(7, "c"), l(7, "d"), l(8, "e")];
-        assert_eq!(texts(c.new_lines(&next)), ["e"]);
+        let next = [
+            l(7, "a"),
+            l(7, "b"),
+            l(7, "c"),
+            l(7, "d"),
+            l(7, "d2"),
+            l(8, "e"),
+        ];
+        assert_eq!(texts(c.new_lines(&next)), ["d2", "e"]);
         // A read that no longer holds the last printed millisecond (rotated,
         // or over the read's bound) is a gap, said so.
         assert!(c.gap_before(&[l(9, "g")]));

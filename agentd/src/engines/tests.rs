@@ -1847,6 +1847,20 @@ fn real_exit_while_no_agent_runs_is_not_restarted_by_never() {
         assert!(Instant::now() < end, "no exit recorded by shim {shim_pid}");
         std::thread::sleep(Duration::from_millis(10));
     }
+    // And ended (it writes the record, then exits): an agent starting in
+    // between adopts it running and sees its exit a moment later, which
+    // the reads below would not wait for (failed once so, under load).
+    let ended = || {
+        std::fs::read_to_string(format!("/proc/{shim_pid}/stat")).map_or(true, |st| {
+            st.rsplit(')')
+                .next()
+                .is_some_and(|r| r.trim_start().starts_with('Z'))
+        })
+    };
+    while !ended() {
+        assert!(Instant::now() < end, "shim {shim_pid} did not end");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     for round in 0..2 {
         let rt = start();
         let s = rt.view().status("bb").unwrap();

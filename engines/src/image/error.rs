@@ -111,7 +111,7 @@ pub enum ImageError {
         diff_ids: usize,
     },
     /// A layer entry was refused (path escape, unsupported type, bad link).
-    #[error("layer {layer}: entry {entry:?}: {reason}")]
+    #[error("layer {layer}: entry {:?}: {}", cut(.entry, 256), cut(.reason, 512))]
     Entry {
         /// Which layer (1-based, in order).
         layer: usize,

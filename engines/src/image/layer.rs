@@ -517,7 +517,7 @@ impl<'l> Unpacker<'l> {
                 Ok(m) if !last && !m.is_dir() => {
                     return Err(EntryError::Refused(format!(
                         "{} is not a directory, and the path goes on past it",
-                        here.display()
+                        super::error::cut(&here.to_string_lossy(), 256)
                     )));
                 }
                 Ok(_) => {}
