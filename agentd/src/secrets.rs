@@ -107,6 +107,9 @@ pub struct Entry {
 pub enum SecretError {
     #[error("no secret named {0:?}")]
     NotFound(String),
+    /// An I/O failure: `path` is the store's directory, never a secret's
+    /// file, whose name is the tenant's (review: a failed purge put the
+    /// names in the landlord's reply and journal).
     #[error("{op} {path}: {source}")]
     Io {
         op: &'static str,
@@ -183,7 +186,7 @@ impl SecretStore {
         bytes.extend_from_slice(&ct);
         let file = format!("{name}{SUFFIX}");
         crate::fsutil::write_atomic(&self.dir, &file, &bytes)
-            .map_err(io("write", &self.path(name)))?;
+            .map_err(io("write a file in", &self.dir))?;
         self.entry(name)
     }
 
@@ -198,7 +201,7 @@ impl SecretStore {
             std::io::ErrorKind::NotFound => SecretError::NotFound(name.to_owned()),
             _ => SecretError::Io {
                 op,
-                path: path.clone(),
+                path: self.dir.clone(),
                 source: e,
             },
         };
@@ -206,8 +209,8 @@ impl SecretStore {
             .read(true)
             .custom_flags(nix::libc::O_NONBLOCK)
             .open(&path)
-            .map_err(|e| failed(e, "open"))?;
-        let meta = f.metadata().map_err(|e| failed(e, "stat"))?;
+            .map_err(|e| failed(e, "open a file in"))?;
+        let meta = f.metadata().map_err(|e| failed(e, "stat a file in"))?;
         Ok((meta.is_file().then_some(f), meta))
     }
 
@@ -229,8 +232,8 @@ impl SecretStore {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
                 Err(e) => {
                     return Err(SecretError::Io {
-                        op: "read",
-                        path: self.path(name),
+                        op: "read a file in",
+                        path: self.dir.clone(),
                         source: e,
                     })
                 }
@@ -314,8 +317,8 @@ impl SecretStore {
         f.take(most as u64 + 1)
             .read_to_end(&mut bytes)
             .map_err(|e| SecretError::Io {
-                op: "read",
-                path: self.path(name),
+                op: "read a file in",
+                path: self.dir.clone(),
                 source: e,
             })?;
         match Layout::of(&bytes) {
@@ -338,7 +341,7 @@ impl SecretStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Err(SecretError::NotFound(name.to_owned()))
             }
-            Err(e) => Err(io("remove", &path)(e)),
+            Err(e) => Err(io("remove a file in", &self.dir)(e)),
         }
     }
 
@@ -352,12 +355,48 @@ impl SecretStore {
     /// anyway; this frees the space and the names), then syncs the
     /// directory once: the previous tenancy's names do not come back after
     /// a power loss.
+    /// By the directory's names alone (a file that cannot be read is
+    /// removed too), temp files of interrupted writes included (they hold
+    /// a name of the tenancy); one that cannot be removed does not stop
+    /// the others: the first error comes back once every file was tried.
     pub fn purge(&self) -> Result<usize, SecretError> {
-        let entries = self.list()?;
-        if !entries.is_empty() {
+        let rd = match fs::read_dir(&self.dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io("list", &self.dir)(e)),
+        };
+        let mut files = Vec::new();
+        for e in rd {
+            let e = e.map_err(io("list", &self.dir))?;
+            let Ok(fname) = e.file_name().into_string() else {
+                continue;
+            };
+            let secret = fname.ends_with(SUFFIX) && !fname.starts_with('.');
+            let temp = fname.starts_with('.') && fname.ends_with(&format!("{SUFFIX}.tmp"));
+            if secret || temp {
+                files.push(fname);
+            }
+        }
+        if !files.is_empty() {
             crate::crashpoint::crash_point("secrets:purge");
         }
-        self.unlink_synced(entries.iter().map(|e| e.name.as_str()))
+        let (mut n, mut first) = (0, None);
+        for f in &files {
+            match fs::remove_file(self.dir.join(f)) {
+                Ok(()) => n += 1,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    first.get_or_insert(io("remove a file in", &self.dir)(e));
+                }
+            }
+        }
+        if n > 0 {
+            self.sync_dir()?;
+        }
+        match first {
+            Some(e) => Err(e),
+            None => Ok(n),
+        }
     }
 
     /// Unlinks each named secret (one gone meanwhile is not counted), then
@@ -390,8 +429,23 @@ impl SecretStore {
     pub fn purge_stale(&self, key: &SymmetricKey) -> Result<usize, SecretError> {
         let current = key_id(key);
         let mut stale_names = Vec::new();
-        for e in self.list()? {
-            let stale = match self.head(&e.name) {
+        // By name: one file that cannot be read is kept, and does not keep
+        // the others from their purge (review).
+        let names = match fs::read_dir(&self.dir) {
+            Ok(rd) => rd
+                .flatten()
+                .filter_map(|e| e.file_name().into_string().ok())
+                .filter_map(|f| {
+                    f.strip_suffix(SUFFIX)
+                        .filter(|n| !n.starts_with('.'))
+                        .map(str::to_owned)
+                })
+                .collect::<Vec<String>>(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(io("list", &self.dir)(e)),
+        };
+        for name in names {
+            let stale = match self.head(&name) {
                 Ok((
                     Some(Layout {
                         key_id: Some(id), ..
@@ -402,14 +456,13 @@ impl SecretStore {
                 // first format: stale only if the store's key cannot open
                 // it (read whole only then).
                 Ok((Some(_), _)) => matches!(
-                    self.get(key, &e.name),
+                    self.get(key, &name),
                     Err(SecretError::Stale(_) | SecretError::Unopened(_))
                 ),
-                Ok((None, _)) | Err(SecretError::NotFound(_)) => false,
-                Err(e) => return Err(e),
+                Ok((None, _)) | Err(_) => false,
             };
             if stale {
-                stale_names.push(e.name);
+                stale_names.push(name);
             }
         }
         self.unlink_synced(stale_names.iter().map(String::as_str))
@@ -608,6 +661,41 @@ mod tests {
         assert!(matches!(s.get(&k, "dir"), Err(SecretError::Damaged(_))));
         assert_eq!(s.purge_stale(&k).unwrap(), 0);
         assert_eq!(&s.get(&k, "good").unwrap()[..], b"1");
+    }
+
+    /// The store's failures never name a secret (its name is the
+    /// tenant's, and they reach the landlord's reply and journal); a
+    /// failed write leaves no temp file; purge removes by name what it
+    /// finds, temp files included, past a file it cannot remove.
+    #[test]
+    fn failures_name_no_secret_and_purge_takes_every_file() {
+        let d = tempfile::tempdir().unwrap();
+        let s = SecretStore::new(d.path().to_owned());
+        let k = SymmetricKey::from_bytes([3; 32]);
+        s.put(&k, "good", b"1").unwrap();
+        // A non-empty directory where the file goes: the rename fails.
+        fs::create_dir(s.path("db-password")).unwrap();
+        fs::write(s.path("db-password").join("x"), b"").unwrap();
+        let e = s
+            .put(&k, "db-password", b"hunter2")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("db-password"), "{e}");
+        assert!(
+            !d.path().join(".db-password.secret.tmp").exists(),
+            "temp file left"
+        );
+        // A kill mid-write leaves one: purge takes it, and the rest, and
+        // says it could not remove the directory without naming it.
+        fs::write(d.path().join(".api-token.secret.tmp"), b"ciphertext").unwrap();
+        fs::write(d.path().join("unknown-format.secret"), b"not ours").unwrap();
+        let e = s.purge().unwrap_err().to_string();
+        assert!(!e.contains("db-password"), "{e}");
+        let left: Vec<String> = fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(left, ["db-password.secret"], "everything else removed");
     }
 
     #[test]

@@ -662,6 +662,27 @@ fn confinement_text(landlock: &str, abi: Option<u32>, seccomp: Option<bool>) -> 
     t
 }
 
+/// A secret's plaintext from `path`: at most the envelope's payload
+/// bound (a larger file is refused naming it, read no further: `--from
+/// /dev/zero` ran the client out of memory), into a buffer reserved once
+/// and wiped when dropped (a growing Vec leaves freed copies behind).
+fn read_secret_file(path: &std::path::Path) -> Result<zeroize::Zeroizing<Vec<u8>>, CliError> {
+    use std::io::Read;
+    let max = leasehold_envelope::MAX_PAYLOAD;
+    let err = |e: &dyn std::fmt::Display| {
+        CliError::new(exit::INVALID, format!("secret {}: {e}", path.display()))
+    };
+    let f = std::fs::File::open(path).map_err(|e| err(&e))?;
+    let mut buf = zeroize::Zeroizing::new(Vec::with_capacity(max + 1));
+    f.take(max as u64 + 1)
+        .read_to_end(&mut buf)
+        .map_err(|e| err(&e))?;
+    if buf.len() > max {
+        return Err(err(&format!("larger than {max} bytes (1 MiB)")));
+    }
+    Ok(buf)
+}
+
 fn read_spec(path: &std::path::Path) -> Result<String, CliError> {
     let bytes = read_arg_file("spec", path)?;
     if bytes.len() > leasehold_dbus_api::MAX_SPEC_TEXT {
@@ -1055,7 +1076,7 @@ pub async fn run(args: Args) -> Result<(), CliError> {
                     proved.ak_fingerprint
                 ));
             }
-            let payload = read_arg_file("secret", &from)?;
+            let payload = read_secret_file(&from)?;
             // Sealed here; only the envelope crosses the wire.
             let env = leasehold_envelope::seal(&pem, &payload)
                 .map_err(|e| CliError::new(exit::INVALID, e.to_string()))?;
@@ -1156,6 +1177,23 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
     use std::ffi::OsString;
+
+    #[test]
+    fn a_secret_file_is_read_to_its_bound_and_no_further() {
+        let tmp = tempfile::tempdir().unwrap();
+        let ok = tmp.path().join("ok");
+        std::fs::write(&ok, vec![1u8; leasehold_envelope::MAX_PAYLOAD]).unwrap();
+        assert_eq!(
+            read_secret_file(&ok).unwrap().len(),
+            leasehold_envelope::MAX_PAYLOAD
+        );
+        // An endless file is refused after its first MiB and one byte.
+        let e = read_secret_file(std::path::Path::new("/dev/zero")).unwrap_err();
+        assert!(
+            e.to_string().contains("/dev/zero") && e.to_string().contains("larger than"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn an_engines_confinement_is_shown_with_what_its_kernel_lacks() {
