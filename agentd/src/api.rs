@@ -372,6 +372,19 @@ impl Events for BusEvents {
     }
 }
 
+/// A caller's value as a polkit detail: as given, so a local rule's
+/// `action.lookup("secret") == "db"` matches (review: details were quoted
+/// and cut to 64 characters, so such a rule never matched, and two long
+/// device paths gave the same detail); only a value longer than any valid
+/// one (4096 bytes: a path) is cut, and then names its length.
+fn detail(v: &str) -> String {
+    if v.len() <= 4096 {
+        v.to_owned()
+    } else {
+        leasehold_node::shown(v)
+    }
+}
+
 impl Ctx {
     /// The one place calls are authorized: polkit with the method name and
     /// call-specific details. Root may act only as the landlord.
@@ -713,7 +726,7 @@ impl Ctx {
                 role,
                 action,
                 "RegisterConsoleKey",
-                &[("console", &leasehold_node::shown(&name))],
+                &[("console", &detail(&name))],
             )
             .await?;
         match self
@@ -759,7 +772,7 @@ impl LandlordApi {
                 &hdr,
                 actions::LANDLORD_BOUNDARY,
                 method,
-                &[("target", &leasehold_node::shown(&target))],
+                &[("target", &detail(&target))],
             )
             .await?;
         self.0
@@ -802,7 +815,7 @@ impl LandlordApi {
             &hdr,
             actions::LANDLORD_READ,
             "GetPublicKey",
-            &[("role", &leasehold_node::shown(&role))],
+            &[("role", &detail(&role))],
         )
         .await?;
         let role: Role = role.parse().map_err(|_| {
@@ -827,7 +840,7 @@ impl LandlordApi {
                 &hdr,
                 actions::LANDLORD_ASSIGN,
                 "AssignTenant",
-                &[("tenant", &leasehold_node::shown(&name))],
+                &[("tenant", &detail(&name))],
             )
             .await?;
         let console_key = (!console_key.is_empty()).then_some(console_key);
@@ -1014,7 +1027,7 @@ impl LandlordApi {
                 &hdr,
                 actions::LANDLORD_VOLUME,
                 "InitVolume",
-                &[("device", &leasehold_node::shown(&device))],
+                &[("device", &detail(&device))],
             )
             .await?;
         match self
@@ -1348,7 +1361,7 @@ impl TenantApi {
                 &hdr,
                 actions::TENANT_SECRETS,
                 "PutSecret",
-                &[("secret", &leasehold_node::shown(&name))],
+                &[("secret", &detail(&name))],
             )
             .await?;
         match self
@@ -1399,7 +1412,7 @@ impl TenantApi {
                 &hdr,
                 actions::TENANT_SECRETS,
                 "RemoveSecret",
-                &[("secret", &leasehold_node::shown(&name))],
+                &[("secret", &detail(&name))],
             )
             .await?;
         match self
@@ -1594,7 +1607,7 @@ impl TenantEnginesApi {
         method: &str,
         name: &str,
     ) -> Result<Caller, Error> {
-        let shown = leasehold_node::shown(name);
+        let shown = detail(name);
         let extra: &[(&str, &str)] = if name.is_empty() {
             &[]
         } else {
