@@ -173,6 +173,59 @@ fn dbus_polkit_unreachable_fails_closed() {
     lab.run(Who::Landlord, "landlordctl", &["info"]).ok();
 }
 
+/// A landlord's local polkit rule can decide by a call's details: each is
+/// the caller's value as given (while they were quoted, a rule comparing
+/// `action.lookup("secret")` with a name matched nothing and refused
+/// nothing).
+#[test]
+#[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
+fn dbus_a_local_polkit_rule_decides_by_a_details_value() {
+    let lab = Lab::start();
+    ensure_assigned(&lab);
+    let secret = lab.write_file("secret.txt", b"x");
+    let put = |name: &str| {
+        lab.run(
+            Who::Tenant,
+            "tenantctl",
+            &["secret", "put", name, "--from", secret.to_str().unwrap()],
+        )
+    };
+    put("allowed").ok();
+    // Readable by polkitd, which reads its rules as its own user.
+    let rule = lab.path("polkit-rules").join("40-local-test.rules");
+    std::fs::write(
+        &rule,
+        r#"polkit.addRule(function(action, subject) {
+    if (action.id == "org.leasehold.tenant.secrets" && action.lookup("secret") == "forbidden") {
+        return polkit.Result.NO;
+    }
+});
+"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(&rule, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    // polkitd reloads its rules when their directory changes; nothing
+    // tells a client when it has, so asked again (each call a new
+    // connection: no answer reused), bounded.
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let r = put("forbidden");
+        if r.code != 0 {
+            assert!(
+                Expect::Deny.matches(0, r.code, &r.stderr),
+                "refused, but not by polkit: {r:?}"
+            );
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "the rule on the secret's name never refused: {r:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    put("allowed-too").ok();
+}
+
 fn fingerprint(r: &Run) -> String {
     r.json()["fingerprint"].as_str().unwrap().to_owned()
 }
