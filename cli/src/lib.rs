@@ -288,9 +288,20 @@ pub fn ssh_transport(host: &str, ssh: Option<&str>) -> Result<Unixexec, CliError
                 Some(port),
             )
         }
-        _ => (host.to_owned(), None),
+        _ => (
+            host.strip_prefix('[')
+                .and_then(|h| h.strip_suffix(']'))
+                .unwrap_or(host)
+                .to_owned(),
+            None,
+        ),
     };
     let target = target.replace("@[", "@").replace(']', "");
+    // Checked again once unbracketed: `[-oProxyCommand=…]:22` passed the
+    // first check and reached ssh as an option (a local command run).
+    if target.is_empty() || target.starts_with('-') {
+        return Err(invalid("expected [USER@]HOST[:PORT]"));
+    }
     let mut cmd = ssh.unwrap_or("ssh").split_whitespace().map(OsString::from);
     let program = cmd
         .next()
@@ -574,11 +585,22 @@ mod tests {
         assert_eq!(args(&t), ["-xT", "-p", "22", "::1", "systemd-stdio-bridge"]);
         let t = ssh_transport("fe80::1", None).unwrap();
         assert_eq!(args(&t), ["-xT", "fe80::1", "systemd-stdio-bridge"]);
+        let t = ssh_transport("[::1]", None).unwrap();
+        assert_eq!(args(&t), ["-xT", "::1", "systemd-stdio-bridge"]);
     }
 
     #[test]
     fn ssh_transport_refuses_option_injection() {
-        for bad in ["-oProxyCommand=x", "", "a b", "host:notaport", "host:70000"] {
+        for bad in [
+            "-oProxyCommand=x",
+            "[-oProxyCommand=x]:22",
+            "[-oProxyCommand=x]",
+            "[]:22",
+            "",
+            "a b",
+            "host:notaport",
+            "host:70000",
+        ] {
             assert!(ssh_transport(bad, None).is_err(), "{bad}");
         }
     }
