@@ -50,7 +50,8 @@ pub struct MetricsSection {
     pub listen: Option<std::net::SocketAddr>,
     /// The bearer token for `listen`.
     pub token_file: Option<PathBuf>,
-    /// Connections served at once, both listeners together.
+    /// Connections served at once, per listener (on TCP, those that have
+    /// shown the token).
     #[serde(default = "default_metrics_connections")]
     pub max_connections: usize,
 }

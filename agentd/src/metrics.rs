@@ -16,8 +16,7 @@
 //! Requests are parsed with `httparse`; the rest is a few writes, so no
 //! HTTP server crate.
 
-use std::collections::{BTreeMap, HashMap};
-use std::net::IpAddr;
+use std::collections::BTreeMap;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -768,49 +767,46 @@ pub struct Endpoint {
     /// local user can open them) never take the unix socket's slots.
     unix_slots: Arc<Semaphore>,
     tcp_slots: Arc<Semaphore>,
-    /// TCP connections per source address: one address (every local user
-    /// shares the node's) holds at most half the TCP slots, so the
-    /// console's address always finds one.
-    per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    per_address_max: usize,
+    /// TCP connections that have not shown the token yet (see
+    /// [`PreAuth`]).
+    pre_auth: Mutex<PreAuth>,
     refused: RateLimit,
 }
 
-/// One TCP connection counted against its source address.
-struct AddressSlot {
-    table: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    addr: IpAddr,
+/// TCP connections at most open before their token is read: a newer one
+/// ends the oldest (its request not in yet, or its refusal being sent).
+pub const PRE_AUTH: usize = 64;
+
+/// The TCP connections that have not shown the token. Until a connection
+/// has, it holds no serving slot: before 2026-12-07 a slot (and its
+/// source address's share) was taken at accept, so idle connections of
+/// any local user — from 127.0.0.1, which the console's SSH-tunnelled
+/// scrape comes from too, or any 127.x address — kept every scrape out,
+/// and the console saw the node down (review).
+#[derive(Default)]
+struct PreAuth {
+    next: u64,
+    open: std::collections::VecDeque<(u64, tokio::sync::oneshot::Sender<()>)>,
 }
 
-impl AddressSlot {
-    fn take(table: &Arc<Mutex<HashMap<IpAddr, usize>>>, addr: IpAddr, max: usize) -> Option<Self> {
-        let mut t = table
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let n = t.entry(addr).or_default();
-        if *n >= max {
-            return None;
-        }
-        *n += 1;
-        Some(Self {
-            table: table.clone(),
-            addr,
-        })
-    }
-}
-
-impl Drop for AddressSlot {
-    fn drop(&mut self) {
-        let mut t = self
-            .table
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(n) = t.get_mut(&self.addr) {
-            *n -= 1;
-            if *n == 0 {
-                t.remove(&self.addr);
+impl PreAuth {
+    /// Counts a new connection in, ending the oldest if [`PRE_AUTH`] are
+    /// open; returns its id and what ends it.
+    fn admit(&mut self) -> (u64, tokio::sync::oneshot::Receiver<()>) {
+        while self.open.len() >= PRE_AUTH {
+            if let Some((_, end)) = self.open.pop_front() {
+                let _ = end.send(());
             }
         }
+        self.next += 1;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.open.push_back((self.next, tx));
+        (self.next, rx)
+    }
+
+    /// Connection `id` has shown the token, or is done.
+    fn done(&mut self, id: u64) {
+        self.open.retain(|(i, _)| *i != id);
     }
 }
 
@@ -853,8 +849,7 @@ pub async fn start(
         dbus,
         unix_slots: Arc::new(Semaphore::new(cfg.max_connections)),
         tcp_slots: Arc::new(Semaphore::new(cfg.max_connections)),
-        per_address: Arc::default(),
-        per_address_max: cfg.max_connections.div_ceil(2),
+        pre_auth: Mutex::default(),
         refused: RateLimit::new(20, Duration::from_secs(60)),
     });
     if let Some(addr) = cfg.listen {
@@ -865,19 +860,11 @@ pub async fn start(
         let ep = ep.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((stream, from)) = l.accept().await else {
+                let Ok((stream, _)) = l.accept().await else {
                     tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 };
-                let Some(counted) =
-                    AddressSlot::take(&ep.per_address, from.ip(), ep.per_address_max)
-                else {
-                    ep.busy(stream);
-                    continue;
-                };
-                let slots = ep.tcp_slots.clone();
-                ep.clone()
-                    .serve_one(stream, Peer::Token(token.clone()), slots, Some(counted));
+                ep.clone().serve_tcp(stream, token.clone());
             }
         });
     }
@@ -894,7 +881,7 @@ pub async fn start(
             };
             let uid = stream.peer_cred().map(|c| c.uid()).ok();
             let slots = ep.unix_slots.clone();
-            ep.clone().serve_one(stream, Peer::Local(uid), slots, None);
+            ep.clone().serve_one(stream, uid, slots);
         }
     });
     Ok(Some(path))
@@ -962,14 +949,6 @@ fn bind_socket(path: &Path) -> Result<tokio::net::UnixListener, MetricsError> {
     Ok(l)
 }
 
-/// Who is at the other end, and what lets them in.
-enum Peer {
-    /// A unix socket peer's uid (None: unknown, refused).
-    Local(Option<u32>),
-    /// A TCP peer: must show this token.
-    Token(Option<Arc<Token>>),
-}
-
 /// Status line and body of a refusal.
 type Refusal = (&'static str, &'static str);
 
@@ -984,13 +963,63 @@ impl Endpoint {
         });
     }
 
-    fn serve_one<S>(
-        self: Arc<Self>,
-        stream: S,
-        peer: Peer,
-        slots: Arc<Semaphore>,
-        counted: Option<AddressSlot>,
-    ) where
+    /// A TCP connection: its request read and its token checked while it
+    /// is counted in [`PreAuth`] (a newer connection may end it then);
+    /// only then a serving slot.
+    fn serve_tcp(self: Arc<Self>, mut stream: tokio::net::TcpStream, token: Option<Arc<Token>>) {
+        let (id, mut ended) = self
+            .pre_auth
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .admit();
+        tokio::spawn(async move {
+            let shown = tokio::select! {
+                r = async {
+                    let refusal = match read_request(&mut stream).await {
+                        Err(refusal) => refusal,
+                        // No token (the configuration forbids it) lets nobody in.
+                        Ok(req)
+                            if token
+                                .as_ref()
+                                .is_some_and(|t| t.matches(req.authorization.as_deref())) =>
+                        {
+                            return Some(req)
+                        }
+                        Ok(_) => {
+                            if let Some(suppressed) = self.refused.allow() {
+                                tracing::warn!(
+                                    suppressed,
+                                    "metrics: refused a TCP request without the token"
+                                );
+                            }
+                            ("401 Unauthorized", "a bearer token is required
+            ")
+                        }
+                    };
+                    write_answer(&mut stream, Err(refusal)).await;
+                    None
+                } => r,
+                _ = &mut ended => None,
+            };
+            self.pre_auth
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .done(id);
+            let Some(req) = shown else {
+                return;
+            };
+            let Ok(_slot) = self.tcp_slots.clone().try_acquire_owned() else {
+                let _ = respond(&mut stream, ("503 Service Unavailable", "busy\n")).await;
+                return;
+            };
+            let answer = self.route(req).await;
+            write_answer(&mut stream, answer).await;
+        });
+    }
+
+    /// A unix socket connection of peer `uid`.
+    fn serve_one<S>(self: Arc<Self>, stream: S, uid: Option<u32>, slots: Arc<Semaphore>)
+    where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let Ok(slot) = slots.try_acquire_owned() else {
@@ -999,80 +1028,39 @@ impl Endpoint {
         };
         let mut stream = stream;
         tokio::spawn(async move {
-            let _slot = (slot, counted);
-            let answer = self.answer(&mut stream, peer).await;
-            let (status, body, kind) = match &answer {
-                Ok(text) => (
-                    "200 OK",
-                    text.as_str(),
-                    prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
-                ),
-                Err((status, body)) => (*status, *body, "text/plain; charset=utf-8"),
-            };
-            let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
-                let head = format!(
-                    "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                    body.len()
-                );
-                stream.write_all(head.as_bytes()).await?;
-                stream.write_all(body.as_bytes()).await?;
-                stream.shutdown().await
-            })
-            .await;
-            // Closing with unread input resets the connection, which can
-            // discard the answer before the client reads it (an oversize
-            // request's 431): read what is left, bounded, first.
-            let _ = tokio::time::timeout(LINGER, async {
-                let mut sink = [0u8; 4096];
-                let mut left = MAX_REQUEST_BYTES * 8;
-                while left > 0 {
-                    match stream.read(&mut sink).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(n) => left = left.saturating_sub(n),
-                    }
-                }
-            })
-            .await;
+            let _slot = slot;
+            let answer = self.answer(&mut stream, uid).await;
+            write_answer(&mut stream, answer).await;
         });
     }
 
+    /// A unix socket peer (its uid; None: unknown, refused): checked
+    /// before anything is read, then its request.
     async fn answer<S: AsyncRead + Unpin>(
         &self,
         stream: &mut S,
-        peer: Peer,
+        uid: Option<u32>,
     ) -> Result<String, Refusal> {
-        if let Peer::Local(uid) = peer {
-            if !self.local_reader(uid).await {
-                if let Some(suppressed) = self.refused.allow() {
-                    tracing::warn!(
-                        uid,
-                        suppressed,
-                        "metrics: refused a local reader outside {}",
-                        crate::auth::LANDLORD_GROUP
-                    );
-                }
-                return Err((
-                    "403 Forbidden",
-                    "only root and leasehold-landlord may read the metrics\n",
-                ));
+        if !self.local_reader(uid).await {
+            if let Some(suppressed) = self.refused.allow() {
+                tracing::warn!(
+                    uid,
+                    suppressed,
+                    "metrics: refused a local reader outside {}",
+                    crate::auth::LANDLORD_GROUP
+                );
             }
+            return Err((
+                "403 Forbidden",
+                "only root and leasehold-landlord may read the metrics\n",
+            ));
         }
         let req = read_request(stream).await?;
-        // No token (the configuration forbids it) lets nobody in.
-        if let Peer::Token(token) = &peer {
-            if !token
-                .as_ref()
-                .is_some_and(|t| t.matches(req.authorization.as_deref()))
-            {
-                if let Some(suppressed) = self.refused.allow() {
-                    tracing::warn!(
-                        suppressed,
-                        "metrics: refused a TCP request without the token"
-                    );
-                }
-                return Err(("401 Unauthorized", "a bearer token is required\n"));
-            }
-        }
+        self.route(req).await
+    }
+
+    /// An admitted request: the metrics at `GET /metrics`.
+    async fn route(&self, req: Request) -> Result<String, Refusal> {
         if req.method != "GET" {
             return Err(("405 Method Not Allowed", "GET only\n"));
         }
@@ -1105,6 +1093,46 @@ struct Request {
     method: String,
     path: String,
     authorization: Option<Vec<u8>>,
+}
+
+/// Writes `answer` (the metrics, or a refusal), then drains what the
+/// client still sends, bounded, before the connection closes.
+async fn write_answer<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    answer: Result<String, Refusal>,
+) {
+    let (status, body, kind) = match &answer {
+        Ok(text) => (
+            "200 OK",
+            text.as_str(),
+            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+        ),
+        Err((status, body)) => (*status, *body, "text/plain; charset=utf-8"),
+    };
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+                let head = format!(
+                    "HTTP/1.1 {status}\r\nContent-Type: {kind}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                stream.write_all(head.as_bytes()).await?;
+                stream.write_all(body.as_bytes()).await?;
+                stream.shutdown().await
+            })
+            .await;
+    // Closing with unread input resets the connection, which can
+    // discard the answer before the client reads it (an oversize
+    // request's 431): read what is left, bounded, first.
+    let _ = tokio::time::timeout(LINGER, async {
+        let mut sink = [0u8; 4096];
+        let mut left = MAX_REQUEST_BYTES * 8;
+        while left > 0 {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => left = left.saturating_sub(n),
+            }
+        }
+    })
+    .await;
 }
 
 /// Reads one request's head: at most [`MAX_REQUEST_BYTES`], within
@@ -1518,25 +1546,21 @@ mod tests {
         });
     }
 
+    /// A new TCP connection past [`PRE_AUTH`] ends the oldest that has
+    /// not shown the token; one that has leaves the count.
     #[test]
-    fn one_address_holds_at_most_its_share_of_tcp_slots() {
-        let table = Arc::new(Mutex::new(HashMap::new()));
-        let local: IpAddr = "127.0.0.1".parse().unwrap();
-        let console: IpAddr = "192.0.2.10".parse().unwrap();
-        let a = AddressSlot::take(&table, local, 2).unwrap();
-        let b = AddressSlot::take(&table, local, 2).unwrap();
-        assert!(
-            AddressSlot::take(&table, local, 2).is_none(),
-            "third from one address"
-        );
-        let c = AddressSlot::take(&table, console, 2).expect("another address still gets in");
-        drop(a);
-        let _d = AddressSlot::take(&table, local, 2).expect("freed on drop");
-        drop((b, c));
-        assert_eq!(
-            table.lock().unwrap().get(&console),
-            None,
-            "emptied entries removed"
-        );
+    fn connections_before_their_token_are_bounded_oldest_first() {
+        let mut p = PreAuth::default();
+        let mut ends: Vec<(u64, tokio::sync::oneshot::Receiver<()>)> =
+            (0..PRE_AUTH).map(|_| p.admit()).collect();
+        assert!(ends.iter_mut().all(|(_, e)| e.try_recv().is_err()));
+        let (newest, _keep) = p.admit();
+        assert_eq!(ends[0].1.try_recv(), Ok(()), "the oldest is ended");
+        assert!(ends[1].1.try_recv().is_err(), "the next is not");
+        p.done(ends[1].0);
+        let _ = p.admit();
+        assert!(ends[2].1.try_recv().is_err(), "a place was free");
+        assert_eq!(p.open.len(), PRE_AUTH);
+        assert!(p.open.iter().any(|(i, _)| *i == newest));
     }
 }
