@@ -1324,6 +1324,23 @@ impl Runtime {
                 None
             }
             Action::Emit(ev) => {
+                if let Event::ReloadFailed { .. } = ev {
+                    // The running version's limits back: the failed one's
+                    // were written at its instance's launch.
+                    let current = self
+                        .engines
+                        .get(name)
+                        .and_then(|e| e.versions.get(&e.sup.version()))
+                        .map(|v| v.spec.clone());
+                    if let Some(json) = current {
+                        let written = subtree(&self.cfg)
+                            .and_then(|s| s.child(name).map_err(self.cg_err()))
+                            .and_then(|cg| self.set_version_limits(name, &json, &cg));
+                        if let Err(err) = written {
+                            tracing::warn!(engine = name, error = %err, "the running version's limits not written back after a failed reload");
+                        }
+                    }
+                }
                 if let Some(e) = self.engines.get_mut(name) {
                     // The tenant's spec decides how often events happen (a
                     // 1 ms restart loop): their log lines are rate-limited.
@@ -1502,7 +1519,13 @@ impl Runtime {
         // (and a failure here must not lose track of it).
         let ecg = match adopted {
             Some(_) => subtree(&self.cfg).and_then(|s| s.child(name).map_err(self.cg_err())),
-            None => self.engine_cgroup(name),
+            // Every launch writes the limits of the version it starts
+            // (review): a reboot empties cgroupfs, and engines marked to
+            // start came back with no limit of their own; a reload's come
+            // with its instance, not before it was accepted.
+            None => self
+                .engine_cgroup(name)
+                .and_then(|cg| self.set_version_limits(name, &spec_text, &cg).map(|()| cg)),
         };
         let (cg, run_dir, proc) = match ecg {
             Err(err) => return failed(err.to_string()),
@@ -2224,6 +2247,7 @@ impl Runtime {
         }
         let base = self.volume_dir()?;
         self.check_secrets(name, spec)?;
+        self.check_budget(name, spec)?;
         // The cgroup tree first: a host without it refuses before any unpack.
         let cg = self.engine_cgroup(name)?;
         let uid = (0..)
@@ -2273,6 +2297,36 @@ impl Runtime {
     fn set_limits(&self, cg: &CgroupPath, spec: &Spec) -> Result<(), RuntimeError> {
         let files = budget::engine_files(&spec.limits);
         self.cgroups.set_limits(cg, &files).map_err(self.cg_err())
+    }
+
+    /// The limits of a version's spec (its stored JSON) on the engine's
+    /// cgroup.
+    fn set_version_limits(
+        &self,
+        name: &str,
+        spec_json: &str,
+        cg: &CgroupPath,
+    ) -> Result<(), RuntimeError> {
+        let spec = Spec::from_stored_json(spec_json).map_err(|e| RuntimeError::Refused {
+            name: name.to_owned(),
+            reason: format!("its stored spec: {e}"),
+        })?;
+        self.set_limits(cg, &spec)
+    }
+
+    /// The controller checked the spec against the budget when the command
+    /// was sent; checked again here, as the landlord may have lowered the
+    /// budget while the command waited (behind an unpack, say).
+    fn check_budget(&self, name: &str, spec: &Spec) -> Result<(), RuntimeError> {
+        budget::check(&spec.limits, &self.tenant.budget()).map_err(|excess| RuntimeError::Refused {
+            name: name.to_owned(),
+            reason: excess
+                .0
+                .iter()
+                .map(|o| format!("{} is above the tenant budget {}", o.engine, o.budget))
+                .collect::<Vec<_>>()
+                .join("; "),
+        })
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -2654,9 +2708,12 @@ impl Runtime {
         let (uid, n) = (e.uid, e.next_version);
         let image = image.unwrap_or(&cur.image).to_owned();
         self.check_secrets(name, &spec)?;
-        let cg = self.engine_cgroup(name)?;
+        self.check_budget(name, &spec)?;
+        self.engine_cgroup(name)?;
         let v = self.unpack(name, &image, &spec, &base, &base.join(name), n, uid)?;
-        self.set_limits(&cg, &spec)?;
+        // Its limits are written when its instance is launched (the
+        // running version keeps its own until then, and if it is refused
+        // or fails).
         let e = self.get(name)?;
         e.next_version = n + 1;
         e.versions.insert(VersionId(n), v);

@@ -324,3 +324,70 @@ fn a_damaged_throttle_record_stops_the_runtime_and_bad_throttles_are_refused() {
     assert!(e.message.contains("hot.cpu_percent: 101"), "{e}");
     assert!(!path.exists(), "nothing recorded");
 }
+
+/// An engine's own `memory.max` as last written.
+fn engine_memory_max(f: &Fix) -> Option<String> {
+    f.cg.limits
+        .lock()
+        .unwrap()
+        .iter()
+        .find(|((cg, file), _)| cg == Path::new("leasehold/tenant/web") && file == "memory.max")
+        .map(|(_, v)| v.clone())
+}
+
+fn until_memory_max(f: &Fix, want: &str) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while engine_memory_max(f).as_deref() != Some(want) {
+        assert!(
+            Instant::now() < end,
+            "memory.max {:?}, not {want}",
+            engine_memory_max(f)
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// An engine's own limits are written at each launch of the version it
+/// starts (review): after a reboot (cgroupfs empty) an engine marked to
+/// start got none of its own; a reload's came before it was accepted and
+/// stayed on the running version when its instance failed. A deploy and
+/// a reload check the budget again in the runtime (it may have been
+/// lowered while the command waited).
+#[test]
+fn an_engines_limits_follow_the_version_it_launches() {
+    let f = fixture(false);
+    let mut rt = f.runtime();
+    let limited = |m: &str| {
+        spec(&format!(
+            "command = [\"/bin/app\"]\n[limits]\nmemory_max = \"{m}\"\n"
+        ))
+    };
+    rt.deploy("web", "app.tar", &limited("64M")).unwrap();
+    // As after a reboot: nothing in cgroupfs.
+    f.cg.limits.lock().unwrap().clear();
+    rt.start("web").unwrap();
+    until(&rt, "web", |s| s.phase == Phase::Ready);
+    until_memory_max(&f, "67108864");
+    // A reload whose instance cannot start: the running version's limits
+    // are back once it has failed.
+    *f.sp.fail_spawn.lock().unwrap() = true;
+    let _ = rt.reload("web", None, Some(&limited("128M")));
+    let end = Instant::now() + Duration::from_secs(10);
+    while !event_kinds(&rt).iter().any(|k| k == "reload-failed") {
+        assert!(Instant::now() < end, "{:?}", event_kinds(&rt));
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    until_memory_max(&f, "67108864");
+    // One that starts: its limits.
+    *f.sp.fail_spawn.lock().unwrap() = false;
+    rt.reload("web", None, Some(&limited("128M"))).unwrap();
+    until_memory_max(&f, "134217728");
+    // The budget lowered meanwhile: the runtime refuses what is above it.
+    rt.set_budget(&budget("memory_max = \"100M\"")).unwrap();
+    let e = rt.deploy("db", "app.tar", &limited("128M")).unwrap_err();
+    assert!(e.to_string().contains("above the tenant budget"), "{e}");
+    let e = rt.reload("web", None, Some(&limited("200M"))).unwrap_err();
+    assert!(e.to_string().contains("above the tenant budget"), "{e}");
+    assert!(rt.view().status("db").is_none());
+    rt.stop("web", Some(Duration::ZERO)).unwrap();
+}
