@@ -894,7 +894,7 @@ fn reboot(vm: &mut Vm) -> Ran {
         &dir,
         "survivor",
         "echo up in boot $(/bin/busybox cat /proc/sys/kernel/random/boot_id); while :; do /bin/busybox sleep 5; done",
-        "",
+        "[limits]\nmemory_max = \"96M\"\n",
     );
     vm.tenant_ok(&[
         "engine",
@@ -1007,6 +1007,14 @@ fn reboot(vm: &mut Vm) -> Ran {
     assert_ne!(
         engine_after["pid"], engine_before["pid"],
         "a new instance after the reboot: {engine_after}"
+    );
+    // Its own limit is back on its cgroup (the reboot emptied cgroupfs;
+    // before 2026-12-07 only the budget held it then).
+    assert_eq!(
+        vm.sh(&format!("cat {ENGINES_CG}/tenant/survivor/memory.max"))
+            .trim(),
+        "100663296",
+        "the engine's own memory.max after the reboot"
     );
     vm.engine_logs_until(
         "survivor",
