@@ -461,6 +461,10 @@ async fn perform(
                     alert.annotations.get("summary").map_or("", String::as_str),
                 )
                 .stdin(std::process::Stdio::null())
+                // A group of its own: at its timeout a script's children
+                // go with it (review: only the hook itself was killed, and
+                // the program it started ran on, unwatched).
+                .process_group(0)
                 .kill_on_drop(true);
             // Our stdout is the records: the hook's output goes to stderr.
             if let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() {
@@ -474,6 +478,15 @@ async fn perform(
                 Ok(Ok(st)) => Err(format!("hook {} {st}", command[0])),
                 Ok(Err(e)) => Err(format!("hook {}: {e}", command[0])),
                 Err(_) => {
+                    // Not reaped yet: the group's id is still the hook's.
+                    if let Some(pid) = child
+                        .id()
+                        .and_then(|p| i32::try_from(p).ok())
+                        .and_then(rustix::process::Pid::from_raw)
+                    {
+                        let _ =
+                            rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+                    }
                     let _ = child.kill().await;
                     Err(format!("hook {} killed after {timeout_secs} s", command[0]))
                 }
@@ -580,6 +593,38 @@ mod tests {
             .unwrap_err();
         assert!(e.contains("killed after 1 s"), "{e}");
         assert!(started.elapsed() < Duration::from_secs(5));
+        // A script that started a program without exec: the program goes
+        // with it at the timeout.
+        let pidfile = d.path().join("child");
+        let e = perform(
+            &s,
+            &a,
+            "n1",
+            None,
+            &hook(
+                &format!("sleep 30 & echo $! > {}; wait", pidfile.display()),
+                1,
+            ),
+        )
+        .await
+        .unwrap_err();
+        assert!(e.contains("killed after 1 s"), "{e}");
+        let pid = std::fs::read_to_string(&pidfile).unwrap();
+        let gone = || {
+            std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).map_or(true, |st| {
+                st.rsplit(')')
+                    .next()
+                    .is_some_and(|r| r.trim_start().starts_with('Z'))
+            })
+        };
+        let t = std::time::Instant::now();
+        while !gone() {
+            assert!(
+                t.elapsed() < Duration::from_secs(5),
+                "the hook's child {pid} runs on"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let e = perform(
             &s,
             &a,
