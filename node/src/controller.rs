@@ -1104,13 +1104,21 @@ impl Controller {
     ) -> ChangeReport {
         tracing::info!(uid = caller.uid, change = %c, "key change");
         let mut warnings = Vec::new();
-        if let Some(w) = engines.as_ref().and_then(StopReport::warning) {
-            warnings.push(w);
+        // Logged as counts below, not as text: it names the tenant's
+        // engines, which the landlord's journal does not hold (review).
+        let engines_warning = engines.as_ref().and_then(StopReport::warning);
+        if let Some(w) = &engines_warning {
+            warnings.push(w.clone());
         }
+        let mut secrets_purged = false;
         if c.data_destroyed {
             match self.b.secrets.purge() {
-                Ok(0) => {}
-                Ok(n) => tracing::info!(count = n, "purged tenant secrets after a destroying key change"),
+                Ok(n) => {
+                    secrets_purged = true;
+                    if n > 0 {
+                        tracing::info!(count = n, "purged tenant secrets after a destroying key change");
+                    }
+                }
                 Err(e) => warnings.push(format!(
                     "the secret store was not emptied ({e}); its secrets can no longer be opened: their key is gone"
                 )),
@@ -1142,7 +1150,15 @@ impl Controller {
                 None => self.b.volume.wipe(),
             };
             match wiped {
-                Ok(w) => match self.sign_receipt(&c, before, requested, w, engines.clone(), failed) {
+                Ok(w) => match self.sign_receipt(
+                    &c,
+                    before,
+                    requested,
+                    w,
+                    engines.clone(),
+                    failed,
+                    secrets_purged,
+                ) {
                     Ok(r) => receipt = Some(r),
                     Err(e) => warnings.push(format!("no erase receipt: {e}")),
                 },
@@ -1169,7 +1185,16 @@ impl Controller {
         }
         self.after_reply.push(AfterReply::PrepareStandby);
         for w in &warnings {
-            tracing::warn!(warning = %w, "key change committed with a warning");
+            if Some(w) == engines_warning.as_ref() {
+                let r = engines.as_ref();
+                tracing::warn!(
+                    not_stopped = r.map_or(0, |r| r.not_stopped.len()),
+                    stop_failed = r.is_some_and(|r| r.error.is_some()),
+                    "key change committed with a warning: engines not shown stopped before the erase"
+                );
+            } else {
+                tracing::warn!(warning = %w, "key change committed with a warning");
+            }
         }
         let report = ChangeReport {
             change: c,
@@ -1186,6 +1211,8 @@ impl Controller {
         report
     }
 
+    // Each argument is one fact of the change the receipt states.
+    #[allow(clippy::too_many_arguments)]
     fn sign_receipt(
         &mut self,
         c: &KeyChange,
@@ -1194,6 +1221,7 @@ impl Controller {
         wiped: Wiped,
         engines: Option<StopReport>,
         failed: Option<String>,
+        secrets_purged: bool,
     ) -> Result<SignedReceipt, NodeError> {
         let erased_ms = requested.map(|r| {
             let at = c.erased_at.unwrap_or_else(SystemTime::now);
@@ -1249,7 +1277,13 @@ impl Controller {
             ));
         }
         if c.data_destroyed {
-            destroyed.push("the tenant's secret store".into());
+            // Claimed only as far as it went (review: claimed whole when
+            // the purge failed).
+            destroyed.push(if secrets_purged {
+                "the tenant's secret store".into()
+            } else {
+                "the key of the tenant's secret store (its files were not removed: they can no longer be opened)".into()
+            });
         }
         let now = SystemTime::now();
         let receipt = Receipt {

@@ -314,6 +314,16 @@ fn failures_after_the_commit_are_warnings_with_receipt_and_signal() {
             );
         }
         assert_eq!(f.world().signals.len(), 1, "{step}: signalled");
+        // The receipt claims the store only as far as its purge went.
+        if let Some(body) = r.receipt.as_ref().map(|r| r.body.clone()) {
+            let whole = body.contains("\"the tenant's secret store\"");
+            assert_eq!(whole, step != "secrets.purge", "{step}: {body}");
+            assert_eq!(
+                body.contains("its files were not removed"),
+                step == "secrets.purge",
+                "{step}: {body}"
+            );
+        }
     }
     // The remake (after the reply) fails: the change and its receipt
     // stand; the volume stays closed, marked, and the next start makes it.
