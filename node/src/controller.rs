@@ -673,21 +673,17 @@ impl Controller {
         )))
     }
 
+    /// The volume is not marked `rekeying` (docs/storage.md: a re-key
+    /// does nothing to it; the disk key does not change): engines keep
+    /// running from it, and a mark left by an agent killed mid-rekey made
+    /// the next start take the change for an interrupted one and tear the
+    /// volume down under them (review).
     fn rekey(&mut self, caller: Caller, role: Role) -> Result<Outcome, NodeError> {
-        self.b
-            .volume
-            .begin_key_change()
-            .map_err(NodeError::backend("volume"))?;
         let before = generations(&self.b.keys.status()?);
-        match self.b.keys.rekey(caller.role, role) {
-            Ok(c) => Ok(Outcome::Changed(
-                self.after_change(caller, c, before, None, None, None),
-            )),
-            Err(e) => {
-                self.end_key_change_logged();
-                Err(e.into())
-            }
-        }
+        let c = self.b.keys.rekey(caller.role, role)?;
+        Ok(Outcome::Changed(
+            self.after_change(caller, c, before, None, None, None),
+        ))
     }
 
     fn assign(
