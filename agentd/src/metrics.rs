@@ -992,8 +992,7 @@ impl Endpoint {
                                     "metrics: refused a TCP request without the token"
                                 );
                             }
-                            ("401 Unauthorized", "a bearer token is required
-            ")
+                            ("401 Unauthorized", "a bearer token is required\n")
                         }
                     };
                     write_answer(&mut stream, Err(refusal)).await;

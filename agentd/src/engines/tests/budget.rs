@@ -388,6 +388,10 @@ fn an_engines_limits_follow_the_version_it_launches() {
     assert!(e.to_string().contains("above the tenant budget"), "{e}");
     let e = rt.reload("web", None, Some(&limited("200M"))).unwrap_err();
     assert!(e.to_string().contains("above the tenant budget"), "{e}");
+    assert!(e.to_string().contains("memory_max"), "names the field: {e}");
     assert!(rt.view().status("db").is_none());
+    // Its kept spec is not checked: a new image for an engine above the
+    // lowered budget (allowed, counted) is still taken.
+    rt.reload("web", None, None).unwrap();
     rt.stop("web", Some(Duration::ZERO)).unwrap();
 }
