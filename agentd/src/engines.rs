@@ -1875,18 +1875,7 @@ impl Runtime {
         if let Some(e) = self.engines.get_mut(name) {
             // Bounded: shown in every status and list (the text can quote
             // the tenant's archive).
-            e.fresh_note = why.map(|w| {
-                let mut n = format!("reload image: {w}");
-                if n.len() > 1024 {
-                    let mut at = 1021;
-                    while !n.is_char_boundary(at) {
-                        at -= 1;
-                    }
-                    n.truncate(at);
-                    n.push('…');
-                }
-                n
-            });
+            e.fresh_note = why.map(|w| output::cut_to(format!("reload image: {w}"), 1024));
         }
     }
 

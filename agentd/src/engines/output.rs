@@ -1069,9 +1069,14 @@ impl EventRing {
 pub const MAX_EVENT_DETAIL: usize = 2048;
 
 /// `d` cut to [`MAX_EVENT_DETAIL`] bytes (at a character boundary).
-fn bounded(mut d: String) -> String {
-    if d.len() > MAX_EVENT_DETAIL {
-        let mut at = MAX_EVENT_DETAIL - 3;
+fn bounded(d: String) -> String {
+    cut_to(d, MAX_EVENT_DETAIL)
+}
+
+/// `d` cut to at most `max` bytes (at a character boundary, ending `…`).
+pub fn cut_to(mut d: String, max: usize) -> String {
+    if d.len() > max {
+        let mut at = max - 3;
         while !d.is_char_boundary(at) {
             at -= 1;
         }
