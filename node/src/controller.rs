@@ -1107,7 +1107,10 @@ impl Controller {
             warnings.push(w.clone());
         }
         let mut secrets_purged = false;
-        if c.data_destroyed {
+        // At every tenancy change too: a first assignment destroys no key,
+        // but files a failed purge of the release left are not the new
+        // tenant's to see.
+        if c.data_destroyed || matches!(c.kind, ChangeKind::Assign | ChangeKind::Release) {
             match self.b.secrets.purge() {
                 Ok(n) => {
                     secrets_purged = true;
@@ -1146,6 +1149,10 @@ impl Controller {
                 None => self.b.volume.wipe(),
             };
             match wiped {
+                // Nothing was destroyed (a first assignment: the old disk
+                // key was made from KL alone, which stays): no receipt, as
+                // a receipt says what can no longer be read (review).
+                Ok(_) if !c.data_destroyed => {}
                 Ok(w) => match self.sign_receipt(
                     &c,
                     before,
@@ -1159,7 +1166,12 @@ impl Controller {
                     Err(e) => warnings.push(format!("no erase receipt: {e}")),
                 },
                 Err(e) => warnings.push(format!(
-                    "no erase receipt: the kernel's copy of the old disk key could not be shown gone ({e})"
+                    "{}the kernel's copy of the old disk key could not be shown gone ({e})",
+                    if c.data_destroyed {
+                        "no erase receipt: "
+                    } else {
+                        ""
+                    }
                 )),
             }
             // Their images, roots and data dirs were on the erased volume.

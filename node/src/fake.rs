@@ -465,7 +465,7 @@ impl KeyStore for Fake {
             Role::Tenant,
             old.as_ref(),
             Some(&new),
-            true,
+            old.is_some(),
         ))
     }
 

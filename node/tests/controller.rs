@@ -160,6 +160,59 @@ fn rotation_wipes_before_the_tpm_and_replies_before_the_remake() {
     assert_eq!(w.unproven_receipts, 0);
 }
 
+/// A first assignment replaces a disk key made from KL alone, which stays:
+/// nothing is destroyed, so no receipt claims it (review: the receipt said
+/// "disk key made from key generations landlord 1" was destroyed). The
+/// volume is still wiped and made again under the new key, and leftovers of
+/// the previous tenancy's secret store are removed.
+#[test]
+fn a_first_assignment_signs_no_receipt_and_still_remakes_the_volume() {
+    let (f, node) = assigned();
+    let r = changed(run(&node, LANDLORD, Command::Release { confirm: true }).unwrap());
+    assert!(r.change.data_destroyed && r.receipt.is_some(), "{r:?}");
+    {
+        let mut w = f.world();
+        w.log.clear();
+        w.receipts.clear();
+        w.volume.as_mut().expect("volume").files = 2;
+    }
+    let r = changed(
+        run(
+            &node,
+            LANDLORD,
+            Command::Assign {
+                name: "next".into(),
+                console_key: None,
+                confirm: false,
+            },
+        )
+        .expect("a first assignment needs no confirmation"),
+    );
+    assert!(!r.change.data_destroyed, "{:?}", r.change);
+    assert!(r.receipt.is_none(), "a receipt of nothing destroyed");
+    assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+    // The reply's after-work (the remake) runs before the next command.
+    run(
+        &node,
+        LANDLORD,
+        Command::Rekey {
+            role: Role::Landlord,
+        },
+    )
+    .expect("rekey");
+    let w = f.world();
+    assert!(w.receipts.is_empty(), "stored: {:?}", w.receipts.len());
+    assert!(pos(&w.log, "volume.wipe") < pos(&w.log, "volume.remake"));
+    assert!(w.log.iter().any(|s| s == "secrets.purge"), "{:?}", w.log);
+    assert!(!w.log.iter().any(|s| s == "keys.sign"), "{:?}", w.log);
+    let v = w.volume.as_ref().unwrap();
+    assert_eq!((v.state, v.files), ("ready", 0));
+    assert_eq!(
+        w.signals.last().map(|s| s.change.data_destroyed),
+        Some(false)
+    );
+}
+
 #[test]
 fn refusals_touch_nothing() {
     let (f, node) = assigned();

@@ -1576,7 +1576,9 @@ impl KeyHierarchy {
             generation_after: Some(new.generation),
             key_generation_before: old.as_ref().map(|o| o.key_generation),
             key_generation_after: Some(new.key_generation),
-            data_destroyed: true,
+            // A first assignment destroys nothing: the disk key it replaces
+            // was made from KL alone, which stays (review).
+            data_destroyed: old.is_some(),
             fingerprint_after: Some(new.fingerprint.clone()),
             erased_at: None,
         };

@@ -420,16 +420,22 @@ fn swtpm_release_and_reassign_erase_tenant_material() {
     let node = Node::new();
     let (mut h, _) = node.open();
     let disk_unassigned = dh(&h.disk_key().unwrap());
-    h.assign_tenant(Role::Landlord, "acme", Confirm::No)
+    let first = h
+        .assign_tenant(Role::Landlord, "acme", Confirm::No)
         .unwrap();
+    // The unassigned disk key is made from KL alone, which stays (and is
+    // the key again after the release, below): nothing destroyed.
+    assert!(!first.data_destroyed, "{first}");
     let disk_a = dh(&h.disk_key().unwrap());
     assert_ne!(disk_a, disk_unassigned);
     assert!(matches!(
         h.assign_tenant(Role::Landlord, "acme", Confirm::No),
         Err(KeyError::ConfirmationRequired { .. })
     ));
-    h.assign_tenant(Role::Landlord, "acme", Confirm::DestroyData)
+    let over = h
+        .assign_tenant(Role::Landlord, "acme", Confirm::DestroyData)
         .unwrap();
+    assert!(over.data_destroyed, "{over}");
     let disk_b = dh(&h.disk_key().unwrap());
     assert_ne!(disk_b, disk_a);
     assert!(matches!(
