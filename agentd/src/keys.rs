@@ -228,7 +228,10 @@ impl KeyStore for KeyBackend {
         self.run(|k| k.signing_key())
     }
     fn rotate(&mut self, caller: Role, target: Role) -> Result<KeyChange, KeyError> {
-        self.run(move |k| k.rotate(caller, target, Confirm::DestroyData))
+        self.run(move |k| {
+            inject_key_fault(k);
+            k.rotate(caller, target, Confirm::DestroyData)
+        })
     }
     fn rekey(&mut self, caller: Role, target: Role) -> Result<KeyChange, KeyError> {
         self.run(move |k| k.rekey(caller, target))
@@ -274,6 +277,25 @@ impl KeyStore for KeyBackend {
         self.run(|k| k.prepare_standby())
     }
 }
+
+/// The VM lab's failure tests (`LEASEHOLD_FAIL_AT`, docs/storage.md): an
+/// I/O error the agent survives at a TPM crate fault point of the next
+/// rotation. `keys:after-erase`: the old secret undefined, nothing
+/// committed; `keys:after-commit`: committed, the old files not removed.
+#[cfg(feature = "fault-injection")]
+fn inject_key_fault(k: &mut KeyHierarchy) {
+    use leasehold_tpm::FaultPoint;
+    let point = match std::env::var("LEASEHOLD_FAIL_AT").as_deref() {
+        Ok("keys:after-erase") => FaultPoint::AfterOldNvUndefined,
+        Ok("keys:after-commit") => FaultPoint::AfterManifestReplaced,
+        _ => return,
+    };
+    tracing::warn!(?point, "LEASEHOLD_FAIL_AT: failing this rotation there");
+    k.inject_error(point);
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn inject_key_fault(_k: &mut KeyHierarchy) {}
 
 #[cfg(test)]
 mod tests {

@@ -654,23 +654,86 @@ impl Controller {
                 });
             }
         };
+        let mut committed_warning = None;
         let c = match self.b.keys.rotate(caller.role, role) {
             Ok(c) => c,
-            Err(e) => {
-                if self.reopen_after_failure() {
-                    self.resume_engines(&engines);
+            Err(e) => match self.committed_rotation(role, &status) {
+                // A step after the commit failed (removing the old files,
+                // clearing the intent; the next start finishes those): the
+                // new generation stands and the old one is gone, so the
+                // caller is told it happened, with its receipt (review: it
+                // was reported failed, and a retry rotated again).
+                Some(c) => {
+                    tracing::warn!(error = %e, "a rotation was committed; a step after its commit failed");
+                    committed_warning = Some(format!(
+                        "the rotation is done; a clean-up step after it failed ({e}): the next agent start finishes it"
+                    ));
+                    c
                 }
-                return Err(e.into());
-            }
+                None => {
+                    if self.reopen_after_failure() {
+                        self.resume_engines(&engines);
+                        return Err(e.into());
+                    }
+                    return Err(self.erased_unless_readable(role, e));
+                }
+            },
         };
-        Ok(Outcome::Changed(self.after_change(
+        let mut report = self.after_change(
             caller,
             c,
             before,
             Some(received),
             Some(wiped),
             Some(engines),
-        )))
+        );
+        if let Some(w) = committed_warning {
+            report.warnings.insert(0, w);
+        }
+        Ok(Outcome::Changed(report))
+    }
+
+    /// The rotation of `role` as the keys show it now, when they moved on
+    /// from `before` (a new key generation: the change was committed).
+    fn committed_rotation(
+        &mut self,
+        role: Role,
+        before: &leasehold_tpm::Status,
+    ) -> Option<KeyChange> {
+        let level = |s: &leasehold_tpm::Status| match role {
+            Role::Landlord => Some(s.landlord.clone()),
+            Role::Tenant => s.tenant.clone(),
+        };
+        let old = level(before)?;
+        let now = level(&self.b.keys.status().ok()?)?;
+        (now.key_generation != old.key_generation).then_some(KeyChange {
+            kind: ChangeKind::Rotate,
+            role,
+            generation_before: Some(old.generation),
+            generation_after: Some(now.generation),
+            key_generation_before: Some(old.key_generation),
+            key_generation_after: Some(now.key_generation),
+            data_destroyed: true,
+            fingerprint_after: Some(now.fingerprint),
+            erased_at: None,
+        })
+    }
+
+    /// A rotation that failed and whose volume could not be opened again:
+    /// if the old key can no longer be read (its secret undefined, the
+    /// erase begun), the caller is told the data is gone rather than only
+    /// the step that failed (review: a bare TPM error read as "nothing
+    /// happened").
+    fn erased_unless_readable(&mut self, role: Role, e: KeyError) -> NodeError {
+        match self.b.keys.disk_key() {
+            Err(KeyError::KeyErased { .. }) => NodeError::Backend {
+                what: "keys",
+                source: Failure::failed(format!(
+                    "the {role} rotation failed after its old key was erased ({e}): the data under it cannot be read again; the next agent start finishes the rotation (new keys, an empty volume); no receipt is signed"
+                )),
+            },
+            _ => e.into(),
+        }
     }
 
     /// The volume is not marked `rekeying` (docs/storage.md: a re-key

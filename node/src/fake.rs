@@ -401,6 +401,11 @@ impl KeyStore for Fake {
         l.key_generation += 1;
         l.owned = l.owned || caller == target;
         let new = l.clone();
+        // A step after the commit failing (the old files' removal, the
+        // intent's clearing): committed, yet reported as an error.
+        if w.faults.remove("keys.rotate.after_commit") {
+            return Err(injected("injected fault after the commit".into()));
+        }
         let mut c = change(ChangeKind::Rotate, target, Some(&old), Some(&new), true);
         c.erased_at = Some(std::time::SystemTime::now());
         Ok(c)
