@@ -514,16 +514,8 @@ impl Hook {
 }
 
 /// The rules matching a group's peers (`addr`: saddr/daddr) and its
-/// protocols, ports compared as `port_kw` (dport; sport for the reverse
-/// of a failsafe flow). `skip_all`: no rule for an every-protocol group.
-fn set_rules(
-    out: &mut String,
-    g: &Group<'_>,
-    addr: &str,
-    port_kw: &str,
-    note: &str,
-    skip_all: bool,
-) {
+/// protocols and destination ports.
+fn set_rules(out: &mut String, g: &Group<'_>, addr: &str, note: &str) {
     let every = Proto::ALL
         .iter()
         .all(|p| g.sig.protocols.get(p) == Some(&crate::model::all_ports()));
@@ -535,9 +527,7 @@ fn set_rules(
         };
         // Every protocol with every port: one rule without a protocol match.
         if every {
-            if !skip_all {
-                let _ = writeln!(out, "    {ipkw} {addr} @{set} accept comment \"{note}\"");
-            }
+            let _ = writeln!(out, "    {ipkw} {addr} @{set} accept comment \"{note}\"");
             continue;
         }
         for (proto, ports) in &g.sig.protocols {
@@ -549,7 +539,7 @@ fn set_rules(
             };
             let port_part = match (proto.has_ports(), ports_expr(ports)) {
                 (false, _) | (_, None) => String::new(),
-                (true, Some(p)) => format!(" {l4} {port_kw} {p}"),
+                (true, Some(p)) => format!(" {l4} dport {p}"),
             };
             let _ = writeln!(
                 out,
@@ -564,7 +554,7 @@ fn group_rules(out: &mut String, g: &Group<'_>, hook: Hook) {
     if !g.sig.directions.contains(&hook.dir()) {
         return;
     }
-    set_rules(out, g, hook.addr(), "dport", &comment(&g.names), false);
+    set_rules(out, g, hook.addr(), &comment(&g.names));
 }
 
 /// The other half of a failsafe flow without conntrack state: in the
@@ -574,8 +564,18 @@ fn group_rules(out: &mut String, g: &Group<'_>, hook: Hook) {
 /// (the table just loaded, an entry cut) from whichever packet comes first:
 /// if that is the node's reply, an SSH session to the node would otherwise
 /// look like a new outbound flow from port 22 and be refused, killing the
-/// session the failsafe entry exists for. Cost: the node may send from a
-/// failsafe port to a failsafe peer (for tcp/22: privileged ports).
+/// session the failsafe entry exists for.
+///
+/// Only TCP segments without SYN: a picked-up session is mid-stream, and
+/// without a SYN no new connection can be opened through the rule (review:
+/// the rule took every protocol of the entry, so an outbound `udp 53`
+/// failsafe let anyone who spoofs the resolver reach every UDP service of
+/// the node, an outbound `tcp 443` let any host connect from port 443 to
+/// sshd, and an entry without `protocols` became both-ways). UDP and the
+/// rest need none: their conntrack entry is made by the first packet, which
+/// the entry's own direction admits, and the cut keeps failsafe flows.
+/// Cost: the node may send non-SYN segments from a failsafe port to a
+/// failsafe peer.
 fn failsafe_reverse_rules(out: &mut String, g: &Group<'_>, hook: Hook) {
     let back = match hook {
         Hook::Input => Direction::Out,
@@ -585,16 +585,18 @@ fn failsafe_reverse_rules(out: &mut String, g: &Group<'_>, hook: Hook) {
     if !g.sig.directions.contains(&back) {
         return;
     }
-    // An every-protocol entry both ways already has its rule here.
-    let skip_all = g.sig.directions.contains(&hook.dir());
-    set_rules(
-        out,
-        g,
-        hook.addr(),
-        "sport",
-        "leasehold: failsafe reply",
-        skip_all,
-    );
+    let Some(ports) = g.sig.protocols.get(&Proto::Tcp) else {
+        return;
+    };
+    let port_part = ports_expr(ports).map_or_else(String::new, |p| format!(" tcp sport {p}"));
+    let addr = hook.addr();
+    for (fam, set) in &g.sets {
+        let ipkw = if *fam == Family::V4 { "ip" } else { "ip6" };
+        let _ = writeln!(
+            out,
+            "    {ipkw} {addr} @{set} meta l4proto tcp{port_part} tcp flags & syn == 0 accept comment \"leasehold: failsafe reply\""
+        );
+    }
 }
 
 /// Addresses of one family as an anonymous nft set, or None when empty.
@@ -2126,6 +2128,32 @@ mod tests {
         assert_eq!(d.len(), 1);
         assert_eq!(d[0].set, "lla0_h4");
         assert_eq!(d[0].addrs, ["10.3.0.1".parse::<IpAddr>().unwrap()]);
+    }
+
+    /// Reverse rules of failsafe entries: TCP without SYN, from the
+    /// entry's TCP ports only (review: every protocol of the entry, and an
+    /// entry without `protocols` became both-ways).
+    #[test]
+    fn failsafe_replies_are_tcp_segments_without_syn_only() {
+        let c = doc("[[failsafe]]\nname = \"out\"\npeers = [\"10.9.0.53\"]\ndirection = \"out\"\nprotocols = [{ proto = \"udp\", ports = [53] }, { proto = \"tcp\", ports = [443] }]\n[[failsafe]]\nname = \"dns\"\npeers = [\"10.9.0.54\"]\ndirection = \"out\"\nprotocols = [{ proto = \"udp\", ports = [53] }]\n[[failsafe]]\nname = \"any\"\npeers = [\"10.9.0.7\"]\ndirection = \"out\"\n[[failsafe]]\nname = \"ssh\"\npeers = [\"10.9.0.1\"]\ndirection = \"in\"\nprotocols = [{ proto = \"tcp\", ports = [22] }]\n");
+        let r = Ruleset::build(&c, None);
+        let replies: Vec<&str> = r
+            .chains
+            .lines()
+            .filter(|l| l.contains("failsafe reply"))
+            .collect();
+        // out (tcp/443), any (every tcp port), ssh (tcp/22); none for dns.
+        assert_eq!(replies.len(), 3, "{replies:#?}");
+        for l in &replies {
+            assert!(
+                l.contains("meta l4proto tcp") && l.contains("tcp flags & syn == 0 accept"),
+                "{l}"
+            );
+            assert!(!l.contains("udp") && !l.contains("dport"), "{l}");
+        }
+        assert!(replies.iter().any(|l| l.contains("tcp sport { 443 }")));
+        assert!(replies.iter().any(|l| l.contains("tcp sport { 22 }")));
+        assert!(replies.iter().any(|l| !l.contains("sport")));
     }
 
     #[test]
