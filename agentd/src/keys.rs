@@ -233,6 +233,9 @@ impl KeyStore for KeyBackend {
             k.rotate(caller, target, Confirm::DestroyData)
         })
     }
+    fn finish_interrupted(&mut self) -> Result<bool, KeyError> {
+        self.run(|k| k.finish_interrupted())
+    }
     fn rekey(&mut self, caller: Role, target: Role) -> Result<KeyChange, KeyError> {
         self.run(move |k| k.rekey(caller, target))
     }

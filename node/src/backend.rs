@@ -92,6 +92,11 @@ pub trait KeyStore: Send + 'static {
     fn signing_key(&mut self) -> Result<SigningKeyInfo, KeyError>;
     /// Destroying rotation of `target`'s keys (erase first).
     fn rotate(&mut self, caller: Role, target: Role) -> Result<KeyChange, KeyError>;
+    /// Finishes a key change that failed part-way, as the next start
+    /// would: a rotation whose erase was recorded gets its new generation,
+    /// anything else is completed or rolled back. `Ok(false)`: nothing was
+    /// pending.
+    fn finish_interrupted(&mut self) -> Result<bool, KeyError>;
     /// Routine re-key (data kept).
     fn rekey(&mut self, caller: Role, target: Role) -> Result<KeyChange, KeyError>;
     /// Assigns the node; the console key, if any, is registered in the same

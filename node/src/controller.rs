@@ -657,27 +657,51 @@ impl Controller {
         let mut committed_warning = None;
         let c = match self.b.keys.rotate(caller.role, role) {
             Ok(c) => c,
-            Err(e) => match self.committed_rotation(role, &status) {
-                // A step after the commit failed (removing the old files,
-                // clearing the intent; the next start finishes those): the
-                // new generation stands and the old one is gone, so the
-                // caller is told it happened, with its receipt (review: it
-                // was reported failed, and a retry rotated again).
-                Some(c) => {
-                    tracing::warn!(error = %e, "a rotation was committed; a step after its commit failed");
-                    committed_warning = Some(format!(
-                        "the rotation is done; a clean-up step after it failed ({e}): the next agent start finishes it"
-                    ));
-                    c
+            Err(e) => {
+                // The old key went at the latest by now (the receipt's
+                // erase time, never later than it was).
+                let failed_at = SystemTime::now();
+                // The crate counts a rotation made once it has recorded the
+                // erase: whatever failed after that (the epoch counter, the
+                // undefine, the new pair, the clean-up) is finished now, as
+                // the next start would finish it (review: the volume was
+                // reopened under a key that start then erased, and a later
+                // key change in this process overwrote the record).
+                let finished = self.b.keys.finish_interrupted();
+                if let Err(f) = &finished {
+                    tracing::error!(error = %f, "a failed rotation could not be finished; the next start finishes or undoes it");
                 }
-                None => {
-                    if self.reopen_after_failure() {
-                        self.resume_engines(&engines);
-                        return Err(e.into());
+                match self.committed_rotation(role, &status) {
+                    // Done: the new generation stands and the old one is
+                    // gone, so the caller is told it happened, with its
+                    // receipt (review: it was reported failed, and a retry
+                    // rotated again).
+                    Some(mut c) => {
+                        tracing::warn!(error = %e, "a rotation failed part-way and was finished");
+                        c.erased_at = Some(failed_at);
+                        committed_warning = Some(match &finished {
+                            Ok(_) => format!(
+                                "the rotation is done; a step of it failed ({e}) and was finished"
+                            ),
+                            Err(f) => format!(
+                                "the rotation is done; a step of it failed ({e}) and its clean-up could not be finished ({f}): the next agent start finishes it"
+                            ),
+                        });
+                        c
                     }
-                    return Err(self.erased_unless_readable(role, e));
+                    None => {
+                        // Only once nothing of the change is pending is the
+                        // old volume opened again: a pending erase that the
+                        // next start finishes would find it `ready` under
+                        // the old key and refuse it.
+                        if finished.is_ok() && self.reopen_after_failure() {
+                            self.resume_engines(&engines);
+                            return Err(e.into());
+                        }
+                        return Err(self.erased_unless_readable(role, e, finished.err()));
+                    }
                 }
-            },
+            }
         };
         let mut report = self.after_change(
             caller,
@@ -724,15 +748,26 @@ impl Controller {
     /// erase begun), the caller is told the data is gone rather than only
     /// the step that failed (review: a bare TPM error read as "nothing
     /// happened").
-    fn erased_unless_readable(&mut self, role: Role, e: KeyError) -> NodeError {
-        match self.b.keys.disk_key() {
-            Err(KeyError::KeyErased { .. }) => NodeError::Backend {
+    fn erased_unless_readable(
+        &mut self,
+        role: Role,
+        e: KeyError,
+        unfinished: Option<KeyError>,
+    ) -> NodeError {
+        match (self.b.keys.disk_key(), unfinished) {
+            (Err(KeyError::KeyErased { .. }), _) => NodeError::Backend {
                 what: "keys",
                 source: Failure::failed(format!(
                     "the {role} rotation failed after its old key was erased ({e}): the data under it cannot be read again; the next agent start finishes the rotation (new keys, an empty volume); no receipt is signed"
                 )),
             },
-            _ => e.into(),
+            (_, Some(f)) => NodeError::Backend {
+                what: "keys",
+                source: Failure::failed(format!(
+                    "the {role} rotation failed part-way ({e}) and could not be finished or undone now ({f}): the volume stays closed, and no other key change is taken until the next agent start finishes or undoes it"
+                )),
+            },
+            (_, None) => e.into(),
         }
     }
 

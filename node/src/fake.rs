@@ -377,6 +377,19 @@ impl KeyStore for Fake {
         })
     }
 
+    fn finish_interrupted(&mut self) -> Result<bool, KeyError> {
+        let mut w = self.op("keys.finish_interrupted").map_err(injected)?;
+        Ok(match w.erasing.take() {
+            Some(role) => {
+                let l = level_mut(&mut w, role).expect("level");
+                l.generation += 1;
+                l.key_generation += 1;
+                true
+            }
+            None => false,
+        })
+    }
+
     fn rotate(&mut self, caller: Role, target: Role) -> Result<KeyChange, KeyError> {
         let mut w = self.op(format!("keys.rotate {target}")).map_err(injected)?;
         check_erasing(&w)?;

@@ -282,10 +282,27 @@ fn receipts_by_role_and_verify() {
     .is_empty());
     let lmon = Monitor::start(&lab, Who::Landlord, "landlordctl", &["--json"]);
     let tmon = Monitor::start(&lab, Who::Tenant, "tenantctl", &["--json"]);
+    // A first assignment destroys nothing (the unassigned disk key is made
+    // from KL alone, which stays): no receipt for anyone.
+    lab.run(Who::Landlord, "landlordctl", &["assign", "acme"])
+        .ok();
+    for (who, m) in [("landlord", &lmon), ("tenant", &tmon)] {
+        let ev: Value = serde_json::from_str(&m.next("KeysChanged")).unwrap();
+        assert_eq!(ev["change"]["kind"], "assign", "{who}: {ev}");
+        assert_eq!(ev["change"]["data_destroyed"], false, "{who}: {ev}");
+        assert!(ev["change"]["receipt"].is_null(), "{who}: {ev}");
+    }
+    assert!(ids(lab.run(
+        Who::Landlord,
+        "landlordctl",
+        &["--json", "receipts", "list"]
+    ))
+    .is_empty());
+    // Assigned again over that tenant: the signal as ListReceipts: the
+    // landlord's carries the assignment's receipt (the previous tenancy's
+    // erase), the tenant's does not.
     lab.run(Who::Landlord, "landlordctl", &["--yes", "assign", "acme"])
         .ok();
-    // The signal as ListReceipts: the landlord's carries the assignment's
-    // receipt (the previous tenancy's erase), the tenant's does not.
     for (who, m, receipt) in [("landlord", &lmon, true), ("tenant", &tmon, false)] {
         let ev: Value = serde_json::from_str(&m.next("KeysChanged")).unwrap();
         assert_eq!(ev["change"]["kind"], "assign", "{who}: {ev}");
@@ -482,7 +499,14 @@ fn receipts_by_role_and_verify() {
         "landlordctl",
         &["--json", "receipts", "list"],
     ));
-    assert_eq!(landlord.len(), 3, "assign, release, assign: {landlord:?}");
+    // The assignment over a tenant and the release; the assignment after
+    // the release, like the very first, destroyed nothing: no receipt.
+    assert_eq!(
+        landlord.len(),
+        2,
+        "assign over a tenant, release: {landlord:?}"
+    );
+    assert!(landlord[1].contains("-release-"), "{landlord:?}");
     // The landlord's rotation during this tenancy destroyed the tenant's
     // data: both see its receipt.
     lab.run(Who::Landlord, "landlordctl", &["--yes", "rotate"])

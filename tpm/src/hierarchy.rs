@@ -1088,6 +1088,37 @@ impl KeyHierarchy {
         Ok(new)
     }
 
+    /// Finishes a change that failed part-way in this process the way the
+    /// next start would (`check`, then `recover`): a destroying rotation
+    /// whose erase was recorded gets its new generation (never the old key
+    /// back), any other change is completed or rolled back by its intent,
+    /// and a manifest written ahead of the epoch counter has the counter
+    /// catch up. `Ok(false)`: nothing was pending. The controller calls it
+    /// after a rotation failed, so that a change the crate already counts
+    /// as made is not reported as not made (review).
+    pub fn finish_interrupted(&mut self) -> Result<bool> {
+        if self.manifest.intent.is_none() && self.manifest.epoch == Some(self.epoch) {
+            return Ok(false);
+        }
+        let plan = self.check()?;
+        Ok(self.recover(plan)? > 0)
+    }
+
+    /// A change recorded but unfinished (it failed part-way in this
+    /// process) must not have its intent overwritten by another: that
+    /// intent is what explains an undefined secret at the next start
+    /// (review: a re-key after a failed rotation cleared it, and the agent
+    /// then refused to start).
+    fn refuse_unfinished(&self) -> Result<()> {
+        match &self.manifest.intent {
+            Some(i) => Err(KeyError::ChangeUnfinished {
+                kind: i.kind.as_str(),
+                role: i.role,
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Makes the standby generation of every level that has none (or whose
     /// standby is sealed under other PCRs than configured now), so that the
     /// next destroying rotation of that level only promotes it and generates
@@ -1119,12 +1150,7 @@ impl KeyHierarchy {
     fn prepare_standby_for(&mut self, role: Role) -> Result<bool> {
         // A change that failed part-way in this process keeps its intent,
         // which a new intent would overwrite: leave it to the next start.
-        if let Some(i) = &self.manifest.intent {
-            return Err(KeyError::ChangeUnfinished {
-                kind: i.kind.as_str(),
-                role: i.role,
-            });
-        }
+        self.refuse_unfinished()?;
         let made = self.make_standby(role);
         // A failure the process survives is rolled back now, so the next
         // re-key or assignment does not find the standby's index taken. A
@@ -1409,6 +1435,7 @@ impl KeyHierarchy {
                 action: "rotating a key pair with its symmetric key",
             });
         }
+        self.refuse_unfinished()?;
         // Erase first: the old generation's secret goes before the new pair
         // is generated (seconds on some TPMs), so the erase never waits for
         // it. The mark in the manifest lets `recover` finish a rotation
@@ -1464,6 +1491,7 @@ impl KeyHierarchy {
     pub fn rekey(&mut self, caller: Role, target: Role) -> Result<KeyChange> {
         Self::authorize(caller, target, "re-key these keys")?;
         let old = self.level(target)?.clone();
+        self.refuse_unfinished()?;
         let key = self.symmetric_key(target)?;
         let generation = old.generation + 1;
         // The new generation takes the standby's NV index: the standby is
@@ -1541,6 +1569,7 @@ impl KeyHierarchy {
                 action: "assigning the node to a new tenant",
             });
         }
+        self.refuse_unfinished()?;
         let console = console_pem
             .map(|pem| {
                 RecipientKey::from_pem(pem).map_err(|e| KeyError::InvalidConsoleKey {
@@ -1614,6 +1643,7 @@ impl KeyHierarchy {
                 action: "releasing the node",
             });
         }
+        self.refuse_unfinished()?;
         let change = KeyChange {
             kind: ChangeKind::Release,
             role: Role::Tenant,

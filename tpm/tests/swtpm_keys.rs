@@ -2268,3 +2268,65 @@ fn swtpm_restored_backups_with_standby_are_refused() {
         }
     }
 }
+
+/// A rotation that fails part-way with an error the process survives is
+/// finished in the same process (`finish_interrupted`), as the next start
+/// would finish it: the crate counts it as made once its erase is recorded,
+/// so the old key never comes back. Until then no other key change may
+/// overwrite its record (review: a re-key after a failed rotation cleared
+/// it, and the next start refused the state: a secret undefined with no
+/// intent to explain it).
+#[test]
+fn swtpm_failed_rotation_is_finished_in_process_and_guards_its_record() {
+    for standby in [false, true] {
+        let points: &[FaultPoint] = if standby {
+            &FaultPoint::ROTATE_STANDBY
+        } else {
+            &FaultPoint::ROTATE
+        };
+        for &point in points {
+            let what = format!("{point:?}, standby {standby}");
+            let (node, _) = assigned_node();
+            let (mut h, _) = node.open();
+            if standby {
+                h.prepare_standby().unwrap();
+            }
+            let old = h.status().tenant.unwrap();
+            let old_disk = dh(&h.disk_key().unwrap());
+            h.inject_error(point);
+            match h.rotate(Role::Tenant, Role::Tenant, Confirm::DestroyData) {
+                Err(KeyError::Io { op, .. }) => assert_eq!(op, "injected failure", "{what}"),
+                other => panic!("{what}: expected the injected error, got {other:?}"),
+            }
+            let now = h.status().tenant.unwrap();
+            if now.key_generation == old.key_generation {
+                // Not committed: its record must survive until finished.
+                assert!(
+                    matches!(
+                        h.rekey(Role::Landlord, Role::Landlord),
+                        Err(KeyError::ChangeUnfinished { .. })
+                    ),
+                    "{what}: a re-key overwrote the unfinished rotation"
+                );
+                assert!(matches!(
+                    h.assign_tenant(Role::Landlord, "next", Confirm::DestroyData),
+                    Err(KeyError::ChangeUnfinished { .. })
+                ));
+            }
+            assert!(h.finish_interrupted().unwrap(), "{what}: nothing pending");
+            assert!(!h.finish_interrupted().unwrap(), "{what}: pending again");
+            let t = h.status().tenant.unwrap();
+            assert_eq!(t.key_generation, old.key_generation + 1, "{what}");
+            assert_ne!(dh(&h.disk_key().unwrap()), old_disk, "{what}: old key back");
+            node.assert_only_named(&what);
+            // Other changes go on, and the next start has nothing to do.
+            h.rekey(Role::Landlord, Role::Landlord).unwrap();
+            let status = h.status();
+            h.shutdown().unwrap();
+            let (h, opened) = node.open();
+            assert_eq!(opened, Opened::Loaded { recovered: 0 }, "{what}");
+            assert_eq!(h.status(), status, "{what}");
+            h.shutdown().unwrap();
+        }
+    }
+}
