@@ -913,7 +913,12 @@ fn engines(out: &mut String, sets: &mut BTreeMap<String, SetDef>, es: &[EngineEg
             e.level, e.cgroup, e.name, e.cgroup_id
         );
     }
-    out.push_str("  }\n");
+    // An engine with the guard alone (no chain of its own) ends here, its
+    // flow marked: returning to `engines_out` would meet the rule that
+    // clears the mark of a flow that is not an engine's, and the local
+    // copy of its broadcast or multicast would then reach the node's
+    // sockets unchecked (review).
+    out.push_str("    accept comment \"an engine's flow: checked at input\"\n  }\n");
     // The first packet of a flow; and, but for TCP, every packet in the
     // direction the engine sent it: a UDP flow refused at its first packet
     // must not become established by another engine answering it from
@@ -1848,7 +1853,7 @@ mod tests {
         );
         let counts = rs.rule_counts();
         assert_eq!(counts.get("engines_out"), Some(&3));
-        assert_eq!(counts.get("engines_sub"), Some(&6));
+        assert_eq!(counts.get("engines_sub"), Some(&7));
         assert_eq!(counts.get("engines_in"), Some(&2));
         assert_eq!(counts.get("engines_node"), Some(&8));
         assert_eq!(counts.get("engine0"), Some(&2));
@@ -1876,7 +1881,7 @@ mod tests {
         })
         .unwrap();
         let counts = guard.rule_counts();
-        assert_eq!(counts.get("engines_sub"), Some(&5));
+        assert_eq!(counts.get("engines_sub"), Some(&6));
         assert_eq!(counts.get("engines_node"), Some(&8));
         assert!(!guard.full_script().contains("chain engine0"));
         // A subtree made again (another inode) changes the text, so the

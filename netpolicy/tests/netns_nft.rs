@@ -1523,10 +1523,18 @@ fn netns_engines_reach_no_service_of_the_node() {
         // Around conntrack (a second review): a node's answered flow whose
         // tuple an engine reuses, an engine's stale entry on a tuple the
         // node then uses, the local copy of an engine's broadcast.
+        // `engine`: web (an egress boundary: its own chain) or db (the
+        // guard alone; review: its broadcast's local copy reached the
+        // node's sockets).
         let hostile = |round: &str, base: u16| -> serde_json::Value {
             let dir = files.path().join(format!("hostile-{round}"));
             std::fs::create_dir(&dir).unwrap();
-            let arg = serde_json::json!({"engine": p(&web), "other": p(&db), "base": base, "dir": dir});
+            let (engine, other) = if round.ends_with("-db") {
+                (&db, &web)
+            } else {
+                (&web, &db)
+            };
+            let arg = serde_json::json!({"engine": p(engine), "other": p(other), "base": base, "dir": dir});
             let out = Command::new("python3")
                 .args(["-c", HOSTILE, &arg.to_string()])
                 .output()
@@ -1575,6 +1583,11 @@ fn netns_engines_reach_no_service_of_the_node() {
         // 4 SYNs (one the agent's probe) and 2 datagrams.
         assert_eq!(denied(&mut enf), 6);
         assert_eq!(hostile("alone", 42000), guarded, "engines' chains alone");
+        assert_eq!(
+            hostile("alone-db", 44000),
+            guarded,
+            "engines' chains alone, an engine with the guard alone"
+        );
         // Under a node boundary (everything in 10.77.0.0/24 and loopback).
         let cluster =
             cluster("action = \"drop\"\n[[allow]]\nname = \"lan\"\npeers = [\"10.77.0.0/24\"]\n");
@@ -1585,6 +1598,11 @@ fn netns_engines_reach_no_service_of_the_node() {
         assert_eq!(enf.check().unwrap().map(|d| d.to_string()), None);
         assert_eq!(denied(&mut enf), before + 6);
         assert_eq!(hostile("bounded", 43000), guarded, "under a node boundary");
+        assert_eq!(
+            hostile("bounded-db", 45000),
+            guarded,
+            "under a node boundary, an engine with the guard alone"
+        );
         enf.remove().unwrap();
     })
     .join()
