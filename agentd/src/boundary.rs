@@ -1804,6 +1804,41 @@ mod tests {
         }
     }
 
+    /// What sticks out of a tenant's sub-boundary is counted up to a bound
+    /// (review: `check_sub`, a read the tenant may call, and the refusal of
+    /// a wide `SetSub` computed every part of an 8 MiB document).
+    #[test]
+    fn a_wide_sub_boundary_is_counted_up_to_a_bound() {
+        use leasehold_netpolicy::policy::{parse_doc, Policy};
+        let dir = tempfile::tempdir().unwrap();
+        let mut p = Policy::new();
+        p.set_cluster(
+            parse_doc(
+                "[[allow]]\nname = \"c\"\npeers = [\"10.0.0.0/8\"]\nprotocols = [{ proto = \"tcp\", ports = [443] }]\n",
+                "",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        std::fs::write(dir.path().join(FILE), serde_json::to_vec(&p).unwrap()).unwrap();
+        let b = Boundaries::load(dir.path()).unwrap();
+        let entries = |n: usize| {
+            (0..n)
+                .map(|i| format!("[[allow]]\nname = \"e{i}\"\npeers = [\"11.0.{}.{}\"]\nprotocols = [{{ proto = \"tcp\", ports = [443] }}]\n", i / 256, i % 256))
+                .collect::<String>()
+        };
+        for (n, count, capped) in [(5, 10, false), (1500, 1001, true)] {
+            let doc = parse_doc(&entries(n), "").unwrap();
+            let v: serde_json::Value =
+                serde_json::from_str(&b.check_sub(doc.clone()).unwrap()).unwrap();
+            assert_eq!(v["wider_count"], count, "{n}");
+            assert_eq!(v["wider_count_capped"], capped, "{n}");
+            let e = b.wider_refusal(&doc).unwrap().to_string();
+            assert_eq!(e.contains("more than 1000 parts"), capped, "{e}");
+            assert_eq!(e.contains("; and more;"), capped, "{e}");
+        }
+    }
+
     #[test]
     fn stored_policy_round_trips_and_damage_is_reported() {
         let dir = tempfile::tempdir().unwrap();

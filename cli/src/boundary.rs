@@ -528,9 +528,14 @@ pub fn check_text(v: &Value) -> String {
         ));
     }
     if v["fits"] == Value::Bool(false) {
+        // Counted up to 1000 by the agent (more: `wider_count_capped`).
+        let count = if v["wider_count_capped"] == Value::Bool(true) {
+            "more than 1000".to_owned()
+        } else {
+            v["wider_count"].to_string()
+        };
         s.push_str(&format!(
-            "WIDER than the cluster boundary ({} parts): `tenantctl boundary set` would refuse it; --narrow stores the intersection:\n",
-            v["wider_count"]
+            "WIDER than the cluster boundary ({count} parts): `tenantctl boundary set` would refuse it; --narrow stores the intersection:\n"
         ));
         for l in list(&v["wider"]) {
             s.push_str(&format!("  {l}\n"));

@@ -530,6 +530,31 @@ impl BoundaryDoc {
 
     /// Refuses a document over one of the limits (`MAX_*`), naming the
     /// field; counts only, so it runs before any parsing of peers.
+    /// Peers of the allow and failsafe entries with groups expanded: what
+    /// [`MAX_PEERS_TOTAL`] bounds.
+    pub fn expanded_peers(&self) -> usize {
+        self.allow
+            .iter()
+            .chain(&self.failsafe)
+            .flat_map(|e| &e.peers)
+            .map(|p| {
+                p.strip_prefix('@')
+                    .and_then(|g| self.groups.get(g))
+                    .map_or(1, Vec::len)
+            })
+            .fold(0usize, usize::saturating_add)
+    }
+
+    /// How many times entries name `@group`.
+    pub fn references(&self, group: &str) -> usize {
+        self.allow
+            .iter()
+            .chain(&self.failsafe)
+            .flat_map(|e| &e.peers)
+            .filter(|p| p.strip_prefix('@') == Some(group))
+            .count()
+    }
+
     fn check_limits(&self) -> Result<(), DocError> {
         let over = |field: String, n: usize, what: &str, max: usize| {
             if n > max {

@@ -276,6 +276,17 @@ impl Policy {
                 }
             }
         }
+        // What the document's limits count, before the edit (review: adds
+        // went past them, and every later change of the policy — the
+        // tenant's sub-boundary, a release's clearing of it — then failed
+        // validation, as did the stored policy at the next start).
+        let expanded_before = doc.expanded_peers();
+        let group_len = |g: &str| doc.groups.get(g).map_or(0, Vec::len);
+        let delta_per_peer: std::collections::HashMap<&str, usize> = peers
+            .iter()
+            .map(|p| (p.as_str(), p.strip_prefix('@').map_or(1, group_len)))
+            .collect();
+        let target_refs = target.strip_prefix('@').map_or(0, |g| doc.references(g));
         let (list, field): (&mut Vec<String>, String) = match target.strip_prefix('@') {
             Some(g) => (
                 doc.groups.get_mut(g).ok_or_else(|| {
@@ -331,6 +342,35 @@ impl Policy {
                         ),
                     ))
                 }
+            }
+        }
+        if add && !changed.is_empty() {
+            let (max, what) = if target.starts_with('@') {
+                (crate::model::MAX_GROUP_MEMBERS, "members")
+            } else {
+                (crate::model::MAX_PEERS_PER_ENTRY, "peers")
+            };
+            let n = list.len().saturating_add(changed.len());
+            if n > max {
+                return Err(err(field, format!("{n} {what}, at most {max}")));
+            }
+            let added: usize = if target.starts_with('@') {
+                changed.len().saturating_mul(target_refs)
+            } else {
+                changed
+                    .iter()
+                    .map(|p| delta_per_peer.get(p.as_str()).copied().unwrap_or(1))
+                    .fold(0usize, usize::saturating_add)
+            };
+            let total = expanded_before.saturating_add(added);
+            if total > crate::model::MAX_PEERS_TOTAL {
+                return Err(err(
+                    "document",
+                    format!(
+                        "{total} peers with groups expanded, at most {}",
+                        crate::model::MAX_PEERS_TOTAL
+                    ),
+                ));
             }
         }
         if !add && changed.len() >= list.len() {
@@ -489,6 +529,61 @@ mod tests {
             p.cluster.as_ref().unwrap().allow[0].peers,
             ["@cluster", "10.3.0.1", "10.3.0.4"]
         );
+    }
+
+    /// Peer edits keep the document within the limits validation checks
+    /// (review: adds went past them, and every later change, and the
+    /// stored policy at the next start, then failed validation).
+    #[test]
+    fn peer_adds_stay_within_the_document_limits() {
+        use crate::model::{MAX_PEERS_PER_ENTRY, MAX_PEERS_TOTAL};
+        let host = |i: usize| format!("\"10.{}.{}.{}\"", i >> 16, (i >> 8) & 255, i & 255);
+        let list = |n: usize| (0..n).map(host).collect::<Vec<_>>().join(", ");
+        // 2 × 99 999 (two entries name @g) + 1 = 199 999 peers expanded.
+        let g = MAX_PEERS_TOTAL / 2 - 1;
+        let mut p = Policy::new();
+        p.set_cluster(
+            parse_doc(
+                &format!("[groups]\ng = [{}]\n[[allow]]\nname = \"a\"\npeers = [\"@g\"]\n[[allow]]\nname = \"b\"\npeers = [\"@g\"]\n[[allow]]\nname = \"c\"\npeers = [\"10.200.0.1\"]\n", list(g)),
+                "",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let before = p.clone();
+        // A member of @g counts twice.
+        let e = p.add_peers("@g", &["10.201.0.1".into()]).unwrap_err();
+        assert_eq!(e.field, "document", "{e}");
+        assert!(e.reason.contains("200001 peers"), "{e}");
+        let e = p.add_peers("c", &["@g".into()]).unwrap_err();
+        assert_eq!(e.field, "document", "{e}");
+        assert_eq!(p, before);
+        // One host fits (given twice, it counts once); then no more.
+        p.add_peers("c", &["10.202.0.1".into(), "10.202.0.1".into()])
+            .unwrap();
+        let e = p.add_peers("a", &["10.203.0.1".into()]).unwrap_err();
+        assert_eq!(e.field, "document", "{e}");
+        p.cluster.as_ref().unwrap().validate(true).unwrap();
+        // One entry's own cap.
+        let mut p = Policy::new();
+        p.set_cluster(
+            parse_doc(
+                &format!(
+                    "[[allow]]\nname = \"c\"\npeers = [{}]\n",
+                    list(MAX_PEERS_PER_ENTRY - 1)
+                ),
+                "",
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        let e = p
+            .add_peers("c", &["10.210.0.1".into(), "10.210.0.2".into()])
+            .unwrap_err();
+        assert_eq!(e.field, "allow[0].peers", "{e}");
+        assert!(e.reason.contains("100001 peers, at most 100000"), "{e}");
+        p.add_peers("c", &["10.210.0.1".into()]).unwrap();
+        p.cluster.as_ref().unwrap().validate(true).unwrap();
     }
 
     #[test]

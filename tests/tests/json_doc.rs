@@ -276,7 +276,7 @@ fn output_functions_print_the_documented_shapes() {
     );
     let sub_check = json!({
         "valid": true, "entries": changes, "groups": groups, "denies_everything": false,
-        "fits": false, "wider": ["entry \"web\": in/out udp 53 to ::/0 (and 3 more)"], "wider_count": 4,
+        "fits": false, "wider": ["entry \"web\": in/out udp 53 to ::/0 (and 3 more)"], "wider_count": 4, "wider_count_capped": false,
         "newly_denied_note": "not computed", "newly_allowed_note": "not computed",
     });
     check(

@@ -16,6 +16,23 @@ use super::{Boundaries, BoundaryError};
 const FLOW_SUMMARY_MAX_INTERVALS: usize = 4096;
 /// Lines of a flow summary shown; the rest is counted.
 const SHOWN: usize = 20;
+/// Parts of a sub-boundary that stick out, counted up to this many (and
+/// one more, to say "more"): counting every part of a large document the
+/// tenant sends cost the agent seconds and hundreds of MB on the change
+/// path (review).
+const WIDER_COUNTED: usize = 1000;
+
+/// The parts of `sub` that `cluster` does not allow, at most
+/// [`WIDER_COUNTED`] + 1 of them, and their count as text.
+fn wider_parts(sub: &Boundary, cluster: &Boundary) -> (Vec<Excess>, String) {
+    let wide = leasehold_netpolicy::check::excess_upto(sub, cluster, WIDER_COUNTED + 1);
+    let n = if wide.len() > WIDER_COUNTED {
+        format!("more than {WIDER_COUNTED}")
+    } else {
+        wide.len().to_string()
+    };
+    (wide, n)
+}
 /// CIDRs shown per line; the rest is counted.
 const CIDRS: usize = 5;
 
@@ -159,17 +176,22 @@ impl Boundaries {
         let snap = self.snapshot();
         let (cluster, _) = snap.bounds.as_ref()?;
         let sub = doc.validate(false).ok()?;
-        let wide = excess(&sub, cluster);
+        let (wide, count) = wider_parts(&sub, cluster);
         let first = wide.first()?;
         let shown: Vec<String> = wide.iter().take(3).map(flow_line).collect();
+        let rest = if wide.len() > WIDER_COUNTED {
+            "; and more".to_owned()
+        } else if wide.len() > 3 {
+            format!("; and {} more", wide.len() - 3)
+        } else {
+            String::new()
+        };
         Some(leasehold_netpolicy::DocError::new(
             format!("allow.{}", first.entry),
             format!(
-                "wider than the cluster boundary ({} part{} not allowed by it): {}{}; `tenantctl boundary set --narrow` stores the intersection instead and reports what it cut",
-                wide.len(),
+                "wider than the cluster boundary ({count} part{} not allowed by it): {}{rest}; `tenantctl boundary set --narrow` stores the intersection instead and reports what it cut",
                 if wide.len() == 1 { "" } else { "s" },
                 shown.join("; "),
-                if wide.len() > 3 { format!("; and {} more", wide.len() - 3) } else { String::new() }
             ),
         ))
     }
@@ -234,7 +256,7 @@ impl Boundaries {
             )));
         };
         let old_doc = snap.policy.sub.clone().unwrap_or_default();
-        let wide = excess(&new, cluster);
+        let (wide, _) = wider_parts(&new, cluster);
         let mut out = json!({
             "valid": true,
             "entries": entries_diff(&old_doc.allow, &doc.allow),
@@ -242,7 +264,8 @@ impl Boundaries {
             "denies_everything": doc.allow.is_empty(),
             "fits": wide.is_empty(),
             "wider": wide.iter().take(SHOWN).map(flow_line).collect::<Vec<_>>(),
-            "wider_count": wide.len(),
+            "wider_count": wide.len().min(WIDER_COUNTED + 1),
+            "wider_count_capped": wide.len() > WIDER_COUNTED,
         });
         // What the tenant's traffic may do now: the sub-boundary, or the
         // cluster boundary without one.
