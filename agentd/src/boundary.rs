@@ -764,6 +764,11 @@ impl Boundaries {
             }
             Err(e) => {
                 undo(snap);
+                // The enforcer keeps checking against the rules the undone
+                // policy gives (review: it had forgotten them).
+                if let Some(rs) = snap.ruleset() {
+                    guard.enforcer.expect(rs);
+                }
                 return Err(e.into());
             }
         }

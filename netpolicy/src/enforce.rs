@@ -478,12 +478,29 @@ impl Enforcer {
         let before = self.generation();
         if let Err(e) = self.send(&delta) {
             tracing::warn!(error = %e, "element change over netlink failed; replacing the whole table");
-            let rules = self
+            let Applied {
+                rules,
+                shape,
+                objects,
+                ..
+            } = self
                 .applied
                 .take()
-                .map(|a| a.rules)
                 .ok_or_else(|| ApplyError::Refused("no ruleset".into()))?;
-            self.apply_full(rules)?;
+            if let Err(full) = self.apply_full(rules.clone()) {
+                // Neither went in. The checks go on against a ruleset (the
+                // edited one until the caller, undoing the edit, says which
+                // it keeps: `expect`): left empty, `check` found nothing to
+                // check and a missing or changed table went unnoticed
+                // (review).
+                self.applied = Some(Applied {
+                    rules,
+                    shape,
+                    objects,
+                    verified: None,
+                });
+                return Err(full);
+            }
             return Ok(Some(Change::Full));
         }
         let after = self.generation();
@@ -493,6 +510,17 @@ impl Enforcer {
             a.verified = if kept { after } else { None };
         }
         Ok(Some(Change::Elements))
+    }
+
+    /// The ruleset the kernel is expected to hold, without applying it:
+    /// after a failed edit the caller undid, the rules from before it, so
+    /// the drift check compares the kernel with what the policy says (and
+    /// a restore puts that back). Nothing applied yet: nothing to expect.
+    pub fn expect(&mut self, rules: Ruleset) {
+        if let Some(a) = &mut self.applied {
+            a.rules = rules;
+            a.verified = None;
+        }
     }
 
     /// Records `rules` after an element-only change: chains and rules, so

@@ -1016,6 +1016,58 @@ fn netns_engine_egress_through_the_enforcer_checks_clean() {
     .unwrap();
 }
 
+/// A host edit whose element change fails and whose full apply fails
+/// too (the table deleted behind the enforcer's back, an engine's cgroup
+/// gone since) keeps the drift check on: the missing table is drift
+/// (review: the enforcer forgot its ruleset on that path, so `check`
+/// found nothing to check and the node went unguarded unnoticed).
+#[test]
+#[ignore = "needs root: network namespaces, nftables and cgroup v2"]
+fn netns_a_failed_host_edit_keeps_the_drift_check() {
+    leasehold_netpolicy_root_check();
+    let mount = cgroup2_mount();
+    let base = mount.join(format!("lh-edit-fail-{}", std::process::id()));
+    let web = base.join("web");
+    let _cgs = Cgroups(vec![base.clone(), web.clone()]);
+    std::fs::create_dir_all(&web).unwrap();
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let doc = |hosts: &str| {
+            cluster(&format!(
+                "action = \"drop\"\n[[allow]]\nname = \"lan\"\npeers = [\"10.77.0.0/24\", {hosts}]\n"
+            ))
+        };
+        let egress = BoundaryDoc::from_toml(
+            "action = \"drop\"\n[[allow]]\nname = \"ok\"\npeers = [\"10.77.0.2\"]\ndirection = \"out\"\n",
+        )
+        .unwrap()
+        .validate(false)
+        .unwrap();
+        let with = nft::Options {
+            engines: vec![nft::EngineEgress::new("web", &mount, &web, egress).unwrap()],
+            ..nft::Options::default()
+        };
+        let mut enf = leasehold_netpolicy::enforce::Enforcer::new(Vec::new());
+        enf.apply(nft::Ruleset::build_with(&doc("\"10.77.1.1\""), None, &with))
+            .unwrap();
+        assert_eq!(enf.check().unwrap().map(|d| d.to_string()), None);
+        run(&["nft", "delete", "table", "inet", "leasehold"]);
+        std::fs::remove_dir(&web).unwrap();
+        let host = u128::from(u32::from(std::net::Ipv4Addr::new(10, 77, 1, 2)));
+        let r = enf.edit_cluster_hosts(
+            &doc("\"10.77.1.1\", \"10.77.1.2\""),
+            &[(leasehold_netpolicy::model::Family::V4, host)],
+        );
+        assert!(r.is_err(), "both the element change and the full apply fail: {r:?}");
+        assert!(
+            enf.check().unwrap().is_some(),
+            "the missing table must be drift"
+        );
+    })
+    .join()
+    .unwrap();
+}
+
 /// UDP datagrams of `len` bytes of payload to `addr` port 9, from a child
 /// process (in `cgroup`, if given) of this thread's namespace; sends the
 /// output chain denies fail with EPERM, which is expected.
