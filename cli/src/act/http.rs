@@ -44,7 +44,25 @@ pub async fn read_request<R: AsyncRead + Unpin>(
     r: &mut R,
     authorized: impl Fn(Option<&[u8]>) -> bool,
 ) -> Result<Request, Refusal> {
-    match tokio::time::timeout(READ_TIMEOUT, read_inner(r, authorized)).await {
+    let head = read_head(r, authorized).await?;
+    read_body(r, head).await
+}
+
+/// An authorized request head: what was read past it and the body's length.
+#[derive(Debug)]
+pub struct Head {
+    rest: Vec<u8>,
+    content_length: usize,
+}
+
+/// Reads and checks a request's head (method, path, token, length), within
+/// [`READ_TIMEOUT`]. The webhook does this before the connection takes a
+/// serving slot, so only a client with the token can hold one (review).
+pub async fn read_head<R: AsyncRead + Unpin>(
+    r: &mut R,
+    authorized: impl Fn(Option<&[u8]>) -> bool,
+) -> Result<Head, Refusal> {
+    match tokio::time::timeout(READ_TIMEOUT, head_inner(r, authorized)).await {
         Ok(res) => res,
         Err(_) => Err(refuse(
             408,
@@ -53,10 +71,21 @@ pub async fn read_request<R: AsyncRead + Unpin>(
     }
 }
 
-async fn read_inner<R: AsyncRead + Unpin>(
+/// Reads the body of an authorized head, within [`READ_TIMEOUT`].
+pub async fn read_body<R: AsyncRead + Unpin>(r: &mut R, head: Head) -> Result<Request, Refusal> {
+    match tokio::time::timeout(READ_TIMEOUT, body_inner(r, head)).await {
+        Ok(res) => res,
+        Err(_) => Err(refuse(
+            408,
+            format!("body not received within {} s", READ_TIMEOUT.as_secs()),
+        )),
+    }
+}
+
+async fn head_inner<R: AsyncRead + Unpin>(
     r: &mut R,
     authorized: impl Fn(Option<&[u8]>) -> bool,
-) -> Result<Request, Refusal> {
+) -> Result<Head, Refusal> {
     let mut buf = Vec::with_capacity(4096);
     let mut chunk = [0u8; 4096];
     let (head_len, content_length) = loop {
@@ -114,10 +143,21 @@ async fn read_inner<R: AsyncRead + Unpin>(
             Err(e) => return Err(refuse(400, format!("not HTTP: {e}"))),
         }
     };
-    let mut body = buf.split_off(head_len);
-    if body.len() > content_length {
+    let rest = buf.split_off(head_len);
+    if rest.len() > content_length {
         return Err(refuse(400, "more bytes than Content-Length"));
     }
+    Ok(Head {
+        rest,
+        content_length,
+    })
+}
+
+async fn body_inner<R: AsyncRead + Unpin>(r: &mut R, head: Head) -> Result<Request, Refusal> {
+    let Head {
+        rest: mut body,
+        content_length,
+    } = head;
     let mut rest = vec![0u8; content_length - body.len()];
     r.read_exact(&mut rest)
         .await

@@ -244,30 +244,111 @@ pub async fn run(args: &ActArgs, json: bool) -> Result<(), CliError> {
             if shared.dry_run { " (dry run)" } else { "" }
         );
     }
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| CliError::new(exit::FAILURE, format!("signal handler: {e}")))?;
+    let stop = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    accept_loop(listener, shared, stop).await;
+    Ok(())
+}
+
+/// Connections that have not shown the token yet, at most: a newer one
+/// ends the oldest.
+const PRE_AUTH: usize = 64;
+/// After an accept error (out of file descriptors, say): a pause, so the
+/// loop does not spin and flood the log.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Connections reading their request head, before the token is shown:
+/// each is counted here, not in the serving slots, which only a client
+/// with the token takes. Before, a slot was taken at accept and held for
+/// the 10 s the request may take, so any local user's 16 idle connections
+/// made every Alertmanager post a 503 (review; agentd's metrics endpoint
+/// had the same, fixed the same way).
+#[derive(Default)]
+struct PreAuth {
+    next: u64,
+    open: std::collections::VecDeque<(u64, tokio::sync::oneshot::Sender<()>)>,
+}
+
+impl PreAuth {
+    /// Counts a new connection in, ending the oldest if [`PRE_AUTH`] are
+    /// open; returns its id and what ends it.
+    fn admit(&mut self) -> (u64, tokio::sync::oneshot::Receiver<()>) {
+        while self.open.len() >= PRE_AUTH {
+            if let Some((_, end)) = self.open.pop_front() {
+                let _ = end.send(());
+            }
+        }
+        self.next += 1;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.open.push_back((self.next, tx));
+        (self.next, rx)
+    }
+
+    /// Connection `id` has shown the token, or is done.
+    fn done(&mut self, id: u64) {
+        self.open.retain(|(i, _)| *i != id);
+    }
+}
+
+fn lock_pre(p: &std::sync::Mutex<PreAuth>) -> std::sync::MutexGuard<'_, PreAuth> {
+    p.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Serves the webhook on `listener` until `stop` completes.
+async fn accept_loop(
+    listener: tokio::net::TcpListener,
+    shared: Arc<Shared>,
+    stop: impl std::future::Future<Output = ()>,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let pre = Arc::new(std::sync::Mutex::new(PreAuth::default()));
+    tokio::pin!(stop);
     loop {
-        let (mut stream, _) = tokio::select! {
+        let mut stream = tokio::select! {
             a = listener.accept() => match a {
-                Ok(c) => c,
+                Ok((s, _)) => s,
                 Err(e) => {
                     eprintln!("landlordctl act: accept: {e}");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
                     continue;
                 }
             },
-            _ = tokio::signal::ctrl_c() => return Ok(()),
-            _ = term.recv() => return Ok(()),
+            () = &mut stop => return,
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
-            let busy = serde_json::json!({"error": "too many connections"});
-            tokio::spawn(async move { http::respond(&mut stream, 503, &busy).await });
-            continue;
-        };
-        let shared = shared.clone();
+        let (id, mut ended) = lock_pre(&pre).admit();
+        let (shared, pre, slots) = (shared.clone(), pre.clone(), slots.clone());
         tokio::spawn(async move {
-            let _permit = permit;
-            serve(&shared, &mut stream).await;
+            let head = tokio::select! {
+                h = http::read_head(&mut stream, |h| shared.token.matches(h)) => Some(h),
+                _ = &mut ended => None,
+            };
+            lock_pre(&pre).done(id);
+            let head = match head {
+                None => return,
+                Some(Err(r)) => {
+                    log_refusal(r.status, &r.reason);
+                    http::respond(
+                        &mut stream,
+                        r.status,
+                        &serde_json::json!({"error": r.reason}),
+                    )
+                    .await;
+                    return;
+                }
+                Some(Ok(h)) => h,
+            };
+            let Ok(_slot) = slots.try_acquire_owned() else {
+                let busy = serde_json::json!({"error": "too many connections"});
+                http::respond(&mut stream, 503, &busy).await;
+                return;
+            };
+            serve(&shared, &mut stream, head).await;
         });
     }
 }
@@ -293,8 +374,8 @@ fn log_refusal(status: u16, reason: &str) {
     }
 }
 
-async fn serve(shared: &Arc<Shared>, stream: &mut tokio::net::TcpStream) {
-    let req = match http::read_request(stream, |h| shared.token.matches(h)).await {
+async fn serve(shared: &Arc<Shared>, stream: &mut tokio::net::TcpStream, head: http::Head) {
+    let req = match http::read_body(stream, head).await {
         Ok(r) => r,
         Err(r) => {
             log_refusal(r.status, &r.reason);
@@ -535,6 +616,52 @@ mod tests {
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::write(&p, "short").unwrap();
         assert!(Token::read(&p).unwrap_err().message.contains("16"));
+    }
+
+    /// Any local user's idle connections — more than the serving slots
+    /// and the waiting places together — keep no authorized post out
+    /// (review: 16 of them made every Alertmanager post a 503).
+    #[tokio::test]
+    async fn idle_connections_do_not_keep_alertmanager_out() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        async fn status(addr: std::net::SocketAddr, req: String) -> String {
+            let mut c = tokio::net::TcpStream::connect(addr).await.unwrap();
+            c.write_all(req.as_bytes()).await.unwrap();
+            let mut out = String::new();
+            let _ = c.read_to_string(&mut out).await;
+            out.lines().next().unwrap_or("").to_owned()
+        }
+        let post = |auth: &str| {
+            let body = r#"{"version":"4","alerts":[]}"#;
+            format!(
+                "POST /alerts HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        let d = tempfile::tempdir().unwrap();
+        let mut s = shared(false);
+        s.state_path = d.path().join("act.json");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(accept_loop(listener, Arc::new(s), async move {
+            let _ = stopped.await;
+        }));
+        let mut idle = Vec::new();
+        for _ in 0..PRE_AUTH + MAX_CONNECTIONS {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        for _ in 0..3 {
+            assert_eq!(
+                status(addr, post("Bearer 0123456789abcdef")).await,
+                "HTTP/1.1 200 OK"
+            );
+        }
+        let refused = status(addr, post("Bearer wrong-token-0000")).await;
+        assert!(refused.starts_with("HTTP/1.1 401"), "{refused}");
+        drop(idle);
+        stop.send(()).unwrap();
+        server.await.unwrap();
     }
 
     fn shared(dry_run: bool) -> Shared {
