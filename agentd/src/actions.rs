@@ -135,8 +135,16 @@ impl Rule {
         }
     }
 
+    /// A rule without `source` matches every source but `engines`: the
+    /// tenant makes those faults at will (an engine crash-looping), and
+    /// must not set off the landlord's actions, nor spend their cooldown
+    /// so that a real fault finds the rule already on (review). Engines'
+    /// faults are matched by a rule that names `engines`.
     fn matches(&self, f: &Fault) -> bool {
-        self.severity == f.severity && self.source.is_none_or(|s| s == f.source)
+        self.severity == f.severity
+            && self
+                .source
+                .map_or(f.source != Source::Engines, |s| s == f.source)
     }
 }
 
@@ -254,6 +262,8 @@ struct LimiterDoc {
 pub struct Limiter {
     dir: PathBuf,
     doc: LimiterDoc,
+    /// Each rule's time before its last `take`, for `give_back`.
+    before: BTreeMap<String, Option<u64>>,
 }
 
 const LIMITER_FILE: &str = "actions.json";
@@ -273,6 +283,7 @@ impl Limiter {
         Ok(Self {
             dir: state_dir.to_owned(),
             doc,
+            before: BTreeMap::new(),
         })
     }
 
@@ -291,6 +302,7 @@ impl Limiter {
                     .map(|n| (n, now))
                     .collect(),
             },
+            before: BTreeMap::new(),
         }
     }
 
@@ -316,7 +328,33 @@ impl Limiter {
                 source,
             });
         }
+        self.before.insert(rule.name.clone(), before);
         Ok(true)
+    }
+
+    /// Undoes `rule`'s last `take`: its action did not happen (no signed
+    /// record, logind refused), so its cooldown is not spent (review: a
+    /// reboot refused for want of a record waited a whole cooldown).
+    pub fn give_back(&mut self, rule: &str) -> Result<(), ActionError> {
+        let Some(before) = self.before.remove(rule) else {
+            return Ok(());
+        };
+        let taken = match before {
+            Some(b) => self.doc.last.insert(rule.to_owned(), b),
+            None => self.doc.last.remove(rule),
+        };
+        let bytes = serde_json::to_vec(&self.doc).unwrap_or_default();
+        if let Err(source) = crate::fsutil::write_atomic(&self.dir, LIMITER_FILE, &bytes) {
+            // On disk it stays spent; so does it here (fail closed).
+            if let Some(t) = taken {
+                self.doc.last.insert(rule.to_owned(), t);
+            }
+            return Err(ActionError::Io {
+                path: self.dir.join(LIMITER_FILE),
+                source,
+            });
+        }
+        Ok(())
     }
 }
 
@@ -333,8 +371,13 @@ pub struct Firing {
 #[derive(Debug)]
 pub struct Matcher {
     rules: Vec<Rule>,
-    /// Rules that matched the previous report.
+    /// Rules that fired and still match.
     active: BTreeSet<String>,
+    /// Rules that match but were held by their cooldown: tried again at
+    /// each report, so one that still matches fires when the cooldown
+    /// ends (review: marked active, it never fired while the fault
+    /// lasted, however long).
+    waiting: BTreeSet<String>,
 }
 
 impl Matcher {
@@ -343,16 +386,19 @@ impl Matcher {
         Self {
             rules,
             active: BTreeSet::new(),
+            waiting: BTreeSet::new(),
         }
     }
 
-    /// The rules that start matching with this report and whose cooldown
-    /// has passed (their firing recorded in `limiter`). A rule still
-    /// matching does not fire again; one that stopped matching may fire
-    /// on its next match, cooldown permitting.
+    /// The rules that start matching with this report, or matched while
+    /// their cooldown held them, and whose cooldown has passed (their
+    /// firing recorded in `limiter`). A rule that fired and still matches
+    /// does not fire again; one that stopped matching may fire on its next
+    /// match, cooldown permitting.
     pub fn next(&mut self, faults: &[Fault], limiter: &mut Limiter, now: u64) -> Vec<Firing> {
         let mut out = Vec::new();
         let mut active = BTreeSet::new();
+        let mut waiting = BTreeSet::new();
         // Throttles last while their fault does: `plan_throttles`.
         for r in self
             .rules
@@ -363,21 +409,29 @@ impl Matcher {
             if hit.is_empty() {
                 continue;
             }
-            active.insert(r.name.clone());
             if self.active.contains(&r.name) {
+                active.insert(r.name.clone());
                 continue;
             }
             match limiter.take(r, now) {
-                Ok(true) => out.push(Firing {
-                    rule: r.clone(),
-                    faults: hit,
-                }),
-                Ok(false) => info!(
-                    event = "health-action-cooldown",
-                    rule = %r.name,
-                    action = r.action.as_str(),
-                    "a corrective action matched within its cooldown; not run"
-                ),
+                Ok(true) => {
+                    active.insert(r.name.clone());
+                    out.push(Firing {
+                        rule: r.clone(),
+                        faults: hit,
+                    });
+                }
+                Ok(false) => {
+                    if !self.waiting.contains(&r.name) {
+                        info!(
+                            event = "health-action-cooldown",
+                            rule = %r.name,
+                            action = r.action.as_str(),
+                            "a corrective action matched within its cooldown; not run (it runs when the cooldown ends if its fault is still there)"
+                        );
+                    }
+                    waiting.insert(r.name.clone());
+                }
                 Err(e) => error!(
                     event = "health-action-refused",
                     rule = %r.name,
@@ -387,7 +441,13 @@ impl Matcher {
             }
         }
         self.active = active;
+        self.waiting = waiting;
         out
+    }
+
+    /// `rule`'s firing did not happen: it may fire at the next report.
+    pub fn forget(&mut self, rule: &str) {
+        self.active.remove(rule);
     }
 }
 
@@ -790,7 +850,9 @@ impl Runner {
     }
 
     /// Runs one firing. Errors are logged: the next report goes on.
-    pub async fn run(&self, f: Firing) {
+    /// False: a reboot or power-off did not happen (no signed record, or
+    /// logind refused), so its cooldown is given back.
+    pub async fn run(&self, f: Firing) -> bool {
         let r = &f.rule;
         let faults = serde_json::to_string(&f.faults).unwrap_or_else(|_| "[]".into());
         match r.action {
@@ -843,7 +905,7 @@ impl Runner {
                     Ok(id) => id,
                     Err(e) => {
                         error!(event = "health-action-refused", rule = %r.name, error = %e, "no signed record: the node is not rebooted or powered off");
-                        return;
+                        return false;
                     }
                 };
                 let p = if r.action == Kind::Reboot {
@@ -854,9 +916,11 @@ impl Runner {
                 warn!(event = "health-action", rule = %r.name, action = r.action.as_str(), record = %id, faults = %faults, "corrective action: asking logind");
                 if let Err(e) = crate::power::run(&self.conn, p).await {
                     error!(event = "health-action-failed", rule = %r.name, error = %e, "logind did not take the power action");
+                    return false;
                 }
             }
         }
+        true
     }
 }
 
@@ -1088,7 +1152,10 @@ impl Actions {
                     subject: engine.to_owned(),
                     message: format!("on_failure reboot-node: {why}"),
                 }];
-                self.runner.run(Firing { rule, faults }).await;
+                let name = rule.name.clone();
+                if !self.runner.run(Firing { rule, faults }).await {
+                    self.give_back(&name);
+                }
             }
             Ok(false) => warn!(
                 event = "health-action-cooldown",
@@ -1108,7 +1175,18 @@ impl Actions {
             self.throttles = self.runner.throttle(&self.throttles, plan).await;
         }
         for f in self.matcher.next(faults, &mut self.limiter, now) {
-            self.runner.run(f).await;
+            let name = f.rule.name.clone();
+            if !self.runner.run(f).await {
+                self.matcher.forget(&name);
+                self.give_back(&name);
+            }
+        }
+    }
+
+    /// A firing that did not happen: its cooldown is not spent.
+    fn give_back(&mut self, rule: &str) {
+        if let Err(e) = self.limiter.give_back(rule) {
+            error!(event = "health-action-refused", rule, error = %e, "the cooldown of an action that did not run could not be given back; it runs again only after it");
         }
     }
 }

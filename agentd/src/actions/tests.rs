@@ -417,3 +417,40 @@ fn a_hook_that_cannot_start_says_so() {
     );
     assert!(!run.leftovers_killed);
 }
+
+/// Review of the health actions: a rule that matched while its cooldown
+/// held it fires when the cooldown ends if its fault is still there (it
+/// was marked on and never fired while the fault lasted); a firing that
+/// did not happen gives its cooldown back and fires again at the next
+/// report; a rule without `source` is not set off by the tenant's engines.
+#[test]
+fn held_rules_fire_when_their_cooldown_ends_and_failed_firings_give_it_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let hot = [fault(Severity::Critical, Source::Thermal, "zone0")];
+    let mut m = Matcher::new(rules(REBOOT_ON_HOT));
+    let mut l = Limiter::load(dir.path()).unwrap();
+    let t0 = 2_000_000;
+    assert_eq!(m.next(&hot, &mut l, t0).len(), 1);
+    // A flap within the cooldown, then the fault stays.
+    assert!(m.next(&[], &mut l, t0 + 100).is_empty());
+    assert!(m.next(&hot, &mut l, t0 + 200).is_empty());
+    assert!(m.next(&hot, &mut l, t0 + 899).is_empty());
+    let fired = m.next(&hot, &mut l, t0 + 900);
+    assert_eq!(fired.len(), 1, "held past its cooldown");
+    // That firing did not happen (no record): given back, fired again at
+    // the next report, and on disk too (a restart would fire it).
+    m.forget("hot");
+    l.give_back("hot").unwrap();
+    let mut l2 = Limiter::load(dir.path()).unwrap();
+    assert!(l2.take(&rules(REBOOT_ON_HOT)[0], t0 + 901).unwrap());
+    assert_eq!(m.next(&hot, &mut l, t0 + 960).len(), 1);
+    assert!(m.next(&hot, &mut l, t0 + 1020).is_empty());
+    // Given back without a take: nothing to undo.
+    l.give_back("log-any").unwrap();
+    // No source: every source but the tenant's engines.
+    let r = rules(REBOOT_ON_HOT);
+    assert!(!r[1].matches(&fault(Severity::Warning, Source::Engines, "web")));
+    assert!(r[1].matches(&fault(Severity::Warning, Source::Volume, "vol")));
+    let named = rules("[[action]]\nname = \"e\"\nsource = \"engines\"\nseverity = \"warning\"\naction = \"notify\"\n");
+    assert!(named[0].matches(&fault(Severity::Warning, Source::Engines, "web")));
+}
