@@ -97,14 +97,9 @@ pub async fn run(
         // An event re-reads its source only (the links; the disks); the
         // periodic reports stay on their ticks (the other sources' faults
         // are as old as ever).
-        let Ok(report) = tokio::task::spawn_blocking(move || {
-            if let Some(source) = only {
-                m.report_only(source)
-            } else {
-                m.report_asked_at(asked)
-            }
-        })
-        .await
+        // Rises judged against this loop's own previous report: an
+        // on-demand report in between must not take them (review).
+        let Ok(report) = tokio::task::spawn_blocking(move || m.collector_report(asked, only)).await
         else {
             warn!("the periodic health report failed (a bug: see above)");
             continue;

@@ -218,6 +218,9 @@ struct State {
     /// How long the last full report took.
     last_took: Duration,
     baseline: eval::Baseline,
+    /// The counters as the periodic collector last saw them
+    /// ([`Monitor::collector_report`]).
+    collector: eval::Baseline,
     /// Set while a source's thread runs; a stuck thread keeps it set.
     busy: BTreeMap<Source, Arc<AtomicBool>>,
 }
@@ -385,6 +388,36 @@ impl Monitor {
             .chain(fresh_faults)
             .collect();
         self.finish(&mut st, start, sources, faults, false)
+    }
+
+    /// The periodic collector's report (what drives `FaultsChanged` and
+    /// the corrective actions): [`Monitor::report_asked_at`], or
+    /// [`Monitor::report_only`] for an event about `only`, with rising
+    /// counters (corrected memory errors, I/O errors, carrier changes)
+    /// judged against the collector's own previous report. Judged against
+    /// whichever report came last, an on-demand one (`landlordctl health`,
+    /// a metrics scrape) took the rise, and the collection, its signal and
+    /// its actions never saw it (review).
+    pub fn collector_report(&self, asked: Instant, only: Option<Source>) -> Report {
+        let mut r = match only {
+            Some(source) => self.report_only(source),
+            None => self.report_asked_at(asked),
+        };
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let (faults, next) = eval::evaluate(&r.sources, &st.collector);
+        st.collector = next;
+        drop(st);
+        // `finish`'s own fault (the link watcher) as the report has it.
+        let watcher = r
+            .faults
+            .iter()
+            .filter(|f| f.source == Source::Net && f.subject == "rtnetlink")
+            .cloned();
+        let mut faults: Vec<Fault> = faults.into_iter().chain(watcher).collect();
+        faults.sort_by_key(|f| std::cmp::Reverse(f.severity));
+        r.severity = faults.first().map_or(Severity::Ok, |f| f.severity);
+        r.faults = faults;
+        r
     }
 
     /// The last report taken (by anyone), with its age and how long it

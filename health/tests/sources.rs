@@ -99,6 +99,33 @@ fn edac_uncorrected_is_critical_and_corrected_rising_a_warning() {
     assert!(faults_of(&m.report(), "mc0").is_empty());
 }
 
+/// A rise seen first by an on-demand report (`landlordctl health`, a
+/// scrape) is still a fault of the periodic collector's next report, and
+/// only of that one (review: the on-demand report took it, and the
+/// collection, its signal and its actions never saw it).
+#[test]
+fn the_collector_sees_a_rise_an_on_demand_report_saw_first() {
+    let f = Fixture::new();
+    f.put("devices/system/edac/mc/mc0/ce_count", "0\n");
+    f.put("devices/system/edac/mc/mc0/ue_count", "0\n");
+    let m = Monitor::new(f.settings(&[Source::Edac]));
+    assert!(m.collector_report(Instant::now(), None).faults.is_empty());
+    f.put("devices/system/edac/mc/mc0/ce_count", "5\n");
+    assert_eq!(faults_of(&m.report(), "mc0").len(), 1, "on demand");
+    assert!(faults_of(&m.report(), "mc0").is_empty(), "on demand, again");
+    let r = m.collector_report(Instant::now(), None);
+    let mc0 = faults_of(&r, "mc0");
+    assert_eq!(mc0.len(), 1, "the collector: {:?}", r.faults);
+    assert!(mc0[0].message.contains("rose from 0 to 5"), "{mc0:?}");
+    assert_eq!(r.severity, Severity::Warning);
+    assert!(faults_of(&m.collector_report(Instant::now(), None), "mc0").is_empty());
+    // An event's report of one source is judged the same way.
+    f.put("devices/system/edac/mc/mc0/ce_count", "6\n");
+    assert_eq!(faults_of(&m.report(), "mc0").len(), 1);
+    let r = m.collector_report(Instant::now(), Some(Source::Edac));
+    assert_eq!(faults_of(&r, "mc0").len(), 1, "{:?}", r.faults);
+}
+
 #[test]
 fn edac_bad_values_are_problems_naming_the_file() {
     let f = Fixture::new();
