@@ -76,7 +76,15 @@ pub fn read_leases(
 }
 
 fn read_one(path: &Path) -> Result<(String, Option<u64>), String> {
-    let f = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    use std::os::unix::fs::OpenOptionsExt;
+    // Not following a link, not waiting on a FIFO's writer: the open of a
+    // FIFO (or a link to a tty) in the directory blocked every report
+    // (review); the type is checked on what was opened.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_flags())
+        .open(path)
+        .map_err(|e| e.to_string())?;
     let meta = f.metadata().map_err(|e| e.to_string())?;
     if !meta.is_file() {
         return Err("not a regular file".into());
@@ -169,6 +177,11 @@ pub fn parse(text: &str) -> Result<Lease, String> {
     Ok(l)
 }
 
+/// `O_NOFOLLOW | O_NONBLOCK` for the lease files' open.
+fn libc_flags() -> i32 {
+    (nix::fcntl::OFlag::O_NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK).bits()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,5 +253,31 @@ mod tests {
         );
         let (l, p) = read_leases(&dir.path().join("missing"), &|_| None);
         assert!(l.is_empty() && p.is_empty());
+    }
+
+    /// A FIFO (no writer) and a symbolic link in the directory are
+    /// problems named by file, and the read does not wait (review: the
+    /// open of a FIFO blocked every report for good).
+    #[test]
+    fn fifos_and_links_are_refused_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("2"), NETWORKD).unwrap();
+        nix::unistd::mkfifo(&dir.path().join("5"), nix::sys::stat::Mode::S_IRUSR).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("2"), dir.path().join("6")).unwrap();
+        let path = dir.path().to_owned();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(read_leases(&path, &|_| None));
+        });
+        let (leases, problems) = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the read waited on the FIFO");
+        assert_eq!(leases.len(), 1);
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].message.contains("/5: not a regular file"),
+            "{problems:?}"
+        );
+        assert!(problems[1].message.contains("/6: "), "{problems:?}");
     }
 }
