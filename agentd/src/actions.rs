@@ -311,7 +311,18 @@ impl Limiter {
     /// firing: an action whose cooldown could not be kept does not run.
     pub fn take(&mut self, rule: &Rule, now: u64) -> Result<bool, ActionError> {
         if let Some(&last) = self.doc.last.get(&rule.name) {
-            // A clock set back counts as within the cooldown.
+            if now < last {
+                // A clock set back counts as within the cooldown, which
+                // then runs from the time the clock shows (review: kept at
+                // the later time, one wrong jump forward held the rule
+                // until that date, across restarts too).
+                self.doc.last.insert(rule.name.clone(), now);
+                let bytes = serde_json::to_vec(&self.doc).unwrap_or_default();
+                if let Err(e) = crate::fsutil::write_atomic(&self.dir, LIMITER_FILE, &bytes) {
+                    warn!(rule = %rule.name, error = %e, "the clock went back: a cooldown's new start was not written");
+                }
+                return Ok(false);
+            }
             if now < last.saturating_add(rule.cooldown()) {
                 return Ok(false);
             }

@@ -454,3 +454,22 @@ fn held_rules_fire_when_their_cooldown_ends_and_failed_firings_give_it_back() {
     let named = rules("[[action]]\nname = \"e\"\nsource = \"engines\"\nseverity = \"warning\"\naction = \"notify\"\n");
     assert!(named[0].matches(&fault(Severity::Warning, Source::Engines, "web")));
 }
+
+/// A wrong jump of the clock forward, then back: the cooldown runs from
+/// the time the clock shows again, also after a restart (review: the
+/// later time was kept, and the rule was held until that date).
+#[test]
+fn a_clock_that_jumped_forward_and_back_holds_a_rule_one_cooldown() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = rules(REBOOT_ON_HOT);
+    let mut l = Limiter::load(dir.path()).unwrap();
+    let t0 = 3_000_000;
+    // Fired while the clock was a year ahead.
+    assert!(l.take(&r[0], t0 + 365 * 86_400).unwrap());
+    // Back to the right time: held one cooldown (900 s) from now.
+    assert!(!l.take(&r[0], t0).unwrap());
+    assert!(!l.take(&r[0], t0 + 899).unwrap());
+    let mut again = Limiter::load(dir.path()).unwrap();
+    assert!(!again.take(&r[0], t0 + 899).unwrap());
+    assert!(again.take(&r[0], t0 + 900).unwrap());
+}

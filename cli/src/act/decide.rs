@@ -100,12 +100,14 @@ impl Bucket {
     }
 
     /// Tokens at `now`: refilled one per `refill_secs`, up to `burst`. A
-    /// clock set back refills nothing (and never drains).
+    /// clock set back refills nothing (and never drains), and the refill
+    /// counts from `now` on (review: keeping the later time, one wrong jump
+    /// forward — a bad NTP or RTC — stopped every refill until that date).
     fn refilled(self, burst: u32, refill_secs: u64, now: f64) -> Self {
         let gained = (now - self.at).max(0.0) / refill_secs as f64;
         Bucket {
             tokens: (self.tokens + gained).min(f64::from(burst)),
-            at: now.max(self.at),
+            at: now,
         }
     }
 }
@@ -210,14 +212,16 @@ impl State {
             .fleet
             .unwrap_or_else(|| Bucket::full(l.fleet_burst, now))
             .refilled(l.fleet_burst, l.fleet_refill_secs, now);
-        if n.tokens < 1.0 || f.tokens < 1.0 {
-            return false;
+        let ok = n.tokens >= 1.0 && f.tokens >= 1.0;
+        if ok {
+            n.tokens -= 1.0;
+            f.tokens -= 1.0;
         }
-        n.tokens -= 1.0;
-        f.tokens -= 1.0;
+        // Kept refilled even when refused: the same tokens, and a clock
+        // set back is then counted from the time it shows.
         self.nodes.insert(node.to_owned(), n);
         self.fleet = Some(f);
-        true
+        ok
     }
 
     fn prune(&mut self, now: f64) {
@@ -457,8 +461,13 @@ action = "reboot"
         assert_eq!(d(&mut s, "n1", "a2", t0 + 600.0).name(), "rate-limited");
         assert_eq!(d(&mut s, "n2", "b2", t0 + 600.0).name(), "rate-limited");
         assert_eq!(d(&mut s, "n1", "a2", t0 + 3600.0).name(), "acted");
-        // A clock set back refills nothing.
+        // A clock set back refills nothing, and the refill then counts
+        // from the time it shows (not from a time it no longer reaches).
         assert_eq!(d(&mut s, "n2", "b3", t0 - 86_400.0).name(), "rate-limited");
+        assert_eq!(
+            d(&mut s, "n2", "b3", t0 - 86_400.0 + 3600.0).name(),
+            "acted"
+        );
     }
 
     #[test]
