@@ -508,9 +508,19 @@ fn dhcp_servers(list: &[DhcpServerDoc]) -> Result<BTreeSet<DhcpServer>, DocError
         let mac = mac
             .map(|m| parse_mac(m).map_err(|e| err(format!("{at}.mac"), e)))
             .transpose()?;
-        if !out.insert(DhcpServer { family, addr, mac }) {
-            return Err(err(at, "this server is listed twice"));
+        // The same address twice (with and without a MAC, or with two):
+        // its address-only rule would accept a reply from any MAC, which
+        // the pin was there to refuse (review).
+        if out
+            .iter()
+            .any(|o: &DhcpServer| o.family == family && o.addr == addr)
+        {
+            return Err(err(
+                at,
+                "this server's address is listed twice; list it once, with its MAC if it is to be pinned",
+            ));
         }
+        out.insert(DhcpServer { family, addr, mac });
     }
     Ok(out)
 }
@@ -1174,7 +1184,9 @@ protocols = [{ proto = "tcp", ports = [80, "443", "8000-8080"] }]
             ("dhcp_servers = [\"255.255.255.255\"]", "dhcp_servers[0]: \"255.255.255.255\": a DHCP server's address is a unicast address"),
             ("dhcp_servers = [\"ff02::1:2\"]", "dhcp_servers[0]: \"ff02::1:2\": a DHCP server's address is a unicast address"),
             ("dhcp_servers = [\"x\"]", "dhcp_servers[0]: \"x\" is not an IP address or CIDR"),
-            ("dhcp_servers = [\"10.0.0.1\", \"10.0.0.1\"]", "dhcp_servers[1]: this server is listed twice"),
+            ("dhcp_servers = [\"10.0.0.1\", \"10.0.0.1\"]", "dhcp_servers[1]: this server's address is listed twice; list it once, with its MAC if it is to be pinned"),
+            ("dhcp_servers = [\"10.0.0.1\", { addr = \"10.0.0.1\", mac = \"52:54:00:00:00:01\" }]", "dhcp_servers[1]: this server's address is listed twice; list it once, with its MAC if it is to be pinned"),
+            ("dhcp_servers = [{ addr = \"10.0.0.1\", mac = \"52:54:00:00:00:02\" }, { addr = \"10.0.0.1\", mac = \"52:54:00:00:00:01\" }]", "dhcp_servers[1]: this server's address is listed twice; list it once, with its MAC if it is to be pinned"),
             ("dhcp_servers = [{ addr = \"10.0.0.1\", mac = \"52:54:00:00:00\" }]", "dhcp_servers[0].mac: \"52:54:00:00:00\" is not a MAC address (aa:bb:cc:dd:ee:ff)"),
             ("dhcp_servers = [{ addr = \"10.0.0.1\", mac = \"ff:ff:ff:ff:ff:ff\" }]", "dhcp_servers[0].mac: \"ff:ff:ff:ff:ff:ff\": a server's MAC is a unicast address, not zero, multicast or broadcast"),
             ("dhcp_servers = [{ addr = \"10.0.0.x\", mac = \"52:54:00:00:00:01\" }]", "dhcp_servers[0].addr: \"10.0.0.x\" is not an IP address or CIDR"),
