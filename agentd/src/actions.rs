@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use leasehold_dbus_api::receipt_json;
 use leasehold_health::{Fault, Severity, Source};
@@ -264,6 +264,8 @@ pub struct Limiter {
     doc: LimiterDoc,
     /// Each rule's time before its last `take`, for `give_back`.
     before: BTreeMap<String, Option<u64>>,
+    /// When this process first saw the clock behind a rule's last firing.
+    clock_back: BTreeMap<String, Instant>,
 }
 
 const LIMITER_FILE: &str = "actions.json";
@@ -284,6 +286,7 @@ impl Limiter {
             dir: state_dir.to_owned(),
             doc,
             before: BTreeMap::new(),
+            clock_back: BTreeMap::new(),
         })
     }
 
@@ -303,6 +306,7 @@ impl Limiter {
                     .collect(),
             },
             before: BTreeMap::new(),
+            clock_back: BTreeMap::new(),
         }
     }
 
@@ -310,23 +314,31 @@ impl Limiter {
     /// (atomically) before this returns. A write that fails refuses the
     /// firing: an action whose cooldown could not be kept does not run.
     pub fn take(&mut self, rule: &Rule, now: u64) -> Result<bool, ActionError> {
+        self.take_at(rule, now, Instant::now())
+    }
+
+    /// [`Limiter::take`] with the monotonic clock's `mono` (tests).
+    fn take_at(&mut self, rule: &Rule, now: u64, mono: Instant) -> Result<bool, ActionError> {
         if let Some(&last) = self.doc.last.get(&rule.name) {
             if now < last {
-                // A clock set back counts as within the cooldown, which
-                // then runs from the time the clock shows (review: kept at
-                // the later time, one wrong jump forward held the rule
-                // until that date, across restarts too).
-                self.doc.last.insert(rule.name.clone(), now);
-                let bytes = serde_json::to_vec(&self.doc).unwrap_or_default();
-                if let Err(e) = crate::fsutil::write_atomic(&self.dir, LIMITER_FILE, &bytes) {
-                    warn!(rule = %rule.name, error = %e, "the clock went back: a cooldown's new start was not written");
+                // A clock set back counts as within the cooldown, kept on
+                // disk (a node whose clock starts in the past at boot must
+                // not take its last reboot as long ago, review). So that one
+                // wrong jump forward does not hold the rule until that date,
+                // the hold ends once a whole cooldown has passed on this
+                // process's monotonic clock since the clock was seen back.
+                let seen = *self.clock_back.entry(rule.name.clone()).or_insert(mono);
+                if mono.saturating_duration_since(seen) < Duration::from_secs(rule.cooldown()) {
+                    return Ok(false);
                 }
-                return Ok(false);
-            }
-            if now < last.saturating_add(rule.cooldown()) {
-                return Ok(false);
+            } else {
+                self.clock_back.remove(&rule.name);
+                if now < last.saturating_add(rule.cooldown()) {
+                    return Ok(false);
+                }
             }
         }
+        self.clock_back.remove(&rule.name);
         let before = self.doc.last.insert(rule.name.clone(), now);
         let bytes = serde_json::to_vec(&self.doc).unwrap_or_default();
         if let Err(source) = crate::fsutil::write_atomic(&self.dir, LIMITER_FILE, &bytes) {
@@ -389,6 +401,8 @@ pub struct Matcher {
     /// ends (review: marked active, it never fired while the fault
     /// lasted, however long).
     waiting: BTreeSet<String>,
+    /// No report seen yet by this process.
+    first: bool,
 }
 
 impl Matcher {
@@ -398,6 +412,7 @@ impl Matcher {
             rules,
             active: BTreeSet::new(),
             waiting: BTreeSet::new(),
+            first: true,
         }
     }
 
@@ -432,6 +447,14 @@ impl Matcher {
                         faults: hit,
                     });
                 }
+                // At this process's first report a rule held by its
+                // cooldown is taken as on: its fault is most likely the one
+                // that fired it before the restart (a reboot rule's own
+                // reboot), and waiting would fire it again each cooldown
+                // while the fault lasts (review).
+                Ok(false) if self.first => {
+                    active.insert(r.name.clone());
+                }
                 Ok(false) => {
                     if !self.waiting.contains(&r.name) {
                         info!(
@@ -453,6 +476,7 @@ impl Matcher {
         }
         self.active = active;
         self.waiting = waiting;
+        self.first = false;
         out
     }
 
@@ -861,8 +885,8 @@ impl Runner {
     }
 
     /// Runs one firing. Errors are logged: the next report goes on.
-    /// False: a reboot or power-off did not happen (no signed record, or
-    /// logind refused), so its cooldown is given back.
+    /// False: a reboot or power-off was not asked for (no signed record),
+    /// so its cooldown is given back.
     pub async fn run(&self, f: Firing) -> bool {
         let r = &f.rule;
         let faults = serde_json::to_string(&f.faults).unwrap_or_else(|_| "[]".into());
@@ -925,9 +949,11 @@ impl Runner {
                     crate::power::PowerAction::PowerOff
                 };
                 warn!(event = "health-action", rule = %r.name, action = r.action.as_str(), record = %id, faults = %faults, "corrective action: asking logind");
+                // Its cooldown stays spent: the record is signed, and a reply
+                // lost while the reboot goes ahead must not fire it again
+                // after the boot (review).
                 if let Err(e) = crate::power::run(&self.conn, p).await {
                     error!(event = "health-action-failed", rule = %r.name, error = %e, "logind did not take the power action");
-                    return false;
                 }
             }
         }

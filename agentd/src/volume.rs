@@ -483,6 +483,9 @@ impl Volume {
         k: &DiskKeyInfo,
         phase: &str,
     ) -> Result<VolumeMeta, VolumeError> {
+        if phase != "init" {
+            self.check_still_ours(&m)?;
+        }
         self.progress("mapping the device");
         self.map(&m, k)?;
         crash_point(&format!("{phase}:mapped"));
@@ -516,6 +519,26 @@ impl Volume {
         m.state = VolumeState::Ready;
         self.save(&m)?;
         Ok(m)
+    }
+
+    /// Before a remake (after a key change, or at start), which writes the
+    /// recorded device without asking: the checks of `init` again, and a
+    /// signature refused whatever `--force` was — this volume's ciphertext
+    /// carries none. A device name can now be another disk (`/dev/vdb`
+    /// renumbered by a reboot, a disk without a serial has no by-id name):
+    /// only the size was checked, and a remake would have overwritten any
+    /// unmounted disk of the same size (review).
+    fn check_still_ours(&self, m: &VolumeMeta) -> Result<(), VolumeError> {
+        let dev = device::probe(Path::new(&m.device))?;
+        device::check_not_root(&dev)?;
+        device::check_unused(&dev)?;
+        if let Some(what) = device::signature(&dev)? {
+            return Err(VolumeError::Invalid(format!(
+                "{}: carries {what}, which this volume's ciphertext never does: it may no longer be this volume's disk (device names can change across reboots); nothing was written. Check the device; `landlordctl volume forget --yes` and `volume init` make a volume again",
+                m.device
+            )));
+        }
+        Ok(())
     }
 
     /// Creates the mapping after checking the key against the check value.
@@ -589,7 +612,17 @@ impl Volume {
         // is): the uploads refuse every call from their drop until here.
         self.unmounts
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        let detached = unmounted?;
+        let detached = match unmounted {
+            Ok(d) => d,
+            Err(e) => {
+                // Not even detached: the key still goes from the kernel
+                // (review: the agent stopped with the crypt table live).
+                if let Err(c) = mapping::close(mapping::NAME) {
+                    tracing::error!(error = %c, "the volume could not be unmounted, and its mapping not closed");
+                }
+                return Err(e.into());
+            }
+        };
         let closed = mapping::close(mapping::NAME)?;
         Ok(detached || closed == mapping::Closed::Deferred)
     }

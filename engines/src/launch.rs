@@ -336,6 +336,10 @@ pub enum LaunchError {
     /// a directory belongs (an engine's own doing: refused, not followed).
     #[error("data dir {} is a symlink or not a directory (refused, not followed)", .0.display())]
     SymlinkDataDir(PathBuf),
+    /// A probe of an engine whose shim has not finished its confinement
+    /// (no report yet, or its root is not the image's): not entered.
+    #[error("the engine is not confined yet (its launcher has not finished): not probed")]
+    NotConfinedYet,
     /// The thread that spawns the shim could not be started, or panicked.
     #[error("the engine-spawn thread panicked")]
     SpawnThread,
@@ -2078,6 +2082,14 @@ fn probe_main(args: &[OsString]) -> Result<i32, LaunchError> {
     // The engine's init, pinned by its pidfd and checked by start time: a
     // recycled pid is never entered.
     let init = Running::adopt(run_dir)?;
+    // Only a shim that has finished its confinement (its report written:
+    // after pivot_root) is entered; before that its namespaces' root is
+    // the agent's own view of the node, and the tenant's probe command
+    // ran there (review). The root entered is checked to be the image's.
+    if !read_report(run_dir).is_some_and(|r| r.result.is_ok()) {
+        return Err(LaunchError::NotConfinedYet);
+    }
+    let image_root = fs::metadata(&spec.rootfs).map_err(|e| io_err("stat", &spec.rootfs, e))?;
     if let Some(cg) = &spec.cgroup {
         let procs = cg.join("cgroup.procs");
         fs::write(&procs, "0\n").map_err(|e| io_err("write", &procs, e))?;
@@ -2097,6 +2109,13 @@ fn probe_main(args: &[OsString]) -> Result<i32, LaunchError> {
     .map_err(sys(format!("setns(pidfd of {})", init.shim_pid)))?;
     drop(init);
     std::env::set_current_dir("/").map_err(|e| io_err("chdir", Path::new("/"), e))?;
+    {
+        use std::os::unix::fs::MetadataExt;
+        let root = fs::metadata("/").map_err(|e| io_err("stat", Path::new("/"), e))?;
+        if (root.dev(), root.ino()) != (image_root.dev(), image_root.ino()) {
+            return Err(LaunchError::NotConfinedYet);
+        }
+    }
     thp_as_node();
     nix::sys::prctl::set_no_new_privs().map_err(sys("prctl(PR_SET_NO_NEW_PRIVS)"))?;
     let mut report = Report {

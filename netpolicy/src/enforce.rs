@@ -518,7 +518,8 @@ impl Enforcer {
     /// a restore puts that back). Nothing applied yet: nothing to expect.
     pub fn expect(&mut self, rules: Ruleset) {
         if let Some(a) = &mut self.applied {
-            a.rules = rules;
+            // The set names the kernel has (a staged table's `_gN`).
+            a.rules = rules.with_suffix(a.rules.suffix());
             a.verified = None;
         }
     }

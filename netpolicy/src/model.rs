@@ -508,21 +508,44 @@ fn dhcp_servers(list: &[DhcpServerDoc]) -> Result<BTreeSet<DhcpServer>, DocError
         let mac = mac
             .map(|m| parse_mac(m).map_err(|e| err(format!("{at}.mac"), e)))
             .transpose()?;
-        // The same address twice (with and without a MAC, or with two):
-        // its address-only rule would accept a reply from any MAC, which
-        // the pin was there to refuse (review).
-        if out
-            .iter()
-            .any(|o: &DhcpServer| o.family == family && o.addr == addr)
-        {
-            return Err(err(
-                at,
-                "this server's address is listed twice; list it once, with its MAC if it is to be pinned",
-            ));
+        if !out.insert(DhcpServer { family, addr, mac }) {
+            return Err(err(at, "this server is listed twice"));
         }
-        out.insert(DhcpServer { family, addr, mac });
     }
     Ok(out)
+}
+
+/// Refuses a DHCP server address listed both with and without a MAC: its
+/// address-only rule accepts a reply from any MAC, which the pin was there
+/// to refuse (review). Two pins of one address (two servers sharing it)
+/// stay allowed. Checked when a document is set, not when a stored one is
+/// read: a stored document refused at start would leave the node with no
+/// table at all.
+pub fn check_dhcp_pins(doc: &BoundaryDoc) -> Result<(), DocError> {
+    let Some(list) = &doc.dhcp_servers else {
+        return Ok(());
+    };
+    let addr_of = |d: &DhcpServerDoc| match d {
+        DhcpServerDoc::Addr(a) => (a.clone(), false),
+        DhcpServerDoc::Pinned { addr, .. } => (addr.clone(), true),
+    };
+    for (i, d) in list.iter().enumerate() {
+        let (a, pinned) = addr_of(d);
+        let Ok(parsed) = parse_server_addr(&a) else {
+            continue;
+        };
+        let clash = list[..i].iter().any(|o| {
+            let (b, other_pinned) = addr_of(o);
+            pinned != other_pinned && parse_server_addr(&b).is_ok_and(|p| p == parsed)
+        });
+        if clash {
+            return Err(err(
+                format!("dhcp_servers[{i}]"),
+                "this server's address is also listed with another MAC pin or none; an address-only entry accepts replies from any MAC: list it pinned only",
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl BoundaryDoc {
@@ -538,8 +561,6 @@ impl BoundaryDoc {
         crate::doc::from_json(text, MAX_DOC_BYTES)
     }
 
-    /// Refuses a document over one of the limits (`MAX_*`), naming the
-    /// field; counts only, so it runs before any parsing of peers.
     /// Peers of the allow and failsafe entries with groups expanded: what
     /// [`MAX_PEERS_TOTAL`] bounds.
     pub fn expanded_peers(&self) -> usize {
@@ -565,6 +586,8 @@ impl BoundaryDoc {
             .count()
     }
 
+    /// Refuses a document over one of the limits (`MAX_*`), naming the
+    /// field; counts only, so it runs before any parsing of peers.
     fn check_limits(&self) -> Result<(), DocError> {
         let over = |field: String, n: usize, what: &str, max: usize| {
             if n > max {
@@ -1184,9 +1207,7 @@ protocols = [{ proto = "tcp", ports = [80, "443", "8000-8080"] }]
             ("dhcp_servers = [\"255.255.255.255\"]", "dhcp_servers[0]: \"255.255.255.255\": a DHCP server's address is a unicast address"),
             ("dhcp_servers = [\"ff02::1:2\"]", "dhcp_servers[0]: \"ff02::1:2\": a DHCP server's address is a unicast address"),
             ("dhcp_servers = [\"x\"]", "dhcp_servers[0]: \"x\" is not an IP address or CIDR"),
-            ("dhcp_servers = [\"10.0.0.1\", \"10.0.0.1\"]", "dhcp_servers[1]: this server's address is listed twice; list it once, with its MAC if it is to be pinned"),
-            ("dhcp_servers = [\"10.0.0.1\", { addr = \"10.0.0.1\", mac = \"52:54:00:00:00:01\" }]", "dhcp_servers[1]: this server's address is listed twice; list it once, with its MAC if it is to be pinned"),
-            ("dhcp_servers = [{ addr = \"10.0.0.1\", mac = \"52:54:00:00:00:02\" }, { addr = \"10.0.0.1\", mac = \"52:54:00:00:00:01\" }]", "dhcp_servers[1]: this server's address is listed twice; list it once, with its MAC if it is to be pinned"),
+            ("dhcp_servers = [\"10.0.0.1\", \"10.0.0.1\"]", "dhcp_servers[1]: this server is listed twice"),
             ("dhcp_servers = [{ addr = \"10.0.0.1\", mac = \"52:54:00:00:00\" }]", "dhcp_servers[0].mac: \"52:54:00:00:00\" is not a MAC address (aa:bb:cc:dd:ee:ff)"),
             ("dhcp_servers = [{ addr = \"10.0.0.1\", mac = \"ff:ff:ff:ff:ff:ff\" }]", "dhcp_servers[0].mac: \"ff:ff:ff:ff:ff:ff\": a server's MAC is a unicast address, not zero, multicast or broadcast"),
             ("dhcp_servers = [{ addr = \"10.0.0.x\", mac = \"52:54:00:00:00:01\" }]", "dhcp_servers[0].addr: \"10.0.0.x\" is not an IP address or CIDR"),

@@ -118,6 +118,7 @@ impl Policy {
             }
         }
         doc.validate(true)?;
+        crate::model::check_dhcp_pins(&doc)?;
         self.cluster = Some(doc);
         Ok(())
     }
@@ -230,8 +231,8 @@ impl Policy {
 
     /// Adds or removes peers of an allow entry or `@group`, checking only
     /// what the edit can break (the new peers, a missing group, an emptied
-    /// entry or group): the cost is in the peers given, not in the document
-    /// (the rest was validated when it was stored). Nothing changes on an
+    /// entry or group, and for an add the limits: one count over the
+    /// document's peer lists); the rest was validated when it was stored. Nothing changes on an
     /// error. Returns what changed (for an incremental update of the
     /// validated boundary, and to undo it).
     pub fn edit_peers(
@@ -280,7 +281,9 @@ impl Policy {
         // went past them, and every later change of the policy — the
         // tenant's sub-boundary, a release's clearing of it — then failed
         // validation, as did the stored policy at the next start).
-        let expanded_before = doc.expanded_peers();
+        // One pass over the document, for an add only (a removal cannot
+        // pass a limit).
+        let expanded_before = if add { doc.expanded_peers() } else { 0 };
         let group_len = |g: &str| doc.groups.get(g).map_or(0, Vec::len);
         let delta_per_peer: std::collections::HashMap<&str, usize> = peers
             .iter()
@@ -584,6 +587,39 @@ mod tests {
         assert!(e.reason.contains("100001 peers, at most 100000"), "{e}");
         p.add_peers("c", &["10.210.0.1".into()]).unwrap();
         p.cluster.as_ref().unwrap().validate(true).unwrap();
+    }
+
+    /// A DHCP server's address listed with and without a MAC is refused
+    /// when set (its address-only rule accepted replies from any MAC,
+    /// defeating the pin); two pins of one address are allowed; a stored
+    /// document that has it still loads (review).
+    #[test]
+    fn a_dhcp_pin_is_not_undone_by_an_address_only_listing() {
+        let doc = |servers: &str| {
+            parse_doc(
+                &format!("dhcp_servers = [{servers}]\n[[allow]]\nname = \"a\"\npeers = [\"10.0.0.0/8\"]\n"),
+                "",
+            )
+            .unwrap()
+        };
+        let pin =
+            |mac: u8| format!("{{ addr = \"10.0.0.1\", mac = \"52:54:00:00:00:{mac:02x}\" }}");
+        for servers in [
+            format!("\"10.0.0.1\", {}", pin(1)),
+            format!("{}, \"10.0.0.1\"", pin(1)),
+        ] {
+            let e = Policy::new().set_cluster(doc(&servers)).unwrap_err();
+            assert_eq!(e.field, "dhcp_servers[1]", "{servers}: {e}");
+            assert!(e.reason.contains("list it pinned only"), "{e}");
+            // What a stored document is checked with still takes it.
+            doc(&servers).validate(true).unwrap();
+        }
+        Policy::new()
+            .set_cluster(doc(&format!("{}, {}", pin(1), pin(2))))
+            .unwrap();
+        Policy::new()
+            .set_cluster(doc(&format!("\"10.0.0.2\", {}", pin(1))))
+            .unwrap();
     }
 
     #[test]

@@ -99,6 +99,7 @@ impl Node {
             b: backends,
             after_reply: vec![AfterReply::PrepareStandby],
             awaited: awaited.clone(),
+            unfinished: None,
         };
         // Answers of engine commands, awaited in the order sent (the
         // runtime answers in that order).
@@ -365,6 +366,12 @@ struct Controller {
     /// Engine commands sent whose answers are awaited (see
     /// [`MAX_ENGINE_ANSWERS_AWAITED`]).
     awaited: Arc<AtomicUsize>,
+    /// A key change that failed part-way and could not be finished: every
+    /// destroying change is refused before it touches engines or volume
+    /// until the next start finishes it (review: a later rotation of the
+    /// other role finished it as its own failure's clean-up, with no
+    /// receipt, purge or remake).
+    unfinished: Option<String>,
 }
 
 /// Work after a reply, before the next command.
@@ -624,6 +631,7 @@ impl Controller {
             )));
         }
         let before = generations(&status);
+        self.refuse_while_unfinished()?;
         // The engines run from the volume: stopped before its key goes.
         let engines = self.stop_engines();
         if let Err(e) = self.b.volume.begin_key_change() {
@@ -658,9 +666,6 @@ impl Controller {
         let c = match self.b.keys.rotate(caller.role, role) {
             Ok(c) => c,
             Err(e) => {
-                // The old key went at the latest by now (the receipt's
-                // erase time, never later than it was).
-                let failed_at = SystemTime::now();
                 // The crate counts a rotation made once it has recorded the
                 // erase: whatever failed after that (the epoch counter, the
                 // undefine, the new pair, the clean-up) is finished now, as
@@ -668,8 +673,12 @@ impl Controller {
                 // reopened under a key that start then erased, and a later
                 // key change in this process overwrote the record).
                 let finished = self.b.keys.finish_interrupted();
+                // The old key went by now at the latest (the undefine may
+                // be the step that failed, done again by the finish).
+                let failed_at = SystemTime::now();
                 if let Err(f) = &finished {
                     tracing::error!(error = %f, "a failed rotation could not be finished; the next start finishes or undoes it");
+                    self.unfinished = Some(format!("a rotation of the {role} keys"));
                 }
                 match self.committed_rotation(role, &status) {
                     // Done: the new generation stands and the old one is
@@ -715,6 +724,20 @@ impl Controller {
             report.warnings.insert(0, w);
         }
         Ok(Outcome::Changed(report))
+    }
+
+    /// Refuses a destroying change while a failed one is unfinished.
+    fn refuse_while_unfinished(&self) -> Result<(), NodeError> {
+        match &self.unfinished {
+            Some(what) => Err(NodeError::Backend {
+                what: "keys",
+                source: Failure::new(
+                    FailureKind::Unavailable,
+                    format!("{what} is unfinished; restart the agent to finish it before another key change"),
+                ),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// The rotation of `role` as the keys show it now, when they moved on
@@ -836,6 +859,7 @@ impl Controller {
         change: impl FnOnce(&mut dyn crate::backend::KeyStore) -> Result<Option<KeyChange>, KeyError>,
     ) -> Result<Outcome, NodeError> {
         let before = generations(status);
+        self.refuse_while_unfinished()?;
         self.begin_tenancy_change(kind, status)?;
         let engines = self.stop_engines();
         if let Err(e) = self.b.volume.begin_key_change() {

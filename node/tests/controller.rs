@@ -389,6 +389,34 @@ fn tpm_failure_after_the_erase_leaves_it_closed_and_a_restart_makes_it_new() {
         assert!(v.kernel_key.is_none(), "the old key must not come back");
         assert!(w.receipts.is_empty());
     }
+    // Until then every destroying change is refused before it touches the
+    // engines or the volume (review: a landlord rotation finished the
+    // tenant's pending one as its own failure's clean-up).
+    f.world().log.clear();
+    for (who, command) in [
+        (
+            LANDLORD,
+            Command::Rotate {
+                role: Role::Landlord,
+                confirm: true,
+            },
+        ),
+        (LANDLORD, Command::Release { confirm: true }),
+    ] {
+        let e = run(&node, who, command).unwrap_err().to_string();
+        assert!(e.contains("is unfinished"), "{e}");
+    }
+    {
+        let w = f.world();
+        assert!(
+            !w.log
+                .iter()
+                .any(|s| s.starts_with("engines.") || s.starts_with("volume.")),
+            "{:?}",
+            w.log
+        );
+        assert_eq!(w.landlord.as_ref().unwrap().key_generation, 1);
+    }
     node.stop();
     f.restart();
     let w = f.world();

@@ -300,6 +300,15 @@ pub fn unmount(at: &Path) -> Result<bool> {
     if run(c, "umount").is_ok() {
         return Ok(false);
     }
+    // Busy: what was written so far goes to the device first (`syncfs`),
+    // since the mapping is then swapped for an error table without a
+    // flush, and buffered writes would be lost (review). Best effort: after
+    // a key wipe the device fails every write anyway.
+    let mut c = host("sync");
+    c.arg("-f").arg(at);
+    if let Err(e) = run(c, "sync -f") {
+        tracing::warn!(mount = %at.display(), error = %e, "the busy volume could not be synced before its detach");
+    }
     let mut c = host("umount");
     c.arg("-l").arg(at);
     run(c, "umount -l")?;

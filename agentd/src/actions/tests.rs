@@ -445,6 +445,12 @@ fn held_rules_fire_when_their_cooldown_ends_and_failed_firings_give_it_back() {
     assert!(l2.take(&rules(REBOOT_ON_HOT)[0], t0 + 901).unwrap());
     assert_eq!(m.next(&hot, &mut l, t0 + 960).len(), 1);
     assert!(m.next(&hot, &mut l, t0 + 1020).is_empty());
+    // A restart (the reboot it asked for) with the fault still there: on,
+    // not held — no firing each cooldown while it lasts.
+    let mut after_boot = Matcher::new(rules(REBOOT_ON_HOT));
+    let mut l3 = Limiter::load(dir.path()).unwrap();
+    assert!(after_boot.next(&hot, &mut l3, t0 + 1100).is_empty());
+    assert!(after_boot.next(&hot, &mut l3, t0 + 9000).is_empty());
     // Given back without a take: nothing to undo.
     l.give_back("log-any").unwrap();
     // No source: every source but the tenant's engines.
@@ -455,21 +461,32 @@ fn held_rules_fire_when_their_cooldown_ends_and_failed_firings_give_it_back() {
     assert!(named[0].matches(&fault(Severity::Warning, Source::Engines, "web")));
 }
 
-/// A wrong jump of the clock forward, then back: the cooldown runs from
-/// the time the clock shows again, also after a restart (review: the
-/// later time was kept, and the rule was held until that date).
+/// A wrong jump of the clock forward, then back: held one cooldown on the
+/// monotonic clock, not until that date; the stored time is kept, so a
+/// node whose clock starts in the past at boot does not take its last
+/// reboot as long ago (review of an earlier fix, which stored the earlier
+/// time and so allowed a second reboot as soon as the clock was right).
 #[test]
 fn a_clock_that_jumped_forward_and_back_holds_a_rule_one_cooldown() {
     let dir = tempfile::tempdir().unwrap();
     let r = rules(REBOOT_ON_HOT);
     let mut l = Limiter::load(dir.path()).unwrap();
     let t0 = 3_000_000;
+    let m0 = std::time::Instant::now();
+    let after = |s: u64| m0 + Duration::from_secs(s);
     // Fired while the clock was a year ahead.
-    assert!(l.take(&r[0], t0 + 365 * 86_400).unwrap());
-    // Back to the right time: held one cooldown (900 s) from now.
-    assert!(!l.take(&r[0], t0).unwrap());
-    assert!(!l.take(&r[0], t0 + 899).unwrap());
+    assert!(l.take_at(&r[0], t0 + 365 * 86_400, m0).unwrap());
+    // Back to the right time: held one cooldown (900 s) of this process.
+    assert!(!l.take_at(&r[0], t0, m0).unwrap());
+    assert!(!l.take_at(&r[0], t0 + 899, after(899)).unwrap());
+    // Another process (a restart) holds it from when it sees the clock
+    // back: the stored time was kept.
     let mut again = Limiter::load(dir.path()).unwrap();
-    assert!(!again.take(&r[0], t0 + 899).unwrap());
-    assert!(again.take(&r[0], t0 + 900).unwrap());
+    assert!(!again.take_at(&r[0], t0 + 10, after(10)).unwrap());
+    assert!(l.take_at(&r[0], t0 + 900, after(900)).unwrap());
+    // A boot with the clock in the past, then set right: no early firing.
+    let mut boot = Limiter::load(dir.path()).unwrap();
+    assert!(!boot.take_at(&r[0], t0 - 86_400, after(901)).unwrap());
+    assert!(!boot.take_at(&r[0], t0 + 960, after(961)).unwrap());
+    assert!(boot.take_at(&r[0], t0 + 1800, after(1801)).unwrap());
 }

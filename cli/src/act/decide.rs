@@ -100,14 +100,16 @@ impl Bucket {
     }
 
     /// Tokens at `now`: refilled one per `refill_secs`, up to `burst`. A
-    /// clock set back refills nothing (and never drains), and the refill
-    /// counts from `now` on (review: keeping the later time, one wrong jump
-    /// forward — a bad NTP or RTC — stopped every refill until that date).
+    /// clock set back refills nothing (and never drains). The later time is
+    /// kept: counting from a clock set back would refill the same period
+    /// twice when it returns, and a flapping clock would undo the fleet's
+    /// limit (review of a change that did; a wrong jump forward then holds
+    /// the refill until that date, documented).
     fn refilled(self, burst: u32, refill_secs: u64, now: f64) -> Self {
         let gained = (now - self.at).max(0.0) / refill_secs as f64;
         Bucket {
             tokens: (self.tokens + gained).min(f64::from(burst)),
-            at: now,
+            at: now.max(self.at),
         }
     }
 }
@@ -461,12 +463,11 @@ action = "reboot"
         assert_eq!(d(&mut s, "n1", "a2", t0 + 600.0).name(), "rate-limited");
         assert_eq!(d(&mut s, "n2", "b2", t0 + 600.0).name(), "rate-limited");
         assert_eq!(d(&mut s, "n1", "a2", t0 + 3600.0).name(), "acted");
-        // A clock set back refills nothing, and the refill then counts
-        // from the time it shows (not from a time it no longer reaches).
+        // A clock set back refills nothing.
         assert_eq!(d(&mut s, "n2", "b3", t0 - 86_400.0).name(), "rate-limited");
         assert_eq!(
             d(&mut s, "n2", "b3", t0 - 86_400.0 + 3600.0).name(),
-            "acted"
+            "rate-limited"
         );
     }
 
