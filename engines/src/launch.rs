@@ -2086,7 +2086,7 @@ fn probe_main(args: &[OsString]) -> Result<i32, LaunchError> {
     // after pivot_root) is entered; before that its namespaces' root is
     // the agent's own view of the node, and the tenant's probe command
     // ran there (review). The root entered is checked to be the image's.
-    if !read_report(run_dir).is_some_and(|r| r.result.is_ok()) {
+    if read_report(run_dir).is_none_or(|r| r.result.is_err()) {
         return Err(LaunchError::NotConfinedYet);
     }
     let image_root = fs::metadata(&spec.rootfs).map_err(|e| io_err("stat", &spec.rootfs, e))?;
