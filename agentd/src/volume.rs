@@ -541,6 +541,25 @@ impl Volume {
         Ok(())
     }
 
+    /// Whether the live mapping is this volume's: one `crypt` line keyed
+    /// by this volume's logon key, on the recorded device.
+    fn mapping_is_ours(&self, m: &VolumeMeta) -> Result<bool, VolumeError> {
+        let Some(lines) = mapping::table(mapping::NAME)? else {
+            return Ok(false);
+        };
+        let dev = device::probe(Path::new(&m.device)).ok();
+        // The kernel shows the key by description and the device by number.
+        let key = format!(":logon:leasehold:{} ", m.id);
+        Ok(match lines.as_slice() {
+            [line] => {
+                line.starts_with("crypt ")
+                    && line.contains(&key)
+                    && dev.is_some_and(|d| line.contains(&format!(" {}:{} ", d.devno.0, d.devno.1)))
+            }
+            _ => false,
+        })
+    }
+
     /// Creates the mapping after checking the key against the check value.
     fn map(&self, m: &VolumeMeta, k: &DiskKeyInfo) -> Result<(), VolumeError> {
         m.check_key(k.key.expose_secret(), &k.generations)?;
@@ -665,10 +684,23 @@ impl Volume {
             self.mount(&m)?;
             "opened (a key change was interrupted before it took effect)".to_owned()
         } else if same_key && m.state == VolumeState::Ready {
-            if mapping::exists(mapping::NAME)? {
+            if mapping::exists(mapping::NAME)? && self.mapping_is_ours(&m)? {
                 // Still mapped (the agent was killed): adopt it.
                 self.mount(&m)?;
                 "opened (the mapping was still active)".to_owned()
+            } else if mapping::exists(mapping::NAME)? {
+                // A mapping of that name that is not this volume's crypt
+                // mapping (a wiped one whose removal was deferred, or
+                // another's): removed (its key wiped), then mapped anew
+                // (review: it was mounted as the tenant's volume).
+                tracing::warn!(
+                    name = mapping::NAME,
+                    "a mapping of the volume's name is not this volume's crypt mapping: removed and made again"
+                );
+                self.teardown()?;
+                self.map(&m, k)?;
+                self.mount(&m)?;
+                "opened (a stale mapping of its name was removed first)".to_owned()
             } else {
                 self.map(&m, k)?;
                 self.mount(&m)?;
