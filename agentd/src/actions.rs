@@ -355,9 +355,14 @@ impl Limiter {
         Ok(true)
     }
 
-    /// Undoes `rule`'s last `take`: its action did not happen (no signed
-    /// record, logind refused), so its cooldown is not spent (review: a
-    /// reboot refused for want of a record waited a whole cooldown).
+    /// When `rule` last fired, as recorded.
+    pub fn last(&self, rule: &str) -> Option<u64> {
+        self.doc.last.get(rule).copied()
+    }
+
+    /// Undoes `rule`'s last `take`: its action was not asked for (no
+    /// signed record), so its cooldown is not spent (review: a reboot
+    /// refused for want of a record waited a whole cooldown).
     pub fn give_back(&mut self, rule: &str) -> Result<(), ActionError> {
         let Some(before) = self.before.remove(rule) else {
             return Ok(());
@@ -401,8 +406,8 @@ pub struct Matcher {
     /// ends (review: marked active, it never fired while the fault
     /// lasted, however long).
     waiting: BTreeSet<String>,
-    /// No report seen yet by this process.
-    first: bool,
+    /// Unix time this matcher (this process) started.
+    started: u64,
 }
 
 impl Matcher {
@@ -412,7 +417,7 @@ impl Matcher {
             rules,
             active: BTreeSet::new(),
             waiting: BTreeSet::new(),
-            first: true,
+            started: unix_now(),
         }
     }
 
@@ -447,12 +452,12 @@ impl Matcher {
                         faults: hit,
                     });
                 }
-                // At this process's first report a rule held by its
-                // cooldown is taken as on: its fault is most likely the one
-                // that fired it before the restart (a reboot rule's own
-                // reboot), and waiting would fire it again each cooldown
-                // while the fault lasts (review).
-                Ok(false) if self.first => {
+                // A rule held by a cooldown that a firing before this process
+                // started began is taken as on: its fault is most likely the
+                // one that fired it (a reboot rule's own reboot), and
+                // waiting would fire it again each cooldown while the fault
+                // lasts (review).
+                Ok(false) if limiter.last(&r.name).is_some_and(|t| t < self.started) => {
                     active.insert(r.name.clone());
                 }
                 Ok(false) => {
@@ -476,8 +481,14 @@ impl Matcher {
         }
         self.active = active;
         self.waiting = waiting;
-        self.first = false;
         out
+    }
+
+    /// This matcher as if its process had started at unix time `t`.
+    #[cfg(test)]
+    pub fn started_at(mut self, t: u64) -> Self {
+        self.started = t;
+        self
     }
 
     /// `rule`'s firing did not happen: it may fire at the next report.

@@ -326,7 +326,12 @@ impl Volume {
         crash_point("init:checked");
         let sector_size = dev.crypt_sector_size();
         let id = hex_id();
+        // What a forced init writes over (the checks ran above): a remake
+        // accepts it, and refuses any other signature.
+        let init_signature = device::signature(&dev)?;
         let m = VolumeMeta {
+            signatures_checked: true,
+            init_signature,
             format: meta::FORMAT,
             kcv: leasehold_storage::kcv(k.key.expose_secret(), &id),
             id,
@@ -523,8 +528,10 @@ impl Volume {
 
     /// Before a remake (after a key change, or at start), which writes the
     /// recorded device without asking: the checks of `init` again, and a
-    /// signature refused whatever `--force` was — this volume's ciphertext
-    /// carries none. A device name can now be another disk (`/dev/vdb`
+    /// signature refused unless it is the one a forced `init` wrote over
+    /// (recorded then; this volume's ciphertext carries none; review: any
+    /// signature was refused, which broke the remake after a forced init
+    /// with `fill_on_init = false` and the finish of an interrupted one). A device name can now be another disk (`/dev/vdb`
     /// renumbered by a reboot, a disk without a serial has no by-id name):
     /// only the size was checked, and a remake would have overwritten any
     /// unmounted disk of the same size (review).
@@ -532,7 +539,12 @@ impl Volume {
         let dev = device::probe(Path::new(&m.device))?;
         device::check_not_root(&dev)?;
         device::check_unused(&dev)?;
-        if let Some(what) = device::signature(&dev)? {
+        let found = device::signature(&dev)?;
+        // A volume made before the signature was recorded is not checked
+        // (a forced init may have left one that mkfs did not cover).
+        if let Some(what) =
+            found.filter(|w| m.signatures_checked && m.init_signature.as_ref() != Some(w))
+        {
             return Err(VolumeError::Invalid(format!(
                 "{}: carries {what}, which this volume's ciphertext never does: it may no longer be this volume's disk (device names can change across reboots); nothing was written. Check the device; `landlordctl volume forget --yes` and `volume init` make a volume again",
                 m.device

@@ -665,6 +665,16 @@ impl Controller {
         let mut committed_warning = None;
         let c = match self.b.keys.rotate(caller.role, role) {
             Ok(c) => c,
+            // Refused before anything changed (another change is pending,
+            // the crate's record of it untouched): the old volume back, and
+            // that change left for the next start — finishing it here would
+            // pass it off as this rotation's clean-up (review).
+            Err(e @ KeyError::ChangeUnfinished { .. }) => {
+                if self.reopen_after_failure() {
+                    self.resume_engines(&engines);
+                }
+                return Err(e.into());
+            }
             Err(e) => {
                 // The crate counts a rotation made once it has recorded the
                 // erase: whatever failed after that (the epoch counter, the

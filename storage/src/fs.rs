@@ -304,8 +304,10 @@ pub fn unmount(at: &Path) -> Result<bool> {
     // since the mapping is then swapped for an error table without a
     // flush, and buffered writes would be lost (review). Best effort: after
     // a key wipe the device fails every write anyway.
-    let mut c = host("sync");
-    c.arg("-f").arg(at);
+    // Bounded: on a hung device syncfs waits for good, and the key's wipe
+    // after it must not (review).
+    let mut c = host("timeout");
+    c.args(["10", "sync", "-f"]).arg(at);
     if let Err(e) = run(c, "sync -f") {
         tracing::warn!(mount = %at.display(), error = %e, "the busy volume could not be synced before its detach");
     }

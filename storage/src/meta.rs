@@ -67,6 +67,14 @@ pub struct VolumeMeta {
     /// empty after …", "an interrupted initialization was finished …").
     #[serde(default)]
     pub made_by: Option<String>,
+    /// Whether `init_signature` was recorded (volumes made since
+    /// 2026-12-07): a remake then refuses a signature other than it.
+    #[serde(default)]
+    pub signatures_checked: bool,
+    /// What `blkid` found on the device at `init` (a forced init over a
+    /// filesystem or RAID label); None: nothing.
+    #[serde(default)]
+    pub init_signature: Option<String>,
 }
 
 impl VolumeMeta {
@@ -129,6 +137,8 @@ mod tests {
     #[test]
     fn metadata_round_trips_and_refuses_unknown_fields() {
         let m = VolumeMeta {
+            signatures_checked: false,
+            init_signature: None,
             format: FORMAT,
             id: "ab".into(),
             node_id: "cd".into(),

@@ -574,6 +574,8 @@ fn status_reports_a_failed_tpm() {
 /// volume_cli.rs): a failed volume.
 fn stuck_record(node_id: &str) -> String {
     let m = VolumeMeta {
+        signatures_checked: false,
+        init_signature: None,
         format: FORMAT,
         id: "00112233445566778899aabbccddeeff".into(),
         node_id: node_id.into(),

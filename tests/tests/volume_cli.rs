@@ -133,6 +133,8 @@ fn volume_cli_init_checks_everything_before_asking_or_recording() {
 /// with a key check value of another key (a key change came after it).
 fn stuck_record(node_id: &str) -> String {
     let m = VolumeMeta {
+        signatures_checked: false,
+        init_signature: None,
         format: FORMAT,
         id: "00112233445566778899aabbccddeeff".into(),
         node_id: node_id.into(),

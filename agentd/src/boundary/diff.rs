@@ -205,6 +205,8 @@ impl Boundaries {
             doc.failsafe.clone_from(&old_doc.failsafe);
         }
         let new = doc.validate(true)?;
+        // As setting it would (review: the dry run said valid).
+        leasehold_netpolicy::model::check_dhcp_pins(&doc)?;
         let mut out = json!({
             "valid": true,
             "enforced_before": snap.bounds.is_some(),
