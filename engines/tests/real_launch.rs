@@ -811,6 +811,31 @@ fn real_exec_probe() -> Outcome {
         probe(&["/bin/sh", "-c", "exit 3"], 10_000),
         ProbeExit::Code(3)
     );
+    // Not entered while the shim has not said it is confined (no report
+    // yet: before its pivot_root the namespaces' root is the node's), nor
+    // when the root it would enter is not the image's (review).
+    let report = run_dir.join("report.json");
+    let saved = fs::read(&report).unwrap();
+    fs::write(&report, b"").unwrap();
+    match probe(&["/bin/sh", "-c", "exit 0"], 10_000) {
+        ProbeExit::NotRun(why) => assert!(why.contains("not confined yet"), "{why}"),
+        other => panic!("probed before the report: {other:?}"),
+    }
+    fs::write(&report, &saved).unwrap();
+    let spec_file = run_dir.join("spec.json");
+    let spec_text = fs::read_to_string(&spec_file).unwrap();
+    let mut other: serde_json::Value = serde_json::from_str(&spec_text).unwrap();
+    other["rootfs"] = serde_json::Value::String(data.display().to_string());
+    fs::write(&spec_file, other.to_string()).unwrap();
+    match probe(&["/bin/sh", "-c", "exit 0"], 10_000) {
+        ProbeExit::NotRun(why) => assert!(why.contains("not confined yet"), "{why}"),
+        other => panic!("probed into a root that is not the spec's: {other:?}"),
+    }
+    fs::write(&spec_file, &spec_text).unwrap();
+    assert_eq!(
+        probe(&["/bin/sh", "-c", "exit 0"], 10_000),
+        ProbeExit::Code(0)
+    );
     // Past its timeout the shim kills it, with what it started (its
     // process group): the time is the probe's 2 s, not this call's
     // backstop (3 s), and afterwards the engine's init has the engine as

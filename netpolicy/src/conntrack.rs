@@ -350,7 +350,11 @@ pub fn keeps_with(
         }),
         _ => None,
     };
-    if back.is_some_and(|f| reversed(&f)) {
+    // TCP only: the ruleset's stateless reverse rules pass TCP segments
+    // without SYN only (a session picked up mid-stream); a UDP or other
+    // flow's first packet made its entry, oriented as it was admitted, so
+    // its reversed orientation proves nothing (review).
+    if proto == Proto::Tcp && back.is_some_and(|f| reversed(&f)) {
         return true;
     }
     keeps_oriented(e, locals, admits)
@@ -1504,6 +1508,23 @@ mod tests {
             dport,
             key: Vec::new(),
         }
+    }
+
+    /// A flow is kept for its reversed orientation (a session picked up
+    /// from the node's side) only if it is TCP, as the ruleset's reverse
+    /// rules are.
+    #[test]
+    fn only_tcp_is_kept_for_its_reversed_orientation() {
+        let locals: HashSet<IpAddr> = ["10.0.0.1"].iter().map(|a| a.parse().unwrap()).collect();
+        let none = |_: &Flow| false;
+        let failsafe = |f: &Flow| f.direction == Direction::In && f.port == 40000;
+        // Oriented node -> peer, from the node's port 40000 (sport).
+        let mut tcp = entry("10.0.0.1", "10.0.0.2", 6, 55555);
+        tcp.sport = 40000;
+        assert!(keeps_with(&tcp, &locals, &none, &failsafe));
+        let mut udp = entry("10.0.0.1", "10.0.0.2", 17, 55555);
+        udp.sport = 40000;
+        assert!(!keeps_with(&udp, &locals, &none, &failsafe));
     }
 
     /// ICMP numbers of the other family are admitted by no rule: not kept,
