@@ -266,6 +266,10 @@ pub struct Limiter {
     before: BTreeMap<String, Option<u64>>,
     /// When this process first saw the clock behind a rule's last firing.
     clock_back: BTreeMap<String, Instant>,
+    /// Rules this process fired (a held rule fired before it started is
+    /// taken as on: `Matcher::next`). Not by wall-clock time, which may be
+    /// wrong at boot (review).
+    taken_here: BTreeSet<String>,
 }
 
 const LIMITER_FILE: &str = "actions.json";
@@ -287,6 +291,7 @@ impl Limiter {
             doc,
             before: BTreeMap::new(),
             clock_back: BTreeMap::new(),
+            taken_here: BTreeSet::new(),
         })
     }
 
@@ -307,6 +312,7 @@ impl Limiter {
             },
             before: BTreeMap::new(),
             clock_back: BTreeMap::new(),
+            taken_here: BTreeSet::new(),
         }
     }
 
@@ -352,12 +358,13 @@ impl Limiter {
             });
         }
         self.before.insert(rule.name.clone(), before);
+        self.taken_here.insert(rule.name.clone());
         Ok(true)
     }
 
-    /// When `rule` last fired, as recorded.
-    pub fn last(&self, rule: &str) -> Option<u64> {
-        self.doc.last.get(rule).copied()
+    /// Whether this process fired `rule`.
+    pub fn taken_here(&self, rule: &str) -> bool {
+        self.taken_here.contains(rule)
     }
 
     /// Undoes `rule`'s last `take`: its action was not asked for (no
@@ -406,8 +413,6 @@ pub struct Matcher {
     /// ends (review: marked active, it never fired while the fault
     /// lasted, however long).
     waiting: BTreeSet<String>,
-    /// Unix time this matcher (this process) started.
-    started: u64,
 }
 
 impl Matcher {
@@ -417,7 +422,6 @@ impl Matcher {
             rules,
             active: BTreeSet::new(),
             waiting: BTreeSet::new(),
-            started: unix_now(),
         }
     }
 
@@ -453,11 +457,11 @@ impl Matcher {
                     });
                 }
                 // A rule held by a cooldown that a firing before this process
-                // started began is taken as on: its fault is most likely the
+                // began (or an unreadable cooldown file) is taken as on: its fault is most likely the
                 // one that fired it (a reboot rule's own reboot), and
                 // waiting would fire it again each cooldown while the fault
                 // lasts (review).
-                Ok(false) if limiter.last(&r.name).is_some_and(|t| t < self.started) => {
+                Ok(false) if !limiter.taken_here(&r.name) => {
                     active.insert(r.name.clone());
                 }
                 Ok(false) => {
@@ -482,13 +486,6 @@ impl Matcher {
         self.active = active;
         self.waiting = waiting;
         out
-    }
-
-    /// This matcher as if its process had started at unix time `t`.
-    #[cfg(test)]
-    pub fn started_at(mut self, t: u64) -> Self {
-        self.started = t;
-        self
     }
 
     /// `rule`'s firing did not happen: it may fire at the next report.

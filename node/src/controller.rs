@@ -670,6 +670,8 @@ impl Controller {
             // that change left for the next start — finishing it here would
             // pass it off as this rotation's clean-up (review).
             Err(e @ KeyError::ChangeUnfinished { .. }) => {
+                // Refused before the engines stop next time (review).
+                self.unfinished = Some("a key change that failed part-way".into());
                 if self.reopen_after_failure() {
                     self.resume_engines(&engines);
                 }

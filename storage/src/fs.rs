@@ -304,12 +304,46 @@ pub fn unmount(at: &Path) -> Result<bool> {
     // since the mapping is then swapped for an error table without a
     // flush, and buffered writes would be lost (review). Best effort: after
     // a key wipe the device fails every write anyway.
-    // Bounded: on a hung device syncfs waits for good, and the key's wipe
-    // after it must not (review).
-    let mut c = host("timeout");
-    c.args(["10", "sync", "-f"]).arg(at);
-    if let Err(e) = run(c, "sync -f") {
-        tracing::warn!(mount = %at.display(), error = %e, "the busy volume could not be synced before its detach");
+    // Bounded: on a hung device syncfs waits for good (in D state: no
+    // signal ends it, so `timeout` would wait too), and the key's wipe
+    // after it must not (review): after 10 s it is left to finish, reaped
+    // by a thread of its own.
+    let mut c = host("sync");
+    c.arg("-f")
+        .arg(at)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    match c.spawn() {
+        Ok(mut child) => {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            loop {
+                match child.try_wait() {
+                    Ok(Some(st)) if !st.success() => {
+                        tracing::warn!(mount = %at.display(), status = %st, "the busy volume could not be synced before its detach");
+                        break;
+                    }
+                    Ok(Some(_)) => break,
+                    Ok(None) if std::time::Instant::now() < deadline => {
+                        std::thread::sleep(std::time::Duration::from_millis(20));
+                    }
+                    Ok(None) => {
+                        tracing::warn!(mount = %at.display(), "the busy volume's sync takes over 10 s (a hung device?): detached without waiting for it");
+                        std::thread::spawn(move || {
+                            let _ = child.wait();
+                        });
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(mount = %at.display(), error = %e, "the busy volume's sync could not be waited for");
+                        break;
+                    }
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(mount = %at.display(), error = %e, "the busy volume could not be synced before its detach");
+        }
     }
     let mut c = host("umount");
     c.arg("-l").arg(at);

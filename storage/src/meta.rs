@@ -69,11 +69,13 @@ pub struct VolumeMeta {
     pub made_by: Option<String>,
     /// Whether `init_signature` was recorded (volumes made since
     /// 2026-12-07): a remake then refuses a signature other than it.
-    #[serde(default)]
+    // Written only when set: an older agent (which refuses fields it does
+    // not know) can still read the volumes made before (review).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub signatures_checked: bool,
     /// What `blkid` found on the device at `init` (a forced init over a
     /// filesystem or RAID label); None: nothing.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_signature: Option<String>,
 }
 
@@ -162,5 +164,17 @@ mod tests {
         assert_eq!(m.generations_text(), "landlord 1, tenant 2");
         let bad = s.replacen("\"format\"", "\"extra\":1,\"format\"", 1);
         assert!(serde_json::from_str::<VolumeMeta>(&bad).is_err());
+        // The signature fields only when set: an older agent (unknown
+        // fields refused) still reads a volume made before them.
+        assert!(
+            !s.contains("signatures_checked") && !s.contains("init_signature"),
+            "{s}"
+        );
+        let mut forced = m.clone();
+        forced.signatures_checked = true;
+        forced.init_signature = Some("a gpt partition table".into());
+        let f = serde_json::to_string(&forced).unwrap();
+        assert!(f.contains("\"signatures_checked\":true"), "{f}");
+        assert_eq!(serde_json::from_str::<VolumeMeta>(&f).unwrap(), forced);
     }
 }

@@ -428,7 +428,7 @@ fn held_rules_fire_when_their_cooldown_ends_and_failed_firings_give_it_back() {
     let dir = tempfile::tempdir().unwrap();
     let hot = [fault(Severity::Critical, Source::Thermal, "zone0")];
     let t0 = 2_000_000;
-    let mut m = Matcher::new(rules(REBOOT_ON_HOT)).started_at(t0 - 1);
+    let mut m = Matcher::new(rules(REBOOT_ON_HOT));
     let mut l = Limiter::load(dir.path()).unwrap();
     assert_eq!(m.next(&hot, &mut l, t0).len(), 1);
     // A flap within the cooldown, then the fault stays.
@@ -447,7 +447,7 @@ fn held_rules_fire_when_their_cooldown_ends_and_failed_firings_give_it_back() {
     assert!(m.next(&hot, &mut l, t0 + 1020).is_empty());
     // A restart (the reboot it asked for) with the fault still there: on,
     // not held — no firing each cooldown while it lasts.
-    let mut after_boot = Matcher::new(rules(REBOOT_ON_HOT)).started_at(t0 + 1050);
+    let mut after_boot = Matcher::new(rules(REBOOT_ON_HOT));
     let mut l3 = Limiter::load(dir.path()).unwrap();
     assert!(after_boot.next(&hot, &mut l3, t0 + 1100).is_empty());
     assert!(after_boot.next(&hot, &mut l3, t0 + 9000).is_empty());
