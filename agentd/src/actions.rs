@@ -345,18 +345,7 @@ impl Limiter {
             }
         }
         self.clock_back.remove(&rule.name);
-        let before = self.doc.last.insert(rule.name.clone(), now);
-        let bytes = serde_json::to_vec(&self.doc).unwrap_or_default();
-        if let Err(source) = crate::fsutil::write_atomic(&self.dir, LIMITER_FILE, &bytes) {
-            match before {
-                Some(b) => self.doc.last.insert(rule.name.clone(), b),
-                None => self.doc.last.remove(&rule.name),
-            };
-            return Err(ActionError::Io {
-                path: self.dir.join(LIMITER_FILE),
-                source,
-            });
-        }
+        let before = self.set_last(&rule.name, Some(now))?;
         self.before.insert(rule.name.clone(), before);
         self.taken_here.insert(rule.name.clone());
         Ok(true)
@@ -374,22 +363,29 @@ impl Limiter {
         let Some(before) = self.before.remove(rule) else {
             return Ok(());
         };
-        let taken = match before {
-            Some(b) => self.doc.last.insert(rule.to_owned(), b),
+        // A write that fails leaves it spent, here as on disk (fail closed).
+        self.set_last(rule, before).map(|_| ())
+    }
+
+    /// Records `rule`'s last firing as `t` (None: never) and writes the
+    /// file; a write that fails puts the old value back. Returns it.
+    fn set_last(&mut self, rule: &str, t: Option<u64>) -> Result<Option<u64>, ActionError> {
+        let old = match t {
+            Some(t) => self.doc.last.insert(rule.to_owned(), t),
             None => self.doc.last.remove(rule),
         };
         let bytes = serde_json::to_vec(&self.doc).unwrap_or_default();
         if let Err(source) = crate::fsutil::write_atomic(&self.dir, LIMITER_FILE, &bytes) {
-            // On disk it stays spent; so does it here (fail closed).
-            if let Some(t) = taken {
-                self.doc.last.insert(rule.to_owned(), t);
-            }
+            match old {
+                Some(o) => self.doc.last.insert(rule.to_owned(), o),
+                None => self.doc.last.remove(rule),
+            };
             return Err(ActionError::Io {
                 path: self.dir.join(LIMITER_FILE),
                 source,
             });
         }
-        Ok(())
+        Ok(old)
     }
 }
 

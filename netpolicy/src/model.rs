@@ -604,7 +604,6 @@ impl BoundaryDoc {
         if let Some(d) = &self.dhcp_servers {
             over("dhcp_servers".into(), d.len(), "servers", MAX_DHCP_SERVERS)?;
         }
-        let mut total = 0usize;
         for (section, list) in [("allow", &self.allow), ("failsafe", &self.failsafe)] {
             over(section.into(), list.len(), "entries", MAX_ENTRIES)?;
             for (i, e) in list.iter().enumerate() {
@@ -631,18 +630,11 @@ impl BoundaryDoc {
                         MAX_PORT_SPECS,
                     )?;
                 }
-                for p in &e.peers {
-                    let n = p
-                        .strip_prefix('@')
-                        .and_then(|g| self.groups.get(g))
-                        .map_or(1, Vec::len);
-                    total = total.saturating_add(n);
-                }
             }
         }
         over(
             "document".into(),
-            total,
+            self.expanded_peers(),
             "peers with groups expanded",
             MAX_PEERS_TOTAL,
         )
