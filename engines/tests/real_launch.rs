@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 
 use leasehold_engines::cgroup::{CgroupError, CgroupFs, CgroupPath, Cgroups, Controller};
 use leasehold_engines::launch::{
-    DataDir, Exit, LaunchError, LaunchSpec, Launcher, ProbeExit, Respawn, Running, SecretBytes,
-    CONFINE_FAILED, LAUNCHER_JOINS, SECRETS_AFTER_JOIN, STATUS_FIFO, WARM,
+    read_report, DataDir, Exit, LaunchError, LaunchSpec, Launcher, ProbeExit, Respawn, Running,
+    SecretBytes, CONFINE_FAILED, LAUNCHER_JOINS, SECRETS_AFTER_JOIN, STATUS_FIFO, WARM,
 };
 
 const SHIM: &str = env!("CARGO_BIN_EXE_leasehold-engine-shim");
@@ -766,6 +766,11 @@ fn real_exec_probe() -> Outcome {
         std::thread::sleep(Duration::from_millis(10));
     }
     let engine = r.engine_pid().expect("engine.pid");
+    // A probe is refused until the shim's report is written (after
+    // confinement); the engine's pid shows before that.
+    while read_report(&run_dir).is_none() && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let probe = |argv: &[&str], timeout_ms| {
         let argv: Vec<String> = argv.iter().map(|a| a.to_string()).collect();
         launcher.probe(&run_dir, &argv, Duration::from_millis(timeout_ms))

@@ -2622,7 +2622,10 @@ fn real_exec_probe_codes_timeout_and_reasons() {
     )
     .unwrap();
     rt.start("bb").unwrap();
-    until(&rt, "bb", |s| s.pid.is_some());
+    // Probed once confined (the shim's report written): a probe before
+    // that is refused (its own test), and under load the engine's pid
+    // shows before the report does.
+    until(&rt, "bb", |s| s.pid.is_some() && s.confinement.is_some());
     let run = std::fs::read_dir(f.cfg.run_dir.join("bb"))
         .unwrap()
         .next()
