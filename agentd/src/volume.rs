@@ -5,8 +5,11 @@
 //! the volume and the state of the last step that changes the device:
 //!
 //! - init: every check (the device, the kernel's dm-crypt, mkfs; nothing
-//!   written, also run before the caller is asked to confirm) → metadata
-//!   `initializing` → mapping, mkfs, mount → `ready`. If a step after the
+//!   written, also run before the caller is asked to confirm) → random
+//!   bytes over the device's last block (its mark, outside the mapping;
+//!   every later mapping checks it first: the name may be another disk
+//!   after a reboot) → metadata `initializing` → mapping, mkfs, mount →
+//!   `ready`. If a step after the
 //!   metadata fails, the mapping goes and so does the metadata: no volume
 //!   (or, if the mapping cannot be removed, the record stays, failed).
 //! - a key change that changes the disk key (tenant or landlord rotation,
@@ -42,7 +45,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use leasehold_node::{DiskKeyInfo, Remade, Wiped};
 use leasehold_storage::{
-    device, fs, keyring, mapping, meta, StorageError, VolumeMeta, VolumeState,
+    device, fs, keyring, mapping, mark, meta, StorageError, VolumeMeta, VolumeState,
 };
 use serde::Serialize;
 
@@ -262,7 +265,8 @@ impl Volume {
                 )));
             }
         }
-        let min = fs::min_size(&self.cfg.filesystem);
+        // The mark takes the device's last block; the filesystem the rest.
+        let min = fs::min_size(&self.cfg.filesystem) + mark::MARK_BYTES;
         if dev.size_bytes < min {
             return Err(StorageError::TooSmall {
                 path: device_path.to_owned(),
@@ -329,7 +333,14 @@ impl Volume {
         // What a forced init writes over (the checks ran above): a remake
         // accepts it, and refuses any other signature.
         let init_signature = device::signature(&dev)?;
+        // The mark goes on the device before the record names it: a record
+        // always finds its mark (an interrupted init is finished at start).
+        let mut bytes = [0u8; mark::MARK_LEN];
+        rand::RngCore::fill_bytes(&mut rand::thread_rng(), &mut bytes);
+        let tail_mark = Some(mark::write(&dev.node, dev.size_bytes, &bytes)?);
+        crash_point("init:marked");
         let m = VolumeMeta {
+            tail_mark,
             signatures_checked: true,
             init_signature,
             format: meta::FORMAT,
@@ -499,9 +510,9 @@ impl Volume {
             // Every block becomes ciphertext: the device then looks random
             // throughout and shows no trace of which blocks the tenant uses.
             let t = Instant::now();
-            let total = m.size_bytes.max(1);
+            let total = m.mapped_bytes().max(1);
             let mut shown = u64::MAX;
-            fs::fill_zeros(&node, m.size_bytes, |done| {
+            fs::fill_zeros(&node, m.mapped_bytes(), |done| {
                 let pct = done.saturating_mul(100) / total;
                 // One lock per percent, not per chunk.
                 if pct != shown {
@@ -514,7 +525,7 @@ impl Volume {
                 }
             })?;
             let millis = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);
-            tracing::info!(bytes = m.size_bytes, millis, "volume filled");
+            tracing::info!(bytes = m.mapped_bytes(), millis, "volume filled");
         }
         self.progress("making the filesystem");
         fs::make(&node, &m.filesystem)?;
@@ -539,6 +550,7 @@ impl Volume {
         let dev = device::probe(Path::new(&m.device))?;
         device::check_not_root(&dev)?;
         device::check_unused(&dev)?;
+        self.check_mark(m, &dev)?;
         let found = device::signature(&dev)?;
         // A volume made before the signature was recorded is not checked
         // (a forced init may have left one that mkfs did not cover).
@@ -549,6 +561,30 @@ impl Volume {
                 "{}: carries {what}, which this volume's ciphertext never does: it may no longer be this volume's disk (device names can change across reboots); nothing was written. Check the device; `landlordctl volume forget --yes` and `volume init` make a volume again",
                 m.device
             )));
+        }
+        Ok(())
+    }
+
+    /// Refuses a device whose size or mark ([`mark`], volumes made since
+    /// 2026-12-08) is not this volume's, reading only: the device name can
+    /// designate another disk since (a reboot renumbered `/dev/vdX`; a disk
+    /// without a serial has no by-id name), and a same-size one passed the
+    /// other checks (a blank one, or one of the same kind), to be written
+    /// over by a remake (review of session 37).
+    fn check_mark(&self, m: &VolumeMeta, dev: &device::BlockDevice) -> Result<(), VolumeError> {
+        if dev.size_bytes != m.size_bytes {
+            return Err(VolumeError::Invalid(format!(
+                "{}: size is {} bytes, the volume was made on {} bytes",
+                m.device, dev.size_bytes, m.size_bytes
+            )));
+        }
+        if let Some(want) = &m.tail_mark {
+            mark::check(&dev.node, m.size_bytes, want).map_err(|e| match e {
+                StorageError::NotThisVolume { .. } => StorageError::NotThisVolume {
+                    path: m.device.clone(),
+                },
+                e => e,
+            })?;
         }
         Ok(())
     }
@@ -576,16 +612,12 @@ impl Volume {
     fn map(&self, m: &VolumeMeta, k: &DiskKeyInfo) -> Result<(), VolumeError> {
         m.check_key(k.key.expose_secret(), &k.generations)?;
         let dev = device::probe(Path::new(&m.device))?;
-        if dev.size_bytes != m.size_bytes {
-            return Err(VolumeError::Invalid(format!(
-                "{}: size is {} bytes, the volume was made on {} bytes",
-                m.device, dev.size_bytes, m.size_bytes
-            )));
-        }
+        self.check_mark(m, &dev)?;
         let key = keyring::LogonKey::add(&m.id, k.key.expose_secret())?;
         let table = mapping::CryptTable {
             device: dev.node.clone(),
-            sectors: m.size_bytes / 512,
+            // Up to the mark: the filesystem never reaches it.
+            sectors: m.mapped_bytes() / 512,
             key_description: key.description().to_owned(),
             options: m.options.clone(),
         };

@@ -13,6 +13,7 @@ pub mod device;
 pub mod fs;
 pub mod keyring;
 pub mod mapping;
+pub mod mark;
 pub mod meta;
 
 pub use meta::{kcv, VolumeMeta, VolumeState};
@@ -69,6 +70,12 @@ pub enum StorageError {
         filesystem: String,
         /// The least it needs.
         min_bytes: u64,
+    },
+    /// The device does not carry this volume's mark ([`mark`]).
+    #[error("{path}: its last 4096 bytes are not this volume's mark (random bytes written there at init, outside the filesystem): it is another disk, or they were written over (device names can change across reboots); nothing was written. Check the device: `landlordctl volume forget --yes` and `volume init` make a volume again")]
+    NotThisVolume {
+        /// The device as recorded.
+        path: String,
     },
     /// A kernel facility or helper program the volume needs is missing.
     #[error("{0}")]

@@ -77,9 +77,23 @@ pub struct VolumeMeta {
     /// filesystem or RAID label); None: nothing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub init_signature: Option<String>,
+    /// SHA-256 (hex) of the random bytes written at init over the device's
+    /// last [`crate::mark::MARK_BYTES`] (volumes made since 2026-12-08;
+    /// None before: mapped whole, not checked). The mapping ends before
+    /// them, and every mapping checks them first. Written only when set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tail_mark: Option<String>,
 }
 
 impl VolumeMeta {
+    /// Bytes the mapping covers: the device less its mark, if it has one.
+    pub fn mapped_bytes(&self) -> u64 {
+        match self.tail_mark {
+            Some(_) => self.size_bytes.saturating_sub(crate::mark::MARK_BYTES),
+            None => self.size_bytes,
+        }
+    }
+
     /// The generations as text ("landlord 3, tenant 2").
     pub fn generations_text(&self) -> String {
         generations_text(&self.key_generations)
@@ -141,6 +155,7 @@ mod tests {
         let m = VolumeMeta {
             signatures_checked: false,
             init_signature: None,
+            tail_mark: None,
             format: FORMAT,
             id: "ab".into(),
             node_id: "cd".into(),
@@ -167,9 +182,18 @@ mod tests {
         // The signature fields only when set: an older agent (unknown
         // fields refused) still reads a volume made before them.
         assert!(
-            !s.contains("signatures_checked") && !s.contains("init_signature"),
+            !s.contains("signatures_checked")
+                && !s.contains("init_signature")
+                && !s.contains("tail_mark"),
             "{s}"
         );
+        // No mark: mapped whole (as made before marks); a mark: not it.
+        assert_eq!(m.mapped_bytes(), 1 << 30);
+        let mut marked = m.clone();
+        marked.tail_mark = Some("00".repeat(32));
+        assert_eq!(marked.mapped_bytes(), (1 << 30) - 4096);
+        let t = serde_json::to_string(&marked).unwrap();
+        assert_eq!(serde_json::from_str::<VolumeMeta>(&t).unwrap(), marked);
         let mut forced = m.clone();
         forced.signatures_checked = true;
         forced.init_signature = Some("a gpt partition table".into());

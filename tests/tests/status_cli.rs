@@ -576,6 +576,7 @@ fn stuck_record(node_id: &str) -> String {
     let m = VolumeMeta {
         signatures_checked: false,
         init_signature: None,
+        tail_mark: None,
         format: FORMAT,
         id: "00112233445566778899aabbccddeeff".into(),
         node_id: node_id.into(),

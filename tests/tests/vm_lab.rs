@@ -1404,6 +1404,35 @@ fn volume_lifecycle(vm: &mut Vm) {
     vm.agent_up();
     assert_eq!(vm.sh(&format!("cat {MNT}/keep.txt")).trim(), "tenant-data");
     vm.step("volume: wrong key refused by the check value");
+
+    // The recorded name designates another disk of the same size (a
+    // reboot renumbered it; a disk without a serial has no by-id name),
+    // during an interrupted key change: the remake at start refuses it by
+    // its missing mark before writing anything (before the mark, only the
+    // size was compared, and it was made a new empty volume).
+    vm.sh(&format!("systemctl stop leasehold-agentd && cp {STATE}/volume.json /root/volume.json && truncate -s 512M /root/other.img && losetup --find --show /root/other.img > /root/other.dev"));
+    let other = vm.sh("cat /root/other.dev").trim().to_owned();
+    vm.sh(&format!("sed -i -E -e 's|(\"device\": \")[^\"]*|\\1{other}|' -e 's/(\"kcv\": \")[0-9a-f]{{32}}/\\1ffffffffffffffffffffffffffffffff/' -e 's/(\"state\": \")ready/\\1rekeying/' {STATE}/volume.json && grep -q '\"state\": \"rekeying\"' {STATE}/volume.json && grep -q '{other}' {STATE}/volume.json"));
+    vm.agent_up();
+    let v = vm.volume();
+    assert_eq!(v["state"], "error", "{v}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("not this volume's mark"),
+        "{v}"
+    );
+    assert_eq!(
+        vm.sh("sync && stat -c %b /root/other.img").trim(),
+        "0",
+        "the other disk was written"
+    );
+    vm.sh(&format!("systemctl stop leasehold-agentd && losetup -d {other} && rm /root/other.img /root/other.dev && cp /root/volume.json {STATE}/volume.json"));
+    vm.agent_up();
+    assert_eq!(vm.volume()["state"], "open");
+    assert_eq!(vm.sh(&format!("cat {MNT}/keep.txt")).trim(), "tenant-data");
+    vm.step("volume: another disk under the recorded name refused by its mark");
 }
 
 /// SIGKILL at each step of init and of a destroying rotation: after the
@@ -1411,7 +1440,13 @@ fn volume_lifecycle(vm: &mut Vm) {
 fn volume_crashes(vm: &mut Vm) {
     // No fill here (shown by the init above): it only adds device time.
     vm.sh("sed -i 's/^\\[storage\\]$/[storage]\\nfill_on_init = false/' /etc/leasehold/agentd.toml && grep -q '^fill_on_init = false' /etc/leasehold/agentd.toml");
-    for step in ["init:checked", "init:meta", "init:mapped", "init:made"] {
+    for step in [
+        "init:checked",
+        "init:marked",
+        "init:meta",
+        "init:mapped",
+        "init:made",
+    ] {
         vm.sh(&format!(
             "systemctl stop leasehold-agentd && rm -f {STATE}/volume.json"
         ));
@@ -1425,6 +1460,9 @@ fn volume_crashes(vm: &mut Vm) {
         if step == "init:checked" {
             assert_eq!(v["state"], "none", "{step}: {v}");
             assert_eq!(vm.disk_writes(), sum, "{step}: device written");
+        } else if step == "init:marked" {
+            // Only the mark was written (random bytes): no volume yet.
+            assert_eq!(v["state"], "none", "{step}: {v}");
         } else {
             assert_eq!(v["state"], "open", "{step}: {v}");
             assert!(

@@ -38,6 +38,7 @@ fn a_third_link_opens_the_volume_only_with_all_three() {
     let meta = VolumeMeta {
         signatures_checked: false,
         init_signature: None,
+        tail_mark: None,
         format: FORMAT,
         id: "0f0e0d0c0b0a09080706050403020100".into(),
         node_id: hex_node(node),
