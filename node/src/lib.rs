@@ -159,7 +159,13 @@ impl Command {
     /// takes it when the queue is full, within `URGENT_RESERVE`): the
     /// landlord's boundary revert, the safety net of a change that may
     /// have locked the landlord out, which tenant work must not hold back,
-    /// and the landlord's confirmation of that change.
+    /// and the landlord's confirmation of that change; and the agent's own
+    /// corrective actions (signing an action's record, stopping or
+    /// throttling the engines), which a tenant keeping the queue full
+    /// with its own calls must not hold off (review: each was refused
+    /// `Busy` then, so a flood kept the tenant unthrottled and, without a
+    /// signed record, the node from rebooting). Only the agent sends those
+    /// three (no D-Bus method makes them), one at a time.
     pub fn is_urgent(&self) -> bool {
         // The landlord's confirmation too: queued before the deadline, it
         // must not be overtaken by the revert it answers (urgent changes
@@ -169,7 +175,9 @@ impl Command {
             Command::Boundary(
                 crate::backend::BoundaryChange::RevertPending { .. }
                     | crate::backend::BoundaryChange::ConfirmPending
-            )
+            ) | Command::SignRecord { .. }
+                | Command::StopEngines
+                | Command::ThrottleEngines { .. }
         )
     }
 

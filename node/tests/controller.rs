@@ -729,6 +729,88 @@ fn reads_answer_during_a_change_and_the_queue_is_bounded() {
     );
 }
 
+/// The agent's own corrective actions get past a queue the tenant keeps
+/// full, and run before it: signing an action's record (without which a
+/// reboot is not asked for) and stopping the engines. They were refused
+/// `Busy` like any caller's change.
+#[test]
+fn the_agents_corrective_actions_pass_a_queue_the_tenant_fills() {
+    let (f, node) = assigned();
+    let node = std::sync::Arc::new(node);
+    let release = f.hold("keys.rotate tenant");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let n = node.clone();
+    let rotation = rt.spawn(async move {
+        n.submit(req(
+            TENANT,
+            Command::Rotate {
+                role: Role::Tenant,
+                confirm: true,
+            },
+        ))
+        .await
+    });
+    let t = std::time::Instant::now();
+    while node.running() != Some("rotate") {
+        assert!(t.elapsed() < Duration::from_secs(10), "rotation never ran");
+        std::thread::yield_now();
+    }
+    let queued: Vec<_> = (0..QUEUE_DEPTH)
+        .map(|i| {
+            node.enqueue(req(
+                TENANT,
+                Command::RemoveSecret {
+                    name: format!("flood{i}"),
+                },
+            ))
+            .expect("room in the queue")
+        })
+        .collect();
+    assert!(matches!(
+        node.enqueue(req(TENANT, Command::RemoveSecret { name: "x".into() })),
+        Err(NodeError::Busy(_))
+    ));
+    let agent = Caller {
+        role: Role::Landlord,
+        uid: 0,
+    };
+    let sign = node
+        .enqueue(req(
+            agent,
+            Command::SignRecord {
+                body: "{\"kind\":\"health-action\"}".into(),
+            },
+        ))
+        .expect("the agent's record passes a full queue");
+    let stop = node
+        .enqueue(req(agent, Command::StopEngines))
+        .expect("the agent's stop passes a full queue");
+    let mark = f.world().log.len();
+    release.send(()).unwrap();
+    rt.block_on(rotation).unwrap().unwrap();
+    match rt.block_on(sign.outcome()).unwrap() {
+        Outcome::Signed { signature } => assert!(!signature.is_empty()),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        rt.block_on(stop.outcome()).unwrap(),
+        Outcome::EnginesStopped(_)
+    ));
+    for q in queued {
+        let _ = rt.block_on(q.outcome());
+    }
+    let log = f.world().log[mark..].to_vec();
+    let at = |op: &str| log.iter().position(|l| l == op);
+    assert!(
+        at("keys.sign").is_some_and(|s| at("secrets.remove").is_some_and(|r| s < r)),
+        "the record was signed before the tenant's queued changes ran: {log:?}"
+    );
+}
+
 // ---- property: concurrent callers end in a state a serial order reaches ----
 
 #[derive(Debug, Clone)]
