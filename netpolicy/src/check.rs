@@ -1357,9 +1357,11 @@ protocols = [{ proto = "tcp", ports = ["80-81"] }]
     }
 
     // Small universe so random boundaries overlap often: 10.0.0.0/28 and
-    // fd00::/124, ports 0-15; names up to the 64-character limit.
-    fn arb_entry(i: usize) -> impl Strategy<Value = String> {
-        let peer = (any::<bool>(), 0u8..16, 0u8..5).prop_map(|(v6, host, len)| {
+    // fd00::/124, ports 0-15; names up to the 64-character limit. Also the
+    // shapes at the edges (review): whole families (/0), the group `@g`
+    // (always defined by `arb_text`), ports up to 65535.
+    fn arb_peer() -> impl Strategy<Value = String> {
+        let small = (any::<bool>(), 0u8..16, 0u8..5).prop_map(|(v6, host, len)| {
             let net = u32::from(host) & !((1u32 << len) - 1);
             if v6 {
                 format!("\"fd00::{net:x}/{}\"", 128 - u32::from(len))
@@ -1367,7 +1369,17 @@ protocols = [{ proto = "tcp", ports = ["80-81"] }]
                 format!("\"10.0.0.{net}/{}\"", 32 - u32::from(len))
             }
         });
-        let proto = (0usize..4, 0u16..16, 0u16..6, any::<bool>());
+        prop_oneof![
+            10 => small,
+            1 => prop::sample::select(vec!["\"0.0.0.0/0\"".to_owned(), "\"::/0\"".to_owned()]),
+            1 => Just("\"@g\"".to_owned()),
+        ]
+    }
+
+    fn arb_entry(i: usize) -> impl Strategy<Value = String> {
+        let peer = arb_peer();
+        let lo = prop_oneof![3 => 0u16..16, 1 => 65530u16..=65535];
+        let proto = (0usize..4, lo, 0u16..6, any::<bool>());
         (
             proptest::collection::vec(peer, 1..3),
             0usize..3,
@@ -1394,7 +1406,8 @@ protocols = [{ proto = "tcp", ports = ["80-81"] }]
                         .map(|(p, lo, w, all)| {
                             let name = Proto::ALL[p].name();
                             if Proto::ALL[p].has_ports() && !all {
-                                format!("{{ proto = \"{name}\", ports = [\"{lo}-{}\"] }}", lo + w)
+                                let hi = lo.saturating_add(w);
+                                format!("{{ proto = \"{name}\", ports = [\"{lo}-{hi}\"] }}")
                             } else {
                                 format!("{{ proto = \"{name}\" }}")
                             }
@@ -1407,11 +1420,16 @@ protocols = [{ proto = "tcp", ports = ["80-81"] }]
     }
 
     fn arb_text() -> impl Strategy<Value = String> {
-        (0usize..5).prop_flat_map(|n| {
+        let group = proptest::collection::vec(
+            arb_peer().prop_filter("not itself", |p| p != "\"@g\""),
+            1..3,
+        )
+        .prop_map(|m| format!("[groups]\ng = [{}]\n", m.join(", ")));
+        (group, 0usize..5).prop_flat_map(|(group, n)| {
             (0..n)
                 .map(arb_entry)
                 .collect::<Vec<_>>()
-                .prop_map(|v| v.concat())
+                .prop_map(move |v| format!("{group}{}", v.concat()))
         })
     }
 
@@ -1464,9 +1482,18 @@ protocols = [{ proto = "tcp", ports = ["80-81"] }]
     fn arb_flow() -> impl Strategy<Value = Flow> {
         // Ports of the small universe and DHCP's; peers of the universe
         // and the DHCP broadcast and multicast addresses.
-        let port = prop_oneof![0u16..24, prop::sample::select(vec![67u16, 68, 546, 547])];
+        let port = prop_oneof![
+            0u16..24,
+            prop::sample::select(vec![67u16, 68, 546, 547]),
+            65528u16..=65535,
+        ];
         let peer = prop_oneof![
             8 => (0usize..3, 0u8..20).prop_map(|(fam, h)| peer_of(fam, h)),
+            // Outside the universe: only a whole family (/0) takes them.
+            1 => prop::sample::select(vec![
+                "192.0.2.7".parse::<IpAddr>().unwrap(),
+                "2001:db8::7".parse().unwrap(),
+            ]),
             1 => prop::sample::select(vec![
                 "255.255.255.255".parse::<IpAddr>().unwrap(),
                 "ff02::1:2".parse().unwrap(),
