@@ -621,7 +621,11 @@ impl Volume {
             key_description: key.description().to_owned(),
             options: m.options.clone(),
         };
-        let r = mapping::open(mapping::NAME, &format!("LEASEHOLD-{}", m.id), &table);
+        // A dm uuid is unique like a name, and a wiped mapping of this
+        // volume may still await its removal under another name: each
+        // mapping's own.
+        let uuid = format!("LEASEHOLD-{}-{}", m.id, &hex_id()[..8]);
+        let r = mapping::open(mapping::NAME, &uuid, &table);
         // dm-crypt holds its own copy now (or failed): the keyring key goes.
         key.invalidate()?;
         r?;

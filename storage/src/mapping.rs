@@ -284,9 +284,32 @@ pub fn close(n: &str) -> Result<Closed> {
                 DmOptions::default().set_flags(DmFlags::DM_DEFERRED_REMOVE),
             )
             .map_err(|e| StorageError::Dm(format!("remove {n}: {e}")))?;
+            // Its name is freed for the next mapping (the remake right
+            // after): the device goes when its last holder lets go, under
+            // another name. Before, a tenant's shell left in the volume
+            // during a key change made the remake fail ("exists") until
+            // the holder exited and the agent restarted (review).
+            let gone = gone_name(n);
+            match name(&gone) {
+                Ok(g) => {
+                    if let Err(e) = dm.device_rename(name(n)?, &DevId::Name(g)) {
+                        tracing::warn!(mapping = n, error = %e, "the wiped mapping awaiting removal could not be renamed: its name stays taken until its holder lets go");
+                    }
+                }
+                Err(e) => tracing::warn!(mapping = n, error = %e, "no name for the wiped mapping"),
+            }
             Ok(Closed::Deferred)
         }
     }
+}
+
+/// The name a wiped mapping awaiting removal takes: `NAME.gone.NANOS`
+/// (unique; dm names are at most 127 bytes).
+fn gone_name(n: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("{n}.gone.{nanos}")
 }
 
 /// The active table's lines as `type params` (what `dmsetup table
@@ -319,6 +342,17 @@ pub fn table(n: &str) -> Result<Option<Vec<String>>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wiped_mappings_new_name_is_a_valid_dm_name_of_its_own() {
+        let a = gone_name(NAME);
+        assert!(
+            a.starts_with("leasehold-tenant.gone.") && a.len() <= 127,
+            "{a}"
+        );
+        assert!(name(&a).is_ok());
+        assert_ne!(a, NAME);
+    }
 
     #[test]
     fn device_mapper_is_found_in_proc_misc() {

@@ -832,6 +832,35 @@ fn erase_release(vm: &mut Vm) -> Ran {
         a["receipt"].is_null(),
         "a receipt of nothing destroyed: {a}"
     );
+    vm.wait_volume_remade("assign");
+    // A tenant's shell left in the volume during a key change: the old
+    // filesystem is detached lazily and its wiped mapping's removal is
+    // deferred, under another name, so the new volume is made at once
+    // (before, the remake failed on the name still taken until the holder
+    // exited and the agent restarted).
+    vm.sh(&format!(
+        "setsid nohup runuser -u tt -- sh -c 'cd {MNT} && exec sleep 601' >/dev/null 2>&1 </dev/null &"
+    ));
+    let cwd = "for p in $(pgrep -u tt -f 'sleep 601'); do readlink /proc/$p/cwd; done";
+    wait_until(60, 1, "the holder never entered the volume", || {
+        vm.sh(cwd).lines().any(|l| l == MNT)
+    });
+    let r = vm.sh_status("runuser -u tt -- tenantctl --json --yes rotate");
+    assert_eq!(r.code, 0, "rotation with a holder: {}", r.stderr);
+    vm.wait_volume_remade("rotation with a holder");
+    let gone = "dmsetup ls 2>/dev/null | grep -c '^leasehold-tenant\\.gone\\.' || true";
+    assert_eq!(
+        vm.sh(gone).trim(),
+        "1",
+        "the wiped mapping awaits its holder under another name"
+    );
+    vm.sh("pkill -u tt -f 'sleep 601'");
+    wait_until(60, 1, "the wiped mapping outlived its holder", || {
+        vm.sh(gone).trim() == "0"
+    });
+    vm.sh(&format!(
+        "echo after-holder > {MNT}/h.txt && sync && rm {MNT}/h.txt"
+    ));
     Ran::Done
 }
 
