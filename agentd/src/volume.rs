@@ -326,8 +326,15 @@ impl Volume {
         force: bool,
         k: &DiskKeyInfo,
     ) -> Result<VolumeMeta, VolumeError> {
-        let (dev, _) = self.prerequisites(device_path, force, true)?;
+        let (dev, previous) = self.prerequisites(device_path, force, true)?;
         crash_point("init:checked");
+        // A record of an init that never finished (it never held data)
+        // goes first, durably: it names the old mark, and once the new one
+        // is written the next start would find that record failed, blaming
+        // another disk, instead of finishing it (review).
+        if previous.is_some() {
+            self.remove_meta()?;
+        }
         let sector_size = dev.crypt_sector_size();
         let id = hex_id();
         // What a forced init writes over (the checks ran above): a remake
@@ -1048,6 +1055,7 @@ fn failure(e: VolumeError) -> leasehold_node::Failure {
             | StorageError::RootDisk { .. }
             | StorageError::Signature { .. }
             | StorageError::TooSmall { .. }
+            | StorageError::NotThisVolume { .. }
             | StorageError::WrongKey(_),
         ) => FailureKind::Invalid,
         VolumeError::Storage(StorageError::Unavailable(_)) => FailureKind::Unavailable,

@@ -1510,20 +1510,25 @@ protocols = [{ proto = "tcp", ports = ["80-81"] }]
     /// Every flow of the small universe.
     fn all_flows() -> Vec<Flow> {
         let mut v = Vec::new();
+        // The universe's hosts, and two outside it (only /0 takes them);
+        // its ports, and the top ones (ranges that end at 65535).
+        let outside: [IpAddr; 2] = ["192.0.2.7".parse().unwrap(), "2001:db8::7".parse().unwrap()];
+        let peers: Vec<IpAddr> = (0..2)
+            .flat_map(|fam| (0..18).map(move |h| peer_of(fam, h)))
+            .chain(outside)
+            .collect();
         for direction in [Direction::In, Direction::Out] {
-            for fam in 0..2 {
-                for h in 0..18 {
-                    for proto in Proto::ALL {
-                        for port in 0..22 {
-                            v.push(Flow {
-                                direction,
-                                peer: peer_of(fam, h),
-                                proto,
-                                port,
-                            });
-                            if !proto.has_ports() {
-                                break;
-                            }
+            for &peer in &peers {
+                for proto in Proto::ALL {
+                    for port in (0..22).chain(65532..=65535) {
+                        v.push(Flow {
+                            direction,
+                            peer,
+                            proto,
+                            port,
+                        });
+                        if !proto.has_ports() {
+                            break;
                         }
                     }
                 }

@@ -804,10 +804,21 @@ fn the_agents_corrective_actions_pass_a_queue_the_tenant_fills() {
         let _ = rt.block_on(q.outcome());
     }
     let log = f.world().log[mark..].to_vec();
-    let at = |op: &str| log.iter().position(|l| l == op);
-    assert!(
-        at("keys.sign").is_some_and(|s| at("secrets.remove").is_some_and(|r| s < r)),
+    let first_remove = log
+        .iter()
+        .position(|l| l == "secrets.remove")
+        .expect("the queued changes ran");
+    let before = &log[..first_remove];
+    // The rotation's own receipt is signed after the hold too: the
+    // agent's record is the second signature.
+    assert_eq!(
+        before.iter().filter(|l| *l == "keys.sign").count(),
+        2,
         "the record was signed before the tenant's queued changes ran: {log:?}"
+    );
+    assert!(
+        before.iter().any(|l| l == "engines.stop_all"),
+        "the engines were stopped before the tenant's queued changes ran: {log:?}"
     );
 }
 

@@ -6,7 +6,7 @@
 //! has no by-id name) is refused before anything is written to it. Random
 //! like the ciphertext beside it, so the device still shows nothing.
 
-use std::os::unix::fs::FileExt as _;
+use std::os::unix::fs::{FileExt as _, OpenOptionsExt as _};
 use std::path::Path;
 
 use sha2::{Digest as _, Sha256};
@@ -42,8 +42,11 @@ fn digest(b: &[u8]) -> String {
 /// for the metadata.
 pub fn write(dev: &Path, size_bytes: u64, bytes: &[u8; MARK_LEN]) -> Result<String> {
     let at = offset(dev, size_bytes)?;
+    // Exclusive: a block device mounted or claimed since the checks is
+    // refused (EBUSY), not written (review).
     let f = std::fs::OpenOptions::new()
         .write(true)
+        .custom_flags(nix::fcntl::OFlag::O_EXCL.bits())
         .open(dev)
         .map_err(io(format!("open {}", dev.display())))?;
     f.write_all_at(bytes, at)

@@ -845,18 +845,20 @@ fn erase_release(vm: &mut Vm) -> Ran {
     wait_until(60, 1, "the holder never entered the volume", || {
         vm.sh(cwd).lines().any(|l| l == MNT)
     });
+    let gone = "dmsetup ls 2>/dev/null | grep -c '^leasehold-tenant\\.gone\\.' || true";
+    let gone_before: u32 = vm.sh(gone).trim().parse().unwrap();
     let r = vm.sh_status("runuser -u tt -- tenantctl --json --yes rotate");
     assert_eq!(r.code, 0, "rotation with a holder: {}", r.stderr);
     vm.wait_volume_remade("rotation with a holder");
-    let gone = "dmsetup ls 2>/dev/null | grep -c '^leasehold-tenant\\.gone\\.' || true";
+    let gone_now: u32 = vm.sh(gone).trim().parse().unwrap();
     assert_eq!(
-        vm.sh(gone).trim(),
-        "1",
+        gone_now,
+        gone_before + 1,
         "the wiped mapping awaits its holder under another name"
     );
     vm.sh("pkill -u tt -f 'sleep 601'");
     wait_until(60, 1, "the wiped mapping outlived its holder", || {
-        vm.sh(gone).trim() == "0"
+        vm.sh(gone).trim() == gone_before.to_string()
     });
     vm.sh(&format!(
         "echo after-holder > {MNT}/h.txt && sync && rm {MNT}/h.txt"
