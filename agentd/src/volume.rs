@@ -843,12 +843,23 @@ impl Volume {
     /// `remake`, or `reopen` if the rotation fails before its erase.
     /// Fails unless the key is provably gone (the table read back).
     pub fn wipe(&self) -> Result<Wiped, VolumeError> {
-        if self.meta()?.is_none() {
+        let Some(m) = self.meta()? else {
             return Ok(Wiped::NoVolume);
-        }
+        };
         fail_point("erase:wipe")?;
         let t = Instant::now();
-        if !mapping::wipe_key(mapping::NAME)? {
+        let mut wiped = mapping::wipe_key(mapping::NAME)?;
+        // Also under another name: a mapping an operator renamed (`dmsetup
+        // rename`) still holds this volume's key, and the receipt said
+        // "not mapped" (review). Found by its key's description.
+        for other in mapping::keyed_by(&keyring::description(&m.id))? {
+            if other != mapping::NAME {
+                tracing::warn!(mapping = %other, "a mapping of another name held the volume's key: wiped too");
+                mapping::wipe_key(&other)?;
+                wiped = true;
+            }
+        }
+        if !wiped {
             return Ok(Wiped::NotMapped);
         }
         let millis = u64::try_from(t.elapsed().as_millis()).unwrap_or(u64::MAX);

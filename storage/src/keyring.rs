@@ -17,6 +17,12 @@ use crate::{Result, StorageError};
 /// Key type and subtype as the dm table names them.
 pub const SUBTYPE: &str = "leasehold";
 
+/// `leasehold:<name>`: the description of the logon key `name` (what a
+/// dm table references).
+pub fn description(name: &str) -> String {
+    format!("{SUBTYPE}:{name}")
+}
+
 /// A logon key in this process's keyring; invalidated on drop.
 #[derive(Debug)]
 pub struct LogonKey {
@@ -44,7 +50,7 @@ impl LogonKey {
             .map_err(err)?;
         Ok(LogonKey {
             key: Some(key),
-            description: format!("{SUBTYPE}:{name}"),
+            description: description(name),
         })
     }
 

@@ -303,6 +303,35 @@ pub fn close(n: &str) -> Result<Closed> {
     }
 }
 
+/// Every mapping whose table has a `crypt` line keyed by the logon key
+/// `description` (whatever its name: an operator may have renamed it).
+pub fn keyed_by(description: &str) -> Result<Vec<String>> {
+    if !kernel_has_dm()? {
+        return Ok(Vec::new());
+    }
+    let dm = dm()?;
+    let key = format!(":logon:{description} ");
+    let mut found = Vec::new();
+    let devices = dm
+        .list_devices()
+        .map_err(|e| StorageError::Dm(format!("list the mappings: {e}")))?;
+    for (dn, _, _) in devices {
+        let n = dn.to_string();
+        // One that went meanwhile (or cannot be read) is not keyed by it;
+        // the caller wipes by its own name in any case.
+        let Ok(lines) = read_table(&dm, &DevId::Name(&dn), &n) else {
+            continue;
+        };
+        if lines
+            .iter()
+            .any(|l| l.2 == "crypt" && format!("{} ", l.3).contains(&key))
+        {
+            found.push(n);
+        }
+    }
+    Ok(found)
+}
+
 /// The name a wiped mapping awaiting removal takes: `NAME.gone.NANOS`
 /// (unique; dm names are at most 127 bytes).
 fn gone_name(n: &str) -> String {

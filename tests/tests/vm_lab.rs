@@ -863,6 +863,22 @@ fn erase_release(vm: &mut Vm) -> Ran {
     vm.sh(&format!(
         "echo after-holder > {MNT}/h.txt && sync && rm {MNT}/h.txt"
     ));
+    // A mapping an operator renamed still holds the volume's key: the wipe
+    // finds it by its key, and the receipt says wiped (it said
+    // "not_mapped", and the key stayed in the kernel under the new name).
+    vm.sh("dmsetup rename leasehold-tenant leasehold-renamed");
+    let r = json(&vm.sh("runuser -u tt -- tenantctl --json --yes rotate"));
+    assert_eq!(r["receipt"]["volume"]["kernel_key"], "wiped", "{r}");
+    let t = vm.sh("dmsetup table leasehold-renamed");
+    assert!(
+        t.split_whitespace().nth(2) == Some("error") && !t.contains("crypt"),
+        "the renamed mapping's table: {t}"
+    );
+    vm.wait_volume_remade("rotation after a rename");
+    vm.sh("dmsetup remove leasehold-renamed");
+    vm.sh(&format!(
+        "echo after-rename > {MNT}/h.txt && sync && rm {MNT}/h.txt"
+    ));
     Ran::Done
 }
 
