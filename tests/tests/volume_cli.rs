@@ -102,6 +102,26 @@ fn volume_cli_init_checks_everything_before_asking_or_recording() {
         );
         no_prompt(&r);
     }
+    // Claimed by another kernel user that no list shows (here an exclusive
+    // opener; a mount in another namespace, a btrfs member alike): the
+    // kernel's refusal of an exclusive open says so, before anything else.
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let _claim = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(nix::libc::O_EXCL)
+            .open(&dev.0)
+            .unwrap();
+        let r = lab.run(Who::Landlord, "landlordctl", &["volume", "init", &dev.0]);
+        assert_eq!(r.code, 6, "{}", r.stderr);
+        assert!(
+            r.stderr
+                .contains("is in use by the kernel (an exclusive open is refused"),
+            "{}",
+            r.stderr
+        );
+        no_prompt(&r);
+    }
     // Too small for a filesystem: refused first, naming the sizes.
     let small = Loop::new(&lab.path("small.img"), 4 << 20);
     let r = lab.run(Who::Landlord, "landlordctl", &["volume", "init", &small.0]);
