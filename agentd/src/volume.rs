@@ -276,9 +276,10 @@ impl Volume {
             }
             .into());
         }
-        // The mapping of an interrupted init may hold the device.
+        // The mapping of an interrupted init may hold the device (also
+        // under a name an operator gave it: the teardown finds it by key).
         let own_mapping = previous.is_some() && mapping::exists(mapping::NAME)?;
-        if own_mapping && teardown {
+        if previous.is_some() && teardown {
             self.teardown()?;
         }
         if own_mapping && !teardown {
@@ -334,6 +335,8 @@ impl Volume {
         // another disk, instead of finishing it (review).
         if previous.is_some() {
             self.remove_meta()?;
+            // Its error is not the new init's (status showed it all along).
+            *self.rt() = Runtime::default();
         }
         let sector_size = dev.crypt_sector_size();
         let id = hex_id();
@@ -620,6 +623,7 @@ impl Volume {
         m.check_key(k.key.expose_secret(), &k.generations)?;
         let dev = device::probe(Path::new(&m.device))?;
         self.check_mark(m, &dev)?;
+        self.check_not_mapped_elsewhere(m)?;
         let key = keyring::LogonKey::add(&m.id, k.key.expose_secret())?;
         let table = mapping::CryptTable {
             device: dev.node.clone(),
@@ -671,6 +675,36 @@ impl Volume {
 
     /// Unmounts (detaching if busy) and wipes and removes the mapping.
     /// Returns whether the removal had to be deferred.
+    /// Wipes and removes every mapping of another name keyed by this
+    /// volume's key (an operator's `dmsetup rename`); whether there was one.
+    fn close_others(&self, m: &VolumeMeta) -> Result<bool, VolumeError> {
+        let mut any = false;
+        for other in mapping::keyed_by(&keyring::description(&m.id))? {
+            if other != mapping::NAME {
+                tracing::warn!(mapping = %other, "a mapping of another name held the volume's key: wiped and removed");
+                any |= mapping::close(&other)? != mapping::Closed::Absent;
+            }
+        }
+        Ok(any)
+    }
+
+    /// Refuses to map the volume while a mapping of another name holds its
+    /// key (an operator renamed it, and it may still be mounted): two
+    /// writable mappings of one disk (review).
+    fn check_not_mapped_elsewhere(&self, m: &VolumeMeta) -> Result<(), VolumeError> {
+        match mapping::keyed_by(&keyring::description(&m.id))?
+            .into_iter()
+            .find(|n| n != mapping::NAME)
+        {
+            Some(other) => Err(VolumeError::Invalid(format!(
+                "the mapping {other} holds this volume's key (renamed from {}?): not mapped a second time. Rename it back (`dmsetup rename {other} {}`) and restart the agent, or unmount it and `dmsetup remove {other}`",
+                mapping::NAME,
+                mapping::NAME
+            ))),
+            None => Ok(()),
+        }
+    }
+
     fn teardown(&self) -> Result<bool, VolumeError> {
         for hook in self
             .before_unmount
@@ -694,10 +728,20 @@ impl Volume {
                 if let Err(c) = mapping::close(mapping::NAME) {
                     tracing::error!(error = %c, "the volume could not be unmounted, and its mapping not closed");
                 }
+                if let Ok(Some(m)) = self.meta() {
+                    if let Err(c) = self.close_others(&m) {
+                        tracing::error!(error = %c, "a renamed mapping of the volume could not be closed");
+                    }
+                }
                 return Err(e.into());
             }
         };
         let closed = mapping::close(mapping::NAME)?;
+        // A renamed mapping of the volume goes too (agent stop, forget, a
+        // failed init): its key must not outlive the record (review).
+        if let Some(m) = self.meta()? {
+            self.close_others(&m)?;
+        }
         Ok(detached || closed == mapping::Closed::Deferred)
     }
 
@@ -851,14 +895,9 @@ impl Volume {
         let mut wiped = mapping::wipe_key(mapping::NAME)?;
         // Also under another name: a mapping an operator renamed (`dmsetup
         // rename`) still holds this volume's key, and the receipt said
-        // "not mapped" (review). Found by its key's description.
-        for other in mapping::keyed_by(&keyring::description(&m.id))? {
-            if other != mapping::NAME {
-                tracing::warn!(mapping = %other, "a mapping of another name held the volume's key: wiped too");
-                mapping::wipe_key(&other)?;
-                wiped = true;
-            }
-        }
+        // "not mapped" (review). Found by its key's description; wiped and
+        // removed (deferred while its filesystem is still mounted).
+        wiped |= self.close_others(&m)?;
         if !wiped {
             return Ok(Wiped::NotMapped);
         }

@@ -317,10 +317,16 @@ pub fn keyed_by(description: &str) -> Result<Vec<String>> {
         .map_err(|e| StorageError::Dm(format!("list the mappings: {e}")))?;
     for (dn, _, _) in devices {
         let n = dn.to_string();
-        // One that went meanwhile (or cannot be read) is not keyed by it;
-        // the caller wipes by its own name in any case.
-        let Ok(lines) = read_table(&dm, &DevId::Name(&dn), &n) else {
-            continue;
+        let lines = match read_table(&dm, &DevId::Name(&dn), &n) {
+            Ok(l) => l,
+            // Gone meanwhile: not keyed by it. Still there but unreadable:
+            // it may hold the key, so no answer (fail closed).
+            Err(e) => {
+                if devicemapper::device_exists(&dm, &dn).unwrap_or(true) {
+                    return Err(e);
+                }
+                continue;
+            }
         };
         if lines
             .iter()

@@ -48,7 +48,19 @@ pub fn write(dev: &Path, size_bytes: u64, bytes: &[u8; MARK_LEN]) -> Result<Stri
         .write(true)
         .custom_flags(nix::fcntl::OFlag::O_EXCL.bits())
         .open(dev)
-        .map_err(io(format!("open {}", dev.display())))?;
+        .map_err(|e| {
+            if e.raw_os_error() == Some(nix::libc::EBUSY) {
+                StorageError::InUse {
+                    path: dev.display().to_string(),
+                    holders: "the kernel (an exclusive open is refused)".into(),
+                }
+            } else {
+                StorageError::Io {
+                    what: format!("open {}", dev.display()),
+                    source: e,
+                }
+            }
+        })?;
     f.write_all_at(bytes, at)
         .map_err(io(format!("write the volume's mark on {}", dev.display())))?;
     f.sync_all()
