@@ -42,55 +42,6 @@ use leasehold_engines::launch::{LaunchSpec, Launcher, Respawn, STATUS_FIFO};
 const SHIM: &str = env!("CARGO_BIN_EXE_leasehold-engine-shim");
 const UID: u32 = 61_234;
 
-/// The launcher's seccomp deny-list by name, for crun's config.
-const DENIED: &[&str] = &[
-    "mount",
-    "umount2",
-    "pivot_root",
-    "chroot",
-    "move_mount",
-    "open_tree",
-    "fsopen",
-    "fsconfig",
-    "fsmount",
-    "fspick",
-    "mount_setattr",
-    "unshare",
-    "setns",
-    "ptrace",
-    "process_vm_readv",
-    "process_vm_writev",
-    "kcmp",
-    "pidfd_getfd",
-    "kexec_load",
-    "kexec_file_load",
-    "reboot",
-    "init_module",
-    "finit_module",
-    "delete_module",
-    "bpf",
-    "perf_event_open",
-    "userfaultfd",
-    "keyctl",
-    "add_key",
-    "request_key",
-    "swapon",
-    "swapoff",
-    "acct",
-    "quotactl",
-    "settimeofday",
-    "clock_settime",
-    "clock_adjtime",
-    "adjtimex",
-    "syslog",
-    "vhangup",
-    "open_by_handle_at",
-    "name_to_handle_at",
-    "lookup_dcookie",
-    "iopl",
-    "ioperm",
-];
-
 fn pipe() -> (fs::File, OwnedFd) {
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).expect("pipe2");
     (fs::File::from(r), w)
@@ -209,8 +160,12 @@ fn respawn_sample(launcher: &Launcher, spec: &LaunchSpec, run_dir: &Path) -> Dur
 }
 
 fn crun_config(root: &Path) -> serde_json::Value {
-    let syscalls: Vec<serde_json::Value> = DENIED
+    // The launcher's own deny-list, by name (libseccomp 2.5 of Debian 12,
+    // crun's, does not know open_tree_attr, which it could not deny).
+    let syscalls: Vec<serde_json::Value> = leasehold_engines::launch::DENIED_SYSCALLS
         .iter()
+        .map(|s| s.0)
+        .filter(|n| *n != "open_tree_attr")
         .map(|s| serde_json::json!({"names": [s], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}))
         .collect();
     serde_json::json!({

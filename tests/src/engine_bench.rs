@@ -39,63 +39,17 @@ pub fn ms(a: u128, b: u128) -> f64 {
     (b as f64 - a as f64) / 1e6
 }
 
-/// The launcher's seccomp deny-list (engines/src/launch.rs), for crun's
-/// config, as in engines/benches/launch_latency.rs.
-const DENIED: &[&str] = &[
-    "mount",
-    "umount2",
-    "pivot_root",
-    "chroot",
-    "move_mount",
-    "open_tree",
-    "fsopen",
-    "fsconfig",
-    "fsmount",
-    "fspick",
-    "mount_setattr",
-    "unshare",
-    "setns",
-    "ptrace",
-    "process_vm_readv",
-    "process_vm_writev",
-    "kcmp",
-    "pidfd_getfd",
-    "kexec_load",
-    "kexec_file_load",
-    "reboot",
-    "init_module",
-    "finit_module",
-    "delete_module",
-    "bpf",
-    "perf_event_open",
-    "userfaultfd",
-    "keyctl",
-    "add_key",
-    "request_key",
-    "swapon",
-    "swapoff",
-    "acct",
-    "quotactl",
-    "settimeofday",
-    "clock_settime",
-    "clock_adjtime",
-    "adjtimex",
-    "syslog",
-    "vhangup",
-    "open_by_handle_at",
-    "name_to_handle_at",
-    "lookup_dcookie",
-    "iopl",
-    "ioperm",
-];
-
 /// crun's bundle: the same namespaces, read-only root, no capabilities,
 /// no_new_privs and deny-list as the agent's shim (no Landlock: crun has
 /// none), an unprivileged uid, the root filesystem at `rootfs` (where the
 /// node running crun has it).
 pub fn crun_config(rootfs: &Path) -> serde_json::Value {
-    let syscalls: Vec<serde_json::Value> = DENIED
+    // The launcher's own deny-list, by name (libseccomp 2.5 of Debian 12,
+    // crun's, does not know open_tree_attr, which it could not deny).
+    let syscalls: Vec<serde_json::Value> = leasehold_engines::launch::DENIED_SYSCALLS
         .iter()
+        .map(|s| s.0)
+        .filter(|n| *n != "open_tree_attr")
         .map(|s| serde_json::json!({"names": [s], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}))
         .collect();
     serde_json::json!({
