@@ -1364,6 +1364,7 @@ impl TenantApi {
                 &[("secret", &detail(&name))],
             )
             .await?;
+        leasehold_node::check_put_secret(&name, &envelope).map_err(node_error)?;
         match self
             .0
             .submit(

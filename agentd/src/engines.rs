@@ -33,6 +33,15 @@ use leasehold_engines::backoff::wants_restart;
 use leasehold_engines::budget::{self, Budget};
 use leasehold_engines::cgroup::{CgroupError, CgroupPath, Cgroups, Controller};
 use leasehold_engines::image::{unpack_image_abortable, ImageError, Limits as ImageLimits};
+
+/// An image from the tenant's inbox: an archive file only (checked on the
+/// opened descriptor, not only on the path before it).
+fn inbox_image_limits() -> ImageLimits {
+    ImageLimits {
+        archive_file_only: true,
+        ..ImageLimits::default()
+    }
+}
 use leasehold_engines::launch::{self, DataDir, LaunchError, LaunchSpec, SecretBytes};
 use leasehold_engines::probe::NotifyMessage;
 use leasehold_engines::spec::{Probe, Spec, User, MAX_ENV, MAX_EXEC_BYTES, RESERVED_ENV};
@@ -1424,7 +1433,7 @@ impl Runtime {
             }
         }
         let root = vdir.join(format!("rootfs-i{dir}"));
-        let u = unpack_image_abortable(&input, &root, &ImageLimits::default(), &self.abort.flag)
+        let u = unpack_image_abortable(&input, &root, &inbox_image_limits(), &self.abort.flag)
             .map_err(|e| match e {
                 ImageError::Aborted => format!(
                     "the stored image {:?} was not unpacked: {STOPPING_ALL}",
@@ -2369,7 +2378,7 @@ impl Runtime {
         let unpacked = match unpack_image_abortable(
             &input,
             &root,
-            &ImageLimits::default(),
+            &inbox_image_limits(),
             &self.abort.flag,
         ) {
             Ok(u) => u,

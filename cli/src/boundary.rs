@@ -502,14 +502,16 @@ pub fn check_text(v: &Value) -> String {
                 let p: Vec<&str> = pr.iter().map(String::as_str).collect();
                 parts.push(format!("-{} peers ({})", pr.len(), peers_shown(&p)));
             }
-            if let Some(d) = c["direction"].as_array() {
-                parts.push(format!("direction {} → {}", d[0], d[1]));
+            // Pairs from the node, never indexed blindly (review: a short
+            // array from a hostile node panicked the CLI).
+            if let Some([a, b]) = c["direction"].as_array().map(Vec::as_slice) {
+                parts.push(format!("direction {a} → {b}"));
             }
-            if let Some(p) = c["protocols"].as_array() {
+            if let Some([a, b]) = c["protocols"].as_array().map(Vec::as_slice) {
                 parts.push(format!(
                     "protocols {} → {}",
-                    p[0].as_str().unwrap_or("?"),
-                    p[1].as_str().unwrap_or("?")
+                    a.as_str().unwrap_or("?"),
+                    b.as_str().unwrap_or("?")
                 ));
             }
             s.push_str(&format!("  ~ {name}: {}\n", parts.join("; ")));

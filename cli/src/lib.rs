@@ -302,6 +302,31 @@ pub fn ssh_transport(host: &str, ssh: Option<&str>) -> Result<Unixexec, CliError
     if target.is_empty() || target.starts_with('-') {
         return Err(invalid("expected [USER@]HOST[:PORT]"));
     }
+    // Each part on its own, from a strict set: the host and user reach
+    // `%h`/`%r` in the operator's ssh_config (ProxyCommand, Match exec),
+    // where `u@-oProxyCommand=…`, `$(cmd)@h` or `ssh://…` would be run or
+    // misread (review: only the start of the whole target was checked).
+    let (user, hostname) = match target.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, target.as_str()),
+    };
+    let ok_host = |h: &str| {
+        !h.is_empty()
+            && !h.starts_with('-')
+            && h.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '%'))
+    };
+    let ok_user = |u: &str| {
+        !u.is_empty()
+            && !u.starts_with('-')
+            && u.chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+    };
+    if !ok_host(hostname) || !user.is_none_or(ok_user) {
+        return Err(invalid(
+            "expected [USER@]HOST[:PORT] (user: letters, digits, '.', '-', '_'; host: a name or an address)",
+        ));
+    }
     let mut cmd = ssh.unwrap_or("ssh").split_whitespace().map(OsString::from);
     let program = cmd
         .next()
@@ -600,6 +625,15 @@ mod tests {
             "a b",
             "host:notaport",
             "host:70000",
+            "u@-oProxyCommand=x",
+            "u@[-oProxyCommand=x]",
+            "ssh://-oProxyCommand=x:22",
+            "[ssh://-oX]:22",
+            "$(touch x)@h",
+            "-u@h",
+            "u@h;x",
+            "@h",
+            "u@",
         ] {
             assert!(ssh_transport(bad, None).is_err(), "{bad}");
         }

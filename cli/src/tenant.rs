@@ -905,7 +905,8 @@ pub fn main() -> ExitCode {
 /// Seals a file to a PEM public key (no TPM, no bus).
 pub fn seal_file(to: &std::path::Path, file: &std::path::Path) -> Result<Vec<u8>, CliError> {
     let pem = read_pem_file("public key", to)?;
-    let payload = read_arg_file("input", file)?;
+    // Bounded and wiped as `secret put`'s (review: read whole, unwiped).
+    let payload = read_secret_file(file)?;
     leasehold_envelope::seal(&pem, &payload)
         .map_err(|e| CliError::new(exit::INVALID, e.to_string()))
 }

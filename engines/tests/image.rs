@@ -369,6 +369,23 @@ fn oci_layout_directory_with_an_uncompressed_layer() {
     let got = place.unpack(&layout).unwrap();
     assert_eq!(got.format, ImageFormat::OciDirectory);
     assert_eq!(place.read("etc/os-release"), b"ID=test\n");
+    // Where only an archive file is taken (the agent's inbox), the same
+    // directory is refused, naming it, and nothing is made.
+    let files_only = Limits {
+        archive_file_only: true,
+        ..Limits::default()
+    };
+    let other = Place::new();
+    let layout = image.write_dir(&other.input);
+    let e = other
+        .unpack_with(&layout, &files_only)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("a directory, where an archive file is expected"),
+        "{e}"
+    );
+    assert!(std::fs::symlink_metadata(other.dest()).is_err());
     // The root is the engine's `/`: searchable by its uid whatever the
     // agent's umask (the lab node's UMask=0077 made it 0700 before).
     use std::os::unix::fs::PermissionsExt;

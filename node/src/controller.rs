@@ -19,7 +19,7 @@ use crate::receipt::{Receipt, SignedReceipt, RECEIPT_FORMAT};
 use crate::{
     check_name, generations, kind_name, shown, Caller, ChangeReport, Command, EngineCommand,
     EngineStatus, EngineView, NodeError, Outcome, Request, Snapshot, StopReport, ERASE_STOP_GRACE,
-    MAX_ENVELOPE_BYTES, MAX_IMAGE_REF, MAX_SECRETS, MAX_SECRET_BYTES, QUEUE_DEPTH,
+    MAX_IMAGE_REF, MAX_SECRETS, MAX_SECRET_BYTES, QUEUE_DEPTH,
 };
 
 /// Room kept past [`QUEUE_DEPTH`] for urgent changes
@@ -1476,16 +1476,7 @@ impl Controller {
         name: &str,
         envelope: &[u8],
     ) -> Result<Outcome, NodeError> {
-        check_name("name", name)?;
-        if envelope.len() > MAX_ENVELOPE_BYTES {
-            return Err(NodeError::Invalid {
-                field: "envelope",
-                reason: format!(
-                    "{} bytes; the limit is {MAX_ENVELOPE_BYTES} bytes",
-                    envelope.len()
-                ),
-            });
-        }
+        crate::check_put_secret(name, envelope)?;
         self.require_tenant()?;
         let payload = self
             .b

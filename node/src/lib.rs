@@ -407,6 +407,24 @@ pub fn check_name(field: &'static str, name: &str) -> Result<(), NodeError> {
     }
 }
 
+/// `PutSecret`'s arguments: a valid name, an envelope within
+/// [`MAX_ENVELOPE_BYTES`]. Run by the controller, and by the D-Bus handler
+/// before the call waits in the queue (review: an oversized envelope was
+/// held there until its turn, up to the bus's message size per call).
+pub fn check_put_secret(name: &str, envelope: &[u8]) -> Result<(), NodeError> {
+    check_name("name", name)?;
+    if envelope.len() > MAX_ENVELOPE_BYTES {
+        return Err(NodeError::Invalid {
+            field: "envelope",
+            reason: format!(
+                "{} bytes; the limit is {MAX_ENVELOPE_BYTES} bytes",
+                envelope.len()
+            ),
+        });
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

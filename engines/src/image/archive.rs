@@ -66,7 +66,12 @@ impl Source {
         let meta = file
             .metadata()
             .map_err(|e| ImageError::io("stat", path, e))?;
-        let source = if meta.is_dir() {
+        let source = if meta.is_dir() && limits.archive_file_only {
+            return Err(ImageError::BadArchive {
+                path: path.to_owned(),
+                reason: "a directory, where an archive file is expected".into(),
+            });
+        } else if meta.is_dir() {
             Source::Dir {
                 path: path.to_owned(),
                 dir: cap_std::fs::Dir::from_std_file(file),

@@ -48,6 +48,11 @@ pub struct Limits {
     /// image of 15 000 to 100 000 entries needs 2 to 20 MiB; 1 000 000
     /// entries of 150-byte paths, about 205 MiB).
     pub max_path_memory: u64,
+    /// Only an archive file (OCI or docker archive), never a layout
+    /// directory (default false). The agent's deploy takes a file from the
+    /// tenant's inbox: a directory swapped in after its check was read as
+    /// a layout (review).
+    pub archive_file_only: bool,
 }
 
 impl Default for Limits {
@@ -64,6 +69,7 @@ impl Default for Limits {
             max_symlink_hops: 40,
             max_path_depth: 256,
             max_path_memory: 256 * MIB,
+            archive_file_only: false,
         }
     }
 }
