@@ -535,12 +535,16 @@ async fn serve(
         {
             // Temp files in the inbox are uploads an earlier agent never
             // finished: nobody can finish them now.
+            // In the background: the inbox is the tenant's to fill, and the
+            // agent serves meanwhile (review: awaited, before the bus).
             let u = uploads.clone();
-            if let Ok(n) = tokio::task::spawn_blocking(move || u.sweep_at_start()).await {
-                if n > 0 {
-                    info!(files = n, "removed unfinished image uploads");
+            tokio::spawn(async move {
+                if let Ok(n) = tokio::task::spawn_blocking(move || u.sweep_at_start()).await {
+                    if n > 0 {
+                        info!(files = n, "removed unfinished image uploads");
+                    }
                 }
-            }
+            });
         }
         let (reboot_tx, reboot_rx) = tokio::sync::mpsc::channel(4);
         let engines = start_engines(

@@ -40,6 +40,15 @@ pub const MAX_ACTIVE_NODE: usize = 16;
 /// removed) when the next upload begins.
 pub const IDLE: Duration = Duration::from_secs(600);
 /// Prefix and suffix of temp files.
+/// Inbox entries one sweep reads, and temp files it removes, at most: the
+/// tenant fills its inbox as it likes, and a sweep holds the uploads' lock
+/// (every chunk, and the drop before an erase's unmount, waits for it).
+/// What is left goes at the next sweep (review: unbounded, and the start's
+/// sweep held up the whole agent's start).
+pub const MAX_SWEEP_ENTRIES: usize = 100_000;
+/// See [`MAX_SWEEP_ENTRIES`].
+pub const MAX_SWEEP_REMOVALS: usize = 1_000;
+
 const TEMP_PREFIX: &str = ".upload-";
 const TEMP_SUFFIX: &str = ".part";
 /// Longest image file name (as for `Deploy`).
@@ -353,7 +362,10 @@ impl Uploads {
         };
         let mut removed = 0;
         let active = self.active();
-        for entry in d.flatten() {
+        for entry in d.flatten().take(MAX_SWEEP_ENTRIES) {
+            if removed >= MAX_SWEEP_REMOVALS {
+                break;
+            }
             let Ok(name) = entry.file_name().to_str() else {
                 continue;
             };

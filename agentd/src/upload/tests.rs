@@ -268,6 +268,25 @@ fn interrupted_upload_leaves_no_image_and_its_temp_file_goes() {
     ));
 }
 
+/// A sweep is bounded: at most MAX_SWEEP_REMOVALS temp files go each
+/// time, the rest at the next sweeps; other files are left alone.
+#[test]
+fn a_sweep_removes_a_bounded_number_of_leftovers() {
+    let f = fixture();
+    // The inbox exists once an upload began.
+    let id = f.up.begin(me(), "a.tar", 1, &sha(b"a")).unwrap();
+    f.up.abort(me(), &id).unwrap();
+    let n = MAX_SWEEP_REMOVALS + 500;
+    for i in 0..n {
+        std::fs::write(f.inbox().join(format!(".upload-{i:06}.part")), b"").unwrap();
+    }
+    std::fs::write(f.inbox().join("keep.tar"), b"x").unwrap();
+    assert_eq!(f.up.sweep_at_start(), MAX_SWEEP_REMOVALS);
+    assert_eq!(f.up.sweep_at_start(), 500);
+    assert_eq!(f.up.sweep_at_start(), 0);
+    assert_eq!(f.listing(), ["keep.tar"]);
+}
+
 #[test]
 fn concurrent_uploads_of_one_name_do_not_mix() {
     let f = Arc::new(fixture());
