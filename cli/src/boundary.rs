@@ -576,7 +576,7 @@ pub fn check_text(v: &Value) -> String {
 pub fn check_warnings(v: &Value) {
     for w in v["warnings"].as_array().into_iter().flatten() {
         if let Some(w) = w.as_str() {
-            eprintln!("warning: {w}");
+            eprintln!("warning: {}", crate::output::terminal_safe(w));
         }
     }
 }
@@ -584,7 +584,7 @@ pub fn check_warnings(v: &Value) {
 /// Prints warnings to stderr (they matter even with --json).
 pub fn print_warnings(i: &BoundaryInfo) {
     for w in i.warnings.iter().flatten() {
-        eprintln!("warning: {w}");
+        eprintln!("warning: {}", crate::output::terminal_safe(w));
     }
 }
 

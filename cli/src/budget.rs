@@ -101,7 +101,8 @@ pub async fn run(p: &LandlordProxy<'_>, cmd: BudgetCommand, json: bool) -> Resul
         // key changes report what did not work after them.
         if let (Some(false), Some(e)) = (info.written, &info.write_error) {
             eprintln!(
-                "warning: the budget is recorded but not written on the engines' cgroup subtree ({e}); no engine starts until it can be"
+                "warning: the budget is recorded but not written on the engines' cgroup subtree ({}); no engine starts until it can be",
+                crate::output::terminal_safe(e)
             );
         }
         emit_done(json, budget_json(&info), || budget_text(&info));

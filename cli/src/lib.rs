@@ -408,7 +408,11 @@ pub fn ask_typed_yes(msg: &str, what: &str, refused: u8) -> Result<(), CliError>
             format!("confirmation required: {msg}; re-run with --yes to {what}"),
         ));
     }
-    eprint!("{msg}.\nReally {what}? Type 'yes' to continue: ");
+    eprint!(
+        "{}.\nReally {}? Type 'yes' to continue: ",
+        output::terminal_safe(msg),
+        output::terminal_safe(what)
+    );
     let _ = std::io::stderr().flush();
     let mut line = String::new();
     std::io::stdin()
@@ -494,7 +498,7 @@ pub fn run_main<F: std::future::Future<Output = Result<(), CliError>>>(
                 if json {
                     println!("{}", e.json());
                 }
-                eprintln!("{prog}: {}", e.message);
+                eprintln!("{prog}: {}", output::terminal_safe(&e.message));
             }
             ExitCode::from(e.code)
         }

@@ -31,11 +31,37 @@ pub fn emit_done(as_json: bool, v: Value, human: impl FnOnce() -> String) {
     }
 }
 
+/// `text` with every control character but newline and tab escaped (`\r`,
+/// `\u001b`, `\u009b`: valid in a JSON string too): what a node answers reaches the terminal, and a
+/// hostile node must not move the cursor, rewrite a line, set the
+/// clipboard (OSC 52) or fake a prompt with it (review: only engine logs
+/// were escaped). Everything this CLI prints goes through it.
+pub fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return text.into();
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' | '\t' => out.push(c),
+            '\r' => out.push_str("\\r"),
+            // JSON's own escape: `--json` output stays valid JSON (serde
+            // leaves DEL and the C1 controls raw).
+            c if c.is_control() => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.into()
+}
+
 /// A `note: …` line on stderr: information, left out with `--quiet`
 /// (warnings and errors never are).
 pub fn note(text: &str) {
     if !quiet() {
-        eprintln!("note: {text}");
+        eprintln!("note: {}", terminal_safe(text));
     }
 }
 
@@ -64,7 +90,7 @@ pub fn emit(as_json: bool, v: Value, human: impl FnOnce() -> String) {
 /// reported and exits 1.
 pub fn print_line(text: &str) {
     let mut out = std::io::stdout().lock();
-    if let Err(e) = writeln!(out, "{text}").and_then(|()| out.flush()) {
+    if let Err(e) = writeln!(out, "{}", terminal_safe(text)).and_then(|()| out.flush()) {
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             std::process::exit(i32::from(exit::OK));
         }
@@ -242,7 +268,7 @@ pub fn emit_change(as_json: bool, c: &KeyChange, human: impl FnOnce() -> String)
         .filter_map(Value::as_str)
         .collect();
     for w in &warnings {
-        eprintln!("warning: {w}");
+        eprintln!("warning: {}", terminal_safe(w));
     }
     if !warnings.is_empty() {
         // Exit 0 says the key change happened; this says what did not.
@@ -368,6 +394,21 @@ pub fn secret_change_json(s: &SecretInfo, removed: bool) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_nodes_text_cannot_drive_the_terminal() {
+        assert_eq!(terminal_safe("plain\n\tline é"), "plain\n\tline é");
+        assert_eq!(
+            terminal_safe("ok\x1b]52;c;ZXZpbA==\x07\rReally\u{9b}2K"),
+            "ok\\u001b]52;c;ZXZpbA==\\u0007\\rReally\\u009b2K"
+        );
+        // In a JSON document (serde leaves DEL and C1 raw): still JSON.
+        let doc = serde_json::json!({"m": "a\u{7f}b\u{9b}c\x1bd"}).to_string();
+        let safe = terminal_safe(&doc);
+        assert!(!safe.chars().any(char::is_control), "{safe}");
+        let back: serde_json::Value = serde_json::from_str(&safe).unwrap();
+        assert_eq!(back["m"], "a\u{7f}b\u{9b}c\x1bd");
+    }
 
     #[test]
     fn receipts_come_back_byte_for_byte() {
