@@ -34,11 +34,15 @@ use leasehold_engines::budget::{self, Budget};
 use leasehold_engines::cgroup::{CgroupError, CgroupPath, Cgroups, Controller};
 use leasehold_engines::image::{unpack_image_abortable, ImageError, Limits as ImageLimits};
 
-/// An image from the tenant's inbox: an archive file only (checked on the
-/// opened descriptor, not only on the path before it).
-fn inbox_image_limits() -> ImageLimits {
+/// An image from the tenant's inbox under `base` (the engines' directory
+/// on the volume): an archive file only, on the volume's own filesystem
+/// (both checked on the opened descriptor, not only on the path before it).
+fn inbox_image_limits(base: &Path) -> ImageLimits {
+    use std::os::unix::fs::MetadataExt as _;
     ImageLimits {
         archive_file_only: true,
+        // Unknown: nothing matches (closed).
+        on_device: Some(std::fs::metadata(base).map_or(u64::MAX, |m| m.dev())),
         ..ImageLimits::default()
     }
 }
@@ -1433,7 +1437,7 @@ impl Runtime {
             }
         }
         let root = vdir.join(format!("rootfs-i{dir}"));
-        let u = unpack_image_abortable(&input, &root, &inbox_image_limits(), &self.abort.flag)
+        let u = unpack_image_abortable(&input, &root, &inbox_image_limits(&base), &self.abort.flag)
             .map_err(|e| match e {
                 ImageError::Aborted => format!(
                     "the stored image {:?} was not unpacked: {STOPPING_ALL}",
@@ -2378,7 +2382,7 @@ impl Runtime {
         let unpacked = match unpack_image_abortable(
             &input,
             &root,
-            &inbox_image_limits(),
+            &inbox_image_limits(base),
             &self.abort.flag,
         ) {
             Ok(u) => u,

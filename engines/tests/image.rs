@@ -386,6 +386,17 @@ fn oci_layout_directory_with_an_uncompressed_layer() {
         "{e}"
     );
     assert!(std::fs::symlink_metadata(other.dest()).is_err());
+    // Not on the filesystem it must be on: refused, nothing made.
+    let elsewhere = Limits {
+        on_device: Some(u64::MAX),
+        ..Limits::default()
+    };
+    let e = other
+        .unpack_with(&layout, &elsewhere)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("not on the filesystem it is expected on"), "{e}");
+    assert!(std::fs::symlink_metadata(other.dest()).is_err());
     // The root is the engine's `/`: searchable by its uid whatever the
     // agent's umask (the lab node's UMask=0077 made it 0700 before).
     use std::os::unix::fs::PermissionsExt;

@@ -66,6 +66,16 @@ impl Source {
         let meta = file
             .metadata()
             .map_err(|e| ImageError::io("stat", path, e))?;
+        if limits
+            .on_device
+            .is_some_and(|d| d != std::os::unix::fs::MetadataExt::dev(&meta))
+        {
+            return Err(ImageError::BadArchive {
+                path: path.to_owned(),
+                reason: "not on the filesystem it is expected on (a mount over its directory?)"
+                    .into(),
+            });
+        }
         let source = if meta.is_dir() && limits.archive_file_only {
             return Err(ImageError::BadArchive {
                 path: path.to_owned(),

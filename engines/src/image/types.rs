@@ -53,6 +53,11 @@ pub struct Limits {
     /// tenant's inbox: a directory swapped in after its check was read as
     /// a layout (review).
     pub archive_file_only: bool,
+    /// The input must be on this filesystem (`st_dev` of the opened file
+    /// or directory; default None: anywhere). The agent's inbox is on the
+    /// tenant volume: a mount over it (a tenant's FUSE mount, where the
+    /// landlord allows `user_allow_other`) could block the agent's reads.
+    pub on_device: Option<u64>,
 }
 
 impl Default for Limits {
@@ -70,6 +75,7 @@ impl Default for Limits {
             max_path_depth: 256,
             max_path_memory: 256 * MIB,
             archive_file_only: false,
+            on_device: None,
         }
     }
 }
