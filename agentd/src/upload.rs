@@ -39,7 +39,6 @@ pub const MAX_ACTIVE_NODE: usize = 16;
 /// An upload that received nothing for this long is dropped (its temp file
 /// removed) when the next upload begins.
 pub const IDLE: Duration = Duration::from_secs(600);
-/// Prefix and suffix of temp files.
 /// Inbox entries one sweep reads, and temp files it removes, at most: the
 /// tenant fills its inbox as it likes, and a sweep holds the uploads' lock
 /// (every chunk, and the drop before an erase's unmount, waits for it).
@@ -49,6 +48,7 @@ pub const MAX_SWEEP_ENTRIES: usize = 100_000;
 /// See [`MAX_SWEEP_ENTRIES`].
 pub const MAX_SWEEP_REMOVALS: usize = 1_000;
 
+/// Prefix and suffix of temp files.
 const TEMP_PREFIX: &str = ".upload-";
 const TEMP_SUFFIX: &str = ".part";
 /// Longest image file name (as for `Deploy`).

@@ -316,15 +316,17 @@ pub fn ssh_transport(host: &str, ssh: Option<&str>) -> Result<Unixexec, CliError
             && h.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '%'))
     };
+    // `@` and `$` too: directory logins (`alice@corp.example`, as ssh
+    // takes them before the last `@`) and machine accounts (`host$`).
     let ok_user = |u: &str| {
         !u.is_empty()
             && !u.starts_with('-')
             && u.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_'))
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '@' | '$'))
     };
     if !ok_host(hostname) || !user.is_none_or(ok_user) {
         return Err(invalid(
-            "expected [USER@]HOST[:PORT] (user: letters, digits, '.', '-', '_'; host: a name or an address)",
+            "expected [USER@]HOST[:PORT] (user: letters, digits, '.', '-', '_', '@', '$'; host: a name or an address)",
         ));
     }
     let mut cmd = ssh.unwrap_or("ssh").split_whitespace().map(OsString::from);
@@ -408,10 +410,12 @@ pub fn ask_typed_yes(msg: &str, what: &str, refused: u8) -> Result<(), CliError>
             format!("confirmation required: {msg}; re-run with --yes to {what}"),
         ));
     }
+    // The node's text on the lines before the question: no line of its
+    // own (it could pose as this CLI's), nothing driving the terminal.
     eprint!(
         "{}.\nReally {}? Type 'yes' to continue: ",
-        output::terminal_safe(msg),
-        output::terminal_safe(what)
+        output::terminal_safe(msg).replace('\n', "\\n"),
+        output::terminal_safe(what).replace('\n', "\\n")
     );
     let _ = std::io::stderr().flush();
     let mut line = String::new();
@@ -496,7 +500,7 @@ pub fn run_main<F: std::future::Future<Output = Result<(), CliError>>>(
             // its verdict already printed).
             if !e.message.is_empty() {
                 if json {
-                    println!("{}", e.json());
+                    output::print_line(&e.json().to_string());
                 }
                 eprintln!("{prog}: {}", output::terminal_safe(&e.message));
             }
@@ -614,6 +618,19 @@ mod tests {
         assert_eq!(args(&t), ["-xT", "-p", "22", "::1", "systemd-stdio-bridge"]);
         let t = ssh_transport("fe80::1", None).unwrap();
         assert_eq!(args(&t), ["-xT", "fe80::1", "systemd-stdio-bridge"]);
+        let t2 = ssh_transport("alice@corp.example@node1:22", None).unwrap();
+        assert_eq!(
+            args(&t2),
+            [
+                "-xT",
+                "-p",
+                "22",
+                "alice@corp.example@node1",
+                "systemd-stdio-bridge"
+            ]
+        );
+        assert!(ssh_transport("fe80::1%eth0", None).is_ok());
+        assert!(ssh_transport("alice@[fe80::1%eth0]:22", None).is_ok());
         let t = ssh_transport("[::1]", None).unwrap();
         assert_eq!(args(&t), ["-xT", "::1", "systemd-stdio-bridge"]);
     }

@@ -112,6 +112,9 @@ where
                 .await
                 .unwrap_or_else(|| "waiting for the node".to_owned());
             let mut e = std::io::stderr().lock();
+            // The node's text on one redrawn line: nothing in it may
+            // drive the terminal or break the line (review).
+            let step = crate::output::terminal_safe(&step).replace('\n', "\\n");
             let _ = write!(e, "\r\x1b[2K{what}: {step}, {}s", start.elapsed().as_secs());
             let _ = e.flush();
         }

@@ -171,8 +171,10 @@ fn record(shared: &Shared, alert: &Alert, event: &str, detail: serde_json::Value
     if let (Some(o), serde_json::Value::Object(d)) = (v.as_object_mut(), detail) {
         o.extend(d);
     }
+    // The alert's labels and the node's errors: nothing in them may drive
+    // the terminal (review).
     if shared.json {
-        println!("{v}");
+        println!("{}", crate::output::terminal_safe(&v.to_string()));
     } else {
         let mut line = format!(
             "{event}: {} on {}",
@@ -194,7 +196,10 @@ fn record(shared: &Shared, alert: &Alert, event: &str, detail: serde_json::Value
         if shared.dry_run {
             line.push_str(" (dry run)");
         }
-        println!("{line}");
+        println!(
+            "{}",
+            crate::output::terminal_safe(&line).replace('\n', "\\n")
+        );
     }
 }
 
