@@ -316,17 +316,20 @@ pub fn ssh_transport(host: &str, ssh: Option<&str>) -> Result<Unixexec, CliError
             && h.chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | ':' | '%'))
     };
-    // `@` and `$` too: directory logins (`alice@corp.example`, as ssh
-    // takes them before the last `@`) and machine accounts (`host$`).
+    // `@` too: directory logins (`alice@corp.example`, as ssh takes them
+    // before the last `@`); `$` only last: machine accounts (`host$`), not
+    // `$IFS` where ssh_config puts `%r` in a shell command.
     let ok_user = |u: &str| {
-        !u.is_empty()
-            && !u.starts_with('-')
-            && u.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '@' | '$'))
+        let base = u.strip_suffix('$').unwrap_or(u);
+        !base.is_empty()
+            && !base.starts_with('-')
+            && base
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '@'))
     };
     if !ok_host(hostname) || !user.is_none_or(ok_user) {
         return Err(invalid(
-            "expected [USER@]HOST[:PORT] (user: letters, digits, '.', '-', '_', '@', '$'; host: a name or an address)",
+            "expected [USER@]HOST[:PORT] (user: letters, digits, '.', '-', '_', '@', and '$' last; host: a name or an address)",
         ));
     }
     let mut cmd = ssh.unwrap_or("ssh").split_whitespace().map(OsString::from);
@@ -500,9 +503,19 @@ pub fn run_main<F: std::future::Future<Output = Result<(), CliError>>>(
             // its verdict already printed).
             if !e.message.is_empty() {
                 if json {
-                    output::print_line(&e.json().to_string());
+                    // Not print_line: a reader gone away must not turn the
+                    // error into exit 0 (review); whatever the write does,
+                    // the status below is the error's.
+                    let mut out = std::io::stdout().lock();
+                    let _ = writeln!(out, "{}", output::terminal_safe(&e.json().to_string()))
+                        .and_then(|()| out.flush());
                 }
-                eprintln!("{prog}: {}", output::terminal_safe(&e.message));
+                // One line: the node's text cannot pose as this CLI's.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "{prog}: {}",
+                    output::terminal_safe(&e.message).replace('\n', "\n  ")
+                );
             }
             ExitCode::from(e.code)
         }
@@ -630,6 +643,7 @@ mod tests {
             ]
         );
         assert!(ssh_transport("fe80::1%eth0", None).is_ok());
+        assert!(ssh_transport("host$@node1", None).is_ok());
         assert!(ssh_transport("alice@[fe80::1%eth0]:22", None).is_ok());
         let t = ssh_transport("[::1]", None).unwrap();
         assert_eq!(args(&t), ["-xT", "::1", "systemd-stdio-bridge"]);
@@ -655,6 +669,8 @@ mod tests {
             "u@h;x",
             "@h",
             "u@",
+            "x$IFS-v@h",
+            "$@h",
         ] {
             assert!(ssh_transport(bad, None).is_err(), "{bad}");
         }

@@ -56,7 +56,8 @@ pub struct Limits {
     /// The input must be on this filesystem (`st_dev` of the opened file
     /// or directory; default None: anywhere). The agent's inbox is on the
     /// tenant volume: a mount over it (a tenant's FUSE mount, where the
-    /// landlord allows `user_allow_other`) could block the agent's reads.
+    /// landlord allows `user_allow_other`) is not read from (its lookup
+    /// and open before this check still are: docs/engines.md).
     pub on_device: Option<u64>,
 }
 
