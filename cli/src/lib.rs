@@ -417,8 +417,8 @@ pub fn ask_typed_yes(msg: &str, what: &str, refused: u8) -> Result<(), CliError>
     // own (it could pose as this CLI's), nothing driving the terminal.
     eprint!(
         "{}.\nReally {}? Type 'yes' to continue: ",
-        output::terminal_safe(msg).replace('\n', "\\n"),
-        output::terminal_safe(what).replace('\n', "\\n")
+        output::one_line(msg),
+        output::one_line(what)
     );
     let _ = std::io::stderr().flush();
     let mut line = String::new();

@@ -57,6 +57,12 @@ pub fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
     out.into()
 }
 
+/// [`terminal_safe`] on one line: a newline shown as `\n` too (a line the
+/// text starts could pose as this CLI's own).
+pub fn one_line(text: &str) -> String {
+    terminal_safe(text).replace('\n', "\\n")
+}
+
 /// A `note: …` line on stderr: information, left out with `--quiet`
 /// (warnings and errors never are).
 pub fn note(text: &str) {

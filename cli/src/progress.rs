@@ -114,7 +114,7 @@ where
             let mut e = std::io::stderr().lock();
             // The node's text on one redrawn line: nothing in it may
             // drive the terminal or break the line (review).
-            let step = crate::output::terminal_safe(&step).replace('\n', "\\n");
+            let step = crate::output::one_line(&step);
             let _ = write!(e, "\r\x1b[2K{what}: {step}, {}s", start.elapsed().as_secs());
             let _ = e.flush();
         }

@@ -627,8 +627,16 @@ fn secret_caps_are_enforced_before_anything_is_stored() {
     assert_eq!(f.world().secrets.len(), leasehold_node::MAX_SECRETS);
 }
 
-#[test]
-fn reads_answer_during_a_change_and_the_queue_is_bounded() {
+/// An assigned node whose tenant rotation is running and held in the key
+/// store until `release` is sent: its queue can then be filled.
+#[allow(clippy::type_complexity)]
+fn a_tenant_rotation_held() -> (
+    Fake,
+    std::sync::Arc<Node>,
+    std::sync::mpsc::Sender<()>,
+    tokio::runtime::Runtime,
+    tokio::task::JoinHandle<Result<Outcome, NodeError>>,
+) {
     let (f, node) = assigned();
     let node = std::sync::Arc::new(node);
     let release = f.hold("keys.rotate tenant");
@@ -654,6 +662,12 @@ fn reads_answer_during_a_change_and_the_queue_is_bounded() {
         assert!(t.elapsed() < Duration::from_secs(10), "rotation never ran");
         std::thread::yield_now();
     }
+    (f, node, release, rt, rotation)
+}
+
+#[test]
+fn reads_answer_during_a_change_and_the_queue_is_bounded() {
+    let (f, node, release, rt, rotation) = a_tenant_rotation_held();
     // Reads: immediate, the state before the change.
     let t = std::time::Instant::now();
     let snap = node.snapshot();
@@ -735,30 +749,7 @@ fn reads_answer_during_a_change_and_the_queue_is_bounded() {
 /// `Busy` like any caller's change.
 #[test]
 fn the_agents_corrective_actions_pass_a_queue_the_tenant_fills() {
-    let (f, node) = assigned();
-    let node = std::sync::Arc::new(node);
-    let release = f.hold("keys.rotate tenant");
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let n = node.clone();
-    let rotation = rt.spawn(async move {
-        n.submit(req(
-            TENANT,
-            Command::Rotate {
-                role: Role::Tenant,
-                confirm: true,
-            },
-        ))
-        .await
-    });
-    let t = std::time::Instant::now();
-    while node.running() != Some("rotate") {
-        assert!(t.elapsed() < Duration::from_secs(10), "rotation never ran");
-        std::thread::yield_now();
-    }
+    let (f, node, release, rt, rotation) = a_tenant_rotation_held();
     let queued: Vec<_> = (0..QUEUE_DEPTH)
         .map(|i| {
             node.enqueue(req(

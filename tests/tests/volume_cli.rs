@@ -149,10 +149,29 @@ fn volume_cli_init_checks_everything_before_asking_or_recording() {
     assert_eq!(r.code, 2, "{}", r.stderr);
 }
 
+/// A lab whose node is assigned to tenant "acme", and the node's id.
+fn assigned_lab() -> (Lab, String) {
+    let lab = Lab::start();
+    lab.run(Who::Landlord, "landlordctl", &["--yes", "assign", "acme"])
+        .ok();
+    let node_id = lab
+        .run(Who::Landlord, "landlordctl", &["--json", "info"])
+        .json()["node_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    (lab, node_id)
+}
+
 /// The record the old agent left after `volume init` failed on this host,
 /// with a key check value of another key (a key change came after it).
 fn stuck_record(node_id: &str) -> String {
-    let m = VolumeMeta {
+    serde_json::to_string_pretty(&stuck_meta(node_id)).unwrap()
+}
+
+/// [`stuck_record`] as a value, to vary.
+fn stuck_meta(node_id: &str) -> VolumeMeta {
+    VolumeMeta {
         signatures_checked: false,
         init_signature: None,
         tail_mark: None,
@@ -172,8 +191,7 @@ fn stuck_record(node_id: &str) -> String {
         created: 1,
         made: 1,
         made_by: Some("initialized".into()),
-    };
-    serde_json::to_string_pretty(&m).unwrap()
+    }
 }
 
 fn warned_but_done(r: &Run, what: &str) {
@@ -195,15 +213,7 @@ fn warned_but_done(r: &Run, what: &str) {
 #[test]
 #[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn volume_cli_stuck_volume_is_an_error_blocks_no_key_change_and_can_be_forgotten() {
-    let mut lab = Lab::start();
-    lab.run(Who::Landlord, "landlordctl", &["--yes", "assign", "acme"])
-        .ok();
-    let node_id = lab
-        .run(Who::Landlord, "landlordctl", &["--json", "info"])
-        .json()["node_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (mut lab, node_id) = assigned_lab();
     lab.stop_agent();
     std::fs::write(meta_path(&lab), stuck_record(&node_id)).unwrap();
     lab.start_agent();
@@ -312,19 +322,11 @@ fn volume_cli_stuck_volume_is_an_error_blocks_no_key_change_and_can_be_forgotten
 #[test]
 #[ignore = "needs root: the harness Lab (test users, dbus-daemon, polkitd, agentd on swtpm in a netns)"]
 fn volume_cli_a_remake_refuses_a_disk_without_the_volumes_mark() {
-    let mut lab = Lab::start();
-    lab.run(Who::Landlord, "landlordctl", &["--yes", "assign", "acme"])
-        .ok();
-    let node_id = lab
-        .run(Who::Landlord, "landlordctl", &["--json", "info"])
-        .json()["node_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (mut lab, node_id) = assigned_lab();
     lab.stop_agent();
     let img = lab.path("other.img");
     let other = Loop::new(&img, 64 << 20);
-    let mut m: VolumeMeta = serde_json::from_str(&stuck_record(&node_id)).unwrap();
+    let mut m = stuck_meta(&node_id);
     m.device = other.0.clone();
     m.tail_mark = Some("ab".repeat(32));
     std::fs::write(meta_path(&lab), serde_json::to_string_pretty(&m).unwrap()).unwrap();

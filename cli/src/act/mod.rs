@@ -196,10 +196,7 @@ fn record(shared: &Shared, alert: &Alert, event: &str, detail: serde_json::Value
         if shared.dry_run {
             line.push_str(" (dry run)");
         }
-        println!(
-            "{}",
-            crate::output::terminal_safe(&line).replace('\n', "\\n")
-        );
+        println!("{}", crate::output::one_line(&line));
     }
 }
 
